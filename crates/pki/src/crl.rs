@@ -1,0 +1,139 @@
+//! Certificate revocation lists: reading them for verification, and writing them.
+
+use std::sync::Arc;
+
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+use time::{Duration, OffsetDateTime};
+use webpki::{CertRevocationList, OwnedCertRevocationList};
+
+use crate::cert::{CrlInfo, hex};
+use crate::issue::CaIssuer;
+use crate::pem::{self, Label};
+use crate::{PkiError, Result};
+
+/// A parsed CRL, ready for [`crate::verify`].
+#[derive(Debug, Clone)]
+pub struct Crl {
+    der: Vec<u8>,
+    info: CrlInfo,
+    parsed: Arc<CertRevocationList<'static>>,
+}
+
+impl Crl {
+    /// Parses one DER CRL.
+    pub fn from_der(der: impl Into<Vec<u8>>) -> Result<Self> {
+        let der = der.into();
+        let info = CrlInfo::from_der(&der)?;
+        let parsed = OwnedCertRevocationList::from_der(&der)
+            .map_err(|e| PkiError::malformed("", format!("CRL is not usable ({e:?})")))?;
+        Ok(Crl {
+            der,
+            info,
+            parsed: Arc::new(CertRevocationList::Owned(parsed)),
+        })
+    }
+
+    /// Every CRL in a PEM bundle, or one DER CRL.
+    pub fn all_from_pem_or_der(input: &[u8]) -> Result<Vec<Self>> {
+        let crls: Vec<Crl> = pem::blocks_of(input, &Label::Crl)?
+            .into_iter()
+            .map(|b| {
+                let line = b.line;
+                Crl::from_der(b.der).map_err(|e| match e {
+                    PkiError::Malformed { detail, .. } if line > 0 => {
+                        PkiError::malformed(format!("line {line}: "), detail)
+                    }
+                    other => other,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if crls.is_empty() {
+            return Err(PkiError::NotFound {
+                expected: "CRL",
+                label: "X509 CRL",
+            });
+        }
+        Ok(crls)
+    }
+
+    /// The DER encoding.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// The decoded fields.
+    pub fn info(&self) -> &CrlInfo {
+        &self.info
+    }
+
+    /// The CRL as a PEM block.
+    pub fn to_pem(&self) -> String {
+        pem::encode("X509 CRL", &self.der)
+    }
+
+    pub(crate) fn webpki(&self) -> &CertRevocationList<'static> {
+        &self.parsed
+    }
+}
+
+/// Parses a serial written as hex, with or without colons (`01:a3:…`, `01a3…`, `0x01a3`).
+pub fn parse_serial(text: &str) -> Result<Vec<u8>> {
+    let digits: String = text
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if digits.is_empty() || digits.len() > 40 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(PkiError::InvalidRequest(format!(
+            "serial '{text}' is not hex of at most 20 bytes (as `pki inspect` prints it)"
+        )));
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    Ok((0..padded.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&padded[i..i + 2], 16).ok())
+        .collect())
+}
+
+/// Issues a CRL signed by `issuer` revoking `serials`, valid for `next_update_days` days, with a
+/// CRL number taken from the clock (so that later CRLs always carry larger numbers).
+pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> Result<Crl> {
+    if next_update_days == 0 {
+        return Err(PkiError::InvalidRequest(
+            "--next-update-days must be at least 1".into(),
+        ));
+    }
+    let now = OffsetDateTime::now_utc();
+    let revoked_certs = serials
+        .iter()
+        .map(|s| RevokedCertParams {
+            serial_number: SerialNumber::from_slice(s),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        })
+        .collect();
+    let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(u64::MAX);
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(i64::from(next_update_days)),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: match &issuer.certificate().info().subject_key_id {
+            Some(ski) => KeyIdMethod::PreSpecified(crate::crl::parse_serial(ski)?),
+            None => KeyIdMethod::Sha256,
+        },
+    };
+    Crl::from_der(issuer.sign_crl(&params)?)
+}
+
+/// Serial bytes as `pki inspect` prints them.
+pub fn serial_text(serial: &[u8]) -> String {
+    hex(serial, ":")
+}

@@ -1,0 +1,53 @@
+//! Certificate handling for Portcullis: everything the `portcullis pki` commands do, as a library
+//! that the gateway and the registry share.
+//!
+//! The crate does no I/O beyond what its callers hand it as bytes: no files, no network, no
+//! database, no async. Callers read files and pass their contents in; everything comes back as
+//! values or bytes to write.
+//!
+//! How the modules fit:
+//!
+//! - [`pem`] splits PEM or DER input into typed blocks, remembering the line each starts on, so
+//!   that every other module can say exactly where an input is broken.
+//! - [`key`] generates private keys and reads them as openssl writes them (PKCS#8, PKCS#1, SEC1).
+//! - [`cert`] parses certificates, CSRs and CRLs into plain views ([`cert::CertificateInfo`]…)
+//!   that the CLI prints as text or JSON and the gateway logs.
+//! - [`issue`] turns a [`issue::Profile`] (root CA, intermediate CA, client, server,
+//!   verification) into certificates, from fresh keys or from CSRs.
+//! - [`verify`] builds and checks a chain against a [`truststore::Truststore`] and answers with
+//!   a [`verify::Verdict`] whose [`verify::RejectReason`] is the stable code reused in TLS alerts,
+//!   HTTP bodies, logs and metrics.
+//! - [`truststore`] parses a PEM bundle the way the gateway uses it and lints it.
+//! - [`p12`] and [`crl`] write PKCS#12 bundles and CRLs.
+//!
+//! Every fallible function returns [`PkiError`], whose messages name the problem and the fix.
+#![forbid(unsafe_code)]
+
+pub mod cert;
+pub mod crl;
+mod error;
+pub mod issue;
+pub mod key;
+mod name;
+pub mod p12;
+pub mod pem;
+pub mod truststore;
+pub mod verify;
+
+pub use cert::{Certificate, CertificateInfo};
+pub use error::PkiError;
+pub use issue::{CaIssuer, IssueRequest, Profile, SubjectAltName, SubjectName};
+pub use key::{KeyType, PrivateKey};
+pub use truststore::Truststore;
+pub use verify::{RejectReason, Usage, Verdict, VerifyOptions};
+
+/// Result type of this crate.
+pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+/// The friendly name a keychain shows for `cert`: its CN, else its subject.
+pub(crate) fn name_for_alias(cert: &Certificate) -> String {
+    cert.with_parsed(|c| name::attribute(c.subject(), "CN"))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| cert.info().subject.clone())
+}

@@ -1,0 +1,159 @@
+//! Distinguished names: RFC 4514 text for people, and rcgen names for issuing.
+
+use rcgen::{DistinguishedName, DnType, DnValue};
+use x509_parser::der_parser::asn1_rs::Tag;
+use x509_parser::x509::{AttributeTypeAndValue, X509Name};
+
+use crate::{PkiError, Result};
+
+/// Formats a name as RFC 4514 text (last RDN first, as `openssl -nameopt RFC2253` prints).
+pub(crate) fn rfc4514(name: &X509Name<'_>) -> String {
+    let rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| format!("{}={}", short_name(attr), escape(&value_text(attr))))
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// The first value of an attribute type in `name`, as text (`CN`, `O`…).
+pub(crate) fn attribute(name: &X509Name<'_>, short: &str) -> Option<String> {
+    name.iter_attributes()
+        .find(|a| short_name(a) == short)
+        .map(value_text)
+}
+
+/// Converts a parsed name to rcgen's form, keeping every string type so that the encoding is
+/// byte-for-byte the same (chain building compares names as bytes).
+pub(crate) fn to_rcgen(name: &X509Name<'_>) -> Result<DistinguishedName> {
+    let mut dn = DistinguishedName::new();
+    let mut seen = Vec::new();
+    for rdn in name.iter() {
+        let attrs: Vec<_> = rdn.iter().collect();
+        if attrs.len() != 1 {
+            return Err(PkiError::InvalidRequest(format!(
+                "name '{}' has a multi-valued RDN, which Portcullis cannot reproduce",
+                rfc4514(name)
+            )));
+        }
+        let attr = attrs[0];
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or_else(|| PkiError::malformed("", "name attribute type is not a valid OID"))?
+            .collect();
+        if seen.contains(&oid) {
+            return Err(PkiError::InvalidRequest(format!(
+                "name '{}' repeats the attribute {}, which Portcullis cannot reproduce",
+                rfc4514(name),
+                short_name(attr)
+            )));
+        }
+        seen.push(oid.clone());
+        let value = attr.attr_value();
+        let data = value.data;
+        let text = || {
+            std::str::from_utf8(data)
+                .map_err(|_| PkiError::malformed("", "name attribute is not valid text"))
+        };
+        let bad =
+            |_| PkiError::malformed("", "name attribute has characters its string type forbids");
+        let dn_value = match value.header.tag() {
+            Tag::PrintableString => DnValue::PrintableString(text()?.try_into().map_err(bad)?),
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
+            Tag::Ia5String => DnValue::Ia5String(text()?.try_into().map_err(bad)?),
+            Tag::T61String => DnValue::TeletexString(text()?.try_into().map_err(bad)?),
+            Tag::BmpString => DnValue::BmpString(
+                rcgen::string::BmpString::from_utf16be(data.to_vec()).map_err(bad)?,
+            ),
+            Tag::UniversalString => DnValue::UniversalString(
+                rcgen::string::UniversalString::from_utf32be(data.to_vec()).map_err(bad)?,
+            ),
+            other => {
+                return Err(PkiError::InvalidRequest(format!(
+                    "name attribute {} has the unsupported ASN.1 type {other}",
+                    short_name(attr)
+                )));
+            }
+        };
+        dn.push(DnType::from_oid(&oid), dn_value);
+    }
+    Ok(dn)
+}
+
+fn short_name(attr: &AttributeTypeAndValue<'_>) -> String {
+    let oid = attr.attr_type().to_id_string();
+    match oid.as_str() {
+        "2.5.4.3" => "CN",
+        "2.5.4.4" => "SN",
+        "2.5.4.5" => "serialNumber",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "STREET",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "2.5.4.12" => "title",
+        "2.5.4.42" => "GN",
+        "2.5.4.97" => "organizationIdentifier",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "emailAddress",
+        _ => return oid,
+    }
+    .to_string()
+}
+
+fn value_text(attr: &AttributeTypeAndValue<'_>) -> String {
+    let value = attr.attr_value();
+    if value.header.tag() == Tag::BmpString {
+        let units: Vec<u16> = value
+            .data
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))
+            .collect();
+        return String::from_utf16_lossy(&units);
+    }
+    match attr.as_str() {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("#{}", crate::cert::hex(value.data, "")),
+    }
+}
+
+/// RFC 4514 section 2.4 escaping.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == ' ' || c == '#'))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        if c == '\0' {
+            out.push_str("\\00");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_specials() {
+        assert_eq!(escape("a,b"), "a\\,b");
+        assert_eq!(escape(" lead"), "\\ lead");
+        assert_eq!(escape("#x"), "\\#x");
+        assert_eq!(escape("trail "), "trail\\ ");
+        assert_eq!(escape("plain"), "plain");
+    }
+}

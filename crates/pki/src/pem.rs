@@ -1,0 +1,241 @@
+//! Splitting PEM (or DER) input into typed blocks, with line numbers for error messages.
+//!
+//! Decoding itself is rustls' `PemObject`; this module adds what operators need on top: the line
+//! where each block starts, encrypted-key detection, and DER input recognised as such.
+
+use rustls_pki_types::pem::{PemObject, SectionKind};
+
+use crate::{PkiError, Result};
+
+/// What a block holds, by its PEM label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Label {
+    /// `CERTIFICATE`.
+    Certificate,
+    /// `PRIVATE KEY` (PKCS#8).
+    Pkcs8Key,
+    /// `RSA PRIVATE KEY` (PKCS#1).
+    RsaKey,
+    /// `EC PRIVATE KEY` (SEC1).
+    EcKey,
+    /// `ENCRYPTED PRIVATE KEY`, or a traditional key with `Proc-Type: 4,ENCRYPTED`.
+    EncryptedKey,
+    /// `CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST`.
+    Csr,
+    /// `X509 CRL`.
+    Crl,
+    /// Raw DER input: the kind is decided by whoever parses it.
+    Der,
+    /// Any other label, kept for messages.
+    Other(String),
+}
+
+/// One decoded block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// The block's kind.
+    pub label: Label,
+    /// The decoded DER bytes.
+    pub der: Vec<u8>,
+    /// The 1-based line of its `-----BEGIN` marker; 0 for DER input.
+    pub line: usize,
+}
+
+/// Splits `input` into blocks. Input without any `-----BEGIN` marker is taken as one DER block.
+///
+/// Text outside blocks is ignored (openssl writes `Bag Attributes` and `subject=` lines there).
+pub fn decode(input: &[u8]) -> Result<Vec<Block>> {
+    if !contains(input, b"-----BEGIN") {
+        if input.first() == Some(&0x30) {
+            return Ok(vec![Block {
+                label: Label::Der,
+                der: input.to_vec(),
+                line: 0,
+            }]);
+        }
+        return Ok(Vec::new());
+    }
+    let text = std::str::from_utf8(input)
+        .map_err(|_| PkiError::malformed("", "PEM input is not valid text"))?;
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().enumerate();
+    while let Some((index, line)) = lines.next() {
+        let line = line.trim_end();
+        let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+        else {
+            continue;
+        };
+        let start = index + 1;
+        let end_marker = format!("-----END {label}-----");
+        let mut body = String::new();
+        let mut encrypted = false;
+        let mut closed = false;
+        for (_, inner) in lines.by_ref() {
+            let inner = inner.trim();
+            if inner == end_marker {
+                closed = true;
+                break;
+            }
+            if inner.starts_with("-----BEGIN ") {
+                break;
+            }
+            if inner.starts_with("Proc-Type:") && inner.contains("ENCRYPTED") {
+                encrypted = true;
+            }
+            if inner.contains(':') {
+                continue; // RFC 1421 headers
+            }
+            body.push_str(inner);
+            body.push('\n');
+        }
+        if !closed {
+            return Err(PkiError::malformed(
+                format!("line {start}: "),
+                format!(
+                    "'-----BEGIN {label}-----' has no matching '{end_marker}' (truncated file?)"
+                ),
+            ));
+        }
+        let label_kind = match label {
+            "CERTIFICATE" => Label::Certificate,
+            "PRIVATE KEY" => Label::Pkcs8Key,
+            "RSA PRIVATE KEY" => Label::RsaKey,
+            "EC PRIVATE KEY" => Label::EcKey,
+            "ENCRYPTED PRIVATE KEY" => Label::EncryptedKey,
+            "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => Label::Csr,
+            "X509 CRL" => Label::Crl,
+            other => Label::Other(other.to_string()),
+        };
+        if encrypted || label_kind == Label::EncryptedKey {
+            blocks.push(Block {
+                label: Label::EncryptedKey,
+                der: Vec::new(),
+                line: start,
+            });
+            continue;
+        }
+        let der = decode_body(&label_kind, &body)
+            .map_err(|detail| PkiError::malformed(format!("line {start}: "), detail))?;
+        blocks.push(Block {
+            label: label_kind,
+            der,
+            line: start,
+        });
+    }
+    Ok(blocks)
+}
+
+/// Decodes the base64 body through rustls' PEM reader, re-framed with a label it knows.
+fn decode_body(label: &Label, body: &str) -> std::result::Result<Vec<u8>, String> {
+    // The label only picks the base64 decoder (secret or public); both accept the same text.
+    let frame = match label {
+        Label::Pkcs8Key | Label::RsaKey | Label::EcKey => "PRIVATE KEY",
+        _ => "CERTIFICATE",
+    };
+    let pem = format!("-----BEGIN {frame}-----\n{body}-----END {frame}-----\n");
+    match <(SectionKind, Vec<u8>)>::from_pem_slice(pem.as_bytes()) {
+        Ok((_, der)) if der.is_empty() => Err("block is empty".into()),
+        Ok((_, der)) => Ok(der),
+        Err(e) => Err(format!("block is not valid base64 ({e})")),
+    }
+}
+
+/// All blocks of one label from `input`, or DER input taken as that kind.
+pub(crate) fn blocks_of(input: &[u8], want: &Label) -> Result<Vec<Block>> {
+    Ok(decode(input)?
+        .into_iter()
+        .filter(|b| &b.label == want || b.label == Label::Der)
+        .collect())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Encodes DER bytes as a PEM block with `label`, 64 characters a line.
+pub fn encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64_encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        // Invariant: base64 output is ASCII, so any byte boundary is a char boundary.
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
+        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            ALPHABET[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            ALPHABET[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_reports_lines() {
+        let der = vec![0x30, 0x03, 0x02, 0x01, 0x05];
+        let pem = format!("junk\n{}", encode("CERTIFICATE", &der));
+        let blocks = decode(pem.as_bytes()).unwrap();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].der, der);
+        assert_eq!(blocks[0].line, 2);
+        assert_eq!(blocks[0].label, Label::Certificate);
+    }
+
+    #[test]
+    fn truncated_block_names_line() {
+        let pem = "\n\n-----BEGIN CERTIFICATE-----\nMAMCAQU=\n";
+        let err = decode(pem.as_bytes()).unwrap_err().to_string();
+        assert!(err.starts_with("line 3: "), "{err}");
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn bad_base64_is_malformed() {
+        let pem = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        let err = decode(pem.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn encrypted_keys_are_flagged() {
+        let pem = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        assert_eq!(
+            decode(pem.as_bytes()).unwrap()[0].label,
+            Label::EncryptedKey
+        );
+    }
+
+    #[test]
+    fn der_input_is_one_block() {
+        let blocks = decode(&[0x30, 0x00]).unwrap();
+        assert_eq!(blocks[0].label, Label::Der);
+        assert!(decode(b"hello").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,312 @@
+//! Truststores: a PEM bundle of CA certificates, parsed and linted the way the gateway uses it.
+//!
+//! Semantics (as API Gateway's): self-issued certificates in the bundle are trust anchors (roots,
+//! and partners' self-signed certificates trusted as themselves); every other certificate is an
+//! intermediate that chains may use, so the bundle may hold the whole chain for clients that
+//! send only their leaf. Problems are warnings, never errors, unless nothing usable remains.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use rustls_pki_types::{CertificateDer, TrustAnchor};
+use serde::Serialize;
+
+use crate::cert::Certificate;
+use crate::{PkiError, Result};
+
+/// Most CA levels (root + intermediates) a chain may have by default, as API Gateway.
+pub const DEFAULT_MAX_DEPTH: u8 = 4;
+
+/// Largest total size of CA names in a CertificateRequest before clients start failing.
+pub const MAX_ADVERTISED_NAMES_BYTES: usize = 16 * 1024;
+
+/// A parsed truststore.
+#[derive(Debug, Clone)]
+pub struct Truststore {
+    entries: Vec<Entry>,
+    store_warnings: Vec<Warning>,
+}
+
+/// One certificate of a truststore and what lint found about it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The certificate.
+    pub certificate: Certificate,
+    /// Its position in the file (1-based).
+    pub index: usize,
+    /// True when it is a trust anchor (self-issued).
+    pub anchor: bool,
+    /// CA levels from its root down to it (1 for a root), if its chain is complete.
+    pub depth: Option<usize>,
+    /// Warnings about it.
+    pub warnings: Vec<Warning>,
+    /// True when it was a duplicate and is not used.
+    pub duplicate: bool,
+    trust_anchor: Option<TrustAnchor<'static>>,
+}
+
+/// A lint finding.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Warning {
+    /// Stable code (`not-ca`, `expired`, `not-yet-valid`, `weak-key`, `weak-signature`,
+    /// `duplicate`, `incomplete-chain`, `too-deep`, `names-too-large`).
+    pub code: &'static str,
+    /// What is wrong and what it means for clients.
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl Truststore {
+    /// Parses and lints a PEM bundle (or one DER certificate) as of now.
+    pub fn from_pem(input: &[u8]) -> Result<Self> {
+        Truststore::from_pem_at(input, time::OffsetDateTime::now_utc().unix_timestamp())
+    }
+
+    /// Parses and lints a bundle as of `now` (seconds since the epoch).
+    pub fn from_pem_at(input: &[u8], now: i64) -> Result<Self> {
+        let certs = Certificate::all_from_pem_or_der(input)?;
+        if certs.is_empty() {
+            return Err(PkiError::NotFound {
+                expected: "certificate",
+                label: "CERTIFICATE",
+            });
+        }
+        let store = Truststore::from_certificates_at(certs, now);
+        if store.anchors().is_empty() {
+            return Err(PkiError::InvalidRequest(
+                "no usable trust anchor: the bundle has no self-signed (root) certificate; add the root of each chain"
+                    .into(),
+            ));
+        }
+        Ok(store)
+    }
+
+    /// Builds and lints a truststore from certificates already parsed.
+    pub fn from_certificates_at(certs: Vec<Certificate>, now: i64) -> Self {
+        let mut seen = HashSet::new();
+        let mut entries: Vec<Entry> = certs
+            .into_iter()
+            .enumerate()
+            .map(|(i, certificate)| {
+                let duplicate = !seen.insert(certificate.info().id.clone());
+                let anchor = certificate.info().self_issued;
+                let trust_anchor = anchor
+                    .then(|| webpki::anchor_from_trusted_cert(certificate.der()).ok())
+                    .flatten()
+                    .map(|t| t.to_owned());
+                Entry {
+                    anchor,
+                    trust_anchor,
+                    certificate,
+                    index: i + 1,
+                    depth: None,
+                    warnings: Vec::new(),
+                    duplicate,
+                }
+            })
+            .collect();
+        compute_depths(&mut entries);
+        for entry in &mut entries {
+            lint(entry, now);
+        }
+        let names: usize = entries
+            .iter()
+            .filter(|e| !e.duplicate)
+            .map(|e| {
+                e.certificate
+                    .with_parsed(|c| c.subject().as_raw().len())
+                    .unwrap_or(0)
+                    + 2
+            })
+            .sum();
+        let mut store_warnings = Vec::new();
+        if names > MAX_ADVERTISED_NAMES_BYTES {
+            store_warnings.push(Warning {
+                code: "names-too-large",
+                message: format!(
+                    "the CA names take {names} bytes, over the {MAX_ADVERTISED_NAMES_BYTES} that clients accept in a CertificateRequest; turn off advertise_ca_names for this domain"
+                ),
+            });
+        }
+        Truststore {
+            entries,
+            store_warnings,
+        }
+    }
+
+    /// Every certificate with its findings, in file order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Findings about the bundle as a whole.
+    pub fn store_warnings(&self) -> &[Warning] {
+        &self.store_warnings
+    }
+
+    /// Number of warnings in all.
+    pub fn warning_count(&self) -> usize {
+        self.store_warnings.len() + self.entries.iter().map(|e| e.warnings.len()).sum::<usize>()
+    }
+
+    /// The trust anchors (self-issued certificates, duplicates removed).
+    pub fn anchors(&self) -> Vec<&Certificate> {
+        self.usable()
+            .filter(|e| e.anchor)
+            .map(|e| &e.certificate)
+            .collect()
+    }
+
+    /// The intermediates chains may use (certificates that are not self-issued).
+    pub fn intermediates(&self) -> Vec<&Certificate> {
+        self.usable()
+            .filter(|e| !e.anchor)
+            .map(|e| &e.certificate)
+            .collect()
+    }
+
+    /// rustls/webpki trust anchors for the anchors.
+    pub fn trust_anchors(&self) -> Vec<TrustAnchor<'static>> {
+        self.usable()
+            .filter_map(|e| e.trust_anchor.clone())
+            .collect()
+    }
+
+    /// The anchor certificate behind a webpki trust anchor.
+    pub fn anchor_certificate(&self, anchor: &TrustAnchor<'_>) -> Option<&Certificate> {
+        self.usable()
+            .find(|e| {
+                e.trust_anchor.as_ref().is_some_and(|t| {
+                    t.subject.as_ref() == anchor.subject.as_ref()
+                        && t.subject_public_key_info.as_ref()
+                            == anchor.subject_public_key_info.as_ref()
+                })
+            })
+            .map(|e| &e.certificate)
+    }
+
+    /// DER of the intermediates.
+    pub fn intermediate_ders(&self) -> Vec<CertificateDer<'static>> {
+        self.intermediates()
+            .into_iter()
+            .map(|c| c.der().clone())
+            .collect()
+    }
+
+    fn usable(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(|e| !e.duplicate)
+    }
+}
+
+fn lint(entry: &mut Entry, now: i64) {
+    let info = entry.certificate.info().clone();
+    let mut warn =
+        |code: &'static str, message: String| entry.warnings.push(Warning { code, message });
+    if entry.duplicate {
+        warn(
+            "duplicate",
+            "appears earlier in the bundle; this copy is ignored".into(),
+        );
+        return;
+    }
+    if !info.is_ca() && !info.self_issued {
+        warn(
+            "not-ca",
+            "is not a CA and not self-signed, so it can neither anchor nor extend a chain".into(),
+        );
+    } else if !info.is_ca() {
+        // A partner's self-signed leaf, trusted as itself: fine, but say so.
+    }
+    if info.not_after_unix() < now {
+        warn(
+            "expired",
+            format!(
+                "expired at {}; chains through it are rejected",
+                info.not_after
+            ),
+        );
+    } else if info.not_before_unix() > now {
+        warn(
+            "not-yet-valid",
+            format!("is not valid before {}", info.not_before),
+        );
+    }
+    if info.public_key.is_weak() {
+        warn(
+            "weak-key",
+            format!(
+                "{} is below the minimum (RSA 2048, ECDSA P-256)",
+                info.public_key
+            ),
+        );
+    }
+    let sig = info.signature_algorithm.to_ascii_lowercase();
+    if sig.contains("sha1") || sig.contains("md5") || sig.contains("md2") {
+        warn(
+            "weak-signature",
+            format!(
+                "is signed with {}; use SHA-256 or stronger",
+                info.signature_algorithm
+            ),
+        );
+    }
+    if !info.self_issued && entry.depth.is_none() {
+        warn(
+            "incomplete-chain",
+            format!(
+                "its issuer '{}' is not in the bundle, so chains through it cannot reach a root; add the issuer",
+                info.issuer
+            ),
+        );
+    }
+    if let Some(depth) = entry.depth
+        && depth > usize::from(DEFAULT_MAX_DEPTH)
+    {
+        warn(
+            "too-deep",
+            format!(
+                "sits {depth} CA levels below its root, deeper than the {DEFAULT_MAX_DEPTH} levels allowed"
+            ),
+        );
+    }
+}
+
+/// Depth of each entry from a root, following issuer names within the bundle.
+fn compute_depths(entries: &mut [Entry]) {
+    let raw: Vec<(Vec<u8>, Vec<u8>)> = entries
+        .iter()
+        .map(|e| {
+            e.certificate
+                .with_parsed(|c| (c.subject().as_raw().to_vec(), c.issuer().as_raw().to_vec()))
+                .unwrap_or_default()
+        })
+        .collect();
+    for (i, entry) in entries.iter_mut().enumerate() {
+        // Walk up at most 16 links; a loop or a missing issuer leaves the depth unknown.
+        let mut current = i;
+        let mut depth = 1;
+        let mut found = false;
+        for _ in 0..16 {
+            if raw[current].0 == raw[current].1 {
+                found = true;
+                break;
+            }
+            match raw
+                .iter()
+                .position(|(subject, _)| *subject == raw[current].1)
+            {
+                Some(parent) => {
+                    current = parent;
+                    depth += 1;
+                }
+                None => break,
+            }
+        }
+        entry.depth = found.then_some(depth);
+    }
+}

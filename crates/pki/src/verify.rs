@@ -1,0 +1,527 @@
+//! Chain verification with precise, stable rejection reasons.
+//!
+//! Path building and signature checks are rustls-webpki's (the verifier rustls itself uses);
+//! this module adds what a gateway needs on top: a maximum CA depth, expiry of the root itself,
+//! CRL checks through the whole chain, a clientAuth/serverAuth EKU that must be present, and one
+//! [`RejectReason`] per failure whose code is reused in TLS alerts, HTTP bodies, logs and
+//! metrics.
+
+use std::fmt;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Serialize;
+use webpki::{
+    EndEntityCert, Error as WebpkiError, ExpirationPolicy, KeyUsage, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy, VerifiedPath,
+};
+
+use crate::cert::{Certificate, rfc3339};
+use crate::crl::Crl;
+use crate::truststore::{DEFAULT_MAX_DEPTH, Truststore};
+
+/// Why a certificate was rejected. The [`code`](RejectReason::code) is stable: scripts, metrics
+/// labels, HTTP bodies and logs use it, so variants are only ever added.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectReason {
+    /// No certificate was presented.
+    NoCertificate,
+    /// A certificate in the chain is past its notAfter.
+    Expired,
+    /// A certificate in the chain is before its notBefore.
+    NotYetValid,
+    /// No chain leads to a trust anchor in the truststore.
+    UntrustedIssuer,
+    /// A signature in the chain does not verify.
+    BadSignature,
+    /// The certificate is not allowed for this use (EKU, key usage, or a CA used as a leaf).
+    WrongUsage,
+    /// A CRL lists the certificate or one of its issuers.
+    Revoked,
+    /// The chain has more CA levels than allowed, or breaks a path length constraint.
+    ChainTooDeep,
+    /// A name in the certificate falls outside a CA's name constraints.
+    NameConstraints,
+    /// A signature or key algorithm is not supported (SHA-1, MD5, DSA…).
+    UnsupportedAlgorithm,
+    /// The certificate or an extension is not valid DER or X.509.
+    Malformed,
+    /// A CRL for the chain is past its nextUpdate: its revocation status is unknown.
+    CrlExpired,
+    /// A CRL for the chain has a bad signature or unsupported features.
+    CrlInvalid,
+    /// The certificate is not valid for the expected name.
+    NameMismatch,
+    /// The key is too weak (RSA below 2048 bits, EC below P-256).
+    WeakKey,
+}
+
+impl RejectReason {
+    /// Every reason, in documentation order.
+    pub const ALL: [RejectReason; 15] = [
+        RejectReason::NoCertificate,
+        RejectReason::Expired,
+        RejectReason::NotYetValid,
+        RejectReason::UntrustedIssuer,
+        RejectReason::BadSignature,
+        RejectReason::WrongUsage,
+        RejectReason::Revoked,
+        RejectReason::ChainTooDeep,
+        RejectReason::NameConstraints,
+        RejectReason::UnsupportedAlgorithm,
+        RejectReason::Malformed,
+        RejectReason::CrlExpired,
+        RejectReason::CrlInvalid,
+        RejectReason::NameMismatch,
+        RejectReason::WeakKey,
+    ];
+
+    /// The stable code (`expired`, `untrusted-issuer`…).
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectReason::NoCertificate => "no-certificate",
+            RejectReason::Expired => "expired",
+            RejectReason::NotYetValid => "not-yet-valid",
+            RejectReason::UntrustedIssuer => "untrusted-issuer",
+            RejectReason::BadSignature => "bad-signature",
+            RejectReason::WrongUsage => "wrong-usage",
+            RejectReason::Revoked => "revoked",
+            RejectReason::ChainTooDeep => "chain-too-deep",
+            RejectReason::NameConstraints => "name-constraints",
+            RejectReason::UnsupportedAlgorithm => "unsupported-algorithm",
+            RejectReason::Malformed => "malformed",
+            RejectReason::CrlExpired => "crl-expired",
+            RejectReason::CrlInvalid => "crl-invalid",
+            RejectReason::NameMismatch => "name-mismatch",
+            RejectReason::WeakKey => "weak-key",
+        }
+    }
+
+    /// Whose fault the rejection is, for operators: all of these are the client's side except a
+    /// stale or broken CRL, which is the operator's.
+    pub fn is_operator_side(self) -> bool {
+        matches!(self, RejectReason::CrlExpired | RejectReason::CrlInvalid)
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// What the certificate is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Usage {
+    /// TLS client authentication (EKU clientAuth).
+    #[default]
+    Client,
+    /// TLS server authentication (EKU serverAuth).
+    Server,
+}
+
+/// How to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Client or server.
+    pub usage: Usage,
+    /// Verification time, seconds since the epoch; `None` for now.
+    pub at: Option<i64>,
+    /// Most CA levels (root included) a chain may have. Default 4.
+    pub max_depth: u8,
+    /// CRLs to check every certificate of the chain against. A CRL past its nextUpdate rejects
+    /// chains it covers (`crl-expired`) rather than silently letting them in.
+    pub crls: Vec<Crl>,
+    /// A DNS name or IP address the certificate must be valid for.
+    pub expected_name: Option<String>,
+    /// Require the EKU extension (with the usage's purpose) to be present. RFC 5280 reads an
+    /// absent EKU as "any purpose"; a gateway should not. Default true.
+    pub require_eku: bool,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            usage: Usage::Client,
+            at: None,
+            max_depth: DEFAULT_MAX_DEPTH,
+            crls: Vec::new(),
+            expected_name: None,
+            require_eku: true,
+        }
+    }
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The certificate is valid; `chain` runs from it to the trust anchor.
+    Valid {
+        /// Leaf, intermediates, anchor.
+        chain: Vec<Certificate>,
+    },
+    /// The certificate is rejected.
+    Rejected {
+        /// The stable reason.
+        reason: RejectReason,
+        /// A one-line explanation naming the certificate concerned.
+        explanation: String,
+    },
+}
+
+impl Verdict {
+    fn reject(reason: RejectReason, explanation: impl Into<String>) -> Verdict {
+        Verdict::Rejected {
+            reason,
+            explanation: explanation.into(),
+        }
+    }
+
+    /// The reason, if rejected.
+    pub fn reason(&self) -> Option<RejectReason> {
+        match self {
+            Verdict::Valid { .. } => None,
+            Verdict::Rejected { reason, .. } => Some(*reason),
+        }
+    }
+}
+
+/// Verifies `leaf` (with the chain the peer `presented`, leaf excluded) against `store`.
+pub fn verify(
+    leaf: &Certificate,
+    presented: &[Certificate],
+    store: &Truststore,
+    opts: &VerifyOptions,
+) -> Verdict {
+    let info = leaf.info();
+    let now = opts
+        .at
+        .unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp());
+    if info.public_key.is_weak() {
+        return Verdict::reject(
+            RejectReason::WeakKey,
+            format!(
+                "'{}' has a {} key; the minimum is RSA 2048 or ECDSA P-256",
+                info.subject, info.public_key
+            ),
+        );
+    }
+    let Ok(ee) = EndEntityCert::try_from(leaf.der()) else {
+        return Verdict::reject(
+            RejectReason::Malformed,
+            format!("'{}' cannot be parsed for verification", info.subject),
+        );
+    };
+    let anchors = store.trust_anchors();
+    let mut intermediates: Vec<CertificateDer<'static>> =
+        presented.iter().map(|c| c.der().clone()).collect();
+    intermediates.extend(store.intermediate_ders());
+    let crl_refs: Vec<_> = opts.crls.iter().map(Crl::webpki).collect();
+    let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
+        b.with_depth(RevocationCheckDepth::Chain)
+            .with_status_policy(UnknownStatusPolicy::Allow)
+            .with_expiration_policy(ExpirationPolicy::Enforce)
+            .build()
+    });
+    let usage = match opts.usage {
+        Usage::Client => KeyUsage::client_auth(),
+        Usage::Server => KeyUsage::server_auth(),
+    };
+    let time = UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(now).unwrap_or(0)));
+    let max_depth = usize::from(opts.max_depth.max(1));
+    let path_check = |path: &VerifiedPath<'_>| -> Result<(), WebpkiError> {
+        let levels = path.intermediate_certificates().count() + 1;
+        if levels > max_depth {
+            return Err(WebpkiError::MaximumPathDepthExceeded);
+        }
+        // webpki treats anchors as bare names and keys; a truststore entry that has expired
+        // must stop trusting, as API Gateway's does.
+        if let Some(cert) = store.anchor_certificate(path.anchor()) {
+            let ai = cert.info();
+            if ai.not_after_unix() < now {
+                return Err(WebpkiError::CertExpired {
+                    time,
+                    not_after: UnixTime::since_unix_epoch(Duration::from_secs(
+                        u64::try_from(ai.not_after_unix()).unwrap_or(0),
+                    )),
+                });
+            }
+            if ai.not_before_unix() > now {
+                return Err(WebpkiError::CertNotValidYet {
+                    time,
+                    not_before: UnixTime::since_unix_epoch(Duration::from_secs(
+                        u64::try_from(ai.not_before_unix()).unwrap_or(0),
+                    )),
+                });
+            }
+        }
+        Ok(())
+    };
+    let result = ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &intermediates,
+        time,
+        usage,
+        revocation,
+        Some(&path_check),
+    );
+    let path = match result {
+        Ok(path) => path,
+        Err(e) => return explain(e, leaf, presented, store, opts, now),
+    };
+    if opts.require_eku && info.extended_key_usage.is_empty() {
+        let want = match opts.usage {
+            Usage::Client => "clientAuth",
+            Usage::Server => "serverAuth",
+        };
+        return Verdict::reject(
+            RejectReason::WrongUsage,
+            format!(
+                "'{}' has no extended key usage; it must list {want}",
+                info.subject
+            ),
+        );
+    }
+    if !info.key_usage.is_empty() && !info.key_usage.iter().any(|k| k == "digitalSignature") {
+        return Verdict::reject(
+            RejectReason::WrongUsage,
+            format!(
+                "'{}' has key usage {} without digitalSignature, so it cannot sign a TLS handshake",
+                info.subject,
+                info.key_usage.join(",")
+            ),
+        );
+    }
+    if let Some(name) = &opts.expected_name {
+        let valid = ServerName::try_from(name.as_str())
+            .map_err(|_| ())
+            .and_then(|n| ee.verify_is_valid_for_subject_name(&n).map_err(|_| ()));
+        if valid.is_err() {
+            return Verdict::reject(
+                RejectReason::NameMismatch,
+                format!(
+                    "'{}' is not valid for the name '{name}' (its names: {})",
+                    info.subject,
+                    if info.subject_alt_names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        info.subject_alt_names.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    let mut chain = vec![leaf.clone()];
+    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediates()).collect();
+    for der in path.intermediate_certificates().map(|c| c.der()) {
+        if let Some(c) = pool.iter().find(|c| c.der().as_ref() == der.as_ref()) {
+            chain.push((*c).clone());
+        }
+    }
+    if let Some(c) = store.anchor_certificate(path.anchor())
+        && c.der() != leaf.der()
+    {
+        chain.push(c.clone());
+    }
+    Verdict::Valid { chain }
+}
+
+/// Turns a webpki error into a reason and an explanation that names the certificate concerned.
+fn explain(
+    err: WebpkiError,
+    leaf: &Certificate,
+    presented: &[Certificate],
+    store: &Truststore,
+    opts: &VerifyOptions,
+    now: i64,
+) -> Verdict {
+    use RejectReason as R;
+    let info = leaf.info();
+    let subject = &info.subject;
+    // Which certificate of those we know is out of its validity period, for the message.
+    let candidates: Vec<&Certificate> = std::iter::once(leaf)
+        .chain(presented.iter())
+        .chain(store.intermediates())
+        .chain(store.anchors())
+        .collect();
+    let out_of_date = |expired: bool| {
+        candidates
+            .iter()
+            .find(|c| {
+                if expired {
+                    c.info().not_after_unix() < now
+                } else {
+                    c.info().not_before_unix() > now
+                }
+            })
+            .map(|c| c.info().clone())
+    };
+    let at = time::OffsetDateTime::from_unix_timestamp(now)
+        .map(rfc3339)
+        .unwrap_or_default();
+    match err {
+        WebpkiError::CertExpired { .. } => match out_of_date(true) {
+            Some(c) if c.subject == *subject => Verdict::reject(
+                R::Expired,
+                format!("'{subject}' expired at {} (checked at {at})", c.not_after),
+            ),
+            Some(c) => Verdict::reject(
+                R::Expired,
+                format!(
+                    "issuer '{}' of '{subject}' expired at {} (checked at {at})",
+                    c.subject, c.not_after
+                ),
+            ),
+            None => Verdict::reject(
+                R::Expired,
+                format!("a certificate in the chain of '{subject}' has expired"),
+            ),
+        },
+        WebpkiError::CertNotValidYet { .. } => match out_of_date(false) {
+            Some(c) if c.subject == *subject => Verdict::reject(
+                R::NotYetValid,
+                format!(
+                    "'{subject}' is not valid before {} (checked at {at})",
+                    c.not_before
+                ),
+            ),
+            Some(c) => Verdict::reject(
+                R::NotYetValid,
+                format!(
+                    "issuer '{}' of '{subject}' is not valid before {} (checked at {at})",
+                    c.subject, c.not_before
+                ),
+            ),
+            None => Verdict::reject(
+                R::NotYetValid,
+                format!("a certificate in the chain of '{subject}' is not yet valid"),
+            ),
+        },
+        WebpkiError::UnknownIssuer | WebpkiError::CertDistrusted => Verdict::reject(
+            R::UntrustedIssuer,
+            format!(
+                "no chain from '{subject}' to a trusted root: its issuer '{}' is neither in the truststore nor presented",
+                info.issuer
+            ),
+        ),
+        WebpkiError::InvalidSignatureForPublicKey => Verdict::reject(
+            R::BadSignature,
+            format!(
+                "a signature in the chain of '{subject}' does not verify with its issuer's key"
+            ),
+        ),
+        WebpkiError::UnsupportedSignatureAlgorithmContext(_)
+        | WebpkiError::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | WebpkiError::SignatureAlgorithmMismatch => Verdict::reject(
+            R::UnsupportedAlgorithm,
+            format!(
+                "the chain of '{subject}' uses an insecure or unsupported signature algorithm ('{subject}' is signed with {}); SHA-256 or stronger with RSA, ECDSA or Ed25519 is required",
+                info.signature_algorithm
+            ),
+        ),
+        WebpkiError::RequiredEkuNotFoundContext(_) => {
+            let want = match opts.usage {
+                Usage::Client => "clientAuth",
+                Usage::Server => "serverAuth",
+            };
+            Verdict::reject(
+                R::WrongUsage,
+                format!(
+                    "'{subject}' is not for {want}: its extended key usage is {}",
+                    info.extended_key_usage.join(",")
+                ),
+            )
+        }
+        WebpkiError::CaUsedAsEndEntity => Verdict::reject(
+            R::WrongUsage,
+            format!(
+                "'{subject}' is a CA certificate and cannot be used as a client or server certificate"
+            ),
+        ),
+        WebpkiError::EndEntityUsedAsCa => Verdict::reject(
+            R::WrongUsage,
+            format!("the chain of '{subject}' uses a non-CA certificate as an issuer"),
+        ),
+        WebpkiError::EmptyEkuExtension => Verdict::reject(
+            R::WrongUsage,
+            format!("'{subject}' has an empty extended key usage extension"),
+        ),
+        WebpkiError::CertRevoked => {
+            let revoked_leaf = opts.crls.iter().any(|crl| {
+                crl.info().revoked.iter().any(|r| r.serial == info.serial)
+                    && crl.info().issuer == info.issuer
+            });
+            if revoked_leaf {
+                Verdict::reject(
+                    R::Revoked,
+                    format!(
+                        "'{subject}' (serial {}) is revoked by a CRL of '{}'",
+                        info.serial, info.issuer
+                    ),
+                )
+            } else {
+                Verdict::reject(
+                    R::Revoked,
+                    format!("an issuer of '{subject}' is revoked by a CRL"),
+                )
+            }
+        }
+        WebpkiError::MaximumPathDepthExceeded => Verdict::reject(
+            R::ChainTooDeep,
+            format!(
+                "the chain of '{subject}' has more than {} CA levels",
+                opts.max_depth
+            ),
+        ),
+        WebpkiError::PathLenConstraintViolated => Verdict::reject(
+            R::ChainTooDeep,
+            format!("the chain of '{subject}' breaks an issuer's path length constraint"),
+        ),
+        WebpkiError::MaximumPathBuildCallsExceeded
+        | WebpkiError::MaximumSignatureChecksExceeded
+        | WebpkiError::MaximumNameConstraintComparisonsExceeded => Verdict::reject(
+            R::ChainTooDeep,
+            format!(
+                "building a chain for '{subject}' took too many steps (a hostile or tangled chain)"
+            ),
+        ),
+        WebpkiError::NameConstraintViolation | WebpkiError::MalformedNameConstraint => {
+            Verdict::reject(
+                R::NameConstraints,
+                format!("a name in '{subject}' is outside a CA's name constraints"),
+            )
+        }
+        WebpkiError::CrlExpired { .. } => Verdict::reject(
+            R::CrlExpired,
+            format!(
+                "a CRL covering the chain of '{subject}' is past its next update, so revocation cannot be checked; publish a fresh CRL"
+            ),
+        ),
+        WebpkiError::InvalidCrlSignatureForPublicKey
+        | WebpkiError::UnsupportedCrlSignatureAlgorithmContext(_)
+        | WebpkiError::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_)
+        | WebpkiError::IssuerNotCrlSigner
+        | WebpkiError::InvalidCrlNumber
+        | WebpkiError::UnsupportedCrlVersion
+        | WebpkiError::UnsupportedDeltaCrl
+        | WebpkiError::UnsupportedIndirectCrl
+        | WebpkiError::UnsupportedCrlIssuingDistributionPoint
+        | WebpkiError::UnsupportedRevocationReason
+        | WebpkiError::UnsupportedRevocationReasonsPartitioning
+        | WebpkiError::UnknownRevocationStatus => Verdict::reject(
+            R::CrlInvalid,
+            format!("a CRL covering the chain of '{subject}' cannot be used ({err:?})"),
+        ),
+        WebpkiError::CertNotValidForName(_) => Verdict::reject(
+            R::NameMismatch,
+            format!("'{subject}' is not valid for the expected name"),
+        ),
+        other => Verdict::reject(
+            R::Malformed,
+            format!("'{subject}' or its chain is malformed ({other:?})"),
+        ),
+    }
+}
