@@ -177,7 +177,21 @@ impl KeyInfo {
         match alg.as_str() {
             "1.2.840.113549.1.1.1" | "1.2.840.113549.1.1.10" => {
                 let bits = match spki.parsed() {
-                    Ok(PublicKey::RSA(rsa)) => rsa.key_size() as u32,
+                    Ok(PublicKey::RSA(rsa)) => {
+                        // Exact bit length: x509-parser rounds to whole bytes.
+                        let modulus = rsa.modulus;
+                        let start = modulus
+                            .iter()
+                            .position(|b| *b != 0)
+                            .unwrap_or(modulus.len());
+                        let significant = &modulus[start..];
+                        match significant.first() {
+                            Some(first) => {
+                                (significant.len() as u32 - 1) * 8 + (8 - first.leading_zeros())
+                            }
+                            None => 0,
+                        }
+                    }
                     _ => 0,
                 };
                 KeyInfo {

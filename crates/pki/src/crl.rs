@@ -5,6 +5,7 @@ use std::sync::Arc;
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use time::{Duration, OffsetDateTime};
 use webpki::{CertRevocationList, OwnedCertRevocationList};
+use x509_parser::prelude::FromDer;
 
 use crate::cert::{CrlInfo, hex};
 use crate::issue::CaIssuer;
@@ -24,6 +25,25 @@ impl Crl {
     pub fn from_der(der: impl Into<Vec<u8>>) -> Result<Self> {
         let der = der.into();
         let info = CrlInfo::from_der(&der)?;
+        // RFC 5280 5.2.3: conforming CRL issuers MUST include a non-critical CRL number.
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| PkiError::malformed("", format!("not a valid CRL ({e})")))?;
+        match parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "2.5.29.20")
+        {
+            None => {
+                return Err(PkiError::malformed(
+                    "",
+                    "CRL has no CRL number (RFC 5280 requires one)",
+                ));
+            }
+            Some(e) if e.critical => {
+                return Err(PkiError::malformed("", "CRL marks its CRL number critical"));
+            }
+            Some(_) => {}
+        }
         let parsed = OwnedCertRevocationList::from_der(&der)
             .map_err(|e| PkiError::malformed("", format!("CRL is not usable ({e:?})")))?;
         Ok(Crl {

@@ -31,6 +31,7 @@ pub mod key;
 mod name;
 pub mod p12;
 pub mod pem;
+mod profile_check;
 pub mod truststore;
 pub mod verify;
 

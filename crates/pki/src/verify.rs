@@ -18,6 +18,7 @@ use webpki::{
 
 use crate::cert::{Certificate, rfc3339};
 use crate::crl::Crl;
+use crate::profile_check::{self, Role};
 use crate::truststore::{DEFAULT_MAX_DEPTH, Truststore};
 
 /// Why a certificate was rejected. The [`code`](RejectReason::code) is stable: scripts, metrics
@@ -325,6 +326,42 @@ pub fn verify(
         && c.der() != leaf.der()
     {
         chain.push(c.clone());
+    }
+    // RFC 5280 structure of every certificate of the path, the anchor included (unless the
+    // anchor is the leaf itself: a partner's self-signed certificate trusted as itself).
+    let last = chain.len() - 1;
+    for (i, cert) in chain.iter().enumerate() {
+        let role = match i {
+            0 => Role::Leaf,
+            i if i == last => Role::Root,
+            _ => Role::Intermediate,
+        };
+        if let Err((reason, why)) = profile_check::check(cert, role, opts.usage) {
+            let who = if i == 0 {
+                format!("'{}'", cert.info().subject)
+            } else {
+                format!("issuer '{}' of '{}'", cert.info().subject, info.subject)
+            };
+            return Verdict::reject(reason, format!("{who} {why}"));
+        }
+    }
+    // A CRL counts only if its issuer may sign CRLs.
+    for crl in &opts.crls {
+        if let Some(ca) = chain[1..]
+            .iter()
+            .find(|c| c.info().subject == crl.info().issuer)
+            && !ca.info().key_usage.is_empty()
+            && !ca.info().key_usage.iter().any(|k| k == "cRLSign")
+        {
+            return Verdict::reject(
+                RejectReason::CrlInvalid,
+                format!(
+                    "a CRL for the chain of '{}' is signed by '{}', whose key usage lacks cRLSign",
+                    info.subject,
+                    ca.info().subject
+                ),
+            );
+        }
     }
     Verdict::Valid { chain }
 }
