@@ -64,7 +64,7 @@ pub(crate) fn check(
             ),
         );
     }
-    if info.public_key.algorithm == "RSA" && info.public_key.bits % 8 != 0 {
+    if info.public_key.algorithm == "RSA" && !info.public_key.bits.is_multiple_of(8) {
         return fail(
             R::WeakKey,
             format!(
