@@ -30,13 +30,13 @@ enum Command {
     Pki(pki::PkiCommand),
 }
 
-/// Marks an error as a runtime failure (exit 3) rather than bad input (exit 2).
+/// A runtime failure (exit 3) rather than bad input (exit 2): an output that cannot be written.
 #[derive(Debug)]
-pub struct RuntimeFailure;
+pub struct RuntimeFailure(pub String);
 
 impl std::fmt::Display for RuntimeFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("runtime failure")
+        f.write_str(&self.0)
     }
 }
 
@@ -53,14 +53,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            // One line: every context, outermost first, without the runtime marker.
-            let message = err
-                .chain()
-                .filter(|c| !c.is::<RuntimeFailure>())
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("error: {message}");
+            // One line: every context, outermost first.
+            eprintln!("error: {err:#}");
             let runtime = err.chain().any(|c| {
                 c.is::<RuntimeFailure>()
                     || matches!(

@@ -51,9 +51,9 @@ impl Outputs {
         let result = (|| -> Result<()> {
             for (path, contents, mode) in &self.files {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    fs::create_dir_all(dir)
-                        .with_context(|| format!("creating directory {}", dir.display()))
-                        .context(RuntimeFailure)?;
+                    fs::create_dir_all(dir).map_err(|e| {
+                        runtime(format!("creating directory {}: {e}", dir.display()))
+                    })?;
                 }
                 let temp = temp_path(path);
                 let mut file = OpenOptions::new()
@@ -61,13 +61,11 @@ impl Outputs {
                     .create_new(true)
                     .mode(*mode)
                     .open(&temp)
-                    .with_context(|| format!("writing {}", path.display()))
-                    .context(RuntimeFailure)?;
+                    .map_err(|e| runtime(format!("writing {}: {e}", path.display())))?;
                 temps.push((temp.clone(), path.clone()));
                 file.write_all(contents)
                     .and_then(|()| file.sync_all())
-                    .with_context(|| format!("writing {}", path.display()))
-                    .context(RuntimeFailure)?;
+                    .map_err(|e| runtime(format!("writing {}: {e}", path.display())))?;
             }
             Ok(())
         })();
@@ -88,14 +86,19 @@ impl Outputs {
                         let _ = fs::remove_file(p);
                     }
                 }
-                return Err(anyhow::Error::new(e)
-                    .context(format!("moving {} into place", path.display()))
-                    .context(RuntimeFailure));
+                return Err(runtime(format!(
+                    "moving {} into place: {e}",
+                    path.display()
+                )));
             }
             done.push(path.clone());
         }
         Ok(done)
     }
+}
+
+fn runtime(message: String) -> anyhow::Error {
+    anyhow::Error::new(RuntimeFailure(message))
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -423,7 +423,10 @@ pub fn sign_csr(csr: &[u8], req: &IssueRequest, issuer: &CaIssuer) -> Result<Cer
             "the CSR's key ({key_info}) is not RSA, ECDSA P-256/P-384/P-521 or Ed25519"
         ))
     })?;
-    let mut params = build_params(req, &key_info, Some(issuer))?;
+    // The subject comes from the CSR; the request's own subject is not used.
+    let mut req = req.clone();
+    req.subject = SubjectName::cn("from-csr");
+    let mut params = build_params(&req, &key_info, Some(issuer))?;
     params.distinguished_name = name::to_rcgen(&info.subject)?;
     if req.subject_alt_names.is_empty() && req.profile == Profile::Server {
         let cn = name::attribute(&info.subject, "CN").unwrap_or_default();

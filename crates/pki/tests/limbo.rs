@@ -6,6 +6,7 @@
 //! expects to be rejected, unless the case is on `ACCEPT_ALLOW_LIST` with its reason; cases we
 //! reject that the suite expects to pass are counted as failures but do not fail the test
 //! (rejecting more is the safe direction, and each is listed in the output).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,1271 @@
+//! Whole-product tests: drive the built `portcullis` binary over real files, and check what it
+//! makes with the real `openssl`, `curl` and NSS `pk12util`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use portcullis_testkit::{Run, require_tool, run, temp_dir};
+use serde_json::Value;
+
+fn portcullis(dir: &Path, args: &[&str]) -> Run {
+    run(env!("CARGO_BIN_EXE_portcullis"), args, dir)
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Option<Run> {
+    let bin = require_tool("openssl")?;
+    Some(run(bin, args, dir))
+}
+
+/// A root CA in `dir/root`.
+fn root(dir: &Path) {
+    portcullis(
+        dir,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            "Test Root",
+            "--org",
+            "Portcullis Tests",
+            "--out",
+            "root",
+        ],
+    )
+    .ok();
+}
+
+fn intermediate(dir: &Path, name: &str, parent: &str) {
+    portcullis(
+        dir,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            name,
+            "--out",
+            name,
+            "--issuer-cert",
+            &format!("{parent}/ca.pem"),
+            "--issuer-key",
+            &format!("{parent}/ca.key"),
+        ],
+    )
+    .ok();
+}
+
+fn leaf(dir: &Path, profile: &str, cn: &str, ca: &str, extra: &[&str]) {
+    let mut args = vec![
+        "pki",
+        "issue",
+        "--profile",
+        profile,
+        "--cn",
+        cn,
+        "--out",
+        ".",
+        "--name",
+        cn,
+    ];
+    let cert = format!("{ca}/ca.pem");
+    let key = format!("{ca}/ca.key");
+    args.extend(["--issuer-cert", &cert, "--issuer-key", &key]);
+    args.extend(extra);
+    portcullis(dir, &args).ok();
+}
+
+fn json(run: Run) -> Value {
+    serde_json::from_str(&run.ok().stdout).expect("valid JSON")
+}
+
+fn mode(path: PathBuf) -> u32 {
+    std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn assert_rejected(run: &Run, code: &str) {
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stdout.starts_with(&format!("REJECTED {code}: ")),
+        "expected REJECTED {code}, got: {}",
+        run.stdout
+    );
+    assert_eq!(run.stdout.trim_end().lines().count(), 1, "{}", run.stdout);
+}
+
+/// A one-line error on stderr, the given exit code, no panic, nothing on stdout.
+fn assert_clean_error(run: &Run, code: i32, needle: &str) {
+    assert_eq!(
+        run.code, code,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stderr.starts_with("error: "), "{}", run.stderr);
+    assert_eq!(
+        run.stderr.trim_end().lines().count(),
+        1,
+        "not one line: {}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(needle),
+        "expected '{needle}' in: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn four_ca_levels_verify_and_a_fifth_is_too_deep() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int1", "root");
+    intermediate(d, "int2", "int1");
+    intermediate(d, "int3", "int2");
+    intermediate(d, "int4", "int3");
+    leaf(d, "client", "deep3", "int3", &[]);
+    leaf(d, "client", "deep4", "int4", &[]);
+
+    // chain.pem runs from the CA to the root.
+    let chain = std::fs::read_to_string(d.join("int3/chain.pem")).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 4);
+    // The leaf's chain file has the leaf and the intermediates, not the root.
+    let leaf_chain = std::fs::read_to_string(d.join("deep3.chain.pem")).unwrap();
+    assert_eq!(leaf_chain.matches("BEGIN CERTIFICATE").count(), 4);
+
+    let ok = portcullis(
+        d,
+        &["pki", "verify", "--trust", "root/ca.pem", "deep3.chain.pem"],
+    )
+    .ok();
+    assert!(ok.stdout.starts_with("OK\n"), "{}", ok.stdout);
+    assert!(ok.stdout.contains("CN=int3"), "{}", ok.stdout);
+    assert!(
+        ok.stdout
+            .contains("CN=Test Root,O=Portcullis Tests (trust anchor)"),
+        "{}",
+        ok.stdout
+    );
+
+    let deep = portcullis(
+        d,
+        &["pki", "verify", "--trust", "root/ca.pem", "deep4.chain.pem"],
+    );
+    assert_rejected(&deep, "chain-too-deep");
+    let allowed = portcullis(
+        d,
+        &[
+            "pki",
+            "verify",
+            "--trust",
+            "root/ca.pem",
+            "--max-depth",
+            "5",
+            "deep4.chain.pem",
+        ],
+    );
+    assert_eq!(allowed.code, 0, "{}", allowed.stdout);
+
+    if let Some(r) = openssl(
+        d,
+        &[
+            "verify",
+            "-CAfile",
+            "root/ca.pem",
+            "-untrusted",
+            "int3/chain.pem",
+            "deep3.pem",
+        ],
+    ) {
+        assert!(r.ok().stdout.contains("deep3.pem: OK"));
+    }
+}
+
+#[test]
+fn keys_are_private_and_outputs_are_never_overwritten() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    assert_eq!(mode(d.join("root/ca.key")), 0o600);
+    assert_eq!(mode(d.join("root/ca.pem")), 0o644);
+    let before = std::fs::read(d.join("root/ca.key")).unwrap();
+    let again = portcullis(
+        d,
+        &["pki", "ca", "create", "--cn", "Other", "--out", "root"],
+    );
+    assert_clean_error(&again, 2, "--force");
+    assert_eq!(std::fs::read(d.join("root/ca.key")).unwrap(), before);
+    portcullis(
+        d,
+        &[
+            "pki", "ca", "create", "--cn", "Other", "--out", "root", "--force",
+        ],
+    )
+    .ok();
+    assert_ne!(std::fs::read(d.join("root/ca.key")).unwrap(), before);
+
+    leaf(
+        d,
+        "server",
+        "api.example.com",
+        "root",
+        &["--san", "dns:api.example.com", "--san", "ip:10.0.0.1"],
+    );
+    assert_eq!(mode(d.join("api.example.com.key")), 0o600);
+    let info = json(portcullis(
+        d,
+        &["pki", "inspect", "--json", "api.example.com.pem"],
+    ));
+    let cert = &info[0];
+    assert_eq!(cert["type"], "certificate");
+    assert_eq!(
+        cert["extended_key_usage"],
+        serde_json::json!(["serverAuth"])
+    );
+    assert_eq!(cert["basic_constraints"]["ca"], false);
+    assert_eq!(
+        cert["subject_alt_names"],
+        serde_json::json!(["dns:api.example.com", "ip:10.0.0.1"])
+    );
+}
+
+#[test]
+fn every_key_type_issues_and_verifies() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    for (kind, expect) in [
+        ("ec-p256", "P-256"),
+        ("ec-p384", "P-384"),
+        ("ed25519", "Ed25519"),
+        ("rsa-2048", "2048"),
+    ] {
+        let dir = format!("ca-{kind}");
+        portcullis(
+            d,
+            &[
+                "pki",
+                "ca",
+                "create",
+                "--cn",
+                &dir,
+                "--out",
+                &dir,
+                "--key-type",
+                kind,
+            ],
+        )
+        .ok();
+        leaf(
+            d,
+            "client",
+            &format!("c-{kind}"),
+            &dir,
+            &["--key-type", kind],
+        );
+        let info = json(portcullis(
+            d,
+            &["pki", "inspect", "--json", &format!("c-{kind}.pem")],
+        ));
+        let key = info[0]["public_key"].to_string();
+        assert!(key.contains(expect), "{kind}: {key}");
+        portcullis(
+            d,
+            &[
+                "pki",
+                "verify",
+                "--trust",
+                &format!("{dir}/ca.pem"),
+                &format!("c-{kind}.pem"),
+            ],
+        )
+        .ok();
+        if let Some(r) = openssl(
+            d,
+            &[
+                "verify",
+                "-CAfile",
+                &format!("{dir}/ca.pem"),
+                &format!("c-{kind}.pem"),
+            ],
+        ) {
+            r.ok();
+        }
+    }
+}
+
+#[test]
+fn openssl_csrs_are_signed_with_profile_extensions_only() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    root(d);
+    intermediate(d, "int", "root");
+    for (name, keyopts, expect) in [
+        ("rsa", vec!["-newkey", "rsa:2048"], "RSA 2048"),
+        ("rsa4k", vec!["-newkey", "rsa:4096"], "RSA 4096"),
+        (
+            "p256",
+            vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            "P-256",
+        ),
+        (
+            "p384",
+            vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            "P-384",
+        ),
+        ("ed25519", vec!["-newkey", "ed25519"], "Ed25519"),
+    ] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let mut args = vec!["req", "-new", "-nodes", "-keyout", &key, "-out", &csr];
+        args.extend(keyopts);
+        // The CSR asks to be a CA with a SAN: both must be ignored.
+        args.extend([
+            "-subj",
+            "/C=DE/O=Acme Partner/CN=partner-api",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "subjectAltName=DNS:evil.example",
+        ]);
+        openssl(d, &args).unwrap().ok();
+        let out = format!("{name}.pem");
+        portcullis(
+            d,
+            &[
+                "pki",
+                "sign-csr",
+                "--csr",
+                &csr,
+                "--profile",
+                "client",
+                "--issuer-cert",
+                "int/ca.pem",
+                "--issuer-key",
+                "int/ca.key",
+                "--out",
+                &out,
+            ],
+        )
+        .ok();
+        let info = json(portcullis(d, &["pki", "inspect", "--json", &out]));
+        let c = &info[0];
+        assert_eq!(c["subject"], "CN=partner-api,O=Acme Partner,C=DE", "{name}");
+        assert_eq!(c["basic_constraints"]["ca"], false, "{name}");
+        assert_eq!(
+            c["extended_key_usage"],
+            serde_json::json!(["clientAuth"]),
+            "{name}"
+        );
+        assert_eq!(c["subject_alt_names"], serde_json::json!([]), "{name}");
+        let key_info = format!("{} {}", c["public_key"]["algorithm"], c["public_key"]);
+        assert!(
+            key_info.contains(expect.split(' ').next_back().unwrap()),
+            "{name}: {key_info}"
+        );
+        // The signed certificate carries the CSR's own key.
+        let pubkey_csr = openssl(d, &["req", "-in", &csr, "-pubkey", "-noout"])
+            .unwrap()
+            .ok()
+            .stdout;
+        let pubkey_cert = openssl(d, &["x509", "-in", &out, "-pubkey", "-noout"])
+            .unwrap()
+            .ok()
+            .stdout;
+        assert_eq!(pubkey_csr, pubkey_cert, "{name}");
+        openssl(
+            d,
+            &[
+                "verify",
+                "-CAfile",
+                "root/ca.pem",
+                "-untrusted",
+                "int/ca.pem",
+                &out,
+            ],
+        )
+        .unwrap()
+        .ok();
+        // The key openssl wrote (PKCS#8) and the certificate make a usable .p12.
+        portcullis(
+            d,
+            &[
+                "pki",
+                "export-p12",
+                "--cert",
+                &out,
+                "--key",
+                &key,
+                "--out",
+                &format!("{name}.p12"),
+                "--password-env",
+                "HOME",
+            ],
+        )
+        .ok();
+    }
+}
+
+#[test]
+fn a_tampered_csr_is_refused() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    root(d);
+    openssl(
+        d,
+        &[
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "k.pem",
+            "-subj",
+            "/CN=honest",
+            "-outform",
+            "DER",
+            "-out",
+            "csr.der",
+        ],
+    )
+    .unwrap()
+    .ok();
+    let mut der = std::fs::read(d.join("csr.der")).unwrap();
+    // Change the subject's last letter: the signature no longer covers the content.
+    let pos = der.windows(6).position(|w| w == b"honest").unwrap();
+    der[pos + 5] = b'x';
+    std::fs::write(d.join("tampered.der"), &der).unwrap();
+    let r = portcullis(
+        d,
+        &[
+            "pki",
+            "sign-csr",
+            "--csr",
+            "tampered.der",
+            "--profile",
+            "client",
+            "--issuer-cert",
+            "root/ca.pem",
+            "--issuer-key",
+            "root/ca.key",
+            "--out",
+            "x.pem",
+        ],
+    );
+    assert_clean_error(&r, 2, "CSR signature does not verify");
+    assert!(!d.join("x.pem").exists());
+}
+
+#[test]
+fn inspect_matches_openssl() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int", "root");
+    leaf(
+        d,
+        "client",
+        "device-7",
+        "int",
+        &["--org", "Fleet", "--ou", "Sensors", "--country", "NL"],
+    );
+    let info = json(portcullis(
+        d,
+        &["pki", "inspect", "--json", "device-7.chain.pem"],
+    ));
+    let (leaf_info, int_info) = (&info[0], &info[1]);
+    assert_eq!(leaf_info["subject"], "CN=device-7,OU=Sensors,O=Fleet,C=NL");
+    assert_eq!(leaf_info["issuer"], int_info["subject"]);
+    assert_eq!(leaf_info["authority_key_id"], int_info["subject_key_id"]);
+    assert_eq!(
+        leaf_info["key_usage"],
+        serde_json::json!(["digitalSignature"])
+    );
+    assert_eq!(int_info["basic_constraints"]["ca"], true);
+    let id = leaf_info["id"].as_str().unwrap();
+    assert_eq!(id.len(), 64);
+    let text = portcullis(d, &["pki", "inspect", "device-7.pem"])
+        .ok()
+        .stdout;
+    assert!(text.contains("Extended key usage:  clientAuth"), "{text}");
+    assert!(text.contains("Serial:"), "{text}");
+    if let Some(r) = openssl(
+        d,
+        &[
+            "x509",
+            "-in",
+            "device-7.pem",
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+            "-serial",
+        ],
+    ) {
+        let out = r.ok().stdout;
+        let fp = leaf_info["sha256_fingerprint"].as_str().unwrap();
+        assert!(out.contains(fp), "{out} vs {fp}");
+        let serial = leaf_info["serial"]
+            .as_str()
+            .unwrap()
+            .replace(':', "")
+            .to_uppercase();
+        assert!(
+            out.contains(&format!("serial={serial}")),
+            "{out} vs {serial}"
+        );
+    }
+}
+
+#[test]
+fn verify_names_each_rejection_reason() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int", "root");
+    leaf(d, "client", "alice", "int", &[]);
+    leaf(d, "server", "web.example.com", "int", &[]);
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "pki",
+            "verify",
+            "--trust",
+            "root/ca.pem",
+            "--chain",
+            "int/ca.pem",
+        ];
+        args.extend(extra);
+        portcullis(d, &args)
+    };
+    assert_eq!(verify(&["alice.pem"]).code, 0);
+    assert_rejected(
+        &verify(&["--at", "2099-01-01T00:00:00Z", "alice.pem"]),
+        "expired",
+    );
+    assert_rejected(
+        &verify(&["--at", "2001-01-01T00:00:00Z", "alice.pem"]),
+        "not-yet-valid",
+    );
+    assert_rejected(&verify(&["web.example.com.pem"]), "wrong-usage");
+    assert_eq!(
+        verify(&[
+            "--usage",
+            "server",
+            "--name",
+            "web.example.com",
+            "web.example.com.pem"
+        ])
+        .code,
+        0
+    );
+    assert_rejected(
+        &verify(&[
+            "--usage",
+            "server",
+            "--name",
+            "other.example.com",
+            "web.example.com.pem",
+        ]),
+        "name-mismatch",
+    );
+
+    // Untrusted: a different root.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            "Other Root",
+            "--out",
+            "other",
+        ],
+    )
+    .ok();
+    let r = portcullis(
+        d,
+        &[
+            "pki",
+            "verify",
+            "--trust",
+            "other/ca.pem",
+            "alice.chain.pem",
+        ],
+    );
+    assert_rejected(&r, "untrusted-issuer");
+    // Only the leaf, without the intermediate anywhere.
+    let r = portcullis(d, &["pki", "verify", "--trust", "root/ca.pem", "alice.pem"]);
+    assert_rejected(&r, "untrusted-issuer");
+    // The truststore may hold the whole chain, so the leaf alone is enough.
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
+        std::fs::read_to_string(d.join("int/ca.pem")).unwrap()
+    );
+    std::fs::write(d.join("bundle.pem"), bundle).unwrap();
+    assert_eq!(
+        portcullis(d, &["pki", "verify", "--trust", "bundle.pem", "alice.pem"]).code,
+        0
+    );
+
+    // Revocation, and a CRL past its next update.
+    let serial = json(portcullis(d, &["pki", "inspect", "--json", "alice.pem"]))[0]["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    portcullis(
+        d,
+        &[
+            "pki",
+            "crl",
+            "create",
+            "--issuer-cert",
+            "int/ca.pem",
+            "--issuer-key",
+            "int/ca.key",
+            "--revoke",
+            &serial,
+            "--next-update-days",
+            "7",
+            "--out",
+            "int.crl",
+        ],
+    )
+    .ok();
+    assert_rejected(&verify(&["--crl", "int.crl", "alice.pem"]), "revoked");
+    assert_rejected(
+        &verify(&[
+            "--crl",
+            "int.crl",
+            "--usage",
+            "server",
+            "--at",
+            &in_days(30),
+            "web.example.com.pem",
+        ]),
+        "crl-expired",
+    );
+    assert_eq!(
+        verify(&[
+            "--crl",
+            "int.crl",
+            "--usage",
+            "server",
+            "web.example.com.pem"
+        ])
+        .code,
+        0
+    );
+    let crl = json(portcullis(d, &["pki", "inspect", "--json", "int.crl"]));
+    assert_eq!(crl[0]["type"], "crl");
+    assert_eq!(crl[0]["revoked"][0]["serial"], serial);
+    if let Some(r) = openssl(
+        d,
+        &[
+            "crl",
+            "-in",
+            "int.crl",
+            "-CAfile",
+            "int/chain.pem",
+            "-noout",
+            "-verify",
+        ],
+    ) {
+        let r = r.ok();
+        assert!(
+            format!("{}{}", r.stdout, r.stderr).contains("verify OK"),
+            "{r:?}"
+        );
+    }
+
+    // Name constraints.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            "Constrained",
+            "--out",
+            "nc",
+            "--issuer-cert",
+            "root/ca.pem",
+            "--issuer-key",
+            "root/ca.key",
+            "--permit-dns",
+            "example.com",
+        ],
+    )
+    .ok();
+    leaf(d, "server", "ok.example.com", "nc", &[]);
+    leaf(d, "server", "evil.org", "nc", &[]);
+    let nc = |file: &str| {
+        portcullis(
+            d,
+            &[
+                "pki",
+                "verify",
+                "--trust",
+                "root/ca.pem",
+                "--chain",
+                "nc/ca.pem",
+                "--usage",
+                "server",
+                file,
+            ],
+        )
+    };
+    assert_eq!(nc("ok.example.com.pem").code, 0);
+    assert_rejected(&nc("evil.org.pem"), "name-constraints");
+}
+
+#[test]
+fn a_self_signed_partner_certificate_is_its_own_anchor() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "partner.key",
+            "-out",
+            "partner.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=partner",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "keyUsage=critical,digitalSignature",
+            "-addext",
+            "extendedKeyUsage=clientAuth",
+        ],
+    )
+    .unwrap()
+    .ok();
+    let r = portcullis(
+        d,
+        &["pki", "verify", "--trust", "partner.pem", "partner.pem"],
+    );
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let lint = json(portcullis(
+        d,
+        &["pki", "truststore", "lint", "--json", "partner.pem"],
+    ));
+    assert_eq!(lint["certificates"][0]["status"], "ok", "{lint}");
+}
+
+#[test]
+fn truststore_lint_warns_per_certificate() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    root(d);
+    intermediate(d, "int", "root");
+    // An intermediate whose root is absent.
+    portcullis(
+        d,
+        &["pki", "ca", "create", "--cn", "Lost Root", "--out", "lost"],
+    )
+    .ok();
+    intermediate(d, "orphan", "lost");
+    leaf(d, "client", "notca", "int", &[]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-nodes",
+            "-newkey",
+            "rsa:1024",
+            "-keyout",
+            "w.key",
+            "-out",
+            "weak.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Weak Root",
+        ],
+    )
+    .unwrap()
+    .ok();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-nodes",
+            "-sha1",
+            "-newkey",
+            "rsa:2048",
+            "-keyout",
+            "s.key",
+            "-out",
+            "sha1.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=SHA1 Root",
+        ],
+    )
+    .unwrap()
+    .ok();
+    let parts = [
+        "root/ca.pem",
+        "int/ca.pem",
+        "root/ca.pem",
+        "orphan/ca.pem",
+        "notca.pem",
+        "weak.pem",
+        "sha1.pem",
+    ];
+    let bundle: String = parts
+        .iter()
+        .map(|p| std::fs::read_to_string(d.join(p)).unwrap())
+        .collect();
+    std::fs::write(d.join("bundle.pem"), bundle).unwrap();
+    let lint = portcullis(d, &["pki", "truststore", "lint", "--json", "bundle.pem"]);
+    assert_eq!(lint.code, 0, "warnings do not fail: {}", lint.stderr);
+    let report = json(lint);
+    let codes = |i: usize| -> Vec<String> {
+        report["certificates"][i]["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["code"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(codes(0).is_empty() && codes(1).is_empty(), "{report}");
+    assert_eq!(codes(2), vec!["duplicate"]);
+    assert_eq!(codes(3), vec!["incomplete-chain"]);
+    assert!(codes(4).contains(&"not-ca".to_string()), "{report}");
+    assert!(codes(5).contains(&"weak-key".to_string()), "{report}");
+    assert!(codes(6).contains(&"weak-signature".to_string()), "{report}");
+    let text = portcullis(d, &["pki", "truststore", "lint", "bundle.pem"])
+        .ok()
+        .stdout;
+    assert!(text.contains("CN=Weak Root"), "{text}");
+    assert!(text.contains("warning incomplete-chain"), "{text}");
+
+    // Malformed: say where.
+    let broken = std::fs::read_to_string(d.join("bundle.pem")).unwrap();
+    let cut = &broken[..broken.len() - 40];
+    std::fs::write(d.join("cut.pem"), cut).unwrap();
+    let r = portcullis(d, &["pki", "truststore", "lint", "cut.pem"]);
+    assert_clean_error(&r, 2, "line ");
+}
+
+#[test]
+fn pkcs12_modern_and_legacy_import_in_openssl_and_nss() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int", "root");
+    leaf(d, "client", "laptop", "int", &[]);
+    std::fs::write(d.join("pw"), "s3cret-pass\n").unwrap();
+    for (file, legacy) in [("modern.p12", false), ("legacy.p12", true)] {
+        let mut args = vec![
+            "pki",
+            "export-p12",
+            "--cert",
+            "laptop.pem",
+            "--key",
+            "laptop.key",
+            "--chain",
+            "int/chain.pem",
+            "--out",
+            file,
+            "--password-file",
+            "pw",
+        ];
+        if legacy {
+            args.push("--legacy");
+        }
+        portcullis(d, &args).ok();
+        assert_eq!(mode(d.join(file)), 0o600);
+        if let Some(r) = openssl(
+            d,
+            &[
+                "pkcs12",
+                "-info",
+                "-in",
+                file,
+                "-passin",
+                "pass:s3cret-pass",
+                "-nokeys",
+            ],
+        ) {
+            let r = r.ok();
+            let all = format!("{}{}", r.stdout, r.stderr);
+            assert_eq!(all.matches("BEGIN CERTIFICATE").count(), 3, "{all}");
+            if legacy {
+                assert!(
+                    all.contains("TripleDES") || all.contains("des-ede3"),
+                    "{all}"
+                );
+            } else {
+                assert!(all.contains("AES-256"), "{all}");
+            }
+        }
+        let (Some(certutil), Some(pk12util)) = (require_tool("certutil"), require_tool("pk12util"))
+        else {
+            continue;
+        };
+        let db = format!("nss-{file}");
+        std::fs::create_dir(d.join(&db)).unwrap();
+        let sql = format!("sql:{db}");
+        run(&certutil, &["-N", "-d", &sql, "--empty-password"], d).ok();
+        run(
+            &pk12util,
+            &["-i", file, "-d", &sql, "-W", "s3cret-pass", "-K", ""],
+            d,
+        )
+        .ok();
+        let listed = run(&certutil, &["-L", "-d", &sql], d).ok().stdout;
+        assert!(listed.contains("laptop"), "{listed}");
+    }
+    // A wrong password file is refused by openssl: the MAC is real.
+    if let Some(r) = openssl(
+        d,
+        &[
+            "pkcs12",
+            "-info",
+            "-in",
+            "modern.p12",
+            "-passin",
+            "pass:wrong",
+            "-noout",
+        ],
+    ) {
+        assert_ne!(r.code, 0);
+    }
+}
+
+#[test]
+fn verification_certificate_proves_the_ca_key() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    let code = "a".repeat(64);
+    portcullis(
+        d,
+        &[
+            "pki",
+            "verification-cert",
+            "--ca-cert",
+            "root/ca.pem",
+            "--ca-key",
+            "root/ca.key",
+            "--code",
+            &code,
+            "--out",
+            "pop",
+        ],
+    )
+    .ok();
+    let info = json(portcullis(
+        d,
+        &["pki", "inspect", "--json", "pop/verification.pem"],
+    ));
+    assert_eq!(info[0]["subject"], format!("CN={code}"));
+    assert_eq!(info[0]["issuer"], "CN=Test Root,O=Portcullis Tests");
+    if let Some(r) = openssl(
+        d,
+        &["verify", "-CAfile", "root/ca.pem", "pop/verification.pem"],
+    ) {
+        r.ok();
+    }
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_no_output() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    leaf(d, "client", "bob", "root", &[]);
+    let pem = std::fs::read_to_string(d.join("root/ca.pem")).unwrap();
+    std::fs::write(d.join("truncated.pem"), &pem[..pem.len() / 2]).unwrap();
+    std::fs::write(d.join("garbage.pem"), "this is not a certificate\n").unwrap();
+
+    let r = portcullis(d, &["pki", "inspect", "truncated.pem"]);
+    assert_clean_error(&r, 2, "truncated.pem");
+    assert!(r.stderr.contains("line 1"), "{}", r.stderr);
+    let r = portcullis(d, &["pki", "inspect", "garbage.pem"]);
+    assert_clean_error(&r, 2, "garbage.pem");
+    let r = portcullis(d, &["pki", "verify", "--trust", "garbage.pem", "bob.pem"]);
+    assert_clean_error(&r, 2, "garbage.pem");
+    let r = portcullis(d, &["pki", "inspect", "missing.pem"]);
+    assert_clean_error(&r, 2, "missing.pem");
+
+    // A key that is not the certificate's.
+    let r = portcullis(
+        d,
+        &[
+            "pki",
+            "export-p12",
+            "--cert",
+            "bob.pem",
+            "--key",
+            "root/ca.key",
+            "--out",
+            "x.p12",
+            "--password-env",
+            "HOME",
+        ],
+    );
+    assert_clean_error(&r, 2, "does not match");
+    assert!(!d.join("x.p12").exists());
+
+    // A leaf as issuer.
+    let r = portcullis(
+        d,
+        &[
+            "pki",
+            "issue",
+            "--profile",
+            "client",
+            "--cn",
+            "x",
+            "--issuer-cert",
+            "bob.pem",
+            "--issuer-key",
+            "bob.key",
+            "--out",
+            "o",
+        ],
+    );
+    assert_clean_error(&r, 2, "not a CA");
+    assert!(!d.join("o").exists() || std::fs::read_dir(d.join("o")).unwrap().next().is_none());
+
+    // --days 0.
+    let r = portcullis(
+        d,
+        &[
+            "pki", "ca", "create", "--cn", "x", "--days", "0", "--out", "zero",
+        ],
+    );
+    assert_clean_error(&r, 2, "--days");
+    assert!(!d.join("zero/ca.key").exists());
+
+    // An encrypted key.
+    if let Some(r) = openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-aes256",
+            "-pass",
+            "pass:x",
+            "-out",
+            "enc.key",
+        ],
+    ) {
+        r.ok();
+        let r = portcullis(
+            d,
+            &[
+                "pki",
+                "export-p12",
+                "--cert",
+                "bob.pem",
+                "--key",
+                "enc.key",
+                "--out",
+                "y.p12",
+                "--password-env",
+                "HOME",
+            ],
+        );
+        assert_clean_error(&r, 2, "encrypted");
+    }
+
+    // An output directory that cannot be created (a file is in the way).
+    std::fs::write(d.join("blocker"), "").unwrap();
+    let r = portcullis(
+        d,
+        &["pki", "ca", "create", "--cn", "x", "--out", "blocker/sub"],
+    );
+    assert_clean_error(&r, 3, "blocker");
+    assert!(!d.join("blocker/sub").exists());
+}
+
+#[test]
+fn quickstart_lines_work_with_openssl_and_curl() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let out = portcullis(d, &["pki", "quickstart", "--out", "qs"])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains("openssl verify -CAfile qs/root/ca.pem"),
+        "{out}"
+    );
+    let again = portcullis(d, &["pki", "quickstart", "--out", "qs"])
+        .ok()
+        .stdout;
+    assert!(again.contains("already exists"), "{again}");
+    assert_eq!(mode(d.join("qs/client.key")), 0o600);
+    portcullis(
+        d,
+        &[
+            "pki",
+            "verify",
+            "--trust",
+            "qs/truststore.pem",
+            "qs/client.pem",
+        ],
+    )
+    .ok();
+    portcullis(
+        d,
+        &[
+            "pki",
+            "verify",
+            "--trust",
+            "qs/truststore.pem",
+            "--usage",
+            "server",
+            "--name",
+            "localhost",
+            "qs/server.pem",
+        ],
+    )
+    .ok();
+    let Some(openssl_bin) = require_tool("openssl") else {
+        return;
+    };
+    let Some(curl) = require_tool("curl") else {
+        return;
+    };
+    // Run each printed openssl verify/pkcs12 line as printed.
+    for line in out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("openssl verify") || l.starts_with("openssl pkcs12"))
+    {
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        run(&openssl_bin, &args, d).ok();
+    }
+    // The printed s_server line, on a free port, then the two curl lines.
+    let server_line = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("openssl s_server"))
+        .unwrap()
+        .to_string();
+    let port = free_port();
+    let server_line = server_line.replace("-accept 8443", &format!("-accept 127.0.0.1:{port}"));
+    let mut server = Command::new(&openssl_bin)
+        .args(server_line.split_whitespace().skip(1))
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    // s_server prints ACCEPT once it listens.
+    assert!(lines.any(|l| l.map(|l| l.contains("ACCEPT")).unwrap_or(false)));
+    let curl_lines: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .map(|l| {
+            l.replace(
+                "https://localhost:8443/",
+                &format!("https://localhost:{port}/"),
+            )
+            .replace(
+                "curl ",
+                &format!("curl -sS --max-time 20 --resolve localhost:{port}:127.0.0.1 "),
+            )
+        })
+        .collect();
+    assert_eq!(curl_lines.len(), 2);
+    let args = |l: &str| {
+        l.split_whitespace()
+            .skip(1)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let ok = run(
+        &curl,
+        &args(&curl_lines[0])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        d,
+    );
+    let refused = run(
+        &curl,
+        &args(&curl_lines[1])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        d,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        ok.code, 0,
+        "curl with the client certificate: {}",
+        ok.stderr
+    );
+    assert!(ok.stdout.contains("s_server"), "{}", ok.stdout);
+    assert_ne!(
+        refused.code, 0,
+        "curl without a client certificate must be refused"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn in_days(days: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
