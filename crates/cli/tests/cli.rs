@@ -1269,3 +1269,120 @@ fn in_days(days: i64) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap()
 }
+
+#[test]
+fn openssl_made_cas_and_traditional_keys_issue_verifiable_certificates() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    let o = |args: &[&str]| openssl(d, args).unwrap().ok();
+    // SEC1 ("EC PRIVATE KEY"), PKCS#1 ("RSA PRIVATE KEY") and DER PKCS#8 keys, as openssl writes them.
+    o(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "sec1.key",
+    ]);
+    o(&["genrsa", "-traditional", "-out", "pkcs1.key", "2048"]);
+    o(&[
+        "pkey",
+        "-in",
+        "sec1.key",
+        "-outform",
+        "DER",
+        "-out",
+        "pkcs8.der",
+    ]);
+    assert!(
+        std::fs::read_to_string(d.join("sec1.key"))
+            .unwrap()
+            .contains("BEGIN EC PRIVATE KEY")
+    );
+    assert!(
+        std::fs::read_to_string(d.join("pkcs1.key"))
+            .unwrap()
+            .contains("BEGIN RSA PRIVATE KEY")
+    );
+    for (key, name) in [
+        ("sec1.key", "ec"),
+        ("pkcs1.key", "rsa"),
+        ("pkcs8.der", "der"),
+    ] {
+        let ca = format!("{name}-ca.pem");
+        o(&[
+            "req",
+            "-x509",
+            "-key",
+            key,
+            "-keyform",
+            if key.ends_with(".der") { "DER" } else { "PEM" },
+            "-out",
+            &ca,
+            "-days",
+            "30",
+            "-subj",
+            "/C=US/O=OpenSSL Made/OU=Unit/CN=OpenSSL CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        portcullis(
+            d,
+            &[
+                "pki",
+                "issue",
+                "--profile",
+                "client",
+                "--cn",
+                &format!("{name}-leaf"),
+                "--issuer-cert",
+                &ca,
+                "--issuer-key",
+                key,
+                "--out",
+                ".",
+            ],
+        )
+        .ok();
+        let leaf = format!("{name}-leaf.pem");
+        o(&["verify", "-CAfile", &ca, "-purpose", "sslclient", &leaf]);
+        portcullis(d, &["pki", "verify", "--trust", &ca, &leaf]).ok();
+        let info = json(portcullis(d, &["pki", "inspect", "--json", &leaf]));
+        let ca_info = json(portcullis(d, &["pki", "inspect", "--json", &ca]));
+        assert_eq!(info[0]["issuer"], ca_info[0]["subject"]);
+        assert_eq!(info[0]["authority_key_id"], ca_info[0]["subject_key_id"]);
+    }
+}
+
+#[test]
+fn der_files_are_inspected() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    root(d);
+    openssl(
+        d,
+        &[
+            "x509",
+            "-in",
+            "root/ca.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "root.der",
+        ],
+    )
+    .unwrap()
+    .ok();
+    let info = json(portcullis(d, &["pki", "inspect", "--json", "root.der"]));
+    assert_eq!(info[0]["subject"], "CN=Test Root,O=Portcullis Tests");
+    assert_eq!(info[0]["self_issued"], true);
+}

@@ -310,3 +310,80 @@ fn compute_depths(entries: &mut [Entry]) {
         entry.depth = found.then_some(depth);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issue::{CaIssuer, IssueRequest, Profile, SubjectName, issue};
+    use crate::key::{KeyType, PrivateKey};
+
+    fn ca(name: &str, parent: Option<&CaIssuer>) -> CaIssuer {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let profile = if parent.is_some() {
+            Profile::IntermediateCa
+        } else {
+            Profile::RootCa
+        };
+        let cert = issue(
+            &IssueRequest::new(profile, SubjectName::cn(name)),
+            &key,
+            parent,
+        )
+        .unwrap();
+        CaIssuer::new(cert, key, Vec::new()).unwrap()
+    }
+
+    fn pem(cas: &[&CaIssuer]) -> String {
+        cas.iter().map(|c| c.certificate().to_pem()).collect()
+    }
+
+    #[test]
+    fn hierarchy_deeper_than_four_levels_is_flagged() {
+        let root = ca("root", None);
+        let i1 = ca("i1", Some(&root));
+        let i2 = ca("i2", Some(&i1));
+        let i3 = ca("i3", Some(&i2));
+        let i4 = ca("i4", Some(&i3));
+        let store = Truststore::from_pem(pem(&[&root, &i1, &i2, &i3, &i4]).as_bytes()).unwrap();
+        let depths: Vec<_> = store.entries().iter().map(|e| e.depth).collect();
+        assert_eq!(depths, vec![Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        assert!(store.entries()[3].warnings.is_empty());
+        assert_eq!(store.entries()[4].warnings[0].code, "too-deep");
+    }
+
+    #[test]
+    fn expiry_is_judged_at_the_given_time() {
+        let root = ca("root", None);
+        let later = root.certificate().info().not_after_unix() + 1;
+        let store = Truststore::from_pem_at(pem(&[&root]).as_bytes(), later).unwrap();
+        assert_eq!(store.entries()[0].warnings[0].code, "expired");
+        let earlier = root.certificate().info().not_before_unix() - 1;
+        let store = Truststore::from_pem_at(pem(&[&root]).as_bytes(), earlier).unwrap();
+        assert_eq!(store.entries()[0].warnings[0].code, "not-yet-valid");
+    }
+
+    #[test]
+    fn too_many_ca_names_to_advertise_is_flagged() {
+        let roots: Vec<CaIssuer> = (0..300)
+            .map(|i| {
+                ca(
+                    &format!("A fairly long root CA name for advertising number {i:04}"),
+                    None,
+                )
+            })
+            .collect();
+        let refs: Vec<&CaIssuer> = roots.iter().collect();
+        let store = Truststore::from_pem(pem(&refs).as_bytes()).unwrap();
+        assert_eq!(store.store_warnings()[0].code, "names-too-large");
+        let few = Truststore::from_pem(pem(&refs[..10]).as_bytes()).unwrap();
+        assert!(few.store_warnings().is_empty());
+    }
+
+    #[test]
+    fn only_intermediates_is_not_usable() {
+        let root = ca("root", None);
+        let i1 = ca("i1", Some(&root));
+        let err = Truststore::from_pem(pem(&[&i1]).as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("no usable trust anchor"), "{err}");
+    }
+}
