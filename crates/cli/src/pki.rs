@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use portcullis_pki::cert::{Inspected, inspect};
+use portcullis_pki::cert::inspect;
 use portcullis_pki::crl::{self, Crl};
 use portcullis_pki::issue::{self, random_serial};
 use portcullis_pki::p12::{self, P12Format};
@@ -520,11 +520,7 @@ fn inspect_file(a: InspectArgs) -> Result<ExitCode> {
                 println!();
             }
             if items.len() > 1 {
-                let n = i + 1;
-                match item {
-                    Inspected::Certificate(_) => println!("#{n}"),
-                    Inspected::Csr(_) | Inspected::Crl(_) => println!("#{n}"),
-                }
+                println!("#{}", i + 1);
             }
             print!("{item}");
         }
@@ -854,7 +850,7 @@ fn quickstart(a: QuickstartArgs) -> Result<ExitCode> {
 
     let mut out = Outputs::default();
     out.public(root_dir.join("ca.pem"), root.to_pem());
-    out.secret(root_dir.join("ca.key"), root_ca_key_pem(&root_ca));
+    out.secret(root_dir.join("ca.key"), root_ca.key().to_pem());
     out.public(root_dir.join("chain.pem"), root.to_pem());
     out.public(int_dir.join("ca.pem"), intermediate.to_pem());
     out.secret(int_dir.join("ca.key"), int_key_pem);
@@ -889,10 +885,6 @@ fn quickstart(a: QuickstartArgs) -> Result<ExitCode> {
     println!("  truststore         truststore.pem (root + intermediate, for a gateway)");
     print_quickstart_guide(dir, &password);
     Ok(ExitCode::SUCCESS)
-}
-
-fn root_ca_key_pem(ca: &CaIssuer) -> String {
-    ca.key().to_pem()
 }
 
 fn print_quickstart_guide(dir: &Path, password: &str) {

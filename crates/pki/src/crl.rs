@@ -114,10 +114,20 @@ pub fn parse_serial(text: &str) -> Result<Vec<u8>> {
     } else {
         digits
     };
-    Ok((0..padded.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(&padded[i..i + 2], 16).ok())
-        .collect())
+    decode_hex(&padded)
+        .ok_or_else(|| PkiError::InvalidRequest(format!("serial '{text}' is not hex")))
+}
+
+/// Decodes hex with optional colons; `None` if anything else is in it or a digit is left over.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
 }
 
 /// Issues a CRL signed by `issuer` revoking `serials`, valid for `next_update_days` days, with a
@@ -146,7 +156,9 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
         issuing_distribution_point: None,
         revoked_certs,
         key_identifier_method: match &issuer.certificate().info().subject_key_id {
-            Some(ski) => KeyIdMethod::PreSpecified(crate::crl::parse_serial(ski)?),
+            Some(ski) => KeyIdMethod::PreSpecified(decode_hex(ski).ok_or_else(|| {
+                PkiError::malformed("", "issuer subject key identifier is not hex")
+            })?),
             None => KeyIdMethod::Sha256,
         },
     };
@@ -156,4 +168,19 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
 /// Serial bytes as `pki inspect` prints them.
 pub fn serial_text(serial: &[u8]) -> String {
     hex(serial, ":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_parse_in_every_written_form() {
+        assert_eq!(parse_serial("01:a3").unwrap(), vec![0x01, 0xa3]);
+        assert_eq!(parse_serial("1a3").unwrap(), vec![0x01, 0xa3]);
+        assert_eq!(parse_serial("0x01A3").unwrap(), vec![0x01, 0xa3]);
+        assert!(parse_serial("xyz").is_err());
+        assert!(parse_serial("").is_err());
+        assert!(parse_serial(&"ab".repeat(21)).is_err());
+    }
 }
