@@ -10,6 +10,7 @@
 
 mod output;
 mod pki;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ enum Command {
     /// Certificate toolkit: CAs, leaves, CSRs, inspection, verification, truststores, PKCS#12, CRLs.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Run the mutual-TLS gateway (with no configuration: a working quickstart on localhost:8443).
+    Serve(serve::ServeArgs),
 }
 
 /// A runtime failure (exit 3) rather than bad input (exit 2): an output that cannot be written.
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pki(cmd) => pki::run(cmd),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,

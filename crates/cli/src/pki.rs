@@ -572,6 +572,7 @@ fn verify_cert(a: VerifyArgs) -> Result<ExitCode> {
         crls,
         expected_name: a.name.clone(),
         require_eku: !a.allow_no_eku,
+        allow_stale_crls: false,
     };
     match verify(&leaf, &presented, &store, &opts) {
         Verdict::Valid { chain } => {

@@ -702,6 +702,12 @@ pub fn inspect(input: &[u8]) -> Result<Vec<Inspected>> {
     Ok(out)
 }
 
+/// The DER of a certificate's subject name (outer SEQUENCE included), as TLS CertificateRequests
+/// carry CA names.
+pub fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
+    cert.with_parsed(|c| c.subject().as_raw().to_vec()).ok()
+}
+
 /// Lower-case hex of `bytes` joined by `sep`.
 pub fn hex(bytes: &[u8], sep: &str) -> String {
     bytes

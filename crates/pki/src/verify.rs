@@ -140,6 +140,9 @@ pub struct VerifyOptions {
     /// Require the EKU extension (with the usage's purpose) to be present. RFC 5280 reads an
     /// absent EKU as "any purpose"; a gateway should not. Default true.
     pub require_eku: bool,
+    /// Accept chains covered by a CRL past its nextUpdate (default false: such chains are
+    /// rejected with `crl-expired`).
+    pub allow_stale_crls: bool,
 }
 
 impl Default for VerifyOptions {
@@ -151,6 +154,7 @@ impl Default for VerifyOptions {
             crls: Vec::new(),
             expected_name: None,
             require_eku: true,
+            allow_stale_crls: false,
         }
     }
 }
@@ -223,7 +227,11 @@ pub fn verify(
     let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
         b.with_depth(RevocationCheckDepth::Chain)
             .with_status_policy(UnknownStatusPolicy::Allow)
-            .with_expiration_policy(ExpirationPolicy::Enforce)
+            .with_expiration_policy(if opts.allow_stale_crls {
+                ExpirationPolicy::Ignore
+            } else {
+                ExpirationPolicy::Enforce
+            })
             .build()
     });
     let usage = match opts.usage {

@@ -1,0 +1,585 @@
+//! `portcullis serve`: the configuration file, the quickstart data dir, auto certificates,
+//! signals (SIGHUP reloads, SIGTERM/SIGINT drain and exit) and wiring of the gateway.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use portcullis_gateway::config::{
+    Domain, Hostname, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy, ServerCertificate,
+};
+use portcullis_gateway::{Config, Gateway};
+use portcullis_pki::crl::Crl;
+use portcullis_pki::issue::{self, CaIssuer};
+use portcullis_pki::p12::{self, P12Format};
+use portcullis_pki::{
+    Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
+    Truststore,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use crate::output::{Outputs, read};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Without it, DATA_DIR/portcullis.toml, made by the quickstart.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the local CA, auto certificates and the quickstart live.
+    #[arg(long, value_name = "DIR", default_value = "portcullis-data")]
+    data_dir: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// The configuration file. Unknown keys are errors that name the key and its line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Serve connections whose SNI matches no domain with `default_domain`.
+    #[serde(default)]
+    default_endpoint: bool,
+    default_domain: Option<String>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<FileListener>,
+    #[serde(default, rename = "domain")]
+    domains: Vec<FileDomain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDomain {
+    hostname: String,
+    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
+    certificate: String,
+    key: Option<PathBuf>,
+    #[serde(default = "default_policy")]
+    security_policy: String,
+    mtls: Option<FileMtls>,
+    #[serde(default, rename = "mapping")]
+    mappings: Vec<FileMapping>,
+}
+
+fn default_policy() -> String {
+    "TLS_1_2".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMtls {
+    mode: String,
+    truststore: Option<PathBuf>,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    #[serde(default = "default_depth")]
+    max_chain_depth: u8,
+    #[serde(default = "default_true")]
+    advertise_ca_names: bool,
+    #[serde(default = "default_on_failure")]
+    on_failure: String,
+    #[serde(default = "default_stale")]
+    stale_crl: String,
+}
+
+fn default_depth() -> u8 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_on_failure() -> String {
+    "tls".into()
+}
+fn default_stale() -> String {
+    "reject".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMapping {
+    #[serde(default)]
+    base_path: String,
+    upstream: String,
+    #[serde(default = "default_required")]
+    client_certificate: String,
+}
+
+fn default_required() -> String {
+    "required".into()
+}
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let data = DataDir::new(&args.data_dir);
+    let (config_path, quickstart) = match &args.config {
+        Some(path) => (path.clone(), None),
+        None => {
+            let path = args.data_dir.join("portcullis.toml");
+            let made = if path.exists() {
+                None
+            } else {
+                Some(data.quickstart()?)
+            };
+            (path, made)
+        }
+    };
+    let echo = portcullis_gateway::echo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("starting the built-in echo upstream")?;
+    let load = || load_config(&config_path, &data, echo);
+    let config = load()?;
+    if args.check_config {
+        portcullis_gateway::check(&config)
+            .with_context(|| format!("checking {}", config_path.display()))?;
+        println!("{}: OK", config_path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging();
+    let gateway = Gateway::start(config).await?;
+    let addrs: Vec<String> = gateway
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!(
+        "portcullis is serving on {} (config {})",
+        addrs.join(", "),
+        config_path.display()
+    );
+    if let Some(q) = &quickstart {
+        q.print(
+            gateway
+                .local_addrs()
+                .first()
+                .map(|a| a.port())
+                .unwrap_or(8443),
+        );
+    } else if args.config.is_none()
+        && let Ok(q) = data.existing_quickstart()
+    {
+        q.print(
+            gateway
+                .local_addrs()
+                .first()
+                .map(|a| a.port())
+                .unwrap_or(8443),
+        );
+    }
+    wait_for_signals(&gateway, &load).await;
+    println!("portcullis: draining connections and stopping");
+    gateway.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(gateway: &Gateway, load: &dyn Fn() -> Result<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match load().and_then(|c| gateway.reload(c).map_err(Into::into)) {
+                    Ok(generation) => tracing::info!(target: "portcullis::reload", generation, result = "ok", "configuration reloaded"),
+                    Err(e) => tracing::error!(target: "portcullis::reload", result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_target(true)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .try_init();
+}
+
+/// Reads the configuration file and every file it names, and builds the gateway config.
+fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading configuration {}", path.display()))?;
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let at = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let listeners = file
+        .listeners
+        .iter()
+        .map(|l| {
+            l.address.parse::<SocketAddr>().map_err(|_| {
+                anyhow!(
+                    "{}: listener address '{}' is not IP:PORT",
+                    path.display(),
+                    l.address
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut domains = Vec::new();
+    for d in &file.domains {
+        let ctx = || format!("{}: domain '{}'", path.display(), d.hostname);
+        let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
+        let certificate = if d.certificate == "auto" {
+            if d.key.is_some() {
+                bail!(
+                    "{}: key is set, but certificate = \"auto\" makes its own",
+                    ctx()
+                );
+            }
+            data.auto_certificate(&hostname).with_context(ctx)?
+        } else {
+            let key = d.key.as_ref().ok_or_else(|| {
+                anyhow!("{}: certificate is a file, so key = \"…\" is needed", ctx())
+            })?;
+            server_certificate(&at(Path::new(&d.certificate)), &at(key)).with_context(ctx)?
+        };
+        let policy = match d.security_policy.as_str() {
+            "TLS_1_2" => SecurityPolicy::Tls12,
+            "TLS_1_3" => SecurityPolicy::Tls13,
+            other => bail!(
+                "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
+                ctx()
+            ),
+        };
+        let mtls = match &d.mtls {
+            None => Mtls::off(),
+            Some(m) => file_mtls(m, &at).with_context(ctx)?,
+        };
+        let mut mappings = Vec::new();
+        for m in &d.mappings {
+            let upstream = if m.upstream == "builtin:echo" {
+                format!("http://{echo}")
+            } else {
+                m.upstream.clone()
+            };
+            let require = match m.client_certificate.as_str() {
+                "required" => true,
+                "optional" => false,
+                other => bail!(
+                    "{}: client_certificate '{other}' must be required or optional",
+                    ctx()
+                ),
+            };
+            mappings.push(Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?);
+        }
+        domains.push(Domain {
+            hostname,
+            certificate,
+            policy,
+            mtls,
+            mappings,
+        });
+    }
+    let default = match (file.default_endpoint, &file.default_domain) {
+        (false, None) => None,
+        (true, Some(name)) => Some(name.as_str()),
+        (true, None) => bail!(
+            "{}: default_endpoint = true needs default_domain = \"<hostname>\"",
+            path.display()
+        ),
+        (false, Some(_)) => bail!(
+            "{}: default_domain is set but default_endpoint is false",
+            path.display()
+        ),
+    };
+    Config::new(listeners, domains, default).with_context(|| path.display().to_string())
+}
+
+fn file_mtls(m: &FileMtls, at: &dyn Fn(&Path) -> PathBuf) -> Result<Mtls> {
+    let mode = match m.mode.as_str() {
+        "required" => MtlsMode::Required,
+        "optional" => MtlsMode::Optional,
+        "off" => MtlsMode::Off,
+        other => bail!("mtls.mode '{other}' must be required, optional or off"),
+    };
+    let truststore = match &m.truststore {
+        Some(p) => {
+            let p = at(p);
+            let bytes = read(&p, "truststore")?;
+            let store = Truststore::from_pem(&bytes)
+                .with_context(|| format!("truststore {}", p.display()))?;
+            for e in store.entries() {
+                for w in &e.warnings {
+                    tracing::warn!(truststore = %p.display(), certificate = %e.certificate.info().subject, warning = w.code, "{}", w.message);
+                }
+            }
+            Some(Arc::new(store))
+        }
+        None if mode == MtlsMode::Off => None,
+        None => bail!("mtls.mode = \"{}\" needs truststore = \"…\"", m.mode),
+    };
+    let mut crls = Vec::new();
+    for p in &m.crls {
+        let p = at(p);
+        let bytes = read(&p, "CRL")?;
+        crls.extend(
+            Crl::all_from_pem_or_der(&bytes).with_context(|| format!("CRL {}", p.display()))?,
+        );
+    }
+    let on_failure = match m.on_failure.as_str() {
+        "tls" => OnFailure::Tls,
+        "http" => OnFailure::Http,
+        other => bail!("mtls.on_failure '{other}' must be tls or http"),
+    };
+    let allow_stale_crls = match m.stale_crl.as_str() {
+        "reject" => false,
+        "allow" => true,
+        other => bail!("mtls.stale_crl '{other}' must be reject or allow"),
+    };
+    if m.max_chain_depth == 0 {
+        bail!("mtls.max_chain_depth must be at least 1");
+    }
+    Ok(Mtls {
+        mode,
+        truststore,
+        crls,
+        max_chain_depth: m.max_chain_depth,
+        advertise_ca_names: m.advertise_ca_names,
+        on_failure,
+        allow_stale_crls,
+    })
+}
+
+fn server_certificate(chain: &Path, key: &Path) -> Result<ServerCertificate> {
+    let certs = Certificate::all_from_pem_or_der(&read(chain, "certificate chain")?)
+        .with_context(|| format!("reading certificate chain {}", chain.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", chain.display());
+    }
+    let key = PrivateKey::from_pem_or_der(&read(key, "private key")?)
+        .with_context(|| format!("reading private key {}", key.display()))?;
+    Ok(ServerCertificate {
+        chain: certs
+            .iter()
+            .map(|c| c.der().clone())
+            .collect::<Vec<CertificateDer<'static>>>(),
+        key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
+    })
+}
+
+/// Collapses toml's multi-line error (with its source excerpt) into one line.
+fn one_line(message: &str) -> String {
+    let mut parts: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect();
+    parts.dedup();
+    parts.join(": ")
+}
+
+/// The data directory: local CA, auto certificates, quickstart files.
+struct DataDir {
+    root: PathBuf,
+}
+
+/// What the quickstart made, for the banner.
+struct Quickstart {
+    root: PathBuf,
+    password: String,
+}
+
+impl DataDir {
+    fn new(root: &Path) -> DataDir {
+        DataDir {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// The local CA, created on first use.
+    fn local_ca(&self) -> Result<CaIssuer> {
+        let cert_path = self.root.join("ca/ca.pem");
+        let key_path = self.root.join("ca/ca.key");
+        if !cert_path.exists() {
+            let key = PrivateKey::generate(KeyType::EcP256)?;
+            let mut req = IssueRequest::new(
+                Profile::RootCa,
+                SubjectName {
+                    common_name: "Portcullis Local CA".into(),
+                    organization: Some("Portcullis".into()),
+                    ..Default::default()
+                },
+            );
+            req.path_len = Some(0);
+            let cert = issue::issue(&req, &key, None)?;
+            let mut out = Outputs::default();
+            out.public(&cert_path, cert.to_pem());
+            out.secret(&key_path, key.to_pem());
+            out.write(false)?;
+        }
+        let (cert, _) = Certificate::first_and_rest(&read(&cert_path, "local CA")?)?;
+        let key = PrivateKey::from_pem_or_der(&read(&key_path, "local CA key")?)?;
+        CaIssuer::new(cert, key, Vec::new()).context("loading the local CA")
+    }
+
+    /// A server certificate for `hostname` from the local CA, reissued when missing or within
+    /// 30 days of expiry.
+    fn auto_certificate(&self, hostname: &Hostname) -> Result<ServerCertificate> {
+        let name = hostname.to_string().replace('*', "_wildcard");
+        let cert_path = self.root.join(format!("certs/{name}.pem"));
+        let key_path = self.root.join(format!("certs/{name}.key"));
+        let fresh = Certificate::first_and_rest(&std::fs::read(&cert_path).unwrap_or_default())
+            .map(|(c, _)| {
+                c.info().not_after_unix()
+                    > time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400
+            })
+            .unwrap_or(false);
+        if !fresh || !key_path.exists() {
+            let ca = self.local_ca()?;
+            let key = PrivateKey::generate(KeyType::EcP256)?;
+            let mut req = IssueRequest::new(Profile::Server, SubjectName::cn(hostname.to_string()));
+            req.subject_alt_names = vec![SubjectAltName::Dns(hostname.to_string())];
+            if hostname.to_string() == "localhost" {
+                req.subject_alt_names
+                    .push(SubjectAltName::Ip([127, 0, 0, 1].into()));
+                req.subject_alt_names
+                    .push(SubjectAltName::Ip(std::net::Ipv6Addr::LOCALHOST.into()));
+            }
+            let cert = issue::issue(&req, &key, Some(&ca))?;
+            let mut out = Outputs::default();
+            out.public(&cert_path, cert.to_pem());
+            out.secret(&key_path, key.to_pem());
+            out.write(true)?;
+        }
+        server_certificate(&cert_path, &key_path)
+    }
+
+    /// Makes the quickstart: local CA, demo client certificate (+ .p12), truststore and a
+    /// configuration serving `localhost` on 127.0.0.1:8443 with mutual TLS required, mapped to
+    /// the built-in echo upstream.
+    fn quickstart(&self) -> Result<Quickstart> {
+        let ca = self.local_ca()?;
+        let key = PrivateKey::generate(KeyType::EcP256)?;
+        let req = IssueRequest::new(
+            Profile::Client,
+            SubjectName {
+                common_name: "demo-client".into(),
+                organization: Some("Portcullis Quickstart".into()),
+                ..Default::default()
+            },
+        );
+        let client = issue::issue(&req, &key, Some(&ca))?;
+        let password = portcullis_pki::cert::hex(&issue::random_serial()?[..8], "");
+        let p12 = p12::export(
+            &client,
+            &key,
+            &[ca.certificate().clone()],
+            &password,
+            P12Format::Modern,
+        )?;
+        let mut out = Outputs::default();
+        out.public(self.root.join("clients/demo.pem"), client.to_pem());
+        out.secret(self.root.join("clients/demo.key"), key.to_pem());
+        out.secret(self.root.join("clients/demo.p12"), p12);
+        out.secret(
+            self.root.join("clients/demo.p12.password"),
+            format!("{password}\n"),
+        );
+        out.public(self.root.join("truststore.pem"), ca.certificate().to_pem());
+        out.public(self.root.join("portcullis.toml"), QUICKSTART_CONFIG);
+        out.write(true)?;
+        Ok(Quickstart {
+            root: self.root.clone(),
+            password,
+        })
+    }
+
+    fn existing_quickstart(&self) -> Result<Quickstart> {
+        let password = std::fs::read_to_string(self.root.join("clients/demo.p12.password"))?;
+        if !self.root.join("clients/demo.pem").exists() {
+            bail!("no quickstart client");
+        }
+        Ok(Quickstart {
+            root: self.root.clone(),
+            password: password.trim().to_string(),
+        })
+    }
+}
+
+impl Quickstart {
+    fn print(&self, port: u16) {
+        let d = self.root.display();
+        println!();
+        println!(
+            "Quickstart: https://localhost:{port}/ requires a client certificate and answers with the identity it forwarded."
+        );
+        println!("This succeeds (the demo client certificate):");
+        println!(
+            "  curl --cacert {d}/ca/ca.pem --cert {d}/clients/demo.pem --key {d}/clients/demo.key https://localhost:{port}/hello"
+        );
+        println!("This is refused (no client certificate):");
+        println!("  curl --cacert {d}/ca/ca.pem https://localhost:{port}/hello");
+        println!(
+            "Browsers: import {d}/clients/demo.p12 (password {}) and trust {d}/ca/ca.pem.",
+            self.password
+        );
+        println!("Configuration: {d}/portcullis.toml (edit it, then send SIGHUP to reload).");
+        println!();
+    }
+}
+
+const QUICKSTART_CONFIG: &str = r#"# Portcullis quickstart configuration; see docs/configuration.md for every key.
+
+[[listener]]
+address = "127.0.0.1:8443"
+
+[[domain]]
+hostname = "localhost"
+certificate = "auto"          # issued by the local CA in this directory
+security_policy = "TLS_1_2"   # TLS 1.2 and 1.3
+
+[domain.mtls]
+mode = "required"
+truststore = "truststore.pem"
+on_failure = "tls"
+
+[[domain.mapping]]
+base_path = ""                # everything
+upstream = "builtin:echo"     # answers with the identity it received
+"#;

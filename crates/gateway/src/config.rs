@@ -1,0 +1,292 @@
+//! The gateway's validated configuration: what to listen on, which domains to serve and how.
+//!
+//! It carries no serde: the binary parses the TOML file, reads every file it names, and builds a
+//! [`Config`] through [`Config::new`], which refuses anything inconsistent. Once a `Config`
+//! exists it is valid, so building the runtime state from it can only fail on TLS material.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::Uri;
+use portcullis_pki::Truststore;
+use portcullis_pki::crl::Crl;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::GatewayError;
+
+/// The whole gateway configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub(crate) listeners: Vec<SocketAddr>,
+    pub(crate) domains: Vec<Arc<Domain>>,
+    pub(crate) default_domain: Option<usize>,
+}
+
+impl Config {
+    /// Validates and assembles a configuration. `default_domain` names the domain that serves
+    /// connections whose SNI matches no domain; `None` refuses them.
+    pub fn new(
+        listeners: Vec<SocketAddr>,
+        domains: Vec<Domain>,
+        default_domain: Option<&str>,
+    ) -> Result<Config, GatewayError> {
+        if listeners.is_empty() {
+            return Err(GatewayError::Config(
+                "no listener: add [[listener]] address = \"127.0.0.1:8443\"".into(),
+            ));
+        }
+        if domains.is_empty() {
+            return Err(GatewayError::Config("no domain: add a [[domain]]".into()));
+        }
+        for (i, d) in domains.iter().enumerate() {
+            if domains[..i].iter().any(|o| o.hostname == d.hostname) {
+                return Err(GatewayError::Config(format!(
+                    "domain '{}' is defined twice",
+                    d.hostname
+                )));
+            }
+        }
+        let default_domain = match default_domain {
+            None => None,
+            Some(name) => Some(
+                domains
+                    .iter()
+                    .position(|d| d.hostname.to_string() == name)
+                    .ok_or_else(|| {
+                        GatewayError::Config(format!(
+                            "default_domain '{name}' is not one of the domains"
+                        ))
+                    })?,
+            ),
+        };
+        Ok(Config {
+            listeners,
+            domains: domains.into_iter().map(Arc::new).collect(),
+            default_domain,
+        })
+    }
+
+    /// The addresses to listen on.
+    pub fn listeners(&self) -> &[SocketAddr] {
+        &self.listeners
+    }
+}
+
+/// A host name pattern for SNI: exact, or `*.example.com` (one label).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hostname {
+    /// An exact name, lower-case.
+    Exact(String),
+    /// `*.suffix`: stores the suffix, lower-case, without `*.`.
+    Wildcard(String),
+}
+
+impl Hostname {
+    /// Parses `name` or `*.name`.
+    pub fn parse(text: &str) -> Result<Hostname, GatewayError> {
+        let lower = text.trim().trim_end_matches('.').to_ascii_lowercase();
+        let (wild, rest) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, lower.clone()),
+        };
+        let valid = !rest.is_empty()
+            && rest.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !valid && rest.parse::<std::net::IpAddr>().is_err() {
+            return Err(GatewayError::Config(format!(
+                "hostname '{text}' is not a host name or *.domain wildcard"
+            )));
+        }
+        Ok(if wild {
+            Hostname::Wildcard(rest)
+        } else {
+            Hostname::Exact(rest)
+        })
+    }
+
+    /// True when `name` (an SNI or Host, lower-case, without port) is covered.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Hostname::Exact(h) => h.eq_ignore_ascii_case(name),
+            Hostname::Wildcard(suffix) => name.split_once('.').is_some_and(|(label, rest)| {
+                !label.is_empty() && rest.eq_ignore_ascii_case(suffix)
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Hostname {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hostname::Exact(h) => f.write_str(h),
+            Hostname::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// A domain: a host name with its own certificate, TLS policy, client authentication and routes.
+#[derive(Debug)]
+pub struct Domain {
+    /// SNI pattern.
+    pub hostname: Hostname,
+    /// Server certificate chain (leaf first) and key.
+    pub certificate: ServerCertificate,
+    /// Minimum TLS version.
+    pub policy: SecurityPolicy,
+    /// Client certificate authentication.
+    pub mtls: Mtls,
+    /// Base path mappings.
+    pub mappings: Vec<Mapping>,
+}
+
+/// A server certificate chain and its key.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// API Gateway's security policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    /// TLS 1.2 and 1.3, AEAD suites with forward secrecy only.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// How a domain authenticates clients.
+#[derive(Debug)]
+pub struct Mtls {
+    /// Required, optional or off.
+    pub mode: MtlsMode,
+    /// Trusted CAs (required unless the mode is off).
+    pub truststore: Option<Arc<Truststore>>,
+    /// CRLs checked for every certificate of the chain they cover.
+    pub crls: Vec<Crl>,
+    /// Most CA levels, root included.
+    pub max_chain_depth: u8,
+    /// Send the truststore's CA names in the CertificateRequest.
+    pub advertise_ca_names: bool,
+    /// What a rejected client gets.
+    pub on_failure: OnFailure,
+    /// Let chains through when a CRL covering them is past its next update (default: refuse).
+    pub allow_stale_crls: bool,
+}
+
+impl Mtls {
+    /// Client authentication turned off.
+    pub fn off() -> Mtls {
+        Mtls {
+            mode: MtlsMode::Off,
+            truststore: None,
+            crls: Vec::new(),
+            max_chain_depth: 4,
+            advertise_ca_names: true,
+            on_failure: OnFailure::Tls,
+            allow_stale_crls: false,
+        }
+    }
+}
+
+/// Client certificate mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Every request needs a valid certificate.
+    Required,
+    /// Certificates are verified when presented; mappings decide what needs one.
+    Optional,
+    /// No certificate is requested.
+    Off,
+}
+
+/// What a client whose certificate is missing or rejected gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// A TLS alert in the handshake (the reason as the alert).
+    Tls,
+    /// The handshake completes and requests get 403 with the reason (JSON or HTML).
+    Http,
+}
+
+/// One base path mapping.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// The prefix, without trailing slash; empty catches everything.
+    pub base_path: String,
+    /// Where requests go.
+    pub upstream: Uri,
+    /// Whether requests need a valid client certificate (only `false` matters in optional mode).
+    pub require_client_cert: bool,
+}
+
+impl Mapping {
+    /// Validates a mapping: the base path is empty or `/segment…`; the upstream is an
+    /// `http://` URL.
+    pub fn new(
+        base_path: &str,
+        upstream: &str,
+        require_client_cert: bool,
+    ) -> Result<Mapping, GatewayError> {
+        let base = base_path.trim_end_matches('/');
+        if !base.is_empty() && (!base.starts_with('/') || base.contains(['?', '#'])) {
+            return Err(GatewayError::Config(format!(
+                "base path '{base_path}' must be empty or start with '/' and hold no query"
+            )));
+        }
+        let uri: Uri = upstream
+            .parse()
+            .map_err(|_| GatewayError::Config(format!("upstream '{upstream}' is not a URL")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(GatewayError::Config(format!(
+                    "upstream '{upstream}': https upstreams are not supported yet; use http:// on a private network"
+                )));
+            }
+            _ => {
+                return Err(GatewayError::Config(format!(
+                    "upstream '{upstream}' must start with http://"
+                )));
+            }
+        }
+        if uri.authority().is_none() {
+            return Err(GatewayError::Config(format!(
+                "upstream '{upstream}' has no host"
+            )));
+        }
+        Ok(Mapping {
+            base_path: base.to_string(),
+            upstream: uri,
+            require_client_cert,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        let h = Hostname::parse("*.Example.com").unwrap();
+        assert!(h.matches("api.example.com"));
+        assert!(!h.matches("example.com"));
+        assert!(!h.matches("a.b.example.com"));
+        assert!(Hostname::parse("exa mple").is_err());
+        assert!(Hostname::parse("127.0.0.1").is_ok());
+    }
+
+    #[test]
+    fn mappings_validate() {
+        assert!(Mapping::new("/api/", "http://127.0.0.1:9000", true).is_ok());
+        assert!(Mapping::new("", "http://127.0.0.1:9000/base", true).is_ok());
+        assert!(Mapping::new("api", "http://x", true).is_err());
+        assert!(Mapping::new("/api", "ftp://x", true).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! The Portcullis data path: mutual-TLS termination by SNI, client-certificate verification,
+//! base-path routing, proxying, identity headers and logs.
+//!
+//! Modules in the order a connection meets them:
+//!
+//! - [`listen`]: accepts TCP connections, reads the ClientHello, picks the domain by SNI;
+//! - `tls`: the domain's rustls configuration (policy, suites, session cache per generation);
+//! - [`verify`]: the client-certificate verifier, on the pki crate's `verify`;
+//! - `route`: base path → mapping, longest prefix;
+//! - `proxy`: streaming to the upstream, forwarding headers;
+//! - `identity`: the verified identity as headers, inbound copies stripped;
+//! - access and connection logs are `tracing` events with targets `portcullis::access` and
+//!   `portcullis::connection`.
+//!
+//! The gateway never touches a database or the admin API: everything a handshake or a request
+//! needs is in an immutable [`State`] snapshot, swapped atomically on reload.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod echo;
+mod identity;
+pub mod listen;
+mod proxy;
+mod respond;
+mod route;
+mod tls;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+
+use crate::config::Domain;
+use crate::tls::DomainTls;
+
+/// Errors of the gateway crate.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// TLS material (certificate, key) cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// One immutable generation of everything the data path needs.
+#[derive(Debug)]
+pub struct State {
+    domains: Vec<DomainState>,
+    default_domain: Option<usize>,
+    generation: u64,
+}
+
+/// A domain with its TLS configuration built.
+#[derive(Debug)]
+pub(crate) struct DomainState {
+    pub(crate) config: Arc<Domain>,
+    pub(crate) tls: DomainTls,
+}
+
+impl State {
+    fn build(config: &Config, generation: u64) -> Result<State, GatewayError> {
+        let domains = config
+            .domains
+            .iter()
+            .map(|d| {
+                Ok(DomainState {
+                    config: d.clone(),
+                    tls: DomainTls::new(d)?,
+                })
+            })
+            .collect::<Result<Vec<_>, GatewayError>>()?;
+        Ok(State {
+            domains,
+            default_domain: config.default_domain,
+            generation,
+        })
+    }
+
+    /// The domain for an SNI name: exact names first, then wildcards, then the default domain.
+    /// The flag says whether the default was used.
+    pub(crate) fn select(&self, sni: Option<&str>) -> Option<(&DomainState, bool)> {
+        if let Some(name) = sni {
+            let exact = self.domains.iter().find(|d| {
+                matches!(d.config.hostname, config::Hostname::Exact(_))
+                    && d.config.hostname.matches(name)
+            });
+            if let Some(d) = exact.or_else(|| {
+                self.domains
+                    .iter()
+                    .find(|d| d.config.hostname.matches(name))
+            }) {
+                return Some((d, false));
+            }
+        }
+        self.default_domain.map(|i| (&self.domains[i], true))
+    }
+
+    /// The generation number: 1 at start, one more per successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Checks that a configuration would start: builds every domain's TLS state without binding.
+pub fn check(config: &Config) -> Result<(), GatewayError> {
+    State::build(config, 0).map(|_| ())
+}
+
+/// A running gateway.
+pub struct Gateway {
+    state: Arc<ArcSwap<State>>,
+    shutdown: watch::Sender<bool>,
+    local_addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Builds the first state, binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let state = Arc::new(ArcSwap::from_pointee(State::build(&config, 1)?));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let client = proxy::client();
+        let mut local_addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for addr in &config.listeners {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| GatewayError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            local_addrs.push(local);
+            tasks.push(tokio::spawn(listen::accept_loop(
+                listener,
+                state.clone(),
+                client.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        Ok(Gateway {
+            state,
+            shutdown,
+            local_addrs,
+            tasks,
+        })
+    }
+
+    /// Builds a complete new state from `config` and swaps it in. On error the running state is
+    /// untouched. Listener addresses are fixed at start; a change is reported, not applied.
+    pub fn reload(&self, config: Config) -> Result<u64, GatewayError> {
+        let generation = self.state.load().generation + 1;
+        let state = State::build(&config, generation)?;
+        self.state.store(Arc::new(state));
+        Ok(generation)
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The current state generation.
+    pub fn generation(&self) -> u64 {
+        self.state.load().generation
+    }
+
+    /// Stops accepting, lets open connections finish their requests, and returns when the
+    /// listeners have stopped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

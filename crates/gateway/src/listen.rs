@@ -1,0 +1,392 @@
+//! Accepting connections: ClientHello → domain by SNI → handshake → HTTP/1.1 or HTTP/2 → route
+//! → authorize → proxy, with a connection-log line per handshake and an access-log line per
+//! request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::HandshakeKind;
+use rustls::server::Acceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::config::{MtlsMode, OnFailure};
+use crate::proxy::{Origin, UpstreamClient, forward};
+use crate::respond::{Body, error_response, escape};
+use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
+use crate::{DomainState, State, identity, route};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an upstream may take to answer with headers.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long shutdown waits for open connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until shutdown, then waits for open ones to finish.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ArcSwap<State>>,
+    client: UpstreamClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                // Each connection keeps the state generation it started with.
+                let snapshot = state.load_full();
+                connections.spawn(connection(stream, peer, snapshot, client.clone(), shutdown.clone()));
+            }
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+/// What a request handler knows about its connection.
+struct ConnectionContext {
+    state: Arc<State>,
+    domain: usize,
+    via_default: bool,
+    peer: SocketAddr,
+    verdict: ClientVerdict,
+    client: UpstreamClient,
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    client: UpstreamClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let accept = LazyConfigAcceptor::new(Acceptor::default(), stream);
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => {
+            tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "bad-client-hello", error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-timeout", "TLS handshake timed out");
+            return;
+        }
+    };
+    let sni = hello
+        .client_hello()
+        .server_name()
+        .map(str::to_ascii_lowercase);
+    let Some((domain, via_default)) = state.select(sni.as_deref()) else {
+        tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", "no domain for this SNI and no default endpoint");
+        return;
+    };
+    let domain_index = state
+        .domains
+        .iter()
+        .position(|d| std::ptr::eq(d, domain))
+        .unwrap_or_default();
+    let hostname = domain.config.hostname.to_string();
+    let slot = Arc::new(Mutex::new(None));
+    let handshake = CONNECTION_VERDICT.scope(
+        slot.clone(),
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            hello.into_stream(domain.tls.config.clone()),
+        ),
+    );
+    let recorded =
+        |slot: &Arc<Mutex<Option<ClientVerdict>>>| slot.lock().ok().and_then(|mut s| s.take());
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let verdict = recorded(&slot);
+            log_failed_handshake(
+                peer,
+                &hostname,
+                sni.as_deref(),
+                verdict.as_ref(),
+                &e,
+                started,
+            );
+            return;
+        }
+        Err(_) => {
+            let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
+            log_failed_handshake(peer, &hostname, sni.as_deref(), None, &timeout, started);
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    let verdict = match recorded(&slot) {
+        Some(v) => v,
+        // A resumed session restores the client chain without running the verifier: verify it
+        // again against this generation's truststore and CRLs.
+        None => match conn.peer_certificates() {
+            Some([leaf, rest @ ..]) => domain.tls.verifier.verify_chain(leaf, rest),
+            _ => ClientVerdict::None,
+        },
+    };
+    let version = conn
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
+    let alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let leaf = verdict.leaf().map(|c| c.info().clone());
+    tracing::info!(
+        target: "portcullis::connection",
+        peer = %peer,
+        domain = %hostname,
+        sni = sni.as_deref().unwrap_or(""),
+        result = "ok",
+        verify = %verdict.status(),
+        tls_version = %version,
+        cipher = %cipher,
+        alpn = %alpn,
+        resumed,
+        handshake_ms = started.elapsed().as_secs_f64() * 1000.0,
+        client_subject = leaf.as_ref().map(|l| l.subject.as_str()).unwrap_or(""),
+        client_issuer = leaf.as_ref().map(|l| l.issuer.as_str()).unwrap_or(""),
+        client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
+        "TLS handshake completed"
+    );
+    let ctx = Arc::new(ConnectionContext {
+        state: state.clone(),
+        domain: domain_index,
+        via_default,
+        peer,
+        verdict,
+        client,
+    });
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(request(req, &ctx).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn log_failed_handshake(
+    peer: SocketAddr,
+    domain: &str,
+    sni: Option<&str>,
+    verdict: Option<&ClientVerdict>,
+    error: &std::io::Error,
+    started: Instant,
+) {
+    let no_certificate = matches!(
+        error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::NoCertificatesPresented)
+    );
+    let error = &error.to_string();
+    let (reason, explanation) = match verdict {
+        Some(ClientVerdict::Rejected {
+            reason,
+            explanation,
+            ..
+        }) => (reason.code(), explanation.as_str()),
+        _ if no_certificate => ("no-certificate", "the client sent no certificate"),
+        _ => ("handshake-error", error.as_str()),
+    };
+    let leaf = verdict
+        .and_then(ClientVerdict::leaf)
+        .map(|c| c.info().clone());
+    tracing::info!(
+        target: "portcullis::connection",
+        peer = %peer,
+        domain,
+        sni = sni.unwrap_or(""),
+        result = "failed",
+        reason,
+        explanation,
+        handshake_ms = started.elapsed().as_secs_f64() * 1000.0,
+        client_subject = leaf.as_ref().map(|l| l.subject.as_str()).unwrap_or(""),
+        client_issuer = leaf.as_ref().map(|l| l.issuer.as_str()).unwrap_or(""),
+        client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
+        "TLS handshake failed"
+    );
+}
+
+async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Response<Body> {
+    let started = Instant::now();
+    let domain: &DomainState = &ctx.state.domains[ctx.domain];
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let host = request_host(&req);
+    identity::strip(req.headers_mut());
+    let mut mapping_name = String::new();
+    let response = 'answer: {
+        if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(&host) {
+            break 'answer error_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected-request",
+                "the Host header does not match the domain this connection was made for",
+                None,
+            );
+        }
+        let Some((mapping, rest)) = route::route(&domain.config.mappings, &path) else {
+            break 'answer error_response(
+                StatusCode::NOT_FOUND,
+                "no-route",
+                "no mapping matches this path",
+                None,
+            );
+        };
+        mapping_name = mapping.base_path.clone();
+        let mode = domain.config.mtls.mode;
+        let needs_cert = mode == MtlsMode::Required
+            || (mode == MtlsMode::Optional && mapping.require_client_cert);
+        if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
+            break 'answer forbidden(&req, &ctx.verdict, domain.config.mtls.on_failure);
+        }
+        if mode != MtlsMode::Off {
+            identity::add(req.headers_mut(), &ctx.verdict);
+        }
+        let origin = Origin {
+            peer: ctx.peer,
+            host: &host,
+        };
+        forward(
+            &ctx.client,
+            req,
+            &mapping.upstream,
+            &rest,
+            origin,
+            UPSTREAM_TIMEOUT,
+        )
+        .await
+    };
+    let leaf = ctx.verdict.leaf().map(|c| c.info());
+    tracing::info!(
+        target: "portcullis::access",
+        peer = %ctx.peer,
+        domain = %domain.config.hostname,
+        mapping = %mapping_name,
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        response_bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
+        client_serial = leaf.map(|l| l.serial.as_str()).unwrap_or(""),
+        client_fingerprint = leaf.map(|l| l.id.as_str()).unwrap_or(""),
+        verify = %ctx.verdict.status(),
+        "request"
+    );
+    response
+}
+
+/// The Host of a request: HTTP/2's :authority or the Host header, lower-case, without port.
+fn request_host(req: &Request<Incoming>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| match h.rsplit_once(':') {
+                    Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
+                        host.to_string()
+                    }
+                    _ => h.to_string(),
+                })
+        })
+        .unwrap_or_default();
+    raw.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+/// 403 with the reason: JSON for programs, a readable page for browsers.
+fn forbidden(
+    req: &Request<Incoming>,
+    verdict: &ClientVerdict,
+    _on_failure: OnFailure,
+) -> Response<Body> {
+    let (code, message) = match verdict {
+        ClientVerdict::None => (
+            "no-certificate",
+            "This service requires a client certificate, and none was presented.".to_string(),
+        ),
+        ClientVerdict::Rejected {
+            reason,
+            explanation,
+            ..
+        } => (
+            reason.code(),
+            format!("The client certificate was rejected: {explanation}."),
+        ),
+        ClientVerdict::Valid(_) => ("forbidden", "Access denied.".to_string()),
+    };
+    let wants_html = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if !wants_html {
+        let mut resp = error_response(StatusCode::FORBIDDEN, code, &message, None);
+        if let Ok(v) = HeaderValue::from_str(code) {
+            resp.headers_mut().insert("x-portcullis-reason", v);
+        }
+        return resp;
+    }
+    let presented = match verdict.leaf() {
+        Some(c) => {
+            let i = c.info();
+            format!(
+                "<h2>The certificate your browser presented</h2><ul><li>Subject: {}</li><li>Issuer: {}</li><li>Valid until: {}</li></ul>",
+                escape(&i.subject),
+                escape(&i.issuer),
+                escape(&i.not_after)
+            )
+        }
+        None => String::new(),
+    };
+    let advice = "<h2>What to do</h2><p>Use a device with a certificate issued for this service, or ask your administrator for one. \
+                  If your browser asked you to choose a certificate, restart it and choose again.</p>";
+    error_response(
+        StatusCode::FORBIDDEN,
+        code,
+        &message,
+        Some(&format!("{presented}{advice}")),
+    )
+}

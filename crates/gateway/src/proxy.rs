@@ -1,0 +1,153 @@
+//! Forwarding a request to its upstream and streaming the answer back.
+//!
+//! Bodies are streamed both ways, never buffered. Hop-by-hop headers are removed in both
+//! directions; `X-Forwarded-For/-Proto/-Host` and `Forwarded` are added.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::respond::{Body, error_response};
+
+/// The pooled HTTP/1.1 client every mapping shares.
+pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// Builds the shared upstream client.
+pub(crate) fn client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_nodelay(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+/// Where the request came from, for the forwarding headers.
+pub(crate) struct Origin<'a> {
+    pub(crate) peer: SocketAddr,
+    pub(crate) host: &'a str,
+}
+
+/// Sends `req` to `upstream` with `path` (prefix already stripped) and returns its answer.
+pub(crate) async fn forward(
+    client: &UpstreamClient,
+    mut req: Request<Incoming>,
+    upstream: &Uri,
+    path: &str,
+    origin: Origin<'_>,
+    timeout: Duration,
+) -> Response<Body> {
+    let base = upstream.path().trim_end_matches('/');
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let target = format!(
+        "{}://{}{}{}{}",
+        upstream.scheme_str().unwrap_or("http"),
+        upstream.authority().map(|a| a.as_str()).unwrap_or_default(),
+        base,
+        path,
+        query
+    );
+    let Ok(uri) = target.parse::<Uri>() else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+            "the request path cannot be forwarded",
+            None,
+        );
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    remove_hop_by_hop(headers);
+    add_forwarding(headers, &origin);
+    if let Some(authority) = upstream.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, BoxBody::new(body.map_err(|e| Box::new(e) as _)))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %upstream, error = %e, "upstream request failed");
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream-unavailable",
+                "the upstream service could not be reached",
+                None,
+            )
+        }
+        Err(_) => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "the upstream service did not answer in time",
+            None,
+        ),
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// RFC 9110 7.6.1: hop-by-hop headers, and every header the Connection header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    let ip = origin.peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.clone(),
+    };
+    let for_value = if origin.peer.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip
+    };
+    let pairs = [
+        ("x-forwarded-for", xff),
+        ("x-forwarded-proto", "https".to_string()),
+        ("x-forwarded-host", origin.host.to_string()),
+        (
+            "forwarded",
+            format!("for={for_value};proto=https;host=\"{}\"", origin.host),
+        ),
+    ];
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+}

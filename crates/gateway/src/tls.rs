@@ -1,0 +1,69 @@
+//! Building one rustls `ServerConfig` per domain and state generation.
+//!
+//! A fresh config per generation also means a fresh session cache: a session resumed after a
+//! truststore, CRL or certificate change would restore the old client chain without running the
+//! verifier, so sessions never outlive the generation that verified them. Session tickets are
+//! off (the default `NeverProducesTickets`), so the server-side cache is the only way to resume.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::{ServerConfig, SupportedCipherSuite};
+
+use crate::GatewayError;
+use crate::config::{Domain, SecurityPolicy};
+use crate::verify::DomainVerifier;
+
+/// A domain's TLS settings, from which each connection's `ServerConfig` is made.
+#[derive(Debug)]
+pub(crate) struct DomainTls {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) verifier: Arc<DomainVerifier>,
+}
+
+impl DomainTls {
+    pub(crate) fn new(domain: &Domain) -> Result<DomainTls, GatewayError> {
+        let provider = provider_for(domain.policy);
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match domain.policy {
+            SecurityPolicy::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            SecurityPolicy::Tls13 => &[&rustls::version::TLS13],
+        };
+        let verifier = Arc::new(DomainVerifier::new(
+            &domain.mtls,
+            provider.signature_verification_algorithms,
+            &domain.hostname.to_string(),
+        ));
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .map_err(|e| GatewayError::Tls(format!("domain {}: {e}", domain.hostname)))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(
+                domain.certificate.chain.clone(),
+                domain.certificate.key.clone_key(),
+            )
+            .map_err(|e| {
+                GatewayError::Tls(format!(
+                    "domain {}: server certificate and key do not work together ({e})",
+                    domain.hostname
+                ))
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.session_storage = ServerSessionMemoryCache::new(4096);
+        config.ignore_client_order = true;
+        Ok(DomainTls {
+            config: Arc::new(config),
+            verifier,
+        })
+    }
+}
+
+/// aws-lc-rs with the policy's suites: AEAD with forward secrecy only.
+fn provider_for(policy: SecurityPolicy) -> CryptoProvider {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.retain(|suite| match suite {
+        SupportedCipherSuite::Tls13(_) => true,
+        SupportedCipherSuite::Tls12(_) => policy == SecurityPolicy::Tls12,
+    });
+    provider
+}
