@@ -1,5 +1,6 @@
 //! Test-only helpers shared by Portcullis' test suites: temporary directories, finding external
-//! tools (openssl, curl, pk12util), and running processes with their output captured.
+//! tools (openssl, curl, pk12util), running processes with their output captured, and the few
+//! certificates Portcullis itself refuses to make (already expired ones), built with rcgen.
 //!
 //! This crate depends on no product crate, so that a crate's own tests never see two copies of
 //! its types.
@@ -81,4 +82,38 @@ pub fn run(program: impl AsRef<Path>, args: &[&str], dir: &Path) -> Run {
         .output()
         .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()))
         .into()
+}
+
+/// Issues a client certificate (EKU clientAuth) whose validity ended a year before now, signed by
+/// the CA in `ca_cert_pem` / `ca_key_pem` (PKCS#8). Returns the certificate and key as PEM.
+pub fn expired_client_certificate(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    cn: &str,
+) -> (String, String) {
+    use rcgen::{
+        CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SerialNumber,
+    };
+    let ca_key = KeyPair::from_pem(ca_key_pem).unwrap_or_else(|e| panic!("CA key: {e}"));
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)
+        .unwrap_or_else(|e| panic!("CA certificate: {e}"));
+    let key = KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(730);
+    params.not_after = now - time::Duration::days(365);
+    params.serial_number = Some(SerialNumber::from_slice(&[
+        0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x01,
+    ]));
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .unwrap_or_else(|e| panic!("signing: {e}"));
+    (cert.pem(), key.serialize_pem())
 }

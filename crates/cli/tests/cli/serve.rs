@@ -1,0 +1,676 @@
+//! `portcullis serve` with real clients: curl (HTTP/1.1 and HTTP/2) and `openssl s_client`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use portcullis_testkit::{Run, TempDir, expired_client_certificate, require_tool, run, temp_dir};
+use serde_json::Value;
+
+use crate::*;
+
+/// A running `portcullis serve`, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    lines: Receiver<String>,
+}
+
+impl Server {
+    fn start(dir: &Path, config: &str) -> Server {
+        std::fs::write(dir.join("gw.toml"), config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["serve", "--config", "gw.toml", "--data-dir", "data"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {line}"));
+            }
+        });
+        let mut server = Server {
+            child,
+            port: 0,
+            lines,
+        };
+        let line = server.wait_for("portcullis is serving on ");
+        let addr = line
+            .split("serving on ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        server.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        server
+    }
+
+    /// Waits (up to 30 s) for an output line containing `needle` and returns it.
+    fn wait_for(&self, needle: &str) -> String {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!(
+                    "no line with '{needle}'; output so far:\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends SIGHUP and returns the reload log line.
+    fn reload(&self) -> String {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        self.wait_for("portcullis::reload")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl against `host` on the server's port, resolving to 127.0.0.1; returns the run with the
+/// HTTP status as the last line of stdout.
+fn curl(dir: &Path, server: &Server, host: &str, path: &str, extra: &[&str]) -> Run {
+    let curl = require_tool("curl").unwrap();
+    let resolve = format!("{host}:{}:127.0.0.1", server.port);
+    let url = format!("https://{host}:{}{path}", server.port);
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "20",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        "data/ca/ca.pem",
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ];
+    args.extend(extra);
+    args.push(&url);
+    run(curl, &args, dir)
+}
+
+fn client(name: &str) -> [String; 4] {
+    [
+        "--cert".into(),
+        format!("{name}.chain.pem"),
+        "--key".into(),
+        format!("{name}.key"),
+    ]
+}
+
+fn with_client(c: &[String; 4]) -> Vec<&str> {
+    c.iter().map(String::as_str).collect()
+}
+
+/// Status code and JSON body (if any) of a curl run.
+fn answer(r: &Run) -> (u16, Value) {
+    let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+    let code = status
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The test PKI: root A with an intermediate (and deeper ones), root B, clients under each.
+fn pki(d: &Path) {
+    root(d); // root/
+    intermediate(d, "int", "root");
+    intermediate(d, "i2", "int");
+    intermediate(d, "i3", "i2");
+    intermediate(d, "i4", "i3");
+    portcullis(
+        d,
+        &["pki", "ca", "create", "--cn", "Root B", "--out", "rootb"],
+    )
+    .ok();
+    leaf(d, "client", "alice", "int", &[]);
+    leaf(d, "client", "carol", "int", &[]);
+    leaf(d, "client", "four", "i3", &[]);
+    leaf(d, "client", "five", "i4", &[]);
+    leaf(d, "server", "srv", "int", &["--san", "dns:srv.test"]);
+    leaf(d, "client", "bob", "rootb", &[]);
+    let ca_pem = std::fs::read_to_string(d.join("int/ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(d.join("int/ca.key")).unwrap();
+    let (cert, key) = expired_client_certificate(&ca_pem, &ca_key, "old");
+    std::fs::write(d.join("old.chain.pem"), format!("{cert}{ca_pem}")).unwrap();
+    std::fs::write(d.join("old.key"), key).unwrap();
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
+        ca_pem
+    );
+    std::fs::write(d.join("trust-a.pem"), bundle).unwrap();
+    std::fs::copy(d.join("rootb/ca.pem"), d.join("trust-b.pem")).unwrap();
+    // An empty CRL for now; tests revoke by replacing it.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "crl",
+            "create",
+            "--issuer-cert",
+            "int/ca.pem",
+            "--issuer-key",
+            "int/ca.key",
+            "--out",
+            "int.crl",
+        ],
+    )
+    .ok();
+}
+
+fn revoke(d: &Path, who: &str) {
+    let info = json(portcullis(
+        d,
+        &["pki", "inspect", "--json", &format!("{who}.pem")],
+    ));
+    let serial = info[0]["serial"].as_str().unwrap().to_string();
+    portcullis(
+        d,
+        &[
+            "pki",
+            "crl",
+            "create",
+            "--issuer-cert",
+            "int/ca.pem",
+            "--issuer-key",
+            "int/ca.key",
+            "--revoke",
+            &serial,
+            "--out",
+            "int.crl",
+            "--force",
+        ],
+    )
+    .ok();
+}
+
+const CONFIG: &str = r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+crls = ["int.crl"]
+[[domain.mapping]]
+base_path = ""
+upstream = "builtin:echo"
+[[domain.mapping]]
+base_path = "/api"
+upstream = "builtin:echo"
+
+[[domain]]
+hostname = "*.b.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-b.pem"
+on_failure = "http"
+[[domain.mapping]]
+upstream = "builtin:echo"
+
+[[domain]]
+hostname = "opt.test"
+certificate = "auto"
+[domain.mtls]
+mode = "optional"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+base_path = "/public"
+upstream = "builtin:echo"
+client_certificate = "optional"
+[[domain.mapping]]
+base_path = "/private"
+upstream = "builtin:echo"
+"#;
+
+fn setup() -> Option<(TempDir, Server)> {
+    require_tool("curl")?;
+    let tmp = temp_dir();
+    pki(tmp.path());
+    let server = Server::start(tmp.path(), CONFIG);
+    Some((tmp, server))
+}
+
+#[test]
+fn required_mode_admits_valid_chains_and_refuses_the_rest_in_the_handshake() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let alice = client("alice");
+    let ok = curl(d, &s, "a.test", "/hello?q=1", &with_client(&alice));
+    let (status, body) = answer(&ok);
+    assert_eq!(status, 200, "{ok:?}");
+    assert_eq!(body["path"], "/hello");
+    assert_eq!(body["query"], "q=1");
+    assert_eq!(body["identity"]["x-client-cert-verify"], "SUCCESS");
+    assert_eq!(body["identity"]["x-client-cert-subject"], "CN=alice");
+    assert!(
+        body["identity"]["client-cert"]
+            .as_str()
+            .unwrap()
+            .starts_with(":MII")
+    );
+    let chain = body["identity"]["client-cert-chain"].as_str().unwrap();
+    assert_eq!(
+        chain.matches(':').count(),
+        4,
+        "intermediate and root: {chain}"
+    );
+    let serial =
+        json(portcullis(d, &["pki", "inspect", "--json", "alice.pem"]))[0]["serial"].clone();
+    assert_eq!(body["identity"]["x-client-cert-serial"], serial);
+
+    // Refused in the handshake: no certificate, another CA, expired, wrong EKU, 5 CA levels.
+    for (who, reason) in [
+        (None, "no-certificate"),
+        (Some("bob"), "untrusted-issuer"),
+        (Some("old"), "expired"),
+        (Some("srv"), "wrong-usage"),
+        (Some("five"), "chain-too-deep"),
+    ] {
+        let c = who.map(client);
+        let args = c.as_ref().map(with_client).unwrap_or_default();
+        let r = curl(d, &s, "a.test", "/", &args);
+        assert_ne!(r.code, 0, "{who:?} must be refused: {r:?}");
+        let log = s.wait_for("TLS handshake failed");
+        assert!(
+            log.contains(&format!("\"reason\":\"{reason}\"")),
+            "{who:?}: {log}"
+        );
+        if let Some(w) = who
+            && w != "old"
+        {
+            assert!(
+                log.contains(&format!("CN={w}")),
+                "the log names the presented certificate: {log}"
+            );
+        }
+    }
+    // Four CA levels are fine.
+    let four = client("four");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&four))).0,
+        200
+    );
+}
+
+#[test]
+fn spoofed_identity_headers_are_stripped_and_prefixes_are_stripped() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let alice = client("alice");
+    let mut args = with_client(&alice);
+    args.extend([
+        "-H",
+        "X-Client-Cert-Subject: CN=admin",
+        "-H",
+        "Client-Cert: :AAAA:",
+        "-H",
+        "X-Forwarded-Client-Cert: By=spoof",
+        "-H",
+        "X-Client-Cert-Evil: 1",
+    ]);
+    let (status, body) = answer(&curl(d, &s, "a.test", "/api/v1/users", &args));
+    assert_eq!(status, 200);
+    assert_eq!(body["path"], "/v1/users", "the /api prefix is stripped");
+    assert_eq!(body["identity"]["x-client-cert-subject"], "CN=alice");
+    assert_ne!(body["identity"]["client-cert"], ":AAAA:");
+    assert!(body["headers"].get("x-forwarded-client-cert").is_none());
+    assert!(body["headers"].get("x-client-cert-evil").is_none());
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+    // HTTP/2 end to end, and the exact base path maps to "/".
+    let r = curl(d, &s, "a.test", "/api", &with_client(&alice));
+    assert!(r.stdout.ends_with(" 2"), "HTTP/2 negotiated: {}", r.stdout);
+    assert_eq!(answer(&r).1["path"], "/");
+    let r = curl(
+        d,
+        &s,
+        "a.test",
+        "/",
+        &[with_client(&alice), vec!["--http1.1"]].concat(),
+    );
+    assert!(r.stdout.ends_with(" 1.1"), "{}", r.stdout);
+    // A Host that is not the connection's domain.
+    let (status, body) = answer(&curl(
+        d,
+        &s,
+        "a.test",
+        "/",
+        &[with_client(&alice), vec!["-H", "Host: opt.test"]].concat(),
+    ));
+    assert_eq!(status, 421);
+    assert_eq!(body["error"], "misdirected-request");
+}
+
+#[test]
+fn domains_are_chosen_by_sni_with_their_own_truststores() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let (alice, bob) = (client("alice"), client("bob"));
+    assert_eq!(
+        answer(&curl(d, &s, "x.b.test", "/", &with_client(&bob))).0,
+        200
+    );
+    // alice's CA is not trusted on *.b.test, whose failures are HTTP 403 with the reason.
+    let (status, body) = answer(&curl(d, &s, "x.b.test", "/", &with_client(&alice)));
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "untrusted-issuer");
+    let (status, body) = answer(&curl(d, &s, "x.b.test", "/", &[]));
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "no-certificate");
+    let html = curl(
+        d,
+        &s,
+        "x.b.test",
+        "/",
+        &[with_client(&alice), vec!["-H", "Accept: text/html"]].concat(),
+    );
+    assert!(
+        html.stdout.contains("<h1>Forbidden</h1>"),
+        "{}",
+        html.stdout
+    );
+    assert!(
+        html.stdout.contains("CN=alice"),
+        "the page shows the presented certificate: {}",
+        html.stdout
+    );
+    // bob is not trusted on a.test.
+    assert_ne!(curl(d, &s, "a.test", "/", &with_client(&bob)).code, 0);
+    // No SNI (an IP address) and no default endpoint: refused.
+    let curl_bin = require_tool("curl").unwrap();
+    let url = format!("https://127.0.0.1:{}/", s.port);
+    let r = run(curl_bin, &["-sS", "-k", "--max-time", "10", &url], d);
+    assert_ne!(r.code, 0);
+    assert!(s.wait_for("unknown-sni").contains("refused"));
+}
+
+#[test]
+fn optional_mode_forwards_the_verify_status_and_guards_required_mappings() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let (status, body) = answer(&curl(d, &s, "opt.test", "/public/x", &[]));
+    assert_eq!(status, 200);
+    assert_eq!(body["identity"]["x-client-cert-verify"], "NONE");
+    let bob = client("bob");
+    let (status, body) = answer(&curl(d, &s, "opt.test", "/public/x", &with_client(&bob)));
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["identity"]["x-client-cert-verify"],
+        "FAILED:untrusted-issuer"
+    );
+    assert!(
+        body["identity"].get("x-client-cert-subject").is_none(),
+        "unverified identities are not forwarded"
+    );
+    let (status, body) = answer(&curl(d, &s, "opt.test", "/private/x", &[]));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("no-certificate"))
+    );
+    let alice = client("alice");
+    let (status, body) = answer(&curl(d, &s, "opt.test", "/private/x", &with_client(&alice)));
+    assert_eq!(status, 200);
+    assert_eq!(body["identity"]["x-client-cert-verify"], "SUCCESS");
+    assert_eq!(
+        answer(&curl(d, &s, "opt.test", "/nowhere", &with_client(&alice))).0,
+        404
+    );
+}
+
+#[test]
+fn a_failed_reload_keeps_the_running_state() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let alice = client("alice");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    let good = std::fs::read_to_string(d.join("gw.toml")).unwrap();
+    std::fs::write(d.join("gw.toml"), format!("{good}\nbogus_key = 1\n")).unwrap();
+    let line = s.reload();
+    assert!(line.contains("\"result\":\"failed\""), "{line}");
+    assert!(line.contains("bogus_key"), "the log names the key: {line}");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    // A truststore that is not PEM.
+    std::fs::write(d.join("gw.toml"), &good).unwrap();
+    std::fs::write(d.join("trust-a.pem"), "not a certificate").unwrap();
+    let line = s.reload();
+    assert!(
+        line.contains("\"result\":\"failed\"") && line.contains("trust-a.pem"),
+        "{line}"
+    );
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+}
+
+#[test]
+fn a_revoked_certificate_cannot_come_back_through_a_resumed_session() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let Some(openssl_bin) = require_tool("openssl") else {
+        return;
+    };
+    let connect = format!("127.0.0.1:{}", s.port);
+    let s_client = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            "a.test",
+            "-tls1_2",
+            "-cert",
+            "carol.pem",
+            "-key",
+            "carol.key",
+            "-cert_chain",
+            "int/ca.pem",
+            "-CAfile",
+            "data/ca/ca.pem",
+            "-ign_eof",
+        ];
+        args.extend(extra);
+        let mut child = Command::new(&openssl_bin)
+            .args(&args)
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let first = s_client(&["-sess_out", "sess.pem"]);
+    assert!(first.contains("HTTP/1.1 200"), "{first}");
+    // Control: in the same generation the session resumes (so the test below can fail).
+    let again = s_client(&["-sess_in", "sess.pem"]);
+    assert!(again.contains("Reused, TLSv1.2"), "{again}");
+    assert!(again.contains("HTTP/1.1 200"), "{again}");
+    // Revoke carol, reload, and try to resume.
+    revoke(d, "carol");
+    let line = s.reload();
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+    let after = s_client(&["-sess_in", "sess.pem"]);
+    assert!(
+        !after.contains("Reused"),
+        "the old session must not resume: {after}"
+    );
+    assert!(!after.contains("HTTP/1.1 200"), "{after}");
+    let log = s.wait_for("TLS handshake failed");
+    assert!(log.contains("\"reason\":\"revoked\""), "{log}");
+}
+
+#[test]
+fn bad_configurations_are_refused_with_the_key_and_line() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let check = |text: &str| {
+        std::fs::write(d.join("bad.toml"), text).unwrap();
+        portcullis(
+            d,
+            &[
+                "serve",
+                "--config",
+                "bad.toml",
+                "--data-dir",
+                "data",
+                "--check-config",
+            ],
+        )
+    };
+    let r = check("[[listener]]\naddress = \"127.0.0.1:0\"\nlisten_backlog = 5\n");
+    assert_clean_error(&r, 2, "listen_backlog");
+    assert!(r.stderr.contains("line 3"), "{}", r.stderr);
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\n",
+    );
+    assert_clean_error(&r, 2, "truststore");
+    std::fs::write(d.join("junk.pem"), "junk").unwrap();
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\ntruststore = \"junk.pem\"\n",
+    );
+    assert_clean_error(&r, 2, "junk.pem");
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"ftp://x\"\n",
+    );
+    assert_clean_error(&r, 2, "ftp://x");
+    let ok = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("OK"));
+}
+
+#[test]
+fn garbage_on_the_tls_port_does_not_disturb_other_clients() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    use std::io::Read;
+    let mut junk = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n\x00\x01garbage")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = junk.read_to_end(&mut buf);
+    // A client that connects and never sends a byte does not hold up the others.
+    let _idle = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let alice = client("alice");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    assert!(s.wait_for("bad-client-hello").contains("failed"));
+}
+
+#[test]
+fn the_quickstart_serves_on_localhost_8443() {
+    let Some(curl_bin) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut banner = Vec::new();
+    let mut reader = BufReader::new(stdout).lines();
+    for line in reader.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("Configuration:");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in reader {});
+    let curls: Vec<String> = banner
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| l.starts_with("curl "))
+        .collect();
+    assert_eq!(curls.len(), 2, "{banner:?}");
+    let args = |l: &str| {
+        l.split_whitespace()
+            .skip(1)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let ok = run(
+        &curl_bin,
+        &args(&curls[0])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        d,
+    );
+    let refused = run(
+        &curl_bin,
+        &args(&curls[1])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        d,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let body: Value = serde_json::from_str(&ok.stdout).unwrap();
+    assert_eq!(
+        body["identity"]["x-client-cert-subject"],
+        "CN=demo-client,O=Portcullis Quickstart"
+    );
+    assert_ne!(refused.code, 0);
+    assert_eq!(mode(d.join("portcullis-data/clients/demo.key")), 0o600);
+    assert_eq!(mode(d.join("portcullis-data/ca/ca.key")), 0o600);
+}
