@@ -26,6 +26,7 @@ pub async fn spawn_echo(addr: SocketAddr) -> std::io::Result<SocketAddr> {
             tokio::spawn(async move {
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service_fn(echo))
+                    .with_upgrades()
                     .await;
             });
         }
@@ -33,7 +34,38 @@ pub async fn spawn_echo(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     Ok(local)
 }
 
-async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if let Some(key) = req.headers().get("sec-websocket-key").cloned()
+        && req
+            .headers()
+            .get(hyper::header::UPGRADE)
+            .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        // A WebSocket handshake: accept it, then echo every byte back (enough to prove the
+        // tunnel; frames are not parsed).
+        let upgraded = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(io) = upgraded.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = Response::new(full(""));
+        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&websocket_accept(key.as_bytes())) {
+            h.insert("sec-websocket-accept", v);
+        }
+        return Ok(resp);
+    }
     let mut headers = Map::new();
     let mut identity = Map::new();
     for (name, value) in req.headers() {
@@ -64,4 +96,24 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     Ok(resp)
+}
+
+/// RFC 6455 4.2.2: base64(SHA-1(key + GUID)).
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut input = key.to_vec();
+    input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_accept_matches_rfc_6455_example() {
+        assert_eq!(
+            super::websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }

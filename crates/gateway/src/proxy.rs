@@ -68,8 +68,16 @@ pub(crate) async fn forward(
     };
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
+    // An HTTP/1.1 upgrade (WebSocket) keeps its Upgrade header; the client side of the tunnel is
+    // taken here, before the request moves on.
+    let upgrade = upgrade_protocol(req.headers());
+    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let headers = req.headers_mut();
     remove_hop_by_hop(headers);
+    if let Some(protocol) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
     add_forwarding(headers, &origin);
     if let Some(authority) = upstream.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
@@ -77,7 +85,23 @@ pub(crate) async fn forward(
         headers.insert(header::HOST, v);
     }
     match tokio::time::timeout(timeout, client.request(req)).await {
-        Ok(Ok(resp)) => {
+        Ok(Ok(mut resp)) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let (Some(client_side), Some(protocol)) = (client_side, upgrade)
+            {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_side, upstream_side));
+                let (mut parts, body) = resp.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol);
+                return Response::from_parts(
+                    parts,
+                    BoxBody::new(body.map_err(|e| Box::new(e) as _)),
+                );
+            }
             let (mut parts, body) = resp.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, BoxBody::new(body.map_err(|e| Box::new(e) as _)))
@@ -98,6 +122,28 @@ pub(crate) async fn forward(
             None,
         ),
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides have switched.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        return;
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 const HOP_BY_HOP: [HeaderName; 6] = [

@@ -674,3 +674,51 @@ fn the_quickstart_serves_on_localhost_8443() {
     assert_eq!(mode(d.join("portcullis-data/clients/demo.key")), 0o600);
     assert_eq!(mode(d.join("portcullis-data/ca/ca.key")), 0o600);
 }
+
+#[test]
+fn websocket_upgrades_tunnel_for_a_python_ssl_client() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let script = r#"
+import base64, hashlib, os, socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+ctx.load_cert_chain("alice.chain.pem", "alice.key")
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="a.test")
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET /api/ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+resp = b""
+while b"\r\n\r\n" not in resp:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    resp += chunk
+head, _, rest = resp.partition(b"\r\n\r\n")
+print(head.decode())
+expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+print("ACCEPT-OK" if expected.lower() in head.decode().lower() else "ACCEPT-WRONG")
+s.sendall(b"ping-through-tunnel")
+got = rest
+while len(got) < len(b"ping-through-tunnel"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+print("ECHO:" + got.decode())
+"#;
+    std::fs::write(d.join("ws.py"), script).unwrap();
+    let r = run(python, &["ws.py", &s.port.to_string()], d);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("HTTP/1.1 101"), "{}", r.stdout);
+    assert!(r.stdout.contains("ACCEPT-OK"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("ECHO:ping-through-tunnel"),
+        "{}",
+        r.stdout
+    );
+}
