@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use portcullis_gateway::config::{
-    Domain, Hostname, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy, ServerCertificate,
+    Domain, Hostname, Limits, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy, ServerCertificate,
 };
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::crl::Crl;
@@ -49,6 +51,63 @@ struct FileConfig {
     listeners: Vec<FileListener>,
     #[serde(default, rename = "domain")]
     domains: Vec<FileDomain>,
+    limits: Option<FileLimits>,
+    admin: Option<FileAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    /// Plain HTTP: /metrics, /healthz, /readyz. Keep it on loopback or a private network.
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    handshake_timeout_secs: Option<f64>,
+    request_header_timeout_secs: Option<f64>,
+    upstream_connect_timeout_secs: Option<f64>,
+    upstream_response_timeout_secs: Option<f64>,
+}
+
+impl FileLimits {
+    fn apply(&self, mut limits: Limits) -> Result<Limits> {
+        let secs = |name: &str, v: Option<f64>, default: Duration| -> Result<Duration> {
+            match v {
+                None => Ok(default),
+                Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => bail!("limits.{name} = {s} must be between 0 and 86400 seconds"),
+            }
+        };
+        limits.max_connections = self.max_connections.unwrap_or(limits.max_connections);
+        limits.max_handshakes = self.max_handshakes.unwrap_or(limits.max_handshakes);
+        limits.max_header_bytes = self.max_header_bytes.unwrap_or(limits.max_header_bytes);
+        limits.handshake_timeout = secs(
+            "handshake_timeout_secs",
+            self.handshake_timeout_secs,
+            limits.handshake_timeout,
+        )?;
+        limits.request_header_timeout = secs(
+            "request_header_timeout_secs",
+            self.request_header_timeout_secs,
+            limits.request_header_timeout,
+        )?;
+        limits.upstream_connect_timeout = secs(
+            "upstream_connect_timeout_secs",
+            self.upstream_connect_timeout_secs,
+            limits.upstream_connect_timeout,
+        )?;
+        limits.upstream_response_timeout = secs(
+            "upstream_response_timeout_secs",
+            self.upstream_response_timeout_secs,
+            limits.upstream_response_timeout,
+        )?;
+        Ok(limits)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,8 +204,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let echo = portcullis_gateway::echo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("starting the built-in echo upstream")?;
-    let load = || load_config(&config_path, &data, echo);
-    let config = load()?;
+    let load = || load_config(&config_path, &data, echo).map(|(config, _)| config);
+    let (config, admin_addr) = load_config(&config_path, &data, echo)?;
     if args.check_config {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
@@ -154,7 +213,22 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     init_logging();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .context("configuring metrics")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
+    let admin_local = admin.local_addr()?;
+    tokio::spawn(serve_admin(admin, metrics, ready.clone()));
     let gateway = Gateway::start(config).await?;
+    ready.store(true, Ordering::SeqCst);
+    println!("portcullis admin (metrics, health) on http://{admin_local}");
     let addrs: Vec<String> = gateway
         .local_addrs()
         .iter()
@@ -185,6 +259,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
     }
     wait_for_signals(&gateway, &load).await;
+    ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -206,13 +281,48 @@ async fn wait_for_signals(gateway: &Gateway, load: &dyn Fn() -> Result<Config>) 
         tokio::select! {
             _ = hup.recv() => {
                 match load().and_then(|c| gateway.reload(c).map_err(Into::into)) {
-                    Ok(generation) => tracing::info!(target: "portcullis::reload", generation, result = "ok", "configuration reloaded"),
-                    Err(e) => tracing::error!(target: "portcullis::reload", result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration"),
+                    Ok(generation) => {
+                        metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
+                        tracing::info!(target: "portcullis::reload", generation, result = "ok", "configuration reloaded");
+                    }
+                    Err(e) => {
+                        metrics::counter!("portcullis_reloads_total", "result" => "failed").increment(1);
+                        tracing::error!(target: "portcullis::reload", result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration");
+                    }
                 }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+}
+
+/// The admin listener: Prometheus metrics and health checks.
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    ready: Arc<AtomicBool>,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(move || {
+                std::future::ready(if ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                })
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin listener stopped");
     }
 }
 
@@ -230,8 +340,9 @@ fn init_logging() {
         .try_init();
 }
 
-/// Reads the configuration file and every file it names, and builds the gateway config.
-fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<Config> {
+/// Reads the configuration file and every file it names, and builds the gateway config; also
+/// returns the admin listener's address.
+fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config, SocketAddr)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading configuration {}", path.display()))?;
     let file: FileConfig = toml::from_str(&text)
@@ -324,7 +435,30 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<Config> 
             path.display()
         ),
     };
-    Config::new(listeners, domains, default).with_context(|| path.display().to_string())
+    let config =
+        Config::new(listeners, domains, default).with_context(|| path.display().to_string())?;
+    let config = match &file.limits {
+        None => config,
+        Some(l) => {
+            let limits = l
+                .apply(Limits::default())
+                .with_context(|| path.display().to_string())?;
+            config
+                .with_limits(limits)
+                .with_context(|| path.display().to_string())?
+        }
+    };
+    let admin = match &file.admin {
+        None => SocketAddr::from(([127, 0, 0, 1], 9443)),
+        Some(a) => a.address.parse().map_err(|_| {
+            anyhow!(
+                "{}: admin address '{}' is not IP:PORT",
+                path.display(),
+                a.address
+            )
+        })?,
+    };
+    Ok((config, admin))
 }
 
 fn file_mtls(m: &FileMtls, at: &dyn Fn(&Path) -> PathBuf) -> Result<Mtls> {

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::Uri;
 use portcullis_pki::Truststore;
@@ -20,6 +21,42 @@ pub struct Config {
     pub(crate) listeners: Vec<SocketAddr>,
     pub(crate) domains: Vec<Arc<Domain>>,
     pub(crate) default_domain: Option<usize>,
+    pub(crate) limits: Limits,
+}
+
+/// Limits and timeouts that protect the process. Connection and handshake limits and the upstream
+/// connect timeout apply from start; the others follow reloads.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections at most; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; further connections wait for a slot (within the
+    /// handshake timeout).
+    pub max_handshakes: usize,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for a request's headers to arrive (HTTP/1.1), idle keep-alive included.
+    pub request_header_timeout: Duration,
+    /// Time allowed to connect to an upstream.
+    pub upstream_connect_timeout: Duration,
+    /// Time allowed for an upstream to answer with headers; then 504.
+    pub upstream_response_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_handshakes: 1_024,
+            max_header_bytes: 64 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_header_timeout: Duration::from_secs(30),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Config {
@@ -63,7 +100,24 @@ impl Config {
             listeners,
             domains: domains.into_iter().map(Arc::new).collect(),
             default_domain,
+            limits: Limits::default(),
         })
+    }
+
+    /// Replaces the default limits; zero counts and sizes are refused.
+    pub fn with_limits(mut self, limits: Limits) -> Result<Config, GatewayError> {
+        if limits.max_connections == 0 || limits.max_handshakes == 0 {
+            return Err(GatewayError::Config(
+                "limits.max_connections and limits.max_handshakes must be at least 1".into(),
+            ));
+        }
+        if limits.max_header_bytes < 8192 {
+            return Err(GatewayError::Config(
+                "limits.max_header_bytes must be at least 8192".into(),
+            ));
+        }
+        self.limits = limits;
+        Ok(self)
     }
 
     /// The addresses to listen on.

@@ -63,6 +63,7 @@ pub enum GatewayError {
 pub struct State {
     domains: Vec<DomainState>,
     default_domain: Option<usize>,
+    limits: config::Limits,
     generation: u64,
 }
 
@@ -88,8 +89,48 @@ impl State {
         Ok(State {
             domains,
             default_domain: config.default_domain,
+            limits: config.limits.clone(),
             generation,
         })
+    }
+
+    /// Publishes the generation's gauges: server certificate and truststore CA expiry (days, with a
+    /// bucket label), loaded truststore fingerprints, and the generation number.
+    fn publish_gauges(&self) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let days = |not_after: i64| (not_after - now) as f64 / 86_400.0;
+        let bucket = |d: f64| match d {
+            d if d < 0.0 => "expired",
+            d if d < 7.0 => "7d",
+            d if d < 30.0 => "30d",
+            d if d < 90.0 => "90d",
+            _ => "later",
+        };
+        metrics::gauge!("portcullis_config_generation").set(self.generation as f64);
+        for d in &self.domains {
+            let domain = d.config.hostname.to_string();
+            if let Some(leaf) = d.config.certificate.chain.first()
+                && let Ok(info) = portcullis_pki::CertificateInfo::from_der(leaf)
+            {
+                let left = days(info.not_after_unix());
+                metrics::gauge!("portcullis_server_certificate_expiry_days", "domain" => domain.clone(), "bucket" => bucket(left))
+                    .set(left);
+            }
+            if let Some(store) = &d.config.mtls.truststore {
+                for e in store.entries().iter().filter(|e| !e.duplicate) {
+                    let info = e.certificate.info();
+                    let left = days(info.not_after_unix());
+                    metrics::gauge!(
+                        "portcullis_truststore_ca_expiry_days",
+                        "domain" => domain.clone(),
+                        "fingerprint" => info.id.clone(),
+                        "subject" => info.subject.clone(),
+                        "bucket" => bucket(left)
+                    )
+                    .set(left);
+                }
+            }
+        }
     }
 
     /// The domain for an SNI name: exact names first, then wildcards, then the default domain.
@@ -133,9 +174,12 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the first state, binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
-        let state = Arc::new(ArcSwap::from_pointee(State::build(&config, 1)?));
+        let first = State::build(&config, 1)?;
+        first.publish_gauges();
+        let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client = proxy::client();
+        let client = proxy::client(config.limits.upstream_connect_timeout);
+        let limits = Arc::new(listen::Gates::new(&config.limits));
         let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();
         for addr in &config.listeners {
@@ -154,6 +198,7 @@ impl Gateway {
                 listener,
                 state.clone(),
                 client.clone(),
+                limits.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -170,6 +215,7 @@ impl Gateway {
     pub fn reload(&self, config: Config) -> Result<u64, GatewayError> {
         let generation = self.state.load().generation + 1;
         let state = State::build(&config, generation)?;
+        state.publish_gauges();
         self.state.store(Arc::new(state));
         Ok(generation)
     }

@@ -12,44 +12,72 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::HandshakeKind;
 use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::{MtlsMode, OnFailure};
+use crate::config::{Limits, MtlsMode, OnFailure};
 use crate::proxy::{Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
 use crate::{DomainState, State, identity, route};
 
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an upstream may take to answer with headers.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutdown waits for open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The process-wide gates: open connections and handshakes in progress.
+pub(crate) struct Gates {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Gates {
+    pub(crate) fn new(limits: &Limits) -> Gates {
+        Gates {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+        }
+    }
+}
 
 /// Accepts connections until shutdown, then waits for open ones to finish.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     state: Arc<ArcSwap<State>>,
     client: UpstreamClient,
+    gates: Arc<Gates>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     loop {
+        // At the connection limit, stop accepting: clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = gates.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 // Each connection keeps the state generation it started with.
                 let snapshot = state.load_full();
-                connections.spawn(connection(stream, peer, snapshot, client.clone(), shutdown.clone()));
+                let handshakes = gates.handshakes.clone();
+                let shutdown = shutdown.clone();
+                let client = client.clone();
+                connections.spawn(async move {
+                    metrics::gauge!("portcullis_active_connections").increment(1.0);
+                    connection(stream, peer, snapshot, client, handshakes, shutdown).await;
+                    metrics::gauge!("portcullis_active_connections").decrement(1.0);
+                    drop(permit);
+                });
             }
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -77,17 +105,30 @@ async fn connection(
     peer: SocketAddr,
     state: Arc<State>,
     client: UpstreamClient,
+    handshakes: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    let limits = &state.limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    // The whole handshake, waiting for a slot included, fits in the handshake timeout.
+    let Ok(Ok(handshake_permit)) =
+        tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
+    else {
+        count_handshake("", "failed", "handshake-limit");
+        tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-limit", "too many handshakes in progress");
+        return;
+    };
     let accept = LazyConfigAcceptor::new(Acceptor::default(), stream);
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let hello = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
+            count_handshake("", "failed", "bad-client-hello");
             tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "bad-client-hello", error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            count_handshake("", "failed", "handshake-timeout");
             tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-timeout", "TLS handshake timed out");
             return;
         }
@@ -97,6 +138,7 @@ async fn connection(
         .server_name()
         .map(str::to_ascii_lowercase);
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
+        count_handshake("", "refused", "unknown-sni");
         tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", "no domain for this SNI and no default endpoint");
         return;
     };
@@ -109,10 +151,7 @@ async fn connection(
     let slot = Arc::new(Mutex::new(None));
     let handshake = CONNECTION_VERDICT.scope(
         slot.clone(),
-        tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            hello.into_stream(domain.tls.config.clone()),
-        ),
+        tokio::time::timeout_at(deadline, hello.into_stream(domain.tls.config.clone())),
     );
     let recorded =
         |slot: &Arc<Mutex<Option<ClientVerdict>>>| slot.lock().ok().and_then(|mut s| s.take());
@@ -136,6 +175,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshake_permit);
     let (_, conn) = tls.get_ref();
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     let verdict = match recorded(&slot) {
@@ -177,6 +217,9 @@ async fn connection(
         client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
         "TLS handshake completed"
     );
+    count_handshake(&hostname, "ok", "");
+    metrics::histogram!("portcullis_handshake_duration_seconds", "domain" => hostname.clone())
+        .record(started.elapsed().as_secs_f64());
     let ctx = Arc::new(ConnectionContext {
         state: state.clone(),
         domain: domain_index,
@@ -189,7 +232,18 @@ async fn connection(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(request(req, &ctx).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_header_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -199,6 +253,16 @@ async fn connection(
             let _ = conn.await;
         }
     }
+}
+
+fn count_handshake(domain: &str, result: &'static str, reason: &str) {
+    metrics::counter!(
+        "portcullis_handshakes_total",
+        "domain" => domain.to_string(),
+        "result" => result,
+        "reason" => reason.to_string()
+    )
+    .increment(1);
 }
 
 fn log_failed_handshake(
@@ -228,6 +292,7 @@ fn log_failed_handshake(
     let leaf = verdict
         .and_then(ClientVerdict::leaf)
         .map(|c| c.info().clone());
+    count_handshake(domain, "failed", reason);
     tracing::info!(
         target: "portcullis::connection",
         peer = %peer,
@@ -283,17 +348,20 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
             peer: ctx.peer,
             host: &host,
         };
-        forward(
-            &ctx.client,
-            req,
-            &mapping.upstream,
-            &rest,
-            origin,
-            UPSTREAM_TIMEOUT,
-        )
-        .await
+        let timeout = ctx.state.limits.upstream_response_timeout;
+        forward(&ctx.client, req, &mapping.upstream, &rest, origin, timeout).await
     };
     let leaf = ctx.verdict.leaf().map(|c| c.info());
+    let domain_label = domain.config.hostname.to_string();
+    metrics::counter!(
+        "portcullis_requests_total",
+        "domain" => domain_label.clone(),
+        "mapping" => mapping_name.clone(),
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!("portcullis_request_duration_seconds", "domain" => domain_label, "mapping" => mapping_name.clone())
+        .record(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
         peer = %ctx.peer,

@@ -20,9 +20,9 @@ use crate::respond::{Body, error_response};
 pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
 
 /// Builds the shared upstream client.
-pub(crate) fn client() -> UpstreamClient {
+pub(crate) fn client(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))

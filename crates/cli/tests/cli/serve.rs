@@ -15,6 +15,7 @@ use crate::*;
 struct Server {
     child: Child,
     port: u16,
+    admin_port: u16,
     lines: Receiver<String>,
 }
 
@@ -45,8 +46,11 @@ impl Server {
         let mut server = Server {
             child,
             port: 0,
+            admin_port: 0,
             lines,
         };
+        let line = server.wait_for("portcullis admin (metrics, health) on http://");
+        server.admin_port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
         let line = server.wait_for("portcullis is serving on ");
         let addr = line
             .split("serving on ")
@@ -211,6 +215,9 @@ fn revoke(d: &Path, who: &str) {
 }
 
 const CONFIG: &str = r#"
+[admin]
+address = "127.0.0.1:0"
+
 [[listener]]
 address = "127.0.0.1:0"
 
@@ -721,4 +728,118 @@ print("ECHO:" + got.decode())
         "{}",
         r.stdout
     );
+}
+
+#[test]
+fn limits_and_upstream_failures_get_clear_statuses() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    // An upstream that accepts and never answers, and one that is not listening.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[limits]
+max_header_bytes = 16384
+upstream_response_timeout_secs = 1
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+base_path = "/slow"
+upstream = "http://127.0.0.1:{silent_port}"
+[[domain.mapping]]
+base_path = "/down"
+upstream = "http://127.0.0.1:{closed_port}"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#
+    );
+    let s = Server::start(d, &config);
+    let alice = client("alice");
+    let (status, body) = answer(&curl(d, &s, "a.test", "/slow", &with_client(&alice)));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("upstream-timeout"))
+    );
+    let (status, body) = answer(&curl(d, &s, "a.test", "/down", &with_client(&alice)));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream-unavailable"))
+    );
+    let big = format!("X-Big: {}", "a".repeat(20_000));
+    let r = curl(
+        d,
+        &s,
+        "a.test",
+        "/",
+        &[with_client(&alice), vec!["--http1.1", "-H", &big]].concat(),
+    );
+    assert_eq!(answer(&r).0, 431, "{r:?}");
+    // The gateway still serves normal requests.
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    drop(silent);
+}
+
+#[test]
+fn metrics_and_health_are_served_on_the_admin_listener() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let (alice, bob) = (client("alice"), client("bob"));
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/api/x", &with_client(&alice))).0,
+        200
+    );
+    assert_ne!(curl(d, &s, "a.test", "/", &with_client(&bob)).code, 0);
+    s.wait_for("TLS handshake failed");
+    let curl_bin = require_tool("curl").unwrap();
+    let admin = |path: &str| {
+        run(
+            &curl_bin,
+            &[
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{}{path}", s.admin_port),
+            ],
+            d,
+        )
+    };
+    assert!(admin("/healthz").stdout.ends_with("200"));
+    assert!(admin("/readyz").stdout.ends_with("200"));
+    let metrics = admin("/metrics").stdout;
+    for needle in [
+        r#"portcullis_handshakes_total{domain="a.test",result="ok",reason=""}"#,
+        r#"portcullis_handshakes_total{domain="a.test",result="failed",reason="untrusted-issuer"}"#,
+        r#"portcullis_requests_total{domain="a.test",mapping="/api",status="200"}"#,
+        "portcullis_request_duration_seconds_bucket",
+        "portcullis_active_connections",
+        r#"portcullis_server_certificate_expiry_days{domain="a.test",bucket="#,
+        "portcullis_truststore_ca_expiry_days{domain=\"a.test\",fingerprint=",
+        "portcullis_config_generation 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
+    }
 }
