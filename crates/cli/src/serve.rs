@@ -258,15 +258,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
                 .unwrap_or(8443),
         );
     }
-    wait_for_signals(&gateway, &load).await;
+    wait_for_changes(&gateway, &load, &config_path).await;
     ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(unix)]
-async fn wait_for_signals(gateway: &Gateway, load: &dyn Fn() -> Result<Config>) {
+/// Reloads on SIGHUP and when the configuration file or a file it names changes (checked every
+/// second); returns on SIGTERM or SIGINT.
+async fn wait_for_changes(
+    gateway: &Gateway,
+    load: &dyn Fn() -> Result<Config>,
+    config_path: &Path,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -277,24 +282,68 @@ async fn wait_for_signals(gateway: &Gateway, load: &dyn Fn() -> Result<Config>) 
         std::future::pending::<()>().await;
         return;
     };
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = file_stamps(config_path);
     loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                match load().and_then(|c| gateway.reload(c).map_err(Into::into)) {
-                    Ok(generation) => {
-                        metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
-                        tracing::info!(target: "portcullis::reload", generation, result = "ok", "configuration reloaded");
-                    }
-                    Err(e) => {
-                        metrics::counter!("portcullis_reloads_total", "result" => "failed").increment(1);
-                        tracing::error!(target: "portcullis::reload", result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration");
-                    }
+        let trigger = tokio::select! {
+            _ = hup.recv() => "signal",
+            _ = poll.tick() => {
+                if file_stamps(config_path) == seen {
+                    continue;
                 }
+                "file-change"
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        };
+        match load().and_then(|c| gateway.reload(c).map_err(Into::into)) {
+            Ok(generation) => {
+                metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
+            }
+            Err(e) => {
+                metrics::counter!("portcullis_reloads_total", "result" => "failed").increment(1);
+                tracing::error!(target: "portcullis::reload", trigger, result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration");
+            }
+        }
+        seen = file_stamps(config_path);
+    }
+}
+
+/// Modification time and size of the configuration file and of every file it names.
+fn file_stamps(config_path: &Path) -> Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> {
+    let mut files = vec![config_path.to_path_buf()];
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let at = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    if let Ok(text) = std::fs::read_to_string(config_path)
+        && let Ok(file) = toml::from_str::<FileConfig>(&text)
+    {
+        for d in &file.domains {
+            if d.certificate != "auto" {
+                files.push(at(Path::new(&d.certificate)));
+            }
+            files.extend(d.key.iter().map(|k| at(k)));
+            if let Some(m) = &d.mtls {
+                files.extend(m.truststore.iter().map(|t| at(t)));
+                files.extend(m.crls.iter().map(|c| at(c)));
+            }
         }
     }
+    files
+        .into_iter()
+        .map(|f| {
+            let stamp = std::fs::metadata(&f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (f, stamp)
+        })
+        .collect()
 }
 
 /// The admin listener: Prometheus metrics and health checks.

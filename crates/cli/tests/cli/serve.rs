@@ -96,9 +96,13 @@ impl Drop for Server {
 /// curl against `host` on the server's port, resolving to 127.0.0.1; returns the run with the
 /// HTTP status as the last line of stdout.
 fn curl(dir: &Path, server: &Server, host: &str, path: &str, extra: &[&str]) -> Run {
+    curl_port(dir, server.port, host, path, extra)
+}
+
+fn curl_port(dir: &Path, port: u16, host: &str, path: &str, extra: &[&str]) -> Run {
     let curl = require_tool("curl").unwrap();
-    let resolve = format!("{host}:{}:127.0.0.1", server.port);
-    let url = format!("https://{host}:{}{path}", server.port);
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}{path}");
     let mut args = vec![
         "-sS",
         "--max-time",
@@ -842,4 +846,56 @@ fn metrics_and_health_are_served_on_the_admin_listener() {
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }
+}
+
+#[test]
+fn a_truststore_swap_under_load_fails_no_request_and_file_changes_reload() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path().to_path_buf();
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (d, port, stop) = (d.clone(), s.port, stop.clone());
+        std::thread::spawn(move || {
+            let alice = client("alice");
+            let mut statuses = Vec::new();
+            // A new connection per request, until the swaps are done.
+            while !stop.load(Ordering::SeqCst) || statuses.len() < 5 {
+                statuses.push(answer(&curl_port(&d, port, "a.test", "/", &with_client(&alice))).0);
+            }
+            statuses
+        })
+    };
+    // Swap: trust root B as well, by SIGHUP.
+    let mut bundle = std::fs::read_to_string(d.join("trust-a.pem")).unwrap();
+    bundle.push_str(&std::fs::read_to_string(d.join("rootb/ca.pem")).unwrap());
+    std::fs::write(d.join("trust-a.pem"), &bundle).unwrap();
+    let line = s.reload();
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+    let bob = client("bob");
+    assert_eq!(
+        answer(&curl(&d, &s, "a.test", "/", &with_client(&bob))).0,
+        200,
+        "root B is trusted after the swap"
+    );
+    // Swap back by editing the file only: the change is noticed without a signal.
+    let original: String = bundle
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .take(2)
+        .collect();
+    std::fs::write(d.join("trust-a.pem"), original).unwrap();
+    let line = s.wait_for("portcullis::reload");
+    assert!(
+        line.contains("file-change") && line.contains("\"result\":\"ok\""),
+        "{line}"
+    );
+    assert_ne!(
+        curl(&d, &s, "a.test", "/", &with_client(&bob)).code,
+        0,
+        "root B is no longer trusted"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let statuses = worker.join().unwrap();
+    assert!(statuses.iter().all(|code| *code == 200), "{statuses:?}");
 }
