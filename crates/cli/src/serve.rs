@@ -213,6 +213,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     init_logging();
+    let signals = Signals::install()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -258,7 +259,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
                 .unwrap_or(8443),
         );
     }
-    wait_for_changes(&gateway, &load, &config_path).await;
+    wait_for_changes(&gateway, &load, &config_path, signals).await;
     ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
@@ -271,17 +272,13 @@ async fn wait_for_changes(
     gateway: &Gateway,
     load: &dyn Fn() -> Result<Config>,
     config_path: &Path,
+    signals: Signals,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let mut seen = file_stamps(config_path);
     loop {
@@ -307,6 +304,25 @@ async fn wait_for_changes(
             }
         }
         seen = file_stamps(config_path);
+    }
+}
+
+/// The signals `serve` handles, installed before anything is announced so that an early SIGHUP
+/// reloads instead of killing the process.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
 }
 
