@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use portcullis_gateway::config::{
-    Domain, Hostname, Limits, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy, ServerCertificate,
+    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy,
+    ServerCertificate,
 };
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::crl::Crl;
@@ -53,6 +54,19 @@ struct FileConfig {
     domains: Vec<FileDomain>,
     limits: Option<FileLimits>,
     admin: Option<FileAdmin>,
+    identity: Option<FileIdentity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIdentity {
+    /// Also send Envoy's x-forwarded-client-cert.
+    #[serde(default)]
+    xfcc: bool,
+    /// Field → header name (client_cert, client_cert_chain, subject, issuer, serial, not_before,
+    /// not_after, fingerprint, verify).
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,6 +525,18 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
             config
                 .with_limits(limits)
                 .with_context(|| path.display().to_string())?
+        }
+    };
+    let config = match &file.identity {
+        None => config,
+        Some(i) => {
+            let mut ids = IdentityHeaders::default();
+            ids.xfcc = i.xfcc;
+            for (field, name) in &i.headers {
+                ids.rename(field, name)
+                    .with_context(|| format!("{}: [identity.headers]", path.display()))?;
+            }
+            config.with_identity(ids)
         }
     };
     let admin = match &file.admin {

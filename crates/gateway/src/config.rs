@@ -14,6 +14,7 @@ use portcullis_pki::crl::Crl;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::GatewayError;
+pub use crate::identity::IdentityHeaders;
 
 /// The whole gateway configuration.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ pub struct Config {
     pub(crate) domains: Vec<Arc<Domain>>,
     pub(crate) default_domain: Option<usize>,
     pub(crate) limits: Limits,
+    pub(crate) identity: IdentityHeaders,
 }
 
 /// Limits and timeouts that protect the process. Connection and handshake limits and the upstream
@@ -101,7 +103,14 @@ impl Config {
             domains: domains.into_iter().map(Arc::new).collect(),
             default_domain,
             limits: Limits::default(),
+            identity: IdentityHeaders::default(),
         })
+    }
+
+    /// Replaces the default identity header names and formats.
+    pub fn with_identity(mut self, identity: IdentityHeaders) -> Config {
+        self.identity = identity;
+        self
     }
 
     /// Replaces the default limits; zero counts and sizes are refused.

@@ -2,55 +2,203 @@
 //! client.
 //!
 //! Invariant: identity headers are built only from the connection's verdict; every inbound copy
-//! (any header whose name starts with `client-cert`, `x-client-cert` or is
-//! `x-forwarded-client-cert`) is removed before routing, in every mode.
+//! (any header whose name starts with `client-cert`, `x-client-cert`, is
+//! `x-forwarded-client-cert`, or is one of the configured names) is removed before routing, in
+//! every mode.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
+use crate::GatewayError;
 use crate::verify::ClientVerdict;
 
-/// Header name prefixes that only the gateway may set.
+/// Header name prefixes that only the gateway may set, whatever the configuration.
 const RESERVED_PREFIXES: [&str; 3] = ["client-cert", "x-client-cert", "x-forwarded-client-cert"];
 
-/// Removes every identity header a client sent.
-pub(crate) fn strip(headers: &mut HeaderMap) {
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            RESERVED_PREFIXES
-                .iter()
-                .any(|p| name.as_str().starts_with(p))
-        })
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(&name);
+/// Which identity headers are sent, under which names.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// RFC 9440 `Client-Cert`.
+    pub client_cert: HeaderName,
+    /// RFC 9440 `Client-Cert-Chain`.
+    pub client_cert_chain: HeaderName,
+    /// Subject, RFC 4514.
+    pub subject: HeaderName,
+    /// Issuer, RFC 4514.
+    pub issuer: HeaderName,
+    /// Serial, colon hex.
+    pub serial: HeaderName,
+    /// notBefore, RFC 3339.
+    pub not_before: HeaderName,
+    /// notAfter, RFC 3339.
+    pub not_after: HeaderName,
+    /// SHA-256 fingerprint, hex.
+    pub fingerprint: HeaderName,
+    /// `SUCCESS`, `NONE` or `FAILED:<reason>`.
+    pub verify: HeaderName,
+    /// Also send Envoy's `x-forwarded-client-cert`.
+    pub xfcc: bool,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            client_cert: HeaderName::from_static("client-cert"),
+            client_cert_chain: HeaderName::from_static("client-cert-chain"),
+            subject: HeaderName::from_static("x-client-cert-subject"),
+            issuer: HeaderName::from_static("x-client-cert-issuer"),
+            serial: HeaderName::from_static("x-client-cert-serial"),
+            not_before: HeaderName::from_static("x-client-cert-not-before"),
+            not_after: HeaderName::from_static("x-client-cert-not-after"),
+            fingerprint: HeaderName::from_static("x-client-cert-fingerprint-sha256"),
+            verify: HeaderName::from_static("x-client-cert-verify"),
+            xfcc: false,
+        }
     }
 }
 
-/// Adds the identity headers for `verdict`: RFC 9440 `Client-Cert` / `Client-Cert-Chain` and the
-/// `X-Client-Cert-*` fields when verified, and `X-Client-Cert-Verify` always.
-pub(crate) fn add(headers: &mut HeaderMap, verdict: &ClientVerdict) {
-    if let ClientVerdict::Valid(chain) = verdict
-        && let Some(leaf) = chain.first()
-    {
-        let info = leaf.info();
-        set(headers, "client-cert", &sf_binary(leaf.der()));
-        if chain.len() > 1 {
-            let rest: Vec<String> = chain[1..].iter().map(|c| sf_binary(c.der())).collect();
-            set(headers, "client-cert-chain", &rest.join(", "));
+impl IdentityHeaders {
+    /// Renames one header (`field` as in the configuration: `client_cert`, `subject`…).
+    pub fn rename(&mut self, field: &str, name: &str) -> Result<(), GatewayError> {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            GatewayError::Config(format!(
+                "identity header name '{name}' is not a valid header name"
+            ))
+        })?;
+        let hop = [
+            "connection",
+            "host",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "content-length",
+        ];
+        if hop.contains(&header.as_str()) {
+            return Err(GatewayError::Config(format!(
+                "identity header name '{name}' is reserved by HTTP"
+            )));
         }
-        set(headers, "x-client-cert-subject", &info.subject);
-        set(headers, "x-client-cert-issuer", &info.issuer);
-        set(headers, "x-client-cert-serial", &info.serial);
-        set(headers, "x-client-cert-not-before", &info.not_before);
-        set(headers, "x-client-cert-not-after", &info.not_after);
-        set(headers, "x-client-cert-fingerprint-sha256", &info.id);
+        let slot = match field {
+            "client_cert" => &mut self.client_cert,
+            "client_cert_chain" => &mut self.client_cert_chain,
+            "subject" => &mut self.subject,
+            "issuer" => &mut self.issuer,
+            "serial" => &mut self.serial,
+            "not_before" => &mut self.not_before,
+            "not_after" => &mut self.not_after,
+            "fingerprint" => &mut self.fingerprint,
+            "verify" => &mut self.verify,
+            other => {
+                return Err(GatewayError::Config(format!(
+                    "unknown identity header '{other}'; use client_cert, client_cert_chain, subject, issuer, serial, not_before, not_after, fingerprint or verify"
+                )));
+            }
+        };
+        *slot = header;
+        Ok(())
     }
-    set(headers, "x-client-cert-verify", &verdict.status());
+
+    fn names(&self) -> [&HeaderName; 9] {
+        [
+            &self.client_cert,
+            &self.client_cert_chain,
+            &self.subject,
+            &self.issuer,
+            &self.serial,
+            &self.not_before,
+            &self.not_after,
+            &self.fingerprint,
+            &self.verify,
+        ]
+    }
+
+    /// Removes every identity header a client sent.
+    pub(crate) fn strip(&self, headers: &mut HeaderMap) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                RESERVED_PREFIXES
+                    .iter()
+                    .any(|p| name.as_str().starts_with(p))
+                    || self.names().contains(name)
+            })
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(&name);
+        }
+    }
+
+    /// Adds the identity headers for `verdict`: the certificate fields when verified, the verify
+    /// status always.
+    pub(crate) fn add(&self, headers: &mut HeaderMap, verdict: &ClientVerdict) {
+        if let ClientVerdict::Valid(chain) = verdict
+            && let Some(leaf) = chain.first()
+        {
+            let info = leaf.info();
+            set(headers, &self.client_cert, &sf_binary(leaf.der()));
+            if chain.len() > 1 {
+                let rest: Vec<String> = chain[1..].iter().map(|c| sf_binary(c.der())).collect();
+                set(headers, &self.client_cert_chain, &rest.join(", "));
+            }
+            set(headers, &self.subject, &info.subject);
+            set(headers, &self.issuer, &info.issuer);
+            set(headers, &self.serial, &info.serial);
+            set(headers, &self.not_before, &info.not_before);
+            set(headers, &self.not_after, &info.not_after);
+            set(headers, &self.fingerprint, &info.id);
+            if self.xfcc {
+                set(
+                    headers,
+                    &HeaderName::from_static("x-forwarded-client-cert"),
+                    &xfcc(chain),
+                );
+            }
+        }
+        set(headers, &self.verify, &verdict.status());
+    }
+}
+
+/// Envoy's `x-forwarded-client-cert` element for a verified chain:
+/// `Hash=…;Cert="…";Chain="…";Subject="…";URI=…;DNS=…`.
+fn xfcc(chain: &[portcullis_pki::Certificate]) -> String {
+    let leaf = &chain[0];
+    let info = leaf.info();
+    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut parts = vec![
+        format!("Hash={}", info.id),
+        format!("Cert={}", quote(&url_encode(&leaf.to_pem()))),
+        format!(
+            "Chain={}",
+            quote(&url_encode(
+                &chain.iter().map(|c| c.to_pem()).collect::<String>()
+            ))
+        ),
+        format!("Subject={}", quote(&info.subject)),
+    ];
+    for san in &info.subject_alt_names {
+        if let Some(uri) = san.strip_prefix("uri:") {
+            parts.push(format!("URI={uri}"));
+        } else if let Some(dns) = san.strip_prefix("dns:") {
+            parts.push(format!("DNS={dns}"));
+        }
+    }
+    parts.join(";")
+}
+
+/// Percent-encoding of everything but RFC 3986 unreserved characters.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// An RFC 8941 byte sequence: `:base64:`.
@@ -58,14 +206,14 @@ fn sf_binary(der: &[u8]) -> String {
     format!(":{}:", STANDARD.encode(der))
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     // Control characters cannot travel in a header; anything else (UTF-8 included) can.
     let cleaned: String = value
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     if let Ok(v) = HeaderValue::from_bytes(cleaned.as_bytes()) {
-        headers.insert(HeaderName::from_static(name), v);
+        headers.insert(name.clone(), v);
     }
 }
 
@@ -74,7 +222,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_every_spelling() {
+    fn strips_every_spelling_and_configured_names() {
+        let mut ids = IdentityHeaders::default();
+        ids.rename("subject", "X-SSL-Subject").unwrap();
         let mut h = HeaderMap::new();
         for name in [
             "Client-Cert",
@@ -82,6 +232,7 @@ mod tests {
             "X-Client-Cert-Subject",
             "x-client-cert-verify",
             "X-Forwarded-Client-Cert",
+            "X-SSL-Subject",
             "x-other",
         ] {
             h.append(
@@ -89,7 +240,7 @@ mod tests {
                 HeaderValue::from_static("spoof"),
             );
         }
-        strip(&mut h);
+        ids.strip(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-other"));
     }
@@ -97,8 +248,22 @@ mod tests {
     #[test]
     fn none_verdict_sets_only_the_status() {
         let mut h = HeaderMap::new();
-        add(&mut h, &ClientVerdict::None);
+        IdentityHeaders::default().add(&mut h, &ClientVerdict::None);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-client-cert-verify"], "NONE");
+    }
+
+    #[test]
+    fn renames_are_checked() {
+        let mut ids = IdentityHeaders::default();
+        assert!(ids.rename("subject", "bad header").is_err());
+        assert!(ids.rename("nope", "X-A").is_err());
+        assert!(ids.rename("verify", "Host").is_err());
+        assert!(ids.rename("verify", "X-Verified").is_ok());
+    }
+
+    #[test]
+    fn url_encoding_keeps_unreserved_only() {
+        assert_eq!(url_encode("a b/+=\n"), "a%20b%2F%2B%3D%0A");
     }
 }

@@ -64,6 +64,7 @@ pub struct State {
     domains: Vec<DomainState>,
     default_domain: Option<usize>,
     limits: config::Limits,
+    identity: config::IdentityHeaders,
     generation: u64,
 }
 
@@ -90,6 +91,7 @@ impl State {
             domains,
             default_domain: config.default_domain,
             limits: config.limits.clone(),
+            identity: config.identity.clone(),
             generation,
         })
     }

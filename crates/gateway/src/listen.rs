@@ -25,7 +25,7 @@ use crate::config::{Limits, MtlsMode, OnFailure};
 use crate::proxy::{Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
-use crate::{DomainState, State, identity, route};
+use crate::{DomainState, State, route};
 
 /// How long shutdown waits for open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -315,7 +315,7 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req);
-    identity::strip(req.headers_mut());
+    ctx.state.identity.strip(req.headers_mut());
     let mut mapping_name = String::new();
     let response = 'answer: {
         if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(&host) {
@@ -342,7 +342,7 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
             break 'answer forbidden(&req, &ctx.verdict, domain.config.mtls.on_failure);
         }
         if mode != MtlsMode::Off {
-            identity::add(req.headers_mut(), &ctx.verdict);
+            ctx.state.identity.add(req.headers_mut(), &ctx.verdict);
         }
         let origin = Origin {
             peer: ctx.peer,

@@ -899,3 +899,63 @@ fn a_truststore_swap_under_load_fails_no_request_and_file_changes_reload() {
     let statuses = worker.join().unwrap();
     assert!(statuses.iter().all(|code| *code == 200), "{statuses:?}");
 }
+
+#[test]
+fn identity_headers_can_be_renamed_and_sent_as_xfcc() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let config = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[identity]
+xfcc = true
+[identity.headers]
+subject = "X-SSL-Client-DN"
+verify = "X-SSL-Verify"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#;
+    let s = Server::start(d, config);
+    let alice = client("alice");
+    let args = [
+        with_client(&alice),
+        vec![
+            "-H",
+            "X-SSL-Client-DN: CN=admin",
+            "-H",
+            "X-SSL-Verify: SUCCESS",
+        ],
+    ]
+    .concat();
+    let (status, body) = answer(&curl(d, &s, "a.test", "/", &args));
+    assert_eq!(status, 200);
+    let h = &body["headers"];
+    assert_eq!(h["x-ssl-client-dn"], "CN=alice", "{h}");
+    assert_eq!(h["x-ssl-verify"], "SUCCESS");
+    assert!(h.get("x-client-cert-subject").is_none());
+    let id = json(portcullis(d, &["pki", "inspect", "--json", "alice.pem"]))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let xfcc = h["x-forwarded-client-cert"].as_str().unwrap();
+    assert!(
+        xfcc.starts_with(&format!("Hash={id};Cert=\"-----BEGIN%20CERTIFICATE-----")),
+        "{xfcc}"
+    );
+    assert!(xfcc.contains(";Subject=\"CN=alice\""), "{xfcc}");
+}
