@@ -530,8 +530,10 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
     let config = match &file.identity {
         None => config,
         Some(i) => {
-            let mut ids = IdentityHeaders::default();
-            ids.xfcc = i.xfcc;
+            let mut ids = IdentityHeaders {
+                xfcc: i.xfcc,
+                ..Default::default()
+            };
             for (field, name) in &i.headers {
                 ids.rename(field, name)
                     .with_context(|| format!("{}: [identity.headers]", path.display()))?;
