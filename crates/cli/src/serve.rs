@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use portcullis_gateway::config::{
     Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy,
-    ServerCertificate,
+    ServerCertificate, UpstreamTls,
 };
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::crl::Crl;
@@ -186,6 +186,11 @@ struct FileMapping {
     upstream: String,
     #[serde(default = "default_required")]
     client_certificate: String,
+    /// For https:// upstreams: the CA bundle their server certificates chain to.
+    upstream_ca: Option<PathBuf>,
+    /// For https:// upstreams that want one: the gateway's client certificate chain and key.
+    upstream_client_cert: Option<PathBuf>,
+    upstream_client_key: Option<PathBuf>,
 }
 
 fn default_required() -> String {
@@ -359,6 +364,14 @@ fn file_stamps(config_path: &Path) -> Vec<(PathBuf, Option<(std::time::SystemTim
                 files.push(at(Path::new(&d.certificate)));
             }
             files.extend(d.key.iter().map(|k| at(k)));
+            for m in &d.mappings {
+                let upstream_files = [
+                    &m.upstream_ca,
+                    &m.upstream_client_cert,
+                    &m.upstream_client_key,
+                ];
+                files.extend(upstream_files.into_iter().flatten().map(|f| at(f)));
+            }
             if let Some(m) = &d.mtls {
                 files.extend(m.truststore.iter().map(|t| at(t)));
                 files.extend(m.crls.iter().map(|c| at(c)));
@@ -492,7 +505,38 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
                     ctx()
                 ),
             };
-            mappings.push(Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?);
+            let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
+            if upstream.starts_with("https://")
+                || m.upstream_ca.is_some()
+                || m.upstream_client_cert.is_some()
+            {
+                let Some(ca) = &m.upstream_ca else {
+                    bail!(
+                        "{}: upstream '{upstream}' is https://, so upstream_ca = \"…\" is needed",
+                        ctx()
+                    );
+                };
+                let ca = at(ca);
+                let roots = Certificate::all_from_pem_or_der(&read(&ca, "upstream CA")?)
+                    .with_context(|| format!("{}: upstream CA {}", ctx(), ca.display()))?;
+                let client_certificate = match (&m.upstream_client_cert, &m.upstream_client_key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => {
+                        Some(server_certificate(&at(c), &at(k)).with_context(ctx)?)
+                    }
+                    _ => bail!(
+                        "{}: upstream_client_cert and upstream_client_key go together",
+                        ctx()
+                    ),
+                };
+                mapping = mapping
+                    .with_upstream_tls(UpstreamTls {
+                        roots: roots.iter().map(|c| c.der().clone()).collect(),
+                        client_certificate,
+                    })
+                    .with_context(ctx)?;
+            }
+            mappings.push(mapping);
         }
         domains.push(Domain {
             hostname,

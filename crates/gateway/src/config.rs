@@ -278,7 +278,7 @@ pub enum OnFailure {
 }
 
 /// One base path mapping.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Mapping {
     /// The prefix, without trailing slash; empty catches everything.
     pub base_path: String,
@@ -286,6 +286,17 @@ pub struct Mapping {
     pub upstream: Uri,
     /// Whether requests need a valid client certificate (only `false` matters in optional mode).
     pub require_client_cert: bool,
+    /// TLS to an `https://` upstream.
+    pub upstream_tls: Option<UpstreamTls>,
+}
+
+/// How the gateway authenticates an `https://` upstream, and itself to it.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    /// CA certificates the upstream's server certificate must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The gateway's client certificate for the upstream, if it asks for one.
+    pub client_certificate: Option<ServerCertificate>,
 }
 
 impl Mapping {
@@ -305,18 +316,10 @@ impl Mapping {
         let uri: Uri = upstream
             .parse()
             .map_err(|_| GatewayError::Config(format!("upstream '{upstream}' is not a URL")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(GatewayError::Config(format!(
-                    "upstream '{upstream}': https upstreams are not supported yet; use http:// on a private network"
-                )));
-            }
-            _ => {
-                return Err(GatewayError::Config(format!(
-                    "upstream '{upstream}' must start with http://"
-                )));
-            }
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            return Err(GatewayError::Config(format!(
+                "upstream '{upstream}' must start with http:// or https://"
+            )));
         }
         if uri.authority().is_none() {
             return Err(GatewayError::Config(format!(
@@ -327,7 +330,26 @@ impl Mapping {
             base_path: base.to_string(),
             upstream: uri,
             require_client_cert,
+            upstream_tls: None,
         })
+    }
+
+    /// Sets the TLS settings for an `https://` upstream (required for one, refused for http).
+    pub fn with_upstream_tls(mut self, tls: UpstreamTls) -> Result<Mapping, GatewayError> {
+        if self.upstream.scheme_str() != Some("https") {
+            return Err(GatewayError::Config(format!(
+                "upstream '{}' is not https://, so it takes no upstream CA or client certificate",
+                self.upstream
+            )));
+        }
+        if tls.roots.is_empty() {
+            return Err(GatewayError::Config(format!(
+                "upstream '{}': the upstream CA file holds no certificate",
+                self.upstream
+            )));
+        }
+        self.upstream_tls = Some(tls);
+        Ok(self)
     }
 }
 
@@ -351,5 +373,11 @@ mod tests {
         assert!(Mapping::new("", "http://127.0.0.1:9000/base", true).is_ok());
         assert!(Mapping::new("api", "http://x", true).is_err());
         assert!(Mapping::new("/api", "ftp://x", true).is_err());
+        let plain = Mapping::new("", "http://x", true).unwrap();
+        let tls = UpstreamTls {
+            roots: vec![CertificateDer::from(vec![0x30, 0])],
+            client_certificate: None,
+        };
+        assert!(plain.with_upstream_tls(tls).is_err());
     }
 }

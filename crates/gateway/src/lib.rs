@@ -73,6 +73,8 @@ pub struct State {
 pub(crate) struct DomainState {
     pub(crate) config: Arc<Domain>,
     pub(crate) tls: DomainTls,
+    /// A client per `https://` mapping (same order as the mappings); `None` uses the shared one.
+    pub(crate) upstream_clients: Vec<Option<proxy::UpstreamClient>>,
 }
 
 impl State {
@@ -81,9 +83,21 @@ impl State {
             .domains
             .iter()
             .map(|d| {
+                let upstream_clients = d
+                    .mappings
+                    .iter()
+                    .map(|m| match &m.upstream_tls {
+                        Some(tls) => {
+                            proxy::client(config.limits.upstream_connect_timeout, Some(tls))
+                                .map(Some)
+                        }
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, GatewayError>>()?;
                 Ok(DomainState {
                     config: d.clone(),
                     tls: DomainTls::new(d)?,
+                    upstream_clients,
                 })
             })
             .collect::<Result<Vec<_>, GatewayError>>()?;
@@ -180,7 +194,7 @@ impl Gateway {
         first.publish_gauges();
         let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client = proxy::client(config.limits.upstream_connect_timeout);
+        let client = proxy::client(config.limits.upstream_connect_timeout, None)?;
         let limits = Arc::new(listen::Gates::new(&config.limits));
         let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();

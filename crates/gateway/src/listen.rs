@@ -349,7 +349,18 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
             host: &host,
         };
         let timeout = ctx.state.limits.upstream_response_timeout;
-        forward(&ctx.client, req, &mapping.upstream, &rest, origin, timeout).await
+        let index = domain
+            .config
+            .mappings
+            .iter()
+            .position(|m| std::ptr::eq(m, mapping))
+            .unwrap_or_default();
+        let client = domain
+            .upstream_clients
+            .get(index)
+            .and_then(Option::as_ref)
+            .unwrap_or(&ctx.client);
+        forward(client, req, &mapping.upstream, &rest, origin, timeout).await
     };
     let leaf = ctx.verdict.leaf().map(|c| c.info());
     let domain_label = domain.config.hostname.to_string();

@@ -4,6 +4,7 @@
 //! directions; `X-Forwarded-For/-Proto/-Host` and `Forwarded` are added.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -11,22 +12,59 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
+use crate::GatewayError;
+use crate::config::UpstreamTls;
 use crate::respond::{Body, error_response};
 
-/// The pooled HTTP/1.1 client every mapping shares.
-pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
+/// A pooled HTTP/1.1 client: the shared one for `http://` upstreams, or one per `https://`
+/// mapping with that mapping's CA and client certificate.
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-/// Builds the shared upstream client.
-pub(crate) fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
+/// Builds an upstream client. Without TLS settings it speaks plain HTTP only.
+pub(crate) fn client(
+    connect_timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<UpstreamClient, GatewayError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::Tls(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let config = match tls {
+        None => builder.with_root_certificates(roots).with_no_client_auth(),
+        Some(tls) => {
+            for root in &tls.roots {
+                roots
+                    .add(root.clone())
+                    .map_err(|e| GatewayError::Tls(format!("upstream CA certificate: {e}")))?;
+            }
+            let builder = builder.with_root_certificates(roots);
+            match &tls.client_certificate {
+                None => builder.with_no_client_auth(),
+                Some(cert) => builder
+                    .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
+                    .map_err(|e| {
+                        GatewayError::Tls(format!("upstream client certificate and key: {e}"))
+                    })?,
+            }
+        }
+    };
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
+        .build(connector))
 }
 
 /// Where the request came from, for the forwarding headers.

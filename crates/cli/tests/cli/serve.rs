@@ -959,3 +959,105 @@ upstream = "builtin:echo"
     );
     assert!(xfcc.contains(";Subject=\"CN=alice\""), "{xfcc}");
 }
+
+#[test]
+fn https_upstreams_get_the_gateway_client_certificate() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    leaf(
+        d,
+        "server",
+        "localhost",
+        "int",
+        &["--san", "dns:localhost", "--san", "ip:127.0.0.1"],
+    );
+    leaf(d, "client", "gw", "int", &[]);
+    let upstream = r#"
+import http.server, json, ssl
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        cert = self.connection.getpeercert()
+        subject = dict(x[0] for x in cert["subject"]) if cert else {}
+        body = json.dumps({"path": self.path, "peer_cn": subject.get("commonName")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("localhost.chain.pem", "localhost.key")
+ctx.load_verify_locations("trust-a.pem")
+ctx.verify_mode = ssl.CERT_REQUIRED
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    std::fs::write(d.join("upstream.py"), upstream).unwrap();
+    let mut py = Command::new(python)
+        .arg("upstream.py")
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(py.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let port: u16 = first.trim().parse().unwrap();
+    let config = format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+base_path = "/secure"
+upstream = "https://localhost:{port}/base"
+upstream_ca = "trust-a.pem"
+upstream_client_cert = "gw.chain.pem"
+upstream_client_key = "gw.key"
+[[domain.mapping]]
+base_path = "/anonymous"
+upstream = "https://localhost:{port}"
+upstream_ca = "trust-a.pem"
+"#
+    );
+    let s = Server::start(d, &config);
+    let alice = client("alice");
+    let (status, body) = answer(&curl(
+        d,
+        &s,
+        "a.test",
+        "/secure/x?y=1",
+        &with_client(&alice),
+    ));
+    let (anon_status, _) = answer(&curl(d, &s, "a.test", "/anonymous/x", &with_client(&alice)));
+    let _ = py.kill();
+    let _ = py.wait();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["peer_cn"], "gw");
+    assert_eq!(body["path"], "/base/x?y=1");
+    assert_eq!(
+        anon_status, 502,
+        "the upstream requires a client certificate"
+    );
+}
