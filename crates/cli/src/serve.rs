@@ -142,6 +142,8 @@ struct FileDomain {
     mtls: Option<FileMtls>,
     #[serde(default, rename = "mapping")]
     mappings: Vec<FileMapping>,
+    #[serde(default = "default_true")]
+    session_resumption: bool,
 }
 
 fn default_policy() -> String {
@@ -544,6 +546,7 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
             policy,
             mtls,
             mappings,
+            session_resumption: d.session_resumption,
         });
     }
     let default = match (file.default_endpoint, &file.default_domain) {

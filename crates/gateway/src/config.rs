@@ -203,6 +203,9 @@ pub struct Domain {
     pub mtls: Mtls,
     /// Base path mappings.
     pub mappings: Vec<Mapping>,
+    /// Allow TLS session resumption (within one state generation). Benchmarks of full
+    /// handshakes turn it off.
+    pub session_resumption: bool,
 }
 
 /// A server certificate chain and its key.

@@ -49,7 +49,11 @@ impl DomainTls {
                 ))
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.session_storage = ServerSessionMemoryCache::new(4096);
+        config.session_storage = if domain.session_resumption {
+            ServerSessionMemoryCache::new(4096)
+        } else {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        };
         config.ignore_client_order = true;
         Ok(DomainTls {
             config: Arc::new(config),
