@@ -75,7 +75,16 @@ http {
       proxy_pass http://app;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # The same identity Portcullis forwards: the certificate and its fields.
+      proxy_set_header X-Client-Cert \$ssl_client_escaped_cert;
       proxy_set_header X-Client-Cert-Subject \$ssl_client_s_dn;
+      proxy_set_header X-Client-Cert-Issuer \$ssl_client_i_dn;
+      proxy_set_header X-Client-Cert-Serial \$ssl_client_serial;
+      proxy_set_header X-Client-Cert-Fingerprint \$ssl_client_fingerprint;
+      proxy_set_header X-Client-Cert-Not-After \$ssl_client_v_end;
+      proxy_set_header X-Client-Cert-Verify \$ssl_client_verify;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https;
     }
   }
 }

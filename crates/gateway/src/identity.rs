@@ -131,8 +131,16 @@ impl IdentityHeaders {
         }
     }
 
-    /// Adds the identity headers for `verdict`: the certificate fields when verified, the verify
-    /// status always.
+    /// The identity headers for `verdict`: the certificate fields when verified, the verify status
+    /// always. Computed once per connection; each request gets copies (`HeaderValue` clones share
+    /// their bytes).
+    pub(crate) fn values(&self, verdict: &ClientVerdict) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        self.add(&mut headers, verdict);
+        headers
+    }
+
+    /// Adds the identity headers for `verdict` to `headers`.
     pub(crate) fn add(&self, headers: &mut HeaderMap, verdict: &ClientVerdict) {
         if let ClientVerdict::Valid(chain) = verdict
             && let Some(leaf) = chain.first()

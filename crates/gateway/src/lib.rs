@@ -75,6 +75,63 @@ pub(crate) struct DomainState {
     pub(crate) tls: DomainTls,
     /// A client per `https://` mapping (same order as the mappings); `None` uses the shared one.
     pub(crate) upstream_clients: Vec<Option<proxy::UpstreamClient>>,
+    /// Metric handles by (mapping, status), registered on first use: looking a labelled metric
+    /// up in the registry on every request costs allocations and hashing.
+    request_metrics: std::sync::Mutex<Vec<((String, u16), RequestMetrics)>>,
+}
+
+/// The metric handles of one (domain, mapping, status).
+#[derive(Clone)]
+pub(crate) struct RequestMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    pub(crate) fn record(&self, seconds: f64) {
+        self.requests.increment(1);
+        self.duration.record(seconds);
+    }
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestMetrics")
+    }
+}
+
+impl DomainState {
+    pub(crate) fn request_metrics(&self, mapping: &str, status: u16) -> RequestMetrics {
+        let make = || {
+            let domain = self.config.hostname.to_string();
+            RequestMetrics {
+                requests: metrics::counter!(
+                    "portcullis_requests_total",
+                    "domain" => domain.clone(),
+                    "mapping" => mapping.to_string(),
+                    "status" => status.to_string()
+                ),
+                duration: metrics::histogram!(
+                    "portcullis_request_duration_seconds",
+                    "domain" => domain,
+                    "mapping" => mapping.to_string()
+                ),
+            }
+        };
+        let Ok(mut cache) = self.request_metrics.lock() else {
+            return make();
+        };
+        // A handful of (mapping, status) pairs per domain: a linear scan beats hashing.
+        if let Some((_, m)) = cache
+            .iter()
+            .find(|((m, s), _)| m == mapping && *s == status)
+        {
+            return m.clone();
+        }
+        let m = make();
+        cache.push(((mapping.to_string(), status), m.clone()));
+        m
+    }
 }
 
 impl State {
@@ -98,6 +155,7 @@ impl State {
                     config: d.clone(),
                     tls: DomainTls::new(d)?,
                     upstream_clients,
+                    request_metrics: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>, GatewayError>>()?;

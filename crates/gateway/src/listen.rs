@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{Limits, MtlsMode, OnFailure};
-use crate::proxy::{Origin, UpstreamClient, forward};
+use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
 use crate::{DomainState, State, route};
@@ -97,6 +97,10 @@ struct ConnectionContext {
     via_default: bool,
     peer: SocketAddr,
     verdict: ClientVerdict,
+    /// The identity headers every request of this connection carries upstream.
+    identity: hyper::HeaderMap,
+    /// The forwarding header values of this connection.
+    forwarding: Forwarding,
     client: UpstreamClient,
 }
 
@@ -225,6 +229,12 @@ async fn connection(
         domain: domain_index,
         via_default,
         peer,
+        identity: if domain.config.mtls.mode == MtlsMode::Off {
+            hyper::HeaderMap::new()
+        } else {
+            state.identity.values(&verdict)
+        },
+        forwarding: Forwarding::new(peer, sni.as_deref()),
         verdict,
         client,
     });
@@ -341,11 +351,12 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
         if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
             break 'answer forbidden(&req, &ctx.verdict, domain.config.mtls.on_failure);
         }
-        if mode != MtlsMode::Off {
-            ctx.state.identity.add(req.headers_mut(), &ctx.verdict);
+        let headers = req.headers_mut();
+        for (name, value) in &ctx.identity {
+            headers.insert(name.clone(), value.clone());
         }
         let origin = Origin {
-            peer: ctx.peer,
+            forwarding: &ctx.forwarding,
             host: &host,
         };
         let timeout = ctx.state.limits.upstream_response_timeout;
@@ -363,15 +374,8 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
         forward(client, req, &mapping.upstream, &rest, origin, timeout).await
     };
     let leaf = ctx.verdict.leaf().map(|c| c.info());
-    let domain_label = domain.config.hostname.to_string();
-    metrics::counter!(
-        "portcullis_requests_total",
-        "domain" => domain_label.clone(),
-        "mapping" => mapping_name.clone(),
-        "status" => response.status().as_u16().to_string()
-    )
-    .increment(1);
-    metrics::histogram!("portcullis_request_duration_seconds", "domain" => domain_label, "mapping" => mapping_name.clone())
+    domain
+        .request_metrics(&mapping_name, response.status().as_u16())
         .record(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",

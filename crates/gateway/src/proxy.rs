@@ -67,9 +67,51 @@ pub(crate) fn client(
         .build(connector))
 }
 
+/// The forwarding header values of one client connection, computed once: the client address,
+/// and the host values for the connection's own server name (what nearly every request uses).
+pub(crate) struct Forwarding {
+    peer: SocketAddr,
+    xff: Option<HeaderValue>,
+    for_value: String,
+    host: Option<(String, HeaderValue, HeaderValue)>,
+}
+
+impl Forwarding {
+    pub(crate) fn new(peer: SocketAddr, host: Option<&str>) -> Forwarding {
+        let ip = peer.ip().to_string();
+        let for_value = if peer.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.clone()
+        };
+        let mut f = Forwarding {
+            peer,
+            xff: HeaderValue::from_str(&ip).ok(),
+            for_value,
+            host: None,
+        };
+        f.host = host.and_then(|h| {
+            let (a, b) = f.host_values(h)?;
+            Some((h.to_string(), a, b))
+        });
+        f
+    }
+
+    fn host_values(&self, host: &str) -> Option<(HeaderValue, HeaderValue)> {
+        Some((
+            HeaderValue::from_str(host).ok()?,
+            HeaderValue::from_str(&format!(
+                "for={};proto=https;host=\"{host}\"",
+                self.for_value
+            ))
+            .ok()?,
+        ))
+    }
+}
+
 /// Where the request came from, for the forwarding headers.
 pub(crate) struct Origin<'a> {
-    pub(crate) peer: SocketAddr,
+    pub(crate) forwarding: &'a Forwarding,
     pub(crate) host: &'a str,
 }
 
@@ -210,28 +252,24 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
-    let ip = origin.peer.ip().to_string();
+    let f = origin.forwarding;
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.clone(),
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", f.peer.ip())).ok(),
+        None => f.xff.clone(),
     };
-    let for_value = if origin.peer.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip
+    if let Some(v) = xff {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
+    let host_values = match &f.host {
+        Some((host, a, b)) if host == origin.host => Some((a.clone(), b.clone())),
+        _ => f.host_values(origin.host),
     };
-    let pairs = [
-        ("x-forwarded-for", xff),
-        ("x-forwarded-proto", "https".to_string()),
-        ("x-forwarded-host", origin.host.to_string()),
-        (
-            "forwarded",
-            format!("for={for_value};proto=https;host=\"{}\"", origin.host),
-        ),
-    ];
-    for (name, value) in pairs {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), v);
-        }
+    if let Some((host, forwarded)) = host_values {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        headers.insert(header::FORWARDED, forwarded);
     }
 }
