@@ -86,6 +86,13 @@ impl Crl {
         &self.info
     }
 
+    /// nextUpdate as seconds since the epoch, when present.
+    pub fn next_update_unix(&self) -> Option<i64> {
+        let (_, parsed) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&self.der).ok()?;
+        parsed.next_update().map(|t| t.timestamp())
+    }
+
     /// The CRL as a PEM block.
     pub fn to_pem(&self) -> String {
         pem::encode("X509 CRL", &self.der)

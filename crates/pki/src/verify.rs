@@ -539,12 +539,31 @@ fn explain(
                 format!("a name in '{subject}' is outside a CA's name constraints"),
             )
         }
-        WebpkiError::CrlExpired { .. } => Verdict::reject(
-            R::CrlExpired,
-            format!(
-                "a CRL covering the chain of '{subject}' is past its next update, so revocation cannot be checked; publish a fresh CRL"
-            ),
-        ),
+        WebpkiError::CrlExpired { .. } => {
+            let stale: Vec<String> = opts
+                .crls
+                .iter()
+                .filter(|c| c.next_update_unix().is_some_and(|t| t < now))
+                .map(|c| {
+                    format!(
+                        "the CRL of '{}' (next update {})",
+                        c.info().issuer,
+                        c.info().next_update.as_deref().unwrap_or("?")
+                    )
+                })
+                .collect();
+            let which = if stale.is_empty() {
+                "a CRL covering it".to_string()
+            } else {
+                stale.join(" and ")
+            };
+            Verdict::reject(
+                R::CrlExpired,
+                format!(
+                    "revocation of '{subject}' cannot be checked: {which} is past its next update; publish a fresh CRL"
+                ),
+            )
+        }
         WebpkiError::InvalidCrlSignatureForPublicKey
         | WebpkiError::UnsupportedCrlSignatureAlgorithmContext(_)
         | WebpkiError::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_)

@@ -546,6 +546,20 @@ fn verify_names_each_rejection_reason() {
         ]),
         "crl-expired",
     );
+    let stale = verify(&[
+        "--crl",
+        "int.crl",
+        "--usage",
+        "server",
+        "--at",
+        &in_days(30),
+        "web.example.com.pem",
+    ]);
+    assert!(
+        stale.stdout.contains("the CRL of 'CN=int'"),
+        "names the CRL: {}",
+        stale.stdout
+    );
     assert_eq!(
         verify(&[
             "--crl",

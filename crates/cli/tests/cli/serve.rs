@@ -1061,3 +1061,27 @@ upstream_ca = "trust-a.pem"
         "the upstream requires a client certificate"
     );
 }
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let Some((tmp, mut s)) = setup() else { return };
+    let d = tmp.path();
+    let alice = client("alice");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    let pid = s.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    s.wait_for("draining connections and stopping");
+    let mut child = std::mem::replace(&mut s.child, Command::new("true").spawn().unwrap());
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("portcullis exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
