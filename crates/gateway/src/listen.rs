@@ -4,10 +4,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -240,7 +243,7 @@ async fn connection(
     });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(request(req, &ctx).await) }
+        async move { Ok::<_, Infallible>(request(req, ctx).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -319,7 +322,7 @@ fn log_failed_handshake(
     );
 }
 
-async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Response<Body> {
+async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Response<Body> {
     let started = Instant::now();
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
     let method = req.method().clone();
@@ -373,27 +376,116 @@ async fn request(mut req: Request<Incoming>, ctx: &ConnectionContext) -> Respons
             .unwrap_or(&ctx.client);
         forward(client, req, &mapping.upstream, &rest, origin, timeout).await
     };
-    let leaf = ctx.verdict.leaf().map(|c| c.info());
     domain
         .request_metrics(&mapping_name, response.status().as_u16())
         .record(started.elapsed().as_secs_f64());
-    tracing::info!(
-        target: "portcullis::access",
-        peer = %ctx.peer,
-        domain = %domain.config.hostname,
-        mapping = %mapping_name,
-        method = %method,
-        path = %path,
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        response_bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or(""),
-        client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
-        client_serial = leaf.map(|l| l.serial.as_str()).unwrap_or(""),
-        client_fingerprint = leaf.map(|l| l.id.as_str()).unwrap_or(""),
-        verify = %ctx.verdict.status(),
-        "request"
-    );
-    response
+    if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+        return response;
+    }
+    // The access line is written when the body has been sent (or abandoned), with its size.
+    let log = AccessLog {
+        ctx: ctx.clone(),
+        mapping: mapping_name,
+        method,
+        path,
+        status: response.status().as_u16(),
+        headers_ms: started.elapsed().as_secs_f64() * 1000.0,
+        started,
+    };
+    response.map(|body| {
+        BoxBody::new(LoggedBody {
+            inner: body,
+            bytes: 0,
+            log: Some(log),
+        })
+    })
+}
+
+/// What the access-log line of one request says, less the byte count.
+struct AccessLog {
+    ctx: Arc<ConnectionContext>,
+    mapping: String,
+    method: hyper::Method,
+    path: String,
+    status: u16,
+    headers_ms: f64,
+    started: Instant,
+}
+
+impl AccessLog {
+    fn emit(self, bytes: u64, complete: bool) {
+        let ctx = &self.ctx;
+        let leaf = ctx.verdict.leaf().map(|c| c.info());
+        tracing::info!(
+            target: "portcullis::access",
+            peer = %ctx.peer,
+            domain = %ctx.state.domains[ctx.domain].config.hostname,
+            mapping = %self.mapping,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            headers_ms = self.headers_ms,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            response_bytes = bytes,
+            complete,
+            client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
+            client_serial = leaf.map(|l| l.serial.as_str()).unwrap_or(""),
+            client_fingerprint = leaf.map(|l| l.id.as_str()).unwrap_or(""),
+            verify = %ctx.verdict.status(),
+            "request"
+        );
+    }
+}
+
+/// A response body that counts what it sends and writes the access line at its end.
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    log: Option<AccessLog>,
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.emit(this.bytes, true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            let complete = hyper::body::Body::is_end_stream(&self.inner);
+            log.emit(self.bytes, complete);
+        }
+    }
 }
 
 /// The Host of a request: HTTP/2's :authority or the Host header, lower-case, without port.

@@ -816,6 +816,16 @@ fn metrics_and_health_are_served_on_the_admin_listener() {
         answer(&curl(d, &s, "a.test", "/api/x", &with_client(&alice))).0,
         200
     );
+    let access = s.wait_for("portcullis::access");
+    let line: Value = serde_json::from_str(&access).unwrap();
+    assert_eq!(line["path"], "/api/x");
+    assert_eq!(line["mapping"], "/api");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["client_subject"], "CN=alice");
+    assert_eq!(line["verify"], "SUCCESS");
+    assert_eq!(line["complete"], true);
+    assert!(line["response_bytes"].as_u64().unwrap() > 100, "{line}");
+    assert_eq!(line["client_fingerprint"].as_str().unwrap().len(), 64);
     assert_ne!(curl(d, &s, "a.test", "/", &with_client(&bob)).code, 0);
     s.wait_for("TLS handshake failed");
     let curl_bin = require_tool("curl").unwrap();
