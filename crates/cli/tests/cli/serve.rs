@@ -758,6 +758,7 @@ address = "127.0.0.1:0"
 [limits]
 max_header_bytes = 16384
 upstream_response_timeout_secs = 1
+request_header_timeout_secs = 1
 
 [[listener]]
 address = "127.0.0.1:0"
@@ -804,6 +805,29 @@ upstream = "builtin:echo"
         answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
         200
     );
+    // A client that completes the handshake and then sends nothing is disconnected after the
+    // request header timeout, not kept forever.
+    if let Some(python) = require_tool("python3") {
+        let script = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+ctx.load_cert_chain("alice.chain.pem", "alice.key")
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="a.test")
+s.settimeout(20)
+start = time.monotonic()
+try:
+    data = s.recv(1)
+except (ssl.SSLError, ConnectionResetError):
+    data = b""
+print("closed" if data == b"" else "data", round(time.monotonic() - start, 1))
+"#;
+        std::fs::write(d.join("idle.py"), script).unwrap();
+        let r = run(python, &["idle.py", &s.port.to_string()], d);
+        assert!(r.stdout.starts_with("closed "), "{r:?}");
+        let waited: f64 = r.stdout.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(waited < 10.0, "closed after {waited} s");
+    }
     drop(silent);
 }
 
