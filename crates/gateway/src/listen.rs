@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::{Limits, MtlsMode, OnFailure};
+use crate::config::{Limits, MtlsMode};
 use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
@@ -67,7 +67,16 @@ pub(crate) async fn accept_loop(
         };
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: say so and back off instead of
+                        // spinning on a listener that cannot accept.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 // Each connection keeps the state generation it started with.
                 let snapshot = state.load_full();
@@ -364,7 +373,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
         let needs_cert = mode == MtlsMode::Required
             || (mode == MtlsMode::Optional && mapping.require_client_cert);
         if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
-            break 'answer forbidden(&req, &ctx.verdict, domain.config.mtls.on_failure);
+            break 'answer forbidden(&req, &ctx.verdict);
         }
         let headers = req.headers_mut();
         for (name, value) in &ctx.identity {
@@ -524,11 +533,7 @@ fn request_host(req: &Request<Incoming>) -> String {
 }
 
 /// 403 with the reason: JSON for programs, a readable page for browsers.
-fn forbidden(
-    req: &Request<Incoming>,
-    verdict: &ClientVerdict,
-    _on_failure: OnFailure,
-) -> Response<Body> {
+fn forbidden(req: &Request<Incoming>, verdict: &ClientVerdict) -> Response<Body> {
     let (code, message) = match verdict {
         ClientVerdict::None => (
             "no-certificate",
