@@ -89,6 +89,19 @@ impl Certificate {
         pem::encode("CERTIFICATE", &self.der)
     }
 
+    /// True when `issuer`'s subject is this certificate's issuer and `issuer`'s key made this
+    /// certificate's signature (proof of possession, or a link of a chain).
+    pub fn is_signed_by(&self, issuer: &Certificate) -> bool {
+        let Ok((_, me)) = X509Certificate::from_der(&self.der) else {
+            return false;
+        };
+        let Ok((_, them)) = X509Certificate::from_der(issuer.der()) else {
+            return false;
+        };
+        me.issuer().as_raw() == them.subject().as_raw()
+            && me.verify_signature(Some(them.public_key())).is_ok()
+    }
+
     /// Runs `f` over the x509-parser view. Parsing succeeded once in [`Certificate::from_der`],
     /// so it succeeds again.
     pub(crate) fn with_parsed<T>(&self, f: impl FnOnce(&X509Certificate<'_>) -> T) -> Result<T> {

@@ -1,0 +1,41 @@
+//! The Portcullis registry: registered CAs and certificates with statuses, and the audit log,
+//! kept in SQLite (the default, one file in the data dir) or PostgreSQL.
+//!
+//! - [`model`]: records and statuses; ids are the SHA-256 of the DER.
+//! - [`store`]: the [`Store`], one implementation over both backends (the same SQL, `$n`
+//!   placeholders), with per-backend migrations applied at open. Every change runs in a
+//!   transaction, bumps the row's version and writes an audit entry.
+//!
+//! The gateway never reads the store: the registry will keep an in-memory snapshot current and
+//! hand it to the gateway (the next slice of this crate).
+#![forbid(unsafe_code)]
+
+pub mod model;
+pub mod store;
+
+pub use model::{AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus};
+pub use store::{CertFilter, Store};
+
+/// Errors of the registry.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The request is malformed or not allowed (a caller's mistake).
+    #[error("{0}")]
+    Invalid(String),
+    /// The item does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The item exists already, or changed since it was read.
+    #[error("{0}")]
+    Conflict(String),
+    /// A certificate or key could not be used.
+    #[error(transparent)]
+    Pki(#[from] portcullis_pki::PkiError),
+    /// The database failed (ours, not the caller's).
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed at open.
+    #[error("database migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}

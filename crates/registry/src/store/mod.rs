@@ -1,0 +1,588 @@
+//! The store: one implementation over SQLite and PostgreSQL.
+//!
+//! The SQL is written once with `$n` placeholders (SQLite accepts them too) and run on either
+//! pool by [`with_pool!`]. Changes run in a transaction: read the row, check the rule, write it with
+//! `version = version + 1 WHERE version = <read>`, append an audit entry, commit. A concurrent
+//! writer that changed the row in between makes the update match nothing, and the change is
+//! retried on the fresh row, so no update is lost.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use portcullis_pki::Certificate;
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::RegistryError;
+use crate::model::{AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus};
+
+/// A registry store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code on whichever pool the store has.
+macro_rules! with_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Filters for [`Store::list_certificates`].
+#[derive(Debug, Clone, Default)]
+pub struct CertFilter {
+    /// Only this status.
+    pub status: Option<CertStatus>,
+    /// Only certificates issued by this registered CA.
+    pub ca: Option<CertId>,
+    /// Only certificates whose notAfter is before this time (seconds since the epoch).
+    pub expiring_before: Option<i64>,
+    /// Page size (1–1000, default 100).
+    pub limit: Option<u32>,
+    /// Start after this id (the last id of the previous page).
+    pub after: Option<CertId>,
+}
+
+impl Store {
+    /// Opens a store: `postgres://…` (or `postgresql://…`) for PostgreSQL, otherwise a SQLite
+    /// file path (created if missing, WAL journal, synchronous FULL). Migrations are applied.
+    pub async fn open(database: &str) -> Result<Store, RegistryError> {
+        let pool = if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(database)
+                .await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            Pool::Postgres(pool)
+        } else {
+            let options = SqliteConnectOptions::new()
+                .filename(Path::new(database))
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await?;
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            Pool::Sqlite(pool)
+        };
+        Ok(Store { pool })
+    }
+
+    /// The backend's name: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The registry's CA registration code: 64 hex characters, made once and kept.
+    pub async fn registration_code(&self) -> Result<String, RegistryError> {
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes)
+            .map_err(|_| RegistryError::Invalid("the system random generator failed".into()))?;
+        let fresh = portcullis_pki::cert::hex(&bytes, "");
+        with_pool!(self, pool => {
+            sqlx::query("INSERT INTO registry_meta (key, value) VALUES ('registration_code', $1) ON CONFLICT (key) DO NOTHING")
+                .bind(&fresh)
+                .execute(pool)
+                .await?;
+            let row = sqlx::query("SELECT value FROM registry_meta WHERE key = 'registration_code'")
+                .fetch_one(pool)
+                .await?;
+            Ok(row.try_get::<String, _>("value")?)
+        })
+    }
+
+    /// Registers a CA. With a verification certificate, proof of possession is required: its CN
+    /// must be the registration code and the CA's key must have signed it. Without one,
+    /// `unverified` must be set and the CA is flagged unverified.
+    pub async fn register_ca(
+        &self,
+        ca_pem: &[u8],
+        verification_pem: Option<&[u8]>,
+        unverified: bool,
+        activate: bool,
+        auto_registration: bool,
+        actor: &str,
+    ) -> Result<CaRecord, RegistryError> {
+        let (ca, _) = Certificate::first_and_rest(ca_pem)?;
+        if !ca.info().is_ca() {
+            return Err(RegistryError::Invalid(format!(
+                "'{}' is not a CA certificate (basic constraints lack CA:TRUE)",
+                ca.info().subject
+            )));
+        }
+        let verified = match verification_pem {
+            Some(pem) => {
+                let (proof, _) = Certificate::first_and_rest(pem)?;
+                let code = self.registration_code().await?;
+                let cn_ok = proof.info().subject == format!("CN={code}");
+                if !cn_ok {
+                    return Err(RegistryError::Invalid(format!(
+                        "the verification certificate's subject is '{}', not CN=<registration code>; make it with `portcullis pki verification-cert --code {code}`",
+                        proof.info().subject
+                    )));
+                }
+                if !proof.is_signed_by(&ca) {
+                    return Err(RegistryError::Invalid(
+                        "the verification certificate was not signed by this CA's key".into(),
+                    ));
+                }
+                true
+            }
+            None if unverified => false,
+            None => {
+                return Err(RegistryError::Invalid(
+                    "a verification certificate is required (or register it explicitly unverified)"
+                        .into(),
+                ));
+            }
+        };
+        let id = CertId::of_der(ca.der());
+        let now = now();
+        let status = if activate {
+            CaStatus::Active
+        } else {
+            CaStatus::Inactive
+        };
+        let info = ca.info();
+        let record = CaRecord {
+            id: id.clone(),
+            subject: info.subject.clone(),
+            status,
+            auto_registration,
+            verified,
+            not_after: info.not_after_unix(),
+            created_at: now,
+            updated_at: now,
+            version: 1,
+            pem: ca.to_pem(),
+        };
+        let after = serde_json::to_string(&summary_ca(&record)).ok();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO cas (id, der, subject, status, auto_registration, verified, provisioning_template, not_after, created_at, updated_at, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8, $8, 1)",
+            )
+            .bind(id.as_str())
+            .bind(ca.der().to_vec())
+            .bind(&info.subject)
+            .bind(status.as_str())
+            .bind(i64::from(auto_registration))
+            .bind(i64::from(verified))
+            .bind(info.not_after_unix())
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = inserted {
+                return Err(conflict_or(e, format!("CA {id} is already registered")));
+            }
+            audit(&mut *tx, actor, "ca.register", id.as_str(), None, after.as_deref()).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+    }
+
+    /// A registered CA.
+    pub async fn ca(&self, id: &CertId) -> Result<CaRecord, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT * FROM cas WHERE id = $1").bind(id.as_str()).fetch_optional(pool).await?;
+            match row {
+                Some(row) => ca_from_row(&row),
+                None => Err(RegistryError::NotFound(format!("CA {id}"))),
+            }
+        })
+    }
+
+    /// Every registered CA, by subject.
+    pub async fn list_cas(&self) -> Result<Vec<CaRecord>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM cas ORDER BY subject, id").fetch_all(pool).await?;
+            rows.iter().map(ca_from_row).collect()
+        })
+    }
+
+    /// Changes a CA's status and auto-registration flag.
+    pub async fn update_ca(
+        &self,
+        id: &CertId,
+        status: Option<CaStatus>,
+        auto_registration: Option<bool>,
+        actor: &str,
+    ) -> Result<CaRecord, RegistryError> {
+        loop {
+            let before = self.ca(id).await?;
+            let mut after = before.clone();
+            after.status = status.unwrap_or(before.status);
+            after.auto_registration = auto_registration.unwrap_or(before.auto_registration);
+            after.updated_at = now();
+            after.version = before.version + 1;
+            let (b, a) = (
+                serde_json::to_string(&summary_ca(&before)).ok(),
+                serde_json::to_string(&summary_ca(&after)).ok(),
+            );
+            let written = with_pool!(self, pool => {
+                let mut tx = pool.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE cas SET status = $1, auto_registration = $2, updated_at = $3, version = version + 1 WHERE id = $4 AND version = $5",
+                )
+                .bind(after.status.as_str())
+                .bind(i64::from(after.auto_registration))
+                .bind(after.updated_at)
+                .bind(id.as_str())
+                .bind(before.version)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 1 {
+                    audit(&mut *tx, actor, "ca.update", id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    tx.commit().await?;
+                    true
+                } else {
+                    false
+                }
+            });
+            if written {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// Registers a certificate with `status`. Its issuing CA is linked when it is registered and
+    /// its key signed the certificate.
+    pub async fn register_certificate(
+        &self,
+        pem: &[u8],
+        status: CertStatus,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        let (cert, _) = Certificate::first_and_rest(pem)?;
+        if status == CertStatus::Revoked {
+            return Err(RegistryError::Invalid(
+                "a certificate cannot be registered as REVOKED".into(),
+            ));
+        }
+        let info = cert.info();
+        let ca_id = self
+            .list_cas()
+            .await?
+            .into_iter()
+            .find(|ca| {
+                ca.subject == info.issuer
+                    && Certificate::first_and_rest(ca.pem.as_bytes())
+                        .map(|(c, _)| cert.is_signed_by(&c))
+                        .unwrap_or(false)
+            })
+            .map(|ca| ca.id);
+        let id = CertId::of_der(cert.der());
+        let now = now();
+        let record = CertRecord {
+            id: id.clone(),
+            subject: info.subject.clone(),
+            issuer: info.issuer.clone(),
+            serial: info.serial.clone(),
+            ca_id: ca_id.clone(),
+            status,
+            not_after: info.not_after_unix(),
+            created_at: now,
+            updated_at: now,
+            last_seen: None,
+            version: 1,
+            pem: cert.to_pem(),
+        };
+        let after = serde_json::to_string(&summary_cert(&record)).ok();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL, 1)",
+            )
+            .bind(id.as_str())
+            .bind(cert.der().to_vec())
+            .bind(&info.subject)
+            .bind(&info.issuer)
+            .bind(&info.serial)
+            .bind(ca_id.as_ref().map(|c| c.as_str().to_string()))
+            .bind(status.as_str())
+            .bind(info.not_after_unix())
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = inserted {
+                return Err(conflict_or(e, format!("certificate {id} is already registered")));
+            }
+            audit(&mut *tx, actor, "certificate.register", id.as_str(), None, after.as_deref()).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+    }
+
+    /// A registered certificate.
+    pub async fn certificate(&self, id: &CertId) -> Result<CertRecord, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT * FROM certificates WHERE id = $1").bind(id.as_str()).fetch_optional(pool).await?;
+            match row {
+                Some(row) => cert_from_row(&row),
+                None => Err(RegistryError::NotFound(format!("certificate {id}"))),
+            }
+        })
+    }
+
+    /// One page of certificates, by id, matching `filter`.
+    pub async fn list_certificates(
+        &self,
+        filter: &CertFilter,
+    ) -> Result<Vec<CertRecord>, RegistryError> {
+        let limit = i64::from(filter.limit.unwrap_or(100).clamp(1, 1000));
+        let sql = "SELECT * FROM certificates WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR ca_id = $2) \
+                   AND ($3 IS NULL OR not_after < $3) AND ($4 IS NULL OR id > $4) ORDER BY id LIMIT $5";
+        let status = filter.status.map(|s| s.as_str().to_string());
+        let ca = filter.ca.as_ref().map(|c| c.as_str().to_string());
+        let after = filter.after.as_ref().map(|c| c.as_str().to_string());
+        with_pool!(self, pool => {
+            let rows = sqlx::query(sql)
+                .bind(status)
+                .bind(ca)
+                .bind(filter.expiring_before)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(cert_from_row).collect()
+        })
+    }
+
+    /// Changes a certificate's status. REVOKED is permanent.
+    pub async fn set_certificate_status(
+        &self,
+        id: &CertId,
+        status: CertStatus,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        loop {
+            let before = self.certificate(id).await?;
+            if before.status == CertStatus::Revoked && status != CertStatus::Revoked {
+                return Err(RegistryError::Invalid(format!(
+                    "certificate {id} is REVOKED, which is permanent; register a new certificate instead"
+                )));
+            }
+            let mut after = before.clone();
+            after.status = status;
+            after.updated_at = now();
+            after.version = before.version + 1;
+            let (b, a) = (
+                serde_json::to_string(&summary_cert(&before)).ok(),
+                serde_json::to_string(&summary_cert(&after)).ok(),
+            );
+            let written = with_pool!(self, pool => {
+                let mut tx = pool.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE certificates SET status = $1, updated_at = $2, version = version + 1 WHERE id = $3 AND version = $4",
+                )
+                .bind(status.as_str())
+                .bind(after.updated_at)
+                .bind(id.as_str())
+                .bind(before.version)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 1 {
+                    audit(&mut *tx, actor, "certificate.status", id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    tx.commit().await?;
+                    true
+                } else {
+                    false
+                }
+            });
+            if written {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// Deletes a certificate that is not ACTIVE.
+    pub async fn delete_certificate(&self, id: &CertId, actor: &str) -> Result<(), RegistryError> {
+        let before = self.certificate(id).await?;
+        if before.status == CertStatus::Active {
+            return Err(RegistryError::Invalid(format!(
+                "certificate {id} is ACTIVE; deactivate or revoke it before deleting it"
+            )));
+        }
+        let b = serde_json::to_string(&summary_cert(&before)).ok();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query("DELETE FROM certificates WHERE id = $1 AND status <> 'ACTIVE'")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(RegistryError::Conflict(format!("certificate {id} changed while being deleted; try again")));
+            }
+            audit(&mut *tx, actor, "certificate.delete", id.as_str(), b.as_deref(), None).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Records that a gateway saw these certificates at `at` (seconds since the epoch).
+    pub async fn mark_seen(&self, ids: &[CertId], at: i64) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for id in ids {
+                sqlx::query("UPDATE certificates SET last_seen = $1 WHERE id = $2 AND (last_seen IS NULL OR last_seen < $1)")
+                    .bind(at)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The newest audit entries, newest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM audit ORDER BY seq DESC LIMIT $1")
+                .bind(i64::from(limit.clamp(1, 10_000)))
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AuditEntry {
+                        seq: r.try_get("seq")?,
+                        at: r.try_get("at")?,
+                        actor: r.try_get("actor")?,
+                        action: r.try_get("action")?,
+                        target: r.try_get("target")?,
+                        before: r.try_get("before")?,
+                        after: r.try_get("after")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(Into::into)
+        })
+    }
+}
+
+async fn audit<'e, E, DB>(
+    executor: E,
+    actor: &str,
+    action: &str,
+    target: &str,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    E: sqlx::Executor<'e, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    sqlx::query("INSERT INTO audit (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(now())
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(before)
+        .bind(after)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+fn conflict_or(e: sqlx::Error, message: String) -> RegistryError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => RegistryError::Conflict(message),
+        _ => RegistryError::Database(e),
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn ca_from_row<R: Row>(row: &R) -> Result<CaRecord, RegistryError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let der: Vec<u8> = row.try_get("der")?;
+    Ok(CaRecord {
+        id: CertId::from_str(&row.try_get::<String, _>("id")?)?,
+        subject: row.try_get("subject")?,
+        status: CaStatus::from_str(&row.try_get::<String, _>("status")?)?,
+        auto_registration: row.try_get::<i64, _>("auto_registration")? != 0,
+        verified: row.try_get::<i64, _>("verified")? != 0,
+        not_after: row.try_get("not_after")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+        pem: Certificate::from_der(der)?.to_pem(),
+    })
+}
+
+fn cert_from_row<R: Row>(row: &R) -> Result<CertRecord, RegistryError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let der: Vec<u8> = row.try_get("der")?;
+    Ok(CertRecord {
+        id: CertId::from_str(&row.try_get::<String, _>("id")?)?,
+        subject: row.try_get("subject")?,
+        issuer: row.try_get("issuer")?,
+        serial: row.try_get("serial")?,
+        ca_id: row
+            .try_get::<Option<String>, _>("ca_id")?
+            .map(|s| CertId::from_str(&s))
+            .transpose()?,
+        status: CertStatus::from_str(&row.try_get::<String, _>("status")?)?,
+        not_after: row.try_get("not_after")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_seen: row.try_get("last_seen")?,
+        version: row.try_get("version")?,
+        pem: Certificate::from_der(der)?.to_pem(),
+    })
+}
+
+fn summary_ca(ca: &CaRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": ca.id, "subject": ca.subject, "status": ca.status,
+        "auto_registration": ca.auto_registration, "verified": ca.verified, "version": ca.version,
+    })
+}
+
+fn summary_cert(c: &CertRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": c.id, "subject": c.subject, "status": c.status, "ca_id": c.ca_id, "version": c.version,
+    })
+}
