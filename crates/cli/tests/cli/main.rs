@@ -15,6 +15,13 @@ pub(crate) fn portcullis(dir: &Path, args: &[&str]) -> Run {
     run(env!("CARGO_BIN_EXE_portcullis"), args, dir)
 }
 
+/// Runs a command line as the product printed it (`curl --cert … URL`) with `program` in place of
+/// its first word.
+pub(crate) fn run_printed(program: &Path, line: &str, dir: &Path) -> Run {
+    let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+    run(program, &args, dir)
+}
+
 pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Option<Run> {
     let bin = require_tool("openssl")?;
     Some(run(bin, args, dir))

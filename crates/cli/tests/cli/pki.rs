@@ -1076,8 +1076,7 @@ fn quickstart_lines_work_with_openssl_and_curl() {
         .map(str::trim)
         .filter(|l| l.starts_with("openssl verify") || l.starts_with("openssl pkcs12"))
     {
-        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
-        run(&openssl_bin, &args, d).ok();
+        run_printed(&openssl_bin, line, d).ok();
     }
     // The printed s_server line, on a free port, then the two curl lines.
     let server_line = out
@@ -1115,28 +1114,8 @@ fn quickstart_lines_work_with_openssl_and_curl() {
         })
         .collect();
     assert_eq!(curl_lines.len(), 2);
-    let args = |l: &str| {
-        l.split_whitespace()
-            .skip(1)
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
-    let ok = run(
-        &curl,
-        &args(&curl_lines[0])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        d,
-    );
-    let refused = run(
-        &curl,
-        &args(&curl_lines[1])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        d,
-    );
+    let ok = run_printed(&curl, &curl_lines[0], d);
+    let refused = run_printed(&curl, &curl_lines[1], d);
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(

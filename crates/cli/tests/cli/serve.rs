@@ -651,28 +651,8 @@ fn the_quickstart_serves_on_localhost_8443() {
         .filter(|l| l.starts_with("curl "))
         .collect();
     assert_eq!(curls.len(), 2, "{banner:?}");
-    let args = |l: &str| {
-        l.split_whitespace()
-            .skip(1)
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
-    let ok = run(
-        &curl_bin,
-        &args(&curls[0])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        d,
-    );
-    let refused = run(
-        &curl_bin,
-        &args(&curls[1])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        d,
-    );
+    let ok = run_printed(&curl_bin, &curls[0], d);
+    let refused = run_printed(&curl_bin, &curls[1], d);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(ok.code, 0, "{}", ok.stderr);
