@@ -739,6 +739,7 @@ address = "127.0.0.1:0"
 max_header_bytes = 16384
 upstream_response_timeout_secs = 1
 request_header_timeout_secs = 1
+handshake_timeout_secs = 1
 
 [[listener]]
 address = "127.0.0.1:0"
@@ -785,6 +786,25 @@ upstream = "builtin:echo"
         answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
         200
     );
+    // A client that connects and never finishes the handshake is disconnected after the
+    // handshake timeout.
+    {
+        use std::io::Read;
+        let mut silent_client = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        silent_client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = silent_client.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the server closes the connection");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(s.wait_for("handshake-timeout").contains("failed"));
+    }
     // A client that completes the handshake and then sends nothing is disconnected after the
     // request header timeout, not kept forever.
     if let Some(python) = require_tool("python3") {
