@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use portcullis_gateway::config::{
-    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, SecurityPolicy,
-    ServerCertificate, UpstreamTls,
+    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, RegistryMode,
+    SecurityPolicy, ServerCertificate, UpstreamTls,
 };
+use portcullis_gateway::verify::{RegisteredStatus, RegistrySnapshot};
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::crl::Crl;
 use portcullis_pki::issue::{self, CaIssuer};
@@ -22,6 +23,7 @@ use portcullis_pki::{
     Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
     Truststore,
 };
+use portcullis_registry::{CertStatus, Store};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
@@ -54,6 +56,8 @@ struct FileConfig {
     domains: Vec<FileDomain>,
     limits: Option<FileLimits>,
     admin: Option<FileAdmin>,
+    /// The registry: a SQLite file (default DATA_DIR/registry.db) or postgres://…
+    database: Option<String>,
     identity: Option<FileIdentity>,
 }
 
@@ -144,6 +148,13 @@ struct FileDomain {
     mappings: Vec<FileMapping>,
     #[serde(default = "default_true")]
     session_resumption: bool,
+    /// off (truststore only), revocation, or registered.
+    #[serde(default = "default_registry_mode")]
+    registry_mode: String,
+}
+
+fn default_registry_mode() -> String {
+    "off".into()
 }
 
 fn default_policy() -> String {
@@ -225,8 +236,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let echo = portcullis_gateway::echo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("starting the built-in echo upstream")?;
-    let load = || load_config(&config_path, &data, echo).map(|(config, _)| config);
-    let (config, admin_addr) = load_config(&config_path, &data, echo)?;
+    let load = || load_config(&config_path, &data, echo).map(|(config, _, _)| config);
+    let (config, admin_addr, database) = load_config(&config_path, &data, echo)?;
     if args.check_config {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
@@ -248,7 +259,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
     let admin_local = admin.local_addr()?;
     tokio::spawn(serve_admin(admin, metrics, ready.clone()));
-    let gateway = Gateway::start(config).await?;
+    let store = Store::open(&database)
+        .await
+        .with_context(|| format!("opening the registry {}", redact(&database)))?;
+    let marker = store.change_marker().await?;
+    let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
     ready.store(true, Ordering::SeqCst);
     println!("portcullis admin (metrics, health) on http://{admin_local}");
     let addrs: Vec<String> = gateway
@@ -280,7 +295,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
                 .unwrap_or(8443),
         );
     }
-    wait_for_changes(&gateway, &load, &config_path, signals).await;
+    wait_for_changes(&gateway, &load, &config_path, signals, &store, marker).await;
     ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
@@ -294,6 +309,8 @@ async fn wait_for_changes(
     load: &dyn Fn() -> Result<Config>,
     config_path: &Path,
     signals: Signals,
+    store: &Store,
+    mut registry_marker: i64,
 ) {
     let Signals {
         mut hup,
@@ -301,10 +318,26 @@ async fn wait_for_changes(
         mut int,
     } = signals;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
+    // The registry is polled often: a revocation must reach live connections within a second.
+    let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
     let mut seen = file_stamps(config_path);
     loop {
         let trigger = tokio::select! {
             _ = hup.recv() => "signal",
+            _ = registry_poll.tick() => {
+                match store.change_marker().await {
+                    Ok(marker) if marker != registry_marker => match registry_snapshot(store).await {
+                        Ok(snapshot) => {
+                            registry_marker = marker;
+                            gateway.update_registry(snapshot);
+                        }
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the registry; keeping the previous snapshot"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read the registry; keeping the previous snapshot"),
+                }
+                continue;
+            }
             _ = poll.tick() => {
                 if file_stamps(config_path) == seen {
                     continue;
@@ -325,6 +358,34 @@ async fn wait_for_changes(
             }
         }
         seen = file_stamps(config_path);
+    }
+}
+
+/// The gateway's in-memory view of the registry.
+async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
+    let statuses = store.statuses().await.context("reading the registry")?;
+    Ok(RegistrySnapshot::new(statuses.into_iter().map(
+        |(id, status)| {
+            let status = match status {
+                CertStatus::Active => RegisteredStatus::Active,
+                CertStatus::Inactive => RegisteredStatus::Inactive,
+                CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
+                CertStatus::Revoked => RegisteredStatus::Revoked,
+            };
+            (id.to_string(), status)
+        },
+    )))
+}
+
+/// A database URL without its password, for messages.
+fn redact(database: &str) -> String {
+    match (database.find("://"), database.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &database[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &database[..scheme + 3], &database[at..])
+        }
+        _ => database.to_string(),
     }
 }
 
@@ -436,7 +497,11 @@ fn init_logging() {
 
 /// Reads the configuration file and every file it names, and builds the gateway config; also
 /// returns the admin listener's address.
-fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config, SocketAddr)> {
+fn load_config(
+    path: &Path,
+    data: &DataDir,
+    echo: SocketAddr,
+) -> Result<(Config, SocketAddr, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading configuration {}", path.display()))?;
     let file: FileConfig = toml::from_str(&text)
@@ -547,6 +612,15 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
             mtls,
             mappings,
             session_resumption: d.session_resumption,
+            registry_mode: match d.registry_mode.as_str() {
+                "off" => RegistryMode::Off,
+                "revocation" => RegistryMode::Revocation,
+                "registered" => RegistryMode::Registered,
+                other => bail!(
+                    "{}: registry_mode '{other}' must be off, revocation or registered",
+                    ctx()
+                ),
+            },
         });
     }
     let default = match (file.default_endpoint, &file.default_domain) {
@@ -598,7 +672,12 @@ fn load_config(path: &Path, data: &DataDir, echo: SocketAddr) -> Result<(Config,
             )
         })?,
     };
-    Ok((config, admin))
+    let database = match &file.database {
+        Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
+        Some(d) => at(Path::new(d)).display().to_string(),
+        None => data.root.join("registry.db").display().to_string(),
+    };
+    Ok((config, admin, database))
 }
 
 fn file_mtls(m: &FileMtls, at: &dyn Fn(&Path) -> PathBuf) -> Result<Mtls> {

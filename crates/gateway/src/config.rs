@@ -206,6 +206,21 @@ pub struct Domain {
     /// Allow TLS session resumption (within one state generation). Benchmarks of full
     /// handshakes turn it off.
     pub session_resumption: bool,
+    /// How the registry's statuses apply to this domain's clients.
+    pub registry_mode: RegistryMode,
+}
+
+/// How a domain uses the certificate registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegistryMode {
+    /// Truststore only (API Gateway's model).
+    #[default]
+    Off,
+    /// Truststore, and certificates the registry marks REVOKED, INACTIVE or PENDING_ACTIVATION
+    /// are refused.
+    Revocation,
+    /// The certificate must also be registered and ACTIVE (IoT Core's model).
+    Registered,
 }
 
 /// A server certificate chain and its key.

@@ -37,6 +37,7 @@ pub use config::Config;
 
 use crate::config::Domain;
 use crate::tls::DomainTls;
+use crate::verify::RegistryHandle;
 
 /// Errors of the gateway crate.
 #[non_exhaustive]
@@ -135,7 +136,11 @@ impl DomainState {
 }
 
 impl State {
-    fn build(config: &Config, generation: u64) -> Result<State, GatewayError> {
+    fn build(
+        config: &Config,
+        generation: u64,
+        registry: &Arc<RegistryHandle>,
+    ) -> Result<State, GatewayError> {
         let domains = config
             .domains
             .iter()
@@ -153,7 +158,7 @@ impl State {
                     .collect::<Result<Vec<_>, GatewayError>>()?;
                 Ok(DomainState {
                     config: d.clone(),
-                    tls: DomainTls::new(d)?,
+                    tls: DomainTls::new(d, registry.clone())?,
                     upstream_clients,
                     request_metrics: Default::default(),
                 })
@@ -234,12 +239,13 @@ impl State {
 
 /// Checks that a configuration would start: builds every domain's TLS state without binding.
 pub fn check(config: &Config) -> Result<(), GatewayError> {
-    State::build(config, 0).map(|_| ())
+    State::build(config, 0, &Arc::new(RegistryHandle::empty())).map(|_| ())
 }
 
 /// A running gateway.
 pub struct Gateway {
     state: Arc<ArcSwap<State>>,
+    registry: Arc<RegistryHandle>,
     shutdown: watch::Sender<bool>,
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -247,8 +253,13 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the first state, binds every listener and starts serving.
-    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
-        let first = State::build(&config, 1)?;
+    pub async fn start(
+        config: Config,
+        initial: verify::RegistrySnapshot,
+    ) -> Result<Gateway, GatewayError> {
+        let registry = Arc::new(RegistryHandle::empty());
+        registry.snapshot.store(Arc::new(initial));
+        let first = State::build(&config, 1, &registry)?;
         first.publish_gauges();
         let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -278,6 +289,7 @@ impl Gateway {
         }
         Ok(Gateway {
             state,
+            registry,
             shutdown,
             local_addrs,
             tasks,
@@ -288,10 +300,17 @@ impl Gateway {
     /// untouched. Listener addresses are fixed at start; a change is reported, not applied.
     pub fn reload(&self, config: Config) -> Result<u64, GatewayError> {
         let generation = self.state.load().generation + 1;
-        let state = State::build(&config, generation)?;
+        let state = State::build(&config, generation, &self.registry)?;
         state.publish_gauges();
         self.state.store(Arc::new(state));
         Ok(generation)
+    }
+
+    /// Replaces the registry snapshot. New handshakes use it at once; open connections whose
+    /// certificate it now refuses are closed.
+    pub fn update_registry(&self, snapshot: verify::RegistrySnapshot) {
+        self.registry.snapshot.store(Arc::new(snapshot));
+        self.registry.changes.send_modify(|n| *n += 1);
     }
 
     /// The addresses actually bound (useful with port 0).

@@ -28,6 +28,7 @@ use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
 use crate::{DomainState, State, route};
+use portcullis_pki::RejectReason;
 
 /// How long shutdown waits for open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -235,6 +236,31 @@ async fn connection(
     count_handshake(&hostname, "ok", "");
     metrics::histogram!("portcullis_handshake_duration_seconds", "domain" => hostname.clone())
         .record(started.elapsed().as_secs_f64());
+    // Live revocation: a connection whose certificate the registry stops admitting is closed,
+    // keep-alive and HTTP/2 included.
+    let watched_leaf = match &verdict {
+        ClientVerdict::Valid(chain) if domain.tls.verifier.uses_registry() => {
+            chain.first().cloned()
+        }
+        _ => None,
+    };
+    let verifier = domain.tls.verifier.clone();
+    let mut changes = verifier.registry_changes();
+    let refused = async move {
+        let Some(leaf) = watched_leaf else {
+            return std::future::pending::<(RejectReason, String)>().await;
+        };
+        loop {
+            // Checked after subscribing, so a change made during the handshake is not missed.
+            if let Some(refusal) = verifier.registry_refusal(&leaf) {
+                return refusal;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
+    tokio::pin!(refused);
     let ctx = Arc::new(ConnectionContext {
         state: state.clone(),
         domain: domain_index,
@@ -266,6 +292,7 @@ async fn connection(
         tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
+            (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
             _ = shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
@@ -281,12 +308,28 @@ async fn connection(
         tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
+            (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
             _ = shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
         }
     }
+}
+
+/// A connection closed because the registry no longer admits its certificate.
+fn log_closed(peer: SocketAddr, domain: &str, reason: RejectReason, explanation: &str) {
+    metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => reason.code())
+        .increment(1);
+    tracing::info!(
+        target: "portcullis::connection",
+        peer = %peer,
+        domain,
+        result = "closed",
+        reason = reason.code(),
+        explanation,
+        "connection closed: the registry no longer admits its certificate"
+    );
 }
 
 fn count_handshake(domain: &str, result: &'static str, reason: &str) {

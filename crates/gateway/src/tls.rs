@@ -13,7 +13,7 @@ use rustls::{ServerConfig, SupportedCipherSuite};
 
 use crate::GatewayError;
 use crate::config::{Domain, SecurityPolicy};
-use crate::verify::DomainVerifier;
+use crate::verify::{DomainVerifier, RegistryHandle};
 
 /// A domain's TLS settings, from which each connection's `ServerConfig` is made.
 #[derive(Debug)]
@@ -23,7 +23,10 @@ pub(crate) struct DomainTls {
 }
 
 impl DomainTls {
-    pub(crate) fn new(domain: &Domain) -> Result<DomainTls, GatewayError> {
+    pub(crate) fn new(
+        domain: &Domain,
+        registry: Arc<RegistryHandle>,
+    ) -> Result<DomainTls, GatewayError> {
         let provider = provider_for(domain.policy);
         let versions: &[&'static rustls::SupportedProtocolVersion] = match domain.policy {
             SecurityPolicy::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -33,6 +36,8 @@ impl DomainTls {
             &domain.mtls,
             provider.signature_verification_algorithms,
             &domain.hostname.to_string(),
+            domain.registry_mode,
+            registry,
         ));
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-use crate::config::{Mtls, MtlsMode, OnFailure};
+use crate::config::{Mtls, MtlsMode, OnFailure, RegistryMode};
 
 /// The verdict on one connection's client certificate.
 #[derive(Debug, Clone)]
@@ -55,9 +55,83 @@ impl ClientVerdict {
     }
 }
 
+/// A registered certificate's status, as the data path sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisteredStatus {
+    /// May authenticate.
+    Active,
+    /// Deactivated.
+    Inactive,
+    /// Registered just in time, not activated yet.
+    PendingActivation,
+    /// Revoked for good.
+    Revoked,
+}
+
+/// An in-memory snapshot of the registry: certificate id → status. The data path reads only
+/// this; the binary replaces it when the registry changes.
+#[derive(Debug, Default)]
+pub struct RegistrySnapshot {
+    statuses: std::collections::HashMap<String, RegisteredStatus>,
+}
+
+impl RegistrySnapshot {
+    /// A snapshot from (certificate id, status) pairs.
+    pub fn new(statuses: impl IntoIterator<Item = (String, RegisteredStatus)>) -> RegistrySnapshot {
+        RegistrySnapshot {
+            statuses: statuses.into_iter().collect(),
+        }
+    }
+
+    /// The refusal, if any, for certificate `id` under `mode`.
+    pub fn refusal(&self, mode: RegistryMode, id: &str) -> Option<(RejectReason, String)> {
+        let status = self.statuses.get(id).copied();
+        match (mode, status) {
+            (RegistryMode::Off, _) | (_, Some(RegisteredStatus::Active)) => None,
+            (RegistryMode::Revocation, None) => None,
+            (RegistryMode::Registered, None) => Some((
+                RejectReason::Unregistered,
+                format!(
+                    "certificate {id} is not registered, and this domain admits only registered certificates"
+                ),
+            )),
+            (_, Some(RegisteredStatus::Revoked)) => Some((
+                RejectReason::Revoked,
+                format!("the registry marks certificate {id} REVOKED"),
+            )),
+            (_, Some(RegisteredStatus::Inactive)) => Some((
+                RejectReason::Inactive,
+                format!("the registry marks certificate {id} INACTIVE"),
+            )),
+            (_, Some(RegisteredStatus::PendingActivation)) => Some((
+                RejectReason::Inactive,
+                format!("certificate {id} is PENDING_ACTIVATION; an operator must activate it"),
+            )),
+        }
+    }
+}
+
+/// The registry snapshot shared by every domain, with its change notifications.
+#[derive(Debug)]
+pub(crate) struct RegistryHandle {
+    pub(crate) snapshot: arc_swap::ArcSwap<RegistrySnapshot>,
+    pub(crate) changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl RegistryHandle {
+    pub(crate) fn empty() -> RegistryHandle {
+        RegistryHandle {
+            snapshot: arc_swap::ArcSwap::from_pointee(RegistrySnapshot::default()),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
 /// Verification settings of one domain in one state generation.
 #[derive(Debug)]
 pub struct DomainVerifier {
+    registry_mode: RegistryMode,
+    registry: Arc<RegistryHandle>,
     mode: MtlsMode,
     on_failure: OnFailure,
     truststore: Option<Arc<Truststore>>,
@@ -71,6 +145,8 @@ impl DomainVerifier {
         mtls: &Mtls,
         algorithms: WebPkiSupportedAlgorithms,
         hostname: &str,
+        registry_mode: RegistryMode,
+        registry: Arc<RegistryHandle>,
     ) -> DomainVerifier {
         let mut hints = Vec::new();
         if mtls.advertise_ca_names
@@ -94,6 +170,8 @@ impl DomainVerifier {
             }
         }
         DomainVerifier {
+            registry_mode,
+            registry,
             mode: mtls.mode,
             on_failure: mtls.on_failure,
             truststore: mtls.truststore.clone(),
@@ -140,7 +218,14 @@ impl DomainVerifier {
             };
         };
         match verify(&leaf, &presented, store, &self.options) {
-            Verdict::Valid { chain } => ClientVerdict::Valid(Arc::new(chain)),
+            Verdict::Valid { chain } => match self.registry_refusal(&leaf) {
+                None => ClientVerdict::Valid(Arc::new(chain)),
+                Some((reason, explanation)) => ClientVerdict::Rejected {
+                    leaf: Some(Box::new(leaf)),
+                    reason,
+                    explanation,
+                },
+            },
             Verdict::Rejected {
                 reason,
                 explanation,
@@ -155,6 +240,24 @@ impl DomainVerifier {
                 }
             }
         }
+    }
+
+    /// The registry's refusal of `leaf`, if this domain consults the registry.
+    pub(crate) fn registry_refusal(&self, leaf: &Certificate) -> Option<(RejectReason, String)> {
+        self.registry
+            .snapshot
+            .load()
+            .refusal(self.registry_mode, &leaf.info().id)
+    }
+
+    /// Whether this domain consults the registry.
+    pub(crate) fn uses_registry(&self) -> bool {
+        self.registry_mode != RegistryMode::Off
+    }
+
+    /// Registry change notifications.
+    pub(crate) fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.registry.changes.subscribe()
     }
 
     /// Whether the handshake itself refuses bad certificates (required mode, TLS failures).

@@ -57,11 +57,15 @@ pub enum RejectReason {
     NameMismatch,
     /// The key is too weak (RSA below 2048 bits, EC below P-256).
     WeakKey,
+    /// The certificate is not registered, and the domain accepts only registered ones.
+    Unregistered,
+    /// The registry marks the certificate INACTIVE or PENDING_ACTIVATION.
+    Inactive,
 }
 
 impl RejectReason {
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 17] = [
         RejectReason::NoCertificate,
         RejectReason::Expired,
         RejectReason::NotYetValid,
@@ -77,6 +81,8 @@ impl RejectReason {
         RejectReason::CrlInvalid,
         RejectReason::NameMismatch,
         RejectReason::WeakKey,
+        RejectReason::Unregistered,
+        RejectReason::Inactive,
     ];
 
     /// The stable code (`expired`, `untrusted-issuer`…).
@@ -97,6 +103,8 @@ impl RejectReason {
             RejectReason::CrlInvalid => "crl-invalid",
             RejectReason::NameMismatch => "name-mismatch",
             RejectReason::WeakKey => "weak-key",
+            RejectReason::Unregistered => "unregistered",
+            RejectReason::Inactive => "inactive",
         }
     }
 

@@ -1119,3 +1119,159 @@ fn sigterm_drains_and_exits_cleanly() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn registry_modes_refuse_unregistered_and_revocation_closes_live_connections() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    // Register alice before the gateway starts, in the registry the gateway will open.
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = d.join("data/registry.db").display().to_string();
+    let store = runtime
+        .block_on(portcullis_registry::Store::open(&db))
+        .unwrap();
+    let alice_pem = std::fs::read(d.join("alice.pem")).unwrap();
+    let alice = runtime
+        .block_on(store.register_certificate(
+            &alice_pem,
+            portcullis_registry::CertStatus::Active,
+            "test",
+        ))
+        .unwrap();
+    let config = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "reg.test"
+certificate = "auto"
+registry_mode = "registered"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+
+[[domain]]
+hostname = "rev.test"
+certificate = "auto"
+registry_mode = "revocation"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#;
+    let s = Server::start(d, config);
+    let (alice_args, carol_args) = (client("alice"), client("carol"));
+    assert_eq!(
+        answer(&curl(d, &s, "reg.test", "/", &with_client(&alice_args))).0,
+        200
+    );
+    assert_ne!(
+        curl(d, &s, "reg.test", "/", &with_client(&carol_args)).code,
+        0
+    );
+    assert!(
+        s.wait_for("TLS handshake failed")
+            .contains("\"reason\":\"unregistered\"")
+    );
+    assert_eq!(
+        answer(&curl(d, &s, "rev.test", "/", &with_client(&carol_args))).0,
+        200,
+        "revocation mode admits unregistered certificates"
+    );
+
+    // A live keep-alive connection is closed when alice leaves ACTIVE.
+    let script = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+ctx.load_cert_chain("alice.chain.pem", "alice.key")
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="reg.test")
+s.sendall(b"GET / HTTP/1.1\r\nHost: reg.test\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    buf += s.recv(65536)
+head, _, body = buf.partition(b"\r\n\r\n")
+length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
+while len(body) < length:
+    body += s.recv(65536)
+print("READY", head.split(b"\r\n")[0].decode(), flush=True)
+s.settimeout(10)
+try:
+    data = s.recv(1)
+except (socket.timeout, TimeoutError):
+    data = b"timeout"
+except (ssl.SSLError, ConnectionResetError):
+    data = b""
+print("CLOSED" if data == b"" else "OPEN", flush=True)
+"#;
+    std::fs::write(d.join("live.py"), script).unwrap();
+    let mut py = Command::new(python)
+        .args(["live.py", &s.port.to_string()])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    assert_eq!(ready, "READY HTTP/1.1 200 OK");
+    let changed = std::time::Instant::now();
+    runtime
+        .block_on(store.set_certificate_status(
+            &alice.id,
+            portcullis_registry::CertStatus::Inactive,
+            "test",
+        ))
+        .unwrap();
+    let outcome = lines.next().unwrap().unwrap();
+    let latency = changed.elapsed();
+    let _ = py.wait();
+    assert_eq!(outcome, "CLOSED");
+    assert!(latency < Duration::from_secs(1), "closed after {latency:?}");
+    let closed = s.wait_for("connection closed: the registry no longer admits its certificate");
+    assert!(closed.contains("\"reason\":\"inactive\""), "{closed}");
+    println!("live revocation latency: {latency:?}");
+    // New handshakes are refused on both domains.
+    assert_ne!(
+        curl(d, &s, "reg.test", "/", &with_client(&alice_args)).code,
+        0
+    );
+    assert!(
+        s.wait_for("TLS handshake failed")
+            .contains("\"reason\":\"inactive\"")
+    );
+    runtime
+        .block_on(store.set_certificate_status(
+            &alice.id,
+            portcullis_registry::CertStatus::Revoked,
+            "test",
+        ))
+        .unwrap();
+    // The change reaches the gateway within its polling interval; wait for the effect.
+    let mut refused_as_revoked = false;
+    for _ in 0..50 {
+        let r = curl(d, &s, "rev.test", "/", &with_client(&alice_args));
+        assert_ne!(r.code, 0);
+        if s.wait_for("TLS handshake failed")
+            .contains("\"reason\":\"revoked\"")
+        {
+            refused_as_revoked = true;
+            break;
+        }
+    }
+    assert!(refused_as_revoked);
+}

@@ -459,6 +459,30 @@ impl Store {
         })
     }
 
+    /// Every registered certificate's status, for the gateway's in-memory snapshot.
+    pub async fn statuses(&self) -> Result<Vec<(CertId, CertStatus)>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT id, status FROM certificates").fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        CertId::from_str(&r.try_get::<String, _>("id")?)?,
+                        CertStatus::from_str(&r.try_get::<String, _>("status")?)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    /// A number that changes whenever the registry changes (every change writes an audit
+    /// entry): polled to refresh snapshots, also from other processes.
+    pub async fn change_marker(&self) -> Result<i64, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS marker FROM audit").fetch_one(pool).await?;
+            Ok(row.try_get::<i64, _>("marker")?)
+        })
+    }
+
     /// The newest audit entries, newest first.
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, RegistryError> {
         with_pool!(self, pool => {
