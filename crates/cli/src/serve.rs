@@ -264,6 +264,33 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("opening the registry {}", redact(&database)))?;
     let marker = store.change_marker().await?;
     let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
+    if let Some(mut requests) = gateway.take_jit_requests() {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while let Some(cert) = requests.recv().await {
+                let pem = cert.to_pem();
+                match store
+                    .register_certificate(
+                        pem.as_bytes(),
+                        CertStatus::PendingActivation,
+                        "gateway:jit",
+                    )
+                    .await
+                {
+                    Ok(record) => tracing::info!(
+                        target: "portcullis::registry",
+                        certificate = %record.id,
+                        subject = %record.subject,
+                        status = "PENDING_ACTIVATION",
+                        "registered just in time"
+                    ),
+                    // Registered already (a burst of the same device): exactly once.
+                    Err(portcullis_registry::RegistryError::Conflict(_)) => {}
+                    Err(e) => tracing::warn!(error = %e, "just-in-time registration failed"),
+                }
+            }
+        });
+    }
     ready.store(true, Ordering::SeqCst);
     println!("portcullis admin (metrics, health) on http://{admin_local}");
     let addrs: Vec<String> = gateway
@@ -330,6 +357,7 @@ async fn wait_for_changes(
                         Ok(snapshot) => {
                             registry_marker = marker;
                             gateway.update_registry(snapshot);
+                            tracing::info!(target: "portcullis::registry", marker, "registry snapshot refreshed");
                         }
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the registry; keeping the previous snapshot"),
                     },
@@ -364,17 +392,28 @@ async fn wait_for_changes(
 /// The gateway's in-memory view of the registry.
 async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
     let statuses = store.statuses().await.context("reading the registry")?;
-    Ok(RegistrySnapshot::new(statuses.into_iter().map(
-        |(id, status)| {
-            let status = match status {
-                CertStatus::Active => RegisteredStatus::Active,
-                CertStatus::Inactive => RegisteredStatus::Inactive,
-                CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
-                CertStatus::Revoked => RegisteredStatus::Revoked,
-            };
-            (id.to_string(), status)
-        },
-    )))
+    let auto_registering = store
+        .list_cas()
+        .await
+        .context("reading the registry")?
+        .into_iter()
+        .filter(|ca| ca.status == portcullis_registry::CaStatus::Active && ca.auto_registration)
+        .filter_map(|ca| {
+            Certificate::first_and_rest(ca.pem.as_bytes())
+                .ok()
+                .map(|(c, _)| c)
+        })
+        .collect();
+    let statuses = statuses.into_iter().map(|(id, status)| {
+        let status = match status {
+            CertStatus::Active => RegisteredStatus::Active,
+            CertStatus::Inactive => RegisteredStatus::Inactive,
+            CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
+            CertStatus::Revoked => RegisteredStatus::Revoked,
+        };
+        (id.to_string(), status)
+    });
+    Ok(RegistrySnapshot::new(statuses).with_auto_registering_cas(auto_registering))
 }
 
 /// A database URL without its password, for messages.

@@ -313,6 +313,14 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
+    /// The just-in-time registration requests (certificates to register as
+    /// PENDING_ACTIVATION); the first call takes the receiver, later calls get `None`.
+    pub fn take_jit_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<portcullis_pki::Certificate>> {
+        self.registry.jit_requests.lock().ok()?.take()
+    }
+
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs

@@ -73,6 +73,9 @@ pub enum RegisteredStatus {
 #[derive(Debug, Default)]
 pub struct RegistrySnapshot {
     statuses: std::collections::HashMap<String, RegisteredStatus>,
+    /// Registered CAs that are ACTIVE with auto-registration on: an unregistered certificate
+    /// they signed is registered just in time.
+    auto_registering: Vec<Certificate>,
 }
 
 impl RegistrySnapshot {
@@ -80,7 +83,21 @@ impl RegistrySnapshot {
     pub fn new(statuses: impl IntoIterator<Item = (String, RegisteredStatus)>) -> RegistrySnapshot {
         RegistrySnapshot {
             statuses: statuses.into_iter().collect(),
+            auto_registering: Vec::new(),
         }
+    }
+
+    /// Adds the CAs that register their certificates just in time (ACTIVE, auto-registration on).
+    pub fn with_auto_registering_cas(mut self, cas: Vec<Certificate>) -> RegistrySnapshot {
+        self.auto_registering = cas;
+        self
+    }
+
+    /// The auto-registering CA that signed `leaf`, if any.
+    fn jit_issuer(&self, leaf: &Certificate) -> Option<&Certificate> {
+        self.auto_registering
+            .iter()
+            .find(|ca| leaf.is_signed_by(ca))
     }
 
     /// The refusal, if any, for certificate `id` under `mode`.
@@ -116,13 +133,20 @@ impl RegistrySnapshot {
 pub(crate) struct RegistryHandle {
     pub(crate) snapshot: arc_swap::ArcSwap<RegistrySnapshot>,
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
+    /// Just-in-time registrations for the binary to write to the store; bounded, and never
+    /// awaited by a handshake (a full queue drops the request; the device retries).
+    jit: tokio::sync::mpsc::Sender<Certificate>,
+    pub(crate) jit_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Certificate>>>,
 }
 
 impl RegistryHandle {
     pub(crate) fn empty() -> RegistryHandle {
+        let (jit, requests) = tokio::sync::mpsc::channel(10_000);
         RegistryHandle {
             snapshot: arc_swap::ArcSwap::from_pointee(RegistrySnapshot::default()),
             changes: tokio::sync::watch::channel(0).0,
+            jit,
+            jit_requests: std::sync::Mutex::new(Some(requests)),
         }
     }
 }
@@ -244,10 +268,24 @@ impl DomainVerifier {
 
     /// The registry's refusal of `leaf`, if this domain consults the registry.
     pub(crate) fn registry_refusal(&self, leaf: &Certificate) -> Option<(RejectReason, String)> {
-        self.registry
-            .snapshot
-            .load()
-            .refusal(self.registry_mode, &leaf.info().id)
+        let snapshot = self.registry.snapshot.load();
+        let refusal = snapshot.refusal(self.registry_mode, &leaf.info().id)?;
+        if refusal.0 == RejectReason::Unregistered
+            && let Some(ca) = snapshot.jit_issuer(leaf)
+        {
+            // Just-in-time registration: recorded as PENDING_ACTIVATION by the binary, and this
+            // connection is refused (an operator activates the certificate; the device retries).
+            let _ = self.registry.jit.try_send(leaf.clone());
+            return Some((
+                RejectReason::Inactive,
+                format!(
+                    "certificate {} was registered just in time (CA '{}') as PENDING_ACTIVATION; activate it, then retry",
+                    leaf.info().id,
+                    ca.info().subject
+                ),
+            ));
+        }
+        Some(refusal)
     }
 
     /// Whether this domain consults the registry.

@@ -1275,3 +1275,108 @@ print("CLOSED" if data == b"" else "OPEN", flush=True)
     }
     assert!(refused_as_revoked);
 }
+
+#[test]
+fn just_in_time_registration_records_pending_activation_once() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = d.join("data/registry.db").display().to_string();
+    let store = runtime
+        .block_on(portcullis_registry::Store::open(&db))
+        .unwrap();
+    // Register the issuing CA with proof of possession and auto-registration on.
+    let code = runtime.block_on(store.registration_code()).unwrap();
+    portcullis(
+        d,
+        &[
+            "pki",
+            "verification-cert",
+            "--ca-cert",
+            "int/ca.pem",
+            "--ca-key",
+            "int/ca.key",
+            "--code",
+            &code,
+            "--out",
+            "pop",
+        ],
+    )
+    .ok();
+    let ca_pem = std::fs::read(d.join("int/ca.pem")).unwrap();
+    let proof = std::fs::read(d.join("pop/verification.pem")).unwrap();
+    runtime
+        .block_on(store.register_ca(&ca_pem, Some(&proof), false, true, true, "test"))
+        .unwrap();
+    let config = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "reg.test"
+certificate = "auto"
+registry_mode = "registered"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#;
+    let s = Server::start(d, config);
+    // A burst of connections with the same unregistered certificate: all refused, one registration.
+    let carol = client("carol");
+    let port = s.port;
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let (d, carol) = (d.to_path_buf(), carol.clone());
+            std::thread::spawn(move || {
+                curl_port(&d, port, "reg.test", "/", &with_client(&carol)).code
+            })
+        })
+        .collect();
+    for t in burst {
+        assert_ne!(
+            t.join().unwrap(),
+            0,
+            "the first connections are refused (JITR)"
+        );
+    }
+    let registered = s.wait_for("registered just in time");
+    assert!(registered.contains("PENDING_ACTIVATION"), "{registered}");
+    let pending = runtime
+        .block_on(store.list_certificates(&portcullis_registry::CertFilter {
+            status: Some(portcullis_registry::CertStatus::PendingActivation),
+            ..Default::default()
+        }))
+        .unwrap();
+    assert_eq!(pending.len(), 1, "registered exactly once");
+    assert_eq!(pending[0].subject, "CN=carol");
+    // An operator activates it; once the gateway has the new snapshot, carol gets in.
+    runtime
+        .block_on(store.set_certificate_status(
+            &pending[0].id,
+            portcullis_registry::CertStatus::Active,
+            "operator",
+        ))
+        .unwrap();
+    let marker = runtime.block_on(store.change_marker()).unwrap();
+    loop {
+        let line = s.wait_for("registry snapshot refreshed");
+        let seen: Value = serde_json::from_str(&line).unwrap();
+        if seen["marker"].as_i64().unwrap() >= marker {
+            break;
+        }
+    }
+    assert_eq!(
+        answer(&curl(d, &s, "reg.test", "/", &with_client(&carol))).0,
+        200
+    );
+}
