@@ -282,6 +282,22 @@ async fn connection(
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
     let io = TokioIo::new(tls);
+    // Serves a connection until it ends, the registry refuses its certificate (closed at once),
+    // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
+    // types share no trait for `graceful_shutdown`, hence a macro.
+    macro_rules! drive {
+        ($conn:ident) => {
+            tokio::pin!($conn);
+            tokio::select! {
+                _ = $conn.as_mut() => {}
+                (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
+                _ = shutdown.changed() => {
+                    $conn.as_mut().graceful_shutdown();
+                    let _ = $conn.await;
+                }
+            }
+        };
+    }
     if alpn == "h2" {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -289,15 +305,7 @@ async fn connection(
             .keep_alive_interval(Duration::from_secs(60))
             .keep_alive_timeout(Duration::from_secs(20))
             .serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        drive!(conn);
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -305,15 +313,7 @@ async fn connection(
             .max_buf_size(limits.max_header_bytes)
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        drive!(conn);
     }
 }
 

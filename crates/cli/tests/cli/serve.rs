@@ -1132,12 +1132,7 @@ fn registry_modes_refuse_unregistered_and_revocation_closes_live_connections() {
     let d = tmp.path();
     pki(d);
     // Register alice before the gateway starts, in the registry the gateway will open.
-    std::fs::create_dir_all(d.join("data")).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let db = d.join("data/registry.db").display().to_string();
-    let store = runtime
-        .block_on(portcullis_registry::Store::open(&db))
-        .unwrap();
+    let (runtime, store) = registry_store(d);
     let alice_pem = std::fs::read(d.join("alice.pem")).unwrap();
     let alice = runtime
         .block_on(store.register_certificate(
@@ -1146,34 +1141,8 @@ fn registry_modes_refuse_unregistered_and_revocation_closes_live_connections() {
             "test",
         ))
         .unwrap();
-    let config = r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listener]]
-address = "127.0.0.1:0"
-
-[[domain]]
-hostname = "reg.test"
-certificate = "auto"
-registry_mode = "registered"
-[domain.mtls]
-mode = "required"
-truststore = "trust-a.pem"
-[[domain.mapping]]
-upstream = "builtin:echo"
-
-[[domain]]
-hostname = "rev.test"
-certificate = "auto"
-registry_mode = "revocation"
-[domain.mtls]
-mode = "required"
-truststore = "trust-a.pem"
-[[domain.mapping]]
-upstream = "builtin:echo"
-"#;
-    let s = Server::start(d, config);
+    let config = registry_config(&[("reg.test", "registered"), ("rev.test", "revocation")]);
+    let s = Server::start(d, &config);
     let (alice_args, carol_args) = (client("alice"), client("carol"));
     assert_eq!(
         answer(&curl(d, &s, "reg.test", "/", &with_client(&alice_args))).0,
@@ -1284,12 +1253,7 @@ fn just_in_time_registration_records_pending_activation_once() {
     let tmp = temp_dir();
     let d = tmp.path();
     pki(d);
-    std::fs::create_dir_all(d.join("data")).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let db = d.join("data/registry.db").display().to_string();
-    let store = runtime
-        .block_on(portcullis_registry::Store::open(&db))
-        .unwrap();
+    let (runtime, store) = registry_store(d);
     // Register the issuing CA with proof of possession and auto-registration on.
     let code = runtime.block_on(store.registration_code()).unwrap();
     portcullis(
@@ -1313,24 +1277,8 @@ fn just_in_time_registration_records_pending_activation_once() {
     runtime
         .block_on(store.register_ca(&ca_pem, Some(&proof), false, true, true, "test"))
         .unwrap();
-    let config = r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listener]]
-address = "127.0.0.1:0"
-
-[[domain]]
-hostname = "reg.test"
-certificate = "auto"
-registry_mode = "registered"
-[domain.mtls]
-mode = "required"
-truststore = "trust-a.pem"
-[[domain.mapping]]
-upstream = "builtin:echo"
-"#;
-    let s = Server::start(d, config);
+    let config = registry_config(&[("reg.test", "registered")]);
+    let s = Server::start(d, &config);
     // A burst of connections with the same unregistered certificate: all refused, one registration.
     let carol = client("carol");
     let port = s.port;
@@ -1379,4 +1327,31 @@ upstream = "builtin:echo"
         answer(&curl(d, &s, "reg.test", "/", &with_client(&carol))).0,
         200
     );
+}
+
+/// A runtime and the registry the gateway under test will open (DATA_DIR/registry.db).
+fn registry_store(d: &Path) -> (tokio::runtime::Runtime, portcullis_registry::Store) {
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = d.join("data/registry.db").display().to_string();
+    let store = runtime
+        .block_on(portcullis_registry::Store::open(&db))
+        .unwrap();
+    (runtime, store)
+}
+
+/// A configuration with one mTLS domain per (hostname, registry mode), trusting root A, mapped
+/// to the echo upstream.
+fn registry_config(domains: &[(&str, &str)]) -> String {
+    let mut config = String::from(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
+    );
+    for (host, mode) in domains {
+        config.push_str(&format!(
+            "\n[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\nregistry_mode = \"{mode}\"\n\
+             [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+             [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        ));
+    }
+    config
 }
