@@ -5,9 +5,16 @@
 //! - 1: a negative verdict (`pki verify` printed `REJECTED …`);
 //! - 2: a usage or input error (bad arguments; an input file that is missing, unreadable or
 //!   malformed; a key that does not match its certificate…);
-//! - 3: a runtime failure (an output could not be written, signing failed).
+//! - 3: a runtime failure (an output could not be written, signing failed, the admin API could
+//!   not be reached or failed).
+//!
+//! Control-plane commands exit 2 when the admin API refuses the request (4xx: the message says
+//! why), and `explain` exits 1 when the request would be denied.
 #![forbid(unsafe_code)]
 
+mod admin;
+mod client;
+mod control;
 mod output;
 mod pki;
 mod serve;
@@ -31,6 +38,38 @@ enum Command {
     Pki(pki::PkiCommand),
     /// Run the mutual-TLS gateway (with no configuration: a working quickstart on localhost:8443).
     Serve(serve::ServeArgs),
+    /// Registered CAs: proof of possession, auto-registration, provisioning templates.
+    Ca(Control<control::CaCommand>),
+    /// Registered certificates: register (one or --bulk), create, list, update, delete.
+    Cert(Control<control::CertCommand>),
+    /// Things (devices, workloads) and the certificates attached to them.
+    Thing(Control<control::ThingCommand>),
+    /// Named truststores with numbered versions, and impact previews.
+    Truststore(Control<control::TruststoreCommand>),
+    /// The audit log.
+    Audit(Control<control::AuditCommand>),
+    /// Admin API access: bearer tokens.
+    Admin(Control<control::AdminCommand>),
+    /// Why a certificate is allowed or refused on a domain: the gateway's full decision trace.
+    Explain(ControlArgs<control::ExplainArgs>),
+}
+
+/// A control-plane command group and how to reach the admin API.
+#[derive(Debug, clap::Args)]
+struct Control<C: Subcommand> {
+    #[command(subcommand)]
+    command: C,
+    #[command(flatten)]
+    connect: client::Connect,
+}
+
+/// A control-plane command with arguments and how to reach the admin API.
+#[derive(Debug, clap::Args)]
+struct ControlArgs<A: clap::Args> {
+    #[command(flatten)]
+    args: A,
+    #[command(flatten)]
+    connect: client::Connect,
 }
 
 /// A runtime failure (exit 3) rather than bad input (exit 2): an output that cannot be written.
@@ -53,6 +92,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(cmd) => pki::run(cmd),
         Command::Serve(args) => serve::run(args),
+        Command::Ca(c) => control::run(control::Control::Ca(c.command), c.connect),
+        Command::Cert(c) => control::run(control::Control::Cert(c.command), c.connect),
+        Command::Thing(c) => control::run(control::Control::Thing(c.command), c.connect),
+        Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
+        Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
+        Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
+        Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),
     };
     match result {
         Ok(code) => code,

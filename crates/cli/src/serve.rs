@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use portcullis_gateway::config::{
     Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, RegistryMode,
     SecurityPolicy, ServerCertificate, UpstreamTls,
 };
-use portcullis_gateway::verify::{RegisteredStatus, RegistrySnapshot};
+use portcullis_gateway::verify::{AutoRegistration, RegisteredStatus, RegistrySnapshot};
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::crl::Crl;
 use portcullis_pki::issue::{self, CaIssuer};
@@ -76,7 +77,7 @@ struct FileIdentity {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
-    /// Plain HTTP: /metrics, /healthz, /readyz. Keep it on loopback or a private network.
+    /// The admin API (HTTPS; also /metrics, /healthz, /readyz). Default 127.0.0.1:9443.
     address: String,
 }
 
@@ -134,7 +135,7 @@ struct FileListener {
     address: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileDomain {
     hostname: String,
@@ -161,7 +162,7 @@ fn default_policy() -> String {
     "TLS_1_2".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileMtls {
     mode: String,
@@ -191,7 +192,7 @@ fn default_stale() -> String {
     "reject".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileMapping {
     #[serde(default)]
@@ -236,8 +237,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let echo = portcullis_gateway::echo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("starting the built-in echo upstream")?;
-    let load = || load_config(&config_path, &data, echo).map(|(config, _, _)| config);
-    let (config, admin_addr, database) = load_config(&config_path, &data, echo)?;
+    let database = database_of(&config_path, &data)?;
+    if !database.starts_with("postgres")
+        && let Some(dir) = Path::new(&database).parent()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the registry's directory {}", dir.display()))?;
+    }
+    let store = Store::open(&database)
+        .await
+        .with_context(|| format!("opening the registry {}", redact(&database)))?;
+    let catalog = TruststoreCatalog::read(&store)
+        .await
+        .context("reading the registry's truststores")?;
+    let (config, admin_addr, _) = load_config(&config_path, &data, echo, &catalog)?;
     if args.check_config {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
@@ -254,45 +267,58 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     let ready = Arc::new(AtomicBool::new(false));
+    let marker = store.change_marker().await?;
+    let config_marker = store.config_marker().await?;
+    let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
+    if let Some(requests) = gateway.take_jit_requests() {
+        tokio::spawn(just_in_time(store.clone(), requests));
+    }
+    if let Some(sightings) = gateway.take_sightings() {
+        tokio::spawn(record_sightings(store.clone(), sightings));
+    }
+
+    // The admin API: HTTPS, admin client certificate or bearer token.
+    let local_ca = Arc::new(data.local_ca()?);
+    let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
+    let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
+    let check_path = config_path.clone();
+    let check_data = DataDir::new(&args.data_dir);
+    let check_store = store.clone();
+    let hooks = crate::admin::ServeHooks {
+        metrics,
+        ready: ready.clone(),
+        explainer: gateway.explainer(),
+        check_domain: Box::new(move |spec| {
+            let d: FileDomain = serde_json::from_value(spec.clone())
+                .map_err(|e| anyhow!("domain settings: {e}"))?;
+            let base = check_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let at = |p: &Path| {
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    base.join(p)
+                }
+            };
+            let catalog = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(TruststoreCatalog::read(&check_store))
+            })?;
+            file_domain(&d, &at, &check_data, echo, &catalog).map(|_| ())
+        }),
+    };
+    let api = portcullis_registry::api::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
     let admin_local = admin.local_addr()?;
-    tokio::spawn(serve_admin(admin, metrics, ready.clone()));
-    let store = Store::open(&database)
-        .await
-        .with_context(|| format!("opening the registry {}", redact(&database)))?;
-    let marker = store.change_marker().await?;
-    let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
-    if let Some(mut requests) = gateway.take_jit_requests() {
-        let store = store.clone();
-        tokio::spawn(async move {
-            while let Some(cert) = requests.recv().await {
-                let pem = cert.to_pem();
-                match store
-                    .register_certificate(
-                        pem.as_bytes(),
-                        CertStatus::PendingActivation,
-                        "gateway:jit",
-                    )
-                    .await
-                {
-                    Ok(record) => tracing::info!(
-                        target: "portcullis::registry",
-                        certificate = %record.id,
-                        subject = %record.subject,
-                        status = "PENDING_ACTIVATION",
-                        "registered just in time"
-                    ),
-                    // Registered already (a burst of the same device): exactly once.
-                    Err(portcullis_registry::RegistryError::Conflict(_)) => {}
-                    Err(e) => tracing::warn!(error = %e, "just-in-time registration failed"),
-                }
-            }
-        });
-    }
+    admin_files.write_endpoint(admin_local)?;
+    tokio::spawn(portcullis_registry::api::serve_https(
+        admin,
+        admin_tls,
+        portcullis_registry::api::router(api),
+    ));
+
     ready.store(true, Ordering::SeqCst);
-    println!("portcullis admin (metrics, health) on http://{admin_local}");
+    println!("portcullis admin API on https://{admin_local}");
     let addrs: Vec<String> = gateway
         .local_addrs()
         .iter()
@@ -303,42 +329,191 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         addrs.join(", "),
         config_path.display()
     );
+    let port = gateway
+        .local_addrs()
+        .first()
+        .map(|a| a.port())
+        .unwrap_or(8443);
     if let Some(q) = &quickstart {
-        q.print(
-            gateway
-                .local_addrs()
-                .first()
-                .map(|a| a.port())
-                .unwrap_or(8443),
-        );
+        q.print(port);
     } else if args.config.is_none()
         && let Ok(q) = data.existing_quickstart()
     {
-        q.print(
-            gateway
-                .local_addrs()
-                .first()
-                .map(|a| a.port())
-                .unwrap_or(8443),
-        );
+        q.print(port);
     }
-    wait_for_changes(&gateway, &load, &config_path, signals, &store, marker).await;
+    let load = |catalog: &TruststoreCatalog| {
+        load_config(&config_path, &data, echo, catalog).map(|(config, _, _)| config)
+    };
+    let markers = (marker, config_marker);
+    wait_for_changes(
+        &gateway,
+        &load,
+        &config_path,
+        signals,
+        &store,
+        markers,
+        catalog,
+    )
+    .await;
     ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
+/// The registry database the configuration names (default DATA_DIR/registry.db), read before
+/// the rest of the configuration because loading needs the registry's truststores.
+fn database_of(path: &Path, data: &DataDir) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading configuration {}", path.display()))?;
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    Ok(match &file.database {
+        Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
+        Some(d) if Path::new(d).is_absolute() => d.clone(),
+        Some(d) => base.join(d).display().to_string(),
+        None => data.root.join("registry.db").display().to_string(),
+    })
+}
+
+/// Writes just-in-time registrations: JITR records PENDING_ACTIVATION (the device was refused
+/// and retries once activated); JITP registers ACTIVE with its thing and answers the waiting
+/// connection. Requests run concurrently, a bounded number at a time; a certificate registered
+/// already (a burst of one device) is registered exactly once.
+async fn just_in_time(
+    store: Store,
+    mut requests: tokio::sync::mpsc::Receiver<portcullis_gateway::verify::JitRequest>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    while let Some(request) = requests.recv().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            let outcome = jit_one(&store, &request).await;
+            if let Some(done) = request.done {
+                let _ = done.send(outcome);
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn jit_one(
+    store: &Store,
+    request: &portcullis_gateway::verify::JitRequest,
+) -> std::result::Result<(), String> {
+    use portcullis_registry::RegistryError;
+    let cert = &request.certificate;
+    let id = portcullis_registry::CertId::of_der(cert.der());
+    if !request.provision {
+        return match store
+            .register_certificate(
+                cert.to_pem().as_bytes(),
+                CertStatus::PendingActivation,
+                "gateway:jit",
+            )
+            .await
+        {
+            Ok(record) => {
+                tracing::info!(
+                    target: "portcullis::registry",
+                    certificate = %record.id,
+                    subject = %record.subject,
+                    status = "PENDING_ACTIVATION",
+                    "registered just in time"
+                );
+                Ok(())
+            }
+            Err(RegistryError::Conflict(_)) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "just-in-time registration failed");
+                Err("the registry could not record it".into())
+            }
+        };
+    }
+    let ca_id = portcullis_registry::CertId::from_str(&request.ca_id).map_err(|e| e.to_string())?;
+    let template = match store.ca(&ca_id).await {
+        Ok(ca) => ca.provisioning_template,
+        Err(e) => {
+            tracing::warn!(error = %e, "just-in-time provisioning: reading the CA failed");
+            return Err("the registry could not read the CA".into());
+        }
+    };
+    let Some(template) = template else {
+        return Err("the CA no longer has a provisioning template".into());
+    };
+    let provisioned = template.resolve(cert)?;
+    match store
+        .provision(cert, &ca_id, &provisioned, "gateway:jit")
+        .await
+    {
+        Ok(record) => {
+            tracing::info!(
+                target: "portcullis::registry",
+                certificate = %record.id,
+                subject = %record.subject,
+                thing = %provisioned.thing_name,
+                status = "ACTIVE",
+                "provisioned just in time"
+            );
+            Ok(())
+        }
+        // Registered meanwhile (the same device connecting twice at once): fine if ACTIVE.
+        Err(RegistryError::Conflict(_)) => match store.certificate(&id).await {
+            Ok(r) if r.status == CertStatus::Active => Ok(()),
+            Ok(r) => Err(format!(
+                "the certificate is registered {}",
+                r.status.as_str()
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "just-in-time provisioning failed");
+            Err(format!("the registry refused it: {e}"))
+        }
+    }
+}
+
+/// Writes the certificates gateways saw, in batches.
+async fn record_sightings(
+    store: Store,
+    mut sightings: tokio::sync::mpsc::Receiver<portcullis_gateway::verify::Sighting>,
+) {
+    let mut batch = Vec::new();
+    while sightings.recv_many(&mut batch, 1000).await > 0 {
+        let at = time::OffsetDateTime::now_utc().unix_timestamp();
+        let rows: Vec<portcullis_registry::Sighting> = batch
+            .drain(..)
+            .map(|s| portcullis_registry::Sighting {
+                certificate: s.certificate,
+                domain: s.domain,
+                at,
+            })
+            .collect();
+        match store.record_sightings(&rows).await {
+            Ok(()) => {
+                tracing::info!(target: "portcullis::registry", count = rows.len(), "recorded seen certificates")
+            }
+            Err(e) => tracing::warn!(error = %e, "recording seen certificates failed"),
+        }
+    }
+}
+
 /// Reloads on SIGHUP and when the configuration file or a file it names changes (checked every
 /// second); returns on SIGTERM or SIGINT.
 async fn wait_for_changes(
     gateway: &Gateway,
-    load: &dyn Fn() -> Result<Config>,
+    load: &dyn Fn(&TruststoreCatalog) -> Result<Config>,
     config_path: &Path,
     signals: Signals,
     store: &Store,
-    mut registry_marker: i64,
+    markers: (i64, i64),
+    mut catalog: TruststoreCatalog,
 ) {
+    let (mut registry_marker, mut config_marker) = markers;
     let Signals {
         mut hup,
         mut term,
@@ -364,7 +539,25 @@ async fn wait_for_changes(
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot read the registry; keeping the previous snapshot"),
                 }
-                continue;
+                // Truststore (and domain) changes rebuild the configuration.
+                match store.config_marker().await {
+                    Ok(marker) if marker != config_marker => match TruststoreCatalog::read(store).await {
+                        Ok(fresh) => {
+                            config_marker = marker;
+                            catalog = fresh;
+                            "registry"
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's truststores; keeping the previous configuration");
+                            continue;
+                        }
+                    },
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the registry; keeping the previous configuration");
+                        continue;
+                    }
+                }
             }
             _ = poll.tick() => {
                 if file_stamps(config_path) == seen {
@@ -375,7 +568,7 @@ async fn wait_for_changes(
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        match load().and_then(|c| gateway.reload(c).map_err(Into::into)) {
+        match load(&catalog).and_then(|c| gateway.reload(c).map_err(Into::into)) {
             Ok(generation) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
@@ -399,9 +592,15 @@ async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
         .into_iter()
         .filter(|ca| ca.status == portcullis_registry::CaStatus::Active && ca.auto_registration)
         .filter_map(|ca| {
-            Certificate::first_and_rest(ca.pem.as_bytes())
-                .ok()
-                .map(|(c, _)| c)
+            let (cert, _) = Certificate::first_and_rest(ca.pem.as_bytes()).ok()?;
+            Some(AutoRegistration {
+                ca: cert,
+                ca_id: ca.id.to_string(),
+                provisioner: ca.provisioning_template.map(|t| {
+                    Arc::new(crate::admin::TemplateProvisioner(t))
+                        as Arc<dyn portcullis_gateway::verify::Provisioner>
+                }),
+            })
         })
         .collect();
     let statuses = statuses.into_iter().map(|(id, status)| {
@@ -475,7 +674,12 @@ fn file_stamps(config_path: &Path) -> Vec<(PathBuf, Option<(std::time::SystemTim
                 files.extend(upstream_files.into_iter().flatten().map(|f| at(f)));
             }
             if let Some(m) = &d.mtls {
-                files.extend(m.truststore.iter().map(|t| at(t)));
+                files.extend(
+                    m.truststore
+                        .iter()
+                        .filter(|t| !t.to_string_lossy().starts_with("registry:"))
+                        .map(|t| at(t)),
+                );
                 files.extend(m.crls.iter().map(|c| at(c)));
             }
         }
@@ -489,35 +693,6 @@ fn file_stamps(config_path: &Path) -> Vec<(PathBuf, Option<(std::time::SystemTim
             (f, stamp)
         })
         .collect()
-}
-
-/// The admin listener: Prometheus metrics and health checks.
-async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-    ready: Arc<AtomicBool>,
-) {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .route("/healthz", get(|| std::future::ready("ok\n")))
-        .route(
-            "/readyz",
-            get(move || {
-                std::future::ready(if ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                })
-            }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "admin listener stopped");
-    }
 }
 
 fn init_logging() {
@@ -540,6 +715,7 @@ fn load_config(
     path: &Path,
     data: &DataDir,
     echo: SocketAddr,
+    catalog: &TruststoreCatalog,
 ) -> Result<(Config, SocketAddr, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading configuration {}", path.display()))?;
@@ -569,98 +745,7 @@ fn load_config(
     let mut domains = Vec::new();
     for d in &file.domains {
         let ctx = || format!("{}: domain '{}'", path.display(), d.hostname);
-        let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
-        let certificate = if d.certificate == "auto" {
-            if d.key.is_some() {
-                bail!(
-                    "{}: key is set, but certificate = \"auto\" makes its own",
-                    ctx()
-                );
-            }
-            data.auto_certificate(&hostname).with_context(ctx)?
-        } else {
-            let key = d.key.as_ref().ok_or_else(|| {
-                anyhow!("{}: certificate is a file, so key = \"…\" is needed", ctx())
-            })?;
-            server_certificate(&at(Path::new(&d.certificate)), &at(key)).with_context(ctx)?
-        };
-        let policy = match d.security_policy.as_str() {
-            "TLS_1_2" => SecurityPolicy::Tls12,
-            "TLS_1_3" => SecurityPolicy::Tls13,
-            other => bail!(
-                "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
-                ctx()
-            ),
-        };
-        let mtls = match &d.mtls {
-            None => Mtls::off(),
-            Some(m) => file_mtls(m, &at).with_context(ctx)?,
-        };
-        let mut mappings = Vec::new();
-        for m in &d.mappings {
-            let upstream = if m.upstream == "builtin:echo" {
-                format!("http://{echo}")
-            } else {
-                m.upstream.clone()
-            };
-            let require = match m.client_certificate.as_str() {
-                "required" => true,
-                "optional" => false,
-                other => bail!(
-                    "{}: client_certificate '{other}' must be required or optional",
-                    ctx()
-                ),
-            };
-            let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
-            if upstream.starts_with("https://")
-                || m.upstream_ca.is_some()
-                || m.upstream_client_cert.is_some()
-            {
-                let Some(ca) = &m.upstream_ca else {
-                    bail!(
-                        "{}: upstream '{upstream}' is https://, so upstream_ca = \"…\" is needed",
-                        ctx()
-                    );
-                };
-                let ca = at(ca);
-                let roots = Certificate::all_from_pem_or_der(&read(&ca, "upstream CA")?)
-                    .with_context(|| format!("{}: upstream CA {}", ctx(), ca.display()))?;
-                let client_certificate = match (&m.upstream_client_cert, &m.upstream_client_key) {
-                    (None, None) => None,
-                    (Some(c), Some(k)) => {
-                        Some(server_certificate(&at(c), &at(k)).with_context(ctx)?)
-                    }
-                    _ => bail!(
-                        "{}: upstream_client_cert and upstream_client_key go together",
-                        ctx()
-                    ),
-                };
-                mapping = mapping
-                    .with_upstream_tls(UpstreamTls {
-                        roots: roots.iter().map(|c| c.der().clone()).collect(),
-                        client_certificate,
-                    })
-                    .with_context(ctx)?;
-            }
-            mappings.push(mapping);
-        }
-        domains.push(Domain {
-            hostname,
-            certificate,
-            policy,
-            mtls,
-            mappings,
-            session_resumption: d.session_resumption,
-            registry_mode: match d.registry_mode.as_str() {
-                "off" => RegistryMode::Off,
-                "revocation" => RegistryMode::Revocation,
-                "registered" => RegistryMode::Registered,
-                other => bail!(
-                    "{}: registry_mode '{other}' must be off, revocation or registered",
-                    ctx()
-                ),
-            },
-        });
+        domains.push(file_domain(d, &at, data, echo, catalog).with_context(ctx)?);
     }
     let default = match (file.default_endpoint, &file.default_domain) {
         (false, None) => None,
@@ -719,14 +804,138 @@ fn load_config(
     Ok((config, admin, database))
 }
 
-fn file_mtls(m: &FileMtls, at: &dyn Fn(&Path) -> PathBuf) -> Result<Mtls> {
+/// Builds one domain from its `[[domain]]` table (file paths relative to the configuration
+/// file's directory; `registry:NAME[@VERSION]` truststores from the registry's catalog).
+fn file_domain(
+    d: &FileDomain,
+    at: &dyn Fn(&Path) -> PathBuf,
+    data: &DataDir,
+    echo: SocketAddr,
+    catalog: &TruststoreCatalog,
+) -> Result<Domain> {
+    let ctx = || format!("domain '{}'", d.hostname);
+    let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
+    let certificate = if d.certificate == "auto" {
+        if d.key.is_some() {
+            bail!(
+                "{}: key is set, but certificate = \"auto\" makes its own",
+                ctx()
+            );
+        }
+        data.auto_certificate(&hostname).with_context(ctx)?
+    } else {
+        let key = d
+            .key
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: certificate is a file, so key = \"…\" is needed", ctx()))?;
+        server_certificate(&at(Path::new(&d.certificate)), &at(key)).with_context(ctx)?
+    };
+    let policy = match d.security_policy.as_str() {
+        "TLS_1_2" => SecurityPolicy::Tls12,
+        "TLS_1_3" => SecurityPolicy::Tls13,
+        other => bail!(
+            "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
+            ctx()
+        ),
+    };
+    let mtls = match &d.mtls {
+        None => Mtls::off(),
+        Some(m) => file_mtls(m, at, catalog).with_context(ctx)?,
+    };
+    let mut mappings = Vec::new();
+    for m in &d.mappings {
+        let upstream = if m.upstream == "builtin:echo" {
+            format!("http://{echo}")
+        } else {
+            m.upstream.clone()
+        };
+        let require = match m.client_certificate.as_str() {
+            "required" => true,
+            "optional" => false,
+            other => bail!(
+                "{}: client_certificate '{other}' must be required or optional",
+                ctx()
+            ),
+        };
+        let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
+        if upstream.starts_with("https://")
+            || m.upstream_ca.is_some()
+            || m.upstream_client_cert.is_some()
+        {
+            let Some(ca) = &m.upstream_ca else {
+                bail!(
+                    "{}: upstream '{upstream}' is https://, so upstream_ca = \"…\" is needed",
+                    ctx()
+                );
+            };
+            let ca = at(ca);
+            let roots = Certificate::all_from_pem_or_der(&read(&ca, "upstream CA")?)
+                .with_context(|| format!("{}: upstream CA {}", ctx(), ca.display()))?;
+            let client_certificate = match (&m.upstream_client_cert, &m.upstream_client_key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some(server_certificate(&at(c), &at(k)).with_context(ctx)?),
+                _ => bail!(
+                    "{}: upstream_client_cert and upstream_client_key go together",
+                    ctx()
+                ),
+            };
+            mapping = mapping
+                .with_upstream_tls(UpstreamTls {
+                    roots: roots.iter().map(|c| c.der().clone()).collect(),
+                    client_certificate,
+                })
+                .with_context(ctx)?;
+        }
+        mappings.push(mapping);
+    }
+    Ok(Domain {
+        hostname,
+        certificate,
+        policy,
+        mtls,
+        mappings,
+        session_resumption: d.session_resumption,
+        registry_mode: match d.registry_mode.as_str() {
+            "off" => RegistryMode::Off,
+            "revocation" => RegistryMode::Revocation,
+            "registered" => RegistryMode::Registered,
+            other => bail!(
+                "{}: registry_mode '{other}' must be off, revocation or registered",
+                ctx()
+            ),
+        },
+    })
+}
+
+fn file_mtls(
+    m: &FileMtls,
+    at: &dyn Fn(&Path) -> PathBuf,
+    catalog: &TruststoreCatalog,
+) -> Result<Mtls> {
     let mode = match m.mode.as_str() {
         "required" => MtlsMode::Required,
         "optional" => MtlsMode::Optional,
         "off" => MtlsMode::Off,
         other => bail!("mtls.mode '{other}' must be required, optional or off"),
     };
+    let mut crls = Vec::new();
     let truststore = match &m.truststore {
+        Some(p) if p.to_string_lossy().starts_with("registry:") => {
+            let reference = p.to_string_lossy();
+            let version = catalog.resolve(&reference["registry:".len()..])?;
+            let store = Truststore::from_pem(version.bundle.as_bytes()).with_context(|| {
+                format!("truststore {} version {}", version.name, version.version)
+            })?;
+            for pem in &version.crls {
+                crls.extend(Crl::all_from_pem_or_der(pem.as_bytes()).with_context(|| {
+                    format!(
+                        "CRL of truststore {} version {}",
+                        version.name, version.version
+                    )
+                })?);
+            }
+            Some(Arc::new(store))
+        }
         Some(p) => {
             let p = at(p);
             let bytes = read(&p, "truststore")?;
@@ -742,7 +951,6 @@ fn file_mtls(m: &FileMtls, at: &dyn Fn(&Path) -> PathBuf) -> Result<Mtls> {
         None if mode == MtlsMode::Off => None,
         None => bail!("mtls.mode = \"{}\" needs truststore = \"…\"", m.mode),
     };
-    let mut crls = Vec::new();
     for p in &m.crls {
         let p = at(p);
         let bytes = read(&p, "CRL")?;
@@ -975,3 +1183,54 @@ on_failure = "tls"
 base_path = ""                # everything
 upstream = "builtin:echo"     # answers with the identity it received
 "#;
+
+/// Every stored truststore version, read before a (re)load so that loading stays synchronous.
+#[derive(Debug, Default)]
+pub(crate) struct TruststoreCatalog {
+    versions: std::collections::HashMap<String, Vec<portcullis_registry::TruststoreVersion>>,
+}
+
+impl TruststoreCatalog {
+    /// Reads the catalog from the registry.
+    pub(crate) async fn read(store: &Store) -> Result<TruststoreCatalog> {
+        let mut versions = std::collections::HashMap::new();
+        for (name, latest) in store.list_truststores().await? {
+            let mut all = Vec::new();
+            for v in 1..=latest {
+                all.push(store.truststore_version(&name, Some(v)).await?);
+            }
+            versions.insert(name, all);
+        }
+        Ok(TruststoreCatalog { versions })
+    }
+
+    /// `NAME` (follows the latest version) or `NAME@VERSION` (pinned).
+    fn resolve(&self, reference: &str) -> Result<&portcullis_registry::TruststoreVersion> {
+        let (name, version) = match reference.split_once('@') {
+            Some((name, v)) => (
+                name,
+                Some(v.parse::<i64>().map_err(|_| {
+                    anyhow!(
+                        "truststore registry:{reference}: the version after '@' must be a number"
+                    )
+                })?),
+            ),
+            None => (reference, None),
+        };
+        let versions = self.versions.get(name).ok_or_else(|| {
+            anyhow!(
+                "truststore registry:{name} does not exist; create it with `portcullis truststore create {name} --bundle FILE`"
+            )
+        })?;
+        match version {
+            None => versions.last(),
+            Some(v) => versions.iter().find(|t| t.version == v),
+        }
+        .ok_or_else(|| {
+            anyhow!(
+                "truststore registry:{name} has no version {}",
+                version.unwrap_or_default()
+            )
+        })
+    }
+}

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod echo;
+pub mod explain;
 mod identity;
 pub mod listen;
 mod proxy;
@@ -313,12 +314,21 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
-    /// The just-in-time registration requests (certificates to register as
-    /// PENDING_ACTIVATION); the first call takes the receiver, later calls get `None`.
-    pub fn take_jit_requests(
-        &self,
-    ) -> Option<tokio::sync::mpsc::Receiver<portcullis_pki::Certificate>> {
+    /// The just-in-time registration requests; the first call takes the receiver, later calls
+    /// get `None`.
+    pub fn take_jit_requests(&self) -> Option<tokio::sync::mpsc::Receiver<verify::JitRequest>> {
         self.registry.jit_requests.lock().ok()?.take()
+    }
+
+    /// The verified certificates the gateway sees (at most one report per certificate a
+    /// minute); the first call takes the receiver.
+    pub fn take_sightings(&self) -> Option<tokio::sync::mpsc::Receiver<verify::Sighting>> {
+        self.registry.sightings.lock().ok()?.take()
+    }
+
+    /// A handle that explains decisions on the current state (`portcullis explain`).
+    pub fn explainer(&self) -> explain::Explainer {
+        explain::Explainer::new(self.state.clone())
     }
 
     /// The addresses actually bound (useful with port 0).

@@ -26,12 +26,15 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::config::{Limits, MtlsMode};
 use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
-use crate::verify::{CONNECTION_VERDICT, ClientVerdict};
+use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
 use crate::{DomainState, State, route};
 use portcullis_pki::RejectReason;
 
 /// How long shutdown waits for open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection waits for its certificate's just-in-time provisioning.
+const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The process-wide gates: open connections and handshakes in progress.
 pub(crate) struct Gates {
@@ -170,11 +173,11 @@ async fn connection(
         tokio::time::timeout_at(deadline, hello.into_stream(domain.tls.config.clone())),
     );
     let recorded =
-        |slot: &Arc<Mutex<Option<ClientVerdict>>>| slot.lock().ok().and_then(|mut s| s.take());
+        |slot: &Arc<Mutex<Option<HandshakeRecord>>>| slot.lock().ok().and_then(|mut s| s.take());
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            let verdict = recorded(&slot);
+            let verdict = recorded(&slot).map(|r| r.verdict);
             log_failed_handshake(
                 peer,
                 &hostname,
@@ -194,13 +197,13 @@ async fn connection(
     drop(handshake_permit);
     let (_, conn) = tls.get_ref();
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    let verdict = match recorded(&slot) {
-        Some(v) => v,
+    let (verdict, provisioning) = match recorded(&slot) {
+        Some(r) => (r.verdict, r.provisioning),
         // A resumed session restores the client chain without running the verifier: verify it
-        // again against this generation's truststore and CRLs.
+        // again against this generation's truststore, CRLs and registry snapshot.
         None => match conn.peer_certificates() {
             Some([leaf, rest @ ..]) => domain.tls.verifier.verify_chain(leaf, rest),
-            _ => ClientVerdict::None,
+            _ => (ClientVerdict::None, None),
         },
     };
     let version = conn
@@ -233,9 +236,36 @@ async fn connection(
         client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
         "TLS handshake completed"
     );
+    // Just-in-time provisioning: the first connection is served once the registry recorded the
+    // certificate and its thing (or closed, saying why).
+    if let Some(pending) = provisioning {
+        let outcome = match tokio::time::timeout(PROVISIONING_TIMEOUT, pending).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(why),
+            Ok(Err(_)) => Err("the registry dropped the request".to_string()),
+            Err(_) => Err(format!(
+                "the registry did not answer within {} s",
+                PROVISIONING_TIMEOUT.as_secs()
+            )),
+        };
+        if let Err(why) = outcome {
+            log_closed(
+                peer,
+                &hostname,
+                RejectReason::ProvisioningFailed,
+                &format!("just-in-time provisioning failed: {why}"),
+            );
+            return;
+        }
+    }
     count_handshake(&hostname, "ok", "");
     metrics::histogram!("portcullis_handshake_duration_seconds", "domain" => hostname.clone())
         .record(started.elapsed().as_secs_f64());
+    if let ClientVerdict::Valid(chain) = &verdict
+        && let Some(leaf) = chain.first()
+    {
+        domain.tls.verifier.saw(leaf, &hostname);
+    }
     // Live revocation: a connection whose certificate the registry stops admitting is closed,
     // keep-alive and HTTP/2 included.
     let watched_leaf = match &verdict {

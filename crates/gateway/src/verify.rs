@@ -68,14 +68,70 @@ pub enum RegisteredStatus {
     Revoked,
 }
 
+/// A registered CA that is ACTIVE with auto-registration on: an unregistered certificate it
+/// signed is registered just in time (JITR), or provisioned as a thing when the CA has a
+/// provisioning template (JITP).
+#[derive(Debug, Clone)]
+pub struct AutoRegistration {
+    /// The CA certificate.
+    pub ca: Certificate,
+    /// Its registry id.
+    pub ca_id: String,
+    /// The provisioning template's check, for JITP.
+    pub provisioner: Option<Arc<dyn Provisioner>>,
+}
+
+/// Decides, in memory, whether a certificate can be provisioned: the thing's name, or why not
+/// (a subject field the template needs is missing…).
+pub trait Provisioner: Send + Sync + std::fmt::Debug {
+    /// The thing `leaf` would be provisioned as, or the reason it cannot be.
+    fn check(&self, leaf: &Certificate) -> Result<String, String>;
+}
+
+/// A just-in-time registration for the binary to write to the store.
+#[derive(Debug)]
+pub struct JitRequest {
+    /// The unregistered certificate.
+    pub certificate: Certificate,
+    /// The registered CA that issued it.
+    pub ca_id: String,
+    /// Provision it (JITP: ACTIVE, with a thing) rather than register it PENDING_ACTIVATION.
+    pub provision: bool,
+    /// For JITP: where to say whether it worked; the connection waits for it before serving.
+    pub done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// A verified client certificate a gateway saw, for `last_seen` and truststore impact previews.
+#[derive(Debug, Clone)]
+pub struct Sighting {
+    /// The leaf.
+    pub certificate: Certificate,
+    /// The domain.
+    pub domain: String,
+}
+
+/// What the registry says about a certificate on a domain.
+#[derive(Debug)]
+pub enum RegistryDecision {
+    /// Admitted (or the domain does not consult the registry).
+    Admit,
+    /// Admitted once provisioning (JITP) completes; `pending` says when.
+    Provision {
+        /// The thing it will be attached to.
+        thing: String,
+        /// Completion, when a request was sent (not in dry runs).
+        pending: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    },
+    /// Refused.
+    Refuse(RejectReason, String),
+}
+
 /// An in-memory snapshot of the registry: certificate id → status. The data path reads only
 /// this; the binary replaces it when the registry changes.
 #[derive(Debug, Default)]
 pub struct RegistrySnapshot {
     statuses: std::collections::HashMap<String, RegisteredStatus>,
-    /// Registered CAs that are ACTIVE with auto-registration on: an unregistered certificate
-    /// they signed is registered just in time.
-    auto_registering: Vec<Certificate>,
+    auto_registering: Vec<AutoRegistration>,
 }
 
 impl RegistrySnapshot {
@@ -88,16 +144,21 @@ impl RegistrySnapshot {
     }
 
     /// Adds the CAs that register their certificates just in time (ACTIVE, auto-registration on).
-    pub fn with_auto_registering_cas(mut self, cas: Vec<Certificate>) -> RegistrySnapshot {
+    pub fn with_auto_registering_cas(mut self, cas: Vec<AutoRegistration>) -> RegistrySnapshot {
         self.auto_registering = cas;
         self
     }
 
+    /// The status of a registered certificate.
+    pub fn status(&self, id: &str) -> Option<RegisteredStatus> {
+        self.statuses.get(id).copied()
+    }
+
     /// The auto-registering CA that signed `leaf`, if any.
-    fn jit_issuer(&self, leaf: &Certificate) -> Option<&Certificate> {
+    fn jit_issuer(&self, leaf: &Certificate) -> Option<&AutoRegistration> {
         self.auto_registering
             .iter()
-            .find(|ca| leaf.is_signed_by(ca))
+            .find(|a| leaf.is_signed_by(&a.ca))
     }
 
     /// The refusal, if any, for certificate `id` under `mode`.
@@ -134,20 +195,50 @@ pub(crate) struct RegistryHandle {
     pub(crate) snapshot: arc_swap::ArcSwap<RegistrySnapshot>,
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
     /// Just-in-time registrations for the binary to write to the store; bounded, and never
-    /// awaited by a handshake (a full queue drops the request; the device retries).
-    jit: tokio::sync::mpsc::Sender<Certificate>,
-    pub(crate) jit_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Certificate>>>,
+    /// awaited by a handshake (a full queue refuses the device, which retries).
+    jit: tokio::sync::mpsc::Sender<JitRequest>,
+    pub(crate) jit_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<JitRequest>>>,
+    /// Verified certificates seen, at most one report per certificate a minute.
+    seen: tokio::sync::mpsc::Sender<Sighting>,
+    pub(crate) sightings: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Sighting>>>,
+    last_reported: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl RegistryHandle {
     pub(crate) fn empty() -> RegistryHandle {
         let (jit, requests) = tokio::sync::mpsc::channel(10_000);
+        let (seen, sightings) = tokio::sync::mpsc::channel(10_000);
         RegistryHandle {
             snapshot: arc_swap::ArcSwap::from_pointee(RegistrySnapshot::default()),
             changes: tokio::sync::watch::channel(0).0,
             jit,
             jit_requests: std::sync::Mutex::new(Some(requests)),
+            seen,
+            sightings: std::sync::Mutex::new(Some(sightings)),
+            last_reported: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Reports a verified certificate, at most once a minute per certificate; never blocks.
+    pub(crate) fn saw(&self, leaf: &Certificate, domain: &str) {
+        let now = std::time::Instant::now();
+        {
+            let Ok(mut last) = self.last_reported.lock() else {
+                return;
+            };
+            match last.get(&leaf.info().id) {
+                Some(t) if now.duration_since(*t) < std::time::Duration::from_secs(60) => return,
+                _ => {}
+            }
+            if last.len() > 100_000 {
+                last.retain(|_, t| now.duration_since(*t) < std::time::Duration::from_secs(60));
+            }
+            last.insert(leaf.info().id.clone(), now);
+        }
+        let _ = self.seen.try_send(Sighting {
+            certificate: leaf.clone(),
+            domain: domain.to_string(),
+        });
     }
 }
 
@@ -214,20 +305,39 @@ impl DomainVerifier {
         }
     }
 
-    /// Verifies a presented chain (leaf first) now.
+    /// Verifies a presented chain (leaf first) now. Just-in-time registrations it calls for are
+    /// sent; a JITP provisioning's completion comes back with the verdict.
     pub fn verify_chain(
         &self,
         end_entity: &[u8],
         intermediates: &[CertificateDer<'_>],
-    ) -> ClientVerdict {
+    ) -> (
+        ClientVerdict,
+        Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    ) {
+        self.verify_chain_as(end_entity, intermediates, false)
+    }
+
+    /// [`DomainVerifier::verify_chain`], or with `dry_run` a verdict that changes nothing (no
+    /// just-in-time registration is sent): what `explain` shows.
+    pub fn verify_chain_as(
+        &self,
+        end_entity: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        dry_run: bool,
+    ) -> (
+        ClientVerdict,
+        Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    ) {
         let leaf = match Certificate::from_der(end_entity.to_vec()) {
             Ok(c) => c,
             Err(e) => {
-                return ClientVerdict::Rejected {
+                let verdict = ClientVerdict::Rejected {
                     leaf: None,
                     reason: RejectReason::Malformed,
                     explanation: format!("the client certificate cannot be parsed ({e})"),
                 };
+                return (verdict, None);
             }
         };
         let presented: Vec<Certificate> = intermediates
@@ -235,16 +345,20 @@ impl DomainVerifier {
             .filter_map(|c| Certificate::from_der(c.to_vec()).ok())
             .collect();
         let Some(store) = &self.truststore else {
-            return ClientVerdict::Rejected {
+            let verdict = ClientVerdict::Rejected {
                 leaf: Some(Box::new(leaf)),
                 reason: RejectReason::UntrustedIssuer,
                 explanation: "this domain has no truststore".into(),
             };
+            return (verdict, None);
         };
-        match verify(&leaf, &presented, store, &self.options) {
-            Verdict::Valid { chain } => match self.registry_refusal(&leaf) {
-                None => ClientVerdict::Valid(Arc::new(chain)),
-                Some((reason, explanation)) => ClientVerdict::Rejected {
+        let verdict = match verify(&leaf, &presented, store, &self.options) {
+            Verdict::Valid { chain } => match self.registry_decision(&leaf, dry_run) {
+                RegistryDecision::Admit => ClientVerdict::Valid(Arc::new(chain)),
+                RegistryDecision::Provision { pending, .. } => {
+                    return (ClientVerdict::Valid(Arc::new(chain)), pending);
+                }
+                RegistryDecision::Refuse(reason, explanation) => ClientVerdict::Rejected {
                     leaf: Some(Box::new(leaf)),
                     reason,
                     explanation,
@@ -263,29 +377,174 @@ impl DomainVerifier {
                     explanation,
                 }
             }
+        };
+        (verdict, None)
+    }
+
+    /// What the registry says about `leaf` (already verified against the truststore). Unless
+    /// `dry_run`, just-in-time registrations are sent to the binary.
+    pub fn registry_decision(&self, leaf: &Certificate, dry_run: bool) -> RegistryDecision {
+        let snapshot = self.registry.snapshot.load();
+        let Some(refusal) = snapshot.refusal(self.registry_mode, &leaf.info().id) else {
+            return RegistryDecision::Admit;
+        };
+        if refusal.0 != RejectReason::Unregistered {
+            return RegistryDecision::Refuse(refusal.0, refusal.1);
+        }
+        let Some(auto) = snapshot.jit_issuer(leaf) else {
+            return RegistryDecision::Refuse(refusal.0, refusal.1);
+        };
+        let id = &leaf.info().id;
+        let ca = &auto.ca.info().subject;
+        let Some(provisioner) = &auto.provisioner else {
+            // JITR: recorded as PENDING_ACTIVATION by the binary, and this connection is refused
+            // (an operator activates the certificate; the device retries).
+            if !dry_run {
+                let _ = self.registry.jit.try_send(JitRequest {
+                    certificate: leaf.clone(),
+                    ca_id: auto.ca_id.clone(),
+                    provision: false,
+                    done: None,
+                });
+            }
+            return RegistryDecision::Refuse(
+                RejectReason::Inactive,
+                format!(
+                    "certificate {id} is registered just in time (CA '{ca}') as PENDING_ACTIVATION; activate it, then retry"
+                ),
+            );
+        };
+        // JITP: admitted once the binary has registered it ACTIVE with its thing.
+        let thing = match provisioner.check(leaf) {
+            Ok(thing) => thing,
+            Err(why) => {
+                return RegistryDecision::Refuse(
+                    RejectReason::ProvisioningFailed,
+                    format!("certificate {id} cannot be provisioned (CA '{ca}'): {why}"),
+                );
+            }
+        };
+        if dry_run {
+            return RegistryDecision::Provision {
+                thing,
+                pending: None,
+            };
+        }
+        let (done, pending) = tokio::sync::oneshot::channel();
+        let sent = self.registry.jit.try_send(JitRequest {
+            certificate: leaf.clone(),
+            ca_id: auto.ca_id.clone(),
+            provision: true,
+            done: Some(done),
+        });
+        if sent.is_err() {
+            return RegistryDecision::Refuse(
+                RejectReason::ProvisioningFailed,
+                format!(
+                    "certificate {id} cannot be provisioned now: the registry queue is full; retry"
+                ),
+            );
+        }
+        RegistryDecision::Provision {
+            thing,
+            pending: Some(pending),
         }
     }
 
-    /// The registry's refusal of `leaf`, if this domain consults the registry.
+    /// The decision trace for a presented chain (leaf first), changing nothing: the chain
+    /// result against this domain's truststore, then the registry's view.
+    pub fn explain(&self, chain: &[Certificate]) -> serde_json::Value {
+        use serde_json::json;
+        let Some(leaf) = chain.first() else {
+            return json!({"chain": {"result": "rejected", "reason": "no-certificate"}});
+        };
+        let info = leaf.info();
+        let certificate = json!({
+            "id": info.id, "subject": info.subject, "issuer": info.issuer,
+            "serial": info.serial, "not_after": info.not_after,
+        });
+        let chain_result = match &self.truststore {
+            None => Verdict::Rejected {
+                reason: RejectReason::UntrustedIssuer,
+                explanation: "this domain has no truststore".into(),
+            },
+            Some(store) => verify(leaf, &chain[1..], store, &self.options),
+        };
+        let chain_json = match &chain_result {
+            Verdict::Valid { chain } => json!({
+                "result": "valid",
+                "path": chain.iter().map(|c| c.info().subject.clone()).collect::<Vec<_>>(),
+            }),
+            Verdict::Rejected {
+                reason,
+                explanation,
+            } => json!({"result": "rejected", "reason": reason.code(), "explanation": explanation}),
+        };
+        let mode = match self.registry_mode {
+            RegistryMode::Off => "off",
+            RegistryMode::Revocation => "revocation",
+            RegistryMode::Registered => "registered",
+        };
+        let status = self.registered_status(&info.id).map(|s| match s {
+            RegisteredStatus::Active => "ACTIVE",
+            RegisteredStatus::Inactive => "INACTIVE",
+            RegisteredStatus::PendingActivation => "PENDING_ACTIVATION",
+            RegisteredStatus::Revoked => "REVOKED",
+        });
+        let registry = if matches!(chain_result, Verdict::Rejected { .. }) {
+            json!({"mode": mode, "status": status, "decision": "not-reached"})
+        } else {
+            let snapshot = self.registry.snapshot.load();
+            let jit = snapshot.jit_issuer(leaf).map(|a| {
+                json!({"ca": a.ca.info().subject, "ca_id": a.ca_id,
+                       "kind": if a.provisioner.is_some() { "JITP" } else { "JITR" }})
+            });
+            match self.registry_decision(leaf, true) {
+                RegistryDecision::Admit => {
+                    json!({"mode": mode, "status": status, "decision": "admit"})
+                }
+                RegistryDecision::Provision { thing, .. } => json!({
+                    "mode": mode, "status": status, "decision": "provision-just-in-time",
+                    "thing": thing, "just_in_time": jit,
+                    "explanation": format!("unregistered, from an auto-registering CA with a provisioning template: the first connection registers it ACTIVE as thing '{thing}' and is served"),
+                }),
+                RegistryDecision::Refuse(reason, explanation) => json!({
+                    "mode": mode, "status": status,
+                    "decision": if jit.is_some() && status.is_none() { "refuse-and-register-just-in-time" } else { "refuse" },
+                    "reason": reason.code(), "explanation": explanation, "just_in_time": jit,
+                }),
+            }
+        };
+        json!({"certificate": certificate, "chain": chain_json, "registry": registry})
+    }
+
+    /// The mTLS mode and what a refused client gets.
+    pub fn mode(&self) -> (MtlsMode, OnFailure) {
+        (self.mode, self.on_failure)
+    }
+
+    /// The registry's refusal of an admitted connection's certificate, checked again when the
+    /// registry changes (dry run: a certificate being provisioned stays admitted).
     pub(crate) fn registry_refusal(&self, leaf: &Certificate) -> Option<(RejectReason, String)> {
-        let snapshot = self.registry.snapshot.load();
-        let refusal = snapshot.refusal(self.registry_mode, &leaf.info().id)?;
-        if refusal.0 == RejectReason::Unregistered
-            && let Some(ca) = snapshot.jit_issuer(leaf)
-        {
-            // Just-in-time registration: recorded as PENDING_ACTIVATION by the binary, and this
-            // connection is refused (an operator activates the certificate; the device retries).
-            let _ = self.registry.jit.try_send(leaf.clone());
-            return Some((
-                RejectReason::Inactive,
-                format!(
-                    "certificate {} was registered just in time (CA '{}') as PENDING_ACTIVATION; activate it, then retry",
-                    leaf.info().id,
-                    ca.info().subject
-                ),
-            ));
+        match self.registry_decision(leaf, true) {
+            RegistryDecision::Refuse(reason, explanation) => Some((reason, explanation)),
+            RegistryDecision::Admit | RegistryDecision::Provision { .. } => None,
         }
-        Some(refusal)
+    }
+
+    /// Reports a verified certificate seen on `domain`.
+    pub(crate) fn saw(&self, leaf: &Certificate, domain: &str) {
+        self.registry.saw(leaf, domain);
+    }
+
+    /// The registry mode.
+    pub fn registry_mode(&self) -> RegistryMode {
+        self.registry_mode
+    }
+
+    /// The registry status of a certificate in the current snapshot.
+    pub fn registered_status(&self, id: &str) -> Option<RegisteredStatus> {
+        self.registry.snapshot.load().status(id)
     }
 
     /// Whether this domain consults the registry.
@@ -308,7 +567,15 @@ tokio::task_local! {
     /// Where the handshake of the current connection leaves its verdict. The verifier runs
     /// synchronously inside the task that drives the handshake, so a task-local slot gives each
     /// connection its own verdict without a per-connection `ServerConfig`.
-    pub(crate) static CONNECTION_VERDICT: Arc<Mutex<Option<ClientVerdict>>>;
+    pub(crate) static CONNECTION_VERDICT: Arc<Mutex<Option<HandshakeRecord>>>;
+}
+
+/// What the verifier leaves for its connection.
+#[derive(Debug)]
+pub(crate) struct HandshakeRecord {
+    pub(crate) verdict: ClientVerdict,
+    /// A JITP provisioning to wait for before serving.
+    pub(crate) provisioning: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
 impl ClientCertVerifier for DomainVerifier {
@@ -330,7 +597,7 @@ impl ClientCertVerifier for DomainVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verdict = self.verify_chain(end_entity, intermediates);
+        let (verdict, provisioning) = self.verify_chain(end_entity, intermediates);
         let alert = match &verdict {
             ClientVerdict::Rejected { reason, .. } if self.rejects_in_handshake() => {
                 Some(alert_for(*reason))
@@ -339,7 +606,10 @@ impl ClientCertVerifier for DomainVerifier {
         };
         let _ = CONNECTION_VERDICT.try_with(|slot| {
             if let Ok(mut slot) = slot.lock() {
-                *slot = Some(verdict);
+                *slot = Some(HandshakeRecord {
+                    verdict,
+                    provisioning,
+                });
             }
         });
         match alert {

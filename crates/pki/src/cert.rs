@@ -102,6 +102,14 @@ impl Certificate {
             && me.verify_signature(Some(them.public_key())).is_ok()
     }
 
+    /// The first value of a subject attribute, by its RFC 4514 short name (`CN`, `O`, `OU`, `C`,
+    /// `ST`, `L`, `serialNumber`, `emailAddress`…), as provisioning templates and policies use it.
+    pub fn subject_attribute(&self, short: &str) -> Option<String> {
+        self.with_parsed(|c| crate::name::attribute(c.subject(), short))
+            .ok()
+            .flatten()
+    }
+
     /// Runs `f` over the x509-parser view. Parsing succeeded once in [`Certificate::from_der`],
     /// so it succeeds again.
     pub(crate) fn with_parsed<T>(&self, f: impl FnOnce(&X509Certificate<'_>) -> T) -> Result<T> {

@@ -61,11 +61,14 @@ pub enum RejectReason {
     Unregistered,
     /// The registry marks the certificate INACTIVE or PENDING_ACTIVATION.
     Inactive,
+    /// Just-in-time provisioning could not provision the certificate (its CA's template needs a
+    /// subject field it lacks, or the registry could not record it).
+    ProvisioningFailed,
 }
 
 impl RejectReason {
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 18] = [
         RejectReason::NoCertificate,
         RejectReason::Expired,
         RejectReason::NotYetValid,
@@ -83,6 +86,7 @@ impl RejectReason {
         RejectReason::WeakKey,
         RejectReason::Unregistered,
         RejectReason::Inactive,
+        RejectReason::ProvisioningFailed,
     ];
 
     /// The stable code (`expired`, `untrusted-issuer`…).
@@ -105,6 +109,7 @@ impl RejectReason {
             RejectReason::WeakKey => "weak-key",
             RejectReason::Unregistered => "unregistered",
             RejectReason::Inactive => "inactive",
+            RejectReason::ProvisioningFailed => "provisioning-failed",
         }
     }
 

@@ -10,11 +10,17 @@
 //! hand it to the gateway (the next slice of this crate).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod model;
+pub mod provisioning;
 pub mod store;
 
-pub use model::{AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus};
-pub use store::{CertFilter, Store};
+pub use model::{
+    Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus, DomainRecord,
+    Thing, TokenRecord, TruststoreVersion,
+};
+pub use provisioning::{Provisioned, ProvisioningTemplate};
+pub use store::{AuditFilter, CaRegistration, CaUpdate, CertFilter, Sighting, Store};
 
 /// Errors of the registry.
 #[non_exhaustive]

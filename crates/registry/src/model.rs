@@ -129,6 +129,9 @@ impl FromStr for CaStatus {
 /// A registered CA.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaRecord {
+    /// The provisioning template (JITP), when certificates it issues are provisioned as things
+    /// at their first connection.
+    pub provisioning_template: Option<crate::provisioning::ProvisioningTemplate>,
     /// SHA-256 of the DER.
     pub id: CertId,
     /// RFC 4514 subject.
@@ -174,6 +177,8 @@ pub struct CertRecord {
     pub updated_at: i64,
     /// When a gateway last saw it, if ever.
     pub last_seen: Option<i64>,
+    /// The things it is attached to.
+    pub things: Vec<String>,
     /// Incremented on every change.
     pub version: i64,
     /// The certificate, PEM.
@@ -197,4 +202,93 @@ pub struct AuditEntry {
     pub before: Option<String>,
     /// JSON after the change.
     pub after: Option<String>,
+}
+
+/// A thing: a device or workload that certificates are attached to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Thing {
+    /// Unique name: 1–128 of `A-Z a-z 0-9 : _ - .`.
+    pub name: String,
+    /// Free-form string attributes.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Attached certificates.
+    pub certificates: Vec<Attachment>,
+    /// When it was created.
+    pub created_at: i64,
+    /// When it last changed.
+    pub updated_at: i64,
+    /// Incremented on every change.
+    pub version: i64,
+}
+
+/// A certificate attached to a thing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    /// The certificate.
+    pub certificate_id: CertId,
+    /// Whether the certificate may be attached to this thing only.
+    pub exclusive: bool,
+}
+
+/// One immutable version of a named truststore.
+#[derive(Debug, Clone, Serialize)]
+pub struct TruststoreVersion {
+    /// The truststore's name.
+    pub name: String,
+    /// 1, 2, 3… in order of creation.
+    pub version: i64,
+    /// The CA bundle, PEM.
+    pub bundle: String,
+    /// CRLs, PEM each.
+    pub crls: Vec<String>,
+    /// The pki lint warnings of the bundle when it was stored.
+    pub warnings: Vec<String>,
+    /// When it was stored.
+    pub created_at: i64,
+}
+
+/// An admin API token (the secret itself is never stored).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRecord {
+    /// Short public id, used to delete it.
+    pub id: String,
+    /// Who or what it is for.
+    pub name: String,
+    /// When it was made.
+    pub created_at: i64,
+    /// When it was last used, if ever.
+    pub last_used: Option<i64>,
+}
+
+/// A domain managed in the registry: the configuration file's `[[domain]]` table as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainRecord {
+    /// The hostname (or `*.suffix`).
+    pub hostname: String,
+    /// The domain's settings, as the configuration file spells them.
+    pub spec: serde_json::Value,
+    /// When it was created.
+    pub created_at: i64,
+    /// When it last changed.
+    pub updated_at: i64,
+    /// Incremented on every change.
+    pub version: i64,
+}
+
+/// Checks a name given to a thing or truststore: 1–128 of `A-Z a-z 0-9 : _ - .`, so that names
+/// are safe in URLs, file names, logs and templates.
+pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "{kind} name '{}' must be 1-128 characters of A-Z a-z 0-9 : _ - .",
+            name.escape_debug()
+        )))
+    }
 }

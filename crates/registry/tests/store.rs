@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
-use portcullis_registry::{CaStatus, CertFilter, CertId, CertStatus, RegistryError, Store};
+use portcullis_registry::{
+    AuditFilter, CaRegistration, CaStatus, CaUpdate, CertFilter, CertId, CertStatus,
+    ProvisioningTemplate, RegistryError, Sighting, Store,
+};
 
 fn ca(name: &str) -> CaIssuer {
     let key = PrivateKey::generate(KeyType::EcP256).unwrap();
@@ -42,11 +45,14 @@ async fn suite(store: Store) {
     let proof = leaf(&fleet, &code, Profile::Verification);
     let record = store
         .register_ca(
-            fleet.certificate().to_pem().as_bytes(),
-            Some(proof.as_bytes()),
-            false,
-            true,
-            true,
+            CaRegistration {
+                certificate: fleet.certificate().to_pem().as_bytes(),
+                verification: Some(proof.as_bytes()),
+                allow_unverified: false,
+                activate: true,
+                auto_registration: true,
+                provisioning_template: None,
+            },
             "test",
         )
         .await
@@ -55,11 +61,14 @@ async fn suite(store: Store) {
     assert_eq!(record.status, CaStatus::Active);
     let again = store
         .register_ca(
-            fleet.certificate().to_pem().as_bytes(),
-            Some(proof.as_bytes()),
-            false,
-            true,
-            true,
+            CaRegistration {
+                certificate: fleet.certificate().to_pem().as_bytes(),
+                verification: Some(proof.as_bytes()),
+                allow_unverified: false,
+                activate: true,
+                auto_registration: true,
+                provisioning_template: None,
+            },
             "test",
         )
         .await;
@@ -72,11 +81,14 @@ async fn suite(store: Store) {
     let wrong_code = leaf(&other, &"0".repeat(64), Profile::Verification);
     let r = store
         .register_ca(
-            other.certificate().to_pem().as_bytes(),
-            Some(wrong_code.as_bytes()),
-            false,
-            true,
-            false,
+            CaRegistration {
+                certificate: other.certificate().to_pem().as_bytes(),
+                verification: Some(wrong_code.as_bytes()),
+                allow_unverified: false,
+                activate: true,
+                auto_registration: false,
+                provisioning_template: None,
+            },
             "test",
         )
         .await;
@@ -87,11 +99,14 @@ async fn suite(store: Store) {
     let wrong_key = leaf(&fleet, &code, Profile::Verification);
     let r = store
         .register_ca(
-            other.certificate().to_pem().as_bytes(),
-            Some(wrong_key.as_bytes()),
-            false,
-            true,
-            false,
+            CaRegistration {
+                certificate: other.certificate().to_pem().as_bytes(),
+                verification: Some(wrong_key.as_bytes()),
+                allow_unverified: false,
+                activate: true,
+                auto_registration: false,
+                provisioning_template: None,
+            },
             "test",
         )
         .await;
@@ -101,18 +116,31 @@ async fn suite(store: Store) {
     );
     let r = store
         .register_ca(
-            other.certificate().to_pem().as_bytes(),
-            None,
-            false,
-            true,
-            false,
+            CaRegistration {
+                certificate: other.certificate().to_pem().as_bytes(),
+                verification: None,
+                allow_unverified: false,
+                activate: true,
+                auto_registration: false,
+                provisioning_template: None,
+            },
             "test",
         )
         .await;
     assert!(matches!(r, Err(RegistryError::Invalid(_))), "{r:?}");
     let device = leaf(&fleet, "device-0", Profile::Client);
     let r = store
-        .register_ca(device.as_bytes(), None, true, true, false, "test")
+        .register_ca(
+            CaRegistration {
+                certificate: device.as_bytes(),
+                verification: None,
+                allow_unverified: true,
+                activate: true,
+                auto_registration: false,
+                provisioning_template: None,
+            },
+            "test",
+        )
         .await;
     assert!(
         matches!(r, Err(RegistryError::Invalid(ref m)) if m.contains("not a CA")),
@@ -120,11 +148,14 @@ async fn suite(store: Store) {
     );
     let unverified = store
         .register_ca(
-            other.certificate().to_pem().as_bytes(),
-            None,
-            true,
-            false,
-            false,
+            CaRegistration {
+                certificate: other.certificate().to_pem().as_bytes(),
+                verification: None,
+                allow_unverified: true,
+                activate: false,
+                auto_registration: false,
+                provisioning_template: None,
+            },
             "test",
         )
         .await
@@ -262,24 +293,322 @@ async fn suite(store: Store) {
         "{backend}"
     );
 
-    // Seen, CA updates, audit.
+    // Sightings: registered or not; the newest time wins.
+    let seen_cert = portcullis_pki::Certificate::first_and_rest(
+        store.certificate(&ids[3]).await.unwrap().pem.as_bytes(),
+    )
+    .unwrap()
+    .0;
+    let unregistered = portcullis_pki::Certificate::first_and_rest(
+        leaf(&fleet, "never-registered", Profile::Client).as_bytes(),
+    )
+    .unwrap()
+    .0;
+    let sight = |c: &portcullis_pki::Certificate, at| Sighting {
+        certificate: c.clone(),
+        domain: "api.test".into(),
+        at,
+    };
     store
-        .mark_seen(&[ids[3].clone()], 1_700_000_000)
+        .record_sightings(&[
+            sight(&seen_cert, 1_700_000_000),
+            sight(&unregistered, 1_700_000_100),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_sightings(&[sight(&seen_cert, 1_600_000_000)])
         .await
         .unwrap();
     assert_eq!(
         store.certificate(&ids[3]).await.unwrap().last_seen,
         Some(1_700_000_000)
     );
-    let updated = store
-        .update_ca(&record.id, Some(CaStatus::Inactive), Some(false), "test")
+    let seen = store.seen_since(1_700_000_000).await.unwrap();
+    assert_eq!(seen.len(), 2, "{backend}");
+    assert_eq!(seen[0].0.info().id, unregistered.info().id);
+    assert_eq!(store.seen_since(1_700_000_050).await.unwrap().len(), 1);
+
+    // Things: attributes, exclusive attachments, listing by thing, deletion rules.
+    let attrs = std::collections::BTreeMap::from([("site".to_string(), "lyon".to_string())]);
+    let thing = store.create_thing("pump-1", &attrs, "test").await.unwrap();
+    assert_eq!(thing.attributes["site"], "lyon");
+    assert!(matches!(
+        store.create_thing("pump-1", &attrs, "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    for bad in ["", "a b", "x'; DROP TABLE things; --", "../etc", "\"x\""] {
+        let r = store.create_thing(bad, &attrs, "test").await;
+        assert!(matches!(r, Err(RegistryError::Invalid(_))), "{bad}: {r:?}");
+    }
+    store
+        .create_thing("pump-2", &Default::default(), "test")
+        .await
+        .unwrap();
+    store.attach("pump-1", &ids[3], true, "test").await.unwrap();
+    let r = store.attach("pump-2", &ids[3], false, "test").await;
+    assert!(
+        matches!(r, Err(RegistryError::Conflict(_))),
+        "{backend}: {r:?}"
+    );
+    store
+        .attach("pump-2", &ids[4], false, "test")
+        .await
+        .unwrap();
+    store
+        .attach("pump-1", &ids[4], false, "test")
+        .await
+        .unwrap();
+    let r = store.attach("pump-1", &ids[2], true, "test").await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(matches!(
+        store.attach("nope", &ids[2], false, "test").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    let by_thing = store
+        .list_certificates(&CertFilter {
+            thing: Some("pump-1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_thing.len(), 3, "{backend}");
+    assert!(
+        by_thing
+            .iter()
+            .all(|c| c.things.contains(&"pump-1".to_string()))
+    );
+    assert_eq!(
+        store.certificate(&ids[4]).await.unwrap().things,
+        vec!["pump-1".to_string(), "pump-2".to_string()]
+    );
+    let changed = store
+        .update_thing(
+            "pump-1",
+            &std::collections::BTreeMap::from([
+                ("site".to_string(), None),
+                ("model".to_string(), Some("x2".to_string())),
+            ]),
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.attributes.len(), 1);
+    assert_eq!(changed.version, 2);
+    let r = store.delete_thing("pump-2", "test").await;
+    assert!(
+        matches!(r, Err(RegistryError::Invalid(ref m)) if m.contains("detach")),
+        "{r:?}"
+    );
+    store.detach("pump-2", &ids[4], "test").await.unwrap();
+    store.delete_thing("pump-2", "test").await.unwrap();
+    assert_eq!(store.list_things(None, 100).await.unwrap().len(), 1);
+
+    // Just-in-time provisioning: certificate, thing and attachment in one transaction.
+    let template = ProvisioningTemplate::from_json(&serde_json::json!({
+        "thing_name": "dev-${Certificate.Subject.CommonName}",
+        "attributes": {"by": "jitp"}
+    }))
+    .unwrap();
+    let newcomer = portcullis_pki::Certificate::first_and_rest(
+        leaf(&fleet, "newcomer", Profile::Client).as_bytes(),
+    )
+    .unwrap()
+    .0;
+    let provisioned = template.resolve(&newcomer).unwrap();
+    let rec = store
+        .provision(&newcomer, &record.id, &provisioned, "gateway:jit")
+        .await
+        .unwrap();
+    assert_eq!(rec.status, CertStatus::Active);
+    let t = store.thing("dev-newcomer").await.unwrap();
+    assert_eq!(t.certificates.len(), 1);
+    assert_eq!(t.attributes["by"], "jitp");
+    let r = store
+        .provision(&newcomer, &record.id, &provisioned, "gateway:jit")
+        .await;
+    assert!(matches!(r, Err(RegistryError::Conflict(_))), "{r:?}");
+
+    // CA updates: template, and deactivation that revokes what it issued.
+    let (updated, revoked) = store
+        .update_ca(
+            &record.id,
+            &CaUpdate {
+                provisioning_template: Some(Some(template.clone())),
+                ..Default::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.provisioning_template.as_ref(), Some(&template));
+    assert_eq!(revoked, 0);
+    assert_eq!(
+        store.ca(&record.id).await.unwrap().provisioning_template,
+        Some(template)
+    );
+    let (updated, revoked) = store
+        .update_ca(
+            &record.id,
+            &CaUpdate {
+                status: Some(CaStatus::Inactive),
+                auto_registration: Some(false),
+                revoke_issued: true,
+                ..Default::default()
+            },
+            "test",
+        )
         .await
         .unwrap();
     assert_eq!(
         (updated.status, updated.auto_registration, updated.version),
-        (CaStatus::Inactive, false, 2)
+        (CaStatus::Inactive, false, 3)
     );
-    let log = store.audit_log(1000).await.unwrap();
+    // ids[1..5] and the newcomer were not revoked yet (ids[0] was deleted).
+    assert_eq!(revoked, 5, "{backend}");
+    let revoked_now = store
+        .list_certificates(&CertFilter {
+            status: Some(CertStatus::Revoked),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked_now.len(), 5);
+
+    // Truststores: immutable numbered versions with lint warnings.
+    let bundle = fleet.certificate().to_pem();
+    let v1 = store
+        .add_truststore_version("partners", &bundle, &[], true, "test")
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+    assert!(matches!(
+        store
+            .add_truststore_version("partners", &bundle, &[], true, "test")
+            .await,
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .add_truststore_version("absent", &bundle, &[], false, "test")
+            .await,
+        Err(RegistryError::NotFound(_))
+    ));
+    let leaf_only = leaf(&fleet, "not-a-ca", Profile::Client);
+    assert!(
+        store
+            .add_truststore_version("partners", &leaf_only, &[], false, "test")
+            .await
+            .is_err()
+    );
+    let both = format!("{bundle}{}", other.certificate().to_pem());
+    let crl = portcullis_pki::crl::create(&fleet, &[], 7)
+        .unwrap()
+        .to_pem();
+    let v2 = store
+        .add_truststore_version("partners", &both, &[crl], false, "test")
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        store
+            .truststore_version("partners", None)
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    assert_eq!(
+        store
+            .truststore_version("partners", Some(1))
+            .await
+            .unwrap()
+            .bundle,
+        bundle
+    );
+    assert!(matches!(
+        store
+            .add_truststore_version("partners", &bundle, &["junk".into()], false, "test")
+            .await,
+        Err(RegistryError::Invalid(_))
+    ));
+    assert_eq!(
+        store.list_truststores().await.unwrap(),
+        vec![("partners".to_string(), 2)]
+    );
+
+    // Tokens: the secret works once made, never stored, and stops working when deleted.
+    let (token, secret) = store.create_token("ci", "test").await.unwrap();
+    assert!(secret.starts_with("pct_") && secret.len() == 68);
+    assert_eq!(
+        store.token_by_secret(&secret).await.unwrap().unwrap().id,
+        token.id
+    );
+    assert!(store.token_by_secret("pct_nope").await.unwrap().is_none());
+    assert!(store.token_by_secret(&secret).await.unwrap().unwrap().name == "ci");
+    store.delete_token(&token.id, "test").await.unwrap();
+    assert!(store.token_by_secret(&secret).await.unwrap().is_none());
+
+    // Domains: seeded once, then versioned writes.
+    let marker = store.config_marker().await.unwrap();
+    let spec = serde_json::json!({"hostname": "api.test", "certificate": "auto"});
+    assert!(
+        store
+            .seed_domains(&[("api.test".into(), spec.clone())], "config")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .seed_domains(&[("other.test".into(), spec.clone())], "config")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.list_domains().await.unwrap().len(), 1);
+    assert!(store.config_marker().await.unwrap() > marker);
+    let d = store
+        .put_domain("api.test", &spec, Some(1), "test")
+        .await
+        .unwrap();
+    assert_eq!(d.version, 2);
+    assert!(matches!(
+        store.put_domain("api.test", &spec, Some(1), "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    store
+        .put_domain("new.test", &spec, Some(0), "test")
+        .await
+        .unwrap();
+    store.delete_domain("new.test", "test").await.unwrap();
+    assert!(matches!(
+        store.domain("new.test").await,
+        Err(RegistryError::NotFound(_))
+    ));
+
+    let log = store
+        .audit_log(&AuditFilter {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let provisioning = store
+        .audit_log(&AuditFilter {
+            action: Some("certificate.provision".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(provisioning.len(), 1, "{backend}");
+    let cause = log
+        .iter()
+        .filter(|e| {
+            e.after
+                .as_deref()
+                .is_some_and(|a| a.contains("ca-revoke-issued"))
+        })
+        .count();
+    assert_eq!(cause, 5, "{backend}");
     let racers = log.iter().filter(|e| e.actor == "racer").count();
     assert_eq!(racers, 16, "{backend}");
     assert!(log.iter().any(|e| e.action == "ca.register"));
@@ -291,6 +620,7 @@ async fn suite(store: Store) {
         .iter()
         .find(|e| {
             e.action == "certificate.status"
+                && e.target == ids[0].as_str()
                 && e.after.as_deref().is_some_and(|a| a.contains("REVOKED"))
         })
         .unwrap();

@@ -12,15 +12,15 @@ use serde_json::Value;
 use crate::*;
 
 /// A running `portcullis serve`, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    admin_port: u16,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) admin_port: u16,
     lines: Receiver<String>,
 }
 
 impl Server {
-    fn start(dir: &Path, config: &str) -> Server {
+    pub(crate) fn start(dir: &Path, config: &str) -> Server {
         std::fs::write(dir.join("gw.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["serve", "--config", "gw.toml", "--data-dir", "data"])
@@ -49,7 +49,7 @@ impl Server {
             admin_port: 0,
             lines,
         };
-        let line = server.wait_for("portcullis admin (metrics, health) on http://");
+        let line = server.wait_for("portcullis admin API on https://");
         server.admin_port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
         let line = server.wait_for("portcullis is serving on ");
         let addr = line
@@ -64,7 +64,7 @@ impl Server {
     }
 
     /// Waits (up to 30 s) for an output line containing `needle` and returns it.
-    fn wait_for(&self, needle: &str) -> String {
+    pub(crate) fn wait_for(&self, needle: &str) -> String {
         let mut seen = Vec::new();
         loop {
             match self.lines.recv_timeout(Duration::from_secs(30)) {
@@ -79,7 +79,7 @@ impl Server {
     }
 
     /// Sends SIGHUP and returns the reload log line.
-    fn reload(&self) -> String {
+    pub(crate) fn reload(&self) -> String {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-HUP", &pid]).status().unwrap();
         self.wait_for("portcullis::reload")
@@ -95,11 +95,11 @@ impl Drop for Server {
 
 /// curl against `host` on the server's port, resolving to 127.0.0.1; returns the run with the
 /// HTTP status as the last line of stdout.
-fn curl(dir: &Path, server: &Server, host: &str, path: &str, extra: &[&str]) -> Run {
+pub(crate) fn curl(dir: &Path, server: &Server, host: &str, path: &str, extra: &[&str]) -> Run {
     curl_port(dir, server.port, host, path, extra)
 }
 
-fn curl_port(dir: &Path, port: u16, host: &str, path: &str, extra: &[&str]) -> Run {
+pub(crate) fn curl_port(dir: &Path, port: u16, host: &str, path: &str, extra: &[&str]) -> Run {
     let curl = require_tool("curl").unwrap();
     let resolve = format!("{host}:{port}:127.0.0.1");
     let url = format!("https://{host}:{port}{path}");
@@ -119,7 +119,7 @@ fn curl_port(dir: &Path, port: u16, host: &str, path: &str, extra: &[&str]) -> R
     run(curl, &args, dir)
 }
 
-fn client(name: &str) -> [String; 4] {
+pub(crate) fn client(name: &str) -> [String; 4] {
     [
         "--cert".into(),
         format!("{name}.chain.pem"),
@@ -128,12 +128,12 @@ fn client(name: &str) -> [String; 4] {
     ]
 }
 
-fn with_client(c: &[String; 4]) -> Vec<&str> {
+pub(crate) fn with_client(c: &[String; 4]) -> Vec<&str> {
     c.iter().map(String::as_str).collect()
 }
 
 /// Status code and JSON body (if any) of a curl run.
-fn answer(r: &Run) -> (u16, Value) {
+pub(crate) fn answer(r: &Run) -> (u16, Value) {
     let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
     let code = status
         .split_whitespace()
@@ -145,7 +145,7 @@ fn answer(r: &Run) -> (u16, Value) {
 }
 
 /// The test PKI: root A with an intermediate (and deeper ones), root B, clients under each.
-fn pki(d: &Path) {
+pub(crate) fn pki(d: &Path) {
     root(d); // root/
     intermediate(d, "int", "root");
     intermediate(d, "i2", "int");
@@ -853,21 +853,26 @@ fn metrics_and_health_are_served_on_the_admin_listener() {
     assert_ne!(curl(d, &s, "a.test", "/", &with_client(&bob)).code, 0);
     s.wait_for("TLS handshake failed");
     let curl_bin = require_tool("curl").unwrap();
-    let admin = |path: &str| {
-        run(
-            &curl_bin,
-            &[
-                "-sS",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://127.0.0.1:{}{path}", s.admin_port),
-            ],
-            d,
-        )
+    let admin = |path: &str, with_cert: bool| {
+        let url = format!("https://127.0.0.1:{}{path}", s.admin_port);
+        let mut args = vec!["-sS", "-w", "\n%{http_code}", "--cacert", "data/ca/ca.pem"];
+        if with_cert {
+            args.extend([
+                "--cert",
+                "data/admin/admin.pem",
+                "--key",
+                "data/admin/admin.key",
+            ]);
+        }
+        args.push(&url);
+        run(&curl_bin, &args, d)
     };
-    assert!(admin("/healthz").stdout.ends_with("200"));
-    assert!(admin("/readyz").stdout.ends_with("200"));
-    let metrics = admin("/metrics").stdout;
+    // Only /healthz answers without credentials.
+    assert!(admin("/healthz", false).stdout.ends_with("200"));
+    assert!(admin("/readyz", false).stdout.ends_with("401"));
+    assert!(admin("/metrics", false).stdout.ends_with("401"));
+    assert!(admin("/readyz", true).stdout.ends_with("200"));
+    let metrics = admin("/metrics", true).stdout;
     for needle in [
         r#"portcullis_handshakes_total{domain="a.test",result="ok",reason=""}"#,
         r#"portcullis_handshakes_total{domain="a.test",result="failed",reason="untrusted-issuer"}"#,
@@ -1275,7 +1280,16 @@ fn just_in_time_registration_records_pending_activation_once() {
     let ca_pem = std::fs::read(d.join("int/ca.pem")).unwrap();
     let proof = std::fs::read(d.join("pop/verification.pem")).unwrap();
     runtime
-        .block_on(store.register_ca(&ca_pem, Some(&proof), false, true, true, "test"))
+        .block_on(store.register_ca(
+            portcullis_registry::CaRegistration {
+                certificate: &ca_pem,
+                verification: Some(&proof),
+                activate: true,
+                auto_registration: true,
+                ..Default::default()
+            },
+            "test",
+        ))
         .unwrap();
     let config = registry_config(&[("reg.test", "registered")]);
     let s = Server::start(d, &config);
@@ -1330,7 +1344,7 @@ fn just_in_time_registration_records_pending_activation_once() {
 }
 
 /// A runtime and the registry the gateway under test will open (DATA_DIR/registry.db).
-fn registry_store(d: &Path) -> (tokio::runtime::Runtime, portcullis_registry::Store) {
+pub(crate) fn registry_store(d: &Path) -> (tokio::runtime::Runtime, portcullis_registry::Store) {
     std::fs::create_dir_all(d.join("data")).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let db = d.join("data/registry.db").display().to_string();
@@ -1342,7 +1356,7 @@ fn registry_store(d: &Path) -> (tokio::runtime::Runtime, portcullis_registry::St
 
 /// A configuration with one mTLS domain per (hostname, registry mode), trusting root A, mapped
 /// to the echo upstream.
-fn registry_config(domains: &[(&str, &str)]) -> String {
+pub(crate) fn registry_config(domains: &[(&str, &str)]) -> String {
     let mut config = String::from(
         "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
     );

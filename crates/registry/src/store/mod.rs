@@ -18,7 +18,15 @@ use sqlx::sqlite::{
 };
 
 use crate::RegistryError;
-use crate::model::{AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus};
+use crate::model::{CaRecord, CaStatus, CertId, CertRecord, CertStatus};
+use crate::provisioning::ProvisioningTemplate;
+
+mod admin;
+mod things;
+mod truststores;
+
+pub use admin::AuditFilter;
+pub use things::Sighting;
 
 /// A registry store.
 #[derive(Debug, Clone)]
@@ -36,10 +44,41 @@ enum Pool {
 macro_rules! with_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.pool {
-            Pool::Sqlite($pool) => $body,
-            Pool::Postgres($pool) => $body,
+            crate::store::Pool::Sqlite($pool) => $body,
+            crate::store::Pool::Postgres($pool) => $body,
         }
     };
+}
+pub(crate) use with_pool;
+
+/// A CA to register.
+#[derive(Debug, Clone, Default)]
+pub struct CaRegistration<'a> {
+    /// The CA certificate, PEM or DER.
+    pub certificate: &'a [u8],
+    /// The proof-of-possession certificate (CN = registration code, signed by the CA's key).
+    pub verification: Option<&'a [u8]>,
+    /// Register without proof of possession, flagged unverified.
+    pub allow_unverified: bool,
+    /// ACTIVE at once (otherwise INACTIVE).
+    pub activate: bool,
+    /// Register certificates it issued just in time.
+    pub auto_registration: bool,
+    /// Provision them as things (JITP).
+    pub provisioning_template: Option<ProvisioningTemplate>,
+}
+
+/// Changes to a registered CA; `None` keeps a field.
+#[derive(Debug, Clone, Default)]
+pub struct CaUpdate {
+    /// New status.
+    pub status: Option<CaStatus>,
+    /// New auto-registration flag.
+    pub auto_registration: Option<bool>,
+    /// New provisioning template (`Some(None)` removes it).
+    pub provisioning_template: Option<Option<ProvisioningTemplate>>,
+    /// Also revoke every certificate the CA issued (with status INACTIVE).
+    pub revoke_issued: bool,
 }
 
 /// Filters for [`Store::list_certificates`].
@@ -53,6 +92,8 @@ pub struct CertFilter {
     pub expiring_before: Option<i64>,
     /// Page size (1–1000, default 100).
     pub limit: Option<u32>,
+    /// Only certificates attached to this thing.
+    pub thing: Option<String>,
     /// Start after this id (the last id of the previous page).
     pub after: Option<CertId>,
 }
@@ -118,13 +159,20 @@ impl Store {
     /// `unverified` must be set and the CA is flagged unverified.
     pub async fn register_ca(
         &self,
-        ca_pem: &[u8],
-        verification_pem: Option<&[u8]>,
-        unverified: bool,
-        activate: bool,
-        auto_registration: bool,
+        registration: CaRegistration<'_>,
         actor: &str,
     ) -> Result<CaRecord, RegistryError> {
+        let CaRegistration {
+            certificate: ca_pem,
+            verification: verification_pem,
+            allow_unverified: unverified,
+            activate,
+            auto_registration,
+            provisioning_template,
+        } = registration;
+        if let Some(t) = &provisioning_template {
+            t.check()?;
+        }
         let (ca, _) = Certificate::first_and_rest(ca_pem)?;
         if !ca.info().is_ca() {
             return Err(RegistryError::Invalid(format!(
@@ -166,7 +214,13 @@ impl Store {
             CaStatus::Inactive
         };
         let info = ca.info();
+        let template_json = provisioning_template
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| RegistryError::Invalid(format!("provisioning template: {e}")))?;
         let record = CaRecord {
+            provisioning_template,
             id: id.clone(),
             subject: info.subject.clone(),
             status,
@@ -183,7 +237,7 @@ impl Store {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(
                 "INSERT INTO cas (id, der, subject, status, auto_registration, verified, provisioning_template, not_after, created_at, updated_at, version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8, $8, 1)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $9, $7, $8, $8, 1)",
             )
             .bind(id.as_str())
             .bind(ca.der().to_vec())
@@ -193,6 +247,7 @@ impl Store {
             .bind(i64::from(verified))
             .bind(info.not_after_unix())
             .bind(now)
+            .bind(template_json.clone())
             .execute(&mut *tx)
             .await;
             if let Err(e) = inserted {
@@ -223,21 +278,33 @@ impl Store {
         })
     }
 
-    /// Changes a CA's status and auto-registration flag.
+    /// Changes a CA. With `revoke_issued`, every certificate it issued that is not REVOKED yet
+    /// is revoked in the same transaction; the count is returned with the record.
     pub async fn update_ca(
         &self,
         id: &CertId,
-        status: Option<CaStatus>,
-        auto_registration: Option<bool>,
+        update: &CaUpdate,
         actor: &str,
-    ) -> Result<CaRecord, RegistryError> {
+    ) -> Result<(CaRecord, u64), RegistryError> {
+        if let Some(Some(t)) = &update.provisioning_template {
+            t.check()?;
+        }
         loop {
             let before = self.ca(id).await?;
             let mut after = before.clone();
-            after.status = status.unwrap_or(before.status);
-            after.auto_registration = auto_registration.unwrap_or(before.auto_registration);
+            after.status = update.status.unwrap_or(before.status);
+            after.auto_registration = update.auto_registration.unwrap_or(before.auto_registration);
+            if let Some(t) = &update.provisioning_template {
+                after.provisioning_template = t.clone();
+            }
             after.updated_at = now();
             after.version = before.version + 1;
+            let template_json = after
+                .provisioning_template
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| RegistryError::Invalid(format!("provisioning template: {e}")))?;
             let (b, a) = (
                 serde_json::to_string(&summary_ca(&before)).ok(),
                 serde_json::to_string(&summary_ca(&after)).ok(),
@@ -245,10 +312,11 @@ impl Store {
             let written = with_pool!(self, pool => {
                 let mut tx = pool.begin().await?;
                 let done = sqlx::query(
-                    "UPDATE cas SET status = $1, auto_registration = $2, updated_at = $3, version = version + 1 WHERE id = $4 AND version = $5",
+                    "UPDATE cas SET status = $1, auto_registration = $2, provisioning_template = $3, updated_at = $4, version = version + 1 WHERE id = $5 AND version = $6",
                 )
                 .bind(after.status.as_str())
                 .bind(i64::from(after.auto_registration))
+                .bind(template_json)
                 .bind(after.updated_at)
                 .bind(id.as_str())
                 .bind(before.version)
@@ -256,14 +324,35 @@ impl Store {
                 .await?;
                 if done.rows_affected() == 1 {
                     audit(&mut *tx, actor, "ca.update", id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    let mut revoked = 0;
+                    if update.revoke_issued {
+                        sqlx::query(
+                            "INSERT INTO audit (at, actor, action, target, before, after) \
+                             SELECT $1, $2, 'certificate.status', id, '{\"status\":\"' || status || '\"}', '{\"status\":\"REVOKED\",\"cause\":\"ca-revoke-issued\"}' \
+                             FROM certificates WHERE ca_id = $3 AND status <> 'REVOKED'",
+                        )
+                        .bind(after.updated_at)
+                        .bind(actor)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                        revoked = sqlx::query(
+                            "UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE ca_id = $2 AND status <> 'REVOKED'",
+                        )
+                        .bind(after.updated_at)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    }
                     tx.commit().await?;
-                    true
+                    Some(revoked)
                 } else {
-                    false
+                    None
                 }
             });
-            if written {
-                return Ok(after);
+            if let Some(revoked) = written {
+                return Ok((after, revoked));
             }
         }
     }
@@ -307,6 +396,7 @@ impl Store {
             created_at: now,
             updated_at: now,
             last_seen: None,
+            things: Vec::new(),
             version: 1,
             pem: cert.to_pem(),
         };
@@ -341,10 +431,19 @@ impl Store {
     pub async fn certificate(&self, id: &CertId) -> Result<CertRecord, RegistryError> {
         with_pool!(self, pool => {
             let row = sqlx::query("SELECT * FROM certificates WHERE id = $1").bind(id.as_str()).fetch_optional(pool).await?;
-            match row {
-                Some(row) => cert_from_row(&row),
-                None => Err(RegistryError::NotFound(format!("certificate {id}"))),
-            }
+            let mut record = match row {
+                Some(row) => cert_from_row(&row)?,
+                None => return Err(RegistryError::NotFound(format!("certificate {id}"))),
+            };
+            let things = sqlx::query("SELECT thing_name FROM thing_certificates WHERE certificate_id = $1 ORDER BY thing_name")
+                .bind(id.as_str())
+                .fetch_all(pool)
+                .await?;
+            record.things = things
+                .iter()
+                .map(|r| r.try_get::<String, _>("thing_name"))
+                .collect::<Result<_, _>>()?;
+            Ok(record)
         })
     }
 
@@ -355,7 +454,9 @@ impl Store {
     ) -> Result<Vec<CertRecord>, RegistryError> {
         let limit = i64::from(filter.limit.unwrap_or(100).clamp(1, 1000));
         let sql = "SELECT * FROM certificates WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR ca_id = $2) \
-                   AND ($3 IS NULL OR not_after < $3) AND ($4 IS NULL OR id > $4) ORDER BY id LIMIT $5";
+                   AND ($3 IS NULL OR not_after < $3) AND ($4 IS NULL OR id > $4) \
+                   AND ($6 IS NULL OR id IN (SELECT certificate_id FROM thing_certificates WHERE thing_name = $6)) \
+                   ORDER BY id LIMIT $5";
         let status = filter.status.map(|s| s.as_str().to_string());
         let ca = filter.ca.as_ref().map(|c| c.as_str().to_string());
         let after = filter.after.as_ref().map(|c| c.as_str().to_string());
@@ -366,9 +467,27 @@ impl Store {
                 .bind(filter.expiring_before)
                 .bind(after)
                 .bind(limit)
+                .bind(filter.thing.clone())
                 .fetch_all(pool)
                 .await?;
-            rows.iter().map(cert_from_row).collect()
+            let mut page: Vec<CertRecord> = rows.iter().map(cert_from_row).collect::<Result<_, _>>()?;
+            // The page is ordered by id: one range query finds its attachments.
+            if let (Some(first), Some(last)) = (page.first(), page.last()) {
+                let attached = sqlx::query(
+                    "SELECT certificate_id, thing_name FROM thing_certificates WHERE certificate_id >= $1 AND certificate_id <= $2 ORDER BY thing_name",
+                )
+                .bind(first.id.as_str().to_string())
+                .bind(last.id.as_str().to_string())
+                .fetch_all(pool)
+                .await?;
+                for row in &attached {
+                    let cert: String = row.try_get("certificate_id")?;
+                    if let Ok(i) = page.binary_search_by(|c| c.id.as_str().cmp(&cert)) {
+                        page[i].things.push(row.try_get("thing_name")?);
+                    }
+                }
+            }
+            Ok(page)
         })
     }
 
@@ -443,22 +562,6 @@ impl Store {
         })
     }
 
-    /// Records that a gateway saw these certificates at `at` (seconds since the epoch).
-    pub async fn mark_seen(&self, ids: &[CertId], at: i64) -> Result<(), RegistryError> {
-        with_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            for id in ids {
-                sqlx::query("UPDATE certificates SET last_seen = $1 WHERE id = $2 AND (last_seen IS NULL OR last_seen < $1)")
-                    .bind(at)
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
-    }
-
     /// Every registered certificate's status, for the gateway's in-memory snapshot.
     pub async fn statuses(&self) -> Result<Vec<(CertId, CertStatus)>, RegistryError> {
         with_pool!(self, pool => {
@@ -482,33 +585,9 @@ impl Store {
             Ok(row.try_get::<i64, _>("marker")?)
         })
     }
-
-    /// The newest audit entries, newest first.
-    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, RegistryError> {
-        with_pool!(self, pool => {
-            let rows = sqlx::query("SELECT * FROM audit ORDER BY seq DESC LIMIT $1")
-                .bind(i64::from(limit.clamp(1, 10_000)))
-                .fetch_all(pool)
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(AuditEntry {
-                        seq: r.try_get("seq")?,
-                        at: r.try_get("at")?,
-                        actor: r.try_get("actor")?,
-                        action: r.try_get("action")?,
-                        target: r.try_get("target")?,
-                        before: r.try_get("before")?,
-                        after: r.try_get("after")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(Into::into)
-        })
-    }
 }
 
-async fn audit<'e, E, DB>(
+pub(crate) async fn audit<'e, E, DB>(
     executor: E,
     actor: &str,
     action: &str,
@@ -536,26 +615,32 @@ where
     Ok(())
 }
 
-fn conflict_or(e: sqlx::Error, message: String) -> RegistryError {
+pub(crate) fn conflict_or(e: sqlx::Error, message: String) -> RegistryError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => RegistryError::Conflict(message),
         _ => RegistryError::Database(e),
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 fn ca_from_row<R: Row>(row: &R) -> Result<CaRecord, RegistryError>
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
     let der: Vec<u8> = row.try_get("der")?;
+    let template: Option<String> = row.try_get("provisioning_template")?;
     Ok(CaRecord {
+        provisioning_template: template
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| RegistryError::Invalid(format!("stored provisioning template: {e}")))?,
         id: CertId::from_str(&row.try_get::<String, _>("id")?)?,
         subject: row.try_get("subject")?,
         status: CaStatus::from_str(&row.try_get::<String, _>("status")?)?,
@@ -569,7 +654,7 @@ where
     })
 }
 
-fn cert_from_row<R: Row>(row: &R) -> Result<CertRecord, RegistryError>
+pub(crate) fn cert_from_row<R: Row>(row: &R) -> Result<CertRecord, RegistryError>
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -593,6 +678,7 @@ where
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         last_seen: row.try_get("last_seen")?,
+        things: Vec::new(),
         version: row.try_get("version")?,
         pem: Certificate::from_der(der)?.to_pem(),
     })
@@ -602,10 +688,11 @@ fn summary_ca(ca: &CaRecord) -> serde_json::Value {
     serde_json::json!({
         "id": ca.id, "subject": ca.subject, "status": ca.status,
         "auto_registration": ca.auto_registration, "verified": ca.verified, "version": ca.version,
+        "provisioning_template": ca.provisioning_template,
     })
 }
 
-fn summary_cert(c: &CertRecord) -> serde_json::Value {
+pub(crate) fn summary_cert(c: &CertRecord) -> serde_json::Value {
     serde_json::json!({
         "id": c.id, "subject": c.subject, "status": c.status, "ca_id": c.ca_id, "version": c.version,
     })

@@ -1,0 +1,195 @@
+//! The admin listener's side of `serve`: admin credentials in the data dir (an admin CA of its
+//! own, the admin client certificate and its .p12, the listener's server certificate from the
+//! local CA), the rustls configuration, and the hooks the registry's API needs from the gateway.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use portcullis_gateway::explain::Explainer;
+use portcullis_pki::issue::{self, CaIssuer};
+use portcullis_pki::p12::{self, P12Format};
+use portcullis_pki::{
+    Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
+};
+use portcullis_registry::api::{ExplainRequest, Hooks};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+
+use crate::output::{Outputs, read};
+
+/// The files under DATA_DIR/admin.
+pub struct AdminFiles {
+    dir: PathBuf,
+}
+
+impl AdminFiles {
+    /// The admin directory of a data dir.
+    pub fn new(data_dir: &Path) -> AdminFiles {
+        AdminFiles {
+            dir: data_dir.join("admin"),
+        }
+    }
+
+    /// The admin client certificate and key.
+    pub fn client_cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("admin.pem"), self.dir.join("admin.key"))
+    }
+
+    /// Where `serve` writes the admin API's URL for local CLI commands.
+    pub fn endpoint_file(&self) -> PathBuf {
+        self.dir.join("endpoint")
+    }
+
+    /// Creates the admin CA and the admin client certificate (with a .p12 for browsers) on first
+    /// start; returns the admin CA certificate.
+    fn ensure_client_credentials(&self) -> Result<Certificate> {
+        let ca_path = self.dir.join("ca.pem");
+        if !ca_path.exists() {
+            let ca_key = PrivateKey::generate(KeyType::EcP256)?;
+            let mut req = IssueRequest::new(
+                Profile::RootCa,
+                SubjectName {
+                    common_name: "Portcullis Admin CA".into(),
+                    organization: Some("Portcullis".into()),
+                    ..Default::default()
+                },
+            );
+            req.path_len = Some(0);
+            let ca = issue::issue(&req, &ca_key, None)?;
+            let issuer = CaIssuer::new(ca.clone(), ca_key, Vec::new())?;
+            let key = PrivateKey::generate(KeyType::EcP256)?;
+            let client = issue::issue(
+                &IssueRequest::new(Profile::Client, SubjectName::cn("portcullis-admin")),
+                &key,
+                Some(&issuer),
+            )?;
+            let password = portcullis_pki::cert::hex(&issue::random_serial()?[..8], "");
+            let p12 = p12::export(
+                &client,
+                &key,
+                std::slice::from_ref(&ca),
+                &password,
+                P12Format::Modern,
+            )?;
+            let (cert_path, key_path) = self.client_cert();
+            let mut out = Outputs::default();
+            out.public(&cert_path, client.to_pem());
+            out.secret(&key_path, key.to_pem());
+            out.secret(self.dir.join("admin.p12"), p12);
+            out.secret(self.dir.join("admin.p12.password"), format!("{password}\n"));
+            out.secret(self.dir.join("ca.key"), issuer.key().to_pem());
+            // The CA certificate last: its presence means everything else was written.
+            out.public(&ca_path, ca.to_pem());
+            out.write(true)?;
+        }
+        let (ca, _) = Certificate::first_and_rest(&read(&ca_path, "admin CA")?)?;
+        Ok(ca)
+    }
+
+    /// The admin listener's TLS configuration: a server certificate from the local CA for
+    /// localhost, 127.0.0.1, ::1 and the bound address, and client certificates verified
+    /// against the admin CA (optional in the handshake: bearer tokens are the alternative).
+    pub fn tls_config(
+        &self,
+        local_ca: &CaIssuer,
+        bind: SocketAddr,
+    ) -> Result<Arc<rustls::ServerConfig>> {
+        let admin_ca = self.ensure_client_credentials()?;
+        let key = PrivateKey::generate(KeyType::EcP256)?;
+        let mut req = IssueRequest::new(Profile::Server, SubjectName::cn("portcullis-admin-api"));
+        req.subject_alt_names = vec![
+            SubjectAltName::Dns("localhost".into()),
+            SubjectAltName::Ip([127, 0, 0, 1].into()),
+            SubjectAltName::Ip(std::net::Ipv6Addr::LOCALHOST.into()),
+        ];
+        if !bind.ip().is_unspecified() && !bind.ip().is_loopback() {
+            req.subject_alt_names.push(SubjectAltName::Ip(bind.ip()));
+        }
+        let cert = issue::issue(&req, &key, Some(local_ca))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(admin_ca.der().clone())
+            .context("loading the admin CA")?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .allow_unauthenticated()
+            .build()
+            .context("building the admin client verifier")?;
+        let key_der = PrivateKeyDer::try_from(key.pkcs8_der().to_vec())
+            .map_err(|e| anyhow::anyhow!("admin key: {e}"))?;
+        let chain: Vec<CertificateDer<'static>> =
+            vec![cert.der().clone(), local_ca.certificate().der().clone()];
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key_der)
+            .context("building the admin TLS configuration")?;
+        // HTTP/1.1 only: an early answer (401, 405, 413) to a request whose body was not read
+        // resets an HTTP/2 stream, which some clients report as a framing error.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Records the admin API's URL for local CLI commands.
+    pub fn write_endpoint(&self, local: SocketAddr) -> Result<()> {
+        let host = if local.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else if local.is_ipv6() {
+            format!("[{}]", local.ip())
+        } else {
+            local.ip().to_string()
+        };
+        let mut out = Outputs::default();
+        out.public(
+            self.endpoint_file(),
+            format!("https://{host}:{}\n", local.port()),
+        );
+        out.write(true)?;
+        Ok(())
+    }
+}
+
+/// Checks a domain's settings as the gateway would load them.
+pub type DomainCheck = Box<dyn Fn(&Value) -> Result<()> + Send + Sync>;
+
+/// What the API asks of the running gateway.
+pub struct ServeHooks {
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub ready: Arc<AtomicBool>,
+    pub explainer: Explainer,
+    pub check_domain: DomainCheck,
+}
+
+impl Hooks for ServeHooks {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {
+        self.explainer.explain(
+            &request.domain,
+            &request.method,
+            &request.path,
+            &request.chain,
+        )
+    }
+
+    fn check_domain(&self, spec: &Value) -> Result<(), String> {
+        (self.check_domain)(spec).map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// A CA's provisioning template, checked in memory inside handshakes.
+#[derive(Debug)]
+pub struct TemplateProvisioner(pub portcullis_registry::ProvisioningTemplate);
+
+impl portcullis_gateway::verify::Provisioner for TemplateProvisioner {
+    fn check(&self, leaf: &Certificate) -> Result<String, String> {
+        self.0.resolve(leaf).map(|p| p.thing_name)
+    }
+}

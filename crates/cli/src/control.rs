@@ -1,0 +1,1181 @@
+//! Control-plane commands (`portcullis ca|cert|thing|truststore|audit|admin|explain …`): thin
+//! shells over the admin API. Listings print text, or the API's JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{AdminClient, ApiFailure, Connect, segment};
+use crate::output::{Outputs, read};
+
+/// `portcullis ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the registration code: the CN of verification certificates.
+    RegistrationCode,
+    /// Register a CA with proof of possession.
+    Register(CaRegisterArgs),
+    /// List registered CAs.
+    List,
+    /// Show one registered CA.
+    Describe {
+        /// CA id (SHA-256 of its DER).
+        id: String,
+    },
+    /// Change a CA: status, auto-registration, provisioning template; revoke what it issued.
+    Update(CaUpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaRegisterArgs {
+    /// The CA certificate (PEM or DER).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The verification certificate: CN = registration code, signed by the CA's key.
+    #[arg(long, value_name = "FILE", required_unless_present = "no_verification")]
+    verification_cert: Option<PathBuf>,
+    /// Register without proof of possession (flagged unverified).
+    #[arg(long, conflicts_with = "verification_cert")]
+    no_verification: bool,
+    /// ACTIVE at once (default INACTIVE).
+    #[arg(long)]
+    activate: bool,
+    /// Register certificates it issued just in time, at their first connection.
+    #[arg(long)]
+    auto_register: bool,
+    /// Provisioning template (JSON) for just-in-time provisioning.
+    #[arg(long, value_name = "FILE")]
+    template: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CaUpdateArgs {
+    /// CA id.
+    id: String,
+    /// ACTIVE or INACTIVE.
+    #[arg(long)]
+    status: Option<String>,
+    /// Auto-registration on or off.
+    #[arg(long, value_name = "on|off")]
+    auto_register: Option<String>,
+    /// New provisioning template (JSON).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_template")]
+    template: Option<PathBuf>,
+    /// Remove the provisioning template.
+    #[arg(long)]
+    no_template: bool,
+    /// Also revoke every certificate the CA issued.
+    #[arg(long)]
+    revoke_issued: bool,
+}
+
+/// `portcullis cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Register a certificate (or every .pem/.crt in a directory with --bulk).
+    Register(CertRegisterArgs),
+    /// Make a certificate with the local CA: from a CSR, or with a new key (written 0600).
+    Create(CertCreateArgs),
+    /// List certificates.
+    List(CertListArgs),
+    /// Show one certificate.
+    Describe {
+        /// Certificate id (SHA-256 of its DER).
+        id: String,
+    },
+    /// Change a certificate's status (REVOKED is permanent).
+    Update {
+        /// Certificate id.
+        id: String,
+        /// ACTIVE, INACTIVE, REVOKED or PENDING_ACTIVATION.
+        #[arg(long)]
+        status: String,
+    },
+    /// Delete a certificate that is not ACTIVE.
+    Delete {
+        /// Certificate id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CertRegisterArgs {
+    /// The certificate (PEM or DER).
+    #[arg(long, value_name = "FILE", required_unless_present = "bulk")]
+    cert: Option<PathBuf>,
+    /// Register every .pem, .crt and .cer file in this directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "cert")]
+    bulk: Option<PathBuf>,
+    /// ACTIVE, INACTIVE (default) or PENDING_ACTIVATION.
+    #[arg(long, default_value = "INACTIVE")]
+    status: String,
+    /// Requests in flight during --bulk.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct CertCreateArgs {
+    /// Sign this CSR.
+    #[arg(long, value_name = "FILE", required_unless_present = "common_name")]
+    csr: Option<PathBuf>,
+    /// Or make a new key and a certificate with this CN.
+    #[arg(long, conflicts_with = "csr")]
+    common_name: Option<String>,
+    /// Key type with --common-name.
+    #[arg(long)]
+    key_type: Option<String>,
+    /// Lifetime in days.
+    #[arg(long)]
+    days: Option<u32>,
+    /// ACTIVE, INACTIVE (default) or PENDING_ACTIVATION.
+    #[arg(long, default_value = "INACTIVE")]
+    status: String,
+    /// Where to write cert.pem (and key.pem, chain.pem).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CertListArgs {
+    /// Only this status.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only certificates issued by this registered CA (id).
+    #[arg(long)]
+    ca: Option<String>,
+    /// Only certificates attached to this thing.
+    #[arg(long)]
+    thing: Option<String>,
+    /// Only certificates expiring within this many days.
+    #[arg(long, value_name = "DAYS")]
+    expiring_within: Option<u32>,
+    /// Page size.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Start after this id (the previous page's `next`).
+    #[arg(long)]
+    after: Option<String>,
+    /// Follow every page.
+    #[arg(long)]
+    all: bool,
+}
+
+/// `portcullis thing …`
+#[derive(Debug, Subcommand)]
+pub enum ThingCommand {
+    /// Create a thing.
+    Create {
+        /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+        name: String,
+        /// Attributes, KEY=VALUE (repeatable).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
+    },
+    /// List things.
+    List {
+        /// Start after this name.
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show a thing and its certificates.
+    Describe {
+        /// Name.
+        name: String,
+    },
+    /// Set or remove attributes.
+    Update {
+        /// Name.
+        name: String,
+        /// KEY=VALUE to set (repeatable).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
+        /// KEY to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
+    /// Delete a thing (detach its certificates first).
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Attach a certificate.
+    Attach {
+        /// Thing name.
+        name: String,
+        /// Certificate id.
+        certificate: String,
+        /// The certificate may belong to this thing only.
+        #[arg(long)]
+        exclusive: bool,
+    },
+    /// Detach a certificate.
+    Detach {
+        /// Thing name.
+        name: String,
+        /// Certificate id.
+        certificate: String,
+    },
+}
+
+/// `portcullis truststore …`
+#[derive(Debug, Subcommand)]
+pub enum TruststoreCommand {
+    /// Create a truststore (version 1) from a PEM bundle and CRLs.
+    Create(TruststoreArgs),
+    /// Add a version (immutable, numbered); domains that follow the latest pick it up.
+    AddVersion(TruststoreArgs),
+    /// List truststores.
+    List,
+    /// Show the latest version, or one version.
+    #[command(disable_version_flag = true)]
+    Describe {
+        /// Name.
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Impact preview: certificates seen recently that a version would reject, and why.
+    #[command(disable_version_flag = true)]
+    Preview {
+        /// Name.
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: i64,
+        /// How far back to look.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TruststoreArgs {
+    /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+    name: String,
+    /// PEM bundle of CA certificates.
+    #[arg(long, value_name = "FILE")]
+    bundle: PathBuf,
+    /// CRL (PEM or DER), repeatable.
+    #[arg(long = "crl", value_name = "FILE")]
+    crls: Vec<PathBuf>,
+}
+
+/// `portcullis audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest entries first.
+    List {
+        /// Only actions starting with this (`certificate.`, `ca.register`…).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries about this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// `portcullis admin …`
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Bearer tokens for the admin API.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; it is printed once (only its hash is stored).
+    Create {
+        /// What it is for.
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (never the secrets).
+    List,
+    /// Delete a token.
+    Delete {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `portcullis explain`
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The domain (SNI) the client connects to.
+    #[arg(long)]
+    domain: String,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Request path.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The client certificate, or its chain (leaf first).
+    cert: PathBuf,
+}
+
+/// The control-plane commands.
+#[derive(Debug)]
+pub enum Control {
+    Ca(CaCommand),
+    Cert(CertCommand),
+    Thing(ThingCommand),
+    Truststore(TruststoreCommand),
+    Audit(AuditCommand),
+    Admin(AdminCommand),
+    Explain(ExplainArgs),
+}
+
+/// Runs a control-plane command.
+pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let client = AdminClient::new(&connect)?;
+        let out = Printer { json: connect.json };
+        match command {
+            Control::Ca(c) => ca(&client, &out, c).await,
+            Control::Cert(c) => cert(&client, &out, c).await,
+            Control::Thing(c) => thing(&client, &out, c).await,
+            Control::Truststore(c) => truststore(&client, &out, c).await,
+            Control::Audit(c) => audit(&client, &out, c).await,
+            Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
+            Control::Explain(a) => explain(&client, &out, a).await,
+        }
+    })
+}
+
+struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    /// JSON as is, or the text `f` makes of it.
+    fn show(&self, value: &Value, f: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+        } else {
+            let text = f(value);
+            if !text.is_empty() {
+                println!("{}", text.trim_end());
+            }
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn when(v: &Value) -> String {
+    v.as_i64()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn pem_text(path: &Path, what: &str) -> Result<String> {
+    String::from_utf8(read(path, what)?).or_else(|e| {
+        // DER: send it as PEM.
+        let certs = portcullis_pki::Certificate::all_from_pem_or_der(e.as_bytes())
+            .with_context(|| format!("reading {what} {}", path.display()))?;
+        Ok(certs
+            .iter()
+            .map(portcullis_pki::Certificate::to_pem)
+            .collect())
+    })
+}
+
+fn ca_text(v: &Value) -> String {
+    format!(
+        "{}  {}  {}{}{}\n  subject: {}\n  expires: {}{}",
+        s(&v["id"]),
+        s(&v["status"]),
+        if v["verified"] == true {
+            "verified"
+        } else {
+            "UNVERIFIED"
+        },
+        if v["auto_registration"] == true {
+            ", auto-registration"
+        } else {
+            ""
+        },
+        if v["provisioning_template"].is_object() {
+            ", provisioning template"
+        } else {
+            ""
+        },
+        s(&v["subject"]),
+        when(&v["not_after"]),
+        match v["revoked_certificates"].as_u64() {
+            Some(n) if n > 0 => format!("\n  revoked {n} certificate(s) it issued"),
+            _ => String::new(),
+        }
+    )
+}
+
+fn cert_text(v: &Value) -> String {
+    let things: Vec<String> = v["things"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    format!(
+        "{}  {}\n  subject: {}\n  issuer: {}  (registered CA: {})\n  expires: {}  last seen: {}{}",
+        s(&v["id"]),
+        s(&v["status"]),
+        s(&v["subject"]),
+        s(&v["issuer"]),
+        s(&v["ca_id"]),
+        when(&v["not_after"]),
+        when(&v["last_seen"]),
+        if things.is_empty() {
+            String::new()
+        } else {
+            format!("\n  things: {}", things.join(", "))
+        }
+    )
+}
+
+fn thing_text(v: &Value) -> String {
+    let mut out = format!("{}  (version {})\n", s(&v["name"]), s(&v["version"]));
+    if let Some(attrs) = v["attributes"].as_object() {
+        for (k, val) in attrs {
+            out.push_str(&format!("  {k} = {}\n", s(val)));
+        }
+    }
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  certificate {}{}\n",
+            s(&c["certificate_id"]),
+            if c["exclusive"] == true {
+                " (exclusive)"
+            } else {
+                ""
+            }
+        ));
+    }
+    out
+}
+
+fn items(v: &Value) -> impl Iterator<Item = &Value> {
+    v["items"].as_array().into_iter().flatten()
+}
+
+async fn ca(client: &AdminClient, out: &Printer, command: CaCommand) -> Result<ExitCode> {
+    match command {
+        CaCommand::RegistrationCode => {
+            let v = client.get("/v1/registration-code").await?;
+            out.show(&v, |v| s(&v["registration_code"]));
+        }
+        CaCommand::Register(a) => {
+            let template = a
+                .template
+                .as_ref()
+                .map(|t| -> Result<Value> {
+                    serde_json::from_slice(&read(t, "provisioning template")?)
+                        .with_context(|| format!("{}: not JSON", t.display()))
+                })
+                .transpose()?;
+            let body = json!({
+                "certificate_pem": pem_text(&a.cert, "CA certificate")?,
+                "verification_certificate_pem": a.verification_cert.as_ref().map(|p| pem_text(p, "verification certificate")).transpose()?,
+                "allow_unverified": a.no_verification,
+                "activate": a.activate,
+                "auto_registration": a.auto_register,
+                "provisioning_template": template,
+            });
+            let v = client.post("/v1/cas", &body).await?;
+            out.show(&v, |v| format!("registered CA {}", ca_text(v)));
+        }
+        CaCommand::List => {
+            let v = client.get("/v1/cas").await?;
+            out.show(&v, |v| items(v).map(ca_text).collect::<Vec<_>>().join("\n"));
+        }
+        CaCommand::Describe { id } => {
+            let v = client.get(&format!("/v1/cas/{}", segment(&id))).await?;
+            out.show(&v, ca_text);
+        }
+        CaCommand::Update(a) => {
+            let mut body = serde_json::Map::new();
+            if let Some(st) = &a.status {
+                body.insert("status".into(), json!(st.to_ascii_uppercase()));
+            }
+            if let Some(flag) = &a.auto_register {
+                let on = match flag.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    other => bail!("--auto-register '{other}' must be on or off"),
+                };
+                body.insert("auto_registration".into(), json!(on));
+            }
+            if let Some(t) = &a.template {
+                let template: Value = serde_json::from_slice(&read(t, "provisioning template")?)
+                    .with_context(|| format!("{}: not JSON", t.display()))?;
+                body.insert("provisioning_template".into(), template);
+            }
+            if a.no_template {
+                body.insert("provisioning_template".into(), Value::Null);
+            }
+            if a.revoke_issued {
+                body.insert("revoke_issued".into(), json!(true));
+            }
+            if body.is_empty() {
+                bail!(
+                    "nothing to change: give --status, --auto-register, --template, --no-template or --revoke-issued"
+                );
+            }
+            let v = client
+                .patch(&format!("/v1/cas/{}", segment(&a.id)), &Value::Object(body))
+                .await?;
+            out.show(&v, ca_text);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Result<ExitCode> {
+    match command {
+        CertCommand::Register(a) => {
+            if let Some(dir) = &a.bulk {
+                return bulk_register(client, out, dir, &a.status, a.concurrency).await;
+            }
+            let path = a
+                .cert
+                .as_ref()
+                .ok_or_else(|| anyhow!("--cert FILE or --bulk DIR"))?;
+            let body = json!({"certificate_pem": pem_text(path, "certificate")?, "status": a.status.to_ascii_uppercase()});
+            let v = client.post("/v1/certificates", &body).await?;
+            out.show(&v, |v| format!("registered {}", cert_text(v)));
+        }
+        CertCommand::Create(a) => {
+            let mut body = json!({"status": a.status.to_ascii_uppercase(), "days": a.days});
+            match (&a.csr, &a.common_name) {
+                (Some(csr), _) => {
+                    body["csr_pem"] = json!(String::from_utf8_lossy(&read(csr, "CSR")?))
+                }
+                (None, Some(cn)) => {
+                    body["common_name"] = json!(cn);
+                    body["key_type"] = json!(a.key_type);
+                }
+                (None, None) => bail!("give --csr FILE or --common-name CN"),
+            }
+            let mut files = Outputs::default();
+            // Refuse before asking the API to issue anything.
+            let cert_path = a.out.join("cert.pem");
+            files.public(&cert_path, "");
+            files.check_absent(a.force)?;
+            let v = client.post("/v1/certificates", &body).await?;
+            let mut files = Outputs::default();
+            files.public(&cert_path, s(&v["pem"]));
+            if let Some(chain) = v["chain_pem"].as_str() {
+                files.public(a.out.join("chain.pem"), chain);
+            }
+            if let Some(key) = v["private_key_pem"].as_str() {
+                files.secret(a.out.join("key.pem"), key);
+            }
+            let written = files.write(a.force)?;
+            let mut shown = v.clone();
+            if let Some(o) = shown.as_object_mut() {
+                // The key is in the file, never on the terminal.
+                o.remove("private_key_pem");
+            }
+            out.show(&shown, |v| {
+                format!(
+                    "created {}\nwrote {}",
+                    cert_text(v),
+                    written
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+        }
+        CertCommand::List(a) => {
+            let mut query = vec![format!("limit={}", a.limit)];
+            if let Some(st) = &a.status {
+                query.push(format!("status={}", segment(&st.to_ascii_uppercase())));
+            }
+            if let Some(ca) = &a.ca {
+                query.push(format!("ca={}", segment(ca)));
+            }
+            if let Some(t) = &a.thing {
+                query.push(format!("thing={}", segment(t)));
+            }
+            if let Some(days) = a.expiring_within {
+                let before =
+                    time::OffsetDateTime::now_utc().unix_timestamp() + i64::from(days) * 86_400;
+                query.push(format!("expiring_before={before}"));
+            }
+            let mut after = a.after.clone();
+            let mut all = Vec::new();
+            let next = loop {
+                let mut q = query.clone();
+                if let Some(after) = &after {
+                    q.push(format!("after={}", segment(after)));
+                }
+                let page = client
+                    .get(&format!("/v1/certificates?{}", q.join("&")))
+                    .await?;
+                all.extend(items(&page).cloned());
+                match (&page["next"], a.all) {
+                    (Value::String(n), true) => after = Some(n.clone()),
+                    (next, _) => break next.clone(),
+                }
+            };
+            let v = json!({"items": all, "next": next});
+            out.show(&v, |v| {
+                let mut text: Vec<String> = items(v).map(cert_text).collect();
+                if let Some(n) = v["next"].as_str() {
+                    text.push(format!("(more: --after {n}, or --all)"));
+                }
+                if text.is_empty() {
+                    "no certificates".into()
+                } else {
+                    text.join("\n")
+                }
+            });
+        }
+        CertCommand::Describe { id } => {
+            let v = client
+                .get(&format!("/v1/certificates/{}", segment(&id)))
+                .await?;
+            out.show(&v, cert_text);
+        }
+        CertCommand::Update { id, status } => {
+            let v = client
+                .patch(
+                    &format!("/v1/certificates/{}", segment(&id)),
+                    &json!({"status": status.to_ascii_uppercase()}),
+                )
+                .await?;
+            out.show(&v, cert_text);
+        }
+        CertCommand::Delete { id } => {
+            client
+                .delete(&format!("/v1/certificates/{}", segment(&id)))
+                .await?;
+            out.show(&json!({"deleted": id}), |_| format!("deleted {id}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registers every certificate file in `dir`, a few requests at a time, with a progress bar and
+/// a summary. Each registration is its own transaction: an interruption loses nothing that was
+/// acknowledged, and running again skips what is registered already.
+async fn bulk_register(
+    client: &AdminClient,
+    out: &Printer,
+    dir: &Path,
+    status: &str,
+    concurrency: usize,
+) -> Result<ExitCode> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "pem" | "crt" | "cer"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{} holds no .pem, .crt or .cer files", dir.display());
+    }
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(files.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} certificates  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let client = Arc::new(client.clone());
+    let status = status.to_ascii_uppercase();
+    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.clamp(1, 64)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut counts = Counts::default();
+    for path in files.clone() {
+        let permit = limit.clone().acquire_owned().await?;
+        let (client, status) = (client.clone(), status.clone());
+        tasks.spawn(async move {
+            let result = async {
+                let pem = pem_text(&path, "certificate")?;
+                client
+                    .post(
+                        "/v1/certificates",
+                        &json!({"certificate_pem": pem, "status": status}),
+                    )
+                    .await
+            }
+            .await;
+            drop(permit);
+            (path, result)
+        });
+        while let Some(done) = tasks.try_join_next() {
+            tally(done, &bar, &mut counts);
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        tally(done, &bar, &mut counts);
+    }
+    bar.finish_and_clear();
+    let Counts {
+        registered,
+        existing,
+        failed,
+    } = counts;
+    let elapsed = started.elapsed().as_secs_f64();
+    let summary = json!({
+        "files": files.len(),
+        "registered": registered,
+        "already_registered": existing,
+        "failed": failed.len(),
+        "failures": failed.iter().map(|(p, e)| json!({"file": p, "error": e})).collect::<Vec<_>>(),
+        "seconds": elapsed,
+        "per_second": if elapsed > 0.0 { registered as f64 / elapsed } else { 0.0 },
+    });
+    out.show(&summary, |v| {
+        let mut text = format!(
+            "{} files: {} registered, {} already registered, {} failed in {:.1} s ({:.0}/s)",
+            v["files"],
+            v["registered"],
+            v["already_registered"],
+            v["failed"],
+            elapsed,
+            v["per_second"].as_f64().unwrap_or_default()
+        );
+        for f in v["failures"].as_array().into_iter().flatten().take(20) {
+            text.push_str(&format!("\n  {}: {}", s(&f["file"]), s(&f["error"])));
+        }
+        text
+    });
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+#[derive(Default)]
+struct Counts {
+    registered: usize,
+    existing: usize,
+    failed: Vec<(String, String)>,
+}
+
+fn tally(
+    done: std::result::Result<(PathBuf, Result<Value>), tokio::task::JoinError>,
+    bar: &indicatif::ProgressBar,
+    counts: &mut Counts,
+) {
+    bar.inc(1);
+    match done {
+        Ok((_, Ok(_))) => counts.registered += 1,
+        Ok((path, Err(e))) => match e.downcast_ref::<ApiFailure>() {
+            Some(f) if f.code == "conflict" => counts.existing += 1,
+            _ => counts
+                .failed
+                .push((path.display().to_string(), format!("{e:#}"))),
+        },
+        Err(e) => counts.failed.push(("?".into(), e.to_string())),
+    }
+}
+
+fn attributes(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("--attr '{p}' must be KEY=VALUE"))
+        })
+        .collect()
+}
+
+async fn thing(client: &AdminClient, out: &Printer, command: ThingCommand) -> Result<ExitCode> {
+    match command {
+        ThingCommand::Create {
+            name,
+            attributes: a,
+        } => {
+            let v = client
+                .post(
+                    "/v1/things",
+                    &json!({"name": name, "attributes": attributes(&a)?}),
+                )
+                .await?;
+            out.show(&v, |v| format!("created thing {}", thing_text(v)));
+        }
+        ThingCommand::List { after, limit } => {
+            let mut q = format!("/v1/things?limit={limit}");
+            if let Some(a) = after {
+                q.push_str(&format!("&after={}", segment(&a)));
+            }
+            let v = client.get(&q).await?;
+            out.show(&v, |v| {
+                let text: Vec<String> = items(v).map(thing_text).collect();
+                if text.is_empty() {
+                    "no things".into()
+                } else {
+                    text.join("")
+                }
+            });
+        }
+        ThingCommand::Describe { name } => {
+            let v = client
+                .get(&format!("/v1/things/{}", segment(&name)))
+                .await?;
+            out.show(&v, thing_text);
+        }
+        ThingCommand::Update {
+            name,
+            attributes: a,
+            remove,
+        } => {
+            let mut changes: BTreeMap<String, Option<String>> = attributes(&a)?
+                .into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect();
+            for k in remove {
+                changes.insert(k, None);
+            }
+            let v = client
+                .patch(
+                    &format!("/v1/things/{}", segment(&name)),
+                    &json!({"attributes": changes}),
+                )
+                .await?;
+            out.show(&v, thing_text);
+        }
+        ThingCommand::Delete { name } => {
+            client
+                .delete(&format!("/v1/things/{}", segment(&name)))
+                .await?;
+            out.show(&json!({"deleted": name}), |_| {
+                format!("deleted thing {name}")
+            });
+        }
+        ThingCommand::Attach {
+            name,
+            certificate,
+            exclusive,
+        } => {
+            let v = client
+                .put(
+                    &format!(
+                        "/v1/things/{}/certificates/{}?exclusive={exclusive}",
+                        segment(&name),
+                        segment(&certificate)
+                    ),
+                    None,
+                )
+                .await?;
+            out.show(&v, thing_text);
+        }
+        ThingCommand::Detach { name, certificate } => {
+            let v = client
+                .delete(&format!(
+                    "/v1/things/{}/certificates/{}",
+                    segment(&name),
+                    segment(&certificate)
+                ))
+                .await?;
+            out.show(&v, thing_text);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn version_text(v: &Value) -> String {
+    let mut text = format!(
+        "{} version {}  ({} CRL(s), stored {})",
+        s(&v["name"]),
+        s(&v["version"]),
+        v["crls"].as_array().map_or(0, Vec::len),
+        when(&v["created_at"])
+    );
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        text.push_str(&format!("\n  warning: {}", s(w)));
+    }
+    text
+}
+
+async fn truststore(
+    client: &AdminClient,
+    out: &Printer,
+    command: TruststoreCommand,
+) -> Result<ExitCode> {
+    let body = |a: &TruststoreArgs| -> Result<Value> {
+        let bundle = String::from_utf8(read(&a.bundle, "truststore bundle")?)
+            .with_context(|| format!("{}: a bundle is PEM text", a.bundle.display()))?;
+        let crls = a
+            .crls
+            .iter()
+            .map(|p| -> Result<String> {
+                let bytes = read(p, "CRL")?;
+                let crls = portcullis_pki::crl::Crl::all_from_pem_or_der(&bytes)
+                    .with_context(|| format!("reading CRL {}", p.display()))?;
+                Ok(crls.iter().map(portcullis_pki::crl::Crl::to_pem).collect())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(json!({"name": a.name, "bundle_pem": bundle, "crls_pem": crls}))
+    };
+    match command {
+        TruststoreCommand::Create(a) => {
+            let v = client.post("/v1/truststores", &body(&a)?).await?;
+            out.show(&v, |v| format!("created {}", version_text(v)));
+        }
+        TruststoreCommand::AddVersion(a) => {
+            let mut b = body(&a)?;
+            if let Some(o) = b.as_object_mut() {
+                o.remove("name");
+            }
+            let v = client
+                .post(
+                    &format!("/v1/truststores/{}/versions", segment(&a.name)),
+                    &b,
+                )
+                .await?;
+            out.show(&v, |v| format!("added {}", version_text(v)));
+        }
+        TruststoreCommand::List => {
+            let v = client.get("/v1/truststores").await?;
+            out.show(&v, |v| {
+                items(v)
+                    .map(|t| {
+                        format!(
+                            "{}  latest version {}",
+                            s(&t["name"]),
+                            s(&t["latest_version"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        TruststoreCommand::Describe { name, version } => {
+            let path = match version {
+                Some(v) => format!("/v1/truststores/{}/versions/{v}", segment(&name)),
+                None => format!("/v1/truststores/{}", segment(&name)),
+            };
+            let v = client.get(&path).await?;
+            out.show(&v, version_text);
+        }
+        TruststoreCommand::Preview {
+            name,
+            version,
+            days,
+        } => {
+            let v = client
+                .get(&format!(
+                    "/v1/truststores/{}/versions/{version}/preview?days={days}",
+                    segment(&name)
+                ))
+                .await?;
+            out.show(&v, |v| {
+                let mut text = format!(
+                    "{} version {}: of {} certificate(s) seen in the last {} days, {} would be rejected",
+                    s(&v["truststore"]), s(&v["version"]), s(&v["checked"]), s(&v["days"]), s(&v["would_reject"])
+                );
+                for r in v["rejected"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "\n  {}  {}  on {}  last seen {}: {} ({})",
+                        s(&r["certificate_id"]), s(&r["subject"]), s(&r["domain"]), when(&r["last_seen"]),
+                        s(&r["reason"]), s(&r["explanation"])
+                    ));
+                }
+                text
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(client: &AdminClient, out: &Printer, command: AuditCommand) -> Result<ExitCode> {
+    let AuditCommand::List {
+        action,
+        target,
+        limit,
+    } = command;
+    let mut q = format!("/v1/audit?limit={limit}");
+    if let Some(a) = action {
+        q.push_str(&format!("&action={}", segment(&a)));
+    }
+    if let Some(t) = target {
+        q.push_str(&format!("&target={}", segment(&t)));
+    }
+    let v = client.get(&q).await?;
+    out.show(&v, |v| {
+        items(v)
+            .map(|e| {
+                format!(
+                    "#{} {} {} {} {}{}",
+                    s(&e["seq"]),
+                    when(&e["at"]),
+                    s(&e["actor"]),
+                    s(&e["action"]),
+                    s(&e["target"]),
+                    match (&e["before"], &e["after"]) {
+                        (Value::Null, Value::Null) => String::new(),
+                        (b, a) => format!("\n    before: {}\n    after:  {}", s(b), s(a)),
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(client: &AdminClient, out: &Printer, command: TokenCommand) -> Result<ExitCode> {
+    match command {
+        TokenCommand::Create { name } => {
+            let v = client.post("/v1/tokens", &json!({"name": name})).await?;
+            out.show(&v, |v| {
+                format!(
+                    "token {} ({}); shown once, keep it secret:\n{}",
+                    s(&v["id"]),
+                    s(&v["name"]),
+                    s(&v["token"])
+                )
+            });
+        }
+        TokenCommand::List => {
+            let v = client.get("/v1/tokens").await?;
+            out.show(&v, |v| {
+                items(v)
+                    .map(|t| {
+                        format!(
+                            "{}  {}  created {}  last used {}",
+                            s(&t["id"]),
+                            s(&t["name"]),
+                            when(&t["created_at"]),
+                            when(&t["last_used"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        TokenCommand::Delete { id } => {
+            client
+                .delete(&format!("/v1/tokens/{}", segment(&id)))
+                .await?;
+            out.show(&json!({"deleted": id}), |_| format!("deleted token {id}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the decision trace; exit 0 when the request would be allowed, 1 when denied.
+async fn explain(client: &AdminClient, out: &Printer, a: ExplainArgs) -> Result<ExitCode> {
+    let body = json!({
+        "domain": a.domain,
+        "method": a.method,
+        "path": a.path,
+        "certificate_pem": pem_text(&a.cert, "certificate")?,
+    });
+    let v = client.post("/v1/explain", &body).await?;
+    out.show(&v, |v| {
+        let mut text = format!(
+            "domain:      {} (matched by {}; mtls {}, failures answered by {})\n",
+            s(&v["domain"]["hostname"]),
+            s(&v["domain"]["matched_by"]),
+            s(&v["domain"]["mtls_mode"]),
+            s(&v["domain"]["on_failure"])
+        );
+        text.push_str(&format!(
+            "certificate: {}  {}\n",
+            s(&v["certificate"]["subject"]),
+            s(&v["certificate"]["id"])
+        ));
+        match v["chain"]["result"].as_str() {
+            Some("valid") => text.push_str(&format!(
+                "chain:       valid: {}\n",
+                v["chain"]["path"]
+                    .as_array()
+                    .map(|p| p.iter().map(s).collect::<Vec<_>>().join(" <- "))
+                    .unwrap_or_default()
+            )),
+            _ => text.push_str(&format!(
+                "chain:       REJECTED {}: {}\n",
+                s(&v["chain"]["reason"]),
+                s(&v["chain"]["explanation"])
+            )),
+        }
+        let r = &v["registry"];
+        text.push_str(&format!(
+            "registry:    mode {}, status {}, {}{}\n",
+            s(&r["mode"]),
+            s(&r["status"]),
+            s(&r["decision"]),
+            r["explanation"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+        match &v["mapping"] {
+            Value::Null => text.push_str("mapping:     none matches\n"),
+            m => text.push_str(&format!(
+                "mapping:     '{}' -> {} (path {}){}\n",
+                s(&m["base_path"]),
+                s(&m["upstream"]),
+                s(&m["upstream_path"]),
+                if m["requires_client_certificate"] == true {
+                    ", needs a valid client certificate"
+                } else {
+                    ""
+                }
+            )),
+        }
+        text.push_str(&format!(
+            "decision:    {}: {}",
+            s(&v["decision"]).to_ascii_uppercase(),
+            s(&v["summary"])
+        ));
+        text
+    });
+    Ok(if v["decision"] == "allow" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

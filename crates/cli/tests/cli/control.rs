@@ -1,0 +1,815 @@
+//! The control plane end to end: the admin API over HTTPS with curl, the `portcullis` CLI
+//! commands that call it, and the gateway acting on what they change.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use portcullis_testkit::{Run, require_tool, run, temp_dir};
+use serde_json::{Value, json};
+
+use crate::serve::{Server, answer, client, curl, pki, registry_config, with_client};
+use crate::*;
+
+/// `portcullis ARGS --data-dir data` (the test server's data dir).
+fn cli(d: &Path, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend(["--data-dir", "data"]);
+    portcullis(d, &all)
+}
+
+fn cli_json(d: &Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    json(cli(d, &all))
+}
+
+/// Waits until the gateway's registry snapshot includes every change made so far.
+fn wait_for_snapshot(d: &Path, s: &Server) {
+    let newest = cli_json(d, &["audit", "list", "--limit", "1"])["items"][0]["seq"]
+        .as_i64()
+        .unwrap();
+    loop {
+        let line: Value = serde_json::from_str(&s.wait_for("registry snapshot refreshed")).unwrap();
+        if line["marker"].as_i64().unwrap() >= newest {
+            return;
+        }
+    }
+}
+
+/// Waits for a reload the registry triggered (skipping reloads by signal or file change).
+fn wait_for_registry_reload(s: &Server) -> String {
+    loop {
+        let line = s.wait_for("portcullis::reload");
+        if line.contains("\"trigger\":\"registry\"") {
+            return line;
+        }
+    }
+}
+
+enum Auth<'a> {
+    None,
+    Certificate,
+    Token(&'a str),
+}
+
+/// An admin API call with curl: status and JSON body.
+fn api(
+    d: &Path,
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    auth: Auth,
+) -> (u16, Value) {
+    let curl = require_tool("curl").unwrap();
+    let url = format!("https://127.0.0.1:{}{path}", s.admin_port);
+    let mut args: Vec<String> = [
+        "-sS",
+        "-X",
+        method,
+        "--cacert",
+        "data/ca/ca.pem",
+        "-w",
+        "\n%{http_code}",
+    ]
+    .map(String::from)
+    .to_vec();
+    match auth {
+        Auth::None => {}
+        Auth::Certificate => args.extend(
+            [
+                "--cert",
+                "data/admin/admin.pem",
+                "--key",
+                "data/admin/admin.key",
+            ]
+            .map(String::from),
+        ),
+        Auth::Token(t) => args.extend(["-H".into(), format!("Authorization: Bearer {t}")]),
+    }
+    if let Some(body) = body {
+        std::fs::write(d.join("body.json"), body).unwrap();
+        args.extend(
+            [
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                "@body.json",
+            ]
+            .map(String::from),
+        );
+    }
+    args.push(url);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(curl, &refs, d);
+    match answer(&r) {
+        (0, _) => (0, Value::String(r.stderr)),
+        answered => answered,
+    }
+}
+
+#[test]
+fn the_admin_api_requires_credentials_and_serves_exactly_its_openapi_document() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(d, &registry_config(&[("reg.test", "registered")]));
+
+    // Only /healthz answers without credentials; everything else is 401 with a JSON reason.
+    let (code, _) = api(d, &s, "GET", "/healthz", None, Auth::None);
+    assert_eq!(code, 200);
+    for path in ["/v1/cas", "/metrics", "/openapi.json", "/readyz"] {
+        let (code, body) = api(d, &s, "GET", path, None, Auth::None);
+        assert_eq!(
+            (code, body["code"].as_str()),
+            (401, Some("unauthenticated")),
+            "{path}: {body}"
+        );
+    }
+    let (code, body) = api(d, &s, "GET", "/v1/cas", None, Auth::Token("pct_wrong"));
+    assert_eq!((code, body["code"].as_str()), (401, Some("invalid-token")));
+    // A client certificate from the gateway's own CA is not an admin certificate.
+    let curl_bin = require_tool("curl").unwrap();
+    let url = format!("https://127.0.0.1:{}/v1/cas", s.admin_port);
+    let r = run(
+        curl_bin,
+        &[
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            "data/ca/ca.pem",
+            "--cert",
+            "alice.chain.pem",
+            "--key",
+            "alice.key",
+            &url,
+        ],
+        d,
+    );
+    assert_ne!(answer(&r).0, 200, "{}", r.stdout);
+
+    // A token made with the CLI works until deleted; only its hash is stored.
+    let token = cli_json(d, &["admin", "token", "create", "--name", "ci"]);
+    let secret = token["token"].as_str().unwrap().to_string();
+    let (code, _) = api(d, &s, "GET", "/v1/cas", None, Auth::Token(&secret));
+    assert_eq!(code, 200);
+    let db = std::fs::read(d.join("data/registry.db")).unwrap();
+    assert!(
+        !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "token stored in clear"
+    );
+    cli(
+        d,
+        &["admin", "token", "delete", token["id"].as_str().unwrap()],
+    )
+    .ok();
+    let (code, _) = api(d, &s, "GET", "/v1/cas", None, Auth::Token(&secret));
+    assert_eq!(code, 401);
+
+    // Every documented operation is routed (a placeholder id gives a JSON 4xx of its own, never
+    // the router's no-such-route); undocumented ones are not.
+    let (code, doc) = api(d, &s, "GET", "/openapi.json", None, Auth::Certificate);
+    assert_eq!(code, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 20, "{}", paths.len());
+    let mut operations = 0;
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", &"0".repeat(64))
+            .replace("{name}", "nothing")
+            .replace("{version}", "1");
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let documented = ops.get(method).is_some();
+            let body = matches!(method, "post" | "put" | "patch").then_some("{}");
+            let (code, answer) = api(
+                d,
+                &s,
+                &method.to_uppercase(),
+                &concrete,
+                body,
+                Auth::Certificate,
+            );
+            if documented {
+                operations += 1;
+                assert!(
+                    code != 405 && answer["code"] != "no-such-route",
+                    "{method} {path}: {code} {answer}"
+                );
+                if code >= 400 {
+                    assert!(
+                        answer["message"].is_string(),
+                        "{method} {path}: {code} {answer}"
+                    );
+                }
+            } else {
+                assert_eq!(
+                    code, 405,
+                    "{method} {path} is not documented but answered {code} {answer}"
+                );
+            }
+        }
+    }
+    assert!(operations >= 30, "{operations}");
+    let (code, body) = api(d, &s, "GET", "/v1/nope", None, Auth::Certificate);
+    assert_eq!((code, body["code"].as_str()), (404, Some("no-such-route")));
+
+    // Bad input: malformed JSON, unknown fields, names with quotes, SQL or path characters,
+    // oversized bodies, duplicate registrations, deleting ACTIVE, re-activating REVOKED.
+    let (code, body) = api(
+        d,
+        &s,
+        "POST",
+        "/v1/things",
+        Some("{\"name\": "),
+        Auth::Certificate,
+    );
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (400, Some("invalid-json")),
+        "{body}"
+    );
+    let (code, body) = api(
+        d,
+        &s,
+        "POST",
+        "/v1/things",
+        Some(r#"{"name": "x", "colour": 1}"#),
+        Auth::Certificate,
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
+    for bad in [
+        "a\"b",
+        "x'; DROP TABLE things; --",
+        "../../etc/passwd",
+        "a b",
+    ] {
+        let (code, body) = api(
+            d,
+            &s,
+            "POST",
+            "/v1/things",
+            Some(&json!({"name": bad}).to_string()),
+            Auth::Certificate,
+        );
+        assert_eq!(
+            (code, body["code"].as_str()),
+            (400, Some("invalid")),
+            "{bad}: {body}"
+        );
+    }
+    let huge = json!({"name": "x", "attributes": {"a": "b".repeat(11 * 1024 * 1024)}}).to_string();
+    let (code, body) = api(d, &s, "POST", "/v1/things", Some(&huge), Auth::Certificate);
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (413, Some("too-large")),
+        "{body}"
+    );
+    let (code, body) = api(
+        d,
+        &s,
+        "POST",
+        "/v1/certificates",
+        Some(r#"{"certificate_pem": "junk"}"#),
+        Auth::Certificate,
+    );
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (400, Some("invalid-certificate")),
+        "{body}"
+    );
+    let registered = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "alice.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    let id = registered["id"].as_str().unwrap().to_string();
+    let again = cli(d, &["cert", "register", "--cert", "alice.pem"]);
+    assert_clean_error(&again, 2, "already registered");
+    assert_clean_error(&cli(d, &["cert", "delete", &id]), 2, "ACTIVE");
+    cli(d, &["cert", "update", &id, "--status", "REVOKED"]).ok();
+    assert_clean_error(
+        &cli(d, &["cert", "update", &id, "--status", "ACTIVE"]),
+        2,
+        "permanent",
+    );
+    cli(d, &["cert", "delete", &id]).ok();
+    assert_clean_error(&cli(d, &["cert", "describe", &id]), 2, "not found");
+    assert_clean_error(
+        &cli(d, &["cert", "describe", "nope"]),
+        2,
+        "64 lower-case hex",
+    );
+
+    // Remote use: --endpoint and --token instead of the data dir's credentials.
+    let token = cli_json(d, &["admin", "token", "create", "--name", "remote"]);
+    let endpoint = format!("https://127.0.0.1:{}", s.admin_port);
+    let r = portcullis(
+        d,
+        &[
+            "thing",
+            "list",
+            "--endpoint",
+            &endpoint,
+            "--token",
+            token["token"].as_str().unwrap(),
+            "--admin-ca",
+            "data/ca/ca.pem",
+            "--data-dir",
+            "elsewhere",
+        ],
+    );
+    r.ok();
+    let audit = cli_json(
+        d,
+        &["audit", "list", "--action", "certificate.", "--limit", "10"],
+    );
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "certificate.delete",
+            "certificate.status",
+            "certificate.register"
+        ]
+    );
+    assert_eq!(audit["items"][0]["actor"], "admin-cert:portcullis-admin");
+}
+
+#[test]
+fn a_ca_registered_with_an_openssl_proof_provisions_devices_at_their_first_connection() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let Some(_) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    leaf(d, "client", "dev-7", "int", &["--org", "Acme"]);
+    let s = Server::start(d, &registry_config(&[("reg.test", "registered")]));
+    let code = cli(d, &["ca", "registration-code"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(code.len(), 64);
+
+    // Proofs made by openssl: the right one, one with the wrong CN, one signed by another key.
+    let proof = |name: &str, cn: &str, ca: &str| {
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        )
+        .unwrap()
+        .ok();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}/ca.pem"),
+                "-CAkey",
+                &format!("{ca}/ca.key"),
+                "-set_serial",
+                "4242",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        )
+        .unwrap()
+        .ok();
+    };
+    proof("pop", &code, "int");
+    proof("wrong-cn", "not-the-code", "int");
+    proof("wrong-key", &code, "root");
+    std::fs::write(
+        d.join("template.json"),
+        r#"{"thing_name": "${Certificate.Subject.CommonName}", "attributes": {"org": "${Certificate.Subject.Organization}"}}"#,
+    )
+    .unwrap();
+    let register = |proof: &str| {
+        cli(
+            d,
+            &[
+                "ca",
+                "register",
+                "--cert",
+                "int/ca.pem",
+                "--verification-cert",
+                proof,
+                "--activate",
+                "--auto-register",
+                "--template",
+                "template.json",
+                "--json",
+            ],
+        )
+    };
+    assert_clean_error(&register("wrong-cn.pem"), 2, "registration code");
+    assert_clean_error(&register("wrong-key.pem"), 2, "not signed by this CA");
+    let ca: Value = serde_json::from_str(&register("pop.pem").ok().stdout).unwrap();
+    assert_eq!(ca["verified"], true);
+    assert_eq!(ca["status"], "ACTIVE");
+    assert_clean_error(&register("pop.pem"), 2, "already registered");
+    wait_for_snapshot(d, &s);
+
+    // JITP: the device's first connection succeeds; the certificate is ACTIVE on a new thing.
+    let dev = client("dev-7");
+    let (status, body) = answer(&curl(d, &s, "reg.test", "/first", &with_client(&dev)));
+    assert_eq!(status, 200, "{body}");
+    s.wait_for("provisioned just in time");
+    let thing = cli_json(d, &["thing", "describe", "dev-7"]);
+    assert_eq!(thing["attributes"]["org"], "Acme");
+    assert_eq!(thing["certificates"].as_array().unwrap().len(), 1);
+    let listed = cli_json(d, &["cert", "list", "--thing", "dev-7"]);
+    assert_eq!(listed["items"][0]["status"], "ACTIVE");
+    assert_eq!(listed["items"][0]["ca_id"], ca["id"]);
+    assert_eq!(
+        answer(&curl(d, &s, "reg.test", "/again", &with_client(&dev))).0,
+        200
+    );
+
+    // A certificate without the subject field the template needs is refused, with that reason.
+    let carol = client("carol");
+    assert_ne!(curl(d, &s, "reg.test", "/", &with_client(&carol)).code, 0);
+    let refused = s.wait_for("TLS handshake failed");
+    assert!(refused.contains("provisioning-failed"), "{refused}");
+    assert!(
+        refused.contains("Certificate.Subject.Organization"),
+        "{refused}"
+    );
+    // explain says the same, and exits 1.
+    let r = cli(
+        d,
+        &[
+            "explain",
+            "--domain",
+            "reg.test",
+            "--path",
+            "/x",
+            "carol.chain.pem",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let trace: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(trace["chain"]["result"], "valid");
+    assert_eq!(trace["registry"]["reason"], "provisioning-failed");
+    assert_eq!(trace["decision"], "deny");
+    let text = cli(d, &["explain", "--domain", "reg.test", "dev-7.chain.pem"])
+        .ok()
+        .stdout;
+    assert!(text.contains("decision:    ALLOW"), "{text}");
+    assert!(text.contains("status ACTIVE"), "{text}");
+    let events = cli_json(d, &["audit", "list", "--action", "certificate.provision"]);
+    assert_eq!(
+        events["items"].as_array().unwrap().len(),
+        1,
+        "provisioned exactly once"
+    );
+    assert_eq!(events["items"][0]["actor"], "gateway:jit");
+
+    // Deactivating the CA with --revoke-issued revokes the device; its handshakes are refused.
+    let updated = cli_json(
+        d,
+        &[
+            "ca",
+            "update",
+            ca["id"].as_str().unwrap(),
+            "--status",
+            "INACTIVE",
+            "--revoke-issued",
+        ],
+    );
+    assert_eq!(updated["revoked_certificates"], 1);
+    wait_for_snapshot(d, &s);
+    assert_ne!(curl(d, &s, "reg.test", "/", &with_client(&dev)).code, 0);
+    assert!(
+        s.wait_for("TLS handshake failed")
+            .contains("\"reason\":\"revoked\"")
+    );
+}
+
+#[test]
+fn truststore_versions_are_pinned_or_followed_and_previewed_before_they_go_live() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(d, &registry_config(&[("a.test", "off")]));
+    let v1 = cli_json(
+        d,
+        &[
+            "truststore",
+            "create",
+            "partners",
+            "--bundle",
+            "trust-a.pem",
+            "--crl",
+            "int.crl",
+        ],
+    );
+    assert_eq!(v1["version"], 1);
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "truststore",
+                "create",
+                "partners",
+                "--bundle",
+                "trust-a.pem",
+            ],
+        ),
+        2,
+        "exists already",
+    );
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "truststore",
+                "add-version",
+                "partners",
+                "--bundle",
+                "alice.pem",
+            ],
+        ),
+        2,
+        "anchor",
+    );
+    let mut config = String::from(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
+    );
+    for (host, reference) in [
+        ("pin.test", "registry:partners@1"),
+        ("latest.test", "registry:partners"),
+    ] {
+        config.push_str(&format!(
+            "\n[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\ntruststore = \"{reference}\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        ));
+    }
+    std::fs::write(d.join("gw.toml"), config).unwrap();
+    let pid = s.child.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let (alice, bob) = (client("alice"), client("bob"));
+    // The reload by signal (or by the file change, whichever comes first) serves both domains.
+    loop {
+        let line = s.wait_for("portcullis::reload");
+        assert!(line.contains("\"result\":\"ok\""), "{line}");
+        if answer(&curl(d, &s, "pin.test", "/", &with_client(&alice))).0 == 200 {
+            break;
+        }
+    }
+    for host in ["pin.test", "latest.test"] {
+        assert_eq!(
+            answer(&curl(d, &s, host, "/", &with_client(&alice))).0,
+            200,
+            "{host}"
+        );
+    }
+    s.wait_for("recorded seen certificates");
+
+    // Preview version 2 (root B only) before it goes live: alice would be rejected.
+    let v2 = cli_json(
+        d,
+        &[
+            "truststore",
+            "add-version",
+            "partners",
+            "--bundle",
+            "trust-b.pem",
+        ],
+    );
+    assert_eq!(v2["version"], 2);
+    let preview = cli_json(
+        d,
+        &[
+            "truststore",
+            "preview",
+            "partners",
+            "--version",
+            "2",
+            "--days",
+            "7",
+        ],
+    );
+    assert_eq!(preview["would_reject"], 1, "{preview}");
+    assert_eq!(preview["rejected"][0]["subject"], "CN=alice");
+    assert_eq!(preview["rejected"][0]["reason"], "untrusted-issuer");
+    let text = cli(d, &["truststore", "preview", "partners", "--version", "2"])
+        .ok()
+        .stdout;
+    assert!(
+        text.contains("1 would be rejected") && text.contains("CN=alice"),
+        "{text}"
+    );
+    let v1_preview = cli_json(d, &["truststore", "preview", "partners", "--version", "1"]);
+    assert_eq!(v1_preview["would_reject"], 0, "{v1_preview}");
+    assert_clean_error(
+        &cli(d, &["truststore", "preview", "partners", "--version", "9"]),
+        2,
+        "not found",
+    );
+
+    // The domain that follows the latest version switches; the pinned one does not.
+    let reload = wait_for_registry_reload(&s);
+    assert!(reload.contains("\"result\":\"ok\""), "{reload}");
+    assert_eq!(
+        answer(&curl(d, &s, "pin.test", "/", &with_client(&alice))).0,
+        200
+    );
+    assert_ne!(
+        curl(d, &s, "latest.test", "/", &with_client(&alice)).code,
+        0
+    );
+    assert_eq!(
+        answer(&curl(d, &s, "latest.test", "/", &with_client(&bob))).0,
+        200
+    );
+    let listed = cli_json(d, &["truststore", "list"]);
+    assert_eq!(listed["items"][0]["latest_version"], 2);
+}
+
+#[test]
+fn bulk_registration_killed_mid_way_loses_no_acknowledged_write() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    // 400 device certificates from a fleet CA.
+    let key = portcullis_pki::PrivateKey::generate(portcullis_pki::KeyType::EcP256).unwrap();
+    let ca_cert = portcullis_pki::issue::issue(
+        &portcullis_pki::IssueRequest::new(
+            portcullis_pki::Profile::RootCa,
+            portcullis_pki::SubjectName::cn("Fleet"),
+        ),
+        &key,
+        None,
+    )
+    .unwrap();
+    let fleet = portcullis_pki::CaIssuer::new(ca_cert, key, Vec::new()).unwrap();
+    std::fs::create_dir_all(d.join("fleet")).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let k = portcullis_pki::PrivateKey::generate(portcullis_pki::KeyType::EcP256).unwrap();
+        let c = portcullis_pki::issue::issue(
+            &portcullis_pki::IssueRequest::new(
+                portcullis_pki::Profile::Client,
+                portcullis_pki::SubjectName::cn(format!("dev-{i:04}")),
+            ),
+            &k,
+            Some(&fleet),
+        )
+        .unwrap();
+        std::fs::write(d.join(format!("fleet/dev-{i:04}.pem")), c.to_pem()).unwrap();
+        ids.push(c.info().id.clone());
+    }
+    let config = registry_config(&[("reg.test", "registered")]);
+    let s = Server::start(d, &config);
+    let bulk = || {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args([
+                "cert",
+                "register",
+                "--bulk",
+                "fleet",
+                "--status",
+                "ACTIVE",
+                "--json",
+                "--data-dir",
+                "data",
+            ])
+            .current_dir(d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = bulk();
+    // kill -9 the server once a hundred registrations were answered.
+    for _ in 0..100 {
+        s.wait_for("\"path\":\"/v1/certificates\"");
+    }
+    let pid = s.child.id().to_string();
+    Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let failed: BTreeSet<String> = summary["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["file"].as_str().unwrap().to_string())
+        .collect();
+    assert!(summary["registered"].as_u64().unwrap() >= 100, "{summary}");
+    assert!(
+        !failed.is_empty(),
+        "the kill interrupted nothing: {summary}"
+    );
+    let acknowledged: Vec<&String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !failed.contains(&format!("fleet/dev-{i:04}.pem")))
+        .map(|(_, id)| id)
+        .collect();
+
+    // A restart reloads everything: every acknowledged registration is there, complete.
+    drop(s);
+    let s = Server::start(d, &config);
+    let listed = cli_json(d, &["cert", "list", "--all", "--limit", "1000"]);
+    let records = listed["items"].as_array().unwrap();
+    let stored: BTreeSet<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    for id in &acknowledged {
+        assert!(stored.contains(id.as_str()), "acknowledged {id} lost");
+    }
+    for r in records {
+        assert_eq!(r["status"], "ACTIVE");
+        let parsed =
+            portcullis_pki::Certificate::first_and_rest(r["pem"].as_str().unwrap().as_bytes())
+                .unwrap()
+                .0;
+        assert_eq!(
+            parsed.info().id,
+            r["id"].as_str().unwrap(),
+            "a partial record"
+        );
+    }
+    // Running it again completes the job.
+    let output = bulk().wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(
+        summary["registered"].as_u64().unwrap() + summary["already_registered"].as_u64().unwrap(),
+        400
+    );
+    println!(
+        "bulk registration: {} new in {:.2} s ({:.0}/s)",
+        summary["registered"],
+        summary["seconds"].as_f64().unwrap(),
+        summary["per_second"].as_f64().unwrap()
+    );
+    assert_eq!(
+        cli_json(d, &["cert", "list", "--all", "--limit", "1000"])["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        400
+    );
+    drop(s);
+}

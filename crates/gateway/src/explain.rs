@@ -1,0 +1,111 @@
+//! `portcullis explain`: the decision the gateway would take for a certificate on a domain,
+//! step by step (domain, chain, registry, mapping), without sending or changing anything.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use portcullis_pki::Certificate;
+use serde_json::{Value, json};
+
+use crate::State;
+use crate::config::{MtlsMode, OnFailure};
+
+/// Explains decisions on the gateway's current state.
+#[derive(Debug, Clone)]
+pub struct Explainer {
+    state: Arc<ArcSwap<State>>,
+}
+
+impl Explainer {
+    pub(crate) fn new(state: Arc<ArcSwap<State>>) -> Explainer {
+        Explainer { state }
+    }
+
+    /// The trace for `chain` (leaf first) presented to `domain` (the SNI) with a request
+    /// `method path`; an error when no domain would take the connection.
+    pub fn explain(
+        &self,
+        domain: &str,
+        method: &str,
+        path: &str,
+        chain: &[Certificate],
+    ) -> Result<Value, String> {
+        let state = self.state.load();
+        let Some((d, via_default)) = state.select(Some(domain)) else {
+            return Err(format!(
+                "no domain matches '{domain}' and there is no default endpoint: the handshake is refused (unknown-sni)"
+            ));
+        };
+        let verifier = &d.tls.verifier;
+        let (mode, on_failure) = verifier.mode();
+        let mut trace = verifier.explain(chain);
+        let chain_ok = trace["chain"]["result"] == "valid";
+        let registry_ok = matches!(
+            trace["registry"]["decision"].as_str(),
+            Some("admit" | "provision-just-in-time")
+        );
+        let certificate_ok = chain_ok && registry_ok;
+        let reason = if !chain_ok {
+            trace["chain"]["reason"].clone()
+        } else {
+            trace["registry"]["reason"].clone()
+        };
+        let route = crate::route::route(&d.config.mappings, path);
+        let mapping = route.as_ref().map(|(m, rest)| {
+            json!({
+                "base_path": m.base_path,
+                "upstream": m.upstream.to_string(),
+                "upstream_path": rest,
+                "requires_client_certificate": mode == MtlsMode::Required
+                    || (mode == MtlsMode::Optional && m.require_client_cert),
+            })
+        });
+        let (decision, outcome, summary) = match (mode, certificate_ok, route) {
+            (MtlsMode::Required, false, _) if on_failure == OnFailure::Tls => (
+                "deny",
+                json!({"tls_alert": true}),
+                format!(
+                    "refused in the TLS handshake: {}",
+                    reason.as_str().unwrap_or("rejected")
+                ),
+            ),
+            (_, _, None) => (
+                "deny",
+                json!({"http_status": 404, "code": "no-route"}),
+                format!("no mapping matches {path}: 404 no-route"),
+            ),
+            (mode, ok, Some((m, _)))
+                if !ok
+                    && (mode == MtlsMode::Required
+                        || (mode == MtlsMode::Optional && m.require_client_cert)) =>
+            {
+                (
+                    "deny",
+                    json!({"http_status": 403, "code": reason}),
+                    format!(
+                        "403: mapping '{}' needs a valid client certificate ({})",
+                        m.base_path,
+                        reason.as_str().unwrap_or("rejected")
+                    ),
+                )
+            }
+            (_, _, Some((m, rest))) => (
+                "allow",
+                json!({"forwarded_to": format!("{}{}", m.upstream.to_string().trim_end_matches('/'), rest)}),
+                format!("allowed: forwarded to mapping '{}'", m.base_path),
+            ),
+        };
+        trace["domain"] = json!({
+            "hostname": d.config.hostname.to_string(),
+            "matched_by": if via_default { "default-endpoint" } else { "sni" },
+            "mtls_mode": format!("{mode:?}").to_ascii_lowercase(),
+            "on_failure": format!("{on_failure:?}").to_ascii_lowercase(),
+        });
+        trace["request"] = json!({"method": method, "path": path});
+        trace["mapping"] = mapping.unwrap_or(Value::Null);
+        trace["decision"] = json!(decision);
+        trace["outcome"] = outcome;
+        trace["summary"] = json!(summary);
+        Ok(trace)
+    }
+}

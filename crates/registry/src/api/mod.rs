@@ -1,0 +1,1067 @@
+//! The admin REST API: JSON over HTTPS on its own listener, authenticated by an admin client
+//! certificate (verified in the TLS handshake against the admin CA) or a bearer token (stored
+//! hashed). Only `/healthz` answers without one of them.
+//!
+//! Every error is `{"code", "message", "details"}` with a 4xx status for the caller's mistakes;
+//! failures of ours are 500 with a public message, the cause going to the log only.
+//! [`openapi`] describes exactly the routes [`router`] serves (a test checks both ways).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use portcullis_pki::verify::{Usage, Verdict, VerifyOptions, verify};
+use portcullis_pki::{CaIssuer, Certificate, IssueRequest, KeyType, PrivateKey, Profile};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
+use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store};
+
+pub mod openapi;
+
+/// The largest request body accepted (a truststore bundle with its CRLs).
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// What the API needs from the process that runs it: things the registry crate does not own.
+pub trait Hooks: Send + Sync + 'static {
+    /// Prometheus text for `/metrics`.
+    fn metrics(&self) -> String;
+    /// Whether the gateway is serving (for `/readyz`).
+    fn ready(&self) -> bool;
+    /// The gateway's decision trace for a certificate on a domain (`portcullis explain`).
+    fn explain(&self, request: &ExplainRequest) -> Result<Value, String>;
+    /// Checks a domain's settings (the configuration file's `[[domain]]` table, as JSON) the
+    /// way the gateway will load them.
+    fn check_domain(&self, spec: &Value) -> Result<(), String>;
+}
+
+/// A request to explain a decision.
+#[derive(Debug, Clone)]
+pub struct ExplainRequest {
+    /// The domain (SNI).
+    pub domain: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The request path.
+    pub path: String,
+    /// The presented chain, leaf first.
+    pub chain: Vec<Certificate>,
+}
+
+/// The API's state.
+#[derive(Clone)]
+pub struct Api {
+    store: Store,
+    issuer: Option<Arc<CaIssuer>>,
+    hooks: Arc<dyn Hooks>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// An API over `store`; `issuer` (the local CA) signs certificates made through the API.
+    pub fn new(store: Store, issuer: Option<Arc<CaIssuer>>, hooks: Arc<dyn Hooks>) -> Api {
+        Api {
+            store,
+            issuer,
+            hooks,
+        }
+    }
+}
+
+/// Who made a request: set by the listener for a verified admin certificate, or by the token
+/// check. Audit entries name it.
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+/// The admin certificate a connection presented (verified by the handshake), if any.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Option<String>);
+
+/// The routes, with authentication on all but `/healthz`.
+pub fn router(api: Api) -> Router {
+    let authenticated = Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
+        .route("/v1/registration-code", get(registration_code))
+        .route("/v1/cas", get(list_cas).post(register_ca))
+        .route("/v1/cas/{id}", get(describe_ca).patch(update_ca))
+        .route(
+            "/v1/certificates",
+            get(list_certificates).post(create_certificate),
+        )
+        .route(
+            "/v1/certificates/{id}",
+            get(describe_certificate)
+                .patch(update_certificate)
+                .delete(delete_certificate),
+        )
+        .route("/v1/things", get(list_things).post(create_thing))
+        .route(
+            "/v1/things/{name}",
+            get(describe_thing).patch(update_thing).delete(delete_thing),
+        )
+        .route(
+            "/v1/things/{name}/certificates/{id}",
+            put(attach).delete(detach),
+        )
+        .route(
+            "/v1/truststores",
+            get(list_truststores).post(create_truststore),
+        )
+        .route("/v1/truststores/{name}", get(describe_truststore))
+        .route(
+            "/v1/truststores/{name}/versions",
+            post(add_truststore_version),
+        )
+        .route(
+            "/v1/truststores/{name}/versions/{version}",
+            get(truststore_version),
+        )
+        .route(
+            "/v1/truststores/{name}/versions/{version}/preview",
+            get(preview),
+        )
+        .route("/v1/audit", get(audit))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/explain", post(explain))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(authenticated)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no-such-route",
+                "no such route; see /openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(api)
+}
+
+/// Serves `router` over HTTPS on `listener` until the task is dropped. Each connection's
+/// verified client certificate (if any) reaches the handlers as a [`PeerCertificate`].
+pub async fn serve_https(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::error!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            admin_connection(stream, peer, acceptor, router).await;
+        });
+    }
+}
+
+async fn admin_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(target: "portcullis::admin", peer = %peer, error = %e, "admin TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| Certificate::from_der(c.to_vec()).ok())
+        .map(|c| {
+            c.subject_attribute("CN")
+                .unwrap_or_else(|| c.info().subject.clone())
+        });
+    let service = hyper_util::service::TowerToHyperService::new(
+        router.layer(Extension(PeerCertificate(subject))),
+    );
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(target: "portcullis::admin", peer = %peer, error = %e, "admin connection ended");
+    }
+}
+
+/// Admits a request with a verified admin certificate or a valid bearer token.
+async fn authenticate(State(api): State<Api>, mut req: Request, next: Next) -> Response {
+    let from_cert = req
+        .extensions()
+        .get::<PeerCertificate>()
+        .and_then(|p| p.0.clone());
+    let caller = match (from_cert, bearer(req.headers())) {
+        (_, Some(Err(e))) => return e.into_response(),
+        (_, Some(Ok(secret))) => match api.store.token_by_secret(secret).await {
+            Ok(Some(token)) => format!("token:{}", token.name),
+            Ok(None) => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid-token",
+                    "the bearer token is not valid (unknown or deleted); make one with `portcullis admin token create`",
+                )
+                .into_response();
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        (Some(subject), None) => format!("admin-cert:{subject}"),
+        (None, None) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "present the admin client certificate or an `Authorization: Bearer <token>` header",
+            )
+            .into_response();
+        }
+    };
+    req.extensions_mut().insert(Caller(caller.clone()));
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(Caller(caller));
+    response
+}
+
+/// One log line per admin request: who, what, the answer.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let caller = response
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "portcullis::admin",
+        method = %method,
+        path,
+        status = response.status().as_u16(),
+        caller,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "admin request"
+    );
+    response
+}
+
+fn bearer(headers: &HeaderMap) -> Option<Result<&str, ApiError>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let bad = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid-token",
+            "the Authorization header must be `Bearer <token>`",
+        )
+    };
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(bad),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and extractors
+
+/// An API error: `{"code", "message", "details"}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: Value::Null,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            RegistryError::NotFound(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("{what} not found"),
+            ),
+            RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RegistryError::Pki(e) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-certificate",
+                e.to_string(),
+            ),
+            other => {
+                tracing::error!(target: "portcullis::admin", error = %other, "registry store failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the registry store failed; the server log has the cause",
+                )
+            }
+        }
+    }
+}
+
+impl From<portcullis_pki::PkiError> for ApiError {
+    fn from(e: portcullis_pki::PkiError) -> ApiError {
+        ApiError::from(RegistryError::Pki(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"code": self.code, "message": self.message, "details": self.details});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+/// A JSON body whose rejections are API errors (malformed JSON, wrong fields, too large).
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too-large"
+                } else {
+                    "invalid-json"
+                };
+                Err(ApiError::new(status, code, rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// Query parameters whose rejections are API errors.
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Params(v))
+            .map_err(|r| ApiError::invalid(r.body_text()))
+    }
+}
+
+fn cert_id(id: &str) -> Result<CertId, ApiError> {
+    CertId::from_str(id).map_err(ApiError::from)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Json<Value> {
+    Json(serde_json::to_value(value).unwrap_or(Value::Null))
+}
+
+/// `null` and absent told apart: `Some(None)` is an explicit null.
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health, metrics, documentation
+
+async fn readyz(State(api): State<Api>) -> Response {
+    if api.hooks.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(api): State<Api>) -> String {
+    api.hooks.metrics()
+}
+
+async fn openapi_document() -> Json<Value> {
+    Json(openapi::document())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CAs
+
+async fn registration_code(State(api): State<Api>) -> ApiResult {
+    Ok(Json(
+        json!({"registration_code": api.store.registration_code().await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterCa {
+    certificate_pem: String,
+    verification_certificate_pem: Option<String>,
+    #[serde(default)]
+    allow_unverified: bool,
+    #[serde(default)]
+    activate: bool,
+    #[serde(default)]
+    auto_registration: bool,
+    provisioning_template: Option<Value>,
+}
+
+async fn register_ca(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<RegisterCa>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let template = req
+        .provisioning_template
+        .as_ref()
+        .map(ProvisioningTemplate::from_json)
+        .transpose()?;
+    let record = api
+        .store
+        .register_ca(
+            CaRegistration {
+                certificate: req.certificate_pem.as_bytes(),
+                verification: req
+                    .verification_certificate_pem
+                    .as_deref()
+                    .map(str::as_bytes),
+                allow_unverified: req.allow_unverified,
+                activate: req.activate,
+                auto_registration: req.auto_registration,
+                provisioning_template: template,
+            },
+            &caller,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, to_json(&record)))
+}
+
+async fn list_cas(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({"items": api.store.list_cas().await?})))
+}
+
+async fn describe_ca(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    Ok(to_json(&api.store.ca(&cert_id(&id)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateCa {
+    status: Option<String>,
+    auto_registration: Option<bool>,
+    #[serde(default, deserialize_with = "double_option")]
+    provisioning_template: Option<Option<Value>>,
+    #[serde(default)]
+    revoke_issued: bool,
+}
+
+async fn update_ca(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateCa>,
+) -> ApiResult {
+    let update = CaUpdate {
+        status: req.status.as_deref().map(CaStatus::from_str).transpose()?,
+        auto_registration: req.auto_registration,
+        provisioning_template: req
+            .provisioning_template
+            .map(|t| t.as_ref().map(ProvisioningTemplate::from_json).transpose())
+            .transpose()?,
+        revoke_issued: req.revoke_issued,
+    };
+    let (record, revoked) = api
+        .store
+        .update_ca(&cert_id(&id)?, &update, &caller)
+        .await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    body["revoked_certificates"] = json!(revoked);
+    Ok(Json(body))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCertificate {
+    /// Register this certificate.
+    certificate_pem: Option<String>,
+    /// Or sign this CSR with the local CA.
+    csr_pem: Option<String>,
+    /// Or make a key and a certificate for this common name with the local CA.
+    common_name: Option<String>,
+    key_type: Option<String>,
+    days: Option<u32>,
+    status: Option<String>,
+}
+
+async fn create_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreateCertificate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let status = match req.status.as_deref() {
+        None => CertStatus::Inactive,
+        Some(s) => CertStatus::from_str(s)?,
+    };
+    let issuer = || {
+        api.issuer.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no-local-ca",
+                "this registry has no local CA to issue with; register certificates instead",
+            )
+        })
+    };
+    let request = |cn: Option<&str>| -> Result<IssueRequest, ApiError> {
+        let subject = portcullis_pki::SubjectName::cn(cn.unwrap_or("device"));
+        let mut r = IssueRequest::new(Profile::Client, subject);
+        if let Some(days) = req.days {
+            if days == 0 || days > 3650 {
+                return Err(ApiError::invalid("days must be between 1 and 3650"));
+            }
+            r.days = days;
+        }
+        Ok(r)
+    };
+    let chosen = [
+        req.certificate_pem.is_some(),
+        req.csr_pem.is_some(),
+        req.common_name.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if chosen != 1 {
+        return Err(ApiError::invalid(
+            "give exactly one of certificate_pem (register), csr_pem (sign a CSR with the local CA) or common_name (make a key and certificate)",
+        ));
+    }
+    let mut private_key = None;
+    let pem = if let Some(pem) = &req.certificate_pem {
+        pem.clone()
+    } else if let Some(csr) = &req.csr_pem {
+        let issuer = issuer()?;
+        let r = request(None)?;
+        portcullis_pki::issue::sign_csr(csr.as_bytes(), &r, &issuer)?.to_pem()
+    } else {
+        let issuer = issuer()?;
+        let cn = req.common_name.as_deref().unwrap_or_default();
+        if cn.is_empty() || cn.len() > 64 {
+            return Err(ApiError::invalid("common_name must be 1-64 characters"));
+        }
+        let key_type = match req.key_type.as_deref() {
+            None => KeyType::EcP256,
+            Some(k) => KeyType::from_str(k)?,
+        };
+        let key = PrivateKey::generate(key_type)?;
+        let cert = portcullis_pki::issue::issue(&request(Some(cn))?, &key, Some(&issuer))?;
+        private_key = Some(key.to_pem());
+        cert.to_pem()
+    };
+    let record = api
+        .store
+        .register_certificate(pem.as_bytes(), status, &caller)
+        .await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    if let Some(issuer) = (req.certificate_pem.is_none())
+        .then_some(api.issuer.as_ref())
+        .flatten()
+    {
+        let chain: String = issuer.chain().iter().map(Certificate::to_pem).collect();
+        body["chain_pem"] = json!(format!("{}{chain}", record.pem));
+    }
+    if let Some(key) = private_key {
+        // Returned once; the registry never stores it.
+        body["private_key_pem"] = json!(key);
+    }
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListCertificates {
+    status: Option<String>,
+    ca: Option<String>,
+    thing: Option<String>,
+    expiring_before: Option<i64>,
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+async fn list_certificates(
+    State(api): State<Api>,
+    Params(q): Params<ListCertificates>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 1000"));
+    }
+    let filter = CertFilter {
+        status: q.status.as_deref().map(CertStatus::from_str).transpose()?,
+        ca: q.ca.as_deref().map(cert_id).transpose()?,
+        thing: q.thing,
+        expiring_before: q.expiring_before,
+        limit: Some(limit),
+        after: q.after.as_deref().map(cert_id).transpose()?,
+    };
+    let items = api.store.list_certificates(&filter).await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|c| c.id.to_string()))
+        .flatten();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+async fn describe_certificate(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    Ok(to_json(&api.store.certificate(&cert_id(&id)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateCertificate {
+    status: String,
+}
+
+async fn update_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateCertificate>,
+) -> ApiResult {
+    let status = CertStatus::from_str(&req.status)?;
+    Ok(to_json(
+        &api.store
+            .set_certificate_status(&cert_id(&id)?, status, &caller)
+            .await?,
+    ))
+}
+
+async fn delete_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    api.store
+        .delete_certificate(&cert_id(&id)?, &caller)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Things
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateThing {
+    name: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+async fn create_thing(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreateThing>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let thing = api
+        .store
+        .create_thing(&req.name, &req.attributes, &caller)
+        .await?;
+    Ok((StatusCode::CREATED, to_json(&thing)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_things(State(api): State<Api>, Params(q): Params<Page>) -> ApiResult {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = api.store.list_things(q.after.as_deref(), limit).await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|t| t.name.clone()))
+        .flatten();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+async fn describe_thing(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    Ok(to_json(&api.store.thing(&name).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateThing {
+    /// Attributes to set; `null` removes one.
+    attributes: BTreeMap<String, Option<String>>,
+}
+
+async fn update_thing(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+    Body(req): Body<UpdateThing>,
+) -> ApiResult {
+    Ok(to_json(
+        &api.store
+            .update_thing(&name, &req.attributes, &caller)
+            .await?,
+    ))
+}
+
+async fn delete_thing(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    api.store.delete_thing(&name, &caller).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attach {
+    #[serde(default)]
+    exclusive: bool,
+}
+
+async fn attach(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+    Params(q): Params<Attach>,
+) -> ApiResult {
+    api.store
+        .attach(&name, &cert_id(&id)?, q.exclusive, &caller)
+        .await?;
+    Ok(to_json(&api.store.thing(&name).await?))
+}
+
+async fn detach(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult {
+    api.store.detach(&name, &cert_id(&id)?, &caller).await?;
+    Ok(to_json(&api.store.thing(&name).await?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Truststores
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTruststore {
+    name: String,
+    bundle_pem: String,
+    #[serde(default)]
+    crls_pem: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddVersion {
+    bundle_pem: String,
+    #[serde(default)]
+    crls_pem: Vec<String>,
+}
+
+async fn create_truststore(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreateTruststore>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let v = api
+        .store
+        .add_truststore_version(&req.name, &req.bundle_pem, &req.crls_pem, true, &caller)
+        .await?;
+    Ok((StatusCode::CREATED, to_json(&v)))
+}
+
+async fn add_truststore_version(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+    Body(req): Body<AddVersion>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let v = api
+        .store
+        .add_truststore_version(&name, &req.bundle_pem, &req.crls_pem, false, &caller)
+        .await?;
+    Ok((StatusCode::CREATED, to_json(&v)))
+}
+
+async fn list_truststores(State(api): State<Api>) -> ApiResult {
+    let items: Vec<Value> = api
+        .store
+        .list_truststores()
+        .await?
+        .into_iter()
+        .map(|(name, latest)| json!({"name": name, "latest_version": latest}))
+        .collect();
+    Ok(Json(json!({"items": items})))
+}
+
+async fn describe_truststore(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    Ok(to_json(&api.store.truststore_version(&name, None).await?))
+}
+
+fn version_number(version: &str) -> Result<i64, ApiError> {
+    version
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| ApiError::invalid(format!("version '{version}' must be a number from 1")))
+}
+
+async fn truststore_version(
+    State(api): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult {
+    let v = version_number(&version)?;
+    Ok(to_json(
+        &api.store.truststore_version(&name, Some(v)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewParams {
+    days: Option<u32>,
+}
+
+/// Impact preview: the certificates seen in the last N days that this version would reject,
+/// with the reasons, checked as the gateway checks them.
+async fn preview(
+    State(api): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+    Params(q): Params<PreviewParams>,
+) -> ApiResult {
+    let v = version_number(&version)?;
+    let days = q.days.unwrap_or(30);
+    if !(1..=3650).contains(&days) {
+        return Err(ApiError::invalid("days must be between 1 and 3650"));
+    }
+    let tv = api.store.truststore_version(&name, Some(v)).await?;
+    let store = portcullis_pki::Truststore::from_pem(tv.bundle.as_bytes())?;
+    let mut crls = Vec::new();
+    for c in &tv.crls {
+        crls.extend(portcullis_pki::crl::Crl::all_from_pem_or_der(c.as_bytes())?);
+    }
+    let options = VerifyOptions {
+        usage: Usage::Client,
+        crls,
+        require_eku: false,
+        ..VerifyOptions::default()
+    };
+    let since = time::OffsetDateTime::now_utc().unix_timestamp() - i64::from(days) * 86_400;
+    let seen = api.store.seen_since(since).await?;
+    let checked = seen.len();
+    let rejected: Vec<Value> = seen
+        .iter()
+        .filter_map(
+            |(cert, domain, last_seen)| match verify(cert, &[], &store, &options) {
+                Verdict::Valid { .. } => None,
+                Verdict::Rejected {
+                    reason,
+                    explanation,
+                } => Some(json!({
+                    "certificate_id": cert.info().id,
+                    "subject": cert.info().subject,
+                    "domain": domain,
+                    "last_seen": last_seen,
+                    "reason": reason.code(),
+                    "explanation": explanation,
+                })),
+            },
+        )
+        .collect();
+    Ok(Json(json!({
+        "truststore": name,
+        "version": v,
+        "days": days,
+        "checked": checked,
+        "would_reject": rejected.len(),
+        "rejected": rejected,
+        "warnings": tv.warnings,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit, tokens, explain
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    action: Option<String>,
+    target: Option<String>,
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn audit(State(api): State<Api>, Params(q): Params<AuditParams>) -> ApiResult {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let items = api
+        .store
+        .audit_log(&AuditFilter {
+            action: q.action,
+            target: q.target,
+            before: q.before,
+            limit: Some(limit),
+        })
+        .await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+}
+
+async fn create_token(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreateToken>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (record, secret) = api.store.create_token(&req.name, &caller).await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    // Shown once; only its hash is stored.
+    body["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn list_tokens(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({"items": api.store.list_tokens().await?})))
+}
+
+async fn delete_token(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    api.store.delete_token(&id, &caller).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Explain {
+    domain: String,
+    #[serde(default = "default_method")]
+    method: String,
+    #[serde(default = "default_path")]
+    path: String,
+    certificate_pem: String,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+async fn explain(State(api): State<Api>, Body(req): Body<Explain>) -> ApiResult {
+    let chain = Certificate::all_from_pem_or_der(req.certificate_pem.as_bytes())?;
+    if chain.is_empty() {
+        return Err(ApiError::invalid("certificate_pem holds no certificate"));
+    }
+    if !req.path.starts_with('/') {
+        return Err(ApiError::invalid("path must start with '/'"));
+    }
+    let request = ExplainRequest {
+        domain: req.domain.to_ascii_lowercase(),
+        method: req.method.to_ascii_uppercase(),
+        path: req.path,
+        chain,
+    };
+    let mut trace = api
+        .hooks
+        .explain(&request)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no-such-domain", e))?;
+    // The registry's own view, from the store (the gateway's snapshot follows it within 200 ms).
+    let id = CertId::of_der(request.chain[0].der());
+    trace["registry_record"] = match api.store.certificate(&id).await {
+        Ok(record) => json!({
+            "status": record.status, "things": record.things, "ca_id": record.ca_id,
+            "last_seen": record.last_seen,
+        }),
+        Err(RegistryError::NotFound(_)) => Value::Null,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(trace))
+}

@@ -1,0 +1,237 @@
+//! The OpenAPI 3.1 document of the admin API, served at `/openapi.json`. The whole-product tests
+//! call every operation listed here and check the router serves it, and that methods not listed
+//! are refused.
+
+use serde_json::{Map, Value, json};
+
+/// Every operation: method, path, summary, request body schema (if any).
+pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
+    ("get", "/healthz", "Liveness (no authentication)", None),
+    (
+        "get",
+        "/readyz",
+        "Readiness: 200 when the gateway is serving",
+        None,
+    ),
+    ("get", "/metrics", "Prometheus metrics", None),
+    ("get", "/openapi.json", "This document", None),
+    (
+        "get",
+        "/v1/registration-code",
+        "The CA registration code (CN of verification certificates)",
+        None,
+    ),
+    ("get", "/v1/cas", "List registered CAs", None),
+    (
+        "post",
+        "/v1/cas",
+        "Register a CA with proof of possession",
+        Some("RegisterCa"),
+    ),
+    ("get", "/v1/cas/{id}", "Describe a registered CA", None),
+    (
+        "patch",
+        "/v1/cas/{id}",
+        "Change a CA's status, auto-registration or provisioning template; optionally revoke what it issued",
+        Some("UpdateCa"),
+    ),
+    (
+        "get",
+        "/v1/certificates",
+        "List certificates (filters: status, ca, thing, expiring_before; pagination: limit, after)",
+        None,
+    ),
+    (
+        "post",
+        "/v1/certificates",
+        "Register a certificate, sign a CSR, or make a key and certificate with the local CA",
+        Some("CreateCertificate"),
+    ),
+    (
+        "get",
+        "/v1/certificates/{id}",
+        "Describe a certificate",
+        None,
+    ),
+    (
+        "patch",
+        "/v1/certificates/{id}",
+        "Change a certificate's status",
+        Some("UpdateCertificate"),
+    ),
+    (
+        "delete",
+        "/v1/certificates/{id}",
+        "Delete a certificate that is not ACTIVE",
+        None,
+    ),
+    ("get", "/v1/things", "List things", None),
+    ("post", "/v1/things", "Create a thing", Some("CreateThing")),
+    ("get", "/v1/things/{name}", "Describe a thing", None),
+    (
+        "patch",
+        "/v1/things/{name}",
+        "Set or remove (null) attributes",
+        Some("UpdateThing"),
+    ),
+    (
+        "delete",
+        "/v1/things/{name}",
+        "Delete a thing with no certificates attached",
+        None,
+    ),
+    (
+        "put",
+        "/v1/things/{name}/certificates/{id}",
+        "Attach a certificate (query: exclusive=true)",
+        None,
+    ),
+    (
+        "delete",
+        "/v1/things/{name}/certificates/{id}",
+        "Detach a certificate",
+        None,
+    ),
+    (
+        "get",
+        "/v1/truststores",
+        "List truststores with their latest version",
+        None,
+    ),
+    (
+        "post",
+        "/v1/truststores",
+        "Create a truststore (version 1)",
+        Some("CreateTruststore"),
+    ),
+    (
+        "get",
+        "/v1/truststores/{name}",
+        "The latest version of a truststore",
+        None,
+    ),
+    (
+        "post",
+        "/v1/truststores/{name}/versions",
+        "Add a version",
+        Some("AddTruststoreVersion"),
+    ),
+    (
+        "get",
+        "/v1/truststores/{name}/versions/{version}",
+        "One version",
+        None,
+    ),
+    (
+        "get",
+        "/v1/truststores/{name}/versions/{version}/preview",
+        "Impact preview: certificates seen in the last `days` days this version would reject",
+        None,
+    ),
+    (
+        "get",
+        "/v1/audit",
+        "Audit log, newest first (filters: action prefix, target; pagination: limit, before)",
+        None,
+    ),
+    (
+        "get",
+        "/v1/tokens",
+        "List admin tokens (never the secrets)",
+        None,
+    ),
+    (
+        "post",
+        "/v1/tokens",
+        "Make an admin token; the secret is returned once",
+        Some("CreateToken"),
+    ),
+    ("delete", "/v1/tokens/{id}", "Delete an admin token", None),
+    (
+        "post",
+        "/v1/explain",
+        "The gateway's decision trace for a certificate on a domain",
+        Some("Explain"),
+    ),
+];
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for (method, path, summary, body) in OPERATIONS {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut op = json!({
+            "summary": summary,
+            "parameters": params,
+            "responses": {
+                "200": {"description": "Success"},
+                "4XX": {"description": "The caller's mistake", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "5XX": {"description": "Ours", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        });
+        if *path != "/healthz" {
+            op["security"] = json!([{"adminCertificate": []}, {"bearerToken": []}]);
+        }
+        if let Some(schema) = body {
+            op["requestBody"] = json!({
+                "required": true,
+                "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}},
+            });
+        }
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Portcullis admin API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "adminCertificate": {"type": "mutualTLS", "description": "The admin client certificate made at first start (DATA_DIR/admin/)"},
+                "bearerToken": {"type": "http", "scheme": "bearer", "description": "`portcullis admin token create`"},
+            },
+            "schemas": schemas(),
+        },
+    })
+}
+
+fn schemas() -> Value {
+    let s = |v: &str| json!({"type": v});
+    json!({
+        "Error": {"type": "object", "required": ["code", "message"], "properties": {
+            "code": s("string"), "message": s("string"), "details": {}}},
+        "RegisterCa": {"type": "object", "required": ["certificate_pem"], "additionalProperties": false, "properties": {
+            "certificate_pem": s("string"), "verification_certificate_pem": s("string"),
+            "allow_unverified": s("boolean"), "activate": s("boolean"), "auto_registration": s("boolean"),
+            "provisioning_template": {"$ref": "#/components/schemas/ProvisioningTemplate"}}},
+        "ProvisioningTemplate": {"type": "object", "required": ["thing_name"], "additionalProperties": false, "properties": {
+            "thing_name": s("string"), "attributes": {"type": "object", "additionalProperties": s("string")},
+            "exclusive": s("boolean")}},
+        "UpdateCa": {"type": "object", "additionalProperties": false, "properties": {
+            "status": {"enum": ["ACTIVE", "INACTIVE"]}, "auto_registration": s("boolean"),
+            "provisioning_template": {"oneOf": [{"$ref": "#/components/schemas/ProvisioningTemplate"}, s("null")]},
+            "revoke_issued": s("boolean")}},
+        "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
+            "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
+            "key_type": s("string"), "days": s("integer"),
+            "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
+        "UpdateCertificate": {"type": "object", "required": ["status"], "additionalProperties": false, "properties": {
+            "status": {"enum": ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"]}}},
+        "CreateThing": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+            "name": s("string"), "attributes": {"type": "object", "additionalProperties": s("string")}}},
+        "UpdateThing": {"type": "object", "required": ["attributes"], "additionalProperties": false, "properties": {
+            "attributes": {"type": "object", "additionalProperties": {"type": ["string", "null"]}}}},
+        "CreateTruststore": {"type": "object", "required": ["name", "bundle_pem"], "additionalProperties": false, "properties": {
+            "name": s("string"), "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
+        "AddTruststoreVersion": {"type": "object", "required": ["bundle_pem"], "additionalProperties": false, "properties": {
+            "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
+        "CreateToken": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+            "name": s("string")}},
+        "Explain": {"type": "object", "required": ["domain", "certificate_pem"], "additionalProperties": false, "properties": {
+            "domain": s("string"), "method": s("string"), "path": s("string"), "certificate_pem": s("string")}},
+    })
+}

@@ -1,0 +1,234 @@
+//! Just-in-time provisioning (JITP) templates: how a CA's new certificate becomes a thing.
+//!
+//! A template names the thing and its attributes from certificate variables:
+//!
+//! ```json
+//! {"thing_name": "${Certificate.Subject.CommonName}",
+//!  "attributes": {"site": "${Certificate.Subject.Locality}"}}
+//! ```
+//!
+//! Templates are checked when stored (an unknown variable is refused then, not at a device's
+//! first connection) and resolved against each certificate in memory, so the gateway can decide
+//! inside the handshake whether a certificate can be provisioned.
+
+use std::collections::BTreeMap;
+
+use portcullis_pki::Certificate;
+use serde::{Deserialize, Serialize};
+
+use crate::RegistryError;
+use crate::model::check_name;
+
+/// A provisioning template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningTemplate {
+    /// The thing's name, with `${…}` variables.
+    pub thing_name: String,
+    /// The thing's attributes, values with `${…}` variables.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Attach the certificate exclusively (the default).
+    #[serde(default = "exclusive_default")]
+    pub exclusive: bool,
+}
+
+fn exclusive_default() -> bool {
+    true
+}
+
+/// What a template gives for one certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    /// The thing's name.
+    pub thing_name: String,
+    /// The thing's attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Whether the certificate is attached exclusively.
+    pub exclusive: bool,
+}
+
+/// The certificate variables templates (and, later, policies) may use.
+pub const VARIABLES: &[&str] = &[
+    "Certificate.Id",
+    "Certificate.SerialNumber",
+    "Certificate.Subject.CommonName",
+    "Certificate.Subject.Organization",
+    "Certificate.Subject.OrganizationalUnit",
+    "Certificate.Subject.Country",
+    "Certificate.Subject.State",
+    "Certificate.Subject.Locality",
+    "Certificate.Subject.SerialNumber",
+    "Certificate.Subject.EmailAddress",
+];
+
+impl ProvisioningTemplate {
+    /// Parses and checks a template given as JSON.
+    pub fn from_json(json: &serde_json::Value) -> Result<ProvisioningTemplate, RegistryError> {
+        let template: ProvisioningTemplate = serde_json::from_value(json.clone())
+            .map_err(|e| RegistryError::Invalid(format!("provisioning template: {e}")))?;
+        template.check()?;
+        Ok(template)
+    }
+
+    /// Refuses unknown variables, unclosed `${`, and attribute names that are not names.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        variables(&self.thing_name)?;
+        for (key, value) in &self.attributes {
+            check_name("attribute", key)?;
+            variables(value)?;
+        }
+        Ok(())
+    }
+
+    /// The thing `cert` provisions, or why it cannot (a subject field the template needs is
+    /// missing, or the resulting name is not a valid thing name).
+    pub fn resolve(&self, cert: &Certificate) -> Result<Provisioned, String> {
+        let thing_name = substitute(&self.thing_name, cert)?;
+        check_name("thing", &thing_name).map_err(|e| {
+            format!(
+                "the provisioning template makes an invalid thing name for this certificate: {e}"
+            )
+        })?;
+        let attributes = self
+            .attributes
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), substitute(v, cert)?)))
+            .collect::<Result<_, String>>()?;
+        Ok(Provisioned {
+            thing_name,
+            attributes,
+            exclusive: self.exclusive,
+        })
+    }
+}
+
+/// The value of one certificate variable, `None` when the certificate lacks the field.
+pub fn variable(name: &str, cert: &Certificate) -> Option<String> {
+    let attribute = |short: &str| cert.subject_attribute(short);
+    match name {
+        "Certificate.Id" => Some(cert.info().id.clone()),
+        "Certificate.SerialNumber" => Some(cert.info().serial.replace(':', "")),
+        "Certificate.Subject.CommonName" => attribute("CN"),
+        "Certificate.Subject.Organization" => attribute("O"),
+        "Certificate.Subject.OrganizationalUnit" => attribute("OU"),
+        "Certificate.Subject.Country" => attribute("C"),
+        "Certificate.Subject.State" => attribute("ST"),
+        "Certificate.Subject.Locality" => attribute("L"),
+        "Certificate.Subject.SerialNumber" => attribute("serialNumber"),
+        "Certificate.Subject.EmailAddress" => attribute("emailAddress"),
+        _ => None,
+    }
+}
+
+/// The variables a template string uses, in order; an error for an unknown one or a `${`
+/// without its `}`.
+fn variables(text: &str) -> Result<Vec<&str>, RegistryError> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(RegistryError::Invalid(format!(
+                "provisioning template '{text}' opens '${{' without closing it"
+            )));
+        };
+        let name = &after[..end];
+        if !VARIABLES.contains(&name) {
+            return Err(RegistryError::Invalid(format!(
+                "provisioning template uses the unknown variable '${{{name}}}'; known: {}",
+                VARIABLES.join(", ")
+            )));
+        }
+        out.push(name);
+        rest = &after[end + 1..];
+    }
+    Ok(out)
+}
+
+fn substitute(text: &str, cert: &Certificate) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').unwrap_or(after.len());
+        let name = &after[..end];
+        let value = variable(name, cert).ok_or_else(|| {
+            format!(
+                "the provisioning template needs ${{{name}}}, which certificate '{}' lacks",
+                cert.info().subject
+            )
+        })?;
+        out.push_str(&value);
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+
+    fn cert(subject: SubjectName) -> Certificate {
+        let ca_key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let ca = portcullis_pki::issue::issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn("CA")),
+            &ca_key,
+            None,
+        )
+        .unwrap();
+        let issuer = portcullis_pki::CaIssuer::new(ca, ca_key, Vec::new()).unwrap();
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        portcullis_pki::issue::issue(
+            &IssueRequest::new(Profile::Client, subject),
+            &key,
+            Some(&issuer),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_subject_fields() {
+        let t = ProvisioningTemplate::from_json(&serde_json::json!({
+            "thing_name": "dev-${Certificate.Subject.CommonName}",
+            "attributes": {"id": "${Certificate.Id}"}
+        }))
+        .unwrap();
+        let c = cert(SubjectName::cn("sensor-1"));
+        let p = t.resolve(&c).unwrap();
+        assert_eq!(p.thing_name, "dev-sensor-1");
+        assert_eq!(p.attributes["id"], c.info().id);
+        assert!(p.exclusive);
+    }
+
+    #[test]
+    fn missing_field_is_the_reason() {
+        let t = ProvisioningTemplate::from_json(&serde_json::json!({
+            "thing_name": "${Certificate.Subject.Organization}"
+        }))
+        .unwrap();
+        let e = t.resolve(&cert(SubjectName::cn("x"))).unwrap_err();
+        assert!(e.contains("Certificate.Subject.Organization"), "{e}");
+    }
+
+    #[test]
+    fn unknown_variables_and_bad_names_are_refused_when_stored() {
+        for bad in [
+            serde_json::json!({"thing_name": "${Certificate.Subject.Nope}"}),
+            serde_json::json!({"thing_name": "${Certificate.Id"}),
+            serde_json::json!({"thing_name": "x", "attributes": {"a b": "c"}}),
+            serde_json::json!({"thing": "x"}),
+        ] {
+            assert!(ProvisioningTemplate::from_json(&bad).is_err(), "{bad}");
+        }
+        let spaces = ProvisioningTemplate::from_json(&serde_json::json!({
+            "thing_name": "${Certificate.Subject.CommonName}"
+        }))
+        .unwrap();
+        assert!(spaces.resolve(&cert(SubjectName::cn("a b"))).is_err());
+    }
+}
