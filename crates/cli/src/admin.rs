@@ -150,15 +150,11 @@ impl AdminFiles {
     }
 }
 
-/// Checks a domain's settings as the gateway would load them.
-pub type DomainCheck = Box<dyn Fn(&Value) -> Result<()> + Send + Sync>;
-
 /// What the API asks of the running gateway.
 pub struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub ready: Arc<AtomicBool>,
     pub explainer: Explainer,
-    pub check_domain: DomainCheck,
 }
 
 impl Hooks for ServeHooks {
@@ -177,10 +173,6 @@ impl Hooks for ServeHooks {
             &request.path,
             &request.chain,
         )
-    }
-
-    fn check_domain(&self, spec: &Value) -> Result<(), String> {
-        (self.check_domain)(spec).map_err(|e| format!("{e:#}"))
     }
 }
 

@@ -120,7 +120,13 @@ impl AdminClient {
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
         let (cert_path, key_path) = admin.client_cert();
-        let config = if connect.token.is_none() && cert_path.exists() {
+        if connect.token.is_none() && !cert_path.exists() {
+            return Err(anyhow!(
+                "no admin credentials: {} does not exist; pass --token (or PORTCULLIS_TOKEN) or --data-dir",
+                cert_path.display()
+            ));
+        }
+        let config = if connect.token.is_none() {
             let (cert, _) = Certificate::first_and_rest(&read(&cert_path, "admin certificate")?)?;
             let key = PrivateKey::from_pem_or_der(&read(&key_path, "admin key")?)?;
             let key = PrivateKeyDer::try_from(key.pkcs8_der().to_vec())
@@ -131,12 +137,6 @@ impl AdminClient {
         } else {
             builder.with_no_client_auth()
         };
-        if connect.token.is_none() && !cert_path.exists() {
-            return Err(anyhow!(
-                "no admin credentials: {} does not exist; pass --token (or PORTCULLIS_TOKEN) or --data-dir",
-                cert_path.display()
-            ));
-        }
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         http.enforce_http(false);

@@ -135,7 +135,7 @@ struct FileListener {
     address: String,
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDomain {
     hostname: String,
@@ -162,7 +162,7 @@ fn default_policy() -> String {
     "TLS_1_2".into()
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileMtls {
     mode: String,
@@ -192,7 +192,7 @@ fn default_stale() -> String {
     "reject".into()
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileMapping {
     #[serde(default)]
@@ -250,7 +250,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let catalog = TruststoreCatalog::read(&store)
         .await
         .context("reading the registry's truststores")?;
-    let (config, admin_addr, _) = load_config(&config_path, &data, echo, &catalog)?;
+    let (config, admin_addr) = load_config(&config_path, &data, echo, &catalog)?;
     if args.check_config {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
@@ -281,29 +281,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let local_ca = Arc::new(data.local_ca()?);
     let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
     let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
-    let check_path = config_path.clone();
-    let check_data = DataDir::new(&args.data_dir);
-    let check_store = store.clone();
     let hooks = crate::admin::ServeHooks {
         metrics,
         ready: ready.clone(),
         explainer: gateway.explainer(),
-        check_domain: Box::new(move |spec| {
-            let d: FileDomain = serde_json::from_value(spec.clone())
-                .map_err(|e| anyhow!("domain settings: {e}"))?;
-            let base = check_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let at = |p: &Path| {
-                if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    base.join(p)
-                }
-            };
-            let catalog = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(TruststoreCatalog::read(&check_store))
-            })?;
-            file_domain(&d, &at, &check_data, echo, &catalog).map(|_| ())
-        }),
     };
     let api = portcullis_registry::api::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
     let admin = tokio::net::TcpListener::bind(admin_addr)
@@ -342,7 +323,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         q.print(port);
     }
     let load = |catalog: &TruststoreCatalog| {
-        load_config(&config_path, &data, echo, catalog).map(|(config, _, _)| config)
+        load_config(&config_path, &data, echo, catalog).map(|(config, _)| config)
     };
     let markers = (marker, config_marker);
     wait_for_changes(
@@ -361,13 +342,17 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads and parses the configuration file; errors name the key and its line.
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading configuration {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
+}
+
 /// The registry database the configuration names (default DATA_DIR/registry.db), read before
 /// the rest of the configuration because loading needs the registry's truststores.
 fn database_of(path: &Path, data: &DataDir) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading configuration {}", path.display()))?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    let file = read_file_config(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     Ok(match &file.database {
         Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
@@ -716,11 +701,8 @@ fn load_config(
     data: &DataDir,
     echo: SocketAddr,
     catalog: &TruststoreCatalog,
-) -> Result<(Config, SocketAddr, String)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading configuration {}", path.display()))?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+) -> Result<(Config, SocketAddr)> {
+    let file = read_file_config(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let at = |p: &Path| {
         if p.is_absolute() {
@@ -796,12 +778,7 @@ fn load_config(
             )
         })?,
     };
-    let database = match &file.database {
-        Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
-        Some(d) => at(Path::new(d)).display().to_string(),
-        None => data.root.join("registry.db").display().to_string(),
-    };
-    Ok((config, admin, database))
+    Ok((config, admin))
 }
 
 /// Builds one domain from its `[[domain]]` table (file paths relative to the configuration

@@ -537,13 +537,8 @@ impl DomainVerifier {
         self.registry.saw(leaf, domain);
     }
 
-    /// The registry mode.
-    pub fn registry_mode(&self) -> RegistryMode {
-        self.registry_mode
-    }
-
     /// The registry status of a certificate in the current snapshot.
-    pub fn registered_status(&self, id: &str) -> Option<RegisteredStatus> {
+    fn registered_status(&self, id: &str) -> Option<RegisteredStatus> {
         self.registry.snapshot.load().status(id)
     }
 

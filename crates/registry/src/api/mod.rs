@@ -41,9 +41,6 @@ pub trait Hooks: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The gateway's decision trace for a certificate on a domain (`portcullis explain`).
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String>;
-    /// Checks a domain's settings (the configuration file's `[[domain]]` table, as JSON) the
-    /// way the gateway will load them.
-    fn check_domain(&self, spec: &Value) -> Result<(), String>;
 }
 
 /// A request to explain a decision.
