@@ -155,6 +155,7 @@ pub struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub ready: Arc<AtomicBool>,
     pub explainer: Explainer,
+    pub domains: crate::config::DomainChecker,
 }
 
 impl Hooks for ServeHooks {
@@ -173,6 +174,13 @@ impl Hooks for ServeHooks {
             &request.path,
             &request.chain,
         )
+    }
+
+    fn check_domains<'a>(
+        &'a self,
+        domains: &'a [(String, Value)],
+    ) -> portcullis_registry::api::HookFuture<'a, Vec<Value>> {
+        Box::pin(self.domains.check(domains))
     }
 }
 

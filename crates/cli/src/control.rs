@@ -1,4 +1,4 @@
-//! Control-plane commands (`portcullis ca|cert|thing|truststore|audit|admin|explain …`): thin
+//! Control-plane commands (`portcullis ca|cert|thing|truststore|domain|audit|admin|explain …`): thin
 //! shells over the admin API. Listings print text, or the API's JSON with `--json`.
 
 use std::collections::BTreeMap;
@@ -273,6 +273,37 @@ pub struct TruststoreArgs {
     crls: Vec<PathBuf>,
 }
 
+/// `portcullis domain …`
+#[derive(Debug, Subcommand)]
+pub enum DomainCommand {
+    /// List domains.
+    List,
+    /// Show a domain as a `[[domain]]` table of the configuration file (JSON with --json).
+    Describe {
+        /// Hostname (or `*.suffix`).
+        hostname: String,
+    },
+    /// Create or replace a domain from a file holding one `[[domain]]` table (TOML, as in the
+    /// configuration file) or its JSON. The gateway checks it before it is stored; it is live
+    /// within a second. Relative paths are relative to the gateway's configuration file.
+    Put {
+        /// The domain (TOML or JSON).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Only if the stored domain is still at this version (0: only if it is new).
+        #[arg(long, value_name = "N")]
+        if_version: Option<i64>,
+    },
+    /// Delete a domain: connections naming it are refused (or served by the default domain).
+    Delete {
+        /// Hostname.
+        hostname: String,
+        /// Only if the stored domain is still at this version.
+        #[arg(long, value_name = "N")]
+        if_version: Option<i64>,
+    },
+}
+
 /// `portcullis audit …`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -338,6 +369,7 @@ pub enum Control {
     Cert(CertCommand),
     Thing(ThingCommand),
     Truststore(TruststoreCommand),
+    Domain(DomainCommand),
     Audit(AuditCommand),
     Admin(AdminCommand),
     Explain(ExplainArgs),
@@ -358,6 +390,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Cert(c) => cert(&client, &out, c).await,
             Control::Thing(c) => thing(&client, &out, c).await,
             Control::Truststore(c) => truststore(&client, &out, c).await,
+            Control::Domain(c) => domain(&client, &out, c).await,
             Control::Audit(c) => audit(&client, &out, c).await,
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
@@ -936,6 +969,109 @@ fn version_text(v: &Value) -> String {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
     text
+}
+
+/// A domain file: one `[[domain]]` (or `[domain]`) table, bare `[[domain]]` keys, or JSON.
+fn domain_spec(path: &Path) -> Result<Value> {
+    let text = String::from_utf8(read(path, "domain")?)
+        .with_context(|| format!("{}: a domain file is TOML or JSON text", path.display()))?;
+    let value: Value = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+    } else {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow!(
+                "{}: {}",
+                path.display(),
+                e.message().lines().next().unwrap_or_default()
+            )
+        })?;
+        serde_json::to_value(table)?
+    };
+    let spec = match value.get("domain") {
+        Some(Value::Array(tables)) if tables.len() == 1 => tables[0].clone(),
+        Some(Value::Object(_)) => value["domain"].clone(),
+        Some(_) => bail!(
+            "{}: the file must hold exactly one [[domain]] table",
+            path.display()
+        ),
+        None => value,
+    };
+    if !spec["hostname"].is_string() {
+        bail!("{}: the domain needs hostname = \"…\"", path.display());
+    }
+    Ok(spec)
+}
+
+/// A domain as the configuration file's `[[domain]]` table.
+fn domain_toml(record: &Value) -> String {
+    let table = json!({"domain": [record["spec"].clone()]});
+    let body = toml::to_string(&table).unwrap_or_else(|e| format!("# cannot show as TOML: {e}\n"));
+    format!(
+        "# version {}, updated {}\n{body}",
+        s(&record["version"]),
+        when(&record["updated_at"])
+    )
+}
+
+async fn domain(client: &AdminClient, out: &Printer, command: DomainCommand) -> Result<ExitCode> {
+    match command {
+        DomainCommand::List => {
+            let v = client.get("/v1/domains").await?;
+            out.show(&v, |v| {
+                items(v)
+                    .map(|d| {
+                        let spec = &d["spec"];
+                        format!(
+                            "{}  v{}  mtls {}  registry {}  {} mapping(s)  updated {}",
+                            s(&d["hostname"]),
+                            s(&d["version"]),
+                            spec["mtls"]["mode"].as_str().unwrap_or("off"),
+                            s(&spec["registry_mode"]),
+                            spec["mapping"].as_array().map_or(0, Vec::len),
+                            when(&d["updated_at"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DomainCommand::Describe { hostname } => {
+            let v = client
+                .get(&format!("/v1/domains/{}", segment(&hostname)))
+                .await?;
+            out.show(&v, domain_toml);
+        }
+        DomainCommand::Put { file, if_version } => {
+            let spec = domain_spec(&file)?;
+            let hostname = s(&spec["hostname"]);
+            let v = client
+                .put(
+                    &format!("/v1/domains/{}", segment(&hostname)),
+                    Some(&json!({"spec": spec, "expected_version": if_version})),
+                )
+                .await?;
+            out.show(&v, |v| {
+                format!(
+                    "{} is at version {}; the gateway applies it within a second",
+                    s(&v["hostname"]),
+                    s(&v["version"])
+                )
+            });
+        }
+        DomainCommand::Delete {
+            hostname,
+            if_version,
+        } => {
+            let query = if_version.map_or(String::new(), |v| format!("?expected_version={v}"));
+            client
+                .delete(&format!("/v1/domains/{}{query}", segment(&hostname)))
+                .await?;
+            out.show(&json!({"deleted": hostname}), |_| {
+                format!("deleted {hostname}")
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn truststore(

@@ -14,6 +14,7 @@
 
 mod admin;
 mod client;
+mod config;
 mod control;
 mod output;
 mod pki;
@@ -46,6 +47,8 @@ enum Command {
     Thing(Control<control::ThingCommand>),
     /// Named truststores with numbered versions, and impact previews.
     Truststore(Control<control::TruststoreCommand>),
+    /// Domains and their mappings (the registry's, seeded from the configuration file).
+    Domain(Control<control::DomainCommand>),
     /// The audit log.
     Audit(Control<control::AuditCommand>),
     /// Admin API access: bearer tokens.
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         Command::Cert(c) => control::run(control::Control::Cert(c.command), c.connect),
         Command::Thing(c) => control::run(control::Control::Thing(c.command), c.connect),
         Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
+        Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),

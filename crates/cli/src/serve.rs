@@ -9,25 +9,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use portcullis_gateway::config::{
-    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, RegistryMode,
-    SecurityPolicy, ServerCertificate, UpstreamTls,
-};
+use portcullis_gateway::config::{Hostname, ServerCertificate};
 use portcullis_gateway::verify::{AutoRegistration, RegisteredStatus, RegistrySnapshot};
 use portcullis_gateway::{Config, Gateway};
-use portcullis_pki::crl::Crl;
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::p12::{self, P12Format};
 use portcullis_pki::{
     Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
-    Truststore,
 };
 use portcullis_registry::{CertStatus, Store};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
 
+use crate::config::{RegistryConfig, database_of, file_stamps, load_config, server_certificate};
 use crate::output::{Outputs, read};
 
 #[derive(Debug, Args)]
@@ -41,174 +35,6 @@ pub struct ServeArgs {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
-}
-
-/// The configuration file. Unknown keys are errors that name the key and its line.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    /// Serve connections whose SNI matches no domain with `default_domain`.
-    #[serde(default)]
-    default_endpoint: bool,
-    default_domain: Option<String>,
-    #[serde(default, rename = "listener")]
-    listeners: Vec<FileListener>,
-    #[serde(default, rename = "domain")]
-    domains: Vec<FileDomain>,
-    limits: Option<FileLimits>,
-    admin: Option<FileAdmin>,
-    /// The registry: a SQLite file (default DATA_DIR/registry.db) or postgres://…
-    database: Option<String>,
-    identity: Option<FileIdentity>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileIdentity {
-    /// Also send Envoy's x-forwarded-client-cert.
-    #[serde(default)]
-    xfcc: bool,
-    /// Field → header name (client_cert, client_cert_chain, subject, issuer, serial, not_before,
-    /// not_after, fingerprint, verify).
-    #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAdmin {
-    /// The admin API (HTTPS; also /metrics, /healthz, /readyz). Default 127.0.0.1:9443.
-    address: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    max_connections: Option<usize>,
-    max_handshakes: Option<usize>,
-    max_header_bytes: Option<usize>,
-    handshake_timeout_secs: Option<f64>,
-    request_header_timeout_secs: Option<f64>,
-    upstream_connect_timeout_secs: Option<f64>,
-    upstream_response_timeout_secs: Option<f64>,
-}
-
-impl FileLimits {
-    fn apply(&self, mut limits: Limits) -> Result<Limits> {
-        let secs = |name: &str, v: Option<f64>, default: Duration| -> Result<Duration> {
-            match v {
-                None => Ok(default),
-                Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-                Some(s) => bail!("limits.{name} = {s} must be between 0 and 86400 seconds"),
-            }
-        };
-        limits.max_connections = self.max_connections.unwrap_or(limits.max_connections);
-        limits.max_handshakes = self.max_handshakes.unwrap_or(limits.max_handshakes);
-        limits.max_header_bytes = self.max_header_bytes.unwrap_or(limits.max_header_bytes);
-        limits.handshake_timeout = secs(
-            "handshake_timeout_secs",
-            self.handshake_timeout_secs,
-            limits.handshake_timeout,
-        )?;
-        limits.request_header_timeout = secs(
-            "request_header_timeout_secs",
-            self.request_header_timeout_secs,
-            limits.request_header_timeout,
-        )?;
-        limits.upstream_connect_timeout = secs(
-            "upstream_connect_timeout_secs",
-            self.upstream_connect_timeout_secs,
-            limits.upstream_connect_timeout,
-        )?;
-        limits.upstream_response_timeout = secs(
-            "upstream_response_timeout_secs",
-            self.upstream_response_timeout_secs,
-            limits.upstream_response_timeout,
-        )?;
-        Ok(limits)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileListener {
-    address: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDomain {
-    hostname: String,
-    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
-    certificate: String,
-    key: Option<PathBuf>,
-    #[serde(default = "default_policy")]
-    security_policy: String,
-    mtls: Option<FileMtls>,
-    #[serde(default, rename = "mapping")]
-    mappings: Vec<FileMapping>,
-    #[serde(default = "default_true")]
-    session_resumption: bool,
-    /// off (truststore only), revocation, or registered.
-    #[serde(default = "default_registry_mode")]
-    registry_mode: String,
-}
-
-fn default_registry_mode() -> String {
-    "off".into()
-}
-
-fn default_policy() -> String {
-    "TLS_1_2".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileMtls {
-    mode: String,
-    truststore: Option<PathBuf>,
-    #[serde(default)]
-    crls: Vec<PathBuf>,
-    #[serde(default = "default_depth")]
-    max_chain_depth: u8,
-    #[serde(default = "default_true")]
-    advertise_ca_names: bool,
-    #[serde(default = "default_on_failure")]
-    on_failure: String,
-    #[serde(default = "default_stale")]
-    stale_crl: String,
-}
-
-fn default_depth() -> u8 {
-    4
-}
-fn default_true() -> bool {
-    true
-}
-fn default_on_failure() -> String {
-    "tls".into()
-}
-fn default_stale() -> String {
-    "reject".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileMapping {
-    #[serde(default)]
-    base_path: String,
-    upstream: String,
-    #[serde(default = "default_required")]
-    client_certificate: String,
-    /// For https:// upstreams: the CA bundle their server certificates chain to.
-    upstream_ca: Option<PathBuf>,
-    /// For https:// upstreams that want one: the gateway's client certificate chain and key.
-    upstream_client_cert: Option<PathBuf>,
-    upstream_client_key: Option<PathBuf>,
-}
-
-fn default_required() -> String {
-    "required".into()
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
@@ -247,17 +73,39 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let store = Store::open(&database)
         .await
         .with_context(|| format!("opening the registry {}", redact(&database)))?;
-    let catalog = TruststoreCatalog::read(&store)
+    // What the configuration is built from is noted before it is read, so that a change made
+    // meanwhile is noticed afterwards rather than lost.
+    let mut config_marker = store.config_marker().await?;
+    let mut registry = RegistryConfig::read(&store)
         .await
-        .context("reading the registry's truststores")?;
-    let (config, admin_addr) = load_config(&config_path, &data, echo, &catalog)?;
+        .context("reading the registry's domains and truststores")?;
+    let files = file_stamps(&config_path, &registry);
+    let (config, admin_addr) = load_config(&config_path, &data, echo, &registry)?;
     if args.check_config {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
-        println!("{}: OK", config_path.display());
+        if registry.domains.is_some() {
+            println!(
+                "{}: OK (with the registry's domains, which replaced the file's [[domain]] tables at the first start)",
+                config_path.display()
+            );
+        } else {
+            println!("{}: OK", config_path.display());
+        }
         return Ok(ExitCode::SUCCESS);
     }
     init_logging();
+    // The file's domains loaded, so they can seed the registry (at the first start only).
+    if crate::config::seed_domains(&store, &config_path).await? {
+        tracing::info!(
+            config = %config_path.display(),
+            "the configuration file's domains now live in the registry; change them with `portcullis domain put|delete`"
+        );
+        config_marker = store.config_marker().await?;
+        registry = RegistryConfig::read(&store).await?;
+    } else {
+        crate::config::warn_if_file_domains_ignored(&config_path, &registry);
+    }
     let signals = Signals::install()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
@@ -268,7 +116,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("installing the metrics recorder")?;
     let ready = Arc::new(AtomicBool::new(false));
     let marker = store.change_marker().await?;
-    let config_marker = store.config_marker().await?;
     let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
     if let Some(requests) = gateway.take_jit_requests() {
         tokio::spawn(just_in_time(store.clone(), requests));
@@ -285,6 +132,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         metrics,
         ready: ready.clone(),
         explainer: gateway.explainer(),
+        domains: crate::config::DomainChecker {
+            store: store.clone(),
+            config_path: config_path.clone(),
+            data_root: args.data_dir.clone(),
+            echo,
+        },
     };
     let api = portcullis_registry::api::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
     let admin = tokio::net::TcpListener::bind(admin_addr)
@@ -322,44 +175,28 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     {
         q.print(port);
     }
-    let load = |catalog: &TruststoreCatalog| {
-        load_config(&config_path, &data, echo, catalog).map(|(config, _)| config)
+    let load = |registry: &RegistryConfig| {
+        load_config(&config_path, &data, echo, registry).map(|(config, _)| config)
     };
-    let markers = (marker, config_marker);
+    let baseline = Baseline {
+        registry_marker: marker,
+        config_marker,
+        files,
+    };
     wait_for_changes(
         &gateway,
         &load,
         &config_path,
         signals,
         &store,
-        markers,
-        catalog,
+        baseline,
+        registry,
     )
     .await;
     ready.store(false, Ordering::SeqCst);
     println!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Reads and parses the configuration file; errors name the key and its line.
-fn read_file_config(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading configuration {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
-}
-
-/// The registry database the configuration names (default DATA_DIR/registry.db), read before
-/// the rest of the configuration because loading needs the registry's truststores.
-fn database_of(path: &Path, data: &DataDir) -> Result<String> {
-    let file = read_file_config(path)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    Ok(match &file.database {
-        Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
-        Some(d) if Path::new(d).is_absolute() => d.clone(),
-        Some(d) => base.join(d).display().to_string(),
-        None => data.root.join("registry.db").display().to_string(),
-    })
 }
 
 /// Writes just-in-time registrations: JITR records PENDING_ACTIVATION (the device was refused
@@ -491,14 +328,18 @@ async fn record_sightings(
 /// second); returns on SIGTERM or SIGINT.
 async fn wait_for_changes(
     gateway: &Gateway,
-    load: &dyn Fn(&TruststoreCatalog) -> Result<Config>,
+    load: &dyn Fn(&RegistryConfig) -> Result<Config>,
     config_path: &Path,
     signals: Signals,
     store: &Store,
-    markers: (i64, i64),
-    mut catalog: TruststoreCatalog,
+    baseline: Baseline,
+    mut registry: RegistryConfig,
 ) {
-    let (mut registry_marker, mut config_marker) = markers;
+    let Baseline {
+        mut registry_marker,
+        mut config_marker,
+        files: mut seen,
+    } = baseline;
     let Signals {
         mut hup,
         mut term,
@@ -507,7 +348,6 @@ async fn wait_for_changes(
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     // The registry is polled often: a revocation must reach live connections within a second.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
-    let mut seen = file_stamps(config_path);
     loop {
         let trigger = tokio::select! {
             _ = hup.recv() => "signal",
@@ -524,16 +364,16 @@ async fn wait_for_changes(
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot read the registry; keeping the previous snapshot"),
                 }
-                // Truststore (and domain) changes rebuild the configuration.
+                // Domain and truststore changes rebuild the configuration.
                 match store.config_marker().await {
-                    Ok(marker) if marker != config_marker => match TruststoreCatalog::read(store).await {
+                    Ok(marker) if marker != config_marker => match RegistryConfig::read(store).await {
                         Ok(fresh) => {
                             config_marker = marker;
-                            catalog = fresh;
+                            registry = fresh;
                             "registry"
                         }
                         Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's truststores; keeping the previous configuration");
+                            tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's domains and truststores; keeping the previous configuration");
                             continue;
                         }
                     },
@@ -545,7 +385,7 @@ async fn wait_for_changes(
                 }
             }
             _ = poll.tick() => {
-                if file_stamps(config_path) == seen {
+                if file_stamps(config_path, &registry) == seen {
                     continue;
                 }
                 "file-change"
@@ -553,7 +393,12 @@ async fn wait_for_changes(
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        match load(&catalog).and_then(|c| gateway.reload(c).map_err(Into::into)) {
+        if trigger != "registry" {
+            crate::config::warn_if_file_domains_ignored(config_path, &registry);
+        }
+        // Stamped before reading: a change made while loading triggers the next reload.
+        seen = file_stamps(config_path, &registry);
+        match load(&registry).and_then(|c| gateway.reload(c).map_err(Into::into)) {
             Ok(generation) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
@@ -563,8 +408,15 @@ async fn wait_for_changes(
                 tracing::error!(target: "portcullis::reload", trigger, result = "failed", error = %format!("{e:#}"), "reload failed; keeping the previous configuration");
             }
         }
-        seen = file_stamps(config_path);
     }
+}
+
+/// What the running configuration was built from: registry markers and file stamps taken before
+/// it was read.
+struct Baseline {
+    registry_marker: i64,
+    config_marker: i64,
+    files: Vec<crate::config::Stamp>,
 }
 
 /// The gateway's in-memory view of the registry.
@@ -631,55 +483,6 @@ impl Signals {
     }
 }
 
-/// Modification time and size of the configuration file and of every file it names.
-fn file_stamps(config_path: &Path) -> Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> {
-    let mut files = vec![config_path.to_path_buf()];
-    let base = config_path.parent().unwrap_or(Path::new("."));
-    let at = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    if let Ok(text) = std::fs::read_to_string(config_path)
-        && let Ok(file) = toml::from_str::<FileConfig>(&text)
-    {
-        for d in &file.domains {
-            if d.certificate != "auto" {
-                files.push(at(Path::new(&d.certificate)));
-            }
-            files.extend(d.key.iter().map(|k| at(k)));
-            for m in &d.mappings {
-                let upstream_files = [
-                    &m.upstream_ca,
-                    &m.upstream_client_cert,
-                    &m.upstream_client_key,
-                ];
-                files.extend(upstream_files.into_iter().flatten().map(|f| at(f)));
-            }
-            if let Some(m) = &d.mtls {
-                files.extend(
-                    m.truststore
-                        .iter()
-                        .filter(|t| !t.to_string_lossy().starts_with("registry:"))
-                        .map(|t| at(t)),
-                );
-                files.extend(m.crls.iter().map(|c| at(c)));
-            }
-        }
-    }
-    files
-        .into_iter()
-        .map(|f| {
-            let stamp = std::fs::metadata(&f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())));
-            (f, stamp)
-        })
-        .collect()
-}
-
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter =
@@ -694,306 +497,9 @@ fn init_logging() {
         .try_init();
 }
 
-/// Reads the configuration file and every file it names, and builds the gateway config; also
-/// returns the admin listener's address.
-fn load_config(
-    path: &Path,
-    data: &DataDir,
-    echo: SocketAddr,
-    catalog: &TruststoreCatalog,
-) -> Result<(Config, SocketAddr)> {
-    let file = read_file_config(path)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let at = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    let listeners = file
-        .listeners
-        .iter()
-        .map(|l| {
-            l.address.parse::<SocketAddr>().map_err(|_| {
-                anyhow!(
-                    "{}: listener address '{}' is not IP:PORT",
-                    path.display(),
-                    l.address
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut domains = Vec::new();
-    for d in &file.domains {
-        let ctx = || format!("{}: domain '{}'", path.display(), d.hostname);
-        domains.push(file_domain(d, &at, data, echo, catalog).with_context(ctx)?);
-    }
-    let default = match (file.default_endpoint, &file.default_domain) {
-        (false, None) => None,
-        (true, Some(name)) => Some(name.as_str()),
-        (true, None) => bail!(
-            "{}: default_endpoint = true needs default_domain = \"<hostname>\"",
-            path.display()
-        ),
-        (false, Some(_)) => bail!(
-            "{}: default_domain is set but default_endpoint is false",
-            path.display()
-        ),
-    };
-    let config =
-        Config::new(listeners, domains, default).with_context(|| path.display().to_string())?;
-    let config = match &file.limits {
-        None => config,
-        Some(l) => {
-            let limits = l
-                .apply(Limits::default())
-                .with_context(|| path.display().to_string())?;
-            config
-                .with_limits(limits)
-                .with_context(|| path.display().to_string())?
-        }
-    };
-    let config = match &file.identity {
-        None => config,
-        Some(i) => {
-            let mut ids = IdentityHeaders {
-                xfcc: i.xfcc,
-                ..Default::default()
-            };
-            for (field, name) in &i.headers {
-                ids.rename(field, name)
-                    .with_context(|| format!("{}: [identity.headers]", path.display()))?;
-            }
-            config.with_identity(ids)
-        }
-    };
-    let admin = match &file.admin {
-        None => SocketAddr::from(([127, 0, 0, 1], 9443)),
-        Some(a) => a.address.parse().map_err(|_| {
-            anyhow!(
-                "{}: admin address '{}' is not IP:PORT",
-                path.display(),
-                a.address
-            )
-        })?,
-    };
-    Ok((config, admin))
-}
-
-/// Builds one domain from its `[[domain]]` table (file paths relative to the configuration
-/// file's directory; `registry:NAME[@VERSION]` truststores from the registry's catalog).
-fn file_domain(
-    d: &FileDomain,
-    at: &dyn Fn(&Path) -> PathBuf,
-    data: &DataDir,
-    echo: SocketAddr,
-    catalog: &TruststoreCatalog,
-) -> Result<Domain> {
-    let ctx = || format!("domain '{}'", d.hostname);
-    let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
-    let certificate = if d.certificate == "auto" {
-        if d.key.is_some() {
-            bail!(
-                "{}: key is set, but certificate = \"auto\" makes its own",
-                ctx()
-            );
-        }
-        data.auto_certificate(&hostname).with_context(ctx)?
-    } else {
-        let key = d
-            .key
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: certificate is a file, so key = \"…\" is needed", ctx()))?;
-        server_certificate(&at(Path::new(&d.certificate)), &at(key)).with_context(ctx)?
-    };
-    let policy = match d.security_policy.as_str() {
-        "TLS_1_2" => SecurityPolicy::Tls12,
-        "TLS_1_3" => SecurityPolicy::Tls13,
-        other => bail!(
-            "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
-            ctx()
-        ),
-    };
-    let mtls = match &d.mtls {
-        None => Mtls::off(),
-        Some(m) => file_mtls(m, at, catalog).with_context(ctx)?,
-    };
-    let mut mappings = Vec::new();
-    for m in &d.mappings {
-        let upstream = if m.upstream == "builtin:echo" {
-            format!("http://{echo}")
-        } else {
-            m.upstream.clone()
-        };
-        let require = match m.client_certificate.as_str() {
-            "required" => true,
-            "optional" => false,
-            other => bail!(
-                "{}: client_certificate '{other}' must be required or optional",
-                ctx()
-            ),
-        };
-        let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
-        if upstream.starts_with("https://")
-            || m.upstream_ca.is_some()
-            || m.upstream_client_cert.is_some()
-        {
-            let Some(ca) = &m.upstream_ca else {
-                bail!(
-                    "{}: upstream '{upstream}' is https://, so upstream_ca = \"…\" is needed",
-                    ctx()
-                );
-            };
-            let ca = at(ca);
-            let roots = Certificate::all_from_pem_or_der(&read(&ca, "upstream CA")?)
-                .with_context(|| format!("{}: upstream CA {}", ctx(), ca.display()))?;
-            let client_certificate = match (&m.upstream_client_cert, &m.upstream_client_key) {
-                (None, None) => None,
-                (Some(c), Some(k)) => Some(server_certificate(&at(c), &at(k)).with_context(ctx)?),
-                _ => bail!(
-                    "{}: upstream_client_cert and upstream_client_key go together",
-                    ctx()
-                ),
-            };
-            mapping = mapping
-                .with_upstream_tls(UpstreamTls {
-                    roots: roots.iter().map(|c| c.der().clone()).collect(),
-                    client_certificate,
-                })
-                .with_context(ctx)?;
-        }
-        mappings.push(mapping);
-    }
-    Ok(Domain {
-        hostname,
-        certificate,
-        policy,
-        mtls,
-        mappings,
-        session_resumption: d.session_resumption,
-        registry_mode: match d.registry_mode.as_str() {
-            "off" => RegistryMode::Off,
-            "revocation" => RegistryMode::Revocation,
-            "registered" => RegistryMode::Registered,
-            other => bail!(
-                "{}: registry_mode '{other}' must be off, revocation or registered",
-                ctx()
-            ),
-        },
-    })
-}
-
-fn file_mtls(
-    m: &FileMtls,
-    at: &dyn Fn(&Path) -> PathBuf,
-    catalog: &TruststoreCatalog,
-) -> Result<Mtls> {
-    let mode = match m.mode.as_str() {
-        "required" => MtlsMode::Required,
-        "optional" => MtlsMode::Optional,
-        "off" => MtlsMode::Off,
-        other => bail!("mtls.mode '{other}' must be required, optional or off"),
-    };
-    let mut crls = Vec::new();
-    let truststore = match &m.truststore {
-        Some(p) if p.to_string_lossy().starts_with("registry:") => {
-            let reference = p.to_string_lossy();
-            let version = catalog.resolve(&reference["registry:".len()..])?;
-            let store = Truststore::from_pem(version.bundle.as_bytes()).with_context(|| {
-                format!("truststore {} version {}", version.name, version.version)
-            })?;
-            for pem in &version.crls {
-                crls.extend(Crl::all_from_pem_or_der(pem.as_bytes()).with_context(|| {
-                    format!(
-                        "CRL of truststore {} version {}",
-                        version.name, version.version
-                    )
-                })?);
-            }
-            Some(Arc::new(store))
-        }
-        Some(p) => {
-            let p = at(p);
-            let bytes = read(&p, "truststore")?;
-            let store = Truststore::from_pem(&bytes)
-                .with_context(|| format!("truststore {}", p.display()))?;
-            for e in store.entries() {
-                for w in &e.warnings {
-                    tracing::warn!(truststore = %p.display(), certificate = %e.certificate.info().subject, warning = w.code, "{}", w.message);
-                }
-            }
-            Some(Arc::new(store))
-        }
-        None if mode == MtlsMode::Off => None,
-        None => bail!("mtls.mode = \"{}\" needs truststore = \"…\"", m.mode),
-    };
-    for p in &m.crls {
-        let p = at(p);
-        let bytes = read(&p, "CRL")?;
-        crls.extend(
-            Crl::all_from_pem_or_der(&bytes).with_context(|| format!("CRL {}", p.display()))?,
-        );
-    }
-    let on_failure = match m.on_failure.as_str() {
-        "tls" => OnFailure::Tls,
-        "http" => OnFailure::Http,
-        other => bail!("mtls.on_failure '{other}' must be tls or http"),
-    };
-    let allow_stale_crls = match m.stale_crl.as_str() {
-        "reject" => false,
-        "allow" => true,
-        other => bail!("mtls.stale_crl '{other}' must be reject or allow"),
-    };
-    if m.max_chain_depth == 0 {
-        bail!("mtls.max_chain_depth must be at least 1");
-    }
-    Ok(Mtls {
-        mode,
-        truststore,
-        crls,
-        max_chain_depth: m.max_chain_depth,
-        advertise_ca_names: m.advertise_ca_names,
-        on_failure,
-        allow_stale_crls,
-    })
-}
-
-fn server_certificate(chain: &Path, key: &Path) -> Result<ServerCertificate> {
-    let certs = Certificate::all_from_pem_or_der(&read(chain, "certificate chain")?)
-        .with_context(|| format!("reading certificate chain {}", chain.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no certificate", chain.display());
-    }
-    let key = PrivateKey::from_pem_or_der(&read(key, "private key")?)
-        .with_context(|| format!("reading private key {}", key.display()))?;
-    Ok(ServerCertificate {
-        chain: certs
-            .iter()
-            .map(|c| c.der().clone())
-            .collect::<Vec<CertificateDer<'static>>>(),
-        key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
-    })
-}
-
-/// Collapses toml's multi-line error (with its source excerpt) into one line.
-fn one_line(message: &str) -> String {
-    let mut parts: Vec<&str> = message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with('|')
-                && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
-        })
-        .collect();
-    parts.dedup();
-    parts.join(": ")
-}
-
 /// The data directory: local CA, auto certificates, quickstart files.
-struct DataDir {
-    root: PathBuf,
+pub(crate) struct DataDir {
+    pub(crate) root: PathBuf,
 }
 
 /// What the quickstart made, for the banner.
@@ -1003,7 +509,7 @@ struct Quickstart {
 }
 
 impl DataDir {
-    fn new(root: &Path) -> DataDir {
+    pub(crate) fn new(root: &Path) -> DataDir {
         DataDir {
             root: root.to_path_buf(),
         }
@@ -1037,7 +543,7 @@ impl DataDir {
 
     /// A server certificate for `hostname` from the local CA, reissued when missing or within
     /// 30 days of expiry.
-    fn auto_certificate(&self, hostname: &Hostname) -> Result<ServerCertificate> {
+    pub(crate) fn auto_certificate(&self, hostname: &Hostname) -> Result<ServerCertificate> {
         let name = hostname.to_string().replace('*', "_wildcard");
         let cert_path = self.root.join(format!("certs/{name}.pem"));
         let key_path = self.root.join(format!("certs/{name}.key"));
@@ -1136,7 +642,10 @@ impl Quickstart {
             "Browsers: import {d}/clients/demo.p12 (password {}) and trust {d}/ca/ca.pem.",
             self.password
         );
-        println!("Configuration: {d}/portcullis.toml (edit it, then send SIGHUP to reload).");
+        println!(
+            "Domains live in the registry: portcullis domain list --data-dir {d} (then describe, put, delete)."
+        );
+        println!("Other settings: {d}/portcullis.toml (reloaded when it changes or on SIGHUP).");
         println!();
     }
 }
@@ -1146,6 +655,7 @@ const QUICKSTART_CONFIG: &str = r#"# Portcullis quickstart configuration; see do
 [[listener]]
 address = "127.0.0.1:8443"
 
+# Domains seed the registry at the first start; change them later with `portcullis domain`.
 [[domain]]
 hostname = "localhost"
 certificate = "auto"          # issued by the local CA in this directory
@@ -1160,54 +670,3 @@ on_failure = "tls"
 base_path = ""                # everything
 upstream = "builtin:echo"     # answers with the identity it received
 "#;
-
-/// Every stored truststore version, read before a (re)load so that loading stays synchronous.
-#[derive(Debug, Default)]
-pub(crate) struct TruststoreCatalog {
-    versions: std::collections::HashMap<String, Vec<portcullis_registry::TruststoreVersion>>,
-}
-
-impl TruststoreCatalog {
-    /// Reads the catalog from the registry.
-    pub(crate) async fn read(store: &Store) -> Result<TruststoreCatalog> {
-        let mut versions = std::collections::HashMap::new();
-        for (name, latest) in store.list_truststores().await? {
-            let mut all = Vec::new();
-            for v in 1..=latest {
-                all.push(store.truststore_version(&name, Some(v)).await?);
-            }
-            versions.insert(name, all);
-        }
-        Ok(TruststoreCatalog { versions })
-    }
-
-    /// `NAME` (follows the latest version) or `NAME@VERSION` (pinned).
-    fn resolve(&self, reference: &str) -> Result<&portcullis_registry::TruststoreVersion> {
-        let (name, version) = match reference.split_once('@') {
-            Some((name, v)) => (
-                name,
-                Some(v.parse::<i64>().map_err(|_| {
-                    anyhow!(
-                        "truststore registry:{reference}: the version after '@' must be a number"
-                    )
-                })?),
-            ),
-            None => (reference, None),
-        };
-        let versions = self.versions.get(name).ok_or_else(|| {
-            anyhow!(
-                "truststore registry:{name} does not exist; create it with `portcullis truststore create {name} --bundle FILE`"
-            )
-        })?;
-        match version {
-            None => versions.last(),
-            Some(v) => versions.iter().find(|t| t.version == v),
-        }
-        .ok_or_else(|| {
-            anyhow!(
-                "truststore registry:{name} has no version {}",
-                version.unwrap_or_default()
-            )
-        })
-    }
-}

@@ -550,6 +550,7 @@ async fn suite(store: Store) {
     assert!(store.token_by_secret(&secret).await.unwrap().is_none());
 
     // Domains: seeded once, then versioned writes.
+    assert!(!store.domains_seeded().await.unwrap());
     let marker = store.config_marker().await.unwrap();
     let spec = serde_json::json!({"hostname": "api.test", "certificate": "auto"});
     assert!(
@@ -565,6 +566,7 @@ async fn suite(store: Store) {
             .unwrap()
     );
     assert_eq!(store.list_domains().await.unwrap().len(), 1);
+    assert!(store.domains_seeded().await.unwrap());
     assert!(store.config_marker().await.unwrap() > marker);
     let d = store
         .put_domain("api.test", &spec, Some(1), "test")
@@ -579,7 +581,14 @@ async fn suite(store: Store) {
         .put_domain("new.test", &spec, Some(0), "test")
         .await
         .unwrap();
-    store.delete_domain("new.test", "test").await.unwrap();
+    assert!(matches!(
+        store.delete_domain("new.test", Some(2), "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    store
+        .delete_domain("new.test", Some(1), "test")
+        .await
+        .unwrap();
     assert!(matches!(
         store.domain("new.test").await,
         Err(RegistryError::NotFound(_))

@@ -29,12 +29,68 @@ fn wait_for_snapshot(d: &Path, s: &Server) {
     let newest = cli_json(d, &["audit", "list", "--limit", "1"])["items"][0]["seq"]
         .as_i64()
         .unwrap();
-    loop {
-        let line: Value = serde_json::from_str(&s.wait_for("registry snapshot refreshed")).unwrap();
-        if line["marker"].as_i64().unwrap() >= newest {
-            return;
-        }
+    s.wait_for_marker(newest);
+}
+
+/// `config` with its registry on `database` (SQLite in the data dir when `None`).
+fn on(database: Option<&str>, config: String) -> String {
+    match database {
+        Some(url) => format!("database = \"{url}\"\n{config}"),
+        None => config,
     }
+}
+
+/// A fresh PostgreSQL database for one test, on the server `PORTCULLIS_TEST_POSTGRES` names (the
+/// test command starts one; in CI it is required).
+fn fresh_postgres(tag: &str) -> Option<String> {
+    let Ok(base) = std::env::var("PORTCULLIS_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PORTCULLIS_TEST_POSTGRES is not set; the test command (scripts/test) starts PostgreSQL and sets it"
+        );
+        eprintln!(
+            "SKIP: PORTCULLIS_TEST_POSTGRES is not set (run scripts/test to start PostgreSQL)"
+        );
+        return None;
+    };
+    let name = format!("portcullis_cli_{tag}_{}", std::process::id());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let admin = sqlx::PgPool::connect(&base)
+            .await
+            .expect("connecting to PORTCULLIS_TEST_POSTGRES");
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    });
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("PORTCULLIS_TEST_POSTGRES must end with /<database>");
+    Some(format!("{server}/{name}"))
+}
+
+/// Writes a domain file (mutual TLS required with the given truststore line, one mapping to the
+/// echo upstream at `base_path`) and puts it with the CLI.
+fn put_domain(d: &Path, host: &str, truststore: &str, base_path: &str) -> Value {
+    let file = format!("{host}.toml");
+    std::fs::write(
+        d.join(&file),
+        format!(
+            "[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\n{truststore}\n\
+             [[domain.mapping]]\nbase_path = \"{base_path}\"\nupstream = \"builtin:echo\"\n"
+        ),
+    )
+    .unwrap();
+    cli_json(d, &["domain", "put", "--file", &file])
 }
 
 /// Waits for a reload the registry triggered (skipping reloads by signal or file change).
@@ -182,7 +238,8 @@ fn the_admin_api_requires_credentials_and_serves_exactly_its_openapi_document() 
         let concrete = path
             .replace("{id}", &"0".repeat(64))
             .replace("{name}", "nothing")
-            .replace("{version}", "1");
+            .replace("{version}", "1")
+            .replace("{hostname}", "nothing.test");
         for method in ["get", "post", "put", "patch", "delete"] {
             let documented = ops.get(method).is_some();
             let body = matches!(method, "post" | "put" | "patch").then_some("{}");
@@ -357,6 +414,18 @@ fn the_admin_api_requires_credentials_and_serves_exactly_its_openapi_document() 
 
 #[test]
 fn a_ca_registered_with_an_openssl_proof_provisions_devices_at_their_first_connection() {
+    ca_registration_scenario(None);
+}
+
+#[test]
+fn a_ca_registered_with_an_openssl_proof_provisions_devices_at_their_first_connection_on_postgres()
+{
+    if let Some(database) = fresh_postgres("ca_registration") {
+        ca_registration_scenario(Some(&database));
+    }
+}
+
+fn ca_registration_scenario(database: Option<&str>) {
     let Some(_) = require_tool("curl") else {
         return;
     };
@@ -367,7 +436,10 @@ fn a_ca_registered_with_an_openssl_proof_provisions_devices_at_their_first_conne
     let d = tmp.path();
     pki(d);
     leaf(d, "client", "dev-7", "int", &["--org", "Acme"]);
-    let s = Server::start(d, &registry_config(&[("reg.test", "registered")]));
+    let s = Server::start(
+        d,
+        &on(database, registry_config(&[("reg.test", "registered")])),
+    );
     let code = cli(d, &["ca", "registration-code"])
         .ok()
         .stdout
@@ -534,13 +606,24 @@ fn a_ca_registered_with_an_openssl_proof_provisions_devices_at_their_first_conne
 
 #[test]
 fn truststore_versions_are_pinned_or_followed_and_previewed_before_they_go_live() {
+    truststores_scenario(None);
+}
+
+#[test]
+fn truststore_versions_are_pinned_or_followed_and_previewed_before_they_go_live_on_postgres() {
+    if let Some(database) = fresh_postgres("truststores") {
+        truststores_scenario(Some(&database));
+    }
+}
+
+fn truststores_scenario(database: Option<&str>) {
     let Some(_) = require_tool("curl") else {
         return;
     };
     let tmp = temp_dir();
     let d = tmp.path();
     pki(d);
-    let s = Server::start(d, &registry_config(&[("a.test", "off")]));
+    let s = Server::start(d, &on(database, registry_config(&[("a.test", "off")])));
     let v1 = cli_json(
         d,
         &[
@@ -583,26 +666,18 @@ fn truststore_versions_are_pinned_or_followed_and_previewed_before_they_go_live(
         2,
         "anchor",
     );
-    let mut config = String::from(
-        "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
-    );
     for (host, reference) in [
         ("pin.test", "registry:partners@1"),
         ("latest.test", "registry:partners"),
     ] {
-        config.push_str(&format!(
-            "\n[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\ntruststore = \"{reference}\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n"
-        ));
+        put_domain(d, host, &format!("truststore = \"{reference}\""), "");
     }
-    std::fs::write(d.join("gw.toml"), config).unwrap();
-    let pid = s.child.id().to_string();
-    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     let (alice, bob) = (client("alice"), client("bob"));
-    // The reload by signal (or by the file change, whichever comes first) serves both domains.
+    // The registry's reloads serve both domains.
     loop {
-        let line = s.wait_for("portcullis::reload");
+        let line = wait_for_registry_reload(&s);
         assert!(line.contains("\"result\":\"ok\""), "{line}");
-        if answer(&curl(d, &s, "pin.test", "/", &with_client(&alice))).0 == 200 {
+        if answer(&curl(d, &s, "latest.test", "/", &with_client(&alice))).0 == 200 {
             break;
         }
     }
@@ -674,6 +749,179 @@ fn truststore_versions_are_pinned_or_followed_and_previewed_before_they_go_live(
     );
     let listed = cli_json(d, &["truststore", "list"]);
     assert_eq!(listed["items"][0]["latest_version"], 2);
+}
+
+#[test]
+fn domains_live_in_the_registry_after_the_first_start_and_change_without_a_restart() {
+    domains_scenario(None);
+}
+
+#[test]
+fn domains_live_in_the_registry_after_the_first_start_and_change_without_a_restart_on_postgres() {
+    if let Some(database) = fresh_postgres("domains") {
+        domains_scenario(Some(&database));
+    }
+}
+
+fn domains_scenario(database: Option<&str>) {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(d, &on(database, registry_config(&[("a.test", "off")])));
+    let alice = client("alice");
+
+    // The file seeded the registry.
+    let listed = cli_json(d, &["domain", "list"]);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(items[0]["hostname"], "a.test");
+    assert_eq!(items[0]["spec"]["mtls"]["truststore"], "trust-a.pem");
+    assert_eq!(
+        items[0]["spec"]["security_policy"], "TLS_1_2",
+        "defaults are filled in"
+    );
+    let seeded = cli_json(d, &["audit", "list", "--action", "domain."]);
+    assert_eq!(seeded["items"][0]["actor"], "config:gw.toml", "{seeded}");
+
+    // A new domain through the CLI is served without a restart, with its own mapping.
+    let b = put_domain(d, "b.test", "truststore = \"trust-a.pem\"", "/b");
+    assert_eq!(b["version"], 1);
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+    let (status, body) = answer(&curl(d, &s, "b.test", "/b/x", &with_client(&alice)));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        answer(&curl(d, &s, "b.test", "/elsewhere", &with_client(&alice))).0,
+        404
+    );
+
+    // Bad input changes nothing: unknown keys, missing files, stale versions, no domains left.
+    std::fs::write(
+        d.join("bad.toml"),
+        "hostname = \"b.test\"\ncertificate = \"auto\"\ncolour = 1\n",
+    )
+    .unwrap();
+    assert_clean_error(
+        &cli(d, &["domain", "put", "--file", "bad.toml"]),
+        2,
+        "unknown field `colour`",
+    );
+    std::fs::write(
+        d.join("bad.toml"),
+        "hostname = \"b.test\"\ncertificate = \"nope.pem\"\nkey = \"nope.key\"\n",
+    )
+    .unwrap();
+    assert_clean_error(
+        &cli(d, &["domain", "put", "--file", "bad.toml"]),
+        2,
+        "nope.pem",
+    );
+    std::fs::write(d.join("bad.toml"), "hostname = \"b.test\"\ncertificate = [").unwrap();
+    assert_clean_error(
+        &cli(d, &["domain", "put", "--file", "bad.toml"]),
+        2,
+        "bad.toml",
+    );
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "domain",
+                "put",
+                "--file",
+                "b.test.toml",
+                "--if-version",
+                "7",
+            ],
+        ),
+        2,
+        "version 1, not 7",
+    );
+    assert_clean_error(
+        &cli(d, &["domain", "describe", "nope.test"]),
+        2,
+        "not found",
+    );
+    assert_eq!(cli_json(d, &["domain", "describe", "b.test"])["version"], 1);
+
+    // A versioned change: the catch-all mapping now serves every path.
+    std::fs::write(
+        d.join("b.test.toml"),
+        std::fs::read_to_string(d.join("b.test.toml"))
+            .unwrap()
+            .replace("base_path = \"/b\"", "base_path = \"\""),
+    )
+    .unwrap();
+    let b = cli_json(
+        d,
+        &[
+            "domain",
+            "put",
+            "--file",
+            "b.test.toml",
+            "--if-version",
+            "1",
+        ],
+    );
+    assert_eq!(b["version"], 2);
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+    assert_eq!(
+        answer(&curl(d, &s, "b.test", "/elsewhere", &with_client(&alice))).0,
+        200
+    );
+    // describe prints a [[domain]] table that put takes back unchanged.
+    let text = cli(d, &["domain", "describe", "b.test"]).ok().stdout;
+    assert!(
+        text.contains("[[domain]]") && text.contains("version 2"),
+        "{text}"
+    );
+    std::fs::write(d.join("round-trip.toml"), &text).unwrap();
+    let again = cli_json(d, &["domain", "put", "--file", "round-trip.toml"]);
+    assert_eq!(again["spec"], b["spec"]);
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+
+    // Editing the file's domains no longer changes them: the log says why.
+    std::fs::write(
+        d.join("gw.toml"),
+        on(database, registry_config(&[("c.test", "off")])),
+    )
+    .unwrap();
+    let warning = s.wait_for("differ from the registry's domains");
+    assert!(warning.contains("portcullis domain put"), "{warning}");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+
+    // Deleting a domain refuses its connections; the last one cannot go.
+    cli(d, &["domain", "delete", "b.test"]).ok();
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+    assert_ne!(curl(d, &s, "b.test", "/", &with_client(&alice)).code, 0);
+    assert_clean_error(&cli(d, &["domain", "delete", "a.test"]), 2, "no domain");
+    let history = cli_json(d, &["audit", "list", "--target", "b.test"]);
+    let actions: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "domain.delete",
+            "domain.update",
+            "domain.update",
+            "domain.create"
+        ]
+    );
+
+    // After a restart the registry still wins over the file.
+    drop(s);
+    let s = Server::start(d, &on(database, registry_config(&[("c.test", "off")])));
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    assert_ne!(curl(d, &s, "c.test", "/", &with_client(&alice)).code, 0);
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub(crate) struct Server {
     pub(crate) port: u16,
     pub(crate) admin_port: u16,
     lines: Receiver<String>,
+    /// Every line received so far, matched or skipped.
+    history: std::cell::RefCell<Vec<String>>,
 }
 
 impl Server {
@@ -48,6 +50,7 @@ impl Server {
             port: 0,
             admin_port: 0,
             lines,
+            history: Default::default(),
         };
         let line = server.wait_for("portcullis admin API on https://");
         server.admin_port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
@@ -65,15 +68,41 @@ impl Server {
 
     /// Waits (up to 30 s) for an output line containing `needle` and returns it.
     pub(crate) fn wait_for(&self, needle: &str) -> String {
+        self.next_line(needle, |line| line.contains(needle))
+    }
+
+    /// Returns the first line, printed at any time (also before this call), that satisfies
+    /// `wanted`, waiting up to 30 s for it.
+    fn printed(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.history.borrow().iter().find(|l| wanted(l)) {
+            return line.clone();
+        }
+        self.next_line(what, wanted)
+    }
+
+    /// Waits until the gateway's registry snapshot includes the change numbered `marker`. The
+    /// marker only grows, so a refresh printed before this call counts too.
+    pub(crate) fn wait_for_marker(&self, marker: i64) {
+        self.printed("registry snapshot refreshed", |line| {
+            line.contains("registry snapshot refreshed")
+                && serde_json::from_str::<Value>(line)
+                    .is_ok_and(|v| v["marker"].as_i64().is_some_and(|m| m >= marker))
+        });
+    }
+
+    /// Waits (up to 30 s) for the next line that satisfies `wanted`.
+    fn next_line(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
         let mut seen = Vec::new();
         loop {
             match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!(
-                    "no line with '{needle}'; output so far:\n{}",
-                    seen.join("\n")
-                ),
+                Ok(line) => {
+                    self.history.borrow_mut().push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!("no line with '{what}'; output so far:\n{}", seen.join("\n")),
             }
         }
     }
@@ -638,7 +667,7 @@ fn the_quickstart_serves_on_localhost_8443() {
     let mut reader = BufReader::new(stdout).lines();
     for line in reader.by_ref() {
         let line = line.unwrap();
-        let done = line.starts_with("Configuration:");
+        let done = line.starts_with("Other settings:");
         banner.push(line);
         if done {
             break;
@@ -1167,25 +1196,55 @@ fn registry_modes_refuse_unregistered_and_revocation_closes_live_connections() {
         "revocation mode admits unregistered certificates"
     );
 
-    // A live keep-alive connection is closed when alice leaves ACTIVE.
+    // Live keep-alive connections, HTTP/1.1 and HTTP/2, are closed when alice leaves ACTIVE.
+    // The HTTP/2 client speaks the frames by hand: preface, SETTINGS, one HEADERS request.
     let script = r#"
 import socket, ssl, sys
 ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
 ctx.load_cert_chain("alice.chain.pem", "alice.key")
-ctx.set_alpn_protocols(["http/1.1"])
+h2 = sys.argv[2] == "h2"
+ctx.set_alpn_protocols(["h2" if h2 else "http/1.1"])
 s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="reg.test")
-s.sendall(b"GET / HTTP/1.1\r\nHost: reg.test\r\n\r\n")
+assert s.selected_alpn_protocol() == ("h2" if h2 else "http/1.1")
 buf = b""
-while b"\r\n\r\n" not in buf:
-    buf += s.recv(65536)
-head, _, body = buf.partition(b"\r\n\r\n")
-length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
-while len(body) < length:
-    body += s.recv(65536)
-print("READY", head.split(b"\r\n")[0].decode(), flush=True)
+def need(n):
+    global buf
+    while len(buf) < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("closed early")
+        buf += chunk
+if h2:
+    authority = b"reg.test"
+    block = b"\x82\x87\x84\x41" + bytes([len(authority)]) + authority
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+              + len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block)
+    status = None
+    while status is None:
+        need(9)
+        length, kind, stream = int.from_bytes(buf[:3], "big"), buf[3], int.from_bytes(buf[5:9], "big")
+        need(9 + length)
+        if kind == 4 and buf[4] & 1 == 0:
+            s.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # SETTINGS ack
+        if kind == 1 and stream == 1:
+            status = "HTTP/2 " + ("200" if buf[9] == 0x88 else "not 200")
+        buf = buf[9 + length:]
+    print("READY", status, flush=True)
+else:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: reg.test\r\n\r\n")
+    while b"\r\n\r\n" not in buf:
+        need(len(buf) + 1)
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
+    while len(body) < length:
+        body += s.recv(65536)
+    print("READY", head.split(b"\r\n")[0].decode(), flush=True)
+# Wait for the server to close (HTTP/2 frames such as GOAWAY may come first).
 s.settimeout(10)
 try:
-    data = s.recv(1)
+    while s.recv(65536):
+        pass
+    data = b""
 except (socket.timeout, TimeoutError):
     data = b"timeout"
 except (ssl.SSLError, ConnectionResetError):
@@ -1193,16 +1252,20 @@ except (ssl.SSLError, ConnectionResetError):
 print("CLOSED" if data == b"" else "OPEN", flush=True)
 "#;
     std::fs::write(d.join("live.py"), script).unwrap();
-    let mut py = Command::new(python)
-        .args(["live.py", &s.port.to_string()])
-        .current_dir(d)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
-    let ready = lines.next().unwrap().unwrap();
-    assert_eq!(ready, "READY HTTP/1.1 200 OK");
+    let mut clients = Vec::new();
+    for (protocol, expected) in [("h1", "READY HTTP/1.1 200 OK"), ("h2", "READY HTTP/2 200")] {
+        let mut py = Command::new(&python)
+            .args(["live.py", &s.port.to_string(), protocol])
+            .current_dir(d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+        let ready = lines.next().map(Result::unwrap);
+        assert_eq!(ready.as_deref(), Some(expected), "{protocol}");
+        clients.push((protocol, py, lines));
+    }
     let changed = std::time::Instant::now();
     runtime
         .block_on(store.set_certificate_status(
@@ -1211,14 +1274,19 @@ print("CLOSED" if data == b"" else "OPEN", flush=True)
             "test",
         ))
         .unwrap();
-    let outcome = lines.next().unwrap().unwrap();
-    let latency = changed.elapsed();
-    let _ = py.wait();
-    assert_eq!(outcome, "CLOSED");
-    assert!(latency < Duration::from_secs(1), "closed after {latency:?}");
-    let closed = s.wait_for("connection closed: the registry no longer admits its certificate");
-    assert!(closed.contains("\"reason\":\"inactive\""), "{closed}");
-    println!("live revocation latency: {latency:?}");
+    for (protocol, mut py, mut lines) in clients {
+        let outcome = lines.next().map(Result::unwrap);
+        let latency = changed.elapsed();
+        let _ = py.wait();
+        assert_eq!(outcome.as_deref(), Some("CLOSED"), "{protocol}");
+        assert!(
+            latency < Duration::from_secs(1),
+            "{protocol} closed after {latency:?}"
+        );
+        println!("live revocation latency ({protocol}): {latency:?}");
+        let closed = s.wait_for("connection closed: the registry no longer admits its certificate");
+        assert!(closed.contains("\"reason\":\"inactive\""), "{closed}");
+    }
     // New handshakes are refused on both domains.
     assert_ne!(
         curl(d, &s, "reg.test", "/", &with_client(&alice_args)).code,
@@ -1330,13 +1398,7 @@ fn just_in_time_registration_records_pending_activation_once() {
         ))
         .unwrap();
     let marker = runtime.block_on(store.change_marker()).unwrap();
-    loop {
-        let line = s.wait_for("registry snapshot refreshed");
-        let seen: Value = serde_json::from_str(&line).unwrap();
-        if seen["marker"].as_i64().unwrap() >= marker {
-            break;
-        }
-    }
+    s.wait_for_marker(marker);
     assert_eq!(
         answer(&curl(d, &s, "reg.test", "/", &with_client(&carol))).0,
         200

@@ -41,7 +41,16 @@ pub trait Hooks: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The gateway's decision trace for a certificate on a domain (`portcullis explain`).
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String>;
+    /// Checks that the gateway can load exactly these domains (hostname → specification, as the
+    /// configuration file's `[[domain]]` tables spell them): every key known, every file
+    /// readable, every truststore resolvable. Returns the specifications with defaults filled in,
+    /// in the same order, or one line naming what is wrong. Nothing is stored unless this passes.
+    fn check_domains<'a>(&'a self, domains: &'a [(String, Value)]) -> HookFuture<'a, Vec<Value>>;
 }
+
+/// What an asynchronous hook returns.
+pub type HookFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// A request to explain a decision.
 #[derive(Debug, Clone)]
@@ -139,6 +148,11 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route("/v1/explain", post(explain))
+        .route("/v1/domains", get(list_domains))
+        .route(
+            "/v1/domains/{hostname}",
+            get(describe_domain).put(put_domain).delete(delete_domain),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             authenticate,
@@ -1061,4 +1075,138 @@ async fn explain(State(api): State<Api>, Body(req): Body<Explain>) -> ApiResult 
         Err(e) => return Err(e.into()),
     };
     Ok(Json(trace))
+}
+
+async fn list_domains(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({"items": api.store.list_domains().await?})))
+}
+
+async fn describe_domain(State(api): State<Api>, Path(hostname): Path<String>) -> ApiResult {
+    Ok(to_json(
+        &api.store.domain(&hostname.to_ascii_lowercase()).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutDomain {
+    /// The domain as a `[[domain]]` table of the configuration file spells it, in JSON.
+    spec: Value,
+    /// Write only if the stored version is still this one (0: only if it does not exist yet).
+    expected_version: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteDomain {
+    expected_version: Option<i64>,
+}
+
+/// The stored domains with one replaced, added (`Some`) or removed (`None`), checked by the
+/// gateway as a whole; also returns the version the change was checked against (0: new).
+async fn checked_domains(
+    api: &Api,
+    hostname: &str,
+    spec: Option<Value>,
+) -> Result<(Vec<(String, Value)>, i64), ApiError> {
+    let mut domains: Vec<(String, Value)> = Vec::new();
+    let mut version = 0;
+    for d in api.store.list_domains().await? {
+        if d.hostname == hostname {
+            version = d.version;
+        } else {
+            domains.push((d.hostname, d.spec));
+        }
+    }
+    if spec.is_none() && version == 0 {
+        return Err(RegistryError::NotFound(format!("domain {hostname}")).into());
+    }
+    let changed = spec.is_some();
+    domains.extend(spec.map(|s| (hostname.to_string(), s)));
+    let normalized = api.hooks.check_domains(&domains).await.map_err(|e| {
+        let what = if changed {
+            format!("domain {hostname}")
+        } else {
+            format!("without domain {hostname}, the configuration")
+        };
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-domain",
+            format!("{what} cannot be loaded: {e}"),
+        )
+    })?;
+    let domains = domains
+        .into_iter()
+        .zip(normalized)
+        .map(|((h, _), spec)| (h, spec))
+        .collect();
+    Ok((domains, version))
+}
+
+async fn put_domain(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(hostname): Path<String>,
+    Body(req): Body<PutDomain>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let hostname = hostname.to_ascii_lowercase();
+    let mut spec = req.spec;
+    let Some(fields) = spec.as_object_mut() else {
+        return Err(ApiError::invalid(
+            "spec must be a JSON object with the keys of a [[domain]] table",
+        ));
+    };
+    match fields
+        .get("hostname")
+        .map(|h| h.as_str().map(str::to_ascii_lowercase))
+    {
+        None => {
+            fields.insert("hostname".into(), Value::String(hostname.clone()));
+        }
+        Some(Some(h)) if h == hostname => {}
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "spec.hostname must be \"{hostname}\", the hostname in the path"
+            )));
+        }
+    }
+    let (domains, checked_version) = checked_domains(&api, &hostname, Some(spec)).await?;
+    let expected = req.expected_version.unwrap_or(checked_version);
+    if expected != checked_version {
+        return Err(RegistryError::Conflict(format!(
+            "domain {hostname} is at version {checked_version}, not {expected}; read it again and retry"
+        ))
+        .into());
+    }
+    let spec = domains
+        .into_iter()
+        .find(|(h, _)| *h == hostname)
+        .map(|(_, s)| s)
+        .unwrap_or(Value::Null);
+    // Written only if nothing changed since the check.
+    let record = api
+        .store
+        .put_domain(&hostname, &spec, Some(expected), &caller)
+        .await?;
+    let status = if expected == 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, to_json(&record)))
+}
+
+async fn delete_domain(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(hostname): Path<String>,
+    Params(q): Params<DeleteDomain>,
+) -> ApiResult<StatusCode> {
+    let hostname = hostname.to_ascii_lowercase();
+    let (_, checked_version) = checked_domains(&api, &hostname, None).await?;
+    let expected = q.expected_version.unwrap_or(checked_version);
+    api.store
+        .delete_domain(&hostname, Some(expected), &caller)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -148,6 +148,25 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ),
     ("delete", "/v1/tokens/{id}", "Delete an admin token", None),
     (
+        "get",
+        "/v1/domains",
+        "List domains (the registry is their source of truth once seeded from the configuration file)",
+        None,
+    ),
+    ("get", "/v1/domains/{hostname}", "Describe a domain", None),
+    (
+        "put",
+        "/v1/domains/{hostname}",
+        "Create or replace a domain; checked by the gateway before it is stored, live within a second",
+        Some("PutDomain"),
+    ),
+    (
+        "delete",
+        "/v1/domains/{hostname}",
+        "Delete a domain (query: expected_version)",
+        None,
+    ),
+    (
         "post",
         "/v1/explain",
         "The gateway's decision trace for a certificate on a domain",
@@ -231,6 +250,9 @@ fn schemas() -> Value {
             "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
         "CreateToken": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": s("string")}},
+        "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
+            "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
+            "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},
         "Explain": {"type": "object", "required": ["domain", "certificate_pem"], "additionalProperties": false, "properties": {
             "domain": s("string"), "method": s("string"), "path": s("string"), "certificate_pem": s("string")}},
     })

@@ -215,14 +215,33 @@ impl Store {
         })
     }
 
-    /// Deletes a domain.
-    pub async fn delete_domain(&self, hostname: &str, actor: &str) -> Result<(), RegistryError> {
+    /// Deletes a domain; with `expected_version`, only if it is still at that version.
+    pub async fn delete_domain(
+        &self,
+        hostname: &str,
+        expected_version: Option<i64>,
+        actor: &str,
+    ) -> Result<(), RegistryError> {
         let before = self.domain(hostname).await?;
+        if let Some(expected) = expected_version
+            && expected != before.version
+        {
+            return Err(RegistryError::Conflict(format!(
+                "domain {hostname} is at version {}, not {expected}; read it again and retry",
+                before.version
+            )));
+        }
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let done = sqlx::query("DELETE FROM domains WHERE hostname = $1").bind(hostname).execute(&mut *tx).await?;
+            let done = sqlx::query("DELETE FROM domains WHERE hostname = $1 AND version = $2")
+                .bind(hostname)
+                .bind(before.version)
+                .execute(&mut *tx)
+                .await?;
             if done.rows_affected() != 1 {
-                return Err(RegistryError::NotFound(format!("domain {hostname}")));
+                return Err(RegistryError::Conflict(format!(
+                    "domain {hostname} changed meanwhile; read it again and retry"
+                )));
             }
             audit(&mut *tx, actor, "domain.delete", hostname, Some(&before.spec.to_string()), None).await?;
             tx.commit().await?;
@@ -259,6 +278,17 @@ impl Store {
             }
             tx.commit().await?;
             Ok(true)
+        })
+    }
+
+    /// Whether the configuration file's domains were seeded into the registry (after which the
+    /// registry is their source of truth).
+    pub async fn domains_seeded(&self) -> Result<bool, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT COUNT(*) AS n FROM registry_meta WHERE key = 'domains_seeded'")
+                .fetch_one(pool)
+                .await?;
+            Ok(row.try_get::<i64, _>("n")? > 0)
         })
     }
 

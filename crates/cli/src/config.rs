@@ -1,0 +1,792 @@
+//! The configuration file (`portcullis serve --config`) and the domains the registry keeps:
+//! parsing with errors that name the key and its line, building the gateway's configuration, and
+//! the files a configuration names (watched for changes).
+//!
+//! The file's `[[domain]]` tables seed the registry at the first start; from then on the registry
+//! is the domains' source of truth (`portcullis domain …`, `/v1/domains`), and every other key
+//! (listeners, limits, identity headers, admin address, database) still comes from the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use portcullis_gateway::Config;
+use portcullis_gateway::config::{
+    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, RegistryMode,
+    SecurityPolicy, ServerCertificate, UpstreamTls,
+};
+use portcullis_pki::crl::Crl;
+use portcullis_pki::{Certificate, PrivateKey, Truststore};
+use portcullis_registry::Store;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::output::read;
+use crate::serve::DataDir;
+
+/// The configuration file. Unknown keys are errors that name the key and its line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    /// Serve connections whose SNI matches no domain with `default_domain`.
+    #[serde(default)]
+    default_endpoint: bool,
+    default_domain: Option<String>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<FileListener>,
+    #[serde(default, rename = "domain")]
+    domains: Vec<FileDomain>,
+    limits: Option<FileLimits>,
+    admin: Option<FileAdmin>,
+    /// The registry: a SQLite file (default DATA_DIR/registry.db) or postgres://…
+    database: Option<String>,
+    identity: Option<FileIdentity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIdentity {
+    /// Also send Envoy's x-forwarded-client-cert.
+    #[serde(default)]
+    xfcc: bool,
+    /// Field → header name (client_cert, client_cert_chain, subject, issuer, serial, not_before,
+    /// not_after, fingerprint, verify).
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    /// The admin API (HTTPS; also /metrics, /healthz, /readyz). Default 127.0.0.1:9443.
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    handshake_timeout_secs: Option<f64>,
+    request_header_timeout_secs: Option<f64>,
+    upstream_connect_timeout_secs: Option<f64>,
+    upstream_response_timeout_secs: Option<f64>,
+}
+
+impl FileLimits {
+    fn apply(&self, mut limits: Limits) -> Result<Limits> {
+        let secs = |name: &str, v: Option<f64>, default: Duration| -> Result<Duration> {
+            match v {
+                None => Ok(default),
+                Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => bail!("limits.{name} = {s} must be between 0 and 86400 seconds"),
+            }
+        };
+        limits.max_connections = self.max_connections.unwrap_or(limits.max_connections);
+        limits.max_handshakes = self.max_handshakes.unwrap_or(limits.max_handshakes);
+        limits.max_header_bytes = self.max_header_bytes.unwrap_or(limits.max_header_bytes);
+        limits.handshake_timeout = secs(
+            "handshake_timeout_secs",
+            self.handshake_timeout_secs,
+            limits.handshake_timeout,
+        )?;
+        limits.request_header_timeout = secs(
+            "request_header_timeout_secs",
+            self.request_header_timeout_secs,
+            limits.request_header_timeout,
+        )?;
+        limits.upstream_connect_timeout = secs(
+            "upstream_connect_timeout_secs",
+            self.upstream_connect_timeout_secs,
+            limits.upstream_connect_timeout,
+        )?;
+        limits.upstream_response_timeout = secs(
+            "upstream_response_timeout_secs",
+            self.upstream_response_timeout_secs,
+            limits.upstream_response_timeout,
+        )?;
+        Ok(limits)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileDomain {
+    hostname: String,
+    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
+    certificate: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+    #[serde(default = "default_policy")]
+    security_policy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mtls: Option<FileMtls>,
+    #[serde(default, rename = "mapping")]
+    mappings: Vec<FileMapping>,
+    #[serde(default = "default_true")]
+    session_resumption: bool,
+    /// off (truststore only), revocation, or registered.
+    #[serde(default = "default_registry_mode")]
+    registry_mode: String,
+}
+
+fn default_registry_mode() -> String {
+    "off".into()
+}
+
+fn default_policy() -> String {
+    "TLS_1_2".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileMtls {
+    mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truststore: Option<PathBuf>,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    #[serde(default = "default_depth")]
+    max_chain_depth: u8,
+    #[serde(default = "default_true")]
+    advertise_ca_names: bool,
+    #[serde(default = "default_on_failure")]
+    on_failure: String,
+    #[serde(default = "default_stale")]
+    stale_crl: String,
+}
+
+fn default_depth() -> u8 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_on_failure() -> String {
+    "tls".into()
+}
+fn default_stale() -> String {
+    "reject".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileMapping {
+    #[serde(default)]
+    base_path: String,
+    upstream: String,
+    #[serde(default = "default_required")]
+    client_certificate: String,
+    /// For https:// upstreams: the CA bundle their server certificates chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ca: Option<PathBuf>,
+    /// For https:// upstreams that want one: the gateway's client certificate chain and key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_client_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_client_key: Option<PathBuf>,
+}
+
+fn default_required() -> String {
+    "required".into()
+}
+
+/// Reads and parses the configuration file; errors name the key and its line.
+pub(crate) fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading configuration {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
+}
+
+/// The registry database the configuration names (default DATA_DIR/registry.db), read before
+/// the rest of the configuration because loading needs the registry's truststores.
+pub(crate) fn database_of(path: &Path, data: &DataDir) -> Result<String> {
+    let file = read_file_config(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    Ok(match &file.database {
+        Some(d) if d.starts_with("postgres://") || d.starts_with("postgresql://") => d.clone(),
+        Some(d) if Path::new(d).is_absolute() => d.clone(),
+        Some(d) => base.join(d).display().to_string(),
+        None => data.root.join("registry.db").display().to_string(),
+    })
+}
+
+/// Modification time and size of a file, if it exists.
+pub(crate) type Stamp = (PathBuf, Option<(std::time::SystemTime, u64)>);
+
+/// Modification time and size of the configuration file and of every file its domains (the
+/// registry's, once seeded) name.
+pub(crate) fn file_stamps(config_path: &Path, registry: &RegistryConfig) -> Vec<Stamp> {
+    let mut files = vec![config_path.to_path_buf()];
+    let at = relative_to(config_path);
+    if let Ok(file) = read_file_config(config_path)
+        && let Ok(domains) = registry.domains_or(&file)
+    {
+        for d in &domains {
+            if d.certificate != "auto" {
+                files.push(at(Path::new(&d.certificate)));
+            }
+            files.extend(d.key.iter().map(|k| at(k)));
+            for m in &d.mappings {
+                let upstream_files = [
+                    &m.upstream_ca,
+                    &m.upstream_client_cert,
+                    &m.upstream_client_key,
+                ];
+                files.extend(upstream_files.into_iter().flatten().map(|f| at(f)));
+            }
+            if let Some(m) = &d.mtls {
+                files.extend(
+                    m.truststore
+                        .iter()
+                        .filter(|t| !t.to_string_lossy().starts_with("registry:"))
+                        .map(|t| at(t)),
+                );
+                files.extend(m.crls.iter().map(|c| at(c)));
+            }
+        }
+    }
+    // In a stable order: the registry lists domains by hostname, the file as written.
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .map(|f| {
+            let stamp = std::fs::metadata(&f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (f, stamp)
+        })
+        .collect()
+}
+
+/// Resolves paths named in the configuration (and in the registry's domains) against the
+/// configuration file's directory.
+fn relative_to(config_path: &Path) -> impl Fn(&Path) -> PathBuf + '_ {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    move |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    }
+}
+
+/// The configuration file's domains in the registry's form: hostname (lower case) and the
+/// specification with every default filled in.
+fn specs_of(domains: &[FileDomain]) -> Result<Vec<(String, Value)>> {
+    domains
+        .iter()
+        .map(|d| Ok((d.hostname.to_ascii_lowercase(), serde_json::to_value(d)?)))
+        .collect()
+}
+
+/// Seeds the registry with the configuration file's domains at the first start (returns true
+/// then); later starts change nothing, the registry being the domains' source of truth.
+pub(crate) async fn seed_domains(store: &Store, config_path: &Path) -> Result<bool> {
+    if store.domains_seeded().await? {
+        return Ok(false);
+    }
+    let file = read_file_config(config_path)?;
+    let specs = specs_of(&file.domains)?;
+    let actor = format!("config:{}", config_path.display());
+    Ok(store.seed_domains(&specs, &actor).await?)
+}
+
+/// Checks a candidate set of registry domains as the gateway would load them, with the
+/// configuration file's other settings; returns their specifications with defaults filled in.
+pub(crate) fn check_domains(
+    config_path: &Path,
+    data: &DataDir,
+    echo: SocketAddr,
+    registry: &RegistryConfig,
+    specs: &[(String, Value)],
+) -> Result<Vec<Value>> {
+    let file = read_file_config(config_path)?;
+    let domains = parse_specs(specs)?;
+    let (config, _) = build_config(config_path, &file, &domains, data, echo, registry)?;
+    portcullis_gateway::check(&config)?;
+    Ok(specs_of(&domains)?.into_iter().map(|(_, v)| v).collect())
+}
+
+/// Parses stored domain specifications; errors name the domain and the key.
+fn parse_specs(specs: &[(String, Value)]) -> Result<Vec<FileDomain>> {
+    specs
+        .iter()
+        .map(|(hostname, spec)| {
+            let d: FileDomain = serde_json::from_value(spec.clone())
+                .map_err(|e| anyhow!("domain '{hostname}': {e}"))?;
+            if !d.hostname.eq_ignore_ascii_case(hostname) {
+                bail!(
+                    "domain '{hostname}': its specification names hostname '{}'",
+                    d.hostname
+                );
+            }
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Reads the configuration file and every file it names, takes the domains from the registry
+/// (from the file before it seeded them), and builds the gateway config; also returns the admin
+/// listener's address.
+pub(crate) fn load_config(
+    path: &Path,
+    data: &DataDir,
+    echo: SocketAddr,
+    registry: &RegistryConfig,
+) -> Result<(Config, SocketAddr)> {
+    let file = read_file_config(path)?;
+    let domains = registry.domains_or(&file)?;
+    build_config(path, &file, &domains, data, echo, registry)
+}
+
+/// Warns when the configuration file's `[[domain]]` tables differ from the registry's domains,
+/// which replaced them at the first start (called when the file may have been edited).
+pub(crate) fn warn_if_file_domains_ignored(path: &Path, registry: &RegistryConfig) {
+    let Some(stored) = &registry.domains else {
+        return;
+    };
+    let Ok(file) = read_file_config(path) else {
+        return;
+    };
+    let sorted = |specs: Vec<(String, Value)>| {
+        let mut specs = specs;
+        specs.sort_by(|a, b| a.0.cmp(&b.0));
+        specs
+    };
+    let file_specs = sorted(specs_of(&file.domains).unwrap_or_default());
+    let registry_specs = sorted(
+        parse_specs(stored)
+            .and_then(|d| specs_of(&d))
+            .unwrap_or_default(),
+    );
+    if file_specs != registry_specs {
+        tracing::warn!(
+            config = %path.display(),
+            "the configuration file's [[domain]] tables differ from the registry's domains and are ignored: the registry is the domains' source of truth since the first start; change them with `portcullis domain put|delete`"
+        );
+    }
+}
+
+/// Builds the gateway config from the file's settings and `domains`.
+fn build_config(
+    path: &Path,
+    file: &FileConfig,
+    domains: &[FileDomain],
+    data: &DataDir,
+    echo: SocketAddr,
+    registry: &RegistryConfig,
+) -> Result<(Config, SocketAddr)> {
+    let at = relative_to(path);
+    let listeners = file
+        .listeners
+        .iter()
+        .map(|l| {
+            l.address.parse::<SocketAddr>().map_err(|_| {
+                anyhow!(
+                    "{}: listener address '{}' is not IP:PORT",
+                    path.display(),
+                    l.address
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let source = if registry.domains.is_some() {
+        "registry".to_string()
+    } else {
+        path.display().to_string()
+    };
+    let domains = domains
+        .iter()
+        .map(|d| file_domain(d, &at, data, echo, &registry.catalog).with_context(|| source.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let default = match (file.default_endpoint, &file.default_domain) {
+        (false, None) => None,
+        (true, Some(name)) => Some(name.as_str()),
+        (true, None) => bail!(
+            "{}: default_endpoint = true needs default_domain = \"<hostname>\"",
+            path.display()
+        ),
+        (false, Some(_)) => bail!(
+            "{}: default_domain is set but default_endpoint is false",
+            path.display()
+        ),
+    };
+    let config =
+        Config::new(listeners, domains, default).with_context(|| path.display().to_string())?;
+    let config = match &file.limits {
+        None => config,
+        Some(l) => {
+            let limits = l
+                .apply(Limits::default())
+                .with_context(|| path.display().to_string())?;
+            config
+                .with_limits(limits)
+                .with_context(|| path.display().to_string())?
+        }
+    };
+    let config = match &file.identity {
+        None => config,
+        Some(i) => {
+            let mut ids = IdentityHeaders {
+                xfcc: i.xfcc,
+                ..Default::default()
+            };
+            for (field, name) in &i.headers {
+                ids.rename(field, name)
+                    .with_context(|| format!("{}: [identity.headers]", path.display()))?;
+            }
+            config.with_identity(ids)
+        }
+    };
+    let admin = match &file.admin {
+        None => SocketAddr::from(([127, 0, 0, 1], 9443)),
+        Some(a) => a.address.parse().map_err(|_| {
+            anyhow!(
+                "{}: admin address '{}' is not IP:PORT",
+                path.display(),
+                a.address
+            )
+        })?,
+    };
+    Ok((config, admin))
+}
+
+/// Builds one domain from its `[[domain]]` table (file paths relative to the configuration
+/// file's directory; `registry:NAME[@VERSION]` truststores from the registry's catalog).
+fn file_domain(
+    d: &FileDomain,
+    at: &dyn Fn(&Path) -> PathBuf,
+    data: &DataDir,
+    echo: SocketAddr,
+    catalog: &TruststoreCatalog,
+) -> Result<Domain> {
+    let ctx = || format!("domain '{}'", d.hostname);
+    let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
+    let certificate = if d.certificate == "auto" {
+        if d.key.is_some() {
+            bail!(
+                "{}: key is set, but certificate = \"auto\" makes its own",
+                ctx()
+            );
+        }
+        data.auto_certificate(&hostname).with_context(ctx)?
+    } else {
+        let key = d
+            .key
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: certificate is a file, so key = \"…\" is needed", ctx()))?;
+        server_certificate(&at(Path::new(&d.certificate)), &at(key)).with_context(ctx)?
+    };
+    let policy = match d.security_policy.as_str() {
+        "TLS_1_2" => SecurityPolicy::Tls12,
+        "TLS_1_3" => SecurityPolicy::Tls13,
+        other => bail!(
+            "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
+            ctx()
+        ),
+    };
+    let mtls = match &d.mtls {
+        None => Mtls::off(),
+        Some(m) => file_mtls(m, at, catalog).with_context(ctx)?,
+    };
+    let mut mappings = Vec::new();
+    for m in &d.mappings {
+        let upstream = if m.upstream == "builtin:echo" {
+            format!("http://{echo}")
+        } else {
+            m.upstream.clone()
+        };
+        let require = match m.client_certificate.as_str() {
+            "required" => true,
+            "optional" => false,
+            other => bail!(
+                "{}: client_certificate '{other}' must be required or optional",
+                ctx()
+            ),
+        };
+        let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
+        if upstream.starts_with("https://")
+            || m.upstream_ca.is_some()
+            || m.upstream_client_cert.is_some()
+        {
+            let Some(ca) = &m.upstream_ca else {
+                bail!(
+                    "{}: upstream '{upstream}' is https://, so upstream_ca = \"…\" is needed",
+                    ctx()
+                );
+            };
+            let ca = at(ca);
+            let roots = Certificate::all_from_pem_or_der(&read(&ca, "upstream CA")?)
+                .with_context(|| format!("{}: upstream CA {}", ctx(), ca.display()))?;
+            let client_certificate = match (&m.upstream_client_cert, &m.upstream_client_key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some(server_certificate(&at(c), &at(k)).with_context(ctx)?),
+                _ => bail!(
+                    "{}: upstream_client_cert and upstream_client_key go together",
+                    ctx()
+                ),
+            };
+            mapping = mapping
+                .with_upstream_tls(UpstreamTls {
+                    roots: roots.iter().map(|c| c.der().clone()).collect(),
+                    client_certificate,
+                })
+                .with_context(ctx)?;
+        }
+        mappings.push(mapping);
+    }
+    Ok(Domain {
+        hostname,
+        certificate,
+        policy,
+        mtls,
+        mappings,
+        session_resumption: d.session_resumption,
+        registry_mode: match d.registry_mode.as_str() {
+            "off" => RegistryMode::Off,
+            "revocation" => RegistryMode::Revocation,
+            "registered" => RegistryMode::Registered,
+            other => bail!(
+                "{}: registry_mode '{other}' must be off, revocation or registered",
+                ctx()
+            ),
+        },
+    })
+}
+
+fn file_mtls(
+    m: &FileMtls,
+    at: &dyn Fn(&Path) -> PathBuf,
+    catalog: &TruststoreCatalog,
+) -> Result<Mtls> {
+    let mode = match m.mode.as_str() {
+        "required" => MtlsMode::Required,
+        "optional" => MtlsMode::Optional,
+        "off" => MtlsMode::Off,
+        other => bail!("mtls.mode '{other}' must be required, optional or off"),
+    };
+    let mut crls = Vec::new();
+    let truststore = match &m.truststore {
+        Some(p) if p.to_string_lossy().starts_with("registry:") => {
+            let reference = p.to_string_lossy();
+            let version = catalog.resolve(&reference["registry:".len()..])?;
+            let store = Truststore::from_pem(version.bundle.as_bytes()).with_context(|| {
+                format!("truststore {} version {}", version.name, version.version)
+            })?;
+            for pem in &version.crls {
+                crls.extend(Crl::all_from_pem_or_der(pem.as_bytes()).with_context(|| {
+                    format!(
+                        "CRL of truststore {} version {}",
+                        version.name, version.version
+                    )
+                })?);
+            }
+            Some(Arc::new(store))
+        }
+        Some(p) => {
+            let p = at(p);
+            let bytes = read(&p, "truststore")?;
+            let store = Truststore::from_pem(&bytes)
+                .with_context(|| format!("truststore {}", p.display()))?;
+            for e in store.entries() {
+                for w in &e.warnings {
+                    tracing::warn!(truststore = %p.display(), certificate = %e.certificate.info().subject, warning = w.code, "{}", w.message);
+                }
+            }
+            Some(Arc::new(store))
+        }
+        None if mode == MtlsMode::Off => None,
+        None => bail!("mtls.mode = \"{}\" needs truststore = \"…\"", m.mode),
+    };
+    for p in &m.crls {
+        let p = at(p);
+        let bytes = read(&p, "CRL")?;
+        crls.extend(
+            Crl::all_from_pem_or_der(&bytes).with_context(|| format!("CRL {}", p.display()))?,
+        );
+    }
+    let on_failure = match m.on_failure.as_str() {
+        "tls" => OnFailure::Tls,
+        "http" => OnFailure::Http,
+        other => bail!("mtls.on_failure '{other}' must be tls or http"),
+    };
+    let allow_stale_crls = match m.stale_crl.as_str() {
+        "reject" => false,
+        "allow" => true,
+        other => bail!("mtls.stale_crl '{other}' must be reject or allow"),
+    };
+    if m.max_chain_depth == 0 {
+        bail!("mtls.max_chain_depth must be at least 1");
+    }
+    Ok(Mtls {
+        mode,
+        truststore,
+        crls,
+        max_chain_depth: m.max_chain_depth,
+        advertise_ca_names: m.advertise_ca_names,
+        on_failure,
+        allow_stale_crls,
+    })
+}
+
+pub(crate) fn server_certificate(chain: &Path, key: &Path) -> Result<ServerCertificate> {
+    let certs = Certificate::all_from_pem_or_der(&read(chain, "certificate chain")?)
+        .with_context(|| format!("reading certificate chain {}", chain.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", chain.display());
+    }
+    let key = PrivateKey::from_pem_or_der(&read(key, "private key")?)
+        .with_context(|| format!("reading private key {}", key.display()))?;
+    Ok(ServerCertificate {
+        chain: certs
+            .iter()
+            .map(|c| c.der().clone())
+            .collect::<Vec<CertificateDer<'static>>>(),
+        key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
+    })
+}
+
+/// Collapses toml's multi-line error (with its source excerpt) into one line.
+fn one_line(message: &str) -> String {
+    let mut parts: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect();
+    parts.dedup();
+    parts.join(": ")
+}
+
+/// What a (re)load takes from the registry, read beforehand so that loading stays synchronous:
+/// the domains (once seeded) and every truststore version.
+#[derive(Debug, Default)]
+pub(crate) struct RegistryConfig {
+    /// The registry's domains (hostname, specification); `None` before the configuration file
+    /// seeded them.
+    pub(crate) domains: Option<Vec<(String, Value)>>,
+    /// The registry's truststores.
+    pub(crate) catalog: TruststoreCatalog,
+}
+
+impl RegistryConfig {
+    /// Reads the domains and truststores from the registry.
+    pub(crate) async fn read(store: &Store) -> Result<RegistryConfig> {
+        let domains = if store.domains_seeded().await? {
+            Some(
+                store
+                    .list_domains()
+                    .await?
+                    .into_iter()
+                    .map(|d| (d.hostname, d.spec))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(RegistryConfig {
+            domains,
+            catalog: TruststoreCatalog::read(store).await?,
+        })
+    }
+
+    /// The domains in effect: the registry's once seeded, the file's before.
+    fn domains_or(&self, file: &FileConfig) -> Result<Vec<FileDomain>> {
+        match &self.domains {
+            Some(specs) => parse_specs(specs),
+            None => parse_specs(&specs_of(&file.domains)?),
+        }
+    }
+}
+
+/// Every stored truststore version, read before a (re)load so that loading stays synchronous.
+#[derive(Debug, Default)]
+pub(crate) struct TruststoreCatalog {
+    versions: std::collections::HashMap<String, Vec<portcullis_registry::TruststoreVersion>>,
+}
+
+impl TruststoreCatalog {
+    /// Reads the catalog from the registry.
+    pub(crate) async fn read(store: &Store) -> Result<TruststoreCatalog> {
+        let mut versions = std::collections::HashMap::new();
+        for (name, latest) in store.list_truststores().await? {
+            let mut all = Vec::new();
+            for v in 1..=latest {
+                all.push(store.truststore_version(&name, Some(v)).await?);
+            }
+            versions.insert(name, all);
+        }
+        Ok(TruststoreCatalog { versions })
+    }
+
+    /// `NAME` (follows the latest version) or `NAME@VERSION` (pinned).
+    fn resolve(&self, reference: &str) -> Result<&portcullis_registry::TruststoreVersion> {
+        let (name, version) = match reference.split_once('@') {
+            Some((name, v)) => (
+                name,
+                Some(v.parse::<i64>().map_err(|_| {
+                    anyhow!(
+                        "truststore registry:{reference}: the version after '@' must be a number"
+                    )
+                })?),
+            ),
+            None => (reference, None),
+        };
+        let versions = self.versions.get(name).ok_or_else(|| {
+            anyhow!(
+                "truststore registry:{name} does not exist; create it with `portcullis truststore create {name} --bundle FILE`"
+            )
+        })?;
+        match version {
+            None => versions.last(),
+            Some(v) => versions.iter().find(|t| t.version == v),
+        }
+        .ok_or_else(|| {
+            anyhow!(
+                "truststore registry:{name} has no version {}",
+                version.unwrap_or_default()
+            )
+        })
+    }
+}
+
+/// Checks domain changes made through the admin API before they are stored.
+#[derive(Debug)]
+pub(crate) struct DomainChecker {
+    /// The registry (for its truststores).
+    pub(crate) store: Store,
+    /// The configuration file (for everything but domains, and the base of relative paths).
+    pub(crate) config_path: PathBuf,
+    /// The data directory (for `certificate = "auto"`).
+    pub(crate) data_root: PathBuf,
+    /// The built-in echo upstream.
+    pub(crate) echo: SocketAddr,
+}
+
+impl DomainChecker {
+    /// See [`portcullis_registry::api::Hooks::check_domains`].
+    pub(crate) async fn check(&self, specs: &[(String, Value)]) -> Result<Vec<Value>, String> {
+        let registry = RegistryConfig::read(&self.store)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let data = DataDir::new(&self.data_root);
+        check_domains(&self.config_path, &data, self.echo, &registry, specs)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
