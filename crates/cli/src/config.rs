@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use portcullis_gateway::Config;
 use portcullis_gateway::config::{
-    Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure, RegistryMode,
-    SecurityPolicy, ServerCertificate, UpstreamTls,
+    Authorization, Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure,
+    RegistryMode, SecurityPolicy, ServerCertificate, UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, PrivateKey, Truststore};
@@ -195,6 +195,13 @@ pub(crate) struct FileMapping {
     upstream_client_cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_client_key: Option<PathBuf>,
+    /// "none", or "policy": the registry's policies must allow each request.
+    #[serde(default = "default_authorization")]
+    authorization: String,
+}
+
+fn default_authorization() -> String {
+    "none".into()
 }
 
 fn default_required() -> String {
@@ -517,7 +524,18 @@ fn file_domain(
                 ctx()
             ),
         };
-        let mut mapping = Mapping::new(&m.base_path, &upstream, require).with_context(ctx)?;
+        let authorization = match m.authorization.as_str() {
+            "none" => Authorization::None,
+            "policy" => Authorization::Policy,
+            other => bail!(
+                "{}: mapping '{}': authorization '{other}' must be none or policy",
+                ctx(),
+                m.base_path
+            ),
+        };
+        let mut mapping = Mapping::new(&m.base_path, &upstream, require)
+            .with_context(ctx)?
+            .with_authorization(authorization);
         if upstream.starts_with("https://")
             || m.upstream_ca.is_some()
             || m.upstream_client_cert.is_some()

@@ -273,6 +273,142 @@ pub struct TruststoreArgs {
     crls: Vec<PathBuf>,
 }
 
+/// `portcullis policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy from a JSON document (version 1, the default).
+    Create {
+        /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+        name: String,
+        /// The document (JSON).
+        #[arg(long, value_name = "FILE")]
+        document: PathBuf,
+    },
+    /// Add a version (at most 5 are kept).
+    CreateVersion {
+        /// Name.
+        name: String,
+        /// The document (JSON).
+        #[arg(long, value_name = "FILE")]
+        document: PathBuf,
+        /// Make it the version in effect.
+        #[arg(long)]
+        set_default: bool,
+    },
+    /// Make a kept version the one in effect.
+    #[command(disable_version_flag = true)]
+    SetDefault {
+        /// Name.
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: i64,
+    },
+    /// Delete a version that is not the default.
+    #[command(disable_version_flag = true)]
+    DeleteVersion {
+        /// Name.
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: i64,
+    },
+    /// Show a policy: versions, targets, and the document (default version unless --version).
+    #[command(disable_version_flag = true)]
+    Get {
+        /// Name.
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// List policies.
+    List,
+    /// Attach a policy to a certificate, thing, CA or domain.
+    Attach(PolicyTargetArgs),
+    /// Detach a policy.
+    Detach(PolicyTargetArgs),
+    /// Delete a policy attached to nothing.
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Evaluate the policies that apply to a certificate for one action on one resource: the
+    /// decision, the statement that made it, and the variables' values. Exit 1 when denied.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyTargetArgs {
+    /// Policy name.
+    name: String,
+    #[command(flatten)]
+    target: TargetArg,
+}
+
+/// Exactly one target.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct TargetArg {
+    /// A certificate id.
+    #[arg(long)]
+    cert: Option<String>,
+    /// A thing name.
+    #[arg(long)]
+    thing: Option<String>,
+    /// A registered CA id (applies to the certificates registered with it).
+    #[arg(long)]
+    ca: Option<String>,
+    /// A domain hostname (applies to every request on it).
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+impl PolicyTargetArgs {
+    /// `type/target` for the API path.
+    fn path(&self) -> String {
+        let t = &self.target;
+        let (kind, id) = match (&t.cert, &t.thing, &t.ca, &t.domain) {
+            (Some(c), _, _, _) => ("certificate", c),
+            (_, Some(t), _, _) => ("thing", t),
+            (_, _, Some(c), _) => ("ca", c),
+            (_, _, _, Some(d)) => ("domain", d),
+            // clap requires exactly one.
+            _ => ("certificate", &self.name),
+        };
+        format!(
+            "/v1/policies/{}/targets/{kind}/{}",
+            segment(&self.name),
+            segment(id)
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The client certificate, or its chain (leaf first).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The action: http:GET, mqtt:Publish…
+    #[arg(long)]
+    action: String,
+    /// The resource: route:DOMAIN/PATH, topic:NAME, client:ID, topicfilter:FILTER.
+    #[arg(long)]
+    resource: String,
+    /// The client's address (IpAddress conditions).
+    #[arg(long)]
+    source_ip: Option<String>,
+    /// The MQTT client id (${mqtt:ClientId}).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Evaluate these policies instead of those attached (repeatable).
+    #[arg(long = "policy", value_name = "NAME")]
+    policies: Vec<String>,
+    /// The domain whose policies apply (default: the one a route: resource names).
+    #[arg(long)]
+    domain: Option<String>,
+}
+
 /// `portcullis domain …`
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
@@ -370,6 +506,7 @@ pub enum Control {
     Thing(ThingCommand),
     Truststore(TruststoreCommand),
     Domain(DomainCommand),
+    Policy(PolicyCommand),
     Audit(AuditCommand),
     Admin(AdminCommand),
     Explain(ExplainArgs),
@@ -391,6 +528,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Thing(c) => thing(&client, &out, c).await,
             Control::Truststore(c) => truststore(&client, &out, c).await,
             Control::Domain(c) => domain(&client, &out, c).await,
+            Control::Policy(c) => policy(&client, &out, c).await,
             Control::Audit(c) => audit(&client, &out, c).await,
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
@@ -969,6 +1107,223 @@ fn version_text(v: &Value) -> String {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
     text
+}
+
+/// A policy document file (JSON).
+fn policy_document(path: &Path) -> Result<Value> {
+    let text = String::from_utf8(read(path, "policy document")?)
+        .with_context(|| format!("{}: a policy document is JSON text", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// A policy as text: versions, targets, the document.
+fn policy_text(v: &Value) -> String {
+    let versions: Vec<String> = v["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            let star = if x["is_default"] == true { "*" } else { "" };
+            format!("{}{star}", s(&x["version"]))
+        })
+        .collect();
+    let targets: Vec<String> = v["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("{} {}", s(&t["type"]), s(&t["target"])))
+        .collect();
+    format!(
+        "{}  default version {}  versions {}  (* = default)\nattached to: {}\nversion {}:\n{}",
+        s(&v["name"]),
+        s(&v["default_version"]),
+        versions.join(" "),
+        if targets.is_empty() {
+            "nothing".to_string()
+        } else {
+            targets.join(", ")
+        },
+        s(&v["version"]),
+        serde_json::to_string_pretty(&v["document"]).unwrap_or_default()
+    )
+}
+
+async fn policy(client: &AdminClient, out: &Printer, command: PolicyCommand) -> Result<ExitCode> {
+    let path = |name: &str| format!("/v1/policies/{}", segment(name));
+    match command {
+        PolicyCommand::Create { name, document } => {
+            let body = json!({"name": name, "document": policy_document(&document)?});
+            let v = client.post("/v1/policies", &body).await?;
+            out.show(&v, |v| {
+                format!("created policy {} version 1", s(&v["name"]))
+            });
+        }
+        PolicyCommand::CreateVersion {
+            name,
+            document,
+            set_default,
+        } => {
+            let body = json!({"document": policy_document(&document)?, "set_default": set_default});
+            let v = client
+                .post(&format!("{}/versions", path(&name)), &body)
+                .await?;
+            out.show(&v, |v| {
+                let newest = v["versions"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .map(|x| s(&x["version"]))
+                    .unwrap_or_default();
+                format!(
+                    "policy {}: added version {newest}; default version {}",
+                    s(&v["name"]),
+                    s(&v["default_version"])
+                )
+            });
+        }
+        PolicyCommand::SetDefault { name, version } => {
+            let v = client
+                .patch(&path(&name), &json!({"default_version": version}))
+                .await?;
+            out.show(&v, |v| {
+                format!(
+                    "policy {}: default version {}",
+                    s(&v["name"]),
+                    s(&v["default_version"])
+                )
+            });
+        }
+        PolicyCommand::DeleteVersion { name, version } => {
+            let v = client
+                .delete(&format!("{}/versions/{version}", path(&name)))
+                .await?;
+            out.show(&v, |v| {
+                format!("policy {}: deleted version {version}", s(&v["name"]))
+            });
+        }
+        PolicyCommand::Get { name, version } => {
+            let query = version.map_or(String::new(), |v| format!("?version={v}"));
+            let v = client.get(&format!("{}{query}", path(&name))).await?;
+            out.show(&v, policy_text);
+        }
+        PolicyCommand::List => {
+            let v = client.get("/v1/policies").await?;
+            out.show(&v, |v| {
+                items(v)
+                    .map(|p| {
+                        format!(
+                            "{}  default version {}  {} attachment(s)  updated {}",
+                            s(&p["name"]),
+                            s(&p["default_version"]),
+                            s(&p["attachments"]),
+                            when(&p["updated_at"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        PolicyCommand::Attach(t) => {
+            let v = client.put(&t.path(), None).await?;
+            out.show(&v, policy_text);
+        }
+        PolicyCommand::Detach(t) => {
+            let v = client.delete(&t.path()).await?;
+            out.show(&v, policy_text);
+        }
+        PolicyCommand::Delete { name } => {
+            client.delete(&path(&name)).await?;
+            out.show(&json!({"deleted": name}), |_| {
+                format!("deleted policy {name}")
+            });
+        }
+        PolicyCommand::Simulate(a) => {
+            let pem = String::from_utf8(read(&a.cert, "certificate")?).or_else(|_| {
+                let certs = portcullis_pki::Certificate::all_from_pem_or_der(&read(
+                    &a.cert,
+                    "certificate",
+                )?)
+                .with_context(|| format!("reading {}", a.cert.display()))?;
+                Ok::<String, anyhow::Error>(certs.iter().map(|c| c.to_pem()).collect())
+            })?;
+            let mut body =
+                json!({"certificate_pem": pem, "action": a.action, "resource": a.resource});
+            if let Some(ip) = &a.source_ip {
+                body["source_ip"] = json!(ip);
+            }
+            if let Some(id) = &a.client_id {
+                body["client_id"] = json!(id);
+            }
+            if !a.policies.is_empty() {
+                body["policies"] = json!(a.policies);
+            }
+            if let Some(d) = &a.domain {
+                body["domain"] = json!(d);
+            }
+            let v = client.post("/v1/simulate", &body).await?;
+            out.show(&v, simulation_text);
+            if v["decision"] != "allow" {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A simulation as text: decision, statement, policies, variables, per-statement trace.
+fn simulation_text(v: &Value) -> String {
+    let mut text = format!(
+        "decision:    {}\nreason:      {}\nrequest:     {} on {}\n",
+        s(&v["decision"]).to_uppercase(),
+        s(&v["reason"]),
+        s(&v["action"]),
+        s(&v["resource"])
+    );
+    let policies: Vec<String> = v["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} v{} ({})",
+                s(&p["name"]),
+                s(&p["version"]),
+                s(&p["attached_to"])
+            )
+        })
+        .collect();
+    text.push_str(&format!(
+        "policies:    {}\nvariables:\n",
+        if policies.is_empty() {
+            "none".to_string()
+        } else {
+            policies.join(", ")
+        }
+    ));
+    if let Some(vars) = v["variables"].as_object() {
+        for (name, values) in vars {
+            let values: Vec<String> = values.as_array().into_iter().flatten().map(s).collect();
+            text.push_str(&format!("  ${{{name}}} = {}\n", values.join(" | ")));
+        }
+    }
+    if let Some(trace) = v["trace"].as_array() {
+        text.push_str("statements:\n");
+        for t in trace {
+            text.push_str(&format!("  {}\n", trace_line(t)));
+        }
+    }
+    text.trim_end().to_string()
+}
+
+/// One statement of a trace, as the engine describes it.
+fn trace_line(t: &Value) -> String {
+    match t {
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", s(v)))
+            .collect::<Vec<_>>()
+            .join("  "),
+        other => s(other),
+    }
 }
 
 /// A domain file: one `[[domain]]` (or `[domain]`) table, bare `[[domain]]` keys, or JSON.

@@ -49,6 +49,8 @@ enum Command {
     Truststore(Control<control::TruststoreCommand>),
     /// Domains and their mappings (the registry's, seeded from the configuration file).
     Domain(Control<control::DomainCommand>),
+    /// Policies: documents with certificate variables, versions, attachments, simulation.
+    Policy(Control<control::PolicyCommand>),
     /// The audit log.
     Audit(Control<control::AuditCommand>),
     /// Admin API access: bearer tokens.
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
         Command::Thing(c) => control::run(control::Control::Thing(c.command), c.connect),
         Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
+        Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),

@@ -449,7 +449,65 @@ async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
         };
         (id.to_string(), status)
     });
-    Ok(RegistrySnapshot::new(statuses).with_auto_registering_cas(auto_registering))
+    Ok(RegistrySnapshot::new(statuses)
+        .with_auto_registering_cas(auto_registering)
+        .with_policies(policy_snapshot(store).await?))
+}
+
+/// Compiled policies by (name, version).
+type Compiled = std::collections::HashMap<(String, i64), Arc<portcullis_policy::Policy>>;
+
+/// Policies compiled once per (name, version), kept across snapshots.
+static COMPILED: std::sync::LazyLock<std::sync::Mutex<Compiled>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The registry's policies for the data path. A stored policy that no longer parses fails the
+/// whole snapshot (the previous one stays): dropping a Deny must never widen access.
+async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize::PolicySnapshot> {
+    use portcullis_gateway::authorize::{PolicySnapshot, PolicyTarget};
+    let state = store.policy_state().await.context("reading the policies")?;
+    let mut snapshot = PolicySnapshot::new();
+    let mut compiled = COMPILED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the policy cache is poisoned"))?;
+    let mut keep = std::collections::HashSet::new();
+    for (name, version, document) in &state.policies {
+        let key = (name.clone(), *version);
+        let policy = match compiled.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(
+                    portcullis_policy::Policy::parse(document)
+                        .map_err(|e| anyhow::anyhow!("stored policy '{name}' v{version}: {e}"))?,
+                );
+                compiled.insert(key.clone(), p.clone());
+                p
+            }
+        };
+        keep.insert(key);
+        snapshot.add_policy(name, *version, policy);
+    }
+    compiled.retain(|k, _| keep.contains(k));
+    for (policy, target) in &state.attachments {
+        let t = target.target.clone();
+        let target = match target.target_type {
+            portcullis_registry::TargetType::Certificate => PolicyTarget::Certificate(t),
+            portcullis_registry::TargetType::Thing => PolicyTarget::Thing(t),
+            portcullis_registry::TargetType::Ca => PolicyTarget::Ca(t),
+            portcullis_registry::TargetType::Domain => PolicyTarget::Domain(t),
+        };
+        snapshot.attach(target, policy);
+    }
+    for (certificate, thing) in &state.things_of {
+        snapshot.add_thing_of(certificate, thing);
+    }
+    for (thing, attributes) in state.thing_attributes {
+        snapshot.set_thing_attributes(&thing, attributes);
+    }
+    for (certificate, ca) in &state.ca_of {
+        snapshot.set_ca_of(certificate, ca);
+    }
+    Ok(snapshot)
 }
 
 /// A database URL without its password, for messages.

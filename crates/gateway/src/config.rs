@@ -306,6 +306,19 @@ pub struct Mapping {
     pub require_client_cert: bool,
     /// TLS to an `https://` upstream.
     pub upstream_tls: Option<UpstreamTls>,
+    /// Whether the registry's policies must allow each request.
+    pub authorization: Authorization,
+}
+
+/// How a mapping authorizes requests beyond the client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Authorization {
+    /// A valid certificate (where one is required) is enough.
+    #[default]
+    None,
+    /// The policies attached to the certificate, its things, its CA or the domain must allow
+    /// `http:<METHOD>` on `route:<host><path>`.
+    Policy,
 }
 
 /// How the gateway authenticates an `https://` upstream, and itself to it.
@@ -349,7 +362,14 @@ impl Mapping {
             upstream: uri,
             require_client_cert,
             upstream_tls: None,
+            authorization: Authorization::None,
         })
+    }
+
+    /// Sets how requests are authorized.
+    pub fn with_authorization(mut self, authorization: Authorization) -> Mapping {
+        self.authorization = authorization;
+        self
     }
 
     /// Sets the TLS settings for an `https://` upstream (required for one, refused for http).

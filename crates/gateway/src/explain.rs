@@ -8,7 +8,7 @@ use portcullis_pki::Certificate;
 use serde_json::{Value, json};
 
 use crate::State;
-use crate::config::{MtlsMode, OnFailure};
+use crate::config::{Authorization, MtlsMode, OnFailure};
 
 /// Explains decisions on the gateway's current state.
 #[derive(Debug, Clone)]
@@ -58,6 +58,7 @@ impl Explainer {
                 "upstream_path": rest,
                 "requires_client_certificate": mode == MtlsMode::Required
                     || (mode == MtlsMode::Optional && m.require_client_cert),
+                "authorization": if m.authorization == Authorization::Policy { "policy" } else { "none" },
             })
         });
         let (decision, outcome, summary) = match (mode, certificate_ok, route) {
@@ -89,11 +90,59 @@ impl Explainer {
                     ),
                 )
             }
-            (_, _, Some((m, rest))) => (
-                "allow",
-                json!({"forwarded_to": format!("{}{}", m.upstream.to_string().trim_end_matches('/'), rest)}),
-                format!("allowed: forwarded to mapping '{}'", m.base_path),
-            ),
+            (_, ok, Some((m, rest))) => {
+                let forwarded = (
+                    "allow",
+                    json!({"forwarded_to": format!("{}{}", m.upstream.to_string().trim_end_matches('/'), rest)}),
+                    format!("allowed: forwarded to mapping '{}'", m.base_path),
+                );
+                if m.authorization != Authorization::Policy {
+                    forwarded
+                } else {
+                    match crate::authorize::policy_path(path) {
+                        Err(why) => (
+                            "deny",
+                            json!({"http_status": 400, "code": "ambiguous-path"}),
+                            format!(
+                                "400: the path holds {why}, which policy-authorized routes refuse"
+                            ),
+                        ),
+                        Ok(decoded) => {
+                            let leaf = if ok { chain.first() } else { None };
+                            let hostname = d.config.hostname.to_string();
+                            // As the data path does: the Host (= SNI) on a wildcard domain,
+                            // the configured name otherwise.
+                            let host = if !via_default && hostname.starts_with("*.") {
+                                domain.to_ascii_lowercase()
+                            } else {
+                                hostname.clone()
+                            };
+                            let policy = verifier.registry_snapshot().policies().explain(
+                                leaf,
+                                &hostname,
+                                &format!("http:{method}"),
+                                &format!("route:{host}{decoded}"),
+                            );
+                            let allowed = policy["decision"] == "allow";
+                            let reason = policy["reason"].as_str().unwrap_or_default().to_string();
+                            trace["policy"] = policy;
+                            if allowed {
+                                (
+                                    forwarded.0,
+                                    forwarded.1,
+                                    format!("{} ({reason})", forwarded.2),
+                                )
+                            } else {
+                                (
+                                    "deny",
+                                    json!({"http_status": 403, "code": "policy-denied"}),
+                                    format!("403 policy-denied: {reason}"),
+                                )
+                            }
+                        }
+                    }
+                }
+            }
         };
         trace["domain"] = json!({
             "hostname": d.config.hostname.to_string(),

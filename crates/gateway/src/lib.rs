@@ -16,6 +16,7 @@
 //! needs is in an immutable [`State`] snapshot, swapped atomically on reload.
 #![forbid(unsafe_code)]
 
+pub mod authorize;
 pub mod config;
 pub mod echo;
 pub mod explain;

@@ -23,7 +23,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::{Limits, MtlsMode};
+use crate::authorize;
+use crate::config::{Authorization, Limits, MtlsMode};
 use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
@@ -424,6 +425,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let host = request_host(&req);
     ctx.state.identity.strip(req.headers_mut());
     let mut mapping_name = String::new();
+    let mut denied: Option<String> = None;
     let response = 'answer: {
         if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(&host) {
             break 'answer error_response(
@@ -447,6 +449,45 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
             || (mode == MtlsMode::Optional && mapping.require_client_cert);
         if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
             break 'answer forbidden(&req, &ctx.verdict);
+        }
+        if mapping.authorization == Authorization::Policy {
+            let decoded = match authorize::policy_path(&path) {
+                Ok(p) => p,
+                Err(why) => {
+                    denied = Some("ambiguous-path".to_string());
+                    break 'answer error_response(
+                        StatusCode::BAD_REQUEST,
+                        "ambiguous-path",
+                        &format!("the path holds {why}, which policy-authorized routes refuse"),
+                        None,
+                    );
+                }
+            };
+            let leaf = match &ctx.verdict {
+                ClientVerdict::Valid(chain) => chain.first(),
+                _ => None,
+            };
+            let route_host = if ctx.via_default || host.is_empty() {
+                domain.config.hostname.to_string()
+            } else {
+                host.clone()
+            };
+            let decision = domain.tls.verifier.registry_snapshot().policies().decide(
+                leaf,
+                &domain.config.hostname.to_string(),
+                &format!("http:{method}"),
+                &format!("route:{route_host}{decoded}"),
+                ctx.peer.ip(),
+            );
+            if !decision.allowed {
+                denied = Some(decision.reason.clone());
+                break 'answer forbidden_page(
+                    &req,
+                    "policy-denied",
+                    &format!("Access denied: {}.", decision.reason),
+                    leaf,
+                );
+            }
         }
         let headers = req.headers_mut();
         for (name, value) in &ctx.identity {
@@ -483,6 +524,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
         method,
         path,
         status: response.status().as_u16(),
+        denied,
         headers_ms: started.elapsed().as_secs_f64() * 1000.0,
         started,
     };
@@ -502,6 +544,8 @@ struct AccessLog {
     method: hyper::Method,
     path: String,
     status: u16,
+    /// Why an authorization refused the request.
+    denied: Option<String>,
     headers_ms: f64,
     started: Instant,
 }
@@ -526,6 +570,7 @@ impl AccessLog {
             client_serial = leaf.map(|l| l.serial.as_str()).unwrap_or(""),
             client_fingerprint = leaf.map(|l| l.id.as_str()).unwrap_or(""),
             verify = %ctx.verdict.status(),
+            denied = self.denied.as_deref().unwrap_or(""),
             "request"
         );
     }
@@ -622,19 +667,30 @@ fn forbidden(req: &Request<Incoming>, verdict: &ClientVerdict) -> Response<Body>
         ),
         ClientVerdict::Valid(_) => ("forbidden", "Access denied.".to_string()),
     };
+    forbidden_page(req, code, &message, verdict.leaf())
+}
+
+/// 403 with `code` and `message`: JSON for programs, a readable page (with the certificate
+/// presented, if any) for browsers.
+fn forbidden_page(
+    req: &Request<Incoming>,
+    code: &str,
+    message: &str,
+    leaf: Option<&portcullis_pki::Certificate>,
+) -> Response<Body> {
     let wants_html = req
         .headers()
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     if !wants_html {
-        let mut resp = error_response(StatusCode::FORBIDDEN, code, &message, None);
+        let mut resp = error_response(StatusCode::FORBIDDEN, code, message, None);
         if let Ok(v) = HeaderValue::from_str(code) {
             resp.headers_mut().insert("x-portcullis-reason", v);
         }
         return resp;
     }
-    let presented = match verdict.leaf() {
+    let presented = match leaf {
         Some(c) => {
             let i = c.info();
             format!(
@@ -651,7 +707,7 @@ fn forbidden(req: &Request<Incoming>, verdict: &ClientVerdict) -> Response<Body>
     error_response(
         StatusCode::FORBIDDEN,
         code,
-        &message,
+        message,
         Some(&format!("{presented}{advice}")),
     )
 }

@@ -132,6 +132,7 @@ pub enum RegistryDecision {
 pub struct RegistrySnapshot {
     statuses: std::collections::HashMap<String, RegisteredStatus>,
     auto_registering: Vec<AutoRegistration>,
+    policies: crate::authorize::PolicySnapshot,
 }
 
 impl RegistrySnapshot {
@@ -140,7 +141,19 @@ impl RegistrySnapshot {
         RegistrySnapshot {
             statuses: statuses.into_iter().collect(),
             auto_registering: Vec::new(),
+            policies: crate::authorize::PolicySnapshot::new(),
         }
+    }
+
+    /// Adds the registry's policies.
+    pub fn with_policies(mut self, policies: crate::authorize::PolicySnapshot) -> RegistrySnapshot {
+        self.policies = policies;
+        self
+    }
+
+    /// The registry's policies.
+    pub(crate) fn policies(&self) -> &crate::authorize::PolicySnapshot {
+        &self.policies
     }
 
     /// Adds the CAs that register their certificates just in time (ACTIVE, auto-registration on).
@@ -548,6 +561,10 @@ impl DomainVerifier {
     }
 
     /// Registry change notifications.
+    pub(crate) fn registry_snapshot(&self) -> Arc<RegistrySnapshot> {
+        self.registry.snapshot.load_full()
+    }
+
     pub(crate) fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.registry.changes.subscribe()
     }

@@ -110,6 +110,14 @@ impl Certificate {
             .flatten()
     }
 
+    /// The first value of an issuer attribute, by its RFC 4514 short name (`CN`, `O`…), as
+    /// policies use it.
+    pub fn issuer_attribute(&self, short: &str) -> Option<String> {
+        self.with_parsed(|c| crate::name::attribute(c.issuer(), short))
+            .ok()
+            .flatten()
+    }
+
     /// Runs `f` over the x509-parser view. Parsing succeeded once in [`Certificate::from_der`],
     /// so it succeeds again.
     pub(crate) fn with_parsed<T>(&self, f: impl FnOnce(&X509Certificate<'_>) -> T) -> Result<T> {

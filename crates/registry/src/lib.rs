@@ -17,10 +17,13 @@ pub mod store;
 
 pub use model::{
     Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus, DomainRecord,
-    Thing, TokenRecord, TruststoreVersion,
+    PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord, TruststoreVersion,
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
-pub use store::{AuditFilter, CaRegistration, CaUpdate, CertFilter, Sighting, Store};
+pub use store::{
+    AuditFilter, CaRegistration, CaUpdate, CertFilter, MAX_POLICY_VERSIONS, PolicyState,
+    PolicySummary, Sighting, Store,
+};
 
 /// Errors of the registry.
 #[non_exhaustive]

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::RegistryError;
 
@@ -291,4 +291,90 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
             name.escape_debug()
         )))
     }
+}
+
+/// What a policy is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetType {
+    /// A certificate (by id).
+    Certificate,
+    /// A thing (by name): applies to the certificates attached to it.
+    Thing,
+    /// A registered CA (by id): applies to the certificates registered with it.
+    Ca,
+    /// A domain (by hostname): applies to every request on it.
+    Domain,
+}
+
+impl TargetType {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetType::Certificate => "certificate",
+            TargetType::Thing => "thing",
+            TargetType::Ca => "ca",
+            TargetType::Domain => "domain",
+        }
+    }
+}
+
+impl std::str::FromStr for TargetType {
+    type Err = RegistryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "certificate" => Ok(TargetType::Certificate),
+            "thing" => Ok(TargetType::Thing),
+            "ca" => Ok(TargetType::Ca),
+            "domain" => Ok(TargetType::Domain),
+            other => Err(RegistryError::Invalid(format!(
+                "target type '{other}' must be certificate, thing, ca or domain"
+            ))),
+        }
+    }
+}
+
+/// A policy target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PolicyTarget {
+    /// What kind of item.
+    #[serde(rename = "type")]
+    pub target_type: TargetType,
+    /// Its id or name.
+    pub target: String,
+}
+
+/// One version of a policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyVersion {
+    /// The version number (never reused).
+    pub version: i64,
+    /// Whether it is the one in effect.
+    pub is_default: bool,
+    /// When it was made.
+    pub created_at: i64,
+}
+
+/// A policy: its versions, one document, and where it is attached.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyRecord {
+    /// Unique name: 1–128 of `A-Z a-z 0-9 : _ - .`.
+    pub name: String,
+    /// The version in effect.
+    pub default_version: i64,
+    /// Every kept version (at most five), oldest first.
+    pub versions: Vec<PolicyVersion>,
+    /// The version `document` is (the default unless another was asked for).
+    pub version: i64,
+    /// The document of `version`.
+    pub document: serde_json::Value,
+    /// Where it is attached.
+    pub targets: Vec<PolicyTarget>,
+    /// When it was created.
+    pub created_at: i64,
+    /// When it last changed.
+    pub updated_at: i64,
+    /// Incremented on every change of the policy (conditional writes).
+    pub revision: i64,
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
 use portcullis_registry::{
-    AuditFilter, CaRegistration, CaStatus, CaUpdate, CertFilter, CertId, CertStatus,
-    ProvisioningTemplate, RegistryError, Sighting, Store,
+    AuditFilter, CaRegistration, CaStatus, CaUpdate, CertFilter, CertId, CertStatus, PolicyTarget,
+    ProvisioningTemplate, RegistryError, Sighting, Store, TargetType,
 };
 
 fn ca(name: &str) -> CaIssuer {
@@ -635,6 +635,93 @@ async fn suite(store: Store) {
         .unwrap();
     assert!(revoke.before.as_deref().unwrap().contains("INACTIVE"));
     assert!("nope".parse::<CertId>().is_err());
+    policies(&store, backend).await;
+}
+
+/// Policies: validated documents, at most five versions, attachments to existing targets only,
+/// no deletion while attached, attachments gone with their target.
+async fn policies(store: &Store, backend: &str) {
+    let doc = r#"{"Statement": [{"Effect": "Allow", "Action": "http:GET", "Resource": "route:api.test/${cert:Subject.O}/*"}]}"#;
+    let bad = r#"{"Statement": [{"Effect": "Allow", "Action": "ftp:GET", "Resource": "route:x"}]}"#;
+    assert!(matches!(
+        store.create_policy("bad", bad, "test").await,
+        Err(RegistryError::Invalid(m)) if m.contains("Statement[0].Action: unknown action")
+    ));
+    assert!(store.create_policy("bad'name", doc, "test").await.is_err());
+    let p = store.create_policy("partners", doc, "test").await.unwrap();
+    assert_eq!((p.default_version, p.versions.len()), (1, 1), "{backend}");
+    assert!(matches!(
+        store.create_policy("partners", doc, "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    for _ in 0..4 {
+        store
+            .create_policy_version("partners", doc, false, "test")
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store.create_policy_version("partners", doc, true, "test").await,
+        Err(RegistryError::Conflict(m)) if m.contains("5 versions")
+    ));
+    assert!(matches!(
+        store.delete_policy_version("partners", 1, "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    let p = store
+        .set_default_policy_version("partners", 3, "test")
+        .await
+        .unwrap();
+    assert_eq!(p.default_version, 3);
+    store
+        .delete_policy_version("partners", 1, "test")
+        .await
+        .unwrap();
+    let p = store
+        .create_policy_version("partners", doc, true, "test")
+        .await
+        .unwrap();
+    assert_eq!(p.default_version, 6, "numbers are never reused");
+    assert!(matches!(
+        store.policy("partners", Some(1)).await,
+        Err(RegistryError::NotFound(_))
+    ));
+
+    // Attachments.
+    let thing = PolicyTarget {
+        target_type: TargetType::Thing,
+        target: "policy-thing".into(),
+    };
+    assert!(matches!(
+        store.attach_policy("partners", &thing, "test").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    store
+        .create_thing("policy-thing", &Default::default(), "test")
+        .await
+        .unwrap();
+    store
+        .attach_policy("partners", &thing, "test")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.attach_policy("partners", &thing, "test").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    assert_eq!(store.policies_of(&thing).await.unwrap(), ["partners"]);
+    assert!(matches!(
+        store.delete_policy("partners", "test").await,
+        Err(RegistryError::Conflict(m)) if m.contains("thing policy-thing")
+    ));
+    let state = store.policy_state().await.unwrap();
+    assert_eq!(state.policies.len(), 1, "{backend}");
+    assert_eq!(state.policies[0].1, 6);
+    assert_eq!(state.attachments, [("partners".to_string(), thing.clone())]);
+    // Deleting the thing removes the attachment: a new thing of that name starts clean.
+    store.delete_thing("policy-thing", "test").await.unwrap();
+    assert!(store.policies_of(&thing).await.unwrap().is_empty());
+    store.delete_policy("partners", "test").await.unwrap();
+    assert!(store.list_policies().await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -12,20 +12,20 @@ use crate::serve::{Server, answer, client, curl, pki, registry_config, with_clie
 use crate::*;
 
 /// `portcullis ARGS --data-dir data` (the test server's data dir).
-fn cli(d: &Path, args: &[&str]) -> Run {
+pub(crate) fn cli(d: &Path, args: &[&str]) -> Run {
     let mut all = args.to_vec();
     all.extend(["--data-dir", "data"]);
     portcullis(d, &all)
 }
 
-fn cli_json(d: &Path, args: &[&str]) -> Value {
+pub(crate) fn cli_json(d: &Path, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
     json(cli(d, &all))
 }
 
 /// Waits until the gateway's registry snapshot includes every change made so far.
-fn wait_for_snapshot(d: &Path, s: &Server) {
+pub(crate) fn wait_for_snapshot(d: &Path, s: &Server) {
     let newest = cli_json(d, &["audit", "list", "--limit", "1"])["items"][0]["seq"]
         .as_i64()
         .unwrap();
@@ -33,7 +33,7 @@ fn wait_for_snapshot(d: &Path, s: &Server) {
 }
 
 /// `config` with its registry on `database` (SQLite in the data dir when `None`).
-fn on(database: Option<&str>, config: String) -> String {
+pub(crate) fn on(database: Option<&str>, config: String) -> String {
     match database {
         Some(url) => format!("database = \"{url}\"\n{config}"),
         None => config,
@@ -42,7 +42,7 @@ fn on(database: Option<&str>, config: String) -> String {
 
 /// A fresh PostgreSQL database for one test, on the server `PORTCULLIS_TEST_POSTGRES` names (the
 /// test command starts one; in CI it is required).
-fn fresh_postgres(tag: &str) -> Option<String> {
+pub(crate) fn fresh_postgres(tag: &str) -> Option<String> {
     let Ok(base) = std::env::var("PORTCULLIS_TEST_POSTGRES") else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -239,7 +239,9 @@ fn the_admin_api_requires_credentials_and_serves_exactly_its_openapi_document() 
             .replace("{id}", &"0".repeat(64))
             .replace("{name}", "nothing")
             .replace("{version}", "1")
-            .replace("{hostname}", "nothing.test");
+            .replace("{hostname}", "nothing.test")
+            .replace("{type}", "thing")
+            .replace("{target}", "nothing");
         for method in ["get", "post", "put", "patch", "delete"] {
             let documented = ops.get(method).is_some();
             let body = matches!(method, "post" | "put" | "patch").then_some("{}");

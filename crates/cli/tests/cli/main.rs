@@ -4,6 +4,7 @@
 
 mod control;
 mod pki;
+mod policy;
 mod serve;
 
 use std::os::unix::fs::PermissionsExt;

@@ -29,6 +29,7 @@ use crate::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
 use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store};
 
 pub mod openapi;
+mod policies;
 
 /// The largest request body accepted (a truststore bundle with its CRLs).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -148,6 +149,29 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route("/v1/explain", post(explain))
+        .route(
+            "/v1/policies",
+            get(policies::list_policies).post(policies::create_policy),
+        )
+        .route(
+            "/v1/policies/{name}",
+            get(policies::describe_policy)
+                .patch(policies::update_policy)
+                .delete(policies::delete_policy),
+        )
+        .route(
+            "/v1/policies/{name}/versions",
+            post(policies::create_policy_version),
+        )
+        .route(
+            "/v1/policies/{name}/versions/{version}",
+            axum::routing::delete(policies::delete_policy_version),
+        )
+        .route(
+            "/v1/policies/{name}/targets/{type}/{target}",
+            put(policies::attach_policy).delete(policies::detach_policy),
+        )
+        .route("/v1/simulate", post(policies::simulate))
         .route("/v1/domains", get(list_domains))
         .route(
             "/v1/domains/{hostname}",

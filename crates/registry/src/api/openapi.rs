@@ -147,6 +147,61 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("CreateToken"),
     ),
     ("delete", "/v1/tokens/{id}", "Delete an admin token", None),
+    ("get", "/v1/policies", "List policies", None),
+    (
+        "post",
+        "/v1/policies",
+        "Create a policy (version 1, the default); the document is validated",
+        Some("CreatePolicy"),
+    ),
+    (
+        "get",
+        "/v1/policies/{name}",
+        "A policy: versions, targets, and the default document (query: version)",
+        None,
+    ),
+    (
+        "patch",
+        "/v1/policies/{name}",
+        "Make a kept version the default",
+        Some("UpdatePolicy"),
+    ),
+    (
+        "delete",
+        "/v1/policies/{name}",
+        "Delete a policy attached to nothing",
+        None,
+    ),
+    (
+        "post",
+        "/v1/policies/{name}/versions",
+        "Add a version (at most 5 kept), optionally the new default",
+        Some("CreatePolicyVersion"),
+    ),
+    (
+        "delete",
+        "/v1/policies/{name}/versions/{version}",
+        "Delete a version that is not the default",
+        None,
+    ),
+    (
+        "put",
+        "/v1/policies/{name}/targets/{type}/{target}",
+        "Attach to a certificate, thing, ca or domain",
+        None,
+    ),
+    (
+        "delete",
+        "/v1/policies/{name}/targets/{type}/{target}",
+        "Detach",
+        None,
+    ),
+    (
+        "post",
+        "/v1/simulate",
+        "Evaluate the policies attached to a certificate (or named ones) for an action on a resource",
+        Some("Simulate"),
+    ),
     (
         "get",
         "/v1/domains",
@@ -250,6 +305,16 @@ fn schemas() -> Value {
             "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
         "CreateToken": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": s("string")}},
+        "CreatePolicy": {"type": "object", "required": ["name", "document"], "additionalProperties": false, "properties": {
+            "name": s("string"), "document": {"type": "object", "description": "Statement list: Effect, Action, Resource, Condition (docs/policies.md)"}}},
+        "UpdatePolicy": {"type": "object", "required": ["default_version"], "additionalProperties": false, "properties": {
+            "default_version": s("integer")}},
+        "CreatePolicyVersion": {"type": "object", "required": ["document"], "additionalProperties": false, "properties": {
+            "document": s("object"), "set_default": s("boolean")}},
+        "Simulate": {"type": "object", "required": ["certificate_pem", "action", "resource"], "additionalProperties": false, "properties": {
+            "certificate_pem": s("string"), "action": s("string"), "resource": s("string"),
+            "source_ip": s("string"), "client_id": s("string"), "domain": s("string"),
+            "policies": {"type": "array", "items": s("string")}}},
         "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},

@@ -243,6 +243,10 @@ impl Store {
                     "domain {hostname} changed meanwhile; read it again and retry"
                 )));
             }
+            sqlx::query("DELETE FROM policy_attachments WHERE target_type = 'domain' AND target = $1")
+                .bind(hostname)
+                .execute(&mut *tx)
+                .await?;
             audit(&mut *tx, actor, "domain.delete", hostname, Some(&before.spec.to_string()), None).await?;
             tx.commit().await?;
             Ok(())

@@ -22,10 +22,12 @@ use crate::model::{CaRecord, CaStatus, CertId, CertRecord, CertStatus};
 use crate::provisioning::ProvisioningTemplate;
 
 mod admin;
+mod policies;
 mod things;
 mod truststores;
 
 pub use admin::AuditFilter;
+pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 
 /// A registry store.
@@ -556,6 +558,7 @@ impl Store {
             if done.rows_affected() != 1 {
                 return Err(RegistryError::Conflict(format!("certificate {id} changed while being deleted; try again")));
             }
+            sqlx::query("DELETE FROM policy_attachments WHERE target_type = 'certificate' AND target = $1").bind(id.as_str()).execute(&mut *tx).await?;
             audit(&mut *tx, actor, "certificate.delete", id.as_str(), b.as_deref(), None).await?;
             tx.commit().await?;
             Ok(())

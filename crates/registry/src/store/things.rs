@@ -179,6 +179,8 @@ impl Store {
             if done.rows_affected() != 1 {
                 return Err(RegistryError::NotFound(format!("thing '{name}'")));
             }
+            // A thing made later under the same name must not inherit its policies.
+            sqlx::query("DELETE FROM policy_attachments WHERE target_type = 'thing' AND target = $1").bind(name).execute(&mut *tx).await?;
             let b = attributes_json(&before.attributes)?;
             audit(&mut *tx, actor, "thing.delete", name, Some(&b), None).await?;
             tx.commit().await?;

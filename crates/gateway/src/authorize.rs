@@ -1,0 +1,314 @@
+//! Policy authorization of requests on mappings with `authorization = "policy"`.
+//!
+//! The registry's policies arrive in the [`PolicySnapshot`] inside the registry snapshot: each
+//! policy's default version compiled once, where each is attached, and what policy variables
+//! need from the registry (a certificate's things and their attributes, its CA). A request
+//! binds the policies that apply to its certificate and domain (cached per certificate, domain
+//! and snapshot) and decides `http:<METHOD>` on `route:<host><path>`. A new snapshot — any
+//! registry change — applies to the next request, on open connections too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use portcullis_pki::Certificate;
+use portcullis_policy::{Bound, Decision, Policy, PolicyRef, Request as PolicyRequest, Variables};
+use serde_json::{Value, json};
+
+/// What a policy is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PolicyTarget {
+    /// A certificate, by id.
+    Certificate(String),
+    /// A thing, by name.
+    Thing(String),
+    /// A registered CA, by id: applies to the certificates registered with it.
+    Ca(String),
+    /// A domain, by hostname: applies to every request on it.
+    Domain(String),
+}
+
+/// The registry's policies as the data path needs them.
+#[derive(Debug, Default)]
+pub struct PolicySnapshot {
+    policies: HashMap<String, (PolicyRef, Arc<Policy>)>,
+    attached: HashMap<PolicyTarget, Vec<String>>,
+    things_of: HashMap<String, Vec<String>>,
+    thing_attributes: HashMap<String, BTreeMap<String, String>>,
+    ca_of: HashMap<String, String>,
+    /// Bound policies per (certificate id, domain): valid for this snapshot only.
+    cache: Mutex<HashMap<(String, String), Arc<Bound>>>,
+}
+
+/// Bound sets kept per snapshot before the cache starts over.
+const CACHE_LIMIT: usize = 100_000;
+
+impl PolicySnapshot {
+    /// An empty snapshot.
+    pub fn new() -> PolicySnapshot {
+        PolicySnapshot::default()
+    }
+
+    /// Adds a policy (its default version).
+    pub fn add_policy(&mut self, name: &str, version: i64, policy: Arc<Policy>) {
+        self.policies.insert(
+            name.to_string(),
+            (
+                PolicyRef {
+                    name: name.to_string(),
+                    version,
+                },
+                policy,
+            ),
+        );
+    }
+
+    /// Attaches a policy to a target.
+    pub fn attach(&mut self, target: PolicyTarget, policy: &str) {
+        let list = self.attached.entry(target).or_default();
+        if !list.iter().any(|p| p == policy) {
+            list.push(policy.to_string());
+        }
+    }
+
+    /// Records that a certificate is attached to a thing.
+    pub fn add_thing_of(&mut self, certificate_id: &str, thing: &str) {
+        self.things_of
+            .entry(certificate_id.to_string())
+            .or_default()
+            .push(thing.to_string());
+    }
+
+    /// A thing's attributes.
+    pub fn set_thing_attributes(&mut self, thing: &str, attributes: BTreeMap<String, String>) {
+        self.thing_attributes.insert(thing.to_string(), attributes);
+    }
+
+    /// The registered CA of a certificate.
+    pub fn set_ca_of(&mut self, certificate_id: &str, ca_id: &str) {
+        self.ca_of
+            .insert(certificate_id.to_string(), ca_id.to_string());
+    }
+
+    /// How many policies it holds.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether it holds no policy.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The variables of a connection: the certificate's fields, its things and their attributes.
+    pub(crate) fn variables(&self, leaf: Option<&Certificate>) -> Variables {
+        let Some(leaf) = leaf else {
+            return Variables::new();
+        };
+        let id = &leaf.info().id;
+        let mut vars = Variables::from_certificate(leaf, id);
+        if let Some(things) = self.things_of.get(id) {
+            vars.set("thing:Name", things.clone());
+            let mut attributes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for thing in things {
+                for (key, value) in self.thing_attributes.get(thing).into_iter().flatten() {
+                    attributes
+                        .entry(format!("thing:Attribute.{key}"))
+                        .or_default()
+                        .push(value.clone());
+                }
+            }
+            for (key, values) in attributes {
+                vars.set(&key, values);
+            }
+        }
+        vars
+    }
+
+    /// The policies that apply to a certificate on a domain, with what each is attached to.
+    pub(crate) fn applicable(
+        &self,
+        leaf: Option<&Certificate>,
+        domain: &str,
+    ) -> Vec<(PolicyRef, Arc<Policy>, String)> {
+        let mut targets = Vec::new();
+        if let Some(leaf) = leaf {
+            let id = leaf.info().id.clone();
+            for thing in self.things_of.get(&id).into_iter().flatten() {
+                targets.push(PolicyTarget::Thing(thing.clone()));
+            }
+            if let Some(ca) = self.ca_of.get(&id) {
+                targets.push(PolicyTarget::Ca(ca.clone()));
+            }
+            targets.insert(0, PolicyTarget::Certificate(id));
+        }
+        targets.push(PolicyTarget::Domain(domain.to_string()));
+        let mut out: Vec<(PolicyRef, Arc<Policy>, String)> = Vec::new();
+        for target in &targets {
+            for name in self.attached.get(target).into_iter().flatten() {
+                if out.iter().any(|(r, _, _)| r.name == *name) {
+                    continue;
+                }
+                if let Some((r, p)) = self.policies.get(name) {
+                    out.push((r.clone(), p.clone(), describe(target)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The bound policies of a certificate on a domain, from the cache when possible.
+    fn bound(&self, leaf: Option<&Certificate>, domain: &str) -> Arc<Bound> {
+        let key = (
+            leaf.map(|l| l.info().id.clone()).unwrap_or_default(),
+            domain.to_string(),
+        );
+        if let Ok(cache) = self.cache.lock()
+            && let Some(b) = cache.get(&key)
+        {
+            return b.clone();
+        }
+        let policies: Vec<(PolicyRef, Arc<Policy>)> = self
+            .applicable(leaf, domain)
+            .into_iter()
+            .map(|(r, p, _)| (r, p))
+            .collect();
+        let bound = Arc::new(portcullis_policy::bind(&policies, &self.variables(leaf)));
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(key, bound.clone());
+        }
+        bound
+    }
+
+    /// Decides a request.
+    pub(crate) fn decide(
+        &self,
+        leaf: Option<&Certificate>,
+        domain: &str,
+        action: &str,
+        resource: &str,
+        source_ip: IpAddr,
+    ) -> Decision {
+        let bound = self.bound(leaf, domain);
+        bound.decide(&PolicyRequest {
+            action,
+            resource,
+            source_ip: Some(source_ip),
+            now: now(),
+        })
+    }
+
+    /// The decision with the policies, variables and per-statement trace (`explain`).
+    pub(crate) fn explain(
+        &self,
+        leaf: Option<&Certificate>,
+        domain: &str,
+        action: &str,
+        resource: &str,
+    ) -> Value {
+        let applicable = self.applicable(leaf, domain);
+        let vars = self.variables(leaf);
+        let policies: Vec<(PolicyRef, Arc<Policy>)> = applicable
+            .iter()
+            .map(|(r, p, _)| (r.clone(), p.clone()))
+            .collect();
+        let bound = portcullis_policy::bind(&policies, &vars);
+        let request = PolicyRequest {
+            action,
+            resource,
+            source_ip: None,
+            now: now(),
+        };
+        let decision = bound.decide(&request);
+        let variables: BTreeMap<&str, &[String]> = vars.iter().collect();
+        json!({
+            "action": action,
+            "resource": resource,
+            "decision": if decision.allowed { "allow" } else { "deny" },
+            "reason": decision.reason,
+            "statement": decision.by,
+            "policies": applicable.iter().map(|(r, _, via)| json!({"name": r.name, "version": r.version, "attached_to": via})).collect::<Vec<_>>(),
+            "variables": variables,
+            "trace": bound.trace(&request),
+        })
+    }
+}
+
+fn describe(target: &PolicyTarget) -> String {
+    match target {
+        PolicyTarget::Certificate(id) => format!("certificate {id}"),
+        PolicyTarget::Thing(name) => format!("thing {name}"),
+        PolicyTarget::Ca(id) => format!("ca {id}"),
+        PolicyTarget::Domain(host) => format!("domain {host}"),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The request path as policies see it: percent-decoded UTF-8. Paths that could mean something
+/// else to the upstream than to the policy are refused: an encoded `/` or `\`, `.` or `..`
+/// segments (encoded or not), a backslash, invalid UTF-8 or a NUL.
+pub(crate) fn policy_path(raw: &str) -> Result<String, &'static str> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or("a malformed percent escape")?;
+                if matches!(hex, b'/' | b'\\' | 0) {
+                    return Err("an encoded '/', '\\' or NUL");
+                }
+                out.push(hex);
+                i += 3;
+            }
+            b'\\' => return Err("a backslash"),
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8(out).map_err(|_| "percent escapes that are not UTF-8")?;
+    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("a '.' or '..' segment");
+    }
+    Ok(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ambiguous_paths_are_refused_and_the_rest_decoded() {
+        assert_eq!(policy_path("/a/b%20c").as_deref(), Ok("/a/b c"));
+        assert_eq!(policy_path("/caf%C3%A9").as_deref(), Ok("/café"));
+        for bad in [
+            "/a/../b",
+            "/a/%2e%2e/b",
+            "/a/%2E/b",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+            "/a%zz",
+            "/a%ff",
+            "/a%00",
+            "/..",
+        ] {
+            assert!(policy_path(bad).is_err(), "{bad}");
+        }
+    }
+}

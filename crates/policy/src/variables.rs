@@ -1,0 +1,462 @@
+//! Policy variables: the names a policy may use as `${name}`, the values a connection gives
+//! them, and the substitution that turns a pattern with variables into plain patterns.
+
+use std::collections::BTreeMap;
+
+use portcullis_pki::Certificate;
+use serde::Serialize;
+
+/// The fixed variable names. Besides these, `thing:Attribute.<key>` names an attribute of the
+/// thing the certificate is attached to (key: 1–128 of `A-Z a-z 0-9 _ - . :`).
+pub const VARIABLE_NAMES: &[&str] = &[
+    "cert:Subject.CN",
+    "cert:Subject.O",
+    "cert:Subject.OU",
+    "cert:Subject.C",
+    "cert:Issuer.CN",
+    "cert:Issuer.O",
+    "cert:SerialNumber",
+    "cert:Id",
+    "cert:SAN.DNS",
+    "cert:SAN.URI",
+    "cert:SAN.Email",
+    "thing:Name",
+    "mqtt:ClientId",
+];
+
+const THING_ATTRIBUTE: &str = "thing:Attribute.";
+
+/// Most patterns one pattern may expand into when its variables have several values; beyond
+/// this the pattern matches nothing (never everything).
+pub const MAX_EXPANSION: usize = 256;
+
+/// True for a name a policy may use as `${name}` or as a condition key.
+pub fn is_variable_name(name: &str) -> bool {
+    if VARIABLE_NAMES.contains(&name) {
+        return true;
+    }
+    name.strip_prefix(THING_ATTRIBUTE).is_some_and(|key| {
+        (1..=128).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+    })
+}
+
+/// The values of the variables for one connection: each name has a list of values (a
+/// certificate has several DNS names, a certificate may be attached to several things).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Variables {
+    values: BTreeMap<String, Vec<String>>,
+}
+
+impl Variables {
+    /// No variable has a value.
+    pub fn new() -> Variables {
+        Variables::default()
+    }
+
+    /// Sets the values of `name`, replacing earlier ones. An empty list removes the variable.
+    pub fn set(&mut self, name: &str, values: Vec<String>) {
+        if values.is_empty() {
+            self.values.remove(name);
+        } else {
+            self.values.insert(name.to_string(), values);
+        }
+    }
+
+    /// The values of `name`; empty when it has none.
+    pub fn get(&self, name: &str) -> &[String] {
+        self.values.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every variable with its values, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// The `cert:` variables of a client certificate whose registry id is `id` (64 hex). Fields
+    /// the certificate lacks get no value. The `thing:` and `mqtt:` variables are the caller's
+    /// to set.
+    pub fn from_certificate(cert: &Certificate, id: &str) -> Variables {
+        let mut vars = Variables::new();
+        let mut one = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                vars.set(name, vec![value]);
+            }
+        };
+        one("cert:Subject.CN", cert.subject_attribute("CN"));
+        one("cert:Subject.O", cert.subject_attribute("O"));
+        one("cert:Subject.OU", cert.subject_attribute("OU"));
+        one("cert:Subject.C", cert.subject_attribute("C"));
+        one("cert:Issuer.CN", cert.issuer_attribute("CN"));
+        one("cert:Issuer.O", cert.issuer_attribute("O"));
+        one("cert:SerialNumber", Some(cert.info().serial.clone()));
+        one("cert:Id", Some(id.to_string()));
+        for (name, prefix) in [
+            ("cert:SAN.DNS", "dns:"),
+            ("cert:SAN.URI", "uri:"),
+            ("cert:SAN.Email", "email:"),
+        ] {
+            let values = cert
+                .info()
+                .subject_alt_names
+                .iter()
+                .filter_map(|san| san.strip_prefix(prefix))
+                .map(str::to_string)
+                .collect();
+            vars.set(name, values);
+        }
+        vars
+    }
+}
+
+/// A string with `${name}` variables, checked when the policy is parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Template {
+    text: String,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    Variable(String),
+}
+
+/// What a template gives for one set of variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Expansion {
+    /// The plain strings, at least one.
+    Values(Vec<String>),
+    /// Nothing, and why: a variable without a usable value, or too many combinations.
+    Nothing(String),
+}
+
+impl Template {
+    /// Splits `text` into literals and variables; the error says what is wrong with a `${…}`.
+    pub(crate) fn parse(text: &str) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                pieces.push(Piece::Literal(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(
+                    "'${' is not closed; write a variable as ${name}, for example \
+                     ${cert:Subject.CN}"
+                        .to_string(),
+                );
+            };
+            let name = &after[..end];
+            if name.is_empty() {
+                return Err(
+                    "empty variable ${}; name one, for example ${cert:Subject.CN}".to_string(),
+                );
+            }
+            if !is_variable_name(name) {
+                return Err(format!(
+                    "unknown variable ${{{name}}}; variables are {}, \
+                     thing:Attribute.<key> (names are case-sensitive)",
+                    VARIABLE_NAMES.join(", ")
+                ));
+            }
+            pieces.push(Piece::Variable(name.to_string()));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Literal(rest.to_string()));
+        }
+        Ok(Template {
+            text: text.to_string(),
+            pieces,
+        })
+    }
+
+    /// The text as written in the policy.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Substitutes `vars`. A variable takes each of its usable values in turn (the same value
+    /// wherever it appears in the template); several multi-valued variables give every
+    /// combination. A value that is empty or holds `*` or `?` is not usable: substitution must
+    /// never widen a pattern.
+    pub(crate) fn expand(&self, vars: &Variables) -> Expansion {
+        let mut names: Vec<&str> = Vec::new();
+        for piece in &self.pieces {
+            if let Piece::Variable(name) = piece
+                && !names.contains(&name.as_str())
+            {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            return Expansion::Values(vec![self.text.clone()]);
+        }
+        let mut choices: Vec<Vec<&str>> = Vec::with_capacity(names.len());
+        let mut combinations: usize = 1;
+        for name in &names {
+            let mut usable: Vec<&str> = Vec::new();
+            for value in vars.get(name) {
+                if !value.is_empty()
+                    && !value.contains(['*', '?'])
+                    && !usable.contains(&value.as_str())
+                {
+                    usable.push(value);
+                }
+            }
+            if usable.is_empty() {
+                return Expansion::Nothing(format!("${{{name}}} has no usable value"));
+            }
+            combinations = combinations.saturating_mul(usable.len());
+            choices.push(usable);
+        }
+        if combinations > MAX_EXPANSION {
+            return Expansion::Nothing(format!(
+                "'{}' expands to {combinations} patterns, more than the {MAX_EXPANSION} allowed",
+                self.text
+            ));
+        }
+        let mut out = Vec::with_capacity(combinations);
+        // An odometer over the choices: pick[i] indexes choices[i].
+        let mut pick = vec![0usize; names.len()];
+        loop {
+            let mut s = String::new();
+            for piece in &self.pieces {
+                match piece {
+                    Piece::Literal(text) => s.push_str(text),
+                    Piece::Variable(name) => {
+                        if let Some(i) = names.iter().position(|n| n == name) {
+                            s.push_str(choices[i][pick[i]]);
+                        }
+                    }
+                }
+            }
+            out.push(s);
+            let mut i = 0;
+            loop {
+                if i == pick.len() {
+                    return Expansion::Values(out);
+                }
+                pick[i] += 1;
+                if pick[i] < choices[i].len() {
+                    break;
+                }
+                pick[i] = 0;
+                i += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &[&str])]) -> Variables {
+        let mut v = Variables::new();
+        for (name, values) in pairs {
+            v.set(name, values.iter().map(|s| s.to_string()).collect());
+        }
+        v
+    }
+
+    fn values(e: Expansion) -> Vec<String> {
+        match e {
+            Expansion::Values(v) => v,
+            Expansion::Nothing(why) => panic!("expected values, got nothing: {why}"),
+        }
+    }
+
+    #[test]
+    fn variable_names() {
+        assert!(is_variable_name("cert:Subject.CN"));
+        assert!(is_variable_name("thing:Attribute.site"));
+        assert!(is_variable_name("thing:Attribute.a-b_c.d:e9"));
+        assert!(is_variable_name(&format!(
+            "thing:Attribute.{}",
+            "k".repeat(128)
+        )));
+        assert!(!is_variable_name(&format!(
+            "thing:Attribute.{}",
+            "k".repeat(129)
+        )));
+        assert!(!is_variable_name("thing:Attribute."));
+        assert!(!is_variable_name("thing:Attribute.a b"));
+        assert!(!is_variable_name("cert:subject.cn"));
+        assert!(!is_variable_name("conn:SourceIp"));
+    }
+
+    #[test]
+    fn templates_refuse_bad_variables() {
+        assert!(
+            Template::parse("a${cert:Subject.CN")
+                .unwrap_err()
+                .contains("not closed")
+        );
+        assert!(
+            Template::parse("a${}b")
+                .unwrap_err()
+                .contains("empty variable")
+        );
+        let e = Template::parse("${cert:Subject.XX}").unwrap_err();
+        assert!(e.contains("unknown variable ${cert:Subject.XX}"), "{e}");
+        assert!(e.contains("cert:Subject.CN"), "{e}");
+        assert!(Template::parse("plain $ and } and {").is_ok());
+    }
+
+    #[test]
+    fn expansion_substitutes_and_multiplies() {
+        let t = Template::parse("x/${thing:Name}/${cert:SAN.DNS}/${thing:Name}").unwrap();
+        let v = vars(&[
+            ("thing:Name", &["t1", "t2"]),
+            ("cert:SAN.DNS", &["a", "b", "c"]),
+        ]);
+        let mut got = values(t.expand(&v));
+        got.sort();
+        assert_eq!(got.len(), 6);
+        assert_eq!(got[0], "x/t1/a/t1");
+        assert_eq!(got[5], "x/t2/c/t2");
+        assert_eq!(
+            values(Template::parse("plain*").unwrap().expand(&v)),
+            ["plain*"]
+        );
+    }
+
+    #[test]
+    fn values_that_could_widen_are_dropped() {
+        let t = Template::parse("p/${cert:Subject.CN}").unwrap();
+        for bad in ["*", "a?", "", "x*y"] {
+            assert!(
+                matches!(
+                    t.expand(&vars(&[("cert:Subject.CN", &[bad])])),
+                    Expansion::Nothing(_)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            values(t.expand(&vars(&[("cert:Subject.CN", &["*", "ok", "ok"])]))),
+            ["p/ok"]
+        );
+        assert!(matches!(t.expand(&Variables::new()), Expansion::Nothing(_)));
+    }
+
+    #[test]
+    fn expansion_beyond_the_cap_gives_nothing() {
+        let many: Vec<String> = (0..17).map(|i| format!("v{i}")).collect();
+        let mut v = Variables::new();
+        v.set("cert:SAN.DNS", many.clone());
+        v.set("thing:Name", many);
+        let t = Template::parse("${cert:SAN.DNS}/${thing:Name}").unwrap();
+        match t.expand(&v) {
+            Expansion::Nothing(why) => assert!(why.contains("289"), "{why}"),
+            Expansion::Values(v) => panic!("expanded to {} patterns", v.len()),
+        }
+        let sixteen: Vec<String> = (0..16).map(|i| format!("v{i}")).collect();
+        v.set("thing:Name", sixteen);
+        v.set("cert:SAN.DNS", (0..16).map(|i| format!("d{i}")).collect());
+        assert_eq!(values(t.expand(&v)).len(), 256);
+    }
+
+    #[test]
+    fn variables_map_basics() {
+        let mut v = Variables::new();
+        assert!(v.get("cert:Subject.CN").is_empty());
+        v.set("thing:Name", vec!["b".into()]);
+        v.set("cert:Subject.CN", vec!["a".into()]);
+        let names: Vec<&str> = v.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["cert:Subject.CN", "thing:Name"]);
+        v.set("thing:Name", Vec::new());
+        assert_eq!(v.iter().count(), 1);
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            serde_json::json!({"cert:Subject.CN": ["a"]})
+        );
+    }
+}
+
+#[cfg(test)]
+mod certificate_tests {
+    use super::*;
+    use portcullis_pki::{
+        CaIssuer, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
+    };
+
+    fn client(subject: SubjectName, sans: &[&str]) -> Certificate {
+        let ca_key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let ca_subject = SubjectName {
+            organization: Some("Portcullis Test".into()),
+            ..SubjectName::cn("Partner CA")
+        };
+        let ca = portcullis_pki::issue::issue(
+            &IssueRequest::new(Profile::RootCa, ca_subject),
+            &ca_key,
+            None,
+        )
+        .unwrap();
+        let issuer = CaIssuer::new(ca, ca_key, Vec::new()).unwrap();
+        let mut req = IssueRequest::new(Profile::Client, subject);
+        req.subject_alt_names = sans
+            .iter()
+            .map(|s| s.parse::<SubjectAltName>().unwrap())
+            .collect();
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        portcullis_pki::issue::issue(&req, &key, Some(&issuer)).unwrap()
+    }
+
+    #[test]
+    fn certificate_fields_become_variables() {
+        let cert = client(
+            SubjectName {
+                common_name: "sensor-1".into(),
+                organization: Some("acme".into()),
+                organizational_unit: Some("payments".into()),
+                country: Some("FR".into()),
+            },
+            &[
+                "dns:a.example.com",
+                "dns:b.example.com",
+                "uri:spiffe://acme/sensor-1",
+                "email:ops@acme.example",
+                "ip:192.0.2.1",
+            ],
+        );
+        let id = cert.info().id.clone();
+        let v = Variables::from_certificate(&cert, &id);
+        assert_eq!(v.get("cert:Subject.CN"), ["sensor-1"]);
+        assert_eq!(v.get("cert:Subject.O"), ["acme"]);
+        assert_eq!(v.get("cert:Subject.OU"), ["payments"]);
+        assert_eq!(v.get("cert:Subject.C"), ["FR"]);
+        assert_eq!(v.get("cert:Issuer.CN"), ["Partner CA"]);
+        assert_eq!(v.get("cert:Issuer.O"), ["Portcullis Test"]);
+        assert_eq!(v.get("cert:SerialNumber"), [cert.info().serial.clone()]);
+        assert_eq!(v.get("cert:Id"), std::slice::from_ref(&id));
+        assert_eq!(id.len(), 64);
+        assert_eq!(v.get("cert:SAN.DNS"), ["a.example.com", "b.example.com"]);
+        assert_eq!(v.get("cert:SAN.URI"), ["spiffe://acme/sensor-1"]);
+        assert_eq!(v.get("cert:SAN.Email"), ["ops@acme.example"]);
+        assert!(v.get("thing:Name").is_empty());
+    }
+
+    #[test]
+    fn absent_certificate_fields_have_no_value() {
+        let cert = client(SubjectName::cn("bare"), &[]);
+        let v = Variables::from_certificate(&cert, "00");
+        let names: Vec<&str> = v.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            names,
+            [
+                "cert:Id",
+                "cert:Issuer.CN",
+                "cert:Issuer.O",
+                "cert:SerialNumber",
+                "cert:Subject.CN"
+            ]
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Policy routes: documents with versions, attachments, and the simulator.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use portcullis_pki::Certificate;
+use portcullis_policy::{Policy, PolicyRef, Request as PolicyRequest, Variables};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Api, ApiError, ApiResult, Body, Caller, Params, to_json};
+use crate::{CertId, PolicyTarget, RegistryError, TargetType};
+
+/// A document in a request: a JSON object, checked as text (its size included).
+fn document_text(document: &Value) -> Result<String, ApiError> {
+    if !document.is_object() {
+        return Err(ApiError::invalid(
+            "document must be a JSON object with a Statement list",
+        ));
+    }
+    Ok(document.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreatePolicy {
+    name: String,
+    document: Value,
+}
+
+pub(super) async fn create_policy(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreatePolicy>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let text = document_text(&req.document)?;
+    let policy = api.store.create_policy(&req.name, &text, &caller).await?;
+    Ok((StatusCode::CREATED, to_json(&policy)))
+}
+
+pub(super) async fn list_policies(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({"items": api.store.list_policies().await?})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct VersionQuery {
+    version: Option<i64>,
+}
+
+pub(super) async fn describe_policy(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Params(q): Params<VersionQuery>,
+) -> ApiResult {
+    Ok(to_json(&api.store.policy(&name, q.version).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpdatePolicy {
+    default_version: i64,
+}
+
+pub(super) async fn update_policy(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+    Body(req): Body<UpdatePolicy>,
+) -> ApiResult {
+    Ok(to_json(
+        &api.store
+            .set_default_policy_version(&name, req.default_version, &caller)
+            .await?,
+    ))
+}
+
+pub(super) async fn delete_policy(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    api.store.delete_policy(&name, &caller).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateVersion {
+    document: Value,
+    #[serde(default)]
+    set_default: bool,
+}
+
+pub(super) async fn create_policy_version(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+    Body(req): Body<CreateVersion>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let text = document_text(&req.document)?;
+    let policy = api
+        .store
+        .create_policy_version(&name, &text, req.set_default, &caller)
+        .await?;
+    Ok((StatusCode::CREATED, to_json(&policy)))
+}
+
+pub(super) async fn delete_policy_version(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((name, version)): Path<(String, i64)>,
+) -> ApiResult {
+    Ok(to_json(
+        &api.store
+            .delete_policy_version(&name, version, &caller)
+            .await?,
+    ))
+}
+
+fn target(kind: &str, target: String) -> Result<PolicyTarget, ApiError> {
+    Ok(PolicyTarget {
+        target_type: TargetType::from_str(kind)?,
+        target,
+    })
+}
+
+pub(super) async fn attach_policy(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((name, kind, id)): Path<(String, String, String)>,
+) -> ApiResult {
+    Ok(to_json(
+        &api.store
+            .attach_policy(&name, &target(&kind, id)?, &caller)
+            .await?,
+    ))
+}
+
+pub(super) async fn detach_policy(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path((name, kind, id)): Path<(String, String, String)>,
+) -> ApiResult {
+    Ok(to_json(
+        &api.store
+            .detach_policy(&name, &target(&kind, id)?, &caller)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Simulate {
+    /// The client certificate (PEM; a chain may follow, leaf first).
+    certificate_pem: String,
+    /// `http:GET`, `mqtt:Publish`…
+    action: String,
+    /// `route:api.example.com/orders`, `topic:devices/d1/telemetry`…
+    resource: String,
+    /// The client's address, for `IpAddress` conditions.
+    source_ip: Option<std::net::IpAddr>,
+    /// The MQTT client id, for `${mqtt:ClientId}`.
+    client_id: Option<String>,
+    /// Evaluate these policies (default versions) instead of those attached.
+    policies: Option<Vec<String>>,
+    /// The domain whose policies apply (default: the one a `route:` resource names).
+    domain: Option<String>,
+}
+
+/// The domain a `route:<domain>/<path>` resource names.
+fn route_domain(resource: &str) -> Option<String> {
+    let rest = resource.strip_prefix("route:")?;
+    Some(rest.split('/').next().unwrap_or(rest).to_ascii_lowercase())
+}
+
+pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) -> ApiResult {
+    let chain = Certificate::all_from_pem_or_der(req.certificate_pem.as_bytes())?;
+    let Some(leaf) = chain.first() else {
+        return Err(ApiError::invalid("certificate_pem holds no certificate"));
+    };
+    let id = CertId::of_der(leaf.der());
+    let mut vars = Variables::from_certificate(leaf, id.as_str());
+    if let Some(client_id) = &req.client_id {
+        vars.set("mqtt:ClientId", vec![client_id.clone()]);
+    }
+    // What the registry knows: things (names and attributes) and the CA it was registered with.
+    let record = match api.store.certificate(&id).await {
+        Ok(r) => Some(r),
+        Err(RegistryError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut attributes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let things: Vec<String> = record
+        .as_ref()
+        .map(|r| r.things.clone())
+        .unwrap_or_default();
+    for name in &things {
+        for (key, value) in api.store.thing(name).await?.attributes {
+            attributes
+                .entry(format!("thing:Attribute.{key}"))
+                .or_default()
+                .push(value);
+        }
+    }
+    if !things.is_empty() {
+        vars.set("thing:Name", things.clone());
+    }
+    for (key, values) in attributes {
+        vars.set(&key, values);
+    }
+    // The policies: those named, or those attached to the certificate, its things, its CA and
+    // the domain.
+    let names: Vec<(String, String)> = match &req.policies {
+        Some(names) => names
+            .iter()
+            .map(|n| (n.clone(), "named in the request".to_string()))
+            .collect(),
+        None => {
+            let mut targets = vec![PolicyTarget {
+                target_type: TargetType::Certificate,
+                target: id.to_string(),
+            }];
+            targets.extend(things.iter().map(|t| PolicyTarget {
+                target_type: TargetType::Thing,
+                target: t.clone(),
+            }));
+            if let Some(ca) = record.as_ref().and_then(|r| r.ca_id.clone()) {
+                targets.push(PolicyTarget {
+                    target_type: TargetType::Ca,
+                    target: ca.to_string(),
+                });
+            }
+            if let Some(domain) = req.domain.clone().or_else(|| route_domain(&req.resource)) {
+                targets.push(PolicyTarget {
+                    target_type: TargetType::Domain,
+                    target: domain,
+                });
+            }
+            let mut names = Vec::new();
+            for t in &targets {
+                for name in api.store.policies_of(t).await? {
+                    if !names.iter().any(|(n, _)| *n == name) {
+                        names.push((name, format!("{} {}", t.target_type.as_str(), t.target)));
+                    }
+                }
+            }
+            names
+        }
+    };
+    let mut policies = Vec::new();
+    let mut used = Vec::new();
+    for (name, via) in &names {
+        let record = api.store.policy(name, None).await?;
+        let policy = Policy::parse(&record.document.to_string())
+            .map_err(|e| ApiError::invalid(format!("stored policy '{name}': {e}")))?;
+        used.push(json!({"name": name, "version": record.version, "attached_to": via}));
+        policies.push((
+            PolicyRef {
+                name: name.clone(),
+                version: record.version,
+            },
+            Arc::new(policy),
+        ));
+    }
+    let bound = portcullis_policy::bind(&policies, &vars);
+    let request = PolicyRequest {
+        action: &req.action,
+        resource: &req.resource,
+        source_ip: req.source_ip,
+        now: time::OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    let decision = bound.decide(&request);
+    let variables: BTreeMap<&str, &[String]> = vars.iter().collect();
+    Ok(Json(json!({
+        "certificate_id": id,
+        "registered": record.is_some(),
+        "action": req.action,
+        "resource": req.resource,
+        "decision": if decision.allowed { "allow" } else { "deny" },
+        "reason": decision.reason,
+        "statement": decision.by,
+        "policies": used,
+        "variables": variables,
+        "trace": bound.trace(&request),
+    })))
+}
