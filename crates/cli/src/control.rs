@@ -1314,16 +1314,32 @@ fn simulation_text(v: &Value) -> String {
     text.trim_end().to_string()
 }
 
-/// One statement of a trace, as the engine describes it.
+/// One statement of a trace: `partner v2 #1 (no-deletes) Deny: applies` or why it does not.
 fn trace_line(t: &Value) -> String {
-    match t {
-        Value::Object(o) => o
-            .iter()
-            .map(|(k, v)| format!("{k}={}", s(v)))
-            .collect::<Vec<_>>()
-            .join("  "),
-        other => s(other),
-    }
+    let st = &t["statement"];
+    let sid = st["sid"]
+        .as_str()
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
+    let outcome = if t["applied"] == true {
+        "applies".to_string()
+    } else {
+        let f = &t["failed"];
+        let mut why = format!("does not apply: {}", s(&f["part"]));
+        for key in ["operator", "key", "detail"] {
+            if let Some(v) = f[key].as_str() {
+                why.push_str(&format!(" {v}"));
+            }
+        }
+        why
+    };
+    format!(
+        "{} v{} #{}{sid} {}: {outcome}",
+        s(&st["policy"]),
+        s(&st["version"]),
+        s(&st["index"]),
+        s(&st["effect"])
+    )
 }
 
 /// A domain file: one `[[domain]]` (or `[domain]`) table, bare `[[domain]]` keys, or JSON.
@@ -1656,6 +1672,36 @@ async fn explain(client: &AdminClient, out: &Printer, a: ExplainArgs) -> Result<
                     ""
                 }
             )),
+        }
+        if let Some(p) = v["policy"].as_object() {
+            let policies: Vec<String> = p["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    format!(
+                        "{} v{} ({})",
+                        s(&x["name"]),
+                        s(&x["version"]),
+                        s(&x["attached_to"])
+                    )
+                })
+                .collect();
+            text.push_str(&format!(
+                "policy:      {} {} on {}: {}\n             policies: {}\n",
+                s(&p["decision"]).to_ascii_uppercase(),
+                s(&p["action"]),
+                s(&p["resource"]),
+                s(&p["reason"]),
+                if policies.is_empty() {
+                    "none".to_string()
+                } else {
+                    policies.join(", ")
+                }
+            ));
+            for t in p["trace"].as_array().into_iter().flatten() {
+                text.push_str(&format!("             {}\n", trace_line(t)));
+            }
         }
         text.push_str(&format!(
             "decision:    {}: {}",

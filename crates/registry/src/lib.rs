@@ -6,8 +6,10 @@
 //!   placeholders), with per-backend migrations applied at open. Every change runs in a
 //!   transaction, bumps the row's version and writes an audit entry.
 //!
-//! The gateway never reads the store: the registry will keep an in-memory snapshot current and
-//! hand it to the gateway (the next slice of this crate).
+//! - [`api`]: the admin REST API over the store.
+//!
+//! The gateway never reads the store: the binary keeps an in-memory snapshot current and hands it
+//! to the gateway.
 #![forbid(unsafe_code)]
 
 pub mod api;
