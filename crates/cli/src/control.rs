@@ -409,6 +409,83 @@ pub struct SimulateArgs {
     domain: Option<String>,
 }
 
+/// `portcullis webhook …`
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Subscribe a URL to events; prints the signing secret once.
+    Create {
+        /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+        name: String,
+        /// Where events are POSTed (https:// recommended).
+        #[arg(long)]
+        url: String,
+        /// An event type (repeatable, or comma-separated): certificate.registered,
+        /// certificate.pending_activation, certificate.status_changed, certificate.expiring,
+        /// ca.registered, ca.status_changed, ca.expiring, truststore.version_added.
+        #[arg(long = "event", value_delimiter = ',', required = true)]
+        events: Vec<String>,
+        /// For *.expiring events: how many days ahead.
+        #[arg(long, default_value_t = 30)]
+        expiring_days: i64,
+        /// The CA bundle the receiver's certificate chains to (default: the system's roots).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+    /// List webhooks.
+    List,
+    /// Show a webhook (by id or name).
+    Describe {
+        /// Id or name.
+        id: String,
+    },
+    /// Change a webhook.
+    Update {
+        /// Id or name.
+        id: String,
+        /// New URL.
+        #[arg(long)]
+        url: Option<String>,
+        /// New event types (repeatable, or comma-separated).
+        #[arg(long = "event", value_delimiter = ',')]
+        events: Vec<String>,
+        /// Deliver (on) or hold deliveries (off).
+        #[arg(long, value_name = "on|off")]
+        enabled: Option<String>,
+        /// Days ahead for *.expiring events.
+        #[arg(long)]
+        expiring_days: Option<i64>,
+        /// A new CA bundle for the receiver.
+        #[arg(long, value_name = "FILE", conflicts_with = "system_roots")]
+        ca: Option<PathBuf>,
+        /// Check the receiver against the system's roots again.
+        #[arg(long)]
+        system_roots: bool,
+    },
+    /// Delete a webhook and its deliveries.
+    Delete {
+        /// Id or name.
+        id: String,
+    },
+    /// A webhook's deliveries, newest first.
+    Deliveries {
+        /// Id or name.
+        id: String,
+        /// pending, delivered or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Send a delivery's event again (a new delivery).
+    Replay {
+        /// Delivery id (dl_…).
+        delivery: String,
+    },
+    /// Look for expiring certificates and CAs now (the gateway also does daily).
+    CheckExpiry,
+}
+
 /// `portcullis domain …`
 #[derive(Debug, Subcommand)]
 pub enum DomainCommand {
@@ -507,6 +584,7 @@ pub enum Control {
     Truststore(TruststoreCommand),
     Domain(DomainCommand),
     Policy(PolicyCommand),
+    Webhook(WebhookCommand),
     Audit(AuditCommand),
     Admin(AdminCommand),
     Explain(ExplainArgs),
@@ -529,6 +607,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Truststore(c) => truststore(&client, &out, c).await,
             Control::Domain(c) => domain(&client, &out, c).await,
             Control::Policy(c) => policy(&client, &out, c).await,
+            Control::Webhook(c) => webhook(&client, &out, c).await,
             Control::Audit(c) => audit(&client, &out, c).await,
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
@@ -1107,6 +1186,167 @@ fn version_text(v: &Value) -> String {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
     text
+}
+
+/// A webhook as one line.
+fn webhook_line(w: &Value) -> String {
+    let events: Vec<String> = w["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    format!(
+        "{}  {}  {}  {}  events {}{}",
+        s(&w["id"]),
+        s(&w["name"]),
+        if w["enabled"] == true {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        s(&w["url"]),
+        events.join(","),
+        if w["custom_ca"] == true {
+            "  (own CA bundle)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// A delivery as one line.
+fn delivery_line(d: &Value) -> String {
+    let error = d["last_error"]
+        .as_str()
+        .map(|e| format!("  last error: {e}"))
+        .unwrap_or_default();
+    format!(
+        "{}  {}  {}  attempts {}  created {}{}{}",
+        s(&d["id"]),
+        s(&d["event_type"]),
+        s(&d["status"]),
+        s(&d["attempts"]),
+        when(&d["created_at"]),
+        d["replay_of"]
+            .as_str()
+            .map(|r| format!("  replay of {r}"))
+            .unwrap_or_default(),
+        error
+    )
+}
+
+async fn webhook(client: &AdminClient, out: &Printer, command: WebhookCommand) -> Result<ExitCode> {
+    let path = |id: &str| format!("/v1/webhooks/{}", segment(id));
+    let ca_text = |p: &Path| -> Result<String> {
+        String::from_utf8(read(p, "CA bundle")?)
+            .with_context(|| format!("{}: a CA bundle is PEM text", p.display()))
+    };
+    match command {
+        WebhookCommand::Create {
+            name,
+            url,
+            events,
+            expiring_days,
+            ca,
+        } => {
+            let ca_pem = match &ca {
+                Some(p) => ca_text(p)?,
+                None => String::new(),
+            };
+            let v = client
+                .post(
+                    "/v1/webhooks",
+                    &json!({"name": name, "url": url, "events": events, "expiring_days": expiring_days, "ca_pem": ca_pem}),
+                )
+                .await?;
+            out.show(&v, |v| {
+                format!(
+                    "{}\nsigning secret (shown once; receivers check X-Portcullis-Signature with it):\n{}",
+                    webhook_line(v),
+                    s(&v["secret"])
+                )
+            });
+        }
+        WebhookCommand::List => {
+            let v = client.get("/v1/webhooks").await?;
+            out.show(&v, |v| {
+                items(v).map(webhook_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        WebhookCommand::Describe { id } => {
+            let v = client.get(&path(&id)).await?;
+            out.show(&v, webhook_line);
+        }
+        WebhookCommand::Update {
+            id,
+            url,
+            events,
+            enabled,
+            expiring_days,
+            ca,
+            system_roots,
+        } => {
+            let mut body = json!({});
+            if let Some(u) = url {
+                body["url"] = json!(u);
+            }
+            if !events.is_empty() {
+                body["events"] = json!(events);
+            }
+            match enabled.as_deref() {
+                None => {}
+                Some("on") => body["enabled"] = json!(true),
+                Some("off") => body["enabled"] = json!(false),
+                Some(other) => bail!("--enabled {other}: say on or off"),
+            }
+            if let Some(d) = expiring_days {
+                body["expiring_days"] = json!(d);
+            }
+            if let Some(p) = &ca {
+                body["ca_pem"] = json!(ca_text(p)?);
+            } else if system_roots {
+                body["ca_pem"] = json!("");
+            }
+            let v = client.patch(&path(&id), &body).await?;
+            out.show(&v, webhook_line);
+        }
+        WebhookCommand::Delete { id } => {
+            client.delete(&path(&id)).await?;
+            out.show(&json!({"deleted": id}), |_| format!("deleted webhook {id}"));
+        }
+        WebhookCommand::Deliveries { id, status, limit } => {
+            let mut query = format!("?limit={limit}");
+            if let Some(s) = &status {
+                query.push_str(&format!("&status={}", segment(s)));
+            }
+            let v = client
+                .get(&format!("{}/deliveries{query}", path(&id)))
+                .await?;
+            out.show(&v, |v| {
+                items(v).map(delivery_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        WebhookCommand::Replay { delivery } => {
+            let v = client
+                .post(
+                    &format!("/v1/deliveries/{}/replay", segment(&delivery)),
+                    &json!({}),
+                )
+                .await?;
+            out.show(&v, |v| format!("queued {}", delivery_line(v)));
+        }
+        WebhookCommand::CheckExpiry => {
+            let v = client.post("/v1/expiry-check", &json!({})).await?;
+            out.show(&v, |v| {
+                format!(
+                    "{} delivery(ies) queued for expiring certificates and CAs",
+                    s(&v["deliveries"])
+                )
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A policy document file (JSON).

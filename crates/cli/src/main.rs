@@ -51,6 +51,8 @@ enum Command {
     Domain(Control<control::DomainCommand>),
     /// Policies: documents with certificate variables, versions, attachments, simulation.
     Policy(Control<control::PolicyCommand>),
+    /// Webhooks: signed JSON events about certificates, CAs and truststores, with retries.
+    Webhook(Control<control::WebhookCommand>),
     /// The audit log.
     Audit(Control<control::AuditCommand>),
     /// Admin API access: bearer tokens.
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
+        Command::Webhook(c) => control::run(control::Control::Webhook(c.command), c.connect),
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),

@@ -123,6 +123,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(sightings) = gateway.take_sightings() {
         tokio::spawn(record_sightings(store.clone(), sightings));
     }
+    tokio::spawn(portcullis_registry::webhooks::Dispatcher::new(store.clone()).run());
 
     // The admin API: HTTPS, admin client certificate or bearer token.
     let local_ca = Arc::new(data.local_ca()?);

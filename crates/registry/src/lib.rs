@@ -16,6 +16,7 @@ pub mod api;
 pub mod model;
 pub mod provisioning;
 pub mod store;
+pub mod webhooks;
 
 pub use model::{
     Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus, DomainRecord,
@@ -23,8 +24,9 @@ pub use model::{
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{
-    AuditFilter, CaRegistration, CaUpdate, CertFilter, MAX_POLICY_VERSIONS, PolicyState,
-    PolicySummary, Sighting, Store,
+    AuditFilter, CaRegistration, CaUpdate, CertFilter, Delivery, DueDelivery, EVENT_TYPES,
+    MAX_ATTEMPTS, MAX_POLICY_VERSIONS, PolicyState, PolicySummary, Sighting, Store, Webhook,
+    WebhookUpdate,
 };
 
 /// Errors of the registry.

@@ -636,6 +636,125 @@ async fn suite(store: Store) {
     assert!(revoke.before.as_deref().unwrap().contains("INACTIVE"));
     assert!("nope".parse::<CertId>().is_err());
     policies(&store, backend).await;
+    webhooks(&store, backend).await;
+}
+
+/// Webhooks: events only for committed changes, fan-out once, leases, retries until failed,
+/// replays, expiry notices once per item.
+async fn webhooks(store: &Store, backend: &str) {
+    let bad = store
+        .create_webhook("w", "ftp://x", &["ca.registered".into()], 30, "", "test")
+        .await;
+    assert!(matches!(bad, Err(RegistryError::Invalid(_))), "{backend}");
+    let bad = store
+        .create_webhook(
+            "w",
+            "http://127.0.0.1:9/x",
+            &["nope".into()],
+            30,
+            "",
+            "test",
+        )
+        .await;
+    assert!(matches!(bad, Err(RegistryError::Invalid(m)) if m.contains("unknown event")));
+    let events = vec![
+        "certificate.registered".to_string(),
+        "certificate.pending_activation".to_string(),
+        "certificate.expiring".to_string(),
+    ];
+    let (hook, secret) = store
+        .create_webhook("w", "http://127.0.0.1:9/x", &events, 3650, "", "test")
+        .await
+        .unwrap();
+    assert!(secret.starts_with("whsec_"));
+    // Whatever happened before the subscription is fanned out to nobody.
+    store.fan_out_events(10_000).await.unwrap();
+    assert!(store.deliveries("w", None, 100).await.unwrap().is_empty());
+
+    let issuer = ca("Webhook CA");
+    let pem = leaf(&issuer, "hooked", Profile::Client);
+    store
+        .register_certificate(pem.as_bytes(), CertStatus::PendingActivation, "test")
+        .await
+        .unwrap();
+    // A failed change (a duplicate) writes no event.
+    assert!(
+        store
+            .register_certificate(pem.as_bytes(), CertStatus::Active, "test")
+            .await
+            .is_err()
+    );
+    assert_eq!(store.fan_out_events(100).await.unwrap(), 1, "{backend}");
+    assert_eq!(
+        store.fan_out_events(100).await.unwrap(),
+        0,
+        "fanned out once"
+    );
+    let listed = store.deliveries(&hook.id, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].event_type, "certificate.pending_activation");
+    assert_eq!(listed[0].payload["after"]["status"], "PENDING_ACTIVATION");
+
+    // Claimed once (leased), retried with backoff, failed after the last attempt.
+    let due = store.claim_due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].secret, secret);
+    assert!(
+        store.claim_due_deliveries(10).await.unwrap().is_empty(),
+        "leased"
+    );
+    for attempt in 1..=portcullis_registry::MAX_ATTEMPTS {
+        store
+            .record_delivery_attempt(&due[0].id, Err((Some(500), "HTTP 500".into())))
+            .await
+            .unwrap();
+        let d = store.delivery(&due[0].id).await.unwrap();
+        assert_eq!(d.attempts, attempt);
+        let expected = if attempt == portcullis_registry::MAX_ATTEMPTS {
+            "failed"
+        } else {
+            "pending"
+        };
+        assert_eq!(d.status, expected);
+        assert!(d.next_attempt_at > d.updated_at, "backoff");
+    }
+    let failed = store.deliveries("w", Some("failed"), 10).await.unwrap();
+    assert_eq!(failed.len(), 1, "{backend}");
+    assert!(store.deliveries("w", Some("bogus"), 10).await.is_err());
+    let replay = store.replay_delivery(&due[0].id, "test").await.unwrap();
+    assert_eq!(replay.replay_of.as_deref(), Some(due[0].id.as_str()));
+    assert_eq!((replay.status.as_str(), replay.attempts), ("pending", 0));
+    let due = store.claim_due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    store
+        .record_delivery_attempt(&due[0].id, Ok(204))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.delivery(&due[0].id).await.unwrap().status,
+        "delivered"
+    );
+
+    // Expiring within ten years: every unrevoked certificate, once.
+    let made = store.check_expiring().await.unwrap();
+    assert!(made >= 1, "{backend}");
+    assert_eq!(store.check_expiring().await.unwrap(), 0, "told once");
+
+    // Disabled webhooks get nothing new; deleting removes the deliveries.
+    store
+        .update_webhook(
+            "w",
+            &portcullis_registry::WebhookUpdate {
+                enabled: Some(false),
+                ..Default::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert!(store.claim_due_deliveries(100).await.unwrap().is_empty());
+    store.delete_webhook("w", "test").await.unwrap();
+    assert!(store.list_webhooks().await.unwrap().is_empty());
 }
 
 /// Policies: validated documents, at most five versions, attachments to existing targets only,

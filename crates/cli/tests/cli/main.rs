@@ -6,6 +6,7 @@ mod control;
 mod pki;
 mod policy;
 mod serve;
+mod webhook;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -30,6 +30,7 @@ use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, S
 
 pub mod openapi;
 mod policies;
+mod webhooks;
 
 /// The largest request body accepted (a truststore bundle with its CRLs).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -172,6 +173,26 @@ pub fn router(api: Api) -> Router {
             put(policies::attach_policy).delete(policies::detach_policy),
         )
         .route("/v1/simulate", post(policies::simulate))
+        .route(
+            "/v1/webhooks",
+            get(webhooks::list_webhooks).post(webhooks::create_webhook),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::describe_webhook)
+                .patch(webhooks::update_webhook)
+                .delete(webhooks::delete_webhook),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(webhooks::list_deliveries),
+        )
+        .route("/v1/deliveries/{id}", get(webhooks::describe_delivery))
+        .route(
+            "/v1/deliveries/{id}/replay",
+            post(webhooks::replay_delivery),
+        )
+        .route("/v1/expiry-check", post(webhooks::expiry_check))
         .route("/v1/domains", get(list_domains))
         .route(
             "/v1/domains/{hostname}",

@@ -202,6 +202,50 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         "Evaluate the policies attached to a certificate (or named ones) for an action on a resource",
         Some("Simulate"),
     ),
+    ("get", "/v1/webhooks", "List webhooks", None),
+    (
+        "post",
+        "/v1/webhooks",
+        "Subscribe a URL to events; the signing secret is returned once",
+        Some("CreateWebhook"),
+    ),
+    (
+        "get",
+        "/v1/webhooks/{id}",
+        "Describe a webhook (by id or name)",
+        None,
+    ),
+    (
+        "patch",
+        "/v1/webhooks/{id}",
+        "Change a webhook's URL, events, CA bundle, expiry horizon or enable it",
+        Some("UpdateWebhook"),
+    ),
+    ("delete", "/v1/webhooks/{id}", "Delete a webhook", None),
+    (
+        "get",
+        "/v1/webhooks/{id}/deliveries",
+        "A webhook's deliveries, newest first (query: status, limit)",
+        None,
+    ),
+    (
+        "get",
+        "/v1/deliveries/{id}",
+        "One delivery with its event and attempts",
+        None,
+    ),
+    (
+        "post",
+        "/v1/deliveries/{id}/replay",
+        "Send a delivery's event again, as a new delivery",
+        None,
+    ),
+    (
+        "post",
+        "/v1/expiry-check",
+        "Look for expiring certificates and CAs now (also done daily)",
+        None,
+    ),
     (
         "get",
         "/v1/domains",
@@ -315,6 +359,12 @@ fn schemas() -> Value {
             "certificate_pem": s("string"), "action": s("string"), "resource": s("string"),
             "source_ip": s("string"), "client_id": s("string"), "domain": s("string"),
             "policies": {"type": "array", "items": s("string")}}},
+        "CreateWebhook": {"type": "object", "required": ["name", "url", "events"], "additionalProperties": false, "properties": {
+            "name": s("string"), "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
+            "expiring_days": s("integer"), "ca_pem": s("string")}},
+        "UpdateWebhook": {"type": "object", "additionalProperties": false, "properties": {
+            "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
+            "enabled": s("boolean"), "expiring_days": s("integer"), "ca_pem": s("string")}},
         "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},

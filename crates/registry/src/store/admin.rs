@@ -363,7 +363,7 @@ fn token_hash(secret: &str) -> String {
     portcullis_pki::cert::hex(&portcullis_pki::cert::sha256(secret.as_bytes()), "")
 }
 
-fn random_hex(bytes: usize) -> Result<String, RegistryError> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, RegistryError> {
     let mut buf = vec![0u8; bytes];
     aws_lc_rs::rand::fill(&mut buf)
         .map_err(|_| RegistryError::Invalid("the system random generator failed".into()))?;

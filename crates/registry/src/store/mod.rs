@@ -25,10 +25,12 @@ mod admin;
 mod policies;
 mod things;
 mod truststores;
+pub(crate) mod webhooks;
 
 pub use admin::AuditFilter;
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
+pub use webhooks::{Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, Webhook, WebhookUpdate};
 
 /// A registry store.
 #[derive(Debug, Clone)]
@@ -590,8 +592,10 @@ impl Store {
     }
 }
 
-pub(crate) async fn audit<'e, E, DB>(
-    executor: E,
+/// Appends an audit entry, and the webhook event the change amounts to (if any), in the
+/// caller's transaction: both commit with the change or not at all.
+pub(crate) async fn audit<C, DB>(
+    conn: &mut C,
     actor: &str,
     action: &str,
     target: &str,
@@ -600,21 +604,33 @@ pub(crate) async fn audit<'e, E, DB>(
 ) -> Result<(), sqlx::Error>
 where
     DB: sqlx::Database,
-    E: sqlx::Executor<'e, Database = DB>,
+    C: Send,
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
 {
+    let at = now();
     sqlx::query("INSERT INTO audit (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(now())
+        .bind(at)
         .bind(actor)
         .bind(action)
         .bind(target)
         .bind(before)
         .bind(after)
-        .execute(executor)
+        .execute(&mut *conn)
         .await?;
+    if let Some(event) = webhooks::event_of(action, before, after) {
+        let payload = webhooks::event_payload(event, at, actor, target, before, after);
+        sqlx::query("INSERT INTO events (type, at, payload, dispatched) VALUES ($1, $2, $3, 0)")
+            .bind(event)
+            .bind(at)
+            .bind(payload)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 
