@@ -154,6 +154,8 @@ impl AdminFiles {
 pub struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub ready: Arc<AtomicBool>,
+    /// Whether the registry database answered the last poll.
+    pub registry_reachable: Arc<AtomicBool>,
     pub explainer: Explainer,
     pub domains: crate::config::DomainChecker,
 }
@@ -164,7 +166,7 @@ impl Hooks for ServeHooks {
     }
 
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.registry_reachable.load(Ordering::SeqCst)
     }
 
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {

@@ -129,9 +129,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let local_ca = Arc::new(data.local_ca()?);
     let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
     let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
+    let registry_reachable = Arc::new(AtomicBool::new(true));
     let hooks = crate::admin::ServeHooks {
         metrics,
         ready: ready.clone(),
+        registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
         domains: crate::config::DomainChecker {
             store: store.clone(),
@@ -183,6 +185,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         registry_marker: marker,
         config_marker,
         files,
+        reachable: registry_reachable,
     };
     wait_for_changes(
         &gateway,
@@ -253,7 +256,7 @@ async fn jit_one(
             Err(RegistryError::Conflict(_)) => Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "just-in-time registration failed");
-                Err("the registry could not record it".into())
+                Err(jit_error(&e, "the registry could not record it"))
             }
         };
     }
@@ -262,7 +265,7 @@ async fn jit_one(
         Ok(ca) => ca.provisioning_template,
         Err(e) => {
             tracing::warn!(error = %e, "just-in-time provisioning: reading the CA failed");
-            return Err("the registry could not read the CA".into());
+            return Err(jit_error(&e, "the registry could not read the CA"));
         }
     };
     let Some(template) = template else {
@@ -295,8 +298,17 @@ async fn jit_one(
         },
         Err(e) => {
             tracing::warn!(error = %e, "just-in-time provisioning failed");
-            Err(format!("the registry refused it: {e}"))
+            Err(jit_error(&e, &format!("the registry refused it: {e}")))
         }
+    }
+}
+
+/// Why a just-in-time registration failed, in the words the client's log line will carry.
+fn jit_error(e: &portcullis_registry::RegistryError, otherwise: &str) -> String {
+    if e.is_unavailable() {
+        "the registry database cannot be reached; just-in-time registrations are refused until it is back".into()
+    } else {
+        otherwise.into()
     }
 }
 
@@ -337,9 +349,10 @@ async fn wait_for_changes(
     mut registry: RegistryConfig,
 ) {
     let Baseline {
-        mut registry_marker,
-        mut config_marker,
+        registry_marker,
+        config_marker,
         files: mut seen,
+        reachable,
     } = baseline;
     let Signals {
         mut hup,
@@ -348,41 +361,59 @@ async fn wait_for_changes(
     } = signals;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     // The registry is polled often: a revocation must reach live connections within a second.
+    // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
+    let mut watch = RegistryWatch {
+        registry_marker,
+        config_marker,
+        force_snapshot: false,
+        force_config: false,
+        reachable: true,
+        reachable_flag: reachable,
+    };
+    let mut listener = match store.listen().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for registry changes; polling only");
+            None
+        }
+    };
     loop {
         let trigger = tokio::select! {
             _ = hup.recv() => "signal",
-            _ = registry_poll.tick() => {
-                match store.change_marker().await {
-                    Ok(marker) if marker != registry_marker => match registry_snapshot(store).await {
-                        Ok(snapshot) => {
-                            registry_marker = marker;
-                            gateway.update_registry(snapshot);
-                            tracing::info!(target: "portcullis::registry", marker, "registry snapshot refreshed");
-                        }
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the registry; keeping the previous snapshot"),
-                    },
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read the registry; keeping the previous snapshot"),
-                }
-                // Domain and truststore changes rebuild the configuration.
-                match store.config_marker().await {
-                    Ok(marker) if marker != config_marker => match RegistryConfig::read(store).await {
-                        Ok(fresh) => {
-                            config_marker = marker;
-                            registry = fresh;
-                            "registry"
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's domains and truststores; keeping the previous configuration");
-                            continue;
-                        }
-                    },
-                    Ok(_) => continue,
+            change = next_change(&mut listener) => {
+                match change {
+                    Ok(portcullis_registry::Change::Registry) => watch.force_snapshot = true,
+                    Ok(portcullis_registry::Change::Config) => watch.force_config = true,
+                    Ok(portcullis_registry::Change::Resync) => {
+                        tracing::info!(target: "portcullis::registry", "change notifications reconnected; resynchronizing");
+                        watch.force_snapshot = true;
+                        watch.force_config = true;
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the registry; keeping the previous configuration");
+                        // Notifications may be lost while disconnected: resync once back.
+                        watch.force_snapshot = true;
+                        watch.force_config = true;
+                        tracing::debug!(error = %e, "change notifications unavailable");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
+                }
+                match watch.check(store, gateway).await {
+                    Some(fresh) => {
+                        registry = fresh;
+                        "registry"
+                    }
+                    None => continue,
+                }
+            }
+            _ = registry_poll.tick() => {
+                match watch.check(store, gateway).await {
+                    Some(fresh) => {
+                        registry = fresh;
+                        "registry"
+                    }
+                    None => continue,
                 }
             }
             _ = poll.tick() => {
@@ -413,11 +444,100 @@ async fn wait_for_changes(
 }
 
 /// What the running configuration was built from: registry markers and file stamps taken before
-/// it was read.
+/// it was read; and where to say whether the registry database is reachable (`/readyz`).
 struct Baseline {
     registry_marker: i64,
     config_marker: i64,
     files: Vec<crate::config::Stamp>,
+    reachable: Arc<AtomicBool>,
+}
+
+/// The next change notification, or never (SQLite).
+async fn next_change(
+    listener: &mut Option<portcullis_registry::ChangeListener>,
+) -> std::result::Result<portcullis_registry::Change, portcullis_registry::RegistryError> {
+    match listener {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Follows the registry: refreshes the snapshot when anything changed, and hands back a fresh
+/// configuration source when domains or truststores did. While the database cannot be reached
+/// the gateway keeps its last snapshot and configuration, `/readyz` says not ready, and once
+/// it is back everything is read again.
+struct RegistryWatch {
+    registry_marker: i64,
+    config_marker: i64,
+    force_snapshot: bool,
+    force_config: bool,
+    reachable: bool,
+    reachable_flag: Arc<AtomicBool>,
+}
+
+impl RegistryWatch {
+    fn unreachable(&mut self, e: &dyn std::fmt::Display) {
+        if self.reachable {
+            tracing::warn!(target: "portcullis::registry", error = %e, "the registry database cannot be reached: serving from the last snapshot; just-in-time registrations and admin writes are refused until it is back");
+        }
+        self.reachable = false;
+        self.reachable_flag.store(false, Ordering::SeqCst);
+        metrics::gauge!("portcullis_registry_reachable").set(0.0);
+        self.force_snapshot = true;
+        self.force_config = true;
+    }
+
+    async fn check(&mut self, store: &Store, gateway: &Gateway) -> Option<RegistryConfig> {
+        let marker = match store.change_marker().await {
+            Ok(m) => m,
+            Err(e) => {
+                self.unreachable(&e);
+                return None;
+            }
+        };
+        if !self.reachable {
+            tracing::info!(target: "portcullis::registry", "the registry database is reachable again; resynchronizing");
+            self.reachable = true;
+            self.reachable_flag.store(true, Ordering::SeqCst);
+            metrics::gauge!("portcullis_registry_reachable").set(1.0);
+        }
+        if marker != self.registry_marker || self.force_snapshot {
+            match registry_snapshot(store).await {
+                Ok(snapshot) => {
+                    self.registry_marker = marker;
+                    self.force_snapshot = false;
+                    gateway.update_registry(snapshot);
+                    tracing::info!(target: "portcullis::registry", marker, "registry snapshot refreshed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the registry; keeping the previous snapshot");
+                    return None;
+                }
+            }
+        }
+        // Domain and truststore changes rebuild the configuration.
+        let marker = match store.config_marker().await {
+            Ok(m) => m,
+            Err(e) => {
+                self.unreachable(&e);
+                return None;
+            }
+        };
+        if marker == self.config_marker && !self.force_config {
+            return None;
+        }
+        match RegistryConfig::read(store).await {
+            Ok(fresh) => {
+                self.config_marker = marker;
+                self.force_config = false;
+                Some(fresh)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's domains and truststores; keeping the previous configuration");
+                None
+            }
+        }
+    }
 }
 
 /// The gateway's in-memory view of the registry.

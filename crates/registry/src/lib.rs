@@ -24,9 +24,9 @@ pub use model::{
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{
-    AuditFilter, CaRegistration, CaUpdate, CertFilter, Delivery, DueDelivery, EVENT_TYPES,
-    MAX_ATTEMPTS, MAX_POLICY_VERSIONS, PolicyState, PolicySummary, Sighting, Store, Webhook,
-    WebhookUpdate,
+    AuditFilter, CaRegistration, CaUpdate, CertFilter, Change, ChangeListener, Delivery,
+    DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, PolicyState, PolicySummary,
+    Sighting, Store, Webhook, WebhookUpdate,
 };
 
 /// Errors of the registry.
@@ -51,4 +51,27 @@ pub enum RegistryError {
     /// A migration failed at open.
     #[error("database migration: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl RegistryError {
+    /// Whether the database could not be reached (rather than refusing the request): the
+    /// connection failed, timed out, or the server is shutting down or starting.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            RegistryError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                    // 08: connection exceptions; 57P0x: shutdown, crash, cannot connect now.
+                    c.starts_with("08") || c.starts_with("57P")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }

@@ -103,14 +103,14 @@ fn wait_for_registry_reload(s: &Server) -> String {
     }
 }
 
-enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     None,
     Certificate,
     Token(&'a str),
 }
 
 /// An admin API call with curl: status and JSON body.
-fn api(
+pub(crate) fn api(
     d: &Path,
     s: &Server,
     method: &str,

@@ -407,6 +407,14 @@ impl From<RegistryError> for ApiError {
                 "invalid-certificate",
                 e.to_string(),
             ),
+            other if other.is_unavailable() => {
+                tracing::warn!(target: "portcullis::admin", error = %other, "the registry database cannot be reached");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "registry-unavailable",
+                    "the registry database cannot be reached; the request was not carried out, retry when it is back",
+                )
+            }
             other => {
                 tracing::error!(target: "portcullis::admin", error = %other, "registry store failed");
                 ApiError::new(

@@ -32,6 +32,36 @@ pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 pub use webhooks::{Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, Webhook, WebhookUpdate};
 
+/// What a [`ChangeListener`] heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Certificates, CAs, things, policies… changed: refresh the snapshot.
+    Registry,
+    /// Domains or truststores changed: rebuild the configuration (and the snapshot).
+    Config,
+    /// The connection was lost and is back: notifications may have been missed, so resync
+    /// everything.
+    Resync,
+}
+
+/// Notifications of committed changes (PostgreSQL).
+#[derive(Debug)]
+pub struct ChangeListener {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl ChangeListener {
+    /// The next change. A lost connection is reconnected here and reported as
+    /// [`Change::Resync`]; an error means the database cannot be reached right now.
+    pub async fn next(&mut self) -> Result<Change, RegistryError> {
+        match self.listener.try_recv().await? {
+            None => Ok(Change::Resync),
+            Some(n) if n.payload() == "config" => Ok(Change::Config),
+            Some(_) => Ok(Change::Registry),
+        }
+    }
+}
+
 /// A registry store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -107,9 +137,11 @@ impl Store {
     /// file path (created if missing, WAL journal, synchronous FULL). Migrations are applied.
     pub async fn open(database: &str) -> Result<Store, RegistryError> {
         let pool = if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            // A short acquire timeout: with the database away, callers get a clear error in
+            // seconds instead of waiting (the gateway keeps serving from its snapshot).
             let pool = PgPoolOptions::new()
                 .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(Duration::from_secs(3))
                 .connect(database)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
@@ -130,6 +162,19 @@ impl Store {
             Pool::Sqlite(pool)
         };
         Ok(Store { pool })
+    }
+
+    /// Listens for changes committed by any process on the same database (PostgreSQL
+    /// LISTEN/NOTIFY); `None` on SQLite, where one process owns the file and polling suffices.
+    pub async fn listen(&self) -> Result<Option<ChangeListener>, RegistryError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(pool) => {
+                let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+                listener.listen("portcullis_changes").await?;
+                Ok(Some(ChangeListener { listener }))
+            }
+        }
     }
 
     /// The backend's name: `sqlite` or `postgres`.
@@ -622,6 +667,19 @@ where
         .bind(after)
         .execute(&mut *conn)
         .await?;
+    // Every node LISTENs: the notification is delivered at commit, in commit order, so a node
+    // refreshes even when a change with a smaller sequence number commits after a larger one.
+    if DB::NAME == "PostgreSQL" {
+        let class = if action.starts_with("domain.") || action.starts_with("truststore.") {
+            "config"
+        } else {
+            "registry"
+        };
+        sqlx::query("SELECT pg_notify('portcullis_changes', $1)")
+            .bind(class)
+            .execute(&mut *conn)
+            .await?;
+    }
     if let Some(event) = webhooks::event_of(action, before, after) {
         let payload = webhooks::event_payload(event, at, actor, target, before, after);
         sqlx::query("INSERT INTO events (type, at, payload, dispatched) VALUES ($1, $2, $3, 0)")
