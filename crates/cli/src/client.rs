@@ -36,6 +36,7 @@ pub struct Connect {
     token: Option<String>,
     /// CA bundle the admin API's certificate chains to (default DATA_DIR/ca/ca.pem).
     #[arg(
+        id = "admin_ca",
         long = "admin-ca",
         env = "PORTCULLIS_CA",
         global = true,

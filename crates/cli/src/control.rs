@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::client::{AdminClient, ApiFailure, Connect, segment};
+use crate::client::{AdminClient, Connect, segment};
 use crate::output::{Outputs, read};
 
 /// `portcullis ca …`
@@ -114,9 +114,12 @@ pub struct CertRegisterArgs {
     /// ACTIVE, INACTIVE (default) or PENDING_ACTIVATION.
     #[arg(long, default_value = "INACTIVE")]
     status: String,
-    /// Requests in flight during --bulk.
-    #[arg(long, default_value_t = 4)]
+    /// Batches in flight during --bulk.
+    #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Certificates per request (one transaction each) during --bulk, at most 1000.
+    #[arg(long, default_value_t = 250)]
+    batch: usize,
 }
 
 #[derive(Debug, Args)]
@@ -818,7 +821,7 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
     match command {
         CertCommand::Register(a) => {
             if let Some(dir) = &a.bulk {
-                return bulk_register(client, out, dir, &a.status, a.concurrency).await;
+                return bulk_register(client, out, dir, &a.status, a.concurrency, a.batch).await;
             }
             let path = a
                 .cert
@@ -942,15 +945,17 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Registers every certificate file in `dir`, a few requests at a time, with a progress bar and
-/// a summary. Each registration is its own transaction: an interruption loses nothing that was
-/// acknowledged, and running again skips what is registered already.
+/// Registers every certificate file in `dir` in batches (one transaction each, so one disk
+/// sync per batch), a few batches at a time, with a progress bar and a summary. A batch is
+/// acknowledged only once committed: an interruption loses nothing acknowledged and leaves no
+/// partial batch, and running again skips what is registered already.
 async fn bulk_register(
     client: &AdminClient,
     out: &Printer,
     dir: &Path,
     status: &str,
     concurrency: usize,
+    batch: usize,
 ) -> Result<ExitCode> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading directory {}", dir.display()))?
@@ -979,25 +984,16 @@ async fn bulk_register(
     );
     let client = Arc::new(client.clone());
     let status = status.to_ascii_uppercase();
-    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.clamp(1, 64)));
+    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.clamp(1, 16)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut counts = Counts::default();
-    for path in files.clone() {
+    for chunk in files.chunks(batch.clamp(1, 1000)) {
         let permit = limit.clone().acquire_owned().await?;
-        let (client, status) = (client.clone(), status.clone());
+        let (client, status, chunk) = (client.clone(), status.clone(), chunk.to_vec());
         tasks.spawn(async move {
-            let result = async {
-                let pem = pem_text(&path, "certificate")?;
-                client
-                    .post(
-                        "/v1/certificates",
-                        &json!({"certificate_pem": pem, "status": status}),
-                    )
-                    .await
-            }
-            .await;
+            let outcome = register_chunk(&client, &status, &chunk).await;
             drop(permit);
-            (path, result)
+            outcome
         });
         while let Some(done) = tasks.try_join_next() {
             tally(done, &bar, &mut counts);
@@ -1044,6 +1040,63 @@ async fn bulk_register(
     })
 }
 
+/// One outcome per file of a batch: registered, already registered, or failed with a reason.
+enum FileOutcome {
+    Registered,
+    Existing,
+    Failed(String),
+}
+
+/// Sends one batch; files that cannot be read fail alone, a failed request fails the batch.
+async fn register_chunk(
+    client: &AdminClient,
+    status: &str,
+    chunk: &[PathBuf],
+) -> Vec<(PathBuf, FileOutcome)> {
+    let mut outcomes: Vec<(PathBuf, FileOutcome)> = Vec::with_capacity(chunk.len());
+    let mut sent: Vec<(PathBuf, String)> = Vec::with_capacity(chunk.len());
+    for path in chunk {
+        match pem_text(path, "certificate") {
+            Ok(pem) => sent.push((path.clone(), pem)),
+            Err(e) => outcomes.push((path.clone(), FileOutcome::Failed(format!("{e:#}")))),
+        }
+    }
+    if sent.is_empty() {
+        return outcomes;
+    }
+    let body = json!({
+        "certificates_pem": sent.iter().map(|(_, pem)| pem).collect::<Vec<_>>(),
+        "status": status,
+    });
+    match client.post("/v1/certificates/batch", &body).await {
+        Ok(v) => {
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            for (i, (path, _)) in sent.into_iter().enumerate() {
+                let item = items.get(i).cloned().unwrap_or(Value::Null);
+                let outcome = match item["outcome"].as_str() {
+                    Some("registered") => FileOutcome::Registered,
+                    Some("exists") => FileOutcome::Existing,
+                    _ => FileOutcome::Failed(
+                        item["message"]
+                            .as_str()
+                            .unwrap_or("no answer for this file")
+                            .to_string(),
+                    ),
+                };
+                outcomes.push((path, outcome));
+            }
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            outcomes.extend(
+                sent.into_iter()
+                    .map(|(path, _)| (path, FileOutcome::Failed(why.clone()))),
+            );
+        }
+    }
+    outcomes
+}
+
 #[derive(Default)]
 struct Counts {
     registered: usize,
@@ -1052,19 +1105,23 @@ struct Counts {
 }
 
 fn tally(
-    done: std::result::Result<(PathBuf, Result<Value>), tokio::task::JoinError>,
+    done: std::result::Result<Vec<(PathBuf, FileOutcome)>, tokio::task::JoinError>,
     bar: &indicatif::ProgressBar,
     counts: &mut Counts,
 ) {
-    bar.inc(1);
     match done {
-        Ok((_, Ok(_))) => counts.registered += 1,
-        Ok((path, Err(e))) => match e.downcast_ref::<ApiFailure>() {
-            Some(f) if f.code == "conflict" => counts.existing += 1,
-            _ => counts
-                .failed
-                .push((path.display().to_string(), format!("{e:#}"))),
-        },
+        Ok(outcomes) => {
+            bar.inc(outcomes.len() as u64);
+            for (path, outcome) in outcomes {
+                match outcome {
+                    FileOutcome::Registered => counts.registered += 1,
+                    FileOutcome::Existing => counts.existing += 1,
+                    FileOutcome::Failed(why) => {
+                        counts.failed.push((path.display().to_string(), why));
+                    }
+                }
+            }
+        }
         Err(e) => counts.failed.push(("?".into(), e.to_string())),
     }
 }

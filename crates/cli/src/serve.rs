@@ -365,6 +365,9 @@ async fn wait_for_changes(
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
     let mut watch = RegistryWatch {
         registry_marker,
+        window_start: time::OffsetDateTime::now_utc().unix_timestamp() - CHANGE_WINDOW_SECS,
+        last_full: std::time::Instant::now(),
+        notified: false,
         config_marker,
         force_snapshot: false,
         force_config: false,
@@ -383,8 +386,11 @@ async fn wait_for_changes(
             _ = hup.recv() => "signal",
             change = next_change(&mut listener) => {
                 match change {
-                    Ok(portcullis_registry::Change::Registry) => watch.force_snapshot = true,
-                    Ok(portcullis_registry::Change::Config) => watch.force_config = true,
+                    Ok(portcullis_registry::Change::Registry) => watch.notified = true,
+                    Ok(portcullis_registry::Change::Config) => {
+                        watch.notified = true;
+                        watch.force_config = true;
+                    }
                     Ok(portcullis_registry::Change::Resync) => {
                         tracing::info!(target: "portcullis::registry", "change notifications reconnected; resynchronizing");
                         watch.force_snapshot = true;
@@ -452,6 +458,12 @@ struct Baseline {
     reachable: Arc<AtomicBool>,
 }
 
+/// How far back (seconds) an incremental refresh reads changes again.
+const CHANGE_WINDOW_SECS: i64 = 10;
+
+/// The snapshot is rebuilt whole this often anyway: a safety net under incremental refreshes.
+const FULL_RESYNC: Duration = Duration::from_secs(600);
+
 /// The next change notification, or never (SQLite).
 async fn next_change(
     listener: &mut Option<portcullis_registry::ChangeListener>,
@@ -468,6 +480,13 @@ async fn next_change(
 /// it is back everything is read again.
 struct RegistryWatch {
     registry_marker: i64,
+    /// Changes recorded from this time on are read again at the next incremental refresh.
+    window_start: i64,
+    /// When the snapshot was last rebuilt whole.
+    last_full: std::time::Instant,
+    /// A change was committed (notification): read the changes even if the newest sequence
+    /// number did not move.
+    notified: bool,
     config_marker: i64,
     force_snapshot: bool,
     force_config: bool,
@@ -501,16 +520,55 @@ impl RegistryWatch {
             self.reachable_flag.store(true, Ordering::SeqCst);
             metrics::gauge!("portcullis_registry_reachable").set(1.0);
         }
-        if marker != self.registry_marker || self.force_snapshot {
-            match registry_snapshot(store).await {
-                Ok(snapshot) => {
+        let full = self.force_snapshot || self.last_full.elapsed() >= FULL_RESYNC;
+        if marker != self.registry_marker || full || self.notified {
+            self.notified = false;
+            let started = std::time::Instant::now();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let incremental = if full {
+                Ok(None)
+            } else {
+                incremental_snapshot(
+                    store,
+                    &gateway.registry(),
+                    self.registry_marker,
+                    self.window_start,
+                )
+                .await
+            };
+            let built = match incremental {
+                Ok(Some(snapshot)) => Ok((snapshot, "incremental")),
+                Ok(None) => registry_snapshot(store).await.map(|s| (s, "full")),
+                Err(e) => Err(e),
+            };
+            match built {
+                Ok((snapshot, kind)) => {
                     self.registry_marker = marker;
                     self.force_snapshot = false;
+                    // The next incremental read looks back a little: on PostgreSQL a change
+                    // with a smaller sequence number can commit after a larger one.
+                    self.window_start = now - CHANGE_WINDOW_SECS;
+                    if kind == "full" {
+                        self.last_full = std::time::Instant::now();
+                    }
+                    let (certificates, bytes) = (snapshot.len(), snapshot.status_bytes());
                     gateway.update_registry(snapshot);
-                    tracing::info!(target: "portcullis::registry", marker, "registry snapshot refreshed");
+                    metrics::gauge!("portcullis_registry_snapshot_certificates")
+                        .set(certificates as f64);
+                    metrics::gauge!("portcullis_registry_snapshot_bytes").set(bytes as f64);
+                    tracing::info!(
+                        target: "portcullis::registry",
+                        marker,
+                        kind,
+                        certificates,
+                        status_bytes = bytes,
+                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "registry snapshot refreshed"
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the registry; keeping the previous snapshot");
+                    self.force_snapshot = true;
                     return None;
                 }
             }
@@ -542,8 +600,93 @@ impl RegistryWatch {
 
 /// The gateway's in-memory view of the registry.
 async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
-    let statuses = store.statuses().await.context("reading the registry")?;
-    let auto_registering = store
+    let mut builder = portcullis_gateway::verify::SnapshotBuilder::default();
+    store
+        .for_each_status(|id, status| builder.add(id, registered(status)))
+        .await
+        .context("reading the registry")?;
+    Ok(builder
+        .build()
+        .with_auto_registering_cas(auto_registering_cas(store).await?)
+        .with_policies(policy_snapshot(store).await?))
+}
+
+fn registered(status: CertStatus) -> RegisteredStatus {
+    match status {
+        CertStatus::Active => RegisteredStatus::Active,
+        CertStatus::Inactive => RegisteredStatus::Inactive,
+        CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
+        CertStatus::Revoked => RegisteredStatus::Revoked,
+    }
+}
+
+/// Changes read at most per refresh; beyond this the snapshot is rebuilt whole.
+const INCREMENTAL_LIMIT: i64 = 20_000;
+
+/// The snapshot after the changes recorded since `marker` (or within the last `window`
+/// seconds), derived from `current`: only the certificates named by those changes are read
+/// again; CAs and policies only when they changed. `None` when there are too many changes.
+async fn incremental_snapshot(
+    store: &Store,
+    current: &RegistrySnapshot,
+    marker: i64,
+    since: i64,
+) -> Result<Option<RegistrySnapshot>> {
+    let changes = store
+        .changes_since(marker, since, INCREMENTAL_LIMIT + 1)
+        .await
+        .context("reading the registry's changes")?;
+    if changes.len() > usize::try_from(INCREMENTAL_LIMIT).unwrap_or(usize::MAX) {
+        return Ok(None);
+    }
+    let mut ids: Vec<String> = Vec::new();
+    let (mut cas, mut policies) = (false, false);
+    for (_, action, target) in &changes {
+        if action.starts_with("certificate.") {
+            ids.push(target.clone());
+        }
+        // Statuses of many certificates at once (a CA deactivated with --revoke-issued writes
+        // one entry per certificate, so these are covered too).
+        if action.starts_with("ca.") {
+            cas = true;
+            policies = true;
+        }
+        if action.starts_with("policy.")
+            || action.starts_with("thing.")
+            || matches!(
+                action.as_str(),
+                "certificate.provision" | "certificate.delete"
+            )
+        {
+            policies = true;
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    let found: std::collections::HashMap<String, CertStatus> = store
+        .statuses_of(&ids)
+        .await
+        .context("reading the registry")?
+        .into_iter()
+        .map(|(id, status)| (id.to_string(), status))
+        .collect();
+    let updates = ids.into_iter().map(|id| {
+        let status = found.get(&id).copied().map(registered);
+        (id, status)
+    });
+    let mut next = current.with_changes(updates);
+    if cas {
+        next = next.with_auto_registering_cas(auto_registering_cas(store).await?);
+    }
+    if policies {
+        next = next.with_policies(policy_snapshot(store).await?);
+    }
+    Ok(Some(next))
+}
+
+/// The ACTIVE CAs with auto-registration on.
+async fn auto_registering_cas(store: &Store) -> Result<Vec<AutoRegistration>> {
+    Ok(store
         .list_cas()
         .await
         .context("reading the registry")?
@@ -560,19 +703,7 @@ async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
                 }),
             })
         })
-        .collect();
-    let statuses = statuses.into_iter().map(|(id, status)| {
-        let status = match status {
-            CertStatus::Active => RegisteredStatus::Active,
-            CertStatus::Inactive => RegisteredStatus::Inactive,
-            CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
-            CertStatus::Revoked => RegisteredStatus::Revoked,
-        };
-        (id.to_string(), status)
-    });
-    Ok(RegistrySnapshot::new(statuses)
-        .with_auto_registering_cas(auto_registering)
-        .with_policies(policy_snapshot(store).await?))
+        .collect())
 }
 
 /// Compiled policies by (name, version).

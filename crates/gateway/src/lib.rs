@@ -315,6 +315,11 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
+    /// The registry snapshot in use (to derive the next one from).
+    pub fn registry(&self) -> Arc<verify::RegistrySnapshot> {
+        self.registry.snapshot.load_full()
+    }
+
     /// The just-in-time registration requests; the first call takes the receiver, later calls
     /// get `None`.
     pub fn take_jit_requests(&self) -> Option<tokio::sync::mpsc::Receiver<verify::JitRequest>> {

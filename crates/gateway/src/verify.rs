@@ -126,28 +126,155 @@ pub enum RegistryDecision {
     Refuse(RejectReason, String),
 }
 
-/// An in-memory snapshot of the registry: certificate id → status. The data path reads only
-/// this; the binary replaces it when the registry changes.
-#[derive(Debug, Default)]
+/// Shards of the status map: an incremental update copies only the shards it touches.
+const SHARDS: usize = 256;
+
+/// Certificate ids (SHA-256 of the DER) → status, in [`SHARDS`] shards by the id's first byte.
+type Shard = std::collections::HashMap<[u8; 32], RegisteredStatus>;
+
+/// A certificate id from its 64 hex characters.
+pub fn id_bytes(id: &str) -> Option<[u8; 32]> {
+    let hex = id.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        let (hi, lo) = (digit(pair[0])?, digit(pair[1])?);
+        out[i] = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(out)
+}
+
+/// An in-memory snapshot of the registry: certificate id → status (O(1) lookups, ids kept as
+/// 32 bytes), the auto-registering CAs and the policies. The data path reads only this; the
+/// binary replaces it when the registry changes — whole at start and after a reconnect, and
+/// otherwise by [`RegistrySnapshot::with_changes`], which shares every untouched part.
+#[derive(Debug, Clone)]
 pub struct RegistrySnapshot {
-    statuses: std::collections::HashMap<String, RegisteredStatus>,
-    auto_registering: Vec<AutoRegistration>,
-    policies: crate::authorize::PolicySnapshot,
+    statuses: Vec<Arc<Shard>>,
+    count: usize,
+    auto_registering: Arc<Vec<AutoRegistration>>,
+    policies: Arc<crate::authorize::PolicySnapshot>,
+}
+
+/// Builds a [`RegistrySnapshot`] one status at a time (from a stream of database rows).
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    shards: Vec<Shard>,
+    count: usize,
+}
+
+impl Default for SnapshotBuilder {
+    fn default() -> Self {
+        SnapshotBuilder {
+            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            count: 0,
+        }
+    }
+}
+
+impl SnapshotBuilder {
+    /// Adds a certificate's status; an id that is not 64 hex characters is skipped.
+    pub fn add(&mut self, id: &str, status: RegisteredStatus) {
+        if let Some(key) = id_bytes(id)
+            && self.shards[usize::from(key[0])]
+                .insert(key, status)
+                .is_none()
+        {
+            self.count += 1;
+        }
+    }
+
+    /// The snapshot, with no CAs or policies yet.
+    pub fn build(self) -> RegistrySnapshot {
+        RegistrySnapshot {
+            statuses: self
+                .shards
+                .into_iter()
+                .map(|mut s| {
+                    s.shrink_to_fit();
+                    Arc::new(s)
+                })
+                .collect(),
+            count: self.count,
+            auto_registering: Arc::new(Vec::new()),
+            policies: Arc::new(crate::authorize::PolicySnapshot::new()),
+        }
+    }
+}
+
+impl Default for RegistrySnapshot {
+    fn default() -> Self {
+        RegistrySnapshot::new(std::iter::empty())
+    }
 }
 
 impl RegistrySnapshot {
-    /// A snapshot from (certificate id, status) pairs.
+    /// A snapshot from (certificate id, status) pairs; ids that are not 64 hex characters are
+    /// skipped.
     pub fn new(statuses: impl IntoIterator<Item = (String, RegisteredStatus)>) -> RegistrySnapshot {
-        RegistrySnapshot {
-            statuses: statuses.into_iter().collect(),
-            auto_registering: Vec::new(),
-            policies: crate::authorize::PolicySnapshot::new(),
+        let mut builder = SnapshotBuilder::default();
+        for (id, status) in statuses {
+            builder.add(&id, status);
         }
+        builder.build()
+    }
+
+    /// This snapshot with some statuses changed (`None`: no longer registered). Only the
+    /// shards holding those ids are copied; everything else is shared.
+    pub fn with_changes(
+        &self,
+        changes: impl IntoIterator<Item = (String, Option<RegisteredStatus>)>,
+    ) -> RegistrySnapshot {
+        let mut next = self.clone();
+        for (id, status) in changes {
+            let Some(key) = id_bytes(&id) else {
+                continue;
+            };
+            let shard = Arc::make_mut(&mut next.statuses[usize::from(key[0])]);
+            let existed = match status {
+                Some(s) => shard.insert(key, s).is_some(),
+                None => shard.remove(&key).is_some(),
+            };
+            match (existed, status.is_some()) {
+                (false, true) => next.count += 1,
+                (true, false) => next.count -= 1,
+                _ => {}
+            }
+        }
+        next
+    }
+
+    /// How many certificates it holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Approximate memory of the status map, in bytes (allocated buckets, keys and values).
+    pub fn status_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<([u8; 32], RegisteredStatus)>() + 1;
+        self.statuses
+            .iter()
+            .map(|s| s.capacity() * entry + std::mem::size_of::<Shard>())
+            .sum()
     }
 
     /// Adds the registry's policies.
     pub fn with_policies(mut self, policies: crate::authorize::PolicySnapshot) -> RegistrySnapshot {
-        self.policies = policies;
+        self.policies = Arc::new(policies);
+        self
+    }
+
+    /// The same policies as another snapshot (shared, not copied).
+    pub fn with_policies_of(mut self, other: &RegistrySnapshot) -> RegistrySnapshot {
+        self.policies = other.policies.clone();
         self
     }
 
@@ -158,13 +285,14 @@ impl RegistrySnapshot {
 
     /// Adds the CAs that register their certificates just in time (ACTIVE, auto-registration on).
     pub fn with_auto_registering_cas(mut self, cas: Vec<AutoRegistration>) -> RegistrySnapshot {
-        self.auto_registering = cas;
+        self.auto_registering = Arc::new(cas);
         self
     }
 
     /// The status of a registered certificate.
     pub fn status(&self, id: &str) -> Option<RegisteredStatus> {
-        self.statuses.get(id).copied()
+        let key = id_bytes(id)?;
+        self.statuses[usize::from(key[0])].get(&key).copied()
     }
 
     /// The auto-registering CA that signed `leaf`, if any.
@@ -176,7 +304,7 @@ impl RegistrySnapshot {
 
     /// The refusal, if any, for certificate `id` under `mode`.
     pub fn refusal(&self, mode: RegistryMode, id: &str) -> Option<(RejectReason, String)> {
-        let status = self.statuses.get(id).copied();
+        let status = self.status(id);
         match (mode, status) {
             (RegistryMode::Off, _) | (_, Some(RegisteredStatus::Active)) => None,
             (RegistryMode::Revocation, None) => None,
@@ -670,4 +798,48 @@ fn alert_for(reason: RejectReason) -> CertificateError {
 
 fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
     portcullis_pki::cert::subject_der(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> String {
+        format!("{n:02x}{}", "ab".repeat(31))
+    }
+
+    #[test]
+    fn incremental_changes_share_untouched_shards() {
+        let base = RegistrySnapshot::new((0..=255u8).map(|n| (id(n), RegisteredStatus::Active)));
+        assert_eq!(base.len(), 256);
+        assert_eq!(base.status(&id(7)), Some(RegisteredStatus::Active));
+        assert_eq!(base.status("not-an-id"), None);
+        let next = base.with_changes([
+            (id(7), Some(RegisteredStatus::Revoked)),
+            (id(9), None),
+            ("cd".repeat(32), Some(RegisteredStatus::Inactive)),
+        ]);
+        assert_eq!(next.len(), 256);
+        assert_eq!(next.status(&id(7)), Some(RegisteredStatus::Revoked));
+        assert_eq!(next.status(&id(9)), None);
+        assert_eq!(
+            next.status(&"CD".repeat(32)),
+            Some(RegisteredStatus::Inactive),
+            "hex case does not matter"
+        );
+        // The old snapshot is untouched, and shards nobody changed are shared.
+        assert_eq!(base.status(&id(7)), Some(RegisteredStatus::Active));
+        assert!(Arc::ptr_eq(&base.statuses[1], &next.statuses[1]));
+        assert!(!Arc::ptr_eq(&base.statuses[7], &next.statuses[7]));
+        assert!(next.status_bytes() > 0);
+    }
+
+    #[test]
+    fn registered_mode_refuses_unknown_and_inactive_certificates() {
+        let snap = RegistrySnapshot::new([(id(1), RegisteredStatus::Inactive)]);
+        assert!(snap.refusal(RegistryMode::Registered, &id(2)).is_some());
+        assert!(snap.refusal(RegistryMode::Revocation, &id(2)).is_none());
+        let (reason, _) = snap.refusal(RegistryMode::Revocation, &id(1)).unwrap();
+        assert_eq!(reason, RejectReason::Inactive);
+    }
 }

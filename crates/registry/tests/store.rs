@@ -207,8 +207,10 @@ async fn suite(store: Store) {
         ..Default::default()
     };
     assert_eq!(store.list_certificates(&inactive).await.unwrap().len(), 1);
+    // (Certificates issued across a second boundary expire a second apart.)
+    let latest = all.iter().map(|c| c.not_after).max().unwrap();
     let soon = CertFilter {
-        expiring_before: Some(dup.not_after + 1),
+        expiring_before: Some(latest + 1),
         ..Default::default()
     };
     assert_eq!(store.list_certificates(&soon).await.unwrap().len(), 6);
@@ -735,6 +737,83 @@ async fn webhooks(store: &Store, backend: &str) {
         "delivered"
     );
 
+    // Revoking what a CA issued notifies each certificate's status change.
+    store
+        .update_webhook(
+            "w",
+            &portcullis_registry::WebhookUpdate {
+                events: Some(vec![
+                    "certificate.status_changed".into(),
+                    "certificate.expiring".into(),
+                ]),
+                ..Default::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let hook_ca = store
+        .register_ca(
+            CaRegistration {
+                certificate: issuer.certificate().to_pem().as_bytes(),
+                verification: None,
+                allow_unverified: true,
+                activate: true,
+                auto_registration: false,
+                provisioning_template: None,
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let batch: Vec<String> = (0..3)
+        .map(|i| leaf(&issuer, &format!("batch-{i}"), Profile::Client))
+        .collect();
+    let mut pems: Vec<&[u8]> = batch.iter().map(|p| p.as_bytes()).collect();
+    pems.push(b"not a certificate");
+    pems.push(batch[0].as_bytes());
+    let results = store
+        .register_certificates(&pems, CertStatus::Active, "test")
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    assert!(results[..3].iter().all(Result::is_ok), "{backend}");
+    assert!(
+        results[..3]
+            .iter()
+            .all(|r| r.as_ref().unwrap().ca_id.as_ref() == Some(&hook_ca.id)),
+        "linked to the CA that signed them"
+    );
+    assert!(matches!(results[3], Err(RegistryError::Pki(_))));
+    assert!(
+        matches!(results[4], Err(RegistryError::Conflict(_))),
+        "a duplicate in the batch"
+    );
+    store
+        .update_ca(
+            &hook_ca.id,
+            &CaUpdate {
+                status: Some(CaStatus::Inactive),
+                revoke_issued: true,
+                ..Default::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    store.fan_out_events(1000).await.unwrap();
+    let revoked = store
+        .deliveries("w", Some("pending"), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| {
+            d.event_type == "certificate.status_changed"
+                && d.payload["after"]["cause"] == "ca-revoke-issued"
+        })
+        .count();
+    assert_eq!(revoked, 3, "{backend}");
+
     // Expiring within ten years: every unrevoked certificate, once.
     let made = store.check_expiring().await.unwrap();
     assert!(made >= 1, "{backend}");
@@ -851,7 +930,7 @@ async fn store_suite_on_sqlite() {
     suite(store).await;
     // Reopening applies no migration twice and keeps the data.
     let store = Store::open(path.to_str().unwrap()).await.unwrap();
-    assert_eq!(store.list_cas().await.unwrap().len(), 2);
+    assert_eq!(store.list_cas().await.unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -889,7 +968,7 @@ async fn store_suite_on_postgres() {
     let store = Store::open(&url).await.unwrap();
     suite(store).await;
     let store = Store::open(&url).await.unwrap();
-    assert_eq!(store.list_cas().await.unwrap().len(), 2);
+    assert_eq!(store.list_cas().await.unwrap().len(), 3);
     drop(store);
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

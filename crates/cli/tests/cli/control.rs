@@ -538,6 +538,8 @@ fn ca_registration_scenario(database: Option<&str>) {
     let listed = cli_json(d, &["cert", "list", "--thing", "dev-7"]);
     assert_eq!(listed["items"][0]["status"], "ACTIVE");
     assert_eq!(listed["items"][0]["ca_id"], ca["id"]);
+    let by_ca = cli_json(d, &["cert", "list", "--ca", ca["id"].as_str().unwrap()]);
+    assert_eq!(by_ca["items"].as_array().unwrap().len(), 1, "{by_ca}");
     assert_eq!(
         answer(&curl(d, &s, "reg.test", "/again", &with_client(&dev))).0,
         200
@@ -973,6 +975,8 @@ fn bulk_registration_killed_mid_way_loses_no_acknowledged_write() {
                 "fleet",
                 "--status",
                 "ACTIVE",
+                "--batch",
+                "20",
                 "--json",
                 "--data-dir",
                 "data",
@@ -984,9 +988,9 @@ fn bulk_registration_killed_mid_way_loses_no_acknowledged_write() {
             .unwrap()
     };
     let child = bulk();
-    // kill -9 the server once a hundred registrations were answered.
-    for _ in 0..100 {
-        s.wait_for("\"path\":\"/v1/certificates\"");
+    // kill -9 the server once five batches (a hundred registrations) were answered.
+    for _ in 0..5 {
+        s.wait_for("\"path\":\"/v1/certificates/batch\"");
     }
     let pid = s.child.id().to_string();
     Command::new("kill").args(["-KILL", &pid]).status().unwrap();
@@ -1024,6 +1028,18 @@ fn bulk_registration_killed_mid_way_loses_no_acknowledged_write() {
     let stored: BTreeSet<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
     for id in &acknowledged {
         assert!(stored.contains(id.as_str()), "acknowledged {id} lost");
+    }
+    // Each batch is one transaction: all of it is stored, or none.
+    for batch in ids.chunks(20) {
+        let present = batch
+            .iter()
+            .filter(|id| stored.contains(id.as_str()))
+            .count();
+        assert!(
+            present == 0 || present == batch.len(),
+            "a batch half written: {present} of {}",
+            batch.len()
+        );
     }
     for r in records {
         assert_eq!(r["status"], "ACTIVE");

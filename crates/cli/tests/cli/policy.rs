@@ -228,6 +228,59 @@ fn policies_scenario(database: Option<&str>) {
     assert_eq!(call(d, &s, "acme-1", "GET", "/tiers/silver/x").0, 403);
     assert_eq!(call(d, &s, "globex-1", "GET", "/tiers/gold/x").0, 403);
 
+    // A CA's policies apply to the certificates registered with it.
+    let ca = cli_json(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "int/ca.pem",
+            "--no-verification",
+            "--activate",
+        ],
+    );
+    let globex = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "globex-1.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    assert_eq!(globex["ca_id"], ca["id"], "{globex}");
+    std::fs::write(
+        d.join("ca-wide.json"),
+        r#"{"Statement": [{"Effect": "Allow", "Action": "http:GET", "Resource": "route:api.test/ca-wide/*"}]}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &["policy", "create", "ca-wide", "--document", "ca-wide.json"],
+    )
+    .ok();
+    cli(
+        d,
+        &[
+            "policy",
+            "attach",
+            "ca-wide",
+            "--ca",
+            ca["id"].as_str().unwrap(),
+        ],
+    )
+    .ok();
+    wait_for_snapshot(d, &s);
+    assert_eq!(call(d, &s, "globex-1", "GET", "/ca-wide/x").0, 200);
+    assert_eq!(
+        call(d, &s, "acme-1", "GET", "/ca-wide/x").0,
+        403,
+        "registered before the CA, so not linked to it"
+    );
+
     // A change reaches an open keep-alive connection: version 2 of the partner policy (read
     // only) becomes the default while the connection stays open.
     let script = r#"
@@ -351,5 +404,5 @@ for line in sys.stdin:
     wait_for_snapshot(d, &s);
     assert_eq!(call(d, &s, "acme-1", "GET", "/partners/Acme/orders").0, 403);
     let listed = cli_json(d, &["policy", "list"]);
-    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
 }

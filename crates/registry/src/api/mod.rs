@@ -114,6 +114,7 @@ pub fn router(api: Api) -> Router {
             "/v1/certificates",
             get(list_certificates).post(create_certificate),
         )
+        .route("/v1/certificates/batch", post(register_batch))
         .route(
             "/v1/certificates/{id}",
             get(describe_certificate)
@@ -625,6 +626,61 @@ struct CreateCertificate {
     key_type: Option<String>,
     days: Option<u32>,
     status: Option<String>,
+}
+
+/// Certificates accepted in one batch request.
+pub const MAX_BATCH: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBatch {
+    /// PEM (or base64 DER in PEM armour) of each certificate.
+    certificates_pem: Vec<String>,
+    status: Option<String>,
+}
+
+/// Registers up to [`MAX_BATCH`] certificates in one transaction; each item's outcome in order.
+async fn register_batch(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<RegisterBatch>,
+) -> ApiResult {
+    if req.certificates_pem.is_empty() || req.certificates_pem.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!(
+            "certificates_pem must hold 1 to {MAX_BATCH} certificates"
+        )));
+    }
+    let status = match req.status.as_deref() {
+        None => CertStatus::Inactive,
+        Some(s) => CertStatus::from_str(s)?,
+    };
+    let pems: Vec<&[u8]> = req.certificates_pem.iter().map(|p| p.as_bytes()).collect();
+    let results = api
+        .store
+        .register_certificates(&pems, status, &caller)
+        .await?;
+    let (mut registered, mut existing, mut failed) = (0, 0, 0);
+    let items: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| match r {
+            Ok(record) => {
+                registered += 1;
+                json!({"index": index, "outcome": "registered", "id": record.id})
+            }
+            Err(RegistryError::Conflict(m)) => {
+                existing += 1;
+                json!({"index": index, "outcome": "exists", "message": m})
+            }
+            Err(e) => {
+                failed += 1;
+                json!({"index": index, "outcome": "invalid", "message": e.to_string()})
+            }
+        })
+        .collect();
+    Ok(Json(json!({
+        "registered": registered, "existing": existing, "invalid": failed, "items": items,
+    })))
 }
 
 async fn create_certificate(

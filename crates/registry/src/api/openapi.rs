@@ -48,6 +48,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("CreateCertificate"),
     ),
     (
+        "post",
+        "/v1/certificates/batch",
+        "Register up to 1,000 certificates in one transaction (bulk registration); each item's outcome",
+        Some("RegisterBatch"),
+    ),
+    (
         "get",
         "/v1/certificates/{id}",
         "Describe a certificate",
@@ -336,6 +342,9 @@ fn schemas() -> Value {
         "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
             "key_type": s("string"), "days": s("integer"),
+            "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
+        "RegisterBatch": {"type": "object", "required": ["certificates_pem"], "additionalProperties": false, "properties": {
+            "certificates_pem": {"type": "array", "items": s("string"), "maxItems": 1000},
             "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
         "UpdateCertificate": {"type": "object", "required": ["status"], "additionalProperties": false, "properties": {
             "status": {"enum": ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"]}}},
