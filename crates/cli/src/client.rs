@@ -163,16 +163,24 @@ impl AdminClient {
 
     /// POST a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        self.call(Method::POST, path, Some(body)).await
+        self.call(Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    /// POST JSON text as it is (documents whose exact text matters).
+    pub async fn post_text(&self, path: &str, body: String) -> Result<Value> {
+        self.call(Method::POST, path, Some(body.into_bytes())).await
     }
 
     /// PATCH a JSON body.
     pub async fn patch(&self, path: &str, body: &Value) -> Result<Value> {
-        self.call(Method::PATCH, path, Some(body)).await
+        self.call(Method::PATCH, path, Some(serde_json::to_vec(body)?))
+            .await
     }
 
     /// PUT (a JSON body, or none).
     pub async fn put(&self, path: &str, body: Option<&Value>) -> Result<Value> {
+        let body = body.map(serde_json::to_vec).transpose()?;
         self.call(Method::PUT, path, body).await
     }
 
@@ -181,7 +189,7 @@ impl AdminClient {
         self.call(Method::DELETE, path, None).await
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
@@ -190,7 +198,7 @@ impl AdminClient {
         let payload = match body {
             Some(b) => {
                 req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(b)?)
+                Bytes::from(b)
             }
             None => Bytes::new(),
         };

@@ -1406,11 +1406,13 @@ async fn webhook(client: &AdminClient, out: &Printer, command: WebhookCommand) -
     Ok(ExitCode::SUCCESS)
 }
 
-/// A policy document file (JSON).
-fn policy_document(path: &Path) -> Result<Value> {
+/// A policy document file (JSON), sent as written: the registry refuses duplicate keys, which
+/// parsing it here would silently collapse.
+fn policy_document(path: &Path) -> Result<Box<serde_json::value::RawValue>> {
     let text = String::from_utf8(read(path, "policy document")?)
         .with_context(|| format!("{}: a policy document is JSON text", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+    serde_json::value::RawValue::from_string(text.trim().to_string())
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 /// A policy as text: versions, targets, the document.
@@ -1449,8 +1451,12 @@ async fn policy(client: &AdminClient, out: &Printer, command: PolicyCommand) -> 
     let path = |name: &str| format!("/v1/policies/{}", segment(name));
     match command {
         PolicyCommand::Create { name, document } => {
-            let body = json!({"name": name, "document": policy_document(&document)?});
-            let v = client.post("/v1/policies", &body).await?;
+            let body = format!(
+                r#"{{"name":{},"document":{}}}"#,
+                serde_json::to_string(&name)?,
+                policy_document(&document)?.get()
+            );
+            let v = client.post_text("/v1/policies", body).await?;
             out.show(&v, |v| {
                 format!("created policy {} version 1", s(&v["name"]))
             });
@@ -1460,9 +1466,12 @@ async fn policy(client: &AdminClient, out: &Printer, command: PolicyCommand) -> 
             document,
             set_default,
         } => {
-            let body = json!({"document": policy_document(&document)?, "set_default": set_default});
+            let body = format!(
+                r#"{{"document":{},"set_default":{set_default}}}"#,
+                policy_document(&document)?.get()
+            );
             let v = client
-                .post(&format!("{}/versions", path(&name)), &body)
+                .post_text(&format!("{}/versions", path(&name)), body)
                 .await?;
             out.show(&v, |v| {
                 let newest = v["versions"]

@@ -368,6 +368,7 @@ async fn wait_for_changes(
         window_start: time::OffsetDateTime::now_utc().unix_timestamp() - CHANGE_WINDOW_SECS,
         last_full: std::time::Instant::now(),
         notified: false,
+        reread_from: None,
         config_marker,
         force_snapshot: false,
         force_config: false,
@@ -386,9 +387,9 @@ async fn wait_for_changes(
             _ = hup.recv() => "signal",
             change = next_change(&mut listener) => {
                 match change {
-                    Ok(portcullis_registry::Change::Registry) => watch.notified = true,
-                    Ok(portcullis_registry::Change::Config) => {
-                        watch.notified = true;
+                    Ok(portcullis_registry::Change::Registry(seq)) => watch.notified(seq),
+                    Ok(portcullis_registry::Change::Config(seq)) => {
+                        watch.notified(seq);
                         watch.force_config = true;
                     }
                     Ok(portcullis_registry::Change::Resync) => {
@@ -487,6 +488,8 @@ struct RegistryWatch {
     /// A change was committed (notification): read the changes even if the newest sequence
     /// number did not move.
     notified: bool,
+    /// The smallest sequence number notified since the last refresh.
+    reread_from: Option<i64>,
     config_marker: i64,
     force_snapshot: bool,
     force_config: bool,
@@ -495,6 +498,15 @@ struct RegistryWatch {
 }
 
 impl RegistryWatch {
+    /// A change was committed with this sequence number (when known): the next refresh reads
+    /// the changes from there, even below the marker (it may have committed after larger ones).
+    fn notified(&mut self, seq: Option<i64>) {
+        self.notified = true;
+        if let Some(seq) = seq {
+            self.reread_from = Some(self.reread_from.map_or(seq, |r| r.min(seq)));
+        }
+    }
+
     fn unreachable(&mut self, e: &dyn std::fmt::Display) {
         if self.reachable {
             tracing::warn!(target: "portcullis::registry", error = %e, "the registry database cannot be reached: serving from the last snapshot; just-in-time registrations and admin writes are refused until it is back");
@@ -528,13 +540,10 @@ impl RegistryWatch {
             let incremental = if full {
                 Ok(None)
             } else {
-                incremental_snapshot(
-                    store,
-                    &gateway.registry(),
-                    self.registry_marker,
-                    self.window_start,
-                )
-                .await
+                let from = self.reread_from.map_or(self.registry_marker, |r| {
+                    r.saturating_sub(1).min(self.registry_marker)
+                });
+                incremental_snapshot(store, &gateway.registry(), from, self.window_start).await
             };
             let built = match incremental {
                 Ok(Some(snapshot)) => Ok((snapshot, "incremental")),
@@ -545,6 +554,7 @@ impl RegistryWatch {
                 Ok((snapshot, kind)) => {
                     self.registry_marker = marker;
                     self.force_snapshot = false;
+                    self.reread_from = None;
                     // The next incremental read looks back a little: on PostgreSQL a change
                     // with a smaller sequence number can commit after a larger one.
                     self.window_start = now - CHANGE_WINDOW_SECS;
@@ -651,12 +661,16 @@ async fn incremental_snapshot(
             cas = true;
             policies = true;
         }
+        // What applies to a certificate: its things, its CA (linked at registration, used when
+        // a CA has policies), and the domain's attachments (removed with the domain).
         if action.starts_with("policy.")
             || action.starts_with("thing.")
+            || action.starts_with("domain.")
             || matches!(
                 action.as_str(),
                 "certificate.provision" | "certificate.delete"
             )
+            || (action == "certificate.register" && current.has_ca_policies())
         {
             policies = true;
         }
@@ -707,9 +721,10 @@ async fn auto_registering_cas(store: &Store) -> Result<Vec<AutoRegistration>> {
 }
 
 /// Compiled policies by (name, version).
-type Compiled = std::collections::HashMap<(String, i64), Arc<portcullis_policy::Policy>>;
+type Compiled = std::collections::HashMap<(String, i64, String), Arc<portcullis_policy::Policy>>;
 
-/// Policies compiled once per (name, version), kept across snapshots.
+/// Policies compiled once per (name, version, document), kept across snapshots. The document is
+/// part of the key: a policy deleted and created again starts at version 1 with new text.
 static COMPILED: std::sync::LazyLock<std::sync::Mutex<Compiled>> =
     std::sync::LazyLock::new(Default::default);
 
@@ -724,7 +739,7 @@ async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize:
         .map_err(|_| anyhow::anyhow!("the policy cache is poisoned"))?;
     let mut keep = std::collections::HashSet::new();
     for (name, version, document) in &state.policies {
-        let key = (name.clone(), *version);
+        let key = (name.clone(), *version, document.clone());
         let policy = match compiled.get(&key) {
             Some(p) => p.clone(),
             None => {

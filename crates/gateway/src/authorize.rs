@@ -90,6 +90,14 @@ impl PolicySnapshot {
             .insert(certificate_id.to_string(), ca_id.to_string());
     }
 
+    /// Whether a policy is attached to some CA (then registering a certificate changes which
+    /// policies apply to it).
+    pub fn has_ca_policies(&self) -> bool {
+        self.attached
+            .keys()
+            .any(|t| matches!(t, PolicyTarget::Ca(_)))
+    }
+
     /// How many policies it holds.
     pub fn len(&self) -> usize {
         self.policies.len()
@@ -285,6 +293,13 @@ pub(crate) fn policy_path(raw: &str) -> Result<String, &'static str> {
     if decoded.split('/').any(|seg| seg == "." || seg == "..") {
         return Err("a '.' or '..' segment");
     }
+    // Upstreams that merge slashes or drop `;parameters` would see another path.
+    if decoded.contains("//") {
+        return Err("an empty segment ('//')");
+    }
+    if decoded.contains(';') {
+        return Err("a ';' (path parameters)");
+    }
     Ok(decoded)
 }
 
@@ -298,6 +313,9 @@ mod tests {
         assert_eq!(policy_path("/caf%C3%A9").as_deref(), Ok("/café"));
         for bad in [
             "/a/../b",
+            "/api//admin",
+            "/api/admin;x/y",
+            "/api/admin%3bx",
             "/a/%2e%2e/b",
             "/a/%2E/b",
             "/a%2fb",

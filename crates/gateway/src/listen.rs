@@ -435,6 +435,29 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                 None,
             );
         }
+        // On a domain with policy-authorized mappings, the path must mean one thing: decoded
+        // without ambiguity, and routed to the same mapping decoded or not.
+        let policy_domain = domain
+            .config
+            .mappings
+            .iter()
+            .any(|m| m.authorization == Authorization::Policy);
+        let decoded = if policy_domain {
+            match authorize::policy_path(&path) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    denied = Some("ambiguous-path".to_string());
+                    break 'answer error_response(
+                        StatusCode::BAD_REQUEST,
+                        "ambiguous-path",
+                        &format!("the path holds {why}, which this domain refuses"),
+                        None,
+                    );
+                }
+            }
+        } else {
+            None
+        };
         let Some((mapping, rest)) = route::route(&domain.config.mappings, &path) else {
             break 'answer error_response(
                 StatusCode::NOT_FOUND,
@@ -444,6 +467,18 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
             );
         };
         mapping_name = mapping.base_path.clone();
+        if let Some(decoded) = &decoded
+            && !route::route(&domain.config.mappings, decoded)
+                .is_some_and(|(m, _)| std::ptr::eq(m, mapping))
+        {
+            denied = Some("ambiguous-path".to_string());
+            break 'answer error_response(
+                StatusCode::BAD_REQUEST,
+                "ambiguous-path",
+                "the path routes to another mapping once percent-decoded",
+                None,
+            );
+        }
         let mode = domain.config.mtls.mode;
         let needs_cert = mode == MtlsMode::Required
             || (mode == MtlsMode::Optional && mapping.require_client_cert);
@@ -451,24 +486,22 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
             break 'answer forbidden(&req, &ctx.verdict);
         }
         if mapping.authorization == Authorization::Policy {
-            let decoded = match authorize::policy_path(&path) {
-                Ok(p) => p,
-                Err(why) => {
-                    denied = Some("ambiguous-path".to_string());
-                    break 'answer error_response(
-                        StatusCode::BAD_REQUEST,
-                        "ambiguous-path",
-                        &format!("the path holds {why}, which policy-authorized routes refuse"),
-                        None,
-                    );
-                }
-            };
+            let decoded = decoded.unwrap_or_default();
             let leaf = match &ctx.verdict {
                 ClientVerdict::Valid(chain) => chain.first(),
                 _ => None,
             };
-            let route_host = if ctx.via_default || host.is_empty() {
+            let route_host = if ctx.via_default {
                 domain.config.hostname.to_string()
+            } else if host.is_empty() {
+                // HTTP/1.0 without Host: policies name hosts, so refuse rather than guess.
+                denied = Some("no-host".to_string());
+                break 'answer error_response(
+                    StatusCode::BAD_REQUEST,
+                    "no-host",
+                    "policy-authorized routes need a Host header",
+                    None,
+                );
             } else {
                 host.clone()
             };

@@ -278,6 +278,11 @@ impl RegistrySnapshot {
         self
     }
 
+    /// Whether a policy is attached to some CA.
+    pub fn has_ca_policies(&self) -> bool {
+        self.policies.has_ca_policies()
+    }
+
     /// The registry's policies.
     pub(crate) fn policies(&self) -> &crate::authorize::PolicySnapshot {
         &self.policies

@@ -104,10 +104,10 @@ impl Dispatcher {
             };
             match &outcome {
                 Ok(status) => {
-                    tracing::info!(target: "portcullis::webhooks", delivery = %delivery.id, event = %delivery.event_type, url = %delivery.url, status, "webhook delivered")
+                    tracing::info!(target: "portcullis::webhooks", delivery = %delivery.id, event = %delivery.event_type, url = %redacted(&delivery.url), status, "webhook delivered")
                 }
                 Err((status, why)) => {
-                    tracing::warn!(target: "portcullis::webhooks", delivery = %delivery.id, event = %delivery.event_type, url = %delivery.url, status = status.unwrap_or_default(), attempt = delivery.attempts + 1, error = %why, "webhook delivery failed")
+                    tracing::warn!(target: "portcullis::webhooks", delivery = %delivery.id, event = %delivery.event_type, url = %redacted(&delivery.url), status = status.unwrap_or_default(), attempt = delivery.attempts + 1, error = %why, "webhook delivery failed")
                 }
             }
             self.store
@@ -228,6 +228,21 @@ async fn send(client: &HttpsClient, d: &DueDelivery) -> Outcome {
     }
 }
 
+/// A URL for logs: scheme, host, port and path only (user info and query may hold secrets).
+fn redacted(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) => {
+            format!(
+                "{}://{}{}",
+                u.scheme_str().unwrap_or("?"),
+                u.host().unwrap_or("?"),
+                u.port().map(|p| format!(":{p}")).unwrap_or_default()
+            ) + u.path()
+        }
+        Err(_) => "(unparsable URL)".to_string(),
+    }
+}
+
 /// An error and its causes on one line.
 fn one_line_error(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -243,6 +258,14 @@ fn one_line_error(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_urls_lose_credentials_and_queries() {
+        assert_eq!(
+            redacted("https://user:pw@hooks.example.com:8443/in?token=s3cret"),
+            "https://hooks.example.com:8443/in"
+        );
+    }
 
     #[test]
     fn signatures_are_hmac_sha256_of_timestamp_dot_body() {

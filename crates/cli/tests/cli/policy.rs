@@ -94,6 +94,19 @@ fn policies_scenario(database: Option<&str>) {
         "Statement[0].Resource: unknown variable ${cert:Nope}",
     );
 
+    // Duplicate keys would otherwise drop a condition silently.
+    std::fs::write(
+        d.join("bad.json"),
+        r#"{"Statement": {"Effect": "Allow", "Action": "http:GET", "Resource": "route:x/*",
+            "Condition": {"StringEquals": {"cert:Subject.OU": "a"}, "StringEquals": {"cert:Subject.O": "b"}}}}"#,
+    )
+    .unwrap();
+    assert_clean_error(
+        &cli(d, &["policy", "create", "bad", "--document", "bad.json"]),
+        2,
+        "StringEquals",
+    );
+
     // The partner policy on the domain: each partner reaches its own routes only.
     std::fs::write(d.join("partner.json"), PARTNER_POLICY).unwrap();
     let created = cli_json(
@@ -132,6 +145,10 @@ fn policies_scenario(database: Option<&str>) {
         "/partners/Acme/../Globex/orders",
         "/partners/Acme/%2e%2e/Globex/orders",
         "/partners/Acme%2f..%2fGlobex/orders",
+        "/partners//Acme/orders",
+        "/partners/Acme;x/orders",
+        // Routes to /public raw but to the policy mapping decoded, or the reverse.
+        "/%70ublic/x",
     ] {
         let (status, body) = call(d, &s, "acme-1", "GET", path);
         assert_eq!(

@@ -10,26 +10,28 @@ use axum::{Extension, Json};
 use portcullis_pki::Certificate;
 use portcullis_policy::{Policy, PolicyRef, Request as PolicyRequest, Variables};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::{Api, ApiError, ApiResult, Body, Caller, Params, to_json};
 use crate::{CertId, PolicyTarget, RegistryError, TargetType};
 
-/// A document in a request: a JSON object, checked as text (its size included).
-fn document_text(document: &Value) -> Result<String, ApiError> {
-    if !document.is_object() {
+/// A document in a request, exactly as the client wrote it (so that duplicate keys, which a
+/// parsed JSON value would silently collapse, are refused by the policy parser).
+fn document_text(document: &RawValue) -> Result<String, ApiError> {
+    if !document.get().trim_start().starts_with('{') {
         return Err(ApiError::invalid(
             "document must be a JSON object with a Statement list",
         ));
     }
-    Ok(document.to_string())
+    Ok(document.get().to_string())
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreatePolicy {
     name: String,
-    document: Value,
+    document: Box<RawValue>,
 }
 
 pub(super) async fn create_policy(
@@ -91,7 +93,7 @@ pub(super) async fn delete_policy(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateVersion {
-    document: Value,
+    document: Box<RawValue>,
     #[serde(default)]
     set_default: bool,
 }

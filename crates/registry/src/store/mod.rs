@@ -35,10 +35,11 @@ pub use webhooks::{Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, Webhook, We
 /// What a [`ChangeListener`] heard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Certificates, CAs, things, policies… changed: refresh the snapshot.
-    Registry,
+    /// Certificates, CAs, things, policies… changed, recorded from this audit sequence number
+    /// on: refresh the snapshot, reading the changes again from there.
+    Registry(Option<i64>),
     /// Domains or truststores changed: rebuild the configuration (and the snapshot).
-    Config,
+    Config(Option<i64>),
     /// The connection was lost and is back: notifications may have been missed, so resync
     /// everything.
     Resync,
@@ -56,8 +57,15 @@ impl ChangeListener {
     pub async fn next(&mut self) -> Result<Change, RegistryError> {
         match self.listener.try_recv().await? {
             None => Ok(Change::Resync),
-            Some(n) if n.payload() == "config" => Ok(Change::Config),
-            Some(_) => Ok(Change::Registry),
+            Some(n) => {
+                let (class, seq) = n.payload().split_once(':').unwrap_or((n.payload(), ""));
+                let seq = seq.parse().ok();
+                Ok(if class == "config" {
+                    Change::Config(seq)
+                } else {
+                    Change::Registry(seq)
+                })
+            }
         }
     }
 }
@@ -375,37 +383,39 @@ impl Store {
                     audit(&mut *tx, actor, "ca.update", id.as_str(), b.as_deref(), a.as_deref()).await?;
                     let mut revoked = 0;
                     if update.revoke_issued {
-                        sqlx::query(
-                            "INSERT INTO audit (at, actor, action, target, before, after) \
-                             SELECT $1, $2, 'certificate.status', id, '{\"status\":\"' || status || '\"}', '{\"status\":\"REVOKED\",\"cause\":\"ca-revoke-issued\"}' \
-                             FROM certificates WHERE ca_id = $3 AND status <> 'REVOKED'",
+                        // The statuses before, then the update; the audit entries (and webhook
+                        // events) are for exactly the rows the update changed.
+                        let before_status: std::collections::HashMap<String, String> = sqlx::query(
+                            "SELECT id, status FROM certificates WHERE ca_id = $1 AND status <> 'REVOKED'",
                         )
-                        .bind(after.updated_at)
-                        .bind(actor)
                         .bind(id.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                        // And the webhook event of each, as `audit` would write it.
-                        sqlx::query(
-                            "INSERT INTO events (type, at, payload, dispatched) \
-                             SELECT 'certificate.status_changed', $1, \
-                             '{\"event\":\"certificate.status_changed\",\"occurred_at\":' || $4 || ',\"actor\":\"' || $2 || '\",\"target\":\"' || id || '\",\"before\":{\"status\":\"' || status || '\"},\"after\":{\"status\":\"REVOKED\",\"cause\":\"ca-revoke-issued\"}}', 0 \
-                             FROM certificates WHERE ca_id = $3 AND status <> 'REVOKED'",
-                        )
-                        .bind(after.updated_at)
-                        .bind(serde_json::to_string(actor).unwrap_or_default().trim_matches('"').to_string())
-                        .bind(id.as_str())
-                        .bind(after.updated_at.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                        revoked = sqlx::query(
-                            "UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE ca_id = $2 AND status <> 'REVOKED'",
-                        )
-                        .bind(after.updated_at)
-                        .bind(id.as_str())
-                        .execute(&mut *tx)
+                        .fetch_all(&mut *tx)
                         .await?
-                        .rows_affected();
+                        .iter()
+                        .map(|r| Ok((r.try_get("id")?, r.try_get("status")?)))
+                        .collect::<Result<_, sqlx::Error>>()?;
+                        let changed: Vec<String> = sqlx::query(
+                            "UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE ca_id = $2 AND status <> 'REVOKED' RETURNING id",
+                        )
+                        .bind(after.updated_at)
+                        .bind(id.as_str())
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|r| r.try_get("id"))
+                        .collect::<Result<_, sqlx::Error>>()?;
+                        let after_json = r#"{"status":"REVOKED","cause":"ca-revoke-issued"}"#.to_string();
+                        let entries: Vec<(String, Option<String>, String)> = changed
+                            .into_iter()
+                            .map(|cert| {
+                                let before = before_status
+                                    .get(&cert)
+                                    .map(|s| serde_json::json!({"status": s}).to_string());
+                                (cert, before, after_json.clone())
+                            })
+                            .collect();
+                        revoked = u64::try_from(entries.len()).unwrap_or(u64::MAX);
+                        audit_many(&mut *tx, actor, "certificate.status", &entries).await?;
                     }
                     tx.commit().await?;
                     Some(revoked)
@@ -513,7 +523,7 @@ impl Store {
                     let Ok(r) = &*slot else { continue };
                     if inserted.contains(r.id.as_str()) {
                         let after = serde_json::to_string(&summary_cert(r)).unwrap_or_default();
-                        entries.push((r.id.as_str().to_string(), after));
+                        entries.push((r.id.as_str().to_string(), None, after));
                     } else {
                         let id = r.id.clone();
                         *slot = Err(RegistryError::Conflict(format!("certificate {id} is already registered")));
@@ -825,7 +835,9 @@ where
         } else {
             "registry"
         };
-        sqlx::query("SELECT pg_notify('portcullis_changes', $1)")
+        // The payload carries the entry's sequence number: a node that already moved past it
+        // (a larger one committed first) reads the changes again from there.
+        sqlx::query("SELECT pg_notify('portcullis_changes', $1 || ':' || currval(pg_get_serial_sequence('audit', 'seq')))")
             .bind(class)
             .execute(&mut *conn)
             .await?;
@@ -925,12 +937,13 @@ pub(crate) fn summary_cert(c: &CertRecord) -> serde_json::Value {
     })
 }
 
-/// [`audit`] for many entries of one action (target, after), in multi-row statements.
+/// [`audit`] for many entries of one action (target, before, after), in multi-row statements
+/// of at most 500 entries (parameter limits).
 pub(crate) async fn audit_many<C, DB>(
     conn: &mut C,
     actor: &str,
     action: &str,
-    entries: &[(String, String)],
+    entries: &[(String, Option<String>, String)],
 ) -> Result<(), sqlx::Error>
 where
     DB: sqlx::Database,
@@ -938,61 +951,77 @@ where
     for<'c> &'c mut C: sqlx::Executor<'c, Database = DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
 {
     if entries.is_empty() {
         return Ok(());
     }
+    if DB::NAME == "PostgreSQL" {
+        // A number below every entry these statements insert (see `audit`).
+        sqlx::query("SELECT pg_notify('portcullis_changes', 'registry:' || nextval(pg_get_serial_sequence('audit', 'seq')))")
+            .execute(&mut *conn)
+            .await?;
+    }
     let at = now();
-    let mut sql =
-        String::from("INSERT INTO audit (at, actor, action, target, before, after) VALUES ");
-    for i in 0..entries.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "($1, $2, $3, ${}, NULL, ${})",
-            4 + 2 * i,
-            5 + 2 * i
-        ));
-    }
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(at)
-        .bind(actor)
-        .bind(action);
-    for (target, after) in entries {
-        query = query.bind(target.clone()).bind(after.clone());
-    }
-    query.execute(&mut *conn).await?;
-    let events: Vec<(&str, String)> = entries
-        .iter()
-        .filter_map(|(target, after)| {
-            let event = webhooks::event_of(action, None, Some(after))?;
-            Some((
-                event,
-                webhooks::event_payload(event, at, actor, target, None, Some(after)),
-            ))
-        })
-        .collect();
-    if !events.is_empty() {
-        let mut sql = String::from("INSERT INTO events (type, at, payload, dispatched) VALUES ");
-        for i in 0..events.len() {
+    for chunk in entries.chunks(500) {
+        let mut sql =
+            String::from("INSERT INTO audit (at, actor, action, target, before, after) VALUES ");
+        for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("(${}, $1, ${}, 0)", 2 + 2 * i, 3 + 2 * i));
+            sql.push_str(&format!(
+                "($1, $2, $3, ${}, ${}, ${})",
+                4 + 3 * i,
+                5 + 3 * i,
+                6 + 3 * i
+            ));
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
-        for (event, payload) in events {
-            query = query.bind(event.to_string()).bind(payload);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(at)
+            .bind(actor)
+            .bind(action);
+        for (target, before, after) in chunk {
+            query = query
+                .bind(target.clone())
+                .bind(before.clone())
+                .bind(after.clone());
         }
         query.execute(&mut *conn).await?;
-    }
-    if DB::NAME == "PostgreSQL" {
-        sqlx::query("SELECT pg_notify('portcullis_changes', 'registry')")
-            .execute(&mut *conn)
-            .await?;
+        let events: Vec<(&str, String)> = chunk
+            .iter()
+            .filter_map(|(target, before, after)| {
+                let event = webhooks::event_of(action, before.as_deref(), Some(after))?;
+                Some((
+                    event,
+                    webhooks::event_payload(
+                        event,
+                        at,
+                        actor,
+                        target,
+                        before.as_deref(),
+                        Some(after),
+                    ),
+                ))
+            })
+            .collect();
+        if !events.is_empty() {
+            let mut sql =
+                String::from("INSERT INTO events (type, at, payload, dispatched) VALUES ");
+            for i in 0..events.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, $1, ${}, 0)", 2 + 2 * i, 3 + 2 * i));
+            }
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
+            for (event, payload) in events {
+                query = query.bind(event.to_string()).bind(payload);
+            }
+            query.execute(&mut *conn).await?;
+        }
     }
     Ok(())
 }
