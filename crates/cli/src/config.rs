@@ -14,8 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use portcullis_gateway::Config;
 use portcullis_gateway::config::{
-    Authorization, Domain, Hostname, IdentityHeaders, Limits, Mapping, Mtls, MtlsMode, OnFailure,
-    RegistryMode, SecurityPolicy, ServerCertificate, UpstreamTls,
+    Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
+    Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, SecurityPolicy, ServerCertificate,
+    UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, PrivateKey, Truststore};
@@ -117,6 +118,13 @@ impl FileLimits {
 #[serde(deny_unknown_fields)]
 struct FileListener {
     address: String,
+    /// "http" (default), "mqtt", or both: ALPN `mqtt` then selects MQTT.
+    #[serde(default = "default_protocols")]
+    protocols: Vec<String>,
+}
+
+fn default_protocols() -> Vec<String> {
+    vec!["http".into()]
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -138,6 +146,20 @@ pub(crate) struct FileDomain {
     /// off (truststore only), revocation, or registered.
     #[serde(default = "default_registry_mode")]
     registry_mode: String,
+    /// MQTT settings (for listeners that speak MQTT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt: Option<FileMqtt>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileMqtt {
+    /// The client id must be the name of a thing the certificate is attached to.
+    #[serde(default)]
+    require_thing_client_id: bool,
+    /// The largest packet accepted, bytes (default 131072).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_packet_size: Option<usize>,
 }
 
 fn default_registry_mode() -> String {
@@ -401,13 +423,35 @@ fn build_config(
         .listeners
         .iter()
         .map(|l| {
-            l.address.parse::<SocketAddr>().map_err(|_| {
+            let address = l.address.parse::<SocketAddr>().map_err(|_| {
                 anyhow!(
                     "{}: listener address '{}' is not IP:PORT",
                     path.display(),
                     l.address
                 )
-            })
+            })?;
+            let (http, mqtt) = (
+                l.protocols.iter().any(|p| p == "http"),
+                l.protocols.iter().any(|p| p == "mqtt"),
+            );
+            if let Some(other) = l.protocols.iter().find(|p| *p != "http" && *p != "mqtt") {
+                bail!(
+                    "{}: listener {}: protocol '{other}' must be http or mqtt",
+                    path.display(),
+                    l.address
+                );
+            }
+            let protocols = match (http, mqtt) {
+                (true, false) => Protocols::Http,
+                (false, true) => Protocols::Mqtt,
+                (true, true) => Protocols::Both,
+                (false, false) => bail!(
+                    "{}: listener {}: protocols must name http, mqtt or both",
+                    path.display(),
+                    l.address
+                ),
+            };
+            Ok(Listener { address, protocols })
         })
         .collect::<Result<Vec<_>>>()?;
     let source = if registry.domains.is_some() {
@@ -581,6 +625,24 @@ fn file_domain(
                 "{}: registry_mode '{other}' must be off, revocation or registered",
                 ctx()
             ),
+        },
+        mqtt: match &d.mqtt {
+            None => MqttSettings::default(),
+            Some(m) => {
+                let defaults = MqttSettings::default();
+                let max_packet_size = m.max_packet_size.unwrap_or(defaults.max_packet_size);
+                if !(128..=268_435_455).contains(&max_packet_size) {
+                    bail!(
+                        "{}: mqtt.max_packet_size {max_packet_size} must be between 128 and 268435455",
+                        ctx()
+                    );
+                }
+                MqttSettings {
+                    require_thing_client_id: m.require_thing_client_id,
+                    max_packet_size,
+                    ..defaults
+                }
+            }
         },
     })
 }

@@ -165,6 +165,27 @@ impl PolicySnapshot {
         out
     }
 
+    /// The names of the things a certificate is attached to.
+    pub(crate) fn things_of(&self, certificate_id: &str) -> &[String] {
+        self.things_of
+            .get(certificate_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The policies of an MQTT session bound to its variables (`${mqtt:ClientId}` included);
+    /// not cached here: the session keeps it until the snapshot changes.
+    pub(crate) fn bind_mqtt(&self, leaf: &Certificate, domain: &str, client_id: &str) -> Bound {
+        let policies: Vec<(PolicyRef, Arc<Policy>)> = self
+            .applicable(Some(leaf), domain)
+            .into_iter()
+            .map(|(r, p, _)| (r, p))
+            .collect();
+        let mut vars = self.variables(Some(leaf));
+        vars.set("mqtt:ClientId", vec![client_id.to_string()]);
+        portcullis_policy::bind(&policies, &vars)
+    }
+
     /// The bound policies of a certificate on a domain, from the cache when possible.
     fn bound(&self, leaf: Option<&Certificate>, domain: &str) -> Arc<Bound> {
         let key = (
@@ -254,7 +275,7 @@ fn describe(target: &PolicyTarget) -> String {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -19,7 +19,7 @@ pub use crate::identity::IdentityHeaders;
 /// The whole gateway configuration.
 #[derive(Debug)]
 pub struct Config {
-    pub(crate) listeners: Vec<SocketAddr>,
+    pub(crate) listeners: Vec<Listener>,
     pub(crate) domains: Vec<Arc<Domain>>,
     pub(crate) default_domain: Option<usize>,
     pub(crate) limits: Limits,
@@ -65,7 +65,7 @@ impl Config {
     /// Validates and assembles a configuration. `default_domain` names the domain that serves
     /// connections whose SNI matches no domain; `None` refuses them.
     pub fn new(
-        listeners: Vec<SocketAddr>,
+        listeners: Vec<Listener>,
         domains: Vec<Domain>,
         default_domain: Option<&str>,
     ) -> Result<Config, GatewayError> {
@@ -130,8 +130,66 @@ impl Config {
     }
 
     /// The addresses to listen on.
-    pub fn listeners(&self) -> &[SocketAddr] {
+    pub fn listeners(&self) -> &[Listener] {
         &self.listeners
+    }
+
+    /// Whether some listener speaks MQTT (then domains offer the `mqtt` ALPN protocol).
+    pub(crate) fn speaks_mqtt(&self) -> bool {
+        self.listeners
+            .iter()
+            .any(|l| l.protocols != Protocols::Http)
+    }
+}
+
+/// A listening address and the protocols it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// Address and port.
+    pub address: SocketAddr,
+    /// What it speaks.
+    pub protocols: Protocols,
+}
+
+impl Listener {
+    /// An HTTP listener.
+    pub fn http(address: SocketAddr) -> Listener {
+        Listener {
+            address,
+            protocols: Protocols::Http,
+        }
+    }
+}
+
+/// What a listener speaks after the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocols {
+    /// HTTP/1.1 and HTTP/2 (by ALPN).
+    Http,
+    /// MQTT only (with or without the `mqtt` ALPN protocol, as device SDKs connect to 8883).
+    Mqtt,
+    /// Both: ALPN `mqtt` selects MQTT, anything else HTTP.
+    Both,
+}
+
+/// MQTT settings of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    /// The client id must be the name of a thing the certificate is attached to.
+    pub require_thing_client_id: bool,
+    /// The largest packet accepted (and announced to MQTT 5 clients), bytes.
+    pub max_packet_size: usize,
+    /// How long a client may take to send CONNECT after the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            require_thing_client_id: false,
+            max_packet_size: 128 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -208,6 +266,8 @@ pub struct Domain {
     pub session_resumption: bool,
     /// How the registry's statuses apply to this domain's clients.
     pub registry_mode: RegistryMode,
+    /// MQTT settings (on listeners that speak MQTT).
+    pub mqtt: MqttSettings,
 }
 
 /// How a domain uses the certificate registry.

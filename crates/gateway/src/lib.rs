@@ -22,6 +22,7 @@ pub mod echo;
 pub mod explain;
 mod identity;
 pub mod listen;
+mod mqtt;
 mod proxy;
 mod respond;
 mod route;
@@ -160,7 +161,7 @@ impl State {
                     .collect::<Result<Vec<_>, GatewayError>>()?;
                 Ok(DomainState {
                     config: d.clone(),
-                    tls: DomainTls::new(d, registry.clone())?,
+                    tls: DomainTls::new(d, registry.clone(), config.speaks_mqtt())?,
                     upstream_clients,
                     request_metrics: Default::default(),
                 })
@@ -251,6 +252,7 @@ pub struct Gateway {
     shutdown: watch::Sender<bool>,
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    broker: Arc<portcullis_mqtt::broker::Broker>,
 }
 
 impl Gateway {
@@ -269,7 +271,11 @@ impl Gateway {
         let limits = Arc::new(listen::Gates::new(&config.limits));
         let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();
-        for addr in &config.listeners {
+        let broker = Arc::new(portcullis_mqtt::broker::Broker::new(
+            portcullis_mqtt::broker::Limits::default(),
+        ));
+        for l in &config.listeners {
+            let addr = &l.address;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| GatewayError::Bind {
@@ -283,18 +289,37 @@ impl Gateway {
             local_addrs.push(local);
             tasks.push(tokio::spawn(listen::accept_loop(
                 listener,
+                l.protocols,
                 state.clone(),
                 client.clone(),
                 limits.clone(),
+                broker.clone(),
                 shutdown_rx.clone(),
             )));
         }
+        // Offline sessions past their expiry, and expired retained messages, go.
+        tasks.push(tokio::spawn({
+            let broker = broker.clone();
+            let mut shutdown = shutdown_rx.clone();
+            async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            broker.expire_sessions();
+                        }
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }));
         Ok(Gateway {
             state,
             registry,
             shutdown,
             local_addrs,
             tasks,
+            broker,
         })
     }
 
@@ -313,6 +338,11 @@ impl Gateway {
     pub fn update_registry(&self, snapshot: verify::RegistrySnapshot) {
         self.registry.snapshot.store(Arc::new(snapshot));
         self.registry.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The MQTT broker (sessions, retained messages), for the admin API and HTTPS publish.
+    pub fn broker(&self) -> Arc<portcullis_mqtt::broker::Broker> {
+        self.broker.clone()
     }
 
     /// The registry snapshot in use (to derive the next one from).

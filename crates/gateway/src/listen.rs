@@ -24,11 +24,12 @@ use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::authorize;
-use crate::config::{Authorization, Limits, MtlsMode};
+use crate::config::{Authorization, Limits, MtlsMode, Protocols};
 use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
 use crate::{DomainState, State, route};
+use portcullis_mqtt::broker::Broker;
 use portcullis_pki::RejectReason;
 
 /// How long shutdown waits for open connections.
@@ -55,9 +56,11 @@ impl Gates {
 /// Accepts connections until shutdown, then waits for open ones to finish.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
+    protocols: Protocols,
     state: Arc<ArcSwap<State>>,
     client: UpstreamClient,
     gates: Arc<Gates>,
+    broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -88,9 +91,11 @@ pub(crate) async fn accept_loop(
                 let handshakes = gates.handshakes.clone();
                 let shutdown = shutdown.clone();
                 let client = client.clone();
+                let broker = broker.clone();
                 connections.spawn(async move {
                     metrics::gauge!("portcullis_active_connections").increment(1.0);
-                    connection(stream, peer, snapshot, client, handshakes, shutdown).await;
+                    let on = Endpoint { protocols, broker };
+                    connection(stream, peer, snapshot, client, handshakes, shutdown, on).await;
                     metrics::gauge!("portcullis_active_connections").decrement(1.0);
                     drop(permit);
                 });
@@ -120,6 +125,12 @@ struct ConnectionContext {
     client: UpstreamClient,
 }
 
+/// What a listener serves after the handshake.
+struct Endpoint {
+    protocols: Protocols,
+    broker: Arc<Broker>,
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -127,6 +138,7 @@ async fn connection(
     client: UpstreamClient,
     handshakes: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
+    endpoint: Endpoint,
 ) {
     let started = Instant::now();
     let limits = &state.limits;
@@ -266,6 +278,28 @@ async fn connection(
         && let Some(leaf) = chain.first()
     {
         domain.tls.verifier.saw(leaf, &hostname);
+    }
+    // MQTT or HTTP: by listener, then by ALPN.
+    let mqtt = match endpoint.protocols {
+        Protocols::Mqtt => true,
+        Protocols::Both => alpn == "mqtt",
+        Protocols::Http => false,
+    };
+    if mqtt {
+        let conn = crate::mqtt::Conn {
+            peer,
+            domain: domain.config.clone(),
+            verifier: domain.tls.verifier.clone(),
+            verdict,
+            broker: endpoint.broker,
+            shutdown,
+        };
+        crate::mqtt::serve(tls, conn).await;
+        return;
+    }
+    if alpn == "mqtt" {
+        tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN mqtt) on a listener that speaks only HTTP");
+        return;
     }
     // Live revocation: a connection whose certificate the registry stops admitting is closed,
     // keep-alive and HTTP/2 included.

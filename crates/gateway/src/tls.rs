@@ -26,6 +26,7 @@ impl DomainTls {
     pub(crate) fn new(
         domain: &Domain,
         registry: Arc<RegistryHandle>,
+        mqtt: bool,
     ) -> Result<DomainTls, GatewayError> {
         let provider = provider_for(domain.policy);
         let versions: &[&'static rustls::SupportedProtocolVersion] = match domain.policy {
@@ -54,6 +55,9 @@ impl DomainTls {
                 ))
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if mqtt {
+            config.alpn_protocols.push(b"mqtt".to_vec());
+        }
         config.session_storage = if domain.session_resumption {
             ServerSessionMemoryCache::new(4096)
         } else {

@@ -694,6 +694,12 @@ impl DomainVerifier {
     }
 
     /// Registry change notifications.
+    /// How many times the registry snapshot was replaced: a session's cached policy binding is
+    /// valid while this does not move.
+    pub(crate) fn registry_generation(&self) -> u64 {
+        *self.registry.changes.borrow()
+    }
+
     pub(crate) fn registry_snapshot(&self) -> Arc<RegistrySnapshot> {
         self.registry.snapshot.load_full()
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod control;
+mod mqtt;
 mod nodes;
 mod pki;
 mod policy;

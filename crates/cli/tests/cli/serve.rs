@@ -16,6 +16,8 @@ pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) port: u16,
     pub(crate) admin_port: u16,
+    /// Every listener's port, in configuration order.
+    pub(crate) ports: Vec<u16>,
     lines: Receiver<String>,
     /// Every line received so far, matched or skipped.
     history: std::cell::RefCell<Vec<String>>,
@@ -49,20 +51,25 @@ impl Server {
             child,
             port: 0,
             admin_port: 0,
+            ports: Vec::new(),
             lines,
             history: Default::default(),
         };
         let line = server.wait_for("portcullis admin API on https://");
         server.admin_port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
         let line = server.wait_for("portcullis is serving on ");
-        let addr = line
+        let addrs = line
             .split("serving on ")
             .nth(1)
             .unwrap()
-            .split_whitespace()
+            .split(" (config")
             .next()
             .unwrap();
-        server.port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        server.ports = addrs
+            .split(", ")
+            .map(|a| a.rsplit(':').next().unwrap().parse().unwrap())
+            .collect();
+        server.port = server.ports[0];
         server
     }
 
@@ -78,6 +85,14 @@ impl Server {
             return line.clone();
         }
         self.next_line(what, wanted)
+    }
+
+    /// Takes every line printed so far off the queue (into the history), so that the next
+    /// `wait_for` sees only what comes after this call.
+    pub(crate) fn drain(&self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.history.borrow_mut().push(line);
+        }
     }
 
     /// Waits until the gateway's registry snapshot includes the change numbered `marker`. The

@@ -1,0 +1,387 @@
+//! The MQTT endpoint with real clients (Debian's mosquitto_pub and mosquitto_sub): the
+//! certificate is the identity, policies with certificate variables decide connect, publish,
+//! subscribe and receive; retained messages, persistent sessions, client id takeover, and a
+//! revoked certificate's live session closed.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use portcullis_testkit::{Run, require_tool, run, temp_dir};
+
+use crate::control::{cli, cli_json, wait_for_snapshot};
+use crate::serve::{Server, pki};
+use crate::*;
+
+const POLICY: &str = r#"{"Statement": [
+  {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:${cert:Subject.CN}"},
+  {"Effect": "Allow", "Action": "mqtt:Publish",
+   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:commands/*"]},
+  {"Effect": "Allow", "Action": "mqtt:Subscribe",
+   "Resource": ["topicfilter:devices/+/telemetry", "topicfilter:commands/${cert:Subject.CN}/*"]},
+  {"Effect": "Allow", "Action": "mqtt:Receive",
+   "Resource": ["topic:devices/*", "topic:commands/${cert:Subject.CN}/*"]}]}"#;
+
+fn config() -> String {
+    "default_endpoint = true\ndefault_domain = \"localhost\"\n\
+     [admin]\naddress = \"127.0.0.1:0\"\n\
+     [[listener]]\naddress = \"127.0.0.1:0\"\n\
+     [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
+     [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"revocation\"\n\
+     [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+     [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        .to_string()
+}
+
+/// The mosquitto client options for device `who` on the MQTT port.
+fn tls_args(s: &Server, who: &str) -> Vec<String> {
+    [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &s.ports[1].to_string(),
+        "--cafile",
+        "data/ca/ca.pem",
+        // No SNI for an IP address: the default domain answers; its certificate names
+        // localhost, so the name check is off (the chain is still verified).
+        "--insecure",
+        "--cert",
+        &format!("{who}.chain.pem"),
+        "--key",
+        &format!("{who}.key"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn publish(d: &Path, s: &Server, who: &str, extra: &[&str]) -> Run {
+    let tool = require_tool("mosquitto_pub").unwrap();
+    let mut args = tls_args(s, who);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(tool, &refs, d)
+}
+
+/// Starts a subscriber; wait for its "mqtt subscribe" log line before publishing.
+fn subscribe(d: &Path, s: &Server, who: &str, extra: &[&str]) -> Child {
+    let tool = require_tool("mosquitto_sub").unwrap();
+    let mut args = tls_args(s, who);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Command::new(tool)
+        .args(&args)
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn output(child: Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
+    let Some(_) = require_tool("mosquitto_pub") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    for dev in ["dev-1", "dev-2"] {
+        leaf(d, "client", dev, "int", &["--org", "Acme"]);
+    }
+    let s = Server::start(d, &config());
+    assert_eq!(s.ports.len(), 2);
+    // Without a policy nothing connects.
+    let refused = publish(
+        d,
+        &s,
+        "dev-1",
+        &["-i", "dev-1", "-t", "devices/dev-1/t", "-m", "x"],
+    );
+    assert_ne!(refused.code, 0, "{}", refused.stderr);
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    cli(
+        d,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
+
+    // A subscriber receives what another device publishes on its own topic.
+    let sub = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-v",
+        ],
+    );
+    s.wait_for("\"message\":\"mqtt subscribe\"");
+    let sent = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "devices/dev-2/telemetry",
+            "-m",
+            "21.5",
+            "-q",
+            "1",
+        ],
+    );
+    assert_eq!(sent.code, 0, "{}", sent.stderr);
+    let (code, text) = output(sub);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("devices/dev-2/telemetry 21.5"), "{text}");
+
+    // Publishing on another device's topic: MQTT 5 answers 0x87, MQTT 3.1.1 closes.
+    let v5 = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "dev-2",
+            "-t",
+            "devices/dev-1/telemetry",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(v5.stderr.contains("Not authorized"), "{}", v5.stderr);
+    let v311 = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "devices/dev-1/telemetry",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    );
+    assert_ne!(v311.code, 0, "{}", v311.stderr);
+    assert!(
+        s.wait_for("mqtt publish denied")
+            .contains("devices/dev-1/telemetry")
+    );
+    // A client id that is not the certificate's: refused at CONNECT.
+    let wrong = publish(
+        d,
+        &s,
+        "dev-2",
+        &["-i", "dev-1", "-t", "devices/dev-2/t", "-m", "x"],
+    );
+    assert_ne!(wrong.code, 0);
+    assert!(wrong.stderr.contains("not authorised"), "{}", wrong.stderr);
+    // Subscriptions outside the policy are refused (SUBACK failure), wildcards checked as such.
+    let denied = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/#",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+    );
+    let (_, text) = output(denied);
+    assert!(
+        text.to_lowercase().contains("not authorized") || text.contains("denied"),
+        "{text}"
+    );
+
+    // Retained: a later subscriber gets the last retained message at once.
+    let kept = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "devices/dev-2/telemetry",
+            "-m",
+            "kept",
+            "-r",
+            "-q",
+            "1",
+        ],
+    );
+    assert_eq!(kept.code, 0, "{}", kept.stderr);
+    let late = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ],
+    );
+    let (code, text) = output(late);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("devices/dev-2/telemetry kept"), "{text}");
+
+    // A persistent session gets at QoS 1 what was published while it was away.
+    let first = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "commands/dev-1/#",
+            "-E",
+        ],
+    );
+    let (code, text) = output(first);
+    assert_eq!(code, Some(0), "{text}");
+    let queued = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "commands/dev-1/reboot",
+            "-m",
+            "now",
+            "-q",
+            "1",
+        ],
+    );
+    assert_eq!(queued.code, 0, "{}", queued.stderr);
+    let back = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "commands/dev-1/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ],
+    );
+    let (code, text) = output(back);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("commands/dev-1/reboot now"), "{text}");
+
+    // A second connection with the same client id closes the first.
+    s.drain();
+    let mut holder = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &["-i", "dev-1", "-t", "commands/dev-1/holder", "-W", "30"],
+    );
+    s.wait_for("commands/dev-1/holder");
+    let taker = publish(
+        d,
+        &s,
+        "dev-1",
+        &["-i", "dev-1", "-t", "devices/dev-1/x", "-m", "x", "-q", "1"],
+    );
+    assert_eq!(taker.code, 0, "{}", taker.stderr);
+    let taken = s.wait_for("took this client id over");
+    assert!(taken.contains("dev-1"), "{taken}");
+    // (mosquitto_sub reconnects by itself; it has made its point.)
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    // Revoking the certificate closes its live session within a second.
+    let registered = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "dev-1.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    wait_for_snapshot(d, &s);
+    s.drain();
+    let mut live = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &["-i", "dev-1", "-t", "commands/dev-1/live", "-W", "30"],
+    );
+    s.wait_for("commands/dev-1/live");
+    let started = std::time::Instant::now();
+    cli(
+        d,
+        &[
+            "cert",
+            "update",
+            registered["id"].as_str().unwrap(),
+            "--status",
+            "REVOKED",
+        ],
+    )
+    .ok();
+    let closed = s.wait_for("\"revoked");
+    let elapsed = started.elapsed();
+    assert!(closed.contains("revoked"), "{closed}");
+    assert!(elapsed.as_millis() < 1000, "closed after {elapsed:?}");
+    println!("mqtt session closed {elapsed:?} after the revocation");
+    let _ = live.kill();
+    let _ = live.wait();
+}
