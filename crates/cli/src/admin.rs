@@ -158,6 +158,7 @@ pub struct ServeHooks {
     pub registry_reachable: Arc<AtomicBool>,
     pub explainer: Explainer,
     pub domains: crate::config::DomainChecker,
+    pub broker: std::sync::Arc<portcullis_mqtt::broker::Broker>,
 }
 
 impl Hooks for ServeHooks {
@@ -176,6 +177,15 @@ impl Hooks for ServeHooks {
             &request.path,
             &request.chain,
         )
+    }
+
+    fn mqtt_sessions(&self) -> Value {
+        serde_json::json!({"items": self.broker.sessions()})
+    }
+
+    fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool {
+        self.broker
+            .close(client_id, "an operator disconnected the session", forget)
     }
 
     fn check_domains<'a>(

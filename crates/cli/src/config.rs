@@ -160,6 +160,9 @@ pub(crate) struct FileMqtt {
     /// The largest packet accepted, bytes (default 131072).
     #[serde(skip_serializing_if = "Option::is_none")]
     max_packet_size: Option<usize>,
+    /// `POST /topics/{topic}?qos=0|1` publishes to MQTT subscribers.
+    #[serde(default)]
+    https_publish: bool,
 }
 
 fn default_registry_mode() -> String {
@@ -640,6 +643,7 @@ fn file_domain(
                 MqttSettings {
                     require_thing_client_id: m.require_thing_client_id,
                     max_packet_size,
+                    https_publish: m.https_publish,
                     ..defaults
                 }
             }

@@ -412,6 +412,21 @@ pub struct SimulateArgs {
     domain: Option<String>,
 }
 
+/// `portcullis sessions …`
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// MQTT sessions: online or stored, identity, subscriptions, queued messages.
+    List,
+    /// Close an MQTT session's connection now.
+    Disconnect {
+        /// The client id.
+        client_id: String,
+        /// Also drop the stored session (subscriptions and queued messages).
+        #[arg(long)]
+        forget: bool,
+    },
+}
+
 /// `portcullis webhook …`
 #[derive(Debug, Subcommand)]
 pub enum WebhookCommand {
@@ -588,6 +603,7 @@ pub enum Control {
     Domain(DomainCommand),
     Policy(PolicyCommand),
     Webhook(WebhookCommand),
+    Sessions(SessionsCommand),
     Audit(AuditCommand),
     Admin(AdminCommand),
     Explain(ExplainArgs),
@@ -611,6 +627,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Domain(c) => domain(&client, &out, c).await,
             Control::Policy(c) => policy(&client, &out, c).await,
             Control::Webhook(c) => webhook(&client, &out, c).await,
+            Control::Sessions(c) => sessions(&client, &out, c).await,
             Control::Audit(c) => audit(&client, &out, c).await,
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
@@ -1243,6 +1260,59 @@ fn version_text(v: &Value) -> String {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
     text
+}
+
+async fn sessions(
+    client: &AdminClient,
+    out: &Printer,
+    command: SessionsCommand,
+) -> Result<ExitCode> {
+    match command {
+        SessionsCommand::List => {
+            let v = client.get("/v1/sessions").await?;
+            out.show(&v, |v| {
+                let lines: Vec<String> = items(v)
+                    .map(|x| {
+                        let subs: Vec<String> = x["subscriptions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(s)
+                            .collect();
+                        format!(
+                            "{}  {}  {}  subscriptions [{}]  queued {}",
+                            s(&x["client_id"]),
+                            if x["online"] == true {
+                                "online"
+                            } else {
+                                "offline"
+                            },
+                            s(&x["identity"]),
+                            subs.join(" "),
+                            s(&x["queued"])
+                        )
+                    })
+                    .collect();
+                if lines.is_empty() {
+                    "no MQTT sessions".into()
+                } else {
+                    lines.join("\n")
+                }
+            });
+        }
+        SessionsCommand::Disconnect { client_id, forget } => {
+            client
+                .delete(&format!(
+                    "/v1/sessions/{}?forget={forget}",
+                    segment(&client_id)
+                ))
+                .await?;
+            out.show(&json!({"disconnected": client_id}), |_| {
+                format!("disconnected {client_id}")
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A webhook as one line.

@@ -53,6 +53,8 @@ enum Command {
     Policy(Control<control::PolicyCommand>),
     /// Webhooks: signed JSON events about certificates, CAs and truststores, with retries.
     Webhook(Control<control::WebhookCommand>),
+    /// MQTT sessions: list, disconnect.
+    Sessions(Control<control::SessionsCommand>),
     /// The audit log.
     Audit(Control<control::AuditCommand>),
     /// Admin API access: bearer tokens.
@@ -106,6 +108,7 @@ fn main() -> ExitCode {
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
         Command::Webhook(c) => control::run(control::Control::Webhook(c.command), c.connect),
+        Command::Sessions(c) => control::run(control::Control::Sessions(c.command), c.connect),
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),

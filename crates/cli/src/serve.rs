@@ -135,6 +135,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         ready: ready.clone(),
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
+        broker: gateway.broker(),
         domains: crate::config::DomainChecker {
             store: store.clone(),
             config_path: config_path.clone(),

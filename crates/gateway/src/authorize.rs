@@ -282,6 +282,25 @@ pub(crate) fn now() -> i64 {
         .unwrap_or_default()
 }
 
+/// Percent-decodes text to UTF-8; `None` when an escape is malformed or the result is not
+/// UTF-8 (or holds a NUL).
+pub(crate) fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().filter(|s| !s.contains('\0'))
+}
+
 /// The request path as policies see it: percent-decoded UTF-8. Paths that could mean something
 /// else to the upstream than to the policy are refused: an encoded `/` or `\`, `.` or `..`
 /// segments (encoded or not), a backslash, invalid UTF-8 or a NUL.

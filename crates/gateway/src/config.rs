@@ -181,6 +181,8 @@ pub struct MqttSettings {
     pub max_packet_size: usize,
     /// How long a client may take to send CONNECT after the handshake.
     pub connect_timeout: Duration,
+    /// `POST /topics/{topic}?qos=0|1` on this domain's HTTPS publishes to MQTT subscribers.
+    pub https_publish: bool,
 }
 
 impl Default for MqttSettings {
@@ -189,6 +191,7 @@ impl Default for MqttSettings {
             require_thing_client_id: false,
             max_packet_size: 128 * 1024,
             connect_timeout: Duration::from_secs(10),
+            https_publish: false,
         }
     }
 }

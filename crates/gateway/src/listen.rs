@@ -123,6 +123,8 @@ struct ConnectionContext {
     /// The forwarding header values of this connection.
     forwarding: Forwarding,
     client: UpstreamClient,
+    /// The MQTT broker, for HTTPS publish.
+    broker: Arc<Broker>,
 }
 
 /// What a listener serves after the handshake.
@@ -291,7 +293,7 @@ async fn connection(
             domain: domain.config.clone(),
             verifier: domain.tls.verifier.clone(),
             verdict,
-            broker: endpoint.broker,
+            broker: endpoint.broker.clone(),
             shutdown,
         };
         crate::mqtt::serve(tls, conn).await;
@@ -339,6 +341,7 @@ async fn connection(
         forwarding: Forwarding::new(peer, sni.as_deref()),
         verdict,
         client,
+        broker: endpoint.broker,
     });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -468,6 +471,26 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                 "the Host header does not match the domain this connection was made for",
                 None,
             );
+        }
+        // HTTPS publish to MQTT subscribers, like IoT Core's HTTPS endpoint.
+        if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
+            mapping_name = "/topics".into();
+            let leaf = match &ctx.verdict {
+                ClientVerdict::Valid(chain) => chain.first(),
+                _ => None,
+            };
+            let Some(leaf) = leaf else {
+                break 'answer forbidden(&req, &ctx.verdict);
+            };
+            break 'answer crate::mqtt::https_publish(
+                req,
+                leaf,
+                &domain.tls.verifier,
+                &domain.config,
+                &ctx.broker,
+                ctx.peer,
+            )
+            .await;
         }
         // On a domain with policy-authorized mappings, the path must mean one thing: decoded
         // without ambiguity, and routed to the same mapping decoded or not.

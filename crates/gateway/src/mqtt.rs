@@ -827,3 +827,126 @@ fn puback(packet_id: u16, code: u8) -> Packet {
 fn expiry_of(seconds: Option<u32>) -> Option<Instant> {
     seconds.map(|s| Instant::now() + Duration::from_secs(u64::from(s)))
 }
+
+/// `POST /topics/{topic}?qos=0|1[&retain=true]` over HTTPS: the body is published to MQTT
+/// subscribers if the certificate's policies allow `mqtt:Publish` on `topic:<topic>`.
+pub(crate) async fn https_publish(
+    req: hyper::Request<hyper::body::Incoming>,
+    leaf: &Certificate,
+    verifier: &Arc<DomainVerifier>,
+    domain: &Domain,
+    broker: &Broker,
+    peer: SocketAddr,
+) -> hyper::Response<crate::respond::Body> {
+    use http_body_util::BodyExt;
+    use hyper::StatusCode;
+
+    use crate::respond::{error_response, full};
+    if req.method() != hyper::Method::POST {
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "publish with POST /topics/{topic}?qos=0|1",
+            None,
+        );
+    }
+    let raw = req.uri().path().trim_start_matches("/topics/");
+    let topic = match crate::authorize::percent_decode(raw) {
+        Some(t) => t,
+        None => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid-topic",
+                "the topic is not valid percent-encoded UTF-8",
+                None,
+            );
+        }
+    };
+    if let Err(why) = portcullis_mqtt::topic::check_name(&topic)
+        .map_err(|e| e.to_string())
+        .and_then(|()| reserved(&topic))
+    {
+        return error_response(StatusCode::BAD_REQUEST, "invalid-topic", &why, None);
+    }
+    let mut qos = QoS::AtMostOnce;
+    let mut retain = false;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("qos", "0") => qos = QoS::AtMostOnce,
+            ("qos", "1") => qos = QoS::AtLeastOnce,
+            ("retain", "true") => retain = true,
+            ("retain", "false") => retain = false,
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-query",
+                    &format!("'{pair}': the query takes qos=0|1 and retain=true|false"),
+                    None,
+                );
+            }
+        }
+    }
+    // The body is read first (bounded): answering before it is read makes HTTP/2 clients see
+    // the stream reset.
+    let max = domain.mqtt.max_packet_size;
+    let payload = match http_body_util::Limited::new(req.into_body(), max)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                &format!("the message is larger than {max} bytes (mqtt.max_packet_size)"),
+                None,
+            );
+        }
+    };
+    let decision = verifier.registry_snapshot().policies().decide(
+        Some(leaf),
+        &domain.hostname.to_string(),
+        "mqtt:Publish",
+        &format!("topic:{topic}"),
+        peer.ip(),
+    );
+    if !decision.allowed {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish").increment(1);
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "policy-denied",
+            &format!("Access denied: {}.", decision.reason),
+            None,
+        );
+    }
+    let routed = broker.publish(
+        Message {
+            topic: topic.clone(),
+            payload,
+            qos,
+            retain,
+            properties: Default::default(),
+            expires_at: None,
+        },
+        None,
+    );
+    metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
+    let body = serde_json::json!({
+        "topic": topic,
+        "qos": qos as u8,
+        "delivered": routed.delivered,
+        "queued": routed.queued,
+    });
+    let mut resp = hyper::Response::new(full(body.to_string()));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -241,6 +241,7 @@ fn the_admin_api_requires_credentials_and_serves_exactly_its_openapi_document() 
             .replace("{version}", "1")
             .replace("{hostname}", "nothing.test")
             .replace("{type}", "thing")
+            .replace("{client_id}", "nobody")
             .replace("{target}", "nothing");
         for method in ["get", "post", "put", "patch", "delete"] {
             let documented = ops.get(method).is_some();

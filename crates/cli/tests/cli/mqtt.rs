@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use portcullis_testkit::{Run, require_tool, run, temp_dir};
 
 use crate::control::{cli, cli_json, wait_for_snapshot};
-use crate::serve::{Server, pki};
+use crate::serve::{Server, answer, client, curl, pki, with_client};
 use crate::*;
 
 const POLICY: &str = r#"{"Statement": [
@@ -27,6 +27,7 @@ fn config() -> String {
      [[listener]]\naddress = \"127.0.0.1:0\"\n\
      [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
      [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"revocation\"\n\
+     [domain.mqtt]\nhttps_publish = true\n\
      [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
      [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
         .to_string()
@@ -321,6 +322,86 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
     let (code, text) = output(back);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("commands/dev-1/reboot now"), "{text}");
+
+    // HTTPS publish reaches an MQTT subscriber, within the same policies.
+    let sub = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "commands/dev-1/https",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-v",
+        ],
+    );
+    s.wait_for("commands/dev-1/https");
+    let c2 = client("dev-2");
+    let mut post = with_client(&c2);
+    post.extend(["-X", "POST", "--data-binary", "via https"]);
+    let (status, body) = answer(&curl(
+        d,
+        &s,
+        "localhost",
+        "/topics/commands/dev-1/https?qos=1",
+        &post,
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["delivered"], 1, "{body}");
+    let (code, text) = output(sub);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("commands/dev-1/https via https"), "{text}");
+    let denied = curl(d, &s, "localhost", "/topics/devices/dev-1/telemetry", &post);
+    let (status, body) = answer(&denied);
+    assert_ne!(status, 0, "{}", denied.stderr);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("policy-denied")),
+        "{body}"
+    );
+
+    // Sessions are listed and can be disconnected; a policy change that removes Connect
+    // closes the session.
+    s.drain();
+    let mut live2 = subscribe(
+        d,
+        &s,
+        "dev-2",
+        &["-i", "dev-2", "-t", "commands/dev-2/a", "-W", "30"],
+    );
+    s.wait_for("commands/dev-2/a");
+    let sessions = cli_json(d, &["sessions", "list"]);
+    let dev2 = sessions["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["client_id"] == "dev-2")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(dev2["online"], true, "{sessions}");
+    assert_eq!(dev2["subscriptions"][0], "commands/dev-2/a", "{sessions}");
+    cli(d, &["sessions", "disconnect", "dev-2"]).ok();
+    s.wait_for("an operator disconnected the session");
+    // mosquitto_sub connects again by itself.
+    s.wait_for("commands/dev-2/a");
+    let started = std::time::Instant::now();
+    cli(d, &["policy", "detach", "devices", "--domain", "localhost"]).ok();
+    let closed = s.wait_for("mqtt:Connect no longer allowed");
+    assert!(closed.contains("dev-2"), "{closed}");
+    assert!(
+        started.elapsed().as_millis() < 1000,
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = live2.kill();
+    let _ = live2.wait();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
 
     // A second connection with the same client id closes the first.
     s.drain();

@@ -48,6 +48,11 @@ pub trait Hooks: Send + Sync + 'static {
     /// readable, every truststore resolvable. Returns the specifications with defaults filled in,
     /// in the same order, or one line naming what is wrong. Nothing is stored unless this passes.
     fn check_domains<'a>(&'a self, domains: &'a [(String, Value)]) -> HookFuture<'a, Vec<Value>>;
+    /// The MQTT sessions (`{"items": [...]}`).
+    fn mqtt_sessions(&self) -> Value;
+    /// Closes an MQTT session's connection (and with `forget`, the stored session); whether
+    /// there was one.
+    fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool;
 }
 
 /// What an asynchronous hook returns.
@@ -174,6 +179,11 @@ pub fn router(api: Api) -> Router {
             put(policies::attach_policy).delete(policies::detach_policy),
         )
         .route("/v1/simulate", post(policies::simulate))
+        .route("/v1/sessions", get(list_sessions))
+        .route(
+            "/v1/sessions/{client_id}",
+            axum::routing::delete(close_session),
+        )
         .route(
             "/v1/webhooks",
             get(webhooks::list_webhooks).post(webhooks::create_webhook),
@@ -1318,4 +1328,29 @@ async fn delete_domain(
         .delete_domain(&hostname, Some(expected), &caller)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_sessions(State(api): State<Api>) -> ApiResult {
+    Ok(Json(api.hooks.mqtt_sessions()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseSession {
+    #[serde(default)]
+    forget: bool,
+}
+
+async fn close_session(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(client_id): Path<String>,
+    Params(q): Params<CloseSession>,
+) -> ApiResult<StatusCode> {
+    if api.hooks.close_mqtt_session(&client_id, q.forget) {
+        tracing::info!(target: "portcullis::admin", caller, client_id, forget = q.forget, "mqtt session closed by an operator");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(RegistryError::NotFound(format!("MQTT session '{client_id}'")).into())
+    }
 }

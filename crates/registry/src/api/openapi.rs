@@ -208,6 +208,18 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         "Evaluate the policies attached to a certificate (or named ones) for an action on a resource",
         Some("Simulate"),
     ),
+    (
+        "get",
+        "/v1/sessions",
+        "MQTT sessions: client id, online, identity, subscriptions, queued messages",
+        None,
+    ),
+    (
+        "delete",
+        "/v1/sessions/{client_id}",
+        "Disconnect an MQTT session (query: forget=true also drops the stored session)",
+        None,
+    ),
     ("get", "/v1/webhooks", "List webhooks", None),
     (
         "post",
