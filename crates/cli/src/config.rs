@@ -163,6 +163,9 @@ pub(crate) struct FileMqtt {
     /// `POST /topics/{topic}?qos=0|1` publishes to MQTT subscribers.
     #[serde(default)]
     https_publish: bool,
+    /// Seconds a client may take to send CONNECT after the handshake (default 10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_timeout_secs: Option<f64>,
 }
 
 fn default_registry_mode() -> String {
@@ -640,11 +643,19 @@ fn file_domain(
                         ctx()
                     );
                 }
+                let connect_timeout = match m.connect_timeout_secs {
+                    None => defaults.connect_timeout,
+                    Some(s) if s > 0.0 && s <= 600.0 => Duration::from_secs_f64(s),
+                    Some(s) => bail!(
+                        "{}: mqtt.connect_timeout_secs {s} must be between 0 and 600",
+                        ctx()
+                    ),
+                };
                 MqttSettings {
                     require_thing_client_id: m.require_thing_client_id,
                     max_packet_size,
                     https_publish: m.https_publish,
-                    ..defaults
+                    connect_timeout,
                 }
             }
         },

@@ -33,6 +33,9 @@ const MAX_INFLIGHT: usize = 64;
 /// How long a MQTT 3.1.1 persistent session outlives its connection (MQTT 5 clients say).
 const PERSISTENT_SESSION: Duration = Duration::from_secs(3600);
 
+/// How long a write to a client may take: a client that stops reading is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What the MQTT endpoint needs of its connection.
 pub(crate) struct Conn {
     pub(crate) peer: SocketAddr,
@@ -811,8 +814,17 @@ impl Session<'_> {
             return Ok(());
         }
         let out = self.out.split();
-        tls.write_all(&out).await?;
-        tls.flush().await
+        let write = async {
+            tls.write_all(&out).await?;
+            tls.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(done) => done,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
+        }
     }
 }
 

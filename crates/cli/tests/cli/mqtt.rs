@@ -466,3 +466,126 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
     let _ = live.kill();
     let _ = live.wait();
 }
+
+/// Raw MQTT bytes over TLS from Python: each abuse gets a protocol-correct refusal in bounded
+/// time, and a well-behaved client is served throughout.
+const ABUSE: &str = r#"
+import socket, ssl, sys, time
+port = int(sys.argv[1])
+def conn():
+    ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+    ctx.check_hostname = False
+    ctx.load_cert_chain("dev-1.chain.pem", "dev-1.key")
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+    s.settimeout(10)
+    return s
+def varint(n):
+    out = b""
+    while True:
+        b = n % 128; n //= 128
+        out += bytes([b | (128 if n else 0)])
+        if not n: return out
+def string(t): return len(t).to_bytes(2, "big") + t
+def packet(kind, body): return bytes([kind]) + varint(len(body)) + body
+def connect(cid=b"dev-1"):
+    return packet(0x10, string(b"MQTT") + bytes([4, 0x02, 0, 60]) + string(cid))
+def closed_within(s, seconds):
+    start = time.time()
+    try:
+        while True:
+            if not s.recv(4096): break
+    except (ssl.SSLError, ConnectionResetError, socket.timeout, OSError):
+        pass
+    return time.time() - start < seconds
+# 1. Silence after the handshake: closed after the connect timeout (1 s here).
+s = conn(); print("silent", closed_within(s, 5), flush=True)
+# 2. Garbage.
+s = conn(); s.sendall(b"\xff" * 64); print("garbage", closed_within(s, 5), flush=True)
+# 3. A CONNECT announcing 100 kB against a 1 kB limit: closed before the rest arrives.
+s = conn(); s.sendall(bytes([0x10]) + varint(100_000) + b"\x00\x04MQTT"); print("oversized", closed_within(s, 5), flush=True)
+# 4. A wildcard in a PUBLISH topic.
+s = conn(); s.sendall(connect()); ack = s.recv(4)
+print("connack", ack.hex(), flush=True)
+s.sendall(packet(0x30, string(b"commands/+/x") + b"payload")); print("wildcard-publish", closed_within(s, 5), flush=True)
+# 5. A flood of SUBSCRIBEs: the first 100 granted, then quota refusals; the session lives.
+s = conn(); s.sendall(connect()); s.recv(4)
+codes = []
+for i in range(150):
+    s.sendall(packet(0x82, (i + 1).to_bytes(2, "big") + string(b"commands/dev-1/f%d" % i) + b"\x00"))
+    suback = b""
+    while len(suback) < 5: suback += s.recv(5 - len(suback))
+    codes.append(suback[4])
+print("subscribe-codes", codes.count(0), codes.count(0x80), flush=True)
+s.sendall(packet(0xC0, b"")); print("pingresp", s.recv(2).hex(), flush=True)
+"#;
+
+#[test]
+fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
+    let (Some(python), Some(_)) = (require_tool("python3"), require_tool("mosquitto_pub")) else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    for dev in ["dev-1", "dev-2"] {
+        leaf(d, "client", dev, "int", &["--org", "Acme"]);
+    }
+    let config = config().replace(
+        "https_publish = true\n",
+        "https_publish = true\nconnect_timeout_secs = 1\nmax_packet_size = 1024\n",
+    );
+    let s = Server::start(d, &config);
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    cli(
+        d,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
+    // A well-behaved subscriber is connected throughout.
+    let mut steady = subscribe(
+        d,
+        &s,
+        "dev-2",
+        &["-i", "dev-2", "-t", "commands/dev-2/steady", "-W", "60"],
+    );
+    s.wait_for("commands/dev-2/steady");
+    std::fs::write(d.join("abuse.py"), ABUSE).unwrap();
+    let r = run(&python, &["abuse.py", &s.ports[1].to_string()], d);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    for line in [
+        "silent True",
+        "garbage True",
+        "oversized True",
+        "wildcard-publish True",
+    ] {
+        assert!(r.stdout.contains(line), "{line}: {}", r.stdout);
+    }
+    assert!(r.stdout.contains("connack 20020000"), "{}", r.stdout);
+    assert!(r.stdout.contains("subscribe-codes 100 50"), "{}", r.stdout);
+    assert!(r.stdout.contains("pingresp d000"), "{}", r.stdout);
+    // The steady client was not disturbed, and the gateway still serves new ones.
+    let ok = publish(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/dev-1/after",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        steady.try_wait().unwrap().is_none(),
+        "the steady subscriber is still connected"
+    );
+    let _ = steady.kill();
+    let _ = steady.wait();
+}
