@@ -439,7 +439,8 @@ pub enum WebhookCommand {
         url: String,
         /// An event type (repeatable, or comma-separated): certificate.registered,
         /// certificate.pending_activation, certificate.status_changed, certificate.expiring,
-        /// ca.registered, ca.status_changed, ca.expiring, truststore.version_added.
+        /// ca.registered, ca.status_changed, ca.expiring, truststore.version_added, and
+        /// mqtt.message (forwarding rules, with --topic-filter).
         #[arg(long = "event", value_delimiter = ',', required = true)]
         events: Vec<String>,
         /// For *.expiring events: how many days ahead.
@@ -448,6 +449,9 @@ pub enum WebhookCommand {
         /// The CA bundle the receiver's certificate chains to (default: the system's roots).
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
+        /// With --event mqtt.message (a forwarding rule): the MQTT topic filter.
+        #[arg(long, value_name = "FILTER")]
+        topic_filter: Option<String>,
     },
     /// List webhooks.
     List,
@@ -1324,7 +1328,7 @@ fn webhook_line(w: &Value) -> String {
         .map(s)
         .collect();
     format!(
-        "{}  {}  {}  {}  events {}{}",
+        "{}  {}  {}  {}  events {}{}{}",
         s(&w["id"]),
         s(&w["name"]),
         if w["enabled"] == true {
@@ -1338,7 +1342,11 @@ fn webhook_line(w: &Value) -> String {
             "  (own CA bundle)"
         } else {
             ""
-        }
+        },
+        w["topic_filter"]
+            .as_str()
+            .map(|f| format!("  topic filter {f}"))
+            .unwrap_or_default()
     )
 }
 
@@ -1376,6 +1384,7 @@ async fn webhook(client: &AdminClient, out: &Printer, command: WebhookCommand) -
             events,
             expiring_days,
             ca,
+            topic_filter,
         } => {
             let ca_pem = match &ca {
                 Some(p) => ca_text(p)?,
@@ -1384,7 +1393,7 @@ async fn webhook(client: &AdminClient, out: &Printer, command: WebhookCommand) -
             let v = client
                 .post(
                     "/v1/webhooks",
-                    &json!({"name": name, "url": url, "events": events, "expiring_days": expiring_days, "ca_pem": ca_pem}),
+                    &json!({"name": name, "url": url, "events": events, "expiring_days": expiring_days, "ca_pem": ca_pem, "topic_filter": topic_filter}),
                 )
                 .await?;
             out.show(&v, |v| {

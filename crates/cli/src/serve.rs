@@ -124,6 +124,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         tokio::spawn(record_sightings(store.clone(), sightings));
     }
     tokio::spawn(portcullis_registry::webhooks::Dispatcher::new(store.clone()).run());
+    if let Some(forwarded) = gateway.take_forwarded() {
+        tokio::spawn(record_forwarded(store.clone(), forwarded));
+    }
 
     // The admin API: HTTPS, admin client certificate or bearer token.
     let local_ca = Arc::new(data.local_ca()?);
@@ -310,6 +313,21 @@ fn jit_error(e: &portcullis_registry::RegistryError, otherwise: &str) -> String 
         "the registry database cannot be reached; just-in-time registrations are refused until it is back".into()
     } else {
         otherwise.into()
+    }
+}
+
+/// Records MQTT messages for their forwarding rules, in batches; the webhook dispatcher sends
+/// them (signed, retried, recorded).
+async fn record_forwarded(
+    store: Store,
+    mut forwarded: tokio::sync::mpsc::Receiver<(String, String)>,
+) {
+    let mut batch = Vec::new();
+    while forwarded.recv_many(&mut batch, 500).await > 0 {
+        if let Err(e) = store.enqueue_message_deliveries(&batch).await {
+            tracing::warn!(target: "portcullis::webhooks", error = %e, messages = batch.len(), "cannot record messages for forwarding rules; they are dropped");
+        }
+        batch.clear();
     }
 }
 
@@ -618,6 +636,12 @@ async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
         .context("reading the registry")?;
     Ok(builder
         .build()
+        .with_rules(
+            store
+                .message_rules()
+                .await
+                .context("reading the forwarding rules")?,
+        )
         .with_auto_registering_cas(auto_registering_cas(store).await?)
         .with_policies(policy_snapshot(store).await?))
 }
@@ -651,10 +675,13 @@ async fn incremental_snapshot(
         return Ok(None);
     }
     let mut ids: Vec<String> = Vec::new();
-    let (mut cas, mut policies) = (false, false);
+    let (mut cas, mut policies, mut rules) = (false, false, false);
     for (_, action, target) in &changes {
         if action.starts_with("certificate.") {
             ids.push(target.clone());
+        }
+        if action.starts_with("webhook.") {
+            rules = true;
         }
         // Statuses of many certificates at once (a CA deactivated with --revoke-issued writes
         // one entry per certificate, so these are covered too).
@@ -695,6 +722,14 @@ async fn incremental_snapshot(
     }
     if policies {
         next = next.with_policies(policy_snapshot(store).await?);
+    }
+    if rules {
+        next = next.with_rules(
+            store
+                .message_rules()
+                .await
+                .context("reading the forwarding rules")?,
+        );
     }
     Ok(Some(next))
 }

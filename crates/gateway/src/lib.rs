@@ -340,6 +340,12 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
+    /// MQTT messages for forwarding rules, (webhook id, envelope JSON); the first call takes
+    /// the receiver.
+    pub fn take_forwarded(&self) -> Option<tokio::sync::mpsc::Receiver<(String, String)>> {
+        self.registry.forwarded.lock().ok()?.take()
+    }
+
     /// The MQTT broker (sessions, retained messages), for the admin API and HTTPS publish.
     pub fn broker(&self) -> Arc<portcullis_mqtt::broker::Broker> {
         self.broker.clone()

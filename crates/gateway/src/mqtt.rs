@@ -705,6 +705,10 @@ impl Session<'_> {
             retain: p.retain,
             properties,
         };
+        c.verifier.forward(
+            || envelope(&message, Some(&self.client_id), &self.leaf, &c.verifier),
+            &message.topic,
+        );
         let routed = c.broker.publish(message, Some(&self.client_id));
         metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
         if routed.dropped > 0 {
@@ -937,17 +941,16 @@ pub(crate) async fn https_publish(
             None,
         );
     }
-    let routed = broker.publish(
-        Message {
-            topic: topic.clone(),
-            payload,
-            qos,
-            retain,
-            properties: Default::default(),
-            expires_at: None,
-        },
-        None,
-    );
+    let message = Message {
+        topic: topic.clone(),
+        payload,
+        qos,
+        retain,
+        properties: Default::default(),
+        expires_at: None,
+    };
+    verifier.forward(|| envelope(&message, None, leaf, verifier), &topic);
+    let routed = broker.publish(message, None);
     metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
     let body = serde_json::json!({
         "topic": topic,
@@ -961,4 +964,44 @@ pub(crate) async fn https_publish(
         hyper::header::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// The JSON a forwarding rule delivers for a message: the payload as text when it is UTF-8,
+/// base64 otherwise, with who sent it.
+fn envelope(
+    message: &Message,
+    client_id: Option<&str>,
+    leaf: &Certificate,
+    verifier: &DomainVerifier,
+) -> String {
+    use base64::Engine;
+    let id = &leaf.info().id;
+    let things: Vec<String> = verifier
+        .registry_snapshot()
+        .policies()
+        .things_of(id)
+        .to_vec();
+    let (payload, encoding) = match std::str::from_utf8(&message.payload) {
+        Ok(text) => (serde_json::Value::String(text.to_string()), "utf-8"),
+        Err(_) => (
+            serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            ),
+            "base64",
+        ),
+    };
+    serde_json::json!({
+        "event": "mqtt.message",
+        "occurred_at": crate::authorize::now(),
+        "topic": message.topic,
+        "payload": payload,
+        "payload_encoding": encoding,
+        "qos": message.qos as u8,
+        "retain": message.retain,
+        "client_id": client_id,
+        "certificate_id": id,
+        "thing": things.first(),
+        "things": things,
+    })
+    .to_string()
 }

@@ -157,6 +157,8 @@ pub struct RegistrySnapshot {
     count: usize,
     auto_registering: Arc<Vec<AutoRegistration>>,
     policies: Arc<crate::authorize::PolicySnapshot>,
+    /// Forwarding rules: (webhook id, topic filter).
+    rules: Arc<Vec<(String, String)>>,
 }
 
 /// Builds a [`RegistrySnapshot`] one status at a time (from a stream of database rows).
@@ -201,6 +203,7 @@ impl SnapshotBuilder {
             count: self.count,
             auto_registering: Arc::new(Vec::new()),
             policies: Arc::new(crate::authorize::PolicySnapshot::new()),
+            rules: Arc::new(Vec::new()),
         }
     }
 }
@@ -270,6 +273,17 @@ impl RegistrySnapshot {
     pub fn with_policies(mut self, policies: crate::authorize::PolicySnapshot) -> RegistrySnapshot {
         self.policies = Arc::new(policies);
         self
+    }
+
+    /// Sets the MQTT forwarding rules: (webhook id, topic filter).
+    pub fn with_rules(mut self, rules: Vec<(String, String)>) -> RegistrySnapshot {
+        self.rules = Arc::new(rules);
+        self
+    }
+
+    /// The forwarding rules.
+    pub(crate) fn rules(&self) -> &[(String, String)] {
+        &self.rules
     }
 
     /// The same policies as another snapshot (shared, not copied).
@@ -347,6 +361,9 @@ pub(crate) struct RegistryHandle {
     /// Verified certificates seen, at most one report per certificate a minute.
     seen: tokio::sync::mpsc::Sender<Sighting>,
     pub(crate) sightings: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Sighting>>>,
+    /// MQTT messages for forwarding rules: (webhook id, envelope JSON); bounded, never awaited.
+    pub(crate) forward: tokio::sync::mpsc::Sender<(String, String)>,
+    pub(crate) forwarded: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(String, String)>>>,
     last_reported: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
@@ -354,6 +371,7 @@ impl RegistryHandle {
     pub(crate) fn empty() -> RegistryHandle {
         let (jit, requests) = tokio::sync::mpsc::channel(10_000);
         let (seen, sightings) = tokio::sync::mpsc::channel(10_000);
+        let (forward, forwarded) = tokio::sync::mpsc::channel(10_000);
         RegistryHandle {
             snapshot: arc_swap::ArcSwap::from_pointee(RegistrySnapshot::default()),
             changes: tokio::sync::watch::channel(0).0,
@@ -361,6 +379,8 @@ impl RegistryHandle {
             jit_requests: std::sync::Mutex::new(Some(requests)),
             seen,
             sightings: std::sync::Mutex::new(Some(sightings)),
+            forward,
+            forwarded: std::sync::Mutex::new(Some(forwarded)),
             last_reported: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -694,6 +714,28 @@ impl DomainVerifier {
     }
 
     /// Registry change notifications.
+    /// Hands an MQTT message to the forwarding rules whose filter matches its topic (the binary
+    /// records and sends the deliveries). A full queue drops it, counted.
+    pub(crate) fn forward(&self, envelope: impl Fn() -> String, topic: &str) {
+        let snapshot = self.registry.snapshot.load();
+        for (rule, filter) in snapshot.rules() {
+            if portcullis_mqtt::topic::matches(filter, topic) {
+                let result = if self
+                    .registry
+                    .forward
+                    .try_send((rule.clone(), envelope()))
+                    .is_ok()
+                {
+                    "queued"
+                } else {
+                    "dropped"
+                };
+                metrics::counter!("portcullis_mqtt_rule_messages_total", "result" => result)
+                    .increment(1);
+            }
+        }
+    }
+
     /// How many times the registry snapshot was replaced: a session's cached policy binding is
     /// valid while this does not move.
     pub(crate) fn registry_generation(&self) -> u64 {

@@ -25,8 +25,8 @@ pub use model::{
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{
     AuditFilter, CaRegistration, CaUpdate, CertFilter, Change, ChangeListener, Delivery,
-    DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, PolicyState, PolicySummary,
-    Sighting, Store, Webhook, WebhookUpdate,
+    DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, PolicyState,
+    PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
 
 /// Errors of the registry.

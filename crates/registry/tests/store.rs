@@ -7,8 +7,8 @@ use std::sync::Arc;
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
 use portcullis_registry::{
-    AuditFilter, CaRegistration, CaStatus, CaUpdate, CertFilter, CertId, CertStatus, PolicyTarget,
-    ProvisioningTemplate, RegistryError, Sighting, Store, TargetType,
+    AuditFilter, CaRegistration, CaStatus, CaUpdate, CertFilter, CertId, CertStatus, NewWebhook,
+    PolicyTarget, ProvisioningTemplate, RegistryError, Sighting, Store, TargetType,
 };
 
 fn ca(name: &str) -> CaIssuer {
@@ -645,16 +645,29 @@ async fn suite(store: Store) {
 /// replays, expiry notices once per item.
 async fn webhooks(store: &Store, backend: &str) {
     let bad = store
-        .create_webhook("w", "ftp://x", &["ca.registered".into()], 30, "", "test")
+        .create_webhook(
+            &NewWebhook {
+                name: "w",
+                url: "ftp://x",
+                events: &["ca.registered".into()],
+                expiring_days: 30,
+                ca_pem: "",
+                topic_filter: None,
+            },
+            "test",
+        )
         .await;
     assert!(matches!(bad, Err(RegistryError::Invalid(_))), "{backend}");
     let bad = store
         .create_webhook(
-            "w",
-            "http://127.0.0.1:9/x",
-            &["nope".into()],
-            30,
-            "",
+            &NewWebhook {
+                name: "w",
+                url: "http://127.0.0.1:9/x",
+                events: &["nope".into()],
+                expiring_days: 30,
+                ca_pem: "",
+                topic_filter: None,
+            },
             "test",
         )
         .await;
@@ -665,7 +678,17 @@ async fn webhooks(store: &Store, backend: &str) {
         "certificate.expiring".to_string(),
     ];
     let (hook, secret) = store
-        .create_webhook("w", "http://127.0.0.1:9/x", &events, 3650, "", "test")
+        .create_webhook(
+            &NewWebhook {
+                name: "w",
+                url: "http://127.0.0.1:9/x",
+                events: &events,
+                expiring_days: 3650,
+                ca_pem: "",
+                topic_filter: None,
+            },
+            "test",
+        )
         .await
         .unwrap();
     assert!(secret.starts_with("whsec_"));
@@ -832,6 +855,45 @@ async fn webhooks(store: &Store, backend: &str) {
         .await
         .unwrap();
     assert!(store.claim_due_deliveries(100).await.unwrap().is_empty());
+    // Forwarding rules: mqtt.message needs a topic filter; queued messages become deliveries.
+    assert!(matches!(
+        store
+            .create_webhook(&NewWebhook { name: "r", url: "http://127.0.0.1:9/r", events: &["mqtt.message".into()], expiring_days: 30, ca_pem: "", topic_filter: None }, "test")
+            .await,
+        Err(RegistryError::Invalid(m)) if m.contains("topic filter")
+    ));
+    let (rule, _) = store
+        .create_webhook(
+            &NewWebhook {
+                name: "r",
+                url: "http://127.0.0.1:9/r",
+                events: &["mqtt.message".into()],
+                expiring_days: 30,
+                ca_pem: "",
+                topic_filter: Some("devices/+/telemetry"),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.message_rules().await.unwrap(),
+        [(rule.id.clone(), "devices/+/telemetry".to_string())]
+    );
+    store
+        .enqueue_message_deliveries(&[
+            (
+                rule.id.clone(),
+                r#"{"topic":"devices/d1/telemetry"}"#.into(),
+            ),
+            ("wh_gone".into(), "{}".into()),
+        ])
+        .await
+        .unwrap();
+    let queued = store.deliveries("r", Some("pending"), 10).await.unwrap();
+    assert_eq!(queued.len(), 1, "the unknown rule is skipped: {backend}");
+    assert_eq!(queued[0].payload["topic"], "devices/d1/telemetry");
+    store.delete_webhook("r", "test").await.unwrap();
     store.delete_webhook("w", "test").await.unwrap();
     assert!(store.list_webhooks().await.unwrap().is_empty());
 }

@@ -465,6 +465,50 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
     println!("mqtt session closed {elapsed:?} after the revocation");
     let _ = live.kill();
     let _ = live.wait();
+
+    // A forwarding rule: messages on its filter reach an HTTP receiver as a signed envelope.
+    let python = require_tool("python3").unwrap();
+    let rx = crate::webhook::receiver(d, &python);
+    let rule = cli_json(
+        d,
+        &[
+            "webhook",
+            "create",
+            "telemetry",
+            "--url",
+            &format!("http://127.0.0.1:{}/hook", rx.port),
+            "--event",
+            "mqtt.message",
+            "--topic-filter",
+            "devices/+/telemetry",
+        ],
+    );
+    std::fs::write(d.join("secret.txt"), rule["secret"].as_str().unwrap()).unwrap();
+    wait_for_snapshot(d, &s);
+    let sent = publish(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "devices/dev-2/telemetry",
+            "-m",
+            "{\"t\": 21}",
+            "-q",
+            "1",
+        ],
+    );
+    assert_eq!(sent.code, 0, "{}", sent.stderr);
+    let got = rx.next("/hook");
+    assert_eq!(got["event"], "mqtt.message", "{got}");
+    assert_eq!(got["valid"], true, "signature: {got}");
+    assert_eq!(got["body"]["topic"], "devices/dev-2/telemetry");
+    assert_eq!(got["body"]["payload"], "{\"t\": 21}");
+    assert_eq!(got["body"]["payload_encoding"], "utf-8");
+    assert_eq!(got["body"]["client_id"], "dev-2");
+    assert_eq!(got["body"]["certificate_id"].as_str().unwrap().len(), 64);
 }
 
 /// Raw MQTT bytes over TLS from Python: each abuse gets a protocol-correct refusal in bounded

@@ -52,9 +52,9 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-struct Receiver_ {
+pub(crate) struct Receiver_ {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     requests: Receiver<Value>,
 }
 
@@ -66,7 +66,7 @@ impl Drop for Receiver_ {
 }
 
 impl Receiver_ {
-    fn next(&self, path: &str) -> Value {
+    pub(crate) fn next(&self, path: &str) -> Value {
         loop {
             let r = self
                 .requests
@@ -79,7 +79,7 @@ impl Receiver_ {
     }
 }
 
-fn receiver(dir: &std::path::Path, python: &std::path::Path) -> Receiver_ {
+pub(crate) fn receiver(dir: &std::path::Path, python: &std::path::Path) -> Receiver_ {
     std::fs::write(dir.join("receiver.py"), RECEIVER).unwrap();
     let mut child = Command::new(python)
         .arg("receiver.py")

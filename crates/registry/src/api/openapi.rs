@@ -382,7 +382,8 @@ fn schemas() -> Value {
             "policies": {"type": "array", "items": s("string")}}},
         "CreateWebhook": {"type": "object", "required": ["name", "url", "events"], "additionalProperties": false, "properties": {
             "name": s("string"), "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
-            "expiring_days": s("integer"), "ca_pem": s("string")}},
+            "expiring_days": s("integer"), "ca_pem": s("string"),
+            "topic_filter": {"type": "string", "description": "For mqtt.message (forwarding rules): the MQTT topic filter"}}},
         "UpdateWebhook": {"type": "object", "additionalProperties": false, "properties": {
             "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
             "enabled": s("boolean"), "expiring_days": s("integer"), "ca_pem": s("string")}},

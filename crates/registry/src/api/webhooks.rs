@@ -19,6 +19,8 @@ pub(super) struct CreateWebhook {
     expiring_days: i64,
     #[serde(default)]
     ca_pem: String,
+    /// For `mqtt.message`: which messages (an MQTT topic filter).
+    topic_filter: Option<String>,
 }
 
 fn default_days() -> i64 {
@@ -33,11 +35,14 @@ pub(super) async fn create_webhook(
     let (hook, secret) = api
         .store
         .create_webhook(
-            &req.name,
-            &req.url,
-            &req.events,
-            req.expiring_days,
-            &req.ca_pem,
+            &crate::NewWebhook {
+                name: &req.name,
+                url: &req.url,
+                events: &req.events,
+                expiring_days: req.expiring_days,
+                ca_pem: &req.ca_pem,
+                topic_filter: req.topic_filter.as_deref(),
+            },
             &caller,
         )
         .await?;

@@ -30,7 +30,9 @@ pub(crate) mod webhooks;
 pub use admin::AuditFilter;
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
-pub use webhooks::{Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, Webhook, WebhookUpdate};
+pub use webhooks::{
+    Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, NewWebhook, Webhook, WebhookUpdate,
+};
 
 /// What a [`ChangeListener`] heard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "ca.status_changed",
     "ca.expiring",
     "truststore.version_added",
+    "mqtt.message",
 ];
 
 /// Attempts before a delivery is marked failed.
@@ -99,6 +100,8 @@ pub struct Webhook {
     pub enabled: bool,
     /// Whether the receiver's certificate is checked against a CA bundle of its own.
     pub custom_ca: bool,
+    /// For `mqtt.message`: the topic filter of the messages it receives (a forwarding rule).
+    pub topic_filter: Option<String>,
     /// When it was created.
     pub created_at: i64,
     /// When it last changed.
@@ -153,6 +156,23 @@ pub struct DueDelivery {
     pub secret: String,
     /// The receiver's CA bundle (empty: the system's roots).
     pub ca_pem: String,
+}
+
+/// A webhook to create.
+#[derive(Debug, Clone, Copy)]
+pub struct NewWebhook<'a> {
+    /// Unique name.
+    pub name: &'a str,
+    /// Where events are POSTed.
+    pub url: &'a str,
+    /// The event types it receives.
+    pub events: &'a [String],
+    /// For `*.expiring` events: how many days ahead.
+    pub expiring_days: i64,
+    /// The receiver's CA bundle ("" for the system's roots).
+    pub ca_pem: &'a str,
+    /// For `mqtt.message`: the topic filter.
+    pub topic_filter: Option<&'a str>,
 }
 
 /// A change to a webhook; `None` leaves a field as it is.
@@ -227,6 +247,7 @@ fn check_ca(ca_pem: &str) -> Result<(), RegistryError> {
 fn webhook_from_row<R: Row>(row: &R) -> Result<Webhook, RegistryError>
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
@@ -241,6 +262,7 @@ where
         expiring_days: row.try_get("expiring_days")?,
         enabled: row.try_get::<i64, _>("enabled")? != 0,
         custom_ca: !ca.is_empty(),
+        topic_filter: row.try_get("topic_filter")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         version: row.try_get("version")?,
@@ -276,17 +298,42 @@ impl Store {
     /// Creates a webhook; returns it with its signing secret (shown only now).
     pub async fn create_webhook(
         &self,
-        name: &str,
-        url: &str,
-        events: &[String],
-        expiring_days: i64,
-        ca_pem: &str,
+        new: &NewWebhook<'_>,
         actor: &str,
     ) -> Result<(Webhook, String), RegistryError> {
+        let NewWebhook {
+            name,
+            url,
+            events,
+            expiring_days,
+            ca_pem,
+            topic_filter,
+        } = *new;
         check_name("webhook", name)?;
         check_url(url)?;
         check_events(events)?;
         check_days(expiring_days)?;
+        let wants_messages = events.iter().any(|e| e == "mqtt.message");
+        match (wants_messages, topic_filter) {
+            (true, None) => {
+                return Err(RegistryError::Invalid(
+                    "the mqtt.message event needs a topic filter (--topic-filter devices/+/telemetry)".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(RegistryError::Invalid(
+                    "a topic filter only applies to the mqtt.message event".into(),
+                ));
+            }
+            (true, Some(f)) => {
+                if f.is_empty() || f.len() > 1024 || f.contains('\0') {
+                    return Err(RegistryError::Invalid(format!(
+                        "topic filter '{f}' must be 1-1024 characters without NUL"
+                    )));
+                }
+            }
+            (false, None) => {}
+        }
         check_ca(ca_pem)?;
         let id = format!("wh_{}", random_hex(8)?);
         let secret = format!("whsec_{}", random_hex(32)?);
@@ -295,7 +342,7 @@ impl Store {
         let now = now();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let inserted = sqlx::query("INSERT INTO webhooks (id, name, url, secret, events, expiring_days, enabled, ca_pem, after_seq, created_at, updated_at, version) VALUES ($1, $2, $3, $4, $5, $6, 1, $7, (SELECT COALESCE(MAX(seq), 0) FROM events), $8, $8, 1)")
+            let inserted = sqlx::query("INSERT INTO webhooks (id, name, url, secret, events, expiring_days, enabled, ca_pem, after_seq, created_at, updated_at, version, topic_filter) VALUES ($1, $2, $3, $4, $5, $6, 1, $7, (SELECT COALESCE(MAX(seq), 0) FROM events), $8, $8, 1, $9)")
                 .bind(&id)
                 .bind(name)
                 .bind(url)
@@ -304,6 +351,7 @@ impl Store {
                 .bind(expiring_days)
                 .bind(ca_pem)
                 .bind(now)
+                .bind(topic_filter)
                 .execute(&mut *tx)
                 .await;
             if let Err(e) = inserted {
@@ -406,6 +454,61 @@ impl Store {
             }
             let b = json!({"name": before.name, "url": before.url}).to_string();
             audit(&mut *tx, actor, "webhook.delete", &before.id, Some(&b), None).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The forwarding rules: (webhook id, topic filter) of every enabled webhook subscribed to
+    /// `mqtt.message`.
+    pub async fn message_rules(&self) -> Result<Vec<(String, String)>, RegistryError> {
+        Ok(self
+            .list_webhooks()
+            .await?
+            .into_iter()
+            .filter(|w| w.enabled && w.events.iter().any(|e| e == "mqtt.message"))
+            .filter_map(|w| Some((w.id, w.topic_filter?)))
+            .collect())
+    }
+
+    /// Queues MQTT messages for their forwarding rules: (webhook id, envelope JSON).
+    pub async fn enqueue_message_deliveries(
+        &self,
+        deliveries: &[(String, String)],
+    ) -> Result<(), RegistryError> {
+        let now = now();
+        // Rules deleted since the gateway's snapshot are skipped (their rows would break the
+        // foreign key and the whole batch).
+        let live: std::collections::HashSet<String> = self
+            .message_rules()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let deliveries: Vec<&(String, String)> = deliveries
+            .iter()
+            .filter(|(id, _)| live.contains(id))
+            .collect();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for chunk in deliveries.chunks(200) {
+                let mut sql = String::from("INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, next_attempt_at, lease_until, created_at, updated_at) VALUES ");
+                for i in 0..chunk.len() {
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    let b = 3 * i;
+                    sql.push_str(&format!("(${}, ${}, 'mqtt.message', ${}, 'pending', 0, $1, 0, $1, $1)", b + 2, b + 3, b + 4));
+                }
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                for &(webhook, payload) in chunk {
+                    query = query
+                        .bind(format!("dl_{}", random_hex(10)?))
+                        .bind(webhook.clone())
+                        .bind(payload.clone());
+                }
+                query.execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             Ok(())
         })
