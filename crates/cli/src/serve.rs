@@ -127,6 +127,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(forwarded) = gateway.take_forwarded() {
         tokio::spawn(record_forwarded(store.clone(), forwarded));
     }
+    tokio::spawn(publish_registry_events(store.clone(), gateway.broker()));
 
     // The admin API: HTTPS, admin client certificate or bearer token.
     let local_ca = Arc::new(data.local_ca()?);
@@ -313,6 +314,39 @@ fn jit_error(e: &portcullis_registry::RegistryError, otherwise: &str) -> String 
         "the registry database cannot be reached; just-in-time registrations are refused until it is back".into()
     } else {
         otherwise.into()
+    }
+}
+
+/// Publishes registry events (the webhook events) on this node's MQTT topics
+/// `$portcullis/events/<type>` (`certificate.status_changed` → `…/certificate/status_changed`),
+/// which only policies naming them can read.
+async fn publish_registry_events(store: Store, broker: Arc<portcullis_mqtt::broker::Broker>) {
+    let mut cursor = loop {
+        match store.newest_event().await {
+            Ok(seq) => break seq,
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Ok(events) = store.events_after(cursor, 500).await else {
+            continue;
+        };
+        for (seq, kind, payload) in events {
+            cursor = seq;
+            broker.publish(
+                portcullis_mqtt::broker::Message {
+                    topic: format!("$portcullis/events/{}", kind.replace('.', "/")),
+                    payload: payload.into_bytes().into(),
+                    qos: portcullis_mqtt::codec::QoS::AtLeastOnce,
+                    retain: false,
+                    properties: Default::default(),
+                    expires_at: None,
+                },
+                None,
+            );
+        }
     }
 }
 

@@ -91,19 +91,38 @@ impl SessionAuth {
         bound
     }
 
-    /// Whether the policies allow `action` on `resource`; the reason when not.
+    /// Whether the policies allow `action` on `resource`; the reason when not. Server topics
+    /// (`$…`) need an Allow statement that names them: one that would also allow a made-up
+    /// `$` topic (a wildcard such as `topic:*`) does not count.
     fn decide(&self, action: &str, resource: &str) -> Result<(), String> {
-        let decision = self.bound().decide(&PolicyRequest {
+        let bound = self.bound();
+        let now = crate::authorize::now();
+        let request = |resource| PolicyRequest {
             action,
             resource,
             source_ip: Some(self.0.peer),
-            now: crate::authorize::now(),
-        });
-        if decision.allowed {
-            Ok(())
-        } else {
-            Err(decision.reason)
+            now,
+        };
+        let decision = bound.decide(&request(resource));
+        if !decision.allowed {
+            return Err(decision.reason);
         }
+        if let Some((kind, rest)) = resource.split_once(':')
+            && rest.starts_with('$')
+        {
+            let probe = format!("{kind}:$portcullis-unnamed/probe");
+            let real = bound.trace(&request(resource));
+            let unnamed = bound.trace(&request(&probe));
+            let named = real.iter().zip(&unnamed).any(|(r, p)| {
+                r.applied && r.statement.effect == portcullis_policy::Effect::Allow && !p.applied
+            });
+            if !named {
+                return Err(format!(
+                    "{resource} is a server topic: a policy must name it, not match it with a wildcard"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

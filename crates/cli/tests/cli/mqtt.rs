@@ -633,3 +633,136 @@ fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
     let _ = steady.kill();
     let _ = steady.wait();
 }
+
+#[test]
+fn registry_events_reach_only_sessions_whose_policies_name_them() {
+    let Some(_) = require_tool("mosquitto_pub") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    for dev in ["dev-1", "dev-2"] {
+        leaf(d, "client", dev, "int", &["--org", "Acme"]);
+    }
+    let s = Server::start(d, &config());
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    // A broad policy on the domain: every filter and topic, by wildcard.
+    std::fs::write(
+        d.join("broad.json"),
+        r#"{"Statement": [{"Effect": "Allow", "Action": ["mqtt:Subscribe", "mqtt:Receive"],
+                           "Resource": ["topicfilter:*", "topic:*"]}]}"#,
+    )
+    .unwrap();
+    // A policy that names the event topics, on dev-2's certificate only.
+    std::fs::write(
+        d.join("events.json"),
+        r#"{"Statement": [{"Effect": "Allow", "Action": "mqtt:Subscribe", "Resource": "topicfilter:$portcullis/events/*"},
+                          {"Effect": "Allow", "Action": "mqtt:Receive", "Resource": "topic:$portcullis/events/*"}]}"#,
+    )
+    .unwrap();
+    let dev2 = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "dev-2.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    let dev1 = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "dev-1.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    for (name, file) in [
+        ("devices", "devices.json"),
+        ("broad", "broad.json"),
+        ("events", "events.json"),
+    ] {
+        cli(d, &["policy", "create", name, "--document", file]).ok();
+    }
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    cli(d, &["policy", "attach", "broad", "--domain", "localhost"]).ok();
+    cli(
+        d,
+        &[
+            "policy",
+            "attach",
+            "events",
+            "--cert",
+            dev2["id"].as_str().unwrap(),
+        ],
+    )
+    .ok();
+    wait_for_snapshot(d, &s);
+
+    // A wildcard does not open the server's topics.
+    let refused = subscribe(
+        d,
+        &s,
+        "dev-1",
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "dev-1",
+            "-t",
+            "$portcullis/events/#",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+    );
+    let (_, text) = output(refused);
+    assert!(
+        text.to_lowercase().contains("not authorized") || text.contains("denied"),
+        "{text}"
+    );
+
+    // The named policy does: a status change arrives as an event.
+    let events = subscribe(
+        d,
+        &s,
+        "dev-2",
+        &[
+            "-i",
+            "dev-2",
+            "-t",
+            "$portcullis/events/certificate/status_changed",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-v",
+        ],
+    );
+    s.wait_for("$portcullis/events/certificate/status_changed");
+    cli(
+        d,
+        &[
+            "cert",
+            "update",
+            dev1["id"].as_str().unwrap(),
+            "--status",
+            "INACTIVE",
+        ],
+    )
+    .ok();
+    let (code, text) = output(events);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.starts_with("$portcullis/events/certificate/status_changed {"),
+        "{text}"
+    );
+    assert!(text.contains("INACTIVE"), "{text}");
+}

@@ -459,6 +459,33 @@ impl Store {
         })
     }
 
+    /// Events recorded after `seq`, oldest first, at most `limit`: (seq, type, payload JSON).
+    /// Every gateway node reads them to publish on its MQTT `$portcullis/events/…` topics.
+    pub async fn events_after(
+        &self,
+        seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String)>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT seq, type, payload FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(seq)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("seq")?, r.try_get("type")?, r.try_get("payload")?)))
+                .collect()
+        })
+    }
+
+    /// The newest event's sequence number (0 when none).
+    pub async fn newest_event(&self) -> Result<i64, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM events").fetch_one(pool).await?;
+            Ok(row.try_get::<i64, _>("seq")?)
+        })
+    }
+
     /// The forwarding rules: (webhook id, topic filter) of every enabled webhook subscribed to
     /// `mqtt.message`.
     pub async fn message_rules(&self) -> Result<Vec<(String, String)>, RegistryError> {
