@@ -455,12 +455,35 @@ impl Session<'_> {
                         break end;
                     }
                 }
-                out = handle.outbound.recv() => match out {
-                    Some(Outbound::Deliver(m)) => self.deliver(m),
-                    Some(Outbound::TakenOver) => break End::Server(reason::SESSION_TAKEN_OVER, "another connection took this client id over".into()),
-                    Some(Outbound::Closed(why)) => break End::Server(reason::ADMINISTRATIVE_ACTION, why),
-                    None => break End::Server(reason::UNSPECIFIED_ERROR, "the session ended".into()),
-                },
+                out = handle.outbound.recv() => {
+                    // Take what else is waiting too: one write for many messages.
+                    let mut next = out;
+                    let mut ended = None;
+                    for _ in 0..256 {
+                        match next {
+                            Some(Outbound::Deliver(m)) => self.deliver(m),
+                            Some(Outbound::TakenOver) => {
+                                ended = Some(End::Server(reason::SESSION_TAKEN_OVER, "another connection took this client id over".into()));
+                                break;
+                            }
+                            Some(Outbound::Closed(why)) => {
+                                ended = Some(End::Server(reason::ADMINISTRATIVE_ACTION, why));
+                                break;
+                            }
+                            None => {
+                                ended = Some(End::Server(reason::UNSPECIFIED_ERROR, "the session ended".into()));
+                                break;
+                            }
+                        }
+                        match handle.outbound.try_recv() {
+                            Ok(o) => next = Some(o),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(end) = ended {
+                        break end;
+                    }
+                }
                 _ = async {
                     match idle {
                         Some(d) => tokio::time::sleep(d).await,

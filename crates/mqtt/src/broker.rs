@@ -32,7 +32,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_queued: 1_000,
-            channel_capacity: 1_024,
+            channel_capacity: 4_096,
             max_retained: 100_000,
             max_subscriptions: 100,
         }

@@ -1,0 +1,306 @@
+//! An MQTT 3.1.1 load generator over mutual TLS, the same program for every broker compared:
+//!
+//!   mqtt_load HOST:PORT CA CERT KEY connect SECONDS CONCURRENCY
+//!   mqtt_load HOST:PORT CA CERT KEY fanin  SECONDS PUBLISHERS QOS
+//!   mqtt_load HOST:PORT CA CERT KEY fanout SECONDS SUBSCRIBERS QOS
+//!   mqtt_load HOST:PORT CA CERT KEY idle   CONNECTIONS SECONDS
+//!
+//! `connect`: new TLS connection + CONNECT/CONNACK + DISCONNECT, in a loop per worker; prints
+//! connections per second. `fanin`: PUBLISHERS publish as fast as they can to their own topics,
+//! one subscriber on `bench/#` counts; prints messages received per second. `fanout`: one
+//! publisher, SUBSCRIBERS on `bench/x`; prints deliveries per second. `idle`: opens CONNECTIONS
+//! sessions and holds them, printing `ready` when all are up. QoS 1 publishers keep up to 64
+//! messages unacknowledged.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use portcullis_mqtt::codec::{self, Connect, ConnectProperties, Packet, Protocol, Publish, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+struct Target {
+    addr: String,
+    tls: TlsConnector,
+}
+
+fn connector(ca: &str, cert: &str, key: &str) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn write(tls: &mut TlsStream<TcpStream>, packet: &Packet) {
+    let mut out = BytesMut::new();
+    codec::write_packet(packet, Protocol::V311, &mut out).unwrap();
+    tls.write_all(&out).await.unwrap();
+}
+
+async fn read(tls: &mut TlsStream<TcpStream>, buf: &mut BytesMut) -> Option<Packet> {
+    loop {
+        if let Some(p) = codec::read_packet(buf, Some(Protocol::V311), 1 << 20).unwrap() {
+            return Some(p);
+        }
+        if tls.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+async fn session(t: &Target, client_id: &str) -> (TlsStream<TcpStream>, BytesMut) {
+    let tcp = TcpStream::connect(&t.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = t.tls.connect(name, tcp).await.unwrap();
+    write(
+        &mut tls,
+        &Packet::Connect(Connect {
+            protocol: Protocol::V311,
+            client_id: client_id.into(),
+            clean_start: true,
+            keep_alive: 600,
+            username: None,
+            password: None,
+            will: None,
+            properties: ConnectProperties::default(),
+        }),
+    )
+    .await;
+    let mut buf = BytesMut::new();
+    match read(&mut tls, &mut buf).await {
+        Some(Packet::ConnAck(a)) if a.code == 0 => {}
+        other => panic!("CONNACK expected, got {other:?}"),
+    }
+    (tls, buf)
+}
+
+async fn subscribe(tls: &mut TlsStream<TcpStream>, buf: &mut BytesMut, filter: &str, qos: QoS) {
+    write(
+        tls,
+        &Packet::Subscribe(codec::Subscribe {
+            packet_id: 1,
+            filters: vec![codec::SubscribeFilter {
+                filter: filter.into(),
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            }],
+            properties: Default::default(),
+        }),
+    )
+    .await;
+    match read(tls, buf).await {
+        Some(Packet::SubAck(a)) if a.codes[0] < 0x80 => {}
+        other => panic!("SUBACK expected, got {other:?}"),
+    }
+}
+
+/// Counts messages received (acknowledging QoS 1) until `until`.
+async fn count(mut tls: TlsStream<TcpStream>, mut buf: BytesMut, counter: Arc<AtomicU64>) {
+    while let Some(p) = read(&mut tls, &mut buf).await {
+        if let Packet::Publish(m) = p {
+            counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = m.packet_id {
+                write(
+                    &mut tls,
+                    &Packet::PubAck(codec::PubAck {
+                        packet_id: id,
+                        reason: 0,
+                        properties: Default::default(),
+                    }),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Publishes to `topic` until `until`, QoS 1 with a window of 64.
+async fn publisher(t: Arc<Target>, id: String, topic: String, qos: QoS, until: Instant) {
+    let (tls, buf) = session(&t, &id).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let window = Arc::new(tokio::sync::Semaphore::new(64));
+    let acks = {
+        let window = window.clone();
+        tokio::spawn(async move {
+            let mut buf = buf;
+            loop {
+                match codec::read_packet(&mut buf, Some(Protocol::V311), 1 << 20) {
+                    Ok(Some(Packet::PubAck(_))) => window.add_permits(1),
+                    Ok(Some(_)) => {}
+                    Ok(None) => match rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    let payload = Bytes::from_static(b"{\"temperature\": 21.5, \"humidity\": 40}");
+    let mut n: u16 = 0;
+    let mut out = BytesMut::new();
+    while Instant::now() < until {
+        out.clear();
+        for _ in 0..16 {
+            let packet_id = if qos == QoS::AtLeastOnce {
+                window.acquire().await.unwrap().forget();
+                n = n.wrapping_add(1).max(1);
+                Some(n)
+            } else {
+                None
+            };
+            codec::write_packet(
+                &Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: topic.clone(),
+                    packet_id,
+                    payload: payload.clone(),
+                    properties: Default::default(),
+                }),
+                Protocol::V311,
+                &mut out,
+            )
+            .unwrap();
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.write_all(&[0xE0, 0x00]).await;
+    acks.abort();
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    let t = Arc::new(Target {
+        addr: args[1].clone(),
+        tls: connector(&args[2], &args[3], &args[4]),
+    });
+    let mode = args[5].as_str();
+    let num = |i: usize| args[i].parse::<u64>().unwrap();
+    let qos_of = |i: usize| {
+        if num(i) == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        }
+    };
+    match mode {
+        "connect" => {
+            let until = Instant::now() + Duration::from_secs(num(6));
+            let done = Arc::new(AtomicU64::new(0));
+            let mut workers = Vec::new();
+            for w in 0..num(7) {
+                let (t, done) = (t.clone(), done.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut i = 0;
+                    while Instant::now() < until {
+                        let (mut tls, _) = session(&t, &format!("c{w}-{i}")).await;
+                        write(
+                            &mut tls,
+                            &Packet::Disconnect(codec::Disconnect {
+                                reason: 0,
+                                properties: Default::default(),
+                            }),
+                        )
+                        .await;
+                        let _ = tls.shutdown().await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                }));
+            }
+            for w in workers {
+                w.await.unwrap();
+            }
+            println!("{:.0}", done.load(Ordering::Relaxed) as f64 / num(6) as f64);
+        }
+        "fanin" | "fanout" => {
+            let secs = num(6);
+            let n = num(7);
+            let qos = qos_of(8);
+            let counter = Arc::new(AtomicU64::new(0));
+            let subscribers = if mode == "fanin" { 1 } else { n };
+            for s in 0..subscribers {
+                let (mut tls, mut buf) = session(&t, &format!("sub{s}")).await;
+                let filter = if mode == "fanin" {
+                    "bench/#"
+                } else {
+                    "bench/x"
+                };
+                subscribe(&mut tls, &mut buf, filter, qos).await;
+                tokio::spawn(count(tls, buf, counter.clone()));
+            }
+            let warm = Instant::now() + Duration::from_secs(1);
+            let until = warm + Duration::from_secs(secs);
+            let publishers = if mode == "fanin" { n } else { 1 };
+            let mut tasks = Vec::new();
+            for p in 0..publishers {
+                let topic = if mode == "fanin" {
+                    format!("bench/p{p}")
+                } else {
+                    "bench/x".to_string()
+                };
+                tasks.push(tokio::spawn(publisher(
+                    t.clone(),
+                    format!("pub{p}"),
+                    topic,
+                    qos,
+                    until,
+                )));
+            }
+            tokio::time::sleep_until(warm.into()).await;
+            let start = counter.load(Ordering::Relaxed);
+            tokio::time::sleep_until(until.into()).await;
+            let end = counter.load(Ordering::Relaxed);
+            println!("{:.0}", (end - start) as f64 / secs as f64);
+            for task in tasks {
+                task.abort();
+            }
+        }
+        "idle" => {
+            let n = num(6);
+            let mut held = Vec::new();
+            let limit = Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tasks = Vec::new();
+            for i in 0..n {
+                let (t, limit) = (t.clone(), limit.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = limit.acquire().await.unwrap();
+                    session(&t, &format!("idle{i}")).await
+                }));
+            }
+            for task in tasks {
+                held.push(task.await.unwrap());
+            }
+            println!("ready");
+            tokio::time::sleep(Duration::from_secs(num(7))).await;
+            drop(held);
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
