@@ -41,7 +41,13 @@ impl PrivatePostgres {
         let user = whoami
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let (Some(bin), true) = (bin, user == "root" || user == "postgres") else {
+        let sudo = user != "root"
+            && user != "postgres"
+            && Command::new("sudo")
+                .args(["-n", "true"])
+                .status()
+                .is_ok_and(|s| s.success());
+        let (Some(bin), true) = (bin, user == "root" || user == "postgres" || sudo) else {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "the two-node test needs Debian's postgresql and to run as root or postgres"
@@ -56,8 +62,15 @@ impl PrivatePostgres {
             .unwrap()
             .port();
         let pg = PrivatePostgres { dir, bin, port };
-        if user == "root" {
-            let status = Command::new("chown")
+        if user != "postgres" {
+            let mut chown = if sudo {
+                let mut c = Command::new("sudo");
+                c.args(["-n", "chown"]);
+                c
+            } else {
+                Command::new("chown")
+            };
+            let status = chown
                 .args(["-R", "postgres:postgres"])
                 .arg(pg.dir.path())
                 .status()
@@ -84,15 +97,20 @@ impl PrivatePostgres {
     fn as_postgres(&self, tool: &str, args: &[&str]) {
         let tool = self.bin.join(tool);
         let me = Command::new("id").arg("-un").output().unwrap();
-        let out = if String::from_utf8_lossy(&me.stdout).trim() == "root" {
-            Command::new("runuser")
+        let out = match String::from_utf8_lossy(&me.stdout).trim() {
+            "root" => Command::new("runuser")
                 .args(["-u", "postgres", "--"])
                 .arg(&tool)
                 .args(args)
                 .output()
-                .unwrap()
-        } else {
-            Command::new(&tool).args(args).output().unwrap()
+                .unwrap(),
+            "postgres" => Command::new(&tool).args(args).output().unwrap(),
+            _ => Command::new("sudo")
+                .args(["-n", "-u", "postgres"])
+                .arg(&tool)
+                .args(args)
+                .output()
+                .unwrap(),
         };
         assert!(
             out.status.success(),
@@ -146,13 +164,22 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D"])
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
+        for (tool, prefix) in [
+            ("runuser", &["-u", "postgres", "--"][..]),
+            ("sudo", &["-n", "-u", "postgres"][..]),
+        ] {
+            let stopped = Command::new(tool)
+                .args(prefix)
+                .arg(self.bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(self.dir.path().join("data"))
+                .args(["-m", "immediate", "stop"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if stopped {
+                break;
+            }
+        }
     }
 }
 
