@@ -86,7 +86,10 @@ pc_pid=$!
 for _ in $(seq 1 100); do grep -q "serving on" serve.log 2>/dev/null && break; sleep 0.1; done
 "$pc" policy create all --document all.json --data-dir data >/dev/null
 "$pc" policy attach all --domain localhost --data-dir data >/dev/null
-sleep 1
+# The gateway takes the policy from the registry within 200 ms: wait until a CONNECT passes.
+for _ in $(seq 1 20); do
+  "$load" "127.0.0.1:$pc_port" ca/ca.pem client.chain.pem client.key connect 1 1 >/dev/null 2>&1 && break
+done
 
 # run PORT ARGS... -> the load generator's figure
 run() {
@@ -95,23 +98,24 @@ run() {
 }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# idle PORT PID -> resident KiB with $idle idle sessions (minus the broker's baseline)
+# idle PORT PID -> "resident_KiB baseline_KiB" with $idle idle sessions held open
 idle_rss() {
-  local port=$1 pid=$2 base
+  local port=$1 pid=$2 base now load_pid
   base=$(rss "$pid")
-  mkfifo "fifo.$port"
-  (taskset -c 1 "$load" "127.0.0.1:$port" ca/ca.pem client.chain.pem client.key idle "$idle" 20 > "fifo.$port" &)
-  read -r _ < "fifo.$port"
-  sleep 1
-  local now
+  taskset -c 1 "$load" "127.0.0.1:$port" ca/ca.pem client.chain.pem client.key idle "$idle" 600 \
+    > "idle.$port" 2>&1 &
+  load_pid=$!
+  for _ in $(seq 1 1200); do grep -q ready "idle.$port" && break; sleep 0.1; done
+  grep -q ready "idle.$port" || { echo "idle sessions never came up:" >&2; cat "idle.$port" >&2; exit 1; }
   now=$(rss "$pid")
+  kill "$load_pid"; wait "$load_pid" 2>/dev/null || true
   echo "$now $base"
 }
 # Idle memory first, on fresh brokers (memory freed after load is not always returned).
-read -r mq_idle mq_base < <(idle_rss $mq_port $mq_pid)
-sleep 21
-read -r pc_idle pc_base < <(idle_rss $pc_port $pc_pid)
-sleep 21
+idle_rss $mq_port $mq_pid > idle.mq
+idle_rss $pc_port $pc_pid > idle.pc
+read -r mq_idle mq_base < idle.mq
+read -r pc_idle pc_base < idle.pc
 
 declare -A mq pc
 for name in connect fanin0 fanin1 fanout0 fanout1; do

@@ -439,19 +439,10 @@ impl Store {
         status: CertStatus,
         actor: &str,
     ) -> Result<CertRecord, RegistryError> {
-        let cas = self.issuing_cas().await?;
-        let (record, der) = prepare_certificate(pem, status, &cas)?;
-        let id = record.id.clone();
-        let after = serde_json::to_string(&summary_cert(&record)).ok();
-        with_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            if !insert_certificate(&mut *tx, &record, &der).await? {
-                return Err(RegistryError::Conflict(format!("certificate {id} is already registered")));
-            }
-            audit(&mut *tx, actor, "certificate.register", id.as_str(), None, after.as_deref()).await?;
-            tx.commit().await?;
-            Ok(record)
-        })
+        self.register_certificates(&[pem], status, actor)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(RegistryError::Invalid("no certificate to register".into())))
     }
 
     /// Registers many certificates in one transaction (one disk sync for all: what makes bulk
@@ -1062,38 +1053,4 @@ fn prepare_certificate(
         pem: cert.to_pem(),
     };
     Ok((record, cert.der().to_vec()))
-}
-
-/// Inserts a certificate row; false when it is registered already.
-async fn insert_certificate<C, DB>(
-    conn: &mut C,
-    record: &CertRecord,
-    der: &[u8],
-) -> Result<bool, sqlx::Error>
-where
-    DB: sqlx::Database,
-    C: Send,
-    for<'c> &'c mut C: sqlx::Executor<'c, Database = DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-{
-    let done = sqlx::query(
-        "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL, 1) ON CONFLICT (id) DO NOTHING RETURNING id",
-    )
-    .bind(record.id.as_str())
-    .bind(der.to_vec())
-    .bind(record.subject.as_str())
-    .bind(record.issuer.as_str())
-    .bind(record.serial.as_str())
-    .bind(record.ca_id.as_ref().map(|c| c.as_str().to_string()))
-    .bind(record.status.as_str())
-    .bind(record.not_after)
-    .bind(record.created_at)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(done.is_some())
 }
