@@ -114,6 +114,17 @@ impl IdentityHeaders {
         ]
     }
 
+    /// Whether a header of this name (any case) is an identity header: configured, or with a
+    /// reserved prefix.
+    pub(crate) fn is_identity_name(&self, name: &str) -> bool {
+        RESERVED_PREFIXES.iter().any(|p| {
+            name.len() >= p.len() && name.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+        }) || self
+            .names()
+            .iter()
+            .any(|n| n.as_str().eq_ignore_ascii_case(name))
+    }
+
     /// Removes every identity header a client sent.
     pub(crate) fn strip(&self, headers: &mut HeaderMap) {
         let doomed: Vec<HeaderName> = headers

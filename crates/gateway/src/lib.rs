@@ -20,6 +20,7 @@ pub mod authorize;
 pub mod config;
 pub mod echo;
 pub mod explain;
+mod fast;
 mod identity;
 pub mod listen;
 mod mqtt;
@@ -79,6 +80,8 @@ pub(crate) struct DomainState {
     pub(crate) tls: DomainTls,
     /// A client per `https://` mapping (same order as the mappings); `None` uses the shared one.
     pub(crate) upstream_clients: Vec<Option<proxy::UpstreamClient>>,
+    /// The fast path's idle connections per plain-HTTP mapping (same order as the mappings).
+    pub(crate) pools: Vec<Option<fast::Pool>>,
     /// Metric handles by (mapping, status), registered on first use: looking a labelled metric
     /// up in the registry on every request costs allocations and hashing.
     request_metrics: std::sync::Mutex<Vec<((String, u16), RequestMetrics)>>,
@@ -163,6 +166,7 @@ impl State {
                     config: d.clone(),
                     tls: DomainTls::new(d, registry.clone(), config.speaks_mqtt())?,
                     upstream_clients,
+                    pools: d.mappings.iter().map(fast::Pool::for_mapping).collect(),
                     request_metrics: Default::default(),
                 })
             })

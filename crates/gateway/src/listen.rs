@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -112,19 +113,21 @@ pub(crate) async fn accept_loop(
 }
 
 /// What a request handler knows about its connection.
-struct ConnectionContext {
-    state: Arc<State>,
-    domain: usize,
-    via_default: bool,
-    peer: SocketAddr,
-    verdict: ClientVerdict,
+pub(crate) struct ConnectionContext {
+    pub(crate) state: Arc<State>,
+    pub(crate) domain: usize,
+    pub(crate) via_default: bool,
+    pub(crate) peer: SocketAddr,
+    pub(crate) verdict: ClientVerdict,
     /// The identity headers every request of this connection carries upstream.
-    identity: hyper::HeaderMap,
+    pub(crate) identity: hyper::HeaderMap,
+    /// The same, as HTTP/1.1 header lines (for the fast path).
+    pub(crate) identity_block: Vec<u8>,
     /// The forwarding header values of this connection.
-    forwarding: Forwarding,
-    client: UpstreamClient,
+    pub(crate) forwarding: Forwarding,
+    pub(crate) client: UpstreamClient,
     /// The MQTT broker, for HTTPS publish.
-    broker: Arc<Broker>,
+    pub(crate) broker: Arc<Broker>,
 }
 
 /// What a listener serves after the handshake.
@@ -328,28 +331,57 @@ async fn connection(
         }
     };
     tokio::pin!(refused);
+    let identity = if domain.config.mtls.mode == MtlsMode::Off {
+        hyper::HeaderMap::new()
+    } else {
+        state.identity.values(&verdict)
+    };
+    let mut identity_block = Vec::new();
+    for (name, value) in &identity {
+        identity_block.extend_from_slice(name.as_str().as_bytes());
+        identity_block.extend_from_slice(b": ");
+        identity_block.extend_from_slice(value.as_bytes());
+        identity_block.extend_from_slice(b"\r\n");
+    }
     let ctx = Arc::new(ConnectionContext {
         state: state.clone(),
         domain: domain_index,
         via_default,
         peer,
-        identity: if domain.config.mtls.mode == MtlsMode::Off {
-            hyper::HeaderMap::new()
-        } else {
-            state.identity.values(&verdict)
-        },
+        identity,
+        identity_block,
         forwarding: Forwarding::new(peer, sni.as_deref()),
         verdict,
         client,
         broker: endpoint.broker,
     });
+    let fast_ctx = ctx.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(request(req, ctx).await) }
     });
+    // HTTP/1.1 starts on the fast path; a request it does not serve hands the connection, with
+    // the bytes read so far, to hyper.
+    let mut tls = tls;
+    let prefix = if alpn == "h2" {
+        Bytes::new()
+    } else {
+        let served = crate::fast::serve(&mut tls, &fast_ctx, shutdown.clone());
+        tokio::pin!(served);
+        tokio::select! {
+            outcome = served.as_mut() => match outcome {
+                crate::fast::Outcome::Closed => return,
+                crate::fast::Outcome::Fallback(prefix) => prefix,
+            },
+            (reason, explanation) = &mut refused => {
+                log_closed(peer, &hostname, reason, &explanation);
+                return;
+            }
+        }
+    };
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
-    let io = TokioIo::new(tls);
+    let io = TokioIo::new(crate::fast::Prefixed::new(prefix, tls));
     // Serves a connection until it ends, the registry refuses its certificate (closed at once),
     // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
     // types share no trait for `graceful_shutdown`, hence a macro.
@@ -454,6 +486,115 @@ fn log_failed_handshake(
     );
 }
 
+/// Why a request is not forwarded.
+pub(crate) enum Refusal {
+    /// The Host header names another domain (421).
+    Misdirected,
+    /// HTTPS publish (`/topics/…`), answered by the gateway.
+    HttpsPublish,
+    /// The path means two things (400); the explanation.
+    AmbiguousPath(String),
+    /// No mapping matches (404).
+    NoRoute,
+    /// The mapping needs a valid client certificate (403).
+    NeedsCertificate,
+    /// A policy route without a Host header (400).
+    NoHost,
+    /// The policies refuse (403); their reason.
+    PolicyDenied(String),
+}
+
+/// A request admitted to a mapping: its index and the path the upstream sees.
+pub(crate) struct Admitted {
+    pub(crate) index: usize,
+    pub(crate) rest: String,
+}
+
+/// Routes and authorizes a request of `ctx`'s connection: the one decision both HTTP paths
+/// take. On refusal, the mapping it was routed to (if any), for the metrics and the log.
+pub(crate) fn admit(
+    ctx: &ConnectionContext,
+    method: &str,
+    path: &str,
+    host: &str,
+) -> Result<Admitted, (Refusal, Option<usize>)> {
+    let domain: &DomainState = &ctx.state.domains[ctx.domain];
+    if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(host) {
+        return Err((Refusal::Misdirected, None));
+    }
+    if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
+        return Err((Refusal::HttpsPublish, None));
+    }
+    // On a domain with policy-authorized mappings, the path must mean one thing: decoded
+    // without ambiguity, and routed to the same mapping decoded or not.
+    let mappings = &domain.config.mappings;
+    let policy_domain = mappings
+        .iter()
+        .any(|m| m.authorization == Authorization::Policy);
+    let decoded = if policy_domain {
+        match authorize::policy_path(path) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                return Err((
+                    Refusal::AmbiguousPath(format!(
+                        "the path holds {why}, which this domain refuses"
+                    )),
+                    None,
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let Some((mapping, rest)) = route::route(mappings, path) else {
+        return Err((Refusal::NoRoute, None));
+    };
+    let index = mappings
+        .iter()
+        .position(|m| std::ptr::eq(m, mapping))
+        .unwrap_or_default();
+    let refuse = |r: Refusal| Err((r, Some(index)));
+    if let Some(decoded) = &decoded
+        && !route::route(mappings, decoded).is_some_and(|(m, _)| std::ptr::eq(m, mapping))
+    {
+        return refuse(Refusal::AmbiguousPath(
+            "the path routes to another mapping once percent-decoded".into(),
+        ));
+    }
+    let mode = domain.config.mtls.mode;
+    let needs_cert =
+        mode == MtlsMode::Required || (mode == MtlsMode::Optional && mapping.require_client_cert);
+    if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
+        return refuse(Refusal::NeedsCertificate);
+    }
+    if mapping.authorization == Authorization::Policy {
+        let decoded = decoded.unwrap_or_default();
+        let leaf = match &ctx.verdict {
+            ClientVerdict::Valid(chain) => chain.first(),
+            _ => None,
+        };
+        let route_host = if ctx.via_default {
+            domain.config.hostname.to_string()
+        } else if host.is_empty() {
+            // HTTP/1.0 without Host: policies name hosts, so refuse rather than guess.
+            return refuse(Refusal::NoHost);
+        } else {
+            host.to_string()
+        };
+        let decision = domain.tls.verifier.registry_snapshot().policies().decide(
+            leaf,
+            &domain.config.hostname.to_string(),
+            &format!("http:{method}"),
+            &format!("route:{route_host}{decoded}"),
+            ctx.peer.ip(),
+        );
+        if !decision.allowed {
+            return refuse(Refusal::PolicyDenied(decision.reason));
+        }
+    }
+    Ok(Admitted { index, rest })
+}
+
 async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Response<Body> {
     let started = Instant::now();
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
@@ -461,156 +602,131 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let path = req.uri().path().to_string();
     let host = request_host(&req);
     ctx.state.identity.strip(req.headers_mut());
-    let mut mapping_name = String::new();
+    let mapping_name = |index: Option<usize>| {
+        index
+            .and_then(|i| domain.config.mappings.get(i))
+            .map(|m| m.base_path.clone())
+            .unwrap_or_default()
+    };
     let mut denied: Option<String> = None;
-    let response = 'answer: {
-        if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(&host) {
-            break 'answer error_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                "misdirected-request",
-                "the Host header does not match the domain this connection was made for",
-                None,
-            );
-        }
-        // HTTPS publish to MQTT subscribers, like IoT Core's HTTPS endpoint.
-        if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
-            mapping_name = "/topics".into();
-            let leaf = match &ctx.verdict {
-                ClientVerdict::Valid(chain) => chain.first(),
-                _ => None,
+    let (mapping_name, response) = match admit(&ctx, method.as_str(), &path, &host) {
+        Ok(Admitted { index, rest }) => {
+            let mapping = &domain.config.mappings[index];
+            let headers = req.headers_mut();
+            for (name, value) in &ctx.identity {
+                headers.insert(name.clone(), value.clone());
+            }
+            let origin = Origin {
+                forwarding: &ctx.forwarding,
+                host: &host,
             };
-            let Some(leaf) = leaf else {
-                break 'answer forbidden(&req, &ctx.verdict);
-            };
-            break 'answer crate::mqtt::https_publish(
-                req,
-                leaf,
-                &domain.tls.verifier,
-                &domain.config,
-                &ctx.broker,
-                ctx.peer,
+            let timeout = ctx.state.limits.upstream_response_timeout;
+            let client = domain
+                .upstream_clients
+                .get(index)
+                .and_then(Option::as_ref)
+                .unwrap_or(&ctx.client);
+            (
+                mapping.base_path.clone(),
+                forward(client, req, &mapping.upstream, &rest, origin, timeout).await,
             )
-            .await;
         }
-        // On a domain with policy-authorized mappings, the path must mean one thing: decoded
-        // without ambiguity, and routed to the same mapping decoded or not.
-        let policy_domain = domain
-            .config
-            .mappings
-            .iter()
-            .any(|m| m.authorization == Authorization::Policy);
-        let decoded = if policy_domain {
-            match authorize::policy_path(&path) {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    denied = Some("ambiguous-path".to_string());
-                    break 'answer error_response(
-                        StatusCode::BAD_REQUEST,
-                        "ambiguous-path",
-                        &format!("the path holds {why}, which this domain refuses"),
+        Err((refusal, index)) => {
+            let name = mapping_name(index);
+            let response = match refusal {
+                Refusal::Misdirected => error_response(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected-request",
+                    "the Host header does not match the domain this connection was made for",
+                    None,
+                ),
+                // HTTPS publish to MQTT subscribers, like IoT Core's HTTPS endpoint.
+                Refusal::HttpsPublish => {
+                    let leaf = match &ctx.verdict {
+                        ClientVerdict::Valid(chain) => chain.first(),
+                        _ => None,
+                    };
+                    let response = match leaf {
+                        None => forbidden(&req, &ctx.verdict),
+                        Some(leaf) => {
+                            crate::mqtt::https_publish(
+                                req,
+                                leaf,
+                                &domain.tls.verifier,
+                                &domain.config,
+                                &ctx.broker,
+                                ctx.peer,
+                            )
+                            .await
+                        }
+                    };
+                    return finish(
+                        &ctx,
+                        started,
+                        "/topics".into(),
+                        method,
+                        path,
                         None,
+                        response,
                     );
                 }
-            }
-        } else {
-            None
-        };
-        let Some((mapping, rest)) = route::route(&domain.config.mappings, &path) else {
-            break 'answer error_response(
-                StatusCode::NOT_FOUND,
-                "no-route",
-                "no mapping matches this path",
-                None,
-            );
-        };
-        mapping_name = mapping.base_path.clone();
-        if let Some(decoded) = &decoded
-            && !route::route(&domain.config.mappings, decoded)
-                .is_some_and(|(m, _)| std::ptr::eq(m, mapping))
-        {
-            denied = Some("ambiguous-path".to_string());
-            break 'answer error_response(
-                StatusCode::BAD_REQUEST,
-                "ambiguous-path",
-                "the path routes to another mapping once percent-decoded",
-                None,
-            );
-        }
-        let mode = domain.config.mtls.mode;
-        let needs_cert = mode == MtlsMode::Required
-            || (mode == MtlsMode::Optional && mapping.require_client_cert);
-        if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
-            break 'answer forbidden(&req, &ctx.verdict);
-        }
-        if mapping.authorization == Authorization::Policy {
-            let decoded = decoded.unwrap_or_default();
-            let leaf = match &ctx.verdict {
-                ClientVerdict::Valid(chain) => chain.first(),
-                _ => None,
-            };
-            let route_host = if ctx.via_default {
-                domain.config.hostname.to_string()
-            } else if host.is_empty() {
-                // HTTP/1.0 without Host: policies name hosts, so refuse rather than guess.
-                denied = Some("no-host".to_string());
-                break 'answer error_response(
-                    StatusCode::BAD_REQUEST,
-                    "no-host",
-                    "policy-authorized routes need a Host header",
+                Refusal::AmbiguousPath(why) => {
+                    denied = Some("ambiguous-path".to_string());
+                    error_response(StatusCode::BAD_REQUEST, "ambiguous-path", &why, None)
+                }
+                Refusal::NoRoute => error_response(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    "no mapping matches this path",
                     None,
-                );
-            } else {
-                host.clone()
+                ),
+                Refusal::NeedsCertificate => forbidden(&req, &ctx.verdict),
+                Refusal::NoHost => {
+                    denied = Some("no-host".to_string());
+                    error_response(
+                        StatusCode::BAD_REQUEST,
+                        "no-host",
+                        "policy-authorized routes need a Host header",
+                        None,
+                    )
+                }
+                Refusal::PolicyDenied(reason) => {
+                    let page = forbidden_page(
+                        &req,
+                        "policy-denied",
+                        &format!("Access denied: {reason}."),
+                        ctx.verdict.leaf(),
+                    );
+                    denied = Some(reason);
+                    page
+                }
             };
-            let decision = domain.tls.verifier.registry_snapshot().policies().decide(
-                leaf,
-                &domain.config.hostname.to_string(),
-                &format!("http:{method}"),
-                &format!("route:{route_host}{decoded}"),
-                ctx.peer.ip(),
-            );
-            if !decision.allowed {
-                denied = Some(decision.reason.clone());
-                break 'answer forbidden_page(
-                    &req,
-                    "policy-denied",
-                    &format!("Access denied: {}.", decision.reason),
-                    leaf,
-                );
-            }
+            (name, response)
         }
-        let headers = req.headers_mut();
-        for (name, value) in &ctx.identity {
-            headers.insert(name.clone(), value.clone());
-        }
-        let origin = Origin {
-            forwarding: &ctx.forwarding,
-            host: &host,
-        };
-        let timeout = ctx.state.limits.upstream_response_timeout;
-        let index = domain
-            .config
-            .mappings
-            .iter()
-            .position(|m| std::ptr::eq(m, mapping))
-            .unwrap_or_default();
-        let client = domain
-            .upstream_clients
-            .get(index)
-            .and_then(Option::as_ref)
-            .unwrap_or(&ctx.client);
-        forward(client, req, &mapping.upstream, &rest, origin, timeout).await
     };
-    domain
-        .request_metrics(&mapping_name, response.status().as_u16())
+    finish(&ctx, started, mapping_name, method, path, denied, response)
+}
+
+/// Records a request's metrics and arranges its access-log line (written when the body has been
+/// sent or abandoned, with its size).
+fn finish(
+    ctx: &Arc<ConnectionContext>,
+    started: Instant,
+    mapping: String,
+    method: hyper::Method,
+    path: String,
+    denied: Option<String>,
+    response: Response<Body>,
+) -> Response<Body> {
+    ctx.state.domains[ctx.domain]
+        .request_metrics(&mapping, response.status().as_u16())
         .record(started.elapsed().as_secs_f64());
     if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
         return response;
     }
-    // The access line is written when the body has been sent (or abandoned), with its size.
     let log = AccessLog {
         ctx: ctx.clone(),
-        mapping: mapping_name,
+        mapping,
         method,
         path,
         status: response.status().as_u16(),
@@ -628,20 +744,20 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
 }
 
 /// What the access-log line of one request says, less the byte count.
-struct AccessLog {
-    ctx: Arc<ConnectionContext>,
-    mapping: String,
-    method: hyper::Method,
-    path: String,
-    status: u16,
+pub(crate) struct AccessLog {
+    pub(crate) ctx: Arc<ConnectionContext>,
+    pub(crate) mapping: String,
+    pub(crate) method: hyper::Method,
+    pub(crate) path: String,
+    pub(crate) status: u16,
     /// Why an authorization refused the request.
-    denied: Option<String>,
-    headers_ms: f64,
-    started: Instant,
+    pub(crate) denied: Option<String>,
+    pub(crate) headers_ms: f64,
+    pub(crate) started: Instant,
 }
 
 impl AccessLog {
-    fn emit(self, bytes: u64, complete: bool) {
+    pub(crate) fn emit(self, bytes: u64, complete: bool) {
         let ctx = &self.ctx;
         let leaf = ctx.verdict.leaf().map(|c| c.info());
         tracing::info!(

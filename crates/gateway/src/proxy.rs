@@ -109,6 +109,29 @@ impl Forwarding {
     }
 }
 
+impl Forwarding {
+    /// The forwarding headers as HTTP/1.1 lines, as `add_forwarding` sets them: the client
+    /// address appended to the first inbound `X-Forwarded-For`, the others replaced.
+    pub(crate) fn write_h1(&self, host: &str, prior_xff: Option<&[u8]>, out: &mut Vec<u8>) {
+        if let Some(ip) = &self.xff {
+            out.extend_from_slice(b"x-forwarded-for: ");
+            if let Some(prior) = prior_xff.map(<[u8]>::trim_ascii).filter(|p| !p.is_empty()) {
+                out.extend_from_slice(prior);
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(ip.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-proto: https\r\nx-forwarded-host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\nforwarded: for=");
+        out.extend_from_slice(self.for_value.as_bytes());
+        out.extend_from_slice(b";proto=https;host=\"");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\"\r\n");
+    }
+}
+
 /// Where the request came from, for the forwarding headers.
 pub(crate) struct Origin<'a> {
     pub(crate) forwarding: &'a Forwarding,

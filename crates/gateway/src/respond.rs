@@ -16,7 +16,24 @@ pub(crate) fn error_response(
     message: &str,
     html: Option<&str>,
 ) -> Response<Body> {
-    let (content_type, body) = match html {
+    let (content_type, body) = error_parts(status, code, message, html);
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The content type and body of [`error_response`].
+pub(crate) fn error_parts(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    html: Option<&str>,
+) -> (&'static str, String) {
+    match html {
         Some(extra) => (
             "text/html; charset=utf-8",
             format!(
@@ -31,14 +48,7 @@ pub(crate) fn error_response(
             "application/json",
             serde_json::json!({ "error": code, "message": message }).to_string(),
         ),
-    };
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    }
 }
 
 /// A body from bytes.

@@ -7,6 +7,7 @@ mod mqtt;
 mod nodes;
 mod pki;
 mod policy;
+mod proxy;
 mod serve;
 mod webhook;
 
