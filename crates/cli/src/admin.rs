@@ -153,6 +153,8 @@ impl AdminFiles {
 /// What the API asks of the running gateway.
 pub struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Certificate expiry, computed from the live state at each scrape.
+    pub expiry: portcullis_gateway::ExpiryGauges,
     pub ready: Arc<AtomicBool>,
     /// Whether the registry database answered the last poll.
     pub registry_reachable: Arc<AtomicBool>,
@@ -163,7 +165,9 @@ pub struct ServeHooks {
 
 impl Hooks for ServeHooks {
     fn metrics(&self) -> String {
-        self.metrics.render()
+        let mut text = self.metrics.render();
+        text.push_str(&self.expiry.render());
+        text
     }
 
     fn ready(&self) -> bool {

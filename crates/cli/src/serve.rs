@@ -136,6 +136,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let registry_reachable = Arc::new(AtomicBool::new(true));
     let hooks = crate::admin::ServeHooks {
         metrics,
+        expiry: gateway.expiry_gauges(),
         ready: ready.clone(),
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),

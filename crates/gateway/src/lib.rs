@@ -180,9 +180,16 @@ impl State {
         })
     }
 
-    /// Publishes the generation's gauges: server certificate and truststore CA expiry (days, with a
-    /// bucket label), loaded truststore fingerprints, and the generation number.
+    /// Publishes the generation number. The expiry gauges are computed at each scrape from the
+    /// state then current ([`ExpiryGauges`]), so domains removed by a reload and buckets crossed
+    /// since leave no stale series.
     fn publish_gauges(&self) {
+        metrics::gauge!("portcullis_config_generation").set(self.generation as f64);
+    }
+
+    /// Server certificate and truststore CA expiry, in the Prometheus text format.
+    fn render_expiry(&self) -> String {
+        use std::fmt::Write;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let days = |not_after: i64| (not_after - now) as f64 / 86_400.0;
         let bucket = |d: f64| match d {
@@ -192,31 +199,49 @@ impl State {
             d if d < 90.0 => "90d",
             _ => "later",
         };
-        metrics::gauge!("portcullis_config_generation").set(self.generation as f64);
+        let label = |v: &str| {
+            v.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let mut servers = String::new();
+        let mut cas = String::new();
         for d in &self.domains {
-            let domain = d.config.hostname.to_string();
+            let domain = label(&d.config.hostname.to_string());
             if let Some(leaf) = d.config.certificate.chain.first()
                 && let Ok(info) = portcullis_pki::CertificateInfo::from_der(leaf)
             {
                 let left = days(info.not_after_unix());
-                metrics::gauge!("portcullis_server_certificate_expiry_days", "domain" => domain.clone(), "bucket" => bucket(left))
-                    .set(left);
+                let _ = writeln!(
+                    servers,
+                    "portcullis_server_certificate_expiry_days{{domain=\"{domain}\",bucket=\"{}\"}} {left}",
+                    bucket(left)
+                );
             }
             if let Some(store) = &d.config.mtls.truststore {
                 for e in store.entries().iter().filter(|e| !e.duplicate) {
                     let info = e.certificate.info();
                     let left = days(info.not_after_unix());
-                    metrics::gauge!(
-                        "portcullis_truststore_ca_expiry_days",
-                        "domain" => domain.clone(),
-                        "fingerprint" => info.id.clone(),
-                        "subject" => info.subject.clone(),
-                        "bucket" => bucket(left)
-                    )
-                    .set(left);
+                    let _ = writeln!(
+                        cas,
+                        "portcullis_truststore_ca_expiry_days{{domain=\"{domain}\",fingerprint=\"{}\",subject=\"{}\",bucket=\"{}\"}} {left}",
+                        label(&info.id),
+                        label(&info.subject),
+                        bucket(left)
+                    );
                 }
             }
         }
+        let mut out = String::new();
+        if !servers.is_empty() {
+            out.push_str("# TYPE portcullis_server_certificate_expiry_days gauge\n");
+            out.push_str(&servers);
+        }
+        if !cas.is_empty() {
+            out.push_str("# TYPE portcullis_truststore_ca_expiry_days gauge\n");
+            out.push_str(&cas);
+        }
+        out
     }
 
     /// The domain for an SNI name: exact names first, then wildcards, then the default domain.
@@ -247,6 +272,17 @@ impl State {
 /// Checks that a configuration would start: builds every domain's TLS state without binding.
 pub fn check(config: &Config) -> Result<(), GatewayError> {
     State::build(config, 0, &Arc::new(RegistryHandle::empty())).map(|_| ())
+}
+
+/// The expiry gauges of the live state, rendered at scrape time.
+#[derive(Clone)]
+pub struct ExpiryGauges(Arc<ArcSwap<State>>);
+
+impl ExpiryGauges {
+    /// The gauges in the Prometheus text format, to append to the recorder's output.
+    pub fn render(&self) -> String {
+        self.0.load().render_expiry()
+    }
 }
 
 /// A running gateway.
@@ -370,6 +406,11 @@ impl Gateway {
     /// minute); the first call takes the receiver.
     pub fn take_sightings(&self) -> Option<tokio::sync::mpsc::Receiver<verify::Sighting>> {
         self.registry.sightings.lock().ok()?.take()
+    }
+
+    /// The expiry gauges of the live state, for the metrics endpoint.
+    pub fn expiry_gauges(&self) -> ExpiryGauges {
+        ExpiryGauges(self.state.clone())
     }
 
     /// A handle that explains decisions on the current state (`portcullis explain`).

@@ -897,10 +897,36 @@ fn domains_scenario(database: Option<&str>) {
         200
     );
 
-    // Deleting a domain refuses its connections; the last one cannot go.
+    // Deleting a domain refuses its connections, and its expiry gauges go with it; the last one
+    // cannot go.
+    let expiry_of = |domain: &str| {
+        let curl_bin = require_tool("curl").unwrap();
+        let url = format!("https://127.0.0.1:{}/metrics", s.admin_port);
+        let metrics = run(
+            curl_bin,
+            &[
+                "-sS",
+                "--cacert",
+                "data/ca/ca.pem",
+                "--cert",
+                "data/admin/admin.pem",
+                "--key",
+                "data/admin/admin.key",
+                &url,
+            ],
+            d,
+        )
+        .ok()
+        .stdout;
+        metrics.contains(&format!(
+            "portcullis_server_certificate_expiry_days{{domain=\"{domain}\""
+        ))
+    };
+    assert!(expiry_of("b.test") && expiry_of("a.test"));
     cli(d, &["domain", "delete", "b.test"]).ok();
     assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
     assert_ne!(curl(d, &s, "b.test", "/", &with_client(&alice)).code, 0);
+    assert!(!expiry_of("b.test") && expiry_of("a.test"));
     assert_clean_error(&cli(d, &["domain", "delete", "a.test"]), 2, "no domain");
     let history = cli_json(d, &["audit", "list", "--target", "b.test"]);
     let actions: Vec<&str> = history["items"]
