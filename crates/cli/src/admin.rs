@@ -167,6 +167,38 @@ impl Hooks for ServeHooks {
     fn metrics(&self) -> String {
         let mut text = self.metrics.render();
         text.push_str(&self.expiry.render());
+        let b = self.broker.stats();
+        for (name, help, value) in [
+            (
+                "portcullis_mqtt_sessions_online",
+                "MQTT sessions held by a connection",
+                b.online,
+            ),
+            (
+                "portcullis_mqtt_sessions_offline",
+                "persistent MQTT sessions kept while their client is away",
+                b.offline,
+            ),
+            (
+                "portcullis_mqtt_queued_messages",
+                "messages queued for MQTT sessions",
+                b.queued,
+            ),
+            (
+                "portcullis_mqtt_subscriptions",
+                "subscriptions of every MQTT session",
+                b.subscriptions,
+            ),
+            (
+                "portcullis_mqtt_retained_messages",
+                "retained MQTT messages",
+                b.retained,
+            ),
+        ] {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        }
         text
     }
 

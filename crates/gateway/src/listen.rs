@@ -39,6 +39,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection waits for its certificate's just-in-time provisioning.
 const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a just-provisioned connection waits for the registry snapshot to include its
+/// certificate.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
+
 /// The process-wide gates: open connections and handshakes in progress.
 pub(crate) struct Gates {
     connections: Arc<Semaphore>,
@@ -274,6 +278,24 @@ async fn connection(
                 &format!("just-in-time provisioning failed: {why}"),
             );
             return;
+        }
+        // The registry recorded the certificate (and its thing); this node's snapshot follows
+        // within a poll. Wait for it, briefly, so that policies naming the new thing (MQTT's
+        // thing client id, `${iot:Connection.Thing.ThingName}`-style variables) apply from the
+        // first request or CONNECT.
+        if let ClientVerdict::Valid(chain) = &verdict
+            && let Some(leaf) = chain.first()
+        {
+            let verifier = &domain.tls.verifier;
+            let mut changes = verifier.registry_changes();
+            let _ = tokio::time::timeout(SNAPSHOT_WAIT, async {
+                while !verifier.is_registered(leaf) {
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
     }
     count_handshake(&hostname, "ok", "");

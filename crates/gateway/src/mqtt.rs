@@ -132,7 +132,7 @@ impl Receiver for SessionAuth {
             .decide("mqtt:Receive", &format!("topic:{topic}"))
             .is_ok();
         if !allowed {
-            metrics::counter!("portcullis_mqtt_denials_total", "action" => "receive").increment(1);
+            metrics::counter!("portcullis_mqtt_denials_total", "action" => "receive", "reason" => "not-allowed").increment(1);
         }
         allowed
     }
@@ -220,6 +220,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .things_of(&leaf.info().id)
             .contains(&client_id)
     {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "client-id-not-thing").increment(1);
         let _ = send(
             &mut tls,
             protocol,
@@ -234,7 +235,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     }
     let auth = SessionAuth::new(&c, &leaf, &client_id);
     if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect").increment(1);
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);
         let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
         return log_refused(&c, &client_id, &format!("mqtt:Connect denied: {why}"));
     }
@@ -290,7 +291,8 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .disconnected(&client_id, handle.generation, Vec::new());
         return;
     }
-    metrics::gauge!("portcullis_mqtt_sessions").increment(1.0);
+    metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
+    metrics::counter!("portcullis_mqtt_connects_total", "result" => "accepted").increment(1);
     tracing::info!(
         target: "portcullis::mqtt",
         peer = %c.peer,
@@ -320,7 +322,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         out: BytesMut::new(),
     };
     session.run(&mut tls, buf, handle, &connect).await;
-    metrics::gauge!("portcullis_mqtt_sessions").decrement(1.0);
+    metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
 }
 
 /// `$` topics belong to the server (registry events are published on `$portcullis/…`).
@@ -594,7 +596,7 @@ impl Session<'_> {
                         .auth
                         .decide("mqtt:Subscribe", &format!("topicfilter:{}", f.filter))
                     {
-                        metrics::counter!("portcullis_mqtt_denials_total", "action" => "subscribe")
+                        metrics::counter!("portcullis_mqtt_denials_total", "action" => "subscribe", "reason" => "not-allowed")
                             .increment(1);
                         tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, filter = %f.filter, reason = %why, "mqtt subscription denied");
                         codes.push(refused(reason::NOT_AUTHORIZED));
@@ -712,15 +714,16 @@ impl Session<'_> {
             ));
         }
         let allowed = portcullis_mqtt::topic::check_name(&p.topic)
-            .map_err(|e| e.to_string())
-            .and_then(|()| reserved(&p.topic))
+            .map_err(|e| ("invalid-topic", e.to_string()))
+            .and_then(|()| reserved(&p.topic).map_err(|e| ("reserved-topic", e)))
             .and_then(|()| {
                 self.auth
                     .decide("mqtt:Publish", &format!("topic:{}", p.topic))
+                    .map_err(|e| ("not-allowed", e))
             });
-        if let Err(why) = allowed {
+        if let Err((code, why)) = allowed {
             metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "denied").increment(1);
-            metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish").increment(1);
+            metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish", "reason" => code).increment(1);
             tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %p.topic, reason = %why, "mqtt publish denied");
             return match (self.protocol, p.qos, p.packet_id) {
                 (Protocol::V5, QoS::AtLeastOnce, Some(id)) => {
@@ -975,7 +978,7 @@ pub(crate) async fn https_publish(
         peer.ip(),
     );
     if !decision.allowed {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish").increment(1);
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish", "reason" => "not-allowed").increment(1);
         return error_response(
             StatusCode::FORBIDDEN,
             "policy-denied",

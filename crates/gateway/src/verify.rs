@@ -708,6 +708,11 @@ impl DomainVerifier {
         self.registry.snapshot.load().status(id)
     }
 
+    /// Whether the current registry snapshot holds this certificate (any status).
+    pub(crate) fn is_registered(&self, leaf: &Certificate) -> bool {
+        self.registered_status(&leaf.info().id).is_some()
+    }
+
     /// Whether this domain consults the registry.
     pub(crate) fn uses_registry(&self) -> bool {
         self.registry_mode != RegistryMode::Off

@@ -486,6 +486,40 @@ impl Broker {
     pub fn retained_count(&self) -> usize {
         self.lock().retained.len()
     }
+
+    /// Counts for the metrics endpoint, taken in one pass under the lock.
+    pub fn stats(&self) -> BrokerStats {
+        let state = self.lock();
+        let mut stats = BrokerStats {
+            retained: state.retained.len(),
+            ..BrokerStats::default()
+        };
+        for s in state.sessions.values() {
+            if s.online.is_some() {
+                stats.online += 1;
+            } else {
+                stats.offline += 1;
+            }
+            stats.queued += s.queue.len();
+            stats.subscriptions += s.filters.len();
+        }
+        stats
+    }
+}
+
+/// Broker-wide counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Sessions a connection holds.
+    pub online: usize,
+    /// Persistent sessions kept while their client is away.
+    pub offline: usize,
+    /// Messages queued for sessions (offline, or online and behind).
+    pub queued: usize,
+    /// Subscriptions of every session.
+    pub subscriptions: usize,
+    /// Retained messages.
+    pub retained: usize,
 }
 
 fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now: Instant) {

@@ -766,3 +766,161 @@ fn registry_events_reach_only_sessions_whose_policies_name_them() {
     );
     assert!(text.contains("INACTIVE"), "{text}");
 }
+
+/// The Python with paho-mqtt that the test command installs (`PORTCULLIS_TEST_PYTHON`), or a
+/// `python3` that has it. Missing in CI fails the test; elsewhere it is skipped, saying so.
+fn paho_python() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("PORTCULLIS_TEST_PYTHON") {
+        return Some(p.into());
+    }
+    if let Some(p) = portcullis_testkit::tool("python3")
+        && run(&p, &["-c", "import paho.mqtt.client"], Path::new(".")).code == 0
+    {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("Python paho-mqtt is not installed; the test command (scripts/test) installs it");
+    }
+    eprintln!("SKIP: Python paho-mqtt is not installed (run scripts/test to install it)");
+    None
+}
+
+#[test]
+fn mqtt5_sessions_expiry_reason_codes_and_aliases_with_paho() {
+    let Some(python) = paho_python() else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    for dev in ["dev-1", "dev-2", "dev-3"] {
+        leaf(d, "client", dev, "int", &["--org", "Acme"]);
+    }
+    let s = Server::start(d, &config());
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    cli(
+        d,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt5.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            &s.ports[1].to_string(),
+            &s.admin_port.to_string(),
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
+    // The gateway logged the refusals with their reasons.
+    assert!(
+        s.wait_for("mqtt publish denied")
+            .contains("devices/dev-1/telemetry")
+    );
+}
+
+#[test]
+fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() {
+    let Some(_) = require_tool("mosquitto_pub") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    leaf(d, "client", "dev-9", "int", &["--org", "Acme"]);
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\", \"mqtt\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mqtt]\nrequire_thing_client_id = true\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    std::fs::write(
+        d.join("template.json"),
+        r#"{"thing_name": "${Certificate.Subject.CommonName}", "attributes": {"org": "${Certificate.Subject.Organization}"}}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "int/ca.pem",
+            "--no-verification",
+            "--activate",
+            "--auto-register",
+            "--template",
+            "template.json",
+        ],
+    )
+    .ok();
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    cli(
+        d,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
+    let port = s.port.to_string();
+    let mosquitto = |alpn: Option<&str>| {
+        let mut args = vec![
+            "-h",
+            "localhost",
+            "-p",
+            &port,
+            "--cafile",
+            "data/ca/ca.pem",
+            "--cert",
+            "dev-9.chain.pem",
+            "--key",
+            "dev-9.key",
+            "-i",
+            "dev-9",
+            "-t",
+            "devices/dev-9/telemetry",
+            "-m",
+            "first",
+            "-q",
+            "1",
+        ];
+        if let Some(alpn) = alpn {
+            args.extend(["--tls-alpn", alpn]);
+        }
+        run(require_tool("mosquitto_pub").unwrap(), &args, d)
+    };
+    // The device's first CONNECT: registered, provisioned (a thing named after it, which the
+    // client id must match), and served on that very connection.
+    let first = mosquitto(Some("mqtt"));
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    s.wait_for("provisioned just in time");
+    let thing = cli_json(d, &["thing", "describe", "dev-9"]);
+    assert_eq!(thing["attributes"]["org"], "Acme");
+    let listed = cli_json(d, &["cert", "list", "--thing", "dev-9"]);
+    assert_eq!(listed["items"][0]["status"], "ACTIVE", "{listed}");
+    assert!(s.wait_for("mqtt session started").contains("dev-9"));
+    // The same port speaks HTTP to HTTP clients (ALPN h2 or http/1.1) ...
+    let dev = client("dev-9");
+    let r = curl(d, &s, "localhost", "/over-http", &with_client(&dev));
+    assert_eq!(answer(&r).0, 200, "{r:?}");
+    let r = curl(
+        d,
+        &s,
+        "localhost",
+        "/over-http",
+        &[with_client(&dev), vec!["--http1.1"]].concat(),
+    );
+    assert_eq!(answer(&r).0, 200, "{r:?}");
+    // ... and a client that offers no ALPN gets HTTP: MQTT bytes there are refused.
+    let no_alpn = mosquitto(None);
+    assert_ne!(no_alpn.code, 0, "{}", no_alpn.stdout);
+    let again = mosquitto(Some("mqtt"));
+    assert_eq!(again.code, 0, "{}", again.stderr);
+}
