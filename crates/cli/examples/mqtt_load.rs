@@ -286,17 +286,30 @@ async fn main() {
             let n = num(6);
             let mut held = Vec::new();
             let limit = Arc::new(tokio::sync::Semaphore::new(64));
+            let up = Arc::new(AtomicU64::new(0));
+            let progress = {
+                let up = up.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        eprintln!("{} of {n} sessions up", up.load(Ordering::Relaxed));
+                    }
+                })
+            };
             let mut tasks = Vec::new();
             for i in 0..n {
-                let (t, limit) = (t.clone(), limit.clone());
+                let (t, limit, up) = (t.clone(), limit.clone(), up.clone());
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    session(&t, &format!("idle{i}")).await
+                    let s = session(&t, &format!("idle{i}")).await;
+                    up.fetch_add(1, Ordering::Relaxed);
+                    s
                 }));
             }
             for task in tasks {
                 held.push(task.await.unwrap());
             }
+            progress.abort();
             println!("ready");
             tokio::time::sleep(Duration::from_secs(num(7))).await;
             drop(held);

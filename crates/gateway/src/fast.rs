@@ -39,6 +39,8 @@ const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 const POOL_IDLE: Duration = Duration::from_secs(60);
 /// Idle upstream connections kept per mapping at most.
 const POOL_MAX_IDLE: usize = 512;
+/// How long a connection waits for its next request before giving its buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// Trailer bytes of a chunked response at most.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
@@ -229,18 +231,25 @@ where
     let state = &ctx.state;
     let domain = &state.domains[ctx.domain];
     let limits = &state.limits;
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut ubuf = BytesMut::with_capacity(16 * 1024);
-    let mut head: Vec<u8> = Vec::with_capacity(2048);
-    let mut fwd: Vec<u8> = Vec::with_capacity(1024);
-    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // Buffers grow on first use and are reused request after request; a connection idle for
+    // IDLE_RELEASE gives them back, so idle keep-alive connections stay small.
+    let mut buf = BytesMut::new();
+    let mut ubuf = BytesMut::new();
+    let mut head: Vec<u8> = Vec::new();
+    let mut fwd: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
     let timer = tokio::time::sleep(limits.request_header_timeout);
     tokio::pin!(timer);
+    let release = tokio::time::sleep(IDLE_RELEASE);
+    tokio::pin!(release);
     loop {
         // A whole request head, within the request header timeout (idle keep-alive included).
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + limits.request_header_timeout);
+        let now = tokio::time::Instant::now();
+        timer.as_mut().reset(now + limits.request_header_timeout);
+        let mut holding = ubuf.capacity() + out.capacity() > 0;
+        if holding {
+            release.as_mut().reset(now + IDLE_RELEASE);
+        }
         let plan = loop {
             if !buf.is_empty() {
                 match plan_request(&buf, ctx, &mut head, &mut fwd) {
@@ -259,6 +268,14 @@ where
                     Ok(_) => {}
                 },
                 _ = timer.as_mut() => return Outcome::Closed,
+                _ = release.as_mut(), if idle && holding => {
+                    buf = BytesMut::new();
+                    ubuf = BytesMut::new();
+                    head = Vec::new();
+                    fwd = Vec::new();
+                    out = Vec::new();
+                    holding = false;
+                }
                 _ = shutdown.changed(), if idle => return Outcome::Closed,
             }
         };

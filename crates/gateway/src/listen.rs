@@ -70,16 +70,26 @@ pub(crate) async fn accept_loop(
 ) {
     let mut connections = JoinSet::new();
     loop {
-        // At the connection limit, stop accepting: clients wait in the kernel's backlog.
-        let permit = tokio::select! {
-            permit = gates.connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
+        // At the connection limit, stop accepting: clients wait in the kernel's backlog. The
+        // slot is taken after the accept: a listener waiting for clients must not hold one (with
+        // several listeners, each would keep a slot idle).
+        tokio::select! {
+            permit = gates.connections.acquire() => match permit {
+                Ok(p) => drop(p),
                 Err(_) => break,
             },
             _ = shutdown.changed() => break,
-        };
+        }
         tokio::select! {
             accepted = listener.accept() => {
+                // Normally free at once; another listener may have taken the last slot since.
+                let permit = tokio::select! {
+                    permit = gates.connections.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                };
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -140,15 +150,25 @@ struct Endpoint {
     broker: Arc<Broker>,
 }
 
-async fn connection(
+/// A completed handshake: the stream, the domain chosen, and the verifier's record.
+struct Handshaken {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    started: Instant,
+    domain_index: usize,
+    via_default: bool,
+    hostname: String,
+    sni: Option<String>,
+    record: Option<HandshakeRecord>,
+}
+
+/// ClientHello → domain by SNI → handshake, each failure logged. A future of its own (boxed by
+/// the caller): its state is large and is not needed once the connection is established.
+async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
-    state: Arc<State>,
-    client: UpstreamClient,
+    state: &State,
     handshakes: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
-    endpoint: Endpoint,
-) {
+) -> Option<Handshaken> {
     let started = Instant::now();
     let limits = &state.limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
@@ -158,7 +178,7 @@ async fn connection(
     else {
         count_handshake("", "failed", "handshake-limit");
         tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-limit", "too many handshakes in progress");
-        return;
+        return None;
     };
     let accept = LazyConfigAcceptor::new(Acceptor::default(), stream);
     let hello = match tokio::time::timeout_at(deadline, accept).await {
@@ -166,12 +186,12 @@ async fn connection(
         Ok(Err(e)) => {
             count_handshake("", "failed", "bad-client-hello");
             tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "bad-client-hello", error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             count_handshake("", "failed", "handshake-timeout");
             tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-timeout", "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let sni = hello
@@ -181,7 +201,7 @@ async fn connection(
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
         count_handshake("", "refused", "unknown-sni");
         tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", "no domain for this SNI and no default endpoint");
-        return;
+        return None;
     };
     let domain_index = state
         .domains
@@ -208,18 +228,52 @@ async fn connection(
                 &e,
                 started,
             );
-            return;
+            return None;
         }
         Err(_) => {
             let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
             log_failed_handshake(peer, &hostname, sni.as_deref(), None, &timeout, started);
-            return;
+            return None;
         }
     };
     drop(handshake_permit);
+    Some(Handshaken {
+        record: recorded(&slot),
+        tls,
+        started,
+        domain_index,
+        via_default,
+        hostname,
+        sni,
+    })
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    client: UpstreamClient,
+    handshakes: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    endpoint: Endpoint,
+) {
+    let Some(Handshaken {
+        tls,
+        started,
+        domain_index,
+        via_default,
+        hostname,
+        sni,
+        record,
+    }) = Box::pin(handshake(stream, peer, &state, handshakes)).await
+    else {
+        return;
+    };
+    let domain = &state.domains[domain_index];
+    let limits = &state.limits;
     let (_, conn) = tls.get_ref();
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    let (verdict, provisioning) = match recorded(&slot) {
+    let (verdict, provisioning) = match record {
         Some(r) => (r.verdict, r.provisioning),
         // A resumed session restores the client chain without running the verifier: verify it
         // again against this generation's truststore, CRLs and registry snapshot.
@@ -321,7 +375,10 @@ async fn connection(
             broker: endpoint.broker.clone(),
             shutdown,
         };
-        crate::mqtt::serve(tls, conn).await;
+        // Boxed, like each protocol's future below: a connection's future is as large as its
+        // largest branch, and only one of them ever runs.
+        let session = Box::pin(crate::mqtt::serve(tls, conn));
+        session.await;
         return;
     }
     if alpn == "mqtt" {
@@ -388,8 +445,7 @@ async fn connection(
     let prefix = if alpn == "h2" {
         Bytes::new()
     } else {
-        let served = crate::fast::serve(&mut tls, &fast_ctx, shutdown.clone());
-        tokio::pin!(served);
+        let mut served = Box::pin(crate::fast::serve(&mut tls, &fast_ctx, shutdown.clone()));
         tokio::select! {
             outcome = served.as_mut() => match outcome {
                 crate::fast::Outcome::Closed => return,
@@ -409,7 +465,7 @@ async fn connection(
     // types share no trait for `graceful_shutdown`, hence a macro.
     macro_rules! drive {
         ($conn:ident) => {
-            tokio::pin!($conn);
+            let mut $conn = Box::pin($conn);
             tokio::select! {
                 _ = $conn.as_mut() => {}
                 (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),

@@ -152,7 +152,9 @@ enum End {
 pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     let settings = c.domain.mqtt.clone();
     let max = settings.max_packet_size;
-    let mut buf = BytesMut::with_capacity(4096);
+    // Small to start: most devices send little, and an idle session keeps its buffer. It grows
+    // for publishers that send more.
+    let mut buf = BytesMut::with_capacity(512);
     let hostname = c.domain.hostname.to_string();
     let first = tokio::time::timeout(
         settings.connect_timeout,
@@ -389,6 +391,9 @@ async fn send(
     tls.flush().await
 }
 
+/// Packets handled from one read after which a session lets other tasks run.
+const YIELD_AFTER_PACKETS: usize = 64;
+
 /// A live session.
 struct Session<'a> {
     c: &'a Conn,
@@ -438,9 +443,11 @@ impl Session<'_> {
                         Ok(_) => last_heard = Instant::now(),
                     }
                     let mut ended = None;
+                    let mut handled = 0usize;
                     loop {
                         match codec::read_packet(&mut buf, Some(self.protocol), c.domain.mqtt.max_packet_size) {
                             Ok(Some(packet)) => {
+                                handled += 1;
                                 if let Some(end) = self.handle(packet, &handle) {
                                     ended = Some(end);
                                     break;
@@ -456,6 +463,13 @@ impl Session<'_> {
                     if let Some(end) = ended {
                         break end;
                     }
+                    // A flooding publisher would otherwise keep the worker (tokio lets a task do
+                    // 128 reads per turn) while its subscribers' queues overflow: after a large
+                    // batch — every complete packet in the buffer handled, so nothing waits on
+                    // the next read — let the sessions it fed write.
+                    if handled >= YIELD_AFTER_PACKETS {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 out = handle.outbound.recv() => {
                     // Take what else is waiting too: one write for many messages.
@@ -463,7 +477,7 @@ impl Session<'_> {
                     let mut ended = None;
                     for _ in 0..256 {
                         match next {
-                            Some(Outbound::Deliver(m)) => self.deliver(m),
+                            Some(Outbound::Deliver(m)) => self.deliver(*m),
                             Some(Outbound::TakenOver) => {
                                 ended = Some(End::Server(reason::SESSION_TAKEN_OVER, "another connection took this client id over".into()));
                                 break;

@@ -72,8 +72,9 @@ impl Message {
 /// What a connection task is told.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Deliver this message at this QoS.
-    Deliver(Message),
+    /// Deliver this message at this QoS. Boxed: a channel allocates its slots in blocks, and
+    /// every session has a channel, so a small slot keeps idle sessions small.
+    Deliver(Box<Message>),
     /// Another connection took this client id over: close (MQTT 5: reason 0x8E).
     TakenOver,
     /// An operator or the registry ended the session: close, saying why.
@@ -356,12 +357,12 @@ impl Broker {
             copy.retain = options.retain_as_published && message.retain;
             match &session.online {
                 Some(tx) if session.queue.is_empty() => {
-                    match tx.try_send(Outbound::Deliver(copy)) {
+                    match tx.try_send(Outbound::Deliver(Box::new(copy))) {
                         Ok(()) => routed.delivered += 1,
                         Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m)))
                             if m.qos != QoS::AtMostOnce =>
                         {
-                            queue(session, m, max_queued, &mut routed, now);
+                            queue(session, *m, max_queued, &mut routed, now);
                         }
                         Err(_) => routed.dropped += 1,
                     }
@@ -582,7 +583,7 @@ mod tests {
     fn delivered(h: &mut SessionHandle) -> Vec<Message> {
         let mut out = Vec::new();
         while let Ok(Outbound::Deliver(m)) = h.outbound.try_recv() {
-            out.push(m);
+            out.push(*m);
         }
         out
     }

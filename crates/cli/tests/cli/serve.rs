@@ -1446,3 +1446,70 @@ pub(crate) fn registry_config(domains: &[(&str, &str)]) -> String {
     }
     config
 }
+
+#[test]
+fn the_connection_limit_is_shared_by_listeners_and_every_slot_is_usable() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let config = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[limits]
+max_connections = 3
+
+[[listener]]
+address = "127.0.0.1:0"
+[[listener]]
+address = "127.0.0.1:0"
+protocols = ["mqtt"]
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "trust-a.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#;
+    let s = Server::start(d, config);
+    // Three connections on the HTTP listener use the three slots (an idle MQTT listener holds
+    // none); a fourth waits in the backlog until one of them closes.
+    let script = r#"
+import socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+ctx.load_cert_chain("alice.chain.pem", "alice.key")
+ctx.set_alpn_protocols(["http/1.1"])
+def open_one(timeout):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return ctx.wrap_socket(raw, server_hostname="a.test")
+held = [open_one(20) for _ in range(3)]
+for s in held:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert s.recv(12).startswith(b"HTTP/1.1 200"), "served"
+print("three served")
+try:
+    open_one(1.5)
+    print("fourth admitted")
+except (socket.timeout, TimeoutError):
+    print("fourth waits")
+held.pop().close()
+late = open_one(20)
+late.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+print("late served" if late.recv(12).startswith(b"HTTP/1.1 200") else "late refused")
+"#;
+    std::fs::write(d.join("limit.py"), script).unwrap();
+    let r = run(python, &["limit.py", &s.port.to_string()], d);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout.lines().collect::<Vec<_>>(),
+        ["three served", "fourth waits", "late served"],
+        "{r:?}"
+    );
+}
