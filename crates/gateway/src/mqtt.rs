@@ -391,6 +391,10 @@ async fn send(
     tls.flush().await
 }
 
+/// The first read of a session's loop, in bytes; doubled while reads fill it, up to MAX_READ.
+const FIRST_READ: usize = 512;
+const MAX_READ: usize = 64 * 1024;
+
 /// Packets handled from one read after which a session lets other tasks run.
 const YIELD_AFTER_PACKETS: usize = 64;
 
@@ -426,6 +430,9 @@ impl Session<'_> {
             s => Some(Duration::from_millis(u64::from(s) * 1500)),
         };
         let mut last_heard = Instant::now();
+        let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(keep_alive_timer);
+        let mut read_size = FIRST_READ;
         let mut changes = c.verifier.registry_changes();
         let mut shutdown = c.shutdown.clone();
         for m in std::mem::take(&mut handle.pending) {
@@ -435,12 +442,22 @@ impl Session<'_> {
             if self.flush(tls).await.is_err() {
                 break End::Lost;
             }
-            let idle = keep_alive.map(|k| k.saturating_sub(last_heard.elapsed()));
+            // Room for the next read: small for a quiet device, doubled each time a read fills
+            // it (up to 64 KiB), so a busy publisher reads many packets at a time.
+            if buf.capacity() - buf.len() < read_size {
+                buf.reserve(read_size);
+            }
+            let offered = buf.capacity() - buf.len();
             tokio::select! {
                 read = tls.read_buf(&mut buf) => {
                     match read {
                         Ok(0) | Err(_) => break End::Lost,
-                        Ok(_) => last_heard = Instant::now(),
+                        Ok(n) => {
+                            last_heard = Instant::now();
+                            if n == offered && read_size < MAX_READ {
+                                read_size *= 2;
+                            }
+                        }
                     }
                     let mut ended = None;
                     let mut handled = 0usize;
@@ -500,12 +517,15 @@ impl Session<'_> {
                         break end;
                     }
                 }
-                _ = async {
-                    match idle {
-                        Some(d) => tokio::time::sleep(d).await,
-                        None => std::future::pending().await,
+                // One timer for the session, moved on only when it fires (not on every packet).
+                _ = keep_alive_timer.as_mut(), if keep_alive.is_some() => {
+                    let k = keep_alive.unwrap_or_default();
+                    if last_heard.elapsed() >= k {
+                        break End::Server(reason::KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep-alive".into());
                     }
-                } => break End::Server(reason::KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep-alive".into()),
+                    keep_alive_timer.as_mut().reset((last_heard + k).into());
+                    continue;
+                }
                 changed = changes.changed() => {
                     if changed.is_err() {
                         continue;

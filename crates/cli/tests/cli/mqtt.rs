@@ -561,6 +561,15 @@ for i in range(150):
     codes.append(suback[4])
 print("subscribe-codes", codes.count(0), codes.count(0x80), flush=True)
 s.sendall(packet(0xC0, b"")); print("pingresp", s.recv(2).hex(), flush=True)
+# 6. Keep-alive 1 s: a PINGREQ within it keeps the session (the waiting is what is tested);
+# silence after it closes the session 1.5 s later.
+s = conn(); s.sendall(packet(0x10, string(b"MQTT") + bytes([4, 0x02, 0, 1]) + string(b"dev-1"))); s.recv(4)
+time.sleep(1.0)
+s.sendall(packet(0xC0, b"")); alive = s.recv(2).hex() == "d000"
+start = time.time()
+closed = closed_within(s, 5)
+waited = time.time() - start
+print("keepalive", alive, closed and 1.0 < waited < 4.0, round(waited, 2), flush=True)
 "#;
 
 #[test]
@@ -609,6 +618,7 @@ fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
     assert!(r.stdout.contains("connack 20020000"), "{}", r.stdout);
     assert!(r.stdout.contains("subscribe-codes 100 50"), "{}", r.stdout);
     assert!(r.stdout.contains("pingresp d000"), "{}", r.stdout);
+    assert!(r.stdout.contains("keepalive True True"), "{}", r.stdout);
     // The steady client was not disturbed, and the gateway still serves new ones.
     let ok = publish(
         d,
