@@ -116,6 +116,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("installing the metrics recorder")?;
     let ready = Arc::new(AtomicBool::new(false));
     let marker = store.change_marker().await?;
+    if database.starts_with("postgres") && config.speaks_mqtt() {
+        tracing::warn!(
+            "MQTT sessions live on this node: with several nodes sharing this database, a message reaches only subscribers connected to the node it was published on; keep a fleet's MQTT on one node or pin devices to a node"
+        );
+    }
     let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
     if let Some(requests) = gateway.take_jit_requests() {
         tokio::spawn(just_in_time(store.clone(), requests));

@@ -135,7 +135,7 @@ impl Config {
     }
 
     /// Whether some listener speaks MQTT (then domains offer the `mqtt` ALPN protocol).
-    pub(crate) fn speaks_mqtt(&self) -> bool {
+    pub fn speaks_mqtt(&self) -> bool {
         self.listeners
             .iter()
             .any(|l| l.protocols != Protocols::Http)
