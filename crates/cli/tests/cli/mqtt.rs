@@ -880,7 +880,7 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
     cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
     wait_for_snapshot(d, &s);
     let port = s.port.to_string();
-    let mosquitto = |alpn: Option<&str>| {
+    let mosquitto_as = |client_id: &str, alpn: Option<&str>| {
         let mut args = vec![
             "-h",
             "localhost",
@@ -893,7 +893,7 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
             "--key",
             "dev-9.key",
             "-i",
-            "dev-9",
+            client_id,
             "-t",
             "devices/dev-9/telemetry",
             "-m",
@@ -906,6 +906,7 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
         }
         run(require_tool("mosquitto_pub").unwrap(), &args, d)
     };
+    let mosquitto = |alpn: Option<&str>| mosquitto_as("dev-9", alpn);
     // The device's first CONNECT: registered, provisioned (a thing named after it, which the
     // client id must match), and served on that very connection.
     let first = mosquitto(Some("mqtt"));
@@ -916,6 +917,10 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
     let listed = cli_json(d, &["cert", "list", "--thing", "dev-9"]);
     assert_eq!(listed["items"][0]["status"], "ACTIVE", "{listed}");
     assert!(s.wait_for("mqtt session started").contains("dev-9"));
+    // The client id must be the thing's name.
+    let other = mosquitto_as("dev-9-other", Some("mqtt"));
+    assert_ne!(other.code, 0, "{}", other.stderr);
+    assert!(s.wait_for("mqtt connection refused").contains("thing"));
     // The same port speaks HTTP to HTTP clients (ALPN h2 or http/1.1) ...
     let dev = client("dev-9");
     let r = curl(d, &s, "localhost", "/over-http", &with_client(&dev));
