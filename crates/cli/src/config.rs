@@ -192,6 +192,9 @@ pub(crate) struct FileMtls {
     on_failure: String,
     #[serde(default = "default_stale")]
     stale_crl: String,
+    /// The readable 403 page's advice, in the domain's words (plain text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_advice: Option<String>,
 }
 
 fn default_depth() -> u8 {
@@ -726,6 +729,11 @@ fn file_mtls(
     if m.max_chain_depth == 0 {
         bail!("mtls.max_chain_depth must be at least 1");
     }
+    if let Some(advice) = &m.failure_advice
+        && (advice.trim().is_empty() || advice.len() > 4096)
+    {
+        bail!("mtls.failure_advice must be between 1 and 4096 bytes of text");
+    }
     Ok(Mtls {
         mode,
         truststore,
@@ -734,6 +742,7 @@ fn file_mtls(
         advertise_ca_names: m.advertise_ca_names,
         on_failure,
         allow_stale_crls,
+        failure_advice: m.failure_advice.clone(),
     })
 }
 

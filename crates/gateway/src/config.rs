@@ -321,6 +321,9 @@ pub struct Mtls {
     pub on_failure: OnFailure,
     /// Let chains through when a CRL covering them is past its next update (default: refuse).
     pub allow_stale_crls: bool,
+    /// What the readable 403 page tells people to do (`on_failure = "http"`), in the domain's
+    /// own words: plain text, paragraphs separated by blank lines. `None`: the default advice.
+    pub failure_advice: Option<String>,
 }
 
 impl Mtls {
@@ -334,6 +337,7 @@ impl Mtls {
             advertise_ca_names: true,
             on_failure: OnFailure::Tls,
             allow_stale_crls: false,
+            failure_advice: None,
         }
     }
 }

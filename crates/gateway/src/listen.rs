@@ -725,7 +725,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                         _ => None,
                     };
                     let response = match leaf {
-                        None => forbidden(&req, &ctx.verdict),
+                        None => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
                         Some(leaf) => {
                             crate::mqtt::https_publish(
                                 req,
@@ -758,7 +758,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                     "no mapping matches this path",
                     None,
                 ),
-                Refusal::NeedsCertificate => forbidden(&req, &ctx.verdict),
+                Refusal::NeedsCertificate => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
                 Refusal::NoHost => {
                     denied = Some("no-host".to_string());
                     error_response(
@@ -774,6 +774,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                         "policy-denied",
                         &format!("Access denied: {reason}."),
                         ctx.verdict.leaf(),
+                        advice_of(&ctx),
                     );
                     denied = Some(reason);
                     page
@@ -935,7 +936,11 @@ fn request_host(req: &Request<Incoming>) -> String {
 }
 
 /// 403 with the reason: JSON for programs, a readable page for browsers.
-fn forbidden(req: &Request<Incoming>, verdict: &ClientVerdict) -> Response<Body> {
+fn forbidden(
+    req: &Request<Incoming>,
+    verdict: &ClientVerdict,
+    advice: Option<&str>,
+) -> Response<Body> {
     let (code, message) = match verdict {
         ClientVerdict::None => (
             "no-certificate",
@@ -951,7 +956,16 @@ fn forbidden(req: &Request<Incoming>, verdict: &ClientVerdict) -> Response<Body>
         ),
         ClientVerdict::Valid(_) => ("forbidden", "Access denied.".to_string()),
     };
-    forbidden_page(req, code, &message, verdict.leaf())
+    forbidden_page(req, code, &message, verdict.leaf(), advice)
+}
+
+/// The domain's failure-page advice.
+fn advice_of(ctx: &ConnectionContext) -> Option<&str> {
+    ctx.state.domains[ctx.domain]
+        .config
+        .mtls
+        .failure_advice
+        .as_deref()
 }
 
 /// 403 with `code` and `message`: JSON for programs, a readable page (with the certificate
@@ -961,6 +975,7 @@ fn forbidden_page(
     code: &str,
     message: &str,
     leaf: Option<&portcullis_pki::Certificate>,
+    advice: Option<&str>,
 ) -> Response<Body> {
     let wants_html = req
         .headers()
@@ -986,8 +1001,21 @@ fn forbidden_page(
         }
         None => String::new(),
     };
-    let advice = "<h2>What to do</h2><p>Use a device with a certificate issued for this service, or ask your administrator for one. \
-                  If your browser asked you to choose a certificate, restart it and choose again.</p>";
+    let advice = match advice {
+        // The domain's own words: plain text, escaped, one paragraph per blank-line block.
+        Some(text) => {
+            let paragraphs: String = text
+                .split("\n\n")
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| format!("<p>{}</p>", escape(p)))
+                .collect();
+            format!("<h2>What to do</h2>{paragraphs}")
+        }
+        None => "<h2>What to do</h2><p>Use a device with a certificate issued for this service, or ask your administrator for one. \
+                 If your browser asked you to choose a certificate, restart it and choose again.</p>"
+            .to_string(),
+    };
     error_response(
         StatusCode::FORBIDDEN,
         code,

@@ -236,7 +236,7 @@ pub(crate) fn pki(d: &Path) {
     .ok();
 }
 
-fn revoke(d: &Path, who: &str) {
+pub(crate) fn revoke(d: &Path, who: &str) {
     let info = json(portcullis(
         d,
         &["pki", "inspect", "--json", &format!("{who}.pem")],
