@@ -205,3 +205,59 @@ upstream = "builtin:echo"
     );
     assert!(shot.exists(), "screenshot {}", shot.display());
 }
+
+#[test]
+fn the_console_signs_in_issues_revokes_and_shows_the_audit_log_in_chromium() {
+    let Some(python) = crate::mqtt::paho_python() else {
+        return;
+    };
+    if run(&python, &["-c", "import playwright"], Path::new(".")).code != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Playwright for Python is not installed; the test command (scripts/test) installs it"
+        );
+        eprintln!("SKIP: Playwright for Python is not installed (run scripts/test)");
+        return;
+    }
+    let Some(_) = require_tool("chromium") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(
+        d,
+        "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    );
+    // Traffic for the dashboard: requests by a trusted client, handshakes refused for another.
+    let alice = crate::serve::client("alice");
+    let bob = crate::serve::client("bob");
+    for _ in 0..3 {
+        let r = crate::serve::curl(d, &s, "a.test", "/", &crate::serve::with_client(&alice));
+        assert_eq!(crate::serve::answer(&r).0, 200);
+        assert_ne!(
+            crate::serve::curl(d, &s, "a.test", "/", &crate::serve::with_client(&bob)).code,
+            0
+        );
+    }
+    let made = crate::control::cli_json(d, &["admin", "token", "create", "--name", "console-test"]);
+    let token = made["token"].as_str().unwrap().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/console.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            &s.admin_port.to_string(),
+            &token,
+            artifacts().to_str().unwrap(),
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
+    // The gateway logged the sign-in.
+    s.wait_for("console login");
+}

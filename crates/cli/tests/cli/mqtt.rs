@@ -779,7 +779,7 @@ fn registry_events_reach_only_sessions_whose_policies_name_them() {
 
 /// The Python with paho-mqtt that the test command installs (`PORTCULLIS_TEST_PYTHON`), or a
 /// `python3` that has it. Missing in CI fails the test; elsewhere it is skipped, saying so.
-fn paho_python() -> Option<std::path::PathBuf> {
+pub(crate) fn paho_python() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("PORTCULLIS_TEST_PYTHON") {
         return Some(p.into());
     }

@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use crate::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
 use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store};
 
+mod console;
 pub mod openapi;
 mod policies;
 mod webhooks;
@@ -78,6 +79,7 @@ pub struct Api {
     store: Store,
     issuer: Option<Arc<CaIssuer>>,
     hooks: Arc<dyn Hooks>,
+    sessions: Arc<console::Sessions>,
 }
 
 impl std::fmt::Debug for Api {
@@ -93,6 +95,7 @@ impl Api {
             store,
             issuer,
             hooks,
+            sessions: Arc::default(),
         }
     }
 }
@@ -215,6 +218,14 @@ pub fn router(api: Api) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // The console's page and assets hold no data; the data comes through the API.
+        .route("/ui", get(console::index))
+        .route("/ui/", get(console::index))
+        .route("/ui/app.js", get(console::script))
+        .route("/ui/app.css", get(console::style))
+        .route("/ui/login", post(console::login))
+        .route("/ui/logout", post(console::logout))
+        .route("/ui/session", get(console::session))
         .merge(authenticated)
         .fallback(|| async {
             ApiError::new(
@@ -299,11 +310,47 @@ async fn admin_connection(
 
 /// Admits a request with a verified admin certificate or a valid bearer token.
 async fn authenticate(State(api): State<Api>, mut req: Request, next: Next) -> Response {
+    if let Some(e) = console::cross_site(req.method(), req.headers()) {
+        return e.into_response();
+    }
     let from_cert = req
         .extensions()
         .get::<PeerCertificate>()
         .and_then(|p| p.0.clone());
-    let caller = match (from_cert, bearer(req.headers())) {
+    // A console session (cookie), when the request has no token: its CSRF token must come
+    // with every state-changing request.
+    let from_session = match console::session_cookie(req.headers()) {
+        Some(id) if bearer(req.headers()).is_none() => match api.sessions.check(id) {
+            Ok((caller, csrf)) => {
+                let safe = matches!(
+                    *req.method(),
+                    axum::http::Method::GET | axum::http::Method::HEAD
+                );
+                let echoed = req
+                    .headers()
+                    .get(console::CSRF_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                if !safe && echoed != Some(csrf.as_str()) {
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "csrf-token",
+                        "the request lacks the console's CSRF token (X-CSRF-Token); reload the console",
+                    )
+                    .into_response();
+                }
+                Some(caller)
+            }
+            Err(console::SessionError::Expired) if from_cert.is_none() => {
+                return console::expired().into_response();
+            }
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    let caller = match (
+        from_session.or(from_cert.map(|s| format!("admin-cert:{s}"))),
+        bearer(req.headers()),
+    ) {
         (_, Some(Err(e))) => return e.into_response(),
         (_, Some(Ok(secret))) => match api.store.token_by_secret(secret).await {
             Ok(Some(token)) => format!("token:{}", token.name),
@@ -317,7 +364,7 @@ async fn authenticate(State(api): State<Api>, mut req: Request, next: Next) -> R
             }
             Err(e) => return ApiError::from(e).into_response(),
         },
-        (Some(subject), None) => format!("admin-cert:{subject}"),
+        (Some(caller), None) => caller,
         (None, None) => {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,

@@ -1,0 +1,103 @@
+# Drives the web console in headless Chromium (Playwright, the system's /usr/bin/chromium):
+# sign in with a token, issue a certificate, revoke it with confirmation, find the revocation in
+# the audit log; hostile names stay text; forged or missing CSRF tokens change nothing; signing
+# out ends the session. Arguments: admin port, token, artifacts directory.
+import sys
+
+from playwright.sync_api import expect, sync_playwright
+
+port, token, artifacts = sys.argv[1], sys.argv[2], sys.argv[3]
+base = "https://127.0.0.1:%s" % port
+
+
+def check(cond, what):
+    if not cond:
+        print("FAILED: " + what, flush=True)
+        sys.exit(1)
+    print("ok " + what, flush=True)
+
+
+dialogs = []
+with sync_playwright() as p:
+    browser = p.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+    )
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
+    page = ctx.new_page()
+    page.set_default_timeout(20000)
+
+    def on_dialog(d):
+        dialogs.append((d.type, d.message))
+        d.accept()
+
+    page.on("dialog", on_dialog)
+    page.goto(base + "/ui")
+    expect(page.locator("h1")).to_have_text("Sign in to Portcullis")
+    page.fill("input[name=token]", "pct_not_a_token")
+    page.click("button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("not valid")
+    check(True, "a wrong token is refused with a clear message")
+    page.fill("input[name=token]", token)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+    expect(page.locator("#who")).to_have_text("console:console-test")
+    cookie = [c for c in ctx.cookies() if c["name"] == "portcullis_console"]
+    check(len(cookie) == 1 and cookie[0]["httpOnly"] and cookie[0]["secure"] and cookie[0]["sameSite"] == "Strict",
+          "session cookie is Secure, HttpOnly, SameSite=Strict: %r" % cookie)
+
+    page.click("#nav >> text=Certificates")
+    expect(page.locator("h1")).to_have_text("Certificates")
+    page.fill("input[name=common_name]", "kiosk-7")
+    page.select_option("select[name=status]", "ACTIVE")
+    page.click("text=Issue certificate")
+    expect(page.locator("#issued")).to_contain_text("CN=kiosk-7")
+    hostile = "<img src=x onerror=alert(1)>"
+    page.fill("input[name=common_name]", hostile)
+    page.click("text=Issue certificate")
+    # The subject is shown as RFC 4514 text (`CN=\\<img …\\>`): as text, not as an element.
+    expect(page.locator("#issued")).to_contain_text("img src=x onerror=alert(1)")
+    page.goto(base + "/ui#/certificates?status=ACTIVE")
+    page.reload()
+    expect(page.locator("#certificates")).to_contain_text("CN=kiosk-7")
+    expect(page.locator("#certificates")).to_contain_text("img src=x onerror=alert(1)")
+    check(page.locator("#certificates img").count() == 0, "a certificate field with HTML is shown as text")
+    page.screenshot(path=artifacts + "/console-certificates.png", full_page=True)
+
+    page.click("#certificates >> text=CN=kiosk-7")
+    expect(page.locator("h1")).to_have_text("CN=kiosk-7")
+    page.click("#revoke")
+    expect(page.locator("dl.fields .status-REVOKED")).to_be_visible()
+    check([t for t, _ in dialogs] == ["confirm"] and "permanent" in dialogs[0][1],
+          "revocation asked for confirmation, and no script from a certificate ran: %r" % dialogs)
+
+    page.click("#nav >> text=Audit log")
+    row = page.locator("#audit tr", has_text="ACTIVE → REVOKED")
+    expect(row.first).to_contain_text("console:console-test")
+    check(True, "the revocation is in the audit log with who did it")
+
+    # Requests without the session's CSRF token, or with a forged one, change nothing.
+    forged = page.evaluate("""async () => {
+        const body = JSON.stringify({common_name: 'forged'});
+        const h = {'Content-Type': 'application/json'};
+        const a = await fetch('/v1/certificates', {method: 'POST', headers: h, body});
+        const b = await fetch('/v1/certificates', {method: 'POST', headers: {...h, 'X-CSRF-Token': 'forged'}, body});
+        const list = await (await fetch('/v1/certificates?limit=1000')).json();
+        return [a.status, b.status, list.items.filter(c => c.subject === 'CN=forged').length];
+    }""")
+    check(forged == [403, 403, 0], "missing and forged CSRF tokens are refused and nothing is made: %r" % forged)
+
+    page.click("#nav >> text=Dashboard")
+    expect(page.locator("#expiring-7")).to_be_visible()
+    expect(page.locator("#handshake-rate .value")).not_to_have_text("…", timeout=15000)
+    expect(page.locator("#failures")).to_contain_text("untrusted-issuer")
+    expect(page.locator("#statuses")).to_contain_text("200")
+    check(True, "the dashboard shows handshake failures by reason and requests by status")
+    page.screenshot(path=artifacts + "/console-dashboard.png", full_page=True)
+
+    page.click("#logout")
+    expect(page.locator("h1")).to_have_text("Sign in to Portcullis")
+    after = page.evaluate("async () => (await fetch('/v1/cas')).status")
+    check(after == 401, "after signing out the API answers 401 (%r)" % after)
+    browser.close()
+print("ALL OK", flush=True)

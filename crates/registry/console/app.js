@@ -1,0 +1,339 @@
+// The Portcullis console: a small single-page app over the admin API. Every value from the API
+// is put into the page with textContent (never as HTML), so names and certificate fields cannot
+// run script. State-changing calls carry the session's CSRF token.
+"use strict";
+
+const state = { caller: null, csrf: "", timer: null, lastSample: null };
+
+// h("tag.class", {attr: value, onclick: fn}, child, …): children are nodes or text.
+function h(spec, attrs, ...children) {
+  const [tag, ...classes] = spec.split(".");
+  const el = document.createElement(tag);
+  if (classes.length) el.className = classes.join(" ");
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function show(...nodes) {
+  const main = document.getElementById("main");
+  main.replaceChildren(...nodes);
+}
+
+function flash(message, bad) {
+  const f = document.getElementById("flash");
+  f.textContent = message;
+  f.className = bad ? "bad" : "";
+  f.hidden = false;
+  clearTimeout(flash.t);
+  flash.t = setTimeout(() => { f.hidden = true; }, 6000);
+}
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  const opts = { method, headers, credentials: "same-origin" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  const text = await r.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (r.status === 401 && path !== "/ui/login") {
+    state.caller = null;
+    loginPage(data && data.code === "session-expired" ? "Your session expired; sign in again." : "");
+    throw new ApiError(401, data && data.code, (data && data.message) || "not signed in");
+  }
+  if (!r.ok) throw new ApiError(r.status, data && data.code, (data && data.message) || text || r.statusText);
+  return data === null ? text : data;
+}
+
+function date(unix) {
+  if (unix === null || unix === undefined) return "—";
+  return new Date(unix * 1000).toISOString().replace("T", " ").replace(".000Z", " UTC");
+}
+
+function statusCell(s) { return h("span.status-" + s, { text: s }); }
+
+// ----------------------------------------------------------------------------------------------
+// Sign-in
+
+function loginPage(message) {
+  document.getElementById("nav").hidden = true;
+  stopTimer();
+  const token = h("input", { type: "password", name: "token", autocomplete: "off", required: true, placeholder: "pct_…" });
+  const err = h("p.error", { id: "login-error", text: message || "" });
+  const form = h("form", {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const s = await api("POST", "/ui/login", { token: token.value });
+        state.caller = s.caller; state.csrf = s.csrf;
+        signedIn();
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, "API token", token), h("button", { type: "submit", text: "Sign in" }), err);
+  show(h("div.login", {},
+    h("h1", { text: "Sign in to Portcullis" }),
+    h("p.muted", { text: "Use an admin API token (portcullis admin token create NAME), or open this page with the admin client certificate in your browser." }),
+    form));
+}
+
+function signedIn() {
+  document.getElementById("nav").hidden = false;
+  document.getElementById("who").textContent = state.caller;
+  route();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Dashboard
+
+function parseMetrics(text) {
+  const out = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)/);
+    if (!m) continue;
+    const labels = {};
+    if (m[3]) for (const p of m[3].matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) labels[p[1]] = p[2];
+    out.push({ name: m[1], labels, value: Number(m[4]) });
+  }
+  return out;
+}
+
+function sum(samples, name, pred) {
+  return samples.filter((s) => s.name === name && (!pred || pred(s.labels))).reduce((a, s) => a + s.value, 0);
+}
+
+function card(label, value, id) {
+  return h("div.card", { id }, h("div.label", { text: label }), h("div.value", { text: value }));
+}
+
+async function dashboard() {
+  const [metricsText, cas] = await Promise.all([api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000")]);
+  const m = parseMetrics(metricsText);
+  const now = Date.now() / 1000;
+  const ok = sum(m, "portcullis_handshakes_total", (l) => l.result === "ok");
+  const failed = sum(m, "portcullis_handshakes_total", (l) => l.result !== "ok");
+  let rate = "…";
+  if (state.lastSample && now > state.lastSample.at) {
+    rate = ((ok + failed - state.lastSample.total) / (now - state.lastSample.at)).toFixed(1);
+  }
+  state.lastSample = { at: now, total: ok + failed };
+  const expiring = await Promise.all([7, 30, 90].map(async (days) => {
+    const r = await api("GET", `/v1/certificates?status=ACTIVE&limit=1000&expiring_before=${Math.floor(now + days * 86400)}`);
+    return r.items.length + (r.next ? "+" : "");
+  }));
+  const caSoon = (days) => cas.items.filter((c) => c.not_after < now + days * 86400).length;
+  const reasons = {};
+  for (const s of m.filter((s) => s.name === "portcullis_handshakes_total" && s.labels.result !== "ok")) {
+    const k = s.labels.reason || s.labels.result;
+    reasons[k] = (reasons[k] || 0) + s.value;
+  }
+  const statuses = {};
+  for (const s of m.filter((s) => s.name === "portcullis_requests_total")) {
+    statuses[s.labels.status] = (statuses[s.labels.status] || 0) + s.value;
+  }
+  const table = (id, head, rows) => rows.length
+    ? h("table", { id }, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))),
+      h("tbody", {}, rows.map((r) => h("tr", {}, r.map((x) => h("td", { text: x }))))))
+    : h("p.muted", { text: "None yet." });
+  show(
+    h("h1", { text: "Dashboard" }),
+    h("div.cards", {},
+      card("Handshakes/s", rate, "handshake-rate"),
+      card("Handshakes ok", ok),
+      card("Handshakes failed", failed),
+      card("Active connections", sum(m, "portcullis_active_connections")),
+      card("MQTT sessions", sum(m, "portcullis_mqtt_sessions_online")),
+      card("Certificates expiring in 7 days", expiring[0], "expiring-7"),
+      card("… in 30 days", expiring[1]),
+      card("… in 90 days", expiring[2]),
+      card("CAs expiring in 90 days", caSoon(90))),
+    h("h2", { text: "Handshake failures by reason" }),
+    table("failures", ["reason", "count"], Object.entries(reasons).sort((a, b) => b[1] - a[1])),
+    h("h2", { text: "Requests by status" }),
+    table("statuses", ["status", "count"], Object.entries(statuses).sort()),
+  );
+}
+
+// ----------------------------------------------------------------------------------------------
+// Certificates
+
+async function certificates(params) {
+  const q = new URLSearchParams({ limit: "100" });
+  for (const k of ["status", "ca", "thing"]) if (params.get(k)) q.set(k, params.get(k));
+  if (params.get("expiring")) q.set("expiring_before", String(Math.floor(Date.now() / 1000 + Number(params.get("expiring")) * 86400)));
+  const list = await api("GET", "/v1/certificates?" + q.toString());
+  const sel = (name, options) => h("select", { name },
+    options.map(([v, t]) => h("option", { value: v, selected: params.get(name) === v || undefined, text: t })));
+  const filters = h("form.filters", {
+    onsubmit: (e) => {
+      e.preventDefault();
+      const f = new FormData(e.target);
+      const p = new URLSearchParams();
+      for (const [k, v] of f.entries()) if (v) p.set(k, v);
+      location.hash = "#/certificates?" + p.toString();
+    },
+  },
+  h("label", {}, "Status", sel("status", [["", "any"], ["ACTIVE", "ACTIVE"], ["INACTIVE", "INACTIVE"], ["REVOKED", "REVOKED"], ["PENDING_ACTIVATION", "PENDING_ACTIVATION"]])),
+  h("label", {}, "Expiring within", sel("expiring", [["", "any time"], ["7", "7 days"], ["30", "30 days"], ["90", "90 days"]])),
+  h("label", {}, "CA id", h("input", { name: "ca", value: params.get("ca") || "", size: 20 })),
+  h("label", {}, "Thing", h("input", { name: "thing", value: params.get("thing") || "", size: 14 })),
+  h("button", { type: "submit", text: "Filter" }));
+  const rows = list.items.map((c) => h("tr", {},
+    h("td", {}, h("a", { href: "#/certificates/" + encodeURIComponent(c.id), text: c.subject })),
+    h("td", {}, statusCell(c.status)),
+    h("td", { text: date(c.not_after) }),
+    h("td", { text: c.things.join(", ") }),
+    h("td", { text: date(c.last_seen) })));
+  const cn = h("input", { name: "common_name", required: true, placeholder: "kiosk-7" });
+  const days = h("input", { name: "days", type: "number", min: 1, max: 3650, value: 365, size: 5 });
+  const status = h("select", { name: "status" }, ["ACTIVE", "INACTIVE"].map((s) => h("option", { value: s, text: s })));
+  const issued = h("div", { id: "issued" });
+  const issue = h("form.inline", {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const r = await api("POST", "/v1/certificates", { common_name: cn.value, days: Number(days.value), status: status.value });
+        const cert = r.certificate || r;
+        issued.replaceChildren(h("p", {}, "Issued ", h("a", { href: "#/certificates/" + encodeURIComponent(cert.id), text: cert.subject }),
+          " — the private key is shown once: ", h("details", {}, h("summary", { text: "private key (PEM)" }), h("pre.mono", { text: r.private_key_pem || "" }))));
+        flash("Certificate issued: " + cert.subject);
+      } catch (x) { flash(x.message, true); }
+    },
+  }, h("label", {}, "Common name", cn), h("label", {}, "Days", days), h("label", {}, "Status", status),
+  h("button", { type: "submit", text: "Issue certificate" }));
+  show(
+    h("h1", { text: "Certificates" }),
+    filters,
+    list.items.length
+      ? h("table", { id: "certificates" },
+        h("thead", {}, h("tr", {}, ["Subject", "Status", "Expires", "Things", "Last seen"].map((x) => h("th", { text: x })))),
+        h("tbody", {}, rows))
+      : h("p.muted", { text: "No certificates match." }),
+    h("h2", { text: "Issue a client certificate with the local CA" }),
+    issue, issued);
+}
+
+async function certificate(id) {
+  const c = await api("GET", "/v1/certificates/" + encodeURIComponent(id));
+  const set = async (status, question) => {
+    if (!confirm(question)) return;
+    try {
+      await api("PATCH", "/v1/certificates/" + encodeURIComponent(id), { status });
+      flash("Certificate " + status.toLowerCase());
+      route();
+    } catch (x) { flash(x.message, true); }
+  };
+  const field = (k, v, mono) => [h("dt", { text: k }), h(mono ? "dd.mono" : "dd", {}, v)];
+  const actions = [];
+  if (c.status !== "REVOKED") {
+    actions.push(h("button.danger", { id: "revoke", type: "button", onclick: () => set("REVOKED", `Revoke ${c.subject}? Revocation is permanent, and open connections using it are closed.`), text: "Revoke" }));
+    if (c.status !== "ACTIVE") actions.push(h("button", { id: "activate", type: "button", onclick: () => set("ACTIVE", `Activate ${c.subject}?`), text: "Activate" }));
+    if (c.status === "ACTIVE") actions.push(h("button.secondary", { id: "deactivate", type: "button", onclick: () => set("INACTIVE", `Deactivate ${c.subject}? Its connections are closed until it is activated again.`), text: "Deactivate" }));
+  }
+  show(
+    h("p", {}, h("a", { href: "#/certificates", text: "← Certificates" })),
+    h("h1", { text: c.subject }),
+    h("dl.fields", {},
+      field("Status", statusCell(c.status)),
+      field("Subject", c.subject),
+      field("Issuer", c.issuer),
+      field("Serial", c.serial, true),
+      field("Fingerprint (SHA-256)", c.id, true),
+      field("Registered CA", c.ca_id || "—", true),
+      field("Expires", date(c.not_after)),
+      field("Last seen", date(c.last_seen)),
+      field("Things", c.things.length ? c.things.join(", ") : "—"),
+      field("Registered", date(c.created_at))),
+    h("div.actions", {}, actions),
+    h("h2", { text: "PEM" }),
+    h("pre.mono", { text: c.pem || "" }));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Audit log
+
+async function audit(params) {
+  const q = new URLSearchParams({ limit: "200" });
+  if (params.get("target")) q.set("target", params.get("target"));
+  const log = await api("GET", "/v1/audit?" + q.toString());
+  show(
+    h("h1", { text: "Audit log" }),
+    h("table", { id: "audit" },
+      h("thead", {}, h("tr", {}, ["When", "Who", "Action", "Target", "Change"].map((x) => h("th", { text: x })))),
+      h("tbody", {}, log.items.map((e) => h("tr", {},
+        h("td", { text: date(e.at) }),
+        h("td", { text: e.actor }),
+        h("td", { text: e.action }),
+        h("td.mono", { text: e.target }),
+        h("td.mono", { text: describeChange(e) }))))));
+}
+
+function describeChange(e) {
+  try {
+    const before = e.before ? JSON.parse(e.before) : null;
+    const after = e.after ? JSON.parse(e.after) : null;
+    if (before && after && before.status !== after.status) return `${before.status} → ${after.status}`;
+    if (after && after.status) return after.status;
+  } catch (_) { /* not JSON: shown as is */ }
+  return e.after || "";
+}
+
+// ----------------------------------------------------------------------------------------------
+// Routing
+
+function stopTimer() { if (state.timer) { clearInterval(state.timer); state.timer = null; } }
+
+async function route() {
+  if (!state.caller) return;
+  stopTimer();
+  const [path, query] = (location.hash.slice(1) || "/").split("?");
+  const params = new URLSearchParams(query || "");
+  for (const a of document.querySelectorAll("#nav a")) {
+    const target = a.getAttribute("href").slice(1);
+    a.classList.toggle("active", target === "/" ? path === "/" : path.startsWith(target));
+  }
+  try {
+    if (path === "/" || path === "") {
+      await dashboard();
+      state.timer = setInterval(() => dashboard().catch(() => stopTimer()), 5000);
+    } else if (path === "/certificates") await certificates(params);
+    else if (path.startsWith("/certificates/")) await certificate(decodeURIComponent(path.slice("/certificates/".length)));
+    else if (path === "/audit") await audit(params);
+    else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
+  } catch (x) {
+    if (x.status !== 401) show(h("h1", { text: "Something went wrong" }), h("p.error", { text: x.message }));
+  }
+}
+
+async function start() {
+  document.getElementById("logout").addEventListener("click", async () => {
+    try { await api("POST", "/ui/logout"); } catch (_) { /* signed out anyway */ }
+    state.caller = null; state.csrf = "";
+    loginPage("Signed out.");
+  });
+  window.addEventListener("hashchange", route);
+  try {
+    const s = await api("GET", "/ui/session");
+    state.caller = s.caller; state.csrf = s.csrf;
+    signedIn();
+  } catch (_) { /* the sign-in page is showing */ }
+}
+
+document.addEventListener("DOMContentLoaded", start);
