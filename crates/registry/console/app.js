@@ -267,6 +267,59 @@ async function certificate(id) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Device enrollment
+
+function download(file, type) {
+  const bytes = Uint8Array.from(atob(file.base64), (c) => c.charCodeAt(0));
+  const url = URL.createObjectURL(new Blob([bytes], { type }));
+  return { href: url, download: file.name };
+}
+
+function enroll() {
+  const cn = h("input", { name: "common_name", required: true, placeholder: "laptop-0042" });
+  const days = h("input", { name: "days", type: "number", min: 1, max: 3650, value: 365, size: 5 });
+  const password = h("input", { name: "password", type: "password", required: true, minlength: 8, autocomplete: "new-password" });
+  const origin = h("input", { name: "origin", value: "https://app.example.com", size: 28 });
+  const result = h("div", { id: "enrolled" });
+  const form = h("form.inline", {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const r = await api("POST", "/v1/enrollments", { common_name: cn.value, days: Number(days.value), password: password.value });
+        const f = r.files;
+        const policy = JSON.stringify({ pattern: origin.value, filter: { ISSUER: { CN: r.issuer_cn || "" } } });
+        const link = (id, file, type, text) => h("a", { id, ...download(file, type), text });
+        result.replaceChildren(
+          h("p", {}, "Issued ", h("a", { href: "#/certificates/" + encodeURIComponent(r.certificate.id), text: r.certificate.subject }),
+            " (ACTIVE). The files below hold its private key and are shown only now."),
+          h("div.actions", {},
+            link("download-p12", f.p12, "application/x-pkcs12", "Download .p12"),
+            link("download-p12-legacy", f.p12_legacy, "application/x-pkcs12", "Download .p12 (legacy: macOS before 14, Windows 7)"),
+            link("download-mobileconfig", f.mobileconfig, "application/x-apple-aspen-config", "Download .mobileconfig")),
+          h("h2", { text: "macOS" }),
+          h("p", { text: "Push the .mobileconfig with your MDM, or open it and install it in System Settings → Privacy & Security → Profiles. It holds the certificate, its key (protected by the password, which the profile carries for a silent install: send it only through MDM) and the CA. By hand: Keychain Access → File → Import Items → the .p12 (legacy for macOS 13 and earlier), into the login keychain." }),
+          h("h2", { text: "Windows" }),
+          h("p", { text: "Open the .p12 and import it into Current User → Personal, or run: Import-PfxCertificate -FilePath " + f.p12.name + " -CertStoreLocation Cert:\\CurrentUser\\My -Password (Read-Host -AsSecureString)" }),
+          h("h2", { text: "Chrome and Edge: pick the certificate without asking" }),
+          h("p", { text: "Set the AutoSelectCertificateForUrls policy (Windows: HKLM\\Software\\Policies\\Google\\Chrome\\AutoSelectCertificateForUrls\\1; macOS: com.google.Chrome profile; Linux: /etc/opt/chrome/policies/managed/*.json) to:" }),
+          h("pre.mono", { id: "chrome-policy", text: JSON.stringify({ AutoSelectCertificateForUrls: [policy] }, null, 2) }));
+        password.value = "";
+        flash("Device enrolled: " + r.certificate.subject);
+      } catch (x) { flash(x.message, true); }
+    },
+  },
+  h("label", {}, "Device name (common name)", cn),
+  h("label", {}, "Days", days),
+  h("label", {}, "Bundle password (8+ characters)", password),
+  h("label", {}, "App URL (for the Chrome policy)", origin),
+  h("button", { type: "submit", text: "Issue and package" }));
+  show(
+    h("h1", { text: "Enroll a device" }),
+    h("p.muted", { text: "Issues a client certificate with the local CA, registers it ACTIVE, and packages it for keychains, browsers and MDM." }),
+    form, result);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Audit log
 
 async function audit(params) {
@@ -316,6 +369,7 @@ async function route() {
     } else if (path === "/certificates") await certificates(params);
     else if (path.startsWith("/certificates/")) await certificate(decodeURIComponent(path.slice("/certificates/".length)));
     else if (path === "/audit") await audit(params);
+    else if (path === "/enroll") enroll();
     else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
   } catch (x) {
     if (x.status !== 401) show(h("h1", { text: "Something went wrong" }), h("p.error", { text: x.message }));

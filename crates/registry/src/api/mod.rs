@@ -29,6 +29,7 @@ use crate::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
 use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store};
 
 mod console;
+mod enroll;
 pub mod openapi;
 mod policies;
 mod webhooks;
@@ -123,6 +124,7 @@ pub fn router(api: Api) -> Router {
             get(list_certificates).post(create_certificate),
         )
         .route("/v1/certificates/batch", post(register_batch))
+        .route("/v1/enrollments", post(enroll::enroll))
         .route(
             "/v1/certificates/{id}",
             get(describe_certificate)

@@ -54,6 +54,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("RegisterBatch"),
     ),
     (
+        "post",
+        "/v1/enrollments",
+        "Enroll a device: issue a client certificate with the local CA (ACTIVE) and answer once with .p12 (modern and legacy) and an Apple .mobileconfig, base64",
+        Some("Enrollment"),
+    ),
+    (
         "get",
         "/v1/certificates/{id}",
         "Describe a certificate",
@@ -351,6 +357,8 @@ fn schemas() -> Value {
             "status": {"enum": ["ACTIVE", "INACTIVE"]}, "auto_registration": s("boolean"),
             "provisioning_template": {"oneOf": [{"$ref": "#/components/schemas/ProvisioningTemplate"}, s("null")]},
             "revoke_issued": s("boolean")}},
+        "Enrollment": {"type": "object", "required": ["common_name", "password"], "additionalProperties": false, "properties": {
+            "common_name": s("string"), "days": s("integer"), "password": s("string")}},
         "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
             "key_type": s("string"), "days": s("integer"),

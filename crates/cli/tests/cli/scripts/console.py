@@ -2,6 +2,8 @@
 # sign in with a token, issue a certificate, revoke it with confirmation, find the revocation in
 # the audit log; hostile names stay text; forged or missing CSRF tokens change nothing; signing
 # out ends the session. Arguments: admin port, token, artifacts directory.
+import plistlib
+import subprocess
 import sys
 
 from playwright.sync_api import expect, sync_playwright
@@ -86,6 +88,41 @@ with sync_playwright() as p:
         return [a.status, b.status, list.items.filter(c => c.subject === 'CN=forged').length];
     }""")
     check(forged == [403, 403, 0], "missing and forged CSRF tokens are refused and nothing is made: %r" % forged)
+
+    # Device enrollment: a .p12 (modern and legacy) and a .mobileconfig, usable by the tools
+    # that import them.
+    page.click("#nav >> text=Enroll a device")
+    page.fill("input[name=common_name]", "laptop-0042")
+    page.fill("input[name=password]", "mdm-secret-1")
+    page.fill("input[name=origin]", "https://app.corp.test")
+    page.click("text=Issue and package")
+    expect(page.locator("#enrolled")).to_contain_text("CN=laptop-0042")
+    files = {}
+    for which in ["p12", "p12-legacy", "mobileconfig"]:
+        with page.expect_download() as d:
+            page.click("#download-" + which)
+        path = artifacts + "/" + d.value.suggested_filename
+        d.value.save_as(path)
+        files[which] = path
+    check(files["mobileconfig"].endswith("laptop-0042.mobileconfig"), "download names: %r" % files)
+    policy = page.locator("#chrome-policy").text_content()
+    check("https://app.corp.test" in policy and "AutoSelectCertificateForUrls" in policy, "Chrome policy shown")
+    for which in ["p12", "p12-legacy"]:
+        out = subprocess.run(["openssl", "pkcs12", "-in", files[which], "-passin", "pass:mdm-secret-1", "-nodes", "-legacy"
+                              if which == "p12-legacy" else "-nodes"], capture_output=True, text=True)
+        check(out.returncode == 0 and "CN=laptop-0042" in out.stdout and "PRIVATE KEY" in out.stdout,
+              "openssl reads the %s bundle: %s" % (which, out.stderr[-300:]))
+    with open(files["mobileconfig"], "rb") as f:
+        profile = plistlib.load(f)
+    payloads = {p["PayloadType"]: p for p in profile["PayloadContent"]}
+    check(profile["PayloadType"] == "Configuration" and set(payloads) == {"com.apple.security.pkcs12", "com.apple.security.root"},
+          "the profile holds an identity and a root payload")
+    inner = artifacts + "/from-profile.p12"
+    with open(inner, "wb") as f:
+        f.write(payloads["com.apple.security.pkcs12"]["PayloadContent"])
+    out = subprocess.run(["openssl", "pkcs12", "-in", inner, "-passin", "pass:" + payloads["com.apple.security.pkcs12"]["Password"],
+                          "-nodes", "-legacy"], capture_output=True, text=True)
+    check(out.returncode == 0 and "CN=laptop-0042" in out.stdout, "the profile's bundle opens with its password")
 
     page.click("#nav >> text=Dashboard")
     expect(page.locator("#expiring-7")).to_be_visible()

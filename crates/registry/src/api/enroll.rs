@@ -1,0 +1,200 @@
+//! Device enrollment: `POST /v1/enrollments` issues a client certificate with the local CA,
+//! registers it ACTIVE, and answers once with what IT hands to a device or an MDM: a PKCS#12
+//! bundle (modern and legacy encryption) and an Apple configuration profile (`.mobileconfig`)
+//! holding the bundle and the CA. The private key is never stored.
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use portcullis_pki::p12::{self, P12Format};
+use portcullis_pki::{Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Api, ApiError, Body, Caller};
+use crate::CertStatus;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Enrollment {
+    common_name: String,
+    #[serde(default)]
+    days: Option<u32>,
+    /// Protects the PKCS#12 bundles (and is written into the profile for a silent MDM install).
+    password: String,
+}
+
+pub(crate) async fn enroll(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<Enrollment>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let issuer = api.issuer.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no-local-ca",
+            "this registry has no local CA to issue device certificates with",
+        )
+    })?;
+    let cn = req.common_name.trim();
+    if cn.is_empty() || cn.len() > 64 {
+        return Err(ApiError::invalid("common_name must be 1-64 characters"));
+    }
+    if req.password.chars().count() < 8 || req.password.len() > 128 {
+        return Err(ApiError::invalid(
+            "password must be 8-128 characters: it protects the private key in the bundle",
+        ));
+    }
+    let mut request = IssueRequest::new(Profile::Client, SubjectName::cn(cn));
+    if let Some(days) = req.days {
+        if days == 0 || days > 3650 {
+            return Err(ApiError::invalid("days must be between 1 and 3650"));
+        }
+        request.days = days;
+    }
+    let key = PrivateKey::generate(KeyType::EcP256)?;
+    let cert = portcullis_pki::issue::issue(&request, &key, Some(&issuer))?;
+    let chain = issuer.chain();
+    let modern = p12::export(&cert, &key, &chain, &req.password, P12Format::Modern)?;
+    let legacy = p12::export(&cert, &key, &chain, &req.password, P12Format::Legacy)?;
+    let record = api
+        .store
+        .register_certificate(cert.to_pem().as_bytes(), CertStatus::Active, &caller)
+        .await?;
+    let root = chain.last().unwrap_or(&cert);
+    // Profiles carry the legacy bundle: every macOS and iOS version reads it.
+    let profile = mobileconfig(&cert, root, &legacy, &req.password);
+    let file = file_stem(cn);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "certificate": record,
+            "issuer_cn": issuer.chain().first().and_then(|c| c.subject_attribute("CN")),
+            "files": {
+                "p12": {"name": format!("{file}.p12"), "base64": STANDARD.encode(&modern)},
+                "p12_legacy": {"name": format!("{file}-legacy.p12"), "base64": STANDARD.encode(&legacy)},
+                "mobileconfig": {"name": format!("{file}.mobileconfig"), "base64": STANDARD.encode(profile.as_bytes())},
+            },
+        })),
+    ))
+}
+
+/// A file name from a common name: letters, digits, `-`, `_` and `.` kept, the rest `-`.
+fn file_stem(cn: &str) -> String {
+    let stem: String = cn
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let stem = stem.trim_matches(|c| c == '-' || c == '.').to_string();
+    if stem.is_empty() {
+        "device".into()
+    } else {
+        stem
+    }
+}
+
+/// An Apple configuration profile with a PKCS#12 identity payload and the root CA.
+fn mobileconfig(cert: &Certificate, root: &Certificate, p12: &[u8], password: &str) -> String {
+    let subject = cert
+        .subject_attribute("CN")
+        .unwrap_or_else(|| cert.info().subject.clone());
+    let top = uuid();
+    let identity = uuid();
+    let anchor = uuid();
+    let x = xml_escape;
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+  <key>PayloadContent</key>
+  <array>
+    <dict>
+      <key>PayloadType</key><string>com.apple.security.pkcs12</string>
+      <key>PayloadVersion</key><integer>1</integer>
+      <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}.identity</string>
+      <key>PayloadUUID</key><string>{identity}</string>
+      <key>PayloadDisplayName</key><string>{name} (device identity)</string>
+      <key>PayloadCertificateFileName</key><string>{file}.p12</string>
+      <key>Password</key><string>{password}</string>
+      <key>PayloadContent</key><data>{p12}</data>
+    </dict>
+    <dict>
+      <key>PayloadType</key><string>com.apple.security.root</string>
+      <key>PayloadVersion</key><integer>1</integer>
+      <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}.ca</string>
+      <key>PayloadUUID</key><string>{anchor}</string>
+      <key>PayloadDisplayName</key><string>{ca}</string>
+      <key>PayloadCertificateFileName</key><string>ca.cer</string>
+      <key>PayloadContent</key><data>{root}</data>
+    </dict>
+  </array>
+  <key>PayloadDisplayName</key><string>Device certificate: {name}</string>
+  <key>PayloadDescription</key><string>Installs the client certificate this device presents to services behind Portcullis, and the CA that issued their server certificates.</string>
+  <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}</string>
+  <key>PayloadOrganization</key><string>Portcullis</string>
+  <key>PayloadType</key><string>Configuration</string>
+  <key>PayloadUUID</key><string>{top}</string>
+  <key>PayloadVersion</key><integer>1</integer>
+</dict>
+</plist>
+"#,
+        name = x(&subject),
+        file = x(&file_stem(&subject)),
+        password = x(password),
+        p12 = STANDARD.encode(p12),
+        ca = x(&root.info().subject),
+        root = STANDARD.encode(root.der()),
+    )
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+/// A random (version 4) UUID, upper-case as Apple writes them.
+fn uuid() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).unwrap_or_else(|_| std::process::abort());
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02X}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_and_uuids_are_safe() {
+        assert_eq!(file_stem("laptop-7"), "laptop-7");
+        assert_eq!(file_stem("../<b>x y"), "b-x-y");
+        assert_eq!(file_stem("///"), "device");
+        let u = uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, uuid());
+        assert_eq!(xml_escape("a<&>\"'"), "a&lt;&amp;&gt;&quot;&apos;");
+    }
+}
