@@ -267,6 +267,87 @@ async function certificate(id) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// CAs
+
+// A file input and a text area that fill each other: paste PEM, or pick a file.
+function pemField(name, label) {
+  const area = h("textarea", { name, rows: 6, cols: 66, placeholder: "-----BEGIN CERTIFICATE-----", spellcheck: "false" });
+  const file = h("input", {
+    type: "file", accept: ".pem,.crt,.cer",
+    onchange: async () => {
+      const f = file.files[0];
+      if (!f) return;
+      if (f.size > 256 * 1024) { flash("That file is larger than 256 KiB: not a certificate.", true); file.value = ""; return; }
+      area.value = await f.text();
+    },
+  });
+  return { area, node: h("label", {}, label, area, file) };
+}
+
+async function cas() {
+  const [list, code] = await Promise.all([api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/registration-code")]);
+  const setStatus = async (ca, status) => {
+    if (!confirm(`${status === "ACTIVE" ? "Activate" : "Deactivate"} ${ca.subject}?`)) return;
+    try {
+      await api("PATCH", "/v1/cas/" + encodeURIComponent(ca.id), { status });
+      flash("CA " + status.toLowerCase());
+      route();
+    } catch (x) { flash(x.message, true); }
+  };
+  const rows = list.items.map((c) => h("tr", {},
+    h("td", { text: c.subject }),
+    h("td", {}, statusCell(c.status)),
+    h("td", { text: c.verified ? "yes" : "no (unverified)" }),
+    h("td", { text: c.auto_registration ? "on" : "off" }),
+    h("td", { text: date(c.not_after) }),
+    h("td", {}, h("button.secondary", { type: "button", onclick: () => setStatus(c, c.status === "ACTIVE" ? "INACTIVE" : "ACTIVE"), text: c.status === "ACTIVE" ? "Deactivate" : "Activate" }))));
+  const caPem = pemField("certificate_pem", "CA certificate (PEM)");
+  const proofPem = pemField("verification_certificate_pem", "Verification certificate (PEM)");
+  const activate = h("input", { type: "checkbox", name: "activate", checked: true });
+  const auto = h("input", { type: "checkbox", name: "auto_registration" });
+  const template = h("textarea", { name: "provisioning_template", rows: 3, cols: 66, spellcheck: "false",
+    placeholder: '{"thing_name": "${Certificate.Subject.CommonName}"} (optional: provision things just in time)' });
+  const err = h("p.error", { id: "ca-error" });
+  const form = h("form", {
+    id: "register-ca",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      const body = { certificate_pem: caPem.area.value, verification_certificate_pem: proofPem.area.value, activate: activate.checked, auto_registration: auto.checked };
+      if (template.value.trim()) {
+        try { body.provisioning_template = JSON.parse(template.value); } catch (x) { err.textContent = "The provisioning template is not JSON: " + x.message; return; }
+      }
+      try {
+        const ca = await api("POST", "/v1/cas", body);
+        flash("CA registered: " + ca.subject);
+        route();
+      } catch (x) { err.textContent = x.message; }
+    },
+  },
+  h("p", {}, "Registration code: ", h("code.mono", { id: "registration-code", text: code.registration_code })),
+  h("p.muted", { text: "Prove you hold the CA's key: sign a certificate whose common name is the registration code with it, on the machine that has the key:" }),
+  h("pre.mono", { id: "verification-command", text:
+    `portcullis pki verification-cert --ca-cert ca.pem --ca-key ca.key --code ${code.registration_code} --out proof\n` +
+    `# or with OpenSSL:\nopenssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout proof.key -subj "/CN=${code.registration_code}" -out proof.csr\n` +
+    "openssl x509 -req -in proof.csr -CA ca.pem -CAkey ca.key -days 1 -out proof/verification.pem" }),
+  caPem.node, proofPem.node,
+  h("label", {}, h("span", {}, activate, " Active at once")),
+  h("label", {}, h("span", {}, auto, " Register the certificates it issued at their first connection (just-in-time)")),
+  h("label", {}, "Provisioning template (JSON, optional)", template),
+  err,
+  h("button", { type: "submit", text: "Register CA" }));
+  show(
+    h("h1", { text: "Certificate authorities" }),
+    list.items.length
+      ? h("table", { id: "cas" },
+        h("thead", {}, h("tr", {}, ["Subject", "Status", "Proof of possession", "Auto-registration", "Expires", ""].map((x) => h("th", { text: x })))),
+        h("tbody", {}, rows))
+      : h("p.muted", { text: "No CAs registered yet." }),
+    h("h2", { text: "Register a CA" }),
+    form);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Device enrollment
 
 function download(file, type) {
@@ -370,6 +451,7 @@ async function route() {
     else if (path.startsWith("/certificates/")) await certificate(decodeURIComponent(path.slice("/certificates/".length)));
     else if (path === "/audit") await audit(params);
     else if (path === "/enroll") enroll();
+    else if (path === "/cas") await cas();
     else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
   } catch (x) {
     if (x.status !== 401) show(h("h1", { text: "Something went wrong" }), h("p.error", { text: x.message }));

@@ -253,6 +253,7 @@ fn the_console_signs_in_issues_revokes_and_shows_the_audit_log_in_chromium() {
             &s.admin_port.to_string(),
             &token,
             artifacts().to_str().unwrap(),
+            env!("CARGO_BIN_EXE_portcullis"),
         ],
         d,
     );

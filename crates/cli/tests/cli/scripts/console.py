@@ -8,7 +8,7 @@ import sys
 
 from playwright.sync_api import expect, sync_playwright
 
-port, token, artifacts = sys.argv[1], sys.argv[2], sys.argv[3]
+port, token, artifacts, portcullis = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 base = "https://127.0.0.1:%s" % port
 
 
@@ -48,6 +48,32 @@ with sync_playwright() as p:
     check(len(cookie) == 1 and cookie[0]["httpOnly"] and cookie[0]["secure"] and cookie[0]["sameSite"] == "Strict",
           "session cookie is Secure, HttpOnly, SameSite=Strict: %r" % cookie)
 
+    # Register a CA with proof of possession: the page gives the code and the command.
+    page.click("#nav >> text=CAs")
+    expect(page.locator("h1")).to_have_text("Certificate authorities")
+    code = page.locator("#registration-code").text_content()
+    check(code in page.locator("#verification-command").text_content(), "the verification command names the code")
+    for key, out in [("rootb/ca.key", "proof"), ("int/ca.key", "wrong-proof")]:
+        subprocess.run([portcullis, "pki", "verification-cert", "--ca-cert", "rootb/ca.pem", "--ca-key", key,
+                        "--code", code, "--out", out], check=False, capture_output=True)
+    made = subprocess.run([portcullis, "pki", "verification-cert", "--ca-cert", "int/ca.pem", "--ca-key", "int/ca.key",
+                           "--code", code, "--out", "wrong-proof", "--force"], capture_output=True, text=True)
+    check(made.returncode == 0, "a proof signed by another CA's key: " + made.stderr)
+    page.fill("textarea[name=certificate_pem]", open("rootb/ca.pem").read())
+    page.fill("textarea[name=verification_certificate_pem]", open("wrong-proof/verification.pem").read())
+    page.click("text=Register CA")
+    expect(page.locator("#ca-error")).to_contain_text("not signed by this CA")
+    page.fill("textarea[name=provisioning_template]", "{not json")
+    page.click("text=Register CA")
+    expect(page.locator("#ca-error")).to_contain_text("not JSON")
+    page.fill("textarea[name=provisioning_template]", "")
+    page.fill("textarea[name=verification_certificate_pem]", open("proof/verification.pem").read())
+    page.check("input[name=auto_registration]")
+    page.click("text=Register CA")
+    expect(page.locator("#cas")).to_contain_text("CN=Root B")
+    expect(page.locator("#cas tr", has_text="CN=Root B")).to_contain_text("yes")
+    check(True, "a wrong proof is refused inline, then the CA is registered with its proof")
+
     page.click("#nav >> text=Certificates")
     expect(page.locator("h1")).to_have_text("Certificates")
     page.fill("input[name=common_name]", "kiosk-7")
@@ -76,6 +102,7 @@ with sync_playwright() as p:
     page.click("#nav >> text=Audit log")
     row = page.locator("#audit tr", has_text="ACTIVE → REVOKED")
     expect(row.first).to_contain_text("console:console-test")
+    expect(page.locator("#audit tr", has_text="ca.register").first).to_contain_text("console:console-test")
     check(True, "the revocation is in the audit log with who did it")
 
     # Requests without the session's CSRF token, or with a forged one, change nothing.
