@@ -348,6 +348,76 @@ async function cas() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// MQTT sessions
+
+async function sessions() {
+  const list = await api("GET", "/v1/sessions");
+  const close = async (s, forget) => {
+    if (!confirm(`Disconnect ${s.client_id}${forget ? " and forget its session" : ""}?`)) return;
+    try {
+      await api("DELETE", "/v1/sessions/" + encodeURIComponent(s.client_id) + (forget ? "?forget=true" : ""));
+      flash("Disconnected " + s.client_id);
+      route();
+    } catch (x) { flash(x.message, true); }
+  };
+  show(
+    h("h1", { text: "MQTT sessions" }),
+    list.items.length
+      ? h("table", { id: "sessions" },
+        h("thead", {}, h("tr", {}, ["Client id", "State", "Identity", "Subscriptions", "Queued", "For", ""].map((x) => h("th", { text: x })))),
+        h("tbody", {}, list.items.map((s) => h("tr", {},
+          h("td.mono", { text: s.client_id }),
+          h("td", { text: s.online ? "online" : "offline (kept)" }),
+          h("td", { text: s.identity }),
+          h("td.mono", { text: s.subscriptions.join(" ") }),
+          h("td", { text: s.queued }),
+          h("td", { text: s.seconds + " s" }),
+          h("td", {}, h("button.danger", { type: "button", onclick: () => close(s, false), text: "Disconnect" }),
+            " ", h("button.secondary", { type: "button", onclick: () => close(s, true), text: "Forget" }))))))
+      : h("p.muted", { text: "No MQTT sessions." }));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Explain
+
+async function explain() {
+  const domains = await api("GET", "/v1/domains");
+  const domain = h("select", { name: "domain" }, domains.items.map((d) => h("option", { value: d.hostname.replace(/^\*\./, "x."), text: d.hostname })));
+  const method = h("select", { name: "method" }, ["GET", "POST", "PUT", "PATCH", "DELETE"].map((m) => h("option", { value: m, text: m })));
+  const path = h("input", { name: "path", value: "/", size: 30 });
+  const pem = pemField("certificate_pem", "Client certificate chain (PEM, leaf first)");
+  const out = h("div", { id: "explained" });
+  const form = h("form", {
+    id: "explain",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const t = await api("POST", "/v1/explain", { domain: domain.value, method: method.value, path: path.value, certificate_pem: pem.area.value });
+        const row = (k, v) => h("tr", {}, h("th", { text: k }), h("td", { text: v === undefined || v === null ? "—" : typeof v === "string" ? v : JSON.stringify(v) }));
+        out.replaceChildren(
+          h("p", { id: "decision", class: t.decision === "allow" ? "status-ACTIVE" : "status-REVOKED", text: t.decision.toUpperCase() + ": " + t.summary }),
+          h("table", {},
+            row("Domain", t.domain && `${t.domain.hostname} (by ${t.domain.matched_by}, mTLS ${t.domain.mtls_mode}, on failure ${t.domain.on_failure})`),
+            row("Chain", t.chain && (t.chain.result + (t.chain.reason ? ": " + t.chain.reason : ""))),
+            row("Chain explanation", t.chain && t.chain.explanation),
+            row("Registry", t.registry && (t.registry.decision + (t.registry.reason ? ": " + t.registry.reason : ""))),
+            row("Registry record", t.registry_record),
+            row("Mapping", t.mapping),
+            row("Policy", t.policy && (t.policy.decision + ": " + t.policy.reason)),
+            row("Outcome", t.outcome)),
+          h("details", {}, h("summary", { text: "Whole trace (JSON)" }), h("pre.mono", { text: JSON.stringify(t, null, 2) })));
+      } catch (x) { out.replaceChildren(h("p.error", { text: x.message })); }
+    },
+  },
+  h("div.inline", {}, h("label", {}, "Domain", domain), h("label", {}, "Method", method), h("label", {}, "Path", path)),
+  pem.node,
+  h("button", { type: "submit", text: "Explain" }));
+  show(h("h1", { text: "Explain a decision" }),
+    h("p.muted", { text: "Paste or upload the certificate a client presents: see what the gateway would do with it, step by step, on the live configuration." }),
+    form, out);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Device enrollment
 
 function download(file, type) {
@@ -452,6 +522,8 @@ async function route() {
     else if (path === "/audit") await audit(params);
     else if (path === "/enroll") enroll();
     else if (path === "/cas") await cas();
+    else if (path === "/sessions") await sessions();
+    else if (path === "/explain") await explain();
     else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
   } catch (x) {
     if (x.status !== 401) show(h("h1", { text: "Something went wrong" }), h("p.error", { text: x.message }));

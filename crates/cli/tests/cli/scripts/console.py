@@ -151,6 +151,22 @@ with sync_playwright() as p:
                           "-nodes", "-legacy"], capture_output=True, text=True)
     check(out.returncode == 0 and "CN=laptop-0042" in out.stdout, "the profile's bundle opens with its password")
 
+    # Explain: why a partner is refused, and that another one gets in.
+    page.click("#nav >> text=Explain")
+    expect(page.locator("h1")).to_have_text("Explain a decision")
+    page.fill("textarea[name=certificate_pem]", open("bob.chain.pem").read())
+    page.fill("input[name=path]", "/orders")
+    page.click("form#explain button[type=submit]")
+    expect(page.locator("#decision")).to_contain_text("DENY")
+    expect(page.locator("#explained")).to_contain_text("untrusted-issuer")
+    page.screenshot(path=artifacts + "/console-explain.png", full_page=True)
+    page.fill("textarea[name=certificate_pem]", open("alice.chain.pem").read())
+    page.click("form#explain button[type=submit]")
+    expect(page.locator("#decision")).to_contain_text("ALLOW")
+    check(True, "explain shows the untrusted partner's refusal and the trusted one's admission")
+    page.click("#nav >> text=MQTT sessions")
+    expect(page.locator("main")).to_contain_text("No MQTT sessions.")
+
     page.click("#nav >> text=Dashboard")
     expect(page.locator("#expiring-7")).to_be_visible()
     expect(page.locator("#handshake-rate .value")).not_to_have_text("…", timeout=15000)
