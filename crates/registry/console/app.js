@@ -348,6 +348,102 @@ async function cas() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Policies
+
+const EXAMPLE_POLICY = JSON.stringify({ Statement: [
+  { Effect: "Allow", Action: "http:GET", Resource: "route:api.example.com/orders*" },
+] }, null, 2);
+
+// Parses the editor's text; an error names the line and column.
+function parseDocument(text) {
+  try { return { doc: JSON.parse(text) }; } catch (x) { return { error: "Not JSON: " + x.message }; }
+}
+
+async function policies() {
+  const list = await api("GET", "/v1/policies");
+  const name = h("input", { name: "name", required: true, placeholder: "partners-read" });
+  const doc = h("textarea", { name: "document", rows: 10, cols: 80, spellcheck: "false" });
+  doc.value = EXAMPLE_POLICY;
+  const err = h("p.error", { id: "policy-error" });
+  const create = h("form", {
+    id: "new-policy",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      const parsed = parseDocument(doc.value);
+      if (parsed.error) { err.textContent = parsed.error; return; }
+      try {
+        await api("POST", "/v1/policies", { name: name.value, document: parsed.doc });
+        flash("Policy created: " + name.value);
+        location.hash = "#/policies/" + encodeURIComponent(name.value);
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, "Name", name), h("label", {}, "Document", doc), err, h("button", { type: "submit", text: "Create policy" }));
+  show(
+    h("h1", { text: "Policies" }),
+    list.items.length
+      ? h("table", { id: "policies" },
+        h("thead", {}, h("tr", {}, ["Name", "Default version", "Attached to"].map((x) => h("th", { text: x })))),
+        h("tbody", {}, list.items.map((p) => h("tr", {},
+          h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })),
+          h("td", { text: p.default_version }),
+          h("td", { text: (p.targets || []).map((t) => `${t.target_type}:${t.target}`).join(", ") || "—" })))))
+      : h("p.muted", { text: "No policies yet." }),
+    h("h2", { text: "New policy" }),
+    create);
+}
+
+async function policy(name) {
+  const p = await api("GET", "/v1/policies/" + encodeURIComponent(name));
+  const doc = h("textarea", { name: "document", rows: 14, cols: 80, spellcheck: "false" });
+  doc.value = JSON.stringify(p.document, null, 2);
+  const err = h("p.error", { id: "policy-error" });
+  const editor = h("form", {
+    id: "edit-policy",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      const parsed = parseDocument(doc.value);
+      if (parsed.error) { err.textContent = parsed.error; return; }
+      try {
+        const r = await api("POST", "/v1/policies/" + encodeURIComponent(name) + "/versions", { document: parsed.doc, set_default: true });
+        flash(`Version ${r.default_version} is now the default`);
+        route();
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, `Document (version ${p.default_version} of ${p.versions.length} kept)`, doc), err,
+  h("button", { type: "submit", text: "Save as the new default version" }));
+  const pem = pemField("certificate_pem", "Client certificate (PEM)");
+  const action = h("input", { name: "action", value: "http:GET", size: 16 });
+  const resource = h("input", { name: "resource", placeholder: "route:api.example.com/orders", size: 40 });
+  const clientId = h("input", { name: "client_id", placeholder: "(MQTT only)", size: 14 });
+  const result = h("div", { id: "simulated" });
+  const sim = h("form", {
+    id: "simulate",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const body = { certificate_pem: pem.area.value, action: action.value, resource: resource.value, policies: [name] };
+        if (clientId.value) body.client_id = clientId.value;
+        const r = await api("POST", "/v1/simulate", body);
+        result.replaceChildren(
+          h("p", { id: "simulation", class: r.decision === "allow" ? "status-ACTIVE" : "status-REVOKED", text: `${r.decision.toUpperCase()}: ${r.reason}` }),
+          h("details", {}, h("summary", { text: "Statements, variables and trace" }), h("pre.mono", { text: JSON.stringify(r, null, 2) })));
+      } catch (x) { result.replaceChildren(h("p.error", { text: x.message })); }
+    },
+  }, pem.node, h("div.inline", {}, h("label", {}, "Action", action), h("label", {}, "Resource", resource), h("label", {}, "MQTT client id", clientId)),
+  h("button", { type: "submit", text: "Simulate" }));
+  show(
+    h("p", {}, h("a", { href: "#/policies", text: "← Policies" })),
+    h("h1", { text: "Policy " + p.name }),
+    h("p.muted", { text: "Attached to: " + ((p.targets || []).map((t) => `${t.target_type}:${t.target}`).join(", ") || "nothing yet (portcullis policy attach)") }),
+    editor,
+    h("h2", { text: "Simulate" }),
+    h("p.muted", { text: "Evaluates this policy's default version for a certificate, with the variables the registry gives it (things, attributes, CA)." }),
+    sim, result);
+}
+
+// ----------------------------------------------------------------------------------------------
 // MQTT sessions
 
 async function sessions() {
@@ -523,6 +619,8 @@ async function route() {
     else if (path === "/enroll") enroll();
     else if (path === "/cas") await cas();
     else if (path === "/sessions") await sessions();
+    else if (path === "/policies") await policies();
+    else if (path.startsWith("/policies/")) await policy(decodeURIComponent(path.slice("/policies/".length)));
     else if (path === "/explain") await explain();
     else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
   } catch (x) {
