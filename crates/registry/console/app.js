@@ -444,6 +444,187 @@ async function policy(name) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Things
+
+function tableOf(id, head, rows, empty) {
+  return rows.length
+    ? h("table", { id }, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))), h("tbody", {}, rows))
+    : h("p.muted", { text: empty });
+}
+
+async function things() {
+  const list = await api("GET", "/v1/things?limit=1000");
+  const name = h("input", { name: "name", required: true, placeholder: "pump-17" });
+  const attrs = h("input", { name: "attributes", size: 40, placeholder: "site=berlin, model=x2" });
+  const err = h("p.error", { id: "thing-error" });
+  const form = h("form.inline", {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      const attributes = {};
+      for (const pair of attrs.value.split(",").map((x) => x.trim()).filter(Boolean)) {
+        const i = pair.indexOf("=");
+        if (i < 1) { err.textContent = `attribute '${pair}' must be name=value`; return; }
+        attributes[pair.slice(0, i).trim()] = pair.slice(i + 1).trim();
+      }
+      try {
+        await api("POST", "/v1/things", { name: name.value, attributes });
+        location.hash = "#/things/" + encodeURIComponent(name.value);
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, "Name", name), h("label", {}, "Attributes", attrs), h("button", { type: "submit", text: "Create thing" }));
+  show(
+    h("h1", { text: "Things" }),
+    tableOf("things", ["Name", "Attributes", "Certificates"], list.items.map((t) => h("tr", {},
+      h("td", {}, h("a", { href: "#/things/" + encodeURIComponent(t.name), text: t.name })),
+      h("td", { text: Object.entries(t.attributes).map(([k, v]) => `${k}=${v}`).join(", ") }),
+      h("td", { text: t.certificates.length }))), "No things yet."),
+    h("h2", { text: "New thing" }), form, err);
+}
+
+async function thing(name) {
+  const t = await api("GET", "/v1/things/" + encodeURIComponent(name));
+  const cert = h("input", { name: "certificate_id", size: 66, placeholder: "certificate id (SHA-256 fingerprint)" });
+  const attach = h("form.inline", {
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        await api("PUT", `/v1/things/${encodeURIComponent(name)}/certificates/${encodeURIComponent(cert.value.trim())}`, {});
+        flash("Attached"); route();
+      } catch (x) { flash(x.message, true); }
+    },
+  }, h("label", {}, "Attach a certificate", cert), h("button", { type: "submit", text: "Attach" }));
+  const detach = async (id) => {
+    if (!confirm("Detach this certificate from " + name + "?")) return;
+    try { await api("DELETE", `/v1/things/${encodeURIComponent(name)}/certificates/${encodeURIComponent(id)}`); route(); } catch (x) { flash(x.message, true); }
+  };
+  show(
+    h("p", {}, h("a", { href: "#/things", text: "← Things" })),
+    h("h1", { text: t.name }),
+    h("dl.fields", {}, Object.entries(t.attributes).flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })])),
+    h("h2", { text: "Certificates" }),
+    tableOf("thing-certificates", ["Certificate", "Exclusive", ""], t.certificates.map((a) => h("tr", {},
+      h("td.mono", {}, h("a", { href: "#/certificates/" + encodeURIComponent(a.certificate_id), text: a.certificate_id })),
+      h("td", { text: a.exclusive ? "yes" : "no" }),
+      h("td", {}, h("button.secondary", { type: "button", onclick: () => detach(a.certificate_id), text: "Detach" })))), "None attached."),
+    attach);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Truststores
+
+async function truststores() {
+  const list = await api("GET", "/v1/truststores");
+  const name = h("input", { name: "name", required: true, placeholder: "partners" });
+  const bundle = pemField("bundle_pem", "CA certificates (PEM bundle)");
+  const err = h("p.error", { id: "truststore-error" });
+  const form = h("form", {
+    id: "new-truststore",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        await api("POST", "/v1/truststores", { name: name.value, bundle_pem: bundle.area.value });
+        location.hash = "#/truststores/" + encodeURIComponent(name.value);
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, "Name", name), bundle.node, err, h("button", { type: "submit", text: "Create truststore" }));
+  show(
+    h("h1", { text: "Truststores" }),
+    h("p.muted", { text: "Domains use one with truststore = \"registry:NAME\" (the latest version, live within a second) or \"registry:NAME@N\" (pinned)." }),
+    tableOf("truststores", ["Name", "Latest version"], list.items.map((t) => h("tr", {},
+      h("td", {}, h("a", { href: "#/truststores/" + encodeURIComponent(t.name), text: t.name })),
+      h("td", { text: t.latest_version }))), "No truststores in the registry."),
+    h("h2", { text: "New truststore" }), form);
+}
+
+async function truststore(name, params) {
+  const latest = await api("GET", "/v1/truststores/" + encodeURIComponent(name));
+  const version = Number(params.get("version") || latest.version);
+  const v = version === latest.version ? latest : await api("GET", `/v1/truststores/${encodeURIComponent(name)}/versions/${version}`);
+  const previewOut = h("div", { id: "preview" });
+  const preview = async () => {
+    try {
+      const p = await api("GET", `/v1/truststores/${encodeURIComponent(name)}/versions/${version}/preview?days=30`);
+      previewOut.replaceChildren(
+        h("p", { text: `Of ${p.checked} certificates seen in the last ${p.days} days, ${p.rejected.length} would be refused by version ${p.version}.` }),
+        tableOf("preview-rejected", ["Subject", "Domain", "Reason"], p.rejected.map((r) => h("tr", {},
+          h("td", { text: r.subject }), h("td", { text: r.domain }), h("td", { text: r.reason + ": " + r.explanation }))), ""));
+    } catch (x) { previewOut.replaceChildren(h("p.error", { text: x.message })); }
+  };
+  const bundle = pemField("bundle_pem", "New version: CA certificates (PEM bundle)");
+  const err = h("p.error", { id: "version-error" });
+  const add = h("form", {
+    id: "new-version",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      if (!confirm(`Add a version to ${name}? Domains that use registry:${name} switch to it within a second.`)) return;
+      try {
+        const r = await api("POST", `/v1/truststores/${encodeURIComponent(name)}/versions`, { bundle_pem: bundle.area.value });
+        location.hash = `#/truststores/${encodeURIComponent(name)}?version=${r.version}`;
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, bundle.node, err, h("button", { type: "submit", text: "Add version (it becomes the latest)" }));
+  const certs = (v.bundle.match(/-----BEGIN CERTIFICATE-----/g) || []).length;
+  show(
+    h("p", {}, h("a", { href: "#/truststores", text: "← Truststores" })),
+    h("h1", { text: `Truststore ${name}` }),
+    h("p", {}, "Version ", h("select", { id: "version", onchange: (e) => { location.hash = `#/truststores/${encodeURIComponent(name)}?version=${e.target.value}`; } },
+      Array.from({ length: latest.version }, (_, i) => i + 1).map((n) => h("option", { value: n, selected: n === version || undefined, text: n + (n === latest.version ? " (latest)" : "") }))),
+    ` — ${certs} CA certificates, ${v.crls.length} CRLs, made ${date(v.created_at)}`),
+    h("h2", { text: "Warnings" }),
+    v.warnings.length ? h("ul", { id: "warnings" }, v.warnings.map((w) => h("li", { text: w }))) : h("p.muted", { id: "warnings", text: "None." }),
+    h("div.actions", {}, h("button.secondary", { type: "button", id: "preview-button", onclick: preview, text: "Preview: who would this version refuse?" })),
+    previewOut,
+    h("h2", { text: "Add a version" }), add);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Domains
+
+async function domains() {
+  const list = await api("GET", "/v1/domains");
+  show(
+    h("h1", { text: "Domains" }),
+    h("p.muted", { text: "Change them with portcullis domain put --file D.toml (checked by the gateway before it is stored) or PUT /v1/domains/{hostname}." }),
+    tableOf("domains", ["Hostname", "Certificate", "mTLS", "Truststore", "Mappings"], list.items.map((d) => {
+      const s = d.spec || {};
+      const m = s.mtls || {};
+      return h("tr", {},
+        h("td", { text: d.hostname }),
+        h("td", { text: s.certificate || "" }),
+        h("td", { text: `${m.mode || "off"}${m.on_failure ? ", on failure " + m.on_failure : ""}` }),
+        h("td", { text: m.truststore || "—" }),
+        h("td", {}, h("ul", {}, (s.mapping || []).map((x) => h("li", { text: `${x.base_path || "/"} → ${x.upstream}` })))));
+    }), "No domains."));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Webhooks
+
+async function webhooks() {
+  const list = await api("GET", "/v1/webhooks");
+  const sections = await Promise.all(list.items.map(async (w) => {
+    const d = await api("GET", `/v1/webhooks/${encodeURIComponent(w.id)}/deliveries?limit=50`);
+    const replay = async (id) => {
+      try { await api("POST", `/v1/deliveries/${encodeURIComponent(id)}/replay`, {}); flash("Replay queued"); route(); } catch (x) { flash(x.message, true); }
+    };
+    return [
+      h("h2", { text: `${w.name} → ${w.url}` }),
+      h("p.muted", { text: `events: ${w.events.join(", ")}${w.topic_filter ? "; topics " + w.topic_filter : ""}; ${w.enabled ? "enabled" : "disabled"}` }),
+      tableOf("deliveries-" + w.id, ["Event", "Status", "Attempts", "Last answer", "Updated", ""], d.items.map((x) => h("tr", {},
+        h("td", { text: x.event_type }),
+        h("td", { text: x.status }),
+        h("td", { text: x.attempts }),
+        h("td", { text: x.last_status ? `HTTP ${x.last_status}` : (x.last_error || "—") }),
+        h("td", { text: date(x.updated_at) }),
+        h("td", {}, h("button.secondary", { type: "button", onclick: () => replay(x.id), text: "Replay" })))), "No deliveries yet."),
+    ];
+  }));
+  show(h("h1", { text: "Webhooks" }),
+    list.items.length ? sections.flat() : h("p.muted", { text: "No webhooks. Create one with portcullis webhook create." }));
+}
+
+// ----------------------------------------------------------------------------------------------
 // MQTT sessions
 
 async function sessions() {
@@ -619,6 +800,12 @@ async function route() {
     else if (path === "/enroll") enroll();
     else if (path === "/cas") await cas();
     else if (path === "/sessions") await sessions();
+    else if (path === "/things") await things();
+    else if (path.startsWith("/things/")) await thing(decodeURIComponent(path.slice("/things/".length)));
+    else if (path === "/truststores") await truststores();
+    else if (path.startsWith("/truststores/")) await truststore(decodeURIComponent(path.slice("/truststores/".length)), params);
+    else if (path === "/domains") await domains();
+    else if (path === "/webhooks") await webhooks();
     else if (path === "/policies") await policies();
     else if (path.startsWith("/policies/")) await policy(decodeURIComponent(path.slice("/policies/".length)));
     else if (path === "/explain") await explain();

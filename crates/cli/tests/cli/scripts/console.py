@@ -151,6 +151,38 @@ with sync_playwright() as p:
                           "-nodes", "-legacy"], capture_output=True, text=True)
     check(out.returncode == 0 and "CN=laptop-0042" in out.stdout, "the profile's bundle opens with its password")
 
+    # Things: create one with attributes, attach a certificate.
+    page.click("#nav >> text=Things")
+    page.fill("input[name=name]", "pump-17")
+    page.fill("input[name=attributes]", "site=berlin, model=x2")
+    page.click("text=Create thing")
+    expect(page.locator("h1")).to_have_text("pump-17")
+    expect(page.locator("dl.fields")).to_contain_text("berlin")
+    kiosk = page.evaluate("""async () => (await (await fetch('/v1/certificates?limit=1000')).json())
+        .items.find(c => c.subject === 'CN=laptop-0042').id""")
+    page.fill("input[name=certificate_id]", kiosk)
+    page.click("button:text-is('Attach')")
+    expect(page.locator("#thing-certificates")).to_contain_text(kiosk)
+    check(True, "a thing is created with attributes and a certificate attached")
+
+    # Truststores: create, add a version, preview its impact.
+    page.click("#nav >> text=Truststores")
+    page.fill("input[name=name]", "partners")
+    page.fill("textarea[name=bundle_pem]", open("rootb/ca.pem").read())
+    page.click("text=Create truststore")
+    expect(page.locator("h1")).to_have_text("Truststore partners")
+    expect(page.locator("#version")).to_contain_text("1 (latest)")
+    page.fill("textarea[name=bundle_pem]", open("trust-a.pem").read())
+    page.click("text=Add version (it becomes the latest)")
+    expect(page.locator("#version")).to_contain_text("2 (latest)")
+    page.click("#preview-button")
+    expect(page.locator("#preview")).to_contain_text("certificates seen in the last 30 days")
+    check(True, "truststore versions and the impact preview")
+    page.click("#nav >> text=Domains")
+    expect(page.locator("#domains")).to_contain_text("a.test")
+    page.click("#nav >> text=Webhooks")
+    expect(page.locator("main")).to_contain_text("No webhooks")
+
     # Explain: why a partner is refused, and that another one gets in.
     page.click("#nav >> text=Explain")
     expect(page.locator("h1")).to_have_text("Explain a decision")
