@@ -161,6 +161,8 @@ pub struct ServeHooks {
     pub explainer: Explainer,
     pub domains: crate::config::DomainChecker,
     pub broker: std::sync::Arc<portcullis_mqtt::broker::Broker>,
+    /// The gateway's open HTTP connections.
+    pub live: std::sync::Arc<portcullis_gateway::listen::Live>,
 }
 
 impl Hooks for ServeHooks {
@@ -217,6 +219,14 @@ impl Hooks for ServeHooks {
 
     fn mqtt_sessions(&self) -> Value {
         serde_json::json!({"items": self.broker.sessions()})
+    }
+
+    fn live_connections(&self) -> serde_json::Value {
+        serde_json::json!({"items": self.live.list()})
+    }
+
+    fn close_connection(&self, id: u64) -> bool {
+        self.live.close(id)
     }
 
     fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool {

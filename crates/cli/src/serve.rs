@@ -142,6 +142,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let hooks = crate::admin::ServeHooks {
         metrics,
         expiry: gateway.expiry_gauges(),
+        live: gateway.live_connections(),
         ready: ready.clone(),
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),

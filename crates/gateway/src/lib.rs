@@ -293,6 +293,7 @@ pub struct Gateway {
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
+    live: Arc<listen::Live>,
 }
 
 impl Gateway {
@@ -360,7 +361,13 @@ impl Gateway {
             local_addrs,
             tasks,
             broker,
+            live: limits.live.clone(),
         })
+    }
+
+    /// The open HTTP connections, to list and close from the admin API.
+    pub fn live_connections(&self) -> Arc<listen::Live> {
+        self.live.clone()
     }
 
     /// Builds a complete new state from `config` and swaps it in. On error the running state is

@@ -43,10 +43,12 @@ const PROVISIONING_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificate.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
 
-/// The process-wide gates: open connections and handshakes in progress.
+/// The process-wide gates: open connections and handshakes in progress, and the list of open
+/// HTTP connections.
 pub(crate) struct Gates {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    pub(crate) live: Arc<Live>,
 }
 
 impl Gates {
@@ -54,6 +56,77 @@ impl Gates {
         Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            live: Arc::default(),
+        }
+    }
+}
+
+/// Open HTTP connections (after their handshake), for the admin API to list and close. MQTT
+/// connections are the broker's sessions.
+#[derive(Default)]
+pub struct Live {
+    next: std::sync::atomic::AtomicU64,
+    open: Mutex<std::collections::HashMap<u64, (serde_json::Value, Arc<tokio::sync::Notify>)>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl Live {
+    fn register(self: &Arc<Self>, mut info: serde_json::Value) -> LiveGuard {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        info["id"] = serde_json::json!(id);
+        let close = Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, (info, close.clone()));
+        }
+        LiveGuard {
+            live: self.clone(),
+            id,
+            close,
+        }
+    }
+
+    /// The open HTTP connections, oldest first.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let Ok(open) = self.open.lock() else {
+            return Vec::new();
+        };
+        let mut ids: Vec<&u64> = open.keys().collect();
+        ids.sort();
+        ids.into_iter().map(|id| open[id].0.clone()).collect()
+    }
+
+    /// Closes connection `id` (in-flight requests are cut); whether it was open.
+    pub fn close(&self, id: u64) -> bool {
+        let Ok(open) = self.open.lock() else {
+            return false;
+        };
+        match open.get(&id) {
+            Some((_, close)) => {
+                // A permit is kept if the connection is not waiting right now.
+                close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from [`Live`] when it ends.
+struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.live.open.lock() {
+            open.remove(&self.id);
         }
     }
 }
@@ -107,9 +180,10 @@ pub(crate) async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let client = client.clone();
                 let broker = broker.clone();
+                let live = gates.live.clone();
                 connections.spawn(async move {
                     metrics::gauge!("portcullis_active_connections").increment(1.0);
-                    let on = Endpoint { protocols, broker };
+                    let on = Endpoint { protocols, broker, live };
                     connection(stream, peer, snapshot, client, handshakes, shutdown, on).await;
                     metrics::gauge!("portcullis_active_connections").decrement(1.0);
                     drop(permit);
@@ -148,6 +222,7 @@ pub(crate) struct ConnectionContext {
 struct Endpoint {
     protocols: Protocols,
     broker: Arc<Broker>,
+    live: Arc<Live>,
 }
 
 /// A completed handshake: the stream, the domain chosen, and the verifier's record.
@@ -435,6 +510,19 @@ async fn connection(
         broker: endpoint.broker,
     });
     let fast_ctx = ctx.clone();
+    // Listed for the admin API, which can close it.
+    let live = endpoint.live.register(serde_json::json!({
+        "peer": peer.to_string(),
+        "domain": hostname,
+        "protocol": if alpn == "h2" { "h2" } else { "http/1.1" },
+        "verify": ctx.verdict.status().to_string(),
+        "client_subject": ctx.verdict.leaf().map(|c| c.info().subject.clone()).unwrap_or_default(),
+        "client_fingerprint": ctx.verdict.leaf().map(|c| c.info().id.clone()).unwrap_or_default(),
+        "since": time::OffsetDateTime::now_utc().unix_timestamp(),
+    }));
+    let operator = live.close.clone();
+    let closed_by_operator = operator.notified();
+    tokio::pin!(closed_by_operator);
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(request(req, ctx).await) }
@@ -455,6 +543,10 @@ async fn connection(
                 log_closed(peer, &hostname, reason, &explanation);
                 return;
             }
+            _ = &mut closed_by_operator => {
+                log_operator_close(peer, &hostname);
+                return;
+            }
         }
     };
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
@@ -469,6 +561,7 @@ async fn connection(
             tokio::select! {
                 _ = $conn.as_mut() => {}
                 (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
+                _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
                 _ = shutdown.changed() => {
                     $conn.as_mut().graceful_shutdown();
                     let _ = $conn.await;
@@ -493,6 +586,20 @@ async fn connection(
             .with_upgrades();
         drive!(conn);
     }
+}
+
+/// A connection an operator closed through the admin API.
+fn log_operator_close(peer: SocketAddr, domain: &str) {
+    metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => "operator")
+        .increment(1);
+    tracing::info!(
+        target: "portcullis::connection",
+        peer = %peer,
+        domain,
+        result = "closed",
+        reason = "operator",
+        "connection closed by an operator"
+    );
 }
 
 /// A connection closed because the registry no longer admits its certificate.

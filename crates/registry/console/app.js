@@ -625,6 +625,27 @@ async function webhooks() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Live HTTP connections
+
+async function connections() {
+  const list = await api("GET", "/v1/connections");
+  const close = async (c) => {
+    if (!confirm(`Close the connection from ${c.peer} (${c.client_subject || "no certificate"})? Requests in flight are cut.`)) return;
+    try { await api("DELETE", "/v1/connections/" + c.id); flash("Connection closed"); route(); } catch (x) { flash(x.message, true); }
+  };
+  show(
+    h("h1", { text: "Open connections" }),
+    tableOf("connections", ["Peer", "Domain", "Protocol", "Client certificate", "Verify", "Since", ""], list.items.map((c) => h("tr", {},
+      h("td.mono", { text: c.peer }),
+      h("td", { text: c.domain }),
+      h("td", { text: c.protocol }),
+      h("td", { text: c.client_subject || "—" }),
+      h("td", { text: c.verify }),
+      h("td", { text: date(c.since) }),
+      h("td", {}, h("button.danger", { type: "button", onclick: () => close(c), text: "Disconnect" })))), "No open HTTP connections."));
+}
+
+// ----------------------------------------------------------------------------------------------
 // MQTT sessions
 
 async function sessions() {
@@ -800,6 +821,7 @@ async function route() {
     else if (path === "/enroll") enroll();
     else if (path === "/cas") await cas();
     else if (path === "/sessions") await sessions();
+    else if (path === "/connections") await connections();
     else if (path === "/things") await things();
     else if (path.startsWith("/things/")) await thing(decodeURIComponent(path.slice("/things/".length)));
     else if (path === "/truststores") await truststores();

@@ -254,11 +254,13 @@ fn the_console_signs_in_issues_revokes_and_shows_the_audit_log_in_chromium() {
             &token,
             artifacts().to_str().unwrap(),
             env!("CARGO_BIN_EXE_portcullis"),
+            &s.port.to_string(),
         ],
         d,
     );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
-    // The gateway logged the sign-in.
+    // The gateway logged the sign-in and the operator's close.
     s.wait_for("console login");
+    assert!(s.wait_for("\"reason\":\"operator\"").contains("a.test"));
 }

@@ -55,6 +55,10 @@ pub trait Hooks: Send + Sync + 'static {
     /// Closes an MQTT session's connection (and with `forget`, the stored session); whether
     /// there was one.
     fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool;
+    /// The open HTTP connections (`{"items": [...]}`).
+    fn live_connections(&self) -> Value;
+    /// Closes an open HTTP connection; whether it was open.
+    fn close_connection(&self, id: u64) -> bool;
 }
 
 /// What an asynchronous hook returns.
@@ -185,6 +189,11 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/simulate", post(policies::simulate))
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/connections", get(list_connections))
+        .route(
+            "/v1/connections/{id}",
+            axum::routing::delete(close_connection),
+        )
         .route(
             "/v1/sessions/{client_id}",
             axum::routing::delete(close_session),
@@ -1388,6 +1397,26 @@ async fn list_sessions(State(api): State<Api>) -> ApiResult {
 struct CloseSession {
     #[serde(default)]
     forget: bool,
+}
+
+async fn list_connections(State(api): State<Api>) -> ApiResult {
+    Ok(Json(api.hooks.live_connections()))
+}
+
+async fn close_connection(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let n: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("connection id '{id}' must be a number")))?;
+    if api.hooks.close_connection(n) {
+        tracing::info!(target: "portcullis::admin", caller, connection = n, "connection closed by an operator");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(RegistryError::NotFound(format!("connection {n} (it may have ended)")).into())
+    }
 }
 
 async fn close_session(

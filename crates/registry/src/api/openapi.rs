@@ -221,6 +221,18 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "get",
+        "/v1/connections",
+        "The open HTTP connections: peer, domain, protocol, client certificate, since",
+        None,
+    ),
+    (
+        "delete",
+        "/v1/connections/{id}",
+        "Close an open HTTP connection",
+        None,
+    ),
+    (
         "delete",
         "/v1/sessions/{client_id}",
         "Disconnect an MQTT session (query: forget=true also drops the stored session)",

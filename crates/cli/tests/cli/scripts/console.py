@@ -3,12 +3,14 @@
 # the audit log; hostile names stay text; forged or missing CSRF tokens change nothing; signing
 # out ends the session. Arguments: admin port, token, artifacts directory.
 import plistlib
+import socket
+import ssl
 import subprocess
 import sys
 
 from playwright.sync_api import expect, sync_playwright
 
-port, token, artifacts, portcullis = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+port, token, artifacts, portcullis, gateway_port = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 base = "https://127.0.0.1:%s" % port
 
 
@@ -225,6 +227,30 @@ with sync_playwright() as p:
     page.click("form#simulate button[type=submit]")
     expect(page.locator("#simulation")).to_contain_text("ALLOW")
     check(True, "policy editor: inline errors, versions, and the simulator's allow and deny")
+
+    # A partner's keep-alive connection, listed and closed from the console.
+    tls = ssl.create_default_context(cafile="data/ca/ca.pem")
+    tls.load_cert_chain("alice.chain.pem", "alice.key")
+    tls.set_alpn_protocols(["http/1.1"])
+    held = tls.wrap_socket(socket.create_connection(("127.0.0.1", gateway_port), timeout=20), server_hostname="a.test")
+    held.sendall(b"GET /held HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    check(held.recv(12).startswith(b"HTTP/1.1 200"), "a keep-alive connection is served")
+    page.click("#nav >> text=Connections")
+    row = page.locator("#connections tr", has_text="CN=alice")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("http/1.1")
+    row.locator("button").click()
+    expect(page.locator("main")).to_contain_text("No open HTTP connections.")
+    held.settimeout(10)
+    try:
+        while held.recv(65536):
+            pass
+        closed = True
+    except socket.timeout:
+        closed = False
+    except (ssl.SSLError, ConnectionResetError, OSError):
+        closed = True
+    check(closed, "the console lists the live connection and closes it (the client sees the close)")
 
     page.click("#nav >> text=MQTT sessions")
     expect(page.locator("main")).to_contain_text("No MQTT sessions.")
