@@ -262,8 +262,38 @@ async function certificate(id) {
       field("Things", c.things.length ? c.things.join(", ") : "—"),
       field("Registered", date(c.created_at))),
     h("div.actions", {}, actions),
+    h("h2", { text: "Decoded" }),
+    decodedFields(c.decoded),
+    h("h2", { text: "Chain" }),
+    tableOf("chain", ["", "Subject", "Status", "Expires"], [
+      h("tr", {}, h("td", { text: "certificate" }), h("td", { text: c.subject }), h("td", {}, statusCell(c.status)), h("td", { text: date(c.not_after) })),
+      ...(c.ca_chain || []).map((ca) => h("tr", {}, h("td", { text: "registered CA" + (ca.verified ? "" : " (unverified)") }),
+        h("td", { text: ca.subject }), h("td", {}, statusCell(ca.status)), h("td", { text: date(ca.not_after) })))], ""),
+    (c.ca_chain || []).length ? null : h("p.muted", { text: "Not linked to a registered CA; issued by " + c.issuer + "." }),
+    h("h2", { text: "Policies that apply" }),
+    tableOf("certificate-policies", ["Policy", "Attached to"], (c.policies || []).map((p) => h("tr", {},
+      h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })), h("td", { text: p.attached_to }))),
+    "None attached to the certificate, its things or its CA (domain policies apply per domain)."),
     h("h2", { text: "PEM" }),
     h("pre.mono", { text: c.pem || "" }));
+}
+
+// The decoded certificate, as `portcullis pki inspect` shows it.
+function decodedFields(d) {
+  if (!d) return h("p.muted", { text: "Cannot be decoded." });
+  const rows = [
+    ["Subject", d.subject], ["Issuer", d.issuer], ["Serial", d.serial],
+    ["Valid", `${d.not_before} → ${d.not_after}`],
+    ["Public key", d.public_key ? Object.values(d.public_key).join(" ") : ""],
+    ["Signature", d.signature_algorithm],
+    ["Key usage", (d.key_usage || []).join(", ")],
+    ["Extended key usage", (d.extended_key_usage || []).join(", ")],
+    ["Basic constraints", d.basic_constraints ? JSON.stringify(d.basic_constraints) : "—"],
+    ["Subject alternative names", (d.subject_alt_names || []).join(", ")],
+    ["Subject key id", d.subject_key_id], ["Authority key id", d.authority_key_id],
+    ["CRL distribution points", (d.crl_distribution_points || []).join(", ")],
+  ];
+  return h("dl.fields", { id: "decoded" }, rows.flatMap(([k, v]) => [h("dt", { text: k }), h("dd.mono", { text: v || "—" })]));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -383,11 +413,11 @@ async function policies() {
     h("h1", { text: "Policies" }),
     list.items.length
       ? h("table", { id: "policies" },
-        h("thead", {}, h("tr", {}, ["Name", "Default version", "Attached to"].map((x) => h("th", { text: x })))),
+        h("thead", {}, h("tr", {}, ["Name", "Default version", "Attachments"].map((x) => h("th", { text: x })))),
         h("tbody", {}, list.items.map((p) => h("tr", {},
           h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })),
           h("td", { text: p.default_version }),
-          h("td", { text: (p.targets || []).map((t) => `${t.target_type}:${t.target}`).join(", ") || "—" })))))
+          h("td", { text: p.attachments })))))
       : h("p.muted", { text: "No policies yet." }),
     h("h2", { text: "New policy" }),
     create);

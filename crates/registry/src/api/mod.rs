@@ -868,8 +868,46 @@ async fn list_certificates(
     Ok(Json(json!({"items": items, "next": next})))
 }
 
+/// A certificate's record, with its decoded fields (as `pki inspect`), the registered CA it
+/// chains to, and the policies that apply to it (attached to it, its things or its CA).
 async fn describe_certificate(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
-    Ok(to_json(&api.store.certificate(&cert_id(&id)?).await?))
+    let record = api.store.certificate(&cert_id(&id)?).await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    if let Some(cert) = Certificate::all_from_pem_or_der(record.pem.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next())
+    {
+        body["decoded"] = serde_json::to_value(cert.info()).unwrap_or(Value::Null);
+    }
+    let mut chain = Vec::new();
+    if let Some(ca_id) = &record.ca_id
+        && let Ok(ca) = api.store.ca(ca_id).await
+    {
+        chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
+    }
+    body["ca_chain"] = json!(chain);
+    let mut targets = vec![crate::PolicyTarget {
+        target_type: crate::TargetType::Certificate,
+        target: record.id.to_string(),
+    }];
+    targets.extend(record.things.iter().map(|t| crate::PolicyTarget {
+        target_type: crate::TargetType::Thing,
+        target: t.clone(),
+    }));
+    if let Some(ca) = &record.ca_id {
+        targets.push(crate::PolicyTarget {
+            target_type: crate::TargetType::Ca,
+            target: ca.to_string(),
+        });
+    }
+    let mut policies = Vec::new();
+    for t in &targets {
+        for name in api.store.policies_of(t).await? {
+            policies.push(json!({"name": name, "attached_to": format!("{} {}", t.target_type.as_str(), t.target)}));
+        }
+    }
+    body["policies"] = json!(policies);
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

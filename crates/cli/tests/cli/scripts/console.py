@@ -96,6 +96,8 @@ with sync_playwright() as p:
 
     page.click("#certificates >> text=CN=kiosk-7")
     expect(page.locator("h1")).to_have_text("CN=kiosk-7")
+    expect(page.locator("#decoded")).to_contain_text("clientAuth")
+    expect(page.locator("#chain")).to_contain_text("CN=kiosk-7")
     page.click("#revoke")
     expect(page.locator("dl.fields .status-REVOKED")).to_be_visible()
     check([t for t, _ in dialogs] == ["confirm"] and "permanent" in dialogs[0][1],
@@ -117,6 +119,15 @@ with sync_playwright() as p:
         return [a.status, b.status, list.items.filter(c => c.subject === 'CN=forged').length];
     }""")
     check(forged == [403, 403, 0], "missing and forged CSRF tokens are refused and nothing is made: %r" % forged)
+    # A huge upload is refused with a clear message, and nothing is stored.
+    huge = page.evaluate("""async () => {
+        const pem = '-----BEGIN CERTIFICATE-----\\n' + 'A'.repeat(11 * 1024 * 1024) + '\\n-----END CERTIFICATE-----\\n';
+        const r = await fetch('/v1/truststores', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': state.csrf},
+            body: JSON.stringify({name: 'huge', bundle_pem: pem})});
+        const list = await (await fetch('/v1/truststores')).json();
+        return [r.status, (await r.json()).code, list.items.filter(t => t.name === 'huge').length];
+    }""")
+    check(huge[0] == 413 and huge[2] == 0, "an 11 MiB upload is refused (413 %s) and nothing is stored: %r" % (huge[1], huge))
 
     # Device enrollment: a .p12 (modern and legacy) and a .mobileconfig, usable by the tools
     # that import them.
