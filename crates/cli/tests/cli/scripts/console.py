@@ -122,12 +122,18 @@ with sync_playwright() as p:
     # A huge upload is refused with a clear message, and nothing is stored.
     huge = page.evaluate("""async () => {
         const pem = '-----BEGIN CERTIFICATE-----\\n' + 'A'.repeat(11 * 1024 * 1024) + '\\n-----END CERTIFICATE-----\\n';
-        const r = await fetch('/v1/truststores', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': state.csrf},
-            body: JSON.stringify({name: 'huge', bundle_pem: pem})});
+        // The server answers 413 before the whole body is sent; a browser may then report the
+        // request as failed instead of showing the answer. Either way nothing may be stored.
+        let status = 0, code = 'network-error';
+        try {
+            const r = await fetch('/v1/truststores', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': state.csrf},
+                body: JSON.stringify({name: 'huge', bundle_pem: pem})});
+            status = r.status; code = (await r.json()).code;
+        } catch (e) { /* connection cut while sending */ }
         const list = await (await fetch('/v1/truststores')).json();
-        return [r.status, (await r.json()).code, list.items.filter(t => t.name === 'huge').length];
+        return [status, code, list.items.filter(t => t.name === 'huge').length];
     }""")
-    check(huge[0] == 413 and huge[2] == 0, "an 11 MiB upload is refused (413 %s) and nothing is stored: %r" % (huge[1], huge))
+    check(huge[0] in (413, 0) and huge[2] == 0, "an 11 MiB upload is refused and nothing is stored: %r" % (huge,))
 
     # Device enrollment: a .p12 (modern and legacy) and a .mobileconfig, usable by the tools
     # that import them.
@@ -178,8 +184,13 @@ with sync_playwright() as p:
     expect(page.locator("#thing-certificates")).to_contain_text(kiosk)
     check(True, "a thing is created with attributes and a certificate attached")
 
-    # Truststores: create, add a version, preview its impact.
+    # Truststores: an oversized file is refused by the page with a clear message; then create,
+    # add a version, preview its impact.
     page.click("#nav >> text=Truststores")
+    with open(artifacts + "/big.pem", "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\n" + "A" * (300 * 1024) + "\n-----END CERTIFICATE-----\n")
+    page.set_input_files("form#new-truststore input[type=file]", artifacts + "/big.pem")
+    expect(page.locator("#flash")).to_contain_text("larger than 256 KiB")
     page.fill("input[name=name]", "partners")
     page.fill("textarea[name=bundle_pem]", open("rootb/ca.pem").read())
     page.click("text=Create truststore")
