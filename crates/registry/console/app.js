@@ -163,7 +163,9 @@ async function dashboard() {
       card("Certificates expiring in 7 days", expiring[0], "expiring-7"),
       card("… in 30 days", expiring[1]),
       card("… in 90 days", expiring[2]),
-      card("CAs expiring in 90 days", caSoon(90))),
+      card("CAs expiring in 7 days", caSoon(7), "ca-expiring-7"),
+      card("… in 30 days", caSoon(30)),
+      card("… in 90 days", caSoon(90))),
     h("h2", { text: "Handshake failures by reason" }),
     table("failures", ["reason", "count"], Object.entries(reasons).sort((a, b) => b[1] - a[1])),
     h("h2", { text: "Requests by status" }),
@@ -603,7 +605,19 @@ async function truststore(name, params) {
     ` — ${certs} CA certificates, ${v.crls.length} CRLs, made ${date(v.created_at)}`),
     h("h2", { text: "Warnings" }),
     v.warnings.length ? h("ul", { id: "warnings" }, v.warnings.map((w) => h("li", { text: w }))) : h("p.muted", { id: "warnings", text: "None." }),
-    h("div.actions", {}, h("button.secondary", { type: "button", id: "preview-button", onclick: preview, text: "Preview: who would this version refuse?" })),
+    h("div.actions", {},
+      h("button.secondary", { type: "button", id: "preview-button", onclick: preview, text: "Preview: who would this version refuse?" }),
+      version === latest.version ? null : h("button", {
+        type: "button", id: "activate-version",
+        onclick: async () => {
+          if (!confirm(`Make version ${version}'s CAs and CRLs live again? They are saved as version ${latest.version + 1}, which domains using registry:${name} take within a second.`)) return;
+          try {
+            const r = await api("POST", `/v1/truststores/${encodeURIComponent(name)}/versions`, { bundle_pem: v.bundle, crls_pem: v.crls });
+            location.hash = `#/truststores/${encodeURIComponent(name)}?version=${r.version}`;
+          } catch (x) { flash(x.message, true); }
+        },
+        text: `Activate version ${version} again`,
+      })),
     previewOut,
     h("h2", { text: "Add a version" }), add);
 }
