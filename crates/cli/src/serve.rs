@@ -168,6 +168,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 
     ready.store(true, Ordering::SeqCst);
     println!("portcullis admin API on https://{admin_local}");
+    println!(
+        "portcullis console on https://{admin_local}/ui (sign in with a token from `portcullis admin token create --name NAME`, or the admin certificate)"
+    );
     let addrs: Vec<String> = gateway
         .local_addrs()
         .iter()

@@ -627,10 +627,43 @@ async function truststore(name, params) {
 
 async function domains() {
   const list = await api("GET", "/v1/domains");
+  const host = h("input", { name: "hostname", required: true, placeholder: "api.example.com" });
+  const spec = h("textarea", { name: "spec", rows: 12, cols: 80, spellcheck: "false" });
+  spec.value = JSON.stringify({ certificate: "auto", mtls: { mode: "required", truststore: "registry:partners" },
+    mapping: [{ base_path: "", upstream: "http://127.0.0.1:8080" }] }, null, 2);
+  const err = h("p.error", { id: "domain-error" });
+  const editing = { version: 0 };
+  const save = h("form", {
+    id: "edit-domain",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      let parsed;
+      try { parsed = JSON.parse(spec.value); } catch (x) { err.textContent = "Not JSON: " + x.message; return; }
+      try {
+        await api("PUT", "/v1/domains/" + encodeURIComponent(host.value.trim()), { spec: parsed, expected_version: editing.version });
+        flash("Domain saved: " + host.value + " (live within a second)");
+        route();
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("label", {}, "Hostname", host), h("label", {}, "The [[domain]] table, as JSON (checked by the gateway before it is stored)", spec), err,
+  h("button", { type: "submit", text: "Save domain" }));
+  const editDomain = (d) => {
+    host.value = d.hostname;
+    const s = { ...d.spec };
+    delete s.hostname;
+    spec.value = JSON.stringify(s, null, 2);
+    editing.version = d.version;
+    save.scrollIntoView();
+  };
+  const remove = async (d) => {
+    if (!confirm(`Delete ${d.hostname}? Its connections are refused from then on.`)) return;
+    try { await api("DELETE", "/v1/domains/" + encodeURIComponent(d.hostname)); flash("Deleted " + d.hostname); route(); } catch (x) { flash(x.message, true); }
+  };
   show(
     h("h1", { text: "Domains" }),
-    h("p.muted", { text: "Change them with portcullis domain put --file D.toml (checked by the gateway before it is stored) or PUT /v1/domains/{hostname}." }),
-    tableOf("domains", ["Hostname", "Certificate", "mTLS", "Truststore", "Mappings"], list.items.map((d) => {
+    h("p.muted", { text: "Also: portcullis domain put --file D.toml, or PUT /v1/domains/{hostname}." }),
+    tableOf("domains", ["Hostname", "Certificate", "mTLS", "Truststore", "Mappings", ""], list.items.map((d) => {
       const s = d.spec || {};
       const m = s.mtls || {};
       return h("tr", {},
@@ -638,8 +671,11 @@ async function domains() {
         h("td", { text: s.certificate || "" }),
         h("td", { text: `${m.mode || "off"}${m.on_failure ? ", on failure " + m.on_failure : ""}` }),
         h("td", { text: m.truststore || "—" }),
-        h("td", {}, h("ul", {}, (s.mapping || []).map((x) => h("li", { text: `${x.base_path || "/"} → ${x.upstream}` })))));
-    }), "No domains."));
+        h("td", {}, h("ul", {}, (s.mapping || []).map((x) => h("li", { text: `${x.base_path || "/"} → ${x.upstream}` })))),
+        h("td", {}, h("button.secondary", { type: "button", onclick: () => editDomain(d), text: "Edit" }), " ",
+          h("button.danger", { type: "button", onclick: () => remove(d), text: "Delete" })));
+    }), "No domains."),
+    h("h2", { text: "Add or change a domain" }), save);
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -208,6 +208,16 @@ with sync_playwright() as p:
     check(True, "truststore versions and the impact preview")
     page.click("#nav >> text=Domains")
     expect(page.locator("#domains")).to_contain_text("a.test")
+    # Add a domain from the browser: a mistake is caught by the gateway's check, then it works.
+    page.fill("input[name=hostname]", "b.test")
+    page.fill("textarea[name=spec]", '{"certificate": "auto", "mtls": {"mode": "sometimes"}, "mapping": [{"upstream": "builtin:echo"}]}')
+    page.click("text=Save domain")
+    expect(page.locator("#domain-error")).to_contain_text("sometimes")
+    page.fill("textarea[name=spec]", '{"certificate": "auto", "mtls": {"mode": "required", "truststore": "registry:partners"}, "mapping": [{"base_path": "/api", "upstream": "builtin:echo"}]}')
+    page.click("text=Save domain")
+    expect(page.locator("#domains")).to_contain_text("b.test")
+    expect(page.locator("#domains tr", has_text="b.test")).to_contain_text("/api")
+    check(True, "a domain is added from the browser after a refused mistake")
     page.click("#nav >> text=Webhooks")
     expect(page.locator("main")).to_contain_text("No webhooks")
 
