@@ -239,3 +239,60 @@ mod tests {
         assert!(decode(b"hello").unwrap().is_empty());
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+    use crate::issue::{IssueRequest, Profile, SubjectName, issue};
+    use crate::{Certificate, KeyType, PrivateKey, Truststore};
+    use proptest::prelude::*;
+
+    fn sample_der() -> Vec<u8> {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let req = IssueRequest::new(Profile::RootCa, SubjectName::cn("Fuzz Root"));
+        issue(&req, &key, None).unwrap().der().to_vec()
+    }
+
+    /// Every parser that reads untrusted certificate input, on the same bytes.
+    fn parse_everything(input: &[u8]) {
+        let _ = decode(input);
+        let _ = crate::cert::inspect(input);
+        let _ = Certificate::all_from_pem_or_der(input);
+        let _ = Truststore::from_pem(input);
+        if let Ok(c) = Certificate::from_der(input.to_vec()) {
+            let _ = c.info().to_string();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..800)) {
+            parse_everything(&bytes);
+            // The same bytes as the body of a PEM block.
+            parse_everything(encode("CERTIFICATE", &bytes).as_bytes());
+        }
+
+        #[test]
+        fn mutated_certificates_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut der = sample_der();
+            for (at, byte) in edits {
+                let i = at.index(der.len());
+                der[i] = byte;
+            }
+            parse_everything(&der);
+            parse_everything(encode("CERTIFICATE", &der).as_bytes());
+        }
+
+        #[test]
+        fn pem_blocks_round_trip(der in prop::collection::vec(any::<u8>(), 1..600)) {
+            let text = encode("CERTIFICATE", &der);
+            let blocks = decode(text.as_bytes()).unwrap();
+            prop_assert_eq!(blocks.len(), 1);
+            prop_assert_eq!(&blocks[0].der, &der);
+        }
+    }
+}

@@ -1209,3 +1209,53 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(
+                &[
+                    "a",
+                    "*",
+                    "?",
+                    "/",
+                    "$",
+                    "{",
+                    "}",
+                    ":",
+                    "cert",
+                    "${cert:Subject.CN}",
+                    "\\",
+                    "\"",
+                    " ",
+                    "é",
+                ][..],
+            ),
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_documents_never_panic(doc in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Policy::parse(&String::from_utf8_lossy(&doc));
+        }
+
+        #[test]
+        fn near_valid_documents_never_panic(
+            effect in prop::sample::select(&["Allow", "Deny", "allow", ""][..]),
+            action in text(),
+            resource in text(),
+        ) {
+            let doc = serde_json::json!({"Statement": [{"Effect": effect, "Action": action, "Resource": resource}]});
+            let _ = Policy::parse(&doc.to_string());
+        }
+    }
+}

@@ -209,3 +209,82 @@ impl Kind {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    /// Reads every packet `bytes` holds, as a connection would, until it needs more or errs.
+    fn drain(bytes: &[u8], protocol: Option<Protocol>) {
+        let mut buf = BytesMut::from(bytes);
+        loop {
+            let before = buf.len();
+            match read_packet(&mut buf, protocol, 4096) {
+                Ok(Some(_)) => assert!(buf.len() < before, "a packet consumed no bytes"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    fn publish() -> impl Strategy<Value = Publish> {
+        (
+            prop::collection::vec(prop::sample::select(&b"abcxyz019/-_"[..]), 1..40),
+            prop::collection::vec(any::<u8>(), 0..300),
+            any::<bool>(),
+            any::<bool>(),
+            1u16..,
+        )
+            .prop_map(|(topic, payload, qos1, retain, id)| Publish {
+                dup: false,
+                qos: if qos1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                },
+                retain,
+                topic: String::from_utf8(topic).unwrap_or_default(),
+                packet_id: qos1.then_some(id),
+                payload: Bytes::from(payload),
+                properties: PublishProperties::default(),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_always_progress(
+            bytes in prop::collection::vec(any::<u8>(), 0..600),
+        ) {
+            drain(&bytes, None);
+            drain(&bytes, Some(Protocol::V311));
+            drain(&bytes, Some(Protocol::V5));
+        }
+
+        #[test]
+        fn publish_packets_round_trip_in_both_versions(p in publish()) {
+            for protocol in [Protocol::V311, Protocol::V5] {
+                let mut out = BytesMut::new();
+                write_packet(&Packet::Publish(p.clone()), protocol, &mut out).unwrap();
+                let len = out.len();
+                // Split anywhere: the first part is not a packet, the whole is exactly one.
+                let mut first = BytesMut::from(&out[..len / 2]);
+                prop_assert!(read_packet(&mut first, Some(protocol), 1 << 20).unwrap().is_none());
+                let got = read_packet(&mut out, Some(protocol), 1 << 20).unwrap();
+                prop_assert_eq!(got, Some(Packet::Publish(p.clone())));
+                prop_assert!(out.is_empty());
+            }
+        }
+
+        #[test]
+        fn mutated_packets_never_panic(p in publish(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut out = BytesMut::new();
+            write_packet(&Packet::Publish(p), Protocol::V5, &mut out).unwrap();
+            let i = at.index(out.len());
+            out[i] = byte;
+            drain(&out, Some(Protocol::V5));
+        }
+    }
+}
