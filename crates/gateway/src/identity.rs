@@ -286,3 +286,69 @@ mod tests {
         assert_eq!(url_encode("a b/+=\n"), "a%20b%2F%2B%3D%0A");
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header_name() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(
+                &[
+                    "",
+                    "x-",
+                    "X-",
+                    "client-",
+                    "Client-",
+                    "x-client-cert",
+                    "X-Client-Cert",
+                    "x-forwarded-client-cert",
+                    "CLIENT-CERT",
+                ][..],
+            ),
+            prop::collection::vec(prop::sample::select(&b"abcertACERT-_019"[..]), 0..12),
+        )
+            .prop_map(|(prefix, rest)| {
+                format!("{prefix}{}", String::from_utf8(rest).unwrap_or_default())
+            })
+            .prop_filter("a header name", |n| {
+                HeaderName::from_bytes(n.as_bytes()).is_ok()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a certificate field holds, the header value sent upstream carries no line
+        /// break or NUL (no header injection), on both paths (the fast path copies these bytes).
+        #[test]
+        fn identity_values_never_carry_line_breaks(value in "\\PC*|[\\x00-\\x7f]{0,40}") {
+            let mut h = HeaderMap::new();
+            let name = HeaderName::from_static("x-client-cert-subject");
+            set(&mut h, &name, &value);
+            if let Some(v) = h.get(&name) {
+                prop_assert!(!v.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)));
+            }
+        }
+
+        /// The fast path's check and the hyper path's strip agree on every header name.
+        #[test]
+        fn both_paths_strip_the_same_names(name in header_name()) {
+            let mut ids = IdentityHeaders::default();
+            ids.rename("subject", "X-SSL-Subject").unwrap();
+            let parsed = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(parsed.clone(), HeaderValue::from_static("spoofed"));
+            ids.strip(&mut h);
+            prop_assert_eq!(ids.is_identity_name(&name), h.is_empty(), "{}", name);
+        }
+
+        #[test]
+        fn binary_values_round_trip(der in prop::collection::vec(any::<u8>(), 0..300)) {
+            let v = sf_binary(&der);
+            prop_assert!(v.starts_with(':') && v.ends_with(':'));
+            prop_assert_eq!(STANDARD.decode(&v[1..v.len() - 1]).unwrap(), der);
+        }
+    }
+}
