@@ -27,7 +27,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Mapping;
-use crate::listen::{AccessLog, ConnectionContext, admit};
+use crate::listen::{AccessLog, ConnectionContext, admit, normalize_host};
+use crate::proxy::HOP_BY_HOP;
 use crate::respond::error_parts;
 
 /// Header lines per message at most (hyper's default too); more goes to the hyper path.
@@ -754,14 +755,8 @@ fn parse_answer(
     for h in resp.headers.iter() {
         let name = h.name;
         let is = |s: &str| name.eq_ignore_ascii_case(s);
-        let hop = is("connection")
-            || is("keep-alive")
-            || is("proxy-connection")
-            || is("te")
-            || is("trailer")
-            || is("upgrade")
-            || is("proxy-authorization")
-            || (is("transfer-encoding") && !relay_chunked)
+        // Transfer-Encoding stays when the chunked bytes are relayed as they are.
+        let hop = (HOP_BY_HOP.iter().any(|n| is(n)) && !(relay_chunked && is("transfer-encoding")))
             || (is("content-length") && relay_chunked)
             || named
                 .iter()
@@ -1056,7 +1051,8 @@ fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
-/// The host of a Host header value: lower-case, port removed, only hostname or IP characters.
+/// The host of a Host header value with only hostname or IP characters (anything else is the
+/// hyper path's to judge): lower-case, port removed.
 fn host_of(value: &[u8]) -> Option<String> {
     let value = value.trim_ascii();
     if value.is_empty()
@@ -1066,16 +1062,7 @@ fn host_of(value: &[u8]) -> Option<String> {
     {
         return None;
     }
-    let text = std::str::from_utf8(value).ok()?;
-    let host = match text.rsplit_once(':') {
-        Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => text,
-    };
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase(),
-    )
+    Some(normalize_host(std::str::from_utf8(value).ok()?))
 }
 
 #[cfg(test)]

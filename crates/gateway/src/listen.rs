@@ -1021,23 +1021,25 @@ impl Drop for LoggedBody {
 
 /// The Host of a request: HTTP/2's :authority or the Host header, lower-case, without port.
 fn request_host(req: &Request<Incoming>) -> String {
-    let raw = req
-        .uri()
+    req.uri()
         .authority()
-        .map(|a| a.host().to_string())
+        .map(|a| a.host())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| match h.rsplit_once(':') {
-                    Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
-                        host.to_string()
-                    }
-                    _ => h.to_string(),
-                })
         })
-        .unwrap_or_default();
-    raw.trim_start_matches('[')
+        .map(normalize_host)
+        .unwrap_or_default()
+}
+
+/// A host as routing compares it: lower-case, without port or IPv6 brackets.
+pub(crate) fn normalize_host(text: &str) -> String {
+    let host = match text.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => text,
+    };
+    host.trim_start_matches('[')
         .trim_end_matches(']')
         .to_ascii_lowercase()
 }

@@ -249,13 +249,17 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`), never forwarded;
+/// both HTTP paths use this list.
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// RFC 9110 7.6.1: hop-by-hop headers, and every header the Connection header names.
@@ -267,11 +271,12 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
 }
 
 fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {

@@ -148,10 +148,8 @@ async function dashboard() {
   for (const s of m.filter((s) => s.name === "portcullis_requests_total")) {
     statuses[s.labels.status] = (statuses[s.labels.status] || 0) + s.value;
   }
-  const table = (id, head, rows) => rows.length
-    ? h("table", { id }, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))),
-      h("tbody", {}, rows.map((r) => h("tr", {}, r.map((x) => h("td", { text: x }))))))
-    : h("p.muted", { text: "None yet." });
+  const table = (id, head, rows) =>
+    tableOf(id, head, rows.map((r) => h("tr", {}, r.map((x) => h("td", { text: x })))), "None yet.");
   show(
     h("h1", { text: "Dashboard" }),
     h("div.cards", {},
@@ -223,11 +221,7 @@ async function certificates(params) {
   show(
     h("h1", { text: "Certificates" }),
     filters,
-    list.items.length
-      ? h("table", { id: "certificates" },
-        h("thead", {}, h("tr", {}, ["Subject", "Status", "Expires", "Things", "Last seen"].map((x) => h("th", { text: x })))),
-        h("tbody", {}, rows))
-      : h("p.muted", { text: "No certificates match." }),
+    tableOf("certificates", ["Subject", "Status", "Expires", "Things", "Last seen"], rows, "No certificates match."),
     h("h2", { text: "Issue a client certificate with the local CA" }),
     issue, issued);
 }
@@ -370,11 +364,7 @@ async function cas() {
   h("button", { type: "submit", text: "Register CA" }));
   show(
     h("h1", { text: "Certificate authorities" }),
-    list.items.length
-      ? h("table", { id: "cas" },
-        h("thead", {}, h("tr", {}, ["Subject", "Status", "Proof of possession", "Auto-registration", "Expires", ""].map((x) => h("th", { text: x })))),
-        h("tbody", {}, rows))
-      : h("p.muted", { text: "No CAs registered yet." }),
+    tableOf("cas", ["Subject", "Status", "Proof of possession", "Auto-registration", "Expires", ""], rows, "No CAs registered yet."),
     h("h2", { text: "Register a CA" }),
     form);
 }
@@ -413,14 +403,10 @@ async function policies() {
   }, h("label", {}, "Name", name), h("label", {}, "Document", doc), err, h("button", { type: "submit", text: "Create policy" }));
   show(
     h("h1", { text: "Policies" }),
-    list.items.length
-      ? h("table", { id: "policies" },
-        h("thead", {}, h("tr", {}, ["Name", "Default version", "Attachments"].map((x) => h("th", { text: x })))),
-        h("tbody", {}, list.items.map((p) => h("tr", {},
-          h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })),
-          h("td", { text: p.default_version }),
-          h("td", { text: p.attachments })))))
-      : h("p.muted", { text: "No policies yet." }),
+    tableOf("policies", ["Name", "Default version", "Attachments"], list.items.map((p) => h("tr", {},
+      h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })),
+      h("td", { text: p.default_version }),
+      h("td", { text: p.attachments }))), "No policies yet."),
     h("h2", { text: "New policy" }),
     create);
 }
@@ -740,19 +726,15 @@ async function sessions() {
   };
   show(
     h("h1", { text: "MQTT sessions" }),
-    list.items.length
-      ? h("table", { id: "sessions" },
-        h("thead", {}, h("tr", {}, ["Client id", "State", "Identity", "Subscriptions", "Queued", "For", ""].map((x) => h("th", { text: x })))),
-        h("tbody", {}, list.items.map((s) => h("tr", {},
-          h("td.mono", { text: s.client_id }),
-          h("td", { text: s.online ? "online" : "offline (kept)" }),
-          h("td", { text: s.identity }),
-          h("td.mono", { text: s.subscriptions.join(" ") }),
-          h("td", { text: s.queued }),
-          h("td", { text: s.seconds + " s" }),
-          h("td", {}, h("button.danger", { type: "button", onclick: () => close(s, false), text: "Disconnect" }),
-            " ", h("button.secondary", { type: "button", onclick: () => close(s, true), text: "Forget" }))))))
-      : h("p.muted", { text: "No MQTT sessions." }));
+    tableOf("sessions", ["Client id", "State", "Identity", "Subscriptions", "Queued", "For", ""], list.items.map((s) => h("tr", {},
+      h("td.mono", { text: s.client_id }),
+      h("td", { text: s.online ? "online" : "offline (kept)" }),
+      h("td", { text: s.identity }),
+      h("td.mono", { text: s.subscriptions.join(" ") }),
+      h("td", { text: s.queued }),
+      h("td", { text: s.seconds + " s" }),
+      h("td", {}, h("button.danger", { type: "button", onclick: () => close(s, false), text: "Disconnect" }),
+        " ", h("button.secondary", { type: "button", onclick: () => close(s, true), text: "Forget" })))), "No MQTT sessions."));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -857,14 +839,12 @@ async function audit(params) {
   const log = await api("GET", "/v1/audit?" + q.toString());
   show(
     h("h1", { text: "Audit log" }),
-    h("table", { id: "audit" },
-      h("thead", {}, h("tr", {}, ["When", "Who", "Action", "Target", "Change"].map((x) => h("th", { text: x })))),
-      h("tbody", {}, log.items.map((e) => h("tr", {},
-        h("td", { text: date(e.at) }),
-        h("td", { text: e.actor }),
-        h("td", { text: e.action }),
-        h("td.mono", { text: e.target }),
-        h("td.mono", { text: describeChange(e) }))))));
+    tableOf("audit", ["When", "Who", "Action", "Target", "Change"], log.items.map((e) => h("tr", {},
+      h("td", { text: date(e.at) }),
+      h("td", { text: e.actor }),
+      h("td", { text: e.action }),
+      h("td.mono", { text: e.target }),
+      h("td.mono", { text: describeChange(e) }))), "No changes recorded yet."));
 }
 
 function describeChange(e) {

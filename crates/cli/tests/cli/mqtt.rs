@@ -33,6 +33,18 @@ fn config() -> String {
         .to_string()
 }
 
+/// Stores POLICY as "devices", attaches it to the domain, and waits until the gateway has it.
+fn allow_devices(d: &Path, s: &Server) {
+    std::fs::write(d.join("devices.json"), POLICY).unwrap();
+    cli(
+        d,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, s);
+}
+
 /// The mosquitto client options for device `who` on the MQTT port.
 fn tls_args(s: &Server, who: &str) -> Vec<String> {
     [
@@ -109,14 +121,7 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
         &["-i", "dev-1", "-t", "devices/dev-1/t", "-m", "x"],
     );
     assert_ne!(refused.code, 0, "{}", refused.stderr);
-    std::fs::write(d.join("devices.json"), POLICY).unwrap();
-    cli(
-        d,
-        &["policy", "create", "devices", "--document", "devices.json"],
-    )
-    .ok();
-    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
-    wait_for_snapshot(d, &s);
+    allow_devices(d, &s);
 
     // A subscriber receives what another device publishes on its own topic.
     let sub = subscribe(
@@ -588,14 +593,7 @@ fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
         "https_publish = true\nconnect_timeout_secs = 1\nmax_packet_size = 1024\n",
     );
     let s = Server::start(d, &config);
-    std::fs::write(d.join("devices.json"), POLICY).unwrap();
-    cli(
-        d,
-        &["policy", "create", "devices", "--document", "devices.json"],
-    )
-    .ok();
-    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
-    wait_for_snapshot(d, &s);
+    allow_devices(d, &s);
     // A well-behaved subscriber is connected throughout.
     let mut steady = subscribe(
         d,
@@ -807,14 +805,7 @@ fn mqtt5_sessions_expiry_reason_codes_and_aliases_with_paho() {
         leaf(d, "client", dev, "int", &["--org", "Acme"]);
     }
     let s = Server::start(d, &config());
-    std::fs::write(d.join("devices.json"), POLICY).unwrap();
-    cli(
-        d,
-        &["policy", "create", "devices", "--document", "devices.json"],
-    )
-    .ok();
-    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
-    wait_for_snapshot(d, &s);
+    allow_devices(d, &s);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt5.py");
     let r = run(
@@ -871,14 +862,7 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
         ],
     )
     .ok();
-    std::fs::write(d.join("devices.json"), POLICY).unwrap();
-    cli(
-        d,
-        &["policy", "create", "devices", "--document", "devices.json"],
-    )
-    .ok();
-    cli(d, &["policy", "attach", "devices", "--domain", "localhost"]).ok();
-    wait_for_snapshot(d, &s);
+    allow_devices(d, &s);
     let port = s.port.to_string();
     let mosquitto_as = |client_id: &str, alpn: Option<&str>| {
         let mut args = vec![

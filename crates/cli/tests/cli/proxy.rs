@@ -2,22 +2,9 @@
 //! hang-ups, hop-by-hop headers) and a raw TLS client (spoofed headers, pipelining, bodies
 //! small and large, connection close, garbage).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
 use portcullis_testkit::{require_tool, run, temp_dir};
 
-use crate::serve::{Server, pki};
-
-/// A child process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::serve::{Server, pki, python_server};
 
 #[test]
 fn the_http1_path_relays_every_framing_pools_upstreams_and_hands_over_the_rest() {
@@ -28,17 +15,8 @@ fn the_http1_path_relays_every_framing_pools_upstreams_and_hands_over_the_rest()
     let d = tmp.path();
     pki(d);
     let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts");
-    let mut upstream = Command::new(&python)
-        .arg(scripts.join("raw_upstream.py"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    BufReader::new(upstream.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let _upstream = Killed(upstream);
-    let port: u16 = port.trim().parse().expect("the upstream prints its port");
+    let upstream = scripts.join("raw_upstream.py");
+    let (_upstream, port) = python_server(&python, &[upstream.to_str().unwrap()], d);
     let config = format!(
         r#"
 [admin]

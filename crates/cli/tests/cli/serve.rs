@@ -137,6 +137,35 @@ impl Drop for Server {
     }
 }
 
+/// A child process killed (and reaped) on drop.
+pub(crate) struct Killed(pub(crate) Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a Python server script that prints the port it listens on as its first line.
+pub(crate) fn python_server(python: &Path, args: &[&str], dir: &Path) -> (Killed, u16) {
+    let mut child = Command::new(python)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let port = first
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the server script printed {first:?}, not its port"));
+    (Killed(child), port)
+}
+
 /// curl against `host` on the server's port, resolving to 127.0.0.1; returns the run with the
 /// HTTP status as the last line of stdout.
 pub(crate) fn curl(dir: &Path, server: &Server, host: &str, path: &str, extra: &[&str]) -> Run {
@@ -1086,18 +1115,7 @@ print(srv.server_address[1], flush=True)
 srv.serve_forever()
 "#;
     std::fs::write(d.join("upstream.py"), upstream).unwrap();
-    let mut py = Command::new(python)
-        .arg("upstream.py")
-        .current_dir(d)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(py.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let port: u16 = first.trim().parse().unwrap();
+    let (py, port) = python_server(&python, &["upstream.py"], d);
     let config = format!(
         r#"
 [admin]
@@ -1134,8 +1152,7 @@ upstream_ca = "trust-a.pem"
         &with_client(&alice),
     ));
     let (anon_status, _) = answer(&curl(d, &s, "a.test", "/anonymous/x", &with_client(&alice)));
-    let _ = py.kill();
-    let _ = py.wait();
+    drop(py);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["peer_cn"], "gw");
     assert_eq!(body["path"], "/base/x?y=1");

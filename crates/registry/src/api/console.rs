@@ -22,7 +22,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Api, ApiError, PeerCertificate};
+use super::{Api, ApiError, Body, PeerCertificate};
 
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "portcullis_console";
@@ -206,17 +206,14 @@ pub(crate) struct Login {
 }
 
 /// `POST /ui/login {"token": …}`: a session for a valid API token.
-pub(crate) async fn login(State(api): State<Api>, req: Request) -> Response {
-    if let Some(e) = cross_site(req.method(), req.headers()) {
+pub(crate) async fn login(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Body(Login { token }): Body<Login>,
+) -> Response {
+    if let Some(e) = cross_site(&Method::POST, &headers) {
         return e.into_response();
     }
-    let body = match axum::body::to_bytes(req.into_body(), 16 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return ApiError::invalid("the login request is too large").into_response(),
-    };
-    let Ok(Login { token }) = serde_json::from_slice::<Login>(&body) else {
-        return ApiError::invalid("send {\"token\": \"pct_…\"}").into_response();
-    };
     let record = match api.store.token_by_secret(token.trim()).await {
         Ok(Some(t)) => t,
         Ok(None) => {

@@ -72,7 +72,7 @@ pub(crate) async fn enroll(
         StatusCode::CREATED,
         Json(json!({
             "certificate": record,
-            "issuer_cn": issuer.chain().first().and_then(|c| c.subject_attribute("CN")),
+            "issuer_cn": chain.first().and_then(|c| c.subject_attribute("CN")),
             "files": {
                 "p12": {"name": format!("{file}.p12"), "base64": STANDARD.encode(&modern)},
                 "p12_legacy": {"name": format!("{file}-legacy.p12"), "base64": STANDARD.encode(&legacy)},

@@ -886,20 +886,7 @@ async fn describe_certificate(State(api): State<Api>, Path(id): Path<String>) ->
         chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
     }
     body["ca_chain"] = json!(chain);
-    let mut targets = vec![crate::PolicyTarget {
-        target_type: crate::TargetType::Certificate,
-        target: record.id.to_string(),
-    }];
-    targets.extend(record.things.iter().map(|t| crate::PolicyTarget {
-        target_type: crate::TargetType::Thing,
-        target: t.clone(),
-    }));
-    if let Some(ca) = &record.ca_id {
-        targets.push(crate::PolicyTarget {
-            target_type: crate::TargetType::Ca,
-            target: ca.to_string(),
-        });
-    }
+    let targets = policies::certificate_targets(&record.id, &record.things, record.ca_id.as_ref());
     let mut policies = Vec::new();
     for t in &targets {
         for name in api.store.policies_of(t).await? {

@@ -174,6 +174,29 @@ pub(super) struct Simulate {
     domain: Option<String>,
 }
 
+/// What policies can be attached to for a certificate: the certificate, its things, its CA.
+pub(super) fn certificate_targets(
+    id: &CertId,
+    things: &[String],
+    ca: Option<&CertId>,
+) -> Vec<PolicyTarget> {
+    let mut targets = vec![PolicyTarget {
+        target_type: TargetType::Certificate,
+        target: id.to_string(),
+    }];
+    targets.extend(things.iter().map(|t| PolicyTarget {
+        target_type: TargetType::Thing,
+        target: t.clone(),
+    }));
+    if let Some(ca) = ca {
+        targets.push(PolicyTarget {
+            target_type: TargetType::Ca,
+            target: ca.to_string(),
+        });
+    }
+    targets
+}
+
 /// The domain a `route:<domain>/<path>` resource names.
 fn route_domain(resource: &str) -> Option<String> {
     let rest = resource.strip_prefix("route:")?;
@@ -223,20 +246,8 @@ pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) 
             .map(|n| (n.clone(), "named in the request".to_string()))
             .collect(),
         None => {
-            let mut targets = vec![PolicyTarget {
-                target_type: TargetType::Certificate,
-                target: id.to_string(),
-            }];
-            targets.extend(things.iter().map(|t| PolicyTarget {
-                target_type: TargetType::Thing,
-                target: t.clone(),
-            }));
-            if let Some(ca) = record.as_ref().and_then(|r| r.ca_id.clone()) {
-                targets.push(PolicyTarget {
-                    target_type: TargetType::Ca,
-                    target: ca.to_string(),
-                });
-            }
+            let mut targets =
+                certificate_targets(&id, &things, record.as_ref().and_then(|r| r.ca_id.as_ref()));
             if let Some(domain) = req.domain.clone().or_else(|| route_domain(&req.resource)) {
                 targets.push(PolicyTarget {
                     target_type: TargetType::Domain,
