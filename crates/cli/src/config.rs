@@ -553,8 +553,9 @@ fn file_domain(
     let policy = match d.security_policy.as_str() {
         "TLS_1_2" => SecurityPolicy::Tls12,
         "TLS_1_3" => SecurityPolicy::Tls13,
+        "TLS_1_2_ONLY" => SecurityPolicy::Tls12Only,
         other => bail!(
-            "{}: security_policy '{other}' must be TLS_1_2 or TLS_1_3",
+            "{}: security_policy '{other}' must be TLS_1_2, TLS_1_3 or TLS_1_2_ONLY",
             ctx()
         ),
     };

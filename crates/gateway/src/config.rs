@@ -302,6 +302,9 @@ pub enum SecurityPolicy {
     Tls12,
     /// TLS 1.3 only.
     Tls13,
+    /// TLS 1.2 only (AEAD suites with forward secrecy): for clients whose TLS 1.3 is broken, and
+    /// for measuring TLS 1.2 handshakes against clients that would otherwise pick 1.3.
+    Tls12Only,
 }
 
 /// How a domain authenticates clients.

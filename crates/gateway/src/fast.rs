@@ -257,6 +257,22 @@ where
                     Parsed::Ready(plan) => break plan,
                     Parsed::Partial if buf.len() < limits.max_header_bytes => {}
                     Parsed::Partial | Parsed::Other => return Outcome::Fallback(buf.freeze()),
+                    Parsed::AmbiguousLength => {
+                        tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = "ambiguous-length", "request with both Content-Length and Transfer-Encoding refused");
+                        let (content_type, body) = error_parts(
+                            StatusCode::BAD_REQUEST,
+                            "ambiguous-length",
+                            "the request has both Content-Length and Transfer-Encoding; send only one",
+                            None,
+                        );
+                        let answer = format!(
+                            "HTTP/1.1 400 Bad Request\r\ncontent-type: {content_type}\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = io.write_all(answer.as_bytes()).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                        return Outcome::Closed;
+                    }
                 }
             }
             if buf.capacity() - buf.len() < 2048 {
@@ -268,7 +284,14 @@ where
                     Ok(0) | Err(_) => return Outcome::Closed,
                     Ok(_) => {}
                 },
-                _ = timer.as_mut() => return Outcome::Closed,
+                _ = timer.as_mut() => {
+                    // A partial head that did not finish in time (slow clients); an idle
+                    // keep-alive connection ending is not a limit reached.
+                    if !idle {
+                        crate::listen::limit_reached("request_header_timeout");
+                    }
+                    return Outcome::Closed;
+                }
                 _ = release.as_mut(), if idle && holding => {
                     buf = BytesMut::new();
                     ubuf = BytesMut::new();
@@ -420,6 +443,9 @@ enum Parsed {
     Partial,
     /// Not for this path.
     Other,
+    /// Both Content-Length and Transfer-Encoding: refused with 400 and the connection closed
+    /// (hyper would drop Content-Length silently; a gateway must not guess, RFC 9112 6.1).
+    AmbiguousLength,
 }
 
 /// Parses the request head at the start of `buf` and, when this path serves it, writes the
@@ -453,6 +479,7 @@ fn plan_request(
     let mut body_len: Option<u64> = None;
     let mut client_close = false;
     let mut prior_xff: Option<&[u8]> = None;
+    let (mut te, mut cl, mut other) = (false, false, false);
     fwd.clear();
     for h in req.headers.iter() {
         let name = h.name;
@@ -463,12 +490,14 @@ fn plan_request(
                 host = Some(value);
             }
             Class::ContentLength => {
+                cl = true;
                 if body_len.is_some() {
-                    return Parsed::Other;
+                    other = true;
+                    continue;
                 }
                 match parse_length(value) {
                     Some(n) => body_len = Some(n),
-                    None => return Parsed::Other,
+                    None => other = true,
                 }
                 copy_header(fwd, name, value);
             }
@@ -483,7 +512,10 @@ fn plan_request(
                     }
                 }
             }
-            Class::Refer => return Parsed::Other,
+            Class::Refer => {
+                te |= name.eq_ignore_ascii_case("transfer-encoding");
+                other = true;
+            }
             Class::Drop => {}
             Class::ForwardedFor => {
                 if prior_xff.is_none() {
@@ -496,6 +528,12 @@ fn plan_request(
                 }
             }
         }
+    }
+    if te && cl {
+        return Parsed::AmbiguousLength;
+    }
+    if other {
+        return Parsed::Other;
     }
     let body_len = body_len.unwrap_or(0);
     if hosts != 1 || body_len > MAX_BUFFERED_BODY {

@@ -185,6 +185,22 @@ impl State {
     /// since leave no stale series.
     fn publish_gauges(&self) {
         metrics::gauge!("portcullis_config_generation").set(self.generation as f64);
+        let l = &self.limits;
+        for (name, value) in [
+            ("max_connections", l.max_connections as f64),
+            ("max_handshakes", l.max_handshakes as f64),
+            ("max_header_bytes", l.max_header_bytes as f64),
+            (
+                "handshake_timeout_seconds",
+                l.handshake_timeout.as_secs_f64(),
+            ),
+            (
+                "request_header_timeout_seconds",
+                l.request_header_timeout.as_secs_f64(),
+            ),
+        ] {
+            metrics::gauge!("portcullis_limit", "limit" => name).set(value);
+        }
     }
 
     /// Server certificate and truststore CA expiry, in the Prometheus text format.

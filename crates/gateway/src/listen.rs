@@ -146,6 +146,9 @@ pub(crate) async fn accept_loop(
         // At the connection limit, stop accepting: clients wait in the kernel's backlog. The
         // slot is taken after the accept: a listener waiting for clients must not hold one (with
         // several listeners, each would keep a slot idle).
+        if gates.connections.available_permits() == 0 {
+            limit_reached("max_connections");
+        }
         tokio::select! {
             permit = gates.connections.acquire() => match permit {
                 Ok(p) => drop(p),
@@ -248,6 +251,9 @@ async fn handshake(
     let limits = &state.limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     // The whole handshake, waiting for a slot included, fits in the handshake timeout.
+    if handshakes.available_permits() == 0 {
+        limit_reached("max_handshakes");
+    }
     let Ok(Ok(handshake_permit)) =
         tokio::time::timeout_at(deadline, handshakes.acquire_owned()).await
     else {
@@ -264,6 +270,7 @@ async fn handshake(
             return None;
         }
         Err(_) => {
+            limit_reached("handshake_timeout");
             count_handshake("", "failed", "handshake-timeout");
             tracing::info!(target: "portcullis::connection", peer = %peer, result = "failed", reason = "handshake-timeout", "TLS handshake timed out");
             return None;
@@ -306,6 +313,7 @@ async fn handshake(
             return None;
         }
         Err(_) => {
+            limit_reached("handshake_timeout");
             let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
             log_failed_handshake(peer, &hostname, sni.as_deref(), None, &timeout, started);
             return None;
@@ -559,7 +567,15 @@ async fn connection(
         ($conn:ident) => {
             let mut $conn = Box::pin($conn);
             tokio::select! {
-                _ = $conn.as_mut() => {}
+                done = $conn.as_mut() => {
+                    if let Err(e) = done {
+                        if e.is_timeout() {
+                            limit_reached("request_header_timeout");
+                        } else if e.is_parse_too_large() {
+                            limit_reached("max_header_bytes");
+                        }
+                    }
+                }
                 (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
                 _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
                 _ = shutdown.changed() => {
@@ -615,6 +631,12 @@ fn log_closed(peer: SocketAddr, domain: &str, reason: RejectReason, explanation:
         explanation,
         "connection closed: the registry no longer admits its certificate"
     );
+}
+
+/// A configured limit refused, delayed or cut off a client (`portcullis_limit_reached_total`;
+/// the configured values are `portcullis_limit`).
+pub(crate) fn limit_reached(limit: &'static str) {
+    metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
 }
 
 fn count_handshake(domain: &str, result: &'static str, reason: &str) {
@@ -786,6 +808,34 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req);
+    // Both lengths: one hop would frame the body one way and the next another (request
+    // smuggling); RFC 9112 section 6.1 lets a server reject it, and a gateway must. HTTP/1.1
+    // without exactly one Host: section 3.2 requires 400.
+    let malformed = if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        Some((
+            "ambiguous-length",
+            "the request has both Content-Length and Transfer-Encoding; send only one",
+        ))
+    } else if req.version() == hyper::Version::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        Some((
+            "bad-host",
+            "an HTTP/1.1 request needs exactly one Host header",
+        ))
+    } else {
+        None
+    };
+    if let Some((code, message)) = malformed {
+        tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = code, "{message}");
+        let mut response = error_response(StatusCode::BAD_REQUEST, code, message, None);
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     ctx.state.identity.strip(req.headers_mut());
     let mapping_name = |index: Option<usize>| {
         index

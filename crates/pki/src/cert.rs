@@ -172,6 +172,11 @@ pub struct CertificateInfo {
     pub(crate) not_before_unix: i64,
     #[serde(skip)]
     pub(crate) not_after_unix: i64,
+    /// The issuer and subject names as encoded (DER), for matching issuers to CAs.
+    #[serde(skip)]
+    pub(crate) issuer_der: Vec<u8>,
+    #[serde(skip)]
+    pub(crate) subject_der: Vec<u8>,
 }
 
 /// Basic constraints.
@@ -324,6 +329,8 @@ impl CertificateInfo {
             id: hex(&sha256(der), ""),
             not_before_unix: tbs.validity().not_before.timestamp(),
             not_after_unix: tbs.validity().not_after.timestamp(),
+            issuer_der: tbs.issuer().as_raw().to_vec(),
+            subject_der: tbs.subject().as_raw().to_vec(),
         };
         for ext in tbs.extensions() {
             match ext.parsed_extension() {

@@ -5,7 +5,7 @@
 //! intermediate that chains may use, so the bundle may hold the whole chain for clients that
 //! send only their leaf. Problems are warnings, never errors, unless nothing usable remains.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor};
@@ -25,6 +25,11 @@ pub const MAX_ADVERTISED_NAMES_BYTES: usize = 16 * 1024;
 pub struct Truststore {
     entries: Vec<Entry>,
     store_warnings: Vec<Warning>,
+    /// Usable anchors by subject name (DER): a chain's issuer names pick their candidate
+    /// anchors in constant time, whatever the size of the store.
+    anchors_by_subject: HashMap<Vec<u8>, Vec<usize>>,
+    /// Usable intermediates (indexes into `entries`).
+    intermediate_idx: Vec<usize>,
 }
 
 /// One certificate of a truststore and what lint found about it.
@@ -133,10 +138,50 @@ impl Truststore {
                 ),
             });
         }
+        let mut anchors_by_subject: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
+        let mut intermediate_idx = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.duplicate {
+                continue;
+            }
+            if e.trust_anchor.is_some() {
+                anchors_by_subject
+                    .entry(e.certificate.info().subject_der.clone())
+                    .or_default()
+                    .push(i);
+            } else if !e.anchor {
+                intermediate_idx.push(i);
+            }
+        }
         Truststore {
             entries,
             store_warnings,
+            anchors_by_subject,
+            intermediate_idx,
         }
+    }
+
+    /// The usable anchors that may have issued a certificate named `issuer` (DER name), with
+    /// their webpki form.
+    pub(crate) fn anchors_named(
+        &self,
+        issuer: &[u8],
+    ) -> impl Iterator<Item = (&TrustAnchor<'static>, &Certificate)> {
+        self.anchors_by_subject
+            .get(issuer)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| {
+                let e = &self.entries[i];
+                e.trust_anchor.as_ref().map(|t| (t, &e.certificate))
+            })
+    }
+
+    /// The usable intermediates, without building a new list.
+    pub(crate) fn intermediate_certs(&self) -> impl Iterator<Item = &Certificate> {
+        self.intermediate_idx
+            .iter()
+            .map(|&i| &self.entries[i].certificate)
     }
 
     /// Every certificate with its findings, in file order.

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use serde::Serialize;
 use webpki::{
     EndEntityCert, Error as WebpkiError, ExpirationPolicy, KeyUsage, RevocationCheckDepth,
@@ -232,10 +232,39 @@ pub fn verify(
             format!("'{}' cannot be parsed for verification", info.subject),
         );
     };
-    let anchors = store.trust_anchors();
-    let mut intermediates: Vec<CertificateDer<'static>> =
-        presented.iter().map(|c| c.der().clone()).collect();
-    intermediates.extend(store.intermediate_ders());
+    // Only the anchors whose subject is the issuer of a certificate that can be in the path: webpki
+    // matches anchors to issuers by exact name, so nothing else could be chosen, and a large
+    // truststore costs a hash lookup per handshake instead of a scan and a copy.
+    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediate_certs()).collect();
+    let mut candidates: Vec<(&TrustAnchor<'static>, &Certificate)> = Vec::new();
+    for cert in std::iter::once(leaf).chain(pool.iter().copied()) {
+        for found in store.anchors_named(&cert.info().issuer_der) {
+            if !candidates.iter().any(|(_, c)| std::ptr::eq(*c, found.1)) {
+                candidates.push(found);
+            }
+        }
+    }
+    let anchors: Vec<TrustAnchor<'_>> = candidates
+        .iter()
+        .map(|(t, _)| TrustAnchor {
+            subject: t.subject.as_ref().into(),
+            subject_public_key_info: t.subject_public_key_info.as_ref().into(),
+            name_constraints: t.name_constraints.as_ref().map(|n| n.as_ref().into()),
+        })
+        .collect();
+    let intermediates: Vec<CertificateDer<'_>> = pool
+        .iter()
+        .map(|c| CertificateDer::from(c.der().as_ref()))
+        .collect();
+    let anchor_certificate = |anchor: &TrustAnchor<'_>| -> Option<&Certificate> {
+        candidates
+            .iter()
+            .find(|(t, _)| {
+                t.subject.as_ref() == anchor.subject.as_ref()
+                    && t.subject_public_key_info.as_ref() == anchor.subject_public_key_info.as_ref()
+            })
+            .map(|(_, c)| *c)
+    };
     let crl_refs: Vec<_> = opts.crls.iter().map(Crl::webpki).collect();
     let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
         b.with_depth(RevocationCheckDepth::Chain)
@@ -260,7 +289,7 @@ pub fn verify(
         }
         // webpki treats anchors as bare names and keys; a truststore entry that has expired
         // must stop trusting, as API Gateway's does.
-        if let Some(cert) = store.anchor_certificate(path.anchor()) {
+        if let Some(cert) = anchor_certificate(path.anchor()) {
             let ai = cert.info();
             if ai.not_after_unix() < now {
                 return Err(WebpkiError::CertExpired {
@@ -337,13 +366,12 @@ pub fn verify(
         }
     }
     let mut chain = vec![leaf.clone()];
-    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediates()).collect();
     for der in path.intermediate_certificates().map(|c| c.der()) {
         if let Some(c) = pool.iter().find(|c| c.der().as_ref() == der.as_ref()) {
             chain.push((*c).clone());
         }
     }
-    if let Some(c) = store.anchor_certificate(path.anchor())
+    if let Some(c) = anchor_certificate(path.anchor())
         && c.der() != leaf.der()
     {
         chain.push(c.clone());

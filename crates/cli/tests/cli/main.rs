@@ -2,6 +2,7 @@
 //! check what it makes and serves with the real `openssl`, `curl` and NSS `pk12util`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
 mod browser;
 mod control;
 mod mqtt;
