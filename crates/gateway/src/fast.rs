@@ -42,6 +42,8 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 const POOL_MAX_IDLE: usize = 512;
 /// How long a connection waits for its next request before giving its buffers back.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
+/// The read buffer of a connection with nothing held (new, or idle after [`IDLE_RELEASE`]).
+const SMALL_READ: usize = 512;
 /// Trailer bytes of a chunked response at most.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
@@ -275,7 +277,11 @@ where
                     }
                 }
             }
-            if buf.capacity() - buf.len() < 2048 {
+            if buf.is_empty() && !holding && buf.capacity() < SMALL_READ {
+                // Idle (nothing held): a small buffer waits for the next head and grows once
+                // one arrives, so ten thousand idle connections do not hold 8 KiB each.
+                buf.reserve(SMALL_READ);
+            } else if buf.capacity() - buf.len() < 2048 {
                 buf.reserve(8 * 1024);
             }
             let idle = buf.is_empty();

@@ -524,6 +524,9 @@ fn configuration_files_mutated_at_random_are_refused_in_one_line_never_with_a_pa
         .run(&proptest::collection::vec(edit, 1..4), |edits| {
             let mut text: Vec<u8> = FULL_CONFIG.as_bytes().to_vec();
             for e in edits {
+                if text.is_empty() {
+                    break;
+                }
                 let mut ls: Vec<Vec<u8>> =
                     text.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
                 let n = ls.len();
