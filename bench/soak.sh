@@ -142,7 +142,7 @@ while :; do
   if [ "$now" -ge "$next_policy" ]; then
     if [ "$policy" = allow ]; then policy=deny; want=403; else policy=allow; want=200; fi
     cli policy create-version guarded --document "$policy.json" --set-default >/dev/null 2>&1 \
-      || { cli policy delete-version guarded --version "$(cli policy get guarded --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(min(v["version"] for v in d["versions"] if not v["default"]))')" >/dev/null; \
+      || { cli policy delete-version guarded --version "$(cli policy get guarded --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(min(v["version"] for v in d["versions"] if not v["is_default"]))')" >/dev/null; \
            cli policy create-version guarded --document "$policy.json" --set-default >/dev/null; }
     got=""
     for _ in $(seq 1 50); do got=$(status_of steady /guarded/x); [ "$got" = "$want" ] && break; sleep 0.1; done
