@@ -21,8 +21,8 @@ root="$(pwd)"
 if ! command -v nginx >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light
 fi
-oha_bin="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
-[ -x "$oha_bin" ] || { echo "oha is missing: cargo install oha --locked" >&2; exit 2; }
+. bench/lib.sh
+require_oha
 
 echo "== policy engine (release build) =="
 cargo run --release -q -p portcullis-policy --example evaluate

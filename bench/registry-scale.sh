@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 n="${1:-1000000}"
 secs="${2:-8}"
 root="$(pwd)"
-oha_bin="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
-[ -x "$oha_bin" ] || { echo "oha is missing: cargo install oha --locked" >&2; exit 2; }
+. bench/lib.sh
+require_oha
 cargo build --release -q
 cargo build --release -q -p portcullis --example registry_scale
 pc="$root/target/release/portcullis"

@@ -39,8 +39,8 @@ for b in nginx haproxy caddy; do command -v "$b" >/dev/null 2>&1 || missing+=("$
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-oha_bin="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
-[ -x "$oha_bin" ] || { echo "oha is missing: cargo install oha --locked" >&2; exit 2; }
+. bench/lib.sh
+require_oha
 cargo build --release -q
 cargo build --release -q -p portcullis --example bench_tools --example registry_scale
 pc="$root/target/release/portcullis"
@@ -77,16 +77,7 @@ up_port=18080
 if (exec 3<>/dev/tcp/127.0.0.1/$up_port) 2>/dev/null; then
   echo "port $up_port is in use (a server left from another run?); stop it and run again" >&2; exit 1
 fi
-mkdir -p up
-cat > up/nginx.conf <<CONF
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 8192; }
-http { access_log off;
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } } }
-CONF
+upstream_conf "$work/up" $up_port
 taskset -c 1 nginx -c "$work/up/nginx.conf" -p "$work/up" &
 up_pid=$!
 

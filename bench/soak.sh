@@ -27,8 +27,8 @@ minutes="${1:-30}"
 secs=$((minutes * 60))
 root="$(pwd)"
 command -v nginx >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-oha_bin="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
-[ -x "$oha_bin" ] || { echo "oha is missing: cargo install oha --locked" >&2; exit 2; }
+. bench/lib.sh
+require_oha
 cargo build --release -q
 pc="$root/target/release/portcullis"
 work="$(mktemp -d)"
@@ -46,16 +46,7 @@ cp ca-a/ca.pem trust.pem
 cat ca-a/ca.pem ca-b/ca.pem > trust-ab.pem
 
 up_port=18085
-mkdir -p up
-cat > up/nginx.conf <<CONF
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } } }
-CONF
+upstream_conf "$work/up" $up_port
 nginx -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
 
 cat > gw.toml <<CONF

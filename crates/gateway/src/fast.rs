@@ -261,17 +261,15 @@ where
                     Parsed::Partial | Parsed::Other => return Outcome::Fallback(buf.freeze()),
                     Parsed::AmbiguousLength => {
                         tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = "ambiguous-length", "request with both Content-Length and Transfer-Encoding refused");
-                        let (content_type, body) = error_parts(
+                        error_answer(
+                            &mut out,
                             StatusCode::BAD_REQUEST,
                             "ambiguous-length",
                             "the request has both Content-Length and Transfer-Encoding; send only one",
-                            None,
+                            true,
+                            false,
                         );
-                        let answer = format!(
-                            "HTTP/1.1 400 Bad Request\r\ncontent-type: {content_type}\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = io.write_all(answer.as_bytes()).await;
+                        let _ = io.write_all(&out).await;
                         let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
                         return Outcome::Closed;
                     }
@@ -356,23 +354,7 @@ where
                         )
                     }
                 };
-                let (content_type, body) = error_parts(status, code, message, None);
-                out.clear();
-                out.extend_from_slice(b"HTTP/1.1 ");
-                out.extend_from_slice(status.as_str().as_bytes());
-                out.push(b' ');
-                out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-                out.extend_from_slice(b"\r\ncontent-type: ");
-                out.extend_from_slice(content_type.as_bytes());
-                out.extend_from_slice(b"\r\ncache-control: no-store\r\ncontent-length: ");
-                out.extend_from_slice(body.len().to_string().as_bytes());
-                if closing {
-                    out.extend_from_slice(b"\r\nconnection: close");
-                }
-                out.extend_from_slice(b"\r\n\r\n");
-                if !plan.is_head {
-                    out.extend_from_slice(body.as_bytes());
-                }
+                let body_len = error_answer(&mut out, status, code, message, closing, plan.is_head);
                 domain
                     .request_metrics(mapping_name, status.as_u16())
                     .record(started.elapsed().as_secs_f64());
@@ -383,7 +365,7 @@ where
                     mapping_name,
                     status.as_u16(),
                     (started, Instant::now()),
-                    (body.len() as u64, sent.is_ok()),
+                    (body_len as u64, sent.is_ok()),
                 );
                 if sent.is_err() {
                     return Outcome::Closed;
@@ -450,8 +432,39 @@ enum Parsed {
     /// Not for this path.
     Other,
     /// Both Content-Length and Transfer-Encoding: refused with 400 and the connection closed
-    /// (hyper would drop Content-Length silently; a gateway must not guess, RFC 9112 6.1).
+    /// (RFC 9112 6.1). On a connection already handed to hyper, hyper frames such a request by
+    /// Transfer-Encoding and closes the connection after it, the other course 6.1 allows.
     AmbiguousLength,
+}
+
+/// Writes the gateway's own error answer into `out` (replacing what it held); returns the body
+/// length.
+fn error_answer(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    closing: bool,
+    head_only: bool,
+) -> usize {
+    let (content_type, body) = error_parts(status, code, message, None);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\ncache-control: no-store\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    if closing {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    body.len()
 }
 
 /// Parses the request head at the start of `buf` and, when this path serves it, writes the

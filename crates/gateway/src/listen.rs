@@ -808,27 +808,15 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let host = request_host(&req);
-    // Both lengths: one hop would frame the body one way and the next another (request
-    // smuggling); RFC 9112 section 6.1 lets a server reject it, and a gateway must. HTTP/1.1
-    // without exactly one Host: section 3.2 requires 400.
-    let malformed = if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        Some((
-            "ambiguous-length",
-            "the request has both Content-Length and Transfer-Encoding; send only one",
-        ))
-    } else if req.version() == hyper::Version::HTTP_11
+    // HTTP/1.1 without exactly one Host: RFC 9112 section 3.2 requires 400. (The fast path
+    // hands such requests here.)
+    if req.version() == hyper::Version::HTTP_11
         && req.headers().get_all(header::HOST).iter().count() != 1
     {
-        Some((
+        let (code, message) = (
             "bad-host",
             "an HTTP/1.1 request needs exactly one Host header",
-        ))
-    } else {
-        None
-    };
-    if let Some((code, message)) = malformed {
+        );
         tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = code, "{message}");
         let mut response = error_response(StatusCode::BAD_REQUEST, code, message, None);
         response

@@ -741,7 +741,7 @@ pub fn inspect(input: &[u8]) -> Result<Vec<Inspected>> {
 /// The DER of a certificate's subject name (outer SEQUENCE included), as TLS CertificateRequests
 /// carry CA names.
 pub fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
-    cert.with_parsed(|c| c.subject().as_raw().to_vec()).ok()
+    Some(cert.info().subject_der.clone())
 }
 
 /// Lower-case hex of `bytes` joined by `sep`.

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use rustls_pki_types::{CertificateDer, TrustAnchor};
+use rustls_pki_types::TrustAnchor;
 use serde::Serialize;
 
 use crate::cert::Certificate;
@@ -122,12 +122,7 @@ impl Truststore {
         let names: usize = entries
             .iter()
             .filter(|e| !e.duplicate)
-            .map(|e| {
-                e.certificate
-                    .with_parsed(|c| c.subject().as_raw().len())
-                    .unwrap_or(0)
-                    + 2
-            })
+            .map(|e| e.certificate.info().subject_der.len() + 2)
             .sum();
         let mut store_warnings = Vec::new();
         if names > MAX_ADVERTISED_NAMES_BYTES {
@@ -177,13 +172,6 @@ impl Truststore {
             })
     }
 
-    /// The usable intermediates, without building a new list.
-    pub(crate) fn intermediate_certs(&self) -> impl Iterator<Item = &Certificate> {
-        self.intermediate_idx
-            .iter()
-            .map(|&i| &self.entries[i].certificate)
-    }
-
     /// Every certificate with its findings, in file order.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
@@ -209,37 +197,9 @@ impl Truststore {
 
     /// The intermediates chains may use (certificates that are not self-issued).
     pub fn intermediates(&self) -> Vec<&Certificate> {
-        self.usable()
-            .filter(|e| !e.anchor)
-            .map(|e| &e.certificate)
-            .collect()
-    }
-
-    /// rustls/webpki trust anchors for the anchors.
-    pub fn trust_anchors(&self) -> Vec<TrustAnchor<'static>> {
-        self.usable()
-            .filter_map(|e| e.trust_anchor.clone())
-            .collect()
-    }
-
-    /// The anchor certificate behind a webpki trust anchor.
-    pub fn anchor_certificate(&self, anchor: &TrustAnchor<'_>) -> Option<&Certificate> {
-        self.usable()
-            .find(|e| {
-                e.trust_anchor.as_ref().is_some_and(|t| {
-                    t.subject.as_ref() == anchor.subject.as_ref()
-                        && t.subject_public_key_info.as_ref()
-                            == anchor.subject_public_key_info.as_ref()
-                })
-            })
-            .map(|e| &e.certificate)
-    }
-
-    /// DER of the intermediates.
-    pub fn intermediate_ders(&self) -> Vec<CertificateDer<'static>> {
-        self.intermediates()
-            .into_iter()
-            .map(|c| c.der().clone())
+        self.intermediate_idx
+            .iter()
+            .map(|&i| &self.entries[i].certificate)
             .collect()
     }
 

@@ -235,7 +235,7 @@ pub fn verify(
     // Only the anchors whose subject is the issuer of a certificate that can be in the path: webpki
     // matches anchors to issuers by exact name, so nothing else could be chosen, and a large
     // truststore costs a hash lookup per handshake instead of a scan and a copy.
-    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediate_certs()).collect();
+    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediates()).collect();
     let mut candidates: Vec<(&TrustAnchor<'static>, &Certificate)> = Vec::new();
     for cert in std::iter::once(leaf).chain(pool.iter().copied()) {
         for found in store.anchors_named(&cert.info().issuer_der) {
