@@ -5,7 +5,8 @@
 #
 # Environment: REGISTERED=N certificates for the registered-mode row (default 1000000; 0 skips it),
 # IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
-# only some servers.
+# only some servers, ROWS="tls13 idle tls12 big registered" (the default: all) to run only some
+# groups of rows.
 #
 # Servers: nginx, HAProxy and Caddy (Debian packages), Portcullis, and a bare rustls server
 # (crates/cli/examples/bench_tools.rs: handshake, then a fixed answer, nothing else) as the
@@ -311,16 +312,22 @@ rss_kib() {
   echo $total
 }
 
-echo "== TLS 1.3, one-CA truststore ==" >&2
+want() { [[ " ${ROWS:-tls13 idle tls12 big registered} " == *" $1 "* ]]; }
+
+if want tls13 || want idle; then
 start_all tls13 small
+fi
+if want tls13; then
+echo "== TLS 1.3, one-CA truststore ==" >&2
 measure "handshakes TLS 1.3 ECDSA client" handshake ecdsa "${servers[@]}"
 measure "handshakes TLS 1.3 RSA-2048 client" handshake rsa "${servers[@]}"
 measure "keep-alive HTTP/1.1 requests" h1 ecdsa "${servers[@]}"
 measure "keep-alive HTTP/2 requests" h2 ecdsa nginx haproxy caddy portcullis
 RATE=${RATE:-5000} measure "latency p50 / p99 ms at ${RATE:-5000}/s" rate ecdsa nginx haproxy caddy portcullis bare
+fi
 
-echo "== memory per idle connection ($idle_n) ==" >&2
-for s in "${servers[@]}"; do
+want idle && echo "== memory per idle connection ($idle_n) ==" >&2
+want idle && for s in "${servers[@]}"; do
   [[ " ${SERVERS:-${servers[*]}} " == *" $s "* ]] || continue
   pid=${spid[$s]}
   before=$(rss_kib "$pid")
@@ -340,19 +347,23 @@ for s in "${servers[@]}"; do
 done
 stop_all
 
+if want tls12; then
 echo "== TLS 1.2 ==" >&2
 start_all tls12 small
 measure "handshakes TLS 1.2 ECDSA client" handshake ecdsa "${servers[@]}"
 measure "handshakes TLS 1.2 RSA-2048 client" handshake rsa "${servers[@]}"
 stop_all
+fi
 
+if want big; then
 echo "== TLS 1.3, 10,000-CA truststore, names not advertised ==" >&2
 start_all tls13 big
 # Caddy (Go crypto/tls) always advertises every CA name (~0.6 MB here); measured anyway.
 measure "handshakes TLS 1.3, 10,000-CA truststore" handshake ecdsa "${servers[@]}"
 stop_all
+fi
 
-if [ "$registered" -gt 0 ]; then
+if [ "$registered" -gt 0 ] && want registered; then
   echo "== Portcullis, registered mode with $registered certificates ==" >&2
   "$scale" "$registered" "$work/reg/registry.db" reg >&2
   cat > reg/gw.toml <<CONF

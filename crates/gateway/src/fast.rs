@@ -581,7 +581,7 @@ fn plan_request(
     head.extend_from_slice(pool.authority.as_bytes());
     head.extend_from_slice(b"\r\n");
     head.extend_from_slice(fwd);
-    head.extend_from_slice(&ctx.identity_block);
+    head.extend_from_slice(ctx.identity.lines());
     ctx.forwarding.write_h1(&host, prior_xff, head);
     head.extend_from_slice(b"\r\n");
     let logged = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO)

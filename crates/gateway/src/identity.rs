@@ -151,6 +151,11 @@ impl IdentityHeaders {
         headers
     }
 
+    /// The identity headers for `verdict` as one block, held for the connection's life.
+    pub(crate) fn block(&self, verdict: &ClientVerdict) -> IdentityBlock {
+        IdentityBlock::of(&self.values(verdict))
+    }
+
     /// Adds the identity headers for `verdict` to `headers`.
     pub(crate) fn add(&self, headers: &mut HeaderMap, verdict: &ClientVerdict) {
         if let ClientVerdict::Valid(chain) = verdict
@@ -177,6 +182,55 @@ impl IdentityHeaders {
             }
         }
         set(headers, &self.verify, &verdict.status());
+    }
+}
+
+/// A connection's identity headers, built once after the handshake: the HTTP/1.1 header lines
+/// (which the fast path copies into each request head) and each header's name with the range of
+/// its value inside those lines (from which hyper's requests get values sharing the same bytes).
+/// One allocation for the values instead of a header map and a copy.
+#[derive(Debug, Default)]
+pub(crate) struct IdentityBlock {
+    lines: bytes::Bytes,
+    fields: Box<[(HeaderName, u32, u32)]>,
+}
+
+impl IdentityBlock {
+    fn of(headers: &HeaderMap) -> IdentityBlock {
+        let size: usize = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let mut lines = Vec::with_capacity(size);
+        let mut fields = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            lines.extend_from_slice(name.as_str().as_bytes());
+            lines.extend_from_slice(b": ");
+            let start = lines.len();
+            lines.extend_from_slice(value.as_bytes());
+            fields.push((name.clone(), start as u32, lines.len() as u32));
+            lines.extend_from_slice(b"\r\n");
+        }
+        IdentityBlock {
+            lines: lines.into(),
+            fields: fields.into_boxed_slice(),
+        }
+    }
+
+    /// The headers as HTTP/1.1 lines, each ending in CRLF.
+    pub(crate) fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Sets each identity header in `headers` (replacing any of the same name).
+    pub(crate) fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, start, end) in self.fields.iter() {
+            let value = self.lines.slice(*start as usize..*end as usize);
+            // The values were valid header values when the block was built.
+            if let Ok(value) = HeaderValue::from_maybe_shared(value) {
+                headers.insert(name.clone(), value);
+            }
+        }
     }
 }
 
@@ -262,6 +316,40 @@ mod tests {
         ids.strip(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-other"));
+    }
+
+    #[test]
+    fn block_lines_and_hyper_headers_carry_the_same_values() {
+        use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let root = portcullis_pki::issue::issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn("Block Root")),
+            &key,
+            None,
+        )
+        .unwrap();
+        let mut ids = IdentityHeaders::default();
+        ids.rename("subject", "X-SSL-Subject").unwrap();
+        ids.xfcc = true;
+        let verdict = ClientVerdict::Valid(std::sync::Arc::new(vec![root.clone(), root]));
+        let expected = ids.values(&verdict);
+        let block = ids.block(&verdict);
+        // The HTTP/1.1 lines: every header, in order, each `name: value` CRLF.
+        let mut lines = Vec::new();
+        for (name, value) in &expected {
+            lines.extend_from_slice(format!("{}: ", name).as_bytes());
+            lines.extend_from_slice(value.as_bytes());
+            lines.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(block.lines(), &lines[..]);
+        // The hyper path: the same headers, replacing whatever was there.
+        let mut h = HeaderMap::new();
+        h.insert("x-ssl-subject", HeaderValue::from_static("spoof"));
+        block.insert_into(&mut h);
+        assert_eq!(h, expected);
+        assert!(h.contains_key("x-forwarded-client-cert"));
+        let empty = IdentityBlock::default();
+        assert!(empty.lines().is_empty());
     }
 
     #[test]

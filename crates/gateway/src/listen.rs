@@ -26,6 +26,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::authorize;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
+use crate::identity::IdentityBlock;
 use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
@@ -66,7 +67,33 @@ impl Gates {
 #[derive(Default)]
 pub struct Live {
     next: std::sync::atomic::AtomicU64,
-    open: Mutex<std::collections::HashMap<u64, (serde_json::Value, Arc<tokio::sync::Notify>)>>,
+    open: Mutex<std::collections::HashMap<u64, LiveEntry>>,
+}
+
+/// One open connection: its context (the listing is built from it when asked, so an idle
+/// connection holds no copy of its details), protocol and start, and how to close it.
+struct LiveEntry {
+    ctx: Arc<ConnectionContext>,
+    h2: bool,
+    since: i64,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl LiveEntry {
+    fn describe(&self, id: u64) -> serde_json::Value {
+        let ctx = &self.ctx;
+        let leaf = ctx.verdict.leaf();
+        serde_json::json!({
+            "id": id,
+            "peer": ctx.peer.to_string(),
+            "domain": ctx.state.domains[ctx.domain].config.hostname.to_string(),
+            "protocol": if self.h2 { "h2" } else { "http/1.1" },
+            "verify": ctx.verdict.status().to_string(),
+            "client_subject": leaf.map(|c| c.info().subject.clone()).unwrap_or_default(),
+            "client_fingerprint": leaf.map(|c| c.info().id.clone()).unwrap_or_default(),
+            "since": self.since,
+        })
+    }
 }
 
 impl std::fmt::Debug for Live {
@@ -76,12 +103,17 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    fn register(self: &Arc<Self>, mut info: serde_json::Value) -> LiveGuard {
+    fn register(self: &Arc<Self>, ctx: Arc<ConnectionContext>, h2: bool) -> LiveGuard {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        info["id"] = serde_json::json!(id);
         let close = Arc::new(tokio::sync::Notify::new());
+        let entry = LiveEntry {
+            ctx,
+            h2,
+            since: time::OffsetDateTime::now_utc().unix_timestamp(),
+            close: close.clone(),
+        };
         if let Ok(mut open) = self.open.lock() {
-            open.insert(id, (info, close.clone()));
+            open.insert(id, entry);
         }
         LiveGuard {
             live: self.clone(),
@@ -97,7 +129,7 @@ impl Live {
         };
         let mut ids: Vec<&u64> = open.keys().collect();
         ids.sort();
-        ids.into_iter().map(|id| open[id].0.clone()).collect()
+        ids.into_iter().map(|id| open[id].describe(*id)).collect()
     }
 
     /// Closes connection `id` (in-flight requests are cut); whether it was open.
@@ -106,9 +138,9 @@ impl Live {
             return false;
         };
         match open.get(&id) {
-            Some((_, close)) => {
+            Some(entry) => {
                 // A permit is kept if the connection is not waiting right now.
-                close.notify_one();
+                entry.close.notify_one();
                 true
             }
             None => false,
@@ -211,9 +243,7 @@ pub(crate) struct ConnectionContext {
     pub(crate) peer: SocketAddr,
     pub(crate) verdict: ClientVerdict,
     /// The identity headers every request of this connection carries upstream.
-    pub(crate) identity: hyper::HeaderMap,
-    /// The same, as HTTP/1.1 header lines (for the fast path).
-    pub(crate) identity_block: Vec<u8>,
+    pub(crate) identity: IdentityBlock,
     /// The forwarding header values of this connection.
     pub(crate) forwarding: Forwarding,
     pub(crate) client: UpstreamClient,
@@ -494,24 +524,16 @@ async fn connection(
     };
     tokio::pin!(refused);
     let identity = if domain.config.mtls.mode == MtlsMode::Off {
-        hyper::HeaderMap::new()
+        IdentityBlock::default()
     } else {
-        state.identity.values(&verdict)
+        state.identity.block(&verdict)
     };
-    let mut identity_block = Vec::new();
-    for (name, value) in &identity {
-        identity_block.extend_from_slice(name.as_str().as_bytes());
-        identity_block.extend_from_slice(b": ");
-        identity_block.extend_from_slice(value.as_bytes());
-        identity_block.extend_from_slice(b"\r\n");
-    }
     let ctx = Arc::new(ConnectionContext {
         state: state.clone(),
         domain: domain_index,
         via_default,
         peer,
         identity,
-        identity_block,
         forwarding: Forwarding::new(peer, sni.as_deref()),
         verdict,
         client,
@@ -519,15 +541,7 @@ async fn connection(
     });
     let fast_ctx = ctx.clone();
     // Listed for the admin API, which can close it.
-    let live = endpoint.live.register(serde_json::json!({
-        "peer": peer.to_string(),
-        "domain": hostname,
-        "protocol": if alpn == "h2" { "h2" } else { "http/1.1" },
-        "verify": ctx.verdict.status().to_string(),
-        "client_subject": ctx.verdict.leaf().map(|c| c.info().subject.clone()).unwrap_or_default(),
-        "client_fingerprint": ctx.verdict.leaf().map(|c| c.info().id.clone()).unwrap_or_default(),
-        "since": time::OffsetDateTime::now_utc().unix_timestamp(),
-    }));
+    let live = endpoint.live.register(ctx.clone(), alpn == "h2");
     let operator = live.close.clone();
     let closed_by_operator = operator.notified();
     tokio::pin!(closed_by_operator);
@@ -835,10 +849,7 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let (mapping_name, response) = match admit(&ctx, method.as_str(), &path, &host) {
         Ok(Admitted { index, rest }) => {
             let mapping = &domain.config.mappings[index];
-            let headers = req.headers_mut();
-            for (name, value) in &ctx.identity {
-                headers.insert(name.clone(), value.clone());
-            }
+            ctx.identity.insert_into(req.headers_mut());
             let origin = Origin {
                 forwarding: &ctx.forwarding,
                 host: &host,

@@ -307,6 +307,7 @@ impl CertificateInfo {
             ));
         }
         let tbs = &cert.tbs_certificate;
+        let digest = sha256(der);
         let mut info = CertificateInfo {
             subject: rfc4514(tbs.subject()),
             issuer: rfc4514(tbs.issuer()),
@@ -325,8 +326,8 @@ impl CertificateInfo {
             crl_distribution_points: Vec::new(),
             name_constraints: Vec::new(),
             self_issued: tbs.subject().as_raw() == tbs.issuer().as_raw(),
-            sha256_fingerprint: hex(&sha256(der), ":").to_uppercase(),
-            id: hex(&sha256(der), ""),
+            sha256_fingerprint: hex(&digest, ":").to_uppercase(),
+            id: hex(&digest, ""),
             not_before_unix: tbs.validity().not_before.timestamp(),
             not_after_unix: tbs.validity().not_after.timestamp(),
             issuer_der: tbs.issuer().as_raw().to_vec(),
@@ -746,11 +747,16 @@ pub fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
 
 /// Lower-case hex of `bytes` joined by `sep`.
 pub fn hex(bytes: &[u8], sep: &str) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(sep)
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * (2 + sep.len()));
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            out.push_str(sep);
+        }
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// SHA-256 of `data`.
