@@ -186,13 +186,13 @@ impl IdentityHeaders {
 }
 
 /// A connection's identity headers, built once after the handshake: the HTTP/1.1 header lines
-/// (which the fast path copies into each request head) and each header's name with the range of
-/// its value inside those lines (from which hyper's requests get values sharing the same bytes).
-/// One allocation for the values instead of a header map and a copy.
+/// (which the fast path copies into each request head) and each header as a name and a value
+/// whose bytes are a slice of those lines (which hyper's requests get as cheap clones, with no
+/// copy and no re-validation). One allocation for the values instead of a header map and a copy.
 #[derive(Debug, Default)]
 pub(crate) struct IdentityBlock {
     lines: bytes::Bytes,
-    fields: Box<[(HeaderName, u32, u32)]>,
+    fields: Box<[(HeaderName, HeaderValue)]>,
 }
 
 impl IdentityBlock {
@@ -202,19 +202,25 @@ impl IdentityBlock {
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
         let mut lines = Vec::with_capacity(size);
-        let mut fields = Vec::with_capacity(headers.len());
+        let mut ranges = Vec::with_capacity(headers.len());
         for (name, value) in headers {
             lines.extend_from_slice(name.as_str().as_bytes());
             lines.extend_from_slice(b": ");
             let start = lines.len();
             lines.extend_from_slice(value.as_bytes());
-            fields.push((name.clone(), start as u32, lines.len() as u32));
+            ranges.push((name.clone(), start..lines.len()));
             lines.extend_from_slice(b"\r\n");
         }
-        IdentityBlock {
-            lines: lines.into(),
-            fields: fields.into_boxed_slice(),
-        }
+        let lines = bytes::Bytes::from(lines);
+        let fields = ranges
+            .into_iter()
+            .filter_map(|(name, range)| {
+                // Valid header values when the map held them; checked once here.
+                let value = HeaderValue::from_maybe_shared(lines.slice(range)).ok()?;
+                Some((name, value))
+            })
+            .collect();
+        IdentityBlock { lines, fields }
     }
 
     /// The headers as HTTP/1.1 lines, each ending in CRLF.
@@ -224,12 +230,8 @@ impl IdentityBlock {
 
     /// Sets each identity header in `headers` (replacing any of the same name).
     pub(crate) fn insert_into(&self, headers: &mut HeaderMap) {
-        for (name, start, end) in self.fields.iter() {
-            let value = self.lines.slice(*start as usize..*end as usize);
-            // The values were valid header values when the block was built.
-            if let Ok(value) = HeaderValue::from_maybe_shared(value) {
-                headers.insert(name.clone(), value);
-            }
+        for (name, value) in self.fields.iter() {
+            headers.insert(name.clone(), value.clone());
         }
     }
 }

@@ -264,6 +264,14 @@ pub(crate) const HOP_BY_HOP: [&str; 8] = [
 
 /// RFC 9110 7.6.1: hop-by-hop headers, and every header the Connection header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the names present instead of a lookup per listed name.
+    // (Connection is itself listed, so headers it names are found below whenever it is present.)
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
