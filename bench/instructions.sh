@@ -6,10 +6,14 @@
 # Runs `portcullis serve` (release build, one Tokio worker) under `valgrind --tool=callgrind`
 # with collection off, in front of an out-of-process upstream (python3 http.server), and counts
 # only while curl (outside valgrind) does:
-#   A: CONNECTIONS new TLS 1.3 mutual-TLS connections with one proxied request each;
-#   B: one connection with 1 + REQUESTS keep-alive requests.
+#   A: CONNECTIONS new TLS 1.3 mutual-TLS connections with one proxied HTTP/1.1 request each;
+#   B: one HTTP/1.1 connection with 1 + REQUESTS keep-alive requests;
+#   A2, B2: one HTTP/2 connection with 1, then with 1 + REQUESTS requests.
 # Then per full handshake (with its one request) = A / CONNECTIONS, per proxied keep-alive
-# request = (B − A / CONNECTIONS) / REQUESTS, and the handshake alone by difference.
+# request = (B − A / CONNECTIONS) / REQUESTS, the handshake alone by difference, and per HTTP/2
+# request = (B2 − A2) / REQUESTS. A and B against the bare rustls server of bench/run.sh
+# (handshake, then a fixed answer; same certificates and suite order; a current-thread runtime)
+# give the ceiling's counts beside them.
 #
 # Needs: valgrind (installed if missing), curl, python3. Loopback only.
 set -euo pipefail
@@ -21,16 +25,24 @@ for tool in valgrind curl; do
   command -v "$tool" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null; }
 done
 cargo build --release -q
+cargo build --release -q -p portcullis --example bench_tools
 pc="$root/target/release/portcullis"
+tools="$root/target/release/examples/bench_tools"
 work="$(mktemp -d)"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-[ -n "${KEEP:-}" ] || trap cleanup EXIT
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "$work" 2>/dev/null || true   # the servers started under valgrind
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
 cd "$work"
 
 "$pc" pki ca create --cn "Bench Root" --out ca >/dev/null
 "$pc" pki issue --profile client --cn bench-client --issuer-cert ca/ca.pem --issuer-key ca/ca.key \
   --out . --name client >/dev/null
+"$pc" pki issue --profile server --cn localhost --san dns:localhost --issuer-cert ca/ca.pem \
+  --issuer-key ca/ca.key --out . --name server >/dev/null
 mkdir -p www && echo ok > www/index.html
 python3 -m http.server 18090 --bind 127.0.0.1 --directory www >/dev/null 2>&1 & pids+=($!)
 cat > gw.toml <<CONF
@@ -40,7 +52,8 @@ address = "127.0.0.1:0"
 address = "127.0.0.1:28444"
 [[domain]]
 hostname = "localhost"
-certificate = "auto"
+certificate = "server.chain.pem"
+key = "server.key"
 security_policy = "TLS_1_3"
 session_resumption = false
 [domain.mtls]
@@ -49,16 +62,28 @@ truststore = "ca/ca.pem"
 [[domain.mapping]]
 upstream = "http://127.0.0.1:18090"
 CONF
-PORTCULLIS_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
-  --callgrind-out-file="$work/cg.%p" "$pc" serve --config gw.toml --data-dir data >serve.log 2>&1 & pids+=($!)
-vg=$!
-for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/28444) 2>/dev/null && break; sleep 0.2; done
-url=https://localhost:28444/index.html
-c=(-sS -o /dev/null --cacert data/ca/ca.pem --cert client.pem --key client.key)
-# Warm up: lazy initialisation, the upstream pool, allocator arenas.
-for _ in 1 2 3; do curl "${c[@]}" "$url" "$url"; done
+# measure PORT COMMAND... -> "A B": COMMAND (a server) under callgrind, then runs A and B.
+measure() {
+  local port=$1; shift
+  "$@" >>server.log 2>&1 & pids+=($!)
+  vg=$!
+  for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.2; done
+  local url=https://localhost:$port/index.html
+  c=(-sS -o /dev/null --cacert ca/ca.pem --cert client.pem --key client.key --http1.1)
+  h2=(-sS -o /dev/null --cacert ca/ca.pem --cert client.pem --key client.key --http2)
+  # Warm up: lazy initialisation, the upstream pool, allocator arenas.
+  for _ in 1 2 3; do curl "${c[@]}" "$url" "$url" >/dev/null; curl "${h2[@]}" "$url" "$url" >/dev/null; done
+  local a b a2 b2 urls
+  a=$(count bash -c "for i in \$(seq 1 $conns); do curl ${c[*]} $url; done")
+  urls=$(for _ in $(seq 0 "$reqs"); do printf '%s ' "$url"; done)
+  b=$(count bash -c "curl ${c[*]} $urls")
+  a2=$(count bash -c "curl ${h2[*]} $url")
+  b2=$(count bash -c "curl ${h2[*]} $urls")
+  kill "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
+  echo "$a $b $a2 $b2"
+}
 
-# count LABEL COMMAND... -> instructions executed by the gateway while COMMAND runs
+# count COMMAND... -> instructions executed by the server while COMMAND runs
 count() {
   callgrind_control -z "$vg" >/dev/null 2>&1
   callgrind_control -i on "$vg" >/dev/null 2>&1
@@ -69,16 +94,25 @@ count() {
   f=$(ls -t "$work"/cg.* | head -1)
   awk '/^totals:/ {print $2; exit}' "$f"
 }
-a=$(count bash -c "for i in \$(seq 1 $conns); do curl ${c[*]} $url; done")
-urls=$(for _ in $(seq 0 "$reqs"); do printf '%s ' "$url"; done)
-b=$(count bash -c "curl ${c[*]} $urls")
-python3 - "$a" "$b" "$conns" "$reqs" <<'PY'
+
+read -r pa pb pa2 pb2 < <(measure 28444 env PORTCULLIS_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind \
+  --instr-atstart=no --callgrind-out-file="$work/cg.%p" "$pc" serve --config gw.toml --data-dir data)
+read -r ba bb _ _ < <(measure 28445 env TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
+  --callgrind-out-file="$work/cg.%p" "$tools" bare 127.0.0.1:28445 server.chain.pem server.key \
+  ca/ca.pem tls13)
+python3 - "$pa" "$pb" "$ba" "$bb" "$pa2" "$pb2" "$conns" "$reqs" <<'PY'
 import sys
-a, b, n, r = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-per_conn = a / n
-per_req = (b - per_conn) / r
-print(f"instructions (callgrind Ir), portcullis serve, one Tokio worker:")
-print(f"  full TLS 1.3 mutual-TLS connection with one proxied request: {per_conn:,.0f}")
-print(f"  of which the handshake and connection set-up:                {per_conn - per_req:,.0f}")
-print(f"  proxied keep-alive request (HTTP/1.1):                       {per_req:,.0f}")
+pa, pb, ba, bb, pa2, pb2, n, r = map(int, sys.argv[1:9])
+def split(a, b):
+    per_conn = a / n
+    per_req = (b - per_conn) / r
+    return per_conn, per_conn - per_req, per_req
+p, q = split(pa, pb), split(ba, bb)
+print("instructions (callgrind Ir), one worker:          portcullis serve   bare rustls   ratio")
+rows = ["full TLS 1.3 mutual-TLS connection, one request",
+        "  of which the handshake and connection set-up",
+        "keep-alive HTTP/1.1 request (proxied / answered)"]
+for label, x, y in zip(rows, p, q):
+    print(f"  {label:<50} {x:>12,.0f} {y:>13,.0f}   {x / y:5.2f}")
+print(f"  {'keep-alive HTTP/2 request (proxied)':<50} {(pb2 - pa2) / r:>12,.0f} {'–':>13}")
 PY

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak: steady mixed load for a while, with the gateway's state changing under it, then a report.
 #
-#   bench/soak.sh [MINUTES]      (default 30)
+#   bench/soak.sh [MINUTES]      (default 30; CHANGES=0 runs the load alone, to tell memory the
+#                                 changes account for from memory the load does)
 #
 # One `portcullis serve` (embedded SQLite registry, registry_mode = "revocation") in front of an
 # nginx upstream, with two mappings: `/` (any valid certificate) and `/guarded`
@@ -99,6 +100,7 @@ note() { echo "$(date +%T) $*" >> changes.log; }
 start=$(date +%s)
 echo "t_s rss_kib fds open_connections" > samples.txt
 next_sample=0 next_swap=20 next_victim=15 next_policy=30 victim=0 policy=allow trust=a
+if [ "${CHANGES:-1}" = 0 ]; then next_swap=$((secs + 1)) next_victim=$((secs + 1)) next_policy=$((secs + 1)); fi
 while :; do
   now=$(( $(date +%s) - start ))
   [ "$now" -ge "$secs" ] && break

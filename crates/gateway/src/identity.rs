@@ -265,15 +265,18 @@ fn xfcc(chain: &[portcullis_pki::Certificate]) -> String {
 
 /// Percent-encoding of everything but RFC 3986 unreserved characters.
 fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(DIGITS[usize::from(b >> 4)] as char);
+            out.push(DIGITS[usize::from(b & 15)] as char);
+        }
+    }
+    out
 }
 
 /// An RFC 8941 byte sequence: `:base64:`.
@@ -282,12 +285,20 @@ fn sf_binary(der: &[u8]) -> String {
 }
 
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    // Control characters cannot travel in a header; anything else (UTF-8 included) can.
-    let cleaned: String = value
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if let Ok(v) = HeaderValue::from_bytes(cleaned.as_bytes()) {
+    // Control characters cannot travel in a header; anything else (UTF-8 included) can. C0
+    // controls and DEL are single bytes, C1 controls (U+0080–U+009F) start with 0xC2: values
+    // without those bytes (base64, hex, most names) are taken as they are.
+    let value = if value.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        std::borrow::Cow::Owned(
+            value
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(value)
+    };
+    if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
         headers.insert(name.clone(), v);
     }
 }
