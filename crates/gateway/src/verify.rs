@@ -437,7 +437,7 @@ impl DomainVerifier {
                 .entries()
                 .iter()
                 .filter(|e| !e.duplicate)
-                .filter_map(|e| subject_der(&e.certificate))
+                .map(|e| e.certificate.info().subject_der().to_vec())
                 .collect();
             let size: usize = names.iter().map(|n| n.len() + 2).sum();
             if size > portcullis_pki::truststore::MAX_ADVERTISED_NAMES_BYTES {
@@ -852,10 +852,6 @@ fn alert_for(reason: RejectReason) -> CertificateError {
         RejectReason::Malformed => CertificateError::BadEncoding,
         _ => CertificateError::ApplicationVerificationFailure,
     }
-}
-
-fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
-    portcullis_pki::cert::subject_der(cert)
 }
 
 #[cfg(test)]

@@ -296,6 +296,12 @@ impl fmt::Display for KeyInfo {
 }
 
 impl CertificateInfo {
+    /// The DER of the subject name (outer SEQUENCE included), as TLS CertificateRequests carry
+    /// CA names.
+    pub fn subject_der(&self) -> &[u8] {
+        &self.subject_der
+    }
+
     /// Decodes a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self> {
         let (rest, cert) = X509Certificate::from_der(der)
@@ -737,12 +743,6 @@ pub fn inspect(input: &[u8]) -> Result<Vec<Inspected>> {
         });
     }
     Ok(out)
-}
-
-/// The DER of a certificate's subject name (outer SEQUENCE included), as TLS CertificateRequests
-/// carry CA names.
-pub fn subject_der(cert: &Certificate) -> Option<Vec<u8>> {
-    Some(cert.info().subject_der.clone())
 }
 
 /// Lower-case hex of `bytes` joined by `sep`.

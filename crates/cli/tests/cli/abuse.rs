@@ -62,28 +62,6 @@ fn fds(s: &Server) -> usize {
         .count()
 }
 
-/// The gateway's metrics text (admin API, with the admin client certificate).
-fn metrics(d: &Path, s: &Server) -> String {
-    let curl_bin = require_tool("curl").unwrap();
-    let url = format!("https://127.0.0.1:{}/metrics", s.admin_port);
-    let r = run(
-        &curl_bin,
-        &[
-            "-sS",
-            "--cacert",
-            "data/ca/ca.pem",
-            "--cert",
-            "data/admin/admin.pem",
-            "--key",
-            "data/admin/admin.key",
-            &url,
-        ],
-        d,
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    r.stdout
-}
-
 /// The value of one metric series (0 when absent).
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
@@ -95,7 +73,7 @@ fn metric(text: &str, series: &str) -> f64 {
 fn wait_for_connections(d: &Path, s: &Server, want: f64) -> f64 {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let open = metric(&metrics(d, s), "portcullis_active_connections ");
+        let open = metric(&s.metrics(d), "portcullis_active_connections ");
         if open == want || Instant::now() > until {
             return open;
         }
@@ -138,7 +116,7 @@ fn malformed_and_oversized_http_is_refused_and_the_connection_ends() {
     ] {
         assert!(r.stdout.contains(case), "{case}: {}", r.stdout);
     }
-    let text = metrics(d, &s);
+    let text = s.metrics(d);
     assert!(
         metric(
             &text,
@@ -274,7 +252,7 @@ fn floods_slow_clients_and_dropped_handshakes_leave_memory_bounded_and_clients_s
         fds(&s)
     );
     // The limits hit are in the metrics.
-    let text = metrics(d, &s);
+    let text = s.metrics(d);
     for limit in [
         "max_connections",
         "handshake_timeout",

@@ -900,25 +900,7 @@ fn domains_scenario(database: Option<&str>) {
     // Deleting a domain refuses its connections, and its expiry gauges go with it; the last one
     // cannot go.
     let expiry_of = |domain: &str| {
-        let curl_bin = require_tool("curl").unwrap();
-        let url = format!("https://127.0.0.1:{}/metrics", s.admin_port);
-        let metrics = run(
-            curl_bin,
-            &[
-                "-sS",
-                "--cacert",
-                "data/ca/ca.pem",
-                "--cert",
-                "data/admin/admin.pem",
-                "--key",
-                "data/admin/admin.key",
-                &url,
-            ],
-            d,
-        )
-        .ok()
-        .stdout;
-        metrics.contains(&format!(
+        s.metrics(d).contains(&format!(
             "portcullis_server_certificate_expiry_days{{domain=\"{domain}\""
         ))
     };

@@ -122,6 +122,28 @@ impl Server {
         }
     }
 
+    /// The metrics text of the admin API (with the admin client certificate from `dir/data`).
+    pub(crate) fn metrics(&self, dir: &Path) -> String {
+        let curl_bin = require_tool("curl").unwrap();
+        let url = format!("https://127.0.0.1:{}/metrics", self.admin_port);
+        run(
+            curl_bin,
+            &[
+                "-sS",
+                "--cacert",
+                "data/ca/ca.pem",
+                "--cert",
+                "data/admin/admin.pem",
+                "--key",
+                "data/admin/admin.key",
+                &url,
+            ],
+            dir,
+        )
+        .ok()
+        .stdout
+    }
+
     /// Sends SIGHUP and returns the reload log line.
     pub(crate) fn reload(&self) -> String {
         let pid = self.child.id().to_string();
