@@ -149,6 +149,9 @@ pub(crate) struct FileDomain {
     /// MQTT settings (for listeners that speak MQTT).
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt: Option<FileMqtt>,
+    /// Forward request header names holding `_` (dropped by default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    underscores_in_headers: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -229,6 +232,9 @@ pub(crate) struct FileMapping {
     /// "none", or "policy": the registry's policies must allow each request.
     #[serde(default = "default_authorization")]
     authorization: String,
+    /// Tunnel WebSocket upgrades to the upstream (default true).
+    #[serde(default = "default_true")]
+    websocket: bool,
 }
 
 fn default_authorization() -> String {
@@ -589,7 +595,8 @@ fn file_domain(
         };
         let mut mapping = Mapping::new(&m.base_path, &upstream, require)
             .with_context(ctx)?
-            .with_authorization(authorization);
+            .with_authorization(authorization)
+            .with_websocket(m.websocket);
         if upstream.starts_with("https://")
             || m.upstream_ca.is_some()
             || m.upstream_client_cert.is_some()
@@ -627,6 +634,7 @@ fn file_domain(
         mtls,
         mappings,
         session_resumption: d.session_resumption,
+        underscores_in_headers: d.underscores_in_headers,
         registry_mode: match d.registry_mode.as_str() {
             "off" => RegistryMode::Off,
             "revocation" => RegistryMode::Revocation,

@@ -271,6 +271,10 @@ pub struct Domain {
     pub registry_mode: RegistryMode,
     /// MQTT settings (on listeners that speak MQTT).
     pub mqtt: MqttSettings,
+    /// Forward request header names holding `_` (nginx's `underscores_in_headers`). Off by
+    /// default: CGI, WSGI and Rack upstreams read `X_Client_Cert` as `X-Client-Cert`. Even on,
+    /// names that read as a header the gateway owns are dropped.
+    pub underscores_in_headers: bool,
 }
 
 /// How a domain uses the certificate registry.
@@ -378,6 +382,9 @@ pub struct Mapping {
     pub upstream_tls: Option<UpstreamTls>,
     /// Whether the registry's policies must allow each request.
     pub authorization: Authorization,
+    /// Whether a WebSocket upgrade (decided like any request) becomes a tunnel to the upstream.
+    /// No other upgrade ever does.
+    pub websocket: bool,
 }
 
 /// How a mapping authorizes requests beyond the client certificate.
@@ -433,7 +440,14 @@ impl Mapping {
             require_client_cert,
             upstream_tls: None,
             authorization: Authorization::None,
+            websocket: true,
         })
+    }
+
+    /// Sets whether WebSocket upgrades are tunnelled (default: yes).
+    pub fn with_websocket(mut self, websocket: bool) -> Mapping {
+        self.websocket = websocket;
+        self
     }
 
     /// Sets how requests are authorized.

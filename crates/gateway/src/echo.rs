@@ -66,7 +66,9 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
             hyper::header::CONNECTION,
             hyper::header::HeaderValue::from_static("upgrade"),
         );
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&websocket_accept(key.as_bytes())) {
+        if let Ok(v) =
+            hyper::header::HeaderValue::from_str(&crate::inbound::websocket_accept(key.as_bytes()))
+        {
             h.insert("sec-websocket-accept", v);
         }
         return Ok(resp);
@@ -101,24 +103,4 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
         hyper::header::HeaderValue::from_static("application/json"),
     );
     Ok(resp)
-}
-
-/// RFC 6455 4.2.2: base64(SHA-1(key + GUID)).
-fn websocket_accept(key: &[u8]) -> String {
-    use base64::Engine;
-    let mut input = key.to_vec();
-    input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
-    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn websocket_accept_matches_rfc_6455_example() {
-        assert_eq!(
-            super::websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-    }
 }

@@ -493,6 +493,8 @@ fn plan_request(
         None => (target, None),
     };
     let identity = &ctx.state.identity;
+    let underscores = ctx.state.domains[ctx.domain].config.underscores_in_headers;
+    let mut method_override = false;
     let mut host: Option<&[u8]> = None;
     let mut hosts = 0;
     let mut body_len: Option<u64> = None;
@@ -542,7 +544,10 @@ fn plan_request(
                 }
             }
             Class::Other => {
-                if !identity.is_identity_name(name) {
+                if !crate::inbound::dropped(identity, underscores, name) {
+                    method_override |= crate::inbound::METHOD_OVERRIDES
+                        .iter()
+                        .any(|m| m.eq_ignore_ascii_case(name));
                     copy_header(fwd, name, value);
                 }
             }
@@ -561,10 +566,17 @@ fn plan_request(
     let Some(host) = host.and_then(host_of) else {
         return Parsed::Other;
     };
-    let Ok(admitted) = admit(ctx, method, path, &host) else {
+    let Ok(admitted) = admit(ctx, method, path, &host, false) else {
         return Parsed::Other;
     };
     let domain = &ctx.state.domains[ctx.domain];
+    if method_override
+        && domain.config.mappings[admitted.index].authorization
+            == crate::config::Authorization::Policy
+    {
+        // The hyper path drops method overrides on policy mappings.
+        return Parsed::Other;
+    }
     let Some(pool) = domain.pools.get(admitted.index).and_then(Option::as_ref) else {
         return Parsed::Other;
     };
@@ -582,7 +594,8 @@ fn plan_request(
     head.extend_from_slice(b"\r\n");
     head.extend_from_slice(fwd);
     head.extend_from_slice(ctx.identity.lines());
-    ctx.forwarding.write_h1(&host, prior_xff, head);
+    ctx.forwarding
+        .write_h1(&admitted.forwarded_host(&host, domain), prior_xff, head);
     head.extend_from_slice(b"\r\n");
     let logged = tracing::enabled!(target: "portcullis::access", tracing::Level::INFO)
         .then(|| {
@@ -1077,6 +1090,7 @@ fn classify(name: &str) -> Class {
         10 if is("connection") => Class::Connection,
         10 if is("keep-alive") => Class::Drop,
         14 if is("content-length") => Class::ContentLength,
+        14 if is("http2-settings") => Class::Drop,
         15 if is("x-forwarded-for") => Class::ForwardedFor,
         16 if is("proxy-connection") || is("x-forwarded-host") => Class::Drop,
         17 if is("transfer-encoding") => Class::Refer,

@@ -22,6 +22,7 @@ pub mod echo;
 pub mod explain;
 mod fast;
 mod identity;
+mod inbound;
 pub mod listen;
 mod mqtt;
 mod proxy;
@@ -263,20 +264,27 @@ impl State {
     /// The domain for an SNI name: exact names first, then wildcards, then the default domain.
     /// The flag says whether the default was used.
     pub(crate) fn select(&self, sni: Option<&str>) -> Option<(&DomainState, bool)> {
-        if let Some(name) = sni {
-            let exact = self.domains.iter().find(|d| {
-                matches!(d.config.hostname, config::Hostname::Exact(_))
-                    && d.config.hostname.matches(name)
-            });
-            if let Some(d) = exact.or_else(|| {
-                self.domains
-                    .iter()
-                    .find(|d| d.config.hostname.matches(name))
-            }) {
-                return Some((d, false));
-            }
+        if let Some(i) = sni.and_then(|name| self.domain_for(name)) {
+            return Some((&self.domains[i], false));
         }
         self.default_domain.map(|i| (&self.domains[i], true))
+    }
+
+    /// The domain a host name (an SNI or a Host, lower-case) names, by index: exact names first,
+    /// then wildcards; a trailing dot (an absolute name) is the same name. No default.
+    pub(crate) fn domain_for(&self, name: &str) -> Option<usize> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        self.domains
+            .iter()
+            .position(|d| {
+                matches!(d.config.hostname, config::Hostname::Exact(_))
+                    && d.config.hostname.matches(name)
+            })
+            .or_else(|| {
+                self.domains
+                    .iter()
+                    .position(|d| d.config.hostname.matches(name))
+            })
     }
 
     /// The generation number: 1 at start, one more per successful reload.

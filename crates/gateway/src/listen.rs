@@ -27,7 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::authorize;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
 use crate::identity::IdentityBlock;
-use crate::proxy::{Forwarding, Origin, UpstreamClient, forward};
+use crate::proxy::{Forwarding, Origin, Outgoing, TunnelSlot, UpstreamClient, forward};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
 use crate::{DomainState, State, route};
@@ -75,6 +75,8 @@ pub struct Live {
 struct LiveEntry {
     ctx: Arc<ConnectionContext>,
     h2: bool,
+    /// Upgraded to a WebSocket tunnel.
+    tunnel: bool,
     since: i64,
     close: Arc<tokio::sync::Notify>,
 }
@@ -87,7 +89,11 @@ impl LiveEntry {
             "id": id,
             "peer": ctx.peer.to_string(),
             "domain": ctx.state.domains[ctx.domain].config.hostname.to_string(),
-            "protocol": if self.h2 { "h2" } else { "http/1.1" },
+            "protocol": match (self.h2, self.tunnel) {
+                (true, _) => "h2",
+                (false, true) => "websocket",
+                (false, false) => "http/1.1",
+            },
             "verify": ctx.verdict.status().to_string(),
             "client_subject": leaf.map(|c| c.info().subject.clone()).unwrap_or_default(),
             "client_fingerprint": leaf.map(|c| c.info().id.clone()).unwrap_or_default(),
@@ -109,6 +115,7 @@ impl Live {
         let entry = LiveEntry {
             ctx,
             h2,
+            tunnel: false,
             since: time::OffsetDateTime::now_utc().unix_timestamp(),
             close: close.clone(),
         };
@@ -153,6 +160,17 @@ struct LiveGuard {
     live: Arc<Live>,
     id: u64,
     close: Arc<tokio::sync::Notify>,
+}
+
+impl LiveGuard {
+    /// The connection became a WebSocket tunnel.
+    fn tunnelled(&self) {
+        if let Ok(mut open) = self.live.open.lock()
+            && let Some(entry) = open.get_mut(&self.id)
+        {
+            entry.tunnel = true;
+        }
+    }
 }
 
 impl Drop for LiveGuard {
@@ -249,6 +267,8 @@ pub(crate) struct ConnectionContext {
     pub(crate) client: UpstreamClient,
     /// The MQTT broker, for HTTPS publish.
     pub(crate) broker: Arc<Broker>,
+    /// A WebSocket tunnel the last request opened, for the connection's task to run.
+    pub(crate) tunnel: TunnelSlot,
 }
 
 /// What a listener serves after the handshake.
@@ -306,10 +326,11 @@ async fn handshake(
             return None;
         }
     };
+    // An absolute name (`a.test.`) is the same name, for SNI as for Host.
     let sni = hello
         .client_hello()
         .server_name()
-        .map(str::to_ascii_lowercase);
+        .map(|name| name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase());
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
         count_handshake("", "refused", "unknown-sni");
         tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", "no domain for this SNI and no default endpoint");
@@ -538,7 +559,9 @@ async fn connection(
         verdict,
         client,
         broker: endpoint.broker,
+        tunnel: TunnelSlot::default(),
     });
+    // The fast path's handle, and the one that takes a WebSocket tunnel once hyper is done.
     let fast_ctx = ctx.clone();
     // Listed for the admin API, which can close it.
     let live = endpoint.live.register(ctx.clone(), alpn == "h2");
@@ -576,9 +599,10 @@ async fn connection(
     let io = TokioIo::new(crate::fast::Prefixed::new(prefix, tls));
     // Serves a connection until it ends, the registry refuses its certificate (closed at once),
     // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
-    // types share no trait for `graceful_shutdown`, hence a macro.
+    // types share no trait for `graceful_shutdown`, hence a macro. It says whether the
+    // connection ended by itself (an upgrade may then have left a tunnel to run).
     macro_rules! drive {
-        ($conn:ident) => {
+        ($conn:ident) => {{
             let mut $conn = Box::pin($conn);
             tokio::select! {
                 done = $conn.as_mut() => {
@@ -589,15 +613,23 @@ async fn connection(
                             limit_reached("max_header_bytes");
                         }
                     }
+                    true
                 }
-                (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
-                _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
+                (reason, explanation) = &mut refused => {
+                    log_closed(peer, &hostname, reason, &explanation);
+                    false
+                }
+                _ = &mut closed_by_operator => {
+                    log_operator_close(peer, &hostname);
+                    false
+                }
                 _ = shutdown.changed() => {
                     $conn.as_mut().graceful_shutdown();
                     let _ = $conn.await;
+                    true
                 }
             }
-        };
+        }};
     }
     if alpn == "h2" {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -614,7 +646,23 @@ async fn connection(
             .max_buf_size(limits.max_header_bytes)
             .serve_connection(io, service)
             .with_upgrades();
-        drive!(conn);
+        if !drive!(conn) {
+            return;
+        }
+        // A WebSocket upgrade: the tunnel runs here, holding this connection's slot and live
+        // entry, and ends like the connection would (revocation, an operator, shutdown).
+        let tunnel = fast_ctx.tunnel.lock().ok().and_then(|mut t| t.take());
+        if let Some(tunnel) = tunnel {
+            live.tunnelled();
+            tokio::select! {
+                _ = tunnel => {}
+                (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
+                _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
+                _ = shutdown.wait_for(|stopping| *stopping) => {
+                    tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "shutdown", "WebSocket tunnel closed: the gateway is stopping");
+                }
+            }
+        }
     }
 }
 
@@ -723,49 +771,83 @@ pub(crate) enum Refusal {
     NoHost,
     /// The policies refuse (403); their reason.
     PolicyDenied(String),
+    /// A WebSocket upgrade on a mapping that does not tunnel them (400).
+    UpgradeNotAllowed,
 }
 
-/// A request admitted to a mapping: its index and the path the upstream sees.
+/// A request admitted to a mapping: its index, the path the upstream sees, and whether the
+/// client's Host is the one forwarded (`X-Forwarded-Host`) or the domain's own name.
 pub(crate) struct Admitted {
     pub(crate) index: usize,
     pub(crate) rest: String,
+    pub(crate) client_host: bool,
+}
+
+impl Admitted {
+    /// The host forwarded upstream: the client's when it named this domain, else the domain's.
+    pub(crate) fn forwarded_host<'a>(
+        &self,
+        host: &'a str,
+        domain: &DomainState,
+    ) -> std::borrow::Cow<'a, str> {
+        if self.client_host {
+            std::borrow::Cow::Borrowed(host)
+        } else {
+            std::borrow::Cow::Owned(domain.config.hostname.to_string())
+        }
+    }
 }
 
 /// Routes and authorizes a request of `ctx`'s connection: the one decision both HTTP paths
-/// take. On refusal, the mapping it was routed to (if any), for the metrics and the log.
+/// take. `websocket`: the request asks to become a WebSocket tunnel. On refusal, the mapping it
+/// was routed to (if any), for the metrics and the log.
 pub(crate) fn admit(
     ctx: &ConnectionContext,
     method: &str,
     path: &str,
     host: &str,
+    websocket: bool,
 ) -> Result<Admitted, (Refusal, Option<usize>)> {
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
-    if !ctx.via_default && !host.is_empty() && !domain.config.hostname.matches(host) {
-        return Err((Refusal::Misdirected, None));
-    }
+    // The Host must name the domain this connection was made for, resolved as SNI is (exact
+    // names before wildcards): a browser coalescing connections, or a client choosing another
+    // domain's truststore by SNI, gets 421. The default endpoint serves hosts that name no
+    // domain, under the default domain's own name.
+    let client_host = if host.is_empty() {
+        false
+    } else if !ctx.via_default && ctx.forwarding.is_sni(host) {
+        true
+    } else {
+        match ctx.state.domain_for(host) {
+            Some(i) if i == ctx.domain => true,
+            None if ctx.via_default => false,
+            _ => return Err((Refusal::Misdirected, None)),
+        }
+    };
     if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
         return Err((Refusal::HttpsPublish, None));
     }
-    // On a domain with policy-authorized mappings, the path must mean one thing: decoded
-    // without ambiguity, and routed to the same mapping decoded or not.
+    // The path must mean one thing: upstreams resolve dot-segments and decode escapes, so a path
+    // that routes differently once resolved is refused on every domain. Domains with
+    // policy-authorized mappings refuse every ambiguous spelling, since policies decide on the
+    // decoded path.
     let mappings = &domain.config.mappings;
     let policy_domain = mappings
         .iter()
         .any(|m| m.authorization == Authorization::Policy);
-    let decoded = if policy_domain {
-        match authorize::policy_path(path) {
-            Ok(p) => Some(p),
-            Err(why) => {
-                return Err((
-                    Refusal::AmbiguousPath(format!(
-                        "the path holds {why}, which this domain refuses"
-                    )),
-                    None,
-                ));
-            }
-        }
+    let checked = if policy_domain {
+        authorize::policy_path(path).map(Some)
     } else {
-        None
+        route::plain_path(path)
+    };
+    let decoded = match checked {
+        Ok(decoded) => decoded,
+        Err(why) => {
+            return Err((
+                Refusal::AmbiguousPath(format!("the path holds {why}, which this domain refuses")),
+                None,
+            ));
+        }
     };
     let Some((mapping, rest)) = route::route(mappings, path) else {
         return Err((Refusal::NoRoute, None));
@@ -787,6 +869,9 @@ pub(crate) fn admit(
         mode == MtlsMode::Required || (mode == MtlsMode::Optional && mapping.require_client_cert);
     if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
         return refuse(Refusal::NeedsCertificate);
+    }
+    if websocket && !mapping.websocket {
+        return refuse(Refusal::UpgradeNotAllowed);
     }
     if mapping.authorization == Authorization::Policy {
         let decoded = decoded.unwrap_or_default();
@@ -813,7 +898,11 @@ pub(crate) fn admit(
             return refuse(Refusal::PolicyDenied(decision.reason));
         }
     }
-    Ok(Admitted { index, rest })
+    Ok(Admitted {
+        index,
+        rest,
+        client_host,
+    })
 }
 
 async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Response<Body> {
@@ -821,24 +910,35 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let screened = crate::inbound::screen(
+        &mut req,
+        &ctx.state.identity,
+        domain.config.underscores_in_headers,
+    );
+    let websocket = match screened {
+        Ok(websocket) => websocket,
+        Err(refused) => {
+            tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = refused.code, "{}", refused.message);
+            let mut response = error_response(refused.status, refused.code, &refused.message, None);
+            // The request's framing or target is in doubt: nothing more is read from this
+            // connection (HTTP/2 closes only the stream).
+            if req.version() < hyper::Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return finish(
+                &ctx,
+                started,
+                String::new(),
+                method,
+                path,
+                Some(refused.code.to_string()),
+                response,
+            );
+        }
+    };
     let host = request_host(&req);
-    // HTTP/1.1 without exactly one Host: RFC 9112 section 3.2 requires 400. (The fast path
-    // hands such requests here.)
-    if req.version() == hyper::Version::HTTP_11
-        && req.headers().get_all(header::HOST).iter().count() != 1
-    {
-        let (code, message) = (
-            "bad-host",
-            "an HTTP/1.1 request needs exactly one Host header",
-        );
-        tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = code, "{message}");
-        let mut response = error_response(StatusCode::BAD_REQUEST, code, message, None);
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
-    }
-    ctx.state.identity.strip(req.headers_mut());
     let mapping_name = |index: Option<usize>| {
         index
             .and_then(|i| domain.config.mappings.get(i))
@@ -846,23 +946,30 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
             .unwrap_or_default()
     };
     let mut denied: Option<String> = None;
-    let (mapping_name, response) = match admit(&ctx, method.as_str(), &path, &host) {
-        Ok(Admitted { index, rest }) => {
-            let mapping = &domain.config.mappings[index];
-            ctx.identity.insert_into(req.headers_mut());
-            let origin = Origin {
-                forwarding: &ctx.forwarding,
-                host: &host,
+    let admitted = admit(&ctx, method.as_str(), &path, &host, websocket.is_some());
+    let (mapping_name, response) = match admitted {
+        Ok(admitted) => {
+            let mapping = &domain.config.mappings[admitted.index];
+            let forwarded_host = admitted.forwarded_host(&host, domain);
+            let out = Outgoing {
+                origin: Origin {
+                    forwarding: &ctx.forwarding,
+                    host: &forwarded_host,
+                },
+                identity: &ctx.identity,
+                policy: mapping.authorization == Authorization::Policy,
+                websocket,
+                tunnel: &ctx.tunnel,
             };
             let timeout = ctx.state.limits.upstream_response_timeout;
             let client = domain
                 .upstream_clients
-                .get(index)
+                .get(admitted.index)
                 .and_then(Option::as_ref)
                 .unwrap_or(&ctx.client);
             (
                 mapping.base_path.clone(),
-                forward(client, req, &mapping.upstream, &rest, origin, timeout).await,
+                forward(client, req, &mapping.upstream, &admitted.rest, out, timeout).await,
             )
         }
         Err((refusal, index)) => {
@@ -921,6 +1028,15 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
                         StatusCode::BAD_REQUEST,
                         "no-host",
                         "policy-authorized routes need a Host header",
+                        None,
+                    )
+                }
+                Refusal::UpgradeNotAllowed => {
+                    denied = Some("upgrade-refused".to_string());
+                    error_response(
+                        StatusCode::BAD_REQUEST,
+                        "upgrade-refused",
+                        "this mapping does not tunnel WebSocket connections",
                         None,
                     )
                 }
@@ -1088,9 +1204,9 @@ pub(crate) fn normalize_host(text: &str) -> String {
         Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => text,
     };
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase()
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // An absolute name (`a.test.`) is the same host.
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 /// 403 with the reason: JSON for programs, a readable page for browsers.

@@ -3,7 +3,9 @@
 //! Bodies are streamed both ways, never buffered. Hop-by-hop headers are removed in both
 //! directions; `X-Forwarded-For/-Proto/-Host` and `Forwarded` are added.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::GatewayError;
 use crate::config::UpstreamTls;
+use crate::identity::IdentityBlock;
+use crate::inbound::{METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::respond::{Body, error_response};
 
 /// A pooled HTTP/1.1 client: the shared one for `http://` upstreams, or one per `https://`
@@ -110,6 +114,11 @@ impl Forwarding {
 }
 
 impl Forwarding {
+    /// Whether `host` (normalised) is the connection's SNI name.
+    pub(crate) fn is_sni(&self, host: &str) -> bool {
+        self.host.as_ref().is_some_and(|(sni, _, _)| sni == host)
+    }
+
     /// The forwarding headers as HTTP/1.1 lines, as `add_forwarding` sets them: the client
     /// address appended to the first inbound `X-Forwarded-For`, the others replaced.
     pub(crate) fn write_h1(&self, host: &str, prior_xff: Option<&[u8]>, out: &mut Vec<u8>) {
@@ -138,13 +147,33 @@ pub(crate) struct Origin<'a> {
     pub(crate) host: &'a str,
 }
 
+/// What [`forward`] adds to a request besides the path: where it came from, the identity headers,
+/// whether policies decided it, and the WebSocket upgrade it asked for.
+pub(crate) struct Outgoing<'a> {
+    pub(crate) origin: Origin<'a>,
+    pub(crate) identity: &'a IdentityBlock,
+    /// A policy-authorized mapping: method-override headers are dropped, since policies decided
+    /// on the request's own method.
+    pub(crate) policy: bool,
+    pub(crate) websocket: Option<WebSocket>,
+    /// Where an accepted upgrade leaves its tunnel, for the connection's task to run.
+    pub(crate) tunnel: &'a TunnelSlot,
+}
+
+/// A WebSocket tunnel, run by the connection's own task so that it keeps its connection slot and
+/// its live entry, and is closed by revocation, an operator or shutdown like any connection.
+pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where [`forward`] leaves an accepted tunnel.
+pub(crate) type TunnelSlot = std::sync::Mutex<Option<Tunnel>>;
+
 /// Sends `req` to `upstream` with `path` (prefix already stripped) and returns its answer.
 pub(crate) async fn forward(
     client: &UpstreamClient,
     mut req: Request<Incoming>,
     upstream: &Uri,
     path: &str,
-    origin: Origin<'_>,
+    out: Outgoing<'_>,
     timeout: Duration,
 ) -> Response<Body> {
     let base = upstream.path().trim_end_matches('/');
@@ -171,17 +200,23 @@ pub(crate) async fn forward(
     };
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    // An HTTP/1.1 upgrade (WebSocket) keeps its Upgrade header; the client side of the tunnel is
-    // taken here, before the request moves on.
-    let upgrade = upgrade_protocol(req.headers());
-    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // A WebSocket upgrade keeps its Upgrade header; the client side of the tunnel is taken here,
+    // before the request moves on.
+    let client_side = out.websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let headers = req.headers_mut();
     remove_hop_by_hop(headers);
-    if let Some(protocol) = &upgrade {
+    if out.websocket.is_some() {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
-    add_forwarding(headers, &origin);
+    if out.policy {
+        for name in METHOD_OVERRIDES {
+            headers.remove(name);
+        }
+    }
+    // After the hop-by-hop removal: nothing the client names in Connection removes them.
+    out.identity.insert_into(headers);
+    add_forwarding(headers, &out.origin);
     if let Some(authority) = upstream.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
     {
@@ -189,17 +224,34 @@ pub(crate) async fn forward(
     }
     match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(mut resp)) => {
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let (Some(client_side), Some(protocol)) = (client_side, upgrade)
-            {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let accepted = match (&out.websocket, client_side) {
+                    (Some(ws), Some(client_side)) if switched_to_websocket(resp.headers(), ws) => {
+                        Some(client_side)
+                    }
+                    _ => None,
+                };
+                let Some(client_side) = accepted else {
+                    tracing::warn!(upstream = %upstream, "upstream switched protocols without a valid WebSocket handshake");
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-bad-upgrade",
+                        "the upstream service switched protocols without completing a WebSocket handshake",
+                        None,
+                    );
+                };
                 let upstream_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_side, upstream_side));
+                if let Ok(mut slot) = out.tunnel.lock() {
+                    *slot = Some(Box::pin(tunnel(client_side, upstream_side)));
+                }
                 let (mut parts, body) = resp.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 parts
                     .headers
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                parts.headers.insert(header::UPGRADE, protocol);
+                parts
+                    .headers
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
                 return Response::from_parts(
                     parts,
                     BoxBody::new(body.map_err(|e| Box::new(e) as _)),
@@ -227,16 +279,17 @@ pub(crate) async fn forward(
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+/// Whether an upstream's 101 completes the WebSocket handshake the client asked for: it
+/// switched to `websocket` and answered the client's key (RFC 6455 4.2.2). Anything else would
+/// make the tunnel carry what no one checked.
+fn switched_to_websocket(headers: &HeaderMap, ws: &WebSocket) -> bool {
+    let upgraded = headers
+        .get(header::UPGRADE)
+        .is_some_and(|u| u.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let answered = headers.get("sec-websocket-accept").is_some_and(|a| {
+        a.as_bytes().trim_ascii() == websocket_accept(ws.key.as_bytes()).as_bytes()
+    });
+    upgraded && answered
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides have switched.
@@ -249,10 +302,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-/// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`), never forwarded;
-/// both HTTP paths use this list.
-pub(crate) const HOP_BY_HOP: [&str; 8] = [
+/// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`, and `HTTP2-Settings`,
+/// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list.
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
+    "http2-settings",
     "keep-alive",
     "proxy-authorization",
     "proxy-connection",

@@ -1,0 +1,821 @@
+//! Attacks on the promise: only a verified identity gets through, and the upstream can trust
+//! what it is told. Each test replays a bypass found by a security review (named after it) with
+//! a hand-written client (`scripts/attack.py`: raw HTTP/1.1 bytes, HTTP/2 frames) against the
+//! release binary, and asserts on what a recording upstream (`scripts/recording_upstream.py`)
+//! actually received, not only on the status the client saw.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::temp_dir;
+use serde_json::Value;
+
+use crate::control::{Auth, api};
+use crate::serve::{Killed, Server, pki, python_server, registry_store};
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/cli/scripts")
+        .join(name)
+}
+
+/// The Python with the `h2` package the test command installs (`PORTCULLIS_TEST_PYTHON`), or a
+/// `python3` that has it. Missing in CI fails the test; elsewhere it is skipped, saying so.
+fn attack_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PORTCULLIS_TEST_PYTHON") {
+        return Some(p.into());
+    }
+    if let Some(p) = portcullis_testkit::tool("python3")
+        && portcullis_testkit::run(&p, &["-c", "import h2"], Path::new(".")).code == 0
+    {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "Python h2 is not installed; the test command (scripts/test) installs it"
+    );
+    eprintln!("SKIP: Python h2 is not installed (run scripts/test to install it)");
+    None
+}
+
+/// The recording upstream: what it received, request by request.
+struct Upstream {
+    _process: Killed,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Upstream {
+    fn start(python: &Path, d: &Path) -> Upstream {
+        let log = d.join("upstream.log");
+        let (process, port) = python_server(
+            python,
+            &[
+                script("recording_upstream.py").to_str().unwrap(),
+                log.to_str().unwrap(),
+            ],
+            d,
+        );
+        Upstream {
+            _process: process,
+            port,
+            log,
+        }
+    }
+
+    /// Every record so far: requests (`line`, `headers`, `body`) and tunnel bytes.
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The request records whose request line holds `needle`.
+    fn requests(&self, needle: &str) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["kind"] == "request" && r["line"].as_str().unwrap().contains(needle))
+            .collect()
+    }
+
+    fn tunnelled(&self) -> usize {
+        self.records()
+            .iter()
+            .filter(|r| r["kind"] == "tunnel")
+            .count()
+    }
+}
+
+/// A request record's headers as (lower-case name, value) pairs, in arrival order.
+fn headers(record: &Value) -> Vec<(String, String)> {
+    record["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_ascii_lowercase(),
+                h[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The identity headers a request record carries, by name; panics if one came twice.
+fn identity(record: &Value) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for (name, value) in headers(record) {
+        if name.starts_with("client-cert")
+            || name.starts_with("x-client-cert")
+            || name.starts_with("x-forwarded-client-cert")
+        {
+            assert!(
+                found.insert(name.clone(), value).is_none(),
+                "{name} arrived twice: {record}"
+            );
+        }
+    }
+    found
+}
+
+/// The invariant: the upstream receives exactly the gateway's identity headers for `who`.
+fn assert_exact_identity(record: &Value, who: &str) {
+    let got = identity(record);
+    let names: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "client-cert",
+            "client-cert-chain",
+            "x-client-cert-fingerprint-sha256",
+            "x-client-cert-issuer",
+            "x-client-cert-not-after",
+            "x-client-cert-not-before",
+            "x-client-cert-serial",
+            "x-client-cert-subject",
+            "x-client-cert-verify",
+        ],
+        "{record}"
+    );
+    assert_eq!(got["x-client-cert-verify"], "SUCCESS", "{record}");
+    assert!(
+        got["x-client-cert-subject"].contains(&format!("CN={who}")),
+        "{record}"
+    );
+}
+
+/// Sends raw HTTP/1.1 requests one after another on one TLS connection; the answers.
+fn http1(
+    python: &Path,
+    d: &Path,
+    port: u16,
+    sni: &str,
+    who: &str,
+    requests: &[&str],
+) -> Vec<Value> {
+    pipe(python, d, &["http1", &port.to_string(), sni, who], requests)
+}
+
+/// Sends HTTP/2 requests (header lists) as streams of one connection; the answers.
+fn h2(python: &Path, d: &Path, port: u16, sni: &str, who: &str, requests: Value) -> Vec<Value> {
+    let mut child = Command::new(python)
+        .args([
+            script("attack.py").to_str().unwrap(),
+            "h2",
+            &port.to_string(),
+            sni,
+            who,
+        ])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(requests.to_string().as_bytes())
+        .unwrap();
+    answers(child)
+}
+
+fn pipe(python: &Path, d: &Path, args: &[&str], requests: &[&str]) -> Vec<Value> {
+    let mut all = vec![script("attack.py").to_str().unwrap().to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let mut child = Command::new(python)
+        .args(&all)
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(requests).unwrap().as_bytes())
+        .unwrap();
+    answers(child)
+}
+
+fn answers(child: Child) -> Vec<Value> {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "attack.py printed no answers ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn status(answer: &Value) -> u64 {
+    answer["status"].as_u64().unwrap_or(0)
+}
+
+/// The body's `error` code of a gateway answer.
+fn code(answer: &Value) -> String {
+    serde_json::from_str::<Value>(answer["body"].as_str().unwrap_or(""))
+        .map(|b| b["error"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// A domain with mutual TLS (`mode`) on truststore A, and mappings (base path, upstream path,
+/// extra lines) to the recording upstream.
+fn domain(
+    host: &str,
+    mode: &str,
+    extra: &str,
+    port: u16,
+    mappings: &[(&str, &str, &str)],
+) -> String {
+    let mut text = format!(
+        "\n[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n{extra}\n\
+         [domain.mtls]\nmode = \"{mode}\"\ntruststore = \"trust-a.pem\"\n"
+    );
+    for (base, path, lines) in mappings {
+        text.push_str(&format!(
+            "[[domain.mapping]]\nbase_path = \"{base}\"\nupstream = \"http://127.0.0.1:{port}{path}\"\n{lines}\n"
+        ));
+    }
+    text
+}
+
+const HEAD: &str =
+    "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n";
+
+/// The gateway in front of the recording upstream: `a.test` (required), `under.test` (required,
+/// `_` names allowed) and `opt.test` (optional: `/open` without a certificate, `/secure` with).
+fn setup() -> Option<(portcullis_testkit::TempDir, PathBuf, Upstream, Server)> {
+    let python = attack_python()?;
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let up = Upstream::start(&python, d);
+    let p = up.port;
+    let config = format!(
+        "{HEAD}{}{}{}",
+        domain(
+            "a.test",
+            "required",
+            "",
+            p,
+            &[
+                ("/app", "/app", ""),
+                ("/nows", "/nows", "websocket = false")
+            ]
+        ),
+        domain(
+            "under.test",
+            "required",
+            "underscores_in_headers = true",
+            p,
+            &[("", "/under", "")]
+        ),
+        domain(
+            "opt.test",
+            "optional",
+            "",
+            p,
+            &[
+                ("/open", "/app/open", "client_certificate = \"optional\""),
+                ("/secure", "/app/secure", "")
+            ]
+        ),
+    );
+    let s = Server::start(d, &config);
+    Some((tmp, python, up, s))
+}
+
+#[test]
+fn h2c_upgrade_is_refused_and_never_tunnels_past_routing_and_policy() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    // The attack: an h2c upgrade honoured by the upstream would carry HTTP/2 straight to it,
+    // past the mapping, the policies and the identity headers.
+    let preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let h2c = "GET /app/h2c HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+               Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n";
+    let got = http1(&py, d, s.port, "a.test", "alice", &[h2c, preface]);
+    assert_eq!(status(&got[0]), 400, "{got:?}");
+    assert_eq!(code(&got[0]), "upgrade-refused", "{got:?}");
+    // Unknown tokens, and a WebSocket upgrade on a mapping that does not tunnel them.
+    for (request, why) in [
+        (
+            "GET /app/x HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n",
+            "unknown token",
+        ),
+        (
+            "GET /app/x HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            "two tokens",
+        ),
+        (
+            "GET /nows/x HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            "websocket = false",
+        ),
+    ] {
+        let got = http1(&py, d, s.port, "a.test", "alice", &[request]);
+        assert_eq!(status(&got[0]), 400, "{why}: {got:?}");
+        assert_eq!(code(&got[0]), "upgrade-refused", "{why}: {got:?}");
+    }
+    // An Upgrade header that Connection does not name is no upgrade: it is dropped.
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        &[
+            "GET /app/plain HTTP/1.1\r\nHost: a.test\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n",
+        ],
+    );
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    // Nothing was tunnelled; no upgrade request and no HTTP2-Settings reached the upstream.
+    assert_eq!(up.tunnelled(), 0, "{:?}", up.records());
+    for r in up.records() {
+        for (name, _) in headers(&r) {
+            assert!(
+                name != "upgrade" && name != "http2-settings",
+                "{name} reached the upstream: {r}"
+            );
+        }
+    }
+    assert_eq!(up.requests("/app/plain").len(), 1);
+    // A WebSocket upgrade where allowed still tunnels, checked by the upstream's accept key.
+    let ws = WebSocketClient::open(&py, d, s.port, "a.test", "alice", "/app/ws");
+    assert_eq!(ws.status, "101");
+    drop(ws);
+    let upgrade = &up.requests("/app/ws")[0];
+    let names: Vec<String> = headers(upgrade).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"upgrade".to_string()), "{upgrade}");
+    assert_exact_identity(upgrade, "alice");
+}
+
+#[test]
+fn a_connection_header_cannot_erase_the_identity_headers() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    for named in [
+        "X-Client-Cert-Verify, Client-Cert, X-Client-Cert-Subject",
+        "keep-alive, x-client-cert-fingerprint-sha256",
+        "X-Forwarded-For",
+        "Forwarded",
+        "Content-Length",
+    ] {
+        let request =
+            format!("GET /app/erase HTTP/1.1\r\nHost: a.test\r\nConnection: {named}\r\n\r\n");
+        let got = http1(&py, d, s.port, "a.test", "alice", &[&request]);
+        assert_eq!(status(&got[0]), 400, "Connection: {named}: {got:?}");
+        assert_eq!(code(&got[0]), "connection-names-owned-header", "{got:?}");
+    }
+    assert!(up.requests("/app/erase").is_empty(), "{:?}", up.records());
+    // The same on an optional domain, where an anonymous client would hide `NONE`.
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "opt.test",
+        "-",
+        &["GET /open/a HTTP/1.1\r\nHost: opt.test\r\nConnection: X-Client-Cert-Verify\r\n\r\n"],
+    );
+    assert_eq!(status(&got[0]), 400, "{got:?}");
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "opt.test",
+        "-",
+        &["GET /open/b HTTP/1.1\r\nHost: opt.test\r\nX-Client-Cert-Verify: SUCCESS\r\n\r\n"],
+    );
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    let anonymous = &up.requests("/app/open/b")[0];
+    assert_eq!(
+        identity(anonymous).into_iter().collect::<Vec<_>>(),
+        [("x-client-cert-verify".to_string(), "NONE".to_string())],
+        "{anonymous}"
+    );
+    // Connection naming other headers still works, on the fast path and the hyper path alike,
+    // and the upstream gets exactly the gateway's identity headers every time.
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        &[
+            "GET /app/fast HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive\r\nX-Client-Cert-Subject: CN=mallory\r\n\r\n",
+            "GET /app/hyper HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, X-Custom\r\nX-Custom: 1\r\nclient-cert: :ZXZpbA==:\r\n\r\n",
+        ],
+    );
+    assert!(got.iter().all(|a| status(a) == 200), "{got:?}");
+    for path in ["/app/fast", "/app/hyper"] {
+        let r = &up.requests(path)[0];
+        assert_exact_identity(r, "alice");
+        assert!(!headers(r).iter().any(|(n, _)| n == "x-custom"), "{r}");
+    }
+    // HTTP/2 has no Connection header at all (a client sending one breaks the stream).
+    let got = h2(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        serde_json::json!([{"headers": [[":method", "GET"], [":scheme", "https"], [":authority", "a.test"], [":path", "/app/h2"], ["x-client-cert-verify", "FAILED"]]}]),
+    );
+    assert_eq!(got[0]["status"], 200, "{got:?}");
+    assert_exact_identity(&up.requests("/app/h2")[0], "alice");
+}
+
+#[test]
+fn header_names_with_underscores_never_reach_the_upstream() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    let spoofs = "X_Client_Cert_Subject: CN=mallory\r\nClient_Cert: :ZXZpbA==:\r\n\
+                  X_Client_Cert_Verify: SUCCESS\r\nTransfer_Encoding: chunked\r\nContent_Length: 5\r\n\
+                  X_Forwarded_For: 10.6.6.6\r\nX_Custom: kept-only-where-allowed\r\n";
+    for host in ["a.test", "under.test"] {
+        let path = if host == "a.test" { "/app" } else { "" };
+        let fast = format!("GET {path}/u-fast HTTP/1.1\r\nHost: {host}\r\n{spoofs}\r\n");
+        // A chunked body sends this one down the hyper path.
+        let hyper = format!(
+            "POST {path}/u-hyper HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n{spoofs}\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        let got = http1(&py, d, s.port, host, "alice", &[&fast, &hyper]);
+        assert!(got.iter().all(|a| status(a) == 200), "{host}: {got:?}");
+        let h2 = h2(
+            &py,
+            d,
+            s.port,
+            host,
+            "alice",
+            serde_json::json!([{"headers": [[":method", "GET"], [":scheme", "https"], [":authority", host],
+                [":path", format!("{path}/u-h2")], ["x_client_cert_subject", "CN=mallory"], ["client_cert", ":ZXZpbA==:"],
+                ["content_length", "5"], ["x_custom", "kept-only-where-allowed"]]}]),
+        );
+        assert_eq!(h2[0]["status"], 200, "{host}: {h2:?}");
+    }
+    for (prefix, allowed) in [("/app/u-", false), ("/under/u-", true)] {
+        for kind in ["fast", "hyper", "h2"] {
+            let records = up.requests(&format!("{prefix}{kind}"));
+            assert_eq!(records.len(), 1, "{prefix}{kind}: {:?}", up.records());
+            let r = &records[0];
+            assert_exact_identity(r, "alice");
+            let underscored: Vec<String> = headers(r)
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| n.contains('_'))
+                .collect();
+            let expected: Vec<String> = if allowed {
+                vec!["x_custom".into()]
+            } else {
+                vec![]
+            };
+            assert_eq!(underscored, expected, "{r}");
+            if kind == "hyper" {
+                assert_eq!(r["body"], "abc", "{r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_segments_never_reach_the_upstream_on_domains_without_policies() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    // `/open` needs no certificate, `/secure` does: an anonymous client tries to reach `/secure`
+    // through `/open` in every spelling an upstream resolves.
+    for path in [
+        "/open/../secure/x",
+        "/open/%2e%2e/secure/x",
+        "/open/%2E%2E/secure/x",
+        "/open/..;/secure/x",
+        "/open/..\\secure/x",
+        "/open/..%5csecure/x",
+        "/open/.%2e/secure/x",
+        "/open/..%2fsecure/x",
+        "/open/./../secure/x",
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: opt.test\r\n\r\n");
+        let got = http1(&py, d, s.port, "opt.test", "-", &[&request]);
+        assert_eq!(status(&got[0]), 400, "{path}: {got:?}");
+        assert_eq!(code(&got[0]), "ambiguous-path", "{path}: {got:?}");
+    }
+    assert!(up.requests("secure").is_empty(), "{:?}", up.records());
+    // Ordinary paths, dots inside names included, still pass; `/secure` still needs a
+    // certificate.
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "opt.test",
+        "-",
+        &[
+            "GET /open/v1.2/file.tar.gz HTTP/1.1\r\nHost: opt.test\r\n\r\n",
+            "GET /secure/x HTTP/1.1\r\nHost: opt.test\r\n\r\n",
+        ],
+    );
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    assert_eq!(status(&got[1]), 403, "{got:?}");
+    assert_eq!(up.requests("/app/open/v1.2/file.tar.gz").len(), 1);
+}
+
+#[test]
+fn transfer_codings_expectations_and_two_hosts_are_refused() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        &[
+            "POST /app/te HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ],
+    );
+    assert_eq!(status(&got[0]), 501, "{got:?}");
+    assert_eq!(code(&got[0]), "unsupported-transfer-coding");
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        &["GET /app/expect HTTP/1.1\r\nHost: a.test\r\nExpect: 200-ok\r\n\r\n"],
+    );
+    assert_eq!(status(&got[0]), 417, "{got:?}");
+    let got = h2(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        serde_json::json!([
+            {"headers": [[":method", "GET"], [":scheme", "https"], [":authority", "a.test"], [":path", "/app/two-hosts"], ["host", "under.test"]]},
+            {"headers": [[":method", "GET"], [":scheme", "https"], [":authority", "a.test"], [":path", "/app/same-host"], ["host", "a.test"]]}
+        ]),
+    );
+    assert_eq!(got[0]["status"], 400, "{got:?}");
+    assert_eq!(got[1]["status"], 200, "{got:?}");
+    assert!(up.requests("/app/te").is_empty());
+    assert!(up.requests("/app/expect").is_empty());
+    assert!(up.requests("/app/two-hosts").is_empty());
+    assert_eq!(up.requests("/app/same-host").len(), 1);
+}
+
+#[test]
+fn a_host_naming_another_domain_gets_421_even_under_a_wildcard() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let up = Upstream::start(&py, d);
+    let p = up.port;
+    // x.w.test trusts root A; *.w.test trusts root B; the default endpoint serves a.test.
+    let wildcard = domain("*.w.test", "required", "", p, &[("", "/wild", "")])
+        .replace("trust-a.pem", "trust-b.pem");
+    let config = format!(
+        "default_endpoint = true\ndefault_domain = \"a.test\"\n{HEAD}{}{}{}",
+        domain("x.w.test", "required", "", p, &[("", "/exact", "")]),
+        wildcard,
+        domain("a.test", "required", "", p, &[("", "/default", "")]),
+    );
+    let s = Server::start(d, &config);
+    let port = s.port;
+    // bob (root B) on SNI y.w.test asks for x.w.test, which trusts only root A.
+    let got = http1(
+        &py,
+        d,
+        port,
+        "y.w.test",
+        "bob",
+        &[
+            "GET /coalesced HTTP/1.1\r\nHost: x.w.test\r\n\r\n",
+            "GET /own HTTP/1.1\r\nHost: y.w.test\r\n\r\n",
+            "GET /other-label HTTP/1.1\r\nHost: z.w.test:443\r\n\r\n",
+        ],
+    );
+    assert_eq!(status(&got[0]), 421, "{got:?}");
+    assert_eq!(status(&got[1]), 200, "{got:?}");
+    assert_eq!(status(&got[2]), 200, "{got:?}");
+    let got = h2(
+        &py,
+        d,
+        port,
+        "y.w.test",
+        "bob",
+        serde_json::json!([{"headers": [[":method", "GET"], [":scheme", "https"], [":authority", "x.w.test"], [":path", "/coalesced-h2"]]}]),
+    );
+    assert_eq!(got[0]["status"], 421, "{got:?}");
+    assert!(up.requests("/exact").is_empty(), "{:?}", up.records());
+    // The default endpoint (an SNI no domain has): a Host naming another domain gets 421; any
+    // other Host is served under the default domain's own name, never echoed upstream.
+    let got = http1(
+        &py,
+        d,
+        port,
+        "unknown.test",
+        "alice",
+        &[
+            "GET /to-x HTTP/1.1\r\nHost: x.w.test\r\n\r\n",
+            "GET /spoofed HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        ],
+    );
+    assert_eq!(status(&got[0]), 421, "{got:?}");
+    assert_eq!(status(&got[1]), 200, "{got:?}");
+    let spoofed = &up.requests("/default/spoofed")[0];
+    let forwarded: Vec<(String, String)> = headers(spoofed)
+        .into_iter()
+        .filter(|(n, _)| n == "x-forwarded-host" || n == "forwarded")
+        .collect();
+    assert!(
+        forwarded.iter().all(|(_, v)| !v.contains("evil")),
+        "{forwarded:?}"
+    );
+    assert!(
+        forwarded.contains(&("x-forwarded-host".into(), "a.test".into())),
+        "{forwarded:?}"
+    );
+    // An absolute SNI name (`x.w.test.`) is x.w.test, not the default domain: alice (root A)
+    // is served by x.w.test, bob (root B) is refused there.
+    let got = http1(
+        &py,
+        d,
+        port,
+        "x.w.test.",
+        "alice",
+        &["GET /dot HTTP/1.1\r\nHost: x.w.test.\r\n\r\n"],
+    );
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    assert_eq!(up.requests("/exact/dot").len(), 1, "{:?}", up.records());
+    let got = http1(
+        &py,
+        d,
+        port,
+        "x.w.test.",
+        "bob",
+        &["GET /dot-bob HTTP/1.1\r\nHost: x.w.test\r\n\r\n"],
+    );
+    assert!(got[0]["closed"] == true, "{got:?}");
+}
+
+#[test]
+fn websocket_tunnels_keep_their_slot_and_close_on_revocation_and_operator_close() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let up = Upstream::start(&py, d);
+    let (runtime, store) = registry_store(d);
+    let alice = runtime
+        .block_on(store.register_certificate(
+            &std::fs::read(d.join("alice.pem")).unwrap(),
+            portcullis_registry::CertStatus::Active,
+            "test",
+        ))
+        .unwrap();
+    let config = format!(
+        "{HEAD}{}",
+        domain(
+            "rev.test",
+            "required",
+            "registry_mode = \"revocation\"",
+            up.port,
+            &[("", "", "")]
+        )
+    );
+    let s = Server::start(d, &config);
+    let mut tunnels: Vec<WebSocketClient> = (0..5)
+        .map(|_| WebSocketClient::open(&py, d, s.port, "rev.test", "alice", "/ws"))
+        .collect();
+    assert!(tunnels.iter().all(|t| t.status == "101"));
+    // Five tunnels are five open connections: counted, listed, within max_connections.
+    let metric = |name: &str| {
+        s.metrics(d)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .map(|v| v.trim().parse::<f64>().unwrap())
+            })
+            .unwrap_or(0.0)
+    };
+    assert_eq!(metric("portcullis_active_connections "), 5.0);
+    let (code, listed) = api(d, &s, "GET", "/v1/connections", None, Auth::Certificate);
+    assert_eq!(code, 200, "{listed}");
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5, "{listed}");
+    assert!(
+        items.iter().all(|c| c["protocol"] == "websocket"),
+        "{listed}"
+    );
+    // An operator closes the first one.
+    let first = format!("127.0.0.1:{}", tunnels[0].local_port);
+    let entry = items.iter().find(|c| c["peer"] == first.as_str()).unwrap();
+    let id = entry["id"].as_u64().unwrap();
+    let (code, _) = api(
+        d,
+        &s,
+        "DELETE",
+        &format!("/v1/connections/{id}"),
+        None,
+        Auth::Certificate,
+    );
+    assert_eq!(code, 204);
+    tunnels.remove(0).wait_closed();
+    // Revoking alice closes the other four.
+    let revoked_at = Instant::now();
+    runtime
+        .block_on(store.set_certificate_status(
+            &alice.id,
+            portcullis_registry::CertStatus::Revoked,
+            "test",
+        ))
+        .unwrap();
+    for t in tunnels {
+        t.wait_closed();
+    }
+    let took = revoked_at.elapsed();
+    assert!(took < Duration::from_secs(5), "revocation took {took:?}");
+    assert_eq!(metric("portcullis_active_connections "), 0.0);
+    assert!(up.tunnelled() > 0);
+}
+
+/// `attack.py ws`: a WebSocket held open through the gateway.
+struct WebSocketClient {
+    _child: Killed,
+    lines: std::sync::mpsc::Receiver<String>,
+    status: String,
+    local_port: u16,
+}
+
+impl WebSocketClient {
+    fn open(
+        python: &Path,
+        d: &Path,
+        port: u16,
+        sni: &str,
+        who: &str,
+        path: &str,
+    ) -> WebSocketClient {
+        let mut child = Command::new(python)
+            .args([
+                script("attack.py").to_str().unwrap(),
+                "ws",
+                &port.to_string(),
+                sni,
+                who,
+                path,
+            ])
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the WebSocket client opened");
+        let mut words = first.split(' ').skip(1);
+        WebSocketClient {
+            _child: Killed(child),
+            status: words.next().unwrap_or_default().to_string(),
+            local_port: words.next().and_then(|p| p.parse().ok()).unwrap_or(0),
+            lines,
+        }
+    }
+
+    /// Waits (at most 10 s) for the gateway to close the tunnel.
+    fn wait_closed(self) {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the tunnel is closed within 10 s");
+        assert!(line.starts_with("closed "), "{line}");
+    }
+}
