@@ -26,6 +26,7 @@ mod inbound;
 pub mod listen;
 mod mqtt;
 mod proxy;
+mod recheck;
 mod respond;
 mod route;
 mod tls;
@@ -317,7 +318,7 @@ pub struct Gateway {
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
-    live: Arc<listen::Live>,
+    gates: Arc<listen::Gates>,
 }
 
 impl Gateway {
@@ -385,22 +386,25 @@ impl Gateway {
             local_addrs,
             tasks,
             broker,
-            live: limits.live.clone(),
+            gates: limits,
         })
     }
 
     /// The open HTTP connections, to list and close from the admin API.
     pub fn live_connections(&self) -> Arc<listen::Live> {
-        self.live.clone()
+        self.gates.live.clone()
     }
 
     /// Builds a complete new state from `config` and swaps it in. On error the running state is
-    /// untouched. Listener addresses are fixed at start; a change is reported, not applied.
+    /// untouched. Listener addresses are fixed at start; a change is reported, not applied. Open
+    /// connections that the new state would refuse (a truststore or CRL no longer admits their
+    /// certificate, their domain is gone or changed its mutual TLS mode) are closed.
     pub fn reload(&self, config: Config) -> Result<u64, GatewayError> {
         let generation = self.state.load().generation + 1;
         let state = State::build(&config, generation, &self.registry)?;
         state.publish_gauges();
         self.state.store(Arc::new(state));
+        self.gates.reloads.send_replace(generation);
         Ok(generation)
     }
 

@@ -28,6 +28,7 @@ use crate::authorize;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
 use crate::identity::IdentityBlock;
 use crate::proxy::{Forwarding, Origin, Outgoing, TunnelSlot, UpstreamClient, forward};
+use crate::recheck::{Admission, Closed};
 use crate::respond::{Body, error_response, escape};
 use crate::verify::{CONNECTION_VERDICT, ClientVerdict, HandshakeRecord};
 use crate::{DomainState, State, route};
@@ -50,6 +51,8 @@ pub(crate) struct Gates {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
     pub(crate) live: Arc<Live>,
+    /// Ticks on every reload: open connections check that the new state still admits them.
+    pub(crate) reloads: watch::Sender<u64>,
 }
 
 impl Gates {
@@ -58,6 +61,7 @@ impl Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             live: Arc::default(),
+            reloads: watch::channel(0).0,
         }
     }
 }
@@ -234,9 +238,11 @@ pub(crate) async fn accept_loop(
                 let client = client.clone();
                 let broker = broker.clone();
                 let live = gates.live.clone();
+                let states = state.clone();
+                let reloads = gates.reloads.subscribe();
                 connections.spawn(async move {
                     metrics::gauge!("portcullis_active_connections").increment(1.0);
-                    let on = Endpoint { protocols, broker, live };
+                    let on = Endpoint { protocols, broker, live, states, reloads };
                     connection(stream, peer, snapshot, client, handshakes, shutdown, on).await;
                     metrics::gauge!("portcullis_active_connections").decrement(1.0);
                     drop(permit);
@@ -276,6 +282,9 @@ struct Endpoint {
     protocols: Protocols,
     broker: Arc<Broker>,
     live: Arc<Live>,
+    /// The live state, and its reloads: what an open connection is checked against.
+    states: Arc<ArcSwap<State>>,
+    reloads: watch::Receiver<u64>,
 }
 
 /// A completed handshake: the stream, the domain chosen, and the verifier's record.
@@ -462,8 +471,10 @@ async fn connection(
             log_closed(
                 peer,
                 &hostname,
-                RejectReason::ProvisioningFailed,
-                &format!("just-in-time provisioning failed: {why}"),
+                &Closed {
+                    code: RejectReason::ProvisioningFailed.code(),
+                    explanation: format!("just-in-time provisioning failed: {why}"),
+                },
             );
             return;
         }
@@ -500,6 +511,13 @@ async fn connection(
         Protocols::Both => alpn == "mqtt",
         Protocols::Http => false,
     };
+    let admission = Admission::new(
+        endpoint.states.clone(),
+        &state,
+        domain_index,
+        sni.as_deref(),
+        &verdict,
+    );
     if mqtt {
         let conn = crate::mqtt::Conn {
             peer,
@@ -508,6 +526,8 @@ async fn connection(
             verdict,
             broker: endpoint.broker.clone(),
             shutdown,
+            admission,
+            reloads: endpoint.reloads,
         };
         // Boxed, like each protocol's future below: a connection's future is as large as its
         // largest branch, and only one of them ever runs.
@@ -519,30 +539,9 @@ async fn connection(
         tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN mqtt) on a listener that speaks only HTTP");
         return;
     }
-    // Live revocation: a connection whose certificate the registry stops admitting is closed,
-    // keep-alive and HTTP/2 included.
-    let watched_leaf = match &verdict {
-        ClientVerdict::Valid(chain) if domain.tls.verifier.uses_registry() => {
-            chain.first().cloned()
-        }
-        _ => None,
-    };
-    let verifier = domain.tls.verifier.clone();
-    let mut changes = verifier.registry_changes();
-    let refused = async move {
-        let Some(leaf) = watched_leaf else {
-            return std::future::pending::<(RejectReason, String)>().await;
-        };
-        loop {
-            // Checked after subscribing, so a change made during the handshake is not missed.
-            if let Some(refusal) = verifier.registry_refusal(&leaf) {
-                return refusal;
-            }
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    };
+    // Live revocation: a connection whose certificate the registry, a new truststore or a new
+    // CRL stops admitting is closed, keep-alive, HTTP/2 and WebSocket tunnels included.
+    let refused = admission.until_refused(domain.tls.verifier.registry_changes(), endpoint.reloads);
     tokio::pin!(refused);
     let identity = if domain.config.mtls.mode == MtlsMode::Off {
         IdentityBlock::default()
@@ -584,8 +583,8 @@ async fn connection(
                 crate::fast::Outcome::Closed => return,
                 crate::fast::Outcome::Fallback(prefix) => prefix,
             },
-            (reason, explanation) = &mut refused => {
-                log_closed(peer, &hostname, reason, &explanation);
+            closed = &mut refused => {
+                log_closed(peer, &hostname, &closed);
                 return;
             }
             _ = &mut closed_by_operator => {
@@ -615,8 +614,8 @@ async fn connection(
                     }
                     true
                 }
-                (reason, explanation) = &mut refused => {
-                    log_closed(peer, &hostname, reason, &explanation);
+                closed = &mut refused => {
+                    log_closed(peer, &hostname, &closed);
                     false
                 }
                 _ = &mut closed_by_operator => {
@@ -656,7 +655,7 @@ async fn connection(
             live.tunnelled();
             tokio::select! {
                 _ = tunnel => {}
-                (reason, explanation) = &mut refused => log_closed(peer, &hostname, reason, &explanation),
+                closed = &mut refused => log_closed(peer, &hostname, &closed),
                 _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
                 _ = shutdown.wait_for(|stopping| *stopping) => {
                     tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "shutdown", "WebSocket tunnel closed: the gateway is stopping");
@@ -680,18 +679,18 @@ fn log_operator_close(peer: SocketAddr, domain: &str) {
     );
 }
 
-/// A connection closed because the registry no longer admits its certificate.
-fn log_closed(peer: SocketAddr, domain: &str, reason: RejectReason, explanation: &str) {
-    metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => reason.code())
+/// A connection closed because the registry or the configuration no longer admits it.
+fn log_closed(peer: SocketAddr, domain: &str, closed: &Closed) {
+    metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => closed.code)
         .increment(1);
     tracing::info!(
         target: "portcullis::connection",
         peer = %peer,
         domain,
         result = "closed",
-        reason = reason.code(),
-        explanation,
-        "connection closed: the registry no longer admits its certificate"
+        reason = closed.code,
+        explanation = %closed.explanation,
+        "connection closed: its certificate or domain is no longer admitted"
     );
 }
 

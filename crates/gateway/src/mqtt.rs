@@ -44,6 +44,9 @@ pub(crate) struct Conn {
     pub(crate) verdict: ClientVerdict,
     pub(crate) broker: Arc<Broker>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// What the session was admitted under, checked again on registry changes and reloads.
+    pub(crate) admission: crate::recheck::Admission,
+    pub(crate) reloads: watch::Receiver<u64>,
 }
 
 /// A session's policies, bound to its certificate, domain and client id; bound again whenever
@@ -434,6 +437,7 @@ impl Session<'_> {
         tokio::pin!(keep_alive_timer);
         let mut read_size = FIRST_READ;
         let mut changes = c.verifier.registry_changes();
+        let mut reloads = c.reloads.clone();
         let mut shutdown = c.shutdown.clone();
         for m in std::mem::take(&mut handle.pending) {
             self.deliver(m);
@@ -530,14 +534,18 @@ impl Session<'_> {
                     if changed.is_err() {
                         continue;
                     }
-                    // Revoked or deactivated, or no longer allowed to connect: closed now.
-                    if let Some((why, explanation)) = c.verifier.registry_refusal(&self.leaf) {
-                        break End::Server(reason::NOT_AUTHORIZED, format!("{}: {explanation}", why.code()));
-                    }
-                    if let Err(why) = self.auth.decide("mqtt:Connect", &format!("client:{}", self.client_id)) {
-                        break End::Server(reason::NOT_AUTHORIZED, format!("mqtt:Connect no longer allowed: {why}"));
+                    if let Some(end) = self.recheck() {
+                        break end;
                     }
                     self.refill(&handle);
+                }
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    if let Some(end) = self.recheck() {
+                        break end;
+                    }
                 }
                 _ = shutdown.changed() => break End::Server(reason::SERVER_SHUTTING_DOWN, "the gateway is stopping".into()),
             }
@@ -599,6 +607,28 @@ impl Session<'_> {
             "mqtt session ended"
         );
         end
+    }
+
+    /// After a registry change or a reload: the session ends when its certificate is no longer
+    /// admitted (revoked, deactivated, refused by a new truststore or CRL, its domain gone) or
+    /// it may no longer connect.
+    fn recheck(&self) -> Option<End> {
+        if let Some(closed) = self.c.admission.refusal() {
+            return Some(End::Server(
+                reason::NOT_AUTHORIZED,
+                format!("{}: {}", closed.code, closed.explanation),
+            ));
+        }
+        if let Err(why) = self
+            .auth
+            .decide("mqtt:Connect", &format!("client:{}", self.client_id))
+        {
+            return Some(End::Server(
+                reason::NOT_AUTHORIZED,
+                format!("mqtt:Connect no longer allowed: {why}"),
+            ));
+        }
+        None
     }
 
     /// Handles one packet from the client; `Some` ends the session.

@@ -419,7 +419,13 @@ pub struct DomainVerifier {
     options: VerifyOptions,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Chains of open connections verified again against this generation (after a reload), by
+    /// the ids of their certificates: one verification per chain, however many connections.
+    rechecked: Mutex<std::collections::HashMap<String, Option<(RejectReason, String)>>>,
 }
+
+/// Chains kept in [`DomainVerifier::recheck`]'s cache before it starts over.
+const RECHECK_CACHE: usize = 100_000;
 
 impl DomainVerifier {
     pub(crate) fn new(
@@ -468,7 +474,47 @@ impl DomainVerifier {
             },
             hints,
             algorithms,
+            rechecked: Mutex::default(),
         }
+    }
+
+    /// Why this generation would refuse an open connection's verified `chain` (leaf first, as
+    /// another generation built it): its truststore and CRLs (cached per chain), then the
+    /// registry (the current snapshot).
+    pub(crate) fn recheck(&self, chain: &[Certificate]) -> Option<(RejectReason, String)> {
+        let leaf = chain.first()?;
+        let key: String = chain.iter().map(|c| c.info().id.as_str()).collect();
+        let cached = self
+            .rechecked
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&key).cloned());
+        let chain_refusal = match cached {
+            Some(refusal) => refusal,
+            None => {
+                let refusal = match &self.truststore {
+                    None => Some((
+                        RejectReason::UntrustedIssuer,
+                        "this domain has no truststore".to_string(),
+                    )),
+                    Some(store) => match verify(leaf, &chain[1..], store, &self.options) {
+                        Verdict::Valid { .. } => None,
+                        Verdict::Rejected {
+                            reason,
+                            explanation,
+                        } => Some((reason, explanation)),
+                    },
+                };
+                if let Ok(mut cache) = self.rechecked.lock() {
+                    if cache.len() >= RECHECK_CACHE {
+                        cache.clear();
+                    }
+                    cache.insert(key, refusal.clone());
+                }
+                refusal
+            }
+        };
+        chain_refusal.or_else(|| self.registry_refusal(leaf))
     }
 
     /// Verifies a presented chain (leaf first) now. Just-in-time registrations it calls for are

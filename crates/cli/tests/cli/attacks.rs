@@ -354,7 +354,7 @@ fn h2c_upgrade_is_refused_and_never_tunnels_past_routing_and_policy() {
     }
     assert_eq!(up.requests("/app/plain").len(), 1);
     // A WebSocket upgrade where allowed still tunnels, checked by the upstream's accept key.
-    let ws = WebSocketClient::open(&py, d, s.port, "a.test", "alice", "/app/ws");
+    let ws = websocket(&py, d, s.port, "a.test", "alice", "/app/ws");
     assert_eq!(ws.status, "101");
     drop(ws);
     let upgrade = &up.requests("/app/ws")[0];
@@ -705,8 +705,8 @@ fn websocket_tunnels_keep_their_slot_and_close_on_revocation_and_operator_close(
         )
     );
     let s = Server::start(d, &config);
-    let mut tunnels: Vec<WebSocketClient> = (0..5)
-        .map(|_| WebSocketClient::open(&py, d, s.port, "rev.test", "alice", "/ws"))
+    let mut tunnels: Vec<Held> = (0..5)
+        .map(|_| websocket(&py, d, s.port, "rev.test", "alice", "/ws"))
         .collect();
     assert!(tunnels.iter().all(|t| t.status == "101"));
     // Five tunnels are five open connections: counted, listed, within max_connections.
@@ -760,32 +760,27 @@ fn websocket_tunnels_keep_their_slot_and_close_on_revocation_and_operator_close(
     assert!(up.tunnelled() > 0);
 }
 
-/// `attack.py ws`: a WebSocket held open through the gateway.
-struct WebSocketClient {
+/// `attack.py ws` or `attack.py hold`: a connection held open through the gateway, reporting
+/// on its standard output.
+struct Held {
     _child: Killed,
     lines: std::sync::mpsc::Receiver<String>,
+    /// The first line's second word: the answer that opened it.
     status: String,
+    /// The first line's third word, if any (the WebSocket client's local port).
     local_port: u16,
 }
 
-impl WebSocketClient {
-    fn open(
-        python: &Path,
-        d: &Path,
-        port: u16,
-        sni: &str,
-        who: &str,
-        path: &str,
-    ) -> WebSocketClient {
+/// A WebSocket opened through the gateway (`attack.py ws`).
+fn websocket(python: &Path, d: &Path, port: u16, sni: &str, who: &str, path: &str) -> Held {
+    Held::start(python, d, &["ws", &port.to_string(), sni, who, path])
+}
+
+impl Held {
+    fn start(python: &Path, d: &Path, args: &[&str]) -> Held {
         let mut child = Command::new(python)
-            .args([
-                script("attack.py").to_str().unwrap(),
-                "ws",
-                &port.to_string(),
-                sni,
-                who,
-                path,
-            ])
+            .arg(script("attack.py"))
+            .args(args)
             .current_dir(d)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -800,9 +795,9 @@ impl WebSocketClient {
         });
         let first = lines
             .recv_timeout(Duration::from_secs(20))
-            .expect("the WebSocket client opened");
+            .expect("the client connected");
         let mut words = first.split(' ').skip(1);
-        WebSocketClient {
+        Held {
             _child: Killed(child),
             status: words.next().unwrap_or_default().to_string(),
             local_port: words.next().and_then(|p| p.parse().ok()).unwrap_or(0),
@@ -810,12 +805,104 @@ impl WebSocketClient {
         }
     }
 
-    /// Waits (at most 10 s) for the gateway to close the tunnel.
-    fn wait_closed(self) {
+    /// Waits (at most 10 s) for the gateway to close the connection; the client's closing line.
+    fn wait_closed(&self) -> String {
         let line = self
             .lines
             .recv_timeout(Duration::from_secs(10))
-            .expect("the tunnel is closed within 10 s");
+            .expect("the connection is closed within 10 s");
         assert!(line.starts_with("closed "), "{line}");
+        line
     }
+
+    /// When (unix seconds) the client saw the connection close.
+    fn closed_at(&self) -> f64 {
+        self.wait_closed()[7..].parse().unwrap()
+    }
+
+    /// Whether the connection is still open now.
+    fn is_open(&self) -> bool {
+        matches!(
+            self.lines.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty)
+        )
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn a_crl_or_truststore_change_closes_open_connections_within_a_second() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    std::fs::copy(d.join("trust-a.pem"), d.join("trust.pem")).unwrap();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\", \"mqtt\"]\n\n\
+                  [[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n\
+                  [domain.mtls]\nmode = \"required\"\ntruststore = \"trust.pem\"\ncrls = [\"int.crl\"]\n\
+                  [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    std::fs::write(
+        d.join("connect.json"),
+        r#"{"Statement": {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:${cert:Subject.CN}"}}"#,
+    )
+    .unwrap();
+    crate::control::cli(
+        d,
+        &["policy", "create", "connect", "--document", "connect.json"],
+    )
+    .ok();
+    crate::control::cli(d, &["policy", "attach", "connect", "--domain", "a.test"]).ok();
+    crate::control::wait_for_snapshot(d, &s);
+    let port = s.port.to_string();
+    let hold = |who: &str, kind: &str| Held::start(&py, d, &["hold", &port, "a.test", who, kind]);
+    let alice = [
+        hold("alice", "http1"),
+        hold("alice", "h2"),
+        hold("alice", "mqtt"),
+    ];
+    let carol = [hold("carol", "http1"), hold("carol", "mqtt")];
+    for h in alice.iter().chain(&carol) {
+        assert!(
+            ["200", "connack-0"].contains(&h.status.as_str()),
+            "{}",
+            h.status
+        );
+    }
+    // A CRL now revokes alice: the reload closes her open connections, not carol's.
+    crate::serve::revoke(d, "alice");
+    s.drain();
+    let line = s.reload();
+    let reloaded = unix_now();
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+    let mut slowest: f64 = 0.0;
+    for h in &alice {
+        slowest = slowest.max(h.closed_at() - reloaded);
+    }
+    println!("alice's connections closed at most {slowest:.3} s after the reload");
+    assert!(slowest < 1.0, "closed {slowest:.3} s after the reload");
+    s.wait_for("\"reason\":\"revoked\"");
+    assert!(carol.iter().all(Held::is_open));
+    // A truststore without root A closes carol's.
+    std::fs::copy(d.join("trust-b.pem"), d.join("trust.pem")).unwrap();
+    let line = s.reload();
+    let reloaded = unix_now();
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+    for h in &carol {
+        let after = h.closed_at() - reloaded;
+        assert!(after < 1.0, "closed {after:.3} s after the reload");
+    }
+    let text = s.metrics(d);
+    assert!(
+        text.contains(
+            r#"portcullis_connections_closed_total{domain="a.test",reason="untrusted-issuer"}"#
+        ),
+        "{text}"
+    );
 }

@@ -1338,7 +1338,8 @@ print("CLOSED" if data == b"" else "OPEN", flush=True)
             "{protocol} closed after {latency:?}"
         );
         println!("live revocation latency ({protocol}): {latency:?}");
-        let closed = s.wait_for("connection closed: the registry no longer admits its certificate");
+        let closed =
+            s.wait_for("connection closed: its certificate or domain is no longer admitted");
         assert!(closed.contains("\"reason\":\"inactive\""), "{closed}");
     }
     // New handshakes are refused on both domains.

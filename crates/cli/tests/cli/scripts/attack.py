@@ -11,6 +11,11 @@
 #   attack.py ws PORT SNI CLIENT PATH opens a WebSocket, prints "open <status> <local port>", then sends a
 #                                     line every 100 ms and prints "closed <seconds>" when the
 #                                     connection ends (read-only after stdin closes).
+#   attack.py hold PORT SNI CLIENT KIND
+#                                     KIND http1, h2 or mqtt: makes one request (GET /hold; an
+#                                     MQTT 3.1.1 CONNECT with the client id CLIENT), prints
+#                                     "ready <status>", then waits and prints "closed <unix time>"
+#                                     when the gateway closes the connection.
 #
 # CLIENT names the certificate files CLIENT.chain.pem / CLIENT.key, or "-" for none. Every
 # socket has a 20 s timeout.
@@ -152,6 +157,39 @@ def ws(port, sni, client, path):
     print("closed %.2f" % (time.monotonic() - opened), flush=True)
 
 
+def hold(port, sni, client, kind):
+    s = tls(port, sni, client, {"http1": "http/1.1", "h2": "h2", "mqtt": "mqtt"}[kind])
+    if kind == "http1":
+        s.sendall(("GET /hold HTTP/1.1\r\nHost: %s\r\n\r\n" % sni).encode())
+        status = read_response(s.makefile("rb")).get("status")
+    elif kind == "h2":
+        import h2.config, h2.connection, h2.events
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="latin-1"))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", sni), (":path", "/hold")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        status = None
+        while status is None:
+            for event in conn.receive_data(s.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[":status"]
+            s.sendall(conn.data_to_send())
+    else:
+        cid = client.encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
+        s.sendall(bytes([0x10, len(body)]) + body)
+        ack = s.recv(4)
+        status = "connack-%d" % ack[3] if len(ack) == 4 and ack[0] == 0x20 else "no-connack"
+    print("ready %s" % status, flush=True)
+    s.settimeout(None)
+    try:
+        while s.recv(65536):
+            pass
+    except (ConnectionError, ssl.SSLError, OSError):
+        pass
+    print("closed %.3f" % time.time(), flush=True)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"http1": http1, "h2": h2, "ws": ws}[cmd](*args)
+    {"http1": http1, "h2": h2, "ws": ws, "hold": hold}[cmd](*args)
