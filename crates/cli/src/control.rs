@@ -145,6 +145,10 @@ pub struct CertCreateArgs {
     /// Overwrite existing files.
     #[arg(long)]
     force: bool,
+    /// Issue a subject whose CN, O, OU or C holds / + # * ? $ (refused by default: policies
+    /// never substitute such a value).
+    #[arg(long)]
+    allow_separators: bool,
 }
 
 #[derive(Debug, Args)]
@@ -853,7 +857,7 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
             out.show(&v, |v| format!("registered {}", cert_text(v)));
         }
         CertCommand::Create(a) => {
-            let mut body = json!({"status": a.status.to_ascii_uppercase(), "days": a.days});
+            let mut body = json!({"status": a.status.to_ascii_uppercase(), "days": a.days, "allow_separators": a.allow_separators});
             match (&a.csr, &a.common_name) {
                 (Some(csr), _) => {
                     body["csr_pem"] = json!(String::from_utf8_lossy(&read(csr, "CSR")?))

@@ -218,6 +218,27 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     } else {
         connect.client_id.clone()
     };
+    // Policies substitute the client id into topics (`telemetry/${mqtt:ClientId}/#`): an id
+    // holding MQTT wildcards or a level separator would reach other devices' topics.
+    if let Some(c_bad) = client_id
+        .chars()
+        .find(|ch| "+#/*?$".contains(*ch) || ch.is_control())
+    {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "invalid-client-id").increment(1);
+        let _ = send(
+            &mut tls,
+            protocol,
+            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        )
+        .await;
+        return log_refused(
+            &c,
+            &client_id,
+            &format!(
+                "the client id holds {c_bad:?}; client ids may not hold + # / * ? $ or control characters"
+            ),
+        );
+    }
     let snapshot = c.verifier.registry_snapshot();
     if settings.require_thing_client_id
         && !snapshot

@@ -596,6 +596,19 @@ impl DomainVerifier {
     /// What the registry says about `leaf` (already verified against the truststore). Unless
     /// `dry_run`, just-in-time registrations are sent to the binary.
     pub fn registry_decision(&self, leaf: &Certificate, dry_run: bool) -> RegistryDecision {
+        if self.registry_mode != RegistryMode::Off
+            && let Some(why) = leaf.subject_ambiguity()
+        {
+            // The registry names certificates by their subject (things, templates, policies):
+            // one that reads as two identities is refused.
+            return RegistryDecision::Refuse(
+                RejectReason::AmbiguousSubject,
+                format!(
+                    "the subject '{}' has {why}, which the registry refuses",
+                    leaf.info().subject
+                ),
+            );
+        }
         let snapshot = self.registry.snapshot.load();
         let Some(refusal) = snapshot.refusal(self.registry_mode, &leaf.info().id) else {
             return RegistryDecision::Admit;

@@ -193,7 +193,9 @@ impl Broker {
     /// Opens a session for a connection that passed authentication and `mqtt:Connect`. An
     /// online session with the same client id is told [`Outbound::TakenOver`]. With
     /// `clean_start`, any stored session is discarded; otherwise it is resumed with its
-    /// subscriptions and queued messages.
+    /// subscriptions and queued messages, but only by the same `identity` (the certificate):
+    /// a session another certificate left starts clean, so nothing queued for one device is
+    /// handed to another. Queued messages are delivered only if `receiver` may receive them.
     pub fn connect(
         &self,
         client_id: &str,
@@ -218,12 +220,20 @@ impl Broker {
             s.disconnected_at
                 .is_some_and(|at| now.duration_since(at) >= s.expiry)
         });
-        if clean_start || expired {
+        let other_owner = state
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.identity != identity);
+        if clean_start || expired || other_owner {
             remove_session(&mut state, client_id);
         }
         if let Some(s) = state.sessions.get_mut(client_id) {
             session_present = true;
-            pending = s.queue.drain(..).filter(|m| !m.expired(now)).collect();
+            pending = s
+                .queue
+                .drain(..)
+                .filter(|m| !m.expired(now) && receiver.may_receive(&m.topic))
+                .collect();
             s.generation = generation;
             s.online = Some(tx);
             s.receiver = receiver;
@@ -387,10 +397,11 @@ impl Broker {
             return Vec::new();
         };
         let n = room.min(session.queue.len());
+        let receiver = session.receiver.clone();
         session
             .queue
             .drain(..n)
-            .filter(|m| !m.expired(now))
+            .filter(|m| !m.expired(now) && receiver.may_receive(&m.topic))
             .collect()
     }
 
@@ -681,6 +692,40 @@ mod tests {
         let mut again = again;
         b.publish(msg("q/3", QoS::AtLeastOnce, false), None);
         assert_eq!(delivered(&mut again).len(), 1);
+    }
+
+    #[test]
+    fn a_session_resumed_by_another_certificate_starts_clean_and_queues_are_checked() {
+        let b = Broker::new(Limits::default());
+        let hour = Duration::from_secs(3600);
+        let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
+        b.subscribe("dev", a.generation, "secret/#", sub(QoS::AtLeastOnce))
+            .unwrap();
+        b.disconnected("dev", a.generation, Vec::new());
+        b.publish(msg("secret/1", QoS::AtLeastOnce, false), None);
+        // Another certificate takes the client id over: nothing of the first session.
+        let other = b.connect("dev", false, hour, everything(), "CN=mallory (bbbb)");
+        assert!(!other.session_present);
+        assert!(other.pending.is_empty());
+        b.publish(msg("secret/2", QoS::AtLeastOnce, false), None);
+        b.disconnected("dev", other.generation, Vec::new());
+        // The same certificate resumes, but only with what its policies let it receive now.
+        let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
+        b.subscribe("dev", a.generation, "#", sub(QoS::AtLeastOnce))
+            .unwrap();
+        b.disconnected("dev", a.generation, Vec::new());
+        b.publish(msg("secret/3", QoS::AtLeastOnce, false), None);
+        b.publish(msg("public/4", QoS::AtLeastOnce, false), None);
+        let again = b.connect(
+            "dev",
+            false,
+            hour,
+            Arc::new(Allow(vec!["public/4"])),
+            "CN=dev (aaaa)",
+        );
+        assert!(again.session_present);
+        let topics: Vec<&str> = again.pending.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(topics, ["public/4"]);
     }
 
     #[test]

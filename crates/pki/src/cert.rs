@@ -110,6 +110,28 @@ impl Certificate {
             .flatten()
     }
 
+    /// Why the subject cannot be read as one identity (a multi-valued RDN, CN, O, OU or C given
+    /// twice, a value that is not text): policies and the registry refuse such certificates,
+    /// since what a policy reads and what the headers show would differ. `None` normally.
+    pub fn subject_ambiguity(&self) -> Option<&str> {
+        self.info.subject_ambiguity.as_deref()
+    }
+
+    /// The first subject attribute that policies read (CN, O, OU, C) whose value holds a
+    /// character policies treat as a separator or wildcard (`/ + # * ? $`) or a control
+    /// character, with that character. Policies never substitute such a value (it would reach
+    /// into another device's topics or another tenant's paths), so issuing one is refused unless
+    /// asked for. `None` when every value is plain.
+    pub fn subject_separator(&self) -> Option<(&'static str, char)> {
+        ["CN", "O", "OU", "C"].into_iter().find_map(|short| {
+            let value = self.subject_attribute(short)?;
+            let c = value
+                .chars()
+                .find(|c| "/+#*?$".contains(*c) || c.is_control())?;
+            Some((short, c))
+        })
+    }
+
     /// The first value of an issuer attribute, by its RFC 4514 short name (`CN`, `O`…), as
     /// policies use it.
     pub fn issuer_attribute(&self, short: &str) -> Option<String> {
@@ -177,6 +199,10 @@ pub struct CertificateInfo {
     pub(crate) issuer_der: Vec<u8>,
     #[serde(skip)]
     pub(crate) subject_der: Vec<u8>,
+    /// Why the subject cannot be read as one identity, if so (see
+    /// [`Certificate::subject_ambiguity`]).
+    #[serde(skip)]
+    pub(crate) subject_ambiguity: Option<String>,
 }
 
 /// Basic constraints.
@@ -338,6 +364,7 @@ impl CertificateInfo {
             not_after_unix: tbs.validity().not_after.timestamp(),
             issuer_der: tbs.issuer().as_raw().to_vec(),
             subject_der: tbs.subject().as_raw().to_vec(),
+            subject_ambiguity: crate::name::ambiguity(tbs.subject()),
         };
         for ext in tbs.extensions() {
             match ext.parsed_extension() {

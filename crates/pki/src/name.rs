@@ -27,6 +27,50 @@ pub(crate) fn attribute(name: &X509Name<'_>, short: &str) -> Option<String> {
         .map(value_text)
 }
 
+/// The subject attributes policies read as variables (`${cert:Subject.CN}`…).
+const POLICY_ATTRIBUTES: [&str; 4] = ["CN", "O", "OU", "C"];
+
+/// Why a name cannot be read as one identity: a multi-valued RDN, an attribute that policies
+/// read (CN, O, OU, C) given twice, or a value that is not text (rendered `#hex`, it could
+/// collide with that literal text). `None` for an ordinary name.
+pub(crate) fn ambiguity(name: &X509Name<'_>) -> Option<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for rdn in name.iter() {
+        let attrs: Vec<_> = rdn.iter().collect();
+        if attrs.len() > 1 {
+            let types: Vec<String> = attrs.iter().map(|a| short_name(a)).collect();
+            return Some(format!("a multi-valued RDN ({})", types.join("+")));
+        }
+        for attr in attrs {
+            let short = short_name(attr);
+            if !is_text(attr) {
+                return Some(format!("a {short} value that is not text"));
+            }
+            if POLICY_ATTRIBUTES.contains(&short.as_str()) {
+                if seen.contains(&short) {
+                    return Some(format!("more than one {short}"));
+                }
+                seen.push(short);
+            }
+        }
+    }
+    None
+}
+
+/// Whether an attribute's value decodes as text (as [`value_text`] renders it without `#hex`).
+fn is_text(attr: &AttributeTypeAndValue<'_>) -> bool {
+    let value = attr.attr_value();
+    if value.header.tag() == Tag::BmpString {
+        let units: Vec<u16> = value
+            .data
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        return value.data.len() % 2 == 0 && String::from_utf16(&units).is_ok();
+    }
+    attr.as_str().is_ok()
+}
+
 /// Converts a parsed name to rcgen's form, keeping every string type so that the encoding is
 /// byte-for-byte the same (chain building compares names as bytes).
 pub(crate) fn to_rcgen(name: &X509Name<'_>) -> Result<DistinguishedName> {

@@ -64,11 +64,14 @@ pub enum RejectReason {
     /// Just-in-time provisioning could not provision the certificate (its CA's template needs a
     /// subject field it lacks, or the registry could not record it).
     ProvisioningFailed,
+    /// The subject cannot be read as one identity (a multi-valued RDN, CN, O, OU or C given
+    /// twice, a value that is not text), which the registry and policies refuse.
+    AmbiguousSubject,
 }
 
 impl RejectReason {
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::NoCertificate,
         RejectReason::Expired,
         RejectReason::NotYetValid,
@@ -87,6 +90,7 @@ impl RejectReason {
         RejectReason::Unregistered,
         RejectReason::Inactive,
         RejectReason::ProvisioningFailed,
+        RejectReason::AmbiguousSubject,
     ];
 
     /// The stable code (`expired`, `untrusted-issuer`…).
@@ -110,6 +114,7 @@ impl RejectReason {
             RejectReason::Unregistered => "unregistered",
             RejectReason::Inactive => "inactive",
             RejectReason::ProvisioningFailed => "provisioning-failed",
+            RejectReason::AmbiguousSubject => "ambiguous-subject",
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Request<'a> {
 pub struct Bound {
     policies: usize,
     statements: Vec<BoundStatement>,
+    /// Set when the variables' certificate is ambiguous: every request is refused with this.
+    refusal: Option<String>,
 }
 
 /// The answer for one request.
@@ -120,7 +122,7 @@ pub fn bind(policies: &[(PolicyRef, Arc<Policy>)], vars: &Variables) -> Bound {
             let mut resources = Vec::new();
             let mut unbound = Vec::new();
             for template in &statement.resources {
-                match template.expand(vars) {
+                match template.expand_resource(vars) {
                     Expansion::Values(values) => {
                         resources.extend(values.iter().map(|v| Glob::new(v)));
                     }
@@ -153,6 +155,9 @@ pub fn bind(policies: &[(PolicyRef, Arc<Policy>)], vars: &Variables) -> Bound {
     Bound {
         policies: policies.len(),
         statements,
+        refusal: vars.ambiguity().map(|why| {
+            format!("the certificate's subject is ambiguous ({why}), so no policy applies to it")
+        }),
     }
 }
 
@@ -160,6 +165,13 @@ impl Bound {
     /// Decides `req`: denied when a Deny statement applies, else allowed when an Allow statement
     /// applies, else denied.
     pub fn decide(&self, req: &Request<'_>) -> Decision {
+        if let Some(refusal) = &self.refusal {
+            return Decision {
+                allowed: false,
+                by: None,
+                reason: refusal.clone(),
+            };
+        }
         let action = req.action.to_ascii_lowercase();
         let mut allow: Option<&BoundStatement> = None;
         for statement in &self.statements {
@@ -206,9 +218,14 @@ impl Bound {
         self.statements
             .iter()
             .map(|statement| {
-                let failed = statement
-                    .first_mismatch(&action, req)
-                    .map(|part| statement.describe(part, req));
+                let failed = match &self.refusal {
+                    Some(refusal) => Some(Mismatch::Unbound {
+                        detail: refusal.clone(),
+                    }),
+                    None => statement
+                        .first_mismatch(&action, req)
+                        .map(|part| statement.describe(part, req)),
+                };
                 StatementTrace {
                     statement: statement.by.clone(),
                     applied: failed.is_none(),
@@ -222,7 +239,7 @@ impl Bound {
     /// its Resource patterns or has a string condition that cannot hold for these variables),
     /// so that every request is denied.
     pub fn is_empty(&self) -> bool {
-        self.statements.iter().all(BoundStatement::is_dead)
+        self.refusal.is_some() || self.statements.iter().all(BoundStatement::is_dead)
     }
 }
 
@@ -664,7 +681,9 @@ mod tests {
         assert_eq!(
             trace[0].failed,
             Some(Mismatch::Unbound {
-                detail: "${cert:Subject.O} has no usable value".into()
+                detail:
+                    "${cert:Subject.O} has no usable value (none, empty, or holding one of * ? /)"
+                        .into()
             })
         );
 

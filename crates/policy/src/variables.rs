@@ -49,6 +49,10 @@ pub fn is_variable_name(name: &str) -> bool {
 #[serde(transparent)]
 pub struct Variables {
     values: BTreeMap<String, Vec<String>>,
+    /// Why the certificate's subject cannot be read as one identity (a repeated attribute, a
+    /// multi-valued RDN, a value that is not text): policies then refuse everything.
+    #[serde(skip)]
+    ambiguous: Option<String>,
 }
 
 impl Variables {
@@ -71,6 +75,12 @@ impl Variables {
         self.values.get(name).map_or(&[], Vec::as_slice)
     }
 
+    /// Why these variables cannot stand for one identity, when the certificate's subject is
+    /// ambiguous: every decision bound to them is a refusal saying so.
+    pub fn ambiguity(&self) -> Option<&str> {
+        self.ambiguous.as_deref()
+    }
+
     /// Every variable with its values, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
@@ -81,6 +91,7 @@ impl Variables {
     /// to set.
     pub fn from_certificate(cert: &Certificate, id: &str) -> Variables {
         let mut vars = Variables::new();
+        vars.ambiguous = cert.subject_ambiguity().map(str::to_string);
         let mut one = |name: &str, value: Option<String>| {
             if let Some(value) = value {
                 vars.set(name, vec![value]);
@@ -181,11 +192,34 @@ impl Template {
         &self.text
     }
 
+    /// Substitutes `vars` into a condition value: a value that is empty or holds `*` or `?` is
+    /// not usable. See [`Template::expand_with`].
+    pub(crate) fn expand(&self, vars: &Variables) -> Expansion {
+        self.expand_with(vars, &['*', '?'])
+    }
+
+    /// Substitutes `vars` into a Resource pattern. Besides wildcards, a value may not hold the
+    /// resource's separators, or it would reach into another device's or tenant's space: `/`
+    /// in every resource (`route:a.test/partners/${cert:Subject.O}/*` with `O = "Acme/x"`), and
+    /// MQTT's wildcards and `$` in topics and filters (`topicfilter:t/${mqtt:ClientId}/#` with
+    /// the client id `+`).
+    pub(crate) fn expand_resource(&self, vars: &Variables) -> Expansion {
+        let kind = self
+            .text
+            .split_once(':')
+            .map(|(kind, _)| kind)
+            .filter(|kind| !kind.contains('$'));
+        match kind {
+            Some("route" | "client") => self.expand_with(vars, &['*', '?', '/']),
+            _ => self.expand_with(vars, &['*', '?', '/', '+', '#', '$']),
+        }
+    }
+
     /// Substitutes `vars`. A variable takes each of its usable values in turn (the same value
     /// wherever it appears in the template); several multi-valued variables give every
-    /// combination. A value that is empty or holds `*` or `?` is not usable: substitution must
-    /// never widen a pattern.
-    pub(crate) fn expand(&self, vars: &Variables) -> Expansion {
+    /// combination. A value that is empty or holds one of `forbidden` is not usable:
+    /// substitution must never widen a pattern.
+    fn expand_with(&self, vars: &Variables, forbidden: &[char]) -> Expansion {
         let mut names: Vec<&str> = Vec::new();
         for piece in &self.pieces {
             if let Piece::Variable(name) = piece
@@ -203,14 +237,17 @@ impl Template {
             let mut usable: Vec<&str> = Vec::new();
             for value in vars.get(name) {
                 if !value.is_empty()
-                    && !value.contains(['*', '?'])
+                    && !value.contains(forbidden)
                     && !usable.contains(&value.as_str())
                 {
                     usable.push(value);
                 }
             }
             if usable.is_empty() {
-                return Expansion::Nothing(format!("${{{name}}} has no usable value"));
+                let held: String = forbidden.iter().map(|c| format!(" {c}")).collect();
+                return Expansion::Nothing(format!(
+                    "${{{name}}} has no usable value (none, empty, or holding one of{held})"
+                ));
             }
             combinations = combinations.saturating_mul(usable.len());
             choices.push(usable);
@@ -344,6 +381,39 @@ mod tests {
             ["p/ok"]
         );
         assert!(matches!(t.expand(&Variables::new()), Expansion::Nothing(_)));
+    }
+
+    #[test]
+    fn values_holding_separators_never_reach_into_another_space() {
+        let route = Template::parse("route:a.test/partners/${cert:Subject.O}/*").unwrap();
+        let filter = Template::parse("topicfilter:telemetry/${mqtt:ClientId}/#").unwrap();
+        let topic = Template::parse("topic:${mqtt:ClientId}/x").unwrap();
+        for (t, bad) in [
+            (&route, "Acme/secret"),
+            (&route, "Acme*"),
+            (&filter, "+"),
+            (&filter, "#"),
+            (&filter, "a/b"),
+            (&topic, "$aws"),
+        ] {
+            let v = vars(&[("cert:Subject.O", &[bad]), ("mqtt:ClientId", &[bad])]);
+            assert!(
+                matches!(t.expand_resource(&v), Expansion::Nothing(_)),
+                "{} with {bad:?}",
+                t.text()
+            );
+        }
+        let v = vars(&[("cert:Subject.O", &["Acme+Co #1"])]);
+        assert_eq!(
+            values(route.expand_resource(&v)),
+            ["route:a.test/partners/Acme+Co #1/*"]
+        );
+        // Condition values keep only the wildcard rule.
+        let condition = Template::parse("${cert:Subject.O}").unwrap();
+        assert_eq!(
+            values(condition.expand(&vars(&[("cert:Subject.O", &["a/b"])]))),
+            ["a/b"]
+        );
     }
 
     #[test]

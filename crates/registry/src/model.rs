@@ -282,12 +282,14 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), RegistryError> {
         && name.len() <= 128
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.'))
+        // `.` and `..` are path segments: such a name could not be named in a URL.
+        && !name.bytes().all(|b| b == b'.');
     if ok {
         Ok(())
     } else {
         Err(RegistryError::Invalid(format!(
-            "{kind} name '{}' must be 1-128 characters of A-Z a-z 0-9 : _ - .",
+            "{kind} name '{}' must be 1-128 characters of A-Z a-z 0-9 : _ - ., not only dots",
             name.escape_debug()
         )))
     }

@@ -31,6 +31,11 @@ pub struct ProvisioningTemplate {
     /// Attach the certificate exclusively (the default).
     #[serde(default = "exclusive_default")]
     pub exclusive: bool,
+    /// Let a new certificate join a thing that already exists with the name the template
+    /// makes (a device re-keying). Off by default: a certificate with `CN=sensor-1` would
+    /// otherwise inherit an operator-made thing `sensor-1`, its attributes and its policies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join_existing_thing: bool,
 }
 
 fn exclusive_default() -> bool {
@@ -46,6 +51,8 @@ pub struct Provisioned {
     pub attributes: BTreeMap<String, String>,
     /// Whether the certificate is attached exclusively.
     pub exclusive: bool,
+    /// Whether the thing may exist already.
+    pub join_existing_thing: bool,
 }
 
 /// The certificate variables templates (and, later, policies) may use.
@@ -84,6 +91,11 @@ impl ProvisioningTemplate {
     /// The thing `cert` provisions, or why it cannot (a subject field the template needs is
     /// missing, or the resulting name is not a valid thing name).
     pub fn resolve(&self, cert: &Certificate) -> Result<Provisioned, String> {
+        if let Some(why) = cert.subject_ambiguity() {
+            return Err(format!(
+                "the certificate's subject has {why}, so it names no single thing"
+            ));
+        }
         let thing_name = substitute(&self.thing_name, cert)?;
         check_name("thing", &thing_name).map_err(|e| {
             format!(
@@ -99,6 +111,7 @@ impl ProvisioningTemplate {
             thing_name,
             attributes,
             exclusive: self.exclusive,
+            join_existing_thing: self.join_existing_thing,
         })
     }
 }

@@ -906,3 +906,471 @@ fn a_crl_or_truststore_change_closes_open_connections_within_a_second() {
         "{text}"
     );
 }
+
+/// `openssl` makes a client certificate signed by `int` with the subject exactly as given
+/// (`-subj`, multi-valued RDNs allowed), a P-256 key, and the extensions the profile asks for.
+fn openssl_client(d: &Path, name: &str, subject: &str) {
+    std::fs::write(
+        d.join("client-ext.cnf"),
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\n\
+         authorityKeyIdentifier = keyid\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| crate::openssl(d, args).expect("openssl is installed").ok();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-multivalue-rdn",
+        "-keyout",
+        &format!("{name}.key"),
+        "-subj",
+        subject,
+        "-out",
+        &format!("{name}.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &format!("{name}.csr"),
+        "-CA",
+        "int/ca.pem",
+        "-CAkey",
+        "int/ca.key",
+        "-set_serial",
+        "0x5a5a5a5a5a5a",
+        "-days",
+        "30",
+        "-extfile",
+        "client-ext.cnf",
+        "-out",
+        &format!("{name}.pem"),
+    ]);
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join(format!("{name}.pem"))).unwrap(),
+        std::fs::read_to_string(d.join("int/ca.pem")).unwrap()
+    );
+    std::fs::write(d.join(format!("{name}.chain.pem")), chain).unwrap();
+}
+
+/// Stores `document` as policy `name`, attaches it to `domain` and waits for the gateway.
+fn attach_policy(d: &Path, s: &Server, name: &str, document: &str, domain: &str) {
+    std::fs::write(d.join(format!("{name}.json")), document).unwrap();
+    let file = format!("{name}.json");
+    crate::control::cli(d, &["policy", "create", name, "--document", &file]).ok();
+    crate::control::cli(d, &["policy", "attach", name, "--domain", domain]).ok();
+    crate::control::wait_for_snapshot(d, s);
+}
+
+/// A gateway with a policy-authorized domain `api.test` (on the recording upstream) and
+/// `reg.test` (registry_mode revocation).
+fn policy_gateway() -> Option<(portcullis_testkit::TempDir, PathBuf, Upstream, Server)> {
+    let python = attack_python()?;
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let up = Upstream::start(&python, d);
+    let config = format!(
+        "{HEAD}{}{}",
+        domain(
+            "api.test",
+            "required",
+            "",
+            up.port,
+            &[("", "", "authorization = \"policy\"")]
+        ),
+        domain(
+            "reg.test",
+            "required",
+            "registry_mode = \"revocation\"",
+            up.port,
+            &[("", "/reg", "")]
+        ),
+    );
+    let s = Server::start(d, &config);
+    Some((tmp, python, up, s))
+}
+
+#[test]
+fn policy_variables_holding_a_slash_never_cross_into_another_tenant() {
+    let Some((tmp, py, up, s)) = policy_gateway() else {
+        return;
+    };
+    let d = tmp.path();
+    crate::leaf(d, "client", "acme-1", "int", &["--org", "Acme"]);
+    crate::leaf(d, "client", "mallory", "int", &["--org", "Acme/secret"]);
+    attach_policy(
+        d,
+        &s,
+        "partners",
+        r#"{"Statement": {"Effect": "Allow", "Action": "http:*", "Resource": "route:api.test/partners/${cert:Subject.O}/*"}}"#,
+        "api.test",
+    );
+    let get = |who: &str, path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: api.test\r\n\r\n");
+        http1(&py, d, s.port, "api.test", who, &[&request]).remove(0)
+    };
+    assert_eq!(status(&get("acme-1", "/partners/Acme/orders")), 200);
+    // O = "Acme/secret" would make the pattern route:api.test/partners/Acme/secret/*: Acme's.
+    let answer = get("mallory", "/partners/Acme/secret/orders");
+    assert_eq!(status(&answer), 403, "{answer}");
+    assert_eq!(code(&answer), "policy-denied");
+    assert!(up.requests("secret").is_empty(), "{:?}", up.records());
+}
+
+#[test]
+fn method_override_headers_never_reach_policy_mappings() {
+    let Some((tmp, py, up, s)) = policy_gateway() else {
+        return;
+    };
+    let d = tmp.path();
+    attach_policy(
+        d,
+        &s,
+        "read-only",
+        r#"{"Statement": {"Effect": "Allow", "Action": "http:GET", "Resource": "route:api.test/*"}}"#,
+        "api.test",
+    );
+    // GET is allowed, DELETE is not: an upstream honouring an override would delete.
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "api.test",
+        "alice",
+        &[
+            "GET /fast HTTP/1.1\r\nHost: api.test\r\nX-HTTP-Method-Override: DELETE\r\nX-HTTP-Method: DELETE\r\nX-Method-Override: DELETE\r\n\r\n",
+            "GET /hyper HTTP/1.1\r\nHost: api.test\r\nConnection: keep-alive, X-Other\r\nX-HTTP-Method-Override: DELETE\r\n\r\n",
+        ],
+    );
+    assert!(got.iter().all(|a| status(a) == 200), "{got:?}");
+    for path in ["/fast", "/hyper"] {
+        let r = &up.requests(&format!("GET {path} "))[0];
+        let overrides: Vec<(String, String)> = headers(r)
+            .into_iter()
+            .filter(|(n, _)| n.contains("method"))
+            .collect();
+        assert!(overrides.is_empty(), "{r}");
+    }
+    // A mapping without policies keeps them (the method decided nothing there).
+    let got = http1(
+        &py,
+        d,
+        s.port,
+        "reg.test",
+        "alice",
+        &["GET /plain HTTP/1.1\r\nHost: reg.test\r\nX-HTTP-Method-Override: PATCH\r\n\r\n"],
+    );
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    let r = &up.requests("/reg/plain")[0];
+    assert!(
+        headers(r)
+            .iter()
+            .any(|(n, _)| n == "x-http-method-override"),
+        "{r}"
+    );
+}
+
+#[test]
+fn ambiguous_subjects_are_refused_by_policies_and_the_registry() {
+    let Some((tmp, py, up, s)) = policy_gateway() else {
+        return;
+    };
+    let d = tmp.path();
+    // Two O values: a policy reads the first, the headers show both. A multi-valued RDN too.
+    openssl_client(d, "two-orgs", "/O=Globex/O=Acme/CN=two-orgs");
+    openssl_client(d, "multi", "/O=Acme/CN=multi+OU=ops");
+    openssl_client(d, "plain", "/O=Acme/CN=plain");
+    attach_policy(
+        d,
+        &s,
+        "acme",
+        r#"{"Statement": {"Effect": "Allow", "Action": "http:*", "Resource": "route:api.test/partners/${cert:Subject.O}/*"}}"#,
+        "api.test",
+    );
+    let get = |who: &str, host: &str, path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        http1(&py, d, s.port, host, who, &[&request]).remove(0)
+    };
+    assert_eq!(status(&get("plain", "api.test", "/partners/Acme/x")), 200);
+    for who in ["two-orgs", "multi"] {
+        for org in ["Acme", "Globex"] {
+            let answer = get(who, "api.test", &format!("/partners/{org}/x"));
+            assert_eq!(status(&answer), 403, "{who} {org}: {answer}");
+            assert!(
+                answer["body"].as_str().unwrap().contains("ambiguous"),
+                "{answer}"
+            );
+        }
+        // A domain that consults the registry refuses it in the handshake.
+        let answer = get(who, "reg.test", "/x");
+        assert_eq!(answer["closed"], true, "{who}: {answer}");
+    }
+    assert!(
+        s.wait_for("\"reason\":\"ambiguous-subject\"")
+            .contains("reg.test")
+    );
+    assert_eq!(up.requests("/partners/").len(), 1, "{:?}", up.records());
+    // The registry does not register it.
+    let r = crate::control::cli(d, &["cert", "register", "--cert", "two-orgs.pem"]);
+    crate::assert_clean_error(&r, 2, "more than one O");
+}
+
+#[test]
+fn issuing_a_subject_with_policy_separators_needs_an_explicit_yes() {
+    let Some((tmp, _py, _up, s)) = policy_gateway() else {
+        return;
+    };
+    let d = tmp.path();
+    let _ = &s;
+    for cn in ["+", "telemetry/x", "a#", "$aws", "dev*"] {
+        let r = crate::control::cli(
+            d,
+            &[
+                "cert",
+                "create",
+                "--common-name",
+                cn,
+                "--out",
+                "issued",
+                "--force",
+            ],
+        );
+        crate::assert_clean_error(&r, 2, "allow-separators");
+    }
+    let made = crate::control::cli(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "ops/north",
+            "--out",
+            "issued",
+            "--force",
+            "--allow-separators",
+        ],
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    crate::control::cli(
+        d,
+        &["cert", "create", "--common-name", "dev-1", "--out", "ok"],
+    )
+    .ok();
+    // Things named only with dots could not be named in a URL.
+    for name in [".", ".."] {
+        crate::assert_clean_error(
+            &crate::control::cli(d, &["thing", "create", name]),
+            2,
+            "not only dots",
+        );
+    }
+}
+
+#[test]
+fn mqtt_session_takeover_by_another_certificate_starts_clean() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    crate::leaf(d, "client", "dave", "int", &[]);
+    let s = Server::start(d, &mqtt_config());
+    attach_policy(d, &s, "devices", MQTT_POLICY, "localhost");
+    let r = portcullis_testkit::run(
+        &py,
+        &[
+            script("mqtt_attacks.py").to_str().unwrap(),
+            "takeover",
+            &s.ports[1].to_string(),
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["alice_connack"], 0, "{v}");
+    assert_eq!(v["carol_connack"], 0, "{v}");
+    assert_eq!(v["carol_session_present"], false, "{v}");
+    assert_eq!(v["carol_first_message"], "public/hello", "{v}");
+}
+
+#[test]
+fn mqtt_wildcards_in_client_ids_and_certificate_fields_never_widen_a_filter() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    crate::leaf(d, "client", "dev-1", "int", &[]);
+    crate::portcullis(
+        d,
+        &[
+            "pki",
+            "issue",
+            "--profile",
+            "client",
+            "--cn",
+            "+",
+            "--out",
+            ".",
+            "--name",
+            "plus",
+            "--issuer-cert",
+            "int/ca.pem",
+            "--issuer-key",
+            "int/ca.key",
+        ],
+    )
+    .ok();
+    let s = Server::start(d, &mqtt_config());
+    attach_policy(d, &s, "devices", MQTT_POLICY, "localhost");
+    let r = portcullis_testkit::run(
+        &py,
+        &[
+            script("mqtt_attacks.py").to_str().unwrap(),
+            "wildcard",
+            &s.ports[1].to_string(),
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    // MQTT 3.1.1 return code 2 (identifier rejected) is reason 133 to paho.
+    assert_eq!(v["plus_client_id_connack"], 133, "{v}");
+    assert_eq!(v["attacker_connack"], 0, "{v}");
+    assert_eq!(v["wide_suback"], serde_json::json!([128]), "{v}");
+    assert_eq!(v["own_suback"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["attacker_first_message"], "public/hello", "{v}");
+}
+
+const MQTT_POLICY: &str = r#"{"Statement": [
+  {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:*"},
+  {"Effect": "Allow", "Action": "mqtt:Publish", "Resource": "topic:*"},
+  {"Effect": "Allow", "Action": "mqtt:Subscribe",
+   "Resource": ["topicfilter:telemetry/${cert:Subject.CN}/#", "topicfilter:${cert:Subject.CN}/#", "topicfilter:public/#"]},
+  {"Effect": "Allow", "Action": "mqtt:Receive",
+   "Resource": ["topic:telemetry/*", "topic:${cert:Subject.CN}/*", "topic:public/*"]}]}"#;
+
+/// HTTP and an MQTT listener; connections without SNI go to `localhost` (truststore A).
+fn mqtt_config() -> String {
+    format!(
+        "default_endpoint = true\ndefault_domain = \"localhost\"\n{HEAD}\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+    )
+}
+
+#[test]
+fn jitp_never_joins_an_existing_thing_unless_the_template_allows_it() {
+    let Some(py) = attack_python() else { return };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    crate::leaf(d, "client", "sensor-1", "int", &[]);
+    let s = Server::start(
+        d,
+        &crate::serve::registry_config(&[("reg.test", "registered")]),
+    );
+    let cli = |args: &[&str]| crate::control::cli(d, args);
+    let code = cli(&["ca", "registration-code"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    crate::portcullis(
+        d,
+        &[
+            "pki",
+            "verification-cert",
+            "--ca-cert",
+            "int/ca.pem",
+            "--ca-key",
+            "int/ca.key",
+            "--code",
+            &code,
+            "--out",
+            "pop",
+        ],
+    )
+    .ok();
+    std::fs::write(
+        d.join("template.json"),
+        r#"{"thing_name": "${Certificate.Subject.CommonName}"}"#,
+    )
+    .unwrap();
+    let ca = crate::control::cli_json(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "int/ca.pem",
+            "--verification-cert",
+            "pop/verification.pem",
+            "--activate",
+            "--auto-register",
+            "--template",
+            "template.json",
+        ],
+    );
+    // An operator's thing, with an attribute and a policy a device must not inherit.
+    cli(&["thing", "create", "sensor-1", "--attr", "role=admin"]).ok();
+    crate::control::wait_for_snapshot(d, &s);
+    let get = || {
+        http1(
+            &py,
+            d,
+            s.port,
+            "reg.test",
+            "sensor-1",
+            &["GET / HTTP/1.1\r\nHost: reg.test\r\n\r\n"],
+        )
+        .remove(0)
+    };
+    let refused = get();
+    assert!(
+        refused["closed"] == true || status(&refused) != 200,
+        "{refused}"
+    );
+    let line = s.wait_for("\"reason\":\"provisioning-failed\"");
+    assert!(line.contains("exists already"), "{line}");
+    let thing = crate::control::cli_json(d, &["thing", "describe", "sensor-1"]);
+    assert!(
+        thing["certificates"].as_array().unwrap().is_empty(),
+        "{thing}"
+    );
+    let audit = crate::control::cli_json(
+        d,
+        &["audit", "list", "--action", "certificate.provision-refused"],
+    );
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
+    // The template may allow it explicitly.
+    std::fs::write(
+        d.join("template.json"),
+        r#"{"thing_name": "${Certificate.Subject.CommonName}", "join_existing_thing": true}"#,
+    )
+    .unwrap();
+    cli(&[
+        "ca",
+        "update",
+        ca["id"].as_str().unwrap(),
+        "--template",
+        "template.json",
+    ])
+    .ok();
+    crate::control::wait_for_snapshot(d, &s);
+    assert_eq!(status(&get()), 200);
+    let thing = crate::control::cli_json(d, &["thing", "describe", "sensor-1"]);
+    assert_eq!(
+        thing["certificates"].as_array().unwrap().len(),
+        1,
+        "{thing}"
+    );
+}

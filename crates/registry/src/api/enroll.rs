@@ -25,6 +25,9 @@ pub(crate) struct Enrollment {
     days: Option<u32>,
     /// Protects the PKCS#12 bundles (and is written into the profile for a silent MDM install).
     password: String,
+    /// Issue a common name holding `/ + # * ? $` (policies never substitute such a value).
+    #[serde(default)]
+    allow_separators: bool,
 }
 
 pub(crate) async fn enroll(
@@ -57,6 +60,7 @@ pub(crate) async fn enroll(
     }
     let key = PrivateKey::generate(KeyType::EcP256)?;
     let cert = portcullis_pki::issue::issue(&request, &key, Some(&issuer))?;
+    super::check_separators(&cert, req.allow_separators)?;
     let chain = issuer.chain();
     let modern = p12::export(&cert, &key, &chain, &req.password, P12Format::Modern)?;
     let legacy = p12::export(&cert, &key, &chain, &req.password, P12Format::Legacy)?;

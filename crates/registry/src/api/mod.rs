@@ -694,6 +694,22 @@ struct CreateCertificate {
     key_type: Option<String>,
     days: Option<u32>,
     status: Option<String>,
+    /// Issue a subject whose CN, O, OU or C holds `/ + # * ? $` (policies never substitute
+    /// such a value).
+    #[serde(default)]
+    allow_separators: bool,
+}
+
+/// Refuses to issue `cert` when a subject value policies read holds a separator or wildcard,
+/// unless the operator asked for it.
+pub(crate) fn check_separators(cert: &Certificate, allowed: bool) -> Result<(), ApiError> {
+    match cert.subject_separator() {
+        Some((attribute, c)) if !allowed => Err(ApiError::invalid(format!(
+            "the subject's {attribute} holds {:?}, which policies read as a separator or wildcard: a policy using ${{cert:Subject.{attribute}}} would never match this certificate; choose another value, or set allow_separators (--allow-separators) if you mean it",
+            c
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Certificates accepted in one batch request.
@@ -799,7 +815,9 @@ async fn create_certificate(
     } else if let Some(csr) = &req.csr_pem {
         let issuer = issuer()?;
         let r = request(None)?;
-        portcullis_pki::issue::sign_csr(csr.as_bytes(), &r, &issuer)?.to_pem()
+        let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &r, &issuer)?;
+        check_separators(&cert, req.allow_separators)?;
+        cert.to_pem()
     } else {
         let issuer = issuer()?;
         let cn = req.common_name.as_deref().unwrap_or_default();
@@ -812,6 +830,7 @@ async fn create_certificate(
         };
         let key = PrivateKey::generate(key_type)?;
         let cert = portcullis_pki::issue::issue(&request(Some(cn))?, &key, Some(&issuer))?;
+        check_separators(&cert, req.allow_separators)?;
         private_key = Some(key.to_pem());
         cert.to_pem()
     };

@@ -370,10 +370,11 @@ fn schemas() -> Value {
             "provisioning_template": {"oneOf": [{"$ref": "#/components/schemas/ProvisioningTemplate"}, s("null")]},
             "revoke_issued": s("boolean")}},
         "Enrollment": {"type": "object", "required": ["common_name", "password"], "additionalProperties": false, "properties": {
-            "common_name": s("string"), "days": s("integer"), "password": s("string")}},
+            "common_name": s("string"), "days": s("integer"), "password": s("string"),
+            "allow_separators": s("boolean")}},
         "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
-            "key_type": s("string"), "days": s("integer"),
+            "key_type": s("string"), "days": s("integer"), "allow_separators": s("boolean"),
             "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
         "RegisterBatch": {"type": "object", "required": ["certificates_pem"], "additionalProperties": false, "properties": {
             "certificates_pem": {"type": "array", "items": s("string"), "maxItems": 1000},

@@ -1032,6 +1032,12 @@ fn prepare_certificate(
         ));
     }
     let info = cert.info();
+    if let Some(why) = cert.subject_ambiguity() {
+        return Err(RegistryError::Invalid(format!(
+            "certificate subject '{}' has {why}: policies and identity headers would read it as different identities, so the registry refuses it",
+            info.subject
+        )));
+    }
     let ca_id = cas
         .iter()
         .find(|(_, subject, ca)| *subject == info.issuer && cert.is_signed_by(ca))

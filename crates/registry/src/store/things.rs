@@ -266,8 +266,10 @@ impl Store {
     }
 
     /// Just-in-time provisioning: in one transaction, registers `cert` ACTIVE under `ca`,
-    /// creates the thing the template named (or reuses it) and attaches the certificate. A
-    /// certificate registered already is a conflict (the caller decides whether that is fine).
+    /// creates the thing the template named and attaches the certificate. A thing of that name
+    /// that exists already is joined only when the template allows it; otherwise nothing is
+    /// written but an audit entry (`certificate.provision-refused`) saying why. A certificate
+    /// registered already is a conflict (the caller decides whether that is fine).
     pub async fn provision(
         &self,
         cert: &Certificate,
@@ -326,6 +328,17 @@ impl Store {
             .await?;
             if created.rows_affected() == 1 {
                 audit(&mut *tx, actor, "thing.create", thing, None, Some(&attributes)).await?;
+            } else if !provisioned.join_existing_thing {
+                tx.rollback().await?;
+                let why = format!(
+                    "thing '{thing}' exists already, and the CA's provisioning template does not let new certificates join existing things (join_existing_thing)"
+                );
+                // The refusal is recorded, in a transaction of its own.
+                let mut tx = pool.begin().await?;
+                let refused = serde_json::json!({"thing": thing, "reason": why}).to_string();
+                audit(&mut *tx, actor, "certificate.provision-refused", id.as_str(), None, Some(&refused)).await?;
+                tx.commit().await?;
+                return Err(RegistryError::Invalid(why));
             }
             sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
                 .bind(thing)
