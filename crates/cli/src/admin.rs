@@ -60,26 +60,9 @@ impl AdminFiles {
             req.path_len = Some(0);
             let ca = issue::issue(&req, &ca_key, None)?;
             let issuer = CaIssuer::new(ca.clone(), ca_key, Vec::new())?;
-            let key = PrivateKey::generate(KeyType::EcP256)?;
-            let client = issue::issue(
-                &IssueRequest::new(Profile::Client, SubjectName::cn("portcullis-admin")),
-                &key,
-                Some(&issuer),
-            )?;
-            let password = portcullis_pki::cert::hex(&issue::random_serial()?[..8], "");
-            let p12 = p12::export(
-                &client,
-                &key,
-                std::slice::from_ref(&ca),
-                &password,
-                P12Format::Modern,
-            )?;
-            let (cert_path, key_path) = self.client_cert();
+            let client = AdminClientCert::issue(&issuer)?;
             let mut out = Outputs::default();
-            out.public(&cert_path, client.to_pem());
-            out.secret(&key_path, key.to_pem());
-            out.secret(self.dir.join("admin.p12"), p12);
-            out.secret(self.dir.join("admin.p12.password"), format!("{password}\n"));
+            client.stage(self, &mut out);
             out.secret(self.dir.join("ca.key"), issuer.key().to_pem());
             // The CA certificate last: its presence means everything else was written.
             out.public(&ca_path, ca.to_pem());
@@ -87,6 +70,36 @@ impl AdminFiles {
         }
         let (ca, _) = Certificate::first_and_rest(&read(&ca_path, "admin CA")?)?;
         Ok(ca)
+    }
+
+    /// The admin client certificate in the data dir, if any.
+    pub fn current(&self) -> Option<Certificate> {
+        let (cert, _) = self.client_cert();
+        let pem = std::fs::read(cert).ok()?;
+        Certificate::first_and_rest(&pem).ok().map(|(c, _)| c)
+    }
+
+    /// Issues a new admin client certificate with the admin CA and writes it (certificate, key,
+    /// .p12 and its password) in place of the current one, all files or none.
+    pub fn rotate(&self) -> Result<portcullis_registry::api::RotatedAdmin> {
+        let ca_path = self.dir.join("ca.pem");
+        let (ca, _) = Certificate::first_and_rest(&read(&ca_path, "admin CA")?)?;
+        let key = PrivateKey::from_pem_or_der(&read(&self.dir.join("ca.key"), "admin CA key")?)
+            .context("reading the admin CA key")?;
+        let issuer = CaIssuer::new(ca.clone(), key, Vec::new())?;
+        let previous = self.current();
+        let client = AdminClientCert::issue(&issuer)?;
+        let mut out = Outputs::default();
+        client.stage(self, &mut out);
+        out.write(true)?;
+        Ok(portcullis_registry::api::RotatedAdmin {
+            chain_pem: format!("{}{}", client.certificate.to_pem(), ca.to_pem()),
+            certificate: client.certificate,
+            key_pem: client.key.to_pem(),
+            p12: client.p12,
+            p12_password: client.password,
+            previous,
+        })
     }
 
     /// The admin listener's TLS configuration: a server certificate from the local CA for
@@ -150,6 +163,51 @@ impl AdminFiles {
     }
 }
 
+/// An admin client certificate with its key and a .p12 for browsers.
+struct AdminClientCert {
+    certificate: Certificate,
+    key: PrivateKey,
+    p12: Vec<u8>,
+    password: String,
+}
+
+impl AdminClientCert {
+    fn issue(issuer: &CaIssuer) -> Result<AdminClientCert> {
+        let key = PrivateKey::generate(KeyType::EcP256)?;
+        let certificate = issue::issue(
+            &IssueRequest::new(Profile::Client, SubjectName::cn("portcullis-admin")),
+            &key,
+            Some(issuer),
+        )?;
+        let password = portcullis_pki::cert::hex(&issue::random_serial()?[..8], "");
+        let p12 = p12::export(
+            &certificate,
+            &key,
+            std::slice::from_ref(issuer.certificate()),
+            &password,
+            P12Format::Modern,
+        )?;
+        Ok(AdminClientCert {
+            certificate,
+            key,
+            p12,
+            password,
+        })
+    }
+
+    /// Adds its files (the key, .p12 and password 0600) to `out`.
+    fn stage(&self, files: &AdminFiles, out: &mut Outputs) {
+        let (cert_path, key_path) = files.client_cert();
+        out.public(&cert_path, self.certificate.to_pem());
+        out.secret(&key_path, self.key.to_pem());
+        out.secret(files.dir.join("admin.p12"), self.p12.clone());
+        out.secret(
+            files.dir.join("admin.p12.password"),
+            format!("{}\n", self.password),
+        );
+    }
+}
+
 /// What the API asks of the running gateway.
 pub struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -163,6 +221,8 @@ pub struct ServeHooks {
     pub broker: std::sync::Arc<portcullis_mqtt::broker::Broker>,
     /// The gateway's open HTTP connections.
     pub live: std::sync::Arc<portcullis_gateway::listen::Live>,
+    /// The data dir's admin credentials (for rotation).
+    pub admin: AdminFiles,
 }
 
 impl Hooks for ServeHooks {
@@ -232,6 +292,14 @@ impl Hooks for ServeHooks {
     fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool {
         self.broker
             .close(client_id, "an operator disconnected the session", forget)
+    }
+
+    fn admin_certificate(&self) -> Option<Certificate> {
+        self.admin.current()
+    }
+
+    fn rotate_admin_certificate(&self) -> Result<portcullis_registry::api::RotatedAdmin, String> {
+        self.admin.rotate().map_err(|e| format!("{e:#}"))
     }
 
     fn check_domains<'a>(

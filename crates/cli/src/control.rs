@@ -566,6 +566,30 @@ pub enum AdminCommand {
     /// Bearer tokens for the admin API.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The admin client certificate: rotate it, list and revoke old ones.
+    #[command(subcommand)]
+    Cert(AdminCertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCertCommand {
+    /// Issue a new admin client certificate (the node puts it in its data dir) and revoke the
+    /// one it replaces, on every node at once.
+    Rotate {
+        /// Also write the new certificate, key and .p12 here (for a remote operator).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Overwrite files in --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The node's current admin certificate, those rotations issued, and those revoked.
+    List,
+    /// Revoke an admin client certificate by id (a copy that leaked; rotate the current one).
+    Revoke {
+        /// Certificate id (64 hex).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -638,6 +662,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Sessions(c) => sessions(&client, &out, c).await,
             Control::Audit(c) => audit(&client, &out, c).await,
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
+            Control::Admin(AdminCommand::Cert(c)) => admin_cert(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
         }
     })
@@ -1996,6 +2021,81 @@ async fn token(client: &AdminClient, out: &Printer, command: TokenCommand) -> Re
                 .delete(&format!("/v1/tokens/{}", segment(&id)))
                 .await?;
             out.show(&json!({"deleted": id}), |_| format!("deleted token {id}"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin_cert(
+    client: &AdminClient,
+    out: &Printer,
+    command: AdminCertCommand,
+) -> Result<ExitCode> {
+    match command {
+        AdminCertCommand::Rotate { out: dir, force } => {
+            let v = client
+                .post("/v1/admin/certificates/rotate", &json!({}))
+                .await?;
+            if let Some(dir) = dir {
+                use base64::Engine;
+                let p12 = base64::engine::general_purpose::STANDARD
+                    .decode(s(&v["p12_base64"]))
+                    .context("the API's .p12 is not base64")?;
+                let mut files = Outputs::default();
+                files.public(dir.join("admin.pem"), s(&v["chain_pem"]));
+                files.secret(dir.join("admin.key"), s(&v["private_key_pem"]));
+                files.secret(dir.join("admin.p12"), p12);
+                files.secret(
+                    dir.join("admin.p12.password"),
+                    format!("{}\n", s(&v["p12_password"])),
+                );
+                files.write(force)?;
+            }
+            let mut shown = v.clone();
+            if let Some(o) = shown.as_object_mut() {
+                for secret in ["private_key_pem", "p12_base64", "p12_password"] {
+                    o.remove(secret);
+                }
+            }
+            out.show(&shown, |v| {
+                format!(
+                    "new admin certificate {} (in the node's data dir{}); revoked {}",
+                    s(&v["id"]),
+                    if v["revoked"].is_null() {
+                        ""
+                    } else {
+                        ", the old one refused from now on"
+                    },
+                    s(&v["revoked"])
+                )
+            });
+        }
+        AdminCertCommand::List => {
+            let v = client.get("/v1/admin/certificates").await?;
+            out.show(&v, |v| {
+                let mut lines = vec![format!("current: {}", s(&v["current"]))];
+                lines.extend(items(v).map(|c| {
+                    format!(
+                        "{}  {}  {}  until {}",
+                        s(&c["id"]),
+                        s(&c["status"]),
+                        s(&c["subject"]),
+                        when(&c["not_after"])
+                    )
+                }));
+                lines.join("\n")
+            });
+        }
+        AdminCertCommand::Revoke { id } => {
+            client
+                .post(
+                    &format!("/v1/admin/certificates/{}/revoke", segment(&id)),
+                    &json!({}),
+                )
+                .await?;
+            out.show(&json!({"revoked": id}), |_| {
+                format!("revoked admin certificate {id}")
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -147,6 +147,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
         broker: gateway.broker(),
+        admin: crate::admin::AdminFiles::new(&args.data_dir),
         domains: crate::config::DomainChecker {
             store: store.clone(),
             config_path: config_path.clone(),

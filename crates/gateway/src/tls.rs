@@ -7,13 +7,95 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use rustls::crypto::CryptoProvider;
-use rustls::server::ServerSessionMemoryCache;
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions};
 use rustls::{CipherSuite, ServerConfig, SupportedCipherSuite};
 
 use crate::GatewayError;
-use crate::config::{Domain, SecurityPolicy};
-use crate::verify::{DomainVerifier, RegistryHandle};
+use crate::config::{Domain, RegistryMode, SecurityPolicy};
+use crate::verify::{ClientVerdict, DomainVerifier, RegistryHandle};
+
+/// Sessions kept per domain and generation for resumption.
+const SESSIONS: usize = 4096;
+
+/// The session cache of a domain that consults the registry: the registry changes without a new
+/// generation, so each session remembers its client certificate and is not resumed once the
+/// registry stops admitting it. The client then makes a full handshake, whose verifier refuses
+/// the certificate with the proper alert (`certificate_revoked`…), as `on_failure = "tls"` says.
+#[derive(Debug)]
+struct AdmittedSessions {
+    inner: Arc<ServerSessionMemoryCache>,
+    /// Session key → the certificate id (hex) it was verified with.
+    leaf_of: Mutex<HashMap<Vec<u8>, String>>,
+    verifier: Arc<DomainVerifier>,
+}
+
+impl AdmittedSessions {
+    /// Whether the session under `key` may resume: its certificate is known and admitted.
+    /// Unknown keys fail closed (a full handshake).
+    fn admits(&self, key: &[u8]) -> bool {
+        let leaf = self.leaf_of.lock().ok().and_then(|m| m.get(key).cloned());
+        match leaf {
+            Some(id) => self.verifier.admits_resumption(&id),
+            None => false,
+        }
+    }
+}
+
+impl StoresServerSessions for AdmittedSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        // Called inside the handshake that verified the certificate, whose verdict is in the
+        // connection's task-local slot.
+        let leaf = crate::verify::CONNECTION_VERDICT
+            .try_with(|slot| {
+                slot.lock()
+                    .ok()
+                    .and_then(|r| match r.as_ref().map(|r| &r.verdict) {
+                        Some(ClientVerdict::Valid(chain)) => {
+                            chain.first().map(|c| c.info().id.clone())
+                        }
+                        _ => None,
+                    })
+            })
+            .ok()
+            .flatten();
+        let Some(leaf) = leaf else {
+            // A session without a verified certificate is not worth resuming here.
+            return false;
+        };
+        if let Ok(mut map) = self.leaf_of.lock() {
+            if map.len() >= 2 * SESSIONS {
+                // The inner cache has evicted most of these by now; forgetting them only costs
+                // full handshakes.
+                map.clear();
+            }
+            map.insert(key.clone(), leaf);
+        }
+        self.inner.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if !self.admits(key) {
+            return None;
+        }
+        self.inner.get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if !self.admits(key) {
+            self.inner.take(key);
+            return None;
+        }
+        self.inner.take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
 
 /// A domain's TLS settings, from which each connection's `ServerConfig` is made.
 #[derive(Debug)]
@@ -59,10 +141,14 @@ impl DomainTls {
         if mqtt {
             config.alpn_protocols.push(b"mqtt".to_vec());
         }
-        config.session_storage = if domain.session_resumption {
-            ServerSessionMemoryCache::new(4096)
-        } else {
-            Arc::new(rustls::server::NoServerSessionStorage {})
+        config.session_storage = match (domain.session_resumption, domain.registry_mode) {
+            (false, _) => Arc::new(rustls::server::NoServerSessionStorage {}),
+            (true, RegistryMode::Off) => ServerSessionMemoryCache::new(SESSIONS),
+            (true, _) => Arc::new(AdmittedSessions {
+                inner: ServerSessionMemoryCache::new(SESSIONS),
+                leaf_of: Mutex::default(),
+                verifier: verifier.clone(),
+            }),
         };
         config.ignore_client_order = true;
         Ok(DomainTls {

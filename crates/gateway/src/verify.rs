@@ -757,6 +757,16 @@ impl DomainVerifier {
         }
     }
 
+    /// Whether a session verified with certificate `id` (hex) may resume: the current registry
+    /// snapshot still admits it.
+    pub(crate) fn admits_resumption(&self, id: &str) -> bool {
+        self.registry
+            .snapshot
+            .load()
+            .refusal(self.registry_mode, id)
+            .is_none()
+    }
+
     /// Reports a verified certificate seen on `domain`.
     pub(crate) fn saw(&self, leaf: &Certificate, domain: &str) {
         self.registry.saw(leaf, domain);

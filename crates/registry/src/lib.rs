@@ -19,8 +19,9 @@ pub mod store;
 pub mod webhooks;
 
 pub use model::{
-    Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus, DomainRecord,
-    PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord, TruststoreVersion,
+    AdminCertRecord, Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus,
+    DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord,
+    TruststoreVersion,
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{

@@ -247,6 +247,23 @@ pub struct TruststoreVersion {
     pub created_at: i64,
 }
 
+/// An admin client certificate the registry knows: one a rotation issued, or one revoked.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminCertRecord {
+    /// SHA-256 of the DER, 64 hex.
+    pub id: String,
+    /// Subject, RFC 4514.
+    pub subject: String,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+    /// `ACTIVE` or `REVOKED`.
+    pub status: String,
+    /// When the registry learnt of it.
+    pub created_at: i64,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+}
+
 /// An admin API token (the secret itself is never stored).
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenRecord {

@@ -995,6 +995,33 @@ async fn store_suite_on_sqlite() {
     assert_eq!(store.list_cas().await.unwrap().len(), 3);
 }
 
+/// The database holds webhook secrets and the registration code: owner-only, its WAL and shared
+/// memory files too, and an existing world-readable file is narrowed when opened.
+#[tokio::test]
+async fn the_registry_database_and_its_wal_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = portcullis_testkit::temp_dir();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let path = dir.path().join("registry.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    store.registration_code().await.unwrap();
+    for name in ["registry.db", "registry.db-wal", "registry.db-shm"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    drop(store);
+    let older = dir.path().join("older.db");
+    std::fs::write(&older, b"").unwrap();
+    std::fs::set_permissions(&older, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(older.to_str().unwrap()).await.unwrap();
+    assert_eq!(mode("older.db"), 0o600);
+}
+
 #[tokio::test]
 async fn store_suite_on_postgres() {
     let Ok(base) = std::env::var("PORTCULLIS_TEST_POSTGRES") else {

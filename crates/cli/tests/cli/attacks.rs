@@ -1374,3 +1374,176 @@ fn jitp_never_joins_an_existing_thing_unless_the_template_allows_it() {
         "{thing}"
     );
 }
+
+#[test]
+fn a_resumed_session_of_a_revoked_certificate_gets_the_tls_alert() {
+    let Some(openssl_bin) = portcullis_testkit::require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let (runtime, store) = registry_store(d);
+    let alice = runtime
+        .block_on(store.register_certificate(
+            &std::fs::read(d.join("alice.pem")).unwrap(),
+            portcullis_registry::CertStatus::Active,
+            "test",
+        ))
+        .unwrap();
+    let s = Server::start(
+        d,
+        &crate::serve::registry_config(&[("reg.test", "revocation")]),
+    );
+    let connect = format!("127.0.0.1:{}", s.port);
+    let s_client = |version: &str, session: &str| -> String {
+        let out =
+            Command::new(&openssl_bin)
+                .args([
+                    "s_client",
+                    "-connect",
+                    &connect,
+                    "-servername",
+                    "reg.test",
+                    version,
+                    "-cert",
+                    "alice.pem",
+                    "-key",
+                    "alice.key",
+                    "-cert_chain",
+                    "int/ca.pem",
+                    "-CAfile",
+                    "data/ca/ca.pem",
+                    "-ign_eof",
+                    session,
+                    &format!("sess{version}.pem"),
+                ])
+                .current_dir(d)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    child.stdin.take().unwrap().write_all(
+                        b"GET / HTTP/1.1\r\nHost: reg.test\r\nConnection: close\r\n\r\n",
+                    )?;
+                    child.wait_with_output()
+                })
+                .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    for version in ["-tls1_2", "-tls1_3"] {
+        let first = s_client(version, "-sess_out");
+        assert!(first.contains("HTTP/1.1 200"), "{first}");
+        // Control: the session resumes while alice is admitted.
+        let again = s_client(version, "-sess_in");
+        assert!(again.contains("Reused"), "{version}: {again}");
+        assert!(again.contains("HTTP/1.1 200"), "{again}");
+    }
+    runtime
+        .block_on(store.set_certificate_status(
+            &alice.id,
+            portcullis_registry::CertStatus::Revoked,
+            "test",
+        ))
+        .unwrap();
+    crate::control::wait_for_snapshot(d, &s);
+    for version in ["-tls1_2", "-tls1_3"] {
+        let after = s_client(version, "-sess_in");
+        assert!(!after.contains("Reused"), "{version}: {after}");
+        assert!(!after.contains("HTTP/1.1"), "{version}: {after}");
+        assert!(
+            after.contains("alert certificate revoked"),
+            "{version}: {after}"
+        );
+    }
+}
+
+#[test]
+fn the_admin_client_certificate_can_be_rotated_and_the_old_one_is_refused() {
+    let Some(curl) = portcullis_testkit::require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(d, &crate::serve::registry_config(&[("a.test", "off")]));
+    std::fs::copy(d.join("data/admin/admin.pem"), d.join("old.pem")).unwrap();
+    std::fs::copy(d.join("data/admin/admin.key"), d.join("old.key")).unwrap();
+    let with_cert = |cert: &str, key: &str| {
+        let url = format!("https://127.0.0.1:{}/v1/tokens", s.admin_port);
+        let r = portcullis_testkit::run(
+            &curl,
+            &[
+                "-sS",
+                "--cacert",
+                "data/ca/ca.pem",
+                "--cert",
+                cert,
+                "--key",
+                key,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+            d,
+        );
+        let (body, code) = r.stdout.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    };
+    assert_eq!(with_cert("old.pem", "old.key").0, "200");
+    let old_id = crate::json(crate::portcullis(
+        d,
+        &["pki", "inspect", "--json", "old.pem"],
+    ))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rotated = crate::control::cli_json(d, &["admin", "cert", "rotate"]);
+    assert_eq!(rotated["revoked"], old_id.as_str(), "{rotated}");
+    assert!(rotated.get("private_key_pem").is_none(), "{rotated}");
+    // The old certificate is refused from the next request on; the data dir holds the new one.
+    let (code, body) = with_cert("old.pem", "old.key");
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("admin-certificate-revoked"), "{body}");
+    assert_eq!(
+        with_cert("data/admin/admin.pem", "data/admin/admin.key").0,
+        "200"
+    );
+    assert_eq!(crate::mode(d.join("data/admin/admin.key")), 0o600);
+    let listed = crate::control::cli_json(d, &["admin", "cert", "list"]);
+    assert_eq!(listed["current"], rotated["id"], "{listed}");
+    let statuses: Vec<(String, String)> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                c["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        statuses.contains(&(old_id.clone(), "REVOKED".into())),
+        "{listed}"
+    );
+    // The current certificate is rotated, not revoked (that would lock the node's CLI out).
+    let current = rotated["id"].as_str().unwrap();
+    crate::assert_clean_error(
+        &crate::control::cli(d, &["admin", "cert", "revoke", current]),
+        2,
+        "rotate",
+    );
+    // A remote operator takes a copy; the rotation it replaces is revoked as well.
+    let again = crate::control::cli_json(d, &["admin", "cert", "rotate", "--out", "remote"]);
+    assert_eq!(again["revoked"], current, "{again}");
+    assert_eq!(crate::mode(d.join("remote/admin.key")), 0o600);
+    assert_eq!(with_cert("remote/admin.pem", "remote/admin.key").0, "200");
+    let audit = crate::control::cli_json(d, &["audit", "list", "--action", "admin.certificate"]);
+    assert_eq!(audit["items"].as_array().unwrap().len(), 4, "{audit}");
+}

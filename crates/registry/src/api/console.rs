@@ -154,10 +154,9 @@ pub(crate) fn cross_site(method: &Method, headers: &HeaderMap) -> Option<ApiErro
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let origin_host = origin
-            .strip_prefix("https://")
-            .or_else(|| origin.strip_prefix("http://"))
-            .unwrap_or("");
+        // The admin API speaks only HTTPS: an `http://` origin is another origin (and one a
+        // network attacker can serve), even with the same host.
+        let origin_host = origin.strip_prefix("https://").unwrap_or("");
         if origin_host.is_empty() || !origin_host.eq_ignore_ascii_case(host) {
             return refuse();
         }
@@ -254,11 +253,13 @@ pub(crate) async fn session(
             Err(SessionError::Unknown) => {}
         }
     }
-    if let Some(subject) = peer.and_then(|Extension(p)| p.0) {
+    let peer = peer.and_then(|Extension(p)| p.0);
+    match api.admin_caller(peer.as_ref()).await {
         // The certificate authenticates every request itself; no CSRF token is needed (the
         // cross-site check applies), but the console sends one anyway.
-        return Json(json!({"caller": format!("admin-cert:{subject}"), "csrf": ""}))
-            .into_response();
+        Ok(Some(caller)) => return Json(json!({"caller": caller, "csrf": ""})).into_response(),
+        Ok(None) => {}
+        Err(e) => return e.into_response(),
     }
     ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -366,5 +367,21 @@ mod tests {
         assert!(cross_site(&Method::DELETE, &h).is_some());
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(cross_site(&Method::PATCH, &h).is_some());
+    }
+
+    #[test]
+    fn an_origin_with_another_scheme_is_cross_site() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9443"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:9443"),
+        );
+        assert!(cross_site(&Method::POST, &h).is_some());
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://127.0.0.1:9443"),
+        );
+        assert!(cross_site(&Method::POST, &h).is_none());
     }
 }

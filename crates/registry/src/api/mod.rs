@@ -59,6 +59,29 @@ pub trait Hooks: Send + Sync + 'static {
     fn live_connections(&self) -> Value;
     /// Closes an open HTTP connection; whether it was open.
     fn close_connection(&self, id: u64) -> bool;
+    /// The admin client certificate in this node's data dir, if any.
+    fn admin_certificate(&self) -> Option<Certificate>;
+    /// Issues a new admin client certificate with this node's admin CA and puts it in the data
+    /// dir in place of the current one (every file or none); the new credentials and the
+    /// certificate they replace.
+    fn rotate_admin_certificate(&self) -> Result<RotatedAdmin, String>;
+}
+
+/// A rotated admin client certificate.
+#[derive(Debug, Clone)]
+pub struct RotatedAdmin {
+    /// The new certificate.
+    pub certificate: Certificate,
+    /// Its chain up to the admin CA, PEM.
+    pub chain_pem: String,
+    /// Its private key, PEM (returned once, never stored in the registry).
+    pub key_pem: String,
+    /// A PKCS#12 bundle for browsers, and its password.
+    pub p12: Vec<u8>,
+    /// The bundle's password.
+    pub p12_password: String,
+    /// The certificate it replaces.
+    pub previous: Option<Certificate>,
 }
 
 /// What an asynchronous hook returns.
@@ -112,7 +135,37 @@ pub struct Caller(pub String);
 
 /// The admin certificate a connection presented (verified by the handshake), if any.
 #[derive(Debug, Clone)]
-pub struct PeerCertificate(pub Option<String>);
+pub struct PeerCertificate(pub Option<AdminPeer>);
+
+/// A verified admin client certificate: its name (CN) and id (SHA-256 of the DER, hex).
+#[derive(Debug, Clone)]
+pub struct AdminPeer {
+    /// The CN, or the subject.
+    pub name: String,
+    /// The certificate id.
+    pub id: String,
+}
+
+impl Api {
+    /// The caller a verified admin certificate stands for, unless it is revoked (checked on
+    /// every request, so a revocation applies to open connections at once).
+    pub(crate) async fn admin_caller(
+        &self,
+        peer: Option<&AdminPeer>,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(peer) = peer else {
+            return Ok(None);
+        };
+        if self.store.admin_certificate_revoked(&peer.id).await? {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "admin-certificate-revoked",
+                "this admin client certificate was revoked (rotated); use the current one from the data dir, or a token",
+            ));
+        }
+        Ok(Some(format!("admin-cert:{}", peer.name)))
+    }
+}
 
 /// The routes, with authentication on all but `/healthz`.
 pub fn router(api: Api) -> Router {
@@ -164,6 +217,15 @@ pub fn router(api: Api) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/admin/certificates", get(list_admin_certificates))
+        .route(
+            "/v1/admin/certificates/rotate",
+            post(rotate_admin_certificate),
+        )
+        .route(
+            "/v1/admin/certificates/{id}/revoke",
+            post(revoke_admin_certificate),
+        )
         .route("/v1/explain", post(explain))
         .route(
             "/v1/policies",
@@ -302,9 +364,11 @@ async fn admin_connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| Certificate::from_der(c.to_vec()).ok())
-        .map(|c| {
-            c.subject_attribute("CN")
-                .unwrap_or_else(|| c.info().subject.clone())
+        .map(|c| AdminPeer {
+            name: c
+                .subject_attribute("CN")
+                .unwrap_or_else(|| c.info().subject.clone()),
+            id: c.info().id.clone(),
         });
     let service = hyper_util::service::TowerToHyperService::new(
         router.layer(Extension(PeerCertificate(subject))),
@@ -324,10 +388,14 @@ async fn authenticate(State(api): State<Api>, mut req: Request, next: Next) -> R
     if let Some(e) = console::cross_site(req.method(), req.headers()) {
         return e.into_response();
     }
-    let from_cert = req
+    let peer = req
         .extensions()
         .get::<PeerCertificate>()
         .and_then(|p| p.0.clone());
+    let from_cert = match api.admin_caller(peer.as_ref()).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
     // A console session (cookie), when the request has no token: its CSRF token must come
     // with every state-changing request.
     let from_session = match console::session_cookie(req.headers()) {
@@ -358,10 +426,7 @@ async fn authenticate(State(api): State<Api>, mut req: Request, next: Next) -> R
         },
         _ => None,
     };
-    let caller = match (
-        from_session.or(from_cert.map(|s| format!("admin-cert:{s}"))),
-        bearer(req.headers()),
-    ) {
+    let caller = match (from_session.or(from_cert), bearer(req.headers())) {
         (_, Some(Err(e))) => return e.into_response(),
         (_, Some(Ok(secret))) => match api.store.token_by_secret(secret).await {
             Ok(Some(token)) => format!("token:{}", token.name),
@@ -1233,6 +1298,87 @@ async fn create_token(
     // Shown once; only its hash is stored.
     body["token"] = json!(secret);
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn list_admin_certificates(State(api): State<Api>) -> ApiResult {
+    let current = api.hooks.admin_certificate().map(|c| c.info().id.clone());
+    Ok(Json(json!({
+        "current": current,
+        "items": api.store.admin_certificates().await?,
+    })))
+}
+
+async fn rotate_admin_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let rotated = api
+        .hooks
+        .rotate_admin_certificate()
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no-admin-ca", e))?;
+    api.store
+        .record_admin_certificate(&rotated.certificate, &caller)
+        .await?;
+    if let Some(previous) = &rotated.previous {
+        let p = previous.info();
+        api.store
+            .revoke_admin_certificate(&p.id, &p.subject, p.not_after_unix(), &caller)
+            .await?;
+    }
+    let info = rotated.certificate.info();
+    let p12_base64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&rotated.p12)
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": info.id,
+            "subject": info.subject,
+            "not_after": info.not_after,
+            "certificate_pem": rotated.certificate.to_pem(),
+            "chain_pem": rotated.chain_pem,
+            // Returned once; the node keeps its copy in the data dir (0600).
+            "private_key_pem": rotated.key_pem,
+            "p12_base64": p12_base64,
+            "p12_password": rotated.p12_password,
+            "revoked": rotated.previous.map(|p| p.info().id.clone()),
+        })),
+    ))
+}
+
+async fn revoke_admin_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let current = api.hooks.admin_certificate();
+    if current.as_ref().is_some_and(|c| c.info().id == id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "current-admin-certificate",
+            "this is the node's current admin certificate: rotate it (`portcullis admin cert rotate`) instead, so a new one replaces it",
+        ));
+    }
+    let known = api
+        .store
+        .admin_certificates()
+        .await?
+        .into_iter()
+        .find(|r| r.id == id);
+    let Some(known) = known else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!(
+                "admin certificate {id} is not known here; list them with `portcullis admin cert list`"
+            ),
+        ));
+    };
+    api.store
+        .revoke_admin_certificate(&known.id, &known.subject, known.not_after, &caller)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_tokens(State(api): State<Api>) -> ApiResult {

@@ -159,6 +159,24 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("CreateToken"),
     ),
     ("delete", "/v1/tokens/{id}", "Delete an admin token", None),
+    (
+        "get",
+        "/v1/admin/certificates",
+        "Admin client certificates: this node's current one, those rotations issued, those revoked",
+        None,
+    ),
+    (
+        "post",
+        "/v1/admin/certificates/rotate",
+        "Issue a new admin client certificate (returned once, and put in the node's data dir) and revoke the one it replaces",
+        None,
+    ),
+    (
+        "post",
+        "/v1/admin/certificates/{id}/revoke",
+        "Revoke an admin client certificate (not the node's current one: rotate it)",
+        None,
+    ),
     ("get", "/v1/policies", "List policies", None),
     (
         "post",

@@ -6,7 +6,8 @@ use sqlx::Row;
 
 use super::{Store, audit, conflict_or, now, with_pool};
 use crate::RegistryError;
-use crate::model::{AuditEntry, DomainRecord, TokenRecord};
+use crate::model::{AdminCertRecord, AuditEntry, DomainRecord, TokenRecord};
+use portcullis_pki::Certificate;
 
 /// Filters for [`Store::audit_log`].
 #[derive(Debug, Clone, Default)]
@@ -86,6 +87,89 @@ impl Store {
                     .await?;
             }
             Ok(Some(record))
+        })
+    }
+
+    /// Records an admin client certificate a rotation issued (ACTIVE).
+    pub async fn record_admin_certificate(
+        &self,
+        cert: &Certificate,
+        actor: &str,
+    ) -> Result<(), RegistryError> {
+        let info = cert.info();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO admin_certificates (id, subject, not_after, status, created_at, revoked_at) VALUES ($1, $2, $3, 'ACTIVE', $4, NULL) ON CONFLICT (id) DO NOTHING")
+                .bind(&info.id)
+                .bind(&info.subject)
+                .bind(info.not_after_unix())
+                .bind(now())
+                .execute(&mut *tx)
+                .await?;
+            let after = serde_json::json!({"subject": info.subject}).to_string();
+            audit(&mut *tx, actor, "admin.certificate.issue", &info.id, None, Some(&after)).await?;
+            tx.commit().await?;
+            Ok::<(), RegistryError>(())
+        })
+    }
+
+    /// Revokes an admin client certificate for good: the admin API refuses it from the next
+    /// request on, on every node.
+    pub async fn revoke_admin_certificate(
+        &self,
+        id: &str,
+        subject: &str,
+        not_after: i64,
+        actor: &str,
+    ) -> Result<(), RegistryError> {
+        let at = now();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO admin_certificates (id, subject, not_after, status, created_at, revoked_at) VALUES ($1, $2, $3, 'REVOKED', $4, $4) \
+                         ON CONFLICT (id) DO UPDATE SET status = 'REVOKED', revoked_at = $4 WHERE admin_certificates.status <> 'REVOKED'")
+                .bind(id)
+                .bind(subject)
+                .bind(not_after)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            let after = serde_json::json!({"subject": subject, "status": "REVOKED"}).to_string();
+            audit(&mut *tx, actor, "admin.certificate.revoke", id, None, Some(&after)).await?;
+            tx.commit().await?;
+            Ok::<(), RegistryError>(())
+        })
+    }
+
+    /// Whether the admin client certificate `id` (64 hex) is revoked.
+    pub async fn admin_certificate_revoked(&self, id: &str) -> Result<bool, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT COUNT(*) AS n FROM admin_certificates WHERE id = $1 AND status = 'REVOKED'")
+                .bind(id)
+                .fetch_one(pool)
+                .await?;
+            Ok(row.try_get::<i64, _>("n")? > 0)
+        })
+    }
+
+    /// The admin client certificates the registry knows, oldest first.
+    pub async fn admin_certificates(&self) -> Result<Vec<AdminCertRecord>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM admin_certificates ORDER BY created_at, id")
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AdminCertRecord {
+                        id: r.try_get("id")?,
+                        subject: r.try_get("subject")?,
+                        not_after: r.try_get("not_after")?,
+                        status: r.try_get("status")?,
+                        created_at: r.try_get("created_at")?,
+                        revoked_at: r.try_get("revoked_at")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(RegistryError::from)
         })
     }
 

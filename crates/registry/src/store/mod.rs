@@ -157,6 +157,7 @@ impl Store {
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
             Pool::Postgres(pool)
         } else {
+            owner_only(Path::new(database))?;
             let options = SqliteConnectOptions::new()
                 .filename(Path::new(database))
                 .create_if_missing(true)
@@ -1020,6 +1021,46 @@ where
 }
 
 /// Parses a certificate to register and links its issuing CA.
+/// Makes a SQLite database readable by its owner only, like a private key: it holds webhook
+/// secrets and the CA registration code. A new file is created 0600 before SQLite opens it
+/// (SQLite gives its `-wal` and `-shm` files the database's mode); existing files are
+/// narrowed.
+fn owner_only(database: &Path) -> Result<(), RegistryError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let failed = |path: &Path, e: std::io::Error| {
+            RegistryError::Invalid(format!(
+                "cannot make the registry database {} private (mode 0600): {e}",
+                path.display()
+            ))
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(database)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed(database, e)),
+        }
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut name = database.as_os_str().to_owned();
+            name.push(suffix);
+            let path = Path::new(&name);
+            match std::fs::metadata(path) {
+                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| failed(path, e))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn prepare_certificate(
     pem: &[u8],
     status: CertStatus,
