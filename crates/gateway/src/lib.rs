@@ -21,6 +21,7 @@ pub mod config;
 pub mod echo;
 pub mod explain;
 mod fast;
+mod h2guard;
 mod identity;
 mod inbound;
 pub mod listen;

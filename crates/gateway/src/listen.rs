@@ -35,6 +35,14 @@ use crate::{DomainState, State, route};
 use portcullis_mqtt::broker::Broker;
 use portcullis_pki::RejectReason;
 
+/// HTTP/2 streams a client may have open at once (nginx's default is 128); more are refused
+/// with REFUSED_STREAM.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// HTTP/2 streams a client may reset before the server accepted them, at once; beyond, the
+/// connection ends with ENHANCE_YOUR_CALM (the h2 crate's rapid-reset check).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
 /// How long shutdown waits for open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -595,7 +603,7 @@ async fn connection(
     };
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
-    let io = TokioIo::new(crate::fast::Prefixed::new(prefix, tls));
+    let io = crate::fast::Prefixed::new(prefix, tls);
     // Serves a connection until it ends, the registry refuses its certificate (closed at once),
     // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
     // types share no trait for `graceful_shutdown`, hence a macro. It says whether the
@@ -631,14 +639,32 @@ async fn connection(
         }};
     }
     if alpn == "h2" {
+        let flood = crate::h2guard::Tripped::default();
+        let io = TokioIo::new(crate::h2guard::FloodGuard::new(io, flood.clone()));
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
             .keep_alive_interval(Duration::from_secs(60))
             .keep_alive_timeout(Duration::from_secs(20))
             .serve_connection(io, service);
         drive!(conn);
+        if let Some(why) = flood.get() {
+            limit_reached("h2_flood");
+            log_closed(
+                peer,
+                &hostname,
+                &Closed {
+                    code: "h2-flood",
+                    explanation: format!(
+                        "the client sent {why} frames faster than any client needs"
+                    ),
+                },
+            );
+        }
     } else {
+        let io = TokioIo::new(io);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.request_header_timeout)

@@ -1547,3 +1547,106 @@ fn the_admin_client_certificate_can_be_rotated_and_the_old_one_is_refused() {
     let audit = crate::control::cli_json(d, &["audit", "list", "--action", "admin.certificate"]);
     assert_eq!(audit["items"].as_array().unwrap().len(), 4, "{audit}");
 }
+
+/// CPU time (user + system, seconds) and resident memory (KiB) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (ticks / 100.0, rss)
+}
+
+#[test]
+fn http2_floods_are_cut_off_with_bounded_memory_and_cpu_and_other_clients_served() {
+    let Some(python) = portcullis_testkit::require_tool("python3") else {
+        return;
+    };
+    let Some(_) = portcullis_testkit::require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let up = Upstream::start(&python, d);
+    let s = Server::start(
+        d,
+        &format!(
+            "{HEAD}{}",
+            domain("a.test", "required", "", up.port, &[("", "", "")])
+        ),
+    );
+    let pid = s.child.id();
+    let legit = || {
+        let alice = crate::serve::client("alice");
+        let mut args = crate::serve::with_client(&alice);
+        args.push("--http2");
+        crate::serve::answer(&crate::serve::curl(d, &s, "a.test", "/legit", &args)).0
+    };
+    assert_eq!(legit(), 200);
+    let (_, rss0) = usage(pid);
+    for (mode, count, budget) in [
+        ("rapid-reset", "100000", Some("rst-stream")),
+        ("ping", "100000", Some("ping")),
+        ("settings", "100000", Some("settings")),
+        ("priority", "100000", Some("priority")),
+        ("continuation", "100000", None),
+        ("streams", "150", None),
+    ] {
+        s.drain();
+        let (cpu0, _) = usage(pid);
+        let r = portcullis_testkit::run(
+            &python,
+            &[
+                script("h2_flood.py").to_str().unwrap(),
+                mode,
+                &s.port.to_string(),
+                "a.test",
+                "alice",
+                count,
+            ],
+            d,
+        );
+        assert_eq!(r.code, 0, "{mode}: {}{}", r.stdout, r.stderr);
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        let (cpu1, rss) = usage(pid);
+        println!(
+            "{mode}: {v}; gateway CPU {:.2} s, memory {rss0} → {rss} KiB",
+            cpu1 - cpu0
+        );
+        match budget {
+            Some(kind) => {
+                assert_eq!(v["closed"], true, "{mode}: {v}");
+                let line = s.wait_for("\"reason\":\"h2-flood\"");
+                assert!(line.contains(kind), "{mode}: {line}");
+            }
+            None if mode == "continuation" => {
+                assert_eq!(v["closed"], true, "{mode}: {v}");
+                assert_eq!(v["goaway"], 11, "ENHANCE_YOUR_CALM: {v}");
+            }
+            None => {
+                assert_eq!(v["max_concurrent_streams"], 100, "{v}");
+                assert!(v["refused"].as_u64().unwrap() >= 50, "{v}");
+            }
+        }
+        assert!(
+            cpu1 - cpu0 < 2.0,
+            "{mode}: {:.2} s of gateway CPU",
+            cpu1 - cpu0
+        );
+        assert!(rss < rss0 + 64 * 1024, "{mode}: memory {rss0} → {rss} KiB");
+        assert_eq!(legit(), 200, "a legitimate client after the {mode} flood");
+    }
+}

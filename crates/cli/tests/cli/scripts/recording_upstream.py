@@ -6,8 +6,8 @@
 #
 # It is the upstream an attacker hopes for: it honours any upgrade (`h2c` included) with a 101,
 # answers a WebSocket handshake properly, and echoes whatever the tunnel carries. Otherwise it
-# answers 200 with the text "ok".
-import base64, hashlib, json, socket, sys, threading
+# answers 200 with the text "ok" (paths ending in /slow after 5 s).
+import base64, hashlib, json, socket, sys, threading, time
 
 log_path = sys.argv[1]
 lock = threading.Lock()
@@ -84,6 +84,9 @@ def handle(conn, cid):
                 record({"conn": cid, "kind": "tunnel", "bytes": data.decode("latin-1")})
                 conn.sendall(data)
             break
+        if line.split(" ")[1].split("?")[0].endswith("/slow"):
+            # A slow upstream, for requests that must stay open a while.
+            time.sleep(5)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
     conn.close()
 
