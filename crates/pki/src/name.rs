@@ -193,6 +193,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_that_read_as_two_identities_are_ambiguous() {
+        use crate::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let subject = SubjectName {
+            common_name: "AAAA".into(),
+            organization: Some("Acme".into()),
+            ..Default::default()
+        };
+        let cert =
+            crate::issue::issue(&IssueRequest::new(Profile::RootCa, subject), &key, None).unwrap();
+        assert_eq!(cert.subject_ambiguity(), None);
+        // The same certificate with its CN's bytes made invalid UTF-8: rendered `#hex`, it could
+        // collide with that text, so it is ambiguous (the signature no longer matters here).
+        let mut der = cert.der().to_vec();
+        while let Some(at) = der.windows(4).position(|w| w == b"AAAA") {
+            der[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
+        }
+        let broken = crate::Certificate::from_der(der).unwrap();
+        assert!(
+            broken.info().subject.contains("fffefdfc"),
+            "{}",
+            broken.info().subject
+        );
+        assert_eq!(
+            broken.subject_ambiguity(),
+            Some("a CN value that is not text")
+        );
+    }
+
+    #[test]
     fn escapes_specials() {
         assert_eq!(escape("a,b"), "a\\,b");
         assert_eq!(escape(" lead"), "\\ lead");

@@ -758,6 +758,29 @@ fn websocket_tunnels_keep_their_slot_and_close_on_revocation_and_operator_close(
     assert!(took < Duration::from_secs(5), "revocation took {took:?}");
     assert_eq!(metric("portcullis_active_connections "), 0.0);
     assert!(up.tunnelled() > 0);
+    // Shutdown closes a tunnel too, instead of waiting for it.
+    let carol = runtime
+        .block_on(store.register_certificate(
+            &std::fs::read(d.join("carol.pem")).unwrap(),
+            portcullis_registry::CertStatus::Active,
+            "test",
+        ))
+        .unwrap();
+    let _ = carol;
+    let tunnel = websocket(&py, d, s.port, "rev.test", "carol", "/ws");
+    assert_eq!(tunnel.status, "101");
+    let stopping = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    tunnel.wait_closed();
+    s.wait_for("\"reason\":\"shutdown\"");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
 }
 
 /// `attack.py ws` or `attack.py hold`: a connection held open through the gateway, reporting
@@ -1164,14 +1187,23 @@ fn issuing_a_subject_with_policy_separators_needs_an_explicit_yes() {
         &["cert", "create", "--common-name", "dev-1", "--out", "ok"],
     )
     .ok();
-    // Things named only with dots could not be named in a URL.
-    for name in [".", ".."] {
+}
+
+#[test]
+fn things_named_dot_or_dotdot_are_refused() {
+    let Some((tmp, _py, _up, _s)) = policy_gateway() else {
+        return;
+    };
+    let d = tmp.path();
+    // Such a thing could not be named in a URL (`/v1/things/..`): the console could not manage it.
+    for name in [".", "..", "..."] {
         crate::assert_clean_error(
             &crate::control::cli(d, &["thing", "create", name]),
             2,
             "not only dots",
         );
     }
+    crate::control::cli(d, &["thing", "create", "v1.2"]).ok();
 }
 
 #[test]
@@ -1599,6 +1631,7 @@ fn http2_floods_are_cut_off_with_bounded_memory_and_cpu_and_other_clients_served
     let (_, rss0) = usage(pid);
     for (mode, count, budget) in [
         ("rapid-reset", "100000", Some("rst-stream")),
+        ("reset-accepted", "1000", Some("rst-stream")),
         ("ping", "100000", Some("ping")),
         ("settings", "100000", Some("settings")),
         ("priority", "100000", Some("priority")),
@@ -1648,5 +1681,78 @@ fn http2_floods_are_cut_off_with_bounded_memory_and_cpu_and_other_clients_served
         );
         assert!(rss < rss0 + 64 * 1024, "{mode}: memory {rss0} → {rss} KiB");
         assert_eq!(legit(), 200, "a legitimate client after the {mode} flood");
+    }
+}
+
+/// What held up in the review stays held: identity headers smuggled as trailers (HTTP/1.1 and
+/// HTTP/2), and requests smuggled past the gateway with conflicting or odd framing, never reach
+/// the upstream.
+#[test]
+fn identity_trailers_and_smuggled_requests_never_reach_the_upstream() {
+    let Some((tmp, py, up, s)) = setup() else {
+        return;
+    };
+    let d = tmp.path();
+    let trailer = "POST /app/trailer HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\
+                   Trailer: X-Client-Cert-Subject\r\nTE: trailers\r\n\r\n\
+                   3\r\nabc\r\n0\r\nX-Client-Cert-Subject: CN=mallory\r\nClient-Cert: :ZXZpbA==:\r\n\
+                   X_Client_Cert_Verify: SUCCESS\r\nX-Kept: yes\r\n\r\n";
+    let got = http1(&py, d, s.port, "a.test", "alice", &[trailer]);
+    assert_eq!(status(&got[0]), 200, "{got:?}");
+    let got = h2(
+        &py,
+        d,
+        s.port,
+        "a.test",
+        "alice",
+        serde_json::json!([{"headers": [[":method", "POST"], [":scheme", "https"], [":authority", "a.test"], [":path", "/app/h2-trailer"]],
+                            "body": "abc", "trailers": [["x-client-cert-subject", "CN=mallory"], ["client-cert", ":ZXZpbA==:"]]}]),
+    );
+    assert_eq!(got[0]["status"], 200, "{got:?}");
+    for path in ["/app/trailer", "/app/h2-trailer"] {
+        let r = &up.requests(path)[0];
+        assert_exact_identity(r, "alice");
+        for (name, _) in r["trailers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t[0].as_str().unwrap().to_ascii_lowercase(), t[1].clone()))
+        {
+            assert!(
+                !name.contains("client") && !name.contains('_'),
+                "{name} reached the upstream as a trailer: {r}"
+            );
+        }
+    }
+    // Smuggling: every framing trick either is refused or carries exactly one request.
+    for (trick, request) in [
+        (
+            "CL.TE",
+            "POST /app/cl-te HTTP/1.1\r\nHost: a.test\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        ),
+        (
+            "TE.CL",
+            "POST /app/te-cl HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n2c\r\nGET /app/smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "two lengths",
+            "POST /app/cl-cl HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        ),
+        (
+            "obs-fold TE",
+            "POST /app/fold HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        ),
+        (
+            "TE with a space",
+            "POST /app/space HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        ),
+    ] {
+        let got = http1(&py, d, s.port, "a.test", "alice", &[request]);
+        assert!(!got.is_empty(), "{trick}");
+        assert!(
+            up.requests("/app/smuggled").is_empty(),
+            "{trick} smuggled a request: {:?}",
+            up.records()
+        );
     }
 }

