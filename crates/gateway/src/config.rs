@@ -236,7 +236,12 @@ impl Hostname {
         match self {
             Hostname::Exact(h) => h.eq_ignore_ascii_case(name),
             Hostname::Wildcard(suffix) => name.split_once('.').is_some_and(|(label, rest)| {
-                !label.is_empty() && rest.eq_ignore_ascii_case(suffix)
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && rest.eq_ignore_ascii_case(suffix)
             }),
         }
     }
@@ -275,6 +280,29 @@ pub struct Domain {
     /// default: CGI, WSGI and Rack upstreams read `X_Client_Cert` as `X-Client-Cert`. Even on,
     /// names that read as a header the gateway owns are dropped.
     pub underscores_in_headers: bool,
+}
+
+impl Domain {
+    /// Whether `other` (the same domain in another generation) admits and routes requests as
+    /// this one does: the same mutual TLS mode and failure answer, registry mode and mappings
+    /// (paths, upstreams, certificate requirements, authorization, WebSocket). Certificates,
+    /// truststores and CRLs are compared where they matter, by verifying chains again.
+    pub(crate) fn routes_like(&self, other: &Domain) -> bool {
+        self.mtls.mode == other.mtls.mode
+            && self.mtls.on_failure == other.mtls.on_failure
+            && self.registry_mode == other.registry_mode
+            && self.mqtt.https_publish == other.mqtt.https_publish
+            && self.underscores_in_headers == other.underscores_in_headers
+            && self.mappings.len() == other.mappings.len()
+            && self.mappings.iter().zip(&other.mappings).all(|(a, b)| {
+                a.base_path == b.base_path
+                    && a.upstream == b.upstream
+                    && a.require_client_cert == b.require_client_cert
+                    && a.authorization == b.authorization
+                    && a.websocket == b.websocket
+                    && a.upstream_tls.is_some() == b.upstream_tls.is_some()
+            })
+    }
 }
 
 /// How a domain uses the certificate registry.

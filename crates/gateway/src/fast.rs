@@ -566,7 +566,7 @@ fn plan_request(
     let Some(host) = host.and_then(host_of) else {
         return Parsed::Other;
     };
-    let Ok(admitted) = admit(ctx, method, path, &host, false) else {
+    let Ok(admitted) = admit(ctx, method, path, query, &host, false) else {
         return Parsed::Other;
     };
     let domain = &ctx.state.domains[ctx.domain];
@@ -1126,11 +1126,7 @@ fn plain_target_byte(b: u8) -> bool {
 /// hyper path's to judge): lower-case, port removed.
 fn host_of(value: &[u8]) -> Option<String> {
     let value = value.trim_ascii();
-    if value.is_empty()
-        || !value
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(b))
-    {
+    if !crate::inbound::valid_host(value) {
         return None;
     }
     Some(normalize_host(std::str::from_utf8(value).ok()?))

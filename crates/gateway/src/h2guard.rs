@@ -9,7 +9,8 @@
 //! streams and reset them once accepted (the "rapid reset" of CVE-2023-44487), each reset
 //! costing a request's routing and an upstream exchange begun. [`FloodGuard`] reads the frame
 //! headers as the bytes pass (the payloads are skipped, never copied) and keeps a token bucket
-//! per kind; an empty bucket ends the connection with the reason.
+//! per kind; an empty bucket ends the connection with the reason. Streams the server resets
+//! itself (a client's protocol error on each) count against the client's reset budget too.
 
 use std::io;
 use std::pin::Pin;
@@ -41,12 +42,65 @@ pub(crate) type Tripped = Arc<OnceLock<&'static str>>;
 /// An HTTP/2 server's inbound stream, with frame budgets.
 pub(crate) struct FloodGuard<S> {
     inner: S,
+    inbound: Frames,
+    /// The server's own frames: a stream the server resets (a client's protocol error on it)
+    /// costs the same as one the client resets, and counts against the same budget.
+    outbound: Frames,
+    buckets: [Bucket; 5],
+    tripped: Tripped,
+}
+
+/// Where a byte stream is in its frame sequence.
+struct Frames {
     preface: usize,
     header: [u8; 9],
     have: usize,
     skip: usize,
-    buckets: [Bucket; 5],
-    tripped: Tripped,
+}
+
+impl Frames {
+    fn new(preface: usize) -> Frames {
+        Frames {
+            preface,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+        }
+    }
+
+    /// Calls `frame(type, flags)` for every frame header completed in `bytes`, the next bytes of
+    /// the stream; stops at the first error.
+    fn scan(
+        &mut self,
+        bytes: &[u8],
+        mut frame: impl FnMut(u8, u8) -> Result<(), &'static str>,
+    ) -> Result<(), &'static str> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.preface > 0 {
+                let n = self.preface.min(bytes.len() - i);
+                self.preface -= n;
+                i += n;
+            } else if self.skip > 0 {
+                let n = self.skip.min(bytes.len() - i);
+                self.skip -= n;
+                i += n;
+            } else {
+                let n = (9 - self.have).min(bytes.len() - i);
+                self.header[self.have..self.have + n].copy_from_slice(&bytes[i..i + n]);
+                self.have += n;
+                i += n;
+                if self.have == 9 {
+                    self.have = 0;
+                    let h = self.header;
+                    self.skip =
+                        usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                    frame(h[3], h[4])?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -91,60 +145,59 @@ impl<S> FloodGuard<S> {
         }
         FloodGuard {
             inner,
-            preface: PREFACE_LEN,
-            header: [0; 9],
-            have: 0,
-            skip: 0,
+            inbound: Frames::new(PREFACE_LEN),
+            outbound: Frames::new(0),
             buckets,
             tripped,
         }
     }
 
-    /// Reads frame headers in `bytes` (the next bytes of the stream); the budget a frame
+    /// Reads the frame headers in `bytes`, the next bytes from the client; the budget a frame
     /// exceeded, if any.
     fn scan(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
-        let mut i = 0;
-        while i < bytes.len() {
-            if self.preface > 0 {
-                let n = self.preface.min(bytes.len() - i);
-                self.preface -= n;
-                i += n;
-            } else if self.skip > 0 {
-                let n = self.skip.min(bytes.len() - i);
-                self.skip -= n;
-                i += n;
-            } else {
-                let n = (9 - self.have).min(bytes.len() - i);
-                self.header[self.have..self.have + n].copy_from_slice(&bytes[i..i + n]);
-                self.have += n;
-                i += n;
-                if self.have == 9 {
-                    self.have = 0;
-                    let h = self.header;
-                    self.skip =
-                        usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                    self.count(h[3], h[4])?;
-                }
-            }
-        }
-        Ok(())
+        let FloodGuard {
+            inbound, buckets, ..
+        } = self;
+        inbound.scan(bytes, |kind, flags| count(buckets, kind, flags))
     }
 
-    fn count(&mut self, kind: u8, flags: u8) -> Result<(), &'static str> {
-        // An acknowledgement answers the server; only requests to the server cost it work.
-        if matches!(kind, 0x4 | 0x6) && flags & 0x1 != 0 {
-            return Ok(());
-        }
-        let (slot, name) = match BUDGETS.iter().position(|(k, ..)| *k == kind) {
-            Some(i) => (i, BUDGETS[i].1),
-            None if kind > 0x9 => (4, UNKNOWN.0),
-            None => return Ok(()),
-        };
-        if self.buckets[slot].take(Instant::now()) {
+    /// Reads the frame headers in `bytes`, the next bytes to the client: its streams the server
+    /// resets count against the reset budget.
+    fn scan_outbound(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
+        let FloodGuard {
+            outbound, buckets, ..
+        } = self;
+        outbound.scan(bytes, |kind, _| {
+            if kind == 0x3 && !buckets[0].take(Instant::now()) {
+                return Err("rst-stream");
+            }
             Ok(())
-        } else {
-            Err(name)
-        }
+        })
+    }
+}
+
+impl<S> FloodGuard<S> {
+    fn trip(&self, why: &'static str) -> io::Error {
+        let _ = self.tripped.set(why);
+        io::Error::other(format!("HTTP/2 {why} flood"))
+    }
+}
+
+/// Counts a client frame against its budget; the budget's name when it is exhausted.
+fn count(buckets: &mut [Bucket; 5], kind: u8, flags: u8) -> Result<(), &'static str> {
+    // An acknowledgement answers the server; only requests to the server cost it work.
+    if matches!(kind, 0x4 | 0x6) && flags & 0x1 != 0 {
+        return Ok(());
+    }
+    let (slot, name) = match BUDGETS.iter().position(|(k, ..)| *k == kind) {
+        Some(i) => (i, BUDGETS[i].1),
+        None if kind > 0x9 => (4, UNKNOWN.0),
+        None => return Ok(()),
+    };
+    if buckets[slot].take(Instant::now()) {
+        Ok(())
+    } else {
+        Err(name)
     }
 }
 
@@ -162,8 +215,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FloodGuard<S> {
         if let Poll::Ready(Ok(())) = &polled {
             let this = &mut *self;
             if let Err(why) = this.scan(&buf.filled()[before..]) {
-                let _ = this.tripped.set(why);
-                return Poll::Ready(Err(io::Error::other(format!("HTTP/2 {why} flood"))));
+                return Poll::Ready(Err(this.trip(why)));
             }
         }
         polled
@@ -176,7 +228,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FloodGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            let this = &mut *self;
+            if let Err(why) = this.scan_outbound(&buf[..*n]) {
+                return Poll::Ready(Err(this.trip(why)));
+            }
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -184,7 +243,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FloodGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &polled {
+            let this = &mut *self;
+            let mut left = *n;
+            for slice in bufs {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(slice.len());
+                left -= take;
+                if let Err(why) = this.scan_outbound(&slice[..take]) {
+                    return Poll::Ready(Err(this.trip(why)));
+                }
+            }
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -248,7 +322,7 @@ mod tests {
     #[test]
     fn acknowledgements_and_request_frames_are_free() {
         let mut g = guard();
-        g.preface = 0;
+        g.inbound.preface = 0;
         for _ in 0..10_000 {
             g.scan(&frame(0x6, 0x1, &[0; 8])).unwrap();
             g.scan(&frame(0x4, 0x1, &[])).unwrap();
@@ -261,8 +335,25 @@ mod tests {
             .collect();
         assert_eq!(g.scan(&resets), Err("rst-stream"));
         let mut g = guard();
-        g.preface = 0;
+        g.inbound.preface = 0;
         let unknown: Vec<u8> = (0..101).flat_map(|_| frame(0xfa, 0, &[])).collect();
         assert_eq!(g.scan(&unknown), Err("unknown-frame"));
+    }
+
+    #[test]
+    fn streams_the_server_resets_count_as_resets() {
+        let mut g = guard();
+        let settings = frame(0x4, 0, &[]);
+        let resets: Vec<u8> = (0..150)
+            .flat_map(|_| frame(0x3, 0, &[0, 0, 0, 1]))
+            .collect();
+        g.scan_outbound(&settings).unwrap();
+        // Split anywhere, as writes are.
+        for piece in resets.chunks(7) {
+            g.scan_outbound(piece).unwrap();
+        }
+        let more: Vec<u8> = (0..60).flat_map(|_| frame(0x3, 0, &[0, 0, 0, 8])).collect();
+        g.inbound.preface = 0;
+        assert_eq!(g.scan(&more), Err("rst-stream"));
     }
 }

@@ -110,12 +110,52 @@ pub(crate) fn screen<B>(
     underscores: bool,
 ) -> Result<Option<WebSocket>, Refused> {
     let headers = req.headers();
+    if headers.len() > MAX_FIELDS {
+        // An upstream that keeps only so many fields (Node keeps 2,000) would lose the
+        // gateway's identity headers, which come last.
+        return Err(Refused::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too-many-headers",
+            format!("the request has more than {MAX_FIELDS} header fields"),
+        ));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(Refused::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "CONNECT is not supported: the gateway is not a forward proxy",
+        ));
+    }
+    if !req.uri().path().starts_with('/') {
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "bad-target",
+            "the request target must be a path starting with '/' (not '*')",
+        ));
+    }
     let hosts = headers.get_all(header::HOST).iter().count();
-    if req.version() == Version::HTTP_11 && hosts != 1 {
+    if (req.version() == Version::HTTP_11 && hosts != 1) || hosts > 1 {
         return Err(Refused::new(
             StatusCode::BAD_REQUEST,
             "bad-host",
-            "an HTTP/1.1 request needs exactly one Host header",
+            "a request needs exactly one Host header (HTTP/1.1), never two",
+        ));
+    }
+    let named = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(header::HOST).map(|h| h.as_bytes()));
+    let host_ok = match named {
+        Some(host) => valid_host(host),
+        // HTTP/1.0 may leave the host out; HTTP/2 names it in :authority or Host.
+        None => req.version() < Version::HTTP_11,
+    };
+    if !host_ok {
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "bad-host",
+            "the Host (or :authority) must be a host name or IP address, with an optional port",
         ));
     }
     if let Some(authority) = req.uri().authority() {
@@ -187,6 +227,43 @@ pub(crate) fn screen<B>(
     };
     strip(identity, underscores, req.headers_mut());
     Ok(websocket)
+}
+
+/// Header fields a request may carry at most (hyper's HTTP/1.1 limit too).
+const MAX_FIELDS: usize = 100;
+
+/// Whether a Host value (or `:authority`) is `host[:port]`: a DNS name of letters, digits and
+/// `-` in non-empty labels (one trailing dot allowed), an IPv4 address or a bracketed IPv6
+/// address. Anything else (quotes, commas, spaces, `/`, `@`, `_`) could travel on into
+/// `Forwarded`, `X-Forwarded-Host` or a policy's `route:` resource.
+pub(crate) fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|b| *b == b':') {
+        Some(i) if !value.starts_with(b"[") || value[..i].ends_with(b"]") => {
+            (&value[..i], Some(&value[i + 1..]))
+        }
+        _ => (value, None),
+    };
+    if let Some(port) = port
+        && (port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit))
+    {
+        return false;
+    }
+    if let Some(inner) = host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        return std::str::from_utf8(inner)
+            .ok()
+            .and_then(|t| t.parse::<std::net::Ipv6Addr>().ok())
+            .is_some();
+    }
+    let name = host.strip_suffix(b".").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(|b| *b == b'.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        })
 }
 
 /// The upgrade a request with `Connection: upgrade` asks for: only a well-formed WebSocket
@@ -354,6 +431,38 @@ mod tests {
             .unwrap();
         let refused = screen(&mut r, &IdentityHeaders::default(), false).unwrap_err();
         assert_eq!(refused.code, "bad-host");
+    }
+
+    #[test]
+    fn hosts_are_names_or_addresses() {
+        for good in [
+            "a.test",
+            "A.Test:8443",
+            "a.test.",
+            "127.0.0.1",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "a.test..",
+            "x\", for=6;host=\"z",
+            "localhost,z.w.test",
+            "evil host",
+            "a@b",
+            "x/public/x.pw.test",
+            "a_b.test",
+            "a.test:",
+            "a.test:99999x",
+            "[::1",
+            "::1",
+            "a..test",
+            ".a.test",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -364,6 +364,26 @@ impl Gateway {
                 shutdown_rx.clone(),
             )));
         }
+        // Every registry snapshot and reload: the open HTTP connections the current state no
+        // longer admits are closed, in one pass.
+        tasks.push(tokio::spawn({
+            let live = limits.live.clone();
+            let mut changes = registry.changes.subscribe();
+            let mut shutdown = shutdown_rx.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            live.recheck();
+                        }
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }));
         // Offline sessions past their expiry, and expired retained messages, go.
         tasks.push(tokio::spawn({
             let broker = broker.clone();
@@ -405,12 +425,13 @@ impl Gateway {
         let state = State::build(&config, generation, &self.registry)?;
         state.publish_gauges();
         self.state.store(Arc::new(state));
-        self.gates.reloads.send_replace(generation);
+        // Open connections and sessions check themselves against the new state.
+        self.registry.changes.send_modify(|n| *n += 1);
         Ok(generation)
     }
 
     /// Replaces the registry snapshot. New handshakes use it at once; open connections whose
-    /// certificate it now refuses are closed.
+    /// certificate it now refuses are closed (one pass over the open connections).
     pub fn update_registry(&self, snapshot: verify::RegistrySnapshot) {
         self.registry.snapshot.store(Arc::new(snapshot));
         self.registry.changes.send_modify(|n| *n += 1);

@@ -59,8 +59,6 @@ pub(crate) struct Gates {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
     pub(crate) live: Arc<Live>,
-    /// Ticks on every reload: open connections check that the new state still admits them.
-    pub(crate) reloads: watch::Sender<u64>,
 }
 
 impl Gates {
@@ -69,7 +67,6 @@ impl Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             live: Arc::default(),
-            reloads: watch::channel(0).0,
         }
     }
 }
@@ -90,7 +87,11 @@ struct LiveEntry {
     /// Upgraded to a WebSocket tunnel.
     tunnel: bool,
     since: i64,
+    /// What it was admitted under, checked again on every registry change and reload.
+    admission: Admission,
     close: Arc<tokio::sync::Notify>,
+    /// Why it is being closed.
+    why: Arc<std::sync::OnceLock<Closed>>,
 }
 
 impl LiveEntry {
@@ -121,15 +122,23 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    fn register(self: &Arc<Self>, ctx: Arc<ConnectionContext>, h2: bool) -> LiveGuard {
+    fn register(
+        self: &Arc<Self>,
+        ctx: Arc<ConnectionContext>,
+        h2: bool,
+        admission: Admission,
+    ) -> LiveGuard {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let close = Arc::new(tokio::sync::Notify::new());
+        let why = Arc::new(std::sync::OnceLock::new());
         let entry = LiveEntry {
             ctx,
             h2,
             tunnel: false,
             since: time::OffsetDateTime::now_utc().unix_timestamp(),
+            admission,
             close: close.clone(),
+            why: why.clone(),
         };
         if let Ok(mut open) = self.open.lock() {
             open.insert(id, entry);
@@ -138,6 +147,7 @@ impl Live {
             live: self.clone(),
             id,
             close,
+            why,
         }
     }
 
@@ -158,12 +168,40 @@ impl Live {
         };
         match open.get(&id) {
             Some(entry) => {
-                // A permit is kept if the connection is not waiting right now.
-                entry.close.notify_one();
+                entry.shut(Closed {
+                    code: "operator",
+                    explanation: "an operator closed the connection".into(),
+                });
                 true
             }
             None => false,
         }
+    }
+
+    /// Checks every open connection against the current state and registry snapshot, and
+    /// closes those they no longer admit: one pass on each change, nothing per request.
+    pub(crate) fn recheck(&self) -> usize {
+        let Ok(open) = self.open.lock() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for entry in open.values() {
+            if entry.why.get().is_none()
+                && let Some(why) = entry.admission.refusal()
+            {
+                entry.shut(why);
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+impl LiveEntry {
+    fn shut(&self, why: Closed) {
+        let _ = self.why.set(why);
+        // A permit is kept if the connection is not waiting right now.
+        self.close.notify_one();
     }
 }
 
@@ -172,9 +210,42 @@ struct LiveGuard {
     live: Arc<Live>,
     id: u64,
     close: Arc<tokio::sync::Notify>,
+    why: Arc<std::sync::OnceLock<Closed>>,
 }
 
 impl LiveGuard {
+    /// Checks this connection now; whether it is to be closed.
+    fn recheck_now(&self) -> bool {
+        let refusal = self
+            .live
+            .open
+            .lock()
+            .ok()
+            .and_then(|open| open.get(&self.id).and_then(|e| e.admission.refusal()));
+        match refusal {
+            Some(why) => {
+                let _ = self.why.set(why);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Logs why the connection is being closed.
+    fn log_close(&self, peer: SocketAddr, domain: &str) {
+        match self.why.get() {
+            Some(why) => log_closed(peer, domain, why),
+            None => log_closed(
+                peer,
+                domain,
+                &Closed {
+                    code: "operator",
+                    explanation: "an operator closed the connection".into(),
+                },
+            ),
+        }
+    }
+
     /// The connection became a WebSocket tunnel.
     fn tunnelled(&self) {
         if let Ok(mut open) = self.live.open.lock()
@@ -247,10 +318,9 @@ pub(crate) async fn accept_loop(
                 let broker = broker.clone();
                 let live = gates.live.clone();
                 let states = state.clone();
-                let reloads = gates.reloads.subscribe();
                 connections.spawn(async move {
                     metrics::gauge!("portcullis_active_connections").increment(1.0);
-                    let on = Endpoint { protocols, broker, live, states, reloads };
+                    let on = Endpoint { protocols, broker, live, states };
                     connection(stream, peer, snapshot, client, handshakes, shutdown, on).await;
                     metrics::gauge!("portcullis_active_connections").decrement(1.0);
                     drop(permit);
@@ -290,9 +360,8 @@ struct Endpoint {
     protocols: Protocols,
     broker: Arc<Broker>,
     live: Arc<Live>,
-    /// The live state, and its reloads: what an open connection is checked against.
+    /// The live state: what an open connection is checked against.
     states: Arc<ArcSwap<State>>,
-    reloads: watch::Receiver<u64>,
 }
 
 /// A completed handshake: the stream, the domain chosen, and the verifier's record.
@@ -535,7 +604,6 @@ async fn connection(
             broker: endpoint.broker.clone(),
             shutdown,
             admission,
-            reloads: endpoint.reloads,
         };
         // Boxed, like each protocol's future below: a connection's future is as large as its
         // largest branch, and only one of them ever runs.
@@ -547,10 +615,6 @@ async fn connection(
         tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN mqtt) on a listener that speaks only HTTP");
         return;
     }
-    // Live revocation: a connection whose certificate the registry, a new truststore or a new
-    // CRL stops admitting is closed, keep-alive, HTTP/2 and WebSocket tunnels included.
-    let refused = admission.until_refused(domain.tls.verifier.registry_changes(), endpoint.reloads);
-    tokio::pin!(refused);
     let identity = if domain.config.mtls.mode == MtlsMode::Off {
         IdentityBlock::default()
     } else {
@@ -570,11 +634,18 @@ async fn connection(
     });
     // The fast path's handle, and the one that takes a WebSocket tunnel once hyper is done.
     let fast_ctx = ctx.clone();
-    // Listed for the admin API, which can close it.
-    let live = endpoint.live.register(ctx.clone(), alpn == "h2");
-    let operator = live.close.clone();
-    let closed_by_operator = operator.notified();
-    tokio::pin!(closed_by_operator);
+    // Listed for the admin API, which can close it, and for the rechecks that close it when the
+    // registry, a new truststore or a new CRL stops admitting it (keep-alive, HTTP/2 and
+    // WebSocket tunnels alike). Checked once now, after listing, so that a change made during
+    // the handshake is not missed.
+    let live = endpoint.live.register(ctx.clone(), alpn == "h2", admission);
+    let signal = live.close.clone();
+    let closing = signal.notified();
+    tokio::pin!(closing);
+    if live.recheck_now() {
+        live.log_close(peer, &hostname);
+        return;
+    }
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(request(req, ctx).await) }
@@ -591,12 +662,8 @@ async fn connection(
                 crate::fast::Outcome::Closed => return,
                 crate::fast::Outcome::Fallback(prefix) => prefix,
             },
-            closed = &mut refused => {
-                log_closed(peer, &hostname, &closed);
-                return;
-            }
-            _ = &mut closed_by_operator => {
-                log_operator_close(peer, &hostname);
+            _ = &mut closing => {
+                live.log_close(peer, &hostname);
                 return;
             }
         }
@@ -604,7 +671,7 @@ async fn connection(
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
     let io = crate::fast::Prefixed::new(prefix, tls);
-    // Serves a connection until it ends, the registry refuses its certificate (closed at once),
+    // Serves a connection until it ends, it is closed (no longer admitted, or by an operator),
     // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
     // types share no trait for `graceful_shutdown`, hence a macro. It says whether the
     // connection ended by itself (an upgrade may then have left a tunnel to run).
@@ -622,12 +689,8 @@ async fn connection(
                     }
                     true
                 }
-                closed = &mut refused => {
-                    log_closed(peer, &hostname, &closed);
-                    false
-                }
-                _ = &mut closed_by_operator => {
-                    log_operator_close(peer, &hostname);
+                _ = &mut closing => {
+                    live.log_close(peer, &hostname);
                     false
                 }
                 _ = shutdown.changed() => {
@@ -681,8 +744,7 @@ async fn connection(
             live.tunnelled();
             tokio::select! {
                 _ = tunnel => {}
-                closed = &mut refused => log_closed(peer, &hostname, &closed),
-                _ = &mut closed_by_operator => log_operator_close(peer, &hostname),
+                _ = &mut closing => live.log_close(peer, &hostname),
                 _ = shutdown.wait_for(|stopping| *stopping) => {
                     tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "shutdown", "WebSocket tunnel closed: the gateway is stopping");
                 }
@@ -691,21 +753,8 @@ async fn connection(
     }
 }
 
-/// A connection an operator closed through the admin API.
-fn log_operator_close(peer: SocketAddr, domain: &str) {
-    metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => "operator")
-        .increment(1);
-    tracing::info!(
-        target: "portcullis::connection",
-        peer = %peer,
-        domain,
-        result = "closed",
-        reason = "operator",
-        "connection closed by an operator"
-    );
-}
-
-/// A connection closed because the registry or the configuration no longer admits it.
+/// A connection closed because the registry or the configuration no longer admits it, or by an
+/// operator.
 fn log_closed(peer: SocketAddr, domain: &str, closed: &Closed) {
     metrics::counter!("portcullis_connections_closed_total", "domain" => domain.to_string(), "reason" => closed.code)
         .increment(1);
@@ -716,7 +765,12 @@ fn log_closed(peer: SocketAddr, domain: &str, closed: &Closed) {
         result = "closed",
         reason = closed.code,
         explanation = %closed.explanation,
-        "connection closed: its certificate or domain is no longer admitted"
+        "{}",
+        if closed.code == "operator" {
+            "connection closed by an operator"
+        } else {
+            "connection closed: its certificate or domain is no longer admitted"
+        }
     );
 }
 
@@ -830,6 +884,7 @@ pub(crate) fn admit(
     ctx: &ConnectionContext,
     method: &str,
     path: &str,
+    query: Option<&str>,
     host: &str,
     websocket: bool,
 ) -> Result<Admitted, (Refusal, Option<usize>)> {
@@ -852,27 +907,28 @@ pub(crate) fn admit(
     if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
         return Err((Refusal::HttpsPublish, None));
     }
-    // The path must mean one thing: upstreams resolve dot-segments and decode escapes, so a path
-    // that routes differently once resolved is refused on every domain. Domains with
-    // policy-authorized mappings refuse every ambiguous spelling, since policies decide on the
-    // decoded path.
+    // The path must mean one thing: upstreams resolve dot-segments, decode escapes and more, so
+    // a path that routes differently once read that way is refused on every domain. Domains
+    // with policy-authorized mappings refuse every ambiguous spelling, since policies decide on
+    // the decoded path.
     let mappings = &domain.config.mappings;
     let policy_domain = mappings
         .iter()
         .any(|m| m.authorization == Authorization::Policy);
-    let checked = if policy_domain {
-        authorize::policy_path(path).map(Some)
-    } else {
-        route::plain_path(path)
-    };
-    let decoded = match checked {
-        Ok(decoded) => decoded,
-        Err(why) => {
-            return Err((
-                Refusal::AmbiguousPath(format!("the path holds {why}, which this domain refuses")),
-                None,
-            ));
+    let decoded = if policy_domain {
+        match authorize::policy_path(path) {
+            Ok(decoded) => Some(decoded),
+            Err(why) => {
+                return Err((
+                    Refusal::AmbiguousPath(format!(
+                        "the path holds {why}, which this domain refuses"
+                    )),
+                    None,
+                ));
+            }
         }
+    } else {
+        None
     };
     let Some((mapping, rest)) = route::route(mappings, path) else {
         return Err((Refusal::NoRoute, None));
@@ -882,6 +938,11 @@ pub(crate) fn admit(
         .position(|m| std::ptr::eq(m, mapping))
         .unwrap_or_default();
     let refuse = |r: Refusal| Err((r, Some(index)));
+    if let Err(why) = route::check_reading(path, mapping, mappings) {
+        return refuse(Refusal::AmbiguousPath(format!(
+            "the path holds {why}, which this domain refuses"
+        )));
+    }
     if let Some(decoded) = &decoded
         && !route::route(mappings, decoded).is_some_and(|(m, _)| std::ptr::eq(m, mapping))
     {
@@ -899,6 +960,18 @@ pub(crate) fn admit(
         return refuse(Refusal::UpgradeNotAllowed);
     }
     if mapping.authorization == Authorization::Policy {
+        // Frameworks (Rails, Laravel, Express) run `_method=DELETE` in the query as a DELETE,
+        // while policies decide on the request's own method.
+        let overrides = |p: &str| {
+            let key = p.split('=').next().unwrap_or_default();
+            key == "_method" || authorize::percent_decode(key).as_deref() == Some("_method")
+        };
+        if query.is_some_and(|q| q.split('&').any(overrides)) {
+            return refuse(Refusal::AmbiguousPath(
+                "a _method query parameter (a method override), which policy-authorized routes refuse"
+                    .into(),
+            ));
+        }
         let decoded = decoded.unwrap_or_default();
         let leaf = match &ctx.verdict {
             ClientVerdict::Valid(chain) => chain.first(),
@@ -971,7 +1044,14 @@ async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Res
             .unwrap_or_default()
     };
     let mut denied: Option<String> = None;
-    let admitted = admit(&ctx, method.as_str(), &path, &host, websocket.is_some());
+    let admitted = admit(
+        &ctx,
+        method.as_str(),
+        &path,
+        req.uri().query(),
+        &host,
+        websocket.is_some(),
+    );
     let (mapping_name, response) = match admitted {
         Ok(admitted) => {
             let mapping = &domain.config.mappings[admitted.index];

@@ -46,7 +46,6 @@ pub(crate) struct Conn {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// What the session was admitted under, checked again on registry changes and reloads.
     pub(crate) admission: crate::recheck::Admission,
-    pub(crate) reloads: watch::Receiver<u64>,
 }
 
 /// A session's policies, bound to its certificate, domain and client id; bound again whenever
@@ -458,12 +457,16 @@ impl Session<'_> {
         tokio::pin!(keep_alive_timer);
         let mut read_size = FIRST_READ;
         let mut changes = c.verifier.registry_changes();
-        let mut reloads = c.reloads.clone();
         let mut shutdown = c.shutdown.clone();
         for m in std::mem::take(&mut handle.pending) {
             self.deliver(m);
         }
+        // Checked once after subscribing: a change made while the session was set up counts.
+        let mut initial = self.recheck();
         let end = loop {
+            if let Some(end) = initial.take() {
+                break end;
+            }
             if self.flush(tls).await.is_err() {
                 break End::Lost;
             }
@@ -559,14 +562,6 @@ impl Session<'_> {
                         break end;
                     }
                     self.refill(&handle);
-                }
-                changed = reloads.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    if let Some(end) = self.recheck() {
-                        break end;
-                    }
                 }
                 _ = shutdown.changed() => break End::Server(reason::SERVER_SHUTTING_DOWN, "the gateway is stopping".into()),
             }

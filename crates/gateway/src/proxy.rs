@@ -343,12 +343,21 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     let f = origin.forwarding;
+    // Replaced, never kept: should a value below fail to build, the client's own stays out.
+    headers.remove("x-forwarded-proto");
+    headers.remove("x-forwarded-host");
+    headers.remove(header::FORWARDED);
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", f.peer.ip())).ok(),
         None => f.xff.clone(),
     };
-    if let Some(v) = xff {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    match xff {
+        Some(v) => {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+        None => {
+            headers.remove("x-forwarded-for");
+        }
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),

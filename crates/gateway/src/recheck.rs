@@ -1,21 +1,21 @@
 //! Open connections checked again: a connection admitted under one state generation and registry
 //! snapshot stays open only while the current ones would still admit it.
 //!
-//! Every open connection (HTTP/1.1, HTTP/2, WebSocket tunnels, MQTT sessions) waits on
-//! [`Admission::until_refused`] beside its protocol. It wakes on every registry snapshot (a
-//! verified certificate's status) and every reload (a truststore, CRL or domain change) and asks
-//! the current state what it would decide for the connection's domain and verified chain. The
+//! Every open HTTP connection (HTTP/1.1, HTTP/2, WebSocket tunnels) is listed in `Live` with
+//! its [`Admission`]; on every registry snapshot (a verified certificate's status) and every
+//! reload (a truststore, CRL or domain change) one pass asks the current state what it would
+//! decide for each connection's domain and verified chain, and closes those it refuses. Nothing
+//! is done per request. MQTT sessions ask the same on the same change notifications. The
 //! chain's verification is cached per domain and generation, so ten thousand connections of one
 //! certificate cost one verification per reload.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 use crate::State;
-use crate::config::MtlsMode;
-use crate::verify::ClientVerdict;
+use crate::config::{Domain, MtlsMode};
+use crate::verify::{ClientVerdict, DomainVerifier};
 
 /// Why an open connection is closed: a stable code (a rejection reason's, or `domain-removed`,
 /// `domain-changed`, `mtls-changed`) and a sentence for the log.
@@ -30,8 +30,10 @@ pub(crate) struct Admission {
     states: Arc<ArcSwap<State>>,
     generation: u64,
     sni: Option<String>,
-    hostname: String,
-    mode: MtlsMode,
+    /// The domain as configured when the connection was made.
+    domain: Arc<Domain>,
+    /// Its verifier (registry mode and snapshot) in that generation.
+    verifier: Arc<DomainVerifier>,
     verdict: ClientVerdict,
 }
 
@@ -44,13 +46,13 @@ impl Admission {
         sni: Option<&str>,
         verdict: &ClientVerdict,
     ) -> Admission {
-        let config = &state.domains[domain].config;
+        let d = &state.domains[domain];
         Admission {
             states,
             generation: state.generation,
             sni: sni.map(str::to_string),
-            hostname: config.hostname.to_string(),
-            mode: config.mtls.mode,
+            domain: d.config.clone(),
+            verifier: d.tls.verifier.clone(),
             verdict: verdict.clone(),
         }
     }
@@ -58,17 +60,35 @@ impl Admission {
     /// Why the current state and registry snapshot would no longer admit this connection, if
     /// they would not.
     pub(crate) fn refusal(&self) -> Option<Closed> {
+        let chain = match &self.verdict {
+            ClientVerdict::Valid(chain) => Some(chain),
+            _ => None,
+        };
         let current = self.states.load();
+        if current.generation == self.generation {
+            // Within a generation only the registry changes.
+            let leaf = chain.and_then(|c| c.first())?;
+            if !self.verifier.uses_registry() {
+                return None;
+            }
+            return self
+                .verifier
+                .registry_refusal(leaf)
+                .map(|(reason, explanation)| Closed {
+                    code: reason.code(),
+                    explanation,
+                });
+        }
         let Some((domain, _)) = current.select(self.sni.as_deref()) else {
             return Some(Closed {
                 code: "domain-removed",
                 explanation: format!(
                     "domain '{}' was removed and no domain takes its connections",
-                    self.hostname
+                    self.domain.hostname
                 ),
             });
         };
-        if domain.config.hostname.to_string() != self.hostname {
+        if domain.config.hostname != self.domain.hostname {
             return Some(Closed {
                 code: "domain-changed",
                 explanation: format!(
@@ -77,68 +97,38 @@ impl Admission {
                 ),
             });
         }
-        let verifier = &domain.tls.verifier;
-        let chain = match &self.verdict {
-            ClientVerdict::Valid(chain) => Some(chain),
-            _ => None,
-        };
-        if current.generation == self.generation {
-            // Only the registry can have changed.
-            let leaf = chain.and_then(|c| c.first())?;
-            if !verifier.uses_registry() {
-                return None;
-            }
-            return verifier
-                .registry_refusal(leaf)
-                .map(|(reason, explanation)| Closed {
-                    code: reason.code(),
-                    explanation,
-                });
-        }
-        if domain.config.mtls.mode != self.mode {
+        let mode = self.domain.mtls.mode;
+        if domain.config.mtls.mode != mode {
             return Some(Closed {
                 code: "mtls-changed",
                 explanation: format!(
                     "domain '{}' changed its mutual TLS mode; reconnect",
-                    self.hostname
+                    self.domain.hostname
+                ),
+            });
+        }
+        // An open connection routes on the generation it was made in: when this domain's
+        // mappings or access settings changed, it must reconnect to be decided by the new ones.
+        if !domain.config.routes_like(&self.domain) {
+            return Some(Closed {
+                code: "domain-changed",
+                explanation: format!(
+                    "domain '{}' changed its mappings or access settings; reconnect",
+                    self.domain.hostname
                 ),
             });
         }
         let chain = chain?;
-        if self.mode == MtlsMode::Off {
+        if mode == MtlsMode::Off {
             return None;
         }
-        verifier.recheck(chain).map(|(reason, explanation)| Closed {
-            code: reason.code(),
-            explanation,
-        })
-    }
-
-    /// Resolves when the connection must close: checked now, then on every registry snapshot
-    /// (for a verified certificate) and every reload.
-    pub(crate) async fn until_refused(
-        self,
-        mut registry: watch::Receiver<u64>,
-        mut reloads: watch::Receiver<u64>,
-    ) -> Closed {
-        let verified = matches!(self.verdict, ClientVerdict::Valid(_));
-        loop {
-            // Checked after subscribing, so a change made during the handshake is not missed.
-            if let Some(closed) = self.refusal() {
-                return closed;
-            }
-            tokio::select! {
-                changed = registry.changed(), if verified => {
-                    if changed.is_err() {
-                        return std::future::pending().await;
-                    }
-                }
-                changed = reloads.changed() => {
-                    if changed.is_err() {
-                        return std::future::pending().await;
-                    }
-                }
-            }
-        }
+        domain
+            .tls
+            .verifier
+            .recheck(chain)
+            .map(|(reason, explanation)| Closed {
+                code: reason.code(),
+                explanation,
+            })
     }
 }

@@ -353,6 +353,8 @@ impl RegistrySnapshot {
 #[derive(Debug)]
 pub(crate) struct RegistryHandle {
     pub(crate) snapshot: arc_swap::ArcSwap<RegistrySnapshot>,
+    /// Ticks on every registry snapshot and every reload: open connections and MQTT sessions
+    /// check themselves then, and MQTT sessions bind their policies again.
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
     /// Just-in-time registrations for the binary to write to the store; bounded, and never
     /// awaited by a handshake (a full queue refuses the device, which retries).

@@ -27,30 +27,36 @@ pub(crate) fn attribute(name: &X509Name<'_>, short: &str) -> Option<String> {
         .map(value_text)
 }
 
-/// The subject attributes policies read as variables (`${cert:Subject.CN}`…).
-const POLICY_ATTRIBUTES: [&str; 4] = ["CN", "O", "OU", "C"];
+/// The subject attributes policies read as variables (`${cert:Subject.CN}`…), by the DER of
+/// their OIDs (CN 2.5.4.3, C 2.5.4.6, O 2.5.4.10, OU 2.5.4.11): compared as bytes, since every
+/// certificate parsed in a handshake is checked.
+const POLICY_ATTRIBUTES: [(&[u8], &str); 4] = [
+    (&[0x55, 0x04, 0x03], "CN"),
+    (&[0x55, 0x04, 0x06], "C"),
+    (&[0x55, 0x04, 0x0a], "O"),
+    (&[0x55, 0x04, 0x0b], "OU"),
+];
 
 /// Why a name cannot be read as one identity: a multi-valued RDN, an attribute that policies
 /// read (CN, O, OU, C) given twice, or a value that is not text (rendered `#hex`, it could
 /// collide with that literal text). `None` for an ordinary name.
 pub(crate) fn ambiguity(name: &X509Name<'_>) -> Option<String> {
-    let mut seen: Vec<String> = Vec::new();
+    let mut seen = [false; POLICY_ATTRIBUTES.len()];
     for rdn in name.iter() {
-        let attrs: Vec<_> = rdn.iter().collect();
-        if attrs.len() > 1 {
-            let types: Vec<String> = attrs.iter().map(|a| short_name(a)).collect();
+        if rdn.iter().nth(1).is_some() {
+            let types: Vec<String> = rdn.iter().map(short_name).collect();
             return Some(format!("a multi-valued RDN ({})", types.join("+")));
         }
-        for attr in attrs {
-            let short = short_name(attr);
+        for attr in rdn.iter() {
             if !is_text(attr) {
-                return Some(format!("a {short} value that is not text"));
+                return Some(format!("a {} value that is not text", short_name(attr)));
             }
-            if POLICY_ATTRIBUTES.contains(&short.as_str()) {
-                if seen.contains(&short) {
-                    return Some(format!("more than one {short}"));
+            let oid = attr.attr_type().as_bytes();
+            if let Some(i) = POLICY_ATTRIBUTES.iter().position(|(o, _)| *o == oid) {
+                if seen[i] {
+                    return Some(format!("more than one {}", POLICY_ATTRIBUTES[i].1));
                 }
-                seen.push(short);
+                seen[i] = true;
             }
         }
     }

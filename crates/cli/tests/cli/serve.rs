@@ -80,7 +80,7 @@ impl Server {
 
     /// Returns the first line, printed at any time (also before this call), that satisfies
     /// `wanted`, waiting up to 30 s for it.
-    fn printed(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn printed(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
         if let Some(line) = self.history.borrow().iter().find(|l| wanted(l)) {
             return line.clone();
         }

@@ -12,8 +12,9 @@
 #   attack.py ws PORT SNI CLIENT PATH opens a WebSocket, prints "open <status> <local port>", then sends a
 #                                     line every 100 ms and prints "closed <seconds>" when the
 #                                     connection ends (read-only after stdin closes).
-#   attack.py hold PORT SNI CLIENT KIND
-#                                     KIND http1, h2 or mqtt: makes one request (GET /hold; an
+#   attack.py hold PORT SNI CLIENT KIND [PATH]
+#                                     KIND http1, h2 or mqtt: makes one request (GET PATH,
+#                                     default /hold; an
 #                                     MQTT 3.1.1 CONNECT with the client id CLIENT), prints
 #                                     "ready <status>", then waits and prints "closed <unix time>"
 #                                     when the gateway closes the connection.
@@ -161,16 +162,16 @@ def ws(port, sni, client, path):
     print("closed %.2f" % (time.monotonic() - opened), flush=True)
 
 
-def hold(port, sni, client, kind):
+def hold(port, sni, client, kind, path="/hold"):
     s = tls(port, sni, client, {"http1": "http/1.1", "h2": "h2", "mqtt": "mqtt"}[kind])
     if kind == "http1":
-        s.sendall(("GET /hold HTTP/1.1\r\nHost: %s\r\n\r\n" % sni).encode())
+        s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, sni)).encode())
         status = read_response(s.makefile("rb")).get("status")
     elif kind == "h2":
         import h2.config, h2.connection, h2.events
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="latin-1"))
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", sni), (":path", "/hold")], end_stream=True)
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", sni), (":path", path)], end_stream=True)
         s.sendall(conn.data_to_send())
         status = None
         while status is None:

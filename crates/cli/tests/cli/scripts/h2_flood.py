@@ -10,6 +10,8 @@
 #      ping, settings, priority: COUNT such frames
 #      continuation: one HEADERS without END_HEADERS, then COUNT CONTINUATION frames
 #      streams: COUNT requests for /slow on as many streams, left open
+#      server-reset: COUNT streams each declaring one body byte and sending two, which the
+#                 server answers by resetting the stream (PROTOCOL_ERROR)
 # Prints JSON: {"written": all COUNT frames written, "closed": the server closed the connection,
 # "goaway": its GOAWAY error code or null, "refused": streams reset with REFUSED_STREAM,
 # "max_concurrent_streams": the server's SETTINGS value}. Gives up after 30 s.
@@ -56,6 +58,13 @@ def frames():
     elif mode == "streams":
         for i in range(count):
             yield frame(0x1, 0x5, 1 + 2 * i, request_block("/slow"))
+    elif mode == "server-reset":
+        for i in range(count):
+            sid = 1 + 2 * i
+            # content-length: 1 (literal, indexed name 28), then two bytes of DATA.
+            block = b"\x83\x87" + b"\x04\x02/r" + b"\x01" + bytes([len(sni)]) + sni.encode() + b"\x0f\x0d\x011"
+            yield frame(0x1, 0x4, sid, block)
+            yield frame(0x0, 0x1, sid, b"xx")
 
 
 def reset_accepted():
