@@ -728,7 +728,8 @@ fn file_mtls(
     let on_failure = match m.on_failure.as_str() {
         "tls" => OnFailure::Tls,
         "http" => OnFailure::Http,
-        other => bail!("mtls.on_failure '{other}' must be tls or http"),
+        "aws" => OnFailure::Aws,
+        other => bail!("mtls.on_failure '{other}' must be tls, http or aws"),
     };
     let allow_stale_crls = match m.stale_crl.as_str() {
         "reject" => false,

@@ -1010,6 +1010,32 @@ impl DataDir {
             self.root.join("clients/demo.p12.password"),
             format!("{password}\n"),
         );
+        // A client the domain does not trust: its own throwaway CA, whose key is not kept.
+        let stranger_ca_key = PrivateKey::generate(KeyType::EcP256)?;
+        let stranger_ca = issue::issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn("Stranger CA")),
+            &stranger_ca_key,
+            None,
+        )?;
+        let stranger_ca = CaIssuer::new(stranger_ca, stranger_ca_key, Vec::new())?;
+        let stranger_key = PrivateKey::generate(KeyType::EcP256)?;
+        let stranger = issue::issue(
+            &IssueRequest::new(Profile::Client, SubjectName::cn("stranger")),
+            &stranger_key,
+            Some(&stranger_ca),
+        )?;
+        out.public(
+            self.root.join("clients/stranger.pem"),
+            format!(
+                "{}{}",
+                stranger.to_pem(),
+                stranger_ca.certificate().to_pem()
+            ),
+        );
+        out.secret(
+            self.root.join("clients/stranger.key"),
+            stranger_key.to_pem(),
+        );
         out.public(self.root.join("truststore.pem"), ca.certificate().to_pem());
         out.public(self.root.join("portcullis.toml"), QUICKSTART_CONFIG);
         out.write(true)?;
@@ -1042,8 +1068,18 @@ impl Quickstart {
         println!(
             "  curl --cacert {d}/ca/ca.pem --cert {d}/clients/demo.pem --key {d}/clients/demo.key https://localhost:{port}/hello"
         );
-        println!("This is refused (no client certificate):");
+        println!(
+            "This is refused in the TLS handshake (no client certificate: curl reports the alert \"certificate required\"):"
+        );
         println!("  curl --cacert {d}/ca/ca.pem https://localhost:{port}/hello");
+        if self.root.join("clients/stranger.pem").exists() {
+            println!(
+                "This is refused with HTTP 403 and the reason (a certificate from a CA the domain does not trust):"
+            );
+            println!(
+                "  curl --cacert {d}/ca/ca.pem --cert {d}/clients/stranger.pem --key {d}/clients/stranger.key https://localhost:{port}/hello"
+            );
+        }
         println!(
             "Browsers: import {d}/clients/demo.p12 (password {}) and trust {d}/ca/ca.pem.",
             self.password
@@ -1070,7 +1106,8 @@ security_policy = "TLS_1_2"   # TLS 1.2 and 1.3
 [domain.mtls]
 mode = "required"
 truststore = "truststore.pem"
-on_failure = "tls"
+# API Gateway's split: no certificate fails the TLS handshake; an untrusted one gets 403.
+on_failure = "aws"
 
 [[domain.mapping]]
 base_path = ""                # everything

@@ -395,6 +395,9 @@ pub enum OnFailure {
     Tls,
     /// The handshake completes and requests get 403 with the reason (JSON or HTML).
     Http,
+    /// API Gateway's split: no certificate at all fails the handshake (`certificate_required`);
+    /// a certificate presented and refused completes it, and requests get 403 with the reason.
+    Aws,
 }
 
 /// One base path mapping.

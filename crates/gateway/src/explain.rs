@@ -62,6 +62,7 @@ impl Explainer {
             })
         });
         let (decision, outcome, summary) = match (mode, certificate_ok, route) {
+            // A certificate was presented (explain always has one): with "aws" its refusal is a 403.
             (MtlsMode::Required, false, _) if on_failure == OnFailure::Tls => (
                 "deny",
                 json!({"tls_alert": true}),

@@ -19,6 +19,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::HandshakeKind;
 use rustls::server::Acceptor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -419,7 +420,22 @@ async fn handshake(
         .map(|name| name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase());
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
         count_handshake("", "refused", "unknown-sni");
-        tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", "no domain for this SNI and no default endpoint");
+        let explanation = match &sni {
+            Some(name) => format!(
+                "no domain is named '{name}' and the default endpoint is off (default_endpoint = false)"
+            ),
+            None => "the client sent no server name (SNI) and the default endpoint is off (default_endpoint = false)".to_string(),
+        };
+        tracing::info!(target: "portcullis::connection", peer = %peer, sni = sni.as_deref().unwrap_or(""), result = "refused", reason = "unknown-sni", explanation = %explanation, "no domain for this SNI and no default endpoint");
+        drop(handshake_permit);
+        let mut io = hello.io;
+        // A fatal unrecognized_name alert (RFC 6066 3), in a plaintext record: no keys yet.
+        let _ = tokio::time::timeout(
+            LINGER_TIME,
+            io.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]),
+        )
+        .await;
+        linger(io).await;
         return None;
     };
     let domain_index = state
@@ -431,13 +447,16 @@ async fn handshake(
     let slot = Arc::new(Mutex::new(None));
     let handshake = CONNECTION_VERDICT.scope(
         slot.clone(),
-        tokio::time::timeout_at(deadline, hello.into_stream(domain.tls.config.clone())),
+        tokio::time::timeout_at(
+            deadline,
+            hello.into_stream(domain.tls.config.clone()).into_fallible(),
+        ),
     );
     let recorded =
         |slot: &Arc<Mutex<Option<HandshakeRecord>>>| slot.lock().ok().and_then(|mut s| s.take());
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, io))) => {
             let verdict = recorded(&slot).map(|r| r.verdict);
             log_failed_handshake(
                 peer,
@@ -447,6 +466,11 @@ async fn handshake(
                 &e,
                 started,
             );
+            // The alert is written; the client may still be sending (its request follows its
+            // Finished in TLS 1.3), and closing on unread data would reset the connection and
+            // destroy the alert before the client reads it.
+            drop(handshake_permit);
+            linger(io).await;
             return None;
         }
         Err(_) => {
@@ -749,6 +773,33 @@ async fn connection(
                     tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "shutdown", "WebSocket tunnel closed: the gateway is stopping");
                 }
             }
+        }
+    }
+}
+
+/// How long, and how much, a refused client is read after its alert before the socket closes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Closes a refused connection so that its alert reaches the client (nginx's lingering close):
+/// the write side is shut (the alert, then FIN, go out), then whatever the client still sends is
+/// read and discarded, for at most [`LINGER_TIME`] and [`LINGER_BYTES`], before the socket is
+/// closed. Closing with unread data would make the kernel answer with a reset, and a client
+/// that has not read the alert yet loses it.
+async fn linger(mut io: TcpStream) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    if tokio::time::timeout_at(deadline, io.shutdown())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            _ => break,
         }
     }
 }

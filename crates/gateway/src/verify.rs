@@ -826,7 +826,8 @@ impl DomainVerifier {
         self.registry.changes.subscribe()
     }
 
-    /// Whether the handshake itself refuses bad certificates (required mode, TLS failures).
+    /// Whether the handshake itself refuses presented certificates it rejects (required mode,
+    /// `on_failure = "tls"`; with "aws" only a missing certificate fails the handshake).
     fn rejects_in_handshake(&self) -> bool {
         self.mode == MtlsMode::Required && self.on_failure == OnFailure::Tls
     }
@@ -853,7 +854,7 @@ impl ClientCertVerifier for DomainVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.rejects_in_handshake()
+        self.mode == MtlsMode::Required && self.on_failure != OnFailure::Http
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -893,7 +894,31 @@ impl ClientCertVerifier for DomainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
+        match verify_tls12_signature(message, cert, dss, &self.algorithms) {
+            Err(Error::InvalidCertificate(CertificateError::BadEncoding)) => {
+                let spki = spki_of(cert)?;
+                let key = webpki::RawPublicKeyEntity::try_from(&spki)
+                    .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+                let candidates = self
+                    .algorithms
+                    .mapping
+                    .iter()
+                    .find(|(scheme, _)| *scheme == dss.scheme)
+                    .map(|(_, algs)| *algs)
+                    .ok_or(Error::PeerMisbehaved(
+                        rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+                    ))?;
+                candidates
+                    .iter()
+                    .find(|alg| {
+                        key.verify_signature(**alg, message, dss.signature())
+                            .is_ok()
+                    })
+                    .map(|_| HandshakeSignatureValid::assertion())
+                    .ok_or(Error::InvalidCertificate(CertificateError::BadSignature))
+            }
+            other => other,
+        }
     }
 
     fn verify_tls13_signature(
@@ -902,12 +927,37 @@ impl ClientCertVerifier for DomainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
+        match verify_tls13_signature(message, cert, dss, &self.algorithms) {
+            Err(Error::InvalidCertificate(CertificateError::BadEncoding)) => {
+                rustls::crypto::verify_tls13_signature_with_raw_key(
+                    message,
+                    &spki_of(cert)?,
+                    dss,
+                    &self.algorithms,
+                )
+            }
+            other => other,
+        }
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// The subject public key info of a certificate webpki cannot parse for verification (X.509 v1):
+/// the handshake's signature is still checked with its key, so that the verdict, not the
+/// parser, decides what the client gets.
+fn spki_of(
+    cert: &CertificateDer<'_>,
+) -> Result<rustls::pki_types::SubjectPublicKeyInfoDer<'static>, Error> {
+    let spki = Certificate::from_der(cert.to_vec())
+        .map(|c| c.spki_der())
+        .unwrap_or_default();
+    if spki.is_empty() {
+        return Err(Error::InvalidCertificate(CertificateError::BadEncoding));
+    }
+    Ok(rustls::pki_types::SubjectPublicKeyInfoDer::from(spki))
 }
 
 /// The TLS alert for a rejection: rustls maps these to certificate_expired, certificate_revoked,

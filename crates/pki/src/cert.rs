@@ -102,6 +102,13 @@ impl Certificate {
             && me.verify_signature(Some(them.public_key())).is_ok()
     }
 
+    /// The DER of the subject public key info: what a TLS handshake signature is checked with
+    /// when the certificate itself cannot be parsed for verification (X.509 v1).
+    pub fn spki_der(&self) -> Vec<u8> {
+        self.with_parsed(|c| c.tbs_certificate.subject_pki.raw.to_vec())
+            .unwrap_or_default()
+    }
+
     /// The first value of a subject attribute, by its RFC 4514 short name (`CN`, `O`, `OU`, `C`,
     /// `ST`, `L`, `serialNumber`, `emailAddress`…), as provisioning templates and policies use it.
     pub fn subject_attribute(&self, short: &str) -> Option<String> {

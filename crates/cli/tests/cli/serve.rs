@@ -745,9 +745,14 @@ fn the_quickstart_serves_on_localhost_8443() {
         .map(|l| l.trim().to_string())
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 2, "{banner:?}");
+    assert_eq!(curls.len(), 3, "{banner:?}");
     let ok = run_printed(&curl_bin, &curls[0], d);
-    let refused = run_printed(&curl_bin, &curls[1], d);
+    // The refusal reaches curl every time, as the alert itself (TLS 1.3: curl sends its request
+    // right after its Finished; an unread request must not turn the close into a reset).
+    let refusals: Vec<Run> = (0..20)
+        .map(|_| run_printed(&curl_bin, &curls[1], d))
+        .collect();
+    let forbidden = run_printed(&curl_bin, &curls[2], d);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(ok.code, 0, "{}", ok.stderr);
@@ -756,7 +761,17 @@ fn the_quickstart_serves_on_localhost_8443() {
         body["identity"]["x-client-cert-subject"],
         "CN=demo-client,O=Portcullis Quickstart"
     );
-    assert_ne!(refused.code, 0);
+    for refused in &refusals {
+        assert_ne!(refused.code, 0);
+        assert!(
+            refused.stderr.contains("alert certificate required"),
+            "{}",
+            refused.stderr
+        );
+    }
+    assert_eq!(forbidden.code, 0, "{}", forbidden.stderr);
+    let body: Value = serde_json::from_str(&forbidden.stdout).unwrap();
+    assert_eq!(body["error"], "untrusted-issuer", "{body}");
     assert_eq!(mode(d.join("portcullis-data/clients/demo.key")), 0o600);
     assert_eq!(mode(d.join("portcullis-data/ca/ca.key")), 0o600);
 }
@@ -1552,4 +1567,47 @@ print("late served" if late.recv(12).startswith(b"HTTP/1.1 200") else "late refu
         ["three served", "fourth waits", "late served"],
         "{r:?}"
     );
+}
+
+#[test]
+fn refusals_reach_the_client_as_alerts_and_the_lingering_is_bounded() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let bob = client("bob");
+    for _ in 0..20 {
+        let r = curl(d, &s, "a.test", "/", &with_client(&bob));
+        assert_ne!(r.code, 0);
+        assert!(r.stderr.contains("alert unknown ca"), "{}", r.stderr);
+    }
+    let r = curl(d, &s, "nope.test", "/", &[]);
+    assert!(r.stderr.contains("unrecognized name"), "{}", r.stderr);
+    let line = s.wait_for("\"reason\":\"unknown-sni\"");
+    assert!(line.contains("no domain is named 'nope.test'"), "{line}");
+    // A client that keeps sending after its refusal is read for a bounded time, then cut off.
+    let script = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile="data/ca/ca.pem")
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="a.test")
+started = time.monotonic()
+try:
+    while time.monotonic() - started < 30:
+        s.sendall(b"x" * 1024)
+        time.sleep(0.005)
+    print("still open after 30 s")
+except (ssl.SSLError, OSError) as e:
+    print("cut off after %.2f s: %s" % (time.monotonic() - started, e))
+"#;
+    std::fs::write(d.join("keeps_sending.py"), script).unwrap();
+    let r = run(&python, &["keeps_sending.py", &s.port.to_string()], d);
+    let took: f64 = r
+        .stdout
+        .strip_prefix("cut off after ")
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{}{}", r.stdout, r.stderr));
+    assert!(took < 6.0, "{}", r.stdout);
 }
