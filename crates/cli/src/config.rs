@@ -198,6 +198,13 @@ pub(crate) struct FileMtls {
     /// The readable 403 page's advice, in the domain's words (plain text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure_advice: Option<String>,
+    /// "compatible" (default: what OpenSSL and API Gateway accept) or "strict" (RFC 5280).
+    #[serde(default = "default_verification")]
+    verification: String,
+}
+
+fn default_verification() -> String {
+    "compatible".into()
 }
 
 fn default_depth() -> u8 {
@@ -744,7 +751,14 @@ fn file_mtls(
     {
         bail!("mtls.failure_advice must be between 1 and 4096 bytes of text");
     }
+    let verification = m.verification.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "mtls.verification '{}' must be compatible or strict",
+            m.verification
+        )
+    })?;
     Ok(Mtls {
+        verification,
         mode,
         truststore,
         crls,

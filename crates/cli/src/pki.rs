@@ -13,7 +13,7 @@ use portcullis_pki::p12::{self, P12Format};
 use portcullis_pki::verify::verify;
 use portcullis_pki::{
     CaIssuer, Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
-    Truststore, Usage, Verdict, VerifyOptions,
+    Truststore, Usage, Verdict, VerifyOptions, VerifyProfile,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -276,7 +276,13 @@ pub struct VerifyArgs {
     /// DNS name or IP address the certificate must be valid for.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Accept a certificate without an extended key usage extension (RFC 5280 "any purpose").
+    /// compatible (default): what OpenSSL and API Gateway accept (v1 anchors and leaves, pinned
+    /// partner certificates, no EKU, non-critical basic constraints); strict: RFC 5280 to the
+    /// letter. The gateway's `mtls.verification` uses the same profiles.
+    #[arg(long, value_parser = ["compatible", "strict"], default_value = "compatible")]
+    profile: String,
+    /// Under the strict profile, accept a certificate without an extended key usage extension
+    /// (the compatible profile always does: RFC 5280 "any purpose").
     #[arg(long)]
     allow_no_eku: bool,
     /// The certificate to verify (PEM or DER; certificates after the first are taken as its chain).
@@ -562,6 +568,8 @@ fn verify_cert(a: VerifyArgs) -> Result<ExitCode> {
     if a.max_depth == 0 {
         bail!("--max-depth must be at least 1");
     }
+    let profile: VerifyProfile = a.profile.parse()?;
+    let base = VerifyOptions::for_profile(profile);
     let opts = VerifyOptions {
         usage: match a.usage {
             UsageArg::Client => Usage::Client,
@@ -571,8 +579,8 @@ fn verify_cert(a: VerifyArgs) -> Result<ExitCode> {
         max_depth: a.max_depth,
         crls,
         expected_name: a.name.clone(),
-        require_eku: !a.allow_no_eku,
-        allow_stale_crls: false,
+        require_eku: base.require_eku && !a.allow_no_eku,
+        ..base
     };
     match verify(&leaf, &presented, &store, &opts) {
         Verdict::Valid { chain } => {
@@ -609,7 +617,7 @@ fn lint(a: LintArgs) -> Result<ExitCode> {
                     "subject": e.certificate.info().subject,
                     "sha256_fingerprint": e.certificate.info().sha256_fingerprint,
                     "not_after": e.certificate.info().not_after,
-                    "role": if e.duplicate { "ignored" } else if e.anchor { "anchor" } else { "intermediate" },
+                    "role": if e.duplicate { "ignored" } else if e.pinned_leaf() { "pinned" } else if e.anchor { "anchor" } else { "intermediate" },
                     "depth": e.depth,
                     "status": if e.warnings.is_empty() { "ok" } else { "warning" },
                     "warnings": e.warnings,
@@ -637,6 +645,8 @@ fn lint(a: LintArgs) -> Result<ExitCode> {
         for e in store.entries() {
             let role = if e.duplicate {
                 "ignored"
+            } else if e.pinned_leaf() {
+                "pinned"
             } else if e.anchor {
                 "anchor"
             } else {

@@ -290,6 +290,7 @@ impl Domain {
     pub(crate) fn routes_like(&self, other: &Domain) -> bool {
         self.mtls.mode == other.mtls.mode
             && self.mtls.on_failure == other.mtls.on_failure
+            && self.mtls.verification == other.mtls.verification
             && self.registry_mode == other.registry_mode
             && self.mqtt.https_publish == other.mqtt.https_publish
             && self.underscores_in_headers == other.underscores_in_headers
@@ -359,6 +360,8 @@ pub struct Mtls {
     /// What the readable 403 page tells people to do (`on_failure = "http"`), in the domain's
     /// own words: plain text, paragraphs separated by blank lines. `None`: the default advice.
     pub failure_advice: Option<String>,
+    /// How strictly client certificates are judged (compatible by default).
+    pub verification: portcullis_pki::VerifyProfile,
 }
 
 impl Mtls {
@@ -373,6 +376,7 @@ impl Mtls {
             on_failure: OnFailure::Tls,
             allow_stale_crls: false,
             failure_advice: None,
+            verification: portcullis_pki::VerifyProfile::Compatible,
         }
     }
 }

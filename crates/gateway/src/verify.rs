@@ -466,13 +466,10 @@ impl DomainVerifier {
             truststore: mtls.truststore.clone(),
             options: VerifyOptions {
                 usage: Usage::Client,
-                at: None,
                 max_depth: mtls.max_chain_depth,
                 crls: mtls.crls.clone(),
-                expected_name: None,
-                // The contract: clientAuth when the certificate has an EKU extension.
-                require_eku: false,
                 allow_stale_crls: mtls.allow_stale_crls,
+                ..VerifyOptions::for_profile(mtls.verification)
             },
             hints,
             algorithms,

@@ -159,6 +159,9 @@ impl Certificate {
 /// The decoded fields of a certificate.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CertificateInfo {
+    /// X.509 version: 1 (no extensions; `openssl x509 -req` without `-extfile` makes these), 2
+    /// or 3.
+    pub version: u32,
     /// Subject, RFC 4514.
     pub subject: String,
     /// Issuer, RFC 4514.
@@ -348,6 +351,7 @@ impl CertificateInfo {
         let tbs = &cert.tbs_certificate;
         let digest = sha256(der);
         let mut info = CertificateInfo {
+            version: tbs.version.0 + 1,
             subject: rfc4514(tbs.subject()),
             issuer: rfc4514(tbs.issuer()),
             serial: hex(tbs.raw_serial(), ":"),
@@ -473,6 +477,7 @@ impl fmt::Display for CertificateInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let none = "(none)";
         writeln!(f, "Certificate")?;
+        writeln!(f, "  Version:             {}", self.version)?;
         writeln!(f, "  Subject:             {}", self.subject)?;
         writeln!(f, "  Issuer:              {}", self.issuer)?;
         writeln!(f, "  Serial:              {}", self.serial)?;

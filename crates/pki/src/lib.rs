@@ -28,10 +28,13 @@ pub mod crl;
 mod error;
 pub mod issue;
 pub mod key;
+mod legacy;
 mod name;
 pub mod p12;
 pub mod pem;
 mod profile_check;
+#[cfg(test)]
+mod testcerts;
 pub mod truststore;
 pub mod verify;
 
@@ -40,7 +43,7 @@ pub use error::PkiError;
 pub use issue::{CaIssuer, IssueRequest, Profile, SubjectAltName, SubjectName};
 pub use key::{KeyType, PrivateKey};
 pub use truststore::Truststore;
-pub use verify::{RejectReason, Usage, Verdict, VerifyOptions};
+pub use verify::{RejectReason, Usage, Verdict, VerifyOptions, VerifyProfile};
 
 /// Result type of this crate.
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;

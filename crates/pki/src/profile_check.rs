@@ -10,7 +10,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
 use crate::cert::{Certificate, KeyInfo};
-use crate::verify::{RejectReason, Usage};
+use crate::verify::{RejectReason, Usage, VerifyProfile};
 
 /// Where a certificate sits in the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +21,17 @@ pub(crate) enum Role {
 }
 
 /// Checks one certificate of a path; returns the first problem found.
+///
+/// The compatible profile relaxes what OpenSSL does not require of the certificates its own
+/// commands make: basic constraints need not be critical, key identifiers need not be present
+/// or consistent, and a self-signed X.509 v1 root is an anchor.
 pub(crate) fn check(
     cert: &Certificate,
     role: Role,
     usage: Usage,
+    profile: VerifyProfile,
 ) -> Result<(), (RejectReason, String)> {
+    let strict = profile == VerifyProfile::Strict;
     use RejectReason as R;
     let Ok((_, c)) = X509Certificate::from_der(cert.der()) else {
         return Err((R::Malformed, "cannot be parsed".into()));
@@ -105,13 +111,13 @@ pub(crate) fn check(
                         "marks its authority key identifier critical".into(),
                     );
                 }
-                if aki.key_identifier.is_none() && role != Role::Root {
+                if aki.key_identifier.is_none() && role != Role::Root && strict {
                     return fail(
                         R::Malformed,
                         "has an authority key identifier without a key id".into(),
                     );
                 }
-                if role == Role::Root {
+                if role == Role::Root && strict {
                     if aki.authority_cert_issuer.is_some()
                         || aki.authority_cert_serial.is_some()
                         || aki.key_identifier.is_none()
@@ -146,7 +152,7 @@ pub(crate) fn check(
                 }
             }
             ParsedExtension::BasicConstraints(bc) => {
-                bc_ok = bc.ca && critical;
+                bc_ok = bc.ca && (critical || !strict);
             }
             ParsedExtension::NameConstraints(nc) => {
                 if role == Role::Leaf {
@@ -228,11 +234,20 @@ pub(crate) fn check(
             _ => {}
         }
     }
-    if role != Role::Root && !info.self_issued && !has_aki {
+    if role != Role::Root && !info.self_issued && !has_aki && strict {
         return fail(R::Malformed, "has no authority key identifier".into());
     }
-    if is_ca {
-        if !has_ski {
+    // A self-signed v1 root (no extensions at all) is a trust anchor to OpenSSL.
+    let v1_root = role == Role::Root && info.version == 1 && info.self_issued && !strict;
+    if is_ca && info.version == 1 && strict {
+        return fail(
+            R::WrongUsage,
+            "is an X.509 v1 certificate (no extensions), which the strict profile refuses as a CA"
+                .into(),
+        );
+    }
+    if is_ca && !v1_root {
+        if !has_ski && strict {
             return fail(
                 R::Malformed,
                 "is a CA without a subject key identifier".into(),
@@ -241,7 +256,12 @@ pub(crate) fn check(
         if !bc_ok {
             return fail(
                 R::WrongUsage,
-                "is used as a CA but has no critical basic constraints with CA:TRUE".into(),
+                if strict {
+                    "is used as a CA but has no critical basic constraints with CA:TRUE (the compatible profile accepts them not critical)"
+                } else {
+                    "is used as a CA but its basic constraints do not say CA:TRUE"
+                }
+                .into(),
             );
         }
         if let Ok(Some(ku)) = c.key_usage()

@@ -54,10 +54,20 @@ pub struct Entry {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Warning {
     /// Stable code (`not-ca`, `expired`, `not-yet-valid`, `weak-key`, `weak-signature`,
-    /// `duplicate`, `incomplete-chain`, `too-deep`, `names-too-large`).
+    /// `duplicate`, `incomplete-chain`, `too-deep`, `names-too-large`, `compatible-only`,
+    /// `pinned-compatible-only`, `unusable`).
     pub code: &'static str,
     /// What is wrong and what it means for clients.
     pub message: String,
+}
+
+impl Entry {
+    /// A self-signed end-entity certificate (v3 without CA:TRUE): a partner's own certificate,
+    /// trusted as itself (pinned), which issues nothing.
+    pub fn pinned_leaf(&self) -> bool {
+        let info = self.certificate.info();
+        self.anchor && info.version == 3 && !info.is_ca()
+    }
 }
 
 impl fmt::Display for Warning {
@@ -116,8 +126,19 @@ impl Truststore {
             })
             .collect();
         compute_depths(&mut entries);
+        let issuers: HashSet<Vec<u8>> = entries
+            .iter()
+            .filter(|e| !e.certificate.info().self_issued)
+            .map(|e| e.certificate.info().issuer_der.clone())
+            .collect();
         for entry in &mut entries {
             lint(entry, now);
+            let issues_others = issuers.contains(&entry.certificate.info().subject_der);
+            if !entry.duplicate
+                && let Some((code, message)) = pinned_finding(entry, issues_others)
+            {
+                entry.warnings.push(Warning { code, message });
+            }
         }
         let names: usize = entries
             .iter()
@@ -210,6 +231,7 @@ impl Truststore {
 
 fn lint(entry: &mut Entry, now: i64) {
     let info = entry.certificate.info().clone();
+    let finding = profile_finding(entry);
     let mut warn =
         |code: &'static str, message: String| entry.warnings.push(Warning { code, message });
     if entry.duplicate {
@@ -219,13 +241,13 @@ fn lint(entry: &mut Entry, now: i64) {
         );
         return;
     }
-    if !info.is_ca() && !info.self_issued {
+    if info.version != 1 && !info.is_ca() && !info.self_issued {
         warn(
             "not-ca",
             "is not a CA and not self-signed, so it can neither anchor nor extend a chain".into(),
         );
-    } else if !info.is_ca() {
-        // A partner's self-signed leaf, trusted as itself: fine, but say so.
+    } else if let Some((code, message)) = finding {
+        warn(code, message);
     }
     if info.not_after_unix() < now {
         warn(
@@ -279,6 +301,60 @@ fn lint(entry: &mut Entry, now: i64) {
             ),
         );
     }
+}
+
+/// What the verification profiles say of an entry as an issuer (anchor or intermediate), by
+/// the same checks `verify` runs on a path: accepted by both (nothing to say), by the
+/// compatible profile only (an accommodation, named), or by neither.
+fn profile_finding(entry: &Entry) -> Option<(&'static str, String)> {
+    use crate::profile_check::{Role, check};
+    use crate::verify::{Usage, VerifyProfile};
+    let cert = &entry.certificate;
+    let info = cert.info();
+    if entry.pinned_leaf() {
+        return None;
+    }
+    if info.version == 1 && !info.self_issued {
+        return Some((
+            "unusable",
+            "is an X.509 v1 certificate and not self-signed: it cannot say CA:FALSE, so no profile lets it issue (reissue it as v3 with basicConstraints CA:TRUE)".into(),
+        ));
+    }
+    let role = if entry.anchor {
+        Role::Root
+    } else {
+        Role::Intermediate
+    };
+    let compatible = check(cert, role, Usage::Client, VerifyProfile::Compatible);
+    let strict = check(cert, role, Usage::Client, VerifyProfile::Strict);
+    match (compatible, strict) {
+        (Ok(()), Ok(())) => None,
+        (Ok(()), Err((_, why))) => Some((
+            "compatible-only",
+            format!(
+                "only the compatible verification profile (the default) accepts it as a CA; the strict profile refuses it: it {why}"
+            ),
+        )),
+        (Err((_, why)), _) => Some((
+            "unusable",
+            format!("no verification profile accepts it as a CA: it {why}"),
+        )),
+    }
+}
+
+/// A self-signed CA certificate that issues nothing else in the bundle may be a partner's own
+/// certificate, pinned: presented itself, only the compatible profile accepts it.
+fn pinned_finding(entry: &Entry, issues_others: bool) -> Option<(&'static str, String)> {
+    let info = entry.certificate.info();
+    (entry.anchor && !issues_others && (info.is_ca() || info.version == 1)).then(|| {
+        (
+            "pinned-compatible-only",
+            format!(
+                "is a self-signed {} certificate that issues nothing in this bundle: if a client presents it itself (a pinned partner certificate), only the compatible verification profile (the default) accepts it",
+                if info.version == 1 { "X.509 v1" } else { "CA:TRUE" }
+            ),
+        )
+    })
 }
 
 /// Depth of each entry from a root, following issuer names within the bundle.

@@ -67,11 +67,14 @@ pub enum RejectReason {
     /// The subject cannot be read as one identity (a multi-valued RDN, CN, O, OU or C given
     /// twice, a value that is not text), which the registry and policies refuse.
     AmbiguousSubject,
+    /// An X.509 v1 certificate would act as an intermediate CA: a v1 certificate cannot say
+    /// CA:FALSE, so no profile lets one issue (only a trusted self-signed v1 root may).
+    V1Intermediate,
 }
 
 impl RejectReason {
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::NoCertificate,
         RejectReason::Expired,
         RejectReason::NotYetValid,
@@ -91,6 +94,7 @@ impl RejectReason {
         RejectReason::Inactive,
         RejectReason::ProvisioningFailed,
         RejectReason::AmbiguousSubject,
+        RejectReason::V1Intermediate,
     ];
 
     /// The stable code (`expired`, `untrusted-issuer`…).
@@ -115,6 +119,7 @@ impl RejectReason {
             RejectReason::Inactive => "inactive",
             RejectReason::ProvisioningFailed => "provisioning-failed",
             RejectReason::AmbiguousSubject => "ambiguous-subject",
+            RejectReason::V1Intermediate => "v1-intermediate",
         }
     }
 
@@ -141,6 +146,47 @@ pub enum Usage {
     Server,
 }
 
+/// How strictly certificates are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyProfile {
+    /// What OpenSSL (and so API Gateway, nginx, HAProxy) accepts, for the certificates users
+    /// already have: an X.509 v1 self-signed certificate is a trust anchor; a presented
+    /// certificate byte-identical to a truststore certificate (a pinned partner certificate,
+    /// v1, or v3 even with CA:TRUE) is accepted once its self-signature, validity and key are
+    /// checked; a v1 leaf issued by a trusted CA is accepted; a leaf without EKU has no usage
+    /// restriction; a CA's basic constraints need not be critical, nor key identifiers present.
+    /// A v1 certificate is never accepted as an intermediate.
+    #[default]
+    Compatible,
+    /// RFC 5280 to the letter: v3 only, EKU required, critical basic constraints and key
+    /// identifiers on every CA.
+    Strict,
+}
+
+impl VerifyProfile {
+    /// `compatible` or `strict`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyProfile::Compatible => "compatible",
+            VerifyProfile::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for VerifyProfile {
+    type Err = crate::PkiError;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "compatible" => Ok(VerifyProfile::Compatible),
+            "strict" => Ok(VerifyProfile::Strict),
+            other => Err(crate::PkiError::InvalidRequest(format!(
+                "verification profile '{other}' must be compatible or strict"
+            ))),
+        }
+    }
+}
+
 /// How to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -156,11 +202,26 @@ pub struct VerifyOptions {
     /// A DNS name or IP address the certificate must be valid for.
     pub expected_name: Option<String>,
     /// Require the EKU extension (with the usage's purpose) to be present. RFC 5280 reads an
-    /// absent EKU as "any purpose"; a gateway should not. Default true.
+    /// absent EKU as "any purpose"; the strict profile does not. Default false (the compatible
+    /// profile's); [`VerifyOptions::for_profile`] sets it from the profile.
     pub require_eku: bool,
     /// Accept chains covered by a CRL past its nextUpdate (default false: such chains are
     /// rejected with `crl-expired`).
     pub allow_stale_crls: bool,
+    /// How strictly certificates are judged.
+    pub profile: VerifyProfile,
+}
+
+impl VerifyOptions {
+    /// The default options under `profile`: strict requires the EKU extension, compatible
+    /// reads its absence as "any purpose" (RFC 5280 4.2.1.12), as OpenSSL, Go and Java do.
+    pub fn for_profile(profile: VerifyProfile) -> VerifyOptions {
+        VerifyOptions {
+            profile,
+            require_eku: profile == VerifyProfile::Strict,
+            ..VerifyOptions::default()
+        }
+    }
 }
 
 impl Default for VerifyOptions {
@@ -171,8 +232,9 @@ impl Default for VerifyOptions {
             max_depth: DEFAULT_MAX_DEPTH,
             crls: Vec::new(),
             expected_name: None,
-            require_eku: true,
+            require_eku: false,
             allow_stale_crls: false,
+            profile: VerifyProfile::Compatible,
         }
     }
 }
@@ -231,7 +293,39 @@ pub fn verify(
             ),
         );
     }
+    if info.version == 2 {
+        // Version 2 added only unique identifiers, which nothing uses; no CA issues it.
+        return Verdict::reject(
+            RejectReason::Malformed,
+            format!(
+                "'{}' is an X.509 v2 certificate; only v3 (and, with the compatible profile, v1) are accepted",
+                info.subject
+            ),
+        );
+    }
+    if opts.profile == VerifyProfile::Compatible
+        && store
+            .entries()
+            .iter()
+            .any(|e| e.certificate.der() == leaf.der())
+    {
+        return crate::legacy::verify_pinned(leaf, opts, now);
+    }
     let Ok(ee) = EndEntityCert::try_from(leaf.der()) else {
+        if info.version == 1 {
+            return match opts.profile {
+                VerifyProfile::Compatible => {
+                    crate::legacy::verify_v1_leaf(leaf, presented, store, opts, now)
+                }
+                VerifyProfile::Strict => Verdict::reject(
+                    RejectReason::Malformed,
+                    format!(
+                        "'{}' is an X.509 v1 certificate, which the strict profile refuses (the compatible profile accepts a v1 leaf issued by a trusted CA, or pinned in the truststore when self-signed)",
+                        info.subject
+                    ),
+                ),
+            };
+        }
         return Verdict::reject(
             RejectReason::Malformed,
             format!("'{}' cannot be parsed for verification", info.subject),
@@ -390,7 +484,7 @@ pub fn verify(
             i if i == last => Role::Root,
             _ => Role::Intermediate,
         };
-        if let Err((reason, why)) = profile_check::check(cert, role, opts.usage) {
+        if let Err((reason, why)) = profile_check::check(cert, role, opts.usage, opts.profile) {
             let who = if i == 0 {
                 format!("'{}'", cert.info().subject)
             } else {
@@ -418,6 +512,27 @@ pub fn verify(
         }
     }
     Verdict::Valid { chain }
+}
+
+/// A v1 certificate (not a trusted self-signed root) that issued a certificate of the presented
+/// chain: webpki cannot parse it, so the path stops there.
+fn v1_issuer<'a>(
+    leaf: &Certificate,
+    presented: &'a [Certificate],
+    store: &'a Truststore,
+) -> Option<&'a Certificate> {
+    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediates()).collect();
+    let mut current = leaf;
+    for _ in 0..8 {
+        let issuer = pool.iter().find(|c| {
+            c.info().subject_der == current.info().issuer_der && current.is_signed_by(c)
+        })?;
+        if issuer.info().version == 1 && !issuer.info().self_issued {
+            return Some(issuer);
+        }
+        current = issuer;
+    }
+    None
 }
 
 /// Turns a webpki error into a reason and an explanation that names the certificate concerned.
@@ -491,6 +606,21 @@ fn explain(
                 format!("a certificate in the chain of '{subject}' is not yet valid"),
             ),
         },
+        WebpkiError::UnknownIssuer
+        | WebpkiError::CertDistrusted
+        | WebpkiError::UnsupportedCertVersion
+            if v1_issuer(leaf, presented, store).is_some() =>
+        {
+            let issuer = v1_issuer(leaf, presented, store)
+                .map(|c| c.info().subject.clone())
+                .unwrap_or_default();
+            Verdict::reject(
+                R::V1Intermediate,
+                format!(
+                    "the chain of '{subject}' goes through '{issuer}', an X.509 v1 certificate, which cannot be a CA: it cannot say CA:FALSE, so no profile lets it issue (reissue it as v3 with basicConstraints CA:TRUE, or put it in the truststore if it is a self-signed root)"
+                ),
+            )
+        }
         WebpkiError::UnknownIssuer | WebpkiError::CertDistrusted => Verdict::reject(
             R::UntrustedIssuer,
             format!(
