@@ -892,7 +892,7 @@ impl ClientCertVerifier for DomainVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
         match verify_tls12_signature(message, cert, dss, &self.algorithms) {
-            Err(Error::InvalidCertificate(CertificateError::BadEncoding)) => {
+            Err(Error::InvalidCertificate(_)) => {
                 let spki = spki_of(cert)?;
                 let key = webpki::RawPublicKeyEntity::try_from(&spki)
                     .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
@@ -925,7 +925,7 @@ impl ClientCertVerifier for DomainVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
         match verify_tls13_signature(message, cert, dss, &self.algorithms) {
-            Err(Error::InvalidCertificate(CertificateError::BadEncoding)) => {
+            Err(Error::InvalidCertificate(_)) => {
                 rustls::crypto::verify_tls13_signature_with_raw_key(
                     message,
                     &spki_of(cert)?,

@@ -1611,3 +1611,99 @@ except (ssl.SSLError, OSError) as e:
         .unwrap_or_else(|| panic!("{}{}", r.stdout, r.stderr));
     assert!(took < 6.0, "{}", r.stdout);
 }
+
+/// The AWS guides' OpenSSL commands, typed as written (API Gateway mTLS: a partner's
+/// self-signed certificate appended to the truststore; a root and an intermediate made with
+/// `basicConstraints=CA:TRUE`; IoT Core: device certificates signed with `openssl x509 -req -CA`),
+/// served under the compatible profile (accepted, identity forwarded) and the strict one
+/// (refused, with the documented reasons).
+#[test]
+fn certificates_made_with_the_aws_guides_commands_work_under_the_compatible_profile() {
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let Some(_) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let sh = |line: &str| {
+        let r = run("sh", &["-c", line], d);
+        assert_eq!(r.code, 0, "{line}: {}", r.stderr);
+    };
+    // API Gateway: "openssl req -newkey rsa:2048 -nodes -keyout … -out …csr", then
+    // "openssl x509 -signkey … -in …csr -req -days 365 -out …crt": an X.509 v1 certificate.
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout partner.key -out partner.csr -subj '/CN=partner/O=Partner Inc'",
+    );
+    sh("openssl x509 -signkey partner.key -in partner.csr -req -days 365 -out partner.crt");
+    // A private CA: root with `openssl req -x509`, an intermediate with basicConstraints=CA:TRUE
+    // (not critical), a device certificate signed with `openssl x509 -req -CA` (v1).
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout RootCA.key -out RootCA.pem -days 3650 -subj '/CN=Guide Root CA'",
+    );
+    sh(
+        "openssl req -new -newkey rsa:2048 -nodes -keyout Intermediate.key -out Intermediate.csr -subj '/CN=Guide Intermediate CA'",
+    );
+    sh(
+        "echo basicConstraints=CA:TRUE > ca.ext && openssl x509 -req -in Intermediate.csr -CA RootCA.pem -CAkey RootCA.key -CAcreateserial -days 365 -extfile ca.ext -out Intermediate.pem",
+    );
+    sh(
+        "openssl req -new -newkey rsa:2048 -nodes -keyout device.key -out device.csr -subj '/CN=device-1'",
+    );
+    sh(
+        "openssl x509 -req -in device.csr -CA Intermediate.pem -CAkey Intermediate.key -CAcreateserial -out device.crt -days 500 -sha256",
+    );
+    // IoT Core: the device signed directly by the root.
+    sh(
+        "openssl req -new -newkey rsa:2048 -nodes -keyout sensor.key -out sensor.csr -subj '/CN=sensor-7'",
+    );
+    sh(
+        "openssl x509 -req -in sensor.csr -CA RootCA.pem -CAkey RootCA.key -CAcreateserial -out sensor.crt -days 500 -sha256",
+    );
+    // A v3 client certificate through the intermediate whose CA:TRUE is not critical.
+    sh(
+        "printf 'keyUsage=digitalSignature\\nextendedKeyUsage=clientAuth\\n' > client.ext && openssl req -new -newkey rsa:2048 -nodes -keyout app.key -out app.csr -subj '/CN=app' && openssl x509 -req -in app.csr -CA Intermediate.pem -CAkey Intermediate.key -CAcreateserial -days 30 -extfile client.ext -out app.crt",
+    );
+    // The truststore: the whole chain, and the partner's certificate appended.
+    sh("cat RootCA.pem Intermediate.pem > truststore.pem && cat partner.crt >> truststore.pem");
+    let lint = run(
+        env!("CARGO_BIN_EXE_portcullis"),
+        &["pki", "truststore", "lint", "truststore.pem"],
+        d,
+    );
+    assert!(lint.stdout.contains("compatible-only"), "{}", lint.stdout);
+    let domain = |host: &str, extra: &str| {
+        format!(
+            "\n[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\n\
+             truststore = \"truststore.pem\"\non_failure = \"http\"\n{extra}\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        )
+    };
+    let config = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n{}{}",
+        domain("compat.test", ""),
+        domain("strict.test", "verification = \"strict\"")
+    );
+    let s = Server::start(d, &config);
+    for (who, cert, key, strict_reason) in [
+        ("partner", "partner.crt", "partner.key", "malformed"),
+        ("device-1", "device.crt", "device.key", "malformed"),
+        ("sensor-7", "sensor.crt", "sensor.key", "malformed"),
+        ("app", "app.crt", "app.key", "wrong-usage"),
+    ] {
+        let args = ["--cert", cert, "--key", key];
+        let r = curl(d, &s, "compat.test", "/", &args);
+        let (status, body) = answer(&r);
+        assert_eq!(status, 200, "{who} (compatible): {body} {}", r.stderr);
+        assert!(
+            body["identity"]["x-client-cert-subject"]
+                .as_str()
+                .is_some_and(|v| v.contains(&format!("CN={who}"))),
+            "{who}: {body}"
+        );
+        assert_eq!(body["identity"]["x-client-cert-verify"], "SUCCESS");
+        let (status, body) = answer(&curl(d, &s, "strict.test", "/", &args));
+        assert_eq!(status, 403, "{who} (strict): {body}");
+        assert_eq!(body["error"], strict_reason, "{who} (strict): {body}");
+    }
+}
