@@ -274,6 +274,7 @@ impl Hooks for ServeHooks {
             &request.method,
             &request.path,
             &request.chain,
+            request.profile,
         )
     }
 
@@ -305,7 +306,7 @@ impl Hooks for ServeHooks {
     fn check_domains<'a>(
         &'a self,
         domains: &'a [(String, Value)],
-    ) -> portcullis_registry::api::HookFuture<'a, Vec<Value>> {
+    ) -> portcullis_registry::api::HookFuture<'a, portcullis_registry::api::CheckedDomains> {
         Box::pin(self.domains.check(domains))
     }
 }

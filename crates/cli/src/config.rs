@@ -363,12 +363,19 @@ pub(crate) fn check_domains(
     echo: SocketAddr,
     registry: &RegistryConfig,
     specs: &[(String, Value)],
-) -> Result<Vec<Value>> {
+) -> Result<portcullis_registry::api::CheckedDomains> {
     let file = read_file_config(config_path)?;
     let domains = parse_specs(specs)?;
     let (config, _) = build_config(config_path, &file, &domains, data, echo, registry)?;
     portcullis_gateway::check(&config)?;
-    Ok(specs_of(&domains)?.into_iter().map(|(_, v)| v).collect())
+    let warnings = specs
+        .iter()
+        .map(|(hostname, _)| (hostname.clone(), config.truststore_warnings(hostname)))
+        .collect();
+    Ok(portcullis_registry::api::CheckedDomains {
+        specs: specs_of(&domains)?.into_iter().map(|(_, v)| v).collect(),
+        warnings,
+    })
 }
 
 /// Parses stored domain specifications; errors name the domain and the key.
@@ -909,7 +916,10 @@ pub(crate) struct DomainChecker {
 
 impl DomainChecker {
     /// See [`portcullis_registry::api::Hooks::check_domains`].
-    pub(crate) async fn check(&self, specs: &[(String, Value)]) -> Result<Vec<Value>, String> {
+    pub(crate) async fn check(
+        &self,
+        specs: &[(String, Value)],
+    ) -> Result<portcullis_registry::api::CheckedDomains, String> {
         let registry = RegistryConfig::read(&self.store)
             .await
             .map_err(|e| format!("{e:#}"))?;

@@ -621,6 +621,9 @@ pub struct ExplainArgs {
     /// Request path.
     #[arg(long, default_value = "/")]
     path: String,
+    /// Verify under this profile (compatible or strict) instead of the domain's.
+    #[arg(long, value_parser = ["compatible", "strict"])]
+    profile: Option<String>,
     /// The client certificate, or its chain (leaf first).
     cert: PathBuf,
 }
@@ -1836,11 +1839,15 @@ async fn domain(client: &AdminClient, out: &Printer, command: DomainCommand) -> 
                 )
                 .await?;
             out.show(&v, |v| {
-                format!(
+                let mut text = format!(
                     "{} is at version {}; the gateway applies it within a second",
                     s(&v["hostname"]),
                     s(&v["version"])
-                )
+                );
+                for w in v["warnings"].as_array().into_iter().flatten() {
+                    text.push_str(&format!("\n  warning: {}", s(w)));
+                }
+                text
             });
         }
         DomainCommand::Delete {
@@ -2108,6 +2115,7 @@ async fn explain(client: &AdminClient, out: &Printer, a: ExplainArgs) -> Result<
         "method": a.method,
         "path": a.path,
         "certificate_pem": pem_text(&a.cert, "certificate")?,
+        "profile": a.profile,
     });
     let v = client.post("/v1/explain", &body).await?;
     out.show(&v, |v| {

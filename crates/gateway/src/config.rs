@@ -134,6 +134,40 @@ impl Config {
         &self.listeners
     }
 
+    /// What an operator should know about a domain's truststore: its lint warnings (the
+    /// verification profiles' accommodations included), and the CAs deeper than the domain's
+    /// `max_chain_depth`, whose clients it refuses (`chain-too-deep`).
+    pub fn truststore_warnings(&self, hostname: &str) -> Vec<String> {
+        let Some(domain) = self
+            .domains
+            .iter()
+            .find(|d| d.hostname.to_string().eq_ignore_ascii_case(hostname))
+        else {
+            return Vec::new();
+        };
+        let Some(store) = &domain.mtls.truststore else {
+            return Vec::new();
+        };
+        let max = usize::from(domain.mtls.max_chain_depth);
+        let mut out = Vec::new();
+        for e in store.entries() {
+            let subject = &e.certificate.info().subject;
+            for w in &e.warnings {
+                out.push(format!("#{} {subject}: {}: {}", e.index, w.code, w.message));
+            }
+            if let Some(depth) = e.depth
+                && depth > max
+                && !e.duplicate
+            {
+                out.push(format!(
+                    "#{} {subject}: too-deep-for-domain: sits {depth} CA levels below its root, more than this domain's max_chain_depth of {max}: chains through it are refused (chain-too-deep)",
+                    e.index
+                ));
+            }
+        }
+        out
+    }
+
     /// Whether some listener speaks MQTT (then domains offer the `mqtt` ALPN protocol).
     pub fn speaks_mqtt(&self) -> bool {
         self.listeners

@@ -22,13 +22,15 @@ impl Explainer {
     }
 
     /// The trace for `chain` (leaf first) presented to `domain` (the SNI) with a request
-    /// `method path`; an error when no domain would take the connection.
+    /// `method path`, under the domain's verification profile or `profile`; an error when no
+    /// domain would take the connection.
     pub fn explain(
         &self,
         domain: &str,
         method: &str,
         path: &str,
         chain: &[Certificate],
+        profile: Option<portcullis_pki::VerifyProfile>,
     ) -> Result<Value, String> {
         let state = self.state.load();
         let Some((d, via_default)) = state.select(Some(domain)) else {
@@ -38,7 +40,7 @@ impl Explainer {
         };
         let verifier = &d.tls.verifier;
         let (mode, on_failure) = verifier.mode();
-        let mut trace = verifier.explain(chain);
+        let mut trace = verifier.explain(chain, profile);
         let chain_ok = trace["chain"]["result"] == "valid";
         let registry_ok = matches!(
             trace["registry"]["decision"].as_str(),

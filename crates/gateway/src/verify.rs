@@ -677,8 +677,21 @@ impl DomainVerifier {
 
     /// The decision trace for a presented chain (leaf first), changing nothing: the chain
     /// result against this domain's truststore, then the registry's view.
-    pub fn explain(&self, chain: &[Certificate]) -> serde_json::Value {
+    pub fn explain(
+        &self,
+        chain: &[Certificate],
+        profile: Option<portcullis_pki::VerifyProfile>,
+    ) -> serde_json::Value {
         use serde_json::json;
+        // Under another verification profile than the domain's, when asked.
+        let options = match profile {
+            Some(p) if p != self.options.profile => VerifyOptions {
+                profile: p,
+                require_eku: VerifyOptions::for_profile(p).require_eku,
+                ..self.options.clone()
+            },
+            _ => self.options.clone(),
+        };
         let Some(leaf) = chain.first() else {
             return json!({"chain": {"result": "rejected", "reason": "no-certificate"}});
         };
@@ -692,7 +705,7 @@ impl DomainVerifier {
                 reason: RejectReason::UntrustedIssuer,
                 explanation: "this domain has no truststore".into(),
             },
-            Some(store) => verify(leaf, &chain[1..], store, &self.options),
+            Some(store) => verify(leaf, &chain[1..], store, &options),
         };
         let chain_json = match &chain_result {
             Verdict::Valid { chain } => json!({
@@ -739,7 +752,7 @@ impl DomainVerifier {
                 }),
             }
         };
-        json!({"certificate": certificate, "chain": chain_json, "registry": registry})
+        json!({"certificate": certificate, "profile": options.profile.name(), "chain": chain_json, "registry": registry})
     }
 
     /// The mTLS mode and what a refused client gets.

@@ -1237,3 +1237,31 @@ for r in results:
     let things = cli_json(d, &["thing", "list", "--limit", "1000"]);
     assert_eq!(things["items"].as_array().unwrap().len(), devices);
 }
+
+#[test]
+fn domain_put_answers_with_the_truststore_warnings() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let s = Server::start(d, &registry_config(&[("a.test", "off")]));
+    // root -> int -> i2: three CA levels, one more than this domain allows.
+    let bundle: String = ["root/ca.pem", "int/ca.pem", "i2/ca.pem"]
+        .iter()
+        .map(|p| std::fs::read_to_string(d.join(p)).unwrap())
+        .collect();
+    std::fs::write(d.join("deep.pem"), bundle).unwrap();
+    std::fs::write(
+        d.join("deep.toml"),
+        "[[domain]]\nhostname = \"deep.test\"\ncertificate = \"auto\"\n[domain.mtls]\nmode = \"required\"\n\
+         truststore = \"deep.pem\"\nmax_chain_depth = 2\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    let put = cli(d, &["domain", "put", "--file", "deep.toml"])
+        .ok()
+        .stdout;
+    assert!(put.contains("too-deep-for-domain"), "{put}");
+    assert!(put.contains("max_chain_depth of 2"), "{put}");
+    let v = cli_json(d, &["domain", "put", "--file", "deep.toml"]);
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 1, "{v}");
+    drop(s);
+}

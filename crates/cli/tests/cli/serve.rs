@@ -1705,5 +1705,35 @@ fn certificates_made_with_the_aws_guides_commands_work_under_the_compatible_prof
         let (status, body) = answer(&curl(d, &s, "strict.test", "/", &args));
         assert_eq!(status, 403, "{who} (strict): {body}");
         assert_eq!(body["error"], strict_reason, "{who} (strict): {body}");
+        // explain says the same, on the domain's profile and on the other one asked for.
+        let explain = |domain: &str, profile: Option<&str>| {
+            let mut args = vec![
+                "explain",
+                "--domain",
+                domain,
+                "--json",
+                "--data-dir",
+                "data",
+            ];
+            if let Some(p) = profile {
+                args.extend(["--profile", p]);
+            }
+            args.push(cert);
+            let r = crate::portcullis(d, &args);
+            let trace: Value = serde_json::from_str(&r.stdout).unwrap();
+            (r.code, trace)
+        };
+        let (code, trace) = explain("compat.test", None);
+        assert_eq!(
+            (code, trace["chain"]["result"].as_str()),
+            (0, Some("valid")),
+            "{trace}"
+        );
+        for (domain, profile) in [("strict.test", None), ("compat.test", Some("strict"))] {
+            let (code, trace) = explain(domain, profile);
+            assert_eq!(code, 1, "{trace}");
+            assert_eq!(trace["profile"], "strict", "{trace}");
+            assert_eq!(trace["chain"]["reason"], strict_reason, "{who}: {trace}");
+        }
     }
 }

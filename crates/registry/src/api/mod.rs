@@ -49,7 +49,10 @@ pub trait Hooks: Send + Sync + 'static {
     /// configuration file's `[[domain]]` tables spell them): every key known, every file
     /// readable, every truststore resolvable. Returns the specifications with defaults filled in,
     /// in the same order, or one line naming what is wrong. Nothing is stored unless this passes.
-    fn check_domains<'a>(&'a self, domains: &'a [(String, Value)]) -> HookFuture<'a, Vec<Value>>;
+    fn check_domains<'a>(
+        &'a self,
+        domains: &'a [(String, Value)],
+    ) -> HookFuture<'a, CheckedDomains>;
     /// The MQTT sessions (`{"items": [...]}`).
     fn mqtt_sessions(&self) -> Value;
     /// Closes an MQTT session's connection (and with `forget`, the stored session); whether
@@ -84,6 +87,16 @@ pub struct RotatedAdmin {
     pub previous: Option<Certificate>,
 }
 
+/// A set of domains the gateway can load: their specifications with defaults filled in (in the
+/// order given), and what an operator should know about each one's truststore.
+#[derive(Debug, Clone, Default)]
+pub struct CheckedDomains {
+    /// The specifications.
+    pub specs: Vec<Value>,
+    /// Warnings by hostname.
+    pub warnings: Vec<(String, Vec<String>)>,
+}
+
 /// What an asynchronous hook returns.
 pub type HookFuture<'a, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
@@ -99,6 +112,8 @@ pub struct ExplainRequest {
     pub path: String,
     /// The presented chain, leaf first.
     pub chain: Vec<Certificate>,
+    /// The verification profile to explain under, instead of the domain's.
+    pub profile: Option<portcullis_pki::VerifyProfile>,
 }
 
 /// The API's state.
@@ -1403,6 +1418,8 @@ struct Explain {
     #[serde(default = "default_path")]
     path: String,
     certificate_pem: String,
+    /// Verify under this profile instead of the domain's.
+    profile: Option<String>,
 }
 
 fn default_method() -> String {
@@ -1421,11 +1438,18 @@ async fn explain(State(api): State<Api>, Body(req): Body<Explain>) -> ApiResult 
     if !req.path.starts_with('/') {
         return Err(ApiError::invalid("path must start with '/'"));
     }
+    let profile = req
+        .profile
+        .as_deref()
+        .map(str::parse::<portcullis_pki::VerifyProfile>)
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let request = ExplainRequest {
         domain: req.domain.to_ascii_lowercase(),
         method: req.method.to_ascii_uppercase(),
         path: req.path,
         chain,
+        profile,
     };
     let mut trace = api
         .hooks
@@ -1475,7 +1499,7 @@ async fn checked_domains(
     api: &Api,
     hostname: &str,
     spec: Option<Value>,
-) -> Result<(Vec<(String, Value)>, i64), ApiError> {
+) -> Result<(Vec<(String, Value)>, i64, Vec<String>), ApiError> {
     let mut domains: Vec<(String, Value)> = Vec::new();
     let mut version = 0;
     for d in api.store.list_domains().await? {
@@ -1502,12 +1526,18 @@ async fn checked_domains(
             format!("{what} cannot be loaded: {e}"),
         )
     })?;
+    let warnings = normalized
+        .warnings
+        .into_iter()
+        .find(|(h, _)| h == hostname)
+        .map(|(_, w)| w)
+        .unwrap_or_default();
     let domains = domains
         .into_iter()
-        .zip(normalized)
+        .zip(normalized.specs)
         .map(|((h, _), spec)| (h, spec))
         .collect();
-    Ok((domains, version))
+    Ok((domains, version, warnings))
 }
 
 async fn put_domain(
@@ -1537,7 +1567,7 @@ async fn put_domain(
             )));
         }
     }
-    let (domains, checked_version) = checked_domains(&api, &hostname, Some(spec)).await?;
+    let (domains, checked_version, warnings) = checked_domains(&api, &hostname, Some(spec)).await?;
     let expected = req.expected_version.unwrap_or(checked_version);
     if expected != checked_version {
         return Err(RegistryError::Conflict(format!(
@@ -1560,7 +1590,9 @@ async fn put_domain(
     } else {
         StatusCode::OK
     };
-    Ok((status, to_json(&record)))
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    body["warnings"] = json!(warnings);
+    Ok((status, Json(body)))
 }
 
 async fn delete_domain(
@@ -1570,7 +1602,7 @@ async fn delete_domain(
     Params(q): Params<DeleteDomain>,
 ) -> ApiResult<StatusCode> {
     let hostname = hostname.to_ascii_lowercase();
-    let (_, checked_version) = checked_domains(&api, &hostname, None).await?;
+    let (_, checked_version, _) = checked_domains(&api, &hostname, None).await?;
     let expected = q.expected_version.unwrap_or(checked_version);
     api.store
         .delete_domain(&hostname, Some(expected), &caller)
