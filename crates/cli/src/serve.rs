@@ -354,6 +354,7 @@ async fn publish_registry_events(store: Store, broker: Arc<portcullis_mqtt::brok
                     retain: false,
                     properties: Default::default(),
                     expires_at: None,
+                    sent_as: None,
                 },
                 None,
             );
@@ -496,11 +497,13 @@ async fn wait_for_changes(
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        if trigger != "registry" {
+        // Stamped before reading: a change made while loading triggers the next reload. A file
+        // edit seen first by a reload the registry triggered still gets its warning.
+        let stamps = file_stamps(config_path, &registry);
+        if trigger == "signal" || stamps.first() != seen.first() {
             crate::config::warn_if_file_domains_ignored(config_path, &registry);
         }
-        // Stamped before reading: a change made while loading triggers the next reload.
-        seen = file_stamps(config_path, &registry);
+        seen = stamps;
         match load(&registry).and_then(|c| gateway.reload(c).map_err(Into::into)) {
             Ok(generation) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
