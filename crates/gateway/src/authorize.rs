@@ -108,27 +108,29 @@ impl PolicySnapshot {
         self.policies.is_empty()
     }
 
-    /// The variables of a connection: the certificate's fields, its things and their attributes.
-    pub(crate) fn variables(&self, leaf: Option<&Certificate>) -> Variables {
+    /// The variables of a connection: the certificate's fields, its things and their
+    /// attributes, and the MQTT client id (which, as in AWS IoT, picks the thing when the
+    /// certificate is attached to several).
+    pub(crate) fn variables(
+        &self,
+        leaf: Option<&Certificate>,
+        client_id: Option<&str>,
+    ) -> Variables {
         let Some(leaf) = leaf else {
             return Variables::new();
         };
         let id = &leaf.info().id;
         let mut vars = Variables::from_certificate(leaf, id);
-        if let Some(things) = self.things_of.get(id) {
-            vars.set("thing:Name", things.clone());
-            let mut attributes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for thing in things {
-                for (key, value) in self.thing_attributes.get(thing).into_iter().flatten() {
-                    attributes
-                        .entry(format!("thing:Attribute.{key}"))
-                        .or_default()
-                        .push(value.clone());
-                }
-            }
-            for (key, values) in attributes {
-                vars.set(&key, values);
-            }
+        let none = BTreeMap::new();
+        let things = self.things_of(id);
+        vars.set_things(
+            things
+                .iter()
+                .map(|t| (t.as_str(), self.thing_attributes.get(t).unwrap_or(&none))),
+            client_id,
+        );
+        if let Some(client_id) = client_id {
+            vars.set("mqtt:ClientId", vec![client_id.to_string()]);
         }
         vars
     }
@@ -181,8 +183,7 @@ impl PolicySnapshot {
             .into_iter()
             .map(|(r, p, _)| (r, p))
             .collect();
-        let mut vars = self.variables(Some(leaf));
-        vars.set("mqtt:ClientId", vec![client_id.to_string()]);
+        let vars = self.variables(Some(leaf), Some(client_id));
         portcullis_policy::bind(&policies, &vars)
     }
 
@@ -202,7 +203,10 @@ impl PolicySnapshot {
             .into_iter()
             .map(|(r, p, _)| (r, p))
             .collect();
-        let bound = Arc::new(portcullis_policy::bind(&policies, &self.variables(leaf)));
+        let bound = Arc::new(portcullis_policy::bind(
+            &policies,
+            &self.variables(leaf, None),
+        ));
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
@@ -239,7 +243,7 @@ impl PolicySnapshot {
         resource: &str,
     ) -> Value {
         let applicable = self.applicable(leaf, domain);
-        let vars = self.variables(leaf);
+        let vars = self.variables(leaf, None);
         let policies: Vec<(PolicyRef, Arc<Policy>)> = applicable
             .iter()
             .map(|(r, p, _)| (r.clone(), p.clone()))

@@ -139,6 +139,17 @@ impl Certificate {
         })
     }
 
+    /// Every attribute of the subject and of the issuer as (short name, text) pairs, in the
+    /// order the names hold them (one parse for both: policies read many of them per
+    /// certificate).
+    pub fn name_attributes(&self) -> NameAttributes {
+        self.with_parsed(|c| NameAttributes {
+            subject: crate::name::attributes(c.subject()),
+            issuer: crate::name::attributes(c.issuer()),
+        })
+        .unwrap_or_default()
+    }
+
     /// The first value of an issuer attribute, by its RFC 4514 short name (`CN`, `O`…), as
     /// policies use it.
     pub fn issuer_attribute(&self, short: &str) -> Option<String> {
@@ -154,6 +165,35 @@ impl Certificate {
             .map_err(|e| PkiError::malformed("", format!("certificate DER: {e}")))?;
         Ok(f(&parsed))
     }
+}
+
+/// The attributes of a certificate's subject and issuer names, by short name (`CN`, `O`, `ST`,
+/// `dnQualifier`… or the dotted OID for a type without one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameAttributes {
+    /// The subject's attributes, in order.
+    pub subject: Vec<(String, String)>,
+    /// The issuer's attributes, in order.
+    pub issuer: Vec<(String, String)>,
+}
+
+impl NameAttributes {
+    /// The first subject value of an attribute type.
+    pub fn subject(&self, short: &str) -> Option<&str> {
+        first(&self.subject, short)
+    }
+
+    /// The first issuer value of an attribute type.
+    pub fn issuer(&self, short: &str) -> Option<&str> {
+        first(&self.issuer, short)
+    }
+}
+
+fn first<'a>(attributes: &'a [(String, String)], short: &str) -> Option<&'a str> {
+    attributes
+        .iter()
+        .find(|(k, _)| k == short)
+        .map(|(_, v)| v.as_str())
 }
 
 /// The decoded fields of a certificate.

@@ -38,7 +38,7 @@ mod testcerts;
 pub mod truststore;
 pub mod verify;
 
-pub use cert::{Certificate, CertificateInfo};
+pub use cert::{Certificate, CertificateInfo, NameAttributes};
 pub use error::PkiError;
 pub use issue::{CaIssuer, IssueRequest, Profile, SubjectAltName, SubjectName};
 pub use key::{KeyType, PrivateKey};

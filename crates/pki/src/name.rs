@@ -27,6 +27,13 @@ pub(crate) fn attribute(name: &X509Name<'_>, short: &str) -> Option<String> {
         .map(value_text)
 }
 
+/// Every attribute of `name` as (short name, text), in order.
+pub(crate) fn attributes(name: &X509Name<'_>) -> Vec<(String, String)> {
+    name.iter_attributes()
+        .map(|a| (short_name(a), value_text(a)))
+        .collect()
+}
+
 /// The subject attributes policies read as variables (`${cert:Subject.CN}`…), by the DER of
 /// their OIDs (CN 2.5.4.3, C 2.5.4.6, O 2.5.4.10, OU 2.5.4.11): compared as bytes, since every
 /// certificate parsed in a handshake is checked.
@@ -149,6 +156,10 @@ fn short_name(attr: &AttributeTypeAndValue<'_>) -> String {
         "2.5.4.11" => "OU",
         "2.5.4.12" => "title",
         "2.5.4.42" => "GN",
+        "2.5.4.43" => "initials",
+        "2.5.4.44" => "generationQualifier",
+        "2.5.4.46" => "dnQualifier",
+        "2.5.4.65" => "pseudonym",
         "2.5.4.97" => "organizationIdentifier",
         "0.9.2342.19200300.100.1.1" => "UID",
         "0.9.2342.19200300.100.1.25" => "DC",

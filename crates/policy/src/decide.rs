@@ -133,6 +133,17 @@ pub fn bind(policies: &[(PolicyRef, Arc<Policy>)], vars: &Variables) -> Bound {
                     }
                 }
             }
+            if statement.action_globs.is_empty() {
+                unbound.push(format!(
+                    "{} name AWS IoT actions with no counterpart here",
+                    statement.actions().join(", ")
+                ));
+            } else if statement.resources.is_empty() && !statement.foreign.is_empty() {
+                unbound.push(format!(
+                    "{} name AWS IoT resources with no counterpart here",
+                    statement.foreign.join(", ")
+                ));
+            }
             statements.push(BoundStatement {
                 by: StatementRef {
                     policy: policy_ref.name.clone(),
@@ -301,6 +312,9 @@ enum Part {
 
 impl BoundStatement {
     fn first_mismatch(&self, action_lower: &str, req: &Request<'_>) -> Option<Part> {
+        if self.actions.is_empty() {
+            return Some(Part::Unbound);
+        }
         if !self.actions.iter().any(|g| g.matches(action_lower)) {
             return Some(Part::Action);
         }
@@ -335,7 +349,8 @@ impl BoundStatement {
     }
 
     fn is_dead(&self) -> bool {
-        self.resources.is_empty()
+        self.actions.is_empty()
+            || self.resources.is_empty()
             || self
                 .conditions
                 .iter()
@@ -447,12 +462,18 @@ fn settle(
         Operator::StringEquals | Operator::StringNotEquals => {
             have.iter().any(|h| listed.iter().any(|l| l == h))
         }
+        Operator::Bool => have
+            .iter()
+            .any(|h| listed.iter().any(|l| l.eq_ignore_ascii_case(h))),
         _ => {
             let globs: Vec<Glob> = listed.iter().map(|l| Glob::new(l)).collect();
             have.iter().any(|h| globs.iter().any(|g| g.matches(h)))
         }
     };
-    let positive = matches!(operator, Operator::StringEquals | Operator::StringLike);
+    let positive = matches!(
+        operator,
+        Operator::StringEquals | Operator::StringLike | Operator::Bool
+    );
     if any_match == positive {
         Test::Settled {
             holds: true,
@@ -560,6 +581,97 @@ mod tests {
 
     fn allowed(b: &Bound, action: &str, resource: &str) -> bool {
         b.decide(&req(action, resource)).allowed
+    }
+
+    /// A policy as AWS IoT Core's documentation writes it: the same decisions as ours.
+    #[test]
+    fn a_policy_copied_from_aws_iot_core_decides_as_written() {
+        let doc = r#"{
+          "Version": "2012-10-17",
+          "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect",
+             "Resource": "arn:aws:iot:us-east-1:123456789012:client/${iot:Connection.Thing.ThingName}",
+             "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"}}},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+             "Resource": "arn:aws:iot:us-east-1:123456789012:topic/sensors/${iot:Certificate.Subject.CommonName}/*"},
+            {"Effect": "Allow", "Action": "iot:Subscribe",
+             "Resource": "arn:aws:iot:us-east-1:123456789012:topicfilter/sensors/${iot:ClientId}/#"},
+            {"Effect": "Allow", "Action": ["iot:GetThingShadow", "iot:UpdateThingShadow"],
+             "Resource": "arn:aws:iot:us-east-1:123456789012:thing/${iot:Connection.Thing.ThingName}"},
+            {"Effect": "Deny", "Action": "iot:Publish",
+             "Resource": "arn:aws:iot:*:*:topic/sensors/*/locked",
+             "Condition": {"StringEquals": {"iot:Connection.Thing.Attributes[site]": "lyon"},
+                           "IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}}
+          ]}"#;
+        let attached = vars(&[
+            ("cert:Subject.CN", &["pump-7"]),
+            ("mqtt:ClientId", &["pump-7"]),
+            ("thing:Name", &["pump-7"]),
+            ("thing:IsAttached", &["true"]),
+            ("thing:Attribute.site", &["lyon"]),
+        ]);
+        let b = bound(&[doc], &attached);
+        assert!(allowed(&b, "mqtt:Connect", "client:pump-7"));
+        assert!(!allowed(&b, "mqtt:Connect", "client:pump-8"));
+        assert!(allowed(&b, "mqtt:Publish", "topic:sensors/pump-7/temp"));
+        assert!(allowed(&b, "mqtt:Receive", "topic:sensors/pump-7/temp"));
+        assert!(!allowed(&b, "mqtt:Publish", "topic:sensors/pump-8/temp"));
+        assert!(allowed(
+            &b,
+            "mqtt:Subscribe",
+            "topicfilter:sensors/pump-7/#"
+        ));
+        assert!(!allowed(&b, "mqtt:Subscribe", "topicfilter:sensors/+/#"));
+        // aws:SourceIp is the connection's address.
+        let locked = "topic:sensors/pump-7/locked";
+        let inside = Request {
+            source_ip: Some("10.1.2.3".parse().unwrap()),
+            ..req("mqtt:Publish", locked)
+        };
+        assert!(!b.decide(&inside).allowed);
+        let outside = Request {
+            source_ip: Some("192.0.2.1".parse().unwrap()),
+            ..req("mqtt:Publish", locked)
+        };
+        assert!(b.decide(&outside).allowed);
+        // No HTTP action is granted by iot: actions.
+        assert!(!allowed(&b, "http:GET", "topic:sensors/pump-7/temp"));
+        // The shadow statement names nothing here, and says so.
+        let trace = b.trace(&req("mqtt:Publish", "topic:x"));
+        assert!(
+            trace[3]
+                .to_string()
+                .contains("iot:GetThingShadow, iot:UpdateThingShadow name AWS"),
+            "{}",
+            trace[3]
+        );
+        let only_things = r#"{"Statement": {"Effect": "Allow", "Action": "iot:*",
+            "Resource": "arn:aws:iot:us-east-1:1:thing/x"}}"#;
+        let trace = bound(&[only_things], &attached).trace(&req("mqtt:Publish", "topic:x"));
+        assert!(
+            trace[0]
+                .to_string()
+                .contains("thing/x name AWS IoT resources"),
+            "{}",
+            trace[0]
+        );
+        // Not attached: Connect's Bool condition fails.
+        let stranger = vars(&[
+            ("cert:Subject.CN", &["pump-7"]),
+            ("mqtt:ClientId", &["pump-7"]),
+            ("thing:IsAttached", &["false"]),
+        ]);
+        let b = bound(&[doc], &stranger);
+        assert!(!allowed(&b, "mqtt:Connect", "client:pump-7"));
+        // Bool takes JSON's true too, and only true or false.
+        let b = bound(
+            &[&with_condition(r#"{"Bool": {"thing:IsAttached": true}}"#)],
+            &attached,
+        );
+        assert!(allowed(&b, "mqtt:Connect", "client:x"));
+        let e =
+            Policy::parse(&with_condition(r#"{"Bool": {"thing:IsAttached": "yes"}}"#)).unwrap_err();
+        assert!(e.message.contains("write \"true\" or \"false\""), "{e}");
     }
 
     #[test]

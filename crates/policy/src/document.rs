@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::glob::{Glob, glob_match};
-use crate::variables::{Template, VARIABLE_NAMES, is_variable_name};
+use crate::variables::{Template, VARIABLES_ARE, canonical_variable, unknown_variable};
 
 /// Largest policy document, in bytes of JSON text.
 pub const MAX_DOCUMENT_BYTES: usize = 20 * 1024;
@@ -22,10 +22,12 @@ pub const MAX_PATTERN_BYTES: usize = 1024;
 pub const MAX_PATTERNS: usize = 50;
 
 const MQTT_ACTIONS: [&str; 4] = ["connect", "publish", "receive", "subscribe"];
-const ACTIONS_ARE: &str =
-    "actions are http:<METHOD>, mqtt:Connect, mqtt:Publish, mqtt:Receive, mqtt:Subscribe";
+const ACTIONS_ARE: &str = "actions are http:<METHOD>, mqtt:Connect, mqtt:Publish, mqtt:Receive, \
+                           mqtt:Subscribe (AWS IoT's iot:Connect, iot:Publish, iot:Receive, \
+                           iot:Subscribe are the same)";
 const RESOURCES_ARE: &str = "resources are route:<domain>/<path>, client:<id>, topic:<name>, \
-                             topicfilter:<filter>, or a pattern starting with *";
+                             topicfilter:<filter>, a pattern starting with *, or an AWS IoT \
+                             ARN (arn:aws:iot:<region>:<account>:topic/<name>…)";
 const RESOURCE_TYPES: [&str; 4] = ["route:", "client:", "topic:", "topicfilter:"];
 
 /// A parsed, checked policy document.
@@ -44,6 +46,8 @@ pub struct Statement {
     /// The action patterns, lower-cased (actions match case-insensitively).
     pub(crate) action_globs: Vec<Glob>,
     pub(crate) resources: Vec<Template>,
+    /// AWS IoT ARNs of resources with no counterpart here (`thing/…`): they match nothing.
+    pub(crate) foreign: Vec<String>,
     pub(crate) conditions: Vec<Condition>,
 }
 
@@ -76,6 +80,7 @@ pub(crate) enum Operator {
     NotIpAddress,
     DateLessThan,
     DateGreaterThan,
+    Bool,
 }
 
 /// One condition: an operator, a key and the values it lists.
@@ -283,13 +288,19 @@ impl Statement {
         let mut actions = Vec::new();
         let mut action_globs = Vec::new();
         for (path, action) in patterns(obj, &at("Action"))? {
-            check_action(action).map_err(|m| PolicyError::new(path, m))?;
+            let matched = check_action(action).map_err(|m| PolicyError::new(path, m))?;
             actions.push(action.to_string());
-            action_globs.push(Glob::new(&action.to_ascii_lowercase()));
+            if let Some(matched) = matched {
+                action_globs.push(Glob::new(&matched));
+            }
         }
         let mut resources = Vec::new();
+        let mut foreign = Vec::new();
         for (path, resource) in patterns(obj, &at("Resource"))? {
-            resources.push(check_resource(resource).map_err(|m| PolicyError::new(path, m))?);
+            match check_resource(resource).map_err(|m| PolicyError::new(path, m))? {
+                Some(template) => resources.push(template),
+                None => foreign.push(resource.to_string()),
+            }
         }
         let conditions = match field(obj, "Condition") {
             Some(c) => conditions(&at("Condition"), c)?,
@@ -301,6 +312,7 @@ impl Statement {
             actions,
             action_globs,
             resources,
+            foreign,
             conditions,
         })
     }
@@ -337,7 +349,7 @@ impl fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {}
 
 impl Operator {
-    const ALL: [Operator; 8] = [
+    const ALL: [Operator; 9] = [
         Operator::StringEquals,
         Operator::StringNotEquals,
         Operator::StringLike,
@@ -346,6 +358,7 @@ impl Operator {
         Operator::NotIpAddress,
         Operator::DateLessThan,
         Operator::DateGreaterThan,
+        Operator::Bool,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -358,6 +371,7 @@ impl Operator {
             Operator::NotIpAddress => "NotIpAddress",
             Operator::DateLessThan => "DateLessThan",
             Operator::DateGreaterThan => "DateGreaterThan",
+            Operator::Bool => "Bool",
         }
     }
 }
@@ -461,8 +475,11 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// Checks an Action pattern: `http:<METHOD>`, an `mqtt:` action, or a wildcard pattern that can
-/// match one of them.
-fn check_action(action: &str) -> Result<(), String> {
+/// match one of them; gives the lower-cased pattern requests are matched with. AWS IoT's
+/// `iot:Connect`, `iot:Publish`, `iot:Receive` and `iot:Subscribe` (and patterns of them, such
+/// as `iot:*`) are the `mqtt:` actions; its other actions (shadows, jobs, retained-message
+/// reads) name nothing here, so they are accepted and match nothing (`None`).
+fn check_action(action: &str) -> Result<Option<String>, String> {
     let unknown = || format!("unknown action \"{action}\"; {ACTIONS_ARE}");
     if action.contains("${") {
         return Err(format!(
@@ -478,20 +495,28 @@ fn check_action(action: &str) -> Result<(), String> {
     }
     let lower = action.to_ascii_lowercase();
     match lower.split_once(':') {
-        Some(("http", method)) if !method.is_empty() && !method.contains(':') => Ok(()),
+        Some(("http", method)) if !method.is_empty() && !method.contains(':') => Ok(Some(lower)),
         Some(("mqtt", name)) => {
             let glob = Glob::new(name);
             if MQTT_ACTIONS.iter().any(|a| glob.matches(a)) {
-                Ok(())
+                Ok(Some(lower))
             } else {
                 Err(format!(
                     "\"{action}\" matches no MQTT action; {ACTIONS_ARE}"
                 ))
             }
         }
+        Some(("iot", name)) if !name.is_empty() && !name.contains(':') => {
+            let glob = Glob::new(name);
+            if MQTT_ACTIONS.iter().any(|a| glob.matches(a)) {
+                Ok(Some(format!("mqtt:{name}")))
+            } else {
+                Ok(None)
+            }
+        }
         Some((service, _)) if service.contains(['*', '?']) => {
             if glob_match(service, "http") || glob_match(service, "mqtt") {
-                Ok(())
+                Ok(Some(lower))
             } else {
                 Err(unknown())
             }
@@ -502,7 +527,7 @@ fn check_action(action: &str) -> Result<(), String> {
             let literal = lower.split(['*', '?']).next().unwrap_or("");
             let wild = lower.len() != literal.len();
             if wild && ("http:".starts_with(literal) || "mqtt:".starts_with(literal)) {
-                Ok(())
+                Ok(Some(lower))
             } else {
                 Err(unknown())
             }
@@ -515,11 +540,19 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Checks a Resource pattern: a known type prefix or a leading `*`, and valid variables.
-fn check_resource(resource: &str) -> Result<Template, String> {
-    let template = Template::parse(resource)?;
+/// Checks a Resource pattern: a known type prefix or a leading `*`, and valid variables. An AWS
+/// IoT ARN is read as the resource it names (`arn:aws:iot:<region>:<account>:topic/a/b` is
+/// `topic:a/b`; region and account are not checked: one gateway is one account and region);
+/// an ARN of another IoT resource type (`thing/…`, `cert/…`) names nothing here (`None`).
+fn check_resource(resource: &str) -> Result<Option<Template>, String> {
+    let resource = match aws_arn(resource)? {
+        Arn::Plain => resource.to_string(),
+        Arn::Resource(ours) => ours,
+        Arn::Nothing => return Ok(None),
+    };
+    let template = Template::parse(&resource)?;
     if resource.starts_with('*') {
-        return Ok(template);
+        return Ok(Some(template));
     }
     let Some(kind) = RESOURCE_TYPES.iter().find(|t| resource.starts_with(*t)) else {
         return Err(format!(
@@ -532,7 +565,81 @@ fn check_resource(resource: &str) -> Result<Template, String> {
              every path"
         ));
     }
-    Ok(template)
+    Ok(Some(template))
+}
+
+/// What an AWS ARN resource is here.
+enum Arn {
+    /// Not an ARN.
+    Plain,
+    /// The resource it names, in our form.
+    Resource(String),
+    /// An IoT resource this gateway has no counterpart for: matches nothing.
+    Nothing,
+}
+
+/// The IoT resource types an ARN may name, and what each is here.
+const ARN_TYPES: [(&str, Option<&str>); 10] = [
+    ("client", Some("client:")),
+    ("topic", Some("topic:")),
+    ("topicfilter", Some("topicfilter:")),
+    ("thing", None),
+    ("thinggroup", None),
+    ("thingtype", None),
+    ("cert", None),
+    ("cacert", None),
+    ("rolealias", None),
+    ("job", None),
+];
+
+/// Reads `arn:<partition>:iot:<region>:<account>:<type>/<rest>`.
+fn aws_arn(resource: &str) -> Result<Arn, String> {
+    let Some(rest) = resource.strip_prefix("arn:") else {
+        return Ok(Arn::Plain);
+    };
+    let bad = |why: &str| {
+        Err(format!(
+            "\"{resource}\" is not an AWS IoT ARN this gateway reads ({why}); write \
+             arn:aws:iot:<region>:<account>:topic/<name> (or client/, topicfilter/), or {RESOURCES_ARE}"
+        ))
+    };
+    let mut parts = rest.splitn(5, ':');
+    let (Some(partition), Some(service), Some(region), Some(account), Some(name)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return bad("an ARN has six ':'-separated parts");
+    };
+    if !matches!(partition, "aws" | "aws-cn" | "aws-us-gov" | "*") {
+        return bad("unknown partition");
+    }
+    if service != "iot" {
+        return bad("only the iot service has resources here");
+    }
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*' || b == b'?')
+    };
+    if !plain(region) || !plain(account) {
+        return bad("region and account are letters, digits, - or wildcards");
+    }
+    if name == "*" {
+        return Ok(Arn::Resource("*".to_string()));
+    }
+    let Some((kind, path)) = name.split_once('/') else {
+        return bad("the resource is <type>/<name>, or * for every resource");
+    };
+    match ARN_TYPES.iter().find(|(t, _)| *t == kind) {
+        Some((_, Some(ours))) => Ok(Arn::Resource(format!("{ours}{path}"))),
+        Some((_, None)) => Ok(Arn::Nothing),
+        None if kind.contains(['*', '?']) => {
+            bad("write the resource type out (topic/, client/, topicfilter/)")
+        }
+        None => bad("unknown resource type"),
+    }
 }
 
 /// The patterns of an Action or Resource field: a string or a non-empty array of strings, with
@@ -632,8 +739,17 @@ fn conditions(path: &str, json: &Json) -> Result<Vec<Condition>, PolicyError> {
         )?;
         for (key, values) in block {
             let key_path = format!("{op_path}.{key}");
-            check_condition_key(operator, key).map_err(|m| PolicyError::new(&key_path, m))?;
-            let list = string_list(&key_path, values, "condition")?;
+            let key =
+                check_condition_key(operator, key).map_err(|m| PolicyError::new(&key_path, m))?;
+            // Bool also takes JSON's true and false, as AWS does.
+            let literal = match values {
+                Json::Bool(b) if operator == Operator::Bool => Some(b.to_string()),
+                _ => None,
+            };
+            let list = match &literal {
+                Some(b) => vec![(key_path.clone(), b.as_str())],
+                None => string_list(&key_path, values, "condition")?,
+            };
             for (p, v) in &list {
                 check_length(p, v)?;
             }
@@ -660,6 +776,19 @@ fn conditions(path: &str, json: &Json) -> Result<Vec<Condition>, PolicyError> {
                         })
                         .collect::<Result<_, _>>()?,
                 ),
+                Operator::Bool => ConditionValues::Strings(
+                    list.iter()
+                        .map(|(p, v)| match v.to_ascii_lowercase().as_str() {
+                            b @ ("true" | "false") => {
+                                Template::parse(b).map_err(|m| PolicyError::new(p, m))
+                            }
+                            _ => Err(PolicyError::new(
+                                p,
+                                format!("\"{v}\" is not a Bool value; write \"true\" or \"false\""),
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
                 _ => ConditionValues::Strings(
                     list.iter()
                         .map(|(p, v)| Template::parse(v).map_err(|m| PolicyError::new(p, m)))
@@ -668,7 +797,7 @@ fn conditions(path: &str, json: &Json) -> Result<Vec<Condition>, PolicyError> {
             };
             out.push(Condition {
                 operator,
-                key: key.clone(),
+                key,
                 values,
             });
         }
@@ -676,23 +805,35 @@ fn conditions(path: &str, json: &Json) -> Result<Vec<Condition>, PolicyError> {
     Ok(out)
 }
 
-fn check_condition_key(operator: Operator, key: &str) -> Result<(), String> {
+/// Checks a condition key for its operator and gives the name it stands for (AWS IoT's
+/// `aws:SourceIp`, `aws:CurrentTime` and variable names are ours).
+fn check_condition_key(operator: Operator, key: &str) -> Result<String, String> {
     let op = operator.as_str();
+    let key = match key {
+        "aws:SourceIp" => "conn:SourceIp",
+        "aws:CurrentTime" => "conn:CurrentTime",
+        other => other,
+    };
     match operator {
         Operator::IpAddress | Operator::NotIpAddress if key != "conn:SourceIp" => Err(format!(
-            "unknown condition key for {op}; its only key is conn:SourceIp"
+            "unknown condition key for {op}; its only key is conn:SourceIp (aws:SourceIp)"
         )),
-        Operator::DateLessThan | Operator::DateGreaterThan if key != "conn:CurrentTime" => Err(
-            format!("unknown condition key for {op}; its only key is conn:CurrentTime"),
-        ),
+        Operator::DateLessThan | Operator::DateGreaterThan if key != "conn:CurrentTime" => {
+            Err(format!(
+                "unknown condition key for {op}; its only key is conn:CurrentTime \
+                 (aws:CurrentTime)"
+            ))
+        }
         Operator::IpAddress
         | Operator::NotIpAddress
         | Operator::DateLessThan
-        | Operator::DateGreaterThan => Ok(()),
-        _ if is_variable_name(key) => Ok(()),
+        | Operator::DateGreaterThan => Ok(key.to_string()),
         _ => {
+            if let Some(canonical) = canonical_variable(key) {
+                return Ok(canonical);
+            }
             if let Some(inner) = key.strip_prefix("${").and_then(|k| k.strip_suffix('}'))
-                && is_variable_name(inner)
+                && canonical_variable(inner).is_some()
             {
                 return Err(format!(
                     "write the condition key without ${{}}: \"{inner}\""
@@ -704,10 +845,10 @@ fn check_condition_key(operator: Operator, key: &str) -> Result<(), String> {
                      DateLessThan/DateGreaterThan"
                 ));
             }
-            Err(format!(
-                "unknown condition key for {op}; keys are {}, thing:Attribute.<key>",
-                VARIABLE_NAMES.join(", ")
-            ))
+            if key.starts_with("iot:") || key.starts_with("aws:") {
+                return Err(unknown_variable(key));
+            }
+            Err(format!("unknown condition key for {op}; {VARIABLES_ARE}"))
         }
     }
 }
@@ -741,7 +882,7 @@ fn field<'a>(obj: &'a [(String, Json)], key: &str) -> Option<&'a Json> {
 #[derive(Debug)]
 enum Json {
     Null,
-    Bool,
+    Bool(bool),
     Number,
     String(String),
     Array(Vec<Json>),
@@ -752,7 +893,7 @@ impl Json {
     fn kind(&self) -> &'static str {
         match self {
             Json::Null => "null",
-            Json::Bool => "a boolean",
+            Json::Bool(_) => "a boolean",
             Json::Number => "a number",
             Json::String(_) => "a string",
             Json::Array(_) => "an array",
@@ -800,8 +941,8 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Null)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Json, E> {
-        Ok(Json::Bool)
+    fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
+        Ok(Json::Bool(b))
     }
 
     fn visit_i64<E>(self, _: i64) -> Result<Json, E> {
@@ -921,6 +1062,11 @@ mod tests {
             "*:Publish",
             "mqtt*",
             "*Publish",
+            "iot:Publish",
+            "iot:*",
+            "IOT:Connect",
+            "iot:GetThingShadow",
+            "iot:DescribeJobExecution",
         ] {
             Policy::parse(&statement(&format!(
                 r#"{{"Effect": "Allow", "Action": "{ok}", "Resource": "*"}}"#
@@ -930,7 +1076,7 @@ mod tests {
         for bad in [
             "GET",
             "s3:GetObject",
-            "iot:Publish",
+            "iot:",
             "mqtt:Retain",
             "mqtt:X*",
             "http:",
@@ -950,8 +1096,7 @@ mod tests {
         ));
         assert_eq!(
             e.to_string(),
-            "Statement[1].Action: unknown action \"s3:Get\"; actions are http:<METHOD>, \
-             mqtt:Connect, mqtt:Publish, mqtt:Receive, mqtt:Subscribe"
+            format!("Statement[1].Action: unknown action \"s3:Get\"; {ACTIONS_ARE}")
         );
     }
 
@@ -965,6 +1110,11 @@ mod tests {
             "topicfilter:sensors/+/#",
             "*",
             "*/admin",
+            "arn:aws:iot:us-east-1:123456789012:topic/sensors/${iot:ClientId}",
+            "arn:aws:iot:*:*:topicfilter/sensors/#",
+            "arn:aws-cn:iot:cn-north-1:1:client/${iot:Connection.Thing.ThingName}",
+            "arn:aws:iot:us-east-1:123456789012:*",
+            "arn:aws:iot:us-east-1:123456789012:thing/${iot:Connection.Thing.ThingName}",
         ] {
             Policy::parse(&statement(&format!(
                 r#"{{"Effect": "Allow", "Action": "*", "Resource": "{ok}"}}"#
@@ -972,7 +1122,19 @@ mod tests {
             .unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for (bad, says) in [
-            ("arn:aws:iot:x", "unknown resource type"),
+            ("arn:aws:iot:x", "six ':'-separated parts"),
+            ("arn:aws:s3:::bucket/x", "only the iot service"),
+            ("arn:aws:iot:us-east-1:1:topic*", "<type>/<name>"),
+            (
+                "arn:aws:iot:us-east-1:1:top*/x",
+                "write the resource type out",
+            ),
+            ("arn:aws:iot:us-east-1:1:shelf/x", "unknown resource type"),
+            ("arn:aws:iot:us east:1:topic/x", "region and account"),
+            (
+                "arn:aws:iot:r:1:topic/${iot:Connection.Thing.ThingTypeName}",
+                "things here have no type",
+            ),
             ("Route:a/b", "unknown resource type"),
             ("${thing:Name}", "unknown resource type"),
             ("route:api.example.com", "names no path"),

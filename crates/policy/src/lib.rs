@@ -47,4 +47,7 @@ pub use document::{
     PolicyError, Statement,
 };
 pub use glob::{Glob, glob_match};
-pub use variables::{MAX_EXPANSION, VARIABLE_NAMES, Variables, is_variable_name};
+pub use variables::{
+    MAX_EXPANSION, NAME_ATTRIBUTES, VARIABLE_NAMES, VARIABLES_ARE, Variables, canonical_variable,
+    is_variable_name, unknown_variable,
+};

@@ -6,22 +6,56 @@ use std::collections::BTreeMap;
 use portcullis_pki::Certificate;
 use serde::Serialize;
 
-/// The fixed variable names. Besides these, `thing:Attribute.<key>` names an attribute of the
-/// thing the certificate is attached to (key: 1–128 of `A-Z a-z 0-9 _ - . :`).
+/// The certificate name attributes policies read, as `cert:Subject.<short>` and
+/// `cert:Issuer.<short>`: (short name, AWS IoT's name). The AWS name also works as
+/// `iot:Certificate.Subject.<Name>` (or `.Issuer.`), with or without `.List`.
+pub const NAME_ATTRIBUTES: [(&str, &str); 15] = [
+    ("CN", "CommonName"),
+    ("O", "Organization"),
+    ("OU", "OrganizationalUnit"),
+    ("C", "Country"),
+    ("ST", "State"),
+    ("L", "Locality"),
+    ("serialNumber", "SerialNumber"),
+    ("dnQualifier", "DistinguishedNameQualifier"),
+    ("title", "Title"),
+    ("SN", "Surname"),
+    ("GN", "GivenName"),
+    ("initials", "Initials"),
+    ("pseudonym", "Pseudonym"),
+    ("generationQualifier", "GenerationQualifier"),
+    ("emailAddress", "EmailAddress"),
+];
+
+/// The variable names besides `cert:Subject.<short>`, `cert:Issuer.<short>` and
+/// `thing:Attribute.<key>` (key: 1–128 of `A-Z a-z 0-9 _ - . :`).
 pub const VARIABLE_NAMES: &[&str] = &[
-    "cert:Subject.CN",
-    "cert:Subject.O",
-    "cert:Subject.OU",
-    "cert:Subject.C",
-    "cert:Issuer.CN",
-    "cert:Issuer.O",
     "cert:SerialNumber",
     "cert:Id",
     "cert:SAN.DNS",
     "cert:SAN.URI",
     "cert:SAN.Email",
+    "cert:SAN.IP",
     "thing:Name",
+    "thing:IsAttached",
     "mqtt:ClientId",
+];
+
+/// What the variables are, for error messages.
+pub const VARIABLES_ARE: &str = "variables are cert:Subject.<attr> and cert:Issuer.<attr> (attr: \
+     CN, O, OU, C, ST, L, serialNumber, dnQualifier, title, SN, GN, initials, pseudonym, \
+     generationQualifier, emailAddress), cert:SerialNumber, cert:Id, cert:SAN.DNS, cert:SAN.URI, \
+     cert:SAN.Email, cert:SAN.IP, thing:Name, thing:IsAttached, thing:Attribute.<key>, \
+     mqtt:ClientId, or AWS IoT's names for them (iot:ClientId, iot:CertificateId, \
+     iot:Certificate.Subject.CommonName, iot:Connection.Thing.ThingName, \
+     iot:Connection.Thing.Attributes[<key>]…); names are case-sensitive";
+
+/// AWS IoT's names for the subject alternative names, and ours.
+const AWS_ALTERNATIVE_NAMES: [(&str, &str); 4] = [
+    ("DNSName", "cert:SAN.DNS"),
+    ("UniformResourceIdentifier", "cert:SAN.URI"),
+    ("RFC822Name", "cert:SAN.Email"),
+    ("IPAddress", "cert:SAN.IP"),
 ];
 
 const THING_ATTRIBUTE: &str = "thing:Attribute.";
@@ -30,17 +64,86 @@ const THING_ATTRIBUTE: &str = "thing:Attribute.";
 /// this the pattern matches nothing (never everything).
 pub const MAX_EXPANSION: usize = 256;
 
-/// True for a name a policy may use as `${name}` or as a condition key.
+/// True for a name a policy may use as `${name}` or as a condition key: ours, or AWS IoT's
+/// name for one of ours.
 pub fn is_variable_name(name: &str) -> bool {
+    canonical_variable(name).is_some()
+}
+
+/// The name `name` stands for: itself when it is one of ours, ours when it is AWS IoT's name
+/// for a variable (`iot:ClientId` is `mqtt:ClientId`, `iot:Certificate.Subject.CommonName` is
+/// `cert:Subject.CN`, `iot:Connection.Thing.Attributes[site]` is `thing:Attribute.site`), so
+/// that a policy copied from IoT Core works unchanged. `None` for an unknown name.
+pub fn canonical_variable(name: &str) -> Option<String> {
     if VARIABLE_NAMES.contains(&name) {
-        return true;
+        return Some(name.to_string());
     }
-    name.strip_prefix(THING_ATTRIBUTE).is_some_and(|key| {
-        (1..=128).contains(&key.len())
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+    if let Some(key) = name.strip_prefix(THING_ATTRIBUTE) {
+        return is_attribute_key(key).then(|| name.to_string());
+    }
+    for prefix in ["cert:Subject.", "cert:Issuer."] {
+        if let Some(short) = name.strip_prefix(prefix) {
+            return NAME_ATTRIBUTES
+                .iter()
+                .any(|(s, _)| *s == short)
+                .then(|| name.to_string());
+        }
+    }
+    aws_alias(name).map(str::to_string).or_else(|| {
+        if let Some(key) = name
+            .strip_prefix("iot:Connection.Thing.Attributes[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            return is_attribute_key(key).then(|| format!("{THING_ATTRIBUTE}{key}"));
+        }
+        let rest = name.strip_prefix("iot:Certificate.")?;
+        let rest = rest.strip_suffix(".List").unwrap_or(rest);
+        if let Some(alt) = rest.strip_prefix("Subject.AlternativeName.") {
+            return AWS_ALTERNATIVE_NAMES
+                .iter()
+                .find(|(aws, _)| *aws == alt)
+                .map(|(_, ours)| ours.to_string());
+        }
+        let (part, long) = rest.split_once('.')?;
+        if part != "Subject" && part != "Issuer" {
+            return None;
+        }
+        let (short, _) = NAME_ATTRIBUTES.iter().find(|(_, l)| *l == long)?;
+        Some(format!("cert:{part}.{short}"))
     })
+}
+
+/// AWS IoT's fixed names for our variables.
+fn aws_alias(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "iot:ClientId" => "mqtt:ClientId",
+        "iot:CertificateId" => "cert:Id",
+        "iot:Certificate.SerialNumber" => "cert:SerialNumber",
+        "iot:Connection.Thing.ThingName" => "thing:Name",
+        "iot:Connection.Thing.IsAttached" => "thing:IsAttached",
+        _ => return None,
+    })
+}
+
+/// Why an unknown variable name is unknown, with what to write instead.
+pub fn unknown_variable(name: &str) -> String {
+    if name == "iot:Connection.Thing.ThingTypeName" {
+        return format!(
+            "${{{name}}} has no counterpart: things here have no type; use a thing attribute \
+             (${{thing:Attribute.type}}) instead"
+        );
+    }
+    if name.starts_with("iot:") || name.starts_with("aws:") {
+        return format!("AWS IoT's ${{{name}}} has no counterpart here; {VARIABLES_ARE}");
+    }
+    format!("unknown variable ${{{name}}}; {VARIABLES_ARE}")
+}
+
+fn is_attribute_key(key: &str) -> bool {
+    (1..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
 }
 
 /// The values of the variables for one connection: each name has a list of values (a
@@ -92,23 +195,22 @@ impl Variables {
     pub fn from_certificate(cert: &Certificate, id: &str) -> Variables {
         let mut vars = Variables::new();
         vars.ambiguous = cert.subject_ambiguity().map(str::to_string);
-        let mut one = |name: &str, value: Option<String>| {
-            if let Some(value) = value {
-                vars.set(name, vec![value]);
+        let names = cert.name_attributes();
+        for (short, _) in NAME_ATTRIBUTES {
+            if let Some(value) = names.subject(short) {
+                vars.set(&format!("cert:Subject.{short}"), vec![value.to_string()]);
             }
-        };
-        one("cert:Subject.CN", cert.subject_attribute("CN"));
-        one("cert:Subject.O", cert.subject_attribute("O"));
-        one("cert:Subject.OU", cert.subject_attribute("OU"));
-        one("cert:Subject.C", cert.subject_attribute("C"));
-        one("cert:Issuer.CN", cert.issuer_attribute("CN"));
-        one("cert:Issuer.O", cert.issuer_attribute("O"));
-        one("cert:SerialNumber", Some(cert.info().serial.clone()));
-        one("cert:Id", Some(id.to_string()));
+            if let Some(value) = names.issuer(short) {
+                vars.set(&format!("cert:Issuer.{short}"), vec![value.to_string()]);
+            }
+        }
+        vars.set("cert:SerialNumber", vec![cert.info().serial.clone()]);
+        vars.set("cert:Id", vec![id.to_string()]);
         for (name, prefix) in [
             ("cert:SAN.DNS", "dns:"),
             ("cert:SAN.URI", "uri:"),
             ("cert:SAN.Email", "email:"),
+            ("cert:SAN.IP", "ip:"),
         ] {
             let values = cert
                 .info()
@@ -120,6 +222,41 @@ impl Variables {
             vars.set(name, values);
         }
         vars
+    }
+
+    /// Sets the `thing:` variables from the things the certificate is attached to, each with
+    /// its attributes. As in AWS IoT, when the certificate is attached to several things and
+    /// the connection has a client id (MQTT), only the thing named like the client id counts
+    /// (none, if no thing is): a device reads its own thing's name and attributes, not its
+    /// siblings'. `thing:IsAttached` is `true` when a thing counts, `false` otherwise.
+    pub fn set_things<'a>(
+        &mut self,
+        things: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+        client_id: Option<&str>,
+    ) {
+        let mut things: Vec<(&str, &BTreeMap<String, String>)> = things.into_iter().collect();
+        if things.len() > 1
+            && let Some(client_id) = client_id
+        {
+            things.retain(|(name, _)| *name == client_id);
+        }
+        let mut attributes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, attrs) in &things {
+            for (key, value) in attrs.iter() {
+                attributes
+                    .entry(format!("{THING_ATTRIBUTE}{key}"))
+                    .or_default()
+                    .push(value.clone());
+            }
+        }
+        self.set(
+            "thing:Name",
+            things.iter().map(|(name, _)| name.to_string()).collect(),
+        );
+        self.set("thing:IsAttached", vec![(!things.is_empty()).to_string()]);
+        for (key, values) in attributes {
+            self.set(&key, values);
+        }
     }
 }
 
@@ -168,14 +305,10 @@ impl Template {
                     "empty variable ${}; name one, for example ${cert:Subject.CN}".to_string(),
                 );
             }
-            if !is_variable_name(name) {
-                return Err(format!(
-                    "unknown variable ${{{name}}}; variables are {}, \
-                     thing:Attribute.<key> (names are case-sensitive)",
-                    VARIABLE_NAMES.join(", ")
-                ));
-            }
-            pieces.push(Piece::Variable(name.to_string()));
+            let Some(canonical) = canonical_variable(name) else {
+                return Err(unknown_variable(name));
+            };
+            pieces.push(Piece::Variable(canonical));
             rest = &after[end + 1..];
         }
         if !rest.is_empty() {
@@ -329,6 +462,107 @@ mod tests {
     }
 
     #[test]
+    fn aws_iot_names_are_ours() {
+        for (aws, ours) in [
+            ("iot:ClientId", "mqtt:ClientId"),
+            ("iot:CertificateId", "cert:Id"),
+            ("iot:Certificate.SerialNumber", "cert:SerialNumber"),
+            ("iot:Certificate.Subject.CommonName", "cert:Subject.CN"),
+            (
+                "iot:Certificate.Subject.Organization.List",
+                "cert:Subject.O",
+            ),
+            (
+                "iot:Certificate.Subject.OrganizationalUnit",
+                "cert:Subject.OU",
+            ),
+            (
+                "iot:Certificate.Subject.DistinguishedNameQualifier",
+                "cert:Subject.dnQualifier",
+            ),
+            (
+                "iot:Certificate.Subject.SerialNumber",
+                "cert:Subject.serialNumber",
+            ),
+            ("iot:Certificate.Issuer.CommonName", "cert:Issuer.CN"),
+            (
+                "iot:Certificate.Issuer.GenerationQualifier",
+                "cert:Issuer.generationQualifier",
+            ),
+            (
+                "iot:Certificate.Subject.AlternativeName.DNSName",
+                "cert:SAN.DNS",
+            ),
+            (
+                "iot:Certificate.Subject.AlternativeName.RFC822Name.List",
+                "cert:SAN.Email",
+            ),
+            (
+                "iot:Certificate.Subject.AlternativeName.IPAddress",
+                "cert:SAN.IP",
+            ),
+            ("iot:Connection.Thing.ThingName", "thing:Name"),
+            ("iot:Connection.Thing.IsAttached", "thing:IsAttached"),
+            (
+                "iot:Connection.Thing.Attributes[site]",
+                "thing:Attribute.site",
+            ),
+            ("cert:Subject.ST", "cert:Subject.ST"),
+            ("thing:Attribute.a.b", "thing:Attribute.a.b"),
+        ] {
+            assert_eq!(canonical_variable(aws).as_deref(), Some(ours), "{aws}");
+        }
+        for unknown in [
+            "iot:Certificate.Subject.Nope",
+            "iot:Certificate.Validity.NotBefore",
+            "iot:Certificate.Other.CommonName",
+            "iot:Connection.Thing.Attributes[a b]",
+            "iot:Connection.Thing.Attributes[]",
+            "iot:Connection.Thing.ThingTypeName",
+            "iot:clientid",
+            "cert:Subject.CommonName",
+            "Certificate.Subject.CommonName",
+        ] {
+            assert_eq!(canonical_variable(unknown), None, "{unknown}");
+        }
+        // A template keeps the name as written and reads ours.
+        let t = Template::parse("t/${iot:Certificate.Subject.CommonName}").unwrap();
+        assert_eq!(t.text(), "t/${iot:Certificate.Subject.CommonName}");
+        assert_eq!(
+            values(t.expand(&vars(&[("cert:Subject.CN", &["s1"])]))),
+            ["t/s1"]
+        );
+    }
+
+    #[test]
+    fn things_follow_the_client_id_when_there_are_several() {
+        let a: BTreeMap<String, String> = [("site".to_string(), "lyon".to_string())].into();
+        let b: BTreeMap<String, String> = [("site".to_string(), "oslo".to_string())].into();
+        let both = || [("pump-a", &a), ("pump-b", &b)];
+        let mut v = Variables::new();
+        v.set_things(both(), None);
+        assert_eq!(v.get("thing:Name"), ["pump-a", "pump-b"]);
+        assert_eq!(v.get("thing:Attribute.site"), ["lyon", "oslo"]);
+        assert_eq!(v.get("thing:IsAttached"), ["true"]);
+        let mut v = Variables::new();
+        v.set_things(both(), Some("pump-b"));
+        assert_eq!(v.get("thing:Name"), ["pump-b"]);
+        assert_eq!(v.get("thing:Attribute.site"), ["oslo"]);
+        let mut v = Variables::new();
+        v.set_things(both(), Some("intruder"));
+        assert!(v.get("thing:Name").is_empty());
+        assert!(v.get("thing:Attribute.site").is_empty());
+        assert_eq!(v.get("thing:IsAttached"), ["false"]);
+        // One thing: the certificate says which, whatever the client id.
+        let mut v = Variables::new();
+        v.set_things([("pump-a", &a)], Some("other"));
+        assert_eq!(v.get("thing:Name"), ["pump-a"]);
+        let mut v = Variables::new();
+        v.set_things(std::iter::empty(), None);
+        assert_eq!(v.get("thing:IsAttached"), ["false"]);
+    }
+
+    #[test]
     fn templates_refuse_bad_variables() {
         assert!(
             Template::parse("a${cert:Subject.CN")
@@ -342,7 +576,12 @@ mod tests {
         );
         let e = Template::parse("${cert:Subject.XX}").unwrap_err();
         assert!(e.contains("unknown variable ${cert:Subject.XX}"), "{e}");
-        assert!(e.contains("cert:Subject.CN"), "{e}");
+        assert!(e.contains("cert:Subject.<attr>"), "{e}");
+        let e = Template::parse("${iot:Certificate.Validity.NotAfter}").unwrap_err();
+        assert!(
+            e.starts_with("AWS IoT's ${iot:Certificate.Validity.NotAfter} has no"),
+            "{e}"
+        );
         assert!(Template::parse("plain $ and } and {").is_ok());
     }
 

@@ -1,9 +1,11 @@
 //! Just-in-time provisioning (JITP) templates: how a CA's new certificate becomes a thing.
 //!
-//! A template names the thing and its attributes from certificate variables:
+//! A template names the thing and its attributes from certificate variables, written as in
+//! policies (`${cert:Subject.CN}`, or AWS IoT's `${iot:Certificate.Subject.CommonName}`), or in
+//! the older template spelling (`${Certificate.Subject.CommonName}`):
 //!
 //! ```json
-//! {"thing_name": "${Certificate.Subject.CommonName}",
+//! {"thing_name": "${cert:Subject.CN}",
 //!  "attributes": {"site": "${Certificate.Subject.Locality}"}}
 //! ```
 //!
@@ -14,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use portcullis_pki::Certificate;
+use portcullis_policy::{Variables, canonical_variable, unknown_variable};
 use serde::{Deserialize, Serialize};
 
 use crate::RegistryError;
@@ -55,20 +58,6 @@ pub struct Provisioned {
     pub join_existing_thing: bool,
 }
 
-/// The certificate variables templates (and, later, policies) may use.
-pub const VARIABLES: &[&str] = &[
-    "Certificate.Id",
-    "Certificate.SerialNumber",
-    "Certificate.Subject.CommonName",
-    "Certificate.Subject.Organization",
-    "Certificate.Subject.OrganizationalUnit",
-    "Certificate.Subject.Country",
-    "Certificate.Subject.State",
-    "Certificate.Subject.Locality",
-    "Certificate.Subject.SerialNumber",
-    "Certificate.Subject.EmailAddress",
-];
-
 impl ProvisioningTemplate {
     /// Parses and checks a template given as JSON.
     pub fn from_json(json: &serde_json::Value) -> Result<ProvisioningTemplate, RegistryError> {
@@ -96,7 +85,8 @@ impl ProvisioningTemplate {
                 "the certificate's subject has {why}, so it names no single thing"
             ));
         }
-        let thing_name = substitute(&self.thing_name, cert)?;
+        let vars = Variables::from_certificate(cert, &cert.info().id);
+        let thing_name = substitute(&self.thing_name, cert, &vars)?;
         check_name("thing", &thing_name).map_err(|e| {
             format!(
                 "the provisioning template makes an invalid thing name for this certificate: {e}"
@@ -105,7 +95,7 @@ impl ProvisioningTemplate {
         let attributes = self
             .attributes
             .iter()
-            .map(|(k, v)| Ok((k.clone(), substitute(v, cert)?)))
+            .map(|(k, v)| Ok((k.clone(), substitute(v, cert, &vars)?)))
             .collect::<Result<_, String>>()?;
         Ok(Provisioned {
             thing_name,
@@ -116,21 +106,45 @@ impl ProvisioningTemplate {
     }
 }
 
-/// The value of one certificate variable, `None` when the certificate lacks the field.
-pub fn variable(name: &str, cert: &Certificate) -> Option<String> {
-    let attribute = |short: &str| cert.subject_attribute(short);
-    match name {
-        "Certificate.Id" => Some(cert.info().id.clone()),
-        "Certificate.SerialNumber" => Some(cert.info().serial.replace(':', "")),
-        "Certificate.Subject.CommonName" => attribute("CN"),
-        "Certificate.Subject.Organization" => attribute("O"),
-        "Certificate.Subject.OrganizationalUnit" => attribute("OU"),
-        "Certificate.Subject.Country" => attribute("C"),
-        "Certificate.Subject.State" => attribute("ST"),
-        "Certificate.Subject.Locality" => attribute("L"),
-        "Certificate.Subject.SerialNumber" => attribute("serialNumber"),
-        "Certificate.Subject.EmailAddress" => attribute("emailAddress"),
-        _ => None,
+/// What a template variable reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Read {
+    /// A policy variable of the certificate (`cert:…`).
+    Policy(String),
+    /// The older template spelling `Certificate.SerialNumber`: hex without colons.
+    SerialHex,
+}
+
+/// What a variable name in a template reads: a certificate variable under any of its names
+/// (ours, AWS IoT's, the older `Certificate.…` spelling); an error for another name.
+fn read(name: &str) -> Result<Read, String> {
+    let canonical = match name {
+        "Certificate.SerialNumber" => return Ok(Read::SerialHex),
+        "Certificate.Id" => Some("cert:Id".to_string()),
+        _ => match name.strip_prefix("Certificate.") {
+            Some(rest) => canonical_variable(&format!("iot:Certificate.{rest}")),
+            None => canonical_variable(name),
+        },
+    };
+    match canonical {
+        Some(c) if c.starts_with("cert:") => Ok(Read::Policy(c)),
+        Some(_) => Err(format!(
+            "provisioning templates read only the certificate: ${{{name}}} has no value while \
+             the thing is being made; use a certificate variable such as ${{cert:Subject.CN}}"
+        )),
+        None => Err(format!(
+            "provisioning template: {}",
+            unknown_variable(name).replace("unknown variable", "uses the unknown variable")
+        )),
+    }
+}
+
+/// The value of one certificate variable (any spelling a template accepts), `None` when the
+/// certificate lacks the field. A multi-valued variable (a SAN) gives its first value.
+fn value(name: &str, cert: &Certificate, vars: &Variables) -> Option<String> {
+    match read(name).ok()? {
+        Read::SerialHex => Some(cert.info().serial.replace(':', "")),
+        Read::Policy(canonical) => vars.get(&canonical).first().cloned(),
     }
 }
 
@@ -147,19 +161,14 @@ fn variables(text: &str) -> Result<Vec<&str>, RegistryError> {
             )));
         };
         let name = &after[..end];
-        if !VARIABLES.contains(&name) {
-            return Err(RegistryError::Invalid(format!(
-                "provisioning template uses the unknown variable '${{{name}}}'; known: {}",
-                VARIABLES.join(", ")
-            )));
-        }
+        read(name).map_err(RegistryError::Invalid)?;
         out.push(name);
         rest = &after[end + 1..];
     }
     Ok(out)
 }
 
-fn substitute(text: &str, cert: &Certificate) -> Result<String, String> {
+fn substitute(text: &str, cert: &Certificate, vars: &Variables) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -167,7 +176,7 @@ fn substitute(text: &str, cert: &Certificate) -> Result<String, String> {
         let after = &rest[start + 2..];
         let end = after.find('}').unwrap_or(after.len());
         let name = &after[..end];
-        let value = variable(name, cert).ok_or_else(|| {
+        let value = value(name, cert, vars).ok_or_else(|| {
             format!(
                 "the provisioning template needs ${{{name}}}, which certificate '{}' lacks",
                 cert.info().subject
@@ -243,5 +252,42 @@ mod tests {
         }))
         .unwrap();
         assert!(spaces.resolve(&cert(SubjectName::cn("a b"))).is_err());
+    }
+
+    #[test]
+    fn templates_read_the_policy_names_too() {
+        let c = cert(SubjectName {
+            organization: Some("acme".into()),
+            ..SubjectName::cn("sensor-1")
+        });
+        let t = ProvisioningTemplate::from_json(&serde_json::json!({
+            "thing_name": "${cert:Subject.CN}",
+            "attributes": {
+                "aws": "${iot:Certificate.Subject.Organization}",
+                "old": "${Certificate.Subject.Organization}",
+                "ours": "${cert:Subject.O}",
+                "serial": "${Certificate.SerialNumber}",
+                "issuer": "${cert:Issuer.CN}"
+            }
+        }))
+        .unwrap();
+        let p = t.resolve(&c).unwrap();
+        assert_eq!(p.thing_name, "sensor-1");
+        for key in ["aws", "old", "ours"] {
+            assert_eq!(p.attributes[key], "acme", "{key}");
+        }
+        assert_eq!(p.attributes["serial"], c.info().serial.replace(':', ""));
+        assert_eq!(p.attributes["issuer"], "CA");
+        for (bad, says) in [
+            ("${thing:Name}", "read only the certificate"),
+            ("${iot:ClientId}", "read only the certificate"),
+            ("${iot:Certificate.Validity.NotAfter}", "has no counterpart"),
+            ("${cert:Subject.Nope}", "unknown variable"),
+        ] {
+            let e = ProvisioningTemplate::from_json(&serde_json::json!({"thing_name": bad}))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

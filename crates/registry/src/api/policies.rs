@@ -210,33 +210,26 @@ pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) 
     };
     let id = CertId::of_der(leaf.der());
     let mut vars = Variables::from_certificate(leaf, id.as_str());
-    if let Some(client_id) = &req.client_id {
-        vars.set("mqtt:ClientId", vec![client_id.clone()]);
-    }
     // What the registry knows: things (names and attributes) and the CA it was registered with.
     let record = match api.store.certificate(&id).await {
         Ok(r) => Some(r),
         Err(RegistryError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let mut attributes: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let things: Vec<String> = record
         .as_ref()
         .map(|r| r.things.clone())
         .unwrap_or_default();
+    let mut attributes = Vec::with_capacity(things.len());
     for name in &things {
-        for (key, value) in api.store.thing(name).await?.attributes {
-            attributes
-                .entry(format!("thing:Attribute.{key}"))
-                .or_default()
-                .push(value);
-        }
+        attributes.push(api.store.thing(name).await?.attributes);
     }
-    if !things.is_empty() {
-        vars.set("thing:Name", things.clone());
-    }
-    for (key, values) in attributes {
-        vars.set(&key, values);
+    vars.set_things(
+        things.iter().map(String::as_str).zip(attributes.iter()),
+        req.client_id.as_deref(),
+    );
+    if let Some(client_id) = &req.client_id {
+        vars.set("mqtt:ClientId", vec![client_id.clone()]);
     }
     // The policies: those named, or those attached to the certificate, its things, its CA and
     // the domain.
