@@ -444,6 +444,16 @@ async fn handshake(
         .position(|d| std::ptr::eq(d, domain))
         .unwrap_or_default();
     let hostname = domain.config.hostname.to_string();
+    // What the client offered, for the log line when no protocol is in common.
+    let offered: Vec<String> = hello
+        .client_hello()
+        .alpn()
+        .map(|protocols| {
+            protocols
+                .map(|p| String::from_utf8_lossy(p).escape_debug().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     let slot = Arc::new(Mutex::new(None));
     let handshake = CONNECTION_VERDICT.scope(
         slot.clone(),
@@ -458,14 +468,13 @@ async fn handshake(
         Ok(Ok(tls)) => tls,
         Ok(Err((e, io))) => {
             let verdict = recorded(&slot).map(|r| r.verdict);
-            log_failed_handshake(
-                peer,
-                &hostname,
-                sni.as_deref(),
-                verdict.as_ref(),
-                &e,
-                started,
-            );
+            let failed = Failed {
+                verdict: verdict.as_ref(),
+                error: &e,
+                offered: &offered,
+                speaks: &domain.tls.config.alpn_protocols,
+            };
+            log_failed_handshake(peer, &hostname, sni.as_deref(), &failed, started);
             // The alert is written; the client may still be sending (its request follows its
             // Finished in TLS 1.3), and closing on unread data would reset the connection and
             // destroy the alert before the client reads it.
@@ -476,7 +485,13 @@ async fn handshake(
         Err(_) => {
             limit_reached("handshake_timeout");
             let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out");
-            log_failed_handshake(peer, &hostname, sni.as_deref(), None, &timeout, started);
+            let failed = Failed {
+                verdict: None,
+                error: &timeout,
+                offered: &offered,
+                speaks: &[],
+            };
+            log_failed_handshake(peer, &hostname, sni.as_deref(), &failed, started);
             return None;
         }
     };
@@ -609,7 +624,7 @@ async fn connection(
     // MQTT or HTTP: by listener, then by ALPN.
     let mqtt = match endpoint.protocols {
         Protocols::Mqtt => true,
-        Protocols::Both => alpn == "mqtt",
+        Protocols::Both => alpn == "mqtt" || alpn == "x-amzn-mqtt-ca",
         Protocols::Http => false,
     };
     let admission = Admission::new(
@@ -635,8 +650,8 @@ async fn connection(
         session.await;
         return;
     }
-    if alpn == "mqtt" {
-        tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN mqtt) on a listener that speaks only HTTP");
+    if alpn == "mqtt" || alpn == "x-amzn-mqtt-ca" {
+        tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN {alpn}) on a listener that speaks only HTTP");
         return;
     }
     let identity = if domain.config.mtls.mode == MtlsMode::Off {
@@ -692,6 +707,31 @@ async fn connection(
             }
         }
     };
+    // An MQTT CONNECT where HTTP was expected: the client did not offer ALPN `mqtt` (port 443
+    // clients must; MQTT-only listeners need none). Say so rather than answer it with HTTP.
+    if is_mqtt_connect(&prefix) {
+        let explanation = match endpoint.protocols {
+            Protocols::Both => {
+                "the client sent an MQTT CONNECT without offering ALPN 'mqtt' (or \
+                 'x-amzn-mqtt-ca'), so this HTTP-and-MQTT listener served HTTP; configure the \
+                 client to offer ALPN 'mqtt' (AWS SDKs: port 443 does), or connect to a listener \
+                 with protocols = [\"mqtt\"] (port 8883), which needs no ALPN"
+            }
+            _ => {
+                "the client sent an MQTT CONNECT to a listener that speaks only HTTP; connect to \
+                 a listener with \"mqtt\" in its protocols"
+            }
+        };
+        log_closed(
+            peer,
+            &hostname,
+            &Closed {
+                code: "mqtt-without-alpn",
+                explanation: explanation.to_string(),
+            },
+        );
+        return;
+    }
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
     let io = crate::fast::Prefixed::new(prefix, tls);
@@ -841,28 +881,75 @@ fn count_handshake(domain: &str, result: &'static str, reason: &str) {
     .increment(1);
 }
 
+/// Whether `bytes` start an MQTT CONNECT packet: type 1, a remaining length, then the protocol
+/// name `MQTT` (3.1.1 and 5) or `MQIsdp` (3.1).
+fn is_mqtt_connect(bytes: &[u8]) -> bool {
+    if bytes.first() != Some(&0x10) {
+        return false;
+    }
+    // The remaining length: 1 to 4 bytes, the high bit continuing.
+    let Some(len_bytes) = bytes[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map(|i| i + 1)
+    else {
+        return false;
+    };
+    let rest = &bytes[1 + len_bytes..];
+    rest.starts_with(b"\x00\x04MQTT") || rest.starts_with(b"\x00\x06MQIsdp")
+}
+
+/// Why a handshake failed, as the connection log line tells it.
+struct Failed<'a> {
+    verdict: Option<&'a ClientVerdict>,
+    error: &'a std::io::Error,
+    /// The ALPN protocols the client offered.
+    offered: &'a [String],
+    /// The ALPN protocols the domain speaks.
+    speaks: &'a [Vec<u8>],
+}
+
 fn log_failed_handshake(
     peer: SocketAddr,
     domain: &str,
     sni: Option<&str>,
-    verdict: Option<&ClientVerdict>,
-    error: &std::io::Error,
+    failed: &Failed<'_>,
     started: Instant,
 ) {
-    let no_certificate = matches!(
-        error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::NoCertificatesPresented)
-    );
-    let error = &error.to_string();
-    let (reason, explanation) = match verdict {
-        Some(ClientVerdict::Rejected {
-            reason,
-            explanation,
-            ..
-        }) => (reason.code(), explanation.as_str()),
-        _ if no_certificate => ("no-certificate", "the client sent no certificate"),
+    let tls_error = failed
+        .error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    let error = &failed.error.to_string();
+    let no_alpn;
+    let verdict = failed.verdict;
+    let (reason, explanation) = match (verdict, tls_error) {
+        (
+            Some(ClientVerdict::Rejected {
+                reason,
+                explanation,
+                ..
+            }),
+            _,
+        ) => (reason.code(), explanation.as_str()),
+        (_, Some(rustls::Error::NoCertificatesPresented)) => {
+            ("no-certificate", "the client sent no certificate")
+        }
+        (_, Some(rustls::Error::NoApplicationProtocol)) => {
+            let speaks: Vec<String> = failed
+                .speaks
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            no_alpn = format!(
+                "the client offered only ALPN protocols this domain does not speak (offered: \
+                 {}; spoken here: {}); offer one of those, or none",
+                failed.offered.join(", "),
+                speaks.join(", ")
+            );
+            ("unknown-alpn", no_alpn.as_str())
+        }
         _ => ("handshake-error", error.as_str()),
     };
     let leaf = verdict

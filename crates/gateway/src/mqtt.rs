@@ -14,8 +14,8 @@ use portcullis_mqtt::broker::{
     Broker, Message, Outbound, Receiver, SessionHandle, SubscriptionOptions,
 };
 use portcullis_mqtt::codec::{
-    self, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, Protocol, PubAck, Publish, QoS,
-    SubAck, UnsubAck, reason,
+    self, AckProperties, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, Protocol, PubAck,
+    Publish, QoS, SubAck, UnsubAck, reason,
 };
 use portcullis_pki::Certificate;
 use portcullis_policy::{Bound, Request as PolicyRequest};
@@ -342,6 +342,8 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .properties
             .maximum_packet_size
             .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        problem_information: protocol == Protocol::V5
+            && connect.properties.request_problem_information != Some(false),
         receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
             .min(MAX_INFLIGHT),
         out: BytesMut::new(),
@@ -435,6 +437,9 @@ struct Session<'a> {
     next_id: u16,
     /// The largest packet the client accepts (MQTT 5).
     client_max: Option<usize>,
+    /// Whether acknowledgements may carry a reason string (MQTT 5, unless the client set
+    /// Request Problem Information to 0).
+    problem_information: bool,
     receive_max: usize,
     out: BytesMut,
 }
@@ -597,13 +602,20 @@ impl Session<'_> {
                 retain: will.retain,
                 properties: will.properties.clone(),
                 expires_at: expiry_of(will.properties.message_expiry_interval),
+                sent_as: None,
             };
             c.broker.publish(m, Some(&self.client_id));
         }
         // What was sent and not acknowledged, and what waited, goes back to the session.
         let mut unacked: Vec<(u16, Message)> = self.inflight.drain().collect();
         unacked.sort_by_key(|(id, _)| *id);
-        let mut keep: Vec<Message> = unacked.into_iter().map(|(_, m)| m).collect();
+        let mut keep: Vec<Message> = unacked
+            .into_iter()
+            .map(|(id, mut m)| {
+                m.sent_as = Some(id);
+                m
+            })
+            .collect();
         keep.extend(self.backlog.drain(..));
         c.broker
             .disconnected(&self.client_id, handle.generation, keep);
@@ -658,6 +670,7 @@ impl Session<'_> {
             }
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
+                let mut denials: Vec<String> = Vec::new();
                 let mut retained = Vec::new();
                 for f in &s.filters {
                     let refused = |code: u8| match self.protocol {
@@ -679,6 +692,7 @@ impl Session<'_> {
                         metrics::counter!("portcullis_mqtt_denials_total", "action" => "subscribe", "reason" => "not-allowed")
                             .increment(1);
                         tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, filter = %f.filter, reason = %why, "mqtt subscription denied");
+                        denials.push(format!("'{}': {why}", f.filter));
                         codes.push(refused(reason::NOT_AUTHORIZED));
                         continue;
                     }
@@ -712,10 +726,15 @@ impl Session<'_> {
                     codes = ?codes,
                     "mqtt subscribe"
                 );
+                let reason_string =
+                    self.reason_string("subscription denied by policy", &denials, 4 + codes.len());
                 self.write(&Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
                     codes,
-                    properties: Default::default(),
+                    properties: AckProperties {
+                        reason_string,
+                        ..Default::default()
+                    },
                 }));
                 for m in retained {
                     self.deliver(m);
@@ -807,7 +826,20 @@ impl Session<'_> {
             tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %p.topic, reason = %why, "mqtt publish denied");
             return match (self.protocol, p.qos, p.packet_id) {
                 (Protocol::V5, QoS::AtLeastOnce, Some(id)) => {
-                    self.write(&puback(id, reason::NOT_AUTHORIZED));
+                    let what = if code == "not-allowed" {
+                        "publish denied by policy"
+                    } else {
+                        "publish refused"
+                    };
+                    let reason_string = self.reason_string(what, &[why], 6);
+                    self.write(&Packet::PubAck(PubAck {
+                        packet_id: id,
+                        reason: reason::NOT_AUTHORIZED,
+                        properties: AckProperties {
+                            reason_string,
+                            ..Default::default()
+                        },
+                    }));
                     None
                 }
                 // MQTT 5 QoS 0 has no acknowledgement: the message is dropped (and counted).
@@ -824,6 +856,7 @@ impl Session<'_> {
         properties.subscription_identifiers.clear();
         let message = Message {
             expires_at: expiry_of(properties.message_expiry_interval),
+            sent_as: None,
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -850,6 +883,40 @@ impl Session<'_> {
         None
     }
 
+    /// The reason string of an MQTT 5 acknowledgement: `what`, then each detail, one line,
+    /// at most 256 bytes, and only if the acknowledgement (`fixed` bytes without it) still fits
+    /// the client's maximum packet size; none for MQTT 3.1.1 or when the client asked for no
+    /// problem information.
+    fn reason_string(&self, what: &str, details: &[String], fixed: usize) -> Option<String> {
+        if !self.problem_information {
+            return None;
+        }
+        let mut text = what.to_string();
+        if !details.is_empty() {
+            text.push_str(": ");
+            text.push_str(&details.join("; "));
+        }
+        text.retain(|c| !c.is_control());
+        // Property length (up to 2 bytes here), identifier, string length.
+        let room = self
+            .client_max
+            .unwrap_or(usize::MAX)
+            .saturating_sub(fixed + 2 + 1 + 2)
+            .min(256);
+        if text.len() > room {
+            let mut end = room.saturating_sub(3);
+            while end > 0 && !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            if end < what.len() {
+                return None;
+            }
+            text.truncate(end);
+            text.push_str("...");
+        }
+        Some(text)
+    }
+
     /// Queues a delivery: QoS 0 is written at once, QoS 1 when there is room in flight.
     fn deliver(&mut self, m: Message) {
         if m.expires_at.is_some_and(|t| t <= Instant::now()) {
@@ -858,9 +925,14 @@ impl Session<'_> {
         if m.qos == QoS::AtMostOnce {
             self.send_message(m, None);
         } else if self.inflight.len() < self.receive_max {
-            let id = self.packet_id();
+            // A message sent before and not acknowledged goes again with its packet id and
+            // DUP set, so the client knows it may have seen it.
+            let (id, dup) = match m.sent_as {
+                Some(id) if !self.inflight.contains_key(&id) => (id, true),
+                _ => (self.packet_id(), false),
+            };
             self.inflight.insert(id, m.clone());
-            self.send_message(m, Some(id));
+            self.send_message(m, Some((id, dup)));
         } else {
             self.backlog.push_back(m);
         }
@@ -896,7 +968,9 @@ impl Session<'_> {
         }
     }
 
-    fn send_message(&mut self, m: Message, packet_id: Option<u16>) {
+    /// Writes a PUBLISH: QoS 1 with `(packet id, DUP)`, QoS 0 without.
+    fn send_message(&mut self, m: Message, qos1: Option<(u16, bool)>) {
+        let packet_id = qos1.map(|(id, _)| id);
         let mut properties = m.properties.clone();
         if let Some(at) = m.expires_at {
             let left = at.saturating_duration_since(Instant::now()).as_secs();
@@ -904,7 +978,7 @@ impl Session<'_> {
                 Some(u32::try_from(left.max(1)).unwrap_or(u32::MAX));
         }
         let packet = Packet::Publish(Publish {
-            dup: false,
+            dup: qos1.is_some_and(|(_, dup)| dup),
             qos: if packet_id.is_some() {
                 QoS::AtLeastOnce
             } else {
@@ -1073,6 +1147,7 @@ pub(crate) async fn https_publish(
         retain,
         properties: Default::default(),
         expires_at: None,
+        sent_as: None,
     };
     verifier.forward(|| envelope(&message, None, leaf, verifier), &topic);
     let routed = broker.publish(message, None);

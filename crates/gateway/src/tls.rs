@@ -137,9 +137,16 @@ impl DomainTls {
                     domain.hostname
                 ))
             })?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // AWS IoT's names too: its device SDKs offer only `x-amzn-mqtt-ca` on port 443, and
+        // `x-amzn-http-ca` for HTTPS publish.
+        config.alpn_protocols = vec![
+            b"h2".to_vec(),
+            b"http/1.1".to_vec(),
+            b"x-amzn-http-ca".to_vec(),
+        ];
         if mqtt {
             config.alpn_protocols.push(b"mqtt".to_vec());
+            config.alpn_protocols.push(b"x-amzn-mqtt-ca".to_vec());
         }
         config.session_storage = match (domain.session_resumption, domain.registry_mode) {
             (false, _) => Arc::new(rustls::server::NoServerSessionStorage {}),

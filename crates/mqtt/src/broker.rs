@@ -61,6 +61,9 @@ pub struct Message {
     pub properties: PublishProperties,
     /// When it expires (MQTT 5 message expiry), if ever.
     pub expires_at: Option<Instant>,
+    /// The packet id it was last sent with, when it went back to its session unacknowledged:
+    /// a resumed session resends it with that id and the DUP flag (MQTT 3.1.1 §4.4, 5 §4.4).
+    pub sent_as: Option<u16>,
 }
 
 impl Message {
@@ -580,6 +583,7 @@ mod tests {
             retain,
             properties: PublishProperties::default(),
             expires_at: None,
+            sent_as: None,
         }
     }
 

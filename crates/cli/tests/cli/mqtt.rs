@@ -917,9 +917,144 @@ fn one_port_serves_mqtt_by_alpn_and_the_first_connect_provisions_just_in_time() 
         &[with_client(&dev), vec!["--http1.1"]].concat(),
     );
     assert_eq!(answer(&r).0, 200, "{r:?}");
-    // ... and a client that offers no ALPN gets HTTP: MQTT bytes there are refused.
+    // ... and a client that offers no ALPN gets HTTP: MQTT bytes there are refused, and the
+    // log says what to do.
     let no_alpn = mosquitto(None);
     assert_ne!(no_alpn.code, 0, "{}", no_alpn.stdout);
+    let line = s.wait_for("mqtt-without-alpn");
+    assert!(line.contains("offer ALPN 'mqtt'"), "{line}");
+    // An ALPN protocol this listener does not speak fails the handshake with its own reason.
+    let unknown = mosquitto(Some("coap"));
+    assert_ne!(unknown.code, 0, "{}", unknown.stdout);
+    let line = s.wait_for("unknown-alpn");
+    assert!(line.contains("offered: coap"), "{line}");
     let again = mosquitto(Some("mqtt"));
     assert_eq!(again.code, 0, "{}", again.stderr);
+}
+
+/// A policy as AWS IoT Core's guides write it, stored unchanged.
+const AWS_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Effect": "Allow", "Action": "iot:Connect",
+     "Resource": "arn:aws:iot:us-east-1:123456789012:client/${iot:Connection.Thing.ThingName}",
+     "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"}}},
+    {"Effect": "Allow", "Action": ["iot:Publish", "iot:RetainPublish"],
+     "Resource": "arn:aws:iot:us-east-1:123456789012:topic/sensors/${iot:Connection.Thing.ThingName}/*"},
+    {"Effect": "Allow", "Action": "iot:Subscribe",
+     "Resource": "arn:aws:iot:us-east-1:123456789012:topicfilter/sensors/*"},
+    {"Effect": "Allow", "Action": "iot:Receive",
+     "Resource": "arn:aws:iot:us-east-1:123456789012:topic/sensors/*"},
+    {"Effect": "Allow", "Action": ["iot:GetThingShadow", "iot:UpdateThingShadow"],
+     "Resource": "arn:aws:iot:us-east-1:123456789012:thing/${iot:Connection.Thing.ThingName}"},
+    {"Effect": "Deny", "Action": "iot:Publish",
+     "Resource": "arn:aws:iot:us-east-1:123456789012:topic/sensors/${iot:ClientId}/locked"}
+  ]
+}"#;
+
+/// A Python with AWS's device SDK (awsiotsdk), which the test command installs; missing in CI
+/// fails the test, elsewhere it is skipped, saying so.
+fn awsiot_python() -> Option<std::path::PathBuf> {
+    let python = paho_python()?;
+    if run(&python, &["-c", "import awsiot, awscrt"], Path::new(".")).code == 0 {
+        return Some(python);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("Python awsiotsdk is not installed; the test command (scripts/test) installs it");
+    }
+    eprintln!("SKIP: Python awsiotsdk is not installed (run scripts/test to install it)");
+    None
+}
+
+/// AWS's device SDK, as its samples use it, against both MQTT listeners: a policy copied from
+/// IoT Core decides (ARNs, iot: actions, thing variables, IsAttached), devices are provisioned
+/// just in time by a template written with AWS IoT's variable names, and MQTT 5 denials carry
+/// their reason codes and strings.
+#[test]
+fn aws_device_sdk_works_under_a_policy_copied_from_iot_core() {
+    let Some(python) = awsiot_python() else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    for dev in ["dev-1", "dev-2"] {
+        leaf(d, "client", dev, "int", &["--org", "Acme"]);
+    }
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\", \"mqtt\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    std::fs::write(
+        d.join("template.json"),
+        r#"{"thing_name": "${iot:Certificate.Subject.CommonName}"}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "int/ca.pem",
+            "--no-verification",
+            "--activate",
+            "--auto-register",
+            "--template",
+            "template.json",
+        ],
+    )
+    .ok();
+    std::fs::write(d.join("aws.json"), AWS_POLICY).unwrap();
+    cli(d, &["policy", "create", "fleet", "--document", "aws.json"]).ok();
+    cli(d, &["policy", "attach", "fleet", "--domain", "localhost"]).ok();
+    wait_for_snapshot(d, &s);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/cli/scripts/aws_device_sdk.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            &s.ports[0].to_string(),
+            &s.ports[1].to_string(),
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
+    // The SDK's ALPN was taken as MQTT, and each thing was provisioned from the template.
+    assert!(
+        s.wait_for(r#""alpn":"x-amzn-mqtt-ca""#)
+            .contains("TLS handshake completed")
+    );
+    let thing = cli_json(d, &["thing", "describe", "dev-2"]);
+    assert_eq!(thing["name"], "dev-2", "{thing}");
+    // simulate reads the copied policy the same way, and names what has no counterpart here.
+    let sim = cli(
+        d,
+        &[
+            "policy",
+            "simulate",
+            "--cert",
+            "dev-1.chain.pem",
+            "--action",
+            "mqtt:Connect",
+            "--resource",
+            "client:dev-1",
+            "--client-id",
+            "dev-1",
+            "--domain",
+            "localhost",
+        ],
+    );
+    assert_eq!(sim.code, 0, "{}{}", sim.stdout, sim.stderr);
+    assert!(
+        sim.stdout.contains("${thing:Name} = dev-1"),
+        "{}",
+        sim.stdout
+    );
+    assert!(sim.stdout.contains("no counterpart here"), "{}", sim.stdout);
 }

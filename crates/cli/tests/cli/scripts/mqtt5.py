@@ -1,7 +1,8 @@
 # MQTT 5 against the gateway with Python paho-mqtt (PyPI): persistent sessions and their expiry,
 # message expiry (dropped when stale, remaining interval on delivery), denied publish answered
 # with PUBACK 0x87 on a connection that stays, denied subscription in SUBACK, topic aliases
-# refused with DISCONNECT 0x94, and the broker's gauges on the admin listener.
+# refused with DISCONNECT 0x94, the broker's gauges on the admin listener, and unacknowledged
+# messages resent with DUP and their packet id on a resumed session (MQTT 5 and 3.1.1).
 # Arguments: MQTT port, admin port. Exits non-zero with a message on the first failure.
 import queue, re, ssl, sys, time, urllib.request
 
@@ -21,25 +22,34 @@ def check(cond, what):
 
 
 class Device:
-    def __init__(self, name):
-        self.events = {k: queue.Queue() for k in ("connack", "message", "puback", "suback", "disconnect")}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+    def __init__(self, name, manual_ack=False, protocol=mqtt.MQTTv5):
+        self.events = {k: queue.Queue() for k in ("connack", "message", "puback", "suback", "disconnect", "raw")}
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=protocol,
+                        manual_ack=manual_ack)
         c.tls_set(ca_certs="data/ca/ca.pem", certfile=name + ".chain.pem", keyfile=name + ".key")
         # An IP address and no SNI: the default domain answers with a localhost certificate.
         c.tls_insecure_set(True)
         c.on_connect = lambda cl, ud, flags, rc, props: self.events["connack"].put((rc.value, flags.session_present))
-        c.on_message = lambda cl, ud, msg: self.events["message"].put(
-            (msg.topic, msg.payload, getattr(msg.properties, "MessageExpiryInterval", None)))
+        def on_message(cl, ud, msg):
+            self.events["raw"].put(msg)
+            self.events["message"].put(
+                (msg.topic, msg.payload, getattr(msg.properties, "MessageExpiryInterval", None)))
+        c.on_message = on_message
         c.on_publish = lambda cl, ud, mid, rc, props: self.events["puback"].put((mid, rc.value))
         c.on_subscribe = lambda cl, ud, mid, rcs, props: self.events["suback"].put([r.value for r in rcs])
         c.on_disconnect = lambda cl, ud, flags, rc, props: self.events["disconnect"].put(rc.value)
         self.c = c
 
     def connect(self, clean, expiry=None):
-        props = Properties(PacketTypes.CONNECT)
-        if expiry is not None:
-            props.SessionExpiryInterval = expiry
-        self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=props)
+        if self.c.protocol == mqtt.MQTTv311:
+            # paho sets 3.1.1's clean-session flag only in its constructor (pinned 2.1.0).
+            self.c._clean_session = clean
+            self.c.connect("127.0.0.1", port, keepalive=30)
+        else:
+            props = Properties(PacketTypes.CONNECT)
+            if expiry is not None:
+                props.SessionExpiryInterval = expiry
+            self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=props)
         self.c.loop_start()
         return self.next("connack")
 
@@ -130,4 +140,30 @@ short.close()
 time.sleep(1.5)
 check(short.connect(clean=False, expiry=1) == (0, False), "after the expiry the session is new")
 short.close()
+
+# A QoS 1 message sent and not acknowledged is sent again when the session resumes: same packet
+# id, DUP set (MQTT 5 §4.4, 3.1.1 §4.4), in both protocol versions.
+for protocol, label in ((mqtt.MQTTv5, "MQTT 5"), (mqtt.MQTTv311, "MQTT 3.1.1")):
+    late = Device("dev-3", manual_ack=True, protocol=protocol)
+    late.connect(clean=True, expiry=600)
+    late.close()
+    late.connect(clean=False, expiry=600)
+    late.c.subscribe("devices/+/telemetry", qos=1)
+    late.next("suback")
+    pub = Device("dev-2")
+    check(pub.connect(clean=True)[0] == 0, "dev-2 connects again (%s)" % label)
+    pub.publish("devices/dev-2/telemetry", b"unacked")
+    pub.next("puback")
+    first = late.next("raw")
+    check(first.payload == b"unacked" and not first.dup, "%s: first delivery without DUP" % label)
+    # Not acknowledged (manual ack): the client leaves and comes back.
+    late.close()
+    code, present = late.connect(clean=False, expiry=600)
+    check(present, "%s: session resumed" % label)
+    again = late.next("raw")
+    check(again.payload == b"unacked" and again.dup and again.mid == first.mid,
+          "%s: resent with DUP and the same packet id (%d, %d)" % (label, first.mid, again.mid))
+    late.c.ack(again.mid, again.qos)
+    late.close()
+    pub.close()
 print("ALL OK", flush=True)
