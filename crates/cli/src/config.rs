@@ -6,6 +6,7 @@
 //! is the domains' source of truth (`portcullis domain …`, `/v1/domains`), and every other key
 //! (listeners, limits, identity headers, admin address, database) still comes from the file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use portcullis_gateway::Config;
 use portcullis_gateway::config::{
     Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
-    Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, SecurityPolicy, ServerCertificate,
-    UpstreamTls,
+    Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders, SecurityPolicy,
+    ServerCertificate, UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, PrivateKey, Truststore};
@@ -56,7 +57,7 @@ struct FileIdentity {
     /// Field → header name (client_cert, client_cert_chain, subject, issuer, serial, not_before,
     /// not_after, fingerprint, verify).
     #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
+    headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +153,10 @@ pub(crate) struct FileDomain {
     /// Forward request header names holding `_` (dropped by default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     underscores_in_headers: bool,
+    /// Headers set on every response (Strict-Transport-Security and other security headers),
+    /// replacing the upstream's of the same name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    response_headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -169,6 +174,16 @@ pub(crate) struct FileMqtt {
     /// Seconds a client may take to send CONNECT after the handshake (default 10).
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout_secs: Option<f64>,
+}
+
+/// Reads a base path as API Gateway writes it too: `c360` is `/c360`, `(none)` is empty.
+fn base_path<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    let path = String::deserialize(d)?;
+    Ok(match path.trim() {
+        "" | "(none)" | "/" => String::new(),
+        p if p.starts_with('/') => p.to_string(),
+        p => format!("/{p}"),
+    })
 }
 
 fn default_registry_mode() -> String {
@@ -223,7 +238,8 @@ fn default_stale() -> String {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileMapping {
-    #[serde(default)]
+    /// `/c360`; `c360` (as API Gateway writes it) and `(none)` (its empty path) are read too.
+    #[serde(default, deserialize_with = "base_path")]
     base_path: String,
     upstream: String,
     #[serde(default = "default_required")]
@@ -649,6 +665,12 @@ fn file_domain(
         mappings,
         session_resumption: d.session_resumption,
         underscores_in_headers: d.underscores_in_headers,
+        response_headers: ResponseHeaders::new(
+            d.response_headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(|e| anyhow!("{}: response_headers: {e}", ctx()))?,
         registry_mode: match d.registry_mode.as_str() {
             "off" => RegistryMode::Off,
             "revocation" => RegistryMode::Revocation,

@@ -679,14 +679,14 @@ impl Printer {
     /// JSON as is, or the text `f` makes of it.
     fn show(&self, value: &Value, f: impl FnOnce(&Value) -> String) {
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(value).unwrap_or_default()
             );
         } else {
             let text = f(value);
             if !text.is_empty() {
-                println!("{}", text.trim_end());
+                outln!("{}", text.trim_end());
             }
         }
     }

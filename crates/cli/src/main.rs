@@ -9,8 +9,21 @@
 //!   not be reached or failed).
 //!
 //! Control-plane commands exit 2 when the admin API refuses the request (4xx: the message says
-//! why), and `explain` exits 1 when the request would be denied.
+//! why), and `explain` exits 1 when the request would be denied. A command whose standard output
+//! is closed early (`portcullis pki verify … | head -1`) stops quietly with 141, as a shell tool
+//! ended by SIGPIPE does.
 #![forbid(unsafe_code)]
+
+/// `println!` that ends the process quietly when standard output is closed (see [`stdout`]).
+macro_rules! outln {
+    () => { $crate::stdout(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::stdout(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `print!` that ends the process quietly when standard output is closed (see [`stdout`]).
+macro_rules! out {
+    ($($t:tt)*) => { $crate::stdout(format_args!($($t)*)) };
+}
 
 mod admin;
 mod client;
@@ -21,6 +34,21 @@ mod pki;
 mod serve;
 
 use std::process::ExitCode;
+
+/// Writes to standard output. A reader that went away (`| head -1`) ends the command at once,
+/// quietly, with exit code 141 (128 + SIGPIPE, what a shell tool ended by the signal reports);
+/// any other write error is a runtime failure reported on standard error.
+fn stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(3);
+    }
+}
 
 use clap::{Parser, Subcommand};
 

@@ -427,11 +427,11 @@ fn ca_create(a: CaCreateArgs) -> Result<ExitCode> {
     } else {
         "root CA"
     };
-    println!("created {kind} {}", cert.info().subject);
-    println!("  certificate: {}", ca_pem.display());
-    println!("  private key: {} (mode 0600)", key_pem.display());
-    println!("  chain:       {}", chain_pem.display());
-    println!("  valid until: {}", cert.info().not_after);
+    outln!("created {kind} {}", cert.info().subject);
+    outln!("  certificate: {}", ca_pem.display());
+    outln!("  private key: {} (mode 0600)", key_pem.display());
+    outln!("  chain:       {}", chain_pem.display());
+    outln!("  valid until: {}", cert.info().not_after);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -471,19 +471,19 @@ fn issue_leaf(a: IssueArgs) -> Result<ExitCode> {
     out.secret(&paths[1], key.to_pem());
     out.public(&paths[2], chain);
     out.write(a.force)?;
-    println!(
+    outln!(
         "issued {} certificate {}",
         a.profile.name(),
         cert.info().subject
     );
-    println!("  certificate: {}", paths[0].display());
-    println!("  private key: {} (mode 0600)", paths[1].display());
-    println!(
+    outln!("  certificate: {}", paths[0].display());
+    outln!("  private key: {} (mode 0600)", paths[1].display());
+    outln!(
         "  chain:       {} (leaf + intermediates)",
         paths[2].display()
     );
-    println!("  serial:      {}", cert.info().serial);
-    println!("  valid until: {}", cert.info().not_after);
+    outln!("  serial:      {}", cert.info().serial);
+    outln!("  valid until: {}", cert.info().not_after);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -504,14 +504,14 @@ fn sign_csr(a: SignCsrArgs) -> Result<ExitCode> {
     let mut out = Outputs::default();
     out.public(&a.out, cert.to_pem());
     out.write(a.force)?;
-    println!(
+    outln!(
         "signed {} certificate {}",
         a.profile.name(),
         cert.info().subject
     );
-    println!("  certificate: {}", a.out.display());
-    println!("  serial:      {}", cert.info().serial);
-    println!("  valid until: {}", cert.info().not_after);
+    outln!("  certificate: {}", a.out.display());
+    outln!("  serial:      {}", cert.info().serial);
+    outln!("  valid until: {}", cert.info().not_after);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -519,16 +519,16 @@ fn inspect_file(a: InspectArgs) -> Result<ExitCode> {
     let input = read(&a.file, "file")?;
     let items = inspect(&input).with_context(|| format!("inspecting {}", a.file.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        outln!("{}", serde_json::to_string_pretty(&items)?);
     } else {
         for (i, item) in items.iter().enumerate() {
             if i > 0 {
-                println!();
+                outln!();
             }
             if items.len() > 1 {
-                println!("#{}", i + 1);
+                outln!("#{}", i + 1);
             }
-            print!("{item}");
+            out!("{item}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -584,12 +584,12 @@ fn verify_cert(a: VerifyArgs) -> Result<ExitCode> {
     };
     match verify(&leaf, &presented, &store, &opts) {
         Verdict::Valid { chain } => {
-            println!("OK");
+            outln!("OK");
             let last = chain.len().saturating_sub(1);
             for (i, c) in chain.iter().enumerate() {
                 let role = if i == last { " (trust anchor)" } else { "" };
-                println!("  {i}: {}{role}", c.info().subject);
-                println!("     SHA-256 {}", c.info().sha256_fingerprint);
+                outln!("  {i}: {}{role}", c.info().subject);
+                outln!("     SHA-256 {}", c.info().sha256_fingerprint);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -597,7 +597,7 @@ fn verify_cert(a: VerifyArgs) -> Result<ExitCode> {
             reason,
             explanation,
         } => {
-            println!("REJECTED {}: {explanation}", reason.code());
+            outln!("REJECTED {}: {explanation}", reason.code());
             Ok(ExitCode::from(1))
         }
     }
@@ -632,9 +632,9 @@ fn lint(a: LintArgs) -> Result<ExitCode> {
             "warnings": store.store_warnings(),
             "warning_count": store.warning_count(),
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!(
+        outln!(
             "{}: {} certificates ({} trust anchors, {} intermediates), {} warnings",
             a.file.display(),
             store.entries().len(),
@@ -657,18 +657,18 @@ fn lint(a: LintArgs) -> Result<ExitCode> {
             } else {
                 "WARNING"
             };
-            println!(
+            outln!(
                 "#{} {status} [{role}] {}\n    SHA-256 {}",
                 e.index,
                 e.certificate.info().subject,
                 e.certificate.info().sha256_fingerprint
             );
             for w in &e.warnings {
-                println!("    warning {w}");
+                outln!("    warning {w}");
             }
         }
         for w in store.store_warnings() {
-            println!("warning {w}");
+            outln!("warning {w}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -719,7 +719,7 @@ fn export_p12(a: ExportP12Args) -> Result<ExitCode> {
     } else {
         "AES-256/PBKDF2"
     };
-    println!(
+    outln!(
         "wrote {} ({kind}, {} certificates, mode 0600)",
         a.out.display(),
         chain.len() + 1
@@ -741,7 +741,7 @@ fn crl_create(a: CrlCreateArgs) -> Result<ExitCode> {
     let mut out = Outputs::default();
     out.public(&a.out, crl.to_pem());
     out.write(a.force)?;
-    println!(
+    outln!(
         "wrote CRL {} by {}: {} revoked, next update {}",
         a.out.display(),
         crl.info().issuer,
@@ -781,11 +781,11 @@ fn verification_cert(a: VerificationCertArgs) -> Result<ExitCode> {
     out.public(&paths[0], cert.to_pem());
     out.secret(&paths[1], key.to_pem());
     out.write(a.force)?;
-    println!(
+    outln!(
         "wrote verification certificate CN={code} signed by {}",
         issuer.certificate().info().subject
     );
-    println!("  certificate: {}", paths[0].display());
+    outln!("  certificate: {}", paths[0].display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -795,7 +795,7 @@ fn quickstart(a: QuickstartArgs) -> Result<ExitCode> {
     let int_dir = dir.join("intermediate");
     let password_path = dir.join("client.p12.password");
     if root_dir.join("ca.pem").exists() && !a.force {
-        println!(
+        outln!(
             "A quickstart PKI already exists in {} (pass --force to make a new one).",
             dir.display()
         );
@@ -888,39 +888,37 @@ fn quickstart(a: QuickstartArgs) -> Result<ExitCode> {
         format!("{}{}", root.to_pem(), intermediate.to_pem()),
     );
     out.write(true)?;
-    println!("Created a quickstart PKI in {}:", dir.display());
-    println!("  root CA            root/ca.pem, root/ca.key");
-    println!("  intermediate CA    intermediate/ca.pem, intermediate/ca.key");
-    println!("  server (localhost) server.pem, server.key, server.chain.pem");
-    println!("  client             client.pem, client.key, client.chain.pem, client.p12");
-    println!("  truststore         truststore.pem (root + intermediate, for a gateway)");
+    outln!("Created a quickstart PKI in {}:", dir.display());
+    outln!("  root CA            root/ca.pem, root/ca.key");
+    outln!("  intermediate CA    intermediate/ca.pem, intermediate/ca.key");
+    outln!("  server (localhost) server.pem, server.key, server.chain.pem");
+    outln!("  client             client.pem, client.key, client.chain.pem, client.p12");
+    outln!("  truststore         truststore.pem (root + intermediate, for a gateway)");
     print_quickstart_guide(dir, &password);
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_quickstart_guide(dir: &Path, password: &str) {
     let d = dir.display();
-    println!();
-    println!("Check the chains with openssl:");
-    println!(
+    outln!();
+    outln!("Check the chains with openssl:");
+    outln!(
         "  openssl verify -CAfile {d}/root/ca.pem -untrusted {d}/intermediate/ca.pem {d}/server.pem {d}/client.pem"
     );
-    println!("Check the client certificate as a gateway would:");
-    println!("  portcullis pki verify --trust {d}/truststore.pem {d}/client.pem");
-    println!("Look inside the .p12 (password {password}, also in {d}/client.p12.password):");
-    println!(
-        "  openssl pkcs12 -info -noout -in {d}/client.p12 -passin file:{d}/client.p12.password"
-    );
-    println!("Try mutual TLS: start a server that requires a client certificate ...");
-    println!(
+    outln!("Check the client certificate as a gateway would:");
+    outln!("  portcullis pki verify --trust {d}/truststore.pem {d}/client.pem");
+    outln!("Look inside the .p12 (password {password}, also in {d}/client.p12.password):");
+    outln!("  openssl pkcs12 -info -noout -in {d}/client.p12 -passin file:{d}/client.p12.password");
+    outln!("Try mutual TLS: start a server that requires a client certificate ...");
+    outln!(
         "  openssl s_server -accept 8443 -www -cert {d}/server.pem -key {d}/server.key -cert_chain {d}/intermediate/ca.pem -CAfile {d}/truststore.pem -Verify 4 -verify_return_error"
     );
-    println!("... then, in another terminal, this succeeds:");
-    println!(
+    outln!("... then, in another terminal, this succeeds:");
+    outln!(
         "  curl --cacert {d}/root/ca.pem --cert {d}/client.chain.pem --key {d}/client.key https://localhost:8443/"
     );
-    println!("and this is refused (no client certificate):");
-    println!("  curl --cacert {d}/root/ca.pem https://localhost:8443/");
+    outln!("and this is refused (no client certificate):");
+    outln!("  curl --cacert {d}/root/ca.pem https://localhost:8443/");
 }
 
 fn parse_sans(sans: &[String]) -> Result<Vec<SubjectAltName>> {

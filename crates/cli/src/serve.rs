@@ -85,12 +85,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         portcullis_gateway::check(&config)
             .with_context(|| format!("checking {}", config_path.display()))?;
         if registry.domains.is_some() {
-            println!(
+            outln!(
                 "{}: OK (with the registry's domains, which replaced the file's [[domain]] tables at the first start)",
                 config_path.display()
             );
         } else {
-            println!("{}: OK", config_path.display());
+            outln!("{}: OK", config_path.display());
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -168,8 +168,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     ));
 
     ready.store(true, Ordering::SeqCst);
-    println!("portcullis admin API on https://{admin_local}");
-    println!(
+    outln!("portcullis admin API on https://{admin_local}");
+    outln!(
         "portcullis console on https://{admin_local}/ui (sign in with a token from `portcullis admin token create --name NAME`, or the admin certificate)"
     );
     let addrs: Vec<String> = gateway
@@ -177,7 +177,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .iter()
         .map(ToString::to_string)
         .collect();
-    println!(
+    outln!(
         "portcullis is serving on {} (config {})",
         addrs.join(", "),
         config_path.display()
@@ -214,7 +214,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     )
     .await;
     ready.store(false, Ordering::SeqCst);
-    println!("portcullis: draining connections and stopping");
+    outln!("portcullis: draining connections and stopping");
     gateway.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -896,14 +896,72 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_target(true)
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
-        .try_init();
+        .finish();
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        // Libraries that log through `log` (rustls) get one readable line each, without the
+        // source file paths of the build machine.
+        let _ = log::set_boxed_logger(Box::new(LibraryLog));
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// Forwards `log` records of libraries (rustls' warnings) to the JSON log as one line each.
+struct LibraryLog;
+
+impl log::Log for LibraryLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let library = record.target();
+        let message = library_message(&record.args().to_string());
+        if record.level() == log::Level::Error {
+            tracing::error!(target: "portcullis::library", library, "{message}");
+        } else {
+            tracing::warn!(target: "portcullis::library", library, "{message}");
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// A library's message, reworded where it is cryptic: rustls' "Illegal SNI extension: ignoring
+/// IP address presented as hostname (3132372e302e302e31)" names the address in hex.
+fn library_message(message: &str) -> String {
+    if let Some(rest) =
+        message.strip_prefix("Illegal SNI extension: ignoring IP address presented as hostname")
+    {
+        let address = rest
+            .trim()
+            .trim_start_matches('(')
+            .trim_end_matches(')')
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .filter(|b| b.is_ascii_graphic())
+                    .map(char::from)
+            })
+            .collect::<Option<String>>()
+            .unwrap_or_else(|| "an address".to_string());
+        return format!(
+            "a client sent the IP address {address} as its TLS server name (SNI), which TLS does not allow (RFC 6066); it is treated as a connection without SNI (connect by host name, or set default_endpoint)"
+        );
+    }
+    message.to_string()
 }
 
 /// The data directory: local CA, auto certificates, quickstart files.
@@ -1063,35 +1121,35 @@ impl DataDir {
 impl Quickstart {
     fn print(&self, port: u16) {
         let d = self.root.display();
-        println!();
-        println!(
+        outln!();
+        outln!(
             "Quickstart: https://localhost:{port}/ requires a client certificate and answers with the identity it forwarded."
         );
-        println!("This succeeds (the demo client certificate):");
-        println!(
+        outln!("This succeeds (the demo client certificate):");
+        outln!(
             "  curl --cacert {d}/ca/ca.pem --cert {d}/clients/demo.pem --key {d}/clients/demo.key https://localhost:{port}/hello"
         );
-        println!(
+        outln!(
             "This is refused in the TLS handshake (no client certificate: curl reports the alert \"certificate required\"):"
         );
-        println!("  curl --cacert {d}/ca/ca.pem https://localhost:{port}/hello");
+        outln!("  curl --cacert {d}/ca/ca.pem https://localhost:{port}/hello");
         if self.root.join("clients/stranger.pem").exists() {
-            println!(
+            outln!(
                 "This is refused with HTTP 403 and the reason (a certificate from a CA the domain does not trust):"
             );
-            println!(
+            outln!(
                 "  curl --cacert {d}/ca/ca.pem --cert {d}/clients/stranger.pem --key {d}/clients/stranger.key https://localhost:{port}/hello"
             );
         }
-        println!(
+        outln!(
             "Browsers: import {d}/clients/demo.p12 (password {}) and trust {d}/ca/ca.pem.",
             self.password
         );
-        println!(
+        outln!(
             "Domains live in the registry: portcullis domain list --data-dir {d} (then describe, put, delete)."
         );
-        println!("Other settings: {d}/portcullis.toml (reloaded when it changes or on SIGHUP).");
-        println!();
+        outln!("Other settings: {d}/portcullis.toml (reloaded when it changes or on SIGHUP).");
+        outln!();
     }
 }
 

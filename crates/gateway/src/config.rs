@@ -314,6 +314,87 @@ pub struct Domain {
     /// default: CGI, WSGI and Rack upstreams read `X_Client_Cert` as `X-Client-Cert`. Even on,
     /// names that read as a header the gateway owns are dropped.
     pub underscores_in_headers: bool,
+    /// Headers set on every response, proxied or made by the gateway.
+    pub response_headers: ResponseHeaders,
+}
+
+/// Headers a domain sets on every response, proxied or made by the gateway
+/// (`Strict-Transport-Security`, `X-Content-Type-Options`, …): an upstream's header of the same
+/// name is replaced, not repeated.
+#[derive(Clone, Debug, Default)]
+pub struct ResponseHeaders {
+    pairs: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    /// `name: value\r\n` lines, as the HTTP/1.1 fast path writes them.
+    block: Vec<u8>,
+}
+
+/// Headers that describe the message or the connection: the gateway writes them itself.
+const NOT_SETTABLE: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "date",
+];
+
+impl ResponseHeaders {
+    /// Validates names and values; a message naming the header says what is wrong.
+    pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, String> {
+        let mut out = ResponseHeaders::default();
+        for (name, value) in pairs {
+            let parsed = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("'{name}' is not a valid header name"))?;
+            if NOT_SETTABLE.contains(&parsed.as_str()) {
+                return Err(format!(
+                    "'{name}' describes the message or the connection and is written by the gateway; remove it"
+                ));
+            }
+            if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+                return Err(format!(
+                    "the value of '{name}' holds a control character; write it on one line"
+                ));
+            }
+            let value = hyper::header::HeaderValue::from_str(value.trim())
+                .map_err(|_| format!("the value of '{name}' is not a valid header value"))?;
+            if out.pairs.iter().any(|(n, _)| *n == parsed) {
+                return Err(format!("'{name}' is set twice"));
+            }
+            out.block.extend_from_slice(parsed.as_str().as_bytes());
+            out.block.extend_from_slice(b": ");
+            out.block.extend_from_slice(value.as_bytes());
+            out.block.extend_from_slice(b"\r\n");
+            out.pairs.push((parsed, value));
+        }
+        Ok(out)
+    }
+
+    /// Whether none are set.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// Whether `name` is one of them (ASCII case-insensitive).
+    pub(crate) fn sets(&self, name: &str) -> bool {
+        self.pairs
+            .iter()
+            .any(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+    }
+
+    /// The `name: value\r\n` lines.
+    pub(crate) fn block(&self) -> &[u8] {
+        &self.block
+    }
+
+    /// Sets them on a response's headers, replacing any of the same name.
+    pub(crate) fn apply(&self, headers: &mut hyper::HeaderMap) {
+        for (name, value) in &self.pairs {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 impl Domain {
@@ -484,10 +565,17 @@ impl Mapping {
         upstream: &str,
         require_client_cert: bool,
     ) -> Result<Mapping, GatewayError> {
-        let base = base_path.trim_end_matches('/');
-        if !base.is_empty() && (!base.starts_with('/') || base.contains(['?', '#'])) {
+        // API Gateway writes base paths without the leading slash (`c360`), and `(none)` for
+        // the empty one.
+        let slashed = match base_path {
+            "(none)" => String::new(),
+            p if p.is_empty() || p.starts_with('/') => p.to_string(),
+            p => format!("/{p}"),
+        };
+        let base = slashed.trim_end_matches('/');
+        if base.contains(['?', '#']) {
             return Err(GatewayError::Config(format!(
-                "base path '{base_path}' must be empty or start with '/' and hold no query"
+                "base path '{base_path}' must hold no query or fragment"
             )));
         }
         let uri: Uri = upstream

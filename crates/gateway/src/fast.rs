@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::Mapping;
+use crate::config::{Mapping, ResponseHeaders};
 use crate::listen::{AccessLog, ConnectionContext, admit, normalize_host};
 use crate::proxy::HOP_BY_HOP;
 use crate::respond::error_parts;
@@ -139,9 +139,15 @@ impl<S> Prefixed<S> {
     pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// Puts `prefix` before what is still to be read (it must be empty).
+    pub(crate) fn set_prefix(&mut self, prefix: Bytes) {
+        debug_assert!(self.prefix.is_empty());
+        self.prefix = prefix;
+    }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -153,7 +159,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             self.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // What TLS answered while reading (the no_renegotiation warning to a TLS 1.2
+        // renegotiation attempt, a key update) goes out now, not with the next response, which
+        // may never come: the read can stay pending while the client waits for that answer.
+        // With nothing queued this costs no system call; a write error shows on the next write.
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        read
     }
 }
 
@@ -268,6 +280,7 @@ where
                             "the request has both Content-Length and Transfer-Encoding; send only one",
                             true,
                             false,
+                            &domain.config.response_headers,
                         );
                         let _ = io.write_all(&out).await;
                         let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
@@ -326,7 +339,12 @@ where
         let closing = plan.client_close || *shutdown.borrow();
         out.clear();
         ubuf.clear();
-        let exchanged = exchange(pool, &head, &mut ubuf, &mut out, &plan, closing, limits).await;
+        let answering = Answering {
+            plan: &plan,
+            closing,
+            extra: &domain.config.response_headers,
+        };
+        let exchanged = exchange(pool, &head, &mut ubuf, &mut out, &answering, limits).await;
         let mapping_name = domain.config.mappings[plan.mapping].base_path.as_str();
         let (up, answer) = match exchanged {
             Ok(ok) => ok,
@@ -354,7 +372,15 @@ where
                         )
                     }
                 };
-                let body_len = error_answer(&mut out, status, code, message, closing, plan.is_head);
+                let body_len = error_answer(
+                    &mut out,
+                    status,
+                    code,
+                    message,
+                    closing,
+                    plan.is_head,
+                    &domain.config.response_headers,
+                );
                 domain
                     .request_metrics(mapping_name, status.as_u16())
                     .record(started.elapsed().as_secs_f64());
@@ -446,6 +472,7 @@ fn error_answer(
     message: &str,
     closing: bool,
     head_only: bool,
+    extra: &ResponseHeaders,
 ) -> usize {
     let (content_type, body) = error_parts(status, code, message, None);
     out.clear();
@@ -453,7 +480,10 @@ fn error_answer(
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: ");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra.block());
+    date_header(out);
+    out.extend_from_slice(b"content-type: ");
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(b"\r\ncache-control: no-store\r\ncontent-length: ");
     out.extend_from_slice(body.len().to_string().as_bytes());
@@ -626,10 +656,10 @@ async fn exchange(
     head: &[u8],
     ubuf: &mut BytesMut,
     out: &mut Vec<u8>,
-    plan: &Plan,
-    closing: bool,
+    answering: &Answering<'_>,
     limits: &crate::config::Limits,
 ) -> Result<(TcpStream, Answer), HeadError> {
+    let plan = answering.plan;
     let mut fresh_only = false;
     loop {
         let pooled = if fresh_only { None } else { pool.take() };
@@ -646,7 +676,7 @@ async fn exchange(
         }
         let deadline = tokio::time::Instant::now() + limits.upstream_response_timeout;
         let result = match tokio::time::timeout_at(deadline, up.write_all(head)).await {
-            Ok(Ok(())) => read_answer(&mut up, ubuf, out, plan, closing, deadline, limits).await,
+            Ok(Ok(())) => read_answer(&mut up, ubuf, out, answering, deadline, limits).await,
             Ok(Err(e)) => Err(HeadError::Lost(e)),
             Err(_) => Err(HeadError::Timeout),
         };
@@ -676,15 +706,14 @@ async fn read_answer(
     up: &mut TcpStream,
     ubuf: &mut BytesMut,
     out: &mut Vec<u8>,
-    plan: &Plan,
-    closing: bool,
+    answering: &Answering<'_>,
     deadline: tokio::time::Instant,
     limits: &crate::config::Limits,
 ) -> Result<Answer, HeadError> {
     let mut got_any = false;
     loop {
         if !ubuf.is_empty() {
-            match parse_answer(ubuf, out, plan, closing)? {
+            match parse_answer(ubuf, out, answering)? {
                 Some((n, None)) => {
                     // 1xx interim answer: not forwarded (the request carried no Expect).
                     ubuf.advance(n);
@@ -731,9 +760,13 @@ async fn read_answer(
 fn parse_answer(
     ubuf: &[u8],
     out: &mut Vec<u8>,
-    plan: &Plan,
-    closing: bool,
+    answering: &Answering<'_>,
 ) -> Result<Option<(usize, Option<Answer>)>, HeadError> {
+    let Answering {
+        plan,
+        closing,
+        extra,
+    } = *answering;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let n = match resp.parse(ubuf) {
@@ -822,6 +855,7 @@ fn parse_answer(
     }
     out.extend_from_slice(b"\r\n");
     let relay_chunked = matches!(framing, Framing::Chunked(_));
+    let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name;
         let is = |s: &str| name.eq_ignore_ascii_case(s);
@@ -830,10 +864,18 @@ fn parse_answer(
             || (is("content-length") && relay_chunked)
             || named
                 .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            || extra.sets(name);
         if !hop {
+            dated |= is("date");
             copy_header(out, name, h.value);
         }
+    }
+    out.extend_from_slice(extra.block());
+    // An origin server with a clock sends Date (RFC 9110 §6.6.1); a proxy adds one when it did
+    // not, as the HTTP/2 path does.
+    if !dated {
+        date_header(out);
     }
     if matches!(framing, Framing::Close) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -850,6 +892,56 @@ fn parse_answer(
             reusable,
         }),
     )))
+}
+
+/// What a response head is written for: the request's plan, whether the connection closes after
+/// it, and the domain's response headers.
+#[derive(Clone, Copy)]
+struct Answering<'a> {
+    plan: &'a Plan,
+    closing: bool,
+    extra: &'a ResponseHeaders,
+}
+
+/// Appends `date: <IMF-fixdate>\r\n`, formatted once a second per thread.
+fn date_header(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(i64, [u8; 29])> = const { std::cell::RefCell::new((i64::MIN, [0; 29])) };
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let second = now.unix_timestamp();
+    DATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != second {
+            cached.1 = imf_fixdate(now);
+            cached.0 = second;
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&cached.1);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110 §5.6.7).
+fn imf_fixdate(t: time::OffsetDateTime) -> [u8; 29] {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let text = format!(
+        "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
+        DAYS[usize::from(t.weekday().number_days_from_monday())],
+        t.day(),
+        MONTHS[usize::from(u8::from(t.month()) - 1)],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    let mut out = [b' '; 29];
+    let n = text.len().min(29);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
 }
 
 struct Relayed {

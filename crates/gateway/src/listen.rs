@@ -687,15 +687,21 @@ async fn connection(
     }
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(request(req, ctx).await) }
+        async move {
+            let domain = ctx.state.domains[ctx.domain].config.clone();
+            let mut response = request(req, ctx).await;
+            domain.response_headers.apply(response.headers_mut());
+            Ok::<_, Infallible>(response)
+        }
     });
     // HTTP/1.1 starts on the fast path; a request it does not serve hands the connection, with
     // the bytes read so far, to hyper.
-    let mut tls = tls;
+    // Read through `Prefixed` from the start: it flushes what TLS answers while reading.
+    let mut io = crate::fast::Prefixed::new(Bytes::new(), tls);
     let prefix = if alpn == "h2" {
         Bytes::new()
     } else {
-        let mut served = Box::pin(crate::fast::serve(&mut tls, &fast_ctx, shutdown.clone()));
+        let mut served = Box::pin(crate::fast::serve(&mut io, &fast_ctx, shutdown.clone()));
         tokio::select! {
             outcome = served.as_mut() => match outcome {
                 crate::fast::Outcome::Closed => return,
@@ -734,7 +740,7 @@ async fn connection(
     }
     // ALPN already chose the protocol, so the matching hyper connection serves it directly (no
     // preface sniffing, which would wait for a first byte without any timeout).
-    let io = crate::fast::Prefixed::new(prefix, tls);
+    io.set_prefix(prefix);
     // Serves a connection until it ends, it is closed (no longer admitted, or by an operator),
     // or shutdown (finish in-flight requests, then close). The HTTP/1.1 and HTTP/2 connection
     // types share no trait for `graceful_shutdown`, hence a macro. It says whether the

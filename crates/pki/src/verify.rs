@@ -535,6 +535,25 @@ fn v1_issuer<'a>(
     None
 }
 
+/// A CA with a key too weak to trust whose name issues a certificate of the chain: its signature
+/// fails (webpki has no algorithm for RSA below 2048 bits), and the key is the reason.
+fn weak_issuer<'a>(
+    leaf: &'a Certificate,
+    presented: &'a [Certificate],
+    store: &'a Truststore,
+) -> Option<&'a Certificate> {
+    let pool: Vec<&Certificate> = presented.iter().chain(store.intermediates()).collect();
+    let issued: Vec<&Certificate> = std::iter::once(leaf).chain(pool.iter().copied()).collect();
+    issued.iter().find_map(|cert| {
+        let issuer = &cert.info().issuer_der;
+        pool.iter()
+            .copied()
+            .filter(|c| &c.info().subject_der == issuer)
+            .chain(store.anchors_named(issuer).map(|(_, c)| c))
+            .find(|c| c.info().public_key.is_weak())
+    })
+}
+
 /// Turns a webpki error into a reason and an explanation that names the certificate concerned.
 fn explain(
     err: WebpkiError,
@@ -628,6 +647,21 @@ fn explain(
                 info.issuer
             ),
         ),
+        WebpkiError::InvalidSignatureForPublicKey
+        | WebpkiError::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+            if weak_issuer(leaf, presented, store).is_some() =>
+        {
+            let weak = weak_issuer(leaf, presented, store)
+                .map(|c| (c.info().subject.clone(), c.info().public_key.to_string()))
+                .unwrap_or_default();
+            Verdict::reject(
+                R::WeakKey,
+                format!(
+                    "the chain of '{subject}' goes through '{}', whose {} key is too weak to trust; the minimum is RSA 2048 or ECDSA P-256 (reissue the CA with a stronger key)",
+                    weak.0, weak.1
+                ),
+            )
+        }
         WebpkiError::InvalidSignatureForPublicKey => Verdict::reject(
             R::BadSignature,
             format!(

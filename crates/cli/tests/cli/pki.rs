@@ -1260,3 +1260,163 @@ fn der_files_are_inspected() {
     assert_eq!(info[0]["subject"], "CN=Test Root,O=Portcullis Tests");
     assert_eq!(info[0]["self_issued"], true);
 }
+
+#[test]
+fn key_rollover_chains_verify_and_a_weak_root_is_named_as_the_reason() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    if require_tool("openssl").is_none() {
+        return;
+    }
+    let o = |args: &[&str]| openssl(d, args).unwrap().ok();
+    std::fs::write(
+        d.join("ext.cnf"),
+        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n\
+         [leaf]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .unwrap();
+    let root = |key: &str, bits: &str, subject: &str, out: &str| {
+        o(&["genrsa", "-out", key, bits]);
+        o(&[
+            "req",
+            "-x509",
+            "-key",
+            key,
+            "-subj",
+            subject,
+            "-days",
+            "30",
+            "-out",
+            out,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+    };
+    let sign = |csr: &str, ca: &str, ca_key: &str, ext: &str, out: &str| {
+        o(&[
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-days",
+            "20",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            ext,
+            "-out",
+            out,
+        ]);
+    };
+    let csr = |key: &str, subject: &str, out: &str| {
+        o(&[
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-subj", subject,
+            "-out", out,
+        ]);
+    };
+    // A root rolls over to a new key under the same name: the new key's "new with old"
+    // certificate is self-issued (same name), signed by the old key, which relying parties still
+    // trust; the new key issues from now on.
+    root("old.key", "2048", "/CN=Roll Root", "old.pem");
+    root("new.key", "2048", "/CN=Roll Root", "new-self.pem");
+    o(&[
+        "req",
+        "-new",
+        "-key",
+        "new.key",
+        "-subj",
+        "/CN=Roll Root",
+        "-out",
+        "new.csr",
+    ]);
+    sign("new.csr", "old.pem", "old.key", "ca", "new-with-old.pem");
+    csr("int.key", "/CN=Roll Int", "int.csr");
+    sign("int.csr", "new-self.pem", "new.key", "ca", "int.pem");
+    csr("dev.key", "/CN=dev", "dev.csr");
+    sign("dev.csr", "int.pem", "int.key", "leaf", "dev.pem");
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("int.pem")).unwrap(),
+        std::fs::read_to_string(d.join("new-with-old.pem")).unwrap()
+    );
+    std::fs::write(d.join("chain.pem"), chain).unwrap();
+    o(&[
+        "verify",
+        "-CAfile",
+        "old.pem",
+        "-untrusted",
+        "chain.pem",
+        "-purpose",
+        "sslclient",
+        "dev.pem",
+    ]);
+    let verified = portcullis(
+        d,
+        &[
+            "pki",
+            "verify",
+            "--trust",
+            "old.pem",
+            "--chain",
+            "chain.pem",
+            "dev.pem",
+        ],
+    )
+    .ok();
+    assert!(
+        verified.stdout.contains("Roll Root (trust anchor)"),
+        "{}",
+        verified.stdout
+    );
+    // Without the self-issued link the old root cannot vouch for the new key's signature.
+    assert_rejected(
+        &portcullis(
+            d,
+            &[
+                "pki", "verify", "--trust", "old.pem", "--chain", "int.pem", "dev.pem",
+            ],
+        ),
+        "bad-signature",
+    );
+
+    // A 1024-bit root: its signatures are refused because of its key, and the reason says so.
+    root("weak.key", "1024", "/CN=Weak Root", "weak.pem");
+    sign("dev.csr", "weak.pem", "weak.key", "leaf", "weak-dev.pem");
+    let weak = portcullis(d, &["pki", "verify", "--trust", "weak.pem", "weak-dev.pem"]);
+    assert_rejected(&weak, "weak-key");
+    assert!(
+        weak.stdout.contains("'CN=Weak Root'") && weak.stdout.contains("RSA 1024"),
+        "{}",
+        weak.stdout
+    );
+}
+
+#[test]
+fn a_closed_standard_output_ends_a_command_quietly() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    leaf(d, "client", "alice", "root", &[]);
+    // `portcullis pki verify … | head -1` with head gone: the reading end is closed before the
+    // command writes, so every write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["pki", "verify", "--trust", "root/ca.pem", "alice.pem"])
+        .current_dir(d)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+    assert!(stderr.is_empty(), "stderr: {stderr}");
+}

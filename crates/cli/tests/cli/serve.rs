@@ -1586,6 +1586,21 @@ fn refusals_reach_the_client_as_alerts_and_the_lingering_is_bounded() {
     assert!(r.stderr.contains("unrecognized name"), "{}", r.stderr);
     let line = s.wait_for("\"reason\":\"unknown-sni\"");
     assert!(line.contains("no domain is named 'nope.test'"), "{line}");
+    // An IP address as SNI (which TLS forbids; rustls warns and ignores it) is one readable
+    // line naming the address, without the build machine's source paths.
+    if let Some(openssl) = require_tool("openssl") {
+        let address = format!("127.0.0.1:{}", s.port);
+        run(
+            openssl,
+            &["s_client", "-connect", &address, "-servername", "127.0.0.1"],
+            d,
+        );
+        let line = s.wait_for("as its TLS server name (SNI)");
+        assert!(
+            line.contains("the IP address 127.0.0.1") && !line.contains(".rs"),
+            "{line}"
+        );
+    }
     // A client that keeps sending after its refusal is read for a bounded time, then cut off.
     let script = r#"
 import socket, ssl, sys, time

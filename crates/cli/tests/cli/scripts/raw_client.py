@@ -148,7 +148,33 @@ s.close()
 # Garbage after a good request: the general path answers 400 on the same connection.
 s, f = connect()
 s.sendall(req("GET", "/raw/echo") + b"NOT HTTP AT ALL\r\n\r\n")
-code, _, _, _ = response(f)
+code, h1, _, _ = response(f)
 code2, _, _, _ = response(f)
 check(code == 200 and code2 == 400, "garbage after a request gets 400 (%d, %d)" % (code, code2))
+
+# The domain's response headers (HSTS, nosniff) are on every answer, once, replacing the
+# upstream's; the fast path adds Date when the upstream sent none and keeps the upstream's.
+HSTS = "max-age=63072000; includeSubDomains"
+def security_headers(h, what):
+    check(h.get("strict-transport-security") == [HSTS] and h.get("x-content-type-options") == ["nosniff"],
+          "%s carries the domain's response headers once: %r" % (what, h))
+    check(len(h.get("date", [])) == 1, "%s carries one Date: %r" % (what, h.get("date")))
+security_headers(h1, "a proxied answer (fast path)")
+s, f = connect()
+s.sendall(req("GET", "/raw/own-headers"))
+code, h, body, _ = response(f)
+security_headers(h, "an answer with the upstream's own HSTS")
+check(h["date"] == ["Sun, 06 Nov 1994 08:49:37 GMT"], "the upstream's Date is kept: %r" % h["date"])
+s.sendall(req("GET", "/dead/x"))
+code, h, body, _ = response(f)
+check(code == 502, "an unreachable upstream gets 502 (%d)" % code)
+security_headers(h, "a gateway-made 502 (fast path)")
+s.sendall(req("POST", "/raw/echo", body=big))
+code, h, body, _ = response(f)
+security_headers(h, "a streamed answer (general path)")
+s.sendall(b"GET /raw/echo HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
+code, h, body, _ = response(f)
+check(code == 421, "a Host of another domain gets 421 (%d)" % code)
+security_headers(h, "a gateway-made 421 (general path)")
+s.close()
 print("ALL OK")

@@ -65,6 +65,10 @@ def handle(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             conn.close()
             return
+        elif path == "/own-headers":
+            # An upstream that sends its own Date and Strict-Transport-Security.
+            conn.sendall(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+                         b"Strict-Transport-Security: max-age=1\r\nContent-Length: 3\r\n\r\nown")
         elif path == "/stats":
             with lock:
                 text = str(accepted).encode()
