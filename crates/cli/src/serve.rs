@@ -46,7 +46,57 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     runtime.block_on(serve(args))
 }
 
+/// `serve --check-config`: validates without side effects. Nothing is created (no data
+/// directory, CA, key, certificate or database); auto certificates that do not exist yet are
+/// made in memory only; the registry is read when its database exists, so stored domains and
+/// truststores are checked as the server would use them.
+async fn check_config(args: &ServeArgs) -> Result<ExitCode> {
+    let data = DataDir::dry_run(&args.data_dir);
+    let config_path = match &args.config {
+        Some(path) => path.clone(),
+        None => {
+            let path = args.data_dir.join("portcullis.toml");
+            if !path.exists() {
+                bail!(
+                    "{} does not exist: pass --config FILE, or run `portcullis serve --data-dir {}` once to make the quickstart",
+                    path.display(),
+                    args.data_dir.display()
+                );
+            }
+            path
+        }
+    };
+    let echo = SocketAddr::from(([127, 0, 0, 1], 9));
+    let database = database_of(&config_path, &data)?;
+    let stored = database.starts_with("postgres") || Path::new(&database).exists();
+    let registry = if stored {
+        let store = Store::open(&database)
+            .await
+            .with_context(|| format!("opening the registry {}", redact(&database)))?;
+        RegistryConfig::read(&store)
+            .await
+            .context("reading the registry's domains and truststores")?
+    } else {
+        RegistryConfig::default()
+    };
+    let (config, _) = load_config(&config_path, &data, echo, &registry)?;
+    portcullis_gateway::check(&config)
+        .with_context(|| format!("checking {}", config_path.display()))?;
+    if registry.domains.is_some() {
+        outln!(
+            "{}: OK (with the registry's domains, which replaced the file's [[domain]] tables at the first start)",
+            config_path.display()
+        );
+    } else {
+        outln!("{}: OK", config_path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    if args.check_config {
+        return check_config(&args).await;
+    }
     let data = DataDir::new(&args.data_dir);
     let (config_path, quickstart) = match &args.config {
         Some(path) => (path.clone(), None),
@@ -81,19 +131,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("reading the registry's domains and truststores")?;
     let files = file_stamps(&config_path, &registry);
     let (config, admin_addr) = load_config(&config_path, &data, echo, &registry)?;
-    if args.check_config {
-        portcullis_gateway::check(&config)
-            .with_context(|| format!("checking {}", config_path.display()))?;
-        if registry.domains.is_some() {
-            outln!(
-                "{}: OK (with the registry's domains, which replaced the file's [[domain]] tables at the first start)",
-                config_path.display()
-            );
-        } else {
-            outln!("{}: OK", config_path.display());
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
     init_logging();
     // The file's domains loaded, so they can seed the registry (at the first start only).
     if crate::config::seed_domains(&store, &config_path).await? {
@@ -505,9 +542,15 @@ async fn wait_for_changes(
         }
         seen = stamps;
         match load(&registry).and_then(|c| gateway.reload(c).map_err(Into::into)) {
-            Ok(generation) => {
+            Ok(reloaded) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
-                tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
+                let generation = reloaded.generation;
+                if reloaded.listeners.is_empty() {
+                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
+                } else {
+                    let listeners = reloaded.listeners.join("; ");
+                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", listeners, "configuration reloaded");
+                }
             }
             Err(e) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "failed").increment(1);
@@ -967,6 +1010,8 @@ fn library_message(message: &str) -> String {
 /// The data directory: local CA, auto certificates, quickstart files.
 pub(crate) struct DataDir {
     pub(crate) root: PathBuf,
+    /// Writes nothing: what is missing is made in memory (`serve --check-config`).
+    dry_run: bool,
 }
 
 /// What the quickstart made, for the banner.
@@ -979,6 +1024,15 @@ impl DataDir {
     pub(crate) fn new(root: &Path) -> DataDir {
         DataDir {
             root: root.to_path_buf(),
+            dry_run: false,
+        }
+    }
+
+    /// A data directory that is only read: the CA and certificates it lacks are made in memory.
+    pub(crate) fn dry_run(root: &Path) -> DataDir {
+        DataDir {
+            root: root.to_path_buf(),
+            dry_run: true,
         }
     }
 
@@ -998,6 +1052,9 @@ impl DataDir {
             );
             req.path_len = Some(0);
             let cert = issue::issue(&req, &key, None)?;
+            if self.dry_run {
+                return CaIssuer::new(cert, key, Vec::new()).context("making a local CA");
+            }
             let mut out = Outputs::default();
             out.public(&cert_path, cert.to_pem());
             out.secret(&key_path, key.to_pem());
@@ -1032,6 +1089,12 @@ impl DataDir {
                     .push(SubjectAltName::Ip(std::net::Ipv6Addr::LOCALHOST.into()));
             }
             let cert = issue::issue(&req, &key, Some(&ca))?;
+            if self.dry_run {
+                return Ok(ServerCertificate {
+                    chain: vec![cert.der().clone()],
+                    key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
+                });
+            }
             let mut out = Outputs::default();
             out.public(&cert_path, cert.to_pem());
             out.secret(&key_path, key.to_pem());

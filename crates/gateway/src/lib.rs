@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
-use crate::config::Domain;
+use crate::config::{Domain, Protocols};
 use crate::tls::DomainTls;
 use crate::verify::RegistryHandle;
 
@@ -316,10 +316,48 @@ pub struct Gateway {
     state: Arc<ArcSwap<State>>,
     registry: Arc<RegistryHandle>,
     shutdown: watch::Sender<bool>,
-    local_addrs: Vec<SocketAddr>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shutdown_rx: watch::Receiver<bool>,
+    client: proxy::UpstreamClient,
+    listeners: std::sync::Mutex<Vec<RunningListener>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
     gates: Arc<listen::Gates>,
+}
+
+/// A bound listener: its configured address, the address bound, and the handles that change
+/// what it speaks or stop it (a reload that removes it).
+struct RunningListener {
+    address: SocketAddr,
+    local: SocketAddr,
+    protocols: watch::Sender<Protocols>,
+    stop: watch::Sender<bool>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The new state generation.
+    pub generation: u64,
+    /// Listener changes applied: `bound 127.0.0.1:8883 (mqtt)`, `closed 127.0.0.1:9443`,
+    /// `127.0.0.1:8443 speaks http+mqtt`.
+    pub listeners: Vec<String>,
+}
+
+/// Binds a listening socket without blocking the runtime (std's bind is synchronous, and cheap).
+fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(TcpListener::from_std)
+        .map_err(|source| GatewayError::Bind { addr, source })?;
+    Ok(bound)
+}
+
+fn protocols_name(p: Protocols) -> &'static str {
+    match p {
+        Protocols::Http => "http",
+        Protocols::Mqtt => "mqtt",
+        Protocols::Both => "http+mqtt",
+    }
 }
 
 impl Gateway {
@@ -336,33 +374,17 @@ impl Gateway {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let client = proxy::client(config.limits.upstream_connect_timeout, None)?;
         let limits = Arc::new(listen::Gates::new(&config.limits));
-        let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();
         let broker = Arc::new(portcullis_mqtt::broker::Broker::new(
             portcullis_mqtt::broker::Limits::default(),
         ));
+        let mut listeners = Vec::new();
         for l in &config.listeners {
-            let addr = &l.address;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
-            let local = listener.local_addr().map_err(|source| GatewayError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            local_addrs.push(local);
-            tasks.push(tokio::spawn(listen::accept_loop(
-                listener,
-                l.protocols,
-                state.clone(),
-                client.clone(),
-                limits.clone(),
-                broker.clone(),
-                shutdown_rx.clone(),
-            )));
+            let listener = bind(l.address)?;
+            let (running, task) =
+                Self::spawn_listener(l, listener, &state, &client, &limits, &broker, &shutdown_rx)?;
+            listeners.push(running);
+            tasks.push(task);
         }
         // Every registry snapshot and reload: the open HTTP connections the current state no
         // longer admits are closed, in one pass.
@@ -404,11 +426,53 @@ impl Gateway {
             state,
             registry,
             shutdown,
-            local_addrs,
-            tasks,
+            shutdown_rx,
+            client,
+            listeners: std::sync::Mutex::new(listeners),
+            tasks: std::sync::Mutex::new(tasks),
             broker,
             gates: limits,
         })
+    }
+
+    /// Starts accepting on a bound listener.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_listener(
+        config: &config::Listener,
+        listener: TcpListener,
+        state: &Arc<ArcSwap<State>>,
+        client: &proxy::UpstreamClient,
+        gates: &Arc<listen::Gates>,
+        broker: &Arc<portcullis_mqtt::broker::Broker>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(RunningListener, tokio::task::JoinHandle<()>), GatewayError> {
+        let local = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.address,
+            source,
+        })?;
+        let (protocols, protocols_rx) = watch::channel(config.protocols);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(listen::accept_loop(
+            listener,
+            listen::Accepting {
+                protocols: protocols_rx,
+                stop: stop_rx,
+            },
+            state.clone(),
+            client.clone(),
+            gates.clone(),
+            broker.clone(),
+            shutdown.clone(),
+        ));
+        Ok((
+            RunningListener {
+                address: config.address,
+                local,
+                protocols,
+                stop,
+            },
+            task,
+        ))
     }
 
     /// The open HTTP connections, to list and close from the admin API.
@@ -416,18 +480,76 @@ impl Gateway {
         self.gates.live.clone()
     }
 
-    /// Builds a complete new state from `config` and swaps it in. On error the running state is
-    /// untouched. Listener addresses are fixed at start; a change is reported, not applied. Open
-    /// connections that the new state would refuse (a truststore or CRL no longer admits their
-    /// certificate, their domain is gone or changed its mutual TLS mode) are closed.
-    pub fn reload(&self, config: Config) -> Result<u64, GatewayError> {
+    /// Builds a complete new state from `config` and swaps it in, and applies the listeners:
+    /// a new `[[listener]]` is bound, a removed one stops accepting (its open connections go on
+    /// until they end), a changed `protocols` applies to the next connection. On error (a state
+    /// that does not build, an address that cannot be bound) the running state and listeners are
+    /// untouched. Open connections that the new state would refuse (a truststore or CRL no longer
+    /// admits their certificate, their domain is gone or changed its mutual TLS mode) are closed.
+    pub fn reload(&self, config: Config) -> Result<Reloaded, GatewayError> {
         let generation = self.state.load().generation + 1;
         let state = State::build(&config, generation, &self.registry)?;
+        let mut running = self
+            .listeners
+            .lock()
+            .map_err(|_| GatewayError::Config("the listener table is poisoned".into()))?;
+        // Bind every new address first: a failure leaves everything as it was.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            if !running.iter().any(|r| r.address == l.address) {
+                bound.push((l, bind(l.address)?));
+            }
+        }
         state.publish_gauges();
         self.state.store(Arc::new(state));
+        let mut changes = Vec::new();
+        running.retain(|r| {
+            let keep = config.listeners.iter().any(|l| l.address == r.address);
+            if !keep {
+                let _ = r.stop.send(true);
+                changes.push(format!("closed {}", r.local));
+            }
+            keep
+        });
+        for r in running.iter() {
+            if let Some(l) = config.listeners.iter().find(|l| l.address == r.address)
+                && *r.protocols.borrow() != l.protocols
+            {
+                let _ = r.protocols.send(l.protocols);
+                changes.push(format!(
+                    "{} speaks {}",
+                    r.local,
+                    protocols_name(l.protocols)
+                ));
+            }
+        }
+        for (l, listener) in bound {
+            let (listening, task) = Self::spawn_listener(
+                l,
+                listener,
+                &self.state,
+                &self.client,
+                &self.gates,
+                &self.broker,
+                &self.shutdown_rx,
+            )?;
+            changes.push(format!(
+                "bound {} ({})",
+                listening.local,
+                protocols_name(l.protocols)
+            ));
+            running.push(listening);
+            if let Ok(mut tasks) = self.tasks.lock() {
+                tasks.push(task);
+            }
+        }
+        drop(running);
         // Open connections and sessions check themselves against the new state.
         self.registry.changes.send_modify(|n| *n += 1);
-        Ok(generation)
+        Ok(Reloaded {
+            generation,
+            listeners: changes,
+        })
     }
 
     /// Replaces the registry snapshot. New handshakes use it at once; open connections whose
@@ -475,9 +597,12 @@ impl Gateway {
         explain::Explainer::new(self.state.clone())
     }
 
-    /// The addresses actually bound (useful with port 0).
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.local_addrs
+    /// The addresses actually bound (useful with port 0), in configuration order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .map(|l| l.iter().map(|r| r.local).collect())
+            .unwrap_or_default()
     }
 
     /// The current state generation.
@@ -489,7 +614,8 @@ impl Gateway {
     /// listeners have stopped.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
+        let tasks = self.tasks.into_inner().unwrap_or_default();
+        for task in tasks {
             let _ = task.await;
         }
     }

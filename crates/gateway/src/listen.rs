@@ -265,16 +265,29 @@ impl Drop for LiveGuard {
     }
 }
 
-/// Accepts connections until shutdown, then waits for open ones to finish.
+/// What a reload can change of a running listener: what it speaks (for the next connection),
+/// and whether it still accepts.
+pub(crate) struct Accepting {
+    pub(crate) protocols: watch::Receiver<Protocols>,
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+/// Accepts connections until shutdown, then waits for open ones to finish. Stopped by a reload
+/// (its `[[listener]]` removed), it closes the listening socket and lets its connections run
+/// until they end or shutdown.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    protocols: Protocols,
+    accepting: Accepting,
     state: Arc<ArcSwap<State>>,
     client: UpstreamClient,
     gates: Arc<Gates>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Accepting {
+        protocols: speaks,
+        mut stop,
+    } = accepting;
     let mut connections = JoinSet::new();
     loop {
         // At the connection limit, stop accepting: clients wait in the kernel's backlog. The
@@ -289,6 +302,7 @@ pub(crate) async fn accept_loop(
                 Err(_) => break,
             },
             _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
         }
         tokio::select! {
             accepted = listener.accept() => {
@@ -311,6 +325,7 @@ pub(crate) async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let protocols = *speaks.borrow();
                 // Each connection keeps the state generation it started with.
                 let snapshot = state.load_full();
                 let handshakes = gates.handshakes.clone();
@@ -328,10 +343,22 @@ pub(crate) async fn accept_loop(
                 });
             }
             _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
     drop(listener);
+    if !*shutdown.borrow() {
+        // Removed by a reload: the connections go on until they end, or until shutdown.
+        loop {
+            tokio::select! {
+                next = connections.join_next() => if next.is_none() {
+                    return;
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}
     })

@@ -586,6 +586,94 @@ fn a_failed_reload_keeps_the_running_state() {
 }
 
 #[test]
+fn a_reload_binds_changes_and_closes_listeners() {
+    let Some((tmp, s)) = setup() else { return };
+    let d = tmp.path();
+    let alice = client("alice");
+    let good = std::fs::read_to_string(d.join("gw.toml")).unwrap();
+    // The file watcher may reload before the signal does: the line that says it is awaited.
+    let reload_saying = |needle: &str| {
+        s.reload();
+        s.printed(needle, |l| {
+            l.contains("portcullis::reload") && l.contains(needle)
+        })
+    };
+    // A new [[listener]] is bound, and the reload line says where.
+    let with = |extra: &str| {
+        good.replacen(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n",
+            &format!("[[listener]]\naddress = \"127.0.0.1:0\"\n{extra}"),
+            1,
+        )
+    };
+    std::fs::write(
+        d.join("gw.toml"),
+        with("\n[[listener]]\naddress = \"127.0.0.2:0\"\n"),
+    )
+    .unwrap();
+    let line = reload_saying("bound 127.0.0.2:");
+    assert!(line.contains("\"result\":\"ok\""), "{line}");
+    let port: u16 = line
+        .split("bound 127.0.0.2:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no bound listener in {line}"));
+    let on_new = |path: &str| {
+        let curl = require_tool("curl").unwrap();
+        let resolve = format!("a.test:{port}:127.0.0.2");
+        let url = format!("https://a.test:{port}{path}");
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            "--cacert",
+            "data/ca/ca.pem",
+            "-w",
+            "\n%{http_code}",
+        ];
+        args.extend(with_client(&alice));
+        args.push(&url);
+        run(curl, &args, d)
+    };
+    assert_eq!(answer(&on_new("/")).0, 200);
+    // What it speaks changes for the next connection.
+    std::fs::write(
+        d.join("gw.toml"),
+        with("\n[[listener]]\naddress = \"127.0.0.2:0\"\nprotocols = [\"mqtt\"]\n"),
+    )
+    .unwrap();
+    reload_saying(&format!("127.0.0.2:{port} speaks mqtt"));
+    assert_ne!(answer(&on_new("/")).0, 200);
+    // An address that cannot be bound fails the reload and changes nothing.
+    std::fs::write(
+        d.join("gw.toml"),
+        with(&format!(
+            "\n[[listener]]\naddress = \"127.0.0.2:0\"\nprotocols = [\"mqtt\"]\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\n",
+            s.port
+        )),
+    )
+    .unwrap();
+    let line = reload_saying("\"result\":\"failed\"");
+    assert!(line.contains(&s.port.to_string()), "{line}");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+    // Removed, it stops accepting; the first listener serves on.
+    std::fs::write(d.join("gw.toml"), &good).unwrap();
+    reload_saying(&format!("closed 127.0.0.2:{port}"));
+    let refused = on_new("/");
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert_eq!(
+        answer(&curl(d, &s, "a.test", "/", &with_client(&alice))).0,
+        200
+    );
+}
+
+#[test]
 fn a_revoked_certificate_cannot_come_back_through_a_resumed_session() {
     let Some((tmp, s)) = setup() else { return };
     let d = tmp.path();
@@ -692,6 +780,20 @@ fn bad_configurations_are_refused_with_the_key_and_line() {
     );
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     assert!(ok.stdout.contains("OK"));
+    // Checking has no side effects: no data directory, CA, certificate or database was made.
+    assert!(!d.join("data").exists());
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[domain.response_headers]\nContent-Length = \"5\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    );
+    assert_clean_error(&r, 2, "response_headers: 'Content-Length'");
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[domain.response_headers]\n\"Bad Name\" = \"x\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    );
+    assert_clean_error(&r, 2, "'Bad Name' is not a valid header name");
+    // Without --config, the quickstart's file must exist: checking does not make it.
+    let r = portcullis(d, &["serve", "--data-dir", "data", "--check-config"]);
+    assert_clean_error(&r, 2, "portcullis.toml does not exist");
+    assert!(!d.join("data").exists());
 }
 
 #[test]
