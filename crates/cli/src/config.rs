@@ -723,6 +723,12 @@ fn file_mtls(
     };
     let mut crls = Vec::new();
     let truststore = match &m.truststore {
+        Some(p) if p.to_string_lossy() == "registry:cas" => {
+            Some(Arc::new(Truststore::of_anchors_at(
+                catalog.cas.to_vec(),
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+            )))
+        }
         Some(p) if p.to_string_lossy().starts_with("registry:") => {
             let reference = p.to_string_lossy();
             let version = catalog.resolve(&reference["registry:".len()..])?;
@@ -796,6 +802,7 @@ fn file_mtls(
         on_failure,
         allow_stale_crls,
         failure_advice: m.failure_advice.clone(),
+        registered_cas: catalog.cas.clone(),
     })
 }
 
@@ -876,6 +883,8 @@ impl RegistryConfig {
 #[derive(Debug, Default)]
 pub(crate) struct TruststoreCatalog {
     versions: std::collections::HashMap<String, Vec<portcullis_registry::TruststoreVersion>>,
+    /// The registered ACTIVE CAs: `registry:cas`, and the hint when a domain lacks one.
+    cas: Arc<Vec<Certificate>>,
 }
 
 impl TruststoreCatalog {
@@ -889,7 +898,18 @@ impl TruststoreCatalog {
             }
             versions.insert(name, all);
         }
-        Ok(TruststoreCatalog { versions })
+        let mut cas = Vec::new();
+        for ca in store.list_cas().await? {
+            if ca.status == portcullis_registry::CaStatus::Active {
+                let (cert, _) = Certificate::first_and_rest(ca.pem.as_bytes())
+                    .with_context(|| format!("registered CA {}", ca.subject))?;
+                cas.push(cert);
+            }
+        }
+        Ok(TruststoreCatalog {
+            versions,
+            cas: Arc::new(cas),
+        })
     }
 
     /// `NAME` (follows the latest version) or `NAME@VERSION` (pinned).

@@ -254,25 +254,38 @@ pub enum TruststoreCommand {
         #[arg(long)]
         version: Option<i64>,
     },
-    /// Impact preview: certificates seen recently that a version would reject, and why.
+    /// Impact preview: certificates seen recently, on the domains that use this truststore,
+    /// that a stored version (--version) or a bundle not stored yet (--bundle) would reject.
     #[command(disable_version_flag = true)]
     Preview {
         /// Name.
         name: String,
         /// Version number.
-        #[arg(long)]
-        version: i64,
+        #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+        version: Option<i64>,
+        /// A bundle to preview before storing it (PEM, DER or PKCS#7).
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
+        /// CRL (PEM or DER) to preview with --bundle, repeatable.
+        #[arg(long = "crl", value_name = "FILE", requires = "bundle")]
+        crls: Vec<PathBuf>,
         /// How far back to look.
         #[arg(long, default_value_t = 30)]
         days: u32,
+    },
+    /// Delete a truststore (every version) that no domain uses.
+    Delete {
+        /// Name.
+        name: String,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct TruststoreArgs {
-    /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+    /// Name: 1-128 of A-Z a-z 0-9 : _ - . (`cas` is reserved: registry:cas is every
+    /// registered ACTIVE CA).
     name: String,
-    /// PEM bundle of CA certificates.
+    /// Bundle of CA certificates: PEM, DER (one or several concatenated) or PKCS#7 (.p7b).
     #[arg(long, value_name = "FILE")]
     bundle: PathBuf,
     /// CRL (PEM or DER), repeatable.
@@ -1292,6 +1305,21 @@ fn version_text(v: &Value) -> String {
         v["crls"].as_array().map_or(0, Vec::len),
         when(&v["created_at"])
     );
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n  #{} {}  {}  expires {}  {}{}",
+            s(&c["index"]),
+            s(&c["role"]),
+            s(&c["subject"]),
+            s(&c["not_after"]),
+            s(&c["id"]),
+            if c["duplicate"] == true {
+                "  (duplicate)"
+            } else {
+                ""
+            }
+        ));
+    }
     for w in v["warnings"].as_array().into_iter().flatten() {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
@@ -1871,11 +1899,24 @@ async fn truststore(
     out: &Printer,
     command: TruststoreCommand,
 ) -> Result<ExitCode> {
-    let body = |a: &TruststoreArgs| -> Result<Value> {
-        let bundle = String::from_utf8(read(&a.bundle, "truststore bundle")?)
-            .with_context(|| format!("{}: a bundle is PEM text", a.bundle.display()))?;
-        let crls = a
-            .crls
+    // Bundles and CRLs in PEM, DER or PKCS#7 are sent as PEM.
+    let bundle_pem = |path: &std::path::Path| -> Result<String> {
+        let certs =
+            portcullis_pki::Certificate::all_from_pem_or_der(&read(path, "truststore bundle")?)
+                .with_context(|| format!("reading bundle {}", path.display()))?;
+        if certs.is_empty() {
+            bail!(
+                "{} holds no certificate (PEM, DER or PKCS#7 expected)",
+                path.display()
+            );
+        }
+        Ok(certs
+            .iter()
+            .map(portcullis_pki::Certificate::to_pem)
+            .collect())
+    };
+    let crls_pem = |paths: &[PathBuf]| -> Result<Vec<String>> {
+        paths
             .iter()
             .map(|p| -> Result<String> {
                 let bytes = read(p, "CRL")?;
@@ -1883,8 +1924,12 @@ async fn truststore(
                     .with_context(|| format!("reading CRL {}", p.display()))?;
                 Ok(crls.iter().map(portcullis_pki::crl::Crl::to_pem).collect())
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(json!({"name": a.name, "bundle_pem": bundle, "crls_pem": crls}))
+            .collect()
+    };
+    let body = |a: &TruststoreArgs| -> Result<Value> {
+        Ok(
+            json!({"name": a.name, "bundle_pem": bundle_pem(&a.bundle)?, "crls_pem": crls_pem(&a.crls)?}),
+        )
     };
     match command {
         TruststoreCommand::Create(a) => {
@@ -1927,21 +1972,55 @@ async fn truststore(
             let v = client.get(&path).await?;
             out.show(&v, version_text);
         }
+        TruststoreCommand::Delete { name } => {
+            client
+                .delete(&format!("/v1/truststores/{}", segment(&name)))
+                .await?;
+            out.show(&json!({"deleted": name}), |_| {
+                format!("deleted truststore {name}")
+            });
+        }
         TruststoreCommand::Preview {
             name,
             version,
+            bundle,
+            crls,
             days,
         } => {
-            let v = client
-                .get(&format!(
-                    "/v1/truststores/{}/versions/{version}/preview?days={days}",
-                    segment(&name)
-                ))
-                .await?;
+            let v = match (version, bundle) {
+                (_, Some(bundle)) => {
+                    client
+                        .post(
+                            &format!("/v1/truststores/{}/preview", segment(&name)),
+                            &json!({"bundle_pem": bundle_pem(&bundle)?, "crls_pem": crls_pem(&crls)?, "days": days}),
+                        )
+                        .await?
+                }
+                (version, None) => {
+                    let version = version.unwrap_or(1);
+                    client
+                        .get(&format!(
+                            "/v1/truststores/{}/versions/{version}/preview?days={days}",
+                            segment(&name)
+                        ))
+                        .await?
+                }
+            };
             out.show(&v, |v| {
+                let domains: Vec<String> = v["domains"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
                 let mut text = format!(
-                    "{} version {}: of {} certificate(s) seen in the last {} days, {} would be rejected",
-                    s(&v["truststore"]), s(&v["version"]), s(&v["checked"]), s(&v["days"]), s(&v["would_reject"])
+                    "{} {}: of {} certificate(s) seen in the last {} days on {}, {} would be rejected",
+                    s(&v["truststore"]),
+                    if v["version"] == "bundle" { "bundle".to_string() } else { format!("version {}", s(&v["version"])) },
+                    s(&v["checked"]),
+                    s(&v["days"]),
+                    if domains.is_empty() { "no domain (none uses this truststore)".to_string() } else { domains.join(", ") },
+                    s(&v["would_reject"])
                 );
                 for r in v["rejected"].as_array().into_iter().flatten() {
                     text.push_str(&format!(
@@ -1949,6 +2028,9 @@ async fn truststore(
                         s(&r["certificate_id"]), s(&r["subject"]), s(&r["domain"]), when(&r["last_seen"]),
                         s(&r["reason"]), s(&r["explanation"])
                     ));
+                }
+                for w in v["warnings"].as_array().into_iter().flatten() {
+                    text.push_str(&format!("\n  warning: {}", s(w)));
                 }
                 text
             });

@@ -477,6 +477,9 @@ pub struct Mtls {
     pub failure_advice: Option<String>,
     /// How strictly client certificates are judged (compatible by default).
     pub verification: portcullis_pki::VerifyProfile,
+    /// The registry's ACTIVE CAs: a chain refused as untrusted whose issuer is one of them
+    /// gets an explanation that says to use `registry:cas` or add the CA.
+    pub registered_cas: Arc<Vec<portcullis_pki::Certificate>>,
 }
 
 impl Mtls {
@@ -492,6 +495,7 @@ impl Mtls {
             allow_stale_crls: false,
             failure_advice: None,
             verification: portcullis_pki::VerifyProfile::Compatible,
+            registered_cas: Arc::default(),
         }
     }
 }
@@ -650,7 +654,16 @@ mod tests {
     fn mappings_validate() {
         assert!(Mapping::new("/api/", "http://127.0.0.1:9000", true).is_ok());
         assert!(Mapping::new("", "http://127.0.0.1:9000/base", true).is_ok());
-        assert!(Mapping::new("api", "http://x", true).is_err());
+        // As API Gateway writes them: "api" is "/api", "(none)" is the empty path.
+        assert_eq!(
+            Mapping::new("api", "http://x", true).unwrap().base_path,
+            "/api"
+        );
+        assert_eq!(
+            Mapping::new("(none)", "http://x", true).unwrap().base_path,
+            ""
+        );
+        assert!(Mapping::new("/a?b", "http://x", true).is_err());
         assert!(Mapping::new("/api", "ftp://x", true).is_err());
         let plain = Mapping::new("", "http://x", true).unwrap();
         let tls = UpstreamTls {

@@ -419,6 +419,7 @@ pub struct DomainVerifier {
     on_failure: OnFailure,
     truststore: Option<Arc<Truststore>>,
     options: VerifyOptions,
+    registered_cas: Arc<Vec<Certificate>>,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
     /// Chains of open connections verified again against this generation (after a reload), by
@@ -430,6 +431,42 @@ pub struct DomainVerifier {
 const RECHECK_CACHE: usize = 100_000;
 
 impl DomainVerifier {
+    /// A chain refused as untrusted whose issuer (the leaf's, or a presented intermediate's) is
+    /// a CA registered in the registry but missing from this truststore: the explanation says so
+    /// and what to do.
+    fn untrusted_hint(
+        &self,
+        leaf: &Certificate,
+        presented: &[Certificate],
+        verdict: Verdict,
+    ) -> Verdict {
+        let Verdict::Rejected {
+            reason: RejectReason::UntrustedIssuer,
+            explanation,
+        } = verdict
+        else {
+            return verdict;
+        };
+        let registered = std::iter::once(leaf).chain(presented).find_map(|c| {
+            self.registered_cas
+                .iter()
+                .find(|ca| ca.info().subject_der() == c.info().issuer_der() && c.is_signed_by(ca))
+        });
+        match registered {
+            Some(ca) => Verdict::Rejected {
+                reason: RejectReason::UntrustedIssuer,
+                explanation: format!(
+                    "{explanation}; '{}' is a CA registered in the registry, but this domain's truststore does not include it: set the domain's truststore to \"registry:cas\" (every registered ACTIVE CA) or add the CA to its truststore",
+                    ca.info().subject
+                ),
+            },
+            None => Verdict::Rejected {
+                reason: RejectReason::UntrustedIssuer,
+                explanation,
+            },
+        }
+    }
+
     pub(crate) fn new(
         mtls: &Mtls,
         algorithms: WebPkiSupportedAlgorithms,
@@ -464,6 +501,7 @@ impl DomainVerifier {
             mode: mtls.mode,
             on_failure: mtls.on_failure,
             truststore: mtls.truststore.clone(),
+            registered_cas: mtls.registered_cas.clone(),
             options: VerifyOptions {
                 usage: Usage::Client,
                 max_depth: mtls.max_chain_depth,
@@ -563,7 +601,11 @@ impl DomainVerifier {
             };
             return (verdict, None);
         };
-        let verdict = match verify(&leaf, &presented, store, &self.options) {
+        let verdict = match self.untrusted_hint(
+            &leaf,
+            &presented,
+            verify(&leaf, &presented, store, &self.options),
+        ) {
             Verdict::Valid { chain } => match self.registry_decision(&leaf, dry_run) {
                 RegistryDecision::Admit => ClientVerdict::Valid(Arc::new(chain)),
                 RegistryDecision::Provision { pending, .. } => {
@@ -705,7 +747,11 @@ impl DomainVerifier {
                 reason: RejectReason::UntrustedIssuer,
                 explanation: "this domain has no truststore".into(),
             },
-            Some(store) => verify(leaf, &chain[1..], store, &options),
+            Some(store) => self.untrusted_hint(
+                leaf,
+                &chain[1..],
+                verify(leaf, &chain[1..], store, &options),
+            ),
         };
         let chain_json = match &chain_result {
             Verdict::Valid { chain } => json!({

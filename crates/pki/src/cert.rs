@@ -378,6 +378,11 @@ impl CertificateInfo {
         &self.subject_der
     }
 
+    /// The DER of the issuer name (outer SEQUENCE included).
+    pub fn issuer_der(&self) -> &[u8] {
+        &self.issuer_der
+    }
+
     /// Decodes a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self> {
         let (rest, cert) = X509Certificate::from_der(der)

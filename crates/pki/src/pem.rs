@@ -47,11 +47,7 @@ pub struct Block {
 pub fn decode(input: &[u8]) -> Result<Vec<Block>> {
     if !contains(input, b"-----BEGIN") {
         if input.first() == Some(&0x30) {
-            return Ok(vec![Block {
-                label: Label::Der,
-                der: input.to_vec(),
-                line: 0,
-            }]);
+            return der_blocks(input);
         }
         return Ok(Vec::new());
     }
@@ -106,6 +102,7 @@ pub fn decode(input: &[u8]) -> Result<Vec<Block>> {
             "ENCRYPTED PRIVATE KEY" => Label::EncryptedKey,
             "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => Label::Csr,
             "X509 CRL" => Label::Crl,
+            "PKCS7" | "CERTIFICATE CHAIN" => Label::Der,
             other => Label::Other(other.to_string()),
         };
         if encrypted || label_kind == Label::EncryptedKey {
@@ -118,11 +115,123 @@ pub fn decode(input: &[u8]) -> Result<Vec<Block>> {
         }
         let der = decode_body(&label_kind, &body)
             .map_err(|detail| PkiError::malformed(format!("line {start}: "), detail))?;
+        if label_kind == Label::Der {
+            // A PKCS#7 certificate bundle in PEM: its certificates, at this block's line.
+            for mut inner in der_blocks(&der).map_err(|_| {
+                PkiError::malformed(
+                    format!("line {start}: "),
+                    "the PKCS#7 block is not a certificate bundle",
+                )
+            })? {
+                inner.line = start;
+                blocks.push(inner);
+            }
+            continue;
+        }
         blocks.push(Block {
             label: label_kind,
             der,
             line: start,
         });
+    }
+    Ok(blocks)
+}
+
+/// One DER element at the start of `input`: its tag, its contents and its whole length.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let tag = *input.first()?;
+    let first = *input.get(1)?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let len = input
+            .get(2..2 + n)?
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    Some((tag, input.get(header..end)?, end))
+}
+
+/// `1.2.840.113549.1.7.2` (PKCS#7 signed data), DER-encoded with its tag and length.
+const PKCS7_SIGNED_DATA: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
+];
+
+/// The certificates of a PKCS#7 certs-only bundle (`.p7b`, as Windows and Java export chains),
+/// or `None` when `element` (one whole DER SEQUENCE) is not one.
+fn pkcs7_certificates(element: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let (_, content_info, _) = tlv(element)?;
+    let oid = content_info.get(..PKCS7_SIGNED_DATA.len())?;
+    if oid != PKCS7_SIGNED_DATA {
+        return None;
+    }
+    let (tag, explicit, _) = tlv(&content_info[PKCS7_SIGNED_DATA.len()..])?;
+    if tag != 0xa0 {
+        return None;
+    }
+    let (_, mut signed_data, _) = tlv(explicit)?;
+    let mut certificates = Vec::new();
+    // version, digestAlgorithms, encapContentInfo, then certificates [0] IMPLICIT when present.
+    while let Some((tag, contents, len)) = tlv(signed_data) {
+        if tag == 0xa0 {
+            let mut rest = contents;
+            while let Some((_, _, len)) = tlv(rest) {
+                certificates.push(rest[..len].to_vec());
+                rest = &rest[len..];
+            }
+        }
+        signed_data = &signed_data[len..];
+    }
+    Some(certificates)
+}
+
+/// DER input: one element, several concatenated (a DER certificate bundle), or a PKCS#7
+/// certificate bundle, each certificate a block.
+fn der_blocks(input: &[u8]) -> Result<Vec<Block>> {
+    let mut blocks = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        if !blocks.is_empty() && rest.iter().all(|b| b.is_ascii_whitespace() || *b == 0) {
+            break; // padding or a final newline after the last element
+        }
+        let Some((_, _, len)) = tlv(rest) else {
+            if blocks.is_empty() {
+                // Not DER at all: let whoever parses it say what is wrong.
+                return Ok(vec![Block {
+                    label: Label::Der,
+                    der: input.to_vec(),
+                    line: 0,
+                }]);
+            }
+            return Err(PkiError::malformed(
+                "",
+                format!(
+                    "DER input: the {} bytes after element #{} are not a DER element",
+                    rest.len(),
+                    blocks.len()
+                ),
+            ));
+        };
+        let element = &rest[..len];
+        match pkcs7_certificates(element) {
+            Some(certificates) => blocks.extend(certificates.into_iter().map(|der| Block {
+                label: Label::Der,
+                der,
+                line: 0,
+            })),
+            None => blocks.push(Block {
+                label: Label::Der,
+                der: element.to_vec(),
+                line: 0,
+            }),
+        }
+        rest = &rest[len..];
     }
     Ok(blocks)
 }

@@ -177,6 +177,31 @@ impl Truststore {
         }
     }
 
+    /// A truststore in which every certificate is a trust anchor, self-signed or not: the
+    /// registry's registered CAs (`registry:cas`), trusted as registered, as IoT Core trusts a
+    /// registered intermediate. May be empty: then nothing is trusted.
+    pub fn of_anchors_at(certs: Vec<Certificate>, now: i64) -> Self {
+        let mut store = Truststore::from_certificates_at(certs, now);
+        store.anchors_by_subject.clear();
+        store.intermediate_idx.clear();
+        for (i, e) in store.entries.iter_mut().enumerate() {
+            e.anchor = true;
+            if e.trust_anchor.is_none() {
+                e.trust_anchor = webpki::anchor_from_trusted_cert(e.certificate.der())
+                    .ok()
+                    .map(|t| t.to_owned());
+            }
+            if !e.duplicate && e.trust_anchor.is_some() {
+                store
+                    .anchors_by_subject
+                    .entry(e.certificate.info().subject_der.clone())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        store
+    }
+
     /// The usable anchors that may have issued a certificate named `issuer` (DER name), with
     /// their webpki form.
     pub(crate) fn anchors_named(

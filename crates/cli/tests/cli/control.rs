@@ -754,6 +754,155 @@ fn truststores_scenario(database: Option<&str>) {
     );
     let listed = cli_json(d, &["truststore", "list"]);
     assert_eq!(listed["items"][0]["latest_version"], 2);
+
+    // A bundle is previewed before it is stored, on the domains that use the truststore only;
+    // DER and PKCS#7 bundles are read like PEM.
+    openssl(
+        d,
+        &[
+            "crl2pkcs7",
+            "-nocrl",
+            "-certfile",
+            "trust-a.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "trust-a.p7b",
+        ],
+    )
+    .unwrap()
+    .ok();
+    let bundle = cli_json(
+        d,
+        &[
+            "truststore",
+            "preview",
+            "partners",
+            "--bundle",
+            "trust-a.p7b",
+        ],
+    );
+    assert_eq!(bundle["version"], "bundle", "{bundle}");
+    assert_eq!(bundle["would_reject"], 1, "{bundle}");
+    assert_eq!(bundle["rejected"][0]["subject"], "CN=bob", "{bundle}");
+    let domains = bundle["domains"].to_string();
+    assert!(
+        domains.contains("pin.test")
+            && domains.contains("latest.test")
+            && !domains.contains("a.test\""),
+        "{bundle}"
+    );
+    let unused = cli_json(
+        d,
+        &["truststore", "create", "unused", "--bundle", "trust-a.p7b"],
+    );
+    assert_eq!(unused["version"], 1);
+    let alone = cli_json(d, &["truststore", "preview", "unused", "--version", "1"]);
+    assert_eq!(
+        alone["checked"], 0,
+        "certificates seen elsewhere do not count: {alone}"
+    );
+    let text = cli(
+        d,
+        &["truststore", "preview", "unused", "--bundle", "trust-b.pem"],
+    )
+    .ok()
+    .stdout;
+    assert!(text.contains("none uses this truststore"), "{text}");
+    // describe lists a version's certificates.
+    let described = cli(d, &["truststore", "describe", "partners", "--version", "1"])
+        .ok()
+        .stdout;
+    assert!(
+        described.contains("anchor") && described.contains("CN=Test Root"),
+        "{described}"
+    );
+    // A truststore in use cannot go; an unused one can.
+    assert_clean_error(
+        &cli(d, &["truststore", "delete", "partners"]),
+        2,
+        "latest.test",
+    );
+    cli(d, &["truststore", "delete", "unused"]).ok();
+    assert_clean_error(
+        &cli(d, &["truststore", "describe", "unused"]),
+        2,
+        "not found",
+    );
+    assert_clean_error(
+        &cli(
+            d,
+            &["truststore", "create", "cas", "--bundle", "trust-a.pem"],
+        ),
+        2,
+        "reserved",
+    );
+
+    // registry:cas trusts every registered ACTIVE CA, intermediates included, live.
+    // With no CA registered yet, it trusts nothing.
+    let dev = client("alice");
+    put_domain(d, "iot.test", "truststore = \"registry:cas\"", "");
+    wait_for_registry_reload(&s);
+    assert_ne!(curl(d, &s, "iot.test", "/", &with_client(&dev)).code, 0);
+    let ca = cli_json(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "int/ca.pem",
+            "--no-verification",
+            "--activate",
+        ],
+    );
+    loop {
+        let line = wait_for_registry_reload(&s);
+        assert!(line.contains("\"result\":\"ok\""), "{line}");
+        if answer(&curl(d, &s, "iot.test", "/", &with_client(&dev))).0 == 200 {
+            break;
+        }
+    }
+    // Deactivated, it is no longer trusted.
+    cli(
+        d,
+        &[
+            "ca",
+            "update",
+            ca["id"].as_str().unwrap(),
+            "--status",
+            "INACTIVE",
+        ],
+    )
+    .ok();
+    loop {
+        wait_for_registry_reload(&s);
+        if curl(d, &s, "iot.test", "/", &with_client(&dev)).code != 0 {
+            break;
+        }
+    }
+    // A registered CA missing from a domain's truststore (partners' latest version is root B):
+    // the refusal says what to do.
+    cli(
+        d,
+        &[
+            "ca",
+            "update",
+            ca["id"].as_str().unwrap(),
+            "--status",
+            "ACTIVE",
+        ],
+    )
+    .ok();
+    wait_for_registry_reload(&s);
+    put_domain(d, "iot.test", "truststore = \"registry:partners\"", "");
+    wait_for_registry_reload(&s);
+    let explained = cli(d, &["explain", "--domain", "iot.test", "alice.chain.pem"]);
+    assert!(
+        explained.stdout.contains("registry:cas"),
+        "{}{}",
+        explained.stdout,
+        explained.stderr
+    );
 }
 
 #[test]

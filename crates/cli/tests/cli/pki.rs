@@ -1259,6 +1259,78 @@ fn der_files_are_inspected() {
     let info = json(portcullis(d, &["pki", "inspect", "--json", "root.der"]));
     assert_eq!(info[0]["subject"], "CN=Test Root,O=Portcullis Tests");
     assert_eq!(info[0]["self_issued"], true);
+
+    // DER bundles: certificates concatenated, and PKCS#7 (.p7b, DER and PEM), as Windows and
+    // Java export chains, read wherever a PEM bundle is.
+    intermediate(d, "int", "root");
+    leaf(d, "client", "alice", "int", &[]);
+    let o = |args: &[&str]| openssl(d, args).unwrap().ok();
+    o(&[
+        "x509",
+        "-in",
+        "int/ca.pem",
+        "-outform",
+        "DER",
+        "-out",
+        "int.der",
+    ]);
+    let mut both = std::fs::read(d.join("int.der")).unwrap();
+    both.extend(std::fs::read(d.join("root.der")).unwrap());
+    std::fs::write(d.join("bundle.der"), both).unwrap();
+    std::fs::write(
+        d.join("bundle.pem"),
+        std::fs::read_to_string(d.join("int/ca.pem")).unwrap()
+            + &std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
+    )
+    .unwrap();
+    o(&[
+        "crl2pkcs7",
+        "-nocrl",
+        "-certfile",
+        "bundle.pem",
+        "-outform",
+        "DER",
+        "-out",
+        "bundle.p7b",
+    ]);
+    o(&[
+        "crl2pkcs7",
+        "-nocrl",
+        "-certfile",
+        "bundle.pem",
+        "-out",
+        "bundle.p7b.pem",
+    ]);
+    for bundle in ["bundle.der", "bundle.p7b", "bundle.p7b.pem"] {
+        let info = json(portcullis(d, &["pki", "inspect", "--json", bundle]));
+        let subjects: Vec<&str> = info
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["subject"].as_str().unwrap())
+            .collect();
+        assert_eq!(subjects.len(), 2, "{bundle}: {subjects:?}");
+        assert!(
+            subjects.contains(&"CN=Test Root,O=Portcullis Tests"),
+            "{bundle}: {subjects:?}"
+        );
+        let lint = portcullis(d, &["pki", "truststore", "lint", bundle]).ok();
+        assert!(
+            lint.stdout.contains("[anchor]"),
+            "{bundle}: {}",
+            lint.stdout
+        );
+        portcullis(d, &["pki", "verify", "--trust", bundle, "alice.pem"]).ok();
+    }
+    // Bytes after the last element are named, not ignored.
+    let mut trailing = std::fs::read(d.join("bundle.der")).unwrap();
+    trailing.extend_from_slice(&[0x30, 0x82, 0xff]);
+    std::fs::write(d.join("trailing.der"), trailing).unwrap();
+    assert_clean_error(
+        &portcullis(d, &["pki", "inspect", "trailing.der"]),
+        2,
+        "are not a DER element",
+    );
 }
 
 #[test]

@@ -216,7 +216,11 @@ pub fn router(api: Api) -> Router {
             "/v1/truststores",
             get(list_truststores).post(create_truststore),
         )
-        .route("/v1/truststores/{name}", get(describe_truststore))
+        .route(
+            "/v1/truststores/{name}",
+            get(describe_truststore).delete(delete_truststore),
+        )
+        .route("/v1/truststores/{name}/preview", post(preview_bundle))
         .route(
             "/v1/truststores/{name}/versions",
             post(add_truststore_version),
@@ -1184,7 +1188,74 @@ async fn list_truststores(State(api): State<Api>) -> ApiResult {
 }
 
 async fn describe_truststore(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
-    Ok(to_json(&api.store.truststore_version(&name, None).await?))
+    Ok(version_json(
+        &api.store.truststore_version(&name, None).await?,
+    ))
+}
+
+/// A truststore version with its certificates decoded (subject, id, validity, role).
+fn version_json(v: &crate::TruststoreVersion) -> Json<Value> {
+    let mut out = serde_json::to_value(v).unwrap_or(Value::Null);
+    let certificates: Vec<Value> = portcullis_pki::Truststore::from_pem(v.bundle.as_bytes())
+        .map(|store| {
+            store
+                .entries()
+                .iter()
+                .map(|e| {
+                    let info = e.certificate.info();
+                    json!({
+                        "index": e.index,
+                        "subject": info.subject,
+                        "issuer": info.issuer,
+                        "id": info.id,
+                        "not_after": info.not_after,
+                        "role": if e.anchor { "anchor" } else { "intermediate" },
+                        "duplicate": e.duplicate,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(o) = out.as_object_mut() {
+        o.insert("certificates".into(), Value::Array(certificates));
+    }
+    Json(out)
+}
+
+/// The domains whose truststore is `registry:NAME` or `registry:NAME@VERSION`, with their
+/// specification.
+async fn domains_using(api: &Api, name: &str) -> Result<Vec<(String, Value)>, ApiError> {
+    let exact = format!("registry:{name}");
+    let pinned = format!("registry:{name}@");
+    Ok(api
+        .store
+        .list_domains()
+        .await?
+        .into_iter()
+        .filter(|d| {
+            d.spec["mtls"]["truststore"]
+                .as_str()
+                .is_some_and(|t| t == exact || t.starts_with(&pinned))
+        })
+        .map(|d| (d.hostname, d.spec))
+        .collect())
+}
+
+async fn delete_truststore(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let users = domains_using(&api, &name).await?;
+    if !users.is_empty() {
+        let names: Vec<&str> = users.iter().map(|(h, _)| h.as_str()).collect();
+        return Err(ApiError::from(RegistryError::Conflict(format!(
+            "truststore '{name}' is used by {}; point those domains at another truststore first",
+            names.join(", ")
+        ))));
+    }
+    api.store.delete_truststore(&name, &caller).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn version_number(version: &str) -> Result<i64, ApiError> {
@@ -1200,7 +1271,7 @@ async fn truststore_version(
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult {
     let v = version_number(&version)?;
-    Ok(to_json(
+    Ok(version_json(
         &api.store.truststore_version(&name, Some(v)).await?,
     ))
 }
@@ -1219,29 +1290,107 @@ async fn preview(
     Params(q): Params<PreviewParams>,
 ) -> ApiResult {
     let v = version_number(&version)?;
-    let days = q.days.unwrap_or(30);
+    let tv = api.store.truststore_version(&name, Some(v)).await?;
+    let mut out = impact(&api, &name, &tv.bundle, &tv.crls, q.days).await?;
+    if let Some(o) = out.as_object_mut() {
+        o.insert("version".into(), json!(v));
+        o.insert("warnings".into(), json!(tv.warnings));
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewBundle {
+    bundle_pem: String,
+    #[serde(default)]
+    crls_pem: Vec<String>,
+    days: Option<u32>,
+}
+
+/// Impact preview of a bundle not stored yet, on the domains that use truststore `name`.
+async fn preview_bundle(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Body(req): Body<PreviewBundle>,
+) -> ApiResult {
+    let mut out = impact(&api, &name, &req.bundle_pem, &req.crls_pem, req.days).await?;
+    let store = portcullis_pki::Truststore::from_pem(req.bundle_pem.as_bytes())?;
+    let mut warnings: Vec<String> = store
+        .store_warnings()
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    for e in store.entries() {
+        for w in &e.warnings {
+            warnings.push(format!(
+                "certificate #{} ({}): {w}",
+                e.index,
+                e.certificate.info().subject
+            ));
+        }
+    }
+    if let Some(o) = out.as_object_mut() {
+        o.insert("version".into(), json!("bundle"));
+        o.insert("warnings".into(), json!(warnings));
+    }
+    Ok(Json(out))
+}
+
+/// The certificates seen in the last `days` days on the domains that use truststore `name`
+/// that `bundle` (with `crls`) would reject, checked as each domain checks them (its profile,
+/// chain depth and CRL policy).
+async fn impact(
+    api: &Api,
+    name: &str,
+    bundle: &str,
+    crls: &[String],
+    days: Option<u32>,
+) -> Result<Value, ApiError> {
+    let days = days.unwrap_or(30);
     if !(1..=3650).contains(&days) {
         return Err(ApiError::invalid("days must be between 1 and 3650"));
     }
-    let tv = api.store.truststore_version(&name, Some(v)).await?;
-    let store = portcullis_pki::Truststore::from_pem(tv.bundle.as_bytes())?;
-    let mut crls = Vec::new();
-    for c in &tv.crls {
-        crls.extend(portcullis_pki::crl::Crl::all_from_pem_or_der(c.as_bytes())?);
+    let store = portcullis_pki::Truststore::from_pem(bundle.as_bytes())?;
+    let mut parsed = Vec::new();
+    for c in crls {
+        parsed.extend(portcullis_pki::crl::Crl::all_from_pem_or_der(c.as_bytes())?);
     }
-    let options = VerifyOptions {
-        usage: Usage::Client,
-        crls,
-        require_eku: false,
-        ..VerifyOptions::default()
+    let domains = domains_using(api, name).await?;
+    let options_of = |spec: &Value| {
+        let mtls = &spec["mtls"];
+        let profile = mtls["verification"]
+            .as_str()
+            .and_then(|p| p.parse::<portcullis_pki::VerifyProfile>().ok())
+            .unwrap_or_default();
+        VerifyOptions {
+            usage: Usage::Client,
+            crls: parsed.clone(),
+            max_depth: mtls["max_chain_depth"]
+                .as_u64()
+                .and_then(|d| u8::try_from(d).ok())
+                .unwrap_or(4),
+            allow_stale_crls: mtls["stale_crl"].as_str() == Some("allow"),
+            ..VerifyOptions::for_profile(profile)
+        }
     };
+    let options: BTreeMap<&str, VerifyOptions> = domains
+        .iter()
+        .map(|(host, spec)| (host.as_str(), options_of(spec)))
+        .collect();
     let since = time::OffsetDateTime::now_utc().unix_timestamp() - i64::from(days) * 86_400;
-    let seen = api.store.seen_since(since).await?;
-    let checked = seen.len();
+    let seen: Vec<_> = api
+        .store
+        .seen_since(since)
+        .await?
+        .into_iter()
+        .filter(|(_, domain, _)| options.contains_key(domain.as_str()))
+        .collect();
     let rejected: Vec<Value> = seen
         .iter()
-        .filter_map(
-            |(cert, domain, last_seen)| match verify(cert, &[], &store, &options) {
+        .filter_map(|(cert, domain, last_seen)| {
+            let options = options.get(domain.as_str())?;
+            match verify(cert, &[], &store, options) {
                 Verdict::Valid { .. } => None,
                 Verdict::Rejected {
                     reason,
@@ -1254,18 +1403,17 @@ async fn preview(
                     "reason": reason.code(),
                     "explanation": explanation,
                 })),
-            },
-        )
+            }
+        })
         .collect();
-    Ok(Json(json!({
+    Ok(json!({
         "truststore": name,
-        "version": v,
+        "domains": domains.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>(),
         "days": days,
-        "checked": checked,
+        "checked": seen.len(),
         "would_reject": rejected.len(),
         "rejected": rejected,
-        "warnings": tv.warnings,
-    })))
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

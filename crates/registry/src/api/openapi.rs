@@ -135,10 +135,22 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "delete",
+        "/v1/truststores/{name}",
+        "Delete a truststore that no domain uses (every version)",
+        None,
+    ),
+    (
         "get",
         "/v1/truststores/{name}/versions/{version}/preview",
-        "Impact preview: certificates seen in the last `days` days this version would reject",
+        "Impact preview: certificates seen in the last `days` days, on the domains that use this truststore, that this version would reject",
         None,
+    ),
+    (
+        "post",
+        "/v1/truststores/{name}/preview",
+        "Impact preview of a bundle before it is stored: certificates seen on the domains that use this truststore that it would reject",
+        Some("PreviewTruststore"),
     ),
     (
         "get",
@@ -407,6 +419,8 @@ fn schemas() -> Value {
             "name": s("string"), "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
         "AddTruststoreVersion": {"type": "object", "required": ["bundle_pem"], "additionalProperties": false, "properties": {
             "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}}},
+        "PreviewTruststore": {"type": "object", "required": ["bundle_pem"], "additionalProperties": false, "properties": {
+            "bundle_pem": s("string"), "crls_pem": {"type": "array", "items": s("string")}, "days": s("integer")}},
         "CreateToken": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": s("string")}},
         "CreatePolicy": {"type": "object", "required": ["name", "document"], "additionalProperties": false, "properties": {

@@ -380,11 +380,12 @@ impl Store {
         })
     }
 
-    /// A number that changes whenever a domain or truststore changes: what the gateway's
-    /// configuration depends on (certificate changes reach it through the snapshot instead).
+    /// A number that changes whenever a domain, truststore or CA (`registry:cas`) changes: what
+    /// the gateway's configuration depends on (certificate changes reach it through the snapshot
+    /// instead).
     pub async fn config_marker(&self) -> Result<i64, RegistryError> {
         with_pool!(self, pool => {
-            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS marker FROM audit WHERE action LIKE 'domain.%' OR action LIKE 'truststore.%'")
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS marker FROM audit WHERE action LIKE 'domain.%' OR action LIKE 'truststore.%' OR action LIKE 'ca.%'")
                 .fetch_one(pool)
                 .await?;
             Ok(row.try_get::<i64, _>("marker")?)

@@ -24,6 +24,11 @@ impl Store {
         actor: &str,
     ) -> Result<TruststoreVersion, RegistryError> {
         check_name("truststore", name)?;
+        if name == "cas" {
+            return Err(RegistryError::Invalid(
+                "the truststore name 'cas' is reserved: registry:cas is every registered ACTIVE CA; choose another name".into(),
+            ));
+        }
         if bundle.len() + crls.iter().map(String::len).sum::<usize>() > MAX_TRUSTSTORE_BYTES {
             return Err(RegistryError::Invalid(
                 "truststore bundle and CRLs exceed 8 MiB".into(),
@@ -146,6 +151,24 @@ impl Store {
                 warnings: serde_json::from_str(&warnings).map_err(|e| RegistryError::Invalid(format!("stored warnings: {e}")))?,
                 created_at: row.try_get("created_at")?,
             })
+        })
+    }
+
+    /// Deletes every version of truststore `name` (the caller checked that no domain uses it).
+    pub async fn delete_truststore(&self, name: &str, actor: &str) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let gone = sqlx::query("DELETE FROM truststore_versions WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            if gone.rows_affected() == 0 {
+                return Err(RegistryError::NotFound(format!("truststore '{name}'")));
+            }
+            let before = serde_json::json!({"versions": gone.rows_affected()}).to_string();
+            audit(&mut *tx, actor, "truststore.delete", name, Some(&before), None).await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 
