@@ -641,6 +641,34 @@ pub struct ExplainArgs {
     cert: PathBuf,
 }
 
+/// `portcullis enroll`
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The device's common name (CN).
+    #[arg(long, value_name = "NAME")]
+    cn: String,
+    /// Where to write NAME.p12, NAME-legacy.p12 and NAME.mobileconfig (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Validity in days (default: the client profile's).
+    #[arg(long)]
+    days: Option<u32>,
+    /// The bundles' password, read from the first line of FILE (default: a random one, printed
+    /// once and written nowhere).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Also write the password into the .mobileconfig, for a silent MDM install. Off by default:
+    /// a file carrying both the key and its password is a leak, and MDMs can supply it.
+    #[arg(long)]
+    embed_password: bool,
+    /// Issue a CN holding `/ + # * ? $` (policies never substitute such a value).
+    #[arg(long)]
+    allow_separators: bool,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
 /// The control-plane commands.
 #[derive(Debug)]
 pub enum Control {
@@ -655,6 +683,7 @@ pub enum Control {
     Audit(AuditCommand),
     Admin(AdminCommand),
     Explain(ExplainArgs),
+    Enroll(EnrollArgs),
 }
 
 /// Runs a control-plane command.
@@ -680,6 +709,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Admin(AdminCommand::Token(c)) => token(&client, &out, c).await,
             Control::Admin(AdminCommand::Cert(c)) => admin_cert(&client, &out, c).await,
             Control::Explain(a) => explain(&client, &out, a).await,
+            Control::Enroll(a) => enroll(&client, &out, a).await,
         }
     })
 }
@@ -1892,6 +1922,118 @@ async fn domain(client: &AdminClient, out: &Printer, command: DomainCommand) -> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<ExitCode> {
+    use base64::Engine;
+    let (password, generated) = match &a.password_file {
+        Some(path) => {
+            let text = String::from_utf8(read(path, "password file")?)
+                .with_context(|| format!("{}: the password file is not text", path.display()))?;
+            let line = text.lines().next().unwrap_or_default().to_string();
+            (line, false)
+        }
+        None => {
+            let serial = portcullis_pki::issue::random_serial()?;
+            (portcullis_pki::cert::hex(&serial[..10], ""), true)
+        }
+    };
+    if password.chars().count() < 8 {
+        bail!(
+            "the password must be at least 8 characters: it protects the private key in the bundles"
+        );
+    }
+    let mut body = json!({
+        "common_name": a.cn,
+        "password": password,
+        "embed_password": a.embed_password,
+        "allow_separators": a.allow_separators,
+    });
+    if let Some(days) = a.days {
+        body["days"] = json!(days);
+    }
+    // Nothing is issued when the files could not be written.
+    let names = |stem: &str| {
+        [
+            a.out.join(format!("{stem}.p12")),
+            a.out.join(format!("{stem}-legacy.p12")),
+            a.out.join(format!("{stem}.mobileconfig")),
+        ]
+    };
+    if !a.force
+        && let Some(existing) = names(&enroll_stem(&a.cn)).iter().find(|p| p.exists())
+    {
+        bail!(
+            "{} already exists; choose another --out or pass --force to overwrite it",
+            existing.display()
+        );
+    }
+    let v = client.post("/v1/enrollments", &body).await?;
+    let mut files = crate::output::Outputs::default();
+    for key in ["p12", "p12_legacy", "mobileconfig"] {
+        let file = &v["files"][key];
+        let name = file["name"].as_str().unwrap_or_default();
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            bail!("the admin API answered with an unexpected file name '{name}'");
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(file["base64"].as_str().unwrap_or_default())
+            .context("the admin API answered with a file that is not base64")?;
+        // Every file holds the private key.
+        files.secret(a.out.join(name), bytes);
+    }
+    let written = files.write(a.force)?;
+    let mut shown = json!({
+        "certificate": v["certificate"],
+        "files": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "password_embedded": a.embed_password,
+    });
+    if generated {
+        shown["password"] = json!(password);
+    }
+    out.show(&shown, |shown| {
+        let mut text = format!(
+            "enrolled {} (certificate {}, ACTIVE)",
+            a.cn,
+            s(&shown["certificate"]["id"])
+        );
+        for f in shown["files"].as_array().into_iter().flatten() {
+            text.push_str(&format!("\n  wrote {}", s(f)));
+        }
+        if generated {
+            text.push_str(&format!(
+                "\n  password: {password} (give it to the device's user or MDM separately; it is written nowhere)"
+            ));
+        }
+        if !a.embed_password {
+            text.push_str(
+                "\n  the .mobileconfig asks for the password when installed (--embed-password writes it in, for a silent MDM install)",
+            );
+        }
+        text
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The file name stem the admin API gives a common name's files.
+fn enroll_stem(cn: &str) -> String {
+    let stem: String = cn
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let stem = stem.trim_matches(|c| c == '-' || c == '.').to_string();
+    if stem.is_empty() {
+        "device".into()
+    } else {
+        stem
+    }
 }
 
 async fn truststore(

@@ -89,6 +89,9 @@ enum Command {
     Admin(Control<control::AdminCommand>),
     /// Why a certificate is allowed or refused on a domain: the gateway's full decision trace.
     Explain(ControlArgs<control::ExplainArgs>),
+    /// Enroll a device: a client certificate from the local CA (registered ACTIVE), written as
+    /// .p12 (modern and legacy) and an Apple .mobileconfig for the device or its MDM.
+    Enroll(ControlArgs<control::EnrollArgs>),
 }
 
 /// A control-plane command group and how to reach the admin API.
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),
+        Command::Enroll(c) => control::run(control::Control::Enroll(c.args), c.connect),
     };
     match result {
         Ok(code) => code,

@@ -1539,18 +1539,13 @@ fn forbidden_page(
         }
         return resp;
     }
-    let presented = match leaf {
-        Some(c) => {
-            let i = c.info();
-            format!(
-                "<h2>The certificate your browser presented</h2><ul><li>Subject: {}</li><li>Issuer: {}</li><li>Valid until: {}</li></ul>",
-                escape(&i.subject),
-                escape(&i.issuer),
-                escape(&i.not_after)
-            )
-        }
-        None => String::new(),
-    };
+    let info = leaf.map(portcullis_pki::Certificate::info);
+    let presented = info.map(|i| crate::respond::Presented {
+        subject: &i.subject,
+        issuer: &i.issuer,
+        not_after: &i.not_after,
+        expired: i.not_after_unix() < time::OffsetDateTime::now_utc().unix_timestamp(),
+    });
     let advice = match advice {
         // The domain's own words: plain text, escaped, one paragraph per blank-line block.
         Some(text) => {
@@ -1566,10 +1561,27 @@ fn forbidden_page(
                  If your browser asked you to choose a certificate, restart it and choose again.</p>"
             .to_string(),
     };
-    error_response(
+    let page = crate::respond::failure_page(
         StatusCode::FORBIDDEN,
         code,
         message,
-        Some(&format!("{presented}{advice}")),
-    )
+        presented.as_ref(),
+        &advice,
+    );
+    let mut resp = Response::new(crate::respond::full(page));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    if let Ok(v) = HeaderValue::from_str(code) {
+        headers.insert("x-portcullis-reason", v);
+    }
+    resp
 }

@@ -1414,3 +1414,87 @@ fn domain_put_answers_with_the_truststore_warnings() {
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1, "{v}");
     drop(s);
 }
+
+#[test]
+fn enroll_writes_the_device_files_and_keeps_the_password_out_of_them_unless_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(_) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let _s = Server::start(d, &registry_config(&[("a.test", "off")]));
+    let enrolled = cli_json(d, &["enroll", "--cn", "laptop-7", "--out", "devices"]);
+    let password = enrolled["password"].as_str().unwrap().to_string();
+    assert!(password.len() >= 16, "{enrolled}");
+    assert_eq!(enrolled["certificate"]["status"], "ACTIVE");
+    for file in [
+        "laptop-7.p12",
+        "laptop-7-legacy.p12",
+        "laptop-7.mobileconfig",
+    ] {
+        let path = d.join("devices").join(file);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file} holds the private key");
+    }
+    let opened = openssl(
+        d,
+        &[
+            "pkcs12",
+            "-in",
+            "devices/laptop-7.p12",
+            "-passin",
+            &format!("pass:{password}"),
+            "-nodes",
+        ],
+    )
+    .unwrap()
+    .ok();
+    assert!(opened.stdout.contains("CN=laptop-7") && opened.stdout.contains("PRIVATE KEY"));
+    let profile = std::fs::read_to_string(d.join("devices/laptop-7.mobileconfig")).unwrap();
+    assert!(
+        !profile.contains("<key>Password</key>") && !profile.contains(&password),
+        "the profile carries the key, so not its password"
+    );
+    // Asked for, with a chosen password: written into the profile for a silent MDM install.
+    std::fs::write(d.join("pw.txt"), "mdm-secret-9\n").unwrap();
+    let again = cli(d, &["enroll", "--cn", "laptop-7", "--out", "devices"]);
+    assert_clean_error(&again, 2, "--force");
+    cli(
+        d,
+        &[
+            "enroll",
+            "--cn",
+            "laptop-7",
+            "--out",
+            "devices",
+            "--password-file",
+            "pw.txt",
+            "--embed-password",
+            "--force",
+        ],
+    )
+    .ok();
+    let profile = std::fs::read_to_string(d.join("devices/laptop-7.mobileconfig")).unwrap();
+    assert!(
+        profile.contains("<key>Password</key><string>mdm-secret-9</string>"),
+        "{profile}"
+    );
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "enroll",
+                "--cn",
+                "x",
+                "--out",
+                "devices",
+                "--password-file",
+                "short.txt",
+            ],
+        ),
+        2,
+        "short.txt",
+    );
+}

@@ -501,13 +501,22 @@ fn domains_are_chosen_by_sni_with_their_own_truststores() {
         &[with_client(&alice), vec!["-H", "Accept: text/html"]].concat(),
     );
     assert!(
-        html.stdout.contains("<h1>Forbidden</h1>"),
+        html.stdout
+            .contains("<h1>Your certificate is not trusted here</h1>")
+            && html.stdout.contains("name=\"viewport\""),
         "{}",
         html.stdout
     );
     assert!(
-        html.stdout.contains("CN=alice"),
+        html.stdout.contains("<dd>CN=alice</dd>")
+            && html.stdout.contains("<dd>CN=int</dd>")
+            && html.stdout.contains("Valid until"),
         "the page shows the presented certificate: {}",
+        html.stdout
+    );
+    assert!(
+        !html.stdout.contains(&alice_id(d)),
+        "no certificate id on the page: {}",
         html.stdout
     );
     // bob is not trusted on a.test.
@@ -518,6 +527,13 @@ fn domains_are_chosen_by_sni_with_their_own_truststores() {
     let r = run(curl_bin, &["-sS", "-k", "--max-time", "10", &url], d);
     assert_ne!(r.code, 0);
     assert!(s.wait_for("unknown-sni").contains("refused"));
+}
+
+/// alice's certificate id (SHA-256 of the DER, hex).
+fn alice_id(d: &Path) -> String {
+    let info = crate::portcullis(d, &["pki", "inspect", "--json", "alice.pem"]).ok();
+    let v: Value = serde_json::from_str(&info.stdout).unwrap();
+    v[0]["id"].as_str().unwrap().to_string()
 }
 
 #[test]

@@ -23,8 +23,12 @@ pub(crate) struct Enrollment {
     common_name: String,
     #[serde(default)]
     days: Option<u32>,
-    /// Protects the PKCS#12 bundles (and is written into the profile for a silent MDM install).
+    /// Protects the PKCS#12 bundles.
     password: String,
+    /// Also write the password into the `.mobileconfig` (a silent MDM install). Off by default:
+    /// a file that carries both the key and its password is a leak; MDMs can supply it.
+    #[serde(default)]
+    embed_password: bool,
     /// Issue a common name holding `/ + # * ? $` (policies never substitute such a value).
     #[serde(default)]
     allow_separators: bool,
@@ -70,7 +74,12 @@ pub(crate) async fn enroll(
         .await?;
     let root = chain.last().unwrap_or(&cert);
     // Profiles carry the legacy bundle: every macOS and iOS version reads it.
-    let profile = mobileconfig(&cert, root, &legacy, &req.password);
+    let profile = mobileconfig(
+        &cert,
+        root,
+        &legacy,
+        req.embed_password.then_some(req.password.as_str()),
+    );
     let file = file_stem(cn);
     Ok((
         StatusCode::CREATED,
@@ -107,7 +116,14 @@ fn file_stem(cn: &str) -> String {
 }
 
 /// An Apple configuration profile with a PKCS#12 identity payload and the root CA.
-fn mobileconfig(cert: &Certificate, root: &Certificate, p12: &[u8], password: &str) -> String {
+/// The password is written into the identity payload only when given (`embed_password`);
+/// without it, the device's user (or the MDM) types it when the profile is installed.
+fn mobileconfig(
+    cert: &Certificate,
+    root: &Certificate,
+    p12: &[u8],
+    password: Option<&str>,
+) -> String {
     let subject = cert
         .subject_attribute("CN")
         .unwrap_or_else(|| cert.info().subject.clone());
@@ -129,8 +145,7 @@ fn mobileconfig(cert: &Certificate, root: &Certificate, p12: &[u8], password: &s
       <key>PayloadUUID</key><string>{identity}</string>
       <key>PayloadDisplayName</key><string>{name} (device identity)</string>
       <key>PayloadCertificateFileName</key><string>{file}.p12</string>
-      <key>Password</key><string>{password}</string>
-      <key>PayloadContent</key><data>{p12}</data>
+{password}      <key>PayloadContent</key><data>{p12}</data>
     </dict>
     <dict>
       <key>PayloadType</key><string>com.apple.security.root</string>
@@ -154,7 +169,9 @@ fn mobileconfig(cert: &Certificate, root: &Certificate, p12: &[u8], password: &s
 "#,
         name = x(&subject),
         file = x(&file_stem(&subject)),
-        password = x(password),
+        password = password
+            .map(|p| format!("      <key>Password</key><string>{}</string>\n", x(p)))
+            .unwrap_or_default(),
         p12 = STANDARD.encode(p12),
         ca = x(&root.info().subject),
         root = STANDARD.encode(root.der()),

@@ -401,7 +401,8 @@ fn schemas() -> Value {
             "revoke_issued": s("boolean")}},
         "Enrollment": {"type": "object", "required": ["common_name", "password"], "additionalProperties": false, "properties": {
             "common_name": s("string"), "days": s("integer"), "password": s("string"),
-            "allow_separators": s("boolean")}},
+            "allow_separators": s("boolean"),
+            "embed_password": {"type": "boolean", "description": "Write the password into the .mobileconfig too (default false: MDMs supply it)"}}},
         "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
             "key_type": s("string"), "days": s("integer"), "allow_separators": s("boolean"),
