@@ -951,6 +951,9 @@ impl ClientCertVerifier for DomainVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
         match verify_tls12_signature(message, cert, dss, &self.algorithms) {
+            Err(Error::InvalidCertificate(_)) if refused_for_its_key(cert) => {
+                Ok(HandshakeSignatureValid::assertion())
+            }
             Err(Error::InvalidCertificate(_)) => {
                 let spki = spki_of(cert)?;
                 let key = webpki::RawPublicKeyEntity::try_from(&spki)
@@ -984,6 +987,9 @@ impl ClientCertVerifier for DomainVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
         match verify_tls13_signature(message, cert, dss, &self.algorithms) {
+            Err(Error::InvalidCertificate(_)) if refused_for_its_key(cert) => {
+                Ok(HandshakeSignatureValid::assertion())
+            }
             Err(Error::InvalidCertificate(_)) => {
                 rustls::crypto::verify_tls13_signature_with_raw_key(
                     message,
@@ -999,6 +1005,14 @@ impl ClientCertVerifier for DomainVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// A certificate whose key is too weak (RSA below 2048 bits): the verifier refuses it before
+/// anything else, under every profile, so its handshake signature (which no algorithm here
+/// checks: RSA-PSS starts at 2048 bits) proves nothing a decision relies on. Accepting it lets
+/// `on_failure = "http"` answer 403 weak-key instead of a bare decrypt_error alert.
+fn refused_for_its_key(cert: &CertificateDer<'_>) -> bool {
+    Certificate::from_der(cert.to_vec()).is_ok_and(|c| c.info().public_key.is_weak())
 }
 
 /// The subject public key info of a certificate webpki cannot parse for verification (X.509 v1):

@@ -91,6 +91,19 @@ pub fn expired_client_certificate(
     ca_key_pem: &str,
     cn: &str,
 ) -> (String, String) {
+    client_certificate_valid(ca_cert_pem, ca_key_pem, cn, -730, -365)
+}
+
+/// Issues a client certificate valid from `from_days` to `to_days` days from now (negative: in
+/// the past), signed by the CA in `ca_cert_pem` / `ca_key_pem` (PKCS#8). Returns the certificate
+/// and key as PEM.
+pub fn client_certificate_valid(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    cn: &str,
+    from_days: i64,
+    to_days: i64,
+) -> (String, String) {
     use rcgen::{
         CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
         SerialNumber,
@@ -103,11 +116,12 @@ pub fn expired_client_certificate(
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, cn);
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(730);
-    params.not_after = now - time::Duration::days(365);
-    params.serial_number = Some(SerialNumber::from_slice(&[
-        0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x01,
-    ]));
+    params.not_before = now + time::Duration::days(from_days);
+    params.not_after = now + time::Duration::days(to_days);
+    // Distinct serials from the clock (rcgen would derive one from the key otherwise).
+    let mut serial = now.unix_timestamp_nanos().to_be_bytes()[4..].to_vec();
+    serial[0] = 0x11;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -116,4 +130,26 @@ pub fn expired_client_certificate(
         .signed_by(&key, &issuer)
         .unwrap_or_else(|e| panic!("signing: {e}"));
     (cert.pem(), key.serialize_pem())
+}
+
+/// A CRL (PEM) naming the CA in `ca_cert_pem` as its issuer, signed with `signing_key_pem`
+/// (PKCS#8; another key than the CA's makes a CRL with a bad signature), its thisUpdate and
+/// nextUpdate `this_days` and `next_days` days from now (negative: in the past).
+pub fn crl(ca_cert_pem: &str, signing_key_pem: &str, this_days: i64, next_days: i64) -> String {
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    let key = KeyPair::from_pem(signing_key_pem).unwrap_or_else(|e| panic!("key: {e}"));
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, key).unwrap_or_else(|e| panic!("CA: {e}"));
+    let now = time::OffsetDateTime::now_utc();
+    let params = CertificateRevocationListParams {
+        this_update: now + time::Duration::days(this_days),
+        next_update: now + time::Duration::days(next_days),
+        crl_number: SerialNumber::from_slice(&[0x01]),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(&issuer)
+        .and_then(|c| c.pem())
+        .unwrap_or_else(|e| panic!("CRL: {e}"))
 }

@@ -1498,3 +1498,282 @@ fn enroll_writes_the_device_files_and_keeps_the_password_out_of_them_unless_aske
         "short.txt",
     );
 }
+
+/// `portcullis explain` and the gateway give one answer for a table of certificates covering
+/// the reason codes a presented chain can get: the gateway's 403 (`on_failure = "http"`) names
+/// the same reason as explain's trace, and what explain allows gets through.
+#[test]
+fn explain_and_the_gateway_agree_on_every_reason() {
+    let (Some(_), Some(_)) = (require_tool("curl"), require_tool("openssl")) else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let o = |args: &[&str]| openssl(d, args).unwrap().ok();
+    let cat = |out: &str, parts: &[&str]| {
+        let text: String = parts
+            .iter()
+            .map(|p| std::fs::read_to_string(d.join(p)).unwrap())
+            .collect();
+        std::fs::write(d.join(out), text).unwrap();
+    };
+    std::fs::write(
+        d.join("ext.cnf"),
+        "[leaf]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    // Leaves openssl makes: SHA-1 signed, an RSA 1024 key, under a v1 intermediate.
+    let request = |name: &str, key: &[&str]| {
+        let mut args = vec!["req", "-new", "-nodes", "-keyout"];
+        let keyfile = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let subject = format!("/CN={name}");
+        args.extend([keyfile.as_str(), "-subj", &subject, "-out", &csr]);
+        args.extend(key);
+        o(&args);
+    };
+    let sign = |name: &str, ca: &str, extra: &[&str]| {
+        let csr = format!("{name}.csr");
+        let cert = format!("{name}.pem");
+        let ca_cert = format!("{ca}/ca.pem");
+        let ca_key = format!("{ca}/ca.key");
+        let mut args = vec![
+            "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days", "30", "-out",
+            &cert,
+        ];
+        args.extend(extra);
+        o(&args);
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    let leaf_ext = ["-extfile", "ext.cnf", "-extensions", "leaf"];
+    request("sha1", &ec);
+    sign("sha1", "int", &[&leaf_ext[..], &["-sha1"]].concat());
+    cat("sha1.chain.pem", &["sha1.pem", "int/ca.pem"]);
+    request("weak", &["-newkey", "rsa:1024"]);
+    sign("weak", "int", &leaf_ext);
+    cat("weak.chain.pem", &["weak.pem", "int/ca.pem"]);
+    std::fs::create_dir_all(d.join("v1int")).unwrap();
+    o(&[
+        "req",
+        "-new",
+        "-nodes",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-keyout",
+        "v1int/ca.key",
+        "-subj",
+        "/CN=v1 int",
+        "-out",
+        "v1int.csr",
+    ]);
+    o(&[
+        "x509",
+        "-req",
+        "-in",
+        "v1int.csr",
+        "-CA",
+        "root/ca.pem",
+        "-CAkey",
+        "root/ca.key",
+        "-days",
+        "30",
+        "-out",
+        "v1int/ca.pem",
+    ]);
+    request("underv1", &ec);
+    sign("underv1", "v1int", &leaf_ext);
+    cat("underv1.chain.pem", &["underv1.pem", "v1int/ca.pem"]);
+    // A CA constrained to good.test issuing for bad.test.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            "Constrained",
+            "--issuer-cert",
+            "root/ca.pem",
+            "--issuer-key",
+            "root/ca.key",
+            "--permit-dns",
+            "good.test",
+            "--out",
+            "nc",
+        ],
+    )
+    .ok();
+    leaf(d, "client", "outside", "nc", &["--san", "dns:bad.test"]);
+    // alice's certificate with one bit of its signature flipped.
+    let alice = std::fs::read(d.join("alice.pem")).unwrap();
+    let der = portcullis_pki_der(&alice);
+    let mut tampered = der.clone();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 0x01;
+    std::fs::write(d.join("tampered.der"), &tampered).unwrap();
+    o(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        "tampered.der",
+        "-out",
+        "tampered.pem",
+    ]);
+    cat("tampered.chain.pem", &["tampered.pem", "int/ca.pem"]);
+    std::fs::copy(d.join("alice.key"), d.join("tampered.key")).unwrap();
+    crate::serve::revoke(d, "carol");
+    // Not valid yet; CRLs past their next update, and signed by another key than their issuer's.
+    let int_pem = std::fs::read_to_string(d.join("int/ca.pem")).unwrap();
+    let int_key = std::fs::read_to_string(d.join("int/ca.key")).unwrap();
+    let root_key = std::fs::read_to_string(d.join("root/ca.key")).unwrap();
+    let (cert, key) =
+        portcullis_testkit::client_certificate_valid(&int_pem, &int_key, "future", 30, 60);
+    std::fs::write(d.join("future.chain.pem"), format!("{cert}{int_pem}")).unwrap();
+    std::fs::write(d.join("future.key"), key).unwrap();
+    std::fs::write(
+        d.join("stale.crl"),
+        portcullis_testkit::crl(&int_pem, &int_key, -10, -1),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("forged.crl"),
+        portcullis_testkit::crl(&int_pem, &root_key, -1, 10),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("seclevel0.cnf"),
+        "openssl_conf = init\n[init]\nssl_conf = ssl_sect\n[ssl_sect]\nsystem_default = sys\n\
+         [sys]\nCipherString = DEFAULT:@SECLEVEL=0\n",
+    )
+    .unwrap();
+    for name in ["alice", "carol", "bob", "srv", "five", "old", "outside"] {
+        if !d.join(format!("{name}.chain.pem")).exists() {
+            panic!("{name}.chain.pem missing");
+        }
+    }
+
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+        \n[[domain]]\nhostname = \"chk.test\"\ncertificate = \"auto\"\n\
+        [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\ncrls = [\"int.crl\"]\non_failure = \"http\"\n\
+        [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+        \n[[domain]]\nhostname = \"stale.test\"\ncertificate = \"auto\"\n\
+        [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\ncrls = [\"stale.crl\"]\non_failure = \"http\"\n\
+        [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+        \n[[domain]]\nhostname = \"forged.test\"\ncertificate = \"auto\"\n\
+        [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\ncrls = [\"forged.crl\"]\non_failure = \"http\"\n\
+        [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+        \n[[domain]]\nhostname = \"reg.test\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+        [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\non_failure = \"http\"\n\
+        [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    // On reg.test: alice is registered ACTIVE, four INACTIVE, carol not at all.
+    cli(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "alice.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    )
+    .ok();
+    cli(
+        d,
+        &[
+            "cert", "register", "--cert", "four.pem", "--status", "INACTIVE",
+        ],
+    )
+    .ok();
+    wait_for_snapshot(d, &s);
+
+    let table: &[(&str, &str, &str)] = &[
+        ("chk.test", "alice", "allow"),
+        ("chk.test", "old", "expired"),
+        ("chk.test", "bob", "untrusted-issuer"),
+        ("chk.test", "carol", "revoked"),
+        ("chk.test", "srv", "wrong-usage"),
+        ("chk.test", "five", "chain-too-deep"),
+        ("chk.test", "sha1", "unsupported-algorithm"),
+        ("chk.test", "weak", "weak-key"),
+        ("chk.test", "underv1", "v1-intermediate"),
+        ("chk.test", "outside", "name-constraints"),
+        ("chk.test", "tampered", "bad-signature"),
+        ("chk.test", "future", "not-yet-valid"),
+        ("stale.test", "alice", "crl-expired"),
+        ("forged.test", "alice", "crl-invalid"),
+        ("reg.test", "alice", "allow"),
+        ("reg.test", "four", "inactive"),
+        ("reg.test", "carol", "unregistered"),
+    ];
+    let mut disagreements = Vec::new();
+    for (domain, who, expected) in table {
+        let chain = format!("{who}.chain.pem");
+        let got = if matches!(*who, "sha1" | "weak") {
+            // curl's OpenSSL refuses to present them at its default security level.
+            let resolve = format!("{domain}:{}:127.0.0.1", s.port);
+            let url = format!("https://{domain}:{}/", s.port);
+            let out = Command::new(require_tool("curl").unwrap())
+                .args(["-sS", "--max-time", "20", "--resolve", &resolve])
+                .args([
+                    "--cacert",
+                    "data/ca/ca.pem",
+                    "-w",
+                    "\n%{http_code} %{http_version}",
+                ])
+                .args(with_client(&client(who)))
+                .arg(&url)
+                .env("OPENSSL_CONF", d.join("seclevel0.cnf"))
+                .current_dir(d)
+                .output()
+                .unwrap();
+            Run {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        } else {
+            curl(d, &s, domain, "/", &with_client(&client(who)))
+        };
+        let (status, body) = answer(&got);
+        let gateway = match status {
+            200 => "allow".to_string(),
+            403 => body["error"].as_str().unwrap_or("?").to_string(),
+            other => format!("status {other}: {}", got.stderr.trim()),
+        };
+        let r = cli(d, &["explain", "--domain", domain, &chain, "--json"]);
+        let trace: Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|_| panic!("{who}: {}{}", r.stdout, r.stderr));
+        let explained = if trace["decision"] == "allow" {
+            "allow".to_string()
+        } else if trace["chain"]["result"] == "rejected" {
+            trace["chain"]["reason"].as_str().unwrap_or("?").to_string()
+        } else {
+            trace["registry"]["reason"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        };
+        if gateway != explained || gateway != *expected {
+            disagreements.push(format!(
+                "{who} on {domain}: expected {expected}, gateway {gateway}, explain {explained}"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
+}
+
+/// The DER of the first certificate of a PEM file.
+fn portcullis_pki_der(pem: &[u8]) -> Vec<u8> {
+    portcullis_pki::Certificate::first_and_rest(pem)
+        .unwrap()
+        .0
+        .der()
+        .to_vec()
+}
