@@ -1353,6 +1353,11 @@ fn version_text(v: &Value) -> String {
     for w in v["warnings"].as_array().into_iter().flatten() {
         text.push_str(&format!("\n  warning: {}", s(w)));
     }
+    for (domain, warnings) in v["domain_warnings"].as_object().into_iter().flatten() {
+        for w in warnings.as_array().into_iter().flatten() {
+            text.push_str(&format!("\n  warning for domain {domain}: {}", s(w)));
+        }
+    }
     text
 }
 

@@ -903,6 +903,29 @@ fn truststores_scenario(database: Option<&str>) {
         explained.stdout,
         explained.stderr
     );
+    // A version whose hierarchy is deeper than a following domain's max_chain_depth says so.
+    let deep: String = ["root", "int", "i2", "i3", "i4"]
+        .iter()
+        .map(|ca| std::fs::read_to_string(d.join(format!("{ca}/ca.pem"))).unwrap())
+        .collect();
+    std::fs::write(d.join("deep.pem"), deep).unwrap();
+    let text = cli(
+        d,
+        &[
+            "truststore",
+            "add-version",
+            "partners",
+            "--bundle",
+            "deep.pem",
+        ],
+    )
+    .ok()
+    .stdout;
+    assert!(
+        text.contains("warning for domain latest.test") && text.contains("too-deep-for-domain"),
+        "{text}"
+    );
+    assert!(!text.contains("warning for domain pin.test"), "{text}");
 }
 
 #[test]

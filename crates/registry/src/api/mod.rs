@@ -1173,7 +1173,44 @@ async fn add_truststore_version(
         .store
         .add_truststore_version(&name, &req.bundle_pem, &req.crls_pem, false, &caller)
         .await?;
-    Ok((StatusCode::CREATED, to_json(&v)))
+    // The domains that follow the latest version use it from now on: what they should know
+    // (a CA deeper than their max_chain_depth, a profile's accommodation) comes with the answer.
+    let following: Vec<(String, Value)> = domains_using(&api, &name)
+        .await?
+        .into_iter()
+        .filter(|(_, spec)| {
+            spec["mtls"]["truststore"].as_str() == Some(&format!("registry:{name}"))
+        })
+        .collect();
+    let mut out = to_json(&v).0;
+    if !following.is_empty() {
+        let all: Vec<(String, Value)> = api
+            .store
+            .list_domains()
+            .await?
+            .into_iter()
+            .map(|d| (d.hostname, d.spec))
+            .collect();
+        let checked = api.hooks.check_domains(&all).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-domain",
+                format!(
+                    "the version is stored, but the domains that follow it cannot be loaded: {e}"
+                ),
+            )
+        })?;
+        let warnings: serde_json::Map<String, Value> = checked
+            .warnings
+            .into_iter()
+            .filter(|(h, w)| !w.is_empty() && following.iter().any(|(f, _)| f == h))
+            .map(|(h, w)| (h, json!(w)))
+            .collect();
+        if let Some(o) = out.as_object_mut() {
+            o.insert("domain_warnings".into(), Value::Object(warnings));
+        }
+    }
+    Ok((StatusCode::CREATED, Json(out)))
 }
 
 async fn list_truststores(State(api): State<Api>) -> ApiResult {
