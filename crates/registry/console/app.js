@@ -16,16 +16,18 @@ function h(spec, attrs, ...children) {
     else if (k === "text") el.textContent = v;
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
   return el;
 }
 
+// Replaces the page's content; like h(), it takes nodes, text, lists of them, and skips nothing
+// (null, undefined, false).
 function show(...nodes) {
   const main = document.getElementById("main");
-  main.replaceChildren(...nodes);
+  main.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 function flash(message, bad) {
@@ -73,7 +75,10 @@ function statusCell(s) { return h("span.status-" + s, { text: s }); }
 // Sign-in
 
 function loginPage(message) {
+  // Signed out (or the session ended): no navigation, no name, no sign-out button.
   document.getElementById("nav").hidden = true;
+  document.getElementById("who").textContent = "";
+  document.getElementById("who").removeAttribute("title");
   stopTimer();
   const token = h("input", { type: "password", name: "token", autocomplete: "off", required: true, placeholder: "pct_…" });
   const err = h("p.error", { id: "login-error", text: message || "" });
@@ -89,13 +94,15 @@ function loginPage(message) {
   }, h("label", {}, "API token", token), h("button", { type: "submit", text: "Sign in" }), err);
   show(h("div.login", {},
     h("h1", { text: "Sign in to Portcullis" }),
-    h("p.muted", { text: "Use an admin API token (portcullis admin token create NAME), or open this page with the admin client certificate in your browser." }),
+    h("p.muted", { id: "login-hint", text: "Use an admin API token (portcullis admin token create --name NAME), or open this page with the admin client certificate in your browser." }),
     form));
 }
 
 function signedIn() {
   document.getElementById("nav").hidden = false;
-  document.getElementById("who").textContent = state.caller;
+  const who = document.getElementById("who");
+  who.textContent = state.caller;
+  who.title = "Signed in as " + state.caller;
   route();
 }
 
@@ -236,60 +243,107 @@ async function certificate(id) {
       route();
     } catch (x) { flash(x.message, true); }
   };
-  const field = (k, v, mono) => [h("dt", { text: k }), h(mono ? "dd.mono" : "dd", {}, v)];
   const actions = [];
   if (c.status !== "REVOKED") {
     actions.push(h("button.danger", { id: "revoke", type: "button", onclick: () => set("REVOKED", `Revoke ${c.subject}? Revocation is permanent, and open connections using it are closed.`), text: "Revoke" }));
     if (c.status !== "ACTIVE") actions.push(h("button", { id: "activate", type: "button", onclick: () => set("ACTIVE", `Activate ${c.subject}?`), text: "Activate" }));
     if (c.status === "ACTIVE") actions.push(h("button.secondary", { id: "deactivate", type: "button", onclick: () => set("INACTIVE", `Deactivate ${c.subject}? Its connections are closed until it is activated again.`), text: "Deactivate" }));
   }
+  const d = c.decoded || {};
+  const ca = (c.ca_chain || [])[0];
+  const things = c.things || [];
   show(
     h("p", {}, h("a", { href: "#/certificates", text: "← Certificates" })),
     h("h1", { text: c.subject }),
-    h("dl.fields", {},
-      field("Status", statusCell(c.status)),
-      field("Subject", c.subject),
-      field("Issuer", c.issuer),
-      field("Serial", c.serial, true),
-      field("Fingerprint (SHA-256)", c.id, true),
-      field("Registered CA", c.ca_id || "—", true),
-      field("Expires", date(c.not_after)),
-      field("Last seen", date(c.last_seen)),
-      field("Things", c.things.length ? c.things.join(", ") : "—"),
-      field("Registered", date(c.created_at))),
+    h("section.card-block", { id: "certificate-card" },
+      h("h2", { text: "Certificate" }),
+      fieldList("certificate-fields", [
+        ["Status", statusCell(c.status)],
+        ["Subject", c.subject],
+        ["Issuer", c.issuer],
+        ["Serial", c.serial, true],
+        ["Not before", d.not_before ? when(d.not_before) : "—"],
+        ["Not after", [when(c.not_after), " ", h("span.muted", { text: untilText(c.not_after) })]],
+        ["Key", keyText(d.public_key)],
+        ["Signature algorithm", d.signature_algorithm || "—"],
+        ["Fingerprint (SHA-256)", d.sha256_fingerprint || "—", true],
+        ["Certificate id", c.id, true],
+        ["Registered CA", ca
+          ? [h("a", { href: "#/cas", text: ca.subject }), ca.verified ? "" : " (unverified)", h("div.mono", { text: c.ca_id })]
+          : (c.ca_id ? h("span.mono", { text: c.ca_id }) : "— (not linked to a registered CA)")],
+        ["Things", things.length ? things.map((t, i) => [i ? ", " : "", h("a", { href: "#/things/" + encodeURIComponent(t), text: t })]) : "—"],
+        ["Last seen", date(c.last_seen)],
+        ["Registered", date(c.created_at)],
+        ["Last changed", date(c.updated_at)],
+      ])),
     h("div.actions", {}, actions),
-    h("h2", { text: "Decoded" }),
-    decodedFields(c.decoded),
+    h("section.card-block", {},
+      h("h2", { text: "Extensions" }),
+      decodedFields(c.decoded)),
     h("h2", { text: "Chain" }),
     tableOf("chain", ["", "Subject", "Status", "Expires"], [
       h("tr", {}, h("td", { text: "certificate" }), h("td", { text: c.subject }), h("td", {}, statusCell(c.status)), h("td", { text: date(c.not_after) })),
-      ...(c.ca_chain || []).map((ca) => h("tr", {}, h("td", { text: "registered CA" + (ca.verified ? "" : " (unverified)") }),
-        h("td", { text: ca.subject }), h("td", {}, statusCell(ca.status)), h("td", { text: date(ca.not_after) })))], ""),
+      ...(c.ca_chain || []).map((x) => h("tr", {}, h("td", { text: "registered CA" + (x.verified ? "" : " (unverified)") }),
+        h("td", { text: x.subject }), h("td", {}, statusCell(x.status)), h("td", { text: date(x.not_after) })))], ""),
     (c.ca_chain || []).length ? null : h("p.muted", { text: "Not linked to a registered CA; issued by " + c.issuer + "." }),
     h("h2", { text: "Policies that apply" }),
     tableOf("certificate-policies", ["Policy", "Attached to"], (c.policies || []).map((p) => h("tr", {},
       h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })), h("td", { text: p.attached_to }))),
     "None attached to the certificate, its things or its CA (domain policies apply per domain)."),
     h("h2", { text: "PEM" }),
-    h("pre.mono", { text: c.pem || "" }));
+    h("pre.mono", { id: "certificate-pem", text: c.pem || "" }),
+    h("details.raw", { id: "raw-json" }, h("summary", { text: "Raw JSON (advanced)" }), h("pre.mono", { text: JSON.stringify(c, null, 2) })));
 }
 
-// The decoded certificate, as `portcullis pki inspect` shows it.
+// A card of fields: [label, value (text, node or list of them), monospace?].
+function fieldList(id, rows) {
+  return h("dl.fields", { id }, rows.flatMap(([k, v, mono]) => [
+    h("dt", { text: k }),
+    h(mono ? "dd.mono" : "dd", {}, v === undefined || v === null || v === "" ? "—" : v)]));
+}
+
+// A time given as seconds since the epoch or as RFC 3339 text, as "YYYY-MM-DD hh:mm:ss UTC".
+function when(t) {
+  if (typeof t === "number") return date(t);
+  if (typeof t !== "string" || !t) return "—";
+  const ms = Date.parse(t);
+  return Number.isNaN(ms) ? t : date(Math.floor(ms / 1000));
+}
+
+function untilText(unix) {
+  if (typeof unix !== "number") return "";
+  const days = Math.round((unix - Date.now() / 1000) / 86400);
+  if (days < 0) return `(expired ${-days} days ago)`;
+  return days === 0 ? "(expires today)" : `(in ${days} days)`;
+}
+
+// "EC P-256 (256 bits)", "RSA (2048 bits)".
+function keyText(k) {
+  if (!k) return "—";
+  return [k.algorithm, k.curve].filter(Boolean).join(" ") + (k.bits ? ` (${k.bits} bits)` : "");
+}
+
+// The decoded certificate's extensions, as `portcullis pki inspect` shows them.
 function decodedFields(d) {
-  if (!d) return h("p.muted", { text: "Cannot be decoded." });
+  if (!d) return h("p.muted", { id: "decoded", text: "Cannot be decoded." });
+  const list = (xs) => (xs && xs.length ? h("dd.list", {}, xs.map((x) => h("span", { text: x }))) : "—");
+  const bc = d.basic_constraints;
   const rows = [
-    ["Subject", d.subject], ["Issuer", d.issuer], ["Serial", d.serial],
-    ["Valid", `${d.not_before} → ${d.not_after}`],
-    ["Public key", d.public_key ? Object.values(d.public_key).join(" ") : ""],
-    ["Signature", d.signature_algorithm],
-    ["Key usage", (d.key_usage || []).join(", ")],
-    ["Extended key usage", (d.extended_key_usage || []).join(", ")],
-    ["Basic constraints", d.basic_constraints ? JSON.stringify(d.basic_constraints) : "—"],
-    ["Subject alternative names", (d.subject_alt_names || []).join(", ")],
-    ["Subject key id", d.subject_key_id], ["Authority key id", d.authority_key_id],
-    ["CRL distribution points", (d.crl_distribution_points || []).join(", ")],
+    ["X.509 version", d.version ? "v" + d.version : "—"],
+    ["Key usage", (d.key_usage || []).join(", ") || "—"],
+    ["Extended key usage", (d.extended_key_usage || []).join(", ") || "—"],
+    ["Basic constraints", bc ? (bc.ca ? "CA" + (bc.path_len === null || bc.path_len === undefined ? "" : `, path length ≤ ${bc.path_len}`) : "not a CA") : "not present"],
+    ["Subject alternative names", list(d.subject_alt_names)],
+    ["Authority information access", list(d.authority_info_access)],
+    ["CRL distribution points", list(d.crl_distribution_points)],
+    ["Name constraints", list(d.name_constraints)],
+    ["Subject key id", d.subject_key_id || "—", true],
+    ["Authority key id", d.authority_key_id || "—", true],
+    ["Self-issued", d.self_issued ? "yes" : "no"],
   ];
-  return h("dl.fields", { id: "decoded" }, rows.flatMap(([k, v]) => [h("dt", { text: k }), h("dd.mono", { text: v || "—" })]));
+  return h("dl.fields", { id: "decoded" }, rows.flatMap(([k, v, mono]) => [
+    h("dt", { text: k }),
+    v instanceof Node && v.tagName === "DD" ? v : h(mono ? "dd.mono" : "dd", {}, v)]));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -308,6 +362,27 @@ function pemField(name, label) {
     },
   });
   return { area, node: h("label", {}, label, area, file) };
+}
+
+// The commands that make the proof of possession, each correct as printed when pasted in a
+// shell in a directory holding the CA's ca.pem and ca.key: both write proof/verification.pem
+// (and its key, proof/verification.key), which the register command then names.
+function verificationRecipe(regCode) {
+  const portcullis = `portcullis pki verification-cert --ca-cert ca.pem --ca-key ca.key --code ${regCode} --out proof`;
+  const openssl = [
+    "mkdir -p proof",
+    `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout proof/verification.key -subj "/CN=${regCode}" -out proof/verification.csr`,
+    "openssl x509 -req -in proof/verification.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -out proof/verification.pem",
+  ].join("\n");
+  const register = "portcullis ca register --cert ca.pem --verification-cert proof/verification.pem --activate";
+  return [
+    h("p.muted", { text: "With portcullis:" }),
+    h("pre.mono.recipe", { id: "verification-command", text: portcullis }),
+    h("p.muted", { text: "Or with OpenSSL:" }),
+    h("pre.mono.recipe", { id: "verification-openssl", text: openssl }),
+    h("p.muted", { text: "Then paste ca.pem and proof/verification.pem below, or register from a shell with admin access (add --auto-register for just-in-time registration):" }),
+    h("pre.mono.recipe", { id: "register-command", text: register }),
+  ];
 }
 
 async function cas() {
@@ -351,11 +426,8 @@ async function cas() {
     },
   },
   h("p", {}, "Registration code: ", h("code.mono", { id: "registration-code", text: code.registration_code })),
-  h("p.muted", { text: "Prove you hold the CA's key: sign a certificate whose common name is the registration code with it, on the machine that has the key:" }),
-  h("pre.mono", { id: "verification-command", text:
-    `portcullis pki verification-cert --ca-cert ca.pem --ca-key ca.key --code ${code.registration_code} --out proof\n` +
-    `# or with OpenSSL:\nopenssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout proof.key -subj "/CN=${code.registration_code}" -out proof.csr\n` +
-    "openssl x509 -req -in proof.csr -CA ca.pem -CAkey ca.key -days 1 -out proof/verification.pem" }),
+  h("p.muted", { text: "Prove you hold the CA's key: sign a certificate whose common name is the registration code with it, on the machine that has the key. In a directory holding the CA's ca.pem and ca.key, run either of these; both write proof/verification.pem:" }),
+  ...verificationRecipe(code.registration_code),
   caPem.node, proofPem.node,
   h("label", {}, h("span", {}, activate, " Active at once")),
   h("label", {}, h("span", {}, auto, " Register the certificates it issued at their first connection (just-in-time)")),
@@ -583,12 +655,33 @@ async function truststore(name, params) {
     },
   }, bundle.node, err, h("button", { type: "submit", text: "Add version (it becomes the latest)" }));
   const certs = (v.bundle.match(/-----BEGIN CERTIFICATE-----/g) || []).length;
+  // The other versions' certificates, fetched when their section is opened.
+  const others = Array.from({ length: latest.version }, (_, i) => latest.version - i).filter((n) => n !== version).map((n) => {
+    const body = h("div", { id: `certificates-v${n}-body` }, h("p.muted", { text: "Loading…" }));
+    let loaded = false;
+    return h("details.version", {
+      id: `version-${n}`,
+      ontoggle: async (e) => {
+        if (!e.target.open || loaded) return;
+        loaded = true;
+        try {
+          const other = n === latest.version ? latest : await api("GET", `/v1/truststores/${encodeURIComponent(name)}/versions/${n}`);
+          body.replaceChildren(
+            h("p.muted", {}, `Made ${date(other.created_at)}; ${other.crls.length} CRLs. `,
+              h("a", { href: `#/truststores/${encodeURIComponent(name)}?version=${n}`, text: "Open this version (preview, activate again)" })),
+            truststoreCertificates(`certificates-v${n}`, other));
+        } catch (x) { loaded = false; body.replaceChildren(h("p.error", { text: x.message })); }
+      },
+    }, h("summary", { text: `Version ${n}` + (n === latest.version ? " (latest)" : "") }), body);
+  });
   show(
     h("p", {}, h("a", { href: "#/truststores", text: "← Truststores" })),
     h("h1", { text: `Truststore ${name}` }),
     h("p", {}, "Version ", h("select", { id: "version", onchange: (e) => { location.hash = `#/truststores/${encodeURIComponent(name)}?version=${e.target.value}`; } },
       Array.from({ length: latest.version }, (_, i) => i + 1).map((n) => h("option", { value: n, selected: n === version || undefined, text: n + (n === latest.version ? " (latest)" : "") }))),
     ` — ${certs} CA certificates, ${v.crls.length} CRLs, made ${date(v.created_at)}`),
+    h("h2", { text: `Certificates of version ${version}` }),
+    truststoreCertificates("truststore-certificates", v),
     h("h2", { text: "Warnings" }),
     v.warnings.length ? h("ul", { id: "warnings" }, v.warnings.map((w) => h("li", { text: w }))) : h("p.muted", { id: "warnings", text: "None." }),
     h("div.actions", {},
@@ -605,7 +698,22 @@ async function truststore(name, params) {
         text: `Activate version ${version} again`,
       })),
     previewOut,
+    others.length ? [h("h2", { text: "Other versions" }), h("div", { id: "other-versions" }, others)] : null,
     h("h2", { text: "Add a version" }), add);
+}
+
+// A truststore version's certificates (as the API decodes them: position, subject, issuer, role,
+// expiry, SHA-256 id; a duplicate is listed but not used).
+function truststoreCertificates(id, v) {
+  const list = v.certificates || [];
+  if (!v.certificates) return h("p.muted", { id, text: "This server does not list a version's certificates." });
+  return tableOf(id, ["#", "Subject", "Issuer", "Role", "Expires", "SHA-256 (id)"], list.map((c) => h("tr", {},
+    h("td", { text: c.index }),
+    h("td", { text: c.subject }),
+    h("td", { text: c.issuer }),
+    h("td", {}, h("span.tag", { text: c.role === "anchor" ? "anchor (root)" : c.role }), c.duplicate ? [" ", h("span.tag.dup", { text: "duplicate, not used" })] : null),
+    h("td", { text: when(c.not_after) }),
+    h("td.mono", { text: c.id }))), "No certificate could be read from this version's bundle.");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -791,12 +899,14 @@ function enroll() {
   const days = h("input", { name: "days", type: "number", min: 1, max: 3650, value: 365, size: 5 });
   const password = h("input", { name: "password", type: "password", required: true, minlength: 8, autocomplete: "new-password" });
   const origin = h("input", { name: "origin", value: "https://app.example.com", size: 28 });
+  const embed = h("input", { type: "checkbox", name: "embed_password" });
   const result = h("div", { id: "enrolled" });
   const form = h("form.inline", {
     onsubmit: async (e) => {
       e.preventDefault();
       try {
-        const r = await api("POST", "/v1/enrollments", { common_name: cn.value, days: Number(days.value), password: password.value });
+        const embedded = embed.checked;
+        const r = await api("POST", "/v1/enrollments", { common_name: cn.value, days: Number(days.value), password: password.value, embed_password: embedded });
         const f = r.files;
         const policy = JSON.stringify({ pattern: origin.value, filter: { ISSUER: { CN: r.issuer_cn || "" } } });
         const link = (id, file, type, text) => h("a", { id, ...download(file, type), text });
@@ -808,7 +918,9 @@ function enroll() {
             link("download-p12-legacy", f.p12_legacy, "application/x-pkcs12", "Download .p12 (legacy: macOS before 14, Windows 7)"),
             link("download-mobileconfig", f.mobileconfig, "application/x-apple-aspen-config", "Download .mobileconfig")),
           h("h2", { text: "macOS" }),
-          h("p", { text: "Push the .mobileconfig with your MDM, or open it and install it in System Settings → Privacy & Security → Profiles. It holds the certificate, its key (protected by the password, which the profile carries for a silent install: send it only through MDM) and the CA. By hand: Keychain Access → File → Import Items → the .p12 (legacy for macOS 13 and earlier), into the login keychain." }),
+          h("p", { text: "Push the .mobileconfig with your MDM, or open it and install it in System Settings → Privacy & Security → Profiles. It holds the certificate, its key " +
+            (embedded ? "(protected by the password, which the profile carries for a silent install: send it only through MDM)" : "(protected by the password, which is asked for at install unless your MDM supplies it)") +
+            " and the CA. By hand: Keychain Access → File → Import Items → the .p12 (legacy for macOS 13 and earlier), into the login keychain." }),
           h("h2", { text: "Windows" }),
           h("p", { text: "Open the .p12 and import it into Current User → Personal, or run: Import-PfxCertificate -FilePath " + f.p12.name + " -CertStoreLocation Cert:\\CurrentUser\\My -Password (Read-Host -AsSecureString)" }),
           h("h2", { text: "Chrome and Edge: pick the certificate without asking" }),
@@ -823,6 +935,7 @@ function enroll() {
   h("label", {}, "Days", days),
   h("label", {}, "Bundle password (8+ characters)", password),
   h("label", {}, "App URL (for the Chrome policy)", origin),
+  h("label", {}, h("span", {}, embed, " Write the password into the .mobileconfig (silent MDM install)")),
   h("button", { type: "submit", text: "Issue and package" }));
   show(
     h("h1", { text: "Enroll a device" }),
@@ -908,7 +1021,10 @@ async function start() {
     const s = await api("GET", "/ui/session");
     state.caller = s.caller; state.csrf = s.csrf;
     signedIn();
-  } catch (_) { /* the sign-in page is showing */ }
+  } catch (x) {
+    // A 401 has shown the sign-in page already; anything else must not leave "Loading…".
+    if (x.status !== 401) loginPage("Cannot reach the console's API: " + x.message);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", start);

@@ -1,12 +1,19 @@
 # Drives the web console in headless Chromium (Playwright, the system's /usr/bin/chromium):
 # sign in with a token, issue a certificate, revoke it with confirmation, find the revocation in
 # the audit log; hostile names stay text; forged or missing CSRF tokens change nothing; signing
-# out ends the session. Arguments: admin port, token, artifacts directory.
+# out ends the session; the signed-out page has no navigation, the navigation is one line at
+# 1280 px, a certificate is a readable card, a truststore version lists its certificates, and the
+# CA page's proof-of-possession recipes work as printed. Arguments: admin port, token, artifacts
+# directory, the portcullis binary, the gateway's port.
+import os
 import plistlib
+import re
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 
 from playwright.sync_api import expect, sync_playwright
 
@@ -36,8 +43,29 @@ with sync_playwright() as p:
         d.accept()
 
     page.on("dialog", on_dialog)
+
+    # Before any script runs, the page already hides the navigation and the sign-out button.
+    bare = browser.new_context(ignore_https_errors=True, java_script_enabled=False, viewport={"width": 1280, "height": 800})
+    bare_page = bare.new_page()
+    bare_page.goto(base + "/ui")
+    expect(bare_page.locator("header")).to_be_visible()
+    check(not bare_page.locator("#nav").is_visible() and not bare_page.locator("#logout").is_visible()
+          and bare_page.locator("#nav a:visible").count() == 0,
+          "without its script, the signed-out page shows no navigation")
+    bare.close()
+
     page.goto(base + "/ui")
     expect(page.locator("h1")).to_have_text("Sign in to Portcullis")
+
+    def signed_out_page_has_no_nav(when):
+        expect(page.locator("#nav")).to_be_hidden()
+        expect(page.locator("#logout")).to_be_hidden()
+        check(page.locator("#nav a:visible").count() == 0 and page.locator("#who").text_content() == "",
+              "the signed-out page shows no navigation, name or sign-out button (%s)" % when)
+
+    signed_out_page_has_no_nav("first visit")
+    expect(page.locator("#login-hint")).to_contain_text("portcullis admin token create --name NAME")
+    check(True, "the sign-in hint gives the real command (--name)")
     page.fill("input[name=token]", "pct_not_a_token")
     page.click("button[type=submit]")
     expect(page.locator("#login-error")).to_contain_text("not valid")
@@ -50,14 +78,44 @@ with sync_playwright() as p:
     check(len(cookie) == 1 and cookie[0]["httpOnly"] and cookie[0]["secure"] and cookie[0]["sameSite"] == "Strict",
           "session cookie is Secure, HttpOnly, SameSite=Strict: %r" % cookie)
 
+    # At 1280 px the navigation is one line: every link and the sign-out button on the same row,
+    # inside the window, and the header as tall as one line.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    expect(page.locator("#nav")).to_be_visible()
+    items = page.locator("#nav a").all() + [page.locator("#logout")]
+    boxes = [i.bounding_box() for i in items]
+    middles = [b["y"] + b["height"] / 2 for b in boxes]
+    header = page.locator("header").bounding_box()
+    check(len(boxes) >= 13 and max(middles) - min(middles) < 4 and header["height"] < 60
+          and all(b["x"] >= 0 and b["x"] + b["width"] <= 1280 for b in boxes),
+          "the navigation is one line at 1280 px (header %.0f px high, rows %r)" % (header["height"], sorted(set(round(m) for m in middles))))
+    page.screenshot(path=artifacts + "/console-nav-1280.png")
+    page.set_viewport_size({"width": 1280, "height": 860})
+
     # Register a CA with proof of possession: the page gives the code and the command.
     page.click("#nav >> text=CAs")
     expect(page.locator("h1")).to_have_text("Certificate authorities")
     code = page.locator("#registration-code").text_content()
     check(code in page.locator("#verification-command").text_content(), "the verification command names the code")
-    for key, out in [("rootb/ca.key", "proof"), ("int/ca.key", "wrong-proof")]:
-        subprocess.run([portcullis, "pki", "verification-cert", "--ca-cert", "rootb/ca.pem", "--ca-key", key,
-                        "--code", code, "--out", out], check=False, capture_output=True)
+    # Each recipe works as printed, pasted in a shell in an empty directory holding the CA's
+    # ca.pem and ca.key, and writes the file the register command names.
+    register = page.locator("#register-command").text_content()
+    named = re.search(r"--cert (\S+) --verification-cert (\S+)", register)
+    check(register.startswith("portcullis ca register ") and named is not None, "the register command: " + register)
+    made_by = {}
+    for recipe in ["#verification-command", "#verification-openssl"]:
+        text = page.locator(recipe).text_content()
+        check(code in text, "the recipe %s names the code" % recipe)
+        work = tempfile.mkdtemp(prefix="recipe-")
+        for f in ["ca.pem", "ca.key"]:
+            shutil.copy("rootb/" + f, os.path.join(work, f))
+        env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(portcullis)) + os.pathsep + os.environ.get("PATH", ""))
+        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=work, env=env, capture_output=True, text=True)
+        proof_file = os.path.join(work, named.group(2))
+        check(ran.returncode == 0 and os.path.exists(os.path.join(work, named.group(1))) and os.path.exists(proof_file),
+              "the recipe %s runs as printed and writes %s: %s" % (recipe, named.group(2), ran.stderr[-400:]))
+        made_by[recipe] = open(proof_file).read()
+        shutil.rmtree(work)
     made = subprocess.run([portcullis, "pki", "verification-cert", "--ca-cert", "int/ca.pem", "--ca-key", "int/ca.key",
                            "--code", code, "--out", "wrong-proof", "--force"], capture_output=True, text=True)
     check(made.returncode == 0, "a proof signed by another CA's key: " + made.stderr)
@@ -69,7 +127,8 @@ with sync_playwright() as p:
     page.click("text=Register CA")
     expect(page.locator("#ca-error")).to_contain_text("not JSON")
     page.fill("textarea[name=provisioning_template]", "")
-    page.fill("textarea[name=verification_certificate_pem]", open("proof/verification.pem").read())
+    # The proof made by the printed OpenSSL recipe is accepted.
+    page.fill("textarea[name=verification_certificate_pem]", made_by["#verification-openssl"])
     page.check("input[name=auto_registration]")
     page.click("text=Register CA")
     expect(page.locator("#cas")).to_contain_text("CN=Root B")
@@ -96,6 +155,17 @@ with sync_playwright() as p:
 
     page.click("#certificates >> text=CN=kiosk-7")
     expect(page.locator("h1")).to_have_text("CN=kiosk-7")
+    # The certificate is a readable card of its fields, not a JSON dump (the raw JSON, if any,
+    # stays in a closed <details>).
+    fields = page.locator("#certificate-fields")
+    expect(fields.locator("dt:text-is('Subject') + dd")).to_have_text("CN=kiosk-7")
+    for label in ["Status", "Issuer", "Serial", "Not before", "Not after", "Key", "Fingerprint (SHA-256)", "Certificate id"]:
+        expect(fields.locator("dt:text-is('%s')" % label)).to_be_visible()
+    expect(fields.locator("dt:text-is('Key') + dd")).to_contain_text("bits")
+    dumps = page.evaluate("""() => [...document.querySelectorAll('main pre')]
+        .filter(p => !p.closest('details:not([open])') && p.textContent.trim().startsWith('{')).length""")
+    raw_open = page.evaluate("() => [...document.querySelectorAll('main details')].some(d => d.open && d.textContent.includes('{'))")
+    check(dumps == 0 and not raw_open, "the certificate is shown as a card of fields, not as raw JSON")
     expect(page.locator("#decoded")).to_contain_text("clientAuth")
     expect(page.locator("#chain")).to_contain_text("CN=kiosk-7")
     page.click("#revoke")
@@ -141,6 +211,8 @@ with sync_playwright() as p:
     page.fill("input[name=common_name]", "laptop-0042")
     page.fill("input[name=password]", "mdm-secret-1")
     page.fill("input[name=origin]", "https://app.corp.test")
+    # The password goes into the profile only when asked (a silent MDM install).
+    page.check("input[name=embed_password]")
     page.click("text=Issue and package")
     expect(page.locator("#enrolled")).to_contain_text("CN=laptop-0042")
     files = {}
@@ -196,14 +268,24 @@ with sync_playwright() as p:
     page.click("text=Create truststore")
     expect(page.locator("h1")).to_have_text("Truststore partners")
     expect(page.locator("#version")).to_contain_text("1 (latest)")
+    expect(page.locator("#truststore-certificates tbody tr")).to_have_count(1)
+    expect(page.locator("#truststore-certificates")).to_contain_text("CN=Root B")
     page.fill("textarea[name=bundle_pem]", open("trust-a.pem").read())
     page.click("text=Add version (it becomes the latest)")
     expect(page.locator("#version")).to_contain_text("2 (latest)")
+    expect(page.locator("#truststore-certificates tbody tr")).to_have_count(2)
+    expect(page.locator("#truststore-certificates")).to_contain_text("Test Root")
+    expect(page.locator("#truststore-certificates")).to_contain_text("CN=int")
+    page.click("#version-1 > summary")
+    expect(page.locator("#certificates-v1")).to_contain_text("CN=Root B")
+    check(True, "a truststore version lists its certificates, and an earlier version's open on demand")
     page.click("#preview-button")
     expect(page.locator("#preview")).to_contain_text("certificates seen in the last 30 days")
     page.select_option("#version", "1")
     page.click("#activate-version")
     expect(page.locator("#version")).to_contain_text("3 (latest)")
+    expect(page.locator("#truststore-certificates tbody tr")).to_have_count(1)
+    expect(page.locator("#truststore-certificates")).to_contain_text("CN=Root B")
     check("1 CA certificates" in page.locator("main").text_content(), "version 1's CAs are live again as version 3")
     check(True, "truststore versions and the impact preview")
     page.click("#nav >> text=Domains")
@@ -299,8 +381,20 @@ with sync_playwright() as p:
     check(True, "the dashboard shows handshake failures by reason and requests by status")
     page.screenshot(path=artifacts + "/console-dashboard.png", full_page=True)
 
+    # A session that ends (here: its cookie is gone) takes the page back to the sign-in, without
+    # navigation; signing in again works.
+    ctx.clear_cookies()
+    page.click("#nav >> text=Things")
+    expect(page.locator("h1")).to_have_text("Sign in to Portcullis")
+    signed_out_page_has_no_nav("after a 401")
+    page.fill("input[name=token]", token)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Things")
+    expect(page.locator("#nav")).to_be_visible()
+
     page.click("#logout")
     expect(page.locator("h1")).to_have_text("Sign in to Portcullis")
+    signed_out_page_has_no_nav("after signing out")
     after = page.evaluate("async () => (await fetch('/v1/cas')).status")
     check(after == 401, "after signing out the API answers 401 (%r)" % after)
     browser.close()
