@@ -11,6 +11,20 @@ use hyper::{Method, Request, StatusCode, Version};
 
 use crate::identity::IdentityHeaders;
 
+/// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`, and `HTTP2-Settings`,
+/// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list.
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "http2-settings",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Forwarding headers: set by the gateway from the connection, never taken from the client
 /// (`X-Forwarded-For` is appended to, the others replaced).
 pub(crate) const FORWARDING: [&str; 4] = [
@@ -55,9 +69,7 @@ pub(crate) fn dropped(identity: &IdentityHeaders, underscores: bool, name: &str)
     }
     let folded = name.replace('_', "-");
     is_owned(identity, &folded)
-        || crate::proxy::HOP_BY_HOP
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(&folded))
+        || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(&folded))
         || METHOD_OVERRIDES
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&folded))

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::GatewayError;
 use crate::config::UpstreamTls;
 use crate::identity::IdentityBlock;
-use crate::inbound::{METHOD_OVERRIDES, WebSocket, websocket_accept};
+use crate::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::respond::{Body, error_response};
 
 /// A pooled HTTP/1.1 client: the shared one for `http://` upstreams, or one per `https://`
@@ -301,20 +301,6 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
-
-/// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`, and `HTTP2-Settings`,
-/// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list.
-pub(crate) const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "http2-settings",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// RFC 9110 7.6.1: hop-by-hop headers, and every header the Connection header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {

@@ -1030,18 +1030,22 @@ fn spki_of(
     Ok(rustls::pki_types::SubjectPublicKeyInfoDer::from(spki))
 }
 
-/// The TLS alert for a rejection: rustls maps these to certificate_expired, certificate_revoked,
-/// unknown_ca, bad_certificate, unsupported_certificate and access_denied.
+/// The rustls error that sends a rejection's TLS alert, as the pki crate chose it
+/// ([`RejectReason::tls_alert`]); exhaustive over the alerts.
 fn alert_for(reason: RejectReason) -> CertificateError {
-    match reason {
-        RejectReason::Expired => CertificateError::Expired,
-        RejectReason::NotYetValid => CertificateError::NotValidYet,
-        RejectReason::Revoked => CertificateError::Revoked,
-        RejectReason::UntrustedIssuer => CertificateError::UnknownIssuer,
-        RejectReason::BadSignature => CertificateError::BadSignature,
-        RejectReason::WrongUsage => CertificateError::InvalidPurpose,
-        RejectReason::Malformed => CertificateError::BadEncoding,
-        _ => CertificateError::ApplicationVerificationFailure,
+    use portcullis_pki::TlsAlert;
+    match reason.tls_alert() {
+        TlsAlert::CertificateExpired => CertificateError::Expired,
+        TlsAlert::CertificateRevoked => CertificateError::Revoked,
+        TlsAlert::UnknownCa => CertificateError::UnknownIssuer,
+        TlsAlert::DecryptError => CertificateError::BadSignature,
+        TlsAlert::UnsupportedCertificate => CertificateError::InvalidPurpose,
+        TlsAlert::BadCertificate => CertificateError::BadEncoding,
+        // rustls sends certificate_required itself when no certificate comes; a refusal for it
+        // here (a rule that wants one) is access_denied, as every other rule's.
+        TlsAlert::CertificateRequired | TlsAlert::AccessDenied => {
+            CertificateError::ApplicationVerificationFailure
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub use error::PkiError;
 pub use issue::{CaIssuer, IssueRequest, Profile, SubjectAltName, SubjectName};
 pub use key::{KeyType, PrivateKey};
 pub use truststore::Truststore;
-pub use verify::{RejectReason, Usage, Verdict, VerifyOptions, VerifyProfile};
+pub use verify::{RejectReason, TlsAlert, Usage, Verdict, VerifyOptions, VerifyProfile};
 
 /// Result type of this crate.
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;

@@ -181,7 +181,14 @@ fn value_text(attr: &AttributeTypeAndValue<'_>) -> String {
     }
     match attr.as_str() {
         Ok(s) => s.to_string(),
-        Err(_) => format!("#{}", crate::cert::hex(value.data, "")),
+        Err(_) => format!(
+            "#{}",
+            value
+                .data
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
     }
 }
 

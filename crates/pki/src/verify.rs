@@ -123,10 +123,73 @@ impl RejectReason {
         }
     }
 
+    /// The TLS alert a handshake refused for this reason ends with. Exhaustive: a new reason
+    /// must choose its alert here.
+    pub fn tls_alert(self) -> TlsAlert {
+        match self {
+            RejectReason::NoCertificate => TlsAlert::CertificateRequired,
+            RejectReason::Expired | RejectReason::NotYetValid => TlsAlert::CertificateExpired,
+            RejectReason::Revoked => TlsAlert::CertificateRevoked,
+            RejectReason::UntrustedIssuer => TlsAlert::UnknownCa,
+            RejectReason::BadSignature => TlsAlert::DecryptError,
+            RejectReason::WrongUsage => TlsAlert::UnsupportedCertificate,
+            RejectReason::Malformed => TlsAlert::BadCertificate,
+            RejectReason::ChainTooDeep
+            | RejectReason::NameConstraints
+            | RejectReason::UnsupportedAlgorithm
+            | RejectReason::CrlExpired
+            | RejectReason::CrlInvalid
+            | RejectReason::NameMismatch
+            | RejectReason::WeakKey
+            | RejectReason::Unregistered
+            | RejectReason::Inactive
+            | RejectReason::ProvisioningFailed
+            | RejectReason::AmbiguousSubject
+            | RejectReason::V1Intermediate => TlsAlert::AccessDenied,
+        }
+    }
+
     /// Whose fault the rejection is, for operators: all of these are the client's side except a
     /// stale or broken CRL, which is the operator's.
     pub fn is_operator_side(self) -> bool {
         matches!(self, RejectReason::CrlExpired | RejectReason::CrlInvalid)
+    }
+}
+
+/// A TLS alert that ends a refused handshake (RFC 8446 §6.2 names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsAlert {
+    /// `certificate_required`: no certificate was presented.
+    CertificateRequired,
+    /// `certificate_expired`: expired or not yet valid.
+    CertificateExpired,
+    /// `certificate_revoked`.
+    CertificateRevoked,
+    /// `unknown_ca`: no chain to a trusted CA.
+    UnknownCa,
+    /// `decrypt_error`: a signature does not verify.
+    DecryptError,
+    /// `unsupported_certificate`: not for this use.
+    UnsupportedCertificate,
+    /// `bad_certificate`: not valid X.509.
+    BadCertificate,
+    /// `access_denied`: valid, but refused by a rule (depth, algorithm, key, CRL, registry…).
+    AccessDenied,
+}
+
+impl TlsAlert {
+    /// The alert's name as RFC 8446 writes it (and openssl prints it, with spaces).
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsAlert::CertificateRequired => "certificate_required",
+            TlsAlert::CertificateExpired => "certificate_expired",
+            TlsAlert::CertificateRevoked => "certificate_revoked",
+            TlsAlert::UnknownCa => "unknown_ca",
+            TlsAlert::DecryptError => "decrypt_error",
+            TlsAlert::UnsupportedCertificate => "unsupported_certificate",
+            TlsAlert::BadCertificate => "bad_certificate",
+            TlsAlert::AccessDenied => "access_denied",
+        }
     }
 }
 
@@ -797,5 +860,27 @@ fn explain(
             R::Malformed,
             format!("'{subject}' or its chain is malformed ({other:?})"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/reject-reasons.md lists every code once, with the alert the code sends.
+    #[test]
+    fn the_reasons_table_names_every_code_and_its_alert() {
+        let doc = include_str!("../../../docs/reject-reasons.md");
+        for reason in RejectReason::ALL {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", reason.code())))
+                .unwrap_or_else(|| panic!("{reason} is not in docs/reject-reasons.md"));
+            assert!(
+                row.trim_end()
+                    .ends_with(&format!("| {} |", reason.tls_alert().name())),
+                "{reason}: the table says {row}"
+            );
+        }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod model;
+mod names;
 pub mod provisioning;
 pub mod store;
 pub mod webhooks;

@@ -20,7 +20,7 @@ use portcullis_policy::{Variables, canonical_variable, unknown_variable};
 use serde::{Deserialize, Serialize};
 
 use crate::RegistryError;
-use crate::model::check_name;
+use crate::names::check_name;
 
 /// A provisioning template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@ mod abuse;
 mod attacks;
 mod browser;
 mod control;
+mod layout;
 mod mqtt;
 mod nodes;
 mod pki;
