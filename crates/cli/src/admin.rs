@@ -271,6 +271,7 @@ impl Hooks for ServeHooks {
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {
         self.explainer.explain(
             &request.domain,
+            request.host.as_deref(),
             &request.method,
             &request.path,
             &request.chain,

@@ -628,6 +628,9 @@ pub struct ExplainArgs {
     /// The domain (SNI) the client connects to.
     #[arg(long)]
     domain: String,
+    /// The Host header, when it is not the domain.
+    #[arg(long)]
+    host: Option<String>,
     /// HTTP method.
     #[arg(long, default_value = "GET")]
     method: String,
@@ -2341,6 +2344,7 @@ async fn admin_cert(
 async fn explain(client: &AdminClient, out: &Printer, a: ExplainArgs) -> Result<ExitCode> {
     let body = json!({
         "domain": a.domain,
+        "host": a.host,
         "method": a.method,
         "path": a.path,
         "certificate_pem": pem_text(&a.cert, "certificate")?,

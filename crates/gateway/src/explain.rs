@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 
 use crate::State;
 use crate::config::{Authorization, MtlsMode, OnFailure};
+use crate::decide::Refusal;
+use crate::verify::ClientVerdict;
 
 /// Explains decisions on the gateway's current state.
 #[derive(Debug, Clone)]
@@ -27,17 +29,24 @@ impl Explainer {
     pub fn explain(
         &self,
         domain: &str,
+        host: Option<&str>,
         method: &str,
-        path: &str,
+        target: &str,
         chain: &[Certificate],
         profile: Option<portcullis_pki::VerifyProfile>,
     ) -> Result<Value, String> {
         let state = self.state.load();
-        let Some((d, via_default)) = state.select(Some(domain)) else {
+        let sni = domain.to_ascii_lowercase();
+        let Some((d, via_default)) = state.select(Some(&sni)) else {
             return Err(format!(
                 "no domain matches '{domain}' and there is no default endpoint: the handshake is refused (unknown-sni)"
             ));
         };
+        let domain_index = state
+            .domains
+            .iter()
+            .position(|x| std::ptr::eq(x, d))
+            .unwrap_or_default();
         let verifier = &d.tls.verifier;
         let (mode, on_failure) = verifier.mode();
         let mut trace = verifier.explain(chain, profile);
@@ -52,6 +61,11 @@ impl Explainer {
         } else {
             trace["registry"]["reason"].clone()
         };
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let host = crate::decide::normalize_host(host.unwrap_or(&sni));
         let route = crate::route::route(&d.config.mappings, path);
         let mapping = route.as_ref().map(|(m, rest)| {
             json!({
@@ -63,87 +77,122 @@ impl Explainer {
                 "authorization": if m.authorization == Authorization::Policy { "policy" } else { "none" },
             })
         });
-        let (decision, outcome, summary) = match (mode, certificate_ok, route) {
-            // A certificate was presented (explain always has one): with "aws" its refusal is a 403.
-            (MtlsMode::Required, false, _) if on_failure == OnFailure::Tls => (
+        // The verdict the connection would carry, as the handshake would leave it.
+        let verdict = if certificate_ok {
+            ClientVerdict::Valid(Arc::new(chain.to_vec()))
+        } else {
+            ClientVerdict::Rejected {
+                leaf: chain.first().cloned().map(Box::new),
+                reason: reason
+                    .as_str()
+                    .and_then(|code| {
+                        portcullis_pki::RejectReason::ALL
+                            .into_iter()
+                            .find(|r| r.code() == code)
+                    })
+                    .unwrap_or(portcullis_pki::RejectReason::UntrustedIssuer),
+                explanation: String::new(),
+            }
+        };
+        let (decision, outcome, summary) = if mode == MtlsMode::Required
+            && !certificate_ok
+            && on_failure == OnFailure::Tls
+        {
+            // A certificate was presented (explain always has one): with "aws" its refusal is
+            // a 403.
+            (
                 "deny",
                 json!({"tls_alert": true}),
                 format!(
                     "refused in the TLS handshake: {}",
                     reason.as_str().unwrap_or("rejected")
                 ),
-            ),
-            (_, _, None) => (
-                "deny",
-                json!({"http_status": 404, "code": "no-route"}),
-                format!("no mapping matches {path}: 404 no-route"),
-            ),
-            (mode, ok, Some((m, _)))
-                if !ok
-                    && (mode == MtlsMode::Required
-                        || (mode == MtlsMode::Optional && m.require_client_cert)) =>
+            )
+        } else {
+            let context = crate::decide::Context {
+                state: &state,
+                domain: domain_index,
+                via_default,
+                sni: (!via_default).then_some(sni.as_str()),
+                verdict: &verdict,
+                peer: std::net::IpAddr::from([127, 0, 0, 1]),
+            };
+            let asked = crate::decide::Asked {
+                method,
+                path,
+                query,
+                host: &host,
+                websocket: false,
+            };
+            // The policy trace, for the reader; the decision is admit's.
+            if let Some((m, _)) = &route
+                && m.authorization == Authorization::Policy
+                && let Ok(decoded) = crate::authorize::policy_path(path)
             {
-                (
-                    "deny",
-                    json!({"http_status": 403, "code": reason}),
-                    format!(
-                        "403: mapping '{}' needs a valid client certificate ({})",
-                        m.base_path,
-                        reason.as_str().unwrap_or("rejected")
-                    ),
-                )
-            }
-            (_, ok, Some((m, rest))) => {
-                let forwarded = (
-                    "allow",
-                    json!({"forwarded_to": format!("{}{}", m.upstream.to_string().trim_end_matches('/'), rest)}),
-                    format!("allowed: forwarded to mapping '{}'", m.base_path),
-                );
-                if m.authorization != Authorization::Policy {
-                    forwarded
+                let leaf = if certificate_ok { chain.first() } else { None };
+                let hostname = d.config.hostname.to_string();
+                let route_host = if via_default {
+                    hostname.clone()
                 } else {
-                    match crate::authorize::policy_path(path) {
-                        Err(why) => (
-                            "deny",
-                            json!({"http_status": 400, "code": "ambiguous-path"}),
-                            format!(
-                                "400: the path holds {why}, which policy-authorized routes refuse"
-                            ),
+                    host.clone()
+                };
+                trace["policy"] = verifier.registry_snapshot().policies().explain(
+                    leaf,
+                    &hostname,
+                    &format!("http:{method}"),
+                    &format!("route:{route_host}{decoded}"),
+                );
+            }
+            match crate::decide::admit(&context, &asked) {
+                Ok(admitted) => {
+                    let m = &d.config.mappings[admitted.index];
+                    let policy = if m.authorization == Authorization::Policy {
+                        format!(
+                            " ({})",
+                            trace["policy"]["reason"].as_str().unwrap_or_default()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    (
+                        "allow",
+                        json!({"forwarded_to": format!("{}{}", m.upstream.to_string().trim_end_matches('/'), admitted.rest)}),
+                        format!("allowed: forwarded to mapping '{}'{policy}", m.base_path),
+                    )
+                }
+                Err((refusal, index)) => {
+                    let (status, code) = refusal.answer(&verdict);
+                    let mapping_name = index
+                        .map(|i| d.config.mappings[i].base_path.clone())
+                        .unwrap_or_default();
+                    let summary = match &refusal {
+                        Refusal::Misdirected => format!(
+                            "421: the Host '{host}' names another domain than the one this connection was made for"
                         ),
-                        Ok(decoded) => {
-                            let leaf = if ok { chain.first() } else { None };
-                            let hostname = d.config.hostname.to_string();
-                            // As the data path does: the Host (= SNI) on a wildcard domain,
-                            // the configured name otherwise.
-                            let host = if !via_default && hostname.starts_with("*.") {
-                                domain.to_ascii_lowercase()
-                            } else {
-                                hostname.clone()
-                            };
-                            let policy = verifier.registry_snapshot().policies().explain(
-                                leaf,
-                                &hostname,
-                                &format!("http:{method}"),
-                                &format!("route:{host}{decoded}"),
-                            );
-                            let allowed = policy["decision"] == "allow";
-                            let reason = policy["reason"].as_str().unwrap_or_default().to_string();
-                            trace["policy"] = policy;
-                            if allowed {
-                                (
-                                    forwarded.0,
-                                    forwarded.1,
-                                    format!("{} ({reason})", forwarded.2),
-                                )
-                            } else {
-                                (
-                                    "deny",
-                                    json!({"http_status": 403, "code": "policy-denied"}),
-                                    format!("403 policy-denied: {reason}"),
-                                )
-                            }
+                        Refusal::HttpsPublish => format!(
+                            "{path} is an HTTPS publish to MQTT subscribers, decided by mqtt:Publish policies"
+                        ),
+                        Refusal::AmbiguousPath(why) => format!("400 ambiguous-path: {why}"),
+                        Refusal::NoRoute => format!("no mapping matches {path}: 404 no-route"),
+                        Refusal::NeedsCertificate => format!(
+                            "403: mapping '{mapping_name}' needs a valid client certificate ({code})"
+                        ),
+                        Refusal::NoHost => "400: policy-authorized routes need a Host".to_string(),
+                        Refusal::PolicyDenied(reason) => format!("403 policy-denied: {reason}"),
+                        Refusal::UpgradeNotAllowed => {
+                            "400: this mapping does not tunnel WebSocket connections".to_string()
                         }
-                    }
+                    };
+                    let decision = if matches!(refusal, Refusal::HttpsPublish) {
+                        "https-publish"
+                    } else {
+                        "deny"
+                    };
+                    (
+                        decision,
+                        json!({"http_status": status.as_u16(), "code": code}),
+                        summary,
+                    )
                 }
             }
         };
@@ -153,7 +202,7 @@ impl Explainer {
             "mtls_mode": format!("{mode:?}").to_ascii_lowercase(),
             "on_failure": format!("{on_failure:?}").to_ascii_lowercase(),
         });
-        trace["request"] = json!({"method": method, "path": path});
+        trace["request"] = json!({"method": method, "path": target, "host": host});
         trace["mapping"] = mapping.unwrap_or(Value::Null);
         trace["decision"] = json!(decision);
         trace["outcome"] = outcome;

@@ -27,8 +27,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{Mapping, ResponseHeaders};
+use crate::decide::normalize_host;
 use crate::inbound::HOP_BY_HOP;
-use crate::listen::{AccessLog, ConnectionContext, admit, normalize_host};
+use crate::listen::{AccessLog, ConnectionContext, admit};
 use crate::respond::error_parts;
 
 /// Header lines per message at most (hyper's default too); more goes to the hyper path.

@@ -18,6 +18,7 @@
 
 pub mod authorize;
 pub mod config;
+mod decide;
 pub mod echo;
 pub mod explain;
 mod fast;

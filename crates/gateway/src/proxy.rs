@@ -114,9 +114,9 @@ impl Forwarding {
 }
 
 impl Forwarding {
-    /// Whether `host` (normalised) is the connection's SNI name.
-    pub(crate) fn is_sni(&self, host: &str) -> bool {
-        self.host.as_ref().is_some_and(|(sni, _, _)| sni == host)
+    /// The SNI the connection was made for.
+    pub(crate) fn sni(&self) -> Option<&str> {
+        self.host.as_ref().map(|(sni, _, _)| sni.as_str())
     }
 
     /// The forwarding headers as HTTP/1.1 lines, as `add_forwarding` sets them: the client

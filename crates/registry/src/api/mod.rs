@@ -106,6 +106,8 @@ pub type HookFuture<'a, T> =
 pub struct ExplainRequest {
     /// The domain (SNI).
     pub domain: String,
+    /// The Host header, when it differs from the SNI.
+    pub host: Option<String>,
     /// The HTTP method.
     pub method: String,
     /// The request path.
@@ -1598,6 +1600,8 @@ async fn delete_token(
 #[serde(deny_unknown_fields)]
 struct Explain {
     domain: String,
+    /// The Host header (default: the domain).
+    host: Option<String>,
     #[serde(default = "default_method")]
     method: String,
     #[serde(default = "default_path")]
@@ -1631,6 +1635,7 @@ async fn explain(State(api): State<Api>, Body(req): Body<Explain>) -> ApiResult 
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let request = ExplainRequest {
         domain: req.domain.to_ascii_lowercase(),
+        host: req.host.map(|h| h.to_ascii_lowercase()),
         method: req.method.to_ascii_uppercase(),
         path: req.path,
         chain,

@@ -445,7 +445,8 @@ fn schemas() -> Value {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},
         "Explain": {"type": "object", "required": ["domain", "certificate_pem"], "additionalProperties": false, "properties": {
-            "domain": s("string"), "method": s("string"), "path": s("string"), "certificate_pem": s("string"),
+            "domain": s("string"), "host": {"type": "string", "description": "The Host header (default: the domain)"},
+            "method": s("string"), "path": s("string"), "certificate_pem": s("string"),
             "profile": {"enum": ["compatible", "strict"]}}},
     })
 }

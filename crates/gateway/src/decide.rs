@@ -1,0 +1,249 @@
+//! The one decision on an HTTP request: Host, path, mapping, certificate requirement, upgrade,
+//! policy. The HTTP/1.1 fast path, the hyper path and `explain` all call [`admit`], so what
+//! `explain` says is what the gateway does. Pure: it reads the state generation and the
+//! connection's verdict, and never blocks or does I/O.
+
+use std::net::IpAddr;
+
+use hyper::StatusCode;
+
+use crate::config::{Authorization, MtlsMode};
+use crate::verify::ClientVerdict;
+use crate::{DomainState, State, authorize, route};
+
+/// What the decision needs of the connection.
+pub(crate) struct Context<'a> {
+    /// The state generation the connection started with.
+    pub(crate) state: &'a State,
+    /// Its domain, by index.
+    pub(crate) domain: usize,
+    /// Whether the default endpoint took it (no domain matched the SNI).
+    pub(crate) via_default: bool,
+    /// The SNI it was made for, lower-case.
+    pub(crate) sni: Option<&'a str>,
+    /// The certificate's verdict.
+    pub(crate) verdict: &'a ClientVerdict,
+    /// The client's address (policies' `aws:SourceIp`).
+    pub(crate) peer: IpAddr,
+}
+
+/// What a request asks.
+#[derive(Clone, Copy)]
+pub(crate) struct Asked<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) query: Option<&'a str>,
+    /// The Host (or :authority), lower-case, without port; empty when there is none.
+    pub(crate) host: &'a str,
+    /// The request asks to become a WebSocket tunnel.
+    pub(crate) websocket: bool,
+}
+
+/// Why a request is not forwarded.
+pub(crate) enum Refusal {
+    /// The Host header names another domain (421).
+    Misdirected,
+    /// HTTPS publish (`/topics/…`), answered by the gateway.
+    HttpsPublish,
+    /// The path means two things (400); the explanation.
+    AmbiguousPath(String),
+    /// No mapping matches (404).
+    NoRoute,
+    /// The mapping needs a valid client certificate (403).
+    NeedsCertificate,
+    /// A policy route without a Host header (400).
+    NoHost,
+    /// The policies refuse (403); their reason.
+    PolicyDenied(String),
+    /// A WebSocket upgrade on a mapping that does not tunnel them (400).
+    UpgradeNotAllowed,
+}
+
+/// A request admitted to a mapping: its index, the path the upstream sees, and whether the
+/// client's Host is the one forwarded (`X-Forwarded-Host`) or the domain's own name.
+pub(crate) struct Admitted {
+    pub(crate) index: usize,
+    pub(crate) rest: String,
+    pub(crate) client_host: bool,
+}
+
+impl Admitted {
+    /// The host forwarded upstream: the client's when it named this domain, else the domain's.
+    pub(crate) fn forwarded_host<'a>(
+        &self,
+        host: &'a str,
+        domain: &DomainState,
+    ) -> std::borrow::Cow<'a, str> {
+        if self.client_host {
+            std::borrow::Cow::Borrowed(host)
+        } else {
+            std::borrow::Cow::Owned(domain.config.hostname.to_string())
+        }
+    }
+}
+
+impl Refusal {
+    /// The status and code the gateway answers with; `NeedsCertificate` answers 403 with the
+    /// verdict's reason (`no-certificate` when none was presented).
+    pub(crate) fn answer(&self, verdict: &ClientVerdict) -> (StatusCode, String) {
+        match self {
+            Refusal::Misdirected => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected-request".into(),
+            ),
+            Refusal::HttpsPublish => (StatusCode::OK, "https-publish".into()),
+            Refusal::AmbiguousPath(_) => (StatusCode::BAD_REQUEST, "ambiguous-path".into()),
+            Refusal::NoRoute => (StatusCode::NOT_FOUND, "no-route".into()),
+            Refusal::NeedsCertificate => (
+                StatusCode::FORBIDDEN,
+                match verdict {
+                    ClientVerdict::Rejected { reason, .. } => reason.code().to_string(),
+                    _ => "no-certificate".into(),
+                },
+            ),
+            Refusal::NoHost => (StatusCode::BAD_REQUEST, "no-host".into()),
+            Refusal::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy-denied".into()),
+            Refusal::UpgradeNotAllowed => (StatusCode::BAD_REQUEST, "upgrade-refused".into()),
+        }
+    }
+}
+
+/// Routes and authorizes a request on a connection: the one decision the fast path, the hyper
+/// path and `explain` take. On refusal, the mapping it was routed to (if any), for the metrics
+/// and the log.
+pub(crate) fn admit(
+    ctx: &Context<'_>,
+    asked: &Asked<'_>,
+) -> Result<Admitted, (Refusal, Option<usize>)> {
+    let Asked {
+        method,
+        path,
+        query,
+        host,
+        websocket,
+    } = *asked;
+    let domain: &DomainState = &ctx.state.domains[ctx.domain];
+    // The Host must name the domain this connection was made for, resolved as SNI is (exact
+    // names before wildcards): a browser coalescing connections, or a client choosing another
+    // domain's truststore by SNI, gets 421. The default endpoint serves hosts that name no
+    // domain, under the default domain's own name.
+    let client_host = if host.is_empty() {
+        false
+    } else if !ctx.via_default && ctx.sni == Some(host) {
+        true
+    } else {
+        match ctx.state.domain_for(host) {
+            Some(i) if i == ctx.domain => true,
+            None if ctx.via_default => false,
+            _ => return Err((Refusal::Misdirected, None)),
+        }
+    };
+    if domain.config.mqtt.https_publish && path.starts_with("/topics/") {
+        return Err((Refusal::HttpsPublish, None));
+    }
+    // The path must mean one thing: upstreams resolve dot-segments, decode escapes and more, so
+    // a path that routes differently once read that way is refused on every domain. Domains
+    // with policy-authorized mappings refuse every ambiguous spelling, since policies decide on
+    // the decoded path.
+    let mappings = &domain.config.mappings;
+    let policy_domain = mappings
+        .iter()
+        .any(|m| m.authorization == Authorization::Policy);
+    let decoded = if policy_domain {
+        match authorize::policy_path(path) {
+            Ok(decoded) => Some(decoded),
+            Err(why) => {
+                return Err((
+                    Refusal::AmbiguousPath(format!(
+                        "the path holds {why}, which this domain refuses"
+                    )),
+                    None,
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let Some((mapping, rest)) = route::route(mappings, path) else {
+        return Err((Refusal::NoRoute, None));
+    };
+    let index = mappings
+        .iter()
+        .position(|m| std::ptr::eq(m, mapping))
+        .unwrap_or_default();
+    let refuse = |r: Refusal| Err((r, Some(index)));
+    if let Err(why) = route::check_reading(path, mapping, mappings) {
+        return refuse(Refusal::AmbiguousPath(format!(
+            "the path holds {why}, which this domain refuses"
+        )));
+    }
+    if let Some(decoded) = &decoded
+        && !route::route(mappings, decoded).is_some_and(|(m, _)| std::ptr::eq(m, mapping))
+    {
+        return refuse(Refusal::AmbiguousPath(
+            "the path routes to another mapping once percent-decoded".into(),
+        ));
+    }
+    let mode = domain.config.mtls.mode;
+    let needs_cert =
+        mode == MtlsMode::Required || (mode == MtlsMode::Optional && mapping.require_client_cert);
+    if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
+        return refuse(Refusal::NeedsCertificate);
+    }
+    if websocket && !mapping.websocket {
+        return refuse(Refusal::UpgradeNotAllowed);
+    }
+    if mapping.authorization == Authorization::Policy {
+        // Frameworks (Rails, Laravel, Express) run `_method=DELETE` in the query as a DELETE,
+        // while policies decide on the request's own method.
+        let overrides = |p: &str| {
+            let key = p.split('=').next().unwrap_or_default();
+            key == "_method" || authorize::percent_decode(key).as_deref() == Some("_method")
+        };
+        if query.is_some_and(|q| q.split('&').any(overrides)) {
+            return refuse(Refusal::AmbiguousPath(
+                "a _method query parameter (a method override), which policy-authorized routes refuse"
+                    .into(),
+            ));
+        }
+        let decoded = decoded.unwrap_or_default();
+        let leaf = match ctx.verdict {
+            ClientVerdict::Valid(chain) => chain.first(),
+            _ => None,
+        };
+        let route_host = if ctx.via_default {
+            domain.config.hostname.to_string()
+        } else if host.is_empty() {
+            // HTTP/1.0 without Host: policies name hosts, so refuse rather than guess.
+            return refuse(Refusal::NoHost);
+        } else {
+            host.to_string()
+        };
+        let decision = domain.tls.verifier.registry_snapshot().policies().decide(
+            leaf,
+            &domain.config.hostname.to_string(),
+            &format!("http:{method}"),
+            &format!("route:{route_host}{decoded}"),
+            ctx.peer,
+        );
+        if !decision.allowed {
+            return refuse(Refusal::PolicyDenied(decision.reason));
+        }
+    }
+    Ok(Admitted {
+        index,
+        rest,
+        client_host,
+    })
+}
+
+/// A host as routing compares it: lower-case, without port or IPv6 brackets.
+pub(crate) fn normalize_host(text: &str) -> String {
+    let host = match text.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => text,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // An absolute name (`a.test.`) is the same host.
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
