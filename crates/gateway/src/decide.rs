@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use hyper::StatusCode;
 
 use crate::config::{Authorization, MtlsMode};
-use crate::verify::ClientVerdict;
+use crate::verdict::ClientVerdict;
 use crate::{DomainState, State, authorize, route};
 
 /// What the decision needs of the connection.

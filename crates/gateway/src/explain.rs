@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::State;
 use crate::config::{Authorization, MtlsMode, OnFailure};
 use crate::decide::Refusal;
-use crate::verify::ClientVerdict;
+use crate::verdict::ClientVerdict;
 
 /// Explains decisions on the gateway's current state.
 #[derive(Debug, Clone)]

@@ -26,10 +26,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::access_log::AccessLog;
 use crate::config::{Mapping, ResponseHeaders};
+use crate::context::{ConnectionContext, admit, limit_reached};
 use crate::decide::normalize_host;
 use crate::inbound::HOP_BY_HOP;
-use crate::listen::{AccessLog, ConnectionContext, admit};
 use crate::respond::error_parts;
 
 /// Header lines per message at most (hyper's default too); more goes to the hyper path.
@@ -306,7 +307,7 @@ where
                     // A partial head that did not finish in time (slow clients); an idle
                     // keep-alive connection ending is not a limit reached.
                     if !idle {
-                        crate::listen::limit_reached("request_header_timeout");
+                        limit_reached("request_header_timeout");
                     }
                     return Outcome::Closed;
                 }

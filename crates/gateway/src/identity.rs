@@ -12,7 +12,7 @@ use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
 use crate::GatewayError;
-use crate::verify::ClientVerdict;
+use crate::verdict::ClientVerdict;
 
 /// Header name prefixes that only the gateway may set, whatever the configuration.
 const RESERVED_PREFIXES: [&str; 3] = ["client-cert", "x-client-cert", "x-forwarded-client-cert"];

@@ -16,8 +16,10 @@
 //! needs is in an immutable [`State`] snapshot, swapped atomically on reload.
 #![forbid(unsafe_code)]
 
+mod access_log;
 pub mod authorize;
 pub mod config;
+mod context;
 mod decide;
 pub mod echo;
 pub mod explain;
@@ -32,6 +34,7 @@ mod recheck;
 mod respond;
 mod route;
 mod tls;
+mod verdict;
 pub mod verify;
 
 use std::net::SocketAddr;

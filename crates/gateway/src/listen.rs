@@ -25,8 +25,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::access_log::AccessLog;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
-use crate::decide::{self, Admitted, Refusal, normalize_host};
+use crate::context::{ConnectionContext, admit, limit_reached};
+use crate::decide::{Refusal, normalize_host};
 use crate::identity::IdentityBlock;
 use crate::proxy::{Forwarding, Origin, Outgoing, TunnelSlot, UpstreamClient, forward};
 use crate::recheck::{Admission, Closed};
@@ -363,38 +365,6 @@ pub(crate) async fn accept_loop(
         while connections.join_next().await.is_some() {}
     })
     .await;
-}
-
-/// What a request handler knows about its connection.
-pub(crate) struct ConnectionContext {
-    pub(crate) state: Arc<State>,
-    pub(crate) domain: usize,
-    pub(crate) via_default: bool,
-    pub(crate) peer: SocketAddr,
-    pub(crate) verdict: ClientVerdict,
-    /// The identity headers every request of this connection carries upstream.
-    pub(crate) identity: IdentityBlock,
-    /// The forwarding header values of this connection.
-    pub(crate) forwarding: Forwarding,
-    pub(crate) client: UpstreamClient,
-    /// The MQTT broker, for HTTPS publish.
-    pub(crate) broker: Arc<Broker>,
-    /// A WebSocket tunnel the last request opened, for the connection's task to run.
-    pub(crate) tunnel: TunnelSlot,
-}
-
-impl ConnectionContext {
-    /// What [`decide::admit`] needs of this connection.
-    pub(crate) fn decision_context(&self) -> decide::Context<'_> {
-        decide::Context {
-            state: &self.state,
-            domain: self.domain,
-            via_default: self.via_default,
-            sni: self.forwarding.sni(),
-            verdict: &self.verdict,
-            peer: self.peer.ip(),
-        }
-    }
 }
 
 /// What a listener serves after the handshake.
@@ -912,12 +882,6 @@ fn log_closed(peer: SocketAddr, domain: &str, closed: &Closed) {
     );
 }
 
-/// A configured limit refused, delayed or cut off a client (`portcullis_limit_reached_total`;
-/// the configured values are `portcullis_limit`).
-pub(crate) fn limit_reached(limit: &'static str) {
-    metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
-}
-
 fn count_handshake(domain: &str, result: &'static str, reason: &str) {
     metrics::counter!(
         "portcullis_handshakes_total",
@@ -1017,27 +981,6 @@ fn log_failed_handshake(
         client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
         "TLS handshake failed"
     );
-}
-
-/// Routes and authorizes a request of `ctx`'s connection: [`decide::admit`].
-pub(crate) fn admit(
-    ctx: &ConnectionContext,
-    method: &str,
-    path: &str,
-    query: Option<&str>,
-    host: &str,
-    websocket: bool,
-) -> Result<Admitted, (Refusal, Option<usize>)> {
-    decide::admit(
-        &ctx.decision_context(),
-        &decide::Asked {
-            method,
-            path,
-            query,
-            host,
-            websocket,
-        },
-    )
 }
 
 async fn request(mut req: Request<Incoming>, ctx: Arc<ConnectionContext>) -> Response<Body> {
@@ -1234,45 +1177,6 @@ fn finish(
             log: Some(log),
         })
     })
-}
-
-/// What the access-log line of one request says, less the byte count.
-pub(crate) struct AccessLog {
-    pub(crate) ctx: Arc<ConnectionContext>,
-    pub(crate) mapping: String,
-    pub(crate) method: hyper::Method,
-    pub(crate) path: String,
-    pub(crate) status: u16,
-    /// Why an authorization refused the request.
-    pub(crate) denied: Option<String>,
-    pub(crate) headers_ms: f64,
-    pub(crate) started: Instant,
-}
-
-impl AccessLog {
-    pub(crate) fn emit(self, bytes: u64, complete: bool) {
-        let ctx = &self.ctx;
-        let leaf = ctx.verdict.leaf().map(|c| c.info());
-        tracing::info!(
-            target: "portcullis::access",
-            peer = %ctx.peer,
-            domain = %ctx.state.domains[ctx.domain].config.hostname,
-            mapping = %self.mapping,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            headers_ms = self.headers_ms,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            response_bytes = bytes,
-            complete,
-            client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
-            client_serial = leaf.map(|l| l.serial.as_str()).unwrap_or(""),
-            client_fingerprint = leaf.map(|l| l.id.as_str()).unwrap_or(""),
-            verify = %ctx.verdict.status(),
-            denied = self.denied.as_deref().unwrap_or(""),
-            "request"
-        );
-    }
 }
 
 /// A response body that counts what it sends and writes the access line at its end.

@@ -287,7 +287,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         Protocol::V311 => PERSISTENT_SESSION,
     };
     let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
-    let handle = c.broker.connect(
+    let mut handle = c.broker.connect(
         &client_id,
         connect.clean_start,
         expiry,
@@ -312,8 +312,12 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         properties,
     });
     if send(&mut tls, protocol, &ack).await.is_err() {
-        c.broker
-            .disconnected(&client_id, handle.generation, Vec::new());
+        c.broker.disconnected(
+            &client_id,
+            handle.generation,
+            std::mem::take(&mut handle.pending),
+            Some(&mut handle.outbound),
+        );
         return;
     }
     metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
@@ -617,8 +621,12 @@ impl Session<'_> {
             })
             .collect();
         keep.extend(self.backlog.drain(..));
-        c.broker
-            .disconnected(&self.client_id, handle.generation, keep);
+        c.broker.disconnected(
+            &self.client_id,
+            handle.generation,
+            keep,
+            Some(&mut handle.outbound),
+        );
         let (result, why) = match &end {
             End::Client { .. } => ("disconnected", "the client disconnected".to_string()),
             End::Lost => ("lost", "the network connection closed".to_string()),

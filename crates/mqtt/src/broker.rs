@@ -409,8 +409,17 @@ impl Broker {
     }
 
     /// The connection ended. QoS 1 messages it had not seen acknowledged go back to the front
-    /// of the queue; a session without expiry ends here.
-    pub fn disconnected(&self, client_id: &str, generation: u64, unacknowledged: Vec<Message>) {
+    /// of the queue, followed by those still in its channel (`outbound`: routed to it but not
+    /// taken yet, drained under the lock that stops new ones); a session without expiry ends
+    /// here.
+    pub fn disconnected(
+        &self,
+        client_id: &str,
+        generation: u64,
+        unacknowledged: Vec<Message>,
+        outbound: Option<&mut mpsc::Receiver<Outbound>>,
+    ) {
+        let mut unacknowledged = unacknowledged;
         let mut state = self.lock();
         let Some(session) = state
             .sessions
@@ -420,6 +429,17 @@ impl Broker {
             return;
         };
         session.online = None;
+        // Publishers route under this lock: with `online` gone, nothing more enters the
+        // channel, so what it holds now is all that was acknowledged to them and not yet sent.
+        if let Some(outbound) = outbound {
+            while let Ok(out) = outbound.try_recv() {
+                if let Outbound::Deliver(m) = out
+                    && m.qos != QoS::AtMostOnce
+                {
+                    unacknowledged.push(*m);
+                }
+            }
+        }
         if session.expiry.is_zero() {
             remove_session(&mut state, client_id);
             return;
@@ -667,6 +687,32 @@ mod tests {
     }
 
     #[test]
+    fn messages_routed_to_a_closing_connection_go_back_to_its_session() {
+        let b = Broker::new(Limits::default());
+        let mut a = b.connect("a", true, Duration::from_secs(3600), everything(), "a");
+        b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
+        // Routed into the connection's channel while it was closing, never written.
+        assert_eq!(
+            b.publish(msg("q/1", QoS::AtLeastOnce, false), None)
+                .delivered,
+            1
+        );
+        assert_eq!(
+            b.publish(msg("q/0", QoS::AtMostOnce, false), None)
+                .delivered,
+            1
+        );
+        b.disconnected("a", a.generation, Vec::new(), Some(&mut a.outbound));
+        let resumed = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
+        let topics: Vec<&str> = resumed.pending.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["q/1"],
+            "the QoS 1 message is kept, the QoS 0 one is not"
+        );
+    }
+
+    #[test]
     fn persistent_sessions_queue_qos1_while_offline_and_resume() {
         let b = Broker::new(Limits {
             max_queued: 2,
@@ -678,6 +724,7 @@ mod tests {
             "a",
             a.generation,
             vec![msg("q/unacked", QoS::AtLeastOnce, false)],
+            None,
         );
         let r = b.publish(msg("q/1", QoS::AtLeastOnce, false), None);
         assert_eq!(r.queued, 1);
@@ -705,19 +752,19 @@ mod tests {
         let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
         b.subscribe("dev", a.generation, "secret/#", sub(QoS::AtLeastOnce))
             .unwrap();
-        b.disconnected("dev", a.generation, Vec::new());
+        b.disconnected("dev", a.generation, Vec::new(), None);
         b.publish(msg("secret/1", QoS::AtLeastOnce, false), None);
         // Another certificate takes the client id over: nothing of the first session.
         let other = b.connect("dev", false, hour, everything(), "CN=mallory (bbbb)");
         assert!(!other.session_present);
         assert!(other.pending.is_empty());
         b.publish(msg("secret/2", QoS::AtLeastOnce, false), None);
-        b.disconnected("dev", other.generation, Vec::new());
+        b.disconnected("dev", other.generation, Vec::new(), None);
         // The same certificate resumes, but only with what its policies let it receive now.
         let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
         b.subscribe("dev", a.generation, "#", sub(QoS::AtLeastOnce))
             .unwrap();
-        b.disconnected("dev", a.generation, Vec::new());
+        b.disconnected("dev", a.generation, Vec::new(), None);
         b.publish(msg("secret/3", QoS::AtLeastOnce, false), None);
         b.publish(msg("public/4", QoS::AtLeastOnce, false), None);
         let again = b.connect(
@@ -741,9 +788,9 @@ mod tests {
         assert!(matches!(first.outbound.try_recv(), Ok(Outbound::TakenOver)));
         assert!(second.session_present);
         // The first connection's late disconnect does not touch the second's session.
-        b.disconnected("dup", first.generation, Vec::new());
+        b.disconnected("dup", first.generation, Vec::new(), None);
         assert!(b.sessions()[0].online);
-        b.disconnected("dup", second.generation, Vec::new());
+        b.disconnected("dup", second.generation, Vec::new(), None);
         assert!(b.sessions().is_empty(), "expiry zero: gone at disconnect");
         assert_eq!(
             b.publish(msg("t", QoS::AtMostOnce, false), None).delivered,

@@ -18,8 +18,8 @@ use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::cert::Certificate;
+use crate::outcome::{RejectReason, Usage, Verdict, VerifyOptions};
 use crate::truststore::Truststore;
-use crate::verify::{RejectReason, Usage, Verdict, VerifyOptions};
 
 /// Verifies a presented certificate that is byte-identical to a truststore certificate.
 pub(crate) fn verify_pinned(leaf: &Certificate, opts: &VerifyOptions, now: i64) -> Verdict {

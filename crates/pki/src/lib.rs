@@ -30,6 +30,7 @@ pub mod issue;
 pub mod key;
 mod legacy;
 mod name;
+mod outcome;
 pub mod p12;
 pub mod pem;
 mod profile_check;

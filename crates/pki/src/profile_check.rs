@@ -10,7 +10,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
 use crate::cert::{Certificate, KeyInfo};
-use crate::verify::{RejectReason, Usage, VerifyProfile};
+use crate::outcome::{RejectReason, Usage, VerifyProfile};
 
 /// Where a certificate sits in the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,7 @@ use serde::Serialize;
 use crate::cert::Certificate;
 use crate::{PkiError, Result};
 
-/// Most CA levels (root + intermediates) a chain may have by default, as API Gateway.
-pub const DEFAULT_MAX_DEPTH: u8 = 4;
+pub use crate::outcome::DEFAULT_MAX_DEPTH;
 
 /// Largest total size of CA names in a CertificateRequest before clients start failing.
 pub const MAX_ADVERTISED_NAMES_BYTES: usize = 16 * 1024;
@@ -332,8 +331,8 @@ fn lint(entry: &mut Entry, now: i64) {
 /// the same checks `verify` runs on a path: accepted by both (nothing to say), by the
 /// compatible profile only (an accommodation, named), or by neither.
 fn profile_finding(entry: &Entry) -> Option<(&'static str, String)> {
+    use crate::outcome::{Usage, VerifyProfile};
     use crate::profile_check::{Role, check};
-    use crate::verify::{Usage, VerifyProfile};
     let cert = &entry.certificate;
     let info = cert.info();
     if entry.pinned_leaf() {

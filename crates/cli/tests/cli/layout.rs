@@ -9,16 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Cycles (as the sorted set of their modules) that predate this check, per crate.
-const KNOWN: &[(&str, &[&str])] = &[
-    ("cli", &["admin", "config", "serve"]),
-    ("gateway", &["config", "identity", "verify"]),
-    ("gateway", &["fast", "listen"]),
-    (
-        "mqtt",
-        &["codec::decode", "codec::encode", "codec::properties"],
-    ),
-    ("pki", &["legacy", "profile_check", "truststore", "verify"]),
-];
+const KNOWN: &[(&str, &[&str])] = &[("cli", &["admin", "config", "serve"])];
 
 /// Module path (`api::console`) → file, for every module of a crate but its root.
 fn modules(src: &Path) -> BTreeMap<String, PathBuf> {

@@ -4,6 +4,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::properties;
+use super::wire::{cannot_encode, put_binary, put_string, put_varint};
 use super::{
     AckProperties, Auth, AuthProperties, CodecError, ConnAck, Connect, Disconnect,
     DisconnectProperties, Kind, MAX_REMAINING_LENGTH, Packet, Protocol, PubAck, Publish, QoS,
@@ -297,45 +298,4 @@ fn put_packet_id(out: &mut BytesMut, id: u16) -> Result<(), CodecError> {
     }
     out.put_u16(id);
     Ok(())
-}
-
-pub(super) fn put_varint(out: &mut BytesMut, value: usize, what: &str) -> Result<(), CodecError> {
-    if value > MAX_REMAINING_LENGTH {
-        return Err(cannot_encode(format!(
-            "{what} {value} is over the variable byte integer limit of {MAX_REMAINING_LENGTH}"
-        )));
-    }
-    let mut value = value;
-    loop {
-        // Seven bits at a time: the cast keeps exactly them.
-        let mut byte = (value & 0x7F) as u8;
-        value >>= 7;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if value == 0 {
-            return Ok(());
-        }
-    }
-}
-
-pub(super) fn put_string(out: &mut BytesMut, s: &str, what: &str) -> Result<(), CodecError> {
-    put_binary(out, s.as_bytes(), what)
-}
-
-pub(super) fn put_binary(out: &mut BytesMut, data: &[u8], what: &str) -> Result<(), CodecError> {
-    let Ok(length) = u16::try_from(data.len()) else {
-        return Err(cannot_encode(format!(
-            "{what} of {} bytes is over the MQTT limit of 65535",
-            data.len()
-        )));
-    };
-    out.put_u16(length);
-    out.extend_from_slice(data);
-    Ok(())
-}
-
-pub(super) fn cannot_encode(detail: impl Into<String>) -> CodecError {
-    CodecError::CannotEncode(detail.into())
 }

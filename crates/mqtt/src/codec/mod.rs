@@ -32,6 +32,7 @@ mod encode;
 mod packet;
 mod properties;
 pub mod reason;
+mod wire;
 
 pub use packet::{
     AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect, ConnectProperties,

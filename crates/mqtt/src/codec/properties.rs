@@ -3,8 +3,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::decode::{Reader, check_topic_name, malformed, protocol_error};
-use super::encode::{cannot_encode, put_binary, put_string, put_varint};
+use super::wire::{
+    Reader, cannot_encode, check_topic_name, malformed, protocol_error, put_binary, put_string,
+    put_varint,
+};
 use super::{
     AckProperties, AuthProperties, CodecError, ConnAckProperties, ConnectProperties,
     DisconnectProperties, PublishProperties, QoS, SubscribeProperties, UnsubscribeProperties,

@@ -1,0 +1,72 @@
+//! What a request handler knows about its connection, and the counters of limits reached:
+//! shared by the HTTP/1.1 fast path and the hyper path (which live in `fast` and `listen`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use portcullis_mqtt::broker::Broker;
+
+use crate::State;
+use crate::decide::{self, Admitted, Refusal};
+use crate::identity::IdentityBlock;
+use crate::proxy::{Forwarding, TunnelSlot, UpstreamClient};
+use crate::verdict::ClientVerdict;
+
+/// What a request handler knows about its connection.
+pub(crate) struct ConnectionContext {
+    pub(crate) state: Arc<State>,
+    pub(crate) domain: usize,
+    pub(crate) via_default: bool,
+    pub(crate) peer: SocketAddr,
+    pub(crate) verdict: ClientVerdict,
+    /// The identity headers every request of this connection carries upstream.
+    pub(crate) identity: IdentityBlock,
+    /// The forwarding header values of this connection.
+    pub(crate) forwarding: Forwarding,
+    pub(crate) client: UpstreamClient,
+    /// The MQTT broker, for HTTPS publish.
+    pub(crate) broker: Arc<Broker>,
+    /// A WebSocket tunnel the last request opened, for the connection's task to run.
+    pub(crate) tunnel: TunnelSlot,
+}
+
+impl ConnectionContext {
+    /// What [`decide::admit`] needs of this connection.
+    pub(crate) fn decision_context(&self) -> decide::Context<'_> {
+        decide::Context {
+            state: &self.state,
+            domain: self.domain,
+            via_default: self.via_default,
+            sni: self.forwarding.sni(),
+            verdict: &self.verdict,
+            peer: self.peer.ip(),
+        }
+    }
+}
+
+/// Routes and authorizes a request of `ctx`'s connection: [`decide::admit`].
+pub(crate) fn admit(
+    ctx: &ConnectionContext,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    host: &str,
+    websocket: bool,
+) -> Result<Admitted, (Refusal, Option<usize>)> {
+    decide::admit(
+        &ctx.decision_context(),
+        &decide::Asked {
+            method,
+            path,
+            query,
+            host,
+            websocket,
+        },
+    )
+}
+
+/// A configured limit refused, delayed or cut off a client (`portcullis_limit_reached_total`;
+/// the configured values are `portcullis_limit`).
+pub(crate) fn limit_reached(limit: &'static str) {
+    metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
+}
