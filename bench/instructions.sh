@@ -25,9 +25,9 @@ for tool in valgrind curl; do
   command -v "$tool" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null; }
 done
 cargo build --release -q
-cargo build --release -q -p portcullis --example bench_tools
+cargo build --release -q -p portcullis-bench
 pc="$root/target/release/portcullis"
-tools="$root/target/release/examples/bench_tools"
+tools="$root/target/release/bench_tools"
 work="$(mktemp -d)"
 pids=()
 cleanup() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Portcullis vs Mosquitto as mutual-TLS MQTT brokers, side by side: the same certificates, the
-# same load generator (crates/cli/examples/mqtt_load.rs), the broker pinned to CPU 0 and the load
+# same load generator (crates/bench/src/bin/mqtt_load.rs), the broker pinned to CPU 0 and the load
 # to CPU 1.
 #
 #   bench/mqtt-vs-mosquitto.sh [SECONDS] [IDLE_CONNECTIONS]     (defaults: 5 s, 10000)
@@ -22,9 +22,9 @@ if ! command -v mosquitto >/dev/null 2>&1; then
 fi
 mosq="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 cargo build --release -q
-cargo build --release -q -p portcullis --example mqtt_load
+cargo build --release -q -p portcullis-bench
 pc="$root/target/release/portcullis"
-load="$root/target/release/examples/mqtt_load"
+load="$root/target/release/mqtt_load"
 ulimit -n "$(ulimit -Hn)"
 
 work="$(mktemp -d)"

@@ -5,7 +5,7 @@
 #
 # 1. Bulk registration through the admin API: `portcullis cert register --bulk` of 20,000
 #    certificate files into a fresh gateway (batches of 250, two in flight).
-# 2. crates/cli/examples/registry_scale.rs fills a registry with CERTIFICATES certificates and
+# 2. crates/bench/src/bin/registry_scale.rs fills a registry with CERTIFICATES certificates and
 #    prints the in-process insert rate, the snapshot's load time and memory, a status lookup and
 #    an incremental update.
 # 3. `portcullis serve` in registered mode on that registry and on one with 10 certificates:
@@ -22,9 +22,9 @@ root="$(pwd)"
 . bench/lib.sh
 require_oha
 cargo build --release -q
-cargo build --release -q -p portcullis --example registry_scale
+cargo build --release -q -p portcullis-bench
 pc="$root/target/release/portcullis"
-scale="$root/target/release/examples/registry_scale"
+scale="$root/target/release/registry_scale"
 
 work="$(mktemp -d)"
 # serve() runs in subshells (process substitution), so gateways leave their pids in files.

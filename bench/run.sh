@@ -9,7 +9,7 @@
 # groups of rows.
 #
 # Servers: nginx, HAProxy and Caddy (Debian packages), Portcullis, and a bare rustls server
-# (crates/cli/examples/bench_tools.rs: handshake, then a fixed answer, nothing else) as the
+# (crates/bench/src/bin/bench_tools.rs: handshake, then a fixed answer, nothing else) as the
 # ceiling. Same certificates (one ECDSA P-256 root, an ECDSA P-256 server certificate, ECDSA P-256
 # and RSA-2048 client certificates), same upstream (an nginx answering `ok`), same load generator
 # (oha). Every proxy verifies the client chain, proxies over pooled keep-alive connections and
@@ -43,10 +43,10 @@ fi
 . bench/lib.sh
 require_oha
 cargo build --release -q
-cargo build --release -q -p portcullis --example bench_tools --example registry_scale
+cargo build --release -q -p portcullis-bench
 pc="$root/target/release/portcullis"
-tools="$root/target/release/examples/bench_tools"
-scale="$root/target/release/examples/registry_scale"
+tools="$root/target/release/bench_tools"
+scale="$root/target/release/registry_scale"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 work="$(mktemp -d)"

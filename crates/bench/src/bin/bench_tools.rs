@@ -1,4 +1,4 @@
-//! Helpers for `bench/run.sh`, one program so the benchmark builds one example:
+//! Helpers for `bench/run.sh` and `bench/instructions.sh`, in one program:
 //!
 //!   bench_tools cas N OUT
 //!       N self-signed ECDSA P-256 CA certificates in one PEM file (a large truststore).
