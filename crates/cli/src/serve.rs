@@ -768,31 +768,22 @@ async fn incremental_snapshot(
     let mut ids: Vec<String> = Vec::new();
     let (mut cas, mut policies, mut rules) = (false, false, false);
     for (_, action, target) in &changes {
-        if action.starts_with("certificate.") {
+        // A change this node does not know (a newer node wrote it): read everything again.
+        let Some(action) = portcullis_registry::AuditAction::parse(action) else {
+            return Ok(None);
+        };
+        let effects = action.effects();
+        if effects.certificate_status {
             ids.push(target.clone());
         }
-        if action.starts_with("webhook.") {
-            rules = true;
-        }
+        rules |= effects.rules;
         // Statuses of many certificates at once (a CA deactivated with --revoke-issued writes
         // one entry per certificate, so these are covered too).
-        if action.starts_with("ca.") {
-            cas = true;
-            policies = true;
-        }
+        cas |= effects.cas;
         // What applies to a certificate: its things, its CA (linked at registration, used when
         // a CA has policies), and the domain's attachments (removed with the domain).
-        if action.starts_with("policy.")
-            || action.starts_with("thing.")
-            || action.starts_with("domain.")
-            || matches!(
-                action.as_str(),
-                "certificate.provision" | "certificate.delete"
-            )
-            || (action == "certificate.register" && current.has_ca_policies())
-        {
-            policies = true;
-        }
+        policies |=
+            effects.policies || (effects.policies_if_ca_policies && current.has_ca_policies());
     }
     ids.sort();
     ids.dedup();

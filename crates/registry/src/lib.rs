@@ -13,12 +13,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod model;
 mod names;
 pub mod provisioning;
 pub mod store;
 pub mod webhooks;
 
+pub use audit::{AuditAction, Effects};
 pub use model::{
     AdminCertRecord, Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus,
     DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord,

@@ -6,6 +6,7 @@ use sqlx::Row;
 
 use super::{Store, audit, conflict_or, now, with_pool};
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::{AdminCertRecord, AuditEntry, DomainRecord, TokenRecord};
 use portcullis_pki::Certificate;
 
@@ -51,7 +52,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let after = serde_json::json!({"id": record.id, "name": record.name}).to_string();
-            audit(&mut *tx, actor, "token.create", &record.id, None, Some(&after)).await?;
+            audit(&mut *tx, actor, AuditAction::TokenCreate, &record.id, None, Some(&after)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -107,7 +108,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let after = serde_json::json!({"subject": info.subject}).to_string();
-            audit(&mut *tx, actor, "admin.certificate.issue", &info.id, None, Some(&after)).await?;
+            audit(&mut *tx, actor, AuditAction::AdminCertificateIssue, &info.id, None, Some(&after)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })
@@ -134,7 +135,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let after = serde_json::json!({"subject": subject, "status": "REVOKED"}).to_string();
-            audit(&mut *tx, actor, "admin.certificate.revoke", id, None, Some(&after)).await?;
+            audit(&mut *tx, actor, AuditAction::AdminCertificateRevoke, id, None, Some(&after)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })
@@ -201,7 +202,7 @@ impl Store {
             if done.rows_affected() != 1 {
                 return Err(RegistryError::NotFound(format!("token {id}")));
             }
-            audit(&mut *tx, actor, "token.delete", id, None, None).await?;
+            audit(&mut *tx, actor, AuditAction::TokenDelete, id, None, None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -261,7 +262,7 @@ impl Store {
                 };
                 if done == 1 {
                     let b = before.as_ref().map(|d| d.spec.to_string());
-                    audit(&mut *tx, actor, if before.is_some() { "domain.update" } else { "domain.create" }, hostname, b.as_deref(), Some(&spec_text)).await?;
+                    audit(&mut *tx, actor, if before.is_some() { AuditAction::DomainUpdate } else { AuditAction::DomainCreate }, hostname, b.as_deref(), Some(&spec_text)).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -331,7 +332,7 @@ impl Store {
                 .bind(hostname)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, "domain.delete", hostname, Some(&before.spec.to_string()), None).await?;
+            audit(&mut *tx, actor, AuditAction::DomainDelete, hostname, Some(&before.spec.to_string()), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -362,7 +363,7 @@ impl Store {
                     .bind(now())
                     .execute(&mut *tx)
                     .await?;
-                audit(&mut *tx, actor, "domain.create", hostname, None, Some(&spec)).await?;
+                audit(&mut *tx, actor, AuditAction::DomainCreate, hostname, None, Some(&spec)).await?;
             }
             tx.commit().await?;
             Ok(true)
@@ -385,7 +386,11 @@ impl Store {
     /// instead).
     pub async fn config_marker(&self) -> Result<i64, RegistryError> {
         with_pool!(self, pool => {
-            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS marker FROM audit WHERE action LIKE 'domain.%' OR action LIKE 'truststore.%' OR action LIKE 'ca.%'")
+            let sql = format!(
+                "SELECT COALESCE(MAX(seq), 0) AS marker FROM audit WHERE action IN ({})",
+                AuditAction::configuration_names_sql()
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .fetch_one(pool)
                 .await?;
             Ok(row.try_get::<i64, _>("marker")?)

@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 };
 
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::{CaRecord, CaStatus, CertId, CertRecord, CertStatus};
 use crate::provisioning::ProvisioningTemplate;
 
@@ -313,7 +314,7 @@ impl Store {
             if let Err(e) = inserted {
                 return Err(conflict_or(e, format!("CA {id} is already registered")));
             }
-            audit(&mut *tx, actor, "ca.register", id.as_str(), None, after.as_deref()).await?;
+            audit(&mut *tx, actor, AuditAction::CaRegister, id.as_str(), None, after.as_deref()).await?;
             tx.commit().await?;
             Ok(record)
         })
@@ -383,7 +384,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 1 {
-                    audit(&mut *tx, actor, "ca.update", id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    audit(&mut *tx, actor, AuditAction::CaUpdate, id.as_str(), b.as_deref(), a.as_deref()).await?;
                     let mut revoked = 0;
                     if update.revoke_issued {
                         // The statuses before, then the update; the audit entries (and webhook
@@ -418,7 +419,7 @@ impl Store {
                             })
                             .collect();
                         revoked = u64::try_from(entries.len()).unwrap_or(u64::MAX);
-                        audit_many(&mut *tx, actor, "certificate.status", &entries).await?;
+                        audit_many(&mut *tx, actor, AuditAction::CertificateStatus, &entries).await?;
                     }
                     tx.commit().await?;
                     Some(revoked)
@@ -523,7 +524,7 @@ impl Store {
                         *slot = Err(RegistryError::Conflict(format!("certificate {id} is already registered")));
                     }
                 }
-                audit_many(&mut *tx, actor, "certificate.register", &entries).await?;
+                audit_many(&mut *tx, actor, AuditAction::CertificateRegister, &entries).await?;
             }
             tx.commit().await?;
             Ok::<(), RegistryError>(())
@@ -642,7 +643,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 1 {
-                    audit(&mut *tx, actor, "certificate.status", id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    audit(&mut *tx, actor, AuditAction::CertificateStatus, id.as_str(), b.as_deref(), a.as_deref()).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -674,7 +675,7 @@ impl Store {
                 return Err(RegistryError::Conflict(format!("certificate {id} changed while being deleted; try again")));
             }
             sqlx::query("DELETE FROM policy_attachments WHERE target_type = 'certificate' AND target = $1").bind(id.as_str()).execute(&mut *tx).await?;
-            audit(&mut *tx, actor, "certificate.delete", id.as_str(), b.as_deref(), None).await?;
+            audit(&mut *tx, actor, AuditAction::CertificateDelete, id.as_str(), b.as_deref(), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -796,7 +797,7 @@ impl Store {
 pub(crate) async fn audit<C, DB>(
     conn: &mut C,
     actor: &str,
-    action: &str,
+    action: AuditAction,
     target: &str,
     before: Option<&str>,
     after: Option<&str>,
@@ -815,7 +816,7 @@ where
     sqlx::query("INSERT INTO audit (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(at)
         .bind(actor)
-        .bind(action)
+        .bind(action.as_str())
         .bind(target)
         .bind(before)
         .bind(after)
@@ -824,7 +825,7 @@ where
     // Every node LISTENs: the notification is delivered at commit, in commit order, so a node
     // refreshes even when a change with a smaller sequence number commits after a larger one.
     if DB::NAME == "PostgreSQL" {
-        let class = if action.starts_with("domain.") || action.starts_with("truststore.") {
+        let class = if action.effects().configuration {
             "config"
         } else {
             "registry"
@@ -936,7 +937,7 @@ pub(crate) fn summary_cert(c: &CertRecord) -> serde_json::Value {
 pub(crate) async fn audit_many<C, DB>(
     conn: &mut C,
     actor: &str,
-    action: &str,
+    action: AuditAction,
     entries: &[(String, Option<String>, String)],
 ) -> Result<(), sqlx::Error>
 where
@@ -976,7 +977,7 @@ where
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(at)
             .bind(actor)
-            .bind(action);
+            .bind(action.as_str());
         for (target, before, after) in chunk {
             query = query
                 .bind(target.clone())

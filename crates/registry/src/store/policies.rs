@@ -8,6 +8,7 @@ use sqlx::Row;
 
 use super::{Store, audit, conflict_or, now, with_pool};
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::{CertId, PolicyRecord, PolicyTarget, PolicyVersion, TargetType, check_name};
 
 /// How many versions of a policy are kept (IoT Core's limit).
@@ -77,7 +78,7 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, "policy.create", name, None, Some(&document)).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyCreate, name, None, Some(&document)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -123,7 +124,7 @@ impl Store {
                             .execute(&mut *tx)
                             .await?;
                         let after = serde_json::json!({"version": version, "default": set_default, "document": serde_json::from_str::<serde_json::Value>(&document).unwrap_or_default()}).to_string();
-                        audit(&mut *tx, actor, "policy.version", name, None, Some(&after)).await?;
+                        audit(&mut *tx, actor, AuditAction::PolicyVersion, name, None, Some(&after)).await?;
                         tx.commit().await?;
                         true
                     }
@@ -159,7 +160,7 @@ impl Store {
             if done.rows_affected() != 1 {
                 return Err(RegistryError::Conflict(format!("policy '{name}' changed meanwhile; retry")));
             }
-            audit(&mut *tx, actor, "policy.default", name, Some(&before.default_version.to_string()), Some(&version.to_string())).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyDefault, name, Some(&before.default_version.to_string()), Some(&version.to_string())).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -195,7 +196,7 @@ impl Store {
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, "policy.delete-version", name, Some(&version.to_string()), None).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyDeleteVersion, name, Some(&version.to_string()), None).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -289,7 +290,7 @@ impl Store {
                     targets.join(", ")
                 )));
             }
-            audit(&mut *tx, actor, "policy.delete", name, Some(&before.document.to_string()), None).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyDelete, name, Some(&before.document.to_string()), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -317,7 +318,7 @@ impl Store {
                 return Err(conflict_or(e, format!("policy '{name}' is attached to {} {} already", target.target_type.as_str(), target.target)));
             }
             let what = format!("{}:{}", target.target_type.as_str(), target.target);
-            audit(&mut *tx, actor, "policy.attach", name, None, Some(&what)).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyAttach, name, None, Some(&what)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -344,7 +345,7 @@ impl Store {
                 return Err(RegistryError::NotFound(format!("attachment of policy '{name}' to {} {}", target.target_type.as_str(), target.target)));
             }
             let what = format!("{}:{}", target.target_type.as_str(), target.target);
-            audit(&mut *tx, actor, "policy.detach", name, Some(&what), None).await?;
+            audit(&mut *tx, actor, AuditAction::PolicyDetach, name, Some(&what), None).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;

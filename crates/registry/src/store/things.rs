@@ -8,6 +8,7 @@ use sqlx::Row;
 
 use super::{Store, audit, conflict_or, now, summary_cert, with_pool};
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::{Attachment, CertId, CertRecord, CertStatus, Thing, check_name};
 use crate::provisioning::Provisioned;
 
@@ -47,7 +48,7 @@ impl Store {
             if let Err(e) = inserted {
                 return Err(conflict_or(e, format!("thing '{name}' exists already")));
             }
-            audit(&mut *tx, actor, "thing.create", name, None, Some(&json)).await?;
+            audit(&mut *tx, actor, AuditAction::ThingCreate, name, None, Some(&json)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -143,7 +144,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 if done.rows_affected() == 1 {
-                    audit(&mut *tx, actor, "thing.update", name, Some(&b), Some(&a)).await?;
+                    audit(&mut *tx, actor, AuditAction::ThingUpdate, name, Some(&b), Some(&a)).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -182,7 +183,7 @@ impl Store {
             // A thing made later under the same name must not inherit its policies.
             sqlx::query("DELETE FROM policy_attachments WHERE target_type = 'thing' AND target = $1").bind(name).execute(&mut *tx).await?;
             let b = attributes_json(&before.attributes)?;
-            audit(&mut *tx, actor, "thing.delete", name, Some(&b), None).await?;
+            audit(&mut *tx, actor, AuditAction::ThingDelete, name, Some(&b), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -235,7 +236,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             let after = serde_json::json!({"certificate_id": certificate, "exclusive": exclusive}).to_string();
-            audit(&mut *tx, actor, "thing.attach", thing, None, Some(&after)).await?;
+            audit(&mut *tx, actor, AuditAction::ThingAttach, thing, None, Some(&after)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -259,7 +260,7 @@ impl Store {
                 return Err(RegistryError::NotFound(format!("certificate {certificate} attached to thing '{thing}'")));
             }
             let before = serde_json::json!({"certificate_id": certificate}).to_string();
-            audit(&mut *tx, actor, "thing.detach", thing, Some(&before), None).await?;
+            audit(&mut *tx, actor, AuditAction::ThingDetach, thing, Some(&before), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -327,7 +328,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if created.rows_affected() == 1 {
-                audit(&mut *tx, actor, "thing.create", thing, None, Some(&attributes)).await?;
+                audit(&mut *tx, actor, AuditAction::ThingCreate, thing, None, Some(&attributes)).await?;
             } else if !provisioned.join_existing_thing {
                 tx.rollback().await?;
                 let why = format!(
@@ -336,7 +337,7 @@ impl Store {
                 // The refusal is recorded, in a transaction of its own.
                 let mut tx = pool.begin().await?;
                 let refused = serde_json::json!({"thing": thing, "reason": why}).to_string();
-                audit(&mut *tx, actor, "certificate.provision-refused", id.as_str(), None, Some(&refused)).await?;
+                audit(&mut *tx, actor, AuditAction::CertificateProvisionRefused, id.as_str(), None, Some(&refused)).await?;
                 tx.commit().await?;
                 return Err(RegistryError::Invalid(why));
             }
@@ -348,8 +349,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let attached = serde_json::json!({"certificate_id": id, "exclusive": provisioned.exclusive}).to_string();
-            audit(&mut *tx, actor, "thing.attach", thing, None, Some(&attached)).await?;
-            audit(&mut *tx, actor, "certificate.provision", id.as_str(), None, summary.as_deref()).await?;
+            audit(&mut *tx, actor, AuditAction::ThingAttach, thing, None, Some(&attached)).await?;
+            audit(&mut *tx, actor, AuditAction::CertificateProvision, id.as_str(), None, summary.as_deref()).await?;
             tx.commit().await?;
             Ok(record)
         })

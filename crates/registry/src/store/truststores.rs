@@ -6,6 +6,7 @@ use sqlx::Row;
 
 use super::{Store, audit, now, with_pool};
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::{TruststoreVersion, check_name};
 
 /// The largest bundle or CRL set stored (bytes of PEM).
@@ -96,7 +97,7 @@ impl Store {
                 .await?;
                 if done.rows_affected() == 1 {
                     let after = serde_json::json!({"version": version, "warnings": warnings.len(), "crls": crls.len()}).to_string();
-                    audit(&mut *tx, actor, if version == 1 { "truststore.create" } else { "truststore.version" }, name, None, Some(&after)).await?;
+                    audit(&mut *tx, actor, if version == 1 { AuditAction::TruststoreCreate } else { AuditAction::TruststoreVersion }, name, None, Some(&after)).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -166,7 +167,7 @@ impl Store {
                 return Err(RegistryError::NotFound(format!("truststore '{name}'")));
             }
             let before = serde_json::json!({"versions": gone.rows_affected()}).to_string();
-            audit(&mut *tx, actor, "truststore.delete", name, Some(&before), None).await?;
+            audit(&mut *tx, actor, AuditAction::TruststoreDelete, name, Some(&before), None).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -10,6 +10,7 @@ use sqlx::Row;
 use super::admin::random_hex;
 use super::{Store, audit, conflict_or, now, with_pool};
 use crate::RegistryError;
+use crate::audit::AuditAction;
 use crate::model::check_name;
 
 /// Every event a webhook can subscribe to.
@@ -36,7 +37,7 @@ const LEASE_SECONDS: i64 = 120;
 
 /// The webhook event a change amounts to, if any.
 pub(crate) fn event_of(
-    action: &str,
+    action: AuditAction,
     before: Option<&str>,
     after: Option<&str>,
 ) -> Option<&'static str> {
@@ -44,18 +45,45 @@ pub(crate) fn event_of(
         text.and_then(|t| serde_json::from_str::<Value>(t).ok())
             .and_then(|v| v["status"].as_str().map(str::to_string))
     };
+    use AuditAction as A;
     match action {
-        "certificate.register" => Some(if status(after).as_deref() == Some("PENDING_ACTIVATION") {
+        A::CertificateRegister => Some(if status(after).as_deref() == Some("PENDING_ACTIVATION") {
             "certificate.pending_activation"
         } else {
             "certificate.registered"
         }),
-        "certificate.provision" => Some("certificate.registered"),
-        "certificate.status" => Some("certificate.status_changed"),
-        "ca.register" => Some("ca.registered"),
-        "ca.update" if status(before) != status(after) => Some("ca.status_changed"),
-        "truststore.create" | "truststore.version" => Some("truststore.version_added"),
-        _ => None,
+        A::CertificateProvision => Some("certificate.registered"),
+        A::CertificateStatus => Some("certificate.status_changed"),
+        A::CaRegister => Some("ca.registered"),
+        A::CaUpdate if status(before) != status(after) => Some("ca.status_changed"),
+        A::TruststoreCreate | A::TruststoreVersion => Some("truststore.version_added"),
+        A::CaUpdate
+        | A::CertificateDelete
+        | A::CertificateProvisionRefused
+        | A::ThingCreate
+        | A::ThingUpdate
+        | A::ThingDelete
+        | A::ThingAttach
+        | A::ThingDetach
+        | A::PolicyCreate
+        | A::PolicyVersion
+        | A::PolicyDefault
+        | A::PolicyDeleteVersion
+        | A::PolicyDelete
+        | A::PolicyAttach
+        | A::PolicyDetach
+        | A::WebhookCreate
+        | A::WebhookUpdate
+        | A::WebhookDelete
+        | A::WebhookReplay
+        | A::TokenCreate
+        | A::TokenDelete
+        | A::AdminCertificateIssue
+        | A::AdminCertificateRevoke
+        | A::DomainCreate
+        | A::DomainUpdate
+        | A::DomainDelete
+        | A::TruststoreDelete => None,
     }
 }
 
@@ -358,7 +386,7 @@ impl Store {
                 return Err(conflict_or(e, format!("webhook '{name}' exists already")));
             }
             let after = json!({"name": name, "url": url, "events": events}).to_string();
-            audit(&mut *tx, actor, "webhook.create", &id, None, Some(&after)).await?;
+            audit(&mut *tx, actor, AuditAction::WebhookCreate, &id, None, Some(&after)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
@@ -428,7 +456,7 @@ impl Store {
                 if done.rows_affected() == 1 {
                     let b = json!({"url": before.url, "events": before.events, "enabled": before.enabled, "expiring_days": before.expiring_days}).to_string();
                     let a = json!({"url": url, "events": events, "enabled": enabled, "expiring_days": days}).to_string();
-                    audit(&mut *tx, actor, "webhook.update", &before.id, Some(&b), Some(&a)).await?;
+                    audit(&mut *tx, actor, AuditAction::WebhookUpdate, &before.id, Some(&b), Some(&a)).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -453,7 +481,7 @@ impl Store {
                 return Err(RegistryError::NotFound(format!("webhook '{id_or_name}'")));
             }
             let b = json!({"name": before.name, "url": before.url}).to_string();
-            audit(&mut *tx, actor, "webhook.delete", &before.id, Some(&b), None).await?;
+            audit(&mut *tx, actor, AuditAction::WebhookDelete, &before.id, Some(&b), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -728,7 +756,7 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, "webhook.replay", &original.webhook_id, Some(id), Some(&new_id)).await?;
+            audit(&mut *tx, actor, AuditAction::WebhookReplay, &original.webhook_id, Some(id), Some(&new_id)).await?;
             tx.commit().await?;
             Ok::<(), RegistryError>(())
         })?;
