@@ -1,19 +1,31 @@
 //! The Portcullis data path: mutual-TLS termination by SNI, client-certificate verification,
-//! base-path routing, proxying, identity headers and logs.
+//! base-path routing, proxying, identity headers and logs, and the MQTT endpoint's connections.
 //!
 //! Modules in the order a connection meets them:
 //!
-//! - [`listen`]: accepts TCP connections, reads the ClientHello, picks the domain by SNI;
+//! - [`listen`]: accept loops (bound, changed and stopped by reloads), the ClientHello, the
+//!   domain by SNI, the handshake, then HTTP/1.1 (fast path first) or HTTP/2 or MQTT;
 //! - `tls`: the domain's rustls configuration (policy, suites, session cache per generation);
-//! - [`verify`]: the client-certificate verifier, on the pki crate's `verify`;
-//! - `route`: base path → mapping, longest prefix;
-//! - `proxy`: streaming to the upstream, forwarding headers;
-//! - `identity`: the verified identity as headers, inbound copies stripped;
-//! - access and connection logs are `tracing` events with targets `portcullis::access` and
-//!   `portcullis::connection`.
+//! - [`verify`]: the client-certificate verifier on the pki crate's `verify`, with the registry
+//!   snapshot; `verdict`: what it decided, carried by the connection;
+//! - `context`: what a request handler knows about its connection;
+//! - `inbound`: request screening (identity and hop-by-hop headers, upgrades, framing);
+//! - `decide`: the one decision on a request (Host, path, mapping, certificate, policy), which
+//!   the fast path, the hyper path and [`explain`] all run;
+//! - `fast`: the HTTP/1.1 fast path; `proxy`: the general path's streaming to upstreams;
+//! - `identity`: the verified identity as headers; `access_log`, `respond` (gateway-made
+//!   answers and the readable failure page);
+//! - `mqtt`: MQTT connections on the `portcullis-mqtt` broker; `recheck`: open connections
+//!   closed when a change stops admitting them.
 //!
-//! The gateway never touches a database or the admin API: everything a handshake or a request
-//! needs is in an immutable [`State`] snapshot, swapped atomically on reload.
+//! Invariants:
+//! - The gateway never touches a database or the admin API: everything a handshake or a request
+//!   needs is in an immutable [`State`] snapshot, swapped atomically on reload, and in the
+//!   registry snapshot, swapped on every registry change.
+//! - Nothing on the handshake path blocks or waits on I/O: the verifier reads only snapshots.
+//! - Identity headers are built only from the connection's verdict; inbound copies never reach
+//!   an upstream.
+//! - No import cycles between modules (checked by `crates/cli/tests/cli/layout.rs`).
 #![forbid(unsafe_code)]
 
 mod access_log;

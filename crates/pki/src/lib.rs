@@ -14,13 +14,19 @@
 //!   that the CLI prints as text or JSON and the gateway logs.
 //! - [`issue`] turns a [`issue::Profile`] (root CA, intermediate CA, client, server,
 //!   verification) into certificates, from fresh keys or from CSRs.
-//! - [`verify`] builds and checks a chain against a [`truststore::Truststore`] and answers with
-//!   a [`verify::Verdict`] whose [`verify::RejectReason`] is the stable code reused in TLS alerts,
-//!   HTTP bodies, logs and metrics.
+//! - `outcome` holds what verification is asked and answers ([`VerifyOptions`],
+//!   [`VerifyProfile`], [`Verdict`]) and the stable [`RejectReason`] with the [`TlsAlert`] each
+//!   one sends; it depends on none of the modules that use it.
+//! - [`verify`] builds and checks a chain against a [`truststore::Truststore`] on rustls-webpki;
+//!   `legacy` and `profile_check` add what the compatible profile accepts and what RFC 5280
+//!   asks beyond webpki.
 //! - [`truststore`] parses a PEM bundle the way the gateway uses it and lints it.
 //! - [`p12`] and [`crl`] write PKCS#12 bundles and CRLs.
 //!
 //! Every fallible function returns [`PkiError`], whose messages name the problem and the fix.
+//!
+//! Invariants: no I/O, no async; a reason code, once published, is never renamed; no import
+//! cycles between modules (checked by `crates/cli/tests/cli/layout.rs`).
 #![forbid(unsafe_code)]
 
 pub mod cert;

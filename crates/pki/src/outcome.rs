@@ -293,7 +293,7 @@ impl Default for VerifyOptions {
     }
 }
 
-/// The outcome of [`verify`].
+/// The outcome of [`verify`](crate::verify::verify).
 #[derive(Debug, Clone)]
 pub enum Verdict {
     /// The certificate is valid; `chain` runs from it to the trust anchor.

@@ -1,15 +1,22 @@
-//! The Portcullis registry: registered CAs and certificates with statuses, and the audit log,
-//! kept in SQLite (the default, one file in the data dir) or PostgreSQL.
+//! The Portcullis registry: registered CAs and certificates with statuses, things, policies,
+//! truststores, domains, webhooks and the audit log, kept in SQLite (the default, one file in the
+//! data dir) or PostgreSQL.
 //!
 //! - [`model`]: records and statuses; ids are the SHA-256 of the DER.
+//! - [`audit`]: every audit action and what a change recorded with it affects (the gateway's
+//!   snapshot, its configuration, webhook events).
 //! - [`store`]: the [`Store`], one implementation over both backends (the same SQL, `$n`
-//!   placeholders), with per-backend migrations applied at open. Every change runs in a
-//!   transaction, bumps the row's version and writes an audit entry.
+//!   placeholders), with per-backend migrations applied at open.
+//! - [`provisioning`]: just-in-time provisioning templates.
+//! - [`webhooks`]: delivery of events to subscribers.
+//! - [`api`]: the admin REST API and console over the store.
 //!
-//! - [`api`]: the admin REST API over the store.
-//!
-//! The gateway never reads the store: the binary keeps an in-memory snapshot current and hands it
-//! to the gateway.
+//! Invariants:
+//! - Every change runs in a transaction, bumps the row's version and writes its audit entry in
+//!   the same transaction: nothing acknowledged is unrecorded, nothing recorded is unapplied.
+//! - The gateway never reads the store: the node keeps an in-memory snapshot current (from the
+//!   audit log's changes) and hands it to the gateway.
+//! - Private keys are never stored; admin API tokens only as hashes.
 #![forbid(unsafe_code)]
 
 pub mod api;
