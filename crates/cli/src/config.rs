@@ -46,6 +46,19 @@ pub(crate) struct FileConfig {
     /// The registry: a SQLite file (default DATA_DIR/registry.db) or postgres://…
     database: Option<String>,
     identity: Option<FileIdentity>,
+    /// The MQTT broker's limits.
+    mqtt: Option<FileMqttLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMqttLimits {
+    /// QoS 1 messages kept for an offline persistent session (default 1000).
+    max_queued_per_session: Option<usize>,
+    /// Retained messages kept (default 100000).
+    max_retained: Option<usize>,
+    /// Subscriptions per session (default 100).
+    max_subscriptions_per_session: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -530,6 +543,22 @@ fn build_config(
                 .with_context(|| path.display().to_string())?;
             config
                 .with_limits(limits)
+                .with_context(|| path.display().to_string())?
+        }
+    };
+    let config = match &file.mqtt {
+        None => config,
+        Some(m) => {
+            let defaults = portcullis_mqtt::broker::Limits::default();
+            config
+                .with_broker_limits(portcullis_mqtt::broker::Limits {
+                    max_queued: m.max_queued_per_session.unwrap_or(defaults.max_queued),
+                    max_retained: m.max_retained.unwrap_or(defaults.max_retained),
+                    max_subscriptions: m
+                        .max_subscriptions_per_session
+                        .unwrap_or(defaults.max_subscriptions),
+                    ..defaults
+                })
                 .with_context(|| path.display().to_string())?
         }
     };

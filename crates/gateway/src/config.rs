@@ -24,6 +24,8 @@ pub struct Config {
     pub(crate) default_domain: Option<usize>,
     pub(crate) limits: Limits,
     pub(crate) identity: IdentityHeaders,
+    /// The MQTT broker's limits (applied at start).
+    pub(crate) broker: portcullis_mqtt::broker::Limits,
 }
 
 /// Limits and timeouts that protect the process. Connection and handshake limits and the upstream
@@ -104,6 +106,7 @@ impl Config {
             default_domain,
             limits: Limits::default(),
             identity: IdentityHeaders::default(),
+            broker: portcullis_mqtt::broker::Limits::default(),
         })
     }
 
@@ -111,6 +114,21 @@ impl Config {
     pub fn with_identity(mut self, identity: IdentityHeaders) -> Config {
         self.identity = identity;
         self
+    }
+
+    /// Replaces the MQTT broker's default limits (queued messages per offline session,
+    /// retained messages, subscriptions per session); zero is refused. They apply from start.
+    pub fn with_broker_limits(
+        mut self,
+        limits: portcullis_mqtt::broker::Limits,
+    ) -> Result<Config, GatewayError> {
+        if limits.max_queued == 0 || limits.max_retained == 0 || limits.max_subscriptions == 0 {
+            return Err(GatewayError::Config(
+                "mqtt.max_queued_per_session, mqtt.max_retained and mqtt.max_subscriptions_per_session must be at least 1".into(),
+            ));
+        }
+        self.broker = limits;
+        Ok(self)
     }
 
     /// Replaces the default limits; zero counts and sizes are refused.

@@ -391,9 +391,7 @@ impl Gateway {
         let client = proxy::client(config.limits.upstream_connect_timeout, None)?;
         let limits = Arc::new(listen::Gates::new(&config.limits));
         let mut tasks = Vec::new();
-        let broker = Arc::new(portcullis_mqtt::broker::Broker::new(
-            portcullis_mqtt::broker::Limits::default(),
-        ));
+        let broker = Arc::new(portcullis_mqtt::broker::Broker::new(config.broker.clone()));
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let listener = bind(l.address)?;

@@ -806,6 +806,12 @@ fn bad_configurations_are_refused_with_the_key_and_line() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[domain.response_headers]\n\"Bad Name\" = \"x\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
     );
     assert_clean_error(&r, 2, "'Bad Name' is not a valid header name");
+    let r = check(
+        "[mqtt]\nmax_retained = 0\n[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+    );
+    assert_clean_error(&r, 2, "mqtt.max_retained");
+    let r = check("[mqtt]\nmax_queued = 5\n");
+    assert_clean_error(&r, 2, "max_queued");
     // Without --config, the quickstart's file must exist: checking does not make it.
     let r = portcullis(d, &["serve", "--data-dir", "data", "--check-config"]);
     assert_clean_error(&r, 2, "portcullis.toml does not exist");
