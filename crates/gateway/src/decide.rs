@@ -247,3 +247,269 @@ pub(crate) fn normalize_host(text: &str) -> String {
     // An absolute name (`a.test.`) is the same host.
     host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use portcullis_pki::issue::issue;
+    use portcullis_pki::{
+        CaIssuer, Certificate, IssueRequest, KeyType, PrivateKey, Profile, RejectReason,
+        SubjectAltName, SubjectName, Truststore,
+    };
+    use rustls::pki_types::PrivateKeyDer;
+
+    use super::*;
+    use crate::config::{
+        Config, Domain, Hostname, Listener, Mapping, MqttSettings, Mtls, RegistryMode,
+        ResponseHeaders, SecurityPolicy, ServerCertificate,
+    };
+    use crate::verify::RegistryHandle;
+
+    struct Pki {
+        ca: CaIssuer,
+        trust: Arc<Truststore>,
+    }
+
+    fn pki() -> Pki {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let root = issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn("Decide Root")),
+            &key,
+            None,
+        )
+        .unwrap();
+        let trust = Arc::new(Truststore::from_pem(root.to_pem().as_bytes()).unwrap());
+        Pki {
+            ca: CaIssuer::new(root, key, Vec::new()).unwrap(),
+            trust,
+        }
+    }
+
+    fn client(pki: &Pki, cn: &str) -> Certificate {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        issue(
+            &IssueRequest::new(Profile::Client, SubjectName::cn(cn)),
+            &key,
+            Some(&pki.ca),
+        )
+        .unwrap()
+    }
+
+    fn domain(pki: &Pki, host: &str, mode: MtlsMode, mappings: Vec<Mapping>) -> Domain {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let mut req = IssueRequest::new(Profile::Server, SubjectName::cn(host));
+        req.subject_alt_names = vec![SubjectAltName::Dns(host.into())];
+        let cert = issue(&req, &key, Some(&pki.ca)).unwrap();
+        let mut mtls = Mtls::off();
+        mtls.mode = mode;
+        if mode != MtlsMode::Off {
+            mtls.truststore = Some(pki.trust.clone());
+        }
+        Domain {
+            hostname: Hostname::parse(host).unwrap(),
+            certificate: ServerCertificate {
+                chain: vec![cert.der().clone()],
+                key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
+            },
+            policy: SecurityPolicy::Tls12,
+            mtls,
+            mappings,
+            session_resumption: false,
+            registry_mode: RegistryMode::Off,
+            mqtt: MqttSettings {
+                https_publish: true,
+                ..MqttSettings::default()
+            },
+            underscores_in_headers: false,
+            response_headers: ResponseHeaders::default(),
+        }
+    }
+
+    /// Requests × domains × verdicts → admitted, 400, 403, 404 or 421, without a socket.
+    #[test]
+    fn requests_are_admitted_or_refused_as_the_table_says() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let pki = pki();
+        let upstream = "http://127.0.0.1:9";
+        let open = Mapping::new("/open", upstream, false).unwrap();
+        let api = Mapping::new("/api", upstream, true)
+            .unwrap()
+            .with_authorization(Authorization::Policy);
+        let rest = Mapping::new("", upstream, true).unwrap();
+        let svc = Mapping::new("/svc", upstream, true)
+            .unwrap()
+            .with_websocket(false);
+        let config = Config::new(
+            vec![Listener::http("127.0.0.1:0".parse().unwrap())],
+            vec![
+                domain(&pki, "opt.test", MtlsMode::Optional, vec![open, api, rest]),
+                domain(&pki, "b.test", MtlsMode::Required, vec![svc]),
+            ],
+            None,
+        )
+        .unwrap();
+        let state = State::build(&config, 1, &Arc::new(RegistryHandle::empty())).unwrap();
+        let alice = client(&pki, "alice");
+        let valid = ClientVerdict::Valid(Arc::new(vec![alice.clone()]));
+        let refused = ClientVerdict::Rejected {
+            leaf: Some(Box::new(alice)),
+            reason: RejectReason::Expired,
+            explanation: String::new(),
+        };
+        let none = ClientVerdict::None;
+        // (domain index, verdict, method, path, host, websocket) → outcome
+        let table: Vec<(usize, &ClientVerdict, &str, &str, &str, bool, &str)> = vec![
+            (
+                0,
+                &valid,
+                "GET",
+                "/open/x",
+                "opt.test",
+                false,
+                "admitted /open /x",
+            ),
+            (
+                0,
+                &none,
+                "GET",
+                "/open/x",
+                "opt.test",
+                false,
+                "admitted /open /x",
+            ),
+            (0, &refused, "GET", "/x", "opt.test", false, "403 expired"),
+            (
+                0,
+                &none,
+                "GET",
+                "/x",
+                "opt.test",
+                false,
+                "403 no-certificate",
+            ),
+            (
+                0,
+                &valid,
+                "GET",
+                "/openx",
+                "opt.test",
+                false,
+                "admitted  /openx",
+            ),
+            (
+                0,
+                &valid,
+                "GET",
+                "/x",
+                "b.test",
+                false,
+                "421 misdirected-request",
+            ),
+            (
+                0,
+                &valid,
+                "GET",
+                "/x",
+                "elsewhere.test",
+                false,
+                "421 misdirected-request",
+            ),
+            (0, &valid, "GET", "/x", "", false, "admitted  /x"),
+            (
+                0,
+                &valid,
+                "GET",
+                "/open/../api/x",
+                "opt.test",
+                false,
+                "400 ambiguous-path",
+            ),
+            (
+                0,
+                &valid,
+                "GET",
+                "/api/%2e%2e/x",
+                "opt.test",
+                false,
+                "400 ambiguous-path",
+            ),
+            (
+                0,
+                &valid,
+                "GET",
+                "/api/x",
+                "opt.test",
+                false,
+                "403 policy-denied",
+            ),
+            (
+                0,
+                &valid,
+                "POST",
+                "/topics/t",
+                "opt.test",
+                false,
+                "200 https-publish",
+            ),
+            (
+                1,
+                &valid,
+                "GET",
+                "/svc/x",
+                "b.test",
+                false,
+                "admitted /svc /x",
+            ),
+            (
+                1,
+                &valid,
+                "GET",
+                "/svc/x",
+                "b.test",
+                true,
+                "400 upgrade-refused",
+            ),
+            (1, &valid, "GET", "/other", "b.test", false, "404 no-route"),
+            (1, &valid, "GET", "/svcx", "b.test", false, "404 no-route"),
+            (
+                1,
+                &valid,
+                "GET",
+                "/svc/%2e%2e/other",
+                "b.test",
+                false,
+                "400 ambiguous-path",
+            ),
+        ];
+        for (domain, verdict, method, path, host, websocket, want) in table {
+            let sni = ["opt.test", "b.test"][domain];
+            let ctx = Context {
+                state: &state,
+                domain,
+                via_default: false,
+                sni: Some(sni),
+                verdict,
+                peer: IpAddr::from([127, 0, 0, 1]),
+            };
+            let asked = Asked {
+                method,
+                path,
+                query: None,
+                host,
+                websocket,
+            };
+            let got = match admit(&ctx, &asked) {
+                Ok(a) => format!(
+                    "admitted {} {}",
+                    state.domains[domain].config.mappings[a.index].base_path, a.rest
+                ),
+                Err((refusal, _)) => {
+                    let (status, code) = refusal.answer(verdict);
+                    format!("{} {code}", status.as_u16())
+                }
+            };
+            assert_eq!(got, want, "{method} {path} (Host {host:?}) on {sni}");
+        }
+    }
+}
