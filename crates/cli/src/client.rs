@@ -17,7 +17,7 @@ use rustls::pki_types::PrivateKeyDer;
 use serde_json::Value;
 
 use crate::RuntimeFailure;
-use crate::output::read;
+use portcullis_node::output::read;
 
 /// How to reach the admin API.
 #[derive(Debug, Clone, Args)]
@@ -90,7 +90,7 @@ impl std::error::Error for ApiFailure {}
 impl AdminClient {
     /// Connects as `connect` says.
     pub fn new(connect: &Connect) -> Result<AdminClient> {
-        let admin = crate::admin::AdminFiles::new(&connect.data_dir);
+        let admin = portcullis_node::admin::AdminFiles::new(&connect.data_dir);
         let base = match &connect.endpoint {
             Some(e) => e.trim_end_matches('/').to_string(),
             None => std::fs::read_to_string(admin.endpoint_file())

@@ -1,6 +1,7 @@
 //! Control-plane commands (`portcullis ca|cert|thing|truststore|domain|audit|admin|explain …`): thin
 //! shells over the admin API. Listings print text, or the API's JSON with `--json`.
 
+use portcullis_node::outln;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::client::{AdminClient, Connect, segment};
-use crate::output::{Outputs, read};
+use portcullis_node::output::{Outputs, read};
 
 /// `portcullis ca …`
 #[derive(Debug, Subcommand)]
@@ -1977,7 +1978,7 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
         );
     }
     let v = client.post("/v1/enrollments", &body).await?;
-    let mut files = crate::output::Outputs::default();
+    let mut files = portcullis_node::output::Outputs::default();
     for key in ["p12", "p12_legacy", "mobileconfig"] {
         let file = &v["files"][key];
         let name = file["name"].as_str().unwrap_or_default();

@@ -14,41 +14,13 @@
 //! ended by SIGPIPE does.
 #![forbid(unsafe_code)]
 
-/// `println!` that ends the process quietly when standard output is closed (see [`stdout`]).
-macro_rules! outln {
-    () => { $crate::stdout(format_args!("\n")) };
-    ($($t:tt)*) => { $crate::stdout(format_args!("{}\n", format_args!($($t)*))) };
-}
+use portcullis_node::{RuntimeFailure, serve};
 
-/// `print!` that ends the process quietly when standard output is closed (see [`stdout`]).
-macro_rules! out {
-    ($($t:tt)*) => { $crate::stdout(format_args!($($t)*)) };
-}
-
-mod admin;
 mod client;
-mod config;
 mod control;
-mod output;
 mod pki;
-mod serve;
 
 use std::process::ExitCode;
-
-/// Writes to standard output. A reader that went away (`| head -1`) ends the command at once,
-/// quietly, with exit code 141 (128 + SIGPIPE, what a shell tool ended by the signal reports);
-/// any other write error is a runtime failure reported on standard error.
-fn stdout(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(141);
-        }
-        eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(3);
-    }
-}
 
 use clap::{Parser, Subcommand};
 
@@ -111,18 +83,6 @@ struct ControlArgs<A: clap::Args> {
     #[command(flatten)]
     connect: client::Connect,
 }
-
-/// A runtime failure (exit 3) rather than bad input (exit 2): an output that cannot be written.
-#[derive(Debug)]
-pub struct RuntimeFailure(pub String);
-
-impl std::fmt::Display for RuntimeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for RuntimeFailure {}
 
 fn main() -> ExitCode {
     // Every binary installs aws-lc-rs as the process-wide rustls provider before any TLS use.

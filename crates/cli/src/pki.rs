@@ -1,6 +1,7 @@
 //! `portcullis pki …`: a thin shell over `portcullis-pki`. Each command reads its inputs, calls
-//! the library, and writes all its outputs at once (see [`crate::output`]).
+//! the library, and writes all its outputs at once (see `portcullis_node::output`).
 
+use portcullis_node::{out, outln};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,7 +19,7 @@ use portcullis_pki::{
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::output::{Outputs, read};
+use portcullis_node::output::{Outputs, read};
 
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {

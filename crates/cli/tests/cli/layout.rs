@@ -1,15 +1,14 @@
 //! The code's layout, checked: no import cycles between the modules of a crate.
 //!
 //! A module's dependencies are the `crate::…` and `super::…` paths its code names (comments and
-//! `#[cfg(test)]` code aside). The cycles that exist today are listed in `KNOWN`, to be removed
-//! as the layout is untangled (issue 17): a new cycle fails, and so does a listed one that is
-//! gone (remove it from the list, so it cannot come back).
+//! `#[cfg(test)]` code aside). `KNOWN` would list tolerated cycles; it is empty, and a cycle that
+//! appears fails this test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Cycles (as the sorted set of their modules) that predate this check, per crate.
-const KNOWN: &[(&str, &[&str])] = &[("cli", &["admin", "config", "serve"])];
+/// Cycles (as the sorted set of their modules) tolerated, per crate: none.
+const KNOWN: &[(&str, &[&str])] = &[];
 
 /// Module path (`api::console`) → file, for every module of a crate but its root.
 fn modules(src: &Path) -> BTreeMap<String, PathBuf> {

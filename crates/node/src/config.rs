@@ -17,17 +17,16 @@ use portcullis_gateway::Config;
 use portcullis_gateway::config::{
     Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
     Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders, SecurityPolicy,
-    ServerCertificate, UpstreamTls,
+    UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
-use portcullis_pki::{Certificate, PrivateKey, Truststore};
+use portcullis_pki::{Certificate, Truststore};
 use portcullis_registry::Store;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data_dir::{DataDir, server_certificate};
 use crate::output::read;
-use crate::serve::DataDir;
 
 /// The configuration file. Unknown keys are errors that name the key and its line.
 #[derive(Debug, Deserialize)]
@@ -832,23 +831,6 @@ fn file_mtls(
         allow_stale_crls,
         failure_advice: m.failure_advice.clone(),
         registered_cas: catalog.cas.clone(),
-    })
-}
-
-pub(crate) fn server_certificate(chain: &Path, key: &Path) -> Result<ServerCertificate> {
-    let certs = Certificate::all_from_pem_or_der(&read(chain, "certificate chain")?)
-        .with_context(|| format!("reading certificate chain {}", chain.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no certificate", chain.display());
-    }
-    let key = PrivateKey::from_pem_or_der(&read(key, "private key")?)
-        .with_context(|| format!("reading private key {}", key.display()))?;
-    Ok(ServerCertificate {
-        chain: certs
-            .iter()
-            .map(|c| c.der().clone())
-            .collect::<Vec<CertificateDer<'static>>>(),
-        key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
     })
 }
 

@@ -209,7 +209,7 @@ impl AdminClientCert {
 }
 
 /// What the API asks of the running gateway.
-pub struct ServeHooks {
+pub(crate) struct ServeHooks {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Certificate expiry, computed from the live state at each scrape.
     pub expiry: portcullis_gateway::ExpiryGauges,
@@ -314,7 +314,7 @@ impl Hooks for ServeHooks {
 
 /// A CA's provisioning template, checked in memory inside handshakes.
 #[derive(Debug)]
-pub struct TemplateProvisioner(pub portcullis_registry::ProvisioningTemplate);
+pub(crate) struct TemplateProvisioner(pub(crate) portcullis_registry::ProvisioningTemplate);
 
 impl portcullis_gateway::verify::Provisioner for TemplateProvisioner {
     fn check(&self, leaf: &Certificate) -> Result<String, String> {
