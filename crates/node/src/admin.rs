@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use portcullis_admin::{ExplainRequest, Hooks};
 use portcullis_gateway::explain::Explainer;
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::p12::{self, P12Format};
 use portcullis_pki::{
     Certificate, IssueRequest, KeyType, PrivateKey, Profile, SubjectAltName, SubjectName,
 };
-use portcullis_registry::api::{ExplainRequest, Hooks};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
@@ -81,7 +81,7 @@ impl AdminFiles {
 
     /// Issues a new admin client certificate with the admin CA and writes it (certificate, key,
     /// .p12 and its password) in place of the current one, all files or none.
-    pub fn rotate(&self) -> Result<portcullis_registry::api::RotatedAdmin> {
+    pub fn rotate(&self) -> Result<portcullis_admin::RotatedAdmin> {
         let ca_path = self.dir.join("ca.pem");
         let (ca, _) = Certificate::first_and_rest(&read(&ca_path, "admin CA")?)?;
         let key = PrivateKey::from_pem_or_der(&read(&self.dir.join("ca.key"), "admin CA key")?)
@@ -92,7 +92,7 @@ impl AdminFiles {
         let mut out = Outputs::default();
         client.stage(self, &mut out);
         out.write(true)?;
-        Ok(portcullis_registry::api::RotatedAdmin {
+        Ok(portcullis_admin::RotatedAdmin {
             chain_pem: format!("{}{}", client.certificate.to_pem(), ca.to_pem()),
             certificate: client.certificate,
             key_pem: client.key.to_pem(),
@@ -300,14 +300,14 @@ impl Hooks for ServeHooks {
         self.admin.current()
     }
 
-    fn rotate_admin_certificate(&self) -> Result<portcullis_registry::api::RotatedAdmin, String> {
+    fn rotate_admin_certificate(&self) -> Result<portcullis_admin::RotatedAdmin, String> {
         self.admin.rotate().map_err(|e| format!("{e:#}"))
     }
 
     fn check_domains<'a>(
         &'a self,
         domains: &'a [(String, Value)],
-    ) -> portcullis_registry::api::HookFuture<'a, portcullis_registry::api::CheckedDomains> {
+    ) -> portcullis_admin::HookFuture<'a, portcullis_admin::CheckedDomains> {
         Box::pin(self.domains.check(domains))
     }
 }

@@ -391,7 +391,7 @@ pub(crate) fn check_domains(
     echo: SocketAddr,
     registry: &RegistryConfig,
     specs: &[(String, Value)],
-) -> Result<portcullis_registry::api::CheckedDomains> {
+) -> Result<portcullis_admin::CheckedDomains> {
     let file = read_file_config(config_path)?;
     let domains = parse_specs(specs)?;
     let (config, _) = build_config(config_path, &file, &domains, data, echo, registry)?;
@@ -400,7 +400,7 @@ pub(crate) fn check_domains(
         .iter()
         .map(|(hostname, _)| (hostname.clone(), config.truststore_warnings(hostname)))
         .collect();
-    Ok(portcullis_registry::api::CheckedDomains {
+    Ok(portcullis_admin::CheckedDomains {
         specs: specs_of(&domains)?.into_iter().map(|(_, v)| v).collect(),
         warnings,
     })
@@ -968,11 +968,11 @@ pub(crate) struct DomainChecker {
 }
 
 impl DomainChecker {
-    /// See [`portcullis_registry::api::Hooks::check_domains`].
+    /// See [`portcullis_admin::Hooks::check_domains`].
     pub(crate) async fn check(
         &self,
         specs: &[(String, Value)],
-    ) -> Result<portcullis_registry::api::CheckedDomains, String> {
+    ) -> Result<portcullis_admin::CheckedDomains, String> {
         let registry = RegistryConfig::read(&self.store)
             .await
             .map_err(|e| format!("{e:#}"))?;

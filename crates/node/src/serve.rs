@@ -188,16 +188,16 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             echo,
         },
     };
-    let api = portcullis_registry::api::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
+    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
     let admin_local = admin.local_addr()?;
     admin_files.write_endpoint(admin_local)?;
-    tokio::spawn(portcullis_registry::api::serve_https(
+    tokio::spawn(portcullis_admin::serve_https(
         admin,
         admin_tls,
-        portcullis_registry::api::router(api),
+        portcullis_admin::router(api),
     ));
 
     ready.store(true, Ordering::SeqCst);

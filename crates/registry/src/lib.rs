@@ -9,7 +9,6 @@
 //!   placeholders), with per-backend migrations applied at open.
 //! - [`provisioning`]: just-in-time provisioning templates.
 //! - [`webhooks`]: delivery of events to subscribers.
-//! - [`api`]: the admin REST API and console over the store.
 //!
 //! Invariants:
 //! - Every change runs in a transaction, bumps the row's version and writes its audit entry in
@@ -19,7 +18,6 @@
 //! - Private keys are never stored; admin API tokens only as hashes.
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod audit;
 pub mod model;
 mod names;

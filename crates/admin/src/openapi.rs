@@ -435,11 +435,11 @@ fn schemas() -> Value {
             "source_ip": s("string"), "client_id": s("string"), "domain": s("string"),
             "policies": {"type": "array", "items": s("string")}}},
         "CreateWebhook": {"type": "object", "required": ["name", "url", "events"], "additionalProperties": false, "properties": {
-            "name": s("string"), "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
+            "name": s("string"), "url": s("string"), "events": {"type": "array", "items": {"enum": portcullis_registry::EVENT_TYPES}},
             "expiring_days": s("integer"), "ca_pem": s("string"),
             "topic_filter": {"type": "string", "description": "For mqtt.message (forwarding rules): the MQTT topic filter"}}},
         "UpdateWebhook": {"type": "object", "additionalProperties": false, "properties": {
-            "url": s("string"), "events": {"type": "array", "items": {"enum": crate::EVENT_TYPES}},
+            "url": s("string"), "events": {"type": "array", "items": {"enum": portcullis_registry::EVENT_TYPES}},
             "enabled": s("boolean"), "expiring_days": s("integer"), "ca_pem": s("string")}},
         "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Api, ApiError, Body, Caller};
-use crate::CertStatus;
+use portcullis_registry::CertStatus;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,6 +1,6 @@
 //! The web console at `/ui` on the admin listener.
 //!
-//! The page, script and style sheet are embedded in the binary (`crates/registry/console/`,
+//! The page, script and style sheet are embedded in the binary (`crates/admin/console/`,
 //! plain HTML, CSS and JavaScript: no build step, nothing fetched at run time) and carry no
 //! data; everything the console shows comes from the admin API, authenticated as any admin
 //! request: the admin client certificate in the browser, or a session made by logging in with an
@@ -32,9 +32,9 @@ const IDLE: Duration = Duration::from_secs(30 * 60);
 const LIFETIME: Duration = Duration::from_secs(8 * 3600);
 const MAX_SESSIONS: usize = 1000;
 
-const INDEX_HTML: &str = include_str!("../../console/index.html");
-const APP_JS: &str = include_str!("../../console/app.js");
-const APP_CSS: &str = include_str!("../../console/app.css");
+const INDEX_HTML: &str = include_str!("../console/index.html");
+const APP_JS: &str = include_str!("../console/app.js");
+const APP_CSS: &str = include_str!("../console/app.css");
 
 /// Console sessions, in memory (a restart logs everybody out).
 #[derive(Default)]

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::{Api, ApiError, ApiResult, Body, Caller, Params, to_json};
-use crate::{CertId, PolicyTarget, RegistryError, TargetType};
+use portcullis_registry::{CertId, PolicyTarget, RegistryError, TargetType};
 
 /// A document in a request, exactly as the client wrote it (so that duplicate keys, which a
 /// parsed JSON value would silently collapse, are refused by the policy parser).

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Api, ApiResult, Body, Caller, Params, to_json};
-use crate::WebhookUpdate;
+use portcullis_registry::WebhookUpdate;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +35,7 @@ pub(super) async fn create_webhook(
     let (hook, secret) = api
         .store
         .create_webhook(
-            &crate::NewWebhook {
+            &portcullis_registry::NewWebhook {
                 name: &req.name,
                 url: &req.url,
                 events: &req.events,

@@ -5,6 +5,12 @@
 //! Every error is `{"code", "message", "details"}` with a 4xx status for the caller's mistakes;
 //! failures of ours are 500 with a public message, the cause going to the log only.
 //! [`openapi`] describes exactly the routes [`router`] serves (a test checks both ways).
+//!
+//! Modules: the crate root (router, authentication, errors, most resources), `console` (the
+//! web console and its sessions), `enroll` (device enrollment), `policies`, `webhooks`.
+//! Invariants: the API never answers unauthenticated except `/healthz`; every write goes
+//! through the `Store` (one transaction with its audit entry); what the node owns (metrics,
+//! explain, checking domains) comes through [`Hooks`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,8 +31,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
-use crate::{CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store};
+use portcullis_registry::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
+use portcullis_registry::{
+    CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store,
+};
 
 mod console;
 mod enroll;
@@ -37,7 +45,7 @@ mod webhooks;
 /// The largest request body accepted (a truststore bundle with its CRLs).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 
-/// What the API needs from the process that runs it: things the registry crate does not own.
+/// What the API needs from the node that runs it: what the registry does not own.
 pub trait Hooks: Send + Sync + 'static {
     /// Prometheus text for `/metrics`.
     fn metrics(&self) -> String;
@@ -1233,7 +1241,7 @@ async fn describe_truststore(State(api): State<Api>, Path(name): Path<String>) -
 }
 
 /// A truststore version with its certificates decoded (subject, id, validity, role).
-fn version_json(v: &crate::TruststoreVersion) -> Json<Value> {
+fn version_json(v: &portcullis_registry::TruststoreVersion) -> Json<Value> {
     let mut out = serde_json::to_value(v).unwrap_or(Value::Null);
     let certificates: Vec<Value> = portcullis_pki::Truststore::from_pem(v.bundle.as_bytes())
         .map(|store| {
