@@ -116,6 +116,8 @@ pub struct ExplainRequest {
     pub domain: String,
     /// The Host header, when it differs from the SNI.
     pub host: Option<String>,
+    /// The client's address (policies' `aws:SourceIp`); loopback when not given.
+    pub source_ip: Option<std::net::IpAddr>,
     /// The HTTP method.
     pub method: String,
     /// The request path.
@@ -1338,7 +1340,7 @@ async fn preview(
 ) -> ApiResult {
     let v = version_number(&version)?;
     let tv = api.store.truststore_version(&name, Some(v)).await?;
-    let mut out = impact(&api, &name, &tv.bundle, &tv.crls, q.days).await?;
+    let mut out = impact(&api, &name, Some(v), &tv.bundle, &tv.crls, q.days).await?;
     if let Some(o) = out.as_object_mut() {
         o.insert("version".into(), json!(v));
         o.insert("warnings".into(), json!(tv.warnings));
@@ -1361,7 +1363,7 @@ async fn preview_bundle(
     Path(name): Path<String>,
     Body(req): Body<PreviewBundle>,
 ) -> ApiResult {
-    let mut out = impact(&api, &name, &req.bundle_pem, &req.crls_pem, req.days).await?;
+    let mut out = impact(&api, &name, None, &req.bundle_pem, &req.crls_pem, req.days).await?;
     let store = portcullis_pki::Truststore::from_pem(req.bundle_pem.as_bytes())?;
     let mut warnings: Vec<String> = store
         .store_warnings()
@@ -1390,6 +1392,7 @@ async fn preview_bundle(
 async fn impact(
     api: &Api,
     name: &str,
+    version: Option<i64>,
     bundle: &str,
     crls: &[String],
     days: Option<u32>,
@@ -1403,7 +1406,17 @@ async fn impact(
     for c in crls {
         parsed.extend(portcullis_pki::crl::Crl::all_from_pem_or_der(c.as_bytes())?);
     }
-    let domains = domains_using(api, name).await?;
+    // The domains a version reaches: those that follow the latest, and those pinned to it.
+    let pinned = version.map(|v| format!("registry:{name}@{v}"));
+    let latest = format!("registry:{name}");
+    let domains: Vec<(String, Value)> = domains_using(api, name)
+        .await?
+        .into_iter()
+        .filter(|(_, spec)| {
+            let t = spec["mtls"]["truststore"].as_str().unwrap_or_default();
+            t == latest || pinned.as_deref() == Some(t)
+        })
+        .collect();
     let options_of = |spec: &Value| {
         let mtls = &spec["mtls"];
         let profile = mtls["verification"]
@@ -1610,6 +1623,8 @@ struct Explain {
     domain: String,
     /// The Host header (default: the domain).
     host: Option<String>,
+    /// The client's address (default 127.0.0.1).
+    source_ip: Option<String>,
     #[serde(default = "default_method")]
     method: String,
     #[serde(default = "default_path")]
@@ -1641,9 +1656,18 @@ async fn explain(State(api): State<Api>, Body(req): Body<Explain>) -> ApiResult 
         .map(str::parse::<portcullis_pki::VerifyProfile>)
         .transpose()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let source_ip = req
+        .source_ip
+        .as_deref()
+        .map(|ip| {
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| ApiError::invalid(format!("source_ip '{ip}' is not an IP address")))
+        })
+        .transpose()?;
     let request = ExplainRequest {
         domain: req.domain.to_ascii_lowercase(),
         host: req.host.map(|h| h.to_ascii_lowercase()),
+        source_ip,
         method: req.method.to_ascii_uppercase(),
         path: req.path,
         chain,

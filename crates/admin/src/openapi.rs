@@ -446,6 +446,7 @@ fn schemas() -> Value {
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},
         "Explain": {"type": "object", "required": ["domain", "certificate_pem"], "additionalProperties": false, "properties": {
             "domain": s("string"), "host": {"type": "string", "description": "The Host header (default: the domain)"},
+            "source_ip": {"type": "string", "description": "The client's address, for aws:SourceIp conditions (default 127.0.0.1)"},
             "method": s("string"), "path": s("string"), "certificate_pem": s("string"),
             "profile": {"enum": ["compatible", "strict"]}}},
     })

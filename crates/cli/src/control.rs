@@ -632,6 +632,9 @@ pub struct ExplainArgs {
     /// The Host header, when it is not the domain.
     #[arg(long)]
     host: Option<String>,
+    /// The client's address, for policies' aws:SourceIp conditions (default 127.0.0.1).
+    #[arg(long, value_name = "IP")]
+    source_ip: Option<String>,
     /// HTTP method.
     #[arg(long, default_value = "GET")]
     method: String,
@@ -1961,7 +1964,10 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
     if let Some(days) = a.days {
         body["days"] = json!(days);
     }
-    // Nothing is issued when the files could not be written.
+    // Files that exist (without --force) and an output directory that cannot be made stop the
+    // command before anything is issued.
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("creating the output directory {}", a.out.display()))?;
     let names = |stem: &str| {
         [
             a.out.join(format!("{stem}.p12")),
@@ -1982,7 +1988,11 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
     for key in ["p12", "p12_legacy", "mobileconfig"] {
         let file = &v["files"][key];
         let name = file["name"].as_str().unwrap_or_default();
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        let expected = names(&enroll_stem(&a.cn));
+        if !expected
+            .iter()
+            .any(|p| p.file_name().is_some_and(|f| f == name))
+        {
             bail!("the admin API answered with an unexpected file name '{name}'");
         }
         let bytes = base64::engine::general_purpose::STANDARD
@@ -2346,6 +2356,7 @@ async fn explain(client: &AdminClient, out: &Printer, a: ExplainArgs) -> Result<
     let body = json!({
         "domain": a.domain,
         "host": a.host,
+        "source_ip": a.source_ip,
         "method": a.method,
         "path": a.path,
         "certificate_pem": pem_text(&a.cert, "certificate")?,

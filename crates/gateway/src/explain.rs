@@ -26,10 +26,12 @@ impl Explainer {
     /// The trace for `chain` (leaf first) presented to `domain` (the SNI) with a request
     /// `method path`, under the domain's verification profile or `profile`; an error when no
     /// domain would take the connection.
+    #[allow(clippy::too_many_arguments)]
     pub fn explain(
         &self,
         domain: &str,
         host: Option<&str>,
+        source_ip: Option<std::net::IpAddr>,
         method: &str,
         target: &str,
         chain: &[Certificate],
@@ -78,7 +80,11 @@ impl Explainer {
             })
         });
         // The verdict the connection would carry, as the handshake would leave it.
-        let verdict = if certificate_ok {
+        // A domain that does not ask for certificates never sees one: no identity, whatever
+        // chain explain was given.
+        let verdict = if mode == MtlsMode::Off {
+            ClientVerdict::None
+        } else if certificate_ok {
             ClientVerdict::Valid(Arc::new(chain.to_vec()))
         } else {
             ClientVerdict::Rejected {
@@ -115,7 +121,7 @@ impl Explainer {
                 via_default,
                 sni: (!via_default).then_some(sni.as_str()),
                 verdict: &verdict,
-                peer: std::net::IpAddr::from([127, 0, 0, 1]),
+                peer: source_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
             };
             let asked = crate::decide::Asked {
                 method,
@@ -129,7 +135,11 @@ impl Explainer {
                 && m.authorization == Authorization::Policy
                 && let Ok(decoded) = crate::authorize::policy_path(path)
             {
-                let leaf = if certificate_ok { chain.first() } else { None };
+                let leaf = if certificate_ok && mode != MtlsMode::Off {
+                    chain.first()
+                } else {
+                    None
+                };
                 let hostname = d.config.hostname.to_string();
                 let route_host = if via_default {
                     hostname.clone()

@@ -359,11 +359,13 @@ pub struct Reloaded {
     pub listeners: Vec<String>,
 }
 
-/// Binds a listening socket without blocking the runtime (std's bind is synchronous, and cheap).
-fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+/// Binds a listening socket without blocking the runtime (std's bind is synchronous, and cheap),
+/// with the address actually bound.
+fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
     let bound = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(TcpListener::from_std)
+        .and_then(|l| l.local_addr().map(|local| (l, local)))
         .map_err(|source| GatewayError::Bind { addr, source })?;
     Ok(bound)
 }
@@ -396,7 +398,7 @@ impl Gateway {
         for l in &config.listeners {
             let listener = bind(l.address)?;
             let (running, task) =
-                Self::spawn_listener(l, listener, &state, &client, &limits, &broker, &shutdown_rx)?;
+                Self::spawn_listener(l, listener, &state, &client, &limits, &broker, &shutdown_rx);
             listeners.push(running);
             tasks.push(task);
         }
@@ -453,17 +455,13 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     fn spawn_listener(
         config: &config::Listener,
-        listener: TcpListener,
+        (listener, local): (TcpListener, SocketAddr),
         state: &Arc<ArcSwap<State>>,
         client: &proxy::UpstreamClient,
         gates: &Arc<listen::Gates>,
         broker: &Arc<portcullis_mqtt::broker::Broker>,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<(RunningListener, tokio::task::JoinHandle<()>), GatewayError> {
-        let local = listener.local_addr().map_err(|source| GatewayError::Bind {
-            addr: config.address,
-            source,
-        })?;
+    ) -> (RunningListener, tokio::task::JoinHandle<()>) {
         let (protocols, protocols_rx) = watch::channel(config.protocols);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(listen::accept_loop(
@@ -478,7 +476,7 @@ impl Gateway {
             broker.clone(),
             shutdown.clone(),
         ));
-        Ok((
+        (
             RunningListener {
                 address: config.address,
                 local,
@@ -486,7 +484,7 @@ impl Gateway {
                 stop,
             },
             task,
-        ))
+        )
     }
 
     /// The open HTTP connections, to list and close from the admin API.
@@ -546,7 +544,7 @@ impl Gateway {
                 &self.gates,
                 &self.broker,
                 &self.shutdown_rx,
-            )?;
+            );
             changes.push(format!(
                 "bound {} ({})",
                 listening.local,
@@ -554,6 +552,7 @@ impl Gateway {
             ));
             running.push(listening);
             if let Ok(mut tasks) = self.tasks.lock() {
+                tasks.retain(|t| !t.is_finished());
                 tasks.push(task);
             }
         }

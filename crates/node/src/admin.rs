@@ -272,6 +272,7 @@ impl Hooks for ServeHooks {
         self.explainer.explain(
             &request.domain,
             request.host.as_deref(),
+            request.source_ip,
             &request.method,
             &request.path,
             &request.chain,

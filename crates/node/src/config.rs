@@ -911,7 +911,9 @@ impl TruststoreCatalog {
         }
         let mut cas = Vec::new();
         for ca in store.list_cas().await? {
-            if ca.status == portcullis_registry::CaStatus::Active {
+            // Registered with proof of possession only: a CA registered without it is not
+            // trusted by registry:cas (register it again with --verification-cert).
+            if ca.status == portcullis_registry::CaStatus::Active && ca.verified {
                 let (cert, _) = Certificate::first_and_rest(ca.pem.as_bytes())
                     .with_context(|| format!("registered CA {}", ca.subject))?;
                 cas.push(cert);

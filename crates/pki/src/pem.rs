@@ -181,8 +181,10 @@ fn pkcs7_certificates(element: &[u8]) -> Option<Vec<Vec<u8>>> {
     while let Some((tag, contents, len)) = tlv(signed_data) {
         if tag == 0xa0 {
             let mut rest = contents;
-            while let Some((_, _, len)) = tlv(rest) {
-                certificates.push(rest[..len].to_vec());
+            while let Some((tag, _, len)) = tlv(rest) {
+                if tag == 0x30 {
+                    certificates.push(rest[..len].to_vec());
+                }
                 rest = &rest[len..];
             }
         }
@@ -220,6 +222,12 @@ fn der_blocks(input: &[u8]) -> Result<Vec<Block>> {
         };
         let element = &rest[..len];
         match pkcs7_certificates(element) {
+            Some(certificates) if certificates.is_empty() => {
+                return Err(PkiError::malformed(
+                    "",
+                    "the PKCS#7 bundle holds no certificate",
+                ));
+            }
             Some(certificates) => blocks.extend(certificates.into_iter().map(|der| Block {
                 label: Label::Der,
                 der,
