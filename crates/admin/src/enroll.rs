@@ -95,8 +95,9 @@ pub(crate) async fn enroll(
     ))
 }
 
-/// A file name from a common name: letters, digits, `-`, `_` and `.` kept, the rest `-`.
-fn file_stem(cn: &str) -> String {
+/// A file name from a common name: letters, digits, `-`, `_` and `.` kept, the rest `-`; the
+/// enrollment's files are `STEM.p12`, `STEM-legacy.p12` and `STEM.mobileconfig`.
+pub fn file_stem(cn: &str) -> String {
     let stem: String = cn
         .chars()
         .map(|c| {

@@ -37,7 +37,7 @@ use portcullis_registry::{
 };
 
 mod console;
-mod enroll;
+pub mod enroll;
 pub mod openapi;
 mod policies;
 mod webhooks;

@@ -1976,7 +1976,9 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
         ]
     };
     if !a.force
-        && let Some(existing) = names(&enroll_stem(&a.cn)).iter().find(|p| p.exists())
+        && let Some(existing) = names(&portcullis_admin::enroll::file_stem(a.cn.trim()))
+            .iter()
+            .find(|p| p.exists())
     {
         bail!(
             "{} already exists; choose another --out or pass --force to overwrite it",
@@ -1988,7 +1990,7 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
     for key in ["p12", "p12_legacy", "mobileconfig"] {
         let file = &v["files"][key];
         let name = file["name"].as_str().unwrap_or_default();
-        let expected = names(&enroll_stem(&a.cn));
+        let expected = names(&portcullis_admin::enroll::file_stem(a.cn.trim()));
         if !expected
             .iter()
             .any(|p| p.file_name().is_some_and(|f| f == name))
@@ -2032,27 +2034,6 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
         text
     });
     Ok(ExitCode::SUCCESS)
-}
-
-/// The file name stem the admin API gives a common name's files.
-fn enroll_stem(cn: &str) -> String {
-    let stem: String = cn
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let stem = stem.trim_matches(|c| c == '-' || c == '.').to_string();
-    if stem.is_empty() {
-        "device".into()
-    } else {
-        stem
-    }
 }
 
 async fn truststore(
