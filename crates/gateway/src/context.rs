@@ -70,3 +70,8 @@ pub(crate) fn admit(
 pub(crate) fn limit_reached(limit: &'static str) {
     metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
 }
+
+/// How long, and how much, a client is read after the gateway's last words (a refused
+/// handshake's alert, an HTTP/2 GOAWAY) before the socket closes, so that no reset destroys them.
+pub(crate) const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const LINGER_BYTES: usize = 64 * 1024;

@@ -135,11 +135,32 @@ pub(crate) enum Outcome {
 pub(crate) struct Prefixed<S> {
     prefix: Bytes,
     inner: S,
+    /// Shut down by shutting the write side, then reading and discarding what the client still
+    /// sends (bounded in time and bytes), so that no reset destroys what was sent last.
+    linger: bool,
+    draining: Option<Box<Draining>>,
+}
+
+/// A lingering shutdown in progress.
+struct Draining {
+    until: Pin<Box<tokio::time::Sleep>>,
+    read: usize,
 }
 
 impl<S> Prefixed<S> {
     pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
-        Prefixed { prefix, inner }
+        Prefixed {
+            prefix,
+            inner,
+            linger: false,
+            draining: None,
+        }
+    }
+
+    /// Makes shutdown linger (HTTP/2 connections: nothing is tunnelled through their stream, so
+    /// what is read after the shutdown is only ever discarded).
+    pub(crate) fn linger_on_shutdown(&mut self) {
+        self.linger = true;
     }
 
     /// Puts `prefix` before what is still to be read (it must be empty).
@@ -171,7 +192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Prefixed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -197,7 +218,35 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if !this.linger {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        if this.draining.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.draining = Some(Box::new(Draining {
+                until: Box::pin(tokio::time::sleep(crate::context::LINGER_TIME)),
+                read: 0,
+            }));
+        }
+        let Some(draining) = this.draining.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 2048];
+        loop {
+            if draining.read >= crate::context::LINGER_BYTES
+                || std::future::Future::poll(draining.until.as_mut(), cx).is_ready()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => draining.read += buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

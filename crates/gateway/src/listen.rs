@@ -27,7 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::access_log::AccessLog;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
-use crate::context::{ConnectionContext, admit, limit_reached};
+use crate::context::{ConnectionContext, LINGER_BYTES, LINGER_TIME, admit, limit_reached};
 use crate::decide::{Refusal, normalize_host};
 use crate::identity::IdentityBlock;
 use crate::proxy::{Forwarding, Origin, Outgoing, TunnelSlot, UpstreamClient, forward};
@@ -709,6 +709,11 @@ async fn connection(
     // the bytes read so far, to hyper.
     // Read through `Prefixed` from the start: it flushes what TLS answers while reading.
     let mut io = crate::fast::Prefixed::new(Bytes::new(), tls);
+    if alpn == "h2" {
+        // HTTP/2 closes with a GOAWAY (a flood's ENHANCE_YOUR_CALM, a shutdown's NO_ERROR) that
+        // a reset must not destroy: its shutdown lingers as a refused handshake's does.
+        io.linger_on_shutdown();
+    }
     let prefix = if alpn == "h2" {
         Bytes::new()
     } else {
@@ -833,10 +838,6 @@ async fn connection(
         }
     }
 }
-
-/// How long, and how much, a refused client is read after its alert before the socket closes.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 64 * 1024;
 
 /// Closes a refused connection so that its alert reaches the client (nginx's lingering close):
 /// the write side is shut (the alert, then FIN, go out), then whatever the client still sends is
