@@ -141,9 +141,11 @@ pub(crate) struct Prefixed<S> {
     draining: Option<Box<Draining>>,
 }
 
-/// A lingering shutdown in progress.
+/// A lingering shutdown in progress: its deadline (the shutdown included), whether the write
+/// side is shut, and how much was read since.
 struct Draining {
     until: Pin<Box<tokio::time::Sleep>>,
+    shut: bool,
     read: usize,
 }
 
@@ -157,8 +159,10 @@ impl<S> Prefixed<S> {
         }
     }
 
-    /// Makes shutdown linger (HTTP/2 connections: nothing is tunnelled through their stream, so
-    /// what is read after the shutdown is only ever discarded).
+    /// Makes shutdown linger (nginx's lingering close): the write side is shut, then what the
+    /// client still sends is read and discarded, for at most `LINGER_TIME` and `LINGER_BYTES`,
+    /// so that no reset destroys what was sent last (a refused handshake's alert, an HTTP/2
+    /// GOAWAY). Only for streams nothing is tunnelled through: what is read is discarded.
     pub(crate) fn linger_on_shutdown(&mut self) {
         self.linger = true;
     }
@@ -222,21 +226,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         if !this.linger {
             return Pin::new(&mut this.inner).poll_shutdown(cx);
         }
-        if this.draining.is_none() {
-            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            this.draining = Some(Box::new(Draining {
+        // The deadline bounds the whole close, a client that reads nothing included.
+        let draining = this.draining.get_or_insert_with(|| {
+            Box::new(Draining {
                 until: Box::pin(tokio::time::sleep(crate::context::LINGER_TIME)),
+                shut: false,
                 read: 0,
-            }));
-        }
-        let Some(draining) = this.draining.as_mut() else {
+            })
+        });
+        if std::future::Future::poll(draining.until.as_mut(), cx).is_ready() {
             return Poll::Ready(Ok(()));
-        };
+        }
+        if !draining.shut {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            draining.shut = true;
+        }
         let mut scratch = [0u8; 2048];
         loop {
-            if draining.read >= crate::context::LINGER_BYTES
-                || std::future::Future::poll(draining.until.as_mut(), cx).is_ready()
-            {
+            if draining.read >= crate::context::LINGER_BYTES {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut scratch);

@@ -19,7 +19,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::HandshakeKind;
 use rustls::server::Acceptor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -27,7 +27,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::access_log::AccessLog;
 use crate::config::{Authorization, Limits, MtlsMode, Protocols};
-use crate::context::{ConnectionContext, LINGER_BYTES, LINGER_TIME, admit, limit_reached};
+use crate::context::{ConnectionContext, LINGER_TIME, admit, limit_reached};
 use crate::decide::{Refusal, normalize_host};
 use crate::identity::IdentityBlock;
 use crate::proxy::{Forwarding, Origin, Outgoing, TunnelSlot, UpstreamClient, forward};
@@ -839,27 +839,13 @@ async fn connection(
     }
 }
 
-/// Closes a refused connection so that its alert reaches the client (nginx's lingering close):
-/// the write side is shut (the alert, then FIN, go out), then whatever the client still sends is
-/// read and discarded, for at most [`LINGER_TIME`] and [`LINGER_BYTES`], before the socket is
-/// closed. Closing with unread data would make the kernel answer with a reset, and a client
-/// that has not read the alert yet loses it.
-async fn linger(mut io: TcpStream) {
-    let deadline = tokio::time::Instant::now() + LINGER_TIME;
-    if tokio::time::timeout_at(deadline, io.shutdown())
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut buf = [0u8; 4096];
-    let mut read = 0;
-    while read < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => read += n,
-            _ => break,
-        }
-    }
+/// Closes a refused connection so that its alert reaches the client: a lingering shutdown (see
+/// [`crate::fast::Prefixed::linger_on_shutdown`]). Closing with unread data would make the
+/// kernel answer with a reset, and a client that has not read the alert yet loses it.
+async fn linger(io: TcpStream) {
+    let mut io = crate::fast::Prefixed::new(Bytes::new(), io);
+    io.linger_on_shutdown();
+    let _ = io.shutdown().await;
 }
 
 /// A connection closed because the registry or the configuration no longer admits it, or by an
