@@ -14,7 +14,8 @@ use portcullis_pki::crl::Crl;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::GatewayError;
-pub use crate::identity::IdentityHeaders;
+pub use crate::http::identity::IdentityHeaders;
+pub use crate::registry_view::RegistryMode;
 
 /// The whole gateway configuration.
 #[derive(Debug)]
@@ -437,19 +438,6 @@ impl Domain {
                     && a.upstream_tls.is_some() == b.upstream_tls.is_some()
             })
     }
-}
-
-/// How a domain uses the certificate registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RegistryMode {
-    /// Truststore only (API Gateway's model).
-    #[default]
-    Off,
-    /// Truststore, and certificates the registry marks REVOKED, INACTIVE or PENDING_ACTIVATION
-    /// are refused.
-    Revocation,
-    /// The certificate must also be registered and ACTIVE (IoT Core's model).
-    Registered,
 }
 
 /// A server certificate chain and its key.

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
-use crate::respond::{Body, full};
+use crate::http::respond::{Body, full};
 
 /// Binds the echo upstream on `addr` (use port 0 for any) and serves it in the background.
 pub async fn spawn_echo(addr: SocketAddr) -> std::io::Result<SocketAddr> {
@@ -66,9 +66,9 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
             hyper::header::CONNECTION,
             hyper::header::HeaderValue::from_static("upgrade"),
         );
-        if let Ok(v) =
-            hyper::header::HeaderValue::from_str(&crate::inbound::websocket_accept(key.as_bytes()))
-        {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(
+            &crate::http::inbound::websocket_accept(key.as_bytes()),
+        ) {
             h.insert("sec-websocket-accept", v);
         }
         return Ok(resp);

@@ -8,9 +8,13 @@ use portcullis_pki::Certificate;
 use serde_json::{Value, json};
 
 use crate::State;
+use crate::config::RegistryMode;
 use crate::config::{Authorization, MtlsMode, OnFailure};
-use crate::decide::Refusal;
-use crate::verdict::ClientVerdict;
+use crate::http::decide::Refusal;
+use crate::registry_view::{RegisteredStatus, RegistryDecision};
+use crate::verdict::{ClientVerdict, Rejection};
+use crate::verify::CertificateTrace;
+use portcullis_pki::verify::Verdict;
 
 /// Explains decisions on the gateway's current state.
 #[derive(Debug, Clone)]
@@ -51,24 +55,18 @@ impl Explainer {
             .unwrap_or_default();
         let verifier = &d.tls.verifier;
         let (mode, on_failure) = verifier.mode();
-        let mut trace = verifier.explain(chain, profile);
-        let chain_ok = trace["chain"]["result"] == "valid";
-        let registry_ok = matches!(
-            trace["registry"]["decision"].as_str(),
-            Some("admit" | "provision-just-in-time")
-        );
-        let certificate_ok = chain_ok && registry_ok;
-        let reason = if !chain_ok {
-            trace["chain"]["reason"].clone()
-        } else {
-            trace["registry"]["reason"].clone()
+        let Some(certificate) = verifier.trace(chain, profile) else {
+            return Err("explain needs a certificate".to_string());
         };
+        let mut trace = certificate_json(&chain[0], &certificate);
+        let refusal = certificate.refusal().map(|(reason, _)| reason);
+        let certificate_ok = refusal.is_none();
         let (path, query) = match target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };
-        let host = crate::decide::normalize_host(host.unwrap_or(&sni));
-        let route = crate::route::route(&d.config.mappings, path);
+        let host = crate::http::decide::normalize_host(host.unwrap_or(&sni));
+        let route = crate::http::route::route(&d.config.mappings, path);
         let mapping = route.as_ref().map(|(m, rest)| {
             json!({
                 "base_path": m.base_path,
@@ -82,23 +80,14 @@ impl Explainer {
         // The verdict the connection would carry, as the handshake would leave it.
         // A domain that does not ask for certificates never sees one: no identity, whatever
         // chain explain was given.
-        let verdict = if mode == MtlsMode::Off {
-            ClientVerdict::None
-        } else if certificate_ok {
-            ClientVerdict::Valid(Arc::new(chain.to_vec()))
-        } else {
-            ClientVerdict::Rejected {
+        let verdict = match refusal {
+            _ if mode == MtlsMode::Off => ClientVerdict::None,
+            None => ClientVerdict::Valid(Arc::new(chain.to_vec())),
+            Some(reason) => ClientVerdict::Rejected {
                 leaf: chain.first().cloned().map(Box::new),
-                reason: reason
-                    .as_str()
-                    .and_then(|code| {
-                        portcullis_pki::RejectReason::ALL
-                            .into_iter()
-                            .find(|r| r.code() == code)
-                    })
-                    .unwrap_or(portcullis_pki::RejectReason::UntrustedIssuer),
+                reason,
                 explanation: String::new(),
-            }
+            },
         };
         let (decision, outcome, summary) = if mode == MtlsMode::Required
             && !certificate_ok
@@ -111,11 +100,11 @@ impl Explainer {
                 json!({"tls_alert": true}),
                 format!(
                     "refused in the TLS handshake: {}",
-                    reason.as_str().unwrap_or("rejected")
+                    refusal.map_or("rejected", Rejection::code)
                 ),
             )
         } else {
-            let context = crate::decide::Context {
+            let context = crate::http::decide::Context {
                 state: &state,
                 domain: domain_index,
                 via_default,
@@ -123,7 +112,7 @@ impl Explainer {
                 verdict: &verdict,
                 peer: source_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
             };
-            let asked = crate::decide::Asked {
+            let asked = crate::http::decide::Asked {
                 method,
                 path,
                 query,
@@ -153,7 +142,7 @@ impl Explainer {
                     &format!("route:{route_host}{decoded}"),
                 );
             }
-            match crate::decide::admit(&context, &asked) {
+            match crate::http::decide::admit(&context, &asked) {
                 Ok(admitted) => {
                     let m = &d.config.mappings[admitted.index];
                     let policy = if m.authorization == Authorization::Policy {
@@ -219,4 +208,56 @@ impl Explainer {
         trace["summary"] = json!(summary);
         Ok(trace)
     }
+}
+
+/// The certificate's part of the trace: the certificate, the chain's result under the profile,
+/// and the registry's view.
+fn certificate_json(leaf: &Certificate, trace: &CertificateTrace) -> Value {
+    let info = leaf.info();
+    let certificate = json!({
+        "id": info.id, "subject": info.subject, "issuer": info.issuer,
+        "serial": info.serial, "not_after": info.not_after,
+    });
+    let chain = match &trace.chain {
+        Verdict::Valid { chain } => json!({
+            "result": "valid",
+            "path": chain.iter().map(|c| c.info().subject.clone()).collect::<Vec<_>>(),
+        }),
+        Verdict::Rejected {
+            reason,
+            explanation,
+        } => json!({"result": "rejected", "reason": reason.code(), "explanation": explanation}),
+    };
+    let mode = match trace.mode {
+        RegistryMode::Off => "off",
+        RegistryMode::Revocation => "revocation",
+        RegistryMode::Registered => "registered",
+    };
+    let status = trace.status.map(|s| match s {
+        RegisteredStatus::Active => "ACTIVE",
+        RegisteredStatus::Inactive => "INACTIVE",
+        RegisteredStatus::PendingActivation => "PENDING_ACTIVATION",
+        RegisteredStatus::Revoked => "REVOKED",
+    });
+    let jit = trace.jit.as_ref().map(|a| {
+        json!({"ca": a.ca.info().subject, "ca_id": a.ca_id,
+               "kind": if a.provisioner.is_some() { "JITP" } else { "JITR" }})
+    });
+    let registry = match &trace.registry {
+        None => json!({"mode": mode, "status": status, "decision": "not-reached"}),
+        Some(RegistryDecision::Admit) => {
+            json!({"mode": mode, "status": status, "decision": "admit"})
+        }
+        Some(RegistryDecision::Provision { thing, .. }) => json!({
+            "mode": mode, "status": status, "decision": "provision-just-in-time",
+            "thing": thing, "just_in_time": jit,
+            "explanation": format!("unregistered, from an auto-registering CA with a provisioning template: the first connection registers it ACTIVE as thing '{thing}' and is served"),
+        }),
+        Some(RegistryDecision::Refuse(reason, explanation)) => json!({
+            "mode": mode, "status": status,
+            "decision": if jit.is_some() && status.is_none() { "refuse-and-register-just-in-time" } else { "refuse" },
+            "reason": reason.code(), "explanation": explanation, "just_in_time": jit,
+        }),
+    };
+    json!({"certificate": certificate, "profile": trace.profile.name(), "chain": chain, "registry": registry})
 }

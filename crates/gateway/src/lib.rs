@@ -1,22 +1,26 @@
 //! The Portcullis data path: mutual-TLS termination by SNI, client-certificate verification,
 //! base-path routing, proxying, identity headers and logs, and the MQTT endpoint's connections.
 //!
-//! Modules in the order a connection meets them:
+//! Layout, in the order a connection meets it:
 //!
-//! - [`listen`]: accept loops (bound, changed and stopped by reloads), the ClientHello, the
-//!   domain by SNI, the handshake, then HTTP/1.1 (fast path first) or HTTP/2 or MQTT;
-//! - `tls`: the domain's rustls configuration (policy, suites, session cache per generation);
-//! - [`verify`]: the client-certificate verifier on the pki crate's `verify`, with the registry
-//!   snapshot; `verdict`: what it decided, carried by the connection;
-//! - `context`: what a request handler knows about its connection;
-//! - `inbound`: request screening (identity and hop-by-hop headers, upgrades, framing);
-//! - `decide`: the one decision on a request (Host, path, mapping, certificate, policy), which
-//!   the fast path, the hyper path and [`explain`] all run;
-//! - `fast`: the HTTP/1.1 fast path; `proxy`: the general path's streaming to upstreams;
-//! - `identity`: the verified identity as headers; `access_log`, `respond` (gateway-made
-//!   answers and the readable failure page);
-//! - `mqtt`: MQTT connections on the `portcullis-mqtt` broker; `recheck`: open connections
-//!   closed when a change stops admitting them.
+//! - [`conn`]: a connection's life — `accept` (loops bound, changed and stopped by reloads),
+//!   `handshake` (ClientHello, domain by SNI, handshake, failures logged), then MQTT or HTTP;
+//!   [`conn::live`]: open connections, listed and closed when no longer admitted;
+//! - `stream`: the connection's byte stream (bytes put back, lingering close);
+//! - `tls`: a domain's rustls configuration (policy, suites, session cache per generation);
+//! - [`verify`]: the verifier only (the pki crate's `verify`, then the registry view);
+//!   [`registry_view`]: the registry snapshot and the registry decision, with the registry's
+//!   reasons; [`verdict`]: what the handshake decided, carried by the connection;
+//!   [`outbox`]: what the data path reports to the node (JIT, sightings, forwarded messages);
+//! - `http`: `context` (what a request handler knows), `inbound` (screening), `decide` (the
+//!   one decision on a request: Host, path, mapping, certificate, policy — run by the fast
+//!   path, the hyper path and [`explain`]), `fast` (the HTTP/1.1 fast path), `service` (the
+//!   hyper path), `proxy`, `identity`, `access_log`, `respond`, `route`, `h2guard`;
+//! - [`authorize`]: policies compiled for the data path; `mqtt`: MQTT connections on the
+//!   `portcullis-mqtt` broker; `recheck`: what a connection was admitted under, checked again.
+//!
+//! Dependencies go one way: `conn` → `http` → (`decide`, `verify`, `authorize`) →
+//! `registry_view` → `outbox`; nothing in `http` names `conn`.
 //!
 //! Invariants:
 //! - The gateway never touches a database or the admin API: everything a handshake or a request
@@ -28,25 +32,19 @@
 //! - No import cycles between modules (checked by `crates/cli/tests/cli/layout.rs`).
 #![forbid(unsafe_code)]
 
-mod access_log;
 pub mod authorize;
 pub mod config;
-mod context;
-mod decide;
+pub mod conn;
 pub mod echo;
 pub mod explain;
-mod fast;
-mod h2guard;
-mod identity;
-mod inbound;
-pub mod listen;
+mod http;
 mod mqtt;
-mod proxy;
+pub mod outbox;
 mod recheck;
-mod respond;
-mod route;
+pub mod registry_view;
+mod stream;
 mod tls;
-mod verdict;
+pub mod verdict;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -59,8 +57,8 @@ use tokio::sync::watch;
 pub use config::Config;
 
 use crate::config::{Domain, Protocols};
+use crate::registry_view::RegistryView;
 use crate::tls::DomainTls;
-use crate::verify::RegistryHandle;
 
 /// Errors of the gateway crate.
 #[non_exhaustive]
@@ -82,6 +80,12 @@ pub enum GatewayError {
     },
 }
 
+/// A configured limit refused, delayed or cut off a client (`portcullis_limit_reached_total`;
+/// the configured values are `portcullis_limit`).
+pub(crate) fn limit_reached(limit: &'static str) {
+    metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
+}
+
 /// One immutable generation of everything the data path needs.
 #[derive(Debug)]
 pub struct State {
@@ -98,9 +102,9 @@ pub(crate) struct DomainState {
     pub(crate) config: Arc<Domain>,
     pub(crate) tls: DomainTls,
     /// A client per `https://` mapping (same order as the mappings); `None` uses the shared one.
-    pub(crate) upstream_clients: Vec<Option<proxy::UpstreamClient>>,
+    pub(crate) upstream_clients: Vec<Option<http::proxy::UpstreamClient>>,
     /// The fast path's idle connections per plain-HTTP mapping (same order as the mappings).
-    pub(crate) pools: Vec<Option<fast::Pool>>,
+    pub(crate) pools: Vec<Option<http::fast::Pool>>,
     /// Metric handles by (mapping, status), registered on first use: looking a labelled metric
     /// up in the registry on every request costs allocations and hashing.
     request_metrics: std::sync::Mutex<Vec<((String, u16), RequestMetrics)>>,
@@ -164,7 +168,7 @@ impl State {
     fn build(
         config: &Config,
         generation: u64,
-        registry: &Arc<RegistryHandle>,
+        registry: &Arc<RegistryView>,
     ) -> Result<State, GatewayError> {
         let domains = config
             .domains
@@ -175,7 +179,7 @@ impl State {
                     .iter()
                     .map(|m| match &m.upstream_tls {
                         Some(tls) => {
-                            proxy::client(config.limits.upstream_connect_timeout, Some(tls))
+                            http::proxy::client(config.limits.upstream_connect_timeout, Some(tls))
                                 .map(Some)
                         }
                         None => Ok(None),
@@ -185,7 +189,11 @@ impl State {
                     config: d.clone(),
                     tls: DomainTls::new(d, registry.clone(), config.speaks_mqtt())?,
                     upstream_clients,
-                    pools: d.mappings.iter().map(fast::Pool::for_mapping).collect(),
+                    pools: d
+                        .mappings
+                        .iter()
+                        .map(http::fast::Pool::for_mapping)
+                        .collect(),
                     request_metrics: Default::default(),
                 })
             })
@@ -313,7 +321,7 @@ impl State {
 
 /// Checks that a configuration would start: builds every domain's TLS state without binding.
 pub fn check(config: &Config) -> Result<(), GatewayError> {
-    State::build(config, 0, &Arc::new(RegistryHandle::empty())).map(|_| ())
+    State::build(config, 0, &Arc::new(RegistryView::empty())).map(|_| ())
 }
 
 /// The expiry gauges of the live state, rendered at scrape time.
@@ -330,14 +338,14 @@ impl ExpiryGauges {
 /// A running gateway.
 pub struct Gateway {
     state: Arc<ArcSwap<State>>,
-    registry: Arc<RegistryHandle>,
+    registry: Arc<RegistryView>,
     shutdown: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
-    client: proxy::UpstreamClient,
+    client: http::proxy::UpstreamClient,
     listeners: std::sync::Mutex<Vec<RunningListener>>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
-    gates: Arc<listen::Gates>,
+    gates: Arc<conn::Gates>,
 }
 
 /// A bound listener: its configured address, the address bound, and the handles that change
@@ -382,16 +390,16 @@ impl Gateway {
     /// Builds the first state, binds every listener and starts serving.
     pub async fn start(
         config: Config,
-        initial: verify::RegistrySnapshot,
+        initial: registry_view::RegistrySnapshot,
     ) -> Result<Gateway, GatewayError> {
-        let registry = Arc::new(RegistryHandle::empty());
+        let registry = Arc::new(RegistryView::empty());
         registry.snapshot.store(Arc::new(initial));
         let first = State::build(&config, 1, &registry)?;
         first.publish_gauges();
         let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client = proxy::client(config.limits.upstream_connect_timeout, None)?;
-        let limits = Arc::new(listen::Gates::new(&config.limits));
+        let client = http::proxy::client(config.limits.upstream_connect_timeout, None)?;
+        let limits = Arc::new(conn::Gates::new(&config.limits));
         let mut tasks = Vec::new();
         let broker = Arc::new(portcullis_mqtt::broker::Broker::new(config.broker.clone()));
         let mut listeners = Vec::new();
@@ -457,16 +465,16 @@ impl Gateway {
         config: &config::Listener,
         (listener, local): (TcpListener, SocketAddr),
         state: &Arc<ArcSwap<State>>,
-        client: &proxy::UpstreamClient,
-        gates: &Arc<listen::Gates>,
+        client: &http::proxy::UpstreamClient,
+        gates: &Arc<conn::Gates>,
         broker: &Arc<portcullis_mqtt::broker::Broker>,
         shutdown: &watch::Receiver<bool>,
     ) -> (RunningListener, tokio::task::JoinHandle<()>) {
         let (protocols, protocols_rx) = watch::channel(config.protocols);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(listen::accept_loop(
+        let task = tokio::spawn(conn::accept_loop(
             listener,
-            listen::Accepting {
+            conn::Accepting {
                 protocols: protocols_rx,
                 stop: stop_rx,
             },
@@ -488,7 +496,7 @@ impl Gateway {
     }
 
     /// The open HTTP connections, to list and close from the admin API.
-    pub fn live_connections(&self) -> Arc<listen::Live> {
+    pub fn live_connections(&self) -> Arc<conn::live::Live> {
         self.gates.live.clone()
     }
 
@@ -567,15 +575,15 @@ impl Gateway {
 
     /// Replaces the registry snapshot. New handshakes use it at once; open connections whose
     /// certificate it now refuses are closed (one pass over the open connections).
-    pub fn update_registry(&self, snapshot: verify::RegistrySnapshot) {
+    pub fn update_registry(&self, snapshot: registry_view::RegistrySnapshot) {
         self.registry.snapshot.store(Arc::new(snapshot));
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
-    /// MQTT messages for forwarding rules, (webhook id, envelope JSON); the first call takes
-    /// the receiver.
-    pub fn take_forwarded(&self) -> Option<tokio::sync::mpsc::Receiver<(String, String)>> {
-        self.registry.forwarded.lock().ok()?.take()
+    /// What the data path reports to the node (just-in-time registrations, certificates seen,
+    /// messages for forwarding rules); the first call takes the receivers.
+    pub fn take_outbox(&self) -> Option<outbox::OutboxReceivers> {
+        self.registry.outbox.take()
     }
 
     /// The MQTT broker (sessions, retained messages), for the admin API and HTTPS publish.
@@ -584,20 +592,8 @@ impl Gateway {
     }
 
     /// The registry snapshot in use (to derive the next one from).
-    pub fn registry(&self) -> Arc<verify::RegistrySnapshot> {
+    pub fn registry(&self) -> Arc<registry_view::RegistrySnapshot> {
         self.registry.snapshot.load_full()
-    }
-
-    /// The just-in-time registration requests; the first call takes the receiver, later calls
-    /// get `None`.
-    pub fn take_jit_requests(&self) -> Option<tokio::sync::mpsc::Receiver<verify::JitRequest>> {
-        self.registry.jit_requests.lock().ok()?.take()
-    }
-
-    /// The verified certificates the gateway sees (at most one report per certificate a
-    /// minute); the first call takes the receiver.
-    pub fn take_sightings(&self) -> Option<tokio::sync::mpsc::Receiver<verify::Sighting>> {
-        self.registry.sightings.lock().ok()?.take()
     }
 
     /// The expiry gauges of the live state, for the metrics endpoint.

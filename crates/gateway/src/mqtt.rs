@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::Domain;
-use crate::verify::{ClientVerdict, DomainVerifier};
+use crate::verdict::ClientVerdict;
+use crate::verify::DomainVerifier;
 
 /// QoS 1 messages sent and not yet acknowledged, per session, at most.
 const MAX_INFLIGHT: usize = 64;
@@ -1060,11 +1061,11 @@ pub(crate) async fn https_publish(
     domain: &Domain,
     broker: &Broker,
     peer: SocketAddr,
-) -> hyper::Response<crate::respond::Body> {
+) -> hyper::Response<crate::http::respond::Body> {
     use http_body_util::BodyExt;
     use hyper::StatusCode;
 
-    use crate::respond::{error_response, full};
+    use crate::http::respond::{error_response, full};
     if req.method() != hyper::Method::POST {
         return error_response(
             StatusCode::METHOD_NOT_ALLOWED,

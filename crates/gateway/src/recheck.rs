@@ -15,7 +15,8 @@ use arc_swap::ArcSwap;
 
 use crate::State;
 use crate::config::{Domain, MtlsMode};
-use crate::verify::{ClientVerdict, DomainVerifier};
+use crate::verdict::ClientVerdict;
+use crate::verify::DomainVerifier;
 
 /// Why an open connection is closed: a stable code (a rejection reason's, or `domain-removed`,
 /// `domain-changed`, `mtls-changed`) and a sentence for the log.

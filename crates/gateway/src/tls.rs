@@ -16,7 +16,9 @@ use rustls::{CipherSuite, ServerConfig, SupportedCipherSuite};
 
 use crate::GatewayError;
 use crate::config::{Domain, RegistryMode, SecurityPolicy};
-use crate::verify::{ClientVerdict, DomainVerifier, RegistryHandle};
+use crate::registry_view::RegistryView;
+use crate::verdict::ClientVerdict;
+use crate::verify::DomainVerifier;
 
 /// Sessions kept per domain and generation for resumption.
 const SESSIONS: usize = 4096;
@@ -107,7 +109,7 @@ pub(crate) struct DomainTls {
 impl DomainTls {
     pub(crate) fn new(
         domain: &Domain,
-        registry: Arc<RegistryHandle>,
+        registry: Arc<RegistryView>,
         mqtt: bool,
     ) -> Result<DomainTls, GatewayError> {
         let provider = provider_for(domain.policy);

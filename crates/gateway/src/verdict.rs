@@ -1,9 +1,58 @@
 //! The verdict on one connection's client certificate: what the handshake decided, carried by
-//! the connection and read by routing, identity headers, logs and pages.
+//! the connection and read by routing, identity headers, logs and pages; and why a certificate
+//! is refused, by its chain (the pki crate's reasons) or by the registry.
 
 use std::sync::Arc;
 
-use portcullis_pki::{Certificate, RejectReason};
+use portcullis_pki::{Certificate, RejectReason, TlsAlert};
+
+use crate::registry_view::RegistryReason;
+
+/// Why a presented certificate is refused: its chain (truststore, CRLs, profile) or the
+/// registry (status, just-in-time provisioning, an ambiguous subject).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The pki crate's verification refused the chain.
+    Chain(RejectReason),
+    /// The registry refused a certificate whose chain verified.
+    Registry(RegistryReason),
+}
+
+impl Rejection {
+    /// The stable code (`expired`, `unregistered`…), as logs, headers and pages give it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::Chain(r) => r.code(),
+            Rejection::Registry(r) => r.code(),
+        }
+    }
+
+    /// The TLS alert a handshake refused for this reason ends with.
+    pub fn tls_alert(self) -> TlsAlert {
+        match self {
+            Rejection::Chain(r) => r.tls_alert(),
+            Rejection::Registry(r) => r.tls_alert(),
+        }
+    }
+}
+
+impl From<RejectReason> for Rejection {
+    fn from(r: RejectReason) -> Self {
+        Rejection::Chain(r)
+    }
+}
+
+impl From<RegistryReason> for Rejection {
+    fn from(r: RegistryReason) -> Self {
+        Rejection::Registry(r)
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
 
 /// The verdict on one connection's client certificate.
 #[derive(Debug, Clone)]
@@ -17,7 +66,7 @@ pub enum ClientVerdict {
         /// The presented leaf, when it could be parsed.
         leaf: Option<Box<Certificate>>,
         /// Why.
-        reason: RejectReason,
+        reason: Rejection,
         /// A sentence for logs and pages.
         explanation: String,
     },

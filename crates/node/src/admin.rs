@@ -220,7 +220,7 @@ pub(crate) struct ServeHooks {
     pub domains: crate::config::DomainChecker,
     pub broker: std::sync::Arc<portcullis_mqtt::broker::Broker>,
     /// The gateway's open HTTP connections.
-    pub live: std::sync::Arc<portcullis_gateway::listen::Live>,
+    pub live: std::sync::Arc<portcullis_gateway::conn::live::Live>,
     /// The data dir's admin credentials (for rotation).
     pub admin: AdminFiles,
 }
@@ -317,7 +317,7 @@ impl Hooks for ServeHooks {
 #[derive(Debug)]
 pub(crate) struct TemplateProvisioner(pub(crate) portcullis_registry::ProvisioningTemplate);
 
-impl portcullis_gateway::verify::Provisioner for TemplateProvisioner {
+impl portcullis_gateway::registry_view::Provisioner for TemplateProvisioner {
     fn check(&self, leaf: &Certificate) -> Result<String, String> {
         self.0.resolve(leaf).map(|p| p.thing_name)
     }

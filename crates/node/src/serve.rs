@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use portcullis_gateway::verify::{AutoRegistration, RegisteredStatus, RegistrySnapshot};
+use portcullis_gateway::registry_view::{AutoRegistration, RegisteredStatus, RegistrySnapshot};
 use portcullis_gateway::{Config, Gateway};
 use portcullis_pki::Certificate;
 use portcullis_registry::{CertStatus, Store};
@@ -155,16 +155,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
     }
     let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
-    if let Some(requests) = gateway.take_jit_requests() {
-        tokio::spawn(just_in_time(store.clone(), requests));
-    }
-    if let Some(sightings) = gateway.take_sightings() {
-        tokio::spawn(record_sightings(store.clone(), sightings));
+    // What the data path reports: each kind to its own writer.
+    if let Some(outbox) = gateway.take_outbox() {
+        tokio::spawn(just_in_time(store.clone(), outbox.jit));
+        tokio::spawn(record_sightings(store.clone(), outbox.sightings));
+        tokio::spawn(record_forwarded(store.clone(), outbox.forwarded));
     }
     tokio::spawn(portcullis_registry::webhooks::Dispatcher::new(store.clone()).run());
-    if let Some(forwarded) = gateway.take_forwarded() {
-        tokio::spawn(record_forwarded(store.clone(), forwarded));
-    }
     tokio::spawn(publish_registry_events(store.clone(), gateway.broker()));
 
     // The admin API: HTTPS, admin client certificate or bearer token.
@@ -258,7 +255,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 /// already (a burst of one device) is registered exactly once.
 async fn just_in_time(
     store: Store,
-    mut requests: tokio::sync::mpsc::Receiver<portcullis_gateway::verify::JitRequest>,
+    mut requests: tokio::sync::mpsc::Receiver<portcullis_gateway::outbox::JitRequest>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     while let Some(request) = requests.recv().await {
@@ -278,7 +275,7 @@ async fn just_in_time(
 
 async fn jit_one(
     store: &Store,
-    request: &portcullis_gateway::verify::JitRequest,
+    request: &portcullis_gateway::outbox::JitRequest,
 ) -> std::result::Result<(), String> {
     use portcullis_registry::RegistryError;
     let cert = &request.certificate;
@@ -399,21 +396,21 @@ async fn publish_registry_events(store: Store, broker: Arc<portcullis_mqtt::brok
 /// them (signed, retried, recorded).
 async fn record_forwarded(
     store: Store,
-    mut forwarded: tokio::sync::mpsc::Receiver<(String, String)>,
+    mut forwarded: tokio::sync::mpsc::Receiver<portcullis_gateway::outbox::Forwarded>,
 ) {
     let mut batch = Vec::new();
     while forwarded.recv_many(&mut batch, 500).await > 0 {
-        if let Err(e) = store.enqueue_message_deliveries(&batch).await {
-            tracing::warn!(target: "portcullis::webhooks", error = %e, messages = batch.len(), "cannot record messages for forwarding rules; they are dropped");
+        let rows: Vec<(String, String)> = batch.drain(..).map(|m| (m.rule, m.envelope)).collect();
+        if let Err(e) = store.enqueue_message_deliveries(&rows).await {
+            tracing::warn!(target: "portcullis::webhooks", error = %e, messages = rows.len(), "cannot record messages for forwarding rules; they are dropped");
         }
-        batch.clear();
     }
 }
 
 /// Writes the certificates gateways saw, in batches.
 async fn record_sightings(
     store: Store,
-    mut sightings: tokio::sync::mpsc::Receiver<portcullis_gateway::verify::Sighting>,
+    mut sightings: tokio::sync::mpsc::Receiver<portcullis_gateway::outbox::Sighting>,
 ) {
     let mut batch = Vec::new();
     while sightings.recv_many(&mut batch, 1000).await > 0 {
@@ -716,7 +713,7 @@ impl RegistryWatch {
 
 /// The gateway's in-memory view of the registry.
 async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
-    let mut builder = portcullis_gateway::verify::SnapshotBuilder::default();
+    let mut builder = portcullis_gateway::registry_view::SnapshotBuilder::default();
     store
         .for_each_status(|id, status| builder.add(id, registered(status)))
         .await
@@ -827,7 +824,7 @@ async fn auto_registering_cas(store: &Store) -> Result<Vec<AutoRegistration>> {
                 ca_id: ca.id.to_string(),
                 provisioner: ca.provisioning_template.map(|t| {
                     Arc::new(crate::admin::TemplateProvisioner(t))
-                        as Arc<dyn portcullis_gateway::verify::Provisioner>
+                        as Arc<dyn portcullis_gateway::registry_view::Provisioner>
                 }),
             })
         })

@@ -13,7 +13,9 @@ use crate::crl::Crl;
 pub const DEFAULT_MAX_DEPTH: u8 = 4;
 
 /// Why a certificate was rejected. The [`code`](RejectReason::code) is stable: scripts, metrics
-/// labels, HTTP bodies and logs use it, so variants are only ever added.
+/// labels, HTTP bodies and logs use it, so variants are only ever added. The registry's reasons
+/// (`unregistered`, `inactive`, `provisioning-failed`, `ambiguous-subject`) share the code
+/// namespace and live where the registry decision is made (the gateway's `RegistryReason`).
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,16 +50,6 @@ pub enum RejectReason {
     NameMismatch,
     /// The key is too weak (RSA below 2048 bits, EC below P-256).
     WeakKey,
-    /// The certificate is not registered, and the domain accepts only registered ones.
-    Unregistered,
-    /// The registry marks the certificate INACTIVE or PENDING_ACTIVATION.
-    Inactive,
-    /// Just-in-time provisioning could not provision the certificate (its CA's template needs a
-    /// subject field it lacks, or the registry could not record it).
-    ProvisioningFailed,
-    /// The subject cannot be read as one identity (a multi-valued RDN, CN, O, OU or C given
-    /// twice, a value that is not text), which the registry and policies refuse.
-    AmbiguousSubject,
     /// An X.509 v1 certificate would act as an intermediate CA: a v1 certificate cannot say
     /// CA:FALSE, so no profile lets one issue (only a trusted self-signed v1 root may).
     V1Intermediate,
@@ -65,7 +57,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 20] = [
+    pub const ALL: [RejectReason; 16] = [
         RejectReason::NoCertificate,
         RejectReason::Expired,
         RejectReason::NotYetValid,
@@ -81,10 +73,6 @@ impl RejectReason {
         RejectReason::CrlInvalid,
         RejectReason::NameMismatch,
         RejectReason::WeakKey,
-        RejectReason::Unregistered,
-        RejectReason::Inactive,
-        RejectReason::ProvisioningFailed,
-        RejectReason::AmbiguousSubject,
         RejectReason::V1Intermediate,
     ];
 
@@ -106,10 +94,6 @@ impl RejectReason {
             RejectReason::CrlInvalid => "crl-invalid",
             RejectReason::NameMismatch => "name-mismatch",
             RejectReason::WeakKey => "weak-key",
-            RejectReason::Unregistered => "unregistered",
-            RejectReason::Inactive => "inactive",
-            RejectReason::ProvisioningFailed => "provisioning-failed",
-            RejectReason::AmbiguousSubject => "ambiguous-subject",
             RejectReason::V1Intermediate => "v1-intermediate",
         }
     }
@@ -132,10 +116,6 @@ impl RejectReason {
             | RejectReason::CrlInvalid
             | RejectReason::NameMismatch
             | RejectReason::WeakKey
-            | RejectReason::Unregistered
-            | RejectReason::Inactive
-            | RejectReason::ProvisioningFailed
-            | RejectReason::AmbiguousSubject
             | RejectReason::V1Intermediate => TlsAlert::AccessDenied,
         }
     }

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use portcullis_gateway::verify::{RegisteredStatus, RegistrySnapshot};
+use portcullis_gateway::registry_view::{RegisteredStatus, RegistrySnapshot};
 use portcullis_pki::issue::{self, CaIssuer};
 use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
 use portcullis_registry::{CertStatus, Store};
@@ -165,7 +165,7 @@ fn main() {
     // A node's start-up load: read every status and build the snapshot.
     let before = rss_bytes();
     let t = Instant::now();
-    let mut builder = portcullis_gateway::verify::SnapshotBuilder::default();
+    let mut builder = portcullis_gateway::registry_view::SnapshotBuilder::default();
     runtime
         .block_on(store.for_each_status(|id, s| {
             let status = match s {

@@ -20,9 +20,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::GatewayError;
 use crate::config::UpstreamTls;
-use crate::identity::IdentityBlock;
-use crate::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
-use crate::respond::{Body, error_response};
+use crate::http::identity::IdentityBlock;
+use crate::http::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
+use crate::http::respond::{Body, error_response};
 
 /// A pooled HTTP/1.1 client: the shared one for `http://` upstreams, or one per `https://`
 /// mapping with that mapping's CA and client certificate.

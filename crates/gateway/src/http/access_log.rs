@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::context::ConnectionContext;
+use crate::http::context::ConnectionContext;
 
 /// What the access-log line of one request says, less the byte count.
 pub(crate) struct AccessLog {

@@ -1,5 +1,5 @@
-//! What a request handler knows about its connection, and the counters of limits reached:
-//! shared by the HTTP/1.1 fast path and the hyper path (which live in `fast` and `listen`).
+//! What a request handler knows about its connection:
+//! shared by the HTTP/1.1 fast path (`fast`) and the hyper path (`service`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,9 +7,9 @@ use std::sync::Arc;
 use portcullis_mqtt::broker::Broker;
 
 use crate::State;
-use crate::decide::{self, Admitted, Refusal};
-use crate::identity::IdentityBlock;
-use crate::proxy::{Forwarding, TunnelSlot, UpstreamClient};
+use crate::http::decide::{self, Admitted, Refusal};
+use crate::http::identity::IdentityBlock;
+use crate::http::proxy::{Forwarding, TunnelSlot, UpstreamClient};
 use crate::verdict::ClientVerdict;
 
 /// What a request handler knows about its connection.
@@ -64,14 +64,3 @@ pub(crate) fn admit(
         },
     )
 }
-
-/// A configured limit refused, delayed or cut off a client (`portcullis_limit_reached_total`;
-/// the configured values are `portcullis_limit`).
-pub(crate) fn limit_reached(limit: &'static str) {
-    metrics::counter!("portcullis_limit_reached_total", "limit" => limit).increment(1);
-}
-
-/// How long, and how much, a client is read after the gateway's last words (a refused
-/// handshake's alert, an HTTP/2 GOAWAY) before the socket closes, so that no reset destroys them.
-pub(crate) const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
-pub(crate) const LINGER_BYTES: usize = 64 * 1024;

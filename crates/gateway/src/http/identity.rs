@@ -309,7 +309,7 @@ mod tests {
                 HeaderValue::from_static("spoof"),
             );
         }
-        crate::inbound::strip(&ids, false, &mut h);
+        crate::http::inbound::strip(&ids, false, &mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-other"));
     }
@@ -426,8 +426,8 @@ mod property_tests {
             let parsed = HeaderName::from_bytes(name.as_bytes()).unwrap();
             let mut h = HeaderMap::new();
             h.insert(parsed.clone(), HeaderValue::from_static("spoofed"));
-            crate::inbound::strip(&ids, underscores, &mut h);
-            let dropped = crate::inbound::dropped(&ids, underscores, &name);
+            crate::http::inbound::strip(&ids, underscores, &mut h);
+            let dropped = crate::http::inbound::dropped(&ids, underscores, &name);
             prop_assert_eq!(dropped, h.is_empty(), "{}", name);
             if ids.is_identity_name(&name.replace('_', "-")) {
                 prop_assert!(dropped, "{}", name);

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use hyper::StatusCode;
 
 use crate::config::{Authorization, MtlsMode};
+use crate::http::route;
 use crate::verdict::ClientVerdict;
-use crate::{DomainState, State, authorize, route};
+use crate::{DomainState, State, authorize};
 
 /// What the decision needs of the connection.
 pub(crate) struct Context<'a> {
@@ -264,7 +265,7 @@ mod tests {
         Config, Domain, Hostname, Listener, Mapping, MqttSettings, Mtls, RegistryMode,
         ResponseHeaders, SecurityPolicy, ServerCertificate,
     };
-    use crate::verify::RegistryHandle;
+    use crate::registry_view::RegistryView;
 
     struct Pki {
         ca: CaIssuer,
@@ -349,12 +350,12 @@ mod tests {
             None,
         )
         .unwrap();
-        let state = State::build(&config, 1, &Arc::new(RegistryHandle::empty())).unwrap();
+        let state = State::build(&config, 1, &Arc::new(RegistryView::empty())).unwrap();
         let alice = client(&pki, "alice");
         let valid = ClientVerdict::Valid(Arc::new(vec![alice.clone()]));
         let refused = ClientVerdict::Rejected {
             leaf: Some(Box::new(alice)),
-            reason: RejectReason::Expired,
+            reason: RejectReason::Expired.into(),
             explanation: String::new(),
         };
         let none = ClientVerdict::None;

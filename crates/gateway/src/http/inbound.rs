@@ -9,7 +9,7 @@
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::{Method, Request, StatusCode, Version};
 
-use crate::identity::IdentityHeaders;
+use crate::http::identity::IdentityHeaders;
 
 /// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`, and `HTTP2-Settings`,
 /// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list.

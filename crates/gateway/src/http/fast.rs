@@ -15,23 +15,22 @@
 //! re-framed as chunked so the client connection stays usable.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::access_log::AccessLog;
 use crate::config::{Mapping, ResponseHeaders};
-use crate::context::{ConnectionContext, admit, limit_reached};
-use crate::decide::normalize_host;
-use crate::inbound::HOP_BY_HOP;
-use crate::respond::error_parts;
+use crate::http::access_log::AccessLog;
+use crate::http::context::{ConnectionContext, admit};
+use crate::http::decide::normalize_host;
+use crate::http::inbound::HOP_BY_HOP;
+use crate::http::respond::error_parts;
+use crate::limit_reached;
 
 /// Header lines per message at most (hyper's default too); more goes to the hyper path.
 const MAX_HEADERS: usize = 100;
@@ -129,132 +128,6 @@ pub(crate) enum Outcome {
     /// A request this path does not serve: the hyper path takes the connection, starting with
     /// these bytes.
     Fallback(Bytes),
-}
-
-/// A stream that first yields bytes already read from it.
-pub(crate) struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-    /// Shut down by shutting the write side, then reading and discarding what the client still
-    /// sends (bounded in time and bytes), so that no reset destroys what was sent last.
-    linger: bool,
-    draining: Option<Box<Draining>>,
-}
-
-/// A lingering shutdown in progress: its deadline (the shutdown included), whether the write
-/// side is shut, and how much was read since.
-struct Draining {
-    until: Pin<Box<tokio::time::Sleep>>,
-    shut: bool,
-    read: usize,
-}
-
-impl<S> Prefixed<S> {
-    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
-        Prefixed {
-            prefix,
-            inner,
-            linger: false,
-            draining: None,
-        }
-    }
-
-    /// Makes shutdown linger (nginx's lingering close): the write side is shut, then what the
-    /// client still sends is read and discarded, for at most `LINGER_TIME` and `LINGER_BYTES`,
-    /// so that no reset destroys what was sent last (a refused handshake's alert, an HTTP/2
-    /// GOAWAY). Only for streams nothing is tunnelled through: what is read is discarded.
-    pub(crate) fn linger_on_shutdown(&mut self) {
-        self.linger = true;
-    }
-
-    /// Puts `prefix` before what is still to be read (it must be empty).
-    pub(crate) fn set_prefix(&mut self, prefix: Bytes) {
-        debug_assert!(self.prefix.is_empty());
-        self.prefix = prefix;
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        // What TLS answered while reading (the no_renegotiation warning to a TLS 1.2
-        // renegotiation attempt, a key update) goes out now, not with the next response, which
-        // may never come: the read can stay pending while the client waits for that answer.
-        // With nothing queued this costs no system call; a write error shows on the next write.
-        let _ = Pin::new(&mut self.inner).poll_flush(cx);
-        read
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.linger {
-            return Pin::new(&mut this.inner).poll_shutdown(cx);
-        }
-        // The deadline bounds the whole close, a client that reads nothing included.
-        let draining = this.draining.get_or_insert_with(|| {
-            Box::new(Draining {
-                until: Box::pin(tokio::time::sleep(crate::context::LINGER_TIME)),
-                shut: false,
-                read: 0,
-            })
-        });
-        if std::future::Future::poll(draining.until.as_mut(), cx).is_ready() {
-            return Poll::Ready(Ok(()));
-        }
-        if !draining.shut {
-            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            draining.shut = true;
-        }
-        let mut scratch = [0u8; 2048];
-        loop {
-            if draining.read >= crate::context::LINGER_BYTES {
-                return Poll::Ready(Ok(()));
-            }
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => draining.read += buf.filled().len(),
-                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 /// What one admitted request needs once its head has been consumed.
@@ -632,8 +505,8 @@ fn plan_request(
                 }
             }
             Class::Other => {
-                if !crate::inbound::dropped(identity, underscores, name) {
-                    method_override |= crate::inbound::METHOD_OVERRIDES
+                if !crate::http::inbound::dropped(identity, underscores, name) {
+                    method_override |= crate::http::inbound::METHOD_OVERRIDES
                         .iter()
                         .any(|m| m.eq_ignore_ascii_case(name));
                     copy_header(fwd, name, value);
@@ -1276,7 +1149,7 @@ fn plain_target_byte(b: u8) -> bool {
 /// hyper path's to judge): lower-case, port removed.
 fn host_of(value: &[u8]) -> Option<String> {
     let value = value.trim_ascii();
-    if !crate::inbound::valid_host(value) {
+    if !crate::http::inbound::valid_host(value) {
         return None;
     }
     Some(normalize_host(std::str::from_utf8(value).ok()?))

@@ -1,0 +1,17 @@
+//! HTTP after the handshake: what a request handler knows (`context`), request screening
+//! (`inbound`), the one decision (`decide`), the HTTP/1.1 fast path (`fast`), the hyper path
+//! (`service`, `proxy`, `h2guard`), identity headers, access logs and gateway-made answers.
+//!
+//! Invariant: nothing here names `conn`; connections hand their stream and context in.
+
+pub(crate) mod access_log;
+pub(crate) mod context;
+pub(crate) mod decide;
+pub(crate) mod fast;
+pub(crate) mod h2guard;
+pub(crate) mod identity;
+pub(crate) mod inbound;
+pub(crate) mod proxy;
+pub(crate) mod respond;
+pub(crate) mod route;
+pub(crate) mod service;

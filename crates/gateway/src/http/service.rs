@@ -1,0 +1,386 @@
+//! The general HTTP path on hyper (HTTP/1.1 after the fast path hands over, and HTTP/2):
+//! screen, decide, forward or answer, and the access log line when the body ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::DomainState;
+use crate::config::Authorization;
+use crate::http::access_log::AccessLog;
+use crate::http::context::{ConnectionContext, admit};
+use crate::http::decide::{Refusal, normalize_host};
+use crate::http::proxy::{Origin, Outgoing, forward};
+use crate::http::respond::{Body, error_response, escape};
+use crate::verdict::ClientVerdict;
+
+pub(crate) async fn request(
+    mut req: Request<Incoming>,
+    ctx: Arc<ConnectionContext>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let domain: &DomainState = &ctx.state.domains[ctx.domain];
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let screened = crate::http::inbound::screen(
+        &mut req,
+        &ctx.state.identity,
+        domain.config.underscores_in_headers,
+    );
+    let websocket = match screened {
+        Ok(websocket) => websocket,
+        Err(refused) => {
+            tracing::info!(target: "portcullis::connection", peer = %ctx.peer, domain = %domain.config.hostname, result = "refused", reason = refused.code, "{}", refused.message);
+            let mut response = error_response(refused.status, refused.code, &refused.message, None);
+            // The request's framing or target is in doubt: nothing more is read from this
+            // connection (HTTP/2 closes only the stream).
+            if req.version() < hyper::Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return finish(
+                &ctx,
+                started,
+                String::new(),
+                method,
+                path,
+                Some(refused.code.to_string()),
+                response,
+            );
+        }
+    };
+    let host = request_host(&req);
+    let mapping_name = |index: Option<usize>| {
+        index
+            .and_then(|i| domain.config.mappings.get(i))
+            .map(|m| m.base_path.clone())
+            .unwrap_or_default()
+    };
+    let mut denied: Option<String> = None;
+    let admitted = admit(
+        &ctx,
+        method.as_str(),
+        &path,
+        req.uri().query(),
+        &host,
+        websocket.is_some(),
+    );
+    let (mapping_name, response) = match admitted {
+        Ok(admitted) => {
+            let mapping = &domain.config.mappings[admitted.index];
+            let forwarded_host = admitted.forwarded_host(&host, domain);
+            let out = Outgoing {
+                origin: Origin {
+                    forwarding: &ctx.forwarding,
+                    host: &forwarded_host,
+                },
+                identity: &ctx.identity,
+                policy: mapping.authorization == Authorization::Policy,
+                websocket,
+                tunnel: &ctx.tunnel,
+            };
+            let timeout = ctx.state.limits.upstream_response_timeout;
+            let client = domain
+                .upstream_clients
+                .get(admitted.index)
+                .and_then(Option::as_ref)
+                .unwrap_or(&ctx.client);
+            (
+                mapping.base_path.clone(),
+                forward(client, req, &mapping.upstream, &admitted.rest, out, timeout).await,
+            )
+        }
+        Err((refusal, index)) => {
+            let name = mapping_name(index);
+            let response = match refusal {
+                Refusal::Misdirected => error_response(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected-request",
+                    "the Host header does not match the domain this connection was made for",
+                    None,
+                ),
+                // HTTPS publish to MQTT subscribers, like IoT Core's HTTPS endpoint.
+                Refusal::HttpsPublish => {
+                    let leaf = match &ctx.verdict {
+                        ClientVerdict::Valid(chain) => chain.first(),
+                        _ => None,
+                    };
+                    let response = match leaf {
+                        None => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
+                        Some(leaf) => {
+                            crate::mqtt::https_publish(
+                                req,
+                                leaf,
+                                &domain.tls.verifier,
+                                &domain.config,
+                                &ctx.broker,
+                                ctx.peer,
+                            )
+                            .await
+                        }
+                    };
+                    return finish(
+                        &ctx,
+                        started,
+                        "/topics".into(),
+                        method,
+                        path,
+                        None,
+                        response,
+                    );
+                }
+                Refusal::AmbiguousPath(why) => {
+                    denied = Some("ambiguous-path".to_string());
+                    error_response(StatusCode::BAD_REQUEST, "ambiguous-path", &why, None)
+                }
+                Refusal::NoRoute => error_response(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    "no mapping matches this path",
+                    None,
+                ),
+                Refusal::NeedsCertificate => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
+                Refusal::NoHost => {
+                    denied = Some("no-host".to_string());
+                    error_response(
+                        StatusCode::BAD_REQUEST,
+                        "no-host",
+                        "policy-authorized routes need a Host header",
+                        None,
+                    )
+                }
+                Refusal::UpgradeNotAllowed => {
+                    denied = Some("upgrade-refused".to_string());
+                    error_response(
+                        StatusCode::BAD_REQUEST,
+                        "upgrade-refused",
+                        "this mapping does not tunnel WebSocket connections",
+                        None,
+                    )
+                }
+                Refusal::PolicyDenied(reason) => {
+                    let page = forbidden_page(
+                        &req,
+                        "policy-denied",
+                        &format!("Access denied: {reason}."),
+                        ctx.verdict.leaf(),
+                        advice_of(&ctx),
+                    );
+                    denied = Some(reason);
+                    page
+                }
+            };
+            (name, response)
+        }
+    };
+    finish(&ctx, started, mapping_name, method, path, denied, response)
+}
+
+/// Records a request's metrics and arranges its access-log line (written when the body has been
+/// sent or abandoned, with its size).
+fn finish(
+    ctx: &Arc<ConnectionContext>,
+    started: Instant,
+    mapping: String,
+    method: hyper::Method,
+    path: String,
+    denied: Option<String>,
+    response: Response<Body>,
+) -> Response<Body> {
+    ctx.state.domains[ctx.domain]
+        .request_metrics(&mapping, response.status().as_u16())
+        .record(started.elapsed().as_secs_f64());
+    if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+        return response;
+    }
+    let log = AccessLog {
+        ctx: ctx.clone(),
+        mapping,
+        method,
+        path,
+        status: response.status().as_u16(),
+        denied,
+        headers_ms: started.elapsed().as_secs_f64() * 1000.0,
+        started,
+    };
+    response.map(|body| {
+        BoxBody::new(LoggedBody {
+            inner: body,
+            bytes: 0,
+            log: Some(log),
+        })
+    })
+}
+
+/// A response body that counts what it sends and writes the access line at its end.
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    log: Option<AccessLog>,
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.emit(this.bytes, true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            let complete = hyper::body::Body::is_end_stream(&self.inner);
+            log.emit(self.bytes, complete);
+        }
+    }
+}
+
+/// The Host of a request: HTTP/2's :authority or the Host header, lower-case, without port.
+fn request_host(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .map(normalize_host)
+        .unwrap_or_default()
+}
+
+/// 403 with the reason: JSON for programs, a readable page for browsers.
+fn forbidden(
+    req: &Request<Incoming>,
+    verdict: &ClientVerdict,
+    advice: Option<&str>,
+) -> Response<Body> {
+    let (code, message) = match verdict {
+        ClientVerdict::None => (
+            "no-certificate",
+            "This service requires a client certificate, and none was presented.".to_string(),
+        ),
+        ClientVerdict::Rejected {
+            reason,
+            explanation,
+            ..
+        } => (
+            reason.code(),
+            format!("The client certificate was rejected: {explanation}."),
+        ),
+        ClientVerdict::Valid(_) => ("forbidden", "Access denied.".to_string()),
+    };
+    forbidden_page(req, code, &message, verdict.leaf(), advice)
+}
+
+/// The domain's failure-page advice.
+fn advice_of(ctx: &ConnectionContext) -> Option<&str> {
+    ctx.state.domains[ctx.domain]
+        .config
+        .mtls
+        .failure_advice
+        .as_deref()
+}
+
+/// 403 with `code` and `message`: JSON for programs, a readable page (with the certificate
+/// presented, if any) for browsers.
+fn forbidden_page(
+    req: &Request<Incoming>,
+    code: &str,
+    message: &str,
+    leaf: Option<&portcullis_pki::Certificate>,
+    advice: Option<&str>,
+) -> Response<Body> {
+    let wants_html = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if !wants_html {
+        let mut resp = error_response(StatusCode::FORBIDDEN, code, message, None);
+        if let Ok(v) = HeaderValue::from_str(code) {
+            resp.headers_mut().insert("x-portcullis-reason", v);
+        }
+        return resp;
+    }
+    let info = leaf.map(portcullis_pki::Certificate::info);
+    let presented = info.map(|i| crate::http::respond::Presented {
+        subject: &i.subject,
+        issuer: &i.issuer,
+        not_after: &i.not_after,
+        expired: i.not_after_unix() < time::OffsetDateTime::now_utc().unix_timestamp(),
+    });
+    let advice = match advice {
+        // The domain's own words: plain text, escaped, one paragraph per blank-line block.
+        Some(text) => {
+            let paragraphs: String = text
+                .split("\n\n")
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| format!("<p>{}</p>", escape(p)))
+                .collect();
+            format!("<h2>What to do</h2>{paragraphs}")
+        }
+        None => "<h2>What to do</h2><p>Use a device with a certificate issued for this service, or ask your administrator for one. \
+                 If your browser asked you to choose a certificate, restart it and choose again.</p>"
+            .to_string(),
+    };
+    let page = crate::http::respond::failure_page(
+        StatusCode::FORBIDDEN,
+        code,
+        message,
+        presented.as_ref(),
+        &advice,
+    );
+    let mut resp = Response::new(crate::http::respond::full(page));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    if let Ok(v) = HeaderValue::from_str(code) {
+        headers.insert("x-portcullis-reason", v);
+    }
+    resp
+}
