@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 
 use portcullis_registry::store::{AuditFilter, CaRegistration, CaUpdate, CertFilter};
 use portcullis_registry::{
-    CaStatus, CertId, CertStatus, ProvisioningTemplate, RegistryError, Store,
+    CaStatus, CertId, CertStatus, DomainSpec, ProvisioningTemplate, RegistryError, Store,
 };
 
 mod console;
@@ -59,7 +59,7 @@ pub trait Hooks: Send + Sync + 'static {
     /// in the same order, or one line naming what is wrong. Nothing is stored unless this passes.
     fn check_domains<'a>(
         &'a self,
-        domains: &'a [(String, Value)],
+        domains: &'a [(String, DomainSpec)],
     ) -> HookFuture<'a, CheckedDomains>;
     /// The MQTT sessions (`{"items": [...]}`).
     fn mqtt_sessions(&self) -> Value;
@@ -95,12 +95,10 @@ pub struct RotatedAdmin {
     pub previous: Option<Certificate>,
 }
 
-/// A set of domains the gateway can load: their specifications with defaults filled in (in the
-/// order given), and what an operator should know about each one's truststore.
+/// A set of domains the gateway can load: what an operator should know about each one's
+/// truststore.
 #[derive(Debug, Clone, Default)]
 pub struct CheckedDomains {
-    /// The specifications.
-    pub specs: Vec<Value>,
     /// Warnings by hostname.
     pub warnings: Vec<(String, Vec<String>)>,
 }
@@ -988,10 +986,10 @@ async fn list_certificates(
 async fn describe_certificate(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let record = api.store.certificate(&cert_id(&id)?).await?;
     let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
-    if let Some(cert) = Certificate::all_from_pem_or_der(record.pem.as_bytes())
+    let leaf = Certificate::all_from_pem_or_der(record.pem.as_bytes())
         .ok()
-        .and_then(|c| c.into_iter().next())
-    {
+        .and_then(|c| c.into_iter().next());
+    if let Some(cert) = &leaf {
         body["decoded"] = serde_json::to_value(cert.info()).unwrap_or(Value::Null);
     }
     let mut chain = Vec::new();
@@ -1001,13 +999,27 @@ async fn describe_certificate(State(api): State<Api>, Path(id): Path<String>) ->
         chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
     }
     body["ca_chain"] = json!(chain);
-    let targets = policies::certificate_targets(&record.id, &record.things, record.ca_id.as_ref());
-    let mut policies = Vec::new();
-    for t in &targets {
-        for name in api.store.policies_of(t).await? {
-            policies.push(json!({"name": name, "attached_to": format!("{} {}", t.target_type.as_str(), t.target)}));
-        }
-    }
+    // The policies attached to the certificate, its things and its CA, as a policy context
+    // lists them (each once, where it is first attached).
+    let none = BTreeMap::new();
+    let things: Vec<(&str, &BTreeMap<String, String>)> =
+        record.things.iter().map(|t| (t.as_str(), &none)).collect();
+    let subject = leaf
+        .as_ref()
+        .map(|leaf| portcullis_policy::context::Subject {
+            leaf,
+            id: record.id.as_str(),
+            things: &things,
+            ca: record.ca_id.as_ref().map(CertId::as_str),
+        });
+    let targets = portcullis_policy::context::targets(subject.as_ref(), None);
+    let mut attached = policies::attached_to(&api, &targets).await?;
+    let policies: Vec<Value> = portcullis_policy::context::applicable(&targets, |t| {
+        attached.remove(t).unwrap_or_default()
+    })
+    .into_iter()
+    .map(|(name, via)| json!({"name": name, "attached_to": via.describe()}))
+    .collect();
     body["policies"] = json!(policies);
     Ok(Json(body))
 }
@@ -1187,16 +1199,14 @@ async fn add_truststore_version(
         .await?;
     // The domains that follow the latest version use it from now on: what they should know
     // (a CA deeper than their max_chain_depth, a profile's accommodation) comes with the answer.
-    let following: Vec<(String, Value)> = domains_using(&api, &name)
+    let following: Vec<(String, DomainSpec)> = domains_using(&api, &name)
         .await?
         .into_iter()
-        .filter(|(_, spec)| {
-            spec["mtls"]["truststore"].as_str() == Some(&format!("registry:{name}"))
-        })
+        .filter(|(_, spec)| spec.truststore() == Some(&format!("registry:{name}")))
         .collect();
     let mut out = to_json(&v).0;
     if !following.is_empty() {
-        let all: Vec<(String, Value)> = api
+        let all: Vec<(String, DomainSpec)> = api
             .store
             .list_domains()
             .await?
@@ -1273,7 +1283,7 @@ fn version_json(v: &portcullis_registry::TruststoreVersion) -> Json<Value> {
 
 /// The domains whose truststore is `registry:NAME` or `registry:NAME@VERSION`, with their
 /// specification.
-async fn domains_using(api: &Api, name: &str) -> Result<Vec<(String, Value)>, ApiError> {
+async fn domains_using(api: &Api, name: &str) -> Result<Vec<(String, DomainSpec)>, ApiError> {
     let exact = format!("registry:{name}");
     let pinned = format!("registry:{name}@");
     Ok(api
@@ -1282,8 +1292,8 @@ async fn domains_using(api: &Api, name: &str) -> Result<Vec<(String, Value)>, Ap
         .await?
         .into_iter()
         .filter(|d| {
-            d.spec["mtls"]["truststore"]
-                .as_str()
+            d.spec
+                .truststore()
                 .is_some_and(|t| t == exact || t.starts_with(&pinned))
         })
         .map(|d| (d.hostname, d.spec))
@@ -1409,28 +1419,24 @@ async fn impact(
     // The domains a version reaches: those that follow the latest, and those pinned to it.
     let pinned = version.map(|v| format!("registry:{name}@{v}"));
     let latest = format!("registry:{name}");
-    let domains: Vec<(String, Value)> = domains_using(api, name)
+    let domains: Vec<(String, DomainSpec)> = domains_using(api, name)
         .await?
         .into_iter()
         .filter(|(_, spec)| {
-            let t = spec["mtls"]["truststore"].as_str().unwrap_or_default();
+            let t = spec.truststore().unwrap_or_default();
             t == latest || pinned.as_deref() == Some(t)
         })
         .collect();
-    let options_of = |spec: &Value| {
-        let mtls = &spec["mtls"];
-        let profile = mtls["verification"]
-            .as_str()
-            .and_then(|p| p.parse::<portcullis_pki::VerifyProfile>().ok())
+    let options_of = |spec: &DomainSpec| {
+        let mtls = spec.mtls.as_ref();
+        let profile = mtls
+            .and_then(|m| m.verification.parse::<portcullis_pki::VerifyProfile>().ok())
             .unwrap_or_default();
         VerifyOptions {
             usage: Usage::Client,
             crls: parsed.clone(),
-            max_depth: mtls["max_chain_depth"]
-                .as_u64()
-                .and_then(|d| u8::try_from(d).ok())
-                .unwrap_or(4),
-            allow_stale_crls: mtls["stale_crl"].as_str() == Some("allow"),
+            max_depth: mtls.map_or(4, |m| m.max_chain_depth),
+            allow_stale_crls: mtls.is_some_and(|m| m.stale_crl == "allow"),
             ..VerifyOptions::for_profile(profile)
         }
     };
@@ -1720,9 +1726,9 @@ struct DeleteDomain {
 async fn checked_domains(
     api: &Api,
     hostname: &str,
-    spec: Option<Value>,
-) -> Result<(Vec<(String, Value)>, i64, Vec<String>), ApiError> {
-    let mut domains: Vec<(String, Value)> = Vec::new();
+    spec: Option<DomainSpec>,
+) -> Result<(Vec<(String, DomainSpec)>, i64, Vec<String>), ApiError> {
+    let mut domains: Vec<(String, DomainSpec)> = Vec::new();
     let mut version = 0;
     for d in api.store.list_domains().await? {
         if d.hostname == hostname {
@@ -1736,7 +1742,7 @@ async fn checked_domains(
     }
     let changed = spec.is_some();
     domains.extend(spec.map(|s| (hostname.to_string(), s)));
-    let normalized = api.hooks.check_domains(&domains).await.map_err(|e| {
+    let checked = api.hooks.check_domains(&domains).await.map_err(|e| {
         let what = if changed {
             format!("domain {hostname}")
         } else {
@@ -1748,17 +1754,12 @@ async fn checked_domains(
             format!("{what} cannot be loaded: {e}"),
         )
     })?;
-    let warnings = normalized
+    let warnings = checked
         .warnings
         .into_iter()
         .find(|(h, _)| h == hostname)
         .map(|(_, w)| w)
         .unwrap_or_default();
-    let domains = domains
-        .into_iter()
-        .zip(normalized.specs)
-        .map(|((h, _), spec)| (h, spec))
-        .collect();
     Ok((domains, version, warnings))
 }
 
@@ -1789,7 +1790,17 @@ async fn put_domain(
             )));
         }
     }
-    let (domains, checked_version, warnings) = checked_domains(&api, &hostname, Some(spec)).await?;
+    // JSON only at this edge: from here on the domain is typed (every default filled in, unknown
+    // keys refused).
+    let spec: DomainSpec = serde_json::from_value(spec).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-domain",
+            format!("domain {hostname} cannot be loaded: {e}"),
+        )
+    })?;
+    let (domains, checked_version, warnings) =
+        checked_domains(&api, &hostname, Some(spec.clone())).await?;
     let expected = req.expected_version.unwrap_or(checked_version);
     if expected != checked_version {
         return Err(RegistryError::Conflict(format!(
@@ -1797,11 +1808,7 @@ async fn put_domain(
         ))
         .into());
     }
-    let spec = domains
-        .into_iter()
-        .find(|(h, _)| *h == hostname)
-        .map(|(_, s)| s)
-        .unwrap_or(Value::Null);
+    drop(domains);
     // Written only if nothing changed since the check.
     let record = api
         .store

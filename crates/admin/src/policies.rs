@@ -1,6 +1,6 @@
 //! Policy routes: documents with versions, attachments, and the simulator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -8,7 +8,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use portcullis_pki::Certificate;
-use portcullis_policy::{Policy, PolicyRef, Request as PolicyRequest, Variables};
+use portcullis_policy::context::{self, Subject, Target};
+use portcullis_policy::{Policy, PolicyRef, Request as PolicyRequest};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -174,27 +175,31 @@ pub(super) struct Simulate {
     domain: Option<String>,
 }
 
-/// What policies can be attached to for a certificate: the certificate, its things, its CA.
-pub(super) fn certificate_targets(
-    id: &CertId,
-    things: &[String],
-    ca: Option<&CertId>,
-) -> Vec<PolicyTarget> {
-    let mut targets = vec![PolicyTarget {
-        target_type: TargetType::Certificate,
-        target: id.to_string(),
-    }];
-    targets.extend(things.iter().map(|t| PolicyTarget {
-        target_type: TargetType::Thing,
-        target: t.clone(),
-    }));
-    if let Some(ca) = ca {
-        targets.push(PolicyTarget {
-            target_type: TargetType::Ca,
-            target: ca.to_string(),
-        });
+/// A policy context's target as the store names it.
+pub(super) fn stored_target(target: &Target) -> PolicyTarget {
+    let (target_type, name) = match target {
+        Target::Certificate(id) => (TargetType::Certificate, id),
+        Target::Thing(name) => (TargetType::Thing, name),
+        Target::Ca(id) => (TargetType::Ca, id),
+        Target::Domain(host) => (TargetType::Domain, host),
+    };
+    PolicyTarget {
+        target_type,
+        target: name.clone(),
     }
-    targets
+}
+
+/// The policies attached to each of `targets`, from the store: what
+/// [`context::applicable`] reads.
+pub(super) async fn attached_to(
+    api: &Api,
+    targets: &[Target],
+) -> Result<HashMap<Target, Vec<String>>, ApiError> {
+    let mut attached = HashMap::new();
+    for t in targets {
+        attached.insert(t.clone(), api.store.policies_of(&stored_target(t)).await?);
+    }
+    Ok(attached)
 }
 
 /// The domain a `route:<domain>/<path>` resource names.
@@ -209,28 +214,36 @@ pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) 
         return Err(ApiError::invalid("certificate_pem holds no certificate"));
     };
     let id = CertId::of_der(leaf.der());
-    let mut vars = Variables::from_certificate(leaf, id.as_str());
     // What the registry knows: things (names and attributes) and the CA it was registered with.
     let record = match api.store.certificate(&id).await {
         Ok(r) => Some(r),
         Err(RegistryError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let things: Vec<String> = record
+    let thing_names: Vec<String> = record
         .as_ref()
         .map(|r| r.things.clone())
         .unwrap_or_default();
-    let mut attributes = Vec::with_capacity(things.len());
-    for name in &things {
+    let mut attributes = Vec::with_capacity(thing_names.len());
+    for name in &thing_names {
         attributes.push(api.store.thing(name).await?.attributes);
     }
-    vars.set_things(
-        things.iter().map(String::as_str).zip(attributes.iter()),
-        req.client_id.as_deref(),
-    );
-    if let Some(client_id) = &req.client_id {
-        vars.set("mqtt:ClientId", vec![client_id.clone()]);
-    }
+    let things: Vec<(&str, &BTreeMap<String, String>)> = thing_names
+        .iter()
+        .map(String::as_str)
+        .zip(attributes.iter())
+        .collect();
+    // The same context the gateway builds from its snapshot.
+    let subject = Subject {
+        leaf,
+        id: id.as_str(),
+        things: &things,
+        ca: record
+            .as_ref()
+            .and_then(|r| r.ca_id.as_ref())
+            .map(CertId::as_str),
+    };
+    let vars = context::variables(Some(&subject), req.client_id.as_deref());
     // The policies: those named, or those attached to the certificate, its things, its CA and
     // the domain.
     let names: Vec<(String, String)> = match &req.policies {
@@ -239,23 +252,13 @@ pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) 
             .map(|n| (n.clone(), "named in the request".to_string()))
             .collect(),
         None => {
-            let mut targets =
-                certificate_targets(&id, &things, record.as_ref().and_then(|r| r.ca_id.as_ref()));
-            if let Some(domain) = req.domain.clone().or_else(|| route_domain(&req.resource)) {
-                targets.push(PolicyTarget {
-                    target_type: TargetType::Domain,
-                    target: domain,
-                });
-            }
-            let mut names = Vec::new();
-            for t in &targets {
-                for name in api.store.policies_of(t).await? {
-                    if !names.iter().any(|(n, _)| *n == name) {
-                        names.push((name, format!("{} {}", t.target_type.as_str(), t.target)));
-                    }
-                }
-            }
-            names
+            let domain = req.domain.clone().or_else(|| route_domain(&req.resource));
+            let targets = context::targets(Some(&subject), domain.as_deref());
+            let mut attached = attached_to(&api, &targets).await?;
+            context::applicable(&targets, |t| attached.remove(t).unwrap_or_default())
+                .into_iter()
+                .map(|(name, via)| (name, via.describe()))
+                .collect()
         }
     };
     let mut policies = Vec::new();

@@ -12,21 +12,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use portcullis_pki::Certificate;
+use portcullis_policy::context::{self, Subject};
 use portcullis_policy::{Bound, Decision, Policy, PolicyRef, Request as PolicyRequest, Variables};
 use serde_json::{Value, json};
 
-/// What a policy is attached to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PolicyTarget {
-    /// A certificate, by id.
-    Certificate(String),
-    /// A thing, by name.
-    Thing(String),
-    /// A registered CA, by id: applies to the certificates registered with it.
-    Ca(String),
-    /// A domain, by hostname: applies to every request on it.
-    Domain(String),
-}
+/// What a policy is attached to (the policy crate's [`context::Target`]).
+pub use portcullis_policy::context::Target as PolicyTarget;
 
 /// The registry's policies as the data path needs them.
 #[derive(Debug, Default)]
@@ -108,63 +99,61 @@ impl PolicySnapshot {
         self.policies.is_empty()
     }
 
-    /// The variables of a connection: the certificate's fields, its things and their
-    /// attributes, and the MQTT client id (which, as in AWS IoT, picks the thing when the
-    /// certificate is attached to several).
+    /// What the registry knows about `leaf`, for [`context`]: its things with their
+    /// attributes and its CA.
+    fn with_subject<T>(
+        &self,
+        leaf: Option<&Certificate>,
+        f: impl FnOnce(Option<&Subject<'_>>) -> T,
+    ) -> T {
+        let Some(leaf) = leaf else {
+            return f(None);
+        };
+        let id = &leaf.info().id;
+        let none = BTreeMap::new();
+        let things: Vec<(&str, &BTreeMap<String, String>)> = self
+            .things_of(id)
+            .iter()
+            .map(|t| (t.as_str(), self.thing_attributes.get(t).unwrap_or(&none)))
+            .collect();
+        f(Some(&Subject {
+            leaf,
+            id,
+            things: &things,
+            ca: self.ca_of.get(id).map(String::as_str),
+        }))
+    }
+
+    /// The variables of a connection ([`context::variables`]).
     pub(crate) fn variables(
         &self,
         leaf: Option<&Certificate>,
         client_id: Option<&str>,
     ) -> Variables {
-        let Some(leaf) = leaf else {
-            return Variables::new();
-        };
-        let id = &leaf.info().id;
-        let mut vars = Variables::from_certificate(leaf, id);
-        let none = BTreeMap::new();
-        let things = self.things_of(id);
-        vars.set_things(
-            things
-                .iter()
-                .map(|t| (t.as_str(), self.thing_attributes.get(t).unwrap_or(&none))),
-            client_id,
-        );
-        if let Some(client_id) = client_id {
-            vars.set("mqtt:ClientId", vec![client_id.to_string()]);
-        }
-        vars
+        self.with_subject(leaf, |subject| context::variables(subject, client_id))
     }
 
-    /// The policies that apply to a certificate on a domain, with what each is attached to.
+    /// The policies that apply to a certificate on a domain ([`context::applicable`]), with
+    /// what each is attached to.
     pub(crate) fn applicable(
         &self,
         leaf: Option<&Certificate>,
         domain: &str,
     ) -> Vec<(PolicyRef, Arc<Policy>, String)> {
-        let mut targets = Vec::new();
-        if let Some(leaf) = leaf {
-            let id = leaf.info().id.clone();
-            for thing in self.things_of.get(&id).into_iter().flatten() {
-                targets.push(PolicyTarget::Thing(thing.clone()));
-            }
-            if let Some(ca) = self.ca_of.get(&id) {
-                targets.push(PolicyTarget::Ca(ca.clone()));
-            }
-            targets.insert(0, PolicyTarget::Certificate(id));
-        }
-        targets.push(PolicyTarget::Domain(domain.to_string()));
-        let mut out: Vec<(PolicyRef, Arc<Policy>, String)> = Vec::new();
-        for target in &targets {
-            for name in self.attached.get(target).into_iter().flatten() {
-                if out.iter().any(|(r, _, _)| r.name == *name) {
-                    continue;
-                }
-                if let Some((r, p)) = self.policies.get(name) {
-                    out.push((r.clone(), p.clone(), describe(target)));
-                }
-            }
-        }
-        out
+        let targets = self.with_subject(leaf, |subject| context::targets(subject, Some(domain)));
+        context::applicable(&targets, |t| {
+            self.attached
+                .get(t)
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .filter_map(|(name, via)| {
+            let (r, p) = self.policies.get(&name)?;
+            Some((r.clone(), p.clone(), via.describe()))
+        })
+        .collect()
     }
 
     /// The names of the things a certificate is attached to.
@@ -267,15 +256,6 @@ impl PolicySnapshot {
             "variables": variables,
             "trace": bound.trace(&request),
         })
-    }
-}
-
-fn describe(target: &PolicyTarget) -> String {
-    match target {
-        PolicyTarget::Certificate(id) => format!("certificate {id}"),
-        PolicyTarget::Thing(name) => format!("thing {name}"),
-        PolicyTarget::Ca(id) => format!("ca {id}"),
-        PolicyTarget::Domain(host) => format!("domain {host}"),
     }
 }
 

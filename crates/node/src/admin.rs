@@ -307,7 +307,7 @@ impl Hooks for ServeHooks {
 
     fn check_domains<'a>(
         &'a self,
-        domains: &'a [(String, Value)],
+        domains: &'a [(String, portcullis_registry::DomainSpec)],
     ) -> portcullis_admin::HookFuture<'a, portcullis_admin::CheckedDomains> {
         Box::pin(self.domains.check(domains))
     }

@@ -21,9 +21,8 @@ use portcullis_gateway::config::{
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, Truststore};
-use portcullis_registry::Store;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use portcullis_registry::{DomainSpec, MtlsSpec, Store};
+use serde::Deserialize;
 
 use crate::data_dir::{DataDir, server_certificate};
 use crate::output::read;
@@ -39,7 +38,7 @@ pub(crate) struct FileConfig {
     #[serde(default, rename = "listener")]
     listeners: Vec<FileListener>,
     #[serde(default, rename = "domain")]
-    domains: Vec<FileDomain>,
+    domains: Vec<DomainSpec>,
     limits: Option<FileLimits>,
     admin: Option<FileAdmin>,
     /// The registry: a SQLite file (default DATA_DIR/registry.db) or postgres://…
@@ -140,146 +139,6 @@ fn default_protocols() -> Vec<String> {
     vec!["http".into()]
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileDomain {
-    hostname: String,
-    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
-    certificate: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<PathBuf>,
-    #[serde(default = "default_policy")]
-    security_policy: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mtls: Option<FileMtls>,
-    #[serde(default, rename = "mapping")]
-    mappings: Vec<FileMapping>,
-    #[serde(default = "default_true")]
-    session_resumption: bool,
-    /// off (truststore only), revocation, or registered.
-    #[serde(default = "default_registry_mode")]
-    registry_mode: String,
-    /// MQTT settings (for listeners that speak MQTT).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mqtt: Option<FileMqtt>,
-    /// Forward request header names holding `_` (dropped by default).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    underscores_in_headers: bool,
-    /// Headers set on every response (Strict-Transport-Security and other security headers),
-    /// replacing the upstream's of the same name.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    response_headers: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileMqtt {
-    /// The client id must be the name of a thing the certificate is attached to.
-    #[serde(default)]
-    require_thing_client_id: bool,
-    /// The largest packet accepted, bytes (default 131072).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_packet_size: Option<usize>,
-    /// `POST /topics/{topic}?qos=0|1` publishes to MQTT subscribers.
-    #[serde(default)]
-    https_publish: bool,
-    /// Seconds a client may take to send CONNECT after the handshake (default 10).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    connect_timeout_secs: Option<f64>,
-}
-
-/// Reads a base path as API Gateway writes it too: `c360` is `/c360`, `(none)` is empty.
-fn base_path<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
-    let path = String::deserialize(d)?;
-    Ok(match path.trim() {
-        "" | "(none)" | "/" => String::new(),
-        p if p.starts_with('/') => p.to_string(),
-        p => format!("/{p}"),
-    })
-}
-
-fn default_registry_mode() -> String {
-    "off".into()
-}
-
-fn default_policy() -> String {
-    "TLS_1_2".into()
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileMtls {
-    mode: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    truststore: Option<PathBuf>,
-    #[serde(default)]
-    crls: Vec<PathBuf>,
-    #[serde(default = "default_depth")]
-    max_chain_depth: u8,
-    #[serde(default = "default_true")]
-    advertise_ca_names: bool,
-    #[serde(default = "default_on_failure")]
-    on_failure: String,
-    #[serde(default = "default_stale")]
-    stale_crl: String,
-    /// The readable 403 page's advice, in the domain's words (plain text).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    failure_advice: Option<String>,
-    /// "compatible" (default: what OpenSSL and API Gateway accept) or "strict" (RFC 5280).
-    #[serde(default = "default_verification")]
-    verification: String,
-}
-
-fn default_verification() -> String {
-    "compatible".into()
-}
-
-fn default_depth() -> u8 {
-    4
-}
-fn default_true() -> bool {
-    true
-}
-fn default_on_failure() -> String {
-    "tls".into()
-}
-fn default_stale() -> String {
-    "reject".into()
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileMapping {
-    /// `/c360`; `c360` (as API Gateway writes it) and `(none)` (its empty path) are read too.
-    #[serde(default, deserialize_with = "base_path")]
-    base_path: String,
-    upstream: String,
-    #[serde(default = "default_required")]
-    client_certificate: String,
-    /// For https:// upstreams: the CA bundle their server certificates chain to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream_ca: Option<PathBuf>,
-    /// For https:// upstreams that want one: the gateway's client certificate chain and key.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream_client_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream_client_key: Option<PathBuf>,
-    /// "none", or "policy": the registry's policies must allow each request.
-    #[serde(default = "default_authorization")]
-    authorization: String,
-    /// Tunnel WebSocket upgrades to the upstream (default true).
-    #[serde(default = "default_true")]
-    websocket: bool,
-}
-
-fn default_authorization() -> String {
-    "none".into()
-}
-
-fn default_required() -> String {
-    "required".into()
-}
-
 /// Reads and parses the configuration file; errors name the key and its line.
 pub(crate) fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
@@ -363,11 +222,11 @@ fn relative_to(config_path: &Path) -> impl Fn(&Path) -> PathBuf + '_ {
 }
 
 /// The configuration file's domains in the registry's form: hostname (lower case) and the
-/// specification with every default filled in.
-fn specs_of(domains: &[FileDomain]) -> Result<Vec<(String, Value)>> {
+/// specification.
+fn specs_of(domains: &[DomainSpec]) -> Vec<(String, DomainSpec)> {
     domains
         .iter()
-        .map(|d| Ok((d.hostname.to_ascii_lowercase(), serde_json::to_value(d)?)))
+        .map(|d| (d.hostname.to_ascii_lowercase(), d.clone()))
         .collect()
 }
 
@@ -378,19 +237,20 @@ pub(crate) async fn seed_domains(store: &Store, config_path: &Path) -> Result<bo
         return Ok(false);
     }
     let file = read_file_config(config_path)?;
-    let specs = specs_of(&file.domains)?;
+    let specs = specs_of(&file.domains);
     let actor = format!("config:{}", config_path.display());
     Ok(store.seed_domains(&specs, &actor).await?)
 }
 
 /// Checks a candidate set of registry domains as the gateway would load them, with the
-/// configuration file's other settings; returns their specifications with defaults filled in.
+/// configuration file's other settings; returns what an operator should know about each one's
+/// truststore.
 pub(crate) fn check_domains(
     config_path: &Path,
     data: &DataDir,
     echo: SocketAddr,
     registry: &RegistryConfig,
-    specs: &[(String, Value)],
+    specs: &[(String, DomainSpec)],
 ) -> Result<portcullis_admin::CheckedDomains> {
     let file = read_file_config(config_path)?;
     let domains = parse_specs(specs)?;
@@ -400,26 +260,21 @@ pub(crate) fn check_domains(
         .iter()
         .map(|(hostname, _)| (hostname.clone(), config.truststore_warnings(hostname)))
         .collect();
-    Ok(portcullis_admin::CheckedDomains {
-        specs: specs_of(&domains)?.into_iter().map(|(_, v)| v).collect(),
-        warnings,
-    })
+    Ok(portcullis_admin::CheckedDomains { warnings })
 }
 
-/// Parses stored domain specifications; errors name the domain and the key.
-fn parse_specs(specs: &[(String, Value)]) -> Result<Vec<FileDomain>> {
+/// Stored domain specifications, each under its own hostname.
+fn parse_specs(specs: &[(String, DomainSpec)]) -> Result<Vec<DomainSpec>> {
     specs
         .iter()
-        .map(|(hostname, spec)| {
-            let d: FileDomain = serde_json::from_value(spec.clone())
-                .map_err(|e| anyhow!("domain '{hostname}': {e}"))?;
+        .map(|(hostname, d)| {
             if !d.hostname.eq_ignore_ascii_case(hostname) {
                 bail!(
                     "domain '{hostname}': its specification names hostname '{}'",
                     d.hostname
                 );
             }
-            Ok(d)
+            Ok(d.clone())
         })
         .collect()
 }
@@ -447,15 +302,15 @@ pub(crate) fn warn_if_file_domains_ignored(path: &Path, registry: &RegistryConfi
     let Ok(file) = read_file_config(path) else {
         return;
     };
-    let sorted = |specs: Vec<(String, Value)>| {
+    let sorted = |specs: Vec<(String, DomainSpec)>| {
         let mut specs = specs;
         specs.sort_by(|a, b| a.0.cmp(&b.0));
         specs
     };
-    let file_specs = sorted(specs_of(&file.domains).unwrap_or_default());
+    let file_specs = sorted(specs_of(&file.domains));
     let registry_specs = sorted(
         parse_specs(stored)
-            .and_then(|d| specs_of(&d))
+            .map(|d| specs_of(&d))
             .unwrap_or_default(),
     );
     if file_specs != registry_specs {
@@ -470,7 +325,7 @@ pub(crate) fn warn_if_file_domains_ignored(path: &Path, registry: &RegistryConfi
 fn build_config(
     path: &Path,
     file: &FileConfig,
-    domains: &[FileDomain],
+    domains: &[DomainSpec],
     data: &DataDir,
     echo: SocketAddr,
     registry: &RegistryConfig,
@@ -591,7 +446,7 @@ fn build_config(
 /// Builds one domain from its `[[domain]]` table (file paths relative to the configuration
 /// file's directory; `registry:NAME[@VERSION]` truststores from the registry's catalog).
 fn file_domain(
-    d: &FileDomain,
+    d: &DomainSpec,
     at: &dyn Fn(&Path) -> PathBuf,
     data: &DataDir,
     echo: SocketAddr,
@@ -739,7 +594,7 @@ fn file_domain(
 }
 
 fn file_mtls(
-    m: &FileMtls,
+    m: &MtlsSpec,
     at: &dyn Fn(&Path) -> PathBuf,
     catalog: &TruststoreCatalog,
 ) -> Result<Mtls> {
@@ -855,7 +710,7 @@ fn one_line(message: &str) -> String {
 pub(crate) struct RegistryConfig {
     /// The registry's domains (hostname, specification); `None` before the configuration file
     /// seeded them.
-    pub(crate) domains: Option<Vec<(String, Value)>>,
+    pub(crate) domains: Option<Vec<(String, DomainSpec)>>,
     /// The registry's truststores.
     pub(crate) catalog: TruststoreCatalog,
 }
@@ -882,10 +737,10 @@ impl RegistryConfig {
     }
 
     /// The domains in effect: the registry's once seeded, the file's before.
-    fn domains_or(&self, file: &FileConfig) -> Result<Vec<FileDomain>> {
+    fn domains_or(&self, file: &FileConfig) -> Result<Vec<DomainSpec>> {
         match &self.domains {
             Some(specs) => parse_specs(specs),
-            None => parse_specs(&specs_of(&file.domains)?),
+            None => Ok(file.domains.clone()),
         }
     }
 }
@@ -973,7 +828,7 @@ impl DomainChecker {
     /// See [`portcullis_admin::Hooks::check_domains`].
     pub(crate) async fn check(
         &self,
-        specs: &[(String, Value)],
+        specs: &[(String, DomainSpec)],
     ) -> Result<portcullis_admin::CheckedDomains, String> {
         let registry = RegistryConfig::read(&self.store)
             .await

@@ -33,6 +33,8 @@ pub mod config;
 pub mod data_dir;
 pub mod output;
 pub mod serve;
+mod sync;
+mod workers;
 
 /// Writes to standard output. A reader that went away (`| head -1`) ends the command at once,
 /// quietly, with exit code 141 (128 + SIGPIPE, what a shell tool ended by the signal reports);

@@ -30,10 +30,14 @@
 //!   decided; [`Bound::trace`] shows how every statement fared, for `explain` and
 //!   `policy simulate`.
 //!
+//! [`context`] says which policies apply to a subject (certificate, things, CA, domain) and
+//! with which variables: the gateway and the admin API's simulation both use it.
+//!
 //! [`glob`] holds the pattern matcher, linear in practice and never exponential, which the MQTT
 //! endpoint reuses for topics.
 #![forbid(unsafe_code)]
 
+pub mod context;
 pub mod decide;
 pub mod document;
 pub mod glob;

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod domain_spec;
 pub mod model;
 mod names;
 pub mod provisioning;
@@ -26,6 +27,7 @@ pub mod store;
 pub mod webhooks;
 
 pub use audit::{AuditAction, Effects};
+pub use domain_spec::{DomainSpec, MappingSpec, MqttSpec, MtlsSpec};
 pub use model::{
     AdminCertRecord, Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus,
     DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord,

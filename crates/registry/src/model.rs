@@ -277,13 +277,13 @@ pub struct TokenRecord {
     pub last_used: Option<i64>,
 }
 
-/// A domain managed in the registry: the configuration file's `[[domain]]` table as JSON.
+/// A domain managed in the registry: the configuration file's `[[domain]]` table, typed.
 #[derive(Debug, Clone, Serialize)]
 pub struct DomainRecord {
     /// The hostname (or `*.suffix`).
     pub hostname: String,
     /// The domain's settings, as the configuration file spells them.
-    pub spec: serde_json::Value,
+    pub spec: crate::domain_spec::DomainSpec,
     /// When it was created.
     pub created_at: i64,
     /// When it last changed.

@@ -554,7 +554,10 @@ async fn suite(store: Store) {
     // Domains: seeded once, then versioned writes.
     assert!(!store.domains_seeded().await.unwrap());
     let marker = store.config_marker().await.unwrap();
-    let spec = serde_json::json!({"hostname": "api.test", "certificate": "auto"});
+    let spec: portcullis_registry::DomainSpec =
+        serde_json::from_value(serde_json::json!({"hostname": "api.test", "certificate": "auto"}))
+            .unwrap();
+    assert_eq!(spec.security_policy, "TLS_1_2", "defaults are filled in");
     assert!(
         store
             .seed_domains(&[("api.test".into(), spec.clone())], "config")
@@ -575,6 +578,7 @@ async fn suite(store: Store) {
         .await
         .unwrap();
     assert_eq!(d.version, 2);
+    assert_eq!(store.domain("api.test").await.unwrap().spec, spec);
     assert!(matches!(
         store.put_domain("api.test", &spec, Some(1), "test").await,
         Err(RegistryError::Conflict(_))

@@ -1,12 +1,11 @@
 //! Admin tokens (stored as SHA-256 hashes), domains managed through the API, and the audit log.
 
-use std::str::FromStr;
-
 use sqlx::Row;
 
 use super::{Store, audit, conflict_or, now, with_pool};
 use crate::RegistryError;
 use crate::audit::AuditAction;
+use crate::domain_spec::DomainSpec;
 use crate::model::{AdminCertRecord, AuditEntry, DomainRecord, TokenRecord};
 use portcullis_pki::Certificate;
 
@@ -213,11 +212,11 @@ impl Store {
     pub async fn put_domain(
         &self,
         hostname: &str,
-        spec: &serde_json::Value,
+        spec: &DomainSpec,
         expected_version: Option<i64>,
         actor: &str,
     ) -> Result<DomainRecord, RegistryError> {
-        let spec_text = spec.to_string();
+        let spec_text = spec_json(spec)?;
         loop {
             let before = match self.domain(hostname).await {
                 Ok(d) => Some(d),
@@ -261,7 +260,7 @@ impl Store {
                         .rows_affected(),
                 };
                 if done == 1 {
-                    let b = before.as_ref().map(|d| d.spec.to_string());
+                    let b = before.as_ref().map(|d| spec_json(&d.spec)).transpose()?;
                     audit(&mut *tx, actor, if before.is_some() { AuditAction::DomainUpdate } else { AuditAction::DomainCreate }, hostname, b.as_deref(), Some(&spec_text)).await?;
                     tx.commit().await?;
                     true
@@ -332,7 +331,7 @@ impl Store {
                 .bind(hostname)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, AuditAction::DomainDelete, hostname, Some(&before.spec.to_string()), None).await?;
+            audit(&mut *tx, actor, AuditAction::DomainDelete, hostname, Some(&spec_json(&before.spec)?), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -343,7 +342,7 @@ impl Store {
     /// truth from then on).
     pub async fn seed_domains(
         &self,
-        domains: &[(String, serde_json::Value)],
+        domains: &[(String, DomainSpec)],
         actor: &str,
     ) -> Result<bool, RegistryError> {
         with_pool!(self, pool => {
@@ -356,7 +355,7 @@ impl Store {
                 return Ok(false);
             }
             for (hostname, spec) in domains {
-                let spec = spec.to_string();
+                let spec = spec_json(spec)?;
                 sqlx::query("INSERT INTO domains (hostname, spec, created_at, updated_at, version) VALUES ($1, $2, $3, $3, 1) ON CONFLICT (hostname) DO NOTHING")
                     .bind(hostname)
                     .bind(&spec)
@@ -441,7 +440,7 @@ where
     let spec: String = row.try_get("spec")?;
     Ok(DomainRecord {
         hostname: row.try_get("hostname")?,
-        spec: serde_json::Value::from_str(&spec)
+        spec: serde_json::from_str(&spec)
             .map_err(|e| RegistryError::Invalid(format!("stored domain: {e}")))?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -458,4 +457,9 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, RegistryError> {
     aws_lc_rs::rand::fill(&mut buf)
         .map_err(|_| RegistryError::Invalid("the system random generator failed".into()))?;
     Ok(portcullis_pki::cert::hex(&buf, ""))
+}
+
+/// A domain specification as the store keeps it: JSON text.
+fn spec_json(spec: &DomainSpec) -> Result<String, RegistryError> {
+    serde_json::to_string(spec).map_err(|e| RegistryError::Invalid(format!("domain: {e}")))
 }

@@ -1,0 +1,180 @@
+//! A domain's specification: what a `[[domain]]` table of the configuration file, a stored
+//! registry domain and the admin API's `PUT /v1/domains/{hostname}` all spell, as one type.
+//!
+//! Parsing fills in every default and refuses unknown keys; what each value means (a security
+//! policy's name, a truststore reference, a file) is checked by the node when it builds the
+//! gateway's configuration from it. JSON (and TOML) only at the edges: the store keeps it as
+//! JSON text, the admin API takes and returns it as JSON.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A domain: hostname, server certificate, TLS policy, mutual TLS, mappings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSpec {
+    /// The hostname (or `*.suffix`).
+    pub hostname: String,
+    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
+    pub certificate: String,
+    /// The server key file, with a certificate file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The TLS security policy (`TLS_1_2`, `TLS_1_3`, … as API Gateway names them).
+    #[serde(default = "default_policy")]
+    pub security_policy: String,
+    /// Mutual TLS; none: no client certificates asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+    /// Base path mappings, tried longest first.
+    #[serde(default, rename = "mapping")]
+    pub mappings: Vec<MappingSpec>,
+    /// Allow TLS session resumption (default true).
+    #[serde(default = "default_true")]
+    pub session_resumption: bool,
+    /// off (truststore only), revocation, or registered.
+    #[serde(default = "default_registry_mode")]
+    pub registry_mode: String,
+    /// MQTT settings (for listeners that speak MQTT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSpec>,
+    /// Forward request header names holding `_` (dropped by default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub underscores_in_headers: bool,
+    /// Headers set on every response (Strict-Transport-Security and other security headers),
+    /// replacing the upstream's of the same name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub response_headers: BTreeMap<String, String>,
+}
+
+/// A domain's MQTT settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSpec {
+    /// The client id must be the name of a thing the certificate is attached to.
+    #[serde(default)]
+    pub require_thing_client_id: bool,
+    /// The largest packet accepted, bytes (default 131072).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_packet_size: Option<usize>,
+    /// `POST /topics/{topic}?qos=0|1` publishes to MQTT subscribers.
+    #[serde(default)]
+    pub https_publish: bool,
+    /// Seconds a client may take to send CONNECT after the handshake (default 10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_secs: Option<f64>,
+}
+
+/// Reads a base path as API Gateway writes it too: `c360` is `/c360`, `(none)` is empty.
+fn base_path<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    let path = String::deserialize(d)?;
+    Ok(match path.trim() {
+        "" | "(none)" | "/" => String::new(),
+        p if p.starts_with('/') => p.to_string(),
+        p => format!("/{p}"),
+    })
+}
+
+fn default_registry_mode() -> String {
+    "off".into()
+}
+
+fn default_policy() -> String {
+    "TLS_1_2".into()
+}
+
+/// A domain's mutual TLS.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// `required`, `optional` or `off`.
+    pub mode: String,
+    /// The CA bundle file, or `registry:NAME[@VERSION]`, or `registry:cas`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truststore: Option<PathBuf>,
+    /// CRL files.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Most CA levels a chain may have (default 4).
+    #[serde(default = "default_depth")]
+    pub max_chain_depth: u8,
+    /// Send the truststore's CA names in the CertificateRequest (default true).
+    #[serde(default = "default_true")]
+    pub advertise_ca_names: bool,
+    /// What a refused certificate gets: `tls` (an alert), `http` (a readable 403) or `aws`.
+    #[serde(default = "default_on_failure")]
+    pub on_failure: String,
+    /// A CRL past nextUpdate: `reject` (default) or `allow`.
+    #[serde(default = "default_stale")]
+    pub stale_crl: String,
+    /// The readable 403 page's advice, in the domain's words (plain text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_advice: Option<String>,
+    /// "compatible" (default: what OpenSSL and API Gateway accept) or "strict" (RFC 5280).
+    #[serde(default = "default_verification")]
+    pub verification: String,
+}
+
+fn default_verification() -> String {
+    "compatible".into()
+}
+
+fn default_depth() -> u8 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_on_failure() -> String {
+    "tls".into()
+}
+fn default_stale() -> String {
+    "reject".into()
+}
+
+/// A base path mapping to an upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSpec {
+    /// `/c360`; `c360` (as API Gateway writes it) and `(none)` (its empty path) are read too.
+    #[serde(default, deserialize_with = "base_path")]
+    pub base_path: String,
+    /// The upstream URL (`http://` or `https://`).
+    pub upstream: String,
+    /// `required` or `optional`: whether this mapping needs a valid client certificate on an
+    /// optional-mTLS domain (default `required`).
+    #[serde(default = "default_required")]
+    pub client_certificate: String,
+    /// For https:// upstreams: the CA bundle their server certificates chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
+    /// For https:// upstreams that want one: the gateway's client certificate chain and key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_client_cert: Option<PathBuf>,
+    /// Its key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_client_key: Option<PathBuf>,
+    /// "none", or "policy": the registry's policies must allow each request.
+    #[serde(default = "default_authorization")]
+    pub authorization: String,
+    /// Tunnel WebSocket upgrades to the upstream (default true).
+    #[serde(default = "default_true")]
+    pub websocket: bool,
+}
+
+fn default_authorization() -> String {
+    "none".into()
+}
+
+fn default_required() -> String {
+    "required".into()
+}
+
+impl DomainSpec {
+    /// The truststore reference of its mutual TLS, if any (`registry:NAME[@V]` or a file).
+    pub fn truststore(&self) -> Option<&str> {
+        self.mtls.as_ref()?.truststore.as_deref()?.to_str()
+    }
+}
