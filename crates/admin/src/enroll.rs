@@ -64,7 +64,7 @@ pub(crate) async fn enroll(
     }
     let key = PrivateKey::generate(KeyType::EcP256)?;
     let cert = portcullis_pki::issue::issue(&request, &key, Some(&issuer))?;
-    super::check_separators(&cert, req.allow_separators)?;
+    super::certificates::check_separators(&cert, req.allow_separators)?;
     let chain = issuer.chain();
     let modern = p12::export(&cert, &key, &chain, &req.password, P12Format::Modern)?;
     let legacy = p12::export(&cert, &key, &chain, &req.password, P12Format::Legacy)?;

@@ -1,0 +1,299 @@
+//! Certificate routes: issue, register (one or a batch), list, describe (with the policies
+//! that apply), status changes, delete.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use portcullis_pki::{Certificate, IssueRequest, KeyType, PrivateKey, Profile};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use portcullis_registry::store::CertFilter;
+use portcullis_registry::{CertId, CertStatus, RegistryError};
+
+use super::{Api, ApiError, ApiResult, Body, Caller, Params, cert_id, policies, to_json};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateCertificate {
+    /// Register this certificate.
+    certificate_pem: Option<String>,
+    /// Or sign this CSR with the local CA.
+    csr_pem: Option<String>,
+    /// Or make a key and a certificate for this common name with the local CA.
+    common_name: Option<String>,
+    key_type: Option<String>,
+    days: Option<u32>,
+    status: Option<String>,
+    /// Issue a subject whose CN, O, OU or C holds `/ + # * ? $` (policies never substitute
+    /// such a value).
+    #[serde(default)]
+    allow_separators: bool,
+}
+
+/// Refuses to issue `cert` when a subject value policies read holds a separator or wildcard,
+/// unless the operator asked for it.
+pub(crate) fn check_separators(cert: &Certificate, allowed: bool) -> Result<(), ApiError> {
+    match cert.subject_separator() {
+        Some((attribute, c)) if !allowed => Err(ApiError::invalid(format!(
+            "the subject's {attribute} holds {:?}, which policies read as a separator or wildcard: a policy using ${{cert:Subject.{attribute}}} would never match this certificate; choose another value, or set allow_separators (--allow-separators) if you mean it",
+            c
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Certificates accepted in one batch request.
+pub const MAX_BATCH: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RegisterBatch {
+    /// PEM (or base64 DER in PEM armour) of each certificate.
+    certificates_pem: Vec<String>,
+    status: Option<String>,
+}
+
+/// Registers up to [`MAX_BATCH`] certificates in one transaction; each item's outcome in order.
+pub(super) async fn register_batch(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<RegisterBatch>,
+) -> ApiResult {
+    if req.certificates_pem.is_empty() || req.certificates_pem.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!(
+            "certificates_pem must hold 1 to {MAX_BATCH} certificates"
+        )));
+    }
+    let status = match req.status.as_deref() {
+        None => CertStatus::Inactive,
+        Some(s) => CertStatus::from_str(s)?,
+    };
+    let pems: Vec<&[u8]> = req.certificates_pem.iter().map(|p| p.as_bytes()).collect();
+    let results = api
+        .store
+        .register_certificates(&pems, status, &caller)
+        .await?;
+    let (mut registered, mut existing, mut failed) = (0, 0, 0);
+    let items: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| match r {
+            Ok(record) => {
+                registered += 1;
+                json!({"index": index, "outcome": "registered", "id": record.id})
+            }
+            Err(RegistryError::Conflict(m)) => {
+                existing += 1;
+                json!({"index": index, "outcome": "exists", "message": m})
+            }
+            Err(e) => {
+                failed += 1;
+                json!({"index": index, "outcome": "invalid", "message": e.to_string()})
+            }
+        })
+        .collect();
+    Ok(Json(json!({
+        "registered": registered, "existing": existing, "invalid": failed, "items": items,
+    })))
+}
+
+pub(super) async fn create_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<CreateCertificate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let status = match req.status.as_deref() {
+        None => CertStatus::Inactive,
+        Some(s) => CertStatus::from_str(s)?,
+    };
+    let issuer = || {
+        api.issuer.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no-local-ca",
+                "this registry has no local CA to issue with; register certificates instead",
+            )
+        })
+    };
+    let request = |cn: Option<&str>| -> Result<IssueRequest, ApiError> {
+        let subject = portcullis_pki::SubjectName::cn(cn.unwrap_or("device"));
+        let mut r = IssueRequest::new(Profile::Client, subject);
+        if let Some(days) = req.days {
+            if days == 0 || days > 3650 {
+                return Err(ApiError::invalid("days must be between 1 and 3650"));
+            }
+            r.days = days;
+        }
+        Ok(r)
+    };
+    let chosen = [
+        req.certificate_pem.is_some(),
+        req.csr_pem.is_some(),
+        req.common_name.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if chosen != 1 {
+        return Err(ApiError::invalid(
+            "give exactly one of certificate_pem (register), csr_pem (sign a CSR with the local CA) or common_name (make a key and certificate)",
+        ));
+    }
+    let mut private_key = None;
+    let pem = if let Some(pem) = &req.certificate_pem {
+        pem.clone()
+    } else if let Some(csr) = &req.csr_pem {
+        let issuer = issuer()?;
+        let r = request(None)?;
+        let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &r, &issuer)?;
+        check_separators(&cert, req.allow_separators)?;
+        cert.to_pem()
+    } else {
+        let issuer = issuer()?;
+        let cn = req.common_name.as_deref().unwrap_or_default();
+        if cn.is_empty() || cn.len() > 64 {
+            return Err(ApiError::invalid("common_name must be 1-64 characters"));
+        }
+        let key_type = match req.key_type.as_deref() {
+            None => KeyType::EcP256,
+            Some(k) => KeyType::from_str(k)?,
+        };
+        let key = PrivateKey::generate(key_type)?;
+        let cert = portcullis_pki::issue::issue(&request(Some(cn))?, &key, Some(&issuer))?;
+        check_separators(&cert, req.allow_separators)?;
+        private_key = Some(key.to_pem());
+        cert.to_pem()
+    };
+    let record = api
+        .store
+        .register_certificate(pem.as_bytes(), status, &caller)
+        .await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    if let Some(issuer) = (req.certificate_pem.is_none())
+        .then_some(api.issuer.as_ref())
+        .flatten()
+    {
+        let chain: String = issuer.chain().iter().map(Certificate::to_pem).collect();
+        body["chain_pem"] = json!(format!("{}{chain}", record.pem));
+    }
+    if let Some(key) = private_key {
+        // Returned once; the registry never stores it.
+        body["private_key_pem"] = json!(key);
+    }
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListCertificates {
+    status: Option<String>,
+    ca: Option<String>,
+    thing: Option<String>,
+    expiring_before: Option<i64>,
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+pub(super) async fn list_certificates(
+    State(api): State<Api>,
+    Params(q): Params<ListCertificates>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 1000"));
+    }
+    let filter = CertFilter {
+        status: q.status.as_deref().map(CertStatus::from_str).transpose()?,
+        ca: q.ca.as_deref().map(cert_id).transpose()?,
+        thing: q.thing,
+        expiring_before: q.expiring_before,
+        limit: Some(limit),
+        after: q.after.as_deref().map(cert_id).transpose()?,
+    };
+    let items = api.store.list_certificates(&filter).await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|c| c.id.to_string()))
+        .flatten();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// A certificate's record, with its decoded fields (as `pki inspect`), the registered CA it
+/// chains to, and the policies that apply to it (attached to it, its things or its CA).
+pub(super) async fn describe_certificate(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let record = api.store.certificate(&cert_id(&id)?).await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    let leaf = Certificate::all_from_pem_or_der(record.pem.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next());
+    if let Some(cert) = &leaf {
+        body["decoded"] = serde_json::to_value(cert.info()).unwrap_or(Value::Null);
+    }
+    let mut chain = Vec::new();
+    if let Some(ca_id) = &record.ca_id
+        && let Ok(ca) = api.store.ca(ca_id).await
+    {
+        chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
+    }
+    body["ca_chain"] = json!(chain);
+    // The policies attached to the certificate, its things and its CA, as a policy context
+    // lists them (each once, where it is first attached).
+    let none = BTreeMap::new();
+    let things: Vec<(&str, &BTreeMap<String, String>)> =
+        record.things.iter().map(|t| (t.as_str(), &none)).collect();
+    let subject = leaf
+        .as_ref()
+        .map(|leaf| portcullis_policy::context::Subject {
+            leaf,
+            id: record.id.as_str(),
+            things: &things,
+            ca: record.ca_id.as_ref().map(CertId::as_str),
+        });
+    let targets = portcullis_policy::context::targets(subject.as_ref(), None);
+    let mut attached = policies::attached_to(&api, &targets).await?;
+    let policies: Vec<Value> = portcullis_policy::context::applicable(&targets, |t| {
+        attached.remove(t).unwrap_or_default()
+    })
+    .into_iter()
+    .map(|(name, via)| json!({"name": name, "attached_to": via.describe()}))
+    .collect();
+    body["policies"] = json!(policies);
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpdateCertificate {
+    status: String,
+}
+
+pub(super) async fn update_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateCertificate>,
+) -> ApiResult {
+    let status = CertStatus::from_str(&req.status)?;
+    Ok(to_json(
+        &api.store
+            .set_certificate_status(&cert_id(&id)?, status, &caller)
+            .await?,
+    ))
+}
+
+pub(super) async fn delete_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    api.store
+        .delete_certificate(&cert_id(&id)?, &caller)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
