@@ -1,6 +1,6 @@
 //! The gateway's validated configuration: what to listen on, which domains to serve and how.
 //!
-//! It carries no serde: the binary parses the TOML file, reads every file it names, and builds a
+//! It carries no serde: the node parses the TOML file, reads every file it names, and builds a
 //! [`Config`] through [`Config::new`], which refuses anything inconsistent. Once a `Config`
 //! exists it is valid, so building the runtime state from it can only fail on TLS material.
 

@@ -148,7 +148,7 @@ pub fn id_bytes(id: &str) -> Option<[u8; 32]> {
 
 /// An in-memory snapshot of the registry: certificate id → status (O(1) lookups, ids kept as
 /// 32 bytes), the auto-registering CAs and the policies. The data path reads only this; the
-/// binary replaces it when the registry changes — whole at start and after a reconnect, and
+/// node replaces it when the registry changes — whole at start and after a reconnect, and
 /// otherwise by [`RegistrySnapshot::with_changes`], which shares every untouched part.
 #[derive(Debug, Clone)]
 pub struct RegistrySnapshot {
@@ -283,12 +283,6 @@ impl RegistrySnapshot {
     /// The forwarding rules.
     pub(crate) fn rules(&self) -> &[(String, String)] {
         &self.rules
-    }
-
-    /// The same policies as another snapshot (shared, not copied).
-    pub fn with_policies_of(mut self, other: &RegistrySnapshot) -> RegistrySnapshot {
-        self.policies = other.policies.clone();
-        self
     }
 
     /// Whether a policy is attached to some CA.

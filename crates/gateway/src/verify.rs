@@ -217,20 +217,6 @@ impl DomainVerifier {
         ClientVerdict,
         Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
     ) {
-        self.verify_chain_as(end_entity, intermediates, false)
-    }
-
-    /// [`DomainVerifier::verify_chain`], or with `dry_run` a verdict that changes nothing (no
-    /// just-in-time registration is sent): what `explain` shows.
-    pub fn verify_chain_as(
-        &self,
-        end_entity: &[u8],
-        intermediates: &[CertificateDer<'_>],
-        dry_run: bool,
-    ) -> (
-        ClientVerdict,
-        Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
-    ) {
         let leaf = match Certificate::from_der(end_entity.to_vec()) {
             Ok(c) => c,
             Err(e) => {
@@ -259,7 +245,7 @@ impl DomainVerifier {
             &presented,
             verify(&leaf, &presented, store, &self.options),
         ) {
-            Verdict::Valid { chain } => match self.registry_decision(&leaf, dry_run) {
+            Verdict::Valid { chain } => match self.registry_decision(&leaf, false) {
                 RegistryDecision::Admit => ClientVerdict::Valid(Arc::new(chain)),
                 RegistryDecision::Provision { pending, .. } => {
                     return (ClientVerdict::Valid(Arc::new(chain)), pending);
@@ -289,7 +275,7 @@ impl DomainVerifier {
 
     /// What the registry says about `leaf` (already verified against the truststore). Unless
     /// `dry_run`, just-in-time registrations are sent to the node.
-    pub fn registry_decision(&self, leaf: &Certificate, dry_run: bool) -> RegistryDecision {
+    pub(crate) fn registry_decision(&self, leaf: &Certificate, dry_run: bool) -> RegistryDecision {
         self.registry.decide(self.registry_mode, leaf, dry_run)
     }
 

@@ -150,14 +150,6 @@ impl Certificate {
         .unwrap_or_default()
     }
 
-    /// The first value of an issuer attribute, by its RFC 4514 short name (`CN`, `O`…), as
-    /// policies use it.
-    pub fn issuer_attribute(&self, short: &str) -> Option<String> {
-        self.with_parsed(|c| crate::name::attribute(c.issuer(), short))
-            .ok()
-            .flatten()
-    }
-
     /// Runs `f` over the x509-parser view. Parsing succeeded once in [`Certificate::from_der`],
     /// so it succeeds again.
     pub(crate) fn with_parsed<T>(&self, f: impl FnOnce(&X509Certificate<'_>) -> T) -> Result<T> {
@@ -510,11 +502,6 @@ impl CertificateInfo {
     /// Seconds since the epoch of notAfter.
     pub fn not_after_unix(&self) -> i64 {
         self.not_after_unix
-    }
-
-    /// True when `at` (seconds since the epoch) falls within the validity period.
-    pub fn valid_at(&self, at: i64) -> bool {
-        self.not_before_unix <= at && at <= self.not_after_unix
     }
 }
 

@@ -7,7 +7,7 @@ use time::{Duration, OffsetDateTime};
 use webpki::{CertRevocationList, OwnedCertRevocationList};
 use x509_parser::prelude::FromDer;
 
-use crate::cert::{CrlInfo, hex};
+use crate::cert::CrlInfo;
 use crate::issue::CaIssuer;
 use crate::pem::{self, Label};
 use crate::{PkiError, Result};
@@ -170,11 +170,6 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
         },
     };
     Crl::from_der(issuer.sign_crl(&params)?)
-}
-
-/// Serial bytes as `pki inspect` prints them.
-pub fn serial_text(serial: &[u8]) -> String {
-    hex(serial, ":")
 }
 
 #[cfg(test)]
