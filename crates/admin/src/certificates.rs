@@ -1,7 +1,6 @@
 //! Certificate routes: issue, register (one or a batch), list, describe (with the policies
 //! that apply), status changes, delete.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use axum::extract::{Path, State};
@@ -242,27 +241,19 @@ pub(super) async fn describe_certificate(
         chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
     }
     body["ca_chain"] = json!(chain);
-    // The policies attached to the certificate, its things and its CA, as a policy context
-    // lists them (each once, where it is first attached).
-    let none = BTreeMap::new();
-    let things: Vec<(&str, &BTreeMap<String, String>)> =
-        record.things.iter().map(|t| (t.as_str(), &none)).collect();
-    let subject = leaf
-        .as_ref()
-        .map(|leaf| portcullis_policy::context::Subject {
-            leaf,
-            id: record.id.as_str(),
-            things: &things,
-            ca: record.ca_id.as_ref().map(CertId::as_str),
-        });
-    let targets = portcullis_policy::context::targets(subject.as_ref(), None);
-    let mut attached = policies::attached_to(&api, &targets).await?;
-    let policies: Vec<Value> = portcullis_policy::context::applicable(&targets, |t| {
-        attached.remove(t).unwrap_or_default()
-    })
-    .into_iter()
-    .map(|(name, via)| json!({"name": name, "attached_to": via.describe()}))
-    .collect();
+    // Every attachment to the certificate, its things and its CA (a policy attached twice is
+    // listed twice, so that detaching one shows the other), in the policy context's order.
+    let targets = portcullis_policy::context::certificate_targets(
+        record.id.as_str(),
+        record.things.iter().map(String::as_str),
+        record.ca_id.as_ref().map(CertId::as_str),
+    );
+    let mut policies = Vec::new();
+    for (t, names) in policies::attached_to(&api, &targets).await? {
+        for name in names {
+            policies.push(json!({"name": name, "attached_to": t.describe()}));
+        }
+    }
     body["policies"] = json!(policies);
     Ok(Json(body))
 }

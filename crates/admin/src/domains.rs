@@ -46,15 +46,10 @@ pub(super) async fn checked_domains(
     hostname: &str,
     spec: Option<DomainSpec>,
 ) -> Result<(Vec<(String, DomainSpec)>, i64, Vec<String>), ApiError> {
-    let mut domains: Vec<(String, DomainSpec)> = Vec::new();
-    let mut version = 0;
-    for d in api.store.list_domains().await? {
-        if d.hostname == hostname {
-            version = d.version;
-        } else {
-            domains.push((d.hostname, d.spec));
-        }
-    }
+    // The domain changed is not read: one stored by a newer version can be replaced or removed.
+    let (others, version) = api.store.domains_except(hostname).await?;
+    let mut domains: Vec<(String, DomainSpec)> =
+        others.into_iter().map(|d| (d.hostname, d.spec)).collect();
     if spec.is_none() && version == 0 {
         return Err(RegistryError::NotFound(format!("domain {hostname}")).into());
     }

@@ -77,10 +77,10 @@ pub trait Hooks: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The gateway's decision trace for a certificate on a domain (`portcullis explain`).
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String>;
-    /// Checks that the gateway can load exactly these domains (hostname → specification, as the
-    /// configuration file's `[[domain]]` tables spell them): every key known, every file
-    /// readable, every truststore resolvable. Returns the specifications with defaults filled in,
-    /// in the same order, or one line naming what is wrong. Nothing is stored unless this passes.
+    /// Checks that the gateway can load exactly these domains (hostname → specification):
+    /// every file readable, every truststore resolvable, every value meaningful. Returns what
+    /// an operator should know about each one's truststore, or one line naming what is wrong.
+    /// Nothing is stored unless this passes.
     fn check_domains<'a>(
         &'a self,
         domains: &'a [(String, DomainSpec)],

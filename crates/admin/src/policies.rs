@@ -189,15 +189,15 @@ pub(super) fn stored_target(target: &Target) -> PolicyTarget {
     }
 }
 
-/// The policies attached to each of `targets`, from the store: what
+/// The policies attached to each of `targets`, in order, from the store: what
 /// [`context::applicable`] reads.
 pub(super) async fn attached_to(
     api: &Api,
     targets: &[Target],
-) -> Result<HashMap<Target, Vec<String>>, ApiError> {
-    let mut attached = HashMap::new();
+) -> Result<Vec<(Target, Vec<String>)>, ApiError> {
+    let mut attached = Vec::with_capacity(targets.len());
     for t in targets {
-        attached.insert(t.clone(), api.store.policies_of(&stored_target(t)).await?);
+        attached.push((t.clone(), api.store.policies_of(&stored_target(t)).await?));
     }
     Ok(attached)
 }
@@ -254,7 +254,8 @@ pub(super) async fn simulate(State(api): State<Api>, Body(req): Body<Simulate>) 
         None => {
             let domain = req.domain.clone().or_else(|| route_domain(&req.resource));
             let targets = context::targets(Some(&subject), domain.as_deref());
-            let mut attached = attached_to(&api, &targets).await?;
+            let mut attached: HashMap<Target, Vec<String>> =
+                attached_to(&api, &targets).await?.into_iter().collect();
             context::applicable(&targets, |t| attached.remove(t).unwrap_or_default())
                 .into_iter()
                 .map(|(name, via)| (name, via.describe()))

@@ -19,8 +19,8 @@
 //! - [`authorize`]: policies compiled for the data path; `mqtt`: MQTT connections on the
 //!   `portcullis-mqtt` broker; `recheck`: what a connection was admitted under, checked again.
 //!
-//! Dependencies go one way: `conn` → `http` → (`decide`, `verify`, `authorize`) →
-//! `registry_view` → `outbox`; nothing in `http` names `conn`.
+//! Dependencies go one way: `conn` uses `http` and `mqtt`, never the reverse; `verify` uses
+//! `registry_view` (which carries `authorize`'s policies), which reports through `outbox`.
 //!
 //! Invariants:
 //! - The gateway never touches a database or the admin API: everything a handshake or a request

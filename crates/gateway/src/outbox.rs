@@ -2,9 +2,11 @@
 //! and MQTT messages for forwarding rules.
 //!
 //! Invariants: nothing here blocks or waits. Each kind has its own bounded queue (10,000), so a
-//! flood of one (sightings under a reconnect storm) never refuses another (a device's JITP);
-//! a full queue drops or refuses, counted, and the node takes all three queues once, through
-//! [`crate::Gateway::take_outbox`].
+//! flood of one (sightings under a reconnect storm) never refuses another (a device's JITP).
+//! A full queue refuses a JITP (the connection says so), drops a JITR request or a sighting
+//! (the device retries; the next sighting comes within a minute) and drops a forwarded message
+//! (counted in `portcullis_mqtt_rule_messages_total`). The node takes all three queues once,
+//! through [`crate::Gateway::take_outbox`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;

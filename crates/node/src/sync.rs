@@ -196,6 +196,10 @@ impl RegistryWatch {
                 Some(fresh)
             }
             Err(e) => {
+                // Said once per change, not every poll: the next change (or a reconnect) reads
+                // the configuration again.
+                self.config_marker = marker;
+                self.force_config = false;
                 tracing::warn!(error = %format!("{e:#}"), "cannot read the registry's domains and truststores; keeping the previous configuration");
                 None
             }

@@ -55,20 +55,27 @@ pub struct Subject<'a> {
 /// Where a subject's policies come from, in order: the certificate, its things, its CA, then
 /// the domain. Without a subject (no certificate), only the domain.
 pub fn targets(subject: Option<&Subject<'_>>, domain: Option<&str>) -> Vec<Target> {
-    let mut targets = Vec::new();
-    if let Some(s) = subject {
-        targets.push(Target::Certificate(s.id.to_string()));
-        targets.extend(
-            s.things
-                .iter()
-                .map(|(t, _)| Target::Thing((*t).to_string())),
-        );
-        if let Some(ca) = s.ca {
-            targets.push(Target::Ca(ca.to_string()));
-        }
-    }
+    let mut targets = match subject {
+        Some(s) => certificate_targets(s.id, s.things.iter().map(|(t, _)| *t), s.ca),
+        None => Vec::new(),
+    };
     if let Some(domain) = domain {
         targets.push(Target::Domain(domain.to_string()));
+    }
+    targets
+}
+
+/// What a certificate's policies can be attached to, in order: the certificate, its things,
+/// its CA.
+pub fn certificate_targets<'a>(
+    id: &str,
+    things: impl IntoIterator<Item = &'a str>,
+    ca: Option<&str>,
+) -> Vec<Target> {
+    let mut targets = vec![Target::Certificate(id.to_string())];
+    targets.extend(things.into_iter().map(|t| Target::Thing(t.to_string())));
+    if let Some(ca) = ca {
+        targets.push(Target::Ca(ca.to_string()));
     }
     targets
 }

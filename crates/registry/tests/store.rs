@@ -999,6 +999,60 @@ async fn store_suite_on_sqlite() {
     assert_eq!(store.list_cas().await.unwrap().len(), 3);
 }
 
+/// A stored domain this version cannot read (written by a newer one, or by hand) is named in the
+/// error with what to do, and can still be deleted or replaced: the change never reads it.
+#[tokio::test]
+async fn a_stored_domain_that_cannot_be_read_can_be_deleted_or_replaced() {
+    let dir = portcullis_testkit::temp_dir();
+    let path = dir.path().join("registry.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    let spec: portcullis_registry::DomainSpec =
+        serde_json::from_value(serde_json::json!({"hostname": "a.test", "certificate": "auto"}))
+            .unwrap();
+    store
+        .put_domain("a.test", &spec, Some(0), "test")
+        .await
+        .unwrap();
+    let b = portcullis_registry::DomainSpec {
+        hostname: "b.test".into(),
+        ..spec.clone()
+    };
+    store
+        .put_domain("b.test", &b, Some(0), "test")
+        .await
+        .unwrap();
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    for host in ["a.test", "b.test"] {
+        sqlx::query("UPDATE domains SET spec = $1 WHERE hostname = $2")
+            .bind(format!(
+                r#"{{"hostname": "{host}", "certificate": "auto", "quic": true}}"#
+            ))
+            .bind(host)
+            .execute(&raw)
+            .await
+            .unwrap();
+    }
+    let err = store.domain("a.test").await.unwrap_err().to_string();
+    assert!(
+        err.contains("'a.test'") && err.contains("quic") && err.contains("domain delete"),
+        "{err}"
+    );
+    store
+        .delete_domain("a.test", Some(1), "test")
+        .await
+        .unwrap();
+    let (others, version) = store.domains_except("b.test").await.unwrap();
+    assert!(others.is_empty());
+    assert_eq!(version, 1);
+    let replaced = store
+        .put_domain("b.test", &b, Some(1), "test")
+        .await
+        .unwrap();
+    assert_eq!((replaced.version, replaced.spec), (2, b));
+}
+
 /// The database holds webhook secrets and the registration code: owner-only, its WAL and shared
 /// memory files too, and an existing world-readable file is narrowed when opened.
 #[tokio::test]

@@ -41,7 +41,7 @@ fn modules(src: &Path) -> BTreeMap<String, PathBuf> {
     out
 }
 
-/// The identifiers following `prefix` in `text` (`crate::` → `listen`, `fast`…), with the one
+/// The identifiers following `prefix` in `text` (`crate::` → `conn`, `http`…), with the one
 /// after them when there is one.
 fn paths_after<'a>(text: &'a str, prefix: &str) -> Vec<(&'a str, Option<&'a str>)> {
     let ident = |s: &'a str| -> &'a str {

@@ -218,12 +218,9 @@ impl Store {
     ) -> Result<DomainRecord, RegistryError> {
         let spec_text = spec_json(spec)?;
         loop {
-            let before = match self.domain(hostname).await {
-                Ok(d) => Some(d),
-                Err(RegistryError::NotFound(_)) => None,
-                Err(e) => return Err(e),
-            };
-            let current = before.as_ref().map_or(0, |d| d.version);
+            // The stored text: a domain that cannot be read can still be replaced.
+            let before = self.raw_domain(hostname).await?;
+            let current = before.as_ref().map_or(0, |(version, _)| *version);
             if let Some(expected) = expected_version
                 && expected != current
             {
@@ -254,14 +251,14 @@ impl Store {
                         .bind(&spec_text)
                         .bind(now)
                         .bind(hostname)
-                        .bind(b.version)
+                        .bind(b.0)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected(),
                 };
                 if done == 1 {
-                    let b = before.as_ref().map(|d| spec_json(&d.spec)).transpose()?;
-                    audit(&mut *tx, actor, if before.is_some() { AuditAction::DomainUpdate } else { AuditAction::DomainCreate }, hostname, b.as_deref(), Some(&spec_text)).await?;
+                    let b = before.as_ref().map(|(_, text)| text.as_str());
+                    audit(&mut *tx, actor, if before.is_some() { AuditAction::DomainUpdate } else { AuditAction::DomainCreate }, hostname, b, Some(&spec_text)).await?;
                     tx.commit().await?;
                     true
                 } else {
@@ -279,6 +276,16 @@ impl Store {
         }
     }
 
+    /// A domain's version and stored text, unparsed.
+    async fn raw_domain(&self, hostname: &str) -> Result<Option<(i64, String)>, RegistryError> {
+        with_pool!(self, pool => {
+            Ok(sqlx::query_as("SELECT version, spec FROM domains WHERE hostname = $1")
+                .bind(hostname)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
     /// A domain.
     pub async fn domain(&self, hostname: &str) -> Result<DomainRecord, RegistryError> {
         with_pool!(self, pool => {
@@ -288,6 +295,27 @@ impl Store {
                 .await?
                 .ok_or_else(|| RegistryError::NotFound(format!("domain {hostname}")))?;
             domain_from_row(&row)
+        })
+    }
+
+    /// Every domain but `hostname`, by hostname, and `hostname`'s version (0: none). The
+    /// excluded domain's specification is not read: a change that removes or replaces it works
+    /// even when it cannot be read.
+    pub async fn domains_except(
+        &self,
+        hostname: &str,
+    ) -> Result<(Vec<DomainRecord>, i64), RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM domains WHERE hostname <> $1 ORDER BY hostname")
+                .bind(hostname)
+                .fetch_all(pool)
+                .await?;
+            let others = rows.iter().map(domain_from_row).collect::<Result<Vec<_>, _>>()?;
+            let version: Option<i64> = sqlx::query_scalar("SELECT version FROM domains WHERE hostname = $1")
+                .bind(hostname)
+                .fetch_optional(pool)
+                .await?;
+            Ok((others, version.unwrap_or(0)))
         })
     }
 
@@ -306,20 +334,23 @@ impl Store {
         expected_version: Option<i64>,
         actor: &str,
     ) -> Result<(), RegistryError> {
-        let before = self.domain(hostname).await?;
+        // The stored text, not the parsed spec: a domain that cannot be read can be deleted.
+        let (version, before) = self
+            .raw_domain(hostname)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("domain {hostname}")))?;
         if let Some(expected) = expected_version
-            && expected != before.version
+            && expected != version
         {
             return Err(RegistryError::Conflict(format!(
-                "domain {hostname} is at version {}, not {expected}; read it again and retry",
-                before.version
+                "domain {hostname} is at version {version}, not {expected}; read it again and retry"
             )));
         }
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let done = sqlx::query("DELETE FROM domains WHERE hostname = $1 AND version = $2")
                 .bind(hostname)
-                .bind(before.version)
+                .bind(version)
                 .execute(&mut *tx)
                 .await?;
             if done.rows_affected() != 1 {
@@ -331,7 +362,7 @@ impl Store {
                 .bind(hostname)
                 .execute(&mut *tx)
                 .await?;
-            audit(&mut *tx, actor, AuditAction::DomainDelete, hostname, Some(&spec_json(&before.spec)?), None).await?;
+            audit(&mut *tx, actor, AuditAction::DomainDelete, hostname, Some(&before), None).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -438,10 +469,14 @@ where
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
     let spec: String = row.try_get("spec")?;
+    let hostname: String = row.try_get("hostname")?;
     Ok(DomainRecord {
-        hostname: row.try_get("hostname")?,
-        spec: serde_json::from_str(&spec)
-            .map_err(|e| RegistryError::Invalid(format!("stored domain: {e}")))?,
+        spec: serde_json::from_str(&spec).map_err(|e| {
+            RegistryError::Invalid(format!(
+                "stored domain '{hostname}' cannot be read ({e}): a newer version wrote it, or it was edited by hand; run this node's newer version, or delete the domain (portcullis domain delete {hostname}) and put it again"
+            ))
+        })?,
+        hostname,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         version: row.try_get("version")?,
