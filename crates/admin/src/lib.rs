@@ -43,6 +43,7 @@ mod gateway;
 pub mod openapi;
 mod operators;
 mod policies;
+mod server_certs;
 mod things;
 mod truststores;
 mod webhooks;
@@ -57,6 +58,10 @@ use gateway::{close_connection, close_session, explain, list_connections, list_s
 use operators::{
     audit, create_token, delete_token, list_admin_certificates, list_tokens,
     revoke_admin_certificate, rotate_admin_certificate,
+};
+use server_certs::{
+    delete_server_certificate, describe_server_certificate, list_server_certificates,
+    put_server_certificate,
 };
 use things::{
     attach, create_thing, delete_thing, describe_thing, detach, list_things, update_thing,
@@ -157,6 +162,8 @@ pub struct Api {
     issuer: Option<Arc<CaIssuer>>,
     hooks: Arc<dyn Hooks>,
     sessions: Arc<console::Sessions>,
+    /// Seals private keys before they are stored (server certificates); none: refused.
+    cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -173,7 +180,17 @@ impl Api {
             issuer,
             hooks,
             sessions: Arc::default(),
+            cluster_key: None,
         }
+    }
+
+    /// With the cluster key that seals private keys before they are stored.
+    pub fn with_cluster_key(
+        mut self,
+        key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
+    ) -> Api {
+        self.cluster_key = key;
+        self
     }
 }
 
@@ -333,6 +350,13 @@ pub fn router(api: Api) -> Router {
             post(webhooks::replay_delivery),
         )
         .route("/v1/expiry-check", post(webhooks::expiry_check))
+        .route("/v1/server-certificates", get(list_server_certificates))
+        .route(
+            "/v1/server-certificates/{name}",
+            get(describe_server_certificate)
+                .put(put_server_certificate)
+                .delete(delete_server_certificate),
+        )
         .route("/v1/domains", get(list_domains))
         .route(
             "/v1/domains/{hostname}",

@@ -314,6 +314,30 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ),
     (
         "get",
+        "/v1/server-certificates",
+        "List server certificates kept in the registry (chains; keys are never answered)",
+        None,
+    ),
+    (
+        "get",
+        "/v1/server-certificates/{name}",
+        "Describe a server certificate and the domains serving it",
+        None,
+    ),
+    (
+        "put",
+        "/v1/server-certificates/{name}",
+        "Import or replace a server certificate: the key is sealed under the node's cluster key",
+        Some("PutServerCertificate"),
+    ),
+    (
+        "delete",
+        "/v1/server-certificates/{name}",
+        "Delete a server certificate no domain serves",
+        None,
+    ),
+    (
+        "get",
         "/v1/domains",
         "List domains (the registry is their source of truth once seeded from the configuration file)",
         None,
@@ -441,6 +465,9 @@ fn schemas() -> Value {
         "UpdateWebhook": {"type": "object", "additionalProperties": false, "properties": {
             "url": s("string"), "events": {"type": "array", "items": {"enum": portcullis_registry::EVENT_TYPES}},
             "enabled": s("boolean"), "expiring_days": s("integer"), "ca_pem": s("string")}},
+        "PutServerCertificate": {"type": "object", "required": ["certificate_pem", "key_pem"], "additionalProperties": false, "properties": {
+            "certificate_pem": {"type": "string", "description": "The chain, leaf first"},
+            "key_pem": {"type": "string", "description": "The leaf's private key; sealed with the cluster key, never answered back"}}},
         "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},

@@ -294,6 +294,36 @@ pub struct TruststoreArgs {
     crls: Vec<PathBuf>,
 }
 
+/// `portcullis server-cert …`
+#[derive(Debug, Subcommand)]
+pub enum ServerCertCommand {
+    /// Import (or replace, for a renewal) a server certificate and its key into the registry:
+    /// the key is sealed under the node's cluster key. Domains use it with
+    /// `certificate = "registry:NAME"`.
+    Import {
+        /// Name: 1-128 of A-Z a-z 0-9 : _ - .
+        name: String,
+        /// The chain, leaf first (PEM or DER).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// The leaf's private key (PEM or DER: PKCS#8, PKCS#1, SEC1).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// List the registry's server certificates.
+    List,
+    /// Show a server certificate and the domains serving it.
+    Describe {
+        /// Name.
+        name: String,
+    },
+    /// Delete a server certificate no domain serves.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
 /// `portcullis policy …`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -683,6 +713,7 @@ pub enum Control {
     Cert(CertCommand),
     Thing(ThingCommand),
     Truststore(TruststoreCommand),
+    ServerCert(ServerCertCommand),
     Domain(DomainCommand),
     Policy(PolicyCommand),
     Webhook(WebhookCommand),
@@ -708,6 +739,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Cert(c) => cert(&client, &out, c).await,
             Control::Thing(c) => thing(&client, &out, c).await,
             Control::Truststore(c) => truststore(&client, &out, c).await,
+            Control::ServerCert(c) => server_cert(&client, &out, c).await,
             Control::Domain(c) => domain(&client, &out, c).await,
             Control::Policy(c) => policy(&client, &out, c).await,
             Control::Webhook(c) => webhook(&client, &out, c).await,
@@ -2033,6 +2065,91 @@ async fn enroll(client: &AdminClient, out: &Printer, a: EnrollArgs) -> Result<Ex
         }
         text
     });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn server_cert(
+    client: &AdminClient,
+    out: &Printer,
+    command: ServerCertCommand,
+) -> Result<ExitCode> {
+    let line = |c: &Value| {
+        format!(
+            "{}  {}  not after {}  version {}",
+            s(&c["name"]),
+            s(&c["subject"]),
+            time::OffsetDateTime::from_unix_timestamp(c["not_after"].as_i64().unwrap_or_default())
+                .map(|t| t.date().to_string())
+                .unwrap_or_default(),
+            s(&c["version"])
+        )
+    };
+    match command {
+        ServerCertCommand::Import { name, cert, key } => {
+            let chain = portcullis_pki::Certificate::all_from_pem_or_der(&read(
+                &cert,
+                "certificate chain",
+            )?)
+            .with_context(|| format!("reading certificate chain {}", cert.display()))?;
+            if chain.is_empty() {
+                bail!("{} holds no certificate", cert.display());
+            }
+            let private = portcullis_pki::PrivateKey::from_pem_or_der(&read(&key, "private key")?)
+                .with_context(|| format!("reading private key {}", key.display()))?;
+            let pem: String = chain
+                .iter()
+                .map(portcullis_pki::Certificate::to_pem)
+                .collect();
+            let body = json!({"certificate_pem": pem, "key_pem": private.to_pem()});
+            let v = client
+                .put(
+                    &format!("/v1/server-certificates/{}", segment(&name)),
+                    Some(&body),
+                )
+                .await?;
+            out.show(&v, |v| {
+                format!(
+                    "imported {} (use it with certificate = \"registry:{}\")",
+                    line(v),
+                    s(&v["name"])
+                )
+            });
+        }
+        ServerCertCommand::List => {
+            let v = client.get("/v1/server-certificates").await?;
+            out.show(&v, |v| items(v).map(line).collect::<Vec<_>>().join("\n"));
+        }
+        ServerCertCommand::Describe { name } => {
+            let v = client
+                .get(&format!("/v1/server-certificates/{}", segment(&name)))
+                .await?;
+            out.show(&v, |v| {
+                let domains: Vec<String> = v["domains"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                format!(
+                    "{}\nserved by: {}",
+                    line(v),
+                    if domains.is_empty() {
+                        "no domain".to_string()
+                    } else {
+                        domains.join(", ")
+                    }
+                )
+            });
+        }
+        ServerCertCommand::Delete { name } => {
+            client
+                .delete(&format!("/v1/server-certificates/{}", segment(&name)))
+                .await?;
+            out.show(&json!({"deleted": name}), |_| {
+                format!("deleted server certificate {name}")
+            });
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -47,6 +47,12 @@ enum Command {
     Thing(Control<control::ThingCommand>),
     /// Named truststores with numbered versions, and impact previews.
     Truststore(Control<control::TruststoreCommand>),
+    /// Server certificates kept in the registry (keys sealed under the cluster key), served by
+    /// every node with `certificate = "registry:NAME"`.
+    ServerCert(Control<control::ServerCertCommand>),
+    /// The cluster key that seals the private keys kept in the registry.
+    #[command(subcommand)]
+    ClusterKey(ClusterKeyCommand),
     /// Domains and their mappings (the registry's, seeded from the configuration file).
     Domain(Control<control::DomainCommand>),
     /// Policies: documents with certificate variables, versions, attachments, simulation.
@@ -64,6 +70,39 @@ enum Command {
     /// Enroll a device: a client certificate from the local CA (registered ACTIVE), written as
     /// .p12 (modern and legacy) and an Apple .mobileconfig for the device or its MDM.
     Enroll(ControlArgs<control::EnrollArgs>),
+}
+
+/// `portcullis cluster-key …`
+#[derive(Debug, Subcommand)]
+enum ClusterKeyCommand {
+    /// Make a new random cluster key file (mode 0600). Give every node of a cluster the same
+    /// file (`cluster_key_file`); keep a copy offline: without it the keys in the registry
+    /// cannot be opened.
+    Generate {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn cluster_key(command: ClusterKeyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ClusterKeyCommand::Generate { out, force } => {
+            let text = portcullis_registry::sealed::ClusterKey::generate()?;
+            let mut outputs = portcullis_node::output::Outputs::default();
+            outputs.secret(&out, text);
+            outputs.write(force)?;
+            portcullis_node::outln!(
+                "wrote cluster key {} (0600): set cluster_key_file = \"{}\" on every node",
+                out.display(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// A control-plane command group and how to reach the admin API.
@@ -96,6 +135,8 @@ fn main() -> ExitCode {
         Command::Cert(c) => control::run(control::Control::Cert(c.command), c.connect),
         Command::Thing(c) => control::run(control::Control::Thing(c.command), c.connect),
         Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
+        Command::ServerCert(c) => control::run(control::Control::ServerCert(c.command), c.connect),
+        Command::ClusterKey(c) => cluster_key(c),
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
         Command::Webhook(c) => control::run(control::Control::Webhook(c.command), c.connect),

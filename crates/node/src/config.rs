@@ -17,10 +17,11 @@ use portcullis_gateway::Config;
 use portcullis_gateway::config::{
     Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
     Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders, SecurityPolicy,
-    UpstreamTls,
+    ServerCertificate, UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, Truststore};
+use portcullis_registry::sealed::ClusterKey;
 use portcullis_registry::{DomainSpec, MtlsSpec, Store};
 use serde::Deserialize;
 
@@ -46,6 +47,9 @@ pub(crate) struct FileConfig {
     identity: Option<FileIdentity>,
     /// The MQTT broker's limits.
     mqtt: Option<FileMqttLimits>,
+    /// The cluster key (seals the private keys kept in the registry); the
+    /// `PORTCULLIS_CLUSTER_KEY` environment variable, holding the key itself, wins.
+    cluster_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,7 +175,7 @@ pub(crate) fn file_stamps(config_path: &Path, registry: &RegistryConfig) -> Vec<
         && let Ok(domains) = registry.domains_or(&file)
     {
         for d in &domains {
-            if d.certificate != "auto" {
+            if d.certificate != "auto" && !d.certificate.starts_with("registry:") {
                 files.push(at(Path::new(&d.certificate)));
             }
             files.extend(d.key.iter().map(|k| at(k)));
@@ -373,7 +377,7 @@ fn build_config(
     };
     let domains = domains
         .iter()
-        .map(|d| file_domain(d, &at, data, echo, &registry.catalog).with_context(|| source.clone()))
+        .map(|d| file_domain(d, &at, data, echo, registry).with_context(|| source.clone()))
         .collect::<Result<Vec<_>>>()?;
     let default = match (file.default_endpoint, &file.default_domain) {
         (false, None) => None,
@@ -450,8 +454,9 @@ fn file_domain(
     at: &dyn Fn(&Path) -> PathBuf,
     data: &DataDir,
     echo: SocketAddr,
-    catalog: &TruststoreCatalog,
+    registry: &RegistryConfig,
 ) -> Result<Domain> {
+    let catalog = &registry.catalog;
     let ctx = || format!("domain '{}'", d.hostname);
     let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
     let certificate = if d.certificate == "auto" {
@@ -462,6 +467,14 @@ fn file_domain(
             );
         }
         data.auto_certificate(&hostname).with_context(ctx)?
+    } else if let Some(name) = d.certificate.strip_prefix("registry:") {
+        if d.key.is_some() {
+            bail!(
+                "{}: key is set, but certificate = \"registry:{name}\" takes its key from the registry",
+                ctx()
+            );
+        }
+        registry.server_certificate(name).with_context(ctx)?
     } else {
         let key = d
             .key
@@ -713,11 +726,16 @@ pub(crate) struct RegistryConfig {
     pub(crate) domains: Option<Vec<(String, DomainSpec)>>,
     /// The registry's truststores.
     pub(crate) catalog: TruststoreCatalog,
+    /// The registry's server certificates, their keys opened with the cluster key; `Err`: why
+    /// they cannot be used (no cluster key, another cluster's key), said by the domains that
+    /// name one.
+    pub(crate) server_certs: std::collections::HashMap<String, Result<ServerCertificate, String>>,
 }
 
 impl RegistryConfig {
-    /// Reads the domains and truststores from the registry.
-    pub(crate) async fn read(store: &Store) -> Result<RegistryConfig> {
+    /// Reads the domains, truststores and server certificates from the registry, opening the
+    /// certificates' keys with `key`.
+    pub(crate) async fn read(store: &Store, key: Option<&ClusterKey>) -> Result<RegistryConfig> {
         let domains = if store.domains_seeded().await? {
             Some(
                 store
@@ -730,10 +748,30 @@ impl RegistryConfig {
         } else {
             None
         };
+        let mut server_certs = std::collections::HashMap::new();
+        for record in store.list_server_certificates().await? {
+            let opened = open_server_certificate(&record, key);
+            server_certs.insert(record.name.clone(), opened);
+        }
         Ok(RegistryConfig {
             domains,
             catalog: TruststoreCatalog::read(store).await?,
+            server_certs,
         })
+    }
+
+    /// Server certificate `name` from the registry.
+    fn server_certificate(&self, name: &str) -> Result<ServerCertificate> {
+        match self.server_certs.get(name) {
+            Some(Ok(c)) => Ok(ServerCertificate {
+                chain: c.chain.clone(),
+                key: c.key.clone_key(),
+            }),
+            Some(Err(why)) => bail!("certificate registry:{name}: {why}"),
+            None => bail!(
+                "certificate registry:{name}: the registry has no server certificate '{name}' (import it with `portcullis server-cert import {name} --cert FILE --key FILE`)"
+            ),
+        }
     }
 
     /// The domains in effect: the registry's once seeded, the file's before.
@@ -822,6 +860,8 @@ pub(crate) struct DomainChecker {
     pub(crate) data_root: PathBuf,
     /// The built-in echo upstream.
     pub(crate) echo: SocketAddr,
+    /// Opens the registry's server certificate keys.
+    pub(crate) cluster_key: Option<Arc<ClusterKey>>,
 }
 
 impl DomainChecker {
@@ -830,11 +870,94 @@ impl DomainChecker {
         &self,
         specs: &[(String, DomainSpec)],
     ) -> Result<portcullis_admin::CheckedDomains, String> {
-        let registry = RegistryConfig::read(&self.store)
+        let registry = RegistryConfig::read(&self.store, self.cluster_key.as_deref())
             .await
             .map_err(|e| format!("{e:#}"))?;
         let data = DataDir::new(&self.data_root);
         check_domains(&self.config_path, &data, self.echo, &registry, specs)
             .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// A registry server certificate with its key opened, or why it cannot be.
+fn open_server_certificate(
+    record: &portcullis_registry::ServerCertRecord,
+    key: Option<&ClusterKey>,
+) -> Result<ServerCertificate, String> {
+    let Some(key) = key else {
+        return Err("its key is sealed with the cluster key, and this node has none: set cluster_key_file (or PORTCULLIS_CLUSTER_KEY) to the key the other nodes use".into());
+    };
+    let context = portcullis_registry::ServerCertRecord::seal_context(&record.name);
+    let der = key
+        .open(&record.sealed_key, &context)
+        .map_err(|e| e.to_string())?;
+    let chain = Certificate::all_from_pem_or_der(record.chain_pem.as_bytes())
+        .map_err(|e| format!("its chain cannot be read: {e}"))?;
+    Ok(ServerCertificate {
+        chain: chain.iter().map(|c| c.der().clone()).collect(),
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(der.into()),
+    })
+}
+
+/// The cluster key: `PORTCULLIS_CLUSTER_KEY` (the key itself), or the file the configuration's
+/// `cluster_key_file` names (relative to the configuration file); none when neither is set.
+pub(crate) fn cluster_key(config_path: &Path) -> Result<Option<Arc<ClusterKey>>> {
+    if let Ok(text) = std::env::var("PORTCULLIS_CLUSTER_KEY") {
+        let key = ClusterKey::parse(&text).context("PORTCULLIS_CLUSTER_KEY")?;
+        return Ok(Some(Arc::new(key)));
+    }
+    let file = read_file_config(config_path)?;
+    let Some(path) = &file.cluster_key_file else {
+        return Ok(None);
+    };
+    let path = relative_to(config_path)(path);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading cluster_key_file {} (make one with `portcullis cluster-key generate --out {}`)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(file = %path.display(), "the cluster key file is readable by others than its owner: chmod 600 it");
+        }
+    }
+    let key =
+        ClusterKey::parse(&text).with_context(|| format!("cluster_key_file {}", path.display()))?;
+    Ok(Some(Arc::new(key)))
+}
+
+/// What the cluster key check seals.
+const KEY_CHECK: &[u8] = b"portcullis cluster key";
+
+/// Checks this node's cluster key against the registry's: the first node with a key records a
+/// check value; a node with another key, or none while the registry holds sealed keys, refuses
+/// to start with the reason.
+pub(crate) async fn check_cluster_key(store: &Store, key: Option<&ClusterKey>) -> Result<()> {
+    let recorded = store.cluster_key_check().await?;
+    match (key, recorded) {
+        (Some(key), None) => {
+            let check = store
+                .init_cluster_key_check(&key.seal(KEY_CHECK, "cluster-key-check")?)
+                .await?;
+            key.open(&check, "cluster-key-check")
+                .map(|_| ())
+                .map_err(|_| anyhow!("another node recorded a different cluster key at the same time: give every node the same cluster_key_file"))
+        }
+        (Some(key), Some(check)) => match key.open(&check, "cluster-key-check") {
+            Ok(plain) if plain == KEY_CHECK => Ok(()),
+            _ => bail!(
+                "the cluster key is not the one this registry's private keys are sealed with: give this node the same cluster_key_file (or PORTCULLIS_CLUSTER_KEY) as the other nodes"
+            ),
+        },
+        (None, Some(_)) => bail!(
+            "the registry holds private keys sealed with a cluster key, and this node has none: set cluster_key_file = \"FILE\" in its configuration (the same key file as the other nodes) or PORTCULLIS_CLUSTER_KEY"
+        ),
+        (None, None) => Ok(()),
     }
 }

@@ -68,7 +68,9 @@ async fn check_config(args: &ServeArgs) -> Result<ExitCode> {
         let store = Store::open(&database)
             .await
             .with_context(|| format!("opening the registry {}", redact(&database)))?;
-        RegistryConfig::read(&store)
+        let key = crate::config::cluster_key(&config_path)?;
+        crate::config::check_cluster_key(&store, key.as_deref()).await?;
+        RegistryConfig::read(&store, key.as_deref())
             .await
             .context("reading the registry's domains and truststores")?
     } else {
@@ -121,7 +123,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // What the configuration is built from is noted before it is read, so that a change made
     // meanwhile is noticed afterwards rather than lost.
     let mut config_marker = store.config_marker().await?;
-    let mut registry = RegistryConfig::read(&store)
+    // The cluster key opens the private keys kept in the registry: a node with another one, or
+    // none while the registry holds sealed keys, stops here with the reason.
+    let cluster_key = crate::config::cluster_key(&config_path)?;
+    crate::config::check_cluster_key(&store, cluster_key.as_deref()).await?;
+    let mut registry = RegistryConfig::read(&store, cluster_key.as_deref())
         .await
         .context("reading the registry's domains and truststores")?;
     let files = file_stamps(&config_path, &registry);
@@ -134,7 +140,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             "the configuration file's domains now live in the registry; change them with `portcullis domain put|delete`"
         );
         config_marker = store.config_marker().await?;
-        registry = RegistryConfig::read(&store).await?;
+        registry = RegistryConfig::read(&store, cluster_key.as_deref()).await?;
     } else {
         crate::config::warn_if_file_domains_ignored(&config_path, &registry);
     }
@@ -182,9 +188,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             config_path: config_path.clone(),
             data_root: args.data_dir.clone(),
             echo,
+            cluster_key: cluster_key.clone(),
         },
     };
-    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca), Arc::new(hooks));
+    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca), Arc::new(hooks))
+        .with_cluster_key(cluster_key.clone());
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
@@ -231,6 +239,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         config_marker,
         files,
         reachable: registry_reachable,
+        cluster_key,
     };
     wait_for_changes(
         &gateway,
@@ -264,6 +273,7 @@ async fn wait_for_changes(
         config_marker,
         files: mut seen,
         reachable,
+        cluster_key,
     } = baseline;
     let Signals {
         mut hup,
@@ -274,7 +284,7 @@ async fn wait_for_changes(
     // The registry is polled often: a revocation must reach live connections within a second.
     // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
-    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable);
+    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster_key);
     let mut listener = match store.listen().await {
         Ok(l) => l,
         Err(e) => {
@@ -363,6 +373,8 @@ struct Baseline {
     config_marker: i64,
     files: Vec<crate::config::Stamp>,
     reachable: Arc<AtomicBool>,
+    /// Opens the registry's server certificate keys at each configuration read.
+    cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
 }
 
 /// A database URL without its password, for messages.

@@ -55,6 +55,8 @@ pub(crate) struct RegistryWatch {
     force_config: bool,
     reachable: bool,
     reachable_flag: Arc<AtomicBool>,
+    /// Opens the registry's server certificate keys at each configuration read.
+    cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
 }
 
 impl RegistryWatch {
@@ -63,6 +65,7 @@ impl RegistryWatch {
         registry_marker: i64,
         config_marker: i64,
         reachable_flag: Arc<AtomicBool>,
+        cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
     ) -> RegistryWatch {
         RegistryWatch {
             registry_marker,
@@ -75,6 +78,7 @@ impl RegistryWatch {
             force_config: false,
             reachable: true,
             reachable_flag,
+            cluster_key,
         }
     }
 
@@ -189,7 +193,7 @@ impl RegistryWatch {
         if marker == self.config_marker && !self.force_config {
             return None;
         }
-        match RegistryConfig::read(store).await {
+        match RegistryConfig::read(store, self.cluster_key.as_deref()).await {
             Ok(fresh) => {
                 self.config_marker = marker;
                 self.force_config = false;

@@ -164,6 +164,12 @@ impl PrivateKey {
         self.pair.serialized_der()
     }
 
+    /// Whether this is `cert`'s private key (the same public key).
+    pub fn is_key_of(&self, cert: &crate::cert::Certificate) -> bool {
+        cert.with_parsed(|c| c.public_key().subject_public_key.data.to_vec())
+            .is_ok_and(|bits| bits == self.public_key_bits())
+    }
+
     /// The subjectPublicKey bits, as a certificate carries them.
     pub fn public_key_bits(&self) -> &[u8] {
         self.pair.der_bytes()

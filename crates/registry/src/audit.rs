@@ -73,6 +73,10 @@ pub enum AuditAction {
     TruststoreVersion,
     /// A truststore deleted.
     TruststoreDelete,
+    /// A server certificate (chain and sealed key) imported or replaced.
+    ServerCertImport,
+    /// A server certificate deleted.
+    ServerCertDelete,
 }
 
 /// What a change affects on the gateway nodes.
@@ -89,13 +93,14 @@ pub struct Effects {
     pub policies_if_ca_policies: bool,
     /// The MQTT forwarding rules (webhooks subscribed to `mqtt.message`).
     pub rules: bool,
-    /// The gateway's configuration: domains, truststores and the CAs of `registry:cas`.
+    /// The gateway's configuration: domains, truststores, server certificates and the CAs of
+    /// `registry:cas`.
     pub configuration: bool,
 }
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 33] = [
+    pub const ALL: [AuditAction; 35] = [
         AuditAction::CaRegister,
         AuditAction::CaUpdate,
         AuditAction::CertificateRegister,
@@ -129,6 +134,8 @@ impl AuditAction {
         AuditAction::TruststoreCreate,
         AuditAction::TruststoreVersion,
         AuditAction::TruststoreDelete,
+        AuditAction::ServerCertImport,
+        AuditAction::ServerCertDelete,
     ];
 
     /// The stored name.
@@ -167,6 +174,8 @@ impl AuditAction {
             AuditAction::TruststoreCreate => "truststore.create",
             AuditAction::TruststoreVersion => "truststore.version",
             AuditAction::TruststoreDelete => "truststore.delete",
+            AuditAction::ServerCertImport => "server-cert.import",
+            AuditAction::ServerCertDelete => "server-cert.delete",
         }
     }
 
@@ -237,7 +246,9 @@ impl AuditAction {
             }
             AuditAction::TruststoreCreate
             | AuditAction::TruststoreVersion
-            | AuditAction::TruststoreDelete => Effects {
+            | AuditAction::TruststoreDelete
+            | AuditAction::ServerCertImport
+            | AuditAction::ServerCertDelete => Effects {
                 configuration: true,
                 ..none
             },
@@ -284,6 +295,7 @@ mod tests {
         assert!(!A::CertificateStatus.effects().configuration);
         assert!(A::CaUpdate.effects().configuration && A::CaUpdate.effects().cas);
         assert!(A::TruststoreVersion.effects().configuration);
+        assert!(A::ServerCertImport.effects().configuration);
         assert!(A::DomainDelete.effects().policies && A::DomainDelete.effects().configuration);
         assert!(A::ThingAttach.effects().policies);
         assert!(A::WebhookUpdate.effects().rules);

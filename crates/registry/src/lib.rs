@@ -23,6 +23,7 @@ pub mod domain_spec;
 pub mod model;
 mod names;
 pub mod provisioning;
+pub mod sealed;
 pub mod store;
 pub mod webhooks;
 
@@ -30,8 +31,8 @@ pub use audit::{AuditAction, Effects};
 pub use domain_spec::{DomainSpec, MappingSpec, MqttSpec, MtlsSpec};
 pub use model::{
     AdminCertRecord, Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus,
-    DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, TargetType, Thing, TokenRecord,
-    TruststoreVersion,
+    DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, ServerCertRecord, TargetType, Thing,
+    TokenRecord, TruststoreVersion,
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{

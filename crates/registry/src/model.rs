@@ -277,6 +277,36 @@ pub struct TokenRecord {
     pub last_used: Option<i64>,
 }
 
+/// A server certificate kept in the registry: its chain, and its key sealed under the cluster
+/// key (never serialized).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerCertRecord {
+    /// Its name (`certificate = "registry:NAME"`).
+    pub name: String,
+    /// The leaf's subject.
+    pub subject: String,
+    /// The leaf's notAfter (seconds since the epoch).
+    pub not_after: i64,
+    /// The chain, leaf first, PEM.
+    pub chain_pem: String,
+    /// The private key, sealed for `server-certificate:NAME`.
+    #[serde(skip)]
+    pub sealed_key: String,
+    /// When it was imported.
+    pub created_at: i64,
+    /// When it was last replaced.
+    pub updated_at: i64,
+    /// Incremented on every replacement.
+    pub version: i64,
+}
+
+impl ServerCertRecord {
+    /// What its key is sealed for: the associated data of [`crate::sealed::ClusterKey::seal`].
+    pub fn seal_context(name: &str) -> String {
+        format!("server-certificate:{name}")
+    }
+}
+
 /// A domain managed in the registry: the configuration file's `[[domain]]` table, typed.
 #[derive(Debug, Clone, Serialize)]
 pub struct DomainRecord {

@@ -94,7 +94,7 @@ fn put_domain(d: &Path, host: &str, truststore: &str, base_path: &str) -> Value 
 }
 
 /// Waits for a reload the registry triggered (skipping reloads by signal or file change).
-fn wait_for_registry_reload(s: &Server) -> String {
+pub(crate) fn wait_for_registry_reload(s: &Server) -> String {
     loop {
         let line = s.wait_for("portcullis::reload");
         if line.contains("\"trigger\":\"registry\"") {
@@ -1952,4 +1952,172 @@ fn explain_and_real_requests_route_and_authorize_alike() {
     ] {
         assert!(seen.contains(outcome), "{outcome} not reached: {seen:?}");
     }
+}
+
+/// Server certificates live in the registry, their keys sealed under the cluster key: a domain
+/// serves `certificate = "registry:NAME"` with no file, the key never appears in the database in
+/// the clear, a certificate in use cannot be deleted, and a node without the cluster key (or
+/// with another one) refuses to start, saying which.
+#[test]
+fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    portcullis(d, &["cluster-key", "generate", "--out", "cluster.key"]).ok();
+    assert_eq!(mode(d.join("cluster.key")) & 0o777, 0o600);
+    let config = format!(
+        "cluster_key_file = \"cluster.key\"\n{}",
+        registry_config(&[("a.test", "off")])
+    );
+    let s = Server::start(d, &config);
+    let alice = client("alice");
+
+    // Imported: the chain is answered, the key never is; a key that is not the leaf's is refused.
+    let imported = cli_json(
+        d,
+        &[
+            "server-cert",
+            "import",
+            "srv",
+            "--cert",
+            "srv.chain.pem",
+            "--key",
+            "srv.key",
+        ],
+    );
+    assert_eq!(imported["name"], "srv", "{imported}");
+    assert!(imported["subject"].as_str().unwrap().contains("srv"));
+    assert!(
+        imported.get("sealed_key").is_none() && !imported.to_string().contains("PRIVATE"),
+        "{imported}"
+    );
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "server-cert",
+                "import",
+                "bad",
+                "--cert",
+                "srv.chain.pem",
+                "--key",
+                "alice.key",
+            ],
+        ),
+        2,
+        "is not the key of the first certificate",
+    );
+
+    // A domain serves it, on this node, with nothing on disk but the configuration.
+    std::fs::write(
+        d.join("srv.toml"),
+        "hostname = \"srv.test\"\ncertificate = \"registry:srv\"\n[mtls]\nmode = \"required\"\n\
+         truststore = \"trust-a.pem\"\n[[mapping]]\nupstream = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    cli_json(d, &["domain", "put", "--file", "srv.toml"]);
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
+    let mut args = with_client(&alice);
+    args.extend(["--cacert", "root/ca.pem"]);
+    let (status, body) = answer(&curl(d, &s, "srv.test", "/x", &args));
+    assert_eq!(status, 200, "the chain verifies against srv's root: {body}");
+    let described = cli_json(d, &["server-cert", "describe", "srv"]);
+    assert_eq!(described["domains"], json!(["srv.test"]), "{described}");
+    assert_clean_error(
+        &cli(d, &["server-cert", "delete", "srv"]),
+        2,
+        "served by srv.test",
+    );
+
+    // The key is in the database sealed, never in the clear (PEM or DER): no 24-byte piece of
+    // its DER that is not also in the certificate (the public key) is found in the files.
+    let converted = openssl(
+        d,
+        &[
+            "pkey",
+            "-in",
+            "srv.key",
+            "-outform",
+            "DER",
+            "-out",
+            "srv.key.der",
+        ],
+    );
+    let cert = openssl(
+        d,
+        &[
+            "x509",
+            "-in",
+            "srv.chain.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "srv.der",
+        ],
+    );
+    if let (Some(converted), Some(cert)) = (converted, cert) {
+        converted.ok();
+        cert.ok();
+        let key = std::fs::read(d.join("srv.key.der")).unwrap();
+        let cert = std::fs::read(d.join("srv.der")).unwrap();
+        let secret: Vec<&[u8]> = key
+            .windows(24)
+            .filter(|w| !cert.windows(24).any(|c| c == *w))
+            .collect();
+        assert!(!secret.is_empty());
+        let mut checked = 0;
+        for file in ["data/registry.db", "data/registry.db-wal"] {
+            let Ok(bytes) = std::fs::read(d.join(file)) else {
+                continue;
+            };
+            checked += bytes.len();
+            assert!(
+                !secret
+                    .iter()
+                    .any(|piece| bytes.windows(piece.len()).any(|w| w == *piece)),
+                "{file} holds the key in the clear"
+            );
+            assert!(!String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"));
+        }
+        assert!(checked > 0, "the registry database was read");
+    }
+    drop(s);
+
+    // A node without the key, or with another one, refuses to start and says why.
+    std::fs::write(d.join("nokey.toml"), registry_config(&[("a.test", "off")])).unwrap();
+    assert_clean_error(
+        &portcullis(
+            d,
+            &["serve", "--config", "nokey.toml", "--data-dir", "data"],
+        ),
+        2,
+        "this node has none: set cluster_key_file",
+    );
+    portcullis(d, &["cluster-key", "generate", "--out", "other.key"]).ok();
+    std::fs::write(
+        d.join("other.toml"),
+        format!(
+            "cluster_key_file = \"other.key\"\n{}",
+            registry_config(&[("a.test", "off")])
+        ),
+    )
+    .unwrap();
+    assert_clean_error(
+        &portcullis(
+            d,
+            &["serve", "--config", "other.toml", "--data-dir", "data"],
+        ),
+        2,
+        "not the one this registry's private keys are sealed with",
+    );
+    // Garbage in the key file is a one-line error naming the file and how to make one.
+    std::fs::write(d.join("other.key"), "not a key\n").unwrap();
+    assert_clean_error(
+        &portcullis(
+            d,
+            &["serve", "--config", "other.toml", "--data-dir", "data"],
+        ),
+        2,
+        "cluster-key generate",
+    );
 }

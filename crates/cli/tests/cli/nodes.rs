@@ -231,9 +231,17 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     let mut shared: Vec<&str> = vec!["alice", "carol", "trust-a"];
     shared.extend(devices.iter().map(String::as_str));
     share(&da, &db, &shared);
+    // One cluster key for both nodes; the server certificate itself is copied nowhere.
+    portcullis(&da, &["cluster-key", "generate", "--out", "cluster.key"]).ok();
+    std::fs::copy(da.join("cluster.key"), db.join("cluster.key")).unwrap();
+    std::fs::create_dir_all(db.join("root")).unwrap();
+    std::fs::copy(da.join("root/ca.pem"), db.join("root/ca.pem")).unwrap();
     let config = on(
         Some(&pg.url("portcullis")),
-        registry_config(&[("reg.test", "registered")]),
+        format!(
+            "cluster_key_file = \"cluster.key\"\n{}",
+            registry_config(&[("reg.test", "registered")])
+        ),
     );
     let a = Server::start(&da, &config);
     let b = Server::start(&db, &config);
@@ -278,6 +286,48 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     );
     println!("propagation between nodes: A->B {a_to_b:?}, B->A {b_to_a:?}");
     assert!(a_to_b.as_millis() < 1000 && b_to_a.as_millis() < 1000);
+
+    // A server certificate imported through A and a domain put on A are served by B within a
+    // second, with the same certificate, though B's disk has neither file.
+    cli_json(
+        &da,
+        &[
+            "server-cert",
+            "import",
+            "srv",
+            "--cert",
+            "srv.chain.pem",
+            "--key",
+            "srv.key",
+        ],
+    );
+    std::fs::write(
+        da.join("srv.toml"),
+        "hostname = \"srv.test\"\ncertificate = \"registry:srv\"\n[mtls]\nmode = \"required\"\n\
+         truststore = \"trust-a.pem\"\n[[mapping]]\nupstream = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    // B reloads for the import (a configuration change) first.
+    assert!(crate::control::wait_for_registry_reload(&b).contains("\"result\":\"ok\""));
+    let started = Instant::now();
+    cli_json(&da, &["domain", "put", "--file", "srv.toml"]);
+    assert!(crate::control::wait_for_registry_reload(&b).contains("\"result\":\"ok\""));
+    let put_to_b = started.elapsed();
+    assert!(!db.join("srv.key").exists() && !db.join("srv.chain.pem").exists());
+    let alice_files = client("alice");
+    let mut args = with_client(&alice_files);
+    args.extend(["--cacert", "root/ca.pem"]);
+    let served = curl(&db, &b, "srv.test", "/x", &args);
+    let (code, body) = answer(&served);
+    assert_eq!(
+        code, 200,
+        "served with srv's chain (the truststore alone decides here): {body} {}",
+        served.stderr
+    );
+    println!(
+        "a domain with a registry server certificate, put on A, served by B after {put_to_b:?}"
+    );
+    assert!(put_to_b.as_millis() < 1000);
 
     // Just-in-time provisioning is exactly-once across nodes: each device connects to both
     // nodes at the same moment, and both connections are served.

@@ -7,7 +7,7 @@
 //! retried on the fresh row, so no update is lost.
 //!
 //! One file per entity, each an `impl Store` block: `cas`, `certificates`, `things` (with
-//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `webhooks` (with
+//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `server_certs`, `webhooks` (with
 //! deliveries), `admin` (tokens, admin certificates, domains, the audit log's reads);
 //! `changes` is the audit log as the change feed (every write's audit entry and webhook
 //! event, the markers and notifications nodes follow). This file opens the database.
@@ -29,6 +29,7 @@ mod cas;
 mod certificates;
 mod changes;
 mod policies;
+mod server_certs;
 mod things;
 mod truststores;
 pub(crate) mod webhooks;

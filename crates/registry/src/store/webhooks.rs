@@ -83,7 +83,9 @@ pub(crate) fn event_of(
         | A::DomainCreate
         | A::DomainUpdate
         | A::DomainDelete
-        | A::TruststoreDelete => None,
+        | A::TruststoreDelete
+        | A::ServerCertImport
+        | A::ServerCertDelete => None,
     }
 }
 
