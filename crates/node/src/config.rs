@@ -143,6 +143,13 @@ fn default_protocols() -> Vec<String> {
     vec!["http".into()]
 }
 
+impl FileConfig {
+    /// The file's `[[domain]]` tables.
+    pub(crate) fn domains(&self) -> &[DomainSpec] {
+        &self.domains
+    }
+}
+
 /// Reads and parses the configuration file; errors name the key and its line.
 pub(crate) fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
@@ -466,7 +473,13 @@ fn file_domain(
                 ctx()
             );
         }
-        data.auto_certificate(&hostname).with_context(ctx)?
+        if registry.cluster_auto {
+            registry
+                .server_certificate(&crate::cluster::auto_name(&hostname))
+                .with_context(ctx)?
+        } else {
+            data.auto_certificate(&hostname).with_context(ctx)?
+        }
     } else if let Some(name) = d.certificate.strip_prefix("registry:") {
         if d.key.is_some() {
             bail!(
@@ -730,6 +743,8 @@ pub(crate) struct RegistryConfig {
     /// they cannot be used (no cluster key, another cluster's key), said by the domains that
     /// name one.
     pub(crate) server_certs: std::collections::HashMap<String, Result<ServerCertificate, String>>,
+    /// In a cluster: `auto` certificates come from the registry (`auto:HOST`), not the data dir.
+    pub(crate) cluster_auto: bool,
 }
 
 impl RegistryConfig {
@@ -757,6 +772,7 @@ impl RegistryConfig {
             domains,
             catalog: TruststoreCatalog::read(store).await?,
             server_certs,
+            cluster_auto: false,
         })
     }
 
@@ -860,8 +876,8 @@ pub(crate) struct DomainChecker {
     pub(crate) data_root: PathBuf,
     /// The built-in echo upstream.
     pub(crate) echo: SocketAddr,
-    /// Opens the registry's server certificate keys.
-    pub(crate) cluster_key: Option<Arc<ClusterKey>>,
+    /// Opens the registry's server certificate keys; issues `auto` certificates in a cluster.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
 }
 
 impl DomainChecker {
@@ -870,9 +886,18 @@ impl DomainChecker {
         &self,
         specs: &[(String, DomainSpec)],
     ) -> Result<portcullis_admin::CheckedDomains, String> {
-        let registry = RegistryConfig::read(&self.store, self.cluster_key.as_deref())
+        if let Some(cluster) = &self.cluster {
+            let candidates: Vec<DomainSpec> = specs.iter().map(|(_, d)| d.clone()).collect();
+            cluster
+                .ensure_auto_certificates(&self.store, &candidates)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        let key = self.cluster.as_ref().map(|c| c.key.as_ref());
+        let mut registry = RegistryConfig::read(&self.store, key)
             .await
             .map_err(|e| format!("{e:#}"))?;
+        registry.cluster_auto = self.cluster.is_some();
         let data = DataDir::new(&self.data_root);
         check_domains(&self.config_path, &data, self.echo, &registry, specs)
             .map_err(|e| format!("{e:#}"))

@@ -87,16 +87,7 @@ impl DataDir {
             .unwrap_or(false);
         if !fresh || !key_path.exists() {
             let ca = self.local_ca()?;
-            let key = PrivateKey::generate(KeyType::EcP256)?;
-            let mut req = IssueRequest::new(Profile::Server, SubjectName::cn(hostname.to_string()));
-            req.subject_alt_names = vec![SubjectAltName::Dns(hostname.to_string())];
-            if hostname.to_string() == "localhost" {
-                req.subject_alt_names
-                    .push(SubjectAltName::Ip([127, 0, 0, 1].into()));
-                req.subject_alt_names
-                    .push(SubjectAltName::Ip(std::net::Ipv6Addr::LOCALHOST.into()));
-            }
-            let cert = issue::issue(&req, &key, Some(&ca))?;
+            let (cert, key) = issue_auto(&ca, hostname)?;
             if self.dry_run {
                 return Ok(ServerCertificate {
                     chain: vec![cert.der().clone()],
@@ -261,4 +252,24 @@ pub(crate) fn server_certificate(chain: &Path, key: &Path) -> Result<ServerCerti
             .collect::<Vec<CertificateDer<'static>>>(),
         key: PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
     })
+}
+
+/// An `auto` server certificate for `hostname`, issued by `ca` (a new key).
+pub(crate) fn issue_auto(ca: &CaIssuer, hostname: &Hostname) -> Result<(Certificate, PrivateKey)> {
+    let key = PrivateKey::generate(KeyType::EcP256)?;
+    let mut req = IssueRequest::new(Profile::Server, SubjectName::cn(hostname.to_string()));
+    req.subject_alt_names = vec![SubjectAltName::Dns(hostname.to_string())];
+    if hostname.to_string() == "localhost" {
+        req.subject_alt_names
+            .push(SubjectAltName::Ip([127, 0, 0, 1].into()));
+        req.subject_alt_names
+            .push(SubjectAltName::Ip(std::net::Ipv6Addr::LOCALHOST.into()));
+    }
+    let cert = issue::issue(&req, &key, Some(ca))?;
+    Ok((cert, key))
+}
+
+/// Whether an `auto` certificate expiring at `not_after` is due for renewal (30 days before).
+pub(crate) fn auto_due(not_after: i64) -> bool {
+    not_after <= time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400
 }

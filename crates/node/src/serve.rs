@@ -127,7 +127,24 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // none while the registry holds sealed keys, stops here with the reason.
     let cluster_key = crate::config::cluster_key(&config_path)?;
     crate::config::check_cluster_key(&store, cluster_key.as_deref()).await?;
-    let mut registry = RegistryConfig::read(&store, cluster_key.as_deref())
+    let cluster = match &cluster_key {
+        Some(key) => Some(
+            crate::cluster::Cluster::join(&store, key.clone(), &data)
+                .await
+                .context("joining the cluster")?,
+        ),
+        None => None,
+    };
+    if let Some(cluster) = &cluster
+        && !store.domains_seeded().await?
+    {
+        // Before the file seeds the registry: its `auto` domains get their certificates too.
+        let file = crate::config::read_file_config(&config_path)?;
+        cluster
+            .ensure_auto_certificates(&store, file.domains())
+            .await?;
+    }
+    let mut registry = crate::sync::read_config(&store, cluster.as_ref())
         .await
         .context("reading the registry's domains and truststores")?;
     let files = file_stamps(&config_path, &registry);
@@ -140,7 +157,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             "the configuration file's domains now live in the registry; change them with `portcullis domain put|delete`"
         );
         config_marker = store.config_marker().await?;
-        registry = RegistryConfig::read(&store, cluster_key.as_deref()).await?;
+        registry = crate::sync::read_config(&store, cluster.as_ref()).await?;
     } else {
         crate::config::warn_if_file_domains_ignored(&config_path, &registry);
     }
@@ -170,7 +187,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     tokio::spawn(publish_registry_events(store.clone(), gateway.broker()));
 
     // The admin API: HTTPS, admin client certificate or bearer token.
-    let local_ca = Arc::new(data.local_ca()?);
+    // In a cluster, the cluster's local CA (the admin listener's certificate, enrollments).
+    let local_ca = match &cluster {
+        Some(c) => c.ca.clone(),
+        None => Arc::new(data.local_ca()?),
+    };
     let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
     let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
     let registry_reachable = Arc::new(AtomicBool::new(true));
@@ -188,7 +209,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             config_path: config_path.clone(),
             data_root: args.data_dir.clone(),
             echo,
-            cluster_key: cluster_key.clone(),
+            cluster: cluster.clone(),
         },
     };
     let api = portcullis_admin::Api::new(store.clone(), Some(local_ca), Arc::new(hooks))
@@ -239,7 +260,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         config_marker,
         files,
         reachable: registry_reachable,
-        cluster_key,
+        cluster: cluster.clone(),
     };
     wait_for_changes(
         &gateway,
@@ -273,7 +294,7 @@ async fn wait_for_changes(
         config_marker,
         files: mut seen,
         reachable,
-        cluster_key,
+        cluster,
     } = baseline;
     let Signals {
         mut hup,
@@ -284,7 +305,7 @@ async fn wait_for_changes(
     // The registry is polled often: a revocation must reach live connections within a second.
     // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
-    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster_key);
+    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster);
     let mut listener = match store.listen().await {
         Ok(l) => l,
         Err(e) => {
@@ -373,8 +394,8 @@ struct Baseline {
     config_marker: i64,
     files: Vec<crate::config::Stamp>,
     reachable: Arc<AtomicBool>,
-    /// Opens the registry's server certificate keys at each configuration read.
-    cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
+    /// Opens the registry's server certificate keys and issues `auto` certificates.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 /// A database URL without its password, for messages.

@@ -55,8 +55,9 @@ pub(crate) struct RegistryWatch {
     force_config: bool,
     reachable: bool,
     reachable_flag: Arc<AtomicBool>,
-    /// Opens the registry's server certificate keys at each configuration read.
-    cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
+    /// Opens the registry's server certificate keys at each configuration read, and issues
+    /// the cluster's `auto` certificates.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl RegistryWatch {
@@ -65,7 +66,7 @@ impl RegistryWatch {
         registry_marker: i64,
         config_marker: i64,
         reachable_flag: Arc<AtomicBool>,
-        cluster_key: Option<Arc<portcullis_registry::sealed::ClusterKey>>,
+        cluster: Option<crate::cluster::Cluster>,
     ) -> RegistryWatch {
         RegistryWatch {
             registry_marker,
@@ -78,7 +79,7 @@ impl RegistryWatch {
             force_config: false,
             reachable: true,
             reachable_flag,
-            cluster_key,
+            cluster,
         }
     }
 
@@ -193,7 +194,7 @@ impl RegistryWatch {
         if marker == self.config_marker && !self.force_config {
             return None;
         }
-        match RegistryConfig::read(store, self.cluster_key.as_deref()).await {
+        match read_config(store, self.cluster.as_ref()).await {
             Ok(fresh) => {
                 self.config_marker = marker;
                 self.force_config = false;
@@ -209,6 +210,28 @@ impl RegistryWatch {
             }
         }
     }
+}
+
+/// The registry's configuration source; in a cluster, after making sure every `auto` domain has
+/// its certificate in the registry.
+pub(crate) async fn read_config(
+    store: &Store,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> Result<RegistryConfig> {
+    if let Some(cluster) = cluster
+        && store.domains_seeded().await?
+    {
+        let domains: Vec<portcullis_registry::DomainSpec> = store
+            .list_domains()
+            .await?
+            .into_iter()
+            .map(|d| d.spec)
+            .collect();
+        cluster.ensure_auto_certificates(store, &domains).await?;
+    }
+    let mut registry = RegistryConfig::read(store, cluster.map(|c| c.key.as_ref())).await?;
+    registry.cluster_auto = cluster.is_some();
+    Ok(registry)
 }
 
 /// The gateway's in-memory view of the registry.

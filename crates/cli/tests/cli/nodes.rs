@@ -329,6 +329,54 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     );
     assert!(put_to_b.as_millis() < 1000);
 
+    // An `auto` domain is issued one certificate for the cluster, by its shared CA: both nodes
+    // serve the same one, and clients of either node trust the same CA file.
+    std::fs::write(
+        da.join("auto.toml"),
+        "hostname = \"auto.test\"\ncertificate = \"auto\"\n[mtls]\nmode = \"required\"\n\
+         truststore = \"trust-a.pem\"\n[[mapping]]\nupstream = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    cli_json(&da, &["domain", "put", "--file", "auto.toml"]);
+    assert!(crate::control::wait_for_registry_reload(&b).contains("\"result\":\"ok\""));
+    assert_eq!(
+        std::fs::read(da.join("data/ca/cluster-ca.pem")).unwrap(),
+        std::fs::read(db.join("data/ca/cluster-ca.pem")).unwrap()
+    );
+    let served_by = |dir: &Path, server: &Server| {
+        let mut args = with_client(&alice_files);
+        args.extend(["--cacert", "data/ca/cluster-ca.pem"]);
+        let run = curl(dir, server, "auto.test", "/x", &args);
+        assert_eq!(answer(&run).0, 200, "{}", run.stderr);
+        let connect = format!("127.0.0.1:{}", server.port);
+        let shown = openssl(
+            dir,
+            &[
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                "auto.test",
+                "-cert",
+                "alice.chain.pem",
+                "-key",
+                "alice.key",
+            ],
+        )
+        .map(|r| r.stdout)
+        .unwrap_or_default();
+        let start = shown.find("-----BEGIN CERTIFICATE-----");
+        let end = shown.find("-----END CERTIFICATE-----");
+        match (start, end) {
+            (Some(s), Some(e)) => shown[s..e].to_string(),
+            _ => panic!("no server certificate in: {shown}"),
+        }
+    };
+    let (on_a, on_b) = (served_by(&da, &a), served_by(&db, &b));
+    assert_eq!(on_a, on_b, "the same certificate on both nodes");
+    let autos = cli_json(&db, &["server-cert", "list"]);
+    assert!(autos.to_string().contains("auto:auto.test"), "{autos}");
+
     // Just-in-time provisioning is exactly-once across nodes: each device connects to both
     // nodes at the same moment, and both connections are served.
     std::fs::write(

@@ -11,3 +11,12 @@ CREATE TABLE server_certificates (
     updated_at BIGINT NOT NULL,
     version BIGINT NOT NULL
 );
+
+-- CAs every node of a cluster shares (the local CA that issues `auto` certificates and the admin
+-- listener's certificate): the certificate in PEM, the key sealed under the cluster key.
+CREATE TABLE cluster_cas (
+    name TEXT PRIMARY KEY,
+    cert_pem TEXT NOT NULL,
+    sealed_key TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);

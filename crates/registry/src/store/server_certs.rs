@@ -148,6 +148,42 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A CA the cluster shares (`local`…): its certificate PEM and its key sealed for
+    /// `cluster-ca:NAME`.
+    pub async fn cluster_ca(&self, name: &str) -> Result<Option<(String, String)>, RegistryError> {
+        with_pool!(self, pool => {
+            Ok(sqlx::query_as("SELECT cert_pem, sealed_key FROM cluster_cas WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
+    /// Records a shared CA unless one is recorded under `name` (the first node wins); the one in
+    /// effect.
+    pub async fn init_cluster_ca(
+        &self,
+        name: &str,
+        cert_pem: &str,
+        sealed_key: &str,
+    ) -> Result<(String, String), RegistryError> {
+        with_pool!(self, pool => {
+            sqlx::query("INSERT INTO cluster_cas (name, cert_pem, sealed_key, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .bind(cert_pem)
+                .bind(sealed_key)
+                .bind(now())
+                .execute(pool)
+                .await?;
+            Ok::<(), RegistryError>(())
+        })?;
+        self.cluster_ca(name).await?.ok_or_else(|| {
+            RegistryError::Invalid(format!("the cluster CA {name} was not recorded"))
+        })
+    }
+}
+
 fn server_cert_from_row<R: Row>(row: &R) -> Result<ServerCertRecord, RegistryError>
 where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,

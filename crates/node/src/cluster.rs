@@ -1,0 +1,121 @@
+//! A node of a cluster: what it shares with the other nodes through the registry, under the
+//! cluster key, so that a node joins with its configuration file alone.
+//!
+//! - The local CA (it issues `auto` certificates and the admin listener's certificate) is the
+//!   cluster's: the registry's, or — when there is none yet — this data dir's, recorded as the
+//!   cluster's (the first node wins). Its certificate is written to `DATA_DIR/ca/cluster-ca.pem`,
+//!   the same file on every node, for clients to trust (and to `DATA_DIR/ca/ca.pem` when the
+//!   data dir has no CA of its own).
+//! - `auto` certificates are kept in the registry as server certificates named `auto:HOST`,
+//!   issued once for the whole cluster by whichever node needs one first, and renewed 30 days
+//!   before they expire.
+//!
+//! Invariant: keys travel only sealed; nothing here writes a private key to disk.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use portcullis_gateway::config::Hostname;
+use portcullis_pki::issue::CaIssuer;
+use portcullis_pki::{Certificate, PrivateKey};
+use portcullis_registry::sealed::ClusterKey;
+use portcullis_registry::{DomainSpec, RegistryError, ServerCertRecord, Store};
+
+use crate::data_dir::{DataDir, auto_due, issue_auto};
+use crate::output::Outputs;
+
+/// What this node shares with the cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Cluster {
+    /// Seals and opens the keys kept in the registry.
+    pub(crate) key: Arc<ClusterKey>,
+    /// The cluster's local CA.
+    pub(crate) ca: Arc<CaIssuer>,
+}
+
+/// What the shared local CA's key is sealed for.
+const LOCAL_CA: &str = "local";
+
+impl Cluster {
+    /// Joins the cluster: the key was checked against the registry's; the local CA is the
+    /// registry's, or this data dir's recorded as the cluster's when there is none yet.
+    pub(crate) async fn join(
+        store: &Store,
+        key: Arc<ClusterKey>,
+        data: &DataDir,
+    ) -> Result<Cluster> {
+        let context = format!("cluster-ca:{LOCAL_CA}");
+        let (cert_pem, sealed) = match store.cluster_ca(LOCAL_CA).await? {
+            Some(recorded) => recorded,
+            None => {
+                let own = data.local_ca().context("the data dir's local CA")?;
+                let sealed = key.seal(own.key().pkcs8_der(), &context)?;
+                store
+                    .init_cluster_ca(LOCAL_CA, &own.certificate().to_pem(), &sealed)
+                    .await?
+            }
+        };
+        let (cert, _) = Certificate::first_and_rest(cert_pem.as_bytes())
+            .context("the cluster's local CA certificate")?;
+        let der = key.open(&sealed, &context)?;
+        let ca_key = PrivateKey::from_pem_or_der(&der).context("the cluster's local CA key")?;
+        let ca = CaIssuer::new(cert, ca_key, Vec::new()).context("the cluster's local CA")?;
+        // Clients trust the cluster's CA where they trust a single node's: DATA_DIR/ca/ca.pem,
+        // unless this data dir has a CA of its own (then only cluster-ca.pem, and a warning).
+        let mut out = Outputs::default();
+        out.public(data.root.join("ca/cluster-ca.pem"), cert_pem.clone());
+        let own = data.root.join("ca/ca.pem");
+        match std::fs::read_to_string(&own) {
+            Err(_) => out.public(&own, cert_pem),
+            Ok(existing) if existing == cert_pem => {}
+            Ok(_) => tracing::warn!(
+                file = %own.display(),
+                "this data dir's local CA is not the cluster's: auto certificates are issued by the cluster's CA, so clients must trust DATA_DIR/ca/cluster-ca.pem"
+            ),
+        }
+        out.write(true)?;
+        Ok(Cluster {
+            key,
+            ca: Arc::new(ca),
+        })
+    }
+
+    /// Makes sure every `auto` domain of `domains` has a current certificate in the registry:
+    /// issued by the cluster's CA when missing or due for renewal, its key sealed.
+    pub(crate) async fn ensure_auto_certificates(
+        &self,
+        store: &Store,
+        domains: &[DomainSpec],
+    ) -> Result<()> {
+        for d in domains.iter().filter(|d| d.certificate == "auto") {
+            // A bad hostname is the configuration builder's to report.
+            let Ok(host) = Hostname::parse(&d.hostname) else {
+                continue;
+            };
+            let name = auto_name(&host);
+            let due = match store.server_certificate(&name).await {
+                Ok(record) => auto_due(record.not_after),
+                Err(RegistryError::NotFound(_)) => true,
+                Err(e) => return Err(e.into()),
+            };
+            if !due {
+                continue;
+            }
+            let (cert, key) = issue_auto(&self.ca, &host)?;
+            let sealed = self
+                .key
+                .seal(key.pkcs8_der(), &ServerCertRecord::seal_context(&name))?;
+            store
+                .put_server_certificate(&name, &cert.to_pem(), &sealed, "node:auto")
+                .await
+                .with_context(|| format!("recording the auto certificate of {host}"))?;
+            tracing::info!(target: "portcullis::registry", domain = %host, "issued the cluster's auto certificate");
+        }
+        Ok(())
+    }
+}
+
+/// The registry name of a host's `auto` certificate in a cluster.
+pub(crate) fn auto_name(host: &Hostname) -> String {
+    format!("auto:{}", host.to_string().replace('*', "_wildcard"))
+}
