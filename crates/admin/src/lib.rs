@@ -36,6 +36,7 @@ use portcullis_registry::{CertId, DomainSpec, RegistryError, Store};
 
 mod cas;
 mod certificates;
+mod cluster;
 mod console;
 mod domains;
 pub mod enroll;
@@ -350,6 +351,7 @@ pub fn router(api: Api) -> Router {
             post(webhooks::replay_delivery),
         )
         .route("/v1/expiry-check", post(webhooks::expiry_check))
+        .route("/v1/cluster", get(cluster::cluster_status))
         .route("/v1/server-certificates", get(list_server_certificates))
         .route(
             "/v1/server-certificates/{name}",

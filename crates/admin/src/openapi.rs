@@ -314,6 +314,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ),
     (
         "get",
+        "/v1/cluster",
+        "The nodes: version, heartbeat, snapshot freshness, changes behind, connections and sessions",
+        None,
+    ),
+    (
+        "get",
         "/v1/server-certificates",
         "List server certificates kept in the registry (chains; keys are never answered)",
         None,

@@ -294,6 +294,13 @@ pub struct TruststoreArgs {
     crls: Vec<PathBuf>,
 }
 
+/// `portcullis cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The nodes that sent a heartbeat in the last day, and how current each one is.
+    Status,
+}
+
 /// `portcullis server-cert …`
 #[derive(Debug, Subcommand)]
 pub enum ServerCertCommand {
@@ -714,6 +721,7 @@ pub enum Control {
     Thing(ThingCommand),
     Truststore(TruststoreCommand),
     ServerCert(ServerCertCommand),
+    Cluster(ClusterCommand),
     Domain(DomainCommand),
     Policy(PolicyCommand),
     Webhook(WebhookCommand),
@@ -740,6 +748,27 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
             Control::Thing(c) => thing(&client, &out, c).await,
             Control::Truststore(c) => truststore(&client, &out, c).await,
             Control::ServerCert(c) => server_cert(&client, &out, c).await,
+            Control::Cluster(ClusterCommand::Status) => {
+                let v = client.get("/v1/cluster").await?;
+                out.show(&v, |v| {
+                    let mut lines = vec![format!("newest change {}", s(&v["newest_change"]))];
+                    for n in v["nodes"].as_array().into_iter().flatten() {
+                        lines.push(format!(
+                            "{}  {}  v{}  heartbeat {} ms ago  snapshot {} changes behind (checked {} ms ago)  {} connections  {} MQTT sessions",
+                            s(&n["id"]),
+                            if n["stale"] == true { "STALE" } else { "up" },
+                            s(&n["version"]),
+                            s(&n["heartbeat_age_ms"]),
+                            s(&n["changes_behind"]),
+                            s(&n["snapshot_age_ms"]),
+                            s(&n["connections"]),
+                            s(&n["mqtt_sessions"])
+                        ));
+                    }
+                    lines.join("\n")
+                });
+                Ok(ExitCode::SUCCESS)
+            }
             Control::Domain(c) => domain(&client, &out, c).await,
             Control::Policy(c) => policy(&client, &out, c).await,
             Control::Webhook(c) => webhook(&client, &out, c).await,

@@ -53,6 +53,8 @@ enum Command {
     /// The cluster key that seals the private keys kept in the registry.
     #[command(subcommand)]
     ClusterKey(ClusterKeyCommand),
+    /// The cluster's nodes: version, heartbeat, snapshot freshness, connections and sessions.
+    Cluster(Control<control::ClusterCommand>),
     /// Domains and their mappings (the registry's, seeded from the configuration file).
     Domain(Control<control::DomainCommand>),
     /// Policies: documents with certificate variables, versions, attachments, simulation.
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
         Command::Truststore(c) => control::run(control::Control::Truststore(c.command), c.connect),
         Command::ServerCert(c) => control::run(control::Control::ServerCert(c.command), c.connect),
         Command::ClusterKey(c) => cluster_key(c),
+        Command::Cluster(c) => control::run(control::Control::Cluster(c.command), c.connect),
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
         Command::Webhook(c) => control::run(control::Control::Webhook(c.command), c.connect),

@@ -50,6 +50,8 @@ pub(crate) struct FileConfig {
     /// The cluster key (seals the private keys kept in the registry); the
     /// `PORTCULLIS_CLUSTER_KEY` environment variable, holding the key itself, wins.
     cluster_key_file: Option<PathBuf>,
+    /// This node's name in `portcullis cluster status` (default: host name and admin port).
+    node_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +146,11 @@ fn default_protocols() -> Vec<String> {
 }
 
 impl FileConfig {
+    /// This node's name, if the file gives one.
+    pub(crate) fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+
     /// The file's `[[domain]]` tables.
     pub(crate) fn domains(&self) -> &[DomainSpec] {
         &self.domains

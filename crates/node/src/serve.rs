@@ -219,6 +219,19 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on the admin address {admin_addr}"))?;
     let admin_local = admin.local_addr()?;
     admin_files.write_endpoint(admin_local)?;
+    // This node's heartbeat, for `portcullis cluster status`.
+    let sync_status = Arc::new(crate::sync::SyncStatus::default());
+    let node_id = match crate::config::read_file_config(&config_path)?.node_name() {
+        Some(name) => name.to_string(),
+        None => format!("{}:{}", host_name(), admin_local.port()),
+    };
+    tokio::spawn(crate::workers::heartbeat(
+        store.clone(),
+        node_id,
+        gateway.live_connections(),
+        gateway.broker(),
+        sync_status.clone(),
+    ));
     tokio::spawn(portcullis_admin::serve_https(
         admin,
         admin_tls,
@@ -261,6 +274,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         files,
         reachable: registry_reachable,
         cluster: cluster.clone(),
+        status: sync_status,
     };
     wait_for_changes(
         &gateway,
@@ -295,6 +309,7 @@ async fn wait_for_changes(
         files: mut seen,
         reachable,
         cluster,
+        status,
     } = baseline;
     let Signals {
         mut hup,
@@ -305,7 +320,7 @@ async fn wait_for_changes(
     // The registry is polled often: a revocation must reach live connections within a second.
     // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
-    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster);
+    let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster, status);
     let mut listener = match store.listen().await {
         Ok(l) => l,
         Err(e) => {
@@ -396,6 +411,18 @@ struct Baseline {
     reachable: Arc<AtomicBool>,
     /// Opens the registry's server certificate keys and issues `auto` certificates.
     cluster: Option<crate::cluster::Cluster>,
+    /// What the follower achieved, shared with the heartbeat.
+    status: Arc<crate::sync::SyncStatus>,
+}
+
+/// This machine's host name (for the node's default name).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
 }
 
 /// A database URL without its password, for messages.

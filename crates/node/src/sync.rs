@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use portcullis_gateway::Gateway;
 use portcullis_gateway::registry_view::{AutoRegistration, RegisteredStatus, RegistrySnapshot};
 use portcullis_pki::Certificate;
-use portcullis_registry::{CertStatus, Store};
+use portcullis_registry::{CertStatus, ChangeEntry, Store};
 
 use crate::config::RegistryConfig;
 
@@ -33,6 +33,14 @@ pub(crate) async fn next_change(
         Some(l) => l.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// What the follower last achieved, for the node's heartbeat: the audit sequence number its
+/// snapshot includes and when it last checked the registry successfully.
+#[derive(Debug, Default)]
+pub(crate) struct SyncStatus {
+    pub(crate) marker: std::sync::atomic::AtomicI64,
+    pub(crate) checked_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Follows the registry: refreshes the snapshot when anything changed, and hands back a fresh
@@ -58,6 +66,8 @@ pub(crate) struct RegistryWatch {
     /// Opens the registry's server certificate keys at each configuration read, and issues
     /// the cluster's `auto` certificates.
     cluster: Option<crate::cluster::Cluster>,
+    /// Shared with the heartbeat.
+    status: Arc<SyncStatus>,
 }
 
 impl RegistryWatch {
@@ -67,7 +77,10 @@ impl RegistryWatch {
         config_marker: i64,
         reachable_flag: Arc<AtomicBool>,
         cluster: Option<crate::cluster::Cluster>,
+        status: Arc<SyncStatus>,
     ) -> RegistryWatch {
+        status.marker.store(registry_marker, Ordering::SeqCst);
+        status.checked_ms.store(now_ms(), Ordering::SeqCst);
         RegistryWatch {
             registry_marker,
             window_start: time::OffsetDateTime::now_utc().unix_timestamp() - CHANGE_WINDOW_SECS,
@@ -80,6 +93,7 @@ impl RegistryWatch {
             reachable: true,
             reachable_flag,
             cluster,
+            status,
         }
     }
 
@@ -126,6 +140,7 @@ impl RegistryWatch {
                 return None;
             }
         };
+        let checked = now_ms();
         if !self.reachable {
             tracing::info!(target: "portcullis::registry", "the registry database is reachable again; resynchronizing");
             self.reachable = true;
@@ -146,12 +161,16 @@ impl RegistryWatch {
                 incremental_snapshot(store, &gateway.registry(), from, self.window_start).await
             };
             let built = match incremental {
-                Ok(Some(snapshot)) => Ok((snapshot, "incremental")),
-                Ok(None) => registry_snapshot(store).await.map(|s| (s, "full")),
+                Ok(Some((snapshot, changes))) => Ok((snapshot, "incremental", changes)),
+                Ok(None) => registry_snapshot(store)
+                    .await
+                    .map(|s| (s, "full", Vec::new())),
                 Err(e) => Err(e),
             };
             match built {
-                Ok((snapshot, kind)) => {
+                Ok((snapshot, kind, changes)) => {
+                    let applied_after = self.registry_marker;
+                    self.status.marker.store(marker, Ordering::SeqCst);
                     self.registry_marker = marker;
                     self.force_snapshot = false;
                     self.reread_from = None;
@@ -163,6 +182,18 @@ impl RegistryWatch {
                     }
                     let (certificates, bytes) = (snapshot.len(), snapshot.status_bytes());
                     gateway.update_registry(snapshot);
+                    // Commit → enforced here, per change first applied (each node measures its
+                    // own; the ≤ 1 s promise is watched, not assumed).
+                    let enforced = crate::sync::now_ms();
+                    for at_ms in changes
+                        .iter()
+                        .filter(|c| c.seq > applied_after)
+                        .filter_map(|c| c.at_ms)
+                    {
+                        let seconds = (enforced - at_ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!("portcullis_registry_change_enforce_seconds")
+                            .record(seconds);
+                    }
                     metrics::gauge!("portcullis_registry_snapshot_certificates")
                         .set(certificates as f64);
                     metrics::gauge!("portcullis_registry_snapshot_bytes").set(bytes as f64);
@@ -182,6 +213,10 @@ impl RegistryWatch {
                     return None;
                 }
             }
+        }
+        if self.registry_marker == marker {
+            // Up to date as of this check.
+            self.status.checked_ms.store(checked, Ordering::SeqCst);
         }
         // Domain and truststore changes rebuild the configuration.
         let marker = match store.config_marker().await {
@@ -210,6 +245,17 @@ impl RegistryWatch {
             }
         }
     }
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default(),
+    )
+    .unwrap_or(i64::MAX)
 }
 
 /// The registry's configuration source; in a cluster, after making sure every `auto` domain has
@@ -284,7 +330,7 @@ pub(crate) struct Refresh {
 /// node does not know, written by a newer node, or more than `limit` changes). Pure: the
 /// node's sync decisions, testable without a database.
 pub(crate) fn plan_refresh(
-    changes: &[(i64, String, String)],
+    changes: &[ChangeEntry],
     has_ca_policies: bool,
     limit: usize,
 ) -> Option<Refresh> {
@@ -292,10 +338,10 @@ pub(crate) fn plan_refresh(
         return None;
     }
     let mut refresh = Refresh::default();
-    for (_, action, target) in changes {
-        let effects = portcullis_registry::AuditAction::parse(action)?.effects();
+    for change in changes {
+        let effects = portcullis_registry::AuditAction::parse(&change.action)?.effects();
         if effects.certificate_status {
-            refresh.certificates.push(target.clone());
+            refresh.certificates.push(change.target.clone());
         }
         refresh.rules |= effects.rules;
         // Statuses of many certificates at once (a CA deactivated with --revoke-issued writes
@@ -325,14 +371,15 @@ pub(crate) fn with_statuses(
 }
 
 /// The snapshot after the changes recorded since `marker` (or within the last `window`
-/// seconds), derived from `current`: only the certificates named by those changes are read
-/// again; CAs and policies only when they changed. `None` when only a full rebuild will do.
+/// seconds), derived from `current`, with the changes it applied: only the certificates named
+/// by those changes are read again; CAs and policies only when they changed. `None` when only a
+/// full rebuild will do.
 async fn incremental_snapshot(
     store: &Store,
     current: &RegistrySnapshot,
     marker: i64,
     since: i64,
-) -> Result<Option<RegistrySnapshot>> {
+) -> Result<Option<(RegistrySnapshot, Vec<ChangeEntry>)>> {
     let changes = store
         .changes_since(marker, since, INCREMENTAL_LIMIT + 1)
         .await
@@ -363,7 +410,7 @@ async fn incremental_snapshot(
                 .context("reading the forwarding rules")?,
         );
     }
-    Ok(Some(next))
+    Ok(Some((next, changes)))
 }
 
 /// The ACTIVE CAs with auto-registration on.
@@ -450,8 +497,13 @@ mod tests {
     use super::*;
     use portcullis_registry::AuditAction;
 
-    fn change(action: AuditAction, target: &str) -> (i64, String, String) {
-        (1, action.as_str().to_string(), target.to_string())
+    fn change(action: AuditAction, target: &str) -> ChangeEntry {
+        ChangeEntry {
+            seq: 1,
+            action: action.as_str().to_string(),
+            target: target.to_string(),
+            at_ms: None,
+        }
     }
 
     fn id(n: u8) -> String {
@@ -507,7 +559,10 @@ mod tests {
 
     #[test]
     fn unknown_actions_and_floods_force_a_full_rebuild_and_ids_are_read_once() {
-        let unknown = [(1, "certificate.teleport".to_string(), id(1))];
+        let unknown = [ChangeEntry {
+            action: "certificate.teleport".into(),
+            ..change(AuditAction::CertificateStatus, &id(1))
+        }];
         assert_eq!(plan_refresh(&unknown, false, 10), None);
         let many: Vec<_> = (0..11)
             .map(|n| change(AuditAction::CertificateStatus, &id(n)))

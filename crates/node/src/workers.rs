@@ -196,3 +196,34 @@ pub(crate) async fn record_sightings(
         }
     }
 }
+
+/// Writes this node's heartbeat every two seconds (what `portcullis cluster status` shows):
+/// version, start, the snapshot's marker and freshness, open connections and MQTT sessions.
+pub(crate) async fn heartbeat(
+    store: Store,
+    id: String,
+    gateway_live: Arc<portcullis_gateway::conn::live::Live>,
+    broker: Arc<portcullis_mqtt::broker::Broker>,
+    sync: Arc<crate::sync::SyncStatus>,
+) {
+    use std::sync::atomic::Ordering;
+    let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let stats = broker.stats();
+        let node = portcullis_registry::NodeStatus {
+            id: id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at,
+            heartbeat_ms: crate::sync::now_ms(),
+            snapshot_marker: sync.marker.load(Ordering::SeqCst),
+            snapshot_ms: sync.checked_ms.load(Ordering::SeqCst),
+            connections: i64::try_from(gateway_live.count()).unwrap_or(i64::MAX),
+            mqtt_sessions: i64::try_from(stats.online).unwrap_or(i64::MAX),
+        };
+        if let Err(e) = store.heartbeat(&node).await {
+            tracing::debug!(error = %e, "cannot write this node's heartbeat");
+        }
+    }
+}

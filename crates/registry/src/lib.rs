@@ -36,9 +36,9 @@ pub use model::{
 };
 pub use provisioning::{Provisioned, ProvisioningTemplate};
 pub use store::{
-    AuditFilter, CaRegistration, CaUpdate, CertFilter, Change, ChangeListener, Delivery,
-    DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, PolicyState,
-    PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
+    AuditFilter, CaRegistration, CaUpdate, CertFilter, Change, ChangeEntry, ChangeListener,
+    Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, NodeStatus,
+    PolicyState, PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
 
 /// Errors of the registry.

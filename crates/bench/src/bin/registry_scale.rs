@@ -215,10 +215,7 @@ fn main() {
         .block_on(store.changes_since(marker, i64::MAX, 20_001))
         .unwrap();
     let read_changes = t.elapsed();
-    let ids: Vec<String> = changes
-        .iter()
-        .map(|(_, _, target)| target.clone())
-        .collect();
+    let ids: Vec<String> = changes.iter().map(|c| c.target.clone()).collect();
     let fresh = runtime.block_on(store.statuses_of(&ids)).unwrap();
     let read_statuses = t.elapsed();
     let next = snapshot.with_changes(

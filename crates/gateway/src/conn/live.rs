@@ -88,6 +88,11 @@ impl Live {
         }
     }
 
+    /// How many HTTP connections are open.
+    pub fn count(&self) -> usize {
+        self.open.lock().map_or(0, |open| open.len())
+    }
+
     /// The open HTTP connections, oldest first.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let Ok(open) = self.open.lock() else {

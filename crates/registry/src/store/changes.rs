@@ -21,6 +21,31 @@ pub enum Change {
     Resync,
 }
 
+/// One change read back from the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEntry {
+    /// Its audit sequence number.
+    pub seq: i64,
+    /// The action's stored name ([`AuditAction::parse`]).
+    pub action: String,
+    /// What it changed (a certificate id, a name…).
+    pub target: String,
+    /// When it was committed, in milliseconds since the epoch (absent on entries written
+    /// before this was recorded).
+    pub at_ms: Option<i64>,
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default(),
+    )
+    .unwrap_or(i64::MAX)
+}
+
 /// Notifications of committed changes (PostgreSQL).
 #[derive(Debug)]
 pub struct ChangeListener {
@@ -67,13 +92,14 @@ where
     for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
 {
     let at = now();
-    sqlx::query("INSERT INTO audit (at, actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5, $6)")
+    sqlx::query("INSERT INTO audit (at, actor, action, target, before, after, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
         .bind(at)
         .bind(actor)
         .bind(action.as_str())
         .bind(target)
         .bind(before)
         .bind(after)
+        .bind(now_ms())
         .execute(&mut *conn)
         .await?;
     // Every node LISTENs: the notification is delivered at commit, in commit order, so a node
@@ -132,23 +158,25 @@ where
     }
     let at = now();
     for chunk in entries.chunks(500) {
-        let mut sql =
-            String::from("INSERT INTO audit (at, actor, action, target, before, after) VALUES ");
+        let mut sql = String::from(
+            "INSERT INTO audit (at, actor, action, at_ms, target, before, after) VALUES ",
+        );
         for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
             sql.push_str(&format!(
-                "($1, $2, $3, ${}, ${}, ${})",
-                4 + 3 * i,
+                "($1, $2, $3, $4, ${}, ${}, ${})",
                 5 + 3 * i,
-                6 + 3 * i
+                6 + 3 * i,
+                7 + 3 * i
             ));
         }
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(at)
             .bind(actor)
-            .bind(action.as_str());
+            .bind(action.as_str())
+            .bind(now_ms());
         for (target, before, after) in chunk {
             query = query
                 .bind(target.clone())
@@ -214,10 +242,10 @@ impl Store {
         seq: i64,
         since: i64,
         limit: i64,
-    ) -> Result<Vec<(i64, String, String)>, RegistryError> {
+    ) -> Result<Vec<ChangeEntry>, RegistryError> {
         // Two queries, each on its own index (an OR of both makes SQLite scan the table).
         with_pool!(self, pool => {
-            let mut rows = sqlx::query("SELECT seq, action, target FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+            let mut rows = sqlx::query("SELECT seq, action, target, at_ms FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
                 .bind(seq)
                 .bind(limit)
                 .fetch_all(pool)
@@ -225,18 +253,25 @@ impl Store {
             rows.extend(
                 // `seq + 0` and no ORDER BY: otherwise SQLite walks the table by seq instead of
                 // using the index on `at`.
-                sqlx::query("SELECT seq, action, target FROM audit WHERE at >= $1 AND seq + 0 <= $2 LIMIT $3")
+                sqlx::query("SELECT seq, action, target, at_ms FROM audit WHERE at >= $1 AND seq + 0 <= $2 LIMIT $3")
                     .bind(since)
                     .bind(seq)
                     .bind(limit)
                     .fetch_all(pool)
                     .await?,
             );
-            let mut out: Vec<(i64, String, String)> = rows
+            let mut out: Vec<ChangeEntry> = rows
                 .iter()
-                .map(|r| Ok((r.try_get("seq")?, r.try_get("action")?, r.try_get("target")?)))
+                .map(|r| {
+                    Ok(ChangeEntry {
+                        seq: r.try_get("seq")?,
+                        action: r.try_get("action")?,
+                        target: r.try_get("target")?,
+                        at_ms: r.try_get("at_ms")?,
+                    })
+                })
                 .collect::<Result<_, RegistryError>>()?;
-            out.sort_by_key(|(s, _, _)| *s);
+            out.sort_by_key(|c| c.seq);
             out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
             Ok(out)
         })

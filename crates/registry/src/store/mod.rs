@@ -7,7 +7,7 @@
 //! retried on the fresh row, so no update is lost.
 //!
 //! One file per entity, each an `impl Store` block: `cas`, `certificates`, `things` (with
-//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `server_certs`, `webhooks` (with
+//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `cluster` (server certificates with sealed keys, the cluster's CAs and key check, node heartbeats), `webhooks` (with
 //! deliveries), `admin` (tokens, admin certificates, domains, the audit log's reads);
 //! `changes` is the audit log as the change feed (every write's audit entry and webhook
 //! event, the markers and notifications nodes follow). This file opens the database.
@@ -28,8 +28,9 @@ mod admin;
 mod cas;
 mod certificates;
 mod changes;
+mod cluster;
 mod policies;
-mod server_certs;
+pub use cluster::NodeStatus;
 mod things;
 mod truststores;
 pub(crate) mod webhooks;
@@ -39,7 +40,7 @@ pub use cas::{CaRegistration, CaUpdate};
 pub use certificates::CertFilter;
 pub(crate) use certificates::summary_cert;
 pub(crate) use changes::audit;
-pub use changes::{Change, ChangeListener};
+pub use changes::{Change, ChangeEntry, ChangeListener};
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 pub use webhooks::{

@@ -1,5 +1,6 @@
-//! Server certificates kept in the registry (chain, and the key sealed under the cluster key),
-//! and the cluster key's check value.
+//! What the nodes of a cluster share: server certificates kept in the registry (chain, and the
+//! key sealed under the cluster key), the cluster's CAs, the cluster key's check value, and each
+//! node's heartbeat.
 
 use portcullis_pki::Certificate;
 use sqlx::Row;
@@ -200,4 +201,75 @@ where
         updated_at: row.try_get("updated_at")?,
         version: row.try_get("version")?,
     })
+}
+
+/// A node's heartbeat: what `portcullis cluster status` shows of it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's name (`node_name`, or host:admin port).
+    pub id: String,
+    /// Its Portcullis version.
+    pub version: String,
+    /// When it started (seconds since the epoch).
+    pub started_at: i64,
+    /// Its last heartbeat (milliseconds since the epoch).
+    pub heartbeat_ms: i64,
+    /// The audit sequence number its registry snapshot includes.
+    pub snapshot_marker: i64,
+    /// When it last checked the registry successfully (milliseconds since the epoch).
+    pub snapshot_ms: i64,
+    /// Its open HTTP connections.
+    pub connections: i64,
+    /// Its MQTT sessions.
+    pub mqtt_sessions: i64,
+}
+
+/// Nodes silent for this long are forgotten (milliseconds).
+const FORGET_NODES_MS: i64 = 24 * 3600 * 1000;
+
+impl Store {
+    /// Records a node's heartbeat (not an audited change: it moves no marker), and forgets
+    /// nodes silent for a day.
+    pub async fn heartbeat(&self, node: &NodeStatus) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
+            sqlx::query("INSERT INTO cluster_nodes (id, version, started_at, heartbeat_ms, snapshot_marker, snapshot_ms, connections, mqtt_sessions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                         ON CONFLICT (id) DO UPDATE SET version = $2, started_at = $3, heartbeat_ms = $4, snapshot_marker = $5, snapshot_ms = $6, connections = $7, mqtt_sessions = $8")
+                .bind(&node.id)
+                .bind(&node.version)
+                .bind(node.started_at)
+                .bind(node.heartbeat_ms)
+                .bind(node.snapshot_marker)
+                .bind(node.snapshot_ms)
+                .bind(node.connections)
+                .bind(node.mqtt_sessions)
+                .execute(pool)
+                .await?;
+            sqlx::query("DELETE FROM cluster_nodes WHERE heartbeat_ms < $1")
+                .bind(node.heartbeat_ms - FORGET_NODES_MS)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// The nodes that sent a heartbeat in the last day, by id.
+    pub async fn cluster_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM cluster_nodes ORDER BY id").fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(NodeStatus {
+                        id: r.try_get("id")?,
+                        version: r.try_get("version")?,
+                        started_at: r.try_get("started_at")?,
+                        heartbeat_ms: r.try_get("heartbeat_ms")?,
+                        snapshot_marker: r.try_get("snapshot_marker")?,
+                        snapshot_ms: r.try_get("snapshot_ms")?,
+                        connections: r.try_get("connections")?,
+                        mqtt_sessions: r.try_get("mqtt_sessions")?,
+                    })
+                })
+                .collect()
+        })
+    }
 }
