@@ -223,6 +223,10 @@ pub(crate) struct ServeHooks {
     pub live: std::sync::Arc<portcullis_gateway::conn::live::Live>,
     /// The data dir's admin credentials (for rotation).
     pub admin: AdminFiles,
+    /// When the registry follower last found the snapshot current.
+    pub sync: Arc<crate::sync::SyncStatus>,
+    /// Not ready when the snapshot was last found current longer ago than this (ms).
+    pub stale_after_ms: i64,
 }
 
 impl Hooks for ServeHooks {
@@ -265,7 +269,10 @@ impl Hooks for ServeHooks {
     }
 
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.registry_reachable.load(Ordering::SeqCst)
+        let checked = self.sync.checked_ms.load(Ordering::SeqCst);
+        self.ready.load(Ordering::SeqCst)
+            && self.registry_reachable.load(Ordering::SeqCst)
+            && crate::sync::now_ms() - checked <= self.stale_after_ms
     }
 
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {

@@ -52,6 +52,8 @@ pub(crate) struct FileConfig {
     cluster_key_file: Option<PathBuf>,
     /// This node's name in `portcullis cluster status` (default: host name and admin port).
     node_name: Option<String>,
+    /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
+    snapshot_stale_after_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +148,17 @@ fn default_protocols() -> Vec<String> {
 }
 
 impl FileConfig {
+    /// How stale the registry snapshot may get before `/readyz` fails (default 10 s).
+    pub(crate) fn snapshot_stale_after_ms(&self) -> Result<i64> {
+        match self.snapshot_stale_after_secs {
+            None => Ok(10_000),
+            Some(s) if (0.5..=86_400.0).contains(&s) => Ok((s * 1000.0) as i64),
+            Some(s) => bail!(
+                "snapshot_stale_after_secs = {s}: give a number of seconds between 0.5 and 86400 (default 10)"
+            ),
+        }
+    }
+
     /// This node's name, if the file gives one.
     pub(crate) fn node_name(&self) -> Option<&str> {
         self.node_name.as_deref()

@@ -62,6 +62,7 @@ async fn check_config(args: &ServeArgs) -> Result<ExitCode> {
         }
     };
     let echo = SocketAddr::from(([127, 0, 0, 1], 9));
+    crate::config::read_file_config(&config_path)?.snapshot_stale_after_ms()?;
     let database = database_of(&config_path, &data)?;
     let stored = database.starts_with("postgres") || Path::new(&database).exists();
     let registry = if stored {
@@ -195,7 +196,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
     let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
     let registry_reachable = Arc::new(AtomicBool::new(true));
+    let sync_status = Arc::new(crate::sync::SyncStatus::default());
+    sync_status
+        .checked_ms
+        .store(crate::sync::now_ms(), Ordering::SeqCst);
     let hooks = crate::admin::ServeHooks {
+        sync: sync_status.clone(),
+        stale_after_ms: crate::config::read_file_config(&config_path)?.snapshot_stale_after_ms()?,
         metrics,
         expiry: gateway.expiry_gauges(),
         live: gateway.live_connections(),
@@ -220,7 +227,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let admin_local = admin.local_addr()?;
     admin_files.write_endpoint(admin_local)?;
     // This node's heartbeat, for `portcullis cluster status`.
-    let sync_status = Arc::new(crate::sync::SyncStatus::default());
     let node_id = match crate::config::read_file_config(&config_path)?.node_name() {
         Some(name) => name.to_string(),
         None => format!("{}:{}", host_name(), admin_local.port()),

@@ -2121,3 +2121,34 @@ fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
         "cluster-key generate",
     );
 }
+
+/// The cluster settings are checked like the rest: a bad staleness bound is a one-line error.
+#[test]
+fn a_bad_snapshot_staleness_bound_is_refused_with_the_key() {
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    std::fs::write(
+        d.join("gw.toml"),
+        format!(
+            "snapshot_stale_after_secs = 0\n{}",
+            registry_config(&[("a.test", "off")])
+        ),
+    )
+    .unwrap();
+    assert_clean_error(
+        &portcullis(
+            d,
+            &[
+                "serve",
+                "--config",
+                "gw.toml",
+                "--data-dir",
+                "data",
+                "--check-config",
+            ],
+        ),
+        2,
+        "snapshot_stale_after_secs = 0: give a number of seconds between 0.5 and 86400",
+    );
+}
