@@ -23,6 +23,9 @@ use crate::output::{Outputs, read};
 /// The files under DATA_DIR/admin.
 pub struct AdminFiles {
     dir: PathBuf,
+    /// In a cluster: the cluster's admin CA (kept in the registry), which issues this data
+    /// dir's admin client certificate and verifies admin clients on every node.
+    shared_ca: Option<Arc<CaIssuer>>,
 }
 
 impl AdminFiles {
@@ -30,7 +33,23 @@ impl AdminFiles {
     pub fn new(data_dir: &Path) -> AdminFiles {
         AdminFiles {
             dir: data_dir.join("admin"),
+            shared_ca: None,
         }
+    }
+
+    /// With the cluster's admin CA in place of the data dir's own.
+    pub(crate) fn with_shared_ca(mut self, ca: Option<Arc<CaIssuer>>) -> AdminFiles {
+        self.shared_ca = ca;
+        self
+    }
+
+    /// This data dir's own admin CA (made, with the admin client certificate, on first use).
+    pub(crate) fn own_ca(&self) -> Result<CaIssuer> {
+        AdminFiles::new(self.dir.parent().unwrap_or(Path::new("."))).ensure_client_credentials()?;
+        let (ca, _) = Certificate::first_and_rest(&read(&self.dir.join("ca.pem"), "admin CA")?)?;
+        let key = PrivateKey::from_pem_or_der(&read(&self.dir.join("ca.key"), "admin CA key")?)
+            .context("reading the admin CA key")?;
+        CaIssuer::new(ca, key, Vec::new()).context("loading the admin CA")
     }
 
     /// The admin client certificate and key.
@@ -47,6 +66,23 @@ impl AdminFiles {
     /// start; returns the admin CA certificate.
     fn ensure_client_credentials(&self) -> Result<Certificate> {
         let ca_path = self.dir.join("ca.pem");
+        if let Some(shared) = &self.shared_ca {
+            // The cluster's admin CA: this data dir's client certificate is issued by it (once,
+            // and again whenever the data dir's admin CA file is not the cluster's).
+            let pem = shared.certificate().to_pem();
+            let current = std::fs::read_to_string(&ca_path).unwrap_or_default() == pem
+                && self
+                    .current()
+                    .is_some_and(|c| c.is_signed_by(shared.certificate()));
+            if !current {
+                let client = AdminClientCert::issue(shared)?;
+                let mut out = Outputs::default();
+                client.stage(self, &mut out);
+                out.public(&ca_path, pem);
+                out.write(true)?;
+            }
+            return Ok(shared.certificate().clone());
+        }
         if !ca_path.exists() {
             let ca_key = PrivateKey::generate(KeyType::EcP256)?;
             let mut req = IssueRequest::new(
@@ -82,13 +118,17 @@ impl AdminFiles {
     /// Issues a new admin client certificate with the admin CA and writes it (certificate, key,
     /// .p12 and its password) in place of the current one, all files or none.
     pub fn rotate(&self) -> Result<portcullis_admin::RotatedAdmin> {
-        let ca_path = self.dir.join("ca.pem");
-        let (ca, _) = Certificate::first_and_rest(&read(&ca_path, "admin CA")?)?;
-        let key = PrivateKey::from_pem_or_der(&read(&self.dir.join("ca.key"), "admin CA key")?)
-            .context("reading the admin CA key")?;
-        let issuer = CaIssuer::new(ca.clone(), key, Vec::new())?;
+        let own;
+        let issuer: &CaIssuer = match &self.shared_ca {
+            Some(shared) => shared,
+            None => {
+                own = self.own_ca()?;
+                &own
+            }
+        };
+        let ca = issuer.certificate().clone();
         let previous = self.current();
-        let client = AdminClientCert::issue(&issuer)?;
+        let client = AdminClientCert::issue(issuer)?;
         let mut out = Outputs::default();
         client.stage(self, &mut out);
         out.write(true)?;
@@ -317,15 +357,5 @@ impl Hooks for ServeHooks {
         domains: &'a [(String, portcullis_registry::DomainSpec)],
     ) -> portcullis_admin::HookFuture<'a, portcullis_admin::CheckedDomains> {
         Box::pin(self.domains.check(domains))
-    }
-}
-
-/// A CA's provisioning template, checked in memory inside handshakes.
-#[derive(Debug)]
-pub(crate) struct TemplateProvisioner(pub(crate) portcullis_registry::ProvisioningTemplate);
-
-impl portcullis_gateway::registry_view::Provisioner for TemplateProvisioner {
-    fn check(&self, leaf: &Certificate) -> Result<String, String> {
-        self.0.resolve(leaf).map(|p| p.thing_name)
     }
 }

@@ -10,7 +10,10 @@
 //!   issued once for the whole cluster by whichever node needs one first, and renewed 30 days
 //!   before they expire.
 //!
-//! Invariant: keys travel only sealed; nothing here writes a private key to disk.
+//! - The admin CA is the cluster's too: the admin listener of every node verifies admin client
+//!   certificates against it, and each data dir's admin client certificate is issued by it.
+//!
+//! Invariant: keys travel only sealed; nothing here writes a CA's private key to disk.
 
 use std::sync::Arc;
 
@@ -31,35 +34,59 @@ pub(crate) struct Cluster {
     pub(crate) key: Arc<ClusterKey>,
     /// The cluster's local CA.
     pub(crate) ca: Arc<CaIssuer>,
+    /// The cluster's admin CA: admin client certificates issued by any node work on all.
+    pub(crate) admin_ca: Arc<CaIssuer>,
 }
 
-/// What the shared local CA's key is sealed for.
+/// The shared CAs' names in the registry.
 const LOCAL_CA: &str = "local";
+const ADMIN_CA: &str = "admin";
+
+/// The cluster's CA `name`: the registry's, or `own()` recorded as the cluster's when there is
+/// none yet (the first node wins); with its certificate PEM.
+async fn shared_ca(
+    store: &Store,
+    key: &ClusterKey,
+    name: &str,
+    own: impl FnOnce() -> Result<CaIssuer>,
+) -> Result<(CaIssuer, String)> {
+    let context = format!("cluster-ca:{name}");
+    let (cert_pem, sealed) = match store.cluster_ca(name).await? {
+        Some(recorded) => recorded,
+        None => {
+            let own = own()?;
+            let sealed = key.seal(own.key().pkcs8_der(), &context)?;
+            store
+                .init_cluster_ca(name, &own.certificate().to_pem(), &sealed)
+                .await?
+        }
+    };
+    let (cert, _) = Certificate::first_and_rest(cert_pem.as_bytes())
+        .with_context(|| format!("the cluster's {name} CA certificate"))?;
+    let der = key.open(&sealed, &context)?;
+    let ca_key = PrivateKey::from_pem_or_der(&der)
+        .with_context(|| format!("the cluster's {name} CA key"))?;
+    let ca = CaIssuer::new(cert, ca_key, Vec::new())
+        .with_context(|| format!("the cluster's {name} CA"))?;
+    Ok((ca, cert_pem))
+}
 
 impl Cluster {
     /// Joins the cluster: the key was checked against the registry's; the local CA is the
     /// registry's, or this data dir's recorded as the cluster's when there is none yet.
+    /// `own_admin_ca` makes or reads this data dir's admin CA, recorded when the cluster has
+    /// none yet.
     pub(crate) async fn join(
         store: &Store,
         key: Arc<ClusterKey>,
         data: &DataDir,
+        own_admin_ca: impl FnOnce() -> Result<CaIssuer>,
     ) -> Result<Cluster> {
-        let context = format!("cluster-ca:{LOCAL_CA}");
-        let (cert_pem, sealed) = match store.cluster_ca(LOCAL_CA).await? {
-            Some(recorded) => recorded,
-            None => {
-                let own = data.local_ca().context("the data dir's local CA")?;
-                let sealed = key.seal(own.key().pkcs8_der(), &context)?;
-                store
-                    .init_cluster_ca(LOCAL_CA, &own.certificate().to_pem(), &sealed)
-                    .await?
-            }
-        };
-        let (cert, _) = Certificate::first_and_rest(cert_pem.as_bytes())
-            .context("the cluster's local CA certificate")?;
-        let der = key.open(&sealed, &context)?;
-        let ca_key = PrivateKey::from_pem_or_der(&der).context("the cluster's local CA key")?;
-        let ca = CaIssuer::new(cert, ca_key, Vec::new()).context("the cluster's local CA")?;
+        let (ca, cert_pem) = shared_ca(store, &key, LOCAL_CA, || {
+            data.local_ca().context("the data dir's local CA")
+        })
+        .await?;
+        let (admin_ca, _) = shared_ca(store, &key, ADMIN_CA, own_admin_ca).await?;
         // Clients trust the cluster's CA where they trust a single node's: DATA_DIR/ca/ca.pem,
         // unless this data dir has a CA of its own (then only cluster-ca.pem, and a warning).
         let mut out = Outputs::default();
@@ -77,6 +104,7 @@ impl Cluster {
         Ok(Cluster {
             key,
             ca: Arc::new(ca),
+            admin_ca: Arc::new(admin_ca),
         })
     }
 

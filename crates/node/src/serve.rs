@@ -130,9 +130,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     crate::config::check_cluster_key(&store, cluster_key.as_deref()).await?;
     let cluster = match &cluster_key {
         Some(key) => Some(
-            crate::cluster::Cluster::join(&store, key.clone(), &data)
-                .await
-                .context("joining the cluster")?,
+            crate::cluster::Cluster::join(&store, key.clone(), &data, || {
+                crate::admin::AdminFiles::new(&args.data_dir).own_ca()
+            })
+            .await
+            .context("joining the cluster")?,
         ),
         None => None,
     };
@@ -193,7 +195,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(c) => c.ca.clone(),
         None => Arc::new(data.local_ca()?),
     };
-    let admin_files = crate::admin::AdminFiles::new(&args.data_dir);
+    let admin_ca = cluster.as_ref().map(|c| c.admin_ca.clone());
+    let admin_files =
+        crate::admin::AdminFiles::new(&args.data_dir).with_shared_ca(admin_ca.clone());
     let admin_tls = admin_files.tls_config(&local_ca, admin_addr)?;
     let registry_reachable = Arc::new(AtomicBool::new(true));
     let sync_status = Arc::new(crate::sync::SyncStatus::default());
@@ -210,7 +214,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
         broker: gateway.broker(),
-        admin: crate::admin::AdminFiles::new(&args.data_dir),
+        admin: crate::admin::AdminFiles::new(&args.data_dir).with_shared_ca(admin_ca),
         domains: crate::config::DomainChecker {
             store: store.clone(),
             config_path: config_path.clone(),

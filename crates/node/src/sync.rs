@@ -413,6 +413,16 @@ async fn incremental_snapshot(
     Ok(Some((next, changes)))
 }
 
+/// A CA's provisioning template, checked in memory inside handshakes.
+#[derive(Debug)]
+pub(crate) struct TemplateProvisioner(pub(crate) portcullis_registry::ProvisioningTemplate);
+
+impl portcullis_gateway::registry_view::Provisioner for TemplateProvisioner {
+    fn check(&self, leaf: &Certificate) -> Result<String, String> {
+        self.0.resolve(leaf).map(|p| p.thing_name)
+    }
+}
+
 /// The ACTIVE CAs with auto-registration on.
 async fn auto_registering_cas(store: &Store) -> Result<Vec<AutoRegistration>> {
     Ok(store
@@ -427,7 +437,7 @@ async fn auto_registering_cas(store: &Store) -> Result<Vec<AutoRegistration>> {
                 ca: cert,
                 ca_id: ca.id.to_string(),
                 provisioner: ca.provisioning_template.map(|t| {
-                    Arc::new(crate::admin::TemplateProvisioner(t))
+                    Arc::new(TemplateProvisioner(t))
                         as Arc<dyn portcullis_gateway::registry_view::Provisioner>
                 }),
             })

@@ -407,6 +407,11 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
         assert_eq!(n["changes_behind"], 0, "{cluster}");
         assert_eq!(n["version"], env!("CARGO_PKG_VERSION"));
     }
+    // One admin CA for the cluster: B's admin client certificate is accepted by A, and A's by B.
+    let (code, body) = api(&db, &a, "GET", "/v1/cluster", None, Auth::Certificate);
+    assert_eq!(code, 200, "B's admin certificate on A: {body}");
+    let (code, body) = api(&da, &b, "GET", "/v1/cluster", None, Auth::Certificate);
+    assert_eq!(code, 200, "A's admin certificate on B: {body}");
     let text = cli(&da, &["cluster", "status"]).ok().stdout;
     assert_eq!(text.matches(" up ").count(), 2, "{text}");
     for (dir, node) in [(&da, &a), (&db, &b)] {
