@@ -17,7 +17,8 @@
 //!   path, the hyper path and [`explain`]), `fast` (the HTTP/1.1 fast path), `service` (the
 //!   hyper path), `proxy`, `identity`, `access_log`, `respond`, `route`, `h2guard`;
 //! - [`authorize`]: policies compiled for the data path; `mqtt`: MQTT connections on the
-//!   `portcullis-mqtt` broker; `recheck`: what a connection was admitted under, checked again.
+//!   `portcullis-mqtt` broker (`session`, `auth`, `publish`); `recheck`: what a connection was
+//!   admitted under, checked again.
 //!
 //! Dependencies go one way: `conn` uses `http` and `mqtt`, never the reverse; `verify` uses
 //! `registry_view` (which carries `authorize`'s policies), which reports through `outbox`.

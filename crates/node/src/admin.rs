@@ -84,17 +84,7 @@ impl AdminFiles {
             return Ok(shared.certificate().clone());
         }
         if !ca_path.exists() {
-            let ca_key = PrivateKey::generate(KeyType::EcP256)?;
-            let mut req = IssueRequest::new(
-                Profile::RootCa,
-                SubjectName {
-                    common_name: "Portcullis Admin CA".into(),
-                    organization: Some("Portcullis".into()),
-                    ..Default::default()
-                },
-            );
-            req.path_len = Some(0);
-            let ca = issue::issue(&req, &ca_key, None)?;
+            let (ca, ca_key) = crate::data_dir::new_root_ca("Portcullis Admin CA")?;
             let issuer = CaIssuer::new(ca.clone(), ca_key, Vec::new())?;
             let client = AdminClientCert::issue(&issuer)?;
             let mut out = Outputs::default();

@@ -49,17 +49,7 @@ impl DataDir {
         let cert_path = self.root.join("ca/ca.pem");
         let key_path = self.root.join("ca/ca.key");
         if !cert_path.exists() {
-            let key = PrivateKey::generate(KeyType::EcP256)?;
-            let mut req = IssueRequest::new(
-                Profile::RootCa,
-                SubjectName {
-                    common_name: "Portcullis Local CA".into(),
-                    organization: Some("Portcullis".into()),
-                    ..Default::default()
-                },
-            );
-            req.path_len = Some(0);
-            let cert = issue::issue(&req, &key, None)?;
+            let (cert, key) = new_root_ca("Portcullis Local CA")?;
             if self.dry_run {
                 return CaIssuer::new(cert, key, Vec::new()).context("making a local CA");
             }
@@ -272,4 +262,21 @@ pub(crate) fn issue_auto(ca: &CaIssuer, hostname: &Hostname) -> Result<(Certific
 /// Whether an `auto` certificate expiring at `not_after` is due for renewal (30 days before).
 pub(crate) fn auto_due(not_after: i64) -> bool {
     not_after <= time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400
+}
+
+/// A new root CA of this node's own (the local CA, the admin CA): ECDSA P-256, organization
+/// Portcullis, issuing end entities only (path length 0).
+pub(crate) fn new_root_ca(common_name: &str) -> Result<(Certificate, PrivateKey)> {
+    let key = PrivateKey::generate(KeyType::EcP256)?;
+    let mut req = IssueRequest::new(
+        Profile::RootCa,
+        SubjectName {
+            common_name: common_name.into(),
+            organization: Some("Portcullis".into()),
+            ..Default::default()
+        },
+    );
+    req.path_len = Some(0);
+    let cert = issue::issue(&req, &key, None)?;
+    Ok((cert, key))
 }

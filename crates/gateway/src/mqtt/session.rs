@@ -1,456 +1,53 @@
-//! The MQTT endpoint: one task per connection, behind the same TLS front end, verifier,
-//! registry modes and JIT registration as HTTP. The verified certificate is the identity (a
-//! username or password grants nothing); the registry's policies decide `mqtt:Connect` on
-//! `client:<id>`, `mqtt:Publish` on `topic:<name>`, `mqtt:Subscribe` on `topicfilter:<filter>`
-//! and, on every delivery, `mqtt:Receive` on `topic:<name>`. QoS 0 and 1; QoS 2 is refused.
+//! A live MQTT session: its read loop, packets, subscriptions, in-flight QoS 1 messages and
+//! the checks on every registry change.
 
+use super::{Conn, End, SessionAuth, WRITE_TIMEOUT, expiry_of, puback, reserved};
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use portcullis_mqtt::broker::{
-    Broker, Message, Outbound, Receiver, SessionHandle, SubscriptionOptions,
-};
+use portcullis_mqtt::broker::{Message, Outbound, SessionHandle, SubscriptionOptions};
 use portcullis_mqtt::codec::{
-    self, AckProperties, ConnAck, ConnAckProperties, Connect, Disconnect, Packet, Protocol, PubAck,
-    Publish, QoS, SubAck, UnsubAck, reason,
+    self, AckProperties, Connect, Disconnect, Packet, Protocol, PubAck, Publish, QoS, SubAck,
+    UnsubAck, reason,
 };
 use portcullis_pki::Certificate;
-use portcullis_policy::{Bound, Request as PolicyRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::Domain;
-use crate::verdict::ClientVerdict;
-use crate::verify::DomainVerifier;
-
-/// QoS 1 messages sent and not yet acknowledged, per session, at most.
-const MAX_INFLIGHT: usize = 64;
-
-/// How long a MQTT 3.1.1 persistent session outlives its connection (MQTT 5 clients say).
-const PERSISTENT_SESSION: Duration = Duration::from_secs(3600);
-
-/// How long a write to a client may take: a client that stops reading is disconnected.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What the MQTT endpoint needs of its connection.
-pub(crate) struct Conn {
-    pub(crate) peer: SocketAddr,
-    pub(crate) domain: Arc<Domain>,
-    pub(crate) verifier: Arc<DomainVerifier>,
-    pub(crate) verdict: ClientVerdict,
-    pub(crate) broker: Arc<Broker>,
-    pub(crate) shutdown: watch::Receiver<bool>,
-    /// What the session was admitted under, checked again on registry changes and reloads.
-    pub(crate) admission: crate::recheck::Admission,
-}
-
-/// A session's policies, bound to its certificate, domain and client id; bound again whenever
-/// the registry snapshot changes, so a policy change applies to the next packet.
-#[derive(Clone)]
-pub(crate) struct SessionAuth(Arc<AuthInner>);
-
-struct AuthInner {
-    verifier: Arc<DomainVerifier>,
-    leaf: Certificate,
-    domain: String,
-    client_id: String,
-    peer: IpAddr,
-    bound: Mutex<Option<(u64, Arc<Bound>)>>,
-}
-
-impl SessionAuth {
-    fn new(c: &Conn, leaf: &Certificate, client_id: &str) -> SessionAuth {
-        SessionAuth(Arc::new(AuthInner {
-            verifier: c.verifier.clone(),
-            leaf: leaf.clone(),
-            domain: c.domain.hostname.to_string(),
-            client_id: client_id.to_string(),
-            peer: c.peer.ip(),
-            bound: Mutex::new(None),
-        }))
-    }
-
-    fn bound(&self) -> Arc<Bound> {
-        let inner = &self.0;
-        let generation = inner.verifier.registry_generation();
-        let mut cached = inner.bound.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((g, b)) = cached.as_ref()
-            && *g == generation
-        {
-            return b.clone();
-        }
-        let snapshot = inner.verifier.registry_snapshot();
-        let bound = Arc::new(snapshot.policies().bind_mqtt(
-            &inner.leaf,
-            &inner.domain,
-            &inner.client_id,
-        ));
-        *cached = Some((generation, bound.clone()));
-        bound
-    }
-
-    /// Whether the policies allow `action` on `resource`; the reason when not. Server topics
-    /// (`$…`) need an Allow statement that names them: one that would also allow a made-up
-    /// `$` topic (a wildcard such as `topic:*`) does not count.
-    fn decide(&self, action: &str, resource: &str) -> Result<(), String> {
-        let bound = self.bound();
-        let now = crate::authorize::now();
-        let request = |resource| PolicyRequest {
-            action,
-            resource,
-            source_ip: Some(self.0.peer),
-            now,
-        };
-        let decision = bound.decide(&request(resource));
-        if !decision.allowed {
-            return Err(decision.reason);
-        }
-        if let Some((kind, rest)) = resource.split_once(':')
-            && rest.starts_with('$')
-        {
-            let probe = format!("{kind}:$portcullis-unnamed/probe");
-            let real = bound.trace(&request(resource));
-            let unnamed = bound.trace(&request(&probe));
-            let named = real.iter().zip(&unnamed).any(|(r, p)| {
-                r.applied && r.statement.effect == portcullis_policy::Effect::Allow && !p.applied
-            });
-            if !named {
-                return Err(format!(
-                    "{resource} is a server topic: a policy must name it, not match it with a wildcard"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Receiver for SessionAuth {
-    fn may_receive(&self, topic: &str) -> bool {
-        let allowed = self
-            .decide("mqtt:Receive", &format!("topic:{topic}"))
-            .is_ok();
-        if !allowed {
-            metrics::counter!("portcullis_mqtt_denials_total", "action" => "receive", "reason" => "not-allowed").increment(1);
-        }
-        allowed
-    }
-}
-
-/// Why a session ended, for the log.
-enum End {
-    /// The client sent DISCONNECT (with the will requested, for reason 0x04).
-    Client { publish_will: bool },
-    /// The network connection closed without DISCONNECT.
-    Lost,
-    /// We closed it, with this MQTT 5 reason code and explanation.
-    Server(u8, String),
-}
-
-/// Serves one MQTT connection after the TLS handshake.
-pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
-    let settings = c.domain.mqtt.clone();
-    let max = settings.max_packet_size;
-    // Small to start: most devices send little, and an idle session keeps its buffer. It grows
-    // for publishers that send more.
-    let mut buf = BytesMut::with_capacity(512);
-    let hostname = c.domain.hostname.to_string();
-    let first = tokio::time::timeout(
-        settings.connect_timeout,
-        read_packet(&mut tls, &mut buf, None, max),
-    )
-    .await;
-    let connect = match first {
-        Ok(Ok(Some(Packet::Connect(connect)))) => connect,
-        Ok(Ok(Some(_))) => return log_refused(&c, "", "the first packet was not CONNECT"),
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            // A CONNECT we cannot read: answer 3.1.1-style when unsure of the version.
-            if let codec::CodecError::UnsupportedProtocolVersion(_) = e {
-                let _ = send(
-                    &mut tls,
-                    Protocol::V311,
-                    &connack(false, reason::UNSUPPORTED_PROTOCOL_VERSION),
-                )
-                .await;
-            }
-            return log_refused(&c, "", &format!("unreadable CONNECT: {e}"));
-        }
-        Err(_) => return log_refused(&c, "", "no CONNECT within the connect timeout"),
-    };
-    let protocol = connect.protocol;
-    // CONNACK carries the MQTT 5 reason code; the codec writes its 3.1.1 return code.
-    let refuse = |code: u8| connack(false, code);
-    // The certificate is the identity.
-    let leaf = match &c.verdict {
-        ClientVerdict::Valid(chain) => chain.first().cloned(),
-        _ => None,
-    };
-    let Some(leaf) = leaf else {
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
-        return log_refused(
-            &c,
-            &connect.client_id,
-            &format!(
-                "MQTT needs a valid client certificate ({})",
-                c.verdict.status()
-            ),
-        );
-    };
-    let mut assigned = None;
-    let client_id = if connect.client_id.is_empty() {
-        if protocol == Protocol::V311 && !connect.clean_start {
-            let _ = send(
-                &mut tls,
-                protocol,
-                &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-            )
-            .await;
-            return log_refused(&c, "", "an empty client id needs a clean session");
-        }
-        let id = format!("auto-{}", &leaf.info().id[..16]);
-        assigned = Some(id.clone());
-        id
-    } else {
-        connect.client_id.clone()
-    };
-    // Policies substitute the client id into topics (`telemetry/${mqtt:ClientId}/#`): an id
-    // holding MQTT wildcards or a level separator would reach other devices' topics.
-    if let Some(c_bad) = client_id
-        .chars()
-        .find(|ch| "+#/*?$".contains(*ch) || ch.is_control())
-    {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "invalid-client-id").increment(1);
-        let _ = send(
-            &mut tls,
-            protocol,
-            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-        )
-        .await;
-        return log_refused(
-            &c,
-            &client_id,
-            &format!(
-                "the client id holds {c_bad:?}; client ids may not hold + # / * ? $ or control characters"
-            ),
-        );
-    }
-    let snapshot = c.verifier.registry_snapshot();
-    if settings.require_thing_client_id
-        && !snapshot
-            .policies()
-            .things_of(&leaf.info().id)
-            .contains(&client_id)
-    {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "client-id-not-thing").increment(1);
-        let _ = send(
-            &mut tls,
-            protocol,
-            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-        )
-        .await;
-        return log_refused(
-            &c,
-            &client_id,
-            "the client id must be the name of a thing this certificate is attached to",
-        );
-    }
-    let auth = SessionAuth::new(&c, &leaf, &client_id);
-    if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
-        return log_refused(&c, &client_id, &format!("mqtt:Connect denied: {why}"));
-    }
-    // The will is authorized now, as a publication would be.
-    if let Some(will) = &connect.will {
-        let checked = portcullis_mqtt::topic::check_name(&will.topic)
-            .map_err(|e| e.to_string())
-            .and_then(|()| reserved(&will.topic))
-            .and_then(|()| auth.decide("mqtt:Publish", &format!("topic:{}", will.topic)));
-        if let Err(why) = checked {
-            let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
-            return log_refused(&c, &client_id, &format!("the will is not allowed: {why}"));
-        }
-        if will.qos == QoS::ExactlyOnce {
-            let _ = send(&mut tls, protocol, &refuse(reason::QOS_NOT_SUPPORTED)).await;
-            return log_refused(&c, &client_id, "a QoS 2 will is not supported");
-        }
-    }
-    let expiry = match protocol {
-        Protocol::V5 => Duration::from_secs(u64::from(
-            connect.properties.session_expiry_interval.unwrap_or(0),
-        )),
-        Protocol::V311 if connect.clean_start => Duration::ZERO,
-        Protocol::V311 => PERSISTENT_SESSION,
-    };
-    let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
-    let mut handle = c.broker.connect(
-        &client_id,
-        connect.clean_start,
-        expiry,
-        Arc::new(auth.clone()),
-        &identity,
-    );
-    let mut properties = ConnAckProperties::default();
-    if protocol == Protocol::V5 {
-        properties.maximum_qos = Some(QoS::AtLeastOnce);
-        properties.retain_available = Some(true);
-        properties.maximum_packet_size = u32::try_from(max).ok();
-        properties.topic_alias_maximum = Some(0);
-        properties.wildcard_subscription_available = Some(true);
-        properties.subscription_identifiers_available = Some(false);
-        properties.shared_subscription_available = Some(false);
-        properties.receive_maximum = Some(u16::try_from(MAX_INFLIGHT).unwrap_or(u16::MAX));
-        properties.assigned_client_identifier = assigned;
-    }
-    let ack = Packet::ConnAck(ConnAck {
-        session_present: handle.session_present,
-        code: reason::SUCCESS,
-        properties,
-    });
-    if send(&mut tls, protocol, &ack).await.is_err() {
-        c.broker.disconnected(
-            &client_id,
-            handle.generation,
-            std::mem::take(&mut handle.pending),
-            Some(&mut handle.outbound),
-        );
-        return;
-    }
-    metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
-    metrics::counter!("portcullis_mqtt_connects_total", "result" => "accepted").increment(1);
-    tracing::info!(
-        target: "portcullis::mqtt",
-        peer = %c.peer,
-        domain = %hostname,
-        client_id = %client_id,
-        protocol = if protocol == Protocol::V5 { "5" } else { "3.1.1" },
-        session_present = handle.session_present,
-        client_subject = %leaf.info().subject,
-        client_fingerprint = %leaf.info().id,
-        "mqtt session started"
-    );
-    let mut session = Session {
-        c: &c,
-        protocol,
-        client_id: client_id.clone(),
-        auth,
-        leaf,
-        inflight: HashMap::new(),
-        backlog: VecDeque::new(),
-        next_id: 0,
-        client_max: connect
-            .properties
-            .maximum_packet_size
-            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
-        problem_information: protocol == Protocol::V5
-            && connect.properties.request_problem_information != Some(false),
-        receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
-            .min(MAX_INFLIGHT),
-        out: BytesMut::new(),
-    };
-    session.run(&mut tls, buf, handle, &connect).await;
-    metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
-}
-
-/// `$` topics belong to the server (registry events are published on `$portcullis/…`).
-fn reserved(topic: &str) -> Result<(), String> {
-    if topic.starts_with('$') {
-        Err(format!(
-            "topics starting with '$' are reserved for the server ({topic})"
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn connack(session_present: bool, code: u8) -> Packet {
-    Packet::ConnAck(ConnAck {
-        session_present,
-        code,
-        properties: ConnAckProperties::default(),
-    })
-}
-
-fn log_refused(c: &Conn, client_id: &str, why: &str) {
-    metrics::counter!("portcullis_mqtt_connects_total", "result" => "refused").increment(1);
-    let leaf = c.verdict.leaf().map(|l| l.info());
-    tracing::info!(
-        target: "portcullis::mqtt",
-        peer = %c.peer,
-        domain = %c.domain.hostname,
-        client_id,
-        result = "refused",
-        reason = why,
-        client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
-        "mqtt connection refused"
-    );
-}
-
-/// Reads one packet (more bytes as needed); `None` at a clean end of stream.
-async fn read_packet(
-    tls: &mut TlsStream<TcpStream>,
-    buf: &mut BytesMut,
-    protocol: Option<Protocol>,
-    max: usize,
-) -> Result<Option<Packet>, codec::CodecError> {
-    loop {
-        if let Some(p) = codec::read_packet(buf, protocol, max)? {
-            return Ok(Some(p));
-        }
-        match tls.read_buf(buf).await {
-            Ok(0) | Err(_) => return Ok(None),
-            Ok(_) => {}
-        }
-    }
-}
-
-async fn send(
-    tls: &mut TlsStream<TcpStream>,
-    protocol: Protocol,
-    packet: &Packet,
-) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    codec::write_packet(packet, protocol, &mut out)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    tls.write_all(&out).await?;
-    tls.flush().await
-}
+use super::publish::envelope;
 
 /// The first read of a session's loop, in bytes; doubled while reads fill it, up to MAX_READ.
-const FIRST_READ: usize = 512;
-const MAX_READ: usize = 64 * 1024;
+pub(super) const FIRST_READ: usize = 512;
+pub(super) const MAX_READ: usize = 64 * 1024;
 
 /// Packets handled from one read after which a session lets other tasks run.
-const YIELD_AFTER_PACKETS: usize = 64;
+pub(super) const YIELD_AFTER_PACKETS: usize = 64;
 
 /// A live session.
-struct Session<'a> {
-    c: &'a Conn,
-    protocol: Protocol,
-    client_id: String,
-    auth: SessionAuth,
-    leaf: Certificate,
+pub(super) struct Session<'a> {
+    pub(super) c: &'a Conn,
+    pub(super) protocol: Protocol,
+    pub(super) client_id: String,
+    pub(super) auth: SessionAuth,
+    pub(super) leaf: Certificate,
     /// QoS 1 messages sent, by packet id, until PUBACK.
-    inflight: HashMap<u16, Message>,
+    pub(super) inflight: HashMap<u16, Message>,
     /// QoS 1 messages waiting for room in `inflight`.
-    backlog: VecDeque<Message>,
-    next_id: u16,
+    pub(super) backlog: VecDeque<Message>,
+    pub(super) next_id: u16,
     /// The largest packet the client accepts (MQTT 5).
-    client_max: Option<usize>,
+    pub(super) client_max: Option<usize>,
     /// Whether acknowledgements may carry a reason string (MQTT 5, unless the client set
     /// Request Problem Information to 0).
-    problem_information: bool,
-    receive_max: usize,
-    out: BytesMut,
+    pub(super) problem_information: bool,
+    pub(super) receive_max: usize,
+    pub(super) out: BytesMut,
 }
 
 impl Session<'_> {
-    async fn run(
+    pub(super) async fn run(
         &mut self,
         tls: &mut TlsStream<TcpStream>,
         mut buf: BytesMut,
@@ -649,7 +246,7 @@ impl Session<'_> {
     /// After a registry change or a reload: the session ends when its certificate is no longer
     /// admitted (revoked, deactivated, refused by a new truststore or CRL, its domain gone) or
     /// it may no longer connect.
-    fn recheck(&self) -> Option<End> {
+    pub(super) fn recheck(&self) -> Option<End> {
         if let Some(closed) = self.c.admission.refusal() {
             return Some(End::Server(
                 reason::NOT_AUTHORIZED,
@@ -669,7 +266,7 @@ impl Session<'_> {
     }
 
     /// Handles one packet from the client; `Some` ends the session.
-    fn handle(&mut self, packet: Packet, handle: &SessionHandle) -> Option<End> {
+    pub(super) fn handle(&mut self, packet: Packet, handle: &SessionHandle) -> Option<End> {
         let c = self.c;
         match packet {
             Packet::Publish(p) => return self.publish(p),
@@ -807,7 +404,7 @@ impl Session<'_> {
         None
     }
 
-    fn publish(&mut self, p: Publish) -> Option<End> {
+    pub(super) fn publish(&mut self, p: Publish) -> Option<End> {
         let c = self.c;
         if p.qos == QoS::ExactlyOnce {
             return Some(End::Server(
@@ -896,7 +493,12 @@ impl Session<'_> {
     /// at most 256 bytes, and only if the acknowledgement (`fixed` bytes without it) still fits
     /// the client's maximum packet size; none for MQTT 3.1.1 or when the client asked for no
     /// problem information.
-    fn reason_string(&self, what: &str, details: &[String], fixed: usize) -> Option<String> {
+    pub(super) fn reason_string(
+        &self,
+        what: &str,
+        details: &[String],
+        fixed: usize,
+    ) -> Option<String> {
         if !self.problem_information {
             return None;
         }
@@ -927,7 +529,7 @@ impl Session<'_> {
     }
 
     /// Queues a delivery: QoS 0 is written at once, QoS 1 when there is room in flight.
-    fn deliver(&mut self, m: Message) {
+    pub(super) fn deliver(&mut self, m: Message) {
         if m.expires_at.is_some_and(|t| t <= Instant::now()) {
             return;
         }
@@ -949,7 +551,7 @@ impl Session<'_> {
 
     /// Moves waiting QoS 1 messages into flight, then what the broker queued while this
     /// session's channel was full.
-    fn refill(&mut self, handle: &SessionHandle) {
+    pub(super) fn refill(&mut self, handle: &SessionHandle) {
         while self.inflight.len() < self.receive_max {
             let Some(m) = self.backlog.pop_front() else {
                 break;
@@ -968,7 +570,7 @@ impl Session<'_> {
         }
     }
 
-    fn packet_id(&mut self) -> u16 {
+    pub(super) fn packet_id(&mut self) -> u16 {
         loop {
             self.next_id = self.next_id.wrapping_add(1).max(1);
             if !self.inflight.contains_key(&self.next_id) {
@@ -978,7 +580,7 @@ impl Session<'_> {
     }
 
     /// Writes a PUBLISH: QoS 1 with `(packet id, DUP)`, QoS 0 without.
-    fn send_message(&mut self, m: Message, qos1: Option<(u16, bool)>) {
+    pub(super) fn send_message(&mut self, m: Message, qos1: Option<(u16, bool)>) {
         let packet_id = qos1.map(|(id, _)| id);
         let mut properties = m.properties.clone();
         if let Some(at) = m.expires_at {
@@ -1015,13 +617,13 @@ impl Session<'_> {
         metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "sent").increment(1);
     }
 
-    fn write(&mut self, packet: &Packet) {
+    pub(super) fn write(&mut self, packet: &Packet) {
         if let Err(e) = codec::write_packet(packet, self.protocol, &mut self.out) {
             tracing::warn!(target: "portcullis::mqtt", client_id = %self.client_id, error = %e, "cannot encode a packet");
         }
     }
 
-    async fn flush(&mut self, tls: &mut TlsStream<TcpStream>) -> std::io::Result<()> {
+    pub(super) async fn flush(&mut self, tls: &mut TlsStream<TcpStream>) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -1038,179 +640,4 @@ impl Session<'_> {
             )),
         }
     }
-}
-
-fn puback(packet_id: u16, code: u8) -> Packet {
-    Packet::PubAck(PubAck {
-        packet_id,
-        reason: code,
-        properties: Default::default(),
-    })
-}
-
-fn expiry_of(seconds: Option<u32>) -> Option<Instant> {
-    seconds.map(|s| Instant::now() + Duration::from_secs(u64::from(s)))
-}
-
-/// `POST /topics/{topic}?qos=0|1[&retain=true]` over HTTPS: the body is published to MQTT
-/// subscribers if the certificate's policies allow `mqtt:Publish` on `topic:<topic>`.
-pub(crate) async fn https_publish(
-    req: hyper::Request<hyper::body::Incoming>,
-    leaf: &Certificate,
-    verifier: &Arc<DomainVerifier>,
-    domain: &Domain,
-    broker: &Broker,
-    peer: SocketAddr,
-) -> hyper::Response<crate::http::respond::Body> {
-    use http_body_util::BodyExt;
-    use hyper::StatusCode;
-
-    use crate::http::respond::{error_response, full};
-    if req.method() != hyper::Method::POST {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            "publish with POST /topics/{topic}?qos=0|1",
-            None,
-        );
-    }
-    let raw = req.uri().path().trim_start_matches("/topics/");
-    let topic = match crate::authorize::percent_decode(raw) {
-        Some(t) => t,
-        None => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid-topic",
-                "the topic is not valid percent-encoded UTF-8",
-                None,
-            );
-        }
-    };
-    if let Err(why) = portcullis_mqtt::topic::check_name(&topic)
-        .map_err(|e| e.to_string())
-        .and_then(|()| reserved(&topic))
-    {
-        return error_response(StatusCode::BAD_REQUEST, "invalid-topic", &why, None);
-    }
-    let mut qos = QoS::AtMostOnce;
-    let mut retain = false;
-    for pair in req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        match pair.split_once('=').unwrap_or((pair, "")) {
-            ("qos", "0") => qos = QoS::AtMostOnce,
-            ("qos", "1") => qos = QoS::AtLeastOnce,
-            ("retain", "true") => retain = true,
-            ("retain", "false") => retain = false,
-            _ => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-query",
-                    &format!("'{pair}': the query takes qos=0|1 and retain=true|false"),
-                    None,
-                );
-            }
-        }
-    }
-    // The body is read first (bounded): answering before it is read makes HTTP/2 clients see
-    // the stream reset.
-    let max = domain.mqtt.max_packet_size;
-    let payload = match http_body_util::Limited::new(req.into_body(), max)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                &format!("the message is larger than {max} bytes (mqtt.max_packet_size)"),
-                None,
-            );
-        }
-    };
-    let decision = verifier.registry_snapshot().policies().decide(
-        Some(leaf),
-        &domain.hostname.to_string(),
-        "mqtt:Publish",
-        &format!("topic:{topic}"),
-        peer.ip(),
-    );
-    if !decision.allowed {
-        metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish", "reason" => "not-allowed").increment(1);
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "policy-denied",
-            &format!("Access denied: {}.", decision.reason),
-            None,
-        );
-    }
-    let message = Message {
-        topic: topic.clone(),
-        payload,
-        qos,
-        retain,
-        properties: Default::default(),
-        expires_at: None,
-        sent_as: None,
-    };
-    verifier.forward(|| envelope(&message, None, leaf, verifier), &topic);
-    let routed = broker.publish(message, None);
-    metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
-    let body = serde_json::json!({
-        "topic": topic,
-        "qos": qos as u8,
-        "delivered": routed.delivered,
-        "queued": routed.queued,
-    });
-    let mut resp = hyper::Response::new(full(body.to_string()));
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// The JSON a forwarding rule delivers for a message: the payload as text when it is UTF-8,
-/// base64 otherwise, with who sent it.
-fn envelope(
-    message: &Message,
-    client_id: Option<&str>,
-    leaf: &Certificate,
-    verifier: &DomainVerifier,
-) -> String {
-    use base64::Engine;
-    let id = &leaf.info().id;
-    let things: Vec<String> = verifier
-        .registry_snapshot()
-        .policies()
-        .things_of(id)
-        .to_vec();
-    let (payload, encoding) = match std::str::from_utf8(&message.payload) {
-        Ok(text) => (serde_json::Value::String(text.to_string()), "utf-8"),
-        Err(_) => (
-            serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(&message.payload),
-            ),
-            "base64",
-        ),
-    };
-    serde_json::json!({
-        "event": "mqtt.message",
-        "occurred_at": crate::authorize::now(),
-        "topic": message.topic,
-        "payload": payload,
-        "payload_encoding": encoding,
-        "qos": message.qos as u8,
-        "retain": message.retain,
-        "client_id": client_id,
-        "certificate_id": id,
-        "thing": things.first(),
-        "things": things,
-    })
-    .to_string()
 }

@@ -1,0 +1,104 @@
+//! A session's policies, bound to its certificate, domain and client id, and asked by the
+//! broker on every delivery (`mqtt:Receive`).
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use portcullis_mqtt::broker::Receiver;
+use portcullis_pki::Certificate;
+use portcullis_policy::{Bound, Request as PolicyRequest};
+
+use super::Conn;
+use crate::verify::DomainVerifier;
+
+/// A session's policies, bound to its certificate, domain and client id; bound again whenever
+/// the registry snapshot changes, so a policy change applies to the next packet.
+#[derive(Clone)]
+pub(crate) struct SessionAuth(Arc<AuthInner>);
+
+pub(super) struct AuthInner {
+    pub(super) verifier: Arc<DomainVerifier>,
+    pub(super) leaf: Certificate,
+    pub(super) domain: String,
+    pub(super) client_id: String,
+    pub(super) peer: IpAddr,
+    pub(super) bound: Mutex<Option<(u64, Arc<Bound>)>>,
+}
+
+impl SessionAuth {
+    pub(super) fn new(c: &Conn, leaf: &Certificate, client_id: &str) -> SessionAuth {
+        SessionAuth(Arc::new(AuthInner {
+            verifier: c.verifier.clone(),
+            leaf: leaf.clone(),
+            domain: c.domain.hostname.to_string(),
+            client_id: client_id.to_string(),
+            peer: c.peer.ip(),
+            bound: Mutex::new(None),
+        }))
+    }
+
+    pub(super) fn bound(&self) -> Arc<Bound> {
+        let inner = &self.0;
+        let generation = inner.verifier.registry_generation();
+        let mut cached = inner.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, b)) = cached.as_ref()
+            && *g == generation
+        {
+            return b.clone();
+        }
+        let snapshot = inner.verifier.registry_snapshot();
+        let bound = Arc::new(snapshot.policies().bind_mqtt(
+            &inner.leaf,
+            &inner.domain,
+            &inner.client_id,
+        ));
+        *cached = Some((generation, bound.clone()));
+        bound
+    }
+
+    /// Whether the policies allow `action` on `resource`; the reason when not. Server topics
+    /// (`$…`) need an Allow statement that names them: one that would also allow a made-up
+    /// `$` topic (a wildcard such as `topic:*`) does not count.
+    pub(super) fn decide(&self, action: &str, resource: &str) -> Result<(), String> {
+        let bound = self.bound();
+        let now = crate::authorize::now();
+        let request = |resource| PolicyRequest {
+            action,
+            resource,
+            source_ip: Some(self.0.peer),
+            now,
+        };
+        let decision = bound.decide(&request(resource));
+        if !decision.allowed {
+            return Err(decision.reason);
+        }
+        if let Some((kind, rest)) = resource.split_once(':')
+            && rest.starts_with('$')
+        {
+            let probe = format!("{kind}:$portcullis-unnamed/probe");
+            let real = bound.trace(&request(resource));
+            let unnamed = bound.trace(&request(&probe));
+            let named = real.iter().zip(&unnamed).any(|(r, p)| {
+                r.applied && r.statement.effect == portcullis_policy::Effect::Allow && !p.applied
+            });
+            if !named {
+                return Err(format!(
+                    "{resource} is a server topic: a policy must name it, not match it with a wildcard"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Receiver for SessionAuth {
+    fn may_receive(&self, topic: &str) -> bool {
+        let allowed = self
+            .decide("mqtt:Receive", &format!("topic:{topic}"))
+            .is_ok();
+        if !allowed {
+            metrics::counter!("portcullis_mqtt_denials_total", "action" => "receive", "reason" => "not-allowed").increment(1);
+        }
+        allowed
+    }
+}

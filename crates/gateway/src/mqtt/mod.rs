@@ -1,0 +1,345 @@
+//! The MQTT endpoint: one task per connection, behind the same TLS front end, verifier,
+//! registry modes and JIT registration as HTTP. The verified certificate is the identity (a
+//! username or password grants nothing); the registry's policies decide `mqtt:Connect` on
+//! `client:<id>`, `mqtt:Publish` on `topic:<name>`, `mqtt:Subscribe` on `topicfilter:<filter>`
+//! and, on every delivery, `mqtt:Receive` on `topic:<name>`. QoS 0 and 1; QoS 2 is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use portcullis_mqtt::broker::Broker;
+use portcullis_mqtt::codec::{
+    self, ConnAck, ConnAckProperties, Packet, Protocol, PubAck, QoS, reason,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::Domain;
+use crate::verdict::ClientVerdict;
+use crate::verify::DomainVerifier;
+
+mod auth;
+mod publish;
+mod session;
+
+pub(crate) use auth::SessionAuth;
+pub(crate) use publish::https_publish;
+use session::Session;
+
+/// QoS 1 messages sent and not yet acknowledged, per session, at most.
+const MAX_INFLIGHT: usize = 64;
+
+/// How long a MQTT 3.1.1 persistent session outlives its connection (MQTT 5 clients say).
+const PERSISTENT_SESSION: Duration = Duration::from_secs(3600);
+
+/// How long a write to a client may take: a client that stops reading is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the MQTT endpoint needs of its connection.
+pub(crate) struct Conn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) domain: Arc<Domain>,
+    pub(crate) verifier: Arc<DomainVerifier>,
+    pub(crate) verdict: ClientVerdict,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// What the session was admitted under, checked again on registry changes and reloads.
+    pub(crate) admission: crate::recheck::Admission,
+}
+
+/// Why a session ended, for the log.
+enum End {
+    /// The client sent DISCONNECT (with the will requested, for reason 0x04).
+    Client { publish_will: bool },
+    /// The network connection closed without DISCONNECT.
+    Lost,
+    /// We closed it, with this MQTT 5 reason code and explanation.
+    Server(u8, String),
+}
+
+/// Serves one MQTT connection after the TLS handshake.
+pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
+    let settings = c.domain.mqtt.clone();
+    let max = settings.max_packet_size;
+    // Small to start: most devices send little, and an idle session keeps its buffer. It grows
+    // for publishers that send more.
+    let mut buf = BytesMut::with_capacity(512);
+    let hostname = c.domain.hostname.to_string();
+    let first = tokio::time::timeout(
+        settings.connect_timeout,
+        read_packet(&mut tls, &mut buf, None, max),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(connect)))) => connect,
+        Ok(Ok(Some(_))) => return log_refused(&c, "", "the first packet was not CONNECT"),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            // A CONNECT we cannot read: answer 3.1.1-style when unsure of the version.
+            if let codec::CodecError::UnsupportedProtocolVersion(_) = e {
+                let _ = send(
+                    &mut tls,
+                    Protocol::V311,
+                    &connack(false, reason::UNSUPPORTED_PROTOCOL_VERSION),
+                )
+                .await;
+            }
+            return log_refused(&c, "", &format!("unreadable CONNECT: {e}"));
+        }
+        Err(_) => return log_refused(&c, "", "no CONNECT within the connect timeout"),
+    };
+    let protocol = connect.protocol;
+    // CONNACK carries the MQTT 5 reason code; the codec writes its 3.1.1 return code.
+    let refuse = |code: u8| connack(false, code);
+    // The certificate is the identity.
+    let leaf = match &c.verdict {
+        ClientVerdict::Valid(chain) => chain.first().cloned(),
+        _ => None,
+    };
+    let Some(leaf) = leaf else {
+        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        return log_refused(
+            &c,
+            &connect.client_id,
+            &format!(
+                "MQTT needs a valid client certificate ({})",
+                c.verdict.status()
+            ),
+        );
+    };
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if protocol == Protocol::V311 && !connect.clean_start {
+            let _ = send(
+                &mut tls,
+                protocol,
+                &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
+            )
+            .await;
+            return log_refused(&c, "", "an empty client id needs a clean session");
+        }
+        let id = format!("auto-{}", &leaf.info().id[..16]);
+        assigned = Some(id.clone());
+        id
+    } else {
+        connect.client_id.clone()
+    };
+    // Policies substitute the client id into topics (`telemetry/${mqtt:ClientId}/#`): an id
+    // holding MQTT wildcards or a level separator would reach other devices' topics.
+    if let Some(c_bad) = client_id
+        .chars()
+        .find(|ch| "+#/*?$".contains(*ch) || ch.is_control())
+    {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "invalid-client-id").increment(1);
+        let _ = send(
+            &mut tls,
+            protocol,
+            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        )
+        .await;
+        return log_refused(
+            &c,
+            &client_id,
+            &format!(
+                "the client id holds {c_bad:?}; client ids may not hold + # / * ? $ or control characters"
+            ),
+        );
+    }
+    let snapshot = c.verifier.registry_snapshot();
+    if settings.require_thing_client_id
+        && !snapshot
+            .policies()
+            .things_of(&leaf.info().id)
+            .contains(&client_id)
+    {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "client-id-not-thing").increment(1);
+        let _ = send(
+            &mut tls,
+            protocol,
+            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        )
+        .await;
+        return log_refused(
+            &c,
+            &client_id,
+            "the client id must be the name of a thing this certificate is attached to",
+        );
+    }
+    let auth = SessionAuth::new(&c, &leaf, &client_id);
+    if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
+        metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);
+        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        return log_refused(&c, &client_id, &format!("mqtt:Connect denied: {why}"));
+    }
+    // The will is authorized now, as a publication would be.
+    if let Some(will) = &connect.will {
+        let checked = portcullis_mqtt::topic::check_name(&will.topic)
+            .map_err(|e| e.to_string())
+            .and_then(|()| reserved(&will.topic))
+            .and_then(|()| auth.decide("mqtt:Publish", &format!("topic:{}", will.topic)));
+        if let Err(why) = checked {
+            let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+            return log_refused(&c, &client_id, &format!("the will is not allowed: {why}"));
+        }
+        if will.qos == QoS::ExactlyOnce {
+            let _ = send(&mut tls, protocol, &refuse(reason::QOS_NOT_SUPPORTED)).await;
+            return log_refused(&c, &client_id, "a QoS 2 will is not supported");
+        }
+    }
+    let expiry = match protocol {
+        Protocol::V5 => Duration::from_secs(u64::from(
+            connect.properties.session_expiry_interval.unwrap_or(0),
+        )),
+        Protocol::V311 if connect.clean_start => Duration::ZERO,
+        Protocol::V311 => PERSISTENT_SESSION,
+    };
+    let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
+    let mut handle = c.broker.connect(
+        &client_id,
+        connect.clean_start,
+        expiry,
+        Arc::new(auth.clone()),
+        &identity,
+    );
+    let mut properties = ConnAckProperties::default();
+    if protocol == Protocol::V5 {
+        properties.maximum_qos = Some(QoS::AtLeastOnce);
+        properties.retain_available = Some(true);
+        properties.maximum_packet_size = u32::try_from(max).ok();
+        properties.topic_alias_maximum = Some(0);
+        properties.wildcard_subscription_available = Some(true);
+        properties.subscription_identifiers_available = Some(false);
+        properties.shared_subscription_available = Some(false);
+        properties.receive_maximum = Some(u16::try_from(MAX_INFLIGHT).unwrap_or(u16::MAX));
+        properties.assigned_client_identifier = assigned;
+    }
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: handle.session_present,
+        code: reason::SUCCESS,
+        properties,
+    });
+    if send(&mut tls, protocol, &ack).await.is_err() {
+        c.broker.disconnected(
+            &client_id,
+            handle.generation,
+            std::mem::take(&mut handle.pending),
+            Some(&mut handle.outbound),
+        );
+        return;
+    }
+    metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
+    metrics::counter!("portcullis_mqtt_connects_total", "result" => "accepted").increment(1);
+    tracing::info!(
+        target: "portcullis::mqtt",
+        peer = %c.peer,
+        domain = %hostname,
+        client_id = %client_id,
+        protocol = if protocol == Protocol::V5 { "5" } else { "3.1.1" },
+        session_present = handle.session_present,
+        client_subject = %leaf.info().subject,
+        client_fingerprint = %leaf.info().id,
+        "mqtt session started"
+    );
+    let mut session = Session {
+        c: &c,
+        protocol,
+        client_id: client_id.clone(),
+        auth,
+        leaf,
+        inflight: HashMap::new(),
+        backlog: VecDeque::new(),
+        next_id: 0,
+        client_max: connect
+            .properties
+            .maximum_packet_size
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        problem_information: protocol == Protocol::V5
+            && connect.properties.request_problem_information != Some(false),
+        receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
+            .min(MAX_INFLIGHT),
+        out: BytesMut::new(),
+    };
+    session.run(&mut tls, buf, handle, &connect).await;
+    metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
+}
+
+/// `$` topics belong to the server (registry events are published on `$portcullis/…`).
+fn reserved(topic: &str) -> Result<(), String> {
+    if topic.starts_with('$') {
+        Err(format!(
+            "topics starting with '$' are reserved for the server ({topic})"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn connack(session_present: bool, code: u8) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+        properties: ConnAckProperties::default(),
+    })
+}
+
+fn log_refused(c: &Conn, client_id: &str, why: &str) {
+    metrics::counter!("portcullis_mqtt_connects_total", "result" => "refused").increment(1);
+    let leaf = c.verdict.leaf().map(|l| l.info());
+    tracing::info!(
+        target: "portcullis::mqtt",
+        peer = %c.peer,
+        domain = %c.domain.hostname,
+        client_id,
+        result = "refused",
+        reason = why,
+        client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
+        "mqtt connection refused"
+    );
+}
+
+/// Reads one packet (more bytes as needed); `None` at a clean end of stream.
+async fn read_packet(
+    tls: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+    protocol: Option<Protocol>,
+    max: usize,
+) -> Result<Option<Packet>, codec::CodecError> {
+    loop {
+        if let Some(p) = codec::read_packet(buf, protocol, max)? {
+            return Ok(Some(p));
+        }
+        match tls.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn send(
+    tls: &mut TlsStream<TcpStream>,
+    protocol: Protocol,
+    packet: &Packet,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    codec::write_packet(packet, protocol, &mut out)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    tls.write_all(&out).await?;
+    tls.flush().await
+}
+
+fn puback(packet_id: u16, code: u8) -> Packet {
+    Packet::PubAck(PubAck {
+        packet_id,
+        reason: code,
+        properties: Default::default(),
+    })
+}
+
+fn expiry_of(seconds: Option<u32>) -> Option<Instant> {
+    seconds.map(|s| Instant::now() + Duration::from_secs(u64::from(s)))
+}
