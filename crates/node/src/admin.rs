@@ -43,6 +43,11 @@ impl AdminFiles {
         self
     }
 
+    /// Whether this data dir has an admin CA of its own.
+    pub(crate) fn has_own_ca(&self) -> bool {
+        self.dir.join("ca.pem").exists() && self.dir.join("ca.key").exists()
+    }
+
     /// This data dir's own admin CA (made, with the admin client certificate, on first use).
     pub(crate) fn own_ca(&self) -> Result<CaIssuer> {
         AdminFiles::new(self.dir.parent().unwrap_or(Path::new("."))).ensure_client_credentials()?;

@@ -24,7 +24,7 @@ use portcullis_pki::{Certificate, PrivateKey};
 use portcullis_registry::sealed::ClusterKey;
 use portcullis_registry::{DomainSpec, RegistryError, ServerCertRecord, Store};
 
-use crate::data_dir::{DataDir, auto_due, issue_auto};
+use crate::data_dir::{DataDir, auto_due, issue_auto, new_root_issuer};
 use crate::output::Outputs;
 
 /// What this node shares with the cluster.
@@ -74,16 +74,22 @@ async fn shared_ca(
 impl Cluster {
     /// Joins the cluster: the key was checked against the registry's; the local CA is the
     /// registry's, or this data dir's recorded as the cluster's when there is none yet.
-    /// `own_admin_ca` makes or reads this data dir's admin CA, recorded when the cluster has
-    /// none yet.
+    /// `own_admin_ca` gives this data dir's admin CA (or a new one, in memory), recorded when the
+    /// cluster has none yet.
     pub(crate) async fn join(
         store: &Store,
         key: Arc<ClusterKey>,
         data: &DataDir,
         own_admin_ca: impl FnOnce() -> Result<CaIssuer>,
     ) -> Result<Cluster> {
+        // A data dir with a CA of its own (a single node becoming the first of a cluster) brings
+        // it; otherwise the CA is made in memory, and its key only ever exists sealed.
         let (ca, cert_pem) = shared_ca(store, &key, LOCAL_CA, || {
-            data.local_ca().context("the data dir's local CA")
+            if data.root.join("ca/ca.pem").exists() {
+                data.local_ca().context("the data dir's local CA")
+            } else {
+                new_root_issuer("Portcullis Local CA")
+            }
         })
         .await?;
         let (admin_ca, _) = shared_ca(store, &key, ADMIN_CA, own_admin_ca).await?;

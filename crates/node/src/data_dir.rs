@@ -280,3 +280,9 @@ pub(crate) fn new_root_ca(common_name: &str) -> Result<(Certificate, PrivateKey)
     let cert = issue::issue(&req, &key, None)?;
     Ok((cert, key))
 }
+
+/// [`new_root_ca`] as an issuer, in memory only.
+pub(crate) fn new_root_issuer(common_name: &str) -> Result<CaIssuer> {
+    let (cert, key) = new_root_ca(common_name)?;
+    CaIssuer::new(cert, key, Vec::new()).with_context(|| format!("making the {common_name}"))
+}

@@ -71,9 +71,12 @@ async fn check_config(args: &ServeArgs) -> Result<ExitCode> {
             .with_context(|| format!("opening the registry {}", redact(&database)))?;
         let key = crate::config::cluster_key(&config_path)?;
         crate::config::check_cluster_key(&store, key.as_deref()).await?;
-        RegistryConfig::read(&store, key.as_deref())
+        let mut registry = RegistryConfig::read(&store, key.as_deref())
             .await
-            .context("reading the registry's domains and truststores")?
+            .context("reading the registry's domains and truststores")?;
+        // In a cluster, `auto` certificates are the registry's (checked, not issued, here).
+        registry.cluster_auto = key.is_some();
+        registry
     } else {
         RegistryConfig::default()
     };
@@ -131,7 +134,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let cluster = match &cluster_key {
         Some(key) => Some(
             crate::cluster::Cluster::join(&store, key.clone(), &data, || {
-                crate::admin::AdminFiles::new(&args.data_dir).own_ca()
+                let files = crate::admin::AdminFiles::new(&args.data_dir);
+                if files.has_own_ca() {
+                    files.own_ca()
+                } else {
+                    crate::data_dir::new_root_issuer("Portcullis Admin CA")
+                }
             })
             .await
             .context("joining the cluster")?,

@@ -1971,6 +1971,11 @@ fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
     );
     let s = Server::start(d, &config);
     let alice = client("alice");
+    // A fresh cluster's CAs are made in memory: their keys exist only sealed in the registry.
+    for key in ["data/ca/ca.key", "data/admin/ca.key"] {
+        assert!(!d.join(key).exists(), "{key} is on disk");
+    }
+    assert!(d.join("data/ca/cluster-ca.pem").exists() && d.join("data/admin/admin.pem").exists());
 
     // Imported: the chain is answered, the key never is; a key that is not the leaf's is refused.
     let imported = cli_json(
@@ -2028,6 +2033,19 @@ fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
         2,
         "served by srv.test",
     );
+    // The configuration checks on a cluster node as it runs (auto and registry certificates).
+    portcullis(
+        d,
+        &[
+            "serve",
+            "--config",
+            "gw.toml",
+            "--data-dir",
+            "data",
+            "--check-config",
+        ],
+    )
+    .ok();
 
     // The key is in the database sealed, never in the clear (PEM or DER): no 24-byte piece of
     // its DER that is not also in the certificate (the public key) is found in the files.

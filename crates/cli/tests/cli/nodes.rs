@@ -534,6 +534,8 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     pg.up();
     b.wait_for("the registry database is reachable again");
     a.wait_for("the registry database is reachable again");
+    // Ready again once resynchronized (a snapshot older than snapshot_stale_after_secs is not).
+    b.wait_for("registry snapshot refreshed");
     let (code, _) = api(&db, &b, "GET", "/readyz", None, Auth::Certificate);
     assert_eq!(code, 200);
     cli(
