@@ -30,6 +30,7 @@ pub(super) async fn put_server_certificate(
     Path(name): Path<String>,
     Body(req): Body<PutServerCertificate>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    refuse_reserved(&name)?;
     let Some(key) = api.cluster_key.as_ref() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -89,6 +90,7 @@ pub(super) async fn delete_server_certificate(
     Extension(Caller(caller)): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    refuse_reserved(&name)?;
     let users = domains_serving(&api, &name).await?;
     if !users.is_empty() {
         return Err(ApiError::from(RegistryError::Conflict(format!(
@@ -98,6 +100,18 @@ pub(super) async fn delete_server_certificate(
     }
     api.store.delete_server_certificate(&name, &caller).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `auto:HOST` names the cluster's `auto` certificate of a domain, which the nodes issue and
+/// renew: an operator neither imports nor deletes one (a domain takes its own certificate with
+/// `certificate = "registry:NAME"`).
+fn refuse_reserved(name: &str) -> Result<(), ApiError> {
+    if name.starts_with("auto:") {
+        return Err(ApiError::invalid(format!(
+            "'{name}': names starting with 'auto:' are the cluster's auto certificates, issued and renewed by the nodes; import under another name and set the domain's certificate = \"registry:NAME\""
+        )));
+    }
+    Ok(())
 }
 
 /// The domains whose certificate is `registry:NAME`.

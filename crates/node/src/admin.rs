@@ -80,6 +80,12 @@ impl AdminFiles {
                     .current()
                     .is_some_and(|c| c.is_signed_by(shared.certificate()));
             if !current {
+                if ca_path.exists() {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        "this data dir's admin client certificate is replaced by one from the cluster's admin CA: the old one is no longer accepted by any node"
+                    );
+                }
                 let client = AdminClientCert::issue(shared)?;
                 let mut out = Outputs::default();
                 client.stage(self, &mut out);

@@ -149,7 +149,57 @@ impl Cluster {
     }
 }
 
-/// The registry name of a host's `auto` certificate in a cluster.
+/// The registry name of a host's `auto` certificate in a cluster: `auto:HOST` (`_wildcard` for
+/// `*`), or `auto:` and the host's SHA-256 when that would exceed a registry name's 128
+/// characters.
 pub(crate) fn auto_name(host: &Hostname) -> String {
-    format!("auto:{}", host.to_string().replace('*', "_wildcard"))
+    let name = format!("auto:{}", host.to_string().replace('*', "_wildcard"));
+    if name.len() <= 128 {
+        return name;
+    }
+    let digest = portcullis_pki::cert::sha256(host.to_string().as_bytes());
+    format!("auto:{}", portcullis_pki::cert::hex(&digest, ""))
+}
+
+/// Every hour, and at start: renews the cluster's `auto` certificates that are due (or missing)
+/// for the registry's domains. A renewal is a registry change, so every node reloads with it.
+/// Several nodes may renew at once: one write wins, the others are refused as conflicts and
+/// logged; the next pass finds the certificate current.
+pub(crate) async fn renew_auto_certificates(store: Store, cluster: Cluster) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let domains = match store.domains_seeded().await {
+            Ok(true) => store.list_domains().await.map(|list| {
+                list.into_iter()
+                    .map(|d| d.spec)
+                    .collect::<Vec<DomainSpec>>()
+            }),
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        let result = match domains {
+            Ok(domains) => cluster.ensure_auto_certificates(&store, &domains).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(target: "portcullis::registry", error = %format!("{e:#}"), "cannot renew the cluster's auto certificates now; retrying within the hour");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_names_fit_the_registry_whatever_the_hostname() {
+        let short = Hostname::parse("*.example.com").unwrap();
+        assert_eq!(auto_name(&short), "auto:_wildcard.example.com");
+        let label = "a".repeat(60);
+        let long = Hostname::parse(&format!("{label}.{label}.{label}.example.com")).unwrap();
+        let name = auto_name(&long);
+        assert!(name.starts_with("auto:") && name.len() <= 128, "{name}");
+        assert_ne!(name, auto_name(&short));
+    }
 }

@@ -146,14 +146,29 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         ),
         None => None,
     };
-    if let Some(cluster) = &cluster
-        && !store.domains_seeded().await?
-    {
-        // Before the file seeds the registry: its `auto` domains get their certificates too.
-        let file = crate::config::read_file_config(&config_path)?;
-        cluster
-            .ensure_auto_certificates(&store, file.domains())
-            .await?;
+    if let Some(cluster) = &cluster {
+        // The `auto` domains' certificates before the first configuration read: the registry's
+        // domains, or the file's before it seeds the registry.
+        let domains: Vec<portcullis_registry::DomainSpec> = if store.domains_seeded().await? {
+            store
+                .list_domains()
+                .await?
+                .into_iter()
+                .map(|d| d.spec)
+                .collect()
+        } else {
+            crate::config::read_file_config(&config_path)?
+                .domains()
+                .to_vec()
+        };
+        if let Err(e) = cluster.ensure_auto_certificates(&store, &domains).await {
+            // Another node starting at the same moment may have written them first.
+            tracing::warn!(error = %format!("{e:#}"), "cannot issue the cluster's auto certificates now; using the registry's");
+        }
+        tokio::spawn(crate::cluster::renew_auto_certificates(
+            store.clone(),
+            cluster.clone(),
+        ));
     }
     let mut registry = crate::sync::read_config(&store, cluster.as_ref())
         .await

@@ -258,23 +258,12 @@ pub(crate) fn now_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
-/// The registry's configuration source; in a cluster, after making sure every `auto` domain has
-/// its certificate in the registry.
+/// The registry's configuration source (in a cluster, `auto` certificates are the registry's:
+/// issued by the renewal task and by domain checks, never here, on the poll loop).
 pub(crate) async fn read_config(
     store: &Store,
     cluster: Option<&crate::cluster::Cluster>,
 ) -> Result<RegistryConfig> {
-    if let Some(cluster) = cluster
-        && store.domains_seeded().await?
-    {
-        let domains: Vec<portcullis_registry::DomainSpec> = store
-            .list_domains()
-            .await?
-            .into_iter()
-            .map(|d| d.spec)
-            .collect();
-        cluster.ensure_auto_certificates(store, &domains).await?;
-    }
     let mut registry = RegistryConfig::read(store, cluster.map(|c| c.key.as_ref())).await?;
     registry.cluster_auto = cluster.is_some();
     Ok(registry)

@@ -93,7 +93,7 @@ impl ClusterKey {
     pub fn open(&self, sealed: &str, context: &str) -> Result<Vec<u8>, RegistryError> {
         let wrong = || {
             invalid(format!(
-                "{context}: the sealed secret does not open with this cluster key (another cluster's key, or a changed value)"
+                "{context}: the sealed secret does not open with this cluster key (another cluster's key, or a changed value): give this node the cluster_key_file the other nodes use"
             ))
         };
         let body = sealed.strip_prefix(SEALED_PREFIX).ok_or_else(wrong)?;

@@ -2012,6 +2012,23 @@ fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
         2,
         "is not the key of the first certificate",
     );
+    // The nodes' own names are reserved: no operator shadows a domain's auto certificate.
+    assert_clean_error(
+        &cli(
+            d,
+            &[
+                "server-cert",
+                "import",
+                "auto:a.test",
+                "--cert",
+                "srv.chain.pem",
+                "--key",
+                "srv.key",
+            ],
+        ),
+        2,
+        "are the cluster's auto certificates",
+    );
 
     // A domain serves it, on this node, with nothing on disk but the configuration.
     std::fs::write(
