@@ -131,7 +131,8 @@ function card(label, value, id) {
 }
 
 async function dashboard() {
-  const [metricsText, cas] = await Promise.all([api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000")]);
+  const [metricsText, cas, cluster] = await Promise.all([
+    api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/cluster")]);
   const m = parseMetrics(metricsText);
   const now = Date.now() / 1000;
   const ok = sum(m, "portcullis_handshakes_total", (l) => l.result === "ok");
@@ -175,6 +176,10 @@ async function dashboard() {
     table("failures", ["reason", "count"], Object.entries(reasons).sort((a, b) => b[1] - a[1])),
     h("h2", { text: "Requests by status" }),
     table("statuses", ["status", "count"], Object.entries(statuses).sort()),
+    h("h2", { text: "Nodes" }),
+    table("nodes", ["node", "state", "version", "changes behind", "snapshot checked", "connections", "MQTT sessions"],
+      cluster.nodes.map((n) => [n.id, n.stale ? "STALE" : "up", n.version, String(n.changes_behind),
+        (n.snapshot_age_ms / 1000).toFixed(1) + " s ago", String(n.connections), String(n.mqtt_sessions)])),
   );
 }
 

@@ -378,7 +378,8 @@ with sync_playwright() as p:
     expect(page.locator("#handshake-rate .value")).not_to_have_text("…", timeout=15000)
     expect(page.locator("#failures")).to_contain_text("untrusted-issuer")
     expect(page.locator("#statuses")).to_contain_text("200")
-    check(True, "the dashboard shows handshake failures by reason and requests by status")
+    expect(page.locator("#nodes")).to_contain_text("up", timeout=15000)
+    check(True, "the dashboard shows handshake failures by reason, requests by status and the nodes")
     page.screenshot(path=artifacts + "/console-dashboard.png", full_page=True)
 
     # A session that ends (here: its cookie is gone) takes the page back to the sign-in, without
