@@ -158,11 +158,23 @@ pub struct Routed {
     pub dropped: usize,
 }
 
+/// Where a broker's messages also go, and what it tells about its subscriptions: the other
+/// nodes of a cluster. Called under the broker's lock: implementations only queue, never block.
+pub trait Bridge: Send + Sync {
+    /// A message published on this node (by a client, HTTPS or the registry), for the others.
+    fn published(&self, message: &Message);
+    /// This node's sessions now hold `filter` (`true`), or none does any more (`false`).
+    fn interest(&self, filter: &str, held: bool);
+}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<String, Session>,
     tree: SubscriptionTree<Subscribed>,
     retained: HashMap<String, Message>,
+    /// How many sessions hold each filter (for the bridge's interest).
+    interest: HashMap<String, usize>,
+    bridge: Option<Arc<dyn Bridge>>,
     next_generation: u64,
 }
 
@@ -289,9 +301,15 @@ impl Broker {
         if !session.filters.contains_key(filter) && session.filters.len() >= max {
             return None;
         }
-        session.filters.insert(filter.to_string(), options);
+        let new = session
+            .filters
+            .insert(filter.to_string(), options)
+            .is_none();
         let receiver = session.receiver.clone();
         state.tree.insert(filter, client_id, Subscribed { options });
+        if new {
+            hold(&mut state, filter);
+        }
         let retained = state
             .retained
             .values()
@@ -320,14 +338,38 @@ impl Broker {
         if session.filters.remove(filter).is_none() {
             return false;
         }
+        release(&mut state, filter);
         state.tree.remove(filter, client_id)
+    }
+
+    /// Sends what this broker publishes to `bridge` too, and tells it which filters its
+    /// sessions hold (those held now at once).
+    pub fn set_bridge(&self, bridge: Arc<dyn Bridge>) {
+        let mut state = self.lock();
+        for filter in state.interest.keys() {
+            bridge.interest(filter, true);
+        }
+        state.bridge = Some(bridge);
+    }
+
+    /// Delivers a message another node published to this node's sessions (retained here too
+    /// when it is), without sending it back to the bridge.
+    pub fn deliver_remote(&self, message: Message) -> Routed {
+        self.route(message, None, false)
     }
 
     /// Publishes a message (its topic checked and `mqtt:Publish` allowed by the caller) from
     /// `publisher` (a client id, or `None` from HTTPS or the registry): retains it if asked,
     /// and delivers it to every session subscribed to its topic that may receive it.
     pub fn publish(&self, message: Message, publisher: Option<&str>) -> Routed {
+        self.route(message, publisher, true)
+    }
+
+    fn route(&self, message: Message, publisher: Option<&str>, bridged: bool) -> Routed {
         let mut state = self.lock();
+        if bridged && let Some(bridge) = &state.bridge {
+            bridge.published(&message);
+        }
         let now = Instant::now();
         if message.retain {
             if message.payload.is_empty() {
@@ -571,6 +613,32 @@ fn remove_session(state: &mut State, client_id: &str) {
     if let Some(s) = state.sessions.remove(client_id) {
         for filter in s.filters.keys() {
             state.tree.remove(filter, client_id);
+            release(state, filter);
+        }
+    }
+}
+
+/// One more session holds `filter`: the bridge hears of the first.
+fn hold(state: &mut State, filter: &str) {
+    let n = state.interest.entry(filter.to_string()).or_insert(0);
+    *n += 1;
+    if *n == 1
+        && let Some(bridge) = &state.bridge
+    {
+        bridge.interest(filter, true);
+    }
+}
+
+/// One session fewer holds `filter`: the bridge hears when none does.
+fn release(state: &mut State, filter: &str) {
+    let Some(n) = state.interest.get_mut(filter) else {
+        return;
+    };
+    *n -= 1;
+    if *n == 0 {
+        state.interest.remove(filter);
+        if let Some(bridge) = &state.bridge {
+            bridge.interest(filter, false);
         }
     }
 }

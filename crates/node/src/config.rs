@@ -52,6 +52,9 @@ pub(crate) struct FileConfig {
     cluster_key_file: Option<PathBuf>,
     /// This node's name in `portcullis cluster status` (default: host name and admin port).
     node_name: Option<String>,
+    /// NATS (`nats://host:4222`, several comma-separated): MQTT messages reach the sessions of
+    /// every node.
+    nats_url: Option<String>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
 }
@@ -157,6 +160,11 @@ impl FileConfig {
                 "snapshot_stale_after_secs = {s}: give a number of seconds between 0.5 and 86400 (default 10)"
             ),
         }
+    }
+
+    /// The NATS servers MQTT is routed through, if any.
+    pub(crate) fn nats_url(&self) -> Option<&str> {
+        self.nats_url.as_deref()
     }
 
     /// This node's name, if the file gives one.

@@ -29,6 +29,7 @@ macro_rules! out {
 }
 
 pub mod admin;
+mod bus;
 mod cluster;
 pub mod config;
 pub mod data_dir;

@@ -197,9 +197,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("installing the metrics recorder")?;
     let ready = Arc::new(AtomicBool::new(false));
     let marker = store.change_marker().await?;
-    if database.starts_with("postgres") && config.speaks_mqtt() {
+    let nats_url = crate::config::read_file_config(&config_path)?
+        .nats_url()
+        .map(str::to_string);
+    if database.starts_with("postgres") && config.speaks_mqtt() && nats_url.is_none() {
         tracing::warn!(
-            "MQTT sessions live on this node: with several nodes sharing this database, a message reaches only subscribers connected to the node it was published on; keep a fleet's MQTT on one node or pin devices to a node"
+            "MQTT sessions live on this node: with several nodes sharing this database, a message reaches only subscribers connected to the node it was published on; set nats_url to route MQTT between nodes, or keep a fleet's MQTT on one node"
         );
     }
     let gateway = Gateway::start(config, registry_snapshot(&store).await?).await?;
@@ -258,6 +261,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(name) => name.to_string(),
         None => format!("{}:{}", host_name(), admin_local.port()),
     };
+    // MQTT across nodes, when the configuration names NATS.
+    if let Some(url) = &nats_url {
+        crate::bus::start(url, &node_id, gateway.broker())
+            .await
+            .context("routing MQTT through NATS")?;
+    }
     tokio::spawn(crate::workers::heartbeat(
         store.clone(),
         node_id,

@@ -19,8 +19,10 @@ pub fn temp_dir() -> TempDir {
 
 /// The path of an external tool on PATH, if installed.
 pub fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Debian installs servers (nats-server…) in sbin, which a user's PATH may lack.
     std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }

@@ -2030,6 +2030,8 @@ fn server_certificates_live_in_the_registry_sealed_under_the_cluster_key() {
         "are the cluster's auto certificates",
     );
 
+    // The import is a configuration change: its reload first, then the domain's.
+    assert!(wait_for_registry_reload(&s).contains("\"result\":\"ok\""));
     // A domain serves it, on this node, with nothing on disk but the configuration.
     std::fs::write(
         d.join("srv.toml"),

@@ -1058,3 +1058,96 @@ fn aws_device_sdk_works_under_a_policy_copied_from_iot_core() {
     );
     assert!(sim.stdout.contains("no counterpart here"), "{}", sim.stdout);
 }
+
+/// Two nodes routing MQTT through a real nats-server: a device subscribed on node A receives
+/// what another device publishes on node B, topics with dots and spaces included, and node A
+/// subscribes on NATS only for the filters its sessions hold.
+#[test]
+fn mqtt_messages_cross_nodes_through_nats() {
+    let (Some(_), Some(nats)) = (require_tool("mosquitto_pub"), require_tool("nats-server")) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the cluster test needs nats-server (scripts/test installs it)"
+        );
+        return;
+    };
+    let tmp = temp_dir();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    pki(&da);
+    for dev in ["dev-1", "dev-2"] {
+        leaf(&da, "client", dev, "int", &["--org", "Acme"]);
+    }
+    for file in ["trust-a.pem", "dev-2.chain.pem", "dev-2.key"] {
+        std::fs::copy(da.join(file), db.join(file)).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _nats = crate::serve::Killed(
+        Command::new(nats)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let config = format!("nats_url = \"nats://127.0.0.1:{port}\"\n{}", config());
+    let a = Server::start(&da, &config);
+    let b = Server::start(&db, &config);
+    allow_devices(&da, &a);
+    allow_devices(&db, &b);
+
+    let sub = subscribe(
+        &da,
+        &a,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/+/telemetry",
+            "-t",
+            "commands/dev-1/#",
+            "-C",
+            "2",
+            "-W",
+            "20",
+            "-v",
+        ],
+    );
+    // A holds both filters on NATS (the `#` one twice: its level and below).
+    for subject in [
+        "pcm.devices.*.telemetry",
+        "pcm.commands.dev-1.>",
+        "pcm.commands.dev-1",
+    ] {
+        a.printed("routing subscribed", |l| {
+            l.contains("routing subscribed") && l.contains(subject)
+        });
+    }
+    for (topic, message) in [
+        ("devices/dev-2/telemetry", "21.5"),
+        ("commands/dev-1/a.b c", "dotted"),
+    ] {
+        let sent = publish(
+            &db,
+            &b,
+            "dev-2",
+            &["-i", "dev-2", "-t", topic, "-m", message, "-q", "1"],
+        );
+        assert_eq!(sent.code, 0, "{}", sent.stderr);
+    }
+    let (code, text) = output(sub);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("devices/dev-2/telemetry 21.5"), "{text}");
+    assert!(text.contains("commands/dev-1/a.b c dotted"), "{text}");
+    // B's sessions hold no filter: B subscribed to nothing on NATS (interest-based routing).
+    assert!(
+        !b.has_printed("routing subscribed"),
+        "B subscribed on NATS without a session holding a filter"
+    );
+}

@@ -87,6 +87,12 @@ impl Server {
         self.next_line(what, wanted)
     }
 
+    /// Whether a line printed so far (this call included) contains `needle`; never waits.
+    pub(crate) fn has_printed(&self, needle: &str) -> bool {
+        self.drain();
+        self.history.borrow().iter().any(|l| l.contains(needle))
+    }
+
     /// Takes every line printed so far off the queue (into the history), so that the next
     /// `wait_for` sees only what comes after this call.
     pub(crate) fn drain(&self) {
