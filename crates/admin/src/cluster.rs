@@ -12,13 +12,7 @@ const STALE_MS: i64 = 10_000;
 
 pub(super) async fn cluster_status(State(api): State<Api>) -> ApiResult {
     let newest = api.store.change_marker().await?;
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default(),
-    )
-    .unwrap_or(i64::MAX);
+    let now_ms = portcullis_registry::store::now_ms();
     let nodes: Vec<serde_json::Value> = api
         .store
         .cluster_nodes()

@@ -247,16 +247,7 @@ impl RegistryWatch {
     }
 }
 
-/// Milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default(),
-    )
-    .unwrap_or(i64::MAX)
-}
+pub(crate) use portcullis_registry::store::now_ms;
 
 /// The registry's configuration source (in a cluster, `auto` certificates are the registry's:
 /// issued by the renewal task and by domain checks, never here, on the poll loop).

@@ -35,8 +35,8 @@ pub struct ChangeEntry {
     pub at_ms: Option<i64>,
 }
 
-/// Milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
+/// Milliseconds since the epoch (the audit log's `at_ms`, heartbeats).
+pub fn now_ms() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

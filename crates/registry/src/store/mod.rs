@@ -40,7 +40,7 @@ pub use cas::{CaRegistration, CaUpdate};
 pub use certificates::CertFilter;
 pub(crate) use certificates::summary_cert;
 pub(crate) use changes::audit;
-pub use changes::{Change, ChangeEntry, ChangeListener};
+pub use changes::{Change, ChangeEntry, ChangeListener, now_ms};
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 pub use webhooks::{
