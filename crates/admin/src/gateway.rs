@@ -86,7 +86,7 @@ pub(super) async fn explain(State(api): State<Api>, Body(req): Body<Explain>) ->
 }
 
 pub(super) async fn list_sessions(State(api): State<Api>) -> ApiResult {
-    Ok(Json(api.hooks.mqtt_sessions()))
+    Ok(Json(json!({"items": api.hooks.mqtt_sessions()})))
 }
 
 #[derive(Deserialize)]
@@ -97,7 +97,7 @@ pub(super) struct CloseSession {
 }
 
 pub(super) async fn list_connections(State(api): State<Api>) -> ApiResult {
-    Ok(Json(api.hooks.live_connections()))
+    Ok(Json(json!({"items": api.hooks.live_connections()})))
 }
 
 pub(super) async fn close_connection(

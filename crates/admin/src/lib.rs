@@ -91,13 +91,13 @@ pub trait Hooks: Send + Sync + 'static {
         &'a self,
         domains: &'a [(String, DomainSpec)],
     ) -> HookFuture<'a, CheckedDomains>;
-    /// The MQTT sessions (`{"items": [...]}`).
-    fn mqtt_sessions(&self) -> Value;
+    /// The MQTT sessions.
+    fn mqtt_sessions(&self) -> Vec<MqttSession>;
     /// Closes an MQTT session's connection (and with `forget`, the stored session); whether
     /// there was one.
     fn close_mqtt_session(&self, client_id: &str, forget: bool) -> bool;
-    /// The open HTTP connections (`{"items": [...]}`).
-    fn live_connections(&self) -> Value;
+    /// The open HTTP connections, oldest first.
+    fn live_connections(&self) -> Vec<LiveConnection>;
     /// Closes an open HTTP connection; whether it was open.
     fn close_connection(&self, id: u64) -> bool;
     /// The admin client certificate in this node's data dir, if any.
@@ -106,6 +106,44 @@ pub trait Hooks: Send + Sync + 'static {
     /// dir in place of the current one (every file or none); the new credentials and the
     /// certificate they replace.
     fn rotate_admin_certificate(&self) -> Result<RotatedAdmin, String>;
+}
+
+/// An MQTT session, as `GET /v1/sessions` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MqttSession {
+    /// The client id.
+    pub client_id: String,
+    /// Whether a connection holds it now.
+    pub online: bool,
+    /// Who connected it (certificate subject and id).
+    pub identity: String,
+    /// Its subscriptions.
+    pub subscriptions: Vec<String>,
+    /// Messages queued for it.
+    pub queued: usize,
+    /// Seconds since it connected, or since it went offline.
+    pub seconds: u64,
+}
+
+/// An open HTTP connection, as `GET /v1/connections` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveConnection {
+    /// Its id (to close it).
+    pub id: u64,
+    /// The client's address.
+    pub peer: String,
+    /// The domain it was made for.
+    pub domain: String,
+    /// `http/1.1`, `h2` or `websocket`.
+    pub protocol: String,
+    /// The verdict on its certificate (`SUCCESS`, `NONE`, `FAILED:<reason>`).
+    pub verify: String,
+    /// The client certificate's subject, if any.
+    pub client_subject: String,
+    /// The client certificate's id (SHA-256), if any.
+    pub client_fingerprint: String,
+    /// When it was established (seconds since the epoch).
+    pub since: i64,
 }
 
 /// A rotated admin client certificate.

@@ -328,12 +328,36 @@ impl Hooks for ServeHooks {
         )
     }
 
-    fn mqtt_sessions(&self) -> Value {
-        serde_json::json!({"items": self.broker.sessions()})
+    fn mqtt_sessions(&self) -> Vec<portcullis_admin::MqttSession> {
+        self.broker
+            .sessions()
+            .into_iter()
+            .map(|s| portcullis_admin::MqttSession {
+                client_id: s.client_id,
+                online: s.online,
+                identity: s.identity,
+                subscriptions: s.subscriptions,
+                queued: s.queued,
+                seconds: s.seconds,
+            })
+            .collect()
     }
 
-    fn live_connections(&self) -> serde_json::Value {
-        serde_json::json!({"items": self.live.list()})
+    fn live_connections(&self) -> Vec<portcullis_admin::LiveConnection> {
+        self.live
+            .list()
+            .into_iter()
+            .map(|c| portcullis_admin::LiveConnection {
+                id: c.id,
+                peer: c.peer.to_string(),
+                domain: c.domain,
+                protocol: c.protocol.to_string(),
+                verify: c.verify,
+                client_subject: c.client_subject,
+                client_fingerprint: c.client_fingerprint,
+                since: c.since,
+            })
+            .collect()
     }
 
     fn close_connection(&self, id: u64) -> bool {

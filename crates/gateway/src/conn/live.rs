@@ -8,6 +8,27 @@ use std::sync::{Arc, Mutex};
 use crate::http::context::ConnectionContext;
 use crate::recheck::{Admission, Closed};
 
+/// An open HTTP connection, as the admin API lists it.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// Its id (to close it).
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The domain it was made for.
+    pub domain: String,
+    /// `http/1.1`, `h2` or `websocket`.
+    pub protocol: &'static str,
+    /// The verdict on its certificate (`SUCCESS`, `NONE`, `FAILED:<reason>`).
+    pub verify: String,
+    /// The client certificate's subject, if any.
+    pub client_subject: String,
+    /// The client certificate's id, if any.
+    pub client_fingerprint: String,
+    /// When it was established (seconds since the epoch).
+    pub since: i64,
+}
+
 /// Open HTTP connections (after their handshake), for the admin API to list and close. MQTT
 /// connections are the broker's sessions.
 #[derive(Default)]
@@ -32,23 +53,23 @@ struct LiveEntry {
 }
 
 impl LiveEntry {
-    fn describe(&self, id: u64) -> serde_json::Value {
+    fn describe(&self, id: u64) -> ConnectionInfo {
         let ctx = &self.ctx;
         let leaf = ctx.verdict.leaf();
-        serde_json::json!({
-            "id": id,
-            "peer": ctx.peer.to_string(),
-            "domain": ctx.state.domains[ctx.domain].config.hostname.to_string(),
-            "protocol": match (self.h2, self.tunnel) {
+        ConnectionInfo {
+            id,
+            peer: ctx.peer,
+            domain: ctx.state.domains[ctx.domain].config.hostname.to_string(),
+            protocol: match (self.h2, self.tunnel) {
                 (true, _) => "h2",
                 (false, true) => "websocket",
                 (false, false) => "http/1.1",
             },
-            "verify": ctx.verdict.status().to_string(),
-            "client_subject": leaf.map(|c| c.info().subject.clone()).unwrap_or_default(),
-            "client_fingerprint": leaf.map(|c| c.info().id.clone()).unwrap_or_default(),
-            "since": self.since,
-        })
+            verify: ctx.verdict.status(),
+            client_subject: leaf.map(|c| c.info().subject.clone()).unwrap_or_default(),
+            client_fingerprint: leaf.map(|c| c.info().id.clone()).unwrap_or_default(),
+            since: self.since,
+        }
     }
 }
 
@@ -94,7 +115,7 @@ impl Live {
     }
 
     /// The open HTTP connections, oldest first.
-    pub fn list(&self) -> Vec<serde_json::Value> {
+    pub fn list(&self) -> Vec<ConnectionInfo> {
         let Ok(open) = self.open.lock() else {
             return Vec::new();
         };
