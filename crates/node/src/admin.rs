@@ -268,6 +268,9 @@ pub(crate) struct ServeHooks {
     pub sync: Arc<crate::sync::SyncStatus>,
     /// Not ready when the snapshot was last found current longer ago than this (ms).
     pub stale_after_ms: i64,
+    /// The NATS client MQTT is routed through, once connected (with `nats_url`): not ready
+    /// while it is disconnected.
+    pub nats: Arc<std::sync::OnceLock<async_nats::Client>>,
 }
 
 impl Hooks for ServeHooks {
@@ -314,6 +317,10 @@ impl Hooks for ServeHooks {
         self.ready.load(Ordering::SeqCst)
             && self.registry_reachable.load(Ordering::SeqCst)
             && crate::sync::now_ms() - checked <= self.stale_after_ms
+            && self
+                .nats
+                .get()
+                .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {

@@ -121,8 +121,9 @@ impl Bridge for NatsBridge {
     }
 }
 
-/// Connects to NATS at `url` and bridges `broker` to the other nodes, as node `id`.
-pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<()> {
+/// Connects to NATS at `url` and bridges `broker` to the other nodes, as node `id`; the client,
+/// for readiness.
+pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<async_nats::Client> {
     let client = async_nats::ConnectOptions::new()
         .name(format!("portcullis {id}"))
         .retry_on_initial_connect()
@@ -133,6 +134,7 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<()
     let (interest, mut interests) = mpsc::unbounded_channel();
     let origin = id.to_string();
     let publisher = client.clone();
+    let handle = client.clone();
     tokio::spawn(async move {
         let mut seq: u64 = 0;
         while let Some(Work::Publish(m)) = publishing.recv().await {
@@ -223,7 +225,7 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<()
         }
     });
     broker.set_bridge(Arc::new(NatsBridge { work, interest }));
-    Ok(())
+    Ok(handle)
 }
 
 #[cfg(test)]

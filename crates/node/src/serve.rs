@@ -230,7 +230,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     sync_status
         .checked_ms
         .store(crate::sync::now_ms(), Ordering::SeqCst);
+    let nats_client = Arc::new(std::sync::OnceLock::new());
     let hooks = crate::admin::ServeHooks {
+        nats: nats_client.clone(),
         sync: sync_status.clone(),
         stale_after_ms: crate::config::read_file_config(&config_path)?.snapshot_stale_after_ms()?,
         metrics,
@@ -263,9 +265,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     // MQTT across nodes, when the configuration names NATS.
     if let Some(url) = &nats_url {
-        crate::bus::start(url, &node_id, gateway.broker())
+        let client = crate::bus::start(url, &node_id, gateway.broker())
             .await
             .context("routing MQTT through NATS")?;
+        let _ = nats_client.set(client);
     }
     tokio::spawn(crate::workers::heartbeat(
         store.clone(),

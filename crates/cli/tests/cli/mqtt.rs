@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use portcullis_testkit::{Run, require_tool, run, temp_dir};
 
-use crate::control::{cli, cli_json, wait_for_snapshot};
+use crate::control::{Auth, api, cli, cli_json, wait_for_snapshot};
 use crate::serve::{Server, answer, client, curl, pki, with_client};
 use crate::*;
 
@@ -1087,7 +1087,7 @@ fn mqtt_messages_cross_nodes_through_nats() {
         .local_addr()
         .unwrap()
         .port();
-    let _nats = crate::serve::Killed(
+    let nats_server = crate::serve::Killed(
         Command::new(nats)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -1150,4 +1150,21 @@ fn mqtt_messages_cross_nodes_through_nats() {
         !b.has_printed("routing subscribed"),
         "B subscribed on NATS without a session holding a filter"
     );
+
+    // NATS gone: the nodes say they are not ready (a load balancer stops sending devices to a
+    // node that cannot route their messages).
+    assert_eq!(
+        api(&da, &a, "GET", "/readyz", None, Auth::Certificate).0,
+        200
+    );
+    drop(nats_server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        let status = api(&da, &a, "GET", "/readyz", None, Auth::Certificate).0;
+        if status == 503 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "not ready without NATS");
 }
