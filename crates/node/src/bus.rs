@@ -132,7 +132,16 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<as
         .with_context(|| format!("connecting to NATS at {url}"))?;
     let (work, mut publishing) = mpsc::channel(QUEUE);
     let (interest, mut interests) = mpsc::unbounded_channel();
-    let origin = id.to_string();
+    // This process, not just this node: message ids restart with it, and a peer must not take
+    // a restarted node's new messages for ones it has seen.
+    let instance = format!(
+        "{id}#{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    let origin = instance.clone();
     let publisher = client.clone();
     let handle = client.clone();
     tokio::spawn(async move {
@@ -154,7 +163,7 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<as
             }
         }
     });
-    let me = id.to_string();
+    let me = instance;
     let routed_to = broker.clone();
     tokio::spawn(async move {
         let broker = routed_to;
