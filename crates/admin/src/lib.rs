@@ -493,10 +493,92 @@ async fn admin_connection(
     let builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     if let Err(e) = builder
-        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .serve_connection(hyper_util::rt::TokioIo::new(Lingering::new(tls)), service)
         .await
     {
         tracing::debug!(target: "portcullis::admin", peer = %peer, error = %e, "admin connection ended");
+    }
+}
+
+/// How long, and how much, a client is read after the last answer before the socket closes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// A stream whose shutdown lingers: the write side is shut, then what the client still sends
+/// (the rest of a body refused with 413, say) is read and discarded, for at most [`LINGER`] and
+/// [`LINGER_BYTES`], so that no reset destroys the answer before the client reads it (as the
+/// gateway's connections close).
+struct Lingering<S> {
+    inner: S,
+    draining: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, bool, usize)>,
+}
+
+impl<S> Lingering<S> {
+    fn new(inner: S) -> Self {
+        Lingering {
+            inner,
+            draining: None,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Lingering<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for Lingering<S>
+{
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let (until, shut, read) = this
+            .draining
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(LINGER)), false, 0));
+        if std::future::Future::poll(until.as_mut(), cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        if !*shut {
+            std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            *shut = true;
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if *read >= LINGER_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *read += buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
