@@ -268,9 +268,8 @@ pub(crate) struct ServeHooks {
     pub sync: Arc<crate::sync::SyncStatus>,
     /// Not ready when the snapshot was last found current longer ago than this (ms).
     pub stale_after_ms: i64,
-    /// The NATS client MQTT is routed through, once connected (with `nats_url`): not ready
-    /// while it is disconnected.
-    pub nats: Arc<std::sync::OnceLock<async_nats::Client>>,
+    /// The NATS connection MQTT is routed through (with `nats_url`): not ready while it is down.
+    pub nats: Option<Arc<crate::bus::NatsState>>,
 }
 
 impl Hooks for ServeHooks {
@@ -317,10 +316,7 @@ impl Hooks for ServeHooks {
         self.ready.load(Ordering::SeqCst)
             && self.registry_reachable.load(Ordering::SeqCst)
             && crate::sync::now_ms() - checked <= self.stale_after_ms
-            && self
-                .nats
-                .get()
-                .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected)
+            && self.nats.as_ref().is_none_or(|n| n.connected())
     }
 
     fn explain(&self, request: &ExplainRequest) -> Result<Value, String> {

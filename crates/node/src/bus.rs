@@ -121,15 +121,62 @@ impl Bridge for NatsBridge {
     }
 }
 
-/// Connects to NATS at `url` and bridges `broker` to the other nodes, as node `id`; the client,
-/// for readiness.
-pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<async_nats::Client> {
+/// Whether this node is connected to NATS, as the client's events say (for readiness).
+#[derive(Debug, Default)]
+pub(crate) struct NatsState {
+    connected: std::sync::atomic::AtomicBool,
+    client: std::sync::OnceLock<async_nats::Client>,
+}
+
+impl NatsState {
+    /// Connected now (the last event said so, and the client agrees).
+    pub(crate) fn connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .client
+                .get()
+                .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
+    }
+}
+
+/// Connects to NATS at `url` and bridges `broker` to the other nodes, as node `id`; `state`
+/// follows the connection.
+pub(crate) async fn start(
+    url: &str,
+    id: &str,
+    broker: Arc<Broker>,
+    state: Arc<NatsState>,
+) -> Result<()> {
+    let events = state.clone();
     let client = async_nats::ConnectOptions::new()
         .name(format!("portcullis {id}"))
         .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                use std::sync::atomic::Ordering;
+                match event {
+                    async_nats::Event::Connected => {
+                        events.connected.store(true, Ordering::SeqCst);
+                        tracing::info!(target: "portcullis::cluster", "connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        events.connected.store(false, Ordering::SeqCst);
+                        tracing::warn!(target: "portcullis::cluster", "disconnected from NATS: MQTT messages do not reach the other nodes, and this node is not ready");
+                    }
+                    _ => {}
+                }
+            }
+        })
         .connect(url)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))?;
+    if client.connection_state() == async_nats::connection::State::Connected {
+        state
+            .connected
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let _ = state.client.set(client.clone());
     let (work, mut publishing) = mpsc::channel(QUEUE);
     let (interest, mut interests) = mpsc::unbounded_channel();
     // This process, not just this node: message ids restart with it, and a peer must not take
@@ -143,7 +190,6 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<as
     );
     let origin = instance.clone();
     let publisher = client.clone();
-    let handle = client.clone();
     tokio::spawn(async move {
         let mut seq: u64 = 0;
         while let Some(Work::Publish(m)) = publishing.recv().await {
@@ -234,7 +280,7 @@ pub(crate) async fn start(url: &str, id: &str, broker: Arc<Broker>) -> Result<as
         }
     });
     broker.set_bridge(Arc::new(NatsBridge { work, interest }));
-    Ok(handle)
+    Ok(())
 }
 
 #[cfg(test)]

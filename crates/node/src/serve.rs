@@ -230,9 +230,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     sync_status
         .checked_ms
         .store(crate::sync::now_ms(), Ordering::SeqCst);
-    let nats_client = Arc::new(std::sync::OnceLock::new());
+    let nats_state = nats_url
+        .as_ref()
+        .map(|_| Arc::new(crate::bus::NatsState::default()));
     let hooks = crate::admin::ServeHooks {
-        nats: nats_client.clone(),
+        nats: nats_state.clone(),
         sync: sync_status.clone(),
         stale_after_ms: crate::config::read_file_config(&config_path)?.snapshot_stale_after_ms()?,
         metrics,
@@ -264,11 +266,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => format!("{}:{}", host_name(), admin_local.port()),
     };
     // MQTT across nodes, when the configuration names NATS.
-    if let Some(url) = &nats_url {
-        let client = crate::bus::start(url, &node_id, gateway.broker())
+    if let (Some(url), Some(state)) = (&nats_url, &nats_state) {
+        crate::bus::start(url, &node_id, gateway.broker(), state.clone())
             .await
             .context("routing MQTT through NATS")?;
-        let _ = nats_client.set(client);
     }
     tokio::spawn(crate::workers::heartbeat(
         store.clone(),
@@ -432,11 +433,13 @@ async fn wait_for_changes(
             Ok(reloaded) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
                 let generation = reloaded.generation;
+                // The registry's configuration changes this reload includes, up to this one.
+                let config_marker = watch.config_marker();
                 if reloaded.listeners.is_empty() {
-                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", "configuration reloaded");
+                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", config_marker, "configuration reloaded");
                 } else {
                     let listeners = reloaded.listeners.join("; ");
-                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", listeners, "configuration reloaded");
+                    tracing::info!(target: "portcullis::reload", generation, trigger, result = "ok", config_marker, listeners, "configuration reloaded");
                 }
             }
             Err(e) => {

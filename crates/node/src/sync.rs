@@ -106,6 +106,11 @@ impl RegistryWatch {
         }
     }
 
+    /// The newest registry configuration change the last configuration read includes.
+    pub(crate) fn config_marker(&self) -> i64 {
+        self.config_marker
+    }
+
     /// Domains or truststores changed: read the configuration again.
     pub(crate) fn config_changed(&mut self) {
         self.force_config = true;

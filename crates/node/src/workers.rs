@@ -209,6 +209,7 @@ pub(crate) async fn heartbeat(
     use std::sync::atomic::Ordering;
     let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut reported = None;
     loop {
         tick.tick().await;
         let stats = broker.stats();
@@ -222,8 +223,14 @@ pub(crate) async fn heartbeat(
             connections: i64::try_from(gateway_live.count()).unwrap_or(i64::MAX),
             mqtt_sessions: i64::try_from(stats.online).unwrap_or(i64::MAX),
         };
-        if let Err(e) = store.heartbeat(&node).await {
-            tracing::debug!(error = %e, "cannot write this node's heartbeat");
+        match store.heartbeat(&node).await {
+            // Said when the snapshot it reports moves, not every beat.
+            Ok(()) if reported != Some(node.snapshot_marker) => {
+                reported = Some(node.snapshot_marker);
+                tracing::info!(target: "portcullis::cluster", marker = node.snapshot_marker, "heartbeat written");
+            }
+            Ok(()) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot write this node's heartbeat"),
         }
     }
 }

@@ -338,8 +338,11 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     )
     .unwrap();
     cli_json(&da, &["domain", "put", "--file", "auto.toml"]);
-    // Each node reloads twice (the certificate recorded, then the domain), in either order with
-    // the other: wait until each serves the domain.
+    // Each node runs a configuration that includes the domain (and its certificate, recorded
+    // before it).
+    let put = newest(&da);
+    a.wait_for_config(put);
+    b.wait_for_config(put);
     assert_eq!(
         std::fs::read(da.join("data/ca/cluster-ca.pem")).unwrap(),
         std::fs::read(db.join("data/ca/cluster-ca.pem")).unwrap()
@@ -347,14 +350,7 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     let served_by = |dir: &Path, server: &Server| {
         let mut args = with_client(&alice_files);
         args.extend(["--cacert", "data/ca/cluster-ca.pem"]);
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let run = loop {
-            let run = curl(dir, server, "auto.test", "/x", &args);
-            if answer(&run).0 == 200 || Instant::now() > deadline {
-                break run;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        };
+        let run = curl(dir, server, "auto.test", "/x", &args);
         assert_eq!(answer(&run).0, 200, "{}", run.stderr);
         let connect = format!("127.0.0.1:{}", server.port);
         let shown = openssl(
@@ -385,21 +381,12 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     let autos = cli_json(&db, &["server-cert", "list"]);
     assert!(autos.to_string().contains("auto:auto.test"), "{autos}");
 
-    // `cluster status` lists both nodes, alive and caught up (heartbeats every 2 s: polled until
-    // both report the newest change), and each node measured commit → enforced.
-    let deadline = Instant::now() + std::time::Duration::from_secs(15);
-    let cluster = loop {
-        let listed = cli_json(&db, &["cluster", "status"]);
-        let nodes = listed["nodes"].as_array().cloned().unwrap_or_default();
-        let current = nodes.len() == 2
-            && nodes
-                .iter()
-                .all(|n| n["stale"] == false && n["changes_behind"] == 0);
-        if current || Instant::now() > deadline {
-            break listed;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    // `cluster status` lists both nodes, alive and caught up once each heartbeat reports the
+    // newest change, and each node measured commit → enforced.
+    let newest_change = newest(&da);
+    a.wait_for_heartbeat(newest_change);
+    b.wait_for_heartbeat(newest_change);
+    let cluster = cli_json(&db, &["cluster", "status"]);
     let nodes = cluster["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 2, "{cluster}");
     for n in nodes {

@@ -87,6 +87,27 @@ impl Server {
         self.next_line(what, wanted)
     }
 
+    /// Waits until the gateway runs a configuration that includes the registry's configuration
+    /// change numbered `marker` (a reload line says which it includes; markers only grow, so a
+    /// line printed before this call counts too).
+    pub(crate) fn wait_for_config(&self, marker: i64) {
+        self.printed("configuration reloaded", |line| {
+            line.contains("configuration reloaded")
+                && serde_json::from_str::<Value>(line).is_ok_and(|v| {
+                    v["result"] == "ok" && v["config_marker"].as_i64().is_some_and(|m| m >= marker)
+                })
+        });
+    }
+
+    /// Waits until this node's heartbeat reports a snapshot that includes change `marker`.
+    pub(crate) fn wait_for_heartbeat(&self, marker: i64) {
+        self.printed("heartbeat written", |line| {
+            line.contains("heartbeat written")
+                && serde_json::from_str::<Value>(line)
+                    .is_ok_and(|v| v["marker"].as_i64().is_some_and(|m| m >= marker))
+        });
+    }
+
     /// Whether a line printed so far (this call included) contains `needle`; never waits.
     pub(crate) fn has_printed(&self, needle: &str) -> bool {
         self.drain();
