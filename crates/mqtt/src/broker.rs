@@ -64,6 +64,9 @@ pub struct Message {
     /// The packet id it was last sent with, when it went back to its session unacknowledged:
     /// a resumed session resends it with that id and the DUP flag (MQTT 3.1.1 §4.4, 5 §4.4).
     pub sent_as: Option<u16>,
+    /// QoS 2: the client acknowledged it with PUBREC and PUBREL was sent, so a resumed session
+    /// sends PUBREL again (with `sent_as`), not the message.
+    pub released: bool,
 }
 
 impl Message {
@@ -111,6 +114,9 @@ struct Session {
     disconnected_at: Option<Instant>,
     connected_at: Instant,
     identity: String,
+    /// QoS 2 packet ids received from the client and not yet released (PUBREL): a PUBLISH
+    /// sent again with one of them is not routed again, across reconnections.
+    awaiting_release: Vec<u16>,
 }
 
 /// A connection's hold on its session.
@@ -124,6 +130,8 @@ pub struct SessionHandle {
     pub session_present: bool,
     /// Messages queued while offline, to send first.
     pub pending: Vec<Message>,
+    /// QoS 2 packet ids the client sent and has not released yet (resumed sessions).
+    pub awaiting_release: Vec<u16>,
     /// What to deliver from now on.
     pub outbound: mpsc::Receiver<Outbound>,
 }
@@ -145,8 +153,17 @@ pub struct SessionInfo {
     pub seconds: u64,
 }
 
+/// What a subscription brought.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Retained messages to send now (in a cluster, the bridge sends them instead).
+    pub retained: Vec<Message>,
+    /// In a cluster: answered once the other nodes' messages reach this node (SUBACK waits).
+    pub ready: Option<Confirmation>,
+}
+
 /// What a publication did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Routed {
     /// Deliveries handed to online sessions.
     pub delivered: usize,
@@ -156,21 +173,59 @@ pub struct Routed {
     pub denied: usize,
     /// Deliveries dropped (QoS 0 to a slow or offline session, full queues).
     pub dropped: usize,
+    /// In a cluster: answered once the cluster stored the message (QoS 1 and 2, retained), to
+    /// acknowledge it to its publisher only then.
+    pub confirm: Option<Confirmation>,
 }
+
+/// The answer to something a [`Bridge`] was asked to do durably: `Err` says why it could not.
+pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
 /// Where a broker's messages also go, and what it tells about its subscriptions: the other
 /// nodes of a cluster. Called under the broker's lock: implementations only queue, never block.
+/// With a bridge, retained messages and shared subscriptions are the cluster's: the bridge
+/// keeps retained messages and delivers shared subscriptions' messages
+/// ([`Broker::deliver_shared`]), balanced across the nodes.
 pub trait Bridge: Send + Sync {
-    /// A message published on this node (by a client, HTTPS or the registry), for the others.
-    fn published(&self, message: &Message);
-    /// This node's sessions now hold `filter` (`true`), or none does any more (`false`).
-    fn interest(&self, filter: &str, held: bool);
+    /// A message published on this node (by a client, HTTPS or the registry), for the others;
+    /// a QoS 1 or 2 or retained message is answered once the cluster has stored it.
+    fn published(&self, message: &Message) -> Option<Confirmation>;
+    /// This node's sessions now hold `filter` (`true`), or none does any more (`false`);
+    /// shared subscriptions (`$share/GROUP/FILTER`) too. A new interest is answered once the
+    /// other nodes' messages on it reach this node.
+    fn interest(&self, filter: &str, held: bool) -> Option<Confirmation>;
+    /// The retained messages matching `filter`, to hand to a session that just subscribed
+    /// with [`Broker::deliver_retained`].
+    fn retained(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    );
+    /// A connection wants `client_id`: the cluster records this node as its owner (a session
+    /// another node holds is taken over there). Answered once recorded.
+    fn claim(&self, client_id: &str) -> Confirmation;
+    /// This node no longer holds `client_id` (its session ended).
+    fn release(&self, client_id: &str);
+}
+
+/// The members of one shared subscription (`$share/GROUP/FILTER`) on this node.
+#[derive(Default)]
+struct SharedGroup {
+    members: Vec<(String, SubscriptionOptions)>,
+    /// Where the next message's search for a member starts (round robin).
+    next: usize,
 }
 
 #[derive(Default)]
 struct State {
     sessions: HashMap<String, Session>,
     tree: SubscriptionTree<Subscribed>,
+    /// Shared subscriptions: the tree holds each group at its filter (the group's full
+    /// `$share/…` filter as key and value), `shared` its members.
+    shared_tree: SubscriptionTree<String>,
+    shared: HashMap<String, SharedGroup>,
     retained: HashMap<String, Message>,
     /// How many sessions hold each filter (for the bridge's interest).
     interest: HashMap<String, usize>,
@@ -226,6 +281,7 @@ impl Broker {
         let now = Instant::now();
         let mut session_present = false;
         let mut pending = Vec::new();
+        let mut awaiting_release = Vec::new();
         if let Some(old) = state.sessions.get_mut(client_id)
             && let Some(online) = old.online.take()
         {
@@ -247,8 +303,9 @@ impl Broker {
             pending = s
                 .queue
                 .drain(..)
-                .filter(|m| !m.expired(now) && receiver.may_receive(&m.topic))
+                .filter(|m| m.released || (!m.expired(now) && receiver.may_receive(&m.topic)))
                 .collect();
+            awaiting_release = std::mem::take(&mut s.awaiting_release);
             s.generation = generation;
             s.online = Some(tx);
             s.receiver = receiver;
@@ -269,6 +326,7 @@ impl Broker {
                     disconnected_at: None,
                     connected_at: now,
                     identity: identity.to_string(),
+                    awaiting_release: Vec::new(),
                 },
             );
         }
@@ -277,6 +335,7 @@ impl Broker {
             generation,
             session_present,
             pending,
+            awaiting_release,
             outbound: rx,
         }
     }
@@ -290,7 +349,7 @@ impl Broker {
         generation: u64,
         filter: &str,
         options: SubscriptionOptions,
-    ) -> Option<Vec<Message>> {
+    ) -> Option<Subscription> {
         let mut state = self.lock();
         let now = Instant::now();
         let max = self.limits.max_subscriptions;
@@ -306,9 +365,26 @@ impl Broker {
             .insert(filter.to_string(), options)
             .is_none();
         let receiver = session.receiver.clone();
+        if let Ok(Some((_, inner))) = crate::topic::shared(filter) {
+            // Shared subscriptions get no retained messages (MQTT 5 §4.8.2).
+            let group = state.shared.entry(filter.to_string()).or_default();
+            group.members.retain(|(id, _)| id != client_id);
+            group.members.push((client_id.to_string(), options));
+            state.shared_tree.insert(inner, filter, filter.to_string());
+            let ready = if new { hold(&mut state, filter) } else { None };
+            return Some(Subscription {
+                retained: Vec::new(),
+                ready,
+            });
+        }
         state.tree.insert(filter, client_id, Subscribed { options });
-        if new {
-            hold(&mut state, filter);
+        let ready = if new { hold(&mut state, filter) } else { None };
+        if let Some(bridge) = &state.bridge {
+            bridge.retained(client_id, generation, filter, options);
+            return Some(Subscription {
+                retained: Vec::new(),
+                ready,
+            });
         }
         let retained = state
             .retained
@@ -322,7 +398,7 @@ impl Broker {
                 m
             })
             .collect();
-        Some(retained)
+        Some(Subscription { retained, ready })
     }
 
     /// Unsubscribes; whether the subscription existed.
@@ -338,8 +414,8 @@ impl Broker {
         if session.filters.remove(filter).is_none() {
             return false;
         }
-        release(&mut state, filter);
-        state.tree.remove(filter, client_id)
+        unsubscribed(&mut state, client_id, filter);
+        true
     }
 
     /// Sends what this broker publishes to `bridge` too, and tells it which filters its
@@ -347,15 +423,82 @@ impl Broker {
     pub fn set_bridge(&self, bridge: Arc<dyn Bridge>) {
         let mut state = self.lock();
         for filter in state.interest.keys() {
-            bridge.interest(filter, true);
+            let _ = bridge.interest(filter, true);
         }
         state.bridge = Some(bridge);
     }
 
-    /// Delivers a message another node published to this node's sessions (retained here too
-    /// when it is), without sending it back to the bridge.
+    /// Delivers a message another node published to this node's sessions, without sending it
+    /// back to the bridge.
     pub fn deliver_remote(&self, message: Message) -> Routed {
         self.route(message, None, false)
+    }
+
+    /// Delivers a message of the shared subscription `filter` (`$share/GROUP/FILTER`) to one of
+    /// its members on this node, round robin, online members first (the bridge chose this node
+    /// among the group's).
+    pub fn deliver_shared(&self, filter: &str, message: Message) -> Routed {
+        let mut state = self.lock();
+        let mut routed = Routed::default();
+        route_shared(
+            &mut state,
+            filter,
+            &message,
+            &mut routed,
+            self.limits.max_queued,
+        );
+        routed
+    }
+
+    /// Retained messages the bridge found for a subscription: delivered to the session (if the
+    /// connection still holds it and may receive them) as retained, at most at `options.qos`.
+    pub fn deliver_retained(
+        &self,
+        client_id: &str,
+        generation: u64,
+        messages: Vec<Message>,
+        options: SubscriptionOptions,
+    ) -> Routed {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut routed = Routed::default();
+        let max_queued = self.limits.max_queued;
+        let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.generation == generation)
+        else {
+            return routed;
+        };
+        for mut m in messages {
+            if m.expired(now) {
+                continue;
+            }
+            m.retain = true;
+            deliver_to(session, m, options.qos, &mut routed, max_queued, now);
+        }
+        routed
+    }
+
+    /// Records this node as the owner of `client_id` in the cluster (a session elsewhere is
+    /// taken over there); `None` without a cluster.
+    pub fn claim(&self, client_id: &str) -> Option<Confirmation> {
+        let state = self.lock();
+        state.bridge.as_ref().map(|b| b.claim(client_id))
+    }
+
+    /// Another node took `client_id` over: the connection holding it here is told
+    /// [`Outbound::TakenOver`] and the session is forgotten here (it lives on there).
+    pub fn taken_over(&self, client_id: &str) -> bool {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.get_mut(client_id) else {
+            return false;
+        };
+        if let Some(tx) = session.online.take() {
+            let _ = tx.try_send(Outbound::TakenOver);
+        }
+        remove_session(&mut state, client_id);
+        true
     }
 
     /// Publishes a message (its topic checked and `mqtt:Publish` allowed by the caller) from
@@ -367,11 +510,13 @@ impl Broker {
 
     fn route(&self, message: Message, publisher: Option<&str>, bridged: bool) -> Routed {
         let mut state = self.lock();
+        let mut routed = Routed::default();
         if bridged && let Some(bridge) = &state.bridge {
-            bridge.published(&message);
+            routed.confirm = bridge.published(&message);
         }
         let now = Instant::now();
-        if message.retain {
+        // With a bridge, the cluster keeps retained messages.
+        if message.retain && state.bridge.is_none() {
             if message.payload.is_empty() {
                 state.retained.remove(&message.topic);
             } else if state.retained.len() < self.limits.max_retained
@@ -397,33 +542,26 @@ impl Broker {
                 })
                 .or_insert(sub.options);
         }
-        let mut routed = Routed::default();
         let max_queued = self.limits.max_queued;
         for (client_id, options) in targets {
             let Some(session) = state.sessions.get_mut(&client_id) else {
                 continue;
             };
-            if !session.receiver.may_receive(&message.topic) {
-                routed.denied += 1;
-                continue;
-            }
             let mut copy = message.clone();
-            copy.qos = min_qos(message.qos, options.qos);
             copy.retain = options.retain_as_published && message.retain;
-            match &session.online {
-                Some(tx) if session.queue.is_empty() => {
-                    match tx.try_send(Outbound::Deliver(Box::new(copy))) {
-                        Ok(()) => routed.delivered += 1,
-                        Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m)))
-                            if m.qos != QoS::AtMostOnce =>
-                        {
-                            queue(session, *m, max_queued, &mut routed, now);
-                        }
-                        Err(_) => routed.dropped += 1,
-                    }
-                }
-                _ if copy.qos == QoS::AtMostOnce => routed.dropped += 1,
-                _ => queue(session, copy, max_queued, &mut routed, now),
+            deliver_to(session, copy, options.qos, &mut routed, max_queued, now);
+        }
+        // Shared subscriptions: one member of each group. In a cluster the bridge balances
+        // them across the nodes and hands them to `deliver_shared`.
+        if state.bridge.is_none() {
+            let groups: Vec<String> = state
+                .shared_tree
+                .matching(&message.topic)
+                .into_iter()
+                .map(|(_, f)| f.clone())
+                .collect();
+            for filter in groups {
+                route_shared(&mut state, &filter, &message, &mut routed, max_queued);
             }
         }
         routed
@@ -446,7 +584,7 @@ impl Broker {
         session
             .queue
             .drain(..n)
-            .filter(|m| !m.expired(now) && receiver.may_receive(&m.topic))
+            .filter(|m| m.released || (!m.expired(now) && receiver.may_receive(&m.topic)))
             .collect()
     }
 
@@ -459,6 +597,7 @@ impl Broker {
         client_id: &str,
         generation: u64,
         unacknowledged: Vec<Message>,
+        awaiting_release: Vec<u16>,
         outbound: Option<&mut mpsc::Receiver<Outbound>>,
     ) {
         let mut unacknowledged = unacknowledged;
@@ -484,9 +623,13 @@ impl Broker {
         }
         if session.expiry.is_zero() {
             remove_session(&mut state, client_id);
+            if let Some(bridge) = &state.bridge {
+                bridge.release(client_id);
+            }
             return;
         }
         session.disconnected_at = Some(Instant::now());
+        session.awaiting_release = awaiting_release;
         for m in unacknowledged.into_iter().rev() {
             if session.queue.len() >= self.limits.max_queued {
                 session.queue.pop_back();
@@ -584,6 +727,107 @@ impl Broker {
     }
 }
 
+/// Hands `m` to `session` at most at `max_qos`, if it may receive it: into its channel when
+/// online and nothing waits before it, else (QoS 1 and 2) into its queue.
+fn deliver_to(
+    session: &mut Session,
+    mut m: Message,
+    max_qos: QoS,
+    routed: &mut Routed,
+    max_queued: usize,
+    now: Instant,
+) {
+    if !session.receiver.may_receive(&m.topic) {
+        routed.denied += 1;
+        return;
+    }
+    m.qos = min_qos(m.qos, max_qos);
+    match &session.online {
+        Some(tx) if session.queue.is_empty() => match tx.try_send(Outbound::Deliver(Box::new(m))) {
+            Ok(()) => routed.delivered += 1,
+            Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m)))
+                if m.qos != QoS::AtMostOnce =>
+            {
+                queue(session, *m, max_queued, routed, now);
+            }
+            Err(_) => routed.dropped += 1,
+        },
+        _ if m.qos == QoS::AtMostOnce => routed.dropped += 1,
+        _ => queue(session, m, max_queued, routed, now),
+    }
+}
+
+/// Delivers `message` to one member of the shared subscription `filter`: the next online one
+/// that may receive it, else (QoS 1 and 2) the queue of the next persistent one.
+fn route_shared(
+    state: &mut State,
+    filter: &str,
+    message: &Message,
+    routed: &mut Routed,
+    max_queued: usize,
+) {
+    let now = Instant::now();
+    let Some(group) = state.shared.get_mut(filter) else {
+        return;
+    };
+    let n = group.members.len();
+    if n == 0 {
+        return;
+    }
+    let start = group.next % n;
+    let order: Vec<(String, SubscriptionOptions)> = (0..n)
+        .map(|i| group.members[(start + i) % n].clone())
+        .collect();
+    let mut chosen = None;
+    for (i, (id, _)) in order.iter().enumerate() {
+        if state
+            .sessions
+            .get(id)
+            .is_some_and(|s| s.online.is_some() && s.receiver.may_receive(&message.topic))
+        {
+            chosen = Some(i);
+            break;
+        }
+    }
+    if chosen.is_none() && message.qos != QoS::AtMostOnce {
+        chosen = order.iter().position(|(id, _)| {
+            state
+                .sessions
+                .get(id)
+                .is_some_and(|s| !s.expiry.is_zero() && s.receiver.may_receive(&message.topic))
+        });
+    }
+    let Some(i) = chosen else {
+        routed.dropped += 1;
+        return;
+    };
+    if let Some(group) = state.shared.get_mut(filter) {
+        group.next = (start + i + 1) % n;
+    }
+    let (id, options) = &order[i];
+    if let Some(session) = state.sessions.get_mut(id) {
+        let mut copy = message.clone();
+        copy.retain = false;
+        deliver_to(session, copy, options.qos, routed, max_queued, now);
+    }
+}
+
+/// `client_id` no longer holds `filter` (already gone from its session's filters).
+fn unsubscribed(state: &mut State, client_id: &str, filter: &str) {
+    if let Ok(Some((_, inner))) = crate::topic::shared(filter) {
+        if let Some(group) = state.shared.get_mut(filter) {
+            group.members.retain(|(id, _)| id != client_id);
+            if group.members.is_empty() {
+                state.shared.remove(filter);
+                state.shared_tree.remove(inner, filter);
+            }
+        }
+    } else {
+        state.tree.remove(filter, client_id);
+    }
+    release(state, filter);
+}
+
 /// Broker-wide counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BrokerStats {
@@ -612,20 +856,19 @@ fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now
 fn remove_session(state: &mut State, client_id: &str) {
     if let Some(s) = state.sessions.remove(client_id) {
         for filter in s.filters.keys() {
-            state.tree.remove(filter, client_id);
-            release(state, filter);
+            unsubscribed(state, client_id, filter);
         }
     }
 }
 
-/// One more session holds `filter`: the bridge hears of the first.
-fn hold(state: &mut State, filter: &str) {
+/// One more session holds `filter`: the bridge hears of the first (and answers once it is
+/// subscribed).
+fn hold(state: &mut State, filter: &str) -> Option<Confirmation> {
     let n = state.interest.entry(filter.to_string()).or_insert(0);
     *n += 1;
-    if *n == 1
-        && let Some(bridge) = &state.bridge
-    {
-        bridge.interest(filter, true);
+    match &state.bridge {
+        Some(bridge) if *n == 1 => bridge.interest(filter, true),
+        _ => None,
     }
 }
 
@@ -638,7 +881,7 @@ fn release(state: &mut State, filter: &str) {
     if *n == 0 {
         state.interest.remove(filter);
         if let Some(bridge) = &state.bridge {
-            bridge.interest(filter, false);
+            let _ = bridge.interest(filter, false);
         }
     }
 }
@@ -672,6 +915,7 @@ mod tests {
             properties: PublishProperties::default(),
             expires_at: None,
             sent_as: None,
+            released: false,
         }
     }
 
@@ -744,7 +988,8 @@ mod tests {
         let a = b.connect("a", true, Duration::ZERO, Arc::new(Allow(vec!["s/1"])), "a");
         let retained = b
             .subscribe("a", a.generation, "s/+", sub(QoS::AtLeastOnce))
-            .unwrap();
+            .unwrap()
+            .retained;
         assert_eq!(retained.len(), 1, "s/2 is not receivable");
         assert_eq!(retained[0].payload, Bytes::from_static(b"newer"));
         assert!(retained[0].retain);
@@ -770,7 +1015,13 @@ mod tests {
                 .delivered,
             1
         );
-        b.disconnected("a", a.generation, Vec::new(), Some(&mut a.outbound));
+        b.disconnected(
+            "a",
+            a.generation,
+            Vec::new(),
+            Vec::new(),
+            Some(&mut a.outbound),
+        );
         let resumed = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
         let topics: Vec<&str> = resumed.pending.iter().map(|m| m.topic.as_str()).collect();
         assert_eq!(
@@ -792,6 +1043,7 @@ mod tests {
             "a",
             a.generation,
             vec![msg("q/unacked", QoS::AtLeastOnce, false)],
+            Vec::new(),
             None,
         );
         let r = b.publish(msg("q/1", QoS::AtLeastOnce, false), None);
@@ -820,19 +1072,19 @@ mod tests {
         let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
         b.subscribe("dev", a.generation, "secret/#", sub(QoS::AtLeastOnce))
             .unwrap();
-        b.disconnected("dev", a.generation, Vec::new(), None);
+        b.disconnected("dev", a.generation, Vec::new(), Vec::new(), None);
         b.publish(msg("secret/1", QoS::AtLeastOnce, false), None);
         // Another certificate takes the client id over: nothing of the first session.
         let other = b.connect("dev", false, hour, everything(), "CN=mallory (bbbb)");
         assert!(!other.session_present);
         assert!(other.pending.is_empty());
         b.publish(msg("secret/2", QoS::AtLeastOnce, false), None);
-        b.disconnected("dev", other.generation, Vec::new(), None);
+        b.disconnected("dev", other.generation, Vec::new(), Vec::new(), None);
         // The same certificate resumes, but only with what its policies let it receive now.
         let a = b.connect("dev", true, hour, everything(), "CN=dev (aaaa)");
         b.subscribe("dev", a.generation, "#", sub(QoS::AtLeastOnce))
             .unwrap();
-        b.disconnected("dev", a.generation, Vec::new(), None);
+        b.disconnected("dev", a.generation, Vec::new(), Vec::new(), None);
         b.publish(msg("secret/3", QoS::AtLeastOnce, false), None);
         b.publish(msg("public/4", QoS::AtLeastOnce, false), None);
         let again = b.connect(
@@ -856,9 +1108,9 @@ mod tests {
         assert!(matches!(first.outbound.try_recv(), Ok(Outbound::TakenOver)));
         assert!(second.session_present);
         // The first connection's late disconnect does not touch the second's session.
-        b.disconnected("dup", first.generation, Vec::new(), None);
+        b.disconnected("dup", first.generation, Vec::new(), Vec::new(), None);
         assert!(b.sessions()[0].online);
-        b.disconnected("dup", second.generation, Vec::new(), None);
+        b.disconnected("dup", second.generation, Vec::new(), Vec::new(), None);
         assert!(b.sessions().is_empty(), "expiry zero: gone at disconnect");
         assert_eq!(
             b.publish(msg("t", QoS::AtMostOnce, false), None).delivered,
@@ -897,5 +1149,80 @@ mod tests {
         assert!(matches!(a.outbound.try_recv(), Ok(Outbound::Closed(r)) if r == "revoked"));
         assert!(b.sessions().is_empty());
         assert!(!b.close("nobody", "x", true));
+    }
+
+    #[test]
+    fn shared_subscriptions_deliver_each_message_to_one_member_in_turn() {
+        let b = Broker::new(Limits::default());
+        let mut a = b.connect("a", true, Duration::ZERO, everything(), "a");
+        let mut c = b.connect("c", true, Duration::ZERO, everything(), "c");
+        let mut p = b.connect("p", true, Duration::ZERO, everything(), "p");
+        b.publish(msg("jobs/old", QoS::AtLeastOnce, true), None);
+        for id in ["a", "c"] {
+            let generation = if id == "a" {
+                a.generation
+            } else {
+                c.generation
+            };
+            let retained = b
+                .subscribe(id, generation, "$share/g/jobs/#", sub(QoS::AtLeastOnce))
+                .unwrap()
+                .retained;
+            assert!(
+                retained.is_empty(),
+                "no retained messages on a shared subscription"
+            );
+        }
+        b.subscribe("p", p.generation, "jobs/#", sub(QoS::AtLeastOnce));
+        for i in 0..4 {
+            b.publish(msg(&format!("jobs/{i}"), QoS::AtLeastOnce, false), None);
+        }
+        assert_eq!(delivered(&mut a).len(), 2);
+        assert_eq!(delivered(&mut c).len(), 2);
+        assert_eq!(
+            delivered(&mut p).len(),
+            4,
+            "ordinary subscribers get every message"
+        );
+        // A member gone: the other takes everything.
+        b.disconnected(
+            "a",
+            a.generation,
+            Vec::new(),
+            Vec::new(),
+            Some(&mut a.outbound),
+        );
+        for i in 0..3 {
+            b.publish(msg(&format!("jobs/{i}"), QoS::AtLeastOnce, false), None);
+        }
+        assert_eq!(delivered(&mut c).len(), 3);
+        assert!(b.unsubscribe("c", c.generation, "$share/g/jobs/#"));
+        let routed = b.publish(msg("jobs/x", QoS::AtLeastOnce, false), None);
+        assert_eq!(routed.delivered, 1, "only the ordinary subscriber is left");
+        assert!(crate::topic::shared("$share/g").is_err());
+        assert!(crate::topic::shared("$share//a").is_err());
+        assert_eq!(
+            crate::topic::shared("$share/g/a/+").unwrap(),
+            Some(("g", "a/+"))
+        );
+    }
+
+    #[test]
+    fn qos2_packet_ids_awaiting_release_survive_a_reconnection() {
+        let b = Broker::new(Limits::default());
+        let hour = Duration::from_secs(3600);
+        let a = b.connect("a", true, hour, everything(), "a");
+        let mut released = msg("q", QoS::ExactlyOnce, false);
+        released.sent_as = Some(7);
+        released.released = true;
+        b.disconnected("a", a.generation, vec![released], vec![3, 9], None);
+        let again = b.connect("a", false, hour, Arc::new(Allow(vec![])), "a");
+        assert_eq!(again.awaiting_release, vec![3, 9]);
+        assert_eq!(
+            again.pending.len(),
+            1,
+            "a released message goes on (PUBREL) whatever the policies say now"
+        );
+        assert!(again.pending[0].released);
     }
 }

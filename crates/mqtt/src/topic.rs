@@ -90,6 +90,26 @@ pub fn check_filter(filter: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// A shared subscription's group and filter (`$share/GROUP/FILTER`, MQTT 5 §4.8.2); `None`
+/// for an ordinary filter; an error for a malformed `$share/` one.
+pub fn shared(filter: &str) -> Result<Option<(&str, &str)>, TopicError> {
+    let Some(rest) = filter.strip_prefix("$share/") else {
+        return Ok(None);
+    };
+    let Some((group, inner)) = rest.split_once('/') else {
+        return Err(TopicError(format!(
+            "'{filter}': a shared subscription is $share/GROUP/FILTER"
+        )));
+    };
+    if group.is_empty() || group.contains(['+', '#']) {
+        return Err(TopicError(format!(
+            "'{filter}': a share name is not empty and holds no '+' or '#'"
+        )));
+    }
+    check_filter(inner)?;
+    Ok(Some((group, inner)))
+}
+
 /// Whether `filter` (already checked) matches the topic name `topic`.
 pub fn matches(filter: &str, topic: &str) -> bool {
     // Wildcards at the first level do not match `$` topics.

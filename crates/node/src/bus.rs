@@ -3,135 +3,302 @@
 //! (interest-based: no node receives every message). Messages from NATS are delivered to this
 //! node's sessions by the broker, which still asks `mqtt:Receive` of each session.
 //!
-//! Topics map to subjects level by level: `pcm.` then each level escaped (`%XX` for `.`, `*`,
-//! `>`, `%`, space, control and non-ASCII bytes; a lone `%` for an empty level), so every legal
-//! MQTT topic round-trips. `+` becomes `*`; a trailing `#` becomes `>` plus its parent level.
+//! Topics map to subjects level by level: a prefix, then each level escaped (`%XX` for `.`,
+//! `*`, `>`, `%`, space, control and non-ASCII bytes; a lone `%` for an empty level), so every
+//! legal MQTT topic round-trips. `+` becomes `*`; a trailing `#` becomes `>` plus its parent.
 //!
-//! This first slice routes QoS 0 and 1 messages between online sessions through core NATS
-//! (at most once between nodes); client-id takeover, persistent sessions and retained messages
-//! across nodes are still per node.
+//! - QoS 0 goes on `pcm.<topic>` (core NATS: at most once between nodes).
+//! - QoS 1 and 2 go on `pcq.<topic>` through JetStream (stream `PORTCULLIS_MQTT`, replicated as
+//!   configured, deduplicated by message id): the publisher's PUBACK or PUBREC waits for the
+//!   stream's acknowledgement, so an acknowledged message is stored by a quorum of servers.
+//! - Retained messages also go on `pcr.<topic>` (stream `PORTCULLIS_RETAINED`, the last message
+//!   per subject): every node answers a subscription with the cluster's retained messages.
+//! - Client ids are owned cluster-wide (key-value bucket `PORTCULLIS_CLIENTS`, written with
+//!   compare-and-set): a CONNECT records its node as the owner; the node that held the session
+//!   sees the new owner and closes it ("session taken over").
+//! - Shared subscriptions (`$share/GROUP/FILTER`) are NATS queue subscriptions: each message
+//!   goes to one node holding the group, which hands it to one of its members.
+//!
+//! Persistent sessions still live on the node that holds them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer, kv, stream};
+use base64::Engine as _;
 use futures_util::StreamExt;
-use portcullis_mqtt::broker::{Bridge, Broker, Message};
+use portcullis_mqtt::broker::{Bridge, Broker, Confirmation, Message, SubscriptionOptions};
 use portcullis_mqtt::codec::{PublishProperties, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-/// The subject prefix of routed MQTT messages.
-const PREFIX: &str = "pcm";
+/// QoS 0 messages.
+const LIVE: &str = "pcm";
+/// QoS 1 and 2 messages (JetStream).
+const STORED: &str = "pcq";
+/// Retained messages (JetStream, last per subject).
+const RETAINED: &str = "pcr";
 
-/// Messages waiting for NATS at most; beyond, new ones are dropped (counted).
+const STREAM: &str = "PORTCULLIS_MQTT";
+const RETAINED_STREAM: &str = "PORTCULLIS_RETAINED";
+const CLIENTS: &str = "PORTCULLIS_CLIENTS";
+
+/// Messages waiting for NATS at most; beyond, new ones are dropped (counted) or refused.
 const QUEUE: usize = 10_000;
 
 /// Message ids remembered to drop a message two overlapping subscriptions both delivered.
 const SEEN: usize = 10_000;
 
-/// A topic's NATS subject.
-pub(crate) fn subject(topic: &str) -> String {
-    let mut out = String::from(PREFIX);
+/// How the node reaches NATS.
+#[derive(Debug, Clone)]
+pub(crate) struct NatsOptions {
+    /// `nats://host:port`, several comma-separated.
+    pub(crate) url: String,
+    /// Copies JetStream keeps of each stream (the NATS cluster's size, up to 5).
+    pub(crate) replicas: usize,
+}
+
+/// A topic's NATS subject under `prefix`.
+pub(crate) fn subject(prefix: &str, topic: &str) -> String {
+    let mut out = String::from(prefix);
     for level in topic.split('/') {
         out.push('.');
-        if level.is_empty() {
-            out.push('%');
-            continue;
-        }
-        for b in level.bytes() {
-            match b {
-                b'.' | b'*' | b'>' | b'%' | b' ' => out.push_str(&format!("%{b:02X}")),
-                0x21..=0x7e => out.push(char::from(b)),
-                _ => out.push_str(&format!("%{b:02X}")),
-            }
-        }
+        push_level(&mut out, level);
     }
     out
 }
 
+fn push_level(out: &mut String, level: &str) {
+    if level.is_empty() {
+        out.push('%');
+        return;
+    }
+    for b in level.bytes() {
+        match b {
+            b'.' | b'*' | b'>' | b'%' | b' ' => out.push_str(&format!("%{b:02X}")),
+            0x21..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+}
+
 /// The topic of a subject made by [`subject`]; `None` for anything else.
 pub(crate) fn topic(subject: &str) -> Option<String> {
-    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+    let (prefix, rest) = subject.split_once('.')?;
+    if ![LIVE, STORED, RETAINED].contains(&prefix) {
+        return None;
+    }
     let mut levels = Vec::new();
     for token in rest.split('.') {
-        if token == "%" {
-            levels.push(String::new());
-            continue;
-        }
-        let bytes = token.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            } else {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-        levels.push(String::from_utf8(out).ok()?);
+        levels.push(unescape(token, b'%')?);
     }
     Some(levels.join("/"))
 }
 
-/// The NATS subjects a topic filter needs (a trailing `#` also matches its parent level).
-pub(crate) fn filter_subjects(filter: &str) -> Vec<String> {
+/// `token` with its `<escape>XX` sequences decoded (a lone escape: the empty string).
+fn unescape(token: &str, escape: u8) -> Option<String> {
+    if token.len() == 1 && token.as_bytes()[0] == escape {
+        return Some(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == escape {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The NATS subjects under `prefix` a topic filter needs (a trailing `#` also matches its
+/// parent level).
+pub(crate) fn filter_subjects(prefix: &str, filter: &str) -> Vec<String> {
     let levels: Vec<&str> = filter.split('/').collect();
-    let mut tokens = Vec::new();
+    let mut tokens: Vec<String> = Vec::new();
     for (i, level) in levels.iter().enumerate() {
         match *level {
             "+" => tokens.push("*".to_string()),
             "#" if i == levels.len() - 1 => {
                 let parent = tokens.clone();
                 tokens.push(">".to_string());
-                let mut out = vec![format!("{PREFIX}.{}", tokens.join("."))];
+                let mut out = vec![format!("{prefix}.{}", tokens.join("."))];
                 if !parent.is_empty() {
-                    out.push(format!("{PREFIX}.{}", parent.join(".")));
+                    out.push(format!("{prefix}.{}", parent.join(".")));
                 }
                 return out;
             }
-            other => tokens.push(subject(other)[PREFIX.len() + 1..].to_string()),
+            other => {
+                let mut t = String::new();
+                push_level(&mut t, other);
+                tokens.push(t);
+            }
         }
     }
-    vec![format!("{PREFIX}.{}", tokens.join("."))]
+    vec![format!("{prefix}.{}", tokens.join("."))]
 }
 
+/// The servers of a `nats_url` (several comma-separated).
+pub(crate) fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(|u| {
+            u.trim().parse::<async_nats::ServerAddr>().map_err(|e| {
+                anyhow::anyhow!(
+                    "nats_url: '{}' is not a NATS server URL ({e}); write nats://host:port, several comma-separated",
+                    u.trim()
+                )
+            })
+        })
+        .collect()
+}
+
+/// A client id as a key of the clients bucket (letters, digits, `-` and `_` kept, every other
+/// byte `=XX`).
+pub(crate) fn client_key(client_id: &str) -> String {
+    let mut out = String::with_capacity(client_id.len());
+    for b in client_id.bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => out.push(char::from(b)),
+            _ => out.push_str(&format!("={b:02X}")),
+        }
+    }
+    out
+}
+
+/// The client id of a key made by [`client_key`].
+pub(crate) fn client_of_key(key: &str) -> Option<String> {
+    if key.is_empty() {
+        return None;
+    }
+    unescape(key, b'=')
+}
+
+/// The queue group of a shared subscription on NATS: one per `$share/GROUP/FILTER`.
+fn queue_group(filter: &str) -> String {
+    // A stable hash (FNV-1a): every node must name the same group alike.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in filter.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("pcs{h:016x}")
+}
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// What the broker asks of the cluster.
 enum Work {
-    Publish(Message),
-    Interest(String, bool),
+    Publish(Box<Message>, Option<Reply>),
+}
+
+enum Control {
+    Interest(String, bool, Option<Reply>),
+    Retained {
+        client_id: String,
+        generation: u64,
+        filter: String,
+        options: SubscriptionOptions,
+    },
+    Claim(String, Reply),
+    Release(String),
 }
 
 /// The broker's side: queues, never blocks.
 struct NatsBridge {
     work: mpsc::Sender<Work>,
-    interest: mpsc::UnboundedSender<Work>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+fn answered(result: Result<(), String>) -> Confirmation {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(result);
+    rx
 }
 
 impl Bridge for NatsBridge {
-    fn published(&self, message: &Message) {
-        if self.work.try_send(Work::Publish(message.clone())).is_err() {
+    fn published(&self, message: &Message) -> Option<Confirmation> {
+        let stored = message.qos != QoS::AtMostOnce || message.retain;
+        let (reply, confirm) = if stored {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        if self
+            .work
+            .try_send(Work::Publish(Box::new(message.clone()), reply))
+            .is_err()
+        {
             metrics::counter!("portcullis_cluster_messages_dropped_total").increment(1);
+            return stored.then(|| answered(Err("the queue to NATS is full".into())));
         }
+        confirm
     }
 
-    fn interest(&self, filter: &str, held: bool) {
-        let _ = self.interest.send(Work::Interest(filter.to_string(), held));
+    fn interest(&self, filter: &str, held: bool) -> Option<Confirmation> {
+        let (reply, confirm) = if held {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let _ = self
+            .control
+            .send(Control::Interest(filter.to_string(), held, reply));
+        confirm
+    }
+
+    fn retained(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) {
+        let _ = self.control.send(Control::Retained {
+            client_id: client_id.to_string(),
+            generation,
+            filter: filter.to_string(),
+            options,
+        });
+    }
+
+    fn claim(&self, client_id: &str) -> Confirmation {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(Control::Claim(_, tx))) =
+            self.control.send(Control::Claim(client_id.to_string(), tx))
+        {
+            let _ = tx.send(Err("the cluster connection is gone".into()));
+        }
+        rx
+    }
+
+    fn release(&self, client_id: &str) {
+        let _ = self.control.send(Control::Release(client_id.to_string()));
     }
 }
 
-/// Whether this node is connected to NATS, as the client's events say (for readiness).
+/// Whether this node is connected to NATS, as the client's events say, and has its JetStream
+/// streams (for readiness).
 #[derive(Debug, Default)]
 pub(crate) struct NatsState {
-    connected: std::sync::atomic::AtomicBool,
+    connected: AtomicBool,
+    streams: AtomicBool,
     client: std::sync::OnceLock<async_nats::Client>,
 }
 
 impl NatsState {
-    /// Connected now (the last event said so, and the client agrees).
+    /// Connected now (the last event said so, and the client agrees) and set up.
     pub(crate) fn connected(&self) -> bool {
-        self.connected.load(std::sync::atomic::Ordering::SeqCst)
+        self.connected.load(Ordering::SeqCst)
+            && self.streams.load(Ordering::SeqCst)
             && self
                 .client
                 .get()
@@ -139,26 +306,97 @@ impl NatsState {
     }
 }
 
-/// Connects to NATS at `url` and bridges `broker` to the other nodes, as node `id`; `state`
-/// follows the connection.
+/// The headers a message crosses NATS with.
+fn headers_of(m: &Message, origin: &str, id: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Portcullis-Origin", origin);
+    headers.insert("Portcullis-Id", id);
+    headers.insert("Portcullis-QoS", (m.qos as u8).to_string().as_str());
+    if m.retain {
+        headers.insert("Portcullis-Retain", "1");
+    }
+    let mut properties = m.properties.clone();
+    if let Some(at) = m.expires_at {
+        let left = at
+            .saturating_duration_since(std::time::Instant::now())
+            .as_secs();
+        properties.message_expiry_interval = Some(u32::try_from(left.max(1)).unwrap_or(u32::MAX));
+    }
+    if properties != PublishProperties::default()
+        && let Ok(bytes) = portcullis_mqtt::codec::encode_message_properties(&properties)
+    {
+        headers.insert(
+            "Portcullis-Properties",
+            base64::engine::general_purpose::STANDARD
+                .encode(&bytes)
+                .as_str(),
+        );
+    }
+    headers
+}
+
+/// A message from NATS; `published` is when a stream stored it (for its expiry).
+fn message_of(
+    topic: String,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+    published: Option<SystemTime>,
+) -> Option<Message> {
+    let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    let qos = match header("Portcullis-QoS") {
+        Some("2") => QoS::ExactlyOnce,
+        Some("1") => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let properties = header("Portcullis-Properties")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| portcullis_mqtt::codec::decode_message_properties(&b).ok())
+        .unwrap_or_default();
+    let mut expires_at = None;
+    if let Some(seconds) = properties.message_expiry_interval {
+        let age = published
+            .and_then(|p| SystemTime::now().duration_since(p).ok())
+            .unwrap_or_default();
+        let left = Duration::from_secs(u64::from(seconds)).checked_sub(age)?;
+        expires_at = Some(std::time::Instant::now() + left);
+    }
+    Some(Message {
+        topic,
+        payload,
+        qos,
+        retain: header("Portcullis-Retain").is_some(),
+        properties,
+        expires_at,
+        sent_as: None,
+        released: false,
+    })
+}
+
+/// Connects to NATS and bridges `broker` to the other nodes, as node `id`; `state` follows the
+/// connection. The JetStream streams are made (or found) in the background, retried until NATS
+/// answers; the node is not ready before.
 pub(crate) async fn start(
-    url: &str,
+    options: &NatsOptions,
     id: &str,
     broker: Arc<Broker>,
     state: Arc<NatsState>,
 ) -> Result<()> {
     let events = state.clone();
+    let url = options.url.clone();
+    let servers = servers(&url)?;
     let client = async_nats::ConnectOptions::new()
         .name(format!("portcullis {id}"))
         .retry_on_initial_connect()
         .event_callback(move |event| {
             let events = events.clone();
             async move {
-                use std::sync::atomic::Ordering;
                 match event {
                     async_nats::Event::Connected => {
                         events.connected.store(true, Ordering::SeqCst);
-                        tracing::info!(target: "portcullis::cluster", "connected to NATS");
+                        // The first connection is told by `start`, once the client is known.
+                        if let Some(client) = events.client.get() {
+                            tracing::info!(target: "portcullis::cluster", server = %client.server_info().server_name, "connected to NATS");
+                        }
                     }
                     async_nats::Event::Disconnected => {
                         events.connected.store(false, Ordering::SeqCst);
@@ -168,63 +406,299 @@ pub(crate) async fn start(
                 }
             }
         })
-        .connect(url)
+        .connect(servers)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))?;
-    if client.connection_state() == async_nats::connection::State::Connected {
-        state
-            .connected
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
     let _ = state.client.set(client.clone());
-    let (work, mut publishing) = mpsc::channel(QUEUE);
-    let (interest, mut interests) = mpsc::unbounded_channel();
+    if client.connection_state() == async_nats::connection::State::Connected {
+        state.connected.store(true, Ordering::SeqCst);
+        tracing::info!(target: "portcullis::cluster", server = %client.server_info().server_name, "connected to NATS");
+    }
+    let (work, publishing) = mpsc::channel(QUEUE);
+    let (control, controls) = mpsc::unbounded_channel();
     // This process, not just this node: message ids restart with it, and a peer must not take
     // a restarted node's new messages for ones it has seen.
     let instance = format!(
         "{id}#{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default()
     );
-    let origin = instance.clone();
-    let publisher = client.clone();
+    let node = Node {
+        client: client.clone(),
+        js: jetstream::new(client),
+        broker: broker.clone(),
+        instance,
+        id: id.to_string(),
+        replicas: options.replicas,
+        claims: Arc::new(Mutex::new(HashMap::new())),
+        seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
+    };
+    broker.set_bridge(Arc::new(NatsBridge { work, control }));
     tokio::spawn(async move {
-        let mut seq: u64 = 0;
-        while let Some(Work::Publish(m)) = publishing.recv().await {
-            seq += 1;
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Portcullis-Origin", origin.as_str());
-            headers.insert("Portcullis-Id", format!("{origin}/{seq}").as_str());
-            headers.insert("Portcullis-QoS", (m.qos as u8).to_string().as_str());
-            if m.retain {
-                headers.insert("Portcullis-Retain", "1");
-            }
-            if let Err(e) = publisher
-                .publish_with_headers(subject(&m.topic), headers, m.payload.clone())
-                .await
-            {
-                tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+        let clients = node.set_up().await;
+        state.streams.store(true, Ordering::SeqCst);
+        tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
+        tokio::spawn(node.clone().watch_owners(clients.clone()));
+        tokio::spawn(node.clone().publish(publishing));
+        node.control(controls, clients).await;
+    });
+    Ok(())
+}
+
+/// How long a publication or a claim keeps trying while JetStream elects new leaders (after a
+/// NATS server's death): below the time a client waits for its acknowledgement.
+const RIDE_THROUGH: Duration = Duration::from_secs(4);
+
+/// Waits for JetStream's acknowledgement of a publication (`ack`, if it was sent), sending it
+/// again (same message id: stored once) until it is acknowledged or [`RIDE_THROUGH`] passed.
+async fn stored_within(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    ack: Option<jetstream::context::PublishAckFuture>,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + RIDE_THROUGH;
+    let mut delay = Duration::from_millis(50);
+    let mut ack = ack;
+    loop {
+        let error = match ack.take() {
+            Some(pending) => match pending.await {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            None => "not sent".to_string(),
+        };
+        if tokio::time::Instant::now() + delay > deadline {
+            return Err(error);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(800));
+        ack = js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+            .ok();
+    }
+}
+
+/// This node's side of the cluster.
+#[derive(Clone)]
+struct Node {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    broker: Arc<Broker>,
+    /// This process (node name and start time): the origin of its messages and claims.
+    instance: String,
+    id: String,
+    replicas: usize,
+    /// Client ids this node owns, with the revision of its claim.
+    claims: Arc<Mutex<HashMap<String, u64>>>,
+    /// Message ids delivered lately (overlapping subscriptions deliver a message twice).
+    seen: Arc<Mutex<(VecDeque<String>, HashSet<String>)>>,
+}
+
+impl Node {
+    /// Makes (or finds) the streams and the clients bucket, retrying until NATS answers.
+    async fn set_up(&self) -> kv::Store {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.try_set_up().await {
+                Ok(store) => return store,
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot set up JetStream (is nats-server running with -js, and are there as many servers as nats_replicas?); retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
-    });
-    let me = instance;
-    let routed_to = broker.clone();
-    tokio::spawn(async move {
-        let broker = routed_to;
-        let seen = Arc::new(Mutex::new((VecDeque::new(), HashSet::new())));
-        let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
-        while let Some(Work::Interest(filter, on)) = interests.recv().await {
-            if !on {
-                for task in held.remove(&filter).into_iter().flatten() {
-                    task.abort();
-                }
-                continue;
+    }
+
+    async fn try_set_up(&self) -> Result<kv::Store> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec![format!("{STORED}.>")],
+                retention: stream::RetentionPolicy::Interest,
+                storage: stream::StorageType::File,
+                num_replicas: self.replicas,
+                duplicate_window: Duration::from_secs(120),
+                max_age: Duration::from_secs(24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .context("the MQTT message stream")?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: RETAINED_STREAM.into(),
+                subjects: vec![format!("{RETAINED}.>")],
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::File,
+                num_replicas: self.replicas,
+                ..Default::default()
+            })
+            .await
+            .context("the retained message stream")?;
+        // The bucket's stream as the key-value API makes it (async-nats's own bucket creation
+        // reads account information nats-server 2.9 answers in an older shape).
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{CLIENTS}"),
+                subjects: vec![format!("$KV.{CLIENTS}.>")],
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::File,
+                num_replicas: self.replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                max_message_size: -1,
+                max_bytes: -1,
+                max_messages: -1,
+                ..Default::default()
+            })
+            .await
+            .context("the client id bucket")?;
+        self.js
+            .get_key_value(CLIENTS)
+            .await
+            .context("the client id bucket")
+    }
+
+    /// Sends what this node's clients publish, in order; a stored message's publisher is
+    /// answered once JetStream acknowledged it.
+    async fn publish(self, mut publishing: mpsc::Receiver<Work>) {
+        let mut seq: u64 = 0;
+        while let Some(Work::Publish(m, reply)) = publishing.recv().await {
+            seq += 1;
+            let id = format!("{}/{seq}", self.instance);
+            let mut headers = headers_of(&m, &self.instance, &id);
+            // What goes through JetStream: (subject, headers), each acknowledged by the stream.
+            let mut stored = Vec::new();
+            if m.retain {
+                let mut kept = headers.clone();
+                kept.insert("Portcullis-Retain", "1");
+                kept.insert("Nats-Msg-Id", format!("{id}/r").as_str());
+                stored.push((subject(RETAINED, &m.topic), kept));
             }
-            let mut tasks = Vec::new();
-            for pattern in filter_subjects(&filter) {
-                let mut sub = match client.subscribe(pattern.clone()).await {
+            if m.qos == QoS::AtMostOnce {
+                if let Err(e) = self
+                    .client
+                    .publish_with_headers(subject(LIVE, &m.topic), headers, m.payload.clone())
+                    .await
+                {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+                }
+            } else {
+                headers.insert("Nats-Msg-Id", id.as_str());
+                stored.push((subject(STORED, &m.topic), headers));
+            }
+            let mut acks = Vec::new();
+            for (subject, headers) in stored {
+                let sent = self
+                    .js
+                    .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                    .await;
+                acks.push((subject, headers, sent.ok()));
+            }
+            let Some(reply) = reply else {
+                continue;
+            };
+            let (js, payload) = (self.js.clone(), m.payload.clone());
+            tokio::spawn(async move {
+                let mut result = Ok(());
+                for (subject, headers, ack) in acks {
+                    if let Err(e) = stored_within(&js, subject, headers, payload.clone(), ack).await
+                    {
+                        result = Err(format!("JetStream did not store it: {e}"));
+                    }
+                }
+                let _ = reply.send(result);
+            });
+        }
+    }
+
+    /// Subscriptions, retained message lookups and client id claims, as the broker asks.
+    async fn control(self, mut controls: mpsc::UnboundedReceiver<Control>, clients: kv::Store) {
+        let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
+        while let Some(control) = controls.recv().await {
+            match control {
+                Control::Interest(filter, false, _) => {
+                    for task in held.remove(&filter).into_iter().flatten() {
+                        task.abort();
+                    }
+                }
+                Control::Interest(filter, true, reply) => {
+                    let tasks = self.subscribe(&filter).await;
+                    held.insert(filter, tasks);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Control::Retained {
+                    client_id,
+                    generation,
+                    filter,
+                    options,
+                } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        match node.retained_matching(&filter).await {
+                            Ok(found) if !found.is_empty() => {
+                                node.broker
+                                    .deliver_retained(&client_id, generation, found, options);
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(target: "portcullis::cluster", filter = %filter, error = %format!("{e:#}"), "cannot read the retained messages");
+                            }
+                        }
+                    });
+                }
+                Control::Claim(client_id, reply) => {
+                    let node = self.clone();
+                    let clients = clients.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(node.claim(&clients, &client_id).await);
+                    });
+                }
+                Control::Release(client_id) => {
+                    let revision = self
+                        .claims
+                        .lock()
+                        .ok()
+                        .and_then(|mut c| c.remove(&client_id));
+                    if let Some(revision) = revision {
+                        let clients = clients.clone();
+                        tokio::spawn(async move {
+                            let _ = clients
+                                .delete_expect_revision(client_key(&client_id), Some(revision))
+                                .await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes on NATS for one filter (an ordinary one: messages of the other nodes; a
+    /// shared one: this node's turn of the group's messages, its own included).
+    async fn subscribe(&self, filter: &str) -> Vec<tokio::task::JoinHandle<()>> {
+        let shared = portcullis_mqtt::topic::shared(filter).ok().flatten();
+        let inner = shared.map_or(filter, |(_, f)| f);
+        let mut tasks = Vec::new();
+        for prefix in [LIVE, STORED] {
+            for pattern in filter_subjects(prefix, inner) {
+                let subscribed = match shared {
+                    Some(_) => {
+                        self.client
+                            .queue_subscribe(pattern.clone(), queue_group(filter))
+                            .await
+                    }
+                    None => self.client.subscribe(pattern.clone()).await,
+                };
+                let mut sub = match subscribed {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(target: "portcullis::cluster", error = %e, subject = %pattern, "cannot subscribe on NATS");
@@ -232,55 +706,220 @@ pub(crate) async fn start(
                     }
                 };
                 // Once the server has the subscription, messages published anywhere arrive.
-                if let Err(e) = client.flush().await {
+                if let Err(e) = self.client.flush().await {
                     tracing::warn!(target: "portcullis::cluster", error = %e, "cannot reach NATS");
                 }
                 tracing::info!(target: "portcullis::cluster", subject = %pattern, filter = %filter, "routing subscribed");
-                let (broker, me, seen) = (broker.clone(), me.clone(), seen.clone());
+                let node = self.clone();
+                let filter = filter.to_string();
+                let is_shared = shared.is_some();
                 tasks.push(tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {
-                        let headers = msg.headers.clone().unwrap_or_default();
-                        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
-                        if header("Portcullis-Origin").as_deref() == Some(me.as_str()) {
-                            continue;
-                        }
-                        if let Some(id) = header("Portcullis-Id")
-                            && let Ok(mut seen) = seen.lock()
-                        {
-                            if !seen.1.insert(id.clone()) {
-                                continue;
-                            }
-                            seen.0.push_back(id);
-                            if seen.0.len() > SEEN
-                                && let Some(old) = seen.0.pop_front()
-                            {
-                                seen.1.remove(&old);
-                            }
-                        }
-                        let Some(topic) = topic(msg.subject.as_str()) else {
-                            continue;
-                        };
-                        let qos = match header("Portcullis-QoS").as_deref() {
-                            Some("1") => QoS::AtLeastOnce,
-                            _ => QoS::AtMostOnce,
-                        };
-                        broker.deliver_remote(Message {
-                            topic,
-                            payload: msg.payload.clone(),
-                            qos,
-                            retain: header("Portcullis-Retain").is_some(),
-                            properties: PublishProperties::default(),
-                            expires_at: None,
-                            sent_as: None,
-                        });
+                        node.arrived(&msg, is_shared.then_some(filter.as_str()));
                     }
                 }));
             }
-            held.insert(filter, tasks);
         }
-    });
-    broker.set_bridge(Arc::new(NatsBridge { work, interest }));
-    Ok(())
+        tasks
+    }
+
+    /// A message from NATS: to this node's subscribers, or to one member of `shared`.
+    fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
+        let headers = msg.headers.as_ref();
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        if shared.is_none() {
+            if header("Portcullis-Origin") == Some(self.instance.as_str()) {
+                return;
+            }
+            if let Some(id) = header("Portcullis-Id")
+                && let Ok(mut seen) = self.seen.lock()
+            {
+                if !seen.1.insert(id.to_string()) {
+                    return;
+                }
+                seen.0.push_back(id.to_string());
+                if seen.0.len() > SEEN
+                    && let Some(old) = seen.0.pop_front()
+                {
+                    seen.1.remove(&old);
+                }
+            }
+        }
+        let Some(topic) = topic(msg.subject.as_str()) else {
+            return;
+        };
+        let Some(message) = message_of(topic, headers, msg.payload.clone(), None) else {
+            return;
+        };
+        match shared {
+            Some(filter) => self.broker.deliver_shared(filter, message),
+            None => self.broker.deliver_remote(message),
+        };
+    }
+
+    /// The cluster's retained messages matching `filter`.
+    async fn retained_matching(&self, filter: &str) -> Result<Vec<Message>> {
+        let stream = self.js.get_stream(RETAINED_STREAM).await?;
+        let mut found = Vec::new();
+        let mut keep = |m: async_nats::jetstream::message::StreamMessage| {
+            if m.payload.is_empty() {
+                return;
+            }
+            let Some(topic) = topic(m.subject.as_str()) else {
+                return;
+            };
+            if !portcullis_mqtt::topic::matches(filter, &topic) {
+                return;
+            }
+            let stored = SystemTime::from(m.time);
+            if let Some(message) = message_of(topic, Some(&m.headers), m.payload, Some(stored)) {
+                found.push(message);
+            }
+        };
+        for pattern in filter_subjects(RETAINED, filter) {
+            if !pattern.contains('*') && !pattern.contains('>') {
+                match stream.get_last_raw_message_by_subject(&pattern).await {
+                    Ok(m) => keep(m),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            let consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: pattern.clone(),
+                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                    ack_policy: consumer::AckPolicy::None,
+                    inactive_threshold: Duration::from_secs(30),
+                    ..Default::default()
+                })
+                .await?;
+            let name = consumer.cached_info().name.clone();
+            let mut left = consumer.cached_info().num_pending;
+            while left > 0 {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(usize::try_from(left.min(1000)).unwrap_or(1000))
+                    .messages()
+                    .await?;
+                let mut got = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    got += 1;
+                    let time = m.info().map(|i| i.published).ok();
+                    keep(async_nats::jetstream::message::StreamMessage {
+                        subject: m.subject.clone(),
+                        sequence: 0,
+                        headers: m.headers.clone().unwrap_or_default(),
+                        payload: m.payload.clone(),
+                        time: time.unwrap_or_else(time::OffsetDateTime::now_utc),
+                    });
+                }
+                if got == 0 {
+                    break;
+                }
+                left = left.saturating_sub(got);
+            }
+            let _ = stream.delete_consumer(&name).await;
+        }
+        Ok(found)
+    }
+
+    /// Records this node as the owner of `client_id` (compare-and-set, retried on a race).
+    async fn claim(&self, clients: &kv::Store, client_id: &str) -> Result<(), String> {
+        let key = client_key(client_id);
+        let value = serde_json::json!({
+            "owner": self.instance,
+            "node": self.id,
+            "at_ms": SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default(),
+        })
+        .to_string();
+        let mut last = String::new();
+        let deadline = tokio::time::Instant::now() + RIDE_THROUGH;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(last);
+            }
+            let written = match clients.entry(key.clone()).await {
+                Ok(Some(e)) => clients
+                    .update(&key, value.clone().into(), e.revision)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(None) => clients
+                    .create(&key, value.clone().into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match written {
+                Ok(revision) => {
+                    if let Ok(mut claims) = self.claims.lock() {
+                        claims.insert(client_id.to_string(), revision);
+                    }
+                    return Ok(());
+                }
+                // Another node wrote in between (read again), or JetStream is electing a
+                // leader (try again shortly).
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Closes this node's session of a client id another node claimed since.
+    async fn watch_owners(self, clients: kv::Store) {
+        loop {
+            let mut watch = match clients.watch_all().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot watch client id owners; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else {
+                    break;
+                };
+                if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                let owner = serde_json::from_slice::<serde_json::Value>(&entry.value)
+                    .ok()
+                    .and_then(|v| {
+                        Some((
+                            v.get("owner")?.as_str()?.to_string(),
+                            v.get("node")?.as_str()?.to_string(),
+                        ))
+                    });
+                let (Some(client_id), Some((owner, node))) = (client_of_key(&entry.key), owner)
+                else {
+                    continue;
+                };
+                if owner == self.instance {
+                    continue;
+                }
+                let mine =
+                    self.claims
+                        .lock()
+                        .ok()
+                        .and_then(|mut claims| match claims.get(&client_id) {
+                            Some(&revision) if revision < entry.revision => {
+                                claims.remove(&client_id)
+                            }
+                            _ => None,
+                        });
+                if mine.is_some() && self.broker.taken_over(&client_id) {
+                    tracing::info!(target: "portcullis::cluster", client_id = %client_id, node = %node, "mqtt session taken over by another node");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -299,15 +938,70 @@ mod tests {
             "a%2Eb",
             "",
         ] {
-            let s = subject(t);
-            assert!(!s.contains(' ') && !s.contains(".."), "{t} -> {s}");
-            assert_eq!(topic(&s).as_deref(), Some(t), "{s}");
+            for prefix in [LIVE, STORED, RETAINED] {
+                let s = subject(prefix, t);
+                assert!(!s.contains(' ') && !s.contains(".."), "{t} -> {s}");
+                assert_eq!(topic(&s).as_deref(), Some(t), "{s}");
+            }
         }
-        assert_eq!(subject("a.b/c"), "pcm.a%2Eb.c");
-        assert_eq!(filter_subjects("a/+/c"), vec!["pcm.a.*.c"]);
-        assert_eq!(filter_subjects("a/#"), vec!["pcm.a.>", "pcm.a"]);
-        assert_eq!(filter_subjects("#"), vec!["pcm.>"]);
-        assert_eq!(filter_subjects("a.b/#"), vec!["pcm.a%2Eb.>", "pcm.a%2Eb"]);
+        assert_eq!(subject(LIVE, "a.b/c"), "pcm.a%2Eb.c");
+        assert_eq!(filter_subjects(LIVE, "a/+/c"), vec!["pcm.a.*.c"]);
+        assert_eq!(filter_subjects(STORED, "a/#"), vec!["pcq.a.>", "pcq.a"]);
+        assert_eq!(filter_subjects(LIVE, "#"), vec!["pcm.>"]);
+        assert_eq!(
+            filter_subjects(LIVE, "a.b/#"),
+            vec!["pcm.a%2Eb.>", "pcm.a%2Eb"]
+        );
         assert_eq!(topic("other.subject"), None);
+    }
+
+    #[test]
+    fn client_ids_round_trip_as_bucket_keys() {
+        for id in ["dev-1", "a.b c", "ünï", "x=41", "_-", "%"] {
+            let key = client_key(id);
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{key}"
+            );
+            assert_eq!(client_of_key(&key).as_deref(), Some(id));
+        }
+        assert_ne!(queue_group("$share/g/a"), queue_group("$share/g/b"));
+    }
+
+    #[test]
+    fn properties_and_expiry_cross_nodes() {
+        let m = Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties: PublishProperties {
+                content_type: Some("text/plain".into()),
+                user_properties: vec![("k".into(), "ü v".into())],
+                correlation_data: Some(bytes::Bytes::from_static(b"\0\x01")),
+                ..Default::default()
+            },
+            expires_at: Some(std::time::Instant::now() + Duration::from_secs(60)),
+            sent_as: None,
+            released: false,
+        };
+        let headers = headers_of(&m, "node#1", "node#1/1");
+        let back = message_of("t".into(), Some(&headers), m.payload.clone(), None).unwrap();
+        assert_eq!(back.qos, QoS::ExactlyOnce);
+        assert!(back.retain);
+        assert_eq!(back.properties.content_type, m.properties.content_type);
+        assert_eq!(
+            back.properties.user_properties,
+            m.properties.user_properties
+        );
+        assert_eq!(
+            back.properties.correlation_data,
+            m.properties.correlation_data
+        );
+        assert!(back.expires_at.is_some());
+        // Stored longer ago than it lives: gone.
+        let old = SystemTime::now() - Duration::from_secs(120);
+        assert!(message_of("t".into(), Some(&headers), m.payload.clone(), Some(old)).is_none());
     }
 }

@@ -55,6 +55,9 @@ pub(crate) struct FileConfig {
     /// NATS (`nats://host:4222`, several comma-separated): MQTT messages reach the sessions of
     /// every node.
     nats_url: Option<String>,
+    /// Copies JetStream keeps of the MQTT streams: the NATS cluster's size (1 to 5, default 1;
+    /// 3 for the reference deployment).
+    nats_replicas: Option<usize>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
 }
@@ -163,8 +166,25 @@ impl FileConfig {
     }
 
     /// The NATS servers MQTT is routed through, if any.
-    pub(crate) fn nats_url(&self) -> Option<&str> {
-        self.nats_url.as_deref()
+    pub(crate) fn nats(&self) -> Result<Option<crate::bus::NatsOptions>> {
+        let Some(url) = &self.nats_url else {
+            if self.nats_replicas.is_some() {
+                bail!("nats_replicas is set without nats_url: name the NATS servers too");
+            }
+            return Ok(None);
+        };
+        let replicas = match self.nats_replicas {
+            None => 1,
+            Some(n @ 1..=5) => n,
+            Some(n) => bail!(
+                "nats_replicas = {n}: JetStream keeps 1 to 5 copies; give the NATS cluster's size (3 in the reference deployment)"
+            ),
+        };
+        crate::bus::servers(url)?;
+        Ok(Some(crate::bus::NatsOptions {
+            url: url.clone(),
+            replicas,
+        }))
     }
 
     /// This node's name, if the file gives one.

@@ -197,9 +197,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("installing the metrics recorder")?;
     let ready = Arc::new(AtomicBool::new(false));
     let marker = store.change_marker().await?;
-    let nats_url = crate::config::read_file_config(&config_path)?
-        .nats_url()
-        .map(str::to_string);
+    let nats_url = crate::config::read_file_config(&config_path)?.nats()?;
     if database.starts_with("postgres") && config.speaks_mqtt() && nats_url.is_none() {
         tracing::warn!(
             "MQTT sessions live on this node: with several nodes sharing this database, a message reaches only subscribers connected to the node it was published on; set nats_url to route MQTT between nodes, or keep a fleet's MQTT on one node"
@@ -266,8 +264,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => format!("{}:{}", host_name(), admin_local.port()),
     };
     // MQTT across nodes, when the configuration names NATS.
-    if let (Some(url), Some(state)) = (&nats_url, &nats_state) {
-        crate::bus::start(url, &node_id, gateway.broker(), state.clone())
+    if let (Some(nats), Some(state)) = (&nats_url, &nats_state) {
+        crate::bus::start(nats, &node_id, gateway.broker(), state.clone())
             .await
             .context("routing MQTT through NATS")?;
     }

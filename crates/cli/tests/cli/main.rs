@@ -5,6 +5,7 @@
 mod abuse;
 mod attacks;
 mod browser;
+mod cluster;
 mod control;
 mod layout;
 mod mqtt;

@@ -1064,14 +1064,13 @@ fn aws_device_sdk_works_under_a_policy_copied_from_iot_core() {
 /// subscribes on NATS only for the filters its sessions hold.
 #[test]
 fn mqtt_messages_cross_nodes_through_nats() {
-    let (Some(_), Some(nats)) = (require_tool("mosquitto_pub"), require_tool("nats-server")) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the cluster test needs nats-server (scripts/test installs it)"
-        );
+    let Some(_) = require_tool("mosquitto_pub") else {
         return;
     };
     let tmp = temp_dir();
+    let Some(nats) = crate::cluster::Nats::start(&tmp.path().join("nats"), 1) else {
+        return;
+    };
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
     std::fs::create_dir_all(&db).unwrap();
@@ -1082,20 +1081,7 @@ fn mqtt_messages_cross_nodes_through_nats() {
     for file in ["trust-a.pem", "dev-2.chain.pem", "dev-2.key"] {
         std::fs::copy(da.join(file), db.join(file)).unwrap();
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let nats_server = crate::serve::Killed(
-        Command::new(nats)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let config = format!("nats_url = \"nats://127.0.0.1:{port}\"\n{}", config());
+    let config = format!("nats_url = \"{}\"\n{}", nats.url(), config());
     let a = Server::start(&da, &config);
     let b = Server::start(&db, &config);
     allow_devices(&da, &a);
@@ -1157,7 +1143,7 @@ fn mqtt_messages_cross_nodes_through_nats() {
         api(&da, &a, "GET", "/readyz", None, Auth::Certificate).0,
         200
     );
-    drop(nats_server);
+    drop(nats);
     a.wait_for("disconnected from NATS");
     assert_eq!(
         api(&da, &a, "GET", "/readyz", None, Auth::Certificate).0,

@@ -184,7 +184,7 @@ impl Drop for PrivatePostgres {
 }
 
 /// Copies the files a client needs from the first node's directory to the second's.
-fn share(from: &Path, to: &Path, names: &[&str]) {
+pub(crate) fn share(from: &Path, to: &Path, names: &[&str]) {
     for name in names {
         for ext in ["pem", "chain.pem", "key"] {
             let file = format!("{name}.{ext}");

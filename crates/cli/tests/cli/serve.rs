@@ -133,7 +133,7 @@ impl Server {
     }
 
     /// Waits (up to 30 s) for the next line that satisfies `wanted`.
-    fn next_line(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn next_line(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
         let mut seen = Vec::new();
         loop {
             match self.lines.recv_timeout(Duration::from_secs(30)) {
@@ -144,7 +144,14 @@ impl Server {
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!("no line with '{what}'; output so far:\n{}", seen.join("\n")),
+                Err(_) => {
+                    let history = self.history.borrow();
+                    let last = &history[history.len().saturating_sub(40)..];
+                    panic!(
+                        "no line with '{what}' within 30 s; the last lines:\n{}",
+                        last.join("\n")
+                    )
+                }
             }
         }
     }

@@ -2,7 +2,8 @@
 //! registry modes and JIT registration as HTTP. The verified certificate is the identity (a
 //! username or password grants nothing); the registry's policies decide `mqtt:Connect` on
 //! `client:<id>`, `mqtt:Publish` on `topic:<name>`, `mqtt:Subscribe` on `topicfilter:<filter>`
-//! and, on every delivery, `mqtt:Receive` on `topic:<name>`. QoS 0 and 1; QoS 2 is refused.
+//! and, on every delivery, `mqtt:Receive` on `topic:<name>`. QoS 0, 1 and 2; shared
+//! subscriptions (`$share/GROUP/FILTER`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -11,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use portcullis_mqtt::broker::Broker;
-use portcullis_mqtt::codec::{
-    self, ConnAck, ConnAckProperties, Packet, Protocol, PubAck, QoS, reason,
-};
+use portcullis_mqtt::codec::{self, ConnAck, ConnAckProperties, Packet, Protocol, PubAck, reason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -36,6 +35,9 @@ const MAX_INFLIGHT: usize = 64;
 
 /// How long a MQTT 3.1.1 persistent session outlives its connection (MQTT 5 clients say).
 const PERSISTENT_SESSION: Duration = Duration::from_secs(3600);
+
+/// How long a CONNECT waits for the cluster to record its node as the session's owner.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a write to a client may take: a client that stops reading is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -186,10 +188,6 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
             return log_refused(&c, &client_id, &format!("the will is not allowed: {why}"));
         }
-        if will.qos == QoS::ExactlyOnce {
-            let _ = send(&mut tls, protocol, &refuse(reason::QOS_NOT_SUPPORTED)).await;
-            return log_refused(&c, &client_id, "a QoS 2 will is not supported");
-        }
     }
     let expiry = match protocol {
         Protocol::V5 => Duration::from_secs(u64::from(
@@ -198,6 +196,24 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         Protocol::V311 if connect.clean_start => Duration::ZERO,
         Protocol::V311 => PERSISTENT_SESSION,
     };
+    // In a cluster, this node becomes the client id's owner first: a session another node
+    // holds is taken over there.
+    if let Some(claim) = c.broker.claim(&client_id) {
+        let claimed = match tokio::time::timeout(CLAIM_TIMEOUT, claim).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(why),
+            Ok(Err(_)) => Err("the cluster connection closed".to_string()),
+            Err(_) => Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
+        };
+        if let Err(why) = claimed {
+            let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
+            return log_refused(
+                &c,
+                &client_id,
+                &format!("the cluster could not record this node as the session's owner: {why}"),
+            );
+        }
+    }
     let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
     let mut handle = c.broker.connect(
         &client_id,
@@ -208,13 +224,12 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     );
     let mut properties = ConnAckProperties::default();
     if protocol == Protocol::V5 {
-        properties.maximum_qos = Some(QoS::AtLeastOnce);
         properties.retain_available = Some(true);
         properties.maximum_packet_size = u32::try_from(max).ok();
         properties.topic_alias_maximum = Some(0);
         properties.wildcard_subscription_available = Some(true);
         properties.subscription_identifiers_available = Some(false);
-        properties.shared_subscription_available = Some(false);
+        properties.shared_subscription_available = Some(true);
         properties.receive_maximum = Some(u16::try_from(MAX_INFLIGHT).unwrap_or(u16::MAX));
         properties.assigned_client_identifier = assigned;
     }
@@ -228,6 +243,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             &client_id,
             handle.generation,
             std::mem::take(&mut handle.pending),
+            std::mem::take(&mut handle.awaiting_release),
             Some(&mut handle.outbound),
         );
         return;
@@ -263,6 +279,8 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
             .min(MAX_INFLIGHT),
         out: BytesMut::new(),
+        awaiting_release: Default::default(),
+        owed: VecDeque::new(),
     };
     session.run(&mut tls, buf, handle, &connect).await;
     metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);

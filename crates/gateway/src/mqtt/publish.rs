@@ -117,9 +117,26 @@ pub(crate) async fn https_publish(
         properties: Default::default(),
         expires_at: None,
         sent_as: None,
+        released: false,
     };
     verifier.forward(|| envelope(&message, None, leaf, verifier), &topic);
-    let routed = broker.publish(message, None);
+    let mut routed = broker.publish(message, None);
+    // In a cluster, a QoS 1 or retained message is answered once the cluster stored it.
+    if let Some(confirm) = routed.confirm.take() {
+        let stored = match tokio::time::timeout(std::time::Duration::from_secs(5), confirm).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the cluster connection closed".into()),
+            Err(_) => Err("no answer within 5 s".into()),
+        };
+        if let Err(why) = stored {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-stored",
+                &format!("the cluster could not store the message ({why}); send it again"),
+                None,
+            );
+        }
+    }
     metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
     let body = serde_json::json!({
         "topic": topic,

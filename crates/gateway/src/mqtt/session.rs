@@ -2,11 +2,13 @@
 //! the checks on every registry change.
 
 use super::{Conn, End, SessionAuth, WRITE_TIMEOUT, expiry_of, puback, reserved};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use portcullis_mqtt::broker::{Message, Outbound, SessionHandle, SubscriptionOptions};
+use portcullis_mqtt::broker::{
+    Confirmation, Message, Outbound, SessionHandle, SubscriptionOptions,
+};
 use portcullis_mqtt::codec::{
     self, AckProperties, Connect, Disconnect, Packet, Protocol, PubAck, Publish, QoS, SubAck,
     UnsubAck, reason,
@@ -24,6 +26,40 @@ pub(super) const MAX_READ: usize = 64 * 1024;
 
 /// Packets handled from one read after which a session lets other tasks run.
 pub(super) const YIELD_AFTER_PACKETS: usize = 64;
+
+/// QoS 2 messages a client may have received by us and not released (PUBREL) at once.
+const MAX_AWAITING_RELEASE: usize = 1024;
+
+/// An acknowledgement owed to the client, sent in the order its packets came.
+pub(super) enum Reply {
+    /// PUBACK for a QoS 1 PUBLISH, with its reason when stored.
+    PubAck(u16, u8),
+    /// PUBREC for a QoS 2 PUBLISH.
+    PubRec(u16),
+    /// PUBCOMP for a PUBREL (with its reason).
+    PubComp(u16, u8),
+    /// SUBACK, once the cluster routes the new filters here, then the retained messages.
+    SubAck(Box<Packet>, Vec<Message>),
+}
+
+/// A reply waiting for the cluster to store what it acknowledges (or behind one that is).
+pub(super) struct Owed {
+    reply: Reply,
+    confirm: Option<Confirmation>,
+}
+
+/// The first owed reply's confirmation (`Ok` at once for one that waits for nothing).
+async fn first_confirmed(owed: &mut VecDeque<Owed>) -> Result<(), String> {
+    let Some(first) = owed.front_mut() else {
+        return std::future::pending().await;
+    };
+    match first.confirm.as_mut() {
+        None => Ok(()),
+        Some(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err("the cluster connection closed".into())),
+    }
+}
 
 /// A live session.
 pub(super) struct Session<'a> {
@@ -44,6 +80,10 @@ pub(super) struct Session<'a> {
     pub(super) problem_information: bool,
     pub(super) receive_max: usize,
     pub(super) out: BytesMut,
+    /// QoS 2 packet ids received and not yet released by the client.
+    pub(super) awaiting_release: HashSet<u16>,
+    /// Acknowledgements waiting for the cluster, in order.
+    pub(super) owed: VecDeque<Owed>,
 }
 
 impl Session<'_> {
@@ -65,6 +105,9 @@ impl Session<'_> {
         let mut read_size = FIRST_READ;
         let mut changes = c.verifier.registry_changes();
         let mut shutdown = c.shutdown.clone();
+        self.awaiting_release = std::mem::take(&mut handle.awaiting_release)
+            .into_iter()
+            .collect();
         for m in std::mem::take(&mut handle.pending) {
             self.deliver(m);
         }
@@ -171,6 +214,11 @@ impl Session<'_> {
                     self.refill(&handle);
                 }
                 _ = shutdown.changed() => break End::Server(reason::SERVER_SHUTTING_DOWN, "the gateway is stopping".into()),
+                stored = first_confirmed(&mut self.owed), if !self.owed.is_empty() => {
+                    if let Some(end) = self.answer_owed(stored) {
+                        break end;
+                    }
+                }
             }
             self.refill(&handle);
         };
@@ -205,6 +253,7 @@ impl Session<'_> {
                 properties: will.properties.clone(),
                 expires_at: expiry_of(will.properties.message_expiry_interval),
                 sent_as: None,
+                released: false,
             };
             c.broker.publish(m, Some(&self.client_id));
         }
@@ -219,10 +268,13 @@ impl Session<'_> {
             })
             .collect();
         keep.extend(self.backlog.drain(..));
+        let mut awaiting: Vec<u16> = self.awaiting_release.drain().collect();
+        awaiting.sort_unstable();
         c.broker.disconnected(
             &self.client_id,
             handle.generation,
             keep,
+            awaiting,
             Some(&mut handle.outbound),
         );
         let (result, why) = match &end {
@@ -271,13 +323,63 @@ impl Session<'_> {
         match packet {
             Packet::Publish(p) => return self.publish(p),
             Packet::PubAck(a) => {
-                self.inflight.remove(&a.packet_id);
+                if self
+                    .inflight
+                    .get(&a.packet_id)
+                    .is_some_and(|m| m.qos == QoS::AtLeastOnce)
+                {
+                    self.inflight.remove(&a.packet_id);
+                }
                 self.refill(handle);
+            }
+            Packet::PubRec(a) => {
+                // QoS 2, our message received: release it (an error reason ends the exchange).
+                match self.inflight.get_mut(&a.packet_id) {
+                    Some(m) if m.qos == QoS::ExactlyOnce && a.reason < 0x80 => {
+                        m.released = true;
+                        m.expires_at = None;
+                        self.write(&Packet::PubRel(codec::PubAck {
+                            packet_id: a.packet_id,
+                            reason: reason::SUCCESS,
+                            properties: Default::default(),
+                        }));
+                    }
+                    Some(m) if m.qos == QoS::ExactlyOnce => {
+                        self.inflight.remove(&a.packet_id);
+                        self.refill(handle);
+                    }
+                    _ if self.protocol == Protocol::V5 => {
+                        self.write(&Packet::PubRel(codec::PubAck {
+                            packet_id: a.packet_id,
+                            reason: reason::PACKET_IDENTIFIER_NOT_FOUND,
+                            properties: Default::default(),
+                        }));
+                    }
+                    _ => {}
+                }
+            }
+            Packet::PubComp(a) => {
+                if self.inflight.get(&a.packet_id).is_some_and(|m| m.released) {
+                    self.inflight.remove(&a.packet_id);
+                }
+                self.refill(handle);
+            }
+            Packet::PubRel(a) => {
+                // QoS 2, the client's message: it may now be forgotten (it was routed once).
+                let code = if self.awaiting_release.remove(&a.packet_id)
+                    || self.protocol == Protocol::V311
+                {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.reply(Reply::PubComp(a.packet_id, code), None);
             }
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 let mut denials: Vec<String> = Vec::new();
                 let mut retained = Vec::new();
+                let mut ready: Vec<Confirmation> = Vec::new();
                 for f in &s.filters {
                     let refused = |code: u8| match self.protocol {
                         Protocol::V5 => code,
@@ -287,9 +389,19 @@ impl Session<'_> {
                         codes.push(refused(reason::TOPIC_FILTER_INVALID));
                         continue;
                     }
-                    if f.filter.starts_with("$share/") {
-                        codes.push(refused(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED));
-                        continue;
+                    match portcullis_mqtt::topic::shared(&f.filter) {
+                        Err(_) => {
+                            codes.push(refused(reason::TOPIC_FILTER_INVALID));
+                            continue;
+                        }
+                        // No Local on a shared subscription is a protocol error (MQTT 5 §3.8.3.1).
+                        Ok(Some(_)) if f.no_local => {
+                            return Some(End::Server(
+                                reason::PROTOCOL_ERROR,
+                                format!("No Local set on the shared subscription '{}'", f.filter),
+                            ));
+                        }
+                        _ => {}
                     }
                     if let Err(why) = self
                         .auth
@@ -302,11 +414,7 @@ impl Session<'_> {
                         codes.push(refused(reason::NOT_AUTHORIZED));
                         continue;
                     }
-                    let granted = if f.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
+                    let granted = f.qos;
                     let options = SubscriptionOptions {
                         qos: granted,
                         no_local: f.no_local,
@@ -319,8 +427,9 @@ impl Session<'_> {
                         Some(r) => {
                             codes.push(granted as u8);
                             if f.retain_handling != 2 {
-                                retained.extend(r);
+                                retained.extend(r.retained);
                             }
+                            ready.extend(r.ready);
                         }
                         None => codes.push(refused(reason::QUOTA_EXCEEDED)),
                     }
@@ -334,17 +443,33 @@ impl Session<'_> {
                 );
                 let reason_string =
                     self.reason_string("subscription denied by policy", &denials, 4 + codes.len());
-                self.write(&Packet::SubAck(SubAck {
+                let suback = Packet::SubAck(SubAck {
                     packet_id: s.packet_id,
                     codes,
                     properties: AckProperties {
                         reason_string,
                         ..Default::default()
                     },
-                }));
-                for m in retained {
-                    self.deliver(m);
-                }
+                });
+                // In a cluster, SUBACK waits until the other nodes' messages reach this node.
+                let confirm = match ready.len() {
+                    0 => None,
+                    1 => ready.pop(),
+                    _ => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        tokio::spawn(async move {
+                            let mut result = Ok(());
+                            for r in ready {
+                                if let Ok(Err(e)) = r.await {
+                                    result = Err(e);
+                                }
+                            }
+                            let _ = tx.send(result);
+                        });
+                        Some(rx)
+                    }
+                };
+                self.reply(Reply::SubAck(Box::new(suback), retained), confirm);
             }
             Packet::Unsubscribe(u) => {
                 let codes = u
@@ -381,12 +506,6 @@ impl Session<'_> {
                     "a second CONNECT".into(),
                 ));
             }
-            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
-                return Some(End::Server(
-                    reason::QOS_NOT_SUPPORTED,
-                    "QoS 2 is not supported".into(),
-                ));
-            }
             Packet::Auth(_) => {
                 return Some(End::Server(
                     reason::BAD_AUTHENTICATION_METHOD,
@@ -406,11 +525,18 @@ impl Session<'_> {
 
     pub(super) fn publish(&mut self, p: Publish) -> Option<End> {
         let c = self.c;
-        if p.qos == QoS::ExactlyOnce {
-            return Some(End::Server(
-                reason::QOS_NOT_SUPPORTED,
-                "QoS 2 is not supported; publish at QoS 0 or 1".into(),
-            ));
+        if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id) {
+            // Sent again before PUBREL: received already, acknowledged again, not routed twice.
+            if self.awaiting_release.contains(&id) {
+                self.reply(Reply::PubRec(id), None);
+                return None;
+            }
+            if self.awaiting_release.len() >= MAX_AWAITING_RELEASE {
+                return Some(End::Server(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    format!("more than {MAX_AWAITING_RELEASE} QoS 2 messages waiting for PUBREL"),
+                ));
+            }
         }
         if p.properties.topic_alias.is_some() {
             return Some(End::Server(
@@ -431,21 +557,26 @@ impl Session<'_> {
             metrics::counter!("portcullis_mqtt_denials_total", "action" => "publish", "reason" => code).increment(1);
             tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %p.topic, reason = %why, "mqtt publish denied");
             return match (self.protocol, p.qos, p.packet_id) {
-                (Protocol::V5, QoS::AtLeastOnce, Some(id)) => {
+                (Protocol::V5, QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) => {
                     let what = if code == "not-allowed" {
                         "publish denied by policy"
                     } else {
                         "publish refused"
                     };
                     let reason_string = self.reason_string(what, &[why], 6);
-                    self.write(&Packet::PubAck(PubAck {
+                    let ack = PubAck {
                         packet_id: id,
                         reason: reason::NOT_AUTHORIZED,
                         properties: AckProperties {
                             reason_string,
                             ..Default::default()
                         },
-                    }));
+                    };
+                    self.write(&if p.qos == QoS::ExactlyOnce {
+                        Packet::PubRec(ack)
+                    } else {
+                        Packet::PubAck(ack)
+                    });
                     None
                 }
                 // MQTT 5 QoS 0 has no acknowledgement: the message is dropped (and counted).
@@ -463,6 +594,7 @@ impl Session<'_> {
         let message = Message {
             expires_at: expiry_of(properties.message_expiry_interval),
             sent_as: None,
+            released: false,
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -478,15 +610,107 @@ impl Session<'_> {
         if routed.dropped > 0 {
             metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped").increment(routed.dropped as u64);
         }
-        if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-            let code = if self.protocol == Protocol::V5 && routed.delivered + routed.queued == 0 {
-                reason::NO_MATCHING_SUBSCRIBERS
-            } else {
-                reason::SUCCESS
-            };
-            self.write(&puback(id, code));
+        let code = if self.protocol == Protocol::V5 && routed.delivered + routed.queued == 0 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.reply(Reply::PubAck(id, code), routed.confirm),
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.awaiting_release.insert(id);
+                self.reply(Reply::PubRec(id), routed.confirm);
+            }
+            _ => {}
         }
         None
+    }
+
+    /// Sends `reply` once `confirm` says the cluster stored the message (at once without a
+    /// cluster), after every reply owed before it.
+    fn reply(&mut self, reply: Reply, confirm: Option<Confirmation>) {
+        if confirm.is_none() && self.owed.is_empty() {
+            self.send_reply(reply, Ok(()));
+        } else {
+            self.owed.push_back(Owed { reply, confirm });
+        }
+    }
+
+    /// The first owed reply's message was stored (or not): answer it, and every reply behind it
+    /// that is ready too.
+    fn answer_owed(&mut self, first: Result<(), String>) -> Option<End> {
+        let mut result = first;
+        loop {
+            let owed = self.owed.pop_front()?;
+            if let (Err(why), Reply::PubAck(..) | Reply::PubRec(_)) = (&result, &owed.reply) {
+                metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "not-stored").increment(1);
+                tracing::warn!(target: "portcullis::mqtt", client_id = %self.client_id, error = %why, "a message could not be stored by the cluster");
+                if self.protocol == Protocol::V311 {
+                    // MQTT 3.1.1 cannot refuse a message: without its acknowledgement, the
+                    // client sends it again after reconnecting.
+                    return Some(End::Server(
+                        reason::UNSPECIFIED_ERROR,
+                        format!("the cluster could not store a message: {why}"),
+                    ));
+                }
+            }
+            self.send_reply(owed.reply, result);
+            result = match self.owed.front_mut() {
+                None => return None,
+                Some(Owed { confirm: None, .. }) => Ok(()),
+                Some(Owed {
+                    confirm: Some(rx), ..
+                }) => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return None,
+                    Err(_) => Err("the cluster connection closed".into()),
+                },
+            };
+        }
+    }
+
+    fn send_reply(&mut self, reply: Reply, stored: Result<(), String>) {
+        let failed = |this: &Self, id: u16, why: String| PubAck {
+            packet_id: id,
+            reason: reason::UNSPECIFIED_ERROR,
+            properties: AckProperties {
+                reason_string: this.reason_string(
+                    "the cluster could not store the message",
+                    &[why],
+                    6,
+                ),
+                ..Default::default()
+            },
+        };
+        match (reply, stored) {
+            (Reply::PubAck(id, code), Ok(())) => self.write(&puback(id, code)),
+            (Reply::PubAck(id, _), Err(why)) => {
+                let ack = failed(self, id, why);
+                self.write(&Packet::PubAck(ack));
+            }
+            (Reply::PubRec(id), Ok(())) => self.write(&Packet::PubRec(PubAck {
+                packet_id: id,
+                reason: reason::SUCCESS,
+                properties: Default::default(),
+            })),
+            (Reply::PubRec(id), Err(why)) => {
+                self.awaiting_release.remove(&id);
+                let ack = failed(self, id, why);
+                self.write(&Packet::PubRec(ack));
+            }
+            (Reply::PubComp(id, code), _) => self.write(&Packet::PubComp(PubAck {
+                packet_id: id,
+                reason: code,
+                properties: Default::default(),
+            })),
+            // A subscription the cluster could not route here still works on this node.
+            (Reply::SubAck(suback, retained), _) => {
+                self.write(&suback);
+                for m in retained {
+                    self.deliver(m);
+                }
+            }
+        }
     }
 
     /// The reason string of an MQTT 5 acknowledgement: `what`, then each detail, one line,
@@ -528,9 +752,22 @@ impl Session<'_> {
         Some(text)
     }
 
-    /// Queues a delivery: QoS 0 is written at once, QoS 1 when there is room in flight.
+    /// Queues a delivery: QoS 0 is written at once, QoS 1 and 2 when there is room in flight.
     pub(super) fn deliver(&mut self, m: Message) {
-        if m.expires_at.is_some_and(|t| t <= Instant::now()) {
+        if !m.released && m.expires_at.is_some_and(|t| t <= Instant::now()) {
+            return;
+        }
+        if m.released
+            && let Some(id) = m.sent_as
+            && !self.inflight.contains_key(&id)
+        {
+            // QoS 2 received by the client before: release it again.
+            self.inflight.insert(id, m);
+            self.write(&Packet::PubRel(codec::PubAck {
+                packet_id: id,
+                reason: reason::SUCCESS,
+                properties: Default::default(),
+            }));
             return;
         }
         if m.qos == QoS::AtMostOnce {
@@ -579,7 +816,7 @@ impl Session<'_> {
         }
     }
 
-    /// Writes a PUBLISH: QoS 1 with `(packet id, DUP)`, QoS 0 without.
+    /// Writes a PUBLISH: QoS 1 and 2 with `(packet id, DUP)`, QoS 0 without.
     pub(super) fn send_message(&mut self, m: Message, qos1: Option<(u16, bool)>) {
         let packet_id = qos1.map(|(id, _)| id);
         let mut properties = m.properties.clone();
@@ -591,7 +828,7 @@ impl Session<'_> {
         let packet = Packet::Publish(Publish {
             dup: qos1.is_some_and(|(_, dup)| dup),
             qos: if packet_id.is_some() {
-                QoS::AtLeastOnce
+                m.qos
             } else {
                 QoS::AtMostOnce
             },

@@ -208,6 +208,22 @@ impl Kind {
     }
 }
 
+/// A message's MQTT 5 properties as a PUBLISH carries them (property length first), to take
+/// a message to another node.
+pub fn encode_message_properties(p: &PublishProperties) -> Result<bytes::Bytes, CodecError> {
+    let mut out = bytes::BytesMut::new();
+    properties::write_publish(p, &mut out)?;
+    Ok(out.freeze())
+}
+
+/// The properties [`encode_message_properties`] wrote.
+pub fn decode_message_properties(data: &[u8]) -> Result<PublishProperties, CodecError> {
+    let mut r = wire::Reader {
+        data: bytes::Bytes::copy_from_slice(data),
+    };
+    Ok(properties::read(&mut r, &properties::PUBLISH)?.into_publish())
+}
+
 #[cfg(test)]
 mod tests;
 

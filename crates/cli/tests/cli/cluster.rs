@@ -1,0 +1,480 @@
+//! A cluster as the reference deployment runs it: three `portcullis serve` nodes sharing one
+//! PostgreSQL registry and a three-server NATS cluster with JetStream (replicas = 3), all real
+//! processes on loopback. MQTT crosses nodes (mosquitto for QoS 0, 1 and 2; paho-mqtt for QoS 2
+//! exactly once, shared subscriptions, cluster-wide retained messages and takeover), a revoked
+//! certificate's sessions close on every node within a second, and routing goes on when a NATS
+//! server is killed.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::{require_tool, run, temp_dir};
+
+use crate::control::{cli, cli_json, fresh_postgres, on, wait_for_snapshot};
+use crate::serve::{Server, pki};
+use crate::*;
+
+/// One nats-server, killed on drop.
+pub(crate) struct NatsServer {
+    child: Child,
+    pub(crate) name: String,
+    pub(crate) port: u16,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A NATS cluster with JetStream, each server's store in `dir`.
+pub(crate) struct Nats {
+    pub(crate) servers: Vec<NatsServer>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Nats {
+    /// Starts `n` servers (clustered when more than one) and waits until each is ready; `None`
+    /// without nats-server (outside CI).
+    pub(crate) fn start(dir: &Path, n: usize) -> Option<Nats> {
+        let Some(bin) = require_tool("nats-server") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the cluster tests need nats-server (scripts/test installs it)"
+            );
+            return None;
+        };
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let mut servers = Vec::new();
+        let mut ready: Vec<Receiver<String>> = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.join(&name);
+            std::fs::create_dir_all(&store).unwrap();
+            let mut config = format!(
+                "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
+                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n",
+                store.display()
+            );
+            if n > 1 {
+                let routes: Vec<String> = ports
+                    .iter()
+                    .filter(|(_, r)| r != route)
+                    .map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\""))
+                    .collect();
+                config.push_str(&format!(
+                    "cluster {{ name: portcullis-test, listen: \"127.0.0.1:{route}\", routes: [{}] }}\n",
+                    routes.join(", ")
+                ));
+            }
+            let file = dir.join(format!("{name}.conf"));
+            std::fs::write(&file, config).unwrap();
+            let mut child = Command::new(&bin)
+                .arg("-c")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (tx, rx) = channel();
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            ready.push(rx);
+            servers.push(NatsServer {
+                child,
+                name,
+                port: *port,
+            });
+        }
+        for (rx, server) in ready.iter().zip(&servers) {
+            let mut seen = Vec::new();
+            loop {
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(line) if line.contains("Server is ready") => break,
+                    Ok(line) => seen.push(line),
+                    Err(_) => panic!("{} never became ready:\n{}", server.name, seen.join("\n")),
+                }
+            }
+        }
+        Some(Nats { servers })
+    }
+
+    /// Every server, as `nats_url` takes them.
+    pub(crate) fn url(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `kill -9` of the server named `name`.
+    pub(crate) fn kill(&mut self, name: &str) {
+        let i = self.servers.iter().position(|s| s.name == name).unwrap();
+        drop(self.servers.remove(i));
+    }
+}
+
+const POLICY: &str = r#"{"Statement": [
+  {"Effect": "Allow", "Action": "mqtt:Connect",
+   "Resource": ["client:${cert:Subject.CN}", "client:${cert:Subject.CN}-*"]},
+  {"Effect": "Allow", "Action": "mqtt:Publish",
+   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*"]},
+  {"Effect": "Allow", "Action": "mqtt:Subscribe",
+   "Resource": ["topicfilter:devices/+/telemetry", "topicfilter:jobs/#",
+                "topicfilter:$share/workers/jobs/#"]},
+  {"Effect": "Allow", "Action": "mqtt:Receive", "Resource": ["topic:devices/*", "topic:jobs/*"]}]}"#;
+
+/// The mosquitto options for device `who` on `node`'s MQTT port (the server certificate is
+/// the cluster's, issued by the cluster CA).
+fn mqtt_args(node: &Server, who: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &node.ports[1].to_string(),
+        "--cafile",
+        "data/ca/cluster-ca.pem",
+        "--insecure",
+        "--cert",
+        &format!("{who}.chain.pem"),
+        "--key",
+        &format!("{who}.key"),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// A mosquitto client, killed after 60 s whatever happens (mosquitto_pub has no timeout).
+fn mosquitto(tool: &str, d: &Path, node: &Server, who: &str, extra: &[&str]) -> Child {
+    Command::new("timeout")
+        .arg("60")
+        .arg(require_tool(tool).unwrap())
+        .args(mqtt_args(node, who, extra))
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finished(child: Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The NATS server a node said it is connected to, last.
+fn nats_server_of(node: &Server) -> String {
+    let line = node.printed("connected to NATS", |l| l.contains("connected to NATS"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["server"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
+    let (Some(_), Some(python)) = (require_tool("mosquitto_pub"), crate::mqtt::paho_python())
+    else {
+        return;
+    };
+    let Some(database) = fresh_postgres("cluster") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let Some(mut nats) = Nats::start(&tmp.path().join("nats"), 3) else {
+        return;
+    };
+    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let da = &dirs[0];
+    pki(da);
+    let devices: Vec<String> = (1..=9).map(|i| format!("dev-{i}")).collect();
+    for dev in &devices {
+        leaf(da, "client", dev, "int", &["--org", "Acme"]);
+    }
+    portcullis(da, &["cluster-key", "generate", "--out", "cluster.key"]).ok();
+    let mut shared: Vec<&str> = vec!["trust-a"];
+    shared.extend(devices.iter().map(String::as_str));
+    for d in &dirs[1..] {
+        crate::nodes::share(da, d, &shared);
+        std::fs::copy(da.join("cluster.key"), d.join("cluster.key")).unwrap();
+    }
+    let config = |name: &str| {
+        on(
+            Some(&database),
+            format!(
+                "cluster_key_file = \"cluster.key\"\nnode_name = \"{name}\"\n\
+                 nats_url = \"{}\"\nnats_replicas = 3\n\
+                 default_endpoint = true\ndefault_domain = \"localhost\"\n\
+                 [admin]\naddress = \"127.0.0.1:0\"\n\
+                 [[listener]]\naddress = \"127.0.0.1:0\"\n\
+                 [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
+                 [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"revocation\"\n\
+                 [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
+                 [[domain.mapping]]\nupstream = \"builtin:echo\"\n",
+                nats.url()
+            ),
+        )
+    };
+    // One node first: it makes the cluster's CAs; then the others join.
+    let a = Server::start(da, &config("a"));
+    let b = Server::start(&dirs[1], &config("b"));
+    let c = Server::start(&dirs[2], &config("c"));
+    let nodes = [&a, &b, &c];
+    std::fs::write(da.join("devices.json"), POLICY).unwrap();
+    cli(
+        da,
+        &["policy", "create", "devices", "--document", "devices.json"],
+    )
+    .ok();
+    cli(
+        da,
+        &["policy", "attach", "devices", "--domain", "localhost"],
+    )
+    .ok();
+    for (d, node) in dirs.iter().zip(nodes) {
+        wait_for_snapshot(d, node);
+        node.printed("JetStream streams ready", |l| {
+            l.contains("JetStream streams ready")
+        });
+    }
+
+    // mosquitto: what is published on B and C at QoS 0, 1 and 2 reaches a subscriber on A.
+    let sub = mosquitto(
+        "mosquitto_sub",
+        da,
+        &a,
+        "dev-1",
+        &[
+            "-i",
+            "dev-1",
+            "-t",
+            "devices/+/telemetry",
+            "-q",
+            "2",
+            "-C",
+            "3",
+            "-W",
+            "30",
+            "-v",
+        ],
+    );
+    // SUBACK comes once the cluster routes the filter to A.
+    a.printed("mqtt subscribe", |l| {
+        l.contains("mqtt subscribe") && l.contains("dev-1")
+    });
+    for (node, who, qos) in [(&b, "dev-2", "0"), (&c, "dev-3", "1"), (&b, "dev-2", "2")] {
+        let topic = format!("devices/{who}/telemetry");
+        let sent = mosquitto(
+            "mosquitto_pub",
+            da,
+            node,
+            who,
+            &[
+                "-i",
+                who,
+                "-t",
+                &topic,
+                "-m",
+                &format!("qos{qos}"),
+                "-q",
+                qos,
+            ],
+        );
+        let (code, text) = finished(sent);
+        assert_eq!(code, Some(0), "{text}");
+    }
+    let (code, text) = finished(sub);
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "devices/dev-2/telemetry qos0",
+        "devices/dev-3/telemetry qos1",
+        "devices/dev-2/telemetry qos2",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+
+    // paho-mqtt (MQTT 5): QoS 2 exactly once, retained messages, shared subscriptions, takeover.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            "data/ca/cluster-ca.pem",
+            &a.ports[1].to_string(),
+            &b.ports[1].to_string(),
+            &c.ports[1].to_string(),
+        ],
+        da,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
+    println!("{}", r.stdout);
+    a.printed("taken over", |l| {
+        l.contains("mqtt session taken over by another node") && l.contains("dev-7")
+    });
+
+    // Revocation: dev-9's sessions on all three nodes close within a second.
+    let registered = cli_json(
+        da,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "dev-9.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    let mut sessions = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let id = format!("dev-9-{i}");
+        sessions.push(mosquitto(
+            "mosquitto_sub",
+            da,
+            node,
+            "dev-9",
+            &["-i", &id, "-t", "devices/+/telemetry", "-W", "60"],
+        ));
+        node.printed("mqtt subscribe", |l| {
+            l.contains("mqtt subscribe") && l.contains(&id)
+        });
+    }
+    let started = Instant::now();
+    cli(
+        da,
+        &[
+            "cert",
+            "update",
+            registered["id"].as_str().unwrap(),
+            "--status",
+            "REVOKED",
+        ],
+    )
+    .ok();
+    for (i, node) in nodes.iter().enumerate() {
+        let id = format!("dev-9-{i}");
+        node.printed("mqtt session ended", |l| {
+            l.contains("mqtt session ended") && l.contains(&id)
+        });
+    }
+    let closed = started.elapsed();
+    println!("revocation closed the sessions on three nodes in {closed:?}");
+    assert!(closed < Duration::from_secs(1), "{closed:?}");
+    for s in sessions {
+        let (code, _) = finished(s);
+        assert_ne!(code, Some(0), "a revoked session ended as if normally");
+    }
+
+    // kill -9 of the NATS server A is connected to: A reconnects to another, routing goes on.
+    let victim = nats_server_of(&a);
+    let on_victim: Vec<bool> = nodes.iter().map(|n| nats_server_of(n) == victim).collect();
+    nats.kill(&victim);
+    for (node, moved) in nodes.iter().zip(&on_victim) {
+        if *moved {
+            node.wait_for("disconnected from NATS");
+            node.printed("connected to NATS again", |l| {
+                l.contains("connected to NATS") && !l.contains(&format!("\"{victim}\""))
+            });
+        }
+    }
+    // A device whose CONNECT comes while JetStream elects leaders is refused ("server
+    // unavailable") and connects again, as devices do.
+    let mut sub = None;
+    for _ in 0..10 {
+        a.drain();
+        let started = mosquitto(
+            "mosquitto_sub",
+            da,
+            &a,
+            "dev-1",
+            &[
+                "-i",
+                "dev-1",
+                "-t",
+                "devices/+/telemetry",
+                "-q",
+                "1",
+                "-C",
+                "1",
+                "-W",
+                "30",
+                "-v",
+                // Not the retained message the paho script left.
+                "-R",
+            ],
+        );
+        let line = a.next_line("dev-1 subscribed or refused", |l| {
+            l.contains(r#""message":"mqtt subscribe","client_id":"dev-1""#)
+                || (l.contains("mqtt connection refused") && l.contains(r#""client_id":"dev-1""#))
+        });
+        if line.contains("mqtt subscribe") {
+            sub = Some(started);
+            break;
+        }
+        let _ = finished(started);
+    }
+    let sub = sub.expect("dev-1 could not subscribe again on A");
+
+    // While JetStream elects new stream leaders, a publication may go unacknowledged (the
+    // MQTT 3.1.1 connection is closed without PUBACK): the client sends it again, as devices do.
+    let killed = Instant::now();
+    let mut attempts = Vec::new();
+    for _ in 0..10 {
+        let sent = mosquitto(
+            "mosquitto_pub",
+            da,
+            &c,
+            "dev-3",
+            &[
+                "-i",
+                "dev-3",
+                "-t",
+                "devices/dev-3/telemetry",
+                "-m",
+                "survived",
+                "-q",
+                "1",
+            ],
+        );
+        let (code, text) = finished(sent);
+        attempts.push(text);
+        if code == Some(0) {
+            break;
+        }
+    }
+    println!(
+        "after kill -9 of NATS server {victim}: a QoS 1 message acknowledged after {:?} ({} attempts)",
+        killed.elapsed(),
+        attempts.len()
+    );
+    assert!(attempts.len() < 10, "{attempts:?}");
+    let (code, text) = finished(sub);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("survived"), "{text}");
+}
