@@ -46,6 +46,55 @@ pub trait Receiver: Send + Sync {
     fn may_receive(&self, topic: &str) -> bool;
 }
 
+/// How a message kept by the cluster for a persistent session is settled: acknowledged once
+/// the client acknowledged it (PUBACK, or PUBREC for QoS 2), or returned to be delivered again
+/// (the connection ended first).
+#[derive(Clone)]
+pub struct Receipt(Arc<dyn Fn(bool) + Send + Sync>);
+
+impl Receipt {
+    /// A receipt calling `settle(true)` when acknowledged, `settle(false)` when returned.
+    pub fn new(settle: impl Fn(bool) + Send + Sync + 'static) -> Receipt {
+        Receipt(Arc::new(settle))
+    }
+
+    /// The client acknowledged the message.
+    pub fn acknowledged(&self) {
+        (self.0)(true);
+    }
+
+    /// The message goes back, to be delivered again.
+    pub fn returned(&self) {
+        (self.0)(false);
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receipt")
+    }
+}
+
+impl PartialEq for Receipt {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Receipt {}
+
+/// A persistent session as the cluster keeps it (for a node the client reconnects to).
+#[derive(Debug, Clone)]
+pub struct StoredSession {
+    /// Who connected it (certificate subject and id): another certificate starts clean.
+    pub identity: String,
+    /// Its subscriptions.
+    pub subscriptions: Vec<(String, SubscriptionOptions)>,
+}
+
+/// The answer to a claim: the session the cluster keeps for the client id, if any.
+pub type Claimed = tokio::sync::oneshot::Receiver<Result<Option<StoredSession>, String>>;
+
 /// An application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -67,6 +116,8 @@ pub struct Message {
     /// QoS 2: the client acknowledged it with PUBREC and PUBREL was sent, so a resumed session
     /// sends PUBREL again (with `sent_as`), not the message.
     pub released: bool,
+    /// Kept by the cluster for a persistent session: settled when the client acknowledges it.
+    pub receipt: Option<Receipt>,
 }
 
 impl Message {
@@ -117,6 +168,8 @@ struct Session {
     /// QoS 2 packet ids received from the client and not yet released (PUBREL): a PUBLISH
     /// sent again with one of them is not routed again, across reconnections.
     awaiting_release: Vec<u16>,
+    /// In a cluster, a persistent session: its QoS 1 and 2 messages come from the cluster.
+    durable: bool,
 }
 
 /// A connection's hold on its session.
@@ -159,7 +212,7 @@ pub struct Subscription {
     /// Retained messages to send now (in a cluster, the bridge sends them instead).
     pub retained: Vec<Message>,
     /// In a cluster: answered once the other nodes' messages reach this node (SUBACK waits).
-    pub ready: Option<Confirmation>,
+    pub ready: Vec<Confirmation>,
 }
 
 /// What a publication did.
@@ -204,10 +257,31 @@ pub trait Bridge: Send + Sync {
         options: SubscriptionOptions,
     );
     /// A connection wants `client_id`: the cluster records this node as its owner (a session
-    /// another node holds is taken over there). Answered once recorded.
-    fn claim(&self, client_id: &str) -> Confirmation;
+    /// another node holds is taken over there). Answered once recorded, with the persistent
+    /// session the cluster keeps for it (discarded with `clean_start`, or when another
+    /// certificate than `identity` left it).
+    fn claim(&self, client_id: &str, clean_start: bool, identity: &str) -> Claimed;
     /// This node no longer holds `client_id` (its session ended).
     fn release(&self, client_id: &str);
+    /// `client_id`'s session (generation `generation`, of `identity`) is persistent and kept by
+    /// the cluster for `expiry` after its connection.
+    fn durable_session(&self, client_id: &str, generation: u64, identity: &str, expiry: Duration);
+    /// A persistent session holds `filter`: its QoS 1 and 2 messages are kept by the cluster and
+    /// handed to [`Broker::deliver_durable`] while the session is online here. Answered once
+    /// messages published from now on are kept.
+    fn durable_subscribe(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Option<Confirmation>;
+    /// A persistent session no longer holds `filter`.
+    fn durable_unsubscribe(&self, client_id: &str, filter: &str);
+    /// A persistent session's connection ended (the cluster keeps its messages).
+    fn durable_offline(&self, client_id: &str);
+    /// A persistent session ended for good (clean start, expiry, revocation).
+    fn durable_end(&self, client_id: &str);
 }
 
 /// The members of one shared subscription (`$share/GROUP/FILTER`) on this node.
@@ -296,7 +370,7 @@ impl Broker {
             .get(client_id)
             .is_some_and(|s| s.identity != identity);
         if clean_start || expired || other_owner {
-            remove_session(&mut state, client_id);
+            remove_session(&mut state, client_id, true);
         }
         if let Some(s) = state.sessions.get_mut(client_id) {
             session_present = true;
@@ -327,6 +401,7 @@ impl Broker {
                     connected_at: now,
                     identity: identity.to_string(),
                     awaiting_release: Vec::new(),
+                    durable: false,
                 },
             );
         }
@@ -371,15 +446,27 @@ impl Broker {
             group.members.retain(|(id, _)| id != client_id);
             group.members.push((client_id.to_string(), options));
             state.shared_tree.insert(inner, filter, filter.to_string());
-            let ready = if new { hold(&mut state, filter) } else { None };
+            let ready = if new {
+                hold(&mut state, filter).into_iter().collect()
+            } else {
+                Vec::new()
+            };
             return Some(Subscription {
                 retained: Vec::new(),
                 ready,
             });
         }
         state.tree.insert(filter, client_id, Subscribed { options });
-        let ready = if new { hold(&mut state, filter) } else { None };
+        let mut ready: Vec<Confirmation> = if new {
+            hold(&mut state, filter).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let durable = state.sessions.get(client_id).is_some_and(|s| s.durable);
         if let Some(bridge) = &state.bridge {
+            if durable && options.qos != QoS::AtMostOnce {
+                ready.extend(bridge.durable_subscribe(client_id, generation, filter, options));
+            }
             bridge.retained(client_id, generation, filter, options);
             return Some(Subscription {
                 retained: Vec::new(),
@@ -413,6 +500,11 @@ impl Broker {
         };
         if session.filters.remove(filter).is_none() {
             return false;
+        }
+        if session.durable
+            && let Some(bridge) = &state.bridge
+        {
+            bridge.durable_unsubscribe(client_id, filter);
         }
         unsubscribed(&mut state, client_id, filter);
         true
@@ -482,9 +574,82 @@ impl Broker {
 
     /// Records this node as the owner of `client_id` in the cluster (a session elsewhere is
     /// taken over there); `None` without a cluster.
-    pub fn claim(&self, client_id: &str) -> Option<Confirmation> {
+    pub fn claim(&self, client_id: &str, clean_start: bool, identity: &str) -> Option<Claimed> {
         let state = self.lock();
-        state.bridge.as_ref().map(|b| b.claim(client_id))
+        state
+            .bridge
+            .as_ref()
+            .map(|b| b.claim(client_id, clean_start, identity))
+    }
+
+    /// In a cluster, makes the session a persistent one the cluster keeps (its expiry is not
+    /// zero): its QoS 1 and 2 messages come from the cluster from now on. Answered once the
+    /// cluster keeps the messages of its subscriptions.
+    pub fn make_durable(&self, client_id: &str, generation: u64) -> Vec<Confirmation> {
+        let mut state = self.lock();
+        let Some(bridge) = state.bridge.clone() else {
+            return Vec::new();
+        };
+        let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.generation == generation && !s.expiry.is_zero())
+        else {
+            return Vec::new();
+        };
+        session.durable = true;
+        bridge.durable_session(client_id, generation, &session.identity, session.expiry);
+        session
+            .filters
+            .iter()
+            .filter(|(f, o)| o.qos != QoS::AtMostOnce && !f.starts_with("$share/"))
+            .filter_map(|(f, o)| bridge.durable_subscribe(client_id, generation, f, *o))
+            .collect()
+    }
+
+    /// A message the cluster kept for a persistent session: delivered if the connection
+    /// `generation` still holds it (and it may receive it). `false`: not delivered (the caller
+    /// returns it to the cluster).
+    pub fn deliver_durable(&self, client_id: &str, generation: u64, message: Message) -> bool {
+        let mut state = self.lock();
+        let max_queued = self.limits.max_queued;
+        let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.generation == generation && s.online.is_some())
+        else {
+            return false;
+        };
+        // Not receivable under the policies of the moment: settled, never delivered.
+        if !session.receiver.may_receive(&message.topic) {
+            if let Some(r) = &message.receipt {
+                r.acknowledged();
+            }
+            return true;
+        }
+        let full = |session: &mut Session, m: Message| {
+            if session.queue.len() < max_queued {
+                session.queue.push_back(m);
+            } else if let Some(r) = &m.receipt {
+                // Delivered again later by the cluster.
+                r.returned();
+            }
+        };
+        if !session.queue.is_empty() {
+            full(session, message);
+            return true;
+        }
+        let Some(tx) = &session.online else {
+            return false;
+        };
+        match tx.try_send(Outbound::Deliver(Box::new(message))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m))) => {
+                full(session, *m);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Another node took `client_id` over: the connection holding it here is told
@@ -497,7 +662,7 @@ impl Broker {
         if let Some(tx) = session.online.take() {
             let _ = tx.try_send(Outbound::TakenOver);
         }
-        remove_session(&mut state, client_id);
+        remove_session(&mut state, client_id, false);
         true
     }
 
@@ -547,6 +712,11 @@ impl Broker {
             let Some(session) = state.sessions.get_mut(&client_id) else {
                 continue;
             };
+            // A persistent session in a cluster gets these from the cluster, which keeps them.
+            if session.durable && min_qos(message.qos, options.qos) != QoS::AtMostOnce {
+                routed.queued += 1;
+                continue;
+            }
             let mut copy = message.clone();
             copy.retain = options.retain_as_published && message.retain;
             deliver_to(session, copy, options.qos, &mut routed, max_queued, now);
@@ -622,7 +792,7 @@ impl Broker {
             }
         }
         if session.expiry.is_zero() {
-            remove_session(&mut state, client_id);
+            remove_session(&mut state, client_id, true);
             if let Some(bridge) = &state.bridge {
                 bridge.release(client_id);
             }
@@ -630,6 +800,29 @@ impl Broker {
         }
         session.disconnected_at = Some(Instant::now());
         session.awaiting_release = awaiting_release;
+        if session.durable {
+            // What the cluster keeps goes back to it, to be delivered again.
+            unacknowledged.retain(|m| match &m.receipt {
+                Some(r) => {
+                    r.returned();
+                    false
+                }
+                None => true,
+            });
+            if let Some(bridge) = &state.bridge {
+                bridge.durable_offline(client_id);
+            }
+            let Some(session) = state.sessions.get_mut(client_id) else {
+                return;
+            };
+            for m in unacknowledged.into_iter().rev() {
+                if session.queue.len() >= self.limits.max_queued {
+                    session.queue.pop_back();
+                }
+                session.queue.push_front(m);
+            }
+            return;
+        }
         for m in unacknowledged.into_iter().rev() {
             if session.queue.len() >= self.limits.max_queued {
                 session.queue.pop_back();
@@ -650,7 +843,7 @@ impl Broker {
             session.disconnected_at = Some(Instant::now());
         }
         if forget {
-            remove_session(&mut state, client_id);
+            remove_session(&mut state, client_id, true);
         }
         true
     }
@@ -670,7 +863,7 @@ impl Broker {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
-            remove_session(&mut state, id);
+            remove_session(&mut state, id, true);
         }
         state.retained.retain(|_, m| !m.expired(now));
         expired.len()
@@ -853,10 +1046,18 @@ fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now
     }
 }
 
-fn remove_session(state: &mut State, client_id: &str) {
+/// Forgets a session here; `ended`: for good (the cluster forgets a persistent one too), not
+/// moved to another node.
+fn remove_session(state: &mut State, client_id: &str, ended: bool) {
     if let Some(s) = state.sessions.remove(client_id) {
         for filter in s.filters.keys() {
             unsubscribed(state, client_id, filter);
+        }
+        if s.durable
+            && ended
+            && let Some(bridge) = &state.bridge
+        {
+            bridge.durable_end(client_id);
         }
     }
 }
@@ -916,6 +1117,7 @@ mod tests {
             expires_at: None,
             sent_as: None,
             released: false,
+            receipt: None,
         }
     }
 

@@ -19,7 +19,11 @@
 //! - Shared subscriptions (`$share/GROUP/FILTER`) are NATS queue subscriptions: each message
 //!   goes to one node holding the group, which hands it to one of its members.
 //!
-//! Persistent sessions still live on the node that holds them.
+//! - Persistent sessions are the cluster's: their subscriptions in a key-value bucket
+//!   (`PORTCULLIS_SESSIONS`), their QoS 1 and 2 messages kept by a durable consumer of the
+//!   message stream per subscription, acknowledged once the client acknowledged them. A client
+//!   reconnecting to any node resumes its session; what was delivered and not acknowledged on
+//!   a node that died is delivered again (after the consumer's acknowledgement wait).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +34,9 @@ use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, stream};
 use base64::Engine as _;
 use futures_util::StreamExt;
-use portcullis_mqtt::broker::{Bridge, Broker, Confirmation, Message, SubscriptionOptions};
+use portcullis_mqtt::broker::{
+    Bridge, Broker, Claimed, Confirmation, Message, Receipt, StoredSession, SubscriptionOptions,
+};
 use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,6 +50,14 @@ const RETAINED: &str = "pcr";
 const STREAM: &str = "PORTCULLIS_MQTT";
 const RETAINED_STREAM: &str = "PORTCULLIS_RETAINED";
 const CLIENTS: &str = "PORTCULLIS_CLIENTS";
+const SESSIONS: &str = "PORTCULLIS_SESSIONS";
+
+/// How long JetStream waits for a persistent session's acknowledgement before delivering a
+/// message again (after its node died, the time to resume its messages on another).
+const ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// Messages of one persistent subscription delivered and not yet acknowledged, at most.
+const MAX_ACK_PENDING: i64 = 1_000;
 
 /// Messages waiting for NATS at most; beyond, new ones are dropped (counted) or refused.
 const QUEUE: usize = 10_000;
@@ -206,8 +220,29 @@ enum Control {
         filter: String,
         options: SubscriptionOptions,
     },
-    Claim(String, Reply),
+    Claim {
+        client_id: String,
+        clean_start: bool,
+        identity: String,
+        reply: oneshot::Sender<Result<Option<StoredSession>, String>>,
+    },
     Release(String),
+    DurableSession {
+        client_id: String,
+        generation: u64,
+        identity: String,
+        expiry: Duration,
+    },
+    DurableSubscribe {
+        client_id: String,
+        generation: u64,
+        filter: String,
+        options: SubscriptionOptions,
+        reply: Reply,
+    },
+    DurableUnsubscribe(String, String),
+    DurableOffline(String),
+    DurableEnd(String),
 }
 
 /// The broker's side: queues, never blocks.
@@ -270,14 +305,65 @@ impl Bridge for NatsBridge {
         });
     }
 
-    fn claim(&self, client_id: &str) -> Confirmation {
+    fn claim(&self, client_id: &str, clean_start: bool, identity: &str) -> Claimed {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(Control::Claim(_, tx))) =
-            self.control.send(Control::Claim(client_id.to_string(), tx))
+        if let Err(mpsc::error::SendError(Control::Claim { reply, .. })) =
+            self.control.send(Control::Claim {
+                client_id: client_id.to_string(),
+                clean_start,
+                identity: identity.to_string(),
+                reply: tx,
+            })
         {
-            let _ = tx.send(Err("the cluster connection is gone".into()));
+            let _ = reply.send(Err("the cluster connection is gone".into()));
         }
         rx
+    }
+
+    fn durable_session(&self, client_id: &str, generation: u64, identity: &str, expiry: Duration) {
+        let _ = self.control.send(Control::DurableSession {
+            client_id: client_id.to_string(),
+            generation,
+            identity: identity.to_string(),
+            expiry,
+        });
+    }
+
+    fn durable_subscribe(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Option<Confirmation> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.control.send(Control::DurableSubscribe {
+            client_id: client_id.to_string(),
+            generation,
+            filter: filter.to_string(),
+            options,
+            reply: tx,
+        });
+        Some(rx)
+    }
+
+    fn durable_unsubscribe(&self, client_id: &str, filter: &str) {
+        let _ = self.control.send(Control::DurableUnsubscribe(
+            client_id.to_string(),
+            filter.to_string(),
+        ));
+    }
+
+    fn durable_offline(&self, client_id: &str) {
+        let _ = self
+            .control
+            .send(Control::DurableOffline(client_id.to_string()));
+    }
+
+    fn durable_end(&self, client_id: &str) {
+        let _ = self
+            .control
+            .send(Control::DurableEnd(client_id.to_string()));
     }
 
     fn release(&self, client_id: &str) {
@@ -369,6 +455,7 @@ fn message_of(
         expires_at,
         sent_as: None,
         released: false,
+        receipt: None,
     })
 }
 
@@ -433,16 +520,17 @@ pub(crate) async fn start(
         id: id.to_string(),
         replicas: options.replicas,
         claims: Arc::new(Mutex::new(HashMap::new())),
+        durables: Arc::new(Mutex::new(HashMap::new())),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
     };
     broker.set_bridge(Arc::new(NatsBridge { work, control }));
     tokio::spawn(async move {
-        let clients = node.set_up().await;
+        let (clients, sessions) = node.set_up().await;
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
         tokio::spawn(node.clone().watch_owners(clients.clone()));
         tokio::spawn(node.clone().publish(publishing));
-        node.control(controls, clients).await;
+        node.control(controls, clients, sessions).await;
     });
     Ok(())
 }
@@ -483,6 +571,61 @@ async fn stored_within(
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// A persistent session online on this node.
+struct Durable {
+    identity: String,
+    expiry: Duration,
+    generation: u64,
+    subscriptions: std::collections::BTreeMap<String, SubscriptionOptions>,
+    /// The tasks pulling each subscription's kept messages.
+    pullers: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
+    /// Stream sequences delivered and not yet settled (JetStream delivers them again if the
+    /// client is slower than the acknowledgement wait: not sent twice).
+    inflight: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl Durable {
+    fn stop(&mut self) {
+        for task in self.pullers.drain().flat_map(|(_, t)| t) {
+            task.abort();
+        }
+    }
+
+    /// The session's record in the sessions bucket.
+    fn record(&self, offline_since_ms: Option<u64>) -> String {
+        serde_json::json!({
+            "identity": self.identity,
+            "expiry_secs": self.expiry.as_secs(),
+            "offline_since_ms": offline_since_ms,
+            "subscriptions": self.subscriptions.iter().map(|(f, o)| serde_json::json!({
+                "filter": f,
+                "qos": o.qos as u8,
+                "no_local": o.no_local,
+                "retain_as_published": o.retain_as_published,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+}
+
+/// The durable consumer keeping `subject` for `client_id` (a stable name: every node binds
+/// the same one).
+fn consumer_name(client_id: &str, subject: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.bytes().chain([0]).chain(subject.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("ps_{h:016x}")
+}
+
 /// This node's side of the cluster.
 #[derive(Clone)]
 struct Node {
@@ -495,13 +638,15 @@ struct Node {
     replicas: usize,
     /// Client ids this node owns, with the revision of its claim.
     claims: Arc<Mutex<HashMap<String, u64>>>,
+    /// Persistent sessions online here.
+    durables: Arc<Mutex<HashMap<String, Durable>>>,
     /// Message ids delivered lately (overlapping subscriptions deliver a message twice).
     seen: Arc<Mutex<(VecDeque<String>, HashSet<String>)>>,
 }
 
 impl Node {
-    /// Makes (or finds) the streams and the clients bucket, retrying until NATS answers.
-    async fn set_up(&self) -> kv::Store {
+    /// Makes (or finds) the streams and the buckets, retrying until NATS answers.
+    async fn set_up(&self) -> (kv::Store, kv::Store) {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.try_set_up().await {
@@ -515,7 +660,7 @@ impl Node {
         }
     }
 
-    async fn try_set_up(&self) -> Result<kv::Store> {
+    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store)> {
         self.js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
@@ -540,12 +685,17 @@ impl Node {
             })
             .await
             .context("the retained message stream")?;
+        Ok((self.bucket(CLIENTS).await?, self.bucket(SESSIONS).await?))
+    }
+
+    /// A key-value bucket, made if missing.
+    async fn bucket(&self, name: &str) -> Result<kv::Store> {
         // The bucket's stream as the key-value API makes it (async-nats's own bucket creation
         // reads account information nats-server 2.9 answers in an older shape).
         self.js
             .get_or_create_stream(stream::Config {
-                name: format!("KV_{CLIENTS}"),
-                subjects: vec![format!("$KV.{CLIENTS}.>")],
+                name: format!("KV_{name}"),
+                subjects: vec![format!("$KV.{name}.>")],
                 max_messages_per_subject: 1,
                 storage: stream::StorageType::File,
                 num_replicas: self.replicas,
@@ -559,11 +709,11 @@ impl Node {
                 ..Default::default()
             })
             .await
-            .context("the client id bucket")?;
+            .with_context(|| format!("the bucket {name}"))?;
         self.js
-            .get_key_value(CLIENTS)
+            .get_key_value(name)
             .await
-            .context("the client id bucket")
+            .with_context(|| format!("the bucket {name}"))
     }
 
     /// Sends what this node's clients publish, in order; a stored message's publisher is
@@ -620,7 +770,12 @@ impl Node {
     }
 
     /// Subscriptions, retained message lookups and client id claims, as the broker asks.
-    async fn control(self, mut controls: mpsc::UnboundedReceiver<Control>, clients: kv::Store) {
+    async fn control(
+        self,
+        mut controls: mpsc::UnboundedReceiver<Control>,
+        clients: kv::Store,
+        sessions: kv::Store,
+    ) {
         let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
         while let Some(control) = controls.recv().await {
             match control {
@@ -656,11 +811,113 @@ impl Node {
                         }
                     });
                 }
-                Control::Claim(client_id, reply) => {
+                Control::Claim {
+                    client_id,
+                    clean_start,
+                    identity,
+                    reply,
+                } => {
                     let node = self.clone();
-                    let clients = clients.clone();
+                    let (clients, sessions) = (clients.clone(), sessions.clone());
                     tokio::spawn(async move {
-                        let _ = reply.send(node.claim(&clients, &client_id).await);
+                        let claimed = match node.claim(&clients, &client_id).await {
+                            Ok(()) => {
+                                node.stored_session(&sessions, &client_id, clean_start, &identity)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(claimed);
+                    });
+                }
+                Control::DurableSession {
+                    client_id,
+                    generation,
+                    identity,
+                    expiry,
+                } => {
+                    let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+                    let d = durables.entry(client_id).or_insert_with(|| Durable {
+                        identity: identity.clone(),
+                        expiry,
+                        generation,
+                        subscriptions: Default::default(),
+                        pullers: HashMap::new(),
+                        inflight: Default::default(),
+                    });
+                    d.stop();
+                    d.identity = identity;
+                    d.expiry = expiry;
+                    d.generation = generation;
+                }
+                Control::DurableSubscribe {
+                    client_id,
+                    generation,
+                    filter,
+                    options,
+                    reply,
+                } => {
+                    let node = self.clone();
+                    let sessions = sessions.clone();
+                    tokio::spawn(async move {
+                        let result = node
+                            .durable_subscribe(&sessions, &client_id, generation, &filter, options)
+                            .await
+                            .map_err(|e| format!("{e:#}"));
+                        if let Err(e) = &result {
+                            tracing::warn!(target: "portcullis::cluster", client_id = %client_id, filter = %filter, error = %e, "cannot keep a persistent subscription's messages");
+                        }
+                        let _ = reply.send(result);
+                    });
+                }
+                Control::DurableUnsubscribe(client_id, filter) => {
+                    let record = {
+                        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+                        durables.get_mut(&client_id).map(|d| {
+                            for task in d.pullers.remove(&filter).into_iter().flatten() {
+                                task.abort();
+                            }
+                            d.subscriptions.remove(&filter);
+                            d.record(None)
+                        })
+                    };
+                    let node = self.clone();
+                    let sessions = sessions.clone();
+                    tokio::spawn(async move {
+                        node.delete_consumers(&client_id, &filter).await;
+                        if let Some(record) = record {
+                            let _ = sessions.put(client_key(&client_id), record.into()).await;
+                        }
+                    });
+                }
+                Control::DurableOffline(client_id) => {
+                    let record = {
+                        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+                        durables.remove(&client_id).map(|mut d| {
+                            d.stop();
+                            d.record(Some(now_ms()))
+                        })
+                    };
+                    if let Some(record) = record {
+                        let sessions = sessions.clone();
+                        tokio::spawn(async move {
+                            let _ = sessions.put(client_key(&client_id), record.into()).await;
+                        });
+                    }
+                }
+                Control::DurableEnd(client_id) => {
+                    if let Some(mut d) = self
+                        .durables
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id)
+                    {
+                        d.stop();
+                    }
+                    let node = self.clone();
+                    let sessions = sessions.clone();
+                    tokio::spawn(async move {
+                        node.end_session(&sessions, &client_id).await;
                     });
                 }
                 Control::Release(client_id) => {
@@ -871,6 +1128,247 @@ impl Node {
         }
     }
 
+    /// The persistent session the cluster keeps for `client_id`, if it is still current and
+    /// `identity`'s; anything else it kept is discarded.
+    async fn stored_session(
+        &self,
+        sessions: &kv::Store,
+        client_id: &str,
+        clean_start: bool,
+        identity: &str,
+    ) -> Result<Option<StoredSession>, String> {
+        let record = match sessions.get(client_key(client_id)).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes).ok(),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let expired = record["offline_since_ms"].as_u64().is_some_and(|since| {
+            now_ms().saturating_sub(since) >= record["expiry_secs"].as_u64().unwrap_or(0) * 1000
+        });
+        if clean_start || expired || record["identity"].as_str() != Some(identity) {
+            self.end_session(sessions, client_id).await;
+            return Ok(None);
+        }
+        let subscriptions = record["subscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let qos = match s["qos"].as_u64()? {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                Some((
+                    s["filter"].as_str()?.to_string(),
+                    SubscriptionOptions {
+                        qos,
+                        no_local: s["no_local"].as_bool().unwrap_or(false),
+                        retain_as_published: s["retain_as_published"].as_bool().unwrap_or(false),
+                    },
+                ))
+            })
+            .collect();
+        Ok(Some(StoredSession {
+            identity: identity.to_string(),
+            subscriptions,
+        }))
+    }
+
+    /// Forgets a persistent session: its consumers (and what they kept) and its record.
+    async fn end_session(&self, sessions: &kv::Store, client_id: &str) {
+        if let Ok(Some(bytes)) = sessions.get(client_key(client_id)).await
+            && let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            for s in record["subscriptions"].as_array().into_iter().flatten() {
+                if let Some(filter) = s["filter"].as_str() {
+                    self.delete_consumers(client_id, filter).await;
+                }
+            }
+        }
+        let _ = sessions.purge(client_key(client_id)).await;
+    }
+
+    async fn delete_consumers(&self, client_id: &str, filter: &str) {
+        let Ok(stream) = self.js.get_stream(STREAM).await else {
+            return;
+        };
+        for subject in filter_subjects(STORED, filter) {
+            let _ = stream
+                .delete_consumer(&consumer_name(client_id, &subject))
+                .await;
+        }
+    }
+
+    /// Keeps `filter`'s QoS 1 and 2 messages for a persistent session (a durable consumer per
+    /// subject, made if missing), delivers them while the session is online here, and records
+    /// the subscription.
+    async fn durable_subscribe(
+        &self,
+        sessions: &kv::Store,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Result<()> {
+        let stream = self.js.get_stream(STREAM).await?;
+        let (expiry, inflight) = {
+            let durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+            match durables.get(client_id) {
+                Some(d) if d.generation == generation => (d.expiry, d.inflight.clone()),
+                _ => return Ok(()),
+            }
+        };
+        let mut tasks = Vec::new();
+        for subject in filter_subjects(STORED, filter) {
+            let name = consumer_name(client_id, &subject);
+            let consumer: consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: subject,
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: ACK_WAIT,
+                        deliver_policy: consumer::DeliverPolicy::New,
+                        max_ack_pending: MAX_ACK_PENDING,
+                        // Gone with the session: nobody pulls longer than its expiry.
+                        inactive_threshold: expiry.max(Duration::from_secs(60)),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let node = self.clone();
+            let (client_id, inflight) = (client_id.to_string(), inflight.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = node
+                    .pull(consumer, &client_id, generation, options, inflight)
+                    .await
+                {
+                    tracing::warn!(target: "portcullis::cluster", client_id = %client_id, error = %format!("{e:#}"), "stopped delivering a persistent session's kept messages");
+                }
+            }));
+        }
+        let record = {
+            let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+            match durables.get_mut(client_id) {
+                Some(d) if d.generation == generation => {
+                    for task in d
+                        .pullers
+                        .insert(filter.to_string(), tasks)
+                        .into_iter()
+                        .flatten()
+                    {
+                        task.abort();
+                    }
+                    d.subscriptions.insert(filter.to_string(), options);
+                    Some(d.record(None))
+                }
+                _ => {
+                    for task in tasks {
+                        task.abort();
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(record) = record {
+            sessions
+                .put(client_key(client_id), record.into())
+                .await
+                .context("recording the session")?;
+        }
+        Ok(())
+    }
+
+    /// Delivers what a durable consumer kept to the session, each message settled (acknowledged
+    /// or delivered again) by its receipt.
+    async fn pull(
+        &self,
+        consumer: consumer::PullConsumer,
+        client_id: &str,
+        generation: u64,
+        options: SubscriptionOptions,
+        inflight: Arc<Mutex<HashSet<u64>>>,
+    ) -> Result<()> {
+        let mut messages = consumer.messages().await?;
+        while let Some(next) = messages.next().await {
+            let m = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(target: "portcullis::cluster", error = %e, "pulling kept messages");
+                    continue;
+                }
+            };
+            let Ok(info) = m.info() else {
+                continue;
+            };
+            let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
+            if inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&seq)
+            {
+                // Still with the client: not sent twice, only waited for longer.
+                let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                continue;
+            }
+            let (msg, acker) = m.split();
+            let acker = Arc::new(acker);
+            let Some(topic) = topic(msg.subject.as_str()) else {
+                let _ = acker.ack().await;
+                continue;
+            };
+            let Some(mut message) = message_of(
+                topic,
+                msg.headers.as_ref(),
+                msg.payload.clone(),
+                Some(published),
+            ) else {
+                // Expired while kept.
+                let _ = acker.ack().await;
+                continue;
+            };
+            message.qos = if (message.qos as u8) <= (options.qos as u8) {
+                message.qos
+            } else {
+                options.qos
+            };
+            message.retain = options.retain_as_published && message.retain;
+            let settled = Arc::new(AtomicBool::new(false));
+            let (set, settle_acker) = (inflight.clone(), acker.clone());
+            message.receipt = Some(Receipt::new(move |acknowledged| {
+                if settled.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                set.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
+                let acker = settle_acker.clone();
+                tokio::spawn(async move {
+                    let _ = if acknowledged {
+                        acker.ack().await
+                    } else {
+                        acker.ack_with(jetstream::AckKind::Nak(None)).await
+                    };
+                });
+            }));
+            inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(seq);
+            let receipt = message.receipt.clone();
+            if !self.broker.deliver_durable(client_id, generation, message) {
+                if let Some(r) = receipt {
+                    r.returned();
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Closes this node's session of a client id another node claimed since.
     async fn watch_owners(self, clients: kv::Store) {
         loop {
@@ -914,6 +1412,15 @@ impl Node {
                             }
                             _ => None,
                         });
+                if mine.is_some()
+                    && let Some(mut d) = self
+                        .durables
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id)
+                {
+                    d.stop();
+                }
                 if mine.is_some() && self.broker.taken_over(&client_id) {
                     tracing::info!(target: "portcullis::cluster", client_id = %client_id, node = %node, "mqtt session taken over by another node");
                 }
@@ -985,6 +1492,7 @@ mod tests {
             expires_at: Some(std::time::Instant::now() + Duration::from_secs(60)),
             sent_as: None,
             released: false,
+            receipt: None,
         };
         let headers = headers_of(&m, "node#1", "node#1/1");
         let back = message_of("t".into(), Some(&headers), m.payload.clone(), None).unwrap();

@@ -151,6 +151,7 @@ pub(crate) async fn publish_registry_events(
                     expires_at: None,
                     sent_as: None,
                     released: false,
+                    receipt: None,
                 },
                 None,
             );

@@ -2,8 +2,8 @@
 //! PostgreSQL registry and a three-server NATS cluster with JetStream (replicas = 3), all real
 //! processes on loopback. MQTT crosses nodes (mosquitto for QoS 0, 1 and 2; paho-mqtt for QoS 2
 //! exactly once, shared subscriptions, cluster-wide retained messages and takeover), a revoked
-//! certificate's sessions close on every node within a second, and routing goes on when a NATS
-//! server is killed.
+//! certificate's sessions close on every node within a second, routing goes on when a NATS
+//! server is killed, and a persistent session outlives its node (kill -9).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -477,4 +477,25 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     let (code, text) = finished(sub);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("survived"), "{text}");
+
+    // kill -9 of the node holding a persistent subscriber with QoS 1 messages in flight, more
+    // queued while it is away: the subscriber resumes on node B and receives every message
+    // whose publisher got a PUBACK.
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster_persistent.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            "data/ca/cluster-ca.pem",
+            &a.ports[1].to_string(),
+            &b.ports[1].to_string(),
+            &c.ports[1].to_string(),
+            &a.child.id().to_string(),
+        ],
+        da,
+    );
+    println!("{}", r.stdout);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
 }

@@ -196,25 +196,31 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         Protocol::V311 if connect.clean_start => Duration::ZERO,
         Protocol::V311 => PERSISTENT_SESSION,
     };
+    let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
     // In a cluster, this node becomes the client id's owner first: a session another node
-    // holds is taken over there.
-    if let Some(claim) = c.broker.claim(&client_id) {
+    // holds is taken over there, and a persistent session the cluster keeps comes back.
+    let mut stored = None;
+    if let Some(claim) = c.broker.claim(&client_id, connect.clean_start, &identity) {
         let claimed = match tokio::time::timeout(CLAIM_TIMEOUT, claim).await {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(session))) => Ok(session),
             Ok(Ok(Err(why))) => Err(why),
             Ok(Err(_)) => Err("the cluster connection closed".to_string()),
             Err(_) => Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
         };
-        if let Err(why) = claimed {
-            let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
-            return log_refused(
-                &c,
-                &client_id,
-                &format!("the cluster could not record this node as the session's owner: {why}"),
-            );
+        match claimed {
+            Ok(session) => stored = session,
+            Err(why) => {
+                let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
+                return log_refused(
+                    &c,
+                    &client_id,
+                    &format!(
+                        "the cluster could not record this node as the session's owner: {why}"
+                    ),
+                );
+            }
         }
     }
-    let identity = format!("{} ({})", leaf.info().subject, leaf.info().id);
     let mut handle = c.broker.connect(
         &client_id,
         connect.clean_start,
@@ -222,6 +228,23 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         Arc::new(auth.clone()),
         &identity,
     );
+    if !expiry.is_zero()
+        && let Err(why) = resume_in_cluster(&c, &client_id, &mut handle, stored, &auth).await
+    {
+        let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
+        c.broker.disconnected(
+            &client_id,
+            handle.generation,
+            std::mem::take(&mut handle.pending),
+            std::mem::take(&mut handle.awaiting_release),
+            Some(&mut handle.outbound),
+        );
+        return log_refused(
+            &c,
+            &client_id,
+            &format!("the cluster could not keep the persistent session: {why}"),
+        );
+    }
     let mut properties = ConnAckProperties::default();
     if protocol == Protocol::V5 {
         properties.retain_available = Some(true);
@@ -284,6 +307,47 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     };
     session.run(&mut tls, buf, handle, &connect).await;
     metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
+}
+
+/// A persistent session in a cluster: the cluster keeps its QoS 1 and 2 messages from now on,
+/// and a session it kept (left on another node, or before this node restarted) comes back with
+/// its subscriptions, each still allowed by the policies of the moment.
+async fn resume_in_cluster(
+    c: &Conn,
+    client_id: &str,
+    handle: &mut portcullis_mqtt::broker::SessionHandle,
+    stored: Option<portcullis_mqtt::broker::StoredSession>,
+    auth: &SessionAuth,
+) -> Result<(), String> {
+    let mut ready = c.broker.make_durable(client_id, handle.generation);
+    if let Some(stored) = stored
+        && !handle.session_present
+    {
+        for (filter, options) in stored.subscriptions {
+            if auth
+                .decide("mqtt:Subscribe", &format!("topicfilter:{filter}"))
+                .is_err()
+            {
+                continue;
+            }
+            if let Some(s) = c
+                .broker
+                .subscribe(client_id, handle.generation, &filter, options)
+            {
+                ready.extend(s.ready);
+            }
+        }
+        handle.session_present = true;
+    }
+    for r in ready {
+        match tokio::time::timeout(CLAIM_TIMEOUT, r).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => return Err(why),
+            Ok(Err(_)) => return Err("the cluster connection closed".into()),
+            Err(_) => return Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// `$` topics belong to the server (registry events are published on `$portcullis/…`).

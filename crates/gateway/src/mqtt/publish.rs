@@ -118,6 +118,7 @@ pub(crate) async fn https_publish(
         expires_at: None,
         sent_as: None,
         released: false,
+        receipt: None,
     };
     verifier.forward(|| envelope(&message, None, leaf, verifier), &topic);
     let mut routed = broker.publish(message, None);

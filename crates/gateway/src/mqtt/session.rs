@@ -254,6 +254,7 @@ impl Session<'_> {
                 expires_at: expiry_of(will.properties.message_expiry_interval),
                 sent_as: None,
                 released: false,
+                receipt: None,
             };
             c.broker.publish(m, Some(&self.client_id));
         }
@@ -327,8 +328,10 @@ impl Session<'_> {
                     .inflight
                     .get(&a.packet_id)
                     .is_some_and(|m| m.qos == QoS::AtLeastOnce)
+                    && let Some(m) = self.inflight.remove(&a.packet_id)
+                    && let Some(receipt) = m.receipt
                 {
-                    self.inflight.remove(&a.packet_id);
+                    receipt.acknowledged();
                 }
                 self.refill(handle);
             }
@@ -338,6 +341,10 @@ impl Session<'_> {
                     Some(m) if m.qos == QoS::ExactlyOnce && a.reason < 0x80 => {
                         m.released = true;
                         m.expires_at = None;
+                        // The client has it: the cluster need not keep it any longer.
+                        if let Some(receipt) = m.receipt.take() {
+                            receipt.acknowledged();
+                        }
                         self.write(&Packet::PubRel(codec::PubAck {
                             packet_id: a.packet_id,
                             reason: reason::SUCCESS,
@@ -345,6 +352,9 @@ impl Session<'_> {
                         }));
                     }
                     Some(m) if m.qos == QoS::ExactlyOnce => {
+                        if let Some(receipt) = m.receipt.take() {
+                            receipt.acknowledged();
+                        }
                         self.inflight.remove(&a.packet_id);
                         self.refill(handle);
                     }
@@ -595,6 +605,7 @@ impl Session<'_> {
             expires_at: expiry_of(properties.message_expiry_interval),
             sent_as: None,
             released: false,
+            receipt: None,
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -755,6 +766,9 @@ impl Session<'_> {
     /// Queues a delivery: QoS 0 is written at once, QoS 1 and 2 when there is room in flight.
     pub(super) fn deliver(&mut self, m: Message) {
         if !m.released && m.expires_at.is_some_and(|t| t <= Instant::now()) {
+            if let Some(receipt) = m.receipt {
+                receipt.acknowledged();
+            }
             return;
         }
         if m.released
@@ -846,8 +860,11 @@ impl Session<'_> {
             .is_some_and(|max| self.out.len() - before > max)
         {
             self.out.truncate(before);
-            if let Some(id) = packet_id {
-                self.inflight.remove(&id);
+            if let Some(id) = packet_id
+                && let Some(m) = self.inflight.remove(&id)
+                && let Some(receipt) = m.receipt
+            {
+                receipt.acknowledged();
             }
             return;
         }

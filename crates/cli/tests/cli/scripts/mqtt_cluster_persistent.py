@@ -1,0 +1,103 @@
+# A persistent MQTT 5 session survives the death of its node (paho-mqtt, PyPI): a subscriber on
+# node A holds QoS 1 messages unacknowledged when node A is killed (SIGKILL), more messages are
+# published while it is away, and it resumes its session on node B and receives every message
+# whose publisher got a PUBACK. Duplicates are allowed (QoS 1), losses are not.
+# Arguments: server CA file, MQTT ports of nodes A, B and C, the pid of node A.
+import os, queue, signal, sys, time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ca = sys.argv[1]
+ports = {"A": int(sys.argv[2]), "B": int(sys.argv[3]), "C": int(sys.argv[4])}
+pid_a = int(sys.argv[5])
+WAIT = 30
+
+
+def check(cond, what):
+    if not cond:
+        print("FAILED: " + what, flush=True)
+        sys.exit(1)
+    print("ok " + what, flush=True)
+
+
+class Device:
+    def __init__(self, name, manual_ack=False):
+        self.events = {k: queue.Queue() for k in ("connack", "message", "puback", "suback", "disconnect")}
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5,
+                        manual_ack=manual_ack)
+        c.tls_set(ca_certs=ca, certfile=name + ".chain.pem", keyfile=name + ".key")
+        c.tls_insecure_set(True)
+        c.reconnect_delay_set(min_delay=3600, max_delay=3600)
+        c.on_connect = lambda cl, ud, flags, rc, props: self.events["connack"].put((rc.value, flags.session_present))
+        c.on_message = lambda cl, ud, msg: self.events["message"].put(msg)
+        c.on_publish = lambda cl, ud, mid, rc, props: self.events["puback"].put((mid, rc.value))
+        c.on_subscribe = lambda cl, ud, mid, rcs, props: self.events["suback"].put([r.value for r in rcs])
+        c.on_disconnect = lambda cl, ud, flags, rc, props: self.events["disconnect"].put(rc.value)
+        self.c = c
+
+    def connect(self, node, clean, expiry=None):
+        props = Properties(PacketTypes.CONNECT)
+        if expiry is not None:
+            props.SessionExpiryInterval = expiry
+        self.c.connect("127.0.0.1", ports[node], keepalive=30, clean_start=clean, properties=props)
+        self.c.loop_start()
+        return self.next("connack")
+
+    def next(self, kind, wait=WAIT):
+        try:
+            return self.events[kind].get(timeout=wait)
+        except queue.Empty:
+            print("FAILED: no %s within %d s" % (kind, wait), flush=True)
+            sys.exit(1)
+
+
+sub = Device("dev-1", manual_ack=True)
+rc, present = sub.connect("A", clean=True, expiry=3600)
+check(rc == 0, "persistent subscriber connected to node A")
+sub.c.subscribe("devices/+/telemetry", 1)
+check(sub.next("suback") == [1], "subscribed at QoS 1")
+pub = Device("dev-3")
+check(pub.connect("C", clean=True)[0] == 0, "publisher connected to node C")
+
+acknowledged = []
+
+
+def publish(payload):
+    info = pub.c.publish("devices/dev-3/telemetry", payload, qos=1)
+    mid, rc = pub.next("puback")
+    check(mid == info.mid and rc < 0x80, "PUBACK for %s" % payload)
+    acknowledged.append(payload)
+
+
+for i in range(10):
+    publish(b"before-%d" % i)
+# Delivered to the subscriber on A, never acknowledged by it: in flight when A dies.
+held = [sub.next("message") for _ in range(3)]
+check(all(m.qos == 1 for m in held), "messages in flight to the subscriber (not acknowledged)")
+os.kill(pid_a, signal.SIGKILL)
+sub.next("disconnect")
+print("node A killed", flush=True)
+for i in range(10):
+    publish(b"while-away-%d" % i)
+
+back = Device("dev-1")
+started = time.monotonic()
+rc, present = back.connect("B", clean=False, expiry=3600)
+check(rc == 0 and present, "the session resumed on node B (session present)")
+wanted = set(acknowledged)
+got = []
+deadline = time.monotonic() + WAIT
+while not wanted.issubset(got) and time.monotonic() < deadline:
+    try:
+        got.append(back.events["message"].get(timeout=0.5).payload)
+    except queue.Empty:
+        pass
+missing = sorted(wanted - set(got))
+check(not missing, "every acknowledged message received after the node's death (missing: %s)" % missing)
+took = time.monotonic() - started
+print("resumed on another node: %d messages (%d duplicates) within %.2f s of reconnecting"
+      % (len(wanted), len(got) - len(set(got)), took), flush=True)
+check(took < 10, "resumed within 10 s")
+print("ALL OK", flush=True)
