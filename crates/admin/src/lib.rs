@@ -390,6 +390,10 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/expiry-check", post(webhooks::expiry_check))
         .route("/v1/cluster", get(cluster::cluster_status))
+        .route(
+            "/v1/cluster/nats-certificates",
+            axum::routing::post(cluster::nats_certificate),
+        )
         .route("/v1/server-certificates", get(list_server_certificates))
         .route(
             "/v1/server-certificates/{name}",

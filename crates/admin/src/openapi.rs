@@ -319,6 +319,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "post",
+        "/v1/cluster/nats-certificates",
+        "Issue a NATS server's certificate (server and client) from the cluster CA; the key is answered once",
+        Some("NatsCertificate"),
+    ),
+    (
         "get",
         "/v1/server-certificates",
         "List server certificates kept in the registry (chains; keys are never answered)",
@@ -474,6 +480,10 @@ fn schemas() -> Value {
         "PutServerCertificate": {"type": "object", "required": ["certificate_pem", "key_pem"], "additionalProperties": false, "properties": {
             "certificate_pem": {"type": "string", "description": "The chain, leaf first"},
             "key_pem": {"type": "string", "description": "The leaf's private key; sealed with the cluster key, never answered back"}}},
+        "NatsCertificate": {"type": "object", "required": ["name", "hosts"], "additionalProperties": false, "properties": {
+            "name": {"type": "string", "description": "The NATS server's name (the certificate's CN)"},
+            "hosts": {"type": "array", "items": s("string"), "description": "Host names and IP addresses it is reached by"},
+            "days": s("integer")}},
         "PutDomain": {"type": "object", "required": ["spec"], "additionalProperties": false, "properties": {
             "spec": {"type": "object", "description": "The keys of a [[domain]] table of the configuration file (docs/configuration.md)"},
             "expected_version": {"type": "integer", "description": "Write only if the stored version is this one; 0: only if new"}}},

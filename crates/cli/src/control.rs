@@ -299,6 +299,26 @@ pub struct TruststoreArgs {
 pub enum ClusterCommand {
     /// The nodes that sent a heartbeat in the last day, and how current each one is.
     Status,
+    /// Issues a NATS server's certificate from the cluster's CA (server and client, for its
+    /// routes too): writes NAME.pem, NAME.key (0600) and ca.pem for the server's `tls` blocks,
+    /// so nodes and NATS servers verify each other with the cluster's own CA.
+    NatsCert {
+        /// The NATS server's name.
+        name: String,
+        /// A host name or IP address the nodes and the other NATS servers reach it by
+        /// (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Lifetime in days (default 365).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `portcullis server-cert …`
@@ -767,6 +787,43 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
                     }
                     lines.join("\n")
                 });
+                Ok(ExitCode::SUCCESS)
+            }
+            Control::Cluster(ClusterCommand::NatsCert {
+                name,
+                hosts,
+                days,
+                out: dir,
+                force,
+            }) => {
+                let mut body = json!({"name": name, "hosts": hosts});
+                if let Some(days) = days {
+                    body["days"] = json!(days);
+                }
+                let stem = portcullis_admin::enroll::file_stem(&name);
+                let mut files = portcullis_node::output::Outputs::default();
+                files.public(dir.join(format!("{stem}.pem")), Vec::new());
+                files.secret(dir.join(format!("{stem}.key")), Vec::new());
+                files.check_absent(force)?;
+                let v = client.post("/v1/cluster/nats-certificates", &body).await?;
+                let text = |k: &str| v[k].as_str().unwrap_or_default().as_bytes().to_vec();
+                let mut files = portcullis_node::output::Outputs::default();
+                files.public(dir.join(format!("{stem}.pem")), text("certificate_pem"));
+                files.secret(dir.join(format!("{stem}.key")), text("key_pem"));
+                files.public(dir.join("ca.pem"), text("ca_pem"));
+                // ca.pem is the same for every NATS server: replaced freely.
+                let written = files.write(true)?;
+                out.show(
+                    &json!({"name": v["name"], "not_after": v["not_after"], "files": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()}),
+                    |v| {
+                        format!(
+                            "NATS certificate for {} (valid until {}): {}",
+                            s(&v["name"]),
+                            s(&v["not_after"]),
+                            v["files"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(", ")
+                        )
+                    },
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Control::Domain(c) => domain(&client, &out, c).await,

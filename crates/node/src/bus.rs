@@ -72,6 +72,50 @@ pub(crate) struct NatsOptions {
     pub(crate) url: String,
     /// Copies JetStream keeps of each stream (the NATS cluster's size, up to 5).
     pub(crate) replicas: usize,
+    /// Mutual TLS with certificates of the cluster's CA.
+    pub(crate) tls: bool,
+}
+
+/// The TLS client configuration of a node's NATS connection: NATS servers verified against
+/// the cluster's CA (`portcullis cluster nats-cert` issues their certificates), and a client
+/// certificate for this node issued by that CA now, kept in memory only.
+fn nats_tls(ca: &portcullis_pki::issue::CaIssuer, id: &str) -> Result<rustls::ClientConfig> {
+    use portcullis_pki::issue::{IssueRequest, Profile, SubjectName};
+    use portcullis_pki::{KeyType, PrivateKey};
+    let key = PrivateKey::generate(KeyType::EcP256)?;
+    let mut request = IssueRequest::new(
+        Profile::Client,
+        SubjectName {
+            common_name: format!("portcullis node {id}"),
+            organization: Some("Portcullis".into()),
+            ..Default::default()
+        },
+    );
+    request.days = 30;
+    let cert = portcullis_pki::issue::issue(&request, &key, Some(ca))?;
+    let chain = ca.chain();
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(root) = chain.last() {
+        roots
+            .add(root.der().clone())
+            .context("the cluster CA as a NATS trust anchor")?;
+    }
+    let mut presented = vec![cert.der().clone()];
+    presented.extend(
+        chain
+            .iter()
+            .take(chain.len().saturating_sub(1))
+            .map(|c| c.der().clone()),
+    );
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            presented,
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into()),
+        )
+        .context("the node's NATS client certificate")
 }
 
 /// A topic's NATS subject under `prefix`.
@@ -467,11 +511,18 @@ pub(crate) async fn start(
     id: &str,
     broker: Arc<Broker>,
     state: Arc<NatsState>,
+    ca: &portcullis_pki::issue::CaIssuer,
 ) -> Result<()> {
     let events = state.clone();
     let url = options.url.clone();
     let servers = servers(&url)?;
-    let client = async_nats::ConnectOptions::new()
+    let mut connect = async_nats::ConnectOptions::new();
+    if options.tls {
+        connect = connect
+            .require_tls(true)
+            .tls_client_config(nats_tls(ca, id)?);
+    }
+    let client = connect
         .name(format!("portcullis {id}"))
         .retry_on_initial_connect()
         .event_callback(move |event| {

@@ -58,6 +58,9 @@ pub(crate) struct FileConfig {
     /// Copies JetStream keeps of the MQTT streams: the NATS cluster's size (1 to 5, default 1;
     /// 3 for the reference deployment).
     nats_replicas: Option<usize>,
+    /// Mutual TLS to NATS with certificates of the cluster's CA: the node verifies the NATS
+    /// servers against it and presents a client certificate it issues itself (in memory).
+    nats_tls: Option<bool>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
 }
@@ -168,8 +171,10 @@ impl FileConfig {
     /// The NATS servers MQTT is routed through, if any.
     pub(crate) fn nats(&self) -> Result<Option<crate::bus::NatsOptions>> {
         let Some(url) = &self.nats_url else {
-            if self.nats_replicas.is_some() {
-                bail!("nats_replicas is set without nats_url: name the NATS servers too");
+            if self.nats_replicas.is_some() || self.nats_tls.is_some() {
+                bail!(
+                    "nats_replicas or nats_tls is set without nats_url: name the NATS servers too"
+                );
             }
             return Ok(None);
         };
@@ -184,6 +189,7 @@ impl FileConfig {
         Ok(Some(crate::bus::NatsOptions {
             url: url.clone(),
             replicas,
+            tls: self.nats_tls.unwrap_or(false),
         }))
     }
 

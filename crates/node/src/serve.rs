@@ -251,7 +251,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             cluster: cluster.clone(),
         },
     };
-    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca), Arc::new(hooks))
+    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca.clone()), Arc::new(hooks))
         .with_cluster_key(cluster_key.clone());
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -265,7 +265,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     // MQTT across nodes, when the configuration names NATS.
     if let (Some(nats), Some(state)) = (&nats_url, &nats_state) {
-        crate::bus::start(nats, &node_id, gateway.broker(), state.clone())
+        crate::bus::start(nats, &node_id, gateway.broker(), state.clone(), &local_ca)
             .await
             .context("routing MQTT through NATS")?;
     }

@@ -35,6 +35,9 @@ pub enum Profile {
     Client,
     /// A TLS server leaf: CA:FALSE, digitalSignature (+ keyEncipherment for RSA), EKU serverAuth.
     Server,
+    /// A TLS peer that is both server and client (a NATS server, which serves the nodes and
+    /// connects to its peers): as a server leaf, with EKU serverAuth and clientAuth.
+    Peer,
     /// A proof-of-possession certificate for CA registration: CN = registration code.
     Verification,
 }
@@ -47,6 +50,7 @@ impl Profile {
             Profile::RootCa | Profile::IntermediateCa => 3650,
             Profile::Client => 365,
             Profile::Server => 90,
+            Profile::Peer => 365,
             Profile::Verification => 30,
         }
     }
@@ -428,7 +432,7 @@ pub fn sign_csr(csr: &[u8], req: &IssueRequest, issuer: &CaIssuer) -> Result<Cer
     req.subject = SubjectName::cn("from-csr");
     let mut params = build_params(&req, &key_info, Some(issuer))?;
     params.distinguished_name = name::to_rcgen(&info.subject)?;
-    if req.subject_alt_names.is_empty() && req.profile == Profile::Server {
+    if req.subject_alt_names.is_empty() && matches!(req.profile, Profile::Server | Profile::Peer) {
         let cn = name::attribute(&info.subject, "CN").unwrap_or_default();
         params.subject_alt_names = vec![san_from_cn(&cn)?.to_rcgen()?];
     }
@@ -560,13 +564,18 @@ fn build_params(
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
-        Profile::Server => {
+        Profile::Server | Profile::Peer => {
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             if key_info.algorithm == "RSA" {
                 params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
             }
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            if req.profile == Profile::Peer {
+                params
+                    .extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ClientAuth);
+            }
             if params.subject_alt_names.is_empty() {
                 params.subject_alt_names = vec![san_from_cn(&req.subject.common_name)?.to_rcgen()?];
             }

@@ -44,10 +44,30 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Client and route ports for `n` NATS servers.
+pub(crate) fn nats_ports(n: usize) -> Vec<(u16, u16)> {
+    (0..n).map(|_| (free_port(), free_port())).collect()
+}
+
+/// The servers on `ports`, as `nats_url` takes them.
+pub(crate) fn nats_url(ports: &[(u16, u16)]) -> String {
+    ports
+        .iter()
+        .map(|(p, _)| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Nats {
     /// Starts `n` servers (clustered when more than one) and waits until each is ready; `None`
     /// without nats-server (outside CI).
     pub(crate) fn start(dir: &Path, n: usize) -> Option<Nats> {
+        Nats::start_on(dir, &nats_ports(n), None)
+    }
+
+    /// Starts a server on each of `ports` (client, route); with `tls`, a directory holding
+    /// `nN.pem`, `nN.key` and `ca.pem`, clients and routes use mutual TLS.
+    pub(crate) fn start_on(dir: &Path, ports: &[(u16, u16)], tls: Option<&Path>) -> Option<Nats> {
         let Some(bin) = require_tool("nats-server") else {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -55,7 +75,7 @@ impl Nats {
             );
             return None;
         };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let n = ports.len();
         let mut servers = Vec::new();
         let mut ready: Vec<Receiver<String>> = Vec::new();
         for (i, (port, route)) in ports.iter().enumerate() {
@@ -67,6 +87,18 @@ impl Nats {
                  jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n",
                 store.display()
             );
+            let tls_block = tls.map(|t| {
+                format!(
+                    "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
+                    t.join(format!("{name}.pem")).display(),
+                    t.join(format!("{name}.key")).display(),
+                    t.join("ca.pem").display()
+                )
+            });
+            if let Some(block) = &tls_block {
+                config.push_str(block);
+                config.push('\n');
+            }
             if n > 1 {
                 let routes: Vec<String> = ports
                     .iter()
@@ -74,8 +106,12 @@ impl Nats {
                     .map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\""))
                     .collect();
                 config.push_str(&format!(
-                    "cluster {{ name: portcullis-test, listen: \"127.0.0.1:{route}\", routes: [{}] }}\n",
-                    routes.join(", ")
+                    "cluster {{ name: portcullis-test, listen: \"127.0.0.1:{route}\", routes: [{}]{} }}\n",
+                    routes.join(", "),
+                    tls_block
+                        .as_deref()
+                        .map(|b| format!(", {b}"))
+                        .unwrap_or_default()
                 ));
             }
             let file = dir.join(format!("{name}.conf"));
@@ -116,11 +152,8 @@ impl Nats {
 
     /// Every server, as `nats_url` takes them.
     pub(crate) fn url(&self) -> String {
-        self.servers
-            .iter()
-            .map(|s| format!("nats://127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        let ports: Vec<(u16, u16)> = self.servers.iter().map(|s| (s.port, 0)).collect();
+        nats_url(&ports)
     }
 
     /// `kill -9` of the server named `name`.
@@ -204,9 +237,14 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         return;
     };
     let tmp = temp_dir();
-    let Some(mut nats) = Nats::start(&tmp.path().join("nats"), 3) else {
+    if require_tool("nats-server").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the cluster tests need nats-server"
+        );
         return;
-    };
+    }
+    let ports = nats_ports(3);
     let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
     for d in &dirs {
         std::fs::create_dir_all(d).unwrap();
@@ -229,7 +267,7 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
             Some(&database),
             format!(
                 "cluster_key_file = \"cluster.key\"\nnode_name = \"{name}\"\n\
-                 nats_url = \"{}\"\nnats_replicas = 3\n\
+                 nats_url = \"{}\"\nnats_replicas = 3\nnats_tls = true\n\
                  default_endpoint = true\ndefault_domain = \"localhost\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n\
                  [[listener]]\naddress = \"127.0.0.1:0\"\n\
@@ -237,12 +275,51 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
                  [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"revocation\"\n\
                  [domain.mtls]\nmode = \"required\"\ntruststore = \"trust-a.pem\"\n\
                  [[domain.mapping]]\nupstream = \"builtin:echo\"\n",
-                nats.url()
+                nats_url(&ports)
             ),
         )
     };
-    // One node first: it makes the cluster's CAs; then the others join.
+    // One node first: it makes the cluster's CAs. The NATS servers get their certificates from
+    // the cluster's CA (mutual TLS for the nodes and between the servers); then the others
+    // join.
     let a = Server::start(da, &config("a"));
+    let certs = tmp.path().join("nats-certs");
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        cli(
+            da,
+            &[
+                "cluster",
+                "nats-cert",
+                &name,
+                "--host",
+                "127.0.0.1",
+                "--out",
+                certs.to_str().unwrap(),
+            ],
+        )
+        .ok();
+    }
+    let mode = std::fs::metadata(certs.join("n1.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let mut nats = Nats::start_on(&tmp.path().join("nats"), &ports, Some(&certs)).unwrap();
+    // Every NATS server asks its clients for a certificate of the cluster's CA.
+    {
+        use std::io::Read;
+        let mut plain = std::net::TcpStream::connect(("127.0.0.1", ports[0].0)).unwrap();
+        let mut info = [0u8; 4096];
+        let n = plain.read(&mut info).unwrap();
+        let info = String::from_utf8_lossy(&info[..n]);
+        assert!(
+            info.contains(r#""tls_required":true"#) && info.contains(r#""tls_verify":true"#),
+            "{info}"
+        );
+    }
     let b = Server::start(&dirs[1], &config("b"));
     let c = Server::start(&dirs[2], &config("c"));
     let nodes = [&a, &b, &c];
