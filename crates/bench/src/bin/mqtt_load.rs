@@ -4,6 +4,14 @@
 //!   mqtt_load HOST:PORT CA CERT KEY fanin  SECONDS PUBLISHERS QOS
 //!   mqtt_load HOST:PORT CA CERT KEY fanout SECONDS SUBSCRIBERS QOS
 //!   mqtt_load HOST:PORT CA CERT KEY idle   CONNECTIONS SECONDS
+//!   mqtt_load HOST:PORT CA CERT KEY latency SECONDS RATE QOS
+//!   mqtt_load HOST:PORT CA CERT KEY takeover OTHER_HOST:PORT COUNT
+//!
+//! With `MQTT_LOAD_SUBSCRIBE_AT=HOST:PORT`, subscribers connect there instead (another node of
+//! a cluster: the messages cross nodes). `latency`: one publisher at RATE messages per second,
+//! one subscriber; prints the delivery latency's p50 and p99 in milliseconds. `takeover`: COUNT
+//! times, a session on HOST:PORT and then one with the same client id on OTHER: prints the
+//! median and worst time from the second CONNECT until the first connection is closed, in ms.
 //!
 //! `connect`: new TLS connection + CONNECT/CONNACK + DISCONNECT, in a loop per worker; prints
 //! connections per second. `fanin`: PUBLISHERS publish as fast as they can to their own topics,
@@ -192,6 +200,14 @@ async fn publisher(t: Arc<Target>, id: String, topic: String, qos: QoS, until: I
     acks.abort();
 }
 
+/// Where subscribers connect: `MQTT_LOAD_SUBSCRIBE_AT`, or the target.
+fn subscriber_target(t: &Target) -> Target {
+    Target {
+        addr: std::env::var("MQTT_LOAD_SUBSCRIBE_AT").unwrap_or_else(|_| t.addr.clone()),
+        tls: t.tls.clone(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -245,8 +261,9 @@ async fn main() {
             let qos = qos_of(8);
             let counter = Arc::new(AtomicU64::new(0));
             let subscribers = if mode == "fanin" { 1 } else { n };
+            let at = subscriber_target(&t);
             for s in 0..subscribers {
-                let (mut tls, mut buf) = session(&t, &format!("sub{s}")).await;
+                let (mut tls, mut buf) = session(&at, &format!("sub{s}")).await;
                 let filter = if mode == "fanin" {
                     "bench/#"
                 } else {
@@ -301,7 +318,8 @@ async fn main() {
                 let (t, limit, up) = (t.clone(), limit.clone(), up.clone());
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    let s = session(&t, &format!("idle{i}")).await;
+                    let prefix = std::env::var("MQTT_LOAD_ID_PREFIX").unwrap_or_default();
+                    let s = session(&t, &format!("{prefix}idle{i}")).await;
                     up.fetch_add(1, Ordering::Relaxed);
                     s
                 }));
@@ -313,6 +331,106 @@ async fn main() {
             println!("ready");
             tokio::time::sleep(Duration::from_secs(num(7))).await;
             drop(held);
+        }
+        "latency" => {
+            let secs = num(6);
+            let rate = num(7).max(1);
+            let qos = qos_of(8);
+            let (mut tls, mut buf) = session(&subscriber_target(&t), "lat-sub").await;
+            subscribe(&mut tls, &mut buf, "bench/lat", qos).await;
+            let origin = Instant::now();
+            let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let recorder = {
+                let samples = samples.clone();
+                tokio::spawn(async move {
+                    while let Some(p) = read(&mut tls, &mut buf).await {
+                        if let Packet::Publish(m) = p {
+                            let sent = u64::from_be_bytes(m.payload[..8].try_into().unwrap());
+                            let now = origin.elapsed().as_nanos() as u64;
+                            samples.lock().unwrap().push(now.saturating_sub(sent));
+                            if let Some(id) = m.packet_id {
+                                write(
+                                    &mut tls,
+                                    &Packet::PubAck(codec::PubAck {
+                                        packet_id: id,
+                                        reason: 0,
+                                        properties: Default::default(),
+                                    }),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                })
+            };
+            let (pub_tls, pub_buf) = session(&t, "lat-pub").await;
+            let (mut rd, mut wr) = tokio::io::split(pub_tls);
+            tokio::spawn(async move {
+                let mut buf = pub_buf;
+                while let Ok(n) = rd.read_buf(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.clear();
+                }
+            });
+            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            let until = Instant::now() + Duration::from_secs(secs + 1);
+            let warm = Instant::now() + Duration::from_secs(1);
+            let mut id: u16 = 0;
+            while Instant::now() < until {
+                tick.tick().await;
+                id = id.wrapping_add(1).max(1);
+                let stamp = origin.elapsed().as_nanos() as u64;
+                let mut out = BytesMut::new();
+                codec::write_packet(
+                    &Packet::Publish(Publish {
+                        dup: false,
+                        qos,
+                        retain: false,
+                        topic: "bench/lat".into(),
+                        packet_id: (qos == QoS::AtLeastOnce).then_some(id),
+                        payload: Bytes::copy_from_slice(&stamp.to_be_bytes()),
+                        properties: Default::default(),
+                    }),
+                    Protocol::V311,
+                    &mut out,
+                )
+                .unwrap();
+                wr.write_all(&out).await.unwrap();
+                if Instant::now() < warm {
+                    samples.lock().unwrap().clear();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            recorder.abort();
+            let mut s = samples.lock().unwrap().clone();
+            s.sort_unstable();
+            let at = |q: f64| s[((s.len() as f64 * q) as usize).min(s.len() - 1)] as f64 / 1e6;
+            println!("{:.3} {:.3} {}", at(0.5), at(0.99), s.len());
+        }
+        "takeover" => {
+            let other = Target {
+                addr: args[6].clone(),
+                tls: t.tls.clone(),
+            };
+            let mut times = Vec::new();
+            for i in 0..num(7) {
+                let id = format!("takeover-{i}");
+                let (mut first, mut buf) = session(&t, &id).await;
+                let started = Instant::now();
+                let second = session(&other, &id).await;
+                // The first connection ends (3.1.1: closed) when the cluster says it moved.
+                while read(&mut first, &mut buf).await.is_some() {}
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+                drop(second);
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{:.1} {:.1}",
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
         }
         other => panic!("unknown mode {other}"),
     }

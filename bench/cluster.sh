@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# A three-node Portcullis cluster (one PostgreSQL, three NATS servers with JetStream, replicas
+# 3) beside one Portcullis node and Mosquitto, all on this machine, with the same certificates
+# and load generator (crates/bench/src/bin/mqtt_load.rs):
+#
+#   bench/cluster.sh [SECONDS] [DEVICES]      (defaults: 5 s, 30000)
+#
+# - delivery latency p50/p99 at a fixed 1,000 messages/s, same node vs across nodes;
+# - fan-in throughput (8 publishers on node A, the subscriber on node B) per server
+#   core-second — CPU time of every server process (nodes and NATS, or the single node, or
+#   Mosquitto), since this machine has 2 cores for everything;
+# - takeover: the same client id on node B closes its session on node A (20 times);
+# - DEVICES idle mutual-TLS sessions spread over the three nodes: resident memory per session.
+#
+# Needs: nats-server, mosquitto, PostgreSQL (Debian packages; scripts/test installs them),
+# python3. Loopback only, fixed ports 3xxxx.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-5}"
+devices="${2:-30000}"
+root="$(pwd)"
+nats="$(command -v nats-server || echo /usr/sbin/nats-server)"
+mosq="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+[ -x "$nats" ] && [ -x "$mosq" ] || { echo "needs nats-server and mosquitto (apt-get install nats-server mosquitto)" >&2; exit 2; }
+cargo build --release -q
+cargo build --release -q -p portcullis-bench
+pc="$root/target/release/portcullis"
+load="$root/target/release/mqtt_load"
+ulimit -n "$(ulimit -Hn)"
+
+work="$(mktemp -d)"
+pids=()
+db="portcullis_bench_$$"
+as_postgres() { runuser -u postgres -- "$@"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  as_postgres psql -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+pg_ctlcluster 15 main start 2>/dev/null || true
+as_postgres psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname = 'portcullis'" | grep -q 1 \
+  || as_postgres psql -qc "CREATE ROLE portcullis LOGIN SUPERUSER PASSWORD 'portcullis'" >/dev/null
+as_postgres psql -qc "CREATE DATABASE $db OWNER portcullis" >/dev/null
+dburl="postgres://portcullis:portcullis@127.0.0.1:5432/$db"
+cd "$work"
+
+"$pc" pki ca create --cn "Bench Root" --out ca >/dev/null
+"$pc" pki issue --profile server --cn localhost --san dns:localhost --san ip:127.0.0.1 \
+  --issuer-cert ca/ca.pem --issuer-key ca/ca.key --out . --name server >/dev/null
+"$pc" pki issue --profile client --cn bench-client --issuer-cert ca/ca.pem --issuer-key ca/ca.key \
+  --out . --name client >/dev/null
+"$pc" cluster-key generate --out cluster.key >/dev/null
+
+# Three NATS servers, JetStream, clustered.
+routes="nats-route://127.0.0.1:36201,nats-route://127.0.0.1:36202,nats-route://127.0.0.1:36203"
+for i in 1 2 3; do
+  mkdir -p "js$i"
+  cat > "n$i.conf" <<CONF
+server_name: n$i
+listen: "127.0.0.1:3610$i"
+jetstream { store_dir: "$work/js$i" }
+cluster { name: bench, listen: "127.0.0.1:3620$i", routes: [$routes] }
+CONF
+  "$nats" -c "n$i.conf" > "nats$i.log" 2>&1 &
+  pids+=($!)
+  eval "nats_pid$i=$!"
+done
+for i in 1 2 3; do
+  for _ in $(seq 1 100); do grep -q "Server is ready" "nats$i.log" && break; sleep 0.1; done
+done
+
+node_conf() { # NAME ADMIN_PORT MQTT_PORT [cluster]
+  {
+    if [ "${4:-}" = cluster ]; then
+      echo "database = \"$dburl\""
+      echo "cluster_key_file = \"cluster.key\""
+      echo "node_name = \"$1\""
+      echo "nats_url = \"nats://127.0.0.1:36101,nats://127.0.0.1:36102,nats://127.0.0.1:36103\""
+      echo "nats_replicas = 3"
+    fi
+    cat <<CONF
+[admin]
+address = "127.0.0.1:$2"
+[[listener]]
+address = "127.0.0.1:$3"
+protocols = ["mqtt"]
+[[domain]]
+hostname = "localhost"
+certificate = "server.chain.pem"
+key = "server.key"
+session_resumption = false
+[domain.mtls]
+mode = "required"
+truststore = "ca/ca.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+CONF
+  } > "$1.toml"
+}
+start_node() { # NAME
+  PORTCULLIS_LOG=warn "$pc" serve --config "$1.toml" --data-dir "data-$1" > "$1.log" 2>&1 &
+  pids+=($!)
+  eval "pid_$1=$!"
+  for _ in $(seq 1 300); do grep -q "serving on" "$1.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q "serving on" "$1.log" || { echo "node $1 did not start:" >&2; cat "$1.log" >&2; exit 1; }
+}
+node_conf a 36301 36401 cluster; node_conf b 36302 36402 cluster; node_conf c 36303 36403 cluster
+node_conf single 36304 36404
+start_node a; start_node b; start_node c; start_node single
+cat > all.json <<'JSON'
+{"Statement": [{"Effect": "Allow",
+  "Action": ["mqtt:Connect", "mqtt:Publish", "mqtt:Subscribe", "mqtt:Receive"],
+  "Resource": ["client:*", "topic:bench/*", "topicfilter:bench/*"]}]}
+JSON
+for n in a single; do
+  "$pc" policy create all --document all.json --data-dir "data-$n" >/dev/null
+  "$pc" policy attach all --domain localhost --data-dir "data-$n" >/dev/null
+done
+cat > mosquitto.conf <<CONF
+user root
+persistence false
+log_type error
+listener 36405 127.0.0.1
+cafile $work/ca/ca.pem
+certfile $work/server.chain.pem
+keyfile $work/server.key
+require_certificate true
+allow_anonymous true
+max_queued_messages 1000
+CONF
+"$mosq" -c mosquitto.conf > mosquitto.log 2>&1 &
+pids+=($!)
+mq_pid=$!
+L() { "$load" "$@"; }
+args() { echo "127.0.0.1:$1 ca/ca.pem client.chain.pem client.key"; }
+# Until every node takes CONNECTs with the policy and NATS is set up.
+for port in 36401 36402 36403 36404; do
+  for _ in $(seq 1 100); do L $(args $port) connect 1 1 >/dev/null 2>&1 && break; sleep 0.2; done
+done
+
+calc() { awk "BEGIN { printf \"%.1f\", $1 }"; }
+cpu() { # PIDS... -> CPU seconds used so far
+  local t=0
+  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  calc "$t / $(getconf CLK_TCK)"
+}
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+cluster_pids="$pid_a $pid_b $pid_c $nats_pid1 $nats_pid2 $nats_pid3"
+
+echo "## latency at 1,000 messages/s (p50 / p99 ms)"
+for q in 0 1; do
+  same=$(L $(args 36401) latency "$secs" 1000 $q)
+  cross=$(MQTT_LOAD_SUBSCRIBE_AT=127.0.0.1:36402 L $(args 36401) latency "$secs" 1000 $q)
+  single=$(L $(args 36404) latency "$secs" 1000 $q)
+  mosq_l=$(L $(args 36405) latency "$secs" 1000 $q)
+  echo "QoS $q: single node $single | cluster same node $same | cluster across nodes $cross | Mosquitto $mosq_l  (p50 p99 samples)"
+done
+
+echo "## fan-in, 8 publishers (messages/s; per server core-second)"
+for q in 0 1; do
+  for target in single cluster mosquitto; do
+    case $target in
+      single) port=36404 sub="" ps="$pid_single" ;;
+      cluster) port=36401 sub=127.0.0.1:36402 ps="$cluster_pids" ;;
+      mosquitto) port=36405 sub="" ps="$mq_pid" ;;
+    esac
+    before=$(cpu $ps)
+    rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q)
+    used=$(calc "$(cpu $ps) - $before")
+    per=$(calc "$rate * ($secs + 1) / $used")
+    echo "QoS $q $target: $rate msgs/s, $used CPU s, $per msgs per server core-second"
+  done
+done
+
+echo "## takeover across nodes (20 times; median / worst ms)"
+L $(args 36401) takeover 127.0.0.1:36402 20
+
+echo "## $devices idle sessions over three nodes"
+per=$((devices / 3))
+declare -A base
+for n in a b c; do base[$n]=$(rss "$(eval echo \$pid_$n)"); done
+nats_base=$(( $(rss $nats_pid1) + $(rss $nats_pid2) + $(rss $nats_pid3) ))
+loads=()
+for n in a b c; do
+  port=$(case $n in a) echo 36401;; b) echo 36402;; c) echo 36403;; esac)
+  MQTT_LOAD_ID_PREFIX="$n-" L $(args $port) idle "$per" 600 > "idle.$n" 2>&1 &
+  loads+=($!)
+done
+for n in a b c; do
+  for _ in $(seq 1 3000); do grep -q ready "idle.$n" && break; sleep 0.1; done
+done
+total=0
+for n in a b c; do
+  now=$(rss "$(eval echo \$pid_$n)")
+  total=$((total + now - ${base[$n]}))
+  echo "node $n: $(( (now - ${base[$n]}) / 1024 )) MiB more for $per sessions"
+done
+nats_now=$(( $(rss $nats_pid1) + $(rss $nats_pid2) + $(rss $nats_pid3) ))
+echo "per session: $(calc "$total / ($per * 3)") KiB in the nodes, $(calc "($nats_now - $nats_base) / ($per * 3)") KiB in NATS"
+for p in "${loads[@]}"; do kill "$p" 2>/dev/null || true; done
