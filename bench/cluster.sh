@@ -184,7 +184,7 @@ nats_base=$(( $(rss $nats_pid1) + $(rss $nats_pid2) + $(rss $nats_pid3) ))
 loads=()
 for n in a b c; do
   port=$(case $n in a) echo 36401;; b) echo 36402;; c) echo 36403;; esac)
-  MQTT_LOAD_ID_PREFIX="$n-" L $(args $port) idle "$per" 600 > "idle.$n" 2>&1 &
+  MQTT_LOAD_ID_PREFIX="$n-" "$load" $(args $port) idle "$per" 600 > "idle.$n" 2>&1 &
   loads+=($!)
 done
 for n in a b c; do

@@ -231,6 +231,9 @@ pub struct Routed {
     pub confirm: Option<Confirmation>,
 }
 
+/// A wait until the cluster has room for more publications.
+pub type Backpressure = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The answer to something a [`Bridge`] was asked to do durably: `Err` says why it could not.
 pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
@@ -280,6 +283,11 @@ pub trait Bridge: Send + Sync {
     fn durable_unsubscribe(&self, client_id: &str, filter: &str);
     /// A persistent session's connection ended (the cluster keeps its messages).
     fn durable_offline(&self, client_id: &str);
+    /// When the cluster is behind with what this node publishes: a wait until it has caught up
+    /// (publishers stop reading until then: flow control instead of dropping).
+    fn backpressure(&self) -> Option<Backpressure> {
+        None
+    }
     /// A persistent session ended for good (clean start, expiry, revocation).
     fn durable_end(&self, client_id: &str);
 }
@@ -570,6 +578,13 @@ impl Broker {
             deliver_to(session, m, options.qos, &mut routed, max_queued, now);
         }
         routed
+    }
+
+    /// In a cluster that is behind with this node's publications: a wait until it caught up.
+    /// A publishing connection awaits it before reading more.
+    pub fn backpressure(&self) -> Option<Backpressure> {
+        let state = self.lock();
+        state.bridge.as_ref().and_then(|b| b.backpressure())
     }
 
     /// Records this node as the owner of `client_id` in the cluster (a session elsewhere is

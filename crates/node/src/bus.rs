@@ -62,6 +62,9 @@ const MAX_ACK_PENDING: i64 = 1_000;
 /// Messages waiting for NATS at most; beyond, new ones are dropped (counted) or refused.
 const QUEUE: usize = 10_000;
 
+/// Messages taken from the queue to NATS at a time.
+const BATCH: usize = 512;
+
 /// Message ids remembered to drop a message two overlapping subscriptions both delivered.
 const SEEN: usize = 10_000;
 
@@ -404,6 +407,17 @@ impl Bridge for NatsBridge {
             .send(Control::DurableOffline(client_id.to_string()));
     }
 
+    fn backpressure(&self) -> Option<portcullis_mqtt::broker::Backpressure> {
+        if self.work.capacity() >= QUEUE / 4 {
+            return None;
+        }
+        let work = self.work.clone();
+        Some(Box::pin(async move {
+            // Until half the queue is free again (the permits are given back at once).
+            let _ = work.reserve_many(QUEUE / 2).await;
+        }))
+    }
+
     fn durable_end(&self, client_id: &str) {
         let _ = self
             .control
@@ -524,6 +538,7 @@ pub(crate) async fn start(
     }
     let client = connect
         .name(format!("portcullis {id}"))
+        .client_capacity(QUEUE)
         .retry_on_initial_connect()
         .event_callback(move |event| {
             let events = events.clone();
@@ -771,52 +786,58 @@ impl Node {
     /// answered once JetStream acknowledged it.
     async fn publish(self, mut publishing: mpsc::Receiver<Work>) {
         let mut seq: u64 = 0;
-        while let Some(Work::Publish(m, reply)) = publishing.recv().await {
-            seq += 1;
-            let id = format!("{}/{seq}", self.instance);
-            let mut headers = headers_of(&m, &self.instance, &id);
-            // What goes through JetStream: (subject, headers), each acknowledged by the stream.
-            let mut stored = Vec::new();
-            if m.retain {
-                let mut kept = headers.clone();
-                kept.insert("Portcullis-Retain", "1");
-                kept.insert("Nats-Msg-Id", format!("{id}/r").as_str());
-                stored.push((subject(RETAINED, &m.topic), kept));
-            }
-            if m.qos == QoS::AtMostOnce {
-                if let Err(e) = self
-                    .client
-                    .publish_with_headers(subject(LIVE, &m.topic), headers, m.payload.clone())
-                    .await
-                {
-                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+        let mut batch = Vec::with_capacity(BATCH);
+        // Many at a time: under a flood this task must keep pace with the sessions feeding it,
+        // not take one message per turn of the scheduler.
+        while publishing.recv_many(&mut batch, BATCH).await > 0 {
+            for Work::Publish(m, reply) in batch.drain(..) {
+                seq += 1;
+                let id = format!("{}/{seq}", self.instance);
+                let mut headers = headers_of(&m, &self.instance, &id);
+                // What goes through JetStream: (subject, headers), each acknowledged by the stream.
+                let mut stored = Vec::new();
+                if m.retain {
+                    let mut kept = headers.clone();
+                    kept.insert("Portcullis-Retain", "1");
+                    kept.insert("Nats-Msg-Id", format!("{id}/r").as_str());
+                    stored.push((subject(RETAINED, &m.topic), kept));
                 }
-            } else {
-                headers.insert("Nats-Msg-Id", id.as_str());
-                stored.push((subject(STORED, &m.topic), headers));
-            }
-            let mut acks = Vec::new();
-            for (subject, headers) in stored {
-                let sent = self
-                    .js
-                    .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
-                    .await;
-                acks.push((subject, headers, sent.ok()));
-            }
-            let Some(reply) = reply else {
-                continue;
-            };
-            let (js, payload) = (self.js.clone(), m.payload.clone());
-            tokio::spawn(async move {
-                let mut result = Ok(());
-                for (subject, headers, ack) in acks {
-                    if let Err(e) = stored_within(&js, subject, headers, payload.clone(), ack).await
+                if m.qos == QoS::AtMostOnce {
+                    if let Err(e) = self
+                        .client
+                        .publish_with_headers(subject(LIVE, &m.topic), headers, m.payload.clone())
+                        .await
                     {
-                        result = Err(format!("JetStream did not store it: {e}"));
+                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
                     }
+                } else {
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    stored.push((subject(STORED, &m.topic), headers));
                 }
-                let _ = reply.send(result);
-            });
+                let mut acks = Vec::new();
+                for (subject, headers) in stored {
+                    let sent = self
+                        .js
+                        .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                        .await;
+                    acks.push((subject, headers, sent.ok()));
+                }
+                let Some(reply) = reply else {
+                    continue;
+                };
+                let (js, payload) = (self.js.clone(), m.payload.clone());
+                tokio::spawn(async move {
+                    let mut result = Ok(());
+                    for (subject, headers, ack) in acks {
+                        if let Err(e) =
+                            stored_within(&js, subject, headers, payload.clone(), ack).await
+                        {
+                            result = Err(format!("JetStream did not store it: {e}"));
+                        }
+                    }
+                    let _ = reply.send(result);
+                });
+            }
         }
     }
 

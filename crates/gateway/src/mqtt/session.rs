@@ -158,6 +158,13 @@ impl Session<'_> {
                     if let Some(end) = ended {
                         break end;
                     }
+                    // In a cluster that is behind with this node's publications, stop reading
+                    // until it caught up (the client's TCP window fills: flow control, not loss).
+                    // At most a second: with NATS gone the queue does not drain, and the
+                    // session must still answer its client.
+                    if let Some(wait) = c.broker.backpressure() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+                    }
                     // A flooding publisher would otherwise keep the worker (tokio lets a task do
                     // 128 reads per turn) while its subscribers' queues overflow: after a large
                     // batch — every complete packet in the buffer handled, so nothing waits on
