@@ -514,26 +514,42 @@ impl Gateway {
             .listeners
             .lock()
             .map_err(|_| GatewayError::Config("the listener table is poisoned".into()))?;
+        // Each running listener is the configured one at the same address, in order: several
+        // `127.0.0.1:0` listeners (any free port) pair one to one, not all with the first.
+        let mut taken = vec![false; config.listeners.len()];
+        let pairs: Vec<Option<usize>> = running
+            .iter()
+            .map(|r| {
+                let i = (0..config.listeners.len())
+                    .find(|&i| !taken[i] && config.listeners[i].address == r.address);
+                if let Some(i) = i {
+                    taken[i] = true;
+                }
+                i
+            })
+            .collect();
         // Bind every new address first: a failure leaves everything as it was.
         let mut bound = Vec::new();
-        for l in &config.listeners {
-            if !running.iter().any(|r| r.address == l.address) {
-                bound.push((l, bind(l.address)?));
-            }
+        for (l, _) in config.listeners.iter().zip(&taken).filter(|(_, t)| !**t) {
+            bound.push((l, bind(l.address)?));
         }
         state.publish_gauges();
         self.state.store(Arc::new(state));
         let mut changes = Vec::new();
+        let mut pair = pairs.into_iter();
+        let mut kept = Vec::new();
         running.retain(|r| {
-            let keep = config.listeners.iter().any(|l| l.address == r.address);
-            if !keep {
+            let matched = pair.next().flatten();
+            if matched.is_none() {
                 let _ = r.stop.send(true);
                 changes.push(format!("closed {}", r.local));
+            } else {
+                kept.push(matched);
             }
-            keep
+            matched.is_some()
         });
-        for r in running.iter() {
-            if let Some(l) = config.listeners.iter().find(|l| l.address == r.address)
+        for (r, i) in running.iter().zip(kept) {
+            if let Some(l) = i.map(|i| &config.listeners[i])
                 && *r.protocols.borrow() != l.protocols
             {
                 let _ = r.protocols.send(l.protocols);

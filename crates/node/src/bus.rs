@@ -605,8 +605,13 @@ pub(crate) async fn start(
 /// NATS server's death): below the time a client waits for its acknowledgement.
 const RIDE_THROUGH: Duration = Duration::from_secs(4);
 
+/// The same for what a client waits longer for (PUBACK, SUBACK): a JetStream election after a
+/// NATS server's death takes seconds (up to about ten measured here under load).
+const STORE_RIDE_THROUGH: Duration = Duration::from_secs(12);
+
 /// Waits for JetStream's acknowledgement of a publication (`ack`, if it was sent), sending it
-/// again (same message id: stored once) until it is acknowledged or [`RIDE_THROUGH`] passed.
+/// again (same message id: stored once) until it is acknowledged or [`STORE_RIDE_THROUGH`]
+/// passed.
 async fn stored_within(
     js: &jetstream::Context,
     subject: String,
@@ -614,7 +619,7 @@ async fn stored_within(
     payload: bytes::Bytes,
     ack: Option<jetstream::context::PublishAckFuture>,
 ) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + RIDE_THROUGH;
+    let deadline = tokio::time::Instant::now() + STORE_RIDE_THROUGH;
     let mut delay = Duration::from_millis(50);
     let mut ack = ack;
     loop {
@@ -932,10 +937,22 @@ impl Node {
                     let node = self.clone();
                     let sessions = sessions.clone();
                     tokio::spawn(async move {
-                        let result = node
-                            .durable_subscribe(&sessions, &client_id, generation, &filter, options)
-                            .await
-                            .map_err(|e| format!("{e:#}"));
+                        // Retried while JetStream elects leaders (after a NATS server's death).
+                        let deadline = tokio::time::Instant::now() + STORE_RIDE_THROUGH;
+                        let mut delay = Duration::from_millis(50);
+                        let result = loop {
+                            let tried = node
+                                .durable_subscribe(
+                                    &sessions, &client_id, generation, &filter, options,
+                                )
+                                .await
+                                .map_err(|e| format!("{e:#}"));
+                            if tried.is_ok() || tokio::time::Instant::now() + delay > deadline {
+                                break tried;
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(800));
+                        };
                         if let Err(e) = &result {
                             tracing::warn!(target: "portcullis::cluster", client_id = %client_id, filter = %filter, error = %e, "cannot keep a persistent subscription's messages");
                         }

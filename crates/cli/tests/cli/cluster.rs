@@ -1,6 +1,7 @@
 //! A cluster as the reference deployment runs it: three `portcullis serve` nodes sharing one
 //! PostgreSQL registry and a three-server NATS cluster with JetStream (replicas = 3), all real
-//! processes on loopback. MQTT crosses nodes (mosquitto for QoS 0, 1 and 2; paho-mqtt for QoS 2
+//! processes on loopback. A domain put on one node is served by all three with one certificate;
+//! MQTT crosses nodes (mosquitto for QoS 0, 1 and 2; paho-mqtt for QoS 2
 //! exactly once, shared subscriptions, cluster-wide retained messages and takeover), a revoked
 //! certificate's sessions close on every node within a second, routing goes on when a NATS
 //! server is killed, and a persistent session outlives its node (kill -9).
@@ -341,6 +342,61 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         });
     }
 
+    // A domain put on A is served by B and C within a second, with the same certificate
+    // (issued once for the cluster by its CA), no file copied.
+    std::fs::write(
+        da.join("auto.toml"),
+        "hostname = \"auto.test\"\ncertificate = \"auto\"\n[mtls]\nmode = \"required\"\n\
+         truststore = \"trust-a.pem\"\n[[mapping]]\nupstream = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    cli_json(da, &["domain", "put", "--file", "auto.toml"]);
+    let put = cli_json(da, &["audit", "list", "--limit", "1"])["items"][0]["seq"]
+        .as_i64()
+        .unwrap();
+    for node in nodes {
+        node.wait_for_config(put);
+    }
+    let everywhere = started.elapsed();
+    let served: Vec<String> = dirs
+        .iter()
+        .zip(nodes)
+        .map(|(d, node)| {
+            let shown = openssl(
+                d,
+                &[
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{}", node.port),
+                    "-servername",
+                    "auto.test",
+                    "-cert",
+                    "dev-1.chain.pem",
+                    "-key",
+                    "dev-1.key",
+                    "-CAfile",
+                    "data/ca/cluster-ca.pem",
+                    "-verify_return_error",
+                ],
+            )
+            .map(|r| r.stdout)
+            .unwrap_or_default();
+            let start = shown.find("-----BEGIN CERTIFICATE-----");
+            let end = shown.find("-----END CERTIFICATE-----");
+            match (start, end) {
+                (Some(s), Some(e)) => shown[s..e].to_string(),
+                _ => panic!("no server certificate in: {shown}"),
+            }
+        })
+        .collect();
+    assert!(
+        served.iter().all(|c| c == &served[0]),
+        "three nodes, one certificate"
+    );
+    println!("a domain put on A was served by A, B and C after {everywhere:?}");
+    assert!(everywhere < Duration::from_secs(1), "{everywhere:?}");
+
     // mosquitto: what is published on B and C at QoS 0, 1 and 2 reaches a subscriber on A.
     let sub = mosquitto(
         "mosquitto_sub",
@@ -442,6 +498,38 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
             l.contains("mqtt subscribe") && l.contains(&id)
         });
     }
+    // And an HTTP connection on each node, answered once (so it is established and served).
+    let mut https = Vec::new();
+    for node in nodes {
+        let mut conn = Command::new(require_tool("openssl").unwrap())
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &format!("127.0.0.1:{}", node.port),
+                "-cert",
+                "dev-9.chain.pem",
+                "-key",
+                "dev-9.key",
+            ])
+            .current_dir(da)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        conn.stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut out = BufReader::new(conn.stdout.take().unwrap());
+        let mut status = String::new();
+        out.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+        https.push((conn, out));
+    }
     let started = Instant::now();
     cli(
         da,
@@ -454,6 +542,11 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         ],
     )
     .ok();
+    for node in nodes {
+        node.printed("HTTP connection closed", |l| {
+            l.contains("connection closed: its certificate or domain is no longer admitted")
+        });
+    }
     for (i, node) in nodes.iter().enumerate() {
         let id = format!("dev-9-{i}");
         node.printed("mqtt session ended", |l| {
@@ -461,7 +554,15 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         });
     }
     let closed = started.elapsed();
-    println!("revocation closed the sessions on three nodes in {closed:?}");
+    println!(
+        "revocation closed the MQTT sessions and HTTP connections on three nodes in {closed:?}"
+    );
+    for (mut conn, mut out) in https {
+        // The connection is gone: the rest of the stream ends.
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut rest);
+        let _ = conn.wait();
+    }
     assert!(closed < Duration::from_secs(1), "{closed:?}");
     for s in sessions {
         let (code, _) = finished(s);
@@ -573,6 +674,13 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         da,
     );
     println!("{}", r.stdout);
-    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code,
+        0,
+        "{}\n{}\nnode A's warnings:\n{}",
+        r.stdout,
+        r.stderr,
+        a.lines_with("WARN").join("\n")
+    );
     assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
 }

@@ -108,6 +108,17 @@ impl Server {
         });
     }
 
+    /// Every line printed so far (this call included) that contains `needle`; never waits.
+    pub(crate) fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.drain();
+        self.history
+            .borrow()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
     /// Whether a line printed so far (this call included) contains `needle`; never waits.
     pub(crate) fn has_printed(&self, needle: &str) -> bool {
         self.drain();

@@ -39,6 +39,10 @@ const PERSISTENT_SESSION: Duration = Duration::from_secs(3600);
 /// How long a CONNECT waits for the cluster to record its node as the session's owner.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a CONNECT waits for the cluster to keep a persistent session's subscriptions (it
+/// rides through a JetStream election).
+const STORE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long a write to a client may take: a client that stops reading is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -340,11 +344,11 @@ async fn resume_in_cluster(
         handle.session_present = true;
     }
     for r in ready {
-        match tokio::time::timeout(CLAIM_TIMEOUT, r).await {
+        match tokio::time::timeout(STORE_TIMEOUT, r).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(why))) => return Err(why),
             Ok(Err(_)) => return Err("the cluster connection closed".into()),
-            Err(_) => return Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
+            Err(_) => return Err(format!("no answer within {STORE_TIMEOUT:?}")),
         }
     }
     Ok(())

@@ -124,10 +124,10 @@ pub(crate) async fn https_publish(
     let mut routed = broker.publish(message, None);
     // In a cluster, a QoS 1 or retained message is answered once the cluster stored it.
     if let Some(confirm) = routed.confirm.take() {
-        let stored = match tokio::time::timeout(std::time::Duration::from_secs(5), confirm).await {
+        let stored = match tokio::time::timeout(std::time::Duration::from_secs(15), confirm).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the cluster connection closed".into()),
-            Err(_) => Err("no answer within 5 s".into()),
+            Err(_) => Err("no answer within 15 s".into()),
         };
         if let Err(why) = stored {
             return error_response(

@@ -721,12 +721,24 @@ impl Session<'_> {
                 reason: code,
                 properties: Default::default(),
             })),
-            // A subscription the cluster could not route here still works on this node.
-            (Reply::SubAck(suback, retained), _) => {
+            (Reply::SubAck(suback, retained), Ok(())) => {
                 self.write(&suback);
                 for m in retained {
                     self.deliver(m);
                 }
+            }
+            // The cluster could not route or keep the subscription: the client is told (and
+            // may subscribe again), rather than wait for messages that will not come.
+            (Reply::SubAck(mut suback, _), Err(why)) => {
+                tracing::warn!(target: "portcullis::mqtt", client_id = %self.client_id, error = %why, "a subscription could not be set up in the cluster");
+                if let Packet::SubAck(ack) = suback.as_mut() {
+                    for code in &mut ack.codes {
+                        if *code < 0x80 {
+                            *code = reason::UNSPECIFIED_ERROR;
+                        }
+                    }
+                }
+                self.write(&suback);
             }
         }
     }
