@@ -123,7 +123,8 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
     assert_ne!(refused.code, 0, "{}", refused.stderr);
     allow_devices(d, &s);
 
-    // A subscriber receives what another device publishes on its own topic.
+    // A subscriber receives what another device publishes on its own topic, at QoS 1 and 2
+    // (QoS 2 both ways: PUBREC/PUBREL/PUBCOMP from the publisher and to the subscriber).
     let sub = subscribe(
         d,
         &s,
@@ -133,33 +134,41 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
             "dev-1",
             "-t",
             "devices/+/telemetry",
+            "-q",
+            "2",
             "-C",
-            "1",
+            "2",
             "-W",
             "20",
             "-v",
         ],
     );
     s.wait_for("\"message\":\"mqtt subscribe\"");
-    let sent = publish(
-        d,
-        &s,
-        "dev-2",
-        &[
-            "-i",
+    for (message, qos) in [("21.5", "1"), ("exactly-once", "2")] {
+        let sent = publish(
+            d,
+            &s,
             "dev-2",
-            "-t",
-            "devices/dev-2/telemetry",
-            "-m",
-            "21.5",
-            "-q",
-            "1",
-        ],
-    );
-    assert_eq!(sent.code, 0, "{}", sent.stderr);
+            &[
+                "-i",
+                "dev-2",
+                "-t",
+                "devices/dev-2/telemetry",
+                "-m",
+                message,
+                "-q",
+                qos,
+            ],
+        );
+        assert_eq!(sent.code, 0, "{}", sent.stderr);
+    }
     let (code, text) = output(sub);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("devices/dev-2/telemetry 21.5"), "{text}");
+    assert!(
+        text.contains("devices/dev-2/telemetry exactly-once"),
+        "{text}"
+    );
 
     // Publishing on another device's topic: MQTT 5 answers 0x87, MQTT 3.1.1 closes.
     let v5 = publish(
