@@ -433,6 +433,29 @@ impl Broker {
         filter: &str,
         options: SubscriptionOptions,
     ) -> Option<Subscription> {
+        self.add_subscription(client_id, generation, filter, options, true)
+    }
+
+    /// A subscription of a session the cluster kept, restored on this node: as
+    /// [`Broker::subscribe`], without retained messages (MQTT sends them on SUBSCRIBE only).
+    pub fn restore_subscription(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Option<Subscription> {
+        self.add_subscription(client_id, generation, filter, options, false)
+    }
+
+    fn add_subscription(
+        &self,
+        client_id: &str,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+        with_retained: bool,
+    ) -> Option<Subscription> {
         let mut state = self.lock();
         let now = Instant::now();
         let max = self.limits.max_subscriptions;
@@ -475,7 +498,9 @@ impl Broker {
             if durable && options.qos != QoS::AtMostOnce {
                 ready.extend(bridge.durable_subscribe(client_id, generation, filter, options));
             }
-            bridge.retained(client_id, generation, filter, options);
+            if with_retained {
+                bridge.retained(client_id, generation, filter, options);
+            }
             return Some(Subscription {
                 retained: Vec::new(),
                 ready,

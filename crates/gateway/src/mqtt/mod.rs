@@ -334,9 +334,9 @@ async fn resume_in_cluster(
             {
                 continue;
             }
-            if let Some(s) = c
-                .broker
-                .subscribe(client_id, handle.generation, &filter, options)
+            if let Some(s) =
+                c.broker
+                    .restore_subscription(client_id, handle.generation, &filter, options)
             {
                 ready.extend(s.ready);
             }

@@ -88,12 +88,18 @@ rc, present = back.connect("B", clean=False, expiry=3600)
 check(rc == 0 and present, "the session resumed on node B (session present)")
 wanted = set(acknowledged)
 got = []
+retained = []
 deadline = time.monotonic() + WAIT
 while not wanted.issubset(got) and time.monotonic() < deadline:
     try:
-        got.append(back.events["message"].get(timeout=0.5).payload)
+        m = back.events["message"].get(timeout=0.5)
     except queue.Empty:
-        pass
+        continue
+    if m.retain:
+        retained.append(m.payload)
+    else:
+        got.append(m.payload)
+check(not retained, "no retained messages sent again on resumption (got %s)" % retained)
 missing = sorted(wanted - set(got))
 check(not missing, "every acknowledged message received after the node's death (missing: %s)" % missing)
 took = time.monotonic() - started
