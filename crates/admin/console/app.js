@@ -177,9 +177,10 @@ async function dashboard() {
     h("h2", { text: "Requests by status" }),
     table("statuses", ["status", "count"], Object.entries(statuses).sort()),
     h("h2", { text: "Nodes" }),
-    table("nodes", ["node", "state", "version", "changes behind", "snapshot checked", "connections", "MQTT sessions"],
+    table("nodes", ["node", "state", "version", "changes behind", "snapshot checked", "connections", "MQTT sessions", "NATS"],
       cluster.nodes.map((n) => [n.id, n.stale ? "STALE" : "up", n.version, String(n.changes_behind),
-        (n.snapshot_age_ms / 1000).toFixed(1) + " s ago", String(n.connections), String(n.mqtt_sessions)])),
+        (n.snapshot_age_ms / 1000).toFixed(1) + " s ago", String(n.connections), String(n.mqtt_sessions),
+        n.nats || "none (single node)"])),
   );
 }
 

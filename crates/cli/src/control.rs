@@ -773,8 +773,12 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
                 out.show(&v, |v| {
                     let mut lines = vec![format!("newest change {}", s(&v["newest_change"]))];
                     for n in v["nodes"].as_array().into_iter().flatten() {
+                        let nats = match n["nats"].as_str() {
+                            Some(nats) => format!("  NATS: {nats}"),
+                            None => String::new(),
+                        };
                         lines.push(format!(
-                            "{}  {}  v{}  heartbeat {} ms ago  snapshot {} changes behind (checked {} ms ago)  {} connections  {} MQTT sessions",
+                            "{}  {}  v{}  heartbeat {} ms ago  snapshot {} changes behind (checked {} ms ago)  {} connections  {} MQTT sessions{nats}",
                             s(&n["id"]),
                             if n["stale"] == true { "STALE" } else { "up" },
                             s(&n["version"]),

@@ -245,7 +245,8 @@ pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
 pub trait Bridge: Send + Sync {
     /// A message published on this node (by a client, HTTPS or the registry), for the others;
     /// a QoS 1 or 2 or retained message is answered once the cluster has stored it.
-    fn published(&self, message: &Message) -> Option<Confirmation>;
+    /// `publisher`: the client id that published it (No Local applies to it on every node).
+    fn published(&self, message: &Message, publisher: Option<&str>) -> Option<Confirmation>;
     /// This node's sessions now hold `filter` (`true`), or none does any more (`false`);
     /// shared subscriptions (`$share/GROUP/FILTER`) too. A new interest is answered once the
     /// other nodes' messages on it reach this node.
@@ -717,7 +718,7 @@ impl Broker {
         let mut state = self.lock();
         let mut routed = Routed::default();
         if bridged && let Some(bridge) = &state.bridge {
-            routed.confirm = bridge.published(&message);
+            routed.confirm = bridge.published(&message, publisher);
         }
         let now = Instant::now();
         // With a bridge, the cluster keeps retained messages.

@@ -256,7 +256,8 @@ type Reply = oneshot::Sender<Result<(), String>>;
 
 /// What the broker asks of the cluster.
 enum Work {
-    Publish(Box<Message>, Option<Reply>),
+    /// A message, the client id that published it, and who waits for it to be stored.
+    Publish(Box<Message>, Option<String>, Option<Reply>),
 }
 
 enum Control {
@@ -305,7 +306,7 @@ fn answered(result: Result<(), String>) -> Confirmation {
 }
 
 impl Bridge for NatsBridge {
-    fn published(&self, message: &Message) -> Option<Confirmation> {
+    fn published(&self, message: &Message, publisher: Option<&str>) -> Option<Confirmation> {
         let stored = message.qos != QoS::AtMostOnce || message.retain;
         let (reply, confirm) = if stored {
             let (tx, rx) = oneshot::channel();
@@ -315,7 +316,11 @@ impl Bridge for NatsBridge {
         };
         if self
             .work
-            .try_send(Work::Publish(Box::new(message.clone()), reply))
+            .try_send(Work::Publish(
+                Box::new(message.clone()),
+                publisher.map(str::to_string),
+                reply,
+            ))
             .is_err()
         {
             metrics::counter!("portcullis_cluster_messages_dropped_total").increment(1);
@@ -439,6 +444,27 @@ pub(crate) struct NatsState {
 }
 
 impl NatsState {
+    /// The connection as `cluster status` shows it.
+    pub(crate) fn describe(&self) -> String {
+        let client = self.client.get();
+        match client.map(|c| c.connection_state()) {
+            Some(async_nats::connection::State::Connected)
+                if self.connected.load(Ordering::SeqCst) =>
+            {
+                let server = client
+                    .map(|c| c.server_info().server_name)
+                    .unwrap_or_default();
+                if self.streams.load(Ordering::SeqCst) {
+                    format!("connected to {server}")
+                } else {
+                    format!("connected to {server}, setting up JetStream")
+                }
+            }
+            Some(_) => "disconnected".to_string(),
+            None => "connecting".to_string(),
+        }
+    }
+
     /// Connected now (the last event said so, and the client agrees) and set up.
     pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
@@ -595,10 +621,56 @@ pub(crate) async fn start(
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
         tokio::spawn(node.clone().watch_owners(clients.clone()));
+        tokio::spawn(node.clone().answer_pings());
+        tokio::spawn(node.clone().sweep(clients.clone(), sessions.clone()));
         tokio::spawn(node.clone().publish(publishing));
         node.control(controls, clients, sessions).await;
     });
     Ok(())
+}
+
+/// How often a node offers to sweep the sessions bucket (one node at a time does: a lease).
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// A session record is forgotten this long after its session expired (a node resuming it at
+/// the moment of its expiry has long finished).
+const SWEEP_MARGIN_MS: u64 = 60_000;
+
+/// The sweeper's lease in the sessions bucket (client ids' keys never hold a `.`).
+const SWEEP_LEASE: &str = "sweep.lease";
+
+/// What the sweeper does with a session record.
+#[derive(Debug, PartialEq, Eq)]
+enum Sweep {
+    /// Current (online, or offline within its expiry).
+    Keep,
+    /// Expired (beyond the margin): its consumers and the record go.
+    End,
+    /// Online on the node instance named: still there? (a node that died with it online never
+    /// said it went offline).
+    AskOwner,
+}
+
+fn sweep_verdict(record: &serde_json::Value, now_ms: u64) -> Sweep {
+    match record["offline_since_ms"].as_u64() {
+        Some(since) => {
+            let expiry_ms = record["expiry_secs"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_mul(1000);
+            if now_ms.saturating_sub(since) >= expiry_ms.saturating_add(SWEEP_MARGIN_MS) {
+                Sweep::End
+            } else {
+                Sweep::Keep
+            }
+        }
+        None => Sweep::AskOwner,
+    }
+}
+
+/// The subject a node instance answers pings on (is it alive?).
+fn ping_subject(instance: &str) -> String {
+    format!("pcn.{}", client_key(instance))
 }
 
 /// How long a publication or a claim keeps trying while JetStream elects new leaders (after a
@@ -795,10 +867,17 @@ impl Node {
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         while publishing.recv_many(&mut batch, BATCH).await > 0 {
-            for Work::Publish(m, reply) in batch.drain(..) {
+            for Work::Publish(m, publisher, reply) in batch.drain(..) {
                 seq += 1;
                 let id = format!("{}/{seq}", self.instance);
                 let mut headers = headers_of(&m, &self.instance, &id);
+                // Kept messages carry their publisher: a persistent session's No Local
+                // subscriptions skip its own when they come back from the stream.
+                if m.qos != QoS::AtMostOnce
+                    && let Some(client) = &publisher
+                {
+                    headers.insert("Portcullis-Client", client.as_str());
+                }
                 // What goes through JetStream: (subject, headers), each acknowledged by the stream.
                 let mut stored = Vec::new();
                 if m.retain {
@@ -1406,6 +1485,17 @@ impl Node {
                 continue;
             }
             let (msg, acker) = m.split();
+            let own = options.no_local
+                && msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Portcullis-Client"))
+                    .is_some_and(|c| c.as_str() == client_id);
+            if own {
+                // No Local: its own publication, never delivered to it (settled).
+                let _ = acker.ack().await;
+                continue;
+            }
             let acker = Arc::new(acker);
             let Some(topic) = topic(msg.subject.as_str()) else {
                 let _ = acker.ack().await;
@@ -1456,6 +1546,148 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Answers other nodes asking whether this process is alive (see [`Node::sweep`]).
+    async fn answer_pings(self) {
+        loop {
+            match self.client.subscribe(ping_subject(&self.instance)).await {
+                Ok(mut pings) => {
+                    while let Some(ping) = pings.next().await {
+                        if let Some(reply) = ping.reply {
+                            let _ = self.client.publish(reply, bytes::Bytes::new()).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot answer pings; retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Now and then (one node at a time), forgets persistent sessions that expired and never
+    /// came back, and starts the expiry of sessions left online by a node that died.
+    async fn sweep(self, clients: kv::Store, sessions: kv::Store) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if !self.sweep_lease(&sessions).await {
+                continue;
+            }
+            match self.sweep_once(&clients, &sessions).await {
+                Ok((ended, orphaned)) if ended + orphaned > 0 => {
+                    tracing::info!(target: "portcullis::cluster", ended, orphaned, "swept the persistent sessions: expired ones forgotten, ones a dead node held now expiring");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot sweep the persistent sessions; trying again later");
+                }
+            }
+        }
+    }
+
+    /// Takes the sweeper's lease if no node took it within half a period.
+    async fn sweep_lease(&self, sessions: &kv::Store) -> bool {
+        let now = now_ms();
+        let value = serde_json::json!({"owner": self.instance, "at_ms": now}).to_string();
+        match sessions.entry(SWEEP_LEASE).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                let at = serde_json::from_slice::<serde_json::Value>(&e.value)
+                    .ok()
+                    .and_then(|v| v["at_ms"].as_u64())
+                    .unwrap_or(0);
+                let half = u64::try_from(SWEEP_EVERY.as_millis() / 2).unwrap_or(u64::MAX);
+                now.saturating_sub(at) >= half
+                    && sessions
+                        .update(SWEEP_LEASE, value.into(), e.revision)
+                        .await
+                        .is_ok()
+            }
+            Ok(_) => sessions.create(SWEEP_LEASE, value.into()).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// One pass over the sessions bucket: (sessions ended, orphaned sessions now expiring).
+    async fn sweep_once(&self, clients: &kv::Store, sessions: &kv::Store) -> Result<(u64, u64)> {
+        let keys: Vec<String> = sessions
+            .keys()
+            .await?
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        let (mut ended, mut orphaned) = (0, 0);
+        for key in keys.into_iter().filter(|k| !k.contains('.')) {
+            let Some(client_id) = client_of_key(&key) else {
+                continue;
+            };
+            let Some(entry) = sessions.entry(key.as_str()).await? else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&entry.value) else {
+                continue;
+            };
+            match sweep_verdict(&record, now_ms()) {
+                Sweep::Keep => {}
+                Sweep::End => {
+                    for s in record["subscriptions"].as_array().into_iter().flatten() {
+                        if let Some(filter) = s["filter"].as_str() {
+                            self.delete_consumers(&client_id, filter).await;
+                        }
+                    }
+                    if sessions
+                        .purge_expect_revision(key.as_str(), Some(entry.revision))
+                        .await
+                        .is_ok()
+                    {
+                        ended += 1;
+                    }
+                }
+                Sweep::AskOwner => {
+                    let owner = clients
+                        .get(client_key(&client_id))
+                        .await?
+                        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+                        .and_then(|v| v["owner"].as_str().map(str::to_string));
+                    if let Some(owner) = owner
+                        && self.alive(&owner).await
+                    {
+                        continue;
+                    }
+                    // Its node is gone: offline from now, so it expires as any other would.
+                    record["offline_since_ms"] = serde_json::json!(now_ms());
+                    if sessions
+                        .update(key.as_str(), record.to_string().into(), entry.revision)
+                        .await
+                        .is_ok()
+                    {
+                        orphaned += 1;
+                    }
+                }
+            }
+        }
+        Ok((ended, orphaned))
+    }
+
+    /// Whether node instance `instance` answers (a slow or unclear answer counts as alive).
+    async fn alive(&self, instance: &str) -> bool {
+        if instance == self.instance {
+            return true;
+        }
+        let asked = self
+            .client
+            .request(ping_subject(instance), bytes::Bytes::new());
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::NoResponders,
+            _ => true,
+        }
     }
 
     /// Closes this node's session of a client id another node claimed since.
@@ -1520,6 +1752,27 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_sweeper_ends_expired_sessions_keeps_current_ones_and_asks_about_online_ones() {
+        use super::{SWEEP_MARGIN_MS, Sweep, sweep_verdict};
+        let now = 10_000_000;
+        let offline = |ago: u64, expiry: u64| serde_json::json!({"offline_since_ms": now - ago, "expiry_secs": expiry});
+        assert_eq!(sweep_verdict(&offline(5_000, 3600), now), Sweep::Keep);
+        // Expired, but within the margin: a node may be resuming it right now.
+        assert_eq!(sweep_verdict(&offline(3_600_000, 3600), now), Sweep::Keep);
+        assert_eq!(
+            sweep_verdict(&offline(3_600_000 + SWEEP_MARGIN_MS, 3600), now),
+            Sweep::End
+        );
+        assert_eq!(
+            sweep_verdict(
+                &serde_json::json!({"offline_since_ms": null, "expiry_secs": 60}),
+                now
+            ),
+            Sweep::AskOwner
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -275,6 +275,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         gateway.live_connections(),
         gateway.broker(),
         sync_status.clone(),
+        nats_state.clone(),
     ));
     tokio::spawn(portcullis_admin::serve_https(
         admin,

@@ -200,13 +200,15 @@ pub(crate) async fn record_sightings(
 }
 
 /// Writes this node's heartbeat every two seconds (what `portcullis cluster status` shows):
-/// version, start, the snapshot's marker and freshness, open connections and MQTT sessions.
+/// version, start, the snapshot's marker and freshness, open connections and MQTT sessions, and
+/// its connection to NATS.
 pub(crate) async fn heartbeat(
     store: Store,
     id: String,
     gateway_live: Arc<portcullis_gateway::conn::live::Live>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
     sync: Arc<crate::sync::SyncStatus>,
+    nats: Option<Arc<crate::bus::NatsState>>,
 ) {
     use std::sync::atomic::Ordering;
     let started_at = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -224,6 +226,7 @@ pub(crate) async fn heartbeat(
             snapshot_ms: sync.checked_ms.load(Ordering::SeqCst),
             connections: i64::try_from(gateway_live.count()).unwrap_or(i64::MAX),
             mqtt_sessions: i64::try_from(stats.online).unwrap_or(i64::MAX),
+            nats: nats.as_ref().map(|n| n.describe()),
         };
         match store.heartbeat(&node).await {
             // Said when the snapshot it reports moves, not every beat.

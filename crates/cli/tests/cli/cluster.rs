@@ -397,6 +397,24 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     println!("a domain put on A was served by A, B and C after {everywhere:?}");
     assert!(everywhere < Duration::from_secs(1), "{everywhere:?}");
 
+    // `cluster status` shows each node's connection to NATS (its heartbeat after the put is
+    // later than its streams were ready).
+    for node in nodes {
+        node.wait_for_heartbeat(put);
+    }
+    let status = cli_json(da, &["cluster", "status"]);
+    let connections: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["nats"].as_str())
+        .collect();
+    assert_eq!(connections.len(), 3, "{status}");
+    assert!(
+        connections.iter().all(|n| n.starts_with("connected to n")),
+        "{status}"
+    );
+
     // mosquitto: what is published on B and C at QoS 0, 1 and 2 reaches a subscriber on A.
     let sub = mosquitto(
         "mosquitto_sub",

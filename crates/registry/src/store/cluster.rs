@@ -222,6 +222,9 @@ pub struct NodeStatus {
     pub connections: i64,
     /// Its MQTT sessions.
     pub mqtt_sessions: i64,
+    /// Its connection to NATS ("connected to NAME", "disconnected", "setting up JetStream");
+    /// `None` without NATS.
+    pub nats: Option<String>,
 }
 
 /// Nodes silent for this long are forgotten (milliseconds).
@@ -232,8 +235,8 @@ impl Store {
     /// nodes silent for a day.
     pub async fn heartbeat(&self, node: &NodeStatus) -> Result<(), RegistryError> {
         with_pool!(self, pool => {
-            sqlx::query("INSERT INTO cluster_nodes (id, version, started_at, heartbeat_ms, snapshot_marker, snapshot_ms, connections, mqtt_sessions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                         ON CONFLICT (id) DO UPDATE SET version = $2, started_at = $3, heartbeat_ms = $4, snapshot_marker = $5, snapshot_ms = $6, connections = $7, mqtt_sessions = $8")
+            sqlx::query("INSERT INTO cluster_nodes (id, version, started_at, heartbeat_ms, snapshot_marker, snapshot_ms, connections, mqtt_sessions, nats) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         ON CONFLICT (id) DO UPDATE SET version = $2, started_at = $3, heartbeat_ms = $4, snapshot_marker = $5, snapshot_ms = $6, connections = $7, mqtt_sessions = $8, nats = $9")
                 .bind(&node.id)
                 .bind(&node.version)
                 .bind(node.started_at)
@@ -242,6 +245,7 @@ impl Store {
                 .bind(node.snapshot_ms)
                 .bind(node.connections)
                 .bind(node.mqtt_sessions)
+                .bind(&node.nats)
                 .execute(pool)
                 .await?;
             sqlx::query("DELETE FROM cluster_nodes WHERE heartbeat_ms < $1")
@@ -267,6 +271,7 @@ impl Store {
                         snapshot_ms: r.try_get("snapshot_ms")?,
                         connections: r.try_get("connections")?,
                         mqtt_sessions: r.try_get("mqtt_sessions")?,
+                        nats: r.try_get("nats")?,
                     })
                 })
                 .collect()

@@ -1,13 +1,15 @@
 # A persistent MQTT 5 session survives the death of its node (paho-mqtt, PyPI): a subscriber on
 # node A holds QoS 1 messages unacknowledged when node A is killed (SIGKILL), more messages are
 # published while it is away, and it resumes its session on node B and receives every message
-# whose publisher got a PUBACK. Duplicates are allowed (QoS 1), losses are not.
+# whose publisher got a PUBACK. Duplicates are allowed (QoS 1), losses are not. Then No Local on
+# the resumed session: its own kept publication is not delivered back to it.
 # Arguments: server CA file, MQTT ports of nodes A, B and C, the pid of node A.
 import os, queue, signal, sys, time
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 ca = sys.argv[1]
 ports = {"A": int(sys.argv[2]), "B": int(sys.argv[3]), "C": int(sys.argv[4])}
@@ -106,4 +108,23 @@ took = time.monotonic() - started
 print("resumed on another node: %d messages (%d duplicates) within %.2f s of reconnecting"
       % (len(wanted), len(got) - len(set(got)), took), flush=True)
 check(took < 10, "resumed within 10 s")
+
+# No Local holds for what the cluster keeps: the resumed persistent session's own QoS 1
+# publication comes back through the stream and is not delivered to it; another client's is.
+back.c.subscribe("jobs/#", options=SubscribeOptions(qos=1, noLocal=True))
+check(back.next("suback") == [1], "subscribed with No Local")
+info = back.c.publish("jobs/echo", b"mine", qos=1)
+check(back.next("puback")[0] == info.mid, "own publication acknowledged")
+info = pub.c.publish("jobs/echo", b"theirs", qos=1)
+check(pub.next("puback")[0] == info.mid, "other client's publication acknowledged")
+deadline = time.monotonic() + WAIT
+echoed = None
+while echoed is None and time.monotonic() < deadline:
+    try:
+        m = back.events["message"].get(timeout=0.5)
+    except queue.Empty:
+        continue
+    if m.topic == "jobs/echo":
+        echoed = m.payload
+check(echoed == b"theirs", "No Local: the first message on jobs/echo is the other client's (got %s)" % echoed)
 print("ALL OK", flush=True)
