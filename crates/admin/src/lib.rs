@@ -8,7 +8,7 @@
 //!
 //! Modules: the crate root (router, authentication, errors and extractors, health), then a
 //! router file per resource — `cas`, `certificates`, `things`, `truststores`, `domains`,
-//! `policies` (with the simulator), `webhooks`, `operators` (audit log, tokens, admin
+//! `policies` (with the simulator), `fleet` (provisioning templates, claim certificates), `webhooks`, `operators` (audit log, tokens, admin
 //! certificates), `gateway` (explain, MQTT sessions, connections, through [`Hooks`]) —
 //! `console` (the web console and its sessions) and `enroll` (device enrollment).
 //! Invariants: the API never answers unauthenticated except `/healthz`; every write goes
@@ -40,6 +40,7 @@ mod cluster;
 mod console;
 mod domains;
 pub mod enroll;
+mod fleet;
 mod gateway;
 pub mod openapi;
 mod operators;
@@ -286,6 +287,20 @@ pub fn router(api: Api) -> Router {
             get(list_certificates).post(create_certificate),
         )
         .route("/v1/certificates/batch", post(register_batch))
+        .route(
+            "/v1/certificates/{id}/claim",
+            axum::routing::put(fleet::set_claim).delete(fleet::clear_claim),
+        )
+        .route(
+            "/v1/provisioning-templates",
+            get(fleet::list_templates).post(fleet::create_template),
+        )
+        .route(
+            "/v1/provisioning-templates/{name}",
+            get(fleet::describe_template)
+                .patch(fleet::update_template)
+                .delete(fleet::delete_template),
+        )
         .route("/v1/enrollments", post(enroll::enroll))
         .route(
             "/v1/certificates/{id}",

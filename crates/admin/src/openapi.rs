@@ -325,6 +325,48 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("NatsCertificate"),
     ),
     (
+        "put",
+        "/v1/certificates/{id}/claim",
+        "Make a certificate a claim certificate: it may then only provision devices under the templates named",
+        Some("Claim"),
+    ),
+    (
+        "delete",
+        "/v1/certificates/{id}/claim",
+        "Make a claim certificate an ordinary one again",
+        None,
+    ),
+    (
+        "get",
+        "/v1/provisioning-templates",
+        "List fleet provisioning templates",
+        None,
+    ),
+    (
+        "post",
+        "/v1/provisioning-templates",
+        "Create a fleet provisioning template (devices call RegisterThing with its name)",
+        Some("CreateFleetTemplate"),
+    ),
+    (
+        "get",
+        "/v1/provisioning-templates/{name}",
+        "A fleet provisioning template",
+        None,
+    ),
+    (
+        "patch",
+        "/v1/provisioning-templates/{name}",
+        "Change a template's description, document, or whether devices may use it",
+        Some("UpdateFleetTemplate"),
+    ),
+    (
+        "delete",
+        "/v1/provisioning-templates/{name}",
+        "Delete a fleet provisioning template",
+        None,
+    ),
+    (
         "get",
         "/v1/server-certificates",
         "List server certificates kept in the registry (chains; keys are never answered)",
@@ -420,6 +462,38 @@ pub fn document() -> Value {
 }
 
 fn schemas() -> Value {
+    let mut all = core_schemas();
+    if let (Some(all), Value::Object(fleet)) = (all.as_object_mut(), fleet_schemas()) {
+        all.extend(fleet);
+    }
+    all
+}
+
+/// Fleet provisioning's request bodies (apart: one `json!` this large overflows the macro).
+fn fleet_schemas() -> Value {
+    let s = |v: &str| json!({"type": v});
+    json!({
+        "Claim": {"type": "object", "required": ["templates"], "additionalProperties": false, "properties": {
+            "templates": {"type": "array", "items": s("string"), "minItems": 1}}},
+        "FleetTemplate": {"type": "object", "required": ["thing_name"], "additionalProperties": false, "properties": {
+            "thing_name": {"type": "string", "description": "With ${param:NAME} and certificate variables (${cert:Subject.CN})"},
+            "attributes": {"type": "object", "additionalProperties": s("string")},
+            "parameters": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": false, "properties": {
+                "default": s("string"), "max_length": s("integer")}}},
+            "policies": {"type": "array", "items": s("string")},
+            "certificate_status": {"enum": ["ACTIVE", "INACTIVE"]},
+            "device_configuration": {"type": "object", "additionalProperties": s("string")},
+            "exclusive": s("boolean"), "join_existing_thing": s("boolean")}},
+        "CreateFleetTemplate": {"type": "object", "required": ["name", "template"], "additionalProperties": false, "properties": {
+            "name": s("string"), "description": s("string"), "enabled": s("boolean"),
+            "template": {"$ref": "#/components/schemas/FleetTemplate"}}},
+        "UpdateFleetTemplate": {"type": "object", "additionalProperties": false, "properties": {
+            "description": s("string"), "enabled": s("boolean"),
+            "template": {"$ref": "#/components/schemas/FleetTemplate"}}}
+    })
+}
+
+fn core_schemas() -> Value {
     let s = |v: &str| json!({"type": v});
     json!({
         "Error": {"type": "object", "required": ["code", "message"], "properties": {

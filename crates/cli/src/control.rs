@@ -102,6 +102,67 @@ pub enum CertCommand {
         /// Certificate id.
         id: String,
     },
+    /// Make a certificate a claim certificate: it may then only provision devices (IoT Core's
+    /// fleet provisioning MQTT API) under the templates named, nothing else.
+    Claim {
+        /// Certificate id.
+        id: String,
+        /// Provisioning templates it may register devices under (comma-separated).
+        #[arg(long, value_delimiter = ',', required_unless_present = "clear")]
+        templates: Vec<String>,
+        /// Make it an ordinary certificate again.
+        #[arg(long, conflicts_with = "templates")]
+        clear: bool,
+    },
+}
+
+/// `portcullis provisioning-template …`
+#[derive(Debug, Subcommand)]
+pub enum ProvisioningTemplateCommand {
+    /// Create a fleet provisioning template from a JSON document (docs/lifecycle.md).
+    Create {
+        /// Name: the templateName devices use in RegisterThing.
+        name: String,
+        /// The document (JSON): thing_name, attributes, parameters, policies,
+        /// certificate_status, device_configuration.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Create it disabled (devices cannot use it yet).
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List templates.
+    List,
+    /// Show one template.
+    Describe {
+        /// Name.
+        name: String,
+    },
+    /// Change a template: its document, description, or whether devices may use it.
+    Update {
+        /// Name.
+        name: String,
+        /// A new document (JSON).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// A new description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Let devices use it.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Stop devices from using it.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Delete a template.
+    Delete {
+        /// Name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -744,6 +805,7 @@ pub enum Control {
     Cluster(ClusterCommand),
     Domain(DomainCommand),
     Policy(PolicyCommand),
+    ProvisioningTemplate(ProvisioningTemplateCommand),
     Webhook(WebhookCommand),
     Sessions(SessionsCommand),
     Audit(AuditCommand),
@@ -765,6 +827,7 @@ pub fn run(command: Control, connect: Connect) -> Result<ExitCode> {
         match command {
             Control::Ca(c) => ca(&client, &out, c).await,
             Control::Cert(c) => cert(&client, &out, c).await,
+            Control::ProvisioningTemplate(c) => provisioning_template(&client, &out, c).await,
             Control::Thing(c) => thing(&client, &out, c).await,
             Control::Truststore(c) => truststore(&client, &out, c).await,
             Control::ServerCert(c) => server_cert(&client, &out, c).await,
@@ -1165,6 +1228,136 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 .delete(&format!("/v1/certificates/{}", segment(&id)))
                 .await?;
             out.show(&json!({"deleted": id}), |_| format!("deleted {id}"));
+        }
+        CertCommand::Claim {
+            id,
+            templates,
+            clear,
+        } => {
+            let path = format!("/v1/certificates/{}/claim", segment(&id));
+            let v = if clear {
+                client.delete(&path).await?
+            } else {
+                client
+                    .put(&path, Some(&json!({"templates": templates})))
+                    .await?
+            };
+            out.show(&v, |v| {
+                let claim = match v["claim_templates"].as_array() {
+                    Some(t) => format!(
+                        "claim certificate for template(s) {}",
+                        t.iter().map(s).collect::<Vec<_>>().join(", ")
+                    ),
+                    None => "an ordinary certificate (not a claim)".to_string(),
+                };
+                format!("{}\n  {claim}", cert_text(v))
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn template_text(v: &Value) -> String {
+    format!(
+        "{}  {}  version {}  updated {}{}\n{}",
+        s(&v["name"]),
+        if v["enabled"] == true {
+            "enabled"
+        } else {
+            "DISABLED"
+        },
+        s(&v["version"]),
+        when(&v["updated_at"]),
+        match v["description"].as_str() {
+            Some(d) if !d.is_empty() => format!("\n  {d}"),
+            _ => String::new(),
+        },
+        serde_json::to_string_pretty(&v["template"]).unwrap_or_default()
+    )
+}
+
+async fn provisioning_template(
+    client: &AdminClient,
+    out: &Printer,
+    command: ProvisioningTemplateCommand,
+) -> Result<ExitCode> {
+    let document = |path: &PathBuf| -> Result<Value> {
+        serde_json::from_slice(&read(path, "provisioning template")?)
+            .with_context(|| format!("{}: not JSON", path.display()))
+    };
+    match command {
+        ProvisioningTemplateCommand::Create {
+            name,
+            file,
+            description,
+            disabled,
+        } => {
+            let body = json!({"name": name, "description": description, "enabled": !disabled, "template": document(&file)?});
+            let v = client.post("/v1/provisioning-templates", &body).await?;
+            out.show(&v, |v| format!("created {}", template_text(v)));
+        }
+        ProvisioningTemplateCommand::List => {
+            let v = client.get("/v1/provisioning-templates").await?;
+            out.show(&v, |v| {
+                items(v)
+                    .map(|t| {
+                        format!(
+                            "{}  {}  version {}  {}",
+                            s(&t["name"]),
+                            if t["enabled"] == true {
+                                "enabled"
+                            } else {
+                                "DISABLED"
+                            },
+                            s(&t["version"]),
+                            s(&t["description"])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        ProvisioningTemplateCommand::Describe { name } => {
+            let v = client
+                .get(&format!("/v1/provisioning-templates/{}", segment(&name)))
+                .await?;
+            out.show(&v, template_text);
+        }
+        ProvisioningTemplateCommand::Update {
+            name,
+            file,
+            description,
+            enable,
+            disable,
+        } => {
+            let mut body = json!({});
+            if let Some(f) = &file {
+                body["template"] = document(f)?;
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if enable || disable {
+                body["enabled"] = json!(enable);
+            }
+            if body.as_object().is_some_and(|o| o.is_empty()) {
+                bail!("nothing to change: give --file, --description, --enable or --disable");
+            }
+            let v = client
+                .patch(
+                    &format!("/v1/provisioning-templates/{}", segment(&name)),
+                    &body,
+                )
+                .await?;
+            out.show(&v, |v| format!("updated {}", template_text(v)));
+        }
+        ProvisioningTemplateCommand::Delete { name } => {
+            client
+                .delete(&format!("/v1/provisioning-templates/{}", segment(&name)))
+                .await?;
+            out.show(&json!({"deleted": name}), |_| {
+                format!("deleted provisioning template {name}")
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -41,7 +41,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Registered CAs: proof of possession, auto-registration, provisioning templates.
     Ca(Control<control::CaCommand>),
-    /// Registered certificates: register (one or --bulk), create, list, update, delete.
+    /// Registered certificates: register (one or --bulk), create, list, update, delete, claim.
     Cert(Control<control::CertCommand>),
     /// Things (devices, workloads) and the certificates attached to them.
     Thing(Control<control::ThingCommand>),
@@ -59,6 +59,9 @@ enum Command {
     Domain(Control<control::DomainCommand>),
     /// Policies: documents with certificate variables, versions, attachments, simulation.
     Policy(Control<control::PolicyCommand>),
+    /// Fleet provisioning templates: how a device with a claim certificate becomes a thing
+    /// with its own certificate (IoT Core's MQTT API).
+    ProvisioningTemplate(Control<control::ProvisioningTemplateCommand>),
     /// Webhooks: signed JSON events about certificates, CAs and truststores, with retries.
     Webhook(Control<control::WebhookCommand>),
     /// MQTT sessions: list, disconnect.
@@ -142,6 +145,9 @@ fn main() -> ExitCode {
         Command::Cluster(c) => control::run(control::Control::Cluster(c.command), c.connect),
         Command::Domain(c) => control::run(control::Control::Domain(c.command), c.connect),
         Command::Policy(c) => control::run(control::Control::Policy(c.command), c.connect),
+        Command::ProvisioningTemplate(c) => {
+            control::run(control::Control::ProvisioningTemplate(c.command), c.connect)
+        }
         Command::Webhook(c) => control::run(control::Control::Webhook(c.command), c.connect),
         Command::Sessions(c) => control::run(control::Control::Sessions(c.command), c.connect),
         Command::Audit(c) => control::run(control::Control::Audit(c.command), c.connect),

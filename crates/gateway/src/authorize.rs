@@ -27,6 +27,9 @@ pub struct PolicySnapshot {
     things_of: HashMap<String, Vec<String>>,
     thing_attributes: HashMap<String, BTreeMap<String, String>>,
     ca_of: HashMap<String, String>,
+    /// Claim certificates: the templates each may use and the built-in policy they get
+    /// instead of any attached one.
+    claims: HashMap<String, (Vec<String>, Option<Arc<Policy>>)>,
     /// Bound policies per (certificate id, domain): valid for this snapshot only.
     cache: Mutex<HashMap<(String, String), Arc<Bound>>>,
 }
@@ -38,6 +41,21 @@ impl PolicySnapshot {
     /// An empty snapshot.
     pub fn new() -> PolicySnapshot {
         PolicySnapshot::default()
+    }
+
+    /// Makes `certificate_id` a claim certificate for `templates`: whatever is attached to it,
+    /// its only policy is the built-in claim policy ([`claim_policy`]).
+    pub fn set_claim(&mut self, certificate_id: &str, templates: Vec<String>) {
+        let policy = claim_policy(&templates).map(Arc::new);
+        self.claims
+            .insert(certificate_id.to_string(), (templates, policy));
+    }
+
+    /// The templates a claim certificate may use; `None` for any other certificate.
+    pub fn claim_templates(&self, certificate_id: &str) -> Option<&[String]> {
+        self.claims
+            .get(certificate_id)
+            .map(|(templates, _)| templates.as_slice())
     }
 
     /// Adds a policy (its default version).
@@ -140,6 +158,23 @@ impl PolicySnapshot {
         leaf: Option<&Certificate>,
         domain: &str,
     ) -> Vec<(PolicyRef, Arc<Policy>, String)> {
+        if let Some((_, policy)) = leaf.and_then(|l| self.claims.get(&l.info().id)) {
+            let r = PolicyRef {
+                name: CLAIM_POLICY.to_string(),
+                version: 1,
+            };
+            // Without its built-in policy (it failed to compile), a claim gets none: denied.
+            return policy
+                .iter()
+                .map(|p| {
+                    (
+                        r.clone(),
+                        p.clone(),
+                        "the certificate (a claim)".to_string(),
+                    )
+                })
+                .collect();
+        }
         let targets = self.with_subject(leaf, |subject| context::targets(subject, Some(domain)));
         context::applicable(&targets, |t| {
             self.attached
@@ -259,6 +294,39 @@ impl PolicySnapshot {
     }
 }
 
+/// The name the built-in claim policy is shown with (`explain`, denials).
+pub const CLAIM_POLICY: &str = "builtin:claim";
+
+/// The built-in policy of a claim certificate: connect, ask for a device certificate
+/// (`CreateKeysAndCertificate`, `CreateCertificateFromCsr`) and register it under `templates`
+/// (`RegisterThing`), with their replies — nothing else, whatever else is attached.
+pub fn claim_policy(templates: &[String]) -> Option<Policy> {
+    let mut topics = vec![
+        "$aws/certificates/create/json".to_string(),
+        "$aws/certificates/create-from-csr/json".to_string(),
+    ];
+    topics.extend(
+        templates
+            .iter()
+            .map(|t| format!("$aws/provisioning-templates/{t}/provision/json")),
+    );
+    let names = |prefix: &str, suffixes: &[&str]| -> Vec<String> {
+        topics
+            .iter()
+            .flat_map(|t| suffixes.iter().map(move |s| format!("{prefix}{t}{s}")))
+            .collect()
+    };
+    let document = json!({"Statement": [
+        {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:*"},
+        {"Effect": "Allow", "Action": "mqtt:Publish", "Resource": names("topic:", &[""])},
+        {"Effect": "Allow", "Action": "mqtt:Subscribe",
+         "Resource": names("topicfilter:", &["/accepted", "/rejected"])},
+        {"Effect": "Allow", "Action": "mqtt:Receive",
+         "Resource": names("topic:", &["/accepted", "/rejected"])},
+    ]});
+    Policy::from_value(&document).ok()
+}
+
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -330,6 +398,58 @@ pub(crate) fn policy_path(raw: &str) -> Result<String, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_certificate_may_only_provision() {
+        let templates = vec!["factory".to_string()];
+        let policy = Arc::new(claim_policy(&templates).unwrap());
+        let bound = portcullis_policy::bind(
+            &[(
+                PolicyRef {
+                    name: CLAIM_POLICY.into(),
+                    version: 1,
+                },
+                policy,
+            )],
+            &Variables::new(),
+        );
+        let decide = |action: &str, resource: &str| {
+            bound
+                .decide(&PolicyRequest {
+                    action,
+                    resource,
+                    source_ip: None,
+                    now: 0,
+                })
+                .allowed
+        };
+        assert!(decide("mqtt:Connect", "client:anything"));
+        assert!(decide(
+            "mqtt:Publish",
+            "topic:$aws/certificates/create-from-csr/json"
+        ));
+        assert!(decide(
+            "mqtt:Publish",
+            "topic:$aws/provisioning-templates/factory/provision/json"
+        ));
+        assert!(decide(
+            "mqtt:Subscribe",
+            "topicfilter:$aws/certificates/create/json/accepted"
+        ));
+        for (action, resource) in [
+            ("mqtt:Publish", "topic:devices/x/telemetry"),
+            (
+                "mqtt:Publish",
+                "topic:$aws/provisioning-templates/other/provision/json",
+            ),
+            ("mqtt:Subscribe", "topicfilter:#"),
+            ("mqtt:Subscribe", "topicfilter:$aws/certificates/#"),
+            ("mqtt:Receive", "topic:devices/x"),
+            ("http:GET", "/anything"),
+        ] {
+            assert!(!decide(action, resource), "{action} {resource}");
+        }
+    }
 
     #[test]
     fn ambiguous_paths_are_refused_and_the_rest_decoded() {

@@ -181,6 +181,7 @@ impl Explainer {
                         Refusal::UpgradeNotAllowed => {
                             "400: this mapping does not tunnel WebSocket connections".to_string()
                         }
+                        Refusal::ClaimCertificate => "403 claim-certificate: a claim certificate may only provision a device (MQTT $aws/certificates and $aws/provisioning-templates)".to_string(),
                     };
                     let decision = if matches!(refusal, Refusal::HttpsPublish) {
                         "https-publish"

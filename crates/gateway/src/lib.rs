@@ -12,6 +12,7 @@
 //!   [`registry_view`]: the registry snapshot and the registry decision, with the registry's
 //!   reasons; [`verdict`]: what the handshake decided, carried by the connection;
 //!   [`outbox`]: what the data path reports to the node (JIT, sightings, forwarded messages);
+//!   [`fleet`]: fleet provisioning's MQTT API (parsed here, answered by the node);
 //! - `http`: `context` (what a request handler knows), `inbound` (screening), `decide` (the
 //!   one decision on a request: Host, path, mapping, certificate, policy — run by the fast
 //!   path, the hyper path and [`explain`]), `fast` (the HTTP/1.1 fast path), `service` (the
@@ -38,6 +39,7 @@ pub mod config;
 pub mod conn;
 pub mod echo;
 pub mod explain;
+pub mod fleet;
 mod http;
 mod mqtt;
 pub mod outbox;
@@ -595,6 +597,11 @@ impl Gateway {
     pub fn update_registry(&self, snapshot: registry_view::RegistrySnapshot) {
         self.registry.snapshot.store(Arc::new(snapshot));
         self.registry.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Who answers devices' fleet provisioning requests (the node; set once).
+    pub fn set_fleet_provisioning(&self, fleet: Arc<dyn fleet::FleetProvisioning>) {
+        let _ = self.registry.fleet.set(fleet);
     }
 
     /// What the data path reports to the node (just-in-time registrations, certificates seen,

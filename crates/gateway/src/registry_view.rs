@@ -351,6 +351,9 @@ pub(crate) struct RegistryView {
     /// check themselves then, and MQTT sessions bind their policies again.
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
     pub(crate) outbox: Outbox,
+    /// The node's fleet provisioning (set once at start; none: the MQTT API answers that it
+    /// is unavailable).
+    pub(crate) fleet: std::sync::OnceLock<Arc<dyn crate::fleet::FleetProvisioning>>,
 }
 
 impl RegistryView {
@@ -359,6 +362,7 @@ impl RegistryView {
             snapshot: arc_swap::ArcSwap::from_pointee(RegistrySnapshot::default()),
             changes: tokio::sync::watch::channel(0).0,
             outbox: Outbox::new(),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 

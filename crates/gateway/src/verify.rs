@@ -386,6 +386,11 @@ impl DomainVerifier {
         *self.registry.changes.borrow()
     }
 
+    /// The node's fleet provisioning, once set.
+    pub(crate) fn fleet(&self) -> Option<Arc<dyn crate::fleet::FleetProvisioning>> {
+        self.registry.fleet.get().cloned()
+    }
+
     pub(crate) fn registry_snapshot(&self) -> Arc<crate::registry_view::RegistrySnapshot> {
         self.registry.snapshot.load_full()
     }

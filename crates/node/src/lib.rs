@@ -10,6 +10,8 @@
 //!   follow the registry (snapshots and reloads), run the workers (just-in-time registrations,
 //!   sightings, webhooks, registry events to MQTT), signals, drain.
 //! - [`output`]: files written all at once, keys 0600, never over an existing file unasked.
+//! - `fleet`: fleet provisioning by claim (IoT Core's MQTT API), answered from the registry
+//!   and the local CA; `bus`: MQTT across nodes on NATS; `cluster`: what a cluster shares.
 //!
 //! Invariants: a failed reload keeps the running state; the gateway is never handed a snapshot
 //! older than the one it has; nothing here runs on the handshake path.
@@ -33,6 +35,7 @@ mod bus;
 mod cluster;
 pub mod config;
 pub mod data_dir;
+mod fleet;
 pub mod output;
 pub mod serve;
 mod sync;

@@ -219,6 +219,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(c) => c.ca.clone(),
         None => Arc::new(data.local_ca()?),
     };
+
     let admin_ca = cluster.as_ref().map(|c| c.admin_ca.clone());
     let admin_files =
         crate::admin::AdminFiles::new(&args.data_dir).with_shared_ca(admin_ca.clone());
@@ -228,6 +229,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     sync_status
         .checked_ms
         .store(crate::sync::now_ms(), Ordering::SeqCst);
+    // Fleet provisioning by claim: devices' certificates come from the local CA.
+    gateway.set_fleet_provisioning(Arc::new(crate::fleet::Fleet::new(
+        store.clone(),
+        local_ca.clone(),
+        sync_status.clone(),
+    )));
+    tokio::spawn(crate::fleet::sweep(store.clone()));
     let nats_state = nats_url
         .as_ref()
         .map(|_| Arc::new(crate::bus::NatsState::default()));

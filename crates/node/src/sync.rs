@@ -41,6 +41,33 @@ pub(crate) async fn next_change(
 pub(crate) struct SyncStatus {
     pub(crate) marker: std::sync::atomic::AtomicI64,
     pub(crate) checked_ms: std::sync::atomic::AtomicI64,
+    /// Told each time the gateway is handed a newer snapshot.
+    advanced: tokio::sync::Notify,
+}
+
+impl SyncStatus {
+    /// The gateway now enforces every change up to `marker`.
+    fn advance(&self, marker: i64) {
+        self.marker.store(marker, Ordering::SeqCst);
+        self.advanced.notify_waiters();
+    }
+
+    /// Waits (at most `within`) until this node's gateway enforces the change `seq`; whether
+    /// it does.
+    pub(crate) async fn enforced(&self, seq: i64, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.advanced.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.marker.load(Ordering::SeqCst) >= seq {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.marker.load(Ordering::SeqCst) >= seq;
+            }
+        }
+    }
 }
 
 /// Follows the registry: refreshes the snapshot when anything changed, and hands back a fresh
@@ -175,7 +202,6 @@ impl RegistryWatch {
             match built {
                 Ok((snapshot, kind, changes)) => {
                     let applied_after = self.registry_marker;
-                    self.status.marker.store(marker, Ordering::SeqCst);
                     self.registry_marker = marker;
                     self.force_snapshot = false;
                     self.reread_from = None;
@@ -187,6 +213,7 @@ impl RegistryWatch {
                     }
                     let (certificates, bytes) = (snapshot.len(), snapshot.status_bytes());
                     gateway.update_registry(snapshot);
+                    self.status.advance(marker);
                     // Commit → enforced here, per change first applied (each node measures its
                     // own; the ≤ 1 s promise is watched, not assumed).
                     let enforced = crate::sync::now_ms();
@@ -443,6 +470,7 @@ static COMPILED: std::sync::LazyLock<std::sync::Mutex<Compiled>> =
 async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize::PolicySnapshot> {
     use portcullis_gateway::authorize::{PolicySnapshot, PolicyTarget};
     let state = store.policy_state().await.context("reading the policies")?;
+    let claims = store.claims().await.context("reading the claims")?;
     let mut snapshot = PolicySnapshot::new();
     let mut compiled = COMPILED
         .lock()
@@ -483,6 +511,9 @@ async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize:
     }
     for (certificate, ca) in &state.ca_of {
         snapshot.set_ca_of(certificate, ca);
+    }
+    for (certificate, templates) in claims {
+        snapshot.set_claim(certificate.as_str(), templates);
     }
     Ok(snapshot)
 }

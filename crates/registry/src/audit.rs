@@ -77,6 +77,17 @@ pub enum AuditAction {
     ServerCertImport,
     /// A server certificate deleted.
     ServerCertDelete,
+    /// A certificate made a claim certificate (the templates it may use), or no longer one.
+    CertificateClaim,
+    /// A certificate made for a device by fleet provisioning (PENDING_ACTIVATION until the
+    /// device registers it with its ownership token).
+    CertificateFleetCreate,
+    /// A fleet provisioning template created.
+    FleetTemplateCreate,
+    /// A fleet provisioning template changed.
+    FleetTemplateUpdate,
+    /// A fleet provisioning template deleted.
+    FleetTemplateDelete,
 }
 
 /// What a change affects on the gateway nodes.
@@ -100,7 +111,7 @@ pub struct Effects {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 35] = [
+    pub const ALL: [AuditAction; 40] = [
         AuditAction::CaRegister,
         AuditAction::CaUpdate,
         AuditAction::CertificateRegister,
@@ -136,6 +147,11 @@ impl AuditAction {
         AuditAction::TruststoreDelete,
         AuditAction::ServerCertImport,
         AuditAction::ServerCertDelete,
+        AuditAction::CertificateClaim,
+        AuditAction::CertificateFleetCreate,
+        AuditAction::FleetTemplateCreate,
+        AuditAction::FleetTemplateUpdate,
+        AuditAction::FleetTemplateDelete,
     ];
 
     /// The stored name.
@@ -176,6 +192,11 @@ impl AuditAction {
             AuditAction::TruststoreDelete => "truststore.delete",
             AuditAction::ServerCertImport => "server-cert.import",
             AuditAction::ServerCertDelete => "server-cert.delete",
+            AuditAction::CertificateClaim => "certificate.claim",
+            AuditAction::CertificateFleetCreate => "certificate.fleet-create",
+            AuditAction::FleetTemplateCreate => "provisioning-template.create",
+            AuditAction::FleetTemplateUpdate => "provisioning-template.update",
+            AuditAction::FleetTemplateDelete => "provisioning-template.delete",
         }
     }
 
@@ -195,11 +216,20 @@ impl AuditAction {
                 configuration: true,
                 ..none
             },
-            AuditAction::CertificateRegister => Effects {
+            AuditAction::CertificateRegister | AuditAction::CertificateFleetCreate => Effects {
                 certificate_status: true,
                 policies_if_ca_policies: true,
                 ..none
             },
+            // A claim certificate's policy is the built-in one.
+            AuditAction::CertificateClaim => Effects {
+                policies: true,
+                ..none
+            },
+            // Read from the store when a device provisions.
+            AuditAction::FleetTemplateCreate
+            | AuditAction::FleetTemplateUpdate
+            | AuditAction::FleetTemplateDelete => none,
             AuditAction::CertificateStatus | AuditAction::CertificateProvisionRefused => Effects {
                 certificate_status: true,
                 ..none

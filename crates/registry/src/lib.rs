@@ -7,7 +7,8 @@
 //!   snapshot, its configuration, webhook events).
 //! - [`store`]: the [`Store`], one implementation over both backends (the same SQL, `$n`
 //!   placeholders), with per-backend migrations applied at open.
-//! - [`provisioning`]: just-in-time provisioning templates.
+//! - [`provisioning`]: just-in-time provisioning templates; [`fleet`]: fleet provisioning
+//!   templates (provisioning by claim).
 //! - [`webhooks`]: delivery of events to subscribers.
 //!
 //! Invariants:
@@ -20,6 +21,7 @@
 
 pub mod audit;
 pub mod domain_spec;
+pub mod fleet;
 pub mod model;
 mod names;
 pub mod provisioning;
@@ -40,6 +42,7 @@ pub use store::{
     Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, NodeStatus,
     PolicyState, PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
+pub use store::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS};
 
 /// Errors of the registry.
 #[non_exhaustive]

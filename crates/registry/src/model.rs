@@ -179,6 +179,9 @@ pub struct CertRecord {
     pub last_seen: Option<i64>,
     /// The things it is attached to.
     pub things: Vec<String>,
+    /// A claim certificate: the fleet provisioning templates it may use, and nothing else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_templates: Option<Vec<String>>,
     /// Incremented on every change.
     pub version: i64,
     /// The certificate, PEM.

@@ -118,6 +118,11 @@ enum Read {
 /// What a variable name in a template reads: a certificate variable under any of its names
 /// (ours, AWS IoT's, the older `Certificate.…` spelling); an error for another name.
 fn read(name: &str) -> Result<Read, String> {
+    if name.starts_with("param:") {
+        return Err(format!(
+            "${{{name}}} is a fleet provisioning parameter: just-in-time templates read only the certificate"
+        ));
+    }
     let canonical = match name {
         "Certificate.SerialNumber" => return Ok(Read::SerialHex),
         "Certificate.Id" => Some("cert:Id".to_string()),
@@ -139,9 +144,14 @@ fn read(name: &str) -> Result<Read, String> {
     }
 }
 
+/// Whether `name` is a certificate variable a template may read.
+pub(crate) fn certificate_variable(name: &str) -> Result<(), String> {
+    read(name).map(|_| ())
+}
+
 /// The value of one certificate variable (any spelling a template accepts), `None` when the
 /// certificate lacks the field. A multi-valued variable (a SAN) gives its first value.
-fn value(name: &str, cert: &Certificate, vars: &Variables) -> Option<String> {
+pub(crate) fn value(name: &str, cert: &Certificate, vars: &Variables) -> Option<String> {
     match read(name).ok()? {
         Read::SerialHex => Some(cert.info().serial.replace(':', "")),
         Read::Policy(canonical) => vars.get(&canonical).first().cloned(),
@@ -151,6 +161,14 @@ fn value(name: &str, cert: &Certificate, vars: &Variables) -> Option<String> {
 /// The variables a template string uses, in order; an error for an unknown one or a `${`
 /// without its `}`.
 fn variables(text: &str) -> Result<Vec<&str>, RegistryError> {
+    variables_with(text, |name| read(name).map(|_| ()))
+}
+
+/// As [`variables`], with `known` deciding which names a template may use.
+pub(crate) fn variables_with(
+    text: &str,
+    known: impl Fn(&str) -> Result<(), String>,
+) -> Result<Vec<&str>, RegistryError> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -161,7 +179,7 @@ fn variables(text: &str) -> Result<Vec<&str>, RegistryError> {
             )));
         };
         let name = &after[..end];
-        read(name).map_err(RegistryError::Invalid)?;
+        known(name).map_err(RegistryError::Invalid)?;
         out.push(name);
         rest = &after[end + 1..];
     }
@@ -169,6 +187,21 @@ fn variables(text: &str) -> Result<Vec<&str>, RegistryError> {
 }
 
 fn substitute(text: &str, cert: &Certificate, vars: &Variables) -> Result<String, String> {
+    substitute_with(text, |name| {
+        value(name, cert, vars).ok_or_else(|| {
+            format!(
+                "the provisioning template needs ${{{name}}}, which certificate '{}' lacks",
+                cert.info().subject
+            )
+        })
+    })
+}
+
+/// `text` with each `${name}` replaced by `lookup(name)` (or its error).
+pub(crate) fn substitute_with(
+    text: &str,
+    lookup: impl Fn(&str) -> Result<String, String>,
+) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -176,13 +209,7 @@ fn substitute(text: &str, cert: &Certificate, vars: &Variables) -> Result<String
         let after = &rest[start + 2..];
         let end = after.find('}').unwrap_or(after.len());
         let name = &after[..end];
-        let value = value(name, cert, vars).ok_or_else(|| {
-            format!(
-                "the provisioning template needs ${{{name}}}, which certificate '{}' lacks",
-                cert.info().subject
-            )
-        })?;
-        out.push_str(&value);
+        out.push_str(&lookup(name)?);
         rest = after.get(end + 1..).unwrap_or("");
     }
     out.push_str(rest);

@@ -986,6 +986,156 @@ async fn policies(store: &Store, backend: &str) {
     assert!(store.policies_of(&thing).await.unwrap().is_empty());
     store.delete_policy("partners", "test").await.unwrap();
     assert!(store.list_policies().await.unwrap().is_empty());
+    fleet_provisioning(store).await;
+}
+
+/// Templates, claims, ownership tokens spent once, refusals that make nothing, and the sweep
+/// of certificates whose token expired unspent.
+async fn fleet_provisioning(store: &Store) {
+    use portcullis_registry::fleet::FleetTemplate;
+    let backend = store.backend();
+    let template = FleetTemplate::from_json(&serde_json::json!({
+        "thing_name": "fleet-${param:Serial}",
+        "parameters": {"Serial": {}},
+        "policies": ["fleet-devices"],
+    }))
+    .unwrap();
+    store
+        .create_fleet_template("line-7", "", true, &template, "test")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .create_fleet_template("line-7", "", true, &template, "test")
+            .await,
+        Err(RegistryError::Conflict(_))
+    ));
+    let disabled = store
+        .update_fleet_template(
+            "line-7",
+            &portcullis_registry::FleetTemplateUpdate {
+                enabled: Some(false),
+                ..Default::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert!(!disabled.enabled && disabled.version == 2, "{backend}");
+
+    // A claim certificate, then a device's certificate with its token.
+    let factory = ca("Factory CA");
+    let claim_pem = leaf(&factory, "claim", Profile::Client);
+    let claim = store
+        .register_certificate(claim_pem.as_bytes(), CertStatus::Active, "test")
+        .await
+        .unwrap();
+    store
+        .set_certificate_claim(&claim.id, Some(&["line-7".to_string()]), "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claims().await.unwrap(),
+        [(claim.id.clone(), vec!["line-7".to_string()])]
+    );
+    let device_pem = leaf(&factory, "device-1", Profile::Client);
+    let device = portcullis_pki::Certificate::first_and_rest(device_pem.as_bytes())
+        .unwrap()
+        .0;
+    let (record, token) = store
+        .register_fleet_certificate(&device, &claim.id, "test")
+        .await
+        .unwrap();
+    assert_eq!(record.status, CertStatus::PendingActivation, "{backend}");
+    assert_eq!(
+        store.ownership_token(&token).await.unwrap(),
+        Some(record.id.clone())
+    );
+    assert_eq!(store.ownership_token("forged").await.unwrap(), None);
+    let plan = template
+        .plan(
+            &device,
+            &[("Serial".to_string(), "7".to_string())]
+                .into_iter()
+                .collect(),
+        )
+        .unwrap();
+    // A missing policy refuses the whole registration: no thing, the token still good.
+    assert!(matches!(
+        store.register_fleet_thing(&token, &record.id, &plan, "test").await,
+        Err(RegistryError::Invalid(m)) if m.contains("fleet-devices")
+    ));
+    assert!(matches!(
+        store.thing("fleet-7").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(store.ownership_token(&token).await.unwrap().is_some());
+    store
+        .create_policy(
+            "fleet-devices",
+            r#"{"Statement": [{"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "*"}]}"#,
+            "test",
+        )
+        .await
+        .unwrap();
+    let registered = store
+        .register_fleet_thing(&token, &record.id, &plan, "test")
+        .await
+        .unwrap();
+    assert_eq!(registered.status, CertStatus::Active, "{backend}");
+    assert_eq!(registered.things, ["fleet-7"]);
+    let thing = PolicyTarget {
+        target_type: TargetType::Thing,
+        target: "fleet-7".into(),
+    };
+    assert_eq!(store.policies_of(&thing).await.unwrap(), ["fleet-devices"]);
+    // Spent: once only.
+    assert!(matches!(
+        store.register_fleet_thing(&token, &record.id, &plan, "test").await,
+        Err(RegistryError::Conflict(m)) if m.contains("ownership token")
+    ));
+
+    // A certificate never registered goes once its token expired, and only then.
+    let other = portcullis_pki::Certificate::first_and_rest(
+        leaf(&factory, "device-2", Profile::Client).as_bytes(),
+    )
+    .unwrap()
+    .0;
+    let (pending, _) = store
+        .register_fleet_certificate(&other, &claim.id, "test")
+        .await
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert_eq!(
+        store
+            .sweep_unclaimed_certificates(now, "test")
+            .await
+            .unwrap(),
+        0
+    );
+    let later = now + portcullis_registry::OWNERSHIP_TOKEN_SECONDS + 1;
+    assert_eq!(
+        store
+            .sweep_unclaimed_certificates(later, "test")
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.certificate(&pending.id).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(
+        store.certificate(&record.id).await.unwrap().status,
+        CertStatus::Active
+    );
+    store
+        .set_certificate_claim(&claim.id, None, "test")
+        .await
+        .unwrap();
+    assert!(store.claims().await.unwrap().is_empty());
+    store.delete_fleet_template("line-7", "test").await.unwrap();
+    assert!(store.list_fleet_templates().await.unwrap().is_empty());
 }
 
 #[tokio::test]

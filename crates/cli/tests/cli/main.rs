@@ -7,6 +7,7 @@ mod attacks;
 mod browser;
 mod cluster;
 mod control;
+mod fleet;
 mod layout;
 mod mqtt;
 mod nodes;

@@ -963,7 +963,7 @@ const AWS_POLICY: &str = r#"{
 
 /// A Python with AWS's device SDK (awsiotsdk), which the test command installs; missing in CI
 /// fails the test, elsewhere it is skipped, saying so.
-fn awsiot_python() -> Option<std::path::PathBuf> {
+pub(crate) fn awsiot_python() -> Option<std::path::PathBuf> {
     let python = paho_python()?;
     if run(&python, &["-c", "import awsiot, awscrt"], Path::new(".")).code == 0 {
         return Some(python);

@@ -58,6 +58,8 @@ pub(crate) enum Refusal {
     PolicyDenied(String),
     /// A WebSocket upgrade on a mapping that does not tunnel them (400).
     UpgradeNotAllowed,
+    /// A claim certificate, which may only provision a device (403).
+    ClaimCertificate,
 }
 
 /// A request admitted to a mapping: its index, the path the upstream sees, and whether the
@@ -105,6 +107,7 @@ impl Refusal {
             Refusal::NoHost => (StatusCode::BAD_REQUEST, "no-host".into()),
             Refusal::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy-denied".into()),
             Refusal::UpgradeNotAllowed => (StatusCode::BAD_REQUEST, "upgrade-refused".into()),
+            Refusal::ClaimCertificate => (StatusCode::FORBIDDEN, "claim-certificate".into()),
         }
     }
 }
@@ -193,6 +196,19 @@ pub(crate) fn admit(
     }
     if websocket && !mapping.websocket {
         return refuse(Refusal::UpgradeNotAllowed);
+    }
+    // A claim certificate is good for provisioning only: never forwarded, whatever the mapping.
+    if let ClientVerdict::Valid(chain) = &ctx.verdict
+        && let Some(leaf) = chain.first()
+        && domain
+            .tls
+            .verifier
+            .registry_snapshot()
+            .policies()
+            .claim_templates(&leaf.info().id)
+            .is_some()
+    {
+        return refuse(Refusal::ClaimCertificate);
     }
     if mapping.authorization == Authorization::Policy {
         // Frameworks (Rails, Laravel, Express) run `_method=DELETE` in the query as a DELETE,

@@ -156,6 +156,15 @@ pub(crate) async fn request(
                         None,
                     )
                 }
+                Refusal::ClaimCertificate => {
+                    denied = Some("claim-certificate".to_string());
+                    error_response(
+                        StatusCode::FORBIDDEN,
+                        "claim-certificate",
+                        "a claim certificate may only provision a device: connect with the device's own certificate",
+                        None,
+                    )
+                }
                 Refusal::UpgradeNotAllowed => {
                     denied = Some("upgrade-refused".to_string());
                     error_response(

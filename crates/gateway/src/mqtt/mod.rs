@@ -308,6 +308,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         out: BytesMut::new(),
         awaiting_release: Default::default(),
         owed: VecDeque::new(),
+        fleet: None,
     };
     session.run(&mut tls, buf, handle, &connect).await;
     metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);

@@ -84,6 +84,36 @@ pub(super) struct Session<'a> {
     pub(super) awaiting_release: HashSet<u16>,
     /// Acknowledgements waiting for the cluster, in order.
     pub(super) owed: VecDeque<Owed>,
+    /// Fleet provisioning on this connection, once used (an idle session stays small).
+    pub(super) fleet: Option<Box<FleetReplies>>,
+}
+
+/// A connection's fleet provisioning: the reply filters it subscribed to (answered by the
+/// session, never routed by the broker: replies carry keys and tokens for this connection
+/// only), and the channel the answers come back on.
+pub(super) struct FleetReplies {
+    filters: Vec<(String, QoS)>,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl FleetReplies {
+    fn new() -> Box<FleetReplies> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Box::new(FleetReplies {
+            filters: Vec::new(),
+            tx,
+            rx,
+        })
+    }
+}
+
+/// The next fleet provisioning answer (never, on a connection that asked nothing).
+async fn fleet_answer(fleet: &mut Option<Box<FleetReplies>>) -> Option<(String, Vec<u8>)> {
+    match fleet {
+        Some(f) => f.rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Session<'_> {
@@ -221,6 +251,11 @@ impl Session<'_> {
                     self.refill(&handle);
                 }
                 _ = shutdown.changed() => break End::Server(reason::SERVER_SHUTTING_DOWN, "the gateway is stopping".into()),
+                answer = fleet_answer(&mut self.fleet), if self.fleet.is_some() => {
+                    if let Some(answer) = answer {
+                        self.fleet_reply(answer);
+                    }
+                }
                 stored = first_confirmed(&mut self.owed), if !self.owed.is_empty() => {
                     if let Some(end) = self.answer_owed(stored) {
                         break end;
@@ -432,6 +467,13 @@ impl Session<'_> {
                         continue;
                     }
                     let granted = f.qos;
+                    if crate::fleet::is_reply_filter(&f.filter) {
+                        let fleet = self.fleet.get_or_insert_with(FleetReplies::new);
+                        fleet.filters.retain(|(filter, _)| filter != &f.filter);
+                        fleet.filters.push((f.filter.clone(), granted));
+                        codes.push(granted as u8);
+                        continue;
+                    }
                     let options = SubscriptionOptions {
                         qos: granted,
                         no_local: f.no_local,
@@ -493,6 +535,12 @@ impl Session<'_> {
                     .filters
                     .iter()
                     .map(|f| {
+                        if let Some(fleet) = self.fleet.as_mut()
+                            && let Some(i) = fleet.filters.iter().position(|(x, _)| x == f)
+                        {
+                            fleet.filters.remove(i);
+                            return reason::SUCCESS;
+                        }
                         if c.broker.unsubscribe(&self.client_id, handle.generation, f) {
                             reason::SUCCESS
                         } else {
@@ -561,9 +609,13 @@ impl Session<'_> {
                 "topic aliases are not supported (topic alias maximum 0)".into(),
             ));
         }
+        let fleet_call = crate::fleet::request(&p.topic, &p.payload);
         let allowed = portcullis_mqtt::topic::check_name(&p.topic)
             .map_err(|e| ("invalid-topic", e.to_string()))
-            .and_then(|()| reserved(&p.topic).map_err(|e| ("reserved-topic", e)))
+            .and_then(|()| match fleet_call {
+                Some(_) => Ok(()),
+                None => reserved(&p.topic).map_err(|e| ("reserved-topic", e)),
+            })
             .and_then(|()| {
                 self.auth
                     .decide("mqtt:Publish", &format!("topic:{}", p.topic))
@@ -605,6 +657,20 @@ impl Session<'_> {
                 )),
             };
         }
+        if let Some(call) = fleet_call {
+            self.ask_fleet(&p.topic, call);
+            match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => {
+                    self.reply(Reply::PubAck(id, reason::SUCCESS), None)
+                }
+                (QoS::ExactlyOnce, Some(id)) => {
+                    self.awaiting_release.insert(id);
+                    self.reply(Reply::PubRec(id), None);
+                }
+                _ => {}
+            }
+            return None;
+        }
         let mut properties = p.properties.clone();
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();
@@ -642,6 +708,68 @@ impl Session<'_> {
             _ => {}
         }
         None
+    }
+
+    /// Hands a fleet provisioning request to the node on a task of its own; the answer comes
+    /// back through [`FleetReplies`].
+    fn ask_fleet(
+        &mut self,
+        topic: &str,
+        call: Result<crate::fleet::FleetCall, crate::fleet::FleetError>,
+    ) {
+        use crate::fleet::{FleetError, FleetRequest, reply};
+        let tx = self.fleet.get_or_insert_with(FleetReplies::new).tx.clone();
+        let service = self.c.verifier.fleet();
+        let request = call.map(|call| FleetRequest {
+            call,
+            caller: self.leaf.clone(),
+            client_id: self.client_id.clone(),
+        });
+        let topic = topic.to_string();
+        tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %topic, "fleet provisioning request");
+        tokio::spawn(async move {
+            let answer = match (request, service) {
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(FleetError {
+                    status: 503,
+                    code: "ServiceUnavailable",
+                    message: "fleet provisioning is not available on this gateway".into(),
+                }),
+                (Ok(request), Some(service)) => service.call(request).await,
+            };
+            let _ = tx.send(reply(&topic, &answer));
+        });
+    }
+
+    /// Sends a fleet provisioning answer to this connection, if it subscribed to its topic
+    /// (as IoT Core: unsubscribed, the answer is lost) and may receive it.
+    fn fleet_reply(&mut self, (topic, payload): (String, Vec<u8>)) {
+        let qos = self.fleet.as_ref().and_then(|f| {
+            f.filters
+                .iter()
+                .filter(|(filter, _)| portcullis_mqtt::topic::matches(filter, &topic))
+                .map(|(_, q)| *q)
+                .max_by_key(|q| *q as u8)
+        });
+        let Some(qos) = qos else {
+            tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %topic, "fleet provisioning answer not sent: the client did not subscribe to it");
+            return;
+        };
+        if let Err(why) = self.auth.decide("mqtt:Receive", &format!("topic:{topic}")) {
+            tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %topic, reason = %why, "fleet provisioning answer not sent");
+            return;
+        }
+        self.deliver(Message {
+            topic,
+            payload: payload.into(),
+            qos,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            sent_as: None,
+            released: false,
+            receipt: None,
+        });
     }
 
     /// Sends `reply` once `confirm` says the cluster stored the message (at once without a

@@ -483,7 +483,7 @@ where
     })
 }
 
-fn token_hash(secret: &str) -> String {
+pub(crate) fn token_hash(secret: &str) -> String {
     portcullis_pki::cert::hex(&portcullis_pki::cert::sha256(secret.as_bytes()), "")
 }
 

@@ -54,6 +54,9 @@ where
         updated_at: row.try_get("updated_at")?,
         last_seen: row.try_get("last_seen")?,
         things: Vec::new(),
+        claim_templates: row
+            .try_get::<Option<String>, _>("claim_templates")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
         version: row.try_get("version")?,
         pem: Certificate::from_der(der)?.to_pem(),
     })
@@ -66,7 +69,7 @@ pub(crate) fn summary_cert(c: &CertRecord) -> serde_json::Value {
 }
 
 /// Parses a certificate to register and links its issuing CA.
-fn prepare_certificate(
+pub(crate) fn prepare_certificate(
     pem: &[u8],
     status: CertStatus,
     cas: &[(CertId, String, Certificate)],
@@ -101,6 +104,7 @@ fn prepare_certificate(
         updated_at: now,
         last_seen: None,
         things: Vec::new(),
+        claim_templates: None,
         version: 1,
         pem: cert.to_pem(),
     };

@@ -7,7 +7,7 @@
 //! retried on the fresh row, so no update is lost.
 //!
 //! One file per entity, each an `impl Store` block: `cas`, `certificates`, `things` (with
-//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `cluster` (server certificates with sealed keys, the cluster's CAs and key check, node heartbeats), `webhooks` (with
+//! attachments, JIT provisioning and sightings), `policies`, `truststores`, `fleet` (fleet provisioning: templates, claims, ownership tokens), `cluster` (server certificates with sealed keys, the cluster's CAs and key check, node heartbeats), `webhooks` (with
 //! deliveries), `admin` (tokens, admin certificates, domains, the audit log's reads);
 //! `changes` is the audit log as the change feed (every write's audit entry and webhook
 //! event, the markers and notifications nodes follow). This file opens the database.
@@ -29,6 +29,7 @@ mod cas;
 mod certificates;
 mod changes;
 mod cluster;
+mod fleet;
 mod policies;
 pub use cluster::NodeStatus;
 mod things;
@@ -41,6 +42,7 @@ pub use certificates::CertFilter;
 pub(crate) use certificates::summary_cert;
 pub(crate) use changes::audit;
 pub use changes::{Change, ChangeEntry, ChangeListener, now_ms};
+pub use fleet::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS};
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 pub use webhooks::{

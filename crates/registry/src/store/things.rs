@@ -294,6 +294,7 @@ impl Store {
             updated_at: now,
             last_seen: Some(now),
             things: vec![provisioned.thing_name.clone()],
+            claim_templates: None,
             version: 1,
             pem: cert.to_pem(),
         };

@@ -85,7 +85,13 @@ pub(crate) fn event_of(
         | A::DomainDelete
         | A::TruststoreDelete
         | A::ServerCertImport
-        | A::ServerCertDelete => None,
+        | A::ServerCertDelete
+        | A::CertificateClaim
+        // Not yet the device's: `certificate.registered` comes when it registers (provision).
+        | A::CertificateFleetCreate
+        | A::FleetTemplateCreate
+        | A::FleetTemplateUpdate
+        | A::FleetTemplateDelete => None,
     }
 }
 

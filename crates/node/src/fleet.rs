@@ -1,0 +1,276 @@
+//! Fleet provisioning by claim, the node's side: answers what devices ask over IoT Core's MQTT
+//! API ([`portcullis_gateway::fleet`]) with the registry and the local CA.
+//!
+//! - `CreateKeysAndCertificate`: a P-256 key and a client certificate made here; the key is
+//!   answered once and kept nowhere.
+//! - `CreateCertificateFromCsr`: the device's CSR signed (its key never leaves the device);
+//!   weak keys, bad self-signatures and subjects policies would misread are refused.
+//! - Both register the certificate PENDING_ACTIVATION with a single-use ownership token (one
+//!   hour); a certificate whose token expires unspent is deleted by [`sweep`].
+//! - `RegisterThing`: the template (enabled, and one the claim may use) plans the thing from
+//!   the new certificate and the parameters; the registry spends the token and makes
+//!   everything in one transaction; the answer waits until this node enforces it.
+//!
+//! Every outcome is in the audit log (actor `fleet:<client id>`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_gateway::fleet::{
+    FleetAnswer, FleetCall, FleetError, FleetProvisioning, FleetRequest,
+};
+use portcullis_pki::{CaIssuer, IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+use portcullis_registry::{CertId, RegistryError, Store};
+use serde_json::json;
+
+/// The node's fleet provisioning.
+#[derive(Debug, Clone)]
+pub(crate) struct Fleet {
+    store: Store,
+    issuer: Arc<CaIssuer>,
+    sync: Arc<crate::sync::SyncStatus>,
+}
+
+/// How long `RegisterThing` waits for this node to enforce the registration before answering
+/// (a device connects with its new certificate right after `accepted`).
+const ENFORCED_WITHIN: Duration = Duration::from_secs(3);
+
+impl Fleet {
+    pub(crate) fn new(
+        store: Store,
+        issuer: Arc<CaIssuer>,
+        sync: Arc<crate::sync::SyncStatus>,
+    ) -> Fleet {
+        Fleet {
+            store,
+            issuer,
+            sync,
+        }
+    }
+
+    async fn answer(&self, request: FleetRequest) -> FleetAnswer {
+        let caller = CertId::of_der(request.caller.der());
+        let actor = format!("fleet:{}", request.client_id);
+        let started = std::time::Instant::now();
+        let (call, answer) = match request.call {
+            FleetCall::CreateKeysAndCertificate => (
+                "create-keys-and-certificate",
+                self.create(&caller, None, &actor).await,
+            ),
+            FleetCall::CreateCertificateFromCsr { csr } => (
+                "create-certificate-from-csr",
+                self.create(&caller, Some(&csr), &actor).await,
+            ),
+            FleetCall::RegisterThing {
+                template,
+                token,
+                parameters,
+            } => (
+                "register-thing",
+                self.register(&caller, &template, &token, &parameters, &actor)
+                    .await,
+            ),
+        };
+        let result = match &answer {
+            Ok(_) => "accepted",
+            Err(_) => "rejected",
+        };
+        metrics::counter!("portcullis_fleet_requests_total", "call" => call, "result" => result)
+            .increment(1);
+        metrics::histogram!("portcullis_fleet_request_seconds", "call" => call)
+            .record(started.elapsed().as_secs_f64());
+        match &answer {
+            Ok(_) => {
+                tracing::info!(target: "portcullis::fleet", call, client_id = %request.client_id, "fleet provisioning accepted")
+            }
+            Err(e) => {
+                tracing::info!(target: "portcullis::fleet", call, client_id = %request.client_id, code = e.code, reason = %e.message, "fleet provisioning rejected");
+                if let Err(failed) = self
+                    .store
+                    .record_fleet_refusal(&caller, call, e.code, &e.message, &actor)
+                    .await
+                {
+                    tracing::warn!(target: "portcullis::fleet", error = %failed, "cannot record a fleet provisioning refusal");
+                }
+            }
+        }
+        answer
+    }
+
+    /// `CreateKeysAndCertificate` (`csr: None`) or `CreateCertificateFromCsr`.
+    async fn create(&self, caller: &CertId, csr: Option<&str>, actor: &str) -> FleetAnswer {
+        let mut request = IssueRequest::new(Profile::Client, SubjectName::cn("device"));
+        request.days = 365;
+        let (cert, key) = match csr {
+            Some(csr) => {
+                let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &request, &self.issuer)
+                    .map_err(|e| {
+                        FleetError::invalid("InvalidCsr", format!("the CSR cannot be signed: {e}"))
+                    })?;
+                if let Some((attribute, c)) = cert.subject_separator() {
+                    return Err(FleetError::invalid(
+                        "InvalidCsr",
+                        format!(
+                            "the CSR's subject {attribute} holds {c:?}, which policies read as a separator or wildcard; choose another value"
+                        ),
+                    ));
+                }
+                (cert, None)
+            }
+            None => {
+                let key = PrivateKey::generate(KeyType::EcP256).map_err(internal)?;
+                let name = format!("device-{}", random_hex(8).map_err(internal)?);
+                request.subject = SubjectName::cn(name);
+                let cert = portcullis_pki::issue::issue(&request, &key, Some(&self.issuer))
+                    .map_err(internal)?;
+                (cert, Some(key))
+            }
+        };
+        let (record, token) = self
+            .store
+            .register_fleet_certificate(&cert, caller, actor)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Invalid(why) => FleetError::invalid("InvalidCsr", why),
+                other => internal(other),
+            })?;
+        let mut answer = json!({
+            "certificateId": record.id,
+            "certificatePem": cert.to_pem(),
+            "certificateOwnershipToken": token,
+        });
+        if let Some(key) = key {
+            answer["privateKey"] = json!(key.to_pem());
+        }
+        Ok(answer)
+    }
+
+    /// `RegisterThing`.
+    async fn register(
+        &self,
+        caller: &CertId,
+        template: &str,
+        token: &str,
+        parameters: &std::collections::BTreeMap<String, String>,
+        actor: &str,
+    ) -> FleetAnswer {
+        let not_found = || FleetError {
+            status: 404,
+            code: "ResourceNotFound",
+            message: format!("there is no enabled provisioning template '{template}'"),
+        };
+        let record = match self.store.fleet_template(template).await {
+            Ok(r) if r.enabled => r,
+            Ok(_) | Err(RegistryError::NotFound(_)) => return Err(not_found()),
+            Err(e) => return Err(internal(e)),
+        };
+        // The built-in claim policy already limits the topic; this holds if it is ever bypassed.
+        if let Ok(claim) = self.store.certificate(caller).await
+            && let Some(allowed) = &claim.claim_templates
+            && !allowed.iter().any(|t| t == template)
+        {
+            return Err(FleetError {
+                status: 403,
+                code: "Forbidden",
+                message: format!("this claim certificate may not use template '{template}'"),
+            });
+        }
+        let invalid_token = || {
+            FleetError::invalid(
+                "InvalidCertificateOwnershipToken",
+                "the certificate ownership token is unknown, spent or expired (tokens are single use, for one hour): ask for a new certificate",
+            )
+        };
+        let certificate = match self.store.ownership_token(token).await {
+            Ok(Some(id)) => id,
+            Ok(None) => return Err(invalid_token()),
+            Err(e) => return Err(internal(e)),
+        };
+        let stored = self
+            .store
+            .certificate(&certificate)
+            .await
+            .map_err(internal)?;
+        let cert = portcullis_pki::Certificate::first_and_rest(stored.pem.as_bytes())
+            .map(|(c, _)| c)
+            .map_err(internal)?;
+        let plan = record
+            .template
+            .plan(&cert, parameters)
+            .map_err(|why| FleetError::invalid("InvalidParameters", why))?;
+        match self
+            .store
+            .register_fleet_thing(token, &certificate, &plan, actor)
+            .await
+        {
+            Ok(_) => {
+                // Answered once this node admits the new certificate: the device connects
+                // with it next (other nodes follow within a second).
+                if let Ok(seq) = self.store.change_marker().await
+                    && !self.sync.enforced(seq, ENFORCED_WITHIN).await
+                {
+                    tracing::warn!(target: "portcullis::fleet", seq, "a registered device's certificate is not enforced here yet");
+                }
+                Ok(json!({
+                    "thingName": plan.thing_name,
+                    "deviceConfiguration": plan.device_configuration,
+                }))
+            }
+            Err(RegistryError::Conflict(why)) if why.contains("ownership token") => {
+                Err(invalid_token())
+            }
+            Err(RegistryError::Conflict(why) | RegistryError::Invalid(why)) => {
+                Err(FleetError::invalid("InvalidParameters", why))
+            }
+            Err(e) => Err(internal(e)),
+        }
+    }
+}
+
+impl FleetProvisioning for Fleet {
+    fn call(
+        &self,
+        request: FleetRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = FleetAnswer> + Send>> {
+        let fleet = self.clone();
+        Box::pin(async move { fleet.answer(request).await })
+    }
+}
+
+/// Ours, not the device's: logged in full, answered without internals.
+fn internal(e: impl std::fmt::Display) -> FleetError {
+    tracing::warn!(target: "portcullis::fleet", error = %e, "fleet provisioning failed");
+    FleetError {
+        status: 500,
+        code: "InternalFailure",
+        message: "the registry could not complete the request; try again".into(),
+    }
+}
+
+fn random_hex(bytes: usize) -> Result<String, portcullis_pki::PkiError> {
+    let random = portcullis_pki::issue::random_serial()?;
+    Ok(portcullis_pki::cert::hex(
+        &random[random.len().saturating_sub(bytes)..],
+        "",
+    ))
+}
+
+/// Deletes, every minute, the certificates made for devices that never registered them (their
+/// ownership token expired unspent).
+pub(crate) async fn sweep(store: Store) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match store
+            .sweep_unclaimed_certificates(now, "fleet:sweeper")
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(target: "portcullis::fleet", deleted = n, "deleted certificates whose ownership token expired unspent")
+            }
+            Err(e) => tracing::debug!(error = %e, "sweeping unclaimed fleet certificates"),
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! Fleet provisioning by claim: templates, claim certificates, the certificates made for
+//! devices with their single-use ownership tokens, and `RegisterThing` as one transaction
+//! (token spent, certificate activated, thing made and attached, policies attached — or nothing).
+
+use std::str::FromStr;
+
+use portcullis_pki::Certificate;
+use serde::Serialize;
+use sqlx::Row;
+
+use super::certificates::cert_from_row;
+use super::changes::audit;
+use super::{Store, conflict_or, now, summary_cert, with_pool};
+use crate::RegistryError;
+use crate::audit::AuditAction;
+use crate::fleet::{FleetPlan, FleetTemplate};
+use crate::model::{CertId, CertRecord, CertStatus};
+use crate::names::check_name;
+
+/// How long an ownership token may be spent (IoT Core: one hour).
+pub const OWNERSHIP_TOKEN_SECONDS: i64 = 3600;
+
+/// A stored fleet provisioning template.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetTemplateRecord {
+    /// Its name (the `templateName` of `RegisterThing`'s topic).
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Whether devices may use it now.
+    pub enabled: bool,
+    /// The document.
+    pub template: FleetTemplate,
+    /// When it was created.
+    pub created_at: i64,
+    /// When it last changed.
+    pub updated_at: i64,
+    /// Incremented on every change.
+    pub version: i64,
+}
+
+/// A change to a template (`None`: unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct FleetTemplateUpdate {
+    /// New description.
+    pub description: Option<String>,
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+    /// New document.
+    pub template: Option<FleetTemplate>,
+}
+
+fn summary_template(t: &FleetTemplateRecord) -> String {
+    serde_json::json!({
+        "name": t.name, "description": t.description, "enabled": t.enabled,
+        "template": t.template, "version": t.version,
+    })
+    .to_string()
+}
+
+fn template_from_row<R: Row>(row: &R) -> Result<FleetTemplateRecord, RegistryError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let document: String = row.try_get("document")?;
+    let json: serde_json::Value = serde_json::from_str(&document)
+        .map_err(|e| RegistryError::Invalid(format!("stored template: {e}")))?;
+    Ok(FleetTemplateRecord {
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        template: FleetTemplate::from_json(&json)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+    })
+}
+
+fn document(t: &FleetTemplate) -> Result<String, RegistryError> {
+    serde_json::to_string(t).map_err(|e| RegistryError::Invalid(format!("template: {e}")))
+}
+
+impl Store {
+    /// Creates a fleet provisioning template.
+    pub async fn create_fleet_template(
+        &self,
+        name: &str,
+        description: &str,
+        enabled: bool,
+        template: &FleetTemplate,
+        actor: &str,
+    ) -> Result<FleetTemplateRecord, RegistryError> {
+        check_name("provisioning template", name)?;
+        template.check()?;
+        let now = now();
+        let record = FleetTemplateRecord {
+            name: name.to_string(),
+            description: description.to_string(),
+            enabled,
+            template: template.clone(),
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        };
+        let doc = document(template)?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query("INSERT INTO fleet_templates (name, description, enabled, document, created_at, updated_at, version) VALUES ($1, $2, $3, $4, $5, $5, 1)")
+                .bind(name)
+                .bind(description)
+                .bind(i64::from(enabled))
+                .bind(&doc)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+            if let Err(e) = inserted {
+                return Err(conflict_or(e, format!("provisioning template '{name}' exists already")));
+            }
+            audit(&mut *tx, actor, AuditAction::FleetTemplateCreate, name, None, Some(&summary_template(&record))).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+    }
+
+    /// A fleet provisioning template.
+    pub async fn fleet_template(&self, name: &str) -> Result<FleetTemplateRecord, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT * FROM fleet_templates WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(format!("provisioning template '{name}'")))?;
+            template_from_row(&row)
+        })
+    }
+
+    /// Every fleet provisioning template, by name.
+    pub async fn list_fleet_templates(&self) -> Result<Vec<FleetTemplateRecord>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT * FROM fleet_templates ORDER BY name").fetch_all(pool).await?;
+            rows.iter().map(template_from_row).collect()
+        })
+    }
+
+    /// Changes a template (compare-and-set on its version, retried).
+    pub async fn update_fleet_template(
+        &self,
+        name: &str,
+        update: &FleetTemplateUpdate,
+        actor: &str,
+    ) -> Result<FleetTemplateRecord, RegistryError> {
+        if let Some(t) = &update.template {
+            t.check()?;
+        }
+        loop {
+            let before = self.fleet_template(name).await?;
+            let mut after = before.clone();
+            if let Some(d) = &update.description {
+                after.description = d.clone();
+            }
+            if let Some(e) = update.enabled {
+                after.enabled = e;
+            }
+            if let Some(t) = &update.template {
+                after.template = t.clone();
+            }
+            after.updated_at = now();
+            after.version += 1;
+            let doc = document(&after.template)?;
+            let written = with_pool!(self, pool => {
+                let mut tx = pool.begin().await?;
+                let done = sqlx::query("UPDATE fleet_templates SET description = $1, enabled = $2, document = $3, updated_at = $4, version = version + 1 WHERE name = $5 AND version = $6")
+                    .bind(&after.description)
+                    .bind(i64::from(after.enabled))
+                    .bind(&doc)
+                    .bind(after.updated_at)
+                    .bind(name)
+                    .bind(before.version)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 1 {
+                    audit(&mut *tx, actor, AuditAction::FleetTemplateUpdate, name, Some(&summary_template(&before)), Some(&summary_template(&after))).await?;
+                    tx.commit().await?;
+                    true
+                } else {
+                    false
+                }
+            });
+            if written {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// Deletes a template.
+    pub async fn delete_fleet_template(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<(), RegistryError> {
+        let before = self.fleet_template(name).await?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM fleet_templates WHERE name = $1").bind(name).execute(&mut *tx).await?;
+            audit(&mut *tx, actor, AuditAction::FleetTemplateDelete, name, Some(&summary_template(&before)), None).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Makes a registered certificate a claim certificate for `templates` (it may then only
+    /// ask for devices' certificates and register them under those templates), or an ordinary
+    /// one again (`None`).
+    pub async fn set_certificate_claim(
+        &self,
+        id: &CertId,
+        templates: Option<&[String]>,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        if let Some(names) = templates {
+            if names.is_empty() {
+                return Err(RegistryError::Invalid(
+                    "a claim certificate names at least one provisioning template".into(),
+                ));
+            }
+            for n in names {
+                check_name("provisioning template", n)?;
+            }
+        }
+        let value = templates
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        loop {
+            let before = self.certificate(id).await?;
+            let mut after = before.clone();
+            after.claim_templates = templates.map(<[String]>::to_vec);
+            after.updated_at = now();
+            after.version += 1;
+            let said = |c: &CertRecord| {
+                serde_json::json!({"id": c.id, "claim_templates": c.claim_templates}).to_string()
+            };
+            let written = with_pool!(self, pool => {
+                let mut tx = pool.begin().await?;
+                let done = sqlx::query("UPDATE certificates SET claim_templates = $1, updated_at = $2, version = version + 1 WHERE id = $3 AND version = $4")
+                    .bind(&value)
+                    .bind(after.updated_at)
+                    .bind(id.as_str())
+                    .bind(before.version)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 1 {
+                    audit(&mut *tx, actor, AuditAction::CertificateClaim, id.as_str(), Some(&said(&before)), Some(&said(&after))).await?;
+                    tx.commit().await?;
+                    true
+                } else {
+                    false
+                }
+            });
+            if written {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// The claim certificates and the templates each may use (for the gateway's snapshot).
+    pub async fn claims(&self) -> Result<Vec<(CertId, Vec<String>)>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT id, claim_templates FROM certificates WHERE claim_templates IS NOT NULL")
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let id = CertId::from_str(&r.try_get::<String, _>("id")?)?;
+                    let t: String = r.try_get("claim_templates")?;
+                    Ok((id, serde_json::from_str(&t).unwrap_or_default()))
+                })
+                .collect()
+        })
+    }
+
+    /// Registers a certificate made for a device (PENDING_ACTIVATION) with a new ownership
+    /// token (kept as its hash), in one transaction; `claim` is the certificate that asked.
+    /// Answers the record and the token, which is shown once.
+    pub async fn register_fleet_certificate(
+        &self,
+        cert: &Certificate,
+        claim: &CertId,
+        actor: &str,
+    ) -> Result<(CertRecord, String), RegistryError> {
+        let token = super::admin::random_hex(32)?;
+        let token_hash = super::admin::token_hash(&token);
+        let pem = cert.to_pem();
+        let cas = self.issuing_cas().await?;
+        let (record, der) = super::certificates::prepare_certificate(
+            pem.as_bytes(),
+            CertStatus::PendingActivation,
+            &cas,
+        )?;
+        let summary = serde_json::to_string(&summary_cert(&record)).ok();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'PENDING_ACTIVATION', $7, $8, $8, NULL, 1)",
+            )
+            .bind(record.id.as_str())
+            .bind(der)
+            .bind(&record.subject)
+            .bind(&record.issuer)
+            .bind(&record.serial)
+            .bind(record.ca_id.as_ref().map(CertId::as_str))
+            .bind(record.not_after)
+            .bind(record.created_at)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = inserted {
+                return Err(conflict_or(e, format!("certificate {} is already registered", record.id)));
+            }
+            sqlx::query("INSERT INTO ownership_tokens (token_hash, certificate_id, claim_id, expires_at) VALUES ($1, $2, $3, $4)")
+                .bind(&token_hash)
+                .bind(record.id.as_str())
+                .bind(claim.as_str())
+                .bind(record.created_at + OWNERSHIP_TOKEN_SECONDS)
+                .execute(&mut *tx)
+                .await?;
+            audit(&mut *tx, actor, AuditAction::CertificateFleetCreate, record.id.as_str(), None, summary.as_deref()).await?;
+            tx.commit().await?;
+            Ok((record, token))
+        })
+    }
+
+    /// The certificate an unspent, unexpired ownership token is for.
+    pub async fn ownership_token(&self, token: &str) -> Result<Option<CertId>, RegistryError> {
+        let token_hash = super::admin::token_hash(token);
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT certificate_id FROM ownership_tokens WHERE token_hash = $1 AND expires_at > $2")
+                .bind(&token_hash)
+                .bind(now())
+                .fetch_optional(pool)
+                .await?;
+            row.map(|r| CertId::from_str(&r.try_get::<String, _>("certificate_id")?))
+                .transpose()
+        })
+    }
+
+    /// `RegisterThing`: spends the token, gives the certificate its status, makes (or joins)
+    /// the thing, attaches the certificate and the policies — in one transaction, so a refusal
+    /// leaves nothing half-made.
+    pub async fn register_fleet_thing(
+        &self,
+        token: &str,
+        certificate: &CertId,
+        plan: &FleetPlan,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        let token_hash = super::admin::token_hash(token);
+        self.try_register_fleet_thing(&token_hash, certificate, plan, actor)
+            .await
+    }
+
+    /// Records a refused fleet provisioning request (`certificate.provision-refused`, on the
+    /// certificate that asked): what was asked, IoT Core's error code and why.
+    pub async fn record_fleet_refusal(
+        &self,
+        caller: &CertId,
+        call: &str,
+        code: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<(), RegistryError> {
+        let refused = serde_json::json!({"call": call, "code": code, "reason": reason}).to_string();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            audit(&mut *tx, actor, AuditAction::CertificateProvisionRefused, caller.as_str(), None, Some(&refused)).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    async fn try_register_fleet_thing(
+        &self,
+        token_hash: &str,
+        certificate: &CertId,
+        plan: &FleetPlan,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        check_name("thing", &plan.thing_name)?;
+        let attributes = serde_json::to_string(&plan.attributes)
+            .map_err(|e| RegistryError::Invalid(format!("attributes: {e}")))?;
+        let thing = plan.thing_name.as_str();
+        let now = now();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let spent = sqlx::query("DELETE FROM ownership_tokens WHERE token_hash = $1 AND certificate_id = $2 AND expires_at > $3")
+                .bind(token_hash)
+                .bind(certificate.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            if spent.rows_affected() != 1 {
+                return Err(RegistryError::Conflict("the certificate ownership token is unknown, spent or expired".into()));
+            }
+            let activated = sqlx::query("UPDATE certificates SET status = $1, updated_at = $2, version = version + 1 WHERE id = $3 AND status = 'PENDING_ACTIVATION'")
+                .bind(plan.status.as_str())
+                .bind(now)
+                .bind(certificate.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if activated.rows_affected() != 1 {
+                return Err(RegistryError::Conflict(format!("certificate {certificate} is no longer waiting to be registered")));
+            }
+            for policy in &plan.policies {
+                let exists = sqlx::query("SELECT name FROM policies WHERE name = $1")
+                    .bind(policy)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if exists.is_none() {
+                    return Err(RegistryError::Invalid(format!("the template attaches policy '{policy}', which does not exist")));
+                }
+            }
+            let created = sqlx::query("INSERT INTO things (name, attributes, created_at, updated_at, version) VALUES ($1, $2, $3, $3, 1) ON CONFLICT (name) DO NOTHING")
+                .bind(thing)
+                .bind(&attributes)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            if created.rows_affected() == 1 {
+                audit(&mut *tx, actor, AuditAction::ThingCreate, thing, None, Some(&attributes)).await?;
+            } else if !plan.join_existing_thing {
+                return Err(RegistryError::Conflict(format!(
+                    "thing '{thing}' exists already, and the template does not let new certificates join existing things (join_existing_thing)"
+                )));
+            }
+            sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
+                .bind(thing)
+                .bind(certificate.as_str())
+                .bind(i64::from(plan.exclusive))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let attached = serde_json::json!({"certificate_id": certificate, "exclusive": plan.exclusive}).to_string();
+            audit(&mut *tx, actor, AuditAction::ThingAttach, thing, None, Some(&attached)).await?;
+            for policy in &plan.policies {
+                let added = sqlx::query("INSERT INTO policy_attachments (policy, target_type, target, attached_at) VALUES ($1, 'thing', $2, $3) ON CONFLICT DO NOTHING")
+                    .bind(policy)
+                    .bind(thing)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                if added.rows_affected() == 1 {
+                    audit(&mut *tx, actor, AuditAction::PolicyAttach, policy, None, Some(&format!("thing:{thing}"))).await?;
+                }
+            }
+            let row = sqlx::query("SELECT * FROM certificates WHERE id = $1")
+                .bind(certificate.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut record = cert_from_row(&row)?;
+            record.things = vec![thing.to_string()];
+            let summary = serde_json::to_string(&summary_cert(&record)).ok();
+            audit(&mut *tx, actor, AuditAction::CertificateProvision, certificate.as_str(), None, summary.as_deref()).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+    }
+
+    /// Deletes the certificates made for devices whose ownership token expired unspent by
+    /// `now` (seconds since the epoch: the device never registered them): how many.
+    pub async fn sweep_unclaimed_certificates(
+        &self,
+        now: i64,
+        actor: &str,
+    ) -> Result<u64, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT certificate_id FROM ownership_tokens WHERE expires_at <= $1")
+                .bind(now)
+                .fetch_all(pool)
+                .await?;
+            let mut swept = 0;
+            for row in rows {
+                let id: String = row.try_get("certificate_id")?;
+                let mut tx = pool.begin().await?;
+                sqlx::query("DELETE FROM ownership_tokens WHERE certificate_id = $1").bind(&id).execute(&mut *tx).await?;
+                let gone = sqlx::query("DELETE FROM certificates WHERE id = $1 AND status = 'PENDING_ACTIVATION'")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+                if gone.rows_affected() == 1 {
+                    let why = serde_json::json!({"id": id, "reason": "its ownership token expired unspent"}).to_string();
+                    audit(&mut *tx, actor, AuditAction::CertificateDelete, &id, Some(&why), None).await?;
+                    swept += 1;
+                }
+                tx.commit().await?;
+            }
+            Ok(swept)
+        })
+    }
+}
