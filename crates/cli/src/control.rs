@@ -575,8 +575,10 @@ pub enum WebhookCommand {
         url: String,
         /// An event type (repeatable, or comma-separated): certificate.registered,
         /// certificate.pending_activation, certificate.status_changed, certificate.expiring,
-        /// ca.registered, ca.status_changed, ca.expiring, truststore.version_added, and
-        /// mqtt.message (forwarding rules, with --topic-filter).
+        /// ca.registered, ca.status_changed, ca.expiring, truststore.version_added,
+        /// mqtt.message (forwarding rules, with --topic-filter), and
+        /// provisioning.pre_provision (a fleet provisioning template's pre-provisioning hook,
+        /// called before each registration).
         #[arg(long = "event", value_delimiter = ',', required = true)]
         events: Vec<String>,
         /// For *.expiring events: how many days ahead.

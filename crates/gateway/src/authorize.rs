@@ -240,6 +240,27 @@ impl PolicySnapshot {
         bound
     }
 
+    /// Decides a request with [`decide_named`]'s rule for server topics.
+    pub(crate) fn decide_named(
+        &self,
+        leaf: Option<&Certificate>,
+        domain: &str,
+        action: &str,
+        resource: &str,
+        source_ip: IpAddr,
+    ) -> Result<(), String> {
+        let bound = self.bound(leaf, domain);
+        decide_named(
+            &bound,
+            &PolicyRequest {
+                action,
+                resource,
+                source_ip: Some(source_ip),
+                now: now(),
+            },
+        )
+    }
+
     /// Decides a request.
     pub(crate) fn decide(
         &self,
@@ -292,6 +313,36 @@ impl PolicySnapshot {
             "trace": bound.trace(&request),
         })
     }
+}
+
+/// Whether `bound` allows `request`; the reason when not. Server topics (`$…`) need an Allow
+/// statement that names them: one that would also allow a made-up `$` topic (a wildcard such as
+/// `topic:*`) does not count.
+pub(crate) fn decide_named(bound: &Bound, request: &PolicyRequest<'_>) -> Result<(), String> {
+    let decision = bound.decide(request);
+    if !decision.allowed {
+        return Err(decision.reason);
+    }
+    if let Some((kind, rest)) = request.resource.split_once(':')
+        && rest.starts_with('$')
+    {
+        let probe = format!("{kind}:$portcullis-unnamed/probe");
+        let real = bound.trace(request);
+        let unnamed = bound.trace(&PolicyRequest {
+            resource: &probe,
+            ..*request
+        });
+        let named = real.iter().zip(&unnamed).any(|(r, p)| {
+            r.applied && r.statement.effect == portcullis_policy::Effect::Allow && !p.applied
+        });
+        if !named {
+            return Err(format!(
+                "{} is a server topic: a policy must name it, not match it with a wildcard",
+                request.resource
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The name the built-in claim policy is shown with (`explain`, denials).

@@ -545,6 +545,17 @@ pub struct Mapping {
     /// Whether a WebSocket upgrade (decided like any request) becomes a tunnel to the upstream.
     /// No other upgrade ever does.
     pub websocket: bool,
+    /// Answered by the gateway itself instead of an upstream.
+    pub builtin: Option<Builtin>,
+}
+
+/// A service the gateway answers itself on a mapping (`upstream = "builtin:…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    /// Fleet provisioning by claim over HTTPS (`builtin:provisioning`): the MQTT API's calls as
+    /// `POST <base>/certificates/create`, `…/certificates/create-from-csr` and
+    /// `…/provisioning-templates/NAME/provision`.
+    Provisioning,
 }
 
 /// How a mapping authorizes requests beyond the client certificate.
@@ -608,7 +619,20 @@ impl Mapping {
             upstream_tls: None,
             authorization: Authorization::None,
             websocket: true,
+            builtin: None,
         })
+    }
+
+    /// A mapping the gateway answers itself (no upstream is ever contacted).
+    pub fn builtin(
+        base_path: &str,
+        builtin: Builtin,
+        require_client_cert: bool,
+    ) -> Result<Mapping, GatewayError> {
+        let mut mapping = Mapping::new(base_path, "http://builtin.invalid", require_client_cert)?;
+        mapping.builtin = Some(builtin);
+        mapping.websocket = false;
+        Ok(mapping)
     }
 
     /// Sets whether WebSocket upgrades are tunnelled (default: yes).

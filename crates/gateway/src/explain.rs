@@ -181,10 +181,15 @@ impl Explainer {
                         Refusal::UpgradeNotAllowed => {
                             "400: this mapping does not tunnel WebSocket connections".to_string()
                         }
+                        Refusal::Provisioning => format!(
+                            "{path} is fleet provisioning over HTTPS (builtin:provisioning), decided by mqtt:Publish policies on its $aws topic"
+                        ),
                         Refusal::ClaimCertificate => "403 claim-certificate: a claim certificate may only provision a device (MQTT $aws/certificates and $aws/provisioning-templates)".to_string(),
                     };
                     let decision = if matches!(refusal, Refusal::HttpsPublish) {
                         "https-publish"
+                    } else if matches!(refusal, Refusal::Provisioning) {
+                        "provisioning"
                     } else {
                         "deny"
                     };

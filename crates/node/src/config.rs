@@ -586,6 +586,33 @@ fn file_domain(
                 m.base_path
             ),
         };
+        if m.upstream == "builtin:provisioning" {
+            if m.upstream_ca.is_some() || m.upstream_client_cert.is_some() {
+                bail!(
+                    "{}: mapping '{}': builtin:provisioning is answered by the gateway; it takes no upstream_ca or upstream client certificate",
+                    ctx(),
+                    m.base_path
+                );
+            }
+            let mapping = Mapping::builtin(
+                &m.base_path,
+                portcullis_gateway::config::Builtin::Provisioning,
+                require,
+            )
+            .with_context(ctx)?
+            .with_authorization(authorization);
+            mappings.push(mapping);
+            continue;
+        }
+        if let Some(other) = m.upstream.strip_prefix("builtin:")
+            && other != "echo"
+        {
+            bail!(
+                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo or builtin:provisioning",
+                ctx(),
+                m.base_path
+            );
+        }
         let mut mapping = Mapping::new(&m.base_path, &upstream, require)
             .with_context(ctx)?
             .with_authorization(authorization)

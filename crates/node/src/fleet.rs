@@ -194,9 +194,16 @@ impl Fleet {
         let cert = portcullis_pki::Certificate::first_and_rest(stored.pem.as_bytes())
             .map(|(c, _)| c)
             .map_err(internal)?;
+        let mut parameters = parameters.clone();
+        if let Some(hook) = &record.template.pre_provisioning_hook {
+            let overrides = self
+                .pre_provisioning(hook, template, &parameters, &stored, caller)
+                .await?;
+            parameters.extend(overrides);
+        }
         let plan = record
             .template
-            .plan(&cert, parameters)
+            .plan(&cert, &parameters)
             .map_err(|why| FleetError::invalid("InvalidParameters", why))?;
         match self
             .store
@@ -226,6 +233,82 @@ impl Fleet {
         }
     }
 }
+
+impl Fleet {
+    /// Asks the template's pre-provisioning hook (a webhook, signed as deliveries are):
+    /// `{"allowProvisioning": true, "parameterOverrides": {…}}` lets the device register with
+    /// those parameters changed; anything else — a denial, a failure, no answer within 5 s —
+    /// refuses it (fail closed).
+    async fn pre_provisioning(
+        &self,
+        hook: &str,
+        template: &str,
+        parameters: &std::collections::BTreeMap<String, String>,
+        certificate: &portcullis_registry::CertRecord,
+        caller: &CertId,
+    ) -> Result<std::collections::BTreeMap<String, String>, FleetError> {
+        let denied = |why: String| FleetError {
+            status: 403,
+            code: "Forbidden",
+            message: format!("the pre-provisioning hook refused: {why}"),
+        };
+        let subscribed = self
+            .store
+            .webhook(hook)
+            .await
+            .map_err(|e| denied(e.to_string()))?
+            .events
+            .iter()
+            .any(|e| e == PRE_PROVISION);
+        if !subscribed {
+            return Err(denied(format!(
+                "webhook '{hook}' is not subscribed to {PRE_PROVISION}"
+            )));
+        }
+        let (url, secret, ca) = self
+            .store
+            .webhook_target(hook)
+            .await
+            .map_err(|e| denied(e.to_string()))?;
+        let body = json!({
+            "event": PRE_PROVISION,
+            "templateName": template,
+            "parameters": parameters,
+            "certificateId": certificate.id,
+            "certificatePem": certificate.pem,
+            "claimCertificateId": caller,
+        });
+        let answer = portcullis_registry::webhooks::call_hook(
+            &url,
+            &secret,
+            &ca,
+            PRE_PROVISION,
+            &body,
+            HOOK_TIMEOUT,
+        )
+        .await
+        .map_err(denied)?;
+        if answer["allowProvisioning"] != true {
+            return Err(denied("allowProvisioning is not true".into()));
+        }
+        let mut overrides = std::collections::BTreeMap::new();
+        if let Some(map) = answer["parameterOverrides"].as_object() {
+            for (k, v) in map {
+                let Some(v) = v.as_str() else {
+                    return Err(denied(format!("parameter override '{k}' is not a string")));
+                };
+                overrides.insert(k.clone(), v.to_string());
+            }
+        }
+        Ok(overrides)
+    }
+}
+
+/// The event a pre-provisioning hook's webhook subscribes to.
+const PRE_PROVISION: &str = "provisioning.pre_provision";
+
+/// How long a pre-provisioning hook has to answer (IoT Core gives its Lambda 5 s).
+const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl FleetProvisioning for Fleet {
     fn call(

@@ -59,6 +59,11 @@ pub struct FleetTemplate {
     /// another thing, its attributes and its policies, by sending its parameters.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join_existing_thing: bool,
+    /// A webhook (by name) asked before each registration: it answers
+    /// `{"allowProvisioning": true|false, "parameterOverrides": {…}}` within 5 s, or the device
+    /// is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_provisioning_hook: Option<String>,
 }
 
 /// A parameter a device may send.
@@ -139,6 +144,9 @@ impl FleetTemplate {
         }
         for key in self.device_configuration.keys() {
             check_name("device configuration key", key)?;
+        }
+        if let Some(hook) = &self.pre_provisioning_hook {
+            check_name("webhook", hook)?;
         }
         self.status()?;
         Ok(())

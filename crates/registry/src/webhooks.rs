@@ -53,17 +53,16 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 #[derive(Debug)]
 pub struct Dispatcher {
     store: Store,
-    /// HTTPS clients by CA bundle ("" = the system's roots).
-    clients: HashMap<String, HttpsClient>,
 }
+
+/// HTTPS clients by CA bundle ("" = the system's roots), built once per process.
+static CLIENTS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, HttpsClient>>> =
+    std::sync::OnceLock::new();
 
 impl Dispatcher {
     /// A dispatcher over `store`.
     pub fn new(store: Store) -> Dispatcher {
-        Dispatcher {
-            store,
-            clients: HashMap::new(),
-        }
+        Dispatcher { store }
     }
 
     /// Runs until the process ends: fans events out and sends due deliveries every second,
@@ -120,7 +119,7 @@ impl Dispatcher {
             return Ok(());
         }
         for delivery in self.store.claim_due_deliveries(room).await? {
-            let client = self.client(&delivery.ca_pem);
+            let client = client(&delivery.ca_pem);
             inflight.spawn(async move {
                 let outcome = match client {
                     Ok(client) => send(&client, &delivery).await,
@@ -131,45 +130,98 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
 
-    /// The client for a CA bundle, built once.
-    fn client(&mut self, ca_pem: &str) -> Result<HttpsClient, String> {
-        if let Some(c) = self.clients.get(ca_pem) {
-            return Ok(c.clone());
+/// The client for a CA bundle, built once.
+fn client(ca_pem: &str) -> Result<HttpsClient, String> {
+    let cache = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = cache.lock().ok().and_then(|c| c.get(ca_pem).cloned()) {
+        return Ok(c);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    if ca_pem.is_empty() {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
         }
-        let mut roots = rustls::RootCertStore::empty();
-        if ca_pem.is_empty() {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        } else {
-            let certs = portcullis_pki::Certificate::all_from_pem_or_der(ca_pem.as_bytes())
+    } else {
+        let certs = portcullis_pki::Certificate::all_from_pem_or_der(ca_pem.as_bytes())
+            .map_err(|e| format!("the webhook's CA bundle: {e}"))?;
+        for c in certs {
+            roots
+                .add(c.der().clone())
                 .map_err(|e| format!("the webhook's CA bundle: {e}"))?;
-            for c in certs {
-                roots
-                    .add(c.der().clone())
-                    .map_err(|e| format!("the webhook's CA bundle: {e}"))?;
-            }
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        self.clients.insert(ca_pem.to_string(), client.clone());
-        Ok(client)
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(ca_pem.to_string(), client.clone());
+    }
+    Ok(client)
+}
+
+/// A synchronous hook (a fleet provisioning template's pre-provisioning hook): POSTs `body`
+/// to a webhook's URL, signed as deliveries are (event `event`), and answers the JSON of a 2xx
+/// answer; anything else — a timeout, another status, a body that is not JSON — is the error.
+pub async fn call_hook(
+    url: &str,
+    secret: &str,
+    ca_pem: &str,
+    event: &str,
+    body: &Value,
+    within: Duration,
+) -> Result<Value, String> {
+    let client = client(ca_pem)?;
+    let body = body.to_string();
+    let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header(
+            "user-agent",
+            concat!("portcullis-webhook/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("x-portcullis-event", event)
+        .header("x-portcullis-timestamp", timestamp.to_string())
+        .header(
+            "x-portcullis-signature",
+            signature(secret, timestamp, body.as_bytes()),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let attempt = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| one_line_error(&e))?;
+        let status = response.status();
+        let answer = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        serde_json::from_slice::<Value>(&answer).map_err(|e| format!("the answer is not JSON: {e}"))
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {} s", within.as_secs())),
     }
 }
 

@@ -18,6 +18,49 @@ const TEMPLATE: &str = r#"{
   "device_configuration": {"Fallback": "https://fallback.example"}
 }"#;
 
+/// A pre-provisioning hook (Python): checks each call's signature against `hook-secret.txt`,
+/// refuses serial X9, lets others register with Model overridden; prints each call as JSON.
+const HOOK: &str = r#"
+import hashlib, hmac, http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        secret = open("hook-secret.txt").read().strip().encode()
+        ts = self.headers.get("x-portcullis-timestamp", "")
+        want = "v1=" + hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+        valid = hmac.compare_digest(want, self.headers.get("x-portcullis-signature", ""))
+        call = json.loads(body)
+        print(json.dumps({"valid": valid, "event": self.headers.get("x-portcullis-event"),
+                          "call": call}), flush=True)
+        if not valid:
+            answer = {"allowProvisioning": False}
+        elif call["parameters"].get("SerialNumber") == "X9":
+            answer = {"allowProvisioning": False}
+        else:
+            answer = {"allowProvisioning": True, "parameterOverrides": {"Model": "hooked"}}
+        out = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// A child process killed when dropped (a failing test leaves nothing running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 const DEVICES: &str = r#"{"Statement": [
   {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:${thing:Name}"},
   {"Effect": "Allow", "Action": "mqtt:Publish", "Resource": "topic:devices/${thing:Name}/*"}]}"#;
@@ -52,7 +95,8 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
          [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
          [domain.mtls]\nmode = \"required\"\ntruststore = \"trust.pem\"\n\
-         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+         [[domain.mapping]]\nbase_path = \"/provisioning\"\nupstream = \"builtin:provisioning\"\n";
     let s = Server::start(d, config);
 
     std::fs::write(d.join("devices.json"), DEVICES).unwrap();
@@ -116,7 +160,13 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     let claim_id = claim["id"].as_str().unwrap().to_string();
     let marked = cli_json(
         d,
-        &["cert", "claim", &claim_id, "--templates", "factory,retired"],
+        &[
+            "cert",
+            "claim",
+            &claim_id,
+            "--templates",
+            "factory,retired,hooked",
+        ],
     );
     assert_eq!(marked["claim_templates"][0], "factory", "{marked}");
     wait_for_snapshot(d, &s);
@@ -210,9 +260,272 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     let pending = cli_json(d, &["cert", "list", "--status", "PENDING_ACTIVATION"]);
     assert_eq!(pending["items"].as_array().unwrap().len(), 0, "{pending}");
 
+    // The same over HTTPS (builtin:provisioning), for devices without MQTT: the MQTT API's
+    // payloads, the rejection's status.
+    let made = run(
+        &openssl,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "web.key",
+            "-out",
+            "web.csr",
+            "-subj",
+            "/CN=sensor-C3",
+        ],
+        d,
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let csr = std::fs::read_to_string(d.join("web.csr")).unwrap();
+    std::fs::write(
+        d.join("csr.json"),
+        serde_json::json!({"certificateSigningRequest": csr}).to_string(),
+    )
+    .unwrap();
+    let post = |path: &str, file: &str, who: &str, key: &str| {
+        let r = curl_port(
+            d,
+            s.ports[1],
+            "localhost",
+            path,
+            &[
+                "--cert",
+                who,
+                "--key",
+                key,
+                "-X",
+                "POST",
+                "--data-binary",
+                &format!("@{file}"),
+                "-H",
+                "content-type: application/json",
+            ],
+        );
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap();
+        let code = status.split_whitespace().next().unwrap().to_string();
+        (
+            code,
+            serde_json::from_str::<serde_json::Value>(body).unwrap_or_default(),
+        )
+    };
+    let (code, created) = post(
+        "/provisioning/certificates/create-from-csr",
+        "csr.json",
+        "claim-1.chain.pem",
+        "claim-1.key",
+    );
+    assert_eq!(code, "200", "{created}");
+    let token = created["certificateOwnershipToken"].as_str().unwrap();
+    std::fs::write(
+        d.join("register.json"),
+        serde_json::json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "C3"}})
+            .to_string(),
+    )
+    .unwrap();
+    let register = "/provisioning/provisioning-templates/factory/provision";
+    let (code, thing) = post(
+        register,
+        "register.json",
+        "claim-1.chain.pem",
+        "claim-1.key",
+    );
+    assert_eq!(
+        (code.as_str(), &thing["thingName"]),
+        ("200", &serde_json::json!("sensor-C3")),
+        "{thing}"
+    );
+    let (code, again) = post(
+        register,
+        "register.json",
+        "claim-1.chain.pem",
+        "claim-1.key",
+    );
+    assert_eq!(code, "400", "{again}");
+    assert_eq!(
+        again["errorCode"], "InvalidCertificateOwnershipToken",
+        "{again}"
+    );
+    // CSRs the registry would misread or that are weak are refused in IoT Core's terms.
+    for (args, why) in [
+        (
+            vec![
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-subj",
+                "/CN=dev*",
+            ],
+            "separator",
+        ),
+        (vec!["-newkey", "rsa:1024", "-subj", "/CN=weak"], "key"),
+    ] {
+        let mut all = vec![
+            "req", "-new", "-nodes", "-keyout", "bad.key", "-out", "bad.csr",
+        ];
+        all.extend(args);
+        assert_eq!(run(&openssl, &all, d).code, 0);
+        let csr = std::fs::read_to_string(d.join("bad.csr")).unwrap();
+        std::fs::write(
+            d.join("bad.json"),
+            serde_json::json!({"certificateSigningRequest": csr}).to_string(),
+        )
+        .unwrap();
+        let (code, refused) = post(
+            "/provisioning/certificates/create-from-csr",
+            "bad.json",
+            "claim-1.chain.pem",
+            "claim-1.key",
+        );
+        assert_eq!(code, "400", "{why}: {refused}");
+        assert_eq!(refused["errorCode"], "InvalidCsr", "{why}: {refused}");
+    }
+    // A device's own certificate has no policy naming the provisioning topics.
+    let (code, denied) = post(
+        "/provisioning/certificates/create",
+        "csr.json",
+        "device.pem",
+        "device.key",
+    );
+    assert_eq!(code, "403", "{denied}");
+
+    // A pre-provisioning hook (a webhook subscribed to provisioning.pre_provision) is asked
+    // before each registration, signed: it may refuse, or change parameters.
+    let mut hook = Killed(
+        std::process::Command::new(&python)
+            .args(["-c", HOOK])
+            .current_dir(d)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, calls) = std::sync::mpsc::channel::<String>();
+    let out = std::io::BufReader::new(hook.0.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let hook_port: u16 = calls
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let created = cli_json(
+        d,
+        &[
+            "webhook",
+            "create",
+            "gatekeeper",
+            "--url",
+            &format!("http://127.0.0.1:{hook_port}/hook"),
+            "--event",
+            "provisioning.pre_provision",
+        ],
+    );
+    std::fs::write(
+        d.join("hook-secret.txt"),
+        created["secret"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut hooked: serde_json::Value = serde_json::from_str(TEMPLATE).unwrap();
+    hooked["pre_provisioning_hook"] = "gatekeeper".into();
+    std::fs::write(d.join("hooked.json"), hooked.to_string()).unwrap();
+    cli(
+        d,
+        &[
+            "provisioning-template",
+            "create",
+            "hooked",
+            "--file",
+            "hooked.json",
+        ],
+    )
+    .ok();
+    let register_hooked = |serial: &str| {
+        let made = run(
+            &openssl,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "h.key",
+                "-out",
+                "h.csr",
+                "-subj",
+                "/CN=hooked",
+            ],
+            d,
+        );
+        assert_eq!(made.code, 0, "{}", made.stderr);
+        let csr = std::fs::read_to_string(d.join("h.csr")).unwrap();
+        std::fs::write(
+            d.join("h.json"),
+            serde_json::json!({"certificateSigningRequest": csr}).to_string(),
+        )
+        .unwrap();
+        let (_, created) = post(
+            "/provisioning/certificates/create-from-csr",
+            "h.json",
+            "claim-1.chain.pem",
+            "claim-1.key",
+        );
+        std::fs::write(
+            d.join("hr.json"),
+            serde_json::json!({"certificateOwnershipToken": created["certificateOwnershipToken"],
+                               "parameters": {"SerialNumber": serial}})
+            .to_string(),
+        )
+        .unwrap();
+        let answer = post(
+            "/provisioning/provisioning-templates/hooked/provision",
+            "hr.json",
+            "claim-1.chain.pem",
+            "claim-1.key",
+        );
+        let line = calls
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("the hook was not called: {answer:?}"));
+        let call: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(call["valid"], true, "the hook's signature: {call}");
+        assert_eq!(call["event"], "provisioning.pre_provision", "{call}");
+        assert_eq!(call["call"]["parameters"]["SerialNumber"], serial, "{call}");
+        answer
+    };
+    let (code, thing) = register_hooked("D4");
+    assert_eq!(code, "200", "{thing}");
+    let t = cli_json(d, &["thing", "describe", "sensor-D4"]);
+    assert_eq!(
+        t["attributes"]["model"], "hooked",
+        "the hook's override: {t}"
+    );
+    let (code, refused) = register_hooked("X9");
+    assert_eq!(code, "403", "{refused}");
+    assert!(
+        refused["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("pre-provisioning hook"),
+        "{refused}"
+    );
+    assert!(cli(d, &["thing", "describe", "sensor-X9"]).code != 0);
+    drop(hook);
+
     // The claim certificate made ordinary again may not provision any more.
     let cleared = cli_json(d, &["cert", "claim", &claim_id, "--clear"]);
     assert!(cleared.get("claim_templates").is_none(), "{cleared}");
     let listed = cli_json(d, &["provisioning-template", "list"]);
-    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3, "{listed}");
 }

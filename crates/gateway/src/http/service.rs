@@ -156,6 +156,27 @@ pub(crate) async fn request(
                         None,
                     )
                 }
+                Refusal::Provisioning => {
+                    let base = index
+                        .map(|i| domain.config.mappings[i].base_path.as_str())
+                        .unwrap_or_default();
+                    let rest = path.strip_prefix(base).unwrap_or(&path).to_string();
+                    let response = match &ctx.verdict {
+                        ClientVerdict::Valid(chain) if !chain.is_empty() => {
+                            crate::fleet::https(
+                                req,
+                                &chain[0],
+                                &rest,
+                                &domain.tls.verifier,
+                                &domain.config,
+                                ctx.peer,
+                            )
+                            .await
+                        }
+                        _ => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
+                    };
+                    return finish(&ctx, started, name, method, path, None, response);
+                }
                 Refusal::ClaimCertificate => {
                     denied = Some("claim-certificate".to_string());
                     error_response(

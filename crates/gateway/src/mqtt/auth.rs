@@ -61,33 +61,15 @@ impl SessionAuth {
     /// `$` topic (a wildcard such as `topic:*`) does not count.
     pub(super) fn decide(&self, action: &str, resource: &str) -> Result<(), String> {
         let bound = self.bound();
-        let now = crate::authorize::now();
-        let request = |resource| PolicyRequest {
-            action,
-            resource,
-            source_ip: Some(self.0.peer),
-            now,
-        };
-        let decision = bound.decide(&request(resource));
-        if !decision.allowed {
-            return Err(decision.reason);
-        }
-        if let Some((kind, rest)) = resource.split_once(':')
-            && rest.starts_with('$')
-        {
-            let probe = format!("{kind}:$portcullis-unnamed/probe");
-            let real = bound.trace(&request(resource));
-            let unnamed = bound.trace(&request(&probe));
-            let named = real.iter().zip(&unnamed).any(|(r, p)| {
-                r.applied && r.statement.effect == portcullis_policy::Effect::Allow && !p.applied
-            });
-            if !named {
-                return Err(format!(
-                    "{resource} is a server topic: a policy must name it, not match it with a wildcard"
-                ));
-            }
-        }
-        Ok(())
+        crate::authorize::decide_named(
+            &bound,
+            &PolicyRequest {
+                action,
+                resource,
+                source_ip: Some(self.0.peer),
+                now: crate::authorize::now(),
+            },
+        )
     }
 }
 

@@ -24,6 +24,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "ca.expiring",
     "truststore.version_added",
     "mqtt.message",
+    "provisioning.pre_provision",
 ];
 
 /// Attempts before a delivery is marked failed.
@@ -402,6 +403,30 @@ impl Store {
     }
 
     /// A webhook, by id or name.
+    /// Where a webhook is called and how it is signed: (URL, secret, CA bundle or ""), for a
+    /// synchronous hook; `Invalid` when the webhook is disabled.
+    pub async fn webhook_target(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(String, String, String), RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT url, secret, ca_pem, enabled FROM webhooks WHERE id = $1 OR name = $1")
+                .bind(id_or_name)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(format!("webhook '{id_or_name}'")))?;
+            if row.try_get::<i64, _>("enabled")? == 0 {
+                return Err(RegistryError::Invalid(format!("webhook '{id_or_name}' is disabled")));
+            }
+            Ok((
+                row.try_get("url")?,
+                row.try_get("secret")?,
+                row.try_get("ca_pem")?,
+            ))
+        })
+    }
+
+    /// A webhook by id or name.
     pub async fn webhook(&self, id_or_name: &str) -> Result<Webhook, RegistryError> {
         with_pool!(self, pool => {
             let row = sqlx::query("SELECT * FROM webhooks WHERE id = $1 OR name = $1")
