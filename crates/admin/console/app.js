@@ -540,6 +540,65 @@ async function policy(name) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Fleet provisioning templates
+
+const EXAMPLE_TEMPLATE = JSON.stringify({
+  thing_name: "sensor-${param:SerialNumber}",
+  attributes: { serial: "${param:SerialNumber}" },
+  parameters: { SerialNumber: { max_length: 32 } },
+  policies: [],
+  device_configuration: {},
+}, null, 2);
+
+async function provisioning() {
+  const list = await api("GET", "/v1/provisioning-templates");
+  const name = h("input", { name: "name", required: true, placeholder: "factory" });
+  const description = h("input", { name: "description", size: 40, placeholder: "Sensors from line 7" });
+  const doc = h("textarea", { name: "template", rows: 12, cols: 80, spellcheck: "false" });
+  doc.value = EXAMPLE_TEMPLATE;
+  const err = h("p.error", { id: "template-error" });
+  const create = h("form", {
+    id: "new-template",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      const parsed = parseDocument(doc.value);
+      if (parsed.error) { err.textContent = parsed.error; return; }
+      try {
+        await api("POST", "/v1/provisioning-templates", { name: name.value, description: description.value, template: parsed.doc });
+        flash("Template created: " + name.value);
+        route();
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, h("div.inline", {}, h("label", {}, "Name", name), h("label", {}, "Description", description)),
+  h("label", {}, "Template", doc), err, h("button", { type: "submit", text: "Create template" }));
+  const toggle = (t) => h("button", {
+    type: "button",
+    class: "small",
+    text: t.enabled ? "Disable" : "Enable",
+    onclick: async () => {
+      try {
+        await api("PATCH", "/v1/provisioning-templates/" + encodeURIComponent(t.name), { enabled: !t.enabled });
+        flash(`${t.name} ${t.enabled ? "disabled" : "enabled"}`);
+        route();
+      } catch (x) { flash(x.message, true); }
+    },
+  });
+  show(
+    h("h1", { text: "Fleet provisioning" }),
+    h("p.muted", { text: "Devices holding a claim certificate (portcullis cert claim ID --templates NAME, or a claim CA) ask for their own certificate over IoT Core's MQTT API and register it under one of these templates. See docs/lifecycle.md." }),
+    tableOf("templates", ["Name", "State", "Thing name", "Policies", "Description", ""], list.items.map((t) => h("tr", {},
+      h("td.mono", { text: t.name }),
+      h("td", {}, statusCell(t.enabled ? "ACTIVE" : "INACTIVE")),
+      h("td.mono", { text: t.template.thing_name }),
+      h("td", { text: (t.template.policies || []).join(", ") || "—" }),
+      h("td", { text: t.description || "" }),
+      h("td", {}, toggle(t)))), "No provisioning templates yet."),
+    h("h2", { text: "New template" }),
+    create);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Things
 
 function tableOf(id, head, rows, empty) {
@@ -1009,6 +1068,7 @@ async function route() {
     else if (path === "/webhooks") await webhooks();
     else if (path === "/policies") await policies();
     else if (path.startsWith("/policies/")) await policy(decodeURIComponent(path.slice("/policies/".length)));
+    else if (path === "/provisioning") await provisioning();
     else if (path === "/explain") await explain();
     else show(h("h1", { text: "Not found" }), h("p", {}, h("a", { href: "#/", text: "Dashboard" })));
   } catch (x) {

@@ -80,6 +80,9 @@ pub(super) struct UpdateCa {
     provisioning_template: Option<Option<Value>>,
     #[serde(default)]
     revoke_issued: bool,
+    /// Make it a claim CA for these provisioning templates (`null`: no longer one).
+    #[serde(default, deserialize_with = "double_option")]
+    claim_templates: Option<Option<Vec<String>>>,
 }
 
 pub(super) async fn update_ca(
@@ -96,6 +99,7 @@ pub(super) async fn update_ca(
             .map(|t| t.as_ref().map(ProvisioningTemplate::from_json).transpose())
             .transpose()?,
         revoke_issued: req.revoke_issued,
+        claim_templates: req.claim_templates,
     };
     let (record, revoked) = api
         .store

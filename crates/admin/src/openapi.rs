@@ -508,7 +508,9 @@ fn core_schemas() -> Value {
         "UpdateCa": {"type": "object", "additionalProperties": false, "properties": {
             "status": {"enum": ["ACTIVE", "INACTIVE"]}, "auto_registration": s("boolean"),
             "provisioning_template": {"oneOf": [{"$ref": "#/components/schemas/ProvisioningTemplate"}, s("null")]},
-            "revoke_issued": s("boolean")}},
+            "revoke_issued": s("boolean"),
+            "claim_templates": {"oneOf": [{"type": "array", "items": s("string"), "minItems": 1}, s("null")],
+                "description": "Make it a claim CA: every certificate it issues may only provision devices under these templates"}}},
         "Enrollment": {"type": "object", "required": ["common_name", "password"], "additionalProperties": false, "properties": {
             "common_name": s("string"), "days": s("integer"), "password": s("string"),
             "allow_separators": s("boolean"),

@@ -73,6 +73,13 @@ pub struct CaUpdateArgs {
     /// Also revoke every certificate the CA issued.
     #[arg(long)]
     revoke_issued: bool,
+    /// Make it a claim CA: every certificate it issues may only provision devices under these
+    /// fleet provisioning templates (comma-separated), registered or not.
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_claim")]
+    claim_templates: Vec<String>,
+    /// Make it an ordinary CA again.
+    #[arg(long)]
+    no_claim: bool,
 }
 
 /// `portcullis cert …`
@@ -961,7 +968,7 @@ fn pem_text(path: &Path, what: &str) -> Result<String> {
 
 fn ca_text(v: &Value) -> String {
     format!(
-        "{}  {}  {}{}{}\n  subject: {}\n  expires: {}{}",
+        "{}  {}  {}{}{}{}\n  subject: {}\n  expires: {}{}",
         s(&v["id"]),
         s(&v["status"]),
         if v["verified"] == true {
@@ -978,6 +985,13 @@ fn ca_text(v: &Value) -> String {
             ", provisioning template"
         } else {
             ""
+        },
+        match v["claim_templates"].as_array() {
+            Some(t) => format!(
+                ", claim CA for {}",
+                t.iter().map(s).collect::<Vec<_>>().join(", ")
+            ),
+            None => String::new(),
         },
         s(&v["subject"]),
         when(&v["not_after"]),
@@ -1093,9 +1107,15 @@ async fn ca(client: &AdminClient, out: &Printer, command: CaCommand) -> Result<E
             if a.revoke_issued {
                 body.insert("revoke_issued".into(), json!(true));
             }
+            if !a.claim_templates.is_empty() {
+                body.insert("claim_templates".into(), json!(a.claim_templates));
+            }
+            if a.no_claim {
+                body.insert("claim_templates".into(), Value::Null);
+            }
             if body.is_empty() {
                 bail!(
-                    "nothing to change: give --status, --auto-register, --template, --no-template or --revoke-issued"
+                    "nothing to change: give --status, --auto-register, --template, --no-template, --revoke-issued, --claim-templates or --no-claim"
                 );
             }
             let v = client

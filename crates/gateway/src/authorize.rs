@@ -30,8 +30,18 @@ pub struct PolicySnapshot {
     /// Claim certificates: the templates each may use and the built-in policy they get
     /// instead of any attached one.
     claims: HashMap<String, (Vec<String>, Option<Arc<Policy>>)>,
+    /// Claim CAs: every certificate each issues is a claim certificate for its templates.
+    claim_cas: Vec<ClaimCa>,
     /// Bound policies per (certificate id, domain): valid for this snapshot only.
     cache: Mutex<HashMap<(String, String), Arc<Bound>>>,
+}
+
+/// A claim CA: every certificate it issues gets its built-in claim policy.
+#[derive(Debug)]
+struct ClaimCa {
+    ca: Certificate,
+    templates: Vec<String>,
+    policy: Option<Arc<Policy>>,
 }
 
 /// Bound sets kept per snapshot before the cache starts over.
@@ -51,11 +61,41 @@ impl PolicySnapshot {
             .insert(certificate_id.to_string(), (templates, policy));
     }
 
-    /// The templates a claim certificate may use; `None` for any other certificate.
-    pub fn claim_templates(&self, certificate_id: &str) -> Option<&[String]> {
-        self.claims
-            .get(certificate_id)
-            .map(|(templates, _)| templates.as_slice())
+    /// Makes `ca` a claim CA for `templates`: every certificate it issues is a claim
+    /// certificate, registered or not.
+    pub fn set_claim_ca(&mut self, ca: Certificate, templates: Vec<String>) {
+        let policy = claim_policy(&templates).map(Arc::new);
+        self.claim_cas.push(ClaimCa {
+            ca,
+            templates,
+            policy,
+        });
+    }
+
+    /// The templates a claim certificate may use (marked itself, or issued by a claim CA);
+    /// `None` for any other certificate.
+    pub fn claim_templates(&self, leaf: &Certificate) -> Option<&[String]> {
+        self.claim(leaf).map(|(templates, _)| templates)
+    }
+
+    /// Whether a claim CA issued `leaf` (admitted unregistered: its policy is the claim's).
+    pub(crate) fn claim_ca_issued(&self, leaf: &Certificate) -> bool {
+        self.claim_ca_of(leaf).is_some()
+    }
+
+    fn claim(&self, leaf: &Certificate) -> Option<(&[String], Option<&Arc<Policy>>)> {
+        if let Some((templates, policy)) = self.claims.get(&leaf.info().id) {
+            return Some((templates, policy.as_ref()));
+        }
+        self.claim_ca_of(leaf)
+            .map(|c| (c.templates.as_slice(), c.policy.as_ref()))
+    }
+
+    fn claim_ca_of(&self, leaf: &Certificate) -> Option<&ClaimCa> {
+        // The name first (cheap); the signature only for a CA whose subject is the issuer.
+        self.claim_cas
+            .iter()
+            .find(|c| c.ca.info().subject == leaf.info().issuer && leaf.is_signed_by(&c.ca))
     }
 
     /// Adds a policy (its default version).
@@ -158,22 +198,15 @@ impl PolicySnapshot {
         leaf: Option<&Certificate>,
         domain: &str,
     ) -> Vec<(PolicyRef, Arc<Policy>, String)> {
-        if let Some((_, policy)) = leaf.and_then(|l| self.claims.get(&l.info().id)) {
+        if let Some((_, policy)) = leaf.and_then(|l| self.claim(l)) {
             let r = PolicyRef {
                 name: CLAIM_POLICY.to_string(),
                 version: 1,
             };
             // Without its built-in policy (it failed to compile), a claim gets none: denied.
             return policy
-                .iter()
-                .map(|p| {
-                    (
-                        r.clone(),
-                        p.clone(),
-                        "the certificate (a claim)".to_string(),
-                    )
-                })
-                .collect();
+                .map(|p| vec![(r, Arc::clone(p), "the certificate (a claim)".to_string())])
+                .unwrap_or_default();
         }
         let targets = self.with_subject(leaf, |subject| context::targets(subject, Some(domain)));
         context::applicable(&targets, |t| {

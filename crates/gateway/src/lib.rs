@@ -16,7 +16,8 @@
 //! - `http`: `context` (what a request handler knows), `inbound` (screening), `decide` (the
 //!   one decision on a request: Host, path, mapping, certificate, policy — run by the fast
 //!   path, the hyper path and [`explain`]), `fast` (the HTTP/1.1 fast path), `service` (the
-//!   hyper path), `proxy`, `identity`, `access_log`, `respond`, `route`, `h2guard`;
+//!   hyper path), `proxy`, `identity`, `access_log`, `respond`, `route`, `h2guard`,
+//!   `provisioning` (fleet provisioning over HTTPS, `builtin:provisioning`);
 //! - [`authorize`]: policies compiled for the data path; `mqtt`: MQTT connections on the
 //!   `portcullis-mqtt` broker (`session`, `auth`, `publish`); `recheck`: what a connection was
 //!   admitted under, checked again.

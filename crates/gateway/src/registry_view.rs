@@ -394,6 +394,10 @@ impl RegistryView {
         if refusal.0 != RegistryReason::Unregistered {
             return RegistryDecision::Refuse(refusal.0, refusal.1);
         }
+        // A claim CA's certificates need no registration: their only policy is the claim's.
+        if snapshot.policies().claim_ca_issued(leaf) {
+            return RegistryDecision::Admit;
+        }
         let Some(auto) = snapshot.jit_issuer(leaf) else {
             return RegistryDecision::Refuse(refusal.0, refusal.1);
         };

@@ -471,6 +471,18 @@ async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize:
     use portcullis_gateway::authorize::{PolicySnapshot, PolicyTarget};
     let state = store.policy_state().await.context("reading the policies")?;
     let claims = store.claims().await.context("reading the claims")?;
+    let claim_cas: Vec<(Certificate, Vec<String>)> = store
+        .list_cas()
+        .await
+        .context("reading the CAs")?
+        .into_iter()
+        .filter(|ca| ca.status == portcullis_registry::CaStatus::Active)
+        .filter_map(|ca| {
+            let templates = ca.claim_templates?;
+            let (cert, _) = Certificate::first_and_rest(ca.pem.as_bytes()).ok()?;
+            Some((cert, templates))
+        })
+        .collect();
     let mut snapshot = PolicySnapshot::new();
     let mut compiled = COMPILED
         .lock()
@@ -514,6 +526,9 @@ async fn policy_snapshot(store: &Store) -> Result<portcullis_gateway::authorize:
     }
     for (certificate, templates) in claims {
         snapshot.set_claim(certificate.as_str(), templates);
+    }
+    for (ca, templates) in claim_cas {
+        snapshot.set_claim_ca(ca, templates);
     }
     Ok(snapshot)
 }

@@ -142,6 +142,10 @@ pub struct CaRecord {
     pub auto_registration: bool,
     /// Whether it was registered with proof of possession.
     pub verified: bool,
+    /// A claim CA: every certificate it issues may only provision devices under these
+    /// fleet provisioning templates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_templates: Option<Vec<String>>,
     /// notAfter, seconds since the epoch.
     pub not_after: i64,
     /// When it was registered.

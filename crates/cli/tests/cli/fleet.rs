@@ -76,6 +76,9 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     root(d);
     intermediate(d, "int", "root");
     leaf(d, "client", "claim-1", "int", &[]);
+    // A factory CA whose every certificate is a claim (registered or not).
+    intermediate(d, "factory", "root");
+    leaf(d, "client", "claim-2", "factory", &[]);
     // The local CA exists before the node starts, so the domain can trust what it issues.
     portcullis(
         d,
@@ -522,6 +525,51 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     );
     assert!(cli(d, &["thing", "describe", "sensor-X9"]).code != 0);
     drop(hook);
+
+    // A claim CA: its certificates provision without being registered, and nothing else.
+    let ca = cli_json(
+        d,
+        &[
+            "ca",
+            "register",
+            "--cert",
+            "factory/ca.pem",
+            "--no-verification",
+            "--activate",
+        ],
+    );
+    let ca_id = ca["id"].as_str().unwrap().to_string();
+    let unregistered = post(
+        "/provisioning/certificates/create-from-csr",
+        "csr.json",
+        "claim-2.chain.pem",
+        "claim-2.key",
+    );
+    assert_eq!(
+        unregistered.0, "000",
+        "not a claim yet: refused in the handshake"
+    );
+    let marked = cli_json(d, &["ca", "update", &ca_id, "--claim-templates", "factory"]);
+    assert_eq!(marked["claim_templates"][0], "factory", "{marked}");
+    wait_for_snapshot(d, &s);
+    let (code, created) = post(
+        "/provisioning/certificates/create-from-csr",
+        "csr.json",
+        "claim-2.chain.pem",
+        "claim-2.key",
+    );
+    assert_eq!(
+        code, "200",
+        "a claim CA's certificate provisions: {created}"
+    );
+    let r = curl_port(
+        d,
+        s.ports[1],
+        "localhost",
+        "/",
+        &["--cert", "claim-2.chain.pem", "--key", "claim-2.key"],
+    );
+    assert!(r.stdout.contains("claim-certificate"), "{}", r.stdout);
 
     // The claim certificate made ordinary again may not provision any more.
     let cleared = cli_json(d, &["cert", "claim", &claim_id, "--clear"]);

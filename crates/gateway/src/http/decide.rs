@@ -211,7 +211,7 @@ pub(crate) fn admit(
             .verifier
             .registry_snapshot()
             .policies()
-            .claim_templates(&leaf.info().id)
+            .claim_templates(leaf)
             .is_some()
     {
         return refuse(Refusal::ClaimCertificate);

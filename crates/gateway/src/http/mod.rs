@@ -11,6 +11,7 @@ pub(crate) mod fast;
 pub(crate) mod h2guard;
 pub(crate) mod identity;
 pub(crate) mod inbound;
+pub(crate) mod provisioning;
 pub(crate) mod proxy;
 pub(crate) mod respond;
 pub(crate) mod route;

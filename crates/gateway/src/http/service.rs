@@ -163,7 +163,7 @@ pub(crate) async fn request(
                     let rest = path.strip_prefix(base).unwrap_or(&path).to_string();
                     let response = match &ctx.verdict {
                         ClientVerdict::Valid(chain) if !chain.is_empty() => {
-                            crate::fleet::https(
+                            super::provisioning::answer(
                                 req,
                                 &chain[0],
                                 &rest,

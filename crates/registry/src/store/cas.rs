@@ -41,6 +41,8 @@ pub struct CaUpdate {
     pub provisioning_template: Option<Option<ProvisioningTemplate>>,
     /// Also revoke every certificate the CA issued (with status INACTIVE).
     pub revoke_issued: bool,
+    /// Make it a claim CA for these templates (`Some(None)`: no longer one).
+    pub claim_templates: Option<Option<Vec<String>>>,
 }
 
 fn ca_from_row<R: Row>(row: &R) -> Result<CaRecord, RegistryError>
@@ -63,6 +65,9 @@ where
         status: CaStatus::from_str(&row.try_get::<String, _>("status")?)?,
         auto_registration: row.try_get::<i64, _>("auto_registration")? != 0,
         verified: row.try_get::<i64, _>("verified")? != 0,
+        claim_templates: row
+            .try_get::<Option<String>, _>("claim_templates")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
         not_after: row.try_get("not_after")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -75,6 +80,7 @@ fn summary_ca(ca: &CaRecord) -> serde_json::Value {
     serde_json::json!({
         "id": ca.id, "subject": ca.subject, "status": ca.status,
         "auto_registration": ca.auto_registration, "verified": ca.verified, "version": ca.version,
+        "claim_templates": ca.claim_templates,
         "provisioning_template": ca.provisioning_template,
     })
 }
@@ -170,6 +176,7 @@ impl Store {
             status,
             auto_registration,
             verified,
+            claim_templates: None,
             not_after: info.not_after_unix(),
             created_at: now,
             updated_at: now,
@@ -233,6 +240,16 @@ impl Store {
         if let Some(Some(t)) = &update.provisioning_template {
             t.check()?;
         }
+        if let Some(Some(names)) = &update.claim_templates {
+            if names.is_empty() {
+                return Err(RegistryError::Invalid(
+                    "a claim CA names at least one provisioning template".into(),
+                ));
+            }
+            for n in names {
+                crate::names::check_name("provisioning template", n)?;
+            }
+        }
         loop {
             let before = self.ca(id).await?;
             let mut after = before.clone();
@@ -241,6 +258,15 @@ impl Store {
             if let Some(t) = &update.provisioning_template {
                 after.provisioning_template = t.clone();
             }
+            if let Some(c) = &update.claim_templates {
+                after.claim_templates = c.clone();
+            }
+            let claim_json = after
+                .claim_templates
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| RegistryError::Invalid(format!("claim templates: {e}")))?;
             after.updated_at = now();
             after.version = before.version + 1;
             let template_json = after
@@ -256,7 +282,7 @@ impl Store {
             let written = with_pool!(self, pool => {
                 let mut tx = pool.begin().await?;
                 let done = sqlx::query(
-                    "UPDATE cas SET status = $1, auto_registration = $2, provisioning_template = $3, updated_at = $4, version = version + 1 WHERE id = $5 AND version = $6",
+                    "UPDATE cas SET status = $1, auto_registration = $2, provisioning_template = $3, updated_at = $4, version = version + 1, claim_templates = $7 WHERE id = $5 AND version = $6",
                 )
                 .bind(after.status.as_str())
                 .bind(i64::from(after.auto_registration))
@@ -264,6 +290,7 @@ impl Store {
                 .bind(after.updated_at)
                 .bind(id.as_str())
                 .bind(before.version)
+                .bind(&claim_json)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 1 {

@@ -256,6 +256,23 @@ with sync_playwright() as p:
     expect(page.locator("#thing-certificates")).to_contain_text(kiosk)
     check(True, "a thing is created with attributes and a certificate attached")
 
+    # Fleet provisioning: a template created from the example, then disabled.
+    page.click("#nav >> text=Provisioning")
+    page.fill("#new-template input[name=name]", "line-7")
+    page.fill("#new-template input[name=description]", "sensors from line 7")
+    page.click("text=Create template")
+    row = page.locator("#templates tr", has_text="line-7")
+    expect(row).to_contain_text("sensor-${param:SerialNumber}")
+    expect(row.locator(".status-ACTIVE")).to_be_visible()
+    row.locator("button:text-is('Disable')").click()
+    expect(page.locator("#templates tr", has_text="line-7").locator(".status-INACTIVE")).to_be_visible()
+    page.fill("#new-template input[name=name]", "broken")
+    page.fill("#new-template textarea[name=template]", '{"thing_name": "x-${param:Nope}"}')
+    page.click("text=Create template")
+    expect(page.locator("#template-error")).to_contain_text("not declared")
+    page.screenshot(path=artifacts + "/console-provisioning.png", full_page=True)
+    check(True, "a provisioning template is created, disabled, and a bad one refused with the reason")
+
     # Truststores: an oversized file is refused by the page with a clear message; then create,
     # add a version, preview its impact.
     page.click("#nav >> text=Truststores")
