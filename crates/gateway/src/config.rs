@@ -556,6 +556,10 @@ pub enum Builtin {
     /// `POST <base>/certificates/create`, `…/certificates/create-from-csr` and
     /// `…/provisioning-templates/NAME/provision`.
     Provisioning,
+    /// Enrollment over Secure Transport (RFC 7030, `builtin:est`): `cacerts`, `simpleenroll`
+    /// (bootstrapped by a claim certificate, the template as the CA label),
+    /// `simplereenroll` (the current certificate renews itself) and `csrattrs`.
+    Est,
 }
 
 /// How a mapping authorizes requests beyond the client certificate.

@@ -181,15 +181,18 @@ impl Explainer {
                         Refusal::UpgradeNotAllowed => {
                             "400: this mapping does not tunnel WebSocket connections".to_string()
                         }
-                        Refusal::Provisioning => format!(
+                        Refusal::Builtin(crate::config::Builtin::Provisioning) => format!(
                             "{path} is fleet provisioning over HTTPS (builtin:provisioning), decided by mqtt:Publish policies on its $aws topic"
+                        ),
+                        Refusal::Builtin(crate::config::Builtin::Est) => format!(
+                            "{path} is EST enrollment (builtin:est): claim certificates enroll, registered certificates re-enroll"
                         ),
                         Refusal::ClaimCertificate => "403 claim-certificate: a claim certificate may only provision a device (MQTT $aws/certificates and $aws/provisioning-templates)".to_string(),
                     };
                     let decision = if matches!(refusal, Refusal::HttpsPublish) {
                         "https-publish"
-                    } else if matches!(refusal, Refusal::Provisioning) {
-                        "provisioning"
+                    } else if matches!(refusal, Refusal::Builtin(_)) {
+                        "builtin"
                     } else {
                         "deny"
                     };

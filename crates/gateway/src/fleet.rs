@@ -31,6 +31,22 @@ pub enum FleetCall {
         /// The device's CSR, PEM.
         csr: String,
     },
+    /// EST `simpleenroll` (RFC 7030): the CSR signed and registered under `template` at once
+    /// (the caller is a claim certificate allowed the template).
+    EstEnroll {
+        /// The CSR, PEM.
+        csr: String,
+        /// The template (the EST CA label), if one was named.
+        template: Option<String>,
+    },
+    /// EST `simplereenroll`: the caller (a registered ACTIVE certificate) gets a new certificate
+    /// for the same subject, attached where it is.
+    EstReenroll {
+        /// The CSR, PEM.
+        csr: String,
+    },
+    /// EST `cacerts`: the CA certificates devices' certificates chain to.
+    CaCertificates,
     /// `RegisterThing`.
     RegisterThing {
         /// The template named in the topic.

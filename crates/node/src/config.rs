@@ -586,21 +586,23 @@ fn file_domain(
                 m.base_path
             ),
         };
-        if m.upstream == "builtin:provisioning" {
+        let builtin = match m.upstream.as_str() {
+            "builtin:provisioning" => Some(portcullis_gateway::config::Builtin::Provisioning),
+            "builtin:est" => Some(portcullis_gateway::config::Builtin::Est),
+            _ => None,
+        };
+        if let Some(builtin) = builtin {
             if m.upstream_ca.is_some() || m.upstream_client_cert.is_some() {
                 bail!(
-                    "{}: mapping '{}': builtin:provisioning is answered by the gateway; it takes no upstream_ca or upstream client certificate",
+                    "{}: mapping '{}': {} is answered by the gateway; it takes no upstream_ca or upstream client certificate",
                     ctx(),
-                    m.base_path
+                    m.base_path,
+                    m.upstream
                 );
             }
-            let mapping = Mapping::builtin(
-                &m.base_path,
-                portcullis_gateway::config::Builtin::Provisioning,
-                require,
-            )
-            .with_context(ctx)?
-            .with_authorization(authorization);
+            let mapping = Mapping::builtin(&m.base_path, builtin, require)
+                .with_context(ctx)?
+                .with_authorization(authorization);
             mappings.push(mapping);
             continue;
         }
@@ -608,7 +610,7 @@ fn file_domain(
             && other != "echo"
         {
             bail!(
-                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo or builtin:provisioning",
+                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning or builtin:est",
                 ctx(),
                 m.base_path
             );

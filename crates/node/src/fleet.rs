@@ -70,6 +70,16 @@ impl Fleet {
                 self.register(&caller, &template, &token, &parameters, &actor)
                     .await,
             ),
+            FleetCall::CaCertificates => ("est-cacerts", Ok(self.ca_certificates())),
+            FleetCall::EstEnroll { csr, template } => (
+                "est-simpleenroll",
+                self.est_enroll(&request.caller, &csr, template.as_deref(), &actor)
+                    .await,
+            ),
+            FleetCall::EstReenroll { csr } => (
+                "est-simplereenroll",
+                self.est_reenroll(&request.caller, &csr, &actor).await,
+            ),
         };
         let result = match &answer {
             Ok(_) => "accepted",
@@ -309,6 +319,156 @@ const PRE_PROVISION: &str = "provisioning.pre_provision";
 
 /// How long a pre-provisioning hook has to answer (IoT Core gives its Lambda 5 s).
 const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Fleet {
+    /// The local CA's chain (what devices' certificates chain to).
+    fn ca_certificates(&self) -> serde_json::Value {
+        let pems: Vec<String> = self.issuer.chain().iter().map(|c| c.to_pem()).collect();
+        json!({ "certificatesPem": pems })
+    }
+
+    /// The templates a claim certificate may use: marked itself, or issued by an ACTIVE claim
+    /// CA; `None` for any other certificate.
+    async fn claim_templates_of(
+        &self,
+        caller: &portcullis_pki::Certificate,
+    ) -> Result<Option<Vec<String>>, FleetError> {
+        let id = CertId::of_der(caller.der());
+        match self.store.certificate(&id).await {
+            Ok(r) if r.claim_templates.is_some() => return Ok(r.claim_templates),
+            Ok(_) | Err(RegistryError::NotFound(_)) => {}
+            Err(e) => return Err(internal(e)),
+        }
+        let cas = self.store.list_cas().await.map_err(internal)?;
+        Ok(cas
+            .into_iter()
+            .filter(|ca| ca.status == portcullis_registry::CaStatus::Active)
+            .find_map(|ca| {
+                let templates = ca.claim_templates?;
+                let (cert, _) =
+                    portcullis_pki::Certificate::first_and_rest(ca.pem.as_bytes()).ok()?;
+                caller.is_signed_by(&cert).then_some(templates)
+            }))
+    }
+
+    /// EST `simpleenroll`: a claim certificate enrolls a device under the template named as the
+    /// EST label — the CSR signed, registered and provisioned at once (nothing is left behind
+    /// when the template refuses).
+    async fn est_enroll(
+        &self,
+        caller: &portcullis_pki::Certificate,
+        csr: &str,
+        template: Option<&str>,
+        actor: &str,
+    ) -> FleetAnswer {
+        let Some(allowed) = self.claim_templates_of(caller).await? else {
+            return Err(FleetError {
+                status: 403,
+                code: "Forbidden",
+                message: "simpleenroll takes a claim (bootstrap) certificate; a registered device renews with simplereenroll".into(),
+            });
+        };
+        let Some(template) = template else {
+            return Err(FleetError::invalid(
+                "InvalidParameters",
+                "name the provisioning template as the EST label: /.well-known/est/TEMPLATE/simpleenroll",
+            ));
+        };
+        if !allowed.iter().any(|t| t == template) {
+            return Err(FleetError {
+                status: 403,
+                code: "Forbidden",
+                message: format!("this claim certificate may not use template '{template}'"),
+            });
+        }
+        let caller_id = CertId::of_der(caller.der());
+        let created = self.create(&caller_id, Some(csr), actor).await?;
+        let (Some(id), Some(token), Some(pem)) = (
+            created["certificateId"].as_str(),
+            created["certificateOwnershipToken"].as_str(),
+            created["certificatePem"].as_str(),
+        ) else {
+            return Err(internal("the new certificate's answer is incomplete"));
+        };
+        let registered = self
+            .register(&caller_id, template, token, &Default::default(), actor)
+            .await;
+        if let Err(e) = registered {
+            // Not the device's: gone at once, not left for the sweep.
+            if let Ok(id) = id.parse::<CertId>() {
+                let _ = self.store.delete_certificate(&id, actor).await;
+            }
+            return Err(e);
+        }
+        Ok(json!({ "certificatesPem": [pem] }))
+    }
+
+    /// EST `simplereenroll`: a registered ACTIVE certificate gets a new one for the same
+    /// subject (RFC 7030 §4.2.2: subject and SANs identical), attached to the same things with
+    /// the same certificate policies; the current one stays ACTIVE (its replacement overlaps).
+    async fn est_reenroll(
+        &self,
+        caller: &portcullis_pki::Certificate,
+        csr: &str,
+        actor: &str,
+    ) -> FleetAnswer {
+        let id = CertId::of_der(caller.der());
+        let current = match self.store.certificate(&id).await {
+            Ok(r) => r,
+            Err(RegistryError::NotFound(_)) => {
+                return Err(FleetError {
+                    status: 403,
+                    code: "Forbidden",
+                    message: "only a registered certificate re-enrolls".into(),
+                });
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        if current.status != portcullis_registry::CertStatus::Active
+            || current.claim_templates.is_some()
+        {
+            return Err(FleetError {
+                status: 403,
+                code: "Forbidden",
+                message: format!(
+                    "certificate {id} is {} or a claim: only an ACTIVE device certificate re-enrolls",
+                    current.status.as_str()
+                ),
+            });
+        }
+        let mut request = IssueRequest::new(Profile::Client, SubjectName::cn("device"));
+        request.days = 365;
+        let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &request, &self.issuer)
+            .map_err(|e| {
+                FleetError::invalid("InvalidCsr", format!("the CSR cannot be signed: {e}"))
+            })?;
+        let (new, old) = (cert.info(), caller.info());
+        if new.subject != old.subject || new.subject_alt_names != old.subject_alt_names {
+            return Err(FleetError::invalid(
+                "InvalidCsr",
+                format!(
+                    "the CSR's subject and alternative names must be those of the certificate being renewed ('{}')",
+                    old.subject
+                ),
+            ));
+        }
+        let record = self
+            .store
+            .register_renewal(&cert, &id, actor)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Invalid(why) | RegistryError::Conflict(why) => {
+                    FleetError::invalid("InvalidCsr", why)
+                }
+                other => internal(other),
+            })?;
+        if let Ok(seq) = self.store.change_marker().await {
+            let _ = self.sync.enforced(seq, ENFORCED_WITHIN).await;
+        }
+        tracing::info!(target: "portcullis::fleet", renewed = %id, certificate = %record.id, "re-enrolled over EST");
+        Ok(json!({ "certificatesPem": [cert.to_pem()] }))
+    }
+}
 
 impl FleetProvisioning for Fleet {
     fn call(

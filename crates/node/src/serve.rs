@@ -373,6 +373,7 @@ async fn wait_for_changes(
     // The registry is polled often: a revocation must reach live connections within a second.
     // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
+    let wake = status.clone();
     let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster, status);
     let mut listener = match store.listen().await {
         Ok(l) => l,
@@ -403,6 +404,15 @@ async fn wait_for_changes(
                         continue;
                     }
                 }
+                match watch.check(store, gateway).await {
+                    Some(fresh) => {
+                        registry = fresh;
+                        "registry"
+                    }
+                    None => continue,
+                }
+            }
+            () = wake.woken() => {
                 match watch.check(store, gateway).await {
                     Some(fresh) => {
                         registry = fresh;

@@ -43,6 +43,9 @@ pub(crate) struct SyncStatus {
     pub(crate) checked_ms: std::sync::atomic::AtomicI64,
     /// Told each time the gateway is handed a newer snapshot.
     advanced: tokio::sync::Notify,
+    /// Asks the follower to look at the registry now (this node just committed a change a
+    /// client waits for), instead of at its next poll.
+    wake: tokio::sync::Notify,
 }
 
 impl SyncStatus {
@@ -52,9 +55,15 @@ impl SyncStatus {
         self.advanced.notify_waiters();
     }
 
+    /// The follower's wake-up call (see `wake`).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
     /// Waits (at most `within`) until this node's gateway enforces the change `seq`; whether
-    /// it does.
+    /// it does. The follower is asked to look at once.
     pub(crate) async fn enforced(&self, seq: i64, within: std::time::Duration) -> bool {
+        self.wake.notify_one();
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let notified = self.advanced.notified();

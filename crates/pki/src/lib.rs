@@ -21,7 +21,7 @@
 //!   `legacy` and `profile_check` add what the compatible profile accepts and what RFC 5280
 //!   asks beyond webpki.
 //! - [`truststore`] parses a PEM bundle the way the gateway uses it and lints it.
-//! - [`p12`] and [`crl`] write PKCS#12 bundles and CRLs.
+//! - [`p12`], [`crl`] and [`pkcs7`] write PKCS#12 bundles, CRLs and certs-only PKCS#7 bundles.
 //!
 //! Every fallible function returns [`PkiError`], whose messages name the problem and the fix.
 //!
@@ -39,6 +39,7 @@ mod name;
 mod outcome;
 pub mod p12;
 pub mod pem;
+pub mod pkcs7;
 mod profile_check;
 #[cfg(test)]
 mod testcerts;

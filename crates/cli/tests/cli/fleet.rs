@@ -577,3 +577,263 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     let listed = cli_json(d, &["provisioning-template", "list"]);
     assert_eq!(listed["items"].as_array().unwrap().len(), 3, "{listed}");
 }
+
+/// EST (RFC 7030) as its examples do it, with curl and openssl: the CA certificates, a first
+/// enrollment bootstrapped by a claim certificate (the template as the CA label), a
+/// re-enrollment with the issued certificate, and the refusals in HTTP's terms.
+#[test]
+fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_openssl() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int", "root");
+    leaf(d, "client", "boot-1", "int", &[]);
+    portcullis(
+        d,
+        &[
+            "pki", "ca", "create", "--cn", "Local CA", "--out", "data/ca",
+        ],
+    )
+    .ok();
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
+        std::fs::read_to_string(d.join("data/ca/ca.pem")).unwrap()
+    );
+    std::fs::write(d.join("trust.pem"), bundle).unwrap();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"trust.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+         [[domain.mapping]]\nbase_path = \"/.well-known/est\"\nupstream = \"builtin:est\"\n";
+    let s = Server::start(d, config);
+    std::fs::write(
+        d.join("factory.json"),
+        r#"{"thing_name": "${cert:Subject.CN}"}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &[
+            "provisioning-template",
+            "create",
+            "factory",
+            "--file",
+            "factory.json",
+        ],
+    )
+    .ok();
+    let boot = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "boot-1.chain.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    let boot_id = boot["id"].as_str().unwrap().to_string();
+    cli(d, &["cert", "claim", &boot_id, "--templates", "factory"]).ok();
+    wait_for_snapshot(d, &s);
+
+    let port = s.ports[0];
+    let est = |path: &str, who: &str, body: Option<&str>| {
+        let (cert, key) = (format!("{who}.pem"), format!("{who}.key"));
+        let mut args = vec!["--cert", cert.as_str(), "--key", key.as_str()];
+        let data = body.map(|b| format!("@{b}"));
+        if let Some(data) = &data {
+            args.extend([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/pkcs10",
+                "--data-binary",
+                data.as_str(),
+            ]);
+        }
+        let r = curl_port(
+            d,
+            port,
+            "localhost",
+            &format!("/.well-known/est{path}"),
+            &args,
+        );
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        (
+            status.split_whitespace().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    };
+    // RFC 7030's example unpacking: base64, then `openssl pkcs7 -print_certs`.
+    let unpack = |b64: &str, out: &str| -> String {
+        std::fs::write(d.join("answer.b64"), b64).unwrap();
+        let der = run(
+            &openssl,
+            &["base64", "-d", "-in", "answer.b64", "-out", "answer.p7"],
+            d,
+        );
+        assert_eq!(der.code, 0, "{}", der.stderr);
+        let certs = run(
+            &openssl,
+            &[
+                "pkcs7",
+                "-inform",
+                "DER",
+                "-in",
+                "answer.p7",
+                "-print_certs",
+                "-out",
+                out,
+            ],
+            d,
+        );
+        assert_eq!(certs.code, 0, "{}", certs.stderr);
+        std::fs::read_to_string(d.join(out)).unwrap()
+    };
+    let csr = |name: &str, subject: &str| {
+        let made = run(
+            &openssl,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-subj",
+                subject,
+                "-outform",
+                "DER",
+                "-out",
+                &format!("{name}.der"),
+            ],
+            d,
+        );
+        assert_eq!(made.code, 0, "{}", made.stderr);
+        let b64 = run(
+            &openssl,
+            &[
+                "base64",
+                "-in",
+                &format!("{name}.der"),
+                "-out",
+                &format!("{name}.b64"),
+            ],
+            d,
+        );
+        assert_eq!(b64.code, 0, "{}", b64.stderr);
+        format!("{name}.b64")
+    };
+    std::fs::copy(d.join("boot-1.chain.pem"), d.join("boot.pem")).unwrap();
+    std::fs::copy(d.join("boot-1.key"), d.join("boot.key")).unwrap();
+
+    // /cacerts: the CA devices' certificates chain to.
+    let (code, body) = est("/cacerts", "boot", None);
+    assert_eq!(code, "200", "{body}");
+    assert!(unpack(&body, "cacerts.pem").contains("Local CA"));
+    let (code, _) = est("/csrattrs", "boot", None);
+    assert_eq!(code, "204");
+
+    // simpleenroll, bootstrapped by the claim certificate, the template as the label.
+    let first = csr("est-1", "/CN=est-dev-1");
+    let (code, body) = est("/factory/simpleenroll", "boot", Some(&first));
+    assert_eq!(code, "200", "{body}");
+    let issued = unpack(&body, "est-1.pem");
+    assert!(issued.contains("est-dev-1"), "{issued}");
+    let t = cli_json(d, &["thing", "describe", "est-dev-1"]);
+    assert_eq!(t["certificates"].as_array().unwrap().len(), 1, "{t}");
+    // The device is served with it at once.
+    let r = curl_port(
+        d,
+        port,
+        "localhost",
+        "/",
+        &["--cert", "est-1.pem", "--key", "est-1.key"],
+    );
+    assert!(
+        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
+        "{}",
+        r.stdout
+    );
+
+    // simplereenroll with the issued certificate: a new key, the same subject.
+    let again = csr("est-2", "/CN=est-dev-1");
+    let (code, body) = est("/simplereenroll", "est-1", Some(&again));
+    assert_eq!(code, "200", "{body}");
+    unpack(&body, "est-2.pem");
+    let t = cli_json(d, &["thing", "describe", "est-dev-1"]);
+    assert_eq!(t["certificates"].as_array().unwrap().len(), 2, "{t}");
+    let r = curl_port(
+        d,
+        port,
+        "localhost",
+        "/",
+        &["--cert", "est-2.pem", "--key", "est-2.key"],
+    );
+    assert!(
+        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
+        "{}",
+        r.stdout
+    );
+
+    // Refusals, in HTTP's terms.
+    let other = csr("other", "/CN=someone-else");
+    let (code, body) = est("/simplereenroll", "est-2", Some(&other));
+    assert_eq!(code, "400", "another subject on re-enrollment: {body}");
+    let (code, body) = est("/factory/simpleenroll", "est-2", Some(&other));
+    assert_eq!(
+        code, "403",
+        "a device certificate is not a bootstrap one: {body}"
+    );
+    let (code, body) = est("/simpleenroll", "boot", Some(&other));
+    assert_eq!(code, "400", "no template named: {body}");
+    assert!(
+        body.contains("/.well-known/est/TEMPLATE/simpleenroll"),
+        "{body}"
+    );
+    std::fs::write(d.join("garbage.b64"), "not base64 !!").unwrap();
+    let (code, _) = est("/factory/simpleenroll", "boot", Some("garbage.b64"));
+    assert_eq!(code, "400");
+    let est2 = cli_json(d, &["cert", "list", "--thing", "est-dev-1"]);
+    let newest = est2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["pem"].as_str().is_some_and(|p| {
+                std::fs::read_to_string(d.join("est-2.pem"))
+                    .unwrap()
+                    .contains(p.lines().nth(1).unwrap_or("-"))
+            })
+        })
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .expect("the renewed certificate is listed");
+    cli(d, &["cert", "update", &newest, "--status", "REVOKED"]).ok();
+    wait_for_snapshot(d, &s);
+    let (code, _) = est("/simplereenroll", "est-2", Some(&again));
+    assert_eq!(code, "000", "a revoked certificate cannot even connect");
+
+    // Enrollments per second, one at a time (curl and openssl included): measured, printed.
+    let csrs: Vec<String> = (0..20)
+        .map(|i| csr(&format!("bulk-{i}"), &format!("/CN=bulk-{i}")))
+        .collect();
+    let started = std::time::Instant::now();
+    for c in &csrs {
+        let (code, body) = est("/factory/simpleenroll", "boot", Some(c));
+        assert_eq!(code, "200", "{body}");
+    }
+    let took = started.elapsed();
+    println!(
+        "EST: 20 enrollments one after another in {took:?} ({:.0}/s, curl's start-up included)",
+        20.0 / took.as_secs_f64()
+    );
+}

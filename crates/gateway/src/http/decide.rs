@@ -60,8 +60,8 @@ pub(crate) enum Refusal {
     UpgradeNotAllowed,
     /// A claim certificate, which may only provision a device (403).
     ClaimCertificate,
-    /// Fleet provisioning over HTTPS (`builtin:provisioning`), answered by the gateway.
-    Provisioning,
+    /// A built-in service (fleet provisioning over HTTPS, EST), answered by the gateway.
+    Builtin(crate::config::Builtin),
 }
 
 /// A request admitted to a mapping: its index, the path the upstream sees, and whether the
@@ -110,7 +110,7 @@ impl Refusal {
             Refusal::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy-denied".into()),
             Refusal::UpgradeNotAllowed => (StatusCode::BAD_REQUEST, "upgrade-refused".into()),
             Refusal::ClaimCertificate => (StatusCode::FORBIDDEN, "claim-certificate".into()),
-            Refusal::Provisioning => (StatusCode::OK, "provisioning".into()),
+            Refusal::Builtin(_) => (StatusCode::OK, "builtin".into()),
         }
     }
 }
@@ -200,8 +200,8 @@ pub(crate) fn admit(
     if websocket && !mapping.websocket {
         return refuse(Refusal::UpgradeNotAllowed);
     }
-    if mapping.builtin == Some(crate::config::Builtin::Provisioning) {
-        return refuse(Refusal::Provisioning);
+    if let Some(builtin) = mapping.builtin {
+        return refuse(Refusal::Builtin(builtin));
     }
     // A claim certificate is good for provisioning only: never forwarded, whatever the mapping.
     if let ClientVerdict::Valid(chain) = &ctx.verdict

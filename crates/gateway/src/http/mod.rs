@@ -7,6 +7,7 @@
 pub(crate) mod access_log;
 pub(crate) mod context;
 pub(crate) mod decide;
+pub(crate) mod est;
 pub(crate) mod fast;
 pub(crate) mod h2guard;
 pub(crate) mod identity;

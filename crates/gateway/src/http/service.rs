@@ -156,23 +156,35 @@ pub(crate) async fn request(
                         None,
                     )
                 }
-                Refusal::Provisioning => {
+                Refusal::Builtin(builtin) => {
                     let base = index
                         .map(|i| domain.config.mappings[i].base_path.as_str())
                         .unwrap_or_default();
                     let rest = path.strip_prefix(base).unwrap_or(&path).to_string();
                     let response = match &ctx.verdict {
-                        ClientVerdict::Valid(chain) if !chain.is_empty() => {
-                            super::provisioning::answer(
-                                req,
-                                &chain[0],
-                                &rest,
-                                &domain.tls.verifier,
-                                &domain.config,
-                                ctx.peer,
-                            )
-                            .await
-                        }
+                        ClientVerdict::Valid(chain) if !chain.is_empty() => match builtin {
+                            crate::config::Builtin::Provisioning => {
+                                super::provisioning::answer(
+                                    req,
+                                    &chain[0],
+                                    &rest,
+                                    &domain.tls.verifier,
+                                    &domain.config,
+                                    ctx.peer,
+                                )
+                                .await
+                            }
+                            crate::config::Builtin::Est => {
+                                super::est::answer(
+                                    req,
+                                    &chain[0],
+                                    &rest,
+                                    &domain.tls.verifier,
+                                    ctx.peer,
+                                )
+                                .await
+                            }
+                        },
                         _ => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
                     };
                     return finish(&ctx, started, name, method, path, None, response);

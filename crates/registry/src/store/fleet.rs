@@ -467,6 +467,79 @@ impl Store {
         })
     }
 
+    /// Registers `cert`, the renewal of certificate `old` (EST `simplereenroll`), ACTIVE and
+    /// attached where `old` is: its things (same exclusivity) and its certificate policies, in
+    /// one transaction. `old` stays as it is.
+    pub async fn register_renewal(
+        &self,
+        cert: &Certificate,
+        old: &CertId,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        let pem = cert.to_pem();
+        let cas = self.issuing_cas().await?;
+        let (mut record, der) =
+            super::certificates::prepare_certificate(pem.as_bytes(), CertStatus::Active, &cas)?;
+        let mut after = serde_json::to_value(summary_cert(&record)).unwrap_or_default();
+        after["renews"] = serde_json::json!(old);
+        let after = after.to_string();
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $8, NULL, 1)",
+            )
+            .bind(record.id.as_str())
+            .bind(der)
+            .bind(&record.subject)
+            .bind(&record.issuer)
+            .bind(&record.serial)
+            .bind(record.ca_id.as_ref().map(CertId::as_str))
+            .bind(record.not_after)
+            .bind(record.created_at)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = inserted {
+                return Err(conflict_or(e, format!("certificate {} is already registered", record.id)));
+            }
+            audit(&mut *tx, actor, AuditAction::CertificateRegister, record.id.as_str(), None, Some(&after)).await?;
+            let things = sqlx::query("SELECT thing_name, exclusive FROM thing_certificates WHERE certificate_id = $1")
+                .bind(old.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &things {
+                let thing: String = row.try_get("thing_name")?;
+                let exclusive: i64 = row.try_get("exclusive")?;
+                sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&thing)
+                    .bind(record.id.as_str())
+                    .bind(exclusive)
+                    .bind(record.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                let attached = serde_json::json!({"certificate_id": record.id, "exclusive": exclusive != 0}).to_string();
+                audit(&mut *tx, actor, AuditAction::ThingAttach, &thing, None, Some(&attached)).await?;
+                record.things.push(thing);
+            }
+            let policies = sqlx::query("SELECT policy FROM policy_attachments WHERE target_type = 'certificate' AND target = $1")
+                .bind(old.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &policies {
+                let policy: String = row.try_get("policy")?;
+                sqlx::query("INSERT INTO policy_attachments (policy, target_type, target, attached_at) VALUES ($1, 'certificate', $2, $3)")
+                    .bind(&policy)
+                    .bind(record.id.as_str())
+                    .bind(record.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                audit(&mut *tx, actor, AuditAction::PolicyAttach, &policy, None, Some(&format!("certificate:{}", record.id))).await?;
+            }
+            tx.commit().await?;
+            Ok(record)
+        })
+    }
+
     /// Deletes the certificates made for devices whose ownership token expired unspent by
     /// `now` (seconds since the epoch: the device never registered them): how many.
     pub async fn sweep_unclaimed_certificates(
