@@ -191,7 +191,10 @@ pub(crate) async fn record_sightings(
             })
             .collect();
         match store.record_sightings(&rows).await {
-            Ok(()) => {
+            Ok(retired) => {
+                for (old, new) in &retired {
+                    tracing::info!(target: "portcullis::registry", certificate = %old, renewed_by = %new, "a renewed certificate retired (INACTIVE): its renewal was seen");
+                }
                 tracing::info!(target: "portcullis::registry", count = rows.len(), "recorded seen certificates")
             }
             Err(e) => tracing::warn!(error = %e, "recording seen certificates failed"),

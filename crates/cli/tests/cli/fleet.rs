@@ -836,4 +836,80 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         "EST: 20 enrollments one after another in {took:?} ({:.0}/s, curl's start-up included)",
         20.0 / took.as_secs_f64()
     );
+
+    // Rotation with overlap: a device re-enrolls 100 times, each new certificate used at once;
+    // each renewed one becomes INACTIVE when its successor is first seen. Nothing piles up.
+    let first = csr("rot-0", "/CN=rot-dev");
+    let (code, body) = est("/factory/simpleenroll", "boot", Some(&first));
+    assert_eq!(code, "200", "{body}");
+    unpack(&body, "rot-0.pem");
+    let started = std::time::Instant::now();
+    for i in 1..=100 {
+        let next = csr(&format!("rot-{i}"), "/CN=rot-dev");
+        let (code, body) = est("/simplereenroll", &format!("rot-{}", i - 1), Some(&next));
+        assert_eq!(code, "200", "rotation {i}: {body}");
+        unpack(&body, &format!("rot-{i}.pem"));
+        let r = curl_port(
+            d,
+            port,
+            "localhost",
+            "/",
+            &[
+                "--cert",
+                &format!("rot-{i}.pem"),
+                "--key",
+                &format!("rot-{i}.key"),
+            ],
+        );
+        assert!(
+            r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
+            "rotation {i}: {}",
+            r.stdout
+        );
+    }
+    let rotations = started.elapsed();
+    // The last retirement names the last certificate as its successor.
+    let der = run(
+        &openssl,
+        &[
+            "x509",
+            "-in",
+            "rot-100.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "rot-100.der",
+        ],
+        d,
+    );
+    assert_eq!(der.code, 0);
+    let digest = run(&openssl, &["dgst", "-sha256", "-r", "rot-100.der"], d).stdout;
+    let last = digest.split_whitespace().next().unwrap().to_string();
+    s.printed("the last renewed certificate retired", |l| {
+        l.contains("a renewed certificate retired") && l.contains(&last)
+    });
+    let certs = cli_json(
+        d,
+        &["cert", "list", "--thing", "rot-dev", "--limit", "1000"],
+    );
+    let statuses: Vec<&str> = certs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 101, "{certs}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "ACTIVE").count(),
+        1,
+        "one ACTIVE certificate after 100 rotations: {statuses:?}"
+    );
+    let active = certs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["status"] == "ACTIVE")
+        .unwrap();
+    assert_eq!(active["id"], last.as_str());
+    println!("EST: 100 rotations in {rotations:?}, leaving 1 ACTIVE certificate of 101");
 }

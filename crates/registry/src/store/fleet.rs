@@ -469,7 +469,8 @@ impl Store {
 
     /// Registers `cert`, the renewal of certificate `old` (EST `simplereenroll`), ACTIVE and
     /// attached where `old` is: its things (same exclusivity) and its certificate policies, in
-    /// one transaction. `old` stays as it is.
+    /// one transaction. `old` stays ACTIVE until `cert` is first seen on a connection
+    /// ([`Store::record_sightings`] retires it then).
     pub async fn register_renewal(
         &self,
         cert: &Certificate,
@@ -486,8 +487,8 @@ impl Store {
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(
-                "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $8, NULL, 1)",
+                "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version, renews) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $8, NULL, 1, $9)",
             )
             .bind(record.id.as_str())
             .bind(der)
@@ -497,6 +498,7 @@ impl Store {
             .bind(record.ca_id.as_ref().map(CertId::as_str))
             .bind(record.not_after)
             .bind(record.created_at)
+            .bind(old.as_str())
             .execute(&mut *tx)
             .await;
             if let Err(e) = inserted {

@@ -359,10 +359,14 @@ impl Store {
 
     /// Records sightings (upserts; the newest time wins) and the registered certificates'
     /// `last_seen`.
-    pub async fn record_sightings(&self, sightings: &[Sighting]) -> Result<(), RegistryError> {
+    pub async fn record_sightings(
+        &self,
+        sightings: &[Sighting],
+    ) -> Result<Vec<(CertId, CertId)>, RegistryError> {
         if sightings.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let mut retired = Vec::new();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             for s in sightings {
@@ -383,10 +387,48 @@ impl Store {
                     .bind(id.as_str())
                     .execute(&mut *tx)
                     .await?;
+                // A renewal first seen: what it renews (and what that renewed, never seen
+                // either) becomes INACTIVE, audited (webhook certificate.status_changed).
+                let renews: Option<String> = sqlx::query("SELECT renews FROM certificates WHERE id = $1 AND status = 'ACTIVE'")
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .and_then(|r| r.try_get::<Option<String>, _>("renews").ok().flatten());
+                let mut next = renews;
+                let mut steps = 0;
+                while let Some(old) = next.take() {
+                    steps += 1;
+                    if steps > 1000 {
+                        break;
+                    }
+                    let done = sqlx::query("UPDATE certificates SET status = 'INACTIVE', updated_at = $1, version = version + 1 WHERE id = $2 AND status = 'ACTIVE'")
+                        .bind(s.at)
+                        .bind(&old)
+                        .execute(&mut *tx)
+                        .await?;
+                    if done.rows_affected() == 1 {
+                        let after = serde_json::json!({"status": "INACTIVE", "cause": "renewed", "renewed_by": id}).to_string();
+                        audit(&mut *tx, "gateway:renewal", AuditAction::CertificateStatus, &old, Some(r#"{"status":"ACTIVE"}"#), Some(&after)).await?;
+                        if let Ok(old_id) = old.parse::<CertId>() {
+                            retired.push((old_id, id.clone()));
+                        }
+                    }
+                    next = sqlx::query("SELECT renews FROM certificates WHERE id = $1")
+                        .bind(&old)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .and_then(|r| r.try_get::<Option<String>, _>("renews").ok().flatten());
+                    sqlx::query("UPDATE certificates SET renews = NULL WHERE id = $1").bind(&old).execute(&mut *tx).await?;
+                }
+                sqlx::query("UPDATE certificates SET renews = NULL WHERE id = $1 AND renews IS NOT NULL")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
-            Ok(())
-        })
+            Ok::<(), RegistryError>(())
+        })?;
+        Ok(retired)
     }
 
     /// Certificates seen since `since` (seconds since the epoch), newest first, with the domain
