@@ -560,6 +560,9 @@ pub enum Builtin {
     /// (bootstrapped by a claim certificate, the template as the CA label),
     /// `simplereenroll` (the current certificate renews itself) and `csrattrs`.
     Est,
+    /// Certificate → short-lived token (`builtin:token`): `POST <base>/token` answers an
+    /// ES256 JWT for the certificate; `GET <base>/.well-known/jwks.json` the keys to verify it.
+    Token,
 }
 
 /// How a mapping authorizes requests beyond the client certificate.

@@ -184,6 +184,9 @@ impl Explainer {
                         Refusal::Builtin(crate::config::Builtin::Provisioning) => format!(
                             "{path} is fleet provisioning over HTTPS (builtin:provisioning), decided by mqtt:Publish policies on its $aws topic"
                         ),
+                        Refusal::Builtin(crate::config::Builtin::Token) => format!(
+                            "{path} is the certificate-to-token exchange (builtin:token)"
+                        ),
                         Refusal::Builtin(crate::config::Builtin::Est) => format!(
                             "{path} is EST enrollment (builtin:est): claim certificates enroll, registered certificates re-enroll"
                         ),

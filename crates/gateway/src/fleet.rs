@@ -47,6 +47,17 @@ pub enum FleetCall {
     },
     /// EST `cacerts`: the CA certificates devices' certificates chain to.
     CaCertificates,
+    /// A short-lived JWT for the caller's certificate.
+    Token {
+        /// Who the token is for (`aud`).
+        audience: String,
+        /// Its lifetime in seconds (at most an hour).
+        lifetime_secs: u64,
+        /// The issuer (`iss`): the URL of the mapping on the domain.
+        issuer: String,
+    },
+    /// The keys tokens are verified with (JWKS).
+    Jwks,
     /// `RegisterThing`.
     RegisterThing {
         /// The template named in the topic.

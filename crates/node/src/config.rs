@@ -589,6 +589,7 @@ fn file_domain(
         let builtin = match m.upstream.as_str() {
             "builtin:provisioning" => Some(portcullis_gateway::config::Builtin::Provisioning),
             "builtin:est" => Some(portcullis_gateway::config::Builtin::Est),
+            "builtin:token" => Some(portcullis_gateway::config::Builtin::Token),
             _ => None,
         };
         if let Some(builtin) = builtin {
@@ -610,7 +611,7 @@ fn file_domain(
             && other != "echo"
         {
             bail!(
-                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning or builtin:est",
+                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning, builtin:est or builtin:token",
                 ctx(),
                 m.base_path
             );

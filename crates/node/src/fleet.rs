@@ -29,6 +29,7 @@ pub(crate) struct Fleet {
     store: Store,
     issuer: Arc<CaIssuer>,
     sync: Arc<crate::sync::SyncStatus>,
+    token: Arc<crate::token::TokenSigner>,
 }
 
 /// How long `RegisterThing` waits for this node to enforce the registration before answering
@@ -40,11 +41,13 @@ impl Fleet {
         store: Store,
         issuer: Arc<CaIssuer>,
         sync: Arc<crate::sync::SyncStatus>,
+        token: Arc<crate::token::TokenSigner>,
     ) -> Fleet {
         Fleet {
             store,
             issuer,
             sync,
+            token,
         }
     }
 
@@ -71,6 +74,16 @@ impl Fleet {
                     .await,
             ),
             FleetCall::CaCertificates => ("est-cacerts", Ok(self.ca_certificates())),
+            FleetCall::Jwks => ("jwks", Ok(self.token.jwks())),
+            FleetCall::Token {
+                audience,
+                lifetime_secs,
+                issuer,
+            } => (
+                "token",
+                self.issue_token(&request.caller, &audience, lifetime_secs, &issuer)
+                    .await,
+            ),
             FleetCall::EstEnroll { csr, template } => (
                 "est-simpleenroll",
                 self.est_enroll(&request.caller, &csr, template.as_deref(), &actor)
@@ -321,6 +334,59 @@ const PRE_PROVISION: &str = "provisioning.pre_provision";
 const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Fleet {
+    /// A short-lived JWT for `caller` (any admitted certificate but a claim): bound to the
+    /// certificate, naming its thing and the thing's attributes.
+    async fn issue_token(
+        &self,
+        caller: &portcullis_pki::Certificate,
+        audience: &str,
+        lifetime_secs: u64,
+        issuer: &str,
+    ) -> FleetAnswer {
+        if self.claim_templates_of(caller).await?.is_some() {
+            return Err(FleetError {
+                status: 403,
+                code: "Forbidden",
+                message: "a claim certificate gets no token: it may only provision a device".into(),
+            });
+        }
+        let id = CertId::of_der(caller.der());
+        let things = match self.store.certificate(&id).await {
+            Ok(r) => r.things,
+            Err(RegistryError::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(internal(e)),
+        };
+        let attributes = match things.first() {
+            Some(t) => self
+                .store
+                .thing(t)
+                .await
+                .map(|t| t.attributes)
+                .unwrap_or_default(),
+            None => Default::default(),
+        };
+        let subject = things
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("cert:{id}"));
+        let claims = json!({
+            "iss": issuer,
+            "sub": subject,
+            "aud": audience,
+            "cnf": {"x5t#S256": crate::token::thumbprint(caller.der())},
+            "cert_id": id,
+            "cert_subject": caller.info().subject,
+            "thing": things.first(),
+            "attributes": attributes,
+        });
+        let token = self.token.sign(claims, lifetime_secs).map_err(internal)?;
+        Ok(json!({
+            "token": token,
+            "token_type": "Bearer",
+            "expires_in": lifetime_secs.min(crate::token::MAX_LIFETIME_SECS),
+        }))
+    }
+
     /// The local CA's chain (what devices' certificates chain to).
     fn ca_certificates(&self) -> serde_json::Value {
         let pems: Vec<String> = self.issuer.chain().iter().map(|c| c.to_pem()).collect();

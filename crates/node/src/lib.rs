@@ -39,6 +39,7 @@ mod fleet;
 pub mod output;
 pub mod serve;
 mod sync;
+mod token;
 mod workers;
 
 /// Writes to standard output. A reader that went away (`| head -1`) ends the command at once,

@@ -230,10 +230,15 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .checked_ms
         .store(crate::sync::now_ms(), Ordering::SeqCst);
     // Fleet provisioning by claim: devices' certificates come from the local CA.
+    let token = match &cluster_key {
+        Some(key) => crate::token::TokenSigner::from_cluster_key(key)?,
+        None => crate::token::TokenSigner::from_data_dir(&args.data_dir)?,
+    };
     gateway.set_fleet_provisioning(Arc::new(crate::fleet::Fleet::new(
         store.clone(),
         local_ca.clone(),
         sync_status.clone(),
+        Arc::new(token),
     )));
     tokio::spawn(crate::fleet::sweep(store.clone()));
     let nats_state = nats_url

@@ -21,6 +21,8 @@ const SEALED_PREFIX: &str = "v1.";
 /// The cluster key: opens and seals the registry's private keys.
 pub struct ClusterKey {
     key: LessSafeKey,
+    /// HKDF-SHA256 of the key, for keys every node derives alike ([`ClusterKey::derive`]).
+    prk: aws_lc_rs::hkdf::Prk,
 }
 
 impl std::fmt::Debug for ClusterKey {
@@ -65,9 +67,24 @@ impl ClusterKey {
         }
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| invalid("the cluster key cannot be used for AES-256-GCM"))?;
+        let prk =
+            aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"portcullis cluster key")
+                .extract(&bytes);
         Ok(ClusterKey {
             key: LessSafeKey::new(key),
+            prk,
         })
+    }
+
+    /// 32 bytes derived from the cluster key for `label` (HKDF-SHA256): the same on every
+    /// node, independent of the sealing key and of every other label.
+    pub fn derive(&self, label: &str) -> Result<[u8; 32], RegistryError> {
+        let mut out = [0u8; 32];
+        self.prk
+            .expand(&[label.as_bytes()], aws_lc_rs::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut out))
+            .map_err(|_| invalid("deriving a key from the cluster key failed"))?;
+        Ok(out)
     }
 
     /// Seals `plaintext` for the record named `context` (`server-certificate:NAME`…).

@@ -913,3 +913,126 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     assert_eq!(active["id"], last.as_str());
     println!("EST: 100 rotations in {rotations:?}, leaving 1 ACTIVE certificate of 101");
 }
+
+/// Certificate → short-lived token (builtin:token): an ES256 JWT bound to the certificate,
+/// verified by PyJWT against the JWKS the gateway serves; a revoked certificate gets none.
+#[test]
+fn a_certificate_gets_a_short_lived_token_that_pyjwt_verifies_against_the_jwks() {
+    let Some(python) = crate::mqtt::paho_python() else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    root(d);
+    intermediate(d, "int", "root");
+    leaf(d, "client", "pump-1", "int", &[]);
+    leaf(d, "client", "claim-9", "int", &[]);
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"root/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+         [[domain.mapping]]\nbase_path = \"/auth\"\nupstream = \"builtin:token\"\n";
+    let s = Server::start(d, config);
+    let pump = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "pump-1.chain.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    let pump_id = pump["id"].as_str().unwrap().to_string();
+    cli(d, &["thing", "create", "pump-1", "--attr", "site=berlin"]).ok();
+    cli(d, &["thing", "attach", "pump-1", &pump_id]).ok();
+    let claim = cli_json(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "claim-9.chain.pem",
+            "--status",
+            "ACTIVE",
+        ],
+    );
+    cli(
+        d,
+        &[
+            "cert",
+            "claim",
+            claim["id"].as_str().unwrap(),
+            "--templates",
+            "any",
+        ],
+    )
+    .ok();
+    wait_for_snapshot(d, &s);
+    let ask = |who: &str, path: &str, body: Option<&str>| {
+        let (cert, key) = (format!("{who}.chain.pem"), format!("{who}.key"));
+        let mut args = vec!["--cert", cert.as_str(), "--key", key.as_str()];
+        if let Some(b) = body {
+            args.extend([
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                b,
+            ]);
+        }
+        let r = curl_port(d, s.ports[0], "localhost", path, &args);
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        (
+            status.split_whitespace().next().unwrap_or("").to_string(),
+            serde_json::from_str::<serde_json::Value>(body).unwrap_or_default(),
+        )
+    };
+    let (code, jwks) = ask("pump-1", "/auth/.well-known/jwks.json", None);
+    assert_eq!(code, "200", "{jwks}");
+    let (code, token) = ask(
+        "pump-1",
+        "/auth/token",
+        Some(r#"{"audience": "https://api.example.com", "lifetime_seconds": 120}"#),
+    );
+    assert_eq!(code, "200", "{token}");
+    assert_eq!(token["token_type"], "Bearer");
+    std::fs::write(d.join("token.txt"), token["token"].as_str().unwrap()).unwrap();
+    std::fs::write(d.join("jwks.json"), jwks.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/token_verify.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            "token.txt",
+            "jwks.json",
+            "pump-1.pem",
+            "https://localhost/auth",
+            "https://api.example.com",
+            "pump-1",
+        ],
+        d,
+    );
+    println!("{}", r.stdout);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
+
+    // Bad requests and claims get none; a revoked certificate does not get past the handshake.
+    let (code, e) = ask("pump-1", "/auth/token", Some("{}"));
+    assert_eq!(code, "400", "{e}");
+    let (code, e) = ask(
+        "pump-1",
+        "/auth/token",
+        Some(r#"{"audience": "a", "lifetime_seconds": 86400}"#),
+    );
+    assert_eq!(code, "400", "{e}");
+    let (code, e) = ask("claim-9", "/auth/token", Some(r#"{"audience": "a"}"#));
+    assert_eq!(code, "403", "{e}");
+    cli(d, &["cert", "update", &pump_id, "--status", "REVOKED"]).ok();
+    wait_for_snapshot(d, &s);
+    let (code, _) = ask("pump-1", "/auth/token", Some(r#"{"audience": "a"}"#));
+    assert_eq!(code, "000", "revoked: refused in the handshake");
+}

@@ -17,3 +17,4 @@ pub(crate) mod proxy;
 pub(crate) mod respond;
 pub(crate) mod route;
 pub(crate) mod service;
+pub(crate) mod token;

@@ -174,6 +174,18 @@ pub(crate) async fn request(
                                 )
                                 .await
                             }
+                            crate::config::Builtin::Token => {
+                                super::token::answer(
+                                    req,
+                                    &chain[0],
+                                    &rest,
+                                    base,
+                                    &domain.tls.verifier,
+                                    &domain.config,
+                                    ctx.peer,
+                                )
+                                .await
+                            }
                             crate::config::Builtin::Est => {
                                 super::est::answer(
                                     req,
