@@ -188,6 +188,95 @@ pub(super) async fn create_certificate(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RenewCertificate {
+    /// Sign this CSR (same subject and SANs) instead of making a key.
+    csr_pem: Option<String>,
+    /// The new key's type (without a CSR).
+    key_type: Option<String>,
+    /// Lifetime in days.
+    days: Option<u32>,
+}
+
+/// Renews a registered certificate with the local CA: a new key (answered once) or the
+/// device's CSR for the same subject and SANs; the new certificate is ACTIVE where the old one
+/// is (things, certificate policies), and the old one becomes INACTIVE when the new one is
+/// first seen on a connection.
+pub(super) async fn renew_certificate(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    Body(req): Body<RenewCertificate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = cert_id(&id)?;
+    let old = api.store.certificate(&id).await?;
+    if old.status == CertStatus::Revoked {
+        return Err(ApiError::invalid(format!(
+            "certificate {id} is REVOKED; a revoked certificate is not renewed (register or create a new one)"
+        )));
+    }
+    if old.claim_templates.is_some() {
+        return Err(ApiError::invalid(format!(
+            "certificate {id} is a claim certificate; devices get their own by fleet provisioning"
+        )));
+    }
+    let issuer = api.issuer.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no-local-ca",
+            "this registry has no local CA to renew with",
+        )
+    })?;
+    let (old_cert, _) = Certificate::first_and_rest(old.pem.as_bytes())?;
+    let mut request = IssueRequest::new(Profile::Client, portcullis_pki::SubjectName::cn("device"));
+    if let Some(days) = req.days {
+        if days == 0 || days > 3650 {
+            return Err(ApiError::invalid("days must be between 1 and 3650"));
+        }
+        request.days = days;
+    }
+    let mut private_key = None;
+    let cert = match (&req.csr_pem, &req.key_type) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give csr_pem (the device keeps its key) or key_type (a new key made here), not both",
+            ));
+        }
+        (Some(csr), None) => {
+            let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &request, &issuer)?;
+            let (new, was) = (cert.info(), old_cert.info());
+            if new.subject != was.subject || new.subject_alt_names != was.subject_alt_names {
+                return Err(ApiError::invalid(format!(
+                    "the CSR's subject and alternative names must be those of the certificate it renews ('{}')",
+                    was.subject
+                )));
+            }
+            cert
+        }
+        (None, key_type) => {
+            let key_type = match key_type.as_deref() {
+                None => KeyType::EcP256,
+                Some(k) => KeyType::from_str(k)?,
+            };
+            let key = PrivateKey::generate(key_type)?;
+            let cert = portcullis_pki::issue::renew(&old_cert, &request, &key, &issuer)?;
+            private_key = Some(key.to_pem());
+            cert
+        }
+    };
+    let record = api.store.register_renewal(&cert, &id, &caller).await?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    let chain: String = issuer.chain().iter().map(Certificate::to_pem).collect();
+    body["chain_pem"] = json!(format!("{}{chain}", record.pem));
+    body["renews"] = json!(id);
+    if let Some(key) = private_key {
+        // Returned once; the registry never stores it.
+        body["private_key_pem"] = json!(key);
+    }
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListCertificates {
     status: Option<String>,
     ca: Option<String>,

@@ -288,6 +288,10 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/certificates/batch", post(register_batch))
         .route(
+            "/v1/certificates/{id}/renew",
+            post(certificates::renew_certificate),
+        )
+        .route(
             "/v1/certificates/{id}/claim",
             axum::routing::put(fleet::set_claim).delete(fleet::clear_claim),
         )

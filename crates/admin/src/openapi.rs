@@ -325,6 +325,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("NatsCertificate"),
     ),
     (
+        "post",
+        "/v1/certificates/{id}/renew",
+        "Renew a certificate with the local CA (a new key answered once, or the device's CSR); the new one goes where the old one is, which becomes INACTIVE once the new one is seen",
+        Some("RenewCertificate"),
+    ),
+    (
         "put",
         "/v1/certificates/{id}/claim",
         "Make a certificate a claim certificate: it may then only provision devices under the templates named",
@@ -473,6 +479,8 @@ fn schemas() -> Value {
 fn fleet_schemas() -> Value {
     let s = |v: &str| json!({"type": v});
     json!({
+        "RenewCertificate": {"type": "object", "additionalProperties": false, "properties": {
+            "csr_pem": s("string"), "key_type": s("string"), "days": s("integer")}},
         "Claim": {"type": "object", "required": ["templates"], "additionalProperties": false, "properties": {
             "templates": {"type": "array", "items": s("string"), "minItems": 1}}},
         "FleetTemplate": {"type": "object", "required": ["thing_name"], "additionalProperties": false, "properties": {

@@ -109,6 +109,28 @@ pub enum CertCommand {
         /// Certificate id.
         id: String,
     },
+    /// Renew a certificate with the local CA: a new key (written 0600) or the device's CSR for
+    /// the same subject; the new certificate goes where the old one is (things, policies), and
+    /// the old one becomes INACTIVE once the new one is first seen on a connection.
+    Renew {
+        /// Certificate id.
+        id: String,
+        /// Sign this CSR (the device keeps its key; same subject and SANs).
+        #[arg(long, value_name = "FILE", conflicts_with = "key_type")]
+        csr: Option<PathBuf>,
+        /// The new key's type (default EC P-256).
+        #[arg(long)]
+        key_type: Option<String>,
+        /// Lifetime in days.
+        #[arg(long)]
+        days: Option<u32>,
+        /// Where to write cert.pem, chain.pem (and key.pem).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a certificate a claim certificate: it may then only provision devices (IoT Core's
     /// fleet provisioning MQTT API) under the templates named, nothing else.
     Claim {
@@ -1250,6 +1272,51 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 .delete(&format!("/v1/certificates/{}", segment(&id)))
                 .await?;
             out.show(&json!({"deleted": id}), |_| format!("deleted {id}"));
+        }
+        CertCommand::Renew {
+            id,
+            csr,
+            key_type,
+            days,
+            out: dir,
+            force,
+        } => {
+            let mut body = json!({"days": days});
+            match &csr {
+                Some(csr) => body["csr_pem"] = json!(String::from_utf8_lossy(&read(csr, "CSR")?)),
+                None => body["key_type"] = json!(key_type),
+            }
+            let cert_path = dir.join("cert.pem");
+            let mut check = Outputs::default();
+            check.public(&cert_path, "");
+            check.check_absent(force)?;
+            let v = client
+                .post(&format!("/v1/certificates/{}/renew", segment(&id)), &body)
+                .await?;
+            let mut files = Outputs::default();
+            files.public(&cert_path, s(&v["pem"]));
+            if let Some(chain) = v["chain_pem"].as_str() {
+                files.public(dir.join("chain.pem"), chain);
+            }
+            if let Some(key) = v["private_key_pem"].as_str() {
+                files.secret(dir.join("key.pem"), key);
+            }
+            let written = files.write(force)?;
+            let mut shown = v.clone();
+            if let Some(o) = shown.as_object_mut() {
+                o.remove("private_key_pem");
+            }
+            out.show(&shown, |v| {
+                format!(
+                    "renewed {id}\n{}\nwrote {}",
+                    cert_text(v),
+                    written
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
         }
         CertCommand::Claim {
             id,

@@ -39,9 +39,10 @@ pub enum FleetCall {
         /// The template (the EST CA label), if one was named.
         template: Option<String>,
     },
-    /// EST `simplereenroll`: the caller (a registered ACTIVE certificate) gets a new certificate
-    /// for the same subject, attached where it is.
-    EstReenroll {
+    /// Renewal (EST `simplereenroll`, or MQTT `$portcullis/certificates/renew/json`): the
+    /// caller (a registered ACTIVE certificate) gets a new certificate for the same subject,
+    /// attached where it is.
+    Reenroll {
         /// The CSR, PEM.
         csr: String,
     },
@@ -114,12 +115,33 @@ pub trait FleetProvisioning: Send + Sync + std::fmt::Debug {
 const CREATE: &str = "$aws/certificates/create/json";
 const CREATE_FROM_CSR: &str = "$aws/certificates/create-from-csr/json";
 const TEMPLATES: &str = "$aws/provisioning-templates/";
+/// A device renews its own certificate over MQTT (Portcullis's own topic: IoT Core has none).
+pub(crate) const RENEW: &str = "$portcullis/certificates/renew/json";
+
+/// Whether `topic_or_filter` is the renewal request or one of its replies: every device may
+/// renew its own certificate (the new one has the same subject and goes where the old one is),
+/// so no policy has to name these.
+pub(crate) fn self_service(topic_or_filter: &str) -> bool {
+    topic_or_filter == RENEW
+        || topic_or_filter == "$portcullis/certificates/renew/json/accepted"
+        || topic_or_filter == "$portcullis/certificates/renew/json/rejected"
+}
 
 /// The call a PUBLISH to `topic` makes, `None` when `topic` is not a fleet provisioning
 /// request; `Err` (answered as a rejection) when the payload is not what the call takes.
 pub(crate) fn request(topic: &str, payload: &[u8]) -> Option<Result<FleetCall, FleetError>> {
     let call = if topic == CREATE {
         Ok(FleetCall::CreateKeysAndCertificate)
+    } else if topic == RENEW {
+        object(payload).and_then(|v| match v.get("certificateSigningRequest") {
+            Some(Value::String(csr)) if !csr.is_empty() => {
+                Ok(FleetCall::Reenroll { csr: csr.clone() })
+            }
+            _ => Err(FleetError::invalid(
+                "InvalidPayload",
+                "the payload needs certificateSigningRequest: a CSR in PEM for the same subject",
+            )),
+        })
     } else if topic == CREATE_FROM_CSR {
         object(payload).and_then(|v| match v.get("certificateSigningRequest") {
             Some(Value::String(csr)) if !csr.is_empty() => {
@@ -193,7 +215,9 @@ fn register(template: &str, v: &Value) -> Result<FleetCall, FleetError> {
 /// Whether `filter` subscribes to fleet provisioning replies (answered by the session, never
 /// routed by the broker).
 pub(crate) fn is_reply_filter(filter: &str) -> bool {
-    filter.starts_with("$aws/certificates/") || filter.starts_with(TEMPLATES)
+    filter.starts_with("$aws/certificates/")
+        || filter.starts_with(TEMPLATES)
+        || filter.starts_with("$portcullis/certificates/")
 }
 
 /// The reply to a request on `topic`: its topic and JSON payload.

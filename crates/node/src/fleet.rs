@@ -89,8 +89,8 @@ impl Fleet {
                 self.est_enroll(&request.caller, &csr, template.as_deref(), &actor)
                     .await,
             ),
-            FleetCall::EstReenroll { csr } => (
-                "est-simplereenroll",
+            FleetCall::Reenroll { csr } => (
+                "renew",
                 self.est_reenroll(&request.caller, &csr, &actor).await,
             ),
         };
@@ -531,8 +531,12 @@ impl Fleet {
         if let Ok(seq) = self.store.change_marker().await {
             let _ = self.sync.enforced(seq, ENFORCED_WITHIN).await;
         }
-        tracing::info!(target: "portcullis::fleet", renewed = %id, certificate = %record.id, "re-enrolled over EST");
-        Ok(json!({ "certificatesPem": [cert.to_pem()] }))
+        tracing::info!(target: "portcullis::fleet", renewed = %id, certificate = %record.id, "certificate renewed");
+        Ok(json!({
+            "certificateId": record.id,
+            "certificatePem": cert.to_pem(),
+            "certificatesPem": [cert.to_pem()],
+        }))
     }
 }
 

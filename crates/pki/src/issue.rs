@@ -400,6 +400,60 @@ pub fn issue(
     finish(der, issuer)
 }
 
+/// Renews `old` for `key`: the subject (byte for byte) and subject alternative names (DNS, IP,
+/// email and URI) of `old`, everything else from `req` (its subject and SANs are ignored).
+pub fn renew(
+    old: &Certificate,
+    req: &IssueRequest,
+    key: &PrivateKey,
+    issuer: &CaIssuer,
+) -> Result<Certificate> {
+    use x509_parser::extensions::GeneralName;
+    let key_info = KeyInfo::from_spki_der(&key.public_key_info())
+        .ok_or_else(|| PkiError::UnsupportedKey("cannot read the public key".into()))?;
+    let mut req = req.clone();
+    req.subject = SubjectName::cn("renewed");
+    req.subject_alt_names.clear();
+    let mut params = build_params(&req, &key_info, Some(issuer))?;
+    let (_, parsed) = X509Certificate::from_der(old.der())
+        .map_err(|e| PkiError::malformed("", format!("not a certificate ({e})")))?;
+    params.distinguished_name = name::to_rcgen(parsed.subject())?;
+    let ia5 = |v: &str| {
+        rcgen::string::Ia5String::try_from(v.to_string())
+            .map_err(|_| PkiError::InvalidRequest(format!("SAN value '{v}' is not ASCII")))
+    };
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = parsed.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => sans.push(SanType::DnsName(ia5(n)?)),
+                GeneralName::RFC822Name(e) => sans.push(SanType::Rfc822Name(ia5(e)?)),
+                GeneralName::URI(u) => sans.push(SanType::URI(ia5(u)?)),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => sans.push(SanType::IpAddress(IpAddr::from(
+                        <[u8; 4]>::try_from(*b)
+                            .map_err(|_| PkiError::InvalidRequest("IP SAN".into()))?,
+                    ))),
+                    16 => sans.push(SanType::IpAddress(IpAddr::from(
+                        <[u8; 16]>::try_from(*b)
+                            .map_err(|_| PkiError::InvalidRequest("IP SAN".into()))?,
+                    ))),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    params.subject_alt_names = sans;
+    let rc_issuer = issuer.rcgen_issuer()?;
+    let der = params
+        .signed_by(key.key_pair(), &rc_issuer)
+        .map_err(|e| PkiError::Signing(e.to_string()))?
+        .der()
+        .to_vec();
+    finish(der, Some(issuer))
+}
+
 /// Signs a CSR (PEM or DER) with `issuer`. The subject and public key come from the CSR;
 /// everything else from `req` (its subject is ignored). The CSR's self-signature must verify.
 pub fn sign_csr(csr: &[u8], req: &IssueRequest, issuer: &CaIssuer) -> Result<Certificate> {

@@ -215,6 +215,26 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     );
     assert_eq!(made.code, 0, "{}", made.stderr);
 
+    let made = run(
+        &openssl,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "renew.key",
+            "-out",
+            "renew.csr",
+            "-subj",
+            "/CN=sensor-A1",
+        ],
+        d,
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/fleet_provisioning.py");
     let r = run(
@@ -226,15 +246,24 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
 
-    // The registry: each thing with one ACTIVE certificate and the template's policy.
-    for (thing, serial) in [("sensor-A1", "A1"), ("sensor-B2", "B2")] {
+    // The registry: each thing with one ACTIVE certificate and the template's policy; sensor-A1
+    // renewed over MQTT, its first certificate retired once the renewal was seen.
+    s.printed("a renewed certificate retired", |l| {
+        l.contains("a renewed certificate retired")
+    });
+    for (thing, serial, count) in [("sensor-A1", "A1", 2), ("sensor-B2", "B2", 1)] {
         let t = cli_json(d, &["thing", "describe", thing]);
         assert_eq!(t["attributes"]["serial"], serial, "{t}");
         let certs = t["certificates"].as_array().unwrap();
-        assert_eq!(certs.len(), 1, "{t}");
-        let id = certs[0]["certificate_id"].as_str().unwrap();
-        let c = cli_json(d, &["cert", "describe", id]);
-        assert_eq!(c["status"], "ACTIVE", "{c}");
+        assert_eq!(certs.len(), count, "{t}");
+        let active = certs
+            .iter()
+            .filter(|c| {
+                let id = c["certificate_id"].as_str().unwrap();
+                cli_json(d, &["cert", "describe", id])["status"] == "ACTIVE"
+            })
+            .count();
+        assert_eq!(active, 1, "{thing}: {t}");
     }
     let t = cli_json(d, &["thing", "describe", "sensor-A1"]);
     assert_eq!(t["attributes"]["model"], "m2", "{t}");
@@ -245,7 +274,7 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     );
     // The claim certificate's publish elsewhere was denied by its built-in policy.
     assert!(
-        s.wait_for("mqtt publish denied")
+        s.printed("mqtt publish denied", |l| l.contains("mqtt publish denied"))
             .contains("devices/sensor-A1/telemetry")
     );
     // Every step is audited: the refusals too.
@@ -389,14 +418,22 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
         assert_eq!(code, "400", "{why}: {refused}");
         assert_eq!(refused["errorCode"], "InvalidCsr", "{why}: {refused}");
     }
-    // A device's own certificate has no policy naming the provisioning topics.
+    // A device's own certificate has no policy naming the provisioning topics; the one it
+    // renewed is INACTIVE now and does not get past the handshake.
     let (code, denied) = post(
+        "/provisioning/certificates/create",
+        "csr.json",
+        "renewed.pem",
+        "renew.key",
+    );
+    assert_eq!(code, "403", "{denied}");
+    let (code, _) = post(
         "/provisioning/certificates/create",
         "csr.json",
         "device.pem",
         "device.key",
     );
-    assert_eq!(code, "403", "{denied}");
+    assert_eq!(code, "000", "the renewed certificate is retired");
 
     // A pre-provisioning hook (a webhook subscribed to provisioning.pre_provision) is asked
     // before each registration, signed: it may refuse, or change parameters.
@@ -912,6 +949,84 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         .unwrap();
     assert_eq!(active["id"], last.as_str());
     println!("EST: 100 rotations in {rotations:?}, leaving 1 ACTIVE certificate of 101");
+
+    // An operator renews it (`cert renew`): a new key written 0600, the same subject and
+    // thing; the renewed one retires once the new one connects.
+    let renewed = cli_json(d, &["cert", "renew", &last, "--out", "op"]);
+    assert_eq!(renewed["renews"], last.as_str(), "{renewed}");
+    assert_eq!(renewed["things"][0], "rot-dev", "{renewed}");
+    assert!(
+        renewed.get("private_key_pem").is_none(),
+        "the key is not printed"
+    );
+    assert_eq!(crate::mode(d.join("op/key.pem")) & 0o777, 0o600);
+    let new_id = renewed["id"].as_str().unwrap().to_string();
+    wait_for_snapshot(d, &s);
+    let r = curl_port(
+        d,
+        port,
+        "localhost",
+        "/",
+        &["--cert", "op/cert.pem", "--key", "op/key.pem"],
+    );
+    assert!(
+        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("rot-dev"),
+        "the same subject: {}",
+        r.stdout
+    );
+    s.printed("the operator's renewal retired the old certificate", |l| {
+        l.contains("a renewed certificate retired") && l.contains(&new_id)
+    });
+    assert_eq!(
+        cli_json(d, &["cert", "describe", &last])["status"],
+        "INACTIVE"
+    );
+    // A CSR for another subject is refused, saying why.
+    let made = run(
+        &openssl,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "op-other.key",
+            "-out",
+            "op-other.csr",
+            "-subj",
+            "/CN=someone",
+        ],
+        d,
+    );
+    assert_eq!(made.code, 0);
+    let refused = cli(
+        d,
+        &[
+            "cert",
+            "renew",
+            &new_id,
+            "--csr",
+            "op-other.csr",
+            "--out",
+            "op2",
+        ],
+    );
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .stderr
+            .contains("must be those of the certificate it renews"),
+        "{}",
+        refused.stderr
+    );
 }
 
 /// Certificate → short-lived token (builtin:token): an ES256 JWT bound to the certificate,

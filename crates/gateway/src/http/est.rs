@@ -50,7 +50,7 @@ pub(crate) async fn answer(
             Err(e) => return e,
         },
         ("simplereenroll", hyper::Method::POST) => match csr(req).await {
-            Ok(csr) => FleetCall::EstReenroll { csr },
+            Ok(csr) => FleetCall::Reenroll { csr },
             Err(e) => return e,
         },
         ("cacerts" | "csrattrs" | "simpleenroll" | "simplereenroll", _) => {

@@ -455,10 +455,13 @@ impl Session<'_> {
                         }
                         _ => {}
                     }
-                    if let Err(why) = self
-                        .auth
-                        .decide("mqtt:Subscribe", &format!("topicfilter:{}", f.filter))
-                    {
+                    let decided = if crate::fleet::self_service(&f.filter) {
+                        Ok(())
+                    } else {
+                        self.auth
+                            .decide("mqtt:Subscribe", &format!("topicfilter:{}", f.filter))
+                    };
+                    if let Err(why) = decided {
                         metrics::counter!("portcullis_mqtt_denials_total", "action" => "subscribe", "reason" => "not-allowed")
                             .increment(1);
                         tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, filter = %f.filter, reason = %why, "mqtt subscription denied");
@@ -617,6 +620,9 @@ impl Session<'_> {
                 None => reserved(&p.topic).map_err(|e| ("reserved-topic", e)),
             })
             .and_then(|()| {
+                if fleet_call.is_some() && crate::fleet::self_service(&p.topic) {
+                    return Ok(());
+                }
                 self.auth
                     .decide("mqtt:Publish", &format!("topic:{}", p.topic))
                     .map_err(|e| ("not-allowed", e))
@@ -755,7 +761,9 @@ impl Session<'_> {
             tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %topic, "fleet provisioning answer not sent: the client did not subscribe to it");
             return;
         };
-        if let Err(why) = self.auth.decide("mqtt:Receive", &format!("topic:{topic}")) {
+        if !crate::fleet::self_service(&topic)
+            && let Err(why) = self.auth.decide("mqtt:Receive", &format!("topic:{topic}"))
+        {
             tracing::info!(target: "portcullis::mqtt", client_id = %self.client_id, topic = %topic, reason = %why, "fleet provisioning answer not sent");
             return;
         }
