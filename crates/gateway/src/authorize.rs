@@ -32,6 +32,9 @@ pub struct PolicySnapshot {
     claims: HashMap<String, (Vec<String>, Option<Arc<Policy>>)>,
     /// Claim CAs: every certificate each issues is a claim certificate for its templates.
     claim_cas: Vec<ClaimCa>,
+    /// Names of the things that have a certificate or attributes (a claim may not connect
+    /// under one of them).
+    thing_names: std::collections::HashSet<String>,
     /// Bound policies per (certificate id, domain): valid for this snapshot only.
     cache: Mutex<HashMap<(String, String), Arc<Bound>>>,
 }
@@ -122,6 +125,7 @@ impl PolicySnapshot {
 
     /// Records that a certificate is attached to a thing.
     pub fn add_thing_of(&mut self, certificate_id: &str, thing: &str) {
+        self.thing_names.insert(thing.to_string());
         self.things_of
             .entry(certificate_id.to_string())
             .or_default()
@@ -130,7 +134,13 @@ impl PolicySnapshot {
 
     /// A thing's attributes.
     pub fn set_thing_attributes(&mut self, thing: &str, attributes: BTreeMap<String, String>) {
+        self.thing_names.insert(thing.to_string());
         self.thing_attributes.insert(thing.to_string(), attributes);
+    }
+
+    /// Whether a thing named `name` exists with a certificate or attributes.
+    pub(crate) fn is_thing(&self, name: &str) -> bool {
+        self.thing_names.contains(name)
     }
 
     /// The registered CA of a certificate.

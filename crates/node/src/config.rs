@@ -601,6 +601,14 @@ fn file_domain(
                     m.upstream
                 );
             }
+            if authorization == Authorization::Policy {
+                bail!(
+                    "{}: mapping '{}': {} authorizes each call itself (claims, registered ACTIVE certificates, mqtt:Publish on the provisioning topics); remove authorization = \"policy\"",
+                    ctx(),
+                    m.base_path,
+                    m.upstream
+                );
+            }
             let mapping = Mapping::builtin(&m.base_path, builtin, require)
                 .with_context(ctx)?
                 .with_authorization(authorization);

@@ -55,14 +55,28 @@ impl Fleet {
         let caller = CertId::of_der(request.caller.der());
         let actor = format!("fleet:{}", request.client_id);
         let started = std::time::Instant::now();
+        // Whatever the domain's registry mode: only ACTIVE certificates (or claims) are served.
+        let state = match request.call {
+            FleetCall::CaCertificates | FleetCall::Jwks => Caller::Refused(String::new()),
+            _ => match self.caller_state(&request.caller).await {
+                Ok(state) => state,
+                Err(e) => return Err(e),
+            },
+        };
         let (call, answer) = match request.call {
             FleetCall::CreateKeysAndCertificate => (
                 "create-keys-and-certificate",
-                self.create(&caller, None, &actor).await,
+                match &state {
+                    Caller::Refused(why) => Err(forbidden(why.clone())),
+                    _ => self.create(&caller, None, &actor).await,
+                },
             ),
             FleetCall::CreateCertificateFromCsr { csr } => (
                 "create-certificate-from-csr",
-                self.create(&caller, Some(&csr), &actor).await,
+                match &state {
+                    Caller::Refused(why) => Err(forbidden(why.clone())),
+                    _ => self.create(&caller, Some(&csr), &actor).await,
+                },
             ),
             FleetCall::RegisterThing {
                 template,
@@ -70,7 +84,7 @@ impl Fleet {
                 parameters,
             } => (
                 "register-thing",
-                self.register(&caller, &template, &token, &parameters, &actor)
+                self.register(&state, &caller, &template, &token, &parameters, &actor)
                     .await,
             ),
             FleetCall::CaCertificates => ("est-cacerts", Ok(self.ca_certificates())),
@@ -81,17 +95,18 @@ impl Fleet {
                 issuer,
             } => (
                 "token",
-                self.issue_token(&request.caller, &audience, lifetime_secs, &issuer)
+                self.issue_token(&state, &request.caller, &audience, lifetime_secs, &issuer)
                     .await,
             ),
             FleetCall::EstEnroll { csr, template } => (
                 "est-simpleenroll",
-                self.est_enroll(&request.caller, &csr, template.as_deref(), &actor)
+                self.est_enroll(&state, &request.caller, &csr, template.as_deref(), &actor)
                     .await,
             ),
             FleetCall::Reenroll { csr } => (
                 "renew",
-                self.est_reenroll(&request.caller, &csr, &actor).await,
+                self.est_reenroll(&state, &request.caller, &csr, &actor)
+                    .await,
             ),
         };
         let result = match &answer {
@@ -171,6 +186,7 @@ impl Fleet {
     /// `RegisterThing`.
     async fn register(
         &self,
+        state: &Caller,
         caller: &CertId,
         template: &str,
         token: &str,
@@ -188,15 +204,14 @@ impl Fleet {
             Err(e) => return Err(internal(e)),
         };
         // The built-in claim policy already limits the topic; this holds if it is ever bypassed.
-        if let Ok(claim) = self.store.certificate(caller).await
-            && let Some(allowed) = &claim.claim_templates
-            && !allowed.iter().any(|t| t == template)
-        {
-            return Err(FleetError {
-                status: 403,
-                code: "Forbidden",
-                message: format!("this claim certificate may not use template '{template}'"),
-            });
+        match state {
+            Caller::Claim(allowed) if !allowed.iter().any(|t| t == template) => {
+                return Err(forbidden(format!(
+                    "this claim certificate may not use template '{template}'"
+                )));
+            }
+            Caller::Refused(why) => return Err(forbidden(why.clone())),
+            _ => {}
         }
         let invalid_token = || {
             FleetError::invalid(
@@ -330,6 +345,24 @@ impl Fleet {
 /// The event a pre-provisioning hook's webhook subscribes to.
 const PRE_PROVISION: &str = "provisioning.pre_provision";
 
+/// Who asks, as the registry sees it.
+enum Caller {
+    /// A claim certificate, with the templates it may use.
+    Claim(Vec<String>),
+    /// A registered ACTIVE device certificate.
+    Device(Box<portcullis_registry::CertRecord>),
+    /// Neither: why.
+    Refused(String),
+}
+
+fn forbidden(message: impl Into<String>) -> FleetError {
+    FleetError {
+        status: 403,
+        code: "Forbidden",
+        message: message.into(),
+    }
+}
+
 /// How long a pre-provisioning hook has to answer (IoT Core gives its Lambda 5 s).
 const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -338,24 +371,26 @@ impl Fleet {
     /// certificate, naming its thing and the thing's attributes.
     async fn issue_token(
         &self,
+        state: &Caller,
         caller: &portcullis_pki::Certificate,
         audience: &str,
         lifetime_secs: u64,
         issuer: &str,
     ) -> FleetAnswer {
-        if self.claim_templates_of(caller).await?.is_some() {
-            return Err(FleetError {
-                status: 403,
-                code: "Forbidden",
-                message: "a claim certificate gets no token: it may only provision a device".into(),
-            });
-        }
-        let id = CertId::of_der(caller.der());
-        let things = match self.store.certificate(&id).await {
-            Ok(r) => r.things,
-            Err(RegistryError::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(internal(e)),
+        let things = match state {
+            Caller::Device(record) => record.things.clone(),
+            Caller::Claim(_) => {
+                return Err(forbidden(
+                    "a claim certificate gets no token: it may only provision a device",
+                ));
+            }
+            Caller::Refused(why) => {
+                return Err(forbidden(format!(
+                    "{why}: only a registered ACTIVE certificate gets a token"
+                )));
+            }
         };
+        let id = CertId::of_der(caller.der());
         let attributes = match things.first() {
             Some(t) => self
                 .store
@@ -393,20 +428,32 @@ impl Fleet {
         json!({ "certificatesPem": pems })
     }
 
-    /// The templates a claim certificate may use: marked itself, or issued by an ACTIVE claim
-    /// CA; `None` for any other certificate.
-    async fn claim_templates_of(
+    /// What the registry says the caller is, whatever the domain's registry mode: a claim (its
+    /// templates: marked itself, or issued by an ACTIVE claim CA), an ACTIVE device certificate,
+    /// or refused (registered but not ACTIVE, or unknown).
+    async fn caller_state(
         &self,
         caller: &portcullis_pki::Certificate,
-    ) -> Result<Option<Vec<String>>, FleetError> {
+    ) -> Result<Caller, FleetError> {
         let id = CertId::of_der(caller.der());
-        match self.store.certificate(&id).await {
-            Ok(r) if r.claim_templates.is_some() => return Ok(r.claim_templates),
-            Ok(_) | Err(RegistryError::NotFound(_)) => {}
+        let registered = match self.store.certificate(&id).await {
+            Ok(r) => Some(r),
+            Err(RegistryError::NotFound(_)) => None,
             Err(e) => return Err(internal(e)),
+        };
+        if let Some(r) = &registered
+            && r.status != portcullis_registry::CertStatus::Active
+        {
+            return Ok(Caller::Refused(format!(
+                "certificate {id} is {}",
+                r.status.as_str()
+            )));
+        }
+        if let Some(templates) = registered.as_ref().and_then(|r| r.claim_templates.clone()) {
+            return Ok(Caller::Claim(templates));
         }
         let cas = self.store.list_cas().await.map_err(internal)?;
-        Ok(cas
+        let by_ca = cas
             .into_iter()
             .filter(|ca| ca.status == portcullis_registry::CaStatus::Active)
             .find_map(|ca| {
@@ -414,7 +461,12 @@ impl Fleet {
                 let (cert, _) =
                     portcullis_pki::Certificate::first_and_rest(ca.pem.as_bytes()).ok()?;
                 caller.is_signed_by(&cert).then_some(templates)
-            }))
+            });
+        Ok(match (by_ca, registered) {
+            (Some(templates), _) => Caller::Claim(templates),
+            (None, Some(record)) => Caller::Device(Box::new(record)),
+            (None, None) => Caller::Refused(format!("certificate {id} is not registered")),
+        })
     }
 
     /// EST `simpleenroll`: a claim certificate enrolls a device under the template named as the
@@ -422,17 +474,16 @@ impl Fleet {
     /// when the template refuses).
     async fn est_enroll(
         &self,
+        state: &Caller,
         caller: &portcullis_pki::Certificate,
         csr: &str,
         template: Option<&str>,
         actor: &str,
     ) -> FleetAnswer {
-        let Some(allowed) = self.claim_templates_of(caller).await? else {
-            return Err(FleetError {
-                status: 403,
-                code: "Forbidden",
-                message: "simpleenroll takes a claim (bootstrap) certificate; a registered device renews with simplereenroll".into(),
-            });
+        let Caller::Claim(allowed) = state else {
+            return Err(forbidden(
+                "simpleenroll takes an ACTIVE claim (bootstrap) certificate; a registered device renews with simplereenroll",
+            ));
         };
         let Some(template) = template else {
             return Err(FleetError::invalid(
@@ -457,7 +508,14 @@ impl Fleet {
             return Err(internal("the new certificate's answer is incomplete"));
         };
         let registered = self
-            .register(&caller_id, template, token, &Default::default(), actor)
+            .register(
+                state,
+                &caller_id,
+                template,
+                token,
+                &Default::default(),
+                actor,
+            )
             .await;
         if let Err(e) = registered {
             // Not the device's: gone at once, not left for the sweep.
@@ -474,33 +532,31 @@ impl Fleet {
     /// the same certificate policies; the current one stays ACTIVE (its replacement overlaps).
     async fn est_reenroll(
         &self,
+        state: &Caller,
         caller: &portcullis_pki::Certificate,
         csr: &str,
         actor: &str,
     ) -> FleetAnswer {
         let id = CertId::of_der(caller.der());
-        let current = match self.store.certificate(&id).await {
-            Ok(r) => r,
-            Err(RegistryError::NotFound(_)) => {
-                return Err(FleetError {
-                    status: 403,
-                    code: "Forbidden",
-                    message: "only a registered certificate re-enrolls".into(),
-                });
+        match state {
+            Caller::Device(_) => {}
+            Caller::Claim(_) => {
+                return Err(forbidden(
+                    "a claim certificate does not renew: devices get their own by provisioning",
+                ));
             }
-            Err(e) => return Err(internal(e)),
-        };
-        if current.status != portcullis_registry::CertStatus::Active
-            || current.claim_templates.is_some()
-        {
-            return Err(FleetError {
-                status: 403,
-                code: "Forbidden",
-                message: format!(
-                    "certificate {id} is {} or a claim: only an ACTIVE device certificate re-enrolls",
-                    current.status.as_str()
-                ),
-            });
+            Caller::Refused(why) => {
+                return Err(forbidden(format!(
+                    "{why}: only a registered ACTIVE device certificate renews"
+                )));
+            }
+        }
+        // Renewed by the CA that issued it: a partner CA's certificate renewed by the local CA
+        // would gain whatever is attached to the local CA.
+        if !caller.is_signed_by(self.issuer.certificate()) {
+            return Err(forbidden(format!(
+                "certificate {id} was not issued by this node's local CA; renew it with the CA that issued it"
+            )));
         }
         let mut request = IssueRequest::new(Profile::Client, SubjectName::cn("device"));
         request.days = 365;

@@ -418,6 +418,22 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
         assert_eq!(code, "400", "{why}: {refused}");
         assert_eq!(refused["errorCode"], "InvalidCsr", "{why}: {refused}");
     }
+    // A claim cannot mint a certificate with a registered device's subject (csr.json is
+    // sensor-C3's, registered above): another device's identity is not for the taking.
+    let (code, refused) = post(
+        "/provisioning/certificates/create-from-csr",
+        "csr.json",
+        "claim-1.chain.pem",
+        "claim-1.key",
+    );
+    assert_eq!(code, "400", "{refused}");
+    assert!(
+        refused["errorMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("held by a registered certificate"),
+        "{refused}"
+    );
     // A device's own certificate has no policy naming the provisioning topics; the one it
     // renewed is INACTIVE now and does not get past the handshake.
     let (code, denied) = post(
@@ -505,7 +521,7 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
                 "-out",
                 "h.csr",
                 "-subj",
-                "/CN=hooked",
+                &format!("/CN=hooked-{serial}"),
             ],
             d,
         );
@@ -587,11 +603,37 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
         "not a claim yet: refused in the handshake"
     );
     let marked = cli_json(d, &["ca", "update", &ca_id, "--claim-templates", "factory"]);
+    let made = run(
+        &openssl,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "claim2.key",
+            "-out",
+            "claim2.csr",
+            "-subj",
+            "/CN=sensor-E5",
+        ],
+        d,
+    );
+    assert_eq!(made.code, 0);
+    let claim2 = std::fs::read_to_string(d.join("claim2.csr")).unwrap();
+    std::fs::write(
+        d.join("claim2.json"),
+        serde_json::json!({"certificateSigningRequest": claim2}).to_string(),
+    )
+    .unwrap();
     assert_eq!(marked["claim_templates"][0], "factory", "{marked}");
     wait_for_snapshot(d, &s);
     let (code, created) = post(
         "/provisioning/certificates/create-from-csr",
-        "csr.json",
+        "claim2.json",
         "claim-2.chain.pem",
         "claim-2.key",
     );
@@ -854,7 +896,46 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         })
         .map(|c| c["id"].as_str().unwrap().to_string())
         .expect("the renewed certificate is listed");
+    // Regression (renewal_with_a_stolen_key_outlived_revocation): renewals never used do not
+    // pile up — a newer one revokes the unused one — and revoking a certificate revokes what
+    // was renewed from it.
+    let id_of = |pem: &str| {
+        let der = run(
+            &openssl,
+            &["x509", "-in", pem, "-outform", "DER", "-out", "id.der"],
+            d,
+        );
+        assert_eq!(der.code, 0);
+        run(&openssl, &["dgst", "-sha256", "-r", "id.der"], d)
+            .stdout
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let third = csr("est-3", "/CN=est-dev-1");
+    let (code, body) = est("/simplereenroll", "est-2", Some(&third));
+    assert_eq!(code, "200", "{body}");
+    unpack(&body, "est-3.pem");
+    let fourth = csr("est-4", "/CN=est-dev-1");
+    let (code, body) = est("/simplereenroll", "est-2", Some(&fourth));
+    assert_eq!(code, "200", "{body}");
+    unpack(&body, "est-4.pem");
+    let (unused, pending) = (id_of("est-3.pem"), id_of("est-4.pem"));
+    assert_eq!(
+        cli_json(d, &["cert", "describe", &unused])["status"],
+        "REVOKED"
+    );
+    assert_eq!(
+        cli_json(d, &["cert", "describe", &pending])["status"],
+        "ACTIVE"
+    );
     cli(d, &["cert", "update", &newest, "--status", "REVOKED"]).ok();
+    assert_eq!(
+        cli_json(d, &["cert", "describe", &pending])["status"],
+        "REVOKED",
+        "renewed from a revoked certificate"
+    );
     wait_for_snapshot(d, &s);
     let (code, _) = est("/simplereenroll", "est-2", Some(&again));
     assert_eq!(code, "000", "a revoked certificate cannot even connect");

@@ -176,6 +176,19 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             "the client id must be the name of a thing this certificate is attached to",
         );
     }
+    // A claim certificate (shared by a batch of devices) may not take a device's client id: it
+    // would close that device's session and could clear what it kept.
+    let policies = c.verifier.registry_snapshot();
+    if policies.policies().claim_templates(&leaf).is_some()
+        && policies.policies().is_thing(&client_id)
+    {
+        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        return log_refused(
+            &c,
+            &client_id,
+            "a claim certificate may not connect with a thing's name as its client id",
+        );
+    }
     let auth = SessionAuth::new(&c, &leaf, &client_id);
     if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
         metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);

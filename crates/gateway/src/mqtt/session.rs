@@ -95,7 +95,14 @@ pub(super) struct FleetReplies {
     filters: Vec<(String, QoS)>,
     tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
     rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// Calls under way: at most [`FLEET_CALLS_IN_FLIGHT`] (each makes a key or signs a
+    /// certificate and writes the registry), so the reply channel holds at most that many.
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Fleet provisioning calls one connection may have under way at once; more are refused
+/// (`Throttled`, 429) rather than queued.
+const FLEET_CALLS_IN_FLIGHT: usize = 4;
 
 impl FleetReplies {
     fn new() -> Box<FleetReplies> {
@@ -104,6 +111,7 @@ impl FleetReplies {
             filters: Vec::new(),
             tx,
             rx,
+            in_flight: Default::default(),
         })
     }
 }
@@ -724,7 +732,25 @@ impl Session<'_> {
         call: Result<crate::fleet::FleetCall, crate::fleet::FleetError>,
     ) {
         use crate::fleet::{FleetError, FleetRequest, reply};
-        let tx = self.fleet.get_or_insert_with(FleetReplies::new).tx.clone();
+        use std::sync::atomic::Ordering;
+        let fleet = self.fleet.get_or_insert_with(FleetReplies::new);
+        let tx = fleet.tx.clone();
+        let in_flight = fleet.in_flight.clone();
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= FLEET_CALLS_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!("portcullis_fleet_requests_total", "call" => "any", "result" => "throttled").increment(1);
+            let _ = tx.send(reply(
+                topic,
+                &Err(FleetError {
+                    status: 429,
+                    code: "Throttled",
+                    message: format!(
+                        "more than {FLEET_CALLS_IN_FLIGHT} provisioning calls under way on this connection; wait for their answers"
+                    ),
+                }),
+            ));
+            return;
+        }
         let service = self.c.verifier.fleet();
         let request = call.map(|call| FleetRequest {
             call,
@@ -743,6 +769,7 @@ impl Session<'_> {
                 }),
                 (Ok(request), Some(service)) => service.call(request).await,
             };
+            in_flight.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(reply(&topic, &answer));
         });
     }

@@ -310,6 +310,36 @@ impl Store {
                 .await?;
                 if done.rows_affected() == 1 {
                     audit(&mut *tx, actor, AuditAction::CertificateStatus, id.as_str(), b.as_deref(), a.as_deref()).await?;
+                    if status == CertStatus::Revoked {
+                        // What was renewed from a revoked certificate goes with it: its key may
+                        // have renewed itself into certificates its holder never used.
+                        let mut frontier = vec![id.as_str().to_string()];
+                        let mut steps = 0;
+                        while let Some(parent) = frontier.pop() {
+                            steps += 1;
+                            if steps > 10_000 {
+                                break;
+                            }
+                            let children: Vec<(String, String)> = sqlx::query("SELECT id, status FROM certificates WHERE renews = $1 AND status <> 'REVOKED'")
+                                .bind(&parent)
+                                .fetch_all(&mut *tx)
+                                .await?
+                                .iter()
+                                .map(|r| Ok((r.try_get("id")?, r.try_get("status")?)))
+                                .collect::<Result<_, sqlx::Error>>()?;
+                            for (child, was) in children {
+                                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE id = $2")
+                                    .bind(after.updated_at)
+                                    .bind(&child)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                let before = serde_json::json!({"status": was}).to_string();
+                                let why = serde_json::json!({"status": "REVOKED", "cause": "renewed from a revoked certificate", "revoked": id}).to_string();
+                                audit(&mut *tx, actor, AuditAction::CertificateStatus, &child, Some(&before), Some(&why)).await?;
+                                frontier.push(child);
+                            }
+                        }
+                    }
                     tx.commit().await?;
                     true
                 } else {

@@ -319,6 +319,22 @@ impl Store {
             if let Err(e) = inserted {
                 return Err(conflict_or(e, format!("certificate {} is already registered", record.id)));
             }
+            // One identity, one holder: a claim cannot mint a certificate with the subject of a
+            // registered device (policies and upstreams that read the subject would take it for
+            // that device). Renewals go through `register_renewal`.
+            // Checked after the insert: on SQLite a transaction that reads before it writes
+            // cannot wait for another writer.
+            let taken = sqlx::query("SELECT id FROM certificates WHERE subject = $1 AND id <> $2 AND status <> 'REVOKED' LIMIT 1")
+                .bind(&record.subject)
+                .bind(record.id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if taken.is_some() {
+                return Err(RegistryError::Invalid(format!(
+                    "the subject '{}' is held by a registered certificate; a device provisions under a subject of its own (renewal keeps it)",
+                    record.subject
+                )));
+            }
             sqlx::query("INSERT INTO ownership_tokens (token_hash, certificate_id, claim_id, expires_at) VALUES ($1, $2, $3, $4)")
                 .bind(&token_hash)
                 .bind(record.id.as_str())
@@ -505,6 +521,25 @@ impl Store {
                 return Err(conflict_or(e, format!("certificate {} is already registered", record.id)));
             }
             audit(&mut *tx, actor, AuditAction::CertificateRegister, record.id.as_str(), None, Some(&after)).await?;
+            // At most one unused renewal per certificate: an earlier one never seen on a
+            // connection (an answer the device lost, or a stolen key's) is revoked now.
+            let superseded: Vec<String> = sqlx::query("SELECT id FROM certificates WHERE renews = $1 AND id <> $2 AND status = 'ACTIVE' AND last_seen IS NULL")
+                .bind(old.as_str())
+                .bind(record.id.as_str())
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get("id"))
+                .collect::<Result<_, _>>()?;
+            for id in &superseded {
+                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE id = $2")
+                    .bind(record.created_at)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                let why = serde_json::json!({"status": "REVOKED", "cause": "superseded by a newer renewal, never used", "superseded_by": record.id}).to_string();
+                audit(&mut *tx, actor, AuditAction::CertificateStatus, id, Some(r#"{"status":"ACTIVE"}"#), Some(&why)).await?;
+            }
             let things = sqlx::query("SELECT thing_name, exclusive FROM thing_certificates WHERE certificate_id = $1")
                 .bind(old.as_str())
                 .fetch_all(&mut *tx)

@@ -394,6 +394,9 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?
                     .and_then(|r| r.try_get::<Option<String>, _>("renews").ok().flatten());
+                // The lineage stays (`renews` is kept: revoking a certificate revokes what was
+                // renewed from it); the walk stops at the first one no longer ACTIVE, behind
+                // which everything was retired already.
                 let mut next = renews;
                 let mut steps = 0;
                 while let Some(old) = next.take() {
@@ -406,24 +409,20 @@ impl Store {
                         .bind(&old)
                         .execute(&mut *tx)
                         .await?;
-                    if done.rows_affected() == 1 {
-                        let after = serde_json::json!({"status": "INACTIVE", "cause": "renewed", "renewed_by": id}).to_string();
-                        audit(&mut *tx, "gateway:renewal", AuditAction::CertificateStatus, &old, Some(r#"{"status":"ACTIVE"}"#), Some(&after)).await?;
-                        if let Ok(old_id) = old.parse::<CertId>() {
-                            retired.push((old_id, id.clone()));
-                        }
+                    if done.rows_affected() != 1 {
+                        break;
+                    }
+                    let after = serde_json::json!({"status": "INACTIVE", "cause": "renewed", "renewed_by": id}).to_string();
+                    audit(&mut *tx, "gateway:renewal", AuditAction::CertificateStatus, &old, Some(r#"{"status":"ACTIVE"}"#), Some(&after)).await?;
+                    if let Ok(old_id) = old.parse::<CertId>() {
+                        retired.push((old_id, id.clone()));
                     }
                     next = sqlx::query("SELECT renews FROM certificates WHERE id = $1")
                         .bind(&old)
                         .fetch_optional(&mut *tx)
                         .await?
                         .and_then(|r| r.try_get::<Option<String>, _>("renews").ok().flatten());
-                    sqlx::query("UPDATE certificates SET renews = NULL WHERE id = $1").bind(&old).execute(&mut *tx).await?;
                 }
-                sqlx::query("UPDATE certificates SET renews = NULL WHERE id = $1 AND renews IS NOT NULL")
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
             }
             tx.commit().await?;
             Ok::<(), RegistryError>(())

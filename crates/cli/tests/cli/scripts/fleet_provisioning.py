@@ -178,4 +178,13 @@ made = connect("made.pem", "made.key", "sensor-B2")
 made.publish(topic="devices/sensor-B2/telemetry", payload=b"{}", qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(WAIT)
 check(True, "the device made with CreateKeysAndCertificate connected and published")
 made.disconnect().result(WAIT)
+
+# Regression (claim_took_over_a_device_client_id): the claim certificate may not connect with a
+# provisioned thing's name as its client id (it would close that device's session).
+try:
+    connect("claim-1.chain.pem", "claim-1.key", "sensor-B2")
+    taken = True
+except Exception:
+    taken = False
+check(not taken, "a claim certificate cannot connect as a provisioned device")
 print("ALL OK", flush=True)
