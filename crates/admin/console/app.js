@@ -131,8 +131,8 @@ function card(label, value, id) {
 }
 
 async function dashboard() {
-  const [metricsText, cas, cluster] = await Promise.all([
-    api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/cluster")]);
+  const [metricsText, cas, cluster, renewal] = await Promise.all([
+    api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/cluster"), api("GET", "/v1/renewal")]);
   const m = parseMetrics(metricsText);
   const now = Date.now() / 1000;
   const ok = sum(m, "portcullis_handshakes_total", (l) => l.result === "ok");
@@ -169,6 +169,9 @@ async function dashboard() {
       card("Certificates expiring in 7 days", expiring[0], "expiring-7"),
       card("… in 30 days", expiring[1]),
       card("… in 90 days", expiring[2]),
+      card("Due for renewal", renewal.due, "renewal-due"),
+      card("Overdue (expired, ACTIVE)", renewal.overdue, "renewal-overdue"),
+      card("Renewals issued", renewal.renewed, "renewed"),
       card("CAs expiring in 7 days", caSoon(7), "ca-expiring-7"),
       card("… in 30 days", caSoon(30)),
       card("… in 90 days", caSoon(90))),

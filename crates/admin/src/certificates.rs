@@ -186,6 +186,13 @@ pub(super) async fn create_certificate(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
+/// How renewal stands now: certificates due (past two thirds of their lifetime, not renewed),
+/// overdue (expired while ACTIVE), and renewals issued.
+pub(super) async fn renewal(State(api): State<Api>) -> ApiResult {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    Ok(to_json(&api.store.renewal_counts(now).await?))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RenewCertificate {

@@ -287,6 +287,7 @@ pub fn router(api: Api) -> Router {
             get(list_certificates).post(create_certificate),
         )
         .route("/v1/certificates/batch", post(register_batch))
+        .route("/v1/renewal", get(certificates::renewal))
         .route(
             "/v1/certificates/{id}/renew",
             post(certificates::renew_certificate),

@@ -325,6 +325,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("NatsCertificate"),
     ),
     (
+        "get",
+        "/v1/renewal",
+        "How renewal stands: certificates due (past two thirds of their lifetime, not renewed), overdue (expired while ACTIVE), renewals issued",
+        None,
+    ),
+    (
         "post",
         "/v1/certificates/{id}/renew",
         "Renew a certificate with the local CA (a new key answered once, or the device's CSR); the new one goes where the old one is, which becomes INACTIVE once the new one is seen",

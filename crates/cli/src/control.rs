@@ -131,6 +131,9 @@ pub enum CertCommand {
         #[arg(long)]
         force: bool,
     },
+    /// How renewal stands: certificates due (past two thirds of their lifetime, not renewed),
+    /// overdue (expired while ACTIVE), and renewals issued.
+    Renewal,
     /// Make a certificate a claim certificate: it may then only provision devices (IoT Core's
     /// fleet provisioning MQTT API) under the templates named, nothing else.
     Claim {
@@ -1315,6 +1318,17 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>()
                         .join(", ")
+                )
+            });
+        }
+        CertCommand::Renewal => {
+            let v = client.get("/v1/renewal").await?;
+            out.show(&v, |v| {
+                format!(
+                    "due for renewal: {}\noverdue (expired, still ACTIVE): {}\nrenewals issued: {}",
+                    s(&v["due"]),
+                    s(&v["overdue"]),
+                    s(&v["renewed"])
                 )
             });
         }

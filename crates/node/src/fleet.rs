@@ -624,13 +624,24 @@ fn random_hex(bytes: usize) -> Result<String, portcullis_pki::PkiError> {
     ))
 }
 
-/// Deletes, every minute, the certificates made for devices that never registered them (their
-/// ownership token expired unspent).
+/// Every minute: deletes the certificates made for devices that never registered them (their
+/// ownership token expired unspent), and sets the renewal gauges
+/// (`portcullis_certificates_renewal{state="due"|"overdue"}`, `portcullis_certificates_renewed`).
 pub(crate) async fn sweep(store: Store) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
         every.tick().await;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match store.renewal_counts(now).await {
+            Ok(c) => {
+                metrics::gauge!("portcullis_certificates_renewal", "state" => "due")
+                    .set(c.due as f64);
+                metrics::gauge!("portcullis_certificates_renewal", "state" => "overdue")
+                    .set(c.overdue as f64);
+                metrics::gauge!("portcullis_certificates_renewed").set(c.renewed as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "counting certificates due for renewal"),
+        }
         match store
             .sweep_unclaimed_certificates(now, "fleet:sweeper")
             .await

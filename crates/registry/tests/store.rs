@@ -1129,6 +1129,28 @@ async fn fleet_provisioning(store: &Store) {
         store.certificate(&record.id).await.unwrap().status,
         CertStatus::Active
     );
+    // Renewal counts at a given time: the device's certificate (a year) is due two thirds in,
+    // overdue once expired; a renewal counts as issued.
+    let counts = store.renewal_counts(now).await.unwrap();
+    assert_eq!(counts.renewed, 0, "{backend}");
+    let late = now + 300 * 24 * 3600;
+    let due = store.renewal_counts(late).await.unwrap();
+    assert!(due.due >= 1, "{backend}: {due:?}");
+    let expired = store.renewal_counts(now + 400 * 24 * 3600).await.unwrap();
+    assert!(expired.overdue >= 1, "{backend}: {expired:?}");
+    let renewal = portcullis_pki::Certificate::first_and_rest(
+        leaf(&factory, "device-1", Profile::Client).as_bytes(),
+    )
+    .unwrap()
+    .0;
+    store
+        .register_renewal(&renewal, &record.id, "test")
+        .await
+        .unwrap();
+    let after = store.renewal_counts(late).await.unwrap();
+    assert_eq!(after.renewed, 1, "{backend}");
+    // The renewed certificate no longer counts; its renewal, as young, counts in its place.
+    assert_eq!(after.due, due.due, "{backend}");
     store
         .set_certificate_claim(&claim.id, None, "test")
         .await

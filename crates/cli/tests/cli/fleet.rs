@@ -1030,6 +1030,12 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         .unwrap();
     assert_eq!(active["id"], last.as_str());
     println!("EST: 100 rotations in {rotations:?}, leaving 1 ACTIVE certificate of 101");
+    let renewal = cli_json(d, &["cert", "renewal"]);
+    assert!(
+        renewal["renewed"].as_i64().unwrap() >= 100,
+        "renewals counted: {renewal}"
+    );
+    assert_eq!(renewal["overdue"], 0, "{renewal}");
 
     // An operator renews it (`cert renew`): a new key written 0600, the same subject and
     // thing; the renewed one retires once the new one connects.

@@ -20,6 +20,17 @@ use crate::names::check_name;
 /// How long an ownership token may be spent (IoT Core: one hour).
 pub const OWNERSHIP_TOKEN_SECONDS: i64 = 3600;
 
+/// How renewal stands ([`Store::renewal_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RenewalCounts {
+    /// ACTIVE certificates past two thirds of their lifetime, not yet renewed.
+    pub due: i64,
+    /// ACTIVE certificates that expired.
+    pub overdue: i64,
+    /// Certificates issued as renewals.
+    pub renewed: i64,
+}
+
 /// A stored fleet provisioning template.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetTemplateRecord {
@@ -574,6 +585,30 @@ impl Store {
             }
             tx.commit().await?;
             Ok(record)
+        })
+    }
+
+    /// How renewal stands at `now` (seconds since the epoch): ACTIVE certificates past two
+    /// thirds of their lifetime with no ACTIVE renewal (due), ACTIVE certificates already
+    /// expired (overdue), and renewals issued.
+    pub async fn renewal_counts(&self, now: i64) -> Result<RenewalCounts, RegistryError> {
+        with_pool!(self, pool => {
+            let due: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates c WHERE c.status = 'ACTIVE' AND c.not_after > $1 AND 3 * $1 >= c.created_at + 2 * c.not_after AND c.claim_templates IS NULL \
+                                        AND NOT EXISTS (SELECT 1 FROM certificates r WHERE r.renews = c.id AND r.status = 'ACTIVE')")
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+                .try_get("n")?;
+            let overdue: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates WHERE status = 'ACTIVE' AND not_after <= $1")
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+                .try_get("n")?;
+            let renewed: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates WHERE renews IS NOT NULL")
+                .fetch_one(pool)
+                .await?
+                .try_get("n")?;
+            Ok(RenewalCounts { due, overdue, renewed })
         })
     }
 
