@@ -1178,37 +1178,10 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 }
                 (None, None) => bail!("give --csr FILE or --common-name CN"),
             }
-            let mut files = Outputs::default();
             // Refuse before asking the API to issue anything.
-            let cert_path = a.out.join("cert.pem");
-            files.public(&cert_path, "");
-            files.check_absent(a.force)?;
+            refuse_existing(&a.out, a.force)?;
             let v = client.post("/v1/certificates", &body).await?;
-            let mut files = Outputs::default();
-            files.public(&cert_path, s(&v["pem"]));
-            if let Some(chain) = v["chain_pem"].as_str() {
-                files.public(a.out.join("chain.pem"), chain);
-            }
-            if let Some(key) = v["private_key_pem"].as_str() {
-                files.secret(a.out.join("key.pem"), key);
-            }
-            let written = files.write(a.force)?;
-            let mut shown = v.clone();
-            if let Some(o) = shown.as_object_mut() {
-                // The key is in the file, never on the terminal.
-                o.remove("private_key_pem");
-            }
-            out.show(&shown, |v| {
-                format!(
-                    "created {}\nwrote {}",
-                    cert_text(v),
-                    written
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
+            write_issued(out, &v, &a.out, a.force, "created")?;
         }
         CertCommand::List(a) => {
             let mut query = vec![format!("limit={}", a.limit)];
@@ -1289,37 +1262,11 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 Some(csr) => body["csr_pem"] = json!(String::from_utf8_lossy(&read(csr, "CSR")?)),
                 None => body["key_type"] = json!(key_type),
             }
-            let cert_path = dir.join("cert.pem");
-            let mut check = Outputs::default();
-            check.public(&cert_path, "");
-            check.check_absent(force)?;
+            refuse_existing(&dir, force)?;
             let v = client
                 .post(&format!("/v1/certificates/{}/renew", segment(&id)), &body)
                 .await?;
-            let mut files = Outputs::default();
-            files.public(&cert_path, s(&v["pem"]));
-            if let Some(chain) = v["chain_pem"].as_str() {
-                files.public(dir.join("chain.pem"), chain);
-            }
-            if let Some(key) = v["private_key_pem"].as_str() {
-                files.secret(dir.join("key.pem"), key);
-            }
-            let written = files.write(force)?;
-            let mut shown = v.clone();
-            if let Some(o) = shown.as_object_mut() {
-                o.remove("private_key_pem");
-            }
-            out.show(&shown, |v| {
-                format!(
-                    "renewed {id}\n{}\nwrote {}",
-                    cert_text(v),
-                    written
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
+            write_issued(out, &v, &dir, force, &format!("renewed {id}\n"))?;
         }
         CertCommand::Renewal => {
             let v = client.get("/v1/renewal").await?;
@@ -1358,6 +1305,49 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses, before anything is issued, to write over an existing `DIR/cert.pem`.
+fn refuse_existing(dir: &std::path::Path, force: bool) -> Result<()> {
+    let mut files = Outputs::default();
+    files.public(dir.join("cert.pem"), "");
+    files.check_absent(force)
+}
+
+/// Writes what the API issued (`cert.pem`, `chain.pem`, and `key.pem` 0600 when a key was made)
+/// and shows the certificate without its key: the key is in the file, never on the terminal.
+fn write_issued(
+    out: &Printer,
+    v: &Value,
+    dir: &std::path::Path,
+    force: bool,
+    what: &str,
+) -> Result<()> {
+    let mut files = Outputs::default();
+    files.public(dir.join("cert.pem"), s(&v["pem"]));
+    if let Some(chain) = v["chain_pem"].as_str() {
+        files.public(dir.join("chain.pem"), chain);
+    }
+    if let Some(key) = v["private_key_pem"].as_str() {
+        files.secret(dir.join("key.pem"), key);
+    }
+    let written = files.write(force)?;
+    let mut shown = v.clone();
+    if let Some(o) = shown.as_object_mut() {
+        o.remove("private_key_pem");
+    }
+    out.show(&shown, |v| {
+        format!(
+            "{what} {}\nwrote {}",
+            cert_text(v),
+            written
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
+    Ok(())
 }
 
 fn template_text(v: &Value) -> String {

@@ -51,6 +51,55 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
+/// The local CA made before the node starts (the node uses an existing `data/ca`), and
+/// `trust.pem` holding the test root and it: the domain trusts claims from the root's CAs and
+/// the certificates the node issues.
+fn trust_root_and_local_ca(d: &Path) {
+    portcullis(
+        d,
+        &[
+            "pki", "ca", "create", "--cn", "Local CA", "--out", "data/ca",
+        ],
+    )
+    .ok();
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
+        std::fs::read_to_string(d.join("data/ca/ca.pem")).unwrap()
+    );
+    std::fs::write(d.join("trust.pem"), bundle).unwrap();
+}
+
+/// A P-256 key and a CSR for `subject`, made by `openssl req` as the AWS guides and RFC 7030's
+/// examples do (PEM files `key` and `csr` in `d`).
+fn new_csr(
+    openssl: &Path,
+    d: &Path,
+    key: &str,
+    csr: &str,
+    subject: &str,
+) -> portcullis_testkit::Run {
+    run(
+        openssl,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            csr,
+            "-subj",
+            subject,
+        ],
+        d,
+    )
+}
+
 /// A child process killed when dropped (a failing test leaves nothing running).
 struct Killed(std::process::Child);
 
@@ -79,20 +128,7 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     // A factory CA whose every certificate is a claim (registered or not).
     intermediate(d, "factory", "root");
     leaf(d, "client", "claim-2", "factory", &[]);
-    // The local CA exists before the node starts, so the domain can trust what it issues.
-    portcullis(
-        d,
-        &[
-            "pki", "ca", "create", "--cn", "Local CA", "--out", "data/ca",
-        ],
-    )
-    .ok();
-    let bundle = format!(
-        "{}{}",
-        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
-        std::fs::read_to_string(d.join("data/ca/ca.pem")).unwrap()
-    );
-    std::fs::write(d.join("trust.pem"), bundle).unwrap();
+    trust_root_and_local_ca(d);
     let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
          [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
          [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
@@ -194,46 +230,10 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
 
     // The device's key and CSR, made with openssl as the AWS guides do.
     let openssl = require_tool("openssl").unwrap();
-    let made = run(
-        &openssl,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "device.key",
-            "-out",
-            "device.csr",
-            "-subj",
-            "/CN=sensor-A1",
-        ],
-        d,
-    );
+    let made = new_csr(&openssl, d, "device.key", "device.csr", "/CN=sensor-A1");
     assert_eq!(made.code, 0, "{}", made.stderr);
 
-    let made = run(
-        &openssl,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "renew.key",
-            "-out",
-            "renew.csr",
-            "-subj",
-            "/CN=sensor-A1",
-        ],
-        d,
-    );
+    let made = new_csr(&openssl, d, "renew.key", "renew.csr", "/CN=sensor-A1");
     assert_eq!(made.code, 0, "{}", made.stderr);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/fleet_provisioning.py");
@@ -294,25 +294,7 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
 
     // The same over HTTPS (builtin:provisioning), for devices without MQTT: the MQTT API's
     // payloads, the rejection's status.
-    let made = run(
-        &openssl,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "web.key",
-            "-out",
-            "web.csr",
-            "-subj",
-            "/CN=sensor-C3",
-        ],
-        d,
-    );
+    let made = new_csr(&openssl, d, "web.key", "web.csr", "/CN=sensor-C3");
     assert_eq!(made.code, 0, "{}", made.stderr);
     let csr = std::fs::read_to_string(d.join("web.csr")).unwrap();
     std::fs::write(
@@ -506,24 +488,12 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
     )
     .ok();
     let register_hooked = |serial: &str| {
-        let made = run(
+        let made = new_csr(
             &openssl,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "h.key",
-                "-out",
-                "h.csr",
-                "-subj",
-                &format!("/CN=hooked-{serial}"),
-            ],
             d,
+            "h.key",
+            "h.csr",
+            &format!("/CN=hooked-{serial}"),
         );
         assert_eq!(made.code, 0, "{}", made.stderr);
         let csr = std::fs::read_to_string(d.join("h.csr")).unwrap();
@@ -603,25 +573,7 @@ fn a_device_with_a_claim_certificate_provisions_itself_with_the_aws_device_sdk()
         "not a claim yet: refused in the handshake"
     );
     let marked = cli_json(d, &["ca", "update", &ca_id, "--claim-templates", "factory"]);
-    let made = run(
-        &openssl,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "claim2.key",
-            "-out",
-            "claim2.csr",
-            "-subj",
-            "/CN=sensor-E5",
-        ],
-        d,
-    );
+    let made = new_csr(&openssl, d, "claim2.key", "claim2.csr", "/CN=sensor-E5");
     assert_eq!(made.code, 0);
     let claim2 = std::fs::read_to_string(d.join("claim2.csr")).unwrap();
     std::fs::write(
@@ -670,19 +622,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     root(d);
     intermediate(d, "int", "root");
     leaf(d, "client", "boot-1", "int", &[]);
-    portcullis(
-        d,
-        &[
-            "pki", "ca", "create", "--cn", "Local CA", "--out", "data/ca",
-        ],
-    )
-    .ok();
-    let bundle = format!(
-        "{}{}",
-        std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
-        std::fs::read_to_string(d.join("data/ca/ca.pem")).unwrap()
-    );
-    std::fs::write(d.join("trust.pem"), bundle).unwrap();
+    trust_root_and_local_ca(d);
     let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
          [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
@@ -1074,25 +1014,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         "INACTIVE"
     );
     // A CSR for another subject is refused, saying why.
-    let made = run(
-        &openssl,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "op-other.key",
-            "-out",
-            "op-other.csr",
-            "-subj",
-            "/CN=someone",
-        ],
-        d,
-    );
+    let made = new_csr(&openssl, d, "op-other.key", "op-other.csr", "/CN=someone");
     assert_eq!(made.code, 0);
     let refused = cli(
         d,
