@@ -127,3 +127,36 @@ pub(super) async fn clear_claim(
             .await?,
     ))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EnrollmentCodes {
+    /// How many (1-1000, default 1).
+    count: Option<u32>,
+    /// How long they are good, in hours (1-8760, default a week).
+    ttl_hours: Option<i64>,
+}
+
+/// One-time enrollment codes for a template (EST `simpleenroll` with HTTP Basic
+/// authentication, for devices with no certificate yet): answered once, kept as hashes.
+pub(super) async fn enrollment_codes(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(name): Path<String>,
+    Body(req): Body<EnrollmentCodes>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let ttl_hours = req.ttl_hours.unwrap_or(24 * 7);
+    if !(1..=8760).contains(&ttl_hours) {
+        return Err(super::ApiError::invalid(
+            "ttl_hours must be between 1 and 8760",
+        ));
+    }
+    let (codes, expires_at) = api
+        .store
+        .create_enrollment_codes(&name, req.count.unwrap_or(1), ttl_hours * 3600, &caller)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"template": name, "codes": codes, "expires_at": expires_at})),
+    ))
+}

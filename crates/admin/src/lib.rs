@@ -301,6 +301,10 @@ pub fn router(api: Api) -> Router {
             get(fleet::list_templates).post(fleet::create_template),
         )
         .route(
+            "/v1/provisioning-templates/{name}/enrollment-codes",
+            post(fleet::enrollment_codes),
+        )
+        .route(
             "/v1/provisioning-templates/{name}",
             get(fleet::describe_template)
                 .patch(fleet::update_template)

@@ -373,6 +373,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("UpdateFleetTemplate"),
     ),
     (
+        "post",
+        "/v1/provisioning-templates/{name}/enrollment-codes",
+        "One-time enrollment codes for EST simpleenroll with HTTP Basic authentication (answered once)",
+        Some("EnrollmentCodes"),
+    ),
+    (
         "delete",
         "/v1/provisioning-templates/{name}",
         "Delete a fleet provisioning template",
@@ -485,6 +491,8 @@ fn schemas() -> Value {
 fn fleet_schemas() -> Value {
     let s = |v: &str| json!({"type": v});
     json!({
+        "EnrollmentCodes": {"type": "object", "additionalProperties": false, "properties": {
+            "count": s("integer"), "ttl_hours": s("integer")}},
         "RenewCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "csr_pem": s("string"), "key_type": s("string"), "days": s("integer")}},
         "Claim": {"type": "object", "required": ["templates"], "additionalProperties": false, "properties": {

@@ -195,6 +195,19 @@ pub enum ProvisioningTemplateCommand {
         /// Name.
         name: String,
     },
+    /// One-time enrollment codes for the template: a device with no certificate yet enrolls
+    /// over EST (`simpleenroll`, HTTP Basic authentication, the code as the password). Printed
+    /// once; only their hashes are kept.
+    Codes {
+        /// Name.
+        name: String,
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// How long they are good, in hours.
+        #[arg(long, default_value_t = 168)]
+        ttl_hours: i64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -1443,6 +1456,34 @@ async fn provisioning_template(
                 )
                 .await?;
             out.show(&v, |v| format!("updated {}", template_text(v)));
+        }
+        ProvisioningTemplateCommand::Codes {
+            name,
+            count,
+            ttl_hours,
+        } => {
+            let v = client
+                .post(
+                    &format!(
+                        "/v1/provisioning-templates/{}/enrollment-codes",
+                        segment(&name)
+                    ),
+                    &json!({"count": count, "ttl_hours": ttl_hours}),
+                )
+                .await?;
+            out.show(&v, |v| {
+                let mut lines: Vec<String> = v["codes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| s(c).to_string())
+                    .collect();
+                lines.push(format!(
+                    "(one-time, template {name}, until {})",
+                    when(&v["expires_at"])
+                ));
+                lines.join("\n")
+            });
         }
         ProvisioningTemplateCommand::Delete { name } => {
             client

@@ -38,6 +38,9 @@ pub enum FleetCall {
         csr: String,
         /// The template (the EST CA label), if one was named.
         template: Option<String>,
+        /// A one-time enrollment code (HTTP Basic authentication's password), for a device
+        /// with no certificate yet.
+        code: Option<String>,
     },
     /// Renewal (EST `simplereenroll`, or MQTT `$portcullis/certificates/renew/json`): the
     /// caller (a registered ACTIVE certificate) gets a new certificate for the same subject,
@@ -75,8 +78,9 @@ pub enum FleetCall {
 pub struct FleetRequest {
     /// The call.
     pub call: FleetCall,
-    /// The certificate the device connected with (a claim, or a device's own).
-    pub caller: Certificate,
+    /// The certificate the device connected with (a claim, or a device's own); none only for
+    /// an EST enrollment with a one-time code.
+    pub caller: Option<Certificate>,
     /// Its MQTT client id.
     pub client_id: String,
 }

@@ -52,30 +52,58 @@ impl Fleet {
     }
 
     async fn answer(&self, request: FleetRequest) -> FleetAnswer {
-        let caller = CertId::of_der(request.caller.der());
         let actor = format!("fleet:{}", request.client_id);
         let started = std::time::Instant::now();
+        let Some(caller_cert) = request.caller.clone() else {
+            // No certificate: only an EST enrollment with a one-time code.
+            let answer = match &request.call {
+                FleetCall::EstEnroll {
+                    csr,
+                    template,
+                    code: Some(code),
+                } => {
+                    self.enroll_with_code(csr, template.as_deref(), code, &actor)
+                        .await
+                }
+                _ => Err(FleetError {
+                    status: 401,
+                    code: "Unauthorized",
+                    message: "a client certificate is needed".into(),
+                }),
+            };
+            return self
+                .finish(
+                    "est-simpleenroll-code",
+                    "enrollment-code",
+                    &request,
+                    &actor,
+                    started,
+                    answer,
+                )
+                .await;
+        };
+        let caller = CertId::of_der(caller_cert.der());
         // Whatever the domain's registry mode: only ACTIVE certificates (or claims) are served.
         let state = match request.call {
             FleetCall::CaCertificates | FleetCall::Jwks => Caller::Refused(String::new()),
-            _ => match self.caller_state(&request.caller).await {
+            _ => match self.caller_state(&caller_cert).await {
                 Ok(state) => state,
                 Err(e) => return Err(e),
             },
         };
-        let (call, answer) = match request.call {
+        let (call, answer) = match request.call.clone() {
             FleetCall::CreateKeysAndCertificate => (
                 "create-keys-and-certificate",
                 match &state {
                     Caller::Refused(why) => Err(forbidden(why.clone())),
-                    _ => self.create(&caller, None, &actor).await,
+                    _ => self.create(caller.as_str(), None, &actor).await,
                 },
             ),
             FleetCall::CreateCertificateFromCsr { csr } => (
                 "create-certificate-from-csr",
                 match &state {
                     Caller::Refused(why) => Err(forbidden(why.clone())),
-                    _ => self.create(&caller, Some(&csr), &actor).await,
+                    _ => self.create(caller.as_str(), Some(&csr), &actor).await,
                 },
             ),
             FleetCall::RegisterThing {
@@ -84,8 +112,15 @@ impl Fleet {
                 parameters,
             } => (
                 "register-thing",
-                self.register(&state, &caller, &template, &token, &parameters, &actor)
-                    .await,
+                self.register(
+                    &state,
+                    caller.as_str(),
+                    &template,
+                    &token,
+                    &parameters,
+                    &actor,
+                )
+                .await,
             ),
             FleetCall::CaCertificates => ("est-cacerts", Ok(self.ca_certificates())),
             FleetCall::Jwks => ("jwks", Ok(self.token.jwks())),
@@ -95,20 +130,33 @@ impl Fleet {
                 issuer,
             } => (
                 "token",
-                self.issue_token(&state, &request.caller, &audience, lifetime_secs, &issuer)
+                self.issue_token(&state, &caller_cert, &audience, lifetime_secs, &issuer)
                     .await,
             ),
-            FleetCall::EstEnroll { csr, template } => (
+            FleetCall::EstEnroll { csr, template, .. } => (
                 "est-simpleenroll",
-                self.est_enroll(&state, &request.caller, &csr, template.as_deref(), &actor)
+                self.est_enroll(&state, &caller_cert, &csr, template.as_deref(), &actor)
                     .await,
             ),
             FleetCall::Reenroll { csr } => (
                 "renew",
-                self.est_reenroll(&state, &request.caller, &csr, &actor)
-                    .await,
+                self.est_reenroll(&state, &caller_cert, &csr, &actor).await,
             ),
         };
+        self.finish(call, caller.as_str(), &request, &actor, started, answer)
+            .await
+    }
+
+    /// Counts, logs and (for a refusal) audits an answer.
+    async fn finish(
+        &self,
+        call: &'static str,
+        caller: &str,
+        request: &FleetRequest,
+        actor: &str,
+        started: std::time::Instant,
+        answer: FleetAnswer,
+    ) -> FleetAnswer {
         let result = match &answer {
             Ok(_) => "accepted",
             Err(_) => "rejected",
@@ -125,7 +173,7 @@ impl Fleet {
                 tracing::info!(target: "portcullis::fleet", call, client_id = %request.client_id, code = e.code, reason = %e.message, "fleet provisioning rejected");
                 if let Err(failed) = self
                     .store
-                    .record_fleet_refusal(&caller, call, e.code, &e.message, &actor)
+                    .record_fleet_refusal(caller, call, e.code, &e.message, actor)
                     .await
                 {
                     tracing::warn!(target: "portcullis::fleet", error = %failed, "cannot record a fleet provisioning refusal");
@@ -136,7 +184,9 @@ impl Fleet {
     }
 
     /// `CreateKeysAndCertificate` (`csr: None`) or `CreateCertificateFromCsr`.
-    async fn create(&self, caller: &CertId, csr: Option<&str>, actor: &str) -> FleetAnswer {
+    /// `CreateKeysAndCertificate` (`csr: None`) or `CreateCertificateFromCsr`, for `caller` (the
+    /// asking certificate's id, or the enrollment code's mark).
+    async fn create(&self, caller: &str, csr: Option<&str>, actor: &str) -> FleetAnswer {
         let mut request = IssueRequest::new(Profile::Client, SubjectName::cn("device"));
         request.days = 365;
         let (cert, key) = match csr {
@@ -187,7 +237,7 @@ impl Fleet {
     async fn register(
         &self,
         state: &Caller,
-        caller: &CertId,
+        caller: &str,
         template: &str,
         token: &str,
         parameters: &std::collections::BTreeMap<String, String>,
@@ -283,7 +333,7 @@ impl Fleet {
         template: &str,
         parameters: &std::collections::BTreeMap<String, String>,
         certificate: &portcullis_registry::CertRecord,
-        caller: &CertId,
+        caller: &str,
     ) -> Result<std::collections::BTreeMap<String, String>, FleetError> {
         let denied = |why: String| FleetError {
             status: 403,
@@ -469,6 +519,69 @@ impl Fleet {
         })
     }
 
+    /// EST `simpleenroll` by a device with no certificate yet, authenticated by a one-time
+    /// enrollment code: the code is spent, and given back if the template refuses.
+    async fn enroll_with_code(
+        &self,
+        csr: &str,
+        label: Option<&str>,
+        code: &str,
+        actor: &str,
+    ) -> FleetAnswer {
+        let unauthorized = || FleetError {
+            status: 401,
+            code: "Unauthorized",
+            message: "the enrollment code is unknown, spent or expired".into(),
+        };
+        let (template, expires_at) = match self.store.spend_enrollment_code(code).await {
+            Ok(Some(spent)) => spent,
+            Ok(None) => return Err(unauthorized()),
+            Err(e) => return Err(internal(e)),
+        };
+        let kept = template.clone();
+        let refused = |e: FleetError| {
+            let kept = kept.clone();
+            async move {
+                let _ = self
+                    .store
+                    .restore_enrollment_code(code, &kept, expires_at)
+                    .await;
+                e
+            }
+        };
+        if let Some(label) = label
+            && label != template
+        {
+            let e = forbidden(format!(
+                "this enrollment code is for template '{template}', not '{label}'"
+            ));
+            return Err(refused(e).await);
+        }
+        let mark = format!("enrollment-code:{template}");
+        let created = match self.create(&mark, Some(csr), actor).await {
+            Ok(c) => c,
+            Err(e) => return Err(refused(e).await),
+        };
+        let (Some(id), Some(token), Some(pem)) = (
+            created["certificateId"].as_str(),
+            created["certificateOwnershipToken"].as_str(),
+            created["certificatePem"].as_str(),
+        ) else {
+            return Err(refused(internal("the new certificate's answer is incomplete")).await);
+        };
+        let state = Caller::Claim(vec![template.clone()]);
+        if let Err(e) = self
+            .register(&state, &mark, &template, token, &Default::default(), actor)
+            .await
+        {
+            if let Ok(id) = id.parse::<CertId>() {
+                let _ = self.store.delete_certificate(&id, actor).await;
+            }
+            return Err(refused(e).await);
+        }
+        Ok(json!({ "certificatesPem": [pem] }))
+    }
+
     /// EST `simpleenroll`: a claim certificate enrolls a device under the template named as the
     /// EST label — the CSR signed, registered and provisioned at once (nothing is left behind
     /// when the template refuses).
@@ -499,7 +612,7 @@ impl Fleet {
             });
         }
         let caller_id = CertId::of_der(caller.der());
-        let created = self.create(&caller_id, Some(csr), actor).await?;
+        let created = self.create(caller_id.as_str(), Some(csr), actor).await?;
         let (Some(id), Some(token), Some(pem)) = (
             created["certificateId"].as_str(),
             created["certificateOwnershipToken"].as_str(),
@@ -510,7 +623,7 @@ impl Fleet {
         let registered = self
             .register(
                 state,
-                &caller_id,
+                caller_id.as_str(),
                 template,
                 token,
                 &Default::default(),

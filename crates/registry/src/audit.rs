@@ -88,6 +88,8 @@ pub enum AuditAction {
     FleetTemplateUpdate,
     /// A fleet provisioning template deleted.
     FleetTemplateDelete,
+    /// One-time enrollment codes made for a template.
+    EnrollmentCodeCreate,
 }
 
 /// What a change affects on the gateway nodes.
@@ -111,7 +113,7 @@ pub struct Effects {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 40] = [
+    pub const ALL: [AuditAction; 41] = [
         AuditAction::CaRegister,
         AuditAction::CaUpdate,
         AuditAction::CertificateRegister,
@@ -152,6 +154,7 @@ impl AuditAction {
         AuditAction::FleetTemplateCreate,
         AuditAction::FleetTemplateUpdate,
         AuditAction::FleetTemplateDelete,
+        AuditAction::EnrollmentCodeCreate,
     ];
 
     /// The stored name.
@@ -197,6 +200,7 @@ impl AuditAction {
             AuditAction::FleetTemplateCreate => "provisioning-template.create",
             AuditAction::FleetTemplateUpdate => "provisioning-template.update",
             AuditAction::FleetTemplateDelete => "provisioning-template.delete",
+            AuditAction::EnrollmentCodeCreate => "enrollment-code.create",
         }
     }
 
@@ -229,7 +233,8 @@ impl AuditAction {
             // Read from the store when a device provisions.
             AuditAction::FleetTemplateCreate
             | AuditAction::FleetTemplateUpdate
-            | AuditAction::FleetTemplateDelete => none,
+            | AuditAction::FleetTemplateDelete
+            | AuditAction::EnrollmentCodeCreate => none,
             AuditAction::CertificateStatus | AuditAction::CertificateProvisionRefused => Effects {
                 certificate_status: true,
                 ..none

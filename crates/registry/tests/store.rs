@@ -1043,7 +1043,7 @@ async fn fleet_provisioning(store: &Store) {
         .unwrap()
         .0;
     let (record, token) = store
-        .register_fleet_certificate(&device, &claim.id, "test")
+        .register_fleet_certificate(&device, claim.id.as_str(), "test")
         .await
         .unwrap();
     assert_eq!(record.status, CertStatus::PendingActivation, "{backend}");
@@ -1102,7 +1102,7 @@ async fn fleet_provisioning(store: &Store) {
     .unwrap()
     .0;
     let (pending, _) = store
-        .register_fleet_certificate(&other, &claim.id, "test")
+        .register_fleet_certificate(&other, claim.id.as_str(), "test")
         .await
         .unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

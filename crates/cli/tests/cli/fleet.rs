@@ -628,7 +628,11 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
          [domain.mtls]\nmode = \"required\"\ntruststore = \"trust.pem\"\n\
          [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
-         [[domain.mapping]]\nbase_path = \"/.well-known/est\"\nupstream = \"builtin:est\"\n";
+         [[domain.mapping]]\nbase_path = \"/.well-known/est\"\nupstream = \"builtin:est\"\n\
+         [[domain]]\nhostname = \"enroll.test\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"optional\"\ntruststore = \"trust.pem\"\n\
+         [[domain.mapping]]\nbase_path = \"/.well-known/est\"\nupstream = \"builtin:est\"\n\
+         client_certificate = \"optional\"\n";
     let s = Server::start(d, config);
     std::fs::write(
         d.join("factory.json"),
@@ -763,6 +767,66 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     assert_eq!(code, "204");
 
     // simpleenroll, bootstrapped by the claim certificate, the template as the label.
+    // A device with no certificate yet enrolls with a one-time code (HTTP Basic, the code as
+    // the password), on a domain where the certificate is optional.
+    let codes = cli_json(
+        d,
+        &["provisioning-template", "codes", "factory", "--count", "2"],
+    );
+    let (one, two) = (
+        codes["codes"][0].as_str().unwrap().to_string(),
+        codes["codes"][1].as_str().unwrap().to_string(),
+    );
+    let by_code = |path: &str, code: Option<&str>, body: &str| {
+        let auth = code.map(|c| format!("device:{c}"));
+        let data = format!("@{body}");
+        let mut args = vec![
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/pkcs10",
+            "--data-binary",
+            data.as_str(),
+        ];
+        if let Some(auth) = &auth {
+            args.extend(["-u", auth.as_str()]);
+        }
+        let r = curl_port(
+            d,
+            port,
+            "enroll.test",
+            &format!("/.well-known/est{path}"),
+            &args,
+        );
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        (
+            status.split_whitespace().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    };
+    let coded = csr("code-1", "/CN=code-dev-1");
+    let (code, body) = by_code("/factory/simpleenroll", None, &coded);
+    assert_eq!(code, "401", "no certificate and no code: {body}");
+    let (code, body) = by_code("/factory/simpleenroll", Some("not-a-code"), &coded);
+    assert_eq!(code, "401", "an unknown code: {body}");
+    let (code, body) = by_code("/other/simpleenroll", Some(&two), &coded);
+    assert_eq!(code, "403", "a code is for one template: {body}");
+    let (code, body) = by_code("/factory/simpleenroll", Some(&one), &coded);
+    assert_eq!(code, "200", "{body}");
+    assert!(unpack(&body, "code-1.pem").contains("code-dev-1"));
+    assert_eq!(
+        cli_json(d, &["thing", "describe", "code-dev-1"])["name"],
+        "code-dev-1"
+    );
+    let second = csr("code-2", "/CN=code-dev-2");
+    let (code, body) = by_code("/factory/simpleenroll", Some(&one), &second);
+    assert_eq!(code, "401", "a spent code: {body}");
+    let (code, body) = by_code("/factory/simpleenroll", Some(&two), &second);
+    assert_eq!(
+        code, "200",
+        "the code refused for another template is still good: {body}"
+    );
+
     let first = csr("est-1", "/CN=est-dev-1");
     let (code, body) = est("/factory/simpleenroll", "boot", Some(&first));
     assert_eq!(code, "200", "{body}");

@@ -23,7 +23,7 @@ const MAX_CSR: usize = 64 * 1024;
 /// Answers an EST request on the path `rest` (after the mapping's base path).
 pub(crate) async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
-    leaf: &Certificate,
+    leaf: Option<&Certificate>,
     rest: &str,
     verifier: &std::sync::Arc<crate::verify::DomainVerifier>,
     peer: std::net::SocketAddr,
@@ -42,13 +42,17 @@ pub(crate) async fn answer(
             *resp.status_mut() = StatusCode::NO_CONTENT;
             return resp;
         }
-        ("simpleenroll", hyper::Method::POST) => match csr(req).await {
-            Ok(csr) => FleetCall::EstEnroll {
-                csr,
-                template: label,
-            },
-            Err(e) => return e,
-        },
+        ("simpleenroll", hyper::Method::POST) => {
+            let code = basic_password(req.headers());
+            match csr(req).await {
+                Ok(csr) => FleetCall::EstEnroll {
+                    csr,
+                    template: label,
+                    code,
+                },
+                Err(e) => return e,
+            }
+        }
         ("simplereenroll", hyper::Method::POST) => match csr(req).await {
             Ok(csr) => FleetCall::Reenroll { csr },
             Err(e) => return e,
@@ -66,6 +70,19 @@ pub(crate) async fn answer(
             );
         }
     };
+    // Without a certificate, only an enrollment with a one-time code.
+    let with_code = matches!(&call, FleetCall::EstEnroll { code: Some(_), .. });
+    if leaf.is_none() && !with_code {
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "present a client certificate, or a one-time enrollment code (HTTP Basic authentication) to simpleenroll",
+        );
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Basic realm=\"est\""),
+        );
+        return resp;
+    }
     let Some(service) = verifier.fleet() else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -75,7 +92,7 @@ pub(crate) async fn answer(
     let answer = service
         .call(FleetRequest {
             call,
-            caller: leaf.clone(),
+            caller: leaf.cloned(),
             client_id: format!("est {peer}"),
         })
         .await;
@@ -98,11 +115,35 @@ pub(crate) async fn answer(
         }
         Err(FleetError {
             status, message, ..
-        }) => text(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            &message,
-        ),
+        }) => {
+            let mut resp = text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                &message,
+            );
+            if status == 401 {
+                resp.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Basic realm=\"est\""),
+                );
+            }
+            resp
+        }
     }
+}
+
+/// The password of an `Authorization: Basic` header (the user name is not used).
+fn basic_password(headers: &hyper::HeaderMap) -> Option<String> {
+    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':')
+        .map(|(_, p)| p.to_string())
+        .filter(|p| !p.is_empty())
 }
 
 /// The request's CSR (base64 DER, as RFC 7030 sends it; PEM accepted too) as PEM.

@@ -83,7 +83,7 @@ pub(crate) async fn answer(
             service
                 .call(FleetRequest {
                     call,
-                    caller: leaf.clone(),
+                    caller: Some(leaf.clone()),
                     client_id: format!("https {peer}"),
                 })
                 .await

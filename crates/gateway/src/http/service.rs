@@ -189,7 +189,7 @@ pub(crate) async fn request(
                             crate::config::Builtin::Est => {
                                 super::est::answer(
                                     req,
-                                    &chain[0],
+                                    Some(&chain[0]),
                                     &rest,
                                     &domain.tls.verifier,
                                     ctx.peer,
@@ -197,6 +197,11 @@ pub(crate) async fn request(
                                 .await
                             }
                         },
+                        // EST enrolls a device with no certificate yet by a one-time code.
+                        ClientVerdict::None if builtin == crate::config::Builtin::Est => {
+                            super::est::answer(req, None, &rest, &domain.tls.verifier, ctx.peer)
+                                .await
+                        }
                         _ => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
                     };
                     return finish(&ctx, started, name, method, path, None, response);

@@ -111,7 +111,7 @@ pub(crate) async fn answer(
     let answer = service
         .call(FleetRequest {
             call,
-            caller: leaf.clone(),
+            caller: Some(leaf.clone()),
             client_id: format!("token {peer}"),
         })
         .await;

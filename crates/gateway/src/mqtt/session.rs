@@ -754,7 +754,7 @@ impl Session<'_> {
         let service = self.c.verifier.fleet();
         let request = call.map(|call| FleetRequest {
             call,
-            caller: self.leaf.clone(),
+            caller: Some(self.leaf.clone()),
             client_id: self.client_id.clone(),
         });
         let topic = topic.to_string();

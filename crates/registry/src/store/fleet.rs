@@ -298,7 +298,7 @@ impl Store {
     pub async fn register_fleet_certificate(
         &self,
         cert: &Certificate,
-        claim: &CertId,
+        claim: &str,
         actor: &str,
     ) -> Result<(CertRecord, String), RegistryError> {
         let token = super::admin::random_hex(32)?;
@@ -349,7 +349,7 @@ impl Store {
             sqlx::query("INSERT INTO ownership_tokens (token_hash, certificate_id, claim_id, expires_at) VALUES ($1, $2, $3, $4)")
                 .bind(&token_hash)
                 .bind(record.id.as_str())
-                .bind(claim.as_str())
+                .bind(claim)
                 .bind(record.created_at + OWNERSHIP_TOKEN_SECONDS)
                 .execute(&mut *tx)
                 .await?;
@@ -392,7 +392,7 @@ impl Store {
     /// certificate that asked): what was asked, IoT Core's error code and why.
     pub async fn record_fleet_refusal(
         &self,
-        caller: &CertId,
+        caller: &str,
         call: &str,
         code: &str,
         reason: &str,
@@ -401,7 +401,7 @@ impl Store {
         let refused = serde_json::json!({"call": call, "code": code, "reason": reason}).to_string();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            audit(&mut *tx, actor, AuditAction::CertificateProvisionRefused, caller.as_str(), None, Some(&refused)).await?;
+            audit(&mut *tx, actor, AuditAction::CertificateProvisionRefused, caller, None, Some(&refused)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -585,6 +585,81 @@ impl Store {
             }
             tx.commit().await?;
             Ok(record)
+        })
+    }
+
+    /// Makes `count` one-time enrollment codes for template `template`, good for `ttl_secs`;
+    /// answers the codes (shown once; only their hashes are kept) and when they expire.
+    pub async fn create_enrollment_codes(
+        &self,
+        template: &str,
+        count: u32,
+        ttl_secs: i64,
+        actor: &str,
+    ) -> Result<(Vec<String>, i64), RegistryError> {
+        if !(1..=1000).contains(&count) {
+            return Err(RegistryError::Invalid(
+                "count must be between 1 and 1000".into(),
+            ));
+        }
+        self.fleet_template(template).await?;
+        let now = now();
+        let expires_at = now + ttl_secs;
+        let codes: Vec<String> = (0..count)
+            .map(|_| super::admin::random_hex(16))
+            .collect::<Result<_, _>>()?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for code in &codes {
+                sqlx::query("INSERT INTO enrollment_codes (code_hash, template, expires_at, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(super::admin::token_hash(code))
+                    .bind(template)
+                    .bind(expires_at)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let after = serde_json::json!({"template": template, "count": count, "expires_at": expires_at}).to_string();
+            audit(&mut *tx, actor, AuditAction::EnrollmentCodeCreate, template, None, Some(&after)).await?;
+            tx.commit().await?;
+            Ok::<(), RegistryError>(())
+        })?;
+        Ok((codes, expires_at))
+    }
+
+    /// Spends a one-time enrollment code: the template it is for; `None` when it is unknown,
+    /// spent or expired.
+    pub async fn spend_enrollment_code(
+        &self,
+        code: &str,
+    ) -> Result<Option<(String, i64)>, RegistryError> {
+        let hash = super::admin::token_hash(code);
+        with_pool!(self, pool => {
+            let row = sqlx::query("DELETE FROM enrollment_codes WHERE code_hash = $1 AND expires_at > $2 RETURNING template, expires_at")
+                .bind(&hash)
+                .bind(now())
+                .fetch_optional(pool)
+                .await?;
+            row.map(|r| Ok((r.try_get("template")?, r.try_get("expires_at")?))).transpose()
+        })
+    }
+
+    /// Gives a spent code back (the enrollment it was spent on was refused).
+    pub async fn restore_enrollment_code(
+        &self,
+        code: &str,
+        template: &str,
+        expires_at: i64,
+    ) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
+            sqlx::query("INSERT INTO enrollment_codes (code_hash, template, expires_at, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                .bind(super::admin::token_hash(code))
+                .bind(template)
+                .bind(expires_at)
+                .bind(now())
+                .execute(pool)
+                .await?;
+            Ok(())
         })
     }
 

@@ -92,7 +92,8 @@ pub(crate) fn event_of(
         | A::CertificateFleetCreate
         | A::FleetTemplateCreate
         | A::FleetTemplateUpdate
-        | A::FleetTemplateDelete => None,
+        | A::FleetTemplateDelete
+        | A::EnrollmentCodeCreate => None,
     }
 }
 
