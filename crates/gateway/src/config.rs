@@ -547,6 +547,8 @@ pub struct Mapping {
     pub websocket: bool,
     /// Answered by the gateway itself instead of an upstream.
     pub builtin: Option<Builtin>,
+    /// For [`Builtin::Token`]: the audiences a token may be asked for (empty: any).
+    pub token_audiences: Vec<String>,
 }
 
 /// A service the gateway answers itself on a mapping (`upstream = "builtin:…"`).
@@ -627,6 +629,7 @@ impl Mapping {
             authorization: Authorization::None,
             websocket: true,
             builtin: None,
+            token_audiences: Vec::new(),
         })
     }
 

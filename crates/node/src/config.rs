@@ -609,9 +609,19 @@ fn file_domain(
                     m.upstream
                 );
             }
-            let mapping = Mapping::builtin(&m.base_path, builtin, require)
+            if !m.token_audiences.is_empty()
+                && builtin != portcullis_gateway::config::Builtin::Token
+            {
+                bail!(
+                    "{}: mapping '{}': token_audiences is for builtin:token mappings",
+                    ctx(),
+                    m.base_path
+                );
+            }
+            let mut mapping = Mapping::builtin(&m.base_path, builtin, require)
                 .with_context(ctx)?
                 .with_authorization(authorization);
+            mapping.token_audiences = m.token_audiences.clone();
             mappings.push(mapping);
             continue;
         }
@@ -620,6 +630,13 @@ fn file_domain(
         {
             bail!(
                 "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning, builtin:est or builtin:token",
+                ctx(),
+                m.base_path
+            );
+        }
+        if !m.token_audiences.is_empty() {
+            bail!(
+                "{}: mapping '{}': token_audiences is for builtin:token mappings",
                 ctx(),
                 m.base_path
             );

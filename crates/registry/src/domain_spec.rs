@@ -162,6 +162,9 @@ pub struct MappingSpec {
     /// Tunnel WebSocket upgrades to the upstream (default true).
     #[serde(default = "default_true")]
     pub websocket: bool,
+    /// For `builtin:token`: the audiences a token may be asked for (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_audiences: Vec<String>,
 }
 
 fn default_authorization() -> String {

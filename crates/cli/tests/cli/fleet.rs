@@ -1120,7 +1120,8 @@ fn a_certificate_gets_a_short_lived_token_that_pyjwt_verifies_against_the_jwks()
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
          [domain.mtls]\nmode = \"required\"\ntruststore = \"root/ca.pem\"\n\
          [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
-         [[domain.mapping]]\nbase_path = \"/auth\"\nupstream = \"builtin:token\"\n";
+         [[domain.mapping]]\nbase_path = \"/auth\"\nupstream = \"builtin:token\"\n\
+         token_audiences = [\"https://api.example.com\"]\n";
     let s = Server::start(d, config);
     let pump = cli_json(
         d,
@@ -1214,11 +1215,24 @@ fn a_certificate_gets_a_short_lived_token_that_pyjwt_verifies_against_the_jwks()
     let (code, e) = ask(
         "pump-1",
         "/auth/token",
-        Some(r#"{"audience": "a", "lifetime_seconds": 86400}"#),
+        Some(r#"{"audience": "https://api.example.com", "lifetime_seconds": 86400}"#),
     );
     assert_eq!(code, "400", "{e}");
-    let (code, e) = ask("claim-9", "/auth/token", Some(r#"{"audience": "a"}"#));
+    let (code, e) = ask(
+        "claim-9",
+        "/auth/token",
+        Some(r#"{"audience": "https://api.example.com"}"#),
+    );
     assert_eq!(code, "403", "{e}");
+    assert!(e.to_string().contains("claim"), "{e}");
+    // Only the mapping's audiences (token_audiences).
+    let (code, e) = ask(
+        "pump-1",
+        "/auth/token",
+        Some(r#"{"audience": "https://other.example.com"}"#),
+    );
+    assert_eq!(code, "403", "{e}");
+    assert_eq!(e["error"], "audience-not-allowed", "{e}");
     cli(d, &["cert", "update", &pump_id, "--status", "REVOKED"]).ok();
     wait_for_snapshot(d, &s);
     let (code, _) = ask("pump-1", "/auth/token", Some(r#"{"audience": "a"}"#));

@@ -175,11 +175,28 @@ pub(crate) async fn request(
                                 .await
                             }
                             crate::config::Builtin::Token => {
+                                let Some(mapping) = index.map(|i| &domain.config.mappings[i])
+                                else {
+                                    return finish(
+                                        &ctx,
+                                        started,
+                                        name,
+                                        method,
+                                        path,
+                                        None,
+                                        error_response(
+                                            StatusCode::NOT_FOUND,
+                                            "no-route",
+                                            "no mapping",
+                                            None,
+                                        ),
+                                    );
+                                };
                                 super::token::answer(
                                     req,
                                     &chain[0],
                                     &rest,
-                                    base,
+                                    mapping,
                                     &domain.tls.verifier,
                                     &domain.config,
                                     ctx.peer,

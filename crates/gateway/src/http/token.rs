@@ -11,12 +11,12 @@ use serde_json::json;
 use crate::fleet::{FleetCall, FleetError, FleetRequest};
 use crate::http::respond::{Body, error_response, full};
 
-/// Answers a token request on the path `rest` (after the mapping's base path `base`).
+/// Answers a token request on the path `rest` (after `mapping`'s base path).
 pub(crate) async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     leaf: &Certificate,
     rest: &str,
-    base: &str,
+    mapping: &crate::config::Mapping,
     verifier: &std::sync::Arc<crate::verify::DomainVerifier>,
     domain: &crate::config::Domain,
     peer: std::net::SocketAddr,
@@ -73,6 +73,18 @@ pub(crate) async fn answer(
                     None,
                 );
             };
+            let audiences = &mapping.token_audiences;
+            if !audiences.is_empty() && !audiences.contains(&audience) {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    "audience-not-allowed",
+                    &format!(
+                        "tokens on this mapping are for {} only (token_audiences)",
+                        audiences.join(", ")
+                    ),
+                    None,
+                );
+            }
             let lifetime_secs = asked["lifetime_seconds"]
                 .as_u64()
                 .or_else(|| from_query("lifetime_seconds").and_then(|v| v.parse().ok()))
@@ -88,7 +100,7 @@ pub(crate) async fn answer(
             FleetCall::Token {
                 audience,
                 lifetime_secs,
-                issuer: format!("https://{}{}", domain.hostname, base),
+                issuer: format!("https://{}{}", domain.hostname, mapping.base_path),
             }
         }
         _ => {
