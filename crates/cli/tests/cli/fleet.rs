@@ -70,6 +70,17 @@ fn trust_root_and_local_ca(d: &Path) {
     std::fs::write(d.join("trust.pem"), bundle).unwrap();
 }
 
+/// An echo request with `cert` and `key` on `port`, asserted served (200); its answer.
+fn served(d: &Path, port: u16, cert: &str, key: &str) -> portcullis_testkit::Run {
+    let r = curl_port(d, port, "localhost", "/", &["--cert", cert, "--key", key]);
+    assert!(
+        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
+        "{cert}: {}",
+        r.stdout
+    );
+    r
+}
+
 /// A P-256 key and a CSR for `subject`, made by `openssl req` as the AWS guides and RFC 7030's
 /// examples do (PEM files `key` and `csr` in `d`).
 fn new_csr(
@@ -835,18 +846,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     let t = cli_json(d, &["thing", "describe", "est-dev-1"]);
     assert_eq!(t["certificates"].as_array().unwrap().len(), 1, "{t}");
     // The device is served with it at once.
-    let r = curl_port(
-        d,
-        port,
-        "localhost",
-        "/",
-        &["--cert", "est-1.pem", "--key", "est-1.key"],
-    );
-    assert!(
-        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
-        "{}",
-        r.stdout
-    );
+    served(d, port, "est-1.pem", "est-1.key");
 
     // simplereenroll with the issued certificate: a new key, the same subject.
     let again = csr("est-2", "/CN=est-dev-1");
@@ -855,18 +855,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     unpack(&body, "est-2.pem");
     let t = cli_json(d, &["thing", "describe", "est-dev-1"]);
     assert_eq!(t["certificates"].as_array().unwrap().len(), 2, "{t}");
-    let r = curl_port(
-        d,
-        port,
-        "localhost",
-        "/",
-        &["--cert", "est-2.pem", "--key", "est-2.key"],
-    );
-    assert!(
-        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
-        "{}",
-        r.stdout
-    );
+    served(d, port, "est-2.pem", "est-2.key");
 
     // Refusals, in HTTP's terms.
     let other = csr("other", "/CN=someone-else");
@@ -971,23 +960,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
         let (code, body) = est("/simplereenroll", &format!("rot-{}", i - 1), Some(&next));
         assert_eq!(code, "200", "rotation {i}: {body}");
         unpack(&body, &format!("rot-{i}.pem"));
-        let r = curl_port(
-            d,
-            port,
-            "localhost",
-            "/",
-            &[
-                "--cert",
-                &format!("rot-{i}.pem"),
-                "--key",
-                &format!("rot-{i}.key"),
-            ],
-        );
-        assert!(
-            r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
-            "rotation {i}: {}",
-            r.stdout
-        );
+        served(d, port, &format!("rot-{i}.pem"), &format!("rot-{i}.key"));
     }
     let rotations = started.elapsed();
     // The last retirement names the last certificate as its successor.
@@ -1053,18 +1026,7 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     assert_eq!(crate::mode(d.join("op/key.pem")) & 0o777, 0o600);
     let new_id = renewed["id"].as_str().unwrap().to_string();
     wait_for_snapshot(d, &s);
-    let r = curl_port(
-        d,
-        port,
-        "localhost",
-        "/",
-        &["--cert", "op/cert.pem", "--key", "op/key.pem"],
-    );
-    assert!(
-        r.stdout.rsplit('\n').next().unwrap().starts_with("200 "),
-        "{}",
-        r.stdout
-    );
+    let r = served(d, port, "op/cert.pem", "op/key.pem");
     assert!(
         r.stdout.contains("rot-dev"),
         "the same subject: {}",

@@ -10,6 +10,7 @@ use sqlx::Row;
 
 use super::certificates::cert_from_row;
 use super::changes::audit;
+use super::things::attach_in;
 use super::{Store, conflict_or, now, summary_cert, with_pool};
 use crate::RegistryError;
 use crate::audit::AuditAction;
@@ -461,15 +462,7 @@ impl Store {
                     "thing '{thing}' exists already, and the template does not let new certificates join existing things (join_existing_thing)"
                 )));
             }
-            sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
-                .bind(thing)
-                .bind(certificate.as_str())
-                .bind(i64::from(plan.exclusive))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let attached = serde_json::json!({"certificate_id": certificate, "exclusive": plan.exclusive}).to_string();
-            audit(&mut *tx, actor, AuditAction::ThingAttach, thing, None, Some(&attached)).await?;
+            attach_in(&mut *tx, actor, thing, certificate.as_str(), plan.exclusive, now).await?;
             for policy in &plan.policies {
                 let added = sqlx::query("INSERT INTO policy_attachments (policy, target_type, target, attached_at) VALUES ($1, 'thing', $2, $3) ON CONFLICT DO NOTHING")
                     .bind(policy)
@@ -558,15 +551,7 @@ impl Store {
             for row in &things {
                 let thing: String = row.try_get("thing_name")?;
                 let exclusive: i64 = row.try_get("exclusive")?;
-                sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&thing)
-                    .bind(record.id.as_str())
-                    .bind(exclusive)
-                    .bind(record.created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                let attached = serde_json::json!({"certificate_id": record.id, "exclusive": exclusive != 0}).to_string();
-                audit(&mut *tx, actor, AuditAction::ThingAttach, &thing, None, Some(&attached)).await?;
+                attach_in(&mut *tx, actor, &thing, record.id.as_str(), exclusive != 0, record.created_at).await?;
                 record.things.push(thing);
             }
             let policies = sqlx::query("SELECT policy FROM policy_attachments WHERE target_type = 'certificate' AND target = $1")

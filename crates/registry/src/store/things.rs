@@ -342,15 +342,7 @@ impl Store {
                 tx.commit().await?;
                 return Err(RegistryError::Invalid(why));
             }
-            sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
-                .bind(thing)
-                .bind(id.as_str())
-                .bind(i64::from(provisioned.exclusive))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let attached = serde_json::json!({"certificate_id": id, "exclusive": provisioned.exclusive}).to_string();
-            audit(&mut *tx, actor, AuditAction::ThingAttach, thing, None, Some(&attached)).await?;
+            attach_in(&mut *tx, actor, thing, id.as_str(), provisioned.exclusive, now).await?;
             audit(&mut *tx, actor, AuditAction::CertificateProvision, id.as_str(), None, summary.as_deref()).await?;
             tx.commit().await?;
             Ok(record)
@@ -471,4 +463,44 @@ fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), Registr
 fn attributes_json(attributes: &BTreeMap<String, String>) -> Result<String, RegistryError> {
     serde_json::to_string(attributes)
         .map_err(|e| RegistryError::Invalid(format!("attributes: {e}")))
+}
+
+/// Attaches certificate `certificate` to `thing` in the caller's transaction, with its audit
+/// entry (`thing.attach`): what provisioning, fleet registration and renewal share.
+pub(crate) async fn attach_in<C, DB>(
+    conn: &mut C,
+    actor: &str,
+    thing: &str,
+    certificate: &str,
+    exclusive: bool,
+    now: i64,
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    C: Send,
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    sqlx::query("INSERT INTO thing_certificates (thing_name, certificate_id, exclusive, attached_at) VALUES ($1, $2, $3, $4)")
+        .bind(thing)
+        .bind(certificate)
+        .bind(i64::from(exclusive))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    let attached =
+        serde_json::json!({"certificate_id": certificate, "exclusive": exclusive}).to_string();
+    audit(
+        conn,
+        actor,
+        AuditAction::ThingAttach,
+        thing,
+        None,
+        Some(&attached),
+    )
+    .await
 }
