@@ -565,6 +565,10 @@ pub enum Builtin {
     /// Certificate → short-lived token (`builtin:token`): `POST <base>/token` answers an
     /// ES256 JWT for the certificate; `GET <base>/.well-known/jwks.json` the keys to verify it.
     Token,
+    /// SCEP (RFC 8894, `builtin:scep`): `?operation=GetCACaps`, `GetCACert` and
+    /// `PKIOperation`; enrollment by a one-time challenge password, renewal signed by the
+    /// current certificate. Needs no client certificate (mutual TLS optional on its domain).
+    Scep,
 }
 
 /// How a mapping authorizes requests beyond the client certificate.

@@ -187,6 +187,9 @@ impl Explainer {
                         Refusal::Builtin(crate::config::Builtin::Token) => format!(
                             "{path} is the certificate-to-token exchange (builtin:token)"
                         ),
+                        Refusal::Builtin(crate::config::Builtin::Scep) => format!(
+                            "{path} is SCEP enrollment (builtin:scep): a one-time challenge password enrolls, the current certificate renews"
+                        ),
                         Refusal::Builtin(crate::config::Builtin::Est) => format!(
                             "{path} is EST enrollment (builtin:est): claim certificates enroll, registered certificates re-enroll"
                         ),

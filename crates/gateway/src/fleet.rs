@@ -62,6 +62,13 @@ pub enum FleetCall {
     },
     /// The keys tokens are verified with (JWKS).
     Jwks,
+    /// SCEP `GetCACert`: the RA's certificates and the CA's.
+    ScepCaCertificates,
+    /// SCEP `PKIOperation`: the client's `pkiMessage` (DER), answered with a `CertRep`.
+    ScepOperation {
+        /// The message as sent.
+        message: Vec<u8>,
+    },
     /// `RegisterThing`.
     RegisterThing {
         /// The template named in the topic.

@@ -590,6 +590,7 @@ fn file_domain(
             "builtin:provisioning" => Some(portcullis_gateway::config::Builtin::Provisioning),
             "builtin:est" => Some(portcullis_gateway::config::Builtin::Est),
             "builtin:token" => Some(portcullis_gateway::config::Builtin::Token),
+            "builtin:scep" => Some(portcullis_gateway::config::Builtin::Scep),
             _ => None,
         };
         if let Some(builtin) = builtin {
@@ -629,7 +630,7 @@ fn file_domain(
             && other != "echo"
         {
             bail!(
-                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning, builtin:est or builtin:token",
+                "{}: mapping '{}': upstream 'builtin:{other}' is not a built-in service; use builtin:echo, builtin:provisioning, builtin:est, builtin:scep or builtin:token",
                 ctx(),
                 m.base_path
             );

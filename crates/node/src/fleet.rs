@@ -26,10 +26,12 @@ use serde_json::json;
 /// The node's fleet provisioning.
 #[derive(Debug, Clone)]
 pub(crate) struct Fleet {
-    store: Store,
-    issuer: Arc<CaIssuer>,
+    pub(crate) store: Store,
+    pub(crate) issuer: Arc<CaIssuer>,
     sync: Arc<crate::sync::SyncStatus>,
     token: Arc<crate::token::TokenSigner>,
+    /// SCEP's registration authority.
+    pub(crate) ra: Arc<portcullis_pki::scep::Ra>,
 }
 
 /// How long `RegisterThing` waits for this node to enforce the registration before answering
@@ -42,17 +44,29 @@ impl Fleet {
         issuer: Arc<CaIssuer>,
         sync: Arc<crate::sync::SyncStatus>,
         token: Arc<crate::token::TokenSigner>,
+        ra: Arc<portcullis_pki::scep::Ra>,
     ) -> Fleet {
         Fleet {
             store,
             issuer,
             sync,
             token,
+            ra,
         }
     }
 
     async fn answer(&self, request: FleetRequest) -> FleetAnswer {
         let actor = format!("fleet:{}", request.client_id);
+        // SCEP authenticates by what the message carries, not by the connection's certificate.
+        match &request.call {
+            FleetCall::ScepCaCertificates => {
+                return Ok(crate::scep::ca_certificates(&self.ra, &self.issuer));
+            }
+            FleetCall::ScepOperation { message } => {
+                return crate::scep::operation(self, message, &actor).await;
+            }
+            _ => {}
+        }
         let started = std::time::Instant::now();
         let Some(caller_cert) = request.caller.clone() else {
             // No certificate: only an EST enrollment with a one-time code.
@@ -85,7 +99,10 @@ impl Fleet {
         let caller = CertId::of_der(caller_cert.der());
         // Whatever the domain's registry mode: only ACTIVE certificates (or claims) are served.
         let state = match request.call {
-            FleetCall::CaCertificates | FleetCall::Jwks => Caller::Refused(String::new()),
+            FleetCall::CaCertificates
+            | FleetCall::Jwks
+            | FleetCall::ScepCaCertificates
+            | FleetCall::ScepOperation { .. } => Caller::Refused(String::new()),
             _ => match self.caller_state(&caller_cert).await {
                 Ok(state) => state,
                 Err(e) => return Err(e),
@@ -142,6 +159,9 @@ impl Fleet {
                 "renew",
                 self.est_reenroll(&state, &caller_cert, &csr, &actor).await,
             ),
+            FleetCall::ScepCaCertificates | FleetCall::ScepOperation { .. } => {
+                return Err(internal("SCEP calls are answered above"));
+            }
         };
         self.finish(call, caller.as_str(), &request, &actor, started, answer)
             .await
@@ -396,7 +416,7 @@ impl Fleet {
 const PRE_PROVISION: &str = "provisioning.pre_provision";
 
 /// Who asks, as the registry sees it.
-enum Caller {
+pub(crate) enum Caller {
     /// A claim certificate, with the templates it may use.
     Claim(Vec<String>),
     /// A registered ACTIVE device certificate.
@@ -481,7 +501,7 @@ impl Fleet {
     /// What the registry says the caller is, whatever the domain's registry mode: a claim (its
     /// templates: marked itself, or issued by an ACTIVE claim CA), an ACTIVE device certificate,
     /// or refused (registered but not ACTIVE, or unknown).
-    async fn caller_state(
+    pub(crate) async fn caller_state(
         &self,
         caller: &portcullis_pki::Certificate,
     ) -> Result<Caller, FleetError> {
@@ -521,7 +541,7 @@ impl Fleet {
 
     /// EST `simpleenroll` by a device with no certificate yet, authenticated by a one-time
     /// enrollment code: the code is spent, and given back if the template refuses.
-    async fn enroll_with_code(
+    pub(crate) async fn enroll_with_code(
         &self,
         csr: &str,
         label: Option<&str>,
@@ -643,7 +663,7 @@ impl Fleet {
     /// EST `simplereenroll`: a registered ACTIVE certificate gets a new one for the same
     /// subject (RFC 7030 §4.2.2: subject and SANs identical), attached to the same things with
     /// the same certificate policies; the current one stays ACTIVE (its replacement overlaps).
-    async fn est_reenroll(
+    pub(crate) async fn est_reenroll(
         &self,
         state: &Caller,
         caller: &portcullis_pki::Certificate,
@@ -720,7 +740,7 @@ impl FleetProvisioning for Fleet {
 }
 
 /// Ours, not the device's: logged in full, answered without internals.
-fn internal(e: impl std::fmt::Display) -> FleetError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> FleetError {
     tracing::warn!(target: "portcullis::fleet", error = %e, "fleet provisioning failed");
     FleetError {
         status: 500,

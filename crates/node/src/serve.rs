@@ -234,11 +234,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(key) => crate::token::TokenSigner::from_cluster_key(key)?,
         None => crate::token::TokenSigner::from_data_dir(&args.data_dir)?,
     };
+    let ra = crate::scep::load_ra(&store, cluster.as_ref(), &data, &local_ca).await?;
     gateway.set_fleet_provisioning(Arc::new(crate::fleet::Fleet::new(
         store.clone(),
         local_ca.clone(),
         sync_status.clone(),
         Arc::new(token),
+        Arc::new(ra),
     )));
     tokio::spawn(crate::fleet::sweep(store.clone()));
     let nats_state = nats_url

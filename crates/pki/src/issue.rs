@@ -40,6 +40,10 @@ pub enum Profile {
     Peer,
     /// A proof-of-possession certificate for CA registration: CN = registration code.
     Verification,
+    /// A SCEP registration authority's encryption certificate: keyEncipherment only.
+    RaEncryption,
+    /// A SCEP registration authority's signing certificate: digitalSignature only.
+    RaSigning,
 }
 
 impl Profile {
@@ -52,6 +56,7 @@ impl Profile {
             Profile::Server => 90,
             Profile::Peer => 365,
             Profile::Verification => 30,
+            Profile::RaEncryption | Profile::RaSigning => 3650,
         }
     }
 
@@ -634,9 +639,13 @@ fn build_params(
                 params.subject_alt_names = vec![san_from_cn(&req.subject.common_name)?.to_rcgen()?];
             }
         }
-        Profile::Verification => {
+        Profile::Verification | Profile::RaSigning => {
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        Profile::RaEncryption => {
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
         }
     }
     Ok(params)

@@ -21,7 +21,8 @@
 //!   `legacy` and `profile_check` add what the compatible profile accepts and what RFC 5280
 //!   asks beyond webpki.
 //! - [`truststore`] parses a PEM bundle the way the gateway uses it and lints it.
-//! - [`p12`], [`crl`] and [`pkcs7`] write PKCS#12 bundles, CRLs and certs-only PKCS#7 bundles.
+//! - [`p12`], [`crl`] and [`pkcs7`] write PKCS#12 bundles, CRLs and certs-only PKCS#7 bundles;
+//!   [`scep`] reads SCEP requests and writes their answers (CMS, on the `der` reader and writer).
 //!
 //! Every fallible function returns [`PkiError`], whose messages name the problem and the fix.
 //!
@@ -31,6 +32,7 @@
 
 pub mod cert;
 pub mod crl;
+mod der;
 mod error;
 pub mod issue;
 pub mod key;
@@ -41,6 +43,7 @@ pub mod p12;
 pub mod pem;
 pub mod pkcs7;
 mod profile_check;
+pub mod scep;
 #[cfg(test)]
 mod testcerts;
 pub mod truststore;

@@ -2,6 +2,7 @@
 //! answers certificates and Windows and Java export chains.
 
 use crate::cert::Certificate;
+use crate::der::element;
 
 /// `1.2.840.113549.1.7.2`, signedData.
 const SIGNED_DATA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02];
@@ -33,25 +34,6 @@ pub fn certs_only(certificates: &[Certificate]) -> Vec<u8> {
     )
 }
 
-/// One DER element: tag, definite length, contents.
-fn element(tag: u8, contents: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = contents.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-    out.extend_from_slice(contents);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +59,5 @@ mod tests {
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].der(), certs[0].der());
         assert_eq!(back[1].der(), certs[1].der());
-        assert_eq!(element(0x04, &[0; 300])[..4], [0x04, 0x82, 0x01, 0x2c]);
     }
 }

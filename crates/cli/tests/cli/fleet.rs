@@ -1200,3 +1200,97 @@ fn a_certificate_gets_a_short_lived_token_that_pyjwt_verifies_against_the_jwks()
     let (code, _) = ask("pump-1", "/auth/token", Some(r#"{"audience": "a"}"#));
     assert_eq!(code, "000", "revoked: refused in the handshake");
 }
+
+/// SCEP (RFC 8894) with pyscep, a real SCEP client: the device makes its own key, enrolls with
+/// a one-time challenge, gets the same certificate for the same transaction and by polling,
+/// renews with a new key, and is served through the gateway with what it got; a wrong or spent
+/// challenge and a stranger's renewal are refused.
+#[test]
+fn scep_enrolls_a_device_whose_key_never_leaves_it_with_pyscep() {
+    let Some(python) = crate::mqtt::paho_python() else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    // pyscep checks the RA's certificates with RSA PKCS#1 only: an RSA local CA.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "ca",
+            "create",
+            "--cn",
+            "Local CA",
+            "--key-type",
+            "rsa-2048",
+            "--out",
+            "data/ca",
+        ],
+    )
+    .ok();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"optional\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+         [[domain.mapping]]\nbase_path = \"/scep\"\nupstream = \"builtin:scep\"\n\
+         client_certificate = \"optional\"\n";
+    let s = Server::start(d, config);
+    std::fs::write(
+        d.join("laptops.json"),
+        r#"{"thing_name": "${cert:Subject.CN}", "attributes": {"enrolled": "scep"}}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &[
+            "provisioning-template",
+            "create",
+            "laptops",
+            "--file",
+            "laptops.json",
+        ],
+    )
+    .ok();
+    let codes = cli_json(d, &["provisioning-template", "codes", "laptops"]);
+    let code = codes["codes"][0].as_str().unwrap().to_string();
+    let port = s.ports[0];
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/scep_enroll.py");
+    let url = format!("https://localhost:{port}/scep");
+    let r = run(
+        &python,
+        &[script.to_str().unwrap(), &url, "data/ca/ca.pem", &code, "."],
+        d,
+    );
+    println!("{}", r.stdout);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("ALL OK"), "{}", r.stdout);
+
+    // Registered ACTIVE, attached to its thing by the template; served at once.
+    let t = cli_json(d, &["thing", "describe", "scep-device-1"]);
+    assert_eq!(t["attributes"]["enrolled"], "scep", "{t}");
+    served(d, port, "scep.pem", "scep.key");
+    served(d, port, "renewed.pem", "renewed.key");
+    assert!(cli(d, &["thing", "describe", "scep-device-2"]).code != 0);
+    // The refusals are audited with SCEP's reason.
+    let audit = cli_json(d, &["audit", "list", "--limit", "100"]).to_string();
+    assert!(audit.contains("badRequest"), "{audit}");
+
+    // Answers without a certificate, by plain curl: the capabilities, and a 400 for junk.
+    let caps = curl_port(d, port, "localhost", "/scep?operation=GetCACaps", &[]);
+    assert!(caps.stdout.contains("SCEPStandard"), "{}", caps.stdout);
+    let junk = curl_port(
+        d,
+        port,
+        "localhost",
+        "/scep?operation=PKIOperation",
+        &["-X", "POST", "--data-binary", "0not-a-message"],
+    );
+    assert!(junk.stdout.contains("\n400 "), "{}", junk.stdout);
+    assert!(
+        junk.stdout.contains("send a SCEP pkiMessage"),
+        "{}",
+        junk.stdout
+    );
+}

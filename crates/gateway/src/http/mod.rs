@@ -16,5 +16,6 @@ pub(crate) mod provisioning;
 pub(crate) mod proxy;
 pub(crate) mod respond;
 pub(crate) mod route;
+pub(crate) mod scep;
 pub(crate) mod service;
 pub(crate) mod token;

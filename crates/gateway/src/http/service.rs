@@ -213,7 +213,14 @@ pub(crate) async fn request(
                                 )
                                 .await
                             }
+                            crate::config::Builtin::Scep => {
+                                super::scep::answer(req, &domain.tls.verifier, ctx.peer).await
+                            }
                         },
+                        // SCEP messages carry their own signature and authorization.
+                        ClientVerdict::None if builtin == crate::config::Builtin::Scep => {
+                            super::scep::answer(req, &domain.tls.verifier, ctx.peer).await
+                        }
                         // EST enrolls a device with no certificate yet by a one-time code.
                         ClientVerdict::None if builtin == crate::config::Builtin::Est => {
                             super::est::answer(req, None, &rest, &domain.tls.verifier, ctx.peer)

@@ -183,6 +183,31 @@ impl Store {
             RegistryError::Invalid(format!("the cluster CA {name} was not recorded"))
         })
     }
+
+    /// Replaces the shared entry `name` if it is still `old_cert_pem` (a node renewing it; the
+    /// first to renew wins); the one in effect.
+    pub async fn replace_cluster_ca(
+        &self,
+        name: &str,
+        old_cert_pem: &str,
+        cert_pem: &str,
+        sealed_key: &str,
+    ) -> Result<(String, String), RegistryError> {
+        with_pool!(self, pool => {
+            sqlx::query("UPDATE cluster_cas SET cert_pem = $3, sealed_key = $4, created_at = $5 WHERE name = $1 AND cert_pem = $2")
+                .bind(name)
+                .bind(old_cert_pem)
+                .bind(cert_pem)
+                .bind(sealed_key)
+                .bind(now())
+                .execute(pool)
+                .await?;
+            Ok::<(), RegistryError>(())
+        })?;
+        self.cluster_ca(name).await?.ok_or_else(|| {
+            RegistryError::Invalid(format!("the cluster CA {name} was not recorded"))
+        })
+    }
 }
 
 fn server_cert_from_row<R: Row>(row: &R) -> Result<ServerCertRecord, RegistryError>

@@ -18,6 +18,9 @@ use crate::fleet::{FleetPlan, FleetTemplate};
 use crate::model::{CertId, CertRecord, CertStatus};
 use crate::names::check_name;
 
+/// How long a SCEP transaction's certificate is given back to a client that asks again.
+const SCEP_TRANSACTION_SECS: i64 = 7 * 86400;
+
 /// How long an ownership token may be spent (IoT Core: one hour).
 pub const OWNERSHIP_TOKEN_SECONDS: i64 = 3600;
 
@@ -645,6 +648,55 @@ impl Store {
                 .execute(pool)
                 .await?;
             Ok(())
+        })
+    }
+
+    /// Records the certificate issued for SCEP transaction `transaction_id` of the client whose
+    /// signing key hashes to `signer_key_sha256` (the first record stands).
+    pub async fn record_scep_transaction(
+        &self,
+        transaction_id: &str,
+        signer_key_sha256: &str,
+        certificate: &CertId,
+    ) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
+            sqlx::query("INSERT INTO scep_transactions (transaction_id, signer_key_sha256, certificate_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                .bind(transaction_id)
+                .bind(signer_key_sha256)
+                .bind(certificate.as_str())
+                .bind(now())
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// The certificate issued for a SCEP transaction of the client with this signing key, if
+    /// any (and not yet forgotten).
+    pub async fn scep_transaction(
+        &self,
+        transaction_id: &str,
+        signer_key_sha256: &str,
+    ) -> Result<Option<CertId>, RegistryError> {
+        with_pool!(self, pool => {
+            let row: Option<(String,)> = sqlx::query_as("SELECT certificate_id FROM scep_transactions WHERE transaction_id = $1 AND signer_key_sha256 = $2 AND created_at > $3")
+                .bind(transaction_id)
+                .bind(signer_key_sha256)
+                .bind(now() - SCEP_TRANSACTION_SECS)
+                .fetch_optional(pool)
+                .await?;
+            row.map(|(id,)| CertId::from_str(&id)).transpose()
+        })
+    }
+
+    /// Forgets SCEP transactions older than 7 days; how many.
+    pub async fn prune_scep_transactions(&self) -> Result<u64, RegistryError> {
+        with_pool!(self, pool => {
+            Ok(sqlx::query("DELETE FROM scep_transactions WHERE created_at <= $1")
+                .bind(now() - SCEP_TRANSACTION_SECS)
+                .execute(pool)
+                .await?
+                .rows_affected())
         })
     }
 

@@ -1,0 +1,303 @@
+//! SCEP enrollment (RFC 8894), the node's side: what a `builtin:scep` mapping's
+//! `PKIOperation` asks, answered with the registry and the local CA.
+//!
+//! - `PKCSReq`: the CSR's challenge password is a one-time enrollment code
+//!   (`provisioning-template codes`); the certificate is issued, registered ACTIVE and attached
+//!   to a thing by the code's template, exactly as an EST enrollment with a code. The key never
+//!   leaves the device.
+//! - `RenewalReq`: signed with the device's current certificate (registered ACTIVE, issued by
+//!   the local CA, not expired): a new certificate for the same subject, as EST `simplereenroll`.
+//! - `CertPoll`, or the same request sent again: the certificate already issued for the
+//!   transaction, to the key that asked only (kept 7 days, on every node).
+//! - `GetCert` and `GetCRL` are refused (`badRequest`).
+//!
+//! The registration authority (an RSA key, two certificates from the local CA) is made once:
+//! in the data directory (`scep/ra.pem`, `scep/ra.key` 0600) on a single node, in the registry
+//! under the cluster key in a cluster; renewed when it stops serving the local CA.
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use portcullis_gateway::fleet::{FleetAnswer, FleetError};
+use portcullis_pki::scep::{self, FailInfo, MessageType, Outcome, Ra, Request};
+use portcullis_pki::{CaIssuer, Certificate, PrivateKey};
+use portcullis_registry::{CertId, RegistryError, Store};
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::data_dir::DataDir;
+use crate::fleet::Fleet;
+use crate::output::Outputs;
+
+/// The RA's name among the cluster's shared keys.
+const CLUSTER_RA: &str = "scep-ra";
+
+/// The SCEP registration authority for `ca`: the data dir's or the cluster's, made (or renewed)
+/// when there is none that serves `ca`.
+pub(crate) async fn load_ra(
+    store: &Store,
+    cluster: Option<&Cluster>,
+    data: &DataDir,
+    ca: &CaIssuer,
+) -> Result<Ra> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let Some(cluster) = cluster else {
+        let cert_path = data.root.join("scep/ra.pem");
+        let key_path = data.root.join("scep/ra.key");
+        if let (Ok(certs), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+            let ra = Certificate::all_from_pem_or_der(&certs)
+                .map_err(anyhow::Error::from)
+                .and_then(|certs| Ok(Ra::new(certs, PrivateKey::from_pem_or_der(&key)?)?))
+                .with_context(|| format!("the SCEP RA in {}", cert_path.display()))?;
+            if ra.serves(ca.certificate(), now) {
+                return Ok(ra);
+            }
+        }
+        let ra = Ra::issue(ca).context("making the SCEP RA")?;
+        let mut out = Outputs::default();
+        out.public(&cert_path, pem_of(ra.certificates()));
+        out.secret(&key_path, ra.key().to_pem());
+        out.write(true)?;
+        return Ok(ra);
+    };
+    let context = format!("cluster-ca:{CLUSTER_RA}");
+    let open = |(pem, sealed): (String, String)| -> Result<Ra> {
+        let certs = Certificate::all_from_pem_or_der(pem.as_bytes())?;
+        let key = PrivateKey::from_pem_or_der(&cluster.key.open(&sealed, &context)?)?;
+        Ok(Ra::new(certs, key)?)
+    };
+    let fresh = || -> Result<(String, String)> {
+        let ra = Ra::issue(ca).context("making the SCEP RA")?;
+        Ok((
+            pem_of(ra.certificates()),
+            cluster.key.seal(ra.key().pkcs8_der(), &context)?,
+        ))
+    };
+    let recorded = match store.cluster_ca(CLUSTER_RA).await? {
+        Some(recorded) => recorded,
+        None => {
+            let (pem, sealed) = fresh()?;
+            store.init_cluster_ca(CLUSTER_RA, &pem, &sealed).await?
+        }
+    };
+    let old_pem = recorded.0.clone();
+    let ra = open(recorded).context("the cluster's SCEP RA")?;
+    if ra.serves(ca.certificate(), now) {
+        return Ok(ra);
+    }
+    let (pem, sealed) = fresh()?;
+    let replaced = store
+        .replace_cluster_ca(CLUSTER_RA, &old_pem, &pem, &sealed)
+        .await?;
+    open(replaced).context("the cluster's SCEP RA")
+}
+
+fn pem_of(certs: &[Certificate]) -> String {
+    certs.iter().map(Certificate::to_pem).collect()
+}
+
+/// GetCACert: the RA's certificates, then the CA's chain.
+pub(crate) fn ca_certificates(ra: &Ra, ca: &CaIssuer) -> serde_json::Value {
+    let pems: Vec<String> = ra
+        .certificates()
+        .iter()
+        .chain(ca.chain().iter())
+        .map(Certificate::to_pem)
+        .collect();
+    json!({ "certificatesPem": pems })
+}
+
+/// PKIOperation: the `CertRep` for `message` (`{"pkiMessage": base64}`); a message that cannot
+/// be answered at all (not a SCEP request) is a 400.
+pub(crate) async fn operation(fleet: &Fleet, message: &[u8], actor: &str) -> FleetAnswer {
+    let request = scep::read_request(message, &fleet.ra).map_err(|e| {
+        FleetError::invalid("InvalidRequest", format!("{e}; send a SCEP pkiMessage"))
+    })?;
+    let call = match request.message_type {
+        MessageType::PkcsReq => "scep-pkcsreq",
+        MessageType::RenewalReq => "scep-renewalreq",
+        MessageType::CertPoll => "scep-certpoll",
+        MessageType::GetCert => "scep-getcert",
+        MessageType::GetCrl => "scep-getcrl",
+    };
+    let started = std::time::Instant::now();
+    let outcome = decide(fleet, &request, actor).await;
+    let result = match &outcome {
+        Ok(_) => "accepted",
+        Err(_) => "rejected",
+    };
+    metrics::counter!("portcullis_fleet_requests_total", "call" => call, "result" => result)
+        .increment(1);
+    metrics::histogram!("portcullis_fleet_request_seconds", "call" => call)
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match outcome {
+        Ok(certs) => {
+            tracing::info!(target: "portcullis::fleet", call, transaction = %request.transaction_id, "SCEP request answered with a certificate");
+            Outcome::Issued(certs)
+        }
+        Err((fail, reason)) => {
+            tracing::info!(target: "portcullis::fleet", call, transaction = %request.transaction_id, fail_info = fail.name(), %reason, "SCEP request refused");
+            let who = format!("scep:{}", key_hash(&request.signer));
+            if let Err(e) = fleet
+                .store
+                .record_fleet_refusal(&who, call, fail.name(), &reason, actor)
+                .await
+            {
+                tracing::warn!(target: "portcullis::fleet", error = %e, "cannot record a SCEP refusal");
+            }
+            Outcome::Failure(fail)
+        }
+    };
+    let der = scep::reply(&request, &outcome, &fleet.ra).map_err(crate::fleet::internal)?;
+    Ok(json!({
+        "pkiMessage": base64::engine::general_purpose::STANDARD.encode(der),
+    }))
+}
+
+type Decision = std::result::Result<Vec<Certificate>, (FailInfo, String)>;
+
+async fn decide(fleet: &Fleet, request: &Request, actor: &str) -> Decision {
+    let content = match &request.content {
+        Ok(c) => c,
+        Err(FailInfo::BadAlg) => {
+            return Err((
+                FailInfo::BadAlg,
+                "the content is encrypted with an algorithm other than AES-CBC".into(),
+            ));
+        }
+        Err(fail) => {
+            return Err((
+                *fail,
+                "the signature, the digest or the encryption (to the RA's certificate) does not check"
+                    .into(),
+            ));
+        }
+    };
+    let signer_key = key_hash(&request.signer);
+    // The same transaction again, or a poll: what was issued for it, to the same key only.
+    if let Some(issued) = issued_for(fleet, request, &signer_key).await? {
+        return Ok(issued);
+    }
+    let csr = match request.message_type {
+        MessageType::PkcsReq | MessageType::RenewalReq => {
+            portcullis_pki::pem::encode("CERTIFICATE REQUEST", content)
+        }
+        MessageType::CertPoll => {
+            return Err((
+                FailInfo::BadCertId,
+                "no certificate was issued for this transaction to this key".into(),
+            ));
+        }
+        MessageType::GetCert | MessageType::GetCrl => {
+            return Err((
+                FailInfo::BadRequest,
+                format!(
+                    "{} is not offered; certificates come back in the enrollment's answer",
+                    request.message_type.name()
+                ),
+            ));
+        }
+    };
+    if !request.can_receive() {
+        return Err((
+            FailInfo::BadAlg,
+            "the request is signed with a key that is not RSA: SCEP answers are encrypted to it"
+                .into(),
+        ));
+    }
+    let answer = match request.message_type {
+        MessageType::PkcsReq => {
+            let Some(code) = scep::challenge_password(content) else {
+                return Err((
+                    FailInfo::BadRequest,
+                    "the CSR has no challenge password: put a one-time enrollment code there (provisioning-template codes)".into(),
+                ));
+            };
+            fleet.enroll_with_code(&csr, None, &code, actor).await
+        }
+        _ => renew(fleet, request, &csr, actor).await,
+    };
+    let answer = answer.map_err(|e| (FailInfo::BadRequest, e.message))?;
+    let pem = answer["certificatesPem"][0].as_str().unwrap_or_default();
+    let cert = Certificate::all_from_pem_or_der(pem.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| {
+            (
+                FailInfo::BadRequest,
+                "no certificate was issued".to_string(),
+            )
+        })?;
+    let id = CertId::of_der(cert.der());
+    if let Err(e) = fleet
+        .store
+        .record_scep_transaction(&request.transaction_id, &signer_key, &id)
+        .await
+    {
+        tracing::warn!(target: "portcullis::fleet", error = %e, "cannot record a SCEP transaction");
+    }
+    Ok(with_chain(fleet, cert))
+}
+
+/// RenewalReq: the signer is the certificate being renewed.
+async fn renew(fleet: &Fleet, request: &Request, csr: &str, actor: &str) -> FleetAnswer {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let info = request.signer.info();
+    if info.not_after_unix() < now || info.not_before_unix() > now {
+        return Err(FleetError {
+            status: 403,
+            code: "Forbidden",
+            message: "the certificate signing the renewal is expired or not yet valid".into(),
+        });
+    }
+    let state = fleet.caller_state(&request.signer).await?;
+    fleet
+        .est_reenroll(&state, &request.signer, csr, actor)
+        .await
+}
+
+/// The certificate already issued for this transaction to this key, with its chain.
+async fn issued_for(
+    fleet: &Fleet,
+    request: &Request,
+    signer_key: &str,
+) -> std::result::Result<Option<Vec<Certificate>>, (FailInfo, String)> {
+    let unavailable = |e: RegistryError| {
+        tracing::warn!(target: "portcullis::fleet", error = %e, "reading a SCEP transaction");
+        (
+            FailInfo::BadRequest,
+            "the registry could not be read; try again".to_string(),
+        )
+    };
+    let Some(id) = fleet
+        .store
+        .scep_transaction(&request.transaction_id, signer_key)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(None);
+    };
+    let record = fleet.store.certificate(&id).await.map_err(unavailable)?;
+    if record.status != portcullis_registry::CertStatus::Active {
+        return Err((
+            FailInfo::BadRequest,
+            format!(
+                "the certificate issued for this transaction is {}",
+                record.status.as_str()
+            ),
+        ));
+    }
+    let cert = Certificate::all_from_pem_or_der(record.pem.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| (FailInfo::BadRequest, "unreadable certificate".to_string()))?;
+    Ok(Some(with_chain(fleet, cert)))
+}
+
+fn with_chain(fleet: &Fleet, cert: Certificate) -> Vec<Certificate> {
+    std::iter::once(cert).chain(fleet.issuer.chain()).collect()
+}
+
+/// The SHA-256 of the signer's public key (hex): whose transaction it is.
+fn key_hash(signer: &Certificate) -> String {
+    portcullis_pki::cert::hex(&portcullis_pki::cert::sha256(&signer.spki_der()), "")
+}
