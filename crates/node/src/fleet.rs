@@ -30,8 +30,6 @@ pub(crate) struct Fleet {
     pub(crate) issuer: Arc<CaIssuer>,
     sync: Arc<crate::sync::SyncStatus>,
     token: Arc<crate::token::TokenSigner>,
-    /// SCEP's registration authority.
-    pub(crate) ra: Arc<portcullis_pki::scep::Ra>,
 }
 
 /// How long `RegisterThing` waits for this node to enforce the registration before answering
@@ -44,29 +42,18 @@ impl Fleet {
         issuer: Arc<CaIssuer>,
         sync: Arc<crate::sync::SyncStatus>,
         token: Arc<crate::token::TokenSigner>,
-        ra: Arc<portcullis_pki::scep::Ra>,
     ) -> Fleet {
         Fleet {
             store,
             issuer,
             sync,
             token,
-            ra,
         }
     }
 
     async fn answer(&self, request: FleetRequest) -> FleetAnswer {
         let actor = format!("fleet:{}", request.client_id);
-        // SCEP authenticates by what the message carries, not by the connection's certificate.
-        match &request.call {
-            FleetCall::ScepCaCertificates => {
-                return Ok(crate::scep::ca_certificates(&self.ra, &self.issuer));
-            }
-            FleetCall::ScepOperation { message } => {
-                return crate::scep::operation(self, message, &actor).await;
-            }
-            _ => {}
-        }
+
         let started = std::time::Instant::now();
         let Some(caller_cert) = request.caller.clone() else {
             // No certificate: only an EST enrollment with a one-time code.
@@ -160,7 +147,7 @@ impl Fleet {
                 self.est_reenroll(&state, &caller_cert, &csr, &actor).await,
             ),
             FleetCall::ScepCaCertificates | FleetCall::ScepOperation { .. } => {
-                return Err(internal("SCEP calls are answered above"));
+                return Err(internal("SCEP calls reach the fleet only through WithScep"));
             }
         };
         self.finish(call, caller.as_str(), &request, &actor, started, answer)

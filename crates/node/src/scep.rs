@@ -17,7 +17,11 @@
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use portcullis_gateway::fleet::{FleetAnswer, FleetError};
+use std::sync::Arc;
+
+use portcullis_gateway::fleet::{
+    FleetAnswer, FleetCall, FleetError, FleetProvisioning, FleetRequest,
+};
 use portcullis_pki::scep::{self, FailInfo, MessageType, Outcome, Ra, Request};
 use portcullis_pki::{CaIssuer, Certificate, PrivateKey};
 use portcullis_registry::{CertId, RegistryError, Store};
@@ -27,6 +31,42 @@ use crate::cluster::Cluster;
 use crate::data_dir::DataDir;
 use crate::fleet::Fleet;
 use crate::output::Outputs;
+
+/// Fleet provisioning with SCEP: SCEP's calls answered here, the others by the fleet.
+#[derive(Debug, Clone)]
+pub(crate) struct WithScep {
+    fleet: Fleet,
+    ra: Arc<Ra>,
+}
+
+impl WithScep {
+    pub(crate) fn new(fleet: Fleet, ra: Ra) -> WithScep {
+        WithScep {
+            fleet,
+            ra: Arc::new(ra),
+        }
+    }
+}
+
+impl FleetProvisioning for WithScep {
+    fn call(
+        &self,
+        request: FleetRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = FleetAnswer> + Send>> {
+        let this = self.clone();
+        Box::pin(async move {
+            // SCEP authenticates by what the message carries, not by the connection.
+            match &request.call {
+                FleetCall::ScepCaCertificates => Ok(ca_certificates(&this.ra, &this.fleet.issuer)),
+                FleetCall::ScepOperation { message } => {
+                    let actor = format!("fleet:{}", request.client_id);
+                    operation(&this.fleet, &this.ra, message, &actor).await
+                }
+                _ => this.fleet.call(request).await,
+            }
+        })
+    }
+}
 
 /// The RA's name among the cluster's shared keys.
 const CLUSTER_RA: &str = "scep-ra";
@@ -96,7 +136,7 @@ fn pem_of(certs: &[Certificate]) -> String {
 }
 
 /// GetCACert: the RA's certificates, then the CA's chain.
-pub(crate) fn ca_certificates(ra: &Ra, ca: &CaIssuer) -> serde_json::Value {
+fn ca_certificates(ra: &Ra, ca: &CaIssuer) -> serde_json::Value {
     let pems: Vec<String> = ra
         .certificates()
         .iter()
@@ -108,8 +148,8 @@ pub(crate) fn ca_certificates(ra: &Ra, ca: &CaIssuer) -> serde_json::Value {
 
 /// PKIOperation: the `CertRep` for `message` (`{"pkiMessage": base64}`); a message that cannot
 /// be answered at all (not a SCEP request) is a 400.
-pub(crate) async fn operation(fleet: &Fleet, message: &[u8], actor: &str) -> FleetAnswer {
-    let request = scep::read_request(message, &fleet.ra).map_err(|e| {
+async fn operation(fleet: &Fleet, ra: &Ra, message: &[u8], actor: &str) -> FleetAnswer {
+    let request = scep::read_request(message, ra).map_err(|e| {
         FleetError::invalid("InvalidRequest", format!("{e}; send a SCEP pkiMessage"))
     })?;
     let call = match request.message_type {
@@ -147,7 +187,7 @@ pub(crate) async fn operation(fleet: &Fleet, message: &[u8], actor: &str) -> Fle
             Outcome::Failure(fail)
         }
     };
-    let der = scep::reply(&request, &outcome, &fleet.ra).map_err(crate::fleet::internal)?;
+    let der = scep::reply(&request, &outcome, ra).map_err(crate::fleet::internal)?;
     Ok(json!({
         "pkiMessage": base64::engine::general_purpose::STANDARD.encode(der),
     }))

@@ -235,13 +235,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => crate::token::TokenSigner::from_data_dir(&args.data_dir)?,
     };
     let ra = crate::scep::load_ra(&store, cluster.as_ref(), &data, &local_ca).await?;
-    gateway.set_fleet_provisioning(Arc::new(crate::fleet::Fleet::new(
+    let fleet = crate::fleet::Fleet::new(
         store.clone(),
         local_ca.clone(),
         sync_status.clone(),
         Arc::new(token),
-        Arc::new(ra),
-    )));
+    );
+    gateway.set_fleet_provisioning(Arc::new(crate::scep::WithScep::new(fleet, ra)));
     tokio::spawn(crate::fleet::sweep(store.clone()));
     let nats_state = nats_url
         .as_ref()
