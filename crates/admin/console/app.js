@@ -962,7 +962,7 @@ function download(file, type) {
   return { href: url, download: file.name };
 }
 
-function enroll() {
+async function enroll() {
   const cn = h("input", { name: "common_name", required: true, placeholder: "laptop-0042" });
   const days = h("input", { name: "days", type: "number", min: 1, max: 3650, value: 365, size: 5 });
   const password = h("input", { name: "password", type: "password", required: true, minlength: 8, autocomplete: "new-password" });
@@ -1008,7 +1008,43 @@ function enroll() {
   show(
     h("h1", { text: "Enroll a device" }),
     h("p.muted", { text: "Issues a client certificate with the local CA, registers it ACTIVE, and packages it for keychains, browsers and MDM." }),
-    form, result);
+    form, result,
+    h("h2", { text: "Or: the device makes its own key (SCEP)" }),
+    h("p.muted", { text: "A .mobileconfig whose SCEP payload makes the device generate a key that never leaves it and enroll with a one-time challenge, under a provisioning template (which names its thing, attributes and policies). Needs a builtin:scep mapping on a domain with optional mutual TLS." }),
+    await scepEnrollForm());
+}
+
+async function scepEnrollForm() {
+  const [templates, domains] = await Promise.all([api("GET", "/v1/provisioning-templates"), api("GET", "/v1/domains")]);
+  let url = "https://" + location.hostname + "/scep";
+  for (const d of domains.items || []) {
+    for (const m of ((d.spec || {}).mapping || [])) {
+      if (m.upstream === "builtin:scep") url = "https://" + d.hostname.replace(/^\*\./, "") + (m.base_path || "");
+    }
+  }
+  const enabled = templates.items.filter((t) => t.enabled);
+  const template = h("select", { name: "scep_template" }, enabled.map((t) => h("option", { value: t.name, text: t.name })));
+  const scepUrl = h("input", { name: "scep_url", value: url, size: 36, required: true });
+  const cn = h("input", { name: "scep_common_name", required: true, placeholder: "laptop-0043" });
+  const result = h("div", { id: "scep-enrolled" });
+  if (!enabled.length) return h("p", { id: "scep-enroll", text: "No enabled provisioning template yet: create one on the Provisioning page." });
+  return h("div", {}, h("form.inline", {
+    id: "scep-enroll",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const r = await api("POST", "/v1/enrollments/scep", { template: template.value, scep_url: scepUrl.value, common_name: cn.value });
+        result.replaceChildren(
+          h("p", { text: `One-time challenge for template ${r.template}, good until ${date(r.expires_at)}. Nothing is issued until the device enrolls; its certificate is then registered ACTIVE and attached by the template.` }),
+          h("div.actions", {}, h("a", { id: "download-scep-mobileconfig", ...download(r.files.mobileconfig, "application/x-apple-aspen-config"), text: "Download .mobileconfig (SCEP)" })));
+        flash("SCEP profile made for " + cn.value);
+      } catch (x) { flash(x.message, true); }
+    },
+  },
+  h("label", {}, "Template", template),
+  h("label", {}, "SCEP URL", scepUrl),
+  h("label", {}, "Device name (common name)", cn),
+  h("button", { type: "submit", text: "Make SCEP profile" })), result);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1059,7 +1095,7 @@ async function route() {
     } else if (path === "/certificates") await certificates(params);
     else if (path.startsWith("/certificates/")) await certificate(decodeURIComponent(path.slice("/certificates/".length)));
     else if (path === "/audit") await audit(params);
-    else if (path === "/enroll") enroll();
+    else if (path === "/enroll") await enroll();
     else if (path === "/cas") await cas();
     else if (path === "/sessions") await sessions();
     else if (path === "/connections") await connections();

@@ -2,6 +2,9 @@
 //! registers it ACTIVE, and answers once with what IT hands to a device or an MDM: a PKCS#12
 //! bundle (modern and legacy encryption) and an Apple configuration profile (`.mobileconfig`)
 //! holding the bundle and the CA. The private key is never stored.
+//!
+//! `POST /v1/enrollments/scep` answers a `.mobileconfig` with a SCEP payload instead: the
+//! device makes its own key and enrolls over SCEP (`builtin:scep`) with a one-time challenge.
 
 use axum::Extension;
 use axum::Json;
@@ -93,6 +96,153 @@ pub(crate) async fn enroll(
             },
         })),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ScepProfile {
+    /// The provisioning template the device is enrolled under (its one-time code's).
+    template: String,
+    /// Where devices reach the `builtin:scep` mapping (`https://HOST[:PORT]/BASE`).
+    scep_url: String,
+    /// The device's common name (the certificate's subject CN).
+    common_name: String,
+    /// How long the challenge is good, in hours (default a week).
+    #[serde(default)]
+    ttl_hours: Option<i64>,
+    /// RSA key size the device makes (2048, 3072 or 4096; default 2048).
+    #[serde(default)]
+    key_size: Option<u32>,
+}
+
+/// `POST /v1/enrollments/scep`: an Apple configuration profile whose SCEP payload makes the
+/// device generate its own key (never extractable) and enroll with a one-time challenge (an
+/// enrollment code of `template`), with the CA as a root payload. Nothing is issued until the
+/// device asks; the certificate is then registered ACTIVE and attached by the template.
+pub(crate) async fn scep_profile(
+    State(api): State<Api>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Body(req): Body<ScepProfile>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let issuer = api.issuer.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no-local-ca",
+            "this registry has no local CA to issue device certificates with",
+        )
+    })?;
+    let cn = req.common_name.trim();
+    if cn.is_empty() || cn.len() > 64 || cn.chars().any(|c| "/+#*?$,=\"\\".contains(c)) {
+        return Err(ApiError::invalid(
+            "common_name must be 1-64 characters without / + # * ? $ , = \" or \\",
+        ));
+    }
+    let url = req.scep_url.trim();
+    if !(url.starts_with("https://") || url.starts_with("http://"))
+        || url.len() > 2048
+        || url.contains(char::is_whitespace)
+    {
+        return Err(ApiError::invalid(
+            "scep_url must be the http(s) URL of a builtin:scep mapping, such as https://gateway.example.com/scep",
+        ));
+    }
+    let key_size = req.key_size.unwrap_or(2048);
+    if ![2048, 3072, 4096].contains(&key_size) {
+        return Err(ApiError::invalid("key_size must be 2048, 3072 or 4096"));
+    }
+    let ttl_hours = req.ttl_hours.unwrap_or(24 * 7);
+    if !(1..=8760).contains(&ttl_hours) {
+        return Err(ApiError::invalid("ttl_hours must be between 1 and 8760"));
+    }
+    let (codes, expires_at) = api
+        .store
+        .create_enrollment_codes(&req.template, 1, ttl_hours * 3600, &caller)
+        .await?;
+    let challenge = codes.into_iter().next().unwrap_or_default();
+    let chain = issuer.chain();
+    let root = chain.last().unwrap_or(issuer.certificate());
+    let profile = scep_mobileconfig(url, cn, &challenge, key_size, root);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "template": req.template,
+            "challenge": challenge,
+            "expires_at": expires_at,
+            "files": {
+                "mobileconfig": {"name": format!("{}.mobileconfig", file_stem(cn)), "base64": STANDARD.encode(profile.as_bytes())},
+            },
+        })),
+    ))
+}
+
+/// An Apple configuration profile with a SCEP payload (the device makes a non-extractable RSA
+/// key and enrolls with `challenge`) and the root CA.
+fn scep_mobileconfig(
+    url: &str,
+    cn: &str,
+    challenge: &str,
+    key_size: u32,
+    root: &Certificate,
+) -> String {
+    let top = uuid();
+    let scep = uuid();
+    let anchor = uuid();
+    let x = xml_escape;
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+  <key>PayloadContent</key>
+  <array>
+    <dict>
+      <key>PayloadType</key><string>com.apple.security.scep</string>
+      <key>PayloadVersion</key><integer>1</integer>
+      <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}.scep</string>
+      <key>PayloadUUID</key><string>{scep}</string>
+      <key>PayloadDisplayName</key><string>{name} (device identity, SCEP)</string>
+      <key>PayloadContent</key>
+      <dict>
+        <key>URL</key><string>{url}</string>
+        <key>Name</key><string>Portcullis</string>
+        <key>Subject</key>
+        <array><array><array><string>CN</string><string>{name}</string></array></array></array>
+        <key>Challenge</key><string>{challenge}</string>
+        <key>Key Type</key><string>RSA</string>
+        <key>Keysize</key><integer>{key_size}</integer>
+        <key>Key Usage</key><integer>5</integer>
+        <key>KeyIsExtractable</key><false/>
+        <key>AllowAllAppsAccess</key><false/>
+        <key>Retries</key><integer>3</integer>
+        <key>RetryDelay</key><integer>10</integer>
+      </dict>
+    </dict>
+    <dict>
+      <key>PayloadType</key><string>com.apple.security.root</string>
+      <key>PayloadVersion</key><integer>1</integer>
+      <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}.ca</string>
+      <key>PayloadUUID</key><string>{anchor}</string>
+      <key>PayloadDisplayName</key><string>{ca}</string>
+      <key>PayloadCertificateFileName</key><string>ca.cer</string>
+      <key>PayloadContent</key><data>{root}</data>
+    </dict>
+  </array>
+  <key>PayloadDisplayName</key><string>Device certificate: {name}</string>
+  <key>PayloadDescription</key><string>Makes this device's own key (it never leaves the device) and gets its certificate by SCEP from Portcullis, with a one-time challenge; installs the CA that issued the gateway's server certificates.</string>
+  <key>PayloadIdentifier</key><string>dev.portcullis.enrollment.{top}</string>
+  <key>PayloadOrganization</key><string>Portcullis</string>
+  <key>PayloadType</key><string>Configuration</string>
+  <key>PayloadUUID</key><string>{top}</string>
+  <key>PayloadVersion</key><integer>1</integer>
+</dict>
+</plist>
+"#,
+        name = x(cn),
+        url = x(url),
+        challenge = x(challenge),
+        ca = x(&root.info().subject),
+        root = STANDARD.encode(root.der()),
+    )
 }
 
 /// A file name from a common name: letters, digits, `-`, `_` and `.` kept, the rest `-`; the

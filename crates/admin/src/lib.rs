@@ -311,6 +311,7 @@ pub fn router(api: Api) -> Router {
                 .delete(fleet::delete_template),
         )
         .route("/v1/enrollments", post(enroll::enroll))
+        .route("/v1/enrollments/scep", post(enroll::scep_profile))
         .route(
             "/v1/certificates/{id}",
             get(describe_certificate)

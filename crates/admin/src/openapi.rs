@@ -60,6 +60,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         Some("Enrollment"),
     ),
     (
+        "post",
+        "/v1/enrollments/scep",
+        "Enroll a device by SCEP: a one-time challenge for a provisioning template and an Apple .mobileconfig whose SCEP payload makes the device generate its own key, base64",
+        Some("ScepEnrollment"),
+    ),
+    (
         "get",
         "/v1/certificates/{id}",
         "Describe a certificate",
@@ -493,6 +499,9 @@ fn fleet_schemas() -> Value {
     json!({
         "EnrollmentCodes": {"type": "object", "additionalProperties": false, "properties": {
             "count": s("integer"), "ttl_hours": s("integer")}},
+        "ScepEnrollment": {"type": "object", "required": ["template", "scep_url", "common_name"], "additionalProperties": false, "properties": {
+            "template": s("string"), "scep_url": s("string"), "common_name": s("string"),
+            "ttl_hours": s("integer"), "key_size": {"enum": [2048, 3072, 4096]}}},
         "RenewCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "csr_pem": s("string"), "key_type": s("string"), "days": s("integer")}},
         "Claim": {"type": "object", "required": ["templates"], "additionalProperties": false, "properties": {

@@ -208,6 +208,30 @@ pub enum ProvisioningTemplateCommand {
         #[arg(long, default_value_t = 168)]
         ttl_hours: i64,
     },
+    /// An Apple .mobileconfig that enrolls one device by SCEP under the template: its SCEP
+    /// payload makes the device generate its own key and carries a one-time challenge.
+    Mobileconfig {
+        /// Name.
+        name: String,
+        /// The device's common name.
+        #[arg(long)]
+        cn: String,
+        /// Where devices reach the builtin:scep mapping, such as https://gateway.example.com/scep.
+        #[arg(long)]
+        url: String,
+        /// The file to write (0600: it holds the challenge).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// How long the challenge is good, in hours.
+        #[arg(long, default_value_t = 168)]
+        ttl_hours: i64,
+        /// The RSA key size the device makes.
+        #[arg(long, default_value_t = 2048)]
+        key_size: u32,
+        /// Overwrite FILE.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -1483,6 +1507,48 @@ async fn provisioning_template(
                     when(&v["expires_at"])
                 ));
                 lines.join("\n")
+            });
+        }
+        ProvisioningTemplateCommand::Mobileconfig {
+            name,
+            cn,
+            url,
+            out: file,
+            ttl_hours,
+            key_size,
+            force,
+        } => {
+            if file.exists() && !force {
+                bail!(
+                    "{} already exists; choose another --out or pass --force to overwrite it",
+                    file.display()
+                );
+            }
+            let v = client
+                .post(
+                    "/v1/enrollments/scep",
+                    &json!({"template": name, "scep_url": url, "common_name": cn,
+                            "ttl_hours": ttl_hours, "key_size": key_size}),
+                )
+                .await?;
+            let bytes = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                v["files"]["mobileconfig"]["base64"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+            .context("the admin API answered with a profile that is not base64")?;
+            let mut files = portcullis_node::output::Outputs::default();
+            files.secret(&file, bytes);
+            files.write(force)?;
+            let shown = json!({"file": file.display().to_string(), "template": name,
+                               "expires_at": v["expires_at"]});
+            out.show(&shown, |v| {
+                format!(
+                    "wrote {} (SCEP enrollment of {cn} under template {name}, one-time challenge until {})",
+                    s(&v["file"]),
+                    when(&v["expires_at"])
+                )
             });
         }
         ProvisioningTemplateCommand::Delete { name } => {

@@ -1201,8 +1201,8 @@ fn a_certificate_gets_a_short_lived_token_that_pyjwt_verifies_against_the_jwks()
     assert_eq!(code, "000", "revoked: refused in the handshake");
 }
 
-/// SCEP (RFC 8894) with pyscep, a real SCEP client: the device makes its own key, enrolls with
-/// a one-time challenge, gets the same certificate for the same transaction and by polling,
+/// SCEP (RFC 8894) with pyscep, a real SCEP client, driven by the .mobileconfig an operator
+/// makes for the device: the device makes its own key, enrolls with the profile's challenge, gets the same certificate for the same transaction and by polling,
 /// renews with a new key, and is served through the gateway with what it got; a wrong or spent
 /// challenge and a stranger's renewal are refused.
 #[test]
@@ -1252,15 +1252,36 @@ fn scep_enrolls_a_device_whose_key_never_leaves_it_with_pyscep() {
         ],
     )
     .ok();
-    let codes = cli_json(d, &["provisioning-template", "codes", "laptops"]);
-    let code = codes["codes"][0].as_str().unwrap().to_string();
     let port = s.ports[0];
+    // The operator's profile for the device: the SCEP URL, the subject, a one-time challenge.
+    let url = format!("https://localhost:{port}/scep");
+    let made = cli_json(
+        d,
+        &[
+            "provisioning-template",
+            "mobileconfig",
+            "laptops",
+            "--cn",
+            "scep-device-1",
+            "--url",
+            &url,
+            "--out",
+            "scep-device-1.mobileconfig",
+        ],
+    );
+    assert_eq!(made["template"], "laptops", "{made}");
+    let mode = std::fs::metadata(d.join("scep-device-1.mobileconfig"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/scep_enroll.py");
-    let url = format!("https://localhost:{port}/scep");
     let r = run(
         &python,
-        &[script.to_str().unwrap(), &url, "data/ca/ca.pem", &code, "."],
+        &[script.to_str().unwrap(), "scep-device-1.mobileconfig", "."],
         d,
     );
     println!("{}", r.stdout);

@@ -273,6 +273,29 @@ with sync_playwright() as p:
     page.screenshot(path=artifacts + "/console-provisioning.png", full_page=True)
     check(True, "a provisioning template is created, disabled, and a bad one refused with the reason")
 
+    # A SCEP profile for a device under an enabled template: the device will make its own key.
+    page.fill("#new-template input[name=name]", "laptops")
+    page.fill("#new-template textarea[name=template]", '{"thing_name": "${cert:Subject.CN}"}')
+    page.click("text=Create template")
+    expect(page.locator("#templates tr", has_text="laptops")).to_be_visible()
+    page.click("#nav >> text=Enroll a device")
+    page.select_option("select[name=scep_template]", "laptops")
+    page.fill("input[name=scep_url]", "https://gateway.corp.test/scep")
+    page.fill("input[name=scep_common_name]", "laptop-0043")
+    page.click("text=Make SCEP profile")
+    with page.expect_download() as d:
+        page.click("#download-scep-mobileconfig")
+    path = artifacts + "/" + d.value.suggested_filename
+    d.value.save_as(path)
+    with open(path, "rb") as f:
+        profile = plistlib.load(f)
+    payloads = {p["PayloadType"]: p for p in profile["PayloadContent"]}
+    scep_payload = payloads["com.apple.security.scep"]["PayloadContent"]
+    check(scep_payload["URL"] == "https://gateway.corp.test/scep" and scep_payload["Subject"] == [[["CN", "laptop-0043"]]]
+          and len(scep_payload["Challenge"]) > 16 and scep_payload["KeyIsExtractable"] is False
+          and "com.apple.security.root" in payloads,
+          "the SCEP profile: URL, subject, a one-time challenge, a key made on the device, and the CA")
+
     # Truststores: an oversized file is refused by the page with a clear message; then create,
     # add a version, preview its impact.
     page.click("#nav >> text=Truststores")

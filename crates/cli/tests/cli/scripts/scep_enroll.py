@@ -1,7 +1,9 @@
 """SCEP enrollment (RFC 8894) with pyscep, a real SCEP client, against a builtin:scep mapping.
 
-usage: scep_enroll.py URL CA_BUNDLE CHALLENGE OUT_DIR
+usage: scep_enroll.py PROFILE OUT_DIR
 
+PROFILE is the Apple .mobileconfig Portcullis made for the device: its SCEP payload gives the
+URL, the subject and the one-time challenge, its root payload the CA that verifies the gateway.
 The device makes its own RSA key (it never leaves), asks with a wrong challenge (refused:
 badRequest), then with the one-time challenge (issued), asks again in the same transaction
 (the same certificate back), polls (the same), renews with a new key signed by the issued
@@ -10,12 +12,34 @@ challenge enrolls no other key. Writes OUT_DIR/scep.pem, scep.key, renewed.pem, 
 Prints ALL OK at the end.
 """
 
+import base64
 import os
+import plistlib
 import sys
 
-url, ca_bundle, challenge, out = sys.argv[1:5]
-# pyscep uses requests: HTTPS is verified against the gateway's CA.
-os.environ["REQUESTS_CA_BUNDLE"] = ca_bundle
+
+def check(cond, what):
+    if not cond:
+        print("FAIL:", what, flush=True)
+        sys.exit(1)
+    print("ok:", what, flush=True)
+
+
+profile_path, out = sys.argv[1:3]
+with open(profile_path, "rb") as f:
+    profile = plistlib.load(f)
+payloads = {p["PayloadType"]: p for p in profile["PayloadContent"]}
+scep_payload = payloads["com.apple.security.scep"]["PayloadContent"]
+url = scep_payload["URL"]
+challenge = scep_payload["Challenge"]
+device_cn = scep_payload["Subject"][0][0][1]
+ca_pem = os.path.join(out, "profile-ca.pem")
+with open(ca_pem, "w") as f:
+    b64 = base64.b64encode(payloads["com.apple.security.root"]["PayloadContent"]).decode()
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    f.write("-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n")
+# pyscep uses requests: HTTPS is verified against the profile's CA.
+os.environ["REQUESTS_CA_BUNDLE"] = ca_pem
 
 from scep import Client  # noqa: E402
 from scep.Client import CACaps, PKIStatus  # noqa: E402
@@ -25,13 +49,11 @@ from scep.Client.envelope import PKCSPKIEnvelopeBuilder  # noqa: E402
 
 USAGE = {"digital_signature", "key_encipherment"}
 
-
-def check(cond, what):
-    if not cond:
-        print("FAIL:", what, flush=True)
-        sys.exit(1)
-    print("ok:", what, flush=True)
-
+check(
+    scep_payload["Key Type"] == "RSA" and scep_payload["KeyIsExtractable"] is False,
+    "the profile's SCEP payload: an RSA key made on the device, never extractable",
+)
+check(device_cn == "scep-device-1" and len(challenge) > 16, "the profile names the device and a challenge")
 
 client = Client.Client(url)
 caps = client.get_ca_capabilities()
@@ -44,18 +66,18 @@ check(
     "GetCACert: an RA to encrypt to and one that signs",
 )
 
-identity, key = Client.SigningRequest.generate_self_signed(cn="scep-device-1", key_usage=USAGE)
+identity, key = Client.SigningRequest.generate_self_signed(cn=device_cn, key_usage=USAGE)
 
 # A wrong challenge: refused, nothing issued.
 csr, _ = Client.SigningRequest.generate_csr(
-    cn="scep-device-1", key_usage=USAGE, password="not-the-code", private_key=key
+    cn=device_cn, key_usage=USAGE, password="not-the-code", private_key=key
 )
 res = client.enrol(csr=csr, identity=identity, identity_private_key=key)
 check(res.status == PKIStatus.FAILURE and str(res.fail_info) == "2", "a wrong challenge: FAILURE badRequest")
 
 # The one-time challenge: the certificate, encrypted to the device's key.
 csr, _ = Client.SigningRequest.generate_csr(
-    cn="scep-device-1", key_usage=USAGE, password=challenge, private_key=key
+    cn=device_cn, key_usage=USAGE, password=challenge, private_key=key
 )
 res = client.enrol(csr=csr, identity=identity, identity_private_key=key)
 check(res.status == PKIStatus.SUCCESS, "PKCSReq with the challenge: SUCCESS")
@@ -102,7 +124,7 @@ check(res.status == PKIStatus.FAILURE, "the spent challenge with another key: FA
 # Renewal with a new key: RenewalReq signed with the issued certificate and its key.
 new_key = Client.SigningRequest.generate_pair()
 csr3, _ = Client.SigningRequest.generate_csr(
-    cn="scep-device-1", key_usage=USAGE, private_key=new_key
+    cn=device_cn, key_usage=USAGE, private_key=new_key
 )
 envelope = PKCSPKIEnvelopeBuilder().encrypt(csr3.to_der(), caps.strongest_cipher())
 renewal_transaction = hex_digest_for_data(data=csr3.public_key.to_der(), algorithm="sha1")
