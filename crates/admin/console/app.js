@@ -170,6 +170,7 @@ async function dashboard() {
       card("… in 30 days", expiring[1]),
       card("… in 90 days", expiring[2]),
       card("Due for renewal", renewal.due, "renewal-due"),
+      card("In grace (expired, may only renew)", renewal.in_grace, "renewal-in-grace"),
       card("Overdue (expired, ACTIVE)", renewal.overdue, "renewal-overdue"),
       card("Renewals issued", renewal.renewed, "renewed"),
       card("CAs expiring in 7 days", caSoon(7), "ca-expiring-7"),

@@ -270,7 +270,10 @@ pub(super) async fn renew_certificate(
             cert
         }
     };
-    let record = api.store.register_renewal(&cert, &id, &caller).await?;
+    let record = api
+        .store
+        .register_renewal(&cert, &id, &caller, false)
+        .await?;
     let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
     let chain: String = issuer.chain().iter().map(Certificate::to_pem).collect();
     body["chain_pem"] = json!(format!("{}{chain}", record.pem));

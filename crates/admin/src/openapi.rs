@@ -333,7 +333,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
     (
         "get",
         "/v1/renewal",
-        "How renewal stands: certificates due (past two thirds of their lifetime, not renewed), overdue (expired while ACTIVE), renewals issued",
+        "How renewal stands: certificates due (past their template's due point, two thirds of their lifetime by default, not renewed), in grace (expired, may only renew), overdue (expired while ACTIVE, past any grace), renewals issued",
         None,
     ),
     (
@@ -514,7 +514,14 @@ fn fleet_schemas() -> Value {
             "policies": {"type": "array", "items": s("string")},
             "certificate_status": {"enum": ["ACTIVE", "INACTIVE"]},
             "device_configuration": {"type": "object", "additionalProperties": s("string")},
-            "exclusive": s("boolean"), "join_existing_thing": s("boolean")}},
+            "exclusive": s("boolean"), "join_existing_thing": s("boolean"),
+            "pre_provisioning_hook": s("string"),
+            "renewal": {"type": "object", "additionalProperties": false, "properties": {
+                "due_after_percent": {"type": "integer", "minimum": 1, "maximum": 99},
+                "refuse_early": s("boolean"),
+                "grace_days": {"type": "integer", "minimum": 0, "maximum": 365},
+                "overlap_hours": {"type": "integer", "minimum": 1, "maximum": 8760},
+                "require_new_key": s("boolean")}}}},
         "CreateFleetTemplate": {"type": "object", "required": ["name", "template"], "additionalProperties": false, "properties": {
             "name": s("string"), "description": s("string"), "enabled": s("boolean"),
             "template": {"$ref": "#/components/schemas/FleetTemplate"}}},

@@ -1309,8 +1309,9 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
             let v = client.get("/v1/renewal").await?;
             out.show(&v, |v| {
                 format!(
-                    "due for renewal: {}\noverdue (expired, still ACTIVE): {}\nrenewals issued: {}",
+                    "due for renewal: {}\nin grace (expired, may only renew): {}\noverdue (expired, still ACTIVE): {}\nrenewals issued: {}",
                     s(&v["due"]),
+                    s(&v["in_grace"]),
                     s(&v["overdue"]),
                     s(&v["renewed"])
                 )

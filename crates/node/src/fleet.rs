@@ -296,10 +296,11 @@ impl Fleet {
                 .await?;
             parameters.extend(overrides);
         }
-        let plan = record
+        let mut plan = record
             .template
             .plan(&cert, &parameters)
             .map_err(|why| FleetError::invalid("InvalidParameters", why))?;
+        plan.template = Some(template.to_string());
         match self
             .store
             .register_fleet_thing(token, &certificate, &plan, actor)
@@ -696,7 +697,7 @@ impl Fleet {
         }
         let record = self
             .store
-            .register_renewal(&cert, &id, actor)
+            .register_renewal(&cert, &id, actor, true)
             .await
             .map_err(|e| match e {
                 RegistryError::Invalid(why) | RegistryError::Conflict(why) => {
@@ -746,7 +747,9 @@ fn random_hex(bytes: usize) -> Result<String, portcullis_pki::PkiError> {
 
 /// Every minute: deletes the certificates made for devices that never registered them (their
 /// ownership token expired unspent), and sets the renewal gauges
-/// (`portcullis_certificates_renewal{state="due"|"overdue"}`, `portcullis_certificates_renewed`).
+/// (`portcullis_certificates_renewal{state="due"|"in_grace"|"overdue"}`,
+/// `portcullis_certificates_renewed`), and ends overlaps that ran out (a renewed certificate
+/// retired by time) and forgets old SCEP transactions.
 pub(crate) async fn sweep(store: Store) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -758,9 +761,22 @@ pub(crate) async fn sweep(store: Store) {
                     .set(c.due as f64);
                 metrics::gauge!("portcullis_certificates_renewal", "state" => "overdue")
                     .set(c.overdue as f64);
+                metrics::gauge!("portcullis_certificates_renewal", "state" => "in_grace")
+                    .set(c.in_grace as f64);
                 metrics::gauge!("portcullis_certificates_renewed").set(c.renewed as f64);
             }
             Err(e) => tracing::debug!(error = %e, "counting certificates due for renewal"),
+        }
+        match store.end_overlaps(now, "fleet:sweeper").await {
+            Ok(retired) => {
+                for (old, new) in &retired {
+                    tracing::info!(target: "portcullis::registry", certificate = %old, renewed_by = %new, "a renewed certificate retired (INACTIVE): its overlap ended");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "ending renewal overlaps"),
+        }
+        if let Err(e) = store.prune_scep_transactions().await {
+            tracing::debug!(error = %e, "forgetting old SCEP transactions");
         }
         match store
             .sweep_unclaimed_certificates(now, "fleet:sweeper")

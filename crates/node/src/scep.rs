@@ -282,12 +282,28 @@ async fn decide(fleet: &Fleet, request: &Request, actor: &str) -> Decision {
 async fn renew(fleet: &Fleet, request: &Request, csr: &str, actor: &str) -> FleetAnswer {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let info = request.signer.info();
-    if info.not_after_unix() < now || info.not_before_unix() > now {
-        return Err(FleetError {
-            status: 403,
-            code: "Forbidden",
-            message: "the certificate signing the renewal is expired or not yet valid".into(),
-        });
+    let refused = |message: String| FleetError {
+        status: 403,
+        code: "Forbidden",
+        message,
+    };
+    if info.not_before_unix() > now {
+        return Err(refused(
+            "the certificate signing the renewal is not valid yet".into(),
+        ));
+    }
+    if info.not_after_unix() < now {
+        // Expired: renewal only, within its template's grace period.
+        let id = CertId::of_der(request.signer.der());
+        let grace_until = match fleet.store.renewal_terms(&id).await {
+            Ok(terms) => terms.grace_until,
+            Err(_) => info.not_after_unix(),
+        };
+        if grace_until <= now {
+            return Err(refused(format!(
+                "certificate {id} expired and has no grace period left (its template's renewal.grace_days)"
+            )));
+        }
     }
     let state = fleet.caller_state(&request.signer).await?;
     fleet

@@ -64,6 +64,70 @@ pub struct FleetTemplate {
     /// is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_provisioning_hook: Option<String>,
+    /// How the certificates it provisions renew (fixed on each when it is registered, and
+    /// inherited by its renewals).
+    #[serde(default, skip_serializing_if = "RenewalSettings::is_default")]
+    pub renewal: RenewalSettings,
+}
+
+/// How a template's certificates renew.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalSettings {
+    /// When a certificate is due for renewal, in percent of its lifetime (1-99; default 67,
+    /// two thirds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_after_percent: Option<u8>,
+    /// Refuse a device's renewal before it is due (off: a device may renew at any time).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuse_early: bool,
+    /// Days after expiry during which an expired certificate may still renew — and do nothing
+    /// else (0, the default: an expired certificate is refused like any other).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub grace_days: u32,
+    /// Hours after a renewal is issued when the certificate it renews becomes INACTIVE even if
+    /// the renewal was never seen on a connection (default: only once it is seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap_hours: Option<u32>,
+    /// Require a new key on renewal (rekey); off by default: the same key may renew.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_new_key: bool,
+}
+
+impl RenewalSettings {
+    fn is_default(&self) -> bool {
+        *self == RenewalSettings::default()
+    }
+
+    /// The due point in percent of the lifetime.
+    pub fn due_percent(&self) -> i64 {
+        i64::from(self.due_after_percent.unwrap_or(67))
+    }
+
+    fn check(&self) -> Result<(), RegistryError> {
+        let bad = |what: &str| {
+            Err(RegistryError::Invalid(format!(
+                "provisioning template: renewal.{what}"
+            )))
+        };
+        if self
+            .due_after_percent
+            .is_some_and(|p| !(1..=99).contains(&p))
+        {
+            return bad("due_after_percent must be 1-99");
+        }
+        if self.grace_days > 365 {
+            return bad("grace_days must be at most 365");
+        }
+        if self.overlap_hours.is_some_and(|h| h == 0 || h > 8760) {
+            return bad("overlap_hours must be 1-8760");
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A parameter a device may send.
@@ -111,6 +175,10 @@ pub struct FleetPlan {
     pub join_existing_thing: bool,
     /// The device configuration answered.
     pub device_configuration: BTreeMap<String, String>,
+    /// How the certificate renews.
+    pub renewal: RenewalSettings,
+    /// The template's name (set by whoever names it: the plan does not know it).
+    pub template: Option<String>,
 }
 
 impl FleetTemplate {
@@ -149,6 +217,7 @@ impl FleetTemplate {
             check_name("webhook", hook)?;
         }
         self.status()?;
+        self.renewal.check()?;
         Ok(())
     }
 
@@ -223,6 +292,8 @@ impl FleetTemplate {
             exclusive: self.exclusive,
             join_existing_thing: self.join_existing_thing,
             device_configuration: self.device_configuration.clone(),
+            renewal: self.renewal,
+            template: None,
         })
     }
 }

@@ -42,7 +42,18 @@ pub use store::{
     Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, NodeStatus,
     PolicyState, PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
-pub use store::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS};
+pub use store::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, RenewalTerms};
+
+/// A time (seconds since the epoch) as RFC 3339, for messages.
+pub(crate) fn rfc3339_of(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
 
 /// Errors of the registry.
 #[non_exhaustive]

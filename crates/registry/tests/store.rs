@@ -1144,19 +1144,115 @@ async fn fleet_provisioning(store: &Store) {
     .unwrap()
     .0;
     store
-        .register_renewal(&renewal, &record.id, "test")
+        .register_renewal(&renewal, &record.id, "test", true)
         .await
         .unwrap();
     let after = store.renewal_counts(late).await.unwrap();
     assert_eq!(after.renewed, 1, "{backend}");
     // The renewed certificate no longer counts; its renewal, as young, counts in its place.
     assert_eq!(after.due, due.due, "{backend}");
+
+    // A template's renewal terms: due at half its lifetime, early renewals refused, a new key
+    // required, ten days of grace, and an overlap of an hour.
+    let rotating = portcullis_registry::fleet::FleetTemplate::from_json(&serde_json::json!({
+        "thing_name": "${cert:Subject.CN}",
+        "renewal": {"due_after_percent": 50, "refuse_early": true, "grace_days": 10,
+                    "overlap_hours": 1, "require_new_key": true}
+    }))
+    .unwrap();
+    assert!(
+        portcullis_registry::fleet::FleetTemplate::from_json(
+            &serde_json::json!({"thing_name": "x", "renewal": {"due_after_percent": 100}})
+        )
+        .is_err()
+    );
+    store
+        .create_fleet_template("rotating", "", true, &rotating, "test")
+        .await
+        .unwrap();
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let same_key = |days: u32| {
+        let mut req = IssueRequest::new(Profile::Client, SubjectName::cn("device-3"));
+        req.days = days;
+        issue::issue(&req, &key, Some(&factory)).unwrap()
+    };
+    let device3 = same_key(100);
+    let (record3, token3) = store
+        .register_fleet_certificate(&device3, claim.id.as_str(), "test")
+        .await
+        .unwrap();
+    let mut plan3 = rotating.plan(&device3, &Default::default()).unwrap();
+    plan3.template = Some("rotating".into());
+    store
+        .register_fleet_thing(&token3, &record3.id, &plan3, "test")
+        .await
+        .unwrap();
+    let terms = store.renewal_terms(&record3.id).await.unwrap();
+    assert_eq!(terms.template.as_deref(), Some("rotating"), "{backend}");
+    let lifetime = record3.not_after - record3.created_at;
+    assert!(
+        (terms.due_at - (record3.created_at + lifetime / 2)).abs() <= 1,
+        "{backend}: {terms:?}"
+    );
+    assert_eq!(
+        terms.grace_until,
+        record3.not_after + 10 * 86400,
+        "{backend}"
+    );
+    assert!(terms.settings.refuse_early && terms.settings.require_new_key);
+    let renewed_new_key = portcullis_pki::Certificate::first_and_rest(
+        leaf(&factory, "device-3", Profile::Client).as_bytes(),
+    )
+    .unwrap()
+    .0;
+    assert!(matches!(
+        store.register_renewal(&renewed_new_key, &record3.id, "test", true).await,
+        Err(RegistryError::Invalid(m)) if m.contains("not due")
+    ));
+    assert!(matches!(
+        store.register_renewal(&same_key(100), &record3.id, "test", false).await,
+        Err(RegistryError::Invalid(m)) if m.contains("new key")
+    ));
+    let renewal3 = store
+        .register_renewal(&renewed_new_key, &record3.id, "test", false)
+        .await
+        .unwrap();
+    let inherited = store.renewal_terms(&renewal3.id).await.unwrap();
+    assert_eq!(inherited.template.as_deref(), Some("rotating"), "{backend}");
+    // The overlap ends by time even though the renewal was never seen.
+    assert!(store.end_overlaps(now, "test").await.unwrap().is_empty());
+    let ended = store.end_overlaps(now + 3601, "test").await.unwrap();
+    assert_eq!(
+        ended,
+        [(record3.id.clone(), renewal3.id.clone())],
+        "{backend}"
+    );
+    assert_eq!(
+        store.certificate(&record3.id).await.unwrap().status,
+        CertStatus::Inactive
+    );
+    // Expired within its grace: counted in grace, not overdue; past it, overdue.
+    let in_grace = store
+        .renewal_counts(renewal3.not_after + 5 * 86400)
+        .await
+        .unwrap();
+    let past = store
+        .renewal_counts(renewal3.not_after + 11 * 86400)
+        .await
+        .unwrap();
+    assert_eq!(in_grace.in_grace, 1, "{backend}: {in_grace:?}");
+    assert_eq!(past.in_grace, 0, "{backend}: {past:?}");
+    assert_eq!(past.overdue, in_grace.overdue + 1, "{backend}");
     store
         .set_certificate_claim(&claim.id, None, "test")
         .await
         .unwrap();
     assert!(store.claims().await.unwrap().is_empty());
     store.delete_fleet_template("line-7", "test").await.unwrap();
+    store
+        .delete_fleet_template("rotating", "test")
+        .await
+        .unwrap();
     assert!(store.list_fleet_templates().await.unwrap().is_empty());
 }
 

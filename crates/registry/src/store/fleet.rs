@@ -27,12 +27,28 @@ pub const OWNERSHIP_TOKEN_SECONDS: i64 = 3600;
 /// How renewal stands ([`Store::renewal_counts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct RenewalCounts {
-    /// ACTIVE certificates past two thirds of their lifetime, not yet renewed.
+    /// ACTIVE certificates past their due point (two thirds of their lifetime unless their
+    /// template says otherwise), not yet renewed.
     pub due: i64,
-    /// ACTIVE certificates that expired.
+    /// ACTIVE certificates that expired but may still renew (their template's grace period).
+    pub in_grace: i64,
+    /// ACTIVE certificates that expired (past any grace period).
     pub overdue: i64,
     /// Certificates issued as renewals.
     pub renewed: i64,
+}
+
+/// How one certificate renews ([`Store::renewal_terms`]).
+#[derive(Debug, Clone)]
+pub struct RenewalTerms {
+    /// The template that provisioned it (or the certificate it renews), if any.
+    pub template: Option<String>,
+    /// When it is due for renewal.
+    pub due_at: i64,
+    /// Until when it may renew after expiry (its notAfter without a grace period).
+    pub grace_until: i64,
+    /// Its template's settings now (the defaults without one).
+    pub settings: crate::fleet::RenewalSettings,
 }
 
 /// A stored fleet provisioning template.
@@ -443,6 +459,13 @@ impl Store {
             if activated.rows_affected() != 1 {
                 return Err(RegistryError::Conflict(format!("certificate {certificate} is no longer waiting to be registered")));
             }
+            sqlx::query("UPDATE certificates SET template = $1, due_at = created_at + (not_after - created_at) * $2 / 100, grace_until = not_after + $3 WHERE id = $4")
+                .bind(plan.template.as_deref())
+                .bind(plan.renewal.due_percent())
+                .bind(i64::from(plan.renewal.grace_days) * 86400)
+                .bind(certificate.as_str())
+                .execute(&mut *tx)
+                .await?;
             for policy in &plan.policies {
                 let exists = sqlx::query("SELECT name FROM policies WHERE name = $1")
                     .bind(policy)
@@ -494,12 +517,38 @@ impl Store {
     /// attached where `old` is: its things (same exclusivity) and its certificate policies, in
     /// one transaction. `old` stays ACTIVE until `cert` is first seen on a connection
     /// ([`Store::record_sightings`] retires it then).
+    ///
+    /// `by_device`: the device asks (its template's `refuse_early` applies); an operator's
+    /// renewal may come early. A template's `require_new_key` applies to both.
     pub async fn register_renewal(
         &self,
         cert: &Certificate,
         old: &CertId,
         actor: &str,
+        by_device: bool,
     ) -> Result<CertRecord, RegistryError> {
+        let terms = self.renewal_terms(old).await?;
+        let settings = terms.settings;
+        if by_device && settings.refuse_early && now() < terms.due_at {
+            return Err(RegistryError::Invalid(format!(
+                "certificate {old} is not due for renewal until {} (its template '{}' refuses early renewals)",
+                crate::rfc3339_of(terms.due_at),
+                terms.template.as_deref().unwrap_or_default()
+            )));
+        }
+        if settings.require_new_key {
+            let old_cert = self.certificate(old).await?;
+            let old_key = Certificate::all_from_pem_or_der(old_cert.pem.as_bytes())
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .map(|c| c.spki_der());
+            if old_key.as_deref() == Some(cert.spki_der().as_slice()) {
+                return Err(RegistryError::Invalid(format!(
+                    "the template '{}' requires a new key on renewal: make a new key and CSR",
+                    terms.template.as_deref().unwrap_or_default()
+                )));
+            }
+        }
         let pem = cert.to_pem();
         let cas = self.issuing_cas().await?;
         let (mut record, der) =
@@ -527,6 +576,15 @@ impl Store {
             if let Err(e) = inserted {
                 return Err(conflict_or(e, format!("certificate {} is already registered", record.id)));
             }
+            // The renewed certificate's terms carry over (its template's, read now).
+            sqlx::query("UPDATE certificates SET template = $1, due_at = created_at + (not_after - created_at) * $2 / 100, grace_until = not_after + $3, retire_renewed_at = $4 WHERE id = $5")
+                .bind(terms.template.as_deref())
+                .bind(settings.due_percent())
+                .bind(i64::from(settings.grace_days) * 86400)
+                .bind(settings.overlap_hours.map(|h| record.created_at + i64::from(h) * 3600))
+                .bind(record.id.as_str())
+                .execute(&mut *tx)
+                .await?;
             audit(&mut *tx, actor, AuditAction::CertificateRegister, record.id.as_str(), None, Some(&after)).await?;
             // At most one unused renewal per certificate: an earlier one never seen on a
             // connection (an answer the device lost, or a stolen key's) is revoked now.
@@ -705,13 +763,18 @@ impl Store {
     /// expired (overdue), and renewals issued.
     pub async fn renewal_counts(&self, now: i64) -> Result<RenewalCounts, RegistryError> {
         with_pool!(self, pool => {
-            let due: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates c WHERE c.status = 'ACTIVE' AND c.not_after > $1 AND 3 * $1 >= c.created_at + 2 * c.not_after AND c.claim_templates IS NULL \
+            let due: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates c WHERE c.status = 'ACTIVE' AND c.not_after > $1 AND COALESCE(c.due_at, (c.created_at + 2 * c.not_after) / 3) <= $1 AND c.claim_templates IS NULL \
                                         AND NOT EXISTS (SELECT 1 FROM certificates r WHERE r.renews = c.id AND r.status = 'ACTIVE')")
                 .bind(now)
                 .fetch_one(pool)
                 .await?
                 .try_get("n")?;
-            let overdue: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates WHERE status = 'ACTIVE' AND not_after <= $1")
+            let in_grace: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates WHERE status = 'ACTIVE' AND not_after <= $1 AND COALESCE(grace_until, not_after) > $1")
+                .bind(now)
+                .fetch_one(pool)
+                .await?
+                .try_get("n")?;
+            let overdue: i64 = sqlx::query("SELECT COUNT(*) AS n FROM certificates WHERE status = 'ACTIVE' AND COALESCE(grace_until, not_after) <= $1")
                 .bind(now)
                 .fetch_one(pool)
                 .await?
@@ -720,7 +783,68 @@ impl Store {
                 .fetch_one(pool)
                 .await?
                 .try_get("n")?;
-            Ok(RenewalCounts { due, overdue, renewed })
+            Ok(RenewalCounts { due, in_grace, overdue, renewed })
+        })
+    }
+
+    /// How certificate `id` renews: its template (or its lineage's), when it is due, until
+    /// when it may renew after expiry, and its template's settings now.
+    pub async fn renewal_terms(&self, id: &CertId) -> Result<RenewalTerms, RegistryError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT c.template, c.due_at, c.grace_until, c.not_after, c.created_at, t.document FROM certificates c \
+                                   LEFT JOIN fleet_templates t ON t.name = c.template WHERE c.id = $1")
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(format!("certificate {id}")))?;
+            let not_after: i64 = row.try_get("not_after")?;
+            let created_at: i64 = row.try_get("created_at")?;
+            let document: Option<String> = row.try_get("document")?;
+            let settings = document
+                .and_then(|d| serde_json::from_str::<FleetTemplate>(&d).ok())
+                .map(|t| t.renewal)
+                .unwrap_or_default();
+            Ok(RenewalTerms {
+                template: row.try_get("template")?,
+                due_at: row.try_get::<Option<i64>, _>("due_at")?.unwrap_or((created_at + 2 * not_after) / 3),
+                grace_until: row.try_get::<Option<i64>, _>("grace_until")?.unwrap_or(not_after),
+                settings,
+            })
+        })
+    }
+
+    /// Ends overlaps by time: a certificate whose ACTIVE renewal was issued with an overlap
+    /// that has run out by `now` becomes INACTIVE even though the renewal was never seen
+    /// (audited, cause `overlap ended`). Answers (retired, its renewal).
+    pub async fn end_overlaps(
+        &self,
+        now: i64,
+        actor: &str,
+    ) -> Result<Vec<(CertId, CertId)>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT r.id AS renewal, r.renews AS old FROM certificates r JOIN certificates c ON c.id = r.renews \
+                                    WHERE r.retire_renewed_at <= $1 AND r.status = 'ACTIVE' AND c.status = 'ACTIVE' LIMIT 1000")
+                .bind(now)
+                .fetch_all(pool)
+                .await?;
+            let mut retired = Vec::new();
+            for row in rows {
+                let renewal: String = row.try_get("renewal")?;
+                let old: String = row.try_get("old")?;
+                let mut tx = pool.begin().await?;
+                let done = sqlx::query("UPDATE certificates SET status = 'INACTIVE', updated_at = $1, version = version + 1 WHERE id = $2 AND status = 'ACTIVE'")
+                    .bind(now)
+                    .bind(&old)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 1 {
+                    let after = serde_json::json!({"status": "INACTIVE", "cause": "overlap ended", "renewed_by": renewal}).to_string();
+                    audit(&mut *tx, actor, AuditAction::CertificateStatus, &old, Some(r#"{"status":"ACTIVE"}"#), Some(&after)).await?;
+                    retired.push((CertId::from_str(&old)?, CertId::from_str(&renewal)?));
+                }
+                tx.commit().await?;
+            }
+            Ok(retired)
         })
     }
 

@@ -42,7 +42,9 @@ pub use certificates::CertFilter;
 pub(crate) use certificates::summary_cert;
 pub(crate) use changes::audit;
 pub use changes::{Change, ChangeEntry, ChangeListener, now_ms};
-pub use fleet::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, RenewalCounts};
+pub use fleet::{
+    FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, RenewalCounts, RenewalTerms,
+};
 pub use policies::{MAX_POLICY_VERSIONS, PolicyState, PolicySummary};
 pub use things::Sighting;
 pub use webhooks::{
