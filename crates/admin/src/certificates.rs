@@ -31,6 +31,8 @@ pub(super) struct CreateCertificate {
     /// such a value).
     #[serde(default)]
     allow_separators: bool,
+    /// Put the certificate under this provisioning template's renewal terms.
+    renewal_template: Option<String>,
 }
 
 /// Refuses to issue `cert` when a subject value policies read holds a separator or wildcard,
@@ -142,6 +144,10 @@ pub(super) async fn create_certificate(
             "give exactly one of certificate_pem (register), csr_pem (sign a CSR with the local CA) or common_name (make a key and certificate)",
         ));
     }
+    // The template first: an unknown one registers nothing.
+    if let Some(t) = &req.renewal_template {
+        api.store.fleet_template(t).await?;
+    }
     let mut private_key = None;
     let pem = if let Some(pem) = &req.certificate_pem {
         pem.clone()
@@ -167,10 +173,16 @@ pub(super) async fn create_certificate(
         private_key = Some(key.to_pem());
         cert.to_pem()
     };
-    let record = api
+    let mut record = api
         .store
         .register_certificate(pem.as_bytes(), status, &caller)
         .await?;
+    if let Some(t) = &req.renewal_template {
+        record = api
+            .store
+            .set_certificate_template(&record.id, t, &caller)
+            .await?;
+    }
     let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
     if let Some(issuer) = (req.certificate_pem.is_none())
         .then_some(api.issuer.as_ref())

@@ -556,6 +556,7 @@ fn core_schemas() -> Value {
         "CreateCertificate": {"type": "object", "additionalProperties": false, "properties": {
             "certificate_pem": s("string"), "csr_pem": s("string"), "common_name": s("string"),
             "key_type": s("string"), "days": s("integer"), "allow_separators": s("boolean"),
+            "renewal_template": {"type": "string", "description": "Put the certificate under this provisioning template's renewal terms (due point, grace period)"},
             "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
         "RegisterBatch": {"type": "object", "required": ["certificates_pem"], "additionalProperties": false, "properties": {
             "certificates_pem": {"type": "array", "items": s("string"), "maxItems": 1000},

@@ -251,6 +251,10 @@ pub struct CertRegisterArgs {
     /// Certificates per request (one transaction each) during --bulk, at most 1000.
     #[arg(long, default_value_t = 250)]
     batch: usize,
+    /// Put it under this provisioning template's renewal terms (its due point and grace
+    /// period), as if the template had provisioned it.
+    #[arg(long, value_name = "TEMPLATE", conflicts_with = "bulk")]
+    renewal_template: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1199,7 +1203,10 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 .cert
                 .as_ref()
                 .ok_or_else(|| anyhow!("--cert FILE or --bulk DIR"))?;
-            let body = json!({"certificate_pem": pem_text(path, "certificate")?, "status": a.status.to_ascii_uppercase()});
+            let mut body = json!({"certificate_pem": pem_text(path, "certificate")?, "status": a.status.to_ascii_uppercase()});
+            if let Some(t) = &a.renewal_template {
+                body["renewal_template"] = json!(t);
+            }
             let v = client.post("/v1/certificates", &body).await?;
             out.show(&v, |v| format!("registered {}", cert_text(v)));
         }

@@ -388,6 +388,31 @@ pub(crate) fn decide_named(bound: &Bound, request: &PolicyRequest<'_>) -> Result
     Ok(())
 }
 
+/// The name the built-in policy of a certificate in its grace period is shown with.
+pub const RENEW_ONLY_POLICY: &str = "builtin:renew-only";
+
+/// The bound policy of a certificate in its grace period (expired, its template lets it renew
+/// for a while): connect, nothing else — the renewal topics are every device's own
+/// (`fleet::self_service`), and the node answers only a renewal for it.
+pub(crate) fn bind_renew_only() -> Bound {
+    let document = json!({"Statement": [
+        {"Effect": "Allow", "Action": "mqtt:Connect", "Resource": "client:*"},
+    ]});
+    let policies: Vec<(PolicyRef, Arc<Policy>)> = Policy::from_value(&document)
+        .ok()
+        .map(|p| {
+            vec![(
+                PolicyRef {
+                    name: RENEW_ONLY_POLICY.into(),
+                    version: 1,
+                },
+                Arc::new(p),
+            )]
+        })
+        .unwrap_or_default();
+    portcullis_policy::bind(&policies, &Default::default())
+}
+
 /// The name the built-in claim policy is shown with (`explain`, denials).
 pub const CLAIM_POLICY: &str = "builtin:claim";
 

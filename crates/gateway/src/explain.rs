@@ -249,7 +249,7 @@ fn certificate_json(leaf: &Certificate, trace: &CertificateTrace) -> Value {
         RegistryMode::Registered => "registered",
     };
     let status = trace.status.map(|s| match s {
-        RegisteredStatus::Active => "ACTIVE",
+        RegisteredStatus::Active | RegisteredStatus::ActiveWithGrace(_) => "ACTIVE",
         RegisteredStatus::Inactive => "INACTIVE",
         RegisteredStatus::PendingActivation => "PENDING_ACTIVATION",
         RegisteredStatus::Revoked => "REVOKED",

@@ -30,6 +30,9 @@ pub enum RegistryMode {
 pub enum RegisteredStatus {
     /// May authenticate.
     Active,
+    /// May authenticate, and for this many days after it expires may still renew (and do
+    /// nothing else): its template's grace period.
+    ActiveWithGrace(u16),
     /// Deactivated.
     Inactive,
     /// Registered just in time, not activated yet.
@@ -307,6 +310,17 @@ impl RegistrySnapshot {
         self.statuses[usize::from(key[0])].get(&key).copied()
     }
 
+    /// Until when an expired certificate may still renew (seconds since the epoch): ACTIVE
+    /// with a grace period; `None` otherwise.
+    pub fn grace_until(&self, leaf: &Certificate) -> Option<i64> {
+        match self.status(&leaf.info().id)? {
+            RegisteredStatus::ActiveWithGrace(days) => {
+                Some(leaf.info().not_after_unix() + i64::from(days) * 86400)
+            }
+            _ => None,
+        }
+    }
+
     /// The auto-registering CA that signed `leaf`, if any.
     pub(crate) fn jit_issuer(&self, leaf: &Certificate) -> Option<&AutoRegistration> {
         self.auto_registering
@@ -318,7 +332,8 @@ impl RegistrySnapshot {
     pub fn refusal(&self, mode: RegistryMode, id: &str) -> Option<(RegistryReason, String)> {
         let status = self.status(id);
         match (mode, status) {
-            (RegistryMode::Off, _) | (_, Some(RegisteredStatus::Active)) => None,
+            (RegistryMode::Off, _)
+            | (_, Some(RegisteredStatus::Active | RegisteredStatus::ActiveWithGrace(_))) => None,
             (RegistryMode::Revocation, None) => None,
             (RegistryMode::Registered, None) => Some((
                 RegistryReason::Unregistered,

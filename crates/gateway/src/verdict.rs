@@ -16,6 +16,9 @@ pub enum Rejection {
     Chain(RejectReason),
     /// The registry refused a certificate whose chain verified.
     Registry(RegistryReason),
+    /// Expired, within its template's grace period: admitted to renew itself (EST
+    /// `simplereenroll`, MQTT's renewal topics) and nothing else. The handshake completes.
+    RenewOnly,
 }
 
 impl Rejection {
@@ -24,6 +27,7 @@ impl Rejection {
         match self {
             Rejection::Chain(r) => r.code(),
             Rejection::Registry(r) => r.code(),
+            Rejection::RenewOnly => "renew-only",
         }
     }
 
@@ -32,6 +36,8 @@ impl Rejection {
         match self {
             Rejection::Chain(r) => r.tls_alert(),
             Rejection::Registry(r) => r.tls_alert(),
+            // Never sent: a certificate in grace completes its handshake.
+            Rejection::RenewOnly => TlsAlert::CertificateExpired,
         }
     }
 }
@@ -79,6 +85,18 @@ impl ClientVerdict {
             ClientVerdict::None => "NONE".into(),
             ClientVerdict::Valid(_) => "SUCCESS".into(),
             ClientVerdict::Rejected { reason, .. } => format!("FAILED:{}", reason.code()),
+        }
+    }
+
+    /// The leaf of a certificate admitted to renew itself only (expired, in its grace period).
+    pub fn renew_only(&self) -> Option<&Certificate> {
+        match self {
+            ClientVerdict::Rejected {
+                reason: Rejection::RenewOnly,
+                leaf,
+                ..
+            } => leaf.as_deref(),
+            _ => None,
         }
     }
 

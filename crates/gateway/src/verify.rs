@@ -257,6 +257,23 @@ impl DomainVerifier {
                 },
             },
             Verdict::Rejected {
+                reason: RejectReason::Expired,
+                explanation,
+            } => match self.in_grace(&leaf, &presented, store) {
+                Some(until) => ClientVerdict::Rejected {
+                    explanation: format!(
+                        "{explanation}; in its grace period until {until}: it may only renew"
+                    ),
+                    leaf: Some(Box::new(leaf)),
+                    reason: Rejection::RenewOnly,
+                },
+                None => ClientVerdict::Rejected {
+                    leaf: Some(Box::new(leaf)),
+                    reason: RejectReason::Expired.into(),
+                    explanation,
+                },
+            },
+            Verdict::Rejected {
                 reason,
                 explanation,
             } => {
@@ -271,6 +288,39 @@ impl DomainVerifier {
             }
         };
         (verdict, None)
+    }
+
+    /// For an expired `leaf`: until when it may still renew (RFC 3339), when the registry
+    /// gives it a grace period that has not run out and its chain verifies as it stood the
+    /// second before it expired (the registry's decision included).
+    fn in_grace(
+        &self,
+        leaf: &Certificate,
+        presented: &[Certificate],
+        store: &portcullis_pki::Truststore,
+    ) -> Option<String> {
+        let until = self.registry.snapshot.load().grace_until(leaf)?;
+        let now = crate::authorize::now();
+        if now >= until {
+            return None;
+        }
+        let options = VerifyOptions {
+            at: Some(leaf.info().not_after_unix() - 1),
+            ..self.options.clone()
+        };
+        match verify(leaf, presented, store, &options) {
+            Verdict::Valid { .. } => {}
+            Verdict::Rejected { .. } => return None,
+        }
+        if !matches!(self.registry_decision(leaf, true), RegistryDecision::Admit) {
+            return None;
+        }
+        time::OffsetDateTime::from_unix_timestamp(until)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
     }
 
     /// What the registry says about `leaf` (already verified against the truststore). Unless
@@ -442,6 +492,11 @@ impl ClientCertVerifier for DomainVerifier {
     ) -> Result<ClientCertVerified, Error> {
         let (verdict, provisioning) = self.verify_chain(end_entity, intermediates);
         let alert = match &verdict {
+            // A certificate in its grace period completes the handshake to renew itself.
+            ClientVerdict::Rejected {
+                reason: Rejection::RenewOnly,
+                ..
+            } => None,
             ClientVerdict::Rejected { reason, .. } if self.rejects_in_handshake() => {
                 Some(alert_for(*reason))
             }

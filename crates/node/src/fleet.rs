@@ -84,6 +84,38 @@ impl Fleet {
                 .await;
         };
         let caller = CertId::of_der(caller_cert.der());
+        // An expired certificate only renews, within its template's grace period (the gateway
+        // admits it for that alone; checked again here).
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if caller_cert.info().not_after_unix() <= now {
+            let renewing = matches!(request.call, FleetCall::Reenroll { .. });
+            let in_grace = renewing
+                && self
+                    .store
+                    .renewal_terms(&caller)
+                    .await
+                    .is_ok_and(|t| t.grace_until > now);
+            if !in_grace {
+                let refused = Err(forbidden(format!(
+                    "certificate {caller} expired{}",
+                    if renewing {
+                        " and has no grace period left (its template's renewal.grace_days)"
+                    } else {
+                        ": an expired certificate may only renew, within its grace period"
+                    }
+                )));
+                return self
+                    .finish(
+                        "expired",
+                        caller.as_str(),
+                        &request,
+                        &actor,
+                        started,
+                        refused,
+                    )
+                    .await;
+            }
+        }
         // Whatever the domain's registry mode: only ACTIVE certificates (or claims) are served.
         let state = match request.call {
             FleetCall::CaCertificates

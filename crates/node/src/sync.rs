@@ -305,7 +305,7 @@ pub(crate) async fn read_config(
 pub(crate) async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot> {
     let mut builder = portcullis_gateway::registry_view::SnapshotBuilder::default();
     store
-        .for_each_status(|id, status| builder.add(id, registered(status)))
+        .for_each_status(|id, status, grace| builder.add(id, registered(status, grace)))
         .await
         .context("reading the registry")?;
     Ok(builder
@@ -320,8 +320,9 @@ pub(crate) async fn registry_snapshot(store: &Store) -> Result<RegistrySnapshot>
         .with_policies(policy_snapshot(store).await?))
 }
 
-fn registered(status: CertStatus) -> RegisteredStatus {
+fn registered(status: CertStatus, grace_days: u16) -> RegisteredStatus {
     match status {
+        CertStatus::Active if grace_days > 0 => RegisteredStatus::ActiveWithGrace(grace_days),
         CertStatus::Active => RegisteredStatus::Active,
         CertStatus::Inactive => RegisteredStatus::Inactive,
         CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
@@ -383,10 +384,10 @@ pub(crate) fn plan_refresh(
 pub(crate) fn with_statuses(
     current: &RegistrySnapshot,
     ids: Vec<String>,
-    found: &std::collections::HashMap<String, CertStatus>,
+    found: &std::collections::HashMap<String, RegisteredStatus>,
 ) -> RegistrySnapshot {
     current.with_changes(ids.into_iter().map(|id| {
-        let status = found.get(&id).copied().map(registered);
+        let status = found.get(&id).copied();
         (id, status)
     }))
 }
@@ -409,12 +410,12 @@ async fn incremental_snapshot(
     let Some(refresh) = plan_refresh(&changes, current.has_ca_policies(), limit) else {
         return Ok(None);
     };
-    let found: std::collections::HashMap<String, CertStatus> = store
+    let found: std::collections::HashMap<String, RegisteredStatus> = store
         .statuses_of(&refresh.certificates)
         .await
         .context("reading the registry")?
         .into_iter()
-        .map(|(id, status)| (id.to_string(), status))
+        .map(|(id, status, grace)| (id.to_string(), registered(status, grace)))
         .collect();
     let mut next = with_statuses(current, refresh.certificates, &found);
     if refresh.cas {
@@ -638,7 +639,7 @@ mod tests {
             (id(2), RegisteredStatus::Active),
             (id(3), RegisteredStatus::Active),
         ]);
-        let found = std::collections::HashMap::from([(id(1), CertStatus::Revoked)]);
+        let found = std::collections::HashMap::from([(id(1), registered(CertStatus::Revoked, 0))]);
         let next = with_statuses(&current, vec![id(1), id(2)], &found);
         assert_eq!(next.status(&id(1)), Some(RegisteredStatus::Revoked));
         assert_eq!(next.status(&id(2)), None, "deleted");

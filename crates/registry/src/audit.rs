@@ -90,6 +90,8 @@ pub enum AuditAction {
     FleetTemplateDelete,
     /// One-time enrollment codes made for a template.
     EnrollmentCodeCreate,
+    /// A certificate put under a template's renewal terms (due point, grace period).
+    CertificateRenewalTerms,
 }
 
 /// What a change affects on the gateway nodes.
@@ -113,7 +115,7 @@ pub struct Effects {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 41] = [
+    pub const ALL: [AuditAction; 42] = [
         AuditAction::CaRegister,
         AuditAction::CaUpdate,
         AuditAction::CertificateRegister,
@@ -155,6 +157,7 @@ impl AuditAction {
         AuditAction::FleetTemplateUpdate,
         AuditAction::FleetTemplateDelete,
         AuditAction::EnrollmentCodeCreate,
+        AuditAction::CertificateRenewalTerms,
     ];
 
     /// The stored name.
@@ -197,6 +200,7 @@ impl AuditAction {
             AuditAction::ServerCertDelete => "server-cert.delete",
             AuditAction::CertificateClaim => "certificate.claim",
             AuditAction::CertificateFleetCreate => "certificate.fleet-create",
+            AuditAction::CertificateRenewalTerms => "certificate.renewal-terms",
             AuditAction::FleetTemplateCreate => "provisioning-template.create",
             AuditAction::FleetTemplateUpdate => "provisioning-template.update",
             AuditAction::FleetTemplateDelete => "provisioning-template.delete",
@@ -235,7 +239,9 @@ impl AuditAction {
             | AuditAction::FleetTemplateUpdate
             | AuditAction::FleetTemplateDelete
             | AuditAction::EnrollmentCodeCreate => none,
-            AuditAction::CertificateStatus | AuditAction::CertificateProvisionRefused => Effects {
+            AuditAction::CertificateStatus
+            | AuditAction::CertificateProvisionRefused
+            | AuditAction::CertificateRenewalTerms => Effects {
                 certificate_status: true,
                 ..none
             },

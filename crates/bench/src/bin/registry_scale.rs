@@ -167,8 +167,9 @@ fn main() {
     let t = Instant::now();
     let mut builder = portcullis_gateway::registry_view::SnapshotBuilder::default();
     runtime
-        .block_on(store.for_each_status(|id, s| {
+        .block_on(store.for_each_status(|id, s, grace| {
             let status = match s {
+                CertStatus::Active if grace > 0 => RegisteredStatus::ActiveWithGrace(grace),
                 CertStatus::Active => RegisteredStatus::Active,
                 CertStatus::Inactive => RegisteredStatus::Inactive,
                 CertStatus::PendingActivation => RegisteredStatus::PendingActivation,
@@ -221,7 +222,7 @@ fn main() {
     let next = snapshot.with_changes(
         fresh
             .into_iter()
-            .map(|(id, _)| (id.to_string(), Some(RegisteredStatus::Inactive))),
+            .map(|(id, _, _)| (id.to_string(), Some(RegisteredStatus::Inactive))),
     );
     println!(
         "incremental update (one change)          {:.2} ms (changes read {:.2} ms, statuses read {:.2} ms)",

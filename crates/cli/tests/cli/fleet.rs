@@ -1315,3 +1315,261 @@ fn scep_enrolls_a_device_whose_key_never_leaves_it_with_pyscep() {
         junk.stdout
     );
 }
+
+/// A certificate with the lifetime `from`..`until` (days from now, negative in the past),
+/// made by `openssl ca` for a CSR made by `openssl req`: signed by the local CA
+/// (`data/ca`), or — for the name `data/ca/ca` — the local CA itself, self-signed.
+fn dated_certificate(openssl: &Path, d: &Path, name: &str, from: i64, until: i64) {
+    let ca_itself = name == "data/ca/ca";
+    let subject = if ca_itself {
+        "/CN=Local CA".to_string()
+    } else {
+        format!("/CN={name}")
+    };
+    let r = new_csr(
+        openssl,
+        d,
+        &format!("{name}.key"),
+        &format!("{name}.csr"),
+        &subject,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ca = "[ca]\ndefault_ca = local\n[local]\ndatabase = index.txt\nnew_certs_dir = .\n\
+              serial = serial\ndefault_md = sha256\npolicy = any\nunique_subject = no\n\
+              [any]\ncommonName = supplied\n\
+              [leaf]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+              extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\n\
+              authorityKeyIdentifier = keyid\n\
+              [root]\nbasicConstraints = critical,CA:TRUE,pathlen:0\n\
+              keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n";
+    std::fs::write(d.join("ca.cnf"), ca).unwrap();
+    if !d.join("index.txt").exists() {
+        std::fs::write(d.join("index.txt"), "").unwrap();
+    }
+    std::fs::write(d.join("serial"), format!("{:032X}\n", rand_serial(name))).unwrap();
+    let stamp = |days: i64| {
+        let t = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+        format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    };
+    let (csr, out, start, end) = (
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        stamp(from),
+        stamp(until),
+    );
+    let mut args = vec![
+        "ca",
+        "-batch",
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        "data/ca/ca.key",
+        "-in",
+        &csr,
+        "-out",
+        &out,
+        "-startdate",
+        &start,
+        "-enddate",
+        &end,
+        "-notext",
+    ];
+    if ca_itself {
+        args.extend(["-selfsign", "-extensions", "root"]);
+    } else {
+        args.extend(["-cert", "data/ca/ca.pem", "-extensions", "leaf"]);
+    }
+    let r = run(openssl, &args, d);
+    assert_eq!(r.code, 0, "openssl ca: {}", r.stderr);
+}
+
+/// A serial number that differs per name and per run.
+fn rand_serial(name: &str) -> u128 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    name.bytes()
+        .fold(nanos, |acc, b| acc.rotate_left(7) ^ u128::from(b))
+        | (1 << 120)
+}
+
+/// A template's grace period: a certificate that expired within it completes its handshake
+/// and may renew itself over EST (then is served with its renewal), and nothing else; one
+/// whose template has no grace, or whose grace ran out, is refused in the handshake.
+#[test]
+fn an_expired_certificate_in_its_grace_period_may_only_renew() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    // The local CA, brought by the operator (made by openssl, valid since 100 days ago).
+    std::fs::create_dir_all(d.join("data/ca")).unwrap();
+    dated_certificate(&openssl, d, "data/ca/ca", -100, 3650);
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
+         [[domain.mapping]]\nbase_path = \"/.well-known/est\"\nupstream = \"builtin:est\"\n";
+    let s = Server::start(d, config);
+    for (name, doc) in [
+        (
+            "graceful",
+            r#"{"thing_name": "${cert:Subject.CN}", "renewal": {"grace_days": 30}}"#,
+        ),
+        ("strict", r#"{"thing_name": "${cert:Subject.CN}"}"#),
+    ] {
+        std::fs::write(d.join(format!("{name}.json")), doc).unwrap();
+        cli(
+            d,
+            &[
+                "provisioning-template",
+                "create",
+                name,
+                "--file",
+                &format!("{name}.json"),
+            ],
+        )
+        .ok();
+    }
+    // Expired yesterday (grace: 30 days), expired yesterday (no grace), expired 40 days ago.
+    for (name, from, until, template) in [
+        ("late-1", -60, -1, "graceful"),
+        ("late-2", -60, -1, "strict"),
+        ("late-3", -90, -40, "graceful"),
+    ] {
+        dated_certificate(&openssl, d, name, from, until);
+        let r = cli_json(
+            d,
+            &[
+                "cert",
+                "register",
+                "--cert",
+                &format!("{name}.pem"),
+                "--status",
+                "ACTIVE",
+                "--renewal-template",
+                template,
+            ],
+        );
+        cli(d, &["thing", "create", name]).ok();
+        cli(d, &["thing", "attach", name, r["id"].as_str().unwrap()]).ok();
+    }
+    let unknown = cli(
+        d,
+        &[
+            "cert",
+            "register",
+            "--cert",
+            "late-1.pem",
+            "--renewal-template",
+            "nope",
+        ],
+    );
+    assert!(
+        unknown.code != 0 && unknown.stderr.contains("nope"),
+        "an unknown template registers nothing: {}",
+        unknown.stderr
+    );
+    wait_for_snapshot(d, &s);
+    let renewal = cli_json(d, &["cert", "renewal"]);
+    assert_eq!(renewal["in_grace"], 1, "{renewal}");
+    assert_eq!(renewal["overdue"], 2, "{renewal}");
+
+    let port = s.ports[0];
+    let ask = |who: &str, path: &str, csr: Option<&str>| {
+        let (cert, key) = (format!("{who}.pem"), format!("{who}.key"));
+        let data = csr.map(|c| format!("@{c}"));
+        let mut args = vec!["--cert", cert.as_str(), "--key", key.as_str()];
+        if let Some(data) = &data {
+            args.extend([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/pkcs10",
+                "--data-binary",
+                data.as_str(),
+            ]);
+        }
+        let r = curl_port(d, port, "localhost", path, &args);
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+        (
+            status.split_whitespace().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    };
+    // In grace: the handshake completes; the echo and a first enrollment are refused.
+    let (code, body) = ask("late-1", "/", None);
+    assert_eq!(code, "403", "{body} {:?}", s.lines_with("handshake failed"));
+    let r = new_csr(&openssl, d, "next-1.key", "next-1.csr", "/CN=late-1");
+    assert_eq!(r.code, 0);
+    for args in [
+        &[
+            "req",
+            "-in",
+            "next-1.csr",
+            "-outform",
+            "DER",
+            "-out",
+            "next-1.der",
+        ][..],
+        &["base64", "-in", "next-1.der", "-out", "next-1.b64"],
+    ] {
+        assert_eq!(run(&openssl, args, d).code, 0, "{args:?}");
+    }
+    let (code, body) = ask(
+        "late-1",
+        "/.well-known/est/graceful/simpleenroll",
+        Some("next-1.b64"),
+    );
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("only renew"), "{body}");
+    // It renews, and its renewal is served.
+    let (code, body) = ask(
+        "late-1",
+        "/.well-known/est/simplereenroll",
+        Some("next-1.b64"),
+    );
+    assert_eq!(code, "200", "{body}");
+    std::fs::write(d.join("next-1.p7.b64"), &body).unwrap();
+    let unpacked = run(
+        &openssl,
+        &["base64", "-d", "-in", "next-1.p7.b64", "-out", "next-1.p7"],
+        d,
+    );
+    assert_eq!(unpacked.code, 0);
+    let pem = run(
+        &openssl,
+        &[
+            "pkcs7",
+            "-inform",
+            "DER",
+            "-in",
+            "next-1.p7",
+            "-print_certs",
+        ],
+        d,
+    );
+    assert!(pem.stdout.contains("CN = late-1"), "{}", pem.stdout);
+    std::fs::write(d.join("next-1.pem"), &pem.stdout).unwrap();
+    served(d, port, "next-1.pem", "next-1.key");
+    // No grace, or grace run out: refused in the handshake.
+    for who in ["late-2", "late-3"] {
+        let (code, body) = ask(who, "/.well-known/est/simplereenroll", Some("next-1.b64"));
+        assert_ne!(code, "200", "{who}: {body}");
+        assert_ne!(
+            code, "403",
+            "{who}: the handshake itself is refused: {body}"
+        );
+    }
+}

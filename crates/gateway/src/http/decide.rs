@@ -194,7 +194,10 @@ pub(crate) fn admit(
     let mode = domain.config.mtls.mode;
     let needs_cert =
         mode == MtlsMode::Required || (mode == MtlsMode::Optional && mapping.require_client_cert);
-    if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) {
+    // A certificate in its grace period reaches EST (to renew itself) and nothing else.
+    let renewing =
+        ctx.verdict.renew_only().is_some() && mapping.builtin == Some(crate::config::Builtin::Est);
+    if needs_cert && !matches!(ctx.verdict, ClientVerdict::Valid(_)) && !renewing {
         return refuse(Refusal::NeedsCertificate);
     }
     if websocket && !mapping.websocket {

@@ -131,6 +131,29 @@ pub(crate) async fn answer(
     }
 }
 
+/// EST for a certificate in its grace period (expired, its template allows renewal for a
+/// while): `simplereenroll` (and the public `cacerts`, `csrattrs`) only.
+pub(crate) async fn renew_only(
+    req: hyper::Request<hyper::body::Incoming>,
+    leaf: Option<&Certificate>,
+    rest: &str,
+    verifier: &std::sync::Arc<crate::verify::DomainVerifier>,
+    peer: std::net::SocketAddr,
+) -> hyper::Response<Body> {
+    let operation = rest
+        .trim_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    if !matches!(operation, "simplereenroll" | "cacerts" | "csrattrs") {
+        return text(
+            StatusCode::FORBIDDEN,
+            "this certificate expired and is in its grace period: it may only renew (simplereenroll)",
+        );
+    }
+    answer(req, leaf, rest, verifier, peer).await
+}
+
 /// The password of an `Authorization: Basic` header (the user name is not used).
 fn basic_password(headers: &hyper::HeaderMap) -> Option<String> {
     let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;

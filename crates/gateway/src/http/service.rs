@@ -217,6 +217,20 @@ pub(crate) async fn request(
                                 super::scep::answer(req, &domain.tls.verifier, ctx.peer).await
                             }
                         },
+                        // Expired within its grace period: EST re-enrollment only.
+                        ClientVerdict::Rejected { .. }
+                            if builtin == crate::config::Builtin::Est
+                                && ctx.verdict.renew_only().is_some() =>
+                        {
+                            super::est::renew_only(
+                                req,
+                                ctx.verdict.renew_only(),
+                                &rest,
+                                &domain.tls.verifier,
+                                ctx.peer,
+                            )
+                            .await
+                        }
                         // SCEP messages carry their own signature and authorization.
                         ClientVerdict::None if builtin == crate::config::Builtin::Scep => {
                             super::scep::answer(req, &domain.tls.verifier, ctx.peer).await

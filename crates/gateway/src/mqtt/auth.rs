@@ -23,10 +23,17 @@ pub(super) struct AuthInner {
     pub(super) client_id: String,
     pub(super) peer: IpAddr,
     pub(super) bound: Mutex<Option<(u64, Arc<Bound>)>>,
+    /// Expired, in its grace period: only the built-in renew-only policy applies.
+    pub(super) renew_only: bool,
 }
 
 impl SessionAuth {
-    pub(super) fn new(c: &Conn, leaf: &Certificate, client_id: &str) -> SessionAuth {
+    pub(super) fn new(
+        c: &Conn,
+        leaf: &Certificate,
+        client_id: &str,
+        renew_only: bool,
+    ) -> SessionAuth {
         SessionAuth(Arc::new(AuthInner {
             verifier: c.verifier.clone(),
             leaf: leaf.clone(),
@@ -34,6 +41,7 @@ impl SessionAuth {
             client_id: client_id.to_string(),
             peer: c.peer.ip(),
             bound: Mutex::new(None),
+            renew_only,
         }))
     }
 
@@ -47,11 +55,13 @@ impl SessionAuth {
             return b.clone();
         }
         let snapshot = inner.verifier.registry_snapshot();
-        let bound = Arc::new(snapshot.policies().bind_mqtt(
-            &inner.leaf,
-            &inner.domain,
-            &inner.client_id,
-        ));
+        let bound = Arc::new(if inner.renew_only {
+            crate::authorize::bind_renew_only()
+        } else {
+            snapshot
+                .policies()
+                .bind_mqtt(&inner.leaf, &inner.domain, &inner.client_id)
+        });
         *cached = Some((generation, bound.clone()));
         bound
     }

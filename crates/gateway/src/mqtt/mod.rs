@@ -103,9 +103,11 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     // CONNACK carries the MQTT 5 reason code; the codec writes its 3.1.1 return code.
     let refuse = |code: u8| connack(false, code);
     // The certificate is the identity.
+    // An expired certificate in its grace period connects to renew itself, and nothing else.
+    let renew_only = c.verdict.renew_only().is_some();
     let leaf = match &c.verdict {
         ClientVerdict::Valid(chain) => chain.first().cloned(),
-        _ => None,
+        other => other.renew_only().cloned(),
     };
     let Some(leaf) = leaf else {
         let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
@@ -189,7 +191,21 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             "a claim certificate may not connect with a thing's name as its client id",
         );
     }
-    let auth = SessionAuth::new(&c, &leaf, &client_id);
+    if renew_only
+        && policies.policies().is_thing(&client_id)
+        && !policies
+            .policies()
+            .things_of(&leaf.info().id)
+            .contains(&client_id)
+    {
+        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        return log_refused(
+            &c,
+            &client_id,
+            "a certificate in its grace period may connect as its own thing only",
+        );
+    }
+    let auth = SessionAuth::new(&c, &leaf, &client_id, renew_only);
     if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
         metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);
         let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;

@@ -381,16 +381,16 @@ impl Store {
     /// what a gateway's snapshot is built from, without holding a million rows at once.
     pub async fn for_each_status(
         &self,
-        mut f: impl FnMut(&str, CertStatus) + Send,
+        mut f: impl FnMut(&str, CertStatus, u16) + Send,
     ) -> Result<usize, RegistryError> {
         use futures_util::TryStreamExt;
         let mut count = 0;
         with_pool!(self, pool => {
-            let mut rows = sqlx::query("SELECT id, status FROM certificates").fetch(pool);
+            let mut rows = sqlx::query(STATUS_COLUMNS).fetch(pool);
             while let Some(r) = rows.try_next().await? {
                 let id: &str = r.try_get("id")?;
                 let status: &str = r.try_get("status")?;
-                f(id, CertStatus::from_str(status)?);
+                f(id, CertStatus::from_str(status)?, grace_days(&r)?);
                 count += 1;
             }
             Ok::<(), RegistryError>(())
@@ -413,18 +413,16 @@ impl Store {
         })
     }
 
-    /// The statuses of these certificates; an id not returned is not registered.
+    /// The statuses of these certificates, with their grace periods in days (renewal only
+    /// after expiry: [`Store::renewal_terms`]); an id not returned is not registered.
     pub async fn statuses_of(
         &self,
         ids: &[String],
-    ) -> Result<Vec<(CertId, CertStatus)>, RegistryError> {
+    ) -> Result<Vec<(CertId, CertStatus, u16)>, RegistryError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT id, status FROM certificates WHERE id IN ({})",
-                placeholders.join(", ")
-            );
+            let sql = format!("{STATUS_COLUMNS} WHERE id IN ({})", placeholders.join(", "));
             with_pool!(self, pool => {
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
                 for id in chunk {
@@ -434,6 +432,7 @@ impl Store {
                     out.push((
                         CertId::from_str(&r.try_get::<String, _>("id")?)?,
                         CertStatus::from_str(&r.try_get::<String, _>("status")?)?,
+                        grace_days(&r)?,
                     ));
                 }
                 Ok::<(), RegistryError>(())
@@ -441,4 +440,18 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// What the data path's snapshot reads of each certificate: its status and grace period.
+const STATUS_COLUMNS: &str =
+    "SELECT id, status, COALESCE(grace_until, not_after) - not_after AS grace FROM certificates";
+
+/// A row's grace period in whole days (0 without one).
+fn grace_days<R: Row>(row: &R) -> Result<u16, RegistryError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let secs: i64 = row.try_get("grace")?;
+    Ok(u16::try_from(secs.max(0) / 86400).unwrap_or(u16::MAX))
 }

@@ -813,6 +813,37 @@ impl Store {
         })
     }
 
+    /// Puts certificate `id` (registered otherwise: imported, issued by an operator) under
+    /// template `template`'s renewal terms, as if the template had provisioned it: its due
+    /// point and grace period, and its renewals'.
+    pub async fn set_certificate_template(
+        &self,
+        id: &CertId,
+        template: &str,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        let settings = self.fleet_template(template).await?.template.renewal;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query("UPDATE certificates SET template = $1, due_at = created_at + (not_after - created_at) * $2 / 100, grace_until = not_after + $3, updated_at = $4, version = version + 1 WHERE id = $5")
+                .bind(template)
+                .bind(settings.due_percent())
+                .bind(i64::from(settings.grace_days) * 86400)
+                .bind(now())
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(RegistryError::NotFound(format!("certificate {id}")));
+            }
+            let after = serde_json::json!({"template": template, "renewal": settings}).to_string();
+            audit(&mut *tx, actor, AuditAction::CertificateRenewalTerms, id.as_str(), None, Some(&after)).await?;
+            tx.commit().await?;
+            Ok::<(), RegistryError>(())
+        })?;
+        self.certificate(id).await
+    }
+
     /// Ends overlaps by time: a certificate whose ACTIVE renewal was issued with an overlap
     /// that has run out by `now` becomes INACTIVE even though the renewal was never seen
     /// (audited, cause `overlap ended`). Answers (retired, its renewal).

@@ -93,7 +93,8 @@ pub(crate) fn event_of(
         | A::FleetTemplateCreate
         | A::FleetTemplateUpdate
         | A::FleetTemplateDelete
-        | A::EnrollmentCodeCreate => None,
+        | A::EnrollmentCodeCreate
+        | A::CertificateRenewalTerms => None,
     }
 }
 
