@@ -41,6 +41,9 @@ pub enum FleetCall {
         /// A one-time enrollment code (HTTP Basic authentication's password), for a device
         /// with no certificate yet.
         code: Option<String>,
+        /// `serverkeygen` (RFC 7030 §4.4): the key is made by us, for the CSR's subject, and
+        /// answered once with the certificate.
+        server_keygen: bool,
     },
     /// Renewal (EST `simplereenroll`, or MQTT `$portcullis/certificates/renew/json`): the
     /// caller (a registered ACTIVE certificate) gets a new certificate for the same subject,

@@ -62,8 +62,9 @@ impl Fleet {
                     csr,
                     template,
                     code: Some(code),
+                    server_keygen,
                 } => {
-                    self.enroll_with_code(csr, template.as_deref(), code, &actor)
+                    self.enroll_with_code(csr, template.as_deref(), code, *server_keygen, &actor)
                         .await
                 }
                 _ => Err(FleetError {
@@ -132,14 +133,17 @@ impl Fleet {
                 "create-keys-and-certificate",
                 match &state {
                     Caller::Refused(why) => Err(forbidden(why.clone())),
-                    _ => self.create(caller.as_str(), None, &actor).await,
+                    _ => self.create(caller.as_str(), None, false, &actor).await,
                 },
             ),
             FleetCall::CreateCertificateFromCsr { csr } => (
                 "create-certificate-from-csr",
                 match &state {
                     Caller::Refused(why) => Err(forbidden(why.clone())),
-                    _ => self.create(caller.as_str(), Some(&csr), &actor).await,
+                    _ => {
+                        self.create(caller.as_str(), Some(&csr), false, &actor)
+                            .await
+                    }
                 },
             ),
             FleetCall::RegisterThing {
@@ -169,10 +173,26 @@ impl Fleet {
                 self.issue_token(&state, &caller_cert, &audience, lifetime_secs, &issuer)
                     .await,
             ),
-            FleetCall::EstEnroll { csr, template, .. } => (
-                "est-simpleenroll",
-                self.est_enroll(&state, &caller_cert, &csr, template.as_deref(), &actor)
-                    .await,
+            FleetCall::EstEnroll {
+                csr,
+                template,
+                server_keygen,
+                ..
+            } => (
+                if server_keygen {
+                    "est-serverkeygen"
+                } else {
+                    "est-simpleenroll"
+                },
+                self.est_enroll(
+                    &state,
+                    &caller_cert,
+                    &csr,
+                    template.as_deref(),
+                    server_keygen,
+                    &actor,
+                )
+                .await,
             ),
             FleetCall::Reenroll { csr } => (
                 "renew",
@@ -225,10 +245,38 @@ impl Fleet {
     /// `CreateKeysAndCertificate` (`csr: None`) or `CreateCertificateFromCsr`.
     /// `CreateKeysAndCertificate` (`csr: None`) or `CreateCertificateFromCsr`, for `caller` (the
     /// asking certificate's id, or the enrollment code's mark).
-    async fn create(&self, caller: &str, csr: Option<&str>, actor: &str) -> FleetAnswer {
+    /// With `server_keygen`, the key is made here for the CSR's subject (EST `serverkeygen`).
+    async fn create(
+        &self,
+        caller: &str,
+        csr: Option<&str>,
+        server_keygen: bool,
+        actor: &str,
+    ) -> FleetAnswer {
         let mut request = IssueRequest::new(Profile::Client, SubjectName::cn("device"));
         request.days = 365;
         let (cert, key) = match csr {
+            Some(csr) if server_keygen => {
+                let key = PrivateKey::generate(KeyType::EcP256).map_err(internal)?;
+                let cert = portcullis_pki::issue::issue_for_subject_of(
+                    csr.as_bytes(),
+                    &request,
+                    &key,
+                    &self.issuer,
+                )
+                .map_err(|e| {
+                    FleetError::invalid("InvalidCsr", format!("the CSR cannot be used: {e}"))
+                })?;
+                if let Some((attribute, c)) = cert.subject_separator() {
+                    return Err(FleetError::invalid(
+                        "InvalidCsr",
+                        format!(
+                            "the CSR's subject {attribute} holds {c:?}, which policies read as a separator or wildcard; choose another value"
+                        ),
+                    ));
+                }
+                (cert, Some(key))
+            }
             Some(csr) => {
                 let cert = portcullis_pki::issue::sign_csr(csr.as_bytes(), &request, &self.issuer)
                     .map_err(|e| {
@@ -566,6 +614,7 @@ impl Fleet {
         csr: &str,
         label: Option<&str>,
         code: &str,
+        server_keygen: bool,
         actor: &str,
     ) -> FleetAnswer {
         let unauthorized = || FleetError {
@@ -598,7 +647,7 @@ impl Fleet {
             return Err(refused(e).await);
         }
         let mark = format!("enrollment-code:{template}");
-        let created = match self.create(&mark, Some(csr), actor).await {
+        let created = match self.create(&mark, Some(csr), server_keygen, actor).await {
             Ok(c) => c,
             Err(e) => return Err(refused(e).await),
         };
@@ -619,7 +668,7 @@ impl Fleet {
             }
             return Err(refused(e).await);
         }
-        Ok(json!({ "certificatesPem": [pem] }))
+        Ok(enrolled(pem, &created))
     }
 
     /// EST `simpleenroll`: a claim certificate enrolls a device under the template named as the
@@ -631,6 +680,7 @@ impl Fleet {
         caller: &portcullis_pki::Certificate,
         csr: &str,
         template: Option<&str>,
+        server_keygen: bool,
         actor: &str,
     ) -> FleetAnswer {
         let Caller::Claim(allowed) = state else {
@@ -652,7 +702,9 @@ impl Fleet {
             });
         }
         let caller_id = CertId::of_der(caller.der());
-        let created = self.create(caller_id.as_str(), Some(csr), actor).await?;
+        let created = self
+            .create(caller_id.as_str(), Some(csr), server_keygen, actor)
+            .await?;
         let (Some(id), Some(token), Some(pem)) = (
             created["certificateId"].as_str(),
             created["certificateOwnershipToken"].as_str(),
@@ -677,7 +729,7 @@ impl Fleet {
             }
             return Err(e);
         }
-        Ok(json!({ "certificatesPem": [pem] }))
+        Ok(enrolled(pem, &created))
     }
 
     /// EST `simplereenroll`: a registered ACTIVE certificate gets a new one for the same
@@ -757,6 +809,16 @@ impl FleetProvisioning for Fleet {
         let fleet = self.clone();
         Box::pin(async move { fleet.answer(request).await })
     }
+}
+
+/// An EST enrollment's answer: the certificate, and the key when it was made here
+/// (`serverkeygen`).
+fn enrolled(pem: &str, created: &serde_json::Value) -> serde_json::Value {
+    let mut answer = json!({ "certificatesPem": [pem] });
+    if let Some(key) = created.get("privateKey") {
+        answer["privateKey"] = key.clone();
+    }
+    answer
 }
 
 /// Ours, not the device's: logged in full, answered without internals.

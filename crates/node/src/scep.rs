@@ -252,7 +252,9 @@ async fn decide(fleet: &Fleet, request: &Request, actor: &str) -> Decision {
                     "the CSR has no challenge password: put a one-time enrollment code there (provisioning-template codes)".into(),
                 ));
             };
-            fleet.enroll_with_code(&csr, None, &code, actor).await
+            fleet
+                .enroll_with_code(&csr, None, &code, false, actor)
+                .await
         }
         _ => renew(fleet, request, &csr, actor).await,
     };

@@ -459,6 +459,40 @@ pub fn renew(
     finish(der, Some(issuer))
 }
 
+/// Issues a certificate for `key`, made by the server (EST `serverkeygen`, RFC 7030 §4.4), with
+/// the subject of `csr` (PEM or DER), whose self-signature must verify; everything else from
+/// `req` (its subject is ignored). The CSR's own key is not certified.
+pub fn issue_for_subject_of(
+    csr: &[u8],
+    req: &IssueRequest,
+    key: &PrivateKey,
+    issuer: &CaIssuer,
+) -> Result<Certificate> {
+    let blocks = pem::blocks_of(csr, &Label::Csr)?;
+    let block = blocks.first().ok_or(PkiError::NotFound {
+        expected: "certificate signing request",
+        label: "CERTIFICATE REQUEST",
+    })?;
+    let (_, parsed) = X509CertificationRequest::from_der(&block.der)
+        .map_err(|e| PkiError::malformed("", format!("not a valid CSR ({e})")))?;
+    parsed
+        .verify_signature()
+        .map_err(|_| PkiError::BadCsrSignature)?;
+    let key_info = KeyInfo::from_spki_der(&key.public_key_info())
+        .ok_or_else(|| PkiError::UnsupportedKey("cannot read the public key".into()))?;
+    let mut req = req.clone();
+    req.subject = SubjectName::cn("from-csr");
+    let mut params = build_params(&req, &key_info, Some(issuer))?;
+    params.distinguished_name = name::to_rcgen(&parsed.certification_request_info.subject)?;
+    let rc_issuer = issuer.rcgen_issuer()?;
+    let der = params
+        .signed_by(key.key_pair(), &rc_issuer)
+        .map_err(|e| PkiError::Signing(e.to_string()))?
+        .der()
+        .to_vec();
+    finish(der, Some(issuer))
+}
+
 /// Signs a CSR (PEM or DER) with `issuer`. The subject and public key come from the CSR;
 /// everything else from `req` (its subject is ignored). The CSR's self-signature must verify.
 pub fn sign_csr(csr: &[u8], req: &IssueRequest, issuer: &CaIssuer) -> Result<Certificate> {

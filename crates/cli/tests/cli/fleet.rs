@@ -848,6 +848,51 @@ fn est_enrolls_and_reenrolls_devices_as_rfc_7030_examples_do_with_curl_and_opens
     // The device is served with it at once.
     served(d, port, "est-1.pem", "est-1.key");
 
+    // serverkeygen (RFC 7030 §4.4): the key made by the server for the CSR's subject, answered
+    // with the certificate as multipart/mixed (PKCS#8, then certs-only PKCS#7, each base64).
+    let asked = csr("skg-1", "/CN=skg-dev-1");
+    let (code, body) = est("/factory/serverkeygen", "boot", Some(&asked));
+    assert_eq!(code, "200", "{body}");
+    let parts: Vec<&str> = body.split("--estServerKeyGen").collect();
+    assert_eq!(parts.len(), 4, "two parts and the closing boundary: {body}");
+    let payload = |part: &str| {
+        part.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        parts[1].contains("Content-Type: application/pkcs8"),
+        "{body}"
+    );
+    std::fs::write(d.join("skg.b64"), payload(parts[1])).unwrap();
+    for args in [
+        &["base64", "-d", "-in", "skg.b64", "-out", "skg.der"][..],
+        &[
+            "pkey",
+            "-inform",
+            "DER",
+            "-in",
+            "skg.der",
+            "-out",
+            "skg-server.key",
+        ],
+    ] {
+        let r = run(&openssl, args, d);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+    }
+    let issued = unpack(&payload(parts[2]), "skg-server.pem");
+    assert!(issued.contains("skg-dev-1"), "{issued}");
+    served(d, port, "skg-server.pem", "skg-server.key");
+    // The certificate is for the key the server made, not the CSR's.
+    let r = run(
+        &openssl,
+        &["x509", "-in", "skg-server.pem", "-noout", "-pubkey"],
+        d,
+    );
+    let csr_key = run(&openssl, &["pkey", "-in", "skg-1.key", "-pubout"], d);
+    assert_ne!(r.stdout, csr_key.stdout);
+
     // simplereenroll with the issued certificate: a new key, the same subject.
     let again = csr("est-2", "/CN=est-dev-1");
     let (code, body) = est("/simplereenroll", "est-1", Some(&again));

@@ -7,6 +7,7 @@
 //! | `GET [/LABEL]/cacerts` | the CA certificates, certs-only PKCS#7 |
 //! | `POST /LABEL/simpleenroll` | a certificate for the CSR, registered under template LABEL (the caller is a claim certificate allowed it) |
 //! | `POST [/LABEL]/simplereenroll` | a new certificate for the caller's own subject, attached where the caller's is |
+//! | `POST /LABEL/serverkeygen` | as `simpleenroll`, with a key made by us for the CSR's subject: the key (PKCS#8) and the certificate, multipart |
 //! | `GET [/LABEL]/csrattrs` | 204: no attributes asked |
 
 use base64::Engine as _;
@@ -42,13 +43,14 @@ pub(crate) async fn answer(
             *resp.status_mut() = StatusCode::NO_CONTENT;
             return resp;
         }
-        ("simpleenroll", hyper::Method::POST) => {
+        (op @ ("simpleenroll" | "serverkeygen"), hyper::Method::POST) => {
             let code = basic_password(req.headers());
             match csr(req).await {
                 Ok(csr) => FleetCall::EstEnroll {
                     csr,
                     template: label,
                     code,
+                    server_keygen: op == "serverkeygen",
                 },
                 Err(e) => return e,
             }
@@ -57,16 +59,16 @@ pub(crate) async fn answer(
             Ok(csr) => FleetCall::Reenroll { csr },
             Err(e) => return e,
         },
-        ("cacerts" | "csrattrs" | "simpleenroll" | "simplereenroll", _) => {
+        ("cacerts" | "csrattrs" | "simpleenroll" | "simplereenroll" | "serverkeygen", _) => {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "cacerts and csrattrs take GET, simpleenroll and simplereenroll take POST",
+                "cacerts and csrattrs take GET, simpleenroll, simplereenroll and serverkeygen take POST",
             );
         }
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "EST answers cacerts, simpleenroll, simplereenroll and csrattrs",
+                "EST answers cacerts, simpleenroll, simplereenroll, serverkeygen and csrattrs",
             );
         }
     };
@@ -111,7 +113,10 @@ pub(crate) async fn answer(
                     Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "bad certificate"),
                 }
             }
-            pkcs7(&certs)
+            match v["privateKey"].as_str() {
+                Some(key) => with_key(key, &certs),
+                None => pkcs7(&certs),
+            }
         }
         Err(FleetError {
             status, message, ..
@@ -219,6 +224,44 @@ fn pkcs7(certs: &[Certificate]) -> hyper::Response<Body> {
     headers.insert(
         "content-transfer-encoding",
         hyper::header::HeaderValue::from_static("base64"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+/// `serverkeygen`'s answer (RFC 7030 §4.4.2): multipart/mixed, the private key (PKCS#8,
+/// base64) then the certificate (certs-only PKCS#7, base64). Never stored or logged.
+fn with_key(key_pem: &str, certs: &[Certificate]) -> hyper::Response<Body> {
+    let Some(key) = portcullis_pki::pem::decode(key_pem.as_bytes())
+        .ok()
+        .and_then(|blocks| blocks.into_iter().next())
+    else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "bad key");
+    };
+    let wrap = |der: &[u8]| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2);
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+            out.push_str("\r\n");
+        }
+        out
+    };
+    let body = format!(
+        "--estServerKeyGen\r\nContent-Type: application/pkcs8\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\
+         --estServerKeyGen\r\nContent-Type: application/pkcs7-mime; smime-type=certs-only\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\
+         --estServerKeyGen--\r\n",
+        wrap(&key.der),
+        wrap(&portcullis_pki::pkcs7::certs_only(certs)),
+    );
+    let mut resp = hyper::Response::new(full(body));
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("multipart/mixed; boundary=estServerKeyGen"),
     );
     headers.insert(
         hyper::header::CACHE_CONTROL,
