@@ -420,15 +420,16 @@ pub const CLAIM_POLICY: &str = "builtin:claim";
 /// (`CreateKeysAndCertificate`, `CreateCertificateFromCsr`) and register it under `templates`
 /// (`RegisterThing`), with their replies — nothing else, whatever else is attached.
 pub fn claim_policy(templates: &[String]) -> Option<Policy> {
-    let mut topics = vec![
-        "$aws/certificates/create/json".to_string(),
-        "$aws/certificates/create-from-csr/json".to_string(),
-    ];
-    topics.extend(
-        templates
-            .iter()
-            .map(|t| format!("$aws/provisioning-templates/{t}/provision/json")),
-    );
+    let mut topics = Vec::new();
+    for format in ["json", "cbor"] {
+        topics.push(format!("$aws/certificates/create/{format}"));
+        topics.push(format!("$aws/certificates/create-from-csr/{format}"));
+        topics.extend(
+            templates
+                .iter()
+                .map(|t| format!("$aws/provisioning-templates/{t}/provision/{format}")),
+        );
+    }
     let names = |prefix: &str, suffixes: &[&str]| -> Vec<String> {
         topics
             .iter()

@@ -7,6 +7,8 @@
 //! | `$aws/certificates/create-from-csr/json` | `CreateCertificateFromCsr` (the key stays on the device) |
 //! | `$aws/provisioning-templates/NAME/provision/json` | `RegisterThing` |
 //!
+//! Each also on `…/cbor` with CBOR payloads (a map with text keys), answered in CBOR.
+//!
 //! Each is answered on `<request topic>/accepted` or `/rejected`, to the connection that asked
 //! only (another device subscribed to the same reply topic never sees a key or a token).
 //! Rejections have IoT Core's shape: `{"statusCode", "errorCode", "errorMessage"}`.
@@ -126,9 +128,25 @@ pub trait FleetProvisioning: Send + Sync + std::fmt::Debug {
     fn call(&self, request: FleetRequest) -> Pin<Box<dyn Future<Output = FleetAnswer> + Send>>;
 }
 
-const CREATE: &str = "$aws/certificates/create/json";
-const CREATE_FROM_CSR: &str = "$aws/certificates/create-from-csr/json";
+const CREATE: &str = "$aws/certificates/create";
+const CREATE_FROM_CSR: &str = "$aws/certificates/create-from-csr";
 const TEMPLATES: &str = "$aws/provisioning-templates/";
+
+/// How a request's payload (and so its answer) is written: the topic's last level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Cbor,
+}
+
+/// A request topic without its format level, and the format.
+fn format_of(topic: &str) -> Option<(&str, Format)> {
+    if let Some(base) = topic.strip_suffix("/json") {
+        Some((base, Format::Json))
+    } else {
+        topic.strip_suffix("/cbor").map(|base| (base, Format::Cbor))
+    }
+}
 /// A device renews its own certificate over MQTT (Portcullis's own topic: IoT Core has none).
 pub(crate) const RENEW: &str = "$portcullis/certificates/renew/json";
 
@@ -144,20 +162,24 @@ pub(crate) fn self_service(topic_or_filter: &str) -> bool {
 /// The call a PUBLISH to `topic` makes, `None` when `topic` is not a fleet provisioning
 /// request; `Err` (answered as a rejection) when the payload is not what the call takes.
 pub(crate) fn request(topic: &str, payload: &[u8]) -> Option<Result<FleetCall, FleetError>> {
-    let call = if topic == CREATE {
-        Ok(FleetCall::CreateKeysAndCertificate)
-    } else if topic == RENEW {
-        object(payload).and_then(|v| match v.get("certificateSigningRequest") {
-            Some(Value::String(csr)) if !csr.is_empty() => {
-                Ok(FleetCall::Reenroll { csr: csr.clone() })
-            }
-            _ => Err(FleetError::invalid(
-                "InvalidPayload",
-                "the payload needs certificateSigningRequest: a CSR in PEM for the same subject",
-            )),
-        })
-    } else if topic == CREATE_FROM_CSR {
-        object(payload).and_then(|v| match v.get("certificateSigningRequest") {
+    if topic == RENEW {
+        return Some(
+            object(payload, Format::Json).and_then(|v| match v.get("certificateSigningRequest") {
+                Some(Value::String(csr)) if !csr.is_empty() => {
+                    Ok(FleetCall::Reenroll { csr: csr.clone() })
+                }
+                _ => Err(FleetError::invalid(
+                    "InvalidPayload",
+                    "the payload needs certificateSigningRequest: a CSR in PEM for the same subject",
+                )),
+            }),
+        );
+    }
+    let (base, format) = format_of(topic)?;
+    let call = if base == CREATE {
+        object(payload, format).map(|_| FleetCall::CreateKeysAndCertificate)
+    } else if base == CREATE_FROM_CSR {
+        object(payload, format).and_then(|v| match v.get("certificateSigningRequest") {
             Some(Value::String(csr)) if !csr.is_empty() => {
                 Ok(FleetCall::CreateCertificateFromCsr { csr: csr.clone() })
             }
@@ -167,26 +189,31 @@ pub(crate) fn request(topic: &str, payload: &[u8]) -> Option<Result<FleetCall, F
             )),
         })
     } else {
-        let template = topic
-            .strip_prefix(TEMPLATES)?
-            .strip_suffix("/provision/json")?;
+        let template = base.strip_prefix(TEMPLATES)?.strip_suffix("/provision")?;
         if template.is_empty() || template.contains('/') {
             return None;
         }
-        object(payload).and_then(|v| register(template, &v))
+        object(payload, format).and_then(|v| register(template, &v))
     };
     Some(call)
 }
 
-fn object(payload: &[u8]) -> Result<Value, FleetError> {
+fn object(payload: &[u8], format: Format) -> Result<Value, FleetError> {
     if payload.is_empty() {
         return Ok(json!({}));
     }
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(v @ Value::Object(_)) => Ok(v),
+    let parsed = match format {
+        Format::Json => serde_json::from_slice::<Value>(payload).ok(),
+        Format::Cbor => ciborium::de::from_reader::<Value, _>(payload).ok(),
+    };
+    match parsed {
+        Some(v @ Value::Object(_)) => Ok(v),
         _ => Err(FleetError::invalid(
             "InvalidPayload",
-            "the payload must be a JSON object (CBOR topics are not supported: use /json)",
+            match format {
+                Format::Json => "the payload must be a JSON object",
+                Format::Cbor => "the payload must be a CBOR map with text keys",
+            },
         )),
     }
 }
@@ -234,31 +261,51 @@ pub(crate) fn is_reply_filter(filter: &str) -> bool {
         || filter.starts_with("$portcullis/certificates/")
 }
 
-/// The reply to a request on `topic`: its topic and JSON payload.
+/// The reply to a request on `topic`: its topic and payload, in the request's format.
 pub(crate) fn reply(topic: &str, answer: &FleetAnswer) -> (String, Vec<u8>) {
-    match answer {
-        Ok(v) => (format!("{topic}/accepted"), v.to_string().into_bytes()),
+    let (suffix, value) = match answer {
+        Ok(v) => ("accepted", v.clone()),
         Err(e) => (
-            format!("{topic}/rejected"),
-            json!({"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message})
-                .to_string()
-                .into_bytes(),
+            "rejected",
+            json!({"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}),
         ),
-    }
+    };
+    let payload = match format_of(topic) {
+        Some((_, Format::Cbor)) => {
+            let mut out = Vec::new();
+            // Writing a JSON value to a Vec cannot fail.
+            let _ = ciborium::ser::into_writer(&value, &mut out);
+            out
+        }
+        _ => value.to_string().into_bytes(),
+    };
+    (format!("{topic}/{suffix}"), payload)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const CREATE_JSON: &str = "$aws/certificates/create/json";
+    const CREATE_FROM_CSR_JSON: &str = "$aws/certificates/create-from-csr/json";
+
+    fn cbor(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(v, &mut out).unwrap();
+        out
+    }
+
     #[test]
     fn iot_core_topics_and_payloads_are_read() {
         assert_eq!(
-            request(CREATE, b"{}"),
+            request(CREATE_JSON, b"{}"),
             Some(Ok(FleetCall::CreateKeysAndCertificate))
         );
         assert_eq!(
-            request(CREATE_FROM_CSR, br#"{"certificateSigningRequest":"PEM"}"#),
+            request(
+                CREATE_FROM_CSR_JSON,
+                br#"{"certificateSigningRequest":"PEM"}"#
+            ),
             Some(Ok(FleetCall::CreateCertificateFromCsr {
                 csr: "PEM".into()
             }))
@@ -278,9 +325,11 @@ mod tests {
         assert_eq!(parameters["SerialNumber"], "1");
         for other in [
             "devices/x",
-            "$aws/certificates/create/cbor",
+            "$aws/certificates/create/xml",
+            "$aws/certificates/create",
             "$aws/provisioning-templates//provision/json",
             "$aws/provisioning-templates/a/b/provision/json",
+            "$portcullis/certificates/renew/cbor",
         ] {
             assert_eq!(request(other, b"{}"), None, "{other}");
         }
@@ -289,7 +338,7 @@ mod tests {
             b"{\"certificateSigningRequest\": 1}",
             b"not json",
         ] {
-            let e = request(CREATE_FROM_CSR, bad).unwrap().unwrap_err();
+            let e = request(CREATE_FROM_CSR_JSON, bad).unwrap().unwrap_err();
             assert_eq!((e.status, e.code), (400, "InvalidPayload"));
         }
         let e = request(
@@ -301,9 +350,52 @@ mod tests {
         assert!(e.message.contains("'a'"), "{e:?}");
     }
 
+    /// IoT Core's `/cbor` topics: the same calls with CBOR payloads, answered in CBOR.
+    #[test]
+    fn cbor_topics_are_read_and_answered_in_cbor() {
+        assert_eq!(
+            request(
+                "$aws/certificates/create-from-csr/cbor",
+                &cbor(&json!({"certificateSigningRequest": "PEM"}))
+            ),
+            Some(Ok(FleetCall::CreateCertificateFromCsr {
+                csr: "PEM".into()
+            }))
+        );
+        assert_eq!(
+            request("$aws/certificates/create/cbor", &cbor(&json!({}))),
+            Some(Ok(FleetCall::CreateKeysAndCertificate))
+        );
+        let Some(Ok(FleetCall::RegisterThing { parameters, .. })) = request(
+            "$aws/provisioning-templates/factory/provision/cbor",
+            &cbor(&json!({"certificateOwnershipToken": "t", "parameters": {"SerialNumber": "7"}})),
+        ) else {
+            panic!("not a RegisterThing");
+        };
+        assert_eq!(parameters["SerialNumber"], "7");
+        // JSON on a CBOR topic, truncated and deeply nested CBOR: refused, never a panic.
+        let deep: Vec<u8> = std::iter::repeat_n(0x81u8, 10_000).collect();
+        for bad in [&br#"{"a":"b"}"#[..], &[0xa1, 0x61], &deep] {
+            let e = request("$aws/certificates/create-from-csr/cbor", bad)
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(e.code, "InvalidPayload");
+        }
+        let (topic, payload) = reply(
+            "$aws/certificates/create/cbor",
+            &Ok(json!({"certificateId": "x"})),
+        );
+        assert_eq!(topic, "$aws/certificates/create/cbor/accepted");
+        let back: Value = ciborium::de::from_reader(payload.as_slice()).unwrap();
+        assert_eq!(back, json!({"certificateId": "x"}));
+    }
+
     #[test]
     fn rejections_have_iot_cores_shape() {
-        let (topic, payload) = reply(CREATE, &Err(FleetError::invalid("InvalidPayload", "why")));
+        let (topic, payload) = reply(
+            CREATE_JSON,
+            &Err(FleetError::invalid("InvalidPayload", "why")),
+        );
         assert_eq!(topic, "$aws/certificates/create/json/rejected");
         let v: Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(

@@ -5,7 +5,8 @@
 # RegisterThing under the template "factory", and connects with its new certificate. Then the
 # same with CreateKeysAndCertificate over MQTT 5 and the SDK's request-response client
 # (IotIdentityClientV2), and the refusals: a spent token, missing parameters (nothing made, the
-# token still good), a disabled template, and a claim certificate publishing anywhere else.
+# token still good), a disabled template, and a claim certificate publishing anywhere else; and
+# the same calls on the CBOR topics.
 # Arguments: the MQTT port. Files in the working directory: claim-1.chain.pem, claim-1.key,
 # device.csr, device.key, data/ca/ca.pem. Exits non-zero on the first failure; prints the
 # claim-to-first-connection time.
@@ -139,6 +140,76 @@ again = connect("renewed.pem", "renew.key", "sensor-A1")
 again.publish(topic="devices/sensor-A1/telemetry", payload=b"{}", qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(WAIT)
 check(True, "the device connected and published with its renewed certificate")
 again.disconnect().result(WAIT)
+
+# The same calls on IoT Core's CBOR topics (the payloads in CBOR, answered in CBOR), with a
+# few lines of CBOR here: text, unsigned integers, arrays and maps are all they use.
+def cbor_head(major, n):
+    if n < 24:
+        return bytes([major << 5 | n])
+    for info, size in ((24, 1), (25, 2), (26, 4)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | info]) + n.to_bytes(size, "big")
+    raise ValueError(n)
+
+
+def cbor_encode(v):
+    if isinstance(v, str):
+        raw = v.encode()
+        return cbor_head(3, len(raw)) + raw
+    if isinstance(v, dict):
+        return cbor_head(5, len(v)) + b"".join(cbor_encode(k) + cbor_encode(x) for k, x in v.items())
+    raise ValueError(v)
+
+
+def cbor_decode(b, i=0):
+    major, info = b[i] >> 5, b[i] & 31
+    i += 1
+    if info < 24:
+        n = info
+    else:
+        size = {24: 1, 25: 2, 26: 4, 27: 8}[info]
+        n = int.from_bytes(b[i:i + size], "big")
+        i += size
+    if major == 0:
+        return n, i
+    if major == 3:
+        return b[i:i + n].decode(), i + n
+    if major in (4, 5):
+        items = []
+        for _ in range(n * (2 if major == 5 else 1)):
+            item, i = cbor_decode(b, i)
+            items.append(item)
+        return (dict(zip(items[::2], items[1::2])) if major == 5 else items), i
+    raise ValueError("CBOR major type %d" % major)
+
+
+cbor_answers = queue.Queue()
+for base in ("$aws/certificates/create/cbor", "$aws/provisioning-templates/factory/provision/cbor"):
+    for outcome in ("accepted", "rejected"):
+        claim.subscribe(topic=base + "/" + outcome, qos=mqtt.QoS.AT_LEAST_ONCE,
+                        callback=lambda topic, payload, **kw: cbor_answers.put((topic, payload)))[0].result(WAIT)
+claim.publish(topic="$aws/certificates/create/cbor", payload=cbor_encode({}),
+              qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(WAIT)
+topic, payload = take(cbor_answers, "CreateKeysAndCertificate answer in CBOR")
+made_cbor, _ = cbor_decode(payload)
+check(topic.endswith("/accepted") and made_cbor["certificatePem"].startswith("-----BEGIN CERTIFICATE-----")
+      and made_cbor["privateKey"].startswith("-----BEGIN"),
+      "CreateKeysAndCertificate on the CBOR topic, answered in CBOR (%s)" % topic)
+claim.publish(topic="$aws/provisioning-templates/factory/provision/cbor",
+              payload=cbor_encode({"certificateOwnershipToken": made_cbor["certificateOwnershipToken"],
+                                   "parameters": {"SerialNumber": "D5"}}),
+              qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(WAIT)
+topic, payload = take(cbor_answers, "RegisterThing answer in CBOR")
+registered_cbor, _ = cbor_decode(payload)
+check(topic.endswith("/accepted") and registered_cbor["thingName"] == "sensor-D5"
+      and registered_cbor["deviceConfiguration"] == {"Fallback": "https://fallback.example"},
+      "RegisterThing on the CBOR topic: %r" % (registered_cbor,))
+claim.publish(topic="$aws/provisioning-templates/factory/provision/cbor", payload=b'{"json": "here"}',
+              qos=mqtt.QoS.AT_LEAST_ONCE)[0].result(WAIT)
+topic, payload = take(cbor_answers, "a refusal in CBOR")
+refusal, _ = cbor_decode(payload)
+check(topic.endswith("/rejected") and refusal["statusCode"] == 400 and refusal["errorCode"] == "InvalidPayload",
+      "JSON on a CBOR topic is refused, in CBOR: %r" % (refusal,))
 
 # The claim certificate may do nothing else: a publish elsewhere closes the connection (3.1.1
 # cannot refuse a publish otherwise, as IoT Core does).
