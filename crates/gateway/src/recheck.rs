@@ -65,6 +65,20 @@ impl Admission {
             ClientVerdict::Valid(chain) => Some(chain),
             _ => None,
         };
+        // A certificate in its grace period: closed once the registry no longer gives it one
+        // (revoked, deactivated, renewed and retired) or the grace has run out.
+        if let Some(leaf) = self.verdict.renew_only() {
+            let until = self.verifier.registry_snapshot().grace_until(leaf);
+            if until.is_none_or(|u| u <= crate::authorize::now()) {
+                return Some(Closed {
+                    code: "grace-ended",
+                    explanation: format!(
+                        "certificate {} may no longer renew: its grace period ended or the registry changed it",
+                        leaf.info().id
+                    ),
+                });
+            }
+        }
         let current = self.states.load();
         if current.generation == self.generation {
             // Within a generation only the registry changes.

@@ -308,9 +308,28 @@ impl DomainVerifier {
             at: Some(leaf.info().not_after_unix() - 1),
             ..self.options.clone()
         };
+        // Trusted as the chain stood then; its CAs and CRLs must also be good now (only the
+        // leaf's own expiry is forgiven).
         match verify(leaf, presented, store, &options) {
-            Verdict::Valid { .. } => {}
+            Verdict::Valid { chain } => {
+                let stale_ca = chain
+                    .iter()
+                    .skip(1)
+                    .any(|c| c.info().not_after_unix() <= now || c.info().not_before_unix() > now);
+                if stale_ca {
+                    return None;
+                }
+            }
             Verdict::Rejected { .. } => return None,
+        }
+        if !self.options.allow_stale_crls
+            && self
+                .options
+                .crls
+                .iter()
+                .any(|c| c.next_update_unix().is_some_and(|n| n <= now))
+        {
+            return None;
         }
         if !matches!(self.registry_decision(leaf, true), RegistryDecision::Admit) {
             return None;

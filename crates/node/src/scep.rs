@@ -12,7 +12,7 @@
 //! - `GetCert` and `GetCRL` are refused (`badRequest`).
 //!
 //! The registration authority (an RSA key, two certificates from the local CA) is made once:
-//! in the data directory (`scep/ra.pem`, `scep/ra.key` 0600) on a single node, in the registry
+//! in the data directory (`scep/ra.pem`, `scep/ra-encryption.key`, `scep/ra-signing.key` 0600) on a single node, in the registry
 //! under the cluster key in a cluster; renewed when it stops serving the local CA.
 
 use anyhow::{Context, Result};
@@ -60,7 +60,7 @@ impl FleetProvisioning for WithScep {
                 FleetCall::ScepCaCertificates => Ok(ca_certificates(&this.ra, &this.fleet.issuer)),
                 FleetCall::ScepOperation { message } => {
                     let actor = format!("fleet:{}", request.client_id);
-                    operation(&this.fleet, &this.ra, message, &actor).await
+                    operation(&this.fleet, this.ra.clone(), message.clone(), &actor).await
                 }
                 _ => this.fleet.call(request).await,
             }
@@ -68,8 +68,9 @@ impl FleetProvisioning for WithScep {
     }
 }
 
-/// The RA's name among the cluster's shared keys.
-const CLUSTER_RA: &str = "scep-ra";
+/// The RA's parts among the cluster's shared keys.
+const CLUSTER_RA_ENCRYPTION: &str = "scep-ra-encryption";
+const CLUSTER_RA_SIGNING: &str = "scep-ra-signing";
 
 /// The SCEP registration authority for `ca`: the data dir's or the cluster's, made (or renewed)
 /// when there is none that serves `ca`.
@@ -82,53 +83,101 @@ pub(crate) async fn load_ra(
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let Some(cluster) = cluster else {
         let cert_path = data.root.join("scep/ra.pem");
-        let key_path = data.root.join("scep/ra.key");
-        if let (Ok(certs), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
-            let ra = Certificate::all_from_pem_or_der(&certs)
-                .map_err(anyhow::Error::from)
-                .and_then(|certs| Ok(Ra::new(certs, PrivateKey::from_pem_or_der(&key)?)?))
-                .with_context(|| format!("the SCEP RA in {}", cert_path.display()))?;
-            if ra.serves(ca.certificate(), now) {
-                return Ok(ra);
+        let key_paths = [
+            data.root.join("scep/ra-encryption.key"),
+            data.root.join("scep/ra-signing.key"),
+        ];
+        let read = || -> Result<Ra> {
+            let certs = Certificate::all_from_pem_or_der(&std::fs::read(&cert_path)?)?;
+            let [encryption, signing] = &key_paths;
+            Ok(Ra::new(
+                certs,
+                PrivateKey::from_pem_or_der(&std::fs::read(encryption)?)?,
+                PrivateKey::from_pem_or_der(&std::fs::read(signing)?)?,
+            )?)
+        };
+        if cert_path.exists() {
+            match read() {
+                Ok(ra) if ra.serves(ca.certificate(), now) => return Ok(ra),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the SCEP RA in {} cannot be read: making a new one", cert_path.display())
+                }
             }
         }
         let ra = Ra::issue(ca).context("making the SCEP RA")?;
+        let (encryption, signing) = ra.keys();
         let mut out = Outputs::default();
         out.public(&cert_path, pem_of(ra.certificates()));
-        out.secret(&key_path, ra.key().to_pem());
+        out.secret(&key_paths[0], encryption.to_pem());
+        out.secret(&key_paths[1], signing.to_pem());
         out.write(true)?;
         return Ok(ra);
     };
-    let context = format!("cluster-ca:{CLUSTER_RA}");
-    let open = |(pem, sealed): (String, String)| -> Result<Ra> {
-        let certs = Certificate::all_from_pem_or_der(pem.as_bytes())?;
-        let key = PrivateKey::from_pem_or_der(&cluster.key.open(&sealed, &context)?)?;
-        Ok(Ra::new(certs, key)?)
+    // In a cluster: the RA's certificates and its two keys sealed, one shared entry each.
+    let open = |name: &str, (pem, sealed): (String, String)| -> Result<(Certificate, PrivateKey)> {
+        let (cert, _) = Certificate::first_and_rest(pem.as_bytes())?;
+        let key = PrivateKey::from_pem_or_der(
+            &cluster.key.open(&sealed, &format!("cluster-ca:{name}"))?,
+        )?;
+        Ok((cert, key))
     };
-    let fresh = || -> Result<(String, String)> {
-        let ra = Ra::issue(ca).context("making the SCEP RA")?;
-        Ok((
-            pem_of(ra.certificates()),
-            cluster.key.seal(ra.key().pkcs8_der(), &context)?,
-        ))
-    };
-    let recorded = match store.cluster_ca(CLUSTER_RA).await? {
-        Some(recorded) => recorded,
-        None => {
-            let (pem, sealed) = fresh()?;
-            store.init_cluster_ca(CLUSTER_RA, &pem, &sealed).await?
+    let recorded = |name: &'static str| async move { store.cluster_ca(name).await };
+    let parts = (
+        recorded(CLUSTER_RA_ENCRYPTION).await?,
+        recorded(CLUSTER_RA_SIGNING).await?,
+    );
+    if let (Some(e), Some(s)) = &parts {
+        let (e_cert, e_key) = open(CLUSTER_RA_ENCRYPTION, e.clone())?;
+        let (s_cert, s_key) = open(CLUSTER_RA_SIGNING, s.clone())?;
+        let ra = Ra::new(vec![e_cert, s_cert], e_key, s_key).context("the cluster's SCEP RA")?;
+        if ra.serves(ca.certificate(), now) {
+            return Ok(ra);
         }
-    };
-    let old_pem = recorded.0.clone();
-    let ra = open(recorded).context("the cluster's SCEP RA")?;
-    if ra.serves(ca.certificate(), now) {
-        return Ok(ra);
     }
-    let (pem, sealed) = fresh()?;
-    let replaced = store
-        .replace_cluster_ca(CLUSTER_RA, &old_pem, &pem, &sealed)
-        .await?;
-    open(replaced).context("the cluster's SCEP RA")
+    // None yet, or no longer serving the local CA: made here; the first node to record (or
+    // replace) each part wins, and every node reads what was recorded.
+    let fresh = Ra::issue(ca).context("making the SCEP RA")?;
+    let (encryption, signing) = fresh.keys();
+    for (name, cert, key, old) in [
+        (
+            CLUSTER_RA_ENCRYPTION,
+            &fresh.certificates()[0],
+            encryption,
+            &parts.0,
+        ),
+        (
+            CLUSTER_RA_SIGNING,
+            &fresh.certificates()[1],
+            signing,
+            &parts.1,
+        ),
+    ] {
+        let sealed = cluster
+            .key
+            .seal(key.pkcs8_der(), &format!("cluster-ca:{name}"))?;
+        match old {
+            None => store.init_cluster_ca(name, &cert.to_pem(), &sealed).await?,
+            Some((old_pem, _)) => {
+                store
+                    .replace_cluster_ca(name, old_pem, &cert.to_pem(), &sealed)
+                    .await?
+            }
+        };
+    }
+    let e = open(
+        CLUSTER_RA_ENCRYPTION,
+        recorded(CLUSTER_RA_ENCRYPTION)
+            .await?
+            .context("the SCEP RA was not recorded")?,
+    )?;
+    let s = open(
+        CLUSTER_RA_SIGNING,
+        recorded(CLUSTER_RA_SIGNING)
+            .await?
+            .context("the SCEP RA was not recorded")?,
+    )?;
+    Ra::new(vec![e.0, s.0], e.1, s.1).context("the cluster's SCEP RA")
 }
 
 fn pem_of(certs: &[Certificate]) -> String {
@@ -148,10 +197,15 @@ fn ca_certificates(ra: &Ra, ca: &CaIssuer) -> serde_json::Value {
 
 /// PKIOperation: the `CertRep` for `message` (`{"pkiMessage": base64}`); a message that cannot
 /// be answered at all (not a SCEP request) is a 400.
-async fn operation(fleet: &Fleet, ra: &Ra, message: &[u8], actor: &str) -> FleetAnswer {
-    let request = scep::read_request(message, ra).map_err(|e| {
-        FleetError::invalid("InvalidRequest", format!("{e}; send a SCEP pkiMessage"))
-    })?;
+async fn operation(fleet: &Fleet, ra: Arc<Ra>, message: Vec<u8>, actor: &str) -> FleetAnswer {
+    // RSA and CMS work off the async workers.
+    let reading = ra.clone();
+    let request = tokio::task::spawn_blocking(move || scep::read_request(&message, &reading))
+        .await
+        .map_err(crate::fleet::internal)?
+        .map_err(|e| {
+            FleetError::invalid("InvalidRequest", format!("{e}; send a SCEP pkiMessage"))
+        })?;
     let call = match request.message_type {
         MessageType::PkcsReq => "scep-pkcsreq",
         MessageType::RenewalReq => "scep-renewalreq",
@@ -176,18 +230,25 @@ async fn operation(fleet: &Fleet, ra: &Ra, message: &[u8], actor: &str) -> Fleet
         }
         Err((fail, reason)) => {
             tracing::info!(target: "portcullis::fleet", call, transaction = %request.transaction_id, fail_info = fail.name(), %reason, "SCEP request refused");
+            // A message whose signature did not verify names no one: not audited (anyone can
+            // put anyone's certificate in one).
+            let verified = !matches!(request.content, Err(FailInfo::BadMessageCheck));
             let who = format!("scep:{}", key_hash(&request.signer));
-            if let Err(e) = fleet
-                .store
-                .record_fleet_refusal(&who, call, fail.name(), &reason, actor)
-                .await
+            if verified
+                && let Err(e) = fleet
+                    .store
+                    .record_fleet_refusal(&who, call, fail.name(), &reason, actor)
+                    .await
             {
                 tracing::warn!(target: "portcullis::fleet", error = %e, "cannot record a SCEP refusal");
             }
             Outcome::Failure(fail)
         }
     };
-    let der = scep::reply(&request, &outcome, ra).map_err(crate::fleet::internal)?;
+    let der = tokio::task::spawn_blocking(move || scep::reply(&request, &outcome, &ra))
+        .await
+        .map_err(crate::fleet::internal)?
+        .map_err(crate::fleet::internal)?;
     Ok(json!({
         "pkiMessage": base64::engine::general_purpose::STANDARD.encode(der),
     }))
@@ -246,6 +307,14 @@ async fn decide(fleet: &Fleet, request: &Request, actor: &str) -> Decision {
     }
     let answer = match request.message_type {
         MessageType::PkcsReq => {
+            // The request is signed by the key it asks a certificate for (a self-signed
+            // certificate over it): no one re-sends another device's CSR.
+            if !scep::csr_key_is(content, &request.signer) {
+                return Err((
+                    FailInfo::BadRequest,
+                    "the CSR's key must be the key that signed the request (a self-signed certificate over it)".into(),
+                ));
+            }
             let Some(code) = scep::challenge_password(content) else {
                 return Err((
                     FailInfo::BadRequest,

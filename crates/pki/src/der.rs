@@ -116,16 +116,26 @@ impl<'a> Tlv<'a> {
         Ok(out)
     }
 
-    /// The contents of an OCTET STRING (or an implicitly tagged one), joined when constructed.
+    /// The contents of an OCTET STRING (or an implicitly tagged one), joined when constructed
+    /// (to [`MAX_DEPTH`] levels: a hostile message cannot exhaust the stack).
     pub(crate) fn octets(&self) -> Result<Vec<u8>> {
-        if self.tag & 0x20 == 0 {
-            return Ok(self.body.to_vec());
-        }
         let mut out = Vec::new();
-        for child in self.children()? {
-            out.extend(child.octets()?);
-        }
+        self.octets_into(&mut out, 0)?;
         Ok(out)
+    }
+
+    fn octets_into(&self, out: &mut Vec<u8>, depth: usize) -> Result<()> {
+        if self.tag & 0x20 == 0 {
+            out.extend_from_slice(self.body);
+            return Ok(());
+        }
+        if depth >= MAX_DEPTH {
+            return Err(bad("an OCTET STRING nested too deeply"));
+        }
+        for child in self.children()? {
+            child.octets_into(out, depth + 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -229,6 +239,17 @@ mod tests {
         }
         let deep: Vec<u8> = std::iter::repeat_n([0x30u8, 0x80], 100).flatten().collect();
         assert!(read(&deep).is_err());
+        // Regression (scep_nested_octet_string_overflowed_the_stack): definite-length
+        // constructed OCTET STRINGs nested 20,000 deep are an error, not a stack overflow.
+        let mut nested = vec![0x04, 0x00];
+        for _ in 0..20_000 {
+            let mut outer = vec![0x24, 0x83];
+            outer.extend_from_slice(&(nested.len() as u32).to_be_bytes()[1..]);
+            outer.extend(nested);
+            nested = outer;
+        }
+        let (tlv, _) = read(&nested).unwrap();
+        assert!(tlv.octets().is_err());
     }
 
     #[test]

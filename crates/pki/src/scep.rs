@@ -53,10 +53,12 @@ const SCEP_TRANSACTION_ID: &[u64] = &[2, 16, 840, 1, 113733, 1, 9, 7];
 /// standard's baseline. SHA-1 is still accepted from old clients, not offered.
 pub const CAPABILITIES: &str = "POSTPKIOperation\nRenewal\nSHA-256\nSHA-512\nAES\nSCEPStandard\n";
 
-/// The registration authority: an RSA key and its encryption and signing certificates.
+/// The registration authority: its encryption and signing certificates, each with its own RSA
+/// key (the key that decrypts never signs).
 pub struct Ra {
     certificates: Vec<Certificate>,
-    key: PrivateKey,
+    encryption_key: PrivateKey,
+    signing_key: PrivateKey,
     decrypting: Pkcs1PrivateDecryptingKey,
     signing: RsaKeyPair,
 }
@@ -70,18 +72,19 @@ impl std::fmt::Debug for Ra {
 }
 
 impl Ra {
-    /// A new RA for `ca`: an RSA 2048 key and its two certificates, as long-lived as the CA.
+    /// A new RA for `ca`: two RSA 2048 keys and their certificates, as long-lived as the CA.
     pub fn issue(ca: &CaIssuer) -> Result<Ra> {
-        let key = PrivateKey::generate(KeyType::Rsa2048)?;
         let cn = ca
             .certificate()
             .subject_attribute("CN")
             .unwrap_or_else(|| "Portcullis".into());
         let mut certificates = Vec::new();
+        let mut keys = Vec::new();
         for (profile, role) in [
             (Profile::RaEncryption, "encryption"),
             (Profile::RaSigning, "signing"),
         ] {
+            let key = PrivateKey::generate(KeyType::Rsa2048)?;
             let mut req = IssueRequest::new(
                 profile,
                 SubjectName {
@@ -92,24 +95,35 @@ impl Ra {
             );
             req.days = 3650;
             certificates.push(crate::issue::issue(&req, &key, Some(ca))?);
+            keys.push(key);
         }
-        Ra::new(certificates, key)
+        let signing_key = keys.pop().ok_or(PkiError::KeyMismatch)?;
+        let encryption_key = keys.pop().ok_or(PkiError::KeyMismatch)?;
+        Ra::new(certificates, encryption_key, signing_key)
     }
 
-    /// An RA from its certificates (encryption first, then signing) and key.
-    pub fn new(certificates: Vec<Certificate>, key: PrivateKey) -> Result<Ra> {
-        if certificates.len() != 2 || !certificates.iter().all(|c| key.is_key_of(c)) {
+    /// An RA from its certificates (encryption first, then signing) and their keys.
+    pub fn new(
+        certificates: Vec<Certificate>,
+        encryption_key: PrivateKey,
+        signing_key: PrivateKey,
+    ) -> Result<Ra> {
+        let [encryption, signing_cert] = certificates.as_slice() else {
+            return Err(PkiError::KeyMismatch);
+        };
+        if !encryption_key.is_key_of(encryption) || !signing_key.is_key_of(signing_cert) {
             return Err(PkiError::KeyMismatch);
         }
-        let not_rsa = || PkiError::UnsupportedKey("the SCEP RA key must be RSA".into());
-        let decrypting = PrivateDecryptingKey::from_pkcs8(key.pkcs8_der())
+        let not_rsa = || PkiError::UnsupportedKey("the SCEP RA keys must be RSA".into());
+        let decrypting = PrivateDecryptingKey::from_pkcs8(encryption_key.pkcs8_der())
             .ok()
             .and_then(|k| Pkcs1PrivateDecryptingKey::new(k).ok())
             .ok_or_else(not_rsa)?;
-        let signing = RsaKeyPair::from_pkcs8(key.pkcs8_der()).map_err(|_| not_rsa())?;
+        let signing = RsaKeyPair::from_pkcs8(signing_key.pkcs8_der()).map_err(|_| not_rsa())?;
         Ok(Ra {
             certificates,
-            key,
+            encryption_key,
+            signing_key,
             decrypting,
             signing,
         })
@@ -120,9 +134,9 @@ impl Ra {
         &self.certificates
     }
 
-    /// The RA's key.
-    pub fn key(&self) -> &PrivateKey {
-        &self.key
+    /// The encryption key, then the signing key.
+    pub fn keys(&self) -> (&PrivateKey, &PrivateKey) {
+        (&self.encryption_key, &self.signing_key)
     }
 
     /// Whether this RA still serves `ca`: issued by it and valid for more than 30 days.
@@ -130,6 +144,10 @@ impl Ra {
         self.certificates
             .iter()
             .all(|c| c.is_signed_by(ca) && c.info().not_after_unix() > now_unix + 30 * 86400)
+    }
+
+    fn encryption(&self) -> &Certificate {
+        &self.certificates[0]
     }
 
     fn signer(&self) -> &Certificate {
@@ -453,8 +471,11 @@ pub fn read_request(message: &[u8], ra: &Ra) -> Result<Request> {
     let verified = message_digest.as_deref() == Some(digest.digest(&e_content).as_slice())
         && verify(&signer, digest, &signed_bytes, signature.body);
     let mut cipher = Cipher::Aes256;
+    // Whatever fails past the signature — the key, the padding, the content's structure — is
+    // one answer, badMessageCheck: no oracle on the RA key or on someone else's envelope.
     let content = if verified {
-        decrypt_envelope(&e_content, &ra.decrypting, &mut cipher)
+        decrypt_envelope(&e_content, &ra.decrypting, ra.encryption(), &mut cipher)
+            .and_then(|c| well_formed(message_type, c))
     } else {
         Err(FailInfo::BadMessageCheck)
     };
@@ -538,6 +559,7 @@ fn verify(signer: &Certificate, digest: Digest, data: &[u8], signature: &[u8]) -
 fn decrypt_envelope(
     e_content: &[u8],
     decrypting: &Pkcs1PrivateDecryptingKey,
+    recipient_cert: &Certificate,
     cipher_used: &mut Cipher,
 ) -> std::result::Result<Vec<u8>, FailInfo> {
     let check = |_| FailInfo::BadMessageCheck;
@@ -576,30 +598,33 @@ fn decrypt_envelope(
         .octets()
         .map_err(check)?;
     let ciphertext = ciphertext.octets().map_err(check)?;
-    // The content key: the first key-transport recipient that decrypts with the RA key; a
-    // random key otherwise, so that a failed decryption looks like a bad content.
-    let mut key = None;
+    // The content key: the one key-transport recipient addressed to `recipient_cert` (by
+    // issuer and serial number, or subject key identifier), decrypted with its key; a random
+    // key when it does not decrypt (implicit rejection: a failed decryption looks like a bad
+    // content). Other recipients are never tried.
+    let addressed = recipient_ids(recipient_cert);
+    let mut encrypted_key = None;
     for recipient in recipients.children().map_err(check)? {
         let parts = recipient.children().map_err(check)?;
         // KeyTransRecipientInfo: version, rid, keyEncryptionAlgorithm, encryptedKey
-        let [_, _, key_alg, encrypted_key] = parts.as_slice() else {
+        let [_, rid, key_alg, key, ..] = parts.as_slice() else {
             continue;
         };
-        let key_alg = key_alg.children().map_err(check)?;
-        if !key_alg.first().is_some_and(|o| is_oid(o, RSA_ENCRYPTION)) {
+        if !addressed.iter().any(|a| a.as_slice() == rid.raw) {
             continue;
         }
-        let mut out = vec![0u8; decrypting.min_output_size()];
-        if let Ok(plain) = decrypting.decrypt(encrypted_key.body, &mut out)
-            && plain.len() == cipher.key_len()
-        {
-            key = Some(plain.to_vec());
-            break;
+        let key_alg = key_alg.children().map_err(check)?;
+        if !key_alg.first().is_some_and(|o| is_oid(o, RSA_ENCRYPTION)) {
+            return Err(FailInfo::BadAlg);
         }
+        encrypted_key = Some(key.body);
+        break;
     }
-    let key = match key {
-        Some(k) => k,
-        None => {
+    let encrypted_key = encrypted_key.ok_or(FailInfo::BadMessageCheck)?;
+    let mut out = vec![0u8; decrypting.min_output_size()];
+    let key = match decrypting.decrypt(encrypted_key, &mut out) {
+        Ok(plain) if plain.len() == cipher.key_len() => plain.to_vec(),
+        _ => {
             let mut k = vec![0u8; cipher.key_len()];
             SystemRandom::new()
                 .fill(&mut k)
@@ -610,6 +635,59 @@ fn decrypt_envelope(
     cipher
         .decrypt(&key, &iv, &ciphertext)
         .ok_or(FailInfo::BadMessageCheck)
+}
+
+/// The ways a recipient info can name `cert`: IssuerAndSerialNumber, or `[0]` its subject key
+/// identifier.
+fn recipient_ids(cert: &Certificate) -> Vec<Vec<u8>> {
+    let mut ids = Vec::new();
+    if let Ok(ias) = issuer_and_serial(cert) {
+        ids.push(ias);
+    }
+    if let Some(ski) = &cert.info().subject_key_id
+        && let Some(bytes) = hex_bytes(ski)
+    {
+        ids.push(element(0x80, &bytes));
+    }
+    ids
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = hex.bytes().filter(u8::is_ascii_hexdigit).collect();
+    digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect()
+}
+
+/// The decrypted content, when it is what `message_type` carries: a CSR whose self-signature
+/// verifies, IssuerAndSubject, or IssuerAndSerialNumber — nothing after it.
+fn well_formed(
+    message_type: MessageType,
+    content: Vec<u8>,
+) -> std::result::Result<Vec<u8>, FailInfo> {
+    let ok = match message_type {
+        MessageType::PkcsReq | MessageType::RenewalReq => {
+            X509CertificationRequest::from_der(&content)
+                .is_ok_and(|(rest, csr)| rest.is_empty() && csr.verify_signature().is_ok())
+        }
+        MessageType::CertPoll => der::read(&content).is_ok_and(|(tlv, rest)| {
+            rest.is_empty()
+                && tlv.tag == 0x30
+                && tlv
+                    .children()
+                    .is_ok_and(|c| c.len() == 2 && c.iter().all(|n| n.tag == 0x30))
+        }),
+        MessageType::GetCert | MessageType::GetCrl => {
+            der::read(&content).is_ok_and(|(_, rest)| rest.is_empty())
+                && read_issuer_and_serial(&content).is_ok()
+        }
+    };
+    if ok {
+        Ok(content)
+    } else {
+        Err(FailInfo::BadMessageCheck)
+    }
 }
 
 /// The `CertRep` answering `request`, signed by the RA.
@@ -731,6 +809,13 @@ pub fn read_issuer_and_serial(content: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     }
 }
 
+/// Whether the CSR (DER) asks for `cert`'s public key.
+pub fn csr_key_is(csr_der: &[u8], cert: &Certificate) -> bool {
+    X509CertificationRequest::from_der(csr_der).is_ok_and(|(_, csr)| {
+        csr.certification_request_info.subject_pki.raw == cert.spki_der().as_slice()
+    })
+}
+
 /// The challenge password of a CSR (DER), which SCEP uses as the one-time enrollment code.
 pub fn challenge_password(csr_der: &[u8]) -> Option<String> {
     let (_, csr) = X509CertificationRequest::from_der(csr_der).ok()?;
@@ -835,6 +920,7 @@ pub(crate) mod client {
     pub(crate) fn open(
         answer: &[u8],
         key: &PrivateKey,
+        me: &Certificate,
     ) -> (String, Option<String>, Vec<Certificate>) {
         let (info, _) = der::read(answer).unwrap();
         let info = info.children().unwrap();
@@ -863,7 +949,7 @@ pub(crate) mod client {
         )
         .unwrap();
         let mut cipher = Cipher::Aes256;
-        let bundle = decrypt_envelope(&e_content, &decrypting, &mut cipher).unwrap();
+        let bundle = decrypt_envelope(&e_content, &decrypting, me, &mut cipher).unwrap();
         let certs = Certificate::all_from_pem_or_der(&bundle).unwrap();
         (status, fail, certs)
     }
@@ -932,7 +1018,7 @@ mod tests {
         )
         .unwrap();
         let answer = reply(&req, &Outcome::Issued(vec![cert.clone()]), &ra).unwrap();
-        let (status, fail, certs) = open(&answer, &key);
+        let (status, fail, certs) = open(&answer, &key, &signer);
         assert_eq!((status.as_str(), fail), ("0", None));
         assert_eq!(certs[0].der(), cert.der());
     }
@@ -949,7 +1035,7 @@ mod tests {
         let req = read_request(&message, &ra).unwrap();
         assert_eq!(req.content, Err(FailInfo::BadMessageCheck));
         let answer = reply(&req, &Outcome::Failure(FailInfo::BadMessageCheck), &ra).unwrap();
-        let (status, fail, _) = open(&answer, &key);
+        let (status, fail, _) = open(&answer, &key, &signer);
         assert_eq!((status.as_str(), fail.as_deref()), ("2", Some("1")));
 
         // Encrypted to another RA: the content does not decrypt.
@@ -965,5 +1051,44 @@ mod tests {
         ] {
             assert!(read_request(junk, &ra).is_err());
         }
+    }
+
+    /// Regression (scep_padding_and_rsa_oracles): every failure past the signature answers the
+    /// same badMessageCheck — content of the wrong kind, an envelope addressed to the RA's other
+    /// certificate (never tried), a key that does not decrypt — so a stranger re-signing
+    /// someone else's envelope learns nothing about its plaintext or the RA key.
+    #[test]
+    fn failures_past_the_signature_are_one_answer() {
+        let ca = ca();
+        let ra = Ra::issue(&ca).unwrap();
+        let (key, signer, csr) = device("code");
+        let encryption = &ra.certificates()[0];
+        let answer = |message: Vec<u8>| read_request(&message, &ra).unwrap().content;
+        // A CSR where a poll's IssuerAndSubject belongs, and a poll's content in a PKCSReq.
+        assert_eq!(
+            answer(request("20", &csr, &signer, &key, encryption, "t1")),
+            Err(FailInfo::BadMessageCheck)
+        );
+        let ias = seq(&[&seq(&[]), &seq(&[])]);
+        assert_eq!(
+            answer(request("19", &ias, &signer, &key, encryption, "t2")),
+            Err(FailInfo::BadMessageCheck)
+        );
+        assert!(answer(request("20", &ias, &signer, &key, encryption, "t3")).is_ok());
+        // Addressed to the signing certificate: not tried.
+        assert_eq!(
+            answer(request(
+                "19",
+                &csr,
+                &signer,
+                &key,
+                &ra.certificates()[1],
+                "t4"
+            )),
+            Err(FailInfo::BadMessageCheck)
+        );
+        // The RA's two keys are two keys.
+        let (enc, sig) = ra.keys();
+        assert_ne!(enc.public_key_bits(), sig.public_key_bits());
     }
 }

@@ -1219,6 +1219,11 @@ async fn fleet_provisioning(store: &Store) {
         .unwrap();
     let inherited = store.renewal_terms(&renewal3.id).await.unwrap();
     assert_eq!(inherited.template.as_deref(), Some("rotating"), "{backend}");
+    // Not back to a key the device used before either (A→B→A).
+    assert!(matches!(
+        store.register_renewal(&same_key(100), &renewal3.id, "test", false).await,
+        Err(RegistryError::Invalid(m)) if m.contains("new key")
+    ));
     // The overlap ends by time even though the renewal was never seen.
     assert!(store.end_overlaps(now, "test").await.unwrap().is_empty());
     let ended = store.end_overlaps(now + 3601, "test").await.unwrap();

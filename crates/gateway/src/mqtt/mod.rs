@@ -191,8 +191,10 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             "a claim certificate may not connect with a thing's name as its client id",
         );
     }
+    // A certificate in its grace period connects as one of its own things, or under its own
+    // automatic id: it may not take over another client's session.
     if renew_only
-        && policies.policies().is_thing(&client_id)
+        && client_id != format!("auto-{}", &leaf.info().id[..16])
         && !policies
             .policies()
             .things_of(&leaf.info().id)
@@ -202,7 +204,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         return log_refused(
             &c,
             &client_id,
-            "a certificate in its grace period may connect as its own thing only",
+            "a certificate in its grace period may connect as its own thing (or with an empty client id) only",
         );
     }
     let auth = SessionAuth::new(&c, &leaf, &client_id, renew_only);

@@ -537,16 +537,27 @@ impl Store {
             )));
         }
         if settings.require_new_key {
-            let old_cert = self.certificate(old).await?;
-            let old_key = Certificate::all_from_pem_or_der(old_cert.pem.as_bytes())
-                .ok()
-                .and_then(|c| c.into_iter().next())
-                .map(|c| c.spki_der());
-            if old_key.as_deref() == Some(cert.spki_der().as_slice()) {
-                return Err(RegistryError::Invalid(format!(
-                    "the template '{}' requires a new key on renewal: make a new key and CSR",
-                    terms.template.as_deref().unwrap_or_default()
-                )));
+            // New: not the key of the renewed certificate, nor of any it renewed (A→B→A).
+            let new_key = cert.spki_der();
+            let mut next = Some(old.clone());
+            let mut steps = 0;
+            while let Some(id) = next.take() {
+                steps += 1;
+                if steps > 1000 {
+                    break;
+                }
+                let record = self.certificate(&id).await?;
+                let key = Certificate::all_from_pem_or_der(record.pem.as_bytes())
+                    .ok()
+                    .and_then(|c| c.into_iter().next())
+                    .map(|c| c.spki_der());
+                if key.as_deref() == Some(new_key.as_slice()) {
+                    return Err(RegistryError::Invalid(format!(
+                        "the template '{}' requires a new key on renewal (one this device has not used before): make a new key and CSR",
+                        terms.template.as_deref().unwrap_or_default()
+                    )));
+                }
+                next = self.renewed_by(&id).await?;
             }
         }
         let pem = cert.to_pem();
@@ -558,6 +569,13 @@ impl Store {
         let after = after.to_string();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            // The renewed certificate's row first (a write: on PostgreSQL a row lock, on SQLite
+            // the write lock): two renewals of one certificate at once are taken one after the
+            // other, so the second sees — and supersedes — the first.
+            sqlx::query("UPDATE certificates SET version = version WHERE id = $1")
+                .bind(old.as_str())
+                .execute(&mut *tx)
+                .await?;
             let inserted = sqlx::query(
                 "INSERT INTO certificates (id, der, subject, issuer, serial, ca_id, status, not_after, created_at, updated_at, last_seen, version, renews) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $8, NULL, 1, $9)",
@@ -842,6 +860,17 @@ impl Store {
             Ok::<(), RegistryError>(())
         })?;
         self.certificate(id).await
+    }
+
+    /// The certificate `id` renews, if it is a renewal.
+    async fn renewed_by(&self, id: &CertId) -> Result<Option<CertId>, RegistryError> {
+        with_pool!(self, pool => {
+            let row: Option<(Option<String>,)> = sqlx::query_as("SELECT renews FROM certificates WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?;
+            row.and_then(|(r,)| r).map(|r| CertId::from_str(&r)).transpose()
+        })
     }
 
     /// Ends overlaps by time: a certificate whose ACTIVE renewal was issued with an overlap
