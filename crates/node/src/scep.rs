@@ -11,9 +11,10 @@
 //!   transaction, to the key that asked only (kept 7 days, on every node).
 //! - `GetCert` and `GetCRL` are refused (`badRequest`).
 //!
-//! The registration authority (an RSA key, two certificates from the local CA) is made once:
-//! in the data directory (`scep/ra.pem`, `scep/ra-encryption.key`, `scep/ra-signing.key` 0600) on a single node, in the registry
-//! under the cluster key in a cluster; renewed when it stops serving the local CA.
+//! The registration authority (two certificates from the local CA, each with its own RSA key)
+//! is made once: in the data directory (`scep/ra.pem`, `scep/ra-encryption.key`,
+//! `scep/ra-signing.key`, 0600) on a single node, sealed in the registry under the cluster key
+//! in a cluster; made again when it stops serving the local CA.
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
