@@ -1462,6 +1462,7 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
     dated_certificate(&openssl, d, "data/ca/ca", -100, 3650);
     let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
          [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"mqtt\"]\n\
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
          [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
          [[domain.mapping]]\nupstream = \"builtin:echo\"\n\
@@ -1487,11 +1488,13 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
         )
         .ok();
     }
-    // Expired yesterday (grace: 30 days), expired yesterday (no grace), expired 40 days ago.
+    // Expired yesterday (grace: 30 days), expired yesterday (no grace), expired 40 days ago,
+    // and one more in grace for MQTT.
     for (name, from, until, template) in [
         ("late-1", -60, -1, "graceful"),
         ("late-2", -60, -1, "strict"),
         ("late-3", -90, -40, "graceful"),
+        ("late-4", -60, -1, "graceful"),
     ] {
         dated_certificate(&openssl, d, name, from, until);
         let r = cli_json(
@@ -1528,7 +1531,7 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
     );
     wait_for_snapshot(d, &s);
     let renewal = cli_json(d, &["cert", "renewal"]);
-    assert_eq!(renewal["in_grace"], 1, "{renewal}");
+    assert_eq!(renewal["in_grace"], 2, "{renewal}");
     assert_eq!(renewal["overdue"], 2, "{renewal}");
 
     let port = s.ports[0];
@@ -1550,7 +1553,7 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
         let (body, status) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
         (
             status.split_whitespace().next().unwrap_or("").to_string(),
-            body.to_string(),
+            format!("{body}{}", r.stderr),
         )
     };
     // In grace: the handshake completes; the echo and a first enrollment are refused.
@@ -1608,6 +1611,26 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
     assert!(pem.stdout.contains("CN = late-1"), "{}", pem.stdout);
     std::fs::write(d.join("next-1.pem"), &pem.stdout).unwrap();
     served(d, port, "next-1.pem", "next-1.key");
+    // Over MQTT (paho): connects as its own thing only, may do nothing but renew, renews.
+    if let Some(python) = crate::mqtt::paho_python() {
+        let r = new_csr(&openssl, d, "next-4.key", "next-4.csr", "/CN=late-4");
+        assert_eq!(r.code, 0);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/grace_mqtt.py");
+        let mqtt_port = s.ports[1].to_string();
+        let r = run(
+            &python,
+            &[
+                script.to_str().unwrap(),
+                &mqtt_port,
+                "late-4.pem",
+                "late-4.key",
+                "next-4.csr",
+            ],
+            d,
+        );
+        assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
+        served(d, port, "renewed.pem", "next-4.key");
+    }
     // No grace, or grace run out: refused in the handshake.
     for who in ["late-2", "late-3"] {
         let (code, body) = ask(who, "/.well-known/est/simplereenroll", Some("next-1.b64"));

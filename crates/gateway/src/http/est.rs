@@ -151,6 +151,11 @@ pub(crate) async fn renew_only(
         .next()
         .unwrap_or_default();
     if !matches!(operation, "simplereenroll" | "cacerts" | "csrattrs") {
+        // Read what was sent first (bounded): a refusal before the request body is read makes
+        // HTTP/2 reset the stream, and the client sees that rather than the answer.
+        let _ = http_body_util::Limited::new(req.into_body(), MAX_CSR)
+            .collect()
+            .await;
         return text(
             StatusCode::FORBIDDEN,
             "this certificate expired and is in its grace period: it may only renew (simplereenroll)",
