@@ -63,6 +63,31 @@ pub(crate) struct FileConfig {
     nats_tls: Option<bool>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
+    /// Revocation published for the local CA: CRL and OCSP over plain HTTP.
+    revocation: Option<FileRevocation>,
+}
+
+/// `[revocation]`: where the local CA's CRL, OCSP responder and certificate are served (plain
+/// HTTP: relying parties fetch them so; the CRL and the answers are signed), and the URL issued
+/// certificates point at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileRevocation {
+    /// `IP:PORT` of the plain-HTTP listener.
+    pub(crate) listen: String,
+    /// What issued certificates carry (`http://pki.example.com`); default `http://LISTEN`.
+    pub(crate) public_url: Option<String>,
+    /// The CRL's lifetime in hours (nextUpdate), default 24; made again at half of it.
+    pub(crate) crl_hours: Option<u32>,
+}
+
+/// The `[revocation]` settings, checked.
+#[derive(Debug, Clone)]
+pub(crate) struct RevocationSettings {
+    pub(crate) listen: SocketAddr,
+    /// None: `http://` and the address bound.
+    pub(crate) public_url: Option<String>,
+    pub(crate) crl_secs: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,6 +367,41 @@ fn parse_specs(specs: &[(String, DomainSpec)]) -> Result<Vec<DomainSpec>> {
             Ok(d.clone())
         })
         .collect()
+}
+
+impl FileConfig {
+    /// The `[revocation]` settings, if any: a bad address or URL is an error naming it.
+    pub(crate) fn revocation(&self) -> Result<Option<RevocationSettings>> {
+        let Some(r) = &self.revocation else {
+            return Ok(None);
+        };
+        let listen = r.listen.parse::<SocketAddr>().map_err(|_| {
+            anyhow!(
+                "[revocation] listen '{}' is not IP:PORT (such as 0.0.0.0:8080)",
+                r.listen
+            )
+        })?;
+        let public_url = r
+            .public_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string());
+        if let Some(url) = &public_url
+            && (!url.starts_with("http://") || url.contains(char::is_whitespace))
+        {
+            bail!(
+                "[revocation] public_url '{url}' must be an http:// URL (relying parties fetch CRLs and OCSP over plain HTTP)"
+            );
+        }
+        let hours = r.crl_hours.unwrap_or(24);
+        if !(1..=720).contains(&hours) {
+            bail!("[revocation] crl_hours must be 1-720");
+        }
+        Ok(Some(RevocationSettings {
+            listen,
+            public_url,
+            crl_secs: i64::from(hours) * 3600,
+        }))
+    }
 }
 
 /// Reads the configuration file and every file it names, takes the domains from the registry

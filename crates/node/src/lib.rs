@@ -37,6 +37,7 @@ pub mod config;
 pub mod data_dir;
 mod fleet;
 pub mod output;
+mod revocation;
 mod scep;
 pub mod serve;
 mod sync;

@@ -234,6 +234,21 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(key) => crate::token::TokenSigner::from_cluster_key(key)?,
         None => crate::token::TokenSigner::from_data_dir(&args.data_dir)?,
     };
+    // Revocation published for the local CA (before anything is issued: leaves point to it).
+    if let Some(r) = crate::config::read_file_config(&config_path)?.revocation()? {
+        let listener = tokio::net::TcpListener::bind(r.listen)
+            .await
+            .with_context(|| format!("binding the revocation listener on {}", r.listen))?;
+        let base = match &r.public_url {
+            Some(url) => url.clone(),
+            None => format!("http://{}", listener.local_addr()?),
+        };
+        local_ca.publish_revocation_at(crate::revocation::urls(&base, &local_ca));
+        let publisher =
+            crate::revocation::Revocation::start(store.clone(), local_ca.clone(), r.crl_secs)
+                .await?;
+        crate::revocation::serve(listener, publisher)?;
+    }
     let ra = crate::scep::load_ra(&store, cluster.as_ref(), &data, &local_ca).await?;
     let fleet = crate::fleet::Fleet::new(
         store.clone(),

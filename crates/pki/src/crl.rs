@@ -145,20 +145,34 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
             "--next-update-days must be at least 1".into(),
         ));
     }
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let revoked: Vec<(Vec<u8>, i64, bool)> =
+        serials.iter().map(|s| (s.clone(), now, false)).collect();
+    create_at(issuer, &revoked, i64::from(next_update_days) * 86400)
+}
+
+/// Issues a CRL signed by `issuer` revoking each serial at its time (seconds since the epoch)
+/// — on hold (reason certificateHold) when its flag is set — valid for `next_update_secs`,
+/// numbered from the clock in milliseconds.
+pub fn create_at(
+    issuer: &CaIssuer,
+    revoked: &[(Vec<u8>, i64, bool)],
+    next_update_secs: i64,
+) -> Result<Crl> {
     let now = OffsetDateTime::now_utc();
-    let revoked_certs = serials
+    let revoked_certs = revoked
         .iter()
-        .map(|s| RevokedCertParams {
+        .map(|(s, at, hold)| RevokedCertParams {
             serial_number: SerialNumber::from_slice(s),
-            revocation_time: now,
-            reason_code: None,
+            revocation_time: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
+            reason_code: hold.then_some(rcgen::RevocationReason::CertificateHold),
             invalidity_date: None,
         })
         .collect();
     let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(u64::MAX);
     let params = CertificateRevocationListParams {
         this_update: now,
-        next_update: now + Duration::days(i64::from(next_update_days)),
+        next_update: now + Duration::seconds(next_update_secs.max(60)),
         crl_number: SerialNumber::from(number),
         issuing_distribution_point: None,
         revoked_certs,

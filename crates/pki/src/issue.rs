@@ -269,6 +269,21 @@ pub struct CaIssuer {
     cert: Certificate,
     key: PrivateKey,
     issuers: Vec<Certificate>,
+    /// Where relying parties find this CA's revocation data: written into every leaf it issues
+    /// once set ([`CaIssuer::publish_revocation_at`]).
+    urls: std::sync::OnceLock<RevocationUrls>,
+}
+
+/// The URLs a CA's leaves point relying parties to: its CRL (CRL distribution points), its
+/// OCSP responder and its own certificate (authority information access).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationUrls {
+    /// The CRL's URL.
+    pub crl: String,
+    /// The OCSP responder's URL.
+    pub ocsp: String,
+    /// The CA certificate's URL (caIssuers).
+    pub ca_issuers: String,
 }
 
 impl CaIssuer {
@@ -290,7 +305,41 @@ impl CaIssuer {
         if cert_bits != key.public_key_bits() {
             return Err(PkiError::KeyMismatch);
         }
-        Ok(CaIssuer { cert, key, issuers })
+        Ok(CaIssuer {
+            cert,
+            key,
+            issuers,
+            urls: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// From now on, leaves this CA issues carry `urls` (CRL distribution point, OCSP and
+    /// caIssuers access); set once.
+    pub fn publish_revocation_at(&self, urls: RevocationUrls) {
+        let _ = self.urls.set(urls);
+    }
+
+    /// Where this CA's leaves point relying parties, once set.
+    pub fn revocation_urls(&self) -> Option<&RevocationUrls> {
+        self.urls.get()
+    }
+
+    /// Signs `data` with the CA's key as its certificates are signed; with the signature's
+    /// AlgorithmIdentifier (DER).
+    pub(crate) fn sign_raw(&self, data: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        use rcgen::SigningKey as _;
+        let algorithm = self
+            .cert
+            .with_parsed(|c| crate::ocsp::signature_algorithm(c.public_key()))?
+            .ok_or_else(|| {
+                PkiError::Signing("the CA's key type cannot sign OCSP responses".into())
+            })?;
+        let signature = self
+            .key
+            .key_pair()
+            .sign(data)
+            .map_err(|e| PkiError::Signing(e.to_string()))?;
+        Ok((signature, algorithm))
     }
 
     /// The CA certificate.
@@ -681,6 +730,29 @@ fn build_params(
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
         }
+    }
+    // Leaves point relying parties to their CA's revocation data, once it is published.
+    if matches!(
+        req.profile,
+        Profile::Client | Profile::Server | Profile::Peer
+    ) && let Some(urls) = issuer.and_then(CaIssuer::revocation_urls)
+    {
+        params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+            uris: vec![urls.crl.clone()],
+        }];
+        let access = |method: u64, uri: &str| {
+            crate::der::seq(&[
+                &crate::der::oid(&[1, 3, 6, 1, 5, 5, 7, 48, method]),
+                &crate::der::element(0x86, uri.as_bytes()),
+            ])
+        };
+        let aia = crate::der::seq(&[&access(1, &urls.ocsp), &access(2, &urls.ca_issuers)]);
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 5, 5, 7, 1, 1],
+                aia,
+            ));
     }
     Ok(params)
 }

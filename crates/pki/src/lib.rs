@@ -38,6 +38,7 @@ pub mod issue;
 pub mod key;
 mod legacy;
 mod name;
+pub mod ocsp;
 mod outcome;
 pub mod p12;
 pub mod pem;
@@ -51,7 +52,7 @@ pub mod verify;
 
 pub use cert::{Certificate, CertificateInfo, NameAttributes};
 pub use error::PkiError;
-pub use issue::{CaIssuer, IssueRequest, Profile, SubjectAltName, SubjectName};
+pub use issue::{CaIssuer, IssueRequest, Profile, RevocationUrls, SubjectAltName, SubjectName};
 pub use key::{KeyType, PrivateKey};
 pub use truststore::Truststore;
 pub use verify::{RejectReason, TlsAlert, Usage, Verdict, VerifyOptions, VerifyProfile};

@@ -14,6 +14,7 @@ mod nodes;
 mod pki;
 mod policy;
 mod proxy;
+mod revocation;
 mod serve;
 mod webhook;
 

@@ -398,6 +398,29 @@ impl Store {
         Ok(count)
     }
 
+    /// The serial (colon hex), status and last change of every registered certificate whose
+    /// issuer is `issuer` (RFC 4514): what a CA's CRL and OCSP responder publish.
+    pub async fn statuses_by_issuer(
+        &self,
+        issuer: &str,
+    ) -> Result<Vec<(String, CertStatus, i64)>, RegistryError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query("SELECT serial, status, updated_at FROM certificates WHERE issuer = $1")
+                .bind(issuer)
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get("serial")?,
+                        CertStatus::from_str(&r.try_get::<String, _>("status")?)?,
+                        r.try_get("updated_at")?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
     /// Every registered certificate's status, for the gateway's in-memory snapshot.
     pub async fn statuses(&self) -> Result<Vec<(CertId, CertStatus)>, RegistryError> {
         with_pool!(self, pool => {

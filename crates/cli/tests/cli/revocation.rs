@@ -1,0 +1,301 @@
+//! Revocation published for the local CA (`[revocation]`): its OCSP responder and CRL, checked
+//! by `openssl ocsp` and `openssl crl` as relying parties check them.
+
+use std::path::Path;
+
+use crate::control::{cli, cli_json};
+use crate::portcullis;
+use crate::serve::Server;
+use portcullis_testkit::{require_tool, run, temp_dir};
+
+/// `openssl ocsp` for `cert`, answered at `url`: (its status line, verified, nonce answered).
+fn ocsp(openssl: &Path, d: &Path, cert: &str, url: &str) -> (String, bool, bool) {
+    let r = run(
+        openssl,
+        &[
+            "ocsp",
+            "-issuer",
+            "data/ca/ca.pem",
+            "-cert",
+            cert,
+            "-url",
+            url,
+            "-CAfile",
+            "data/ca/ca.pem",
+        ],
+        d,
+    );
+    let all = format!("{}{}", r.stdout, r.stderr);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{cert}:")))
+        .unwrap_or_default()
+        .to_string();
+    (
+        line,
+        all.contains("Response verify OK"),
+        !all.contains("no nonce"),
+    )
+}
+
+/// The local CA's OCSP responder and CRL: an issued certificate points to both, is good, then
+/// revoked within a second of `cert update --status REVOKED` (on hold while INACTIVE), a
+/// certificate the registry does not know is unknown, another CA's is refused; the CRL verifies
+/// with the CA and lists what is revoked; GET and POST both answer.
+#[test]
+fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let Some(curl) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [revocation]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    let line = s.printed("the revocation listener", |l| {
+        l.contains("portcullis revocation (CRL, OCSP) on http://")
+    });
+    let base = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let ocsp_url = format!("{base}/ocsp");
+
+    // A device certificate from the local CA points relying parties to the CRL and OCSP.
+    let made = cli_json(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "dev-1",
+            "--status",
+            "ACTIVE",
+            "--out",
+            "dev-1",
+        ],
+    );
+    let id = made["id"].as_str().unwrap().to_string();
+    let text = run(
+        &openssl,
+        &["x509", "-in", "dev-1/cert.pem", "-noout", "-text"],
+        d,
+    )
+    .stdout;
+    assert!(text.contains(&format!("OCSP - URI:{ocsp_url}")), "{text}");
+    let crl_url = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("URI:"))
+        .filter(|u| u.contains("/crl/"))
+        .unwrap_or_else(|| panic!("no CRL distribution point: {text}"))
+        .to_string();
+    assert!(text.contains("CA Issuers - URI:"), "{text}");
+
+    // Known to OCSP within a second of being registered.
+    let registered = std::time::Instant::now();
+    let (mut status, mut verified, mut nonce) = (String::new(), false, false);
+    while registered.elapsed() < std::time::Duration::from_secs(5) {
+        (status, verified, nonce) = ocsp(&openssl, d, "dev-1/cert.pem", &ocsp_url);
+        if status.ends_with("good") {
+            break;
+        }
+    }
+    assert!(status.ends_with("good"), "{status}");
+    assert!(
+        verified && nonce,
+        "the answer is signed by the CA and carries the nonce"
+    );
+
+    // Revoked: OCSP says so within a second, on this node, with no restart.
+    cli(d, &["cert", "update", &id, "--status", "REVOKED"]).ok();
+    let revoked_at = std::time::Instant::now();
+    let mut seen = String::new();
+    while revoked_at.elapsed() < std::time::Duration::from_secs(5) {
+        seen = ocsp(&openssl, d, "dev-1/cert.pem", &ocsp_url).0;
+        if seen.ends_with("revoked") {
+            break;
+        }
+    }
+    let took = revoked_at.elapsed();
+    assert!(seen.ends_with("revoked"), "{seen}");
+    println!("revocation visible in OCSP after {took:?}");
+    assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
+
+    // INACTIVE is on hold.
+    cli_json(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "dev-2",
+            "--status",
+            "INACTIVE",
+            "--out",
+            "dev-2",
+        ],
+    );
+    let asked = std::time::Instant::now();
+    let mut r = run(&openssl, &["version"], d);
+    while asked.elapsed() < std::time::Duration::from_secs(5)
+        && !r.stdout.contains("Certificate Hold")
+    {
+        r = run(
+            &openssl,
+            &[
+                "ocsp",
+                "-issuer",
+                "data/ca/ca.pem",
+                "-cert",
+                "dev-2/cert.pem",
+                "-url",
+                &ocsp_url,
+                "-CAfile",
+                "data/ca/ca.pem",
+                "-resp_text",
+            ],
+            d,
+        );
+    }
+    assert!(r.stdout.contains("certificateHold"), "{}", r.stdout);
+
+    // Not registered (made with the CA's key by hand): unknown. Another CA's: refused.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "issue",
+            "--profile",
+            "client",
+            "--cn",
+            "stray",
+            "--issuer-cert",
+            "data/ca/ca.pem",
+            "--issuer-key",
+            "data/ca/ca.key",
+            "--out",
+            "stray",
+            "--name",
+            "stray",
+        ],
+    )
+    .ok();
+    let stray = "stray/stray.pem".to_string();
+    assert!(ocsp(&openssl, d, &stray, &ocsp_url).0.ends_with("unknown"));
+    portcullis(
+        d,
+        &["pki", "ca", "create", "--cn", "Other CA", "--out", "other"],
+    )
+    .ok();
+    let r = run(
+        &openssl,
+        &[
+            "ocsp",
+            "-issuer",
+            "other/ca.pem",
+            "-cert",
+            "dev-1/cert.pem",
+            "-url",
+            &ocsp_url,
+        ],
+        d,
+    );
+    assert!(
+        format!("{}{}", r.stdout, r.stderr).contains("unauthorized"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+
+    // GET (RFC 6960 A.1): the request base64 in the path.
+    let r = run(
+        &openssl,
+        &[
+            "ocsp",
+            "-issuer",
+            "data/ca/ca.pem",
+            "-cert",
+            "dev-1/cert.pem",
+            "-no_nonce",
+            "-reqout",
+            "req.der",
+        ],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b64 = run(&openssl, &["base64", "-A", "-in", "req.der"], d).stdout;
+    let encoded = b64
+        .trim()
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    let r = run(
+        &curl,
+        &["-sS", "-o", "resp.der", &format!("{ocsp_url}/{encoded}")],
+        d,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(
+        &openssl,
+        &[
+            "ocsp",
+            "-respin",
+            "resp.der",
+            "-issuer",
+            "data/ca/ca.pem",
+            "-cert",
+            "dev-1/cert.pem",
+            "-CAfile",
+            "data/ca/ca.pem",
+        ],
+        d,
+    );
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        all.contains("Response verify OK") && all.contains("dev-1/cert.pem: revoked"),
+        "{all}"
+    );
+
+    // The CRL at the distribution point: signed by the CA, listing the revoked certificate (and
+    // the one on hold).
+    let r = run(&curl, &["-sS", "-o", "ca.crl", &crl_url], d);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(
+        &openssl,
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            "ca.crl",
+            "-CAfile",
+            "data/ca/ca.pem",
+            "-noout",
+            "-text",
+        ],
+        d,
+    );
+    assert!(r.stderr.contains("verify OK"), "{}", r.stderr);
+    let serial = made["serial"]
+        .as_str()
+        .unwrap()
+        .replace(':', "")
+        .to_uppercase();
+    assert!(
+        r.stdout.to_uppercase().replace(':', "").contains(&serial),
+        "{serial} in {}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("Certificate Hold"), "{}", r.stdout);
+}
