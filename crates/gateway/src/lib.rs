@@ -59,6 +59,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
+pub use http::respond::Body;
+pub use http::scep::serve as serve_scep;
 
 use crate::config::{Domain, Protocols};
 use crate::registry_view::RegistryView;

@@ -79,6 +79,10 @@ pub(crate) struct FileRevocation {
     pub(crate) public_url: Option<String>,
     /// The CRL's lifetime in hours (nextUpdate), default 24; made again at half of it.
     pub(crate) crl_hours: Option<u32>,
+    /// Also answer SCEP at `/scep` (plain HTTP, as SCEP clients expect: its messages are signed
+    /// and encrypted); off by default.
+    #[serde(default)]
+    pub(crate) scep: bool,
 }
 
 /// The `[revocation]` settings, checked.
@@ -88,6 +92,7 @@ pub(crate) struct RevocationSettings {
     /// None: `http://` and the address bound.
     pub(crate) public_url: Option<String>,
     pub(crate) crl_secs: i64,
+    pub(crate) scep: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,6 +405,7 @@ impl FileConfig {
             listen,
             public_url,
             crl_secs: i64::from(hours) * 3600,
+            scep: r.scep,
         }))
     }
 }

@@ -167,21 +167,42 @@ async fn build(store: &Store, ca: &CaIssuer, crl_secs: i64) -> Result<Published>
     })
 }
 
-/// Serves the revocation endpoints on `listener` (plain HTTP/1.1).
-pub(crate) fn serve(listener: tokio::net::TcpListener, this: Arc<Revocation>) -> Result<()> {
+/// SCEP on the plain-HTTP listener, when it answers it.
+type Scep = Option<Arc<dyn portcullis_gateway::fleet::FleetProvisioning>>;
+
+/// Serves the revocation endpoints on `listener` (plain HTTP/1.1), and SCEP at `/scep` when
+/// `scep` is given.
+pub(crate) fn serve(
+    listener: tokio::net::TcpListener,
+    this: Arc<Revocation>,
+    scep: Scep,
+) -> Result<()> {
     let bound = listener.local_addr()?;
     tracing::info!(target: "portcullis::revocation", address = %bound, "revocation (CRL, OCSP) served over plain HTTP");
     println!("portcullis revocation (CRL, OCSP) on http://{bound}");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let this = this.clone();
+            let scep = scep.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&this, req).await) }
+                    let scep = scep.clone();
+                    async move {
+                        if let Some(service) = scep
+                            && req.uri().path() == "/scep"
+                        {
+                            return Ok::<_, std::convert::Infallible>(
+                                portcullis_gateway::serve_scep(req, Some(service), peer).await,
+                            );
+                        }
+                        Ok(handle(&this, req)
+                            .await
+                            .map(|b| b.map_err(|never| match never {}).boxed()))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())

@@ -235,6 +235,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => crate::token::TokenSigner::from_data_dir(&args.data_dir)?,
     };
     // Revocation published for the local CA (before anything is issued: leaves point to it).
+    let mut plain_http = None;
     if let Some(r) = crate::config::read_file_config(&config_path)?.revocation()? {
         let listener = tokio::net::TcpListener::bind(r.listen)
             .await
@@ -247,7 +248,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         let publisher =
             crate::revocation::Revocation::start(store.clone(), local_ca.clone(), r.crl_secs)
                 .await?;
-        crate::revocation::serve(listener, publisher)?;
+        plain_http = Some((listener, publisher, r.scep));
     }
     let ra = crate::scep::load_ra(&store, cluster.as_ref(), &data, &local_ca).await?;
     let fleet = crate::fleet::Fleet::new(
@@ -256,7 +257,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         sync_status.clone(),
         Arc::new(token),
     );
-    gateway.set_fleet_provisioning(Arc::new(crate::scep::WithScep::new(fleet, ra)));
+    let provisioning: Arc<dyn portcullis_gateway::fleet::FleetProvisioning> =
+        Arc::new(crate::scep::WithScep::new(fleet, ra));
+    gateway.set_fleet_provisioning(provisioning.clone());
+    if let Some((listener, publisher, scep)) = plain_http {
+        crate::revocation::serve(listener, publisher, scep.then_some(provisioning))?;
+    }
     tokio::spawn(crate::fleet::sweep(store.clone()));
     let nats_state = nats_url
         .as_ref()

@@ -1641,3 +1641,168 @@ fn an_expired_certificate_in_its_grace_period_may_only_renew() {
         );
     }
 }
+
+/// SCEP with certmonger (Debian), as a Linux host enrolls: its daemon (on a private socket, its
+/// state in the test's directory) makes an RSA key, sends a PKCSReq with the one-time challenge
+/// to `/scep` on the plain-HTTP listener, verifies the signed answer against the RA and CA it
+/// fetched, and writes the certificate — issued by the default ECDSA local CA and served through
+/// the gateway.
+#[test]
+fn scep_enrolls_a_linux_host_with_certmonger_over_plain_http() {
+    let (Some(certmonger), Some(getcert)) = (
+        ["/usr/sbin/certmonger", "/usr/bin/certmonger"]
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .map(Path::to_path_buf)
+            .or_else(|| require_tool("certmonger")),
+        require_tool("getcert"),
+    ) else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [revocation]\nlisten = \"127.0.0.1:0\"\nscep = true\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\nregistry_mode = \"registered\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    let line = s.printed("the plain-HTTP listener", |l| {
+        l.contains("portcullis revocation (CRL, OCSP) on http://")
+    });
+    let base = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    std::fs::write(
+        d.join("hosts.json"),
+        r#"{"thing_name": "${cert:Subject.CN}"}"#,
+    )
+    .unwrap();
+    cli(
+        d,
+        &[
+            "provisioning-template",
+            "create",
+            "hosts",
+            "--file",
+            "hosts.json",
+        ],
+    )
+    .ok();
+    let codes = cli_json(d, &["provisioning-template", "codes", "hosts"]);
+    let code = codes["codes"][0].as_str().unwrap().to_string();
+
+    // certmonger's state and socket in the test's directory.
+    let state = d.join("certmonger");
+    let dirs = ["config", "requests", "cas", "tmp", "local"];
+    for sub in dirs {
+        std::fs::create_dir_all(state.join(sub)).unwrap();
+    }
+    let socket = state.join("cm.sock");
+    let env: Vec<(String, String)> = vec![
+        (
+            "CERTMONGER_CONFIG_DIR".into(),
+            state.join("config").display().to_string(),
+        ),
+        (
+            "CERTMONGER_REQUESTS_DIR".into(),
+            state.join("requests").display().to_string(),
+        ),
+        (
+            "CERTMONGER_CAS_DIR".into(),
+            state.join("cas").display().to_string(),
+        ),
+        (
+            "CERTMONGER_TMPDIR".into(),
+            state.join("tmp").display().to_string(),
+        ),
+        (
+            "CERTMONGER_LOCAL_CA_DIR".into(),
+            state.join("local").display().to_string(),
+        ),
+        (
+            "CERTMONGER_PVT_ADDRESS".into(),
+            format!("unix:path={}", socket.display()),
+        ),
+    ];
+    let daemon = std::process::Command::new(&certmonger)
+        .args(["-n", "-L", "-P"])
+        .arg(&socket)
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Killed(daemon);
+    let getcert_run = |args: &[&str]| {
+        let out = std::process::Command::new(&getcert)
+            .args(args)
+            .envs(env.iter().cloned())
+            .current_dir(d)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // The daemon answers once its socket is up.
+    let started = std::time::Instant::now();
+    let mut added = getcert_run(&[
+        "add-scep-ca",
+        "-c",
+        "portcullis",
+        "-u",
+        &format!("{base}/scep"),
+    ]);
+    while added.0 != 0 && started.elapsed() < std::time::Duration::from_secs(10) {
+        added = getcert_run(&[
+            "add-scep-ca",
+            "-c",
+            "portcullis",
+            "-u",
+            &format!("{base}/scep"),
+        ]);
+    }
+    assert_eq!(added.0, 0, "{}", added.1);
+    let cert = d.join("host.pem").display().to_string();
+    let key = d.join("host.key").display().to_string();
+    let requested = getcert_run(&[
+        "request",
+        "-c",
+        "portcullis",
+        "-f",
+        &cert,
+        "-k",
+        &key,
+        "-N",
+        "CN=host-1",
+        "-L",
+        &code,
+        "-G",
+        "rsa",
+        "-g",
+        "2048",
+        "-w",
+    ]);
+    let listed = getcert_run(&["list"]).1;
+    assert_eq!(requested.0, 0, "{}\n{listed}", requested.1);
+    assert!(listed.contains("status: MONITORING"), "{listed}");
+    let issued = std::fs::read_to_string(&cert).unwrap();
+    assert!(issued.contains("BEGIN CERTIFICATE"), "{issued}");
+    // Registered, attached by the template, served.
+    assert_eq!(
+        cli_json(d, &["thing", "describe", "host-1"])["name"],
+        "host-1"
+    );
+    served(d, s.ports[0], "host.pem", "host.key");
+}

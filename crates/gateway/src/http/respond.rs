@@ -7,7 +7,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 /// The body type of every response.
-pub(crate) type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// The body of every answer the gateway makes.
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A JSON error `{"error": code, "message": …}`; with `html`, a readable page instead.
 pub(crate) fn error_response(

@@ -20,10 +20,20 @@ use crate::http::respond::{Body, full};
 /// The largest message accepted: a CSR with a 4096-bit key, signed and encrypted, is ~6 KiB.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Answers a SCEP request.
+/// Answers a SCEP request on a `builtin:scep` mapping.
 pub(crate) async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     verifier: &std::sync::Arc<crate::verify::DomainVerifier>,
+    peer: std::net::SocketAddr,
+) -> hyper::Response<Body> {
+    serve(req, verifier.fleet(), peer).await
+}
+
+/// Answers a SCEP request with `service` (the node's fleet provisioning): on a mapping, or on
+/// the node's plain-HTTP listener, where SCEP clients that verify no TLS (certmonger) reach it.
+pub async fn serve(
+    req: hyper::Request<hyper::body::Incoming>,
+    service: Option<std::sync::Arc<dyn crate::fleet::FleetProvisioning>>,
     peer: std::net::SocketAddr,
 ) -> hyper::Response<Body> {
     let mut operation = None;
@@ -101,7 +111,7 @@ pub(crate) async fn answer(
             );
         }
     };
-    let Some(service) = verifier.fleet() else {
+    let Some(service) = service else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "enrollment is not available on this gateway",
