@@ -330,7 +330,7 @@ impl CaIssuer {
         use rcgen::SigningKey as _;
         let algorithm = self
             .cert
-            .with_parsed(|c| crate::ocsp::signature_algorithm(c.public_key()))?
+            .with_parsed(|c| signature_algorithm(c.public_key()))?
             .ok_or_else(|| {
                 PkiError::Signing("the CA's key type cannot sign OCSP responses".into())
             })?;
@@ -789,6 +789,39 @@ fn finish(der: Vec<u8>, issuer: Option<&CaIssuer>) -> Result<Certificate> {
         }
     }
     Certificate::from_der(der)
+}
+
+/// The AlgorithmIdentifier of the signature a key of this SPKI algorithm makes with rcgen's
+/// defaults (ECDSA with the curve's hash, RSA PKCS#1 with SHA-256, Ed25519).
+fn signature_algorithm(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Option<Vec<u8>> {
+    let alg = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    match (alg.as_str(), curve.as_deref()) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => Some(crate::der::seq(&[
+            &crate::der::oid(&[1, 2, 840, 10045, 4, 3, 2]),
+        ])),
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => {
+            Some(crate::der::seq(&[&crate::der::oid(&[
+                1, 2, 840, 10045, 4, 3, 3,
+            ])]))
+        }
+        ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => {
+            Some(crate::der::seq(&[&crate::der::oid(&[
+                1, 2, 840, 10045, 4, 3, 4,
+            ])]))
+        }
+        ("1.2.840.113549.1.1.1", _) => Some(crate::der::seq(&[
+            &crate::der::oid(&[1, 2, 840, 113549, 1, 1, 11]),
+            &[0x05, 0x00],
+        ])),
+        ("1.3.101.112", _) => Some(crate::der::seq(&[&crate::der::oid(&[1, 3, 101, 112])])),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,6 @@
 //! for each one's status. Responses are signed by the CA itself (a responder by key hash), carry
 //! the request's nonce when it sent one, and are valid for [`Responder::validity_secs`].
 
-use x509_parser::prelude::*;
-
 use crate::der::{self, element, oid, oid_body, seq};
 use crate::issue::CaIssuer;
 use crate::{PkiError, Result};
@@ -264,33 +262,5 @@ impl<'a> Responder<'a> {
             &element(0x0a, &[0]),
             &element(0xa0, &response_bytes),
         ]))
-    }
-}
-
-/// The AlgorithmIdentifier of the signature a key of this SPKI algorithm makes with rcgen's
-/// defaults (ECDSA with the curve's hash, RSA PKCS#1 with SHA-256, Ed25519).
-pub(crate) fn signature_algorithm(spki: &SubjectPublicKeyInfo<'_>) -> Option<Vec<u8>> {
-    let alg = spki.algorithm.algorithm.to_id_string();
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok())
-        .map(|o| o.to_id_string());
-    match (alg.as_str(), curve.as_deref()) {
-        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => {
-            Some(seq(&[&oid(&[1, 2, 840, 10045, 4, 3, 2])]))
-        }
-        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => {
-            Some(seq(&[&oid(&[1, 2, 840, 10045, 4, 3, 3])]))
-        }
-        ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => {
-            Some(seq(&[&oid(&[1, 2, 840, 10045, 4, 3, 4])]))
-        }
-        ("1.2.840.113549.1.1.1", _) => {
-            Some(seq(&[&oid(&[1, 2, 840, 113549, 1, 1, 11]), &[0x05, 0x00]]))
-        }
-        ("1.3.101.112", _) => Some(seq(&[&oid(&[1, 3, 101, 112])])),
-        _ => None,
     }
 }
