@@ -149,7 +149,7 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
     let asked = std::time::Instant::now();
     let mut r = run(&openssl, &["version"], d);
     while asked.elapsed() < std::time::Duration::from_secs(5)
-        && !r.stdout.contains("Certificate Hold")
+        && !r.stdout.contains("certificateHold")
     {
         r = run(
             &openssl,
