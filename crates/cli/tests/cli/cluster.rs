@@ -37,7 +37,7 @@ pub(crate) struct Nats {
     pub(crate) servers: Vec<NatsServer>,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

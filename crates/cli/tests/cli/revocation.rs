@@ -299,3 +299,141 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
     );
     assert!(r.stdout.contains("Certificate Hold"), "{}", r.stdout);
 }
+
+/// nginx as a relying party (`ssl_verify_client on; ssl_ocsp on;`) trusting the local CA: it
+/// asks Portcullis's OCSP responder (from the client certificate's AIA) and refuses a
+/// certificate once Portcullis revokes it.
+#[test]
+fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
+    let (Some(nginx), Some(curl)) = (
+        require_tool("nginx")
+            .or_else(|| Some(std::path::PathBuf::from("/usr/sbin/nginx")).filter(|p| p.exists())),
+        require_tool("curl"),
+    ) else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [revocation]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let _s = Server::start(d, config);
+    // nginx's own server certificate, from the same CA; a client certificate from Portcullis.
+    portcullis(
+        d,
+        &[
+            "pki",
+            "issue",
+            "--profile",
+            "server",
+            "--cn",
+            "localhost",
+            "--san",
+            "dns:localhost",
+            "--issuer-cert",
+            "data/ca/ca.pem",
+            "--issuer-key",
+            "data/ca/ca.key",
+            "--out",
+            "srv",
+            "--name",
+            "srv",
+        ],
+    )
+    .ok();
+    let made = cli_json(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "partner-1",
+            "--status",
+            "ACTIVE",
+            "--out",
+            "partner-1",
+        ],
+    );
+    let port = crate::cluster::free_port();
+    let root = d.display();
+    std::fs::create_dir_all(d.join("nginx-tmp")).unwrap();
+    let conf = format!(
+        "daemon off;\npid {root}/nginx.pid;\nerror_log {root}/nginx-error.log info;\n\
+         events {{}}\nhttp {{\n  access_log off;\n\
+           client_body_temp_path {root}/nginx-tmp/body;\n  proxy_temp_path {root}/nginx-tmp/proxy;\n\
+           fastcgi_temp_path {root}/nginx-tmp/fastcgi;\n  uwsgi_temp_path {root}/nginx-tmp/uwsgi;\n\
+           scgi_temp_path {root}/nginx-tmp/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate {root}/srv/srv.chain.pem;\n    ssl_certificate_key {root}/srv/srv.key;\n\
+             ssl_client_certificate {root}/data/ca/ca.pem;\n    ssl_verify_client on;\n\
+             ssl_ocsp on;\n\
+             location / {{ return 200 \"verified $ssl_client_verify\\n\"; }}\n  }}\n}}\n"
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let child = std::process::Command::new(&nginx)
+        .args([
+            "-c",
+            &format!("{root}/nginx.conf"),
+            "-p",
+            &format!("{root}/"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _nginx = crate::fleet::Killed(child);
+    let ask = || {
+        let r = run(
+            &curl,
+            &[
+                "-sS",
+                "--cacert",
+                "data/ca/ca.pem",
+                "--resolve",
+                &format!("localhost:{port}:127.0.0.1"),
+                "--cert",
+                "partner-1/cert.pem",
+                "--key",
+                "partner-1/key.pem",
+                "-w",
+                "\n%{http_code}",
+                &format!("https://localhost:{port}/"),
+            ],
+            d,
+        );
+        r.stdout
+    };
+    // nginx is up once it answers; the certificate is good.
+    let started = std::time::Instant::now();
+    let mut answer = ask();
+    while !answer.ends_with("200") && started.elapsed() < std::time::Duration::from_secs(10) {
+        answer = ask();
+    }
+    let log = || std::fs::read_to_string(d.join("nginx-error.log")).unwrap_or_default();
+    assert!(answer.ends_with("200"), "{answer}\n{}", log());
+    assert!(answer.contains("verified SUCCESS"), "{answer}");
+    // Revoked in Portcullis: nginx refuses it, by OCSP, within a second or so.
+    cli(
+        d,
+        &[
+            "cert",
+            "update",
+            made["id"].as_str().unwrap(),
+            "--status",
+            "REVOKED",
+        ],
+    )
+    .ok();
+    let revoked = std::time::Instant::now();
+    while answer.ends_with("200") && revoked.elapsed() < std::time::Duration::from_secs(10) {
+        answer = ask();
+    }
+    let took = revoked.elapsed();
+    println!("nginx refused the revoked certificate after {took:?}");
+    assert!(answer.ends_with("400"), "{answer}\n{}", log());
+    assert!(log().contains("revoked"), "{}", log());
+    assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
+}
