@@ -8,6 +8,10 @@
 //! | `GET /ca/CA-ID.crt` | the CA certificate, DER (`application/pkix-cert`) |
 //! | `POST /ocsp` (`application/ocsp-request`), `GET /ocsp/BASE64` | the signed OCSP response |
 //!
+//! OCSP answers are signed by a delegated responder (RFC 6960 §4.2.2.2): a certificate the
+//! local CA issues to each node for two weeks (EKU OCSPSigning, id-pkix-ocsp-nocheck), kept in
+//! memory, sent with every answer and made again after a week; the CA's key signs only the CRL.
+//!
 //! What is published comes from the registry, followed in memory: re-read when its change
 //! marker moves (checked every 250 ms, so a revocation reaches OCSP and the CRL within a second
 //! on every node) and the CRL made again at half its lifetime. REVOKED certificates are revoked;
@@ -32,6 +36,10 @@ use portcullis_registry::{CertStatus, Store};
 /// How long an OCSP answer is valid (nextUpdate).
 const OCSP_VALIDITY_SECS: i64 = 600;
 
+/// The delegated OCSP responder's lifetime (days); made again at half of it. Each node has its
+/// own, in memory only: the answers carry it.
+const SIGNER_DAYS: u32 = 14;
+
 /// The largest OCSP request read.
 const MAX_REQUEST: usize = 16 * 1024;
 
@@ -51,6 +59,8 @@ pub(crate) struct Revocation {
     ca_id: String,
     crl_secs: i64,
     published: ArcSwap<Published>,
+    /// The delegated OCSP responder, and when it was made.
+    signer: ArcSwap<(portcullis_pki::ocsp::Signer, i64)>,
 }
 
 /// The stable id of `ca` in URLs: its certificate's SHA-256, hex.
@@ -85,12 +95,15 @@ impl Revocation {
         crl_secs: i64,
     ) -> Result<Arc<Revocation>> {
         let first = build(&store, &ca, crl_secs).await?;
+        let signer = portcullis_pki::ocsp::Signer::issue(&ca, SIGNER_DAYS)
+            .context("making the OCSP responder's certificate")?;
         let this = Arc::new(Revocation {
             ca_id: ca_id(&ca),
             store,
             ca,
             crl_secs,
             published: ArcSwap::from_pointee(first),
+            signer: ArcSwap::from_pointee((signer, now())),
         });
         tokio::spawn(follow(this.clone()));
         Ok(this)
@@ -103,6 +116,14 @@ async fn follow(this: Arc<Revocation>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        if now() >= this.signer.load().1 + i64::from(SIGNER_DAYS) * 86400 / 2 {
+            match portcullis_pki::ocsp::Signer::issue(&this.ca, SIGNER_DAYS) {
+                Ok(signer) => this.signer.store(Arc::new((signer, now()))),
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::revocation", error = %e, "cannot renew the OCSP responder's certificate; the current one stays")
+                }
+            }
+        }
         let current = this.published.load();
         let marker = match this.store.change_marker().await {
             Ok(m) => m,
@@ -258,7 +279,8 @@ async fn handle(this: &Revocation, req: Request<hyper::body::Incoming>) -> Respo
 
 /// Answers an OCSP request from what is published.
 fn ocsp(this: &Revocation, der: &[u8]) -> Response<Full<Bytes>> {
-    let Ok(responder) = Responder::new(&this.ca, OCSP_VALIDITY_SECS) else {
+    let signer = this.signer.load();
+    let Ok(responder) = Responder::new(&this.ca, &signer.0, OCSP_VALIDITY_SECS) else {
         return ocsp_error(ErrorStatus::InternalError);
     };
     let request = match responder.read(der) {

@@ -44,6 +44,9 @@ pub enum Profile {
     RaEncryption,
     /// A SCEP registration authority's signing certificate: digitalSignature only.
     RaSigning,
+    /// A delegated OCSP responder (RFC 6960 §4.2.2.2): digitalSignature, EKU OCSPSigning and
+    /// id-pkix-ocsp-nocheck (relying parties do not check its own revocation: keep it short).
+    OcspSigning,
 }
 
 impl Profile {
@@ -57,6 +60,7 @@ impl Profile {
             Profile::Peer => 365,
             Profile::Verification => 30,
             Profile::RaEncryption | Profile::RaSigning => 3650,
+            Profile::OcspSigning => 30,
         }
     }
 
@@ -322,24 +326,6 @@ impl CaIssuer {
     /// Where this CA's leaves point relying parties, once set.
     pub fn revocation_urls(&self) -> Option<&RevocationUrls> {
         self.urls.get()
-    }
-
-    /// Signs `data` with the CA's key as its certificates are signed; with the signature's
-    /// AlgorithmIdentifier (DER).
-    pub(crate) fn sign_raw(&self, data: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        use rcgen::SigningKey as _;
-        let algorithm = self
-            .cert
-            .with_parsed(|c| signature_algorithm(c.public_key()))?
-            .ok_or_else(|| {
-                PkiError::Signing("the CA's key type cannot sign OCSP responses".into())
-            })?;
-        let signature = self
-            .key
-            .key_pair()
-            .sign(data)
-            .map_err(|e| PkiError::Signing(e.to_string()))?;
-        Ok((signature, algorithm))
     }
 
     /// The CA certificate.
@@ -730,6 +716,18 @@ fn build_params(
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
         }
+        Profile::OcspSigning => {
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
+            // id-pkix-ocsp-nocheck, NULL.
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
+                    vec![0x05, 0x00],
+                ));
+        }
     }
     // Leaves point relying parties to their CA's revocation data, once it is published.
     if matches!(
@@ -789,6 +787,23 @@ fn finish(der: Vec<u8>, issuer: Option<&CaIssuer>) -> Result<Certificate> {
         }
     }
     Certificate::from_der(der)
+}
+
+/// Signs `data` with `key` (the key of `cert`); with the signature's AlgorithmIdentifier.
+pub(crate) fn sign_raw(
+    cert: &Certificate,
+    key: &PrivateKey,
+    data: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    use rcgen::SigningKey as _;
+    let algorithm = cert
+        .with_parsed(|c| signature_algorithm(c.public_key()))?
+        .ok_or_else(|| PkiError::Signing("this key type cannot sign OCSP responses".into()))?;
+    let signature = key
+        .key_pair()
+        .sign(data)
+        .map_err(|e| PkiError::Signing(e.to_string()))?;
+    Ok((signature, algorithm))
 }
 
 /// The AlgorithmIdentifier of the signature a key of this SPKI algorithm makes with rcgen's

@@ -1,9 +1,52 @@
 //! OCSP (RFC 6960) for a CA Portcullis holds: reading requests, writing signed responses.
 //!
 //! A request names certificates by `CertID` (hashes of the issuer's name and key, and the
-//! serial number); [`Responder::answer`] tells which of them this CA issued and asks the caller
-//! for each one's status. Responses are signed by the CA itself (a responder by key hash), carry
-//! the request's nonce when it sent one, and are valid for [`Responder::validity_secs`].
+//! serial number); [`Responder::read`] tells which of them this CA issued, the caller gives each
+//! one's status. Responses are signed by a delegated responder ([`Signer`]: a short-lived
+//! certificate from the CA with EKU OCSPSigning and id-pkix-ocsp-nocheck, sent along; responder
+//! ID by its key hash), carry the request's nonce when it sent one, and are valid for
+//! [`Responder::validity_secs`].
+
+/// A delegated OCSP responder: its certificate, issued by the CA, and its key.
+pub struct Signer {
+    cert: crate::cert::Certificate,
+    key: crate::key::PrivateKey,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("subject", &self.cert.info().subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// A new delegated responder for `ca`, valid `days` days (a P-256 key, never written).
+    pub fn issue(ca: &CaIssuer, days: u32) -> Result<Signer> {
+        let key = crate::key::PrivateKey::generate(crate::key::KeyType::EcP256)?;
+        let cn = ca
+            .certificate()
+            .subject_attribute("CN")
+            .unwrap_or_else(|| "Portcullis".into());
+        let mut req = crate::issue::IssueRequest::new(
+            crate::issue::Profile::OcspSigning,
+            crate::issue::SubjectName {
+                common_name: format!("{cn} OCSP responder"),
+                organization: Some("Portcullis".into()),
+                ..Default::default()
+            },
+        );
+        req.days = days;
+        let cert = crate::issue::issue(&req, &key, Some(ca))?;
+        Ok(Signer { cert, key })
+    }
+
+    /// Its certificate.
+    pub fn certificate(&self) -> &crate::cert::Certificate {
+        &self.cert
+    }
+}
 
 use crate::der::{self, element, oid, oid_body, seq};
 use crate::issue::CaIssuer;
@@ -69,7 +112,7 @@ pub fn error_response(status: ErrorStatus) -> Vec<u8> {
 
 /// Signs OCSP responses for one CA.
 pub struct Responder<'a> {
-    ca: &'a CaIssuer,
+    signer: &'a Signer,
     /// How long a response is valid (nextUpdate - thisUpdate), in seconds.
     pub validity_secs: i64,
     name_hashes: [Vec<u8>; 2],
@@ -78,8 +121,9 @@ pub struct Responder<'a> {
 }
 
 impl<'a> Responder<'a> {
-    /// A responder for `ca`, answering for `validity_secs`.
-    pub fn new(ca: &'a CaIssuer, validity_secs: i64) -> Result<Responder<'a>> {
+    /// A responder for `ca` signing with `signer` (issued by `ca`), answering for
+    /// `validity_secs`.
+    pub fn new(ca: &'a CaIssuer, signer: &'a Signer, validity_secs: i64) -> Result<Responder<'a>> {
         let (name, key) = ca.certificate().with_parsed(|c| {
             (
                 c.tbs_certificate.subject.as_raw().to_vec(),
@@ -92,12 +136,15 @@ impl<'a> Responder<'a> {
                 .to_vec()
         };
         let sha256 = |d: &[u8]| crate::cert::sha256(d).to_vec();
+        let signer_key = signer
+            .cert
+            .with_parsed(|c| c.public_key().subject_public_key.data.to_vec())?;
         Ok(Responder {
-            ca,
+            signer,
             validity_secs,
             name_hashes: [sha1(&name), sha256(&name)],
             key_hashes: [sha1(&key), sha256(&key)],
-            key_hash_sha1: sha1(&key),
+            key_hash_sha1: sha1(&signer_key),
         })
     }
 
@@ -243,7 +290,7 @@ impl<'a> Responder<'a> {
             ]));
         }
         let mut tbs_parts = vec![
-            // responderID byKey [2]: SHA-1 of the CA's public key.
+            // responderID byKey [2]: SHA-1 of the responder's public key.
             element(0xa2, &element(0x04, &self.key_hash_sha1)),
             time(now)?,
             seq(&responses.iter().map(Vec::as_slice).collect::<Vec<_>>()),
@@ -253,10 +300,17 @@ impl<'a> Responder<'a> {
             tbs_parts.push(element(0xa1, &seq(&[&ext])));
         }
         let tbs = seq(&tbs_parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        let (signature, algorithm) = self.ca.sign_raw(&tbs)?;
+        let (signature, algorithm) =
+            crate::issue::sign_raw(&self.signer.cert, &self.signer.key, &tbs)?;
         let mut sig_bits = vec![0u8];
         sig_bits.extend(signature);
-        let basic = seq(&[&tbs, &algorithm, &element(0x03, &sig_bits)]);
+        let basic = seq(&[
+            &tbs,
+            &algorithm,
+            &element(0x03, &sig_bits),
+            // certs [0]: the delegated responder's certificate.
+            &element(0xa0, &seq(&[self.signer.cert.der()])),
+        ]);
         let response_bytes = seq(&[&oid(OCSP_BASIC), &element(0x04, &basic)]);
         Ok(seq(&[
             &element(0x0a, &[0]),

@@ -169,6 +169,12 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
         );
     }
     assert!(r.stdout.contains("certificateHold"), "{}", r.stdout);
+    // Signed by a delegated responder, sent along: EKU OCSPSigning, id-pkix-ocsp-nocheck.
+    assert!(
+        r.stdout.contains("OCSP Signing") && r.stdout.contains("OCSP No Check"),
+        "{}",
+        r.stdout
+    );
 
     // Not registered (made with the CA's key by hand): unknown. Another CA's: refused.
     portcullis(
