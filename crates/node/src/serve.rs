@@ -131,6 +131,22 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // none while the registry holds sealed keys, stops here with the reason.
     let cluster_key = crate::config::cluster_key(&config_path)?;
     crate::config::check_cluster_key(&store, cluster_key.as_deref()).await?;
+    // Secrets kept for others (webhook signing secrets) are sealed in a shared registry.
+    match &cluster_key {
+        Some(key) => {
+            let sealed = store.seal_secrets_with(key.clone()).await?;
+            if sealed > 0 {
+                tracing::info!(
+                    sealed,
+                    "webhook secrets kept in clear were sealed with the cluster key"
+                );
+            }
+        }
+        None if database.starts_with("postgres") => tracing::warn!(
+            "webhook signing secrets are kept in clear in PostgreSQL: set cluster_key_file (the same on every node) to seal them"
+        ),
+        None => {}
+    }
     let cluster = match &cluster_key {
         Some(key) => Some(
             crate::cluster::Cluster::join(&store, key.clone(), &data, || {

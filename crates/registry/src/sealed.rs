@@ -18,6 +18,11 @@ const FILE_PREFIX: &str = "portcullis-cluster-key-v1:";
 /// What a sealed value starts with.
 const SEALED_PREFIX: &str = "v1.";
 
+/// Whether `value` is a sealed value (rather than one kept in clear).
+pub(crate) fn is_sealed(value: &str) -> bool {
+    value.starts_with(SEALED_PREFIX)
+}
+
 /// The cluster key: opens and seals the registry's private keys.
 pub struct ClusterKey {
     key: LessSafeKey,

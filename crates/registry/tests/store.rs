@@ -1396,3 +1396,59 @@ async fn store_suite_on_postgres() {
     .execute(&admin)
     .await;
 }
+
+/// Webhook signing secrets in a shared registry are sealed with the cluster key: those kept in
+/// clear from before are sealed when the key is given, new ones are sealed at once, and both
+/// still sign; a node without the key cannot read them.
+#[tokio::test]
+async fn webhook_secrets_are_sealed_with_the_cluster_key() {
+    let dir = portcullis_testkit::temp_dir();
+    let path = dir.path().join("registry.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    let new = |name: &'static str| NewWebhook {
+        name,
+        url: "https://hooks.example.com/x",
+        events: &[],
+        expiring_days: 30,
+        ca_pem: "",
+        topic_filter: None,
+    };
+    let events = ["ca.registered".to_string()];
+    let before = NewWebhook {
+        events: &events,
+        ..new("before")
+    };
+    let (_, clear_secret) = store.create_webhook(&before, "test").await.unwrap();
+    let raw = |name: &str| {
+        let conn = std::process::Command::new("sqlite3")
+            .arg(&path)
+            .arg(format!("SELECT secret FROM webhooks WHERE name = '{name}'"))
+            .output();
+        conn.ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let key = std::sync::Arc::new(
+        portcullis_registry::sealed::ClusterKey::parse(
+            &portcullis_registry::sealed::ClusterKey::generate().unwrap(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(store.seal_secrets_with(key.clone()).await.unwrap(), 1);
+    let after = NewWebhook {
+        events: &events,
+        ..new("after")
+    };
+    let (_, new_secret) = store.create_webhook(&after, "test").await.unwrap();
+    for (name, secret) in [("before", &clear_secret), ("after", &new_secret)] {
+        assert_eq!(&store.webhook_target(name).await.unwrap().1, secret);
+        if let Some(kept) = raw(name) {
+            assert!(
+                kept.starts_with("v1.") && !kept.contains(secret.as_str()),
+                "{kept}"
+            );
+        }
+    }
+    // Another store on the same file without the key cannot open them.
+    let keyless = Store::open(path.to_str().unwrap()).await.unwrap();
+    assert!(keyless.webhook_target("after").await.is_err());
+}

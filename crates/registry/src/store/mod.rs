@@ -55,6 +55,9 @@ pub use webhooks::{
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    /// Seals the secrets this store keeps for others (webhook signing secrets) when the
+    /// cluster key is given ([`Store::seal_secrets_with`]); shared by every clone.
+    sealer: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::sealed::ClusterKey>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +107,47 @@ impl Store {
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
             Pool::Sqlite(pool)
         };
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            sealer: Default::default(),
+        })
+    }
+
+    /// From now on, secrets kept for others (webhook signing secrets) are sealed with `key`,
+    /// and those kept in clear so far are sealed now; a store without it keeps them as they
+    /// are (a single node's SQLite file, 0600).
+    pub async fn seal_secrets_with(
+        &self,
+        key: std::sync::Arc<crate::sealed::ClusterKey>,
+    ) -> Result<u64, RegistryError> {
+        let _ = self.sealer.set(key);
+        self.seal_clear_webhook_secrets().await
+    }
+
+    /// `stored` as kept (sealed, or in clear from before) opened for the record `context`.
+    pub(crate) fn open_secret(
+        &self,
+        stored: String,
+        context: &str,
+    ) -> Result<String, RegistryError> {
+        if !crate::sealed::is_sealed(&stored) {
+            return Ok(stored);
+        }
+        let key = self.sealer.get().ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "{context} is sealed with the cluster key and this node has none: set cluster_key_file"
+            ))
+        })?;
+        String::from_utf8(key.open(&stored, context)?)
+            .map_err(|_| RegistryError::Invalid(format!("{context} is not text")))
+    }
+
+    /// `secret` as it is kept for the record `context`: sealed when the store has the key.
+    pub(crate) fn keep_secret(&self, secret: &str, context: &str) -> Result<String, RegistryError> {
+        match self.sealer.get() {
+            Some(key) => key.seal(secret.as_bytes(), context),
+            None => Ok(secret.to_string()),
+        }
     }
 
     /// The backend's name: `sqlite` or `postgres`.

@@ -334,6 +334,35 @@ where
 }
 
 impl Store {
+    /// Seals the webhook secrets still kept in clear (stored before the store had the cluster
+    /// key); how many.
+    pub(crate) async fn seal_clear_webhook_secrets(&self) -> Result<u64, RegistryError> {
+        let rows: Vec<(String, String)> = with_pool!(self, pool => {
+            Ok::<_, RegistryError>(sqlx::query_as("SELECT id, secret FROM webhooks").fetch_all(pool).await?)
+        })?;
+        let mut sealed = 0;
+        for (id, secret) in rows {
+            if crate::sealed::is_sealed(&secret) {
+                continue;
+            }
+            let kept = self.keep_secret(&secret, &secret_context(&id))?;
+            if kept == secret {
+                continue;
+            }
+            with_pool!(self, pool => {
+                sqlx::query("UPDATE webhooks SET secret = $1 WHERE id = $2 AND secret = $3")
+                    .bind(&kept)
+                    .bind(&id)
+                    .bind(&secret)
+                    .execute(pool)
+                    .await?;
+                Ok::<(), RegistryError>(())
+            })?;
+            sealed += 1;
+        }
+        Ok(sealed)
+    }
+
     /// Creates a webhook; returns it with its signing secret (shown only now).
     pub async fn create_webhook(
         &self,
@@ -376,6 +405,7 @@ impl Store {
         check_ca(ca_pem)?;
         let id = format!("wh_{}", random_hex(8)?);
         let secret = format!("whsec_{}", random_hex(32)?);
+        let kept = self.keep_secret(&secret, &secret_context(&id))?;
         let events_json = serde_json::to_string(events)
             .map_err(|e| RegistryError::Invalid(format!("events: {e}")))?;
         let now = now();
@@ -385,7 +415,7 @@ impl Store {
                 .bind(&id)
                 .bind(name)
                 .bind(url)
-                .bind(&secret)
+                .bind(&kept)
                 .bind(&events_json)
                 .bind(expiring_days)
                 .bind(ca_pem)
@@ -412,7 +442,7 @@ impl Store {
         id_or_name: &str,
     ) -> Result<(String, String, String), RegistryError> {
         with_pool!(self, pool => {
-            let row = sqlx::query("SELECT url, secret, ca_pem, enabled FROM webhooks WHERE id = $1 OR name = $1")
+            let row = sqlx::query("SELECT id, url, secret, ca_pem, enabled FROM webhooks WHERE id = $1 OR name = $1")
                 .bind(id_or_name)
                 .fetch_optional(pool)
                 .await?
@@ -420,9 +450,10 @@ impl Store {
             if row.try_get::<i64, _>("enabled")? == 0 {
                 return Err(RegistryError::Invalid(format!("webhook '{id_or_name}' is disabled")));
             }
+            let id: String = row.try_get("id")?;
             Ok((
                 row.try_get("url")?,
-                row.try_get("secret")?,
+                self.open_secret(row.try_get("secret")?, &secret_context(&id))?,
                 row.try_get("ca_pem")?,
             ))
         })
@@ -669,7 +700,7 @@ impl Store {
     ) -> Result<Vec<DueDelivery>, RegistryError> {
         let now = now();
         with_pool!(self, pool => {
-            let rows = sqlx::query("SELECT d.id, d.event_type, d.payload, d.attempts, w.url, w.secret, w.ca_pem FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND d.next_attempt_at <= $1 AND d.lease_until < $1 AND w.enabled = 1 ORDER BY d.next_attempt_at LIMIT $2")
+            let rows = sqlx::query("SELECT d.id, d.event_type, d.payload, d.attempts, w.id AS webhook_id, w.url, w.secret, w.ca_pem FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE d.status = 'pending' AND d.next_attempt_at <= $1 AND d.lease_until < $1 AND w.enabled = 1 ORDER BY d.next_attempt_at LIMIT $2")
                 .bind(now)
                 .bind(limit)
                 .fetch_all(pool)
@@ -690,7 +721,10 @@ impl Store {
                         payload: row.try_get("payload")?,
                         attempts: row.try_get("attempts")?,
                         url: row.try_get("url")?,
-                        secret: row.try_get("secret")?,
+                        secret: self.open_secret(
+                            row.try_get("secret")?,
+                            &secret_context(&row.try_get::<String, _>("webhook_id")?),
+                        )?,
                         ca_pem: row.try_get("ca_pem")?,
                     });
                 }
@@ -865,4 +899,9 @@ impl Store {
         }
         Ok(made)
     }
+}
+
+/// The record a webhook's sealed secret is bound to.
+fn secret_context(id: &str) -> String {
+    format!("webhook-secret:{id}")
 }
