@@ -602,6 +602,37 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
+    /// The leaf certificate each domain serves, by hostname: what the node staples OCSP
+    /// answers for.
+    pub fn served_certificates(&self) -> Vec<(String, rustls::pki_types::CertificateDer<'static>)> {
+        self.state
+            .load()
+            .domains
+            .iter()
+            .filter_map(|d| Some((d.config.hostname.to_string(), d.tls.stapled.leaf()?)))
+            .collect()
+    }
+
+    /// Staples `ocsp` to the handshakes of the domain `hostname` serving `leaf` (ignored when
+    /// the domain serves another certificate by now).
+    pub fn staple(
+        &self,
+        hostname: &str,
+        leaf: &rustls::pki_types::CertificateDer<'_>,
+        ocsp: Vec<u8>,
+    ) {
+        for d in &self.state.load().domains {
+            if d.config.hostname.to_string() == hostname
+                && d.tls
+                    .stapled
+                    .leaf()
+                    .is_some_and(|l| l.as_ref() == leaf.as_ref())
+            {
+                d.tls.stapled.staple(ocsp.clone());
+            }
+        }
+    }
+
     /// Who answers devices' fleet provisioning requests (the node; set once).
     pub fn set_fleet_provisioning(&self, fleet: Arc<dyn fleet::FleetProvisioning>) {
         let _ = self.registry.fleet.set(fleet);

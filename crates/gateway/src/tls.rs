@@ -104,6 +104,39 @@ impl StoresServerSessions for AdmittedSessions {
 pub(crate) struct DomainTls {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) verifier: Arc<DomainVerifier>,
+    /// The server certificate, with the OCSP answer stapled to it when the node gives one.
+    pub(crate) stapled: Arc<Stapled>,
+}
+
+/// A domain's server certificate and key, and the OCSP answer stapled to handshakes (replaced
+/// as the node refreshes it, without rebuilding the domain).
+#[derive(Debug)]
+pub(crate) struct Stapled {
+    key: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl Stapled {
+    /// Staples `ocsp` (a DER OCSPResponse for the leaf) from now on.
+    pub(crate) fn staple(&self, ocsp: Vec<u8>) {
+        let current = self.key.load();
+        let mut next = rustls::sign::CertifiedKey::new(current.cert.clone(), current.key.clone());
+        next.ocsp = Some(ocsp);
+        self.key.store(Arc::new(next));
+    }
+
+    /// The leaf certificate served.
+    pub(crate) fn leaf(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        self.key.load().cert.first().cloned()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Stapled {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.key.load_full())
+    }
 }
 
 impl DomainTls {
@@ -125,20 +158,25 @@ impl DomainTls {
             domain.registry_mode,
             registry,
         ));
+        let certified = rustls::sign::CertifiedKey::from_der(
+            domain.certificate.chain.clone(),
+            domain.certificate.key.clone_key(),
+            &provider,
+        )
+        .map_err(|e| {
+            GatewayError::Tls(format!(
+                "domain {}: server certificate and key do not work together ({e})",
+                domain.hostname
+            ))
+        })?;
+        let stapled = Arc::new(Stapled {
+            key: arc_swap::ArcSwap::from_pointee(certified),
+        });
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)
             .map_err(|e| GatewayError::Tls(format!("domain {}: {e}", domain.hostname)))?
             .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(
-                domain.certificate.chain.clone(),
-                domain.certificate.key.clone_key(),
-            )
-            .map_err(|e| {
-                GatewayError::Tls(format!(
-                    "domain {}: server certificate and key do not work together ({e})",
-                    domain.hostname
-                ))
-            })?;
+            .with_cert_resolver(stapled.clone());
         // AWS IoT's names too: its device SDKs offer only `x-amzn-mqtt-ca` on port 443, and
         // `x-amzn-http-ca` for HTTPS publish.
         config.alpn_protocols = vec![
@@ -163,6 +201,7 @@ impl DomainTls {
         Ok(DomainTls {
             config: Arc::new(config),
             verifier,
+            stapled,
         })
     }
 }

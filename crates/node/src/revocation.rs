@@ -61,6 +61,9 @@ pub(crate) struct Revocation {
     published: ArcSwap<Published>,
     /// The delegated OCSP responder, and when it was made.
     signer: ArcSwap<(portcullis_pki::ocsp::Signer, i64)>,
+    /// Serials of the server certificates this node serves from the local CA (not in the
+    /// registry's certificates): `good` unless the registry says otherwise.
+    served: ArcSwap<std::collections::HashSet<Vec<u8>>>,
 }
 
 /// The stable id of `ca` in URLs: its certificate's SHA-256, hex.
@@ -104,6 +107,7 @@ impl Revocation {
             crl_secs,
             published: ArcSwap::from_pointee(first),
             signer: ArcSwap::from_pointee((signer, now())),
+            served: ArcSwap::from_pointee(Default::default()),
         });
         tokio::spawn(follow(this.clone()));
         Ok(this)
@@ -297,11 +301,7 @@ fn ocsp(this: &Revocation, der: &[u8]) -> Response<Full<Bytes>> {
         .iter()
         .map(|a| {
             let status = if a.ours {
-                published
-                    .statuses
-                    .get(&strip(&a.serial))
-                    .copied()
-                    .unwrap_or(Status::Unknown)
+                status_of(&published, &this.served.load(), &a.serial)
             } else {
                 Status::Unknown
             };
@@ -319,6 +319,59 @@ fn ocsp(this: &Revocation, der: &[u8]) -> Response<Full<Bytes>> {
         Err(e) => {
             tracing::warn!(target: "portcullis::revocation", error = %e, "cannot sign an OCSP answer");
             ocsp_error(ErrorStatus::InternalError)
+        }
+    }
+}
+
+/// A serial's status: the registry's, else `good` for a server certificate this node serves,
+/// else `unknown`.
+fn status_of(
+    published: &Published,
+    served: &std::collections::HashSet<Vec<u8>>,
+    serial: &[u8],
+) -> Status {
+    let serial = strip(serial);
+    match published.statuses.get(&serial) {
+        Some(status) => *status,
+        None if served.contains(&serial) => Status::Good,
+        None => Status::Unknown,
+    }
+}
+
+impl Revocation {
+    /// Staples a fresh OCSP answer to every domain whose server certificate the local CA
+    /// issued (called every minute; answers are good for ten).
+    pub(crate) fn staple(&self, gateway: &portcullis_gateway::Gateway) {
+        let signer = self.signer.load();
+        let Ok(responder) = Responder::new(&self.ca, &signer.0, OCSP_VALIDITY_SECS) else {
+            return;
+        };
+        let mut served = std::collections::HashSet::new();
+        let mut stapled = Vec::new();
+        for (host, leaf) in gateway.served_certificates() {
+            let Ok(cert) = portcullis_pki::Certificate::from_der(leaf.to_vec()) else {
+                continue;
+            };
+            if !cert.is_signed_by(self.ca.certificate()) {
+                continue;
+            }
+            let Ok(asked) = responder.asked_for(&cert) else {
+                continue;
+            };
+            served.insert(strip(&asked.serial));
+            stapled.push((host, leaf, asked));
+        }
+        self.served.store(Arc::new(served));
+        let published = self.published.load();
+        let served = self.served.load();
+        for (host, leaf, asked) in stapled {
+            let status = status_of(&published, &served, &asked.serial);
+            match responder.answer(&[(&asked, status)], None, now()) {
+                Ok(der) => gateway.staple(&host, &leaf, der),
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::revocation", error = %e, domain = %host, "cannot staple an OCSP answer")
+                }
+            }
         }
     }
 }

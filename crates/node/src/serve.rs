@@ -252,6 +252,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     // Revocation published for the local CA (before anything is issued: leaves point to it).
     let mut plain_http = None;
+    let mut stapler = None;
     if let Some(r) = crate::config::read_file_config(&config_path)?.revocation()? {
         let listener = tokio::net::TcpListener::bind(r.listen)
             .await
@@ -264,6 +265,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         let publisher =
             crate::revocation::Revocation::start(store.clone(), local_ca.clone(), r.crl_secs)
                 .await?;
+        stapler = Some(publisher.clone());
         plain_http = Some((listener, publisher, r.scep));
     }
     let ra = crate::scep::load_ra(&store, cluster.as_ref(), &data, &local_ca).await?;
@@ -372,6 +374,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         reachable: registry_reachable,
         cluster: cluster.clone(),
         status: sync_status,
+        stapler,
     };
     wait_for_changes(
         &gateway,
@@ -407,6 +410,7 @@ async fn wait_for_changes(
         reachable,
         cluster,
         status,
+        stapler,
     } = baseline;
     let Signals {
         mut hup,
@@ -414,6 +418,7 @@ async fn wait_for_changes(
         mut int,
     } = signals;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let (mut staple_ticks, mut stapled_generation) = (0u32, u64::MAX);
     // The registry is polled often: a revocation must reach live connections within a second.
     // On PostgreSQL, notifications from every node's commits wake the loop at once.
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
@@ -475,6 +480,16 @@ async fn wait_for_changes(
                 }
             }
             _ = poll.tick() => {
+                // OCSP answers stapled to the local CA's server certificates: fresh every minute
+                // (good for ten), and at once for a certificate a reload just brought.
+                if let Some(stapler) = &stapler {
+                    staple_ticks += 1;
+                    if staple_ticks >= 60 || gateway.generation() != stapled_generation {
+                        staple_ticks = 0;
+                        stapled_generation = gateway.generation();
+                        stapler.staple(gateway);
+                    }
+                }
                 if file_stamps(config_path, &registry) == seen {
                     continue;
                 }
@@ -522,6 +537,8 @@ struct Baseline {
     cluster: Option<crate::cluster::Cluster>,
     /// What the follower achieved, shared with the heartbeat.
     status: Arc<crate::sync::SyncStatus>,
+    /// Staples OCSP answers to the domains the local CA issued certificates for.
+    stapler: Option<Arc<crate::revocation::Revocation>>,
 }
 
 /// This machine's host name (for the node's default name).

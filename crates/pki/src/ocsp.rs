@@ -219,6 +219,23 @@ impl<'a> Responder<'a> {
         Ok(Request { asked, nonce })
     }
 
+    /// The question about `cert` (issued by this responder's CA) a client would ask: what a
+    /// server staples its own answer for.
+    pub fn asked_for(&self, cert: &crate::cert::Certificate) -> Result<Asked> {
+        let serial = cert.with_parsed(|c| c.tbs_certificate.raw_serial().to_vec())?;
+        let cert_id = seq(&[
+            &seq(&[&oid(SHA1), &[0x05, 0x00]]),
+            &element(0x04, &self.name_hashes[0]),
+            &element(0x04, &self.key_hashes[0]),
+            &element(0x02, &serial),
+        ]);
+        Ok(Asked {
+            serial,
+            ours: true,
+            cert_id,
+        })
+    }
+
     fn cert_id(&self, cert_id: &der::Tlv<'_>) -> Result<Asked> {
         let bad = || PkiError::malformed("", "not an OCSP request: a bad CertID");
         let fields = cert_id.expect(0x30, "CertID")?.children()?;

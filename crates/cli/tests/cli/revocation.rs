@@ -443,3 +443,75 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
     assert!(log().contains("revoked"), "{}", log());
     assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
 }
+
+/// The gateway staples the local CA's OCSP answer for its own server certificate, as
+/// `openssl s_client -status` sees it.
+#[test]
+fn the_gateway_staples_ocsp_for_its_local_ca_certificate() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [revocation]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    cli_json(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "probe",
+            "--status",
+            "ACTIVE",
+            "--out",
+            "probe",
+        ],
+    );
+    let connect = format!("127.0.0.1:{}", s.ports[0]);
+    let ask = || {
+        let mut child = std::process::Command::new(&openssl)
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                "localhost",
+                "-status",
+                "-CAfile",
+                "data/ca/ca.pem",
+                "-cert",
+                "probe/cert.pem",
+                "-key",
+                "probe/key.pem",
+            ])
+            .current_dir(d)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Stapled within the node's first second.
+    let started = std::time::Instant::now();
+    let mut seen = ask();
+    while !seen.contains("Cert Status: good")
+        && started.elapsed() < std::time::Duration::from_secs(5)
+    {
+        seen = ask();
+    }
+    assert!(seen.contains("OCSP Response Status: successful"), "{seen}");
+    assert!(seen.contains("Cert Status: good"), "{seen}");
+    assert!(
+        seen.contains("OCSP Signing") || seen.contains("Responder Id"),
+        "{seen}"
+    );
+}
