@@ -373,6 +373,9 @@ pub(super) async fn describe_certificate(
 #[serde(deny_unknown_fields)]
 pub(super) struct UpdateCertificate {
     status: String,
+    /// Why it is revoked (an RFC 5280 CRLReason name), with status REVOKED.
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 pub(super) async fn update_certificate(
@@ -384,7 +387,7 @@ pub(super) async fn update_certificate(
     let status = CertStatus::from_str(&req.status)?;
     Ok(to_json(
         &api.store
-            .set_certificate_status(&cert_id(&id)?, status, &caller)
+            .set_certificate_status_for(&cert_id(&id)?, status, req.reason.as_deref(), &caller)
             .await?,
     ))
 }

@@ -562,7 +562,9 @@ fn core_schemas() -> Value {
             "certificates_pem": {"type": "array", "items": s("string"), "maxItems": 1000},
             "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
         "UpdateCertificate": {"type": "object", "required": ["status"], "additionalProperties": false, "properties": {
-            "status": {"enum": ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"]}}},
+            "status": {"enum": ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"]},
+            "reason": {"enum": ["unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded", "cessationOfOperation", "privilegeWithdrawn", "aACompromise"],
+                "description": "With REVOKED: why, as the CA's CRL and OCSP answers publish it"}}},
         "CreateThing": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": s("string"), "attributes": {"type": "object", "additionalProperties": s("string")}}},
         "UpdateThing": {"type": "object", "required": ["attributes"], "additionalProperties": false, "properties": {

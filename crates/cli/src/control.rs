@@ -103,6 +103,11 @@ pub enum CertCommand {
         /// ACTIVE, INACTIVE, REVOKED or PENDING_ACTIVATION.
         #[arg(long)]
         status: String,
+        /// With REVOKED: why (keyCompromise, superseded, cessationOfOperation,
+        /// affiliationChanged, privilegeWithdrawn, cACompromise, aACompromise, unspecified), as
+        /// the local CA's CRL and OCSP answers publish it.
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Delete a certificate that is not ACTIVE.
     Delete {
@@ -1278,12 +1283,13 @@ async fn cert(client: &AdminClient, out: &Printer, command: CertCommand) -> Resu
                 .await?;
             out.show(&v, cert_text);
         }
-        CertCommand::Update { id, status } => {
+        CertCommand::Update { id, status, reason } => {
+            let mut body = json!({"status": status.to_ascii_uppercase()});
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
             let v = client
-                .patch(
-                    &format!("/v1/certificates/{}", segment(&id)),
-                    &json!({"status": status.to_ascii_uppercase()}),
-                )
+                .patch(&format!("/v1/certificates/{}", segment(&id)), &body)
                 .await?;
             out.show(&v, cert_text);
         }

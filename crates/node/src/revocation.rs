@@ -161,7 +161,7 @@ async fn build(store: &Store, ca: &CaIssuer, crl_secs: i64) -> Result<Published>
         .context("reading the local CA's certificates")?;
     let mut statuses = HashMap::with_capacity(rows.len());
     let mut listed = Vec::new();
-    for (serial, status, changed_at) in rows {
+    for (serial, status, changed_at, reason) in rows {
         let Ok(bytes) = portcullis_pki::crl::parse_serial(&serial) else {
             continue;
         };
@@ -169,7 +169,9 @@ async fn build(store: &Store, ca: &CaIssuer, crl_secs: i64) -> Result<Published>
             CertStatus::Active => Status::Good,
             CertStatus::Revoked => Status::Revoked {
                 at: changed_at,
-                reason: None,
+                reason: reason
+                    .as_deref()
+                    .and_then(portcullis_registry::revocation_reason_code),
             },
             // Not valid now, may be again: on hold.
             CertStatus::Inactive | CertStatus::PendingActivation => Status::Revoked {
@@ -178,7 +180,7 @@ async fn build(store: &Store, ca: &CaIssuer, crl_secs: i64) -> Result<Published>
             },
         };
         if let Status::Revoked { at, reason } = status {
-            listed.push((bytes.clone(), at, reason == Some(6)));
+            listed.push((bytes.clone(), at, reason));
         }
         statuses.insert(strip(&bytes), status);
     }

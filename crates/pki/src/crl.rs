@@ -146,26 +146,26 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
         ));
     }
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let revoked: Vec<(Vec<u8>, i64, bool)> =
-        serials.iter().map(|s| (s.clone(), now, false)).collect();
+    let revoked: Vec<(Vec<u8>, i64, Option<u8>)> =
+        serials.iter().map(|s| (s.clone(), now, None)).collect();
     create_at(issuer, &revoked, i64::from(next_update_days) * 86400)
 }
 
 /// Issues a CRL signed by `issuer` revoking each serial at its time (seconds since the epoch)
-/// — on hold (reason certificateHold) when its flag is set — valid for `next_update_secs`,
-/// numbered from the clock in milliseconds.
+/// for its RFC 5280 reason code (6: on hold), valid for `next_update_secs`, numbered from the
+/// clock in milliseconds.
 pub fn create_at(
     issuer: &CaIssuer,
-    revoked: &[(Vec<u8>, i64, bool)],
+    revoked: &[(Vec<u8>, i64, Option<u8>)],
     next_update_secs: i64,
 ) -> Result<Crl> {
     let now = OffsetDateTime::now_utc();
     let revoked_certs = revoked
         .iter()
-        .map(|(s, at, hold)| RevokedCertParams {
+        .map(|(s, at, reason)| RevokedCertParams {
             serial_number: SerialNumber::from_slice(s),
             revocation_time: OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
-            reason_code: hold.then_some(rcgen::RevocationReason::CertificateHold),
+            reason_code: reason.and_then(reason_of),
             invalidity_date: None,
         })
         .collect();
@@ -184,6 +184,22 @@ pub fn create_at(
         },
     };
     Crl::from_der(issuer.sign_crl(&params)?)
+}
+
+fn reason_of(code: u8) -> Option<rcgen::RevocationReason> {
+    use rcgen::RevocationReason as R;
+    Some(match code {
+        0 => R::Unspecified,
+        1 => R::KeyCompromise,
+        2 => R::CaCompromise,
+        3 => R::AffiliationChanged,
+        4 => R::Superseded,
+        5 => R::CessationOfOperation,
+        6 => R::CertificateHold,
+        9 => R::PrivilegeWithdrawn,
+        10 => R::AaCompromise,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -42,7 +42,10 @@ pub use store::{
     Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, NodeStatus,
     PolicyState, PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
-pub use store::{FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, RenewalTerms};
+pub use store::{
+    FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, REVOCATION_REASONS,
+    RenewalTerms, revocation_reason_code,
+};
 
 /// A time (seconds since the epoch) as RFC 3339, for messages.
 pub(crate) fn rfc3339_of(unix: i64) -> String {

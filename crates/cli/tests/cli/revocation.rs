@@ -118,7 +118,19 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
     );
 
     // Revoked: OCSP says so within a second, on this node, with no restart.
-    cli(d, &["cert", "update", &id, "--status", "REVOKED"]).ok();
+    cli(
+        d,
+        &[
+            "cert",
+            "update",
+            &id,
+            "--status",
+            "REVOKED",
+            "--reason",
+            "keyCompromise",
+        ],
+    )
+    .ok();
     let revoked_at = std::time::Instant::now();
     let mut seen = String::new();
     while revoked_at.elapsed() < std::time::Duration::from_secs(5) {
@@ -272,6 +284,10 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
         all.contains("Response verify OK") && all.contains("dev-1/cert.pem: revoked"),
         "{all}"
     );
+    assert!(
+        all.contains("keyCompromise"),
+        "the reason is answered: {all}"
+    );
 
     // The CRL at the distribution point: signed by the CA, listing the revoked certificate (and
     // the one on hold).
@@ -304,6 +320,19 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
         r.stdout
     );
     assert!(r.stdout.contains("Certificate Hold"), "{}", r.stdout);
+    assert!(r.stdout.contains("Key Compromise"), "{}", r.stdout);
+    // A reason that is not one, or one without REVOKED: refused, nothing changed.
+    let bad = cli(
+        d,
+        &[
+            "cert", "update", &id, "--status", "REVOKED", "--reason", "bored",
+        ],
+    );
+    assert!(
+        bad.code != 0 && bad.stderr.contains("keyCompromise"),
+        "{}",
+        bad.stderr
+    );
 }
 
 /// nginx as a relying party (`ssl_verify_client on; ssl_ocsp on;`) trusting the local CA: it

@@ -282,6 +282,33 @@ impl Store {
         status: CertStatus,
         actor: &str,
     ) -> Result<CertRecord, RegistryError> {
+        self.set_certificate_status_for(id, status, None, actor)
+            .await
+    }
+
+    /// [`Store::set_certificate_status`], with the reason of a revocation (an RFC 5280
+    /// CRLReason name such as `keyCompromise`; see [`REVOCATION_REASONS`]), which the CA's CRL
+    /// and OCSP answers publish.
+    pub async fn set_certificate_status_for(
+        &self,
+        id: &CertId,
+        status: CertStatus,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<CertRecord, RegistryError> {
+        if let Some(r) = reason {
+            if status != CertStatus::Revoked {
+                return Err(RegistryError::Invalid(
+                    "a reason goes with --status REVOKED only".into(),
+                ));
+            }
+            if !REVOCATION_REASONS.contains(&r) {
+                return Err(RegistryError::Invalid(format!(
+                    "revocation reason '{r}' is not one of {}",
+                    REVOCATION_REASONS.join(", ")
+                )));
+            }
+        }
         loop {
             let before = self.certificate(id).await?;
             if before.status == CertStatus::Revoked && status != CertStatus::Revoked {
@@ -293,19 +320,25 @@ impl Store {
             after.status = status;
             after.updated_at = now();
             after.version = before.version + 1;
-            let (b, a) = (
-                serde_json::to_string(&summary_cert(&before)).ok(),
-                serde_json::to_string(&summary_cert(&after)).ok(),
-            );
+            let b = serde_json::to_string(&summary_cert(&before)).ok();
+            let a = serde_json::to_value(summary_cert(&after))
+                .ok()
+                .map(|mut v| {
+                    if let Some(r) = reason {
+                        v["revocation_reason"] = serde_json::json!(r);
+                    }
+                    v.to_string()
+                });
             let written = with_pool!(self, pool => {
                 let mut tx = pool.begin().await?;
                 let done = sqlx::query(
-                    "UPDATE certificates SET status = $1, updated_at = $2, version = version + 1 WHERE id = $3 AND version = $4",
+                    "UPDATE certificates SET status = $1, updated_at = $2, version = version + 1, revocation_reason = $5 WHERE id = $3 AND version = $4",
                 )
                 .bind(status.as_str())
                 .bind(after.updated_at)
                 .bind(id.as_str())
                 .bind(before.version)
+                .bind(reason)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 1 {
@@ -328,9 +361,10 @@ impl Store {
                                 .map(|r| Ok((r.try_get("id")?, r.try_get("status")?)))
                                 .collect::<Result<_, sqlx::Error>>()?;
                             for (child, was) in children {
-                                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE id = $2")
+                                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1, revocation_reason = $3 WHERE id = $2")
                                     .bind(after.updated_at)
                                     .bind(&child)
+                                    .bind(reason)
                                     .execute(&mut *tx)
                                     .await?;
                                 let before = serde_json::json!({"status": was}).to_string();
@@ -398,14 +432,15 @@ impl Store {
         Ok(count)
     }
 
-    /// The serial (colon hex), status and last change of every registered certificate whose
-    /// issuer is `issuer` (RFC 4514): what a CA's CRL and OCSP responder publish.
+    /// The serial (colon hex), status, last change and revocation reason of every registered
+    /// certificate whose issuer is `issuer` (RFC 4514): what a CA's CRL and OCSP responder
+    /// publish.
     pub async fn statuses_by_issuer(
         &self,
         issuer: &str,
-    ) -> Result<Vec<(String, CertStatus, i64)>, RegistryError> {
+    ) -> Result<Vec<(String, CertStatus, i64, Option<String>)>, RegistryError> {
         with_pool!(self, pool => {
-            let rows = sqlx::query("SELECT serial, status, updated_at FROM certificates WHERE issuer = $1")
+            let rows = sqlx::query("SELECT serial, status, updated_at, revocation_reason FROM certificates WHERE issuer = $1")
                 .bind(issuer)
                 .fetch_all(pool)
                 .await?;
@@ -415,6 +450,7 @@ impl Store {
                         r.try_get("serial")?,
                         CertStatus::from_str(&r.try_get::<String, _>("status")?)?,
                         r.try_get("updated_at")?,
+                        r.try_get("revocation_reason")?,
                     ))
                 })
                 .collect()
@@ -477,4 +513,32 @@ where
 {
     let secs: i64 = row.try_get("grace")?;
     Ok(u16::try_from(secs.max(0) / 86400).unwrap_or(u16::MAX))
+}
+
+/// The revocation reasons a certificate may be given (RFC 5280 CRLReason, by name; their codes
+/// are their positions, 7 unused, certificateHold being an INACTIVE certificate's).
+pub const REVOCATION_REASONS: [&str; 8] = [
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "privilegeWithdrawn",
+    "aACompromise",
+];
+
+/// The RFC 5280 code of a revocation reason name.
+pub fn revocation_reason_code(name: &str) -> Option<u8> {
+    match name {
+        "unspecified" => Some(0),
+        "keyCompromise" => Some(1),
+        "cACompromise" => Some(2),
+        "affiliationChanged" => Some(3),
+        "superseded" => Some(4),
+        "cessationOfOperation" => Some(5),
+        "privilegeWithdrawn" => Some(9),
+        "aACompromise" => Some(10),
+        _ => None,
+    }
 }

@@ -615,7 +615,7 @@ impl Store {
                 .map(|r| r.try_get("id"))
                 .collect::<Result<_, _>>()?;
             for id in &superseded {
-                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1 WHERE id = $2")
+                sqlx::query("UPDATE certificates SET status = 'REVOKED', updated_at = $1, version = version + 1, revocation_reason = 'superseded' WHERE id = $2")
                     .bind(record.created_at)
                     .bind(id)
                     .execute(&mut *tx)

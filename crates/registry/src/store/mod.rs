@@ -38,8 +38,8 @@ pub(crate) mod webhooks;
 
 pub use admin::AuditFilter;
 pub use cas::{CaRegistration, CaUpdate};
-pub use certificates::CertFilter;
 pub(crate) use certificates::summary_cert;
+pub use certificates::{CertFilter, REVOCATION_REASONS, revocation_reason_code};
 pub(crate) use changes::audit;
 pub use changes::{Change, ChangeEntry, ChangeListener, now_ms};
 pub use fleet::{
