@@ -486,6 +486,8 @@ pub struct Mtls {
     /// The registry's ACTIVE CAs: a chain refused as untrusted whose issuer is one of them
     /// gets an explanation that says to use `registry:cas` or add the CA.
     pub registered_cas: Arc<Vec<portcullis_pki::Certificate>>,
+    /// Other CAs' revocation sources: CRL distribution points, OCSP.
+    pub revocation: crate::foreign::ForeignPolicy,
 }
 
 impl Mtls {
@@ -502,6 +504,7 @@ impl Mtls {
             failure_advice: None,
             verification: portcullis_pki::VerifyProfile::Compatible,
             registered_cas: Arc::default(),
+            revocation: crate::foreign::ForeignPolicy::default(),
         }
     }
 }

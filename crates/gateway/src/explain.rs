@@ -274,5 +274,14 @@ fn certificate_json(leaf: &Certificate, trace: &CertificateTrace) -> Value {
             "reason": reason.code(), "explanation": explanation, "just_in_time": jit,
         }),
     };
-    json!({"certificate": certificate, "profile": trace.profile.name(), "chain": chain, "registry": registry})
+    let mut out = json!({"certificate": certificate, "profile": trace.profile.name(), "chain": chain, "registry": registry});
+    if let Some(f) = &trace.foreign {
+        out["revocation"] = json!({
+            "decision": if f.refusal.is_some() { "refuse" } else if f.waiting.is_some() { "unknown-yet" } else { "admit" },
+            "reason": f.refusal.as_ref().map(|(r, _)| r.code()),
+            "explanation": f.refusal.as_ref().map(|(_, e)| e.clone()).or_else(|| f.waiting.clone()),
+            "sources": f.sources,
+        });
+    }
+    out
 }

@@ -41,6 +41,7 @@ pub mod conn;
 pub mod echo;
 pub mod explain;
 pub mod fleet;
+pub mod foreign;
 mod http;
 mod mqtt;
 pub mod outbox;
@@ -602,6 +603,12 @@ impl Gateway {
         self.registry.changes.send_modify(|n| *n += 1);
     }
 
+    /// Where the node puts what it learns from other CAs' CRLs and OCSP responders, and takes
+    /// what the data path asks it to fetch.
+    pub fn foreign_revocation(&self) -> ForeignHandle {
+        ForeignHandle(self.registry.clone())
+    }
+
     /// The leaf certificate each domain serves, by hostname: what the node staples OCSP
     /// answers for.
     pub fn served_certificates(&self) -> Vec<(String, rustls::pki_types::CertificateDer<'static>)> {
@@ -685,5 +692,29 @@ impl Gateway {
         for task in tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// The node's handle on the foreign revocation snapshot (see [`Gateway::foreign_revocation`]).
+#[derive(Debug, Clone)]
+pub struct ForeignHandle(pub(crate) Arc<RegistryView>);
+
+impl ForeignHandle {
+    /// The snapshot in use (to derive the next one from).
+    pub fn load(&self) -> Arc<foreign::ForeignSnapshot> {
+        self.0.foreign.snapshot.load_full()
+    }
+
+    /// Replaces it. New handshakes use it at once; open connections it now refuses are closed
+    /// (the same pass as a registry change), and connections waiting for a status get their
+    /// answer.
+    pub fn store(&self, snapshot: foreign::ForeignSnapshot) {
+        self.0.foreign.snapshot.store(Arc::new(snapshot));
+        self.0.changes.send_modify(|n| *n += 1);
+    }
+
+    /// What the data path asks to have fetched; the first call takes the receiver.
+    pub fn requests(&self) -> Option<tokio::sync::mpsc::Receiver<foreign::FetchRequest>> {
+        self.0.foreign.take()
     }
 }

@@ -82,13 +82,10 @@ impl Admission {
         let current = self.states.load();
         if current.generation == self.generation {
             // Within a generation only the registry changes.
-            let leaf = chain.and_then(|c| c.first())?;
-            if !self.verifier.uses_registry() {
-                return None;
-            }
+            let chain = chain?;
             return self
                 .verifier
-                .registry_refusal(leaf)
+                .live_refusal(chain)
                 .map(|(reason, explanation)| Closed {
                     code: reason.code(),
                     explanation,

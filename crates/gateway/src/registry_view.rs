@@ -369,6 +369,8 @@ pub(crate) struct RegistryView {
     /// The node's fleet provisioning (set once at start; none: the MQTT API answers that it
     /// is unavailable).
     pub(crate) fleet: std::sync::OnceLock<Arc<dyn crate::fleet::FleetProvisioning>>,
+    /// Revocation learned from other CAs' CRLs and OCSP responders.
+    pub(crate) foreign: crate::foreign::ForeignView,
 }
 
 impl RegistryView {
@@ -378,6 +380,7 @@ impl RegistryView {
             changes: tokio::sync::watch::channel(0).0,
             outbox: Outbox::new(),
             fleet: std::sync::OnceLock::new(),
+            foreign: crate::foreign::ForeignView::new(),
         }
     }
 

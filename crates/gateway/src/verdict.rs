@@ -19,6 +19,9 @@ pub enum Rejection {
     /// Expired, within its template's grace period: admitted to renew itself (EST
     /// `simplereenroll`, MQTT's renewal topics) and nothing else. The handshake completes.
     RenewOnly,
+    /// The domain's revocation policy needs the certificate's status from another CA's CRL or
+    /// OCSP responder, and it is not known (being fetched, or the source fails).
+    RevocationUnknown,
 }
 
 impl Rejection {
@@ -28,6 +31,7 @@ impl Rejection {
             Rejection::Chain(r) => r.code(),
             Rejection::Registry(r) => r.code(),
             Rejection::RenewOnly => "renew-only",
+            Rejection::RevocationUnknown => "revocation-unknown",
         }
     }
 
@@ -38,6 +42,7 @@ impl Rejection {
             Rejection::Registry(r) => r.tls_alert(),
             // Never sent: a certificate in grace completes its handshake.
             Rejection::RenewOnly => TlsAlert::CertificateExpired,
+            Rejection::RevocationUnknown => TlsAlert::AccessDenied,
         }
     }
 }
@@ -45,6 +50,16 @@ impl Rejection {
 impl From<RejectReason> for Rejection {
     fn from(r: RejectReason) -> Self {
         Rejection::Chain(r)
+    }
+}
+
+impl From<crate::foreign::Refusal> for Rejection {
+    fn from(r: crate::foreign::Refusal) -> Self {
+        match r {
+            crate::foreign::Refusal::Revoked => Rejection::Chain(RejectReason::Revoked),
+            crate::foreign::Refusal::CrlExpired => Rejection::Chain(RejectReason::CrlExpired),
+            crate::foreign::Refusal::Unknown => Rejection::RevocationUnknown,
+        }
     }
 }
 

@@ -39,6 +39,20 @@ pub(crate) struct CertificateTrace {
     pub(crate) registry: Option<RegistryDecision>,
     /// The auto-registering CA that would register or provision it just in time.
     pub(crate) jit: Option<AutoRegistration>,
+    /// Other CAs' revocation sources, when the domain consults them and the chain verified:
+    /// the decision (admit, refuse with a reason, wait) and each source with its age.
+    pub(crate) foreign: Option<ForeignTrace>,
+}
+
+/// What other CAs' revocation sources say about a verified chain (for `explain`).
+#[derive(Debug)]
+pub(crate) struct ForeignTrace {
+    /// Refused by them, and why.
+    pub(crate) refusal: Option<(Rejection, String)>,
+    /// Not known yet: why (the connection would wait or be asked to retry).
+    pub(crate) waiting: Option<String>,
+    /// Each source consulted: URL, kind, age, last error.
+    pub(crate) sources: Vec<serde_json::Value>,
 }
 
 impl CertificateTrace {
@@ -52,10 +66,21 @@ impl CertificateTrace {
                 },
                 _,
             ) => Some(((*reason).into(), explanation)),
-            (_, Some(RegistryDecision::Refuse(reason, explanation))) => {
-                Some(((*reason).into(), explanation))
+            _ => {
+                if let Some(ForeignTrace {
+                    refusal: Some((reason, explanation)),
+                    ..
+                }) = &self.foreign
+                {
+                    return Some((*reason, explanation));
+                }
+                match &self.registry {
+                    Some(RegistryDecision::Refuse(reason, explanation)) => {
+                        Some(((*reason).into(), explanation))
+                    }
+                    _ => None,
+                }
             }
-            _ => None,
         }
     }
 }
@@ -72,6 +97,8 @@ pub struct DomainVerifier {
     registered_cas: Arc<Vec<Certificate>>,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Other CAs' revocation sources this domain consults.
+    foreign: crate::foreign::ForeignPolicy,
     /// Chains of open connections verified again against this generation (after a reload), by
     /// the ids of their certificates: one verification per chain, however many connections.
     rechecked: Mutex<std::collections::HashMap<String, Option<(Rejection, String)>>>,
@@ -164,6 +191,7 @@ impl DomainVerifier {
             },
             hints,
             algorithms,
+            foreign: mtls.revocation.clone(),
             rechecked: Mutex::default(),
         }
     }
@@ -204,19 +232,95 @@ impl DomainVerifier {
                 refusal
             }
         };
-        chain_refusal.or_else(|| self.registry_refusal(leaf))
+        chain_refusal.or_else(|| self.live_refusal(chain))
+    }
+
+    /// Why an admitted connection's verified `chain` is refused now by what changes without a
+    /// reload: other CAs' revocation sources (a certificate still waiting for its status stays
+    /// admitted), then the registry.
+    pub(crate) fn live_refusal(&self, chain: &[Certificate]) -> Option<(Rejection, String)> {
+        let leaf = chain.first()?;
+        if let crate::foreign::ForeignCheck::Refuse(reason, why) = self.foreign_check(chain, true) {
+            return Some((reason.into(), why));
+        }
+        if !self.uses_registry() {
+            return None;
+        }
+        self.registry_refusal(leaf)
+    }
+
+    /// The verified `chain` against the foreign revocation sources (asking for what is
+    /// missing when `ask`).
+    fn foreign_check(&self, chain: &[Certificate], ask: bool) -> crate::foreign::ForeignCheck {
+        self.registry.foreign.check(
+            &self.foreign,
+            chain,
+            self.options.allow_stale_crls,
+            ask,
+            crate::authorize::now(),
+        )
+    }
+
+    /// A connection to hold until the foreign revocation status of `chain` is known (at most
+    /// the domain's bound): admitted if the answer admits it.
+    fn wait_for_foreign(&self, chain: Vec<Certificate>) -> Option<Pending> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let (done, pending) = tokio::sync::oneshot::channel();
+        let registry = self.registry.clone();
+        let policy = self.foreign.clone();
+        let allow_stale = self.options.allow_stale_crls;
+        handle.spawn(async move {
+            let mut changes = registry.changes.subscribe();
+            let check = || {
+                registry
+                    .foreign
+                    .check(&policy, &chain, allow_stale, false, crate::authorize::now())
+            };
+            let outcome = tokio::time::timeout(policy.wait, async {
+                loop {
+                    match check() {
+                        crate::foreign::ForeignCheck::Admit => return Ok(()),
+                        crate::foreign::ForeignCheck::Refuse(reason, why) => {
+                            return Err((reason.into(), why));
+                        }
+                        crate::foreign::ForeignCheck::Wait(_) => {
+                            if changes.changed().await.is_err() {
+                                return Err((
+                                    Rejection::RevocationUnknown,
+                                    "the node is shutting down".to_string(),
+                                ));
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            let outcome = outcome.unwrap_or_else(|_| match check() {
+                crate::foreign::ForeignCheck::Admit => Ok(()),
+                crate::foreign::ForeignCheck::Refuse(reason, why) => Err((reason.into(), why)),
+                crate::foreign::ForeignCheck::Wait(why) => Err((
+                    Rejection::RevocationUnknown,
+                    format!(
+                        "{why}, with no answer within {} ms; retry in a moment",
+                        policy.wait.as_millis()
+                    ),
+                )),
+            });
+            let _ = done.send(outcome);
+        });
+        Some(Pending {
+            rx: pending,
+            provisioning: false,
+        })
     }
 
     /// Verifies a presented chain (leaf first) now. Just-in-time registrations it calls for are
     /// sent; a JITP provisioning's completion comes back with the verdict.
-    pub fn verify_chain(
+    pub(crate) fn verify_chain(
         &self,
         end_entity: &[u8],
         intermediates: &[CertificateDer<'_>],
-    ) -> (
-        ClientVerdict,
-        Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
-    ) {
+    ) -> (ClientVerdict, Option<Pending>) {
         let leaf = match Certificate::from_der(end_entity.to_vec()) {
             Ok(c) => c,
             Err(e) => {
@@ -245,15 +349,55 @@ impl DomainVerifier {
             &presented,
             verify(&leaf, &presented, store, &self.options),
         ) {
-            Verdict::Valid { chain } => match self.registry_decision(&leaf, false) {
-                RegistryDecision::Admit => ClientVerdict::Valid(Arc::new(chain)),
-                RegistryDecision::Provision { pending, .. } => {
-                    return (ClientVerdict::Valid(Arc::new(chain)), pending);
+            Verdict::Valid { chain } => match self.foreign_check(&chain, true) {
+                crate::foreign::ForeignCheck::Refuse(reason, explanation) => {
+                    ClientVerdict::Rejected {
+                        leaf: Some(Box::new(leaf)),
+                        reason: reason.into(),
+                        explanation,
+                    }
                 }
-                RegistryDecision::Refuse(reason, explanation) => ClientVerdict::Rejected {
-                    leaf: Some(Box::new(leaf)),
-                    reason: reason.into(),
-                    explanation,
+                crate::foreign::ForeignCheck::Wait(why) => {
+                    // Refused unless a bounded wait can be set up; the registry decides after.
+                    match self.wait_for_foreign(chain.clone()) {
+                        Some(waiting) => match self.registry_decision(&leaf, false) {
+                            RegistryDecision::Admit => {
+                                return (ClientVerdict::Valid(Arc::new(chain)), Some(waiting));
+                            }
+                            RegistryDecision::Provision { pending, .. } => {
+                                return (
+                                    ClientVerdict::Valid(Arc::new(chain)),
+                                    Some(both(waiting, pending.map(provisioning))),
+                                );
+                            }
+                            RegistryDecision::Refuse(reason, explanation) => {
+                                ClientVerdict::Rejected {
+                                    leaf: Some(Box::new(leaf)),
+                                    reason: reason.into(),
+                                    explanation,
+                                }
+                            }
+                        },
+                        None => ClientVerdict::Rejected {
+                            leaf: Some(Box::new(leaf)),
+                            reason: Rejection::RevocationUnknown,
+                            explanation: format!("{why}; retry in a moment"),
+                        },
+                    }
+                }
+                crate::foreign::ForeignCheck::Admit => match self.registry_decision(&leaf, false) {
+                    RegistryDecision::Admit => ClientVerdict::Valid(Arc::new(chain)),
+                    RegistryDecision::Provision { pending, .. } => {
+                        return (
+                            ClientVerdict::Valid(Arc::new(chain)),
+                            pending.map(provisioning),
+                        );
+                    }
+                    RegistryDecision::Refuse(reason, explanation) => ClientVerdict::Rejected {
+                        leaf: Some(Box::new(leaf)),
+                        reason: reason.into(),
+                        explanation,
+                    },
                 },
             },
             Verdict::Rejected {
@@ -377,6 +521,27 @@ impl DomainVerifier {
             ),
         };
         let snapshot = self.registry.snapshot.load();
+        let foreign = match &verdict {
+            Verdict::Valid { chain } if self.foreign.is_on() => {
+                let (refusal, waiting) = match self.foreign_check(chain, false) {
+                    crate::foreign::ForeignCheck::Admit => (None, None),
+                    crate::foreign::ForeignCheck::Refuse(reason, why) => {
+                        (Some((reason.into(), why)), None)
+                    }
+                    crate::foreign::ForeignCheck::Wait(why) => (None, Some(why)),
+                };
+                Some(ForeignTrace {
+                    refusal,
+                    waiting,
+                    sources: self.registry.foreign.sources(
+                        &self.foreign,
+                        chain,
+                        crate::authorize::now(),
+                    ),
+                })
+            }
+            _ => None,
+        };
         let registry = match verdict {
             Verdict::Valid { .. } => Some(self.registry_decision(leaf, true)),
             Verdict::Rejected { .. } => None,
@@ -388,6 +553,7 @@ impl DomainVerifier {
             status: snapshot.status(&leaf.info().id),
             registry,
             jit: snapshot.jit_issuer(leaf).cloned(),
+            foreign,
         })
     }
 
@@ -486,8 +652,68 @@ tokio::task_local! {
 #[derive(Debug)]
 pub(crate) struct HandshakeRecord {
     pub(crate) verdict: ClientVerdict,
-    /// A JITP provisioning to wait for before serving.
-    pub(crate) provisioning: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    /// What to wait for before serving: a JITP provisioning, a revocation status.
+    pub(crate) provisioning: Option<Pending>,
+}
+
+/// What a connection waits for before it is served (a JITP provisioning, a revocation status
+/// being fetched): admitted, or refused with a code and why.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The answer.
+    pub(crate) rx: tokio::sync::oneshot::Receiver<Result<(), (Rejection, String)>>,
+    /// Whether a JITP provisioning is among what is waited for (the connection then also
+    /// waits, briefly, for the registry snapshot to hold the new certificate).
+    pub(crate) provisioning: bool,
+}
+
+/// A JITP provisioning's completion as a [`Pending`].
+fn provisioning(rx: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Pending {
+    let (done, pending) = tokio::sync::oneshot::channel();
+    let task = async move {
+        let outcome = match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err("the registry dropped the request".to_string()),
+        };
+        let _ = done.send(outcome.map_err(|why| {
+            (
+                Rejection::Registry(crate::registry_view::RegistryReason::ProvisioningFailed),
+                format!("just-in-time provisioning failed: {why}"),
+            )
+        }));
+    };
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(task);
+    }
+    Pending {
+        rx: pending,
+        provisioning: true,
+    }
+}
+
+/// Both waits: admitted when both admit, refused by the first that refuses.
+fn both(a: Pending, b: Option<Pending>) -> Pending {
+    let Some(b) = b else {
+        return a;
+    };
+    let (done, pending) = tokio::sync::oneshot::channel();
+    let task = async move {
+        let closed = || Err((Rejection::RevocationUnknown, "dropped".to_string()));
+        let first = a.rx.await.unwrap_or_else(|_| closed());
+        let outcome = match first {
+            Ok(()) => b.rx.await.unwrap_or_else(|_| closed()),
+            refused => refused,
+        };
+        let _ = done.send(outcome);
+    };
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(task);
+    }
+    Pending {
+        rx: pending,
+        provisioning: true,
+    }
 }
 
 impl ClientCertVerifier for DomainVerifier {

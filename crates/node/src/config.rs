@@ -877,7 +877,40 @@ fn file_mtls(
             m.verification
         )
     })?;
+    let revocation = match &m.revocation {
+        None => portcullis_gateway::foreign::ForeignPolicy::default(),
+        Some(r) => {
+            use portcullis_gateway::foreign::{ForeignPolicy, OcspMode};
+            let ocsp = match r.ocsp.as_str() {
+                "off" => OcspMode::Off,
+                "soft" => OcspMode::Soft,
+                "hard" => OcspMode::Hard,
+                other => bail!("mtls.revocation.ocsp '{other}' must be off, soft or hard"),
+            };
+            if r.wait_ms > 10_000 {
+                bail!(
+                    "mtls.revocation.wait_ms {} is more than 10000 (a connection waits at most 10 s for a revocation status)",
+                    r.wait_ms
+                );
+            }
+            if r.refresh_secs == 0 {
+                bail!("mtls.revocation.refresh_secs must be at least 1");
+            }
+            if mode == MtlsMode::Off && (r.crl_dp || ocsp != OcspMode::Off) {
+                bail!(
+                    "mtls.revocation needs mtls.mode required or optional: no certificate is asked for"
+                );
+            }
+            ForeignPolicy {
+                crl_dp: r.crl_dp,
+                ocsp,
+                wait: std::time::Duration::from_millis(r.wait_ms),
+                refresh: std::time::Duration::from_secs(r.refresh_secs),
+            }
+        }
+    };
     Ok(Mtls {
+        revocation,
         verification,
         mode,
         truststore,

@@ -36,6 +36,7 @@ mod cluster;
 pub mod config;
 pub mod data_dir;
 mod fleet;
+mod foreign;
 pub mod output;
 mod revocation;
 mod scep;

@@ -226,6 +226,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         tokio::spawn(record_sightings(store.clone(), outbox.sightings));
         tokio::spawn(record_forwarded(store.clone(), outbox.forwarded));
     }
+    // Other CAs' CRLs and OCSP answers, fetched for the data path in the background.
+    tokio::spawn(crate::foreign::run(
+        store.clone(),
+        gateway.foreign_revocation(),
+    ));
     tokio::spawn(portcullis_registry::webhooks::Dispatcher::new(store.clone()).run());
     tokio::spawn(publish_registry_events(store.clone(), gateway.broker()));
 

@@ -98,6 +98,37 @@ impl Crl {
         pem::encode("X509 CRL", &self.der)
     }
 
+    /// Checks that `issuer` issued this CRL: its issuer name is `issuer`'s subject, `issuer`'s
+    /// key signed it, and `issuer` may sign CRLs (cRLSign, when it has a key usage at all).
+    pub fn verify_issued_by(&self, issuer: &crate::cert::Certificate) -> Result<()> {
+        let (_, parsed) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&self.der)
+                .map_err(|e| PkiError::malformed("", format!("not a valid CRL ({e})")))?;
+        let ku = &issuer.info().key_usage;
+        let checked = issuer.with_parsed(|c| {
+            if parsed.issuer().as_raw() != c.subject().as_raw() {
+                return Err(format!(
+                    "the CRL is issued by '{}', not by '{}'",
+                    self.info.issuer,
+                    issuer.info().subject
+                ));
+            }
+            if !ku.is_empty() && !ku.iter().any(|k| k == "cRLSign") {
+                return Err(format!(
+                    "'{}' may not sign CRLs (its key usage lacks cRLSign)",
+                    issuer.info().subject
+                ));
+            }
+            parsed.verify_signature(c.public_key()).map_err(|_| {
+                format!(
+                    "the CRL's signature does not verify with the key of '{}'",
+                    issuer.info().subject
+                )
+            })
+        })?;
+        checked.map_err(|why| PkiError::malformed("", why))
+    }
+
     pub(crate) fn webpki(&self) -> &CertRevocationList<'static> {
         &self.parsed
     }

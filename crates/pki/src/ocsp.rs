@@ -335,3 +335,375 @@ impl<'a> Responder<'a> {
         ]))
     }
 }
+
+/// An OCSP responder's answer about one certificate, checked (see [`read_response`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Good, revoked (with time and reason) or unknown.
+    pub status: Status,
+    /// thisUpdate (seconds since the epoch).
+    pub this_update: i64,
+    /// nextUpdate, when the responder gives one.
+    pub next_update: Option<i64>,
+}
+
+/// SHA-1 (the hash every responder accepts in a CertID) of `data`.
+fn sha1(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, data)
+        .as_ref()
+        .to_vec()
+}
+
+/// The CertID (SHA-1) of `leaf` issued by `issuer`.
+fn cert_id_of(
+    leaf: &crate::cert::Certificate,
+    issuer: &crate::cert::Certificate,
+) -> Result<Vec<u8>> {
+    let serial = leaf.with_parsed(|c| c.tbs_certificate.raw_serial().to_vec())?;
+    let (name, key) = issuer.with_parsed(|c| {
+        (
+            c.tbs_certificate.subject.as_raw().to_vec(),
+            c.public_key().subject_public_key.data.to_vec(),
+        )
+    })?;
+    Ok(seq(&[
+        &seq(&[&oid(SHA1), &[0x05, 0x00]]),
+        &element(0x04, &sha1(&name)),
+        &element(0x04, &sha1(&key)),
+        &element(0x02, &serial),
+    ]))
+}
+
+/// The DER `OCSPRequest` asking about `leaf`, issued by `issuer` (no nonce: responders and
+/// caches in front of them may answer from a precomputed response).
+pub fn request_for(
+    leaf: &crate::cert::Certificate,
+    issuer: &crate::cert::Certificate,
+) -> Result<Vec<u8>> {
+    let cert_id = cert_id_of(leaf, issuer)?;
+    // OCSPRequest { tbsRequest { requestList SEQUENCE OF Request { reqCert } } }
+    Ok(seq(&[&seq(&[&seq(&[&seq(&[&cert_id])])])]))
+}
+
+/// Parses a GeneralizedTime (`YYYYMMDDHHMMSS[.fff]Z`) as seconds since the epoch.
+fn generalized_time(tlv: &der::Tlv<'_>) -> Option<i64> {
+    if tlv.tag != 0x18 {
+        return None;
+    }
+    let text = std::str::from_utf8(tlv.body).ok()?;
+    let text = text.strip_suffix('Z')?;
+    let whole = text.split('.').next()?;
+    if whole.len() != 14 || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| whole[r].parse::<u32>().ok();
+    let month = ::time::Month::try_from(u8::try_from(n(4..6)?).ok()?).ok()?;
+    let date = ::time::Date::from_calendar_date(
+        i32::try_from(n(0..4)?).ok()?,
+        month,
+        u8::try_from(n(6..8)?).ok()?,
+    )
+    .ok()?;
+    let t = ::time::Time::from_hms(
+        u8::try_from(n(8..10)?).ok()?,
+        u8::try_from(n(10..12)?).ok()?,
+        u8::try_from(n(12..14)?).ok()?,
+    )
+    .ok()?;
+    Some(
+        ::time::PrimitiveDateTime::new(date, t)
+            .assume_utc()
+            .unix_timestamp(),
+    )
+}
+
+/// How far a responder's clock may be ahead of ours.
+const CLOCK_SKEW_SECS: i64 = 300;
+
+/// Reads a DER `OCSPResponse` to the request of [`request_for`] about `leaf` (issued by
+/// `issuer`), at `now`: a successful response, signed by `issuer` or by a responder
+/// certificate `issuer` issued with EKU OCSPSigning (valid now), answering for this very
+/// certificate, current (thisUpdate not in the future, nextUpdate not past). Anything else is
+/// an error saying what was wrong.
+pub fn read_response(
+    der_response: &[u8],
+    leaf: &crate::cert::Certificate,
+    issuer: &crate::cert::Certificate,
+    now: i64,
+) -> Result<Answer> {
+    let bad = |what: &str| PkiError::malformed("", format!("not a usable OCSP response: {what}"));
+    let (response, _) = der::read(der_response)?;
+    let parts = response.expect(0x30, "OCSPResponse")?.children()?;
+    let status = parts.first().ok_or_else(|| bad("no status"))?;
+    if status.tag != 0x0a || status.body.len() != 1 {
+        return Err(bad("a bad responseStatus"));
+    }
+    match status.body[0] {
+        0 => {}
+        1 => return Err(bad("the responder says malformedRequest")),
+        2 => return Err(bad("the responder says internalError")),
+        3 => return Err(bad("the responder says tryLater")),
+        5 => return Err(bad("the responder says sigRequired")),
+        6 => {
+            return Err(bad(
+                "the responder says unauthorized (it does not answer for this CA)",
+            ));
+        }
+        other => return Err(bad(&format!("responseStatus {other}"))),
+    }
+    let bytes = parts
+        .get(1)
+        .ok_or_else(|| bad("no responseBytes"))?
+        .expect(0xa0, "responseBytes")?
+        .children()?;
+    let bytes = bytes
+        .first()
+        .ok_or_else(|| bad("empty responseBytes"))?
+        .children()?;
+    let [kind, octets] = bytes.as_slice() else {
+        return Err(bad("a bad responseBytes"));
+    };
+    if kind.tag != 0x06 || kind.body != oid_body(OCSP_BASIC).as_slice() {
+        return Err(bad("not a basic OCSP response"));
+    }
+    let basic_der = octets.octets()?;
+    let (basic, _) = der::read(&basic_der)?;
+    let basic = basic.expect(0x30, "BasicOCSPResponse")?.children()?;
+    let (tbs, alg, sig) = match basic.as_slice() {
+        [tbs, alg, sig, ..] => (tbs, alg, sig),
+        _ => return Err(bad("a short BasicOCSPResponse")),
+    };
+    if sig.tag != 0x03 || sig.body.is_empty() {
+        return Err(bad("a bad signature"));
+    }
+    let mut certs = Vec::new();
+    if let Some(list) = basic.get(3) {
+        for c in list
+            .expect(0xa0, "certs")?
+            .children()?
+            .first()
+            .map(|s| s.children())
+            .transpose()?
+            .unwrap_or_default()
+        {
+            certs.push(crate::cert::Certificate::from_der(c.raw.to_vec())?);
+        }
+        if certs.len() > 8 {
+            return Err(bad("more than 8 certificates"));
+        }
+    }
+    // Who signed: the CA itself, or a delegated responder it issued (RFC 6960 4.2.2.2).
+    let signed_by = |signer: &crate::cert::Certificate| -> bool {
+        use x509_parser::prelude::FromDer;
+        let Ok((_, alg)) = x509_parser::x509::AlgorithmIdentifier::from_der(alg.raw) else {
+            return false;
+        };
+        let bits = x509_parser::der_parser::asn1_rs::BitString::new(sig.body[0], &sig.body[1..]);
+        signer
+            .with_parsed(|c| {
+                x509_parser::verify::verify_signature(c.public_key(), &alg, &bits, tbs.raw).is_ok()
+            })
+            .unwrap_or(false)
+    };
+    let delegated = certs.iter().find(|c| {
+        c.is_signed_by(issuer)
+            && c.info()
+                .extended_key_usage
+                .iter()
+                .any(|e| e == "OCSPSigning" || e == "1.3.6.1.5.5.7.3.9")
+            && c.info().not_before_unix() <= now + CLOCK_SKEW_SECS
+            && now < c.info().not_after_unix()
+            && signed_by(c)
+    });
+    if delegated.is_none() && !signed_by(issuer) {
+        return Err(bad(&format!(
+            "not signed by '{}' or a responder it authorized (EKU OCSPSigning)",
+            issuer.info().subject
+        )));
+    }
+    // tbsResponseData: [0] version?, responderID, producedAt, responses, [1] extensions?
+    if tbs.tag != 0x30 {
+        return Err(bad("a bad ResponseData"));
+    }
+    let fields = tbs.children()?;
+    let responses = fields
+        .iter()
+        .find(|f| f.tag == 0x30)
+        .ok_or_else(|| bad("no responses"))?
+        .children()?;
+    for single in responses {
+        let f = single.children()?;
+        let (Some(id), Some(status), Some(this)) = (f.first(), f.get(1), f.get(2)) else {
+            return Err(bad("a short SingleResponse"));
+        };
+        if !same_cert_id(id, leaf, issuer)? {
+            continue;
+        }
+        let this_update = generalized_time(this).ok_or_else(|| bad("a bad thisUpdate"))?;
+        let next_update = match f.get(3) {
+            Some(n) if n.tag == 0xa0 => Some(
+                n.children()?
+                    .first()
+                    .and_then(generalized_time)
+                    .ok_or_else(|| bad("a bad nextUpdate"))?,
+            ),
+            _ => None,
+        };
+        if this_update > now + CLOCK_SKEW_SECS {
+            return Err(bad("thisUpdate is in the future"));
+        }
+        if next_update.is_some_and(|n| n < now) {
+            return Err(bad("the answer is past its nextUpdate"));
+        }
+        let status = match status.tag {
+            0x80 => Status::Good,
+            0x82 => Status::Unknown,
+            0xa1 => {
+                let r = status.children()?;
+                let at = r
+                    .first()
+                    .and_then(generalized_time)
+                    .ok_or_else(|| bad("a bad revocationTime"))?;
+                let reason = r
+                    .get(1)
+                    .filter(|t| t.tag == 0xa0)
+                    .and_then(|t| t.children().ok())
+                    .and_then(|c| {
+                        c.first()
+                            .filter(|e| e.tag == 0x0a)
+                            .and_then(|e| e.body.first().copied())
+                    });
+                Status::Revoked { at, reason }
+            }
+            _ => return Err(bad("a bad certStatus")),
+        };
+        return Ok(Answer {
+            status,
+            this_update,
+            next_update,
+        });
+    }
+    Err(bad("no answer about this certificate"))
+}
+
+/// Whether a response's CertID names `leaf` of `issuer`, whatever hash it uses (SHA-1 or
+/// SHA-256).
+fn same_cert_id(
+    id: &der::Tlv<'_>,
+    leaf: &crate::cert::Certificate,
+    issuer: &crate::cert::Certificate,
+) -> Result<bool> {
+    let fields = id.children()?;
+    let [alg, name_hash, key_hash, serial] = fields.as_slice() else {
+        return Ok(false);
+    };
+    let hash: fn(&[u8]) -> Vec<u8> = match alg.children()?.first() {
+        Some(o) if o.body == oid_body(SHA1).as_slice() => sha1,
+        Some(o) if o.body == oid_body(SHA256).as_slice() => |d| crate::cert::sha256(d).to_vec(),
+        _ => return Ok(false),
+    };
+    let leaf_serial = leaf.with_parsed(|c| c.tbs_certificate.raw_serial().to_vec())?;
+    let (name, key) = issuer.with_parsed(|c| {
+        (
+            c.tbs_certificate.subject.as_raw().to_vec(),
+            c.public_key().subject_public_key.data.to_vec(),
+        )
+    })?;
+    Ok(serial.body == leaf_serial.as_slice()
+        && name_hash.body == hash(&name).as_slice()
+        && key_hash.body == hash(&key).as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::Certificate;
+    use crate::issue::{IssueRequest, Profile, SubjectName, issue};
+    use crate::key::{KeyType, PrivateKey};
+
+    fn ca(name: &str) -> CaIssuer {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let cert = issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn(name)),
+            &key,
+            None,
+        )
+        .unwrap();
+        CaIssuer::new(cert, key, Vec::new()).unwrap()
+    }
+
+    fn leaf(ca: &CaIssuer) -> Certificate {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        issue(
+            &IssueRequest::new(Profile::Client, SubjectName::cn("device")),
+            &key,
+            Some(ca),
+        )
+        .unwrap()
+    }
+
+    /// The client side reads what the responder side writes: good, revoked with time and
+    /// reason; and refuses an answer someone else signed, one about another certificate, one
+    /// past its nextUpdate, and a tampered one.
+    #[test]
+    fn answers_are_read_only_when_signed_current_and_about_the_certificate() {
+        let ca = ca("Partner CA");
+        let signer = Signer::issue(&ca, 2).unwrap();
+        let responder = Responder::new(&ca, &signer, 600).unwrap();
+        let device = leaf(&ca);
+        let other = leaf(&ca);
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let request = request_for(&device, ca.certificate()).unwrap();
+        let asked = responder.read(&request).unwrap();
+        assert!(asked.asked[0].ours && asked.nonce.is_none());
+
+        let good = responder
+            .answer(&[(&asked.asked[0], Status::Good)], None, now)
+            .unwrap();
+        let answer = read_response(&good, &device, ca.certificate(), now).unwrap();
+        assert_eq!(answer.status, Status::Good);
+        assert_eq!(answer.next_update, Some(now + 600));
+
+        let revoked = Status::Revoked {
+            at: now - 60,
+            reason: Some(1),
+        };
+        let der = responder
+            .answer(&[(&asked.asked[0], revoked)], None, now)
+            .unwrap();
+        assert_eq!(
+            read_response(&der, &device, ca.certificate(), now)
+                .unwrap()
+                .status,
+            revoked
+        );
+
+        // About another certificate: not an answer for this one.
+        let e = read_response(&good, &other, ca.certificate(), now).unwrap_err();
+        assert!(
+            e.to_string().contains("no answer about this certificate"),
+            "{e}"
+        );
+        // Past its nextUpdate.
+        let e = read_response(&good, &device, ca.certificate(), now + 601).unwrap_err();
+        assert!(e.to_string().contains("nextUpdate"), "{e}");
+        // Signed by a responder another CA authorized.
+        let stranger = self::ca("Partner CA");
+        let e = read_response(&good, &device, stranger.certificate(), now).unwrap_err();
+        assert!(e.to_string().contains("not signed by"), "{e}");
+        // One byte of the signed data changed.
+        let mut tampered = good.clone();
+        let at = tampered.len() / 3;
+        tampered[at] ^= 0x01;
+        assert!(read_response(&tampered, &device, ca.certificate(), now).is_err());
+        // An error status says which.
+        let e = read_response(
+            &error_response(ErrorStatus::TryLater),
+            &device,
+            ca.certificate(),
+            now,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tryLater"), "{e}");
+    }
+}

@@ -115,6 +115,40 @@ pub struct MtlsSpec {
     /// "compatible" (default: what OpenSSL and API Gateway accept) or "strict" (RFC 5280).
     #[serde(default = "default_verification")]
     pub verification: String,
+    /// Other CAs' revocation sources (CRL distribution points, OCSP), fetched in the
+    /// background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationSpec>,
+}
+
+/// `mtls.revocation`: revocation learned from the certificates' own CRL distribution points
+/// and OCSP responders, fetched off the handshake path.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationSpec {
+    /// Fetch and check the CRLs the chain's certificates name (default false).
+    #[serde(default)]
+    pub crl_dp: bool,
+    /// OCSP for the leaf: `off` (default), `soft` (admitted until an answer says revoked) or
+    /// `hard` (the status must be known and good).
+    #[serde(default = "default_ocsp")]
+    pub ocsp: String,
+    /// How long a first connection whose status is not known yet may wait for it, in
+    /// milliseconds (default 0: refused at once, asking to retry; at most 10000).
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Fetch each CRL again at least this often, in seconds (default 3600; at least 1), and
+    /// always before its nextUpdate.
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: u64,
+}
+
+fn default_ocsp() -> String {
+    "off".into()
+}
+
+fn default_refresh() -> u64 {
+    3600
 }
 
 fn default_verification() -> String {

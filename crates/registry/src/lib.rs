@@ -42,6 +42,7 @@ pub use store::{
     Delivery, DueDelivery, EVENT_TYPES, MAX_ATTEMPTS, MAX_POLICY_VERSIONS, NewWebhook, NodeStatus,
     PolicyState, PolicySummary, Sighting, Store, Webhook, WebhookUpdate,
 };
+pub use store::{FetchedCrl, MAX_FETCHED_CRL_BYTES};
 pub use store::{
     FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, REVOCATION_REASONS,
     RenewalTerms, revocation_reason_code,

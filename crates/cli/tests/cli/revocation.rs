@@ -544,3 +544,475 @@ fn the_gateway_staples_ocsp_for_its_local_ca_certificate() {
         "{seen}"
     );
 }
+
+/// A partner's CA run with `openssl ca`, as partners run theirs: an index, a CRL made with
+/// `-gencrl`, certificates whose extensions name the partner's CRL and OCSP URLs.
+struct PartnerCa {
+    dir: std::path::PathBuf,
+    openssl: std::path::PathBuf,
+}
+
+impl PartnerCa {
+    fn create(openssl: &Path, dir: &Path) -> PartnerCa {
+        std::fs::create_dir_all(dir.join("issued")).unwrap();
+        std::fs::write(dir.join("index.txt"), "").unwrap();
+        std::fs::write(dir.join("serial"), "1000\n").unwrap();
+        std::fs::write(dir.join("crlnumber"), "01\n").unwrap();
+        std::fs::write(
+            dir.join("ca.cnf"),
+            "[ca]\ndefault_ca = partner\n\
+             [partner]\ndir = .\ndatabase = index.txt\nnew_certs_dir = issued\n\
+             certificate = partner-ca.pem\nprivate_key = partner-ca.key\nserial = serial\n\
+             crlnumber = crlnumber\ndefault_md = sha256\npolicy = any\ndefault_days = 30\n\
+             default_crl_days = 1\nunique_subject = no\n\
+             [any]\ncommonName = supplied\n",
+        )
+        .unwrap();
+        run(
+            openssl,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "partner-ca.key",
+                "-out",
+                "partner-ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=Partner Issuing CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+            dir,
+        )
+        .ok();
+        PartnerCa {
+            dir: dir.to_path_buf(),
+            openssl: openssl.to_path_buf(),
+        }
+    }
+
+    /// Issues client certificate `name` (`name.pem`, `name.key`) with extension lines `ext`.
+    fn issue(&self, name: &str, ext: &str) {
+        let d = &self.dir;
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            format!(
+                "[leaf]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+                 extendedKeyUsage = clientAuth\n{ext}\n"
+            ),
+        )
+        .unwrap();
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN={name}");
+        run(
+            &self.openssl,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &subj,
+            ],
+            d,
+        )
+        .ok();
+        run(
+            &self.openssl,
+            &[
+                "ca",
+                "-config",
+                "ca.cnf",
+                "-batch",
+                "-notext",
+                "-in",
+                &csr,
+                "-out",
+                &pem,
+                "-extfile",
+                &extfile,
+                "-extensions",
+                "leaf",
+            ],
+            d,
+        )
+        .ok();
+    }
+
+    fn revoke(&self, name: &str) {
+        let pem = format!("{name}.pem");
+        run(
+            &self.openssl,
+            &[
+                "ca",
+                "-config",
+                "ca.cnf",
+                "-revoke",
+                &pem,
+                "-crl_reason",
+                "keyCompromise",
+            ],
+            &self.dir,
+        )
+        .ok();
+    }
+
+    /// A new CRL, valid `secs` seconds, written to `out` (PEM).
+    fn crl(&self, secs: u32, out: &Path) {
+        let secs = secs.to_string();
+        let tmp = self.dir.join("next.crl");
+        run(
+            &self.openssl,
+            &[
+                "ca",
+                "-config",
+                "ca.cnf",
+                "-gencrl",
+                "-crlsec",
+                &secs,
+                "-out",
+                tmp.to_str().unwrap(),
+            ],
+            &self.dir,
+        )
+        .ok();
+        // Replaced whole: the web server never serves half a CRL.
+        std::fs::rename(&tmp, out).unwrap();
+    }
+}
+
+fn curl_status(d: &Path, port: u16, host: &str, cert: &str, key: &str) -> (u16, String, f64) {
+    let started = std::time::Instant::now();
+    let r = crate::serve::curl_port(d, port, host, "/", &["--cert", cert, "--key", key]);
+    let (code, _) = crate::serve::answer(&r);
+    (
+        code,
+        format!("{}{}", r.stdout, r.stderr),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// A partner CA's CRL, fetched by Portcullis from the distribution point its certificates
+/// name (a plain Python web server): the first connection waits for it (`wait_ms`), a
+/// certificate the partner revokes is refused once the partner publishes a new CRL — long
+/// before the old one's nextUpdate — and when the web server is gone and the CRL runs past its
+/// nextUpdate, the stale-CRL policy refuses, naming the URL that failed.
+#[test]
+fn a_partner_cas_crl_is_fetched_from_its_distribution_point() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let www = d.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts");
+    let (web, port) = crate::serve::python_server(
+        &python,
+        &[scripts.join("revocation_sources.py").to_str().unwrap()],
+        &www,
+    );
+    let partner = PartnerCa::create(&openssl, &d.join("partner"));
+    let url = format!("http://127.0.0.1:{port}/partner.crl");
+    for who in ["alice", "bob"] {
+        partner.issue(who, &format!("crlDistributionPoints = URI:{url}"));
+    }
+    partner.crl(3600, &www.join("partner.crl"));
+    let config = "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n\
+         [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
+         [domain.mtls]\nmode = \"required\"\ntruststore = \"partner/partner-ca.pem\"\non_failure = \"http\"\n\
+         revocation = { crl_dp = true, wait_ms = 5000, refresh_secs = 1 }\n\
+         [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let s = Server::start(d, config);
+    let (alice, alice_key) = ("partner/alice.pem", "partner/alice.key");
+    let (bob, bob_key) = ("partner/bob.pem", "partner/bob.key");
+
+    // The first connection waits for the CRL, then is served.
+    let (code, body, took) = curl_status(d, s.port, "localhost", alice, alice_key);
+    assert_eq!(code, 200, "{body}");
+    println!("first connection, CRL fetched meanwhile: {took:.3} s");
+    let (code, body, _) = curl_status(d, s.port, "localhost", bob, bob_key);
+    assert_eq!(code, 200, "{body}");
+
+    // The partner revokes bob and publishes a new CRL (the old one is good for an hour).
+    partner.revoke("bob");
+    partner.crl(3600, &www.join("partner.crl"));
+    let published = std::time::Instant::now();
+    let mut last = String::new();
+    while published.elapsed() < std::time::Duration::from_secs(10) {
+        let (code, body, _) = curl_status(d, s.port, "localhost", bob, bob_key);
+        if code == 403 {
+            last = body;
+            break;
+        }
+        last = body;
+    }
+    println!(
+        "revoked by the partner's new CRL: refused {:.3} s after it was published",
+        published.elapsed().as_secs_f64()
+    );
+    assert!(
+        last.contains("\"error\":\"revoked\"")
+            && last.contains(&url)
+            && last.contains("keyCompromise"),
+        "{last}"
+    );
+    let (code, body, _) = curl_status(d, s.port, "localhost", alice, alice_key);
+    assert_eq!(code, 200, "alice is still good: {body}");
+
+    // explain names the source and its age.
+    let r = crate::portcullis(
+        d,
+        &[
+            "explain",
+            "--domain",
+            "localhost",
+            "--json",
+            "--data-dir",
+            "data",
+            bob,
+        ],
+    );
+    let trace: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(trace["revocation"]["decision"], "refuse", "{trace}");
+    assert_eq!(trace["revocation"]["sources"][0]["url"], url, "{trace}");
+
+    // A CRL that runs out in 3 s, then the web server goes away: once it is past nextUpdate
+    // and cannot be fetched again, alice is refused, the message naming the URL.
+    partner.crl(3, &www.join("partner.crl"));
+    let number = std::fs::read_to_string(d.join("partner/crlnumber")).unwrap();
+    let number = u64::from_str_radix(number.trim(), 16).unwrap() - 1;
+    s.wait_for(&format!("\"crl_number\":\"{number}\""));
+    drop(web);
+    let gone = std::time::Instant::now();
+    let mut last = String::new();
+    while gone.elapsed() < std::time::Duration::from_secs(15) {
+        let (code, body, _) = curl_status(d, s.port, "localhost", alice, alice_key);
+        last = body;
+        if code == 403 {
+            break;
+        }
+    }
+    assert!(
+        last.contains("\"error\":\"crl-expired\"")
+            && last.contains(&url)
+            && last.contains("the last fetch failed"),
+        "{last}"
+    );
+    let metrics = s.metrics(d);
+    assert!(
+        metrics.contains("portcullis_revocation_fetches_total{kind=\"crl\"")
+            && metrics.contains("portcullis_revocations_learned_total{source=\"crl\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A partner CA's OCSP responder (`openssl ocsp -index`), asked off the handshake path: with
+/// `ocsp = "hard"` a never-seen certificate's first connection is refused asking to retry (or,
+/// with `wait_ms`, waits for the answer); with `"soft"` it is admitted at once and its live
+/// connection closed within a second of the responder answering revoked; a responder that
+/// hangs slows no other client's handshake.
+#[test]
+fn a_partner_cas_ocsp_responder_is_asked_off_the_handshake_path() {
+    let Some(openssl) = require_tool("openssl") else {
+        return;
+    };
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts");
+    let (_hang, hang_port) = crate::serve::python_server(
+        &python,
+        &[scripts.join("revocation_sources.py").to_str().unwrap()],
+        d,
+    );
+    let partner = PartnerCa::create(&openssl, &d.join("partner"));
+    let mut responder = std::process::Command::new(&openssl)
+        .args([
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-port",
+            "0",
+            "-rsigner",
+            "partner-ca.pem",
+            "-rkey",
+            "partner-ca.key",
+            "-CA",
+            "partner-ca.pem",
+        ])
+        .current_dir(d.join("partner"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(responder.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _responder = crate::serve::Killed(responder);
+    let ocsp_port = first
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("openssl ocsp printed {first:?}"));
+    let ocsp_url = format!("http://127.0.0.1:{ocsp_port}");
+    for who in ["carol", "dave", "erin"] {
+        partner.issue(who, &format!("authorityInfoAccess = OCSP;URI:{ocsp_url}"));
+    }
+    partner.issue(
+        "hank",
+        &format!("authorityInfoAccess = OCSP;URI:http://127.0.0.1:{hang_port}/hang"),
+    );
+    let domain = |host: &str, ocsp: &str, wait: u32| {
+        format!(
+            "[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n\
+             [domain.mtls]\nmode = \"required\"\ntruststore = \"partner/partner-ca.pem\"\non_failure = \"http\"\n\
+             revocation = {{ ocsp = \"{ocsp}\", wait_ms = {wait}, refresh_secs = 1 }}\n\
+             [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        )
+    };
+    let config = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}",
+        domain("soft.test", "soft", 0),
+        domain("hard.test", "hard", 0),
+        domain("wait.test", "hard", 2000),
+    );
+    let s = Server::start(d, &config);
+    let pair = |who: &str| (format!("partner/{who}.pem"), format!("partner/{who}.key"));
+
+    // hard, no wait: dave's first connection is refused, asking to retry; a moment later, in.
+    let (cert, key) = pair("dave");
+    let (code, body, _) = curl_status(d, s.port, "hard.test", &cert, &key);
+    assert!(
+        code == 403 && body.contains("revocation-unknown") && body.contains("retry"),
+        "{body}"
+    );
+    let asked = std::time::Instant::now();
+    let mut code = 0;
+    while asked.elapsed() < std::time::Duration::from_secs(5) && code != 200 {
+        (code, _, _) = curl_status(d, s.port, "hard.test", &cert, &key);
+    }
+    assert_eq!(code, 200, "dave is good once the responder answered");
+
+    // hard with a wait: erin's first connection waits for the answer and is served.
+    let (cert, key) = pair("erin");
+    let (code, body, took) = curl_status(d, s.port, "wait.test", &cert, &key);
+    assert_eq!(code, 200, "{body}");
+    println!("hard with wait_ms: first connection served after {took:.3} s");
+
+    // A responder that hangs: soft admits hank at once; hard with a wait refuses after the
+    // wait, saying so; and meanwhile other clients' handshakes are not slowed.
+    let (hank, hank_key) = pair("hank");
+    let (code, body, took) = curl_status(d, s.port, "soft.test", &hank, &hank_key);
+    assert_eq!(code, 200, "soft admits while the responder hangs: {body}");
+    assert!(took < 2.0, "soft does not wait: {took:.3} s");
+    let waiting = std::thread::spawn({
+        let d = d.to_path_buf();
+        let port = s.port;
+        move || curl_status(&d, port, "wait.test", &hank, &hank_key)
+    });
+    let (cert, key) = pair("carol");
+    let mut slowest: f64 = 0.0;
+    for _ in 0..10 {
+        let (code, body, took) = curl_status(d, s.port, "soft.test", &cert, &key);
+        assert_eq!(code, 200, "{body}");
+        slowest = slowest.max(took);
+    }
+    println!("while a responder hangs: slowest of 10 other connections {slowest:.3} s");
+    assert!(slowest < 1.5, "{slowest:.3} s");
+    let (code, body, took) = waiting.join().unwrap();
+    assert!(
+        code == 403 && body.contains("revocation-unknown") && body.contains("no answer within"),
+        "{body}"
+    );
+    assert!(
+        (1.5..6.0).contains(&took),
+        "refused after the 2 s wait: {took:.3} s"
+    );
+
+    // soft: carol's live connection is closed within a second of the responder answering
+    // revoked (asked again every second: refresh_secs = 1).
+    let (cert, key) = pair("carol");
+    let resolve = format!("127.0.0.1:{}", s.port);
+    let mut live = std::process::Command::new(&openssl)
+        .args([
+            "s_client",
+            "-connect",
+            &resolve,
+            "-servername",
+            "soft.test",
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-quiet",
+        ])
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = live.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"GET / HTTP/1.1\r\nHost: soft.test\r\n\r\n").unwrap();
+    let mut reader = std::io::BufReader::new(live.stdout.take().unwrap());
+    let mut status = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut status).unwrap();
+    assert!(status.contains("200"), "{status}");
+    partner.revoke("carol");
+    let revoked = std::time::Instant::now();
+    // The connection ends: the gateway closed it.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    let closed = revoked.elapsed().as_secs_f64();
+    let _ = live.kill();
+    let _ = live.wait();
+    drop(stdin);
+    println!(
+        "soft: live connection closed {closed:.3} s after the partner revoked (responder asked every second)"
+    );
+    assert!(closed < 4.0, "{closed:.3} s");
+    s.wait_for("closed");
+    let (code, body, _) = curl_status(d, s.port, "soft.test", &cert, &key);
+    assert!(
+        code == 403 && body.contains("\"error\":\"revoked\"") && body.contains(&ocsp_url),
+        "{body}"
+    );
+    let metrics = s.metrics(d);
+    assert!(
+        metrics.contains("portcullis_ocsp_fetched_answers_total{status=\"revoked\"}"),
+        "{metrics}"
+    );
+}

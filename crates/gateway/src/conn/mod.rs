@@ -28,7 +28,7 @@ use crate::http::proxy::{Forwarding, TunnelSlot, UpstreamClient};
 use crate::http::service::request;
 use crate::recheck::{Admission, Closed};
 use crate::registry_view::RegistryReason;
-use crate::verdict::ClientVerdict;
+use crate::verdict::{ClientVerdict, Rejection};
 use crate::{State, limit_reached};
 use handshake::{Handshaken, count_handshake, handshake};
 use portcullis_mqtt::broker::Broker;
@@ -85,7 +85,7 @@ pub(crate) async fn connection(
     let limits = &state.limits;
     let (_, conn) = tls.get_ref();
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    let (verdict, provisioning) = match record {
+    let (mut verdict, provisioning) = match record {
         Some(r) => (r.verdict, r.provisioning),
         // A resumed session restores the client chain without running the verifier: verify it
         // again against this generation's truststore, CRLs and registry snapshot.
@@ -127,31 +127,54 @@ pub(crate) async fn connection(
     // Just-in-time provisioning: the first connection is served once the registry recorded the
     // certificate and its thing (or closed, saying why).
     if let Some(pending) = provisioning {
-        let outcome = match tokio::time::timeout(PROVISIONING_TIMEOUT, pending).await {
+        let provisioned = pending.provisioning;
+        let outcome = match tokio::time::timeout(PROVISIONING_TIMEOUT, pending.rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(why))) => Err(why),
-            Ok(Err(_)) => Err("the registry dropped the request".to_string()),
-            Err(_) => Err(format!(
-                "the registry did not answer within {} s",
-                PROVISIONING_TIMEOUT.as_secs()
+            Ok(Ok(Err(refused))) => Err(refused),
+            Ok(Err(_)) => Err((
+                RegistryReason::ProvisioningFailed.into(),
+                "just-in-time provisioning failed: the registry dropped the request".to_string(),
+            )),
+            Err(_) => Err((
+                RegistryReason::ProvisioningFailed.into(),
+                format!(
+                    "just-in-time provisioning failed: the registry did not answer within {} s",
+                    PROVISIONING_TIMEOUT.as_secs()
+                ),
             )),
         };
-        if let Err(why) = outcome {
-            log_closed(
-                peer,
-                &hostname,
-                &Closed {
-                    code: RegistryReason::ProvisioningFailed.code(),
-                    explanation: format!("just-in-time provisioning failed: {why}"),
-                },
-            );
-            return;
+        match outcome {
+            Ok(()) => {}
+            // A revocation status that refuses the certificate, on a domain that answers
+            // refusals over HTTP: every request gets the 403 with the reason.
+            Err((reason, explanation))
+                if domain.tls.verifier.mode().1 != crate::config::OnFailure::Tls
+                    && reason != Rejection::Registry(RegistryReason::ProvisioningFailed) =>
+            {
+                verdict = ClientVerdict::Rejected {
+                    leaf: verdict.leaf().map(|l| Box::new(l.clone())),
+                    reason,
+                    explanation,
+                };
+            }
+            Err((reason, explanation)) => {
+                log_closed(
+                    peer,
+                    &hostname,
+                    &Closed {
+                        code: reason.code(),
+                        explanation,
+                    },
+                );
+                return;
+            }
         }
         // The registry recorded the certificate (and its thing); this node's snapshot follows
         // within a poll. Wait for it, briefly, so that policies naming the new thing (MQTT's
         // thing client id, `${iot:Connection.Thing.ThingName}`-style variables) apply from the
         // first request or CONNECT.
-        if let ClientVerdict::Valid(chain) = &verdict
+        if provisioned
+            && let ClientVerdict::Valid(chain) = &verdict
             && let Some(leaf) = chain.first()
         {
             let verifier = &domain.tls.verifier;

@@ -71,6 +71,7 @@ fn headline(code: &str) -> &'static str {
         "unregistered" | "inactive" => "Your certificate is not enabled for this service",
         "wrong-usage" => "Your certificate is not meant for signing in",
         "forbidden" | "policy-denied" => "Access denied",
+        "revocation-unknown" => "Your certificate's revocation status is being checked",
         _ => "Your certificate was not accepted",
     }
 }

@@ -29,6 +29,7 @@ mod cas;
 mod certificates;
 mod changes;
 mod cluster;
+mod fetched;
 mod fleet;
 mod policies;
 pub use cluster::NodeStatus;
@@ -42,6 +43,7 @@ pub(crate) use certificates::summary_cert;
 pub use certificates::{CertFilter, REVOCATION_REASONS, revocation_reason_code};
 pub(crate) use changes::audit;
 pub use changes::{Change, ChangeEntry, ChangeListener, now_ms};
+pub use fetched::{FetchedCrl, MAX_FETCHED_CRL_BYTES};
 pub use fleet::{
     FleetTemplateRecord, FleetTemplateUpdate, OWNERSHIP_TOKEN_SECONDS, RenewalCounts, RenewalTerms,
 };
