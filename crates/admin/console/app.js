@@ -689,6 +689,7 @@ async function truststores() {
   }, h("label", {}, "Name", name), bundle.node, err, h("button", { type: "submit", text: "Create truststore" }));
   show(
     h("h1", { text: "Truststores" }),
+    h("p", {}, h("a", { id: "revocation-sources", href: "#/revocation", text: "Revocation sources" }), " — other CAs' CRLs and OCSP responders the gateway follows, and how fresh they are"),
     h("p.muted", { text: "Domains use one with truststore = \"registry:NAME\" (the latest version, live within a second) or \"registry:NAME@N\" (pinned)." }),
     tableOf("truststores", ["Name", "Latest version"], list.items.map((t) => h("tr", {},
       h("td", {}, h("a", { href: "#/truststores/" + encodeURIComponent(t.name), text: t.name })),
@@ -886,6 +887,39 @@ async function connections() {
       h("td", { text: c.verify }),
       h("td", { text: date(c.since) }),
       h("td", {}, h("button.danger", { type: "button", onclick: () => close(c), text: "Disconnect" })))), "No open HTTP connections."));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Other CAs' revocation sources (fetched off the handshake path)
+
+async function revocation() {
+  const list = await api("GET", "/v1/revocation/sources");
+  const secs = (s) => (s === null || s === undefined) ? "—" : s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+  const crls = list.items.filter((s) => s.kind === "crl");
+  const responders = list.items.filter((s) => s.kind === "ocsp");
+  const failing = list.items.find((s) => s.kind === "ocsp-failures");
+  show(
+    h("h1", { text: "Revocation sources" }),
+    h("p.muted", { text: "CRLs fetched from the distribution points of the certificates domains verify, and OCSP responders asked about them (mtls.revocation). The handshake only reads what is here." }),
+    h("h2", { text: "CRL distribution points" }),
+    tableOf("crl-sources", ["URL", "Fetched", "Next update", "CRL number", "Revoked", "State"], crls.map((s) => h("tr", {},
+      h("td.mono", { text: s.url }),
+      h("td", { text: secs(s.age_seconds) }),
+      h("td", { text: s.next_update ? date(s.next_update) : "—" }),
+      h("td", { text: s.crl_number || "—" }),
+      h("td", { text: s.revoked === null ? "—" : String(s.revoked) }),
+      h(s.last_error || s.stale ? "td.error" : "td", { text: s.last_error ? `failing: ${s.last_error}` : s.stale ? "past nextUpdate" : "fresh" }))),
+      "No CRL distribution point followed."),
+    h("h2", { text: "OCSP responders" }),
+    tableOf("ocsp-sources", ["URL", "Certificates", "Good", "Revoked", "Unknown", "Oldest answer"], responders.map((s) => h("tr", {},
+      h("td.mono", { text: s.url }),
+      h("td", { text: String(s.certificates) }),
+      h("td", { text: String(s.good) }),
+      h("td", { text: String(s.revoked) }),
+      h("td", { text: String(s.unknown) }),
+      h("td", { text: secs(s.oldest_answer_seconds) }))),
+      "No OCSP responder asked."),
+    failing ? h("p.error", { text: `${failing.certificates} certificate(s) without an answer; last error: ${failing.last_error}` }) : null);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1100,6 +1134,7 @@ async function route() {
     else if (path === "/cas") await cas();
     else if (path === "/sessions") await sessions();
     else if (path === "/connections") await connections();
+    else if (path === "/revocation") await revocation();
     else if (path === "/things") await things();
     else if (path.startsWith("/things/")) await thing(decodeURIComponent(path.slice("/things/".length)));
     else if (path === "/truststores") await truststores();

@@ -96,6 +96,10 @@ pub(super) struct CloseSession {
     forget: bool,
 }
 
+pub(super) async fn revocation_sources(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({"items": api.hooks.revocation_sources()})))
+}
+
 pub(super) async fn list_connections(State(api): State<Api>) -> ApiResult {
     Ok(Json(json!({"items": api.hooks.live_connections()})))
 }

@@ -107,6 +107,11 @@ pub trait Hooks: Send + Sync + 'static {
     /// dir in place of the current one (every file or none); the new credentials and the
     /// certificate they replace.
     fn rotate_admin_certificate(&self) -> Result<RotatedAdmin, String>;
+    /// Other CAs' revocation sources this node follows (CRL distribution points, OCSP
+    /// responders) and their freshness.
+    fn revocation_sources(&self) -> Vec<Value> {
+        Vec::new()
+    }
 }
 
 /// An MQTT session, as `GET /v1/sessions` lists it.
@@ -386,6 +391,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/simulate", post(policies::simulate))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/connections", get(list_connections))
+        .route("/v1/revocation/sources", get(gateway::revocation_sources))
         .route(
             "/v1/connections/{id}",
             axum::routing::delete(close_connection),

@@ -258,6 +258,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ),
     (
         "get",
+        "/v1/revocation/sources",
+        "Other CAs' revocation sources this node follows: each CRL distribution point (age, nextUpdate, CRL number, entries, last error) and each OCSP responder (certificates, answers by status, oldest answer)",
+        None,
+    ),
+    (
+        "get",
         "/v1/connections",
         "The open HTTP connections: peer, domain, protocol, client certificate, since",
         None,

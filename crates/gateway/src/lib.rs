@@ -713,6 +713,73 @@ impl ForeignHandle {
         self.0.changes.send_modify(|n| *n += 1);
     }
 
+    /// Every foreign revocation source this node follows, with its freshness: each CRL
+    /// distribution point (age, nextUpdate, number, entries, last error) and each OCSP
+    /// responder (certificates followed, answers by status, oldest answer, failures), for the
+    /// admin API and the console.
+    pub fn sources(&self) -> Vec<serde_json::Value> {
+        let snapshot = self.load();
+        let now = authorize::now();
+        let mut out = Vec::new();
+        let mut urls: std::collections::BTreeSet<&String> = snapshot.crls.keys().collect();
+        urls.extend(snapshot.failures.keys().filter(|k| !k.starts_with("ocsp:")));
+        for url in urls {
+            let crl = snapshot.crls.get(url);
+            let failure = snapshot.failures.get(url);
+            out.push(serde_json::json!({
+                "kind": "crl",
+                "url": url,
+                "age_seconds": crl.map(|c| (now - c.fetched_at).max(0)),
+                "next_update": crl.and_then(|c| c.next_update),
+                "stale": crl.is_some_and(|c| c.next_update.is_some_and(|n| n <= now)),
+                "crl_number": crl.and_then(|c| c.number.clone()),
+                "revoked": crl.map(|c| c.revoked.len()),
+                "last_error": failure.map(|f| f.error.clone()),
+                "failed_at": failure.map(|f| f.at),
+            }));
+        }
+        let mut responders: std::collections::BTreeMap<&str, [i64; 5]> = Default::default();
+        for c in snapshot.ocsp.values() {
+            let r = responders.entry(c.url.as_str()).or_insert([0, 0, 0, 0, 0]);
+            match c.answer.status {
+                portcullis_pki::ocsp::Status::Good => r[0] += 1,
+                portcullis_pki::ocsp::Status::Revoked { .. } => r[1] += 1,
+                portcullis_pki::ocsp::Status::Unknown => r[2] += 1,
+            }
+            r[3] = r[3].max((now - c.fetched_at).max(0));
+        }
+        let failing = snapshot
+            .failures
+            .iter()
+            .filter(|(k, _)| k.starts_with("ocsp:"))
+            .count();
+        for (url, [good, revoked, unknown, oldest, _]) in responders {
+            out.push(serde_json::json!({
+                "kind": "ocsp",
+                "url": url,
+                "certificates": good + revoked + unknown,
+                "good": good,
+                "revoked": revoked,
+                "unknown": unknown,
+                "oldest_answer_seconds": oldest,
+            }));
+        }
+        if failing > 0 {
+            let last = snapshot
+                .failures
+                .iter()
+                .filter(|(k, _)| k.starts_with("ocsp:"))
+                .max_by_key(|(_, f)| f.at)
+                .map(|(_, f)| f.error.clone());
+            out.push(serde_json::json!({
+                "kind": "ocsp-failures",
+                "certificates": failing,
+                "last_error": last,
+            }));
+        }
+        out
+    }
+
     /// What the data path asks to have fetched; the first call takes the receiver.
     pub fn requests(&self) -> Option<tokio::sync::mpsc::Receiver<foreign::FetchRequest>> {
         self.0.foreign.take()

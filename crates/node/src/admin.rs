@@ -270,9 +270,15 @@ pub(crate) struct ServeHooks {
     pub stale_after_ms: i64,
     /// The NATS connection MQTT is routed through (with `nats_url`): not ready while it is down.
     pub nats: Option<Arc<crate::bus::NatsState>>,
+    /// Other CAs' revocation, as the data path holds it.
+    pub foreign: portcullis_gateway::ForeignHandle,
 }
 
 impl Hooks for ServeHooks {
+    fn revocation_sources(&self) -> Vec<serde_json::Value> {
+        self.foreign.sources()
+    }
+
     fn metrics(&self) -> String {
         let mut text = self.metrics.render();
         text.push_str(&self.expiry.render());

@@ -300,6 +300,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         ready: ready.clone(),
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
+        foreign: gateway.foreign_revocation(),
         broker: gateway.broker(),
         admin: crate::admin::AdminFiles::new(&args.data_dir).with_shared_ca(admin_ca),
         domains: crate::config::DomainChecker {

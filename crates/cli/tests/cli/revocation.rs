@@ -802,6 +802,22 @@ fn a_partner_cas_crl_is_fetched_from_its_distribution_point() {
     assert_eq!(trace["revocation"]["decision"], "refuse", "{trace}");
     assert_eq!(trace["revocation"]["sources"][0]["url"], url, "{trace}");
 
+    // The admin API (and the console's Revocation page) lists the source and its freshness.
+    let (status, sources) = crate::control::api(
+        d,
+        &s,
+        "GET",
+        "/v1/revocation/sources",
+        None,
+        crate::control::Auth::Certificate,
+    );
+    assert_eq!(status, 200, "{sources}");
+    let listed = &sources["items"][0];
+    assert!(
+        listed["kind"] == "crl" && listed["url"] == url.as_str() && listed["revoked"] == 1,
+        "{sources}"
+    );
+
     // A CRL that runs out in 3 s, then the web server goes away: once it is past nextUpdate
     // and cannot be fetched again, alice is refused, the message naming the URL.
     partner.crl(3, &www.join("partner.crl"));

@@ -386,6 +386,13 @@ with sync_playwright() as p:
     expect(page.locator("#simulation")).to_contain_text("ALLOW")
     check(True, "policy editor: inline errors, versions, and the simulator's allow and deny")
 
+    # Other CAs' revocation sources: none followed here (no domain asks for them).
+    page.click("#nav >> text=Truststores")
+    page.click("#revocation-sources")
+    expect(page.locator("main")).to_contain_text("No CRL distribution point followed.")
+    expect(page.locator("main")).to_contain_text("No OCSP responder asked.")
+    check(True, "the revocation sources page lists what is followed")
+
     # A partner's keep-alive connection, listed and closed from the console.
     tls = ssl.create_default_context(cafile="data/ca/ca.pem")
     tls.load_cert_chain("alice.chain.pem", "alice.key")
