@@ -606,7 +606,10 @@ async fn get(
     }
     .map_err(|e| format!("cannot build the request: {e}"))?;
     let attempt = async {
-        let response = client.request(request).await.map_err(|e| one_line(&e))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| portcullis_registry::webhooks::one_line_error(&e))?;
         let status = response.status();
         if status != hyper::StatusCode::OK {
             return Err(format!("HTTP {status}"));
@@ -622,19 +625,4 @@ async fn get(
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {} s", deadline.as_secs())),
     }
-}
-
-/// An error and its causes on one line.
-fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

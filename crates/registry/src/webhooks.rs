@@ -295,8 +295,8 @@ fn redacted(url: &str) -> String {
     }
 }
 
-/// An error and its causes on one line.
-fn one_line_error(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (an HTTP client's error, for logs and messages).
+pub fn one_line_error(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
