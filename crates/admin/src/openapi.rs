@@ -569,7 +569,7 @@ fn core_schemas() -> Value {
             "status": {"enum": ["ACTIVE", "INACTIVE", "PENDING_ACTIVATION"]}}},
         "UpdateCertificate": {"type": "object", "required": ["status"], "additionalProperties": false, "properties": {
             "status": {"enum": ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"]},
-            "reason": {"enum": ["unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded", "cessationOfOperation", "privilegeWithdrawn", "aACompromise"],
+            "reason": {"enum": portcullis_registry::REVOCATION_REASONS,
                 "description": "With REVOKED: why, as the CA's CRL and OCSP answers publish it"}}},
         "CreateThing": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": s("string"), "attributes": {"type": "object", "additionalProperties": s("string")}}},

@@ -408,7 +408,7 @@ impl ForeignView {
                         "the OCSP responder {} answers that '{subject}' is revoked{} since {} (answered {} s ago)",
                         cached.url,
                         reason
-                            .and_then(reason_name)
+                            .and_then(portcullis_pki::crl::reason_name)
                             .map(|r| format!(" ({r})"))
                             .unwrap_or_default(),
                         rfc3339(at),
@@ -511,23 +511,6 @@ impl ForeignView {
         }
         out
     }
-}
-
-/// An RFC 5280 CRLReason's name.
-pub fn reason_name(code: u8) -> Option<&'static str> {
-    Some(match code {
-        0 => "unspecified",
-        1 => "keyCompromise",
-        2 => "cACompromise",
-        3 => "affiliationChanged",
-        4 => "superseded",
-        5 => "cessationOfOperation",
-        6 => "certificateHold",
-        8 => "removeFromCRL",
-        9 => "privilegeWithdrawn",
-        10 => "aACompromise",
-        _ => return None,
-    })
 }
 
 fn rfc3339(t: i64) -> String {

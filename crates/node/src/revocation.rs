@@ -184,7 +184,8 @@ async fn build(store: &Store, ca: &CaIssuer, crl_secs: i64) -> Result<Published>
         }
         statuses.insert(strip(&bytes), status);
     }
-    let crl = portcullis_pki::crl::create_at(ca, &listed, crl_secs)
+    let generation = u64::try_from(marker).unwrap_or(0);
+    let crl = portcullis_pki::crl::create_at(ca, &listed, crl_secs, generation)
         .context("signing the local CA's CRL")?;
     Ok(Published {
         marker,

@@ -179,16 +179,22 @@ pub fn create(issuer: &CaIssuer, serials: &[Vec<u8>], next_update_days: u32) -> 
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let revoked: Vec<(Vec<u8>, i64, Option<u8>)> =
         serials.iter().map(|s| (s.clone(), now, None)).collect();
-    create_at(issuer, &revoked, i64::from(next_update_days) * 86400)
+    create_at(issuer, &revoked, i64::from(next_update_days) * 86400, 0)
 }
 
 /// Issues a CRL signed by `issuer` revoking each serial at its time (seconds since the epoch)
-/// for its RFC 5280 reason code (6: on hold), valid for `next_update_secs`, numbered from the
-/// clock in milliseconds.
+/// for its RFC 5280 reason code (6: on hold), valid for `next_update_secs`.
+///
+/// The CRL number is `generation` in its high 64 bits and the clock in milliseconds in its low
+/// 64: several nodes publishing one CA's CRL from a shared registry pass the registry's change
+/// marker as `generation`, so a CRL made from newer registry content always carries a larger
+/// number than one made from older, whichever node made it and whatever their clocks say; CRLs
+/// of one generation are ordered by time. (16 octets; RFC 5280 allows 20.)
 pub fn create_at(
     issuer: &CaIssuer,
     revoked: &[(Vec<u8>, i64, Option<u8>)],
     next_update_secs: i64,
+    generation: u64,
 ) -> Result<Crl> {
     let now = OffsetDateTime::now_utc();
     let revoked_certs = revoked
@@ -200,11 +206,23 @@ pub fn create_at(
             invalidity_date: None,
         })
         .collect();
-    let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(u64::MAX);
+    let millis = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(u64::MAX);
+    let number = (u128::from(generation) << 64) | u128::from(millis);
+    let number = number.to_be_bytes();
+    let first = number
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(number.len() - 1);
+    // A positive INTEGER: a leading zero octet when the top bit is set.
+    let mut number_der = Vec::with_capacity(17);
+    if number[first] & 0x80 != 0 {
+        number_der.push(0);
+    }
+    number_der.extend_from_slice(&number[first..]);
     let params = CertificateRevocationListParams {
         this_update: now,
         next_update: now + Duration::seconds(next_update_secs.max(60)),
-        crl_number: SerialNumber::from(number),
+        crl_number: SerialNumber::from_slice(&number_der),
         issuing_distribution_point: None,
         revoked_certs,
         key_identifier_method: match &issuer.certificate().info().subject_key_id {
@@ -217,18 +235,42 @@ pub fn create_at(
     Crl::from_der(issuer.sign_crl(&params)?)
 }
 
+/// RFC 5280 CRLReason codes and their names (7 is unused), the one table every crate reads.
+pub const REASONS: [(u8, &str); 10] = [
+    (0, "unspecified"),
+    (1, "keyCompromise"),
+    (2, "cACompromise"),
+    (3, "affiliationChanged"),
+    (4, "superseded"),
+    (5, "cessationOfOperation"),
+    (6, "certificateHold"),
+    (8, "removeFromCRL"),
+    (9, "privilegeWithdrawn"),
+    (10, "aACompromise"),
+];
+
+/// A CRLReason's name (`keyCompromise`), or `None` for a code RFC 5280 does not define.
+pub fn reason_name(code: u8) -> Option<&'static str> {
+    REASONS.iter().find(|(c, _)| *c == code).map(|(_, n)| *n)
+}
+
+/// A CRLReason's code from its RFC 5280 name.
+pub fn reason_code(name: &str) -> Option<u8> {
+    REASONS.iter().find(|(_, n)| *n == name).map(|(c, _)| *c)
+}
+
 fn reason_of(code: u8) -> Option<rcgen::RevocationReason> {
     use rcgen::RevocationReason as R;
-    Some(match code {
-        0 => R::Unspecified,
-        1 => R::KeyCompromise,
-        2 => R::CaCompromise,
-        3 => R::AffiliationChanged,
-        4 => R::Superseded,
-        5 => R::CessationOfOperation,
-        6 => R::CertificateHold,
-        9 => R::PrivilegeWithdrawn,
-        10 => R::AaCompromise,
+    Some(match reason_name(code)? {
+        "unspecified" => R::Unspecified,
+        "keyCompromise" => R::KeyCompromise,
+        "cACompromise" => R::CaCompromise,
+        "affiliationChanged" => R::AffiliationChanged,
+        "superseded" => R::Superseded,
+        "cessationOfOperation" => R::CessationOfOperation,
+        "certificateHold" => R::CertificateHold,
+        "privilegeWithdrawn" => R::PrivilegeWithdrawn,
+        "aACompromise" => R::AaCompromise,
         _ => return None,
     })
 }
@@ -236,6 +278,56 @@ fn reason_of(code: u8) -> Option<rcgen::RevocationReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reason_names_and_codes_round_trip() {
+        for (code, name) in REASONS {
+            assert_eq!(reason_name(code), Some(name));
+            assert_eq!(reason_code(name), Some(code));
+        }
+        assert_eq!(reason_name(7), None);
+        assert_eq!(reason_code("KeyCompromise"), None);
+        assert!(matches!(
+            reason_of(1),
+            Some(rcgen::RevocationReason::KeyCompromise)
+        ));
+    }
+
+    fn ca() -> CaIssuer {
+        use crate::{IssueRequest, PrivateKey, Profile, SubjectName, issue::issue, key::KeyType};
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let cert = issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn("CRL Root")),
+            &key,
+            None,
+        )
+        .unwrap();
+        CaIssuer::new(cert, key, Vec::new()).unwrap()
+    }
+
+    fn number(crl: &Crl) -> u128 {
+        crl.info().crl_number.as_deref().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn crl_numbers_order_by_registry_generation_before_time() {
+        let ca = ca();
+        let older_content_later = create_at(&ca, &[], 3600, 7).unwrap();
+        let newer_content = create_at(&ca, &[], 3600, 8).unwrap();
+        assert!(number(&newer_content) > number(&older_content_later));
+        assert_eq!(number(&newer_content) >> 64, 8);
+        let same_generation_later = create_at(&ca, &[(vec![1], 0, Some(1))], 3600, 8).unwrap();
+        assert!(number(&same_generation_later) >= number(&newer_content));
+        // A generation with its top bit set stays a positive number within 20 octets.
+        let top = create_at(&ca, &[], 3600, u64::MAX).unwrap();
+        assert_eq!(number(&top) >> 64, u128::from(u64::MAX));
+        assert_eq!(
+            create(&ca, &[vec![2]], 1)
+                .map(|c| number(&c) >> 64)
+                .unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn serials_parse_in_every_written_form() {

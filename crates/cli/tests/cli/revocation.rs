@@ -335,11 +335,12 @@ fn the_local_cas_ocsp_responder_and_crl_answer_openssl() {
     );
 }
 
-/// nginx as a relying party (`ssl_verify_client on; ssl_ocsp on;`) trusting the local CA: it
-/// asks Portcullis's OCSP responder (from the client certificate's AIA) and refuses a
-/// certificate once Portcullis revokes it.
+/// nginx as a relying party trusting the local CA, twice: one server with `ssl_ocsp on` asks
+/// Portcullis's OCSP responder (from the client certificate's AIA) and refuses a certificate
+/// once Portcullis revokes it; another with `ssl_crl` on the CRL Portcullis serves refuses it
+/// once the CRL is fetched again and nginx reloaded (as a cron job would).
 #[test]
-fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
+fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp_and_by_crl() {
     let (Some(nginx), Some(curl)) = (
         require_tool("nginx")
             .or_else(|| Some(std::path::PathBuf::from("/usr/sbin/nginx")).filter(|p| p.exists())),
@@ -355,7 +356,16 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
          [[domain]]\nhostname = \"localhost\"\ncertificate = \"auto\"\n\
          [domain.mtls]\nmode = \"required\"\ntruststore = \"data/ca/ca.pem\"\n\
          [[domain.mapping]]\nupstream = \"builtin:echo\"\n";
-    let _s = Server::start(d, config);
+    let s = Server::start(d, config);
+    let base = s
+        .printed("the revocation listener", |l| {
+            l.contains("portcullis revocation (CRL, OCSP) on http://")
+        })
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     // nginx's own server certificate, from the same CA; a client certificate from Portcullis.
     portcullis(
         d,
@@ -392,7 +402,46 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
             "partner-1",
         ],
     );
+    // The served CRL, where the certificate's distribution point says, fetched as a relying
+    // party's cron job would.
+    let crl_url = {
+        let openssl = require_tool("openssl").expect("openssl");
+        let text = run(
+            &openssl,
+            &["x509", "-in", "partner-1/cert.pem", "-noout", "-text"],
+            d,
+        )
+        .stdout;
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("URI:"))
+            .filter(|u| u.contains("/crl/") && u.starts_with(&base))
+            .unwrap_or_else(|| panic!("no CRL distribution point at {base}: {text}"))
+            .to_string()
+    };
+    // Served DER (RFC 5280 4.2.1.13); nginx reads PEM.
+    let fetch_crl = || {
+        let r = run(&curl, &["-sSf", "-o", "served.der", &crl_url], d);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let r = run(
+            require_tool("openssl").expect("openssl"),
+            &[
+                "crl",
+                "-inform",
+                "DER",
+                "-in",
+                "served.der",
+                "-out",
+                "served.crl.new",
+            ],
+            d,
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        std::fs::rename(d.join("served.crl.new"), d.join("served.crl")).unwrap();
+    };
+    fetch_crl();
     let port = crate::cluster::free_port();
+    let crl_port = crate::cluster::free_port();
     let root = d.display();
     std::fs::create_dir_all(d.join("nginx-tmp")).unwrap();
     let conf = format!(
@@ -405,6 +454,11 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
              ssl_certificate {root}/srv/srv.chain.pem;\n    ssl_certificate_key {root}/srv/srv.key;\n\
              ssl_client_certificate {root}/data/ca/ca.pem;\n    ssl_verify_client on;\n\
              ssl_ocsp on;\n\
+             location / {{ return 200 \"verified $ssl_client_verify\\n\"; }}\n  }}\n\
+           server {{\n    listen 127.0.0.1:{crl_port} ssl;\n\
+             ssl_certificate {root}/srv/srv.chain.pem;\n    ssl_certificate_key {root}/srv/srv.key;\n\
+             ssl_client_certificate {root}/data/ca/ca.pem;\n    ssl_verify_client on;\n\
+             ssl_crl {root}/served.crl;\n\
              location / {{ return 200 \"verified $ssl_client_verify\\n\"; }}\n  }}\n}}\n"
     );
     std::fs::write(d.join("nginx.conf"), conf).unwrap();
@@ -419,8 +473,9 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let nginx_pid = child.id().to_string();
     let _nginx = crate::fleet::Killed(child);
-    let ask = || {
+    let ask_port = |port: u16| {
         let r = run(
             &curl,
             &[
@@ -441,6 +496,7 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
         );
         r.stdout
     };
+    let ask = || ask_port(port);
     // nginx is up once it answers; the certificate is good.
     let started = std::time::Instant::now();
     let mut answer = ask();
@@ -471,6 +527,41 @@ fn nginx_refuses_a_certificate_revoked_in_portcullis_by_ocsp() {
     assert!(answer.ends_with("400"), "{answer}\n{}", log());
     assert!(log().contains("revoked"), "{}", log());
     assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
+
+    // The CRL nginx holds predates the revocation: still accepted there.
+    let held = ask_port(crl_port);
+    assert!(held.ends_with("200"), "{held}\n{}", log());
+    // The CRL Portcullis serves lists it as soon as it is fetched again; reloaded, nginx refuses.
+    let listed = std::time::Instant::now();
+    loop {
+        fetch_crl();
+        let openssl = require_tool("openssl").expect("openssl");
+        let text = run(
+            &openssl,
+            &["crl", "-in", "served.crl", "-noout", "-text"],
+            d,
+        )
+        .stdout;
+        if text.contains("Revoked Certificates:") {
+            break;
+        }
+        assert!(
+            listed.elapsed() < std::time::Duration::from_secs(5),
+            "the served CRL does not list the revoked certificate: {text}"
+        );
+    }
+    println!(
+        "the served CRL listed it {:?} after the revocation",
+        revoked.elapsed()
+    );
+    let r = run(Path::new("kill"), &["-HUP", &nginx_pid], d);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let reloaded = std::time::Instant::now();
+    let mut answer = ask_port(crl_port);
+    while answer.ends_with("200") && reloaded.elapsed() < std::time::Duration::from_secs(10) {
+        answer = ask_port(crl_port);
+    }
+    assert!(answer.ends_with("400"), "{answer}\n{}", log());
 }
 
 /// The gateway staples the local CA's OCSP answer for its own server certificate, as

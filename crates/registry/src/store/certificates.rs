@@ -528,17 +528,10 @@ pub const REVOCATION_REASONS: [&str; 8] = [
     "aACompromise",
 ];
 
-/// The RFC 5280 code of a revocation reason name.
+/// The RFC 5280 code of a revocation reason a certificate may be given.
 pub fn revocation_reason_code(name: &str) -> Option<u8> {
-    match name {
-        "unspecified" => Some(0),
-        "keyCompromise" => Some(1),
-        "cACompromise" => Some(2),
-        "affiliationChanged" => Some(3),
-        "superseded" => Some(4),
-        "cessationOfOperation" => Some(5),
-        "privilegeWithdrawn" => Some(9),
-        "aACompromise" => Some(10),
-        _ => None,
-    }
+    REVOCATION_REASONS
+        .contains(&name)
+        .then(|| portcullis_pki::crl::reason_code(name))
+        .flatten()
 }
