@@ -636,6 +636,61 @@ fn the_gateway_staples_ocsp_for_its_local_ca_certificate() {
     );
 }
 
+/// A keep-alive HTTPS connection made by `openssl s_client` that has been served once.
+struct LiveConnection {
+    child: std::process::Child,
+    _stdin: std::process::ChildStdin,
+    reader: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LiveConnection {
+    fn open(openssl: &Path, d: &Path, port: u16, host: &str, cert: &str, key: &str) -> Self {
+        let connect = format!("127.0.0.1:{port}");
+        let mut child = std::process::Command::new(openssl)
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                host,
+                "-cert",
+                cert,
+                "-key",
+                key,
+                "-quiet",
+            ])
+            .current_dir(d)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(
+            &mut stdin,
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut status = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut status).unwrap();
+        assert!(status.contains("200"), "{status}");
+        LiveConnection {
+            child,
+            _stdin: stdin,
+            reader,
+        }
+    }
+
+    /// Returns once the gateway has closed the connection.
+    fn wait_closed(mut self) {
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut self.reader, &mut rest);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A partner's CA run with `openssl ca`, as partners run theirs: an index, a CRL made with
 /// `-gencrl`, certificates whose extensions name the partner's CRL and OCSP URLs.
 struct PartnerCa {
@@ -850,10 +905,21 @@ fn a_partner_cas_crl_is_fetched_from_its_distribution_point() {
     let (code, body, _) = curl_status(d, s.port, "localhost", bob, bob_key);
     assert_eq!(code, 200, "{body}");
 
-    // The partner revokes bob and publishes a new CRL (the old one is good for an hour).
+    // The partner revokes bob and publishes a new CRL (the old one is good for an hour); bob's
+    // live connection is closed within a second of the node learning it (refresh_secs = 1).
+    let live = LiveConnection::open(&openssl, d, s.port, "localhost", bob, bob_key);
     partner.revoke("bob");
     partner.crl(3600, &www.join("partner.crl"));
     let published = std::time::Instant::now();
+    live.wait_closed();
+    let closed = published.elapsed().as_secs_f64();
+    println!("live connection closed {closed:.3} s after the partner published its new CRL");
+    let why = s.wait_for("no longer admitted");
+    assert!(
+        why.contains("\"reason\":\"revoked\"") && why.contains(&format!("in the CRL from {url}")),
+        "{why}"
+    );
+    assert!(closed < 4.0, "{closed:.3} s");
     let mut last = String::new();
     while published.elapsed() < std::time::Duration::from_secs(10) {
         let (code, body, _) = curl_status(d, s.port, "localhost", bob, bob_key);
@@ -1072,41 +1138,11 @@ fn a_partner_cas_ocsp_responder_is_asked_off_the_handshake_path() {
     // soft: carol's live connection is closed within a second of the responder answering
     // revoked (asked again every second: refresh_secs = 1).
     let (cert, key) = pair("carol");
-    let resolve = format!("127.0.0.1:{}", s.port);
-    let mut live = std::process::Command::new(&openssl)
-        .args([
-            "s_client",
-            "-connect",
-            &resolve,
-            "-servername",
-            "soft.test",
-            "-cert",
-            &cert,
-            "-key",
-            &key,
-            "-quiet",
-        ])
-        .current_dir(d)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = live.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, b"GET / HTTP/1.1\r\nHost: soft.test\r\n\r\n").unwrap();
-    let mut reader = std::io::BufReader::new(live.stdout.take().unwrap());
-    let mut status = String::new();
-    std::io::BufRead::read_line(&mut reader, &mut status).unwrap();
-    assert!(status.contains("200"), "{status}");
+    let live = LiveConnection::open(&openssl, d, s.port, "soft.test", &cert, &key);
     partner.revoke("carol");
     let revoked = std::time::Instant::now();
-    // The connection ends: the gateway closed it.
-    let mut rest = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    live.wait_closed();
     let closed = revoked.elapsed().as_secs_f64();
-    let _ = live.kill();
-    let _ = live.wait();
-    drop(stdin);
     println!(
         "soft: live connection closed {closed:.3} s after the partner revoked (responder asked every second)"
     );
