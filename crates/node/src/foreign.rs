@@ -21,7 +21,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use portcullis_gateway::ForeignHandle;
-use portcullis_gateway::foreign::{DpCrl, FetchRequest, OcspCached, SourceFailure};
+use portcullis_gateway::foreign::{
+    DpCrl, FetchRequest, ForeignSnapshot, OcspCached, SourceFailure,
+};
 use portcullis_pki::Certificate;
 use portcullis_pki::crl::Crl;
 use portcullis_pki::ocsp::Status;
@@ -109,11 +111,14 @@ pub(crate) async fn run(store: Store, handle: ForeignHandle) {
                 w.dispatch(&done_tx).await;
             }
             Some(d) = done.recv() => {
-                w.finished(d).await;
-                // Publish once per batch of completions.
+                // Publish once per batch of completions: the maps are copied once per batch,
+                // not once per answer.
+                let mut next = (*w.handle.load()).clone();
+                w.finished(&mut next, d).await;
                 while let Ok(d) = done.try_recv() {
-                    w.finished(d).await;
+                    w.finished(&mut next, d).await;
                 }
+                w.handle.store(next);
                 w.dispatch(&done_tx).await;
             }
             _ = tick.tick() => {
@@ -306,9 +311,8 @@ impl Worker {
     }
 
     /// A fetch came back: publish what it learned, schedule the next one.
-    async fn finished(&mut self, done: Done) {
+    async fn finished(&mut self, next: &mut ForeignSnapshot, done: Done) {
         let t = now();
-        let mut next = (*self.handle.load()).clone();
         match done {
             Done::Crl { url, outcome } => {
                 let Some(source) = self.crls.get_mut(&url) else {
@@ -412,7 +416,6 @@ impl Worker {
                 }
             }
         }
-        self.handle.store(next);
     }
 
     /// OCSP statuses nobody asked about for a day are dropped once their answer runs out.
