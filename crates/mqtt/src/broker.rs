@@ -116,6 +116,11 @@ pub struct Message {
     /// QoS 2: the client acknowledged it with PUBREC and PUBREL was sent, so a resumed session
     /// sends PUBREL again (with `sent_as`), not the message.
     pub released: bool,
+    /// The packet id to send it with first, when free: the cluster derives a kept QoS 2
+    /// message's from its stream sequence, so that a node sending it again after another died
+    /// uses the id the client already knows it by (MQTT 5 §4.3.3: acknowledged again, not
+    /// delivered twice).
+    pub preferred_id: Option<u16>,
     /// Kept by the cluster for a persistent session: settled when the client acknowledges it.
     pub receipt: Option<Receipt>,
 }
@@ -246,7 +251,20 @@ pub trait Bridge: Send + Sync {
     /// A message published on this node (by a client, HTTPS or the registry), for the others;
     /// a QoS 1 or 2 or retained message is answered once the cluster has stored it.
     /// `publisher`: the client id that published it (No Local applies to it on every node).
-    fn published(&self, message: &Message, publisher: Option<&str>) -> Option<Confirmation>;
+    ///
+    /// `exactly_once`: a QoS 2 message's (packet id, DUP flag), so that the cluster stores it
+    /// once even when the client sends it again to another node after its node died.
+    fn published(
+        &self,
+        message: &Message,
+        publisher: Option<&str>,
+        exactly_once: Option<(u16, bool)>,
+    ) -> Option<Confirmation>;
+    /// A client released (PUBREL) its QoS 2 message `packet_id`: the cluster forgets what it
+    /// kept to store it once. Answered (PUBCOMP may be sent) once forgotten.
+    fn released(&self, _client_id: &str, _packet_id: u16) -> Option<Confirmation> {
+        None
+    }
     /// This node's sessions now hold `filter` (`true`), or none does any more (`false`);
     /// shared subscriptions (`$share/GROUP/FILTER`) too. A new interest is answered once the
     /// other nodes' messages on it reach this node.
@@ -557,7 +575,7 @@ impl Broker {
     /// Delivers a message another node published to this node's sessions, without sending it
     /// back to the bridge.
     pub fn deliver_remote(&self, message: Message) -> Routed {
-        self.route(message, None, false)
+        self.route(message, None, None)
     }
 
     /// Delivers a message of the shared subscription `filter` (`$share/GROUP/FILTER`) to one of
@@ -711,14 +729,41 @@ impl Broker {
     /// `publisher` (a client id, or `None` from HTTPS or the registry): retains it if asked,
     /// and delivers it to every session subscribed to its topic that may receive it.
     pub fn publish(&self, message: Message, publisher: Option<&str>) -> Routed {
-        self.route(message, publisher, true)
+        self.route(message, publisher, Some(None))
     }
 
-    fn route(&self, message: Message, publisher: Option<&str>, bridged: bool) -> Routed {
+    /// [`Broker::publish`] for a client's QoS 2 message sent with `packet_id` (`dup`: the
+    /// client says it may have sent it before): the cluster stores it once across nodes.
+    pub fn publish_exactly_once(
+        &self,
+        message: Message,
+        publisher: &str,
+        packet_id: u16,
+        dup: bool,
+    ) -> Routed {
+        self.route(message, Some(publisher), Some(Some((packet_id, dup))))
+    }
+
+    /// `publisher` released its QoS 2 message `packet_id` (PUBREL): PUBCOMP waits for the
+    /// answer, when there is one.
+    pub fn released(&self, publisher: &str, packet_id: u16) -> Option<Confirmation> {
+        let bridge = self.lock().bridge.clone()?;
+        bridge.released(publisher, packet_id)
+    }
+
+    /// `bridged`: `Some` to hand the message to the cluster too (with its exactly-once key).
+    fn route(
+        &self,
+        message: Message,
+        publisher: Option<&str>,
+        bridged: Option<Option<(u16, bool)>>,
+    ) -> Routed {
         let mut state = self.lock();
         let mut routed = Routed::default();
-        if bridged && let Some(bridge) = &state.bridge {
-            routed.confirm = bridge.published(&message, publisher);
+        if let Some(exactly_once) = bridged
+            && let Some(bridge) = &state.bridge
+        {
+            routed.confirm = bridge.published(&message, publisher, exactly_once);
         }
         let now = Instant::now();
         // With a bridge, the cluster keeps retained messages.
@@ -1157,6 +1202,7 @@ mod tests {
             properties: PublishProperties::default(),
             expires_at: None,
             sent_as: None,
+            preferred_id: None,
             released: false,
             receipt: None,
         }

@@ -24,6 +24,13 @@
 //!   message stream per subscription, acknowledged once the client acknowledged them. A client
 //!   reconnecting to any node resumes its session; what was delivered and not acknowledged on
 //!   a node that died is delivered again (after the consumer's acknowledgement wait).
+//! - QoS 2 is exactly once across a node's death. A persistent session's QoS 2 message is
+//!   recorded in a ledger (bucket `PORTCULLIS_QOS2`: client and packet id → the message id it
+//!   is stored under) ahead of the message; sent again with DUP to another node, it is stored
+//!   under the same id (JetStream keeps it once); PUBREL forgets the entry before PUBCOMP.
+//!   Towards subscribers, a kept QoS 2 message's packet id comes from its stream sequence and
+//!   the message is kept until PUBCOMP, so the node a client resumes on sends it again under
+//!   the packet id the client holds (acknowledged again, not delivered twice).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +58,9 @@ const STREAM: &str = "PORTCULLIS_MQTT";
 const RETAINED_STREAM: &str = "PORTCULLIS_RETAINED";
 const CLIENTS: &str = "PORTCULLIS_CLIENTS";
 const SESSIONS: &str = "PORTCULLIS_SESSIONS";
+/// Persistent sessions' QoS 2 messages received and not yet released (PUBREL): key
+/// `CLIENT-KEY.PACKET-ID`, value the message id the stream stored it under.
+const QOS2: &str = "PORTCULLIS_QOS2";
 
 /// How long JetStream waits for a persistent session's acknowledgement before delivering a
 /// message again (after its node died, the time to resume its messages on another).
@@ -256,8 +266,14 @@ type Reply = oneshot::Sender<Result<(), String>>;
 
 /// What the broker asks of the cluster.
 enum Work {
-    /// A message, the client id that published it, and who waits for it to be stored.
-    Publish(Box<Message>, Option<String>, Option<Reply>),
+    /// A message, the client id that published it, who waits for it to be stored, and for a
+    /// persistent session's QoS 2 message its (packet id, DUP).
+    Publish(
+        Box<Message>,
+        Option<String>,
+        Option<Reply>,
+        Option<(u16, bool)>,
+    ),
 }
 
 enum Control {
@@ -291,12 +307,30 @@ enum Control {
     DurableUnsubscribe(String, String),
     DurableOffline(String),
     DurableEnd(String),
+    /// A persistent session released its QoS 2 message: its ledger entry (key) goes.
+    Released(String, Reply),
 }
 
 /// The broker's side: queues, never blocks.
 struct NatsBridge {
     work: mpsc::Sender<Work>,
     control: mpsc::UnboundedSender<Control>,
+    durables: Arc<Mutex<HashMap<String, Durable>>>,
+}
+
+impl NatsBridge {
+    /// Whether `client_id` is a persistent session online on this node.
+    fn durable(&self, client_id: &str) -> bool {
+        self.durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(client_id)
+    }
+}
+
+/// The QoS 2 ledger's key for a client's packet id.
+fn qos2_key(client_id: &str, packet_id: u16) -> String {
+    format!("{}.{packet_id}", client_key(client_id))
 }
 
 fn answered(result: Result<(), String>) -> Confirmation {
@@ -306,8 +340,15 @@ fn answered(result: Result<(), String>) -> Confirmation {
 }
 
 impl Bridge for NatsBridge {
-    fn published(&self, message: &Message, publisher: Option<&str>) -> Option<Confirmation> {
+    fn published(
+        &self,
+        message: &Message,
+        publisher: Option<&str>,
+        exactly_once: Option<(u16, bool)>,
+    ) -> Option<Confirmation> {
         let stored = message.qos != QoS::AtMostOnce || message.retain;
+        // Only a persistent session resumes on another node and sends its message again there.
+        let exactly_once = exactly_once.filter(|_| publisher.is_some_and(|p| self.durable(p)));
         let (reply, confirm) = if stored {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -320,6 +361,7 @@ impl Bridge for NatsBridge {
                 Box::new(message.clone()),
                 publisher.map(str::to_string),
                 reply,
+                exactly_once,
             ))
             .is_err()
         {
@@ -432,6 +474,17 @@ impl Bridge for NatsBridge {
     fn release(&self, client_id: &str) {
         let _ = self.control.send(Control::Release(client_id.to_string()));
     }
+
+    fn released(&self, client_id: &str, packet_id: u16) -> Option<Confirmation> {
+        if !self.durable(client_id) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self
+            .control
+            .send(Control::Released(qos2_key(client_id, packet_id), tx));
+        Some(rx)
+    }
 }
 
 /// Whether this node is connected to NATS, as the client's events say, and has its JetStream
@@ -538,6 +591,7 @@ fn message_of(
         properties,
         expires_at,
         sent_as: None,
+        preferred_id: None,
         released: false,
         receipt: None,
     })
@@ -615,16 +669,20 @@ pub(crate) async fn start(
         durables: Arc::new(Mutex::new(HashMap::new())),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
     };
-    broker.set_bridge(Arc::new(NatsBridge { work, control }));
+    broker.set_bridge(Arc::new(NatsBridge {
+        work,
+        control,
+        durables: node.durables.clone(),
+    }));
     tokio::spawn(async move {
-        let (clients, sessions) = node.set_up().await;
+        let (clients, sessions, qos2) = node.set_up().await;
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
         tokio::spawn(node.clone().watch_owners(clients.clone()));
         tokio::spawn(node.clone().answer_pings());
         tokio::spawn(node.clone().sweep(clients.clone(), sessions.clone()));
-        tokio::spawn(node.clone().publish(publishing));
-        node.control(controls, clients, sessions).await;
+        tokio::spawn(node.clone().publish(publishing, qos2.clone()));
+        node.control(controls, clients, sessions, qos2).await;
     });
     Ok(())
 }
@@ -714,6 +772,106 @@ async fn stored_within(
     }
 }
 
+/// Waits for JetStream's acknowledgements of publications sent (each retried as
+/// [`stored_within`] does).
+async fn all_stored(
+    js: &jetstream::Context,
+    acks: Vec<(
+        String,
+        async_nats::HeaderMap,
+        bytes::Bytes,
+        Option<jetstream::context::PublishAckFuture>,
+    )>,
+) -> Result<(), String> {
+    let mut result = Ok(());
+    for (subject, headers, payload, ack) in acks {
+        if let Err(e) = stored_within(js, subject, headers, payload, ack).await {
+            result = Err(format!("JetStream did not store it: {e}"));
+        }
+    }
+    result
+}
+
+/// Stores a QoS 2 message a client sent again (DUP): under the message id the ledger kept at
+/// `key` when it was first sent (JetStream then stores it once), or under `id`, recorded first.
+async fn store_again(
+    js: &jetstream::Context,
+    qos2: &kv::Store,
+    key: &str,
+    id: &str,
+    mut stored: Vec<(String, async_nats::HeaderMap, bytes::Bytes)>,
+) -> Result<(), String> {
+    let kept = match qos2.get(key).await {
+        Ok(Some(v)) => String::from_utf8(v.to_vec()).ok().filter(|v| !v.is_empty()),
+        Ok(None) => None,
+        Err(e) => return Err(format!("cannot read the QoS 2 ledger: {e}")),
+    };
+    match kept {
+        Some(first) => {
+            for (_, headers, _) in &mut stored {
+                let retained = headers
+                    .get("Nats-Msg-Id")
+                    .is_some_and(|v| v.as_str().ends_with("/r"));
+                let again = if retained {
+                    format!("{first}/r")
+                } else {
+                    first.clone()
+                };
+                headers.insert("Nats-Msg-Id", again.as_str());
+            }
+        }
+        None => {
+            qos2.put(key, bytes::Bytes::from(id.to_string()))
+                .await
+                .map_err(|e| format!("cannot record in the QoS 2 ledger: {e}"))?;
+        }
+    }
+    let mut acks = Vec::new();
+    for (subject, headers, payload) in stored {
+        let sent = js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await;
+        acks.push((subject, headers, payload, sent.ok()));
+    }
+    all_stored(js, acks).await
+}
+
+/// Records a persistent session as online: a new record if there is none (`record`), the
+/// kept one no longer offline otherwise (its subscriptions are the ones it resumes with). A
+/// subscription recorded meanwhile wins (it records the session online too).
+async fn mark_online(sessions: &kv::Store, client_id: &str, record: String) {
+    let key = client_key(client_id);
+    let written = match sessions.entry(key.clone()).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put => {
+            match serde_json::from_slice::<serde_json::Value>(&e.value) {
+                Ok(mut kept) if !kept["offline_since_ms"].is_null() => {
+                    kept["offline_since_ms"] = serde_json::Value::Null;
+                    sessions
+                        .update(&key, kept.to_string().into(), e.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
+            }
+        }
+        Ok(_) => sessions
+            .create(&key, record.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        tracing::debug!(target: "portcullis::cluster", client_id = %client_id, error = %e, "recording a persistent session online (a concurrent write recorded it)");
+    }
+}
+
+/// The packet id a kept QoS 2 message is sent with: from its stream sequence (1–65535).
+fn qos2_packet_id(seq: u64) -> u16 {
+    u16::try_from(seq % 65_535 + 1).unwrap_or(1)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -789,7 +947,7 @@ struct Node {
 
 impl Node {
     /// Makes (or finds) the streams and the buckets, retrying until NATS answers.
-    async fn set_up(&self) -> (kv::Store, kv::Store) {
+    async fn set_up(&self) -> (kv::Store, kv::Store, kv::Store) {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.try_set_up().await {
@@ -803,7 +961,7 @@ impl Node {
         }
     }
 
-    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store)> {
+    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store)> {
         self.js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
@@ -828,7 +986,11 @@ impl Node {
             })
             .await
             .context("the retained message stream")?;
-        Ok((self.bucket(CLIENTS).await?, self.bucket(SESSIONS).await?))
+        Ok((
+            self.bucket(CLIENTS).await?,
+            self.bucket(SESSIONS).await?,
+            self.bucket(QOS2).await?,
+        ))
     }
 
     /// A key-value bucket, made if missing.
@@ -861,13 +1023,13 @@ impl Node {
 
     /// Sends what this node's clients publish, in order; a stored message's publisher is
     /// answered once JetStream acknowledged it.
-    async fn publish(self, mut publishing: mpsc::Receiver<Work>) {
+    async fn publish(self, mut publishing: mpsc::Receiver<Work>, qos2: kv::Store) {
         let mut seq: u64 = 0;
         let mut batch = Vec::with_capacity(BATCH);
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         while publishing.recv_many(&mut batch, BATCH).await > 0 {
-            for Work::Publish(m, publisher, reply) in batch.drain(..) {
+            for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
                 seq += 1;
                 let id = format!("{}/{seq}", self.instance);
                 let mut headers = headers_of(&m, &self.instance, &id);
@@ -878,13 +1040,28 @@ impl Node {
                 {
                     headers.insert("Portcullis-Client", client.as_str());
                 }
-                // What goes through JetStream: (subject, headers), each acknowledged by the stream.
+                // What goes through JetStream: (subject, headers, payload), each acknowledged by
+                // the stream.
                 let mut stored = Vec::new();
+                // A persistent session's QoS 2 message: the ledger records the message id it is
+                // stored under, before the message (in order on this connection), so that the
+                // client sending it again to another node (DUP, this node dead before PUBREC)
+                // has it stored under the same id: once (the stream's duplicate window).
+                let ledger = exactly_once
+                    .zip(publisher.as_deref())
+                    .map(|((packet_id, dup), client)| (qos2_key(client, packet_id), dup));
+                if let Some((key, false)) = &ledger {
+                    stored.push((
+                        format!("$KV.{QOS2}.{key}"),
+                        async_nats::HeaderMap::new(),
+                        bytes::Bytes::from(id.clone()),
+                    ));
+                }
                 if m.retain {
                     let mut kept = headers.clone();
                     kept.insert("Portcullis-Retain", "1");
                     kept.insert("Nats-Msg-Id", format!("{id}/r").as_str());
-                    stored.push((subject(RETAINED, &m.topic), kept));
+                    stored.push((subject(RETAINED, &m.topic), kept, m.payload.clone()));
                 }
                 if m.qos == QoS::AtMostOnce {
                     if let Err(e) = self
@@ -896,30 +1073,35 @@ impl Node {
                     }
                 } else {
                     headers.insert("Nats-Msg-Id", id.as_str());
-                    stored.push((subject(STORED, &m.topic), headers));
+                    stored.push((subject(STORED, &m.topic), headers, m.payload.clone()));
+                }
+                if let Some((key, true)) = ledger {
+                    // Sent again by a client whose node may have died after storing it: under
+                    // the id the ledger kept, if it kept one (out of order with what follows:
+                    // a message sent again is).
+                    let (js, qos2) = (self.js.clone(), qos2.clone());
+                    tokio::spawn(async move {
+                        let result = store_again(&js, &qos2, &key, &id, stored).await;
+                        if let Some(reply) = reply {
+                            let _ = reply.send(result);
+                        }
+                    });
+                    continue;
                 }
                 let mut acks = Vec::new();
-                for (subject, headers) in stored {
+                for (subject, headers, payload) in stored {
                     let sent = self
                         .js
-                        .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
                         .await;
-                    acks.push((subject, headers, sent.ok()));
+                    acks.push((subject, headers, payload, sent.ok()));
                 }
                 let Some(reply) = reply else {
                     continue;
                 };
-                let (js, payload) = (self.js.clone(), m.payload.clone());
+                let js = self.js.clone();
                 tokio::spawn(async move {
-                    let mut result = Ok(());
-                    for (subject, headers, ack) in acks {
-                        if let Err(e) =
-                            stored_within(&js, subject, headers, payload.clone(), ack).await
-                        {
-                            result = Err(format!("JetStream did not store it: {e}"));
-                        }
-                    }
-                    let _ = reply.send(result);
+                    let _ = reply.send(all_stored(&js, acks).await);
                 });
             }
         }
@@ -931,6 +1113,7 @@ impl Node {
         mut controls: mpsc::UnboundedReceiver<Control>,
         clients: kv::Store,
         sessions: kv::Store,
+        qos2: kv::Store,
     ) {
         let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
         while let Some(control) = controls.recv().await {
@@ -993,18 +1176,28 @@ impl Node {
                     expiry,
                 } => {
                     let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
-                    let d = durables.entry(client_id).or_insert_with(|| Durable {
-                        identity: identity.clone(),
-                        expiry,
-                        generation,
-                        subscriptions: Default::default(),
-                        pullers: HashMap::new(),
-                        inflight: Default::default(),
-                    });
+                    let d = durables
+                        .entry(client_id.clone())
+                        .or_insert_with(|| Durable {
+                            identity: identity.clone(),
+                            expiry,
+                            generation,
+                            subscriptions: Default::default(),
+                            pullers: HashMap::new(),
+                            inflight: Default::default(),
+                        });
                     d.stop();
                     d.identity = identity;
                     d.expiry = expiry;
                     d.generation = generation;
+                    let record = d.record(None);
+                    drop(durables);
+                    // Recorded at once, subscriptions or not: a session that only publishes
+                    // has state too (QoS 2 messages not yet released) and resumes elsewhere.
+                    let sessions = sessions.clone();
+                    tokio::spawn(async move {
+                        mark_online(&sessions, &client_id, record).await;
+                    });
                 }
                 Control::DurableSubscribe {
                     client_id,
@@ -1086,6 +1279,28 @@ impl Node {
                     let sessions = sessions.clone();
                     tokio::spawn(async move {
                         node.end_session(&sessions, &client_id).await;
+                    });
+                }
+                Control::Released(key, reply) => {
+                    let qos2 = qos2.clone();
+                    tokio::spawn(async move {
+                        // Retried while JetStream elects a leader; PUBCOMP waits for it (a
+                        // packet id the client may use again must not find an old entry).
+                        let deadline = tokio::time::Instant::now() + RIDE_THROUGH;
+                        let mut delay = Duration::from_millis(50);
+                        let result = loop {
+                            match qos2.delete(&key).await {
+                                Ok(()) => break Ok(()),
+                                Err(e) if tokio::time::Instant::now() + delay > deadline => {
+                                    tracing::warn!(target: "portcullis::cluster", key = %key, error = %e, "cannot forget a released QoS 2 message");
+                                    break Err(e.to_string());
+                                }
+                                Err(_) => {}
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(800));
+                        };
+                        let _ = reply.send(result);
                     });
                 }
                 Control::Release(client_id) => {
@@ -1475,6 +1690,7 @@ impl Node {
                 continue;
             };
             let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
+            let info_delivered = info.delivered;
             if inflight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1517,6 +1733,17 @@ impl Node {
                 options.qos
             };
             message.retain = options.retain_as_published && message.retain;
+            if message.qos == QoS::ExactlyOnce {
+                // Its packet id follows from its place in the stream: a node sending it again
+                // after the one that sent it died uses the same, with DUP (MQTT 5 §4.3.3: the
+                // client acknowledges it again without delivering it twice).
+                let id = qos2_packet_id(seq);
+                if info_delivered > 1 {
+                    message.sent_as = Some(id);
+                } else {
+                    message.preferred_id = Some(id);
+                }
+            }
             let settled = Arc::new(AtomicBool::new(false));
             let (set, settle_acker) = (inflight.clone(), acker.clone());
             message.receipt = Some(Receipt::new(move |acknowledged| {
@@ -1833,6 +2060,7 @@ mod tests {
             },
             expires_at: Some(std::time::Instant::now() + Duration::from_secs(60)),
             sent_as: None,
+            preferred_id: None,
             released: false,
             receipt: None,
         };

@@ -150,6 +150,7 @@ pub(crate) async fn publish_registry_events(
                     properties: Default::default(),
                     expires_at: None,
                     sent_as: None,
+                    preferred_id: None,
                     released: false,
                     receipt: None,
                 },

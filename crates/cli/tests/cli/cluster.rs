@@ -701,4 +701,30 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         a.lines_with("WARN").join("\n")
     );
     assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
+
+    // QoS 2 exactly once across the death of node B, mid-exchange both ways (a hand-written
+    // MQTT 5 client decides which acknowledgements each side saw).
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster_qos2.py");
+    let r = run(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            "data/ca/cluster-ca.pem",
+            &b.ports[1].to_string(),
+            &c.ports[1].to_string(),
+            &b.child.id().to_string(),
+        ],
+        da,
+    );
+    println!("{}", r.stdout);
+    assert_eq!(
+        r.code,
+        0,
+        "{}\n{}\nnode C's warnings:\n{}",
+        r.stdout,
+        r.stderr,
+        c.lines_with("WARN").join("\n")
+    );
+    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
 }

@@ -117,6 +117,7 @@ pub(crate) async fn https_publish(
         properties: Default::default(),
         expires_at: None,
         sent_as: None,
+        preferred_id: None,
         released: false,
         receipt: None,
     };

@@ -303,6 +303,7 @@ impl Session<'_> {
                 properties: will.properties.clone(),
                 expires_at: expiry_of(will.properties.message_expiry_interval),
                 sent_as: None,
+                preferred_id: None,
                 released: false,
                 receipt: None,
             };
@@ -391,10 +392,9 @@ impl Session<'_> {
                     Some(m) if m.qos == QoS::ExactlyOnce && a.reason < 0x80 => {
                         m.released = true;
                         m.expires_at = None;
-                        // The client has it: the cluster need not keep it any longer.
-                        if let Some(receipt) = m.receipt.take() {
-                            receipt.acknowledged();
-                        }
+                        // The cluster keeps it until PUBCOMP: if this node dies before, the
+                        // node the client resumes on sends it again with the same packet id,
+                        // which the client acknowledges without delivering it twice.
                         self.write(&Packet::PubRel(codec::PubAck {
                             packet_id: a.packet_id,
                             reason: reason::SUCCESS,
@@ -419,21 +419,26 @@ impl Session<'_> {
                 }
             }
             Packet::PubComp(a) => {
-                if self.inflight.get(&a.packet_id).is_some_and(|m| m.released) {
-                    self.inflight.remove(&a.packet_id);
+                if self.inflight.get(&a.packet_id).is_some_and(|m| m.released)
+                    && let Some(m) = self.inflight.remove(&a.packet_id)
+                    && let Some(receipt) = m.receipt
+                {
+                    receipt.acknowledged();
                 }
                 self.refill(handle);
             }
             Packet::PubRel(a) => {
                 // QoS 2, the client's message: it may now be forgotten (it was routed once).
-                let code = if self.awaiting_release.remove(&a.packet_id)
-                    || self.protocol == Protocol::V311
-                {
+                let known = self.awaiting_release.remove(&a.packet_id);
+                // The cluster forgets what kept the message stored once (the client may have
+                // sent it to a node that died since: released here all the same).
+                let forgotten = c.broker.released(&self.client_id, a.packet_id);
+                let code = if known || forgotten.is_some() || self.protocol == Protocol::V311 {
                     reason::SUCCESS
                 } else {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                self.reply(Reply::PubComp(a.packet_id, code), None);
+                self.reply(Reply::PubComp(a.packet_id, code), forgotten);
             }
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
@@ -691,6 +696,7 @@ impl Session<'_> {
         let message = Message {
             expires_at: expiry_of(properties.message_expiry_interval),
             sent_as: None,
+            preferred_id: None,
             released: false,
             receipt: None,
             topic: p.topic,
@@ -703,7 +709,13 @@ impl Session<'_> {
             || envelope(&message, Some(&self.client_id), &self.leaf, &c.verifier),
             &message.topic,
         );
-        let routed = c.broker.publish(message, Some(&self.client_id));
+        let routed = match (p.qos, p.packet_id) {
+            (QoS::ExactlyOnce, Some(id)) => {
+                c.broker
+                    .publish_exactly_once(message, &self.client_id, id, p.dup)
+            }
+            _ => c.broker.publish(message, Some(&self.client_id)),
+        };
         metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
         if routed.dropped > 0 {
             metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped").increment(routed.dropped as u64);
@@ -802,6 +814,7 @@ impl Session<'_> {
             properties: Default::default(),
             expires_at: None,
             sent_as: None,
+            preferred_id: None,
             released: false,
             receipt: None,
         });
@@ -971,8 +984,9 @@ impl Session<'_> {
         } else if self.inflight.len() < self.receive_max {
             // A message sent before and not acknowledged goes again with its packet id and
             // DUP set, so the client knows it may have seen it.
-            let (id, dup) = match m.sent_as {
-                Some(id) if !self.inflight.contains_key(&id) => (id, true),
+            let (id, dup) = match (m.sent_as, m.preferred_id) {
+                (Some(id), _) if !self.inflight.contains_key(&id) => (id, true),
+                (None, Some(id)) if id != 0 && !self.inflight.contains_key(&id) => (id, false),
                 _ => (self.packet_id(), false),
             };
             self.inflight.insert(id, m.clone());
