@@ -496,11 +496,20 @@ impl Broker {
             group.members.retain(|(id, _)| id != client_id);
             group.members.push((client_id.to_string(), options));
             state.shared_tree.insert(inner, filter, filter.to_string());
-            let ready = if new {
+            let mut ready: Vec<Confirmation> = if new {
                 hold(&mut state, filter).into_iter().collect()
             } else {
                 Vec::new()
             };
+            // A persistent session's membership is the cluster's too: it resumes with it on
+            // any node (the group's messages are kept by the group, not the session).
+            let durable = state.sessions.get(client_id).is_some_and(|s| s.durable);
+            if let Some(bridge) = &state.bridge
+                && durable
+                && options.qos != QoS::AtMostOnce
+            {
+                ready.extend(bridge.durable_subscribe(client_id, generation, filter, options));
+            }
             return Some(Subscription {
                 retained: Vec::new(),
                 ready,
@@ -594,6 +603,89 @@ impl Broker {
         routed
     }
 
+    /// Whether a member of the shared subscription `filter` is online on this node.
+    pub fn shared_online(&self, filter: &str) -> bool {
+        let state = self.lock();
+        state.shared.get(filter).is_some_and(|g| {
+            g.members
+                .iter()
+                .any(|(id, _)| state.sessions.get(id).is_some_and(|s| s.online.is_some()))
+        })
+    }
+
+    /// A QoS 1 or 2 message the cluster kept for the shared subscription `filter`: handed to
+    /// its next member in turn online on this node that may receive it, settled by the
+    /// message's receipt (at once for a member subscribed at QoS 0). `false`: no member is
+    /// online here (the caller gives it back for another node's, or for later).
+    pub fn deliver_shared_kept(&self, filter: &str, message: Message) -> bool {
+        let mut state = self.lock();
+        let max_queued = self.limits.max_queued;
+        let Some(group) = state.shared.get(filter) else {
+            return false;
+        };
+        let n = group.members.len();
+        let start = if n == 0 { 0 } else { group.next % n };
+        let mut online = false;
+        let mut chosen = None;
+        for i in 0..n {
+            let (id, options) = &group.members[(start + i) % n];
+            let Some(session) = state.sessions.get(id).filter(|s| s.online.is_some()) else {
+                continue;
+            };
+            online = true;
+            if session.receiver.may_receive(&message.topic) {
+                chosen = Some(((start + i) % n, id.clone(), *options));
+                break;
+            }
+        }
+        let Some((index, id, options)) = chosen else {
+            if online && let Some(r) = &message.receipt {
+                // Online members, none allowed to receive it: settled, never delivered.
+                r.acknowledged();
+            }
+            return online;
+        };
+        if let Some(group) = state.shared.get_mut(filter) {
+            group.next = (index + 1) % n;
+        }
+        let Some(session) = state.sessions.get_mut(&id) else {
+            return false;
+        };
+        let mut m = message;
+        m.retain = false;
+        m.qos = min_qos(m.qos, options.qos);
+        if m.qos == QoS::AtMostOnce
+            && let Some(r) = m.receipt.take()
+        {
+            r.acknowledged();
+        }
+        if !session.queue.is_empty() {
+            if session.queue.len() < max_queued {
+                session.queue.push_back(m);
+            } else if let Some(r) = &m.receipt {
+                r.returned();
+            }
+            return true;
+        }
+        let Some(tx) = &session.online else {
+            return false;
+        };
+        match tx.try_send(Outbound::Deliver(Box::new(m))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m))) => {
+                if session.queue.len() < max_queued {
+                    session.queue.push_back(*m);
+                } else if let Some(r) = &m.receipt {
+                    r.returned();
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_) | mpsc::error::TrySendError::Closed(_)) => {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Retained messages the bridge found for a subscription: delivered to the session (if the
     /// connection still holds it and may receive them) as retained, at most at `options.qos`.
     pub fn deliver_retained(
@@ -661,7 +753,7 @@ impl Broker {
         session
             .filters
             .iter()
-            .filter(|(f, o)| o.qos != QoS::AtMostOnce && !f.starts_with("$share/"))
+            .filter(|(_, o)| o.qos != QoS::AtMostOnce)
             .filter_map(|(f, o)| bridge.durable_subscribe(client_id, generation, f, *o))
             .collect()
     }

@@ -16,8 +16,11 @@
 //! - Client ids are owned cluster-wide (key-value bucket `PORTCULLIS_CLIENTS`, written with
 //!   compare-and-set): a CONNECT records its node as the owner; the node that held the session
 //!   sees the new owner and closes it ("session taken over").
-//! - Shared subscriptions (`$share/GROUP/FILTER`) are NATS queue subscriptions: each message
-//!   goes to one node holding the group, which hands it to one of its members.
+//! - Shared subscriptions (`$share/GROUP/FILTER`): QoS 0 messages through NATS queue
+//!   subscriptions (each to one node holding the group, which hands it to one of its members);
+//!   QoS 1 and 2 through one JetStream consumer per group, pulled by every node with a member
+//!   online: kept while none is, settled by the member's acknowledgement, given back for
+//!   another member when a connection ends first.
 //!
 //! - Persistent sessions are the cluster's: their subscriptions in a key-value bucket
 //!   (`PORTCULLIS_SESSIONS`), their QoS 1 and 2 messages kept by a durable consumer of the
@@ -65,6 +68,17 @@ const QOS2: &str = "PORTCULLIS_QOS2";
 /// How long JetStream waits for a persistent session's acknowledgement before delivering a
 /// message again (after its node died, the time to resume its messages on another).
 const ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a shared subscription's group keeps its QoS 1 and 2 messages when no node pulls
+/// (no member online anywhere); the stream keeps no message longer than a day in any case.
+const SHARED_KEEP: Duration = Duration::from_secs(3600);
+
+/// How often a node with no member of a shared group online looks again (it does not pull
+/// meanwhile); also how long a message no member could take waits before it is offered again.
+const SHARED_IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// A shared group's messages pulled at a time by one node (small: several nodes share them).
+const SHARED_BATCH: usize = 16;
 
 /// Messages of one persistent subscription delivered and not yet acknowledged, at most.
 const MAX_ACK_PENDING: i64 = 1_000;
@@ -1328,7 +1342,29 @@ impl Node {
         let shared = portcullis_mqtt::topic::shared(filter).ok().flatten();
         let inner = shared.map_or(filter, |(_, f)| f);
         let mut tasks = Vec::new();
-        for prefix in [LIVE, STORED] {
+        // A shared subscription's QoS 1 and 2 messages are the group's, kept by JetStream (a
+        // consumer every node with members pulls from): kept while no member is online,
+        // given back when a member's connection ends before acknowledging them.
+        let prefixes: &[&str] = if shared.is_some() {
+            for subject in filter_subjects(STORED, inner) {
+                match self.group_consumer(filter, &subject).await {
+                    Ok(consumer) => {
+                        let node = self.clone();
+                        let filter = filter.to_string();
+                        tasks.push(tokio::spawn(async move {
+                            node.pull_shared(consumer, &filter).await;
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), filter = %filter, "cannot keep a shared subscription's messages");
+                    }
+                }
+            }
+            &[LIVE]
+        } else {
+            &[LIVE, STORED]
+        };
+        for prefix in prefixes {
             for pattern in filter_subjects(prefix, inner) {
                 let subscribed = match shared {
                     Some(_) => {
@@ -1361,6 +1397,109 @@ impl Node {
             }
         }
         tasks
+    }
+
+    /// The consumer keeping the shared subscription `filter`'s messages on `subject` (one for
+    /// the whole cluster: every node binds the same).
+    async fn group_consumer(&self, filter: &str, subject: &str) -> Result<consumer::PullConsumer> {
+        let stream = self.js.get_stream(STREAM).await?;
+        let name = format!("pg{}", &consumer_name(filter, subject)[2..]);
+        let consumer = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subject.to_string(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    deliver_policy: consumer::DeliverPolicy::New,
+                    max_ack_pending: MAX_ACK_PENDING,
+                    // Gone (and what it kept) once no node pulled for this long.
+                    inactive_threshold: SHARED_KEEP,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(consumer)
+    }
+
+    /// Hands a shared subscription's kept messages to this node's members while one is online;
+    /// a message no member here can take goes back (for another node's, or later).
+    async fn pull_shared(&self, consumer: consumer::PullConsumer, filter: &str) {
+        loop {
+            if !self.broker.shared_online(filter) {
+                // Nobody here to hand messages to: the consumer keeps them (no pull).
+                tokio::time::sleep(SHARED_IDLE_POLL).await;
+                continue;
+            }
+            let batch = consumer
+                .fetch()
+                .max_messages(SHARED_BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::debug!(target: "portcullis::cluster", error = %e, "pulling a shared subscription's messages");
+                    tokio::time::sleep(SHARED_IDLE_POLL).await;
+                    continue;
+                }
+            };
+            while let Some(next) = batch.next().await {
+                let Ok(m) = next else {
+                    continue;
+                };
+                let Ok(info) = m.info() else {
+                    continue;
+                };
+                let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
+                let delivered = info.delivered;
+                let (msg, acker) = m.split();
+                let acker = Arc::new(acker);
+                let Some(mut message) = topic(msg.subject.as_str()).and_then(|t| {
+                    message_of(
+                        t,
+                        msg.headers.as_ref(),
+                        msg.payload.clone(),
+                        Some(published),
+                    )
+                }) else {
+                    // Expired while kept, or not an MQTT topic.
+                    let _ = acker.ack().await;
+                    continue;
+                };
+                if message.qos == QoS::ExactlyOnce {
+                    let id = qos2_packet_id(seq);
+                    if delivered > 1 {
+                        message.sent_as = Some(id);
+                    } else {
+                        message.preferred_id = Some(id);
+                    }
+                }
+                let settled = Arc::new(AtomicBool::new(false));
+                let settle_acker = acker.clone();
+                let receipt = Receipt::new(move |acknowledged| {
+                    if settled.swap(true, Ordering::SeqCst) {
+                        return;
+                    }
+                    let acker = settle_acker.clone();
+                    tokio::spawn(async move {
+                        let _ = if acknowledged {
+                            acker.ack().await
+                        } else {
+                            acker
+                                .ack_with(jetstream::AckKind::Nak(Some(SHARED_IDLE_POLL)))
+                                .await
+                        };
+                    });
+                });
+                message.receipt = Some(receipt.clone());
+                if !self.broker.deliver_shared_kept(filter, message) {
+                    receipt.returned();
+                }
+            }
+        }
     }
 
     /// A message from NATS: to this node's subscribers, or to one member of `shared`.
@@ -1576,6 +1715,10 @@ impl Node {
     }
 
     async fn delete_consumers(&self, client_id: &str, filter: &str) {
+        // A shared subscription's messages are its group's (see `group_consumer`).
+        if filter.starts_with("$share/") {
+            return;
+        }
         let Ok(stream) = self.js.get_stream(STREAM).await else {
             return;
         };
@@ -1606,7 +1749,13 @@ impl Node {
             }
         };
         let mut tasks = Vec::new();
-        for subject in filter_subjects(STORED, filter) {
+        // A shared subscription is only recorded: its group keeps its messages.
+        let subjects = if filter.starts_with("$share/") {
+            Vec::new()
+        } else {
+            filter_subjects(STORED, filter)
+        };
+        for subject in subjects {
             let name = consumer_name(client_id, &subject);
             let consumer: consumer::PullConsumer = stream
                 .get_or_create_consumer(

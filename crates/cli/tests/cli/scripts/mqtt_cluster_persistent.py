@@ -127,4 +127,32 @@ while echoed is None and time.monotonic() < deadline:
     if m.topic == "jobs/echo":
         echoed = m.payload
 check(echoed == b"theirs", "No Local: the first message on jobs/echo is the other client's (got %s)" % echoed)
+
+# A shared subscription keeps its QoS 1 messages while its only member (a persistent session)
+# is offline; the member resumes on another node and receives them.
+worker = Device("dev-6")
+rc, _ = worker.connect("B", clean=True, expiry=3600)
+check(rc == 0, "persistent shared-subscription member connected to node B")
+worker.c.subscribe("$share/workers/jobs/#", 1)
+check(worker.next("suback") == [1], "shared subscription granted")
+worker.c.disconnect()
+worker.next("disconnect")
+worker.c.loop_stop()
+kept = [b"kept-%d" % i for i in range(5)]
+for payload in kept:
+    info = pub.c.publish("jobs/kept", payload, qos=1)
+    check(pub.next("puback")[0] == info.mid, "PUBACK for %s while the group has no member online" % payload)
+worker = Device("dev-6")
+rc, present = worker.connect("C", clean=False, expiry=3600)
+check(rc == 0 and present, "the shared-subscription member resumed on node C")
+got = set()
+deadline = time.monotonic() + WAIT
+while not set(kept).issubset(got) and time.monotonic() < deadline:
+    try:
+        m = worker.events["message"].get(timeout=0.5)
+    except queue.Empty:
+        continue
+    if m.topic == "jobs/kept":
+        got.add(m.payload)
+check(set(kept).issubset(got), "the group kept its messages for its offline member (got %s)" % sorted(got))
 print("ALL OK", flush=True)
