@@ -7,7 +7,9 @@
 //! `*`, `>`, `%`, space, control and non-ASCII bytes; a lone `%` for an empty level), so every
 //! legal MQTT topic round-trips. `+` becomes `*`; a trailing `#` becomes `>` plus its parent.
 //!
-//! - QoS 0 goes on `pcm.<topic>` (core NATS: at most once between nodes).
+//! - QoS 0 goes on `pcl.<topic>` (core NATS: at most once between nodes) as a live frame: the
+//!   metadata in front of the payload, no NATS headers (`pcm.<topic>` with headers, as earlier
+//!   versions sent it, is still read).
 //! - QoS 1 and 2 go on `pcq.<topic>` through JetStream (stream `PORTCULLIS_MQTT`, replicated as
 //!   configured, deduplicated by message id): the publisher's PUBACK or PUBREC waits for the
 //!   stream's acknowledgement, so an acknowledged message is stored by a quorum of servers.
@@ -51,7 +53,10 @@ use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
 /// QoS 0 messages.
-const LIVE: &str = "pcm";
+const LIVE: &str = "pcl";
+/// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
+/// that a cluster upgraded node by node keeps routing from the nodes not yet upgraded.
+const LIVE_HEADERS: &str = "pcm";
 /// QoS 1 and 2 messages (JetStream).
 const STORED: &str = "pcq";
 /// Retained messages (JetStream, last per subject).
@@ -172,7 +177,7 @@ fn push_level(out: &mut String, level: &str) {
 /// The topic of a subject made by [`subject`]; `None` for anything else.
 pub(crate) fn topic(subject: &str) -> Option<String> {
     let (prefix, rest) = subject.split_once('.')?;
-    if ![LIVE, STORED, RETAINED].contains(&prefix) {
+    if ![LIVE, LIVE_HEADERS, STORED, RETAINED].contains(&prefix) {
         return None;
     }
     let mut levels = Vec::new();
@@ -267,13 +272,8 @@ pub(crate) fn client_of_key(key: &str) -> Option<String> {
 
 /// The queue group of a shared subscription on NATS: one per `$share/GROUP/FILTER`.
 fn queue_group(filter: &str) -> String {
-    // A stable hash (FNV-1a): every node must name the same group alike.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in filter.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("pcs{h:016x}")
+    // A stable hash: every node must name the same group alike.
+    format!("pcs{:016x}", fnv(filter.as_bytes()))
 }
 
 type Reply = oneshot::Sender<Result<(), String>>;
@@ -543,6 +543,105 @@ impl NatsState {
     }
 }
 
+/// FNV-1a, 64 bits.
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The first byte of a live frame (a QoS 0 message on `pcl.`, without NATS headers).
+const FRAME: u8 = 0xC1;
+
+/// A message's MQTT 5 properties as they cross NATS (the expiry counted down), if any.
+fn wire_properties(m: &Message) -> Option<bytes::Bytes> {
+    let expiry = m.expires_at.map(|at| {
+        let left = at
+            .saturating_duration_since(std::time::Instant::now())
+            .as_secs();
+        u32::try_from(left.max(1)).unwrap_or(u32::MAX)
+    });
+    if expiry.is_none() && m.properties == PublishProperties::default() {
+        return None;
+    }
+    let mut properties = m.properties.clone();
+    if expiry.is_some() {
+        properties.message_expiry_interval = expiry;
+    }
+    portcullis_mqtt::codec::encode_message_properties(&properties).ok()
+}
+
+/// A QoS 0 message as it crosses NATS: its metadata in front of the payload rather than in
+/// headers (which cost a map and strings per message on both sides). [`FRAME`], flags (bit 0:
+/// retain), origin (u64), sequence (u64), properties length (u32) and the MQTT 5 properties,
+/// then the payload; integers big-endian.
+fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
+    use bytes::BufMut;
+    let properties = wire_properties(m).unwrap_or_default();
+    let mut out = bytes::BytesMut::with_capacity(22 + properties.len() + m.payload.len());
+    out.put_u8(FRAME);
+    out.put_u8(u8::from(m.retain));
+    out.put_u64(origin);
+    out.put_u64(seq);
+    out.put_u32(u32::try_from(properties.len()).unwrap_or(u32::MAX));
+    out.put_slice(&properties);
+    out.put_slice(&m.payload);
+    out.freeze()
+}
+
+/// A live frame read back.
+struct LiveFrame {
+    origin: u64,
+    seq: u64,
+    retain: bool,
+    properties: bytes::Bytes,
+    payload: bytes::Bytes,
+}
+
+fn read_live_frame(frame: &bytes::Bytes) -> Option<LiveFrame> {
+    if frame.len() < 22 || frame[0] != FRAME {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_be_bytes(frame[i..i + 8].try_into().unwrap_or_default());
+    let n = usize::try_from(u32::from_be_bytes(frame[18..22].try_into().ok()?)).ok()?;
+    let end = 22usize.checked_add(n).filter(|e| *e <= frame.len())?;
+    Some(LiveFrame {
+        origin: u64_at(2),
+        seq: u64_at(10),
+        retain: frame[1] & 1 == 1,
+        properties: frame.slice(22..end),
+        payload: frame.slice(end..),
+    })
+}
+
+impl LiveFrame {
+    fn message(self, topic: String) -> Option<Message> {
+        let properties = if self.properties.is_empty() {
+            PublishProperties::default()
+        } else {
+            portcullis_mqtt::codec::decode_message_properties(&self.properties).ok()?
+        };
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|secs| std::time::Instant::now() + Duration::from_secs(u64::from(secs)));
+        Some(Message {
+            topic,
+            payload: self.payload,
+            qos: QoS::AtMostOnce,
+            retain: self.retain,
+            properties,
+            expires_at,
+            sent_as: None,
+            preferred_id: None,
+            released: false,
+            receipt: None,
+        })
+    }
+}
+
 /// The headers a message crosses NATS with.
 fn headers_of(m: &Message, origin: &str, id: &str) -> async_nats::HeaderMap {
     let mut headers = async_nats::HeaderMap::new();
@@ -552,16 +651,7 @@ fn headers_of(m: &Message, origin: &str, id: &str) -> async_nats::HeaderMap {
     if m.retain {
         headers.insert("Portcullis-Retain", "1");
     }
-    let mut properties = m.properties.clone();
-    if let Some(at) = m.expires_at {
-        let left = at
-            .saturating_duration_since(std::time::Instant::now())
-            .as_secs();
-        properties.message_expiry_interval = Some(u32::try_from(left.max(1)).unwrap_or(u32::MAX));
-    }
-    if properties != PublishProperties::default()
-        && let Ok(bytes) = portcullis_mqtt::codec::encode_message_properties(&properties)
-    {
+    if let Some(bytes) = wire_properties(m) {
         headers.insert(
             "Portcullis-Properties",
             base64::engine::general_purpose::STANDARD
@@ -672,6 +762,7 @@ pub(crate) async fn start(
             .map(|d| d.as_nanos())
             .unwrap_or_default()
     );
+    let origin = fnv(instance.as_bytes());
     let node = Node {
         client: client.clone(),
         js: jetstream::new(client),
@@ -682,6 +773,7 @@ pub(crate) async fn start(
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
+        origin,
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -956,7 +1048,9 @@ struct Node {
     /// Persistent sessions online here.
     durables: Arc<Mutex<HashMap<String, Durable>>>,
     /// Message ids delivered lately (overlapping subscriptions deliver a message twice).
-    seen: Arc<Mutex<(VecDeque<String>, HashSet<String>)>>,
+    seen: Arc<Mutex<(VecDeque<u128>, HashSet<u128>)>>,
+    /// This process's id in live frames (a hash of `instance`).
+    origin: u64,
 }
 
 impl Node {
@@ -1045,6 +1139,14 @@ impl Node {
         while publishing.recv_many(&mut batch, BATCH).await > 0 {
             for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
                 seq += 1;
+                if m.qos == QoS::AtMostOnce && !m.retain {
+                    // The common case, kept cheap: no headers, no id string (a live frame).
+                    let frame = live_frame(&m, self.origin, seq);
+                    if let Err(e) = self.client.publish(subject(LIVE, &m.topic), frame).await {
+                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+                    }
+                    continue;
+                }
                 let id = format!("{}/{seq}", self.instance);
                 let mut headers = headers_of(&m, &self.instance, &id);
                 // Kept messages carry their publisher: a persistent session's No Local
@@ -1078,11 +1180,9 @@ impl Node {
                     stored.push((subject(RETAINED, &m.topic), kept, m.payload.clone()));
                 }
                 if m.qos == QoS::AtMostOnce {
-                    if let Err(e) = self
-                        .client
-                        .publish_with_headers(subject(LIVE, &m.topic), headers, m.payload.clone())
-                        .await
-                    {
+                    // Retained at QoS 0: kept above, and live to the subscribers of the moment.
+                    let frame = live_frame(&m, self.origin, seq);
+                    if let Err(e) = self.client.publish(subject(LIVE, &m.topic), frame).await {
                         tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
                     }
                 } else {
@@ -1360,9 +1460,9 @@ impl Node {
                     }
                 }
             }
-            &[LIVE]
+            &[LIVE, LIVE_HEADERS]
         } else {
-            &[LIVE, STORED]
+            &[LIVE, LIVE_HEADERS, STORED]
         };
         for prefix in prefixes {
             for pattern in filter_subjects(prefix, inner) {
@@ -1506,17 +1606,35 @@ impl Node {
     fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
         let headers = msg.headers.as_ref();
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let live = if headers.is_none() {
+            read_live_frame(&msg.payload)
+        } else {
+            None
+        };
         if shared.is_none() {
-            if header("Portcullis-Origin") == Some(self.instance.as_str()) {
-                return;
-            }
-            if let Some(id) = header("Portcullis-Id")
-                && let Ok(mut seen) = self.seen.lock()
-            {
-                if !seen.1.insert(id.to_string()) {
+            // (origin, sequence) of the message: its own come back (skipped), and overlapping
+            // subscriptions deliver a message twice (delivered once).
+            let key = match &live {
+                Some(frame) => Some((frame.origin, frame.seq)),
+                None => {
+                    if header("Portcullis-Origin") == Some(self.instance.as_str()) {
+                        return;
+                    }
+                    header("Portcullis-Origin")
+                        .zip(header("Portcullis-Id"))
+                        .map(|(origin, id)| (fnv(origin.as_bytes()), fnv(id.as_bytes())))
+                }
+            };
+            if let Some((origin, seq)) = key {
+                if origin == self.origin {
                     return;
                 }
-                seen.0.push_back(id.to_string());
+                let key = (u128::from(origin) << 64) | u128::from(seq);
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                if !seen.1.insert(key) {
+                    return;
+                }
+                seen.0.push_back(key);
                 if seen.0.len() > SEEN
                     && let Some(old) = seen.0.pop_front()
                 {
@@ -1527,7 +1645,11 @@ impl Node {
         let Some(topic) = topic(msg.subject.as_str()) else {
             return;
         };
-        let Some(message) = message_of(topic, headers, msg.payload.clone(), None) else {
+        let message = match live {
+            Some(frame) => frame.message(topic),
+            None => message_of(topic, headers, msg.payload.clone(), None),
+        };
+        let Some(message) = message else {
             return;
         };
         match shared {
@@ -2169,13 +2291,13 @@ mod tests {
                 assert_eq!(topic(&s).as_deref(), Some(t), "{s}");
             }
         }
-        assert_eq!(subject(LIVE, "a.b/c"), "pcm.a%2Eb.c");
-        assert_eq!(filter_subjects(LIVE, "a/+/c"), vec!["pcm.a.*.c"]);
+        assert_eq!(subject(LIVE, "a.b/c"), "pcl.a%2Eb.c");
+        assert_eq!(filter_subjects(LIVE, "a/+/c"), vec!["pcl.a.*.c"]);
         assert_eq!(filter_subjects(STORED, "a/#"), vec!["pcq.a.>", "pcq.a"]);
-        assert_eq!(filter_subjects(LIVE, "#"), vec!["pcm.>"]);
+        assert_eq!(filter_subjects(LIVE, "#"), vec!["pcl.>"]);
         assert_eq!(
             filter_subjects(LIVE, "a.b/#"),
-            vec!["pcm.a%2Eb.>", "pcm.a%2Eb"]
+            vec!["pcl.a%2Eb.>", "pcl.a%2Eb"]
         );
         assert_eq!(topic("other.subject"), None);
     }
@@ -2230,5 +2352,42 @@ mod tests {
         // Stored longer ago than it lives: gone.
         let old = SystemTime::now() - Duration::from_secs(120);
         assert!(message_of("t".into(), Some(&headers), m.payload.clone(), Some(old)).is_none());
+
+        // A QoS 0 message's live frame carries the same, and its origin and sequence.
+        let frame = super::live_frame(&m, 0xfeed, 42);
+        let read = super::read_live_frame(&frame).unwrap();
+        assert_eq!((read.origin, read.seq, read.retain), (0xfeed, 42, true));
+        let back = read.message("t".into()).unwrap();
+        assert_eq!(back.qos, QoS::AtMostOnce);
+        assert_eq!(back.payload, m.payload);
+        assert_eq!(back.properties.content_type, m.properties.content_type);
+        assert_eq!(
+            back.properties.user_properties,
+            m.properties.user_properties
+        );
+        assert!(back.expires_at.is_some());
+        // A plain message: nothing but the payload after the fixed fields.
+        let plain = Message {
+            properties: PublishProperties::default(),
+            expires_at: None,
+            retain: false,
+            ..m.clone()
+        };
+        let frame = super::live_frame(&plain, 1, 2);
+        assert_eq!(frame.len(), 22 + plain.payload.len());
+        let back = super::read_live_frame(&frame)
+            .unwrap()
+            .message("t".into())
+            .unwrap();
+        assert_eq!((back.payload, back.retain), (plain.payload, false));
+        // Truncated or foreign payloads are not frames.
+        assert!(super::read_live_frame(&frame.slice(..21)).is_none());
+        assert!(
+            super::read_live_frame(&bytes::Bytes::from_static(b"hello, not a frame at all"))
+                .is_none()
+        );
+        let mut lying = frame.to_vec();
+        lying[18..22].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(super::read_live_frame(&bytes::Bytes::from(lying)).is_none());
     }
 }
