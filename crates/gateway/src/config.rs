@@ -548,10 +548,42 @@ pub struct Mapping {
     /// Whether a WebSocket upgrade (decided like any request) becomes a tunnel to the upstream.
     /// No other upgrade ever does.
     pub websocket: bool,
+    /// How requests reach the upstream.
+    pub upstream_protocol: UpstreamProtocol,
     /// Answered by the gateway itself instead of an upstream.
     pub builtin: Option<Builtin>,
     /// For [`Builtin::Token`]: the audiences a token may be asked for (empty: any).
     pub token_audiences: Vec<String>,
+}
+
+/// The protocol spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, pooled keep-alive connections (the fast path's).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS ("prior knowledge"), to an `http://` upstream: one multiplexed
+    /// connection per upstream; what gRPC servers behind a proxy usually speak.
+    H2c,
+    /// HTTP/2 over TLS, by ALPN, to an `https://` upstream.
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// From its configuration name (`http1`, `h2c`, `h2`).
+    pub fn parse(name: &str) -> Option<UpstreamProtocol> {
+        match name {
+            "http1" => Some(UpstreamProtocol::Http1),
+            "h2c" => Some(UpstreamProtocol::H2c),
+            "h2" => Some(UpstreamProtocol::H2),
+            _ => None,
+        }
+    }
+
+    /// Whether it is HTTP/2.
+    pub fn is_h2(self) -> bool {
+        self != UpstreamProtocol::Http1
+    }
 }
 
 /// A service the gateway answers itself on a mapping (`upstream = "builtin:…"`).
@@ -635,6 +667,7 @@ impl Mapping {
             upstream_tls: None,
             authorization: Authorization::None,
             websocket: true,
+            upstream_protocol: UpstreamProtocol::Http1,
             builtin: None,
             token_audiences: Vec::new(),
         })
@@ -656,6 +689,35 @@ impl Mapping {
     pub fn with_websocket(mut self, websocket: bool) -> Mapping {
         self.websocket = websocket;
         self
+    }
+
+    /// Sets the protocol spoken to the upstream: `h2c` needs an `http://` upstream, `h2` an
+    /// `https://` one. WebSocket upgrades are HTTP/1.1 only: an HTTP/2 mapping tunnels none.
+    pub fn with_upstream_protocol(
+        mut self,
+        protocol: UpstreamProtocol,
+    ) -> Result<Mapping, GatewayError> {
+        let scheme = self.upstream.scheme_str();
+        match (protocol, scheme) {
+            (UpstreamProtocol::H2c, Some("https")) => {
+                return Err(GatewayError::Config(format!(
+                    "upstream '{}' is https://: use upstream_protocol = \"h2\" (HTTP/2 over TLS), or an http:// upstream for h2c",
+                    self.upstream
+                )));
+            }
+            (UpstreamProtocol::H2, Some("http")) => {
+                return Err(GatewayError::Config(format!(
+                    "upstream '{}' is http://: use upstream_protocol = \"h2c\" (HTTP/2 without TLS), or an https:// upstream for h2",
+                    self.upstream
+                )));
+            }
+            _ => {}
+        }
+        if protocol.is_h2() {
+            self.websocket = false;
+        }
+        self.upstream_protocol = protocol;
+        Ok(self)
     }
 
     /// Sets how requests are authorized.

@@ -184,12 +184,16 @@ impl State {
                 let upstream_clients = d
                     .mappings
                     .iter()
-                    .map(|m| match &m.upstream_tls {
-                        Some(tls) => {
-                            http::proxy::client(config.limits.upstream_connect_timeout, Some(tls))
-                                .map(Some)
+                    .map(|m| {
+                        if m.upstream_tls.is_none() && !m.upstream_protocol.is_h2() {
+                            return Ok(None);
                         }
-                        None => Ok(None),
+                        http::proxy::client(
+                            config.limits.upstream_connect_timeout,
+                            m.upstream_tls.as_ref(),
+                            m.upstream_protocol,
+                        )
+                        .map(Some)
                     })
                     .collect::<Result<Vec<_>, GatewayError>>()?;
                 Ok(DomainState {
@@ -405,7 +409,11 @@ impl Gateway {
         first.publish_gauges();
         let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client = http::proxy::client(config.limits.upstream_connect_timeout, None)?;
+        let client = http::proxy::client(
+            config.limits.upstream_connect_timeout,
+            None,
+            config::UpstreamProtocol::Http1,
+        )?;
         let limits = Arc::new(conn::Gates::new(&config.limits));
         let mut tasks = Vec::new();
         let broker = Arc::new(portcullis_mqtt::broker::Broker::new(config.broker.clone()));

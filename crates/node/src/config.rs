@@ -17,7 +17,7 @@ use portcullis_gateway::Config;
 use portcullis_gateway::config::{
     Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
     Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders, SecurityPolicy,
-    ServerCertificate, UpstreamTls,
+    ServerCertificate, UpstreamProtocol, UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, Truststore};
@@ -708,10 +708,20 @@ fn file_domain(
                 m.base_path
             );
         }
+        let Some(protocol) = UpstreamProtocol::parse(&m.upstream_protocol) else {
+            bail!(
+                "{}: mapping '{}': upstream_protocol '{}' must be http1, h2c or h2",
+                ctx(),
+                m.base_path,
+                m.upstream_protocol
+            );
+        };
         let mut mapping = Mapping::new(&m.base_path, &upstream, require)
             .with_context(ctx)?
             .with_authorization(authorization)
-            .with_websocket(m.websocket);
+            .with_websocket(m.websocket)
+            .with_upstream_protocol(protocol)
+            .with_context(ctx)?;
         if upstream.starts_with("https://")
             || m.upstream_ca.is_some()
             || m.upstream_client_cert.is_some()

@@ -196,9 +196,21 @@ pub struct MappingSpec {
     /// Tunnel WebSocket upgrades to the upstream (default true).
     #[serde(default = "default_true")]
     pub websocket: bool,
+    /// How the gateway speaks to the upstream: `http1` (default), `h2c` (HTTP/2 without TLS,
+    /// `http://`) or `h2` (HTTP/2 over TLS by ALPN, `https://`). gRPC needs `h2c` or `h2`.
+    #[serde(default = "default_http1", skip_serializing_if = "is_http1")]
+    pub upstream_protocol: String,
     /// For `builtin:token`: the audiences a token may be asked for (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_audiences: Vec<String>,
+}
+
+fn default_http1() -> String {
+    "http1".into()
+}
+
+fn is_http1(p: &String) -> bool {
+    p == "http1"
 }
 
 fn default_authorization() -> String {

@@ -1213,7 +1213,9 @@ fn bulk_registration_killed_mid_way_loses_no_acknowledged_write() {
         .iter()
         .map(|f| f["file"].as_str().unwrap().to_string())
         .collect();
-    assert!(summary["registered"].as_u64().unwrap() >= 100, "{summary}");
+    // Five batches were answered by the server when it was killed; the last of them may not
+    // have reached the client yet (then it counts as failed, and must be redone, not lost).
+    assert!(summary["registered"].as_u64().unwrap() >= 80, "{summary}");
     assert!(
         !failed.is_empty(),
         "the kill interrupted nothing: {summary}"

@@ -112,3 +112,107 @@ upstream = "builtin:echo"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// gRPC through the gateway with grpcio (PyPI) on both ends: a gRPC server speaking h2c behind
+/// an `upstream_protocol = "h2c"` mapping, a client over mutual TLS. Unary, server-streaming,
+/// client-streaming and bidirectional calls; the upstream's status and message in trailers; a
+/// deadline shorter than the answer; a stream cancelled mid-way; and the gateway's own answers
+/// as gRPC statuses: UNAVAILABLE for an upstream down, PERMISSION_DENIED for a method the
+/// policies do not allow, UNAUTHENTICATED without a certificate on an optional domain.
+#[test]
+fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
+    let Some(python) = crate::mqtt::paho_python() else {
+        return;
+    };
+    if run(&python, &["-c", "import grpc"], std::path::Path::new(".")).code != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcio is not installed; the test command (scripts/test) installs it"
+        );
+        eprintln!("SKIP: grpcio is not installed (run scripts/test to install it)");
+        return;
+    }
+    let tmp = temp_dir();
+    let d = tmp.path();
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts");
+    let (_upstream, port) = python_server(
+        &python,
+        &[scripts.join("grpc_upstream.py").to_str().unwrap()],
+        d,
+    );
+    let down = crate::cluster::free_port();
+    let domain = |host: &str, mode: &str, mapping: &str| {
+        format!(
+            "[[domain]]\nhostname = \"{host}\"\ncertificate = \"auto\"\n\
+             [domain.mtls]\nmode = \"{mode}\"\ntruststore = \"data/ca/ca.pem\"\n\
+             [[domain.mapping]]\n{mapping}\n"
+        )
+    };
+    let h2c = |upstream: u16| {
+        format!("upstream = \"http://127.0.0.1:{upstream}\"\nupstream_protocol = \"h2c\"")
+    };
+    let config = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}{}",
+        domain("localhost", "required", &h2c(port)),
+        domain("down.test", "required", &h2c(down)),
+        domain(
+            "policy.test",
+            "required",
+            &format!("{}\nauthorization = \"policy\"", h2c(port))
+        ),
+        domain(
+            "optional.test",
+            "optional",
+            &format!("{}\nclient_certificate = \"required\"", h2c(port))
+        ),
+    );
+    let s = Server::start(d, &config);
+    crate::control::cli_json(
+        d,
+        &[
+            "cert",
+            "create",
+            "--common-name",
+            "caller",
+            "--status",
+            "ACTIVE",
+            "--out",
+            "caller",
+        ],
+    );
+    std::fs::write(
+        d.join("grpc.json"),
+        r#"{"Statement": [{"Effect": "Allow", "Action": "http:POST",
+             "Resource": "route:policy.test/test.Echo/Echo"}]}"#,
+    )
+    .unwrap();
+    crate::control::cli(d, &["policy", "create", "grpc", "--document", "grpc.json"]).ok();
+    crate::control::cli(d, &["policy", "attach", "grpc", "--domain", "policy.test"]).ok();
+    let r = run(
+        &python,
+        &[
+            scripts.join("grpc_client.py").to_str().unwrap(),
+            &s.port.to_string(),
+            "data/ca/ca.pem",
+            "caller/cert.pem",
+            "caller/key.pem",
+        ],
+        d,
+    );
+    println!("{}", r.stdout);
+    assert!(
+        r.code == 0 && r.stdout.contains("ALL OK"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        s.lines_with("WARN").join("\n")
+    );
+    // The access log keeps the decision's HTTP status for calls answered as gRPC statuses.
+    let line = s.printed("the denied call's access line", |l| {
+        l.contains("portcullis::access")
+            && l.contains("/test.Echo/Slow")
+            && l.contains("policy.test")
+    });
+    assert!(line.contains("\"status\":403"), "{line}");
+}

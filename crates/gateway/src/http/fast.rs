@@ -68,7 +68,10 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool for a plain-HTTP mapping; `None` for `https://` upstreams (the hyper path's).
     pub(crate) fn for_mapping(m: &Mapping) -> Option<Pool> {
-        if m.upstream_tls.is_some() || m.upstream.scheme_str() != Some("http") {
+        if m.upstream_tls.is_some()
+            || m.upstream.scheme_str() != Some("http")
+            || m.upstream_protocol.is_h2()
+        {
             return None;
         }
         let authority = m.upstream.authority()?;

@@ -9,6 +9,7 @@ pub(crate) mod context;
 pub(crate) mod decide;
 pub(crate) mod est;
 pub(crate) mod fast;
+pub(crate) mod grpc;
 pub(crate) mod h2guard;
 pub(crate) mod identity;
 pub(crate) mod inbound;

@@ -19,19 +19,22 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::GatewayError;
-use crate::config::UpstreamTls;
+use crate::config::{UpstreamProtocol, UpstreamTls};
 use crate::http::identity::IdentityBlock;
 use crate::http::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::http::respond::{Body, error_response};
 
-/// A pooled HTTP/1.1 client: the shared one for `http://` upstreams, or one per `https://`
-/// mapping with that mapping's CA and client certificate.
+/// A pooled client: the shared HTTP/1.1 one for `http://` upstreams, or one per mapping that
+/// needs its own (an `https://` upstream's CA and client certificate, or HTTP/2: one
+/// multiplexed connection per upstream).
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-/// Builds an upstream client. Without TLS settings it speaks plain HTTP only.
+/// Builds an upstream client. Without TLS settings it speaks plain HTTP only; with `protocol`
+/// HTTP/2 it speaks only that (`h2c`: prior knowledge; `h2`: ALPN `h2` only).
 pub(crate) fn client(
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
+    protocol: UpstreamProtocol,
 ) -> Result<UpstreamClient, GatewayError> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
@@ -63,12 +66,27 @@ pub(crate) fn client(
     };
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector))
+        .https_or_http();
+    let connector = match protocol {
+        UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(http),
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+            connector.enable_http2().wrap_connector(http)
+        }
+    };
+    let mut builder = Client::builder(hyper_util::rt::TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(60));
+    if protocol.is_h2() {
+        builder
+            // HTTP/2 keep-alive pings and the adaptive window need a timer.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
+            // Windows that grow with the measured bandwidth-delay product: a fast upstream is
+            // not held to 64 KiB in flight per stream.
+            .http2_adaptive_window(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10));
+    }
+    Ok(builder.build(connector))
 }
 
 /// The forwarding header values of one client connection, computed once: the client address,
@@ -158,6 +176,8 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) websocket: Option<WebSocket>,
     /// Where an accepted upgrade leaves its tunnel, for the connection's task to run.
     pub(crate) tunnel: &'a TunnelSlot,
+    /// The protocol spoken to the upstream.
+    pub(crate) protocol: UpstreamProtocol,
 }
 
 /// A WebSocket tunnel, run by the connection's own task so that it keeps its connection slot and
@@ -199,7 +219,20 @@ pub(crate) async fn forward(
         );
     };
     *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
+    let h2 = out.protocol.is_h2();
+    // `te: trailers` is the one TE an HTTP/2 request may carry, and gRPC servers want it.
+    let te_trailers = h2
+        && req
+            .headers()
+            .get_all(header::TE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     // A WebSocket upgrade keeps its Upgrade header; the client side of the tunnel is taken here,
     // before the request moves on.
     let client_side = out.websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -217,7 +250,13 @@ pub(crate) async fn forward(
     // After the hop-by-hop removal: nothing the client names in Connection removes them.
     out.identity.insert_into(headers);
     add_forwarding(headers, &out.origin);
-    if let Some(authority) = upstream.authority()
+    if h2 {
+        // HTTP/2 names the upstream in `:authority`, from the URI.
+        headers.remove(header::HOST);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else if let Some(authority) = upstream.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(header::HOST, v);

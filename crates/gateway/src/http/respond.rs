@@ -10,6 +10,14 @@ use hyper::{Response, StatusCode};
 /// The body of every answer the gateway makes.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Marks a response the gateway made itself (not an upstream's), with its reason code and
+/// message: what a gRPC client gets as a gRPC status instead.
+#[derive(Debug, Clone)]
+pub(crate) struct GatewayAnswer {
+    pub(crate) reason: String,
+    pub(crate) message: String,
+}
+
 /// A JSON error `{"error": code, "message": …}`; with `html`, a readable page instead.
 pub(crate) fn error_response(
     status: StatusCode,
@@ -19,6 +27,10 @@ pub(crate) fn error_response(
 ) -> Response<Body> {
     let (content_type, body) = error_parts(status, code, message, html);
     let mut resp = Response::new(full(body));
+    resp.extensions_mut().insert(GatewayAnswer {
+        reason: code.to_string(),
+        message: message.to_string(),
+    });
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -24,7 +24,11 @@ pub(crate) async fn request(
     mut req: Request<Incoming>,
     ctx: Arc<ConnectionContext>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    let began = Began {
+        at: Instant::now(),
+        grpc: crate::http::grpc::is_grpc(req.headers()),
+    };
+    let grpc = began.grpc;
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -47,7 +51,7 @@ pub(crate) async fn request(
             }
             return finish(
                 &ctx,
-                started,
+                &began,
                 String::new(),
                 method,
                 path,
@@ -85,8 +89,16 @@ pub(crate) async fn request(
                 policy: mapping.authorization == Authorization::Policy,
                 websocket,
                 tunnel: &ctx.tunnel,
+                protocol: mapping.upstream_protocol,
             };
-            let timeout = ctx.state.limits.upstream_response_timeout;
+            // A gRPC call's own deadline bounds the wait for the upstream's answer.
+            let timeout = match grpc
+                .then(|| crate::http::grpc::timeout(req.headers()))
+                .flatten()
+            {
+                Some(deadline) => deadline,
+                None => ctx.state.limits.upstream_response_timeout,
+            };
             let client = domain
                 .upstream_clients
                 .get(admitted.index)
@@ -126,15 +138,7 @@ pub(crate) async fn request(
                             .await
                         }
                     };
-                    return finish(
-                        &ctx,
-                        started,
-                        "/topics".into(),
-                        method,
-                        path,
-                        None,
-                        response,
-                    );
+                    return finish(&ctx, &began, "/topics".into(), method, path, None, response);
                 }
                 Refusal::AmbiguousPath(why) => {
                     denied = Some("ambiguous-path".to_string());
@@ -179,7 +183,7 @@ pub(crate) async fn request(
                                 else {
                                     return finish(
                                         &ctx,
-                                        started,
+                                        &began,
                                         name,
                                         method,
                                         path,
@@ -242,7 +246,7 @@ pub(crate) async fn request(
                         }
                         _ => forbidden(&req, &ctx.verdict, advice_of(&ctx)),
                     };
-                    return finish(&ctx, started, name, method, path, None, response);
+                    return finish(&ctx, &began, name, method, path, None, response);
                 }
                 Refusal::ClaimCertificate => {
                     denied = Some("claim-certificate".to_string());
@@ -277,22 +281,41 @@ pub(crate) async fn request(
             (name, response)
         }
     };
-    finish(&ctx, started, mapping_name, method, path, denied, response)
+    finish(&ctx, &began, mapping_name, method, path, denied, response)
+}
+
+/// When a request began, and whether it is a gRPC call (answered with gRPC statuses).
+struct Began {
+    at: Instant,
+    grpc: bool,
 }
 
 /// Records a request's metrics and arranges its access-log line (written when the body has been
 /// sent or abandoned, with its size).
 fn finish(
     ctx: &Arc<ConnectionContext>,
-    started: Instant,
+    began: &Began,
     mapping: String,
     method: hyper::Method,
     path: String,
     denied: Option<String>,
     response: Response<Body>,
 ) -> Response<Body> {
+    // A gRPC client gets the gateway's own answers as gRPC statuses; the log and the metrics
+    // keep the decision's HTTP status.
+    let started = began.at;
+    let response = if began.grpc {
+        crate::http::grpc::convert(response)
+    } else {
+        response
+    };
+    let status = response
+        .extensions()
+        .get::<crate::http::grpc::DecidedStatus>()
+        .map_or(response.status(), |d| d.0)
+        .as_u16();
     ctx.state.domains[ctx.domain]
-        .request_metrics(&mapping, response.status().as_u16())
+        .request_metrics(&mapping, status)
         .record(started.elapsed().as_secs_f64());
     if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
         return response;
@@ -302,7 +325,7 @@ fn finish(
         mapping,
         method,
         path,
-        status: response.status().as_u16(),
+        status,
         denied,
         headers_ms: started.elapsed().as_secs_f64() * 1000.0,
         started,

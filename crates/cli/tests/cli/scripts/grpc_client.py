@@ -1,0 +1,87 @@
+# gRPC calls through the gateway with grpcio (PyPI) over mutual TLS: unary, server streaming,
+# client streaming, bidirectional, a streaming call cancelled mid-way, a deadline exceeded, an
+# upstream error's status and message, and the gateway's own refusals as gRPC statuses.
+# Arguments: gateway port, CA file, client certificate chain, client key.
+import sys, time
+
+import grpc
+
+port, ca, cert, key = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+ident = lambda b: b
+
+
+def check(cond, what):
+    if not cond:
+        print("FAILED: " + what, flush=True)
+        sys.exit(1)
+    print("ok " + what, flush=True)
+
+
+def channel(host, with_cert=True):
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=open(ca, "rb").read(),
+        private_key=open(key, "rb").read() if with_cert else None,
+        certificate_chain=open(cert, "rb").read() if with_cert else None,
+    )
+    return grpc.secure_channel(
+        "127.0.0.1:%s" % port,
+        creds,
+        options=[("grpc.ssl_target_name_override", host), ("grpc.default_authority", host)],
+    )
+
+
+def method(ch, name, kind="unary_unary"):
+    return getattr(ch, kind)("/test.Echo/" + name, request_serializer=ident, response_deserializer=ident)
+
+
+def status_of(call):
+    try:
+        call()
+        return None, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+
+
+ch = channel("localhost")
+answer = method(ch, "Echo")(b"hi", timeout=10)
+check(answer.startswith(b"echo:hi|:"), "unary call answered, the certificate forwarded as client-cert metadata (%r)" % answer[:30])
+
+got = [m for m in method(ch, "Count", "unary_stream")(b"5", timeout=10)]
+check(got == [b"n-%d" % i for i in range(5)], "server streaming: 5 messages in order")
+
+total = method(ch, "Sum", "stream_unary")(iter([b"abc", b"de", b"f" * 10]), timeout=10)
+check(total == b"15", "client streaming: the upstream read every message (%r)" % total)
+
+back = list(method(ch, "Chat", "stream_stream")(iter([b"one", b"two", b"three"]), timeout=10))
+check(back == [b"ONE", b"TWO", b"THREE"], "bidirectional: every message back")
+
+code, details = status_of(lambda: method(ch, "Fail")(b"", timeout=10))
+check(code == grpc.StatusCode.NOT_FOUND and details == "no such thing",
+      "the upstream's status and message cross the gateway in trailers (%s %r)" % (code, details))
+
+started = time.monotonic()
+code, details = status_of(lambda: method(ch, "Slow")(b"", timeout=0.5))
+took = time.monotonic() - started
+check(code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.5,
+      "a deadline shorter than the upstream's answer: DEADLINE_EXCEEDED after %.2f s" % took)
+
+call = method(ch, "Count", "unary_stream")(b"1000", timeout=30)
+first = [next(call) for _ in range(3)]
+call.cancel()
+check(first == [b"n-0", b"n-1", b"n-2"], "a long stream started")
+code, _ = status_of(lambda: list(call))
+check(code == grpc.StatusCode.CANCELLED, "cancelled mid-way by the client (%s)" % code)
+
+# The gateway's own answers, as gRPC statuses a client can read.
+code, details = status_of(lambda: method(channel("down.test"), "Echo")(b"", timeout=10))
+check(code == grpc.StatusCode.UNAVAILABLE and "upstream-unavailable" in details,
+      "an upstream down: UNAVAILABLE (%s %r)" % (code, details))
+code, details = status_of(lambda: method(channel("policy.test"), "Slow")(b"", timeout=10))
+check(code == grpc.StatusCode.PERMISSION_DENIED and "policy-denied" in details,
+      "a method the policies do not allow: PERMISSION_DENIED (%s %r)" % (code, details))
+answer = method(channel("policy.test"), "Echo")(b"ok", timeout=10)
+check(answer.startswith(b"echo:ok"), "a method the policies allow is called")
+code, details = status_of(lambda: method(channel("optional.test", with_cert=False), "Echo")(b"", timeout=10))
+check(code == grpc.StatusCode.UNAUTHENTICATED and "no-certificate" in details,
+      "no certificate on an optional domain's certificate-only mapping: UNAUTHENTICATED (%s %r)" % (code, details))
+print("ALL OK", flush=True)
