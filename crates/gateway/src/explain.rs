@@ -118,6 +118,7 @@ impl Explainer {
                 query,
                 host: &host,
                 websocket: false,
+                grpc: false,
             };
             // The policy trace, for the reader; the decision is admit's.
             if let Some((m, _)) = &route

@@ -1147,4 +1147,22 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn grpc_calls_are_named_by_service_and_method() {
+        let b = bound(
+            &[r#"{"Statement": [
+                {"Effect": "Allow", "Action": "grpc:Invoke", "Resource": "grpc:billing.v1.Invoices/*"},
+                {"Effect": "Deny", "Action": "grpc:*", "Resource": "grpc:billing.v1.Invoices/Delete"}]}"#],
+            &Variables::new(),
+        );
+        assert!(allowed(&b, "grpc:Invoke", "grpc:billing.v1.Invoices/Get"));
+        assert!(!allowed(
+            &b,
+            "grpc:Invoke",
+            "grpc:billing.v1.Invoices/Delete"
+        ));
+        assert!(!allowed(&b, "grpc:Invoke", "grpc:billing.v2.Invoices/Get"));
+        assert!(!allowed(&b, "http:POST", "grpc:billing.v1.Invoices/Get"));
+    }
 }

@@ -22,13 +22,13 @@ pub const MAX_PATTERN_BYTES: usize = 1024;
 pub const MAX_PATTERNS: usize = 50;
 
 const MQTT_ACTIONS: [&str; 4] = ["connect", "publish", "receive", "subscribe"];
-const ACTIONS_ARE: &str = "actions are http:<METHOD>, mqtt:Connect, mqtt:Publish, mqtt:Receive, \
-                           mqtt:Subscribe (AWS IoT's iot:Connect, iot:Publish, iot:Receive, \
-                           iot:Subscribe are the same)";
-const RESOURCES_ARE: &str = "resources are route:<domain>/<path>, client:<id>, topic:<name>, \
-                             topicfilter:<filter>, a pattern starting with *, or an AWS IoT \
-                             ARN (arn:aws:iot:<region>:<account>:topic/<name>…)";
-const RESOURCE_TYPES: [&str; 4] = ["route:", "client:", "topic:", "topicfilter:"];
+const ACTIONS_ARE: &str = "actions are http:<METHOD>, grpc:Invoke, mqtt:Connect, mqtt:Publish, \
+                           mqtt:Receive, mqtt:Subscribe (AWS IoT's iot:Connect, iot:Publish, \
+                           iot:Receive, iot:Subscribe are the same)";
+const RESOURCES_ARE: &str = "resources are route:<domain>/<path>, grpc:<package.Service>/<Method>, \
+                             client:<id>, topic:<name>, topicfilter:<filter>, a pattern starting \
+                             with *, or an AWS IoT ARN (arn:aws:iot:<region>:<account>:topic/<name>…)";
+const RESOURCE_TYPES: [&str; 5] = ["route:", "grpc:", "client:", "topic:", "topicfilter:"];
 
 /// A parsed, checked policy document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -506,6 +506,15 @@ fn check_action(action: &str) -> Result<Option<String>, String> {
                 ))
             }
         }
+        Some(("grpc", name)) => {
+            if Glob::new(name).matches("invoke") {
+                Ok(Some(lower))
+            } else {
+                Err(format!(
+                    "\"{action}\" matches no gRPC action; {ACTIONS_ARE}"
+                ))
+            }
+        }
         Some(("iot", name)) if !name.is_empty() && !name.contains(':') => {
             let glob = Glob::new(name);
             if MQTT_ACTIONS.iter().any(|a| glob.matches(a)) {
@@ -515,7 +524,10 @@ fn check_action(action: &str) -> Result<Option<String>, String> {
             }
         }
         Some((service, _)) if service.contains(['*', '?']) => {
-            if glob_match(service, "http") || glob_match(service, "mqtt") {
+            if glob_match(service, "http")
+                || glob_match(service, "mqtt")
+                || glob_match(service, "grpc")
+            {
                 Ok(Some(lower))
             } else {
                 Err(unknown())
@@ -526,7 +538,11 @@ fn check_action(action: &str) -> Result<Option<String>, String> {
             // No ':' at all: only a wildcard pattern (`*`, `*Publish`, `mqtt*`) can match.
             let literal = lower.split(['*', '?']).next().unwrap_or("");
             let wild = lower.len() != literal.len();
-            if wild && ("http:".starts_with(literal) || "mqtt:".starts_with(literal)) {
+            if wild
+                && ["http:", "mqtt:", "grpc:"]
+                    .iter()
+                    .any(|s| s.starts_with(literal))
+            {
                 Ok(Some(lower))
             } else {
                 Err(unknown())
@@ -559,6 +575,12 @@ fn check_resource(resource: &str) -> Result<Option<Template>, String> {
             "unknown resource type in \"{resource}\"; {RESOURCES_ARE}"
         ));
     };
+    if *kind == "grpc:" && !resource.contains(['/', '*']) {
+        return Err(format!(
+            "\"{resource}\" names a service without a method, so it matches no call; write \
+             {resource}/* for every method"
+        ));
+    }
     if *kind == "route:" && !resource.contains(['/', '*']) {
         return Err(format!(
             "\"{resource}\" names no path, so it matches no request; write {resource}/* for \
@@ -1067,6 +1089,10 @@ mod tests {
             "IOT:Connect",
             "iot:GetThingShadow",
             "iot:DescribeJobExecution",
+            "grpc:Invoke",
+            "grpc:*",
+            "GRPC:invoke",
+            "g*:Invoke",
         ] {
             Policy::parse(&statement(&format!(
                 r#"{{"Effect": "Allow", "Action": "{ok}", "Resource": "*"}}"#
@@ -1082,8 +1108,10 @@ mod tests {
             "http:",
             "http:GE T",
             "x*:GET",
-            "G*",
+            "Q*",
             "http:${cert:Subject.CN}",
+            "grpc:Call",
+            "grpc:",
         ] {
             let e = error(&statement(&format!(
                 r#"{{"Effect": "Allow", "Action": ["http:GET", "{bad}"], "Resource": "*"}}"#
@@ -1108,6 +1136,9 @@ mod tests {
             "client:${mqtt:ClientId}",
             "topic:sensors/${thing:Name}/temp",
             "topicfilter:sensors/+/#",
+            "grpc:billing.v1.Invoices/Get",
+            "grpc:billing.v1.Invoices/*",
+            "grpc:*",
             "*",
             "*/admin",
             "arn:aws:iot:us-east-1:123456789012:topic/sensors/${iot:ClientId}",
@@ -1138,6 +1169,7 @@ mod tests {
             ("Route:a/b", "unknown resource type"),
             ("${thing:Name}", "unknown resource type"),
             ("route:api.example.com", "names no path"),
+            ("grpc:billing.v1.Invoices", "without a method"),
             (
                 "route:a/${cert:Subject.X}",
                 "unknown variable ${cert:Subject.X}",

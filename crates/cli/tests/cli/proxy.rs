@@ -118,7 +118,9 @@ upstream = "builtin:echo"
 /// client-streaming and bidirectional calls; the upstream's status and message in trailers; a
 /// deadline shorter than the answer; a stream cancelled mid-way; and the gateway's own answers
 /// as gRPC statuses: UNAVAILABLE for an upstream down, PERMISSION_DENIED for a method the
-/// policies do not allow, UNAUTHENTICATED without a certificate on an optional domain.
+/// policies do not allow (named by HTTP route or as `grpc:Invoke` on `grpc:Service/Method`,
+/// an explicit Deny under either name winning), UNAUTHENTICATED without a certificate on an
+/// optional domain.
 #[test]
 fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
     let Some(python) = crate::mqtt::paho_python() else {
@@ -183,8 +185,11 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
     );
     std::fs::write(
         d.join("grpc.json"),
-        r#"{"Statement": [{"Effect": "Allow", "Action": "http:POST",
-             "Resource": "route:policy.test/test.Echo/Echo"}]}"#,
+        r#"{"Statement": [
+             {"Effect": "Allow", "Action": "http:POST", "Resource": "route:policy.test/test.Echo/Echo"},
+             {"Effect": "Allow", "Action": "grpc:Invoke", "Resource": "grpc:test.Echo/Count"},
+             {"Effect": "Allow", "Action": "http:POST", "Resource": "route:policy.test/test.Echo/Fail"},
+             {"Effect": "Deny", "Action": "grpc:*", "Resource": "grpc:test.Echo/Fail"}]}"#,
     )
     .unwrap();
     crate::control::cli(d, &["policy", "create", "grpc", "--document", "grpc.json"]).ok();

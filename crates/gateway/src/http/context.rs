@@ -52,6 +52,7 @@ pub(crate) fn admit(
     query: Option<&str>,
     host: &str,
     websocket: bool,
+    grpc: bool,
 ) -> Result<Admitted, (Refusal, Option<usize>)> {
     decide::admit(
         &ctx.decision_context(),
@@ -61,6 +62,7 @@ pub(crate) fn admit(
             query,
             host,
             websocket,
+            grpc,
         },
     )
 }

@@ -38,6 +38,9 @@ pub(crate) struct Asked<'a> {
     pub(crate) host: &'a str,
     /// The request asks to become a WebSocket tunnel.
     pub(crate) websocket: bool,
+    /// A gRPC call (`content-type: application/grpc…`): policies may also name it as
+    /// `grpc:Invoke` on `grpc:<package.Service>/<Method>`.
+    pub(crate) grpc: bool,
 }
 
 /// Why a request is not forwarded.
@@ -128,6 +131,7 @@ pub(crate) fn admit(
         query,
         host,
         websocket,
+        grpc,
     } = *asked;
     let domain: &DomainState = &ctx.state.domains[ctx.domain];
     // The Host must name the domain this connection was made for, resolved as SNI is (exact
@@ -245,13 +249,31 @@ pub(crate) fn admit(
         } else {
             host.to_string()
         };
-        let decision = domain.tls.verifier.registry_snapshot().policies().decide(
+        let snapshot = domain.tls.verifier.registry_snapshot();
+        let policies = snapshot.policies();
+        let domain_name = domain.config.hostname.to_string();
+        let mut decision = policies.decide(
             leaf,
-            &domain.config.hostname.to_string(),
+            &domain_name,
             &format!("http:{method}"),
             &format!("route:{route_host}{decoded}"),
             ctx.peer,
         );
+        // A gRPC call is also `grpc:Invoke` on `grpc:<package.Service>/<Method>`: either may
+        // allow it, an explicit Deny in either refuses it.
+        if grpc
+            && method == "POST"
+            && let Some(rpc) = decoded.strip_prefix('/')
+        {
+            let call = policies.decide(
+                leaf,
+                &domain_name,
+                "grpc:Invoke",
+                &format!("grpc:{rpc}"),
+                ctx.peer,
+            );
+            decision = either(decision, call);
+        }
         if !decision.allowed {
             return refuse(Refusal::PolicyDenied(decision.reason));
         }
@@ -263,6 +285,29 @@ pub(crate) fn admit(
     })
 }
 
+/// Two decisions on one request, under two names: an explicit Deny in either wins, then an
+/// Allow in either; nothing applying to either is the default denial, naming both.
+fn either(
+    first: portcullis_policy::Decision,
+    second: portcullis_policy::Decision,
+) -> portcullis_policy::Decision {
+    let denies = |d: &portcullis_policy::Decision| !d.allowed && d.by.is_some();
+    if denies(&first) {
+        return first;
+    }
+    if denies(&second) || (second.allowed && !first.allowed) {
+        return second;
+    }
+    if first.allowed {
+        return first;
+    }
+    portcullis_policy::Decision {
+        allowed: false,
+        by: None,
+        reason: format!("{}; {}", first.reason, second.reason),
+    }
+}
+
 /// A host as routing compares it: lower-case, without port or IPv6 brackets.
 pub(crate) fn normalize_host(text: &str) -> String {
     let host = match text.rsplit_once(':') {
@@ -272,6 +317,41 @@ pub(crate) fn normalize_host(text: &str) -> String {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     // An absolute name (`a.test.`) is the same host.
     host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod either_tests {
+    use portcullis_policy::{Decision, Effect, StatementRef};
+
+    fn d(allowed: bool, by: bool, reason: &str) -> Decision {
+        Decision {
+            allowed,
+            by: by.then(|| StatementRef {
+                policy: "p".into(),
+                version: 1,
+                index: 0,
+                sid: None,
+                effect: if allowed { Effect::Allow } else { Effect::Deny },
+            }),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn an_explicit_deny_under_either_name_wins_then_an_allow() {
+        use super::either;
+        let (allow, deny, nothing) = (
+            d(true, true, "a"),
+            d(false, true, "d"),
+            d(false, false, "n"),
+        );
+        assert!(!either(allow.clone(), deny.clone()).allowed);
+        assert!(!either(deny.clone(), allow.clone()).allowed);
+        assert!(either(nothing.clone(), allow.clone()).allowed);
+        assert!(either(allow.clone(), nothing.clone()).allowed);
+        let neither = either(nothing.clone(), d(false, false, "m"));
+        assert!(!neither.allowed && neither.reason == "n; m");
+    }
 }
 
 #[cfg(test)]
@@ -524,6 +604,7 @@ mod tests {
                 query: None,
                 host,
                 websocket,
+                grpc: false,
             };
             let got = match admit(&ctx, &asked) {
                 Ok(a) => format!(

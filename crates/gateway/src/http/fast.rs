@@ -530,7 +530,7 @@ fn plan_request(
     let Some(host) = host.and_then(host_of) else {
         return Parsed::Other;
     };
-    let Ok(admitted) = admit(ctx, method, path, query, &host, false) else {
+    let Ok(admitted) = admit(ctx, method, path, query, &host, false, false) else {
         return Parsed::Other;
     };
     let domain = &ctx.state.domains[ctx.domain];

@@ -75,6 +75,7 @@ pub(crate) async fn request(
         req.uri().query(),
         &host,
         websocket.is_some(),
+        grpc,
     );
     let (mapping_name, response) = match admitted {
         Ok(admitted) => {

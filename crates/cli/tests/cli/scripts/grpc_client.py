@@ -80,7 +80,12 @@ code, details = status_of(lambda: method(channel("policy.test"), "Slow")(b"", ti
 check(code == grpc.StatusCode.PERMISSION_DENIED and "policy-denied" in details,
       "a method the policies do not allow: PERMISSION_DENIED (%s %r)" % (code, details))
 answer = method(channel("policy.test"), "Echo")(b"ok", timeout=10)
-check(answer.startswith(b"echo:ok"), "a method the policies allow is called")
+check(answer.startswith(b"echo:ok"), "a method the policies allow by its HTTP route is called")
+got = list(method(channel("policy.test"), "Count", "unary_stream")(b"2", timeout=10))
+check(got == [b"n-0", b"n-1"], "a method allowed as grpc:Invoke on grpc:test.Echo/Count is called")
+code, details = status_of(lambda: method(channel("policy.test"), "Fail")(b"", timeout=10))
+check(code == grpc.StatusCode.PERMISSION_DENIED,
+      "an explicit Deny on grpc:test.Echo/Fail wins over an Allow of its route (%s %r)" % (code, details))
 code, details = status_of(lambda: method(channel("optional.test", with_cert=False), "Echo")(b"", timeout=10))
 check(code == grpc.StatusCode.UNAUTHENTICATED and "no-certificate" in details,
       "no certificate on an optional domain's certificate-only mapping: UNAUTHENTICATED (%s %r)" % (code, details))
