@@ -750,6 +750,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upstream_protocols_match_their_schemes() {
+        let plain = || Mapping::new("", "http://127.0.0.1:9", true).unwrap();
+        let tls = || Mapping::new("", "https://up.internal:9", true).unwrap();
+        let h2c = plain()
+            .with_upstream_protocol(UpstreamProtocol::H2c)
+            .unwrap();
+        assert!(!h2c.websocket, "HTTP/2 upstreams tunnel no WebSocket");
+        assert!(tls().with_upstream_protocol(UpstreamProtocol::H2).is_ok());
+        let e = tls()
+            .with_upstream_protocol(UpstreamProtocol::H2c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use upstream_protocol = \"h2\""), "{e}");
+        let e = plain()
+            .with_upstream_protocol(UpstreamProtocol::H2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use upstream_protocol = \"h2c\""), "{e}");
+        assert_eq!(UpstreamProtocol::parse("h2c"), Some(UpstreamProtocol::H2c));
+        assert_eq!(UpstreamProtocol::parse("HTTP/2"), None);
+    }
+
+    #[test]
     fn wildcards_cover_one_label() {
         let h = Hostname::parse("*.Example.com").unwrap();
         assert!(h.matches("api.example.com"));

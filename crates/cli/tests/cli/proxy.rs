@@ -142,6 +142,8 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
         &[scripts.join("grpc_upstream.py").to_str().unwrap()],
         d,
     );
+    // The same service over TLS (ALPN h2), its certificate from the local CA (made once the
+    // gateway has made the CA).
     let down = crate::cluster::free_port();
     let domain = |host: &str, mode: &str, mapping: &str| {
         format!(
@@ -170,6 +172,53 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
         ),
     );
     let s = Server::start(d, &config);
+    crate::portcullis(
+        d,
+        &[
+            "pki",
+            "issue",
+            "--profile",
+            "server",
+            "--cn",
+            "localhost",
+            "--san",
+            "dns:localhost",
+            "--issuer-cert",
+            "data/ca/ca.pem",
+            "--issuer-key",
+            "data/ca/ca.key",
+            "--out",
+            "upstream",
+            "--name",
+            "upstream",
+        ],
+    )
+    .ok();
+    let (_tls_upstream, tls_port) = python_server(
+        &python,
+        &[
+            scripts.join("grpc_upstream.py").to_str().unwrap(),
+            "upstream/upstream.key",
+            "upstream/upstream.chain.pem",
+        ],
+        d,
+    );
+    let ca = d.join("data/ca/ca.pem");
+    std::fs::write(
+        d.join("tls.toml"),
+        domain(
+            "tls.test",
+            "required",
+            &format!(
+                "upstream = \"https://localhost:{tls_port}\"\nupstream_protocol = \"h2\"\n\
+                 upstream_ca = \"{}\"",
+                ca.display()
+            ),
+        ),
+    )
+    .unwrap();
+    crate::control::cli_json(d, &["domain", "put", "--file", "tls.toml"]);
+    crate::control::wait_for_registry_reload(&s);
     crate::control::cli_json(
         d,
         &[

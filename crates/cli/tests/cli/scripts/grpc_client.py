@@ -46,6 +46,11 @@ ch = channel("localhost")
 answer = method(ch, "Echo")(b"hi", timeout=10)
 check(answer.startswith(b"echo:hi|:"), "unary call answered, the certificate forwarded as client-cert metadata (%r)" % answer[:30])
 
+answer = method(channel("tls.test"), "Echo")(b"tls", timeout=10)
+check(answer.startswith(b"echo:tls|:"), "a unary call through an h2 mapping: HTTP/2 over TLS to the upstream (%r)" % answer[:20])
+back = list(method(channel("tls.test"), "Chat", "stream_stream")(iter([b"a", b"b"]), timeout=10))
+check(back == [b"A", b"B"], "bidirectional through the h2 mapping")
+
 got = [m for m in method(ch, "Count", "unary_stream")(b"5", timeout=10)]
 check(got == [b"n-%d" % i for i in range(5)], "server streaming: 5 messages in order")
 

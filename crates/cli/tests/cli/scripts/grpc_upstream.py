@@ -5,7 +5,8 @@
 #   /test.Echo/Count   server streaming: N messages ("n-0"…), 20 ms apart, until cancelled
 #   /test.Echo/Sum     client streaming: the total length of what it was sent
 #   /test.Echo/Chat    bidirectional: every message back, upper-cased
-# Prints its port once serving; runs until killed.
+# Without arguments it serves h2c; with KEY CHAIN, TLS (ALPN h2). Prints its port once serving;
+# runs until killed.
 import sys, threading, time
 from concurrent import futures
 
@@ -56,7 +57,12 @@ handlers = {
 }
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
-port = server.add_insecure_port("127.0.0.1:0")
+if len(sys.argv) > 2:
+    # TLS (for an h2 mapping): certificate chain and key files.
+    creds = grpc.ssl_server_credentials([(open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+else:
+    port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(port, flush=True)
 server.wait_for_termination()
