@@ -5,7 +5,7 @@
 #
 # Environment: REGISTERED=N certificates for the registered-mode row (default 1000000; 0 skips it),
 # IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
-# only some servers, ROWS="tls13 idle tls12 big registered" (the default: all) to run only some
+# only some servers, ROWS="tls13 grpc idle tls12 big registered" (the default: all) to run only some
 # groups of rows.
 #
 # Servers: nginx, HAProxy and Caddy (Debian packages), Portcullis, and a bare rustls server
@@ -23,7 +23,10 @@
 #
 # Rows: full mutual-TLS handshakes (a new connection per request) for TLS 1.3 and 1.2 with ECDSA
 # and RSA client certificates; keep-alive requests over HTTP/1.1 and HTTP/2; p50/p99 latency at a
-# fixed rate; handshakes with a 10,000-CA truststore whose names are not advertised; Portcullis in
+# fixed rate; gRPC unary calls over HTTP/2 to an h2c gRPC upstream (bench_tools grpc-echo on
+# CPU 1; nginx grpc_pass, HAProxy `proto h2`, Portcullis `upstream_protocol = "h2c"`, each
+# forwarding the certificate fields as metadata); handshakes with a 10,000-CA truststore whose
+# names are not advertised; Portcullis in
 # registered mode with REGISTERED certificates; resident memory per idle mutual-TLS connection.
 #
 # Needs: nginx, haproxy, caddy (installed if missing), oha (`cargo install oha --locked`),
@@ -87,6 +90,15 @@ wait_port() {
   echo "nothing listens on port $1; logs in $work" >&2; exit 1
 }
 wait_port $up_port
+# The gRPC upstream (h2c; every call answered with its message and grpc-status 0), on CPU 1.
+grpc_port=18090
+if (exec 3<>/dev/tcp/127.0.0.1/$grpc_port) 2>/dev/null; then
+  echo "port $grpc_port is in use (a server left from another run?); stop it and run again" >&2; exit 1
+fi
+taskset -c 1 "$tools" grpc-echo "127.0.0.1:$grpc_port" & grpc_pid=$!
+wait_port $grpc_port
+# One unary call's message: the 5-byte gRPC prefix and 10 bytes.
+printf '\x00\x00\x00\x00\x0ahelloworld' > "$work/grpc.bin"
 
 declare -A port=([nginx]=18441 [haproxy]=18442 [caddy]=18443 [portcullis]=18444 [bare]=18445)
 servers=(nginx haproxy caddy portcullis bare)
@@ -126,6 +138,7 @@ events { worker_connections 15000; }
 http {
   access_log off;
   upstream app { server 127.0.0.1:$up_port; keepalive 64; }
+  upstream grpcapp { server 127.0.0.1:$grpc_port; keepalive 64; }
   server {
     listen 127.0.0.1:${port[nginx]} ssl http2;
     ssl_certificate $work/server.chain.pem;
@@ -141,6 +154,17 @@ http {
     ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
+    location /bench.Echo/ {
+      grpc_pass grpc://grpcapp;
+      grpc_set_header X-Client-Cert \$ssl_client_escaped_cert;
+      grpc_set_header X-Client-Cert-Subject \$ssl_client_s_dn;
+      grpc_set_header X-Client-Cert-Issuer \$ssl_client_i_dn;
+      grpc_set_header X-Client-Cert-Serial \$ssl_client_serial;
+      grpc_set_header X-Client-Cert-Fingerprint \$ssl_client_fingerprint;
+      grpc_set_header X-Client-Cert-Not-After \$ssl_client_v_end;
+      grpc_set_header X-Client-Cert-Verify \$ssl_client_verify;
+      grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -183,9 +207,12 @@ frontend fe
   http-request set-header X-Client-Cert-Verify %[ssl_c_verify]
   option forwardfor
   http-request set-header X-Forwarded-Proto https
+  use_backend grpc if { path_beg /bench.Echo/ }
   default_backend app
 backend app
   server up 127.0.0.1:$up_port
+backend grpc
+  server g 127.0.0.1:$grpc_port proto h2
 CONF
   cat > "$d/caddy.json" <<CONF
 {
@@ -243,6 +270,10 @@ mode = "required"
 $pc_trust
 [[domain.mapping]]
 upstream = "http://127.0.0.1:$up_port"
+[[domain.mapping]]
+base_path = "/bench.Echo"
+upstream = "http://127.0.0.1:$grpc_port/bench.Echo"
+upstream_protocol = "h2c"
 CONF
   taskset -c 0 nginx -c "$d/nginx.conf" -p "$d" & pids+=($!)
   taskset -c 0 haproxy -f "$d/haproxy.cfg" -db >"$d/haproxy.log" 2>&1 & pids+=($!)
@@ -259,10 +290,12 @@ CONF
 cpu0() { awk '/^cpu0 /{idle=$5+$6; total=0; for(i=2;i<=NF;i++) total+=$i; print idle, total}' /proc/stat; }
 
 # load SERVER MODE CLIENT [PORT] -> "per_core_second rps busy ok total p50_ms p99_ms"
-# MODE: handshake | h1 | h2 | rate
+# MODE: handshake | h1 | h2 | rate | grpc (unary calls: POST application/grpc over HTTP/2)
 load() {
-  local s=$1 mode=$2 client=$3 p=${4:-${port[$1]}} extra=()
+  local s=$1 mode=$2 client=$3 p=${4:-${port[$1]}} extra=() path=/
   case $mode in
+    grpc) extra=(-c 8 -p 16 --http2 -m POST -H "content-type: application/grpc" -H "te: trailers"
+                 -D "$work/grpc.bin"); path=/bench.Echo/Call ;;
     handshake) extra=(-c 32 --disable-keepalive) ;;
     h1) extra=(-c 32) ;;
     h2) extra=(-c 8 -p 16 --http2) ;;
@@ -270,7 +303,7 @@ load() {
   esac
   read -r i0 t0 < <(cpu0)
   taskset -c 1 "$oha_bin" --no-tui -z "${secs}s" "${extra[@]}" --cert "$client.pem" --key "$client.key" \
-    --cacert ca/ca.pem --output-format json "https://localhost:$p/" > oha.json 2>/dev/null || true
+    --cacert ca/ca.pem --output-format json "https://localhost:$p$path" > oha.json 2>/dev/null || true
   read -r i1 t1 < <(cpu0)
   python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
 import json, sys
@@ -312,10 +345,14 @@ rss_kib() {
   echo $total
 }
 
-want() { [[ " ${ROWS:-tls13 idle tls12 big registered} " == *" $1 "* ]]; }
+want() { [[ " ${ROWS:-tls13 grpc idle tls12 big registered} " == *" $1 "* ]]; }
 
-if want tls13 || want idle; then
+if want tls13 || want idle || want grpc; then
 start_all tls13 small
+fi
+if want grpc; then
+echo "== gRPC unary calls (HTTP/2 client, h2c upstream) ==" >&2
+measure "gRPC unary calls (h2c upstream)" grpc ecdsa nginx haproxy portcullis
 fi
 if want tls13; then
 echo "== TLS 1.3, one-CA truststore ==" >&2
@@ -393,7 +430,7 @@ CONF
   record "handshakes TLS 1.3, registered mode, $registered certificates" portcullis "$pcs"
   stop_all
 fi
-kill $up_pid 2>/dev/null || true
+kill $up_pid $grpc_pid 2>/dev/null || true
 
 # --- the table -----------------------------------------------------------------------------
 printf '%s\n' "${rows[@]}" > rows.txt

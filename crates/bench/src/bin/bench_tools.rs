@@ -6,6 +6,9 @@
 //!       The ceiling: a bare rustls server (aws-lc-rs, one thread) that verifies the client
 //!       certificate against CA (WebPkiClientVerifier, no session resumption), then answers every
 //!       HTTP/1.1 request on the connection with a fixed `200 ok` and does nothing else.
+//!   bench_tools grpc-echo ADDR
+//!       A gRPC upstream speaking h2c (one thread): every call is answered with the message it
+//!       carried and `grpc-status: 0` in trailers.
 //!   bench_tools idle ADDR HOST CA CERT KEY N SECONDS
 //!       Opens N mutual-TLS connections to ADDR (SNI HOST), sends one keep-alive request on each
 //!       and reads the answer, prints `ready N` when all are up and holds them SECONDS.
@@ -179,6 +182,44 @@ async fn idle(args: &[String]) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
+async fn grpc_echo(addr: &str) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let message = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> =
+                        vec![Ok(Frame::data(message)), Ok(Frame::trailers(trailers))];
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .unwrap(),
+                    )
+                },
+            );
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
@@ -189,6 +230,11 @@ fn main() {
             .build()
             .unwrap()
             .block_on(bare(&args[2], &args[3], &args[4], &args[5], &args[6])),
+        Some("grpc-echo") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(grpc_echo(&args[2])),
         Some("idle") => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -196,7 +242,7 @@ fn main() {
             .block_on(idle(&args[2..])),
         _ => {
             eprintln!(
-                "usage: bench_tools cas N OUT | bare ADDR CERT KEY CA tls13|tls12 | idle ADDR HOST CA CERT KEY N SECONDS"
+                "usage: bench_tools cas N OUT | bare ADDR CERT KEY CA tls13|tls12 | grpc-echo ADDR | idle ADDR HOST CA CERT KEY N SECONDS"
             );
             std::process::exit(2);
         }
