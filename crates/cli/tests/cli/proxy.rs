@@ -251,6 +251,7 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
             "data/ca/ca.pem",
             "caller/cert.pem",
             "caller/key.pem",
+            &s.child.id().to_string(),
         ],
         d,
     );

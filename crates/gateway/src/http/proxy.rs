@@ -29,6 +29,13 @@ use crate::http::respond::{Body, error_response};
 /// multiplexed connection per upstream).
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
+/// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
+/// client has not read yet.
+const UPSTREAM_STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// HTTP/2 flow-control window per upstream connection (shared by its streams).
+const UPSTREAM_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
 /// Builds an upstream client. Without TLS settings it speaks plain HTTP only; with `protocol`
 /// HTTP/2 it speaks only that (`h2c`: prior knowledge; `h2`: ALPN `h2` only).
 pub(crate) fn client(
@@ -80,9 +87,12 @@ pub(crate) fn client(
             // HTTP/2 keep-alive pings and the adaptive window need a timer.
             .timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true)
-            // Windows that grow with the measured bandwidth-delay product: a fast upstream is
-            // not held to 64 KiB in flight per stream.
-            .http2_adaptive_window(true)
+            // Fixed windows bound what the gateway holds for a client that reads slowly: at most
+            // UPSTREAM_STREAM_WINDOW per stream and UPSTREAM_CONNECTION_WINDOW per upstream
+            // connection (an adaptive window could grow to 16 MiB per stream), while many
+            // slow streams still leave room for the others multiplexed on the connection.
+            .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+            .http2_initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10));
     }

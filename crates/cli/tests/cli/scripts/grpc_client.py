@@ -1,7 +1,8 @@
 # gRPC calls through the gateway with grpcio (PyPI) over mutual TLS: unary, server streaming,
 # client streaming, bidirectional, a streaming call cancelled mid-way, a deadline exceeded, an
-# upstream error's status and message, and the gateway's own refusals as gRPC statuses.
-# Arguments: gateway port, CA file, client certificate chain, client key.
+# upstream error's status and message, a stalled reader of a large stream (bounded memory), and
+# the gateway's own refusals as gRPC statuses.
+# Arguments: gateway port, CA file, client certificate chain, client key, the gateway's pid.
 import sys, time
 
 import grpc
@@ -76,6 +77,27 @@ call.cancel()
 check(first == [b"n-0", b"n-1", b"n-2"], "a long stream started")
 code, _ = status_of(lambda: list(call))
 check(code == grpc.StatusCode.CANCELLED, "cancelled mid-way by the client (%s)" % code)
+
+# A client that stops reading a 64 MiB stream: flow control holds the upstream back; the gateway
+# keeps at most a window's worth (its resident memory, read from /proc, grows by little).
+gateway_pid = int(sys.argv[5])
+
+
+def rss_kib():
+    for line in open("/proc/%d/status" % gateway_pid):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+
+call = method(ch, "Big", "unary_stream")(b"1024", timeout=60)
+next(call)
+before = rss_kib()
+time.sleep(2)  # not reading: everything the upstream could send meanwhile piles up somewhere
+held = rss_kib() - before
+rest = sum(1 for _ in call)
+check(rest == 1023, "the whole 64 MiB stream arrived once the client read again (%d messages)" % (rest + 1))
+check(held < 8 * 1024, "a stalled reader made the gateway hold %d KiB (bounded by the windows)" % held)
+print("stalled 64 MiB stream: the gateway grew by %d KiB" % held, flush=True)
 
 # The gateway's own answers, as gRPC statuses a client can read.
 code, details = status_of(lambda: method(channel("down.test"), "Echo")(b"", timeout=10))

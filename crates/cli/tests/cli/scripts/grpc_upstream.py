@@ -3,6 +3,7 @@
 #   /test.Echo/Slow    unary: answers after 3 s
 #   /test.Echo/Fail    unary: aborts NOT_FOUND "no such thing"
 #   /test.Echo/Count   server streaming: N messages ("n-0"…), 20 ms apart, until cancelled
+#   /test.Echo/Big     server streaming: N messages of 64 KiB, as fast as flow control allows
 #   /test.Echo/Sum     client streaming: the total length of what it was sent
 #   /test.Echo/Chat    bidirectional: every message back, upper-cased
 # Without arguments it serves h2c; with KEY CHAIN, TLS (ALPN h2). Prints its port once serving;
@@ -37,6 +38,14 @@ def count(request, context):
         time.sleep(0.02)
 
 
+def big(request, context):
+    chunk = b"x" * 65536
+    for _ in range(int(request.decode() or "0")):
+        if not context.is_active():
+            break
+        yield chunk
+
+
 def total(requests, context):
     return str(sum(len(r) for r in requests)).encode()
 
@@ -52,6 +61,7 @@ handlers = {
     "Slow": grpc.unary_unary_rpc_method_handler(slow, ident, ident),
     "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
     "Count": grpc.unary_stream_rpc_method_handler(count, ident, ident),
+    "Big": grpc.unary_stream_rpc_method_handler(big, ident, ident),
     "Sum": grpc.stream_unary_rpc_method_handler(total, ident, ident),
     "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
 }
