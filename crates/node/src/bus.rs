@@ -74,6 +74,10 @@ const QOS2: &str = "PORTCULLIS_QOS2";
 /// message again (after its node died, the time to resume its messages on another).
 const ACK_WAIT: Duration = Duration::from_secs(3);
 
+/// How long the QoS 2 ledger keeps an entry whose PUBREL never came (the client gone for good):
+/// a message sent again later than this is stored again.
+const QOS2_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How long a shared subscription's group keeps its QoS 1 and 2 messages when no node pulls
 /// (no member online anywhere); the stream keeps no message longer than a day in any case.
 const SHARED_KEEP: Duration = Duration::from_secs(3600);
@@ -1095,14 +1099,15 @@ impl Node {
             .await
             .context("the retained message stream")?;
         Ok((
-            self.bucket(CLIENTS).await?,
-            self.bucket(SESSIONS).await?,
-            self.bucket(QOS2).await?,
+            self.bucket(CLIENTS, Duration::ZERO).await?,
+            self.bucket(SESSIONS, Duration::ZERO).await?,
+            self.bucket(QOS2, QOS2_KEEP).await?,
         ))
     }
 
     /// A key-value bucket, made if missing.
-    async fn bucket(&self, name: &str) -> Result<kv::Store> {
+    /// `max_age`: how long an entry is kept (zero: until deleted).
+    async fn bucket(&self, name: &str, max_age: Duration) -> Result<kv::Store> {
         // The bucket's stream as the key-value API makes it (async-nats's own bucket creation
         // reads account information nats-server 2.9 answers in an older shape).
         self.js
@@ -1119,6 +1124,7 @@ impl Node {
                 max_message_size: -1,
                 max_bytes: -1,
                 max_messages: -1,
+                max_age,
                 ..Default::default()
             })
             .await
