@@ -8,10 +8,12 @@
 # only while curl (outside valgrind) does:
 #   A: CONNECTIONS new TLS 1.3 mutual-TLS connections with one proxied HTTP/1.1 request each;
 #   B: one HTTP/1.1 connection with 1 + REQUESTS keep-alive requests;
-#   A2, B2: one HTTP/2 connection with 1, then with 1 + REQUESTS requests.
+#   A2, B2: one HTTP/2 connection with 1, then with 1 + REQUESTS requests;
+#   A3, B3: the same with gRPC unary calls (POST application/grpc) to an h2c gRPC upstream
+#   (bench_tools grpc-echo) behind an `upstream_protocol = "h2c"` mapping.
 # Then per full handshake (with its one request) = A / CONNECTIONS, per proxied keep-alive
 # request = (B − A / CONNECTIONS) / REQUESTS, the handshake alone by difference, and per HTTP/2
-# request = (B2 − A2) / REQUESTS. A and B against the bare rustls server of bench/run.sh
+# request = (B2 − A2) / REQUESTS, per gRPC call = (B3 − A3) / REQUESTS. A and B against the bare rustls server of bench/run.sh
 # (handshake, then a fixed answer; same certificates and suite order; a current-thread runtime)
 # give the ceiling's counts beside them.
 #
@@ -45,6 +47,8 @@ cd "$work"
   --issuer-key ca/ca.key --out . --name server >/dev/null
 mkdir -p www && echo ok > www/index.html
 python3 -m http.server 18090 --bind 127.0.0.1 --directory www >/dev/null 2>&1 & pids+=($!)
+"$tools" grpc-echo 127.0.0.1:18091 >/dev/null 2>&1 & pids+=($!)
+printf '\x00\x00\x00\x00\x0ahelloworld' > grpc.bin
 cat > gw.toml <<CONF
 [admin]
 address = "127.0.0.1:0"
@@ -61,6 +65,10 @@ mode = "required"
 truststore = "ca/ca.pem"
 [[domain.mapping]]
 upstream = "http://127.0.0.1:18090"
+[[domain.mapping]]
+base_path = "/bench.Echo"
+upstream = "http://127.0.0.1:18091/bench.Echo"
+upstream_protocol = "h2c"
 CONF
 # measure PORT COMMAND... -> "A B": COMMAND (a server) under callgrind, then runs A and B.
 measure() {
@@ -79,8 +87,18 @@ measure() {
   b=$(count bash -c "curl ${c[*]} $urls")
   a2=$(count bash -c "curl ${h2[*]} $url")
   b2=$(count bash -c "curl ${h2[*]} $urls")
+  local a3=0 b3=0 call=https://localhost:$port/bench.Echo/Call calls grpc
+  if [ "$port" = 28444 ]; then
+    grpc=(-sS -o /dev/null --cacert ca/ca.pem --cert client.pem --key client.key --http2
+          -H content-type:application/grpc -H te:trailers --data-binary @grpc.bin)
+    curl "${grpc[@]}" "$call" >/dev/null
+    # Each URL after the first reuses the connection; --next repeats the POST options for it.
+    calls=$(for _ in $(seq 1 "$reqs"); do printf -- '--next %s %s ' "${grpc[*]}" "$call"; done)
+    a3=$(count bash -c "curl ${grpc[*]} $call")
+    b3=$(count bash -c "curl ${grpc[*]} $call $calls")
+  fi
   kill "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
-  echo "$a $b $a2 $b2"
+  echo "$a $b $a2 $b2 $a3 $b3"
 }
 
 # count COMMAND... -> instructions executed by the server while COMMAND runs
@@ -95,14 +113,14 @@ count() {
   awk '/^totals:/ {print $2; exit}' "$f"
 }
 
-read -r pa pb pa2 pb2 < <(measure 28444 env PORTCULLIS_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind \
+read -r pa pb pa2 pb2 pa3 pb3 < <(measure 28444 env PORTCULLIS_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind \
   --instr-atstart=no --callgrind-out-file="$work/cg.%p" "$pc" serve --config gw.toml --data-dir data)
-read -r ba bb _ _ < <(measure 28445 env TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
+read -r ba bb _ _ _ _ < <(measure 28445 env TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
   --callgrind-out-file="$work/cg.%p" "$tools" bare 127.0.0.1:28445 server.chain.pem server.key \
   ca/ca.pem tls13)
-python3 - "$pa" "$pb" "$ba" "$bb" "$pa2" "$pb2" "$conns" "$reqs" <<'PY'
+python3 - "$pa" "$pb" "$ba" "$bb" "$pa2" "$pb2" "$conns" "$reqs" "$pa3" "$pb3" <<'PY'
 import sys
-pa, pb, ba, bb, pa2, pb2, n, r = map(int, sys.argv[1:9])
+pa, pb, ba, bb, pa2, pb2, n, r, pa3, pb3 = map(int, sys.argv[1:11])
 def split(a, b):
     per_conn = a / n
     per_req = (b - per_conn) / r
@@ -115,4 +133,5 @@ rows = ["full TLS 1.3 mutual-TLS connection, one request",
 for label, x, y in zip(rows, p, q):
     print(f"  {label:<50} {x:>12,.0f} {y:>13,.0f}   {x / y:5.2f}")
 print(f"  {'keep-alive HTTP/2 request (proxied)':<50} {(pb2 - pa2) / r:>12,.0f} {'–':>13}")
+print(f"  {'gRPC unary call over HTTP/2 (proxied to h2c)':<50} {(pb3 - pa3) / r:>12,.0f} {'–':>13}")
 PY
