@@ -252,16 +252,18 @@ pub trait Bridge: Send + Sync {
     /// a QoS 1 or 2 or retained message is answered once the cluster has stored it.
     /// `publisher`: the client id that published it (No Local applies to it on every node).
     ///
-    /// `exactly_once`: a QoS 2 message's (packet id, DUP flag), so that the cluster stores it
-    /// once even when the client sends it again to another node after its node died.
+    /// `exactly_once`: a persistent session's QoS 2 message's (packet id, DUP flag), so that the
+    /// cluster stores it once even when the client sends it again to another node after its node
+    /// died.
     fn published(
         &self,
         message: &Message,
         publisher: Option<&str>,
         exactly_once: Option<(u16, bool)>,
     ) -> Option<Confirmation>;
-    /// A client released (PUBREL) its QoS 2 message `packet_id`: the cluster forgets what it
-    /// kept to store it once. Answered (PUBCOMP may be sent) once forgotten.
+    /// A persistent session's client released (PUBREL) its QoS 2 message `packet_id`: the
+    /// cluster forgets what it kept to store it once. Answered (PUBCOMP may be sent) once
+    /// forgotten.
     fn released(&self, _client_id: &str, _packet_id: u16) -> Option<Confirmation> {
         None
     }
@@ -839,7 +841,13 @@ impl Broker {
     /// `publisher` released its QoS 2 message `packet_id` (PUBREL): PUBCOMP waits for the
     /// answer, when there is one.
     pub fn released(&self, publisher: &str, packet_id: u16) -> Option<Confirmation> {
-        let bridge = self.lock().bridge.clone()?;
+        let state = self.lock();
+        // Only a persistent session the cluster keeps sends it again elsewhere.
+        if !state.sessions.get(publisher).is_some_and(|s| s.durable) {
+            return None;
+        }
+        let bridge = state.bridge.clone()?;
+        drop(state);
         bridge.released(publisher, packet_id)
     }
 
@@ -855,6 +863,12 @@ impl Broker {
         if let Some(exactly_once) = bridged
             && let Some(bridge) = &state.bridge
         {
+            // Decided here, with the session's own state (made persistent before its CONNACK),
+            // not by the bridge, which learns of the session a moment later.
+            let durable = publisher
+                .and_then(|p| state.sessions.get(p))
+                .is_some_and(|s| s.durable);
+            let exactly_once = exactly_once.filter(|_| durable);
             routed.confirm = bridge.published(&message, publisher, exactly_once);
         }
         let now = Instant::now();

@@ -333,17 +333,6 @@ enum Control {
 struct NatsBridge {
     work: mpsc::Sender<Work>,
     control: mpsc::UnboundedSender<Control>,
-    durables: Arc<Mutex<HashMap<String, Durable>>>,
-}
-
-impl NatsBridge {
-    /// Whether `client_id` is a persistent session online on this node.
-    fn durable(&self, client_id: &str) -> bool {
-        self.durables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(client_id)
-    }
 }
 
 /// The QoS 2 ledger's key for a client's packet id.
@@ -365,8 +354,6 @@ impl Bridge for NatsBridge {
         exactly_once: Option<(u16, bool)>,
     ) -> Option<Confirmation> {
         let stored = message.qos != QoS::AtMostOnce || message.retain;
-        // Only a persistent session resumes on another node and sends its message again there.
-        let exactly_once = exactly_once.filter(|_| publisher.is_some_and(|p| self.durable(p)));
         let (reply, confirm) = if stored {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -494,9 +481,6 @@ impl Bridge for NatsBridge {
     }
 
     fn released(&self, client_id: &str, packet_id: u16) -> Option<Confirmation> {
-        if !self.durable(client_id) {
-            return None;
-        }
         let (tx, rx) = oneshot::channel();
         let _ = self
             .control
@@ -779,11 +763,7 @@ pub(crate) async fn start(
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
     };
-    broker.set_bridge(Arc::new(NatsBridge {
-        work,
-        control,
-        durables: node.durables.clone(),
-    }));
+    broker.set_bridge(Arc::new(NatsBridge { work, control }));
     tokio::spawn(async move {
         let (clients, sessions, qos2) = node.set_up().await;
         state.streams.store(true, Ordering::SeqCst);
@@ -980,6 +960,45 @@ async fn mark_online(sessions: &kv::Store, client_id: &str, record: String) {
 /// The packet id a kept QoS 2 message is sent with: from its stream sequence (1–65535).
 fn qos2_packet_id(seq: u64) -> u16 {
     u16::try_from(seq % 65_535 + 1).unwrap_or(1)
+}
+
+/// A kept QoS 2 message's packet id follows from its place in the stream (`seq`): a node sending
+/// it again after the one that sent it died (JetStream delivered it `delivered` times) uses the
+/// same, with DUP (MQTT 5 §4.3.3: the client acknowledges it again without delivering it twice).
+fn number_qos2(message: &mut Message, seq: u64, delivered: i64) {
+    if message.qos != QoS::ExactlyOnce {
+        return;
+    }
+    let id = qos2_packet_id(seq);
+    if delivered > 1 {
+        message.sent_as = Some(id);
+    } else {
+        message.preferred_id = Some(id);
+    }
+}
+
+/// The receipt of a kept message: the first settlement acknowledges it to JetStream (or gives it
+/// back, after `nak_delay`), after `settled` ran; later ones do nothing.
+fn settle_once(
+    acker: Arc<jetstream::message::Acker>,
+    nak_delay: Option<Duration>,
+    settled: impl Fn() + Send + Sync + 'static,
+) -> Receipt {
+    let done = AtomicBool::new(false);
+    Receipt::new(move |acknowledged| {
+        if done.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        settled();
+        let acker = acker.clone();
+        tokio::spawn(async move {
+            let _ = if acknowledged {
+                acker.ack().await
+            } else {
+                acker.ack_with(jetstream::AckKind::Nak(nak_delay)).await
+            };
+        });
+    })
 }
 
 fn now_ms() -> u64 {
@@ -1575,31 +1594,8 @@ impl Node {
                     let _ = acker.ack().await;
                     continue;
                 };
-                if message.qos == QoS::ExactlyOnce {
-                    let id = qos2_packet_id(seq);
-                    if delivered > 1 {
-                        message.sent_as = Some(id);
-                    } else {
-                        message.preferred_id = Some(id);
-                    }
-                }
-                let settled = Arc::new(AtomicBool::new(false));
-                let settle_acker = acker.clone();
-                let receipt = Receipt::new(move |acknowledged| {
-                    if settled.swap(true, Ordering::SeqCst) {
-                        return;
-                    }
-                    let acker = settle_acker.clone();
-                    tokio::spawn(async move {
-                        let _ = if acknowledged {
-                            acker.ack().await
-                        } else {
-                            acker
-                                .ack_with(jetstream::AckKind::Nak(Some(SHARED_IDLE_POLL)))
-                                .await
-                        };
-                    });
-                });
+                number_qos2(&mut message, seq, delivered);
+                let receipt = settle_once(acker, Some(SHARED_IDLE_POLL), || {});
                 message.receipt = Some(receipt.clone());
                 if !self.broker.deliver_shared_kept(filter, message) {
                     receipt.returned();
@@ -2010,32 +2006,10 @@ impl Node {
                 options.qos
             };
             message.retain = options.retain_as_published && message.retain;
-            if message.qos == QoS::ExactlyOnce {
-                // Its packet id follows from its place in the stream: a node sending it again
-                // after the one that sent it died uses the same, with DUP (MQTT 5 §4.3.3: the
-                // client acknowledges it again without delivering it twice).
-                let id = qos2_packet_id(seq);
-                if info_delivered > 1 {
-                    message.sent_as = Some(id);
-                } else {
-                    message.preferred_id = Some(id);
-                }
-            }
-            let settled = Arc::new(AtomicBool::new(false));
-            let (set, settle_acker) = (inflight.clone(), acker.clone());
-            message.receipt = Some(Receipt::new(move |acknowledged| {
-                if settled.swap(true, Ordering::SeqCst) {
-                    return;
-                }
+            number_qos2(&mut message, seq, info_delivered);
+            let set = inflight.clone();
+            message.receipt = Some(settle_once(acker.clone(), None, move || {
                 set.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
-                let acker = settle_acker.clone();
-                tokio::spawn(async move {
-                    let _ = if acknowledged {
-                        acker.ack().await
-                    } else {
-                        acker.ack_with(jetstream::AckKind::Nak(None)).await
-                    };
-                });
             }));
             inflight
                 .lock()
