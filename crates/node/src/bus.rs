@@ -612,21 +612,14 @@ impl LiveFrame {
         } else {
             portcullis_mqtt::codec::decode_message_properties(&self.properties).ok()?
         };
-        let expires_at = properties
-            .message_expiry_interval
-            .map(|secs| std::time::Instant::now() + Duration::from_secs(u64::from(secs)));
-        Some(Message {
+        arrived_message(
             topic,
-            payload: self.payload,
-            qos: QoS::AtMostOnce,
-            retain: self.retain,
+            self.payload,
+            QoS::AtMostOnce,
+            self.retain,
             properties,
-            expires_at,
-            sent_as: None,
-            preferred_id: None,
-            released: false,
-            receipt: None,
-        })
+            None,
+        )
     }
 }
 
@@ -667,6 +660,26 @@ fn message_of(
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| portcullis_mqtt::codec::decode_message_properties(&b).ok())
         .unwrap_or_default();
+    arrived_message(
+        topic,
+        payload,
+        qos,
+        header("Portcullis-Retain").is_some(),
+        properties,
+        published,
+    )
+}
+
+/// A message that crossed NATS, its expiry counted from `published` (when a stream stored it;
+/// `None`: just now); `None` if it expired on the way.
+fn arrived_message(
+    topic: String,
+    payload: bytes::Bytes,
+    qos: QoS,
+    retain: bool,
+    properties: PublishProperties,
+    published: Option<SystemTime>,
+) -> Option<Message> {
     let mut expires_at = None;
     if let Some(seconds) = properties.message_expiry_interval {
         let age = published
@@ -679,7 +692,7 @@ fn message_of(
         topic,
         payload,
         qos,
-        retain: header("Portcullis-Retain").is_some(),
+        retain,
         properties,
         expires_at,
         sent_as: None,

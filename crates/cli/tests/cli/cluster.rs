@@ -471,21 +471,8 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     }
 
     // paho-mqtt (MQTT 5): QoS 2 exactly once, retained messages, shared subscriptions, takeover.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster.py");
-    let r = run(
-        &python,
-        &[
-            script.to_str().unwrap(),
-            "data/ca/cluster-ca.pem",
-            &a.ports[1].to_string(),
-            &b.ports[1].to_string(),
-            &c.ports[1].to_string(),
-        ],
-        da,
-    );
-    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
-    println!("{}", r.stdout);
+    let ports = |n: &[&Server]| n.iter().map(|s| s.ports[1].to_string()).collect::<Vec<_>>();
+    script_passes(&python, da, "mqtt_cluster.py", &ports(&[&a, &b, &c]), &a);
     a.printed("taken over", |l| {
         l.contains("mqtt session taken over by another node") && l.contains("dev-7")
     });
@@ -677,54 +664,32 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // kill -9 of the node holding a persistent subscriber with QoS 1 messages in flight, more
     // queued while it is away: the subscriber resumes on node B and receives every message
     // whose publisher got a PUBACK.
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster_persistent.py");
-    let r = run(
-        &python,
-        &[
-            script.to_str().unwrap(),
-            "data/ca/cluster-ca.pem",
-            &a.ports[1].to_string(),
-            &b.ports[1].to_string(),
-            &c.ports[1].to_string(),
-            &a.child.id().to_string(),
-        ],
-        da,
-    );
-    println!("{}", r.stdout);
-    assert_eq!(
-        r.code,
-        0,
-        "{}\n{}\nnode A's warnings:\n{}",
-        r.stdout,
-        r.stderr,
-        a.lines_with("WARN").join("\n")
-    );
-    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
+    let mut args = ports(&[&a, &b, &c]);
+    args.push(a.child.id().to_string());
+    script_passes(&python, da, "mqtt_cluster_persistent.py", &args, &a);
 
     // QoS 2 exactly once across the death of node B, mid-exchange both ways (a hand-written
     // MQTT 5 client decides which acknowledgements each side saw).
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster_qos2.py");
-    let r = run(
-        &python,
-        &[
-            script.to_str().unwrap(),
-            "data/ca/cluster-ca.pem",
-            &b.ports[1].to_string(),
-            &c.ports[1].to_string(),
-            &b.child.id().to_string(),
-        ],
-        da,
-    );
+    let mut args = ports(&[&b, &c]);
+    args.push(b.child.id().to_string());
+    script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &c);
+}
+
+/// Runs `tests/cli/scripts/SCRIPT` with the cluster CA and `args`, and requires it to end with
+/// `ALL OK`; a failure shows its output and `node`'s warnings.
+fn script_passes(python: &Path, dir: &Path, script: &str, args: &[String], node: &Server) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/cli/scripts")
+        .join(script);
+    let mut all = vec![script.to_str().unwrap(), "data/ca/cluster-ca.pem"];
+    all.extend(args.iter().map(String::as_str));
+    let r = run(python, &all, dir);
     println!("{}", r.stdout);
-    assert_eq!(
-        r.code,
-        0,
-        "{}\n{}\nnode C's warnings:\n{}",
+    assert!(
+        r.code == 0 && r.stdout.contains("ALL OK"),
+        "{}\n{}\nthe node's warnings:\n{}",
         r.stdout,
         r.stderr,
-        c.lines_with("WARN").join("\n")
+        node.lines_with("WARN").join("\n")
     );
-    assert!(r.stdout.contains("ALL OK"), "{}\n{}", r.stdout, r.stderr);
 }

@@ -5,8 +5,8 @@
 //!   slow, no route) go back as gRPC statuses a client can read — HTTP 200, `content-type:
 //!   application/grpc`, `grpc-status` and `grpc-message` in a trailers-only response — instead
 //!   of JSON bodies;
-//! - `grpc-timeout` bounds the wait for the upstream's answer (forwarded, so the upstream holds
-//!   the same deadline);
+//! - `grpc-timeout` shortens the wait for the upstream's answer, never past the configured
+//!   limit (forwarded, so the upstream holds the same deadline);
 //! - `te: trailers` is forwarded to HTTP/2 upstreams (gRPC servers want it).
 
 use std::time::Duration;

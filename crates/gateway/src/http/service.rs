@@ -92,13 +92,15 @@ pub(crate) async fn request(
                 tunnel: &ctx.tunnel,
                 protocol: mapping.upstream_protocol,
             };
-            // A gRPC call's own deadline bounds the wait for the upstream's answer.
+            // A gRPC call's own deadline may shorten the wait for the upstream's answer, never
+            // lengthen it past the operator's limit (a client cannot hold a stream open longer).
+            let limit = ctx.state.limits.upstream_response_timeout;
             let timeout = match grpc
                 .then(|| crate::http::grpc::timeout(req.headers()))
                 .flatten()
             {
-                Some(deadline) => deadline,
-                None => ctx.state.limits.upstream_response_timeout,
+                Some(deadline) => deadline.min(limit),
+                None => limit,
             };
             let client = domain
                 .upstream_clients
