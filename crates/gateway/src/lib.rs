@@ -352,7 +352,8 @@ pub struct Gateway {
     registry: Arc<RegistryView>,
     shutdown: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
-    client: http::proxy::UpstreamClient,
+    /// Shared by every connection (a pooled client is over 300 bytes: one copy, not one each).
+    client: Arc<http::proxy::UpstreamClient>,
     listeners: std::sync::Mutex<Vec<RunningListener>>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     broker: Arc<portcullis_mqtt::broker::Broker>,
@@ -409,11 +410,11 @@ impl Gateway {
         first.publish_gauges();
         let state = Arc::new(ArcSwap::from_pointee(first));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client = http::proxy::client(
+        let client = Arc::new(http::proxy::client(
             config.limits.upstream_connect_timeout,
             None,
             config::UpstreamProtocol::Http1,
-        )?;
+        )?);
         let limits = Arc::new(conn::Gates::new(&config.limits));
         let mut tasks = Vec::new();
         let broker = Arc::new(portcullis_mqtt::broker::Broker::new(config.broker.clone()));
@@ -480,7 +481,7 @@ impl Gateway {
         config: &config::Listener,
         (listener, local): (TcpListener, SocketAddr),
         state: &Arc<ArcSwap<State>>,
-        client: &http::proxy::UpstreamClient,
+        client: &Arc<http::proxy::UpstreamClient>,
         gates: &Arc<conn::Gates>,
         broker: &Arc<portcullis_mqtt::broker::Broker>,
         shutdown: &watch::Receiver<bool>,

@@ -3,6 +3,7 @@
 //! The views are plain data with stable serde field names (the `--json` form is a contract).
 
 use std::fmt;
+use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
@@ -21,9 +22,14 @@ use crate::name::rfc4514;
 use crate::pem::{self, Label};
 use crate::{PkiError, Result};
 
-/// A certificate: its DER and the fields people and policies ask about.
+/// A certificate: its DER and the fields people and policies ask about. Shared: a clone (a
+/// connection's verdict, its session, its log line) is a reference count, not another copy of
+/// the DER and every decoded field.
 #[derive(Debug, Clone)]
-pub struct Certificate {
+pub struct Certificate(Arc<Parsed>);
+
+#[derive(Debug)]
+struct Parsed {
     der: CertificateDer<'static>,
     info: CertificateInfo,
 }
@@ -33,10 +39,10 @@ impl Certificate {
     pub fn from_der(der: impl Into<Vec<u8>>) -> Result<Self> {
         let der: Vec<u8> = der.into();
         let info = CertificateInfo::from_der(&der)?;
-        Ok(Certificate {
+        Ok(Certificate(Arc::new(Parsed {
             der: CertificateDer::from(der),
             info,
-        })
+        })))
     }
 
     /// Every certificate in a PEM bundle (or one DER certificate), in file order. Errors name the
@@ -76,23 +82,23 @@ impl Certificate {
 
     /// The DER encoding.
     pub fn der(&self) -> &CertificateDer<'static> {
-        &self.der
+        &self.0.der
     }
 
     /// The decoded fields.
     pub fn info(&self) -> &CertificateInfo {
-        &self.info
+        &self.0.info
     }
 
     /// The certificate as a PEM block.
     pub fn to_pem(&self) -> String {
-        pem::encode("CERTIFICATE", &self.der)
+        pem::encode("CERTIFICATE", &self.0.der)
     }
 
     /// True when `issuer`'s subject is this certificate's issuer and `issuer`'s key made this
     /// certificate's signature (proof of possession, or a link of a chain).
     pub fn is_signed_by(&self, issuer: &Certificate) -> bool {
-        let Ok((_, me)) = X509Certificate::from_der(&self.der) else {
+        let Ok((_, me)) = X509Certificate::from_der(&self.0.der) else {
             return false;
         };
         let Ok((_, them)) = X509Certificate::from_der(issuer.der()) else {
@@ -121,7 +127,7 @@ impl Certificate {
     /// twice, a value that is not text): policies and the registry refuse such certificates,
     /// since what a policy reads and what the headers show would differ. `None` normally.
     pub fn subject_ambiguity(&self) -> Option<&str> {
-        self.info.subject_ambiguity.as_deref()
+        self.0.info.subject_ambiguity.as_deref()
     }
 
     /// The first subject attribute that policies read (CN, O, OU, C) whose value holds a
@@ -153,7 +159,7 @@ impl Certificate {
     /// Runs `f` over the x509-parser view. Parsing succeeded once in [`Certificate::from_der`],
     /// so it succeeds again.
     pub(crate) fn with_parsed<T>(&self, f: impl FnOnce(&X509Certificate<'_>) -> T) -> Result<T> {
-        let (_, parsed) = X509Certificate::from_der(&self.der)
+        let (_, parsed) = X509Certificate::from_der(&self.0.der)
             .map_err(|e| PkiError::malformed("", format!("certificate DER: {e}")))?;
         Ok(f(&parsed))
     }

@@ -51,7 +51,7 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     accepting: Accepting,
     state: Arc<ArcSwap<State>>,
-    client: UpstreamClient,
+    client: Arc<UpstreamClient>,
     gates: Arc<Gates>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
@@ -100,16 +100,26 @@ pub(crate) async fn accept_loop(
                 let protocols = *speaks.borrow();
                 // Each connection keeps the state generation it started with.
                 let snapshot = state.load_full();
-                let handshakes = gates.handshakes.clone();
-                let shutdown = shutdown.clone();
-                let client = client.clone();
-                let broker = broker.clone();
-                let live = gates.live.clone();
-                let states = state.clone();
+                let on = Endpoint {
+                    protocols,
+                    broker: broker.clone(),
+                    live: gates.live.clone(),
+                    states: state.clone(),
+                };
+                // Boxed here, not inside the task's block: the task then holds only the box and
+                // the slot, not a second copy of what the connection's future starts with.
+                let serving = Box::pin(connection(
+                    stream,
+                    peer,
+                    snapshot,
+                    client.clone(),
+                    gates.handshakes.clone(),
+                    shutdown.clone(),
+                    on,
+                ));
                 connections.spawn(async move {
                     metrics::gauge!("portcullis_active_connections").increment(1.0);
-                    let on = Endpoint { protocols, broker, live, states };
-                    connection(stream, peer, snapshot, client, handshakes, shutdown, on).await;
+                    serving.await;
                     metrics::gauge!("portcullis_active_connections").decrement(1.0);
                     drop(permit);
                 });

@@ -18,7 +18,9 @@ use crate::{State, limit_reached};
 
 /// A completed handshake: the stream, the domain chosen, and the verifier's record.
 pub(super) struct Handshaken {
-    pub(super) tls: tokio_rustls::server::TlsStream<TcpStream>,
+    /// Boxed: the connection's future and the protocol's future each hold it, and rustls'
+    /// connection state is over a kilobyte that would otherwise be reserved twice.
+    pub(super) tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
     pub(super) started: Instant,
     pub(super) domain_index: usize,
     pub(super) via_default: bool,
@@ -149,7 +151,7 @@ pub(super) async fn handshake(
     drop(handshake_permit);
     Some(Handshaken {
         record: recorded(&slot),
-        tls,
+        tls: Box::new(tls),
         started,
         domain_index,
         via_default,

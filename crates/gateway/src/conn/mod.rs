@@ -64,7 +64,7 @@ pub(crate) async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<State>,
-    client: UpstreamClient,
+    client: Arc<UpstreamClient>,
     handshakes: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     endpoint: Endpoint,
@@ -106,7 +106,7 @@ pub(crate) async fn connection(
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    let leaf = verdict.leaf().map(|c| c.info().clone());
+    let leaf = verdict.leaf().map(|c| c.info());
     tracing::info!(
         target: "portcullis::connection",
         peer = %peer,

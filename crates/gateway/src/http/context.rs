@@ -23,7 +23,7 @@ pub(crate) struct ConnectionContext {
     pub(crate) identity: IdentityBlock,
     /// The forwarding header values of this connection.
     pub(crate) forwarding: Forwarding,
-    pub(crate) client: UpstreamClient,
+    pub(crate) client: Arc<UpstreamClient>,
     /// The MQTT broker, for HTTPS publish.
     pub(crate) broker: Arc<Broker>,
     /// A WebSocket tunnel the last request opened, for the connection's task to run.

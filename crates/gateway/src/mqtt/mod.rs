@@ -68,8 +68,61 @@ enum End {
     Server(u8, String),
 }
 
-/// Serves one MQTT connection after the TLS handshake.
-pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
+/// Serves one MQTT connection after the TLS handshake: CONNECT in a future of its own (boxed:
+/// its state is large and an idle session holds none of it), then the session.
+pub(crate) async fn serve(mut tls: Box<TlsStream<TcpStream>>, c: Conn) {
+    let Some(Accepted {
+        protocol,
+        client_id,
+        auth,
+        leaf,
+        connect,
+        handle,
+        buf,
+    }) = Box::pin(accept(&mut tls, &c)).await
+    else {
+        return;
+    };
+    let mut session = Session {
+        c: &c,
+        protocol,
+        client_id,
+        auth,
+        leaf,
+        inflight: HashMap::new(),
+        backlog: VecDeque::new(),
+        next_id: 0,
+        client_max: connect
+            .properties
+            .maximum_packet_size
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        problem_information: protocol == Protocol::V5
+            && connect.properties.request_problem_information != Some(false),
+        receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
+            .min(MAX_INFLIGHT),
+        out: BytesMut::new(),
+        awaiting_release: Default::default(),
+        owed: VecDeque::new(),
+        fleet: None,
+    };
+    session.run(&mut tls, buf, handle, &connect).await;
+    metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
+}
+
+/// A CONNECT accepted and answered: what the session starts from.
+struct Accepted {
+    protocol: Protocol,
+    client_id: String,
+    auth: SessionAuth,
+    leaf: portcullis_pki::Certificate,
+    connect: codec::Connect,
+    handle: portcullis_mqtt::broker::SessionHandle,
+    buf: BytesMut,
+}
+
+/// Reads CONNECT and decides it (client id, thing, policy, will, the cluster's ownership and
+/// persistent session), answering CONNACK. `None`: refused (and answered and logged) or gone.
+async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
     let settings = c.domain.mqtt.clone();
     let max = settings.max_packet_size;
     // Small to start: most devices send little, and an idle session keeps its buffer. It grows
@@ -78,26 +131,26 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     let hostname = c.domain.hostname.to_string();
     let first = tokio::time::timeout(
         settings.connect_timeout,
-        read_packet(&mut tls, &mut buf, None, max),
+        read_packet(tls, &mut buf, None, max),
     )
     .await;
     let connect = match first {
         Ok(Ok(Some(Packet::Connect(connect)))) => connect,
-        Ok(Ok(Some(_))) => return log_refused(&c, "", "the first packet was not CONNECT"),
-        Ok(Ok(None)) => return,
+        Ok(Ok(Some(_))) => return log_refused(c, "", "the first packet was not CONNECT"),
+        Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
             // A CONNECT we cannot read: answer 3.1.1-style when unsure of the version.
             if let codec::CodecError::UnsupportedProtocolVersion(_) = e {
                 let _ = send(
-                    &mut tls,
+                    tls,
                     Protocol::V311,
                     &connack(false, reason::UNSUPPORTED_PROTOCOL_VERSION),
                 )
                 .await;
             }
-            return log_refused(&c, "", &format!("unreadable CONNECT: {e}"));
+            return log_refused(c, "", &format!("unreadable CONNECT: {e}"));
         }
-        Err(_) => return log_refused(&c, "", "no CONNECT within the connect timeout"),
+        Err(_) => return log_refused(c, "", "no CONNECT within the connect timeout"),
     };
     let protocol = connect.protocol;
     // CONNACK carries the MQTT 5 reason code; the codec writes its 3.1.1 return code.
@@ -110,9 +163,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         other => other.renew_only().cloned(),
     };
     let Some(leaf) = leaf else {
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        let _ = send(tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
         return log_refused(
-            &c,
+            c,
             &connect.client_id,
             &format!(
                 "MQTT needs a valid client certificate ({})",
@@ -123,13 +176,8 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if protocol == Protocol::V311 && !connect.clean_start {
-            let _ = send(
-                &mut tls,
-                protocol,
-                &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-            )
-            .await;
-            return log_refused(&c, "", "an empty client id needs a clean session");
+            let _ = send(tls, protocol, &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
+            return log_refused(c, "", "an empty client id needs a clean session");
         }
         let id = format!("auto-{}", &leaf.info().id[..16]);
         assigned = Some(id.clone());
@@ -144,14 +192,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         .find(|ch| "+#/*?$".contains(*ch) || ch.is_control())
     {
         metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "invalid-client-id").increment(1);
-        let _ = send(
-            &mut tls,
-            protocol,
-            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-        )
-        .await;
+        let _ = send(tls, protocol, &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
         return log_refused(
-            &c,
+            c,
             &client_id,
             &format!(
                 "the client id holds {c_bad:?}; client ids may not hold + # / * ? $ or control characters"
@@ -166,14 +209,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .contains(&client_id)
     {
         metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "client-id-not-thing").increment(1);
-        let _ = send(
-            &mut tls,
-            protocol,
-            &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID),
-        )
-        .await;
+        let _ = send(tls, protocol, &refuse(reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
         return log_refused(
-            &c,
+            c,
             &client_id,
             "the client id must be the name of a thing this certificate is attached to",
         );
@@ -184,9 +222,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
     if policies.policies().claim_templates(&leaf).is_some()
         && policies.policies().is_thing(&client_id)
     {
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        let _ = send(tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
         return log_refused(
-            &c,
+            c,
             &client_id,
             "a claim certificate may not connect with a thing's name as its client id",
         );
@@ -200,18 +238,18 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .things_of(&leaf.info().id)
             .contains(&client_id)
     {
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        let _ = send(tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
         return log_refused(
-            &c,
+            c,
             &client_id,
             "a certificate in its grace period may connect as its own thing (or with an empty client id) only",
         );
     }
-    let auth = SessionAuth::new(&c, &leaf, &client_id, renew_only);
+    let auth = SessionAuth::new(c, &leaf, &client_id, renew_only);
     if let Err(why) = auth.decide("mqtt:Connect", &format!("client:{client_id}")) {
         metrics::counter!("portcullis_mqtt_denials_total", "action" => "connect", "reason" => "not-allowed").increment(1);
-        let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
-        return log_refused(&c, &client_id, &format!("mqtt:Connect denied: {why}"));
+        let _ = send(tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+        return log_refused(c, &client_id, &format!("mqtt:Connect denied: {why}"));
     }
     // The will is authorized now, as a publication would be.
     if let Some(will) = &connect.will {
@@ -220,8 +258,8 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             .and_then(|()| reserved(&will.topic))
             .and_then(|()| auth.decide("mqtt:Publish", &format!("topic:{}", will.topic)));
         if let Err(why) = checked {
-            let _ = send(&mut tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
-            return log_refused(&c, &client_id, &format!("the will is not allowed: {why}"));
+            let _ = send(tls, protocol, &refuse(reason::NOT_AUTHORIZED)).await;
+            return log_refused(c, &client_id, &format!("the will is not allowed: {why}"));
         }
     }
     let expiry = match protocol {
@@ -245,9 +283,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         match claimed {
             Ok(session) => stored = session,
             Err(why) => {
-                let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
+                let _ = send(tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
                 return log_refused(
-                    &c,
+                    c,
                     &client_id,
                     &format!(
                         "the cluster could not record this node as the session's owner: {why}"
@@ -264,9 +302,9 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         &identity,
     );
     if !expiry.is_zero()
-        && let Err(why) = resume_in_cluster(&c, &client_id, &mut handle, stored, &auth).await
+        && let Err(why) = resume_in_cluster(c, &client_id, &mut handle, stored, &auth).await
     {
-        let _ = send(&mut tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
+        let _ = send(tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
         c.broker.disconnected(
             &client_id,
             handle.generation,
@@ -275,7 +313,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             Some(&mut handle.outbound),
         );
         return log_refused(
-            &c,
+            c,
             &client_id,
             &format!("the cluster could not keep the persistent session: {why}"),
         );
@@ -296,7 +334,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         code: reason::SUCCESS,
         properties,
     });
-    if send(&mut tls, protocol, &ack).await.is_err() {
+    if send(tls, protocol, &ack).await.is_err() {
         c.broker.disconnected(
             &client_id,
             handle.generation,
@@ -304,7 +342,7 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
             std::mem::take(&mut handle.awaiting_release),
             Some(&mut handle.outbound),
         );
-        return;
+        return None;
     }
     metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
     metrics::counter!("portcullis_mqtt_connects_total", "result" => "accepted").increment(1);
@@ -319,30 +357,15 @@ pub(crate) async fn serve(mut tls: TlsStream<TcpStream>, c: Conn) {
         client_fingerprint = %leaf.info().id,
         "mqtt session started"
     );
-    let mut session = Session {
-        c: &c,
+    Some(Accepted {
         protocol,
-        client_id: client_id.clone(),
+        client_id,
         auth,
         leaf,
-        inflight: HashMap::new(),
-        backlog: VecDeque::new(),
-        next_id: 0,
-        client_max: connect
-            .properties
-            .maximum_packet_size
-            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
-        problem_information: protocol == Protocol::V5
-            && connect.properties.request_problem_information != Some(false),
-        receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
-            .min(MAX_INFLIGHT),
-        out: BytesMut::new(),
-        awaiting_release: Default::default(),
-        owed: VecDeque::new(),
-        fleet: None,
-    };
-    session.run(&mut tls, buf, handle, &connect).await;
-    metrics::gauge!("portcullis_mqtt_connections").decrement(1.0);
+        connect,
+        handle,
+        buf,
+    })
 }
 
 /// A persistent session in a cluster: the cluster keeps its QoS 1 and 2 messages from now on,
@@ -405,7 +428,7 @@ fn connack(session_present: bool, code: u8) -> Packet {
     })
 }
 
-fn log_refused(c: &Conn, client_id: &str, why: &str) {
+fn log_refused<T>(c: &Conn, client_id: &str, why: &str) -> Option<T> {
     metrics::counter!("portcullis_mqtt_connects_total", "result" => "refused").increment(1);
     let leaf = c.verdict.leaf().map(|l| l.info());
     tracing::info!(
@@ -418,6 +441,7 @@ fn log_refused(c: &Conn, client_id: &str, why: &str) {
         client_subject = leaf.map(|l| l.subject.as_str()).unwrap_or(""),
         "mqtt connection refused"
     );
+    None
 }
 
 /// Reads one packet (more bytes as needed); `None` at a clean end of stream.
