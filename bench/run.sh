@@ -25,7 +25,9 @@
 # and RSA client certificates; keep-alive requests over HTTP/1.1 and HTTP/2; p50/p99 latency at a
 # fixed rate; gRPC unary calls over HTTP/2 to an h2c gRPC upstream (bench_tools grpc-echo on
 # CPU 1; nginx grpc_pass, HAProxy `proto h2`, Portcullis `upstream_protocol = "h2c"`, each
-# forwarding the certificate fields as metadata); handshakes with a 10,000-CA truststore whose
+# forwarding the certificate fields as metadata), gRPC streaming messages (bench_tools grpc-stream:
+# 8 connections x 16 bidirectional calls, 8 messages in flight on each) and HTTP/2 GETs to the
+# same h2c upstream (nginx can only do that with grpc_pass); handshakes with a 10,000-CA truststore whose
 # names are not advertised; Portcullis in
 # registered mode with REGISTERED certificates; resident memory per idle mutual-TLS connection.
 #
@@ -290,10 +292,30 @@ CONF
 cpu0() { awk '/^cpu0 /{idle=$5+$6; total=0; for(i=2;i<=NF;i++) total+=$i; print idle, total}' /proc/stat; }
 
 # load SERVER MODE CLIENT [PORT] -> "per_core_second rps busy ok total p50_ms p99_ms"
-# MODE: handshake | h1 | h2 | rate | grpc (unary calls: POST application/grpc over HTTP/2)
+# MODE: handshake | h1 | h2 | rate | grpc (unary calls: POST application/grpc over HTTP/2) |
+# h2up (HTTP/2 GETs proxied to the h2c upstream) | grpcstream (messages on bidirectional calls)
 load() {
   local s=$1 mode=$2 client=$3 p=${4:-${port[$1]}} extra=() path=/
+  if [ "$mode" = grpcstream ]; then
+    read -r i0 t0 < <(cpu0)
+    taskset -c 1 "$tools" grpc-stream "127.0.0.1:$p" localhost ca/ca.pem "$client.pem" "$client.key" \
+      8 16 "$secs" > stream.out 2>&1 || true
+    read -r i1 t1 < <(cpu0)
+    python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
+import sys
+i0, t0, i1, t1 = map(float, sys.argv[1:5])
+busy = max(1 - (i1 - i0) / max(t1 - t0, 1), 0.01)
+try:
+    f = open("stream.out").read().split()
+    rate, n, failed = float(f[f.index("rate") + 1]), int(f[f.index("messages") + 1]), int(f[f.index("failed") + 1])
+except Exception:
+    print("0 0 0 0 0 0 0"); sys.exit()
+print(f"{rate / busy:.0f} {rate:.0f} {busy:.2f} {n} {n + failed} 0 0")
+PY
+    return
+  fi
   case $mode in
+    h2up) extra=(-c 8 -p 16 --http2); path=/bench.Echo/Get ;;
     grpc) extra=(-c 8 -p 16 --http2 -m POST -H "content-type: application/grpc" -H "te: trailers"
                  -D "$work/grpc.bin"); path=/bench.Echo/Call ;;
     handshake) extra=(-c 32 --disable-keepalive) ;;
@@ -353,6 +375,8 @@ fi
 if want grpc; then
 echo "== gRPC unary calls (HTTP/2 client, h2c upstream) ==" >&2
 measure "gRPC unary calls (h2c upstream)" grpc ecdsa nginx haproxy portcullis
+measure "gRPC streaming messages (bidirectional, h2c upstream)" grpcstream ecdsa nginx haproxy portcullis
+measure "HTTP/2 requests to an h2c upstream" h2up ecdsa nginx haproxy portcullis
 fi
 if want tls13; then
 echo "== TLS 1.3, one-CA truststore ==" >&2

@@ -8,7 +8,13 @@
 //!       HTTP/1.1 request on the connection with a fixed `200 ok` and does nothing else.
 //!   bench_tools grpc-echo ADDR
 //!       A gRPC upstream speaking h2c (one thread): every call is answered with the message it
-//!       carried and `grpc-status: 0` in trailers.
+//!       carried and `grpc-status: 0` in trailers; calls to a method named `Stream` are echoed
+//!       message by message as they arrive. Any other HTTP/2 request gets the same (an empty
+//!       body and the trailers).
+//!   bench_tools grpc-stream ADDR HOST CA CERT KEY CONNECTIONS STREAMS SECONDS
+//!       Streaming load (one thread): CONNECTIONS mutual-TLS HTTP/2 connections, STREAMS
+//!       bidirectional calls on each, each keeping 8 messages in flight and sending one more per
+//!       message echoed; prints the messages echoed per second over SECONDS.
 //!   bench_tools idle ADDR HOST CA CERT KEY N SECONDS
 //!       Opens N mutual-TLS connections to ADDR (SNI HOST), sends one keep-alive request on each
 //!       and reads the answer, prints `ready N` when all are up and holds them SECONDS.
@@ -182,9 +188,45 @@ async fn idle(args: &[String]) {
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
 
+/// The echo's answer: each data frame of the request as it arrives, then `grpc-status: 0`.
+struct Echo {
+    inner: hyper::body::Incoming,
+    done: bool,
+}
+
+impl hyper::body::Body for Echo {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))));
+                }
+            }
+        }
+    }
+}
+
 async fn grpc_echo(addr: &str) {
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
+    use http_body_util::BodyExt;
     let listener = TcpListener::bind(addr).await.unwrap();
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -194,17 +236,30 @@ async fn grpc_echo(addr: &str) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(
                 |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let message = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes())
-                        .unwrap_or_default();
-                    let mut trailers = hyper::HeaderMap::new();
-                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
-                    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> =
-                        vec![Ok(Frame::data(message)), Ok(Frame::trailers(trailers))];
-                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    let streaming = req.uri().path().ends_with("/Stream");
+                    let body = if streaming {
+                        Echo {
+                            inner: req.into_body(),
+                            done: false,
+                        }
+                        .boxed()
+                    } else {
+                        // Unary: answered once the call is read, headers, message and trailers
+                        // together, as a unary handler answers.
+                        let message = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers
+                            .insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                        http_body_util::Full::new(message)
+                            .with_trailers(async move { Some(Ok(trailers)) })
+                            .map_err(|never| match never {})
+                            .boxed()
+                    };
                     Ok::<_, std::convert::Infallible>(
                         hyper::Response::builder()
                             .header("content-type", "application/grpc")
@@ -218,6 +273,112 @@ async fn grpc_echo(addr: &str) {
                 .await;
         });
     }
+}
+
+/// One framed gRPC message: 5-byte prefix, 10 bytes of payload (the unary rows' message).
+const GRPC_MESSAGE: &[u8] = b"\x00\x00\x00\x00\x0ahelloworld";
+
+/// Messages each streaming call keeps in flight.
+const STREAM_WINDOW: usize = 8;
+
+async fn grpc_stream(args: &[String]) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (addr, host) = (args[0].clone(), args[1].clone());
+    let chain = certs(&args[3]);
+    let key = PrivateKeyDer::from_pem_file(&args[4]).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots(&args[2]))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let conns: usize = args[5].parse().unwrap();
+    let streams: usize = args[6].parse().unwrap();
+    let secs: u64 = args[7].parse().unwrap();
+    let echoed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    for _ in 0..conns {
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        let _ = tcp.set_nodelay(true);
+        let tls = connector
+            .connect(ServerName::try_from(host.clone()).unwrap(), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..streams {
+            let (mut sender, echoed, failed, host) =
+                (sender.clone(), echoed.clone(), failed.clone(), host.clone());
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(STREAM_WINDOW * 2);
+                let body = StreamBody::new(Box::pin(futures_util::stream::unfold(
+                    rx,
+                    |mut rx| async move {
+                        rx.recv()
+                            .await
+                            .map(|b| (Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+                    },
+                )));
+                let req = hyper::Request::post(format!("https://{host}/bench.Echo/Stream"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(body)
+                    .unwrap();
+                for _ in 0..STREAM_WINDOW {
+                    tx.send(bytes::Bytes::from_static(GRPC_MESSAGE))
+                        .await
+                        .unwrap();
+                }
+                let Ok(response) = sender.send_request(req).await else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let mut body = response.into_body();
+                let mut pending = 0;
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    let Ok(data) = frame.into_data() else {
+                        // Trailers before the run ended: the call was ended for us.
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    pending += data.len();
+                    while pending >= GRPC_MESSAGE.len() {
+                        pending -= GRPC_MESSAGE.len();
+                        echoed.fetch_add(1, Ordering::Relaxed);
+                        if tx
+                            .send(bytes::Bytes::from_static(GRPC_MESSAGE))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    // Counted over the run's own span, after every call started.
+    let from = echoed.load(Ordering::Relaxed);
+    let at = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let n = echoed.load(Ordering::Relaxed) - from;
+    let elapsed = at.elapsed().as_secs_f64();
+    println!(
+        "messages {n} seconds {elapsed:.3} rate {:.0} failed {}",
+        n as f64 / elapsed,
+        failed.load(Ordering::Relaxed)
+    );
 }
 
 fn main() {
@@ -235,6 +396,11 @@ fn main() {
             .build()
             .unwrap()
             .block_on(grpc_echo(&args[2])),
+        Some("grpc-stream") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(grpc_stream(&args[2..])),
         Some("idle") => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -242,7 +408,7 @@ fn main() {
             .block_on(idle(&args[2..])),
         _ => {
             eprintln!(
-                "usage: bench_tools cas N OUT | bare ADDR CERT KEY CA tls13|tls12 | grpc-echo ADDR | idle ADDR HOST CA CERT KEY N SECONDS"
+                "usage: bench_tools cas N OUT | bare ADDR CERT KEY CA tls13|tls12 | grpc-echo ADDR | grpc-stream ADDR HOST CA CERT KEY CONNECTIONS STREAMS SECONDS | idle ADDR HOST CA CERT KEY N SECONDS"
             );
             std::process::exit(2);
         }
