@@ -14,7 +14,7 @@ use portcullis_pki::crl::Crl;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::GatewayError;
-pub use crate::http::identity::IdentityHeaders;
+pub use crate::http::identity::{IdentityHeaders, Profile as IdentityProfile};
 pub use crate::registry_view::RegistryMode;
 
 /// The whole gateway configuration.

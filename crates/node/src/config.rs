@@ -15,9 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use portcullis_gateway::Config;
 use portcullis_gateway::config::{
-    Authorization, Domain, Hostname, IdentityHeaders, Limits, Listener, Mapping, MqttSettings,
-    Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders, SecurityPolicy,
-    ServerCertificate, UpstreamProtocol, UpstreamTls,
+    Authorization, Domain, Hostname, IdentityHeaders, IdentityProfile, Limits, Listener, Mapping,
+    MqttSettings, Mtls, MtlsMode, OnFailure, Protocols, RegistryMode, ResponseHeaders,
+    SecurityPolicy, ServerCertificate, UpstreamProtocol, UpstreamTls,
 };
 use portcullis_pki::crl::Crl;
 use portcullis_pki::{Certificate, Truststore};
@@ -109,6 +109,9 @@ struct FileMqttLimits {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileIdentity {
+    /// Whose headers the upstream gets: rfc9440 (default), alb, cloudfront, envoy or traefik.
+    #[serde(default)]
+    profile: Option<String>,
     /// Also send Envoy's x-forwarded-client-cert.
     #[serde(default)]
     xfcc: bool,
@@ -550,8 +553,30 @@ fn build_config(
     let config = match &file.identity {
         None => config,
         Some(i) => {
+            let profile = match &i.profile {
+                None => IdentityProfile::Rfc9440,
+                Some(p) => IdentityProfile::parse(p)
+                    .with_context(|| format!("{}: [identity] profile", path.display()))?,
+            };
+            if profile != IdentityProfile::Rfc9440 {
+                if i.xfcc {
+                    bail!(
+                        "{}: [identity] xfcc adds Envoy's header to the rfc9440 profile; with profile = \"{}\" remove it (profile = \"envoy\" sends x-forwarded-client-cert alone)",
+                        path.display(),
+                        i.profile.as_deref().unwrap_or_default()
+                    );
+                }
+                if let Some(field) = i.headers.keys().find(|f| f.as_str() != "verify") {
+                    bail!(
+                        "{}: [identity.headers] {field}: the {} profile's header names are fixed (they are what its upstreams read); only verify can be renamed, or use profile = \"rfc9440\"",
+                        path.display(),
+                        i.profile.as_deref().unwrap_or_default()
+                    );
+                }
+            }
             let mut ids = IdentityHeaders {
                 xfcc: i.xfcc,
+                profile,
                 ..Default::default()
             };
             for (field, name) in &i.headers {

@@ -1278,6 +1278,175 @@ upstream = "builtin:echo"
     assert!(xfcc.contains(";Subject=\"CN=alice\""), "{xfcc}");
 }
 
+/// What each product's documentation says its headers hold for `alice` (chain: alice, int,
+/// root), computed by Python and OpenSSL rather than by the gateway's code.
+const PRODUCT_FORMATS: &str = r#"
+import base64, datetime, hashlib, json, ssl, subprocess, sys, urllib.parse
+leaf = open("alice.pem").read()
+pems = [leaf, open("int/ca.pem").read(), open("root/ca.pem").read()]
+d = ssl._ssl._test_decode_cert("alice.pem")
+when = lambda s: datetime.datetime.strptime(s, "%b %d %H:%M:%S %Y %Z").strftime("%Y-%m-%dT%H:%M:%SZ")
+der = [ssl.PEM_cert_to_DER_cert(p) for p in pems]
+dn = lambda which: subprocess.run(["openssl", "x509", "-in", "alice.pem", "-noout", "-" + which,
+    "-nameopt", "RFC2253"], capture_output=True, text=True).stdout.strip().split("=", 1)[1]
+serial = d["serialNumber"]
+print(json.dumps({
+    "serial": serial,
+    "serial_colon": ":".join(serial[i:i + 2] for i in range(0, len(serial), 2)).lower(),
+    "subject": dn("subject"),
+    "issuer": dn("issuer"),
+    "validity": "NotBefore=%s;NotAfter=%s" % (when(d["notBefore"]), when(d["notAfter"])),
+    "leaf": urllib.parse.quote(leaf, safe="+=/"),
+    "chain": urllib.parse.quote("".join(pems), safe="+=/"),
+    "sha256": hashlib.sha256(der[0]).hexdigest(),
+    "client_cert": ":" + base64.b64encode(der[0]).decode() + ":",
+    "traefik": ",".join(base64.b64encode(c).decode() for c in der),
+}))
+"#;
+
+#[test]
+fn identity_profiles_send_what_alb_cloudfront_envoy_and_traefik_upstreams_read() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let Some(_) = require_tool("curl") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let want = run(&python, &["-c", PRODUCT_FORMATS], d).ok().stdout;
+    let want: Value = serde_json::from_str(&want).unwrap();
+    let w = |k: &str| want[k].as_str().unwrap().to_string();
+    // A client forging every product's headers: each is replaced or removed, in every profile.
+    let forged = [
+        "X-Amzn-Mtls-Clientcert-Subject: CN=admin",
+        "X-Amzn-Mtls-Clientcert: forged",
+        "CloudFront-Viewer-Cert-Sha256: forged",
+        "CloudFront-Viewer-Cert-Present: 1",
+        "X-Forwarded-Tls-Client-Cert: forged",
+        "X-Forwarded-Tls-Client-Cert-Info: forged",
+        "X-Forwarded-Client-Cert: Hash=forged",
+        "Client-Cert: :Zm9yZ2Vk:",
+    ];
+    let alice = client("alice");
+    for profile in ["alb", "cloudfront", "envoy", "traefik"] {
+        let config = format!(
+            r#"
+[admin]
+address = "127.0.0.1:0"
+
+[identity]
+profile = "{profile}"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "optional"
+truststore = "root/ca.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+client_certificate = "optional"
+"#
+        );
+        let s = Server::start(d, &config);
+        let mut args = with_client(&alice);
+        for f in &forged {
+            args.extend(["-H", f]);
+        }
+        let (status, body) = answer(&curl(d, &s, "a.test", "/", &args));
+        assert_eq!(status, 200, "{profile}");
+        let h = body["headers"].as_object().unwrap().clone();
+        let got = |k: &str| h.get(k).and_then(Value::as_str).map(str::to_string);
+        let mut expected: Vec<(&str, String)> = match profile {
+            "alb" => vec![
+                ("x-amzn-mtls-clientcert", w("chain")),
+                ("x-amzn-mtls-clientcert-serial-number", w("serial")),
+                ("x-amzn-mtls-clientcert-issuer", w("issuer")),
+                ("x-amzn-mtls-clientcert-subject", w("subject")),
+                ("x-amzn-mtls-clientcert-validity", w("validity")),
+                ("x-amzn-mtls-clientcert-leaf", w("leaf")),
+            ],
+            "cloudfront" => vec![
+                ("cloudfront-viewer-cert-serial-number", w("serial_colon")),
+                ("cloudfront-viewer-cert-issuer", w("issuer")),
+                ("cloudfront-viewer-cert-subject", w("subject")),
+                ("cloudfront-viewer-cert-present", "1".into()),
+                ("cloudfront-viewer-cert-sha256", w("sha256")),
+                ("cloudfront-viewer-cert-validity", w("validity")),
+                ("cloudfront-viewer-cert-pem", w("leaf")),
+                ("client-cert", w("client_cert")),
+            ],
+            "traefik" => vec![("x-forwarded-tls-client-cert", w("traefik"))],
+            _ => vec![],
+        };
+        expected.push(("x-client-cert-verify", "SUCCESS".into()));
+        for (name, value) in &expected {
+            assert_eq!(
+                got(name).as_deref(),
+                Some(value.as_str()),
+                "{profile}: {name}"
+            );
+        }
+        if profile == "envoy" {
+            let xfcc = got("x-forwarded-client-cert").unwrap();
+            let hash = format!("Hash={};Cert=\"-----BEGIN%20CERTIFICATE-----", w("sha256"));
+            assert!(xfcc.starts_with(&hash), "{xfcc}");
+            assert!(xfcc.contains(";Subject=\"CN=alice\""), "{xfcc}");
+            expected.push(("x-forwarded-client-cert", xfcc));
+        }
+        // Nothing else that any product would read: the forged copies are gone.
+        for name in h.keys() {
+            let identity = [
+                "x-amzn-mtls",
+                "cloudfront-viewer",
+                "x-forwarded-tls",
+                "x-forwarded-client",
+                "client-cert",
+                "x-client-cert",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p));
+            assert!(
+                !identity || expected.iter().any(|(n, _)| n == name),
+                "{profile}: the upstream got {name}: {:?}",
+                h[name]
+            );
+        }
+        // Without a certificate (optional mode) no product header is sent, only the status.
+        let (status, body) = answer(&curl(d, &s, "a.test", "/", &[]));
+        assert_eq!(status, 200);
+        let h = &body["headers"];
+        assert_eq!(h["x-client-cert-verify"], "NONE", "{profile}");
+        match profile {
+            "cloudfront" => assert_eq!(h["cloudfront-viewer-cert-present"], "0"),
+            "alb" => assert!(h.get("x-amzn-mtls-clientcert-leaf").is_none()),
+            _ => {}
+        }
+    }
+    // A profile's names are fixed; a typo is named.
+    for (identity, why) in [
+        ("profile = \"nginx\"", "unknown identity profile 'nginx'"),
+        (
+            "profile = \"alb\"\n[identity.headers]\nsubject = \"X-Subject\"",
+            "only verify can be renamed",
+        ),
+        ("profile = \"traefik\"\nxfcc = true", "profile = \"envoy\""),
+    ] {
+        let config = format!(
+            "[identity]\n{identity}\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+        );
+        std::fs::write(d.join("bad.toml"), config).unwrap();
+        let out = portcullis(d, &["serve", "--config", "bad.toml", "--data-dir", "bad"]);
+        assert_ne!(out.code, 0);
+        assert!(out.stderr.contains(why), "{}", out.stderr);
+    }
+}
+
 #[test]
 fn https_upstreams_get_the_gateway_client_certificate() {
     let Some(python) = require_tool("python3") else {

@@ -2,9 +2,9 @@
 //! client.
 //!
 //! Invariant: identity headers are built only from the connection's verdict; every inbound copy
-//! (any header whose name starts with `client-cert`, `x-client-cert`, is
-//! `x-forwarded-client-cert`, or is one of the configured names) is removed before routing, in
-//! every mode.
+//! (any header whose name starts with one of [`RESERVED_PREFIXES`] — every profile's headers,
+//! whichever profile is configured — or is one of the configured names) is removed before
+//! routing, in every mode.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -14,8 +14,52 @@ use hyper::header::{HeaderName, HeaderValue};
 use crate::GatewayError;
 use crate::verdict::ClientVerdict;
 
-/// Header name prefixes that only the gateway may set, whatever the configuration.
-const RESERVED_PREFIXES: [&str; 3] = ["client-cert", "x-client-cert", "x-forwarded-client-cert"];
+/// Header name prefixes that only the gateway may set, whatever the configuration: every
+/// profile's headers, whichever profile is chosen (an upstream moved from ALB or Traefik may still
+/// read theirs).
+const RESERVED_PREFIXES: [&str; 6] = [
+    "client-cert",
+    "x-client-cert",
+    "x-forwarded-client-cert",
+    "x-amzn-mtls-clientcert",
+    "cloudfront-viewer-cert",
+    "x-forwarded-tls-client-cert",
+];
+
+/// Which product's identity headers the upstream gets (`[identity] profile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// RFC 9440 `Client-Cert` / `Client-Cert-Chain` and the `X-Client-Cert-*` fields (renamable).
+    #[default]
+    Rfc9440,
+    /// AWS ALB's mutual TLS headers: `X-Amzn-Mtls-Clientcert` (the chain) and
+    /// `X-Amzn-Mtls-Clientcert-{Serial-Number,Issuer,Subject,Validity,Leaf}`.
+    Alb,
+    /// Amazon CloudFront's viewer mTLS headers: `CloudFront-Viewer-Cert-*` and `Client-Cert`.
+    Cloudfront,
+    /// Envoy's `x-forwarded-client-cert`.
+    Envoy,
+    /// Traefik's `X-Forwarded-Tls-Client-Cert` (passTLSClientCert with `pem`).
+    Traefik,
+}
+
+impl Profile {
+    /// Parses a configuration value.
+    pub fn parse(name: &str) -> Result<Profile, GatewayError> {
+        Ok(match name {
+            "rfc9440" => Profile::Rfc9440,
+            "alb" => Profile::Alb,
+            "cloudfront" => Profile::Cloudfront,
+            "envoy" => Profile::Envoy,
+            "traefik" => Profile::Traefik,
+            other => {
+                return Err(GatewayError::Config(format!(
+                    "unknown identity profile '{other}'; use rfc9440, alb, cloudfront, envoy or traefik"
+                )));
+            }
+        })
+    }
+}
 
 /// Which identity headers are sent, under which names.
 #[derive(Debug, Clone)]
@@ -40,6 +84,8 @@ pub struct IdentityHeaders {
     pub verify: HeaderName,
     /// Also send Envoy's `x-forwarded-client-cert`.
     pub xfcc: bool,
+    /// Whose headers: RFC 9440 and the names above, or another product's fixed set.
+    pub profile: Profile,
 }
 
 impl Default for IdentityHeaders {
@@ -55,6 +101,7 @@ impl Default for IdentityHeaders {
             fingerprint: HeaderName::from_static("x-client-cert-fingerprint-sha256"),
             verify: HeaderName::from_static("x-client-cert-verify"),
             xfcc: false,
+            profile: Profile::Rfc9440,
         }
     }
 }
@@ -141,6 +188,21 @@ impl IdentityHeaders {
 
     /// Adds the identity headers for `verdict` to `headers`.
     pub(crate) fn add(&self, headers: &mut HeaderMap, verdict: &ClientVerdict) {
+        if self.profile != Profile::Rfc9440 {
+            if let ClientVerdict::Valid(chain) = verdict
+                && !chain.is_empty()
+            {
+                product_headers(self.profile, headers, chain);
+            } else if self.profile == Profile::Cloudfront {
+                set(
+                    headers,
+                    &HeaderName::from_static("cloudfront-viewer-cert-present"),
+                    "0",
+                );
+            }
+            set(headers, &self.verify, &verdict.status());
+            return;
+        }
         if let ClientVerdict::Valid(chain) = verdict
             && let Some(leaf) = chain.first()
         {
@@ -217,6 +279,102 @@ impl IdentityBlock {
             headers.insert(name.clone(), value.clone());
         }
     }
+}
+
+/// Another product's identity headers for a verified chain (leaf first), in the formats its
+/// documentation gives.
+fn product_headers(
+    profile: Profile,
+    headers: &mut HeaderMap,
+    chain: &[portcullis_pki::Certificate],
+) {
+    let leaf = &chain[0];
+    let info = leaf.info();
+    let validity = format!("NotBefore={};NotAfter={}", info.not_before, info.not_after);
+    match profile {
+        Profile::Alb => {
+            let h = |n: &'static str| HeaderName::from_static(n);
+            let chain_pem: String = chain.iter().map(|c| c.to_pem()).collect();
+            set(
+                headers,
+                &h("x-amzn-mtls-clientcert"),
+                &aws_url_encode(&chain_pem),
+            );
+            set(
+                headers,
+                &h("x-amzn-mtls-clientcert-serial-number"),
+                &bignum_hex(&info.serial),
+            );
+            set(headers, &h("x-amzn-mtls-clientcert-issuer"), &info.issuer);
+            set(headers, &h("x-amzn-mtls-clientcert-subject"), &info.subject);
+            set(headers, &h("x-amzn-mtls-clientcert-validity"), &validity);
+            set(
+                headers,
+                &h("x-amzn-mtls-clientcert-leaf"),
+                &aws_url_encode(&leaf.to_pem()),
+            );
+        }
+        Profile::Cloudfront => {
+            let h = |n: &'static str| HeaderName::from_static(n);
+            let serial = info.serial.strip_prefix("00:").unwrap_or(&info.serial);
+            set(headers, &h("cloudfront-viewer-cert-serial-number"), serial);
+            set(headers, &h("cloudfront-viewer-cert-issuer"), &info.issuer);
+            set(headers, &h("cloudfront-viewer-cert-subject"), &info.subject);
+            set(headers, &h("cloudfront-viewer-cert-present"), "1");
+            set(headers, &h("cloudfront-viewer-cert-sha256"), &info.id);
+            set(headers, &h("cloudfront-viewer-cert-validity"), &validity);
+            set(
+                headers,
+                &h("cloudfront-viewer-cert-pem"),
+                &aws_url_encode(&leaf.to_pem()),
+            );
+            set(headers, &h("client-cert"), &sf_binary(leaf.der()));
+        }
+        Profile::Envoy => set(
+            headers,
+            &HeaderName::from_static("x-forwarded-client-cert"),
+            &xfcc(chain),
+        ),
+        Profile::Traefik => {
+            // The PEM without its BEGIN/END lines and line feeds (the DER in base64), each
+            // certificate of the chain as presented, comma-separated.
+            let certs: Vec<String> = chain.iter().map(|c| STANDARD.encode(c.der())).collect();
+            set(
+                headers,
+                &HeaderName::from_static("x-forwarded-tls-client-cert"),
+                &certs.join(","),
+            );
+        }
+        Profile::Rfc9440 => {}
+    }
+}
+
+/// A serial as OpenSSL's `BN_bn2hex` writes it (ALB's format): upper-case hex, whole bytes, no
+/// separators, without the sign byte DER adds.
+fn bignum_hex(colon_hex: &str) -> String {
+    let bytes: Vec<&str> = colon_hex.split(':').collect();
+    let first = bytes
+        .iter()
+        .position(|b| *b != "00")
+        .unwrap_or(bytes.len().saturating_sub(1));
+    bytes[first..].concat().to_ascii_uppercase()
+}
+
+/// URL encoding as ALB and CloudFront apply it to PEM: everything but RFC 3986 unreserved
+/// characters and `+`, `=`, `/` (their documented safe characters) percent-encoded.
+fn aws_url_encode(text: &str) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(text.len() + text.len() / 16);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~+=/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(DIGITS[usize::from(b >> 4)] as char);
+            out.push(DIGITS[usize::from(b & 15)] as char);
+        }
+    }
+    out
 }
 
 /// Envoy's `x-forwarded-client-cert` element for a verified chain:
