@@ -459,6 +459,9 @@ pub enum SecurityPolicy {
     /// TLS 1.2 only (AEAD suites with forward secrecy): for clients whose TLS 1.3 is broken, and
     /// for measuring TLS 1.2 handshakes against clients that would otherwise pick 1.3.
     Tls12Only,
+    /// TLS 1.3 with the post-quantum hybrid key exchange X25519MLKEM768 only: a client that
+    /// cannot do it fails the handshake.
+    Tls13Pq,
 }
 
 /// How a domain authenticates clients.

@@ -148,7 +148,7 @@ impl DomainTls {
         let provider = provider_for(domain.policy);
         let versions: &[&'static rustls::SupportedProtocolVersion] = match domain.policy {
             SecurityPolicy::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            SecurityPolicy::Tls13 => &[&rustls::version::TLS13],
+            SecurityPolicy::Tls13 | SecurityPolicy::Tls13Pq => &[&rustls::version::TLS13],
             SecurityPolicy::Tls12Only => &[&rustls::version::TLS12],
         };
         let verifier = Arc::new(DomainVerifier::new(
@@ -206,13 +206,30 @@ impl DomainTls {
     }
 }
 
-/// aws-lc-rs with the policy's suites: AEAD with forward secrecy only.
-fn provider_for(policy: SecurityPolicy) -> CryptoProvider {
+/// aws-lc-rs with the policy's suites (AEAD with forward secrecy only) and key exchanges: the
+/// post-quantum hybrid X25519MLKEM768 first on every policy (chosen whenever the client offers
+/// it), and the only one on `TLS_1_3_PQ`.
+pub(crate) fn provider_for(policy: SecurityPolicy) -> CryptoProvider {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.retain(|suite| match suite {
         SupportedCipherSuite::Tls13(_) => policy != SecurityPolicy::Tls12Only,
-        SupportedCipherSuite::Tls12(_) => policy != SecurityPolicy::Tls13,
+        SupportedCipherSuite::Tls12(_) => {
+            !matches!(policy, SecurityPolicy::Tls13 | SecurityPolicy::Tls13Pq)
+        }
     });
+    provider.kx_groups = match policy {
+        SecurityPolicy::Tls13Pq => vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768],
+        _ => {
+            let mut groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+            groups.extend(
+                provider
+                    .kx_groups
+                    .iter()
+                    .filter(|g| g.name() != rustls::NamedGroup::X25519MLKEM768),
+            );
+            groups
+        }
+    };
     // AES-128-GCM first (the server's preference decides, as Go and BoringSSL servers do): its
     // SHA-256 key schedule runs on the CPU's SHA extensions where SHA-384 has none, which makes a
     // full handshake markedly cheaper. AES-256-GCM and ChaCha20-Poly1305 remain available.

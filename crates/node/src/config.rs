@@ -644,8 +644,9 @@ fn file_domain(
         "TLS_1_2" => SecurityPolicy::Tls12,
         "TLS_1_3" => SecurityPolicy::Tls13,
         "TLS_1_2_ONLY" => SecurityPolicy::Tls12Only,
+        "TLS_1_3_PQ" => SecurityPolicy::Tls13Pq,
         other => bail!(
-            "{}: security_policy '{other}' must be TLS_1_2, TLS_1_3 or TLS_1_2_ONLY",
+            "{}: security_policy '{other}' must be TLS_1_2, TLS_1_3, TLS_1_3_PQ or TLS_1_2_ONLY",
             ctx()
         ),
     };

@@ -11,6 +11,7 @@ mod fleet;
 mod layout;
 mod mqtt;
 mod nodes;
+mod operations;
 mod pki;
 mod policy;
 mod proxy;

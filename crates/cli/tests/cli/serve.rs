@@ -1447,6 +1447,113 @@ client_certificate = "optional"
     }
 }
 
+/// A mutual-TLS handshake with a rustls client offering `groups` (first one with a key share):
+/// the negotiated group and the first line of the answer, or the handshake's error.
+fn handshake_with_groups(
+    d: &Path,
+    port: u16,
+    host: &str,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Result<(rustls::NamedGroup, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::Read;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups.to_vec();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(d.join("data/ca/ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(d.join("alice.chain.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(d.join("alice.key")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = ServerName::try_from(host.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let group = tls
+        .conn
+        .negotiated_key_exchange_group()
+        .ok_or("no key exchange")?
+        .name();
+    let text = String::from_utf8_lossy(&answer);
+    Ok((group, text.lines().next().unwrap_or("").to_string()))
+}
+
+#[test]
+fn post_quantum_key_exchange_with_mutual_tls() {
+    use rustls::NamedGroup;
+    use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, X25519, X25519MLKEM768};
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    let config = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[domain]]
+hostname = "a.test"
+certificate = "auto"
+[domain.mtls]
+mode = "required"
+truststore = "root/ca.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+
+[[domain]]
+hostname = "pq.test"
+certificate = "auto"
+security_policy = "TLS_1_3_PQ"
+[domain.mtls]
+mode = "required"
+truststore = "root/ca.pem"
+[[domain.mapping]]
+upstream = "builtin:echo"
+"#;
+    let s = Server::start(d, config);
+    // Every policy takes the hybrid when the client sends its key share (rustls sends an X25519
+    // share beside it, as browsers do: the server's order picks the hybrid).
+    let (group, status) =
+        handshake_with_groups(d, s.port, "a.test", &[X25519MLKEM768, X25519]).unwrap();
+    assert_eq!(group, NamedGroup::X25519MLKEM768);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // A client that lists it below X25519 and sends only an X25519 share is not made to pay a
+    // round trip for it; one without it still connects on the default policy.
+    let (group, _) = handshake_with_groups(d, s.port, "a.test", &[X25519, X25519MLKEM768]).unwrap();
+    assert_eq!(group, NamedGroup::X25519);
+    let (group, status) = handshake_with_groups(d, s.port, "a.test", &[X25519, SECP256R1]).unwrap();
+    assert_eq!(group, NamedGroup::X25519);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // TLS_1_3_PQ: the hybrid, with the client certificate verified, or no handshake at all.
+    let (group, status) =
+        handshake_with_groups(d, s.port, "pq.test", &[X25519MLKEM768, X25519]).unwrap();
+    assert_eq!(group, NamedGroup::X25519MLKEM768);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let refused = handshake_with_groups(d, s.port, "pq.test", &[X25519, SECP256R1]);
+    assert!(refused.is_err(), "{refused:?}");
+    // The connection log names the group.
+    s.wait_for(r#""kx_group":"X25519MLKEM768""#);
+}
+
 #[test]
 fn https_upstreams_get_the_gateway_client_certificate() {
     let Some(python) = require_tool("python3") else {

@@ -102,6 +102,10 @@ pub(crate) async fn connection(
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
         .unwrap_or_default();
+    let kx_group = conn
+        .negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
+        .unwrap_or_default();
     let alpn = conn
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned())
@@ -116,6 +120,7 @@ pub(crate) async fn connection(
         verify = %verdict.status(),
         tls_version = %version,
         cipher = %cipher,
+        kx_group = %kx_group,
         alpn = %alpn,
         resumed,
         handshake_ms = started.elapsed().as_secs_f64() * 1000.0,
