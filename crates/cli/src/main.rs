@@ -75,6 +75,46 @@ enum Command {
     /// Enroll a device: a client certificate from the local CA (registered ACTIVE), written as
     /// .p12 (modern and legacy) and an Apple .mobileconfig for the device or its MDM.
     Enroll(ControlArgs<control::EnrollArgs>),
+    /// Shell completions on standard output (`portcullis completions bash >
+    /// /etc/bash_completion.d/portcullis`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages: portcullis.1 and one per subcommand (portcullis-pki-issue.1…), written to
+    /// a directory (`man -l DIR/portcullis.1`; packages install them under
+    /// /usr/share/man/man1).
+    Man {
+        /// The directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+}
+
+/// Completions and manual pages, generated from the command-line definition itself.
+fn generated(command: &Command) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    match command {
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cli, "portcullis", &mut script);
+            portcullis_node::out!("{}", String::from_utf8_lossy(&script));
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(out)
+                .and_then(|()| clap_mangen::generate_to(cli, out))
+                .map_err(|e| {
+                    RuntimeFailure(format!("writing manual pages to {}: {e}", out.display()))
+                })?;
+            let pages = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+            portcullis_node::outln!("wrote {pages} manual pages to {}", out.display());
+        }
+        _ => {}
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `portcullis cluster-key …`
@@ -154,6 +194,7 @@ fn main() -> ExitCode {
         Command::Admin(c) => control::run(control::Control::Admin(c.command), c.connect),
         Command::Explain(c) => control::run(control::Control::Explain(c.args), c.connect),
         Command::Enroll(c) => control::run(control::Control::Enroll(c.args), c.connect),
+        c @ (Command::Completions { .. } | Command::Man { .. }) => generated(&c),
     };
     match result {
         Ok(code) => code,

@@ -66,3 +66,68 @@ fn alert_rules_pass_promtool_and_name_only_metrics_the_nodes_export() {
     );
     assert_eq!(test.code, 0, "{}{}", test.stdout, test.stderr);
 }
+
+#[test]
+fn shell_completions_and_manual_pages_come_from_the_command_line_definition() {
+    let tmp = portcullis_testkit::temp_dir();
+    let d = tmp.path();
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    // bash completes subcommands and their subcommands.
+    if let Some(bash) = require_tool("bash") {
+        let script = format!(
+            "source <({bin} completions bash) && complete -p portcullis && \
+             COMP_WORDS=(portcullis pk); COMP_CWORD=1; _portcullis portcullis pk portcullis; \
+             echo \"words: ${{COMPREPLY[*]}}\"; \
+             COMP_WORDS=(portcullis pki is); COMP_CWORD=2; _portcullis portcullis is pki; \
+             echo \"words: ${{COMPREPLY[*]}}\""
+        );
+        let r = run(&bash, &["-c", &script], d);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(
+            r.stdout.contains("-F _portcullis portcullis"),
+            "{}",
+            r.stdout
+        );
+        assert!(r.stdout.contains("words: pki\n"), "{}", r.stdout);
+        assert!(r.stdout.contains("words: issue\n"), "{}", r.stdout);
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let r = run(bin, &["completions", shell], d);
+        assert_eq!(r.code, 0, "{shell}: {}", r.stderr);
+        assert!(r.stdout.contains("truststore"), "{shell}");
+    }
+    let bad = run(bin, &["completions", "tcsh"], d);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("possible values"), "{}", bad.stderr);
+    // One page per command, each valid roff (groff with preconv reports no warning), saying
+    // what `--help` says.
+    let r = run(bin, &["man", "--out", "man1"], d);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let pages: Vec<PathBuf> = std::fs::read_dir(d.join("man1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(pages.len() > 50, "{} pages", pages.len());
+    for name in [
+        "portcullis.1",
+        "portcullis-serve.1",
+        "portcullis-pki-issue.1",
+        "portcullis-cert-update.1",
+    ] {
+        assert!(d.join("man1").join(name).exists(), "{name}");
+    }
+    let issue = std::fs::read_to_string(d.join("man1/portcullis-pki-issue.1")).unwrap();
+    assert!(
+        issue.starts_with(".ie") || issue.contains(".TH portcullis-pki-issue 1"),
+        "{issue}"
+    );
+    assert!(issue.contains("issuer\\-cert"), "{issue}");
+    if let Some(groff) = require_tool("groff") {
+        for page in &pages {
+            let p = page.to_str().unwrap();
+            let r = run(&groff, &["-k", "-man", "-Tutf8", "-ww", "-z", p], d);
+            assert_eq!(r.code, 0, "{p}: {}", r.stderr);
+            assert!(r.stderr.is_empty(), "{p}: {}", r.stderr);
+        }
+    }
+}
