@@ -1,5 +1,6 @@
-//! What operators install beside the binary: the Prometheus alerting rules (deploy/prometheus),
-//! checked by Prometheus's own tool and against the metrics the code emits.
+//! What operators install beside the binary: the Debian package and its systemd unit, shell
+//! completions and manual pages, the Prometheus alerting rules (checked by Prometheus's own
+//! tool) and the Grafana dashboard, each checked against the metrics the code emits.
 
 use std::path::{Path, PathBuf};
 
@@ -21,18 +22,15 @@ fn sources(dir: &Path, out: &mut String) {
     }
 }
 
-#[test]
-fn alert_rules_pass_promtool_and_name_only_metrics_the_nodes_export() {
-    let dir = repo().join("deploy/prometheus");
-    let rules = std::fs::read_to_string(dir.join("portcullis-rules.yml")).unwrap();
-    // Each metric a rule reads is one the code exports (histograms by their base name): a
-    // renamed metric would otherwise leave an alert that never fires.
+/// Asserts that every `portcullis_*` metric `text` names is one the nodes export (histograms by
+/// their base name); returns how many references there were.
+fn assert_exported(text: &str, what: &str) -> usize {
     let mut code = String::new();
     for krate in ["gateway", "node", "admin", "registry", "mqtt"] {
         sources(&repo().join("crates").join(krate).join("src"), &mut code);
     }
     let mut named = 0;
-    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if !word.starts_with("portcullis_") {
             continue;
         }
@@ -42,10 +40,38 @@ fn alert_rules_pass_promtool_and_name_only_metrics_the_nodes_export() {
             .unwrap_or(word);
         assert!(
             code.contains(&format!("\"{base}\"")) || code.contains(&format!("{base}{{")),
-            "deploy/prometheus/portcullis-rules.yml reads {word}, which no node exports"
+            "{what} reads {word}, which no node exports"
         );
         named += 1;
     }
+    named
+}
+
+#[test]
+fn grafana_dashboard_queries_only_metrics_the_nodes_export() {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/portcullis.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    let mut exprs = String::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for t in targets {
+            exprs.push_str(t["expr"].as_str().unwrap());
+            exprs.push('\n');
+        }
+    }
+    assert!(assert_exported(&exprs, "deploy/grafana/portcullis.json") >= 13);
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_name_only_metrics_the_nodes_export() {
+    let dir = repo().join("deploy/prometheus");
+    let rules = std::fs::read_to_string(dir.join("portcullis-rules.yml")).unwrap();
+    // Each metric a rule reads is one the code exports: a renamed metric would otherwise leave
+    // an alert that never fires.
+    let named = assert_exported(&rules, "deploy/prometheus/portcullis-rules.yml");
     assert!(named >= 8, "{named} metric references");
     let Some(promtool) = require_tool("promtool") else {
         return;
@@ -130,4 +156,170 @@ fn shell_completions_and_manual_pages_come_from_the_command_line_definition() {
             assert!(r.stderr.is_empty(), "{p}: {}", r.stderr);
         }
     }
+}
+
+/// Purges the package when the test ends, passed or not.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("dpkg")
+            .args(["--purge", "portcullis"])
+            .output();
+    }
+}
+
+#[test]
+fn the_debian_package_installs_a_hardened_service_that_runs_as_its_own_user() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    // dpkg -i needs root (CI runs as root).
+    let root = run("id", &["-u"], Path::new("/")).stdout.trim() == "0";
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the package test installs with dpkg -i and needs root"
+        );
+        eprintln!("SKIP: not root");
+        return;
+    }
+    let (Some(dpkg), Some(analyze), Some(runuser), Some(curl)) = (
+        require_tool("dpkg"),
+        require_tool("systemd-analyze"),
+        require_tool("runuser"),
+        require_tool("curl"),
+    ) else {
+        return;
+    };
+    let tmp = portcullis_testkit::temp_dir();
+    let d = tmp.path();
+    let deb = d.join("portcullis.deb");
+    let built = std::process::Command::new(repo().join("scripts/package-deb"))
+        .args([env!("CARGO_BIN_EXE_portcullis"), deb.to_str().unwrap()])
+        .env("DEB_COMPRESS", "none")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let _guard = Installed;
+    let installed = run(&dpkg, &["-i", deb.to_str().unwrap()], d);
+    assert_eq!(
+        installed.code, 0,
+        "{}{}",
+        installed.stdout, installed.stderr
+    );
+    // The unit: systemd's own check passes, and it is locked down.
+    let unit_path = "/lib/systemd/system/portcullis.service";
+    let verify = run(&analyze, &["verify", unit_path], d);
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    let unit = std::fs::read_to_string(unit_path).unwrap();
+    for line in [
+        "User=portcullis",
+        "StateDirectory=portcullis",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    // Its own user, without a login; the state directory private to it.
+    let user = run("getent", &["passwd", "portcullis"], d).stdout;
+    assert!(user.trim_end().ends_with(":/usr/sbin/nologin"), "{user}");
+    let state = std::fs::metadata("/var/lib/portcullis").unwrap();
+    assert_eq!(state.mode() & 0o777, 0o700);
+    let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
+    assert_eq!(state.uid(), uid);
+    // Completions and manual pages are installed.
+    assert!(Path::new("/usr/share/bash-completion/completions/portcullis").exists());
+    assert!(Path::new("/usr/share/man/man1/portcullis-serve.1.gz").exists());
+    // The service's own command line, as its user: the operator's one edit (ports, here any
+    // free ones) and it serves, with its keys private to it.
+    let config = std::fs::read_to_string("/etc/portcullis/portcullis.toml").unwrap();
+    std::fs::write(
+        "/etc/portcullis/portcullis.toml",
+        config.replace(":8443", ":0").replace(":9443", ":0"),
+    )
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let mut words: Vec<&str> = vec!["-u", "portcullis", "--"];
+    words.extend(exec.split_whitespace());
+    let mut child = std::process::Command::new(&runuser)
+        .args(&words)
+        .current_dir("/")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut admin, mut serving) = (None, None);
+    while admin.is_none() || serving.is_none() {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("the service stopped: {err}");
+        };
+        let port = |l: &str| {
+            l.rsplit(':')
+                .next()
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|p| p.parse::<u16>().ok())
+        };
+        if let Some(rest) = line.strip_prefix("portcullis admin API on https://127.0.0.1:") {
+            admin = rest.trim().parse::<u16>().ok();
+        } else if let Some(rest) = line.strip_prefix("portcullis is serving on ") {
+            serving = port(rest.split(' ').next().unwrap_or(""));
+        }
+    }
+    let health = run(
+        &curl,
+        &[
+            "-sSk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://127.0.0.1:{}/healthz", admin.unwrap()),
+        ],
+        d,
+    );
+    assert_eq!(health.stdout, "200", "{}", health.stderr);
+    // The gateway's port answers TLS with the local CA's certificate for localhost.
+    let tls = run(
+        &curl,
+        &[
+            "-sS",
+            "--cacert",
+            "/var/lib/portcullis/ca/ca.pem",
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", serving.unwrap()),
+            &format!("https://localhost:{}/", serving.unwrap()),
+        ],
+        d,
+    );
+    // No client certificate: the handshake is refused (mode = "required"), after the server's
+    // certificate verified (curl names the alert, not an unknown CA).
+    assert_ne!(tls.code, 0);
+    assert!(
+        !tls.stderr.contains("unable to get local issuer"),
+        "{}",
+        tls.stderr
+    );
+    let key = std::fs::metadata("/var/lib/portcullis/ca/ca.key").unwrap();
+    assert_eq!(key.uid(), uid, "the CA key belongs to the service user");
+    assert_eq!(key.mode() & 0o777, 0o600);
+    let _ = run("kill", &["-TERM", &child.id().to_string()], d);
+    let _ = child.wait();
+    // Purge takes the user and the state with it.
+    let purged = run(&dpkg, &["--purge", "portcullis"], d);
+    assert_eq!(purged.code, 0, "{}", purged.stderr);
+    assert!(!Path::new("/var/lib/portcullis").exists());
+    assert_ne!(run("getent", &["passwd", "portcullis"], d).code, 0);
 }
