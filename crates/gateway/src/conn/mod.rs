@@ -20,10 +20,9 @@ use rustls::HandshakeKind;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::{MtlsMode, Protocols};
+use crate::config::Protocols;
 use crate::conn::live::{Live, log_closed};
 use crate::http::context::ConnectionContext;
-use crate::http::identity::IdentityBlock;
 use crate::http::proxy::{Forwarding, TunnelSlot, UpstreamClient};
 use crate::http::service::request;
 use crate::recheck::{Admission, Closed};
@@ -235,17 +234,13 @@ pub(crate) async fn connection(
         tracing::info!(target: "portcullis::connection", peer = %peer, domain = %hostname, result = "closed", reason = "mqtt-on-http-listener", "MQTT (ALPN {alpn}) on a listener that speaks only HTTP");
         return;
     }
-    let identity = if domain.config.mtls.mode == MtlsMode::Off {
-        IdentityBlock::default()
-    } else {
-        state.identity.block(&verdict)
-    };
+    let identity = crate::http::context::identity_block(&state, domain_index, &verdict);
     let ctx = Arc::new(ConnectionContext {
         state: state.clone(),
         domain: domain_index,
         via_default,
         peer,
-        identity,
+        identity: arc_swap::ArcSwapOption::from_pointee(identity),
         forwarding: Forwarding::new(peer, sni.as_deref()),
         verdict,
         client,

@@ -19,8 +19,10 @@ pub(crate) struct ConnectionContext {
     pub(crate) via_default: bool,
     pub(crate) peer: SocketAddr,
     pub(crate) verdict: ClientVerdict,
-    /// The identity headers every request of this connection carries upstream.
-    pub(crate) identity: IdentityBlock,
+    /// The identity headers every request of this connection carries upstream: built after the
+    /// handshake, given back while the connection idles (the fast path's idle release), built
+    /// again for the next request.
+    pub(crate) identity: arc_swap::ArcSwapOption<IdentityBlock>,
     /// The forwarding header values of this connection.
     pub(crate) forwarding: Forwarding,
     pub(crate) client: Arc<UpstreamClient>,
@@ -31,6 +33,21 @@ pub(crate) struct ConnectionContext {
 }
 
 impl ConnectionContext {
+    /// This connection's identity headers (built again if an idle period released them).
+    pub(crate) fn identity_headers(&self) -> Arc<IdentityBlock> {
+        if let Some(block) = self.identity.load_full() {
+            return block;
+        }
+        let block = Arc::new(identity_block(&self.state, self.domain, &self.verdict));
+        self.identity.store(Some(block.clone()));
+        block
+    }
+
+    /// Gives the identity headers back while the connection idles (2 KiB or so each).
+    pub(crate) fn release_identity(&self) {
+        self.identity.store(None);
+    }
+
     /// What [`decide::admit`] needs of this connection.
     pub(crate) fn decision_context(&self) -> decide::Context<'_> {
         decide::Context {
@@ -65,4 +82,17 @@ pub(crate) fn admit(
             grpc,
         },
     )
+}
+
+/// The identity headers a connection's requests carry: none when the domain's mutual TLS is off.
+pub(crate) fn identity_block(
+    state: &State,
+    domain: usize,
+    verdict: &ClientVerdict,
+) -> IdentityBlock {
+    if state.domains[domain].config.mtls.mode == crate::config::MtlsMode::Off {
+        IdentityBlock::default()
+    } else {
+        state.identity.block(verdict)
+    }
 }

@@ -250,6 +250,7 @@ where
                     fwd = Vec::new();
                     out = Vec::new();
                     holding = false;
+                    ctx.release_identity();
                 }
                 _ = shutdown.changed(), if idle => return Outcome::Closed,
             }
@@ -557,7 +558,7 @@ fn plan_request(
     head.extend_from_slice(pool.authority.as_bytes());
     head.extend_from_slice(b"\r\n");
     head.extend_from_slice(fwd);
-    head.extend_from_slice(ctx.identity.lines());
+    head.extend_from_slice(ctx.identity_headers().lines());
     ctx.forwarding
         .write_h1(&admitted.forwarded_host(&host, domain), prior_xff, head);
     head.extend_from_slice(b"\r\n");

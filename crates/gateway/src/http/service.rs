@@ -81,12 +81,13 @@ pub(crate) async fn request(
         Ok(admitted) => {
             let mapping = &domain.config.mappings[admitted.index];
             let forwarded_host = admitted.forwarded_host(&host, domain);
+            let identity = ctx.identity_headers();
             let out = Outgoing {
                 origin: Origin {
                     forwarding: &ctx.forwarding,
                     host: &forwarded_host,
                 },
-                identity: &ctx.identity,
+                identity: &identity,
                 policy: mapping.authorization == Authorization::Policy,
                 websocket,
                 tunnel: &ctx.tunnel,
