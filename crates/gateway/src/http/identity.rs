@@ -360,21 +360,10 @@ fn bignum_hex(colon_hex: &str) -> String {
     bytes[first..].concat().to_ascii_uppercase()
 }
 
-/// URL encoding as ALB and CloudFront apply it to PEM: everything but RFC 3986 unreserved
-/// characters and `+`, `=`, `/` (their documented safe characters) percent-encoded.
+/// URL encoding as ALB and CloudFront apply it to PEM: RFC 3986 unreserved characters and `+`,
+/// `=`, `/` (their documented safe characters) left as they are.
 fn aws_url_encode(text: &str) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = String::with_capacity(text.len() + text.len() / 16);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~+=/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(DIGITS[usize::from(b >> 4)] as char);
-            out.push(DIGITS[usize::from(b & 15)] as char);
-        }
-    }
-    out
+    percent_encode(text, b"+=/")
 }
 
 /// Envoy's `x-forwarded-client-cert` element for a verified chain:
@@ -406,10 +395,15 @@ fn xfcc(chain: &[portcullis_pki::Certificate]) -> String {
 
 /// Percent-encoding of everything but RFC 3986 unreserved characters.
 fn url_encode(text: &str) -> String {
+    percent_encode(text, b"")
+}
+
+/// Percent-encoding of everything but RFC 3986 unreserved characters and `safe`.
+fn percent_encode(text: &str, safe: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(text.len() * 3);
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || safe.contains(&b) {
             out.push(b as char);
         } else {
             out.push('%');
@@ -526,6 +520,12 @@ mod tests {
     #[test]
     fn url_encoding_keeps_unreserved_only() {
         assert_eq!(url_encode("a b/+=\n"), "a%20b%2F%2B%3D%0A");
+        // ALB's and CloudFront's: `+=/` kept (their documented safe characters).
+        assert_eq!(aws_url_encode("a b/+=\n"), "a%20b/+=%0A");
+        // ALB's serial: OpenSSL's BN_bn2hex (whole bytes, upper case, no DER sign byte).
+        assert_eq!(bignum_hex("03:a5:b1"), "03A5B1");
+        assert_eq!(bignum_hex("00:9f:01"), "9F01");
+        assert_eq!(bignum_hex("00"), "00");
     }
 }
 
