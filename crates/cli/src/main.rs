@@ -109,8 +109,10 @@ fn generated(command: &Command) -> anyhow::Result<ExitCode> {
                 .map_err(|e| {
                     RuntimeFailure(format!("writing manual pages to {}: {e}", out.display()))
                 })?;
-            let pages = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
-            portcullis_node::outln!("wrote {pages} manual pages to {}", out.display());
+            portcullis_node::outln!(
+                "wrote portcullis.1 and a page per subcommand to {}",
+                out.display()
+            );
         }
         _ => {}
     }

@@ -211,6 +211,12 @@ fn the_debian_package_installs_a_hardened_service_that_runs_as_its_own_user() {
         "{}{}",
         installed.stdout, installed.stderr
     );
+    // Installing it again (an upgrade's path through the maintainer scripts) works too, and the
+    // configuration stays readable by the service's group only.
+    let again = run(&dpkg, &["-i", deb.to_str().unwrap()], d);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    let conf = std::fs::metadata("/etc/portcullis/portcullis.toml").unwrap();
+    assert_eq!(conf.mode() & 0o777, 0o640);
     // The unit: systemd's own check passes, and it is locked down.
     let unit_path = "/lib/systemd/system/portcullis.service";
     let verify = run(&analyze, &["verify", unit_path], d);

@@ -353,11 +353,10 @@ fn product_headers(
 /// separators, without the sign byte DER adds.
 fn bignum_hex(colon_hex: &str) -> String {
     let bytes: Vec<&str> = colon_hex.split(':').collect();
-    let first = bytes
-        .iter()
-        .position(|b| *b != "00")
-        .unwrap_or(bytes.len().saturating_sub(1));
-    bytes[first..].concat().to_ascii_uppercase()
+    match bytes.iter().position(|b| *b != "00") {
+        Some(first) => bytes[first..].concat().to_ascii_uppercase(),
+        None => "0".to_string(),
+    }
 }
 
 /// URL encoding as ALB and CloudFront apply it to PEM: RFC 3986 unreserved characters and `+`,
@@ -525,7 +524,7 @@ mod tests {
         // ALB's serial: OpenSSL's BN_bn2hex (whole bytes, upper case, no DER sign byte).
         assert_eq!(bignum_hex("03:a5:b1"), "03A5B1");
         assert_eq!(bignum_hex("00:9f:01"), "9F01");
-        assert_eq!(bignum_hex("00"), "00");
+        assert_eq!(bignum_hex("00"), "0");
     }
 }
 
