@@ -130,55 +130,190 @@ function card(label, value, id) {
   return h("div.card", { id }, h("div.label", { text: label }), h("div.value", { text: value }));
 }
 
-async function dashboard() {
-  const [metricsText, cas, cluster, renewal] = await Promise.all([
-    api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/cluster"), api("GET", "/v1/renewal")]);
-  const m = parseMetrics(metricsText);
+// ----------------------------------------------------------------------------------------------
+// Charts, drawn in SVG here (no library, nothing fetched); colours come from the stylesheet
+// (the strict CSP allows no inline style). Each chart is an image with a text alternative.
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v !== undefined && v !== null) el.setAttribute(k, String(v));
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+// The smallest of 1, 2, 2.5, 5 × 10^n at or above v.
+function niceMax(v) {
+  if (!(v > 0)) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v - 1e-9) return m * p;
+  return 10 * p;
+}
+
+function short(v) {
+  if (v >= 10000) return Math.round(v / 1000) + "k";
+  if (v >= 1000) return (v / 1000).toFixed(1) + "k";
+  return String(Math.round(v * 100) / 100);
+}
+
+function legend(series) {
+  return h("span.legend", {}, series.map((x) => h("span.key." + x.cls, { text: x.name })));
+}
+
+// Lines over the last hour: series [{name, cls, values: [[unixSeconds, value or null], …]}].
+function lineChart(id, title, unit, series) {
+  const W = 560, H = 190, L = 46, R = 10, T = 10, B = 26;
+  const now = Date.now() / 1000, from = now - 3600;
+  const all = series.flatMap((x) => x.values.map((p) => p[1])).filter((v) => typeof v === "number");
+  const max = niceMax(Math.max(0, ...all));
+  const x = (t) => L + ((t - from) / 3600) * (W - L - R);
+  const y = (v) => T + (1 - v / max) * (H - T - B);
+  const last = (ser) => { const v = ser.values.filter((p) => typeof p[1] === "number").pop(); return v ? v[1] : null; };
+  const summary = series.map((ser) => `${ser.name} ${last(ser) === null ? "no data" : short(last(ser)) + " " + unit}`).join(", ");
+  const body = [];
+  for (const f of [0, 0.5, 1]) {
+    body.push(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(max * f), y2: y(max * f) }));
+    body.push(svg("text", { class: "axis", x: L - 6, y: y(max * f) + 4, "text-anchor": "end" }, short(max * f)));
+  }
+  for (const m of [60, 45, 30, 15, 0]) {
+    body.push(svg("text", { class: "axis", x: x(now - m * 60), y: H - 8, "text-anchor": m === 60 ? "start" : m === 0 ? "end" : "middle" }, m ? `−${m} min` : "now"));
+  }
+  for (const ser of series) {
+    let d = "", pen = false;
+    for (const [t, v] of ser.values) {
+      if (typeof v !== "number" || t < from) { pen = false; continue; }
+      d += `${pen ? "L" : "M"}${x(t).toFixed(1)} ${y(v).toFixed(1)}`;
+      pen = true;
+    }
+    if (d) body.push(svg("path", { class: "line " + ser.cls, d }));
+    const lone = ser.values.filter((p) => typeof p[1] === "number" && p[0] >= from);
+    if (lone.length === 1) body.push(svg("circle", { class: "dot " + ser.cls, cx: x(lone[0][0]), cy: y(lone[0][1]), r: 3 }));
+  }
+  return h("figure.chart", { id },
+    h("figcaption", {}, h("span.title", { text: `${title} (${unit})` }), legend(series)),
+    svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}, last hour: ${summary}` },
+      svg("title", {}, `${title}, last hour: ${summary}`), body));
+}
+
+// Horizontal bars: entries [[label, value], …], largest first.
+function barChart(id, title, entries, empty) {
+  if (!entries.length) return h("figure.chart", { id }, h("figcaption", {}, h("span.title", { text: title })), h("p.muted", { text: empty }));
+  const rowH = 24, W = 560, L = 190, R = 60;
+  const max = Math.max(...entries.map((e) => e[1]));
+  const H = entries.length * rowH + 6;
+  const body = entries.flatMap(([label, v], i) => [
+    svg("text", { class: "axis label", x: L - 8, y: i * rowH + 17, "text-anchor": "end" }, label.length > 28 ? label.slice(0, 27) + "…" : label),
+    svg("rect", { class: "bar", x: L, y: i * rowH + 5, height: rowH - 8, width: Math.max(2, ((W - L - R) * v) / max) }),
+    svg("text", { class: "axis", x: L + Math.max(2, ((W - L - R) * v) / max) + 6, y: i * rowH + 17 }, short(v)),
+  ]);
+  const summary = entries.map(([k, v]) => `${k} ${short(v)}`).join(", ");
+  return h("figure.chart", { id },
+    h("figcaption", {}, h("span.title", { text: title })),
+    svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${summary}` }, svg("title", {}, `${title}: ${summary}`), body));
+}
+
+// Stacked columns per week ahead: kinds [{name, cls, dates: [unixSeconds, …]}]; what expired
+// already is the first column.
+function expiryTimeline(id, kinds, weeks) {
+  const W = 560, H = 200, L = 36, R = 10, T = 10, B = 34;
   const now = Date.now() / 1000;
-  const ok = sum(m, "portcullis_handshakes_total", (l) => l.result === "ok");
-  const failed = sum(m, "portcullis_handshakes_total", (l) => l.result !== "ok");
-  let rate = "…";
-  if (state.lastSample && now > state.lastSample.at) {
-    rate = ((ok + failed - state.lastSample.total) / (now - state.lastSample.at)).toFixed(1);
+  const cols = weeks + 1;
+  const counts = kinds.map((k) => {
+    const c = new Array(cols).fill(0);
+    for (const t of k.dates) {
+      if (t < now) c[0] += 1;
+      else { const w = Math.floor((t - now) / (7 * 86400)); if (w < weeks) c[w + 1] += 1; }
+    }
+    return c;
+  });
+  const totals = Array.from({ length: cols }, (_, i) => counts.reduce((a, c) => a + c[i], 0));
+  const max = niceMax(Math.max(1, ...totals));
+  const cw = (W - L - R) / cols;
+  const y = (v) => T + (1 - v / max) * (H - T - B);
+  const body = [];
+  for (const f of [0, 0.5, 1]) {
+    body.push(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(max * f), y2: y(max * f) }));
+    body.push(svg("text", { class: "axis", x: L - 6, y: y(max * f) + 4, "text-anchor": "end" }, short(max * f)));
   }
-  state.lastSample = { at: now, total: ok + failed };
-  const expiring = await Promise.all([7, 30, 90].map(async (days) => {
-    const r = await api("GET", `/v1/certificates?status=ACTIVE&limit=1000&expiring_before=${Math.floor(now + days * 86400)}`);
-    return r.items.length + (r.next ? "+" : "");
-  }));
+  for (let i = 0; i < cols; i++) {
+    let base = 0;
+    kinds.forEach((k, j) => {
+      const v = counts[j][i];
+      if (!v) return;
+      body.push(svg("rect", { class: "bar " + k.cls, x: L + i * cw + 3, width: cw - 6, y: y(base + v), height: y(base) - y(base + v) }));
+      base += v;
+    });
+    if (i === 0 || i % 2 === 1) {
+      body.push(svg("text", { class: "axis", x: L + i * cw + cw / 2, y: H - 16, "text-anchor": "middle" }, i === 0 ? "expired" : `w${i}`));
+    }
+  }
+  body.push(svg("text", { class: "axis", x: (W + L) / 2, y: H - 2, "text-anchor": "middle" }, `weeks from now (${weeks} weeks)`));
+  const summary = kinds.map((k, j) => `${k.name}: ${counts[j][0]} expired, ${counts[j].slice(1).reduce((a, b) => a + b, 0)} expiring within ${weeks} weeks`).join("; ");
+  return h("figure.chart.wide", { id },
+    h("figcaption", {}, h("span.title", { text: "Expiry timeline" }), legend(kinds)),
+    svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `Expiry timeline: ${summary}` }, svg("title", {}, `Expiry timeline: ${summary}`), body));
+}
+
+async function dashboard() {
+  const now = Date.now() / 1000;
+  const horizon = Math.floor(now + 13 * 7 * 86400);
+  const [history, metricsText, cas, cluster, renewal, expiringCerts, serverCerts] = await Promise.all([
+    api("GET", "/v1/metrics/history"), api("GET", "/metrics"), api("GET", "/v1/cas?limit=1000"), api("GET", "/v1/cluster"),
+    api("GET", "/v1/renewal"), api("GET", `/v1/certificates?status=ACTIVE&limit=1000&expiring_before=${horizon}`),
+    api("GET", "/v1/server-certificates").catch(() => ({ items: [] }))]);
+  const m = parseMetrics(metricsText);
+  const points = history.points || [];
+  const latest = points[points.length - 1];
+  const rate = latest ? short(latest.handshakes_ok + latest.handshakes_failed) : "…";
+  const count = (days) => {
+    const n = expiringCerts.items.filter((c) => c.not_after < now + days * 86400).length;
+    return n + (expiringCerts.next && days === 91 ? "+" : "");
+  };
   const caSoon = (days) => cas.items.filter((c) => c.not_after < now + days * 86400).length;
-  const reasons = {};
-  for (const s of m.filter((s) => s.name === "portcullis_handshakes_total" && s.labels.result !== "ok")) {
-    const k = s.labels.reason || s.labels.result;
-    reasons[k] = (reasons[k] || 0) + s.value;
-  }
   const statuses = {};
   for (const s of m.filter((s) => s.name === "portcullis_requests_total")) {
     statuses[s.labels.status] = (statuses[s.labels.status] || 0) + s.value;
   }
+  const reasons = Object.entries(history.failures_by_reason || {}).sort((a, b) => b[1] - a[1]);
   const table = (id, head, rows) =>
     tableOf(id, head, rows.map((r) => h("tr", {}, r.map((x) => h("td", { text: x })))), "None yet.");
+  const series = (key, name, cls) => ({ name, cls, values: points.map((p) => [p.at, key(p)]) });
+  const serverDates = (serverCerts.items || []).map((c) => c.not_after).filter((t) => typeof t === "number");
   show(
     h("h1", { text: "Dashboard" }),
     h("div.cards", {},
       card("Handshakes/s", rate, "handshake-rate"),
-      card("Handshakes ok", ok),
-      card("Handshakes failed", failed),
-      card("Active connections", sum(m, "portcullis_active_connections")),
-      card("MQTT sessions", sum(m, "portcullis_mqtt_sessions_online")),
-      card("Certificates expiring in 7 days", expiring[0], "expiring-7"),
-      card("… in 30 days", expiring[1]),
-      card("… in 90 days", expiring[2]),
+      card("Active connections", sum(m, "portcullis_active_connections"), "active-connections"),
+      card("MQTT sessions", sum(m, "portcullis_mqtt_sessions_online"), "mqtt-sessions"),
+      card("Certificates expiring in 7 days", count(7), "expiring-7"),
+      card("… in 30 days", count(30), "expiring-30"),
       card("Due for renewal", renewal.due, "renewal-due"),
       card("In grace (expired, may only renew)", renewal.in_grace, "renewal-in-grace"),
       card("Overdue (expired, ACTIVE)", renewal.overdue, "renewal-overdue"),
       card("Renewals issued", renewal.renewed, "renewed"),
-      card("CAs expiring in 7 days", caSoon(7), "ca-expiring-7"),
-      card("… in 30 days", caSoon(30)),
-      card("… in 90 days", caSoon(90))),
-    h("h2", { text: "Handshake failures by reason" }),
-    table("failures", ["reason", "count"], Object.entries(reasons).sort((a, b) => b[1] - a[1])),
-    h("h2", { text: "Requests by status" }),
+      card("CAs expiring in 30 days", caSoon(30), "ca-expiring-30")),
+    h("div.charts", { id: "charts" },
+      lineChart("chart-handshakes", "Handshakes", "per s", [
+        series((p) => p.handshakes_ok, "ok", "s1"), series((p) => p.handshakes_failed, "failed or refused", "s4")]),
+      lineChart("chart-requests", "Requests by status", "per s", [
+        series((p) => p.requests["2xx"], "2xx", "s1"), series((p) => p.requests["3xx"], "3xx", "s2"),
+        series((p) => p.requests["4xx"], "4xx", "s3"), series((p) => p.requests["5xx"], "5xx", "s4")]),
+      lineChart("chart-latency", "Request latency", "ms", [
+        series((p) => p.latency_p50_ms, "p50", "s1"), series((p) => p.latency_p99_ms, "p99", "s3")]),
+      lineChart("chart-connections", "Open connections and MQTT sessions", "now", [
+        series((p) => p.connections, "connections", "s1"), series((p) => p.mqtt_sessions, "MQTT sessions", "s2")]),
+      barChart("chart-failures", "Handshake failures by reason, last hour", reasons, "No failed handshake in the last hour."),
+      expiryTimeline("chart-expiry", [
+        { name: "client certificates (ACTIVE)", cls: "s1", dates: expiringCerts.items.map((c) => c.not_after) },
+        { name: "CAs", cls: "s3", dates: cas.items.map((c) => c.not_after).filter((t) => t < horizon) },
+        { name: "server certificates", cls: "s2", dates: serverDates.filter((t) => t < horizon) }], 13)),
+    h("h2", { text: "Handshake failures by reason (last hour)" }),
+    table("failures", ["reason", "count"], reasons.map(([k, v]) => [k, short(v)])),
+    h("h2", { text: "Requests by status (since start)" }),
     table("statuses", ["status", "count"], Object.entries(statuses).sort()),
     h("h2", { text: "Nodes" }),
     table("nodes", ["node", "state", "version", "changes behind", "snapshot checked", "connections", "MQTT sessions", "NATS"],

@@ -112,6 +112,11 @@ pub trait Hooks: Send + Sync + 'static {
     fn revocation_sources(&self) -> Vec<Value> {
         Vec::new()
     }
+    /// The last hour of handshakes, failures by reason, requests by status class, latency,
+    /// connections and MQTT sessions (what the console's dashboard charts).
+    fn metrics_history(&self) -> Value {
+        json!({"interval_secs": 10, "window_secs": 3600, "points": [], "failures_by_reason": {}})
+    }
 }
 
 /// An MQTT session, as `GET /v1/sessions` lists it.
@@ -421,6 +426,7 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/expiry-check", post(webhooks::expiry_check))
         .route("/v1/cluster", get(cluster::cluster_status))
+        .route("/v1/metrics/history", get(metrics_history))
         .route(
             "/v1/cluster/nats-certificates",
             axum::routing::post(cluster::nats_certificate),
@@ -876,6 +882,10 @@ async fn readyz(State(api): State<Api>) -> Response {
 
 async fn metrics(State(api): State<Api>) -> String {
     api.hooks.metrics()
+}
+
+async fn metrics_history(State(api): State<Api>) -> Json<Value> {
+    Json(api.hooks.metrics_history())
 }
 
 async fn openapi_document() -> Json<Value> {

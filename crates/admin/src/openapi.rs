@@ -331,6 +331,12 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "get",
+        "/v1/metrics/history",
+        "The last hour, every 10 s: handshakes/s (ok, failed), requests/s by status class, p50/p99 latency, connections and MQTT sessions; failures by reason over the hour",
+        None,
+    ),
+    (
         "post",
         "/v1/cluster/nats-certificates",
         "Issue a NATS server's certificate (server and client) from the cluster CA; the key is answered once",

@@ -35,6 +35,7 @@
 //! - No import cycles between modules (checked by `crates/cli/tests/cli/layout.rs`).
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod authorize;
 pub mod config;
 pub mod conn;
@@ -101,6 +102,8 @@ pub struct State {
     limits: config::Limits,
     identity: config::IdentityHeaders,
     generation: u64,
+    /// ACME challenges pending (shared across generations).
+    acme: Arc<acme::AcmeChallenges>,
 }
 
 /// A domain with its TLS configuration built.
@@ -215,6 +218,7 @@ impl State {
             limits: config.limits.clone(),
             identity: config.identity.clone(),
             generation,
+            acme: registry.acme.clone(),
         })
     }
 
@@ -663,6 +667,11 @@ impl Gateway {
     /// The MQTT broker (sessions, retained messages), for the admin API and HTTPS publish.
     pub fn broker(&self) -> Arc<portcullis_mqtt::broker::Broker> {
         self.broker.clone()
+    }
+
+    /// The ACME challenges every listener answers (the node replaces them as orders go).
+    pub fn acme_challenges(&self) -> Arc<acme::AcmeChallenges> {
+        self.registry.acme.clone()
     }
 
     /// The registry snapshot in use (to derive the next one from).

@@ -371,6 +371,8 @@ pub(crate) struct RegistryView {
     pub(crate) fleet: std::sync::OnceLock<Arc<dyn crate::fleet::FleetProvisioning>>,
     /// Revocation learned from other CAs' CRLs and OCSP responders.
     pub(crate) foreign: crate::foreign::ForeignView,
+    /// ACME challenges pending (answered by every TLS listener and the node's HTTP responder).
+    pub(crate) acme: Arc<crate::acme::AcmeChallenges>,
 }
 
 impl RegistryView {
@@ -381,6 +383,7 @@ impl RegistryView {
             outbox: Outbox::new(),
             fleet: std::sync::OnceLock::new(),
             foreign: crate::foreign::ForeignView::new(),
+            acme: Arc::default(),
         }
     }
 

@@ -272,11 +272,17 @@ pub(crate) struct ServeHooks {
     pub nats: Option<Arc<crate::bus::NatsState>>,
     /// Other CAs' revocation, as the data path holds it.
     pub foreign: portcullis_gateway::ForeignHandle,
+    /// The last hour of the dashboard's metrics.
+    pub history: Arc<crate::history::History>,
 }
 
 impl Hooks for ServeHooks {
     fn revocation_sources(&self) -> Vec<serde_json::Value> {
         self.foreign.sources()
+    }
+
+    fn metrics_history(&self) -> serde_json::Value {
+        self.history.json(&self.metrics(), crate::sync::now_ms())
     }
 
     fn metrics(&self) -> String {

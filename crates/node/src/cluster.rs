@@ -121,11 +121,25 @@ impl Cluster {
         store: &Store,
         domains: &[DomainSpec],
     ) -> Result<()> {
-        for d in domains.iter().filter(|d| d.certificate == "auto") {
+        // An `acme` domain is served with an `auto` certificate until its CA has issued one.
+        for d in domains
+            .iter()
+            .filter(|d| d.certificate == "auto" || d.certificate == "acme")
+        {
             // A bad hostname is the configuration builder's to report.
             let Ok(host) = Hostname::parse(&d.hostname) else {
                 continue;
             };
+            if d.certificate == "acme" {
+                match store
+                    .server_certificate(&crate::acme::certificate_name(&host))
+                    .await
+                {
+                    Ok(_) => continue,
+                    Err(RegistryError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let name = auto_name(&host);
             let due = match store.server_certificate(&name).await {
                 Ok(record) => auto_due(record.not_after),

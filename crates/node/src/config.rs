@@ -65,6 +65,24 @@ pub(crate) struct FileConfig {
     snapshot_stale_after_secs: Option<f64>,
     /// Revocation published for the local CA: CRL and OCSP over plain HTTP.
     revocation: Option<FileRevocation>,
+    /// ACME: this node's part in ordering `certificate = "acme"` domains' certificates.
+    acme: Option<FileAcme>,
+}
+
+/// `[acme]`: what this node needs to order and renew `certificate = "acme"` certificates (the
+/// CA, contact and challenge are each domain's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileAcme {
+    /// `IP:PORT` of the plain-HTTP listener answering HTTP-01 challenges (the CA connects to
+    /// port 80) and redirecting everything else to HTTPS.
+    http_listen: Option<String>,
+    /// PEM certificates trusted for the ACME directory's HTTPS, besides the system's (a private
+    /// ACME CA, or a test one).
+    ca_file: Option<PathBuf>,
+    /// Renew this many days before expiry (default 30; at most a third of a certificate's
+    /// lifetime, so short-lived certificates renew in time).
+    renew_before_days: Option<u32>,
 }
 
 /// `[revocation]`: where the local CA's CRL, OCSP responder and certificate are served (plain
@@ -378,6 +396,43 @@ fn parse_specs(specs: &[(String, DomainSpec)]) -> Result<Vec<DomainSpec>> {
 }
 
 impl FileConfig {
+    /// The `[acme]` settings (defaults without the table); `ca_file` relative to `path`'s
+    /// directory.
+    pub(crate) fn acme(&self, path: &Path) -> Result<crate::acme::AcmeSettings> {
+        let Some(a) = &self.acme else {
+            return Ok(crate::acme::AcmeSettings {
+                renew_before: std::time::Duration::from_secs(30 * 86_400),
+                ..crate::acme::AcmeSettings::default()
+            });
+        };
+        let http_listen = match &a.http_listen {
+            None => None,
+            Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| {
+                anyhow!("[acme] http_listen '{l}' is not IP:PORT (such as 0.0.0.0:80)")
+            })?),
+        };
+        let ca_pem = match &a.ca_file {
+            None => None,
+            Some(f) => {
+                let file = relative_to(path)(f);
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("[acme] ca_file: reading {}", file.display()))?;
+                Certificate::all_from_pem_or_der(text.as_bytes())
+                    .with_context(|| format!("[acme] ca_file {}", file.display()))?;
+                Some(text)
+            }
+        };
+        let days = a.renew_before_days.unwrap_or(30);
+        if !(1..=365).contains(&days) {
+            bail!("[acme] renew_before_days must be 1-365");
+        }
+        Ok(crate::acme::AcmeSettings {
+            http_listen,
+            ca_pem,
+            renew_before: std::time::Duration::from_secs(u64::from(days) * 86_400),
+        })
+    }
+
     /// The `[revocation]` settings, if any: a bad address or URL is an error naming it.
     pub(crate) fn revocation(&self) -> Result<Option<RevocationSettings>> {
         let Some(r) = &self.revocation else {
@@ -505,6 +560,18 @@ fn build_config(
     } else {
         path.display().to_string()
     };
+    let acme = file.acme(path)?;
+    if acme.http_listen.is_none()
+        && let Some(d) = domains.iter().find(|d| {
+            d.certificate == "acme" && d.acme.as_ref().is_some_and(|a| a.challenge == "http-01")
+        })
+    {
+        bail!(
+            "{source}: domain '{}': challenge = \"http-01\" is answered on [acme] http_listen (the CA connects to port 80), which {} lacks: add [acme] http_listen = \"0.0.0.0:80\" or use challenge = \"tls-alpn-01\"",
+            d.hostname,
+            path.display()
+        );
+    }
     let domains = domains
         .iter()
         .map(|d| file_domain(d, &at, data, echo, registry).with_context(|| source.clone()))
@@ -611,6 +678,12 @@ fn file_domain(
     let catalog = &registry.catalog;
     let ctx = || format!("domain '{}'", d.hostname);
     let hostname = Hostname::parse(&d.hostname).with_context(ctx)?;
+    if d.acme.is_some() && d.certificate != "acme" {
+        bail!(
+            "{}: the acme table is for certificate = \"acme\"; remove it or set certificate = \"acme\"",
+            ctx()
+        );
+    }
     let certificate = if d.certificate == "auto" {
         if d.key.is_some() {
             bail!(
@@ -624,6 +697,29 @@ fn file_domain(
                 .with_context(ctx)?
         } else {
             data.auto_certificate(&hostname).with_context(ctx)?
+        }
+    } else if d.certificate == "acme" {
+        if d.key.is_some() {
+            bail!(
+                "{}: key is set, but certificate = \"acme\" orders its own",
+                ctx()
+            );
+        }
+        crate::acme::check_spec(&hostname, d.acme.as_ref()).with_context(ctx)?;
+        if !registry.cluster_auto {
+            bail!(
+                "{}: certificate = \"acme\" keeps the certificate and its key in the registry, sealed with the cluster key, and this node has none: make one with `portcullis cluster-key generate --out FILE` and set cluster_key_file = \"FILE\"",
+                ctx()
+            );
+        }
+        // Until the CA has issued one, the cluster's local CA stands in (clients that trust it
+        // connect; others see an unknown issuer, as they would see no certificate at all).
+        let ordered = crate::acme::certificate_name(&hostname);
+        match registry.server_certs.get(&ordered) {
+            Some(Ok(_)) => registry.server_certificate(&ordered).with_context(ctx)?,
+            _ => registry
+                .server_certificate(&crate::cluster::auto_name(&hostname))
+                .with_context(ctx)?,
         }
     } else if let Some(name) = d.certificate.strip_prefix("registry:") {
         if d.key.is_some() {
@@ -990,6 +1086,8 @@ pub(crate) struct RegistryConfig {
     pub(crate) server_certs: std::collections::HashMap<String, Result<ServerCertificate, String>>,
     /// In a cluster: `auto` certificates come from the registry (`auto:HOST`), not the data dir.
     pub(crate) cluster_auto: bool,
+    /// ACME challenge answers pending (every node serves them).
+    pub(crate) acme_challenges: Vec<portcullis_gateway::acme::ChallengeAnswer>,
 }
 
 impl RegistryConfig {
@@ -1018,6 +1116,7 @@ impl RegistryConfig {
             catalog: TruststoreCatalog::read(store).await?,
             server_certs,
             cluster_auto: false,
+            acme_challenges: crate::acme::answers(&store.acme_challenges().await?),
         })
     }
 

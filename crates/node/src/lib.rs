@@ -30,6 +30,7 @@ macro_rules! out {
     ($($t:tt)*) => { $crate::stdout(format_args!($($t)*)) };
 }
 
+mod acme;
 pub mod admin;
 mod bus;
 mod cluster;
@@ -37,6 +38,7 @@ pub mod config;
 pub mod data_dir;
 mod fleet;
 mod foreign;
+mod history;
 pub mod output;
 mod revocation;
 mod scep;

@@ -301,6 +301,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         registry_reachable: registry_reachable.clone(),
         explainer: gateway.explainer(),
         foreign: gateway.foreign_revocation(),
+        history: Arc::default(),
         broker: gateway.broker(),
         admin: crate::admin::AdminFiles::new(&args.data_dir).with_shared_ca(admin_ca),
         domains: crate::config::DomainChecker {
@@ -311,7 +312,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             cluster: cluster.clone(),
         },
     };
-    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca.clone()), Arc::new(hooks))
+    let hooks = Arc::new(hooks);
+    // The dashboard's last hour: a sample of this node's metrics every 10 s.
+    let sampled = hooks.clone();
+    tokio::spawn(async move {
+        use portcullis_admin::Hooks;
+        let mut tick = tokio::time::interval(crate::history::INTERVAL);
+        loop {
+            tick.tick().await;
+            sampled
+                .history
+                .record(&sampled.metrics(), crate::sync::now_ms());
+        }
+    });
+    let api = portcullis_admin::Api::new(store.clone(), Some(local_ca.clone()), hooks)
         .with_cluster_key(cluster_key.clone());
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -328,6 +342,37 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         crate::bus::start(nats, &node_id, gateway.broker(), state.clone(), &local_ca)
             .await
             .context("routing MQTT through NATS")?;
+    }
+    // ACME: this node's HTTP-01 listener, and its share of ordering for the cluster.
+    let acme_settings = crate::config::read_file_config(&config_path)?.acme(&config_path)?;
+    gateway
+        .acme_challenges()
+        .replace(&registry.acme_challenges)
+        .context("serving the pending ACME challenges")?;
+    if let Some(addr) = acme_settings.http_listen {
+        let listener = crate::acme::bind_http01(addr).await?;
+        outln!(
+            "portcullis ACME HTTP-01 responder on http://{}",
+            listener.local_addr()?
+        );
+        tokio::spawn(crate::acme::serve_http01(
+            listener,
+            gateway.acme_challenges(),
+        ));
+    }
+    let acme_wake = Arc::new(tokio::sync::Notify::new());
+    if let Some(cluster) = &cluster {
+        tokio::spawn(
+            crate::acme::Manager {
+                store: store.clone(),
+                key: cluster.key.clone(),
+                settings: acme_settings,
+                challenges: gateway.acme_challenges(),
+                node_id: node_id.clone(),
+                wake: acme_wake.clone(),
+            }
+            .run(),
+        );
     }
     tokio::spawn(crate::workers::heartbeat(
         store.clone(),
@@ -381,6 +426,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         cluster: cluster.clone(),
         status: sync_status,
         stapler,
+        acme_wake,
     };
     wait_for_changes(
         &gateway,
@@ -417,6 +463,7 @@ async fn wait_for_changes(
         cluster,
         status,
         stapler,
+        acme_wake,
     } = baseline;
     let Signals {
         mut hup,
@@ -430,6 +477,7 @@ async fn wait_for_changes(
     let mut registry_poll = tokio::time::interval(Duration::from_millis(200));
     let wake = status.clone();
     let mut watch = RegistryWatch::new(registry_marker, config_marker, reachable, cluster, status);
+    let mut acme_seen = crate::acme::domains_of(registry.domains.as_ref());
     let mut listener = match store.listen().await {
         Ok(l) => l,
         Err(e) => {
@@ -511,6 +559,18 @@ async fn wait_for_changes(
             crate::config::warn_if_file_domains_ignored(config_path, &registry);
         }
         seen = stamps;
+        // Challenge answers do not wait for the configuration: a reload that fails keeps the
+        // previous configuration, not the previous challenges.
+        if let Err(e) = gateway.acme_challenges().replace(&registry.acme_challenges) {
+            tracing::warn!(target: "portcullis::acme", error = %e, "cannot serve the ACME challenge answers");
+        }
+        // The ACME manager looks again when the ACME domains changed (not on every reload: its
+        // own challenge answers are configuration changes too).
+        let acme_domains = crate::acme::domains_of(registry.domains.as_ref());
+        if acme_domains != acme_seen {
+            acme_seen = acme_domains;
+            acme_wake.notify_one();
+        }
         match load(&registry).and_then(|c| gateway.reload(c).map_err(Into::into)) {
             Ok(reloaded) => {
                 metrics::counter!("portcullis_reloads_total", "result" => "ok").increment(1);
@@ -545,6 +605,8 @@ struct Baseline {
     status: Arc<crate::sync::SyncStatus>,
     /// Staples OCSP answers to the domains the local CA issued certificates for.
     stapler: Option<Arc<crate::revocation::Revocation>>,
+    /// Tells the ACME manager that the domains may have changed.
+    acme_wake: Arc<tokio::sync::Notify>,
 }
 
 /// This machine's host name (for the node's default name).

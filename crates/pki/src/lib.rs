@@ -30,6 +30,7 @@
 //! cycles between modules (checked by `crates/cli/tests/cli/layout.rs`).
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod cert;
 pub mod crl;
 mod der;

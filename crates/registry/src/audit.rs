@@ -92,6 +92,8 @@ pub enum AuditAction {
     EnrollmentCodeCreate,
     /// A certificate put under a template's renewal terms (due point, grace period).
     CertificateRenewalTerms,
+    /// ACME challenge answers published for every node to serve (or withdrawn).
+    AcmeChallenge,
 }
 
 /// What a change affects on the gateway nodes.
@@ -115,7 +117,7 @@ pub struct Effects {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 42] = [
+    pub const ALL: [AuditAction; 43] = [
         AuditAction::CaRegister,
         AuditAction::CaUpdate,
         AuditAction::CertificateRegister,
@@ -158,6 +160,7 @@ impl AuditAction {
         AuditAction::FleetTemplateDelete,
         AuditAction::EnrollmentCodeCreate,
         AuditAction::CertificateRenewalTerms,
+        AuditAction::AcmeChallenge,
     ];
 
     /// The stored name.
@@ -201,6 +204,7 @@ impl AuditAction {
             AuditAction::CertificateClaim => "certificate.claim",
             AuditAction::CertificateFleetCreate => "certificate.fleet-create",
             AuditAction::CertificateRenewalTerms => "certificate.renewal-terms",
+            AuditAction::AcmeChallenge => "acme.challenge",
             AuditAction::FleetTemplateCreate => "provisioning-template.create",
             AuditAction::FleetTemplateUpdate => "provisioning-template.update",
             AuditAction::FleetTemplateDelete => "provisioning-template.delete",
@@ -289,7 +293,8 @@ impl AuditAction {
             | AuditAction::TruststoreVersion
             | AuditAction::TruststoreDelete
             | AuditAction::ServerCertImport
-            | AuditAction::ServerCertDelete => Effects {
+            | AuditAction::ServerCertDelete
+            | AuditAction::AcmeChallenge => Effects {
                 configuration: true,
                 ..none
             },

@@ -17,8 +17,12 @@ use serde::{Deserialize, Serialize};
 pub struct DomainSpec {
     /// The hostname (or `*.suffix`).
     pub hostname: String,
-    /// "auto" (issued by the local CA) or a PEM chain file (leaf first).
+    /// "auto" (issued by the local CA), "acme" (ordered from an ACME CA), "registry:NAME", or a
+    /// PEM chain file (leaf first).
     pub certificate: String,
+    /// The ACME CA and challenge, with `certificate = "acme"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSpec>,
     /// The server key file, with a certificate file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
@@ -47,6 +51,43 @@ pub struct DomainSpec {
     /// replacing the upstream's of the same name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub response_headers: BTreeMap<String, String>,
+}
+
+/// Where and how a `certificate = "acme"` domain's certificate is ordered.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSpec {
+    /// The ACME directory URL (default: Let's Encrypt's production directory).
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Contact URLs for the account (`mailto:ops@example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contact: Vec<String>,
+    /// `tls-alpn-01` (default: answered on the TLS listener) or `http-01` (answered on the
+    /// node's `[acme] http_listen`, usually port 80).
+    #[serde(default = "default_acme_challenge")]
+    pub challenge: String,
+}
+
+impl Default for AcmeSpec {
+    fn default() -> Self {
+        AcmeSpec {
+            directory: default_acme_directory(),
+            contact: Vec::new(),
+            challenge: default_acme_challenge(),
+        }
+    }
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+fn default_acme_directory() -> String {
+    LETS_ENCRYPT_DIRECTORY.to_string()
+}
+
+fn default_acme_challenge() -> String {
+    "tls-alpn-01".to_string()
 }
 
 /// A domain's MQTT settings.

@@ -30,7 +30,9 @@ pub mod store;
 pub mod webhooks;
 
 pub use audit::{AuditAction, Effects};
-pub use domain_spec::{DomainSpec, MappingSpec, MqttSpec, MtlsSpec};
+pub use domain_spec::{
+    AcmeSpec, DomainSpec, LETS_ENCRYPT_DIRECTORY, MappingSpec, MqttSpec, MtlsSpec,
+};
 pub use model::{
     AdminCertRecord, Attachment, AuditEntry, CaRecord, CaStatus, CertId, CertRecord, CertStatus,
     DomainRecord, PolicyRecord, PolicyTarget, PolicyVersion, ServerCertRecord, TargetType, Thing,

@@ -643,6 +643,123 @@ async fn suite(store: Store) {
     assert!("nope".parse::<CertId>().is_err());
     policies(&store, backend).await;
     webhooks(&store, backend).await;
+    acme(&store).await;
+}
+
+/// ACME's shared state: one node at a time holds a domain's lease (taken over once expired),
+/// the first account recorded wins, challenge answers are published and withdrawn as
+/// configuration changes, and expired ones are not served.
+async fn acme(store: &Store) {
+    use portcullis_registry::store::AcmeChallenge;
+    assert!(
+        store
+            .acquire_lease("acme:a.test", "node-1", 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_lease("acme:a.test", "node-2", 60_000)
+            .await
+            .unwrap()
+    );
+    // The holder extends its own lease.
+    assert!(
+        store
+            .acquire_lease("acme:a.test", "node-1", 60_000)
+            .await
+            .unwrap()
+    );
+    // Another domain's lease is separate.
+    assert!(
+        store
+            .acquire_lease("acme:b.test", "node-2", 60_000)
+            .await
+            .unwrap()
+    );
+    // Released by someone else: nothing happens; by its holder: free.
+    store.release_lease("acme:a.test", "node-2").await.unwrap();
+    assert!(
+        !store
+            .acquire_lease("acme:a.test", "node-2", 60_000)
+            .await
+            .unwrap()
+    );
+    store.release_lease("acme:a.test", "node-1").await.unwrap();
+    assert!(
+        store
+            .acquire_lease("acme:a.test", "node-2", 60_000)
+            .await
+            .unwrap()
+    );
+    // An expired lease (its holder died) is taken over.
+    assert!(
+        store
+            .acquire_lease("acme:c.test", "node-1", -1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_lease("acme:c.test", "node-2", 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_lease("acme:c.test", "node-1", 60_000)
+            .await
+            .unwrap()
+    );
+
+    let dir = "https://acme.test/directory";
+    assert_eq!(store.acme_account(dir).await.unwrap(), None);
+    assert_eq!(
+        store.init_acme_account(dir, "first").await.unwrap(),
+        "first"
+    );
+    assert_eq!(
+        store.init_acme_account(dir, "second").await.unwrap(),
+        "first"
+    );
+
+    let marker = store.config_marker().await.unwrap();
+    let now = portcullis_registry::store::now_ms();
+    let live = AcmeChallenge {
+        token: "tok-1".into(),
+        hostname: "a.test".into(),
+        kind: "tls-alpn-01".into(),
+        key_authorization: "tok-1.thumb".into(),
+        expires_ms: now + 600_000,
+    };
+    let expired = AcmeChallenge {
+        token: "tok-2".into(),
+        expires_ms: now - 1,
+        ..live.clone()
+    };
+    store
+        .put_acme_challenges(&[live.clone(), expired], "node:acme")
+        .await
+        .unwrap();
+    assert!(
+        store.config_marker().await.unwrap() > marker,
+        "a configuration change"
+    );
+    assert_eq!(store.acme_challenges().await.unwrap(), vec![live.clone()]);
+    let marker = store.config_marker().await.unwrap();
+    store
+        .clear_acme_challenges("a.test", &["tok-1".to_string()], "node:acme")
+        .await
+        .unwrap();
+    assert!(store.acme_challenges().await.unwrap().is_empty());
+    assert!(store.config_marker().await.unwrap() > marker);
+    // Nothing left to withdraw: no change recorded.
+    let marker = store.config_marker().await.unwrap();
+    store
+        .clear_acme_challenges("a.test", &["tok-1".to_string()], "node:acme")
+        .await
+        .unwrap();
+    assert_eq!(store.config_marker().await.unwrap(), marker);
 }
 
 /// Webhooks: events only for committed changes, fan-out once, leases, retries until failed,

@@ -71,6 +71,16 @@ pub(super) async fn handshake(
         .client_hello()
         .server_name()
         .map(|name| name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase());
+    // An ACME CA validating a TLS-ALPN-01 challenge offers only `acme-tls/1` (RFC 8737 3):
+    // answered with the challenge certificate, whatever the domain requires of clients.
+    if let Some(name) = sni.as_deref()
+        && offers_only_acme_tls(&hello)
+        && let Some(config) = state.acme.tls_alpn(name)
+    {
+        drop(handshake_permit);
+        answer_acme_challenge(hello, config, peer, name, deadline).await;
+        return None;
+    }
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
         count_handshake("", "refused", "unknown-sni");
         let explanation = match &sni {
@@ -158,6 +168,41 @@ pub(super) async fn handshake(
         hostname,
         sni,
     })
+}
+
+/// Whether the ClientHello offers exactly one ALPN protocol, `acme-tls/1`.
+fn offers_only_acme_tls(hello: &tokio_rustls::StartHandshake<TcpStream>) -> bool {
+    let Some(mut offered) = hello.client_hello().alpn() else {
+        return false;
+    };
+    offered.next() == Some(crate::acme::ACME_TLS_ALPN) && offered.next().is_none()
+}
+
+/// Completes a TLS-ALPN-01 handshake with the challenge certificate, then closes: the CA only
+/// looks at the certificate.
+async fn answer_acme_challenge(
+    hello: tokio_rustls::StartHandshake<TcpStream>,
+    config: Arc<rustls::ServerConfig>,
+    peer: SocketAddr,
+    name: &str,
+    deadline: tokio::time::Instant,
+) {
+    match tokio::time::timeout_at(deadline, hello.into_stream(config)).await {
+        Ok(Ok(mut tls)) => {
+            count_handshake(name, "ok", "acme-tls-alpn-01");
+            tracing::info!(target: "portcullis::connection", peer = %peer, domain = %name, result = "acme-challenge", "answered an ACME TLS-ALPN-01 challenge");
+            let _ = tokio::time::timeout(LINGER_TIME, tls.shutdown()).await;
+            let (io, _) = tls.into_inner();
+            linger(io).await;
+        }
+        Ok(Err(e)) => {
+            count_handshake(name, "failed", "acme-tls-alpn-01");
+            tracing::info!(target: "portcullis::connection", peer = %peer, domain = %name, result = "failed", reason = "acme-tls-alpn-01", error = %e, "ACME TLS-ALPN-01 handshake failed");
+        }
+        Err(_) => {
+            count_handshake(name, "failed", "handshake-timeout");
+        }
+    }
 }
 
 pub(super) fn count_handshake(domain: &str, result: &'static str, reason: &str) {

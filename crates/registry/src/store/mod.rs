@@ -24,6 +24,7 @@ use sqlx::sqlite::{
 use crate::RegistryError;
 use crate::model::CertId;
 
+mod acme;
 mod admin;
 mod cas;
 mod certificates;
@@ -37,6 +38,7 @@ mod things;
 mod truststores;
 pub(crate) mod webhooks;
 
+pub use acme::AcmeChallenge;
 pub use admin::AuditFilter;
 pub use cas::{CaRegistration, CaUpdate};
 pub(crate) use certificates::summary_cert;

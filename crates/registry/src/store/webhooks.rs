@@ -94,7 +94,8 @@ pub(crate) fn event_of(
         | A::FleetTemplateUpdate
         | A::FleetTemplateDelete
         | A::EnrollmentCodeCreate
-        | A::CertificateRenewalTerms => None,
+        | A::CertificateRenewalTerms
+        | A::AcmeChallenge => None,
     }
 }
 
