@@ -425,12 +425,8 @@ async function certificate(id) {
     h("section.card-block", {},
       h("h2", { text: "Extensions" }),
       decodedFields(c.decoded)),
-    h("h2", { text: "Chain" }),
-    tableOf("chain", ["", "Subject", "Status", "Expires"], [
-      h("tr", {}, h("td", { text: "certificate" }), h("td", { text: c.subject }), h("td", {}, statusCell(c.status)), h("td", { text: date(c.not_after) })),
-      ...(c.ca_chain || []).map((x) => h("tr", {}, h("td", { text: "registered CA" + (x.verified ? "" : " (unverified)") }),
-        h("td", { text: x.subject }), h("td", {}, statusCell(x.status)), h("td", { text: date(x.not_after) })))], ""),
-    (c.ca_chain || []).length ? null : h("p.muted", { text: "Not linked to a registered CA; issued by " + c.issuer + "." }),
+    h("h2", { text: "Chain, from the certificate to its anchor" }),
+    chainDrawing(c),
     h("h2", { text: "Policies that apply" }),
     tableOf("certificate-policies", ["Policy", "Attached to"], (c.policies || []).map((p) => h("tr", {},
       h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name), text: p.name })), h("td", { text: p.attached_to }))),
@@ -438,6 +434,42 @@ async function certificate(id) {
     h("h2", { text: "PEM" }),
     h("pre.mono", { id: "certificate-pem", text: c.pem || "" }),
     h("details.raw", { id: "raw-json" }, h("summary", { text: "Raw JSON (advanced)" }), h("pre.mono", { text: JSON.stringify(c, null, 2) })));
+}
+
+// The chain drawn from the certificate to its anchor: a box per certificate (role, subject,
+// status, expiry, key ids) and, between each and its issuer, how they are linked: the child's
+// authority key id is the issuer's subject key id (as seed-001 explains), or only the names.
+function chainDrawing(c) {
+  const d = c.decoded || {};
+  const nodes = [{ role: "certificate", subject: c.subject, status: c.status, not_after: c.not_after,
+    ski: d.subject_key_id, aki: d.authority_key_id, issuer: c.issuer, self: d.self_issued }];
+  for (const x of c.ca_chain || []) {
+    nodes.push({ role: x.self_issued ? "root CA (trust anchor)" : "intermediate CA", subject: x.subject, status: x.status,
+      not_after: x.not_after, ski: x.subject_key_id, aki: x.authority_key_id, issuer: x.issuer, self: x.self_issued,
+      href: "#/cas", verified: x.verified });
+  }
+  const last = nodes[nodes.length - 1];
+  if (!last.self) nodes.push({ role: "issuer (not registered here)", subject: last.issuer, ski: null, aki: null, unknown: true });
+  const keyId = (label, v) => h("div.keyid", {}, h("span.muted", { text: label + " " }), h("span.mono", { text: v || "—" }));
+  const items = [];
+  nodes.forEach((n, i) => {
+    if (i > 0) {
+      const child = nodes[i - 1];
+      let text, cls;
+      if (n.unknown) { text = `issued by ${n.subject}` + (child.aki ? `, key id ${child.aki}` : "") + ": not registered, so not drawn further"; cls = "link.unknown"; }
+      else if (child.aki && n.ski && child.aki === n.ski) { text = "↑ authority key id = subject key id of the issuer"; cls = "link.ok"; }
+      else if (child.aki && n.ski) { text = "⚠ the authority key id is not the issuer's subject key id (linked by name)"; cls = "link.bad"; }
+      else { text = "↑ linked by name (a key id is missing)"; cls = "link.name"; }
+      items.push(h("li.chain-" + cls, { text }));
+    }
+    items.push(h("li.chain-box" + (n.unknown ? ".unknown" : ""), {},
+      h("div.role", { text: n.role }),
+      h("div.subject", {}, n.href ? h("a", { href: n.href, text: n.subject }) : n.subject),
+      n.unknown ? null : h("div.meta", {}, n.status ? statusCell(n.status) : null, n.not_after ? " expires " + date(n.not_after) : "",
+        n.verified === false ? " (registered without proof of possession)" : ""),
+      n.unknown ? null : [keyId("subject key id", n.ski), n.self ? null : keyId("authority key id", n.aki)]));
+  });
+  return h("ol.chain", { id: "chain", "aria-label": "Certificate chain from the certificate to its anchor" }, items);
 }
 
 // A card of fields: [label, value (text, node or list of them), monospace?].
@@ -504,6 +536,7 @@ function pemField(name, label) {
       if (!f) return;
       if (f.size > 256 * 1024) { flash("That file is larger than 256 KiB: not a certificate.", true); file.value = ""; return; }
       area.value = await f.text();
+      area.dispatchEvent(new Event("input"));
     },
   });
   return { area, node: h("label", {}, label, area, file) };
@@ -740,9 +773,11 @@ async function provisioning() {
 // ----------------------------------------------------------------------------------------------
 // Things
 
+// Tables take the keyboard focus, so that one scrolled sideways (on a phone) can be scrolled
+// from the keyboard.
 function tableOf(id, head, rows, empty) {
   return rows.length
-    ? h("table", { id }, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))), h("tbody", {}, rows))
+    ? h("table", { id, tabindex: 0 }, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))), h("tbody", {}, rows))
     : h("p.muted", { text: empty });
 }
 
@@ -807,11 +842,42 @@ async function thing(name) {
 // ----------------------------------------------------------------------------------------------
 // Truststores
 
+// A bundle is checked before it is saved: its lint warnings and, on the domains that use the
+// truststore, the certificates seen in the last 30 days that it would refuse. The save button
+// waits for a check of exactly the text in the box.
+function bundleCheck(nameOf, area, save) {
+  const out = h("div.bundle-check", { id: "bundle-check", "aria-live": "polite" });
+  let checked = null;
+  const stale = () => { save.disabled = checked === null || checked !== area.value; };
+  area.addEventListener("input", stale);
+  const run = async () => {
+    out.replaceChildren(h("p.muted", { text: "Checking…" }));
+    try {
+      const name = nameOf();
+      if (!name) throw new Error("name the truststore first");
+      const p = await api("POST", `/v1/truststores/${encodeURIComponent(name)}/preview`, { bundle_pem: area.value, days: 30 });
+      const n = (area.value.match(/-----BEGIN CERTIFICATE-----/g) || []).length;
+      out.replaceChildren(
+        h("p", { text: `${n} CA certificates. ${p.warnings.length ? p.warnings.length + " lint warnings:" : "No lint warnings."}` }),
+        p.warnings.length ? h("ul.warnings", { id: "bundle-warnings" }, p.warnings.map((w) => h("li", { text: w }))) : null,
+        h("p", { id: "bundle-impact", text: `Of ${p.checked} certificates seen in the last ${p.days} days on the domains using ${name}, ${p.rejected.length} would be refused.` }),
+        p.rejected.length ? tableOf("bundle-rejected", ["Subject", "Domain", "Reason"], p.rejected.map((r) => h("tr", {},
+          h("td", { text: r.subject }), h("td", { text: r.domain }), h("td", { text: r.reason + ": " + r.explanation }))), "") : null);
+      checked = area.value;
+    } catch (x) { checked = null; out.replaceChildren(h("p.error", { text: x.message })); }
+    stale();
+  };
+  save.disabled = true;
+  return { out, button: h("button.secondary", { type: "button", id: "check-bundle", onclick: run, text: "Check bundle (lint and impact)" }) };
+}
+
 async function truststores() {
   const list = await api("GET", "/v1/truststores");
   const name = h("input", { name: "name", required: true, placeholder: "partners" });
   const bundle = pemField("bundle_pem", "CA certificates (PEM bundle)");
   const err = h("p.error", { id: "truststore-error" });
+  const createButton = h("button", { type: "submit", text: "Create truststore" });
+  const checkNew = bundleCheck(() => name.value.trim(), bundle.area, createButton);
   const form = h("form", {
     id: "new-truststore",
     onsubmit: async (e) => {
@@ -821,7 +887,7 @@ async function truststores() {
         location.hash = "#/truststores/" + encodeURIComponent(name.value);
       } catch (x) { err.textContent = x.message; }
     },
-  }, h("label", {}, "Name", name), bundle.node, err, h("button", { type: "submit", text: "Create truststore" }));
+  }, h("label", {}, "Name", name), bundle.node, checkNew.button, checkNew.out, err, createButton);
   show(
     h("h1", { text: "Truststores" }),
     h("p", {}, h("a", { id: "revocation-sources", href: "#/revocation", text: "Revocation sources" }), " — other CAs' CRLs and OCSP responders the gateway follows, and how fresh they are"),
@@ -848,6 +914,8 @@ async function truststore(name, params) {
   };
   const bundle = pemField("bundle_pem", "New version: CA certificates (PEM bundle)");
   const err = h("p.error", { id: "version-error" });
+  const addButton = h("button", { type: "submit", text: "Add version (it becomes the latest)" });
+  const checkVersion = bundleCheck(() => name, bundle.area, addButton);
   const add = h("form", {
     id: "new-version",
     onsubmit: async (e) => {
@@ -858,7 +926,7 @@ async function truststore(name, params) {
         location.hash = `#/truststores/${encodeURIComponent(name)}?version=${r.version}`;
       } catch (x) { err.textContent = x.message; }
     },
-  }, bundle.node, err, h("button", { type: "submit", text: "Add version (it becomes the latest)" }));
+  }, bundle.node, checkVersion.button, checkVersion.out, err, addButton);
   const certs = (v.bundle.match(/-----BEGIN CERTIFICATE-----/g) || []).length;
   // The other versions' certificates, fetched when their section is opened.
   const others = Array.from({ length: latest.version }, (_, i) => latest.version - i).filter((n) => n !== version).map((n) => {
@@ -882,7 +950,7 @@ async function truststore(name, params) {
   show(
     h("p", {}, h("a", { href: "#/truststores", text: "← Truststores" })),
     h("h1", { text: `Truststore ${name}` }),
-    h("p", {}, "Version ", h("select", { id: "version", onchange: (e) => { location.hash = `#/truststores/${encodeURIComponent(name)}?version=${e.target.value}`; } },
+    h("p", {}, "Version ", h("select", { id: "version", "aria-label": "Version", onchange: (e) => { location.hash = `#/truststores/${encodeURIComponent(name)}?version=${e.target.value}`; } },
       Array.from({ length: latest.version }, (_, i) => i + 1).map((n) => h("option", { value: n, selected: n === version || undefined, text: n + (n === latest.version ? " (latest)" : "") }))),
     ` — ${certs} CA certificates, ${v.crls.length} CRLs, made ${date(v.created_at)}`),
     h("h2", { text: `Certificates of version ${version}` }),
@@ -925,36 +993,11 @@ function truststoreCertificates(id, v) {
 // Domains
 
 async function domains() {
-  const list = await api("GET", "/v1/domains");
-  const host = h("input", { name: "hostname", required: true, placeholder: "api.example.com" });
-  const spec = h("textarea", { name: "spec", rows: 12, cols: 80, spellcheck: "false" });
-  spec.value = JSON.stringify({ certificate: "auto", mtls: { mode: "required", truststore: "registry:partners" },
-    mapping: [{ base_path: "", upstream: "http://127.0.0.1:8080" }] }, null, 2);
-  const err = h("p.error", { id: "domain-error" });
-  const editing = { version: 0 };
-  const save = h("form", {
-    id: "edit-domain",
-    onsubmit: async (e) => {
-      e.preventDefault();
-      err.textContent = "";
-      let parsed;
-      try { parsed = JSON.parse(spec.value); } catch (x) { err.textContent = "Not JSON: " + x.message; return; }
-      try {
-        await api("PUT", "/v1/domains/" + encodeURIComponent(host.value.trim()), { spec: parsed, expected_version: editing.version });
-        flash("Domain saved: " + host.value + " (live within a second)");
-        route();
-      } catch (x) { err.textContent = x.message; }
-    },
-  }, h("label", {}, "Hostname", host), h("label", {}, "The [[domain]] table, as JSON (checked by the gateway before it is stored)", spec), err,
-  h("button", { type: "submit", text: "Save domain" }));
-  const editDomain = (d) => {
-    host.value = d.hostname;
-    const s = { ...d.spec };
-    delete s.hostname;
-    spec.value = JSON.stringify(s, null, 2);
-    editing.version = d.version;
-    save.scrollIntoView();
-  };
+  const [list, truststoreList, serverCerts] = await Promise.all([
+    api("GET", "/v1/domains"), api("GET", "/v1/truststores"),
+    api("GET", "/v1/server-certificates").catch(() => ({ items: [] }))]);
+  const form = domainForm({ certificate: "auto", mtls: { mode: "required", truststore: "registry:partners" },
+    mapping: [{ base_path: "", upstream: "http://127.0.0.1:8080" }] }, truststoreList.items, serverCerts.items);
   const remove = async (d) => {
     if (!confirm(`Delete ${d.hostname}? Its connections are refused from then on.`)) return;
     try { await api("DELETE", "/v1/domains/" + encodeURIComponent(d.hostname)); flash("Deleted " + d.hostname); route(); } catch (x) { flash(x.message, true); }
@@ -971,10 +1014,157 @@ async function domains() {
         h("td", { text: `${m.mode || "off"}${m.on_failure ? ", on failure " + m.on_failure : ""}` }),
         h("td", { text: m.truststore || "—" }),
         h("td", {}, h("ul", {}, (s.mapping || []).map((x) => h("li", { text: `${x.base_path || "/"} → ${x.upstream}` })))),
-        h("td", {}, h("button.secondary", { type: "button", onclick: () => editDomain(d), text: "Edit" }), " ",
-          h("button.danger", { type: "button", onclick: () => remove(d), text: "Delete" })));
+        h("td", {}, h("button.secondary", { type: "button", "aria-label": "Edit " + d.hostname, onclick: () => form.edit(d), text: "Edit" }), " ",
+          h("button.danger", { type: "button", "aria-label": "Delete " + d.hostname, onclick: () => remove(d), text: "Delete" })));
     }), "No domains."),
-    h("h2", { text: "Add or change a domain" }), save);
+    h("h2", { id: "domain-form-title", text: "Add or change a domain" }), form.node);
+}
+
+// The domain form: the common settings as fields, every other setting kept as it was, and the
+// whole specification as JSON under "Advanced" (edits there update the fields, and back).
+function domainForm(initial, truststoreItems, serverCertItems) {
+  let spec = JSON.parse(JSON.stringify(initial));
+  const editing = { version: 0 };
+  const host = h("input", { name: "hostname", id: "domain-hostname", required: true, placeholder: "api.example.com", autocomplete: "off" });
+  const json = h("textarea", { name: "spec", id: "domain-json", rows: 12, cols: 80, spellcheck: "false", "aria-describedby": "domain-json-help" });
+  const jsonError = h("p.error", { id: "domain-json-error" });
+  const err = h("p.error", { id: "domain-error", role: "alert" });
+  const notes = h("div", { id: "domain-warnings" });
+  const fields = h("div.domain-fields", { id: "domain-fields" });
+  const sync = () => { json.value = JSON.stringify(spec, null, 2); jsonError.textContent = ""; };
+  const labelled = (text, control, help) => h("label", {}, text, control, help ? h("span.help", { text: help }) : null);
+  const select = (name, value, options, onchange) => h("select", { name, onchange: (e) => { onchange(e.target.value); sync(); render(); } },
+    options.map(([v, t]) => h("option", { value: v, selected: v === value || undefined, text: t })));
+  const input = (name, value, oninput, attrs) => h("input", { name, value: value || "", ...(attrs || {}), oninput: (e) => { oninput(e.target.value); sync(); } });
+  const certKind = () => {
+    const c = spec.certificate || "auto";
+    if (c === "auto" || c === "acme") return c;
+    if (c.startsWith("registry:")) return "registry";
+    return "file";
+  };
+  const truststoreWarnings = h("div", { id: "truststore-warnings" });
+  const showTruststoreWarnings = async (ref) => {
+    truststoreWarnings.replaceChildren();
+    const m = /^registry:([^@]+)(?:@(\d+))?$/.exec(ref || "");
+    if (!m || m[1] === "cas") return;
+    try {
+      const t = m[2] ? await api("GET", `/v1/truststores/${encodeURIComponent(m[1])}/versions/${m[2]}`) : await api("GET", "/v1/truststores/" + encodeURIComponent(m[1]));
+      const n = (t.bundle.match(/-----BEGIN CERTIFICATE-----/g) || []).length;
+      truststoreWarnings.replaceChildren(h("p.muted", { text: `${m[1]} version ${t.version}: ${n} CA certificates.` }),
+        t.warnings.length ? h("ul.warnings", {}, t.warnings.map((w) => h("li", { text: w }))) : h("p.muted", { text: "No lint warnings." }));
+    } catch (x) { truststoreWarnings.replaceChildren(h("p.error", { text: x.message })); }
+  };
+  const render = () => {
+    const kind = certKind();
+    const mtls = spec.mtls || { mode: "off" };
+    const certDetail = [];
+    if (kind === "registry") {
+      const names = serverCertItems.map((c) => c.name).filter((n) => !n.startsWith("auto:") && !n.startsWith("acme:"));
+      const current = (spec.certificate || "").slice("registry:".length);
+      certDetail.push(labelled("Server certificate in the registry", select("registry_certificate", current, [["", "choose…"], ...names.map((n) => [n, n])], (v) => { spec.certificate = "registry:" + v; }),
+        names.length ? "" : "None imported yet: upload one below, or `portcullis server-cert import NAME`."));
+      const upName = h("input", { name: "upload_name", placeholder: "api-example-com" });
+      const upChain = h("textarea", { name: "upload_chain", rows: 4, placeholder: "-----BEGIN CERTIFICATE-----" });
+      const upKey = h("textarea", { name: "upload_key", rows: 4, placeholder: "-----BEGIN PRIVATE KEY-----" });
+      certDetail.push(h("details.upload", { id: "certificate-upload" }, h("summary", { text: "Upload a certificate and its key" }),
+        labelled("Name", upName), labelled("Chain (PEM, leaf first)", upChain), labelled("Private key (PEM; sealed with the cluster key, never shown again)", upKey),
+        h("button.secondary", { type: "button", id: "upload-certificate", onclick: async () => {
+          try {
+            await api("PUT", "/v1/server-certificates/" + encodeURIComponent(upName.value.trim()), { certificate_pem: upChain.value, key_pem: upKey.value });
+            serverCertItems.push({ name: upName.value.trim() });
+            spec.certificate = "registry:" + upName.value.trim();
+            sync(); render();
+            flash("Certificate uploaded: " + upName.value.trim());
+          } catch (x) { flash(x.message, true); }
+        }, text: "Upload and use" })));
+    } else if (kind === "file") {
+      certDetail.push(labelled("Certificate chain file (on every node)", input("certificate_file", spec.certificate, (v) => { spec.certificate = v; })));
+      certDetail.push(labelled("Key file", input("key_file", spec.key, (v) => { spec.key = v; })));
+    } else if (kind === "acme") {
+      const a = spec.acme || {};
+      const setA = (k, v) => { spec.acme = { ...(spec.acme || {}), [k]: v }; if (!v || (Array.isArray(v) && !v.length)) delete spec.acme[k]; };
+      certDetail.push(labelled("ACME directory", input("acme_directory", a.directory, (v) => setA("directory", v), { placeholder: "https://acme-v02.api.letsencrypt.org/directory", size: 50 })));
+      certDetail.push(labelled("Contact", input("acme_contact", (a.contact || []).join(", "), (v) => setA("contact", v.split(",").map((x) => x.trim()).filter(Boolean)), { placeholder: "mailto:ops@example.com" })));
+      certDetail.push(labelled("Challenge", select("acme_challenge", a.challenge || "tls-alpn-01", [["tls-alpn-01", "TLS-ALPN-01 (port 443)"], ["http-01", "HTTP-01 (port 80, [acme] http_listen)"]], (v) => setA("challenge", v))));
+    }
+    const truststores = [["", "none"], ["registry:cas", "registry:cas (the registered ACTIVE CAs)"],
+      ...truststoreItems.map((t) => ["registry:" + t.name, `registry:${t.name} (latest, v${t.latest_version})`])];
+    if (mtls.truststore && !truststores.some(([v]) => v === mtls.truststore)) truststores.push([mtls.truststore, mtls.truststore]);
+    const mappings = spec.mapping || [];
+    const row = (m, i) => h("tr", {},
+      h("td", {}, h("input", { name: `base_path_${i}`, "aria-label": `Mapping ${i + 1} base path`, value: m.base_path || "", placeholder: "/ (all)", size: 12, oninput: (e) => { m.base_path = e.target.value; sync(); } })),
+      h("td", {}, h("input", { name: `upstream_${i}`, "aria-label": `Mapping ${i + 1} upstream`, value: m.upstream || "", placeholder: "http://10.0.0.5:8080", size: 28, required: true, oninput: (e) => { m.upstream = e.target.value; sync(); } })),
+      h("td", {}, h("select", { name: `client_certificate_${i}`, "aria-label": `Mapping ${i + 1} client certificate`, onchange: (e) => { m.client_certificate = e.target.value; sync(); } },
+        ["required", "optional"].map((v) => h("option", { value: v, selected: (m.client_certificate || "required") === v || undefined, text: v })))),
+      h("td", {}, h("select", { name: `authorization_${i}`, "aria-label": `Mapping ${i + 1} authorization`, onchange: (e) => { m.authorization = e.target.value; sync(); } },
+        [["none", "none"], ["policy", "policy"]].map(([v, t]) => h("option", { value: v, selected: (m.authorization || "none") === v || undefined, text: t })))),
+      h("td", {}, h("select", { name: `upstream_protocol_${i}`, "aria-label": `Mapping ${i + 1} upstream protocol`, onchange: (e) => { m.upstream_protocol = e.target.value; if (m.upstream_protocol === "http1") delete m.upstream_protocol; sync(); } },
+        [["http1", "HTTP/1.1"], ["h2c", "HTTP/2 (h2c)"], ["h2", "HTTP/2 over TLS"]].map(([v, t]) => h("option", { value: v, selected: (m.upstream_protocol || "http1") === v || undefined, text: t })))),
+      h("td", {}, h("button.secondary", { type: "button", "aria-label": `Remove mapping ${i + 1}`, onclick: () => { mappings.splice(i, 1); spec.mapping = mappings; sync(); render(); }, text: "Remove" })));
+    fields.replaceChildren(
+      h("fieldset", {}, h("legend", { text: "Server certificate" }),
+        labelled("Certificate", select("certificate_kind", kind, [["auto", "auto (the local CA)"], ["acme", "ACME (Let's Encrypt or another CA)"], ["registry", "from the registry (or upload)"], ["file", "files on every node"]], (v) => {
+          if (v === "auto" || v === "acme") { spec.certificate = v; delete spec.key; } else if (v === "registry") { spec.certificate = "registry:"; delete spec.key; } else { spec.certificate = ""; }
+          if (v !== "acme") delete spec.acme;
+        })),
+        certDetail,
+        labelled("Security policy", select("security_policy", spec.security_policy || "TLS_1_2", [["TLS_1_2", "TLS_1_2 (TLS 1.2 and 1.3)"], ["TLS_1_3", "TLS_1_3"], ["TLS_1_3_PQ", "TLS_1_3_PQ (post-quantum key exchange only)"], ["TLS_1_2_ONLY", "TLS_1_2_ONLY"]], (v) => { spec.security_policy = v; }))),
+      h("fieldset", {}, h("legend", { text: "Mutual TLS" }),
+        labelled("Client certificates", select("mtls_mode", mtls.mode || "off", [["off", "off (none asked)"], ["required", "required"], ["optional", "optional (per mapping)"]], (v) => {
+          if (v === "off") delete spec.mtls; else spec.mtls = { ...(spec.mtls || {}), mode: v };
+        })),
+        mtls.mode && mtls.mode !== "off" ? [
+          labelled("Truststore", select("truststore", mtls.truststore || "", truststores, (v) => { spec.mtls.truststore = v || undefined; if (!v) delete spec.mtls.truststore; })),
+          truststoreWarnings,
+          labelled("Registry", select("registry_mode", spec.registry_mode || "off", [["off", "off (truststore only)"], ["revocation", "revocation (refuse REVOKED, INACTIVE)"], ["registered", "registered (only registered ACTIVE certificates)"]], (v) => { spec.registry_mode = v; }))] : null),
+      h("fieldset", {}, h("legend", { text: "Mappings (longest base path first)" }),
+        h("table.mappings", { id: "domain-mappings", tabindex: 0 },
+          h("thead", {}, h("tr", {}, ["Base path", "Upstream", "Client certificate", "Authorization", "Upstream protocol", ""].map((t) => h("th", { text: t })))),
+          h("tbody", {}, mappings.map(row))),
+        h("button.secondary", { type: "button", id: "add-mapping", onclick: () => { spec.mapping = [...mappings, { base_path: "", upstream: "" }]; sync(); render(); }, text: "Add mapping" })));
+    if (mtls.mode && mtls.mode !== "off") showTruststoreWarnings(mtls.truststore);
+  };
+  json.addEventListener("input", () => {
+    try {
+      const parsed = JSON.parse(json.value);
+      if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new Error("the specification is a JSON object");
+      spec = parsed;
+      jsonError.textContent = "";
+      render();
+    } catch (x) { jsonError.textContent = "Not JSON yet: " + x.message; }
+  });
+  const node = h("form", {
+    id: "edit-domain",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      err.textContent = "";
+      notes.replaceChildren();
+      let parsed;
+      try { parsed = JSON.parse(json.value); } catch (x) { err.textContent = "Not JSON: " + x.message; return; }
+      try {
+        const r = await api("PUT", "/v1/domains/" + encodeURIComponent(host.value.trim()), { spec: parsed, expected_version: editing.version });
+        flash("Domain saved: " + host.value + " (live within a second)");
+        const warnings = (r && r.warnings) || [];
+        if (warnings.length) flash("Domain saved, with truststore warnings: " + warnings.join("; "));
+        route();
+      } catch (x) { err.textContent = x.message; }
+    },
+  }, labelled("Hostname", host), fields,
+  h("details.raw", { id: "domain-advanced" }, h("summary", { text: "Advanced: the specification as JSON" }),
+    h("p.muted", { id: "domain-json-help", text: "Every setting of the [[domain]] table (docs/configuration.md); the fields above and this text follow each other." }),
+    labelled("The [[domain]] table, as JSON (checked by the gateway before it is stored)", json), jsonError),
+  err, notes, h("button", { type: "submit", text: "Save domain" }));
+  const edit = (d) => {
+    host.value = d.hostname;
+    spec = { ...d.spec };
+    delete spec.hostname;
+    editing.version = d.version;
+    sync(); render();
+    node.scrollIntoView();
+    host.focus();
+  };
+  sync(); render();
+  return { node, edit };
 }
 
 // ----------------------------------------------------------------------------------------------

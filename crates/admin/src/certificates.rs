@@ -345,13 +345,7 @@ pub(super) async fn describe_certificate(
     if let Some(cert) = &leaf {
         body["decoded"] = serde_json::to_value(cert.info()).unwrap_or(Value::Null);
     }
-    let mut chain = Vec::new();
-    if let Some(ca_id) = &record.ca_id
-        && let Ok(ca) = api.store.ca(ca_id).await
-    {
-        chain.push(json!({"id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after, "verified": ca.verified}));
-    }
-    body["ca_chain"] = json!(chain);
+    body["ca_chain"] = json!(registered_chain(&api, record.ca_id.as_ref()).await);
     // Every attachment to the certificate, its things and its CA (a policy attached twice is
     // listed twice, so that detaching one shows the other), in the policy context's order.
     let targets = portcullis_policy::context::certificate_targets(
@@ -401,4 +395,64 @@ pub(super) async fn delete_certificate(
         .delete_certificate(&cert_id(&id)?, &caller)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The registered CAs above a certificate, nearest first: its CA, then each CA's issuer among
+/// the registered CAs (the one whose subject key id is the child's authority key id, or by
+/// name when a key id is missing), up to a self-issued root or a CA whose issuer is not
+/// registered; each with the key ids that link it (what the console draws).
+async fn registered_chain(api: &Api, first: Option<&CertId>) -> Vec<Value> {
+    let Some(first) = first else {
+        return Vec::new();
+    };
+    let Ok(first) = api.store.ca(first).await else {
+        return Vec::new();
+    };
+    let all = api.store.list_cas().await.unwrap_or_default();
+    let info = |pem: &str| {
+        Certificate::all_from_pem_or_der(pem.as_bytes())
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .map(|c| c.info().clone())
+    };
+    let mut chain = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut next = Some(first);
+    while let Some(ca) = next.take() {
+        if !seen.insert(ca.id.clone()) || chain.len() >= 8 {
+            break;
+        }
+        let decoded = info(&ca.pem);
+        let (ski, aki, issuer, self_issued) = match &decoded {
+            Some(i) => (
+                i.subject_key_id.clone(),
+                i.authority_key_id.clone(),
+                i.issuer.clone(),
+                i.subject == i.issuer,
+            ),
+            None => (None, None, String::new(), true),
+        };
+        chain.push(json!({
+            "id": ca.id, "subject": ca.subject, "status": ca.status, "not_after": ca.not_after,
+            "verified": ca.verified, "issuer": issuer, "subject_key_id": ski,
+            "authority_key_id": aki, "self_issued": self_issued,
+        }));
+        if self_issued {
+            break;
+        }
+        next = all
+            .iter()
+            .filter(|p| p.id != ca.id)
+            .find(|p| {
+                let Some(pi) = info(&p.pem) else {
+                    return false;
+                };
+                match (&aki, &pi.subject_key_id) {
+                    (Some(a), Some(s)) => a == s,
+                    _ => pi.subject == issuer,
+                }
+            })
+            .cloned();
+    }
+    chain
 }

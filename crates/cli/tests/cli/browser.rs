@@ -245,6 +245,14 @@ fn the_console_signs_in_issues_revokes_and_shows_the_audit_log_in_chromium() {
     }
     let made = crate::control::cli_json(d, &["admin", "token", "create", "--name", "console-test"]);
     let token = made["token"].as_str().unwrap().to_string();
+    // axe-core (npm), injected by the script into every page for the accessibility check.
+    let axe = std::env::var("PORTCULLIS_TEST_AXE")
+        .ok()
+        .filter(|p| Path::new(p).is_file());
+    assert!(
+        axe.is_some() || std::env::var_os("CI").is_none(),
+        "PORTCULLIS_TEST_AXE names no file; the test command (scripts/test) installs axe-core"
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/console.py");
     let r = run(
         &python,
@@ -255,6 +263,7 @@ fn the_console_signs_in_issues_revokes_and_shows_the_audit_log_in_chromium() {
             artifacts().to_str().unwrap(),
             env!("CARGO_BIN_EXE_portcullis"),
             &s.port.to_string(),
+            axe.as_deref().unwrap_or(""),
         ],
         d,
     );
