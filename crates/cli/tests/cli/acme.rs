@@ -78,9 +78,117 @@ fn served(d: &Path, openssl: &Path, port: u16, host: &str, ca: &str) -> (bool, S
     )
 }
 
+/// Let's Encrypt's test CA and its challenge test server (whose DNS answers 127.0.0.1 for every
+/// name), validating on `tls_port` (TLS-ALPN-01) and `http_port` (HTTP-01); killed on drop.
+struct Pebble {
+    directory: String,
+    mgmt_port: u16,
+    _pebble: Killed,
+    _challtestsrv: Killed,
+}
+
+impl Pebble {
+    fn start(d: &Path, curl: &Path, tls_port: u16, http_port: u16, validity_secs: u32) -> Pebble {
+        let pebble = require_tool("pebble").unwrap();
+        let challtestsrv = require_tool("pebble-challtestsrv").unwrap();
+        leaf(d, "server", "pebble", "root", &["--san", "ip:127.0.0.1"]);
+        let (dir_port, mgmt_port, dns_port, chall_port) =
+            (free_port(), free_port(), free_port(), free_port());
+        let challtestsrv = Killed(
+            Command::new(challtestsrv)
+                .args([
+                    "-dns01",
+                    &format!("127.0.0.1:{dns_port}"),
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                    "-management",
+                    &format!("127.0.0.1:{chall_port}"),
+                    "-defaultIPv6",
+                    "",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        std::fs::write(
+            d.join("pebble.json"),
+            format!(
+                r#"{{"pebble": {{"listenAddress": "127.0.0.1:{dir_port}", "managementListenAddress": "127.0.0.1:{mgmt_port}",
+                "certificate": "pebble.pem", "privateKey": "pebble.key", "httpPort": {http_port}, "tlsPort": {tls_port},
+                "ocspResponderURL": "", "externalAccountBindingRequired": false, "certificateValidityPeriod": {validity_secs}}}}}"#
+            ),
+        )
+        .unwrap();
+        let pebble = Killed(
+            Command::new(pebble)
+                .args([
+                    "-config",
+                    "pebble.json",
+                    "-dnsserver",
+                    &format!("127.0.0.1:{dns_port}"),
+                ])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_AUTHZREUSE", "0")
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let directory = format!("https://127.0.0.1:{dir_port}/dir");
+        until("pebble's directory", || {
+            run(curl, &["-sSf", "--cacert", "root/ca.pem", &directory], d).code == 0
+        });
+        until("the challenge test server", || {
+            run(
+                curl,
+                &[
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    &format!("http://127.0.0.1:{chall_port}/"),
+                ],
+                d,
+            )
+            .code
+                == 0
+        });
+        Pebble {
+            directory,
+            mgmt_port,
+            _pebble: pebble,
+            _challtestsrv: challtestsrv,
+        }
+    }
+
+    /// Pebble's root (made for this run), written to `to`.
+    fn root(&self, d: &Path, curl: &Path, to: &[&Path]) {
+        let pem = run(
+            curl,
+            &[
+                "-sSf",
+                "--cacert",
+                "root/ca.pem",
+                &format!("https://127.0.0.1:{}/roots/0", self.mgmt_port),
+            ],
+            d,
+        )
+        .ok()
+        .stdout;
+        for dir in to {
+            std::fs::write(dir.join("acme-root.pem"), &pem).unwrap();
+        }
+    }
+}
+
 #[test]
 fn acme_certificates_are_ordered_by_tls_alpn_and_http_challenges_served_and_renewed() {
-    let (Some(pebble), Some(challtestsrv), Some(curl), Some(openssl)) = (
+    let (Some(_), Some(_), Some(curl), Some(openssl)) = (
         require_tool("pebble"),
         require_tool("pebble-challtestsrv"),
         require_tool("curl"),
@@ -93,7 +201,6 @@ fn acme_certificates_are_ordered_by_tls_alpn_and_http_challenges_served_and_rene
     root(d);
     intermediate(d, "int", "root");
     leaf(d, "client", "alice", "int", &[]);
-    leaf(d, "server", "pebble", "root", &["--san", "ip:127.0.0.1"]);
     let bundle = format!(
         "{}{}",
         std::fs::read_to_string(d.join("root/ca.pem")).unwrap(),
@@ -102,75 +209,11 @@ fn acme_certificates_are_ordered_by_tls_alpn_and_http_challenges_served_and_rene
     std::fs::write(d.join("trust-a.pem"), bundle).unwrap();
     portcullis(d, &["cluster-key", "generate", "--out", "cluster.key"]).ok();
 
-    // The gateway's ports first: pebble validates on them.
+    // The gateway's ports first: pebble validates on them. Certificates valid 20 s: renewed at
+    // two thirds of their lifetime, within the test.
     let (tls_port, http_port) = (free_port(), free_port());
-    let (dir_port, mgmt_port, dns_port, chall_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let _challtestsrv = Killed(
-        Command::new(challtestsrv)
-            .args([
-                "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("127.0.0.1:{chall_port}"),
-                "-defaultIPv6",
-                "",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // Certificates valid 20 s: renewed at two thirds of their lifetime, within the test.
-    std::fs::write(
-        d.join("pebble.json"),
-        format!(
-            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{dir_port}", "managementListenAddress": "127.0.0.1:{mgmt_port}",
-                "certificate": "pebble.pem", "privateKey": "pebble.key", "httpPort": {http_port}, "tlsPort": {tls_port},
-                "ocspResponderURL": "", "externalAccountBindingRequired": false, "certificateValidityPeriod": 20}}}}"#
-        ),
-    )
-    .unwrap();
-    let _pebble = Killed(
-        Command::new(pebble)
-            .args([
-                "-config",
-                "pebble.json",
-                "-dnsserver",
-                &format!("127.0.0.1:{dns_port}"),
-            ])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .current_dir(d)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let directory = format!("https://127.0.0.1:{dir_port}/dir");
-    until("pebble's directory", || {
-        run(&curl, &["-sSf", "--cacert", "root/ca.pem", &directory], d).code == 0
-    });
-    until("the challenge test server", || {
-        run(
-            &curl,
-            &[
-                "-sS",
-                "-o",
-                "/dev/null",
-                &format!("http://127.0.0.1:{chall_port}/"),
-            ],
-            d,
-        )
-        .code
-            == 0
-    });
+    let pebble = Pebble::start(d, &curl, tls_port, http_port, 20);
+    let directory = pebble.directory.clone();
 
     // A mutual-TLS domain whose certificate comes by TLS-ALPN-01: the CA's validation server has
     // no client certificate, and is answered anyway.
@@ -212,19 +255,7 @@ upstream = "builtin:echo"
         "the CA validated through the gateway"
     );
     // Pebble's root, made for this run.
-    let root_pem = run(
-        &curl,
-        &[
-            "-sSf",
-            "--cacert",
-            "root/ca.pem",
-            &format!("https://127.0.0.1:{mgmt_port}/roots/0"),
-        ],
-        d,
-    )
-    .ok()
-    .stdout;
-    std::fs::write(d.join("acme-root.pem"), root_pem).unwrap();
+    pebble.root(d, &curl, &[d]);
     // Served without a restart, trusted through the ACME CA, and the domain still requires
     // client certificates.
     // (Served from the reload that follows the registry change the order made.)
@@ -337,4 +368,84 @@ upstream = "builtin:echo"
         let (verified, now) = served(d, &openssl, tls_port, "alpn.acme.test", "acme-root.pem");
         verified && now != serial
     });
+}
+
+/// Two nodes sharing PostgreSQL: one orders (the registry's lease), the node the CA reaches
+/// answers the challenge whichever node ordered (the answers travel through the registry), and
+/// both serve the one certificate.
+#[test]
+fn two_nodes_order_an_acme_certificate_once_and_both_serve_it() {
+    let (Some(_), Some(_), Some(curl), Some(openssl)) = (
+        require_tool("pebble"),
+        require_tool("pebble-challtestsrv"),
+        require_tool("curl"),
+        require_tool("openssl"),
+    ) else {
+        return;
+    };
+    let Some(database) = crate::control::fresh_postgres("acme") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(db.join("root")).unwrap();
+    root(&da);
+    intermediate(&da, "int", "root");
+    leaf(&da, "client", "alice", "int", &[]);
+    crate::nodes::share(&da, &db, &["alice"]);
+    std::fs::copy(da.join("root/ca.pem"), db.join("root/ca.pem")).unwrap();
+    portcullis(&da, &["cluster-key", "generate", "--out", "cluster.key"]).ok();
+    std::fs::copy(da.join("cluster.key"), db.join("cluster.key")).unwrap();
+    // The CA validates on B, whichever node orders.
+    let (tls_a, tls_b, http_a, http_b) = (free_port(), free_port(), free_port(), free_port());
+    let pebble = Pebble::start(&da, &curl, tls_b, http_b, 3600);
+    let config = |tls: u16, http: u16| {
+        crate::control::on(
+            Some(&database),
+            format!(
+                "cluster_key_file = \"cluster.key\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+                 [[listener]]\naddress = \"127.0.0.1:{tls}\"\n\
+                 [acme]\nhttp_listen = \"127.0.0.1:{http}\"\nca_file = \"root/ca.pem\"\n\
+                 [[domain]]\nhostname = \"first.test\"\ncertificate = \"auto\"\n\
+                 [[domain.mapping]]\nupstream = \"builtin:echo\"\n"
+            ),
+        )
+    };
+    let a = Server::start(&da, &config(tls_a, http_a));
+    let b = Server::start(&db, &config(tls_b, http_b));
+    std::fs::write(
+        da.join("both.toml"),
+        format!(
+            "hostname = \"both.acme.test\"\ncertificate = \"acme\"\n\
+             acme = {{ directory = \"{}\" }}\n[[mapping]]\nupstream = \"builtin:echo\"\n",
+            pebble.directory
+        ),
+    )
+    .unwrap();
+    cli_json(&da, &["domain", "put", "--file", "both.toml"]);
+    let issued = |s: &Server| {
+        s.lines_with("ACME certificate issued")
+            .iter()
+            .filter(|l| l.contains("\"both.acme.test\""))
+            .count()
+    };
+    until("the certificate ordered by one of the nodes", || {
+        issued(&a) + issued(&b) >= 1
+    });
+    pebble.root(&da, &curl, &[&da, &db]);
+    let mut serials = Vec::new();
+    for (dir, port) in [(&da, tls_a), (&db, tls_b)] {
+        until("the ordered certificate served", || {
+            served(dir, &openssl, port, "both.acme.test", "acme-root.pem").0
+        });
+        serials.push(served(dir, &openssl, port, "both.acme.test", "acme-root.pem").1);
+    }
+    assert_eq!(serials[0], serials[1], "one certificate for the cluster");
+    assert_eq!(issued(&a) + issued(&b), 1, "ordered once, by one node");
+    for s in [&a, &b] {
+        assert!(!s.has_printed("ACME order failed"));
+    }
+    let ordered_by = if issued(&a) == 1 { "A" } else { "B" };
+    println!("ordered by node {ordered_by}; the CA validated through node B");
 }
