@@ -35,15 +35,24 @@ pub struct ChallengeAnswer {
     pub token: String,
     /// The key authorization (token.thumbprint).
     pub key_authorization: String,
+    /// When it stops being answered (milliseconds since the epoch), whatever happens to the
+    /// order.
+    pub expires_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[derive(Default)]
 struct Set {
     answers: Vec<ChallengeAnswer>,
-    /// TLS-ALPN-01: the handshake configuration per hostname.
-    alpn: HashMap<String, Arc<ServerConfig>>,
-    /// HTTP-01: the key authorization per token.
-    http: HashMap<String, String>,
+    /// TLS-ALPN-01: the handshake configuration per hostname, and until when.
+    alpn: HashMap<String, (Arc<ServerConfig>, i64)>,
+    /// HTTP-01: the key authorization per token, and until when.
+    http: HashMap<String, (String, i64)>,
 }
 
 /// The pending challenges.
@@ -83,20 +92,20 @@ impl AcmeChallenges {
             match a.kind {
                 ChallengeKind::Http01 => {
                     set.http
-                        .insert(a.token.clone(), a.key_authorization.clone());
+                        .insert(a.token.clone(), (a.key_authorization.clone(), a.expires_ms));
                 }
                 ChallengeKind::TlsAlpn01 => {
                     let kept = current
                         .answers
                         .iter()
                         .any(|old| old == a)
-                        .then(|| current.alpn.get(&a.hostname).cloned())
+                        .then(|| current.alpn.get(&a.hostname).map(|(c, _)| c.clone()))
                         .flatten();
                     let config = match kept {
                         Some(config) => config,
                         None => Arc::new(alpn_config(&a.hostname, &a.key_authorization)?),
                     };
-                    set.alpn.insert(a.hostname.clone(), config);
+                    set.alpn.insert(a.hostname.clone(), (config, a.expires_ms));
                 }
             }
         }
@@ -106,7 +115,9 @@ impl AcmeChallenges {
 
     /// The key authorization to answer `GET /.well-known/acme-challenge/{token}` with.
     pub fn http_answer(&self, token: &str) -> Option<String> {
-        self.set.load().http.get(token).cloned()
+        let set = self.set.load();
+        let (answer, until) = set.http.get(token)?;
+        (now_ms() <= *until).then(|| answer.clone())
     }
 
     /// The handshake answering a TLS-ALPN-01 challenge for `hostname`, if one is pending.
@@ -115,7 +126,8 @@ impl AcmeChallenges {
         if set.alpn.is_empty() {
             return None;
         }
-        set.alpn.get(hostname).cloned()
+        let (config, until) = set.alpn.get(hostname)?;
+        (now_ms() <= *until).then(|| config.clone())
     }
 }
 
@@ -172,12 +184,14 @@ mod tests {
             kind: ChallengeKind::TlsAlpn01,
             token: "t1".into(),
             key_authorization: "t1.k".into(),
+            expires_ms: now_ms() + 60_000,
         };
         let http = ChallengeAnswer {
             hostname: "b.test".into(),
             kind: ChallengeKind::Http01,
             token: "t2".into(),
             key_authorization: "t2.k".into(),
+            expires_ms: now_ms() + 60_000,
         };
         c.replace(&[alpn.clone(), http.clone()]).unwrap();
         let first = c.tls_alpn("a.test").unwrap();
@@ -190,5 +204,17 @@ mod tests {
         assert_eq!(c.http_answer("t2"), None);
         c.replace(&[]).unwrap();
         assert!(c.tls_alpn("a.test").is_none());
+        // Expired answers are not served, whatever the registry says.
+        let expired = ChallengeAnswer {
+            expires_ms: now_ms() - 1,
+            ..alpn
+        };
+        let gone = ChallengeAnswer {
+            expires_ms: now_ms() - 1,
+            ..http
+        };
+        c.replace(&[expired, gone]).unwrap();
+        assert!(c.tls_alpn("a.test").is_none());
+        assert_eq!(c.http_answer("t2"), None);
     }
 }

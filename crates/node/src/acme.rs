@@ -56,6 +56,10 @@ const FIRST_RETRY: Duration = Duration::from_secs(60);
 const LAST_RETRY: Duration = Duration::from_secs(6 * 3600);
 /// Each request to the CA.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A whole order, well within the lease.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(8 * 60);
+/// Connections the HTTP-01 listener serves at once (more are closed at once).
+const HTTP01_CONNECTIONS: usize = 256;
 
 /// The registry name of a host's ACME certificate: `acme:HOST` (`_wildcard` for `*`), or
 /// `acme:` and the host's SHA-256 when that would exceed a registry name's 128 characters.
@@ -130,6 +134,7 @@ pub(crate) fn answers(stored: &[AcmeChallenge]) -> Vec<ChallengeAnswer> {
                 kind,
                 token: c.token.clone(),
                 key_authorization: c.key_authorization.clone(),
+                expires_ms: c.expires_ms,
             })
         })
         .collect()
@@ -255,6 +260,14 @@ impl Manager {
         };
         let now = tokio::time::Instant::now();
         backoff.retain(|host, _| domains.iter().any(|d| d.hostname == *host));
+        // Answers whose order was abandoned (a node died) are withdrawn once expired.
+        if let Err(e) = self
+            .store
+            .clear_acme_challenges("(expired)", &[], "node:acme")
+            .await
+        {
+            tracing::debug!(target: "portcullis::acme", error = %e, "cannot withdraw expired challenge answers");
+        }
         for d in domains {
             let Ok(host) = Hostname::parse(&d.hostname) else {
                 continue;
@@ -303,13 +316,32 @@ impl Manager {
                     continue;
                 }
             }
-            let started = std::time::Instant::now();
-            let result = self.order(client, &host, &spec, &name).await;
-            if let Err(e) = self.store.release_lease(&lease, &self.node_id).await {
-                tracing::debug!(target: "portcullis::acme", error = %e, "cannot release the lease; it expires by itself");
+            // Read again under the lease: another node may have just renewed it.
+            if let Ok(record) = self.store.server_certificate(&name).await
+                && !until_due(&record, self.settings.renew_before).is_zero()
+            {
+                let _ = self.store.release_lease(&lease, &self.node_id).await;
+                next = next.min(until_due(&record, self.settings.renew_before));
+                continue;
             }
+            let started = std::time::Instant::now();
+            let result = match tokio::time::timeout(
+                ORDER_TIMEOUT,
+                self.order(client, &host, &spec, &name, &lease),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(anyhow!(
+                    "the order took longer than {} minutes",
+                    ORDER_TIMEOUT.as_secs() / 60
+                )),
+            };
             match result {
                 Ok(leaf) => {
+                    if let Err(e) = self.store.release_lease(&lease, &self.node_id).await {
+                        tracing::debug!(target: "portcullis::acme", error = %e, "cannot release the lease; it expires by itself");
+                    }
                     backoff.remove(&d.hostname);
                     metrics::counter!("portcullis_acme_orders_total", "result" => "ok")
                         .increment(1);
@@ -347,6 +379,16 @@ impl Manager {
                         },
                     );
                     next = next.min(wait);
+                    // The lease is kept until the retry: the other nodes back off too, so the
+                    // CA sees one node's retries, not one per node.
+                    let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                    if let Err(e) = self
+                        .store
+                        .acquire_lease(&lease, &self.node_id, wait_ms)
+                        .await
+                    {
+                        tracing::debug!(target: "portcullis::acme", error = %e, "cannot keep the lease for the back-off");
+                    }
                     tracing::warn!(
                         target: "portcullis::acme",
                         domain = %host,
@@ -368,6 +410,7 @@ impl Manager {
         host: &Hostname,
         spec: &AcmeSpec,
         name: &str,
+        lease: &str,
     ) -> Result<Certificate> {
         let account = self.account(client, spec).await?;
         let hostname = host.to_string();
@@ -485,6 +528,14 @@ impl Manager {
         let sealed = self
             .key
             .seal(key.pkcs8_der(), &ServerCertRecord::seal_context(name))?;
+        // Still this node's order (its lease not expired and taken by another node meanwhile).
+        if !self
+            .store
+            .acquire_lease(lease, &self.node_id, LEASE_MS)
+            .await?
+        {
+            bail!("another node took the order over (this one took longer than its lease)");
+        }
         self.store
             .put_server_certificate(name, &chain, &sealed, "node:acme")
             .await
@@ -625,6 +676,7 @@ pub(crate) async fn serve_http01(
     listener: tokio::net::TcpListener,
     challenges: Arc<AcmeChallenges>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP01_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -634,8 +686,15 @@ pub(crate) async fn serve_http01(
                 continue;
             }
         };
+        // A bounded number at once, each for 10 s at most and one request: port 80 is open to
+        // anyone, and what it serves is small.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let challenges = challenges.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let answer = http01_answer(&challenges, &req);
                 async move { Ok::<_, std::convert::Infallible>(answer) }
@@ -643,8 +702,9 @@ pub(crate) async fn serve_http01(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
         });
     }
 }
@@ -688,15 +748,21 @@ fn http01_answer<B>(challenges: &AcmeChallenges, req: &Request<B>) -> Response<F
                 "https://{host}{}",
                 req.uri().path_and_query().map_or("/", |p| p.as_str())
             );
-            let mut r = text(StatusCode::PERMANENT_REDIRECT, String::new());
-            if let Ok(v) = hyper::header::HeaderValue::from_str(&target) {
-                r.headers_mut().insert(hyper::header::LOCATION, v);
+            match hyper::header::HeaderValue::from_str(&target) {
+                Ok(v) => {
+                    let mut r = text(StatusCode::PERMANENT_REDIRECT, String::new());
+                    r.headers_mut().insert(hyper::header::LOCATION, v);
+                    r
+                }
+                Err(_) => text(
+                    StatusCode::BAD_REQUEST,
+                    "a path that cannot be redirected\n".into(),
+                ),
             }
-            r
         }
         None => text(
             StatusCode::BAD_REQUEST,
-            "a Host header naming this site is needed\n".into(),
+            "a Host header with a host name is needed\n".into(),
         ),
     }
 }
@@ -750,6 +816,50 @@ mod tests {
         assert!(bad(&|s| s.contact = vec!["ops@example.com".into()]).contains("mailto:"));
     }
 
+    /// Review finding: port 80 is open to anyone, and its connections used to be unbounded
+    /// (each held up to 60 s): a flood would have used up the file descriptors the TLS
+    /// listeners need.
+    #[tokio::test]
+    async fn the_http01_listener_holds_a_bounded_number_of_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_http01(listener, Arc::default()));
+        let mut idle = Vec::new();
+        for _ in 0..HTTP01_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // One more is closed at once, before it says anything.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // Once one leaves, a request is answered again.
+        idle.pop();
+        let answered = async {
+            loop {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = s
+                    .write_all(
+                        b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                    )
+                    .await;
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out).await;
+                if out.starts_with(b"HTTP/1.1 404") {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), answered)
+            .await
+            .expect("a request is answered once a slot is free");
+    }
+
     #[test]
     fn http01_answers_challenges_and_redirects_the_rest() {
         let challenges = AcmeChallenges::default();
@@ -759,6 +869,7 @@ mod tests {
                 kind: ChallengeKind::Http01,
                 token: "tok".into(),
                 key_authorization: "tok.thumb".into(),
+                expires_ms: crate::sync::now_ms() + 60_000,
             }])
             .unwrap();
         let get = |uri: &str, host: &str| {

@@ -345,10 +345,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     // ACME: this node's HTTP-01 listener, and its share of ordering for the cluster.
     let acme_settings = crate::config::read_file_config(&config_path)?.acme(&config_path)?;
-    gateway
-        .acme_challenges()
-        .replace(&registry.acme_challenges)
-        .context("serving the pending ACME challenges")?;
+    if let Err(e) = gateway.acme_challenges().replace(&registry.acme_challenges) {
+        tracing::warn!(target: "portcullis::acme", error = %e, "cannot serve the pending ACME challenge answers");
+    }
     if let Some(addr) = acme_settings.http_listen {
         let listener = crate::acme::bind_http01(addr).await?;
         outln!(

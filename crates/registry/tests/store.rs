@@ -746,6 +746,21 @@ async fn acme(store: &Store) {
         "a configuration change"
     );
     assert_eq!(store.acme_challenges().await.unwrap(), vec![live.clone()]);
+    // A new order's answer for the same name replaces the old one.
+    let newer = AcmeChallenge {
+        token: "tok-3".into(),
+        key_authorization: "tok-3.thumb".into(),
+        ..live.clone()
+    };
+    store
+        .put_acme_challenges(std::slice::from_ref(&newer), "node:acme")
+        .await
+        .unwrap();
+    assert_eq!(store.acme_challenges().await.unwrap(), vec![newer]);
+    store
+        .put_acme_challenges(std::slice::from_ref(&live), "node:acme")
+        .await
+        .unwrap();
     let marker = store.config_marker().await.unwrap();
     store
         .clear_acme_challenges("a.test", &["tok-1".to_string()], "node:acme")

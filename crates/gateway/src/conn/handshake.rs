@@ -77,8 +77,8 @@ pub(super) async fn handshake(
         && offers_only_acme_tls(&hello)
         && let Some(config) = state.acme.tls_alpn(name)
     {
-        drop(handshake_permit);
-        answer_acme_challenge(hello, config, peer, name, deadline).await;
+        // The handshake slot is held for the handshake, as any other's.
+        answer_acme_challenge(hello, config, peer, name, deadline, handshake_permit).await;
         return None;
     }
     let Some((domain, via_default)) = state.select(sni.as_deref()) else {
@@ -186,8 +186,11 @@ async fn answer_acme_challenge(
     peer: SocketAddr,
     name: &str,
     deadline: tokio::time::Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    match tokio::time::timeout_at(deadline, hello.into_stream(config)).await {
+    let done = tokio::time::timeout_at(deadline, hello.into_stream(config)).await;
+    drop(permit);
+    match done {
         Ok(Ok(mut tls)) => {
             count_handshake(name, "ok", "acme-tls-alpn-01");
             tracing::info!(target: "portcullis::connection", peer = %peer, domain = %name, result = "acme-challenge", "answered an ACME TLS-ALPN-01 challenge");
@@ -200,6 +203,7 @@ async fn answer_acme_challenge(
             tracing::info!(target: "portcullis::connection", peer = %peer, domain = %name, result = "failed", reason = "acme-tls-alpn-01", error = %e, "ACME TLS-ALPN-01 handshake failed");
         }
         Err(_) => {
+            limit_reached("handshake_timeout");
             count_handshake(name, "failed", "handshake-timeout");
         }
     }

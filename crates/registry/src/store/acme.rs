@@ -69,6 +69,15 @@ impl Store {
         };
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            // A name has one pending answer: an order abandoned by a node that died (and took
+            // its lease back after a restart) leaves none behind to be served instead.
+            for c in challenges {
+                sqlx::query("DELETE FROM acme_challenges WHERE hostname = $1 AND kind = $2")
+                    .bind(&c.hostname)
+                    .bind(&c.kind)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             for c in challenges {
                 sqlx::query("INSERT INTO acme_challenges (token, hostname, kind, key_authorization, expires_ms) VALUES ($1, $2, $3, $4, $5) \
                              ON CONFLICT (token) DO UPDATE SET hostname = $2, kind = $3, key_authorization = $4, expires_ms = $5")
