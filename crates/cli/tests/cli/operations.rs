@@ -79,7 +79,7 @@ fn alert_rules_pass_promtool_and_name_only_metrics_the_nodes_export() {
     let check = run(&promtool, &["check", "rules", "portcullis-rules.yml"], &dir);
     assert_eq!(check.code, 0, "{}{}", check.stdout, check.stderr);
     assert!(
-        check.stdout.contains("SUCCESS: 8 rules found"),
+        check.stdout.contains("SUCCESS: 9 rules found"),
         "{}",
         check.stdout
     );

@@ -305,8 +305,16 @@ fn product_headers(
                 &h("x-amzn-mtls-clientcert-serial-number"),
                 &bignum_hex(&info.serial),
             );
-            set(headers, &h("x-amzn-mtls-clientcert-issuer"), &info.issuer);
-            set(headers, &h("x-amzn-mtls-clientcert-subject"), &info.subject);
+            set(
+                headers,
+                &h("x-amzn-mtls-clientcert-issuer"),
+                &openssl_rfc2253(&info.issuer),
+            );
+            set(
+                headers,
+                &h("x-amzn-mtls-clientcert-subject"),
+                &openssl_rfc2253(&info.subject),
+            );
             set(headers, &h("x-amzn-mtls-clientcert-validity"), &validity);
             set(
                 headers,
@@ -318,8 +326,16 @@ fn product_headers(
             let h = |n: &'static str| HeaderName::from_static(n);
             let serial = info.serial.strip_prefix("00:").unwrap_or(&info.serial);
             set(headers, &h("cloudfront-viewer-cert-serial-number"), serial);
-            set(headers, &h("cloudfront-viewer-cert-issuer"), &info.issuer);
-            set(headers, &h("cloudfront-viewer-cert-subject"), &info.subject);
+            set(
+                headers,
+                &h("cloudfront-viewer-cert-issuer"),
+                &openssl_rfc2253(&info.issuer),
+            );
+            set(
+                headers,
+                &h("cloudfront-viewer-cert-subject"),
+                &openssl_rfc2253(&info.subject),
+            );
             set(headers, &h("cloudfront-viewer-cert-present"), "1");
             set(headers, &h("cloudfront-viewer-cert-sha256"), &info.id);
             set(headers, &h("cloudfront-viewer-cert-validity"), &validity);
@@ -418,6 +434,26 @@ fn sf_binary(der: &[u8]) -> String {
     format!(":{}:", STANDARD.encode(der))
 }
 
+/// A name as OpenSSL's `-nameopt RFC2253` prints it (what ALB and CloudFront send): RFC 4514
+/// text with every byte of a character outside printable ASCII written `\XX` (`CN=Z\C3\BCrich`).
+fn openssl_rfc2253(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len() + 16);
+    let mut buf = [0u8; 4];
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            out.push(c);
+        } else {
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("\\{b:02X}"));
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     // Control characters cannot travel in a header; anything else (UTF-8 included) can. C0
     // controls and DEL are single bytes, C1 controls (U+0080–U+009F) start with 0xC2: values
@@ -439,7 +475,22 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
+
+    #[test]
+    fn alb_and_cloudfront_names_escape_what_openssl_escapes() {
+        // `openssl x509 -noout -subject -nameopt RFC2253` on a certificate made with
+        // `-subj "/CN=Zürich Straße/O=A\"B, Inc" -utf8` prints exactly this.
+        assert_eq!(
+            openssl_rfc2253("O=A\\\"B\\, Inc,CN=Zürich Straße"),
+            "O=A\\\"B\\, Inc,CN=Z\\C3\\BCrich Stra\\C3\\9Fe"
+        );
+        assert!(matches!(
+            openssl_rfc2253("CN=alice,O=Acme"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn strips_every_spelling_and_configured_names() {
