@@ -78,6 +78,13 @@ fn served(d: &Path, openssl: &Path, port: u16, host: &str, ca: &str) -> (bool, S
     )
 }
 
+/// curl and openssl, when pebble and its challenge test server are installed too.
+fn tools() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    require_tool("pebble")?;
+    require_tool("pebble-challtestsrv")?;
+    Some((require_tool("curl")?, require_tool("openssl")?))
+}
+
 /// Let's Encrypt's test CA and its challenge test server (whose DNS answers 127.0.0.1 for every
 /// name), validating on `tls_port` (TLS-ALPN-01) and `http_port` (HTTP-01); killed on drop.
 struct Pebble {
@@ -188,12 +195,7 @@ impl Pebble {
 
 #[test]
 fn acme_certificates_are_ordered_by_tls_alpn_and_http_challenges_served_and_renewed() {
-    let (Some(_), Some(_), Some(curl), Some(openssl)) = (
-        require_tool("pebble"),
-        require_tool("pebble-challtestsrv"),
-        require_tool("curl"),
-        require_tool("openssl"),
-    ) else {
+    let Some((curl, openssl)) = tools() else {
         return;
     };
     let tmp = temp_dir();
@@ -375,12 +377,7 @@ upstream = "builtin:echo"
 /// both serve the one certificate.
 #[test]
 fn two_nodes_order_an_acme_certificate_once_and_both_serve_it() {
-    let (Some(_), Some(_), Some(curl), Some(openssl)) = (
-        require_tool("pebble"),
-        require_tool("pebble-challtestsrv"),
-        require_tool("curl"),
-        require_tool("openssl"),
-    ) else {
+    let Some((curl, openssl)) = tools() else {
         return;
     };
     let Some(database) = crate::control::fresh_postgres("acme") else {

@@ -1290,6 +1290,40 @@ der = [ssl.PEM_cert_to_DER_cert(p) for p in pems]
 dn = lambda which: subprocess.run(["openssl", "x509", "-in", "alice.pem", "-noout", "-" + which,
     "-nameopt", "RFC2253"], capture_output=True, text=True).stdout.strip().split("=", 1)[1]
 serial = d["serialNumber"]
+# Traefik's passTLSClientCert with every info option (pkg/middlewares/passtlsclientcert):
+# DC, C, ST, L, O (OU for the subject), the last SN and CN; decimal serial; Unix times; SANs
+# as DNS, email, IP, URI.
+def go_dn(rdns, with_ou):
+    attrs = [kv for rdn in rdns for kv in rdn]
+    parts = ["DC=" + v for k, v in attrs if k == "domainComponent"]
+    keys = [("countryName", "C"), ("stateOrProvinceName", "ST"), ("localityName", "L"), ("organizationName", "O")]
+    if with_ou:
+        keys.append(("organizationalUnitName", "OU"))
+    for key, short in keys:
+        parts += [short + "=" + v for k, v in attrs if k == key and v]
+    for key, short in [("serialNumber", "SN"), ("commonName", "CN")]:
+        vals = [v for k, v in attrs if k == key]
+        if vals and vals[-1]:
+            parts.append(short + "=" + vals[-1])
+    return ",".join(parts)
+def unix(s):
+    return int(datetime.datetime.strptime(s, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=datetime.timezone.utc).timestamp())
+def traefik_info(path):
+    c = ssl._ssl._test_decode_cert(path)
+    fields = []
+    subject, issuer = go_dn(c["subject"], True), go_dn(c["issuer"], False)
+    if subject:
+        fields.append('Subject="%s"' % subject)
+    if issuer:
+        fields.append('Issuer="%s"' % issuer)
+    fields.append('SerialNumber="%d"' % int(c["serialNumber"], 16))
+    fields.append('NB="%d"' % unix(c["notBefore"]))
+    fields.append('NA="%d"' % unix(c["notAfter"]))
+    sans = c.get("subjectAltName", ())
+    ordered = [v for kind in ["DNS", "email", "IP Address", "URI"] for k, v in sans if k == kind]
+    if ordered:
+        fields.append('SAN="%s"' % ",".join(ordered))
+    return ";".join(fields)
 print(json.dumps({
     "serial": serial,
     "serial_colon": ":".join(serial[i:i + 2] for i in range(0, len(serial), 2)).lower(),
@@ -1301,6 +1335,7 @@ print(json.dumps({
     "sha256": hashlib.sha256(der[0]).hexdigest(),
     "client_cert": ":" + base64.b64encode(der[0]).decode() + ":",
     "traefik": ",".join(base64.b64encode(c).decode() for c in der),
+    "traefik_info": urllib.parse.quote_plus(",".join(traefik_info(p) for p in ["alice.pem", "int/ca.pem", "root/ca.pem"]), safe=""),
 }))
 "#;
 
@@ -1381,7 +1416,10 @@ client_certificate = "optional"
                 ("cloudfront-viewer-cert-pem", w("leaf")),
                 ("client-cert", w("client_cert")),
             ],
-            "traefik" => vec![("x-forwarded-tls-client-cert", w("traefik"))],
+            "traefik" => vec![
+                ("x-forwarded-tls-client-cert", w("traefik")),
+                ("x-forwarded-tls-client-cert-info", w("traefik_info")),
+            ],
             _ => vec![],
         };
         expected.push(("x-client-cert-verify", "SUCCESS".into()));

@@ -360,9 +360,133 @@ fn product_headers(
                 &HeaderName::from_static("x-forwarded-tls-client-cert"),
                 &certs.join(","),
             );
+            set(
+                headers,
+                &HeaderName::from_static("x-forwarded-tls-client-cert-info"),
+                &traefik_info(chain),
+            );
         }
         Profile::Rfc9440 => {}
     }
+}
+
+/// Traefik's `X-Forwarded-Tls-Client-Cert-Info` as its passTLSClientCert middleware writes it
+/// with every `info` option on: per certificate of the chain as presented,
+/// `Subject="…";Issuer="…";SerialNumber="…";NB="…";NA="…";SAN="…"` (a field without a value is
+/// left out), certificates separated by commas, the whole escaped as Go's `url.QueryEscape`
+/// does. Names list DC, then C, ST, L, O (and OU for the subject), then the last SN and CN, as
+/// Go's `pkix.Name` holds them; values are not escaped (Traefik does not).
+fn traefik_info(chain: &[portcullis_pki::Certificate]) -> String {
+    let dn = |attrs: &[(String, String)], with_ou: bool| {
+        let mut parts: Vec<String> = attrs
+            .iter()
+            .filter(|(k, _)| k == "DC")
+            .map(|(_, v)| format!("DC={v}"))
+            .collect();
+        let listed: &[(&str, &str)] = if with_ou {
+            &[
+                ("C", "C"),
+                ("ST", "ST"),
+                ("L", "L"),
+                ("O", "O"),
+                ("OU", "OU"),
+            ]
+        } else {
+            &[("C", "C"), ("ST", "ST"), ("L", "L"), ("O", "O")]
+        };
+        for (short, label) in listed {
+            parts.extend(
+                attrs
+                    .iter()
+                    .filter(|(k, v)| k == short && !v.is_empty())
+                    .map(|(_, v)| format!("{label}={v}")),
+            );
+        }
+        for (short, label) in [("serialNumber", "SN"), ("CN", "CN")] {
+            if let Some((_, v)) = attrs.iter().rev().find(|(k, _)| k == short)
+                && !v.is_empty()
+            {
+                parts.push(format!("{label}={v}"));
+            }
+        }
+        parts.join(",")
+    };
+    let per_certificate: Vec<String> = chain
+        .iter()
+        .map(|c| {
+            let info = c.info();
+            let names = c.name_attributes();
+            let mut fields = Vec::new();
+            let subject = dn(&names.subject, true);
+            if !subject.is_empty() {
+                fields.push(format!("Subject=\"{subject}\""));
+            }
+            let issuer = dn(&names.issuer, false);
+            if !issuer.is_empty() {
+                fields.push(format!("Issuer=\"{issuer}\""));
+            }
+            fields.push(format!("SerialNumber=\"{}\"", serial_decimal(&info.serial)));
+            fields.push(format!("NB=\"{}\"", info.not_before_unix()));
+            fields.push(format!("NA=\"{}\"", info.not_after_unix()));
+            let san = |prefix: &str| {
+                info.subject_alt_names
+                    .iter()
+                    .filter_map(move |s| s.strip_prefix(prefix))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            };
+            let sans: Vec<String> = ["dns:", "email:", "ip:", "uri:"]
+                .iter()
+                .flat_map(|p| san(p))
+                .collect();
+            if !sans.is_empty() {
+                fields.push(format!("SAN=\"{}\"", sans.join(",")));
+            }
+            fields.join(";")
+        })
+        .collect();
+    percent_encode(&per_certificate.join(","), b"").replace("%20", "+")
+}
+
+/// A serial (colon hex of its DER content octets, two's complement) in decimal, as Go's
+/// `big.Int.String` writes it.
+fn serial_decimal(colon_hex: &str) -> String {
+    let mut bytes: Vec<u8> = colon_hex
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    if negative {
+        // The magnitude of a two's complement number: invert and add one.
+        for b in bytes.iter_mut() {
+            *b = !*b;
+        }
+        for b in bytes.iter_mut().rev() {
+            let (v, carry) = b.overflowing_add(1);
+            *b = v;
+            if !carry {
+                break;
+            }
+        }
+    }
+    // Repeated division by ten of the big-endian magnitude.
+    let mut digits = Vec::new();
+    while bytes.iter().any(|&b| b != 0) {
+        let mut rem = 0u32;
+        for b in bytes.iter_mut() {
+            let cur = (rem << 8) | u32::from(*b);
+            *b = u8::try_from(cur / 10).unwrap_or(0);
+            rem = cur % 10;
+        }
+        digits.push(char::from(b'0' + u8::try_from(rem).unwrap_or(0)));
+    }
+    if digits.is_empty() {
+        digits.push('0');
+    }
+    if negative {
+        digits.push('-');
+    }
+    digits.iter().rev().collect()
 }
 
 /// A serial as OpenSSL's `BN_bn2hex` writes it (ALB's format): upper-case hex, whole bytes, no
@@ -477,6 +601,23 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 mod tests {
 
     use super::*;
+
+    #[test]
+    fn serials_in_decimal_as_go_writes_them() {
+        assert_eq!(serial_decimal("00"), "0");
+        assert_eq!(serial_decimal("01"), "1");
+        assert_eq!(serial_decimal("00:ff"), "255");
+        assert_eq!(serial_decimal("01:00"), "256");
+        // 2^64 + 1
+        assert_eq!(
+            serial_decimal("01:00:00:00:00:00:00:00:01"),
+            "18446744073709551617"
+        );
+        // Two's complement negatives (RFC 5280 forbids them; some CAs made them).
+        assert_eq!(serial_decimal("ff"), "-1");
+        assert_eq!(serial_decimal("80"), "-128");
+        assert_eq!(serial_decimal("ff:7f"), "-129");
+    }
 
     #[test]
     fn alb_and_cloudfront_names_escape_what_openssl_escapes() {
