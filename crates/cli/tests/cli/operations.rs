@@ -1,6 +1,7 @@
 //! What operators install beside the binary: the Debian package and its systemd unit, shell
-//! completions and manual pages, the Prometheus alerting rules (checked by Prometheus's own
-//! tool) and the Grafana dashboard, each checked against the metrics the code emits.
+//! completions and manual pages, the container image, the Prometheus alerting rules (checked by
+//! Prometheus's own tool) and the Grafana dashboard, each checked against the metrics the code
+//! emits.
 
 use std::path::{Path, PathBuf};
 
@@ -328,4 +329,223 @@ fn the_debian_package_installs_a_hardened_service_that_runs_as_its_own_user() {
     assert_eq!(purged.code, 0, "{}", purged.stderr);
     assert!(!Path::new("/var/lib/portcullis").exists());
     assert_ne!(run("getent", &["passwd", "portcullis"], d).code, 0);
+}
+
+/// The container image (deploy/docker/Dockerfile), built with buildah from the binary under
+/// test and a Debian 12 base made here with debootstrap (no container registry is reachable:
+/// the image is what `--build-arg BINARY=prebuilt` builds on `debian:bookworm-slim`): it runs
+/// as its own unprivileged user, serves with a mounted read-only configuration, and writes
+/// nothing outside its state volume and /tmp (so it runs on a read-only root file system).
+#[test]
+fn the_container_image_runs_as_its_own_user_and_writes_only_its_state_volume() {
+    use std::io::BufRead;
+    // buildah's chroot isolation needs root (CI runs as root).
+    if run("id", &["-u"], Path::new("/")).stdout.trim() != "0" {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the container test builds with buildah and needs root"
+        );
+        eprintln!("SKIP: not root");
+        return;
+    }
+    let (Some(buildah), Some(debootstrap), Some(curl)) = (
+        require_tool("buildah"),
+        require_tool("debootstrap"),
+        require_tool("curl"),
+    ) else {
+        return;
+    };
+    let tmp = portcullis_testkit::temp_dir();
+    let d = tmp.path();
+    let storage = [
+        "--root",
+        &d.join("storage").to_string_lossy(),
+        "--runroot",
+        &d.join("run").to_string_lossy(),
+        "--storage-driver",
+        "vfs",
+    ]
+    .map(String::from);
+    let bah = |args: &[&str]| {
+        let mut all: Vec<&str> = storage.iter().map(String::as_str).collect();
+        all.extend(args);
+        let r = run(&buildah, &all, d);
+        assert_eq!(r.code, 0, "buildah {args:?}: {}{}", r.stdout, r.stderr);
+        r.stdout.trim().to_string()
+    };
+    // debian:bookworm-slim, made from the Debian mirror apt uses.
+    let sources =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let mirror = sources
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .and_then(|u| u.split_whitespace().next())
+        .unwrap_or("http://deb.debian.org/debian")
+        .to_string();
+    let made = run(
+        &debootstrap,
+        &["--variant=minbase", "bookworm", "rootfs", &mirror],
+        d,
+    );
+    assert_eq!(made.code, 0, "{}{}", made.stdout, made.stderr);
+    let base = bah(&["from", "scratch"]);
+    let mount = bah(&["mount", &base]);
+    let copied = run("cp", &["-a", "rootfs/.", &mount], d);
+    assert_eq!(copied.code, 0, "{}", copied.stderr);
+    bah(&["umount", &base]);
+    bah(&["commit", "-q", &base, "localhost/debian:bookworm-slim"]);
+    // The build context: the Dockerfile, the configuration it installs, and the binary.
+    let ctx = d.join("ctx");
+    for file in ["deploy/docker/Dockerfile", "deploy/debian/portcullis.toml"] {
+        std::fs::create_dir_all(ctx.join(file).parent().unwrap()).unwrap();
+        std::fs::copy(repo().join(file), ctx.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(ctx.join("target/release")).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_portcullis"),
+        ctx.join("target/release/portcullis"),
+    )
+    .unwrap();
+    bah(&[
+        "build",
+        "--isolation",
+        "chroot",
+        "--pull=never",
+        "--build-arg",
+        "BINARY=prebuilt",
+        "-f",
+        "ctx/deploy/docker/Dockerfile",
+        "-t",
+        "localhost/portcullis:test",
+        "ctx",
+    ]);
+    let ctr = bah(&["from", "--pull=never", "localhost/portcullis:test"]);
+    let config = bah(&[
+        "inspect",
+        "--format",
+        "{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}}",
+        &ctr,
+    ]);
+    assert!(
+        config.starts_with("10001:10001 [/usr/bin/portcullis serve --config /etc/portcullis/portcullis.toml --data-dir /var/lib/portcullis]"),
+        "{config}"
+    );
+    // Run as documented: the operator's configuration mounted read-only (here: any free ports).
+    let shipped = std::fs::read_to_string(repo().join("deploy/debian/portcullis.toml")).unwrap();
+    std::fs::write(
+        d.join("portcullis.toml"),
+        shipped.replace(":8443", ":0").replace(":9443", ":0"),
+    )
+    .unwrap();
+    let since = std::time::SystemTime::now();
+    let volume = format!(
+        "{}:/etc/portcullis/portcullis.toml:ro",
+        d.join("portcullis.toml").display()
+    );
+    // The state volume (a named volume takes the image directory's owner; a host directory is
+    // given it).
+    let state_dir = d.join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let owned = run("chown", &["10001:10001", &state_dir.to_string_lossy()], d);
+    assert_eq!(owned.code, 0, "{}", owned.stderr);
+    let state = format!("{}:/var/lib/portcullis", state_dir.display());
+    let mut args: Vec<String> = storage.to_vec();
+    args.extend(
+        [
+            "run",
+            "--isolation",
+            "chroot",
+            "--volume",
+            &volume,
+            "--volume",
+            &state,
+            &ctr,
+            "--",
+            "/usr/bin/portcullis",
+            "serve",
+            "--config",
+            "/etc/portcullis/portcullis.toml",
+            "--data-dir",
+            "/var/lib/portcullis",
+        ]
+        .map(String::from),
+    );
+    let mut child = std::process::Command::new(&buildah)
+        .args(&args)
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut admin = None;
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("the container stopped before serving");
+        };
+        if let Some(rest) = line.strip_prefix("portcullis admin API on https://127.0.0.1:") {
+            admin = rest.trim().parse::<u16>().ok();
+        } else if line.starts_with("portcullis is serving on ") {
+            break;
+        }
+    }
+    let health = run(
+        &curl,
+        &[
+            "-sSk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://127.0.0.1:{}/healthz", admin.unwrap()),
+        ],
+        d,
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert_eq!(health.stdout, "200", "{}", health.stderr);
+    // Its user owns the state it made; nothing else in the image changed.
+    let mount = bah(&["mount", &ctr]);
+    let root = Path::new(&mount);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let db = std::fs::metadata(state_dir.join("registry.db")).unwrap();
+        assert_eq!(db.uid(), 10001, "the registry belongs to the image's user");
+        let key = std::fs::metadata(state_dir.join("ca/ca.key")).unwrap();
+        assert_eq!((key.uid(), key.mode() & 0o777), (10001, 0o600));
+    }
+    let mut changed = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let first = rel
+                .components()
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned());
+            if matches!(
+                first.as_deref(),
+                Some("proc" | "sys" | "dev" | "tmp" | "run")
+            ) || rel.starts_with("var/lib/portcullis")
+            {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.modified().is_ok_and(|m| m > since) {
+                changed.push(rel.display().to_string());
+            }
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    bah(&["umount", &ctr]);
+    assert!(
+        changed.is_empty(),
+        "written outside the state volume: {changed:?}"
+    );
 }
