@@ -170,6 +170,22 @@ impl Drop for Installed {
     }
 }
 
+/// `GET /healthz` on an admin port (its certificate is the node's own, not checked here).
+fn healthz(curl: &Path, port: u16, d: &Path) -> portcullis_testkit::Run {
+    run(
+        curl,
+        &[
+            "-sSk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://127.0.0.1:{port}/healthz"),
+        ],
+        d,
+    )
+}
+
 #[test]
 fn the_debian_package_installs_a_hardened_service_that_runs_as_its_own_user() {
     use std::io::BufRead;
@@ -285,18 +301,7 @@ fn the_debian_package_installs_a_hardened_service_that_runs_as_its_own_user() {
             serving = port(rest.split(' ').next().unwrap_or(""));
         }
     }
-    let health = run(
-        &curl,
-        &[
-            "-sSk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://127.0.0.1:{}/healthz", admin.unwrap()),
-        ],
-        d,
-    );
+    let health = healthz(&curl, admin.unwrap(), d);
     assert_eq!(health.stdout, "200", "{}", health.stderr);
     // The gateway's port answers TLS with the local CA's certificate for localhost.
     let tls = run(
@@ -483,18 +488,7 @@ fn the_container_image_runs_as_its_own_user_and_writes_only_its_state_volume() {
             owners.push(rest.to_string());
         }
     }
-    let health = run(
-        &curl,
-        &[
-            "-sSk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://127.0.0.1:{}/healthz", admin.unwrap()),
-        ],
-        d,
-    );
+    let health = healthz(&curl, admin.unwrap(), d);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
