@@ -292,7 +292,7 @@ CONF
 cpu0() { awk '/^cpu0 /{idle=$5+$6; total=0; for(i=2;i<=NF;i++) total+=$i; print idle, total}' /proc/stat; }
 
 # load SERVER MODE CLIENT [PORT] -> "per_core_second rps busy ok total p50_ms p99_ms"
-# MODE: handshake | h1 | h2 | rate | grpc (unary calls: POST application/grpc over HTTP/2) |
+# MODE: handshake | h1 | h2 | rate (HTTP/1.1 at RATE/s) | rate2 (HTTP/2 at RATE/s) | grpc (unary calls: POST application/grpc over HTTP/2) |
 # h2up (HTTP/2 GETs proxied to the h2c upstream) | grpcstream (messages on bidirectional calls)
 load() {
   local s=$1 mode=$2 client=$3 p=${4:-${port[$1]}} extra=() path=/
@@ -322,6 +322,7 @@ PY
     h1) extra=(-c 32) ;;
     h2) extra=(-c 8 -p 16 --http2) ;;
     rate) extra=(-c 16 -q "${RATE:-5000}" --latency-correction) ;;
+    rate2) extra=(-c 4 -p 4 --http2 -q "${RATE:-5000}" --latency-correction) ;;
   esac
   read -r i0 t0 < <(cpu0)
   taskset -c 1 "$oha_bin" --no-tui -z "${secs}s" "${extra[@]}" --cert "$client.pem" --key "$client.key" \
@@ -354,7 +355,7 @@ measure() {  # measure LABEL MODE CLIENT SERVERS...
     [[ " ${SERVERS:-$*} " == *" $s "* ]] || continue
     read -r pcs rps busy ok total p50 p99 < <(load "$s" "$mode" "$client")
     echo "  $label / $s: $pcs per core-s ($rps/s at CPU0 $busy; $ok of $total answered 200; p50 $p50 ms p99 $p99 ms)" >&2
-    if [ "$mode" = rate ]; then record "$label" "$s" "$p50 / $p99"; else record "$label" "$s" "$pcs"; fi
+    if [ "$mode" = rate ] || [ "$mode" = rate2 ]; then record "$label" "$s" "$p50 / $p99"; else record "$label" "$s" "$pcs"; fi
   done
 }
 
@@ -385,6 +386,7 @@ measure "handshakes TLS 1.3 RSA-2048 client" handshake rsa "${servers[@]}"
 measure "keep-alive HTTP/1.1 requests" h1 ecdsa "${servers[@]}"
 measure "keep-alive HTTP/2 requests" h2 ecdsa nginx haproxy caddy portcullis
 RATE=${RATE:-5000} measure "latency p50 / p99 ms at ${RATE:-5000}/s" rate ecdsa nginx haproxy caddy portcullis bare
+RATE=${RATE:-5000} measure "latency p50 / p99 ms at ${RATE:-5000}/s, HTTP/2 (4 connections x 4 streams)" rate2 ecdsa nginx haproxy caddy portcullis
 fi
 
 want idle && echo "== memory per idle connection ($idle_n) ==" >&2

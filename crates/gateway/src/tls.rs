@@ -197,6 +197,11 @@ impl DomainTls {
                 verifier: verifier.clone(),
             }),
         };
+        if !domain.session_resumption {
+            // No session to resume: no TLS 1.3 tickets either (rustls would otherwise encode
+            // each ticket's session, fail to store it, and send nothing).
+            config.send_tls13_tickets = 0;
+        }
         config.ignore_client_order = true;
         Ok(DomainTls {
             config: Arc::new(config),

@@ -32,6 +32,9 @@ pub struct Certificate(Arc<Parsed>);
 struct Parsed {
     der: CertificateDer<'static>,
     info: CertificateInfo,
+    /// The RFC 5280 profile checks this certificate passed, a bit per role, usage and profile
+    /// (`profile_check`): a truststore's CAs are checked once, not in every handshake.
+    profile_passed: std::sync::atomic::AtomicU16,
 }
 
 impl Certificate {
@@ -42,7 +45,24 @@ impl Certificate {
         Ok(Certificate(Arc::new(Parsed {
             der: CertificateDer::from(der),
             info,
+            profile_passed: std::sync::atomic::AtomicU16::new(0),
         })))
+    }
+
+    /// Whether the profile check numbered `bit` has passed before.
+    pub(crate) fn profile_passed(&self, bit: u32) -> bool {
+        self.0
+            .profile_passed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            & (1 << bit)
+            != 0
+    }
+
+    /// Records that the profile check numbered `bit` passed.
+    pub(crate) fn set_profile_passed(&self, bit: u32) {
+        self.0
+            .profile_passed
+            .fetch_or(1 << bit, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every certificate in a PEM bundle (or one DER certificate), in file order. Errors name the

@@ -31,6 +31,25 @@ pub(crate) fn check(
     usage: Usage,
     profile: VerifyProfile,
 ) -> Result<(), (RejectReason, String)> {
+    // The outcome depends only on the certificate and these three: a pass is remembered (a
+    // truststore's CA is then parsed again only for a new combination), a failure recomputed.
+    let bit = role as u32 * 4 + usage as u32 * 2 + profile as u32;
+    if cert.profile_passed(bit) {
+        return Ok(());
+    }
+    let checked = check_parsed(cert, role, usage, profile);
+    if checked.is_ok() {
+        cert.set_profile_passed(bit);
+    }
+    checked
+}
+
+fn check_parsed(
+    cert: &Certificate,
+    role: Role,
+    usage: Usage,
+    profile: VerifyProfile,
+) -> Result<(), (RejectReason, String)> {
     let strict = profile == VerifyProfile::Strict;
     use RejectReason as R;
     let Ok((_, c)) = X509Certificate::from_der(cert.der()) else {

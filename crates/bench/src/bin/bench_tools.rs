@@ -59,12 +59,17 @@ fn cas(n: usize, out: &str) {
 }
 
 async fn bare(addr: &str, cert: &str, key: &str, ca: &str, version: &str) {
-    // The same suite preference as Portcullis (AES-128-GCM first, the server's order), so the
-    // ceiling does the same cryptographic work per handshake.
+    // The same suite and key-exchange preferences as Portcullis (AES-128-GCM first, the
+    // server's order; the post-quantum hybrid X25519MLKEM768 first, chosen whenever the client
+    // sends its key share, as oha does), so the ceiling does the same cryptographic work per
+    // handshake.
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider
         .cipher_suites
         .sort_by_key(|s| !format!("{:?}", s.suite()).contains("AES_128_GCM"));
+    provider
+        .kx_groups
+        .sort_by_key(|g| g.name() != rustls::NamedGroup::X25519MLKEM768);
     let provider = Arc::new(provider);
     let roots = roots(ca);
     let many = roots.len() > 100;

@@ -93,41 +93,45 @@ pub(crate) async fn connection(
             _ => (ClientVerdict::None, None),
         },
     };
-    let version = conn
-        .protocol_version()
-        .map(|v| format!("{v:?}"))
-        .unwrap_or_default();
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .map(|c| format!("{:?}", c.suite()))
-        .unwrap_or_default();
-    let kx_group = conn
-        .negotiated_key_exchange_group()
-        .map(|g| format!("{:?}", g.name()))
-        .unwrap_or_default();
     let alpn = conn
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    let leaf = verdict.leaf().map(|c| c.info());
-    tracing::info!(
-        target: "portcullis::connection",
-        peer = %peer,
-        domain = %hostname,
-        sni = sni.as_deref().unwrap_or(""),
-        result = "ok",
-        verify = %verdict.status(),
-        tls_version = %version,
-        cipher = %cipher,
-        kx_group = %kx_group,
-        alpn = %alpn,
-        resumed,
-        handshake_ms = started.elapsed().as_secs_f64() * 1000.0,
-        client_subject = leaf.as_ref().map(|l| l.subject.as_str()).unwrap_or(""),
-        client_issuer = leaf.as_ref().map(|l| l.issuer.as_str()).unwrap_or(""),
-        client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
-        "TLS handshake completed"
-    );
+    // Built only when the line is logged, in a block of its own: the connection's future does
+    // not keep these for its whole life.
+    if tracing::enabled!(target: "portcullis::connection", tracing::Level::INFO) {
+        let version = conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default();
+        let kx_group = conn
+            .negotiated_key_exchange_group()
+            .map(|g| format!("{:?}", g.name()))
+            .unwrap_or_default();
+        let leaf = verdict.leaf().map(|c| c.info());
+        tracing::info!(
+            target: "portcullis::connection",
+            peer = %peer,
+            domain = %hostname,
+            sni = sni.as_deref().unwrap_or(""),
+            result = "ok",
+            verify = %verdict.status(),
+            tls_version = %version,
+            cipher = %cipher,
+            kx_group = %kx_group,
+            alpn = %alpn,
+            resumed,
+            handshake_ms = started.elapsed().as_secs_f64() * 1000.0,
+            client_subject = leaf.as_ref().map(|l| l.subject.as_str()).unwrap_or(""),
+            client_issuer = leaf.as_ref().map(|l| l.issuer.as_str()).unwrap_or(""),
+            client_serial = leaf.as_ref().map(|l| l.serial.as_str()).unwrap_or(""),
+            "TLS handshake completed"
+        );
+    }
     // Just-in-time provisioning: the first connection is served once the registry recorded the
     // certificate and its thing (or closed, saying why).
     if let Some(pending) = provisioning {

@@ -43,8 +43,6 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 const POOL_MAX_IDLE: usize = 512;
 /// How long a connection waits for its next request before giving its buffers back.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
-/// The read buffer of a connection with nothing held (new, or idle after [`IDLE_RELEASE`]).
-const SMALL_READ: usize = 512;
 /// Trailer bytes of a chunked response at most.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
@@ -222,16 +220,15 @@ where
                     }
                 }
             }
-            if buf.is_empty() && !holding && buf.capacity() < SMALL_READ {
-                // Idle (nothing held): a small buffer waits for the next head and grows once
-                // one arrives, so ten thousand idle connections do not hold 8 KiB each.
-                buf.reserve(SMALL_READ);
-            } else if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(8 * 1024);
+            // Nothing held (new, or released while idle): the next head is awaited with no
+            // buffer at all (see `read_more`), so ten thousand idle connections hold none.
+            // 2 KiB first (most heads are far smaller), doubling for larger ones.
+            if buf.capacity() > 0 && buf.capacity() - buf.len() < 512 {
+                buf.reserve(buf.capacity().clamp(2048, 8 * 1024));
             }
             let idle = buf.is_empty();
             tokio::select! {
-                read = io.read_buf(&mut buf) => match read {
+                read = read_more(io, &mut buf) => match read {
                     Ok(0) | Err(_) => return Outcome::Closed,
                     Ok(_) => {}
                 },
@@ -255,111 +252,200 @@ where
                 _ = shutdown.changed(), if idle => return Outcome::Closed,
             }
         };
-        let started = Instant::now();
-        buf.advance(plan.head_len);
-        // A small body, read whole and sent with the head.
-        while buf.len() < plan.body_len {
-            buf.reserve(plan.body_len - buf.len());
-            match io.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return Outcome::Closed,
-                Ok(_) => {}
-            }
-        }
-        head.extend_from_slice(&buf[..plan.body_len]);
-        buf.advance(plan.body_len);
-
-        let Some(pool) = domain.pools.get(plan.mapping).and_then(Option::as_ref) else {
-            return Outcome::Closed;
-        };
-        let closing = plan.client_close || *shutdown.borrow();
-        out.clear();
-        ubuf.clear();
-        let answering = Answering {
-            plan: &plan,
-            closing,
-            extra: &domain.config.response_headers,
-        };
-        let exchanged = exchange(pool, &head, &mut ubuf, &mut out, &answering, limits).await;
-        let mapping_name = domain.config.mappings[plan.mapping].base_path.as_str();
-        let (up, answer) = match exchanged {
-            Ok(ok) => ok,
-            Err(e) => {
-                let (status, code, message) = match e {
-                    HeadError::Timeout => (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream-timeout",
-                        "the upstream service did not answer in time",
-                    ),
-                    HeadError::Lost(e) => {
-                        tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            "upstream-unavailable",
-                            "the upstream service could not be reached",
-                        )
-                    }
-                    HeadError::Malformed(why) => {
-                        tracing::warn!(upstream = %pool.authority, error = why, "upstream answered with a malformed response");
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            "upstream-unavailable",
-                            "the upstream service could not be reached",
-                        )
-                    }
-                };
-                let body_len = error_answer(
-                    &mut out,
-                    status,
-                    code,
-                    message,
-                    closing,
-                    plan.is_head,
-                    &domain.config.response_headers,
-                );
-                domain
-                    .request_metrics(mapping_name, status.as_u16())
-                    .record(started.elapsed().as_secs_f64());
-                let sent = io.write_all(&out).await.and(io.flush().await);
-                log(
-                    ctx,
-                    &plan,
-                    mapping_name,
-                    status.as_u16(),
-                    (started, Instant::now()),
-                    (body_len as u64, sent.is_ok()),
-                );
-                if sent.is_err() {
-                    return Outcome::Closed;
-                }
-                if closing {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-                    return Outcome::Closed;
-                }
-                continue;
-            }
-        };
-        let headers_at = Instant::now();
-        domain
-            .request_metrics(mapping_name, answer.status)
-            .record(started.elapsed().as_secs_f64());
-        let relayed = relay(io, up, &mut ubuf, &mut out, answer, pool).await;
-        log(
+        // The request's own work runs in a future of its own, boxed: the connection's future
+        // then keeps only what an idle connection needs between requests, not room for the
+        // upstream exchange and relay.
+        let stopping = *shutdown.borrow();
+        let served = Box::pin(serve_admitted(
+            io,
             ctx,
-            &plan,
-            mapping_name,
-            relayed.status,
-            (started, headers_at),
-            (relayed.bytes, relayed.complete),
-        );
-        if !relayed.complete || !relayed.client_ok || relayed.close_client {
-            return Outcome::Closed;
-        }
-        if closing {
-            // Said `connection: close`: end the TLS session cleanly.
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            plan,
+            Buffers {
+                buf: &mut buf,
+                head: &mut head,
+                ubuf: &mut ubuf,
+                out: &mut out,
+            },
+            stopping,
+        ))
+        .await;
+        if let Served::Closed = served {
             return Outcome::Closed;
         }
     }
+}
+
+/// The buffers a connection reuses request after request.
+struct Buffers<'a> {
+    buf: &'a mut BytesMut,
+    head: &'a mut Vec<u8>,
+    ubuf: &'a mut BytesMut,
+    out: &'a mut Vec<u8>,
+}
+
+/// Whether the connection goes on after a request.
+enum Served {
+    Next,
+    Closed,
+}
+
+/// Reads more of a request head into `buf`. A connection holding no buffer (new, or released
+/// while idle) waits for its first byte with none, then takes one.
+async fn read_more<S>(io: &mut S, buf: &mut BytesMut) -> io::Result<usize>
+where
+    S: AsyncRead + Unpin,
+{
+    if buf.capacity() > 0 {
+        return io.read_buf(buf).await;
+    }
+    let mut first = [0u8; 1];
+    if io.read(&mut first).await? == 0 {
+        return Ok(0);
+    }
+    // Then what arrived with it (TLS holds the rest of the record), without waiting: a head is
+    // judged on all of it (an MQTT CONNECT by its first bytes, not its first byte).
+    buf.resize(2048, 0);
+    buf[0] = first[0];
+    let more = {
+        let mut rest = tokio::io::ReadBuf::new(&mut buf[1..]);
+        std::future::poll_fn(
+            |cx| match std::pin::Pin::new(&mut *io).poll_read(cx, &mut rest) {
+                std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(rest.filled().len()),
+                // Nothing more yet, or an error the next read meets again.
+                _ => std::task::Poll::Ready(0),
+            },
+        )
+        .await
+    };
+    buf.truncate(1 + more);
+    Ok(1 + more)
+}
+
+/// One admitted request whose head is in `buf`: its small body read, exchanged with the
+/// upstream, the answer relayed, logged and counted.
+async fn serve_admitted<S>(
+    io: &mut S,
+    ctx: &Arc<ConnectionContext>,
+    plan: Plan,
+    Buffers {
+        buf,
+        head,
+        ubuf,
+        out,
+    }: Buffers<'_>,
+    stopping: bool,
+) -> Served
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = &ctx.state;
+    let domain = &state.domains[ctx.domain];
+    let limits = &state.limits;
+    let started = Instant::now();
+    buf.advance(plan.head_len);
+    // A small body, read whole and sent with the head.
+    while buf.len() < plan.body_len {
+        buf.reserve(plan.body_len - buf.len());
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return Served::Closed,
+            Ok(_) => {}
+        }
+    }
+    head.extend_from_slice(&buf[..plan.body_len]);
+    buf.advance(plan.body_len);
+
+    let Some(pool) = domain.pools.get(plan.mapping).and_then(Option::as_ref) else {
+        return Served::Closed;
+    };
+    let closing = plan.client_close || stopping;
+    out.clear();
+    ubuf.clear();
+    let answering = Answering {
+        plan: &plan,
+        closing,
+        extra: &domain.config.response_headers,
+    };
+    let exchanged = exchange(pool, head, ubuf, out, &answering, limits).await;
+    let mapping_name = domain.config.mappings[plan.mapping].base_path.as_str();
+    let (up, answer) = match exchanged {
+        Ok(ok) => ok,
+        Err(e) => {
+            let (status, code, message) = match e {
+                HeadError::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    "the upstream service did not answer in time",
+                ),
+                HeadError::Lost(e) => {
+                    tracing::warn!(upstream = %pool.authority, error = %e, "upstream request failed");
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unavailable",
+                        "the upstream service could not be reached",
+                    )
+                }
+                HeadError::Malformed(why) => {
+                    tracing::warn!(upstream = %pool.authority, error = why, "upstream answered with a malformed response");
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unavailable",
+                        "the upstream service could not be reached",
+                    )
+                }
+            };
+            let body_len = error_answer(
+                out,
+                status,
+                code,
+                message,
+                closing,
+                plan.is_head,
+                &domain.config.response_headers,
+            );
+            domain
+                .request_metrics(mapping_name, status.as_u16())
+                .record(started.elapsed().as_secs_f64());
+            let sent = io.write_all(out).await.and(io.flush().await);
+            log(
+                ctx,
+                &plan,
+                mapping_name,
+                status.as_u16(),
+                (started, Instant::now()),
+                (body_len as u64, sent.is_ok()),
+            );
+            if sent.is_err() {
+                return Served::Closed;
+            }
+            if closing {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                return Served::Closed;
+            }
+            return Served::Next;
+        }
+    };
+    let headers_at = Instant::now();
+    domain
+        .request_metrics(mapping_name, answer.status)
+        .record(started.elapsed().as_secs_f64());
+    let relayed = relay(io, up, ubuf, out, answer, pool).await;
+    log(
+        ctx,
+        &plan,
+        mapping_name,
+        relayed.status,
+        (started, headers_at),
+        (relayed.bytes, relayed.complete),
+    );
+    if !relayed.complete || !relayed.client_ok || relayed.close_client {
+        return Served::Closed;
+    }
+    if closing {
+        // Said `connection: close`: end the TLS session cleanly.
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        return Served::Closed;
+    }
+    Served::Next
 }
 
 /// The access-log line of a fast-path request (when access logging is on): `times` is
@@ -664,8 +750,11 @@ async fn read_answer(
                 None => {}
             }
         }
-        if ubuf.capacity() - ubuf.len() < 4096 {
-            ubuf.reserve(16 * 1024);
+        // 4 KiB first (most answers fit), doubling for larger heads; a body that needs more
+        // reads gets 16 KiB (`relay`). Small buffers keep what a burst of requests holds until
+        // the idle release small.
+        if ubuf.capacity() - ubuf.len() < 1024 {
+            ubuf.reserve(ubuf.capacity().clamp(4096, 16 * 1024));
         }
         match tokio::time::timeout_at(deadline, up.read_buf(ubuf)).await {
             Err(_) => return Err(HeadError::Timeout),
@@ -955,6 +1044,9 @@ where
             break;
         }
         ubuf.clear();
+        if ubuf.capacity() < 16 * 1024 {
+            ubuf.reserve(16 * 1024);
+        }
         match up.read_buf(ubuf).await {
             Ok(0) if matches!(framing, Framing::Close) => {
                 // The end of a close-delimited body: the last chunk.
