@@ -275,6 +275,8 @@ impl IdentityBlock {
 
     /// Sets each identity header in `headers` (replacing any of the same name).
     pub(crate) fn insert_into(&self, headers: &mut HeaderMap) {
+        // Room for all at once, not a growth (and rehash) as they arrive.
+        headers.reserve(self.fields.len());
         for (name, value) in self.fields.iter() {
             headers.insert(name.clone(), value.clone());
         }

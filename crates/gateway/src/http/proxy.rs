@@ -361,49 +361,67 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     {
         return;
     }
+    // What Connection names besides its usual `keep-alive` / `close` (an upstream's answers say
+    // `Connection: keep-alive` every time: no name is parsed for that).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in &named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP_NAMES {
         headers.remove(name);
     }
 }
 
+/// [`HOP_BY_HOP`] as header names: removed by hash, without parsing a name each time.
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("http2-settings"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     let f = origin.forwarding;
     // Replaced, never kept: should a value below fail to build, the client's own stays out.
-    headers.remove("x-forwarded-proto");
-    headers.remove("x-forwarded-host");
+    headers.remove(&X_FORWARDED_PROTO);
+    headers.remove(&X_FORWARDED_HOST);
     headers.remove(header::FORWARDED);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", f.peer.ip())).ok(),
         None => f.xff.clone(),
     };
     match xff {
         Some(v) => {
-            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+            headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         None => {
-            headers.remove("x-forwarded-for");
+            headers.remove(&X_FORWARDED_FOR);
         }
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("https"),
-    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     let host_values = match &f.host {
         Some((host, a, b)) if host == origin.host => Some((a.clone(), b.clone())),
         _ => f.host_values(origin.host),
     };
     if let Some((host, forwarded)) = host_values {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        headers.insert(X_FORWARDED_HOST.clone(), host);
         headers.insert(header::FORWARDED, forwarded);
     }
 }
