@@ -29,6 +29,9 @@ pub struct Truststore {
     anchors_by_subject: HashMap<Vec<u8>, Vec<usize>>,
     /// Usable intermediates (indexes into `entries`).
     intermediate_idx: Vec<usize>,
+    /// Every entry by the first 64 bits of its SHA-256: a presented certificate byte-identical
+    /// to one of them (pinned, under the compatible profile) is found without a scan.
+    by_digest: HashMap<u64, Vec<usize>>,
 }
 
 /// One certificate of a truststore and what lint found about it.
@@ -168,12 +171,30 @@ impl Truststore {
                 intermediate_idx.push(i);
             }
         }
+        let mut by_digest: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            by_digest
+                .entry(digest_key(&e.certificate))
+                .or_default()
+                .push(i);
+        }
         Truststore {
             entries,
             store_warnings,
             anchors_by_subject,
             intermediate_idx,
+            by_digest,
         }
+    }
+
+    /// Whether `cert` is byte for byte one of this store's certificates: a hash lookup, whatever
+    /// the size of the store.
+    pub fn contains(&self, cert: &Certificate) -> bool {
+        self.by_digest.get(&digest_key(cert)).is_some_and(|found| {
+            found
+                .iter()
+                .any(|&i| self.entries[i].certificate.der() == cert.der())
+        })
     }
 
     /// A truststore in which every certificate is a trust anchor, self-signed or not: the
@@ -414,6 +435,16 @@ fn compute_depths(entries: &mut [Entry]) {
         }
         entry.depth = found.then_some(depth);
     }
+}
+
+/// The first 64 bits of a certificate's SHA-256 (its id is the digest in hex): the key of
+/// [`Truststore::contains`]'s index, the DER compared on a match.
+fn digest_key(cert: &Certificate) -> u64 {
+    cert.info()
+        .id
+        .get(..16)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

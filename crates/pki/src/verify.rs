@@ -51,12 +51,7 @@ pub fn verify(
             ),
         );
     }
-    if opts.profile == VerifyProfile::Compatible
-        && store
-            .entries()
-            .iter()
-            .any(|e| e.certificate.der() == leaf.der())
-    {
+    if opts.profile == VerifyProfile::Compatible && store.contains(leaf) {
         return crate::legacy::verify_pinned(leaf, opts, now);
     }
     let Ok(ee) = EndEntityCert::try_from(leaf.der()) else {

@@ -49,6 +49,9 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1={}", portcullis_pki::cert::hex(ctx.sign().as_ref(), ""))
 }
 
+/// How often fanned-out events older than a week are deleted.
+const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Sends due deliveries; one per node.
 #[derive(Debug)]
 pub struct Dispatcher {
@@ -73,8 +76,15 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_expiry_check: Option<tokio::time::Instant> = None;
+        let mut last_prune: Option<tokio::time::Instant> = None;
         loop {
             tick.tick().await;
+            if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
+                last_prune = Some(tokio::time::Instant::now());
+                if let Err(e) = self.store.prune_events().await {
+                    tracing::warn!(target: "portcullis::webhooks", error = %e, "cannot delete old events; retrying later");
+                }
+            }
             if last_expiry_check.is_none_or(|t| t.elapsed() >= EXPIRY_INTERVAL) {
                 match self.store.check_expiring().await {
                     Ok(n) => {

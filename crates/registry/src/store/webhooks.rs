@@ -640,6 +640,20 @@ impl Store {
     /// events; returns how many deliveries were made. Each event is claimed in its own
     /// transaction, so two nodes never fan one out twice.
     pub async fn fan_out_events(&self, limit: i64) -> Result<usize, RegistryError> {
+        // The events first, then the subscriptions: a webhook created after this read starts
+        // after these events (its `after_seq`), and one created before it is seen below.
+        let pending: Vec<(i64, String, String)> = with_pool!(self, pool => {
+            sqlx::query("SELECT seq, type, payload FROM events WHERE dispatched = 0 ORDER BY seq LIMIT $1")
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("seq")?, r.try_get("type")?, r.try_get("payload")?)))
+                .collect::<Result<_, RegistryError>>()
+        })?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
         let hooks = self.list_webhooks().await?;
         let after: std::collections::HashMap<String, i64> = with_pool!(self, pool => {
             sqlx::query("SELECT id, after_seq FROM webhooks")
@@ -649,34 +663,53 @@ impl Store {
                 .map(|r| Ok((r.try_get("id")?, r.try_get("after_seq")?)))
                 .collect::<Result<_, RegistryError>>()
         })?;
+        let subscribers = |seq: i64, kind: &str| {
+            hooks
+                .iter()
+                .filter(|h| {
+                    h.enabled
+                        && h.events.iter().any(|e| e == kind)
+                        && after.get(&h.id).is_some_and(|a| seq > *a)
+                })
+                .collect::<Vec<_>>()
+        };
+        // Events no webhook subscribes to (all of them when there is none, the usual case) are
+        // marked in one statement per hundred: a million registrations are not a million
+        // transactions for nothing.
+        let (wanted, unwanted): (Vec<_>, Vec<_>) = pending
+            .iter()
+            .partition(|(seq, kind, _)| !subscribers(*seq, kind).is_empty());
         let mut made = 0;
         with_pool!(self, pool => {
-            let pending = sqlx::query("SELECT seq, type, payload FROM events WHERE dispatched = 0 ORDER BY seq LIMIT $1")
-                .bind(limit)
-                .fetch_all(pool)
-                .await?;
-            for row in &pending {
-                let seq: i64 = row.try_get("seq")?;
-                let kind: String = row.try_get("type")?;
-                let payload: String = row.try_get("payload")?;
+            for chunk in unwanted.chunks(100) {
+                let marks: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+                let sql = format!(
+                    "UPDATE events SET dispatched = 1 WHERE dispatched = 0 AND seq IN ({})",
+                    marks.join(", ")
+                );
+                // Only numbered placeholders are formatted in; the values are bound.
+                let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (seq, _, _) in chunk {
+                    update = update.bind(*seq);
+                }
+                update.execute(pool).await?;
+            }
+            for (seq, kind, payload) in wanted {
                 let mut tx = pool.begin().await?;
                 let claimed = sqlx::query("UPDATE events SET dispatched = 1 WHERE seq = $1 AND dispatched = 0")
-                    .bind(seq)
+                    .bind(*seq)
                     .execute(&mut *tx)
                     .await?;
                 if claimed.rows_affected() != 1 {
                     continue;
                 }
                 let now = now();
-                let subscribed = hooks.iter().filter(|h| {
-                    h.enabled && h.events.contains(&kind) && after.get(&h.id).is_some_and(|a| seq > *a)
-                });
-                for hook in subscribed {
+                for hook in subscribers(*seq, kind) {
                     sqlx::query("INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, next_attempt_at, lease_until, created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, 0, $5, $5)")
                         .bind(format!("dl_{}", random_hex(10)?))
                         .bind(&hook.id)
-                        .bind(&kind)
-                        .bind(&payload)
+                        .bind(kind)
+                        .bind(payload)
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
@@ -684,14 +717,21 @@ impl Store {
                 }
                 tx.commit().await?;
             }
-            // Fanned-out events are kept a week for inspection.
+            Ok::<(), RegistryError>(())
+        })?;
+        Ok(made)
+    }
+
+    /// Deletes fanned-out events older than a week (kept that long for inspection). The
+    /// dispatcher calls it now and then, not every round: it reads every dispatched event.
+    pub async fn prune_events(&self) -> Result<(), RegistryError> {
+        with_pool!(self, pool => {
             sqlx::query("DELETE FROM events WHERE dispatched = 1 AND at < $1")
                 .bind(now() - 7 * 86_400)
                 .execute(pool)
                 .await?;
             Ok::<(), RegistryError>(())
-        })?;
-        Ok(made)
+        })
     }
 
     /// Claims up to `limit` due deliveries for this node (a lease of two minutes).
