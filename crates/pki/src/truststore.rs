@@ -516,6 +516,22 @@ mod tests {
     }
 
     #[test]
+    fn contains_finds_exactly_the_stores_certificates() {
+        let root = ca("root", None);
+        let i1 = ca("i1", Some(&root));
+        let store = Truststore::from_pem(pem(&[&root, &i1]).as_bytes()).unwrap();
+        assert!(store.contains(root.certificate()));
+        assert!(store.contains(i1.certificate()));
+        // Same name, another key: a different certificate.
+        let other = ca("root", None);
+        assert!(!store.contains(other.certificate()));
+        // Kept by a store of anchors built from the same certificates.
+        let anchors = Truststore::of_anchors_at(vec![i1.certificate().clone()], 0);
+        assert!(anchors.contains(i1.certificate()));
+        assert!(!anchors.contains(root.certificate()));
+    }
+
+    #[test]
     fn only_intermediates_is_not_usable() {
         let root = ca("root", None);
         let i1 = ca("i1", Some(&root));
