@@ -884,7 +884,8 @@ fn parse_answer(
         let name = h.name;
         let is = |s: &str| name.eq_ignore_ascii_case(s);
         // Transfer-Encoding stays when the chunked bytes are relayed as they are.
-        let hop = (HOP_BY_HOP.iter().any(|n| is(n)) && !(relay_chunked && is("transfer-encoding")))
+        let hop = (HOP_BY_HOP.iter().any(|n| is(n.as_str()))
+            && !(relay_chunked && is("transfer-encoding")))
             || (is("content-length") && relay_chunked)
             || named
                 .iter()

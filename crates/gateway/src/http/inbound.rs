@@ -12,17 +12,18 @@ use hyper::{Method, Request, StatusCode, Version};
 use crate::http::identity::IdentityHeaders;
 
 /// RFC 9110 7.6.1 hop-by-hop headers (and the obsolete `Proxy-Connection`, and `HTTP2-Settings`,
-/// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list.
-pub(crate) const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "http2-settings",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// which belongs to an `h2c` upgrade), never forwarded; both HTTP paths use this list. As
+/// header names, so that a header map removes them by hash without parsing a name each time.
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("http2-settings"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Forwarding headers: set by the gateway from the connection, never taken from the client
@@ -69,7 +70,9 @@ pub(crate) fn dropped(identity: &IdentityHeaders, underscores: bool, name: &str)
     }
     let folded = name.replace('_', "-");
     is_owned(identity, &folded)
-        || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(&folded))
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(&folded))
         || METHOD_OVERRIDES
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&folded))

@@ -355,43 +355,31 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there is none: one pass over the names present instead of a lookup per listed name.
     // (Connection is itself listed, so headers it names are found below whenever it is present.)
-    if !headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
-    {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    // What Connection names besides its usual `keep-alive` / `close` (an upstream's answers say
-    // `Connection: keep-alive` every time: no name is parsed for that).
+    // What Connection names besides the hop-by-hop headers removed below anyway (an upstream's
+    // answers say `Connection: keep-alive` every time: no name is parsed for that).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter(|n| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(n))
+        })
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in &named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP_NAMES {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
-
-/// [`HOP_BY_HOP`] as header names: removed by hash, without parsing a name each time.
-static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("http2-settings"),
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
