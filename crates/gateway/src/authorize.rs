@@ -304,6 +304,23 @@ impl PolicySnapshot {
         )
     }
 
+    /// What [`Policies::decide`] would answer, without its reason (no allocation).
+    pub(crate) fn outcome(
+        &self,
+        leaf: Option<&Certificate>,
+        domain: &str,
+        action: &str,
+        resource: &str,
+        source_ip: IpAddr,
+    ) -> portcullis_policy::Outcome {
+        self.bound(leaf, domain).outcome(&PolicyRequest {
+            action,
+            resource,
+            source_ip: Some(source_ip),
+            now: now(),
+        })
+    }
+
     /// Decides a request.
     pub(crate) fn decide(
         &self,
@@ -362,9 +379,9 @@ impl PolicySnapshot {
 /// statement that names them: one that would also allow a made-up `$` topic (a wildcard such as
 /// `topic:*`) does not count.
 pub(crate) fn decide_named(bound: &Bound, request: &PolicyRequest<'_>) -> Result<(), String> {
-    let decision = bound.decide(request);
-    if !decision.allowed {
-        return Err(decision.reason);
+    if !bound.outcome(request).allowed() {
+        // Only a refusal needs the reason (and its allocations).
+        return Err(bound.decide(request).reason);
     }
     if let Some((kind, rest)) = request.resource.split_once(':')
         && rest.starts_with('$')

@@ -884,24 +884,25 @@ impl Broker {
                 state.retained.insert(message.topic.clone(), kept);
             }
         }
-        // The highest QoS among a session's matching subscriptions decides (§3.3.5).
-        let mut targets: HashMap<String, SubscriptionOptions> = HashMap::new();
-        for (session, sub) in state.tree.matching(&message.topic) {
-            if sub.options.no_local && Some(session) == publisher {
-                continue;
-            }
+        // The highest QoS among a session's matching subscriptions decides (§3.3.5). Sorted by
+        // session to merge a session's several, borrowed from the tree (no copy per message).
+        let st = &mut *state;
+        let mut targets: Vec<(&str, SubscriptionOptions)> = st
+            .tree
+            .matching(&message.topic)
+            .into_iter()
+            .filter(|(session, sub)| !(sub.options.no_local && Some(*session) == publisher))
+            .map(|(session, sub)| (session, sub.options))
+            .collect();
+        if targets.len() > 1 {
             targets
-                .entry(session.to_string())
-                .and_modify(|o| {
-                    if (sub.options.qos as u8) > (o.qos as u8) {
-                        *o = sub.options;
-                    }
-                })
-                .or_insert(sub.options);
+                .sort_unstable_by(|a, b| a.0.cmp(b.0).then((b.1.qos as u8).cmp(&(a.1.qos as u8))));
+            // The first of each session's run has its highest QoS.
+            targets.dedup_by(|later, first| later.0 == first.0);
         }
         let max_queued = self.limits.max_queued;
         for (client_id, options) in targets {
-            let Some(session) = state.sessions.get_mut(&client_id) else {
+            let Some(session) = st.sessions.get_mut(client_id) else {
                 continue;
             };
             // A persistent session in a cluster gets these from the cluster, which keeps them.
@@ -1122,11 +1123,22 @@ fn deliver_to(
     max_queued: usize,
     now: Instant,
 ) {
+    m.qos = min_qos(m.qos, max_qos);
+    // A QoS 0 message with no room to go is dropped before anything is spent on it (under a
+    // flood, most are).
+    if m.qos == QoS::AtMostOnce
+        && !session
+            .online
+            .as_ref()
+            .is_some_and(|tx| session.queue.is_empty() && tx.capacity() > 0)
+    {
+        routed.dropped += 1;
+        return;
+    }
     if !session.receiver.may_receive(&m.topic) {
         routed.denied += 1;
         return;
     }
-    m.qos = min_qos(m.qos, max_qos);
     match &session.online {
         Some(tx) if session.queue.is_empty() => match tx.try_send(Outbound::Deliver(Box::new(m))) {
             Ok(()) => routed.delivered += 1,

@@ -57,6 +57,8 @@ const LIVE: &str = "pcl";
 /// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
 /// that a cluster upgraded node by node keeps routing from the nodes not yet upgraded.
 const LIVE_HEADERS: &str = "pcm";
+/// QoS 0 messages of one topic sent together: [`LiveBatch`] frames.
+const LIVE_BATCH: &str = "pcb";
 /// QoS 1 and 2 messages (JetStream).
 const STORED: &str = "pcq";
 /// Retained messages (JetStream, last per subject).
@@ -181,7 +183,7 @@ fn push_level(out: &mut String, level: &str) {
 /// The topic of a subject made by [`subject`]; `None` for anything else.
 pub(crate) fn topic(subject: &str) -> Option<String> {
     let (prefix, rest) = subject.split_once('.')?;
-    if ![LIVE, LIVE_HEADERS, STORED, RETAINED].contains(&prefix) {
+    if ![LIVE, LIVE_BATCH, LIVE_HEADERS, STORED, RETAINED].contains(&prefix) {
         return None;
     }
     let mut levels = Vec::new();
@@ -364,13 +366,20 @@ impl Bridge for NatsBridge {
             .work
             .try_send(Work::Publish(
                 Box::new(message.clone()),
-                publisher.map(str::to_string),
+                // Only a kept message carries its publisher (for No Local on the way back).
+                publisher
+                    .filter(|_| message.qos != QoS::AtMostOnce)
+                    .map(str::to_string),
                 reply,
                 exactly_once,
             ))
             .is_err()
         {
-            metrics::counter!("portcullis_cluster_messages_dropped_total").increment(1);
+            // Looked up once: under a flood every message may come here.
+            static DROPPED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+            DROPPED
+                .get_or_init(|| metrics::counter!("portcullis_cluster_messages_dropped_total"))
+                .increment(1);
             return stored.then(|| answered(Err("the queue to NATS is full".into())));
         }
         confirm
@@ -567,17 +576,107 @@ fn wire_properties(m: &Message) -> Option<bytes::Bytes> {
 /// retain), origin (u64), sequence (u64), properties length (u32) and the MQTT 5 properties,
 /// then the payload; integers big-endian.
 fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
-    use bytes::BufMut;
     let properties = wire_properties(m).unwrap_or_default();
     let mut out = bytes::BytesMut::with_capacity(22 + properties.len() + m.payload.len());
+    put_live_frame(&mut out, m, &properties, origin, seq);
+    out.freeze()
+}
+
+fn put_live_frame(
+    out: &mut bytes::BytesMut,
+    m: &Message,
+    properties: &[u8],
+    origin: u64,
+    seq: u64,
+) {
+    use bytes::BufMut;
     out.put_u8(FRAME);
     out.put_u8(u8::from(m.retain));
     out.put_u64(origin);
     out.put_u64(seq);
     out.put_u32(u32::try_from(properties.len()).unwrap_or(u32::MAX));
-    out.put_slice(&properties);
+    out.put_slice(properties);
     out.put_slice(&m.payload);
-    out.freeze()
+}
+
+/// The QoS 0 messages of one flush, by topic: each topic's messages cross NATS as one message
+/// (under [`LIVE_BATCH`]: each live frame preceded by its length, u32 big-endian), so that
+/// a flood costs NATS, and both nodes' NATS clients, one message per topic and flush instead of
+/// one per MQTT message. Order is kept per topic, which is what MQTT promises (messages of
+/// different topics from one publisher may cross in another order).
+#[derive(Default)]
+struct LiveBatch {
+    groups: Vec<(String, bytes::BytesMut, usize)>,
+    index: HashMap<String, usize>,
+}
+
+/// A topic's messages are sent once they reach this size (a single larger message alone).
+const LIVE_BATCH_BYTES: usize = 64 * 1024;
+
+impl LiveBatch {
+    /// Adds `m`; a group that would grow past [`LIVE_BATCH_BYTES`] is returned to be sent first.
+    fn add(&mut self, m: &Message, origin: u64, seq: u64) -> Option<(String, bytes::Bytes)> {
+        use bytes::BufMut;
+        let properties = wire_properties(m).unwrap_or_default();
+        let len = 22 + properties.len() + m.payload.len();
+        let i = match self.index.get(m.topic.as_str()) {
+            Some(i) => *i,
+            None => {
+                self.index.insert(m.topic.clone(), self.groups.len());
+                self.groups
+                    .push((m.topic.clone(), bytes::BytesMut::new(), 0));
+                self.groups.len() - 1
+            }
+        };
+        let group = &mut self.groups[i];
+        let full = if group.2 > 0 && group.1.len() + 4 + len > LIVE_BATCH_BYTES {
+            take(&group.0, &mut group.1, &mut group.2)
+        } else {
+            None
+        };
+        group.1.reserve(4 + len);
+        group.1.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        put_live_frame(&mut group.1, m, &properties, origin, seq);
+        group.2 += 1;
+        full
+    }
+
+    /// Every group's messages as (subject, NATS payload), in the order their topics came.
+    fn drain(&mut self) -> Vec<(String, bytes::Bytes)> {
+        self.index.clear();
+        self.groups
+            .drain(..)
+            .filter_map(|(topic, mut frames, mut count)| take(&topic, &mut frames, &mut count))
+            .collect()
+    }
+}
+
+/// What one topic's group sends, as (subject, payload): a lone message as a plain live frame
+/// (its length dropped), several as a batch; the group left empty.
+fn take(
+    topic: &str,
+    frames: &mut bytes::BytesMut,
+    count: &mut usize,
+) -> Option<(String, bytes::Bytes)> {
+    let taken = std::mem::take(frames).freeze();
+    match std::mem::take(count) {
+        0 => None,
+        1 => Some((subject(LIVE, topic), taken.slice(4..))),
+        _ => Some((subject(LIVE_BATCH, topic), taken)),
+    }
+}
+
+/// The live frames of a [`LiveBatch`] message; stops at the first malformed one.
+fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let head = batch.get(at..at.checked_add(4)?)?;
+        let len = usize::try_from(u32::from_be_bytes(head.try_into().ok()?)).ok()?;
+        let end = (at + 4).checked_add(len).filter(|e| *e <= batch.len())?;
+        let frame = read_live_frame(&batch.slice(at + 4..end))?;
+        at = end;
+        Some(frame)
+    })
 }
 
 /// A live frame read back.
@@ -1172,18 +1271,23 @@ impl Node {
     async fn publish(self, mut publishing: mpsc::Receiver<Work>, qos2: kv::Store) {
         let mut seq: u64 = 0;
         let mut batch = Vec::with_capacity(BATCH);
+        let mut live = LiveBatch::default();
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         while publishing.recv_many(&mut batch, BATCH).await > 0 {
             for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
                 seq += 1;
                 if m.qos == QoS::AtMostOnce && !m.retain {
-                    // The common case, kept cheap: no headers, no id string (a live frame).
-                    let frame = live_frame(&m, self.origin, seq);
-                    if let Err(e) = self.client.publish(subject(LIVE, &m.topic), frame).await {
-                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+                    // The common case, kept cheap: no headers, no id string (live frames, a
+                    // topic's together).
+                    if let Some((subject, payload)) = live.add(&m, self.origin, seq) {
+                        self.send_live(subject, payload).await;
                     }
                     continue;
+                }
+                // Anything else keeps its place after the live messages before it.
+                for (subject, payload) in live.drain() {
+                    self.send_live(subject, payload).await;
                 }
                 let id = format!("{}/{seq}", self.instance);
                 let mut headers = headers_of(&m, &self.instance, &id);
@@ -1256,6 +1360,15 @@ impl Node {
                     let _ = reply.send(all_stored(&js, acks).await);
                 });
             }
+            for (subject, payload) in live.drain() {
+                self.send_live(subject, payload).await;
+            }
+        }
+    }
+
+    async fn send_live(&self, subject: String, payload: bytes::Bytes) {
+        if let Err(e) = self.client.publish(subject, payload).await {
+            tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
         }
     }
 
@@ -1498,9 +1611,9 @@ impl Node {
                     }
                 }
             }
-            &[LIVE, LIVE_HEADERS]
+            &[LIVE, LIVE_BATCH, LIVE_HEADERS]
         } else {
-            &[LIVE, LIVE_HEADERS, STORED]
+            &[LIVE, LIVE_BATCH, LIVE_HEADERS, STORED]
         };
         for prefix in prefixes {
             for pattern in filter_subjects(prefix, inner) {
@@ -1619,6 +1732,26 @@ impl Node {
 
     /// A message from NATS: to this node's subscribers, or to one member of `shared`.
     fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
+        if msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH) {
+            let Some(topic) = topic(msg.subject.as_str()) else {
+                return;
+            };
+            let mut frames = batch_frames(&msg.payload).peekable();
+            // A batch arrives twice only whole (two of this node's subscriptions match its
+            // subject): its first message's (origin, sequence) stands for it.
+            if shared.is_none()
+                && let Some(first) = frames.peek()
+                && !self.first_seen(first.origin, first.seq)
+            {
+                return;
+            }
+            for frame in frames {
+                if let Some(message) = frame.message(topic.clone()) {
+                    self.hand_over(message, shared);
+                }
+            }
+            return;
+        }
         let headers = msg.headers.as_ref();
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         let live = if headers.is_none() {
@@ -1640,21 +1773,10 @@ impl Node {
                         .map(|(origin, id)| (fnv(origin.as_bytes()), fnv(id.as_bytes())))
                 }
             };
-            if let Some((origin, seq)) = key {
-                if origin == self.origin {
-                    return;
-                }
-                let key = (u128::from(origin) << 64) | u128::from(seq);
-                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                if !seen.1.insert(key) {
-                    return;
-                }
-                seen.0.push_back(key);
-                if seen.0.len() > SEEN
-                    && let Some(old) = seen.0.pop_front()
-                {
-                    seen.1.remove(&old);
-                }
+            if let Some((origin, seq)) = key
+                && !self.first_seen(origin, seq)
+            {
+                return;
             }
         }
         let Some(topic) = topic(msg.subject.as_str()) else {
@@ -1664,13 +1786,36 @@ impl Node {
             Some(frame) => frame.message(topic),
             None => message_of(topic, headers, msg.payload.clone(), None),
         };
-        let Some(message) = message else {
-            return;
-        };
+        if let Some(message) = message {
+            self.hand_over(message, shared);
+        }
+    }
+
+    fn hand_over(&self, message: Message, shared: Option<&str>) {
         match shared {
             Some(filter) => self.broker.deliver_shared(filter, message),
             None => self.broker.deliver_remote(message),
         };
+    }
+
+    /// False for this node's own messages (they come back) and for one seen already
+    /// (overlapping subscriptions deliver a message twice): delivered once.
+    fn first_seen(&self, origin: u64, seq: u64) -> bool {
+        if origin == self.origin {
+            return false;
+        }
+        let key = (u128::from(origin) << 64) | u128::from(seq);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.1.insert(key) {
+            return false;
+        }
+        seen.0.push_back(key);
+        if seen.0.len() > SEEN
+            && let Some(old) = seen.0.pop_front()
+        {
+            seen.1.remove(&old);
+        }
+        true
     }
 
     /// The cluster's retained messages matching `filter`.
@@ -2382,5 +2527,73 @@ mod tests {
         let mut lying = frame.to_vec();
         lying[18..22].copy_from_slice(&1000u32.to_be_bytes());
         assert!(super::read_live_frame(&bytes::Bytes::from(lying)).is_none());
+    }
+
+    /// QoS 0 messages of one flush cross NATS as one message per topic, in order per topic; a
+    /// lone message as a plain live frame; a full group is sent before it grows further.
+    #[test]
+    fn live_batches_group_by_topic_and_keep_order() {
+        let message = |topic: &str, payload: &[u8]| Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: PublishProperties::default(),
+            expires_at: None,
+            sent_as: None,
+            preferred_id: None,
+            released: false,
+            receipt: None,
+        };
+        let mut batch = super::LiveBatch::default();
+        for (seq, (topic, payload)) in [("a/b", "1"), ("c", "2"), ("a/b", "3"), ("a/b", "4")]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(
+                batch
+                    .add(&message(topic, payload.as_bytes()), 7, seq as u64)
+                    .is_none()
+            );
+        }
+        let sent = batch.drain();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0].0, "pcb.a.b");
+        let frames: Vec<_> = super::batch_frames(&sent[0].1).collect();
+        let read: Vec<_> = frames
+            .into_iter()
+            .map(|f| (f.origin, f.seq, f.message("a/b".into()).unwrap().payload))
+            .collect();
+        assert_eq!(
+            read,
+            [(7, 0, "1".into()), (7, 2, "3".into()), (7, 3, "4".into())]
+        );
+        // The lone message: a plain live frame under the plain subject.
+        assert_eq!(sent[1].0, "pcl.c");
+        let lone = super::read_live_frame(&sent[1].1).unwrap();
+        assert_eq!((lone.seq, lone.payload.as_ref()), (1, b"2".as_ref()));
+        assert!(batch.drain().is_empty());
+        // A group that would pass the size is sent first, whole.
+        let big = vec![b'x'; super::LIVE_BATCH_BYTES / 2];
+        assert!(batch.add(&message("t", &big), 1, 1).is_none());
+        let full = batch
+            .add(&message("t", &big), 1, 2)
+            .expect("sent when full");
+        assert_eq!(full.0, "pcl.t");
+        assert_eq!(super::read_live_frame(&full.1).unwrap().seq, 1);
+        let rest = batch.drain();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(super::read_live_frame(&rest[0].1).unwrap().seq, 2);
+        // A truncated batch yields its whole frames only.
+        let mut two = super::LiveBatch::default();
+        two.add(&message("t", b"one"), 1, 1);
+        two.add(&message("t", b"two"), 1, 2);
+        let payload = two.drain().remove(0).1;
+        assert_eq!(super::batch_frames(&payload).count(), 2);
+        assert_eq!(
+            super::batch_frames(&payload.slice(..payload.len() - 1)).count(),
+            1
+        );
+        assert_eq!(super::batch_frames(&payload.slice(..3)).count(), 0);
     }
 }

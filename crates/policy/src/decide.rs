@@ -61,6 +61,49 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// What [`Bound::outcome`] found for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An Allow statement applies and no Deny does.
+    Allowed,
+    /// A Deny statement applies.
+    Denied,
+    /// No statement applies (denied by default).
+    Unmatched,
+    /// The certificate's variables are ambiguous: every request is refused.
+    Refused,
+}
+
+impl Outcome {
+    /// Whether the request may proceed.
+    pub fn allowed(self) -> bool {
+        self == Outcome::Allowed
+    }
+}
+
+enum Settled<'a> {
+    Allowed(&'a BoundStatement),
+    Denied(&'a BoundStatement),
+    Unmatched,
+}
+
+/// Calls `f` with `s` in ASCII lower case, on the stack when short (actions are).
+fn lowered<R>(s: &str, f: impl FnOnce(&str) -> R) -> R {
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return f(s);
+    }
+    let mut buffer = [0u8; 64];
+    match buffer.get_mut(..s.len()) {
+        Some(out) => {
+            out.copy_from_slice(s.as_bytes());
+            out.make_ascii_lowercase();
+            // Lower-casing ASCII bytes keeps UTF-8 valid.
+            f(std::str::from_utf8(out).unwrap_or_default())
+        }
+        None => f(&s.to_ascii_lowercase()),
+    }
+}
+
 /// A statement of a policy version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StatementRef {
@@ -183,34 +226,18 @@ impl Bound {
                 reason: refusal.clone(),
             };
         }
-        let action = req.action.to_ascii_lowercase();
-        let mut allow: Option<&BoundStatement> = None;
-        for statement in &self.statements {
-            if statement.by.effect == Effect::Allow && allow.is_some() {
-                // Only a Deny can change the answer now.
-                continue;
-            }
-            if statement.first_mismatch(&action, req).is_some() {
-                continue;
-            }
-            match statement.by.effect {
-                Effect::Deny => {
-                    return Decision {
-                        allowed: false,
-                        reason: format!("denied by {}", statement.by),
-                        by: Some(statement.by.clone()),
-                    };
-                }
-                Effect::Allow => allow = Some(statement),
-            }
-        }
-        match allow {
-            Some(statement) => Decision {
+        match lowered(req.action, |action| self.settle(action, req)) {
+            Settled::Denied(statement) => Decision {
+                allowed: false,
+                reason: format!("denied by {}", statement.by),
+                by: Some(statement.by.clone()),
+            },
+            Settled::Allowed(statement) => Decision {
                 allowed: true,
                 reason: format!("allowed by {}", statement.by),
                 by: Some(statement.by.clone()),
             },
-            None => Decision {
+            Settled::Unmatched => Decision {
                 allowed: false,
                 by: None,
                 reason: format!(
@@ -221,6 +248,50 @@ impl Bound {
                 ),
             },
         }
+    }
+
+    /// What [`Bound::decide`] would answer, without its reason or statement: no allocation,
+    /// for the hot paths (every MQTT packet, every HTTP request), which ask `decide` only for
+    /// the reason of a refusal.
+    pub fn outcome(&self, req: &Request<'_>) -> Outcome {
+        if self.refusal.is_some() {
+            return Outcome::Refused;
+        }
+        match lowered(req.action, |action| self.settle(action, req)) {
+            Settled::Denied(_) => Outcome::Denied,
+            Settled::Allowed(_) => Outcome::Allowed,
+            Settled::Unmatched => Outcome::Unmatched,
+        }
+    }
+
+    /// The statement that decides `req`: the first Deny that applies, else the first Allow.
+    fn settle<'a>(&'a self, action_lower: &str, req: &Request<'_>) -> Settled<'a> {
+        let mut allow: Option<&BoundStatement> = None;
+        for statement in &self.statements {
+            if statement.by.effect == Effect::Allow && allow.is_some() {
+                // Only a Deny can change the answer now.
+                continue;
+            }
+            if statement.first_mismatch(action_lower, req).is_some() {
+                continue;
+            }
+            match statement.by.effect {
+                Effect::Deny => return Settled::Denied(statement),
+                Effect::Allow => allow = Some(statement),
+            }
+        }
+        allow.map_or(Settled::Unmatched, Settled::Allowed)
+    }
+
+    /// True when no decision depends on the time of the request (no `DateLessThan` or
+    /// `DateGreaterThan` condition): a decision then holds for as long as the bound does, and
+    /// may be remembered.
+    pub fn timeless(&self) -> bool {
+        self.statements.iter().all(|s| {
+            s.conditions
+                .iter()
+                .all(|c| !matches!(c.test, Test::Times(_)))
+        })
     }
 
     /// How every statement fared against `req`, in policy and statement order.
@@ -555,6 +626,12 @@ mod tests {
         )
     }
 
+    fn allow_action(action: &str, resource: &str) -> String {
+        format!(
+            r#"{{"Statement": {{"Effect": "Allow", "Action": "{action}", "Resource": "{resource}"}}}}"#
+        )
+    }
+
     fn with_condition(condition: &str) -> String {
         format!(
             r#"{{"Statement": {{"Effect": "Allow", "Action": "*", "Resource": "*",
@@ -579,8 +656,36 @@ mod tests {
         }
     }
 
+    /// The decision, checked to agree with the allocation-free [`Bound::outcome`].
     fn allowed(b: &Bound, action: &str, resource: &str) -> bool {
-        b.decide(&req(action, resource)).allowed
+        agreed(b, &req(action, resource))
+    }
+
+    fn agreed(b: &Bound, r: &Request<'_>) -> bool {
+        let decision = b.decide(r);
+        let outcome = b.outcome(r);
+        assert_eq!(decision.allowed, outcome.allowed(), "{r:?}");
+        let explicit = decision.by.as_ref().map(|s| s.effect);
+        match outcome {
+            Outcome::Allowed => assert_eq!(explicit, Some(Effect::Allow)),
+            Outcome::Denied => assert_eq!(explicit, Some(Effect::Deny)),
+            Outcome::Unmatched | Outcome::Refused => assert_eq!(explicit, None),
+        }
+        decision.allowed
+    }
+
+    #[test]
+    fn actions_match_in_any_case_however_long() {
+        let b = bound(
+            &[&allow_action("MQTT:publish", "topic:a")],
+            &Variables::new(),
+        );
+        assert!(allowed(&b, "mqtt:Publish", "topic:a"));
+        assert!(allowed(&b, "MQTT:PUBLISH", "topic:a"));
+        let long = format!("http:{}", "X".repeat(100));
+        let b = bound(&[&allow_action(&long, "topic:a")], &Variables::new());
+        assert!(allowed(&b, &long.to_lowercase(), "topic:a"));
+        assert!(!allowed(&b, "mqtt:Publish", "topic:a"));
     }
 
     /// A policy as AWS IoT Core's documentation writes it: the same decisions as ours.
@@ -628,12 +733,12 @@ mod tests {
             source_ip: Some("10.1.2.3".parse().unwrap()),
             ..req("mqtt:Publish", locked)
         };
-        assert!(!b.decide(&inside).allowed);
+        assert!(!agreed(&b, &inside));
         let outside = Request {
             source_ip: Some("192.0.2.1".parse().unwrap()),
             ..req("mqtt:Publish", locked)
         };
-        assert!(b.decide(&outside).allowed);
+        assert!(agreed(&b, &outside));
         // No HTTP action is granted by iot: actions.
         assert!(!allowed(&b, "http:GET", "topic:sensors/pump-7/temp"));
         // The shadow statement names nothing here, and says so.
@@ -1014,7 +1119,7 @@ mod tests {
                 source_ip: ip.map(|s| s.parse().unwrap()),
                 ..req("http:GET", "route:a/b")
             };
-            assert_eq!(b.decide(&r).allowed, want, "{condition} {ip:?}");
+            assert_eq!(agreed(&b, &r), want, "{condition} {ip:?}");
         }
     }
 
@@ -1036,7 +1141,7 @@ mod tests {
                 now,
                 ..req("http:GET", "route:a/b")
             };
-            assert_eq!(b.decide(&r).allowed, want, "{condition} at {now}");
+            assert_eq!(agreed(&b, &r), want, "{condition} at {now}");
         }
     }
 
@@ -1104,7 +1209,7 @@ mod tests {
         };
         let trace = b.trace(&r);
         assert!(trace[2].applied && trace[2].failed.is_none());
-        assert!(b.decide(&r).allowed);
+        assert!(agreed(&b, &r));
         assert_eq!(
             serde_json::to_value(&trace[1]).unwrap(),
             serde_json::json!({

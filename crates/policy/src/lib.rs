@@ -44,7 +44,7 @@ pub mod glob;
 mod variables;
 
 pub use decide::{
-    Bound, Decision, Mismatch, PolicyRef, Request, StatementRef, StatementTrace, bind,
+    Bound, Decision, Mismatch, Outcome, PolicyRef, Request, StatementRef, StatementTrace, bind,
 };
 pub use document::{
     Effect, MAX_DOCUMENT_BYTES, MAX_PATTERN_BYTES, MAX_PATTERNS, MAX_STATEMENTS, Policy,

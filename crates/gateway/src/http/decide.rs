@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 
 use hyper::StatusCode;
+use portcullis_policy::Outcome;
 
 use crate::config::{Authorization, MtlsMode};
 use crate::http::route;
@@ -252,29 +253,28 @@ pub(crate) fn admit(
         let snapshot = domain.tls.verifier.registry_snapshot();
         let policies = snapshot.policies();
         let domain_name = domain.config.hostname.to_string();
-        let mut decision = policies.decide(
-            leaf,
-            &domain_name,
-            &format!("http:{method}"),
-            &format!("route:{route_host}{decoded}"),
-            ctx.peer,
-        );
+        let action = format!("http:{method}");
+        let route = format!("route:{route_host}{decoded}");
         // A gRPC call is also `grpc:Invoke` on `grpc:<package.Service>/<Method>`: either may
         // allow it, an explicit Deny in either refuses it.
-        if grpc
-            && method == "POST"
-            && let Some(rpc) = decoded.strip_prefix('/')
-        {
-            let call = policies.decide(
-                leaf,
-                &domain_name,
-                "grpc:Invoke",
-                &format!("grpc:{rpc}"),
-                ctx.peer,
-            );
-            decision = either(decision, call);
-        }
-        if !decision.allowed {
+        let call = match decoded.strip_prefix('/') {
+            Some(rpc) if grpc && method == "POST" => Some(format!("grpc:{rpc}")),
+            _ => None,
+        };
+        let outcome = |action: &str, resource: &str| {
+            policies.outcome(leaf, &domain_name, action, resource, ctx.peer)
+        };
+        let first = outcome(&action, &route);
+        let second = call.as_deref().map(|call| outcome("grpc:Invoke", call));
+        if !admits(first, second) {
+            // Refused: the full decisions, for the reason.
+            let decide = |action: &str, resource: &str| {
+                policies.decide(leaf, &domain_name, action, resource, ctx.peer)
+            };
+            let mut decision = decide(&action, &route);
+            if let Some(call) = &call {
+                decision = either(decision, decide("grpc:Invoke", call));
+            }
             return refuse(Refusal::PolicyDenied(decision.reason));
         }
     }
@@ -283,6 +283,16 @@ pub(crate) fn admit(
         rest,
         client_host,
     })
+}
+
+/// [`either`]'s rule on outcomes: an explicit Deny in either refuses, else an Allow in either
+/// admits.
+fn admits(first: Outcome, second: Option<Outcome>) -> bool {
+    let Some(second) = second else {
+        return first.allowed();
+    };
+    let denies = |o: Outcome| matches!(o, Outcome::Denied | Outcome::Refused);
+    !denies(first) && !denies(second) && (first.allowed() || second.allowed())
 }
 
 /// Two decisions on one request, under two names: an explicit Deny in either wins, then an
@@ -351,6 +361,31 @@ mod either_tests {
         assert!(either(allow.clone(), nothing.clone()).allowed);
         let neither = either(nothing.clone(), d(false, false, "m"));
         assert!(!neither.allowed && neither.reason == "n; m");
+    }
+
+    /// The allocation-free rule used first agrees with `either` on every pair.
+    #[test]
+    fn admits_agrees_with_either() {
+        use portcullis_policy::Outcome;
+
+        use super::{admits, either};
+        let all = [
+            (Outcome::Allowed, d(true, true, "a")),
+            (Outcome::Denied, d(false, true, "d")),
+            (Outcome::Unmatched, d(false, false, "n")),
+        ];
+        for (o1, d1) in &all {
+            assert_eq!(admits(*o1, None), d1.allowed);
+            for (o2, d2) in &all {
+                assert_eq!(
+                    admits(*o1, Some(*o2)),
+                    either(d1.clone(), d2.clone()).allowed,
+                    "{o1:?} {o2:?}"
+                );
+            }
+        }
+        assert!(!admits(Outcome::Refused, None));
+        assert!(!admits(Outcome::Refused, Some(Outcome::Refused)));
     }
 }
 

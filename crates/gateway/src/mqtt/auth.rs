@@ -23,6 +23,10 @@ pub(super) struct AuthInner {
     pub(super) client_id: String,
     pub(super) peer: IpAddr,
     pub(super) bound: Mutex<Option<(u64, Arc<Bound>)>>,
+    /// Topics recently allowed, per action, for the registry generation they were decided in
+    /// (only when no decision depends on the time): a device publishes to a few topics, over
+    /// and over.
+    pub(super) allowed: Mutex<Allowed>,
     /// Expired, in its grace period: only the built-in renew-only policy applies.
     pub(super) renew_only: bool,
 }
@@ -41,6 +45,7 @@ impl SessionAuth {
             client_id: client_id.to_string(),
             peer: c.peer.ip(),
             bound: Mutex::new(None),
+            allowed: Mutex::new(Allowed::default()),
             renew_only,
         }))
     }
@@ -83,11 +88,52 @@ impl SessionAuth {
     }
 }
 
+/// How many (action, topic) decisions a session remembers.
+const REMEMBERED: usize = 16;
+
+#[derive(Default)]
+pub(super) struct Allowed {
+    generation: u64,
+    /// (action, topic), most recent last.
+    entries: Vec<(&'static str, Box<str>)>,
+}
+
+impl SessionAuth {
+    /// [`SessionAuth::decide`] on `topic:<topic>`, remembering what it allowed (until the
+    /// registry changes).
+    pub(super) fn decide_topic(&self, action: &'static str, topic: &str) -> Result<(), String> {
+        let generation = self.0.verifier.registry_generation();
+        {
+            let allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
+            if allowed.generation == generation
+                && allowed
+                    .entries
+                    .iter()
+                    .rev()
+                    .any(|(a, t)| *a == action && **t == *topic)
+            {
+                return Ok(());
+            }
+        }
+        self.decide(action, &format!("topic:{topic}"))?;
+        if self.bound().timeless() {
+            let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
+            if allowed.generation != generation {
+                allowed.generation = generation;
+                allowed.entries.clear();
+            }
+            if allowed.entries.len() >= REMEMBERED {
+                allowed.entries.remove(0);
+            }
+            allowed.entries.push((action, topic.into()));
+        }
+        Ok(())
+    }
+}
+
 impl Receiver for SessionAuth {
     fn may_receive(&self, topic: &str) -> bool {
-        let allowed = self
-            .decide("mqtt:Receive", &format!("topic:{topic}"))
-            .is_ok();
+        let allowed = self.decide_topic("mqtt:Receive", topic).is_ok();
         if !allowed {
             metrics::counter!("portcullis_mqtt_denials_total", "action" => "receive", "reason" => "not-allowed").increment(1);
         }

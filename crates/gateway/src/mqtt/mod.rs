@@ -30,6 +30,24 @@ pub(crate) use auth::SessionAuth;
 pub(crate) use publish::https_publish;
 use session::Session;
 
+/// The message counters every packet bumps, looked up in the registry once: a labelled
+/// `counter!` hashes and compares its labels on every call. First used by a session, after
+/// `serve` installed the recorder.
+pub(crate) struct MessageCounters {
+    pub(crate) in_accepted: metrics::Counter,
+    pub(crate) out_sent: metrics::Counter,
+    pub(crate) out_dropped: metrics::Counter,
+}
+
+pub(crate) fn message_counters() -> &'static MessageCounters {
+    static COUNTERS: std::sync::OnceLock<MessageCounters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| MessageCounters {
+        in_accepted: metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted"),
+        out_sent: metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "sent"),
+        out_dropped: metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped"),
+    })
+}
+
 /// QoS 1 messages sent and not yet acknowledged, per session, at most.
 const MAX_INFLIGHT: usize = 64;
 

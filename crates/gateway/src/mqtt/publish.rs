@@ -139,7 +139,7 @@ pub(crate) async fn https_publish(
             );
         }
     }
-    metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
+    super::message_counters().in_accepted.increment(1);
     let body = serde_json::json!({
         "topic": topic,
         "qos": qos as u8,

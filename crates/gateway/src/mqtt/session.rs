@@ -637,7 +637,7 @@ impl Session<'_> {
                     return Ok(());
                 }
                 self.auth
-                    .decide("mqtt:Publish", &format!("topic:{}", p.topic))
+                    .decide_topic("mqtt:Publish", &p.topic)
                     .map_err(|e| ("not-allowed", e))
             });
         if let Err((code, why)) = allowed {
@@ -716,9 +716,11 @@ impl Session<'_> {
             }
             _ => c.broker.publish(message, Some(&self.client_id)),
         };
-        metrics::counter!("portcullis_mqtt_messages_total", "direction" => "in", "result" => "accepted").increment(1);
+        super::message_counters().in_accepted.increment(1);
         if routed.dropped > 0 {
-            metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped").increment(routed.dropped as u64);
+            super::message_counters()
+                .out_dropped
+                .increment(routed.dropped as u64);
         }
         let code = if self.protocol == Protocol::V5 && routed.delivered + routed.queued == 0 {
             reason::NO_MATCHING_SUBSCRIBERS
@@ -1064,7 +1066,7 @@ impl Session<'_> {
             }
             return;
         }
-        metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "sent").increment(1);
+        super::message_counters().out_sent.increment(1);
     }
 
     pub(super) fn write(&mut self, packet: &Packet) {

@@ -1,6 +1,7 @@
 # MQTT 5 across a cluster of three gateway nodes with Python paho-mqtt (PyPI): QoS 2 exactly
 # once between nodes, shared subscriptions balanced across nodes, retained messages kept by the
-# cluster, and a client id taken over from another node within a second.
+# cluster, a burst of QoS 0 messages in order per topic, and a client id taken over from another
+# node within a second.
 # Arguments: server CA file, then the MQTT ports of nodes A, B and C. Device certificates
 # dev-N.chain.pem / dev-N.key are in the working directory. Exits non-zero on the first failure.
 import queue, ssl, sys, time
@@ -102,6 +103,20 @@ everything = got["A"] + got["B"]
 check(len(everything) == N and len(set(everything)) == N,
       "each of %d jobs went to exactly one member (A %d, B %d)" % (N, len(got["A"]), len(got["B"])))
 check(len(got["A"]) > 0 and len(got["B"]) > 0, "both nodes' members got jobs")
+
+# A burst of QoS 0 messages on two topics from node C: they cross NATS a topic's several at a
+# time; node A's subscriber gets every one, in order per topic.
+burst = Device("dev-9").connect("A")
+check(burst.subscribe("jobs/#", 0) == [0], "QoS 0 subscription on node A granted")
+B = 600
+for i in range(B):
+    producer.c.publish("jobs/burst/%s" % "xy"[i % 2], b"%d" % i, qos=0)
+arrived = {"jobs/burst/x": [], "jobs/burst/y": []}
+for _ in range(B):
+    m = burst.next("message")
+    arrived[m.topic].append(int(m.payload))
+check(arrived["jobs/burst/x"] == list(range(0, B, 2)) and arrived["jobs/burst/y"] == list(range(1, B, 2)),
+      "%d QoS 0 messages from node C all on node A, in order per topic" % B)
 
 # Takeover: the same client id on node C closes the session on node A within a second.
 first = Device("dev-7").connect("A")
