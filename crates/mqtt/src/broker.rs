@@ -257,7 +257,7 @@ pub trait Bridge: Send + Sync {
     /// died.
     fn published(
         &self,
-        message: &Message,
+        message: Message,
         publisher: Option<&str>,
         exactly_once: Option<(u16, bool)>,
     ) -> Option<Confirmation>;
@@ -860,17 +860,17 @@ impl Broker {
     ) -> Routed {
         let mut state = self.lock();
         let mut routed = Routed::default();
-        if let Some(exactly_once) = bridged
-            && let Some(bridge) = &state.bridge
-        {
-            // Decided here, with the session's own state (made persistent before its CONNACK),
-            // not by the bridge, which learns of the session a moment later.
-            let durable = publisher
-                .and_then(|p| state.sessions.get(p))
-                .is_some_and(|s| s.durable);
-            let exactly_once = exactly_once.filter(|_| durable);
-            routed.confirm = bridge.published(&message, publisher, exactly_once);
-        }
+        // For the bridge, once delivered here (it takes the message itself, not a copy).
+        let bridged = bridged
+            .filter(|_| state.bridge.is_some())
+            .map(|exactly_once| {
+                // Decided here, with the session's own state (made persistent before its CONNACK),
+                // not by the bridge, which learns of the session a moment later.
+                let durable = publisher
+                    .and_then(|p| state.sessions.get(p))
+                    .is_some_and(|s| s.durable);
+                exactly_once.filter(|_| durable)
+            });
         let now = Instant::now();
         // With a bridge, the cluster keeps retained messages.
         if message.retain && state.bridge.is_none() {
@@ -926,6 +926,11 @@ impl Broker {
             for filter in groups {
                 route_shared(&mut state, &filter, &message, &mut routed, max_queued);
             }
+        }
+        if let Some(exactly_once) = bridged
+            && let Some(bridge) = &state.bridge
+        {
+            routed.confirm = bridge.published(message, publisher, exactly_once);
         }
         routed
     }

@@ -351,11 +351,12 @@ fn answered(result: Result<(), String>) -> Confirmation {
 impl Bridge for NatsBridge {
     fn published(
         &self,
-        message: &Message,
+        message: Message,
         publisher: Option<&str>,
         exactly_once: Option<(u16, bool)>,
     ) -> Option<Confirmation> {
         let stored = message.qos != QoS::AtMostOnce || message.retain;
+        let message_qos = message.qos;
         let (reply, confirm) = if stored {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -365,10 +366,10 @@ impl Bridge for NatsBridge {
         if self
             .work
             .try_send(Work::Publish(
-                Box::new(message.clone()),
+                Box::new(message),
                 // Only a kept message carries its publisher (for No Local on the way back).
                 publisher
-                    .filter(|_| message.qos != QoS::AtMostOnce)
+                    .filter(|_| message_qos != QoS::AtMostOnce)
                     .map(str::to_string),
                 reply,
                 exactly_once,
@@ -600,25 +601,54 @@ fn put_live_frame(
 }
 
 /// The QoS 0 messages of one flush, by topic: each topic's messages cross NATS as one message
-/// (under [`LIVE_BATCH`]: each live frame preceded by its length, u32 big-endian), so that
-/// a flood costs NATS, and both nodes' NATS clients, one message per topic and flush instead of
-/// one per MQTT message. Order is kept per topic, which is what MQTT promises (messages of
-/// different topics from one publisher may cross in another order).
+/// (under [`LIVE_BATCH`]), so that a flood costs NATS, and both nodes' NATS clients, one message
+/// per topic and flush instead of one per MQTT message. Order is kept per topic, which is what
+/// MQTT promises (messages of different topics from one publisher may cross in another order).
+///
+/// A batch: [`BATCH_FRAME`], the origin (u64) and the first message's sequence (u64,
+/// big-endian), then per message its sequence's distance from the previous one, flags (bit 0:
+/// retain), the MQTT 5 properties and the payload, each length and distance a LEB128 varint:
+/// about four bytes per message on top of its payload.
 #[derive(Default)]
 struct LiveBatch {
-    groups: Vec<(String, bytes::BytesMut, usize)>,
+    /// (topic, batch so far, last sequence in it).
+    groups: Vec<(String, bytes::BytesMut, u64)>,
     index: HashMap<String, usize>,
 }
 
-/// A topic's messages are sent once they reach this size (a single larger message alone).
+const BATCH_FRAME: u8 = 0xC2;
+
+/// A topic's batch is sent once it reaches this size (a single larger message alone).
 const LIVE_BATCH_BYTES: usize = 64 * 1024;
 
+fn put_varint(out: &mut bytes::BytesMut, mut n: u64) {
+    use bytes::BufMut;
+    while n >= 0x80 {
+        out.put_u8((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.put_u8(n as u8);
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        n |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
 impl LiveBatch {
-    /// Adds `m`; a group that would grow past [`LIVE_BATCH_BYTES`] is returned to be sent first.
+    /// Adds `m`; a batch that would grow past [`LIVE_BATCH_BYTES`] is returned to be sent first.
     fn add(&mut self, m: &Message, origin: u64, seq: u64) -> Option<(String, bytes::Bytes)> {
         use bytes::BufMut;
         let properties = wire_properties(m).unwrap_or_default();
-        let len = 22 + properties.len() + m.payload.len();
+        let len = 3 * 10 + 1 + properties.len() + m.payload.len();
         let i = match self.index.get(m.topic.as_str()) {
             Some(i) => *i,
             None => {
@@ -629,53 +659,76 @@ impl LiveBatch {
             }
         };
         let group = &mut self.groups[i];
-        let full = if group.2 > 0 && group.1.len() + 4 + len > LIVE_BATCH_BYTES {
-            take(&group.0, &mut group.1, &mut group.2)
+        let full = if !group.1.is_empty() && group.1.len() + len > LIVE_BATCH_BYTES {
+            Some((
+                subject(LIVE_BATCH, &group.0),
+                std::mem::take(&mut group.1).freeze(),
+            ))
         } else {
             None
         };
-        group.1.reserve(4 + len);
-        group.1.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        put_live_frame(&mut group.1, m, &properties, origin, seq);
-        group.2 += 1;
+        let out = &mut group.1;
+        out.reserve(17 + len);
+        if out.is_empty() {
+            out.put_u8(BATCH_FRAME);
+            out.put_u64(origin);
+            out.put_u64(seq);
+            group.2 = seq;
+        }
+        put_varint(out, seq - group.2);
+        group.2 = seq;
+        out.put_u8(u8::from(m.retain));
+        put_varint(out, properties.len() as u64);
+        out.put_slice(&properties);
+        put_varint(out, m.payload.len() as u64);
+        out.put_slice(&m.payload);
         full
     }
 
-    /// Every group's messages as (subject, NATS payload), in the order their topics came.
+    /// Every topic's batch as (subject, NATS payload), in the order their topics came.
     fn drain(&mut self) -> Vec<(String, bytes::Bytes)> {
         self.index.clear();
         self.groups
             .drain(..)
-            .filter_map(|(topic, mut frames, mut count)| take(&topic, &mut frames, &mut count))
+            .filter(|(_, batch, _)| !batch.is_empty())
+            .map(|(topic, batch, _)| (subject(LIVE_BATCH, &topic), batch.freeze()))
             .collect()
     }
 }
 
-/// What one topic's group sends, as (subject, payload): a lone message as a plain live frame
-/// (its length dropped), several as a batch; the group left empty.
-fn take(
-    topic: &str,
-    frames: &mut bytes::BytesMut,
-    count: &mut usize,
-) -> Option<(String, bytes::Bytes)> {
-    let taken = std::mem::take(frames).freeze();
-    match std::mem::take(count) {
-        0 => None,
-        1 => Some((subject(LIVE, topic), taken.slice(4..))),
-        _ => Some((subject(LIVE_BATCH, topic), taken)),
-    }
-}
-
-/// The live frames of a [`LiveBatch`] message; stops at the first malformed one.
+/// The messages of a [`LiveBatch`] as live frames; stops at the first malformed one.
 fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
-    let mut at = 0usize;
+    let header = (batch.len() >= 17 && batch[0] == BATCH_FRAME).then(|| {
+        let u64_at = |i: usize| u64::from_be_bytes(batch[i..i + 8].try_into().unwrap_or_default());
+        (u64_at(1), u64_at(9))
+    });
+    let (origin, mut seq) = header.unwrap_or_default();
+    let mut at = if header.is_some() { 17 } else { batch.len() };
+    let mut first = true;
     std::iter::from_fn(move || {
-        let head = batch.get(at..at.checked_add(4)?)?;
-        let len = usize::try_from(u32::from_be_bytes(head.try_into().ok()?)).ok()?;
-        let end = (at + 4).checked_add(len).filter(|e| *e <= batch.len())?;
-        let frame = read_live_frame(&batch.slice(at + 4..end))?;
-        at = end;
-        Some(frame)
+        let slice = |at: &mut usize| {
+            let n = usize::try_from(read_varint(batch, at)?).ok()?;
+            let end = at.checked_add(n).filter(|e| *e <= batch.len())?;
+            let part = batch.slice(*at..end);
+            *at = end;
+            Some(part)
+        };
+        let delta = read_varint(batch, &mut at)?;
+        if !first {
+            seq = seq.checked_add(delta)?;
+        }
+        first = false;
+        let flags = *batch.get(at)?;
+        at += 1;
+        let properties = slice(&mut at)?;
+        let payload = slice(&mut at)?;
+        Some(LiveFrame {
+            origin,
+            seq,
+            retain: flags & 1 == 1,
+            properties,
+            payload,
+        })
     })
 }
 
@@ -1275,6 +1328,16 @@ impl Node {
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         while publishing.recv_many(&mut batch, BATCH).await > 0 {
+            if batch.len() < BATCH {
+                // Woken by the first message of a session's burst: let the sessions that are
+                // ready run first, so that one wake-up takes their bursts whole.
+                tokio::task::yield_now().await;
+                while batch.len() < BATCH
+                    && let Ok(work) = publishing.try_recv()
+                {
+                    batch.push(work);
+                }
+            }
             for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
                 seq += 1;
                 if m.qos == QoS::AtMostOnce && !m.retain {
@@ -2530,7 +2593,7 @@ mod tests {
     }
 
     /// QoS 0 messages of one flush cross NATS as one message per topic, in order per topic; a
-    /// lone message as a plain live frame; a full group is sent before it grows further.
+    /// full batch is sent before it grows further.
     #[test]
     fn live_batches_group_by_topic_and_keep_order() {
         let message = |topic: &str, payload: &[u8]| Message {
@@ -2558,33 +2621,47 @@ mod tests {
         }
         let sent = batch.drain();
         assert_eq!(sent.len(), 2);
+        let read = |payload: &bytes::Bytes, topic: &str| -> Vec<(u64, u64, bytes::Bytes)> {
+            super::batch_frames(payload)
+                .map(|f| (f.origin, f.seq, f.message(topic.into()).unwrap().payload))
+                .collect()
+        };
         assert_eq!(sent[0].0, "pcb.a.b");
-        let frames: Vec<_> = super::batch_frames(&sent[0].1).collect();
-        let read: Vec<_> = frames
-            .into_iter()
-            .map(|f| (f.origin, f.seq, f.message("a/b".into()).unwrap().payload))
-            .collect();
         assert_eq!(
-            read,
+            read(&sent[0].1, "a/b"),
             [(7, 0, "1".into()), (7, 2, "3".into()), (7, 3, "4".into())]
         );
-        // The lone message: a plain live frame under the plain subject.
-        assert_eq!(sent[1].0, "pcl.c");
-        let lone = super::read_live_frame(&sent[1].1).unwrap();
-        assert_eq!((lone.seq, lone.payload.as_ref()), (1, b"2".as_ref()));
+        // About four bytes per message on top of its payload, after the header.
+        assert_eq!(sent[0].1.len(), 17 + 3 * (4 + 1));
+        assert_eq!(sent[1].0, "pcb.c");
+        assert_eq!(read(&sent[1].1, "c"), [(7, 1, "2".into())]);
         assert!(batch.drain().is_empty());
-        // A group that would pass the size is sent first, whole.
+        // Properties and the retain flag come back.
+        let mut kept = message("p", b"x");
+        kept.retain = true;
+        kept.properties.content_type = Some("text/plain".into());
+        batch.add(&kept, 9, 1_000_000);
+        let frames: Vec<_> = super::batch_frames(&batch.drain()[0].1).collect();
+        assert_eq!((frames[0].seq, frames[0].retain), (1_000_000, true));
+        let back = frames
+            .into_iter()
+            .next()
+            .unwrap()
+            .message("p".into())
+            .unwrap();
+        assert_eq!(back.properties.content_type.as_deref(), Some("text/plain"));
+        // A batch that would pass the size is sent first, whole.
         let big = vec![b'x'; super::LIVE_BATCH_BYTES / 2];
         assert!(batch.add(&message("t", &big), 1, 1).is_none());
         let full = batch
             .add(&message("t", &big), 1, 2)
             .expect("sent when full");
-        assert_eq!(full.0, "pcl.t");
-        assert_eq!(super::read_live_frame(&full.1).unwrap().seq, 1);
+        assert_eq!(full.0, "pcb.t");
+        assert_eq!(read(&full.1, "t").len(), 1);
         let rest = batch.drain();
         assert_eq!(rest.len(), 1);
-        assert_eq!(super::read_live_frame(&rest[0].1).unwrap().seq, 2);
-        // A truncated batch yields its whole frames only.
+        assert_eq!(super::batch_frames(&rest[0].1).next().unwrap().seq, 2);
+        // A truncated batch yields its whole messages only; anything else none.
         let mut two = super::LiveBatch::default();
         two.add(&message("t", b"one"), 1, 1);
         two.add(&message("t", b"two"), 1, 2);
@@ -2595,5 +2672,7 @@ mod tests {
             1
         );
         assert_eq!(super::batch_frames(&payload.slice(..3)).count(), 0);
+        let plain = super::live_frame(&message("t", b"one"), 1, 1);
+        assert_eq!(super::batch_frames(&plain).count(), 0);
     }
 }

@@ -24,6 +24,9 @@ use super::publish::envelope;
 pub(super) const FIRST_READ: usize = 512;
 pub(super) const MAX_READ: usize = 64 * 1024;
 
+/// How many messages from its channel a session writes per turn (one write for many).
+const OUTBOUND_BATCH: usize = 256;
+
 /// Packets handled from one read after which a session lets other tasks run.
 pub(super) const YIELD_AFTER_PACKETS: usize = 64;
 
@@ -215,7 +218,7 @@ impl Session<'_> {
                     // Take what else is waiting too: one write for many messages.
                     let mut next = out;
                     let mut ended = None;
-                    for _ in 0..256 {
+                    for taken in 1..=OUTBOUND_BATCH {
                         match next {
                             Some(Outbound::Deliver(m)) => self.deliver(*m),
                             Some(Outbound::TakenOver) => {
@@ -230,6 +233,11 @@ impl Session<'_> {
                                 ended = Some(End::Server(reason::UNSPECIFIED_ERROR, "the session ended".into()));
                                 break;
                             }
+                        }
+                        // Taken only when it is handled in this turn: one taken and dropped
+                        // at the end of a full turn was a message lost every 256.
+                        if taken == OUTBOUND_BATCH {
+                            break;
                         }
                         match handle.outbound.try_recv() {
                             Ok(o) => next = Some(o),
