@@ -901,19 +901,39 @@ impl Broker {
             targets.dedup_by(|later, first| later.0 == first.0);
         }
         let max_queued = self.limits.max_queued;
-        for (client_id, options) in targets {
+        // Needed once delivered here: by the bridge, or for shared subscriptions (routed here
+        // without a bridge). Otherwise the last target takes the message itself, not a copy.
+        let kept = bridged.is_some() || st.bridge.is_none();
+        let last = targets.len().saturating_sub(1);
+        let mut message = Some(message);
+        for (i, (client_id, options)) in targets.into_iter().enumerate() {
             let Some(session) = st.sessions.get_mut(client_id) else {
                 continue;
             };
+            let Some(original) = message.as_ref() else {
+                break;
+            };
             // A persistent session in a cluster gets these from the cluster, which keeps them.
-            if session.durable && min_qos(message.qos, options.qos) != QoS::AtMostOnce {
+            if session.durable && min_qos(original.qos, options.qos) != QoS::AtMostOnce {
                 routed.queued += 1;
                 continue;
             }
-            let mut copy = message.clone();
-            copy.retain = options.retain_as_published && message.retain;
+            let retain = options.retain_as_published && original.retain;
+            let mut copy = match message.take() {
+                Some(m) if i == last && !kept => m,
+                Some(m) => {
+                    let copy = m.clone();
+                    message = Some(m);
+                    copy
+                }
+                None => break,
+            };
+            copy.retain = retain;
             deliver_to(session, copy, options.qos, &mut routed, max_queued, now);
         }
+        let Some(message) = message else {
+            return routed;
+        };
         // Shared subscriptions: one member of each group. In a cluster the bridge balances
         // them across the nodes and hands them to `deliver_shared`.
         if state.bridge.is_none() {
