@@ -895,8 +895,8 @@ impl Broker {
             .map(|(session, sub)| (session, sub.options))
             .collect();
         if targets.len() > 1 {
-            targets
-                .sort_unstable_by(|a, b| a.0.cmp(b.0).then((b.1.qos as u8).cmp(&(a.1.qos as u8))));
+            // Stable: among a session's subscriptions of equal QoS, the first in tree order.
+            targets.sort_by(|a, b| a.0.cmp(b.0).then((b.1.qos as u8).cmp(&(a.1.qos as u8))));
             // The first of each session's run has its highest QoS.
             targets.dedup_by(|later, first| later.0 == first.0);
         }
