@@ -292,15 +292,9 @@ impl PolicySnapshot {
         resource: &str,
         source_ip: IpAddr,
     ) -> Result<(), String> {
-        let bound = self.bound(leaf, domain);
         decide_named(
-            &bound,
-            &PolicyRequest {
-                action,
-                resource,
-                source_ip: Some(source_ip),
-                now: now(),
-            },
+            &self.bound(leaf, domain),
+            &request(action, resource, source_ip),
         )
     }
 
@@ -313,12 +307,8 @@ impl PolicySnapshot {
         resource: &str,
         source_ip: IpAddr,
     ) -> portcullis_policy::Outcome {
-        self.bound(leaf, domain).outcome(&PolicyRequest {
-            action,
-            resource,
-            source_ip: Some(source_ip),
-            now: now(),
-        })
+        self.bound(leaf, domain)
+            .outcome(&request(action, resource, source_ip))
     }
 
     /// Decides a request.
@@ -330,13 +320,8 @@ impl PolicySnapshot {
         resource: &str,
         source_ip: IpAddr,
     ) -> Decision {
-        let bound = self.bound(leaf, domain);
-        bound.decide(&PolicyRequest {
-            action,
-            resource,
-            source_ip: Some(source_ip),
-            now: now(),
-        })
+        self.bound(leaf, domain)
+            .decide(&request(action, resource, source_ip))
     }
 
     /// The decision with the policies, variables and per-statement trace (`explain`).
@@ -372,6 +357,16 @@ impl PolicySnapshot {
             "variables": variables,
             "trace": bound.trace(&request),
         })
+    }
+}
+
+/// A request from `source_ip` now.
+fn request<'a>(action: &'a str, resource: &'a str, source_ip: IpAddr) -> PolicyRequest<'a> {
+    PolicyRequest {
+        action,
+        resource,
+        source_ip: Some(source_ip),
+        now: now(),
     }
 }
 

@@ -52,7 +52,7 @@ use portcullis_mqtt::broker::{
 use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
-/// QoS 0 messages.
+/// QoS 0 messages one by one (live frames): retained ones, and those of nodes before batches.
 const LIVE: &str = "pcl";
 /// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
 /// that a cluster upgraded node by node keeps routing from the nodes not yet upgraded.
@@ -577,27 +577,17 @@ fn wire_properties(m: &Message) -> Option<bytes::Bytes> {
 /// retain), origin (u64), sequence (u64), properties length (u32) and the MQTT 5 properties,
 /// then the payload; integers big-endian.
 fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
+    use bytes::BufMut;
     let properties = wire_properties(m).unwrap_or_default();
     let mut out = bytes::BytesMut::with_capacity(22 + properties.len() + m.payload.len());
-    put_live_frame(&mut out, m, &properties, origin, seq);
-    out.freeze()
-}
-
-fn put_live_frame(
-    out: &mut bytes::BytesMut,
-    m: &Message,
-    properties: &[u8],
-    origin: u64,
-    seq: u64,
-) {
-    use bytes::BufMut;
     out.put_u8(FRAME);
     out.put_u8(u8::from(m.retain));
     out.put_u64(origin);
     out.put_u64(seq);
     out.put_u32(u32::try_from(properties.len()).unwrap_or(u32::MAX));
-    out.put_slice(properties);
+    out.put_slice(&properties);
     out.put_slice(&m.payload);
+    out.freeze()
 }
 
 /// The QoS 0 messages of one flush, by topic: each topic's messages cross NATS as one message

@@ -75,9 +75,12 @@ impl SessionAuth {
     /// (`$…`) need an Allow statement that names them: one that would also allow a made-up
     /// `$` topic (a wildcard such as `topic:*`) does not count.
     pub(super) fn decide(&self, action: &str, resource: &str) -> Result<(), String> {
-        let bound = self.bound();
+        self.decide_in(&self.bound(), action, resource)
+    }
+
+    fn decide_in(&self, bound: &Bound, action: &str, resource: &str) -> Result<(), String> {
         crate::authorize::decide_named(
-            &bound,
+            bound,
             &PolicyRequest {
                 action,
                 resource,
@@ -115,8 +118,9 @@ impl SessionAuth {
                 return Ok(());
             }
         }
-        self.decide(action, &format!("topic:{topic}"))?;
-        if self.bound().timeless() {
+        let bound = self.bound();
+        self.decide_in(&bound, action, &format!("topic:{topic}"))?;
+        if bound.timeless() {
             let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
             if allowed.generation != generation {
                 allowed.generation = generation;
