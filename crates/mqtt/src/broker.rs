@@ -165,6 +165,8 @@ struct Session {
     receiver: Arc<dyn Receiver>,
     filters: HashMap<String, SubscriptionOptions>,
     queue: VecDeque<Message>,
+    /// The earliest expiry among messages queued (a hint: it may have left the queue since).
+    queue_expiry: Option<Instant>,
     /// How long the session outlives its connection (zero: not at all).
     expiry: Duration,
     disconnected_at: Option<Instant>,
@@ -406,7 +408,7 @@ impl Broker {
             pending = s
                 .queue
                 .drain(..)
-                .filter(|m| m.released || (!m.expired(now) && receiver.may_receive(&m.topic)))
+                .filter(|m| sendable(m, now, receiver.as_ref()))
                 .collect();
             awaiting_release = std::mem::take(&mut s.awaiting_release);
             s.generation = generation;
@@ -425,6 +427,7 @@ impl Broker {
                     receiver,
                     filters: HashMap::new(),
                     queue: VecDeque::new(),
+                    queue_expiry: None,
                     expiry,
                     disconnected_at: None,
                     connected_at: now,
@@ -663,7 +666,7 @@ impl Broker {
         }
         if !session.queue.is_empty() {
             if session.queue.len() < max_queued {
-                session.queue.push_back(m);
+                session.enqueue(false, m);
             } else if let Some(r) = &m.receipt {
                 r.returned();
             }
@@ -676,7 +679,7 @@ impl Broker {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m))) => {
                 if session.queue.len() < max_queued {
-                    session.queue.push_back(*m);
+                    session.enqueue(false, *m);
                 } else if let Some(r) = &m.receipt {
                     r.returned();
                 }
@@ -760,6 +763,12 @@ impl Broker {
             .collect()
     }
 
+    /// Messages a session queues at most (beyond, QoS 1 and 2 are dropped, or given back to
+    /// the cluster).
+    pub fn max_queued(&self) -> usize {
+        self.limits.max_queued
+    }
+
     /// A message the cluster kept for a persistent session: delivered if the connection
     /// `generation` still holds it (and it may receive it). `false`: not delivered (the caller
     /// returns it to the cluster).
@@ -782,7 +791,7 @@ impl Broker {
         }
         let full = |session: &mut Session, m: Message| {
             if session.queue.len() < max_queued {
-                session.queue.push_back(m);
+                session.enqueue(false, m);
             } else if let Some(r) = &m.receipt {
                 // Delivered again later by the cluster.
                 r.returned();
@@ -972,7 +981,7 @@ impl Broker {
         session
             .queue
             .drain(..n)
-            .filter(|m| m.released || (!m.expired(now) && receiver.may_receive(&m.topic)))
+            .filter(|m| sendable(m, now, receiver.as_ref()))
             .collect()
     }
 
@@ -1034,18 +1043,12 @@ impl Broker {
                 return;
             };
             for m in unacknowledged.into_iter().rev() {
-                if session.queue.len() >= self.limits.max_queued {
-                    session.queue.pop_back();
-                }
-                session.queue.push_front(m);
+                session.enqueue_first(m, self.limits.max_queued);
             }
             return;
         }
         for m in unacknowledged.into_iter().rev() {
-            if session.queue.len() >= self.limits.max_queued {
-                session.queue.pop_back();
-            }
-            session.queue.push_front(m);
+            session.enqueue_first(m, self.limits.max_queued);
         }
     }
 
@@ -1265,12 +1268,62 @@ pub struct BrokerStats {
     pub retained: usize,
 }
 
+/// Whether a queued message is still to be sent (a QoS 2 message released, or one not expired
+/// that the session may receive); one that is not, kept by the cluster, is settled (the cluster
+/// forgets it, as a message the session may not receive is when it arrives).
+fn sendable(m: &Message, now: Instant, receiver: &dyn Receiver) -> bool {
+    let send = m.released || (!m.expired(now) && receiver.may_receive(&m.topic));
+    if !send && let Some(r) = &m.receipt {
+        r.acknowledged();
+    }
+    send
+}
+
+impl Session {
+    /// Queues `m` first, the last queued message making room if the queue is full (one the
+    /// cluster keeps goes back to it, to be delivered again).
+    fn enqueue_first(&mut self, m: Message, max: usize) {
+        if self.queue.len() >= max
+            && let Some(last) = self.queue.pop_back()
+            && let Some(r) = &last.receipt
+        {
+            r.returned();
+        }
+        self.enqueue(true, m);
+    }
+
+    /// Queues `m` at the back (or the `front`).
+    fn enqueue(&mut self, front: bool, m: Message) {
+        if let Some(at) = m.expires_at {
+            self.queue_expiry = Some(self.queue_expiry.map_or(at, |e| e.min(at)));
+        }
+        if front {
+            self.queue.push_front(m);
+        } else {
+            self.queue.push_back(m);
+        }
+    }
+}
+
 fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now: Instant) {
-    session.queue.retain(|q| !q.expired(now));
+    if session.queue.len() >= max && session.queue_expiry.is_some_and(|t| t <= now) {
+        // Full: expired messages make room first (otherwise they are dropped when their turn
+        // comes; looked for only when one may have expired: a scan per message made a busy
+        // subscriber's full queue quadratic).
+        session.queue.retain(|q| {
+            let keep = !q.expired(now);
+            if !keep && let Some(r) = &q.receipt {
+                // Settled: the cluster does not keep it for later either.
+                r.acknowledged();
+            }
+            keep
+        });
+        session.queue_expiry = session.queue.iter().filter_map(|q| q.expires_at).min();
+    }
     if session.queue.len() >= max {
         routed.dropped += 1;
     } else {
-        session.queue.push_back(m);
+        session.enqueue(false, m);
         routed.queued += 1;
     }
 }
@@ -1495,6 +1548,37 @@ mod tests {
         let mut again = again;
         b.publish(msg("q/3", QoS::AtLeastOnce, false), None);
         assert_eq!(delivered(&mut again).len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_makes_room_by_dropping_expired_messages_only() {
+        let b = Broker::new(Limits {
+            max_queued: 2,
+            ..Limits::default()
+        });
+        let a = b.connect("a", true, Duration::from_secs(3600), everything(), "a");
+        b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
+        b.disconnected("a", a.generation, Vec::new(), Vec::new(), None);
+        let mut old = msg("q/old", QoS::AtLeastOnce, false);
+        old.expires_at = Instant::now().checked_sub(Duration::from_secs(1));
+        assert!(old.expires_at.is_some());
+        let mut later = msg("q/1", QoS::AtLeastOnce, false);
+        later.expires_at = Some(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(b.publish(old, None).queued, 1);
+        assert_eq!(b.publish(later, None).queued, 1);
+        // Full: the expired message makes room.
+        assert_eq!(
+            b.publish(msg("q/2", QoS::AtLeastOnce, false), None).queued,
+            1
+        );
+        // Full of messages that have not expired: the new one is dropped.
+        assert_eq!(
+            b.publish(msg("q/3", QoS::AtLeastOnce, false), None).dropped,
+            1
+        );
+        let again = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
+        let topics: Vec<&str> = again.pending.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(topics, ["q/1", "q/2"]);
     }
 
     #[test]

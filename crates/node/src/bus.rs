@@ -57,7 +57,7 @@ const LIVE: &str = "pcl";
 /// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
 /// that a cluster upgraded node by node keeps routing from the nodes not yet upgraded.
 const LIVE_HEADERS: &str = "pcm";
-/// QoS 0 messages of one topic sent together: [`LiveBatch`] frames.
+/// QoS 0 messages of one topic sent together: [`Batches`] frames.
 const LIVE_BATCH: &str = "pcb";
 /// QoS 1 and 2 messages (JetStream).
 const STORED: &str = "pcq";
@@ -90,6 +90,15 @@ const SHARED_IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// A shared group's messages pulled at a time by one node (small: several nodes share them).
 const SHARED_BATCH: usize = 16;
+
+/// Bytes of a shared group's kept messages pulled at a time by one node.
+const SHARED_BATCH_BYTES: usize = 16 * 1024;
+
+/// A persistent subscription's pulls: kept messages (or batches) asked for at a time, their
+/// bytes at most, and how long a pull request waits on the server.
+const PULL_BATCH: usize = 16;
+const PULL_BYTES: usize = 32 * 1024;
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
 /// Messages of one persistent subscription delivered and not yet acknowledged, at most.
 const MAX_ACK_PENDING: i64 = 1_000;
@@ -506,9 +515,23 @@ pub(crate) struct NatsState {
     connected: AtomicBool,
     streams: AtomicBool,
     client: std::sync::OnceLock<async_nats::Client>,
+    /// Every node on the bus reads QoS 1 batches (the heartbeat finds out; until then, and
+    /// whenever a node of an older version is up, QoS 1 messages cross one by one).
+    batches: AtomicBool,
 }
 
 impl NatsState {
+    /// Whether QoS 1 messages may cross in batches (see [`batches_understood`]).
+    pub(crate) fn set_batches(&self, on: bool) {
+        if self.batches.swap(on, Ordering::SeqCst) != on {
+            if on {
+                tracing::info!(target: "portcullis::cluster", "every node reads QoS 1 batches: QoS 1 messages cross NATS a topic's batch at a time");
+            } else {
+                tracing::info!(target: "portcullis::cluster", "a node of an older version is up: QoS 1 messages cross NATS one by one");
+            }
+        }
+    }
+
     /// The connection as `cluster status` shows it.
     pub(crate) fn describe(&self) -> String {
         let client = self.client.get();
@@ -590,26 +613,68 @@ fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
     out.freeze()
 }
 
-/// The QoS 0 messages of one flush, by topic: each topic's messages cross NATS as one message
-/// (under [`LIVE_BATCH`]), so that a flood costs NATS, and both nodes' NATS clients, one message
-/// per topic and flush instead of one per MQTT message. Order is kept per topic, which is what
-/// MQTT promises (messages of different topics from one publisher may cross in another order).
+/// The messages of one flush, by topic: each topic's messages cross NATS as one message, so
+/// that a flood costs NATS, and both nodes' NATS clients, one message per topic and flush instead
+/// of one per MQTT message. Order is kept per topic, which is what MQTT promises (messages of
+/// different topics from one publisher may cross in another order).
 ///
-/// A batch: [`BATCH_FRAME`], the origin (u64) and the first message's sequence (u64,
-/// big-endian), then per message its sequence's distance from the previous one, flags (bit 0:
-/// retain), the MQTT 5 properties and the payload, each length and distance a LEB128 varint:
-/// about four bytes per message on top of its payload.
-#[derive(Default)]
-struct LiveBatch {
-    /// (topic, batch so far, last sequence in it).
-    groups: Vec<(String, bytes::BytesMut, u64)>,
+/// QoS 0 batches go on [`LIVE_BATCH`] (core NATS); QoS 1 batches on [`STORED`] through
+/// JetStream, one stored message per batch (marked by the [`BATCH_HEADER`] header), its
+/// publishers answered together once the stream acknowledged it.
+///
+/// A batch: its kind's first byte ([`BATCH_FRAME`] for QoS 0, [`STORED_FRAME`] for QoS 1), the
+/// origin (u64) and the first message's sequence (u64, big-endian), then per message its
+/// sequence's distance from the previous one, flags (bit 0: retain; bit 1: the publisher's
+/// client id follows), the client id if flagged, the MQTT 5 properties and the payload, each
+/// length and distance a LEB128 varint: about four bytes per message on top of its payload
+/// (and its client id, in a QoS 1 batch).
+struct Batches {
+    frame: u8,
+    prefix: &'static str,
+    /// Messages in one batch at most.
+    messages: usize,
+    groups: Vec<Group>,
     index: HashMap<String, usize>,
 }
 
+/// One topic's batch being built.
+struct Group {
+    topic: String,
+    bytes: bytes::BytesMut,
+    first: u64,
+    last: u64,
+    count: usize,
+    replies: Vec<Reply>,
+}
+
+/// A topic's batch, ready to send.
+struct Sealed {
+    subject: String,
+    payload: bytes::Bytes,
+    /// Its first message's sequence (a stored batch's id).
+    first: u64,
+    /// Who waits for it to be stored.
+    replies: Vec<Reply>,
+}
+
 const BATCH_FRAME: u8 = 0xC2;
+const STORED_FRAME: u8 = 0xC3;
+
+/// The header marking a QoS 1 batch on [`STORED`] (a message alone there carries its metadata
+/// in headers instead).
+const BATCH_HEADER: &str = "Portcullis-Batch";
 
 /// A topic's batch is sent once it reaches this size (a single larger message alone).
 const LIVE_BATCH_BYTES: usize = 64 * 1024;
+
+/// Stored batches on their way to JetStream at most before the next ones wait for one to come
+/// back (a batch that reached its size goes at once): quiet, a message goes at once; under
+/// load, batches grow while earlier ones are being stored.
+const MAX_STORING: usize = 4;
+
+/// QoS 1 messages in one stored batch at most: JetStream settles a batch whole, so a message
+/// given back brings back the others of its batch (at least once, as QoS 1 allows).
+const STORED_BATCH_MESSAGES: usize = 128;
 
 fn put_varint(out: &mut bytes::BytesMut, mut n: u64) {
     use bytes::BufMut;
@@ -633,66 +698,127 @@ fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
-impl LiveBatch {
-    /// Adds `m`; a batch that would grow past [`LIVE_BATCH_BYTES`] is returned to be sent first.
-    fn add(&mut self, m: &Message, origin: u64, seq: u64) -> Option<(String, bytes::Bytes)> {
+impl Batches {
+    /// QoS 0 messages (not retained), for [`LIVE_BATCH`].
+    fn live() -> Batches {
+        Batches::new(BATCH_FRAME, LIVE_BATCH, usize::MAX)
+    }
+
+    /// QoS 1 messages (not retained), for [`STORED`].
+    fn stored() -> Batches {
+        Batches::new(STORED_FRAME, STORED, STORED_BATCH_MESSAGES)
+    }
+
+    fn new(frame: u8, prefix: &'static str, messages: usize) -> Batches {
+        Batches {
+            frame,
+            prefix,
+            messages,
+            groups: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds `m` (published by `client`, stored for `reply`); a batch that would grow past
+    /// [`LIVE_BATCH_BYTES`] or its count is returned to be sent first.
+    fn add(
+        &mut self,
+        m: &Message,
+        client: Option<&str>,
+        reply: Option<Reply>,
+        origin: u64,
+        seq: u64,
+    ) -> Option<Sealed> {
         use bytes::BufMut;
         let properties = wire_properties(m).unwrap_or_default();
-        let len = 3 * 10 + 1 + properties.len() + m.payload.len();
+        let client = client.unwrap_or_default();
+        let len = 4 * 10 + 1 + client.len() + properties.len() + m.payload.len();
         let i = match self.index.get(m.topic.as_str()) {
             Some(i) => *i,
             None => {
                 self.index.insert(m.topic.clone(), self.groups.len());
-                self.groups
-                    .push((m.topic.clone(), bytes::BytesMut::new(), 0));
+                self.groups.push(Group {
+                    topic: m.topic.clone(),
+                    bytes: bytes::BytesMut::new(),
+                    first: 0,
+                    last: 0,
+                    count: 0,
+                    replies: Vec::new(),
+                });
                 self.groups.len() - 1
             }
         };
+        let prefix = self.prefix;
         let group = &mut self.groups[i];
-        let full = if !group.1.is_empty() && group.1.len() + len > LIVE_BATCH_BYTES {
-            Some((
-                subject(LIVE_BATCH, &group.0),
-                std::mem::take(&mut group.1).freeze(),
-            ))
-        } else {
-            None
-        };
-        let out = &mut group.1;
+        let full = (!group.bytes.is_empty()
+            && (group.bytes.len() + len > LIVE_BATCH_BYTES || group.count >= self.messages))
+            .then(|| group.seal(prefix));
+        let out = &mut group.bytes;
         out.reserve(17 + len);
         if out.is_empty() {
-            out.put_u8(BATCH_FRAME);
+            out.put_u8(self.frame);
             out.put_u64(origin);
             out.put_u64(seq);
-            group.2 = seq;
+            group.first = seq;
+            group.last = seq;
         }
-        put_varint(out, seq - group.2);
-        group.2 = seq;
-        out.put_u8(u8::from(m.retain));
+        put_varint(out, seq - group.last);
+        group.last = seq;
+        group.count += 1;
+        out.put_u8(u8::from(m.retain) | if client.is_empty() { 0 } else { 2 });
+        if !client.is_empty() {
+            put_varint(out, client.len() as u64);
+            out.put_slice(client.as_bytes());
+        }
         put_varint(out, properties.len() as u64);
         out.put_slice(&properties);
         put_varint(out, m.payload.len() as u64);
         out.put_slice(&m.payload);
+        group.replies.extend(reply);
         full
     }
 
-    /// Every topic's batch as (subject, NATS payload), in the order their topics came.
-    fn drain(&mut self) -> Vec<(String, bytes::Bytes)> {
+    /// Nothing waiting to be sent.
+    fn is_empty(&self) -> bool {
+        self.groups.iter().all(|g| g.bytes.is_empty())
+    }
+
+    /// Every topic's batch, in the order their topics came.
+    fn drain(&mut self) -> Vec<Sealed> {
         self.index.clear();
+        let prefix = self.prefix;
         self.groups
             .drain(..)
-            .filter(|(_, batch, _)| !batch.is_empty())
-            .map(|(topic, batch, _)| (subject(LIVE_BATCH, &topic), batch.freeze()))
+            .filter(|g| !g.bytes.is_empty())
+            .map(|mut g| g.seal(prefix))
             .collect()
     }
 }
 
-/// The messages of a [`LiveBatch`] as live frames; stops at the first malformed one.
+impl Group {
+    fn seal(&mut self, prefix: &str) -> Sealed {
+        self.count = 0;
+        Sealed {
+            subject: subject(prefix, &self.topic),
+            payload: std::mem::take(&mut self.bytes).freeze(),
+            first: self.first,
+            replies: std::mem::take(&mut self.replies),
+        }
+    }
+}
+
+/// The messages of a batch (QoS 0 or 1) as frames; stops at the first malformed one.
 fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
-    let header = (batch.len() >= 17 && batch[0] == BATCH_FRAME).then(|| {
+    let qos = match batch.first() {
+        Some(&BATCH_FRAME) => Some(QoS::AtMostOnce),
+        Some(&STORED_FRAME) => Some(QoS::AtLeastOnce),
+        _ => None,
+    };
+    let header = qos.filter(|_| batch.len() >= 17).map(|qos| {
         let u64_at = |i: usize| u64::from_be_bytes(batch[i..i + 8].try_into().unwrap_or_default());
-        (u64_at(1), u64_at(9))
+        (u64_at(1), u64_at(9), qos)
     });
-    let (origin, mut seq) = header.unwrap_or_default();
+    let (origin, mut seq, qos) = header.unwrap_or((0, 0, QoS::AtMostOnce));
     let mut at = if header.is_some() { 17 } else { batch.len() };
     let mut first = true;
     std::iter::from_fn(move || {
@@ -710,23 +836,33 @@ fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
         first = false;
         let flags = *batch.get(at)?;
         at += 1;
+        let client = if flags & 2 == 2 {
+            Some(slice(&mut at)?)
+        } else {
+            None
+        };
         let properties = slice(&mut at)?;
         let payload = slice(&mut at)?;
         Some(LiveFrame {
             origin,
             seq,
+            qos,
             retain: flags & 1 == 1,
+            client,
             properties,
             payload,
         })
     })
 }
 
-/// A live frame read back.
+/// A message of a batch, or a live frame, read back.
 struct LiveFrame {
     origin: u64,
     seq: u64,
+    qos: QoS,
     retain: bool,
+    /// Its publisher's client id (QoS 1 batches: for No Local).
+    client: Option<bytes::Bytes>,
     properties: bytes::Bytes,
     payload: bytes::Bytes,
 }
@@ -741,14 +877,17 @@ fn read_live_frame(frame: &bytes::Bytes) -> Option<LiveFrame> {
     Some(LiveFrame {
         origin: u64_at(2),
         seq: u64_at(10),
+        qos: QoS::AtMostOnce,
         retain: frame[1] & 1 == 1,
+        client: None,
         properties: frame.slice(22..end),
         payload: frame.slice(end..),
     })
 }
 
 impl LiveFrame {
-    fn message(self, topic: String) -> Option<Message> {
+    /// The message, its expiry counted from `published` (see [`arrived_message`]).
+    fn message(self, topic: String, published: Option<SystemTime>) -> Option<Message> {
         let properties = if self.properties.is_empty() {
             PublishProperties::default()
         } else {
@@ -757,12 +896,52 @@ impl LiveFrame {
         arrived_message(
             topic,
             self.payload,
-            QoS::AtMostOnce,
+            self.qos,
             self.retain,
             properties,
-            None,
+            published,
         )
     }
+}
+
+/// What a QoS 1 batch carries in headers for nodes before batches: an expiry of zero, so that
+/// such a node, reading it as one message, drops it rather than deliver the batch's bytes (the
+/// batch reaches only nodes that read batches; see [`batches_understood`]).
+fn expired_properties() -> &'static str {
+    static EXPIRED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    EXPIRED.get_or_init(|| {
+        let properties = PublishProperties {
+            message_expiry_interval: Some(0),
+            ..Default::default()
+        };
+        base64::engine::general_purpose::STANDARD.encode(
+            portcullis_mqtt::codec::encode_message_properties(&properties).unwrap_or_default(),
+        )
+    })
+}
+
+/// The bus protocol this version speaks to other nodes: 2 since QoS 1 messages cross NATS in
+/// batches. Reported in the heartbeat's version (`0.1.0+bus.2`); a node reporting none speaks 1.
+pub(crate) const BUS_PROTOCOL: u32 = 2;
+
+/// The version this node reports in its heartbeat.
+pub(crate) fn reported_version() -> String {
+    format!("{}+bus.{BUS_PROTOCOL}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Whether every node the registry knows on the bus (with NATS) reads QoS 1 batches; until then
+/// QoS 1 messages cross one by one, as older nodes read them. However long ago its last
+/// heartbeat (the registry forgets a node silent for a day, longer than the stream keeps a
+/// message): a node of an older version that comes back must not meet batches it would drop,
+/// and no clock is compared.
+pub(crate) fn batches_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool {
+    nodes.iter().filter(|n| n.nats.is_some()).all(|n| {
+        n.version
+            .split_once("+bus.")
+            .and_then(|(_, p)| p.parse::<u32>().ok())
+            .unwrap_or(1)
+            >= 2
+    })
 }
 
 /// The headers a message crosses NATS with.
@@ -917,6 +1096,8 @@ pub(crate) async fn start(
         durables: Arc::new(Mutex::new(HashMap::new())),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
+        state: state.clone(),
+        storing: Arc::default(),
     };
     broker.set_bridge(Arc::new(NatsBridge { work, control }));
     tokio::spawn(async move {
@@ -1132,28 +1313,84 @@ fn number_qos2(message: &mut Message, seq: u64, delivered: i64) {
     }
 }
 
-/// The receipt of a kept message: the first settlement acknowledges it to JetStream (or gives it
-/// back, after `nak_delay`), after `settled` ran; later ones do nothing.
-fn settle_once(
-    acker: Arc<jetstream::message::Acker>,
+/// The receipts of the `n` messages of one kept NATS message (a batch, or a message alone): it
+/// is acknowledged to JetStream once every one was acknowledged, or given back (after
+/// `nak_delay`) once all are settled and any was returned; `settled` runs then. With `room`
+/// (a semaphore, and the permits taken), the first settlement of each of the first receipts
+/// gives one permit back. A receipt's later settlements do nothing. JetStream settles whole messages: a batch given back comes
+/// again whole, its messages acknowledged already included (at least once, as QoS 1 allows).
+fn settle_all(
+    acker: jetstream::message::Acker,
+    n: usize,
     nak_delay: Option<Duration>,
+    room: Option<(Arc<tokio::sync::Semaphore>, usize)>,
     settled: impl Fn() + Send + Sync + 'static,
-) -> Receipt {
-    let done = AtomicBool::new(false);
-    Receipt::new(move |acknowledged| {
-        if done.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        settled();
-        let acker = acker.clone();
-        tokio::spawn(async move {
-            let _ = if acknowledged {
-                acker.ack().await
-            } else {
-                acker.ack_with(jetstream::AckKind::Nak(nak_delay)).await
-            };
-        });
-    })
+) -> Vec<Receipt> {
+    use std::sync::atomic::AtomicUsize;
+    let batch = Arc::new((acker, AtomicUsize::new(n), AtomicBool::new(false), settled));
+    (0..n)
+        .map(|i| {
+            let batch = batch.clone();
+            let done = AtomicBool::new(false);
+            // The first `taken` receipts each give back one message's room.
+            let room = room
+                .as_ref()
+                .filter(|(_, taken)| i < *taken)
+                .map(|(room, _)| room.clone());
+            Receipt::new(move |acknowledged| {
+                if done.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(room) = &room {
+                    room.add_permits(1);
+                }
+                let (_, left, returned, settled) = &*batch;
+                if !acknowledged {
+                    returned.store(true, Ordering::SeqCst);
+                }
+                if left.fetch_sub(1, Ordering::SeqCst) != 1 {
+                    return;
+                }
+                settled();
+                let give_back = returned.load(Ordering::SeqCst);
+                let batch = batch.clone();
+                tokio::spawn(async move {
+                    let _ = if give_back {
+                        batch.0.ack_with(jetstream::AckKind::Nak(nak_delay)).await
+                    } else {
+                        batch.0.ack().await
+                    };
+                });
+            })
+        })
+        .collect()
+}
+
+/// The MQTT messages of a kept (JetStream) message — a QoS 1 batch's, or the one of a message
+/// stored alone — each with its publisher's client id; expired ones left out.
+fn kept_messages(
+    msg: &async_nats::Message,
+    published: SystemTime,
+) -> Vec<(Message, Option<bytes::Bytes>)> {
+    let Some(topic) = topic(msg.subject.as_str()) else {
+        return Vec::new();
+    };
+    let headers = msg.headers.as_ref();
+    if headers.is_some_and(|h| h.get(BATCH_HEADER).is_some()) {
+        return batch_frames(&msg.payload)
+            .filter_map(|mut frame| {
+                let client = frame.client.take();
+                Some((frame.message(topic.clone(), Some(published))?, client))
+            })
+            .collect();
+    }
+    let client = headers
+        .and_then(|h| h.get("Portcullis-Client"))
+        .map(|c| bytes::Bytes::copy_from_slice(c.as_str().as_bytes()));
+    message_of(topic, headers, msg.payload.clone(), Some(published))
+        .map(|m| (m, client))
+        .into_iter()
+        .collect()
 }
 
 fn now_ms() -> u64 {
@@ -1171,9 +1408,31 @@ struct Durable {
     subscriptions: std::collections::BTreeMap<String, SubscriptionOptions>,
     /// The tasks pulling each subscription's kept messages.
     pullers: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
+    /// Its kept messages on their way to it.
+    inflight: Arc<Inflight>,
+}
+
+/// A persistent session's kept messages on their way to it.
+struct Inflight {
     /// Stream sequences delivered and not yet settled (JetStream delivers them again if the
     /// client is slower than the acknowledgement wait: not sent twice).
-    inflight: Arc<Mutex<HashSet<u64>>>,
+    seqs: Mutex<HashSet<u64>>,
+    /// Messages it may still be handed: its queue's size, given back as they are settled. A
+    /// batch waits for room rather than overflow the queue (and come back whole).
+    room: Arc<tokio::sync::Semaphore>,
+    /// The room when none is taken.
+    capacity: usize,
+}
+
+impl Inflight {
+    fn new(capacity: usize) -> Inflight {
+        let capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Inflight {
+            seqs: Mutex::new(HashSet::new()),
+            room: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        }
+    }
 }
 
 impl Durable {
@@ -1229,6 +1488,10 @@ struct Node {
     seen: Arc<Mutex<(VecDeque<u128>, HashSet<u128>)>>,
     /// This process's id in live frames (a hash of `instance`).
     origin: u64,
+    /// The connection's state, and whether every node reads QoS 1 batches.
+    state: Arc<NatsState>,
+    /// Stored batches on their way to JetStream, and a wake-up when one comes back.
+    storing: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
 }
 
 impl Node {
@@ -1314,11 +1577,28 @@ impl Node {
     async fn publish(self, mut publishing: mpsc::Receiver<Work>, qos2: kv::Store) {
         let mut seq: u64 = 0;
         let mut batch = Vec::with_capacity(BATCH);
-        let mut live = LiveBatch::default();
+        let mut live = Batches::live();
+        let mut kept = Batches::stored();
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
-        while publishing.recv_many(&mut batch, BATCH).await > 0 {
-            if batch.len() < BATCH {
+        loop {
+            let closed = if kept.is_empty() {
+                publishing.recv_many(&mut batch, BATCH).await == 0
+            } else {
+                // QoS 1 batches wait while [`MAX_STORING`] stored batches are on their way (a
+                // group commit: they grow meanwhile), until one comes back.
+                tokio::select! {
+                    n = publishing.recv_many(&mut batch, BATCH) => n == 0,
+                    () = self.storing.1.notified() => false,
+                }
+            };
+            if closed {
+                for full in kept.drain() {
+                    self.store_batch(full).await;
+                }
+                return;
+            }
+            if !batch.is_empty() && batch.len() < BATCH {
                 // Woken by the first message of a session's burst: let the sessions that are
                 // ready run first, so that one wake-up takes their bursts whole.
                 tokio::task::yield_now().await;
@@ -1328,19 +1608,32 @@ impl Node {
                     batch.push(work);
                 }
             }
+            // Every node reads QoS 1 batches (read once per turn).
+            let batched = self.state.batches.load(Ordering::Relaxed);
             for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
                 seq += 1;
                 if m.qos == QoS::AtMostOnce && !m.retain {
-                    // The common case, kept cheap: no headers, no id string (live frames, a
-                    // topic's together).
-                    if let Some((subject, payload)) = live.add(&m, self.origin, seq) {
-                        self.send_live(subject, payload).await;
+                    // The common case, kept cheap: no headers, no id string (a topic's
+                    // messages together).
+                    if let Some(full) = live.add(&m, None, None, self.origin, seq) {
+                        self.send_live(full).await;
                     }
                     continue;
                 }
-                // Anything else keeps its place after the live messages before it.
-                for (subject, payload) in live.drain() {
-                    self.send_live(subject, payload).await;
+                if batched && m.qos == QoS::AtLeastOnce && !m.retain {
+                    // Stored a topic's batch at a time, its publishers answered together.
+                    if let Some(full) = kept.add(&m, publisher.as_deref(), reply, self.origin, seq)
+                    {
+                        self.store_batch(full).await;
+                    }
+                    continue;
+                }
+                // Anything else keeps its place after the batched messages before it.
+                for full in live.drain() {
+                    self.send_live(full).await;
+                }
+                for full in kept.drain() {
+                    self.store_batch(full).await;
                 }
                 let id = format!("{}/{seq}", self.instance);
                 let mut headers = headers_of(&m, &self.instance, &id);
@@ -1413,16 +1706,52 @@ impl Node {
                     let _ = reply.send(all_stored(&js, acks).await);
                 });
             }
-            for (subject, payload) in live.drain() {
-                self.send_live(subject, payload).await;
+            for full in live.drain() {
+                self.send_live(full).await;
+            }
+            if self.storing.0.load(Ordering::SeqCst) < MAX_STORING {
+                for full in kept.drain() {
+                    self.store_batch(full).await;
+                }
             }
         }
     }
 
-    async fn send_live(&self, subject: String, payload: bytes::Bytes) {
-        if let Err(e) = self.client.publish(subject, payload).await {
+    async fn send_live(&self, batch: Sealed) {
+        if let Err(e) = self.client.publish(batch.subject, batch.payload).await {
             tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
         }
+    }
+
+    /// Stores a QoS 1 batch (deduplicated by its first message's id, as a message alone is);
+    /// its publishers are answered once the stream acknowledged it.
+    async fn store_batch(&self, batch: Sealed) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(BATCH_HEADER, "1");
+        headers.insert("Portcullis-Properties", expired_properties());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}/{}", self.instance, batch.first).as_str(),
+        );
+        let sent = self
+            .js
+            .publish_with_headers(
+                batch.subject.clone(),
+                headers.clone(),
+                batch.payload.clone(),
+            )
+            .await;
+        let (js, replies, storing) = (self.js.clone(), batch.replies, self.storing.clone());
+        let acks = vec![(batch.subject, headers, batch.payload, sent.ok())];
+        storing.0.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let result = all_stored(&js, acks).await;
+            for reply in replies {
+                let _ = reply.send(result.clone());
+            }
+            storing.0.fetch_sub(1, Ordering::SeqCst);
+            storing.1.notify_one();
+        });
     }
 
     /// Subscriptions, retained message lookups and client id claims, as the broker asks.
@@ -1502,7 +1831,7 @@ impl Node {
                             generation,
                             subscriptions: Default::default(),
                             pullers: HashMap::new(),
-                            inflight: Default::default(),
+                            inflight: Arc::new(Inflight::new(self.broker.max_queued())),
                         });
                     d.stop();
                     d.identity = identity;
@@ -1739,6 +2068,9 @@ impl Node {
             let batch = consumer
                 .fetch()
                 .max_messages(SHARED_BATCH)
+                // A batch holds up to 128 messages: a few at a time, so that the group's
+                // members on other nodes get their share.
+                .max_bytes(SHARED_BATCH_BYTES)
                 .expires(Duration::from_secs(1))
                 .messages()
                 .await;
@@ -1760,24 +2092,24 @@ impl Node {
                 let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
                 let delivered = info.delivered;
                 let (msg, acker) = m.split();
-                let acker = Arc::new(acker);
-                let Some(mut message) = topic(msg.subject.as_str()).and_then(|t| {
-                    message_of(
-                        t,
-                        msg.headers.as_ref(),
-                        msg.payload.clone(),
-                        Some(published),
-                    )
-                }) else {
-                    // Expired while kept, or not an MQTT topic.
-                    let _ = acker.ack().await;
-                    continue;
-                };
-                number_qos2(&mut message, seq, delivered);
-                let receipt = settle_once(acker, Some(SHARED_IDLE_POLL), || {});
-                message.receipt = Some(receipt.clone());
-                if !self.broker.deliver_shared_kept(filter, message) {
-                    receipt.returned();
+                // Expired while kept, or not an MQTT topic: none.
+                let messages = kept_messages(&msg, published);
+                let receipts = settle_all(
+                    acker,
+                    messages.len().max(1),
+                    Some(SHARED_IDLE_POLL),
+                    None,
+                    || {},
+                );
+                if messages.is_empty() {
+                    receipts[0].acknowledged();
+                }
+                for ((mut message, _), receipt) in messages.into_iter().zip(receipts) {
+                    number_qos2(&mut message, seq, delivered);
+                    message.receipt = Some(receipt.clone());
+                    if !self.broker.deliver_shared_kept(filter, message) {
+                        receipt.returned();
+                    }
                 }
             }
         }
@@ -1785,7 +2117,13 @@ impl Node {
 
     /// A message from NATS: to this node's subscribers, or to one member of `shared`.
     fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
-        if msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH) {
+        // QoS 0 batches, and QoS 1 batches as JetStream stored them.
+        if msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH)
+            || msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(BATCH_HEADER).is_some())
+        {
             let Some(topic) = topic(msg.subject.as_str()) else {
                 return;
             };
@@ -1799,7 +2137,7 @@ impl Node {
                 return;
             }
             for frame in frames {
-                if let Some(message) = frame.message(topic.clone()) {
+                if let Some(message) = frame.message(topic.clone(), None) {
                     self.hand_over(message, shared);
                 }
             }
@@ -1836,7 +2174,7 @@ impl Node {
             return;
         };
         let message = match live {
-            Some(frame) => frame.message(topic),
+            Some(frame) => frame.message(topic, None),
             None => message_of(topic, headers, msg.payload.clone(), None),
         };
         if let Some(message) = message {
@@ -2159,9 +2497,20 @@ impl Node {
         client_id: &str,
         generation: u64,
         options: SubscriptionOptions,
-        inflight: Arc<Mutex<HashSet<u64>>>,
+        inflight: Arc<Inflight>,
     ) -> Result<()> {
-        let mut messages = consumer.messages().await?;
+        // Small pulls: what is pulled waits here for room in the session's queue (and counts
+        // towards the acknowledgement wait meanwhile), and a pull request outlives a puller
+        // stopped when its session moves — the server keeps sending it messages nobody reads,
+        // as many as it asked for (each delivered again after the wait), until it expires.
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .max_bytes_per_batch(PULL_BYTES)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 2)
+            .messages()
+            .await?;
         while let Some(next) = messages.next().await {
             let m = match next {
                 Ok(m) => m,
@@ -2176,6 +2525,7 @@ impl Node {
             let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
             let info_delivered = info.delivered;
             if inflight
+                .seqs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&seq)
@@ -2185,53 +2535,69 @@ impl Node {
                 continue;
             }
             let (msg, acker) = m.split();
-            let own = options.no_local
-                && msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Portcullis-Client"))
-                    .is_some_and(|c| c.as_str() == client_id);
-            if own {
-                // No Local: its own publication, never delivered to it (settled).
-                let _ = acker.ack().await;
-                continue;
+            // Expired while kept, and No Local's own publications (never delivered to it), are
+            // settled at once.
+            let messages: Vec<Message> = kept_messages(&msg, published)
+                .into_iter()
+                .filter(|(_, client)| {
+                    !(options.no_local && client.as_deref() == Some(client_id.as_bytes()))
+                })
+                .map(|(m, _)| m)
+                .collect();
+            // Room in the session's queue first: a slow client holds its kept messages back,
+            // none overflow.
+            let room = messages.len().min(inflight.capacity);
+            match inflight
+                .room
+                .acquire_many(u32::try_from(room).unwrap_or(u32::MAX))
+                .await
+            {
+                Ok(permits) => permits.forget(),
+                Err(_) => return Ok(()),
             }
-            let acker = Arc::new(acker);
-            let Some(topic) = topic(msg.subject.as_str()) else {
-                let _ = acker.ack().await;
-                continue;
-            };
-            let Some(mut message) = message_of(
-                topic,
-                msg.headers.as_ref(),
-                msg.payload.clone(),
-                Some(published),
-            ) else {
-                // Expired while kept.
-                let _ = acker.ack().await;
-                continue;
-            };
-            message.qos = if (message.qos as u8) <= (options.qos as u8) {
-                message.qos
-            } else {
-                options.qos
-            };
-            message.retain = options.retain_as_published && message.retain;
-            number_qos2(&mut message, seq, info_delivered);
-            let set = inflight.clone();
-            message.receipt = Some(settle_once(acker.clone(), None, move || {
-                set.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
-            }));
+            // With the client from here until settled (nothing awaited before the receipts are
+            // made: a puller stopped in between would leave it marked, never delivered again).
             inflight
+                .seqs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(seq);
-            let receipt = message.receipt.clone();
-            if !self.broker.deliver_durable(client_id, generation, message) {
-                if let Some(r) = receipt {
-                    r.returned();
+            let set = inflight.clone();
+            let mut receipts = settle_all(
+                acker,
+                messages.len().max(1),
+                None,
+                Some((inflight.room.clone(), room)),
+                move || {
+                    set.seqs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&seq);
+                },
+            )
+            .into_iter();
+            if messages.is_empty()
+                && let Some(r) = receipts.next()
+            {
+                r.acknowledged();
+            }
+            for mut message in messages {
+                message.qos = if (message.qos as u8) <= (options.qos as u8) {
+                    message.qos
+                } else {
+                    options.qos
+                };
+                message.retain = options.retain_as_published && message.retain;
+                number_qos2(&mut message, seq, info_delivered);
+                message.receipt = receipts.next();
+                let receipt = message.receipt.clone();
+                if !self.broker.deliver_durable(client_id, generation, message) {
+                    // The session is gone: this message and the rest go back.
+                    for r in receipt.into_iter().chain(receipts) {
+                        r.returned();
+                    }
+                    return Ok(());
                 }
-                return Ok(());
             }
         }
         Ok(())
@@ -2548,7 +2914,7 @@ mod tests {
         let frame = super::live_frame(&m, 0xfeed, 42);
         let read = super::read_live_frame(&frame).unwrap();
         assert_eq!((read.origin, read.seq, read.retain), (0xfeed, 42, true));
-        let back = read.message("t".into()).unwrap();
+        let back = read.message("t".into(), None).unwrap();
         assert_eq!(back.qos, QoS::AtMostOnce);
         assert_eq!(back.payload, m.payload);
         assert_eq!(back.properties.content_type, m.properties.content_type);
@@ -2568,7 +2934,7 @@ mod tests {
         assert_eq!(frame.len(), 22 + plain.payload.len());
         let back = super::read_live_frame(&frame)
             .unwrap()
-            .message("t".into())
+            .message("t".into(), None)
             .unwrap();
         assert_eq!((back.payload, back.retain), (plain.payload, false));
         // Truncated or foreign payloads are not frames.
@@ -2598,22 +2964,44 @@ mod tests {
             released: false,
             receipt: None,
         };
-        let mut batch = super::LiveBatch::default();
+        let mut batch = super::Batches::live();
+        let add = |batch: &mut super::Batches, m: &Message, origin: u64, seq: u64| {
+            batch
+                .add(m, None, None, origin, seq)
+                .map(|s| (s.subject, s.payload))
+        };
+        let drain = |batch: &mut super::Batches| -> Vec<(String, bytes::Bytes)> {
+            batch
+                .drain()
+                .into_iter()
+                .map(|s| (s.subject, s.payload))
+                .collect()
+        };
         for (seq, (topic, payload)) in [("a/b", "1"), ("c", "2"), ("a/b", "3"), ("a/b", "4")]
             .into_iter()
             .enumerate()
         {
             assert!(
-                batch
-                    .add(&message(topic, payload.as_bytes()), 7, seq as u64)
-                    .is_none()
+                add(
+                    &mut batch,
+                    &message(topic, payload.as_bytes()),
+                    7,
+                    seq as u64
+                )
+                .is_none()
             );
         }
-        let sent = batch.drain();
+        let sent = drain(&mut batch);
         assert_eq!(sent.len(), 2);
         let read = |payload: &bytes::Bytes, topic: &str| -> Vec<(u64, u64, bytes::Bytes)> {
             super::batch_frames(payload)
-                .map(|f| (f.origin, f.seq, f.message(topic.into()).unwrap().payload))
+                .map(|f| {
+                    (
+                        f.origin,
+                        f.seq,
+                        f.message(topic.into(), None).unwrap().payload,
+                    )
+                })
                 .collect()
         };
         assert_eq!(sent[0].0, "pcb.a.b");
@@ -2625,37 +3013,36 @@ mod tests {
         assert_eq!(sent[0].1.len(), 17 + 3 * (4 + 1));
         assert_eq!(sent[1].0, "pcb.c");
         assert_eq!(read(&sent[1].1, "c"), [(7, 1, "2".into())]);
-        assert!(batch.drain().is_empty());
+        assert!(drain(&mut batch).is_empty());
         // Properties and the retain flag come back.
         let mut kept = message("p", b"x");
         kept.retain = true;
         kept.properties.content_type = Some("text/plain".into());
-        batch.add(&kept, 9, 1_000_000);
-        let frames: Vec<_> = super::batch_frames(&batch.drain()[0].1).collect();
+        add(&mut batch, &kept, 9, 1_000_000);
+        let frames: Vec<_> = super::batch_frames(&drain(&mut batch)[0].1).collect();
         assert_eq!((frames[0].seq, frames[0].retain), (1_000_000, true));
         let back = frames
             .into_iter()
             .next()
             .unwrap()
-            .message("p".into())
+            .message("p".into(), None)
             .unwrap();
         assert_eq!(back.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(back.qos, QoS::AtMostOnce);
         // A batch that would pass the size is sent first, whole.
         let big = vec![b'x'; super::LIVE_BATCH_BYTES / 2];
-        assert!(batch.add(&message("t", &big), 1, 1).is_none());
-        let full = batch
-            .add(&message("t", &big), 1, 2)
-            .expect("sent when full");
+        assert!(add(&mut batch, &message("t", &big), 1, 1).is_none());
+        let full = add(&mut batch, &message("t", &big), 1, 2).expect("sent when full");
         assert_eq!(full.0, "pcb.t");
         assert_eq!(read(&full.1, "t").len(), 1);
-        let rest = batch.drain();
+        let rest = drain(&mut batch);
         assert_eq!(rest.len(), 1);
         assert_eq!(super::batch_frames(&rest[0].1).next().unwrap().seq, 2);
         // A truncated batch yields its whole messages only; anything else none.
-        let mut two = super::LiveBatch::default();
-        two.add(&message("t", b"one"), 1, 1);
-        two.add(&message("t", b"two"), 1, 2);
-        let payload = two.drain().remove(0).1;
+        let mut two = super::Batches::live();
+        add(&mut two, &message("t", b"one"), 1, 1);
+        add(&mut two, &message("t", b"two"), 1, 2);
+        let payload = drain(&mut two).remove(0).1;
         assert_eq!(super::batch_frames(&payload).count(), 2);
         assert_eq!(
             super::batch_frames(&payload.slice(..payload.len() - 1)).count(),
@@ -2664,5 +3051,168 @@ mod tests {
         assert_eq!(super::batch_frames(&payload.slice(..3)).count(), 0);
         let plain = super::live_frame(&message("t", b"one"), 1, 1);
         assert_eq!(super::batch_frames(&plain).count(), 0);
+    }
+
+    #[test]
+    fn stored_batches_carry_publishers_answer_them_together_and_older_nodes_drop_them() {
+        let message = |topic: &str, payload: &[u8]| Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: PublishProperties::default(),
+            expires_at: None,
+            sent_as: None,
+            preferred_id: None,
+            released: false,
+            receipt: None,
+        };
+        let mut batch = super::Batches::stored();
+        let mut waiting = Vec::new();
+        for (seq, client) in [(5u64, Some("dev-1")), (6, None), (8, Some("dev-2"))] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.push(rx);
+            let mut m = message("a/b", format!("m{seq}").as_bytes());
+            if seq == 8 {
+                m.properties.content_type = Some("text/plain".into());
+            }
+            assert!(batch.add(&m, client, Some(tx), 3, seq).is_none());
+        }
+        let mut sealed = batch.drain();
+        assert_eq!(sealed.len(), 1);
+        let sealed = sealed.remove(0);
+        assert_eq!((sealed.subject.as_str(), sealed.first), ("pcq.a.b", 5));
+        // Every publisher of the batch is answered by the batch's acknowledgement.
+        assert_eq!(sealed.replies.len(), 3);
+        for reply in sealed.replies {
+            reply.send(Ok(())).unwrap();
+        }
+        for mut rx in waiting {
+            assert_eq!(rx.try_recv().unwrap(), Ok(()));
+        }
+        // As a node reads it from the stream: QoS 1, publishers and properties kept.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(super::BATCH_HEADER, "1");
+        headers.insert("Portcullis-Properties", super::expired_properties());
+        let stored = async_nats::Message {
+            subject: sealed.subject.clone().into(),
+            reply: None,
+            payload: sealed.payload.clone(),
+            headers: Some(headers.clone()),
+            status: None,
+            description: None,
+            length: sealed.payload.len(),
+        };
+        let published = std::time::SystemTime::now() - Duration::from_millis(5);
+        let read = super::kept_messages(&stored, published);
+        let summary: Vec<_> = read
+            .iter()
+            .map(|(m, client)| {
+                (
+                    m.topic.as_str(),
+                    m.payload.clone(),
+                    m.qos,
+                    client.clone(),
+                    m.properties.content_type.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "a/b",
+                    "m5".into(),
+                    QoS::AtLeastOnce,
+                    Some("dev-1".into()),
+                    None
+                ),
+                ("a/b", "m6".into(), QoS::AtLeastOnce, None, None),
+                (
+                    "a/b",
+                    "m8".into(),
+                    QoS::AtLeastOnce,
+                    Some("dev-2".into()),
+                    Some("text/plain".into())
+                ),
+            ]
+        );
+        // A message stored alone is read as before, its publisher from its header.
+        let mut alone = async_nats::HeaderMap::new();
+        alone.insert("Portcullis-QoS", "1");
+        alone.insert("Portcullis-Client", "dev-9");
+        let single = async_nats::Message {
+            headers: Some(alone),
+            payload: "x".into(),
+            ..stored.clone()
+        };
+        let read = super::kept_messages(&single, published);
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            (read[0].0.qos, read[0].1.clone()),
+            (QoS::AtLeastOnce, Some("dev-9".into()))
+        );
+        // A node before batches reads one message with an expiry of zero: dropped, never the
+        // batch's bytes delivered (from a stream: expired; live: expired on arrival).
+        assert!(
+            super::message_of(
+                "a/b".into(),
+                Some(&headers),
+                sealed.payload.clone(),
+                Some(published)
+            )
+            .is_none()
+        );
+        let live = super::message_of("a/b".into(), Some(&headers), sealed.payload, None).unwrap();
+        assert!(
+            live.expires_at
+                .is_some_and(|t| t <= std::time::Instant::now())
+        );
+        // The count bounds a stored batch (JetStream settles it whole).
+        let mut many = super::Batches::stored();
+        let sent: usize = (0..super::STORED_BATCH_MESSAGES as u64 * 2 + 1)
+            .filter_map(|seq| many.add(&message("t", b"x"), None, None, 1, seq))
+            .count();
+        assert_eq!((sent, many.drain().len()), (2, 1));
+    }
+
+    #[test]
+    fn qos1_batches_wait_for_every_node_on_the_bus_to_read_them() {
+        let node = |id: &str, version: &str, heartbeat_ms: i64, nats: bool| {
+            portcullis_registry::NodeStatus {
+                id: id.into(),
+                version: version.into(),
+                started_at: 0,
+                heartbeat_ms,
+                snapshot_marker: 0,
+                snapshot_ms: 0,
+                connections: 0,
+                mqtt_sessions: 0,
+                nats: nats.then(|| "connected to n1".to_string()),
+            }
+        };
+        let now = 1_000_000;
+        let ours = super::reported_version();
+        assert!(ours.ends_with("+bus.2"));
+        let upgraded = vec![
+            node("a", &ours, now, true),
+            node("b", &ours, now - 3_000, true),
+        ];
+        assert!(super::batches_understood(&upgraded));
+        // A node of a version before batches: one by one, whenever it was last heard of (it
+        // may come back, and would drop the batches kept for its sessions).
+        for last in [now - 1_000, now - 3_600_000] {
+            let mut mixed = upgraded.clone();
+            mixed.push(node("c", "0.1.0", last, true));
+            assert!(!super::batches_understood(&mixed));
+        }
+        // Not on the bus: it does not count.
+        let mut off = upgraded.clone();
+        off.push(node("d", "0.1.0", now, false));
+        assert!(super::batches_understood(&off));
+        // A later protocol reads batches too.
+        let mut later = upgraded;
+        later.push(node("e", "0.2.0+bus.3", now, true));
+        assert!(super::batches_understood(&later));
     }
 }

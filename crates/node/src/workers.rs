@@ -223,7 +223,7 @@ pub(crate) async fn heartbeat(
         let stats = broker.stats();
         let node = portcullis_registry::NodeStatus {
             id: id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::bus::reported_version(),
             started_at,
             heartbeat_ms: crate::sync::now_ms(),
             snapshot_marker: sync.marker.load(Ordering::SeqCst),
@@ -240,6 +240,13 @@ pub(crate) async fn heartbeat(
             }
             Ok(()) => {}
             Err(e) => tracing::debug!(error = %e, "cannot write this node's heartbeat"),
+        }
+        // Which bus protocol every node speaks (kept as it was when the registry is out of
+        // reach: no node of another version joins meanwhile).
+        if let Some(nats) = &nats
+            && let Ok(nodes) = store.cluster_nodes().await
+        {
+            nats.set_batches(crate::bus::batches_understood(&nodes));
         }
     }
 }

@@ -414,6 +414,13 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         connections.iter().all(|n| n.starts_with("connected to n")),
         "{status}"
     );
+    // Every node reports the bus protocol of QoS 1 batches, and each finds that out: what
+    // follows stores QoS 1 messages a topic's batch at a time.
+    for node in nodes {
+        node.printed("QoS 1 batches", |l| {
+            l.contains("every node reads QoS 1 batches")
+        });
+    }
 
     // mosquitto: what is published on B and C at QoS 0, 1 and 2 reaches a subscriber on A.
     let sub = mosquitto(
@@ -472,7 +479,13 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
 
     // paho-mqtt (MQTT 5): QoS 2 exactly once, retained messages, shared subscriptions, takeover.
     let ports = |n: &[&Server]| n.iter().map(|s| s.ports[1].to_string()).collect::<Vec<_>>();
-    script_passes(&python, da, "mqtt_cluster.py", &ports(&[&a, &b, &c]), &a);
+    script_passes(
+        &python,
+        da,
+        "mqtt_cluster.py",
+        &ports(&[&a, &b, &c]),
+        &nodes,
+    );
     a.printed("taken over", |l| {
         l.contains("mqtt session taken over by another node") && l.contains("dev-7")
     });
@@ -666,18 +679,18 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // whose publisher got a PUBACK.
     let mut args = ports(&[&a, &b, &c]);
     args.push(a.child.id().to_string());
-    script_passes(&python, da, "mqtt_cluster_persistent.py", &args, &a);
+    script_passes(&python, da, "mqtt_cluster_persistent.py", &args, &[&a]);
 
     // QoS 2 exactly once across the death of node B, mid-exchange both ways (a hand-written
     // MQTT 5 client decides which acknowledgements each side saw).
     let mut args = ports(&[&b, &c]);
     args.push(b.child.id().to_string());
-    script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &c);
+    script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &[&c]);
 }
 
 /// Runs `tests/cli/scripts/SCRIPT` with the cluster CA and `args`, and requires it to end with
-/// `ALL OK`; a failure shows its output and `node`'s warnings.
-fn script_passes(python: &Path, dir: &Path, script: &str, args: &[String], node: &Server) {
+/// `ALL OK`; a failure shows its output and the `nodes`' warnings.
+fn script_passes(python: &Path, dir: &Path, script: &str, args: &[String], nodes: &[&Server]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/cli/scripts")
         .join(script);
@@ -690,6 +703,10 @@ fn script_passes(python: &Path, dir: &Path, script: &str, args: &[String], node:
         "{}\n{}\nthe node's warnings:\n{}",
         r.stdout,
         r.stderr,
-        node.lines_with("WARN").join("\n")
+        nodes
+            .iter()
+            .flat_map(|n| n.lines_with("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

@@ -20,10 +20,11 @@ def check(cond, what):
 
 
 class Device:
-    def __init__(self, name):
+    def __init__(self, name, cert=None):
         self.events = {k: queue.Queue() for k in ("connack", "message", "puback", "suback", "disconnect")}
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
-        c.tls_set(ca_certs=ca, certfile=name + ".chain.pem", keyfile=name + ".key")
+        cert = cert or name
+        c.tls_set(ca_certs=ca, certfile=cert + ".chain.pem", keyfile=cert + ".key")
         # An IP address and no SNI: the default domain answers with a localhost certificate.
         c.tls_insecure_set(True)
         # No reconnection: a client taken over must stay away.
@@ -35,8 +36,12 @@ class Device:
         c.on_disconnect = lambda cl, ud, flags, rc, props: self.events["disconnect"].put((rc.value, time.monotonic()))
         self.c = c
 
-    def connect(self, node):
-        self.c.connect("127.0.0.1", ports[node], keepalive=30, clean_start=True)
+    def connect(self, node, persistent=False):
+        props = None
+        if persistent:
+            props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        self.c.connect("127.0.0.1", ports[node], keepalive=30, clean_start=not persistent, properties=props)
         self.c.loop_start()
         check(self.next("connack") == 0, "%s connected to node %s" % (self.c._client_id.decode(), node))
         return self
