@@ -1834,6 +1834,12 @@ impl Node {
                             inflight: Arc::new(Inflight::new(self.broker.max_queued())),
                         });
                     d.stop();
+                    if d.generation != generation {
+                        // A new connection (the old one may still be ending here): what the
+                        // old one held is settled by its own receipts, or delivered again;
+                        // nothing of it may hold this one's deliveries back.
+                        d.inflight = Arc::new(Inflight::new(self.broker.max_queued()));
+                    }
                     d.identity = identity;
                     d.expiry = expiry;
                     d.generation = generation;

@@ -1,7 +1,7 @@
 # MQTT 5 across a cluster of three gateway nodes with Python paho-mqtt (PyPI): QoS 2 exactly
 # once between nodes, shared subscriptions balanced across nodes, retained messages kept by the
-# cluster, a burst of QoS 0 messages in order per topic, and a client id taken over from another
-# node within a second.
+# cluster, a burst of QoS 0 messages in order per topic, a persistent session's backlog resumed
+# on another node, and a client id taken over from another node within a second.
 # Arguments: server CA file, then the MQTT ports of nodes A, B and C. Device certificates
 # dev-N.chain.pem / dev-N.key are in the working directory. Exits non-zero on the first failure.
 import queue, ssl, sys, time
@@ -124,6 +124,43 @@ for _ in range(B):
     arrived[m.topic].append(int(m.payload))
 check(arrived["jobs/burst/x"] == list(range(0, B, 2)) and arrived["jobs/burst/y"] == list(range(1, B, 2)),
       "%d QoS 0 messages from node C all on node A, in order per topic" % B)
+
+# A persistent session's backlog larger than its queue (1,000): QoS 1 messages published on node
+# C while it is away are stored a batch at a time; resumed on node B, it receives each once, in
+# order (kept batches wait for room in the session's queue rather than overflow it and come
+# back). The shared group's members leave first: with nats-server 2.9 (Debian 12), a message of
+# the interest-retention stream that another consumer (the group's) acknowledges under load can
+# vanish for this one too — an open bug, docs/cluster.md "Known issues".
+for w in (w1, w2):
+    w.c.disconnect()
+    w.next("disconnect")
+away = Device("dev-1-away", cert="dev-1").connect("A", persistent=True)
+check(away.subscribe("jobs/#", 1) == [1], "persistent subscription on node A granted")
+away.c.disconnect()
+away.next("disconnect")
+away.c.loop_stop()
+K = 2500
+waiting = {producer.c.publish("jobs/backlog", b"%d" % i, qos=1).mid for i in range(K)}
+refused = []
+while waiting:
+    # (Earlier QoS 0 publications were reported here too: skipped.)
+    mid, rc = producer.next("puback")
+    if mid in waiting:
+        waiting.discard(mid)
+        refused += [rc] if rc >= 0x80 else []
+check(not refused, "%d QoS 1 messages acknowledged on node C" % K)
+back = Device("dev-1-away", cert="dev-1").connect("B", persistent=True)
+got = []
+while len(got) < K:
+    try:
+        got.append(int(back.events["message"].get(timeout=WAIT).payload))
+    except queue.Empty:
+        missing = sorted(set(range(K)) - set(got))
+        check(False, "kept messages on node B: %d of %d (%d distinct), then none for %d s (missing: %s)"
+              % (len(got), K, len(set(got)), WAIT, missing[:10]))
+check(got == list(range(K)), "%d kept messages received on node B once each, in order" % K)
+producer.publish("jobs/backlog", b"end", 1)
+check(back.next("message").payload == b"end", "nothing came twice before the next message")
 
 # Takeover: the same client id on node C closes the session on node A within a second.
 first = Device("dev-7").connect("A")
