@@ -2954,14 +2954,12 @@ mod tests {
         assert!(super::read_live_frame(&bytes::Bytes::from(lying)).is_none());
     }
 
-    /// QoS 0 messages of one flush cross NATS as one message per topic, in order per topic; a
-    /// full batch is sent before it grows further.
-    #[test]
-    fn live_batches_group_by_topic_and_keep_order() {
-        let message = |topic: &str, payload: &[u8]| Message {
+    /// A message as a publisher's session hands it over.
+    fn test_message(topic: &str, payload: &[u8], qos: QoS) -> Message {
+        Message {
             topic: topic.into(),
             payload: bytes::Bytes::copy_from_slice(payload),
-            qos: QoS::AtMostOnce,
+            qos,
             retain: false,
             properties: PublishProperties::default(),
             expires_at: None,
@@ -2969,7 +2967,14 @@ mod tests {
             preferred_id: None,
             released: false,
             receipt: None,
-        };
+        }
+    }
+
+    /// QoS 0 messages of one flush cross NATS as one message per topic, in order per topic; a
+    /// full batch is sent before it grows further.
+    #[test]
+    fn live_batches_group_by_topic_and_keep_order() {
+        let message = |topic: &str, payload: &[u8]| test_message(topic, payload, QoS::AtMostOnce);
         let mut batch = super::Batches::live();
         let add = |batch: &mut super::Batches, m: &Message, origin: u64, seq: u64| {
             batch
@@ -3061,18 +3066,7 @@ mod tests {
 
     #[test]
     fn stored_batches_carry_publishers_answer_them_together_and_older_nodes_drop_them() {
-        let message = |topic: &str, payload: &[u8]| Message {
-            topic: topic.into(),
-            payload: bytes::Bytes::copy_from_slice(payload),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: PublishProperties::default(),
-            expires_at: None,
-            sent_as: None,
-            preferred_id: None,
-            released: false,
-            receipt: None,
-        };
+        let message = |topic: &str, payload: &[u8]| test_message(topic, payload, QoS::AtLeastOnce);
         let mut batch = super::Batches::stored();
         let mut waiting = Vec::new();
         for (seq, client) in [(5u64, Some("dev-1")), (6, None), (8, Some("dev-2"))] {
