@@ -121,6 +121,8 @@ pub(crate) struct NatsOptions {
     pub(crate) replicas: usize,
     /// Mutual TLS with certificates of the cluster's CA.
     pub(crate) tls: bool,
+    /// Bytes of QoS 1 and 2 messages the message stream keeps (the oldest go beyond).
+    pub(crate) kept_bytes: i64,
 }
 
 /// The TLS client configuration of a node's NATS connection: NATS servers verified against
@@ -1092,6 +1094,7 @@ pub(crate) async fn start(
         instance,
         id: id.to_string(),
         replicas: options.replicas,
+        kept_bytes: options.kept_bytes,
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
@@ -1480,6 +1483,8 @@ struct Node {
     instance: String,
     id: String,
     replicas: usize,
+    /// Bytes of QoS 1 and 2 messages the message stream keeps.
+    kept_bytes: i64,
     /// Client ids this node owns, with the revision of its claim.
     claims: Arc<Mutex<HashMap<String, u64>>>,
     /// Persistent sessions online here.
@@ -1502,7 +1507,7 @@ impl Node {
             match self.try_set_up().await {
                 Ok(store) => return store,
                 Err(e) => {
-                    tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot set up JetStream (is nats-server running with -js, and are there as many servers as nats_replicas?); retrying");
+                    tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot set up JetStream (is nats-server running with -js, are there as many servers as nats_replicas, and does each allow nats_kept_mib in its max_file_store?); retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -1511,19 +1516,31 @@ impl Node {
     }
 
     async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store)> {
-        self.js
+        // Limits retention: every consumer (a persistent subscription, a shared group) keeps its
+        // own place and nothing is removed on acknowledgement. By interest (as earlier versions
+        // made it), nats-server 2.9 lost messages one consumer had not taken yet once another
+        // acknowledged them under load (docs/cluster.md, "Known issues").
+        let mut messages = self
+            .js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
                 subjects: vec![format!("{STORED}.>")],
-                retention: stream::RetentionPolicy::Interest,
+                retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 num_replicas: self.replicas,
                 duplicate_window: Duration::from_secs(120),
                 max_age: Duration::from_secs(24 * 3600),
+                max_bytes: self.kept_bytes,
+                discard: stream::DiscardPolicy::Old,
                 ..Default::default()
             })
             .await
             .context("the MQTT message stream")?;
+        if let Ok(info) = messages.info().await
+            && info.config.retention == stream::RetentionPolicy::Interest
+        {
+            tracing::warn!(target: "portcullis::cluster", "the stream PORTCULLIS_MQTT keeps messages by interest (made by an earlier version): with nats-server 2.9 a persistent session can lose kept QoS 1 messages that a shared group acknowledged; with every node stopped, `nats stream rm PORTCULLIS_MQTT` lets the next node make it anew (what it keeps now is lost; docs/cluster.md)");
+        }
         self.js
             .get_or_create_stream(stream::Config {
                 name: RETAINED_STREAM.into(),

@@ -61,6 +61,11 @@ pub(crate) struct FileConfig {
     /// Mutual TLS to NATS with certificates of the cluster's CA: the node verifies the NATS
     /// servers against it and presents a client certificate it issues itself (in memory).
     nats_tls: Option<bool>,
+    /// MiB of QoS 1 and 2 messages JetStream keeps (each copy; the oldest go beyond, and none
+    /// stays longer than a day): what persistent sessions away and shared groups without a member
+    /// online can find when they come back. Default 1024; each NATS server must allow it
+    /// (`max_file_store`).
+    nats_kept_mib: Option<u64>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
     /// Revocation published for the local CA: CRL and OCSP over plain HTTP.
@@ -222,9 +227,12 @@ impl FileConfig {
     /// The NATS servers MQTT is routed through, if any.
     pub(crate) fn nats(&self) -> Result<Option<crate::bus::NatsOptions>> {
         let Some(url) = &self.nats_url else {
-            if self.nats_replicas.is_some() || self.nats_tls.is_some() {
+            if self.nats_replicas.is_some()
+                || self.nats_tls.is_some()
+                || self.nats_kept_mib.is_some()
+            {
                 bail!(
-                    "nats_replicas or nats_tls is set without nats_url: name the NATS servers too"
+                    "nats_replicas, nats_tls or nats_kept_mib is set without nats_url: name the NATS servers too"
                 );
             }
             return Ok(None);
@@ -236,11 +244,19 @@ impl FileConfig {
                 "nats_replicas = {n}: JetStream keeps 1 to 5 copies; give the NATS cluster's size (3 in the reference deployment)"
             ),
         };
+        let kept_mib = match self.nats_kept_mib {
+            None => 1024,
+            Some(n @ 16..=1_048_576) => n,
+            Some(n) => bail!(
+                "nats_kept_mib = {n}: give the MiB of messages JetStream keeps, 16 to 1048576 (default 1024)"
+            ),
+        };
         crate::bus::servers(url)?;
         Ok(Some(crate::bus::NatsOptions {
             url: url.clone(),
             replicas,
             tls: self.nats_tls.unwrap_or(false),
+            kept_bytes: i64::try_from(kept_mib * 1024 * 1024).unwrap_or(i64::MAX),
         }))
     }
 

@@ -62,7 +62,9 @@ async fn check_config(args: &ServeArgs) -> Result<ExitCode> {
         }
     };
     let echo = SocketAddr::from(([127, 0, 0, 1], 9));
-    crate::config::read_file_config(&config_path)?.snapshot_stale_after_ms()?;
+    let file = crate::config::read_file_config(&config_path)?;
+    file.snapshot_stale_after_ms()?;
+    file.nats()?;
     let database = database_of(&config_path, &data)?;
     let stored = database.starts_with("postgres") || Path::new(&database).exists();
     let registry = if stored {

@@ -85,7 +85,7 @@ impl Nats {
             std::fs::create_dir_all(&store).unwrap();
             let mut config = format!(
                 "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n",
+                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 8GB }}\n",
                 store.display()
             );
             let tls_block = tls.map(|t| {
@@ -268,7 +268,7 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
             Some(&database),
             format!(
                 "cluster_key_file = \"cluster.key\"\nnode_name = \"{name}\"\n\
-                 nats_url = \"{}\"\nnats_replicas = 3\nnats_tls = true\n\
+                 nats_url = \"{}\"\nnats_replicas = 3\nnats_tls = true\nnats_kept_mib = 256\n\
                  default_endpoint = true\ndefault_domain = \"localhost\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n\
                  [[listener]]\naddress = \"127.0.0.1:0\"\n\

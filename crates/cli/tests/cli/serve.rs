@@ -857,6 +857,17 @@ fn bad_configurations_are_refused_with_the_key_and_line() {
     assert_clean_error(&r, 2, "mqtt.max_retained");
     let r = check("[mqtt]\nmax_queued = 5\n");
     assert_clean_error(&r, 2, "max_queued");
+    let rest = "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"builtin:echo\"\n";
+    let r = check(&format!(
+        "nats_url = \"nats://127.0.0.1:4222\"\nnats_kept_mib = 1\n{rest}"
+    ));
+    assert_clean_error(
+        &r,
+        2,
+        "nats_kept_mib = 1: give the MiB of messages JetStream keeps",
+    );
+    let r = check(&format!("nats_kept_mib = 64\n{rest}"));
+    assert_clean_error(&r, 2, "nats_kept_mib is set without nats_url");
     // Without --config, the quickstart's file must exist: checking does not make it.
     let r = portcullis(d, &["serve", "--data-dir", "data", "--check-config"]);
     assert_clean_error(&r, 2, "portcullis.toml does not exist");
