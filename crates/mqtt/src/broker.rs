@@ -1042,6 +1042,16 @@ impl Broker {
             let Some(session) = state.sessions.get_mut(client_id) else {
                 return;
             };
+            // So does what waited in its queue: the next connection (here or on another node)
+            // gets it from the cluster, once (kept here too, it came twice).
+            session.queue.retain(|m| match &m.receipt {
+                Some(r) => {
+                    r.returned();
+                    false
+                }
+                None => true,
+            });
+            session.queue_expiry = session.queue.iter().filter_map(|q| q.expires_at).min();
             for m in unacknowledged.into_iter().rev() {
                 session.enqueue_first(m, self.limits.max_queued);
             }
@@ -1548,6 +1558,79 @@ mod tests {
         let mut again = again;
         b.publish(msg("q/3", QoS::AtLeastOnce, false), None);
         assert_eq!(delivered(&mut again).len(), 1);
+    }
+
+    /// A cluster that keeps nothing: enough for a persistent session to be the cluster's.
+    struct KeepingNothing;
+
+    impl Bridge for KeepingNothing {
+        fn published(
+            &self,
+            _: Message,
+            _: Option<&str>,
+            _: Option<(u16, bool)>,
+        ) -> Option<Confirmation> {
+            None
+        }
+        fn interest(&self, _: &str, _: bool) -> Option<Confirmation> {
+            None
+        }
+        fn retained(&self, _: &str, _: u64, _: &str, _: SubscriptionOptions) {}
+        fn claim(&self, _: &str, _: bool, _: &str) -> Claimed {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(Ok(None));
+            rx
+        }
+        fn release(&self, _: &str) {}
+        fn durable_session(&self, _: &str, _: u64, _: &str, _: Duration) {}
+        fn durable_subscribe(
+            &self,
+            _: &str,
+            _: u64,
+            _: &str,
+            _: SubscriptionOptions,
+        ) -> Option<Confirmation> {
+            None
+        }
+        fn durable_unsubscribe(&self, _: &str, _: &str) {}
+        fn durable_offline(&self, _: &str) {}
+        fn durable_end(&self, _: &str) {}
+    }
+
+    #[test]
+    fn a_persistent_sessions_kept_messages_go_back_to_the_cluster_when_its_connection_ends() {
+        let b = Broker::new(Limits {
+            channel_capacity: 2,
+            ..Limits::default()
+        });
+        b.set_bridge(Arc::new(KeepingNothing));
+        let mut a = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
+        b.make_durable("a", a.generation);
+        b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
+        let returned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for i in 0..5 {
+            let mut m = msg(&format!("q/{i}"), QoS::AtLeastOnce, false);
+            let count = returned.clone();
+            m.receipt = Some(Receipt::new(move |acknowledged| {
+                if !acknowledged {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
+            // Two in the connection's channel, three in the session's queue.
+            assert!(b.deliver_durable("a", a.generation, m));
+        }
+        b.disconnected(
+            "a",
+            a.generation,
+            Vec::new(),
+            Vec::new(),
+            Some(&mut a.outbound),
+        );
+        // Every one goes back to the cluster, which delivers it to the next connection: none is
+        // kept here as well (it would come twice).
+        assert_eq!(returned.load(std::sync::atomic::Ordering::SeqCst), 5);
+        let again = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
+        assert!(again.pending.is_empty());
     }
 
     #[test]

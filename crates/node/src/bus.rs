@@ -1520,7 +1520,7 @@ impl Node {
         // own place and nothing is removed on acknowledgement. By interest (as earlier versions
         // made it), nats-server 2.9 lost messages one consumer had not taken yet once another
         // acknowledged them under load (docs/cluster.md, "Known issues").
-        let mut messages = self
+        let messages = self
             .js
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
@@ -1536,9 +1536,11 @@ impl Node {
             })
             .await
             .context("the MQTT message stream")?;
-        if let Ok(info) = messages.info().await
-            && info.config.retention == stream::RetentionPolicy::Interest
-        {
+        let info = messages.cached_info();
+        if info.config.max_bytes != self.kept_bytes {
+            tracing::warn!(target: "portcullis::cluster", kept_bytes = info.config.max_bytes, "the stream PORTCULLIS_MQTT keeps another size than nats_kept_mib says (made with another setting; JetStream keeps the stream's own): `nats stream edit PORTCULLIS_MQTT --max-bytes` changes it");
+        }
+        if info.config.retention == stream::RetentionPolicy::Interest {
             tracing::warn!(target: "portcullis::cluster", "the stream PORTCULLIS_MQTT keeps messages by interest (made by an earlier version): with nats-server 2.9 a persistent session can lose kept QoS 1 messages that a shared group acknowledged; with every node stopped, `nats stream rm PORTCULLIS_MQTT` lets the next node make it anew (what it keeps now is lost; docs/cluster.md)");
         }
         self.js
@@ -2586,10 +2588,12 @@ impl Node {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(seq);
             let set = inflight.clone();
+            // Given back (the connection ended, or its queue was full): delivered again after
+            // a moment, not at once in a loop.
             let mut receipts = settle_all(
                 acker,
                 messages.len().max(1),
-                None,
+                Some(SHARED_IDLE_POLL),
                 Some((inflight.room.clone(), room)),
                 move || {
                     set.seqs
