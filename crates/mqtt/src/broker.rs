@@ -1051,7 +1051,7 @@ impl Broker {
                 }
                 None => true,
             });
-            session.queue_expiry = session.queue.iter().filter_map(|q| q.expires_at).min();
+            session.refresh_queue_expiry();
             for m in unacknowledged.into_iter().rev() {
                 session.enqueue_first(m, self.limits.max_queued);
             }
@@ -1302,6 +1302,11 @@ impl Session {
         self.enqueue(true, m);
     }
 
+    /// The earliest expiry hint, exact again after messages left the queue.
+    fn refresh_queue_expiry(&mut self) {
+        self.queue_expiry = self.queue.iter().filter_map(|q| q.expires_at).min();
+    }
+
     /// Queues `m` at the back (or the `front`).
     fn enqueue(&mut self, front: bool, m: Message) {
         if let Some(at) = m.expires_at {
@@ -1328,7 +1333,7 @@ fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now
             }
             keep
         });
-        session.queue_expiry = session.queue.iter().filter_map(|q| q.expires_at).min();
+        session.refresh_queue_expiry();
     }
     if session.queue.len() >= max {
         routed.dropped += 1;

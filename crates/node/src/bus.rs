@@ -1519,7 +1519,7 @@ impl Node {
         // Limits retention: every consumer (a persistent subscription, a shared group) keeps its
         // own place and nothing is removed on acknowledgement. By interest (as earlier versions
         // made it), nats-server 2.9 lost messages one consumer had not taken yet once another
-        // acknowledged them under load (docs/cluster.md, "Known issues").
+        // acknowledged them under load (docs/cluster.md, "Fixed issues").
         let messages = self
             .js
             .get_or_create_stream(stream::Config {
