@@ -292,9 +292,11 @@ pub trait Bridge: Send + Sync {
     /// `client_id`'s session (generation `generation`, of `identity`) is persistent and kept by
     /// the cluster for `expiry` after its connection.
     fn durable_session(&self, client_id: &str, generation: u64, identity: &str, expiry: Duration);
-    /// A persistent session holds `filter`: its QoS 1 and 2 messages are kept by the cluster and
-    /// handed to [`Broker::deliver_durable`] while the session is online here. Answered once
-    /// messages published from now on are kept.
+    /// A persistent session holds `filter` (recorded, to resume it on any node): at QoS 1 or 2,
+    /// its QoS 1 and 2 messages are kept by the cluster and handed to
+    /// [`Broker::deliver_durable`] while the session is online here; at QoS 0 (a subscription
+    /// taken again at QoS 0 included), nothing is kept. Answered once messages published from
+    /// now on are kept.
     fn durable_subscribe(
         &self,
         client_id: &str,
@@ -494,6 +496,7 @@ impl Broker {
             .filters
             .insert(filter.to_string(), options)
             .is_none();
+        let durable = session.durable;
         let receiver = session.receiver.clone();
         if let Ok(Some((_, inner))) = crate::topic::shared(filter) {
             // Shared subscriptions get no retained messages (MQTT 5 §4.8.2).
@@ -508,10 +511,8 @@ impl Broker {
             };
             // A persistent session's membership is the cluster's too: it resumes with it on
             // any node (the group's messages are kept by the group, not the session).
-            let durable = state.sessions.get(client_id).is_some_and(|s| s.durable);
             if let Some(bridge) = &state.bridge
                 && durable
-                && options.qos != QoS::AtMostOnce
             {
                 ready.extend(bridge.durable_subscribe(client_id, generation, filter, options));
             }
@@ -526,9 +527,11 @@ impl Broker {
         } else {
             Vec::new()
         };
-        let durable = state.sessions.get(client_id).is_some_and(|s| s.durable);
         if let Some(bridge) = &state.bridge {
-            if durable && options.qos != QoS::AtMostOnce {
+            // Every subscription of a persistent session, whatever its QoS: it resumes with
+            // them on any node (at QoS 0, the cluster keeps no messages, and stops keeping
+            // those of a filter taken again at QoS 0).
+            if durable {
                 ready.extend(bridge.durable_subscribe(client_id, generation, filter, options));
             }
             if with_retained {
@@ -739,9 +742,11 @@ impl Broker {
     }
 
     /// In a cluster, makes the session a persistent one the cluster keeps (its expiry is not
-    /// zero): its QoS 1 and 2 messages come from the cluster from now on. Answered once the
-    /// cluster keeps the messages of its subscriptions.
-    pub fn make_durable(&self, client_id: &str, generation: u64) -> Vec<Confirmation> {
+    /// zero, or it resumes one the cluster kept: `kept`, or already persistent here — with an
+    /// expiry of zero it then ends with this connection, as MQTT 5 says): its QoS 1 and 2
+    /// messages come from the cluster from now on. Answered once the cluster keeps the
+    /// messages of its subscriptions.
+    pub fn make_durable(&self, client_id: &str, generation: u64, kept: bool) -> Vec<Confirmation> {
         let mut state = self.lock();
         let Some(bridge) = state.bridge.clone() else {
             return Vec::new();
@@ -749,7 +754,7 @@ impl Broker {
         let Some(session) = state
             .sessions
             .get_mut(client_id)
-            .filter(|s| s.generation == generation && !s.expiry.is_zero())
+            .filter(|s| s.generation == generation && (!s.expiry.is_zero() || s.durable || kept))
         else {
             return Vec::new();
         };
@@ -758,7 +763,6 @@ impl Broker {
         session
             .filters
             .iter()
-            .filter(|(_, o)| o.qos != QoS::AtMostOnce)
             .filter_map(|(f, o)| bridge.durable_subscribe(client_id, generation, f, *o))
             .collect()
     }
@@ -1610,7 +1614,7 @@ mod tests {
         });
         b.set_bridge(Arc::new(KeepingNothing));
         let mut a = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
-        b.make_durable("a", a.generation);
+        b.make_durable("a", a.generation, false);
         b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
         let returned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for i in 0..5 {

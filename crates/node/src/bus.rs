@@ -1097,6 +1097,7 @@ pub(crate) async fn start(
         kept_bytes: options.kept_bytes,
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
+        order: Arc::new(Mutex::new((0, HashMap::new()))),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
         state: state.clone(),
@@ -1473,6 +1474,9 @@ fn consumer_name(client_id: &str, subject: &str) -> String {
     format!("ps_{h:016x}")
 }
 
+/// The changes made to sessions, and per client id the last on its way (numbered).
+type SessionChanges = (u64, HashMap<String, (u64, tokio::task::JoinHandle<()>)>);
+
 /// This node's side of the cluster.
 #[derive(Clone)]
 struct Node {
@@ -1489,6 +1493,9 @@ struct Node {
     claims: Arc<Mutex<HashMap<String, u64>>>,
     /// Persistent sessions online here.
     durables: Arc<Mutex<HashMap<String, Durable>>>,
+    /// Per client id, the last change of its session on its way to NATS (see
+    /// [`Node::in_order`]), and the number of changes made.
+    order: Arc<Mutex<SessionChanges>>,
     /// Message ids delivered lately (overlapping subscriptions deliver a message twice).
     seen: Arc<Mutex<(VecDeque<u128>, HashSet<u128>)>>,
     /// This process's id in live frames (a hash of `instance`).
@@ -1824,7 +1831,8 @@ impl Node {
                 } => {
                     let node = self.clone();
                     let (clients, sessions) = (clients.clone(), sessions.clone());
-                    tokio::spawn(async move {
+                    let key = client_id.clone();
+                    self.in_order(&key, async move {
                         let claimed = match node.claim(&clients, &client_id).await {
                             Ok(()) => {
                                 node.stored_session(&sessions, &client_id, clean_start, &identity)
@@ -1867,7 +1875,8 @@ impl Node {
                     // Recorded at once, subscriptions or not: a session that only publishes
                     // has state too (QoS 2 messages not yet released) and resumes elsewhere.
                     let sessions = sessions.clone();
-                    tokio::spawn(async move {
+                    let key = client_id.clone();
+                    self.in_order(&key, async move {
                         mark_online(&sessions, &client_id, record).await;
                     });
                 }
@@ -1880,7 +1889,8 @@ impl Node {
                 } => {
                     let node = self.clone();
                     let sessions = sessions.clone();
-                    tokio::spawn(async move {
+                    let key = client_id.clone();
+                    let change = async move {
                         // Retried while JetStream elects leaders (after a NATS server's death).
                         let deadline = tokio::time::Instant::now() + STORE_RIDE_THROUGH;
                         let mut delay = Duration::from_millis(50);
@@ -1901,27 +1911,31 @@ impl Node {
                             tracing::warn!(target: "portcullis::cluster", client_id = %client_id, filter = %filter, error = %e, "cannot keep a persistent subscription's messages");
                         }
                         let _ = reply.send(result);
-                    });
+                    };
+                    self.in_order(&key, change);
                 }
                 Control::DurableUnsubscribe(client_id, filter) => {
-                    let record = {
-                        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
-                        durables.get_mut(&client_id).map(|d| {
-                            for task in d.pullers.remove(&filter).into_iter().flatten() {
-                                task.abort();
-                            }
-                            d.subscriptions.remove(&filter);
-                            d.record(None)
-                        })
-                    };
                     let node = self.clone();
                     let sessions = sessions.clone();
-                    tokio::spawn(async move {
+                    let key = client_id.clone();
+                    let change = async move {
+                        let record = {
+                            let mut durables =
+                                node.durables.lock().unwrap_or_else(|p| p.into_inner());
+                            durables.get_mut(&client_id).map(|d| {
+                                for task in d.pullers.remove(&filter).into_iter().flatten() {
+                                    task.abort();
+                                }
+                                d.subscriptions.remove(&filter);
+                                d.record(None)
+                            })
+                        };
                         node.delete_consumers(&client_id, &filter).await;
                         if let Some(record) = record {
                             let _ = sessions.put(client_key(&client_id), record.into()).await;
                         }
-                    });
+                    };
+                    self.in_order(&key, change);
                 }
                 Control::DurableOffline(client_id) => {
                     let record = {
@@ -1933,7 +1947,8 @@ impl Node {
                     };
                     if let Some(record) = record {
                         let sessions = sessions.clone();
-                        tokio::spawn(async move {
+                        let key = client_id.clone();
+                        self.in_order(&key, async move {
                             let _ = sessions.put(client_key(&client_id), record.into()).await;
                         });
                     }
@@ -1949,7 +1964,8 @@ impl Node {
                     }
                     let node = self.clone();
                     let sessions = sessions.clone();
-                    tokio::spawn(async move {
+                    let key = client_id.clone();
+                    self.in_order(&key, async move {
                         node.end_session(&sessions, &client_id).await;
                     });
                 }
@@ -2412,6 +2428,33 @@ impl Node {
         let _ = sessions.purge(client_key(client_id)).await;
     }
 
+    /// Runs a change of `client_id`'s session in NATS after the changes this node made to it
+    /// before (claims, subscriptions, going offline, ending), so they take effect in the order
+    /// the session made them: a filter taken at QoS 1 then at once at QoS 0, or unsubscribed,
+    /// keeps no consumer behind; a session ended by its connection is gone for the next claim.
+    fn in_order<F>(&self, client_id: &str, change: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.0 += 1;
+        let id = order.0;
+        let before = order.1.remove(client_id).map(|(_, task)| task);
+        let (all, key) = (self.order.clone(), client_id.to_string());
+        let task = tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            change.await;
+            // The last change of the session: nothing left to wait for.
+            let mut order = all.lock().unwrap_or_else(|p| p.into_inner());
+            if order.1.get(&key).is_some_and(|(last, _)| *last == id) {
+                order.1.remove(&key);
+            }
+        });
+        order.1.insert(client_id.to_string(), (id, task));
+    }
+
     async fn delete_consumers(&self, client_id: &str, filter: &str) {
         // A shared subscription's messages are its group's (see `group_consumer`).
         if filter.starts_with("$share/") {
@@ -2429,7 +2472,8 @@ impl Node {
 
     /// Keeps `filter`'s QoS 1 and 2 messages for a persistent session (a durable consumer per
     /// subject, made if missing), delivers them while the session is online here, and records
-    /// the subscription.
+    /// the subscription. At QoS 0 only records it (and forgets the consumers of a filter taken
+    /// again at QoS 0: nothing may deliver it at QoS 1 besides).
     async fn durable_subscribe(
         &self,
         sessions: &kv::Store,
@@ -2448,7 +2492,7 @@ impl Node {
         };
         let mut tasks = Vec::new();
         // A shared subscription is only recorded: its group keeps its messages.
-        let subjects = if filter.starts_with("$share/") {
+        let subjects = if filter.starts_with("$share/") || options.qos == QoS::AtMostOnce {
             Vec::new()
         } else {
             filter_subjects(STORED, filter)
@@ -2482,6 +2526,7 @@ impl Node {
                 }
             }));
         }
+        let mut kept_before = false;
         let record = {
             let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
             match durables.get_mut(client_id) {
@@ -2494,7 +2539,10 @@ impl Node {
                     {
                         task.abort();
                     }
-                    d.subscriptions.insert(filter.to_string(), options);
+                    kept_before = d
+                        .subscriptions
+                        .insert(filter.to_string(), options)
+                        .is_some_and(|o| o.qos != QoS::AtMostOnce);
                     Some(d.record(None))
                 }
                 _ => {
@@ -2510,6 +2558,9 @@ impl Node {
                 .put(client_key(client_id), record.into())
                 .await
                 .context("recording the session")?;
+        }
+        if kept_before && options.qos == QoS::AtMostOnce {
+            self.delete_consumers(client_id, filter).await;
         }
         Ok(())
     }

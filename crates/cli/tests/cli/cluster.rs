@@ -171,7 +171,7 @@ const POLICY: &str = r#"{"Statement": [
    "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*"]},
   {"Effect": "Allow", "Action": "mqtt:Subscribe",
    "Resource": ["topicfilter:devices/+/telemetry", "topicfilter:jobs/#",
-                "topicfilter:$share/workers/jobs/#"]},
+                "topicfilter:$share/workers/jobs/#", "topicfilter:jobs/zero/*"]},
   {"Effect": "Allow", "Action": "mqtt:Receive", "Resource": ["topic:devices/*", "topic:jobs/*"]}]}"#;
 
 /// The mosquitto options for device `who` on `node`'s MQTT port (the server certificate is

@@ -319,7 +319,9 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         Arc::new(auth.clone()),
         &identity,
     );
-    if !expiry.is_zero()
+    // A session resumed with an expiry of zero (MQTT 5) is still resumed: its queued messages
+    // and subscriptions come back, and it ends with this connection.
+    if (!expiry.is_zero() || !connect.clean_start)
         && let Err(why) = resume_in_cluster(c, &client_id, &mut handle, stored, &auth).await
     {
         let _ = send(tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
@@ -388,7 +390,8 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
 
 /// A persistent session in a cluster: the cluster keeps its QoS 1 and 2 messages from now on,
 /// and a session it kept (left on another node, or before this node restarted) comes back with
-/// its subscriptions, each still allowed by the policies of the moment.
+/// its subscriptions, each still allowed by the policies of the moment. Nothing to do for a
+/// session with an expiry of zero that resumes nothing.
 async fn resume_in_cluster(
     c: &Conn,
     client_id: &str,
@@ -396,7 +399,9 @@ async fn resume_in_cluster(
     stored: Option<portcullis_mqtt::broker::StoredSession>,
     auth: &SessionAuth,
 ) -> Result<(), String> {
-    let mut ready = c.broker.make_durable(client_id, handle.generation);
+    let mut ready = c
+        .broker
+        .make_durable(client_id, handle.generation, stored.is_some());
     if let Some(stored) = stored
         && !handle.session_present
     {
