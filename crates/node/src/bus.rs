@@ -1111,11 +1111,20 @@ pub(crate) async fn start(
         tokio::spawn(node.clone().watch_owners(clients.clone()));
         tokio::spawn(node.clone().answer_pings());
         tokio::spawn(node.clone().sweep(clients.clone(), sessions.clone()));
+        tokio::spawn(node.clone().watch_kept());
         tokio::spawn(node.clone().publish(publishing, qos2.clone()));
         node.control(controls, clients, sessions, qos2).await;
     });
     Ok(())
 }
+
+/// How often a node reads how much the message stream keeps (see [`Node::watch_kept`]).
+const KEPT_EVERY: Duration = Duration::from_secs(15);
+
+/// The message stream is said to be full from this share of `nats_kept_mib` (percent), and
+/// no longer below the second.
+const KEPT_FULL_PERCENT: u64 = 95;
+const KEPT_CLEAR_PERCENT: u64 = 85;
 
 /// How often a node offers to sweep the sessions bucket (one node at a time does: a lease).
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
@@ -2697,6 +2706,48 @@ impl Node {
                 }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Every [`KEPT_EVERY`], how much of `nats_kept_mib` the message stream uses and how old
+    /// its oldest message is (metrics); says once when it is full (JetStream then drops the
+    /// oldest: a persistent session or shared group away longer than that age misses them),
+    /// and once when it is no longer.
+    async fn watch_kept(self) {
+        let mut every = tokio::time::interval(KEPT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut full = false;
+        loop {
+            every.tick().await;
+            let info = match self.js.get_stream(STREAM).await {
+                Ok(stream) => stream.get_info().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let Ok(info) = info else {
+                continue;
+            };
+            let limit = info.config.max_bytes;
+            let bytes = info.state.bytes;
+            let oldest = if info.state.messages == 0 {
+                0
+            } else {
+                let first = info.state.first_timestamp.unix_timestamp();
+                let now = i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX);
+                u64::try_from(now.saturating_sub(first)).unwrap_or(0)
+            };
+            metrics::gauge!("portcullis_cluster_kept_bytes").set(bytes as f64);
+            metrics::gauge!("portcullis_cluster_kept_limit_bytes").set(limit as f64);
+            metrics::gauge!("portcullis_cluster_kept_oldest_seconds").set(oldest as f64);
+            let Ok(limit) = u64::try_from(limit) else {
+                continue;
+            };
+            if !full && bytes.saturating_mul(100) >= limit.saturating_mul(KEPT_FULL_PERCENT) {
+                full = true;
+                tracing::warn!(target: "portcullis::cluster", kept_mib = bytes >> 20, oldest_secs = oldest, "the MQTT message stream is full (nats_kept_mib): JetStream drops its oldest QoS 1 and 2 messages, so a persistent session or shared group away longer than the oldest's age misses messages; raise nats_kept_mib (and max_file_store on each NATS server) to keep more");
+            } else if full && bytes.saturating_mul(100) < limit.saturating_mul(KEPT_CLEAR_PERCENT) {
+                full = false;
+                tracing::info!(target: "portcullis::cluster", kept_mib = bytes >> 20, "the MQTT message stream is no longer full");
+            }
         }
     }
 

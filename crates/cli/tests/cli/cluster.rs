@@ -489,6 +489,14 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     a.printed("taken over", |l| {
         l.contains("mqtt session taken over by another node") && l.contains("dev-7")
     });
+    // What the message stream keeps, against nats_kept_mib (256 MiB here), is watched.
+    let metrics = a.metrics(da);
+    assert!(
+        metrics.contains("portcullis_cluster_kept_limit_bytes 268435456")
+            && metrics.contains("portcullis_cluster_kept_bytes ")
+            && metrics.contains("portcullis_cluster_kept_oldest_seconds "),
+        "the kept messages' gauges:\n{metrics}"
+    );
 
     // Revocation: dev-9's sessions on all three nodes close within a second.
     let registered = cli_json(
