@@ -4,7 +4,8 @@
 #   bench/run.sh [SECONDS]            (default 8 s per measurement; about 15 minutes in all)
 #
 # Environment: REGISTERED=N certificates for the registered-mode row (default 1000000; 0 skips it),
-# IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
+# PERF=SERVER records a CPU profile of that server under each oha load (target/perf.SERVER.MODE.CLIENT.data
+# under target/), IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
 # only some servers, ROWS="tls13 grpc idle tls12 big registered" (the default: all) to run only some
 # groups of rows.
 #
@@ -324,10 +325,17 @@ PY
     rate) extra=(-c 16 -q "${RATE:-5000}" --latency-correction) ;;
     rate2) extra=(-c 4 -p 4 --http2 -q "${RATE:-5000}" --latency-correction) ;;
   esac
+  local perf_pid=""
+  if [ "${PERF:-}" = "$s" ]; then
+    # PERF=SERVER: a CPU profile of that server under each load, in perf.SERVER.MODE.CLIENT.data.
+    perf record -F 999 --call-graph "${PERF_CALLGRAPH:-fp}" -p "${spid[$s]}" -o "$root/target/perf.$s.$mode.$client.data" -- sleep "$secs" \
+      >/dev/null 2>&1 & perf_pid=$!
+  fi
   read -r i0 t0 < <(cpu0)
   taskset -c 1 "$oha_bin" --no-tui -z "${secs}s" "${extra[@]}" --cert "$client.pem" --key "$client.key" \
     --cacert ca/ca.pem --output-format json "https://localhost:$p$path" > oha.json 2>/dev/null || true
   read -r i1 t1 < <(cpu0)
+  [ -z "$perf_pid" ] || wait "$perf_pid" || true
   python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
 import json, sys
 i0, t0, i1, t1 = map(float, sys.argv[1:5])

@@ -321,7 +321,7 @@ impl DomainVerifier {
         end_entity: &[u8],
         intermediates: &[CertificateDer<'_>],
     ) -> (ClientVerdict, Option<Pending>) {
-        let leaf = match Certificate::from_der(end_entity.to_vec()) {
+        let leaf = match parsed(end_entity) {
             Ok(c) => c,
             Err(e) => {
                 let verdict = ClientVerdict::Rejected {
@@ -334,7 +334,7 @@ impl DomainVerifier {
         };
         let presented: Vec<Certificate> = intermediates
             .iter()
-            .filter_map(|c| Certificate::from_der(c.to_vec()).ok())
+            .filter_map(|c| parsed(c).ok())
             .collect();
         let Some(store) = &self.truststore else {
             let verdict = ClientVerdict::Rejected {
@@ -824,12 +824,44 @@ impl ClientCertVerifier for DomainVerifier {
     }
 }
 
+/// Client certificates parsed lately, by a keyed hash of their DER: a partner or device that
+/// connects again is not parsed again (parsing and decoding its fields were 3 % of a handshake,
+/// and the RFC 5280 profile checks it passed, another parse, are remembered with it). Only the
+/// parse: every handshake still verifies the chain, CRLs and the registry. Emptied when full.
+static PARSED: std::sync::LazyLock<(
+    std::hash::RandomState,
+    Mutex<std::collections::HashMap<u64, Certificate>>,
+)> = std::sync::LazyLock::new(Default::default);
+
+/// Client certificates [`PARSED`] keeps at most (about 2 KiB each).
+const PARSED_MAX: usize = 1024;
+
+/// `der` parsed, or the certificate parsed from the same bytes lately.
+fn parsed(der: &[u8]) -> portcullis_pki::Result<Certificate> {
+    use std::hash::BuildHasher;
+    let (keys, cache) = &*PARSED;
+    let key = keys.hash_one(der);
+    if let Some(c) = cache.lock().ok().and_then(|m| m.get(&key).cloned())
+        && c.der().as_ref() == der
+    {
+        return Ok(c);
+    }
+    let c = Certificate::from_der(der.to_vec())?;
+    if let Ok(mut cache) = cache.lock() {
+        if cache.len() >= PARSED_MAX {
+            cache.clear();
+        }
+        cache.insert(key, c.clone());
+    }
+    Ok(c)
+}
+
 /// A certificate whose key is too weak (RSA below 2048 bits): the verifier refuses it before
 /// anything else, under every profile, so its handshake signature (which no algorithm here
 /// checks: RSA-PSS starts at 2048 bits) proves nothing a decision relies on. Accepting it lets
 /// `on_failure = "http"` answer 403 weak-key instead of a bare decrypt_error alert.
 fn refused_for_its_key(cert: &CertificateDer<'_>) -> bool {
-    Certificate::from_der(cert.to_vec()).is_ok_and(|c| c.info().public_key.is_weak())
+    parsed(cert).is_ok_and(|c| c.info().public_key.is_weak())
 }
 
 /// The subject public key info of a certificate webpki cannot parse for verification (X.509 v1):
@@ -863,5 +895,46 @@ fn alert_for(reason: Rejection) -> CertificateError {
         TlsAlert::CertificateRequired | TlsAlert::AccessDenied => {
             CertificateError::ApplicationVerificationFailure
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_pki::issue::issue;
+    use portcullis_pki::{IssueRequest, KeyType, PrivateKey, Profile, SubjectName};
+
+    fn self_signed(cn: &str) -> Certificate {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        issue(
+            &IssueRequest::new(Profile::RootCa, SubjectName::cn(cn)),
+            &key,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_certificate_presented_again_is_not_parsed_again_and_other_bytes_are() {
+        let (a, b) = (self_signed("cache a"), self_signed("cache b"));
+        let first = parsed(a.der()).unwrap();
+        let again = parsed(a.der()).unwrap();
+        // The same parse (the same allocation of its bytes), not a new one.
+        assert_eq!(first.der().as_ptr(), again.der().as_ptr());
+        assert_eq!(again.info().subject, "CN=cache a");
+        let other = parsed(b.der()).unwrap();
+        assert_eq!(other.info().subject, "CN=cache b");
+        assert_ne!(other.der().as_ptr(), first.der().as_ptr());
+        // Bytes that do not parse are refused every time, and never kept.
+        let mut broken = a.der().to_vec();
+        broken.truncate(broken.len() / 2);
+        assert!(parsed(&broken).is_err());
+        assert!(parsed(&broken).is_err());
+        // Full, the cache starts again: still right.
+        for _ in 0..PARSED_MAX {
+            let _ = parsed(self_signed("filler").der());
+        }
+        assert!(PARSED.1.lock().unwrap().len() <= PARSED_MAX);
+        assert_eq!(parsed(a.der()).unwrap().info().subject, "CN=cache a");
     }
 }
