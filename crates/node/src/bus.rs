@@ -1924,21 +1924,14 @@ impl Node {
                     self.in_order(&key, change);
                 }
                 Control::DurableUnsubscribe(client_id, filter) => {
+                    // Now, so that what the session records next (going offline) lacks it, and
+                    // again in turn, after a subscription of the filter still on its way.
+                    self.forget_subscription(&client_id, &filter);
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     let change = async move {
-                        let record = {
-                            let mut durables =
-                                node.durables.lock().unwrap_or_else(|p| p.into_inner());
-                            durables.get_mut(&client_id).map(|d| {
-                                for task in d.pullers.remove(&filter).into_iter().flatten() {
-                                    task.abort();
-                                }
-                                d.subscriptions.remove(&filter);
-                                d.record(None)
-                            })
-                        };
+                        let record = node.forget_subscription(&client_id, &filter);
                         node.delete_consumers(&client_id, &filter).await;
                         if let Some(record) = record {
                             let _ = sessions.put(client_key(&client_id), record.into()).await;
@@ -2435,6 +2428,19 @@ impl Node {
             }
         }
         let _ = sessions.purge(client_key(client_id)).await;
+    }
+
+    /// Stops delivering `filter`'s kept messages to a persistent session online here and
+    /// forgets the subscription; the session's record then, if it is online here.
+    fn forget_subscription(&self, client_id: &str, filter: &str) -> Option<String> {
+        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+        durables.get_mut(client_id).map(|d| {
+            for task in d.pullers.remove(filter).into_iter().flatten() {
+                task.abort();
+            }
+            d.subscriptions.remove(filter);
+            d.record(None)
+        })
     }
 
     /// Runs a change of `client_id`'s session in NATS after the changes this node made to it
