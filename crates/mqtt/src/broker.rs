@@ -90,6 +90,8 @@ pub struct StoredSession {
     pub identity: String,
     /// Its subscriptions.
     pub subscriptions: Vec<(String, SubscriptionOptions)>,
+    /// How long it is kept after its connection (a refused CONNECT leaves it so).
+    pub expiry: Duration,
 }
 
 /// The answer to a claim: the session the cluster keeps for the client id, if any.
@@ -194,6 +196,9 @@ pub struct SessionHandle {
     pub awaiting_release: Vec<u16>,
     /// What to deliver from now on.
     pub outbound: mpsc::Receiver<Outbound>,
+    /// The expiry the session resumed here had before this connection (a refused CONNECT
+    /// gives it back: see [`Broker::refused`]).
+    pub resumed_expiry: Option<Duration>,
 }
 
 /// A session as the admin API lists it.
@@ -306,8 +311,9 @@ pub trait Bridge: Send + Sync {
     ) -> Option<Confirmation>;
     /// A persistent session no longer holds `filter`.
     fn durable_unsubscribe(&self, client_id: &str, filter: &str);
-    /// A persistent session's connection ended (the cluster keeps its messages).
-    fn durable_offline(&self, client_id: &str);
+    /// A persistent session's connection ended (the cluster keeps its messages for
+    /// `expiry`).
+    fn durable_offline(&self, client_id: &str, expiry: Duration);
     /// When the cluster is behind with what this node publishes: a wait until it has caught up
     /// (publishers stop reading until then: flow control instead of dropping).
     fn backpressure(&self) -> Option<Backpressure> {
@@ -389,6 +395,7 @@ impl Broker {
         let mut session_present = false;
         let mut pending = Vec::new();
         let mut awaiting_release = Vec::new();
+        let mut resumed_expiry = None;
         if let Some(old) = state.sessions.get_mut(client_id)
             && let Some(online) = old.online.take()
         {
@@ -413,6 +420,7 @@ impl Broker {
                 .filter(|m| sendable(m, now, receiver.as_ref()))
                 .collect();
             awaiting_release = std::mem::take(&mut s.awaiting_release);
+            resumed_expiry = Some(s.expiry);
             s.generation = generation;
             s.online = Some(tx);
             s.receiver = receiver;
@@ -446,6 +454,7 @@ impl Broker {
             pending,
             awaiting_release,
             outbound: rx,
+            resumed_expiry,
         }
     }
 
@@ -1040,8 +1049,9 @@ impl Broker {
                 }
                 None => true,
             });
+            let expiry = session.expiry;
             if let Some(bridge) = &state.bridge {
-                bridge.durable_offline(client_id);
+                bridge.durable_offline(client_id, expiry);
             }
             let Some(session) = state.sessions.get_mut(client_id) else {
                 return;
@@ -1064,6 +1074,31 @@ impl Broker {
         for m in unacknowledged.into_iter().rev() {
             session.enqueue_first(m, self.limits.max_queued);
         }
+    }
+
+    /// A connection refused after [`Broker::connect`] (no CONNACK reached the client): the
+    /// session stays as it was before — one it resumed is kept for `kept_expiry` (its expiry
+    /// before this CONNECT: [`SessionHandle::resumed_expiry`], or [`StoredSession::expiry`]),
+    /// with what it had queued; one it made anew ends (`None`). An expiry of zero asked for
+    /// by the refused CONNECT must not end a kept session and lose its messages.
+    pub fn refused(&self, handle: &mut SessionHandle, kept_expiry: Option<Duration>) {
+        {
+            let mut state = self.lock();
+            if let Some(session) = state
+                .sessions
+                .get_mut(&handle.client_id)
+                .filter(|s| s.generation == handle.generation)
+            {
+                session.expiry = kept_expiry.unwrap_or(Duration::ZERO);
+            }
+        }
+        self.disconnected(
+            &handle.client_id,
+            handle.generation,
+            std::mem::take(&mut handle.pending),
+            std::mem::take(&mut handle.awaiting_release),
+            Some(&mut handle.outbound),
+        );
     }
 
     /// Ends a session now (an operator's disconnect, a revoked certificate): its connection is
@@ -1602,7 +1637,7 @@ mod tests {
             None
         }
         fn durable_unsubscribe(&self, _: &str, _: &str) {}
-        fn durable_offline(&self, _: &str) {}
+        fn durable_offline(&self, _: &str, _: Duration) {}
         fn durable_end(&self, _: &str) {}
     }
 
@@ -1640,6 +1675,96 @@ mod tests {
         assert_eq!(returned.load(std::sync::atomic::Ordering::SeqCst), 5);
         let again = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
         assert!(again.pending.is_empty());
+    }
+
+    /// A cluster that keeps nothing and records what a session told it.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<String>>);
+
+    impl Bridge for Recording {
+        fn published(
+            &self,
+            m: Message,
+            p: Option<&str>,
+            q: Option<(u16, bool)>,
+        ) -> Option<Confirmation> {
+            KeepingNothing.published(m, p, q)
+        }
+        fn interest(&self, _: &str, _: bool) -> Option<Confirmation> {
+            None
+        }
+        fn retained(&self, _: &str, _: u64, _: &str, _: SubscriptionOptions) {}
+        fn claim(&self, c: &str, s: bool, i: &str) -> Claimed {
+            KeepingNothing.claim(c, s, i)
+        }
+        fn release(&self, c: &str) {
+            self.0.lock().unwrap().push(format!("release {c}"));
+        }
+        fn durable_session(&self, c: &str, _: u64, _: &str, e: Duration) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("session {c} {}", e.as_secs()));
+        }
+        fn durable_subscribe(
+            &self,
+            _: &str,
+            _: u64,
+            _: &str,
+            _: SubscriptionOptions,
+        ) -> Option<Confirmation> {
+            None
+        }
+        fn durable_unsubscribe(&self, _: &str, _: &str) {}
+        fn durable_offline(&self, c: &str, e: Duration) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("offline {c} {}", e.as_secs()));
+        }
+        fn durable_end(&self, c: &str) {
+            self.0.lock().unwrap().push(format!("end {c}"));
+        }
+    }
+
+    #[test]
+    fn a_refused_connect_leaves_the_persistent_session_it_resumed_as_it_was() {
+        let b = Broker::new(Limits::default());
+        let told = Arc::new(Recording::default());
+        b.set_bridge(told.clone());
+        let a = b.connect("a", false, Duration::from_secs(600), everything(), "a");
+        b.make_durable("a", a.generation, false);
+        b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
+        b.disconnected("a", a.generation, Vec::new(), Vec::new(), None);
+        // Resumed with an expiry of zero (MQTT 5), then refused before CONNACK (the cluster
+        // could not resume it): kept as it was, not ended.
+        let mut z = b.connect("a", false, Duration::ZERO, everything(), "a");
+        assert!(z.session_present);
+        assert_eq!(z.resumed_expiry, Some(Duration::from_secs(600)));
+        b.make_durable("a", z.generation, false);
+        let kept = z.resumed_expiry;
+        b.refused(&mut z, kept);
+        let told_now = told.0.lock().unwrap().clone();
+        assert_eq!(told_now.last().map(String::as_str), Some("offline a 600"));
+        assert!(
+            !told_now.iter().any(|t| t.starts_with("end")),
+            "{told_now:?}"
+        );
+        let again = b.connect("a", false, Duration::ZERO, everything(), "a");
+        assert!(again.session_present, "the session is still kept");
+        // Accepted this time: it ends with this connection, as its CONNECT asked.
+        b.disconnected("a", again.generation, Vec::new(), Vec::new(), None);
+        assert!(told.0.lock().unwrap().iter().any(|t| t == "end a"));
+        // A session the refused CONNECT made anew is not left behind.
+        let mut n = b.connect("n", false, Duration::from_secs(600), everything(), "n");
+        b.make_durable("n", n.generation, false);
+        let kept = n.resumed_expiry;
+        b.refused(&mut n, kept);
+        assert!(told.0.lock().unwrap().iter().any(|t| t == "end n"));
+        assert!(
+            !b.connect("n", false, Duration::ZERO, everything(), "n")
+                .session_present
+        );
     }
 
     #[test]

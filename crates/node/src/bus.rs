@@ -336,7 +336,7 @@ enum Control {
         reply: Reply,
     },
     DurableUnsubscribe(String, String),
-    DurableOffline(String),
+    DurableOffline(String, Duration),
     DurableEnd(String),
     /// A persistent session released its QoS 2 message: its ledger entry (key) goes.
     Released(String, Reply),
@@ -474,10 +474,10 @@ impl Bridge for NatsBridge {
         ));
     }
 
-    fn durable_offline(&self, client_id: &str) {
+    fn durable_offline(&self, client_id: &str, expiry: Duration) {
         let _ = self
             .control
-            .send(Control::DurableOffline(client_id.to_string()));
+            .send(Control::DurableOffline(client_id.to_string(), expiry));
     }
 
     fn backpressure(&self) -> Option<portcullis_mqtt::broker::Backpressure> {
@@ -1097,6 +1097,7 @@ pub(crate) async fn start(
         kept_bytes: options.kept_bytes,
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
+        resumed: Arc::new(Mutex::new(HashMap::new())),
         order: Arc::new(Mutex::new((0, HashMap::new()))),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
@@ -1275,37 +1276,6 @@ async fn store_again(
     all_stored(js, acks).await
 }
 
-/// Records a persistent session as online: a new record if there is none (`record`), the
-/// kept one no longer offline otherwise (its subscriptions are the ones it resumes with). A
-/// subscription recorded meanwhile wins (it records the session online too).
-async fn mark_online(sessions: &kv::Store, client_id: &str, record: String) {
-    let key = client_key(client_id);
-    let written = match sessions.entry(key.clone()).await {
-        Ok(Some(e)) if e.operation == kv::Operation::Put => {
-            match serde_json::from_slice::<serde_json::Value>(&e.value) {
-                Ok(mut kept) if !kept["offline_since_ms"].is_null() => {
-                    kept["offline_since_ms"] = serde_json::Value::Null;
-                    sessions
-                        .update(&key, kept.to_string().into(), e.revision)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-                _ => Ok(()),
-            }
-        }
-        Ok(_) => sessions
-            .create(&key, record.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = written {
-        tracing::debug!(target: "portcullis::cluster", client_id = %client_id, error = %e, "recording a persistent session online (a concurrent write recorded it)");
-    }
-}
-
 /// The packet id a kept QoS 2 message is sent with: from its stream sequence (1–65535).
 fn qos2_packet_id(seq: u64) -> u16 {
     u16::try_from(seq % 65_535 + 1).unwrap_or(1)
@@ -1418,6 +1388,8 @@ struct Durable {
     identity: String,
     expiry: Duration,
     generation: u64,
+    /// Which life of the client id's session this is (its consumers are named after it).
+    incarnation: u64,
     subscriptions: std::collections::BTreeMap<String, SubscriptionOptions>,
     /// The tasks pulling each subscription's kept messages.
     pullers: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
@@ -1455,12 +1427,14 @@ impl Durable {
         }
     }
 
-    /// The session's record in the sessions bucket.
-    fn record(&self, offline_since_ms: Option<u64>) -> String {
+    /// The session's record in the sessions bucket, held by node instance `owner`.
+    fn record(&self, owner: &str, offline_since_ms: Option<u64>) -> String {
         serde_json::json!({
             "identity": self.identity,
             "expiry_secs": self.expiry.as_secs(),
             "offline_since_ms": offline_since_ms,
+            "owner": owner,
+            "incarnation": self.incarnation,
             "subscriptions": self.subscriptions.iter().map(|(f, o)| serde_json::json!({
                 "filter": f,
                 "qos": o.qos as u8,
@@ -1472,15 +1446,39 @@ impl Durable {
     }
 }
 
-/// The durable consumer keeping `subject` for `client_id` (a stable name: every node binds
-/// the same one).
-fn consumer_name(client_id: &str, subject: &str) -> String {
+/// The durable consumer keeping `subject` for `client_id`'s session `incarnation` (a stable
+/// name: every node binds the same one; ending one life of the session never touches the
+/// next one's. Incarnation 0: a session recorded by an earlier version).
+fn consumer_name(client_id: &str, incarnation: u64, subject: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in client_id.bytes().chain([0]).chain(subject.bytes()) {
+    let life = (incarnation != 0).then(|| incarnation.to_be_bytes());
+    for b in client_id
+        .bytes()
+        .chain(life.into_iter().flatten())
+        .chain([0])
+        .chain(subject.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("ps_{h:016x}")
+}
+
+/// A new session's incarnation (random, never 0).
+fn new_incarnation() -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    u64::from_be_bytes(bytes).max(1)
+}
+
+/// The incarnation a session record names (0: recorded by an earlier version).
+fn incarnation_of(record: &serde_json::Value) -> u64 {
+    record["incarnation"].as_u64().unwrap_or(0)
+}
+
+/// The node instance holding a session record, if it names one (an earlier version's does not).
+fn owner_of(record: &serde_json::Value) -> Option<&str> {
+    record["owner"].as_str()
 }
 
 /// The changes made to sessions, and per client id the last on its way (numbered).
@@ -1502,6 +1500,8 @@ struct Node {
     claims: Arc<Mutex<HashMap<String, u64>>>,
     /// Persistent sessions online here.
     durables: Arc<Mutex<HashMap<String, Durable>>>,
+    /// Per client id, the incarnation of the session its last claim here resumed.
+    resumed: Arc<Mutex<HashMap<String, u64>>>,
     /// Per client id, the last change of its session on its way to NATS (see
     /// [`Node::in_order`]), and the number of changes made.
     order: Arc<Mutex<SessionChanges>>,
@@ -1842,14 +1842,26 @@ impl Node {
                     let (clients, sessions) = (clients.clone(), sessions.clone());
                     let key = client_id.clone();
                     self.in_order(&key, async move {
+                        // The connection stopped waiting (a change before this one was slow):
+                        // a claim now could take the client id from its newer connection on
+                        // another node.
+                        if reply.is_closed() {
+                            return;
+                        }
                         let claimed = match node.claim(&clients, &client_id).await {
+                            Ok(()) if reply.is_closed() => {
+                                node.give_back(&clients, &client_id).await;
+                                return;
+                            }
                             Ok(()) => {
                                 node.stored_session(&sessions, &client_id, clean_start, &identity)
                                     .await
                             }
                             Err(e) => Err(e),
                         };
-                        let _ = reply.send(claimed);
+                        if reply.send(claimed).is_err() {
+                            node.give_back(&clients, &client_id).await;
+                        }
                     });
                 }
                 Control::DurableSession {
@@ -1858,6 +1870,12 @@ impl Node {
                     identity,
                     expiry,
                 } => {
+                    // The session its claim resumed, or a new one.
+                    let resumed = self
+                        .resumed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id);
                     let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
                     let d = durables
                         .entry(client_id.clone())
@@ -1865,6 +1883,7 @@ impl Node {
                             identity: identity.clone(),
                             expiry,
                             generation,
+                            incarnation: resumed.unwrap_or_else(new_incarnation),
                             subscriptions: Default::default(),
                             pullers: HashMap::new(),
                             inflight: Arc::new(Inflight::new(self.broker.max_queued())),
@@ -1879,14 +1898,17 @@ impl Node {
                     d.identity = identity;
                     d.expiry = expiry;
                     d.generation = generation;
-                    let record = d.record(None);
+                    let record = d.record(&self.instance, None);
                     drop(durables);
                     // Recorded at once, subscriptions or not: a session that only publishes
                     // has state too (QoS 2 messages not yet released) and resumes elsewhere.
+                    let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     self.in_order(&key, async move {
-                        mark_online(&sessions, &client_id, record).await;
+                        if let Err(e) = node.put_mine(&sessions, &client_id, record, true).await {
+                            tracing::debug!(target: "portcullis::cluster", client_id = %client_id, error = %e, "cannot record a persistent session online (its subscriptions record it)");
+                        }
                     });
                 }
                 Control::DurableSubscribe {
@@ -1896,6 +1918,22 @@ impl Node {
                     options,
                     reply,
                 } => {
+                    // Now: the session's list has it (going offline right after records it),
+                    // and a filter taken again at QoS 0 is no longer delivered at QoS 1.
+                    if let Some(d) = self
+                        .durables
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&client_id)
+                        .filter(|d| d.generation == generation)
+                    {
+                        d.subscriptions.insert(filter.clone(), options);
+                        if options.qos == QoS::AtMostOnce {
+                            for task in d.pullers.remove(&filter).into_iter().flatten() {
+                                task.abort();
+                            }
+                        }
+                    }
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
@@ -1931,31 +1969,42 @@ impl Node {
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     let change = async move {
-                        let record = node.forget_subscription(&client_id, &filter);
-                        node.delete_consumers(&client_id, &filter).await;
-                        if let Some(record) = record {
-                            let _ = sessions.put(client_key(&client_id), record.into()).await;
+                        if let Some((record, incarnation)) =
+                            node.forget_subscription(&client_id, &filter)
+                        {
+                            node.delete_consumers(&client_id, incarnation, &filter)
+                                .await;
+                            let _ = node.put_mine(&sessions, &client_id, record, false).await;
                         }
                     };
                     self.in_order(&key, change);
                 }
-                Control::DurableOffline(client_id) => {
+                Control::DurableOffline(client_id, expiry) => {
                     let record = {
                         let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
                         durables.remove(&client_id).map(|mut d| {
                             d.stop();
-                            d.record(Some(now_ms()))
+                            d.expiry = expiry;
+                            d.record(&self.instance, Some(now_ms()))
                         })
                     };
                     if let Some(record) = record {
+                        let node = self.clone();
                         let sessions = sessions.clone();
                         let key = client_id.clone();
                         self.in_order(&key, async move {
-                            let _ = sessions.put(client_key(&client_id), record.into()).await;
+                            if let Err(e) = node.put_mine(&sessions, &client_id, record, false).await {
+                                tracing::warn!(target: "portcullis::cluster", client_id = %client_id, error = %e, "cannot record a persistent session offline (it expires from when its node is found gone)");
+                            }
                         });
                     }
                 }
                 Control::DurableEnd(client_id) => {
+                    // The next session of the client id is a new one (its own consumers).
+                    self.resumed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id);
                     if let Some(mut d) = self
                         .durables
                         .lock()
@@ -1968,7 +2017,7 @@ impl Node {
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     self.in_order(&key, async move {
-                        node.end_session(&sessions, &client_id).await;
+                        node.end_session(&sessions, &client_id, true).await;
                     });
                 }
                 Control::Released(key, reply) => {
@@ -2079,7 +2128,7 @@ impl Node {
     /// the whole cluster: every node binds the same).
     async fn group_consumer(&self, filter: &str, subject: &str) -> Result<consumer::PullConsumer> {
         let stream = self.js.get_stream(STREAM).await?;
-        let name = format!("pg{}", &consumer_name(filter, subject)[2..]);
+        let name = format!("pg{}", &consumer_name(filter, 0, subject)[2..]);
         let consumer = stream
             .get_or_create_consumer(
                 &name,
@@ -2366,8 +2415,30 @@ impl Node {
         }
     }
 
+    /// Gives a claim back that nobody waits for any more (its connection gave up), unless
+    /// another node claimed the client id since.
+    async fn give_back(&self, clients: &kv::Store, client_id: &str) {
+        let revision = self
+            .claims
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(client_id));
+        if let Some(revision) = revision {
+            let _ = clients
+                .delete_expect_revision(client_key(client_id), Some(revision))
+                .await;
+        }
+        self.resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client_id);
+    }
+
     /// The persistent session the cluster keeps for `client_id`, if it is still current and
-    /// `identity`'s; anything else it kept is discarded.
+    /// `identity`'s; anything else it kept is discarded. A session resumed is recorded as this
+    /// node's at once, with a compare-and-set on what was read: a node ending it at the same
+    /// moment (its last connection ended with an expiry of zero) either ends it first (then it
+    /// is not resumed) or finds it taken and leaves it.
     async fn stored_session(
         &self,
         sessions: &kv::Store,
@@ -2375,71 +2446,204 @@ impl Node {
         clean_start: bool,
         identity: &str,
     ) -> Result<Option<StoredSession>, String> {
-        let record = match sessions.get(client_key(client_id)).await {
-            Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes).ok(),
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-        let Some(record) = record else {
-            return Ok(None);
-        };
-        let expired = record["offline_since_ms"].as_u64().is_some_and(|since| {
-            now_ms().saturating_sub(since) >= record["expiry_secs"].as_u64().unwrap_or(0) * 1000
-        });
-        if clean_start || expired || record["identity"].as_str() != Some(identity) {
-            self.end_session(sessions, client_id).await;
-            return Ok(None);
+        self.resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client_id);
+        let key = client_key(client_id);
+        let claim = self
+            .claims
+            .lock()
+            .ok()
+            .and_then(|c| c.get(client_id).copied())
+            .unwrap_or(0);
+        let mut last = String::new();
+        for attempt in 1..=5u64 {
+            let entry = match sessions.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+                Ok(_) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
+            let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&entry.value) else {
+                return Ok(None);
+            };
+            if record["claim"].as_u64().unwrap_or(0) > claim {
+                return Err("another node claimed the client id meanwhile".into());
+            }
+            let expired = record["offline_since_ms"].as_u64().is_some_and(|since| {
+                now_ms().saturating_sub(since) >= record["expiry_secs"].as_u64().unwrap_or(0) * 1000
+            });
+            if clean_start || expired || record["identity"].as_str() != Some(identity) {
+                self.end_session(sessions, client_id, false).await;
+                return Ok(None);
+            }
+            record["offline_since_ms"] = serde_json::Value::Null;
+            record["owner"] = serde_json::json!(self.instance);
+            record["claim"] = serde_json::json!(claim);
+            if let Err(e) = sessions
+                .update(&key, record.to_string().into(), entry.revision)
+                .await
+            {
+                // Changed since it was read (ended, or written by its previous connection):
+                // read again.
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                continue;
+            }
+            let subscriptions = record["subscriptions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| {
+                    let qos = match s["qos"].as_u64()? {
+                        0 => QoS::AtMostOnce,
+                        1 => QoS::AtLeastOnce,
+                        _ => QoS::ExactlyOnce,
+                    };
+                    Some((
+                        s["filter"].as_str()?.to_string(),
+                        SubscriptionOptions {
+                            qos,
+                            no_local: s["no_local"].as_bool().unwrap_or(false),
+                            retain_as_published: s["retain_as_published"]
+                                .as_bool()
+                                .unwrap_or(false),
+                        },
+                    ))
+                })
+                .collect();
+            self.resumed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(client_id.to_string(), incarnation_of(&record));
+            return Ok(Some(StoredSession {
+                identity: identity.to_string(),
+                subscriptions,
+                expiry: Duration::from_secs(record["expiry_secs"].as_u64().unwrap_or(0)),
+            }));
         }
-        let subscriptions = record["subscriptions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                let qos = match s["qos"].as_u64()? {
-                    0 => QoS::AtMostOnce,
-                    1 => QoS::AtLeastOnce,
-                    _ => QoS::ExactlyOnce,
-                };
-                Some((
-                    s["filter"].as_str()?.to_string(),
-                    SubscriptionOptions {
-                        qos,
-                        no_local: s["no_local"].as_bool().unwrap_or(false),
-                        retain_as_published: s["retain_as_published"].as_bool().unwrap_or(false),
-                    },
-                ))
-            })
-            .collect();
-        Ok(Some(StoredSession {
-            identity: identity.to_string(),
-            subscriptions,
-        }))
+        Err(format!("the session's record kept changing: {last}"))
     }
 
-    /// Forgets a persistent session: its consumers (and what they kept) and its record.
-    async fn end_session(&self, sessions: &kv::Store, client_id: &str) {
-        if let Ok(Some(bytes)) = sessions.get(client_key(client_id)).await
-            && let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes)
-        {
+    /// Forgets a persistent session: its record, then its consumers (and what they kept). With
+    /// `only_mine`, not a session another node resumed since (its record names that node).
+    /// The record goes first, compared and set: a node resuming it meanwhile either finds it
+    /// gone or keeps it, and the consumers deleted are this life's only (a session made anew
+    /// has its own).
+    async fn end_session(&self, sessions: &kv::Store, client_id: &str, only_mine: bool) {
+        let key = client_key(client_id);
+        for _ in 0..5 {
+            let entry = match sessions.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", client_id = %client_id, error = %e, "cannot end a persistent session (the sweeper ends it once it expires)");
+                    return;
+                }
+            };
+            let record =
+                serde_json::from_slice::<serde_json::Value>(&entry.value).unwrap_or_default();
+            if only_mine && owner_of(&record).is_some_and(|o| o != self.instance) {
+                return;
+            }
+            if sessions
+                .purge_expect_revision(key.as_str(), Some(entry.revision))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let incarnation = incarnation_of(&record);
             for s in record["subscriptions"].as_array().into_iter().flatten() {
                 if let Some(filter) = s["filter"].as_str() {
-                    self.delete_consumers(client_id, filter).await;
+                    self.delete_consumers(client_id, incarnation, filter).await;
                 }
             }
+            return;
         }
-        let _ = sessions.purge(client_key(client_id)).await;
+    }
+
+    /// Writes a persistent session's record as the holder of its client id's claim (the claim's
+    /// revision goes with it): never over a record written under a newer claim (another node
+    /// took the session since), nor once this node holds no claim (the session moved or
+    /// ended) — a late write must not take a session back. `online`: its connection starts (a
+    /// record of the same life is kept as it is, no longer offline; any other is replaced).
+    async fn put_mine(
+        &self,
+        sessions: &kv::Store,
+        client_id: &str,
+        record: String,
+        online: bool,
+    ) -> Result<(), String> {
+        let key = client_key(client_id);
+        let Ok(mut mine) = serde_json::from_str::<serde_json::Value>(&record) else {
+            return Ok(());
+        };
+        let mut last = String::new();
+        for attempt in 1..=5u64 {
+            let Some(claim) = self
+                .claims
+                .lock()
+                .ok()
+                .and_then(|c| c.get(client_id).copied())
+            else {
+                return Ok(());
+            };
+            mine["claim"] = serde_json::json!(claim);
+            let written = match sessions.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                    let mut kept =
+                        serde_json::from_slice::<serde_json::Value>(&e.value).unwrap_or_default();
+                    if kept["claim"].as_u64().unwrap_or(0) > claim {
+                        return Ok(());
+                    }
+                    let value = if online && incarnation_of(&kept) == incarnation_of(&mine) {
+                        if kept["offline_since_ms"].is_null()
+                            && kept["claim"].as_u64() == Some(claim)
+                            && owner_of(&kept) == Some(self.instance.as_str())
+                        {
+                            return Ok(());
+                        }
+                        kept["offline_since_ms"] = serde_json::Value::Null;
+                        kept["owner"] = serde_json::json!(self.instance);
+                        kept["claim"] = serde_json::json!(claim);
+                        kept
+                    } else {
+                        mine.clone()
+                    };
+                    sessions
+                        .update(&key, value.to_string().into(), e.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                Ok(_) => sessions
+                    .create(&key, mine.to_string().into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+        }
+        Err(last)
     }
 
     /// Stops delivering `filter`'s kept messages to a persistent session online here and
-    /// forgets the subscription; the session's record then, if it is online here.
-    fn forget_subscription(&self, client_id: &str, filter: &str) -> Option<String> {
+    /// forgets the subscription; the session's record then (and its incarnation), if it is
+    /// online here.
+    fn forget_subscription(&self, client_id: &str, filter: &str) -> Option<(String, u64)> {
         let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
         durables.get_mut(client_id).map(|d| {
             for task in d.pullers.remove(filter).into_iter().flatten() {
                 task.abort();
             }
             d.subscriptions.remove(filter);
-            d.record(None)
+            (d.record(&self.instance, None), d.incarnation)
         })
     }
 
@@ -2455,22 +2659,32 @@ impl Node {
         order.0 += 1;
         let id = order.0;
         let before = order.1.remove(client_id).map(|(_, task)| task);
-        let (all, key) = (self.order.clone(), client_id.to_string());
+        /// The last change of the session done (or failed): nothing left to wait for.
+        struct Done(Arc<Mutex<SessionChanges>>, String, u64);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let mut order = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                if order
+                    .1
+                    .get(&self.1)
+                    .is_some_and(|(last, _)| *last == self.2)
+                {
+                    order.1.remove(&self.1);
+                }
+            }
+        }
+        let done = Done(self.order.clone(), client_id.to_string(), id);
         let task = tokio::spawn(async move {
+            let _done = done;
             if let Some(before) = before {
                 let _ = before.await;
             }
             change.await;
-            // The last change of the session: nothing left to wait for.
-            let mut order = all.lock().unwrap_or_else(|p| p.into_inner());
-            if order.1.get(&key).is_some_and(|(last, _)| *last == id) {
-                order.1.remove(&key);
-            }
         });
         order.1.insert(client_id.to_string(), (id, task));
     }
 
-    async fn delete_consumers(&self, client_id: &str, filter: &str) {
+    async fn delete_consumers(&self, client_id: &str, incarnation: u64, filter: &str) {
         // A shared subscription's messages are its group's (see `group_consumer`).
         if filter.starts_with("$share/") {
             return;
@@ -2480,7 +2694,7 @@ impl Node {
         };
         for subject in filter_subjects(STORED, filter) {
             let _ = stream
-                .delete_consumer(&consumer_name(client_id, &subject))
+                .delete_consumer(&consumer_name(client_id, incarnation, &subject))
                 .await;
         }
     }
@@ -2498,10 +2712,12 @@ impl Node {
         options: SubscriptionOptions,
     ) -> Result<()> {
         let stream = self.js.get_stream(STREAM).await?;
-        let (expiry, inflight) = {
+        let (expiry, inflight, incarnation) = {
             let durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
             match durables.get(client_id) {
-                Some(d) if d.generation == generation => (d.expiry, d.inflight.clone()),
+                Some(d) if d.generation == generation => {
+                    (d.expiry, d.inflight.clone(), d.incarnation)
+                }
                 _ => return Ok(()),
             }
         };
@@ -2513,7 +2729,7 @@ impl Node {
             filter_subjects(STORED, filter)
         };
         for subject in subjects {
-            let name = consumer_name(client_id, &subject);
+            let name = consumer_name(client_id, incarnation, &subject);
             let consumer: consumer::PullConsumer = stream
                 .get_or_create_consumer(
                     &name,
@@ -2541,7 +2757,11 @@ impl Node {
                 }
             }));
         }
-        let mut kept_before = false;
+        // Taken (again) at QoS 0: no consumer may deliver it at QoS 1 besides. Before the
+        // record, so that a failed attempt tried again still deletes them.
+        if options.qos == QoS::AtMostOnce && !filter.starts_with("$share/") {
+            self.delete_consumers(client_id, incarnation, filter).await;
+        }
         let record = {
             let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
             match durables.get_mut(client_id) {
@@ -2554,11 +2774,8 @@ impl Node {
                     {
                         task.abort();
                     }
-                    kept_before = d
-                        .subscriptions
-                        .insert(filter.to_string(), options)
-                        .is_some_and(|o| o.qos != QoS::AtMostOnce);
-                    Some(d.record(None))
+                    d.subscriptions.insert(filter.to_string(), options);
+                    Some(d.record(&self.instance, None))
                 }
                 _ => {
                     for task in tasks {
@@ -2569,13 +2786,9 @@ impl Node {
             }
         };
         if let Some(record) = record {
-            sessions
-                .put(client_key(client_id), record.into())
+            self.put_mine(sessions, client_id, record, false)
                 .await
-                .context("recording the session")?;
-        }
-        if kept_before && options.qos == QoS::AtMostOnce {
-            self.delete_consumers(client_id, filter).await;
+                .map_err(|e| anyhow::anyhow!("recording the session: {e}"))?;
         }
         Ok(())
     }
@@ -2827,17 +3040,19 @@ impl Node {
             match sweep_verdict(&record, now_ms()) {
                 Sweep::Keep => {}
                 Sweep::End => {
-                    for s in record["subscriptions"].as_array().into_iter().flatten() {
-                        if let Some(filter) = s["filter"].as_str() {
-                            self.delete_consumers(&client_id, filter).await;
-                        }
-                    }
+                    // The record first: a session resumed meanwhile keeps its consumers.
                     if sessions
                         .purge_expect_revision(key.as_str(), Some(entry.revision))
                         .await
                         .is_ok()
                     {
                         ended += 1;
+                        let incarnation = incarnation_of(&record);
+                        for s in record["subscriptions"].as_array().into_iter().flatten() {
+                            if let Some(filter) = s["filter"].as_str() {
+                                self.delete_consumers(&client_id, incarnation, filter).await;
+                            }
+                        }
                     }
                 }
                 Sweep::AskOwner => {

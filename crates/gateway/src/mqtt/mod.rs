@@ -312,6 +312,7 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
             }
         }
     }
+    let stored_expiry = stored.as_ref().map(|s| s.expiry);
     let mut handle = c.broker.connect(
         &client_id,
         connect.clean_start,
@@ -319,19 +320,16 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         Arc::new(auth.clone()),
         &identity,
     );
+    // Refused before CONNACK, a session this CONNECT resumed stays as it was (its expiry
+    // included: an expiry of zero asked for must not end it and lose what it kept).
+    let kept_expiry = handle.resumed_expiry.or(stored_expiry);
     // A session resumed with an expiry of zero (MQTT 5) is still resumed: its queued messages
     // and subscriptions come back, and it ends with this connection.
     if (!expiry.is_zero() || !connect.clean_start)
         && let Err(why) = resume_in_cluster(c, &client_id, &mut handle, stored, &auth).await
     {
         let _ = send(tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
-        c.broker.disconnected(
-            &client_id,
-            handle.generation,
-            std::mem::take(&mut handle.pending),
-            std::mem::take(&mut handle.awaiting_release),
-            Some(&mut handle.outbound),
-        );
+        c.broker.refused(&mut handle, kept_expiry);
         return log_refused(
             c,
             &client_id,
@@ -355,13 +353,7 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         properties,
     });
     if send(tls, protocol, &ack).await.is_err() {
-        c.broker.disconnected(
-            &client_id,
-            handle.generation,
-            std::mem::take(&mut handle.pending),
-            std::mem::take(&mut handle.awaiting_release),
-            Some(&mut handle.outbound),
-        );
+        c.broker.refused(&mut handle, kept_expiry);
         return None;
     }
     metrics::gauge!("portcullis_mqtt_connections").increment(1.0);
