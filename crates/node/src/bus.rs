@@ -75,6 +75,10 @@ const QOS2: &str = "PORTCULLIS_QOS2";
 /// How long JetStream waits for a persistent session's acknowledgement before delivering a
 /// message again (after its node died, the time to resume its messages on another).
 const ACK_WAIT: Duration = Duration::from_secs(3);
+/// How long after a session ends here its consumers (and its client id's claim) wait before
+/// they go, in case another node resumed (or claimed) it at the same moment: nats-server 2.9
+/// lets two compare-and-set writes in flight together both succeed.
+const RESUME_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the QoS 2 ledger keeps an entry whose PUBREL never came (the client gone for good):
 /// a message sent again later than this is stored again.
@@ -2051,9 +2055,22 @@ impl Node {
                     if let Some(revision) = revision {
                         let clients = clients.clone();
                         tokio::spawn(async move {
-                            let _ = clients
-                                .delete_expect_revision(client_key(&client_id), Some(revision))
-                                .await;
+                            // A moment later, and only if nobody claimed it since (read from
+                            // the leader): nats-server 2.9 lets this delete and a claim in
+                            // flight at the same moment both succeed, and the delete applied
+                            // last would erase the newer owner's claim.
+                            tokio::time::sleep(RESUME_GRACE).await;
+                            let subject = format!("{}{}", clients.prefix, client_key(&client_id));
+                            let still = clients
+                                .stream
+                                .get_last_raw_message_by_subject(&subject)
+                                .await
+                                .is_ok_and(|m| m.sequence == revision);
+                            if still {
+                                let _ = clients
+                                    .delete_expect_revision(client_key(&client_id), Some(revision))
+                                    .await;
+                            }
                         });
                     }
                 }
@@ -2526,10 +2543,13 @@ impl Node {
     }
 
     /// Forgets a persistent session: its record, then its consumers (and what they kept). With
-    /// `only_mine`, not a session another node resumed since (its record names that node).
-    /// The record goes first, compared and set: a node resuming it meanwhile either finds it
-    /// gone or keeps it, and the consumers deleted are this life's only (a session made anew
-    /// has its own).
+    /// `only_mine`, only the session this node holds, not one another node resumed since (its
+    /// record names that node). The record goes first, compared and set, so a node resuming
+    /// it meanwhile finds it gone or keeps it — but nats-server 2.9 lets two compare-and-set
+    /// writes in flight at the same moment both succeed (its check sees only what is
+    /// applied): a resume racing this end can win the record and then lose it to this purge.
+    /// So the consumers go a moment later, unless the session's record is back with the same
+    /// incarnation (resumed; a session made anew has its own consumers).
     async fn end_session(&self, sessions: &kv::Store, client_id: &str, only_mine: bool) {
         let key = client_key(client_id);
         for _ in 0..5 {
@@ -2554,13 +2574,51 @@ impl Node {
                 continue;
             }
             let incarnation = incarnation_of(&record);
-            for s in record["subscriptions"].as_array().into_iter().flatten() {
-                if let Some(filter) = s["filter"].as_str() {
+            let filters: Vec<String> = record["subscriptions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["filter"].as_str().map(str::to_string))
+                .collect();
+            if !only_mine {
+                for filter in &filters {
                     self.delete_consumers(client_id, incarnation, filter).await;
                 }
+                return;
             }
+            // A node resuming the session at this moment may have won the record and lost it
+            // to this purge: it writes the record again as it goes on. Its consumers stay if
+            // it did (a moment later, out of the session's turn: a reconnection here waits
+            // for nothing).
+            let (node, sessions, client_id) =
+                (self.clone(), sessions.clone(), client_id.to_string());
+            tokio::spawn(async move {
+                tokio::time::sleep(RESUME_GRACE).await;
+                if node.record_incarnation(&sessions, &client_id).await != Some(incarnation) {
+                    for filter in &filters {
+                        node.delete_consumers(&client_id, incarnation, filter).await;
+                    }
+                }
+            });
             return;
         }
+    }
+
+    /// The incarnation of the session `client_id`'s record names, read from the bucket
+    /// stream's leader (a replica may lag); `None` without a record (or when unknown).
+    async fn record_incarnation(&self, sessions: &kv::Store, client_id: &str) -> Option<u64> {
+        let subject = format!("{}{}", sessions.prefix, client_key(client_id));
+        let m = sessions
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .ok()?;
+        if m.headers.get("KV-Operation").is_some() {
+            return None;
+        }
+        serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .map(|r| incarnation_of(&r))
     }
 
     /// Writes a persistent session's record as the holder of its client id's claim (the claim's
