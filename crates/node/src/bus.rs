@@ -1280,6 +1280,26 @@ async fn store_again(
     all_stored(js, acks).await
 }
 
+/// Deletes claim `revision` of `client_id` a moment later, and only if nobody claimed it since
+/// (read from the leader): nats-server 2.9 lets a delete and a claim in flight at the same
+/// moment both succeed, and the delete applied last would erase the newer owner's claim.
+fn release_later(clients: kv::Store, client_id: String, revision: u64) {
+    tokio::spawn(async move {
+        tokio::time::sleep(RESUME_GRACE).await;
+        let subject = format!("{}{}", clients.prefix, client_key(&client_id));
+        let still = clients
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .is_ok_and(|m| m.sequence == revision);
+        if still {
+            let _ = clients
+                .delete_expect_revision(client_key(&client_id), Some(revision))
+                .await;
+        }
+    });
+}
+
 /// The packet id a kept QoS 2 message is sent with: from its stream sequence (1–65535).
 fn qos2_packet_id(seq: u64) -> u16 {
     u16::try_from(seq % 65_535 + 1).unwrap_or(1)
@@ -1852,19 +1872,28 @@ impl Node {
                         if reply.is_closed() {
                             return;
                         }
+                        // An earlier connection here holding the client id keeps holding it if
+                        // this one gives up.
+                        let held = node.claims.lock().is_ok_and(|c| c.contains_key(&client_id));
                         let claimed = match node.claim(&clients, &client_id).await {
-                            Ok(()) if reply.is_closed() => {
-                                node.give_back(&clients, &client_id).await;
+                            Ok(revision) if reply.is_closed() => {
+                                if !held {
+                                    node.give_back(&clients, &client_id, revision);
+                                }
                                 return;
                             }
-                            Ok(()) => {
-                                node.stored_session(&sessions, &client_id, clean_start, &identity)
-                                    .await
-                            }
+                            Ok(revision) => node
+                                .stored_session(&sessions, &client_id, clean_start, &identity)
+                                .await
+                                .map(|s| (s, revision)),
                             Err(e) => Err(e),
                         };
-                        if reply.send(claimed).is_err() {
-                            node.give_back(&clients, &client_id).await;
+                        let revision = claimed.as_ref().ok().map(|(_, r)| *r);
+                        if reply.send(claimed.map(|(s, _)| s)).is_err()
+                            && let Some(revision) = revision
+                            && !held
+                        {
+                            node.give_back(&clients, &client_id, revision);
                         }
                     });
                 }
@@ -2053,25 +2082,7 @@ impl Node {
                         .ok()
                         .and_then(|mut c| c.remove(&client_id));
                     if let Some(revision) = revision {
-                        let clients = clients.clone();
-                        tokio::spawn(async move {
-                            // A moment later, and only if nobody claimed it since (read from
-                            // the leader): nats-server 2.9 lets this delete and a claim in
-                            // flight at the same moment both succeed, and the delete applied
-                            // last would erase the newer owner's claim.
-                            tokio::time::sleep(RESUME_GRACE).await;
-                            let subject = format!("{}{}", clients.prefix, client_key(&client_id));
-                            let still = clients
-                                .stream
-                                .get_last_raw_message_by_subject(&subject)
-                                .await
-                                .is_ok_and(|m| m.sequence == revision);
-                            if still {
-                                let _ = clients
-                                    .delete_expect_revision(client_key(&client_id), Some(revision))
-                                    .await;
-                            }
-                        });
+                        release_later(clients.clone(), client_id, revision);
                     }
                 }
             }
@@ -2387,7 +2398,7 @@ impl Node {
     }
 
     /// Records this node as the owner of `client_id` (compare-and-set, retried on a race).
-    async fn claim(&self, clients: &kv::Store, client_id: &str) -> Result<(), String> {
+    async fn claim(&self, clients: &kv::Store, client_id: &str) -> Result<u64, String> {
         let key = client_key(client_id);
         let value = serde_json::json!({
             "owner": self.instance,
@@ -2421,7 +2432,7 @@ impl Node {
                     if let Ok(mut claims) = self.claims.lock() {
                         claims.insert(client_id.to_string(), revision);
                     }
-                    return Ok(());
+                    return Ok(revision);
                 }
                 // Another node wrote in between (read again), or JetStream is electing a
                 // leader (try again shortly).
@@ -2432,23 +2443,20 @@ impl Node {
         }
     }
 
-    /// Gives a claim back that nobody waits for any more (its connection gave up), unless
-    /// another node claimed the client id since.
-    async fn give_back(&self, clients: &kv::Store, client_id: &str) {
-        let revision = self
-            .claims
-            .lock()
-            .ok()
-            .and_then(|mut c| c.remove(client_id));
-        if let Some(revision) = revision {
-            let _ = clients
-                .delete_expect_revision(client_key(client_id), Some(revision))
-                .await;
-        }
+    /// Gives claim `revision` back: nobody waits for it any more (its connection gave up). Not
+    /// a newer claim of this node, nor one another node made since (a moment later, read from
+    /// the leader: see [`RESUME_GRACE`]).
+    fn give_back(&self, clients: &kv::Store, client_id: &str, revision: u64) {
+        let mine = self.claims.lock().is_ok_and(|mut c| {
+            c.get(client_id) == Some(&revision) && c.remove(client_id).is_some()
+        });
         self.resumed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(client_id);
+        if mine {
+            release_later(clients.clone(), client_id.to_string(), revision);
+        }
     }
 
     /// The persistent session the cluster keeps for `client_id`, if it is still current and
@@ -2468,12 +2476,14 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .remove(client_id);
         let key = client_key(client_id);
-        let claim = self
+        let Some(claim) = self
             .claims
             .lock()
             .ok()
             .and_then(|c| c.get(client_id).copied())
-            .unwrap_or(0);
+        else {
+            return Err("another node claimed the client id meanwhile".into());
+        };
         let mut last = String::new();
         for attempt in 1..=5u64 {
             let entry = match sessions.entry(key.clone()).await {
@@ -2594,7 +2604,11 @@ impl Node {
                 (self.clone(), sessions.clone(), client_id.to_string());
             tokio::spawn(async move {
                 tokio::time::sleep(RESUME_GRACE).await;
-                if node.record_incarnation(&sessions, &client_id).await != Some(incarnation) {
+                if node
+                    .record_incarnation(&sessions, &client_id)
+                    .await
+                    .is_ok_and(|found| found != Some(incarnation))
+                {
                     for filter in &filters {
                         node.delete_consumers(&client_id, incarnation, filter).await;
                     }
@@ -2605,20 +2619,30 @@ impl Node {
     }
 
     /// The incarnation of the session `client_id`'s record names, read from the bucket
-    /// stream's leader (a replica may lag); `None` without a record (or when unknown).
-    async fn record_incarnation(&self, sessions: &kv::Store, client_id: &str) -> Option<u64> {
+    /// stream's leader (a replica may lag); `None` without a record, an error when JetStream
+    /// does not answer (the caller then keeps what it would delete: unknown is not gone).
+    async fn record_incarnation(
+        &self,
+        sessions: &kv::Store,
+        client_id: &str,
+    ) -> Result<Option<u64>, ()> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
         let subject = format!("{}{}", sessions.prefix, client_key(client_id));
-        let m = sessions
+        let m = match sessions
             .stream
             .get_last_raw_message_by_subject(&subject)
             .await
-            .ok()?;
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == Kind::NoMessageFound => return Ok(None),
+            Err(_) => return Err(()),
+        };
         if m.headers.get("KV-Operation").is_some() {
-            return None;
+            return Ok(None);
         }
-        serde_json::from_slice::<serde_json::Value>(&m.payload)
+        Ok(serde_json::from_slice::<serde_json::Value>(&m.payload)
             .ok()
-            .map(|r| incarnation_of(&r))
+            .map(|r| incarnation_of(&r)))
     }
 
     /// Writes a persistent session's record as the holder of its client id's claim (the claim's
