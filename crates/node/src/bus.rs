@@ -1102,6 +1102,7 @@ pub(crate) async fn start(
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
         resumed: Arc::new(Mutex::new(HashMap::new())),
+        superseded: Arc::new(Mutex::new(HashSet::new())),
         order: Arc::new(Mutex::new((0, HashMap::new()))),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
@@ -1414,6 +1415,8 @@ struct Durable {
     generation: u64,
     /// Which life of the client id's session this is (its consumers are named after it).
     incarnation: u64,
+    /// This node's claim of the client id when the connection made the session durable.
+    claim: Option<u64>,
     subscriptions: std::collections::BTreeMap<String, SubscriptionOptions>,
     /// The tasks pulling each subscription's kept messages.
     pullers: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
@@ -1526,6 +1529,9 @@ struct Node {
     durables: Arc<Mutex<HashMap<String, Durable>>>,
     /// Per client id, the incarnation of the session its last claim here resumed.
     resumed: Arc<Mutex<HashMap<String, u64>>>,
+    /// Client ids whose ending connection a newer claim here superseded: its release is not
+    /// the newer connection's.
+    superseded: Arc<Mutex<HashSet<String>>>,
     /// Per client id, the last change of its session on its way to NATS (see
     /// [`Node::in_order`]), and the number of changes made.
     order: Arc<Mutex<SessionChanges>>,
@@ -1903,6 +1909,12 @@ impl Node {
                     identity,
                     expiry,
                 } => {
+                    // A connection ended before this one was made durable is older: its release,
+                    // if still to come, is its own.
+                    self.superseded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id);
                     // The session its claim resumed, or a new one.
                     let resumed = self
                         .resumed
@@ -1917,6 +1929,7 @@ impl Node {
                             expiry,
                             generation,
                             incarnation: resumed.unwrap_or_else(new_incarnation),
+                            claim: None,
                             subscriptions: Default::default(),
                             pullers: HashMap::new(),
                             inflight: Arc::new(Inflight::new(self.broker.max_queued())),
@@ -1931,6 +1944,11 @@ impl Node {
                     d.identity = identity;
                     d.expiry = expiry;
                     d.generation = generation;
+                    d.claim = self
+                        .claims
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&client_id).copied());
                     let record = d.record(&self.instance, None);
                     drop(durables);
                     // Recorded at once, subscriptions or not: a session that only publishes
@@ -2033,19 +2051,38 @@ impl Node {
                     }
                 }
                 Control::DurableEnd(client_id) => {
+                    let ended = self
+                        .durables
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id);
+                    let claim = self
+                        .claims
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&client_id).copied());
+                    let superseded = ended
+                        .as_ref()
+                        .is_some_and(|d| d.claim.is_some() && d.claim != claim);
+                    if let Some(mut d) = ended {
+                        d.stop();
+                    }
+                    if superseded {
+                        // A newer connection here claimed the client id (and may have resumed
+                        // the session) before this one's end was handled: the session goes on
+                        // with it, and so does its claim (the release that follows is this
+                        // connection's).
+                        self.superseded
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(client_id);
+                        continue;
+                    }
                     // The next session of the client id is a new one (its own consumers).
                     self.resumed
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&client_id);
-                    if let Some(mut d) = self
-                        .durables
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id)
-                    {
-                        d.stop();
-                    }
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
@@ -2076,6 +2113,14 @@ impl Node {
                     });
                 }
                 Control::Release(client_id) => {
+                    if self
+                        .superseded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&client_id)
+                    {
+                        continue;
+                    }
                     let revision = self
                         .claims
                         .lock()
