@@ -1287,18 +1287,30 @@ async fn store_again(
 fn release_later(clients: kv::Store, client_id: String, revision: u64) {
     tokio::spawn(async move {
         tokio::time::sleep(RESUME_GRACE).await;
-        let subject = format!("{}{}", clients.prefix, client_key(&client_id));
-        let still = clients
-            .stream
-            .get_last_raw_message_by_subject(&subject)
+        let still = leader_entry(&clients, &client_id)
             .await
-            .is_ok_and(|m| m.sequence == revision);
+            .is_ok_and(|m| m.is_some_and(|m| m.sequence == revision));
         if still {
             let _ = clients
                 .delete_expect_revision(client_key(&client_id), Some(revision))
                 .await;
         }
     });
+}
+
+/// The last write of `client_id`'s key in bucket `store` (a put, or a delete or purge marker),
+/// read from the bucket stream's leader (a replica may lag); `None` when there is none, an
+/// error when JetStream does not answer.
+async fn leader_entry(
+    store: &kv::Store,
+    client_id: &str,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, ()> {
+    let subject = format!("{}{}", store.prefix, client_key(client_id));
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(_) => Err(()),
+    }
 }
 
 /// The packet id a kept QoS 2 message is sent with: from its stream sequence (1–65535).
@@ -2671,16 +2683,8 @@ impl Node {
         sessions: &kv::Store,
         client_id: &str,
     ) -> Result<Option<u64>, ()> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
-        let subject = format!("{}{}", sessions.prefix, client_key(client_id));
-        let m = match sessions
-            .stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == Kind::NoMessageFound => return Ok(None),
-            Err(_) => return Err(()),
+        let Some(m) = leader_entry(sessions, client_id).await? else {
+            return Ok(None);
         };
         if m.headers.get("KV-Operation").is_some() {
             return Ok(None);
