@@ -92,10 +92,24 @@ pub struct StoredSession {
     pub subscriptions: Vec<(String, SubscriptionOptions)>,
     /// How long it is kept after its connection (a refused CONNECT leaves it so).
     pub expiry: Duration,
+    /// Which life of the client id's session it is (what the cluster kept for it is kept
+    /// under it): the connection resuming it goes on with it.
+    pub incarnation: u64,
 }
 
-/// The answer to a claim: the session the cluster keeps for the client id, if any.
-pub type Claimed = tokio::sync::oneshot::Receiver<Result<Option<StoredSession>, String>>;
+/// A claim of a client id made: which one (the cluster's revision of it: a later claim on
+/// this node is another connection's), and the session the cluster keeps for the client id,
+/// if any.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The claim's revision.
+    pub revision: u64,
+    /// The persistent session kept for the client id.
+    pub session: Option<StoredSession>,
+}
+
+/// The answer to a claim.
+pub type Claimed = tokio::sync::oneshot::Receiver<Result<Claim, String>>;
 
 /// An application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +193,11 @@ struct Session {
     awaiting_release: Vec<u16>,
     /// In a cluster, a persistent session: its QoS 1 and 2 messages come from the cluster.
     durable: bool,
+    /// In a cluster, which life of the client id's persistent session this is (`None`: none
+    /// yet).
+    incarnation: Option<u64>,
+    /// In a cluster, the claim of the client id its connection made.
+    claim: Option<u64>,
 }
 
 /// A connection's hold on its session.
@@ -292,11 +311,21 @@ pub trait Bridge: Send + Sync {
     /// session the cluster keeps for it (discarded with `clean_start`, or when another
     /// certificate than `identity` left it).
     fn claim(&self, client_id: &str, clean_start: bool, identity: &str) -> Claimed;
-    /// This node no longer holds `client_id` (its session ended).
-    fn release(&self, client_id: &str);
+    /// This node no longer holds `client_id` (its session ended): the claim `claim` its
+    /// connection made, if it made one (not a newer connection's claim).
+    fn release(&self, client_id: &str, claim: Option<u64>);
     /// `client_id`'s session (generation `generation`, of `identity`) is persistent and kept by
-    /// the cluster for `expiry` after its connection.
-    fn durable_session(&self, client_id: &str, generation: u64, identity: &str, expiry: Duration);
+    /// the cluster for `expiry` after its connection. `incarnation`: the life of the session
+    /// it continues (`None`: a new one). Returns the session's incarnation (a new one's, made
+    /// here), which the session keeps while it lives, online or not.
+    fn durable_session(
+        &self,
+        client_id: &str,
+        generation: u64,
+        identity: &str,
+        expiry: Duration,
+        incarnation: Option<u64>,
+    ) -> u64;
     /// A persistent session holds `filter` (recorded, to resume it on any node): at QoS 1 or 2,
     /// its QoS 1 and 2 messages are kept by the cluster and handed to
     /// [`Broker::deliver_durable`] while the session is online here; at QoS 0 (a subscription
@@ -319,8 +348,11 @@ pub trait Bridge: Send + Sync {
     fn backpressure(&self) -> Option<Backpressure> {
         None
     }
-    /// A persistent session ended for good (clean start, expiry, revocation).
-    fn durable_end(&self, client_id: &str);
+    /// A persistent session ended for good (clean start, expiry, revocation), as held under
+    /// `claim` (its last connection's claim): a newer claim of the client id on this node
+    /// (a connection that may have resumed it meanwhile) makes it that connection's, not
+    /// ended.
+    fn durable_end(&self, client_id: &str, claim: Option<u64>);
 }
 
 /// The members of one shared subscription (`$share/GROUP/FILTER`) on this node.
@@ -421,6 +453,8 @@ impl Broker {
                 .collect();
             awaiting_release = std::mem::take(&mut s.awaiting_release);
             resumed_expiry = Some(s.expiry);
+            // The new connection's claim (see `claimed`), not the old one's.
+            s.claim = None;
             s.generation = generation;
             s.online = Some(tx);
             s.receiver = receiver;
@@ -444,6 +478,8 @@ impl Broker {
                     identity: identity.to_string(),
                     awaiting_release: Vec::new(),
                     durable: false,
+                    incarnation: None,
+                    claim: None,
                 },
             );
         }
@@ -750,25 +786,50 @@ impl Broker {
             .map(|b| b.claim(client_id, clean_start, identity))
     }
 
+    /// In a cluster, the claim connection `generation` made of its client id before it
+    /// connected (see [`Broker::claim`]): its session's release gives back that claim only.
+    pub fn claimed(&self, client_id: &str, generation: u64, revision: u64) {
+        let mut state = self.lock();
+        if let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.generation == generation)
+        {
+            session.claim = Some(revision);
+        }
+    }
+
     /// In a cluster, makes the session a persistent one the cluster keeps (its expiry is not
-    /// zero, or it resumes one the cluster kept: `kept`, or already persistent here — with an
-    /// expiry of zero it then ends with this connection, as MQTT 5 says): its QoS 1 and 2
-    /// messages come from the cluster from now on. Answered once the cluster keeps the
-    /// messages of its subscriptions.
-    pub fn make_durable(&self, client_id: &str, generation: u64, kept: bool) -> Vec<Confirmation> {
+    /// zero, or it resumes one the cluster kept: `kept`, that session's incarnation, or is
+    /// already persistent here — with an expiry of zero it then ends with this connection, as
+    /// MQTT 5 says): its QoS 1 and 2 messages come from the cluster from now on. Answered once
+    /// the cluster keeps the messages of its subscriptions.
+    pub fn make_durable(
+        &self,
+        client_id: &str,
+        generation: u64,
+        kept: Option<u64>,
+    ) -> Vec<Confirmation> {
         let mut state = self.lock();
         let Some(bridge) = state.bridge.clone() else {
             return Vec::new();
         };
-        let Some(session) = state
-            .sessions
-            .get_mut(client_id)
-            .filter(|s| s.generation == generation && (!s.expiry.is_zero() || s.durable || kept))
-        else {
+        let Some(session) = state.sessions.get_mut(client_id).filter(|s| {
+            s.generation == generation && (!s.expiry.is_zero() || s.durable || kept.is_some())
+        }) else {
             return Vec::new();
         };
         session.durable = true;
-        bridge.durable_session(client_id, generation, &session.identity, session.expiry);
+        // The life the cluster resumed, or the one this node kept (offline here, its record
+        // may be gone), or a new one.
+        let incarnation = kept.or(session.incarnation);
+        session.incarnation = Some(bridge.durable_session(
+            client_id,
+            generation,
+            &session.identity,
+            session.expiry,
+            incarnation,
+        ));
         session
             .filters
             .iter()
@@ -1032,9 +1093,10 @@ impl Broker {
             }
         }
         if session.expiry.is_zero() {
+            let claim = session.claim;
             remove_session(&mut state, client_id, true);
             if let Some(bridge) = &state.bridge {
-                bridge.release(client_id);
+                bridge.release(client_id, claim);
             }
             return;
         }
@@ -1393,7 +1455,7 @@ fn remove_session(state: &mut State, client_id: &str, ended: bool) {
             && ended
             && let Some(bridge) = &state.bridge
         {
-            bridge.durable_end(client_id);
+            bridge.durable_end(client_id, s.claim);
         }
     }
 }
@@ -1622,11 +1684,16 @@ mod tests {
         fn retained(&self, _: &str, _: u64, _: &str, _: SubscriptionOptions) {}
         fn claim(&self, _: &str, _: bool, _: &str) -> Claimed {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let _ = tx.send(Ok(None));
+            let _ = tx.send(Ok(Claim {
+                revision: 1,
+                session: None,
+            }));
             rx
         }
-        fn release(&self, _: &str) {}
-        fn durable_session(&self, _: &str, _: u64, _: &str, _: Duration) {}
+        fn release(&self, _: &str, _: Option<u64>) {}
+        fn durable_session(&self, _: &str, _: u64, _: &str, _: Duration, i: Option<u64>) -> u64 {
+            i.unwrap_or(1)
+        }
         fn durable_subscribe(
             &self,
             _: &str,
@@ -1638,7 +1705,7 @@ mod tests {
         }
         fn durable_unsubscribe(&self, _: &str, _: &str) {}
         fn durable_offline(&self, _: &str, _: Duration) {}
-        fn durable_end(&self, _: &str) {}
+        fn durable_end(&self, _: &str, _: Option<u64>) {}
     }
 
     #[test]
@@ -1649,7 +1716,7 @@ mod tests {
         });
         b.set_bridge(Arc::new(KeepingNothing));
         let mut a = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
-        b.make_durable("a", a.generation, false);
+        b.make_durable("a", a.generation, None);
         b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
         let returned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for i in 0..5 {
@@ -1697,14 +1764,15 @@ mod tests {
         fn claim(&self, c: &str, s: bool, i: &str) -> Claimed {
             KeepingNothing.claim(c, s, i)
         }
-        fn release(&self, c: &str) {
+        fn release(&self, c: &str, _: Option<u64>) {
             self.0.lock().unwrap().push(format!("release {c}"));
         }
-        fn durable_session(&self, c: &str, _: u64, _: &str, e: Duration) {
+        fn durable_session(&self, c: &str, _: u64, _: &str, e: Duration, i: Option<u64>) -> u64 {
             self.0
                 .lock()
                 .unwrap()
-                .push(format!("session {c} {}", e.as_secs()));
+                .push(format!("session {c} {} life {i:?}", e.as_secs()));
+            i.unwrap_or(7)
         }
         fn durable_subscribe(
             &self,
@@ -1722,7 +1790,7 @@ mod tests {
                 .unwrap()
                 .push(format!("offline {c} {}", e.as_secs()));
         }
-        fn durable_end(&self, c: &str) {
+        fn durable_end(&self, c: &str, _: Option<u64>) {
             self.0.lock().unwrap().push(format!("end {c}"));
         }
     }
@@ -1733,7 +1801,7 @@ mod tests {
         let told = Arc::new(Recording::default());
         b.set_bridge(told.clone());
         let a = b.connect("a", false, Duration::from_secs(600), everything(), "a");
-        b.make_durable("a", a.generation, false);
+        b.make_durable("a", a.generation, None);
         b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
         b.disconnected("a", a.generation, Vec::new(), Vec::new(), None);
         // Resumed with an expiry of zero (MQTT 5), then refused before CONNACK (the cluster
@@ -1741,7 +1809,7 @@ mod tests {
         let mut z = b.connect("a", false, Duration::ZERO, everything(), "a");
         assert!(z.session_present);
         assert_eq!(z.resumed_expiry, Some(Duration::from_secs(600)));
-        b.make_durable("a", z.generation, false);
+        b.make_durable("a", z.generation, None);
         let kept = z.resumed_expiry;
         b.refused(&mut z, kept);
         let told_now = told.0.lock().unwrap().clone();
@@ -1757,7 +1825,7 @@ mod tests {
         assert!(told.0.lock().unwrap().iter().any(|t| t == "end a"));
         // A session the refused CONNECT made anew is not left behind.
         let mut n = b.connect("n", false, Duration::from_secs(600), everything(), "n");
-        b.make_durable("n", n.generation, false);
+        b.make_durable("n", n.generation, None);
         let kept = n.resumed_expiry;
         b.refused(&mut n, kept);
         assert!(told.0.lock().unwrap().iter().any(|t| t == "end n"));
@@ -1765,6 +1833,34 @@ mod tests {
             !b.connect("n", false, Duration::ZERO, everything(), "n")
                 .session_present
         );
+    }
+
+    #[test]
+    fn a_persistent_session_keeps_its_life_across_connections_until_it_ends() {
+        let b = Broker::new(Limits::default());
+        let told = Arc::new(Recording::default());
+        b.set_bridge(told.clone());
+        let last = |told: &Recording| told.0.lock().unwrap().last().cloned().unwrap_or_default();
+        // A new session (no life asked for): the cluster gives it a life (7 here).
+        let a = b.connect("a", false, Duration::from_secs(600), everything(), "a");
+        b.make_durable("a", a.generation, None);
+        assert_eq!(last(&told), "session a 600 life None");
+        b.disconnected("a", a.generation, Vec::new(), Vec::new(), None);
+        // Offline here, then back (its record in the cluster may be gone meanwhile): the same
+        // life, so what the cluster kept for it comes.
+        let again = b.connect("a", false, Duration::from_secs(600), everything(), "a");
+        b.make_durable("a", again.generation, None);
+        assert_eq!(last(&told), "session a 600 life Some(7)");
+        // Taken over here by a connection that resumed the cluster's record of it: that
+        // record's life.
+        let resumed = b.connect("a", false, Duration::from_secs(600), everything(), "a");
+        b.make_durable("a", resumed.generation, Some(42));
+        assert_eq!(last(&told), "session a 600 life Some(42)");
+        // Ended: the next session is a new life.
+        let clean = b.connect("a", true, Duration::from_secs(600), everything(), "a");
+        assert_eq!(last(&told), "end a");
+        b.make_durable("a", clean.generation, None);
+        assert_eq!(last(&told), "session a 600 life None");
     }
 
     #[test]

@@ -47,7 +47,8 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use portcullis_mqtt::broker::{
-    Bridge, Broker, Claimed, Confirmation, Message, Receipt, StoredSession, SubscriptionOptions,
+    Bridge, Broker, Claim, Claimed, Confirmation, Message, Receipt, StoredSession,
+    SubscriptionOptions,
 };
 use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -323,14 +324,16 @@ enum Control {
         client_id: String,
         clean_start: bool,
         identity: String,
-        reply: oneshot::Sender<Result<Option<StoredSession>, String>>,
+        reply: oneshot::Sender<Result<Claim, String>>,
     },
-    Release(String),
+    /// A connection ended: its claim (if it made one) goes.
+    Release(String, Option<u64>),
     DurableSession {
         client_id: String,
         generation: u64,
         identity: String,
         expiry: Duration,
+        incarnation: u64,
     },
     DurableSubscribe {
         client_id: String,
@@ -341,7 +344,8 @@ enum Control {
     },
     DurableUnsubscribe(String, String),
     DurableOffline(String, Duration),
-    DurableEnd(String),
+    /// A persistent session ended, as held under its last connection's claim.
+    DurableEnd(String, Option<u64>),
     /// A persistent session released its QoS 2 message: its ledger entry (key) goes.
     Released(String, Reply),
 }
@@ -444,13 +448,23 @@ impl Bridge for NatsBridge {
         rx
     }
 
-    fn durable_session(&self, client_id: &str, generation: u64, identity: &str, expiry: Duration) {
+    fn durable_session(
+        &self,
+        client_id: &str,
+        generation: u64,
+        identity: &str,
+        expiry: Duration,
+        incarnation: Option<u64>,
+    ) -> u64 {
+        let incarnation = incarnation.unwrap_or_else(new_incarnation);
         let _ = self.control.send(Control::DurableSession {
             client_id: client_id.to_string(),
             generation,
             identity: identity.to_string(),
             expiry,
+            incarnation,
         });
+        incarnation
     }
 
     fn durable_subscribe(
@@ -495,14 +509,16 @@ impl Bridge for NatsBridge {
         }))
     }
 
-    fn durable_end(&self, client_id: &str) {
+    fn durable_end(&self, client_id: &str, claim: Option<u64>) {
         let _ = self
             .control
-            .send(Control::DurableEnd(client_id.to_string()));
+            .send(Control::DurableEnd(client_id.to_string(), claim));
     }
 
-    fn release(&self, client_id: &str) {
-        let _ = self.control.send(Control::Release(client_id.to_string()));
+    fn release(&self, client_id: &str, claim: Option<u64>) {
+        let _ = self
+            .control
+            .send(Control::Release(client_id.to_string(), claim));
     }
 
     fn released(&self, client_id: &str, packet_id: u16) -> Option<Confirmation> {
@@ -1101,8 +1117,6 @@ pub(crate) async fn start(
         kept_bytes: options.kept_bytes,
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
-        resumed: Arc::new(Mutex::new(HashMap::new())),
-        superseded: Arc::new(Mutex::new(HashSet::new())),
         order: Arc::new(Mutex::new((0, HashMap::new()))),
         seen: Arc::new(Mutex::new((VecDeque::new(), HashSet::new()))),
         origin,
@@ -1427,8 +1441,6 @@ struct Durable {
     generation: u64,
     /// Which life of the client id's session this is (its consumers are named after it).
     incarnation: u64,
-    /// This node's claim of the client id when the connection made the session durable.
-    claim: Option<u64>,
     subscriptions: std::collections::BTreeMap<String, SubscriptionOptions>,
     /// The tasks pulling each subscription's kept messages.
     pullers: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
@@ -1539,11 +1551,6 @@ struct Node {
     claims: Arc<Mutex<HashMap<String, u64>>>,
     /// Persistent sessions online here.
     durables: Arc<Mutex<HashMap<String, Durable>>>,
-    /// Per client id, the incarnation of the session its last claim here resumed.
-    resumed: Arc<Mutex<HashMap<String, u64>>>,
-    /// Client ids whose ending connection a newer claim here superseded: its release is not
-    /// the newer connection's.
-    superseded: Arc<Mutex<HashSet<String>>>,
     /// Per client id, the last change of its session on its way to NATS (see
     /// [`Node::in_order`]), and the number of changes made.
     order: Arc<Mutex<SessionChanges>>,
@@ -1907,7 +1914,9 @@ impl Node {
                             Err(e) => Err(e),
                         };
                         let revision = claimed.as_ref().ok().map(|(_, r)| *r);
-                        if reply.send(claimed.map(|(s, _)| s)).is_err()
+                        if reply
+                            .send(claimed.map(|(session, revision)| Claim { revision, session }))
+                            .is_err()
                             && let Some(revision) = revision
                             && !held
                         {
@@ -1920,19 +1929,8 @@ impl Node {
                     generation,
                     identity,
                     expiry,
+                    incarnation,
                 } => {
-                    // A connection ended before this one was made durable is older: its release,
-                    // if still to come, is its own.
-                    self.superseded
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id);
-                    // The session its claim resumed, or a new one.
-                    let resumed = self
-                        .resumed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id);
                     let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
                     let d = durables
                         .entry(client_id.clone())
@@ -1940,8 +1938,7 @@ impl Node {
                             identity: identity.clone(),
                             expiry,
                             generation,
-                            incarnation: resumed.unwrap_or_else(new_incarnation),
-                            claim: None,
+                            incarnation,
                             subscriptions: Default::default(),
                             pullers: HashMap::new(),
                             inflight: Arc::new(Inflight::new(self.broker.max_queued())),
@@ -1956,11 +1953,8 @@ impl Node {
                     d.identity = identity;
                     d.expiry = expiry;
                     d.generation = generation;
-                    d.claim = self
-                        .claims
-                        .lock()
-                        .ok()
-                        .and_then(|c| c.get(&client_id).copied());
+                    // The life its connection resumed (the broker's session keeps it).
+                    d.incarnation = incarnation;
                     let record = d.record(&self.instance, None);
                     drop(durables);
                     // Recorded at once, subscriptions or not: a session that only publishes
@@ -1982,21 +1976,24 @@ impl Node {
                     reply,
                 } => {
                     // Now: the session's list has it (going offline right after records it),
-                    // and a filter taken again at QoS 0 is no longer delivered at QoS 1.
-                    if let Some(d) = self
+                    // and a filter taken again at QoS 0 is no longer delivered at QoS 1. The
+                    // session's life now: its consumers of a filter taken at QoS 0 go even if
+                    // the session ends (or goes offline) before that change's turn.
+                    let incarnation = self
                         .durables
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .get_mut(&client_id)
                         .filter(|d| d.generation == generation)
-                    {
-                        d.subscriptions.insert(filter.clone(), options);
-                        if options.qos == QoS::AtMostOnce {
-                            for task in d.pullers.remove(&filter).into_iter().flatten() {
-                                task.abort();
+                        .map(|d| {
+                            d.subscriptions.insert(filter.clone(), options);
+                            if options.qos == QoS::AtMostOnce {
+                                for task in d.pullers.remove(&filter).into_iter().flatten() {
+                                    task.abort();
+                                }
                             }
-                        }
-                    }
+                            d.incarnation
+                        });
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
@@ -2007,7 +2004,12 @@ impl Node {
                         let result = loop {
                             let tried = node
                                 .durable_subscribe(
-                                    &sessions, &client_id, generation, &filter, options,
+                                    &sessions,
+                                    &client_id,
+                                    generation,
+                                    incarnation,
+                                    &filter,
+                                    options,
                                 )
                                 .await
                                 .map_err(|e| format!("{e:#}"));
@@ -2026,17 +2028,22 @@ impl Node {
                 }
                 Control::DurableUnsubscribe(client_id, filter) => {
                     // Now, so that what the session records next (going offline) lacks it, and
-                    // again in turn, after a subscription of the filter still on its way.
-                    self.forget_subscription(&client_id, &filter);
+                    // again in turn, after a subscription of the filter still on its way (which
+                    // finds it gone and installs nothing). Its consumers go in turn even if the
+                    // session went offline or ended meanwhile (with the life of the moment).
+                    let incarnation = self
+                        .forget_subscription(&client_id, &filter)
+                        .map(|(_, incarnation)| incarnation);
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     let change = async move {
-                        if let Some((record, incarnation)) =
-                            node.forget_subscription(&client_id, &filter)
-                        {
+                        let now = node.forget_subscription(&client_id, &filter);
+                        if let Some(incarnation) = incarnation.or(now.as_ref().map(|(_, i)| *i)) {
                             node.delete_consumers(&client_id, incarnation, &filter)
                                 .await;
+                        }
+                        if let Some((record, _)) = now {
                             let _ = node.put_mine(&sessions, &client_id, record, false).await;
                         }
                     };
@@ -2062,44 +2069,29 @@ impl Node {
                         });
                     }
                 }
-                Control::DurableEnd(client_id) => {
-                    let ended = self
+                Control::DurableEnd(client_id, claim) => {
+                    if let Some(mut d) = self
                         .durables
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id);
-                    let claim = self
-                        .claims
-                        .lock()
-                        .ok()
-                        .and_then(|c| c.get(&client_id).copied());
-                    let superseded = ended
-                        .as_ref()
-                        .is_some_and(|d| d.claim.is_some() && d.claim != claim);
-                    if let Some(mut d) = ended {
+                        .remove(&client_id)
+                    {
                         d.stop();
                     }
-                    if superseded {
-                        // A newer connection here claimed the client id (and may have resumed
-                        // the session) before this one's end was handled: the session goes on
-                        // with it, and so does its claim (the release that follows is this
-                        // connection's).
-                        self.superseded
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(client_id);
-                        continue;
-                    }
-                    // The next session of the client id is a new one (its own consumers).
-                    self.resumed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id);
                     let node = self.clone();
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     self.in_order(&key, async move {
-                        node.end_session(&sessions, &client_id, true).await;
+                        // In turn, after the claims made before: a newer connection here that
+                        // claimed the client id (and resumed the session, or ended it with a
+                        // clean start) before this end came holds the session now.
+                        let newer = claim.is_some()
+                            && node.claims.lock().is_ok_and(|c| {
+                                c.get(&client_id).is_some_and(|r| Some(*r) != claim)
+                            });
+                        if !newer {
+                            node.end_session(&sessions, &client_id, true).await;
+                        }
                     });
                 }
                 Control::Released(key, reply) => {
@@ -2124,20 +2116,16 @@ impl Node {
                         let _ = reply.send(result);
                     });
                 }
-                Control::Release(client_id) => {
-                    if self
-                        .superseded
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&client_id)
-                    {
-                        continue;
-                    }
-                    let revision = self
-                        .claims
-                        .lock()
-                        .ok()
-                        .and_then(|mut c| c.remove(&client_id));
+                Control::Release(client_id, claim) => {
+                    // That connection's claim only: a newer connection here claimed the
+                    // client id again, or is claiming it (its claim made in turn after).
+                    let revision = self.claims.lock().ok().and_then(|mut c| {
+                        if claim.is_none_or(|r| c.get(&client_id) == Some(&r)) {
+                            c.remove(&client_id)
+                        } else {
+                            None
+                        }
+                    });
                     if let Some(revision) = revision {
                         release_later(clients.clone(), client_id, revision);
                     }
@@ -2507,10 +2495,6 @@ impl Node {
         let mine = self.claims.lock().is_ok_and(|mut c| {
             c.get(client_id) == Some(&revision) && c.remove(client_id).is_some()
         });
-        self.resumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
         if mine {
             release_later(clients.clone(), client_id.to_string(), revision);
         }
@@ -2528,10 +2512,6 @@ impl Node {
         clean_start: bool,
         identity: &str,
     ) -> Result<Option<StoredSession>, String> {
-        self.resumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
         let key = client_key(client_id);
         let Some(claim) = self
             .claims
@@ -2596,14 +2576,11 @@ impl Node {
                     ))
                 })
                 .collect();
-            self.resumed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(client_id.to_string(), incarnation_of(&record));
             return Ok(Some(StoredSession {
                 identity: identity.to_string(),
                 subscriptions,
                 expiry: Duration::from_secs(record["expiry_secs"].as_u64().unwrap_or(0)),
+                incarnation: incarnation_of(&record),
             }));
         }
         Err(format!("the session's record kept changing: {last}"))
@@ -2729,15 +2706,21 @@ impl Node {
                         return Ok(());
                     }
                     let value = if online && incarnation_of(&kept) == incarnation_of(&mine) {
+                        // The same life: its subscriptions as recorded (a resumed session's
+                        // come back one by one), the rest as its new connection says.
                         if kept["offline_since_ms"].is_null()
                             && kept["claim"].as_u64() == Some(claim)
                             && owner_of(&kept) == Some(self.instance.as_str())
+                            && kept["expiry_secs"] == mine["expiry_secs"]
+                            && kept["identity"] == mine["identity"]
                         {
                             return Ok(());
                         }
                         kept["offline_since_ms"] = serde_json::Value::Null;
                         kept["owner"] = serde_json::json!(self.instance);
                         kept["claim"] = serde_json::json!(claim);
+                        kept["expiry_secs"] = mine["expiry_secs"].clone();
+                        kept["identity"] = mine["identity"].clone();
                         kept
                     } else {
                         mine.clone()
@@ -2833,24 +2816,39 @@ impl Node {
     /// Keeps `filter`'s QoS 1 and 2 messages for a persistent session (a durable consumer per
     /// subject, made if missing), delivers them while the session is online here, and records
     /// the subscription. At QoS 0 only records it (and forgets the consumers of a filter taken
-    /// again at QoS 0: nothing may deliver it at QoS 1 besides).
+    /// again at QoS 0 in life `taken_in`, the session's when it subscribed: nothing may deliver
+    /// it at QoS 1 besides). A subscription the session changed since (unsubscribed, or taken
+    /// again with other options) is left to that change.
     async fn durable_subscribe(
         &self,
         sessions: &kv::Store,
         client_id: &str,
         generation: u64,
+        taken_in: Option<u64>,
         filter: &str,
         options: SubscriptionOptions,
     ) -> Result<()> {
         let stream = self.js.get_stream(STREAM).await?;
-        let (expiry, inflight, incarnation) = {
+        let quiet = options.qos == QoS::AtMostOnce && !filter.starts_with("$share/");
+        let current = {
             let durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
             match durables.get(client_id) {
-                Some(d) if d.generation == generation => {
-                    (d.expiry, d.inflight.clone(), d.incarnation)
+                Some(d)
+                    if d.generation == generation
+                        && d.subscriptions.get(filter) == Some(&options) =>
+                {
+                    Some((d.expiry, d.inflight.clone(), d.incarnation))
                 }
-                _ => return Ok(()),
+                _ => None,
             }
+        };
+        let Some((expiry, inflight, incarnation)) = current else {
+            // Offline, ended or changed since: nothing to deliver, and the record is written
+            // by what changed it. A filter taken at QoS 0 keeps no consumer, whatever came.
+            if quiet && let Some(incarnation) = taken_in {
+                self.delete_consumers(client_id, incarnation, filter).await;
+            }
+            return Ok(());
         };
         let mut tasks = Vec::new();
         // A shared subscription is only recorded: its group keeps its messages.
@@ -2890,13 +2888,18 @@ impl Node {
         }
         // Taken (again) at QoS 0: no consumer may deliver it at QoS 1 besides. Before the
         // record, so that a failed attempt tried again still deletes them.
-        if options.qos == QoS::AtMostOnce && !filter.starts_with("$share/") {
+        if quiet {
             self.delete_consumers(client_id, incarnation, filter).await;
         }
         let record = {
             let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
             match durables.get_mut(client_id) {
-                Some(d) if d.generation == generation => {
+                // Still as it subscribed: an unsubscribe or a QoS 0 subscription handled while
+                // the consumers were made must not find pullers installed after it.
+                Some(d)
+                    if d.generation == generation
+                        && d.subscriptions.get(filter) == Some(&options) =>
+                {
                     for task in d
                         .pullers
                         .insert(filter.to_string(), tasks)
@@ -3187,11 +3190,17 @@ impl Node {
                     }
                 }
                 Sweep::AskOwner => {
-                    let owner = clients
-                        .get(client_key(&client_id))
-                        .await?
-                        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-                        .and_then(|v| v["owner"].as_str().map(str::to_string));
+                    // The node the record names (the claim's holder may be another node whose
+                    // connection never resumed it); an earlier version's record names none:
+                    // the claim's holder then.
+                    let owner = match owner_of(&record) {
+                        Some(owner) => Some(owner.to_string()),
+                        None => clients
+                            .get(client_key(&client_id))
+                            .await?
+                            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+                            .and_then(|v| v["owner"].as_str().map(str::to_string)),
+                    };
                     if let Some(owner) = owner
                         && self.alive(&owner).await
                     {

@@ -708,12 +708,16 @@ fn script_passes(python: &Path, dir: &Path, script: &str, args: &[String], nodes
     println!("{}", r.stdout);
     assert!(
         r.code == 0 && r.stdout.contains("ALL OK"),
-        "{}\n{}\nthe node's warnings:\n{}",
+        "{}\n{}\nthe nodes' warnings and refusals:\n{}",
         r.stdout,
         r.stderr,
         nodes
             .iter()
-            .flat_map(|n| n.lines_with("WARN"))
+            .flat_map(|n| {
+                let mut lines = n.lines_with("WARN");
+                lines.extend(n.lines_with("refused"));
+                lines
+            })
             .collect::<Vec<_>>()
             .join("\n")
     );

@@ -291,15 +291,19 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
     // In a cluster, this node becomes the client id's owner first: a session another node
     // holds is taken over there, and a persistent session the cluster keeps comes back.
     let mut stored = None;
+    let mut claimed_revision = None;
     if let Some(claim) = c.broker.claim(&client_id, connect.clean_start, &identity) {
         let claimed = match tokio::time::timeout(CLAIM_TIMEOUT, claim).await {
-            Ok(Ok(Ok(session))) => Ok(session),
+            Ok(Ok(Ok(claim))) => Ok(claim),
             Ok(Ok(Err(why))) => Err(why),
             Ok(Err(_)) => Err("the cluster connection closed".to_string()),
             Err(_) => Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
         };
         match claimed {
-            Ok(session) => stored = session,
+            Ok(claim) => {
+                stored = claim.session;
+                claimed_revision = Some(claim.revision);
+            }
             Err(why) => {
                 let _ = send(tls, protocol, &refuse(reason::SERVER_UNAVAILABLE)).await;
                 return log_refused(
@@ -320,6 +324,9 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         Arc::new(auth.clone()),
         &identity,
     );
+    if let Some(revision) = claimed_revision {
+        c.broker.claimed(&client_id, handle.generation, revision);
+    }
     // Refused before CONNACK, a session this CONNECT resumed stays as it was (its expiry
     // included: an expiry of zero asked for must not end it and lose what it kept).
     let kept_expiry = handle.resumed_expiry.or(stored_expiry);
@@ -391,9 +398,11 @@ async fn resume_in_cluster(
     stored: Option<portcullis_mqtt::broker::StoredSession>,
     auth: &SessionAuth,
 ) -> Result<(), String> {
-    let mut ready = c
-        .broker
-        .make_durable(client_id, handle.generation, stored.is_some());
+    let mut ready = c.broker.make_durable(
+        client_id,
+        handle.generation,
+        stored.as_ref().map(|s| s.incarnation),
+    );
     if let Some(stored) = stored
         && !handle.session_present
     {
