@@ -15,7 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::HandshakeKind;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
@@ -335,7 +335,7 @@ pub(crate) async fn connection(
     // types share no trait for `graceful_shutdown`, hence a macro. It says whether the
     // connection ended by itself (an upgrade may then have left a tunnel to run).
     macro_rules! drive {
-        ($conn:ident) => {{
+        ($conn:ident $(. $inner:ident ())?) => {{
             let mut $conn = Box::pin($conn);
             tokio::select! {
                 done = $conn.as_mut() => {
@@ -353,7 +353,7 @@ pub(crate) async fn connection(
                     false
                 }
                 _ = shutdown.changed() => {
-                    $conn.as_mut().graceful_shutdown();
+                    $conn.as_mut() $(.$inner())? .graceful_shutdown();
                     let _ = $conn.await;
                     true
                 }
@@ -363,7 +363,9 @@ pub(crate) async fn connection(
     if alpn == "h2" {
         let flood = crate::http::h2guard::Tripped::default();
         let io = TokioIo::new(crate::http::h2guard::FloodGuard::new(io, flood.clone()));
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        // Its streams run on this task (see `http::streams`), not a task each.
+        let (exec, streams) = crate::http::streams::streams();
+        let conn = hyper::server::conn::http2::Builder::new(exec)
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -371,7 +373,8 @@ pub(crate) async fn connection(
             .keep_alive_interval(Duration::from_secs(60))
             .keep_alive_timeout(Duration::from_secs(20))
             .serve_connection(io, service);
-        drive!(conn);
+        let conn = crate::http::streams::WithStreams::new(conn, streams);
+        drive!(conn.conn());
         if let Some(why) = flood.get() {
             limit_reached("h2_flood");
             log_closed(

@@ -19,4 +19,5 @@ pub(crate) mod respond;
 pub(crate) mod route;
 pub(crate) mod scep;
 pub(crate) mod service;
+pub(crate) mod streams;
 pub(crate) mod token;
