@@ -441,6 +441,9 @@ impl Broker {
             .sessions
             .get(client_id)
             .is_some_and(|s| s.identity != identity);
+        // The claim the session was held under: a claim older than it, answered first but
+        // connecting late, holds the session under the newer one (see `claimed`).
+        let held_under = state.sessions.get(client_id).and_then(|s| s.claim);
         if clean_start || expired || other_owner {
             remove_session(&mut state, client_id, true);
         }
@@ -453,8 +456,6 @@ impl Broker {
                 .collect();
             awaiting_release = std::mem::take(&mut s.awaiting_release);
             resumed_expiry = Some(s.expiry);
-            // The new connection's claim (see `claimed`), not the old one's.
-            s.claim = None;
             s.generation = generation;
             s.online = Some(tx);
             s.receiver = receiver;
@@ -479,7 +480,7 @@ impl Broker {
                     awaiting_release: Vec::new(),
                     durable: false,
                     incarnation: None,
-                    claim: None,
+                    claim: held_under,
                 },
             );
         }
@@ -788,6 +789,8 @@ impl Broker {
 
     /// In a cluster, the claim connection `generation` made of its client id before it
     /// connected (see [`Broker::claim`]): its session's release gives back that claim only.
+    /// A newer claim the session was already held under stays (two connections answered in
+    /// one order and connecting in the other: the later one holds the newer claim).
     pub fn claimed(&self, client_id: &str, generation: u64, revision: u64) {
         let mut state = self.lock();
         if let Some(session) = state
@@ -795,7 +798,21 @@ impl Broker {
             .get_mut(client_id)
             .filter(|s| s.generation == generation)
         {
-            session.claim = Some(revision);
+            session.claim = session.claim.max(Some(revision));
+        }
+    }
+
+    /// In a cluster, a newer claim of `client_id` that no connection takes (it gave up, or was
+    /// refused): the session here holds the client id under it from now on. `false` without
+    /// a session here (the claim is then given back).
+    pub fn adopt_claim(&self, client_id: &str, revision: u64) -> bool {
+        let mut state = self.lock();
+        match state.sessions.get_mut(client_id) {
+            Some(session) => {
+                session.claim = session.claim.max(Some(revision));
+                true
+            }
+            None => false,
         }
     }
 
@@ -1764,8 +1781,11 @@ mod tests {
         fn claim(&self, c: &str, s: bool, i: &str) -> Claimed {
             KeepingNothing.claim(c, s, i)
         }
-        fn release(&self, c: &str, _: Option<u64>) {
-            self.0.lock().unwrap().push(format!("release {c}"));
+        fn release(&self, c: &str, claim: Option<u64>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("release {c} {claim:?}"));
         }
         fn durable_session(&self, c: &str, _: u64, _: &str, e: Duration, i: Option<u64>) -> u64 {
             self.0
@@ -1790,8 +1810,11 @@ mod tests {
                 .unwrap()
                 .push(format!("offline {c} {}", e.as_secs()));
         }
-        fn durable_end(&self, c: &str, _: Option<u64>) {
+        fn durable_end(&self, c: &str, claim: Option<u64>) {
             self.0.lock().unwrap().push(format!("end {c}"));
+            if let Some(claim) = claim {
+                self.0.lock().unwrap().push(format!("ended under {claim}"));
+            }
         }
     }
 
@@ -1836,6 +1859,39 @@ mod tests {
     }
 
     #[test]
+    fn a_session_gives_back_the_newest_claim_it_was_held_under() {
+        let b = Broker::new(Limits::default());
+        let told = Arc::new(Recording::default());
+        b.set_bridge(told.clone());
+        let last = |told: &Recording| told.0.lock().unwrap().last().cloned().unwrap_or_default();
+        // Two CONNECTs on this node: claims answered 3 then 5, connecting in the other order.
+        let newer = b.connect("a", false, Duration::ZERO, everything(), "a");
+        b.claimed("a", newer.generation, 5);
+        let older = b.connect("a", false, Duration::ZERO, everything(), "a");
+        b.claimed("a", older.generation, 3);
+        // The older claim's connection holds the session, under the newer claim.
+        b.disconnected("a", older.generation, Vec::new(), Vec::new(), None);
+        assert_eq!(last(&told), "release a Some(5)");
+        // A newer claim no connection took (it gave up) is adopted by the session here.
+        let c = b.connect("c", false, Duration::from_secs(60), everything(), "c");
+        b.claimed("c", c.generation, 7);
+        b.make_durable("c", c.generation, None);
+        assert!(b.adopt_claim("c", 9));
+        assert!(
+            !b.adopt_claim("nobody", 9),
+            "without a session, the claim goes back"
+        );
+        // Ended (a clean start), the session is ended under that claim.
+        let again = b.connect("c", true, Duration::from_secs(60), everything(), "c");
+        assert_eq!(last(&told), "ended under 9");
+        // And the clean start's own connection holds the client id under it too.
+        b.claimed("c", again.generation, 8);
+        let mut again = again;
+        b.refused(&mut again, None);
+        assert_eq!(last(&told), "release c Some(9)");
+    }
+
+    #[test]
     fn a_persistent_session_keeps_its_life_across_connections_until_it_ends() {
         let b = Broker::new(Limits::default());
         let told = Arc::new(Recording::default());
@@ -1858,7 +1914,7 @@ mod tests {
         assert_eq!(last(&told), "session a 600 life Some(42)");
         // Ended: the next session is a new life.
         let clean = b.connect("a", true, Duration::from_secs(600), everything(), "a");
-        assert_eq!(last(&told), "end a");
+        assert!(told.0.lock().unwrap().iter().any(|t| t == "end a"));
         b.make_durable("a", clean.generation, None);
         assert_eq!(last(&told), "session a 600 life None");
     }

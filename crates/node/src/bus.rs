@@ -1900,26 +1900,29 @@ impl Node {
                         // An earlier connection here holding the client id keeps holding it if
                         // this one gives up.
                         let held = node.claims.lock().is_ok_and(|c| c.contains_key(&client_id));
-                        let claimed = match node.claim(&clients, &client_id).await {
-                            Ok(revision) if reply.is_closed() => {
-                                if !held {
-                                    node.give_back(&clients, &client_id, revision);
-                                }
+                        let revision = match node.claim(&clients, &client_id).await {
+                            Ok(revision) => revision,
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
                                 return;
                             }
-                            Ok(revision) => node
+                        };
+                        let taken = !reply.is_closed()
+                            && match node
                                 .stored_session(&sessions, &client_id, clean_start, &identity)
                                 .await
-                                .map(|s| (s, revision)),
-                            Err(e) => Err(e),
-                        };
-                        let revision = claimed.as_ref().ok().map(|(_, r)| *r);
-                        if reply
-                            .send(claimed.map(|(session, revision)| Claim { revision, session }))
-                            .is_err()
-                            && let Some(revision) = revision
-                            && !held
-                        {
+                            {
+                                Ok(session) => reply.send(Ok(Claim { revision, session })).is_ok(),
+                                Err(e) => {
+                                    let _ = reply.send(Err(e));
+                                    false
+                                }
+                            };
+                        // No connection takes this claim (it gave up, or is refused): the
+                        // earlier connection here holding the client id holds it under this
+                        // claim now (its release and end are this claim's), or the claim goes.
+                        let kept = taken || (held && node.broker.adopt_claim(&client_id, revision));
+                        if !kept {
                             node.give_back(&clients, &client_id, revision);
                         }
                     });
@@ -2038,7 +2041,9 @@ impl Node {
                     let sessions = sessions.clone();
                     let key = client_id.clone();
                     let change = async move {
-                        let now = node.forget_subscription(&client_id, &filter);
+                        // The list as it is now: a SUBSCRIBE of the filter since (handled
+                        // already, its turn after this one) keeps it.
+                        let now = node.stop_delivering(&client_id, &filter);
                         if let Some(incarnation) = incarnation.or(now.as_ref().map(|(_, i)| *i)) {
                             node.delete_consumers(&client_id, incarnation, &filter)
                                 .await;
@@ -2761,6 +2766,19 @@ impl Node {
         })
     }
 
+    /// Stops delivering `filter`'s kept messages to a persistent session online here (its
+    /// subscriptions as they are); the session's record then (and its incarnation), if it is
+    /// online here.
+    fn stop_delivering(&self, client_id: &str, filter: &str) -> Option<(String, u64)> {
+        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
+        durables.get_mut(client_id).map(|d| {
+            for task in d.pullers.remove(filter).into_iter().flatten() {
+                task.abort();
+            }
+            (d.record(&self.instance, None), d.incarnation)
+        })
+    }
+
     /// Runs a change of `client_id`'s session in NATS after the changes this node made to it
     /// before (claims, subscriptions, going offline, ending), so they take effect in the order
     /// the session made them: a filter taken at QoS 1 then at once at QoS 0, or unsubscribed,
@@ -3049,9 +3067,18 @@ impl Node {
             match self.client.subscribe(ping_subject(&self.instance)).await {
                 Ok(mut pings) => {
                     while let Some(ping) = pings.next().await {
-                        if let Some(reply) = ping.reply {
-                            let _ = self.client.publish(reply, bytes::Bytes::new()).await;
-                        }
+                        let Some(reply) = ping.reply else {
+                            continue;
+                        };
+                        // Asked about a client id: "0" when no persistent session of it is
+                        // online here (an empty answer: alive, and holding it if asked).
+                        let answer = match std::str::from_utf8(&ping.payload) {
+                            Ok(client_id) if !client_id.is_empty() && !self.holds(client_id) => {
+                                bytes::Bytes::from_static(b"0")
+                            }
+                            _ => bytes::Bytes::new(),
+                        };
+                        let _ = self.client.publish(reply, answer).await;
                     }
                 }
                 Err(e) => {
@@ -3202,11 +3229,13 @@ impl Node {
                             .and_then(|v| v["owner"].as_str().map(str::to_string)),
                     };
                     if let Some(owner) = owner
-                        && self.alive(&owner).await
+                        && self.holding(&owner, &client_id).await
                     {
                         continue;
                     }
-                    // Its node is gone: offline from now, so it expires as any other would.
+                    // Its node is gone, or no longer has it online (it moved, and the node it
+                    // moved to gave up before resuming it): offline from now, so it expires as
+                    // any other would.
                     record["offline_since_ms"] = serde_json::json!(now_ms());
                     if sessions
                         .update(key.as_str(), record.to_string().into(), entry.revision)
@@ -3221,17 +3250,29 @@ impl Node {
         Ok((ended, orphaned))
     }
 
-    /// Whether node instance `instance` answers (a slow or unclear answer counts as alive).
-    async fn alive(&self, instance: &str) -> bool {
+    /// Whether a persistent session of `client_id` is online here.
+    fn holds(&self, client_id: &str) -> bool {
+        self.durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(client_id)
+    }
+
+    /// Whether node instance `instance` answers and holds `client_id`'s persistent session
+    /// online (a slow or unclear answer counts as yes; a node of an earlier version answers
+    /// every ping alike: yes).
+    async fn holding(&self, instance: &str, client_id: &str) -> bool {
         if instance == self.instance {
-            return true;
+            return self.holds(client_id);
         }
-        let asked = self
-            .client
-            .request(ping_subject(instance), bytes::Bytes::new());
+        let asked = self.client.request(
+            ping_subject(instance),
+            bytes::Bytes::copy_from_slice(client_id.as_bytes()),
+        );
         match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(answer)) => answer.payload.as_ref() != b"0",
             Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::NoResponders,
-            _ => true,
+            Err(_) => true,
         }
     }
 

@@ -32,10 +32,24 @@ where
     }
 }
 
+/// A stream whose panic ends that stream only, as when it was a task of its own (its siblings
+/// and the connection go on; the panic is reported by the panic hook as any other).
+struct Contained(Task);
+
+impl Future for Contained {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = self.0.as_mut();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.poll(cx)))
+            .unwrap_or(Poll::Ready(()))
+    }
+}
+
 /// A connection's streams, run when the connection's task is polled.
 pub(crate) struct Streams {
     arriving: mpsc::UnboundedReceiver<Task>,
-    running: FuturesUnordered<Task>,
+    running: FuturesUnordered<Contained>,
 }
 
 /// An executor and the streams it is given, to poll beside the connection.
@@ -54,7 +68,7 @@ impl Streams {
     /// Runs the streams that can make progress; never done (the connection ends first).
     fn poll_run(&mut self, cx: &mut Context<'_>) {
         while let Poll::Ready(Some(task)) = self.arriving.poll_recv(cx) {
-            self.running.push(task);
+            self.running.push(Contained(task));
         }
         while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
     }
