@@ -2035,7 +2035,7 @@ impl Node {
                     // finds it gone and installs nothing). Its consumers go in turn even if the
                     // session went offline or ended meanwhile (with the life of the moment).
                     let incarnation = self
-                        .forget_subscription(&client_id, &filter)
+                        .stop_delivering(&client_id, &filter, true)
                         .map(|(_, incarnation)| incarnation);
                     let node = self.clone();
                     let sessions = sessions.clone();
@@ -2043,7 +2043,7 @@ impl Node {
                     let change = async move {
                         // The list as it is now: a SUBSCRIBE of the filter since (handled
                         // already, its turn after this one) keeps it.
-                        let now = node.stop_delivering(&client_id, &filter);
+                        let now = node.stop_delivering(&client_id, &filter, false);
                         if let Some(incarnation) = incarnation.or(now.as_ref().map(|(_, i)| *i)) {
                             node.delete_consumers(&client_id, incarnation, &filter)
                                 .await;
@@ -2752,28 +2752,22 @@ impl Node {
         Err(last)
     }
 
-    /// Stops delivering `filter`'s kept messages to a persistent session online here and
-    /// forgets the subscription; the session's record then (and its incarnation), if it is
-    /// online here.
-    fn forget_subscription(&self, client_id: &str, filter: &str) -> Option<(String, u64)> {
+    /// Stops delivering `filter`'s kept messages to a persistent session online here and, with
+    /// `forget`, takes the subscription off its list; the session's record then (and its
+    /// incarnation), if it is online here.
+    fn stop_delivering(
+        &self,
+        client_id: &str,
+        filter: &str,
+        forget: bool,
+    ) -> Option<(String, u64)> {
         let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
         durables.get_mut(client_id).map(|d| {
             for task in d.pullers.remove(filter).into_iter().flatten() {
                 task.abort();
             }
-            d.subscriptions.remove(filter);
-            (d.record(&self.instance, None), d.incarnation)
-        })
-    }
-
-    /// Stops delivering `filter`'s kept messages to a persistent session online here (its
-    /// subscriptions as they are); the session's record then (and its incarnation), if it is
-    /// online here.
-    fn stop_delivering(&self, client_id: &str, filter: &str) -> Option<(String, u64)> {
-        let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
-        durables.get_mut(client_id).map(|d| {
-            for task in d.pullers.remove(filter).into_iter().flatten() {
-                task.abort();
+            if forget {
+                d.subscriptions.remove(filter);
             }
             (d.record(&self.instance, None), d.incarnation)
         })
