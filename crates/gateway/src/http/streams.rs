@@ -7,9 +7,16 @@
 //! task beside the connection itself: a request costs no task, and the stream and its
 //! connection never wait on each other's scheduling. Streams still progress independently: a
 //! stream waiting on its upstream is not polled until woken.
+//!
+//! One task runs on one core at a time. With several workers, a connection that carries many
+//! calls at once (a gRPC channel multiplexes everything over one) would get one core for all of
+//! them, where tasks of their own spread over the workers: beyond [`LOCAL_STREAMS`] running on
+//! the connection's task, further streams are spawned as before.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt as _;
@@ -18,17 +25,32 @@ use tokio::sync::mpsc;
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Streams a connection runs on its own task at most while the runtime has other workers to
+/// spread further ones over (with one worker, all of them: a task of its own would only cost).
+const LOCAL_STREAMS: usize = 8;
+
 /// The executor a connection's HTTP/2 streams are given to (see the module).
 #[derive(Clone)]
-pub(crate) struct StreamExec(mpsc::UnboundedSender<Task>);
+pub(crate) struct StreamExec {
+    local: mpsc::UnboundedSender<Task>,
+    /// Streams on the connection's task now.
+    running: Arc<AtomicUsize>,
+    /// How many may be (`usize::MAX` with one worker).
+    limit: usize,
+}
 
 impl<F> hyper::rt::Executor<F> for StreamExec
 where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        if self.running.load(Ordering::Relaxed) >= self.limit {
+            tokio::spawn(fut);
+            return;
+        }
+        self.running.fetch_add(1, Ordering::Relaxed);
         // The connection is gone (its streams with it): nothing is left to serve it.
-        let _ = self.0.send(Box::pin(fut));
+        let _ = self.local.send(Box::pin(fut));
     }
 }
 
@@ -50,16 +72,29 @@ impl Future for Contained {
 pub(crate) struct Streams {
     arriving: mpsc::UnboundedReceiver<Task>,
     running: FuturesUnordered<Contained>,
+    /// The executor's count of them.
+    count: Arc<AtomicUsize>,
 }
 
 /// An executor and the streams it is given, to poll beside the connection.
 pub(crate) fn streams() -> (StreamExec, Streams) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let count = Arc::new(AtomicUsize::new(0));
+    let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
     (
-        StreamExec(tx),
+        StreamExec {
+            local: tx,
+            running: count.clone(),
+            limit: if workers > 1 {
+                LOCAL_STREAMS
+            } else {
+                usize::MAX
+            },
+        },
         Streams {
             arriving: rx,
             running: FuturesUnordered::new(),
+            count,
         },
     )
 }
@@ -70,7 +105,9 @@ impl Streams {
         while let Poll::Ready(Some(task)) = self.arriving.poll_recv(cx) {
             self.running.push(Contained(task));
         }
-        while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
+        while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
