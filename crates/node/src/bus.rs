@@ -1899,7 +1899,7 @@ impl Node {
                         }
                         // An earlier connection here holding the client id keeps holding it if
                         // this one gives up.
-                        let held = node.claims.lock().is_ok_and(|c| c.contains_key(&client_id));
+                        let held = node.held_claim(&client_id).is_some();
                         let revision = match node.claim(&clients, &client_id).await {
                             Ok(revision) => revision,
                             Err(e) => {
@@ -2091,9 +2091,9 @@ impl Node {
                         // claimed the client id (and resumed the session, or ended it with a
                         // clean start) before this end came holds the session now.
                         let newer = claim.is_some()
-                            && node.claims.lock().is_ok_and(|c| {
-                                c.get(&client_id).is_some_and(|r| Some(*r) != claim)
-                            });
+                            && node
+                                .held_claim(&client_id)
+                                .is_some_and(|r| Some(r) != claim);
                         if !newer {
                             node.end_session(&sessions, &client_id, true).await;
                         }
@@ -2447,6 +2447,14 @@ impl Node {
         Ok(found)
     }
 
+    /// The revision of this node's claim of `client_id`, if it holds one.
+    fn held_claim(&self, client_id: &str) -> Option<u64> {
+        self.claims
+            .lock()
+            .ok()
+            .and_then(|c| c.get(client_id).copied())
+    }
+
     /// Records this node as the owner of `client_id` (compare-and-set, retried on a race).
     async fn claim(&self, clients: &kv::Store, client_id: &str) -> Result<u64, String> {
         let key = client_key(client_id);
@@ -2518,12 +2526,7 @@ impl Node {
         identity: &str,
     ) -> Result<Option<StoredSession>, String> {
         let key = client_key(client_id);
-        let Some(claim) = self
-            .claims
-            .lock()
-            .ok()
-            .and_then(|c| c.get(client_id).copied())
-        else {
+        let Some(claim) = self.held_claim(client_id) else {
             return Err("another node claimed the client id meanwhile".into());
         };
         let mut last = String::new();
@@ -2694,12 +2697,7 @@ impl Node {
         };
         let mut last = String::new();
         for attempt in 1..=5u64 {
-            let Some(claim) = self
-                .claims
-                .lock()
-                .ok()
-                .and_then(|c| c.get(client_id).copied())
-            else {
+            let Some(claim) = self.held_claim(client_id) else {
                 return Ok(());
             };
             mine["claim"] = serde_json::json!(claim);
