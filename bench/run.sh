@@ -5,9 +5,9 @@
 #
 # Environment: REGISTERED=N certificates for the registered-mode row (default 1000000; 0 skips it),
 # PERF=SERVER records a CPU profile of that server under each oha load (target/perf.SERVER.MODE.CLIENT.data
-# under target/), IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
+# under target/; PERF_EVENTS="-e EVENT -c 1" records that instead), SYSCALLS="SERVER..." counts their reads, writes and epoll waits (target/syscalls.SERVER.MODE.CLIENT.txt), IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
 # only some servers, ROWS="tls13 grpc idle tls12 big registered" (the default: all) to run only some
-# groups of rows.
+# groups of rows, MODES="h2 grpc" only the rows of those load modes within them.
 #
 # Servers: nginx, HAProxy and Caddy (Debian packages), Portcullis, and a bare rustls server
 # (crates/bench/src/bin/bench_tools.rs: handshake, then a fixed answer, nothing else) as the
@@ -297,11 +297,19 @@ cpu0() { awk '/^cpu0 /{idle=$5+$6; total=0; for(i=2;i<=NF;i++) total+=$i; print 
 # h2up (HTTP/2 GETs proxied to the h2c upstream) | grpcstream (messages on bidirectional calls)
 load() {
   local s=$1 mode=$2 client=$3 p=${4:-${port[$1]}} extra=() path=/
+  local stat_pid=""
+  if [[ " ${SYSCALLS:-} " == *" $s "* ]]; then
+    # SYSCALLS="SERVER...": those servers' reads, writes and waits under each load, in
+    # syscalls.SERVER.MODE.CLIENT.txt (divide by the row's requests for the count per request).
+    perf stat -x, -e 'syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_recvmsg,syscalls:sys_enter_epoll_wait' \
+      -p "${spid[$s]}" -o "$root/target/syscalls.$s.$mode.$client.txt" -- sleep "$secs" >/dev/null 2>&1 & stat_pid=$!
+  fi
   if [ "$mode" = grpcstream ]; then
     read -r i0 t0 < <(cpu0)
     taskset -c 1 "$tools" grpc-stream "127.0.0.1:$p" localhost ca/ca.pem "$client.pem" "$client.key" \
       8 16 "$secs" > stream.out 2>&1 || true
     read -r i1 t1 < <(cpu0)
+    [ -z "$stat_pid" ] || wait "$stat_pid" || true
     python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
 import sys
 i0, t0, i1, t1 = map(float, sys.argv[1:5])
@@ -328,7 +336,7 @@ PY
   local perf_pid=""
   if [ "${PERF:-}" = "$s" ]; then
     # PERF=SERVER: a CPU profile of that server under each load, in perf.SERVER.MODE.CLIENT.data.
-    perf record -F 999 --call-graph "${PERF_CALLGRAPH:-fp}" -p "${spid[$s]}" -o "$root/target/perf.$s.$mode.$client.data" -- sleep "$secs" \
+    perf record ${PERF_EVENTS:--F 999 --call-graph ${PERF_CALLGRAPH:-fp}} -p "${spid[$s]}" -o "$root/target/perf.$s.$mode.$client.data" -- sleep "$secs" \
       >/dev/null 2>&1 & perf_pid=$!
   fi
   read -r i0 t0 < <(cpu0)
@@ -336,6 +344,7 @@ PY
     --cacert ca/ca.pem --output-format json "https://localhost:$p$path" > oha.json 2>/dev/null || true
   read -r i1 t1 < <(cpu0)
   [ -z "$perf_pid" ] || wait "$perf_pid" || true
+  [ -z "$stat_pid" ] || wait "$stat_pid" || true
   python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
 import json, sys
 i0, t0, i1, t1 = map(float, sys.argv[1:5])
@@ -359,6 +368,8 @@ rows=()   # "label|server|value" lines, assembled into the table at the end
 record() { rows+=("$1|$2|$3"); }
 measure() {  # measure LABEL MODE CLIENT SERVERS...
   local label=$1 mode=$2 client=$3; shift 3
+  # MODES="h2 grpc": only the rows of those load modes (see load()).
+  [ -z "${MODES:-}" ] || [[ " $MODES " == *" $mode "* ]] || return 0
   for s in "$@"; do
     [[ " ${SERVERS:-$*} " == *" $s "* ]] || continue
     read -r pcs rps busy ok total p50 p99 < <(load "$s" "$mode" "$client")

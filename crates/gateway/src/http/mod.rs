@@ -5,6 +5,7 @@
 //! Invariant: nothing here names `conn`; connections hand their stream and context in.
 
 pub(crate) mod access_log;
+pub(crate) mod coalesce;
 pub(crate) mod context;
 pub(crate) mod decide;
 pub(crate) mod est;

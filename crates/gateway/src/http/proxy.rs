@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::GatewayError;
 use crate::config::{UpstreamProtocol, UpstreamTls};
+use crate::http::coalesce::Coalescing;
 use crate::http::identity::IdentityBlock;
 use crate::http::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::http::respond::{Body, error_response};
@@ -27,7 +28,7 @@ use crate::http::respond::{Body, error_response};
 /// A pooled client: the shared HTTP/1.1 one for `http://` upstreams, or one per mapping that
 /// needs its own (an `https://` upstream's CA and client certificate, or HTTP/2: one
 /// multiplexed connection per upstream).
-pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub(crate) type UpstreamClient = Client<Coalescing<HttpsConnector<HttpConnector>>, Incoming>;
 
 /// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
 /// client has not read yet.
@@ -96,7 +97,9 @@ pub(crate) fn client(
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10));
     }
-    Ok(builder.build(connector))
+    // An HTTP/2 connection's writes wait for the end of the runtime's turn, so that the
+    // requests of many clients' streams go out together (`coalesce`).
+    Ok(builder.build(Coalescing::new(connector, protocol.is_h2())))
 }
 
 /// The forwarding header values of one client connection, computed once: the client address,
