@@ -12,6 +12,17 @@
 # - takeover: the same client id on node B closes its session on node A (20 times);
 # - DEVICES idle mutual-TLS sessions spread over the three nodes: resident memory per session.
 #
+# Every server process runs one thread of work, as bench/run.sh pins each server to one worker:
+# each node one Tokio worker (NODE_WORKERS=N to change), each NATS server GOMAXPROCS=1
+# (NATS_PROCS=N), Mosquitto has one. Seven servers and the load generator share 2 cores here;
+# with two workers each, the nodes' and NATS's threads mostly woke and waited on each other
+# (futex and context switches: 10-28 % of their samples), which a node on its own machine does not.
+#
+# PARTS="latency fanin takeover idle" (the default: all) runs only some parts; QOS="0 1" (the
+# default) the fan-in's QoS levels; PERF="a b single" records a CPU profile of those nodes under
+# each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
+# SYSCALLS=1 counts each server process's reads and writes under each fan-in.
+#
 # Needs: nats-server, mosquitto, PostgreSQL (Debian packages; scripts/test installs them),
 # python3. Loopback only, fixed ports 3xxxx.
 set -euo pipefail
@@ -62,7 +73,7 @@ listen: "127.0.0.1:3610$i"
 jetstream { store_dir: "$work/js$i" }
 cluster { name: bench, listen: "127.0.0.1:3620$i", routes: [$routes] }
 CONF
-  "$nats" -c "n$i.conf" > "nats$i.log" 2>&1 &
+  GOMAXPROCS="${NATS_PROCS:-1}" "$nats" -c "n$i.conf" > "nats$i.log" 2>&1 &
   pids+=($!)
   eval "nats_pid$i=$!"
 done
@@ -99,7 +110,7 @@ CONF
   } > "$1.toml"
 }
 start_node() { # NAME
-  PORTCULLIS_LOG=warn "$pc" serve --config "$1.toml" --data-dir "data-$1" > "$1.log" 2>&1 &
+  TOKIO_WORKER_THREADS="${NODE_WORKERS:-1}" PORTCULLIS_LOG=warn "$pc" serve --config "$1.toml" --data-dir "data-$1" > "$1.log" 2>&1 &
   pids+=($!)
   eval "pid_$1=$!"
   for _ in $(seq 1 300); do grep -q "serving on" "$1.log" 2>/dev/null && break; sleep 0.1; done
@@ -151,8 +162,31 @@ cpu() { # PIDS... -> CPU seconds used so far
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cluster_pids="$pid_a $pid_b $pid_c $nats_pid1 $nats_pid2 $nats_pid3"
 
-echo "## latency at 1,000 messages/s (p50 / p99 ms)"
-for q in 0 1; do
+want() { [[ " ${PARTS:-latency fanin takeover idle} " == *" $1 "* ]]; }
+# recording NAME PID TAG: starts the profiles and counts asked for; `recorded` waits for them.
+recorders=()
+recording() {
+  if [[ " ${PERF:-} " == *" $1 "* ]]; then
+    perf record -F 999 --call-graph "${PERF_CALLGRAPH:-dwarf,16384}" -p "$2" \
+      -o "$root/target/perf.cluster.$1.$3.data" -- sleep "$secs" >/dev/null 2>&1 & recorders+=($!)
+  fi
+  if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -x, -e 'syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex' \
+      -p "$2" -o "syscalls.$1.$3" -- sleep "$secs" >/dev/null 2>&1 & recorders+=($!)
+  fi
+}
+recorded() { # TAG
+  for p in "${recorders[@]}"; do wait "$p" || true; done
+  recorders=()
+  if [ -n "${SYSCALLS:-}" ]; then
+    for f in syscalls.*."$1"; do
+      echo "  syscalls ${f#syscalls.}: $(grep -v '^#' "$f" | awk -F, 'NF > 2 && $1 > 0 { sub("syscalls:sys_enter_", "", $3); printf "%s %s  ", $3, $1 }')"
+    done
+  fi
+}
+
+want latency && echo "## latency at 1,000 messages/s (p50 / p99 ms)"
+want latency && for q in 0 1; do
   same=$(L $(args 36401) latency "$secs" 1000 $q)
   cross=$(MQTT_LOAD_SUBSCRIBE_AT=127.0.0.1:36402 L $(args 36401) latency "$secs" 1000 $q)
   single=$(L $(args 36404) latency "$secs" 1000 $q)
@@ -160,24 +194,46 @@ for q in 0 1; do
   echo "QoS $q: single node $single | cluster same node $same | cluster across nodes $cross | Mosquitto $mosq_l  (p50 p99 samples)"
 done
 
-echo "## fan-in, 8 publishers (messages/s; per server core-second)"
-for q in 0 1; do
+want fanin && echo "## fan-in, 8 publishers (messages/s; per server core-second)"
+want fanin && for q in ${QOS:-0 1}; do
   for target in single cluster mosquitto; do
     case $target in
       single) port=36404 sub="" ps="$pid_single" ;;
       cluster) port=36401 sub=127.0.0.1:36402 ps="$cluster_pids" ;;
       mosquitto) port=36405 sub="" ps="$mq_pid" ;;
     esac
+    case $target in
+      single) recording single "$pid_single" "single.qos$q" ;;
+      cluster) for n in a b c; do recording $n "$(eval echo \$pid_$n)" "cluster.qos$q"; done
+               for i in 1 2 3; do recording nats$i "$(eval echo \$nats_pid$i)" "cluster.qos$q"; done ;;
+      mosquitto) recording mosquitto "$mq_pid" "mosquitto.qos$q" ;;
+    esac
     before=$(cpu $ps)
+    declare -A each=()
+    for p in $ps; do each[$p]=$(cpu $p); done
     rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q)
     used=$(calc "$(cpu $ps) - $before")
+    split=""
+    for p in $ps; do split+="$(cpu $p | awk -v b="${each[$p]}" '{printf "%.1f", $1 - b}') "; done
+    recorded "$target.qos$q"
     per=$(calc "$rate * ($secs + 1) / $used")
-    echo "QoS $q $target: $rate msgs/s, $used CPU s, $per msgs per server core-second"
+    echo "QoS $q $target: $rate msgs/s, $used CPU s ($split), $per msgs per server core-second"
+    if [ -n "${COUNTS:-}" ] && [ "$target" != mosquitto ]; then
+      # COUNTS=1: the nodes' own message counters so far (accepted from publishers, sent to and
+      # dropped for subscribers: a subscriber slower than its publishers has messages dropped).
+      for n in $( [ "$target" = cluster ] && echo a b || echo single ); do
+        aport=$(case $n in a) echo 36301;; b) echo 36302;; single) echo 36304;; esac)
+        echo "  node $n: resident $(( $(rss "$(eval echo \$pid_$n)") / 1024 )) MiB; $(curl -sk --cert "data-$n/admin/admin.pem" --key "data-$n/admin/admin.key" "https://127.0.0.1:$aport/metrics" \
+          | grep -E "^portcullis_(mqtt|cluster)_[a-z_]*(messages|drop|queue|slow)[a-z_]*" | tr "\\n" " ")"
+        grep -v '"INFO"\| INFO ' "$n.log" | tail -3 | cut -c1-300 | sed 's/^/    /' || true
+      done
+    fi
   done
 done
 
-echo "## takeover across nodes (20 times; median / worst ms)"
-L $(args 36401) takeover 127.0.0.1:36402 20
+want takeover && echo "## takeover across nodes (20 times; median / worst ms)"
+want takeover && L $(args 36401) takeover 127.0.0.1:36402 20
+want idle || exit 0
 
 echo "## $devices idle sessions over three nodes"
 per=$((devices / 3))

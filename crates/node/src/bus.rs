@@ -540,9 +540,28 @@ pub(crate) struct NatsState {
     /// Every node on the bus reads QoS 1 batches (the heartbeat finds out; until then, and
     /// whenever a node of an older version is up, QoS 1 messages cross one by one).
     batches: AtomicBool,
+    /// When a slow consumer was last told in the log.
+    slow_told: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl NatsState {
+    /// Messages for this node's subscriptions arrived faster than it took them: the client
+    /// dropped some (counted; told in the log at most once a second).
+    fn slow_consumer(&self) {
+        metrics::counter!("portcullis_cluster_slow_consumer_total").increment(1);
+        let now = std::time::Instant::now();
+        let due = self.slow_told.lock().is_ok_and(|mut told| {
+            let due = told.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+            if due {
+                *told = Some(now);
+            }
+            due
+        });
+        if due {
+            tracing::warn!(target: "portcullis::cluster", "this node's NATS subscriptions fell behind: messages routed to it were dropped (portcullis_cluster_slow_consumer_total)");
+        }
+    }
+
     /// Whether QoS 1 messages may cross in batches (see [`batches_understood`]).
     pub(crate) fn set_batches(&self, on: bool) {
         if self.batches.swap(on, Ordering::SeqCst) != on {
@@ -1082,6 +1101,10 @@ pub(crate) async fn start(
                     async_nats::Event::Disconnected => {
                         events.connected.store(false, Ordering::SeqCst);
                         tracing::warn!(target: "portcullis::cluster", "disconnected from NATS: MQTT messages do not reach the other nodes, and this node is not ready");
+                    }
+                    async_nats::Event::SlowConsumer(_) => events.slow_consumer(),
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(target: "portcullis::cluster", error = %e, "NATS server error");
                     }
                     _ => {}
                 }

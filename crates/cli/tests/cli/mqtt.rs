@@ -527,7 +527,8 @@ fn devices_publish_and_subscribe_over_mqtt_within_their_policies() {
 
 /// Raw MQTT bytes over TLS from Python: each abuse gets a protocol-correct refusal in bounded
 /// time, and a well-behaved client is served throughout.
-const ABUSE: &str = r#"
+/// A raw MQTT 3.1.1 client over TLS as dev-1, for the abuse tests.
+const RAW_CLIENT: &str = r#"
 import socket, ssl, sys, time
 port = int(sys.argv[1])
 def conn():
@@ -555,6 +556,9 @@ def closed_within(s, seconds):
     except (ssl.SSLError, ConnectionResetError, socket.timeout, OSError):
         pass
     return time.time() - start < seconds
+"#;
+
+const ABUSE: &str = r#"
 # 1. Silence after the handshake: closed after the connect timeout (1 s here).
 s = conn(); print("silent", closed_within(s, 5), flush=True)
 # 2. Garbage.
@@ -611,7 +615,7 @@ fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
         &["-i", "dev-2", "-t", "commands/dev-2/steady", "-W", "60"],
     );
     s.wait_for("commands/dev-2/steady");
-    std::fs::write(d.join("abuse.py"), ABUSE).unwrap();
+    std::fs::write(d.join("abuse.py"), format!("{RAW_CLIENT}{ABUSE}")).unwrap();
     let r = run(&python, &["abuse.py", &s.ports[1].to_string()], d);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     for line in [
@@ -649,6 +653,99 @@ fn bad_mqtt_input_is_refused_in_bounded_time_and_spares_other_clients() {
     );
     let _ = steady.kill();
     let _ = steady.wait();
+}
+
+/// A subscriber that never acknowledges its QoS 1 messages while they keep coming (here its own
+/// publications, acknowledged to it as publisher): after the 64 in flight it reads nothing it
+/// was sent, so the rest waits for it.
+const STALLED: &str = r#"
+pid = int(sys.argv[2])
+def rss():
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmRSS:"): return int(line.split()[1])
+s = conn(); s.sendall(connect()); s.recv(4)
+s.sendall(packet(0x82, (1).to_bytes(2, "big") + string(b"commands/dev-1/stalled") + b"\x01"))
+suback = b""
+while len(suback) < 5: suback += s.recv(5 - len(suback))
+before = rss()
+buf = b""; acked = 0; delivered = 0
+def take():
+    global buf, acked, delivered
+    while len(buf) >= 2:
+        n, mult, i = 0, 1, 1
+        while True:
+            if i >= len(buf): return
+            b = buf[i]; n += (b & 127) * mult; mult *= 128; i += 1
+            if not b & 128: break
+        if len(buf) < i + n: return
+        kind = buf[0] >> 4
+        if kind == 4: acked += 1
+        elif kind == 3: delivered += 1
+        buf = buf[i + n:]
+total, burst, payload = 40000, 500, b"x" * 900
+for start in range(0, total, burst):
+    s.sendall(b"".join(packet(0x32, string(b"commands/dev-1/stalled") + (start + i + 1).to_bytes(2, "big") + payload) for i in range(burst)))
+    while acked < start + burst:
+        data = s.recv(1 << 16)
+        if not data: raise SystemExit("closed after %d acknowledged" % acked)
+        buf += data; take()
+print("stalled", acked, delivered, rss() - before, flush=True)
+"#;
+
+/// Regression (found by the cluster bench, 2026-12-04): a QoS 1 subscriber that did not
+/// acknowledge — or was slower than its publishers — had every message beyond its 64 in
+/// flight buffered by its session, without bound (a 6 s fan-in: 1.4 GB resident, none counted
+/// dropped). What exceeds its queue is now dropped and counted, as the broker's full queue is.
+#[test]
+fn a_qos1_subscriber_that_never_acknowledges_cannot_grow_the_node_memory() {
+    let Some(python) = require_tool("python3") else {
+        return;
+    };
+    let tmp = temp_dir();
+    let d = tmp.path();
+    pki(d);
+    leaf(d, "client", "dev-1", "int", &["--org", "Acme"]);
+    let config = config().replace(
+        "https_publish = true\n",
+        "https_publish = true\nmax_packet_size = 1024\n",
+    );
+    let s = Server::start(d, &config);
+    allow_devices(d, &s);
+    std::fs::write(d.join("stalled.py"), format!("{RAW_CLIENT}{STALLED}")).unwrap();
+    let pid = s.child.id().to_string();
+    let r = run(&python, &["stalled.py", &s.ports[1].to_string(), &pid], d);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("stalled "))
+        .unwrap_or_default();
+    let f: Vec<i64> = line
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 3, "{}", r.stdout);
+    assert_eq!(f[0], 40_000, "every publication acknowledged: {line}");
+    assert!(
+        (1..=64).contains(&f[1]),
+        "at most 64 in flight to it: {line}"
+    );
+    // 40,000 messages of 900 bytes: about 48 MiB if kept; its queue (1,000) and channel hold
+    // a few MiB.
+    assert!(
+        f[2] < 20 * 1024,
+        "resident memory grew by {} KiB: {line}",
+        f[2]
+    );
+    let metrics = s.metrics(d);
+    let dropped = metrics
+        .lines()
+        .find(|l| l.starts_with("portcullis_mqtt_messages_total") && l.contains("\"dropped\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(dropped >= 30_000.0, "dropped and counted: {dropped}");
 }
 
 #[test]

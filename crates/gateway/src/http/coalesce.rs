@@ -62,9 +62,8 @@ where
 {
     type Response = Coalesce<C::Response>;
     type Error = C::Error;
-    type Future = Pin<
-        Box<dyn std::future::Future<Output = Result<Coalesce<C::Response>, C::Error>> + Send>,
-    >;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Coalesce<C::Response>, C::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
         self.inner.poll_ready(cx)
@@ -229,14 +228,22 @@ mod tests {
             Poll::Ready(Ok(8))
         ));
         assert!(rec.0.lock().unwrap().is_empty(), "nothing written yet");
-        assert!(matches!(c.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert!(matches!(
+            c.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
         assert_eq!(*rec.0.lock().unwrap(), vec![b"onetwothree".to_vec()]);
         // Nothing held: a flush does not wait.
-        assert!(matches!(c.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert!(matches!(
+            c.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
         // More than HOLD: what is held goes first, then the large write as it is.
         let _ = c.as_mut().poll_write(&mut cx, b"x");
         let big = vec![7u8; HOLD + 1];
-        assert!(matches!(c.as_mut().poll_write(&mut cx, &big), Poll::Ready(Ok(n)) if n == big.len()));
+        assert!(
+            matches!(c.as_mut().poll_write(&mut cx, &big), Poll::Ready(Ok(n)) if n == big.len())
+        );
         let writes = rec.0.lock().unwrap();
         assert_eq!(writes.len(), 3);
         assert_eq!(writes[1], b"x");

@@ -1001,8 +1001,17 @@ impl Session<'_> {
             };
             self.inflight.insert(id, m.clone());
             self.send_message(m, Some((id, dup)));
-        } else {
+        } else if self.backlog.len() < self.c.broker.max_queued() {
             self.backlog.push_back(m);
+        } else {
+            // A subscriber that leaves what it was sent unacknowledged, or is slower than its
+            // publishers, has what exceeds its queue dropped, as the broker drops for a full
+            // queue: the node's memory is not its buffer. A message the cluster keeps goes back
+            // to it, for later.
+            if let Some(receipt) = &m.receipt {
+                receipt.returned();
+            }
+            super::message_counters().out_dropped.increment(1);
         }
     }
 
