@@ -5,6 +5,7 @@
 //! it; `mqtt:Receive` is checked here, on every delivery, through the session's [`Receiver`].
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -178,6 +179,9 @@ struct Subscribed {
 struct Session {
     generation: u64,
     online: Option<mpsc::Sender<Outbound>>,
+    /// The connection has QoS 1 and 2 messages waiting beyond its window
+    /// ([`SessionHandle::backlogged`]): further ones wait here, in `queue`.
+    backlogged: Arc<AtomicBool>,
     receiver: Arc<dyn Receiver>,
     filters: HashMap<String, SubscriptionOptions>,
     queue: VecDeque<Message>,
@@ -215,9 +219,27 @@ pub struct SessionHandle {
     pub awaiting_release: Vec<u16>,
     /// What to deliver from now on.
     pub outbound: mpsc::Receiver<Outbound>,
+    /// Set by the connection while QoS 1 and 2 messages wait beyond what it may have in
+    /// flight: the broker then queues further ones in the session's queue (bounded by
+    /// `max_queued`, beyond it dropped and counted) instead of the channel, and the connection
+    /// takes them with [`Broker::take_queued`] once it has room. Cleared by the connection
+    /// (see [`SessionHandle::may_take_queued`]).
+    pub backlogged: Arc<AtomicBool>,
     /// The expiry the session resumed here had before this connection (a refused CONNECT
     /// gives it back: see [`Broker::refused`]).
     pub resumed_expiry: Option<Duration>,
+}
+
+impl SessionHandle {
+    /// Whether the connection, with room in flight and nothing waiting of its own, may take
+    /// what the broker queued for it: only once its channel is empty too (what is in the
+    /// channel came before anything queued). Clears [`SessionHandle::backlogged`] first, so
+    /// that what comes after it is taken goes through the channel again once the queue is
+    /// empty.
+    pub fn may_take_queued(&self) -> bool {
+        self.backlogged.store(false, Ordering::Release);
+        self.outbound.is_empty()
+    }
 }
 
 /// A session as the admin API lists it.
@@ -420,6 +442,7 @@ impl Broker {
         identity: &str,
     ) -> SessionHandle {
         let (tx, rx) = mpsc::channel(self.limits.channel_capacity);
+        let backlogged = Arc::new(AtomicBool::new(false));
         let mut state = self.lock();
         state.next_generation += 1;
         let generation = state.next_generation;
@@ -458,6 +481,7 @@ impl Broker {
             resumed_expiry = Some(s.expiry);
             s.generation = generation;
             s.online = Some(tx);
+            s.backlogged = backlogged.clone();
             s.receiver = receiver;
             s.expiry = expiry;
             s.disconnected_at = None;
@@ -469,6 +493,7 @@ impl Broker {
                 Session {
                     generation,
                     online: Some(tx),
+                    backlogged: backlogged.clone(),
                     receiver,
                     filters: HashMap::new(),
                     queue: VecDeque::new(),
@@ -491,6 +516,7 @@ impl Broker {
             pending,
             awaiting_release,
             outbound: rx,
+            backlogged,
             resumed_expiry,
         }
     }
@@ -1296,15 +1322,22 @@ fn deliver_to(
         return;
     }
     match &session.online {
-        Some(tx) if session.queue.is_empty() => match tx.try_send(Outbound::Deliver(Box::new(m))) {
-            Ok(()) => routed.delivered += 1,
-            Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m)))
-                if m.qos != QoS::AtMostOnce =>
-            {
-                queue(session, *m, max_queued, routed, now);
+        // In order: once messages wait in the queue (the channel was full, or the connection
+        // has a backlog of QoS 1 and 2 messages), the next ones wait behind them.
+        Some(tx)
+            if session.queue.is_empty()
+                && (m.qos == QoS::AtMostOnce || !session.backlogged.load(Ordering::Acquire)) =>
+        {
+            match tx.try_send(Outbound::Deliver(Box::new(m))) {
+                Ok(()) => routed.delivered += 1,
+                Err(mpsc::error::TrySendError::Full(Outbound::Deliver(m)))
+                    if m.qos != QoS::AtMostOnce =>
+                {
+                    queue(session, *m, max_queued, routed, now);
+                }
+                Err(_) => routed.dropped += 1,
             }
-            Err(_) => routed.dropped += 1,
-        },
+        }
         _ if m.qos == QoS::AtMostOnce => routed.dropped += 1,
         _ => queue(session, m, max_queued, routed, now),
     }
@@ -1948,6 +1981,60 @@ mod tests {
         let again = b.connect("a", false, Duration::from_secs(3600), everything(), "a");
         let topics: Vec<&str> = again.pending.iter().map(|m| m.topic.as_str()).collect();
         assert_eq!(topics, ["q/1", "q/2"]);
+    }
+
+    #[test]
+    fn a_backlogged_connection_has_further_messages_queued_in_order_and_bounded() {
+        let b = Broker::new(Limits {
+            max_queued: 3,
+            ..Limits::default()
+        });
+        let mut a = b.connect("a", true, Duration::from_secs(3600), everything(), "a");
+        b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
+        // Through the channel while the connection has room.
+        assert_eq!(
+            b.publish(msg("q/1", QoS::AtLeastOnce, false), None)
+                .delivered,
+            1
+        );
+        // The connection has a window's worth waiting: QoS 1 waits in the broker's queue,
+        // bounded (beyond it dropped and counted); QoS 0 still goes through.
+        a.backlogged.store(true, Ordering::Release);
+        for i in 2..=5 {
+            let routed = b.publish(msg(&format!("q/{i}"), QoS::AtLeastOnce, false), None);
+            assert_eq!(
+                (routed.queued, routed.dropped),
+                if i <= 4 { (1, 0) } else { (0, 1) }
+            );
+        }
+        assert_eq!(
+            b.publish(msg("q/zero", QoS::AtMostOnce, false), None)
+                .dropped,
+            1,
+            "QoS 0 waits for nothing: dropped while messages wait before it"
+        );
+        // What is in the channel comes first: the queue is not taken before it.
+        assert!(!a.may_take_queued());
+        let first: Vec<String> = std::iter::from_fn(|| a.outbound.try_recv().ok())
+            .filter_map(|o| match o {
+                Outbound::Deliver(m) => Some(m.topic),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(first, ["q/1"]);
+        assert!(a.may_take_queued());
+        let queued: Vec<String> = b
+            .take_queued("a", a.generation, 10)
+            .into_iter()
+            .map(|m| m.topic)
+            .collect();
+        assert_eq!(queued, ["q/2", "q/3", "q/4"]);
+        // Cleared and empty: the channel again.
+        assert_eq!(
+            b.publish(msg("q/6", QoS::AtLeastOnce, false), None)
+                .delivered,
+            1
+        );
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub(crate) async fn serve(mut tls: Box<TlsStream<TcpStream>>, c: Conn) {
         leaf,
         inflight: HashMap::new(),
         backlog: VecDeque::new(),
+        backlogged: handle.backlogged.clone(),
         next_id: 0,
         client_max: connect
             .properties

@@ -75,6 +75,8 @@ pub(super) struct Session<'a> {
     pub(super) inflight: HashMap<u16, Message>,
     /// QoS 1 messages waiting for room in `inflight`.
     pub(super) backlog: VecDeque<Message>,
+    /// The broker's [`SessionHandle::backlogged`] for this connection.
+    pub(super) backlogged: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(super) next_id: u16,
     /// The largest packet the client accepts (MQTT 5).
     pub(super) client_max: Option<usize>,
@@ -1003,6 +1005,12 @@ impl Session<'_> {
             self.send_message(m, Some((id, dup)));
         } else if self.backlog.len() < self.c.broker.max_queued() {
             self.backlog.push_back(m);
+            if self.backlog.len() >= self.receive_max {
+                // A window's worth waits here: further ones wait in the broker's queue
+                // (bounded, counted), not in the channel and this session.
+                self.backlogged
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
         } else {
             // A subscriber that leaves what it was sent unacknowledged, or is slower than its
             // publishers, has what exceeds its queue dropped, as the broker drops for a full
@@ -1025,7 +1033,7 @@ impl Session<'_> {
             self.deliver(m);
         }
         let room = self.receive_max.saturating_sub(self.inflight.len());
-        if room > 0 && self.backlog.is_empty() {
+        if room > 0 && self.backlog.is_empty() && handle.may_take_queued() {
             for m in self
                 .c
                 .broker
