@@ -35,7 +35,7 @@ mosq="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 [ -x "$nats" ] && [ -x "$mosq" ] || { echo "needs nats-server and mosquitto (apt-get install nats-server mosquitto)" >&2; exit 2; }
 cargo build --release -q
 cargo build --release -q -p portcullis-bench
-pc="$root/target/release/portcullis"
+pc="${PORTCULLIS_BIN:-$root/target/release/portcullis}"
 load="$root/target/release/mqtt_load"
 ulimit -n "$(ulimit -Hn)"
 

@@ -2376,10 +2376,17 @@ impl Node {
     }
 
     fn hand_over(&self, message: Message, shared: Option<&str>) {
-        match shared {
+        let routed = match shared {
             Some(filter) => self.broker.deliver_shared(filter, message),
             None => self.broker.deliver_remote(message),
         };
+        if routed.dropped > 0 {
+            // As a local publication's: for a subscriber here whose queue was full.
+            static DROPPED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+            DROPPED
+                .get_or_init(|| metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped"))
+                .increment(routed.dropped as u64);
+        }
     }
 
     /// False for this node's own messages (they come back) and for one seen already
