@@ -152,6 +152,17 @@ args() { echo "127.0.0.1:$1 ca/ca.pem client.chain.pem client.key"; }
 for port in 36401 36402 36403 36404; do
   for _ in $(seq 1 100); do L $(args $port) connect 1 1 >/dev/null 2>&1 && break; sleep 0.2; done
 done
+# ... and every node is ready (its JetStream streams made: until then a node queues what it
+# routes, and drops it once its queue is full).
+for n in a b c single; do
+  aport=$(case $n in a) echo 36301;; b) echo 36302;; c) echo 36303;; single) echo 36304;; esac)
+  for _ in $(seq 1 300); do
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --cert "data-$n/admin/admin.pem" --key "data-$n/admin/admin.key" \
+      "https://127.0.0.1:$aport/readyz" || true)
+    [ "$code" = 200 ] && break
+    sleep 0.1
+  done
+done
 
 calc() { awk "BEGIN { printf \"%.1f\", $1 }"; }
 cpu() { # PIDS... -> CPU seconds used so far

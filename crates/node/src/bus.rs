@@ -354,6 +354,7 @@ enum Control {
 struct NatsBridge {
     work: mpsc::Sender<Work>,
     control: mpsc::UnboundedSender<Control>,
+    state: Arc<NatsState>,
 }
 
 /// The QoS 2 ledger's key for a client's packet id.
@@ -502,10 +503,21 @@ impl Bridge for NatsBridge {
         if self.work.capacity() >= QUEUE / 4 {
             return None;
         }
-        let work = self.work.clone();
+        let (work, state) = (self.work.clone(), self.state.clone());
         Some(Box::pin(async move {
-            // Until half the queue is free again (the permits are given back at once).
-            let _ = work.reserve_many(QUEUE / 2).await;
+            // Until half the queue is free again, as the publishing task says when it took
+            // some. Not by reserving the room: a waiting reservation is handed every slot freed
+            // until it has them all, and every other publication meanwhile found the queue full
+            // (dropped: half of a QoS 0 fan-in's).
+            loop {
+                let drained = state.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if work.capacity() >= QUEUE / 2 {
+                    return;
+                }
+                drained.await;
+            }
         }))
     }
 
@@ -542,6 +554,8 @@ pub(crate) struct NatsState {
     batches: AtomicBool,
     /// When a slow consumer was last told in the log.
     slow_told: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The publishing task took publications from its queue (see [`NatsBridge::backpressure`]).
+    drained: tokio::sync::Notify,
 }
 
 impl NatsState {
@@ -1146,7 +1160,11 @@ pub(crate) async fn start(
         state: state.clone(),
         storing: Arc::default(),
     };
-    broker.set_bridge(Arc::new(NatsBridge { work, control }));
+    broker.set_bridge(Arc::new(NatsBridge {
+        work,
+        control,
+        state: state.clone(),
+    }));
     tokio::spawn(async move {
         let (clients, sessions, qos2) = node.set_up().await;
         state.streams.store(true, Ordering::SeqCst);
@@ -1714,6 +1732,9 @@ impl Node {
                 {
                     batch.push(work);
                 }
+            }
+            if publishing.len() <= QUEUE / 2 {
+                self.state.drained.notify_waiters();
             }
             // Every node reads QoS 1 batches (read once per turn).
             let batched = self.state.batches.load(Ordering::Relaxed);
@@ -3360,6 +3381,66 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
+    /// Regression (found by the cluster bench, 2026-12-04): the wait a publishing connection
+    /// was given while the queue to NATS was behind reserved half the queue's room. A waiting
+    /// reservation is handed every slot freed until it has them all: meanwhile every other
+    /// publication found the queue full and was dropped (half of a QoS 0 fan-in's).
+    #[tokio::test]
+    async fn backpressure_never_takes_the_room_publications_need() {
+        use super::{Bridge, NatsBridge, QUEUE, Work};
+        use portcullis_mqtt::broker::Message;
+        use portcullis_mqtt::codec::QoS;
+        use std::sync::Arc;
+        let (work, mut publishing) = tokio::sync::mpsc::channel(QUEUE);
+        let (control, _controls) = tokio::sync::mpsc::unbounded_channel();
+        let state = Arc::new(super::NatsState::default());
+        let bridge = NatsBridge {
+            work,
+            control,
+            state: state.clone(),
+        };
+        let message = || Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            sent_as: None,
+            preferred_id: None,
+            released: false,
+            receipt: None,
+        };
+        for _ in 0..QUEUE - 10 {
+            assert!(bridge.published(message(), None, None).is_none());
+        }
+        let wait = bridge.backpressure().expect("behind: a wait");
+        let waiting = tokio::spawn(wait);
+        tokio::task::yield_now().await;
+        // The publishing task takes 100: they are the publications' room, not the wait's.
+        for _ in 0..100 {
+            let Some(Work::Publish(..)) = publishing.recv().await else {
+                panic!("queued");
+            };
+        }
+        for _ in 0..100 {
+            assert!(
+                bridge
+                    .work
+                    .try_send(Work::Publish(Box::new(message()), None, None, None))
+                    .is_ok(),
+                "a freed slot went to the waiting connection"
+            );
+        }
+        assert!(!waiting.is_finished(), "still behind");
+        // Caught up: the publishing task says so, and the wait ends.
+        while publishing.len() > QUEUE / 2 {
+            publishing.recv().await;
+        }
+        state.drained.notify_waiters();
+        waiting.await.unwrap();
+    }
+
     #[test]
     fn the_sweeper_ends_expired_sessions_keeps_current_ones_and_asks_about_online_ones() {
         use super::{SWEEP_MARGIN_MS, Sweep, sweep_verdict};

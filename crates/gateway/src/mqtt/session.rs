@@ -27,6 +27,9 @@ pub(super) const MAX_READ: usize = 64 * 1024;
 /// How many messages from its channel a session writes per turn (one write for many).
 const OUTBOUND_BATCH: usize = 256;
 
+/// Packets handled between two looks at the cluster's backpressure within one read.
+const BACKPRESSURE_EVERY: usize = 64;
+
 /// Packets handled from one read after which a session lets other tasks run.
 pub(super) const YIELD_AFTER_PACKETS: usize = 64;
 
@@ -189,6 +192,14 @@ impl Session<'_> {
                                 if let Some(end) = self.handle(packet, &handle) {
                                     ended = Some(end);
                                     break;
+                                }
+                                // A read holds up to 64 KiB of publications: a cluster behind
+                                // with this node's is waited for within it too, not only after
+                                // (eight publishers' reads overflowed its queue: dropped).
+                                if handled % BACKPRESSURE_EVERY == 0
+                                    && let Some(wait) = c.broker.backpressure()
+                                {
+                                    let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
                                 }
                             }
                             Ok(None) => break,
