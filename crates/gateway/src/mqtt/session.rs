@@ -196,7 +196,7 @@ impl Session<'_> {
                                 // A read holds up to 64 KiB of publications: a cluster behind
                                 // with this node's is waited for within it too, not only after
                                 // (eight publishers' reads overflowed its queue: dropped).
-                                if handled % BACKPRESSURE_EVERY == 0
+                                if handled.is_multiple_of(BACKPRESSURE_EVERY)
                                     && let Some(wait) = c.broker.backpressure()
                                 {
                                     let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
