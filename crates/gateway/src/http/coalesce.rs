@@ -20,6 +20,9 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 /// write goes straight through): beyond a few frames, waiting gains nothing.
 const HOLD: usize = 64 * 1024;
 
+/// What is held when a flush is asked for, below which the flush waits a turn.
+const WAIT_BELOW: usize = 16 * 1024;
+
 /// A connection whose writes wait for the end of the runtime's turn (see the module).
 pub(crate) struct Coalesce<T> {
     inner: T,
@@ -142,13 +145,18 @@ impl<T: Write + Unpin> Write for Coalesce<T> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.gather || self.inner.is_write_vectored()
+        // Gathering copies what it is given anyway: h2 then copies DATA frames up to 1 KiB into
+        // its own buffer too, rather than handing over each one above 256 bytes with a flush
+        // of its own.
+        !self.gather && self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.held.is_empty() {
-            if !this.deferred {
+            // A few frames' worth goes at once: waiting would only add a turn per large frame
+            // (an upload's DATA frames each ask for a flush).
+            if !this.deferred && this.held.len() < WAIT_BELOW {
                 // Tokio polls a task that woke itself after the tasks already waiting to run.
                 this.deferred = true;
                 cx.waker().wake_by_ref();

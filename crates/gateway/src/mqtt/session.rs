@@ -27,8 +27,22 @@ pub(super) const MAX_READ: usize = 64 * 1024;
 /// How many messages from its channel a session writes per turn (one write for many).
 const OUTBOUND_BATCH: usize = 256;
 
-/// Packets handled between two looks at the cluster's backpressure within one read.
+/// Publications handled between two looks at the cluster's backpressure within one read.
 const BACKPRESSURE_EVERY: usize = 64;
+
+/// Waits for the cluster to catch up with this node's publications (`wait`), until `patience`
+/// (one deadline for a whole read); once it ran out, not again within that read.
+async fn wait_for_cluster(
+    wait: Option<portcullis_mqtt::broker::Backpressure>,
+    patience: &mut Option<tokio::time::Instant>,
+) {
+    let (Some(wait), Some(until)) = (wait, *patience) else {
+        return;
+    };
+    if tokio::time::timeout_at(until, wait).await.is_err() {
+        *patience = None;
+    }
+}
 
 /// Packets handled from one read after which a session lets other tasks run.
 pub(super) const YIELD_AFTER_PACKETS: usize = 64;
@@ -185,21 +199,29 @@ impl Session<'_> {
                     }
                     let mut ended = None;
                     let mut handled = 0usize;
+                    let mut published = 0usize;
+                    // In a cluster that is behind with this node's publications, stop handling
+                    // them until it caught up (the client's TCP window fills: flow control, not
+                    // loss). At most a second per read: with NATS gone the queue does not drain,
+                    // and the session must still answer its client.
+                    let mut patience = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     loop {
                         match codec::read_packet(&mut buf, Some(self.protocol), c.domain.mqtt.max_packet_size) {
                             Ok(Some(packet)) => {
                                 handled += 1;
+                                let publish = matches!(packet, Packet::Publish(_));
                                 if let Some(end) = self.handle(packet, &handle) {
                                     ended = Some(end);
                                     break;
                                 }
-                                // A read holds up to 64 KiB of publications: a cluster behind
-                                // with this node's is waited for within it too, not only after
-                                // (eight publishers' reads overflowed its queue: dropped).
-                                if handled.is_multiple_of(BACKPRESSURE_EVERY)
-                                    && let Some(wait) = c.broker.backpressure()
-                                {
-                                    let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+                                // A read holds up to 64 KiB of publications: the cluster is
+                                // waited for within it too, not only after (eight publishers'
+                                // reads overflowed its queue: dropped).
+                                if publish {
+                                    published += 1;
+                                    if published.is_multiple_of(BACKPRESSURE_EVERY) {
+                                        wait_for_cluster(c.broker.backpressure(), &mut patience).await;
+                                    }
                                 }
                             }
                             Ok(None) => break,
@@ -212,12 +234,8 @@ impl Session<'_> {
                     if let Some(end) = ended {
                         break end;
                     }
-                    // In a cluster that is behind with this node's publications, stop reading
-                    // until it caught up (the client's TCP window fills: flow control, not loss).
-                    // At most a second: with NATS gone the queue does not drain, and the
-                    // session must still answer its client.
-                    if let Some(wait) = c.broker.backpressure() {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+                    if published > 0 {
+                        wait_for_cluster(c.broker.backpressure(), &mut patience).await;
                     }
                     // A flooding publisher would otherwise keep the worker (tokio lets a task do
                     // 128 reads per turn) while its subscribers' queues overflow: after a large
@@ -923,7 +941,7 @@ impl Session<'_> {
             (Reply::SubAck(suback, retained), Ok(())) => {
                 self.write(&suback);
                 for m in retained {
-                    self.deliver(m);
+                    self.deliver_within(m, false);
                 }
             }
             // The cluster could not route or keep the subscription: the client is told (and
@@ -983,6 +1001,13 @@ impl Session<'_> {
 
     /// Queues a delivery: QoS 0 is written at once, QoS 1 and 2 when there is room in flight.
     pub(super) fn deliver(&mut self, m: Message) {
+        self.deliver_within(m, true);
+    }
+
+    /// [`Session::deliver`]; `bounded`: what waits beyond the window is bounded (a
+    /// subscription's retained messages are not: there are at most `max_retained`, and all of
+    /// them are owed).
+    fn deliver_within(&mut self, m: Message, bounded: bool) {
         if !m.released && m.expires_at.is_some_and(|t| t <= Instant::now()) {
             if let Some(receipt) = m.receipt {
                 receipt.acknowledged();
@@ -1014,7 +1039,7 @@ impl Session<'_> {
             };
             self.inflight.insert(id, m.clone());
             self.send_message(m, Some((id, dup)));
-        } else if self.backlog.len() < self.c.broker.max_queued() {
+        } else if !bounded || self.backlog.len() < self.c.broker.connection_backlog_limit() {
             self.backlog.push_back(m);
             if self.backlog.len() >= self.receive_max {
                 // A window's worth waits here: further ones wait in the broker's queue
