@@ -3388,7 +3388,6 @@ mod tests {
     #[tokio::test]
     async fn backpressure_never_takes_the_room_publications_need() {
         use super::{Bridge, NatsBridge, QUEUE, Work};
-        use portcullis_mqtt::broker::Message;
         use portcullis_mqtt::codec::QoS;
         use std::sync::Arc;
         let (work, mut publishing) = tokio::sync::mpsc::channel(QUEUE);
@@ -3399,18 +3398,7 @@ mod tests {
             control,
             state: state.clone(),
         };
-        let message = || Message {
-            topic: "t".into(),
-            payload: bytes::Bytes::new(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: Default::default(),
-            expires_at: None,
-            sent_as: None,
-            preferred_id: None,
-            released: false,
-            receipt: None,
-        };
+        let message = || test_message("t", b"", QoS::AtMostOnce);
         for _ in 0..QUEUE - 10 {
             assert!(bridge.published(message(), None, None).is_none());
         }

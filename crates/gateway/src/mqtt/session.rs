@@ -1049,7 +1049,7 @@ impl Session<'_> {
             }
         } else {
             // A subscriber that leaves what it was sent unacknowledged, or is slower than its
-            // publishers, has what exceeds its queue dropped, as the broker drops for a full
+            // publishers, has what exceeds its bound dropped, as the broker drops for a full
             // queue: the node's memory is not its buffer. A message the cluster keeps goes back
             // to it, for later.
             if let Some(receipt) = &m.receipt {
