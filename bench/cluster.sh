@@ -22,6 +22,10 @@
 # default) the fan-in's QoS levels; PERF="a b single" records a CPU profile of those nodes under
 # each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
 # SYSCALLS=1 counts each server process's reads and writes under each fan-in.
+# FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
+# they can: the cost per message at a load every server delivers whole (at saturation a server
+# that uses more of the 2 cores starves the load generator's subscriber, and messages it
+# cannot take are dropped, as QoS 0 allows).
 #
 # Needs: nats-server, mosquitto, PostgreSQL (Debian packages; scripts/test installs them),
 # python3. Loopback only, fixed ports 3xxxx.
@@ -222,7 +226,7 @@ want fanin && for q in ${QOS:-0 1}; do
     before=$(cpu $ps)
     declare -A each=()
     for p in $ps; do each[$p]=$(cpu $p); done
-    rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q)
+    rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q ${FANIN_RATE:-})
     used=$(calc "$(cpu $ps) - $before")
     split=""
     for p in $ps; do split+="$(cpu $p | awk -v b="${each[$p]}" '{printf "%.1f", $1 - b}') "; done

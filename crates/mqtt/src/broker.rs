@@ -279,6 +279,9 @@ pub struct Routed {
     pub denied: usize,
     /// Deliveries dropped (QoS 0 to a slow or offline session, full queues).
     pub dropped: usize,
+    /// In a cluster: deliveries at QoS 1 or 2 left to the cluster, which keeps them for a
+    /// persistent session here (also counted in `queued`).
+    pub kept: usize,
     /// In a cluster: answered once the cluster stored the message (QoS 1 and 2, retained), to
     /// acknowledge it to its publisher only then.
     pub confirm: Option<Confirmation>,
@@ -297,17 +300,22 @@ pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
 /// ([`Broker::deliver_shared`]), balanced across the nodes.
 pub trait Bridge: Send + Sync {
     /// A message published on this node (by a client, HTTPS or the registry), for the others;
-    /// a QoS 1 or 2 or retained message is answered once the cluster has stored it.
+    /// a QoS 1 or 2 or retained message is answered once the cluster has it: stored, or (a QoS 1
+    /// message no persistent session or shared group needs) written to the cluster's bus.
     /// `publisher`: the client id that published it (No Local applies to it on every node).
     ///
     /// `exactly_once`: a persistent session's QoS 2 message's (packet id, DUP flag), so that the
     /// cluster stores it once even when the client sends it again to another node after its node
     /// died.
+    ///
+    /// `keep`: a persistent session of this node matched it at QoS 1 or 2 and was left to the
+    /// cluster, which must keep it for that session (whatever it knows of other nodes').
     fn published(
         &self,
         message: Message,
         publisher: Option<&str>,
         exactly_once: Option<(u16, bool)>,
+        keep: bool,
     ) -> Option<Confirmation>;
     /// A persistent session's client released (PUBREL) its QoS 2 message `packet_id`: the
     /// cluster forgets what it kept to store it once. Answered (PUBCOMP may be sent) once
@@ -1049,6 +1057,7 @@ impl Broker {
             // A persistent session in a cluster gets these from the cluster, which keeps them.
             if session.durable && min_qos(original.qos, options.qos) != QoS::AtMostOnce {
                 routed.queued += 1;
+                routed.kept += 1;
                 continue;
             }
             let retain = options.retain_as_published && original.retain;
@@ -1083,7 +1092,8 @@ impl Broker {
         if let Some(exactly_once) = bridged
             && let Some(bridge) = &state.bridge
         {
-            routed.confirm = bridge.published(message, publisher, exactly_once);
+            let keep = routed.kept > 0;
+            routed.confirm = bridge.published(message, publisher, exactly_once, keep);
         }
         routed
     }
@@ -1733,6 +1743,7 @@ mod tests {
             _: Message,
             _: Option<&str>,
             _: Option<(u16, bool)>,
+            _: bool,
         ) -> Option<Confirmation> {
             None
         }
@@ -1812,8 +1823,9 @@ mod tests {
             m: Message,
             p: Option<&str>,
             q: Option<(u16, bool)>,
+            k: bool,
         ) -> Option<Confirmation> {
-            KeepingNothing.published(m, p, q)
+            KeepingNothing.published(m, p, q, k)
         }
         fn interest(&self, _: &str, _: bool) -> Option<Confirmation> {
             None

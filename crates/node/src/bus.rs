@@ -53,6 +53,8 @@ use portcullis_mqtt::broker::{
 use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
+mod kept;
+
 /// QoS 0 messages one by one (live frames): retained ones, and those of nodes before batches.
 const LIVE: &str = "pcl";
 /// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
@@ -69,6 +71,10 @@ const STREAM: &str = "PORTCULLIS_MQTT";
 const RETAINED_STREAM: &str = "PORTCULLIS_RETAINED";
 const CLIENTS: &str = "PORTCULLIS_CLIENTS";
 const SESSIONS: &str = "PORTCULLIS_SESSIONS";
+/// Shared subscriptions' groups anywhere in the cluster (their QoS 1 and 2 messages are kept):
+/// key a hash of `$share/GROUP/FILTER`, value FILTER. Kept [`SHARED_KEEP`] after its last
+/// refresh by a node with members.
+const SHARED_GROUPS: &str = "PORTCULLIS_SHARED";
 /// Persistent sessions' QoS 2 messages received and not yet released (PUBREL): key
 /// `CLIENT-KEY.PACKET-ID`, value the message id the stream stored it under.
 const QOS2: &str = "PORTCULLIS_QOS2";
@@ -113,6 +119,25 @@ const QUEUE: usize = 10_000;
 
 /// Messages taken from the queue to NATS at a time.
 const BATCH: usize = 512;
+
+/// How long a live QoS 1 message's publisher waits for it to be written to NATS (NATS out of
+/// reach) before it is refused.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// QoS 1 messages this node's clients published, by how they crossed: `live` (nobody keeps
+/// them), `kept` (JetStream), `kept_late` (crossed live, stored by this node for a persistent
+/// session or shared group of its own that the publishing node did not know of yet).
+fn qos1_counter(path: &'static str) -> &'static metrics::Counter {
+    static LIVE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    static KEPT: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    static LATE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    let cell = match path {
+        "live" => &LIVE,
+        "kept" => &KEPT,
+        _ => &LATE,
+    };
+    cell.get_or_init(|| metrics::counter!("portcullis_cluster_qos1_messages_total", "path" => path))
+}
 
 /// Message ids remembered to drop a message two overlapping subscriptions both delivered.
 const SEEN: usize = 10_000;
@@ -302,13 +327,15 @@ type Reply = oneshot::Sender<Result<(), String>>;
 
 /// What the broker asks of the cluster.
 enum Work {
-    /// A message, the client id that published it, who waits for it to be stored, and for a
-    /// persistent session's QoS 2 message its (packet id, DUP).
+    /// A message, the client id that published it, who waits for it to be stored, for a
+    /// persistent session's QoS 2 message its (packet id, DUP), and whether a persistent
+    /// session of this node needs it kept.
     Publish(
         Box<Message>,
         Option<String>,
         Option<Reply>,
         Option<(u16, bool)>,
+        bool,
     ),
 }
 
@@ -374,6 +401,7 @@ impl Bridge for NatsBridge {
         message: Message,
         publisher: Option<&str>,
         exactly_once: Option<(u16, bool)>,
+        keep: bool,
     ) -> Option<Confirmation> {
         let stored = message.qos != QoS::AtMostOnce || message.retain;
         let message_qos = message.qos;
@@ -393,6 +421,7 @@ impl Bridge for NatsBridge {
                     .map(str::to_string),
                 reply,
                 exactly_once,
+                keep,
             ))
             .is_err()
         {
@@ -552,6 +581,11 @@ pub(crate) struct NatsState {
     /// Every node on the bus reads QoS 1 batches (the heartbeat finds out; until then, and
     /// whenever a node of an older version is up, QoS 1 messages cross one by one).
     batches: AtomicBool,
+    /// Every node on the bus reads QoS 1 messages that cross live and keeps those it needs
+    /// (see [`kept`]); until then every QoS 1 message is kept.
+    live_acknowledged: AtomicBool,
+    /// Which topics' QoS 1 messages the cluster keeps.
+    kept: kept::KeptInterest,
     /// When a slow consumer was last told in the log.
     slow_told: std::sync::Mutex<Option<std::time::Instant>>,
     /// The publishing task took publications from its queue (see [`NatsBridge::backpressure`]).
@@ -583,6 +617,17 @@ impl NatsState {
                 tracing::info!(target: "portcullis::cluster", "every node reads QoS 1 batches: QoS 1 messages cross NATS a topic's batch at a time");
             } else {
                 tracing::info!(target: "portcullis::cluster", "a node of an older version is up: QoS 1 messages cross NATS one by one");
+            }
+        }
+    }
+
+    /// Whether QoS 1 messages nobody keeps may cross live (see [`live_understood`]).
+    pub(crate) fn set_live_acknowledged(&self, on: bool) {
+        if self.live_acknowledged.swap(on, Ordering::SeqCst) != on {
+            if on {
+                tracing::info!(target: "portcullis::cluster", "every node routes QoS 1 messages live: JetStream keeps only those a persistent session or a shared group needs");
+            } else {
+                tracing::info!(target: "portcullis::cluster", "a node of an older version is up: JetStream keeps every QoS 1 message");
             }
         }
     }
@@ -762,6 +807,19 @@ impl Batches {
     /// QoS 1 messages (not retained), for [`STORED`].
     fn stored() -> Batches {
         Batches::new(STORED_FRAME, STORED, STORED_BATCH_MESSAGES)
+    }
+
+    /// QoS 1 messages (not retained) nobody keeps, for [`LIVE_BATCH`]: stored batches' frames,
+    /// which a node whose persistent session needs them stores as they are (see [`kept`]).
+    fn acknowledged() -> Batches {
+        Batches::new(STORED_FRAME, LIVE_BATCH, STORED_BATCH_MESSAGES)
+    }
+
+    /// A batch of `topic` is being built.
+    fn holds(&self, topic: &str) -> bool {
+        self.index
+            .get(topic)
+            .is_some_and(|i| !self.groups[*i].bytes.is_empty())
     }
 
     fn new(frame: u8, prefix: &'static str, messages: usize) -> Batches {
@@ -976,8 +1034,10 @@ fn expired_properties() -> &'static str {
 }
 
 /// The bus protocol this version speaks to other nodes: 2 since QoS 1 messages cross NATS in
-/// batches. Reported in the heartbeat's version (`0.1.0+bus.2`); a node reporting none speaks 1.
-pub(crate) const BUS_PROTOCOL: u32 = 2;
+/// batches, 3 since QoS 1 messages nobody keeps cross live (a node stores those its persistent
+/// sessions need; see [`kept`]). Reported in the heartbeat's version (`0.1.0+bus.3`); a node
+/// reporting none speaks 1.
+pub(crate) const BUS_PROTOCOL: u32 = 3;
 
 /// The version this node reports in its heartbeat.
 pub(crate) fn reported_version() -> String {
@@ -990,12 +1050,23 @@ pub(crate) fn reported_version() -> String {
 /// message): a node of an older version that comes back must not meet batches it would drop,
 /// and no clock is compared.
 pub(crate) fn batches_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool {
+    all_speak(nodes, 2)
+}
+
+/// Whether every node the registry knows on the bus keeps the QoS 1 messages its persistent
+/// sessions need when they cross live (protocol 3); until then JetStream keeps every one, as
+/// older nodes expect (as [`batches_understood`]).
+pub(crate) fn live_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool {
+    all_speak(nodes, 3)
+}
+
+fn all_speak(nodes: &[portcullis_registry::NodeStatus], protocol: u32) -> bool {
     nodes.iter().filter(|n| n.nats.is_some()).all(|n| {
         n.version
             .split_once("+bus.")
             .and_then(|(_, p)| p.parse::<u32>().ok())
             .unwrap_or(1)
-            >= 2
+            >= protocol
     })
 }
 
@@ -1159,6 +1230,7 @@ pub(crate) async fn start(
         origin,
         state: state.clone(),
         storing: Arc::default(),
+        groups: Arc::default(),
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -1166,7 +1238,9 @@ pub(crate) async fn start(
         state: state.clone(),
     }));
     tokio::spawn(async move {
-        let (clients, sessions, qos2) = node.set_up().await;
+        let (clients, sessions, qos2, groups) = node.set_up().await;
+        let _ = node.groups.set(groups.clone());
+        tokio::spawn(node.clone().watch_interest(sessions.clone(), groups));
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
         tokio::spawn(node.clone().watch_owners(clients.clone()));
@@ -1603,11 +1677,13 @@ struct Node {
     state: Arc<NatsState>,
     /// Stored batches on their way to JetStream, and a wake-up when one comes back.
     storing: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
+    /// The shared groups bucket (see [`SHARED_GROUPS`]), once set up.
+    groups: Arc<std::sync::OnceLock<kv::Store>>,
 }
 
 impl Node {
     /// Makes (or finds) the streams and the buckets, retrying until NATS answers.
-    async fn set_up(&self) -> (kv::Store, kv::Store, kv::Store) {
+    async fn set_up(&self) -> (kv::Store, kv::Store, kv::Store, kv::Store) {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.try_set_up().await {
@@ -1621,7 +1697,7 @@ impl Node {
         }
     }
 
-    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store)> {
+    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store, kv::Store)> {
         // Limits retention: every consumer (a persistent subscription, a shared group) keeps its
         // own place and nothing is removed on acknowledgement. By interest (as earlier versions
         // made it), nats-server 2.9 lost messages one consumer had not taken yet once another
@@ -1664,6 +1740,7 @@ impl Node {
             self.bucket(CLIENTS, Duration::ZERO).await?,
             self.bucket(SESSIONS, Duration::ZERO).await?,
             self.bucket(QOS2, QOS2_KEEP).await?,
+            self.bucket(SHARED_GROUPS, SHARED_KEEP).await?,
         ))
     }
 
@@ -1704,6 +1781,13 @@ impl Node {
         let mut batch = Vec::with_capacity(BATCH);
         let mut live = Batches::live();
         let mut kept = Batches::stored();
+        let mut acknowledged = Batches::acknowledged();
+        // Live QoS 1 messages' publishers, answered once what was sent is on its way to NATS
+        // (with whether it was sent).
+        let mut answered: Vec<(Reply, bool)> = Vec::new();
+        // Whether a topic's QoS 1 messages are kept, as decided under `decided_at`.
+        let mut decided: HashMap<String, bool> = HashMap::new();
+        let mut decided_at = u64::MAX;
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         loop {
@@ -1738,7 +1822,14 @@ impl Node {
             }
             // Every node reads QoS 1 batches (read once per turn).
             let batched = self.state.batches.load(Ordering::Relaxed);
-            for Work::Publish(m, publisher, reply, exactly_once) in batch.drain(..) {
+            // ... and every node keeps what its persistent sessions need of those crossing live.
+            let live_acknowledged = batched && self.state.live_acknowledged.load(Ordering::Relaxed);
+            let generation = self.state.kept.generation();
+            if generation != decided_at || decided.len() > 4096 {
+                decided.clear();
+                decided_at = generation;
+            }
+            for Work::Publish(m, publisher, reply, exactly_once, keep) in batch.drain(..) {
                 seq += 1;
                 if m.qos == QoS::AtMostOnce && !m.retain {
                     // The common case, kept cheap: no headers, no id string (a topic's
@@ -1749,6 +1840,30 @@ impl Node {
                     continue;
                 }
                 if batched && m.qos == QoS::AtLeastOnce && !m.retain {
+                    // Nobody keeps it: live, unless this topic's kept batch is still waiting
+                    // (it goes first).
+                    let live_now = live_acknowledged
+                        && !keep
+                        && !kept.holds(&m.topic)
+                        && !*decided
+                            .entry(m.topic.clone())
+                            .or_insert_with(|| self.state.kept.must_keep(&m.topic));
+                    if live_now {
+                        qos1_counter("live").increment(1);
+                        if let Some(full) =
+                            acknowledged.add(&m, publisher.as_deref(), reply, self.origin, seq)
+                        {
+                            self.send_acknowledged(full, &mut answered).await;
+                        }
+                        continue;
+                    }
+                    qos1_counter("kept").increment(1);
+                    if acknowledged.holds(&m.topic) {
+                        // Its live ones before it.
+                        for full in acknowledged.drain() {
+                            self.send_acknowledged(full, &mut answered).await;
+                        }
+                    }
                     // Stored a topic's batch at a time, its publishers answered together.
                     if let Some(full) = kept.add(&m, publisher.as_deref(), reply, self.origin, seq)
                     {
@@ -1759,6 +1874,9 @@ impl Node {
                 // Anything else keeps its place after the batched messages before it.
                 for full in live.drain() {
                     self.send_live(full).await;
+                }
+                for full in acknowledged.drain() {
+                    self.send_acknowledged(full, &mut answered).await;
                 }
                 for full in kept.drain() {
                     self.store_batch(full).await;
@@ -1837,6 +1955,12 @@ impl Node {
             for full in live.drain() {
                 self.send_live(full).await;
             }
+            for full in acknowledged.drain() {
+                self.send_acknowledged(full, &mut answered).await;
+            }
+            if !answered.is_empty() {
+                self.answer_when_flushed(std::mem::take(&mut answered));
+            }
             if self.storing.0.load(Ordering::SeqCst) < MAX_STORING {
                 for full in kept.drain() {
                     self.store_batch(full).await;
@@ -1849,6 +1973,36 @@ impl Node {
         if let Err(e) = self.client.publish(batch.subject, batch.payload).await {
             tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
         }
+    }
+
+    /// Sends a batch of QoS 1 messages nobody keeps; its publishers go to `answered`.
+    async fn send_acknowledged(&self, batch: Sealed, answered: &mut Vec<(Reply, bool)>) {
+        let sent = self.client.publish(batch.subject, batch.payload).await;
+        if let Err(e) = &sent {
+            tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+        }
+        answered.extend(batch.replies.into_iter().map(|r| (r, sent.is_ok())));
+    }
+
+    /// Answers live QoS 1 messages' publishers once what was sent before is written to NATS
+    /// (a node dying after the PUBACK has handed the message on).
+    fn answer_when_flushed(&self, answered: Vec<(Reply, bool)>) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let flushed = match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("NATS: {e}")),
+                Err(_) => Err("NATS did not take the message in time".to_string()),
+            };
+            for (reply, sent) in answered {
+                let result = if sent {
+                    flushed.clone()
+                } else {
+                    Err("cannot route the message to the other nodes".to_string())
+                };
+                let _ = reply.send(result);
+            }
+        });
     }
 
     /// Stores a QoS 1 batch (deduplicated by its first message's id, as a message alone is);
@@ -2193,6 +2347,21 @@ impl Node {
         // consumer every node with members pulls from): kept while no member is online,
         // given back when a member's connection ends before acknowledging them.
         let prefixes: &[&str] = if shared.is_some() {
+            // Every node keeps the group's QoS 1 messages from now on (the group is told until
+            // this node no longer holds it).
+            if let Some(groups) = self.groups.get() {
+                let (groups, key) = (groups.clone(), format!("{:016x}", fnv(filter.as_bytes())));
+                let value = bytes::Bytes::from(inner.to_string());
+                if let Err(e) = groups.put(&key, value.clone()).await {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, filter = %filter, "cannot tell the cluster of a shared group (its node keeps what crosses live)");
+                }
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(SHARED_KEEP / 4).await;
+                        let _ = groups.put(&key, value.clone()).await;
+                    }
+                }));
+            }
             for subject in filter_subjects(STORED, inner) {
                 match self.group_consumer(filter, &subject).await {
                     Ok(consumer) => {
@@ -2331,8 +2500,10 @@ impl Node {
 
     /// A message from NATS: to this node's subscribers, or to one member of `shared`.
     fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
-        // QoS 0 batches, and QoS 1 batches as JetStream stored them.
-        if msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH)
+        // QoS 0 batches, QoS 1 batches that crossed live, and QoS 1 batches as JetStream stored
+        // them.
+        let on_live = msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH);
+        if on_live
             || msg
                 .headers
                 .as_ref()
@@ -2341,6 +2512,13 @@ impl Node {
             let Some(topic) = topic(msg.subject.as_str()) else {
                 return;
             };
+            // QoS 1 messages the publishing node did not keep: a shared group's here means it
+            // did not know of the group yet (the group's consumer delivers them once kept).
+            let unkept = on_live && msg.payload.first() == Some(&STORED_FRAME);
+            if unkept && shared.is_some() {
+                self.keep_late(msg, &topic);
+                return;
+            }
             let mut frames = batch_frames(&msg.payload).peekable();
             // A batch arrives twice only whole (two of this node's subscriptions match its
             // subject): its first message's (origin, sequence) stands for it.
@@ -2350,10 +2528,16 @@ impl Node {
             {
                 return;
             }
+            let mut left = 0;
             for frame in frames {
                 if let Some(message) = frame.message(topic.clone(), None) {
-                    self.hand_over(message, shared);
+                    left += self.hand_over(message, shared);
                 }
+            }
+            if unkept && left > 0 {
+                // A persistent session here needs them kept, and the publishing node did not
+                // know of its subscription yet.
+                self.keep_late(msg, &topic);
             }
             return;
         }
@@ -2396,7 +2580,9 @@ impl Node {
         }
     }
 
-    fn hand_over(&self, message: Message, shared: Option<&str>) {
+    /// Delivers a message from NATS here; how many of its deliveries were left to the cluster
+    /// for a persistent session here.
+    fn hand_over(&self, message: Message, shared: Option<&str>) -> usize {
         let routed = match shared {
             Some(filter) => self.broker.deliver_shared(filter, message),
             None => self.broker.deliver_remote(message),
@@ -2408,6 +2594,33 @@ impl Node {
                 .get_or_init(|| metrics::counter!("portcullis_mqtt_messages_total", "direction" => "out", "result" => "dropped"))
                 .increment(routed.dropped as u64);
         }
+        routed.kept
+    }
+
+    /// Stores a QoS 1 batch that crossed live for a persistent session or shared group of this
+    /// node that its publishing node did not know of yet: as the publishing node would have,
+    /// under an id every node storing it computes alike (JetStream keeps it once).
+    fn keep_late(&self, msg: &async_nats::Message, topic: &str) {
+        let Some(id) = msg.payload.get(1..17) else {
+            return;
+        };
+        let origin = u64::from_be_bytes(id[..8].try_into().unwrap_or_default());
+        let first = u64::from_be_bytes(id[8..].try_into().unwrap_or_default());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(BATCH_HEADER, "1");
+        headers.insert("Portcullis-Properties", expired_properties());
+        headers.insert("Nats-Msg-Id", format!("{origin:016x}/{first}").as_str());
+        let (js, subject, payload) = (self.js.clone(), subject(STORED, topic), msg.payload.clone());
+        qos1_counter("kept_late").increment(1);
+        tokio::spawn(async move {
+            let stored = match js.publish_with_headers(subject, headers, payload).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(target: "portcullis::cluster", error = %e, "cannot keep QoS 1 messages for a persistent session or shared group of this node");
+            }
+        });
     }
 
     /// False for this node's own messages (they come back) and for one seen already
@@ -3320,6 +3533,57 @@ impl Node {
     }
 
     /// Closes this node's session of a client id another node claimed since.
+    /// Keeps [`NatsState::kept`] as the sessions and shared groups buckets say, read again from
+    /// the start whenever the watch fails (every QoS 1 message is kept meanwhile).
+    async fn watch_interest(self, sessions: kv::Store, groups: kv::Store) {
+        loop {
+            self.state.kept.reset();
+            if let Err(e) = self.read_interest(&sessions, &groups).await {
+                tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot watch which QoS 1 messages the cluster keeps (it keeps every one meanwhile); retrying");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn read_interest(&self, sessions: &kv::Store, groups: &kv::Store) -> Result<()> {
+        let kept = &self.state.kept;
+        // Each watch first gives every entry its bucket holds (the last with nothing pending);
+        // an empty bucket gives none.
+        let mut pending = [
+            sessions.status().await?.values() > 0,
+            groups.status().await?.values() > 0,
+        ];
+        let mut of_sessions = sessions.watch_with_history(">").await?;
+        let mut of_groups = groups.watch_with_history(">").await?;
+        if pending == [false, false] {
+            kept.set_ready();
+        }
+        loop {
+            let (i, entry) = tokio::select! {
+                e = of_sessions.next() => (0, e),
+                e = of_groups.next() => (1, e),
+            };
+            let entry = entry.context("the watch ended")??;
+            let filters = match (entry.operation, i) {
+                (kv::Operation::Put, 0) => kept::record_filters(&entry.value),
+                (kv::Operation::Put, _) => std::str::from_utf8(&entry.value)
+                    .ok()
+                    .filter(|f| portcullis_mqtt::topic::check_filter(f).is_ok())
+                    .map(|f| vec![f.to_string()])
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let prefix = if i == 0 { "s:" } else { "g:" };
+            kept.set(&format!("{prefix}{}", entry.key), filters);
+            if entry.delta == 0 && pending[i] {
+                pending[i] = false;
+                if pending == [false, false] {
+                    kept.set_ready();
+                }
+            }
+        }
+    }
+
     async fn watch_owners(self, clients: kv::Store) {
         loop {
             let mut watch = match clients.watch_all().await {
@@ -3400,7 +3664,7 @@ mod tests {
         };
         let message = || test_message("t", b"", QoS::AtMostOnce);
         for _ in 0..QUEUE - 10 {
-            assert!(bridge.published(message(), None, None).is_none());
+            assert!(bridge.published(message(), None, None, false).is_none());
         }
         let wait = bridge.backpressure().expect("behind: a wait");
         let waiting = tokio::spawn(wait);
@@ -3415,7 +3679,7 @@ mod tests {
             assert!(
                 bridge
                     .work
-                    .try_send(Work::Publish(Box::new(message()), None, None, None))
+                    .try_send(Work::Publish(Box::new(message()), None, None, None, false))
                     .is_ok(),
                 "a freed slot went to the waiting connection"
             );
@@ -3809,18 +4073,25 @@ mod tests {
         };
         let now = 1_000_000;
         let ours = super::reported_version();
-        assert!(ours.ends_with("+bus.2"));
+        assert!(ours.ends_with("+bus.3"));
         let upgraded = vec![
             node("a", &ours, now, true),
             node("b", &ours, now - 3_000, true),
         ];
         assert!(super::batches_understood(&upgraded));
+        assert!(super::live_understood(&upgraded));
+        // A node of protocol 2 reads batches but expects every QoS 1 message kept.
+        let mut two = upgraded.clone();
+        two.push(node("f", "0.1.0+bus.2", now - 1_000, true));
+        assert!(super::batches_understood(&two));
+        assert!(!super::live_understood(&two));
         // A node of a version before batches: one by one, whenever it was last heard of (it
         // may come back, and would drop the batches kept for its sessions).
         for last in [now - 1_000, now - 3_600_000] {
             let mut mixed = upgraded.clone();
             mixed.push(node("c", "0.1.0", last, true));
             assert!(!super::batches_understood(&mixed));
+            assert!(!super::live_understood(&mixed));
         }
         // Not on the bus: it does not count.
         let mut off = upgraded.clone();
@@ -3828,7 +4099,8 @@ mod tests {
         assert!(super::batches_understood(&off));
         // A later protocol reads batches too.
         let mut later = upgraded;
-        later.push(node("e", "0.2.0+bus.3", now, true));
+        later.push(node("e", "0.2.0+bus.4", now, true));
         assert!(super::batches_understood(&later));
+        assert!(super::live_understood(&later));
     }
 }

@@ -247,6 +247,7 @@ pub(crate) async fn heartbeat(
             && let Ok(nodes) = store.cluster_nodes().await
         {
             nats.set_batches(crate::bus::batches_understood(&nodes));
+            nats.set_live_acknowledged(crate::bus::live_understood(&nodes));
         }
     }
 }

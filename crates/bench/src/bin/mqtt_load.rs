@@ -1,7 +1,7 @@
 //! An MQTT 3.1.1 load generator over mutual TLS, the same program for every broker compared:
 //!
 //!   mqtt_load HOST:PORT CA CERT KEY connect SECONDS CONCURRENCY
-//!   mqtt_load HOST:PORT CA CERT KEY fanin  SECONDS PUBLISHERS QOS
+//!   mqtt_load HOST:PORT CA CERT KEY fanin  SECONDS PUBLISHERS QOS [RATE]
 //!   mqtt_load HOST:PORT CA CERT KEY fanout SECONDS SUBSCRIBERS QOS
 //!   mqtt_load HOST:PORT CA CERT KEY idle   CONNECTIONS SECONDS
 //!   mqtt_load HOST:PORT CA CERT KEY latency SECONDS RATE QOS
@@ -14,8 +14,9 @@
 //! median and worst time from the second CONNECT until the first connection is closed, in ms.
 //!
 //! `connect`: new TLS connection + CONNECT/CONNACK + DISCONNECT, in a loop per worker; prints
-//! connections per second. `fanin`: PUBLISHERS publish as fast as they can to their own topics,
-//! one subscriber on `bench/#` counts; prints messages received per second. `fanout`: one
+//! connections per second. `fanin`: PUBLISHERS publish as fast as they can to their own topics
+//! (or RATE messages per second between them), one subscriber on `bench/#` counts; prints
+//! messages received per second. `fanout`: one
 //! publisher, SUBSCRIBERS on `bench/x`; prints deliveries per second. `idle`: opens CONNECTIONS
 //! sessions and holds them, printing `ready` when all are up. QoS 1 publishers keep up to 64
 //! messages unacknowledged.
@@ -158,7 +159,14 @@ async fn count(mut tls: TlsStream<TcpStream>, mut buf: BytesMut, counter: Arc<At
 }
 
 /// Publishes to `topic` until `until`, QoS 1 with a window of 64.
-async fn publisher(t: Arc<Target>, id: String, topic: String, qos: QoS, until: Instant) {
+async fn publisher(
+    t: Arc<Target>,
+    id: String,
+    topic: String,
+    qos: QoS,
+    until: Instant,
+    rate: Option<u64>,
+) {
     let (tls, buf) = session(&t, &id).await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let window = Arc::new(tokio::sync::Semaphore::new(64));
@@ -182,9 +190,27 @@ async fn publisher(t: Arc<Target>, id: String, topic: String, qos: QoS, until: I
     let payload = Bytes::from_static(b"{\"temperature\": 21.5, \"humidity\": 40}");
     let mut n: u16 = 0;
     let mut out = BytesMut::new();
+    // With a rate: every millisecond, what the rate owes since the start (Tokio's timer has
+    // millisecond resolution), in writes of up to 16.
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while Instant::now() < until {
         out.clear();
-        for _ in 0..16 {
+        let burst = match rate {
+            None => 16,
+            Some(rate) => {
+                let owed = (start.elapsed().as_nanos() as u64).saturating_mul(rate) / 1_000_000_000;
+                if owed <= sent {
+                    tick.tick().await;
+                    continue;
+                }
+                (owed - sent).min(16)
+            }
+        };
+        sent += burst;
+        for _ in 0..burst {
             let packet_id = if qos == QoS::AtLeastOnce {
                 window.acquire().await.unwrap().forget();
                 n = n.wrapping_add(1).max(1);
@@ -290,6 +316,8 @@ async fn main() {
             let warm = Instant::now() + Duration::from_secs(1);
             let until = warm + Duration::from_secs(secs);
             let publishers = if mode == "fanin" { n } else { 1 };
+            // RATE: messages per second between all publishers.
+            let rate = args.get(9).map(|_| num(9).div_ceil(publishers).max(1));
             let mut tasks = Vec::new();
             for p in 0..publishers {
                 let topic = if mode == "fanin" {
@@ -303,6 +331,7 @@ async fn main() {
                     topic,
                     qos,
                     until,
+                    rate,
                 )));
             }
             tokio::time::sleep_until(warm.into()).await;

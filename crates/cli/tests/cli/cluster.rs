@@ -416,9 +416,14 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     );
     // Every node reports the bus protocol of QoS 1 batches, and each finds that out: what
     // follows stores QoS 1 messages a topic's batch at a time.
+    // And each finds out that every node keeps what its persistent sessions need of QoS 1
+    // messages that cross live: JetStream keeps only those.
     for node in nodes {
         node.printed("QoS 1 batches", |l| {
             l.contains("every node reads QoS 1 batches")
+        });
+        node.printed("QoS 1 live", |l| {
+            l.contains("every node routes QoS 1 messages live")
         });
     }
 
@@ -476,6 +481,23 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
+    // No persistent session or shared group wanted the QoS 1 message: it crossed live, and
+    // JetStream kept none of C's.
+    let metrics = c.metrics(da);
+    assert_eq!(
+        (
+            counter(
+                &metrics,
+                "portcullis_cluster_qos1_messages_total{path=\"live\"}"
+            ),
+            counter(
+                &metrics,
+                "portcullis_cluster_qos1_messages_total{path=\"kept\"}"
+            )
+        ),
+        (1, 0),
+        "{metrics}"
+    );
 
     // paho-mqtt (MQTT 5): QoS 2 exactly once, retained messages, shared subscriptions, takeover.
     let ports = |n: &[&Server]| n.iter().map(|s| s.ports[1].to_string()).collect::<Vec<_>>();
@@ -688,12 +710,29 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     let mut args = ports(&[&a, &b, &c]);
     args.push(a.child.id().to_string());
     script_passes(&python, da, "mqtt_cluster_persistent.py", &args, &[&a]);
+    // The persistent subscriber's messages were kept: C knew of its subscription.
+    let metrics = c.metrics(da);
+    assert!(
+        counter(
+            &metrics,
+            "portcullis_cluster_qos1_messages_total{path=\"kept\"}"
+        ) >= 10,
+        "{metrics}"
+    );
 
     // QoS 2 exactly once across the death of node B, mid-exchange both ways (a hand-written
     // MQTT 5 client decides which acknowledgements each side saw).
     let mut args = ports(&[&b, &c]);
     args.push(b.child.id().to_string());
     script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &[&c]);
+}
+
+/// The value of the counter `series` (name and labels) in a Prometheus exposition; 0 if absent.
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// Runs `tests/cli/scripts/SCRIPT` with the cluster CA and `args`, and requires it to end with
