@@ -675,6 +675,46 @@ impl Broker {
         self.route(message, None, None)
     }
 
+    /// [`Broker::deliver_remote`] for messages of one topic (a batch from another node, in
+    /// order): its subscribers are looked up once, under one lock.
+    pub fn deliver_remote_all(&self, messages: Vec<Message>) -> Routed {
+        let mut state = self.lock();
+        let mut routed = Routed::default();
+        let Some(first) = messages.first() else {
+            return routed;
+        };
+        if state.bridge.is_none() || messages.iter().any(|m| m.topic != first.topic) {
+            // Shared subscriptions are routed here, or not one topic: one by one.
+            drop(state);
+            for m in messages {
+                let one = self.deliver_remote(m);
+                routed.delivered += one.delivered;
+                routed.queued += one.queued;
+                routed.denied += one.denied;
+                routed.dropped += one.dropped;
+                routed.kept += one.kept;
+            }
+            return routed;
+        }
+        let now = Instant::now();
+        let max_queued = self.limits.max_queued;
+        let st = &mut *state;
+        let topic = first.topic.clone();
+        let targets = targets(&st.tree, &topic, None);
+        for message in messages {
+            deliver_all(
+                &mut st.sessions,
+                &targets,
+                message,
+                false,
+                &mut routed,
+                max_queued,
+                now,
+            );
+        }
+        routed
+    }
+
     /// Delivers a message of the shared subscription `filter` (`$share/GROUP/FILTER`) to one of
     /// its members on this node, round robin, online members first (the bridge chose this node
     /// among the group's).
@@ -1025,55 +1065,21 @@ impl Broker {
                 state.retained.insert(message.topic.clone(), kept);
             }
         }
-        // The highest QoS among a session's matching subscriptions decides (§3.3.5). Sorted by
-        // session to merge a session's several, borrowed from the tree (no copy per message).
         let st = &mut *state;
-        let mut targets: Vec<(&str, SubscriptionOptions)> = st
-            .tree
-            .matching(&message.topic)
-            .into_iter()
-            .filter(|(session, sub)| !(sub.options.no_local && Some(*session) == publisher))
-            .map(|(session, sub)| (session, sub.options))
-            .collect();
-        if targets.len() > 1 {
-            // Stable: among a session's subscriptions of equal QoS, the first in tree order.
-            targets.sort_by(|a, b| a.0.cmp(b.0).then((b.1.qos as u8).cmp(&(a.1.qos as u8))));
-            // The first of each session's run has its highest QoS.
-            targets.dedup_by(|later, first| later.0 == first.0);
-        }
+        let targets = targets(&st.tree, &message.topic, publisher);
         let max_queued = self.limits.max_queued;
         // Needed once delivered here: by the bridge, or for shared subscriptions (routed here
         // without a bridge). Otherwise the last target takes the message itself, not a copy.
         let kept = bridged.is_some() || st.bridge.is_none();
-        let last = targets.len().saturating_sub(1);
-        let mut message = Some(message);
-        for (i, (client_id, options)) in targets.into_iter().enumerate() {
-            let Some(session) = st.sessions.get_mut(client_id) else {
-                continue;
-            };
-            let Some(original) = message.as_ref() else {
-                break;
-            };
-            // A persistent session in a cluster gets these from the cluster, which keeps them.
-            if session.durable && min_qos(original.qos, options.qos) != QoS::AtMostOnce {
-                routed.queued += 1;
-                routed.kept += 1;
-                continue;
-            }
-            let retain = options.retain_as_published && original.retain;
-            let mut copy = match message.take() {
-                Some(m) if i == last && !kept => m,
-                Some(m) => {
-                    let copy = m.clone();
-                    message = Some(m);
-                    copy
-                }
-                None => break,
-            };
-            copy.retain = retain;
-            deliver_to(session, copy, options.qos, &mut routed, max_queued, now);
-        }
-        let Some(message) = message else {
+        let Some(message) = deliver_all(
+            &mut st.sessions,
+            &targets,
+            message,
+            kept,
+            &mut routed,
+            max_queued,
+            now,
+        ) else {
             return routed;
         };
         // Shared subscriptions: one member of each group. In a cluster the bridge balances
@@ -1510,6 +1516,71 @@ fn queue(session: &mut Session, m: Message, max: usize, routed: &mut Routed, now
         session.enqueue(false, m);
         routed.queued += 1;
     }
+}
+
+/// The sessions to deliver a message of `topic` to, with their subscription's options: the
+/// highest QoS among a session's matching subscriptions decides (§3.3.5). Sorted by session to
+/// merge a session's several, borrowed from the tree (no copy per message).
+fn targets<'a>(
+    tree: &'a SubscriptionTree<Subscribed>,
+    topic: &str,
+    publisher: Option<&str>,
+) -> Vec<(&'a str, SubscriptionOptions)> {
+    let mut targets: Vec<(&str, SubscriptionOptions)> = tree
+        .matching(topic)
+        .into_iter()
+        .filter(|(session, sub)| !(sub.options.no_local && Some(*session) == publisher))
+        .map(|(session, sub)| (session, sub.options))
+        .collect();
+    if targets.len() > 1 {
+        // Stable: among a session's subscriptions of equal QoS, the first in tree order.
+        targets.sort_by(|a, b| a.0.cmp(b.0).then((b.1.qos as u8).cmp(&(a.1.qos as u8))));
+        // The first of each session's run has its highest QoS.
+        targets.dedup_by(|later, first| later.0 == first.0);
+    }
+    targets
+}
+
+/// Delivers `message` to `targets` (see [`targets`]); returns it unless the last one took it
+/// (`keep`: it is needed afterwards, every target gets a copy).
+fn deliver_all(
+    sessions: &mut HashMap<String, Session>,
+    targets: &[(&str, SubscriptionOptions)],
+    message: Message,
+    keep: bool,
+    routed: &mut Routed,
+    max_queued: usize,
+    now: Instant,
+) -> Option<Message> {
+    let last = targets.len().saturating_sub(1);
+    let mut message = Some(message);
+    for (i, (client_id, options)) in targets.iter().enumerate() {
+        let Some(session) = sessions.get_mut(*client_id) else {
+            continue;
+        };
+        let Some(original) = message.as_ref() else {
+            break;
+        };
+        // A persistent session in a cluster gets these from the cluster, which keeps them.
+        if session.durable && min_qos(original.qos, options.qos) != QoS::AtMostOnce {
+            routed.queued += 1;
+            routed.kept += 1;
+            continue;
+        }
+        let retain = options.retain_as_published && original.retain;
+        let mut copy = match message.take() {
+            Some(m) if i == last && !keep => m,
+            Some(m) => {
+                let copy = m.clone();
+                message = Some(m);
+                copy
+            }
+            None => break,
+        };
+        copy.retain = retain;
+        deliver_to(session, copy, options.qos, routed, max_queued, now);
+    }
+    message
 }
 
 /// Forgets a session here; `ended`: for good (the cluster forgets a persistent one too), not

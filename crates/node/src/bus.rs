@@ -968,6 +968,50 @@ fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
     })
 }
 
+/// The (origin, sequence) a message from NATS carries in front of its frames: a batch's first
+/// message's, or a live frame's.
+fn order_key(msg: &async_nats::Message) -> Option<(u64, u64)> {
+    let p = &msg.payload;
+    let at = match p.first() {
+        Some(&BATCH_FRAME | &STORED_FRAME) if p.len() >= 17 => 1,
+        Some(&FRAME) if p.len() >= 18 => 2,
+        _ => return None,
+    };
+    let u64_at = |i: usize| u64::from_be_bytes(p[i..i + 8].try_into().unwrap_or_default());
+    Some((u64_at(at), u64_at(at + 8)))
+}
+
+/// The order to handle `arrived` in (indexes): each node's messages in the order it published
+/// them (by sequence), in the places its messages took; the rest where they came. A filter's
+/// subjects are separate subscriptions (a topic's QoS 1 messages cross live or kept, and a
+/// topic switches when a persistent session subscribes), so one node's messages may come
+/// across them out of its order.
+fn in_publish_order(arrived: &[async_nats::Message]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..arrived.len()).collect();
+    if arrived.len() < 2 {
+        return order;
+    }
+    let keys: Vec<Option<(u64, u64)>> = arrived.iter().map(order_key).collect();
+    let mut by_origin: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some((origin, _)) = key {
+            by_origin.entry(*origin).or_default().push(i);
+        }
+    }
+    let seq = |i: usize| keys[i].map_or(0, |(_, s)| s);
+    for places in by_origin.values() {
+        if places.windows(2).all(|w| seq(w[0]) <= seq(w[1])) {
+            continue;
+        }
+        let mut sorted = places.clone();
+        sorted.sort_by_key(|&i| seq(i));
+        for (place, from) in places.iter().zip(sorted) {
+            order[*place] = from;
+        }
+    }
+    order
+}
+
 /// A message of a batch, or a live frame, read back.
 struct LiveFrame {
     origin: u64,
@@ -1215,6 +1259,7 @@ pub(crate) async fn start(
             .unwrap_or_default()
     );
     let origin = fnv(instance.as_bytes());
+    let (late, to_store_late) = mpsc::channel(QUEUE);
     let node = Node {
         client: client.clone(),
         js: jetstream::new(client),
@@ -1231,6 +1276,7 @@ pub(crate) async fn start(
         state: state.clone(),
         storing: Arc::default(),
         groups: Arc::default(),
+        late,
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -1241,6 +1287,7 @@ pub(crate) async fn start(
         let (clients, sessions, qos2, groups) = node.set_up().await;
         let _ = node.groups.set(groups.clone());
         tokio::spawn(node.clone().watch_interest(sessions.clone(), groups));
+        tokio::spawn(node.clone().store_late(to_store_late));
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
         tokio::spawn(node.clone().watch_owners(clients.clone()));
@@ -1679,6 +1726,9 @@ struct Node {
     storing: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
     /// The shared groups bucket (see [`SHARED_GROUPS`]), once set up.
     groups: Arc<std::sync::OnceLock<kv::Store>>,
+    /// QoS 1 batches to store for this node's persistent sessions and shared groups (see
+    /// [`Node::keep_late`]).
+    late: mpsc::Sender<(String, async_nats::HeaderMap, bytes::Bytes)>,
 }
 
 impl Node {
@@ -2380,6 +2430,9 @@ impl Node {
         } else {
             &[LIVE, LIVE_BATCH, LIVE_HEADERS, STORED]
         };
+        // A filter's subscriptions (not shared) are read by one task, in the order NATS sent
+        // them across subjects (see [`in_publish_order`]).
+        let mut together = Vec::new();
         for prefix in prefixes {
             for pattern in filter_subjects(prefix, inner) {
                 let subscribed = match shared {
@@ -2402,15 +2455,39 @@ impl Node {
                     tracing::warn!(target: "portcullis::cluster", error = %e, "cannot reach NATS");
                 }
                 tracing::info!(target: "portcullis::cluster", subject = %pattern, filter = %filter, "routing subscribed");
+                if shared.is_none() {
+                    together.push(sub);
+                    continue;
+                }
                 let node = self.clone();
                 let filter = filter.to_string();
-                let is_shared = shared.is_some();
                 tasks.push(tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {
-                        node.arrived(&msg, is_shared.then_some(filter.as_str()));
+                        node.arrived(&msg, Some(filter.as_str()));
                     }
                 }));
             }
+        }
+        if !together.is_empty() {
+            let node = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut subs = futures_util::stream::select_all(together);
+                let mut arrived = Vec::new();
+                while let Some(first) = subs.next().await {
+                    // Everything the client has handed over by now, from every subject: a
+                    // message sent before one taken here is taken too (the client hands them
+                    // over in the order they came, and this reads until none is left).
+                    arrived.push(first);
+                    while let Some(Some(more)) = futures_util::FutureExt::now_or_never(subs.next())
+                    {
+                        arrived.push(more);
+                    }
+                    for i in in_publish_order(&arrived) {
+                        node.arrived(&arrived[i], None);
+                    }
+                    arrived.clear();
+                }
+            }));
         }
         tasks
     }
@@ -2529,9 +2606,17 @@ impl Node {
                 return;
             }
             let mut left = 0;
-            for frame in frames {
-                if let Some(message) = frame.message(topic.clone(), None) {
-                    left += self.hand_over(message, shared);
+            if shared.is_none() {
+                // One topic's: its subscribers looked up once.
+                let messages: Vec<Message> = frames
+                    .filter_map(|frame| frame.message(topic.clone(), None))
+                    .collect();
+                left = self.counted(self.broker.deliver_remote_all(messages));
+            } else {
+                for frame in frames {
+                    if let Some(message) = frame.message(topic.clone(), None) {
+                        left += self.hand_over(message, shared);
+                    }
                 }
             }
             if unkept && left > 0 {
@@ -2583,10 +2668,15 @@ impl Node {
     /// Delivers a message from NATS here; how many of its deliveries were left to the cluster
     /// for a persistent session here.
     fn hand_over(&self, message: Message, shared: Option<&str>) -> usize {
-        let routed = match shared {
+        self.counted(match shared {
             Some(filter) => self.broker.deliver_shared(filter, message),
             None => self.broker.deliver_remote(message),
-        };
+        })
+    }
+
+    /// Counts what was dropped of deliveries from NATS; how many were left to the cluster for
+    /// a persistent session here.
+    fn counted(&self, routed: portcullis_mqtt::broker::Routed) -> usize {
         if routed.dropped > 0 {
             // As a local publication's: for a subscriber here whose queue was full.
             static DROPPED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
@@ -2610,17 +2700,32 @@ impl Node {
         headers.insert(BATCH_HEADER, "1");
         headers.insert("Portcullis-Properties", expired_properties());
         headers.insert("Nats-Msg-Id", format!("{origin:016x}/{first}").as_str());
-        let (js, subject, payload) = (self.js.clone(), subject(STORED, topic), msg.payload.clone());
         qos1_counter("kept_late").increment(1);
-        tokio::spawn(async move {
-            let stored = match js.publish_with_headers(subject, headers, payload).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = stored {
+        if self
+            .late
+            .try_send((subject(STORED, topic), headers, msg.payload.clone()))
+            .is_err()
+        {
+            tracing::warn!(target: "portcullis::cluster", "too many QoS 1 messages to keep for persistent sessions or shared groups of this node at once: some are not kept");
+        }
+    }
+
+    /// Stores what [`Node::keep_late`] queued, one after the other (in the order they came:
+    /// a topic's stay in order), each retried as the publishing node's are.
+    async fn store_late(
+        self,
+        mut late: mpsc::Receiver<(String, async_nats::HeaderMap, bytes::Bytes)>,
+    ) {
+        while let Some((subject, headers, payload)) = late.recv().await {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+                .ok();
+            if let Err(e) = stored_within(&self.js, subject, headers, payload, ack).await {
                 tracing::warn!(target: "portcullis::cluster", error = %e, "cannot keep QoS 1 messages for a persistent session or shared group of this node");
             }
-        });
+        }
     }
 
     /// False for this node's own messages (they come back) and for one seen already
@@ -3547,34 +3652,56 @@ impl Node {
 
     async fn read_interest(&self, sessions: &kv::Store, groups: &kv::Store) -> Result<()> {
         let kept = &self.state.kept;
-        // Each watch first gives every entry its bucket holds (the last with nothing pending);
-        // an empty bucket gives none.
-        let mut pending = [
-            sessions.status().await?.values() > 0,
-            groups.status().await?.values() > 0,
-        ];
         let mut of_sessions = sessions.watch_with_history(">").await?;
         let mut of_groups = groups.watch_with_history(">").await?;
+        // Each watch first gives every entry its bucket holds (the last with nothing pending
+        // after it); an empty bucket gives none. Counted now, after the watches started (a
+        // bucket's status is what it was when the node opened it).
+        let mut pending = [
+            self.bucket_holds(SESSIONS).await?,
+            self.bucket_holds(SHARED_GROUPS).await?,
+        ];
         if pending == [false, false] {
             kept.set_ready();
         }
+        // While not ready: counted again now and then (entries that aged out between the
+        // count and the watch never come).
+        let mut recount = tokio::time::interval(Duration::from_secs(1));
+        recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recount.tick().await;
         loop {
             let (i, entry) = tokio::select! {
                 e = of_sessions.next() => (0, e),
                 e = of_groups.next() => (1, e),
+                _ = recount.tick(), if pending != [false, false] => {
+                    for (i, bucket) in [SESSIONS, SHARED_GROUPS].into_iter().enumerate() {
+                        if pending[i] && !self.bucket_holds(bucket).await? {
+                            pending[i] = false;
+                        }
+                    }
+                    if pending == [false, false] {
+                        kept.set_ready();
+                    }
+                    continue;
+                }
             };
             let entry = entry.context("the watch ended")??;
-            let filters = match (entry.operation, i) {
-                (kv::Operation::Put, 0) => kept::record_filters(&entry.value),
-                (kv::Operation::Put, _) => std::str::from_utf8(&entry.value)
-                    .ok()
-                    .filter(|f| portcullis_mqtt::topic::check_filter(f).is_ok())
-                    .map(|f| vec![f.to_string()])
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            let prefix = if i == 0 { "s:" } else { "g:" };
-            kept.set(&format!("{prefix}{}", entry.key), filters);
+            let key = format!("{}{}", if i == 0 { "s:" } else { "g:" }, entry.key);
+            match (entry.operation, i) {
+                (kv::Operation::Put, 0) => {
+                    let (incarnation, filters) = kept::record_filters(&entry.value);
+                    kept.grow(&key, incarnation, filters);
+                }
+                (kv::Operation::Put, _) => kept.set(
+                    &key,
+                    std::str::from_utf8(&entry.value)
+                        .ok()
+                        .filter(|f| portcullis_mqtt::topic::check_filter(f).is_ok())
+                        .map(|f| vec![f.to_string()])
+                        .unwrap_or_default(),
+                ),
+                _ => kept.set(&key, Vec::new()),
+            }
             if entry.delta == 0 && pending[i] {
                 pending[i] = false;
                 if pending == [false, false] {
@@ -3582,6 +3709,12 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Whether the bucket `name` holds any entry now (its stream's state, read afresh).
+    async fn bucket_holds(&self, name: &str) -> Result<bool> {
+        let stream = self.js.get_stream(format!("KV_{name}")).await?;
+        Ok(stream.cached_info().state.messages > 0)
     }
 
     async fn watch_owners(self, clients: kv::Store) {
@@ -4054,6 +4187,40 @@ mod tests {
             .filter_map(|seq| many.add(&message("t", b"x"), None, None, 1, seq))
             .count();
         assert_eq!((sent, many.drain().len()), (2, 1));
+    }
+
+    /// Review of the live QoS 1 path: a topic's QoS 1 messages switch between crossing live
+    /// and kept when a persistent session subscribes, and the two subjects are separate
+    /// subscriptions: one node's messages taken together are handled in its order, the
+    /// others' where they came.
+    #[test]
+    fn messages_taken_together_from_several_subjects_are_handled_in_their_publishers_order() {
+        use super::{Batches, in_publish_order, live_frame};
+        let message = |subject: &str, payload: bytes::Bytes| async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload,
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let m = test_message("t", b"x", QoS::AtLeastOnce);
+        let batch = |mut b: Batches, origin: u64, seq: u64| {
+            assert!(b.add(&m, Some("pub"), None, origin, seq).is_none());
+            b.drain().remove(0).payload
+        };
+        let arrived = vec![
+            // Node 1's kept batch (sequence 5) came before its live one (sequence 3).
+            message("pcq.t", batch(Batches::stored(), 1, 5)),
+            message("pcb.t", batch(Batches::live(), 2, 9)),
+            message("pcm.t", bytes::Bytes::from_static(b"headers only")),
+            message("pcb.t", batch(Batches::acknowledged(), 1, 3)),
+            message("pcl.t", live_frame(&m, 2, 10)),
+        ];
+        assert_eq!(in_publish_order(&arrived), [3, 1, 2, 0, 4]);
+        // In order already: as they came.
+        assert_eq!(in_publish_order(&arrived[1..]), [0, 1, 2, 3]);
     }
 
     #[test]

@@ -42,19 +42,39 @@ impl std::fmt::Debug for KeptInterest {
 #[derive(Default)]
 struct Filters {
     tree: SubscriptionTree<()>,
-    /// Per bucket entry (`s:KEY` a session's, `g:KEY` a shared group's), the filters it holds.
-    by_entry: HashMap<String, Vec<String>>,
+    /// Per bucket entry (`s:KEY` a session's, `g:KEY` a shared group's), the life it belongs to
+    /// (a session's incarnation) and the filters it holds.
+    by_entry: HashMap<String, (u64, Vec<String>)>,
 }
 
 impl KeptInterest {
     /// Entry `entry` now holds `filters` (none: it went).
     pub(crate) fn set(&self, entry: &str, filters: Vec<String>) {
+        self.replace(entry, 0, filters, false);
+    }
+
+    /// A persistent session's record (`incarnation`: its life) lists `filters`: added to what
+    /// the same life listed before, never taken from it. A session resumed on another node
+    /// has its record written again as its subscriptions come back one by one, and the
+    /// filters not back yet must stay kept meanwhile; a filter the session unsubscribed from
+    /// stays kept until the session ends (kept for nobody: a cost, not a loss).
+    pub(crate) fn grow(&self, entry: &str, incarnation: u64, filters: Vec<String>) {
+        self.replace(entry, incarnation, filters, true);
+    }
+
+    fn replace(&self, entry: &str, incarnation: u64, filters: Vec<String>, grow: bool) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let Filters { tree, by_entry } = &mut *inner;
-        let old = by_entry.remove(entry).unwrap_or_default();
+        let (life, old) = by_entry.remove(entry).unwrap_or_default();
+        let mut filters = filters;
+        if grow && life == incarnation {
+            filters.extend(old.iter().cloned());
+            filters.sort();
+            filters.dedup();
+        }
         if old == filters {
             if !filters.is_empty() {
-                by_entry.insert(entry.to_string(), filters);
+                by_entry.insert(entry.to_string(), (incarnation, filters));
             }
             return;
         }
@@ -65,7 +85,7 @@ impl KeptInterest {
             tree.insert(filter, entry, ());
         }
         if !filters.is_empty() {
-            by_entry.insert(entry.to_string(), filters);
+            by_entry.insert(entry.to_string(), (incarnation, filters));
         }
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -103,11 +123,12 @@ impl KeptInterest {
 
 /// The filters a persistent session's record (the sessions bucket's JSON) keeps messages for:
 /// its subscriptions at QoS 1 or 2, and its shared subscriptions' filters (their groups keep
-/// them). A value that is no session record holds none.
-pub(crate) fn record_filters(value: &[u8]) -> Vec<String> {
+/// them); with the session's incarnation. A value that is no session record holds none.
+pub(crate) fn record_filters(value: &[u8]) -> (u64, Vec<String>) {
     let Ok(record) = serde_json::from_slice::<serde_json::Value>(value) else {
-        return Vec::new();
+        return (0, Vec::new());
     };
+    let incarnation = record["incarnation"].as_u64().unwrap_or(0);
     let mut filters: Vec<String> = record["subscriptions"]
         .as_array()
         .into_iter()
@@ -123,7 +144,7 @@ pub(crate) fn record_filters(value: &[u8]) -> Vec<String> {
         .collect();
     filters.sort();
     filters.dedup();
-    filters
+    (incarnation, filters)
 }
 
 #[cfg(test)]
@@ -138,14 +159,18 @@ mod tests {
         assert!(kept.must_keep("any/topic"));
         kept.set_ready();
         assert!(!kept.must_keep("any/topic"));
-        let record = br#"{"identity":"x","subscriptions":[
+        let record = br#"{"identity":"x","incarnation":7,"subscriptions":[
             {"filter":"fleet/+/alerts","qos":1},
             {"filter":"fleet/+/status","qos":0},
             {"filter":"$share/workers/jobs/#","qos":0},
             {"filter":"exact/topic","qos":2}]}"#;
-        let filters = record_filters(record);
+        let (incarnation, filters) = record_filters(record);
+        assert_eq!(incarnation, 7);
         assert_eq!(filters, ["exact/topic", "fleet/+/alerts", "jobs/#"]);
-        kept.set("s:dev-1", filters);
+        kept.grow("s:dev-1", 7, filters);
+        // The same life written again with fewer filters (resumed on another node, its
+        // subscriptions coming back one by one): the others stay kept.
+        kept.grow("s:dev-1", 7, vec!["exact/topic".to_string()]);
         assert!(kept.must_keep("fleet/7/alerts"));
         assert!(!kept.must_keep("fleet/7/status"));
         assert!(kept.must_keep("jobs/a/b"));
@@ -154,8 +179,12 @@ mod tests {
         let before = kept.generation();
         kept.set("g:1234", vec!["jobs/#".to_string()]);
         assert!(kept.generation() > before);
-        kept.set("s:dev-1", Vec::new());
+        // A new life of the session replaces what the old one listed.
+        kept.grow("s:dev-1", 8, vec!["exact/topic".to_string()]);
         assert!(!kept.must_keep("fleet/7/alerts"));
+        assert!(kept.must_keep("exact/topic"));
+        kept.set("s:dev-1", Vec::new());
+        assert!(!kept.must_keep("exact/topic"));
         assert!(kept.must_keep("jobs/a"));
         kept.set("g:1234", Vec::new());
         assert!(!kept.must_keep("jobs/a"));
@@ -171,7 +200,7 @@ mod tests {
         kept.set_ready();
         assert!(!kept.must_keep("a/b"));
         // Values that are no session record hold nothing.
-        assert!(record_filters(b"not json").is_empty());
-        assert!(record_filters(br#"{"lease":"node"}"#).is_empty());
+        assert!(record_filters(b"not json").1.is_empty());
+        assert!(record_filters(br#"{"lease":"node"}"#).1.is_empty());
     }
 }
