@@ -1052,7 +1052,6 @@ impl Broker {
                     .is_some_and(|s| s.durable);
                 exactly_once.filter(|_| durable)
             });
-        let now = Instant::now();
         // With a bridge, the cluster keeps retained messages.
         if message.retain && state.bridge.is_none() {
             if message.payload.is_empty() {
@@ -1071,16 +1070,23 @@ impl Broker {
         // Needed once delivered here: by the bridge, or for shared subscriptions (routed here
         // without a bridge). Otherwise the last target takes the message itself, not a copy.
         let kept = bridged.is_some() || st.bridge.is_none();
-        let Some(message) = deliver_all(
-            &mut st.sessions,
-            &targets,
-            message,
-            kept,
-            &mut routed,
-            max_queued,
-            now,
-        ) else {
-            return routed;
+        // (A node whose clients only publish has nobody to deliver to: no clock read, no move.)
+        let message = if targets.is_empty() {
+            message
+        } else {
+            let now = Instant::now();
+            let Some(message) = deliver_all(
+                &mut st.sessions,
+                &targets,
+                message,
+                kept,
+                &mut routed,
+                max_queued,
+                now,
+            ) else {
+                return routed;
+            };
+            message
         };
         // Shared subscriptions: one member of each group. In a cluster the bridge balances
         // them across the nodes and hands them to `deliver_shared`.
@@ -1526,6 +1532,9 @@ fn targets<'a>(
     topic: &str,
     publisher: Option<&str>,
 ) -> Vec<(&'a str, SubscriptionOptions)> {
+    if tree.is_empty() {
+        return Vec::new();
+    }
     let mut targets: Vec<(&str, SubscriptionOptions)> = tree
         .matching(topic)
         .into_iter()
