@@ -21,7 +21,9 @@
 # PARTS="latency fanin takeover idle" (the default: all) runs only some parts; QOS="0 1" (the
 # default) the fan-in's QoS levels; PERF="a b single" records a CPU profile of those nodes under
 # each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
-# SYSCALLS=1 counts each server process's reads and writes under each fan-in.
+# SYSCALLS=1 counts each server process's reads and writes under each fan-in; COUNTS=1 prints
+# the nodes' message counters and resident memory, and each NATS server's messages in and out
+# during the cluster's fan-in (its monitoring port, 3630N).
 # FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
 # they can: the cost per message at a load every server delivers whole (at saturation a server
 # that uses more of the 2 cores starves the load generator's subscriber, and messages it
@@ -74,6 +76,7 @@ for i in 1 2 3; do
   cat > "n$i.conf" <<CONF
 server_name: n$i
 listen: "127.0.0.1:3610$i"
+http: "127.0.0.1:3630$i"
 jetstream { store_dir: "$work/js$i" }
 cluster { name: bench, listen: "127.0.0.1:3620$i", routes: [$routes] }
 CONF
@@ -175,6 +178,12 @@ cpu() { # PIDS... -> CPU seconds used so far
   calc "$t / $(getconf CLK_TCK)"
 }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# Each NATS server's messages in/out and bytes in so far (its monitoring port): "in/out/bytes" x3.
+nats_msgs() {
+  for i in 1 2 3; do
+    curl -s "http://127.0.0.1:3630$i/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print("%d/%d/%d" % (v["in_msgs"], v["out_msgs"], v["in_bytes"]), end=" ")'
+  done
+}
 cluster_pids="$pid_a $pid_b $pid_c $nats_pid1 $nats_pid2 $nats_pid3"
 
 want() { [[ " ${PARTS:-latency fanin takeover idle} " == *" $1 "* ]]; }
@@ -223,6 +232,7 @@ want fanin && for q in ${QOS:-0 1}; do
                for i in 1 2 3; do recording nats$i "$(eval echo \$nats_pid$i)" "cluster.qos$q"; done ;;
       mosquitto) recording mosquitto "$mq_pid" "mosquitto.qos$q" ;;
     esac
+    [ -n "${COUNTS:-}" ] && [ "$target" = cluster ] && nats_before=$(nats_msgs)
     before=$(cpu $ps)
     declare -A each=()
     for p in $ps; do each[$p]=$(cpu $p); done
@@ -233,6 +243,10 @@ want fanin && for q in ${QOS:-0 1}; do
     recorded "$target.qos$q"
     per=$(calc "$rate * ($secs + 1) / $used")
     echo "QoS $q $target: $rate msgs/s, $used CPU s ($split), $per msgs per server core-second"
+    if [ -n "${COUNTS:-}" ] && [ "$target" = cluster ]; then
+      echo "  NATS messages in/out (bytes in) per server during the run: $(paste -d' ' <(echo "$nats_before" | tr ' ' '\n') <(nats_msgs | tr ' ' '\n') \
+        | awk -F'[ /]' '{ printf "%d/%d (%d) ", $4 - $1, $5 - $2, $6 - $3 }')"
+    fi
     if [ -n "${COUNTS:-}" ] && [ "$target" != mosquitto ]; then
       # COUNTS=1: the nodes' own message counters so far (accepted from publishers, sent to and
       # dropped for subscribers: a subscriber slower than its publishers has messages dropped).
