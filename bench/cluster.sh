@@ -23,7 +23,7 @@
 # each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
 # SYSCALLS=1 counts each server process's reads and writes under each fan-in; COUNTS=1 prints
 # the nodes' message counters and resident memory, and each NATS server's messages in and out
-# during the cluster's fan-in (its monitoring port, 3630N).
+# during the cluster's fan-in (its monitoring port, 3650N).
 # FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
 # they can: the cost per message at a load every server delivers whole (at saturation a server
 # that uses more of the 2 cores starves the load generator's subscriber, and messages it
@@ -76,7 +76,7 @@ for i in 1 2 3; do
   cat > "n$i.conf" <<CONF
 server_name: n$i
 listen: "127.0.0.1:3610$i"
-http: "127.0.0.1:3630$i"
+http: "127.0.0.1:3650$i"
 jetstream { store_dir: "$work/js$i" }
 cluster { name: bench, listen: "127.0.0.1:3620$i", routes: [$routes] }
 CONF
@@ -181,7 +181,7 @@ rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # Each NATS server's messages in/out and bytes in so far (its monitoring port): "in/out/bytes" x3.
 nats_msgs() {
   for i in 1 2 3; do
-    curl -s "http://127.0.0.1:3630$i/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print("%d/%d/%d" % (v["in_msgs"], v["out_msgs"], v["in_bytes"]), end=" ")'
+    curl -s "http://127.0.0.1:3650$i/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print("%d/%d/%d" % (v["in_msgs"], v["out_msgs"], v["in_bytes"]), end=" ")'
   done
 }
 cluster_pids="$pid_a $pid_b $pid_c $nats_pid1 $nats_pid2 $nats_pid3"
