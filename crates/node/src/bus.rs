@@ -356,11 +356,11 @@ impl WorkQueue {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `work`, or gives it back when the queue is full.
-    fn try_send(&self, work: Work) -> Result<(), Work> {
+    /// Queues `work`; false (and `work` dropped) when the queue is full.
+    fn try_send(&self, work: Work) -> bool {
         let mut items = self.lock();
         if items.len() >= QUEUE {
-            return Err(work);
+            return false;
         }
         let first = items.is_empty();
         items.push_back(work);
@@ -368,7 +368,7 @@ impl WorkQueue {
         if first {
             self.ready.notify_one();
         }
-        Ok(())
+        true
     }
 
     fn len(&self) -> usize {
@@ -488,20 +488,16 @@ impl Bridge for NatsBridge {
         } else {
             (None, None)
         };
-        if self
-            .work
-            .try_send(Work::Publish(
-                message,
-                // Only a kept message carries its publisher (for No Local on the way back).
-                publisher
-                    .filter(|_| message_qos != QoS::AtMostOnce)
-                    .map(str::to_string),
-                reply,
-                exactly_once,
-                keep,
-            ))
-            .is_err()
-        {
+        if !self.work.try_send(Work::Publish(
+            message,
+            // Only a kept message carries its publisher (for No Local on the way back).
+            publisher
+                .filter(|_| message_qos != QoS::AtMostOnce)
+                .map(str::to_string),
+            reply,
+            exactly_once,
+            keep,
+        )) {
             // Looked up once: under a flood every message may come here.
             static DROPPED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
             DROPPED
@@ -3890,8 +3886,7 @@ mod tests {
             assert!(
                 bridge
                     .work
-                    .try_send(Work::Publish(message(), None, None, None, false))
-                    .is_ok(),
+                    .try_send(Work::Publish(message(), None, None, None, false)),
                 "a freed slot went to the waiting connection"
             );
         }
