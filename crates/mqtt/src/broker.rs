@@ -96,6 +96,8 @@ pub struct StoredSession {
     /// Which life of the client id's session it is (what the cluster kept for it is kept
     /// under it): the connection resuming it goes on with it.
     pub incarnation: u64,
+    /// How long it had been offline when read (`None`: online, or not known).
+    pub offline_for: Option<Duration>,
 }
 
 /// A claim of a client id made: which one (the cluster's revision of it: a later claim on
@@ -228,6 +230,10 @@ pub struct SessionHandle {
     /// The expiry the session resumed here had before this connection (a refused CONNECT
     /// gives it back: see [`Broker::refused`]).
     pub resumed_expiry: Option<Duration>,
+    /// Since when the session resumed here was offline (a refused CONNECT gives it back: its
+    /// expiry counts from then, not from the refusal). The caller may set it from what the
+    /// cluster kept ([`StoredSession::offline_for`]) when this node did not hold the session.
+    pub resumed_offline_since: Option<Instant>,
 }
 
 impl SessionHandle {
@@ -370,9 +376,10 @@ pub trait Bridge: Send + Sync {
     ) -> Option<Confirmation>;
     /// A persistent session no longer holds `filter`.
     fn durable_unsubscribe(&self, client_id: &str, filter: &str);
-    /// A persistent session's connection ended (the cluster keeps its messages for
-    /// `expiry`).
-    fn durable_offline(&self, client_id: &str, expiry: Duration);
+    /// A persistent session's connection ended, `offline_for` ago (the cluster keeps its
+    /// messages for `expiry` from then; not zero after a refused CONNECT, which leaves the
+    /// offline clock as it was).
+    fn durable_offline(&self, client_id: &str, expiry: Duration, offline_for: Duration);
     /// When the cluster is behind with what this node publishes: a wait until it has caught up
     /// (publishers stop reading until then: flow control instead of dropping).
     fn backpressure(&self) -> Option<Backpressure> {
@@ -459,6 +466,7 @@ impl Broker {
         let mut pending = Vec::new();
         let mut awaiting_release = Vec::new();
         let mut resumed_expiry = None;
+        let mut resumed_offline_since = None;
         if let Some(old) = state.sessions.get_mut(client_id)
             && let Some(online) = old.online.take()
         {
@@ -487,6 +495,7 @@ impl Broker {
                 .collect();
             awaiting_release = std::mem::take(&mut s.awaiting_release);
             resumed_expiry = Some(s.expiry);
+            resumed_offline_since = s.disconnected_at;
             s.generation = generation;
             s.online = Some(tx);
             s.backlogged = backlogged.clone();
@@ -526,6 +535,7 @@ impl Broker {
             outbound: rx,
             backlogged,
             resumed_expiry,
+            resumed_offline_since,
         }
     }
 
@@ -1148,6 +1158,26 @@ impl Broker {
         awaiting_release: Vec<u16>,
         outbound: Option<&mut mpsc::Receiver<Outbound>>,
     ) {
+        self.went_offline(
+            client_id,
+            generation,
+            unacknowledged,
+            awaiting_release,
+            outbound,
+            None,
+        );
+    }
+
+    /// [`Broker::disconnected`], offline since `since` (`None`: now).
+    fn went_offline(
+        &self,
+        client_id: &str,
+        generation: u64,
+        unacknowledged: Vec<Message>,
+        awaiting_release: Vec<u16>,
+        outbound: Option<&mut mpsc::Receiver<Outbound>>,
+        since: Option<Instant>,
+    ) {
         let mut unacknowledged = unacknowledged;
         let mut state = self.lock();
         let Some(session) = state
@@ -1177,7 +1207,9 @@ impl Broker {
             }
             return;
         }
-        session.disconnected_at = Some(Instant::now());
+        let now = Instant::now();
+        let since = since.filter(|at| *at <= now).unwrap_or(now);
+        session.disconnected_at = Some(since);
         session.awaiting_release = awaiting_release;
         if session.durable {
             // What the cluster keeps goes back to it, to be delivered again.
@@ -1190,7 +1222,7 @@ impl Broker {
             });
             let expiry = session.expiry;
             if let Some(bridge) = &state.bridge {
-                bridge.durable_offline(client_id, expiry);
+                bridge.durable_offline(client_id, expiry, now.duration_since(since));
             }
             let Some(session) = state.sessions.get_mut(client_id) else {
                 return;
@@ -1231,12 +1263,14 @@ impl Broker {
                 session.expiry = kept_expiry.unwrap_or(Duration::ZERO);
             }
         }
-        self.disconnected(
+        // Offline since it was before this CONNECT: a refused one does not restart its clock.
+        self.went_offline(
             &handle.client_id,
             handle.generation,
             std::mem::take(&mut handle.pending),
             std::mem::take(&mut handle.awaiting_release),
             Some(&mut handle.outbound),
+            handle.resumed_offline_since,
         );
     }
 
@@ -1853,7 +1887,7 @@ mod tests {
             None
         }
         fn durable_unsubscribe(&self, _: &str, _: &str) {}
-        fn durable_offline(&self, _: &str, _: Duration) {}
+        fn durable_offline(&self, _: &str, _: Duration, _: Duration) {}
         fn durable_end(&self, _: &str, _: Option<u64>) {}
     }
 
@@ -1937,7 +1971,7 @@ mod tests {
             None
         }
         fn durable_unsubscribe(&self, _: &str, _: &str) {}
-        fn durable_offline(&self, c: &str, e: Duration) {
+        fn durable_offline(&self, c: &str, e: Duration, _: Duration) {
             self.0
                 .lock()
                 .unwrap()
@@ -1960,14 +1994,19 @@ mod tests {
         b.make_durable("a", a.generation, None);
         b.subscribe("a", a.generation, "q/#", sub(QoS::AtLeastOnce));
         b.disconnected("a", a.generation, Vec::new(), Vec::new(), None);
+        let offline_at = |b: &Broker| b.lock().sessions.get("a").and_then(|s| s.disconnected_at);
+        let went = offline_at(&b).expect("offline");
         // Resumed with an expiry of zero (MQTT 5), then refused before CONNACK (the cluster
         // could not resume it): kept as it was, not ended.
         let mut z = b.connect("a", false, Duration::ZERO, everything(), "a");
         assert!(z.session_present);
         assert_eq!(z.resumed_expiry, Some(Duration::from_secs(600)));
+        assert_eq!(z.resumed_offline_since, Some(went));
         b.make_durable("a", z.generation, None);
         let kept = z.resumed_expiry;
         b.refused(&mut z, kept);
+        // Its offline clock too: still counting from when its last connection ended.
+        assert_eq!(offline_at(&b), Some(went));
         let told_now = told.0.lock().unwrap().clone();
         assert_eq!(told_now.last().map(String::as_str), Some("offline a 600"));
         assert!(

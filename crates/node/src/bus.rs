@@ -440,7 +440,7 @@ enum Control {
         reply: Reply,
     },
     DurableUnsubscribe(String, String),
-    DurableOffline(String, Duration),
+    DurableOffline(String, Duration, Duration),
     /// A persistent session ended, as held under its last connection's claim.
     DurableEnd(String, Option<u64>),
     /// A persistent session released its QoS 2 message: its ledger entry (key) goes.
@@ -595,10 +595,12 @@ impl Bridge for NatsBridge {
         ));
     }
 
-    fn durable_offline(&self, client_id: &str, expiry: Duration) {
-        let _ = self
-            .control
-            .send(Control::DurableOffline(client_id.to_string(), expiry));
+    fn durable_offline(&self, client_id: &str, expiry: Duration, offline_for: Duration) {
+        let _ = self.control.send(Control::DurableOffline(
+            client_id.to_string(),
+            expiry,
+            offline_for,
+        ));
     }
 
     fn backpressure(&self) -> Option<portcullis_mqtt::broker::Backpressure> {
@@ -2376,13 +2378,15 @@ impl Node {
                     };
                     self.in_order(&key, change);
                 }
-                Control::DurableOffline(client_id, expiry) => {
+                Control::DurableOffline(client_id, expiry, offline_for) => {
+                    let since = now_ms()
+                        .saturating_sub(u64::try_from(offline_for.as_millis()).unwrap_or(u64::MAX));
                     let record = {
                         let mut durables = self.durables.lock().unwrap_or_else(|p| p.into_inner());
                         durables.remove(&client_id).map(|mut d| {
                             d.stop();
                             d.expiry = expiry;
-                            d.record(&self.instance, Some(now_ms()))
+                            d.record(&self.instance, Some(since))
                         })
                     };
                     if let Some(record) = record {
@@ -3032,6 +3036,9 @@ impl Node {
                 subscriptions,
                 expiry: Duration::from_secs(record["expiry_secs"].as_u64().unwrap_or(0)),
                 incarnation: incarnation_of(&record),
+                offline_for: record["offline_since_ms"]
+                    .as_u64()
+                    .map(|since| Duration::from_millis(now_ms().saturating_sub(since))),
             }));
         }
         Err(format!("the session's record kept changing: {last}"))

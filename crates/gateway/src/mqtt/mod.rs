@@ -318,6 +318,7 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         }
     }
     let stored_expiry = stored.as_ref().map(|s| s.expiry);
+    let stored_offline_for = stored.as_ref().and_then(|s| s.offline_for);
     let mut handle = c.broker.connect(
         &client_id,
         connect.clean_start,
@@ -329,8 +330,13 @@ async fn accept(tls: &mut TlsStream<TcpStream>, c: &Conn) -> Option<Accepted> {
         c.broker.claimed(&client_id, handle.generation, revision);
     }
     // Refused before CONNACK, a session this CONNECT resumed stays as it was (its expiry
-    // included: an expiry of zero asked for must not end it and lose what it kept).
+    // included: an expiry of zero asked for must not end it and lose what it kept; and its
+    // offline clock, as this node or the cluster had it).
     let kept_expiry = handle.resumed_expiry.or(stored_expiry);
+    if handle.resumed_offline_since.is_none() {
+        handle.resumed_offline_since =
+            stored_offline_for.and_then(|d| std::time::Instant::now().checked_sub(d));
+    }
     // A session resumed with an expiry of zero (MQTT 5) is still resumed: its queued messages
     // and subscriptions come back, and it ends with this connection.
     if (!expiry.is_zero() || !connect.clean_start)
