@@ -120,6 +120,11 @@ const QUEUE: usize = 10_000;
 /// Messages taken from the queue to NATS at a time.
 const BATCH: usize = 512;
 
+/// Batches a node stores for its own persistent sessions and shared groups (see
+/// [`Node::keep_late`]): waiting at most, and on their way to JetStream at once.
+const LATE_QUEUE: usize = 1_000;
+const LATE_IN_FLIGHT: usize = 64;
+
 /// How long a live QoS 1 message's publisher waits for it to be written to NATS (NATS out of
 /// reach) before it is refused.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
@@ -1046,6 +1051,14 @@ fn batch_frames(batch: &bytes::Bytes) -> impl Iterator<Item = LiveFrame> + '_ {
 /// The (origin, sequence) a message from NATS carries in front of its frames: a batch's first
 /// message's, or a live frame's.
 fn order_key(msg: &async_nats::Message) -> Option<(u64, u64)> {
+    // A message alone with headers (kept, or from an older node) carries its payload as it is.
+    if msg
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(BATCH_HEADER).is_none())
+    {
+        return None;
+    }
     let p = &msg.payload;
     let at = match p.first() {
         Some(&BATCH_FRAME | &STORED_FRAME) if p.len() >= 17 => 1,
@@ -1335,7 +1348,7 @@ pub(crate) async fn start(
             .unwrap_or_default()
     );
     let origin = fnv(instance.as_bytes());
-    let (late, to_store_late) = mpsc::channel(QUEUE);
+    let (late, to_store_late) = mpsc::channel(LATE_QUEUE);
     let node = Node {
         client: client.clone(),
         js: jetstream::new(client),
@@ -2556,8 +2569,11 @@ impl Node {
                     // message sent before one taken here is taken too (the client hands them
                     // over in the order they came, and this reads until none is left).
                     arrived.push(first);
-                    while let Some(Some(more)) = futures_util::FutureExt::now_or_never(subs.next())
-                    {
+                    // (Outside Tokio's task budget: a drain the budget cut short would leave
+                    // an earlier message behind for the next one.)
+                    while let Some(Some(more)) = futures_util::FutureExt::now_or_never(
+                        tokio::task::unconstrained(subs.next()),
+                    ) {
                         arrived.push(more);
                     }
                     for i in in_publish_order(&arrived) {
@@ -2794,14 +2810,29 @@ impl Node {
         self,
         mut late: mpsc::Receiver<(String, async_nats::HeaderMap, bytes::Bytes)>,
     ) {
-        while let Some((subject, headers, payload)) = late.recv().await {
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                .await
-                .ok();
-            if let Err(e) = stored_within(&self.js, subject, headers, payload, ack).await {
-                tracing::warn!(target: "portcullis::cluster", error = %e, "cannot keep QoS 1 messages for a persistent session or shared group of this node");
+        // Sent in order; up to LATE_IN_FLIGHT acknowledgements awaited at once.
+        let mut waiting = futures_util::stream::FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                item = late.recv(), if waiting.len() < LATE_IN_FLIGHT => {
+                    let Some((subject, headers, payload)) = item else {
+                        break;
+                    };
+                    let ack = self
+                        .js
+                        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                        .await
+                        .ok();
+                    let js = self.js.clone();
+                    waiting.push_back(async move {
+                        stored_within(&js, subject, headers, payload, ack).await
+                    });
+                }
+                Some(stored) = waiting.next(), if !waiting.is_empty() => {
+                    if let Err(e) = stored {
+                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot keep QoS 1 messages for a persistent session or shared group of this node");
+                    }
+                }
             }
         }
     }
@@ -2996,6 +3027,10 @@ impl Node {
                 self.end_session(sessions, client_id, false).await;
                 return Ok(None);
             }
+            // How long it had been offline, before the record says it is online here.
+            let offline_for = record["offline_since_ms"]
+                .as_u64()
+                .map(|since| Duration::from_millis(now_ms().saturating_sub(since)));
             record["offline_since_ms"] = serde_json::Value::Null;
             record["owner"] = serde_json::json!(self.instance);
             record["claim"] = serde_json::json!(claim);
@@ -3036,9 +3071,7 @@ impl Node {
                 subscriptions,
                 expiry: Duration::from_secs(record["expiry_secs"].as_u64().unwrap_or(0)),
                 incarnation: incarnation_of(&record),
-                offline_for: record["offline_since_ms"]
-                    .as_u64()
-                    .map(|since| Duration::from_millis(now_ms().saturating_sub(since))),
+                offline_for,
             }));
         }
         Err(format!("the session's record kept changing: {last}"))
@@ -4301,6 +4334,15 @@ mod tests {
         assert_eq!(in_publish_order(&arrived), [3, 1, 2, 0, 4]);
         // In order already: as they came.
         assert_eq!(in_publish_order(&arrived[1..]), [0, 1, 2, 3]);
+        // A message alone with headers carries its payload as it is, whatever its first bytes
+        // (here those of a batch of node 1, sequence 1): it keeps its place.
+        let mut alone = message("pcq.t", batch(Batches::stored(), 1, 1));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Portcullis-Origin", "n");
+        alone.headers = Some(headers);
+        let mut arrived = arrived;
+        arrived.push(alone);
+        assert_eq!(in_publish_order(&arrived), [3, 1, 2, 0, 4, 5]);
     }
 
     #[test]

@@ -107,14 +107,19 @@ impl SessionAuth {
     pub(super) fn decide_topic(&self, action: &'static str, topic: &str) -> Result<(), String> {
         let generation = self.0.verifier.registry_generation();
         {
-            let allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
             if allowed.generation == generation
-                && allowed
+                && let Some(i) = allowed
                     .entries
                     .iter()
-                    .rev()
-                    .any(|(a, t)| *a == action && **t == *topic)
+                    .rposition(|(a, t)| *a == action && **t == *topic)
             {
+                // Most recent last: a run of one topic's messages finds it first.
+                let last = allowed.entries.len() - 1;
+                if i != last {
+                    let hit = allowed.entries.remove(i);
+                    allowed.entries.push(hit);
+                }
                 return Ok(());
             }
         }
