@@ -800,7 +800,8 @@ fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
 ///
 /// QoS 0 batches go on [`LIVE_BATCH`] (core NATS); QoS 1 batches on [`STORED`] through
 /// JetStream, one stored message per batch (marked by the [`BATCH_HEADER`] header), its
-/// publishers answered together once the stream acknowledged it.
+/// publishers answered together once the stream acknowledged it — or, when nobody keeps them
+/// ([`kept`]), on [`LIVE_BATCH`] as QoS 0's, answered once written to NATS.
 ///
 /// A batch: its kind's first byte ([`BATCH_FRAME`] for QoS 0, [`STORED_FRAME`] for QoS 1), the
 /// origin (u64) and the first message's sequence (u64, big-endian), then per message its
@@ -1914,7 +1915,8 @@ impl Node {
     }
 
     /// Sends what this node's clients publish, in order; a stored message's publisher is
-    /// answered once JetStream acknowledged it.
+    /// answered once JetStream acknowledged it, a live QoS 1 message's once it is written to
+    /// NATS.
     async fn publish(self, publishing: Arc<WorkQueue>, qos2: kv::Store) {
         let mut seq: u64 = 0;
         let mut batch = Vec::with_capacity(BATCH);
