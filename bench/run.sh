@@ -304,11 +304,18 @@ load() {
     perf stat -x, -e 'syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_recvmsg,syscalls:sys_enter_epoll_wait' \
       -p "${spid[$s]}" -o "$root/target/syscalls.$s.$mode.$client.txt" -- sleep "$secs" >/dev/null 2>&1 & stat_pid=$!
   fi
+  local perf_pid=""
+  if [ "${PERF:-}" = "$s" ]; then
+    # PERF=SERVER: a CPU profile of that server under each load, in perf.SERVER.MODE.CLIENT.data.
+    perf record ${PERF_EVENTS:--F 999 --call-graph ${PERF_CALLGRAPH:-fp}} -p "${spid[$s]}" -o "$root/target/perf.$s.$mode.$client.data" -- sleep "$secs" \
+      >/dev/null 2>&1 & perf_pid=$!
+  fi
   if [ "$mode" = grpcstream ]; then
     read -r i0 t0 < <(cpu0)
     taskset -c 1 "$tools" grpc-stream "127.0.0.1:$p" localhost ca/ca.pem "$client.pem" "$client.key" \
       8 16 "$secs" > stream.out 2>&1 || true
     read -r i1 t1 < <(cpu0)
+    [ -z "$perf_pid" ] || wait "$perf_pid" || true
     [ -z "$stat_pid" ] || wait "$stat_pid" || true
     python3 - "$i0" "$t0" "$i1" "$t1" <<'PY'
 import sys
@@ -333,12 +340,6 @@ PY
     rate) extra=(-c 16 -q "${RATE:-5000}" --latency-correction) ;;
     rate2) extra=(-c 4 -p 4 --http2 -q "${RATE:-5000}" --latency-correction) ;;
   esac
-  local perf_pid=""
-  if [ "${PERF:-}" = "$s" ]; then
-    # PERF=SERVER: a CPU profile of that server under each load, in perf.SERVER.MODE.CLIENT.data.
-    perf record ${PERF_EVENTS:--F 999 --call-graph ${PERF_CALLGRAPH:-fp}} -p "${spid[$s]}" -o "$root/target/perf.$s.$mode.$client.data" -- sleep "$secs" \
-      >/dev/null 2>&1 & perf_pid=$!
-  fi
   read -r i0 t0 < <(cpu0)
   taskset -c 1 "$oha_bin" --no-tui -z "${secs}s" "${extra[@]}" --cert "$client.pem" --key "$client.key" \
     --cacert ca/ca.pem --output-format json "https://localhost:$p$path" > oha.json 2>/dev/null || true

@@ -112,7 +112,7 @@ pub(crate) struct DomainState {
     pub(crate) config: Arc<Domain>,
     pub(crate) tls: DomainTls,
     /// A client per `https://` mapping (same order as the mappings); `None` uses the shared one.
-    pub(crate) upstream_clients: Vec<Option<http::proxy::UpstreamClient>>,
+    pub(crate) upstream_clients: Vec<Option<http::proxy::MappingClient>>,
     /// The fast path's idle connections per plain-HTTP mapping (same order as the mappings).
     pub(crate) pools: Vec<Option<http::fast::Pool>>,
     /// Metric handles by (mapping, status), registered on first use: looking a labelled metric
@@ -191,7 +191,7 @@ impl State {
                         if m.upstream_tls.is_none() && !m.upstream_protocol.is_h2() {
                             return Ok(None);
                         }
-                        http::proxy::client(
+                        http::proxy::mapping_client(
                             config.limits.upstream_connect_timeout,
                             m.upstream_tls.as_ref(),
                             m.upstream_protocol,
@@ -417,7 +417,6 @@ impl Gateway {
         let client = Arc::new(http::proxy::client(
             config.limits.upstream_connect_timeout,
             None,
-            config::UpstreamProtocol::Http1,
         )?);
         let limits = Arc::new(conn::Gates::new(&config.limits));
         let mut tasks = Vec::new();

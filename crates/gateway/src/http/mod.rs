@@ -12,6 +12,7 @@ pub(crate) mod est;
 pub(crate) mod fast;
 pub(crate) mod grpc;
 pub(crate) mod h2guard;
+pub(crate) mod h2up;
 pub(crate) mod identity;
 pub(crate) mod inbound;
 pub(crate) mod provisioning;

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::GatewayError;
 use crate::config::{UpstreamProtocol, UpstreamTls};
 use crate::http::coalesce::Coalescing;
+use crate::http::h2up::{self, H2Client};
 use crate::http::identity::IdentityBlock;
 use crate::http::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::http::respond::{Body, error_response};
@@ -30,24 +31,50 @@ use crate::http::respond::{Body, error_response};
 /// multiplexed connection per upstream).
 pub(crate) type UpstreamClient = Client<Coalescing<HttpsConnector<HttpConnector>>, Incoming>;
 
-/// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
-/// client has not read yet.
-const UPSTREAM_STREAM_WINDOW: u32 = 1024 * 1024;
+/// A mapping's own client: HTTP/1.1 (an `https://` upstream's CA and client certificate), or
+/// HTTP/2 (`h2c`, `h2`: one multiplexed connection per upstream).
+#[derive(Debug)]
+pub(crate) enum MappingClient {
+    Http1(Box<UpstreamClient>),
+    H2(H2Client),
+}
 
-/// HTTP/2 flow-control window per upstream connection (shared by its streams).
-const UPSTREAM_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The client a request goes through.
+#[derive(Clone, Copy)]
+pub(crate) enum Upstream<'a> {
+    Http1(&'a UpstreamClient),
+    H2(&'a H2Client),
+}
 
-/// Builds an upstream client. Without TLS settings it speaks plain HTTP only; with `protocol`
+impl MappingClient {
+    pub(crate) fn upstream(&self) -> Upstream<'_> {
+        match self {
+            MappingClient::Http1(c) => Upstream::Http1(c),
+            MappingClient::H2(c) => Upstream::H2(c),
+        }
+    }
+}
+
+/// Builds a mapping's client. Without TLS settings it speaks plain HTTP only; with `protocol`
 /// HTTP/2 it speaks only that (`h2c`: prior knowledge; `h2`: ALPN `h2` only).
-pub(crate) fn client(
+pub(crate) fn mapping_client(
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
     protocol: UpstreamProtocol,
-) -> Result<UpstreamClient, GatewayError> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
+) -> Result<MappingClient, GatewayError> {
+    if protocol.is_h2() {
+        let config = match protocol {
+            UpstreamProtocol::H2 => Some(tls_config(tls)?),
+            _ => None,
+        };
+        return Ok(MappingClient::H2(H2Client::new(connect_timeout, config)));
+    }
+    client(connect_timeout, tls).map(|c| MappingClient::Http1(Box::new(c)))
+}
+
+/// The TLS settings for an `https://` upstream: its CA, and the gateway's client certificate
+/// if it wants one.
+fn tls_config(tls: Option<&UpstreamTls>) -> Result<rustls::ClientConfig, GatewayError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -72,34 +99,27 @@ pub(crate) fn client(
             }
         }
     };
+    Ok(config)
+}
+
+/// Builds an HTTP/1.1 upstream client (plain HTTP, or `https://` with `tls`).
+pub(crate) fn client(
+    connect_timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<UpstreamClient, GatewayError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http();
-    let connector = match protocol {
-        UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(http),
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-            connector.enable_http2().wrap_connector(http)
-        }
-    };
+        .with_tls_config(tls_config(tls)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     let mut builder = Client::builder(hyper_util::rt::TokioExecutor::new());
     builder.pool_idle_timeout(Duration::from_secs(60));
-    if protocol.is_h2() {
-        builder
-            // HTTP/2 keep-alive pings and the adaptive window need a timer.
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_only(true)
-            // Fixed windows bound what the gateway holds for a client that reads slowly: at most
-            // UPSTREAM_STREAM_WINDOW per stream and UPSTREAM_CONNECTION_WINDOW per upstream
-            // connection (an adaptive window could grow to 16 MiB per stream), while many
-            // slow streams still leave room for the others multiplexed on the connection.
-            .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
-            .http2_initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10));
-    }
-    // An HTTP/2 connection's writes wait for the end of the runtime's turn, so that the
-    // requests of many clients' streams go out together (`coalesce`).
-    Ok(builder.build(Coalescing::new(connector, protocol.is_h2())))
+    // One request at a time on an HTTP/1.1 connection: nothing to gather (`coalesce`).
+    Ok(builder.build(Coalescing::new(connector, false)))
 }
 
 /// The forwarding header values of one client connection, computed once: the client address,
@@ -202,7 +222,7 @@ pub(crate) type TunnelSlot = std::sync::Mutex<Option<Tunnel>>;
 
 /// Sends `req` to `upstream` with `path` (prefix already stripped) and returns its answer.
 pub(crate) async fn forward(
-    client: &UpstreamClient,
+    client: Upstream<'_>,
     mut req: Request<Incoming>,
     upstream: &Uri,
     path: &str,
@@ -274,6 +294,23 @@ pub(crate) async fn forward(
     {
         headers.insert(header::HOST, v);
     }
+    let client = match client {
+        Upstream::Http1(client) => client,
+        Upstream::H2(client) => {
+            return match client.exchange(req, timeout).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    remove_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, body)
+                }
+                Err(h2up::Failure::Failed(e)) => {
+                    tracing::warn!(upstream = %upstream, error = %e, "upstream request failed");
+                    upstream_unavailable()
+                }
+                Err(h2up::Failure::Timeout) => upstream_timeout(),
+            };
+        }
+    };
     match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(mut resp)) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -315,20 +352,28 @@ pub(crate) async fn forward(
         }
         Ok(Err(e)) => {
             tracing::warn!(upstream = %upstream, error = %e, "upstream request failed");
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                "upstream-unavailable",
-                "the upstream service could not be reached",
-                None,
-            )
+            upstream_unavailable()
         }
-        Err(_) => error_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream-timeout",
-            "the upstream service did not answer in time",
-            None,
-        ),
+        Err(_) => upstream_timeout(),
     }
+}
+
+fn upstream_unavailable() -> Response<Body> {
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "upstream-unavailable",
+        "the upstream service could not be reached",
+        None,
+    )
+}
+
+fn upstream_timeout() -> Response<Body> {
+    error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream-timeout",
+        "the upstream service did not answer in time",
+        None,
+    )
 }
 
 /// Whether an upstream's 101 completes the WebSocket handshake the client asked for: it

@@ -16,7 +16,7 @@ use crate::config::Authorization;
 use crate::http::access_log::AccessLog;
 use crate::http::context::{ConnectionContext, admit};
 use crate::http::decide::{Refusal, normalize_host};
-use crate::http::proxy::{Origin, Outgoing, forward};
+use crate::http::proxy::{MappingClient, Origin, Outgoing, Upstream, forward};
 use crate::http::respond::{Body, error_response, escape};
 use crate::verdict::ClientVerdict;
 
@@ -107,7 +107,7 @@ pub(crate) async fn request(
                 .upstream_clients
                 .get(admitted.index)
                 .and_then(Option::as_ref)
-                .unwrap_or(&ctx.client);
+                .map_or(Upstream::Http1(&ctx.client), MappingClient::upstream);
             (
                 mapping.base_path.clone(),
                 forward(client, req, &mapping.upstream, &admitted.rest, out, timeout).await,

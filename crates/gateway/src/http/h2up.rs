@@ -1,0 +1,433 @@
+//! HTTP/2 upstreams (`upstream_protocol = "h2c" | "h2"`), spoken with the h2 crate from the
+//! request's own future.
+//!
+//! hyper's pooled client handed every request to the upstream connection's task through a
+//! channel, spawned a task per request for its answer (and another for a request body still
+//! arriving), and took its answer back through a one-shot channel. Here the request's stream is
+//! opened on the shared connection by the inbound stream's own future, which also relays the
+//! request body (flow-controlled: the next piece is read from the client only once the upstream
+//! has room for it) and the answer (its data released to the upstream only as the client's
+//! side takes it). The connection's own task only drives the connection: framing, pings and
+//! closing an idle one. One connection per upstream, multiplexed, as hyper's pool kept.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::{Request, Response, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::coalesce::Coalesce;
+use crate::http::respond::Body;
+
+/// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
+/// client has not read yet.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// HTTP/2 flow-control window per upstream connection (shared by its streams).
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The largest header block (or trailers) taken from an upstream.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// What a stream may queue to an upstream beyond its window (h2's send buffer).
+const SEND_BUFFER: usize = 400 * 1024;
+
+/// A ping to an upstream connection this often; no answer within [`PING_TIMEOUT`] closes it.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection with no stream for this long is closed.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// The HTTP/2 client of one mapping.
+pub(crate) struct H2Client {
+    /// `h2`: TLS with ALPN `h2`; `h2c`: none (prior knowledge).
+    tls: Option<tokio_rustls::TlsConnector>,
+    connect_timeout: Duration,
+    /// The connection to each upstream authority in use.
+    conns: std::sync::Mutex<Vec<(String, Conn)>>,
+    /// Held while connecting, so that concurrent requests share one new connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    /// Set once the connection's task ended.
+    closed: Arc<AtomicBool>,
+    /// Exchanges under way on it.
+    streams: Arc<AtomicUsize>,
+}
+
+/// An exchange under way on a connection (which is not idle meanwhile).
+struct Streaming(Arc<AtomicUsize>);
+
+impl Streaming {
+    fn on(conn: &Conn) -> Streaming {
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Streaming(conn.streams.clone())
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for H2Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Client")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an exchange got no answer.
+pub(crate) enum Failure {
+    /// The answer's head did not come in time.
+    Timeout,
+    /// The upstream could not be reached, or broke the exchange.
+    Failed(String),
+}
+
+impl H2Client {
+    pub(crate) fn new(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> H2Client {
+        H2Client {
+            tls: tls.map(|mut config| {
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                tokio_rustls::TlsConnector::from(Arc::new(config))
+            }),
+            connect_timeout,
+            conns: std::sync::Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Sends `req` (its URI absolute) and returns the answer's head once it came within
+    /// `timeout`, its body streamed from the upstream while the request's body still goes to
+    /// it.
+    pub(crate) async fn exchange(
+        &self,
+        req: Request<Incoming>,
+        timeout: Duration,
+    ) -> Result<Response<Body>, Failure> {
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let head = Request::from_parts(parts, ());
+        let exchange = async {
+            let (mut send, streaming) = self.ready(head.uri()).await.map_err(Failure::Failed)?;
+            let (mut answer, stream) = send
+                .send_request(head, end)
+                .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
+            let mut pipe = (!end).then(|| Pipe { body, send: stream });
+            // The request's body goes up while the answer's head is awaited (and after, from
+            // the answer's body).
+            let head = std::future::poll_fn(|cx| {
+                if let Some(p) = &mut pipe
+                    && Pin::new(p).poll(cx).is_ready()
+                {
+                    pipe = None;
+                }
+                Pin::new(&mut answer).poll(cx)
+            })
+            .await
+            .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
+            let (parts, recv) = head.into_parts();
+            let body = Answer {
+                recv,
+                pipe,
+                trailers: false,
+                _streaming: streaming,
+            };
+            Ok(Response::from_parts(parts, Body::new(body)))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// The upstream's connection, ready for a new stream (a new one if there is none or it
+    /// closed).
+    async fn ready(
+        &self,
+        uri: &Uri,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Streaming), String> {
+        let key = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        for _ in 0..2 {
+            let conn = match self.live(key) {
+                Some(conn) => conn,
+                None => self.connection(uri, key).await?,
+            };
+            let streaming = Streaming::on(&conn);
+            match conn.send.clone().ready().await {
+                Ok(send) => return Ok((send, streaming)),
+                // Closed since it was last used: once more on a new one.
+                Err(_) => {
+                    conn.closed.store(true, Ordering::Release);
+                }
+            }
+        }
+        Err("the upstream closed its HTTP/2 connection".to_string())
+    }
+
+    fn live(&self, key: &str) -> Option<Conn> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns
+            .iter()
+            .find(|(k, c)| k == key && !c.closed.load(Ordering::Acquire))
+            .map(|(_, c)| c.clone())
+    }
+
+    async fn connection(&self, uri: &Uri, key: &str) -> Result<Conn, String> {
+        let _one = self.connecting.lock().await;
+        if let Some(conn) = self.live(key) {
+            return Ok(conn);
+        }
+        let conn = match tokio::time::timeout(self.connect_timeout, self.connect(uri)).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err("connecting to the upstream timed out".to_string()),
+        };
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|(k, c)| k != key && !c.closed.load(Ordering::Acquire));
+        conns.push((key.to_string(), conn.clone()));
+        Ok(conn)
+    }
+
+    async fn connect(&self, uri: &Uri) -> Result<Conn, String> {
+        let host = uri.host().unwrap_or_default();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = uri
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("upstream name {host}: {e}"))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(format!(
+                        "{host}:{port} did not agree to HTTP/2 (ALPN h2) over TLS"
+                    ));
+                }
+                handshake(stream).await
+            }
+        }
+    }
+}
+
+/// HTTP/2's handshake on `io`; the connection is driven by a task of its own.
+async fn handshake<T>(io: T) -> Result<Conn, String>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Its writes gathered over a turn of the runtime (`coalesce`): the requests of many
+    // clients' streams go out together.
+    let io = TokioIo::new(Coalesce::new(TokioIo::new(io), true));
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let streams = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(drive(connection, streams.clone(), closed.clone()));
+    Ok(Conn {
+        send,
+        closed,
+        streams,
+    })
+}
+
+/// Drives a connection until it ends, fails a ping or stays idle for [`IDLE`].
+async fn drive<T>(
+    mut connection: h2::client::Connection<T, Bytes>,
+    streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pings = connection.ping_pong();
+    let mut connection = std::pin::pin!(connection);
+    let mut tick = tokio::time::interval(KEEP_ALIVE);
+    tick.tick().await;
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = &mut connection => break,
+            _ = tick.tick() => {
+                if streams.load(Ordering::Relaxed) == 0 {
+                    let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() + KEEP_ALIVE > IDLE {
+                        break;
+                    }
+                } else {
+                    idle_since = None;
+                }
+                let Some(pings) = pings.as_mut() else { continue };
+                let pong = tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque()));
+                tokio::select! {
+                    _ = &mut connection => break,
+                    answered = pong => if !matches!(answered, Ok(Ok(_))) {
+                        tracing::warn!("an HTTP/2 upstream did not answer a ping in time; closing its connection");
+                        break;
+                    },
+                }
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
+}
+
+/// A request's body on its way to the upstream: the next piece is read from the client once
+/// the upstream's window has room again (a piece beyond it waits in h2's send buffer, so that
+/// at most one piece a stream is held).
+struct Pipe {
+    body: Incoming,
+    send: h2::SendStream<Bytes>,
+}
+
+impl Future for Pipe {
+    /// Done: sent whole, or given up (the upstream reset the stream, or the client's body
+    /// failed: the upstream's stream is then reset).
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            this.send.reserve_capacity(1);
+            if this.send.capacity() == 0 {
+                loop {
+                    match this.send.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+                        Poll::Pending => {
+                            // The upstream may also end the stream meanwhile.
+                            return match this.send.poll_reset(cx) {
+                                Poll::Ready(_) => Poll::Ready(()),
+                                Poll::Pending => Poll::Pending,
+                            };
+                        }
+                    }
+                }
+            } else if this.send.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let _ = this.send.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    this.send.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let last = this.body.is_end_stream();
+                        if this.send.send_data(data, last).is_err() || last {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Err(frame) => {
+                        match frame.into_trailers() {
+                            Ok(trailers) => {
+                                let _ = this.send.send_trailers(trailers);
+                            }
+                            Err(_) => {
+                                let _ = this.send.send_data(Bytes::new(), true);
+                            }
+                        }
+                        return Poll::Ready(());
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The upstream's answer as the body of the client's response; it also drives the request's
+/// body still going up (a bidirectional stream), on the same task.
+struct Answer {
+    recv: h2::RecvStream,
+    pipe: Option<Pipe>,
+    /// Its data ended: trailers next.
+    trailers: bool,
+    _streaming: Streaming,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(p) = &mut this.pipe
+            && Pin::new(p).poll(cx).is_ready()
+        {
+            this.pipe = None;
+        }
+        if !this.trailers {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // Taken by the client's side: the upstream may send as much again.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => this.trailers = true,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => {
+                this.pipe = None;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => {
+                this.pipe = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
