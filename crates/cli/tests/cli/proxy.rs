@@ -263,6 +263,53 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
         r.stderr,
         s.lines_with("WARN").join("\n")
     );
+    // Regression (h2 upstream): an HTTP/1.1 request's chunked trailers naming fields HTTP/2
+    // forbids (`connection`, `te` other than trailers) made h2 refuse the trailers, and the
+    // upstream's stream was left waiting for its end until the gateway's timeout. They are
+    // dropped; the call completes.
+    std::fs::copy(d.join("caller/cert.pem"), d.join("caller.chain.pem")).unwrap();
+    std::fs::copy(d.join("caller/key.pem"), d.join("caller.key")).unwrap();
+    let request = "POST /test.Echo/Echo HTTP/1.1\r\nHost: localhost\r\n\
+                   content-type: application/grpc\r\nte: trailers\r\n\
+                   transfer-encoding: chunked\r\n\r\n\
+                   a\r\n\u{0}\u{0}\u{0}\u{0}\u{5}hello\r\n0\r\n\
+                   connection: x-gone\r\nte: gzip\r\nx-kept: 1\r\n\r\n";
+    let started = std::time::Instant::now();
+    let mut attack = std::process::Command::new(&python)
+        .args([
+            scripts.join("attack.py").to_str().unwrap(),
+            "http1",
+            &s.port.to_string(),
+            "localhost",
+            "caller",
+        ])
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = attack.stdin.take().unwrap();
+        stdin
+            .write_all(serde_json::to_string(&[request]).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = attack.wait_with_output().unwrap();
+    let answers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answers[0]["status"], 200, "{answers}");
+    assert!(
+        answers[0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("echo:hello"),
+        "{answers}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the call waited {:?}",
+        started.elapsed()
+    );
     // The access log keeps the decision's HTTP status for calls answered as gRPC statuses.
     let line = s.printed("the denied call's access line", |l| {
         l.contains("portcullis::access")

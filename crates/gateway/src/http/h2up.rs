@@ -13,7 +13,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::coalesce::Coalesce;
+use crate::http::inbound::HOP_BY_HOP;
 use crate::http::respond::Body;
 
 /// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
@@ -46,39 +48,63 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no stream for this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
 
+/// How often a connection's task looks whether it is idle.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
 /// The HTTP/2 client of one mapping.
 pub(crate) struct H2Client {
     /// `h2`: TLS with ALPN `h2`; `h2c`: none (prior knowledge).
     tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     /// The connection to each upstream authority in use.
-    conns: std::sync::Mutex<Vec<(String, Conn)>>,
+    conns: Conns,
     /// Held while connecting, so that concurrent requests share one new connection.
     connecting: tokio::sync::Mutex<()>,
 }
 
+type Conns = Arc<Mutex<Vec<(String, Conn)>>>;
+
 #[derive(Clone)]
 struct Conn {
     send: h2::client::SendRequest<Bytes>,
-    /// Set once the connection's task ended.
+    /// Set once no new exchange may start on it (closed, or closing once idle).
     closed: Arc<AtomicBool>,
-    /// Exchanges under way on it.
-    streams: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
+}
+
+/// A connection's exchanges under way, and when the last one ended.
+struct Activity {
+    streams: AtomicUsize,
+    since: std::time::Instant,
+    /// Milliseconds from `since` to the end of the last exchange.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.streams.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(self.since.elapsed().saturating_sub(last))
+    }
 }
 
 /// An exchange under way on a connection (which is not idle meanwhile).
-struct Streaming(Arc<AtomicUsize>);
+struct Streaming(Arc<Activity>);
 
 impl Streaming {
     fn on(conn: &Conn) -> Streaming {
-        conn.streams.fetch_add(1, Ordering::Relaxed);
-        Streaming(conn.streams.clone())
+        conn.activity.streams.fetch_add(1, Ordering::AcqRel);
+        Streaming(conn.activity.clone())
     }
 }
 
 impl Drop for Streaming {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = u64::try_from(self.0.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(now, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -106,7 +132,7 @@ impl H2Client {
                 tokio_rustls::TlsConnector::from(Arc::new(config))
             }),
             connect_timeout,
-            conns: std::sync::Mutex::new(Vec::new()),
+            conns: Arc::new(Mutex::new(Vec::new())),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -127,7 +153,7 @@ impl H2Client {
             let (mut answer, stream) = send
                 .send_request(head, end)
                 .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
-            let mut pipe = (!end).then(|| Pipe { body, send: stream });
+            let mut pipe = (!end).then(|| Pipe::new(body, stream));
             // The request's body goes up while the answer's head is awaited (and after, from
             // the answer's body).
             let head = std::future::poll_fn(|cx| {
@@ -140,10 +166,16 @@ impl H2Client {
             })
             .await
             .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
+            // Still going up (a streaming call, or an upload the upstream answers early): on a
+            // task of its own, so that it keeps going while the client does not take the answer
+            // (a client that reads only once it sent everything would wait for an upload the
+            // gateway no longer read).
+            if let Some(pipe) = pipe {
+                tokio::spawn(pipe);
+            }
             let (parts, recv) = head.into_parts();
             let body = Answer {
                 recv,
-                pipe,
                 trailers: false,
                 _streaming: streaming,
             };
@@ -196,13 +228,21 @@ impl H2Client {
             Ok(conn) => conn?,
             Err(_) => return Err("connecting to the upstream timed out".to_string()),
         };
+        let (conn, driven, pings) = conn;
+        tokio::spawn(drive(
+            driven,
+            pings,
+            conn.activity.clone(),
+            conn.closed.clone(),
+            Arc::downgrade(&self.conns),
+        ));
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|(k, c)| k != key && !c.closed.load(Ordering::Acquire));
         conns.push((key.to_string(), conn.clone()));
         Ok(conn)
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<Conn, String> {
+    async fn connect(&self, uri: &Uri) -> Result<(Conn, Driven, Option<h2::PingPong>), String> {
         let host = uri.host().unwrap_or_default();
         let host = host
             .strip_prefix('[')
@@ -235,15 +275,18 @@ impl H2Client {
     }
 }
 
-/// HTTP/2's handshake on `io`; the connection is driven by a task of its own.
-async fn handshake<T>(io: T) -> Result<Conn, String>
+/// A connection's own half, for its task to drive.
+type Driven = Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>;
+
+/// HTTP/2's handshake on `io`.
+async fn handshake<T>(io: T) -> Result<(Conn, Driven, Option<h2::PingPong>), String>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Its writes gathered over a turn of the runtime (`coalesce`): the requests of many
     // clients' streams go out together.
     let io = TokioIo::new(Coalesce::new(TokioIo::new(io), true));
-    let (send, connection) = h2::client::Builder::new()
+    let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
@@ -252,41 +295,50 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-    let closed = Arc::new(AtomicBool::new(false));
-    let streams = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(drive(connection, streams.clone(), closed.clone()));
-    Ok(Conn {
+    let conn = Conn {
         send,
-        closed,
-        streams,
-    })
+        closed: Arc::new(AtomicBool::new(false)),
+        activity: Arc::new(Activity {
+            streams: AtomicUsize::new(0),
+            since: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }),
+    };
+    let pings = connection.ping_pong();
+    Ok((conn, Box::pin(connection), pings))
 }
 
-/// Drives a connection until it ends, fails a ping or stays idle for [`IDLE`].
-async fn drive<T>(
-    mut connection: h2::client::Connection<T, Bytes>,
-    streams: Arc<AtomicUsize>,
+/// Drives a connection until it ends or fails a ping. Idle for [`IDLE`], it is taken out of
+/// use (no new exchange starts on it) and driven on until h2 closes it with a GOAWAY, once no
+/// handle to it is left: an exchange that took it just before still completes.
+async fn drive(
+    mut connection: Driven,
+    mut pings: Option<h2::PingPong>,
+    activity: Arc<Activity>,
     closed: Arc<AtomicBool>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut pings = connection.ping_pong();
-    let mut connection = std::pin::pin!(connection);
-    let mut tick = tokio::time::interval(KEEP_ALIVE);
-    tick.tick().await;
-    let mut idle_since: Option<tokio::time::Instant> = None;
+    conns: Weak<Mutex<Vec<(String, Conn)>>>,
+) {
+    let mut check = tokio::time::interval(IDLE_CHECK);
+    check.tick().await;
+    let mut last_ping = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = &mut connection => break,
-            _ = tick.tick() => {
-                if streams.load(Ordering::Relaxed) == 0 {
-                    let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() + KEEP_ALIVE > IDLE {
-                        break;
+            _ = check.tick(), if !closed.load(Ordering::Acquire) => {
+                if activity.idle_for().is_some_and(|idle| idle >= IDLE) {
+                    closed.store(true, Ordering::Release);
+                    if let Some(conns) = conns.upgrade() {
+                        let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+                        conns.retain(|(_, c)| !Arc::ptr_eq(&c.closed, &closed));
                     }
-                } else {
-                    idle_since = None;
+                    continue;
                 }
+                // Pings only while exchanges are under way (gRPC servers answer pings on an
+                // idle connection with a GOAWAY past a few).
+                if activity.idle_for().is_some() || last_ping.elapsed() < KEEP_ALIVE {
+                    continue;
+                }
+                last_ping = tokio::time::Instant::now();
                 let Some(pings) = pings.as_mut() else { continue };
                 let pong = tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque()));
                 tokio::select! {
@@ -302,12 +354,31 @@ async fn drive<T>(
     closed.store(true, Ordering::Release);
 }
 
-/// A request's body on its way to the upstream: the next piece is read from the client once
-/// the upstream's window has room again (a piece beyond it waits in h2's send buffer, so that
-/// at most one piece a stream is held).
+/// A request's body on its way to the upstream, as hyper's own pipe does it: a piece is read
+/// from the client, then sent once the upstream's window has room (h2 buffers what goes beyond
+/// it), so that at most one piece a stream is held. No capacity is claimed before a piece is in
+/// hand (a claim would pin part of the connection's window for a body that may never come).
 struct Pipe {
     body: Incoming,
     send: h2::SendStream<Bytes>,
+    /// Read, waiting for room: the piece and whether it ends the body.
+    held: Option<(Bytes, bool)>,
+}
+
+impl Pipe {
+    fn new(body: Incoming, send: h2::SendStream<Bytes>) -> Pipe {
+        Pipe {
+            body,
+            send,
+            held: None,
+        }
+    }
+
+    /// Gives up: the upstream's stream is reset rather than left waiting for its end.
+    fn abandon(&mut self) -> Poll<()> {
+        self.send.send_reset(h2::Reason::CANCEL);
+        Poll::Ready(())
+    }
 }
 
 impl Future for Pipe {
@@ -318,50 +389,67 @@ impl Future for Pipe {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         loop {
-            this.send.reserve_capacity(1);
-            if this.send.capacity() == 0 {
-                loop {
+            // Woken, too, should the upstream reset the stream meanwhile.
+            if this.send.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((data, last)) = this.held.take() {
+                while this.send.capacity() == 0 {
                     match this.send.poll_capacity(cx) {
                         Poll::Ready(Some(Ok(0))) => {}
                         Poll::Ready(Some(Ok(_))) => break,
-                        Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+                        Poll::Ready(None | Some(Err(_))) => return this.abandon(),
                         Poll::Pending => {
-                            // The upstream may also end the stream meanwhile.
-                            return match this.send.poll_reset(cx) {
-                                Poll::Ready(_) => Poll::Ready(()),
-                                Poll::Pending => Poll::Pending,
-                            };
+                            this.held = Some((data, last));
+                            return Poll::Pending;
                         }
                     }
                 }
-            } else if this.send.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
+                if this.send.send_data(data, last).is_err() {
+                    return this.abandon();
+                }
+                if last {
+                    return Poll::Ready(());
+                }
+                continue;
             }
             match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    let _ = this.send.send_data(Bytes::new(), true);
+                    if this.send.send_data(Bytes::new(), true).is_err() {
+                        return this.abandon();
+                    }
                     return Poll::Ready(());
                 }
-                Poll::Ready(Some(Err(_))) => {
-                    this.send.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(());
-                }
+                Poll::Ready(Some(Err(_))) => return this.abandon(),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let last = this.body.is_end_stream();
-                        if this.send.send_data(data, last).is_err() || last {
-                            return Poll::Ready(());
+                        if data.is_empty() {
+                            // Needs no room (an explicit end, say).
+                            if this.send.send_data(data, last).is_err() {
+                                return this.abandon();
+                            }
+                            if last {
+                                return Poll::Ready(());
+                            }
+                            continue;
                         }
+                        this.send.reserve_capacity(1);
+                        this.held = Some((data, last));
                     }
                     Err(frame) => {
-                        match frame.into_trailers() {
-                            Ok(trailers) => {
-                                let _ = this.send.send_trailers(trailers);
-                            }
-                            Err(_) => {
-                                let _ = this.send.send_data(Bytes::new(), true);
-                            }
+                        let Ok(mut trailers) = frame.into_trailers() else {
+                            continue;
+                        };
+                        // Fields HTTP/2 forbids would make h2 refuse the trailers and leave
+                        // the stream open.
+                        for name in &HOP_BY_HOP {
+                            trailers.remove(name);
+                        }
+                        this.send.reserve_capacity(0);
+                        if this.send.send_trailers(trailers).is_err() {
+                            return this.abandon();
                         }
                         return Poll::Ready(());
                     }
@@ -371,11 +459,9 @@ impl Future for Pipe {
     }
 }
 
-/// The upstream's answer as the body of the client's response; it also drives the request's
-/// body still going up (a bidirectional stream), on the same task.
+/// The upstream's answer as the body of the client's response.
 struct Answer {
     recv: h2::RecvStream,
-    pipe: Option<Pipe>,
     /// Its data ended: trailers next.
     trailers: bool,
     _streaming: Streaming,
@@ -392,11 +478,6 @@ impl hyper::body::Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(p) = &mut this.pipe
-            && Pin::new(p).poll(cx).is_ready()
-        {
-            this.pipe = None;
-        }
         if !this.trailers {
             match this.recv.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -411,14 +492,8 @@ impl hyper::body::Body for Answer {
         }
         match this.recv.poll_trailers(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(trailers))) => {
-                this.pipe = None;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            Poll::Ready(Ok(None)) => {
-                this.pipe = None;
-                Poll::Ready(None)
-            }
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
         }
     }
