@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::coalesce::Coalesce;
-use crate::http::inbound::HOP_BY_HOP;
+use crate::http::proxy::{OwnedTrailerScreen, TrailerScreen};
 use crate::http::respond::Body;
 
 /// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
@@ -144,6 +144,7 @@ impl H2Client {
         &self,
         req: Request<Incoming>,
         timeout: Duration,
+        screen: TrailerScreen<'_>,
     ) -> Result<Response<Body>, Failure> {
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
@@ -153,7 +154,7 @@ impl H2Client {
             let (mut answer, stream) = send
                 .send_request(head, end)
                 .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
-            let mut pipe = (!end).then(|| Pipe::new(body, stream));
+            let mut pipe = (!end).then(|| Pipe::new(body, stream, screen.owned()));
             // The request's body goes up while the answer's head is awaited (and after, from
             // the answer's body).
             let head = std::future::poll_fn(|cx| {
@@ -363,14 +364,17 @@ struct Pipe {
     send: h2::SendStream<Bytes>,
     /// Read, waiting for room: the piece and whether it ends the body.
     held: Option<(Bytes, bool)>,
+    /// What the trailers may not carry.
+    screen: OwnedTrailerScreen,
 }
 
 impl Pipe {
-    fn new(body: Incoming, send: h2::SendStream<Bytes>) -> Pipe {
+    fn new(body: Incoming, send: h2::SendStream<Bytes>, screen: OwnedTrailerScreen) -> Pipe {
         Pipe {
             body,
             send,
             held: None,
+            screen,
         }
     }
 
@@ -442,11 +446,9 @@ impl Future for Pipe {
                         let Ok(mut trailers) = frame.into_trailers() else {
                             continue;
                         };
-                        // Fields HTTP/2 forbids would make h2 refuse the trailers and leave
-                        // the stream open.
-                        for name in &HOP_BY_HOP {
-                            trailers.remove(name);
-                        }
+                        // As the request's header fields: no identity or forwarding field, and
+                        // nothing HTTP/2 forbids (h2 would refuse the trailers).
+                        this.screen.apply(&mut trailers);
                         this.send.reserve_capacity(0);
                         if this.send.send_trailers(trailers).is_err() {
                             return this.abandon();

@@ -90,6 +90,28 @@ pub(crate) fn strip(identity: &IdentityHeaders, underscores: bool, headers: &mut
     }
 }
 
+/// Removes from a request's trailers what its header fields may not carry to the upstream
+/// ([`strip`]), the other fields the gateway owns, and the hop-by-hop ones (which HTTP/2
+/// forbids).
+pub(crate) fn strip_trailers(
+    identity: &IdentityHeaders,
+    underscores: bool,
+    trailers: &mut HeaderMap,
+) {
+    let doomed: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || is_owned(identity, name.as_str())
+                || dropped(identity, underscores, name.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        trailers.remove(&name);
+    }
+}
+
 /// Why a request is refused before routing: status, stable code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refused {
@@ -342,6 +364,44 @@ pub(crate) fn websocket_accept(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
+
+    /// Regression: request trailers reached an HTTP/2 upstream as the client sent them, identity
+    /// fields included (an upstream reading trailers took `x-client-cert-verify: SUCCESS` from
+    /// the client); and fields HTTP/2 forbids left the upstream's stream open.
+    #[test]
+    fn request_trailers_never_carry_identity_forwarding_or_hop_by_hop_fields() {
+        let mut t = HeaderMap::new();
+        for (name, value) in [
+            ("x-client-cert-verify", "SUCCESS"),
+            ("client-cert", ":ZXZpbA==:"),
+            ("x_client_cert_subject", "CN=mallory"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("host", "elsewhere"),
+            ("connection", "x-gone"),
+            ("te", "gzip"),
+            ("grpc-status-details-bin", "kept"),
+            ("x-checksum", "kept"),
+        ] {
+            t.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_trailers(&IdentityHeaders::default(), false, &mut t);
+        let mut left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["grpc-status-details-bin", "x-checksum"]);
+        // A domain forwarding `_` names still drops those that read as the gateway's own.
+        let mut t = HeaderMap::new();
+        t.append("x_client_cert_verify", HeaderValue::from_static("SUCCESS"));
+        t.append("x_custom", HeaderValue::from_static("kept"));
+        strip_trailers(&IdentityHeaders::default(), true, &mut t);
+        assert_eq!(
+            t.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x_custom"]
+        );
+    }
 
     fn request(lines: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder().uri("/x").version(Version::HTTP_11);

@@ -211,6 +211,38 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) tunnel: &'a TunnelSlot,
     /// The protocol spoken to the upstream.
     pub(crate) protocol: UpstreamProtocol,
+    /// What a request's trailers may not carry.
+    pub(crate) screen: TrailerScreen<'a>,
+}
+
+/// The fields a client's request trailers may not carry to the upstream, as its header fields
+/// may not: the identity and forwarding headers (in any spelling), and what HTTP/2 forbids.
+#[derive(Clone, Copy)]
+pub(crate) struct TrailerScreen<'a> {
+    pub(crate) state: &'a Arc<crate::State>,
+    pub(crate) underscores: bool,
+}
+
+impl TrailerScreen<'_> {
+    pub(crate) fn owned(&self) -> OwnedTrailerScreen {
+        OwnedTrailerScreen {
+            state: self.state.clone(),
+            underscores: self.underscores,
+        }
+    }
+}
+
+/// A [`TrailerScreen`] a request body's own task keeps.
+pub(crate) struct OwnedTrailerScreen {
+    state: Arc<crate::State>,
+    underscores: bool,
+}
+
+impl OwnedTrailerScreen {
+    /// Removes from `trailers` what may not go to the upstream.
+    pub(crate) fn apply(&self, trailers: &mut HeaderMap) {
+        crate::http::inbound::strip_trailers(&self.state.identity, self.underscores, trailers);
+    }
 }
 
 /// A WebSocket tunnel, run by the connection's own task so that it keeps its connection slot and
@@ -297,7 +329,7 @@ pub(crate) async fn forward(
     let client = match client {
         Upstream::Http1(client) => client,
         Upstream::H2(client) => {
-            return match client.exchange(req, timeout).await {
+            return match client.exchange(req, timeout, out.screen).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     remove_hop_by_hop(&mut parts.headers);

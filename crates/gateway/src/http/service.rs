@@ -16,7 +16,7 @@ use crate::config::Authorization;
 use crate::http::access_log::AccessLog;
 use crate::http::context::{ConnectionContext, admit};
 use crate::http::decide::{Refusal, normalize_host};
-use crate::http::proxy::{MappingClient, Origin, Outgoing, Upstream, forward};
+use crate::http::proxy::{MappingClient, Origin, Outgoing, TrailerScreen, Upstream, forward};
 use crate::http::respond::{Body, error_response, escape};
 use crate::verdict::ClientVerdict;
 
@@ -92,6 +92,10 @@ pub(crate) async fn request(
                 websocket,
                 tunnel: &ctx.tunnel,
                 protocol: mapping.upstream_protocol,
+                screen: TrailerScreen {
+                    state: &ctx.state,
+                    underscores: domain.config.underscores_in_headers,
+                },
             };
             // A gRPC call's own deadline may shorten the wait for the upstream's answer, never
             // lengthen it past the operator's limit (a client cannot hold a stream open longer).
