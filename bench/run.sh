@@ -4,7 +4,7 @@
 #   bench/run.sh [SECONDS]            (default 8 s per measurement; about 15 minutes in all)
 #
 # Environment: REGISTERED=N certificates for the registered-mode row (default 1000000; 0 skips it),
-# PERF=SERVER records a CPU profile of that server under each oha load (target/perf.SERVER.MODE.CLIENT.data
+# PORTCULLIS_BIN=PATH runs that binary as Portcullis (an older build, for a before/after in one session), PERF=SERVER records a CPU profile of that server under each oha load (target/perf.SERVER.MODE.CLIENT.data
 # under target/; PERF_EVENTS="-e EVENT -c 1" records that instead), SYSCALLS="SERVER..." counts their reads, writes and epoll waits (target/syscalls.SERVER.MODE.CLIENT.txt), IDLE=N connections for the idle-memory row (default 10000), SERVERS="portcullis bare" to run
 # only some servers, ROWS="tls13 grpc idle tls12 big registered" (the default: all) to run only some
 # groups of rows, MODES="h2 grpc" only the rows of those load modes within them.
@@ -50,7 +50,7 @@ fi
 require_oha
 cargo build --release -q
 cargo build --release -q -p portcullis-bench
-pc="$root/target/release/portcullis"
+pc="${PORTCULLIS_BIN:-$root/target/release/portcullis}"
 tools="$root/target/release/bench_tools"
 scale="$root/target/release/registry_scale"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
