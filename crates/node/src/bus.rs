@@ -123,6 +123,11 @@ const BATCH: usize = 512;
 /// Batches a node stores for its own persistent sessions and shared groups (see
 /// [`Node::keep_late`]): waiting at most, and on their way to JetStream at once.
 const LATE_QUEUE: usize = 1_000;
+
+/// A fault to inject in tests, never set in production: this node learns of other nodes'
+/// persistent subscriptions this many milliseconds late (once it has read the buckets), which
+/// opens on demand the window [`Node::keep_late`] closes.
+const INTEREST_LAG_VAR: &str = "PORTCULLIS_TEST_INTEREST_LAG_MS";
 const LATE_IN_FLIGHT: usize = 64;
 
 /// How long a live QoS 1 message's publisher waits for it to be written to NATS (NATS out of
@@ -1367,6 +1372,10 @@ pub(crate) async fn start(
         storing: Arc::default(),
         groups: Arc::default(),
         late,
+        interest_lag: std::env::var(INTEREST_LAG_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -1819,6 +1828,8 @@ struct Node {
     /// QoS 1 batches to store for this node's persistent sessions and shared groups (see
     /// [`Node::keep_late`]).
     late: mpsc::Sender<(String, async_nats::HeaderMap, bytes::Bytes)>,
+    /// Tests only: see [`INTEREST_LAG_VAR`].
+    interest_lag: Option<Duration>,
 }
 
 impl Node {
@@ -2796,7 +2807,7 @@ impl Node {
         headers.insert(BATCH_HEADER, "1");
         headers.insert("Portcullis-Properties", expired_properties());
         headers.insert("Nats-Msg-Id", format!("{origin:016x}/{first}").as_str());
-        qos1_counter("kept_late").increment(1);
+        qos1_counter("kept_late").increment(batch_frames(&msg.payload).count() as u64);
         if self
             .late
             .try_send((subject(STORED, topic), headers, msg.payload.clone()))
@@ -2826,11 +2837,15 @@ impl Node {
                         .await
                         .ok();
                     let js = self.js.clone();
+                    let messages = batch_frames(&payload).count() as u64;
                     waiting.push_back(async move {
-                        stored_within(&js, subject, headers, payload, ack).await
+                        (messages, stored_within(&js, subject, headers, payload, ack).await)
                     });
                 }
-                Some(stored) = waiting.next(), if !waiting.is_empty() => {
+                Some((messages, stored)) = waiting.next(), if !waiting.is_empty() => {
+                    let result = if stored.is_ok() { "stored" } else { "failed" };
+                    metrics::counter!("portcullis_cluster_qos1_late_stored_total", "result" => result)
+                        .increment(messages);
                     if let Err(e) = stored {
                         tracing::warn!(target: "portcullis::cluster", error = %e, "cannot keep QoS 1 messages for a persistent session or shared group of this node");
                     }
@@ -3806,6 +3821,11 @@ impl Node {
             match (entry.operation, i) {
                 (kv::Operation::Put, 0) => {
                     let (incarnation, filters) = kept::record_filters(&entry.value);
+                    if let Some(lag) = self.interest_lag
+                        && pending == [false, false]
+                    {
+                        tokio::time::sleep(lag).await;
+                    }
                     kept.grow(&key, incarnation, filters);
                 }
                 (kv::Operation::Put, _) => kept.set(

@@ -168,11 +168,12 @@ const POLICY: &str = r#"{"Statement": [
   {"Effect": "Allow", "Action": "mqtt:Connect",
    "Resource": ["client:${cert:Subject.CN}", "client:${cert:Subject.CN}-*"]},
   {"Effect": "Allow", "Action": "mqtt:Publish",
-   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*"]},
+   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*", "topic:late/*"]},
   {"Effect": "Allow", "Action": "mqtt:Subscribe",
    "Resource": ["topicfilter:devices/+/telemetry", "topicfilter:jobs/#",
-                "topicfilter:$share/workers/jobs/#", "topicfilter:jobs/zero/*"]},
-  {"Effect": "Allow", "Action": "mqtt:Receive", "Resource": ["topic:devices/*", "topic:jobs/*"]}]}"#;
+                "topicfilter:$share/workers/jobs/#", "topicfilter:jobs/zero/*", "topicfilter:late/#"]},
+  {"Effect": "Allow", "Action": "mqtt:Receive",
+   "Resource": ["topic:devices/*", "topic:jobs/*", "topic:late/*"]}]}"#;
 
 /// The mosquitto options for device `who` on `node`'s MQTT port (the server certificate is
 /// the cluster's, issued by the cluster CA).
@@ -246,7 +247,10 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         return;
     }
     let ports = nats_ports(3);
-    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
+    let dirs: Vec<PathBuf> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| tmp.path().join(n))
+        .collect();
     for d in &dirs {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -725,6 +729,78 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     let mut args = ports(&[&b, &c]);
     args.push(b.child.id().to_string());
     script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &[&c]);
+
+    // The late store: node D learns of persistent subscriptions made elsewhere 5 s late (a
+    // fault injected for the test), so the QoS 1 messages it takes meanwhile for a persistent
+    // subscriber on C cross live, and C, whose session needed them, stores them itself. Once
+    // C stored them, kill -9 of C: the session resumes on D and receives every one.
+    let d = Server::start_with(
+        &dirs[3],
+        &config("d"),
+        &[("PORTCULLIS_TEST_INTEREST_LAG_MS", "5000")],
+    );
+    d.printed("JetStream streams ready", |l| {
+        l.contains("JetStream streams ready")
+    });
+    let mut args = ports(&[&c, &d]);
+    args.push(c.child.id().to_string());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/scripts/mqtt_cluster_late.py");
+    let mut late = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("data/ca/cluster-ca.pem")
+        .args(&args)
+        .current_dir(da)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(late.stdout.take().unwrap());
+    let mut transcript = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        transcript.push_str(&line);
+        assert!(n > 0 && !line.starts_with("FAILED"), "{transcript}");
+        if line.starts_with("HOLDING") {
+            break;
+        }
+    }
+    // D sent them live; C stored every one it took live for its persistent session.
+    let started = Instant::now();
+    loop {
+        let (dm, cm) = (d.metrics(&dirs[3]), c.metrics(&dirs[2]));
+        let live = counter(&dm, "portcullis_cluster_qos1_messages_total{path=\"live\"}");
+        let taken = counter(
+            &cm,
+            "portcullis_cluster_qos1_messages_total{path=\"kept_late\"}",
+        );
+        let stored = counter(
+            &cm,
+            "portcullis_cluster_qos1_late_stored_total{result=\"stored\"}",
+        );
+        if live >= 10 && taken >= 10 && stored == taken {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "live on D {live}, taken late on C {taken}, late stores {stored}:\n{cm}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    {
+        use std::io::Write as _;
+        let mut stdin = late.stdin.take().unwrap();
+        writeln!(stdin, "go").unwrap();
+    }
+    std::io::Read::read_to_string(&mut said, &mut transcript).unwrap();
+    let status = late.wait().unwrap();
+    println!("{transcript}");
+    assert!(
+        status.success() && transcript.contains("ALL OK"),
+        "{transcript}\n{}",
+        d.lines_with("WARN").join("\n")
+    );
 }
 
 /// The value of the counter `series` (name and labels) in a Prometheus exposition; 0 if absent.

@@ -25,9 +25,15 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(dir: &Path, config: &str) -> Server {
+        Server::start_with(dir, config, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the process.
+    pub(crate) fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
         std::fs::write(dir.join("gw.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["serve", "--config", "gw.toml", "--data-dir", "data"])
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
