@@ -124,6 +124,14 @@ const BATCH: usize = 512;
 /// [`Node::keep_late`]): waiting at most, and on their way to JetStream at once.
 const LATE_QUEUE: usize = 1_000;
 
+/// How often each node writes its probe into the sessions bucket, and how long its watch of the
+/// bucket may go without bringing it back before the node stops trusting what it knows of the
+/// cluster's persistent subscriptions (and keeps every QoS 1 message until the probe is back).
+/// A watch can stall without an error for seconds when a NATS server dies (until its consumer
+/// misses its heartbeats); a persistent subscription made meanwhile would go unseen.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_STALE_MS: u64 = 2_000;
+
 /// A fault to inject in tests, never set in production: this node learns of other nodes'
 /// persistent subscriptions this many milliseconds late (once it has read the buckets), which
 /// opens on demand the window [`Node::keep_late`] closes.
@@ -675,6 +683,22 @@ pub(crate) struct NatsState {
     slow_told: std::sync::Mutex<Option<std::time::Instant>>,
     /// The publishing task took publications from its queue (see [`NatsBridge::backpressure`]).
     drained: tokio::sync::Notify,
+    /// Connections to NATS made again after losing one.
+    reconnects: Reconnects,
+    /// When this node's watch of the sessions bucket last brought back its own probe (ms since
+    /// the Unix epoch; see [`PROBE_EVERY`]).
+    probe_seen_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Counts connections to NATS made again: a JetStream watch may have missed changes (or stalled
+/// without an error) while the connection was down, so what it feeds is read again.
+#[derive(Debug)]
+struct Reconnects(tokio::sync::watch::Sender<u64>);
+
+impl Default for Reconnects {
+    fn default() -> Reconnects {
+        Reconnects(tokio::sync::watch::channel(0).0)
+    }
 }
 
 impl NatsState {
@@ -1316,6 +1340,9 @@ pub(crate) async fn start(
                 match event {
                     async_nats::Event::Connected => {
                         events.connected.store(true, Ordering::SeqCst);
+                        if events.client.get().is_some() {
+                            events.reconnects.0.send_modify(|n| *n += 1);
+                        }
                         // The first connection is told by `start`, once the client is known.
                         if let Some(client) = events.client.get() {
                             tracing::info!(target: "portcullis::cluster", server = %client.server_info().server_name, "connected to NATS");
@@ -1386,6 +1413,7 @@ pub(crate) async fn start(
         let (clients, sessions, qos2, groups) = node.set_up().await;
         let _ = node.groups.set(groups.clone());
         tokio::spawn(node.clone().watch_interest(sessions.clone(), groups));
+        tokio::spawn(node.clone().probe(sessions.clone()));
         tokio::spawn(node.clone().store_late(to_store_late));
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
@@ -1975,7 +2003,10 @@ impl Node {
             // Every node reads QoS 1 batches (read once per turn).
             let batched = self.state.batches.load(Ordering::Relaxed);
             // ... and every node keeps what its persistent sessions need of those crossing live.
-            let live_acknowledged = batched && self.state.live_acknowledged.load(Ordering::Relaxed);
+            let live_acknowledged = batched
+                && self.state.live_acknowledged.load(Ordering::Relaxed)
+                && now_ms().saturating_sub(self.state.probe_seen_ms.load(Ordering::Relaxed))
+                    <= PROBE_STALE_MS;
             let generation = self.state.kept.generation();
             if generation != decided_at || decided.len() > 4096 {
                 decided.clear();
@@ -3771,11 +3802,47 @@ impl Node {
     /// Closes this node's session of a client id another node claimed since.
     /// Keeps [`NatsState::kept`] as the sessions and shared groups buckets say, read again from
     /// the start whenever the watch fails (every QoS 1 message is kept meanwhile).
+    /// The key of this node's probe in the sessions bucket (a `.` in it: the sweeper skips it,
+    /// and no client id's key has one).
+    fn probe_key(&self) -> String {
+        format!("probe.{:016x}", self.origin)
+    }
+
+    /// Writes this node's probe now and then, for its own watch to bring back
+    /// ([`PROBE_EVERY`]).
+    async fn probe(self, sessions: kv::Store) {
+        let key = self.probe_key();
+        let mut every = tokio::time::interval(PROBE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
+        loop {
+            every.tick().await;
+            n += 1;
+            let _ = tokio::time::timeout(
+                PROBE_EVERY,
+                sessions.put(key.as_str(), n.to_string().into()),
+            )
+            .await;
+        }
+    }
+
     async fn watch_interest(self, sessions: kv::Store, groups: kv::Store) {
+        let mut reconnects = self.state.reconnects.0.subscribe();
         loop {
             self.state.kept.reset();
-            if let Err(e) = self.read_interest(&sessions, &groups).await {
-                tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot watch which QoS 1 messages the cluster keeps (it keeps every one meanwhile); retrying");
+            reconnects.borrow_and_update();
+            tokio::select! {
+                read = self.read_interest(&sessions, &groups) => if let Err(e) = read {
+                    tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot watch which QoS 1 messages the cluster keeps (it keeps every one meanwhile); retrying");
+                },
+                // Regression: a watch that lived through a lost connection to NATS went on
+                // without error but missed a persistent subscription made meanwhile, so the
+                // node sent its messages live and they were lost with the session's node.
+                // Everything is kept again until both buckets are read afresh.
+                _ = reconnects.changed() => {
+                    tracing::info!(target: "portcullis::cluster", "connected to NATS again: reading the cluster's persistent subscriptions and shared groups afresh (every QoS 1 message is kept meanwhile)");
+                    continue;
+                }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -3783,6 +3850,12 @@ impl Node {
 
     async fn read_interest(&self, sessions: &kv::Store, groups: &kv::Store) -> Result<()> {
         let kept = &self.state.kept;
+        let probe_key = self.probe_key();
+        let set_ready = || {
+            if kept.set_ready() {
+                tracing::info!(target: "portcullis::cluster", "read the persistent subscriptions and shared groups of the cluster: QoS 1 messages none of them needs cross live");
+            }
+        };
         let mut of_sessions = sessions.watch_with_history(">").await?;
         let mut of_groups = groups.watch_with_history(">").await?;
         // Each watch first gives every entry its bucket holds (the last with nothing pending
@@ -3793,7 +3866,7 @@ impl Node {
             self.bucket_holds(SHARED_GROUPS).await?,
         ];
         if pending == [false, false] {
-            kept.set_ready();
+            set_ready();
         }
         // While not ready: counted again now and then (entries that aged out between the
         // count and the watch never come).
@@ -3811,7 +3884,7 @@ impl Node {
                         }
                     }
                     if pending == [false, false] {
-                        kept.set_ready();
+                        set_ready();
                     }
                     continue;
                 }
@@ -3819,6 +3892,17 @@ impl Node {
             let entry = entry.context("the watch ended")??;
             let key = format!("{}{}", if i == 0 { "s:" } else { "g:" }, entry.key);
             match (entry.operation, i) {
+                // Probes (see [`PROBE_EVERY`]): this node's own, read once the history is read,
+                // shows its watch alive; none holds subscriptions.
+                _ if i == 0 && entry.key.starts_with("probe.") => {
+                    if entry.key == probe_key && !pending[0] {
+                        let now = now_ms();
+                        let before = self.state.probe_seen_ms.swap(now, Ordering::Relaxed);
+                        if now.saturating_sub(before) > PROBE_STALE_MS {
+                            tracing::info!(target: "portcullis::cluster", "the watch of the cluster's persistent subscriptions is current (its probe came back): QoS 1 messages none of them needs cross live");
+                        }
+                    }
+                }
                 (kv::Operation::Put, 0) => {
                     let (incarnation, filters) = kept::record_filters(&entry.value);
                     if let Some(lag) = self.interest_lag
@@ -3841,7 +3925,7 @@ impl Node {
             if entry.delta == 0 && pending[i] {
                 pending[i] = false;
                 if pending == [false, false] {
-                    kept.set_ready();
+                    set_ready();
                 }
             }
         }

@@ -713,7 +713,13 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // whose publisher got a PUBACK.
     let mut args = ports(&[&a, &b, &c]);
     args.push(a.child.id().to_string());
-    script_passes(&python, da, "mqtt_cluster_persistent.py", &args, &[&a]);
+    script_passes(
+        &python,
+        da,
+        "mqtt_cluster_persistent.py",
+        &args,
+        &[&a, &b, &c],
+    );
     // The persistent subscriber's messages were kept: C knew of its subscription.
     let metrics = c.metrics(da);
     assert!(
@@ -730,17 +736,28 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     args.push(b.child.id().to_string());
     script_passes(&python, da, "mqtt_cluster_qos2.py", &args, &[&c]);
 
-    // The late store: node D learns of persistent subscriptions made elsewhere 5 s late (a
+    // The late store: node D learns of persistent subscriptions made elsewhere 1.5 s late (a
     // fault injected for the test), so the QoS 1 messages it takes meanwhile for a persistent
     // subscriber on C cross live, and C, whose session needed them, stores them itself. Once
     // C stored them, kill -9 of C: the session resumes on D and receives every one.
     let d = Server::start_with(
         &dirs[3],
         &config("d"),
-        &[("PORTCULLIS_TEST_INTEREST_LAG_MS", "5000")],
+        &[("PORTCULLIS_TEST_INTEREST_LAG_MS", "1500")],
     );
     d.printed("JetStream streams ready", |l| {
         l.contains("JetStream streams ready")
+    });
+    // Until it has read that every node speaks bus protocol 3, and which QoS 1 messages the
+    // cluster's persistent sessions need, a node keeps every QoS 1 message.
+    d.printed("QoS 1 routed live", |l| {
+        l.contains("every node routes QoS 1 messages live")
+    });
+    d.printed("persistent subscriptions read", |l| {
+        l.contains("read the persistent subscriptions and shared groups of the cluster")
+    });
+    d.printed("its watch current", |l| {
+        l.contains("the watch of the cluster's persistent subscriptions is current")
     });
     let mut args = ports(&[&c, &d]);
     args.push(c.child.id().to_string());

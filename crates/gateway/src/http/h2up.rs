@@ -98,6 +98,12 @@ impl Streaming {
         conn.activity.streams.fetch_add(1, Ordering::AcqRel);
         Streaming(conn.activity.clone())
     }
+
+    /// Another part of the same exchange (a request body going up on its own task).
+    fn again(&self) -> Streaming {
+        self.0.streams.fetch_add(1, Ordering::AcqRel);
+        Streaming(self.0.clone())
+    }
 }
 
 impl Drop for Streaming {
@@ -171,7 +177,12 @@ impl H2Client {
             // task of its own, so that it keeps going while the client does not take the answer
             // (a client that reads only once it sent everything would wait for an upload the
             // gateway no longer read).
-            if let Some(pipe) = pipe {
+            // It ends with the answer: a client gone (its stream reset, its connection closed
+            // or cut by the gateway) drops the answer, and the upload is reset even while it
+            // waits for the upstream's window.
+            let (gone, answer_gone) = tokio::sync::oneshot::channel();
+            if let Some(mut pipe) = pipe {
+                pipe.answer_gone = Some((answer_gone, streaming.again()));
                 tokio::spawn(pipe);
             }
             let (parts, recv) = head.into_parts();
@@ -179,6 +190,7 @@ impl H2Client {
                 recv,
                 trailers: false,
                 _streaming: streaming,
+                _gone: gone,
             };
             Ok(Response::from_parts(parts, Body::new(body)))
         };
@@ -320,6 +332,7 @@ async fn drive(
     conns: Weak<Mutex<Vec<(String, Conn)>>>,
 ) {
     let mut check = tokio::time::interval(IDLE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
     let mut last_ping = tokio::time::Instant::now();
     loop {
@@ -353,6 +366,10 @@ async fn drive(
         }
     }
     closed.store(true, Ordering::Release);
+    if let Some(conns) = conns.upgrade() {
+        let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|(_, c)| !Arc::ptr_eq(&c.closed, &closed));
+    }
 }
 
 /// A request's body on its way to the upstream, as hyper's own pipe does it: a piece is read
@@ -366,6 +383,8 @@ struct Pipe {
     held: Option<(Bytes, bool)>,
     /// What the trailers may not carry.
     screen: OwnedTrailerScreen,
+    /// On its own task: fires once the answer is dropped; and the exchange it is part of.
+    answer_gone: Option<(tokio::sync::oneshot::Receiver<()>, Streaming)>,
 }
 
 impl Pipe {
@@ -375,6 +394,7 @@ impl Pipe {
             send,
             held: None,
             screen,
+            answer_gone: None,
         }
     }
 
@@ -392,6 +412,11 @@ impl Future for Pipe {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        if let Some((gone, _)) = &mut this.answer_gone
+            && Pin::new(gone).poll(cx).is_ready()
+        {
+            return this.abandon();
+        }
         loop {
             // Woken, too, should the upstream reset the stream meanwhile.
             if this.send.poll_reset(cx).is_ready() {
@@ -467,6 +492,8 @@ struct Answer {
     /// Its data ended: trailers next.
     trailers: bool,
     _streaming: Streaming,
+    /// Dropped with the answer: the request body's task then stops.
+    _gone: tokio::sync::oneshot::Sender<()>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -91,11 +91,12 @@ pub(crate) fn strip(identity: &IdentityHeaders, underscores: bool, headers: &mut
 }
 
 /// Removes from a request's trailers what its header fields may not carry to the upstream
-/// ([`strip`]), the other fields the gateway owns, and the hop-by-hop ones (which HTTP/2
-/// forbids).
+/// ([`strip`]), the other fields the gateway owns, the hop-by-hop ones (which HTTP/2 forbids),
+/// and on a policy-authorized mapping the method overrides (policies decided on the method).
 pub(crate) fn strip_trailers(
     identity: &IdentityHeaders,
     underscores: bool,
+    policy: bool,
     trailers: &mut HeaderMap,
 ) {
     let doomed: Vec<HeaderName> = trailers
@@ -104,6 +105,10 @@ pub(crate) fn strip_trailers(
             HOP_BY_HOP.contains(name)
                 || is_owned(identity, name.as_str())
                 || dropped(identity, underscores, name.as_str())
+                || (policy
+                    && METHOD_OVERRIDES
+                        .iter()
+                        .any(|m| m.eq_ignore_ascii_case(name.as_str())))
         })
         .cloned()
         .collect();
@@ -388,15 +393,24 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        strip_trailers(&IdentityHeaders::default(), false, &mut t);
+        strip_trailers(&IdentityHeaders::default(), false, false, &mut t);
         let mut left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["grpc-status-details-bin", "x-checksum"]);
+        // On a policy-authorized mapping, no method override either.
+        let mut t = HeaderMap::new();
+        t.append("x-http-method-override", HeaderValue::from_static("DELETE"));
+        t.append("x-checksum", HeaderValue::from_static("kept"));
+        strip_trailers(&IdentityHeaders::default(), false, true, &mut t);
+        assert_eq!(
+            t.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-checksum"]
+        );
         // A domain forwarding `_` names still drops those that read as the gateway's own.
         let mut t = HeaderMap::new();
         t.append("x_client_cert_verify", HeaderValue::from_static("SUCCESS"));
         t.append("x_custom", HeaderValue::from_static("kept"));
-        strip_trailers(&IdentityHeaders::default(), true, &mut t);
+        strip_trailers(&IdentityHeaders::default(), true, false, &mut t);
         assert_eq!(
             t.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
             ["x_custom"]

@@ -221,6 +221,8 @@ pub(crate) struct Outgoing<'a> {
 pub(crate) struct TrailerScreen<'a> {
     pub(crate) state: &'a Arc<crate::State>,
     pub(crate) underscores: bool,
+    /// A policy-authorized mapping: no method-override field either.
+    pub(crate) policy: bool,
 }
 
 impl TrailerScreen<'_> {
@@ -228,6 +230,7 @@ impl TrailerScreen<'_> {
         OwnedTrailerScreen {
             state: self.state.clone(),
             underscores: self.underscores,
+            policy: self.policy,
         }
     }
 }
@@ -236,12 +239,18 @@ impl TrailerScreen<'_> {
 pub(crate) struct OwnedTrailerScreen {
     state: Arc<crate::State>,
     underscores: bool,
+    policy: bool,
 }
 
 impl OwnedTrailerScreen {
     /// Removes from `trailers` what may not go to the upstream.
     pub(crate) fn apply(&self, trailers: &mut HeaderMap) {
-        crate::http::inbound::strip_trailers(&self.state.identity, self.underscores, trailers);
+        crate::http::inbound::strip_trailers(
+            &self.state.identity,
+            self.underscores,
+            self.policy,
+            trailers,
+        );
     }
 }
 

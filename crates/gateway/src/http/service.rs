@@ -95,6 +95,7 @@ pub(crate) async fn request(
                 screen: TrailerScreen {
                     state: &ctx.state,
                     underscores: domain.config.underscores_in_headers,
+                    policy: mapping.authorization == Authorization::Policy,
                 },
             };
             // A gRPC call's own deadline may shorten the wait for the upstream's answer, never

@@ -98,11 +98,13 @@ impl KeptInterest {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Both buckets read whole.
-    pub(crate) fn set_ready(&self) {
-        if !self.ready.swap(true, Ordering::AcqRel) {
+    /// Both buckets read whole; true if it was not ready before.
+    pub(crate) fn set_ready(&self) -> bool {
+        let became = !self.ready.swap(true, Ordering::AcqRel);
+        if became {
             self.generation.fetch_add(1, Ordering::Release);
         }
+        became
     }
 
     /// Changes so far (see [`KeptInterest::must_keep`]).
@@ -157,7 +159,7 @@ mod tests {
         let kept = KeptInterest::default();
         // Not read yet: everything is kept.
         assert!(kept.must_keep("any/topic"));
-        kept.set_ready();
+        let _ = kept.set_ready();
         assert!(!kept.must_keep("any/topic"));
         let record = br#"{"identity":"x","incarnation":7,"subscriptions":[
             {"filter":"fleet/+/alerts","qos":1},
@@ -197,7 +199,7 @@ mod tests {
         // The watch starts again: everything kept until it has read the buckets.
         kept.reset();
         assert!(kept.must_keep("c/d"));
-        kept.set_ready();
+        let _ = kept.set_ready();
         assert!(!kept.must_keep("a/b"));
         // Values that are no session record hold nothing.
         assert!(record_filters(b"not json").1.is_empty());
