@@ -1949,7 +1949,11 @@ fn just_in_time_registration_records_pending_activation_once() {
             "the first connections are refused (JITR)"
         );
     }
-    let registered = s.wait_for("registered just in time");
+    // The registry's own line, once the record is written (a refusal's reason says "registered
+    // just in time" too, before the worker has written it: waiting for that raced the listing).
+    let registered = s.printed("the registry's JITR line", |l| {
+        l.contains(r#""message":"registered just in time""#)
+    });
     assert!(registered.contains("PENDING_ACTIVATION"), "{registered}");
     let pending = runtime
         .block_on(store.list_certificates(&portcullis_registry::CertFilter {

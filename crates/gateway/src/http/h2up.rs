@@ -25,7 +25,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::coalesce::Coalesce;
-use crate::http::proxy::{OwnedTrailerScreen, TrailerScreen};
 use crate::http::respond::Body;
 
 /// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
@@ -50,6 +49,45 @@ const IDLE: Duration = Duration::from_secs(60);
 
 /// How often a connection's task looks whether it is idle.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// The fields a client's request trailers may not carry to the upstream, as its header fields
+/// may not: the identity and forwarding headers (in any spelling), and what HTTP/2 forbids.
+#[derive(Clone, Copy)]
+pub(crate) struct TrailerScreen<'a> {
+    pub(crate) state: &'a Arc<crate::State>,
+    pub(crate) underscores: bool,
+    /// A policy-authorized mapping: no method-override field either.
+    pub(crate) policy: bool,
+}
+
+impl TrailerScreen<'_> {
+    pub(crate) fn owned(&self) -> OwnedTrailerScreen {
+        OwnedTrailerScreen {
+            state: self.state.clone(),
+            underscores: self.underscores,
+            policy: self.policy,
+        }
+    }
+}
+
+/// A [`TrailerScreen`] a request body's own task keeps.
+pub(crate) struct OwnedTrailerScreen {
+    state: Arc<crate::State>,
+    underscores: bool,
+    policy: bool,
+}
+
+impl OwnedTrailerScreen {
+    /// Removes from `trailers` what may not go to the upstream.
+    pub(crate) fn apply(&self, trailers: &mut hyper::HeaderMap) {
+        crate::http::inbound::strip_trailers(
+            &self.state.identity,
+            self.underscores,
+            self.policy,
+            trailers,
+        );
+    }
+}
 
 /// The HTTP/2 client of one mapping.
 pub(crate) struct H2Client {

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::GatewayError;
 use crate::config::{UpstreamProtocol, UpstreamTls};
 use crate::http::coalesce::Coalescing;
-use crate::http::h2up::{self, H2Client};
+use crate::http::h2up::{self, H2Client, TrailerScreen};
 use crate::http::identity::IdentityBlock;
 use crate::http::inbound::{HOP_BY_HOP, METHOD_OVERRIDES, WebSocket, websocket_accept};
 use crate::http::respond::{Body, error_response};
@@ -213,45 +213,6 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) protocol: UpstreamProtocol,
     /// What a request's trailers may not carry.
     pub(crate) screen: TrailerScreen<'a>,
-}
-
-/// The fields a client's request trailers may not carry to the upstream, as its header fields
-/// may not: the identity and forwarding headers (in any spelling), and what HTTP/2 forbids.
-#[derive(Clone, Copy)]
-pub(crate) struct TrailerScreen<'a> {
-    pub(crate) state: &'a Arc<crate::State>,
-    pub(crate) underscores: bool,
-    /// A policy-authorized mapping: no method-override field either.
-    pub(crate) policy: bool,
-}
-
-impl TrailerScreen<'_> {
-    pub(crate) fn owned(&self) -> OwnedTrailerScreen {
-        OwnedTrailerScreen {
-            state: self.state.clone(),
-            underscores: self.underscores,
-            policy: self.policy,
-        }
-    }
-}
-
-/// A [`TrailerScreen`] a request body's own task keeps.
-pub(crate) struct OwnedTrailerScreen {
-    state: Arc<crate::State>,
-    underscores: bool,
-    policy: bool,
-}
-
-impl OwnedTrailerScreen {
-    /// Removes from `trailers` what may not go to the upstream.
-    pub(crate) fn apply(&self, trailers: &mut HeaderMap) {
-        crate::http::inbound::strip_trailers(
-            &self.state.identity,
-            self.underscores,
-            self.policy,
-            trailers,
-        );
-    }
 }
 
 /// A WebSocket tunnel, run by the connection's own task so that it keeps its connection slot and

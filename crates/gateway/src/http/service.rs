@@ -16,7 +16,8 @@ use crate::config::Authorization;
 use crate::http::access_log::AccessLog;
 use crate::http::context::{ConnectionContext, admit};
 use crate::http::decide::{Refusal, normalize_host};
-use crate::http::proxy::{MappingClient, Origin, Outgoing, TrailerScreen, Upstream, forward};
+use crate::http::h2up::TrailerScreen;
+use crate::http::proxy::{MappingClient, Origin, Outgoing, Upstream, forward};
 use crate::http::respond::{Body, error_response, escape};
 use crate::verdict::ClientVerdict;
 
