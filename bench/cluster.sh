@@ -96,6 +96,8 @@ node_conf() { # NAME ADMIN_PORT MQTT_PORT [cluster]
       echo "node_name = \"$1\""
       echo "nats_url = \"nats://127.0.0.1:36101,nats://127.0.0.1:36102,nats://127.0.0.1:36103\""
       echo "nats_replicas = 3"
+      # QOS1_LIVE=1: QoS 1 messages nobody keeps cross live (off by default, as in the product).
+      if [ -n "${QOS1_LIVE:-}" ]; then echo "nats_qos1_live = true"; fi
     fi
     cat <<CONF
 [admin]

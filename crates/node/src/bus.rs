@@ -171,6 +171,8 @@ pub(crate) struct NatsOptions {
     pub(crate) tls: bool,
     /// Bytes of QoS 1 and 2 messages the message stream keeps (the oldest go beyond).
     pub(crate) kept_bytes: i64,
+    /// QoS 1 messages nobody keeps cross live (`nats_qos1_live`).
+    pub(crate) qos1_live: bool,
 }
 
 /// The TLS client configuration of a node's NATS connection: NATS servers verified against
@@ -734,7 +736,7 @@ impl NatsState {
     pub(crate) fn set_live_acknowledged(&self, on: bool) {
         if self.live_acknowledged.swap(on, Ordering::SeqCst) != on {
             if on {
-                tracing::info!(target: "portcullis::cluster", "every node routes QoS 1 messages live: JetStream keeps only those a persistent session or a shared group needs");
+                tracing::info!(target: "portcullis::cluster", "every node reads QoS 1 messages that cross live (bus protocol 3): with nats_qos1_live, JetStream keeps only those a persistent session or a shared group needs");
             } else {
                 tracing::info!(target: "portcullis::cluster", "a node of an older version is up: JetStream keeps every QoS 1 message");
             }
@@ -1390,6 +1392,7 @@ pub(crate) async fn start(
         id: id.to_string(),
         replicas: options.replicas,
         kept_bytes: options.kept_bytes,
+        qos1_live: options.qos1_live,
         claims: Arc::new(Mutex::new(HashMap::new())),
         durables: Arc::new(Mutex::new(HashMap::new())),
         order: Arc::new(Mutex::new((0, HashMap::new()))),
@@ -1836,6 +1839,10 @@ struct Node {
     replicas: usize,
     /// Bytes of QoS 1 and 2 messages the message stream keeps.
     kept_bytes: i64,
+    /// QoS 1 messages nobody keeps cross live (`nats_qos1_live`; off: JetStream keeps every
+    /// one, and this node still stores late what its persistent sessions need of other nodes'
+    /// live ones).
+    qos1_live: bool,
     /// Client ids this node owns, with the revision of its claim.
     claims: Arc<Mutex<HashMap<String, u64>>>,
     /// Persistent sessions online here.
@@ -2003,7 +2010,8 @@ impl Node {
             // Every node reads QoS 1 batches (read once per turn).
             let batched = self.state.batches.load(Ordering::Relaxed);
             // ... and every node keeps what its persistent sessions need of those crossing live.
-            let live_acknowledged = batched
+            let live_acknowledged = self.qos1_live
+                && batched
                 && self.state.live_acknowledged.load(Ordering::Relaxed)
                 && now_ms().saturating_sub(self.state.probe_seen_ms.load(Ordering::Relaxed))
                     <= PROBE_STALE_MS;

@@ -66,6 +66,10 @@ pub(crate) struct FileConfig {
     /// online can find when they come back. Default 1024; each NATS server must allow it
     /// (`max_file_store`).
     nats_kept_mib: Option<u64>,
+    /// QoS 1 messages no persistent session or shared group needs cross NATS live instead of
+    /// being stored by JetStream first (faster; default false: see docs/cluster.md for the
+    /// windows in which such a message can be lost with a node).
+    nats_qos1_live: Option<bool>,
     /// `/readyz` fails when the registry snapshot was last found current longer ago than this.
     snapshot_stale_after_secs: Option<f64>,
     /// Revocation published for the local CA: CRL and OCSP over plain HTTP.
@@ -230,9 +234,10 @@ impl FileConfig {
             if self.nats_replicas.is_some()
                 || self.nats_tls.is_some()
                 || self.nats_kept_mib.is_some()
+                || self.nats_qos1_live.is_some()
             {
                 bail!(
-                    "nats_replicas, nats_tls or nats_kept_mib is set without nats_url: name the NATS servers too"
+                    "nats_replicas, nats_tls, nats_kept_mib or nats_qos1_live is set without nats_url: name the NATS servers too"
                 );
             }
             return Ok(None);
@@ -257,6 +262,7 @@ impl FileConfig {
             replicas,
             tls: self.nats_tls.unwrap_or(false),
             kept_bytes: i64::try_from(kept_mib * 1024 * 1024).unwrap_or(i64::MAX),
+            qos1_live: self.nats_qos1_live.unwrap_or(false),
         }))
     }
 

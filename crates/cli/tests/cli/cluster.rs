@@ -421,13 +421,13 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // Every node reports the bus protocol of QoS 1 batches, and each finds that out: what
     // follows stores QoS 1 messages a topic's batch at a time.
     // And each finds out that every node keeps what its persistent sessions need of QoS 1
-    // messages that cross live: JetStream keeps only those.
+    // messages that cross live (which a node with nats_qos1_live sends).
     for node in nodes {
         node.printed("QoS 1 batches", |l| {
             l.contains("every node reads QoS 1 batches")
         });
         node.printed("QoS 1 live", |l| {
-            l.contains("every node routes QoS 1 messages live")
+            l.contains("every node reads QoS 1 messages that cross live")
         });
     }
 
@@ -485,8 +485,8 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
-    // No persistent session or shared group wanted the QoS 1 message: it crossed live, and
-    // JetStream kept none of C's.
+    // No persistent session or shared group wanted the QoS 1 message, but nats_qos1_live is off
+    // (the default): JetStream kept it, and nothing of C's crossed live.
     let metrics = c.metrics(da);
     assert_eq!(
         (
@@ -499,7 +499,7 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
                 "portcullis_cluster_qos1_messages_total{path=\"kept\"}"
             )
         ),
-        (1, 0),
+        (0, 1),
         "{metrics}"
     );
 
@@ -740,9 +740,14 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // fault injected for the test), so the QoS 1 messages it takes meanwhile for a persistent
     // subscriber on C cross live, and C, whose session needed them, stores them itself. Once
     // C stored them, kill -9 of C: the session resumes on D and receives every one.
+    // D sends QoS 1 messages nobody keeps live (nats_qos1_live; off on the others).
     let d = Server::start_with(
         &dirs[3],
-        &config("d"),
+        &config("d").replacen(
+            "nats_kept_mib = 256\n",
+            "nats_kept_mib = 256\nnats_qos1_live = true\n",
+            1,
+        ),
         &[("PORTCULLIS_TEST_INTEREST_LAG_MS", "1500")],
     );
     d.printed("JetStream streams ready", |l| {
@@ -751,7 +756,7 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     // Until it has read that every node speaks bus protocol 3, and which QoS 1 messages the
     // cluster's persistent sessions need, a node keeps every QoS 1 message.
     d.printed("QoS 1 routed live", |l| {
-        l.contains("every node routes QoS 1 messages live")
+        l.contains("every node reads QoS 1 messages that cross live")
     });
     d.printed("persistent subscriptions read", |l| {
         l.contains("read the persistent subscriptions and shared groups of the cluster")
