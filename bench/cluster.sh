@@ -21,7 +21,7 @@
 # PARTS="latency fanin takeover idle" (the default: all) runs only some parts; QOS="0 1" (the
 # default) the fan-in's QoS levels; PERF="a b single" records a CPU profile of those nodes under
 # each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
-# SYSCALLS=1 counts each server process's reads and writes under each fan-in; COUNTS=1 prints
+# QOS1_LIVE=1 starts the nodes with nats_qos1_live. SYSCALLS=1 counts each server process's reads and writes under each fan-in; COUNTS=1 prints
 # the nodes' message counters and resident memory, and each NATS server's messages in and out
 # during the cluster's fan-in (its monitoring port, 3650N).
 # FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
