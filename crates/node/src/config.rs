@@ -231,13 +231,20 @@ impl FileConfig {
     /// The NATS servers MQTT is routed through, if any.
     pub(crate) fn nats(&self) -> Result<Option<crate::bus::NatsOptions>> {
         let Some(url) = &self.nats_url else {
-            if self.nats_replicas.is_some()
-                || self.nats_tls.is_some()
-                || self.nats_kept_mib.is_some()
-                || self.nats_qos1_live.is_some()
-            {
+            let set: Vec<&str> = [
+                ("nats_replicas", self.nats_replicas.is_some()),
+                ("nats_tls", self.nats_tls.is_some()),
+                ("nats_kept_mib", self.nats_kept_mib.is_some()),
+                ("nats_qos1_live", self.nats_qos1_live.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect();
+            if !set.is_empty() {
                 bail!(
-                    "nats_replicas, nats_tls, nats_kept_mib or nats_qos1_live is set without nats_url: name the NATS servers too"
+                    "{} {} set without nats_url: name the NATS servers too",
+                    set.join(", "),
+                    if set.len() == 1 { "is" } else { "are" }
                 );
             }
             return Ok(None);
