@@ -1416,7 +1416,11 @@ pub(crate) async fn start(
         let (clients, sessions, qos2, groups) = node.set_up().await;
         let _ = node.groups.set(groups.clone());
         tokio::spawn(node.clone().watch_interest(sessions.clone(), groups));
-        tokio::spawn(node.clone().probe(sessions.clone()));
+        // Only a node that sends QoS 1 live decides by what it knows of the cluster's
+        // persistent subscriptions; the others keep every QoS 1 message.
+        if node.qos1_live {
+            tokio::spawn(node.clone().probe(sessions.clone()));
+        }
         tokio::spawn(node.clone().store_late(to_store_late));
         state.streams.store(true, Ordering::SeqCst);
         tracing::info!(target: "portcullis::cluster", "JetStream streams ready");
@@ -3861,7 +3865,7 @@ impl Node {
         let probe_key = self.probe_key();
         let set_ready = || {
             if kept.set_ready() {
-                tracing::info!(target: "portcullis::cluster", "read the persistent subscriptions and shared groups of the cluster: QoS 1 messages none of them needs cross live");
+                tracing::info!(target: "portcullis::cluster", "read the persistent subscriptions and shared groups of the cluster (with nats_qos1_live, QoS 1 messages none of them needs cross live)");
             }
         };
         let mut of_sessions = sessions.watch_with_history(">").await?;
@@ -3907,7 +3911,7 @@ impl Node {
                         let now = now_ms();
                         let before = self.state.probe_seen_ms.swap(now, Ordering::Relaxed);
                         if now.saturating_sub(before) > PROBE_STALE_MS {
-                            tracing::info!(target: "portcullis::cluster", "the watch of the cluster's persistent subscriptions is current (its probe came back): QoS 1 messages none of them needs cross live");
+                            tracing::info!(target: "portcullis::cluster", "the watch of the cluster's persistent subscriptions is current (its probe came back): QoS 1 messages none of them needs cross live (nats_qos1_live)");
                         }
                     }
                 }
