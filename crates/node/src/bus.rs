@@ -1654,7 +1654,7 @@ fn settle_all(
     n: usize,
     nak_delay: Option<Duration>,
     room: Option<(Arc<tokio::sync::Semaphore>, usize)>,
-    settled: impl Fn() + Send + Sync + 'static,
+    settled: impl Fn(bool) + Send + Sync + 'static,
 ) -> Vec<Receipt> {
     use std::sync::atomic::AtomicUsize;
     let batch = Arc::new((acker, AtomicUsize::new(n), AtomicBool::new(false), settled));
@@ -1681,8 +1681,8 @@ fn settle_all(
                 if left.fetch_sub(1, Ordering::SeqCst) != 1 {
                     return;
                 }
-                settled();
                 let give_back = returned.load(Ordering::SeqCst);
+                settled(!give_back);
                 let batch = batch.clone();
                 tokio::spawn(async move {
                     let _ = if give_back {
@@ -1746,9 +1746,8 @@ struct Durable {
 
 /// A persistent session's kept messages on their way to it.
 struct Inflight {
-    /// Stream sequences delivered and not yet settled (JetStream delivers them again if the
-    /// client is slower than the acknowledgement wait: not sent twice).
-    seqs: Mutex<HashSet<u64>>,
+    /// Which stream sequences are with the client or were acknowledged lately.
+    seqs: Mutex<Seqs>,
     /// Messages it may still be handed: its queue's size, given back as they are settled. A
     /// batch waits for room rather than overflow the queue (and come back whole).
     room: Arc<tokio::sync::Semaphore>,
@@ -1756,11 +1755,42 @@ struct Inflight {
     capacity: usize,
 }
 
+/// How many acknowledged stream sequences a persistent session remembers: more than
+/// [`MAX_ACK_PENDING`], what JetStream may have out at once.
+const ACKED_REMEMBERED: usize = 4 * MAX_ACK_PENDING as usize;
+
+/// The stream sequences of a persistent session's kept messages that JetStream may deliver
+/// again (when the acknowledgement wait passed first: a slow client, or a batch that waited
+/// long for room): none is sent to the client twice, nor out of order.
+#[derive(Default)]
+struct Seqs {
+    /// Delivered and not yet settled.
+    with_client: HashSet<u64>,
+    /// Acknowledged lately (the last [`ACKED_REMEMBERED`], oldest first).
+    acked: HashSet<u64>,
+    acked_order: VecDeque<u64>,
+}
+
+impl Seqs {
+    /// Settled: no longer with the client; remembered if acknowledged.
+    fn settled(&mut self, seq: u64, acknowledged: bool) {
+        self.with_client.remove(&seq);
+        if acknowledged && self.acked.insert(seq) {
+            self.acked_order.push_back(seq);
+            if self.acked_order.len() > ACKED_REMEMBERED
+                && let Some(old) = self.acked_order.pop_front()
+            {
+                self.acked.remove(&old);
+            }
+        }
+    }
+}
+
 impl Inflight {
     fn new(capacity: usize) -> Inflight {
         let capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Inflight {
-            seqs: Mutex::new(HashSet::new()),
+            seqs: Mutex::new(Seqs::default()),
             room: Arc::new(tokio::sync::Semaphore::new(capacity)),
             capacity,
         }
@@ -2709,7 +2739,7 @@ impl Node {
                     messages.len().max(1),
                     Some(SHARED_IDLE_POLL),
                     None,
-                    || {},
+                    |_| {},
                 );
                 if messages.is_empty() {
                     receipts[0].acknowledged();
@@ -3515,14 +3545,19 @@ impl Node {
             };
             let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
             let info_delivered = info.delivered;
-            if inflight
-                .seqs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&seq)
-            {
+            let (with_client, acked) = {
+                let seqs = inflight.seqs.lock().unwrap_or_else(|p| p.into_inner());
+                (seqs.with_client.contains(&seq), seqs.acked.contains(&seq))
+            };
+            if with_client {
                 // Still with the client: not sent twice, only waited for longer.
                 let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                continue;
+            }
+            if acked {
+                // Delivered again after its wait although acknowledged meanwhile (the
+                // acknowledgement crossed it): settled, not sent twice.
+                let _ = m.ack().await;
                 continue;
             }
             let (msg, acker) = m.split();
@@ -3538,13 +3573,24 @@ impl Node {
             // Room in the session's queue first: a slow client holds its kept messages back,
             // none overflow.
             let room = messages.len().min(inflight.capacity);
-            match inflight
+            let wanted = inflight
                 .room
-                .acquire_many(u32::try_from(room).unwrap_or(u32::MAX))
-                .await
-            {
-                Ok(permits) => permits.forget(),
-                Err(_) => return Ok(()),
+                .clone()
+                .acquire_many_owned(u32::try_from(room).unwrap_or(u32::MAX));
+            tokio::pin!(wanted);
+            loop {
+                // Waiting for room counts towards the acknowledgement wait: JetStream is told
+                // it is in progress (or it would deliver it again, behind later ones).
+                match tokio::time::timeout(ACK_WAIT / 3, &mut wanted).await {
+                    Ok(Ok(permits)) => {
+                        permits.forget();
+                        break;
+                    }
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => {
+                        let _ = acker.ack_with(jetstream::AckKind::Progress).await;
+                    }
+                }
             }
             // With the client from here until settled (nothing awaited before the receipts are
             // made: a puller stopped in between would leave it marked, never delivered again).
@@ -3552,6 +3598,7 @@ impl Node {
                 .seqs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .with_client
                 .insert(seq);
             let set = inflight.clone();
             // Given back (the connection ended, or its queue was full): delivered again after
@@ -3561,11 +3608,11 @@ impl Node {
                 messages.len().max(1),
                 Some(SHARED_IDLE_POLL),
                 Some((inflight.room.clone(), room)),
-                move || {
+                move |acknowledged| {
                     set.seqs
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(&seq);
+                        .settled(seq, acknowledged);
                 },
             )
             .into_iter();
@@ -3950,20 +3997,49 @@ impl Node {
     }
 
     async fn watch_owners(self, clients: kv::Store) {
+        let mut reconnects = self.state.reconnects.0.subscribe();
+        let mut afresh = false;
         loop {
-            let mut watch = match clients.watch_all().await {
+            reconnects.borrow_and_update();
+            // After a lost connection, every client id's last owner is read again: a takeover
+            // made meanwhile may have crossed the old watch unseen (as the kept-interest
+            // watch's did).
+            let watch = if afresh {
+                clients.watch_with_history(">").await
+            } else {
+                clients.watch_all().await
+            };
+            let mut watch = match watch {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(target: "portcullis::cluster", error = %e, "cannot watch client id owners; retrying");
+                    afresh = true;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else {
+            loop {
+                let entry = tokio::select! {
+                    entry = watch.next() => entry,
+                    _ = reconnects.changed() => None,
+                };
+                let Some(Ok(entry)) = entry else {
+                    afresh = true;
                     break;
                 };
                 if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                let Some(client_id) = client_of_key(&entry.key) else {
+                    continue;
+                };
+                // Only client ids this node holds matter (read afresh, every id comes).
+                let held = self
+                    .claims
+                    .lock()
+                    .map(|claims| claims.contains_key(&client_id))
+                    .unwrap_or(false);
+                if !held {
                     continue;
                 }
                 let owner = serde_json::from_slice::<serde_json::Value>(&entry.value)
@@ -3974,8 +4050,7 @@ impl Node {
                             v.get("node")?.as_str()?.to_string(),
                         ))
                     });
-                let (Some(client_id), Some((owner, node))) = (client_of_key(&entry.key), owner)
-                else {
+                let Some((owner, node)) = owner else {
                     continue;
                 };
                 if owner == self.instance {

@@ -172,7 +172,12 @@ while len(got) < K:
         missing = sorted(set(range(K)) - set(got))
         check(False, "kept messages on node B: %d of %d (%d distinct), then none for %d s (missing: %s)"
               % (len(got), K, len(set(got)), WAIT, missing[:10]))
-check(got == list(range(K)), "%d kept messages received on node B once each, in order" % K)
+def first_difference(got, want):
+    at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
+    twice = sorted(m for m in set(got) if got.count(m) > 1)
+    return "first difference at %d: %s; received twice: %s" % (at, got[max(0, at - 3):at + 5], twice[:10])
+check(got == list(range(K)), "%d kept messages received on node B once each, in order%s"
+      % (K, "" if got == list(range(K)) else " (" + first_difference(got, list(range(K))) + ")"))
 producer.publish("jobs/backlog", b"end", 1)
 check(back.next("message").payload == b"end", "nothing came twice before the next message")
 back.leave()
