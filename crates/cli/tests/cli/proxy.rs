@@ -4,7 +4,7 @@
 
 use portcullis_testkit::{require_tool, run, temp_dir};
 
-use crate::serve::{Server, pki, python_server};
+use crate::serve::{Server, client, curl, pki, python_server, with_client};
 
 #[test]
 fn the_http1_path_relays_every_framing_pools_upstreams_and_hands_over_the_rest() {
@@ -155,10 +155,16 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
     let h2c = |upstream: u16| {
         format!("upstream = \"http://127.0.0.1:{upstream}\"\nupstream_protocol = \"h2c\"")
     };
+    let (_refusing, refusing) = python_server(
+        &python,
+        &[scripts.join("refusing_h2_upstream.py").to_str().unwrap()],
+        d,
+    );
     let config = format!(
         "[admin]\naddress = \"127.0.0.1:0\"\n\
-         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}{}",
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}{}{}",
         domain("localhost", "required", &h2c(port)),
+        domain("refusing.test", "required", &h2c(refusing)),
         domain("down.test", "required", &h2c(down)),
         domain(
             "policy.test",
@@ -311,6 +317,7 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
         "the call waited {:?}",
         started.elapsed()
     );
+    refused_streams_are_sent_again_only_when_unprocessed(d, &s);
     // The access log keeps the decision's HTTP status for calls answered as gRPC statuses.
     let line = s.printed("the denied call's access line", |l| {
         l.contains("portcullis::access")
@@ -318,4 +325,63 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
             && l.contains("policy.test")
     });
     assert!(line.contains("\"status\":403"), "{line}");
+}
+
+/// An HTTP/2 upstream that refuses a stream unprocessed (RST_STREAM REFUSED_STREAM, or a GOAWAY
+/// whose last stream is below it: RFC 9113 §8.7) gets the request again on a new stream, its
+/// body included; a stream reset otherwise, a GOAWAY'd non-idempotent request (h2 cannot tell
+/// which side of the last stream it was) and a body beyond what is kept to send again are not
+/// sent twice: the client gets 502. (Regression: each was a 502 at once, so a gRPC server
+/// rotating its connections — max_connection_age — failed calls that had never reached it.)
+fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: &Server) {
+    let caller = client("caller");
+    let ask = |path: &str, extra: &[&str]| {
+        let mut args = with_client(&caller);
+        args.extend(extra);
+        let r = curl(d, s, "refusing.test", path, &args);
+        let (body, status) = r.stdout.rsplit_once('\n').unwrap_or_default();
+        (
+            status
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            body.to_string(),
+        )
+    };
+    let count = |name: &str| ask(&format!("/count/{name}"), &[]).1;
+    let ok = |body: &str| ("200".to_string(), body.to_string());
+    assert_eq!(
+        ask("/refuse-once/a", &["--data-binary", "hello"]),
+        ok("attempt 2: hello"),
+        "REFUSED_STREAM: sent again with its body"
+    );
+    assert_eq!(
+        ask("/goaway-once/b", &[]),
+        ok("attempt 2: "),
+        "GOAWAY below an idempotent GET: sent again on a new connection"
+    );
+    assert_eq!(
+        ask("/goaway-once/f", &["-X", "PUT", "--data-binary", "put"]),
+        ok("attempt 2: put"),
+        "GOAWAY below an idempotent PUT: sent again with its body"
+    );
+    assert_eq!(ask("/goaway-once/c", &["--data-binary", "x"]).0, "502");
+    assert_eq!(count("c"), "1", "a GOAWAY'd POST is not sent twice");
+    assert_eq!(ask("/reset/d", &["--data-binary", "x"]).0, "502");
+    assert_eq!(
+        count("d"),
+        "1",
+        "a stream reset otherwise is not sent again"
+    );
+    std::fs::write(d.join("big.bin"), vec![b'x'; 100 * 1024]).unwrap();
+    assert_eq!(
+        ask("/refuse-once/e", &["--data-binary", "@big.bin"]).0,
+        "502"
+    );
+    assert_eq!(
+        count("e"),
+        "1",
+        "a body beyond the replay limit is not sent again"
+    );
 }

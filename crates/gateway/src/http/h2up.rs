@@ -50,6 +50,10 @@ const IDLE: Duration = Duration::from_secs(60);
 /// How often a connection's task looks whether it is idle.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 
+/// The most of a request's body kept, until the answer's head comes, to send it again should
+/// the upstream refuse the stream unprocessed (larger bodies are not sent again).
+const REPLAY_LIMIT: usize = 64 * 1024;
+
 /// The fields a client's request trailers may not carry to the upstream, as its header fields
 /// may not: the identity and forwarding headers (in any spelling), and what HTTP/2 forbids.
 #[derive(Clone, Copy)]
@@ -96,8 +100,11 @@ pub(crate) struct H2Client {
     connect_timeout: Duration,
     /// The connection to each upstream authority in use.
     conns: Conns,
-    /// Held while connecting, so that concurrent requests share one new connection.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting, so that concurrent requests share one new connection; the
+    /// last attempt that failed (when, and why), which those that waited for it share rather
+    /// than each wait for a connection of their own (an upstream that does not answer would
+    /// hold the last of a hundred waiting requests for a hundred connect timeouts).
+    connecting: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 type Conns = Arc<Mutex<Vec<(String, Conn)>>>;
@@ -160,6 +167,14 @@ impl std::fmt::Debug for H2Client {
     }
 }
 
+/// Why an attempt at an exchange got no answer.
+enum Attempt {
+    /// The upstream could not be reached, or broke the exchange.
+    Failed(String),
+    /// The upstream refused the stream without processing it: it may be sent again.
+    Unprocessed(String),
+}
+
 /// Why an exchange got no answer.
 pub(crate) enum Failure {
     /// The answer's head did not come in time.
@@ -177,7 +192,7 @@ impl H2Client {
             }),
             connect_timeout,
             conns: Arc::new(Mutex::new(Vec::new())),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -192,50 +207,130 @@ impl H2Client {
     ) -> Result<Response<Body>, Failure> {
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
-        let head = Request::from_parts(parts, ());
+        // RFC 9110's idempotent methods: sent again even when a GOAWAY cannot tell whether
+        // the upstream processed them.
+        let idempotent = parts.method.is_idempotent();
         let exchange = async {
-            let (mut send, streaming) = self.ready(head.uri()).await.map_err(Failure::Failed)?;
-            let (mut answer, stream) = send
-                .send_request(head, end)
-                .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
-            let mut pipe = (!end).then(|| Pipe::new(body, stream, screen.owned()));
-            // The request's body goes up while the answer's head is awaited (and after, from
-            // the answer's body).
-            let head = std::future::poll_fn(|cx| {
-                if let Some(p) = &mut pipe
-                    && Pin::new(p).poll(cx).is_ready()
+            let mut body = Some(body);
+            let mut replay: Option<Pipe> = None;
+            let mut parts = parts;
+            for attempt in 0..2 {
+                // Sent again at most once, on a new stream: its head kept for it.
+                let head = if attempt == 0 {
+                    let mut again = Request::new(());
+                    *again.method_mut() = parts.method.clone();
+                    *again.uri_mut() = parts.uri.clone();
+                    *again.version_mut() = parts.version;
+                    *again.headers_mut() = parts.headers.clone();
+                    std::mem::replace(&mut parts, again.into_parts().0)
+                } else {
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+                };
+                let head = Request::from_parts(head, ());
+                let last = attempt == 1;
+                match self
+                    .attempt(head, end, &mut body, &mut replay, &screen, idempotent, last)
+                    .await
                 {
-                    pipe = None;
+                    Ok(answer) => return Ok(answer),
+                    Err(Attempt::Failed(e)) => return Err(Failure::Failed(e)),
+                    Err(Attempt::Unprocessed(e)) => {
+                        if last || (body.is_none() && replay.is_none()) {
+                            return Err(Failure::Failed(e));
+                        }
+                        tracing::debug!(error = %e, "an HTTP/2 upstream refused a stream unprocessed; sending it again");
+                    }
                 }
-                Pin::new(&mut answer).poll(cx)
-            })
-            .await
-            .map_err(|e| Failure::Failed(format!("HTTP/2: {e}")))?;
-            // Still going up (a streaming call, or an upload the upstream answers early): on a
-            // task of its own, so that it keeps going while the client does not take the answer
-            // (a client that reads only once it sent everything would wait for an upload the
-            // gateway no longer read).
-            // It ends with the answer: a client gone (its stream reset, its connection closed
-            // or cut by the gateway) drops the answer, and the upload is reset even while it
-            // waits for the upstream's window.
-            let (gone, answer_gone) = tokio::sync::oneshot::channel();
-            if let Some(mut pipe) = pipe {
-                pipe.answer_gone = Some((answer_gone, streaming.again()));
-                tokio::spawn(pipe);
             }
-            let (parts, recv) = head.into_parts();
-            let body = Answer {
-                recv,
-                trailers: false,
-                _streaming: streaming,
-                _gone: gone,
-            };
-            Ok(Response::from_parts(parts, Body::new(body)))
+            Err(Failure::Failed(
+                "the upstream refused the request twice".to_string(),
+            ))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(Failure::Timeout),
         }
+    }
+
+    /// One attempt at an exchange: `body` (the client's, untouched yet) or `replay` (what a
+    /// refused attempt sent, and the rest of the client's body) goes up. Refused unprocessed,
+    /// the request's body is left in `replay` if it can be sent again.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        head: Request<()>,
+        end: bool,
+        body: &mut Option<Incoming>,
+        replay: &mut Option<Pipe>,
+        screen: &TrailerScreen<'_>,
+        idempotent: bool,
+        last: bool,
+    ) -> Result<Response<Body>, Attempt> {
+        let (mut send, streaming) = self.ready(head.uri()).await.map_err(Attempt::Failed)?;
+        // Refused before it was sent: nothing reached the upstream.
+        let (mut answer, stream) = send
+            .send_request(head, end)
+            .map_err(|e| Attempt::Unprocessed(format!("HTTP/2: {e}")))?;
+        let mut pipe = if end {
+            None
+        } else if let Some(old) = replay.take() {
+            old.renew(stream)
+        } else {
+            body.take()
+                .map(|body| Pipe::new(body, stream, screen.owned(), !last))
+        };
+        // The request's body goes up while the answer's head is awaited (and after, from
+        // the answer's body).
+        let mut piped = false;
+        let head = std::future::poll_fn(|cx| {
+            if !piped
+                && let Some(p) = &mut pipe
+                && Pin::new(p).poll(cx).is_ready()
+            {
+                piped = true;
+            }
+            Pin::new(&mut answer).poll(cx)
+        })
+        .await;
+        let head = match head {
+            Ok(head) => head,
+            Err(e) => {
+                let message = format!("HTTP/2: {e}");
+                // RFC 9113 §8.7: a stream reset with REFUSED_STREAM, or above a GOAWAY's last
+                // stream, was not processed (h2 cannot say which side of it a stream was: so
+                // only for idempotent methods).
+                let unprocessed = e.is_remote()
+                    && ((e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+                        || (e.is_go_away() && idempotent));
+                if !unprocessed {
+                    return Err(Attempt::Failed(message));
+                }
+                *replay = pipe.filter(|p| p.record.is_some());
+                return Err(Attempt::Unprocessed(message));
+            }
+        };
+        // Still going up (a streaming call, or an upload the upstream answers early): on a
+        // task of its own, so that it keeps going while the client does not take the answer
+        // (a client that reads only once it sent everything would wait for an upload the
+        // gateway no longer read).
+        // It ends with the answer: a client gone (its stream reset, its connection closed
+        // or cut by the gateway) drops the answer, and the upload is reset even while it
+        // waits for the upstream's window.
+        let (gone, answer_gone) = tokio::sync::oneshot::channel();
+        if let Some(mut pipe) = pipe.filter(|_| !piped) {
+            // Answered: never sent again.
+            pipe.record = None;
+            pipe.answer_gone = Some((answer_gone, streaming.again()));
+            tokio::spawn(pipe);
+        }
+        let (parts, recv) = head.into_parts();
+        let body = Answer {
+            recv,
+            trailers: false,
+            _streaming: streaming,
+            _gone: gone,
+        };
+        Ok(Response::from_parts(parts, Body::new(body)))
     }
 
     /// The upstream's connection, ready for a new stream (a new one if there is none or it
@@ -271,13 +366,27 @@ impl H2Client {
     }
 
     async fn connection(&self, uri: &Uri, key: &str) -> Result<Conn, String> {
-        let _one = self.connecting.lock().await;
+        let waited_from = tokio::time::Instant::now();
+        let mut last_failure = self.connecting.lock().await;
         if let Some(conn) = self.live(key) {
             return Ok(conn);
         }
+        // A connection attempt failed while this one waited: its outcome is this one's too.
+        if let Some((at, why)) = &*last_failure
+            && *at >= waited_from
+        {
+            return Err(why.clone());
+        }
         let conn = match tokio::time::timeout(self.connect_timeout, self.connect(uri)).await {
-            Ok(conn) => conn?,
-            Err(_) => return Err("connecting to the upstream timed out".to_string()),
+            Ok(conn) => conn,
+            Err(_) => Err("connecting to the upstream timed out".to_string()),
+        };
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(why) => {
+                *last_failure = Some((tokio::time::Instant::now(), why.clone()));
+                return Err(why);
+            }
         };
         let (conn, driven, pings) = conn;
         tokio::spawn(drive(
@@ -423,17 +532,79 @@ struct Pipe {
     screen: OwnedTrailerScreen,
     /// On its own task: fires once the answer is dropped; and the exchange it is part of.
     answer_gone: Option<(tokio::sync::oneshot::Receiver<()>, Streaming)>,
+    /// What was sent, kept (up to [`REPLAY_LIMIT`]) to be sent again on a new stream should
+    /// the upstream refuse this one unprocessed; `None` once that can no longer be.
+    record: Option<Record>,
+    /// Sent on this stream before anything more is read from the client (a refused stream's).
+    replaying: std::collections::VecDeque<(Bytes, bool)>,
+    /// And its trailers, after them.
+    replay_trailers: Option<hyper::HeaderMap>,
+}
+
+/// What a [`Pipe`] sent.
+#[derive(Default)]
+struct Record {
+    sent: Vec<(Bytes, bool)>,
+    trailers: Option<hyper::HeaderMap>,
+    bytes: usize,
 }
 
 impl Pipe {
-    fn new(body: Incoming, send: h2::SendStream<Bytes>, screen: OwnedTrailerScreen) -> Pipe {
+    fn new(
+        body: Incoming,
+        send: h2::SendStream<Bytes>,
+        screen: OwnedTrailerScreen,
+        record: bool,
+    ) -> Pipe {
         Pipe {
             body,
             send,
             held: None,
             screen,
             answer_gone: None,
+            record: record.then(Record::default),
+            replaying: std::collections::VecDeque::new(),
+            replay_trailers: None,
         }
+    }
+
+    /// The same body on `send`, a new stream: what this one sent (and held) first, then the
+    /// rest of the client's. `None` if it did not keep all it sent.
+    fn renew(self, send: h2::SendStream<Bytes>) -> Option<Pipe> {
+        let record = self.record?;
+        let mut replaying: std::collections::VecDeque<_> = record.sent.into();
+        replaying.extend(self.held);
+        Some(Pipe {
+            body: self.body,
+            send,
+            held: None,
+            screen: self.screen,
+            answer_gone: None,
+            record: None,
+            replaying,
+            replay_trailers: record.trailers,
+        })
+    }
+
+    /// Sends `data` (kept for a new stream while that may still be).
+    fn send_data(&mut self, data: Bytes, last: bool) -> Result<(), h2::Error> {
+        if let Some(record) = &mut self.record {
+            record.bytes += data.len();
+            if record.bytes > REPLAY_LIMIT {
+                self.record = None;
+            } else {
+                record.sent.push((data.clone(), last));
+            }
+        }
+        self.send.send_data(data, last)
+    }
+
+    /// Sends the trailers (kept as [`Pipe::send_data`] keeps data).
+    fn send_trailers(&mut self, trailers: hyper::HeaderMap) -> Result<(), h2::Error> {
+        if let Some(record) = &mut self.record {
+            record.trailers = Some(trailers.clone());
+        }
+        self.send.send_trailers(trailers)
     }
 
     /// Gives up: the upstream's stream is reset rather than left waiting for its end.
@@ -472,7 +643,7 @@ impl Future for Pipe {
                         }
                     }
                 }
-                if this.send.send_data(data, last).is_err() {
+                if this.send_data(data, last).is_err() {
                     return this.abandon();
                 }
                 if last {
@@ -480,10 +651,32 @@ impl Future for Pipe {
                 }
                 continue;
             }
+            // A refused stream's body first, as it was sent.
+            if let Some((data, last)) = this.replaying.pop_front() {
+                if data.is_empty() {
+                    if this.send_data(data, last).is_err() {
+                        return this.abandon();
+                    }
+                    if last {
+                        return Poll::Ready(());
+                    }
+                } else {
+                    this.send.reserve_capacity(1);
+                    this.held = Some((data, last));
+                }
+                continue;
+            }
+            if let Some(trailers) = this.replay_trailers.take() {
+                this.send.reserve_capacity(0);
+                if this.send_trailers(trailers).is_err() {
+                    return this.abandon();
+                }
+                return Poll::Ready(());
+            }
             match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    if this.send.send_data(Bytes::new(), true).is_err() {
+                    if this.send_data(Bytes::new(), true).is_err() {
                         return this.abandon();
                     }
                     return Poll::Ready(());
@@ -494,7 +687,7 @@ impl Future for Pipe {
                         let last = this.body.is_end_stream();
                         if data.is_empty() {
                             // Needs no room (an explicit end, say).
-                            if this.send.send_data(data, last).is_err() {
+                            if this.send_data(data, last).is_err() {
                                 return this.abandon();
                             }
                             if last {
@@ -513,7 +706,7 @@ impl Future for Pipe {
                         // nothing HTTP/2 forbids (h2 would refuse the trailers).
                         this.screen.apply(&mut trailers);
                         this.send.reserve_capacity(0);
-                        if this.send.send_trailers(trailers).is_err() {
+                        if this.send_trailers(trailers).is_err() {
                             return this.abandon();
                         }
                         return Poll::Ready(());
@@ -571,5 +764,66 @@ impl hyper::body::Body for Answer {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::H2Client;
+    use std::time::Duration;
+
+    /// Regression (review, 2026-12-04): connections were made one at a time, so when an
+    /// upstream stopped answering (its SYNs dropped) the requests waiting to connect each waited
+    /// a whole connect timeout after the one before: the tenth waited ten. Those that waited for
+    /// an attempt that failed now share its failure.
+    #[tokio::test]
+    async fn requests_waiting_for_a_failed_connection_share_its_failure() {
+        // A listener whose backlog is full: the kernel drops further SYNs, as a blackholed
+        // upstream does.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        loop {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(address),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => held.push(stream),
+                Ok(Err(e)) => panic!("connecting to the listener: {e}"),
+                Err(_) => break,
+            }
+            assert!(held.len() < 64, "the listener's backlog never filled");
+        }
+        let timeout = Duration::from_millis(500);
+        let client = std::sync::Arc::new(H2Client::new(timeout, None));
+        let uri: hyper::Uri = format!("http://{address}/").parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let (client, uri) = (client.clone(), uri.clone());
+                tokio::spawn(async move {
+                    let key = uri.authority().unwrap().to_string();
+                    client.connection(&uri, &key).await.err()
+                })
+            })
+            .collect();
+        for w in waiting {
+            let error = w.await.unwrap();
+            assert_eq!(
+                error.as_deref(),
+                Some("connecting to the upstream timed out")
+            );
+        }
+        // One timeout (and scheduling), not eight.
+        assert!(
+            started.elapsed() < timeout * 3,
+            "waited {:?}",
+            started.elapsed()
+        );
+        drop(listener);
     }
 }
