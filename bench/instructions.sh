@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instruction counts under callgrind: steady on noisy machines, so a regression shows in a number.
 #
-#   bench/instructions.sh [CONNECTIONS] [REQUESTS]     (defaults 20 and 100)
+#   bench/instructions.sh [CONNECTIONS] [REQUESTS]     (defaults 20 and 100; PORTCULLIS_BIN=PATH
+#   counts another build, for a before/after)
 #
 # Runs `portcullis serve` (release build, one Tokio worker) under `valgrind --tool=callgrind`
 # with collection off, in front of an out-of-process upstream (python3 http.server), and counts
@@ -28,7 +29,7 @@ for tool in valgrind curl; do
 done
 cargo build --release -q
 cargo build --release -q -p portcullis-bench
-pc="$root/target/release/portcullis"
+pc="${PORTCULLIS_BIN:-$root/target/release/portcullis}"
 tools="$root/target/release/bench_tools"
 work="$(mktemp -d)"
 pids=()

@@ -553,6 +553,8 @@ pub struct Mapping {
     pub websocket: bool,
     /// How requests reach the upstream.
     pub upstream_protocol: UpstreamProtocol,
+    /// HTTP/2 upstreams: a stream refused unprocessed is sent once more (`retry_refused`).
+    pub retry_refused: bool,
     /// Answered by the gateway itself instead of an upstream.
     pub builtin: Option<Builtin>,
     /// For [`Builtin::Token`]: the audiences a token may be asked for (empty: any).
@@ -671,6 +673,7 @@ impl Mapping {
             authorization: Authorization::None,
             websocket: true,
             upstream_protocol: UpstreamProtocol::Http1,
+            retry_refused: false,
             builtin: None,
             token_audiences: Vec::new(),
         })

@@ -195,6 +195,7 @@ impl State {
                             config.limits.upstream_connect_timeout,
                             m.upstream_tls.as_ref(),
                             m.upstream_protocol,
+                            m.retry_refused,
                         )
                         .map(Some)
                     })

@@ -867,12 +867,20 @@ fn file_domain(
                 m.upstream_protocol
             );
         };
+        if m.retry_refused && !protocol.is_h2() {
+            bail!(
+                "{}: mapping '{}': retry_refused is for HTTP/2 upstreams; set upstream_protocol = \"h2c\" or \"h2\", or remove it",
+                ctx(),
+                m.base_path
+            );
+        }
         let mut mapping = Mapping::new(&m.base_path, &upstream, require)
             .with_context(ctx)?
             .with_authorization(authorization)
             .with_websocket(m.websocket)
             .with_upstream_protocol(protocol)
             .with_context(ctx)?;
+        mapping.retry_refused = m.retry_refused;
         if upstream.starts_with("https://")
             || m.upstream_ca.is_some()
             || m.upstream_client_cert.is_some()

@@ -241,6 +241,11 @@ pub struct MappingSpec {
     /// `http://`) or `h2` (HTTP/2 over TLS by ALPN, `https://`). gRPC needs `h2c` or `h2`.
     #[serde(default = "default_http1", skip_serializing_if = "is_http1")]
     pub upstream_protocol: String,
+    /// HTTP/2 upstreams: a request whose stream the upstream refused unprocessed (RST_STREAM
+    /// REFUSED_STREAM, or above a GOAWAY's last stream for idempotent methods) is sent once
+    /// more on a new stream (default false: each request's head is kept for it, a cost).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_refused: bool,
     /// For `builtin:token`: the audiences a token may be asked for (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_audiences: Vec<String>,

@@ -162,9 +162,14 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
     );
     let config = format!(
         "[admin]\naddress = \"127.0.0.1:0\"\n\
-         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}{}{}",
+         [[listener]]\naddress = \"127.0.0.1:0\"\nprotocols = [\"http\"]\n{}{}{}{}{}{}",
         domain("localhost", "required", &h2c(port)),
-        domain("refusing.test", "required", &h2c(refusing)),
+        domain(
+            "refusing.test",
+            "required",
+            &format!("{}\nretry_refused = true", h2c(refusing))
+        ),
+        domain("no-retry.test", "required", &h2c(refusing)),
         domain("down.test", "required", &h2c(down)),
         domain(
             "policy.test",
@@ -327,18 +332,18 @@ fn grpc_calls_cross_the_gateway_to_an_h2c_upstream() {
     assert!(line.contains("\"status\":403"), "{line}");
 }
 
-/// An HTTP/2 upstream that refuses a stream unprocessed (RST_STREAM REFUSED_STREAM, or a GOAWAY
-/// whose last stream is below it: RFC 9113 §8.7) gets the request again on a new stream, its
-/// body included; a stream reset otherwise, a GOAWAY'd non-idempotent request (h2 cannot tell
-/// which side of the last stream it was) and a body beyond what is kept to send again are not
-/// sent twice: the client gets 502. (Regression: each was a 502 at once, so a gRPC server
-/// rotating its connections — max_connection_age — failed calls that had never reached it.)
+/// With `retry_refused = true`, an HTTP/2 upstream that refuses a stream unprocessed
+/// (RST_STREAM REFUSED_STREAM, or a GOAWAY whose last stream is below it: RFC 9113 §8.7) gets
+/// the request again on a new stream, its body included; a stream reset otherwise, a GOAWAY'd
+/// non-idempotent request (h2 cannot tell which side of the last stream it was) and a body
+/// beyond what is kept to send again are not sent twice: the client gets 502. Without the
+/// option (the default, as HAProxy's and Envoy's), nothing is sent twice.
 fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: &Server) {
     let caller = client("caller");
-    let ask = |path: &str, extra: &[&str]| {
+    let ask_on = |host: &str, path: &str, extra: &[&str]| {
         let mut args = with_client(&caller);
         args.extend(extra);
-        let r = curl(d, s, "refusing.test", path, &args);
+        let r = curl(d, s, host, path, &args);
         let (body, status) = r.stdout.rsplit_once('\n').unwrap_or_default();
         (
             status
@@ -349,6 +354,7 @@ fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: 
             body.to_string(),
         )
     };
+    let ask = |path: &str, extra: &[&str]| ask_on("refusing.test", path, extra);
     let count = |name: &str| ask(&format!("/count/{name}"), &[]).1;
     let ok = |body: &str| ("200".to_string(), body.to_string());
     assert_eq!(
@@ -383,5 +389,14 @@ fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: 
         count("e"),
         "1",
         "a body beyond the replay limit is not sent again"
+    );
+    assert_eq!(
+        ask_on("no-retry.test", "/refuse-once/g", &["--data-binary", "x"]).0,
+        "502"
+    );
+    assert_eq!(
+        count("g"),
+        "1",
+        "without retry_refused, nothing is sent again"
     );
 }

@@ -872,6 +872,10 @@ fn bad_configurations_are_refused_with_the_key_and_line() {
         2,
         "nats_kept_mib = 1: give the MiB of messages JetStream keeps",
     );
+    let r = check(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[domain]]\nhostname = \"a.test\"\ncertificate = \"auto\"\n[[domain.mapping]]\nupstream = \"http://127.0.0.1:9\"\nretry_refused = true\n",
+    );
+    assert_clean_error(&r, 2, "retry_refused is for HTTP/2 upstreams");
     let r = check(&format!("nats_kept_mib = 64\n{rest}"));
     assert_clean_error(&r, 2, "nats_kept_mib is set without nats_url");
     // Without --config, the quickstart's file must exist: checking does not make it.

@@ -105,6 +105,9 @@ pub(crate) struct H2Client {
     /// than each wait for a connection of their own (an upstream that does not answer would
     /// hold the last of a hundred waiting requests for a hundred connect timeouts).
     connecting: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
+    /// `retry_refused`: a stream refused unprocessed is sent once more. Off, no request's head
+    /// or body is kept for it (a copy of every head cost 7–10 % of the requests a core proxies).
+    retry: bool,
 }
 
 type Conns = Arc<Mutex<Vec<(String, Conn)>>>;
@@ -184,7 +187,11 @@ pub(crate) enum Failure {
 }
 
 impl H2Client {
-    pub(crate) fn new(connect_timeout: Duration, tls: Option<rustls::ClientConfig>) -> H2Client {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+        retry: bool,
+    ) -> H2Client {
         H2Client {
             tls: tls.map(|mut config| {
                 config.alpn_protocols = vec![b"h2".to_vec()];
@@ -193,6 +200,7 @@ impl H2Client {
             connect_timeout,
             conns: Arc::new(Mutex::new(Vec::new())),
             connecting: tokio::sync::Mutex::new(None),
+            retry,
         }
     }
 
@@ -214,9 +222,12 @@ impl H2Client {
             let mut body = Some(body);
             let mut replay: Option<Pipe> = None;
             let mut parts = parts;
-            for attempt in 0..2 {
+            let attempts = if self.retry { 2 } else { 1 };
+            for attempt in 0..attempts {
                 // Sent again at most once, on a new stream: its head kept for it.
-                let head = if attempt == 0 {
+                let head = if attempt == 0 && attempts == 1 {
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+                } else if attempt == 0 {
                     let mut again = Request::new(());
                     *again.method_mut() = parts.method.clone();
                     *again.uri_mut() = parts.uri.clone();
@@ -227,7 +238,7 @@ impl H2Client {
                     std::mem::replace(&mut parts, Request::new(()).into_parts().0)
                 };
                 let head = Request::from_parts(head, ());
-                let last = attempt == 1;
+                let last = attempt + 1 == attempts;
                 match self
                     .attempt(head, end, &mut body, &mut replay, &screen, idempotent, last)
                     .await
@@ -534,11 +545,15 @@ struct Pipe {
     answer_gone: Option<(tokio::sync::oneshot::Receiver<()>, Streaming)>,
     /// What was sent, kept (up to [`REPLAY_LIMIT`]) to be sent again on a new stream should
     /// the upstream refuse this one unprocessed; `None` once that can no longer be.
-    record: Option<Record>,
+    record: Option<Box<Record>>,
     /// Sent on this stream before anything more is read from the client (a refused stream's).
-    replaying: std::collections::VecDeque<(Bytes, bool)>,
-    /// And its trailers, after them.
-    replay_trailers: Option<hyper::HeaderMap>,
+    replaying: Option<Box<Replaying>>,
+}
+
+/// A refused stream's body, sent again: its pieces, then its trailers.
+struct Replaying {
+    pieces: std::collections::VecDeque<(Bytes, bool)>,
+    trailers: Option<hyper::HeaderMap>,
 }
 
 /// What a [`Pipe`] sent.
@@ -562,9 +577,8 @@ impl Pipe {
             held: None,
             screen,
             answer_gone: None,
-            record: record.then(Record::default),
-            replaying: std::collections::VecDeque::new(),
-            replay_trailers: None,
+            record: record.then(Box::default),
+            replaying: None,
         }
     }
 
@@ -572,8 +586,9 @@ impl Pipe {
     /// rest of the client's. `None` if it did not keep all it sent.
     fn renew(self, send: h2::SendStream<Bytes>) -> Option<Pipe> {
         let record = self.record?;
-        let mut replaying: std::collections::VecDeque<_> = record.sent.into();
-        replaying.extend(self.held);
+        let Record { sent, trailers, .. } = *record;
+        let mut pieces: std::collections::VecDeque<_> = sent.into();
+        pieces.extend(self.held);
         Some(Pipe {
             body: self.body,
             send,
@@ -581,8 +596,7 @@ impl Pipe {
             screen: self.screen,
             answer_gone: None,
             record: None,
-            replaying,
-            replay_trailers: record.trailers,
+            replaying: Some(Box::new(Replaying { pieces, trailers })),
         })
     }
 
@@ -652,7 +666,7 @@ impl Future for Pipe {
                 continue;
             }
             // A refused stream's body first, as it was sent.
-            if let Some((data, last)) = this.replaying.pop_front() {
+            if let Some((data, last)) = this.replaying.as_mut().and_then(|r| r.pieces.pop_front()) {
                 if data.is_empty() {
                     if this.send_data(data, last).is_err() {
                         return this.abandon();
@@ -666,7 +680,7 @@ impl Future for Pipe {
                 }
                 continue;
             }
-            if let Some(trailers) = this.replay_trailers.take() {
+            if let Some(trailers) = this.replaying.as_mut().and_then(|r| r.trailers.take()) {
                 this.send.reserve_capacity(0);
                 if this.send_trailers(trailers).is_err() {
                     return this.abandon();
@@ -799,7 +813,7 @@ mod tests {
             assert!(held.len() < 64, "the listener's backlog never filled");
         }
         let timeout = Duration::from_millis(500);
-        let client = std::sync::Arc::new(H2Client::new(timeout, None));
+        let client = std::sync::Arc::new(H2Client::new(timeout, None, false));
         let uri: hyper::Uri = format!("http://{address}/").parse().unwrap();
         let started = tokio::time::Instant::now();
         let waiting: Vec<_> = (0..8)

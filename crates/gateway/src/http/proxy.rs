@@ -61,13 +61,18 @@ pub(crate) fn mapping_client(
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
     protocol: UpstreamProtocol,
+    retry_refused: bool,
 ) -> Result<MappingClient, GatewayError> {
     if protocol.is_h2() {
         let config = match protocol {
             UpstreamProtocol::H2 => Some(tls_config(tls)?),
             _ => None,
         };
-        return Ok(MappingClient::H2(H2Client::new(connect_timeout, config)));
+        return Ok(MappingClient::H2(H2Client::new(
+            connect_timeout,
+            config,
+            retry_refused,
+        )));
     }
     client(connect_timeout, tls).map(|c| MappingClient::Http1(Box::new(c)))
 }
