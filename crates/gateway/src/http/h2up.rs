@@ -29,10 +29,16 @@ use crate::http::respond::Body;
 
 /// HTTP/2 flow-control window per upstream stream: what the gateway may hold of one response a
 /// client has not read yet.
-const STREAM_WINDOW: u32 = 1024 * 1024;
+const STREAM_WINDOW: u32 = 512 * 1024;
 
-/// HTTP/2 flow-control window per upstream connection (shared by its streams).
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 flow-control window per upstream connection, shared by the streams of every client:
+/// out of reach (1 GiB, as Go's transport), so that only each stream's window holds an upstream
+/// back. (Regression: at 16 MiB, one client that stopped reading 17 streams of large answers
+/// held the whole connection's window, and every other client's calls to that upstream waited.)
+/// What the gateway holds for clients that do not read is bounded per stream, as an HTTP/1.1
+/// upstream's socket buffers bound it per connection: at most [`STREAM_WINDOW`] for each of a
+/// client connection's streams.
+const CONNECTION_WINDOW: u32 = 1024 * 1024 * 1024;
 
 /// The largest header block (or trailers) taken from an upstream.
 const MAX_HEADER_LIST: u32 = 64 * 1024;

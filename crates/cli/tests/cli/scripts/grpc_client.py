@@ -99,6 +99,53 @@ check(rest == 1023, "the whole 64 MiB stream arrived once the client read again 
 check(held < 8 * 1024, "a stalled reader made the gateway hold %d KiB (bounded by the windows)" % held)
 print("stalled 64 MiB stream: the gateway grew by %d KiB" % held, flush=True)
 
+# Regression: every client's calls to an upstream share one connection. A client that opened
+# 40 large streams and let nothing in (its windows at zero: a hand-written HTTP/2 client) made the
+# gateway hold each stream's whole upstream window, up to the connection's 16 MiB: every other
+# client's calls to that upstream then waited for it. Its streams now hold only their own windows
+# (512 KiB each) and the connection's is out of reach.
+import socket, ssl, struct
+import h2.config, h2.connection, h2.settings
+
+tls = ssl.create_default_context(cafile=ca)
+tls.load_cert_chain(cert, key)
+tls.set_alpn_protocols(["h2"])
+raw = tls.wrap_socket(socket.create_connection(("127.0.0.1", int(port))), server_hostname="localhost")
+check(raw.selected_alpn_protocol() == "h2", "the stalling client speaks HTTP/2")
+stall = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+stall.local_settings = h2.settings.Settings(client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+stall.initiate_connection()
+for i in range(40):
+    sid = stall.get_next_available_stream_id()
+    stall.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
+                             (":path", "/test.Echo/Big"), ("content-type", "application/grpc"),
+                             ("te", "trailers")])
+    stall.send_data(sid, b"\x00" + struct.pack(">I", 3) + b"256", end_stream=True)
+raw.sendall(stall.data_to_send())
+before = rss_kib()
+# Until the gateway holds 14 MiB more (the streams' answers piling up: at the old windows the
+# connection stopped at 16; now at 40 × 512 KiB), or 10 s; what arrives is read (never
+# acknowledged).
+raw.settimeout(0.05)
+deadline = time.monotonic() + 10
+while rss_kib() - before < 14 * 1024 and time.monotonic() < deadline:
+    try:
+        stall.receive_data(raw.recv(65536))
+        raw.sendall(stall.data_to_send())
+    except socket.timeout:
+        pass
+grown = rss_kib() - before
+other = channel("localhost")
+try:
+    answer = method(other, "Echo")(b"meanwhile", timeout=5)
+    check(answer.startswith(b"echo:meanwhile"),
+          "another client's call goes through while one client stalls 40 streams (%s)" % answer)
+except grpc.RpcError as e:
+    check(False, "another client's call goes through while one client stalls 40 streams "
+                 "(the gateway grew by %d KiB; %s)" % (grown, e.code()))
+raw.close()
+print("40 stalled streams: the gateway grew by %d KiB; another call went through" % grown, flush=True)
+
 # The gateway's own answers, as gRPC statuses a client can read.
 code, details = status_of(lambda: method(channel("down.test"), "Echo")(b"", timeout=10))
 check(code == grpc.StatusCode.UNAVAILABLE and "upstream-unavailable" in details,

@@ -65,7 +65,8 @@ handlers = {
     "Sum": grpc.stream_unary_rpc_method_handler(total, ident, ident),
     "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
 }
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+# Threads enough for the stalled streams of the client test (each holds one while it waits).
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
 if len(sys.argv) > 2:
     # TLS (for an h2 mapping): certificate chain and key files.
