@@ -242,8 +242,8 @@ pub struct MappingSpec {
     #[serde(default = "default_http1", skip_serializing_if = "is_http1")]
     pub upstream_protocol: String,
     /// HTTP/2 upstreams: a request whose stream the upstream refused unprocessed (RST_STREAM
-    /// REFUSED_STREAM, or above a GOAWAY's last stream for idempotent methods) is sent once
-    /// more on a new stream (default false: each request's head is kept for it, a cost).
+    /// REFUSED_STREAM, or above a GOAWAY's last stream) is sent once more on a new stream
+    /// (default false: each request's head is kept for it, a cost).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retry_refused: bool,
     /// For `builtin:token`: the audiences a token may be asked for (empty: any).

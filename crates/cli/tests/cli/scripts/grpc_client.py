@@ -135,6 +135,7 @@ while rss_kib() - before < 14 * 1024 and time.monotonic() < deadline:
     except socket.timeout:
         pass
 grown = rss_kib() - before
+check(grown >= 14 * 1024, "the 40 stalled streams' answers piled up in the gateway (%d KiB)" % grown)
 other = channel("localhost")
 try:
     answer = method(other, "Echo")(b"meanwhile", timeout=5)
