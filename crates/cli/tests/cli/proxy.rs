@@ -401,4 +401,41 @@ fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: 
         "1",
         "without retry_refused, nothing is sent again"
     );
+
+    // Regression: calls share one connection to the upstream, which allows 4 streams at once;
+    // 4 held open (a client that does not read, or long calls) queued every other client's
+    // calls behind them inside h2. A connection more is opened instead.
+    let url = format!("https://refusing.test:{}/hold/h", s.port);
+    let resolve = format!("refusing.test:{}:127.0.0.1", s.port);
+    let holding: Vec<_> = (0..4)
+        .map(|_| {
+            let mut args = vec!["-sS", "--max-time", "60", "--resolve", &resolve];
+            args.extend(["--cacert", "data/ca/ca.pem"]);
+            args.extend(with_client(&caller));
+            args.push(&url);
+            crate::serve::Killed(
+                std::process::Command::new("curl")
+                    .args(&args)
+                    .current_dir(d)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(d.join("held.txt")).unwrap_or_default() != "4" {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the 4 held requests did not all reach the upstream"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        ask("/count/h", &[]),
+        ok("4"),
+        "a call while the upstream's 4 streams are held goes through on another connection"
+    );
+    drop(holding);
 }

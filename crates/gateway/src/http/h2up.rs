@@ -8,7 +8,8 @@
 //! request body (flow-controlled: the next piece is read from the client only once the upstream
 //! has room for it) and the answer (its data released to the upstream only as the client's
 //! side takes it). The connection's own task only drives the connection: framing, pings and
-//! closing an idle one. One connection per upstream, multiplexed, as hyper's pool kept.
+//! closing an idle one. One connection per upstream, multiplexed, as hyper's pool kept; another
+//! once it has as many streams open as the upstream allows.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -106,7 +107,8 @@ impl OwnedTrailerScreen {
     }
 }
 
-/// The HTTP/2 client of one mapping.
+/// The HTTP/2 client of one mapping: a connection per upstream authority, more while one has
+/// as many streams open as the upstream allows.
 pub(crate) struct H2Client {
     /// `h2`: TLS with ALPN `h2`; `h2c`: none (prior knowledge).
     tls: Option<tokio_rustls::TlsConnector>,
@@ -136,6 +138,8 @@ struct Conn {
 /// A connection's exchanges under way, and when the last one ended.
 struct Activity {
     streams: AtomicUsize,
+    /// Exchanges under way (streams opened and not yet done with).
+    exchanges: AtomicUsize,
     since: std::time::Instant,
     /// Milliseconds from `since` to the end of the last exchange.
     last_ms: AtomicU64,
@@ -152,18 +156,19 @@ impl Activity {
 }
 
 /// An exchange under way on a connection (which is not idle meanwhile).
-struct Streaming(Arc<Activity>);
+struct Streaming(Arc<Activity>, bool);
 
 impl Streaming {
     fn on(conn: &Conn) -> Streaming {
         conn.activity.streams.fetch_add(1, Ordering::AcqRel);
-        Streaming(conn.activity.clone())
+        conn.activity.exchanges.fetch_add(1, Ordering::AcqRel);
+        Streaming(conn.activity.clone(), true)
     }
 
     /// Another part of the same exchange (a request body going up on its own task).
     fn again(&self) -> Streaming {
         self.0.streams.fetch_add(1, Ordering::AcqRel);
-        Streaming(self.0.clone())
+        Streaming(self.0.clone(), false)
     }
 }
 
@@ -172,6 +177,9 @@ impl Drop for Streaming {
         let now = u64::try_from(self.0.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_ms.store(now, Ordering::Relaxed);
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.1 {
+            self.0.exchanges.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -383,11 +391,21 @@ impl H2Client {
         Err("the upstream closed its HTTP/2 connection".to_string())
     }
 
+    /// A connection to `key` open and with room for another stream: below the streams the
+    /// upstream allows at once (SETTINGS_MAX_CONCURRENT_STREAMS). Beyond them h2 would queue
+    /// new streams behind the open ones, so that streams held open (a client that does not
+    /// read their answers, long calls) would hold up every client's calls: a connection more is
+    /// opened instead, as Go's HTTP/2 transport does.
     fn live(&self, key: &str) -> Option<Conn> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns
             .iter()
-            .find(|(k, c)| k == key && !c.closed.load(Ordering::Acquire))
+            .find(|(k, c)| {
+                k == key
+                    && !c.closed.load(Ordering::Acquire)
+                    && c.activity.exchanges.load(Ordering::Acquire)
+                        < c.send.current_max_send_streams()
+            })
             .map(|(_, c)| c.clone())
     }
 
@@ -423,7 +441,7 @@ impl H2Client {
             Arc::downgrade(&self.conns),
         ));
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|(k, c)| k != key && !c.closed.load(Ordering::Acquire));
+        conns.retain(|(_, c)| !c.closed.load(Ordering::Acquire));
         conns.push((key.to_string(), conn.clone()));
         Ok(conn)
     }
@@ -489,6 +507,7 @@ where
         closed: Arc::new(AtomicBool::new(false)),
         activity: Arc::new(Activity {
             streams: AtomicUsize::new(0),
+            exchanges: AtomicUsize::new(0),
             since: std::time::Instant::now(),
             last_ms: AtomicU64::new(0),
         }),

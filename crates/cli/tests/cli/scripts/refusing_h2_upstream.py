@@ -7,10 +7,13 @@
 #                       the connection closed; the next: answered
 #   /reset/NAME         RST_STREAM INTERNAL_ERROR (perhaps processed: never sent again)
 #   /count/NAME         answers how many requests for NAME arrived
+#   /hold/NAME          never answered (held open until the gateway resets it); each one's
+#                       arrival is counted in the file held.txt
+# It allows 4 streams at once on a connection (SETTINGS_MAX_CONCURRENT_STREAMS).
 # An answered request gets 200 with "attempt N: " and the body it received.
 import socket, sys, threading
 
-import h2.config, h2.connection, h2.errors, h2.events, h2.exceptions
+import h2.config, h2.connection, h2.errors, h2.events, h2.exceptions, h2.settings
 
 seen = {}
 lock = threading.Lock()
@@ -22,6 +25,8 @@ def name_of(path):
 
 def serve(sock):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 4})
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     requests = {}
@@ -72,6 +77,12 @@ def answer(conn, sock, stream_id, path, body):
         conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=max(0, stream_id - 2))
         sock.sendall(conn.data_to_send())
         return True
+    if kind == "hold":
+        with lock:
+            held = seen[name]
+            with open("held.txt", "w") as f:
+                f.write(str(held))
+        return False
     if kind == "reset":
         conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
         return False
