@@ -402,11 +402,58 @@ fn refused_streams_are_sent_again_only_when_unprocessed(d: &std::path::Path, s: 
         "without retry_refused, nothing is sent again"
     );
 
+    // Refused while its body is still coming (the client streams it): what went up is sent
+    // again, then the rest, whole and in order.
+    let resolve = format!("refusing.test:{}:127.0.0.1", s.port);
+    let mut streaming = {
+        let mut args = vec!["-sS", "--max-time", "30", "--resolve", &resolve];
+        args.extend([
+            "--cacert",
+            "data/ca/ca.pem",
+            "-X",
+            "POST",
+            "-T",
+            "-",
+            "-H",
+            "Expect:",
+        ]);
+        args.extend(with_client(&caller));
+        let early = format!("https://refusing.test:{}/refuse-early/m", s.port);
+        std::process::Command::new("curl")
+            .args(&args)
+            .arg(&early)
+            .current_dir(d)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    {
+        use std::io::Write as _;
+        let mut body = streaming.stdin.take().unwrap();
+        body.write_all(b"part1-").unwrap();
+        body.flush().unwrap();
+        let started = std::time::Instant::now();
+        while !d.join("refused-m.txt").exists() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "the upstream never saw the streamed request"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        body.write_all(b"part2").unwrap();
+    }
+    let out = streaming.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "attempt 2: part1-part2",
+        "a body refused mid-way arrives whole on the second try"
+    );
+
     // Regression: calls share one connection to the upstream, which allows 4 streams at once;
     // 4 held open (a client that does not read, or long calls) queued every other client's
     // calls behind them inside h2. A connection more is opened instead.
     let url = format!("https://refusing.test:{}/hold/h", s.port);
-    let resolve = format!("refusing.test:{}:127.0.0.1", s.port);
     let holding: Vec<_> = (0..4)
         .map(|_| {
             let mut args = vec!["-sS", "--max-time", "60", "--resolve", &resolve];

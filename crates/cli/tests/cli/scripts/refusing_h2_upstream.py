@@ -5,6 +5,9 @@
 #                       arrived (not processed); the next: answered
 #   /goaway-once/NAME   the first: a GOAWAY whose last stream is below it (not processed), and
 #                       the connection closed; the next: answered
+#   /refuse-early/NAME  the first request for NAME: RST_STREAM REFUSED_STREAM as soon as its
+#                       head arrives, while its body may still be coming (the file
+#                       refused-NAME.txt then exists); the next: answered
 #   /reset/NAME         RST_STREAM INTERNAL_ERROR (perhaps processed: never sent again)
 #   /count/NAME         answers how many requests for NAME arrived
 #   /hold/NAME          never answered (held open until the gateway resets it); each one's
@@ -41,6 +44,18 @@ def serve(sock):
                                     v.decode() if isinstance(v, bytes) else v)
                                    for k, v in event.headers)
                     requests[event.stream_id] = [headers[":path"], b""]
+                    path = headers[":path"]
+                    if path.startswith("/refuse-early/") and not event.stream_ended:
+                        name = name_of(path)
+                        with lock:
+                            seen[name] = seen.get(name, 0) + 1
+                            first = seen[name] == 1
+                        if first:
+                            requests.pop(event.stream_id)
+                            conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                            sock.sendall(conn.data_to_send())
+                            open("refused-%s.txt" % name, "w").close()
+                            continue
                     if event.stream_ended:
                         if answer(conn, sock, event.stream_id, *requests.pop(event.stream_id)):
                             return
@@ -67,7 +82,7 @@ def answer(conn, sock, stream_id, path, body):
     kind = path.split("/")[1]
     name = name_of(path)
     with lock:
-        if kind != "count":
+        if kind not in ("count", "refuse-early"):
             seen[name] = seen.get(name, 0) + 1
         attempt = seen.get(name, 0)
     if kind == "refuse-once" and attempt == 1:
