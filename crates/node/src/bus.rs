@@ -1755,15 +1755,32 @@ struct Inflight {
     capacity: usize,
 }
 
-/// How many acknowledged stream sequences a persistent session remembers: more than
-/// [`MAX_ACK_PENDING`], what JetStream may have out at once.
+/// How many acknowledged stream sequences a persistent session's consumer remembers: more
+/// than [`MAX_ACK_PENDING`], what JetStream may have out at once.
 const ACKED_REMEMBERED: usize = 4 * MAX_ACK_PENDING as usize;
 
 /// The stream sequences of a persistent session's kept messages that JetStream may deliver
 /// again (when the acknowledgement wait passed first: a slow client, or a batch that waited
-/// long for room): none is sent to the client twice, nor out of order.
+/// long for room), by consumer: none is sent to the client twice, nor out of order. Each
+/// consumer delivers its own copy of a message (overlapping subscriptions, each with its own
+/// QoS and No Local), and its redeliveries come back through it. (Regression, found by
+/// review: kept by sequence alone, a copy one subscription filtered out, No Local's, made the
+/// other subscription's copy be skipped as acknowledged, and lost.)
 #[derive(Default)]
 struct Seqs {
+    of: HashMap<u64, ConsumerSeqs>,
+}
+
+impl Seqs {
+    /// Those of the consumer whose name hashes to `consumer`.
+    fn of(&mut self, consumer: u64) -> &mut ConsumerSeqs {
+        self.of.entry(consumer).or_default()
+    }
+}
+
+/// One consumer's [`Seqs`].
+#[derive(Default)]
+struct ConsumerSeqs {
     /// Delivered and not yet settled.
     with_client: HashSet<u64>,
     /// Acknowledged lately (the last [`ACKED_REMEMBERED`], oldest first).
@@ -1771,7 +1788,7 @@ struct Seqs {
     acked_order: VecDeque<u64>,
 }
 
-impl Seqs {
+impl ConsumerSeqs {
     /// Settled: no longer with the client; remembered if acknowledged.
     fn settled(&mut self, seq: u64, acknowledged: bool) {
         self.with_client.remove(&seq);
@@ -3524,6 +3541,13 @@ impl Node {
         // towards the acknowledgement wait meanwhile), and a pull request outlives a puller
         // stopped when its session moves — the server keeps sending it messages nobody reads,
         // as many as it asked for (each delivered again after the wait), until it expires.
+        // Its sequences are kept apart from the session's other consumers' (see [`Seqs`]).
+        let consumer_key = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            consumer.cached_info().name.hash(&mut h);
+            h.finish()
+        };
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(PULL_BATCH)
@@ -3546,7 +3570,8 @@ impl Node {
             let (seq, published) = (info.stream_sequence, SystemTime::from(info.published));
             let info_delivered = info.delivered;
             let (with_client, acked) = {
-                let seqs = inflight.seqs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut seqs = inflight.seqs.lock().unwrap_or_else(|p| p.into_inner());
+                let seqs = seqs.of(consumer_key);
                 (seqs.with_client.contains(&seq), seqs.acked.contains(&seq))
             };
             if with_client {
@@ -3598,6 +3623,7 @@ impl Node {
                 .seqs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .of(consumer_key)
                 .with_client
                 .insert(seq);
             let set = inflight.clone();
@@ -3612,6 +3638,7 @@ impl Node {
                     set.seqs
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
+                        .of(consumer_key)
                         .settled(seq, acknowledged);
                 },
             )
@@ -4019,12 +4046,17 @@ impl Node {
                 }
             };
             loop {
-                let entry = tokio::select! {
-                    entry = watch.next() => entry,
-                    _ = reconnects.changed() => None,
+                let (entry, reconnected) = tokio::select! {
+                    entry = watch.next() => (entry, false),
+                    _ = reconnects.changed() => (None, true),
                 };
                 let Some(Ok(entry)) = entry else {
                     afresh = true;
+                    // A watch that failed or ended is made again after a moment (each time
+                    // every owner is read again: not in a loop); after a reconnect, at once.
+                    if !reconnected {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                     break;
                 };
                 if entry.operation != kv::Operation::Put {
