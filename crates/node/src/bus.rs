@@ -7,9 +7,12 @@
 //! `*`, `>`, `%`, space, control and non-ASCII bytes; a lone `%` for an empty level), so every
 //! legal MQTT topic round-trips. `+` becomes `*`; a trailing `#` becomes `>` plus its parent.
 //!
-//! - QoS 0 goes on `pcl.<topic>` (core NATS: at most once between nodes) as a live frame: the
-//!   metadata in front of the payload, no NATS headers (`pcm.<topic>` with headers, as earlier
-//!   versions sent it, is still read).
+//! - QoS 0 goes to the nodes that want it by the route table ([`routes`]: bucket
+//!   `PORTCULLIS_ROUTES`), on `pcn.<node>` in batches of many topics; or, when the sending node
+//!   is unsure of its destinations, on `pcb.<topic>` in batches of one topic, which NATS routes by
+//!   each node's subscriptions (core NATS: at most once between nodes; `pcl.<topic>`, one message
+//!   as a live frame, and `pcm.<topic>` with headers, as earlier versions sent it, are still
+//!   read).
 //! - QoS 1 and 2 go on `pcq.<topic>` through JetStream (stream `PORTCULLIS_MQTT`, replicated as
 //!   configured, deduplicated by message id): the publisher's PUBACK or PUBREC waits for the
 //!   stream's acknowledgement, so an acknowledged message is stored by a quorum of servers.
@@ -54,6 +57,7 @@ use portcullis_mqtt::codec::{PublishProperties, QoS};
 use tokio::sync::{mpsc, oneshot};
 
 mod kept;
+mod routes;
 
 /// QoS 0 messages one by one (live frames): retained ones, and those of nodes before batches.
 const LIVE: &str = "pcl";
@@ -62,6 +66,10 @@ const LIVE: &str = "pcl";
 const LIVE_HEADERS: &str = "pcm";
 /// QoS 0 messages of one topic sent together: [`Batches`] frames.
 const LIVE_BATCH: &str = "pcb";
+/// QoS 0 messages of many topics for one node (`pcn.NODE`): [`routes::NodeBatches`].
+const NODE_BATCH: &str = "pcn";
+/// A node asks another (`pcw.NODE`) to answer once its route table has an entry.
+const ROUTE_SYNC: &str = "pcw";
 /// QoS 1 and 2 messages (JetStream).
 const STORED: &str = "pcq";
 /// Retained messages (JetStream, last per subject).
@@ -75,6 +83,15 @@ const SESSIONS: &str = "PORTCULLIS_SESSIONS";
 /// key a hash of `$share/GROUP/FILTER`, value FILTER. Kept [`SHARED_KEEP`] after its last
 /// refresh by a node with members.
 const SHARED_GROUPS: &str = "PORTCULLIS_SHARED";
+/// The cluster's route table (see [`routes`]): key `NODE.FILTER-HASH`, value the filter a node
+/// holds; `NODE.node`, the node's instance.
+const ROUTES: &str = "PORTCULLIS_ROUTES";
+/// How long a SUBACK waits at most for the subscription's filter to reach this node's own copy
+/// of the route table (and so, about as soon, every other node's).
+const ROUTE_WAIT: Duration = Duration::from_secs(1);
+/// How often a node asks whether the nodes in its route table are still there (and writes its
+/// own entries again if any went missing).
+const ROUTES_SWEEP: Duration = Duration::from_secs(10);
 /// Persistent sessions' QoS 2 messages received and not yet released (PUBREL): key
 /// `CLIENT-KEY.PACKET-ID`, value the message id the stream stored it under.
 const QOS2: &str = "PORTCULLIS_QOS2";
@@ -116,6 +133,9 @@ const MAX_ACK_PENDING: i64 = 1_000;
 
 /// Messages waiting for NATS at most; beyond, new ones are dropped (counted) or refused.
 const QUEUE: usize = 10_000;
+
+/// Topics whose routes the publishing task remembers at most (looked up again beyond).
+const ROUTED_TOPICS: usize = 65_536;
 
 /// Messages taken from the queue to NATS at a time.
 const BATCH: usize = 512;
@@ -681,6 +701,11 @@ pub(crate) struct NatsState {
     live_acknowledged: AtomicBool,
     /// Which topics' QoS 1 messages the cluster keeps.
     kept: kept::KeptInterest,
+    /// Every node on the bus reads batches for nodes (protocol 4): QoS 0 messages go by the
+    /// route table.
+    node_routes: AtomicBool,
+    /// Which nodes want which topics' QoS 0 messages.
+    routes: routes::Routes,
     /// When a slow consumer was last told in the log.
     slow_told: std::sync::Mutex<Option<std::time::Instant>>,
     /// The publishing task took publications from its queue (see [`NatsBridge::backpressure`]).
@@ -728,6 +753,17 @@ impl NatsState {
                 tracing::info!(target: "portcullis::cluster", "every node reads QoS 1 batches: QoS 1 messages cross NATS a topic's batch at a time");
             } else {
                 tracing::info!(target: "portcullis::cluster", "a node of an older version is up: QoS 1 messages cross NATS one by one");
+            }
+        }
+    }
+
+    /// Whether QoS 0 messages may go by the route table (see [`routes_understood`]).
+    pub(crate) fn set_node_routes(&self, on: bool) {
+        if self.node_routes.swap(on, Ordering::SeqCst) != on {
+            if on {
+                tracing::info!(target: "portcullis::cluster", "every node reads batches for nodes (bus protocol 4): QoS 0 messages go to the nodes that want them, many topics at a time");
+            } else {
+                tracing::info!(target: "portcullis::cluster", "a node of an older version is up: QoS 0 messages cross NATS a topic at a time");
             }
         }
     }
@@ -1199,9 +1235,9 @@ fn expired_properties() -> &'static str {
 
 /// The bus protocol this version speaks to other nodes: 2 since QoS 1 messages cross NATS in
 /// batches, 3 since QoS 1 messages nobody keeps cross live (a node stores those its persistent
-/// sessions need; see [`kept`]). Reported in the heartbeat's version (`0.1.0+bus.3`); a node
-/// reporting none speaks 1.
-pub(crate) const BUS_PROTOCOL: u32 = 3;
+/// sessions need; see [`kept`]), 4 since QoS 0 messages go by the route table (see [`routes`]).
+/// Reported in the heartbeat's version (`0.1.0+bus.4`); a node reporting none speaks 1.
+pub(crate) const BUS_PROTOCOL: u32 = 4;
 
 /// The version this node reports in its heartbeat.
 pub(crate) fn reported_version() -> String {
@@ -1224,6 +1260,12 @@ pub(crate) fn live_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool
     all_speak(nodes, 3)
 }
 
+/// Whether every node the registry knows on the bus reads batches for nodes (protocol 4): until
+/// then QoS 0 messages cross a topic at a time (as [`batches_understood`]).
+pub(crate) fn routes_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool {
+    all_speak(nodes, 4)
+}
+
 fn all_speak(nodes: &[portcullis_registry::NodeStatus], protocol: u32) -> bool {
     nodes.iter().filter(|n| n.nats.is_some()).all(|n| {
         n.version
@@ -1232,6 +1274,20 @@ fn all_speak(nodes: &[portcullis_registry::NodeStatus], protocol: u32) -> bool {
             .unwrap_or(1)
             >= protocol
     })
+}
+
+/// Batches for nodes sent or received (see [`routes::NodeBatches`]).
+fn node_batches(direction: &'static str) -> &'static metrics::Counter {
+    static SENT: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    static RECEIVED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    let cell = if direction == "sent" {
+        &SENT
+    } else {
+        &RECEIVED
+    };
+    cell.get_or_init(
+        || metrics::counter!("portcullis_cluster_node_batches_total", "direction" => direction),
+    )
 }
 
 /// The headers a message crosses NATS with.
@@ -1406,6 +1462,7 @@ pub(crate) async fn start(
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
+        held_routes: Arc::default(),
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -1413,7 +1470,11 @@ pub(crate) async fn start(
         state: state.clone(),
     }));
     tokio::spawn(async move {
-        let (clients, sessions, qos2, groups) = node.set_up().await;
+        let (clients, sessions, qos2, groups, routes) = node.set_up().await;
+        tokio::spawn(node.clone().watch_routes(routes.clone()));
+        tokio::spawn(node.clone().keep_routes(routes));
+        tokio::spawn(node.clone().receive_routed());
+        tokio::spawn(node.clone().answer_route_waits());
         let _ = node.groups.set(groups.clone());
         tokio::spawn(node.clone().watch_interest(sessions.clone(), groups));
         // Only a node that sends QoS 1 live decides by what it knows of the cluster's
@@ -1916,11 +1977,14 @@ struct Node {
     late: mpsc::Sender<(String, async_nats::HeaderMap, bytes::Bytes)>,
     /// Tests only: see [`INTEREST_LAG_VAR`].
     interest_lag: Option<Duration>,
+    /// This node's entries in the route table (key, filter): written again after a lost
+    /// connection to NATS, or when one went missing.
+    held_routes: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Node {
     /// Makes (or finds) the streams and the buckets, retrying until NATS answers.
-    async fn set_up(&self) -> (kv::Store, kv::Store, kv::Store, kv::Store) {
+    async fn set_up(&self) -> (kv::Store, kv::Store, kv::Store, kv::Store, kv::Store) {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.try_set_up().await {
@@ -1934,7 +1998,7 @@ impl Node {
         }
     }
 
-    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store, kv::Store)> {
+    async fn try_set_up(&self) -> Result<(kv::Store, kv::Store, kv::Store, kv::Store, kv::Store)> {
         // Limits retention: every consumer (a persistent subscription, a shared group) keeps its
         // own place and nothing is removed on acknowledgement. By interest (as earlier versions
         // made it), nats-server 2.9 lost messages one consumer had not taken yet once another
@@ -1978,6 +2042,7 @@ impl Node {
             self.bucket(SESSIONS, Duration::ZERO).await?,
             self.bucket(QOS2, QOS2_KEEP).await?,
             self.bucket(SHARED_GROUPS, SHARED_KEEP).await?,
+            self.bucket(ROUTES, Duration::ZERO).await?,
         ))
     }
 
@@ -2026,6 +2091,11 @@ impl Node {
         // Whether a topic's QoS 1 messages are kept, as decided under `decided_at`.
         let mut decided: HashMap<String, bool> = HashMap::new();
         let mut decided_at = u64::MAX;
+        // QoS 0 messages for other nodes, by the route table; a topic's route as looked up
+        // under `routed_at`.
+        let mut for_nodes = routes::NodeBatches::default();
+        let mut routed: HashMap<String, routes::Route> = HashMap::new();
+        let mut routed_at = u64::MAX;
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         loop {
@@ -2071,11 +2141,30 @@ impl Node {
                 decided.clear();
                 decided_at = generation;
             }
+            let node_routes = self.state.node_routes.load(Ordering::Relaxed);
+            let generation = self.state.routes.generation();
+            if generation != routed_at || routed.len() > ROUTED_TOPICS {
+                routed.clear();
+                routed_at = generation;
+            }
             for Work::Publish(m, publisher, reply, exactly_once, keep) in batch.drain(..) {
                 seq += 1;
                 if m.qos == QoS::AtMostOnce && !m.retain {
-                    // The common case, kept cheap: no headers, no id string (a topic's
-                    // messages together).
+                    // The common case, kept cheap: no headers, no id string; to the nodes that
+                    // want it, many topics at a time, or else on the topic's subject (a
+                    // topic's messages together).
+                    if node_routes {
+                        if !routed.contains_key(m.topic.as_str()) {
+                            let route = self.state.routes.route(&m.topic, self.origin);
+                            routed.insert(m.topic.clone(), route);
+                        }
+                        if let Some(routes::Route::Nodes(to)) = routed.get(m.topic.as_str()) {
+                            if let Some(full) = for_nodes.add(to, &m, self.origin, seq) {
+                                self.send_nodes(full).await;
+                            }
+                            continue;
+                        }
+                    }
                     if let Some(full) = live.add(&m, None, None, self.origin, seq) {
                         self.send_live(full).await;
                     }
@@ -2116,6 +2205,9 @@ impl Node {
                 // Anything else keeps its place after the batched messages before it.
                 for full in live.drain() {
                     self.send_live(full).await;
+                }
+                for full in for_nodes.drain() {
+                    self.send_nodes(full).await;
                 }
                 for full in acknowledged.drain() {
                     self.send_acknowledged(full, &mut answered).await;
@@ -2196,6 +2288,9 @@ impl Node {
             }
             for full in live.drain() {
                 self.send_live(full).await;
+            }
+            for full in for_nodes.drain() {
+                self.send_nodes(full).await;
             }
             for full in acknowledged.drain() {
                 self.send_acknowledged(full, &mut answered).await;
@@ -2293,13 +2388,27 @@ impl Node {
                     for task in held.remove(&filter).into_iter().flatten() {
                         task.abort();
                     }
+                    self.unroute(&filter).await;
                 }
                 Control::Interest(filter, true, reply) => {
                     let tasks = self.subscribe(&filter).await;
+                    let routed = self.route(&filter).await;
                     held.insert(filter, tasks);
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Ok(()));
-                    }
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        // Until every node's route table has the filter, or a moment has
+                        // passed (a table not read yet, JetStream out of reach: the topic's
+                        // own subject carries its messages meanwhile).
+                        if let Some((key, stored)) = routed
+                            && let Ok(Ok(_)) = tokio::time::timeout(ROUTE_WAIT, stored).await
+                            && node.state.routes.is_ready()
+                        {
+                            node.routes_hold(&key).await;
+                        }
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(()));
+                        }
+                    });
                 }
                 Control::Retained {
                     client_id,
@@ -4017,6 +4126,298 @@ impl Node {
         }
     }
 
+    /// Writes `filter` (held here) into the route table; the key, and the write's
+    /// acknowledgement to come.
+    async fn route(&self, filter: &str) -> Option<(String, jetstream::context::PublishAckFuture)> {
+        let key = routes::key(self.origin, filter);
+        self.held_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), filter.to_string());
+        match self
+            .js
+            .publish(
+                format!("$KV.{ROUTES}.{key}"),
+                bytes::Bytes::copy_from_slice(filter.as_bytes()),
+            )
+            .await
+        {
+            Ok(ack) => Some((key, ack)),
+            Err(e) => {
+                tracing::warn!(target: "portcullis::cluster", error = %e, filter = %filter, "cannot write a filter into the route table (its messages cross on their topics' subjects)");
+                None
+            }
+        }
+    }
+
+    /// Waits until this node's route table and every other node's hold `key` (each at most
+    /// [`ROUTE_WAIT`]; a node gone answers at once that nobody is there).
+    async fn routes_hold(&self, key: &str) {
+        let own = self.state.routes.wait_for(key, ROUTE_WAIT);
+        let others = self
+            .state
+            .routes
+            .other_nodes(self.origin)
+            .into_iter()
+            .map(|node| {
+                let asked = self.client.request(
+                    format!("{ROUTE_SYNC}.{node:016x}"),
+                    bytes::Bytes::copy_from_slice(key.as_bytes()),
+                );
+                async move {
+                    let _ =
+                        tokio::time::timeout(ROUTE_WAIT + Duration::from_millis(500), asked).await;
+                }
+            });
+        futures_util::future::join(own, futures_util::future::join_all(others)).await;
+    }
+
+    /// Answers other nodes' [`Node::routes_hold`] once this node's route table holds the key
+    /// asked about (or after [`ROUTE_WAIT`]).
+    async fn answer_route_waits(self) {
+        let subject = format!("{ROUTE_SYNC}.{:016x}", self.origin);
+        loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(mut asked) => {
+                    while let Some(ask) = asked.next().await {
+                        let Some(reply) = ask.reply else {
+                            continue;
+                        };
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let key = String::from_utf8_lossy(&ask.payload);
+                            let held = node.state.routes.wait_for(&key, ROUTE_WAIT).await;
+                            let answer = if held { &b"1"[..] } else { &b"0"[..] };
+                            let _ = node
+                                .client
+                                .publish(reply, bytes::Bytes::from_static(answer))
+                                .await;
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot subscribe on NATS to route table questions; retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Takes `filter` (no longer held here) out of the route table.
+    async fn unroute(&self, filter: &str) {
+        let key = routes::key(self.origin, filter);
+        self.held_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.delete_route(&key).await;
+    }
+
+    async fn delete_route(&self, key: &str) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        if let Err(e) = self
+            .js
+            .publish_with_headers(format!("$KV.{ROUTES}.{key}"), headers, bytes::Bytes::new())
+            .await
+        {
+            tracing::warn!(target: "portcullis::cluster", error = %e, key = %key, "cannot take an entry out of the route table");
+        }
+    }
+
+    /// Keeps [`NatsState::routes`] as the routes bucket says, read again from the start whenever
+    /// the watch fails or the connection to NATS comes back (every QoS 0 message goes on its
+    /// topic's subject meanwhile).
+    async fn watch_routes(self, bucket: kv::Store) {
+        let mut reconnects = self.state.reconnects.0.subscribe();
+        loop {
+            self.state.routes.reset();
+            reconnects.borrow_and_update();
+            tokio::select! {
+                read = self.read_routes(&bucket) => if let Err(e) = read {
+                    tracing::warn!(target: "portcullis::cluster", error = %format!("{e:#}"), "cannot watch the route table (QoS 0 messages cross on their topics' subjects meanwhile); retrying");
+                },
+                _ = reconnects.changed() => continue,
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn read_routes(&self, bucket: &kv::Store) -> Result<()> {
+        let routes = &self.state.routes;
+        let mut watch = bucket.watch_with_history(">").await?;
+        let mut pending = self.bucket_holds(ROUTES).await?;
+        if !pending {
+            routes.set_ready();
+        }
+        loop {
+            let entry = watch.next().await.context("the watch ended")??;
+            match entry.operation {
+                kv::Operation::Put => {
+                    routes.set(&entry.key, std::str::from_utf8(&entry.value).ok());
+                }
+                _ => routes.set(&entry.key, None),
+            }
+            if entry.delta == 0 && pending {
+                pending = false;
+                if routes.set_ready() {
+                    tracing::info!(target: "portcullis::cluster", entries = routes.len(), "read the route table: QoS 0 messages go to the nodes that want them");
+                }
+            }
+        }
+    }
+
+    /// Writes this node's entries in the route table, again after a lost connection to NATS;
+    /// every [`ROUTES_SWEEP`], puts back what went missing, takes out what it no longer holds,
+    /// and takes out the entries of nodes that are gone.
+    async fn keep_routes(self, bucket: kv::Store) {
+        let mut reconnects = self.state.reconnects.0.subscribe();
+        let mut every = tokio::time::interval(ROUTES_SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut write_all = true;
+        loop {
+            if write_all {
+                write_all = false;
+                let held: Vec<(String, String)> = self
+                    .held_routes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(k, f)| (k.clone(), f.clone()))
+                    .collect();
+                let marker = (routes::instance_key(self.origin), self.instance.clone());
+                for (key, value) in std::iter::once(marker).chain(held) {
+                    if let Err(e) = bucket.put(key.as_str(), value.into()).await {
+                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot write this node's entries into the route table; retrying");
+                        write_all = true;
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = reconnects.changed() => {
+                    write_all = true;
+                    continue;
+                }
+                _ = every.tick() => {}
+            }
+            if !self.state.routes.is_ready() {
+                continue;
+            }
+            // This node's own entries as the table has them, then as they should be (a filter
+            // taken out since was taken out by the control task too).
+            let listed: HashSet<String> =
+                self.state.routes.keys_of(self.origin).into_iter().collect();
+            let held = self
+                .held_routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if !listed.contains(&routes::instance_key(self.origin))
+                || held.keys().any(|k| !listed.contains(k))
+            {
+                tracing::info!(target: "portcullis::cluster", "entries of this node were missing from the route table: written again");
+                write_all = true;
+            }
+            for key in listed {
+                if !key.ends_with(".node") && !held.contains_key(&key) {
+                    self.delete_route(&key).await;
+                }
+            }
+            self.sweep_routes().await;
+        }
+    }
+
+    /// Takes out of the route table the entries of nodes that no longer answer on NATS (a node
+    /// killed: its messages would be sent for nobody).
+    async fn sweep_routes(&self) {
+        for (node, instance, keys) in self.state.routes.others(self.origin) {
+            let Some(instance) = instance else {
+                continue;
+            };
+            if !self.gone(&instance).await {
+                continue;
+            }
+            tracing::info!(target: "portcullis::cluster", node = %instance, entries = keys.len(), "a node is gone: its entries leave the route table");
+            for key in &keys {
+                self.delete_route(key).await;
+            }
+            // The deletions themselves go once every node has read them (if the node is still
+            // gone: one cut off from NATS for a while writes its entries again once back).
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ROUTES_SWEEP).await;
+                if !this.gone(&instance).await {
+                    return;
+                }
+                if let Ok(stream) = this.js.get_stream(format!("KV_{ROUTES}")).await {
+                    let _ = stream
+                        .purge()
+                        .filter(format!("$KV.{ROUTES}.{node:016x}.>"))
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Whether node instance `instance` is gone: nobody answers its pings on NATS.
+    async fn gone(&self, instance: &str) -> bool {
+        let asked = self
+            .client
+            .request(ping_subject(instance), bytes::Bytes::new());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), asked).await,
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders
+        )
+    }
+
+    /// Receives the batches other nodes send this node (see [`routes::NodeBatches`]).
+    async fn receive_routed(self) {
+        let subject = format!("{NODE_BATCH}.{:016x}", self.origin);
+        loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(mut batches) => {
+                    while let Some(msg) = batches.next().await {
+                        self.arrived_routed(&msg);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::cluster", error = %e, "cannot subscribe on NATS to this node's batches; retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn arrived_routed(&self, msg: &async_nats::Message) {
+        let Some((origin, topics)) = routes::read_node_batch(&msg.payload) else {
+            return;
+        };
+        if origin == self.origin {
+            return;
+        }
+        node_batches("received").increment(1);
+        for messages in topics {
+            if !messages.is_empty() {
+                self.counted(self.broker.deliver_remote_all(messages));
+            }
+        }
+    }
+
+    /// Sends a batch to each of its nodes.
+    async fn send_nodes(&self, batch: routes::ForNodes) {
+        for node in batch.to.iter() {
+            if let Err(e) = self
+                .client
+                .publish(format!("{NODE_BATCH}.{node:016x}"), batch.payload.clone())
+                .await
+            {
+                tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+            }
+        }
+        node_batches("sent").increment(batch.to.len() as u64);
+    }
+
     /// Whether the bucket `name` holds any entry now (its stream's state, read afresh).
     async fn bucket_holds(&self, name: &str) -> Result<bool> {
         let stream = self.js.get_stream(format!("KV_{name}")).await?;
@@ -4587,7 +4988,8 @@ mod tests {
         };
         let now = 1_000_000;
         let ours = super::reported_version();
-        assert!(ours.ends_with("+bus.3"));
+        assert!(ours.ends_with("+bus.4"));
+        assert!(super::routes_understood(&[node("a", &ours, now, true)]));
         let upgraded = vec![
             node("a", &ours, now, true),
             node("b", &ours, now - 3_000, true),
@@ -4599,6 +5001,7 @@ mod tests {
         two.push(node("f", "0.1.0+bus.2", now - 1_000, true));
         assert!(super::batches_understood(&two));
         assert!(!super::live_understood(&two));
+        assert!(!super::routes_understood(&two));
         // A node of a version before batches: one by one, whenever it was last heard of (it
         // may come back, and would drop the batches kept for its sessions).
         for last in [now - 1_000, now - 3_600_000] {
@@ -4613,8 +5016,9 @@ mod tests {
         assert!(super::batches_understood(&off));
         // A later protocol reads batches too.
         let mut later = upgraded;
-        later.push(node("e", "0.2.0+bus.4", now, true));
+        later.push(node("e", "0.2.0+bus.5", now, true));
         assert!(super::batches_understood(&later));
         assert!(super::live_understood(&later));
+        assert!(super::routes_understood(&later));
     }
 }

@@ -16,7 +16,8 @@
 //! `connect`: new TLS connection + CONNECT/CONNACK + DISCONNECT, in a loop per worker; prints
 //! connections per second. `fanin`: PUBLISHERS publish as fast as they can to their own topics
 //! (or RATE messages per second between them), one subscriber on `bench/#` counts; prints
-//! messages received per second. `fanout`: one
+//! messages received per second (`MQTT_LOAD_TOPICS=N`: each publisher's messages spread over N
+//! topics under its own, as a fleet's devices each publish to theirs). `fanout`: one
 //! publisher, SUBSCRIBERS on `bench/x`; prints deliveries per second. `idle`: opens CONNECTIONS
 //! sessions and holds them, printing `ready` when all are up. QoS 1 publishers keep up to 64
 //! messages unacknowledged.
@@ -196,6 +197,16 @@ async fn publisher(
     let mut sent: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // MQTT_LOAD_TOPICS=N: each message to the next of N topics under the publisher's (as a
+    // fleet's devices publish each to its own), not all to one.
+    let topics: Vec<String> = match std::env::var("MQTT_LOAD_TOPICS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n) if n > 1 => (0..n).map(|i| format!("{topic}/{i}")).collect(),
+        _ => vec![topic],
+    };
+    let mut next = 0;
     while Instant::now() < until {
         out.clear();
         let burst = match rate {
@@ -223,7 +234,7 @@ async fn publisher(
                     dup: false,
                     qos,
                     retain: false,
-                    topic: topic.clone(),
+                    topic: topics[next % topics.len()].clone(),
                     packet_id,
                     payload: payload.clone(),
                     properties: Default::default(),
@@ -232,6 +243,7 @@ async fn publisher(
                 &mut out,
             )
             .unwrap();
+            next += 1;
         }
         if wr.write_all(&out).await.is_err() {
             break;

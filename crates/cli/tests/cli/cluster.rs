@@ -168,12 +168,14 @@ const POLICY: &str = r#"{"Statement": [
   {"Effect": "Allow", "Action": "mqtt:Connect",
    "Resource": ["client:${cert:Subject.CN}", "client:${cert:Subject.CN}-*"]},
   {"Effect": "Allow", "Action": "mqtt:Publish",
-   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*", "topic:late/*"]},
+   "Resource": ["topic:devices/${cert:Subject.CN}/*", "topic:jobs/*", "topic:late/*",
+                "topic:fleet/*"]},
   {"Effect": "Allow", "Action": "mqtt:Subscribe",
    "Resource": ["topicfilter:devices/+/telemetry", "topicfilter:jobs/#",
-                "topicfilter:$share/workers/jobs/#", "topicfilter:jobs/zero/*", "topicfilter:late/#"]},
+                "topicfilter:$share/workers/jobs/#", "topicfilter:jobs/zero/*", "topicfilter:late/#",
+                "topicfilter:fleet/#", "topicfilter:fleet/+/t"]},
   {"Effect": "Allow", "Action": "mqtt:Receive",
-   "Resource": ["topic:devices/*", "topic:jobs/*", "topic:late/*"]}]}"#;
+   "Resource": ["topic:devices/*", "topic:jobs/*", "topic:late/*", "topic:fleet/*"]}]}"#;
 
 /// The mosquitto options for device `who` on `node`'s MQTT port (the server certificate is
 /// the cluster's, issued by the cluster CA).
@@ -429,6 +431,11 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         node.printed("QoS 1 live", |l| {
             l.contains("every node reads QoS 1 messages that cross live")
         });
+        // ... and QoS 0 messages go by the route table, as soon as each has read it.
+        node.printed("batches for nodes", |l| {
+            l.contains("every node reads batches for nodes")
+        });
+        node.printed("route table read", |l| l.contains("read the route table"));
     }
 
     // mosquitto: what is published on B and C at QoS 0, 1 and 2 reaches a subscriber on A.
@@ -485,6 +492,16 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
+    // B sent its QoS 0 message to A in a batch for A: A's filter was in B's route table before
+    // A's SUBACK.
+    assert!(
+        counter(
+            &a.metrics(da),
+            "portcullis_cluster_node_batches_total{direction=\"received\"}"
+        ) >= 1,
+        "{}",
+        a.metrics(da)
+    );
     // No persistent session or shared group wanted the QoS 1 message, but nats_qos1_live is off
     // (the default): JetStream kept it, and nothing of C's crossed live.
     let metrics = c.metrics(da);
@@ -515,6 +532,17 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
     a.printed("taken over", |l| {
         l.contains("mqtt session taken over by another node") && l.contains("dev-7")
     });
+    // The fleet's QoS 0 messages reached B and C in batches for nodes.
+    for (node, dir) in [(&b, &dirs[1]), (&c, &dirs[2])] {
+        let metrics = node.metrics(dir);
+        assert!(
+            counter(
+                &metrics,
+                "portcullis_cluster_node_batches_total{direction=\"received\"}"
+            ) >= 1,
+            "{metrics}"
+        );
+    }
     // What the message stream keeps, against nats_kept_mib (256 MiB here), is watched.
     let metrics = a.metrics(da);
     assert!(
@@ -823,6 +851,11 @@ fn three_nodes_route_mqtt_through_a_three_server_nats_cluster() {
         "{transcript}\n{}",
         d.lines_with("WARN").join("\n")
     );
+    // The nodes killed above (A, B, C) leave D's route table: no batch is sent for them.
+    let gone = d.printed("a node gone", |l| {
+        l.contains("a node is gone: its entries leave the route table")
+    });
+    println!("{gone}");
 }
 
 /// The value of the counter `series` (name and labels) in a Prometheus exposition; 0 if absent.

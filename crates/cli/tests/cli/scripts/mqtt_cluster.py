@@ -142,6 +142,25 @@ for _ in range(B):
 check(arrived["jobs/burst/x"] == list(range(0, B, 2)) and arrived["jobs/burst/y"] == list(range(1, B, 2)),
       "%d QoS 0 messages from node C all on node A, in order per topic" % B)
 
+# QoS 0 messages of many topics from node A to subscribers on nodes B and C: they cross in
+# batches for each node that wants them (the route table), many topics to a batch; each
+# subscriber gets every one, once, in order per topic. The subscription on C is made just before
+# the messages: its SUBACK comes once every node's route table has it.
+check(late.subscribe("fleet/#", 0) == [0], "QoS 0 subscription to fleet/# on node B granted")
+check(watcher.subscribe("fleet/+/t", 0) == [0], "QoS 0 subscription to fleet/+/t on node C granted")
+F, T = 400, 20
+for i in range(F):
+    burst.c.publish("fleet/%d/t" % (i % T), b"%d" % i, qos=0)
+want = {"fleet/%d/t" % t: list(range(t, F, T)) for t in range(T)}
+for node, d in (("B", late), ("C", watcher)):
+    got, n = {}, 0
+    while n < F:
+        m = d.next("message")
+        if m.topic.startswith("fleet/"):
+            got.setdefault(m.topic, []).append(int(m.payload))
+            n += 1
+    check(got == want, "%d QoS 0 messages of %d topics from node A on node %s, once each, in order per topic" % (F, T, node))
+
 # A persistent session's backlog larger than its queue (1,000): QoS 1 messages published on node
 # C while it is away are stored a batch at a time; resumed on node B, it receives each once, in
 # order (kept batches wait for room in the session's queue rather than overflow it and come
