@@ -92,6 +92,9 @@ const ROUTE_WAIT: Duration = Duration::from_secs(1);
 /// How often a node asks whether the nodes in its route table are still there (and writes its
 /// own entries again if any went missing).
 const ROUTES_SWEEP: Duration = Duration::from_secs(10);
+/// Checks in a row a node must miss (no answer to its pings: nobody subscribed) before its
+/// entries leave the route table (a node cut off from NATS for a moment keeps them).
+const SWEEP_MISSES: u32 = 2;
 /// Persistent sessions' QoS 2 messages received and not yet released (PUBREL): key
 /// `CLIENT-KEY.PACKET-ID`, value the message id the stream stored it under.
 const QOS2: &str = "PORTCULLIS_QOS2";
@@ -485,6 +488,10 @@ enum Control {
     DurableEnd(String, Option<u64>),
     /// A persistent session released its QoS 2 message: its ledger entry (key) goes.
     Released(String, Reply),
+    /// This node's entries in the route table: all written again.
+    RoutesWrite,
+    /// Entries of this node's that it no longer holds: taken out (unless held again by then).
+    RoutesDelete(Vec<String>),
 }
 
 /// The broker's side: queues, never blocks.
@@ -1463,6 +1470,8 @@ pub(crate) async fn start(
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
         held_routes: Arc::default(),
+        route_deletes: Arc::default(),
+        control: control.downgrade(),
     };
     broker.set_bridge(Arc::new(NatsBridge {
         work,
@@ -1471,8 +1480,8 @@ pub(crate) async fn start(
     }));
     tokio::spawn(async move {
         let (clients, sessions, qos2, groups, routes) = node.set_up().await;
-        tokio::spawn(node.clone().watch_routes(routes.clone()));
-        tokio::spawn(node.clone().keep_routes(routes));
+        tokio::spawn(node.clone().watch_routes(routes));
+        tokio::spawn(node.clone().keep_routes());
         tokio::spawn(node.clone().receive_routed());
         tokio::spawn(node.clone().answer_route_waits());
         let _ = node.groups.set(groups.clone());
@@ -1980,6 +1989,12 @@ struct Node {
     /// This node's entries in the route table (key, filter): written again after a lost
     /// connection to NATS, or when one went missing.
     held_routes: Arc<Mutex<HashMap<String, String>>>,
+    /// Deletions written into the route table (when, key, stream sequence): their markers are
+    /// purged once every node has read them.
+    route_deletes: Arc<Mutex<Vec<(tokio::time::Instant, String, u64)>>>,
+    /// The control task's queue (route table repairs go through it); weak, so that the control
+    /// task still ends with the broker's bridge.
+    control: mpsc::WeakUnboundedSender<Control>,
 }
 
 impl Node {
@@ -2384,6 +2399,20 @@ impl Node {
         let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
         while let Some(control) = controls.recv().await {
             match control {
+                // Route table repairs come here, in order with the filters' own writes.
+                Control::RoutesWrite => self.write_routes().await,
+                Control::RoutesDelete(keys) => {
+                    for key in keys {
+                        let held = self
+                            .held_routes
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .contains_key(&key);
+                        if !held {
+                            self.delete_route(&key).await;
+                        }
+                    }
+                }
                 Control::Interest(filter, false, _) => {
                     for task in held.remove(&filter).into_iter().flatten() {
                         task.abort();
@@ -4213,15 +4242,82 @@ impl Node {
         self.delete_route(&key).await;
     }
 
+    /// Writes a deletion of `key` into the route table; its marker is purged later (see
+    /// [`Node::purge_route_deletes`]).
     async fn delete_route(&self, key: &str) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("KV-Operation", "DEL");
-        if let Err(e) = self
+        match self
             .js
             .publish_with_headers(format!("$KV.{ROUTES}.{key}"), headers, bytes::Bytes::new())
             .await
         {
-            tracing::warn!(target: "portcullis::cluster", error = %e, key = %key, "cannot take an entry out of the route table");
+            Ok(ack) => {
+                let (deletes, key) = (self.route_deletes.clone(), key.to_string());
+                tokio::spawn(async move {
+                    if let Ok(Ok(ack)) = tokio::time::timeout(ROUTE_WAIT, ack).await {
+                        deletes.lock().unwrap_or_else(|p| p.into_inner()).push((
+                            tokio::time::Instant::now(),
+                            key,
+                            ack.sequence,
+                        ));
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(target: "portcullis::cluster", error = %e, key = %key, "cannot take an entry out of the route table");
+            }
+        }
+    }
+
+    /// Writes this node's instance and every filter it holds into the route table (in order
+    /// with the control task's own writes: it runs there).
+    async fn write_routes(&self) {
+        let held: Vec<(String, String)> = self
+            .held_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect();
+        let marker = (routes::instance_key(self.origin), self.instance.clone());
+        for (key, value) in std::iter::once(marker).chain(held) {
+            if let Err(e) = self
+                .js
+                .publish(format!("$KV.{ROUTES}.{key}"), value.into())
+                .await
+            {
+                // Written again at the next check (ROUTES_SWEEP).
+                tracing::warn!(target: "portcullis::cluster", error = %e, "cannot write this node's entries into the route table");
+                return;
+            }
+        }
+    }
+
+    /// Purges the markers of deletions older than [`ROUTES_SWEEP`] (every node has read them):
+    /// up to the deletion's own sequence, so that an entry written again since stays.
+    async fn purge_route_deletes(&self) {
+        let due: Vec<(String, u64)> = {
+            let mut deletes = self.route_deletes.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) = deletes
+                .drain(..)
+                .partition(|(at, _, _)| now.duration_since(*at) >= ROUTES_SWEEP);
+            *deletes = later;
+            due.into_iter().map(|(_, k, seq)| (k, seq)).collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let Ok(stream) = self.js.get_stream(format!("KV_{ROUTES}")).await else {
+            return;
+        };
+        for (key, seq) in due {
+            let _ = stream
+                .purge()
+                .filter(format!("$KV.{ROUTES}.{key}"))
+                .sequence(seq + 1)
+                .await;
         }
     }
 
@@ -4245,10 +4341,17 @@ impl Node {
 
     async fn read_routes(&self, bucket: &kv::Store) -> Result<()> {
         let routes = &self.state.routes;
+        let set_ready = || {
+            if routes.set_ready() {
+                tracing::info!(target: "portcullis::cluster", entries = routes.len(), "read the route table: QoS 0 messages go to the nodes that want them");
+            }
+        };
         let mut watch = bucket.watch_with_history(">").await?;
+        // The watch first gives every entry the bucket holds (the last with nothing pending
+        // after it); an empty bucket gives none.
         let mut pending = self.bucket_holds(ROUTES).await?;
         if !pending {
-            routes.set_ready();
+            set_ready();
         }
         loop {
             let entry = watch.next().await.context("the watch ended")??;
@@ -4260,103 +4363,86 @@ impl Node {
             }
             if entry.delta == 0 && pending {
                 pending = false;
-                if routes.set_ready() {
-                    tracing::info!(target: "portcullis::cluster", entries = routes.len(), "read the route table: QoS 0 messages go to the nodes that want them");
-                }
+                set_ready();
             }
         }
     }
 
-    /// Writes this node's entries in the route table, again after a lost connection to NATS;
-    /// every [`ROUTES_SWEEP`], puts back what went missing, takes out what it no longer holds,
-    /// and takes out the entries of nodes that are gone.
-    async fn keep_routes(self, bucket: kv::Store) {
+    /// Has this node's entries written into the route table at start and again after a lost
+    /// connection to NATS; every [`ROUTES_SWEEP`], has what went missing written back and what it
+    /// no longer holds taken out, takes out the entries of nodes that are gone, and purges
+    /// deletions every node has read.
+    async fn keep_routes(self) {
         let mut reconnects = self.state.reconnects.0.subscribe();
         let mut every = tokio::time::interval(ROUTES_SWEEP);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut write_all = true;
-        loop {
-            if write_all {
-                write_all = false;
-                let held: Vec<(String, String)> = self
-                    .held_routes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|(k, f)| (k.clone(), f.clone()))
-                    .collect();
-                let marker = (routes::instance_key(self.origin), self.instance.clone());
-                for (key, value) in std::iter::once(marker).chain(held) {
-                    if let Err(e) = bucket.put(key.as_str(), value.into()).await {
-                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot write this node's entries into the route table; retrying");
-                        write_all = true;
-                        break;
-                    }
-                }
+        // Per other node, the checks in a row that found it gone (or without an instance).
+        let mut missed: HashMap<u64, u32> = HashMap::new();
+        let repair = |fix: Control| {
+            if let Some(control) = self.control.upgrade() {
+                let _ = control.send(fix);
             }
+        };
+        repair(Control::RoutesWrite);
+        loop {
             tokio::select! {
                 _ = reconnects.changed() => {
-                    write_all = true;
+                    repair(Control::RoutesWrite);
                     continue;
                 }
                 _ = every.tick() => {}
             }
+            self.purge_route_deletes().await;
             if !self.state.routes.is_ready() {
                 continue;
             }
-            // This node's own entries as the table has them, then as they should be (a filter
-            // taken out since was taken out by the control task too).
+            // This node's entries as its table has them, against those it holds (the control
+            // task checks again before it deletes: a filter held again meanwhile stays).
             let listed: HashSet<String> =
                 self.state.routes.keys_of(self.origin).into_iter().collect();
-            let held = self
-                .held_routes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if !listed.contains(&routes::instance_key(self.origin))
-                || held.keys().any(|k| !listed.contains(k))
-            {
+            let (missing, extra) = {
+                let held = self.held_routes.lock().unwrap_or_else(|p| p.into_inner());
+                let missing = !listed.contains(&routes::instance_key(self.origin))
+                    || held.keys().any(|k| !listed.contains(k));
+                let extra: Vec<String> = listed
+                    .iter()
+                    .filter(|k| !k.ends_with(".node") && !held.contains_key(*k))
+                    .cloned()
+                    .collect();
+                (missing, extra)
+            };
+            if missing {
                 tracing::info!(target: "portcullis::cluster", "entries of this node were missing from the route table: written again");
-                write_all = true;
+                repair(Control::RoutesWrite);
             }
-            for key in listed {
-                if !key.ends_with(".node") && !held.contains_key(&key) {
-                    self.delete_route(&key).await;
-                }
+            if !extra.is_empty() {
+                repair(Control::RoutesDelete(extra));
             }
-            self.sweep_routes().await;
+            self.sweep_routes(&mut missed).await;
         }
     }
 
-    /// Takes out of the route table the entries of nodes that no longer answer on NATS (a node
-    /// killed: its messages would be sent for nobody).
-    async fn sweep_routes(&self) {
-        for (node, instance, keys) in self.state.routes.others(self.origin) {
-            let Some(instance) = instance else {
-                continue;
+    /// Takes out of the route table the entries of nodes that have not answered on NATS for
+    /// [`SWEEP_MISSES`] checks in a row (a node killed: its messages would be sent for nobody),
+    /// and of nodes without an instance that long.
+    async fn sweep_routes(&self, missed: &mut HashMap<u64, u32>) {
+        let others = self.state.routes.others(self.origin);
+        missed.retain(|node, _| others.iter().any(|(n, _, _)| n == node));
+        for (node, instance, keys) in others {
+            let gone = match &instance {
+                Some(instance) => self.gone(instance).await,
+                None => true,
             };
-            if !self.gone(&instance).await {
+            let misses = missed.entry(node).or_default();
+            *misses = if gone { *misses + 1 } else { 0 };
+            if *misses < SWEEP_MISSES {
                 continue;
             }
-            tracing::info!(target: "portcullis::cluster", node = %instance, entries = keys.len(), "a node is gone: its entries leave the route table");
+            missed.remove(&node);
+            tracing::info!(target: "portcullis::cluster", node = %instance.unwrap_or_else(|| format!("{node:016x}")), entries = keys.len(), "a node is gone: its entries leave the route table");
             for key in &keys {
                 self.delete_route(key).await;
             }
-            // The deletions themselves go once every node has read them (if the node is still
-            // gone: one cut off from NATS for a while writes its entries again once back).
-            let this = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(ROUTES_SWEEP).await;
-                if !this.gone(&instance).await {
-                    return;
-                }
-                if let Ok(stream) = this.js.get_stream(format!("KV_{ROUTES}")).await {
-                    let _ = stream
-                        .purge()
-                        .filter(format!("$KV.{ROUTES}.{node:016x}.>"))
-                        .await;
-                }
-            });
         }
     }
 

@@ -68,9 +68,16 @@ struct Table {
     instances: HashMap<u64, String>,
 }
 
-/// The key of `filter` held by `node` in the routes bucket.
+/// The key of `filter` held by `node` in the routes bucket: the node, and 128 bits of the
+/// filter's SHA-256 (no two filters a client can choose share a key).
 pub(crate) fn key(node: u64, filter: &str) -> String {
-    format!("{node:016x}.{:016x}", super::fnv(filter.as_bytes()))
+    use std::fmt::Write as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, filter.as_bytes());
+    let mut key = format!("{node:016x}.");
+    for b in &digest.as_ref()[..16] {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
 }
 
 /// The key naming `node`'s instance.
@@ -290,6 +297,8 @@ pub(super) struct NodeBatches {
 struct SetBatch {
     to: Arc<[u64]>,
     bytes: bytes::BytesMut,
+    /// What its messages take once read back (each with its topic).
+    decoded: usize,
     last: u64,
     /// The batch's topics, numbered from 1 in the order they came.
     topics: HashMap<String, u64>,
@@ -304,6 +313,7 @@ pub(super) struct ForNodes {
 impl SetBatch {
     fn seal(&mut self) -> ForNodes {
         self.topics.clear();
+        self.decoded = 0;
         ForNodes {
             to: self.to.clone(),
             payload: std::mem::take(&mut self.bytes).freeze(),
@@ -332,6 +342,7 @@ impl NodeBatches {
                 self.sets.push(SetBatch {
                     to: to.clone(),
                     bytes: bytes::BytesMut::new(),
+                    decoded: 0,
                     last: seq,
                     topics: HashMap::new(),
                 });
@@ -342,7 +353,8 @@ impl NodeBatches {
         let properties = super::wire_properties(m).unwrap_or_default();
         let len = 5 * 10 + 1 + m.topic.len() + properties.len() + m.payload.len();
         let full =
-            (!set.bytes.is_empty() && set.bytes.len() + len > NODE_BATCH_BYTES).then(|| set.seal());
+            (!set.bytes.is_empty() && set.decoded + len > NODE_BATCH_BYTES).then(|| set.seal());
+        set.decoded += len;
         let out = &mut set.bytes;
         out.reserve(17 + len);
         if out.is_empty() {
@@ -382,7 +394,9 @@ impl NodeBatches {
 }
 
 /// A batch for nodes read back: its origin, and its messages by topic (each topic's in order,
-/// the topics in the order they came); stops at the first malformed message.
+/// the topics in the order they came); stops at the first malformed message, or where its topics
+/// read back would take more than a sender makes a batch take (a topic named once and repeated in
+/// many tiny messages must not cost gigabytes).
 pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<super::Message>>)> {
     if batch.len() < 17 || batch[0] != NODES_FRAME {
         return None;
@@ -393,6 +407,8 @@ pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<supe
     let mut at = 17;
     let mut topics: Vec<String> = Vec::new();
     let mut messages: Vec<Vec<super::Message>> = Vec::new();
+    let mut topic_bytes: usize = 0;
+    let most = NODE_BATCH_BYTES + batch.len();
     let slice = |at: &mut usize| {
         let n = usize::try_from(super::read_varint(batch, at)?).ok()?;
         let end = at.checked_add(n).filter(|e| *e <= batch.len())?;
@@ -426,6 +442,10 @@ pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<supe
                 None => break,
             }
         };
+        topic_bytes = topic_bytes.saturating_add(topics[t].len());
+        if topic_bytes > most {
+            break;
+        }
         let Some(delta) = super::read_varint(batch, &mut at) else {
             break;
         };
@@ -590,6 +610,30 @@ mod tests {
             let _ = read_node_batch(&whole.slice(..cut));
         }
         assert!(read_node_batch(&bytes::Bytes::from_static(b"\xc4short")).is_none());
+        // One long topic named once, then repeated by number in a million tiny messages:
+        // read back only as far as a sender's batch would go.
+        let mut flood = bytes::BytesMut::new();
+        {
+            use bytes::BufMut;
+            flood.put_u8(super::NODES_FRAME);
+            flood.put_u64(7);
+            flood.put_u64(1);
+            let topic = "t".repeat(60_000);
+            crate::bus::put_varint(&mut flood, 0);
+            crate::bus::put_varint(&mut flood, topic.len() as u64);
+            flood.put_slice(topic.as_bytes());
+            flood.put_slice(&[0, 0, 0, 0]);
+            for _ in 0..1_000_000 {
+                flood.put_slice(&[1, 0, 0, 0, 0]);
+            }
+        }
+        let flood = flood.freeze();
+        let (_, topics) = read_node_batch(&flood).unwrap();
+        let read: usize = topics.iter().map(Vec::len).sum();
+        assert!(
+            read * 60_000 <= super::NODE_BATCH_BYTES + flood.len(),
+            "{read}"
+        );
         let mut bad = whole.to_vec();
         bad[17] = 0x7f; // a topic number never given
         let (_, topics) = read_node_batch(&bytes::Bytes::from(bad)).unwrap();
