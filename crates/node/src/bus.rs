@@ -137,6 +137,14 @@ const MAX_ACK_PENDING: i64 = 1_000;
 /// Messages waiting for NATS at most; beyond, new ones are dropped (counted) or refused.
 const QUEUE: usize = 10_000;
 
+/// Under load (a flush of at least [`LINGER_FROM`] messages, the queue emptied), the publishing
+/// task waits this long after a flush before it takes the next messages, so that each NATS
+/// message carries more of them: NATS servers spend most of their time waking up for each
+/// message (Go's scheduler), whatever its size. A quiet node sends each message at once; one
+/// whose queue holds more than [`BATCH`] takes the next at once.
+const LINGER: Duration = Duration::from_millis(1);
+const LINGER_FROM: usize = 64;
+
 /// Topics whose routes the publishing task remembers at most (looked up again beyond).
 const ROUTED_TOPICS: usize = 65_536;
 
@@ -2111,9 +2119,15 @@ impl Node {
         let mut for_nodes = routes::NodeBatches::default();
         let mut routed: HashMap<String, routes::Route> = HashMap::new();
         let mut routed_at = u64::MAX;
+        // When the last flush went (see [`LINGER`]).
+        let mut flushed_at: Option<tokio::time::Instant> = None;
         // Many at a time: under a flood this task must keep pace with the sessions feeding it,
         // not take one message per turn of the scheduler.
         loop {
+            if let Some(at) = flushed_at.take() {
+                // Under load: what comes meanwhile goes in the next flush.
+                tokio::time::sleep_until(at + LINGER).await;
+            }
             let closed = if kept.is_empty() {
                 publishing.recv_many(&mut batch, BATCH).await == 0
             } else {
@@ -2142,6 +2156,9 @@ impl Node {
             }
             if publishing.len() <= QUEUE / 2 {
                 self.state.drained.notify_waiters();
+            }
+            if (LINGER_FROM..BATCH).contains(&batch.len()) {
+                flushed_at = Some(tokio::time::Instant::now());
             }
             // Every node reads QoS 1 batches (read once per turn).
             let batched = self.state.batches.load(Ordering::Relaxed);

@@ -91,50 +91,59 @@ impl SessionAuth {
     }
 }
 
-/// How many (action, topic) decisions a session remembers.
-const REMEMBERED: usize = 16;
+/// How many topics' decisions a session remembers (beyond, it forgets them all and starts
+/// again: a session publishing or receiving more topics than this decides each time).
+const REMEMBERED: usize = 1024;
 
 #[derive(Default)]
 pub(super) struct Allowed {
     generation: u64,
-    /// (action, topic), most recent last.
-    entries: Vec<(&'static str, Box<str>)>,
+    /// Per topic, the actions allowed on it (bits: see [`action_bit`]).
+    topics: std::collections::HashMap<Box<str>, u8>,
+}
+
+/// An action's bit in [`Allowed::topics`]; `None` for one never remembered.
+fn action_bit(action: &str) -> Option<u8> {
+    match action {
+        "mqtt:Publish" => Some(1),
+        "mqtt:Receive" => Some(2),
+        _ => None,
+    }
 }
 
 impl SessionAuth {
     /// [`SessionAuth::decide`] on `topic:<topic>`, remembering what it allowed (until the
-    /// registry changes).
+    /// registry changes). A fleet's devices each publish to their own topics: a subscriber
+    /// receiving them, and a device cycling through its own, look up many topics, not a few.
     pub(super) fn decide_topic(&self, action: &'static str, topic: &str) -> Result<(), String> {
         let generation = self.0.verifier.registry_generation();
-        {
-            let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
+        let bit = action_bit(action);
+        if let Some(bit) = bit {
+            let allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
             if allowed.generation == generation
-                && let Some(i) = allowed
-                    .entries
-                    .iter()
-                    .rposition(|(a, t)| *a == action && **t == *topic)
+                && allowed.topics.get(topic).is_some_and(|b| b & bit != 0)
             {
-                // Most recent last: a run of one topic's messages finds it first.
-                let last = allowed.entries.len() - 1;
-                if i != last {
-                    let hit = allowed.entries.remove(i);
-                    allowed.entries.push(hit);
-                }
                 return Ok(());
             }
         }
         let bound = self.bound();
         self.decide_in(&bound, action, &format!("topic:{topic}"))?;
-        if bound.timeless() {
+        if let Some(bit) = bit
+            && bound.timeless()
+        {
             let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
             if allowed.generation != generation {
                 allowed.generation = generation;
-                allowed.entries.clear();
+                allowed.topics.clear();
             }
-            if allowed.entries.len() >= REMEMBERED {
-                allowed.entries.remove(0);
+            if let Some(bits) = allowed.topics.get_mut(topic) {
+                *bits |= bit;
+            } else {
+                if allowed.topics.len() >= REMEMBERED {
+                    allowed.topics = std::collections::HashMap::new();
+                }
+                allowed.topics.insert(topic.into(), bit);
             }
-            allowed.entries.push((action, topic.into()));
         }
         Ok(())
     }
