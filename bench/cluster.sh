@@ -27,7 +27,9 @@
 # FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
 # they can: the cost per message at a load every server delivers whole (at saturation a server
 # that uses more of the 2 cores starves the load generator's subscriber, and messages it
-# cannot take are dropped, as QoS 0 allows).
+# cannot take are dropped, as QoS 0 allows). MQTT_LOAD_TOPICS=N spreads each publisher's
+# messages over N topics of its own (a fleet, where every device publishes to its own topic)
+# instead of one.
 #
 # Needs: nats-server, mosquitto, PostgreSQL (Debian packages; scripts/test installs them),
 # python3. Loopback only, fixed ports 3xxxx.
@@ -94,7 +96,11 @@ node_conf() { # NAME ADMIN_PORT MQTT_PORT [cluster]
       echo "database = \"$dburl\""
       echo "cluster_key_file = \"cluster.key\""
       echo "node_name = \"$1\""
-      echo "nats_url = \"nats://127.0.0.1:36101,nats://127.0.0.1:36102,nats://127.0.0.1:36103\""
+      # Each node on its own NATS server, as in the reference deployment (one beside each
+      # node): what crosses nodes crosses a route between two servers. (Given all three, a
+      # node picked one at random, and runs differed by whether A and B shared one: that
+      # halves NATS's work.)
+      echo "nats_url = \"nats://127.0.0.1:$(case $1 in a) echo 36101;; b) echo 36102;; *) echo 36103;; esac)\""
       echo "nats_replicas = 3"
       # QOS1_LIVE=1: QoS 1 messages nobody keeps cross live (off by default, as in the product).
       if [ -n "${QOS1_LIVE:-}" ]; then echo "nats_qos1_live = true"; fi

@@ -685,16 +685,16 @@ impl Broker {
         self.route(message, None, None)
     }
 
-    /// [`Broker::deliver_remote`] for messages of one topic (a batch from another node, in
-    /// order): its subscribers are looked up once, under one lock.
+    /// [`Broker::deliver_remote`] for messages from another node, in order (a batch): under
+    /// one lock, the subscribers of each run of one topic's messages looked up once.
     pub fn deliver_remote_all(&self, messages: Vec<Message>) -> Routed {
         let mut state = self.lock();
         let mut routed = Routed::default();
-        let Some(first) = messages.first() else {
+        if messages.is_empty() {
             return routed;
-        };
-        if state.bridge.is_none() || messages.iter().any(|m| m.topic != first.topic) {
-            // Shared subscriptions are routed here, or not one topic: one by one.
+        }
+        if state.bridge.is_none() {
+            // Shared subscriptions are routed here: one by one.
             drop(state);
             for m in messages {
                 let one = self.deliver_remote(m);
@@ -709,12 +709,19 @@ impl Broker {
         let now = Instant::now();
         let max_queued = self.limits.max_queued;
         let st = &mut *state;
-        let topic = first.topic.clone();
-        let targets = targets(&st.tree, &topic, None);
-        for message in messages {
+        // Where each run of one topic's messages starts (found before the messages are taken).
+        let starts: Vec<bool> = std::iter::once(true)
+            .chain(messages.windows(2).map(|w| w[0].topic != w[1].topic))
+            .collect();
+        let mut run = None;
+        for (message, start) in messages.into_iter().zip(starts) {
+            let targets = match &run {
+                Some(targets) if !start => targets,
+                _ => run.insert(targets(&st.tree, &message.topic, None)),
+            };
             deliver_all(
                 &mut st.sessions,
-                &targets,
+                targets,
                 message,
                 false,
                 &mut routed,

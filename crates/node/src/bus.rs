@@ -4493,18 +4493,14 @@ impl Node {
     }
 
     fn arrived_routed(&self, msg: &async_nats::Message) {
-        let Some((origin, topics)) = routes::read_node_batch(&msg.payload) else {
+        let Some((origin, messages)) = routes::read_node_batch(&msg.payload) else {
             return;
         };
         if origin == self.origin {
             return;
         }
         node_batches("received").increment(1);
-        for messages in topics {
-            if !messages.is_empty() {
-                self.counted(self.broker.deliver_remote_all(messages));
-            }
-        }
+        self.counted(self.broker.deliver_remote_all(messages));
     }
 
     /// Sends a batch to each of its nodes.

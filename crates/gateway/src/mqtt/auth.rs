@@ -100,6 +100,9 @@ pub(super) struct Allowed {
     generation: u64,
     /// Per topic, the actions allowed on it (bits: see [`action_bit`]).
     topics: std::collections::HashMap<Box<str>, u8>,
+    /// The topic looked up last, and its bits (a device publishing to one topic finds it
+    /// without hashing).
+    last: (String, u8),
 }
 
 /// An action's bit in [`Allowed::topics`]; `None` for one never remembered.
@@ -119,11 +122,21 @@ impl SessionAuth {
         let generation = self.0.verifier.registry_generation();
         let bit = action_bit(action);
         if let Some(bit) = bit {
-            let allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
-            if allowed.generation == generation
-                && allowed.topics.get(topic).is_some_and(|b| b & bit != 0)
-            {
-                return Ok(());
+            let mut allowed = self.0.allowed.lock().unwrap_or_else(|p| p.into_inner());
+            if allowed.generation == generation {
+                if allowed.last.0 == topic && allowed.last.1 & bit != 0 {
+                    return Ok(());
+                }
+                if let Some(bits) = allowed.topics.get(topic).copied()
+                    && bits & bit != 0
+                {
+                    // (Its buffer kept: no allocation per topic change.)
+                    let last = &mut allowed.last;
+                    last.0.clear();
+                    last.0.push_str(topic);
+                    last.1 = bits;
+                    return Ok(());
+                }
             }
         }
         let bound = self.bound();
@@ -135,7 +148,9 @@ impl SessionAuth {
             if allowed.generation != generation {
                 allowed.generation = generation;
                 allowed.topics.clear();
+                allowed.last.1 = 0;
             }
+            allowed.last.1 = 0;
             if let Some(bits) = allowed.topics.get_mut(topic) {
                 *bits |= bit;
             } else {

@@ -299,9 +299,12 @@ struct SetBatch {
     bytes: bytes::BytesMut,
     /// What its messages take once read back (each with its topic).
     decoded: usize,
+    /// Topics named in the batch so far.
+    named: u64,
     last: u64,
-    /// The batch's topics, numbered from 1 in the order they came.
-    topics: HashMap<String, u64>,
+    /// The batch's topics by hash: their number (from 1, in the order they came) and where
+    /// their name is in `bytes` (compared there: no copy of each name).
+    topics: HashMap<u64, (u64, usize, usize)>,
 }
 
 /// A batch ready to send to each of `to`.
@@ -314,6 +317,7 @@ impl SetBatch {
     fn seal(&mut self) -> ForNodes {
         self.topics.clear();
         self.decoded = 0;
+        self.named = 0;
         ForNodes {
             to: self.to.clone(),
             payload: std::mem::take(&mut self.bytes).freeze(),
@@ -323,7 +327,8 @@ impl SetBatch {
 
 impl NodeBatches {
     /// Adds `m` for the nodes `to`; a batch that would grow past [`NODE_BATCH_BYTES`] is
-    /// returned to be sent first.
+    /// returned to be sent first. (The sets stay, emptied, from one flush to the next: their
+    /// buffers and topic maps are not made again for each.)
     pub(super) fn add(
         &mut self,
         to: &Arc<[u64]>,
@@ -343,6 +348,7 @@ impl NodeBatches {
                     to: to.clone(),
                     bytes: bytes::BytesMut::new(),
                     decoded: 0,
+                    named: 0,
                     last: seq,
                     topics: HashMap::new(),
                 });
@@ -356,21 +362,31 @@ impl NodeBatches {
             (!set.bytes.is_empty() && set.decoded + len > NODE_BATCH_BYTES).then(|| set.seal());
         set.decoded += len;
         let out = &mut set.bytes;
-        out.reserve(17 + len);
         if out.is_empty() {
+            out.reserve((17 + len).max(32 * 1024));
             out.put_u8(NODES_FRAME);
             out.put_u64(origin);
             out.put_u64(seq);
             set.last = seq;
         }
-        match set.topics.get(m.topic.as_str()) {
-            Some(n) => super::put_varint(out, *n),
-            None => {
+        out.reserve(len);
+        let hash = super::fnv(m.topic.as_bytes());
+        match set.topics.get(&hash) {
+            Some((n, at, len)) if out.get(*at..at + len) == Some(m.topic.as_bytes()) => {
+                super::put_varint(out, *n);
+            }
+            known => {
+                // New to this batch (or another topic with the same hash: named again, and
+                // the first keeps the hash).
+                let collided = known.is_some();
                 super::put_varint(out, 0);
                 super::put_varint(out, m.topic.len() as u64);
+                let at = out.len();
                 out.put_slice(m.topic.as_bytes());
-                let n = set.topics.len() as u64 + 1;
-                set.topics.insert(m.topic.clone(), n);
+                set.named += 1;
+                if !collided {
+                    set.topics.insert(hash, (set.named, at, m.topic.len()));
+                }
             }
         }
         super::put_varint(out, seq - set.last);
@@ -385,19 +401,24 @@ impl NodeBatches {
 
     /// Every set's batch, in the order the sets came.
     pub(super) fn drain(&mut self) -> Vec<ForNodes> {
-        self.sets
-            .drain(..)
+        let sealed = self
+            .sets
+            .iter_mut()
             .filter(|s| !s.bytes.is_empty())
-            .map(|mut s| s.seal())
-            .collect()
+            .map(SetBatch::seal)
+            .collect();
+        if self.sets.len() > 16 {
+            // Destinations come and go: the sets are not kept beyond a few.
+            self.sets.clear();
+        }
+        sealed
     }
 }
 
-/// A batch for nodes read back: its origin, and its messages by topic (each topic's in order,
-/// the topics in the order they came); stops at the first malformed message, or where its topics
+/// A batch for nodes read back: its origin, and its messages in order; stops at the first malformed message, or where its topics
 /// read back would take more than a sender makes a batch take (a topic named once and repeated in
 /// many tiny messages must not cost gigabytes).
-pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<super::Message>>)> {
+pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<super::Message>)> {
     if batch.len() < 17 || batch[0] != NODES_FRAME {
         return None;
     }
@@ -406,7 +427,7 @@ pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<supe
     let mut seq = u64_at(9);
     let mut at = 17;
     let mut topics: Vec<String> = Vec::new();
-    let mut messages: Vec<Vec<super::Message>> = Vec::new();
+    let mut messages: Vec<super::Message> = Vec::new();
     let mut topic_bytes: usize = 0;
     let most = NODE_BATCH_BYTES + batch.len();
     let slice = |at: &mut usize| {
@@ -431,7 +452,6 @@ pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<supe
                 break;
             };
             topics.push(topic.to_string());
-            messages.push(Vec::new());
             topics.len() - 1
         } else {
             match usize::try_from(reference - 1)
@@ -470,7 +490,7 @@ pub(super) fn read_node_batch(batch: &bytes::Bytes) -> Option<(u64, Vec<Vec<supe
             payload,
         };
         if let Some(message) = frame.message(topics[t].clone(), None) {
-            messages[t].push(message);
+            messages.push(message);
         }
     }
     Some((origin, messages))
@@ -585,15 +605,13 @@ mod tests {
         assert_eq!(sent.len(), 3);
         let mut by_topic: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for batch in &sent {
-            let (origin, topics) = read_node_batch(&batch.payload).unwrap();
+            let (origin, messages) = read_node_batch(&batch.payload).unwrap();
             assert_eq!(origin, 9);
-            for messages in topics {
-                for m in messages {
-                    by_topic
-                        .entry(m.topic.clone())
-                        .or_default()
-                        .push(String::from_utf8_lossy(&m.payload).into_owned());
-                }
+            for m in messages {
+                by_topic
+                    .entry(m.topic.clone())
+                    .or_default()
+                    .push(String::from_utf8_lossy(&m.payload).into_owned());
             }
         }
         for t in 0..7u64 {
@@ -628,16 +646,16 @@ mod tests {
             }
         }
         let flood = flood.freeze();
-        let (_, topics) = read_node_batch(&flood).unwrap();
-        let read: usize = topics.iter().map(Vec::len).sum();
+        let (_, read) = read_node_batch(&flood).unwrap();
+        let read = read.len();
         assert!(
             read * 60_000 <= super::NODE_BATCH_BYTES + flood.len(),
             "{read}"
         );
         let mut bad = whole.to_vec();
         bad[17] = 0x7f; // a topic number never given
-        let (_, topics) = read_node_batch(&bytes::Bytes::from(bad)).unwrap();
-        assert!(topics.iter().all(Vec::is_empty));
+        let (_, read) = read_node_batch(&bytes::Bytes::from(bad)).unwrap();
+        assert!(read.is_empty());
     }
 
     #[tokio::test]
