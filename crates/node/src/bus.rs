@@ -2445,11 +2445,11 @@ impl Node {
                         // Until every node's route table has the filter, or a moment has
                         // passed (a table not read yet, JetStream out of reach: the topic's
                         // own subject carries its messages meanwhile).
-                        if let Some((key, stored)) = routed
+                        if let Some((key, stored, filter)) = routed
                             && let Ok(Ok(_)) = tokio::time::timeout(ROUTE_WAIT, stored).await
                             && node.state.routes.is_ready()
                         {
-                            node.routes_hold(&key).await;
+                            node.routes_hold(&key, &filter).await;
                         }
                         if let Some(reply) = reply {
                             let _ = reply.send(Ok(()));
@@ -4174,7 +4174,10 @@ impl Node {
 
     /// Writes `filter` (held here) into the route table; the key, and the write's
     /// acknowledgement to come.
-    async fn route(&self, filter: &str) -> Option<(String, jetstream::context::PublishAckFuture)> {
+    async fn route(
+        &self,
+        filter: &str,
+    ) -> Option<(String, jetstream::context::PublishAckFuture, String)> {
         let key = routes::key(self.origin, filter);
         self.held_routes
             .lock()
@@ -4188,7 +4191,7 @@ impl Node {
             )
             .await
         {
-            Ok(ack) => Some((key, ack)),
+            Ok(ack) => Some((key, ack, filter.to_string())),
             Err(e) => {
                 tracing::warn!(target: "portcullis::cluster", error = %e, filter = %filter, "cannot write a filter into the route table (its messages cross on their topics' subjects)");
                 None
@@ -4196,9 +4199,10 @@ impl Node {
         }
     }
 
-    /// Waits until this node's route table and every other node's hold `key` (each at most
-    /// [`ROUTE_WAIT`]; a node gone answers at once that nobody is there).
-    async fn routes_hold(&self, key: &str) {
+    /// Waits until this node's route table and every other node's hold `key` for `filter`
+    /// (each told it directly; this node's own read from the bucket, at most [`ROUTE_WAIT`]; a
+    /// node gone answers at once that nobody is there).
+    async fn routes_hold(&self, key: &str, filter: &str) {
         let own = self.state.routes.wait_for(key, ROUTE_WAIT);
         let others = self
             .state
@@ -4206,9 +4210,10 @@ impl Node {
             .other_nodes(self.origin)
             .into_iter()
             .map(|node| {
+                // KEY, a NUL (never in a filter), the filter.
                 let asked = self.client.request(
                     format!("{ROUTE_SYNC}.{node:016x}"),
-                    bytes::Bytes::copy_from_slice(key.as_bytes()),
+                    bytes::Bytes::from(format!("{key}\0{filter}")),
                 );
                 async move {
                     let _ =
@@ -4218,8 +4223,8 @@ impl Node {
         futures_util::future::join(own, futures_util::future::join_all(others)).await;
     }
 
-    /// Answers other nodes' [`Node::routes_hold`] once this node's route table holds the key
-    /// asked about (or after [`ROUTE_WAIT`]).
+    /// Answers other nodes' [`Node::routes_hold`] once this node's route table holds the entry
+    /// it is told of.
     async fn answer_route_waits(self) {
         let subject = format!("{ROUTE_SYNC}.{:016x}", self.origin);
         loop {
@@ -4229,16 +4234,17 @@ impl Node {
                         let Some(reply) = ask.reply else {
                             continue;
                         };
-                        let node = self.clone();
-                        tokio::spawn(async move {
-                            let key = String::from_utf8_lossy(&ask.payload);
-                            let held = node.state.routes.wait_for(&key, ROUTE_WAIT).await;
-                            let answer = if held { &b"1"[..] } else { &b"0"[..] };
-                            let _ = node
-                                .client
-                                .publish(reply, bytes::Bytes::from_static(answer))
-                                .await;
-                        });
+                        let told = std::str::from_utf8(&ask.payload)
+                            .ok()
+                            .and_then(|p| p.split_once('\0'));
+                        if let Some((key, filter)) = told {
+                            self.state.routes.told(key, filter);
+                        }
+                        let answer = if told.is_some() { &b"1"[..] } else { &b"0"[..] };
+                        let _ = self
+                            .client
+                            .publish(reply, bytes::Bytes::from_static(answer))
+                            .await;
                     }
                 }
                 Err(e) => {
@@ -4410,6 +4416,8 @@ impl Node {
                 _ = every.tick() => {}
             }
             self.purge_route_deletes().await;
+            // Told of and never written (a filter dropped as it was told): gone after a while.
+            self.state.routes.forget_told(6 * ROUTES_SWEEP);
             if !self.state.routes.is_ready() {
                 continue;
             }

@@ -17,8 +17,9 @@
 //! - a node of an earlier version is up (it reads topics' subjects only).
 //!
 //! A message goes one way only, so no node receives it twice. A subscription's SUBACK waits until
-//! every node's table has its filter (each node asked on `pcw.NODE` answers once it has, or after
-//! a second): what is published anywhere after the SUBACK reaches it.
+//! its filter is in the bucket and every other node has taken it into its table (told directly on
+//! `pcw.NODE`, whether or not its watch of the bucket has caught up): what is published anywhere
+//! after the SUBACK reaches it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,6 +67,20 @@ struct Table {
     by_key: HashMap<String, (u64, String)>,
     /// Per node: its instance (from its `NODE.node` key).
     instances: HashMap<u64, String>,
+    /// Entries a node told this one of directly ([`Routes::told`]), not yet read from the
+    /// bucket: when.
+    told: HashMap<String, std::time::Instant>,
+}
+
+/// Where a change of the table comes from.
+#[derive(Clone, Copy)]
+enum From {
+    /// The bucket's watch.
+    Bucket,
+    /// A node asking for its SUBACK.
+    Told,
+    /// A told entry never read from the bucket, going.
+    Forgotten,
 }
 
 /// The key of `filter` held by `node` in the routes bucket: the node, and 128 bits of the
@@ -92,8 +107,39 @@ fn node_of(key: &str) -> Option<u64> {
 }
 
 impl Routes {
-    /// Key `key` now holds `value` (`None`: it went).
+    /// Key `key` now holds `value` (`None`: it went), as the bucket says.
     pub(crate) fn set(&self, key: &str, value: Option<&str>) {
+        self.apply(key, value, From::Bucket);
+    }
+
+    /// A node asking for its SUBACK ([`super::ROUTE_SYNC`]) tells this one that it holds
+    /// `filter` under `key`, written into the bucket already: taken at once, so that its
+    /// subscriber gets what this node publishes after the SUBACK even while this node's watch
+    /// of the bucket lags. An entry told and never read from the bucket (its filter dropped at
+    /// once) goes after a while ([`Routes::forget_told`]).
+    pub(crate) fn told(&self, key: &str, filter: &str) {
+        if node_of(key).is_some_and(|node| key == self::key(node, filter)) {
+            self.apply(key, Some(filter), From::Told);
+        }
+    }
+
+    /// Entries told more than `after` ago and never read from the bucket go.
+    pub(crate) fn forget_told(&self, after: std::time::Duration) {
+        let stale: Vec<String> = {
+            let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            inner
+                .told
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= after)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in stale {
+            self.apply(&key, None, From::Forgotten);
+        }
+    }
+
+    fn apply(&self, key: &str, value: Option<&str>, from: From) {
         let Some(node) = node_of(key) else {
             return;
         };
@@ -103,7 +149,22 @@ impl Routes {
             shared,
             by_key,
             instances,
+            told: told_keys,
         } = &mut *inner;
+        match from {
+            From::Told => {
+                if by_key.contains_key(key) {
+                    return;
+                }
+                told_keys.insert(key.to_string(), std::time::Instant::now());
+            }
+            // Read from the bucket since: it stays as the bucket says.
+            From::Forgotten if told_keys.remove(key).is_none() => return,
+            From::Forgotten => {}
+            From::Bucket => {
+                told_keys.remove(key);
+            }
+        }
         if key.ends_with(".node") {
             match value {
                 Some(instance) => instances.insert(node, instance.to_string()),
@@ -656,6 +717,28 @@ mod tests {
         bad[17] = 0x7f; // a topic number never given
         let (_, read) = read_node_batch(&bytes::Bytes::from(bad)).unwrap();
         assert!(read.is_empty());
+    }
+
+    #[test]
+    fn an_entry_told_by_its_node_routes_at_once_and_goes_unless_the_bucket_has_it() {
+        let routes = Routes::default();
+        assert!(routes.set_ready());
+        let (own, b) = (1u64, 2u64);
+        // A key that is not the filter's is ignored.
+        routes.told(&key(b, "other"), "fleet/#");
+        assert_eq!(routes.route("fleet/1", own), Route::Topic);
+        routes.told(&key(b, "fleet/#"), "fleet/#");
+        assert_eq!(routes.route("fleet/1", own), Route::Nodes(vec![b].into()));
+        // Read from the bucket since: kept when told entries are forgotten.
+        routes.set(&key(b, "fleet/#"), Some("fleet/#"));
+        routes.told(&key(b, "jobs/#"), "jobs/#");
+        routes.forget_told(std::time::Duration::ZERO);
+        assert_eq!(routes.route("fleet/1", own), Route::Nodes(vec![b].into()));
+        // Never read from the bucket: gone.
+        assert_eq!(routes.route("jobs/1", own), Route::Topic);
+        // Deleted in the bucket: gone.
+        routes.set(&key(b, "fleet/#"), None);
+        assert_eq!(routes.route("fleet/1", own), Route::Topic);
     }
 
     #[tokio::test]
