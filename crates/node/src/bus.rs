@@ -4376,8 +4376,23 @@ impl Node {
         if !pending {
             set_ready();
         }
+        // While not ready: counted again now and then (deletions purged between the count and
+        // the watch never come).
+        let mut recount = tokio::time::interval(Duration::from_secs(1));
+        recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recount.tick().await;
         loop {
-            let entry = watch.next().await.context("the watch ended")??;
+            let entry = tokio::select! {
+                entry = watch.next() => entry,
+                _ = recount.tick(), if pending => {
+                    if !self.bucket_holds(ROUTES).await? {
+                        pending = false;
+                        set_ready();
+                    }
+                    continue;
+                }
+            };
+            let entry = entry.context("the watch ended")??;
             match entry.operation {
                 kv::Operation::Put => {
                     routes.set(&entry.key, std::str::from_utf8(&entry.value).ok());
