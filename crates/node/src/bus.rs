@@ -68,7 +68,8 @@ const LIVE_HEADERS: &str = "pcm";
 const LIVE_BATCH: &str = "pcb";
 /// QoS 0 messages of many topics for one node (`pcn.NODE`): [`routes::NodeBatches`].
 const NODE_BATCH: &str = "pcn";
-/// A node asks another (`pcw.NODE`) to answer once its route table has an entry.
+/// A node tells another (`pcw.NODE`) of its new entry in the route table, and its SUBACK waits
+/// for the answer (see [`Node::routes_hold`]).
 const ROUTE_SYNC: &str = "pcw";
 /// QoS 1 and 2 messages (JetStream).
 const STORED: &str = "pcq";
@@ -86,8 +87,9 @@ const SHARED_GROUPS: &str = "PORTCULLIS_SHARED";
 /// The cluster's route table (see [`routes`]): key `NODE.FILTER-HASH`, value the filter a node
 /// holds; `NODE.node`, the node's instance.
 const ROUTES: &str = "PORTCULLIS_ROUTES";
-/// How long a SUBACK waits at most for the subscription's filter to reach this node's own copy
-/// of the route table (and so, about as soon, every other node's).
+/// How long a SUBACK waits at most for each step of putting its filter in the route table:
+/// JetStream storing the entry, this node's watch reading it back, another node answering
+/// (half a second more).
 const ROUTE_WAIT: Duration = Duration::from_secs(1);
 /// How often a node asks whether the nodes in its route table are still there (and writes its
 /// own entries again if any went missing).
