@@ -74,7 +74,7 @@ struct Table {
 
 /// Where a change of the table comes from.
 #[derive(Clone, Copy)]
-enum From {
+enum Source {
     /// The bucket's watch.
     Bucket,
     /// A node asking for its SUBACK.
@@ -109,7 +109,7 @@ fn node_of(key: &str) -> Option<u64> {
 impl Routes {
     /// Key `key` now holds `value` (`None`: it went), as the bucket says.
     pub(crate) fn set(&self, key: &str, value: Option<&str>) {
-        self.apply(key, value, From::Bucket);
+        self.apply(key, value, Source::Bucket);
     }
 
     /// A node asking for its SUBACK ([`super::ROUTE_SYNC`]) tells this one that it holds
@@ -119,7 +119,7 @@ impl Routes {
     /// once) goes after a while ([`Routes::forget_told`]).
     pub(crate) fn told(&self, key: &str, filter: &str) {
         if node_of(key).is_some_and(|node| key == self::key(node, filter)) {
-            self.apply(key, Some(filter), From::Told);
+            self.apply(key, Some(filter), Source::Told);
         }
     }
 
@@ -135,11 +135,11 @@ impl Routes {
                 .collect()
         };
         for key in stale {
-            self.apply(&key, None, From::Forgotten);
+            self.apply(&key, None, Source::Forgotten);
         }
     }
 
-    fn apply(&self, key: &str, value: Option<&str>, from: From) {
+    fn apply(&self, key: &str, value: Option<&str>, from: Source) {
         let Some(node) = node_of(key) else {
             return;
         };
@@ -152,16 +152,16 @@ impl Routes {
             told: told_keys,
         } = &mut *inner;
         match from {
-            From::Told => {
+            Source::Told => {
                 if by_key.contains_key(key) {
                     return;
                 }
                 told_keys.insert(key.to_string(), std::time::Instant::now());
             }
             // Read from the bucket since: it stays as the bucket says.
-            From::Forgotten if told_keys.remove(key).is_none() => return,
-            From::Forgotten => {}
-            From::Bucket => {
+            Source::Forgotten if told_keys.remove(key).is_none() => return,
+            Source::Forgotten => {}
+            Source::Bucket => {
                 told_keys.remove(key);
             }
         }
