@@ -2840,6 +2840,8 @@ impl Node {
                         node.arrived(&arrived[i], None);
                     }
                     arrived.clear();
+                    // As for batches routed to this node: the sessions write first.
+                    tokio::task::yield_now().await;
                 }
             }));
         }
@@ -4507,6 +4509,10 @@ impl Node {
                 Ok(mut batches) => {
                     while let Some(msg) = batches.next().await {
                         self.arrived_routed(&msg);
+                        // The sessions it filled write before the next batch is read: batches
+                        // of hundreds handled back to back overflowed a subscriber's channel
+                        // (its QoS 0 messages dropped) while its session waited its turn.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Err(e) => {
