@@ -44,7 +44,7 @@ mosq="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 cargo build --release -q
 cargo build --release -q -p portcullis-bench
 pc="${PORTCULLIS_BIN:-$root/target/release/portcullis}"
-load="$root/target/release/mqtt_load"
+load="${MQTT_LOAD_BIN:-$root/target/release/mqtt_load}"
 ulimit -n "$(ulimit -Hn)"
 
 work="$(mktemp -d)"
@@ -244,13 +244,15 @@ want fanin && for q in ${QOS:-0 1}; do
     before=$(cpu $ps)
     declare -A each=()
     for p in $ps; do each[$p]=$(cpu $p); done
-    rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q ${FANIN_RATE:-})
+    rate=$(MQTT_LOAD_SUBSCRIBE_AT=${sub:-127.0.0.1:$port} L $(args $port) fanin "$secs" 8 $q ${FANIN_RATE:-} 2>fanin.err)
     used=$(calc "$(cpu $ps) - $before")
     split=""
     for p in $ps; do split+="$(cpu $p | awk -v b="${each[$p]}" '{printf "%.1f", $1 - b}') "; done
     recorded "$target.qos$q"
     per=$(calc "$rate * ($secs + 1) / $used")
     echo "QoS $q $target: $rate msgs/s, $used CPU s ($split), $per msgs per server core-second"
+    # What the publishers wrote meanwhile (more than delivered: dropped for the subscriber).
+    echo "  $(tail -1 fanin.err)"
     if [ -n "${COUNTS:-}" ] && [ "$target" = cluster ]; then
       echo "  NATS messages in/out (bytes in) per server during the run: $(paste -d' ' <(echo "$nats_before" | tr ' ' '\n') <(nats_msgs | tr ' ' '\n') \
         | awk -F'[ /]' '{ printf "%d/%d (%d) ", $4 - $1, $5 - $2, $6 - $3 }')"

@@ -165,8 +165,9 @@ async fn publisher(
     id: String,
     topic: String,
     qos: QoS,
-    until: Instant,
+    (warm, until): (Instant, Instant),
     rate: Option<u64>,
+    written: Arc<AtomicU64>,
 ) {
     let (tls, buf) = session(&t, &id).await;
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -248,9 +249,31 @@ async fn publisher(
         if wr.write_all(&out).await.is_err() {
             break;
         }
+        if Instant::now() >= warm {
+            written.fetch_add(burst, Ordering::Relaxed);
+        }
     }
     let _ = wr.write_all(&[0xE0, 0x00]).await;
     acks.abort();
+}
+
+/// This process's CPU time so far (user and system), in seconds.
+fn own_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command's closing parenthesis: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Linux reports them in USER_HZ, 100 a second on every architecture it runs on here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Where subscribers connect: `MQTT_LOAD_SUBSCRIBE_AT`, or the target.
@@ -315,21 +338,38 @@ async fn main() {
             let counter = Arc::new(AtomicU64::new(0));
             let subscribers = if mode == "fanin" { 1 } else { n };
             let at = subscriber_target(&t);
-            for s in 0..subscribers {
-                let (mut tls, mut buf) = session(&at, &format!("sub{s}")).await;
-                let filter = if mode == "fanin" {
-                    "bench/#"
-                } else {
-                    "bench/x"
-                };
-                subscribe(&mut tls, &mut buf, filter, qos).await;
-                tokio::spawn(count(tls, buf, counter.clone()));
+            if mode == "fanin" {
+                // The one subscriber on a thread of its own, as a client of its own would be: in
+                // the publishers' runtime it got a ninth of it, and a broker faster to accept
+                // than to deliver starved it (its messages dropped for a slow subscriber).
+                let (ready, up) = std::sync::mpsc::channel();
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(async move {
+                            let (mut tls, mut buf) = session(&at, "sub0").await;
+                            subscribe(&mut tls, &mut buf, "bench/#", qos).await;
+                            ready.send(()).unwrap();
+                            count(tls, buf, counter).await;
+                        });
+                });
+                up.recv().unwrap();
+            } else {
+                for s in 0..subscribers {
+                    let (mut tls, mut buf) = session(&at, &format!("sub{s}")).await;
+                    subscribe(&mut tls, &mut buf, "bench/x", qos).await;
+                    tokio::spawn(count(tls, buf, counter.clone()));
+                }
             }
             let warm = Instant::now() + Duration::from_secs(1);
             let until = warm + Duration::from_secs(secs);
             let publishers = if mode == "fanin" { n } else { 1 };
             // RATE: messages per second between all publishers.
             let rate = args.get(9).map(|_| num(9).div_ceil(publishers).max(1));
+            let sent = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::new();
             for p in 0..publishers {
                 let topic = if mode == "fanin" {
@@ -342,15 +382,24 @@ async fn main() {
                     format!("pub{p}"),
                     topic,
                     qos,
-                    until,
+                    (warm, until),
                     rate,
+                    sent.clone(),
                 )));
             }
             tokio::time::sleep_until(warm.into()).await;
             let start = counter.load(Ordering::Relaxed);
+            let cpu_start = own_cpu();
             tokio::time::sleep_until(until.into()).await;
             let end = counter.load(Ordering::Relaxed);
             println!("{:.0}", (end - start) as f64 / secs as f64);
+            // What the publishers wrote in the same window, and the generator's own CPU: a
+            // broker that accepts more than reaches the subscriber drops the rest (QoS 0).
+            eprintln!(
+                "sent {:.0} msgs/s; load generator {:.1} CPU s",
+                sent.load(Ordering::Relaxed) as f64 / secs as f64,
+                own_cpu() - cpu_start
+            );
             for task in tasks {
                 task.abort();
             }
