@@ -10,7 +10,9 @@
 #   core-second — CPU time of every server process (nodes and NATS, or the single node, or
 #   Mosquitto), since this machine has 2 cores for everything;
 # - takeover: the same client id on node B closes its session on node A (20 times);
-# - DEVICES idle mutual-TLS sessions spread over the three nodes: resident memory per session.
+# - DEVICES idle mutual-TLS sessions spread over the three nodes, each subscribed to its own
+#   topic: resident memory per session and the SUBACKs' waits (and the same on the single node);
+# - failover: node A killed under a persistent QoS 1 subscriber that resumes on node C.
 #
 # Every server process runs one thread of work, as bench/run.sh pins each server to one worker:
 # each node one Tokio worker (NODE_WORKERS=N to change), each NATS server GOMAXPROCS=1
@@ -18,16 +20,16 @@
 # with two workers each, the nodes' and NATS's threads mostly woke and waited on each other
 # (futex and context switches: 10-28 % of their samples), which a node on its own machine does not.
 #
-# PARTS="latency fanin takeover idle" (the default: all) runs only some parts; QOS="0 1" (the
+# PARTS="latency fanin takeover idle failover" (the default: all) runs only some parts; QOS="0 1" (the
 # default) the fan-in's QoS levels; PERF="a b single" records a CPU profile of those nodes under
 # each fan-in (target/perf.cluster.NODE.TARGET.qosQ.data; PERF_CALLGRAPH as in bench/run.sh);
 # QOS1_LIVE=1 starts the nodes with nats_qos1_live. SYSCALLS=1 counts each server process's reads and writes under each fan-in; COUNTS=1 prints
 # the nodes' message counters and resident memory, and each NATS server's messages in and out
 # during the cluster's fan-in (its monitoring port, 3650N).
 # FANIN_RATE=N offers N messages a second between the 8 publishers instead of as many as
-# they can: the cost per message at a load every server delivers whole (at saturation a server
-# that uses more of the 2 cores starves the load generator's subscriber, and messages it
-# cannot take are dropped, as QoS 0 allows). MQTT_LOAD_TOPICS=N spreads each publisher's
+# they can: the cost per message at a load every server delivers whole. Each fan-in also prints
+# what the publishers sent in the same window: more than was delivered means messages dropped
+# for the subscriber (as QoS 0 allows; COUNTS=1 shows where). MQTT_LOAD_TOPICS=N spreads each publisher's
 # messages over N topics of its own (a fleet, where every device publishes to its own topic)
 # instead of one.
 #
@@ -194,7 +196,7 @@ nats_msgs() {
 }
 cluster_pids="$pid_a $pid_b $pid_c $nats_pid1 $nats_pid2 $nats_pid3"
 
-want() { [[ " ${PARTS:-latency fanin takeover idle} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-latency fanin takeover idle failover} " == *" $1 "* ]]; }
 # recording NAME PID TAG: starts the profiles and counts asked for; `recorded` waits for them.
 recorders=()
 recording() {
@@ -272,9 +274,11 @@ done
 
 want takeover && echo "## takeover across nodes (20 times; median / worst ms)"
 want takeover && L $(args 36401) takeover 127.0.0.1:36402 20
-want idle || exit 0
-
-echo "## $devices idle sessions over three nodes"
+if want idle; then
+# Each device subscribes to its own command topic once connected (IDLE_SUBSCRIBE=0: not), as a
+# fleet's do: 30,000 filters in the route table, every SUBACK waiting for its entry.
+subscribing="${IDLE_SUBSCRIBE:-1}"
+echo "## $devices idle sessions over three nodes$( [ "$subscribing" != 0 ] && echo ", each subscribed to its own topic")"
 per=$((devices / 3))
 declare -A base
 for n in a b c; do base[$n]=$(rss "$(eval echo \$pid_$n)"); done
@@ -282,12 +286,13 @@ nats_base=$(( $(rss $nats_pid1) + $(rss $nats_pid2) + $(rss $nats_pid3) ))
 loads=()
 for n in a b c; do
   port=$(case $n in a) echo 36401;; b) echo 36402;; c) echo 36403;; esac)
-  MQTT_LOAD_ID_PREFIX="$n-" "$load" $(args $port) idle "$per" 600 > "idle.$n" 2>&1 &
+  MQTT_LOAD_SUBSCRIBE="$subscribing" MQTT_LOAD_ID_PREFIX="$n-" "$load" $(args $port) idle "$per" 600 > "idle.$n" 2>&1 &
   loads+=($!)
 done
 for n in a b c; do
   for _ in $(seq 1 3000); do grep -q ready "idle.$n" && break; sleep 0.1; done
 done
+for n in a b c; do echo "node $n: $(grep "sessions up" "idle.$n" | tail -1)"; done
 total=0
 for n in a b c; do
   now=$(rss "$(eval echo \$pid_$n)")
@@ -297,3 +302,18 @@ done
 nats_now=$(( $(rss $nats_pid1) + $(rss $nats_pid2) + $(rss $nats_pid3) ))
 echo "per session: $(calc "$total / ($per * 3)") KiB in the nodes, $(calc "($nats_now - $nats_base) / ($per * 3)") KiB in NATS"
 for p in "${loads[@]}"; do kill "$p" 2>/dev/null || true; done
+# The same on the single node, for its SUBACKs' waits and memory.
+base_single=$(rss "$pid_single")
+MQTT_LOAD_SUBSCRIBE="$subscribing" "$load" $(args 36404) idle "$per" 600 > idle.single 2>&1 &
+single_load=$!
+for _ in $(seq 1 3000); do grep -q ready idle.single && break; sleep 0.1; done
+echo "single node: $(grep "sessions up" idle.single | tail -1); $(calc "($(rss "$pid_single") - $base_single) / $per") KiB per session"
+kill "$single_load" 2>/dev/null || true
+fi
+
+# Last: it kills node A.
+if want failover; then
+  echo "## failover: node A killed (SIGKILL) under a persistent QoS 1 subscriber, which resumes on node C (ms from the lost connection)"
+  read -r resumed first caught acked dups missing state <<< "$(L $(args 36401) failover 127.0.0.1:36403 127.0.0.1:36402 "$pid_a")"
+  echo "session resumed (CONNACK) $resumed ms, first message $first ms, every message acknowledged before the loss $caught ms; $acked acknowledged in all, $dups duplicates, $missing missing ($state)"
+fi

@@ -59,10 +59,12 @@ use tokio::sync::{mpsc, oneshot};
 mod kept;
 mod routes;
 
-/// QoS 0 messages one by one (live frames): retained ones, and those of nodes before batches.
+/// QoS 0 messages one by one (live frames), as nodes of bus protocol 4 and earlier sent retained
+/// ones and nodes before batches every one: read while such a node is known (see
+/// [`NatsState::set_older_gone`]), so that a cluster upgraded node by node keeps routing from
+/// the nodes not yet upgraded.
 const LIVE: &str = "pcl";
-/// QoS 0 messages as versions before live frames sent them (NATS headers): still read, so
-/// that a cluster upgraded node by node keeps routing from the nodes not yet upgraded.
+/// QoS 0 messages as versions before live frames sent them (NATS headers): read as [`LIVE`].
 const LIVE_HEADERS: &str = "pcm";
 /// QoS 0 messages of one topic sent together: [`Batches`] frames.
 const LIVE_BATCH: &str = "pcb";
@@ -335,6 +337,33 @@ pub(crate) fn filter_subjects(prefix: &str, filter: &str) -> Vec<String> {
     vec![format!("{prefix}.{}", tokens.join("."))]
 }
 
+/// Whether `filter` (not shared) is subscribed with its subjects' kind wildcarded (`*.TOPIC`,
+/// one subscription for [`LIVE_BATCH`], [`STORED`] and the older [`LIVE`] and
+/// [`LIVE_HEADERS`] at once: each NATS subscription costs a node over 5 KiB, its client-side
+/// queue). Only when its first level is a name: no other subject has it in second place but
+/// by chance (what does is read and dropped by [`Node::arrived`]). Not for a first level that is
+/// a wildcard, or a name NATS or the cluster gives its own subjects in second place (`$JS.API`,
+/// `$JS.ACK`, `$JS.EVENT`, `$JS.FC`, `$KV.PORTCULLIS_…`, `$SYS.SERVER`, `$SYS.ACCOUNT`, `pcn` and
+/// `pcw` with a node's 16 hex digits): those would bring the node their traffic.
+fn any_kind(filter: &str) -> bool {
+    let first = filter.split('/').next().unwrap_or_default();
+    let nodes_own = first.len() == 16 && first.bytes().all(|b| b.is_ascii_hexdigit());
+    !(first.is_empty()
+        || first == "+"
+        || first == "#"
+        || nodes_own
+        || matches!(
+            first,
+            "API" | "ACK" | "EVENT" | "FC" | "SERVER" | "ACCOUNT" | "REQ"
+        )
+        || first.starts_with("PORTCULLIS")
+        || first.starts_with("KV_")
+        || first.starts_with("OBJ_"))
+}
+
+/// The kind of every subject of a topic, in a subscription of [`any_kind`].
+const ANY_KIND: &str = "*";
+
 /// The servers of a `nats_url` (several comma-separated).
 pub(crate) fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
     url.split(',')
@@ -502,6 +531,9 @@ enum Control {
     RoutesWrite,
     /// Entries of this node's that it no longer holds: taken out (unless held again by then).
     RoutesDelete(Vec<String>),
+    /// Whether a node of protocol 4 or earlier is known changed (see
+    /// [`NatsState::set_older_gone`]).
+    Older,
 }
 
 /// The broker's side: queues, never blocks.
@@ -723,6 +755,13 @@ pub(crate) struct NatsState {
     node_routes: AtomicBool,
     /// Which nodes want which topics' QoS 0 messages.
     routes: routes::Routes,
+    /// Every node on the bus speaks protocol 5 (sends nothing on [`LIVE`] or [`LIVE_HEADERS`]):
+    /// a filter's subscriptions there, two more per subject each with its client-side queue
+    /// (a third of a subscribed device's memory), are not made.
+    older_gone: AtomicBool,
+    /// The control task's queue, told when [`NatsState::older_gone`] changes; weak, as
+    /// [`Node::control`].
+    control: std::sync::OnceLock<mpsc::WeakUnboundedSender<Control>>,
     /// When a slow consumer was last told in the log.
     slow_told: std::sync::Mutex<Option<std::time::Instant>>,
     /// The publishing task took publications from its queue (see [`NatsBridge::backpressure`]).
@@ -781,6 +820,25 @@ impl NatsState {
                 tracing::info!(target: "portcullis::cluster", "every node reads batches for nodes (bus protocol 4): QoS 0 messages go to the nodes that want them, many topics at a time");
             } else {
                 tracing::info!(target: "portcullis::cluster", "a node of an older version is up: QoS 0 messages cross NATS a topic at a time");
+            }
+        }
+    }
+
+    /// Whether every node sends QoS 0 messages only as batches (see [`older_gone`]): the
+    /// control task drops or makes the filters' subscriptions to the older subjects.
+    pub(crate) fn set_older_gone(&self, on: bool) {
+        if self.older_gone.swap(on, Ordering::SeqCst) != on {
+            if on {
+                tracing::info!(target: "portcullis::cluster", "every node speaks bus protocol 5: the subjects of older versions' QoS 0 messages are no longer read");
+            } else {
+                tracing::info!(target: "portcullis::cluster", "a node of an older version is up: its QoS 0 messages are read on the subjects it sends them on");
+            }
+            if let Some(control) = self
+                .control
+                .get()
+                .and_then(mpsc::WeakUnboundedSender::upgrade)
+            {
+                let _ = control.send(Control::Older);
             }
         }
     }
@@ -862,7 +920,9 @@ fn wire_properties(m: &Message) -> Option<bytes::Bytes> {
 /// A QoS 0 message as it crosses NATS: its metadata in front of the payload rather than in
 /// headers (which cost a map and strings per message on both sides). [`FRAME`], flags (bit 0:
 /// retain), origin (u64), sequence (u64), properties length (u32) and the MQTT 5 properties,
-/// then the payload; integers big-endian.
+/// then the payload; integers big-endian. Sent by nodes of protocol 4 and earlier; written
+/// here only by tests of reading them.
+#[cfg(test)]
 fn live_frame(m: &Message, origin: u64, seq: u64) -> bytes::Bytes {
     use bytes::BufMut;
     let properties = wire_properties(m).unwrap_or_default();
@@ -1252,9 +1312,10 @@ fn expired_properties() -> &'static str {
 
 /// The bus protocol this version speaks to other nodes: 2 since QoS 1 messages cross NATS in
 /// batches, 3 since QoS 1 messages nobody keeps cross live (a node stores those its persistent
-/// sessions need; see [`kept`]), 4 since QoS 0 messages go by the route table (see [`routes`]).
-/// Reported in the heartbeat's version (`0.1.0+bus.4`); a node reporting none speaks 1.
-pub(crate) const BUS_PROTOCOL: u32 = 4;
+/// sessions need; see [`kept`]), 4 since QoS 0 messages go by the route table (see [`routes`]),
+/// 5 since retained QoS 0 messages cross as batches too (nothing is sent on [`LIVE`]).
+/// Reported in the heartbeat's version (`0.1.0+bus.5`); a node reporting none speaks 1.
+pub(crate) const BUS_PROTOCOL: u32 = 5;
 
 /// The version this node reports in its heartbeat.
 pub(crate) fn reported_version() -> String {
@@ -1281,6 +1342,12 @@ pub(crate) fn live_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool
 /// then QoS 0 messages cross a topic at a time (as [`batches_understood`]).
 pub(crate) fn routes_understood(nodes: &[portcullis_registry::NodeStatus]) -> bool {
     all_speak(nodes, 4)
+}
+
+/// Whether every node the registry knows on the bus sends QoS 0 messages only as batches
+/// (protocol 5): until then each filter is also subscribed on [`LIVE`] and [`LIVE_HEADERS`].
+pub(crate) fn older_gone(nodes: &[portcullis_registry::NodeStatus]) -> bool {
+    all_speak(nodes, 5)
 }
 
 fn all_speak(nodes: &[portcullis_registry::NodeStatus], protocol: u32) -> bool {
@@ -1446,6 +1513,7 @@ pub(crate) async fn start(
     let work = Arc::new(WorkQueue::default());
     let publishing = work.clone();
     let (control, controls) = mpsc::unbounded_channel();
+    let _ = state.control.set(control.downgrade());
     // This process, not just this node: message ids restart with it, and a peer must not take
     // a restarted node's new messages for ones it has seen.
     let instance = format!(
@@ -2282,10 +2350,14 @@ impl Node {
                     stored.push((subject(RETAINED, &m.topic), kept, m.payload.clone()));
                 }
                 if m.qos == QoS::AtMostOnce {
-                    // Retained at QoS 0: kept above, and live to the subscribers of the moment.
-                    let frame = live_frame(&m, self.origin, seq);
-                    if let Err(e) = self.client.publish(subject(LIVE, &m.topic), frame).await {
-                        tracing::warn!(target: "portcullis::cluster", error = %e, "cannot route a message to the other nodes");
+                    // Retained at QoS 0: kept above, and live to the subscribers of the moment,
+                    // a batch of one on the topic's subject (every node since protocol 2 reads
+                    // it, with its retain flag).
+                    if let Some(full) = live.add(&m, None, None, self.origin, seq) {
+                        self.send_live(full).await;
+                    }
+                    for full in live.drain() {
+                        self.send_live(full).await;
                     }
                 } else {
                     headers.insert("Nats-Msg-Id", id.as_str());
@@ -2416,8 +2488,22 @@ impl Node {
         qos2: kv::Store,
     ) {
         let mut held: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
+        // Each filter's subscriptions to the subjects older nodes send on, while one is known.
+        let mut older: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
         while let Some(control) = controls.recv().await {
             match control {
+                Control::Older if self.state.older_gone.load(Ordering::SeqCst) => {
+                    for task in older.drain().flat_map(|(_, tasks)| tasks) {
+                        task.abort();
+                    }
+                }
+                Control::Older => {
+                    for filter in held.keys() {
+                        if !older.contains_key(filter) {
+                            older.insert(filter.clone(), self.subscribe(filter, true).await);
+                        }
+                    }
+                }
                 // Route table repairs come here, in order with the filters' own writes.
                 Control::RoutesWrite => self.write_routes().await,
                 Control::RoutesDelete(keys) => {
@@ -2433,13 +2519,17 @@ impl Node {
                     }
                 }
                 Control::Interest(filter, false, _) => {
-                    for task in held.remove(&filter).into_iter().flatten() {
+                    let tasks = held.remove(&filter).into_iter().flatten();
+                    for task in tasks.chain(older.remove(&filter).into_iter().flatten()) {
                         task.abort();
                     }
                     self.unroute(&filter).await;
                 }
                 Control::Interest(filter, true, reply) => {
-                    let tasks = self.subscribe(&filter).await;
+                    let tasks = self.subscribe(&filter, false).await;
+                    if !self.state.older_gone.load(Ordering::SeqCst) {
+                        older.insert(filter.clone(), self.subscribe(&filter, true).await);
+                    }
                     let routed = self.route(&filter).await;
                     held.insert(filter, tasks);
                     let node = self.clone();
@@ -2739,10 +2829,17 @@ impl Node {
     }
 
     /// Subscribes on NATS for one filter (an ordinary one: messages of the other nodes; a
-    /// shared one: this node's turn of the group's messages, its own included).
-    async fn subscribe(&self, filter: &str) -> Vec<tokio::task::JoinHandle<()>> {
+    /// shared one: this node's turn of the group's messages, its own included). With `older`,
+    /// an ordinary filter's subscriptions to the subjects only older nodes send on instead
+    /// (none for a shared one: those are always made).
+    async fn subscribe(&self, filter: &str, older: bool) -> Vec<tokio::task::JoinHandle<()>> {
         let shared = portcullis_mqtt::topic::shared(filter).ok().flatten();
         let inner = shared.map_or(filter, |(_, f)| f);
+        let wildcarded = shared.is_none() && any_kind(inner);
+        if older && (shared.is_some() || wildcarded) {
+            // (A wildcarded filter's one subscription takes the older subjects too.)
+            return Vec::new();
+        }
         let mut tasks = Vec::new();
         // A shared subscription's QoS 1 and 2 messages are the group's, kept by JetStream (a
         // consumer every node with members pulls from): kept while no member is online,
@@ -2778,8 +2875,12 @@ impl Node {
                 }
             }
             &[LIVE, LIVE_BATCH, LIVE_HEADERS]
+        } else if wildcarded {
+            &[ANY_KIND]
+        } else if older {
+            &[LIVE, LIVE_HEADERS]
         } else {
-            &[LIVE, LIVE_BATCH, LIVE_HEADERS, STORED]
+            &[LIVE_BATCH, STORED]
         };
         // A filter's subscriptions (not shared) are read by one task, in the order NATS sent
         // them across subjects (see [`in_publish_order`]).
@@ -2933,9 +3034,15 @@ impl Node {
 
     /// A message from NATS: to this node's subscribers, or to one member of `shared`.
     fn arrived(&self, msg: &async_nats::Message, shared: Option<&str>) {
+        let kind = msg.subject.as_str().split_once('.').map(|(p, _)| p);
+        // A subscription of [`any_kind`] also brings what else has the same tokens after the
+        // first (a retained message as stored, a subject of NATS's own by chance): not a topic's.
+        if !kind.is_some_and(|k| [LIVE_BATCH, STORED, LIVE, LIVE_HEADERS].contains(&k)) {
+            return;
+        }
         // QoS 0 batches, QoS 1 batches that crossed live, and QoS 1 batches as JetStream stored
         // them.
-        let on_live = msg.subject.as_str().split_once('.').map(|(p, _)| p) == Some(LIVE_BATCH);
+        let on_live = kind == Some(LIVE_BATCH);
         if on_live
             || msg
                 .headers
@@ -4748,6 +4855,45 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_beginning_with_a_name_takes_every_kind_in_one_subscription() {
+        use super::{ANY_KIND, any_kind};
+        for filter in [
+            "devices/+/telemetry",
+            "commands/dev-1/#",
+            "a",
+            "$SYS/x",
+            "api/x",
+        ] {
+            assert!(any_kind(filter), "{filter}");
+        }
+        assert_eq!(
+            filter_subjects(ANY_KIND, "commands/dev-1/#"),
+            vec!["*.commands.dev-1.>", "*.commands.dev-1"]
+        );
+        // What the kind's wildcard would bring besides topics: NATS's own subjects and the
+        // cluster's subjects for nodes, with that name in second place.
+        for filter in [
+            "+/x",
+            "#",
+            "/x",
+            "API/#",
+            "ACK/x",
+            "EVENT/#",
+            "FC/x",
+            "SERVER/#",
+            "ACCOUNT/#",
+            "REQ/#",
+            "PORTCULLIS_ROUTES/#",
+            "KV_PORTCULLIS_SESSIONS/#",
+            "OBJ_x/#",
+            "0123456789abcdef",
+            "0123456789ABCDEF/#",
+        ] {
+            assert!(!any_kind(filter), "{filter}");
+        }
+    }
+
+    #[test]
     fn client_ids_round_trip_as_bucket_keys() {
         for id in ["dev-1", "a.b c", "ünï", "x=41", "_-", "%"] {
             let key = client_key(id);
@@ -5118,8 +5264,9 @@ mod tests {
         };
         let now = 1_000_000;
         let ours = super::reported_version();
-        assert!(ours.ends_with("+bus.4"));
+        assert!(ours.ends_with("+bus.5"));
         assert!(super::routes_understood(&[node("a", &ours, now, true)]));
+        assert!(super::older_gone(&[node("a", &ours, now, true)]));
         let upgraded = vec![
             node("a", &ours, now, true),
             node("b", &ours, now - 3_000, true),
@@ -5132,6 +5279,11 @@ mod tests {
         assert!(super::batches_understood(&two));
         assert!(!super::live_understood(&two));
         assert!(!super::routes_understood(&two));
+        // A node of protocol 4 sends retained QoS 0 messages on their own subject: read there.
+        let mut four = upgraded.clone();
+        four.push(node("g", "0.1.0+bus.4", now - 1_000, true));
+        assert!(super::routes_understood(&four));
+        assert!(!super::older_gone(&four));
         // A node of a version before batches: one by one, whenever it was last heard of (it
         // may come back, and would drop the batches kept for its sessions).
         for last in [now - 1_000, now - 3_600_000] {
@@ -5146,9 +5298,10 @@ mod tests {
         assert!(super::batches_understood(&off));
         // A later protocol reads batches too.
         let mut later = upgraded;
-        later.push(node("e", "0.2.0+bus.5", now, true));
+        later.push(node("e", "0.2.0+bus.6", now, true));
         assert!(super::batches_understood(&later));
         assert!(super::live_understood(&later));
         assert!(super::routes_understood(&later));
+        assert!(super::older_gone(&later));
     }
 }

@@ -249,6 +249,7 @@ pub(crate) async fn heartbeat(
             nats.set_batches(crate::bus::batches_understood(&nodes));
             nats.set_live_acknowledged(crate::bus::live_understood(&nodes));
             nats.set_node_routes(crate::bus::routes_understood(&nodes));
+            nats.set_older_gone(crate::bus::older_gone(&nodes));
         }
     }
 }

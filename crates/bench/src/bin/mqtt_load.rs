@@ -6,6 +6,7 @@
 //!   mqtt_load HOST:PORT CA CERT KEY idle   CONNECTIONS SECONDS
 //!   mqtt_load HOST:PORT CA CERT KEY latency SECONDS RATE QOS
 //!   mqtt_load HOST:PORT CA CERT KEY takeover OTHER_HOST:PORT COUNT
+//!   mqtt_load HOST:PORT CA CERT KEY failover OTHER_HOST:PORT PUBLISH_AT_HOST:PORT PID
 //!
 //! With `MQTT_LOAD_SUBSCRIBE_AT=HOST:PORT`, subscribers connect there instead (another node of
 //! a cluster: the messages cross nodes). `latency`: one publisher at RATE messages per second,
@@ -19,8 +20,9 @@
 //! messages received per second (`MQTT_LOAD_TOPICS=N`: each publisher's messages spread over N
 //! topics under its own, as a fleet's devices each publish to theirs). `fanout`: one
 //! publisher, SUBSCRIBERS on `bench/x`; prints deliveries per second. `idle`: opens CONNECTIONS
-//! sessions and holds them, printing `ready` when all are up. QoS 1 publishers keep up to 64
-//! messages unacknowledged.
+//! sessions and holds them, printing `ready` when all are up (`MQTT_LOAD_SUBSCRIBE=1`: each
+//! also subscribes to its own topic, and the SUBACKs' waits are printed). QoS 1 publishers keep
+//! up to 64 messages unacknowledged.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -76,16 +78,29 @@ async fn read(tls: &mut TlsStream<TcpStream>, buf: &mut BytesMut) -> Option<Pack
 }
 
 async fn session(t: &Target, client_id: &str) -> (TlsStream<TcpStream>, BytesMut) {
-    let tcp = TcpStream::connect(&t.addr).await.unwrap();
+    let (tls, buf, _) = try_session(t, client_id, true)
+        .await
+        .expect("a CONNACK accepting the session");
+    (tls, buf)
+}
+
+/// A session (persistent unless `clean`) and whether the broker had one: None if the broker
+/// cannot be reached or refuses.
+async fn try_session(
+    t: &Target,
+    client_id: &str,
+    clean: bool,
+) -> Option<(TlsStream<TcpStream>, BytesMut, bool)> {
+    let tcp = TcpStream::connect(&t.addr).await.ok()?;
     tcp.set_nodelay(true).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = t.tls.connect(name, tcp).await.unwrap();
+    let mut tls = t.tls.connect(name, tcp).await.ok()?;
     write(
         &mut tls,
         &Packet::Connect(Connect {
             protocol: Protocol::V311,
             client_id: client_id.into(),
-            clean_start: true,
+            clean_start: clean,
             keep_alive: 600,
             username: None,
             password: None,
@@ -96,10 +111,9 @@ async fn session(t: &Target, client_id: &str) -> (TlsStream<TcpStream>, BytesMut
     .await;
     let mut buf = BytesMut::new();
     match read(&mut tls, &mut buf).await {
-        Some(Packet::ConnAck(a)) if a.code == 0 => {}
-        other => panic!("CONNACK expected, got {other:?}"),
+        Some(Packet::ConnAck(a)) if a.code == 0 => Some((tls, buf, a.session_present)),
+        _ => None,
     }
-    (tls, buf)
 }
 
 async fn subscribe(tls: &mut TlsStream<TcpStream>, buf: &mut BytesMut, filter: &str, qos: QoS) {
@@ -255,6 +269,199 @@ async fn publisher(
     }
     let _ = wr.write_all(&[0xE0, 0x00]).await;
     acks.abort();
+}
+
+/// `failover OTHER PUBLISH_AT PID`: a persistent QoS 1 subscriber on the target, a publisher on
+/// PUBLISH_AT sending 1,000 numbered QoS 1 messages a second; after 1.5 s the target's process
+/// (PID) is killed (SIGKILL), the subscriber resumes its session on OTHER at once, and the
+/// publisher goes on 2 s more. Prints, in ms from the lost connection: the CONNACK resuming the
+/// session, the first message after it, and when it had every message published before the
+/// loss and acknowledged; then acknowledged messages in all, duplicates and missing ones.
+async fn failover(t: &Arc<Target>, other: &str, publish_at: &str, pid: u32) {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Mutex;
+    let other = Target {
+        addr: other.to_string(),
+        tls: t.tls.clone(),
+    };
+    let publish_at = Target {
+        addr: publish_at.to_string(),
+        tls: t.tls.clone(),
+    };
+    let id = format!("failover-{}", std::process::id());
+    // A persistent session, subscribed; what it had is dropped first.
+    drop(
+        try_session(t, &id, true)
+            .await
+            .expect("the target accepts the session"),
+    );
+    let (mut tls, mut buf, _) = try_session(t, &id, false)
+        .await
+        .expect("a persistent session");
+    subscribe(&mut tls, &mut buf, "bench/failover", QoS::AtLeastOnce).await;
+
+    let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let (pub_tls, pub_buf) = session(&publish_at, "failover-pub").await;
+    let (mut rd, mut wr) = tokio::io::split(pub_tls);
+    let ids: Arc<Mutex<HashMap<u16, u64>>> = Arc::default();
+    {
+        let (acked, ids) = (acked.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut buf = pub_buf;
+            loop {
+                match codec::read_packet(&mut buf, Some(Protocol::V311), 1 << 20) {
+                    Ok(Some(Packet::PubAck(a))) => {
+                        if let Some(seq) = ids.lock().unwrap().remove(&a.packet_id) {
+                            acked.lock().unwrap().insert(seq);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => match rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    let published = Arc::new(AtomicU64::new(0));
+    let count_published = published.clone();
+    let publishing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for seq in 0..3_500u64 {
+            tick.tick().await;
+            let packet_id = (seq % 65_535) as u16 + 1;
+            ids.lock().unwrap().insert(packet_id, seq);
+            let mut out = BytesMut::new();
+            codec::write_packet(
+                &Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic: "bench/failover".into(),
+                    packet_id: Some(packet_id),
+                    payload: Bytes::copy_from_slice(&seq.to_be_bytes()),
+                    properties: Default::default(),
+                }),
+                Protocol::V311,
+                &mut out,
+            )
+            .unwrap();
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            count_published.store(seq + 1, Ordering::Relaxed);
+        }
+    });
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    });
+
+    let mut got: HashMap<u64, u32> = HashMap::new();
+    let receive = |p: Packet, got: &mut HashMap<u64, u32>, acks: &mut BytesMut| {
+        if let Packet::Publish(m) = p {
+            if let Ok(seq) = m.payload[..].try_into().map(u64::from_be_bytes) {
+                *got.entry(seq).or_default() += 1;
+            }
+            if let Some(packet_id) = m.packet_id {
+                codec::write_packet(
+                    &Packet::PubAck(codec::PubAck {
+                        packet_id,
+                        reason: 0,
+                        properties: Default::default(),
+                    }),
+                    Protocol::V311,
+                    acks,
+                )
+                .unwrap();
+            }
+        }
+    };
+    // Until the connection is lost with its node.
+    let mut acks = BytesMut::new();
+    loop {
+        while let Ok(Some(p)) = codec::read_packet(&mut buf, Some(Protocol::V311), 1 << 20) {
+            receive(p, &mut got, &mut acks);
+        }
+        if !acks.is_empty() && tls.write_all(&acks).await.is_err() {
+            break;
+        }
+        acks.clear();
+        match tls.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let lost = Instant::now();
+    // The messages published before: those its node may have held when it died.
+    let before_loss = published.load(Ordering::Relaxed);
+    killer.await.unwrap();
+    // At once on the other node (as a client's reconnect would), until it takes the session.
+    let (mut tls, mut buf, present) = loop {
+        if let Some(s) = try_session(&other, &id, false).await {
+            break s;
+        }
+        if lost.elapsed() > Duration::from_secs(30) {
+            panic!("no node resumed the session within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let resumed = lost.elapsed();
+    let mut first = None;
+    let mut caught_up = None;
+    let deadline = lost + Duration::from_secs(60);
+    loop {
+        let before = got.len();
+        while let Ok(Some(p)) = codec::read_packet(&mut buf, Some(Protocol::V311), 1 << 20) {
+            receive(p, &mut got, &mut acks);
+        }
+        if got.len() > before {
+            first.get_or_insert(lost.elapsed());
+        }
+        if !acks.is_empty() {
+            let _ = tls.write_all(&acks).await;
+            acks.clear();
+        }
+        if caught_up.is_none() {
+            let acked = acked.lock().unwrap();
+            if acked
+                .iter()
+                .filter(|s| **s < before_loss)
+                .all(|s| got.contains_key(s))
+            {
+                caught_up = Some(lost.elapsed());
+            }
+        }
+        let done = publishing.is_finished() && {
+            let acked = acked.lock().unwrap();
+            acked.iter().all(|s| got.contains_key(s))
+        };
+        if done || Instant::now() > deadline {
+            break;
+        }
+        // (A pause of 100 ms at most: the publisher's acknowledgements are checked again.)
+        let read = tokio::time::timeout(Duration::from_millis(100), tls.read_buf(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            break;
+        }
+    }
+    let acked = acked.lock().unwrap();
+    let missing = acked.iter().filter(|s| !got.contains_key(s)).count();
+    let duplicates: u32 = got.values().map(|n| n - 1).sum();
+    println!(
+        "{:.0} {:.0} {:.0} {} {} {} {}",
+        resumed.as_secs_f64() * 1000.0,
+        first.unwrap_or_default().as_secs_f64() * 1000.0,
+        caught_up.unwrap_or(deadline - lost).as_secs_f64() * 1000.0,
+        acked.len(),
+        duplicates,
+        missing,
+        if present { "resumed" } else { "NOT-RESUMED" }
+    );
 }
 
 /// This process's CPU time so far (user and system), in seconds.
@@ -418,21 +625,52 @@ async fn main() {
                     }
                 })
             };
+            // MQTT_LOAD_SUBSCRIBE=1: each session then subscribes to its own command topic, as
+            // a fleet's devices do (a subscribe storm); the SUBACKs' waits are printed.
+            let subscribing = std::env::var_os("MQTT_LOAD_SUBSCRIBE").is_some_and(|v| v != "0");
+            let started = Instant::now();
             let mut tasks = Vec::new();
             for i in 0..n {
                 let (t, limit, up) = (t.clone(), limit.clone(), up.clone());
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
                     let prefix = std::env::var("MQTT_LOAD_ID_PREFIX").unwrap_or_default();
-                    let s = session(&t, &format!("{prefix}idle{i}")).await;
+                    let id = format!("{prefix}idle{i}");
+                    let (mut tls, mut buf) = session(&t, &id).await;
+                    let mut waited = None;
+                    if subscribing {
+                        let asked = Instant::now();
+                        let filter = format!("bench/dev/{id}/cmd");
+                        subscribe(&mut tls, &mut buf, &filter, QoS::AtLeastOnce).await;
+                        waited = Some(asked.elapsed());
+                    }
                     up.fetch_add(1, Ordering::Relaxed);
-                    s
+                    ((tls, buf), waited)
                 }));
             }
+            let mut waits = Vec::new();
             for task in tasks {
-                held.push(task.await.unwrap());
+                let (s, waited) = task.await.unwrap();
+                held.push(s);
+                waits.extend(waited);
             }
             progress.abort();
+            let all = started.elapsed().as_secs_f64();
+            if waits.is_empty() {
+                eprintln!("{n} sessions up in {all:.1} s");
+            } else {
+                waits.sort_unstable();
+                let ms = |q: f64| {
+                    waits[((waits.len() as f64 * q) as usize).min(waits.len() - 1)].as_secs_f64()
+                        * 1000.0
+                };
+                eprintln!(
+                    "{n} sessions up and subscribed in {all:.1} s; SUBACK after p50 {:.1} ms, p99 {:.1} ms, worst {:.1} ms",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(1.0)
+                );
+            }
             println!("ready");
             tokio::time::sleep(Duration::from_secs(num(7))).await;
             drop(held);
@@ -537,6 +775,7 @@ async fn main() {
                 times[times.len() - 1]
             );
         }
+        "failover" => failover(&t, &args[6], &args[7], num(8) as u32).await,
         other => panic!("unknown mode {other}"),
     }
 }

@@ -1235,6 +1235,11 @@ fn mqtt_messages_cross_nodes_through_nats() {
     let b = Server::start(&db, &config);
     allow_devices(&da, &a);
     allow_devices(&db, &b);
+    // Once A knows no node of an older version, it subscribes a filter on the subjects only
+    // older nodes send on no more (two subscriptions fewer each).
+    a.printed("bus protocol 5", |l| {
+        l.contains("every node speaks bus protocol 5")
+    });
 
     let sub = subscribe(
         &da,
@@ -1254,11 +1259,13 @@ fn mqtt_messages_cross_nodes_through_nats() {
             "-v",
         ],
     );
-    // A holds both filters on NATS (the `#` one twice: its level and below).
+    // A holds both filters on NATS (the `#` one twice: its level and below), their first level
+    // a name: one subscription for every kind of message (the three-node test has a filter
+    // whose first level is a wildcard).
     for subject in [
-        "pcm.devices.*.telemetry",
-        "pcm.commands.dev-1.>",
-        "pcm.commands.dev-1",
+        "*.devices.*.telemetry",
+        "*.commands.dev-1.>",
+        "*.commands.dev-1",
     ] {
         a.printed("routing subscribed", |l| {
             l.contains("routing subscribed") && l.contains(subject)
@@ -1280,6 +1287,12 @@ fn mqtt_messages_cross_nodes_through_nats() {
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("devices/dev-2/telemetry 21.5"), "{text}");
     assert!(text.contains("commands/dev-1/a.b c dotted"), "{text}");
+    let older: Vec<String> = a
+        .lines_with("routing subscribed")
+        .into_iter()
+        .filter(|l| l.contains("pcl.") || l.contains("pcm."))
+        .collect();
+    assert!(older.is_empty(), "no older node is on the bus: {older:?}");
     // B's sessions hold no filter: B subscribed to nothing on NATS (interest-based routing).
     assert!(
         !b.has_printed("routing subscribed"),

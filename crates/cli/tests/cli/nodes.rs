@@ -392,7 +392,7 @@ fn two_nodes_on_postgres_agree_within_a_second_and_survive_a_restart() {
     for n in nodes {
         assert_eq!(n["stale"], false, "{cluster}");
         assert_eq!(n["changes_behind"], 0, "{cluster}");
-        assert_eq!(n["version"], format!("{}+bus.4", env!("CARGO_PKG_VERSION")));
+        assert_eq!(n["version"], format!("{}+bus.5", env!("CARGO_PKG_VERSION")));
     }
     // One admin CA for the cluster: B's admin client certificate is accepted by A, and A's by B.
     let (code, body) = api(&db, &a, "GET", "/v1/cluster", None, Auth::Certificate);
