@@ -1524,6 +1524,7 @@ pub(crate) async fn start(
             .unwrap_or_default()
     );
     let origin = fnv(instance.as_bytes());
+    state.routes.set_own(origin);
     let (late, to_store_late) = mpsc::channel(LATE_QUEUE);
     let node = Node {
         client: client.clone(),

@@ -46,6 +46,8 @@ pub(crate) struct Routes {
     inner: RwLock<Table>,
     /// Woken on every change (a subscription's SUBACK waits for its own entry).
     changed: tokio::sync::Notify,
+    /// This node (see [`Routes::set_own`]).
+    own: AtomicU64,
 }
 
 impl std::fmt::Debug for Routes {
@@ -107,6 +109,12 @@ fn node_of(key: &str) -> Option<u64> {
 }
 
 impl Routes {
+    /// This node is `node`: its own ordinary filters stay out of the tree that routes (nothing is
+    /// sent to itself), a third of the table's memory in a cluster of three.
+    pub(crate) fn set_own(&self, node: u64) {
+        self.own.store(node, Ordering::Release);
+    }
+
     /// Key `key` now holds `value` (`None`: it went), as the bucket says.
     pub(crate) fn set(&self, key: &str, value: Option<&str>) {
         self.apply(key, value, Source::Bucket);
@@ -143,6 +151,7 @@ impl Routes {
         let Some(node) = node_of(key) else {
             return;
         };
+        let own = self.own.load(Ordering::Acquire);
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let Table {
             plain,
@@ -179,12 +188,15 @@ impl Routes {
             }
             match portcullis_mqtt::topic::shared(&old) {
                 Ok(Some((_, inner))) => shared.remove(inner, key),
+                _ if node == own => false,
                 _ => plain.remove(&old, key),
             };
         }
         if let Some(filter) = value.filter(|f| portcullis_mqtt::topic::check_filter(f).is_ok()) {
             match portcullis_mqtt::topic::shared(filter) {
                 Ok(Some((_, inner))) => shared.insert(inner, key, node),
+                // (A shared group's here counts: its topics go on their subjects.)
+                _ if node == own => {}
                 _ => plain.insert(filter, key, node),
             }
             by_key.insert(key.to_string(), (node, filter.to_string()));
@@ -565,6 +577,7 @@ mod tests {
     fn topics_go_to_the_nodes_whose_filters_match_and_on_their_own_subject_when_unsure() {
         let routes = Routes::default();
         let (own, b, c) = (1u64, 2u64, 3u64);
+        routes.set_own(own);
         routes.set(&key(b, "fleet/+/telemetry"), Some("fleet/+/telemetry"));
         // Not read whole yet: every topic on its own subject.
         assert_eq!(routes.route("fleet/7/telemetry", own), Route::Topic);
@@ -586,6 +599,23 @@ mod tests {
         );
         // This node's own filters count for nothing: no other node known, its own subject.
         routes.set(&key(own, "mine/#"), Some("mine/#"));
+        assert_eq!(routes.route("mine/x", own), Route::Topic);
+        assert!(routes.holds(&key(own, "mine/#")));
+        // ... kept out of the tree that routes, but held and let go as the bucket says.
+        assert!(
+            routes
+                .inner
+                .read()
+                .unwrap()
+                .plain
+                .matching("mine/x")
+                .is_empty()
+        );
+        routes.set(&key(b, "mine/+"), Some("mine/+"));
+        assert_eq!(routes.route("mine/x", own), Route::Nodes(only_b.clone()));
+        routes.set(&key(b, "mine/+"), None);
+        routes.set(&key(own, "mine/#"), None);
+        assert!(!routes.holds(&key(own, "mine/#")));
         assert_eq!(routes.route("mine/x", own), Route::Topic);
         // A shared group's filter: the topic's own subject (its queue subscriptions).
         let before = routes.generation();
