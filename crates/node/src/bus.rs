@@ -343,8 +343,12 @@ pub(crate) fn filter_subjects(prefix: &str, filter: &str) -> Vec<String> {
 /// queue). Only when its first level is a name: no other subject has it in second place but
 /// by chance (what does is read and dropped by [`Node::arrived`]). Not for a first level that is
 /// a wildcard, or a name NATS or the cluster gives its own subjects in second place (`$JS.API`,
-/// `$JS.ACK`, `$JS.EVENT`, `$JS.FC`, `$KV.PORTCULLIS_…`, `$SYS.SERVER`, `$SYS.ACCOUNT`, `pcn` and
-/// `pcw` with a node's 16 hex digits): those would bring the node their traffic.
+/// `$JS.ACK`, `$JS.EVENT`, `$JS.FC`, `$KV.PORTCULLIS_…`, `$SYS.SERVER`, `$SYS.ACCOUNT`,
+/// `$SYS.REQ`, the raft subjects `$NRG.AE`, `.V`, `.P`, `.RP`, `.R`, `.CR` that newer servers may
+/// show their clients, `pcn` and `pcw` with a node's 16 hex digits, and the pings `pcn.NAME=23…`,
+/// whose `=23` is a node's escaped `#`): those would bring the node their traffic — and an
+/// interest in a node's ping subject that never answers would keep that node from ever being
+/// found gone.
 fn any_kind(filter: &str) -> bool {
     let first = filter.split('/').next().unwrap_or_default();
     let nodes_own = first.len() == 16 && first.bytes().all(|b| b.is_ascii_hexdigit());
@@ -352,13 +356,24 @@ fn any_kind(filter: &str) -> bool {
         || first == "+"
         || first == "#"
         || nodes_own
+        || first.contains("=23")
         || matches!(
             first,
-            "API" | "ACK" | "EVENT" | "FC" | "SERVER" | "ACCOUNT" | "REQ"
+            "API"
+                | "ACK"
+                | "EVENT"
+                | "FC"
+                | "SERVER"
+                | "ACCOUNT"
+                | "REQ"
+                | "AE"
+                | "V"
+                | "P"
+                | "RP"
+                | "R"
+                | "CR"
         )
-        || first.starts_with("PORTCULLIS")
-        || first.starts_with("KV_")
-        || first.starts_with("OBJ_"))
+        || first.starts_with("PORTCULLIS"))
 }
 
 /// The kind of every subject of a topic, in a subscription of [`any_kind`].
@@ -2352,8 +2367,8 @@ impl Node {
                 }
                 if m.qos == QoS::AtMostOnce {
                     // Retained at QoS 0: kept above, and live to the subscribers of the moment,
-                    // a batch of one on the topic's subject (every node since protocol 2 reads
-                    // it, with its retain flag).
+                    // a batch of one on the topic's subject (every node that reads batches reads
+                    // it, with its retain flag; a node before batches misses it).
                     if let Some(full) = live.add(&m, None, None, self.origin, seq) {
                         self.send_live(full).await;
                     }
@@ -4885,13 +4900,19 @@ mod tests {
             "ACCOUNT/#",
             "REQ/#",
             "PORTCULLIS_ROUTES/#",
-            "KV_PORTCULLIS_SESSIONS/#",
-            "OBJ_x/#",
+            "AE/#",
+            "CR/x",
             "0123456789abcdef",
             "0123456789ABCDEF/#",
         ] {
             assert!(!any_kind(filter), "{filter}");
         }
+        // A node's ping subject (`pcn.` and its instance, escaped): never an interest of a
+        // session's, which would answer for a dead node.
+        let ping = super::ping_subject("node-1#1764912345678901234");
+        let token = ping.strip_prefix("pcn.").unwrap();
+        assert!(!any_kind(token));
+        assert!(!any_kind(&format!("{token}/#")));
     }
 
     #[test]
